@@ -1,0 +1,1 @@
+//! block (work in progress).

@@ -1,0 +1,1 @@
+//! job (work in progress).

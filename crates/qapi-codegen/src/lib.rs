@@ -1,0 +1,1 @@
+//! qapi-codegen (work in progress).

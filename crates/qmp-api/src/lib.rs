@@ -1,0 +1,1 @@
+//! qmp-api (work in progress).
