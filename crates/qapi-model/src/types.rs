@@ -7,11 +7,10 @@
 //! agree, alternates are distinguishable.
 //!
 //! Entities appear in [`Schema::entities`] in definition order (includes
-//! expanded in place), which is the order generated code uses (definition
-//! order). Implicit
-//! object types (anonymous `data` of commands and events, inline branch
-//! types of unions) are *not* separate entities: they are stored inline as
-//! [`ArgType::Inline`] / [`Branch::members`].
+//! expanded in place), which is the order generated code uses. Implicit
+//! object types (the anonymous `data` of commands and events, an inline
+//! union base) are not separate entities: they are stored inline as
+//! [`ArgType::Inline`] / [`UnionBase::Inline`].
 
 use qapi_parser::Location;
 use std::collections::BTreeMap;
