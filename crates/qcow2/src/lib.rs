@@ -1,1 +1,67 @@
-//! qcow2 (work in progress).
+//! The qcow2 image format: reads versions 2 and 3 (standard, zero and compressed clusters,
+//! backing files), writes version 3 with crash-safe metadata ordering, creates images, and
+//! manages internal snapshots and persistent dirty bitmaps, over any [`Storage`].
+//!
+//! The crate knows nothing about the block layer: an image sits on a [`Storage`] (a file, or
+//! a block-layer node) and falls through to a [`Backing`] image for unallocated clusters.
+//! [`Image`] methods take `&self` and may be called from several threads at once.
+//!
+//! Crash safety: refcount blocks reach the storage (and a flush) before the L2 tables that
+//! reference new clusters, L2 tables before the L1 entries that point to them, and clusters are
+//! freed only after the references to them are stored. A crash at any point therefore leaves at
+//! worst leaked clusters, never a cluster referenced without a refcount. Because refcounts are
+//! always kept ahead, the image is never marked dirty.
+
+mod bitmap;
+mod cache;
+mod header;
+mod image;
+mod meta;
+mod snapshot;
+mod storage;
+
+pub use bitmap::PersistentBitmap;
+pub use image::{Allocation, Image, ImageInfo, create};
+pub use snapshot::SnapshotInfo;
+pub use storage::{Backing, RawImage, Storage};
+
+/// Everything that can go wrong with an image.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The storage failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The image's metadata is invalid or inconsistent.
+    #[error("invalid qcow2 image: {0}")]
+    Invalid(String),
+    /// The image uses a feature this implementation does not support.
+    #[error("unsupported qcow2 feature: {0}")]
+    Unsupported(String),
+    /// The image is marked corrupt; it can only be opened read-only.
+    #[error("qcow2 image is marked corrupt; repair it with 'qemu-img check -r all'")]
+    Corrupt,
+    /// A write was attempted on an image opened read-only.
+    #[error("image is opened read-only")]
+    ReadOnly,
+    /// The caller passed an invalid argument (out of range, bad name, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A snapshot or bitmap of that name does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The backing file could not be opened.
+    #[error("could not open backing file '{path}': {reason}")]
+    Backing {
+        /// The backing file's name as resolved.
+        path: String,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn invalid<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Error::Invalid(msg.into()))
+}

@@ -1,0 +1,108 @@
+//! A write-back cache of metadata tables (L2 tables, refcount blocks), keyed by host offset.
+
+use std::collections::HashMap;
+
+struct Slot {
+    data: Vec<u8>,
+    dirty: bool,
+    used: u64,
+}
+
+/// Cluster-sized tables held in memory; dirty ones are written back by the owner, in order.
+pub(crate) struct TableCache {
+    slots: HashMap<u64, Slot>,
+    clock: u64,
+    capacity: usize,
+}
+
+impl TableCache {
+    pub fn new(capacity: usize) -> TableCache {
+        TableCache {
+            slots: HashMap::new(),
+            clock: 0,
+            capacity: capacity.max(4),
+        }
+    }
+
+    pub fn contains(&mut self, off: u64) -> bool {
+        self.clock += 1;
+        let clock = self.clock;
+        match self.slots.get_mut(&off) {
+            Some(s) => {
+                s.used = clock;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.slots.len() >= self.capacity
+    }
+
+    /// Drop the least recently used clean table; false if every table is dirty.
+    pub fn evict_clean(&mut self) -> bool {
+        let victim = self
+            .slots
+            .iter()
+            .filter(|(_, s)| !s.dirty)
+            .min_by_key(|(_, s)| s.used);
+        match victim.map(|(k, _)| *k) {
+            Some(k) => {
+                self.slots.remove(&k);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn insert(&mut self, off: u64, data: Vec<u8>, dirty: bool) {
+        self.clock += 1;
+        self.slots.insert(
+            off,
+            Slot {
+                data,
+                dirty,
+                used: self.clock,
+            },
+        );
+    }
+
+    pub fn remove(&mut self, off: u64) {
+        self.slots.remove(&off);
+    }
+
+    pub fn get(&self, off: u64) -> Option<&[u8]> {
+        self.slots.get(&off).map(|s| s.data.as_slice())
+    }
+
+    /// The table's bytes, marked dirty.
+    pub fn get_mut(&mut self, off: u64) -> Option<&mut [u8]> {
+        self.slots.get_mut(&off).map(|s| {
+            s.dirty = true;
+            s.data.as_mut_slice()
+        })
+    }
+
+    pub fn has_dirty(&self) -> bool {
+        self.slots.values().any(|s| s.dirty)
+    }
+
+    /// Offsets of dirty tables, in ascending order.
+    pub fn dirty_offsets(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(k, _)| *k)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn mark_clean(&mut self, off: u64) {
+        if let Some(s) = self.slots.get_mut(&off) {
+            s.dirty = false;
+        }
+    }
+}

@@ -1,0 +1,707 @@
+//! Image metadata: L1/L2 tables, refcounts, cluster allocation and ordered write-back.
+//!
+//! Everything here runs under the image's metadata lock. Dirty tables stay in memory until
+//! [`Meta::write_back`], which stores them in the order that keeps the image consistent at
+//! every instant: refcount blocks, flush, L2 tables, flush, L1 entries, and only then the
+//! refcount decrements of clusters whose last reference was dropped.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use crate::bitmap::BitmapEntry;
+use crate::cache::TableCache;
+use crate::header::{Header, INCOMPAT_CORRUPT};
+use crate::snapshot::Snapshot;
+use crate::storage::Storage;
+use crate::{Error, Result, invalid};
+
+pub(crate) const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+pub(crate) const COPIED: u64 = 1 << 63;
+pub(crate) const COMPRESSED: u64 = 1 << 62;
+pub(crate) const ZERO: u64 = 1;
+/// Host offsets must fit the 56-bit offset fields.
+const MAX_HOST_OFFSET: u64 = 1 << 56;
+
+/// What one guest cluster maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cluster {
+    /// Not allocated here: read from the backing image, or zeros.
+    Unallocated,
+    /// Reads as zeros (v3 zero flag); `host` is a preallocated cluster or 0.
+    Zero { host: u64 },
+    /// Stored uncompressed at `host`; `copied` means refcount 1 (writable in place).
+    Data { host: u64, copied: bool },
+    /// Deflate-compressed, `size` bytes at `host`.
+    Compressed { host: u64, size: u64 },
+}
+
+/// One contiguous piece of a guest range, as the read path will serve it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Extent {
+    Data {
+        host: u64,
+        len: usize,
+    },
+    Zero {
+        len: usize,
+    },
+    Backing {
+        guest: u64,
+        len: usize,
+    },
+    Compressed {
+        host: u64,
+        size: u64,
+        skip: usize,
+        len: usize,
+    },
+}
+
+impl Extent {
+    pub fn len(&self) -> usize {
+        match *self {
+            Extent::Data { len, .. }
+            | Extent::Zero { len }
+            | Extent::Backing { len, .. }
+            | Extent::Compressed { len, .. } => len,
+        }
+    }
+}
+
+/// What the write path does next for a guest range.
+pub(crate) enum WriteStep {
+    /// Overwrite `len` bytes at `host` in place.
+    InPlace { host: u64, len: usize },
+    /// Write a fresh run of clusters at `host` for guest clusters `first..first + old.len()`,
+    /// `len` bytes of the request in it; `old` says where the untouched parts come from.
+    Allocate {
+        host: u64,
+        first: u64,
+        old: Vec<Cluster>,
+        len: usize,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum TableKind {
+    L2,
+    Refblock,
+}
+
+pub(crate) struct Meta {
+    pub storage: Arc<dyn Storage>,
+    pub h: Header,
+    pub l1: Vec<u64>,
+    l1_dirty: BTreeSet<usize>,
+    pub reftable: Vec<u64>,
+    reftable_dirty: BTreeSet<usize>,
+    l2_cache: TableCache,
+    rb_cache: TableCache,
+    /// Clusters (offset, bytes) to decrement once the removal of their reference is stored.
+    pending_frees: Vec<(u64, u64)>,
+    free_hint: u64,
+    in_write_back: bool,
+    pub snapshots: Vec<Snapshot>,
+    pub snapshot_table_len: u64,
+    pub bitmaps: Vec<BitmapEntry>,
+}
+
+fn rc_get(block: &[u8], order: u32, i: usize) -> u64 {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per = 8 / bits;
+            u64::from((block[i / per] >> ((i % per) * bits)) & ((1u8 << bits) - 1))
+        }
+        3 => u64::from(block[i]),
+        4 => u64::from(u16::from_be_bytes([block[2 * i], block[2 * i + 1]])),
+        5 => u64::from(crate::header::get_be32(block, 4 * i)),
+        _ => crate::header::get_be64(block, 8 * i),
+    }
+}
+
+fn rc_set(block: &mut [u8], order: u32, i: usize, v: u64) {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per = 8 / bits;
+            let shift = (i % per) * bits;
+            let mask = ((1u8 << bits) - 1) << shift;
+            let b = &mut block[i / per];
+            *b = (*b & !mask) | (((v as u8) << shift) & mask);
+        }
+        3 => block[i] = v as u8,
+        4 => block[2 * i..2 * i + 2].copy_from_slice(&(v as u16).to_be_bytes()),
+        5 => block[4 * i..4 * i + 4].copy_from_slice(&(v as u32).to_be_bytes()),
+        _ => block[8 * i..8 * i + 8].copy_from_slice(&v.to_be_bytes()),
+    }
+}
+
+impl Meta {
+    pub fn new(storage: Arc<dyn Storage>, h: Header, l1: Vec<u64>, reftable: Vec<u64>) -> Meta {
+        let cs = h.cluster_size() as usize;
+        Meta {
+            storage,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            reftable,
+            reftable_dirty: BTreeSet::new(),
+            // 32 MiB of L2 tables, 4 MiB of refcount blocks.
+            l2_cache: TableCache::new((32 << 20) / cs),
+            rb_cache: TableCache::new((4 << 20) / cs),
+            pending_frees: Vec::new(),
+            free_hint: 0,
+            in_write_back: false,
+            snapshots: Vec::new(),
+            snapshot_table_len: 0,
+            bitmaps: Vec::new(),
+            h,
+        }
+    }
+
+    pub fn cs(&self) -> u64 {
+        self.h.cluster_size()
+    }
+    fn l2_bits(&self) -> u32 {
+        self.h.cluster_bits - 3
+    }
+    fn rb_bits(&self) -> u32 {
+        self.h.cluster_bits + 3 - self.h.refcount_order
+    }
+    fn max_refcount(&self) -> u64 {
+        if self.h.refcount_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << self.h.refcount_order)) - 1
+        }
+    }
+    /// Longest run of clusters one allocation hands out.
+    pub fn max_run(&self) -> u64 {
+        ((1u64 << self.rb_bits()) / 2).max(1)
+    }
+
+    pub fn decode(&self, entry: u64) -> Result<Cluster> {
+        let cs = self.cs();
+        if entry & COMPRESSED != 0 {
+            let shift = 62 - (self.h.cluster_bits - 8);
+            let host = entry & ((1u64 << shift) - 1);
+            let sectors = ((entry >> shift) & ((1u64 << (self.h.cluster_bits - 8)) - 1)) + 1;
+            let size = sectors * 512 - (host & 511);
+            return Ok(Cluster::Compressed { host, size });
+        }
+        let host = entry & L2_OFFSET_MASK;
+        if !host.is_multiple_of(cs) {
+            return invalid(format!(
+                "L2 entry {entry:#x} points to an unaligned cluster"
+            ));
+        }
+        if self.h.version >= 3 && entry & ZERO != 0 {
+            return Ok(Cluster::Zero { host });
+        }
+        if host == 0 {
+            return Ok(Cluster::Unallocated);
+        }
+        Ok(Cluster::Data {
+            host,
+            copied: entry & COPIED != 0,
+        })
+    }
+
+    fn cache(&mut self, k: TableKind) -> &mut TableCache {
+        match k {
+            TableKind::L2 => &mut self.l2_cache,
+            TableKind::Refblock => &mut self.rb_cache,
+        }
+    }
+
+    /// Make room in a cache (writing everything back if all of it is dirty).
+    fn make_room(&mut self, k: TableKind) -> Result<()> {
+        if self.cache(k).is_full() && !self.cache(k).evict_clean() && !self.in_write_back {
+            self.write_back()?;
+            self.cache(k).evict_clean();
+        }
+        Ok(())
+    }
+
+    /// Bring the table at `off` into its cache.
+    fn load(&mut self, k: TableKind, off: u64) -> Result<()> {
+        if self.cache(k).contains(off) {
+            return Ok(());
+        }
+        if off == 0 || !off.is_multiple_of(self.cs()) || off >= MAX_HOST_OFFSET {
+            return invalid(format!("metadata table at invalid offset {off:#x}"));
+        }
+        self.make_room(k)?;
+        let mut data = vec![0u8; self.cs() as usize];
+        self.storage.read_at(&mut data, off)?;
+        self.cache(k).insert(off, data, false);
+        Ok(())
+    }
+
+    /// Put a new table into a cache (dirty).
+    fn insert_new(&mut self, k: TableKind, off: u64, data: Vec<u8>) -> Result<()> {
+        self.make_room(k)?;
+        self.cache(k).insert(off, data, true);
+        Ok(())
+    }
+
+    pub fn l2_entry(&mut self, l2: u64, i: u64) -> Result<u64> {
+        self.load(TableKind::L2, l2)?;
+        let t = self
+            .l2_cache
+            .get(l2)
+            .ok_or_else(|| Error::Invalid("L2 cache miss".into()))?;
+        Ok(crate::header::get_be64(t, i as usize * 8))
+    }
+
+    pub fn set_l2_entry(&mut self, l2: u64, i: u64, v: u64) -> Result<()> {
+        self.load(TableKind::L2, l2)?;
+        let t = self
+            .l2_cache
+            .get_mut(l2)
+            .ok_or_else(|| Error::Invalid("L2 cache miss".into()))?;
+        let i = i as usize * 8;
+        t[i..i + 8].copy_from_slice(&v.to_be_bytes());
+        Ok(())
+    }
+
+    /// Map guest cluster `gc` through the L1 entry that covers it.
+    pub fn lookup(&mut self, l1_entry: u64, gc: u64) -> Result<Cluster> {
+        let l2 = l1_entry & L1_OFFSET_MASK;
+        if l2 == 0 {
+            return Ok(Cluster::Unallocated);
+        }
+        let e = self.l2_entry(l2, gc & ((1 << self.l2_bits()) - 1))?;
+        self.decode(e)
+    }
+
+    /// Map guest cluster `gc` of the active image.
+    pub fn map(&mut self, gc: u64) -> Result<Cluster> {
+        let e = self
+            .l1
+            .get((gc >> self.l2_bits()) as usize)
+            .copied()
+            .unwrap_or(0);
+        self.lookup(e, gc)
+    }
+
+    /// Split `[off, off + len)` into extents, through `l1` (a snapshot's) or the active L1.
+    pub fn map_range(&mut self, l1: Option<&[u64]>, off: u64, len: usize) -> Result<Vec<Extent>> {
+        let cs = self.cs();
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = off;
+        let end = off + len as u64;
+        while pos < end {
+            let gc = pos / cs;
+            let within = pos % cs;
+            let n = ((cs - within).min(end - pos)) as usize;
+            let l1i = (gc >> self.l2_bits()) as usize;
+            let l1e = match l1 {
+                Some(t) => t.get(l1i).copied().unwrap_or(0),
+                None => self.l1.get(l1i).copied().unwrap_or(0),
+            };
+            let next = match self.lookup(l1e, gc)? {
+                Cluster::Unallocated => Extent::Backing { guest: pos, len: n },
+                Cluster::Zero { .. } => Extent::Zero { len: n },
+                Cluster::Data { host, .. } => Extent::Data {
+                    host: host + within,
+                    len: n,
+                },
+                Cluster::Compressed { host, size } => Extent::Compressed {
+                    host,
+                    size,
+                    skip: within as usize,
+                    len: n,
+                },
+            };
+            match (out.last_mut(), next) {
+                (Some(Extent::Data { host, len }), Extent::Data { host: h2, len: l2 })
+                    if *host + *len as u64 == h2 =>
+                {
+                    *len += l2
+                }
+                (Some(Extent::Zero { len }), Extent::Zero { len: l2 }) => *len += l2,
+                (Some(Extent::Backing { len, .. }), Extent::Backing { len: l2, .. }) => *len += l2,
+                _ => out.push(next),
+            }
+            pos += n as u64;
+        }
+        Ok(out)
+    }
+
+    // ---- refcounts ----
+
+    pub fn refcount(&mut self, idx: u64) -> Result<u64> {
+        let bi = (idx >> self.rb_bits()) as usize;
+        let Some(&e) = self.reftable.get(bi) else {
+            return Ok(0);
+        };
+        let off = e & REFT_OFFSET_MASK;
+        if off == 0 {
+            return Ok(0);
+        }
+        self.load(TableKind::Refblock, off)?;
+        let order = self.h.refcount_order;
+        let i = (idx & ((1 << self.rb_bits()) - 1)) as usize;
+        let b = self
+            .rb_cache
+            .get(off)
+            .ok_or_else(|| Error::Invalid("refcount cache miss".into()))?;
+        Ok(rc_get(b, order, i))
+    }
+
+    pub fn set_refcount(&mut self, idx: u64, v: u64) -> Result<()> {
+        if v > self.max_refcount() {
+            return invalid(format!("refcount of cluster {idx} overflows"));
+        }
+        let bi = idx >> self.rb_bits();
+        self.ensure_refblock(bi)?;
+        let off = self.reftable[bi as usize] & REFT_OFFSET_MASK;
+        self.load(TableKind::Refblock, off)?;
+        let order = self.h.refcount_order;
+        let i = (idx & ((1 << self.rb_bits()) - 1)) as usize;
+        let b = self
+            .rb_cache
+            .get_mut(off)
+            .ok_or_else(|| Error::Invalid("refcount cache miss".into()))?;
+        rc_set(b, order, i, v);
+        Ok(())
+    }
+
+    /// Make sure refcount block `bi` exists. A missing block covers only free clusters, so a new
+    /// one is placed on the first cluster it covers and counts itself.
+    fn ensure_refblock(&mut self, bi: u64) -> Result<()> {
+        if bi as usize >= self.reftable.len() {
+            return self.grow_reftable(bi);
+        }
+        if self.reftable[bi as usize] & REFT_OFFSET_MASK != 0 {
+            return Ok(());
+        }
+        let off = (bi << self.rb_bits()) * self.cs();
+        if off >= MAX_HOST_OFFSET {
+            return invalid("image file would exceed the maximum size");
+        }
+        let mut block = vec![0u8; self.cs() as usize];
+        rc_set(&mut block, self.h.refcount_order, 0, 1);
+        self.insert_new(TableKind::Refblock, off, block)?;
+        self.reftable[bi as usize] = off;
+        self.reftable_dirty.insert(bi as usize);
+        Ok(())
+    }
+
+    /// Move the refcount table to a larger one covering block `bi`, placed (with block `bi`) in
+    /// the free region that block covers, then switch the header to it.
+    fn grow_reftable(&mut self, bi: u64) -> Result<()> {
+        let cs = self.cs();
+        let per_cluster = cs / 8;
+        let new_len = (bi + 1)
+            .max(self.reftable.len() as u64 * 2)
+            .div_ceil(per_cluster)
+            * per_cluster;
+        let clusters = new_len / per_cluster;
+        if clusters + 1 > (1 << self.rb_bits()) || new_len * 8 > 8 * 1024 * 1024 {
+            return Err(Error::Unsupported(
+                "refcount table would grow too large".into(),
+            ));
+        }
+        let first = bi << self.rb_bits();
+        let block_off = first * cs;
+        let table_off = block_off + cs;
+        if table_off + clusters * cs >= MAX_HOST_OFFSET {
+            return invalid("image file would exceed the maximum size");
+        }
+        let mut block = vec![0u8; cs as usize];
+        for i in 0..=clusters as usize {
+            rc_set(&mut block, self.h.refcount_order, i, 1);
+        }
+        let mut table = self.reftable.clone();
+        table.resize(new_len as usize, 0);
+        table[bi as usize] = block_off;
+        // Blocks first, then the new table, then the header that points to it.
+        self.write_dirty_refblocks()?;
+        self.storage.write_at(&block, block_off)?;
+        self.make_room(TableKind::Refblock)?;
+        self.rb_cache.insert(block_off, block, false);
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.storage.write_at(&bytes, table_off)?;
+        self.storage.flush()?;
+        let old_off = self.h.refcount_table_offset;
+        let old_clusters = u64::from(self.h.refcount_table_clusters);
+        self.h.refcount_table_offset = table_off;
+        self.h.refcount_table_clusters = clusters as u32;
+        self.write_header()?;
+        self.storage.flush()?;
+        self.reftable = table;
+        self.reftable_dirty.clear();
+        self.pending_frees.push((old_off, old_clusters * cs));
+        Ok(())
+    }
+
+    /// Allocate `n` contiguous free clusters (refcount 1); returns the host offset.
+    pub fn alloc_run(&mut self, n: u64) -> Result<u64> {
+        let rb_bits = self.rb_bits();
+        let mut c = self.free_hint;
+        let mut start = c;
+        let mut len = 0;
+        let mut first_free = None;
+        while len < n {
+            if (c + 1) * self.cs() > MAX_HOST_OFFSET {
+                return invalid("image file would exceed the maximum size");
+            }
+            self.ensure_refblock(c >> rb_bits)?;
+            if self.refcount(c)? == 0 {
+                if len == 0 {
+                    start = c;
+                }
+                first_free.get_or_insert(c);
+                len += 1;
+            } else {
+                len = 0;
+            }
+            c += 1;
+        }
+        for i in start..start + n {
+            self.set_refcount(i, 1)?;
+        }
+        self.free_hint = match first_free {
+            Some(f) if f < start => f,
+            _ => start + n,
+        };
+        Ok(start * self.cs())
+    }
+
+    /// Drop one reference to every cluster in `[off, off + len)` once references are stored.
+    pub fn queue_free(&mut self, off: u64, len: u64) {
+        if len > 0 {
+            self.pending_frees.push((off, len));
+        }
+    }
+
+    /// Drop one reference to every cluster in `[off, off + len)` now.
+    pub fn free_now(&mut self, off: u64, len: u64) -> Result<()> {
+        let cs = self.cs();
+        let first = off / cs;
+        let last = (off + len).div_ceil(cs);
+        for c in first..last {
+            let rc = self.refcount(c)?;
+            if rc == 0 {
+                return invalid(format!("freeing cluster {:#x} whose refcount is 0", c * cs));
+            }
+            self.set_refcount(c, rc - 1)?;
+            if rc == 1 {
+                self.free_hint = self.free_hint.min(c);
+                self.l2_cache.remove(c * cs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Add one reference to every cluster in `[off, off + len)`.
+    pub fn take_ref(&mut self, off: u64, len: u64) -> Result<()> {
+        let cs = self.cs();
+        for c in off / cs..(off + len).div_ceil(cs) {
+            let rc = self.refcount(c)?;
+            self.set_refcount(c, rc + 1)?;
+        }
+        Ok(())
+    }
+
+    /// The host clusters an L2 entry holds a reference to.
+    pub fn host_range(&self, c: Cluster) -> Option<(u64, u64)> {
+        match c {
+            Cluster::Data { host, .. } => Some((host, self.cs())),
+            Cluster::Zero { host } if host != 0 => Some((host, self.cs())),
+            Cluster::Compressed { host, size } => Some((host, size)),
+            _ => None,
+        }
+    }
+
+    // ---- writes ----
+
+    /// The active L2 table for L1 index `i`, allocated or copied so it is writable in place.
+    pub fn l2_for_write(&mut self, i: usize) -> Result<u64> {
+        if i >= self.l1.len() {
+            return Err(Error::InvalidArgument(
+                "write beyond the end of the image".into(),
+            ));
+        }
+        let e = self.l1[i];
+        let old = e & L1_OFFSET_MASK;
+        if old != 0 && e & COPIED != 0 {
+            return Ok(old);
+        }
+        let data = if old == 0 {
+            vec![0u8; self.cs() as usize]
+        } else {
+            self.load(TableKind::L2, old)?;
+            self.l2_cache
+                .get(old)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| Error::Invalid("L2 cache miss".into()))?
+        };
+        let new = self.alloc_run(1)?;
+        self.insert_new(TableKind::L2, new, data)?;
+        self.l1[i] = new | COPIED;
+        self.l1_dirty.insert(i);
+        if old != 0 {
+            self.queue_free(old, self.cs());
+        }
+        Ok(new)
+    }
+
+    /// Set the L2 entry of active guest cluster `gc`.
+    pub fn set_mapping(&mut self, gc: u64, entry: u64) -> Result<()> {
+        let l2 = self.l2_for_write((gc >> self.l2_bits()) as usize)?;
+        self.set_l2_entry(l2, gc & ((1 << self.l2_bits()) - 1), entry)
+    }
+
+    pub fn set_l1_entry(&mut self, i: usize, v: u64) {
+        self.l1[i] = v;
+        self.l1_dirty.insert(i);
+    }
+
+    /// Decide the next step of a write of `remaining` bytes at guest offset `pos`.
+    pub fn plan_write(&mut self, pos: u64, remaining: u64) -> Result<WriteStep> {
+        let cs = self.cs();
+        let first = pos / cs;
+        let within = pos % cs;
+        let count = (within + remaining).div_ceil(cs);
+        match self.map(first)? {
+            Cluster::Data { host, copied: true } => {
+                let mut n = 1;
+                while n < count {
+                    match self.map(first + n)? {
+                        Cluster::Data {
+                            host: h,
+                            copied: true,
+                        } if h == host + n * cs => n += 1,
+                        _ => break,
+                    }
+                }
+                let len = (n * cs - within).min(remaining) as usize;
+                Ok(WriteStep::InPlace {
+                    host: host + within,
+                    len,
+                })
+            }
+            c => {
+                let mut old = vec![c];
+                let max = count.min(self.max_run());
+                while (old.len() as u64) < max {
+                    match self.map(first + old.len() as u64)? {
+                        Cluster::Data { copied: true, .. } => break,
+                        c => old.push(c),
+                    }
+                }
+                let n = old.len() as u64;
+                let host = self.alloc_run(n)?;
+                let len = (n * cs - within).min(remaining) as usize;
+                Ok(WriteStep::Allocate {
+                    host,
+                    first,
+                    old,
+                    len,
+                })
+            }
+        }
+    }
+
+    /// Point guest clusters `first..` at the freshly written run at `host`.
+    pub fn install(&mut self, first: u64, host: u64, old: &[Cluster]) -> Result<()> {
+        let cs = self.cs();
+        for (i, c) in old.iter().enumerate() {
+            self.set_mapping(first + i as u64, (host + i as u64 * cs) | COPIED)?;
+            if let Some((h, len)) = self.host_range(*c) {
+                self.queue_free(h, len);
+            }
+        }
+        Ok(())
+    }
+
+    // ---- write-back ----
+
+    fn write_dirty_refblocks(&mut self) -> Result<bool> {
+        let dirty = self.rb_cache.dirty_offsets();
+        for &off in &dirty {
+            if let Some(d) = self.rb_cache.get(off) {
+                self.storage.write_at(d, off)?;
+            }
+            self.rb_cache.mark_clean(off);
+        }
+        let rt = std::mem::take(&mut self.reftable_dirty);
+        for &i in &rt {
+            let off = self.h.refcount_table_offset + i as u64 * 8;
+            self.storage
+                .write_at(&self.reftable[i].to_be_bytes(), off)?;
+        }
+        Ok(!dirty.is_empty() || !rt.is_empty())
+    }
+
+    /// Store all dirty metadata in crash-safe order (see the module doc).
+    pub fn write_back(&mut self) -> Result<()> {
+        self.in_write_back = true;
+        let r = self.write_back_ordered();
+        self.in_write_back = false;
+        r
+    }
+
+    fn write_back_ordered(&mut self) -> Result<()> {
+        let refs_written = self.write_dirty_refblocks()?;
+        let tables_dirty = self.l2_cache.has_dirty() || !self.l1_dirty.is_empty();
+        if tables_dirty {
+            if refs_written {
+                self.storage.flush()?;
+            }
+            for off in self.l2_cache.dirty_offsets() {
+                if let Some(d) = self.l2_cache.get(off) {
+                    self.storage.write_at(d, off)?;
+                }
+                self.l2_cache.mark_clean(off);
+            }
+            if !self.l1_dirty.is_empty() {
+                self.storage.flush()?;
+                let dirty = std::mem::take(&mut self.l1_dirty);
+                for i in dirty {
+                    let off = self.h.l1_table_offset + i as u64 * 8;
+                    self.storage.write_at(&self.l1[i].to_be_bytes(), off)?;
+                }
+            }
+        }
+        if !self.pending_frees.is_empty() {
+            if tables_dirty {
+                self.storage.flush()?;
+            }
+            let frees = std::mem::take(&mut self.pending_frees);
+            for (off, len) in frees {
+                self.free_now(off, len)?;
+            }
+            self.write_dirty_refblocks()?;
+        }
+        Ok(())
+    }
+
+    pub fn write_header(&mut self) -> Result<()> {
+        let b = self.h.serialize()?;
+        self.storage.write_at(&b, 0)?;
+        Ok(())
+    }
+
+    /// Set the corrupt bit after detecting inconsistent metadata on the write path.
+    pub fn mark_corrupt(&mut self) {
+        self.h.incompatible |= INCOMPAT_CORRUPT;
+        let _ = self.write_header().and_then(|_| Ok(self.storage.flush()?));
+    }
+
+    /// Write `data` into freshly allocated clusters; returns their offset.
+    pub fn store_blob(&mut self, data: &[u8]) -> Result<u64> {
+        let cs = self.cs();
+        let n = (data.len() as u64).div_ceil(cs).max(1);
+        let off = self.alloc_run(n)?;
+        let mut buf = data.to_vec();
+        buf.resize((n * cs) as usize, 0);
+        self.storage.write_at(&buf, off)?;
+        Ok(off)
+    }
+}

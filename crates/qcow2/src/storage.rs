@@ -1,0 +1,84 @@
+//! What an image is stored on, and what it reads unallocated clusters from.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+/// Byte-addressed storage holding an image (a file, or a block-layer node).
+///
+/// Reads past the end return zeros; writes past the end grow the storage.
+#[allow(clippy::len_without_is_empty)] // storage is never asked whether it is empty
+pub trait Storage: Send + Sync {
+    /// Fill `buf` with the bytes at `off` (zeros past the end).
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// Write all of `buf` at `off`.
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Make previous writes durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncate or extend to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+impl Storage for File {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match FileExt::read_at(self, &mut buf[done..], off + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.write_all_at(buf, off)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+}
+
+/// A read-only image that unallocated clusters fall through to.
+pub trait Backing: Send + Sync {
+    /// Virtual size in bytes; reads past it return zeros (the caller clips).
+    fn size(&self) -> u64;
+    /// Fill `buf` with the guest data at `off` (`off + buf.len() <= size()`).
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+}
+
+/// A raw image used as a backing file.
+pub struct RawImage {
+    storage: Arc<dyn Storage>,
+    size: u64,
+}
+
+impl RawImage {
+    /// A raw image over `storage`, its size being the storage's length.
+    pub fn new(storage: Arc<dyn Storage>) -> io::Result<RawImage> {
+        let size = storage.len()?;
+        Ok(RawImage { storage, size })
+    }
+}
+
+impl Backing for RawImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.storage.read_at(buf, off)
+    }
+}
