@@ -1,1 +1,106 @@
-//! Workspace-level end-to-end tests live in tests/tests/.
+//! blockjobs-tests: support for the workspace-level end-to-end tests in `tests/tests/`.
+//!
+//! The tests drive real daemons (ours, `blockjobd`, and the reference, `qemu-storage-daemon`)
+//! through real sockets, with QEMU's own tools checking the images.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// `../shared/oracle/` beside the repository.
+pub fn shared_oracle() -> PathBuf {
+    repo_root().join("../shared/oracle")
+}
+
+/// Our own scenarios and their transcripts recorded from qemu-storage-daemon.
+pub fn own_oracle() -> PathBuf {
+    repo_root().join("tests/oracle")
+}
+
+/// Path of the `blockjobd` binary built by this same `cargo test` run, building it with the
+/// same profile if it is not there yet.
+pub fn blockjobd() -> PathBuf {
+    // current_exe is target/<profile>/deps/<test>-<hash>
+    let exe = std::env::current_exe().expect("current test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("blockjobd");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "blockjobd"])
+            .current_dir(repo_root());
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build -p blockjobd");
+        assert!(status.success(), "cargo build -p blockjobd failed");
+    }
+    bin
+}
+
+/// A Python venv in `dir` (pass the test's `CARGO_TARGET_TMPDIR`, so it is reused across runs)
+/// with `qemu.qmp` installed; returns its `python` executable.
+pub fn python_with_qemu_qmp(dir: &Path) -> PathBuf {
+    let venv = dir.join("venv-qemu-qmp");
+    let python = venv.join("bin/python");
+    let ready = venv.join(".qemu-qmp-installed");
+    if !ready.is_file() {
+        let status = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("run python3 -m venv");
+        assert!(status.success(), "python3 -m venv failed");
+        let status = Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "qemu.qmp"])
+            .status()
+            .expect("run pip");
+        assert!(status.success(), "pip install qemu.qmp failed");
+        std::fs::write(&ready, b"").expect("mark venv ready");
+    }
+    python
+}
+
+/// Output of one run of the oracle harness.
+pub struct OracleRun {
+    pub success: bool,
+    pub output: String,
+}
+
+/// Runs `qmp_oracle.py check` with the given daemon on the given scenarios.
+pub fn run_oracle(daemon: &Path, scenarios: &Path, expected: &Path, only: &[&str]) -> OracleRun {
+    let out_dir = tempfile::tempdir().expect("temp dir for transcripts");
+    let mut cmd = Command::new("python3");
+    cmd.arg(shared_oracle().join("qmp_oracle.py"))
+        .arg("check")
+        .arg("--daemon")
+        .arg(daemon)
+        .arg("--scenarios")
+        .arg(scenarios)
+        .arg("--expected")
+        .arg(expected)
+        .arg("--out")
+        .arg(out_dir.path());
+    if !only.is_empty() {
+        cmd.arg("--only").args(only);
+    }
+    let out = cmd.output().expect("run qmp_oracle.py");
+    OracleRun {
+        success: out.status.success(),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
