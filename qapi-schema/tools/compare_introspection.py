@@ -554,7 +554,7 @@ def opt_word(optional):
 # Doc comment checks
 
 
-SECTION_RE = re.compile(r"^(Since|Returns|Errors|Features|TODO|Note|Notes|Example|Examples)(:|$)")
+SECTION_RE = re.compile(r"^(Since|Returns|Errors|TODO)(:|$)")
 
 
 def parse_doc(lines):
@@ -566,26 +566,47 @@ def parse_doc(lines):
     if not m:
         return None
     members, features, sections = set(), set(), set()
-    in_features = False
+    order = []
+    # 0: overview, 1: member descriptions, 2: feature descriptions,
+    # 3: tagged sections; QEMU expects them in this order.
+    phase = 0
+    in_section = False  # inside a member, feature or tagged section
     for raw in lines[1:]:
+        if raw and not raw.startswith(" "):
+            order.append("line lacks a space after '#': %r" % raw)
         text = raw[1:] if raw.startswith(" ") else raw
         if not text.strip():
+            in_section = False
             continue
+        starts = (text.startswith("Features:") or re.match(r"^@[^:\s]+:", text)
+                  or SECTION_RE.match(text))
+        if in_section and not starts and not text.startswith("    "):
+            order.append("continuation line not indented: %r" % text)
+        in_section = bool(starts) or (in_section and text.startswith("    "))
         if text.startswith("Features:"):
-            in_features = True
+            if phase > 2:
+                order.append("'Features:' after a tagged section")
+            phase = 2
             sections.add("Features")
             continue
         mm = re.match(r"^@([^:\s]+):", text)
         if mm:
-            (features if in_features else members).add(mm.group(1))
+            if phase == 3:
+                order.append("@%s: after a tagged section" % mm.group(1))
+            if phase == 2:
+                features.add(mm.group(1))
+            else:
+                phase = 1
+                members.add(mm.group(1))
             continue
         sm = SECTION_RE.match(text)
         if sm:
+            if sm.group(1) in sections:
+                order.append("duplicate %s: section" % sm.group(1))
             sections.add(sm.group(1))
-            if sm.group(1) != "Features":
-                in_features = False
+            phase = 3
     return m.group(1), {"members": members, "features": features,
-                        "sections": sections}
+                        "sections": sections, "order": order}
 
 
 def check_docs(exprs, ours):
@@ -601,6 +622,8 @@ def check_docs(exprs, ours):
         dname, d = doc
         if dname != name:
             problems.append("%s: doc block names %s, definition is %s" % (where, dname, name))
+        for o in d["order"]:
+            problems.append("%s: %s: %s" % (where, name, o))
         if "Since" not in d["sections"]:
             problems.append("%s: %s lacks a Since: section" % (where, name))
         need = []
