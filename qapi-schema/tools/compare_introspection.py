@@ -3,6 +3,7 @@
 
 Usage:
     compare_introspection.py [--schema qapi-schema/qapi-schema.json]
+                             [--introspection OURS.json]
                              [--qsd /work/shared/oracle/expected/qmp-schema.json]
                              [--allow qapi-schema/tools/deliberate-differences.txt]
                              [--docs] [--show NAME]
@@ -28,6 +29,8 @@ schema that cannot be read.
 --docs additionally checks our doc comments: every definition, member,
 enum value, alternative and feature documented, and a Since: section.
 --show NAME prints the resolved wire shape of QSD's command or event NAME.
+--introspection FILE compares our running daemon's query-qmp-schema answer
+(saved to FILE) with QSD's, the same way, instead of the schema files.
 
 Standard library only.
 """
@@ -542,6 +545,22 @@ class Comparer:
                 self.diff(name, "allow-oob differs")
 
 
+    def introspected_entity(self, name, ours_entry):
+        """Like entity(), for an entry of our daemon's own introspection."""
+        meta = ours_entry["meta-type"]
+        t = self.theirs.by.get(name)
+        if t is None or t["meta-type"] != meta:
+            self.diff(name, "%s not in QSD" % meta)
+            return
+        self.features(name, ours_entry.get("features", []),
+                      t.get("features", []))
+        self.compare(name, ours_entry["arg-type"], t["arg-type"])
+        if meta == "command":
+            self.compare(name + "->", ours_entry["ret-type"], t["ret-type"])
+            if bool(ours_entry.get("allow-oob")) != bool(t.get("allow-oob")):
+                self.diff(name, "allow-oob differs")
+
+
 def cond_note(cond):
     return " (conditional: if %s)" % json.dumps(cond) if cond else ""
 
@@ -724,6 +743,34 @@ def allowed(diff, patterns):
     return any(fnmatch.fnmatchcase(diff, p) for p in patterns)
 
 
+def compare_live(args, theirs):
+    """Compare our daemon's query-qmp-schema answer with QSD's."""
+    with open(args.introspection) as f:
+        data = json.load(f)
+    if isinstance(data, dict):
+        data = data.get("return", data)
+    ours = Theirs(data)
+    cmp = Comparer(ours, theirs)
+    entries = [e for e in data if e["meta-type"] in ("command", "event")]
+    try:
+        for e in entries:
+            cmp.introspected_entity(e["name"], e)
+    except (KeyError, SchemaError) as err:
+        print("error: malformed introspection: %s" % err, file=sys.stderr)
+        return 2
+    allow = read_allow(args.allow)
+    unexpected = [d for d in cmp.diffs if not allowed(d, allow)]
+    for d in unexpected:
+        print("DIFF " + d)
+    for d in cmp.diffs:
+        if allowed(d, allow):
+            print("deliberate " + d)
+    print("%d commands and events compared: %d unexpected difference(s), "
+          "%d deliberate" % (len(entries), len(unexpected),
+                             len(cmp.diffs) - len(unexpected)))
+    return 0 if not unexpected else 1
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -732,6 +779,10 @@ def main():
     ap.add_argument("--allow", default=os.path.join(here, "deliberate-differences.txt"))
     ap.add_argument("--docs", action="store_true")
     ap.add_argument("--show")
+    ap.add_argument("--introspection",
+                    help="compare this query-qmp-schema answer of our daemon "
+                    "(a JSON list, or a reply with 'return') instead of the "
+                    "schema files")
     args = ap.parse_args()
 
     with open(args.qsd) as f:
@@ -739,6 +790,8 @@ def main():
     if args.show:
         show(theirs, args.show)
         return 0
+    if args.introspection:
+        return compare_live(args, theirs)
     try:
         exprs, _pragmas = load_schema(args.schema)
         ours = Ours(exprs)
