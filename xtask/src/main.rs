@@ -1,1 +1,34 @@
-fn main() {}
+//! xtask: repository chores — `cargo xtask codegen [--check]`, `cargo xtask codegen --schema FILE --out DIR`.
+
+mod codegen;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Repository chores for blockjobs")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Generate crates/qmp-api/src/generated/ from qapi-schema/qapi-schema.json,
+    /// or a self-contained crate from any schema with --schema/--out.
+    Codegen(codegen::CodegenArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Codegen(args) => codegen::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -51,6 +51,14 @@ impl QmpError {
         QmpError::new(ErrorClass::GenericError, desc)
     }
 
+    /// `CommandNotFound`: what QEMU answers for a command it does not have.
+    pub fn command_not_found(command: &str) -> Self {
+        QmpError::new(
+            ErrorClass::CommandNotFound,
+            format!("The command {command} has not been found"),
+        )
+    }
+
     /// The error object as it appears on the wire.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({ "class": self.class.as_str(), "desc": self.desc })

@@ -1,0 +1,283 @@
+//! What every emitter needs: schema lookups, Rust types for QAPI types,
+//! which members must be boxed, and rustdoc from schema docs.
+
+use crate::naming;
+use proc_macro2::TokenStream;
+use qapi_model::{Builtin, Common, Doc, Entity, IfCond, Member, Schema, TypeRef};
+use quote::quote;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The JSON kind of a value, as alternates dispatch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum JsonKind {
+    Object,
+    Array,
+    String,
+    Number,
+    Bool,
+    Null,
+    Any,
+}
+
+pub struct Context<'a> {
+    pub schema: &'a Schema,
+    index: BTreeMap<&'a str, usize>,
+    /// For each named type, the named types it contains by value (not through an array).
+    by_value: BTreeMap<&'a str, BTreeSet<&'a str>>,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(schema: &'a Schema) -> Self {
+        let index = schema.index();
+        let mut by_value: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for entity in &schema.entities {
+            let mut out = BTreeSet::new();
+            let mut add = |t: &'a TypeRef| {
+                if let TypeRef::Named(n) = t {
+                    out.insert(n.as_str());
+                }
+            };
+            match entity {
+                Entity::Struct(s) => {
+                    for m in schema.all_members(&s.common.name) {
+                        add(&m.ty);
+                    }
+                }
+                Entity::Union(u) => {
+                    for m in schema.union_base_members(u) {
+                        add(&m.ty);
+                    }
+                    for b in &u.branches {
+                        out.insert(b.ty.as_str());
+                    }
+                }
+                Entity::Alternate(a) => {
+                    for alt in &a.alternatives {
+                        add(&alt.ty);
+                    }
+                }
+                _ => {}
+            }
+            by_value.insert(entity.name(), out);
+        }
+        Context {
+            schema,
+            index,
+            by_value,
+        }
+    }
+
+    pub fn entity(&self, name: &str) -> Option<&'a Entity> {
+        self.index.get(name).map(|&i| &self.schema.entities[i])
+    }
+
+    /// Whether `to` is reachable from `from` by value (so a member of type
+    /// `from` inside `to` must be boxed to keep the type finite).
+    fn reaches(&self, from: &str, to: &str) -> bool {
+        let mut stack = vec![from];
+        let mut seen = BTreeSet::new();
+        while let Some(cur) = stack.pop() {
+            if cur == to {
+                return true;
+            }
+            if !seen.insert(cur) {
+                continue;
+            }
+            if let Some(next) = self.by_value.get(cur) {
+                stack.extend(next.iter().copied());
+            }
+        }
+        false
+    }
+
+    /// Whether a by-value use of `ty` inside `container` needs a `Box`.
+    pub fn needs_box(&self, container: Option<&str>, ty: &str) -> bool {
+        container.is_some_and(|c| self.reaches(ty, c))
+    }
+
+    /// The Rust type for a QAPI type used inside `container`.
+    pub fn rust_type(&self, container: Option<&str>, ty: &TypeRef) -> TokenStream {
+        match ty {
+            TypeRef::Builtin(b) => builtin_type(*b),
+            TypeRef::Array(inner) => {
+                let inner = self.rust_type(None, inner);
+                quote!(::std::vec::Vec<#inner>)
+            }
+            TypeRef::Named(n) => {
+                let id = naming::type_ident(n);
+                if self.needs_box(container, n) {
+                    quote!(::std::boxed::Box<#id>)
+                } else {
+                    quote!(#id)
+                }
+            }
+        }
+    }
+
+    pub fn json_kind(&self, ty: &TypeRef) -> JsonKind {
+        match ty {
+            TypeRef::Builtin(b) => match b.json_type() {
+                "string" => JsonKind::String,
+                "int" | "number" => JsonKind::Number,
+                "boolean" => JsonKind::Bool,
+                "null" => JsonKind::Null,
+                _ => JsonKind::Any,
+            },
+            TypeRef::Array(_) => JsonKind::Array,
+            TypeRef::Named(n) => match self.entity(n) {
+                Some(Entity::Enum(_)) => JsonKind::String,
+                Some(Entity::Struct(_)) | Some(Entity::Union(_)) => JsonKind::Object,
+                _ => JsonKind::Any,
+            },
+        }
+    }
+}
+
+pub fn builtin_type(b: Builtin) -> TokenStream {
+    match b {
+        Builtin::Str => quote!(::std::string::String),
+        Builtin::Number => quote!(f64),
+        Builtin::Int | Builtin::Int64 => quote!(i64),
+        Builtin::Int8 => quote!(i8),
+        Builtin::Int16 => quote!(i16),
+        Builtin::Int32 => quote!(i32),
+        Builtin::Uint8 => quote!(u8),
+        Builtin::Uint16 => quote!(u16),
+        Builtin::Uint32 => quote!(u32),
+        Builtin::Uint64 | Builtin::Size => quote!(u64),
+        Builtin::Bool => quote!(bool),
+        Builtin::Null => quote!(()),
+        Builtin::Any => quote!(::serde_json::Value),
+        Builtin::QType => quote!(crate::wire::QType),
+    }
+}
+
+/// `CONFIG_A and (CONFIG_B or not CONFIG_C)`.
+pub fn ifcond_text(cond: &IfCond) -> String {
+    match cond {
+        IfCond::Name(n) => n.clone(),
+        IfCond::All(v) => join_cond(v, " and "),
+        IfCond::Any(v) => join_cond(v, " or "),
+        IfCond::Not(c) => format!("not {}", ifcond_text(c)),
+    }
+}
+
+fn join_cond(v: &[IfCond], sep: &str) -> String {
+    let parts: Vec<String> = v
+        .iter()
+        .map(|c| match c {
+            IfCond::Name(_) | IfCond::Not(_) => ifcond_text(c),
+            _ => format!("({})", ifcond_text(c)),
+        })
+        .collect();
+    parts.join(sep)
+}
+
+/// Rustdoc builder: paragraphs in order, rendered as one `#[doc]` per line.
+#[derive(Default)]
+pub struct DocText {
+    paragraphs: Vec<String>,
+}
+
+impl DocText {
+    pub fn push(&mut self, text: impl Into<String>) {
+        let text: String = text.into();
+        let text = text.trim_end();
+        if !text.trim().is_empty() {
+            self.paragraphs.push(text.to_string());
+        }
+    }
+
+    pub fn to_tokens(&self) -> TokenStream {
+        let mut lines = Vec::new();
+        for (i, p) in self.paragraphs.iter().enumerate() {
+            if i > 0 {
+                lines.push(String::new());
+            }
+            lines.extend(p.lines().map(|l| l.trim_end().to_string()));
+        }
+        let attrs = lines.iter().map(|l| {
+            let text = if l.is_empty() {
+                String::new()
+            } else {
+                format!(" {l}")
+            };
+            quote!(#[doc = #text])
+        });
+        quote!(#(#attrs)*)
+    }
+}
+
+/// Rustdoc for a definition: body, tagged sections, features, `if`.
+pub fn entity_doc(common: &Common) -> DocText {
+    let mut doc = DocText::default();
+    if let Some(d) = &common.doc {
+        push_doc_body(&mut doc, d);
+    }
+    push_features_and_if(&mut doc, common);
+    doc
+}
+
+fn push_doc_body(doc: &mut DocText, d: &Doc) {
+    doc.push(d.body.clone());
+    for section in &d.sections {
+        match &section.tag {
+            None => doc.push(section.text.clone()),
+            Some(tag) => doc.push(format!("**{tag}:** {}", section.text.trim())),
+        }
+    }
+}
+
+fn push_features_and_if(doc: &mut DocText, common: &Common) {
+    if !common.features.is_empty() {
+        let mut list = String::from("**Features:**");
+        for f in &common.features {
+            let text = common
+                .doc
+                .as_ref()
+                .and_then(|d| d.features.iter().find(|(n, _)| *n == f.name))
+                .map(|(_, t)| t.trim().replace('\n', " "))
+                .unwrap_or_default();
+            if text.is_empty() {
+                list.push_str(&format!("\n- `{}`", f.name));
+            } else {
+                list.push_str(&format!("\n- `{}`: {text}", f.name));
+            }
+        }
+        doc.push(list);
+    }
+    if let Some(cond) = &common.ifcond {
+        doc.push(if_note(cond));
+    }
+}
+
+pub fn if_note(cond: &IfCond) -> String {
+    format!(
+        "**If:** `{}` (QEMU builds this only under that condition; generated unconditionally here)",
+        ifcond_text(cond)
+    )
+}
+
+/// Rustdoc for a member: its `@name:` text, its features and its `if`.
+pub fn member_doc(m: &Member) -> DocText {
+    let mut doc = DocText::default();
+    if let Some(text) = &m.doc {
+        doc.push(text.clone());
+    }
+    if !m.features.is_empty() {
+        let names: Vec<String> = m.features.iter().map(|f| format!("`{}`", f.name)).collect();
+        doc.push(format!("**Features:** {}", names.join(", ")));
+    }
+    if let Some(cond) = &m.ifcond {
+        doc.push(if_note(cond));
+    }
+    doc
+}
+
+pub fn deprecated_attr(deprecated: bool) -> TokenStream {
+    if deprecated {
+        quote!(#[deprecated])
+    } else {
+        quote!()
+    }
+}

@@ -1,0 +1,154 @@
+//! Event data structs and the `Event` enum with its wire form.
+
+use crate::context::{self, Context};
+use crate::emit_types;
+use crate::naming;
+use proc_macro2::TokenStream;
+use qapi_model::{ArgType, Entity, Event};
+use quote::{format_ident, quote};
+
+pub fn emit(cx: &Context) -> TokenStream {
+    let events: Vec<&Event> = cx
+        .schema
+        .entities
+        .iter()
+        .filter_map(|e| match e {
+            Entity::Event(ev) => Some(ev),
+            _ => None,
+        })
+        .collect();
+    let variants = naming::dedupe(
+        events
+            .iter()
+            .map(|e| naming::variant_ident(&e.common.name))
+            .collect(),
+    );
+    let mut items = Vec::new();
+    let mut via_from_qmp = Vec::new();
+    let mut decls = Vec::new();
+    let mut name_arms = Vec::new();
+    let mut data_arms = Vec::new();
+    let mut parse_arms = Vec::new();
+    let mut names = Vec::new();
+    for (ev, variant) in events.iter().zip(&variants) {
+        let wire = &ev.common.name;
+        names.push(wire.clone());
+        let data_ty = match &ev.data {
+            None => None,
+            Some(ArgType::Inline(m)) if m.is_empty() => None,
+            Some(ArgType::Inline(members)) => {
+                let name = format_ident!("{}Data", variant.to_string().trim_start_matches("r#"));
+                let mut doc = context::DocText::default();
+                doc.push(format!("Data of event `{wire}`."));
+                let refs: Vec<_> = members.iter().collect();
+                items.push(emit_types::emit_object(
+                    cx,
+                    &name,
+                    None,
+                    &refs,
+                    doc.to_tokens(),
+                    false,
+                ));
+                via_from_qmp.push(name.clone());
+                Some(quote!(#name))
+            }
+            Some(ArgType::Named(n)) => {
+                let id = naming::type_ident(n);
+                Some(quote!(#id))
+            }
+        };
+        let doc = context::entity_doc(&ev.common).to_tokens();
+        let dep = context::deprecated_attr(ev.common.is_deprecated());
+        match data_ty {
+            Some(ty) => {
+                decls.push(quote!(#doc #dep #variant(#ty),));
+                name_arms.push(quote!(Self::#variant(_) => #wire,));
+                data_arms.push(quote! {
+                    Self::#variant(data) => ::std::option::Option::Some(
+                        ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
+                    ),
+                });
+                parse_arms.push(quote! {
+                    #wire => {
+                        path.push_member("data");
+                        let data = message.get("data").ok_or_else(|| path.missing())?;
+                        Self::#variant(<#ty as crate::input::FromQmp>::from_qmp(data, path)?)
+                    }
+                });
+            }
+            None => {
+                decls.push(quote!(#doc #dep #variant,));
+                name_arms.push(quote!(Self::#variant => #wire,));
+                data_arms.push(quote!(Self::#variant => ::std::option::Option::None,));
+                parse_arms.push(quote!(#wire => Self::#variant,));
+            }
+        }
+    }
+    let deserialize = emit_types::deserialize_via_from_qmp(&via_from_qmp);
+    let (name_body, data_body) = if events.is_empty() {
+        (quote!(match *self {}), quote!(match *self {}))
+    } else {
+        (
+            quote!(match self { #(#name_arms)* }),
+            quote!(match self { #(#data_arms)* }),
+        )
+    };
+    quote! {
+        #(#items)*
+        #deserialize
+
+        /// Every event of the schema with its typed data.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Event {
+            #(#decls)*
+        }
+
+        impl Event {
+            /// Every event name, in schema order.
+            pub const NAMES: &'static [&'static str] = &[#(#names),*];
+
+            /// The wire name (`JOB_STATUS_CHANGE`).
+            pub fn name(&self) -> &'static str {
+                #name_body
+            }
+
+            /// The `data` member, `None` for events without data.
+            pub fn data(&self) -> ::std::option::Option<::serde_json::Value> {
+                #data_body
+            }
+
+            /// The message QEMU sends: `{"timestamp": {...}, "event": NAME, "data": {...}}`
+            /// (`data` omitted for events without data).
+            pub fn to_wire(&self, timestamp: crate::wire::EventTimestamp) -> ::serde_json::Value {
+                let mut message = ::serde_json::Map::new();
+                message.insert(
+                    "timestamp".to_string(),
+                    ::serde_json::to_value(timestamp).unwrap_or(::serde_json::Value::Null),
+                );
+                message.insert("event".to_string(), ::serde_json::Value::from(self.name()));
+                if let ::std::option::Option::Some(data) = self.data() {
+                    message.insert("data".to_string(), data);
+                }
+                ::serde_json::Value::Object(message)
+            }
+
+            /// Reads an event message (`event` and `data`; `timestamp` is not needed).
+            pub fn from_wire(message: &::serde_json::Value) -> ::std::result::Result<Self, crate::error::QmpError> {
+                let path = &mut crate::input::QmpPath::root();
+                let name = match message.get("event") {
+                    ::std::option::Option::Some(::serde_json::Value::String(name)) => name.as_str(),
+                    _ => return ::std::result::Result::Err(crate::error::QmpError::generic(
+                        "event message has no 'event' string member",
+                    )),
+                };
+                let _ = &path;
+                ::std::result::Result::Ok(match name {
+                    #(#parse_arms)*
+                    _ => return ::std::result::Result::Err(crate::error::QmpError::generic(
+                        format!("unknown event '{name}'"),
+                    )),
+                })
+            }
+        }
+    }
+}
