@@ -1,6 +1,118 @@
-//! qapi-model: QAPI expressions → a checked, linked [`Schema`] (work in progress).
+//! qapi-model: QAPI expressions → a checked, linked [`Schema`].
 //!
-//! Entry point (to be implemented): `pub fn load(path: &Path) -> Result<Schema, Diagnostics>`.
+//! [`load`] parses a schema (with `qapi-parser`) and makes every check
+//! QEMU's QAPI generator makes, in QEMU's phases: syntax, then the shape of
+//! each definition, then definitions against each other and their doc
+//! comments. Errors are collected per phase (one per definition) and a
+//! phase with errors ends the run, so that no error is a consequence of
+//! another. Messages use QEMU's wording, located at the offending token.
 
+mod build;
+mod check;
+mod exprs;
+mod names;
 pub mod types;
+
+pub use qapi_parser::{Diagnostics, Error, Location, SourceFile};
 pub use types::*;
+
+use qapi_parser::ParsedSchema;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Loads and checks the schema at `path` (and every file it includes).
+/// Paths in messages are shown as given.
+pub fn load(path: &Path) -> Result<Schema, Diagnostics> {
+    check(qapi_parser::parse_file(path)?)
+}
+
+/// Loads and checks schema text as if read from `name` (`include`s are
+/// resolved relative to `name`'s directory).
+pub fn load_str(name: &str, text: &str) -> Result<Schema, Diagnostics> {
+    check(qapi_parser::parse_str(Path::new(name), text)?)
+}
+
+fn check(parsed: ParsedSchema) -> Result<Schema, Diagnostics> {
+    let mut errors = Vec::new();
+    let mut defs = Vec::with_capacity(parsed.exprs.len());
+    for expr in &parsed.exprs {
+        match exprs::check_expr(expr, &parsed.pragmas) {
+            Ok(d) => defs.push(d),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Diagnostics { errors });
+    }
+    let checker = check::Checker::new(&defs, &parsed.pragmas, &mut errors);
+    for d in &defs {
+        if let Err(e) = checker.check_def(d) {
+            errors.push(e);
+        } else if let Err(e) = checker.check_doc(d) {
+            errors.push(e);
+        }
+    }
+    if let Err(e) = check::check_feature_count(&defs) {
+        errors.push(e);
+    }
+    if !errors.is_empty() {
+        return Err(Diagnostics { errors });
+    }
+    let by_name: HashMap<&str, &exprs::Def> = defs.iter().map(|d| (d.name.as_str(), d)).collect();
+    let enum_of_discriminator = |d: &exprs::Def| -> String {
+        let exprs::DefKind::Union {
+            base,
+            discriminator,
+            ..
+        } = &d.kind
+        else {
+            return String::new();
+        };
+        let members: Vec<&exprs::RawMember> = match base {
+            exprs::RawArgs::Inline(ms) => ms.iter().collect(),
+            exprs::RawArgs::Named(n) => struct_chain_members(&by_name, &n.name),
+        };
+        members
+            .into_iter()
+            .find(|m| m.name == discriminator.name)
+            .map(|m| m.ty.name.clone())
+            .unwrap_or_default()
+    };
+    let entities = defs
+        .iter()
+        .map(|d| build::entity(d, enum_of_discriminator))
+        .collect();
+    Ok(Schema {
+        entities,
+        pragma: build::pragma(&parsed.pragmas),
+        free_docs: parsed
+            .free_docs
+            .iter()
+            .map(|(i, b)| (*i, build::doc(b)))
+            .collect(),
+    })
+}
+
+/// Members of a (checked, acyclic) struct and its bases.
+fn struct_chain_members<'a>(
+    defs: &HashMap<&str, &'a exprs::Def>,
+    name: &str,
+) -> Vec<&'a exprs::RawMember> {
+    let mut out = Vec::new();
+    let mut cur = Some(name);
+    let mut guard = 0;
+    while let Some(n) = cur {
+        guard += 1;
+        if guard > defs.len() {
+            break;
+        }
+        cur = None;
+        if let Some(d) = defs.get(n)
+            && let exprs::DefKind::Struct { base, members } = &d.kind
+        {
+            out.extend(members.iter());
+            cur = base.as_ref().map(|b| b.name.as_str());
+        }
+    }
+    out
+}

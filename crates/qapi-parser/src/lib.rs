@@ -1,4 +1,22 @@
-//! qapi-parser: QAPI schema text → expressions with locations and doc comments (work in progress).
+//! qapi-parser: QAPI schema text → expressions with `FILE:LINE:COL`
+//! locations, doc blocks attached, includes expanded.
+//!
+//! [`parse_file`] reads a schema and the files it includes and returns the
+//! top-level definitions as [`Node`] trees (not yet checked: that is
+//! `qapi-model`'s job), the free-form doc blocks, and the merged pragmas.
+//! Syntax errors end the file they are in; errors that leave the token
+//! stream intact (bad `include` or `pragma`, misplaced doc blocks) are
+//! collected and parsing goes on.
 
+mod diag;
+mod doc;
+mod file;
 pub mod location;
+mod syntax;
+mod value;
+
+pub use diag::{Diagnostics, Error};
+pub use doc::{DocBlock, DocItem, DocSectionBlock};
+pub use file::{ParsedSchema, Pragmas, TopExpr, parse_file, parse_str};
 pub use location::{Location, SourceFile};
+pub use value::{Dict, Key, Node, Value};

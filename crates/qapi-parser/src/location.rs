@@ -29,7 +29,11 @@ impl Location {
         let mut out = Vec::new();
         let mut cur = self.file.included_from.clone();
         while let Some(loc) = cur {
-            out.push(format!("In file included from {}:{}:", loc.file.path.display(), loc.line));
+            out.push(format!(
+                "In file included from {}:{}:",
+                loc.file.path.display(),
+                loc.line
+            ));
             cur = loc.file.included_from.clone();
         }
         out
