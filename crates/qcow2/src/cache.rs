@@ -1,6 +1,28 @@
 //! A write-back cache of metadata tables (L2 tables, refcount blocks), keyed by host offset.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hashes cluster-aligned offsets cheaply (the default SipHash dominates lookups).
+#[derive(Default)]
+struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        let y = (x >> 9).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = y ^ (y >> 29);
+    }
+}
+
+type OffsetMap<V> = HashMap<u64, V, BuildHasherDefault<OffsetHasher>>;
 
 struct Slot {
     data: Vec<u8>,
@@ -10,7 +32,7 @@ struct Slot {
 
 /// Cluster-sized tables held in memory; dirty ones are written back by the owner, in order.
 pub(crate) struct TableCache {
-    slots: HashMap<u64, Slot>,
+    slots: OffsetMap<Slot>,
     clock: u64,
     capacity: usize,
 }
@@ -18,7 +40,7 @@ pub(crate) struct TableCache {
 impl TableCache {
     pub fn new(capacity: usize) -> TableCache {
         TableCache {
-            slots: HashMap::new(),
+            slots: OffsetMap::default(),
             clock: 0,
             capacity: capacity.max(4),
         }

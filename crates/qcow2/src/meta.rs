@@ -102,6 +102,7 @@ pub(crate) struct Meta {
     /// Clusters (offset, bytes) to decrement once the removal of their reference is stored.
     pending_frees: Vec<(u64, u64)>,
     free_hint: u64,
+    run_hint: u64,
     in_write_back: bool,
     pub snapshots: Vec<Snapshot>,
     pub snapshot_table_len: u64,
@@ -153,6 +154,7 @@ impl Meta {
             rb_cache: TableCache::new((4 << 20) / cs),
             pending_frees: Vec::new(),
             free_hint: 0,
+            run_hint: 0,
             in_write_back: false,
             snapshots: Vec::new(),
             snapshot_table_len: 0,
@@ -440,9 +442,16 @@ impl Meta {
     }
 
     /// Allocate `n` contiguous free clusters (refcount 1); returns the host offset.
+    ///
+    /// Single clusters fill the lowest free cluster; runs are searched from the end of the last
+    /// run, so sequential writes get contiguous clusters and a scan never revisits used space.
     pub fn alloc_run(&mut self, n: u64) -> Result<u64> {
         let rb_bits = self.rb_bits();
-        let mut c = self.free_hint;
+        let mut c = if n == 1 {
+            self.free_hint
+        } else {
+            self.run_hint.max(self.free_hint)
+        };
         let mut start = c;
         let mut len = 0;
         let mut first_free = None;
@@ -465,10 +474,14 @@ impl Meta {
         for i in start..start + n {
             self.set_refcount(i, 1)?;
         }
-        self.free_hint = match first_free {
-            Some(f) if f < start => f,
-            _ => start + n,
-        };
+        if n == 1 {
+            self.free_hint = start + 1;
+        } else {
+            self.run_hint = start + n;
+            if first_free == Some(start) && start == self.free_hint {
+                self.free_hint = start + n;
+            }
+        }
         Ok(start * self.cs())
     }
 
@@ -492,6 +505,7 @@ impl Meta {
             self.set_refcount(c, rc - 1)?;
             if rc == 1 {
                 self.free_hint = self.free_hint.min(c);
+                self.run_hint = self.run_hint.min(c);
                 self.l2_cache.remove(c * cs);
             }
         }

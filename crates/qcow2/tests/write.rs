@@ -1,0 +1,297 @@
+//! Images created and written by this crate are accepted by qemu-img and hold what we wrote.
+
+mod common;
+use common::*;
+use qcow2::{Allocation, Image};
+
+/// Apply the same writes to our image and to a raw reference file.
+struct Twin {
+    img: Image,
+    reference: Vec<u8>,
+}
+
+impl Twin {
+    fn write(&mut self, data: &[u8], off: u64) {
+        self.img.write_at(data, off).unwrap();
+        self.reference[off as usize..off as usize + data.len()].copy_from_slice(data);
+    }
+    fn zero(&mut self, off: u64, len: u64) {
+        self.img.write_zeroes(off, len).unwrap();
+        self.reference[off as usize..(off + len) as usize].fill(0);
+    }
+}
+
+fn assert_same_as_reference(s: &Scratch, path: &std::path::Path, reference: &[u8]) {
+    let raw = s.path("reference.raw");
+    std::fs::write(&raw, reference).unwrap();
+    let (code, out) = run_status(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", p(path), p(&raw)],
+    );
+    assert_eq!(code, 0, "qemu-img compare: {out}");
+}
+
+#[test]
+fn created_image_is_accepted_by_qemu_img() {
+    let s = Scratch::new();
+    let path = s.path("new.qcow2");
+    create_file(&path, 100 << 20, 65536, None);
+    assert_check_clean(&path);
+    let info = json("qemu-img", &["info", "--output=json", p(&path)]);
+    assert_eq!(info["virtual-size"], 100 << 20);
+    assert_eq!(info["cluster-size"], 65536);
+    assert_eq!(info["format-specific"]["data"]["compat"], "1.1");
+}
+
+#[test]
+fn writes_of_every_shape_pass_check_and_compare_for_several_cluster_sizes() {
+    let s = Scratch::new();
+    for cs in [512u32, 4096, 65536, 2 << 20] {
+        let path = s.path(&format!("w{cs}.qcow2"));
+        let size = 8 << 20;
+        create_file(&path, size, cs, None);
+        let mut t = Twin {
+            img: open_rw(&path),
+            reference: vec![0; size as usize],
+        };
+        t.write(&pattern(1 << 20, 1), 0); // aligned
+        t.write(&pattern(3000, 2), 5000); // inside one cluster, partial
+        t.write(&pattern(200_000, 3), (2 << 20) + 777); // unaligned, several clusters
+        t.write(&pattern(1 << 20, 4), 300_000); // overwrites allocated and fresh clusters
+        t.write(&pattern(4096, 5), size - 4096); // the last bytes
+        t.zero(100_000, 300_000);
+        t.write(&pattern(10, 6), 150_000); // into a zeroed cluster
+        t.img.close().unwrap();
+        drop(t.img);
+        assert_check_clean(&path);
+        assert_same_as_reference(&s, &path, &t.reference);
+        let img = open_ro(&path);
+        assert_eq!(our_contents(&img), t.reference, "cluster size {cs}");
+    }
+}
+
+#[test]
+fn qemu_img_map_shows_what_we_wrote() {
+    let s = Scratch::new();
+    let path = s.path("map.qcow2");
+    create_file(&path, 4 << 20, 65536, None);
+    let img = open_rw(&path);
+    img.write_at(&pattern(128 << 10, 1), 1 << 20).unwrap();
+    img.close().unwrap();
+    drop(img);
+    let map = json("qemu-img", &["map", "--output=json", p(&path)]);
+    let data: Vec<_> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data, vec![(1 << 20, 128 << 10)]);
+}
+
+#[test]
+fn partial_writes_copy_the_rest_of_the_cluster_from_the_backing_file() {
+    let s = Scratch::new();
+    let base = s.path("base.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", p(&base), "4M"]);
+    qemu_io(&base, "qcow2", &["write -P 0x5a 0 4M"]);
+    let top = s.path("top.qcow2");
+    create_file(&top, 4 << 20, 65536, Some(("base.qcow2", "qcow2")));
+    let img = open_rw(&top);
+    let mut reference = vec![0x5a; 4 << 20];
+    let d = pattern(1000, 7);
+    img.write_at(&d, 70_000).unwrap();
+    reference[70_000..71_000].copy_from_slice(&d);
+    img.write_zeroes(1 << 20, 1 << 20).unwrap();
+    reference[1 << 20..2 << 20].fill(0);
+    assert_eq!(
+        img.block_status(1 << 20, 1 << 20).unwrap(),
+        (Allocation::Zero, 1 << 20)
+    );
+    assert_eq!(
+        img.block_status(0, 65536).unwrap(),
+        (Allocation::Unallocated, 65536)
+    );
+    assert_eq!(
+        img.block_status(65536, 65536).unwrap(),
+        (Allocation::Data, 65536)
+    );
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&top);
+    assert_same_as_reference(&s, &top, &reference);
+    let chain = json(
+        "qemu-img",
+        &["info", "--backing-chain", "--output=json", p(&top)],
+    );
+    assert_eq!(chain.as_array().unwrap().len(), 2);
+    assert_eq!(chain[0]["backing-filename"], "base.qcow2");
+    assert_eq!(chain[0]["backing-filename-format"], "qcow2");
+}
+
+#[test]
+fn writes_to_an_image_made_by_qemu_img_keep_its_data() {
+    let s = Scratch::new();
+    let path = s.path("q.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", p(&path), "2M"]);
+    qemu_io(&path, "qcow2", &["write -P 0x31 0 2M"]);
+    let img = open_rw(&path);
+    img.write_at(&[0x42; 100], 65500).unwrap();
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&path);
+    qemu_io(
+        &path,
+        "qcow2",
+        &[
+            "read -P 0x31 0 65500",
+            "read -P 0x42 65500 100",
+            "read -P 0x31 65600 1983552",
+        ],
+    );
+}
+
+#[test]
+fn compressed_clusters_are_rewritten_uncompressed_on_write() {
+    let s = Scratch::new();
+    let src = s.path("src.raw");
+    let mut reference = pattern(1 << 20, 2);
+    std::fs::write(&src, &reference).unwrap();
+    let path = s.path("c.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            p(&src),
+            p(&path),
+        ],
+    );
+    let img = open_rw(&path);
+    img.write_at(&[9; 10], 200_000).unwrap();
+    reference[200_000..200_010].fill(9);
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&path);
+    assert_same_as_reference(&s, &path, &reference);
+}
+
+#[test]
+fn the_refcount_table_grows_when_the_image_outgrows_it() {
+    let s = Scratch::new();
+    let path = s.path("grow.qcow2");
+    // 512-byte clusters, 16-bit refcounts: one table cluster covers only 64 MiB of file.
+    create_file(&path, 96 << 20, 512, None);
+    let img = open_rw(&path);
+    let chunk = pattern(1 << 20, 3);
+    for i in 0..80u64 {
+        img.write_at(&chunk, i << 20).unwrap();
+    }
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&path);
+    qemu_io(&path, "qcow2", &["read -v 0 16"]);
+    let img = open_ro(&path);
+    let mut b = vec![0u8; 1 << 20];
+    img.read_at(&mut b, 79 << 20).unwrap();
+    assert_eq!(b, chunk);
+}
+
+#[test]
+fn writes_from_several_threads_at_once_all_land() {
+    let s = Scratch::new();
+    let path = s.path("mt.qcow2");
+    create_file(&path, 16 << 20, 65536, None);
+    let img = open_rw(&path);
+    std::thread::scope(|sc| {
+        for t in 0..4u8 {
+            let img = &img;
+            sc.spawn(move || {
+                // Interleaved, overlapping clusters: 48 KiB pieces straddle cluster borders.
+                for i in 0..64u64 {
+                    let off = (i * 4 + u64::from(t)) * 49152;
+                    if off + 49152 <= 16 << 20 {
+                        img.write_at(&vec![t + 1; 49152], off).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&path);
+    let img = open_ro(&path);
+    let data = our_contents(&img);
+    for (i, piece) in data.chunks(49152).enumerate() {
+        let t = (i % 4) as u8;
+        if (i as u64 + 1) * 49152 <= 16 << 20 && i < 256 {
+            assert!(piece.iter().all(|&b| b == t + 1), "piece {i}");
+        }
+    }
+}
+
+#[test]
+fn reads_and_writes_beyond_the_disk_are_refused() {
+    let s = Scratch::new();
+    let path = s.path("small.qcow2");
+    create_file(&path, 1 << 20, 65536, None);
+    let img = open_rw(&path);
+    assert!(matches!(
+        img.write_at(&[1; 2], (1 << 20) - 1),
+        Err(qcow2::Error::InvalidArgument(_))
+    ));
+    let mut b = [0u8; 1];
+    assert!(matches!(
+        img.read_at(&mut b, 1 << 20),
+        Err(qcow2::Error::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn read_only_images_refuse_writes() {
+    let s = Scratch::new();
+    let path = s.path("ro.qcow2");
+    create_file(&path, 1 << 20, 65536, None);
+    let img = open_ro(&path);
+    assert!(matches!(img.write_at(&[1], 0), Err(qcow2::Error::ReadOnly)));
+}
+
+#[test]
+fn corrupt_images_open_read_only_but_refuse_writing() {
+    let s = Scratch::new();
+    let path = s.path("corrupt.qcow2");
+    create_file(&path, 1 << 20, 65536, None);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[79] |= 2; // incompatible feature bit 1: corrupt
+    std::fs::write(&path, bytes).unwrap();
+    assert!(open_ro(&path).info().corrupt);
+    assert!(matches!(
+        Image::open_file(&path, false),
+        Err(qcow2::Error::Corrupt)
+    ));
+}
+
+#[test]
+fn discard_frees_whole_clusters_only() {
+    let s = Scratch::new();
+    let path = s.path("d.qcow2");
+    create_file(&path, 1 << 20, 65536, None);
+    let img = open_rw(&path);
+    img.write_at(&[7; 1 << 20], 0).unwrap();
+    img.discard(1000, 200_000).unwrap();
+    img.flush().unwrap();
+    assert_eq!(img.block_status(0, 65536).unwrap().0, Allocation::Data);
+    assert_eq!(
+        img.block_status(65536, 131072).unwrap(),
+        (Allocation::Unallocated, 131072)
+    );
+    assert_eq!(img.block_status(196608, 65536).unwrap().0, Allocation::Data);
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&path);
+}
