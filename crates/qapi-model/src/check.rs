@@ -491,6 +491,8 @@ impl<'a> Checker<'a> {
                     }
                 }
             }
+            conflicting.sort_unstable();
+            conflicting.dedup();
             for qt in conflicting {
                 if let Some(prev) = types_seen.get(qt) {
                     return Err(err(
