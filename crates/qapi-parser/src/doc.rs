@@ -190,7 +190,7 @@ impl TextBuf {
             self.rest
                 .iter()
                 .filter(|l| !l.is_empty())
-                .map(|l| l.len() - l.trim_start().len())
+                .map(|l| l.len() - l.trim_start_matches([' ', '\t']).len())
                 .min()
                 .unwrap_or(0)
         } else {
