@@ -75,7 +75,7 @@ fn sample(s: &Scratch) -> Vec<u8> {
 
 #[test]
 fn truncated_images_give_errors() {
-    let s = Scratch::new();
+    let s = Scratch::in_memory();
     let good = sample(&s);
     let path = s.path("t.qcow2");
     for len in [
@@ -107,7 +107,7 @@ fn truncated_images_give_errors() {
 
 #[test]
 fn damaged_header_bytes_give_errors() {
-    let s = Scratch::new();
+    let s = Scratch::in_memory();
     let good = sample(&s);
     let path = s.path("h.qcow2");
     for i in 0..320 {
@@ -125,7 +125,7 @@ fn damaged_header_bytes_give_errors() {
 
 #[test]
 fn damaged_tables_give_errors() {
-    let s = Scratch::new();
+    let s = Scratch::in_memory();
     let good = sample(&s);
     let path = s.path("m.qcow2");
     let words = good.len() / 8;

@@ -17,6 +17,13 @@ impl Scratch {
             dir: tempfile::tempdir().unwrap(),
         }
     }
+    /// In memory (tmpfs) where available: for tests that flush thousands of times.
+    pub fn in_memory() -> Scratch {
+        match tempfile::tempdir_in("/dev/shm") {
+            Ok(dir) => Scratch { dir },
+            Err(_) => Scratch::new(),
+        }
+    }
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
