@@ -42,28 +42,13 @@ impl DocBlock {
     }
 }
 
+/// Section tags (a tag followed by `::` is rST markup, not a tag).
 const TAGS: &[&str] = &[
-    "Returns", "Errors", "Since", "TODO", "Note", "Notes", "Example", "Examples",
+    "Returns", "Errors", "Since", "TODO", "Notes", "Note", "Examples", "Example",
 ];
 
 /// Tags that may appear once only.
 const UNIQUE_TAGS: &[&str] = &["Returns", "Errors", "Since"];
-
-#[derive(Clone, Copy, PartialEq)]
-enum Part {
-    Body,
-    Members,
-    Features,
-    Sections,
-}
-
-#[derive(Clone, Copy)]
-enum Target {
-    Body,
-    Member(usize),
-    Feature(usize),
-    Section(usize),
-}
 
 fn at_col(loc: &Location, col: u32) -> Location {
     Location {
@@ -73,20 +58,27 @@ fn at_col(loc: &Location, col: u32) -> Location {
     }
 }
 
-/// `@name:` at the start of a line: the name and the rest of the line.
+/// `@name:` at the start of a line: the name (anything up to the first
+/// colon) and the text after the colon.
 fn member_header(line: &str) -> Option<(&str, &str)> {
     let rest = line.strip_prefix('@')?;
-    let word_end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-    let word = &rest[..word_end];
-    let name = word.strip_suffix(':')?;
-    Some((name, rest[word_end..].trim_start()))
+    let colon = rest.find(':')?;
+    Some((&rest[..colon], rest[colon + 1..].trim_start_matches(' ')))
 }
 
+/// `Tag:` at the start of a line: the tag and the text after it.
 fn section_header(line: &str) -> Option<(&'static str, &str)> {
-    let word_end = line.find(char::is_whitespace).unwrap_or(line.len());
-    let word = line[..word_end].strip_suffix(':')?;
-    let tag = TAGS.iter().find(|t| **t == word)?;
-    Some((tag, line[word_end..].trim_start()))
+    TAGS.iter().find_map(|tag| {
+        let rest = line.strip_prefix(tag)?.strip_prefix(':')?;
+        if rest.starts_with(':') {
+            return None;
+        }
+        Some((*tag, rest.trim_start_matches(' ')))
+    })
+}
+
+fn indent_of(line: &str) -> usize {
+    line.len() - line.trim_start_matches([' ', '\t']).len()
 }
 
 /// Splits the comment lines of one `##` block (without the delimiters)
@@ -126,9 +118,7 @@ pub(crate) fn parse_doc(
 }
 
 fn free_form_docs(start: &Location, texts: &[(&str, &Location)]) -> Result<Vec<DocBlock>, Error> {
-    let mut out = Vec::new();
     let mut body = String::new();
-    let mut block_start = start.clone();
     for (text, loc) in texts {
         if let Some((name, _)) = member_header(text) {
             return Err(Error::new(
@@ -136,16 +126,10 @@ fn free_form_docs(start: &Location, texts: &[(&str, &Location)]) -> Result<Vec<D
                 format!("'@{name}:' not allowed in free-form documentation"),
             ));
         }
-        if text.starts_with('=') && !body.trim().is_empty() {
-            out.push(free_block(&block_start, &body));
-            body.clear();
-            block_start = (*loc).clone();
-        }
         body.push_str(text.trim_end());
         body.push('\n');
     }
-    out.push(free_block(&block_start, &body));
-    Ok(out)
+    Ok(vec![free_block(start, &body)])
 }
 
 fn free_block(location: &Location, body: &str) -> DocBlock {
@@ -159,51 +143,168 @@ fn free_block(location: &Location, body: &str) -> DocBlock {
     }
 }
 
-/// Text of a section: first line as is, continuation lines dedented by
-/// their common indentation, surrounding blank lines dropped.
+/// Text of a section: its first line, then continuation lines dedented
+/// by their common indentation; surrounding blank lines dropped.
 struct TextBuf {
-    first: String,
-    rest: Vec<String>,
+    lines: Vec<String>,
 }
 
 impl TextBuf {
     fn new(first: &str) -> Self {
-        TextBuf {
-            first: first.trim_end().to_string(),
-            rest: Vec::new(),
+        let mut lines = Vec::new();
+        if !first.trim().is_empty() {
+            lines.push(first.trim_end().to_string());
         }
+        TextBuf { lines }
     }
     fn push(&mut self, line: &str) {
-        self.rest.push(line.trim_end().to_string());
+        self.lines.push(line.trim_end().to_string());
     }
     fn is_blank(&self) -> bool {
-        self.first.is_empty() && self.rest.iter().all(|l| l.is_empty())
+        self.lines.iter().all(|l| l.is_empty())
     }
-    fn last_blank(&self) -> bool {
-        match self.rest.last() {
-            Some(l) => l.is_empty(),
-            None => false,
-        }
-    }
-    fn finish(&self, dedent: bool) -> String {
-        let indent = if dedent {
-            self.rest
-                .iter()
-                .filter(|l| !l.is_empty())
-                .map(|l| l.len() - l.trim_start_matches([' ', '\t']).len())
-                .min()
-                .unwrap_or(0)
-        } else {
-            0
-        };
-        let mut out = self.first.clone();
-        for l in &self.rest {
-            out.push('\n');
-            if !l.is_empty() {
+    fn finish(&self, first_is_header_text: bool) -> String {
+        let skip = usize::from(first_is_header_text);
+        let indent = self
+            .lines
+            .iter()
+            .skip(skip)
+            .filter(|l| !l.is_empty())
+            .map(|l| indent_of(l))
+            .min()
+            .unwrap_or(0);
+        let mut out = String::new();
+        for (i, l) in self.lines.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            if i >= skip && !l.is_empty() {
                 out.push_str(&l[indent.min(l.len())..]);
+            } else {
+                out.push_str(l);
             }
         }
-        out.trim().to_string()
+        out.trim_matches('\n').to_string()
+    }
+}
+
+/// What the doc block holds so far; the last entry is where text goes.
+#[derive(Clone, Copy, PartialEq)]
+enum Last {
+    Body,
+    Member(usize),
+    Feature(usize),
+    Section(usize),
+}
+
+struct DefDoc<'t> {
+    start: &'t Location,
+    texts: &'t [(&'t str, &'t Location)],
+    body: TextBuf,
+    members: Vec<(String, TextBuf, bool, Location)>,
+    features: Vec<(String, TextBuf, bool, Location)>,
+    sections: Vec<(Option<String>, TextBuf, bool, Location)>,
+    last: Last,
+}
+
+impl<'t> DefDoc<'t> {
+    fn line(&self, i: usize) -> Option<&'t str> {
+        self.texts.get(i).map(|(t, _)| t.trim_end())
+    }
+    fn loc(&self, i: usize) -> Location {
+        match self.texts.get(i) {
+            Some((_, l)) => (*l).clone(),
+            None => match self.texts.last() {
+                Some((_, l)) => Location {
+                    file: l.file.clone(),
+                    line: l.line + 1,
+                    col: 1,
+                },
+                None => self.start.clone(),
+            },
+        }
+    }
+    fn append(&mut self, line: &str) {
+        match self.last {
+            Last::Body => self.body.push(line),
+            Last::Member(i) => self.members[i].1.push(line),
+            Last::Feature(i) => self.features[i].1.push(line),
+            Last::Section(i) => self.sections[i].1.push(line),
+        }
+    }
+    fn skip_blank(&self, mut i: usize) -> usize {
+        while self.line(i) == Some("") {
+            i += 1;
+        }
+        i
+    }
+
+    /// Continuation lines of a description or tagged section: blank lines,
+    /// then lines indented at least as much as the first indented one.
+    /// Returns the index of the first line that is not part of it.
+    fn indented(&mut self, mut i: usize) -> Result<usize, Error> {
+        while self.line(i) == Some("") {
+            self.append("");
+            i += 1;
+        }
+        let Some(first) = self.line(i) else {
+            return Ok(i);
+        };
+        let indent = indent_of(first);
+        if indent == 0 {
+            return Ok(i);
+        }
+        self.append(first);
+        i += 1;
+        let mut prev_blank = false;
+        while let Some(line) = self.line(i) {
+            if member_header(line).is_some() {
+                return Ok(i);
+            }
+            if !line.is_empty() && indent_of(line) < indent {
+                if prev_blank {
+                    return Ok(i);
+                }
+                return Err(Error::new(
+                    self.loc(i),
+                    format!("unexpected de-indent (expected at least {indent} spaces)"),
+                ));
+            }
+            self.append(line);
+            prev_blank = line.is_empty();
+            i += 1;
+        }
+        Ok(i)
+    }
+
+    fn describe(&mut self, i: usize, feature: bool) -> Result<usize, Error> {
+        let line = self.line(i).unwrap_or_default();
+        let Some((name, text)) = member_header(line) else {
+            return Ok(i);
+        };
+        let loc = self.loc(i);
+        let here = at_col(&loc, loc.col + 2);
+        if name.is_empty() {
+            return Err(Error::new(here, "invalid parameter name"));
+        }
+        let list = if feature {
+            &mut self.features
+        } else {
+            &mut self.members
+        };
+        if list.iter().any(|(n, ..)| n == name) {
+            return Err(Error::new(
+                here,
+                format!("'{name}' parameter name duplicated"),
+            ));
+        }
+        list.push((name.to_string(), TextBuf::new(text), !text.is_empty(), here));
+        self.last = if feature {
+            Last::Feature(list.len() - 1)
+        } else {
+            Last::Member(list.len() - 1)
+        };
+        self.indented(i + 1)
     }
 }
 
@@ -212,129 +313,133 @@ fn definition_doc(
     symbol: &str,
     texts: &[(&str, &Location)],
 ) -> Result<DocBlock, Error> {
-    let mut body = TextBuf::new("");
-    let mut members: Vec<(String, TextBuf, Location)> = Vec::new();
-    let mut features: Vec<(String, TextBuf, Location)> = Vec::new();
-    let mut sections: Vec<(Option<String>, TextBuf, Location)> = Vec::new();
-    let mut part = Part::Body;
-    let mut target = Target::Body;
-    let mut features_line: Option<Location> = None;
-
-    for (text, loc) in texts {
-        let loc = *loc;
-        if text.starts_with('=') {
+    let mut d = DefDoc {
+        start,
+        texts,
+        body: TextBuf::new(""),
+        members: Vec::new(),
+        features: Vec::new(),
+        sections: Vec::new(),
+        last: Last::Body,
+    };
+    let mut no_more_args = false;
+    let mut i = 0;
+    loop {
+        i = d.skip_blank(i);
+        let Some(line) = d.line(i) else { break };
+        let loc = d.loc(i);
+        let here = at_col(&loc, loc.col + 2);
+        if line.starts_with('=') {
             return Err(Error::new(
-                loc.clone(),
+                here,
                 "unexpected '=' markup in definition documentation",
             ));
         }
-        if let Some((name, rest)) = member_header(text) {
-            let here = at_col(loc, loc.col + 2);
-            if name.is_empty() {
-                return Err(Error::new(here, "invalid parameter name"));
+        if line == "Features:" {
+            if !d.features.is_empty() {
+                return Err(Error::new(here, "duplicated 'Features:' line"));
             }
-            let list = match part {
-                Part::Body | Part::Members => {
-                    part = Part::Members;
-                    &mut members
-                }
-                Part::Features => &mut features,
-                Part::Sections => {
-                    return Err(Error::new(
-                        here,
-                        format!("description of '@{name}:' follows a section"),
-                    ));
-                }
-            };
-            if list.iter().any(|(n, _, _)| n == name) {
+            i = d.skip_blank(i + 1);
+            while d.line(i).and_then(member_header).is_some() {
+                i = d.describe(i, true)?;
+            }
+            if d.features.is_empty() {
+                return Err(Error::new(d.loc(i), "feature descriptions expected"));
+            }
+            no_more_args = true;
+        } else if let Some((name, _)) = member_header(line) {
+            if no_more_args {
                 return Err(Error::new(
                     here,
-                    format!("'{name}' parameter name duplicated"),
+                    format!("description of '@{name}:' follows a section"),
                 ));
             }
-            list.push((name.to_string(), TextBuf::new(rest), here));
-            target = if part == Part::Features {
-                Target::Feature(list.len() - 1)
-            } else {
-                Target::Member(list.len() - 1)
-            };
-            continue;
-        }
-        if text.trim_end() == "Features:" {
-            if let Some(prev) = &features_line {
-                return Err(Error::new(loc.clone(), "duplicated 'Features' section")
-                    .with_note(prev.clone(), "previous 'Features:' line"));
+            while d.line(i).and_then(member_header).is_some() {
+                i = d.describe(i, false)?;
             }
-            if part == Part::Sections {
+            no_more_args = true;
+        } else if let Some((tag, text)) = section_header(line) {
+            if tag.starts_with("Note") {
                 return Err(Error::new(
-                    at_col(loc, loc.col + 2),
-                    "'Features:' line follows a section",
+                    here,
+                    format!(
+                        "The '{tag}' section is no longer supported. Please use rST's \
+                         '.. note::' or '.. admonition:: notes' directives, or another \
+                         suitable admonition instead."
+                    ),
                 ));
             }
-            features_line = Some(loc.clone());
-            part = Part::Features;
-            target = Target::Body;
-            // Text after "Features:" and before the first feature has no home;
-            // treat it as an untagged section if it appears.
-            continue;
-        }
-        if let Some((tag, rest)) = section_header(text) {
-            let here = at_col(loc, loc.col + 2);
+            if tag.starts_with("Example") {
+                return Err(Error::new(
+                    here,
+                    format!(
+                        "The '{tag}' section is no longer supported. Please use the \
+                         '.. qmp-example::' directive, or other suitable markup instead."
+                    ),
+                ));
+            }
             if UNIQUE_TAGS.contains(&tag)
-                && sections.iter().any(|(t, _, _)| t.as_deref() == Some(tag))
+                && d.sections.iter().any(|(t, ..)| t.as_deref() == Some(tag))
             {
                 return Err(Error::new(here, format!("duplicated '{tag}' section")));
             }
-            sections.push((Some(tag.to_string()), TextBuf::new(rest), here));
-            part = Part::Sections;
-            target = Target::Section(sections.len() - 1);
-            continue;
-        }
-        let indented = text.starts_with(char::is_whitespace);
-        let blank = text.trim().is_empty();
-        // A new unindented paragraph after a member, feature or tagged
-        // section starts a plain section.
-        let starts_paragraph = !blank
-            && !indented
-            && match target {
-                Target::Body => part != Part::Body,
-                Target::Member(i) => members[i].1.last_blank(),
-                Target::Feature(i) => features[i].1.last_blank(),
-                Target::Section(i) => sections[i].0.is_some() && sections[i].1.last_blank(),
-            };
-        if starts_paragraph {
-            sections.push((None, TextBuf::new(text), at_col(loc, loc.col + 2)));
-            part = Part::Sections;
-            target = Target::Section(sections.len() - 1);
-            continue;
-        }
-        match target {
-            Target::Body => {
-                if part == Part::Body {
-                    body.push(text)
+            d.sections.push((
+                Some(tag.to_string()),
+                TextBuf::new(text),
+                !text.is_empty(),
+                here,
+            ));
+            d.last = Last::Section(d.sections.len() - 1);
+            i = d.indented(i + 1)?;
+            no_more_args = true;
+        } else {
+            // A plain paragraph: extends the body or a plain section right
+            // before it, else starts a plain section.
+            match d.last {
+                Last::Body => {
+                    if !d.body.is_blank() {
+                        d.body.push("");
+                    }
+                }
+                Last::Section(s) if d.sections[s].0.is_none() => d.sections[s].1.push(""),
+                _ => {
+                    d.sections.push((None, TextBuf::new(""), false, here));
+                    d.last = Last::Section(d.sections.len() - 1);
                 }
             }
-            Target::Member(i) => members[i].1.push(text),
-            Target::Feature(i) => features[i].1.push(text),
-            Target::Section(i) => sections[i].1.push(text),
+            while let Some(l) = d.line(i) {
+                if l.is_empty() {
+                    break;
+                }
+                d.append(l);
+                i += 1;
+            }
         }
     }
 
-    for (tag, text, loc) in &sections {
-        if let Some(tag) = tag
-            && text.is_blank()
-        {
-            return Err(Error::new(
+    let empty = |what: String, text: &TextBuf, loc: &Location| {
+        if text.is_blank() {
+            Err(Error::new(
                 loc.clone(),
-                format!("empty doc section '{tag}'"),
-            ));
+                format!("text required after '{what}:'"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    for (name, text, _, loc) in d.members.iter().chain(&d.features) {
+        empty(format!("@{name}"), text, loc)?;
+    }
+    for (tag, text, _, loc) in &d.sections {
+        if let Some(tag) = tag {
+            empty(tag.clone(), text, loc)?;
         }
     }
-    let items = |list: Vec<(String, TextBuf, Location)>| {
+    let items = |list: Vec<(String, TextBuf, bool, Location)>| {
         list.into_iter()
-            .map(|(name, text, location)| DocItem {
+            .map(|(name, text, header_text, location)| DocItem {
                 name,
-                text: text.finish(true),
+                text: text.finish(header_text),
                 location,
             })
             .collect()
@@ -342,13 +447,14 @@ fn definition_doc(
     Ok(DocBlock {
         location: start.clone(),
         symbol: Some(symbol.to_string()),
-        body: body.finish(false),
-        members: items(members),
-        features: items(features),
-        sections: sections
+        body: d.body.finish(false),
+        members: items(d.members),
+        features: items(d.features),
+        sections: d
+            .sections
             .into_iter()
-            .map(|(tag, text, location)| DocSectionBlock {
-                text: text.finish(tag.is_some()),
+            .map(|(tag, text, header_text, location)| DocSectionBlock {
+                text: text.finish(header_text),
                 tag,
                 location,
             })

@@ -85,12 +85,27 @@ fn tagged_and_plain_sections_follow_members() {
 }
 
 #[test]
-fn free_form_blocks_split_at_headings_and_record_their_position() {
+fn free_form_blocks_keep_headings_and_record_their_position() {
     let p = parse("{ 'enum': 'A', 'data': [] }\n##\n# = One\n#\n# text\n# == Two\n##\n");
-    assert_eq!(p.free_docs.len(), 2);
+    assert_eq!(p.free_docs.len(), 1);
     assert_eq!(p.free_docs[0].0, 1);
-    assert_eq!(p.free_docs[0].1.body, "= One\n\ntext");
-    assert_eq!(p.free_docs[1].1.body, "== Two");
+    assert_eq!(p.free_docs[0].1.body, "= One\n\ntext\n== Two");
+}
+
+#[test]
+fn member_descriptions_continue_on_indented_lines() {
+    let p = parse(concat!(
+        "##\n# @S:\n#\n# @a: first line\n#     second line\n#\n#     second paragraph\n",
+        "# @b:\n#     all on the next line\n#\n# Closing words.\n##\n{ 'struct': 'S', 'data': {} }\n"
+    ));
+    let doc = p.exprs[0].doc.as_ref().expect("doc");
+    assert_eq!(
+        doc.members[0].text,
+        "first line\nsecond line\n\nsecond paragraph"
+    );
+    assert_eq!(doc.members[1].text, "all on the next line");
+    assert_eq!(doc.sections[0].tag, None);
+    assert_eq!(doc.sections[0].text, "Closing words.");
 }
 
 #[test]
