@@ -745,8 +745,13 @@ def allowed(diff, patterns):
 
 def compare_live(args, theirs):
     """Compare our daemon's query-qmp-schema answer with QSD's."""
-    with open(args.introspection) as f:
-        data = json.load(f)
+    try:
+        with open(args.introspection) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        print("error: cannot read %s: %s" % (args.introspection, err),
+              file=sys.stderr)
+        return 2
     if isinstance(data, dict):
         data = data.get("return", data)
     ours = Theirs(data)
@@ -785,8 +790,13 @@ def main():
                     "schema files")
     args = ap.parse_args()
 
-    with open(args.qsd) as f:
-        theirs = Theirs(json.load(f))
+    try:
+        with open(args.qsd) as f:
+            theirs = Theirs(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print("error: cannot read QSD's schema %s: %s" % (args.qsd, err),
+              file=sys.stderr)
+        return 2
     if args.show:
         show(theirs, args.show)
         return 0
@@ -801,6 +811,10 @@ def main():
                 cmp.entity(e[meta_of(e)], e)
     except SchemaError as err:
         print("error: %s" % err, file=sys.stderr)
+        return 2
+    except (KeyError, TypeError, AttributeError, StopIteration) as err:
+        print("error: malformed definition (%s: %s)" % (type(err).__name__, err),
+              file=sys.stderr)
         return 2
     allow = read_allow(args.allow)
     unexpected = [d for d in cmp.diffs if not allowed(d, allow)]
