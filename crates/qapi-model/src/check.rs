@@ -8,7 +8,7 @@
 use crate::exprs::{Def, DefKind, Meta, RawArgs, RawBranch, RawMember, RawType};
 use crate::names::c_name;
 use crate::types::*;
-use qapi_parser::{DocBlock, Error, Location, Pragmas};
+use qapi_parser::{Error, Location, Pragmas};
 use std::collections::{HashMap, HashSet};
 
 type R<T> = Result<T, Error>;
@@ -391,8 +391,9 @@ impl<'a> Checker<'a> {
         if branches.is_empty() && values.is_empty() {
             return Err(err(base_loc, "union has no branches"));
         }
+        let value_names: HashSet<&str> = values.iter().map(|v| v.name.as_str()).collect();
         for b in branches {
-            if !values.iter().any(|v| v.name == b.name) {
+            if !value_names.contains(b.name.as_str()) {
                 return Err(err(
                     &b.loc,
                     format!(
@@ -607,42 +608,41 @@ impl<'a> Checker<'a> {
             DefKind::Command { .. } | DefKind::Event { .. } => {}
         }
         let excepted = self.pragmas.documentation_exceptions.contains(&d.name);
+        let documented: HashSet<&str> = doc.members.iter().map(|m| m.name.as_str()).collect();
+        let documented_features: HashSet<&str> =
+            doc.features.iter().map(|f| f.name.as_str()).collect();
         for (name, role, loc) in &connected {
-            if !excepted && doc.members.iter().all(|m| m.name != *name) {
+            if !excepted && !documented.contains(name) {
                 return Err(err(loc, format!("{role} '{name}' lacks documentation")));
             }
         }
         for f in &features {
-            if doc.features.iter().all(|df| df.name != f.name) {
+            if !documented_features.contains(f.name.as_str()) {
                 return Err(err(
                     &f.location,
                     format!("feature '{}' lacks documentation", f.name),
                 ));
             }
         }
+        let members: HashSet<&str> = connected.iter().map(|(n, _, _)| *n).collect();
+        let feature_names: HashSet<&str> = features.iter().map(|f| f.name.as_str()).collect();
         bogus(
-            doc,
             "member",
             doc.members
                 .iter()
-                .filter(|m| connected.iter().all(|(n, _, _)| *n != m.name)),
+                .filter(|m| !members.contains(m.name.as_str())),
         )?;
         bogus(
-            doc,
             "feature",
             doc.features
                 .iter()
-                .filter(|df| features.iter().all(|f| f.name != df.name)),
+                .filter(|df| !feature_names.contains(df.name.as_str())),
         )?;
         Ok(())
     }
 }
 
-fn bogus<'b>(
-    _doc: &DocBlock,
-    what: &str,
-    items: impl Iterator<Item = &'b qapi_parser::DocItem>,
-) -> R<()> {
+fn bogus<'b>(what: &str, items: impl Iterator<Item = &'b qapi_parser::DocItem>) -> R<()> {
     let items: Vec<_> = items.collect();
     let Some(first) = items.first() else {
         return Ok(());

@@ -135,3 +135,22 @@ fn a_missing_schema_file_is_an_error() {
     let err = qapi_model::load(Path::new("/nonexistent/schema.json")).expect_err("missing file");
     assert!(err.to_string().contains("can't read schema file"), "{err}");
 }
+
+/// Columns along one long line and duplicate-key checks in big objects are
+/// found without rescanning: a quadratic front end would take minutes here.
+#[test]
+fn huge_single_line_definitions_load() {
+    let values: Vec<String> = (0..50_000).map(|i| format!("'v{i}'")).collect();
+    let members: Vec<String> = (0..20_000).map(|i| format!("'m{i}': 'int'")).collect();
+    let text = format!(
+        "{{ 'enum': 'Big', 'data': [ {} ] }} {{ 'struct': 'Wide', 'data': {{ {} }} }}",
+        values.join(", "),
+        members.join(", ")
+    );
+    let schema = qapi_model::load_str("huge.json", &text).unwrap_or_else(|d| panic!("{d}"));
+    let Some(qapi_model::Entity::Struct(s)) = schema.entity("Wide") else {
+        panic!("Wide")
+    };
+    assert_eq!(s.members[19_999].location.line, 1);
+    assert!(s.members[19_999].location.col > 400_000);
+}

@@ -5,6 +5,8 @@ use crate::value::{Dict, Key, Node, Value};
 use crate::{Error, Location, SourceFile};
 use nom::IResult;
 use nom::bytes::complete::{tag, take_till, take_while};
+use std::cell::Cell;
+use std::collections::HashSet;
 use std::sync::Arc;
 
 /// Deepest nesting of lists and dictionaries we accept (QEMU's schema uses
@@ -34,6 +36,9 @@ pub(crate) struct Lexer<'a> {
     tok_pos: usize,
     tok_line: u32,
     tok_line_start: usize,
+    /// The last column computed: (line start, position, column), so that
+    /// columns along a long line are found without rescanning it.
+    col_cache: Cell<(usize, usize, u32)>,
 }
 
 fn ws(i: &str) -> IResult<&str, &str> {
@@ -68,6 +73,7 @@ impl<'a> Lexer<'a> {
             tok_pos: 0,
             tok_line: 1,
             tok_line_start: 0,
+            col_cache: Cell::new((0, 0, 1)),
         }
     }
 
@@ -76,14 +82,20 @@ impl<'a> Lexer<'a> {
     }
 
     fn location_at(&self, line: u32, line_start: usize, pos: usize) -> Location {
-        let mut col = 1u32;
-        for ch in self.src[line_start..pos].chars() {
+        let (cached_start, cached_pos, cached_col) = self.col_cache.get();
+        let (from, mut col) = if cached_start == line_start && cached_pos <= pos {
+            (cached_pos, cached_col)
+        } else {
+            (line_start, 1u32)
+        };
+        for ch in self.src[from..pos].chars() {
             if ch == '\t' {
                 col = (col - 1) / 8 * 8 + 9;
             } else {
                 col += 1;
             }
         }
+        self.col_cache.set((line_start, pos, col));
         Location {
             file: self.file.clone(),
             line,
@@ -240,6 +252,7 @@ impl<'a> Lexer<'a> {
 
     fn members(&mut self, depth: usize) -> Result<Dict, Error> {
         let mut dict = Dict::default();
+        let mut seen: HashSet<String> = HashSet::new();
         if self.tok == Tok::Punct('}') {
             self.accept(false)?;
             return Ok(dict);
@@ -260,7 +273,7 @@ impl<'a> Lexer<'a> {
                 return Err(self.err("expected ':'"));
             }
             self.accept(false)?;
-            if dict.contains(&key.name) {
+            if !seen.insert(key.name.clone()) {
                 return Err(Error::new(
                     key.location.clone(),
                     format!("duplicate key '{}'", key.name),
