@@ -27,6 +27,18 @@ const MAX_BACKING_NAME: u32 = 1023;
 const V2_HEADER_LEN: usize = 72;
 const V3_HEADER_LEN: usize = 112;
 
+/// The feature name table we write: (type, bit, name).
+const FEATURES: &[(u8, u8, &str)] = &[
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+];
+
 /// The bitmaps header extension.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct BitmapsExt {
@@ -295,8 +307,16 @@ impl Header {
         Ok(h)
     }
 
-    /// Serialise as a version 3 header with its extensions and backing file name.
+    /// Serialise as a version 3 header with its extensions and backing file name; the feature
+    /// name table is left out when it does not fit the cluster (as QEMU does).
     pub fn serialize(&self) -> Result<Vec<u8>> {
+        match self.serialize_with(true) {
+            Ok(b) => Ok(b),
+            Err(_) => self.serialize_with(false),
+        }
+    }
+
+    fn serialize_with(&self, feature_table: bool) -> Result<Vec<u8>> {
         let mut b = vec![0u8; V3_HEADER_LEN];
         b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
         b[4..8].copy_from_slice(&3u32.to_be_bytes());
@@ -323,23 +343,17 @@ impl Header {
             ext(&mut b, EXT_BACKING_FORMAT, f.as_bytes());
         }
         let mut table = Vec::new();
-        for (kind, bit, name) in [
-            (0u8, 0u8, "dirty bit"),
-            (0, 1, "corrupt bit"),
-            (0, 2, "external data file"),
-            (0, 3, "compression type"),
-            (0, 4, "extended L2 entries"),
-            (1, 0, "lazy refcounts"),
-            (2, 0, "bitmaps"),
-            (2, 1, "raw external data"),
-        ] {
+        let features: &[(u8, u8, &str)] = if feature_table { FEATURES } else { &[] };
+        for &(kind, bit, name) in features {
             let mut e = [0u8; 48];
             e[0] = kind;
             e[1] = bit;
             e[2..2 + name.len()].copy_from_slice(name.as_bytes());
             table.extend_from_slice(&e);
         }
-        ext(&mut b, EXT_FEATURE_TABLE, &table);
+        if feature_table {
+            ext(&mut b, EXT_FEATURE_TABLE, &table);
+        }
         if let Some(bm) = &self.bitmaps {
             let mut d = [0u8; 24];
             d[0..4].copy_from_slice(&bm.nb_bitmaps.to_be_bytes());

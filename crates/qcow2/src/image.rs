@@ -98,9 +98,9 @@ fn read_u64s(st: &dyn Storage, off: u64, n: usize) -> Result<Vec<u64>> {
         .collect())
 }
 
-/// Create an empty version 3 image of `size` bytes on `storage` (which is truncated), with
-/// `cluster_size` (a power of two from 512 to 2 MiB) and optionally a backing file
-/// `(name, format)` recorded in the header.
+/// Create an empty version 3 image of `size` bytes (rounded up to a multiple of 512, as QEMU
+/// does) on `storage` (which is truncated), with `cluster_size` (a power of two from 512 to
+/// 2 MiB) and optionally a backing file `(name, format)` recorded in the header.
 pub fn create(
     storage: &dyn Storage,
     size: u64,
@@ -114,6 +114,9 @@ pub fn create(
     }
     let cs = u64::from(cluster_size);
     let bits = cluster_size.trailing_zeros();
+    let size = size
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| Error::InvalidArgument("image size too large".into()))?;
     let l1_size = size.div_ceil(cs).div_ceil(cs / 8);
     if l1_size > crate::header::MAX_L1_ENTRIES || size > 1 << 62 {
         return Err(Error::InvalidArgument(
@@ -309,6 +312,11 @@ impl Image {
     /// Virtual disk size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether the image was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// Cluster size in bytes.
@@ -614,8 +622,8 @@ impl Image {
         if self.read_only {
             return Ok(());
         }
-        let mut m = self.lock();
-        m.write_back()?;
+        self.lock().write_back()?;
+        // The final flush needs no metadata lock: other requests go on meanwhile.
         self.storage.flush()?;
         Ok(())
     }

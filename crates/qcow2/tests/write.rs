@@ -295,3 +295,60 @@ fn discard_frees_whole_clusters_only() {
     drop(img);
     assert_check_clean(&path);
 }
+
+#[test]
+fn odd_disk_sizes_are_rounded_to_sectors_and_written_to_the_last_byte() {
+    let s = Scratch::new();
+    for asked in [0u64, 1, 511, 65535, 65537, (1 << 30) + 12345] {
+        let path = s.path(&format!("odd{asked}.qcow2"));
+        create_file(&path, asked, 65536, None);
+        let size = asked.next_multiple_of(512);
+        let img = open_rw(&path);
+        assert_eq!(img.size(), size);
+        if size > 0 {
+            img.write_at(&[0xee], size - 1).unwrap();
+            img.write_zeroes(0, (size - 1).min(70_000)).unwrap();
+        }
+        img.close().unwrap();
+        drop(img);
+        assert_check_clean(&path);
+        let info = json("qemu-img", &["info", "--output=json", p(&path)]);
+        assert_eq!(info["virtual-size"], size);
+        if size > 0 {
+            qemu_io(&path, "qcow2", &[&format!("read -P 0xee {} 1", size - 1)]);
+        }
+    }
+}
+
+#[test]
+fn far_apart_writes_in_a_huge_image_use_separate_l2_tables() {
+    let s = Scratch::new();
+    let path = s.path("huge.qcow2");
+    create_file(&path, 2 << 40, 65536, None);
+    let img = open_rw(&path);
+    for (i, off) in [0u64, 1 << 39, (1 << 40) + 65536 * 3, (2 << 40) - 4096]
+        .into_iter()
+        .enumerate()
+    {
+        img.write_at(&[i as u8 + 1; 4096], off).unwrap();
+    }
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&path);
+    qemu_io(
+        &path,
+        "qcow2",
+        &[
+            "read -P 1 0 4k",
+            "read -P 2 512G 4k",
+            "read -P 3 1099511824384 4k",
+            "read -P 4 2199023251456 4k",
+        ],
+    );
+}
+
+#[test]
+fn images_are_shareable_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Image>();
+}
