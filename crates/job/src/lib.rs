@@ -15,13 +15,12 @@ mod context;
 mod driver;
 mod event;
 pub mod manual;
-mod placeholder;
 mod ratelimit;
 mod registry;
 mod runtime;
 pub mod tables;
 
-pub use placeholder::{BlockJobStatus, BlockJobVerb};
+pub use qmp_api::{BlockJobStatus, BlockJobVerb};
 
 pub use context::JobContext;
 pub use driver::{BoxFuture, JobDriver, JobFailure};

@@ -41,7 +41,7 @@ impl RateLimit {
         if u128::from(self.dispatched) < quota {
             return None;
         }
-        let used_nanos = u128::from(self.dispatched) * SLICE.as_nanos() / quota;
+        let used_nanos = u128::from(self.dispatched) * 1_000_000_000 / u128::from(self.speed);
         let used = Duration::from_nanos(u64::try_from(used_nanos).unwrap_or(u64::MAX));
         self.slice_end = self.slice_start.saturating_add(used);
         (self.slice_end > now).then_some(self.slice_end)
