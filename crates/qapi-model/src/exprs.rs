@@ -596,12 +596,22 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
                     ),
                 ));
             }
-            if meta != Meta::Command {
+            let section = |tag: &str| doc.sections.iter().find(|s| s.tag.as_deref() == Some(tag));
+            if meta == Meta::Command {
+                if let Some(s) = section("Returns")
+                    && !dict.contains("returns")
+                {
+                    return Err(err(
+                        &s.location,
+                        "'Returns' section, but command doesn't return anything",
+                    ));
+                }
+            } else {
                 for tag in ["Returns", "Errors"] {
-                    if let Some(s) = doc.sections.iter().find(|s| s.tag.as_deref() == Some(tag)) {
+                    if let Some(s) = section(tag) {
                         return Err(err(
                             &s.location,
-                            format!("'{tag}:' is only valid for commands"),
+                            format!("'{tag}' section is only valid for commands"),
                         ));
                     }
                 }
