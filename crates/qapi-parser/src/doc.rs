@@ -81,12 +81,9 @@ fn indent_of(line: &str) -> usize {
     line.len() - line.trim_start_matches([' ', '\t']).len()
 }
 
-/// Splits the comment lines of one `##` block (without the delimiters)
-/// into one or more blocks: a free-form block is split before each `= Heading`.
-pub(crate) fn parse_doc(
-    start: &Location,
-    lines: &[(String, Location)],
-) -> Result<Vec<DocBlock>, Error> {
+/// Parses the comment lines of one `##` block (without the delimiters):
+/// a definition's doc if the first line is `# @name:`, else free-form.
+pub(crate) fn parse_doc(start: &Location, lines: &[(String, Location)]) -> Result<DocBlock, Error> {
     let mut texts = Vec::with_capacity(lines.len());
     for (raw, loc) in lines {
         let rest = &raw[1..];
@@ -110,14 +107,13 @@ pub(crate) fn parse_doc(
             if name.is_empty() {
                 return Err(Error::new((*loc).clone(), "name required after '@'"));
             }
-            let block = definition_doc(start, name, &texts[1..])?;
-            Ok(vec![block])
+            definition_doc(start, name, &texts[1..])
         }
-        _ => free_form_docs(start, &texts),
+        _ => free_form_doc(start, &texts),
     }
 }
 
-fn free_form_docs(start: &Location, texts: &[(&str, &Location)]) -> Result<Vec<DocBlock>, Error> {
+fn free_form_doc(start: &Location, texts: &[(&str, &Location)]) -> Result<DocBlock, Error> {
     let mut body = String::new();
     for (text, loc) in texts {
         if let Some((name, _)) = member_header(text) {
@@ -129,7 +125,7 @@ fn free_form_docs(start: &Location, texts: &[(&str, &Location)]) -> Result<Vec<D
         body.push_str(text.trim_end());
         body.push('\n');
     }
-    Ok(vec![free_block(start, &body)])
+    Ok(free_block(start, &body))
 }
 
 fn free_block(location: &Location, body: &str) -> DocBlock {

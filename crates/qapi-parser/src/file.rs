@@ -209,16 +209,7 @@ impl State {
         }
         lx.accept(false)?;
         match parse_doc(&start, &lines) {
-            Ok(mut blocks) => {
-                let last = blocks.pop();
-                for b in blocks {
-                    self.out.free_docs.push((self.out.exprs.len(), b));
-                }
-                Ok(match last {
-                    Some(b) => PendingDoc::Doc(b),
-                    None => PendingDoc::None,
-                })
-            }
+            Ok(block) => Ok(PendingDoc::Doc(block)),
             Err(e) => {
                 self.errors.push(e);
                 Ok(PendingDoc::Broken)
