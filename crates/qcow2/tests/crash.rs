@@ -22,11 +22,16 @@ fn killing_a_writer_at_twenty_points_leaves_only_leaked_clusters() {
         let cluster = [4096u32, 65536, 512][run % 3];
         create_file(&path, 64 << 20, cluster, None);
         let mut child = Command::new(env!("CARGO_BIN_EXE_qcow2-crash-writer"))
-            .args([p(&path), &(run as u64 * 7919 + 1).to_string()])
+            .args([
+                p(&path),
+                &(run as u64 * 7919 + 1).to_string(),
+                &(1 + run % 3).to_string(),
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        // Kill after a varying number of completed operations, mid-way through the next one.
+        // Kill after a varying number of completed operations (from 1 to 3 writer threads),
+        // mid-way through the next ones.
         let target = 3 + run * 11;
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         for _ in 0..target {

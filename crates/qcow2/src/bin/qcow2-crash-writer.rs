@@ -1,24 +1,32 @@
-//! Test helper for crash safety: writes, zeroes, discards and flushes an image at random and
-//! prints one line per operation, until killed (or after a bounded number of operations).
+//! Test helper for crash safety: writes, zeroes, discards and flushes an image at random from
+//! one or more threads, printing one line per completed operation, until killed (or after a
+//! bounded number of operations).
 //!
-//! Usage: qcow2-crash-writer IMAGE SEED
+//! Usage: qcow2-crash-writer IMAGE SEED [THREADS]
 
 use std::io::Write;
+use std::sync::Mutex;
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let (Some(path), Some(seed)) = (args.next(), args.next()) else {
-        eprintln!("usage: qcow2-crash-writer IMAGE SEED");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 2 {
+        eprintln!("usage: qcow2-crash-writer IMAGE SEED [THREADS]");
         std::process::exit(2);
-    };
-    let mut state: u64 = seed.parse::<u64>().unwrap_or(1) | 1;
-    let mut rand = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let img = match qcow2::Image::open_file(&path, false) {
+    }
+    let seed = args[1].parse::<u64>().unwrap_or(1) | 1;
+    let threads = args
+        .get(2)
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(1)
+        .clamp(1, 16);
+    let img = match qcow2::Image::open_file(&args[0], false) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("open: {e}");
@@ -26,22 +34,31 @@ fn main() {
         }
     };
     let size = img.size();
-    let mut out = std::io::stdout();
-    for op in 0..20_000u64 {
-        let len = (rand() % (256 << 10)).max(1);
-        let off = rand() % (size - len);
-        let r = match rand() % 10 {
-            0 => img.flush(),
-            1 => img.write_zeroes(off, len),
-            2 => img.discard(off, len),
-            _ => img.write_at(&vec![(op % 251) as u8 | 1; len as usize], off),
-        };
-        if let Err(e) = r {
-            eprintln!("operation {op}: {e}");
-            std::process::exit(1);
+    let out = Mutex::new(std::io::stdout());
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (img, out) = (&img, &out);
+            s.spawn(move || {
+                let mut state = seed.wrapping_mul(t + 1) | 1;
+                for op in 0..10_000u64 {
+                    let len = (xorshift(&mut state) % (256 << 10)).max(1);
+                    let off = xorshift(&mut state) % (size - len);
+                    let r = match xorshift(&mut state) % 10 {
+                        0 => img.flush(),
+                        1 => img.write_zeroes(off, len),
+                        2 => img.discard(off, len),
+                        _ => img.write_at(&vec![(op % 251) as u8 | 1; len as usize], off),
+                    };
+                    if let Err(e) = r {
+                        eprintln!("thread {t} operation {op}: {e}");
+                        std::process::exit(1);
+                    }
+                    let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
+                    if writeln!(o, "{t} {op}").and_then(|_| o.flush()).is_err() {
+                        std::process::exit(1);
+                    }
+                }
+            });
         }
-        if writeln!(out, "{op}").and_then(|_| out.flush()).is_err() {
-            std::process::exit(1);
-        }
-    }
+    });
 }
