@@ -188,18 +188,19 @@ impl Harness {
 
     /// A backup-like job (every cancel is forced, no complete).
     pub fn create(&mut self, spec: JobSpec, txn: Option<&JobTxn>) -> JobKey {
-        let name = spec.id.clone().unwrap_or_else(|| "internal".to_string());
-        let driver = self.driver(&name, "backup", false);
-        let key = self.reg.create(spec, driver, txn).expect("create");
-        self.keys.insert(name, key);
-        key
+        self.create_with(spec, txn, false)
     }
 
     /// A mirror-like job (complete, soft cancel in READY).
     pub fn create_mirror(&mut self, spec: JobSpec) -> JobKey {
+        self.create_with(spec, None, true)
+    }
+
+    pub fn create_with(&mut self, spec: JobSpec, txn: Option<&JobTxn>, mirror: bool) -> JobKey {
         let name = spec.id.clone().unwrap_or_else(|| "internal".to_string());
-        let driver = self.driver(&name, "mirror", true);
-        let key = self.reg.create(spec, driver, None).expect("create");
+        let job_type = if mirror { "mirror" } else { "backup" };
+        let driver = self.driver(&name, job_type, mirror);
+        let key = self.reg.create(spec, driver, txn).expect("create");
         self.keys.insert(name, key);
         key
     }
