@@ -235,10 +235,12 @@ impl<'a> Lexer<'a> {
                 self.accept(false)?;
                 Value::List(self.values(depth)?)
             }
-            Tok::Str(s) => {
-                let v = Value::Str(s.clone());
+            Tok::Str(_) => {
+                let Tok::Str(s) = std::mem::replace(&mut self.tok, Tok::Eof) else {
+                    return Err(self.err("expected string"));
+                };
                 self.accept(false)?;
-                v
+                Value::Str(s)
             }
             Tok::Bool(b) => {
                 let v = Value::Bool(*b);
@@ -261,19 +263,25 @@ impl<'a> Lexer<'a> {
             return Err(self.err("expected string or '}'"));
         }
         loop {
-            let Tok::Str(name) = &self.tok else {
+            let location = self.location();
+            let Tok::Str(name) = std::mem::replace(&mut self.tok, Tok::Eof) else {
                 return Err(self.err("expected string"));
             };
-            let key = Key {
-                name: name.clone(),
-                location: self.location(),
-            };
+            let key = Key { name, location };
             self.accept(false)?;
             if self.tok != Tok::Punct(':') {
                 return Err(self.err("expected ':'"));
             }
             self.accept(false)?;
-            if !seen.insert(key.name.clone()) {
+            let duplicate = if dict.entries.len() < 16 {
+                dict.contains(&key.name)
+            } else {
+                if seen.is_empty() {
+                    seen.extend(dict.keys().map(|k| k.name.clone()));
+                }
+                !seen.insert(key.name.clone())
+            };
+            if duplicate {
                 return Err(Error::new(
                     key.location.clone(),
                     format!("duplicate key '{}'", key.name),
