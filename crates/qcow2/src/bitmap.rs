@@ -80,6 +80,17 @@ pub(crate) struct BitmapEntry {
     pub marked_by_us: bool,
 }
 
+impl BitmapEntry {
+    /// The clusters this bitmap holds (offset, bytes): its table and its data.
+    pub fn host_ranges(&self, cs: u64) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.data_clusters.iter().map(|&o| (o, cs)).collect();
+        if self.table_size > 0 {
+            v.push((self.table_offset, u64::from(self.table_size) * 8));
+        }
+        v
+    }
+}
+
 fn read_exact(st: &dyn Storage, off: u64, len: usize) -> Result<Vec<u8>> {
     let mut b = vec![0u8; len];
     st.read_at(&mut b, off)?;

@@ -106,6 +106,10 @@ impl TableCache {
         })
     }
 
+    pub fn clear(&mut self) {
+        self.slots.clear();
+    }
+
     pub fn has_dirty(&self) -> bool {
         self.slots.values().any(|s| s.dirty)
     }

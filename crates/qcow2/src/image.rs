@@ -191,12 +191,6 @@ impl Image {
             if h.incompatible & INCOMPAT_CORRUPT != 0 {
                 return Err(Error::Corrupt);
             }
-            if h.incompatible & INCOMPAT_DIRTY != 0 {
-                return Err(Error::Unsupported(
-                    "image is dirty (lazy refcounts); repair it with 'qemu-img check -r all'"
-                        .into(),
-                ));
-            }
         }
         let cs = h.cluster_size();
         let l1 = read_u64s(&*storage, h.l1_table_offset, h.l1_size as usize)?;
@@ -236,6 +230,10 @@ impl Image {
         if rewrite {
             meta.write_header()?;
             storage.flush()?;
+        }
+        // A dirty image (lazy refcounts, not closed cleanly) gets its refcounts rebuilt.
+        if !read_only && meta.h.incompatible & INCOMPAT_DIRTY != 0 {
+            meta.rebuild_refcounts()?;
         }
         if !read_only {
             meta.mark_bitmaps_in_use()?;
@@ -639,10 +637,6 @@ impl Image {
         m.write_back()?;
         self.storage.flush()?;
         m.release_bitmaps(self.written.load(Ordering::Acquire))?;
-        if m.h.incompatible & INCOMPAT_DIRTY != 0 {
-            m.h.incompatible &= !INCOMPAT_DIRTY;
-            m.write_header()?;
-        }
         self.storage.flush()?;
         Ok(())
     }

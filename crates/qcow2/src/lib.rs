@@ -10,13 +10,15 @@
 //! reference new clusters, L2 tables before the L1 entries that point to them, and clusters are
 //! freed only after the references to them are stored. A crash at any point therefore leaves at
 //! worst leaked clusters, never a cluster referenced without a refcount. Because refcounts are
-//! always kept ahead, the image is never marked dirty.
+//! always kept ahead, this crate never marks an image dirty; an image left dirty by QEMU's lazy
+//! refcounts gets its refcounts rebuilt when opened read-write (as QEMU repairs it).
 
 mod bitmap;
 mod cache;
 mod header;
 mod image;
 mod meta;
+mod repair;
 mod snapshot;
 mod storage;
 

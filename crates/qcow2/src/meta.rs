@@ -98,11 +98,11 @@ pub(crate) struct Meta {
     pub reftable: Vec<u64>,
     reftable_dirty: BTreeSet<usize>,
     l2_cache: TableCache,
-    rb_cache: TableCache,
+    pub(crate) rb_cache: TableCache,
     /// Clusters (offset, bytes) to decrement once the removal of their reference is stored.
-    pending_frees: Vec<(u64, u64)>,
-    free_hint: u64,
-    run_hint: u64,
+    pub(crate) pending_frees: Vec<(u64, u64)>,
+    pub(crate) free_hint: u64,
+    pub(crate) run_hint: u64,
     in_write_back: bool,
     pub snapshots: Vec<Snapshot>,
     pub snapshot_table_len: u64,
@@ -123,7 +123,7 @@ fn rc_get(block: &[u8], order: u32, i: usize) -> u64 {
     }
 }
 
-fn rc_set(block: &mut [u8], order: u32, i: usize, v: u64) {
+pub(crate) fn rc_set(block: &mut [u8], order: u32, i: usize, v: u64) {
     match order {
         0..=2 => {
             let bits = 1usize << order;
@@ -169,7 +169,7 @@ impl Meta {
     fn l2_bits(&self) -> u32 {
         self.h.cluster_bits - 3
     }
-    fn rb_bits(&self) -> u32 {
+    pub(crate) fn rb_bits(&self) -> u32 {
         self.h.cluster_bits + 3 - self.h.refcount_order
     }
     fn max_refcount(&self) -> u64 {

@@ -352,3 +352,56 @@ fn images_are_shareable_between_threads() {
     fn shareable<T: Send + Sync>() {}
     shareable::<Image>();
 }
+
+#[test]
+fn a_dirty_image_from_lazy_refcounts_gets_its_refcounts_rebuilt() {
+    let s = Scratch::new();
+    let path = s.path("lazy.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            p(&path),
+            "4M",
+        ],
+    );
+    run("qemu-img", &["snapshot", "-c", "snap", p(&path)]);
+    // qemu-io dies without updating the refcounts of what it wrote.
+    let _ = run_status(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x12 0 1M",
+            "-c",
+            "write -P 0x13 2M 64k",
+            "-c",
+            "sigraise 9",
+            p(&path),
+        ],
+    );
+    assert!(open_ro(&path).info().version == 3);
+    let (code, _) = run_status("qemu-img", &["check", p(&path)]);
+    assert_eq!(code, 2, "the dirty image has refcount errors");
+    let img = open_rw(&path);
+    img.write_at(&[0x14; 4096], 3 << 20).unwrap();
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&path);
+    let info = json("qemu-img", &["info", "--output=json", p(&path)]);
+    assert_eq!(info["dirty-flag"], false);
+    qemu_io(
+        &path,
+        "qcow2",
+        &[
+            "read -P 0x12 0 1M",
+            "read -P 0x13 2M 64k",
+            "read -P 0x14 3M 4k",
+        ],
+    );
+}
