@@ -28,10 +28,7 @@ fn workspace_root() -> PathBuf {
 
 /// Loads a checked schema; errors are printed `FILE:LINE:COL: message`.
 fn load(path: &Path) -> Result<qapi_model::Schema, String> {
-    let _ = path;
-    // The schema loader is not written yet: until it is, qmp-api is
-    // generated from the seed schema built in code.
-    Ok(qapi_codegen::fixture::seed())
+    qapi_model::load(path).map_err(|diagnostics| diagnostics.to_string())
 }
 
 /// Formats Rust source with the stable rustfmt, as `cargo fmt` would.

@@ -227,11 +227,21 @@ impl<'a, 'c> Introspection<'a, 'c> {
                             .into_iter()
                             .map(|m| self.member(m))
                             .collect();
-                        let variants: Vec<Value> = u
+                        let mut variants: Vec<Value> = u
                             .branches
                             .iter()
                             .map(|b| json!({"case": b.name, "type": self.use_type(Used::Named(&b.ty))}))
                             .collect();
+                        // Like QEMU, discriminator values without a branch
+                        // get the empty object, after the explicit branches.
+                        if let Some(Entity::Enum(e)) = self.cx.entity(&u.discriminator_enum) {
+                            for v in &e.values {
+                                if !u.branches.iter().any(|b| b.name == v.name) {
+                                    let empty = self.use_type(Used::Empty);
+                                    variants.push(json!({"case": v.name, "type": empty}));
+                                }
+                            }
+                        }
                         let mut obj = Map::new();
                         obj.insert("members".into(), Value::Array(members));
                         obj.insert("tag".into(), u.discriminator.clone().into());

@@ -4,7 +4,9 @@
 use crate::context::{self, Context, DocText, JsonKind};
 use crate::naming;
 use proc_macro2::{Ident, TokenStream};
-use qapi_model::{AlternateType, Entity, EnumType, Member, StructType, UnionType};
+use qapi_model::{
+    AlternateType, Builtin, Entity, EnumType, Member, StructType, TypeRef, UnionType,
+};
 use quote::{format_ident, quote};
 
 /// The whole `types.rs` body, plus the names that get `Deserialize` through `FromQmp`.
@@ -197,6 +199,21 @@ pub fn emit_object(
         quote!(#id: #read,)
     });
     let dep = context::deprecated_attr(deprecated);
+    let mut params = Vec::new();
+    let mut values = Vec::new();
+    for f in &fields {
+        let id = &f.ident;
+        if f.member.optional {
+            values.push(quote!(#id: ::std::option::Option::None,));
+        } else if f.member.ty == TypeRef::Builtin(Builtin::Str) {
+            params.push(quote!(#id: impl ::std::convert::Into<::std::string::String>));
+            values.push(quote!(#id: #id.into(),));
+        } else {
+            let ty = cx.rust_type(container, &f.member.ty);
+            params.push(quote!(#id: #ty));
+            values.push(quote!(#id,));
+        }
+    }
     quote! {
         #doc
         #dep
@@ -206,6 +223,11 @@ pub fn emit_object(
         }
 
         impl #name {
+            /// A value with the mandatory members given and every optional member absent.
+            pub fn new(#(#params),*) -> Self {
+                Self { #(#values)* }
+            }
+
             /// Reads this type's members from an object being visited.
             pub(crate) fn read_qmp_members(
                 object: &mut crate::input::QmpObject<'_>,

@@ -58,11 +58,38 @@ fn render(path: &str, tokens: TokenStream) -> Result<GeneratedFile, CodegenError
         file: path.to_string(),
         message: format!("generated tokens do not parse: {e}"),
     })?;
-    let body = prettyplease::unparse(&file);
+    let body = separate_items(&prettyplease::unparse(&file));
     Ok(GeneratedFile {
         path: path.to_string(),
         contents: format!("{HEADER}\n\n{body}"),
     })
+}
+
+/// A blank line between top-level items (prettyplease prints none).
+fn separate_items(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 20);
+    let mut prev_ends_item = false;
+    for line in text.lines() {
+        let top_level = !line.is_empty() && !line.starts_with([' ', '}', ')', ']']);
+        if prev_ends_item && top_level {
+            out.push('\n');
+        }
+        prev_ends_item = line == "}" || line == "};" || (top_level && line.ends_with(';'));
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// `text` as a raw string literal (`r#"..."#`), so multi-line data stays readable in diffs.
+fn raw_string_literal(text: &str) -> proc_macro2::Literal {
+    let mut hashes = String::from("#");
+    while text.contains(&format!("\"{hashes}")) {
+        hashes.push('#');
+    }
+    format!("r{hashes}\"{text}\"{hashes}")
+        .parse()
+        .unwrap_or_else(|_| proc_macro2::Literal::string(text))
 }
 
 /// The `generated/` module for `schema`: `mod.rs`, `types.rs`, `commands.rs`,
@@ -107,6 +134,7 @@ pub fn generate(schema: &Schema) -> Result<Vec<GeneratedFile>, CodegenError> {
         use super::types::*;
         #events
     };
+    let json = raw_string_literal(&json);
     let introspection_rs = quote! {
         //! The `query-qmp-schema` answer.
 

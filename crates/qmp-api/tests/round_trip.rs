@@ -50,7 +50,7 @@ fn deserialize_rejects_unknown_members_with_qemus_message() {
 fn event_wire_form_has_timestamp_event_and_data() {
     let event = Event::JobStatusChange(JobStatusChangeData {
         id: "j".into(),
-        status: JobStatus::Running,
+        status: BlockJobStatus::Running,
     });
     let wire = event.to_wire(EventTimestamp {
         seconds: 1,

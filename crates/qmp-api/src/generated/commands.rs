@@ -9,13 +9,352 @@
     clippy::all
 )]
 use super::types::*;
+
+/// Arguments of `qmp_capabilities`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct QmpCapabilitiesArguments {
+    /// protocol capabilities to turn on for this session, chosen
+    /// among those the greeting offered (default: none)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub enable: ::std::option::Option<::std::vec::Vec<QMPCapability>>,
+}
+
+impl QmpCapabilitiesArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            enable: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            enable: object.optional("enable", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for QmpCapabilitiesArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Arguments of `job-pause`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct JobPauseArguments {
+    /// the job's identifier
+    pub id: ::std::string::String,
+}
+
+impl JobPauseArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self { id: id.into() }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            id: object.required("id", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for JobPauseArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Arguments of `job-resume`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct JobResumeArguments {
+    /// the job's identifier
+    pub id: ::std::string::String,
+}
+
+impl JobResumeArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self { id: id.into() }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            id: object.required("id", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for JobResumeArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Arguments of `job-cancel`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct JobCancelArguments {
+    /// the job's identifier
+    pub id: ::std::string::String,
+}
+
+impl JobCancelArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self { id: id.into() }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            id: object.required("id", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for JobCancelArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Arguments of `job-complete`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct JobCompleteArguments {
+    /// the job's identifier
+    pub id: ::std::string::String,
+}
+
+impl JobCompleteArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self { id: id.into() }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            id: object.required("id", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for JobCompleteArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Arguments of `job-dismiss`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct JobDismissArguments {
+    /// the job's identifier
+    pub id: ::std::string::String,
+}
+
+impl JobDismissArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self { id: id.into() }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            id: object.required("id", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for JobDismissArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Arguments of `job-finalize`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct JobFinalizeArguments {
+    /// the identifier of a job of the transaction
+    pub id: ::std::string::String,
+}
+
+impl JobFinalizeArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self { id: id.into() }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            id: object.required("id", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for JobFinalizeArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Arguments of `query-named-block-nodes`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct QueryNamedBlockNodesArguments {
+    /// list only the nodes themselves, without the recursive
+    /// backing-image information under 'image' (default: false;
+    /// since 5.0)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub flat: ::std::option::Option<bool>,
+}
+
+impl QueryNamedBlockNodesArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            flat: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            flat: object.optional("flat", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for QueryNamedBlockNodesArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Arguments of `blockdev-del`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevDelArguments {
+    /// the node's name
+    #[serde(rename = "node-name")]
+    pub node_name: ::std::string::String,
+}
+
+impl BlockdevDelArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(node_name: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            node_name: node_name.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            node_name: object.required("node-name", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevDelArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
 /// Arguments of `block-job-set-speed`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobSetSpeedArguments {
+    /// the job's id
     pub device: ::std::string::String,
+    /// the new limit in bytes per second, 0 for none; must not be
+    /// negative
     pub speed: i64,
 }
+
 impl BlockJobSetSpeedArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl ::std::convert::Into<::std::string::String>, speed: i64) -> Self {
+        Self {
+            device: device.into(),
+            speed,
+        }
+    }
     /// Reads this type's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -27,6 +366,7 @@ impl BlockJobSetSpeedArguments {
         })
     }
 }
+
 impl crate::input::FromQmp for BlockJobSetSpeedArguments {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -38,23 +378,39 @@ impl crate::input::FromQmp for BlockJobSetSpeedArguments {
         ::std::result::Result::Ok(read)
     }
 }
-/// Arguments of `block-job-finalize`.
+
+/// Arguments of `block-job-cancel`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-pub struct BlockJobFinalizeArguments {
-    pub id: ::std::string::String,
+pub struct BlockJobCancelArguments {
+    /// the job's id
+    pub device: ::std::string::String,
+    /// cancel even a paused job, and cancel a @ready job without
+    /// completing it (default: false; since 1.3)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub force: ::std::option::Option<bool>,
 }
-impl BlockJobFinalizeArguments {
+
+impl BlockJobCancelArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            device: device.into(),
+            force: ::std::option::Option::None,
+        }
+    }
     /// Reads this type's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
         ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
+            device: object.required("device", path)?,
+            force: object.optional("force", path)?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobFinalizeArguments {
+
+impl crate::input::FromQmp for BlockJobCancelArguments {
     fn from_qmp(
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
@@ -65,12 +421,130 @@ impl crate::input::FromQmp for BlockJobFinalizeArguments {
         ::std::result::Result::Ok(read)
     }
 }
+
+/// Arguments of `block-job-pause`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockJobPauseArguments {
+    /// the job's id
+    pub device: ::std::string::String,
+}
+
+impl BlockJobPauseArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            device: device.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            device: object.required("device", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockJobPauseArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Arguments of `block-job-resume`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockJobResumeArguments {
+    /// the job's id
+    pub device: ::std::string::String,
+}
+
+impl BlockJobResumeArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            device: device.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            device: object.required("device", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockJobResumeArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Arguments of `block-job-complete`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockJobCompleteArguments {
+    /// the job's id
+    pub device: ::std::string::String,
+}
+
+impl BlockJobCompleteArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            device: device.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            device: object.required("device", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockJobCompleteArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
 /// Arguments of `block-job-dismiss`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobDismissArguments {
+    /// the job's id
     pub id: ::std::string::String,
 }
+
 impl BlockJobDismissArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self { id: id.into() }
+    }
     /// Reads this type's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -81,6 +555,7 @@ impl BlockJobDismissArguments {
         })
     }
 }
+
 impl crate::input::FromQmp for BlockJobDismissArguments {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -92,14 +567,182 @@ impl crate::input::FromQmp for BlockJobDismissArguments {
         ::std::result::Result::Ok(read)
     }
 }
+
+/// Arguments of `block-job-finalize`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockJobFinalizeArguments {
+    /// the id of a job of the transaction
+    pub id: ::std::string::String,
+}
+
+impl BlockJobFinalizeArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self { id: id.into() }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            id: object.required("id", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockJobFinalizeArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Arguments of `blockdev-mirror`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevMirrorArguments {
+    /// the new job's id.  As with @blockdev-backup, it must be
+    /// given in this daemon.
+    #[serde(rename = "job-id")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub job_id: ::std::option::Option<::std::string::String>,
+    /// the node to mirror
+    pub device: ::std::string::String,
+    /// the node to write
+    pub target: ::std::string::String,
+    /// the node the target replaces on completion, when not
+    /// @device itself (since 2.3)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub replaces: ::std::option::Option<::std::string::String>,
+    /// which data to copy: full, top or none
+    pub sync: MirrorSyncMode,
+    /// the rate limit in bytes per second (default: 0, none)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub speed: ::std::option::Option<i64>,
+    /// bytes per bit of the job's dirty bitmap, a power of
+    /// two from 512 to 64 MiB (default: the target's cluster size, but
+    /// at least 4 KiB, when it has one; 64 KiB otherwise)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub granularity: ::std::option::Option<u32>,
+    /// the most bytes in flight at once (default: 16 MiB)
+    #[serde(rename = "buf-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub buf_size: ::std::option::Option<i64>,
+    /// what to do when reading the source fails
+    /// (default: report)
+    #[serde(rename = "on-source-error")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub on_source_error: ::std::option::Option<BlockdevOnError>,
+    /// what to do when writing the target fails
+    /// (default: report)
+    #[serde(rename = "on-target-error")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub on_target_error: ::std::option::Option<BlockdevOnError>,
+    /// the node name of the filter the job inserts
+    /// above @device (default: generated; since 2.9)
+    #[serde(rename = "filter-node-name")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub filter_node_name: ::std::option::Option<::std::string::String>,
+    /// when writes to the source are copied (default:
+    /// background; since 3.0)
+    #[serde(rename = "copy-mode")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub copy_mode: ::std::option::Option<MirrorCopyMode>,
+    /// finalize by itself on reaching pending (default:
+    /// true; since 3.1)
+    #[serde(rename = "auto-finalize")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub auto_finalize: ::std::option::Option<bool>,
+    /// disappear by itself once concluded (default: true;
+    /// since 3.1)
+    #[serde(rename = "auto-dismiss")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub auto_dismiss: ::std::option::Option<bool>,
+}
+
+impl BlockdevMirrorArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        device: impl ::std::convert::Into<::std::string::String>,
+        target: impl ::std::convert::Into<::std::string::String>,
+        sync: MirrorSyncMode,
+    ) -> Self {
+        Self {
+            job_id: ::std::option::Option::None,
+            device: device.into(),
+            target: target.into(),
+            replaces: ::std::option::Option::None,
+            sync,
+            speed: ::std::option::Option::None,
+            granularity: ::std::option::Option::None,
+            buf_size: ::std::option::Option::None,
+            on_source_error: ::std::option::Option::None,
+            on_target_error: ::std::option::Option::None,
+            filter_node_name: ::std::option::Option::None,
+            copy_mode: ::std::option::Option::None,
+            auto_finalize: ::std::option::Option::None,
+            auto_dismiss: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            job_id: object.optional("job-id", path)?,
+            device: object.required("device", path)?,
+            target: object.required("target", path)?,
+            replaces: object.optional("replaces", path)?,
+            sync: object.required("sync", path)?,
+            speed: object.optional("speed", path)?,
+            granularity: object.optional("granularity", path)?,
+            buf_size: object.optional("buf-size", path)?,
+            on_source_error: object.optional("on-source-error", path)?,
+            on_target_error: object.optional("on-target-error", path)?,
+            filter_node_name: object.optional("filter-node-name", path)?,
+            copy_mode: object.optional("copy-mode", path)?,
+            auto_finalize: object.optional("auto-finalize", path)?,
+            auto_dismiss: object.optional("auto-dismiss", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevMirrorArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
 /// Arguments of `transaction`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct TransactionArguments {
+    /// the actions, in the order they are prepared
     pub actions: ::std::vec::Vec<TransactionAction>,
+    /// options for the whole transaction (since 2.5)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub properties: ::std::option::Option<TransactionProperties>,
 }
+
 impl TransactionArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(actions: ::std::vec::Vec<TransactionAction>) -> Self {
+        Self {
+            actions,
+            properties: ::std::option::Option::None,
+        }
+    }
     /// Reads this type's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -111,6 +754,7 @@ impl TransactionArguments {
         })
     }
 }
+
 impl crate::input::FromQmp for TransactionArguments {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -122,16 +766,347 @@ impl crate::input::FromQmp for TransactionArguments {
         ::std::result::Result::Ok(read)
     }
 }
+
+/// Arguments of `block-export-del`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockExportDelArguments {
+    /// the export's id
+    pub id: ::std::string::String,
+    /// what to do about connected clients (default: safe)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub mode: ::std::option::Option<BlockExportRemoveMode>,
+}
+
+impl BlockExportDelArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            id: id.into(),
+            mode: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            id: object.required("id", path)?,
+            mode: object.optional("mode", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockExportDelArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
 crate::deserialize_via_from_qmp!(
+    QmpCapabilitiesArguments,
+    JobPauseArguments,
+    JobResumeArguments,
+    JobCancelArguments,
+    JobCompleteArguments,
+    JobDismissArguments,
+    JobFinalizeArguments,
+    QueryNamedBlockNodesArguments,
+    BlockdevDelArguments,
     BlockJobSetSpeedArguments,
-    BlockJobFinalizeArguments,
+    BlockJobCancelArguments,
+    BlockJobPauseArguments,
+    BlockJobResumeArguments,
+    BlockJobCompleteArguments,
     BlockJobDismissArguments,
-    TransactionArguments
+    BlockJobFinalizeArguments,
+    BlockdevMirrorArguments,
+    TransactionArguments,
+    BlockExportDelArguments
 );
 /// One method per command. Each default answers like QEMU for a
 /// command it does not have (`CommandNotFound`), so a server
 /// implements only what it supports.
 pub trait Commands {
+    /// Leave capabilities negotiation mode and enter command mode.  Right
+    /// after the greeting a client may only send this command; every
+    /// other command is refused until it succeeds.
+    ///
+    /// **Since:** 0.13
+    fn qmp_capabilities(
+        &mut self,
+        args: QmpCapabilitiesArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "qmp_capabilities",
+        ))
+    }
+    /// Report the daemon's version.
+    ///
+    /// **Returns:** the version
+    ///
+    /// **Since:** 0.14
+    fn query_version(&mut self) -> ::std::result::Result<VersionInfo, crate::error::QmpError> {
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("query-version"))
+    }
+    /// List the commands the daemon accepts.
+    ///
+    /// **Returns:** one entry per command
+    ///
+    /// **Since:** 0.14
+    fn query_commands(
+        &mut self,
+    ) -> ::std::result::Result<::std::vec::Vec<CommandInfo>, crate::error::QmpError> {
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("query-commands"))
+    }
+    /// Shut the daemon down.  Image data is flushed to disk and the
+    /// connection closes after the reply.
+    ///
+    /// **Since:** 0.14
+    fn quit(&mut self) -> ::std::result::Result<(), crate::error::QmpError> {
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("quit"))
+    }
+    /// Describe the QMP interface: every command and event with the types
+    /// of its arguments and results, and every type those reach.
+    ///
+    /// Types are named by opaque strings that change between builds, so a
+    /// client must not rely on them; the names of commands, events,
+    /// members and enum values are stable, as are the names of built-in
+    /// types.  Only what commands and events can reach is listed.
+    ///
+    /// **Returns:** the schema as a list of entities, each identified by its
+    /// name and described by its meta-type
+    ///
+    /// **Since:** 2.5
+    fn query_qmp_schema(
+        &mut self,
+    ) -> ::std::result::Result<::std::vec::Vec<SchemaInfo>, crate::error::QmpError> {
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "query-qmp-schema",
+        ))
+    }
+    /// Ask a job to pause.  The command returns at once; the job moves to
+    /// @paused (from @running) or @standby (from @ready) at its next pause
+    /// point.  Pausing a job that a client already paused is an error.  A
+    /// paused job that gets cancelled is resumed first.
+    ///
+    /// **Since:** 3.0
+    fn job_pause(
+        &mut self,
+        args: JobPauseArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("job-pause"))
+    }
+    /// Resume a job that a client paused.  Resuming a job that was not
+    /// paused by a client is an error.
+    ///
+    /// **Since:** 3.0
+    fn job_resume(
+        &mut self,
+        args: JobResumeArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("job-resume"))
+    }
+    /// Ask a job to stop.  The command returns at once.  The job usually
+    /// moves to @aborting and ends with an error, but one that was about
+    /// to finish may still succeed and move to @pending.  Unlike
+    /// @block-job-cancel, a @ready job is cancelled without completing its
+    /// work.
+    ///
+    /// **Since:** 3.0
+    fn job_cancel(
+        &mut self,
+        args: JobCancelArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("job-cancel"))
+    }
+    /// Tell a job in @ready (or @standby) to finish its work.
+    ///
+    /// **Since:** 3.0
+    fn job_complete(
+        &mut self,
+        args: JobCompleteArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("job-complete"))
+    }
+    /// Remove a @concluded job, which makes it disappear from @query-jobs.
+    /// Only needed for jobs started with auto-dismiss set to false.
+    ///
+    /// **Since:** 3.0
+    fn job_dismiss(
+        &mut self,
+        args: JobDismissArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("job-dismiss"))
+    }
+    /// Finalize a @pending job: apply its results and run its cleanup.
+    /// For a job that belongs to a transaction, every job of that
+    /// transaction is finalized together, so naming one of them is
+    /// enough.  Only needed for jobs started with auto-finalize set to
+    /// false.
+    ///
+    /// **Since:** 3.0
+    fn job_finalize(
+        &mut self,
+        args: JobFinalizeArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("job-finalize"))
+    }
+    /// List every job that exists, whatever its status.
+    ///
+    /// **Returns:** one @JobInfo per job
+    ///
+    /// **Since:** 3.0
+    fn query_jobs(
+        &mut self,
+    ) -> ::std::result::Result<::std::vec::Vec<JobInfo>, crate::error::QmpError> {
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("query-jobs"))
+    }
+    /// Describe the block nodes that have a node name.
+    ///
+    /// **Returns:** one entry per named node
+    ///
+    /// **Since:** 2.0
+    fn query_named_block_nodes(
+        &mut self,
+        args: QueryNamedBlockNodesArguments,
+    ) -> ::std::result::Result<::std::vec::Vec<BlockDeviceInfo>, crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "query-named-block-nodes",
+        ))
+    }
+    /// Open a block node, and any nodes defined inline as its children.
+    /// The top-level node must have a node-name.
+    ///
+    /// **Since:** 2.9
+    fn blockdev_add(
+        &mut self,
+        args: BlockdevOptions,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("blockdev-add"))
+    }
+    /// Close a node that was opened by @blockdev-add.  The node must not
+    /// be in use (by an export, a job or another node).
+    ///
+    /// **Since:** 2.9
+    fn blockdev_del(
+        &mut self,
+        args: BlockdevDelArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("blockdev-del"))
+    }
+    /// Create a dirty bitmap on a node; it starts empty.
+    ///
+    /// **Errors:** - If the node is not found, DeviceNotFound (or GenericError)
+    /// - If a bitmap of that name exists, GenericError
+    ///
+    /// **Since:** 2.4
+    fn block_dirty_bitmap_add(
+        &mut self,
+        args: BlockDirtyBitmapAdd,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "block-dirty-bitmap-add",
+        ))
+    }
+    /// Delete a dirty bitmap, also from the image when it is persistent.
+    /// A bitmap in use by a job or export cannot be removed.
+    ///
+    /// **Since:** 2.4
+    fn block_dirty_bitmap_remove(
+        &mut self,
+        args: BlockDirtyBitmap,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "block-dirty-bitmap-remove",
+        ))
+    }
+    /// Unset every bit of a dirty bitmap, so that it records writes from
+    /// now on only.
+    ///
+    /// **Since:** 2.4
+    fn block_dirty_bitmap_clear(
+        &mut self,
+        args: BlockDirtyBitmap,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "block-dirty-bitmap-clear",
+        ))
+    }
+    /// Make a dirty bitmap record writes again.
+    ///
+    /// **Since:** 4.0
+    fn block_dirty_bitmap_enable(
+        &mut self,
+        args: BlockDirtyBitmap,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "block-dirty-bitmap-enable",
+        ))
+    }
+    /// Make a dirty bitmap stop recording writes; its bits are kept.
+    ///
+    /// **Since:** 4.0
+    fn block_dirty_bitmap_disable(
+        &mut self,
+        args: BlockDirtyBitmap,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "block-dirty-bitmap-disable",
+        ))
+    }
+    /// Add the set bits of several bitmaps to a target bitmap.  Either the
+    /// whole merge happens or, on error, the target is left unchanged.
+    ///
+    /// **Since:** 4.0
+    fn block_dirty_bitmap_merge(
+        &mut self,
+        args: BlockDirtyBitmapMerge,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "block-dirty-bitmap-merge",
+        ))
+    }
+    /// List the block jobs.  Unlike @query-jobs, this includes neither
+    /// jobs that are not block jobs nor internal jobs without an id.
+    ///
+    /// **Returns:** one entry per block job
+    ///
+    /// **Since:** 1.1
+    fn query_block_jobs(
+        &mut self,
+    ) -> ::std::result::Result<::std::vec::Vec<BlockJobInfo>, crate::error::QmpError> {
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "query-block-jobs",
+        ))
+    }
+    /// Change a block job's rate limit.
+    ///
+    /// **Errors:** - DeviceNotActive if no job has that id
+    ///
+    /// **Since:** 1.1
     fn block_job_set_speed(
         &mut self,
         args: BlockJobSetSpeedArguments,
@@ -141,15 +1116,72 @@ pub trait Commands {
             "block-job-set-speed",
         ))
     }
-    fn block_job_finalize(
+    /// Ask a block job to stop.  The command returns at once; the job
+    /// ends with @BLOCK_JOB_CANCELLED, or with @BLOCK_JOB_COMPLETED if it
+    /// finished first.
+    ///
+    /// A @ready mirror job cancelled without @force completes instead:
+    /// the target is left consistent with the source, but the source
+    /// stays in use (no pivot), and @BLOCK_JOB_COMPLETED is sent.
+    ///
+    /// **Errors:** - DeviceNotActive if no job has that id
+    ///
+    /// **Since:** 1.1
+    fn block_job_cancel(
         &mut self,
-        args: BlockJobFinalizeArguments,
+        args: BlockJobCancelArguments,
     ) -> ::std::result::Result<(), crate::error::QmpError> {
         let _ = args;
         ::std::result::Result::Err(crate::error::QmpError::command_not_found(
-            "block-job-finalize",
+            "block-job-cancel",
         ))
     }
+    /// Ask a block job to pause; see @job-pause.
+    ///
+    /// **Errors:** - DeviceNotActive if no job has that id
+    ///
+    /// **Since:** 1.3
+    fn block_job_pause(
+        &mut self,
+        args: BlockJobPauseArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("block-job-pause"))
+    }
+    /// Resume a block job that a client paused; see @job-resume.
+    ///
+    /// **Errors:** - DeviceNotActive if no job has that id
+    ///
+    /// **Since:** 1.3
+    fn block_job_resume(
+        &mut self,
+        args: BlockJobResumeArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "block-job-resume",
+        ))
+    }
+    /// Tell a @ready block job to finish; see @job-complete.  A mirror job
+    /// then switches its users over to the target.
+    ///
+    /// **Errors:** - DeviceNotActive if no job has that id
+    ///
+    /// **Since:** 1.3
+    fn block_job_complete(
+        &mut self,
+        args: BlockJobCompleteArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "block-job-complete",
+        ))
+    }
+    /// Remove a @concluded block job; see @job-dismiss.
+    ///
+    /// **Errors:** - DeviceNotActive if no job has that id
+    ///
+    /// **Since:** 2.12
     fn block_job_dismiss(
         &mut self,
         args: BlockJobDismissArguments,
@@ -159,6 +1191,43 @@ pub trait Commands {
             "block-job-dismiss",
         ))
     }
+    /// Finalize a @pending block job, together with every other job of
+    /// its transaction; see @job-finalize.  Jobs started with
+    /// auto-finalize set to false wait in @pending for this command, so
+    /// that a client decides when their results are applied.
+    ///
+    /// **Errors:** - DeviceNotActive if no job has that id
+    ///
+    /// **Since:** 2.12
+    fn block_job_finalize(
+        &mut self,
+        args: BlockJobFinalizeArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "block-job-finalize",
+        ))
+    }
+    /// Change options of a running block job.
+    ///
+    /// **Since:** 8.2
+    fn block_job_change(
+        &mut self,
+        args: BlockJobChangeOptions,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "block-job-change",
+        ))
+    }
+    /// Start a backup job copying a point-in-time view of a node to
+    /// another node.  Writes to the source made while the job runs copy
+    /// the old data to the target first.
+    ///
+    /// **Errors:** - If @device or @target is not a node, DeviceNotFound (or
+    ///   GenericError)
+    ///
+    /// **Since:** 2.3
     fn blockdev_backup(
         &mut self,
         args: BlockdevBackup,
@@ -166,6 +1235,97 @@ pub trait Commands {
         let _ = args;
         ::std::result::Result::Err(crate::error::QmpError::command_not_found("blockdev-backup"))
     }
+    /// Start a backup job that writes to an image file, creating it first
+    /// unless told it exists.
+    ///
+    /// **Errors:** - If @device is not a node, GenericError
+    ///
+    /// **Since:** 1.6
+    ///
+    /// **Features:**
+    /// - `deprecated`: use @blockdev-add to open the target and @blockdev-backup instead
+    #[deprecated]
+    fn drive_backup(
+        &mut self,
+        args: DriveBackup,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("drive-backup"))
+    }
+    /// Start a mirror job: it copies a node to a target node, then keeps
+    /// the target in sync with every write until a client completes it
+    /// (the target then replaces the source) or cancels it.
+    ///
+    /// **Since:** 2.6
+    fn blockdev_mirror(
+        &mut self,
+        args: BlockdevMirrorArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("blockdev-mirror"))
+    }
+    /// Take an external snapshot: create an overlay image whose backing
+    /// file is the node's image, and put it on top of the node, so that
+    /// later writes go to the overlay and the old image stays as it was.
+    ///
+    /// **Errors:** - If the node is not found, DeviceNotFound (or GenericError)
+    ///
+    /// **Since:** 0.14
+    fn blockdev_snapshot_sync(
+        &mut self,
+        args: BlockdevSnapshotSync,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "blockdev-snapshot-sync",
+        ))
+    }
+    /// Take an external snapshot with an overlay node opened beforehand by
+    /// @blockdev-add.
+    ///
+    /// **Since:** 2.5
+    ///
+    /// **Features:**
+    /// - `allow-write-only-overlay`: the overlay need not be readable when the snapshot is taken, as long as it will be consistent before the guest reads from it (since 5.0)
+    fn blockdev_snapshot(
+        &mut self,
+        args: BlockdevSnapshot,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "blockdev-snapshot",
+        ))
+    }
+    /// Take an internal snapshot of a node, stored inside its image.
+    ///
+    /// **Errors:** - If the node is not found, GenericError
+    /// - If the format does not support internal snapshots,
+    ///   GenericError
+    /// - If the name is empty or already used, GenericError
+    ///
+    /// **Since:** 1.7
+    fn blockdev_snapshot_internal_sync(
+        &mut self,
+        args: BlockdevSnapshotInternal,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "blockdev-snapshot-internal-sync",
+        ))
+    }
+    /// Run several actions atomically.  Every action is first prepared, in
+    /// order; if one fails, those already prepared are undone, in reverse
+    /// order, and the first error is returned.  Only when all were
+    /// prepared are they committed.  Jobs the actions create start after
+    /// the commit.
+    ///
+    /// Snapshot files created by actions are not deleted when the
+    /// transaction is rolled back.
+    ///
+    /// **Errors:** - Any error of the first action that failed; the remaining
+    ///   actions were not attempted
+    ///
+    /// **Since:** 1.1
     fn transaction(
         &mut self,
         args: TransactionArguments,
@@ -173,14 +1333,58 @@ pub trait Commands {
         let _ = args;
         ::std::result::Result::Err(crate::error::QmpError::command_not_found("transaction"))
     }
-    fn query_block_jobs(
+    /// Start the NBD server, which serves the exports added with
+    /// @block-export-add.  There is at most one server.
+    ///
+    /// **Errors:** - If the server is already running, GenericError
+    ///
+    /// **Since:** 1.3
+    fn nbd_server_start(
         &mut self,
-    ) -> ::std::result::Result<::std::vec::Vec<BlockJobInfo>, crate::error::QmpError> {
+        args: NbdServerOptionsLegacy,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
         ::std::result::Result::Err(crate::error::QmpError::command_not_found(
-            "query-block-jobs",
+            "nbd-server-start",
+        ))
+    }
+    /// Stop the NBD server and remove every NBD export.
+    ///
+    /// **Since:** 1.3
+    fn nbd_server_stop(&mut self) -> ::std::result::Result<(), crate::error::QmpError> {
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("nbd-server-stop"))
+    }
+    /// Create a block export.
+    ///
+    /// **Since:** 5.2
+    fn block_export_add(
+        &mut self,
+        args: BlockExportOptions,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "block-export-add",
+        ))
+    }
+    /// Remove an export.  The removal finishes in the background;
+    /// @BLOCK_EXPORT_DELETED tells when it is done.
+    ///
+    /// **Errors:** - If no export has that id, GenericError
+    /// - If the export is already being removed, GenericError
+    /// - If clients are connected and @mode is safe, GenericError
+    ///
+    /// **Since:** 5.2
+    fn block_export_del(
+        &mut self,
+        args: BlockExportDelArguments,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found(
+            "block-export-del",
         ))
     }
 }
+
 /// Runs command `name` on `handler`: reads `arguments` with QEMU's
 /// input rules, calls the method, and returns the `return` value
 /// (`{}` for commands without `returns`).
@@ -192,6 +1396,136 @@ pub fn dispatch(
     let arguments = ::serde_json::Value::Object(arguments.unwrap_or_default());
     let path = &mut crate::input::QmpPath::root();
     match name {
+        "qmp_capabilities" => {
+            let args =
+                <QmpCapabilitiesArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.qmp_capabilities(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "query-version" => {
+            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            let ret = handler.query_version()?;
+            crate::wire::reply_value(&ret)
+        }
+        "query-commands" => {
+            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            let ret = handler.query_commands()?;
+            crate::wire::reply_value(&ret)
+        }
+        "quit" => {
+            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            let ret = handler.quit()?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "query-qmp-schema" => {
+            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            let ret = handler.query_qmp_schema()?;
+            crate::wire::reply_value(&ret)
+        }
+        "job-pause" => {
+            let args = <JobPauseArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.job_pause(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "job-resume" => {
+            let args = <JobResumeArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.job_resume(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "job-cancel" => {
+            let args = <JobCancelArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.job_cancel(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "job-complete" => {
+            let args = <JobCompleteArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.job_complete(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "job-dismiss" => {
+            let args = <JobDismissArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.job_dismiss(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "job-finalize" => {
+            let args = <JobFinalizeArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.job_finalize(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "query-jobs" => {
+            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            let ret = handler.query_jobs()?;
+            crate::wire::reply_value(&ret)
+        }
+        "query-named-block-nodes" => {
+            let args = <QueryNamedBlockNodesArguments as crate::input::FromQmp>::from_qmp(
+                &arguments, path,
+            )?;
+            let ret = handler.query_named_block_nodes(args)?;
+            crate::wire::reply_value(&ret)
+        }
+        "blockdev-add" => {
+            let args = <BlockdevOptions as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.blockdev_add(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "blockdev-del" => {
+            let args = <BlockdevDelArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.blockdev_del(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "block-dirty-bitmap-add" => {
+            let args = <BlockDirtyBitmapAdd as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_dirty_bitmap_add(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "block-dirty-bitmap-remove" => {
+            let args = <BlockDirtyBitmap as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_dirty_bitmap_remove(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "block-dirty-bitmap-clear" => {
+            let args = <BlockDirtyBitmap as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_dirty_bitmap_clear(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "block-dirty-bitmap-enable" => {
+            let args = <BlockDirtyBitmap as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_dirty_bitmap_enable(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "block-dirty-bitmap-disable" => {
+            let args = <BlockDirtyBitmap as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_dirty_bitmap_disable(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "block-dirty-bitmap-merge" => {
+            let args =
+                <BlockDirtyBitmapMerge as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_dirty_bitmap_merge(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "query-block-jobs" => {
+            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            let ret = handler.query_block_jobs()?;
+            crate::wire::reply_value(&ret)
+        }
         "block-job-set-speed" => {
             let args =
                 <BlockJobSetSpeedArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
@@ -199,10 +1533,31 @@ pub fn dispatch(
             let () = ret;
             ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
         }
-        "block-job-finalize" => {
+        "block-job-cancel" => {
             let args =
-                <BlockJobFinalizeArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
-            let ret = handler.block_job_finalize(args)?;
+                <BlockJobCancelArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_job_cancel(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "block-job-pause" => {
+            let args =
+                <BlockJobPauseArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_job_pause(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "block-job-resume" => {
+            let args =
+                <BlockJobResumeArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_job_resume(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "block-job-complete" => {
+            let args =
+                <BlockJobCompleteArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_job_complete(args)?;
             let () = ret;
             ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
         }
@@ -213,9 +1568,55 @@ pub fn dispatch(
             let () = ret;
             ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
         }
+        "block-job-finalize" => {
+            let args =
+                <BlockJobFinalizeArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_job_finalize(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "block-job-change" => {
+            let args =
+                <BlockJobChangeOptions as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_job_change(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
         "blockdev-backup" => {
             let args = <BlockdevBackup as crate::input::FromQmp>::from_qmp(&arguments, path)?;
             let ret = handler.blockdev_backup(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "drive-backup" => {
+            let args = <DriveBackup as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.drive_backup(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "blockdev-mirror" => {
+            let args =
+                <BlockdevMirrorArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.blockdev_mirror(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "blockdev-snapshot-sync" => {
+            let args = <BlockdevSnapshotSync as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.blockdev_snapshot_sync(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "blockdev-snapshot" => {
+            let args = <BlockdevSnapshot as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.blockdev_snapshot(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "blockdev-snapshot-internal-sync" => {
+            let args =
+                <BlockdevSnapshotInternal as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.blockdev_snapshot_internal_sync(args)?;
             let () = ret;
             ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
         }
@@ -225,32 +1626,243 @@ pub fn dispatch(
             let () = ret;
             ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
         }
-        "query-block-jobs" => {
+        "nbd-server-start" => {
+            let args =
+                <NbdServerOptionsLegacy as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.nbd_server_start(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "nbd-server-stop" => {
             crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
-            let ret = handler.query_block_jobs()?;
-            crate::wire::reply_value(&ret)
+            let ret = handler.nbd_server_stop()?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "block-export-add" => {
+            let args = <BlockExportOptions as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_export_add(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
+        "block-export-del" => {
+            let args =
+                <BlockExportDelArguments as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.block_export_del(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
         }
         _ => ::std::result::Result::Err(crate::error::QmpError::command_not_found(name)),
     }
 }
+
 /// Every command with the properties the monitor needs, in schema order.
 pub const COMMANDS: &[crate::wire::CommandInfo] = &[
+    crate::wire::CommandInfo {
+        name: "qmp_capabilities",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "query-version",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "query-commands",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "quit",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "query-qmp-schema",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "job-pause",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: false,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "job-resume",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: false,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "job-cancel",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: false,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "job-complete",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: false,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "job-dismiss",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: false,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "job-finalize",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: false,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "query-jobs",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: false,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "query-named-block-nodes",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "blockdev-add",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "blockdev-del",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-dirty-bitmap-add",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-dirty-bitmap-remove",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-dirty-bitmap-clear",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-dirty-bitmap-enable",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-dirty-bitmap-disable",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-dirty-bitmap-merge",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "query-block-jobs",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
     crate::wire::CommandInfo {
         name: "block-job-set-speed",
         success_response: true,
         allow_oob: false,
-        allow_preconfig: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-job-cancel",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-job-pause",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-job-resume",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-job-complete",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-job-dismiss",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
         deprecated: false,
     },
     crate::wire::CommandInfo {
         name: "block-job-finalize",
         success_response: true,
         allow_oob: false,
-        allow_preconfig: false,
+        allow_preconfig: true,
         deprecated: false,
     },
     crate::wire::CommandInfo {
-        name: "block-job-dismiss",
+        name: "block-job-change",
         success_response: true,
         allow_oob: false,
         allow_preconfig: false,
@@ -260,7 +1872,42 @@ pub const COMMANDS: &[crate::wire::CommandInfo] = &[
         name: "blockdev-backup",
         success_response: true,
         allow_oob: false,
-        allow_preconfig: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "drive-backup",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: true,
+    },
+    crate::wire::CommandInfo {
+        name: "blockdev-mirror",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "blockdev-snapshot-sync",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "blockdev-snapshot",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "blockdev-snapshot-internal-sync",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
         deprecated: false,
     },
     crate::wire::CommandInfo {
@@ -271,10 +1918,31 @@ pub const COMMANDS: &[crate::wire::CommandInfo] = &[
         deprecated: false,
     },
     crate::wire::CommandInfo {
-        name: "query-block-jobs",
+        name: "nbd-server-start",
         success_response: true,
         allow_oob: false,
-        allow_preconfig: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "nbd-server-stop",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-export-add",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "block-export-del",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
         deprecated: false,
     },
 ];

@@ -9,13 +9,27 @@
     clippy::all
 )]
 use super::types::*;
+
 /// Data of event `JOB_STATUS_CHANGE`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct JobStatusChangeData {
+    /// the job's identifier
     pub id: ::std::string::String,
-    pub status: JobStatus,
+    /// the status the job has just entered
+    pub status: BlockJobStatus,
 }
+
 impl JobStatusChangeData {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        id: impl ::std::convert::Into<::std::string::String>,
+        status: BlockJobStatus,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            status,
+        }
+    }
     /// Reads this type's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -27,6 +41,7 @@ impl JobStatusChangeData {
         })
     }
 }
+
 impl crate::input::FromQmp for JobStatusChangeData {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -38,18 +53,43 @@ impl crate::input::FromQmp for JobStatusChangeData {
         ::std::result::Result::Ok(read)
     }
 }
+
 /// Data of event `BLOCK_JOB_COMPLETED`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobCompletedData {
+    /// what kind of job it was
     pub r#type: JobType,
+    /// the job's id
     pub device: ::std::string::String,
+    /// the whole work, in bytes
     pub len: i64,
+    /// how much of it was done
     pub offset: i64,
+    /// the rate limit, 0 for none
     pub speed: i64,
+    /// present when the job failed, with a human-readable reason
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub error: ::std::option::Option<::std::string::String>,
 }
+
 impl BlockJobCompletedData {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        r#type: JobType,
+        device: impl ::std::convert::Into<::std::string::String>,
+        len: i64,
+        offset: i64,
+        speed: i64,
+    ) -> Self {
+        Self {
+            r#type,
+            device: device.into(),
+            len,
+            offset,
+            speed,
+            error: ::std::option::Option::None,
+        }
+    }
     /// Reads this type's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -65,6 +105,7 @@ impl BlockJobCompletedData {
         })
     }
 }
+
 impl crate::input::FromQmp for BlockJobCompletedData {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -76,13 +117,191 @@ impl crate::input::FromQmp for BlockJobCompletedData {
         ::std::result::Result::Ok(read)
     }
 }
+
+/// Data of event `BLOCK_JOB_CANCELLED`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockJobCancelledData {
+    /// what kind of job it was
+    pub r#type: JobType,
+    /// the job's id
+    pub device: ::std::string::String,
+    /// the whole work, in bytes
+    pub len: i64,
+    /// how much of it was done
+    pub offset: i64,
+    /// the rate limit, 0 for none
+    pub speed: i64,
+}
+
+impl BlockJobCancelledData {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        r#type: JobType,
+        device: impl ::std::convert::Into<::std::string::String>,
+        len: i64,
+        offset: i64,
+        speed: i64,
+    ) -> Self {
+        Self {
+            r#type,
+            device: device.into(),
+            len,
+            offset,
+            speed,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            r#type: object.required("type", path)?,
+            device: object.required("device", path)?,
+            len: object.required("len", path)?,
+            offset: object.required("offset", path)?,
+            speed: object.required("speed", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockJobCancelledData {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Data of event `BLOCK_JOB_ERROR`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockJobErrorData {
+    /// the job's id
+    pub device: ::std::string::String,
+    /// whether it was a read or a write
+    pub operation: IoOperationType,
+    /// what the job did about it
+    pub action: BlockErrorAction,
+}
+
+impl BlockJobErrorData {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        device: impl ::std::convert::Into<::std::string::String>,
+        operation: IoOperationType,
+        action: BlockErrorAction,
+    ) -> Self {
+        Self {
+            device: device.into(),
+            operation,
+            action,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            device: object.required("device", path)?,
+            operation: object.required("operation", path)?,
+            action: object.required("action", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockJobErrorData {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Data of event `BLOCK_JOB_READY`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockJobReadyData {
+    /// what kind of job it is
+    pub r#type: JobType,
+    /// the job's id
+    pub device: ::std::string::String,
+    /// the work so far, in bytes
+    pub len: i64,
+    /// how much of it is done
+    pub offset: i64,
+    /// the rate limit, 0 for none
+    pub speed: i64,
+}
+
+impl BlockJobReadyData {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        r#type: JobType,
+        device: impl ::std::convert::Into<::std::string::String>,
+        len: i64,
+        offset: i64,
+        speed: i64,
+    ) -> Self {
+        Self {
+            r#type,
+            device: device.into(),
+            len,
+            offset,
+            speed,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            r#type: object.required("type", path)?,
+            device: object.required("device", path)?,
+            len: object.required("len", path)?,
+            offset: object.required("offset", path)?,
+            speed: object.required("speed", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockJobReadyData {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
 /// Data of event `BLOCK_JOB_PENDING`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobPendingData {
+    /// what kind of job it is
     pub r#type: JobType,
+    /// the job's id
     pub id: ::std::string::String,
 }
+
 impl BlockJobPendingData {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(r#type: JobType, id: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            r#type,
+            id: id.into(),
+        }
+    }
     /// Reads this type's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -94,6 +313,7 @@ impl BlockJobPendingData {
         })
     }
 }
+
 impl crate::input::FromQmp for BlockJobPendingData {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -105,31 +325,108 @@ impl crate::input::FromQmp for BlockJobPendingData {
         ::std::result::Result::Ok(read)
     }
 }
+
+/// Data of event `BLOCK_EXPORT_DELETED`.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockExportDeletedData {
+    /// the export's id
+    pub id: ::std::string::String,
+}
+
+impl BlockExportDeletedData {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self { id: id.into() }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            id: object.required("id", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockExportDeletedData {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
 crate::deserialize_via_from_qmp!(
     JobStatusChangeData,
     BlockJobCompletedData,
-    BlockJobPendingData
+    BlockJobCancelledData,
+    BlockJobErrorData,
+    BlockJobReadyData,
+    BlockJobPendingData,
+    BlockExportDeletedData
 );
 /// Every event of the schema with its typed data.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// Sent each time a job moves to another status.
+    ///
+    /// **Since:** 3.0
     JobStatusChange(JobStatusChangeData),
+    /// Sent when a block job has ended, successfully or not, except when
+    /// it was cancelled (see @BLOCK_JOB_CANCELLED).
+    ///
+    /// **Since:** 1.1
     BlockJobCompleted(BlockJobCompletedData),
+    /// Sent when a block job has ended because it was cancelled.
+    ///
+    /// **Since:** 1.1
+    BlockJobCancelled(BlockJobCancelledData),
+    /// Sent each time an I/O request of a block job fails, saying what the
+    /// job's error policy made of it.  With @report the job then fails.
+    ///
+    /// **Since:** 1.3
+    BlockJobError(BlockJobErrorData),
+    /// Sent when a block job reaches @ready and can be completed.
+    ///
+    /// **Since:** 1.3
+    BlockJobReady(BlockJobReadyData),
+    /// Sent when a block job started with auto-finalize set to false
+    /// reaches @pending and waits for @block-job-finalize.
+    ///
+    /// **Since:** 2.12
     BlockJobPending(BlockJobPendingData),
+    /// Sent when an export has been removed and its node released.
+    ///
+    /// **Since:** 5.2
+    BlockExportDeleted(BlockExportDeletedData),
 }
+
 impl Event {
     /// Every event name, in schema order.
     pub const NAMES: &'static [&'static str] = &[
         "JOB_STATUS_CHANGE",
         "BLOCK_JOB_COMPLETED",
+        "BLOCK_JOB_CANCELLED",
+        "BLOCK_JOB_ERROR",
+        "BLOCK_JOB_READY",
         "BLOCK_JOB_PENDING",
+        "BLOCK_EXPORT_DELETED",
     ];
     /// The wire name (`JOB_STATUS_CHANGE`).
     pub fn name(&self) -> &'static str {
         match self {
             Self::JobStatusChange(_) => "JOB_STATUS_CHANGE",
             Self::BlockJobCompleted(_) => "BLOCK_JOB_COMPLETED",
+            Self::BlockJobCancelled(_) => "BLOCK_JOB_CANCELLED",
+            Self::BlockJobError(_) => "BLOCK_JOB_ERROR",
+            Self::BlockJobReady(_) => "BLOCK_JOB_READY",
             Self::BlockJobPending(_) => "BLOCK_JOB_PENDING",
+            Self::BlockExportDeleted(_) => "BLOCK_EXPORT_DELETED",
         }
     }
     /// The `data` member, `None` for events without data.
@@ -141,7 +438,19 @@ impl Event {
             Self::BlockJobCompleted(data) => ::std::option::Option::Some(
                 ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
             ),
+            Self::BlockJobCancelled(data) => ::std::option::Option::Some(
+                ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
+            ),
+            Self::BlockJobError(data) => ::std::option::Option::Some(
+                ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
+            ),
+            Self::BlockJobReady(data) => ::std::option::Option::Some(
+                ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
+            ),
             Self::BlockJobPending(data) => ::std::option::Option::Some(
+                ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
+            ),
+            Self::BlockExportDeleted(data) => ::std::option::Option::Some(
                 ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
             ),
         }
@@ -189,12 +498,40 @@ impl Event {
                     data, path,
                 )?)
             }
+            "BLOCK_JOB_CANCELLED" => {
+                path.push_member("data");
+                let data = message.get("data").ok_or_else(|| path.missing())?;
+                Self::BlockJobCancelled(<BlockJobCancelledData as crate::input::FromQmp>::from_qmp(
+                    data, path,
+                )?)
+            }
+            "BLOCK_JOB_ERROR" => {
+                path.push_member("data");
+                let data = message.get("data").ok_or_else(|| path.missing())?;
+                Self::BlockJobError(<BlockJobErrorData as crate::input::FromQmp>::from_qmp(
+                    data, path,
+                )?)
+            }
+            "BLOCK_JOB_READY" => {
+                path.push_member("data");
+                let data = message.get("data").ok_or_else(|| path.missing())?;
+                Self::BlockJobReady(<BlockJobReadyData as crate::input::FromQmp>::from_qmp(
+                    data, path,
+                )?)
+            }
             "BLOCK_JOB_PENDING" => {
                 path.push_member("data");
                 let data = message.get("data").ok_or_else(|| path.missing())?;
                 Self::BlockJobPending(<BlockJobPendingData as crate::input::FromQmp>::from_qmp(
                     data, path,
                 )?)
+            }
+            "BLOCK_EXPORT_DELETED" => {
+                path.push_member("data");
+                let data = message.get("data").ok_or_else(|| path.missing())?;
+                Self::BlockExportDeleted(
+                    <BlockExportDeletedData as crate::input::FromQmp>::from_qmp(data, path)?,
+                )
             }
             _ => {
                 return ::std::result::Result::Err(crate::error::QmpError::generic(format!(

@@ -3,7 +3,4500 @@
 //! The `query-qmp-schema` answer.
 /// `query-qmp-schema`'s answer as JSON text (QEMU's `SchemaInfo` list,
 /// type names masked as numbers).
-pub const QMP_SCHEMA_JSON: &str = "[\n  {\n    \"arg-type\": \"0\",\n    \"meta-type\": \"event\",\n    \"name\": \"JOB_STATUS_CHANGE\"\n  },\n  {\n    \"arg-type\": \"1\",\n    \"meta-type\": \"event\",\n    \"name\": \"BLOCK_JOB_COMPLETED\"\n  },\n  {\n    \"arg-type\": \"2\",\n    \"meta-type\": \"event\",\n    \"name\": \"BLOCK_JOB_PENDING\"\n  },\n  {\n    \"arg-type\": \"3\",\n    \"meta-type\": \"command\",\n    \"name\": \"block-job-set-speed\",\n    \"ret-type\": \"4\"\n  },\n  {\n    \"arg-type\": \"5\",\n    \"meta-type\": \"command\",\n    \"name\": \"block-job-finalize\",\n    \"ret-type\": \"4\"\n  },\n  {\n    \"arg-type\": \"6\",\n    \"meta-type\": \"command\",\n    \"name\": \"block-job-dismiss\",\n    \"ret-type\": \"4\"\n  },\n  {\n    \"arg-type\": \"7\",\n    \"meta-type\": \"command\",\n    \"name\": \"blockdev-backup\",\n    \"ret-type\": \"4\"\n  },\n  {\n    \"arg-type\": \"8\",\n    \"meta-type\": \"command\",\n    \"name\": \"transaction\",\n    \"ret-type\": \"4\"\n  },\n  {\n    \"arg-type\": \"4\",\n    \"meta-type\": \"command\",\n    \"name\": \"query-block-jobs\",\n    \"ret-type\": \"[9]\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"id\",\n        \"type\": \"str\"\n      },\n      {\n        \"name\": \"status\",\n        \"type\": \"10\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"0\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"type\",\n        \"type\": \"11\"\n      },\n      {\n        \"name\": \"device\",\n        \"type\": \"str\"\n      },\n      {\n        \"name\": \"len\",\n        \"type\": \"int\"\n      },\n      {\n        \"name\": \"offset\",\n        \"type\": \"int\"\n      },\n      {\n        \"name\": \"speed\",\n        \"type\": \"int\"\n      },\n      {\n        \"default\": null,\n        \"name\": \"error\",\n        \"type\": \"str\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"1\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"type\",\n        \"type\": \"11\"\n      },\n      {\n        \"name\": \"id\",\n        \"type\": \"str\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"2\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"device\",\n        \"type\": \"str\"\n      },\n      {\n        \"name\": \"speed\",\n        \"type\": \"int\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"3\"\n  },\n  {\n    \"members\": [],\n    \"meta-type\": \"object\",\n    \"name\": \"4\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"id\",\n        \"type\": \"str\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"5\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"id\",\n        \"type\": \"str\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"6\"\n  },\n  {\n    \"members\": [\n      {\n        \"default\": null,\n        \"name\": \"job-id\",\n        \"type\": \"str\"\n      },\n      {\n        \"name\": \"device\",\n        \"type\": \"str\"\n      },\n      {\n        \"name\": \"sync\",\n        \"type\": \"12\"\n      },\n      {\n        \"default\": null,\n        \"name\": \"speed\",\n        \"type\": \"int\"\n      },\n      {\n        \"default\": null,\n        \"name\": \"bitmap\",\n        \"type\": \"str\"\n      },\n      {\n        \"default\": null,\n        \"name\": \"bitmap-mode\",\n        \"type\": \"13\"\n      },\n      {\n        \"default\": null,\n        \"name\": \"compress\",\n        \"type\": \"bool\"\n      },\n      {\n        \"default\": null,\n        \"name\": \"on-source-error\",\n        \"type\": \"14\"\n      },\n      {\n        \"default\": null,\n        \"name\": \"on-target-error\",\n        \"type\": \"14\"\n      },\n      {\n        \"default\": null,\n        \"name\": \"auto-finalize\",\n        \"type\": \"bool\"\n      },\n      {\n        \"default\": null,\n        \"name\": \"auto-dismiss\",\n        \"type\": \"bool\"\n      },\n      {\n        \"default\": null,\n        \"name\": \"filter-node-name\",\n        \"type\": \"str\"\n      },\n      {\n        \"name\": \"target\",\n        \"type\": \"str\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"7\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"actions\",\n        \"type\": \"[15]\"\n      },\n      {\n        \"default\": null,\n        \"name\": \"properties\",\n        \"type\": \"16\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"8\"\n  },\n  {\n    \"element-type\": \"9\",\n    \"meta-type\": \"array\",\n    \"name\": \"[9]\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"type\",\n        \"type\": \"str\"\n      },\n      {\n        \"name\": \"device\",\n        \"type\": \"str\"\n      },\n      {\n        \"name\": \"len\",\n        \"type\": \"int\"\n      },\n      {\n        \"name\": \"offset\",\n        \"type\": \"int\"\n      },\n      {\n        \"name\": \"busy\",\n        \"type\": \"bool\"\n      },\n      {\n        \"name\": \"paused\",\n        \"type\": \"bool\"\n      },\n      {\n        \"name\": \"speed\",\n        \"type\": \"int\"\n      },\n      {\n        \"name\": \"ready\",\n        \"type\": \"bool\"\n      },\n      {\n        \"name\": \"status\",\n        \"type\": \"10\"\n      },\n      {\n        \"name\": \"auto-finalize\",\n        \"type\": \"bool\"\n      },\n      {\n        \"name\": \"auto-dismiss\",\n        \"type\": \"bool\"\n      },\n      {\n        \"default\": null,\n        \"name\": \"error\",\n        \"type\": \"str\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"9\"\n  },\n  {\n    \"json-type\": \"string\",\n    \"meta-type\": \"builtin\",\n    \"name\": \"str\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"undefined\"\n      },\n      {\n        \"name\": \"created\"\n      },\n      {\n        \"name\": \"running\"\n      },\n      {\n        \"name\": \"paused\"\n      },\n      {\n        \"name\": \"ready\"\n      },\n      {\n        \"name\": \"standby\"\n      },\n      {\n        \"name\": \"waiting\"\n      },\n      {\n        \"name\": \"pending\"\n      },\n      {\n        \"name\": \"aborting\"\n      },\n      {\n        \"name\": \"concluded\"\n      },\n      {\n        \"name\": \"null\"\n      }\n    ],\n    \"meta-type\": \"enum\",\n    \"name\": \"10\",\n    \"values\": [\n      \"undefined\",\n      \"created\",\n      \"running\",\n      \"paused\",\n      \"ready\",\n      \"standby\",\n      \"waiting\",\n      \"pending\",\n      \"aborting\",\n      \"concluded\",\n      \"null\"\n    ]\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"commit\"\n      },\n      {\n        \"name\": \"stream\"\n      },\n      {\n        \"name\": \"mirror\"\n      },\n      {\n        \"name\": \"backup\"\n      },\n      {\n        \"name\": \"create\"\n      },\n      {\n        \"name\": \"amend\"\n      },\n      {\n        \"name\": \"snapshot-load\"\n      },\n      {\n        \"name\": \"snapshot-save\"\n      },\n      {\n        \"name\": \"snapshot-delete\"\n      }\n    ],\n    \"meta-type\": \"enum\",\n    \"name\": \"11\",\n    \"values\": [\n      \"commit\",\n      \"stream\",\n      \"mirror\",\n      \"backup\",\n      \"create\",\n      \"amend\",\n      \"snapshot-load\",\n      \"snapshot-save\",\n      \"snapshot-delete\"\n    ]\n  },\n  {\n    \"json-type\": \"int\",\n    \"meta-type\": \"builtin\",\n    \"name\": \"int\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"top\"\n      },\n      {\n        \"name\": \"full\"\n      },\n      {\n        \"name\": \"none\"\n      },\n      {\n        \"name\": \"incremental\"\n      },\n      {\n        \"name\": \"bitmap\"\n      }\n    ],\n    \"meta-type\": \"enum\",\n    \"name\": \"12\",\n    \"values\": [\n      \"top\",\n      \"full\",\n      \"none\",\n      \"incremental\",\n      \"bitmap\"\n    ]\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"on-success\"\n      },\n      {\n        \"name\": \"never\"\n      },\n      {\n        \"name\": \"always\"\n      }\n    ],\n    \"meta-type\": \"enum\",\n    \"name\": \"13\",\n    \"values\": [\n      \"on-success\",\n      \"never\",\n      \"always\"\n    ]\n  },\n  {\n    \"json-type\": \"boolean\",\n    \"meta-type\": \"builtin\",\n    \"name\": \"bool\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"report\"\n      },\n      {\n        \"name\": \"ignore\"\n      },\n      {\n        \"name\": \"enospc\"\n      },\n      {\n        \"name\": \"stop\"\n      },\n      {\n        \"name\": \"auto\"\n      }\n    ],\n    \"meta-type\": \"enum\",\n    \"name\": \"14\",\n    \"values\": [\n      \"report\",\n      \"ignore\",\n      \"enospc\",\n      \"stop\",\n      \"auto\"\n    ]\n  },\n  {\n    \"element-type\": \"15\",\n    \"meta-type\": \"array\",\n    \"name\": \"[15]\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"type\",\n        \"type\": \"17\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"15\",\n    \"tag\": \"type\",\n    \"variants\": [\n      {\n        \"case\": \"abort\",\n        \"type\": \"18\"\n      },\n      {\n        \"case\": \"blockdev-backup\",\n        \"type\": \"19\"\n      }\n    ]\n  },\n  {\n    \"members\": [\n      {\n        \"default\": null,\n        \"name\": \"completion-mode\",\n        \"type\": \"20\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"16\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"abort\"\n      },\n      {\n        \"name\": \"blockdev-backup\"\n      }\n    ],\n    \"meta-type\": \"enum\",\n    \"name\": \"17\",\n    \"values\": [\n      \"abort\",\n      \"blockdev-backup\"\n    ]\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"data\",\n        \"type\": \"21\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"18\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"data\",\n        \"type\": \"7\"\n      }\n    ],\n    \"meta-type\": \"object\",\n    \"name\": \"19\"\n  },\n  {\n    \"members\": [\n      {\n        \"name\": \"individual\"\n      },\n      {\n        \"name\": \"grouped\"\n      }\n    ],\n    \"meta-type\": \"enum\",\n    \"name\": \"20\",\n    \"values\": [\n      \"individual\",\n      \"grouped\"\n    ]\n  },\n  {\n    \"members\": [],\n    \"meta-type\": \"object\",\n    \"name\": \"21\"\n  }\n]";
+pub const QMP_SCHEMA_JSON: &str = r#"[
+  {
+    "arg-type": "0",
+    "meta-type": "command",
+    "name": "qmp_capabilities",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-version",
+    "ret-type": "2"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-commands",
+    "ret-type": "[3]"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "quit",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-qmp-schema",
+    "ret-type": "[4]"
+  },
+  {
+    "arg-type": "5",
+    "meta-type": "event",
+    "name": "JOB_STATUS_CHANGE"
+  },
+  {
+    "arg-type": "6",
+    "meta-type": "command",
+    "name": "job-pause",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "7",
+    "meta-type": "command",
+    "name": "job-resume",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "8",
+    "meta-type": "command",
+    "name": "job-cancel",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "9",
+    "meta-type": "command",
+    "name": "job-complete",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "10",
+    "meta-type": "command",
+    "name": "job-dismiss",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "11",
+    "meta-type": "command",
+    "name": "job-finalize",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-jobs",
+    "ret-type": "[12]"
+  },
+  {
+    "arg-type": "13",
+    "meta-type": "command",
+    "name": "query-named-block-nodes",
+    "ret-type": "[14]"
+  },
+  {
+    "arg-type": "15",
+    "meta-type": "command",
+    "name": "blockdev-add",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "16",
+    "meta-type": "command",
+    "name": "blockdev-del",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "17",
+    "meta-type": "command",
+    "name": "block-dirty-bitmap-add",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "18",
+    "meta-type": "command",
+    "name": "block-dirty-bitmap-remove",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "18",
+    "meta-type": "command",
+    "name": "block-dirty-bitmap-clear",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "18",
+    "meta-type": "command",
+    "name": "block-dirty-bitmap-enable",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "18",
+    "meta-type": "command",
+    "name": "block-dirty-bitmap-disable",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "19",
+    "meta-type": "command",
+    "name": "block-dirty-bitmap-merge",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-block-jobs",
+    "ret-type": "[20]"
+  },
+  {
+    "arg-type": "21",
+    "meta-type": "command",
+    "name": "block-job-set-speed",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "22",
+    "meta-type": "command",
+    "name": "block-job-cancel",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "23",
+    "meta-type": "command",
+    "name": "block-job-pause",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "24",
+    "meta-type": "command",
+    "name": "block-job-resume",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "25",
+    "meta-type": "command",
+    "name": "block-job-complete",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "26",
+    "meta-type": "command",
+    "name": "block-job-dismiss",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "27",
+    "meta-type": "command",
+    "name": "block-job-finalize",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "28",
+    "meta-type": "command",
+    "name": "block-job-change",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "29",
+    "meta-type": "event",
+    "name": "BLOCK_JOB_COMPLETED"
+  },
+  {
+    "arg-type": "30",
+    "meta-type": "event",
+    "name": "BLOCK_JOB_CANCELLED"
+  },
+  {
+    "arg-type": "31",
+    "meta-type": "event",
+    "name": "BLOCK_JOB_ERROR"
+  },
+  {
+    "arg-type": "32",
+    "meta-type": "event",
+    "name": "BLOCK_JOB_READY"
+  },
+  {
+    "arg-type": "33",
+    "meta-type": "event",
+    "name": "BLOCK_JOB_PENDING"
+  },
+  {
+    "arg-type": "34",
+    "meta-type": "command",
+    "name": "blockdev-backup",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "35",
+    "features": [
+      "deprecated"
+    ],
+    "meta-type": "command",
+    "name": "drive-backup",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "36",
+    "meta-type": "command",
+    "name": "blockdev-mirror",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "37",
+    "meta-type": "command",
+    "name": "blockdev-snapshot-sync",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "38",
+    "features": [
+      "allow-write-only-overlay"
+    ],
+    "meta-type": "command",
+    "name": "blockdev-snapshot",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "39",
+    "meta-type": "command",
+    "name": "blockdev-snapshot-internal-sync",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "40",
+    "meta-type": "command",
+    "name": "transaction",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "41",
+    "meta-type": "command",
+    "name": "nbd-server-start",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "nbd-server-stop",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "42",
+    "meta-type": "command",
+    "name": "block-export-add",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "43",
+    "meta-type": "command",
+    "name": "block-export-del",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "44",
+    "meta-type": "event",
+    "name": "BLOCK_EXPORT_DELETED"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "enable",
+        "type": "[45]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "0"
+  },
+  {
+    "members": [],
+    "meta-type": "object",
+    "name": "1"
+  },
+  {
+    "members": [
+      {
+        "name": "qemu",
+        "type": "46"
+      },
+      {
+        "name": "package",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "2"
+  },
+  {
+    "element-type": "3",
+    "meta-type": "array",
+    "name": "[3]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "3"
+  },
+  {
+    "element-type": "4",
+    "meta-type": "array",
+    "name": "[4]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "name": "meta-type",
+        "type": "47"
+      },
+      {
+        "default": null,
+        "name": "features",
+        "type": "[str]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "4",
+    "tag": "meta-type",
+    "variants": [
+      {
+        "case": "builtin",
+        "type": "48"
+      },
+      {
+        "case": "enum",
+        "type": "49"
+      },
+      {
+        "case": "array",
+        "type": "50"
+      },
+      {
+        "case": "object",
+        "type": "51"
+      },
+      {
+        "case": "alternate",
+        "type": "52"
+      },
+      {
+        "case": "command",
+        "type": "53"
+      },
+      {
+        "case": "event",
+        "type": "54"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "status",
+        "type": "55"
+      }
+    ],
+    "meta-type": "object",
+    "name": "5"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "6"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "7"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "8"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "9"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "10"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "11"
+  },
+  {
+    "element-type": "12",
+    "meta-type": "array",
+    "name": "[12]"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "56"
+      },
+      {
+        "name": "status",
+        "type": "55"
+      },
+      {
+        "name": "current-progress",
+        "type": "int"
+      },
+      {
+        "name": "total-progress",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "error",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "12"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "flat",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "13"
+  },
+  {
+    "element-type": "14",
+    "meta-type": "array",
+    "name": "[14]"
+  },
+  {
+    "members": [
+      {
+        "name": "file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "ro",
+        "type": "bool"
+      },
+      {
+        "name": "drv",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing_file",
+        "type": "str"
+      },
+      {
+        "name": "backing_file_depth",
+        "type": "int"
+      },
+      {
+        "name": "active",
+        "type": "bool"
+      },
+      {
+        "name": "encrypted",
+        "type": "bool"
+      },
+      {
+        "name": "detect_zeroes",
+        "type": "57"
+      },
+      {
+        "name": "bps",
+        "type": "int"
+      },
+      {
+        "name": "bps_rd",
+        "type": "int"
+      },
+      {
+        "name": "bps_wr",
+        "type": "int"
+      },
+      {
+        "name": "iops",
+        "type": "int"
+      },
+      {
+        "name": "iops_rd",
+        "type": "int"
+      },
+      {
+        "name": "iops_wr",
+        "type": "int"
+      },
+      {
+        "name": "image",
+        "type": "58"
+      },
+      {
+        "default": null,
+        "name": "bps_max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps_rd_max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps_wr_max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops_max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops_rd_max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops_wr_max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps_max_length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps_rd_max_length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps_wr_max_length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops_max_length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops_rd_max_length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops_wr_max_length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops_size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "group",
+        "type": "str"
+      },
+      {
+        "name": "cache",
+        "type": "59"
+      },
+      {
+        "name": "write_threshold",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "dirty-bitmaps",
+        "type": "[60]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "14"
+  },
+  {
+    "members": [
+      {
+        "name": "driver",
+        "type": "61"
+      },
+      {
+        "default": null,
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "discard",
+        "type": "62"
+      },
+      {
+        "default": null,
+        "name": "cache",
+        "type": "63"
+      },
+      {
+        "default": null,
+        "name": "active",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "read-only",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-read-only",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "force-share",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "detect-zeroes",
+        "type": "57"
+      }
+    ],
+    "meta-type": "object",
+    "name": "15",
+    "tag": "driver",
+    "variants": [
+      {
+        "case": "blkdebug",
+        "type": "64"
+      },
+      {
+        "case": "file",
+        "type": "65"
+      },
+      {
+        "case": "null-co",
+        "type": "66"
+      },
+      {
+        "case": "qcow2",
+        "type": "67"
+      },
+      {
+        "case": "raw",
+        "type": "68"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "node-name",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "16"
+  },
+  {
+    "members": [
+      {
+        "name": "node",
+        "type": "str"
+      },
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "granularity",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "persistent",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "disabled",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "17"
+  },
+  {
+    "members": [
+      {
+        "name": "node",
+        "type": "str"
+      },
+      {
+        "name": "name",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "18"
+  },
+  {
+    "members": [
+      {
+        "name": "node",
+        "type": "str"
+      },
+      {
+        "name": "target",
+        "type": "str"
+      },
+      {
+        "name": "bitmaps",
+        "type": "[69]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "19"
+  },
+  {
+    "element-type": "20",
+    "meta-type": "array",
+    "name": "[20]"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "56"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "len",
+        "type": "int"
+      },
+      {
+        "name": "offset",
+        "type": "int"
+      },
+      {
+        "name": "busy",
+        "type": "bool"
+      },
+      {
+        "name": "paused",
+        "type": "bool"
+      },
+      {
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "name": "io-status",
+        "type": "70"
+      },
+      {
+        "name": "ready",
+        "type": "bool"
+      },
+      {
+        "name": "status",
+        "type": "55"
+      },
+      {
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "name": "auto-dismiss",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "error",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "20",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "mirror",
+        "type": "71"
+      },
+      {
+        "case": "commit",
+        "type": "1"
+      },
+      {
+        "case": "stream",
+        "type": "1"
+      },
+      {
+        "case": "backup",
+        "type": "1"
+      },
+      {
+        "case": "create",
+        "type": "1"
+      },
+      {
+        "case": "amend",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-load",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-save",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-delete",
+        "type": "1"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "speed",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "21"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "force",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "22"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "23"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "24"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "25"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "26"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "27"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "56"
+      }
+    ],
+    "meta-type": "object",
+    "name": "28",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "mirror",
+        "type": "72"
+      },
+      {
+        "case": "commit",
+        "type": "1"
+      },
+      {
+        "case": "stream",
+        "type": "1"
+      },
+      {
+        "case": "backup",
+        "type": "1"
+      },
+      {
+        "case": "create",
+        "type": "1"
+      },
+      {
+        "case": "amend",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-load",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-save",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-delete",
+        "type": "1"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "56"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "len",
+        "type": "int"
+      },
+      {
+        "name": "offset",
+        "type": "int"
+      },
+      {
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "error",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "29"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "56"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "len",
+        "type": "int"
+      },
+      {
+        "name": "offset",
+        "type": "int"
+      },
+      {
+        "name": "speed",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "30"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "operation",
+        "type": "73"
+      },
+      {
+        "name": "action",
+        "type": "74"
+      }
+    ],
+    "meta-type": "object",
+    "name": "31"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "56"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "len",
+        "type": "int"
+      },
+      {
+        "name": "offset",
+        "type": "int"
+      },
+      {
+        "name": "speed",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "32"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "56"
+      },
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "33"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "sync",
+        "type": "75"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bitmap",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "bitmap-mode",
+        "type": "76"
+      },
+      {
+        "default": null,
+        "name": "compress",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "on-source-error",
+        "type": "77"
+      },
+      {
+        "default": null,
+        "name": "on-target-error",
+        "type": "77"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "discard-source",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-perf",
+        "type": "78"
+      },
+      {
+        "name": "target",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "34"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "sync",
+        "type": "75"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bitmap",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "bitmap-mode",
+        "type": "76"
+      },
+      {
+        "default": null,
+        "name": "compress",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "on-source-error",
+        "type": "77"
+      },
+      {
+        "default": null,
+        "name": "on-target-error",
+        "type": "77"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "discard-source",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-perf",
+        "type": "78"
+      },
+      {
+        "name": "target",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "format",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "mode",
+        "type": "79"
+      }
+    ],
+    "meta-type": "object",
+    "name": "35"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "target",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "replaces",
+        "type": "str"
+      },
+      {
+        "name": "sync",
+        "type": "75"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "granularity",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "buf-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "on-source-error",
+        "type": "77"
+      },
+      {
+        "default": null,
+        "name": "on-target-error",
+        "type": "77"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "copy-mode",
+        "type": "80"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "36"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "snapshot-file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "snapshot-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "format",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "mode",
+        "type": "79"
+      }
+    ],
+    "meta-type": "object",
+    "name": "37"
+  },
+  {
+    "members": [
+      {
+        "name": "node",
+        "type": "str"
+      },
+      {
+        "name": "overlay",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "38"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "name",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "39"
+  },
+  {
+    "members": [
+      {
+        "name": "actions",
+        "type": "[81]"
+      },
+      {
+        "default": null,
+        "name": "properties",
+        "type": "82"
+      }
+    ],
+    "meta-type": "object",
+    "name": "40"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "handshake-max-seconds",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "tls-creds",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "tls-authz",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "max-connections",
+        "type": "int"
+      },
+      {
+        "name": "addr",
+        "type": "83"
+      }
+    ],
+    "meta-type": "object",
+    "name": "41"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "84"
+      },
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "fixed-iothread",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "iothread",
+        "type": "str"
+      },
+      {
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "writable",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "writethrough",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "allow-inactive",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "42",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "nbd",
+        "type": "85"
+      },
+      {
+        "case": "vhost-user-blk",
+        "type": "86"
+      },
+      {
+        "case": "fuse",
+        "type": "87"
+      },
+      {
+        "case": "vduse-blk",
+        "type": "88"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "mode",
+        "type": "89"
+      }
+    ],
+    "meta-type": "object",
+    "name": "43"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "44"
+  },
+  {
+    "element-type": "45",
+    "meta-type": "array",
+    "name": "[45]"
+  },
+  {
+    "members": [
+      {
+        "name": "oob"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "45",
+    "values": [
+      "oob"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "major",
+        "type": "int"
+      },
+      {
+        "name": "minor",
+        "type": "int"
+      },
+      {
+        "name": "micro",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "46"
+  },
+  {
+    "json-type": "string",
+    "meta-type": "builtin",
+    "name": "str"
+  },
+  {
+    "members": [
+      {
+        "name": "builtin"
+      },
+      {
+        "name": "enum"
+      },
+      {
+        "name": "array"
+      },
+      {
+        "name": "object"
+      },
+      {
+        "name": "alternate"
+      },
+      {
+        "name": "command"
+      },
+      {
+        "name": "event"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "47",
+    "values": [
+      "builtin",
+      "enum",
+      "array",
+      "object",
+      "alternate",
+      "command",
+      "event"
+    ]
+  },
+  {
+    "element-type": "str",
+    "meta-type": "array",
+    "name": "[str]"
+  },
+  {
+    "members": [
+      {
+        "name": "json-type",
+        "type": "90"
+      }
+    ],
+    "meta-type": "object",
+    "name": "48"
+  },
+  {
+    "members": [
+      {
+        "name": "members",
+        "type": "[91]"
+      },
+      {
+        "features": [
+          "deprecated"
+        ],
+        "name": "values",
+        "type": "[str]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "49"
+  },
+  {
+    "members": [
+      {
+        "name": "element-type",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "50"
+  },
+  {
+    "members": [
+      {
+        "name": "members",
+        "type": "[92]"
+      },
+      {
+        "default": null,
+        "name": "tag",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "variants",
+        "type": "[93]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "51"
+  },
+  {
+    "members": [
+      {
+        "name": "members",
+        "type": "[94]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "52"
+  },
+  {
+    "members": [
+      {
+        "name": "arg-type",
+        "type": "str"
+      },
+      {
+        "name": "ret-type",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "allow-oob",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "53"
+  },
+  {
+    "members": [
+      {
+        "name": "arg-type",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "54"
+  },
+  {
+    "members": [
+      {
+        "name": "undefined"
+      },
+      {
+        "name": "created"
+      },
+      {
+        "name": "running"
+      },
+      {
+        "name": "paused"
+      },
+      {
+        "name": "ready"
+      },
+      {
+        "name": "standby"
+      },
+      {
+        "name": "waiting"
+      },
+      {
+        "name": "pending"
+      },
+      {
+        "name": "aborting"
+      },
+      {
+        "name": "concluded"
+      },
+      {
+        "name": "null"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "55",
+    "values": [
+      "undefined",
+      "created",
+      "running",
+      "paused",
+      "ready",
+      "standby",
+      "waiting",
+      "pending",
+      "aborting",
+      "concluded",
+      "null"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "commit"
+      },
+      {
+        "name": "stream"
+      },
+      {
+        "name": "mirror"
+      },
+      {
+        "name": "backup"
+      },
+      {
+        "name": "create"
+      },
+      {
+        "name": "amend"
+      },
+      {
+        "name": "snapshot-load"
+      },
+      {
+        "name": "snapshot-save"
+      },
+      {
+        "name": "snapshot-delete"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "56",
+    "values": [
+      "commit",
+      "stream",
+      "mirror",
+      "backup",
+      "create",
+      "amend",
+      "snapshot-load",
+      "snapshot-save",
+      "snapshot-delete"
+    ]
+  },
+  {
+    "json-type": "int",
+    "meta-type": "builtin",
+    "name": "int"
+  },
+  {
+    "json-type": "boolean",
+    "meta-type": "builtin",
+    "name": "bool"
+  },
+  {
+    "members": [
+      {
+        "name": "off"
+      },
+      {
+        "name": "on"
+      },
+      {
+        "name": "unmap"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "57",
+    "values": [
+      "off",
+      "on",
+      "unmap"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "filename",
+        "type": "str"
+      },
+      {
+        "name": "format",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "dirty-flag",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "actual-size",
+        "type": "int"
+      },
+      {
+        "name": "virtual-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "cluster-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "encrypted",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "compressed",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "backing-filename",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "full-backing-filename",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-filename-format",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "snapshots",
+        "type": "[95]"
+      },
+      {
+        "default": null,
+        "name": "format-specific",
+        "type": "96"
+      },
+      {
+        "default": null,
+        "name": "backing-image",
+        "type": "58"
+      }
+    ],
+    "meta-type": "object",
+    "name": "58"
+  },
+  {
+    "members": [
+      {
+        "name": "writeback",
+        "type": "bool"
+      },
+      {
+        "name": "direct",
+        "type": "bool"
+      },
+      {
+        "name": "no-flush",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "59"
+  },
+  {
+    "element-type": "60",
+    "meta-type": "array",
+    "name": "[60]"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "name": "count",
+        "type": "int"
+      },
+      {
+        "name": "granularity",
+        "type": "int"
+      },
+      {
+        "name": "recording",
+        "type": "bool"
+      },
+      {
+        "name": "busy",
+        "type": "bool"
+      },
+      {
+        "name": "persistent",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "inconsistent",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "60"
+  },
+  {
+    "members": [
+      {
+        "name": "blkdebug"
+      },
+      {
+        "name": "file"
+      },
+      {
+        "name": "null-co"
+      },
+      {
+        "name": "qcow2"
+      },
+      {
+        "name": "raw"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "61",
+    "values": [
+      "blkdebug",
+      "file",
+      "null-co",
+      "qcow2",
+      "raw"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "ignore"
+      },
+      {
+        "name": "unmap"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "62",
+    "values": [
+      "ignore",
+      "unmap"
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "direct",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "no-flush",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "63"
+  },
+  {
+    "members": [
+      {
+        "name": "image",
+        "type": "97"
+      },
+      {
+        "default": null,
+        "name": "config",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "align",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "max-transfer",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "opt-write-zero",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "max-write-zero",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "opt-discard",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "max-discard",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "inject-error",
+        "type": "[98]"
+      },
+      {
+        "default": null,
+        "name": "set-state",
+        "type": "[99]"
+      },
+      {
+        "default": null,
+        "name": "take-child-perms",
+        "type": "[100]"
+      },
+      {
+        "default": null,
+        "name": "unshare-child-perms",
+        "type": "[100]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "64"
+  },
+  {
+    "features": [
+      "dynamic-auto-read-only"
+    ],
+    "members": [
+      {
+        "name": "filename",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "pr-manager",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "locking",
+        "type": "101"
+      },
+      {
+        "default": null,
+        "name": "aio",
+        "type": "102"
+      },
+      {
+        "default": null,
+        "name": "aio-max-batch",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "drop-cache",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-check-cache-dropped",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "65"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "latency-ns",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "read-zeroes",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "66"
+  },
+  {
+    "members": [
+      {
+        "name": "file",
+        "type": "97"
+      },
+      {
+        "default": null,
+        "name": "backing",
+        "type": "103"
+      },
+      {
+        "default": null,
+        "name": "lazy-refcounts",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "pass-discard-request",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "pass-discard-snapshot",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "pass-discard-other",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "discard-no-unref",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "overlap-check",
+        "type": "104"
+      },
+      {
+        "default": null,
+        "name": "cache-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "l2-cache-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "l2-cache-entry-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "refcount-cache-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "cache-clean-interval",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "encrypt",
+        "type": "105"
+      },
+      {
+        "default": null,
+        "name": "data-file",
+        "type": "97"
+      }
+    ],
+    "meta-type": "object",
+    "name": "67"
+  },
+  {
+    "members": [
+      {
+        "name": "file",
+        "type": "97"
+      },
+      {
+        "default": null,
+        "name": "offset",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "68"
+  },
+  {
+    "element-type": "69",
+    "meta-type": "array",
+    "name": "[69]"
+  },
+  {
+    "members": [
+      {
+        "type": "str"
+      },
+      {
+        "type": "18"
+      }
+    ],
+    "meta-type": "alternate",
+    "name": "69"
+  },
+  {
+    "members": [
+      {
+        "name": "ok"
+      },
+      {
+        "name": "failed"
+      },
+      {
+        "name": "nospace"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "70",
+    "values": [
+      "ok",
+      "failed",
+      "nospace"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "actively-synced",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "71"
+  },
+  {
+    "members": [
+      {
+        "name": "copy-mode",
+        "type": "80"
+      }
+    ],
+    "meta-type": "object",
+    "name": "72"
+  },
+  {
+    "members": [
+      {
+        "name": "read"
+      },
+      {
+        "name": "write"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "73",
+    "values": [
+      "read",
+      "write"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "ignore"
+      },
+      {
+        "name": "report"
+      },
+      {
+        "name": "stop"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "74",
+    "values": [
+      "ignore",
+      "report",
+      "stop"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "top"
+      },
+      {
+        "name": "full"
+      },
+      {
+        "name": "none"
+      },
+      {
+        "name": "incremental"
+      },
+      {
+        "name": "bitmap"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "75",
+    "values": [
+      "top",
+      "full",
+      "none",
+      "incremental",
+      "bitmap"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "on-success"
+      },
+      {
+        "name": "never"
+      },
+      {
+        "name": "always"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "76",
+    "values": [
+      "on-success",
+      "never",
+      "always"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "report"
+      },
+      {
+        "name": "ignore"
+      },
+      {
+        "name": "enospc"
+      },
+      {
+        "name": "stop"
+      },
+      {
+        "name": "auto"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "77",
+    "values": [
+      "report",
+      "ignore",
+      "enospc",
+      "stop",
+      "auto"
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "use-copy-range",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "max-workers",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "max-chunk",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "min-cluster-size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "78"
+  },
+  {
+    "members": [
+      {
+        "name": "existing"
+      },
+      {
+        "name": "absolute-paths"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "79",
+    "values": [
+      "existing",
+      "absolute-paths"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "background"
+      },
+      {
+        "name": "write-blocking"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "80",
+    "values": [
+      "background",
+      "write-blocking"
+    ]
+  },
+  {
+    "element-type": "81",
+    "meta-type": "array",
+    "name": "[81]"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "106"
+      }
+    ],
+    "meta-type": "object",
+    "name": "81",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "abort",
+        "type": "107"
+      },
+      {
+        "case": "block-dirty-bitmap-add",
+        "type": "108"
+      },
+      {
+        "case": "block-dirty-bitmap-remove",
+        "type": "109"
+      },
+      {
+        "case": "block-dirty-bitmap-clear",
+        "type": "109"
+      },
+      {
+        "case": "block-dirty-bitmap-enable",
+        "type": "109"
+      },
+      {
+        "case": "block-dirty-bitmap-disable",
+        "type": "109"
+      },
+      {
+        "case": "block-dirty-bitmap-merge",
+        "type": "110"
+      },
+      {
+        "case": "blockdev-backup",
+        "type": "111"
+      },
+      {
+        "case": "blockdev-snapshot",
+        "type": "112"
+      },
+      {
+        "case": "blockdev-snapshot-internal-sync",
+        "type": "113"
+      },
+      {
+        "case": "blockdev-snapshot-sync",
+        "type": "114"
+      },
+      {
+        "case": "drive-backup",
+        "type": "115"
+      },
+      {
+        "case": "x-block-dirty-bitmap-enable",
+        "type": "109"
+      },
+      {
+        "case": "x-block-dirty-bitmap-disable",
+        "type": "109"
+      },
+      {
+        "case": "x-block-dirty-bitmap-merge",
+        "type": "110"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "completion-mode",
+        "type": "116"
+      }
+    ],
+    "meta-type": "object",
+    "name": "82"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "117"
+      }
+    ],
+    "meta-type": "object",
+    "name": "83",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "inet",
+        "type": "118"
+      },
+      {
+        "case": "unix",
+        "type": "119"
+      },
+      {
+        "case": "vsock",
+        "type": "120"
+      },
+      {
+        "case": "fd",
+        "type": "121"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "nbd"
+      },
+      {
+        "name": "vhost-user-blk"
+      },
+      {
+        "name": "fuse"
+      },
+      {
+        "name": "vduse-blk"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "84",
+    "values": [
+      "nbd",
+      "vhost-user-blk",
+      "fuse",
+      "vduse-blk"
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "description",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "bitmaps",
+        "type": "[69]"
+      },
+      {
+        "default": null,
+        "name": "allocation-depth",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "85"
+  },
+  {
+    "members": [
+      {
+        "name": "addr",
+        "type": "122"
+      },
+      {
+        "default": null,
+        "name": "logical-block-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "num-queues",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "86"
+  },
+  {
+    "members": [
+      {
+        "name": "mountpoint",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "growable",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "allow-other",
+        "type": "123"
+      }
+    ],
+    "meta-type": "object",
+    "name": "87"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "num-queues",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "queue-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "logical-block-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "serial",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "88"
+  },
+  {
+    "members": [
+      {
+        "name": "safe"
+      },
+      {
+        "name": "hard"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "89",
+    "values": [
+      "safe",
+      "hard"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "string"
+      },
+      {
+        "name": "number"
+      },
+      {
+        "name": "int"
+      },
+      {
+        "name": "boolean"
+      },
+      {
+        "name": "null"
+      },
+      {
+        "name": "object"
+      },
+      {
+        "name": "array"
+      },
+      {
+        "name": "value"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "90",
+    "values": [
+      "string",
+      "number",
+      "int",
+      "boolean",
+      "null",
+      "object",
+      "array",
+      "value"
+    ]
+  },
+  {
+    "element-type": "91",
+    "meta-type": "array",
+    "name": "[91]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "features",
+        "type": "[str]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "91"
+  },
+  {
+    "element-type": "92",
+    "meta-type": "array",
+    "name": "[92]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "default",
+        "type": "any"
+      },
+      {
+        "default": null,
+        "name": "features",
+        "type": "[str]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "92"
+  },
+  {
+    "element-type": "93",
+    "meta-type": "array",
+    "name": "[93]"
+  },
+  {
+    "members": [
+      {
+        "name": "case",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "93"
+  },
+  {
+    "element-type": "94",
+    "meta-type": "array",
+    "name": "[94]"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "94"
+  },
+  {
+    "element-type": "95",
+    "meta-type": "array",
+    "name": "[95]"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "name": "vm-state-size",
+        "type": "int"
+      },
+      {
+        "name": "date-sec",
+        "type": "int"
+      },
+      {
+        "name": "date-nsec",
+        "type": "int"
+      },
+      {
+        "name": "vm-clock-sec",
+        "type": "int"
+      },
+      {
+        "name": "vm-clock-nsec",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "icount",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "95"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "124"
+      }
+    ],
+    "meta-type": "object",
+    "name": "96",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "qcow2",
+        "type": "125"
+      },
+      {
+        "case": "vmdk",
+        "type": "126"
+      },
+      {
+        "case": "luks",
+        "type": "127"
+      },
+      {
+        "case": "rbd",
+        "type": "128"
+      },
+      {
+        "case": "file",
+        "type": "129"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "type": "15"
+      },
+      {
+        "type": "str"
+      }
+    ],
+    "meta-type": "alternate",
+    "name": "97"
+  },
+  {
+    "element-type": "98",
+    "meta-type": "array",
+    "name": "[98]"
+  },
+  {
+    "members": [
+      {
+        "name": "event",
+        "type": "130"
+      },
+      {
+        "default": null,
+        "name": "state",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iotype",
+        "type": "131"
+      },
+      {
+        "default": null,
+        "name": "errno",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "sector",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "once",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "immediately",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "98"
+  },
+  {
+    "element-type": "99",
+    "meta-type": "array",
+    "name": "[99]"
+  },
+  {
+    "members": [
+      {
+        "name": "event",
+        "type": "130"
+      },
+      {
+        "default": null,
+        "name": "state",
+        "type": "int"
+      },
+      {
+        "name": "new_state",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "99"
+  },
+  {
+    "element-type": "100",
+    "meta-type": "array",
+    "name": "[100]"
+  },
+  {
+    "members": [
+      {
+        "name": "consistent-read"
+      },
+      {
+        "name": "write"
+      },
+      {
+        "name": "write-unchanged"
+      },
+      {
+        "name": "resize"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "100",
+    "values": [
+      "consistent-read",
+      "write",
+      "write-unchanged",
+      "resize"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "auto"
+      },
+      {
+        "name": "on"
+      },
+      {
+        "name": "off"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "101",
+    "values": [
+      "auto",
+      "on",
+      "off"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "threads"
+      },
+      {
+        "name": "native"
+      },
+      {
+        "name": "io_uring"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "102",
+    "values": [
+      "threads",
+      "native",
+      "io_uring"
+    ]
+  },
+  {
+    "members": [
+      {
+        "type": "15"
+      },
+      {
+        "type": "str"
+      },
+      {
+        "type": "null"
+      }
+    ],
+    "meta-type": "alternate",
+    "name": "103"
+  },
+  {
+    "members": [
+      {
+        "type": "132"
+      },
+      {
+        "type": "133"
+      }
+    ],
+    "meta-type": "alternate",
+    "name": "104"
+  },
+  {
+    "members": [
+      {
+        "name": "format",
+        "type": "134"
+      }
+    ],
+    "meta-type": "object",
+    "name": "105",
+    "tag": "format",
+    "variants": [
+      {
+        "case": "aes",
+        "type": "135"
+      },
+      {
+        "case": "luks",
+        "type": "136"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "abort"
+      },
+      {
+        "name": "block-dirty-bitmap-add"
+      },
+      {
+        "name": "block-dirty-bitmap-remove"
+      },
+      {
+        "name": "block-dirty-bitmap-clear"
+      },
+      {
+        "name": "block-dirty-bitmap-enable"
+      },
+      {
+        "name": "block-dirty-bitmap-disable"
+      },
+      {
+        "name": "block-dirty-bitmap-merge"
+      },
+      {
+        "name": "blockdev-backup"
+      },
+      {
+        "name": "blockdev-snapshot"
+      },
+      {
+        "name": "blockdev-snapshot-internal-sync"
+      },
+      {
+        "name": "blockdev-snapshot-sync"
+      },
+      {
+        "features": [
+          "deprecated"
+        ],
+        "name": "drive-backup"
+      },
+      {
+        "features": [
+          "deprecated",
+          "unstable"
+        ],
+        "name": "x-block-dirty-bitmap-enable"
+      },
+      {
+        "features": [
+          "deprecated",
+          "unstable"
+        ],
+        "name": "x-block-dirty-bitmap-disable"
+      },
+      {
+        "features": [
+          "deprecated",
+          "unstable"
+        ],
+        "name": "x-block-dirty-bitmap-merge"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "106",
+    "values": [
+      "abort",
+      "block-dirty-bitmap-add",
+      "block-dirty-bitmap-remove",
+      "block-dirty-bitmap-clear",
+      "block-dirty-bitmap-enable",
+      "block-dirty-bitmap-disable",
+      "block-dirty-bitmap-merge",
+      "blockdev-backup",
+      "blockdev-snapshot",
+      "blockdev-snapshot-internal-sync",
+      "blockdev-snapshot-sync",
+      "drive-backup",
+      "x-block-dirty-bitmap-enable",
+      "x-block-dirty-bitmap-disable",
+      "x-block-dirty-bitmap-merge"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "137"
+      }
+    ],
+    "meta-type": "object",
+    "name": "107"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "17"
+      }
+    ],
+    "meta-type": "object",
+    "name": "108"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "18"
+      }
+    ],
+    "meta-type": "object",
+    "name": "109"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "19"
+      }
+    ],
+    "meta-type": "object",
+    "name": "110"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "34"
+      }
+    ],
+    "meta-type": "object",
+    "name": "111"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "38"
+      }
+    ],
+    "meta-type": "object",
+    "name": "112"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "39"
+      }
+    ],
+    "meta-type": "object",
+    "name": "113"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "37"
+      }
+    ],
+    "meta-type": "object",
+    "name": "114"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "35"
+      }
+    ],
+    "meta-type": "object",
+    "name": "115"
+  },
+  {
+    "members": [
+      {
+        "name": "individual"
+      },
+      {
+        "name": "grouped"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "116",
+    "values": [
+      "individual",
+      "grouped"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "inet"
+      },
+      {
+        "name": "unix"
+      },
+      {
+        "name": "vsock"
+      },
+      {
+        "name": "fd"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "117",
+    "values": [
+      "inet",
+      "unix",
+      "vsock",
+      "fd"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "138"
+      }
+    ],
+    "meta-type": "object",
+    "name": "118"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "139"
+      }
+    ],
+    "meta-type": "object",
+    "name": "119"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "140"
+      }
+    ],
+    "meta-type": "object",
+    "name": "120"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "141"
+      }
+    ],
+    "meta-type": "object",
+    "name": "121"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "117"
+      }
+    ],
+    "meta-type": "object",
+    "name": "122",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "inet",
+        "type": "138"
+      },
+      {
+        "case": "unix",
+        "type": "139"
+      },
+      {
+        "case": "vsock",
+        "type": "140"
+      },
+      {
+        "case": "fd",
+        "type": "141"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "off"
+      },
+      {
+        "name": "on"
+      },
+      {
+        "name": "auto"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "123",
+    "values": [
+      "off",
+      "on",
+      "auto"
+    ]
+  },
+  {
+    "json-type": "value",
+    "meta-type": "builtin",
+    "name": "any"
+  },
+  {
+    "members": [
+      {
+        "name": "qcow2"
+      },
+      {
+        "name": "vmdk"
+      },
+      {
+        "name": "luks"
+      },
+      {
+        "name": "rbd"
+      },
+      {
+        "name": "file"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "124",
+    "values": [
+      "qcow2",
+      "vmdk",
+      "luks",
+      "rbd",
+      "file"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "142"
+      }
+    ],
+    "meta-type": "object",
+    "name": "125"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "143"
+      }
+    ],
+    "meta-type": "object",
+    "name": "126"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "144"
+      }
+    ],
+    "meta-type": "object",
+    "name": "127"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "145"
+      }
+    ],
+    "meta-type": "object",
+    "name": "128"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "146"
+      }
+    ],
+    "meta-type": "object",
+    "name": "129"
+  },
+  {
+    "members": [
+      {
+        "name": "l1_update"
+      },
+      {
+        "name": "l1_grow_alloc_table"
+      },
+      {
+        "name": "l1_grow_write_table"
+      },
+      {
+        "name": "l1_grow_activate_table"
+      },
+      {
+        "name": "l2_load"
+      },
+      {
+        "name": "l2_update"
+      },
+      {
+        "name": "l2_update_compressed"
+      },
+      {
+        "name": "l2_alloc_cow_read"
+      },
+      {
+        "name": "l2_alloc_write"
+      },
+      {
+        "name": "read_aio"
+      },
+      {
+        "name": "read_backing_aio"
+      },
+      {
+        "name": "read_compressed"
+      },
+      {
+        "name": "write_aio"
+      },
+      {
+        "name": "write_compressed"
+      },
+      {
+        "name": "vmstate_load"
+      },
+      {
+        "name": "vmstate_save"
+      },
+      {
+        "name": "cow_read"
+      },
+      {
+        "name": "cow_write"
+      },
+      {
+        "name": "reftable_load"
+      },
+      {
+        "name": "reftable_grow"
+      },
+      {
+        "name": "reftable_update"
+      },
+      {
+        "name": "refblock_load"
+      },
+      {
+        "name": "refblock_update"
+      },
+      {
+        "name": "refblock_update_part"
+      },
+      {
+        "name": "refblock_alloc"
+      },
+      {
+        "name": "refblock_alloc_hookup"
+      },
+      {
+        "name": "refblock_alloc_write"
+      },
+      {
+        "name": "refblock_alloc_write_blocks"
+      },
+      {
+        "name": "refblock_alloc_write_table"
+      },
+      {
+        "name": "refblock_alloc_switch_table"
+      },
+      {
+        "name": "cluster_alloc"
+      },
+      {
+        "name": "cluster_alloc_bytes"
+      },
+      {
+        "name": "cluster_free"
+      },
+      {
+        "name": "flush_to_os"
+      },
+      {
+        "name": "flush_to_disk"
+      },
+      {
+        "name": "pwritev_rmw_head"
+      },
+      {
+        "name": "pwritev_rmw_after_head"
+      },
+      {
+        "name": "pwritev_rmw_tail"
+      },
+      {
+        "name": "pwritev_rmw_after_tail"
+      },
+      {
+        "name": "pwritev"
+      },
+      {
+        "name": "pwritev_zero"
+      },
+      {
+        "name": "pwritev_done"
+      },
+      {
+        "name": "empty_image_prepare"
+      },
+      {
+        "name": "l1_shrink_write_table"
+      },
+      {
+        "name": "l1_shrink_free_l2_clusters"
+      },
+      {
+        "name": "cor_write"
+      },
+      {
+        "name": "cluster_alloc_space"
+      },
+      {
+        "name": "none"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "130",
+    "values": [
+      "l1_update",
+      "l1_grow_alloc_table",
+      "l1_grow_write_table",
+      "l1_grow_activate_table",
+      "l2_load",
+      "l2_update",
+      "l2_update_compressed",
+      "l2_alloc_cow_read",
+      "l2_alloc_write",
+      "read_aio",
+      "read_backing_aio",
+      "read_compressed",
+      "write_aio",
+      "write_compressed",
+      "vmstate_load",
+      "vmstate_save",
+      "cow_read",
+      "cow_write",
+      "reftable_load",
+      "reftable_grow",
+      "reftable_update",
+      "refblock_load",
+      "refblock_update",
+      "refblock_update_part",
+      "refblock_alloc",
+      "refblock_alloc_hookup",
+      "refblock_alloc_write",
+      "refblock_alloc_write_blocks",
+      "refblock_alloc_write_table",
+      "refblock_alloc_switch_table",
+      "cluster_alloc",
+      "cluster_alloc_bytes",
+      "cluster_free",
+      "flush_to_os",
+      "flush_to_disk",
+      "pwritev_rmw_head",
+      "pwritev_rmw_after_head",
+      "pwritev_rmw_tail",
+      "pwritev_rmw_after_tail",
+      "pwritev",
+      "pwritev_zero",
+      "pwritev_done",
+      "empty_image_prepare",
+      "l1_shrink_write_table",
+      "l1_shrink_free_l2_clusters",
+      "cor_write",
+      "cluster_alloc_space",
+      "none"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "read"
+      },
+      {
+        "name": "write"
+      },
+      {
+        "name": "write-zeroes"
+      },
+      {
+        "name": "discard"
+      },
+      {
+        "name": "flush"
+      },
+      {
+        "name": "block-status"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "131",
+    "values": [
+      "read",
+      "write",
+      "write-zeroes",
+      "discard",
+      "flush",
+      "block-status"
+    ]
+  },
+  {
+    "json-type": "null",
+    "meta-type": "builtin",
+    "name": "null"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "template",
+        "type": "133"
+      },
+      {
+        "default": null,
+        "name": "main-header",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "active-l1",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "active-l2",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "refcount-table",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "refcount-block",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "snapshot-table",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "inactive-l1",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "inactive-l2",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "bitmap-directory",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "132"
+  },
+  {
+    "members": [
+      {
+        "name": "none"
+      },
+      {
+        "name": "constant"
+      },
+      {
+        "name": "cached"
+      },
+      {
+        "name": "all"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "133",
+    "values": [
+      "none",
+      "constant",
+      "cached",
+      "all"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "aes"
+      },
+      {
+        "name": "luks"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "134",
+    "values": [
+      "aes",
+      "luks"
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "key-secret",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "135"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "key-secret",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "136"
+  },
+  {
+    "members": [],
+    "meta-type": "object",
+    "name": "137"
+  },
+  {
+    "members": [
+      {
+        "name": "host",
+        "type": "str"
+      },
+      {
+        "name": "port",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "numeric",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "to",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "ipv4",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "ipv6",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "keep-alive",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "mptcp",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "138"
+  },
+  {
+    "members": [
+      {
+        "name": "path",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "abstract",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "tight",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "139"
+  },
+  {
+    "members": [
+      {
+        "name": "cid",
+        "type": "str"
+      },
+      {
+        "name": "port",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "140"
+  },
+  {
+    "members": [
+      {
+        "name": "str",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "141"
+  },
+  {
+    "members": [
+      {
+        "name": "compat",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "data-file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "data-file-raw",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "extended-l2",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "lazy-refcounts",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "corrupt",
+        "type": "bool"
+      },
+      {
+        "name": "refcount-bits",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "encrypt",
+        "type": "147"
+      },
+      {
+        "default": null,
+        "name": "bitmaps",
+        "type": "[148]"
+      },
+      {
+        "name": "compression-type",
+        "type": "149"
+      }
+    ],
+    "meta-type": "object",
+    "name": "142"
+  },
+  {
+    "members": [
+      {
+        "name": "create-type",
+        "type": "str"
+      },
+      {
+        "name": "cid",
+        "type": "int"
+      },
+      {
+        "name": "parent-cid",
+        "type": "int"
+      },
+      {
+        "name": "extents",
+        "type": "[150]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "143"
+  },
+  {
+    "members": [
+      {
+        "name": "cipher-alg",
+        "type": "151"
+      },
+      {
+        "name": "cipher-mode",
+        "type": "152"
+      },
+      {
+        "name": "ivgen-alg",
+        "type": "153"
+      },
+      {
+        "default": null,
+        "name": "ivgen-hash-alg",
+        "type": "154"
+      },
+      {
+        "name": "hash-alg",
+        "type": "154"
+      },
+      {
+        "name": "detached-header",
+        "type": "bool"
+      },
+      {
+        "name": "payload-offset",
+        "type": "int"
+      },
+      {
+        "name": "master-key-iters",
+        "type": "int"
+      },
+      {
+        "name": "uuid",
+        "type": "str"
+      },
+      {
+        "name": "slots",
+        "type": "[155]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "144"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "encryption-format",
+        "type": "156"
+      }
+    ],
+    "meta-type": "object",
+    "name": "145"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "extent-size-hint",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "146"
+  },
+  {
+    "members": [
+      {
+        "name": "format",
+        "type": "134"
+      }
+    ],
+    "meta-type": "object",
+    "name": "147",
+    "tag": "format",
+    "variants": [
+      {
+        "case": "luks",
+        "type": "144"
+      },
+      {
+        "case": "aes",
+        "type": "1"
+      }
+    ]
+  },
+  {
+    "element-type": "148",
+    "meta-type": "array",
+    "name": "[148]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "name": "granularity",
+        "type": "int"
+      },
+      {
+        "name": "flags",
+        "type": "[157]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "148"
+  },
+  {
+    "members": [
+      {
+        "name": "zlib"
+      },
+      {
+        "name": "zstd"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "149",
+    "values": [
+      "zlib",
+      "zstd"
+    ]
+  },
+  {
+    "element-type": "150",
+    "meta-type": "array",
+    "name": "[150]"
+  },
+  {
+    "members": [
+      {
+        "name": "filename",
+        "type": "str"
+      },
+      {
+        "name": "format",
+        "type": "str"
+      },
+      {
+        "name": "virtual-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "cluster-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "compressed",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "150"
+  },
+  {
+    "members": [
+      {
+        "name": "aes-128"
+      },
+      {
+        "name": "aes-192"
+      },
+      {
+        "name": "aes-256"
+      },
+      {
+        "name": "des"
+      },
+      {
+        "name": "3des"
+      },
+      {
+        "name": "cast5-128"
+      },
+      {
+        "name": "serpent-128"
+      },
+      {
+        "name": "serpent-192"
+      },
+      {
+        "name": "serpent-256"
+      },
+      {
+        "name": "twofish-128"
+      },
+      {
+        "name": "twofish-192"
+      },
+      {
+        "name": "twofish-256"
+      },
+      {
+        "name": "sm4"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "151",
+    "values": [
+      "aes-128",
+      "aes-192",
+      "aes-256",
+      "des",
+      "3des",
+      "cast5-128",
+      "serpent-128",
+      "serpent-192",
+      "serpent-256",
+      "twofish-128",
+      "twofish-192",
+      "twofish-256",
+      "sm4"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "ecb"
+      },
+      {
+        "name": "cbc"
+      },
+      {
+        "name": "xts"
+      },
+      {
+        "name": "ctr"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "152",
+    "values": [
+      "ecb",
+      "cbc",
+      "xts",
+      "ctr"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "plain"
+      },
+      {
+        "name": "plain64"
+      },
+      {
+        "name": "essiv"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "153",
+    "values": [
+      "plain",
+      "plain64",
+      "essiv"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "md5"
+      },
+      {
+        "name": "sha1"
+      },
+      {
+        "name": "sha224"
+      },
+      {
+        "name": "sha256"
+      },
+      {
+        "name": "sha384"
+      },
+      {
+        "name": "sha512"
+      },
+      {
+        "name": "ripemd160"
+      },
+      {
+        "name": "sm3"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "154",
+    "values": [
+      "md5",
+      "sha1",
+      "sha224",
+      "sha256",
+      "sha384",
+      "sha512",
+      "ripemd160",
+      "sm3"
+    ]
+  },
+  {
+    "element-type": "155",
+    "meta-type": "array",
+    "name": "[155]"
+  },
+  {
+    "members": [
+      {
+        "name": "active",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "iters",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "stripes",
+        "type": "int"
+      },
+      {
+        "name": "key-offset",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "155"
+  },
+  {
+    "members": [
+      {
+        "name": "luks"
+      },
+      {
+        "name": "luks2"
+      },
+      {
+        "name": "luks-any"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "156",
+    "values": [
+      "luks",
+      "luks2",
+      "luks-any"
+    ]
+  },
+  {
+    "element-type": "157",
+    "meta-type": "array",
+    "name": "[157]"
+  },
+  {
+    "members": [
+      {
+        "name": "in-use"
+      },
+      {
+        "name": "auto"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "157",
+    "values": [
+      "in-use",
+      "auto"
+    ]
+  }
+]"#;
 /// `query-qmp-schema`'s answer.
 pub fn qmp_schema() -> ::serde_json::Value {
     ::serde_json::from_str(QMP_SCHEMA_JSON).unwrap_or(::serde_json::Value::Null)

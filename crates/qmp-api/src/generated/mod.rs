@@ -2,10 +2,17 @@
 
 //! The API generated from the QAPI schema. See each module.
 pub mod commands;
+
 pub mod events;
+
 pub mod introspection;
+
 pub mod types;
+
 pub use commands::*;
+
 pub use events::*;
+
 pub use introspection::*;
+
 pub use types::*;

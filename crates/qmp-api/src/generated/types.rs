@@ -8,6 +8,2397 @@
     unused_variables,
     clippy::all
 )]
+/// The direction of an I/O request.
+///
+/// **Since:** 2.1
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum IoOperationType {
+    /// data was being read
+    #[serde(rename = "read")]
+    Read,
+    /// data was being written
+    #[serde(rename = "write")]
+    Write,
+}
+
+impl IoOperationType {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Read, Self::Write];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+        }
+    }
+}
+
+impl ::std::fmt::Display for IoOperationType {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for IoOperationType {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "read" => ::std::result::Result::Ok(Self::Read),
+            "write" => ::std::result::Result::Ok(Self::Write),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "IoOperationType",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for IoOperationType {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// A switch with a third position that lets the daemon decide.
+///
+/// **Since:** 2.2
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum OnOffAuto {
+    /// the daemon picks what suits the host
+    #[serde(rename = "auto")]
+    Auto,
+    /// always enabled
+    #[serde(rename = "on")]
+    On,
+    /// always disabled
+    #[serde(rename = "off")]
+    Off,
+}
+
+impl OnOffAuto {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Auto, Self::On, Self::Off];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+}
+
+impl ::std::fmt::Display for OnOffAuto {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for OnOffAuto {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "auto" => ::std::result::Result::Ok(Self::Auto),
+            "on" => ::std::result::Result::Ok(Self::On),
+            "off" => ::std::result::Result::Ok(Self::Off),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "OnOffAuto",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for OnOffAuto {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// A host and port, the part of an IP socket address every user needs.
+///
+/// **Since:** 1.3
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct InetSocketAddressBase {
+    /// host name or IP address
+    pub host: ::std::string::String,
+    /// port number or service name
+    pub port: ::std::string::String,
+}
+
+impl InetSocketAddressBase {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        host: impl ::std::convert::Into<::std::string::String>,
+        port: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            host: host.into(),
+            port: port.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            host: object.required("host", path)?,
+            port: object.required("port", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for InetSocketAddressBase {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// An IP socket address with the options for resolving it and for
+/// connections made through it.
+///
+/// **Since:** 1.3
+///
+/// Includes the members of [`InetSocketAddressBase`] (its base).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct InetSocketAddress {
+    /// host name or IP address
+    pub host: ::std::string::String,
+    /// port number or service name
+    pub port: ::std::string::String,
+    /// the host is a numeric address and the port a number; do
+    /// not resolve names (default: false)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub numeric: ::std::option::Option<bool>,
+    /// when listening, try every port from @port up to this one until
+    /// one is free
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub to: ::std::option::Option<u16>,
+    /// restrict to IPv4 (true) or exclude it (false)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub ipv4: ::std::option::Option<bool>,
+    /// restrict to IPv6 (true) or exclude it (false)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub ipv6: ::std::option::Option<bool>,
+    /// turn on TCP keep-alive on connections (default: false)
+    #[serde(rename = "keep-alive")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub keep_alive: ::std::option::Option<bool>,
+    /// use Multipath TCP (default: false)
+    ///
+    /// **If:** `HAVE_IPPROTO_MPTCP` (QEMU builds this only under that condition; generated unconditionally here)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub mptcp: ::std::option::Option<bool>,
+}
+
+impl InetSocketAddress {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        host: impl ::std::convert::Into<::std::string::String>,
+        port: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            host: host.into(),
+            port: port.into(),
+            numeric: ::std::option::Option::None,
+            to: ::std::option::Option::None,
+            ipv4: ::std::option::Option::None,
+            ipv6: ::std::option::Option::None,
+            keep_alive: ::std::option::Option::None,
+            mptcp: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            host: object.required("host", path)?,
+            port: object.required("port", path)?,
+            numeric: object.optional("numeric", path)?,
+            to: object.optional("to", path)?,
+            ipv4: object.optional("ipv4", path)?,
+            ipv6: object.optional("ipv6", path)?,
+            keep_alive: object.optional("keep-alive", path)?,
+            mptcp: object.optional("mptcp", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for InetSocketAddress {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// A Unix domain socket address.
+///
+/// **Since:** 1.3
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct UnixSocketAddress {
+    /// the socket's file name, or its name in the abstract namespace
+    /// when @abstract is true
+    pub path: ::std::string::String,
+    /// the name lives in Linux's abstract namespace rather than
+    /// the file system (default: false)
+    ///
+    /// **If:** `CONFIG_LINUX` (QEMU builds this only under that condition; generated unconditionally here)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub r#abstract: ::std::option::Option<bool>,
+    /// with @abstract, the address length covers only the name
+    /// rather than the whole sun_path buffer (default: true)
+    ///
+    /// **If:** `CONFIG_LINUX` (QEMU builds this only under that condition; generated unconditionally here)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub tight: ::std::option::Option<bool>,
+}
+
+impl UnixSocketAddress {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(path: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            path: path.into(),
+            r#abstract: ::std::option::Option::None,
+            tight: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            path: object.required("path", path)?,
+            r#abstract: object.optional("abstract", path)?,
+            tight: object.optional("tight", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for UnixSocketAddress {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// A VSOCK socket address.
+///
+/// **Since:** 2.8
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct VsockSocketAddress {
+    /// the context identifier
+    pub cid: ::std::string::String,
+    /// the port
+    pub port: ::std::string::String,
+}
+
+impl VsockSocketAddress {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        cid: impl ::std::convert::Into<::std::string::String>,
+        port: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            cid: cid.into(),
+            port: port.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            cid: object.required("cid", path)?,
+            port: object.required("port", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for VsockSocketAddress {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// A socket that is already open, given by file descriptor.
+///
+/// **Since:** 1.2
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct FdSocketAddress {
+    /// the number of the descriptor, or the name under which it was
+    /// passed to the daemon
+    pub str: ::std::string::String,
+}
+
+impl FdSocketAddress {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(str: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self { str: str.into() }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            str: object.required("str", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for FdSocketAddress {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Holds an @InetSocketAddress for @SocketAddressLegacy.
+///
+/// **Since:** 1.3
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct InetSocketAddressWrapper {
+    /// the address
+    pub data: InetSocketAddress,
+}
+
+impl InetSocketAddressWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: InetSocketAddress) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for InetSocketAddressWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Holds a @UnixSocketAddress for @SocketAddressLegacy.
+///
+/// **Since:** 1.3
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct UnixSocketAddressWrapper {
+    /// the address
+    pub data: UnixSocketAddress,
+}
+
+impl UnixSocketAddressWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: UnixSocketAddress) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for UnixSocketAddressWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Holds a @VsockSocketAddress for @SocketAddressLegacy.
+///
+/// **Since:** 2.8
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct VsockSocketAddressWrapper {
+    /// the address
+    pub data: VsockSocketAddress,
+}
+
+impl VsockSocketAddressWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: VsockSocketAddress) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for VsockSocketAddressWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Holds an @FdSocketAddress for @SocketAddressLegacy.
+///
+/// **Since:** 1.3
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct FdSocketAddressWrapper {
+    /// the descriptor
+    pub data: FdSocketAddress,
+}
+
+impl FdSocketAddressWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: FdSocketAddress) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for FdSocketAddressWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// A socket address in the older nested form, where the address sits
+/// under a 'data' key next to its 'type'.  New interfaces use
+/// @SocketAddress.
+///
+/// **Since:** 1.3
+///
+/// The members of the branch selected by `type` are in [`SocketAddressLegacyBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SocketAddressLegacy {
+    #[serde(flatten)]
+    pub branch: SocketAddressLegacyBranch,
+}
+
+/// The branch of [`SocketAddressLegacy`] chosen by its discriminator `type` (serialised as that member).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(tag = "type")]
+pub enum SocketAddressLegacyBranch {
+    #[serde(rename = "inet")]
+    Inet(InetSocketAddressWrapper),
+    #[serde(rename = "unix")]
+    Unix(UnixSocketAddressWrapper),
+    #[serde(rename = "vsock")]
+    Vsock(VsockSocketAddressWrapper),
+    #[serde(rename = "fd")]
+    Fd(FdSocketAddressWrapper),
+}
+
+impl SocketAddressLegacyBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> SocketAddressType {
+        match self {
+            Self::Inet(_) => SocketAddressType::Inet,
+            Self::Unix(_) => SocketAddressType::Unix,
+            Self::Vsock(_) => SocketAddressType::Vsock,
+            Self::Fd(_) => SocketAddressType::Fd,
+        }
+    }
+}
+
+impl SocketAddressLegacy {
+    /// Reads this union's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let kind: SocketAddressType = object.required("type", path)?;
+        let branch = match kind {
+            SocketAddressType::Inet => SocketAddressLegacyBranch::Inet(
+                InetSocketAddressWrapper::read_qmp_members(object, path)?,
+            ),
+            SocketAddressType::Unix => SocketAddressLegacyBranch::Unix(
+                UnixSocketAddressWrapper::read_qmp_members(object, path)?,
+            ),
+            SocketAddressType::Vsock => SocketAddressLegacyBranch::Vsock(
+                VsockSocketAddressWrapper::read_qmp_members(object, path)?,
+            ),
+            SocketAddressType::Fd => SocketAddressLegacyBranch::Fd(
+                FdSocketAddressWrapper::read_qmp_members(object, path)?,
+            ),
+        };
+        ::std::result::Result::Ok(Self { branch })
+    }
+}
+
+impl crate::input::FromQmp for SocketAddressLegacy {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The kinds of socket address.
+///
+/// **Since:** 2.9
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum SocketAddressType {
+    /// an IP address and port
+    #[serde(rename = "inet")]
+    Inet,
+    /// a Unix domain socket
+    #[serde(rename = "unix")]
+    Unix,
+    /// a VSOCK address
+    #[serde(rename = "vsock")]
+    Vsock,
+    /// an already open socket
+    #[serde(rename = "fd")]
+    Fd,
+}
+
+impl SocketAddressType {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Inet, Self::Unix, Self::Vsock, Self::Fd];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inet => "inet",
+            Self::Unix => "unix",
+            Self::Vsock => "vsock",
+            Self::Fd => "fd",
+        }
+    }
+}
+
+impl ::std::fmt::Display for SocketAddressType {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for SocketAddressType {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "inet" => ::std::result::Result::Ok(Self::Inet),
+            "unix" => ::std::result::Result::Ok(Self::Unix),
+            "vsock" => ::std::result::Result::Ok(Self::Vsock),
+            "fd" => ::std::result::Result::Ok(Self::Fd),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "SocketAddressType",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for SocketAddressType {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// A socket address in the flat form: the address's members sit next
+/// to its 'type'.
+///
+/// **Since:** 2.9
+///
+/// The members of the branch selected by `type` are in [`SocketAddressBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SocketAddress {
+    #[serde(flatten)]
+    pub branch: SocketAddressBranch,
+}
+
+/// The branch of [`SocketAddress`] chosen by its discriminator `type` (serialised as that member).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(tag = "type")]
+pub enum SocketAddressBranch {
+    #[serde(rename = "inet")]
+    Inet(InetSocketAddress),
+    #[serde(rename = "unix")]
+    Unix(UnixSocketAddress),
+    #[serde(rename = "vsock")]
+    Vsock(VsockSocketAddress),
+    #[serde(rename = "fd")]
+    Fd(FdSocketAddress),
+}
+
+impl SocketAddressBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> SocketAddressType {
+        match self {
+            Self::Inet(_) => SocketAddressType::Inet,
+            Self::Unix(_) => SocketAddressType::Unix,
+            Self::Vsock(_) => SocketAddressType::Vsock,
+            Self::Fd(_) => SocketAddressType::Fd,
+        }
+    }
+}
+
+impl SocketAddress {
+    /// Reads this union's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let kind: SocketAddressType = object.required("type", path)?;
+        let branch = match kind {
+            SocketAddressType::Inet => {
+                SocketAddressBranch::Inet(InetSocketAddress::read_qmp_members(object, path)?)
+            }
+            SocketAddressType::Unix => {
+                SocketAddressBranch::Unix(UnixSocketAddress::read_qmp_members(object, path)?)
+            }
+            SocketAddressType::Vsock => {
+                SocketAddressBranch::Vsock(VsockSocketAddress::read_qmp_members(object, path)?)
+            }
+            SocketAddressType::Fd => {
+                SocketAddressBranch::Fd(FdSocketAddress::read_qmp_members(object, path)?)
+            }
+        };
+        ::std::result::Result::Ok(Self { branch })
+    }
+}
+
+impl crate::input::FromQmp for SocketAddress {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Hash algorithms.
+///
+/// **Since:** 2.6
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum QCryptoHashAlgo {
+    /// MD5
+    #[serde(rename = "md5")]
+    Md5,
+    /// SHA-1
+    #[serde(rename = "sha1")]
+    Sha1,
+    /// SHA-224
+    #[serde(rename = "sha224")]
+    Sha224,
+    /// SHA-256
+    #[serde(rename = "sha256")]
+    Sha256,
+    /// SHA-384
+    #[serde(rename = "sha384")]
+    Sha384,
+    /// SHA-512
+    #[serde(rename = "sha512")]
+    Sha512,
+    /// RIPEMD-160
+    #[serde(rename = "ripemd160")]
+    Ripemd160,
+    /// SM3 (since 9.2)
+    #[serde(rename = "sm3")]
+    Sm3,
+}
+
+impl QCryptoHashAlgo {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[
+        Self::Md5,
+        Self::Sha1,
+        Self::Sha224,
+        Self::Sha256,
+        Self::Sha384,
+        Self::Sha512,
+        Self::Ripemd160,
+        Self::Sm3,
+    ];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Md5 => "md5",
+            Self::Sha1 => "sha1",
+            Self::Sha224 => "sha224",
+            Self::Sha256 => "sha256",
+            Self::Sha384 => "sha384",
+            Self::Sha512 => "sha512",
+            Self::Ripemd160 => "ripemd160",
+            Self::Sm3 => "sm3",
+        }
+    }
+}
+
+impl ::std::fmt::Display for QCryptoHashAlgo {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for QCryptoHashAlgo {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "md5" => ::std::result::Result::Ok(Self::Md5),
+            "sha1" => ::std::result::Result::Ok(Self::Sha1),
+            "sha224" => ::std::result::Result::Ok(Self::Sha224),
+            "sha256" => ::std::result::Result::Ok(Self::Sha256),
+            "sha384" => ::std::result::Result::Ok(Self::Sha384),
+            "sha512" => ::std::result::Result::Ok(Self::Sha512),
+            "ripemd160" => ::std::result::Result::Ok(Self::Ripemd160),
+            "sm3" => ::std::result::Result::Ok(Self::Sm3),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "QCryptoHashAlgo",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for QCryptoHashAlgo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// Block cipher algorithms with their key sizes.
+///
+/// **Since:** 2.6
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum QCryptoCipherAlgo {
+    /// AES with a 128-bit key
+    #[serde(rename = "aes-128")]
+    Aes128,
+    /// AES with a 192-bit key
+    #[serde(rename = "aes-192")]
+    Aes192,
+    /// AES with a 256-bit key
+    #[serde(rename = "aes-256")]
+    Aes256,
+    /// single DES, 56-bit key (since 6.1)
+    #[serde(rename = "des")]
+    Des,
+    /// triple DES, 192-bit key (since 2.9)
+    #[serde(rename = "3des")]
+    _3des,
+    /// CAST5 with a 128-bit key
+    #[serde(rename = "cast5-128")]
+    Cast5_128,
+    /// Serpent with a 128-bit key
+    #[serde(rename = "serpent-128")]
+    Serpent128,
+    /// Serpent with a 192-bit key
+    #[serde(rename = "serpent-192")]
+    Serpent192,
+    /// Serpent with a 256-bit key
+    #[serde(rename = "serpent-256")]
+    Serpent256,
+    /// Twofish with a 128-bit key
+    #[serde(rename = "twofish-128")]
+    Twofish128,
+    /// Twofish with a 192-bit key
+    #[serde(rename = "twofish-192")]
+    Twofish192,
+    /// Twofish with a 256-bit key
+    #[serde(rename = "twofish-256")]
+    Twofish256,
+    /// SM4 with a 128-bit key (since 9.0)
+    #[serde(rename = "sm4")]
+    Sm4,
+}
+
+impl QCryptoCipherAlgo {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[
+        Self::Aes128,
+        Self::Aes192,
+        Self::Aes256,
+        Self::Des,
+        Self::_3des,
+        Self::Cast5_128,
+        Self::Serpent128,
+        Self::Serpent192,
+        Self::Serpent256,
+        Self::Twofish128,
+        Self::Twofish192,
+        Self::Twofish256,
+        Self::Sm4,
+    ];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Aes128 => "aes-128",
+            Self::Aes192 => "aes-192",
+            Self::Aes256 => "aes-256",
+            Self::Des => "des",
+            Self::_3des => "3des",
+            Self::Cast5_128 => "cast5-128",
+            Self::Serpent128 => "serpent-128",
+            Self::Serpent192 => "serpent-192",
+            Self::Serpent256 => "serpent-256",
+            Self::Twofish128 => "twofish-128",
+            Self::Twofish192 => "twofish-192",
+            Self::Twofish256 => "twofish-256",
+            Self::Sm4 => "sm4",
+        }
+    }
+}
+
+impl ::std::fmt::Display for QCryptoCipherAlgo {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for QCryptoCipherAlgo {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "aes-128" => ::std::result::Result::Ok(Self::Aes128),
+            "aes-192" => ::std::result::Result::Ok(Self::Aes192),
+            "aes-256" => ::std::result::Result::Ok(Self::Aes256),
+            "des" => ::std::result::Result::Ok(Self::Des),
+            "3des" => ::std::result::Result::Ok(Self::_3des),
+            "cast5-128" => ::std::result::Result::Ok(Self::Cast5_128),
+            "serpent-128" => ::std::result::Result::Ok(Self::Serpent128),
+            "serpent-192" => ::std::result::Result::Ok(Self::Serpent192),
+            "serpent-256" => ::std::result::Result::Ok(Self::Serpent256),
+            "twofish-128" => ::std::result::Result::Ok(Self::Twofish128),
+            "twofish-192" => ::std::result::Result::Ok(Self::Twofish192),
+            "twofish-256" => ::std::result::Result::Ok(Self::Twofish256),
+            "sm4" => ::std::result::Result::Ok(Self::Sm4),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "QCryptoCipherAlgo",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for QCryptoCipherAlgo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// Ways of chaining cipher blocks.
+///
+/// **Since:** 2.6
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum QCryptoCipherMode {
+    /// electronic code book
+    #[serde(rename = "ecb")]
+    Ecb,
+    /// cipher block chaining
+    #[serde(rename = "cbc")]
+    Cbc,
+    /// XEX with tweaked code book and ciphertext stealing
+    #[serde(rename = "xts")]
+    Xts,
+    /// counter (since 2.8)
+    #[serde(rename = "ctr")]
+    Ctr,
+}
+
+impl QCryptoCipherMode {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Ecb, Self::Cbc, Self::Xts, Self::Ctr];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ecb => "ecb",
+            Self::Cbc => "cbc",
+            Self::Xts => "xts",
+            Self::Ctr => "ctr",
+        }
+    }
+}
+
+impl ::std::fmt::Display for QCryptoCipherMode {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for QCryptoCipherMode {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "ecb" => ::std::result::Result::Ok(Self::Ecb),
+            "cbc" => ::std::result::Result::Ok(Self::Cbc),
+            "xts" => ::std::result::Result::Ok(Self::Xts),
+            "ctr" => ::std::result::Result::Ok(Self::Ctr),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "QCryptoCipherMode",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for QCryptoCipherMode {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// Ways of deriving the initialization vector of each sector.
+///
+/// **Since:** 2.6
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum QCryptoIVGenAlgo {
+    /// the sector number, truncated to 32 bits
+    #[serde(rename = "plain")]
+    Plain,
+    /// the full 64-bit sector number
+    #[serde(rename = "plain64")]
+    Plain64,
+    /// the sector number encrypted with a hash of the key
+    #[serde(rename = "essiv")]
+    Essiv,
+}
+
+impl QCryptoIVGenAlgo {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Plain, Self::Plain64, Self::Essiv];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Plain64 => "plain64",
+            Self::Essiv => "essiv",
+        }
+    }
+}
+
+impl ::std::fmt::Display for QCryptoIVGenAlgo {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for QCryptoIVGenAlgo {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "plain" => ::std::result::Result::Ok(Self::Plain),
+            "plain64" => ::std::result::Result::Ok(Self::Plain64),
+            "essiv" => ::std::result::Result::Ok(Self::Essiv),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "QCryptoIVGenAlgo",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for QCryptoIVGenAlgo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// How to open an image that uses the legacy qcow AES encryption.
+///
+/// **Since:** 2.6
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct QCryptoBlockOptionsQCow {
+    /// the id of the secret object holding the decryption
+    /// key; needed to read or write the data, not to open the image
+    #[serde(rename = "key-secret")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub key_secret: ::std::option::Option<::std::string::String>,
+}
+
+impl QCryptoBlockOptionsQCow {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            key_secret: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            key_secret: object.optional("key-secret", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for QCryptoBlockOptionsQCow {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// How to open a LUKS-encrypted image.
+///
+/// **Since:** 2.6
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct QCryptoBlockOptionsLUKS {
+    /// the id of the secret object holding the passphrase;
+    /// needed to read or write the data, not to open the image
+    #[serde(rename = "key-secret")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub key_secret: ::std::option::Option<::std::string::String>,
+}
+
+impl QCryptoBlockOptionsLUKS {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            key_secret: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            key_secret: object.optional("key-secret", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for QCryptoBlockOptionsLUKS {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// One key slot of a LUKS header.
+///
+/// **Since:** 2.7
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct QCryptoBlockInfoLUKSSlot {
+    /// whether the slot holds a key
+    pub active: bool,
+    /// how many key-derivation iterations the slot uses
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub iters: ::std::option::Option<i64>,
+    /// how many anti-forensic stripes the key material has
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub stripes: ::std::option::Option<i64>,
+    /// where the slot's key material starts, in sectors
+    #[serde(rename = "key-offset")]
+    pub key_offset: i64,
+}
+
+impl QCryptoBlockInfoLUKSSlot {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(active: bool, key_offset: i64) -> Self {
+        Self {
+            active,
+            iters: ::std::option::Option::None,
+            stripes: ::std::option::Option::None,
+            key_offset,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            active: object.required("active", path)?,
+            iters: object.optional("iters", path)?,
+            stripes: object.optional("stripes", path)?,
+            key_offset: object.required("key-offset", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for QCryptoBlockInfoLUKSSlot {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// What a LUKS header says.
+///
+/// **Since:** 2.7
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct QCryptoBlockInfoLUKS {
+    /// the cipher
+    #[serde(rename = "cipher-alg")]
+    pub cipher_alg: QCryptoCipherAlgo,
+    /// the chaining mode
+    #[serde(rename = "cipher-mode")]
+    pub cipher_mode: QCryptoCipherMode,
+    /// the initialization vector algorithm
+    #[serde(rename = "ivgen-alg")]
+    pub ivgen_alg: QCryptoIVGenAlgo,
+    /// the hash used by @ivgen-alg, when it uses one
+    #[serde(rename = "ivgen-hash-alg")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub ivgen_hash_alg: ::std::option::Option<QCryptoHashAlgo>,
+    /// the hash of the key derivation
+    #[serde(rename = "hash-alg")]
+    pub hash_alg: QCryptoHashAlgo,
+    /// whether the header lives apart from the data
+    /// (since 9.0)
+    #[serde(rename = "detached-header")]
+    pub detached_header: bool,
+    /// where the encrypted data starts, in bytes
+    #[serde(rename = "payload-offset")]
+    pub payload_offset: i64,
+    /// key-derivation iterations of the master key
+    #[serde(rename = "master-key-iters")]
+    pub master_key_iters: i64,
+    /// the volume's unique identifier
+    pub uuid: ::std::string::String,
+    /// the key slots
+    pub slots: ::std::vec::Vec<QCryptoBlockInfoLUKSSlot>,
+}
+
+impl QCryptoBlockInfoLUKS {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        cipher_alg: QCryptoCipherAlgo,
+        cipher_mode: QCryptoCipherMode,
+        ivgen_alg: QCryptoIVGenAlgo,
+        hash_alg: QCryptoHashAlgo,
+        detached_header: bool,
+        payload_offset: i64,
+        master_key_iters: i64,
+        uuid: impl ::std::convert::Into<::std::string::String>,
+        slots: ::std::vec::Vec<QCryptoBlockInfoLUKSSlot>,
+    ) -> Self {
+        Self {
+            cipher_alg,
+            cipher_mode,
+            ivgen_alg,
+            ivgen_hash_alg: ::std::option::Option::None,
+            hash_alg,
+            detached_header,
+            payload_offset,
+            master_key_iters,
+            uuid: uuid.into(),
+            slots,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            cipher_alg: object.required("cipher-alg", path)?,
+            cipher_mode: object.required("cipher-mode", path)?,
+            ivgen_alg: object.required("ivgen-alg", path)?,
+            ivgen_hash_alg: object.optional("ivgen-hash-alg", path)?,
+            hash_alg: object.required("hash-alg", path)?,
+            detached_header: object.required("detached-header", path)?,
+            payload_offset: object.required("payload-offset", path)?,
+            master_key_iters: object.required("master-key-iters", path)?,
+            uuid: object.required("uuid", path)?,
+            slots: object.required("slots", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for QCryptoBlockInfoLUKS {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Optional protocol capabilities a client can turn on with
+/// @qmp_capabilities.
+///
+/// **Since:** 2.12
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum QMPCapability {
+    /// out-of-band execution: commands marked for it may be sent
+    /// with 'exec-oob' and run ahead of queued ones
+    #[serde(rename = "oob")]
+    Oob,
+}
+
+impl QMPCapability {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Oob];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Oob => "oob",
+        }
+    }
+}
+
+impl ::std::fmt::Display for QMPCapability {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for QMPCapability {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "oob" => ::std::result::Result::Ok(Self::Oob),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "QMPCapability",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for QMPCapability {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// A three-part version number.
+///
+/// **Since:** 2.4
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct VersionTriple {
+    /// the major part
+    pub major: i64,
+    /// the minor part
+    pub minor: i64,
+    /// the micro part
+    pub micro: i64,
+}
+
+impl VersionTriple {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(major: i64, minor: i64, micro: i64) -> Self {
+        Self {
+            major,
+            minor,
+            micro,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            major: object.required("major", path)?,
+            minor: object.required("minor", path)?,
+            micro: object.required("micro", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for VersionTriple {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The version of the daemon.
+///
+/// **Since:** 0.14
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct VersionInfo {
+    /// the QEMU version this daemon is compatible with
+    pub qemu: VersionTriple,
+    /// free-form text naming the build or distribution package
+    pub package: ::std::string::String,
+}
+
+impl VersionInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        qemu: VersionTriple,
+        package: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            qemu,
+            package: package.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            qemu: object.required("qemu", path)?,
+            package: object.required("package", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for VersionInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// One command the daemon accepts.
+///
+/// **Since:** 0.14
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct CommandInfo {
+    /// the command's name
+    pub name: ::std::string::String,
+}
+
+impl CommandInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(name: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self { name: name.into() }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            name: object.required("name", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for CommandInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The kinds of entity in an introspected schema.
+///
+/// **Since:** 2.5
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum SchemaMetaType {
+    /// a predefined type such as 'str' or 'int'
+    #[serde(rename = "builtin")]
+    Builtin,
+    /// an enumeration
+    #[serde(rename = "enum")]
+    Enum,
+    /// a list of some element type
+    #[serde(rename = "array")]
+    Array,
+    /// a JSON object, possibly with variant parts
+    #[serde(rename = "object")]
+    Object,
+    /// a value that may take one of several JSON types
+    #[serde(rename = "alternate")]
+    Alternate,
+    /// a command
+    #[serde(rename = "command")]
+    Command,
+    /// an event
+    #[serde(rename = "event")]
+    Event,
+}
+
+impl SchemaMetaType {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[
+        Self::Builtin,
+        Self::Enum,
+        Self::Array,
+        Self::Object,
+        Self::Alternate,
+        Self::Command,
+        Self::Event,
+    ];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Builtin => "builtin",
+            Self::Enum => "enum",
+            Self::Array => "array",
+            Self::Object => "object",
+            Self::Alternate => "alternate",
+            Self::Command => "command",
+            Self::Event => "event",
+        }
+    }
+}
+
+impl ::std::fmt::Display for SchemaMetaType {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for SchemaMetaType {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "builtin" => ::std::result::Result::Ok(Self::Builtin),
+            "enum" => ::std::result::Result::Ok(Self::Enum),
+            "array" => ::std::result::Result::Ok(Self::Array),
+            "object" => ::std::result::Result::Ok(Self::Object),
+            "alternate" => ::std::result::Result::Ok(Self::Alternate),
+            "command" => ::std::result::Result::Ok(Self::Command),
+            "event" => ::std::result::Result::Ok(Self::Event),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "SchemaMetaType",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for SchemaMetaType {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// One entity of the introspected schema.
+///
+/// **Since:** 2.5
+///
+/// The members of the branch selected by `meta-type` are in [`SchemaInfoBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SchemaInfo {
+    /// the entity's name; for commands and events the real name,
+    /// for types an opaque one (arrays are named after their element
+    /// type in brackets)
+    pub name: ::std::string::String,
+    /// the entity's feature flags, such as 'deprecated' or
+    /// 'unstable' (since 4.1)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub features: ::std::option::Option<::std::vec::Vec<::std::string::String>>,
+    #[serde(flatten)]
+    pub branch: SchemaInfoBranch,
+}
+
+/// The branch of [`SchemaInfo`] chosen by its discriminator `meta-type` (serialised as that member).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(tag = "meta-type")]
+pub enum SchemaInfoBranch {
+    #[serde(rename = "builtin")]
+    Builtin(SchemaInfoBuiltin),
+    #[serde(rename = "enum")]
+    Enum(SchemaInfoEnum),
+    #[serde(rename = "array")]
+    Array(SchemaInfoArray),
+    #[serde(rename = "object")]
+    Object(SchemaInfoObject),
+    #[serde(rename = "alternate")]
+    Alternate(SchemaInfoAlternate),
+    #[serde(rename = "command")]
+    Command(SchemaInfoCommand),
+    #[serde(rename = "event")]
+    Event(SchemaInfoEvent),
+}
+
+impl SchemaInfoBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> SchemaMetaType {
+        match self {
+            Self::Builtin(_) => SchemaMetaType::Builtin,
+            Self::Enum(_) => SchemaMetaType::Enum,
+            Self::Array(_) => SchemaMetaType::Array,
+            Self::Object(_) => SchemaMetaType::Object,
+            Self::Alternate(_) => SchemaMetaType::Alternate,
+            Self::Command(_) => SchemaMetaType::Command,
+            Self::Event(_) => SchemaMetaType::Event,
+        }
+    }
+}
+
+impl SchemaInfo {
+    /// Reads this union's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let member_0 = object.required("name", path)?;
+        let kind: SchemaMetaType = object.required("meta-type", path)?;
+        let member_2 = object.optional("features", path)?;
+        let branch = match kind {
+            SchemaMetaType::Builtin => {
+                SchemaInfoBranch::Builtin(SchemaInfoBuiltin::read_qmp_members(object, path)?)
+            }
+            SchemaMetaType::Enum => {
+                SchemaInfoBranch::Enum(SchemaInfoEnum::read_qmp_members(object, path)?)
+            }
+            SchemaMetaType::Array => {
+                SchemaInfoBranch::Array(SchemaInfoArray::read_qmp_members(object, path)?)
+            }
+            SchemaMetaType::Object => {
+                SchemaInfoBranch::Object(SchemaInfoObject::read_qmp_members(object, path)?)
+            }
+            SchemaMetaType::Alternate => {
+                SchemaInfoBranch::Alternate(SchemaInfoAlternate::read_qmp_members(object, path)?)
+            }
+            SchemaMetaType::Command => {
+                SchemaInfoBranch::Command(SchemaInfoCommand::read_qmp_members(object, path)?)
+            }
+            SchemaMetaType::Event => {
+                SchemaInfoBranch::Event(SchemaInfoEvent::read_qmp_members(object, path)?)
+            }
+        };
+        ::std::result::Result::Ok(Self {
+            name: member_0,
+            features: member_2,
+            branch,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SchemaInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// What introspection says about a built-in type.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SchemaInfoBuiltin {
+    /// the JSON type its values have
+    #[serde(rename = "json-type")]
+    pub json_type: JSONType,
+}
+
+impl SchemaInfoBuiltin {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(json_type: JSONType) -> Self {
+        Self { json_type }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            json_type: object.required("json-type", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SchemaInfoBuiltin {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The JSON value types, with integers told apart from other numbers.
+///
+/// **Since:** 2.5
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum JSONType {
+    /// a JSON string
+    #[serde(rename = "string")]
+    String,
+    /// any JSON number
+    #[serde(rename = "number")]
+    Number,
+    /// a JSON number without fraction or exponent
+    #[serde(rename = "int")]
+    Int,
+    /// true or false
+    #[serde(rename = "boolean")]
+    Boolean,
+    /// null
+    #[serde(rename = "null")]
+    Null,
+    /// a JSON object
+    #[serde(rename = "object")]
+    Object,
+    /// a JSON array
+    #[serde(rename = "array")]
+    Array,
+    /// any JSON value
+    #[serde(rename = "value")]
+    Value,
+}
+
+impl JSONType {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[
+        Self::String,
+        Self::Number,
+        Self::Int,
+        Self::Boolean,
+        Self::Null,
+        Self::Object,
+        Self::Array,
+        Self::Value,
+    ];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::String => "string",
+            Self::Number => "number",
+            Self::Int => "int",
+            Self::Boolean => "boolean",
+            Self::Null => "null",
+            Self::Object => "object",
+            Self::Array => "array",
+            Self::Value => "value",
+        }
+    }
+}
+
+impl ::std::fmt::Display for JSONType {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for JSONType {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "string" => ::std::result::Result::Ok(Self::String),
+            "number" => ::std::result::Result::Ok(Self::Number),
+            "int" => ::std::result::Result::Ok(Self::Int),
+            "boolean" => ::std::result::Result::Ok(Self::Boolean),
+            "null" => ::std::result::Result::Ok(Self::Null),
+            "object" => ::std::result::Result::Ok(Self::Object),
+            "array" => ::std::result::Result::Ok(Self::Array),
+            "value" => ::std::result::Result::Ok(Self::Value),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "JSONType",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for JSONType {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// What introspection says about an enumeration.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SchemaInfoEnum {
+    /// the values, each with its feature flags (since 6.2)
+    pub members: ::std::vec::Vec<SchemaInfoEnumMember>,
+    /// the value names alone
+    ///
+    /// **Features:** `deprecated`
+    #[deprecated]
+    pub values: ::std::vec::Vec<::std::string::String>,
+}
+
+impl SchemaInfoEnum {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        members: ::std::vec::Vec<SchemaInfoEnumMember>,
+        values: ::std::vec::Vec<::std::string::String>,
+    ) -> Self {
+        Self { members, values }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            members: object.required("members", path)?,
+            values: object.required("values", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SchemaInfoEnum {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// One value of an introspected enumeration.
+///
+/// **Since:** 6.2
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SchemaInfoEnumMember {
+    /// the value as it appears on the wire
+    pub name: ::std::string::String,
+    /// the value's feature flags
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub features: ::std::option::Option<::std::vec::Vec<::std::string::String>>,
+}
+
+impl SchemaInfoEnumMember {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(name: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            name: name.into(),
+            features: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            name: object.required("name", path)?,
+            features: object.optional("features", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SchemaInfoEnumMember {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// What introspection says about an array type.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SchemaInfoArray {
+    /// the name of the element type
+    #[serde(rename = "element-type")]
+    pub element_type: ::std::string::String,
+}
+
+impl SchemaInfoArray {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(element_type: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            element_type: element_type.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            element_type: object.required("element-type", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SchemaInfoArray {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// What introspection says about an object type.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SchemaInfoObject {
+    /// the members every instance may have
+    pub members: ::std::vec::Vec<SchemaInfoObjectMember>,
+    /// for objects with variant parts, the member whose value picks
+    /// the variant
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub tag: ::std::option::Option<::std::string::String>,
+    /// for objects with variant parts, the extra members each
+    /// tag value brings
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub variants: ::std::option::Option<::std::vec::Vec<SchemaInfoObjectVariant>>,
+}
+
+impl SchemaInfoObject {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(members: ::std::vec::Vec<SchemaInfoObjectMember>) -> Self {
+        Self {
+            members,
+            tag: ::std::option::Option::None,
+            variants: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            members: object.required("members", path)?,
+            tag: object.optional("tag", path)?,
+            variants: object.optional("variants", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SchemaInfoObject {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// One member of an introspected object type.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SchemaInfoObjectMember {
+    /// the member's key
+    pub name: ::std::string::String,
+    /// the name of the member's type
+    pub r#type: ::std::string::String,
+    /// present (and null) when the member is optional; what an
+    /// absent member means is left to the command's documentation
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub default: ::std::option::Option<::serde_json::Value>,
+    /// the member's feature flags (since 5.0)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub features: ::std::option::Option<::std::vec::Vec<::std::string::String>>,
+}
+
+impl SchemaInfoObjectMember {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        name: impl ::std::convert::Into<::std::string::String>,
+        r#type: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            r#type: r#type.into(),
+            default: ::std::option::Option::None,
+            features: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            name: object.required("name", path)?,
+            r#type: object.required("type", path)?,
+            default: object.optional("default", path)?,
+            features: object.optional("features", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SchemaInfoObjectMember {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The extra members one tag value brings to an object.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SchemaInfoObjectVariant {
+    /// the tag value
+    pub case: ::std::string::String,
+    /// the name of an object type whose members are added
+    pub r#type: ::std::string::String,
+}
+
+impl SchemaInfoObjectVariant {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        case: impl ::std::convert::Into<::std::string::String>,
+        r#type: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            case: case.into(),
+            r#type: r#type.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            case: object.required("case", path)?,
+            r#type: object.required("type", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SchemaInfoObjectVariant {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// What introspection says about an alternate type.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SchemaInfoAlternate {
+    /// the types a value may have; no two share a JSON type
+    pub members: ::std::vec::Vec<SchemaInfoAlternateMember>,
+}
+
+impl SchemaInfoAlternate {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(members: ::std::vec::Vec<SchemaInfoAlternateMember>) -> Self {
+        Self { members }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            members: object.required("members", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SchemaInfoAlternate {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// One choice of an introspected alternate.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SchemaInfoAlternateMember {
+    /// the name of the type
+    pub r#type: ::std::string::String,
+}
+
+impl SchemaInfoAlternateMember {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(r#type: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            r#type: r#type.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            r#type: object.required("type", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SchemaInfoAlternateMember {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// What introspection says about a command.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SchemaInfoCommand {
+    /// the name of the object type of its arguments
+    #[serde(rename = "arg-type")]
+    pub arg_type: ::std::string::String,
+    /// the name of the type of its result
+    #[serde(rename = "ret-type")]
+    pub ret_type: ::std::string::String,
+    /// present and true when the command may be run
+    /// out-of-band (since 2.12)
+    #[serde(rename = "allow-oob")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub allow_oob: ::std::option::Option<bool>,
+}
+
+impl SchemaInfoCommand {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        arg_type: impl ::std::convert::Into<::std::string::String>,
+        ret_type: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            arg_type: arg_type.into(),
+            ret_type: ret_type.into(),
+            allow_oob: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            arg_type: object.required("arg-type", path)?,
+            ret_type: object.required("ret-type", path)?,
+            allow_oob: object.optional("allow-oob", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SchemaInfoCommand {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// What introspection says about an event.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SchemaInfoEvent {
+    /// the name of the object type of its data
+    #[serde(rename = "arg-type")]
+    pub arg_type: ::std::string::String,
+}
+
+impl SchemaInfoEvent {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(arg_type: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            arg_type: arg_type.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            arg_type: object.required("arg-type", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SchemaInfoEvent {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// What kind of work a background job does.
+///
+/// **Since:** 1.7
 #[derive(
     Debug,
     Clone,
@@ -21,25 +2412,37 @@
     ::serde::Deserialize,
 )]
 pub enum JobType {
+    /// merges an overlay down into one of its backing images
     #[serde(rename = "commit")]
     Commit,
+    /// pulls data from backing images up into the overlay
     #[serde(rename = "stream")]
     Stream,
+    /// keeps a target in sync with a source until told to
+    /// complete, see @blockdev-mirror
     #[serde(rename = "mirror")]
     Mirror,
+    /// copies a point-in-time view of a node to a target, see
+    /// @blockdev-backup
     #[serde(rename = "backup")]
     Backup,
+    /// creates an image (since 3.0)
     #[serde(rename = "create")]
     Create,
+    /// changes the options of an existing image (since 5.1)
     #[serde(rename = "amend")]
     Amend,
+    /// loads a VM snapshot (since 6.0)
     #[serde(rename = "snapshot-load")]
     SnapshotLoad,
+    /// saves a VM snapshot (since 6.0)
     #[serde(rename = "snapshot-save")]
     SnapshotSave,
+    /// deletes a VM snapshot (since 6.0)
     #[serde(rename = "snapshot-delete")]
     SnapshotDelete,
 }
+
 impl JobType {
     /// Every value, in schema order.
     pub const ALL: &'static [Self] = &[
@@ -68,11 +2471,13 @@ impl JobType {
         }
     }
 }
+
 impl ::std::fmt::Display for JobType {
     fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
         f.write_str(self.as_str())
     }
 }
+
 impl ::std::str::FromStr for JobType {
     type Err = crate::input::UnknownEnumValue;
     fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
@@ -93,6 +2498,7 @@ impl ::std::str::FromStr for JobType {
         }
     }
 }
+
 impl crate::input::FromQmp for JobType {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -101,109 +2507,12 @@ impl crate::input::FromQmp for JobType {
         crate::input::enum_from_qmp(value, path)
     }
 }
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
-pub enum JobStatus {
-    #[serde(rename = "undefined")]
-    Undefined,
-    #[serde(rename = "created")]
-    Created,
-    #[serde(rename = "running")]
-    Running,
-    #[serde(rename = "paused")]
-    Paused,
-    #[serde(rename = "ready")]
-    Ready,
-    #[serde(rename = "standby")]
-    Standby,
-    #[serde(rename = "waiting")]
-    Waiting,
-    #[serde(rename = "pending")]
-    Pending,
-    #[serde(rename = "aborting")]
-    Aborting,
-    #[serde(rename = "concluded")]
-    Concluded,
-    #[serde(rename = "null")]
-    Null,
-}
-impl JobStatus {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Undefined,
-        Self::Created,
-        Self::Running,
-        Self::Paused,
-        Self::Ready,
-        Self::Standby,
-        Self::Waiting,
-        Self::Pending,
-        Self::Aborting,
-        Self::Concluded,
-        Self::Null,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Undefined => "undefined",
-            Self::Created => "created",
-            Self::Running => "running",
-            Self::Paused => "paused",
-            Self::Ready => "ready",
-            Self::Standby => "standby",
-            Self::Waiting => "waiting",
-            Self::Pending => "pending",
-            Self::Aborting => "aborting",
-            Self::Concluded => "concluded",
-            Self::Null => "null",
-        }
-    }
-}
-impl ::std::fmt::Display for JobStatus {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-impl ::std::str::FromStr for JobStatus {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "undefined" => ::std::result::Result::Ok(Self::Undefined),
-            "created" => ::std::result::Result::Ok(Self::Created),
-            "running" => ::std::result::Result::Ok(Self::Running),
-            "paused" => ::std::result::Result::Ok(Self::Paused),
-            "ready" => ::std::result::Result::Ok(Self::Ready),
-            "standby" => ::std::result::Result::Ok(Self::Standby),
-            "waiting" => ::std::result::Result::Ok(Self::Waiting),
-            "pending" => ::std::result::Result::Ok(Self::Pending),
-            "aborting" => ::std::result::Result::Ok(Self::Aborting),
-            "concluded" => ::std::result::Result::Ok(Self::Concluded),
-            "null" => ::std::result::Result::Ok(Self::Null),
-            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                type_name: "JobStatus",
-                value: s.to_string(),
-            }),
-        }
-    }
-}
-impl crate::input::FromQmp for JobStatus {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+
+/// Where a job stands in its life cycle.  A job moves between these
+/// states along a fixed transition table; each move is announced with
+/// a @JOB_STATUS_CHANGE event.
+///
+/// **Since:** 2.12
 #[derive(
     Debug,
     Clone,
@@ -217,29 +2526,51 @@ impl crate::input::FromQmp for JobStatus {
     ::serde::Deserialize,
 )]
 pub enum BlockJobStatus {
+    /// placeholder before creation; a job is never seen in it
     #[serde(rename = "undefined")]
     Undefined,
+    /// the job exists but has not started working yet
     #[serde(rename = "created")]
     Created,
+    /// the job is doing its work
     #[serde(rename = "running")]
     Running,
+    /// the job is stopped, by a client or internally, and will
+    /// continue from @running when resumed
     #[serde(rename = "paused")]
     Paused,
+    /// the job's work has converged and it keeps the target in
+    /// sync; it waits for a client to complete or cancel it (mirror)
     #[serde(rename = "ready")]
     Ready,
+    /// a @ready job that is paused; resuming returns it to
+    /// @ready
     #[serde(rename = "standby")]
     Standby,
+    /// the job has finished its own work and waits for the
+    /// other jobs of its transaction to finish theirs
     #[serde(rename = "waiting")]
     Waiting,
+    /// every job of the transaction is done; the job waits to be
+    /// finalized (automatically, or by @job-finalize when it was
+    /// started with auto-finalize set to false)
     #[serde(rename = "pending")]
     Pending,
+    /// the job failed or was cancelled and is cleaning up; it
+    /// will end in @concluded with an error
     #[serde(rename = "aborting")]
     Aborting,
+    /// the job is over; it stays visible until dismissed
+    /// (automatically, or by @job-dismiss when it was started with
+    /// auto-dismiss set to false)
     #[serde(rename = "concluded")]
     Concluded,
+    /// the job is being torn down; only ever seen as the last
+    /// status change
     #[serde(rename = "null")]
     Null,
 }
+
 impl BlockJobStatus {
     /// Every value, in schema order.
     pub const ALL: &'static [Self] = &[
@@ -272,11 +2603,13 @@ impl BlockJobStatus {
         }
     }
 }
+
 impl ::std::fmt::Display for BlockJobStatus {
     fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
         f.write_str(self.as_str())
     }
 }
+
 impl ::std::str::FromStr for BlockJobStatus {
     type Err = crate::input::UnknownEnumValue;
     fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
@@ -299,6 +2632,7 @@ impl ::std::str::FromStr for BlockJobStatus {
         }
     }
 }
+
 impl crate::input::FromQmp for BlockJobStatus {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -307,6 +2641,11 @@ impl crate::input::FromQmp for BlockJobStatus {
         crate::input::enum_from_qmp(value, path)
     }
 }
+
+/// The operations a client can ask of a job.  Whether a verb is
+/// accepted depends on the job's @BlockJobStatus.
+///
+/// **Since:** 2.12
 #[derive(
     Debug,
     Clone,
@@ -320,23 +2659,36 @@ impl crate::input::FromQmp for BlockJobStatus {
     ::serde::Deserialize,
 )]
 pub enum BlockJobVerb {
+    /// stop the job (@job-cancel, @block-job-cancel)
     #[serde(rename = "cancel")]
     Cancel,
+    /// pause the job (@job-pause, @block-job-pause)
     #[serde(rename = "pause")]
     Pause,
+    /// resume a paused job (@job-resume, @block-job-resume)
     #[serde(rename = "resume")]
     Resume,
+    /// change the rate limit (@block-job-set-speed)
     #[serde(rename = "set-speed")]
     SetSpeed,
+    /// finish a @ready job (@job-complete,
+    /// @block-job-complete)
     #[serde(rename = "complete")]
     Complete,
+    /// forget a @concluded job (@job-dismiss,
+    /// @block-job-dismiss)
     #[serde(rename = "dismiss")]
     Dismiss,
+    /// run the finalization of a @pending job (@job-finalize,
+    /// @block-job-finalize)
     #[serde(rename = "finalize")]
     Finalize,
+    /// change job options while it runs (@block-job-change;
+    /// since 8.2)
     #[serde(rename = "change")]
     Change,
 }
+
 impl BlockJobVerb {
     /// Every value, in schema order.
     pub const ALL: &'static [Self] = &[
@@ -363,11 +2715,13 @@ impl BlockJobVerb {
         }
     }
 }
+
 impl ::std::fmt::Display for BlockJobVerb {
     fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
         f.write_str(self.as_str())
     }
 }
+
 impl ::std::str::FromStr for BlockJobVerb {
     type Err = crate::input::UnknownEnumValue;
     fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
@@ -387,6 +2741,7 @@ impl ::std::str::FromStr for BlockJobVerb {
         }
     }
 }
+
 impl crate::input::FromQmp for BlockJobVerb {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -395,6 +2750,523 @@ impl crate::input::FromQmp for BlockJobVerb {
         crate::input::enum_from_qmp(value, path)
     }
 }
+
+/// What @query-jobs reports about one job.
+///
+/// **Since:** 3.0
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct JobInfo {
+    /// the job's identifier
+    pub id: ::std::string::String,
+    /// what kind of job it is
+    pub r#type: JobType,
+    /// where it stands in its life cycle
+    pub status: BlockJobStatus,
+    /// how much work is done, in units of
+    /// @total-progress
+    #[serde(rename = "current-progress")]
+    pub current_progress: i64,
+    /// an estimate of the whole work; both numbers may
+    /// change while the job runs, only their ratio is meaningful
+    #[serde(rename = "total-progress")]
+    pub total_progress: i64,
+    /// present once the job has failed or was cancelled, with a
+    /// human-readable reason; absent while it runs and when it
+    /// succeeded
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub error: ::std::option::Option<::std::string::String>,
+}
+
+impl JobInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        id: impl ::std::convert::Into<::std::string::String>,
+        r#type: JobType,
+        status: BlockJobStatus,
+        current_progress: i64,
+        total_progress: i64,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            r#type,
+            status,
+            current_progress,
+            total_progress,
+            error: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            id: object.required("id", path)?,
+            r#type: object.required("type", path)?,
+            status: object.required("status", path)?,
+            current_progress: object.required("current-progress", path)?,
+            total_progress: object.required("total-progress", path)?,
+            error: object.optional("error", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for JobInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// One internal snapshot stored inside an image.
+///
+/// **Since:** 1.3
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct SnapshotInfo {
+    /// the snapshot's identifier, unique within the image
+    pub id: ::std::string::String,
+    /// the snapshot's name
+    pub name: ::std::string::String,
+    /// bytes of saved VM state in the snapshot (0 for a
+    /// disk-only snapshot)
+    #[serde(rename = "vm-state-size")]
+    pub vm_state_size: i64,
+    /// creation time, seconds since the Unix epoch
+    #[serde(rename = "date-sec")]
+    pub date_sec: i64,
+    /// the nanoseconds part of the creation time
+    #[serde(rename = "date-nsec")]
+    pub date_nsec: i64,
+    /// guest clock at creation, whole seconds
+    #[serde(rename = "vm-clock-sec")]
+    pub vm_clock_sec: i64,
+    /// guest clock at creation, nanoseconds part
+    #[serde(rename = "vm-clock-nsec")]
+    pub vm_clock_nsec: i64,
+    /// instruction count at creation, when recorded (since 5.2)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub icount: ::std::option::Option<i64>,
+}
+
+impl SnapshotInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        id: impl ::std::convert::Into<::std::string::String>,
+        name: impl ::std::convert::Into<::std::string::String>,
+        vm_state_size: i64,
+        date_sec: i64,
+        date_nsec: i64,
+        vm_clock_sec: i64,
+        vm_clock_nsec: i64,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            name: name.into(),
+            vm_state_size,
+            date_sec,
+            date_nsec,
+            vm_clock_sec,
+            vm_clock_nsec,
+            icount: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            id: object.required("id", path)?,
+            name: object.required("name", path)?,
+            vm_state_size: object.required("vm-state-size", path)?,
+            date_sec: object.required("date-sec", path)?,
+            date_nsec: object.required("date-nsec", path)?,
+            vm_clock_sec: object.required("vm-clock-sec", path)?,
+            vm_clock_nsec: object.required("vm-clock-nsec", path)?,
+            icount: object.optional("icount", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for SnapshotInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The part of qcow2 encryption information every format has.
+///
+/// **Since:** 2.10
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfoSpecificQCow2EncryptionBase {
+    /// the encryption format
+    pub format: BlockdevQcow2EncryptionFormat,
+}
+
+impl ImageInfoSpecificQCow2EncryptionBase {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(format: BlockdevQcow2EncryptionFormat) -> Self {
+        Self { format }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            format: object.required("format", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecificQCow2EncryptionBase {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// How a qcow2 image is encrypted.
+///
+/// **Since:** 2.10
+///
+/// The members of the branch selected by `format` are in [`ImageInfoSpecificQCow2EncryptionBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfoSpecificQCow2Encryption {
+    #[serde(flatten)]
+    pub branch: ImageInfoSpecificQCow2EncryptionBranch,
+}
+
+/// The branch of [`ImageInfoSpecificQCow2Encryption`] chosen by its discriminator `format` (serialised as that member).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(tag = "format")]
+pub enum ImageInfoSpecificQCow2EncryptionBranch {
+    #[serde(rename = "aes")]
+    Aes,
+    #[serde(rename = "luks")]
+    Luks(QCryptoBlockInfoLUKS),
+}
+
+impl ImageInfoSpecificQCow2EncryptionBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> BlockdevQcow2EncryptionFormat {
+        match self {
+            Self::Aes => BlockdevQcow2EncryptionFormat::Aes,
+            Self::Luks(_) => BlockdevQcow2EncryptionFormat::Luks,
+        }
+    }
+}
+
+impl ImageInfoSpecificQCow2Encryption {
+    /// Reads this union's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let kind: BlockdevQcow2EncryptionFormat = object.required("format", path)?;
+        let branch = match kind {
+            BlockdevQcow2EncryptionFormat::Aes => ImageInfoSpecificQCow2EncryptionBranch::Aes,
+            BlockdevQcow2EncryptionFormat::Luks => ImageInfoSpecificQCow2EncryptionBranch::Luks(
+                QCryptoBlockInfoLUKS::read_qmp_members(object, path)?,
+            ),
+        };
+        ::std::result::Result::Ok(Self { branch })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecificQCow2Encryption {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Information only qcow2 images have.
+///
+/// **Since:** 1.7
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfoSpecificQCow2 {
+    /// the format version: "0.10" for version 2, "1.1" for
+    /// version 3
+    pub compat: ::std::string::String,
+    /// the external data file's name, if the image uses one
+    /// (since 4.0)
+    #[serde(rename = "data-file")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub data_file: ::std::option::Option<::std::string::String>,
+    /// whether the external data file is a valid raw
+    /// image by itself (since 4.0)
+    #[serde(rename = "data-file-raw")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub data_file_raw: ::std::option::Option<bool>,
+    /// whether L2 entries have 32 subclusters (since 5.2)
+    #[serde(rename = "extended-l2")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub extended_l2: ::std::option::Option<bool>,
+    /// whether reference counts are updated lazily
+    /// (version 3 only)
+    #[serde(rename = "lazy-refcounts")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub lazy_refcounts: ::std::option::Option<bool>,
+    /// whether the image is marked corrupt (version 3 only;
+    /// since 2.2)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub corrupt: ::std::option::Option<bool>,
+    /// the width of a reference count (since 2.3)
+    #[serde(rename = "refcount-bits")]
+    pub refcount_bits: i64,
+    /// how the image is encrypted, if it is (since 2.10)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub encrypt: ::std::option::Option<ImageInfoSpecificQCow2Encryption>,
+    /// the persistent dirty bitmaps stored in the image (since
+    /// 4.0)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bitmaps: ::std::option::Option<::std::vec::Vec<Qcow2BitmapInfo>>,
+    /// how compressed clusters are compressed (since
+    /// 5.1)
+    #[serde(rename = "compression-type")]
+    pub compression_type: Qcow2CompressionType,
+}
+
+impl ImageInfoSpecificQCow2 {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        compat: impl ::std::convert::Into<::std::string::String>,
+        refcount_bits: i64,
+        compression_type: Qcow2CompressionType,
+    ) -> Self {
+        Self {
+            compat: compat.into(),
+            data_file: ::std::option::Option::None,
+            data_file_raw: ::std::option::Option::None,
+            extended_l2: ::std::option::Option::None,
+            lazy_refcounts: ::std::option::Option::None,
+            corrupt: ::std::option::Option::None,
+            refcount_bits,
+            encrypt: ::std::option::Option::None,
+            bitmaps: ::std::option::Option::None,
+            compression_type,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            compat: object.required("compat", path)?,
+            data_file: object.optional("data-file", path)?,
+            data_file_raw: object.optional("data-file-raw", path)?,
+            extended_l2: object.optional("extended-l2", path)?,
+            lazy_refcounts: object.optional("lazy-refcounts", path)?,
+            corrupt: object.optional("corrupt", path)?,
+            refcount_bits: object.required("refcount-bits", path)?,
+            encrypt: object.optional("encrypt", path)?,
+            bitmaps: object.optional("bitmaps", path)?,
+            compression_type: object.required("compression-type", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecificQCow2 {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Information only VMDK images have.
+///
+/// **Since:** 1.7
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfoSpecificVmdk {
+    /// the VMDK subformat
+    #[serde(rename = "create-type")]
+    pub create_type: ::std::string::String,
+    /// the content identifier
+    pub cid: i64,
+    /// the parent's content identifier
+    #[serde(rename = "parent-cid")]
+    pub parent_cid: i64,
+    /// the extent files
+    pub extents: ::std::vec::Vec<VmdkExtentInfo>,
+}
+
+impl ImageInfoSpecificVmdk {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        create_type: impl ::std::convert::Into<::std::string::String>,
+        cid: i64,
+        parent_cid: i64,
+        extents: ::std::vec::Vec<VmdkExtentInfo>,
+    ) -> Self {
+        Self {
+            create_type: create_type.into(),
+            cid,
+            parent_cid,
+            extents,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            create_type: object.required("create-type", path)?,
+            cid: object.required("cid", path)?,
+            parent_cid: object.required("parent-cid", path)?,
+            extents: object.required("extents", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecificVmdk {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// One extent of a VMDK image.
+///
+/// **Since:** 8.0
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct VmdkExtentInfo {
+    /// the extent's file
+    pub filename: ::std::string::String,
+    /// the extent's type (FLAT, SPARSE, ...)
+    pub format: ::std::string::String,
+    /// the guest-visible bytes the extent covers
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: i64,
+    /// the cluster size, for sparse extents
+    #[serde(rename = "cluster-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub cluster_size: ::std::option::Option<i64>,
+    /// whether the extent is compressed
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub compressed: ::std::option::Option<bool>,
+}
+
+impl VmdkExtentInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        filename: impl ::std::convert::Into<::std::string::String>,
+        format: impl ::std::convert::Into<::std::string::String>,
+        virtual_size: i64,
+    ) -> Self {
+        Self {
+            filename: filename.into(),
+            format: format.into(),
+            virtual_size,
+            cluster_size: ::std::option::Option::None,
+            compressed: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            filename: object.required("filename", path)?,
+            format: object.required("format", path)?,
+            virtual_size: object.required("virtual-size", path)?,
+            cluster_size: object.optional("cluster-size", path)?,
+            compressed: object.optional("compressed", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for VmdkExtentInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Information only RBD images have.
+///
+/// **Since:** 6.1
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfoSpecificRbd {
+    /// the encryption format, if the image is
+    /// encrypted
+    #[serde(rename = "encryption-format")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub encryption_format: ::std::option::Option<RbdImageEncryptionFormat>,
+}
+
+impl ImageInfoSpecificRbd {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            encryption_format: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            encryption_format: object.optional("encryption-format", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecificRbd {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Encryption formats of RBD images.
+///
+/// **Since:** 6.1
 #[derive(
     Debug,
     Clone,
@@ -407,60 +3279,1455 @@ impl crate::input::FromQmp for BlockJobVerb {
     ::serde::Serialize,
     ::serde::Deserialize,
 )]
-pub enum MirrorSyncMode {
-    #[serde(rename = "top")]
-    Top,
-    #[serde(rename = "full")]
-    Full,
-    #[serde(rename = "none")]
-    None,
-    #[serde(rename = "incremental")]
-    Incremental,
-    #[serde(rename = "bitmap")]
-    Bitmap,
+pub enum RbdImageEncryptionFormat {
+    /// LUKS version 1
+    #[serde(rename = "luks")]
+    Luks,
+    /// LUKS version 2
+    #[serde(rename = "luks2")]
+    Luks2,
+    /// whichever LUKS version the image uses (since 8.0)
+    #[serde(rename = "luks-any")]
+    LuksAny,
 }
-impl MirrorSyncMode {
+
+impl RbdImageEncryptionFormat {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Luks, Self::Luks2, Self::LuksAny];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Luks => "luks",
+            Self::Luks2 => "luks2",
+            Self::LuksAny => "luks-any",
+        }
+    }
+}
+
+impl ::std::fmt::Display for RbdImageEncryptionFormat {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for RbdImageEncryptionFormat {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "luks" => ::std::result::Result::Ok(Self::Luks),
+            "luks2" => ::std::result::Result::Ok(Self::Luks2),
+            "luks-any" => ::std::result::Result::Ok(Self::LuksAny),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "RbdImageEncryptionFormat",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for RbdImageEncryptionFormat {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// Information only the file protocol has.
+///
+/// **Since:** 8.0
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfoSpecificFile {
+    /// the file system's extent size hint, if set
+    #[serde(rename = "extent-size-hint")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub extent_size_hint: ::std::option::Option<u64>,
+}
+
+impl ImageInfoSpecificFile {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            extent_size_hint: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            extent_size_hint: object.optional("extent-size-hint", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecificFile {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The drivers that have format-specific image information.
+///
+/// **Since:** 1.7
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum ImageInfoSpecificKind {
+    /// qcow2 images
+    #[serde(rename = "qcow2")]
+    Qcow2,
+    /// VMDK images
+    #[serde(rename = "vmdk")]
+    Vmdk,
+    /// LUKS volumes (since 2.7)
+    #[serde(rename = "luks")]
+    Luks,
+    /// RBD images (since 6.1)
+    #[serde(rename = "rbd")]
+    Rbd,
+    /// plain files (since 8.0)
+    #[serde(rename = "file")]
+    File,
+}
+
+impl ImageInfoSpecificKind {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Qcow2, Self::Vmdk, Self::Luks, Self::Rbd, Self::File];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Qcow2 => "qcow2",
+            Self::Vmdk => "vmdk",
+            Self::Luks => "luks",
+            Self::Rbd => "rbd",
+            Self::File => "file",
+        }
+    }
+}
+
+impl ::std::fmt::Display for ImageInfoSpecificKind {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for ImageInfoSpecificKind {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "qcow2" => ::std::result::Result::Ok(Self::Qcow2),
+            "vmdk" => ::std::result::Result::Ok(Self::Vmdk),
+            "luks" => ::std::result::Result::Ok(Self::Luks),
+            "rbd" => ::std::result::Result::Ok(Self::Rbd),
+            "file" => ::std::result::Result::Ok(Self::File),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "ImageInfoSpecificKind",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecificKind {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// Holds qcow2 information for @ImageInfoSpecific.
+///
+/// **Since:** 1.7
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfoSpecificQCow2Wrapper {
+    /// the information
+    pub data: ImageInfoSpecificQCow2,
+}
+
+impl ImageInfoSpecificQCow2Wrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: ImageInfoSpecificQCow2) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecificQCow2Wrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Holds VMDK information for @ImageInfoSpecific.
+///
+/// **Since:** 6.1
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfoSpecificVmdkWrapper {
+    /// the information
+    pub data: ImageInfoSpecificVmdk,
+}
+
+impl ImageInfoSpecificVmdkWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: ImageInfoSpecificVmdk) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecificVmdkWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Holds LUKS information for @ImageInfoSpecific.
+///
+/// **Since:** 2.7
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfoSpecificLUKSWrapper {
+    /// the information
+    pub data: QCryptoBlockInfoLUKS,
+}
+
+impl ImageInfoSpecificLUKSWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: QCryptoBlockInfoLUKS) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecificLUKSWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Holds RBD information for @ImageInfoSpecific.
+///
+/// **Since:** 6.1
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfoSpecificRbdWrapper {
+    /// the information
+    pub data: ImageInfoSpecificRbd,
+}
+
+impl ImageInfoSpecificRbdWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: ImageInfoSpecificRbd) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecificRbdWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Holds file information for @ImageInfoSpecific.
+///
+/// **Since:** 8.0
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfoSpecificFileWrapper {
+    /// the information
+    pub data: ImageInfoSpecificFile,
+}
+
+impl ImageInfoSpecificFileWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: ImageInfoSpecificFile) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecificFileWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Information that depends on the image's driver.
+///
+/// **Since:** 1.7
+///
+/// The members of the branch selected by `type` are in [`ImageInfoSpecificBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfoSpecific {
+    #[serde(flatten)]
+    pub branch: ImageInfoSpecificBranch,
+}
+
+/// The branch of [`ImageInfoSpecific`] chosen by its discriminator `type` (serialised as that member).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(tag = "type")]
+pub enum ImageInfoSpecificBranch {
+    #[serde(rename = "qcow2")]
+    Qcow2(ImageInfoSpecificQCow2Wrapper),
+    #[serde(rename = "vmdk")]
+    Vmdk(ImageInfoSpecificVmdkWrapper),
+    #[serde(rename = "luks")]
+    Luks(ImageInfoSpecificLUKSWrapper),
+    #[serde(rename = "rbd")]
+    Rbd(ImageInfoSpecificRbdWrapper),
+    #[serde(rename = "file")]
+    File(ImageInfoSpecificFileWrapper),
+}
+
+impl ImageInfoSpecificBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> ImageInfoSpecificKind {
+        match self {
+            Self::Qcow2(_) => ImageInfoSpecificKind::Qcow2,
+            Self::Vmdk(_) => ImageInfoSpecificKind::Vmdk,
+            Self::Luks(_) => ImageInfoSpecificKind::Luks,
+            Self::Rbd(_) => ImageInfoSpecificKind::Rbd,
+            Self::File(_) => ImageInfoSpecificKind::File,
+        }
+    }
+}
+
+impl ImageInfoSpecific {
+    /// Reads this union's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let kind: ImageInfoSpecificKind = object.required("type", path)?;
+        let branch = match kind {
+            ImageInfoSpecificKind::Qcow2 => ImageInfoSpecificBranch::Qcow2(
+                ImageInfoSpecificQCow2Wrapper::read_qmp_members(object, path)?,
+            ),
+            ImageInfoSpecificKind::Vmdk => ImageInfoSpecificBranch::Vmdk(
+                ImageInfoSpecificVmdkWrapper::read_qmp_members(object, path)?,
+            ),
+            ImageInfoSpecificKind::Luks => ImageInfoSpecificBranch::Luks(
+                ImageInfoSpecificLUKSWrapper::read_qmp_members(object, path)?,
+            ),
+            ImageInfoSpecificKind::Rbd => ImageInfoSpecificBranch::Rbd(
+                ImageInfoSpecificRbdWrapper::read_qmp_members(object, path)?,
+            ),
+            ImageInfoSpecificKind::File => ImageInfoSpecificBranch::File(
+                ImageInfoSpecificFileWrapper::read_qmp_members(object, path)?,
+            ),
+        };
+        ::std::result::Result::Ok(Self { branch })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfoSpecific {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// What is known about the image of one node.
+///
+/// **Since:** 8.0
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockNodeInfo {
+    /// the image's file name
+    pub filename: ::std::string::String,
+    /// the driver's name
+    pub format: ::std::string::String,
+    /// whether the image was not closed cleanly
+    #[serde(rename = "dirty-flag")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub dirty_flag: ::std::option::Option<bool>,
+    /// bytes the image occupies on the host
+    #[serde(rename = "actual-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub actual_size: ::std::option::Option<i64>,
+    /// the size the image presents, in bytes
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: i64,
+    /// the allocation unit, for formats that have one
+    #[serde(rename = "cluster-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub cluster_size: ::std::option::Option<i64>,
+    /// whether the image is encrypted
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub encrypted: ::std::option::Option<bool>,
+    /// whether the image is compressed (since 1.7)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub compressed: ::std::option::Option<bool>,
+    /// the backing file's name as the image records it
+    #[serde(rename = "backing-filename")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub backing_filename: ::std::option::Option<::std::string::String>,
+    /// the backing file's name made absolute
+    #[serde(rename = "full-backing-filename")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub full_backing_filename: ::std::option::Option<::std::string::String>,
+    /// the backing file's format as the image
+    /// records it
+    #[serde(rename = "backing-filename-format")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub backing_filename_format: ::std::option::Option<::std::string::String>,
+    /// the internal snapshots the image holds
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub snapshots: ::std::option::Option<::std::vec::Vec<SnapshotInfo>>,
+    /// information only this format has (since 1.7)
+    #[serde(rename = "format-specific")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub format_specific: ::std::option::Option<ImageInfoSpecific>,
+}
+
+impl BlockNodeInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        filename: impl ::std::convert::Into<::std::string::String>,
+        format: impl ::std::convert::Into<::std::string::String>,
+        virtual_size: i64,
+    ) -> Self {
+        Self {
+            filename: filename.into(),
+            format: format.into(),
+            dirty_flag: ::std::option::Option::None,
+            actual_size: ::std::option::Option::None,
+            virtual_size,
+            cluster_size: ::std::option::Option::None,
+            encrypted: ::std::option::Option::None,
+            compressed: ::std::option::Option::None,
+            backing_filename: ::std::option::Option::None,
+            full_backing_filename: ::std::option::Option::None,
+            backing_filename_format: ::std::option::Option::None,
+            snapshots: ::std::option::Option::None,
+            format_specific: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            filename: object.required("filename", path)?,
+            format: object.required("format", path)?,
+            dirty_flag: object.optional("dirty-flag", path)?,
+            actual_size: object.optional("actual-size", path)?,
+            virtual_size: object.required("virtual-size", path)?,
+            cluster_size: object.optional("cluster-size", path)?,
+            encrypted: object.optional("encrypted", path)?,
+            compressed: object.optional("compressed", path)?,
+            backing_filename: object.optional("backing-filename", path)?,
+            full_backing_filename: object.optional("full-backing-filename", path)?,
+            backing_filename_format: object.optional("backing-filename-format", path)?,
+            snapshots: object.optional("snapshots", path)?,
+            format_specific: object.optional("format-specific", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockNodeInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// What is known about an image and, recursively, its backing chain.
+///
+/// **Since:** 1.3
+///
+/// Includes the members of [`BlockNodeInfo`] (its base).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct ImageInfo {
+    /// the image's file name
+    pub filename: ::std::string::String,
+    /// the driver's name
+    pub format: ::std::string::String,
+    /// whether the image was not closed cleanly
+    #[serde(rename = "dirty-flag")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub dirty_flag: ::std::option::Option<bool>,
+    /// bytes the image occupies on the host
+    #[serde(rename = "actual-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub actual_size: ::std::option::Option<i64>,
+    /// the size the image presents, in bytes
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: i64,
+    /// the allocation unit, for formats that have one
+    #[serde(rename = "cluster-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub cluster_size: ::std::option::Option<i64>,
+    /// whether the image is encrypted
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub encrypted: ::std::option::Option<bool>,
+    /// whether the image is compressed (since 1.7)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub compressed: ::std::option::Option<bool>,
+    /// the backing file's name as the image records it
+    #[serde(rename = "backing-filename")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub backing_filename: ::std::option::Option<::std::string::String>,
+    /// the backing file's name made absolute
+    #[serde(rename = "full-backing-filename")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub full_backing_filename: ::std::option::Option<::std::string::String>,
+    /// the backing file's format as the image
+    /// records it
+    #[serde(rename = "backing-filename-format")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub backing_filename_format: ::std::option::Option<::std::string::String>,
+    /// the internal snapshots the image holds
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub snapshots: ::std::option::Option<::std::vec::Vec<SnapshotInfo>>,
+    /// information only this format has (since 1.7)
+    #[serde(rename = "format-specific")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub format_specific: ::std::option::Option<ImageInfoSpecific>,
+    /// the same information for the backing image, if
+    /// there is one (since 1.6)
+    #[serde(rename = "backing-image")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub backing_image: ::std::option::Option<::std::boxed::Box<ImageInfo>>,
+}
+
+impl ImageInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        filename: impl ::std::convert::Into<::std::string::String>,
+        format: impl ::std::convert::Into<::std::string::String>,
+        virtual_size: i64,
+    ) -> Self {
+        Self {
+            filename: filename.into(),
+            format: format.into(),
+            dirty_flag: ::std::option::Option::None,
+            actual_size: ::std::option::Option::None,
+            virtual_size,
+            cluster_size: ::std::option::Option::None,
+            encrypted: ::std::option::Option::None,
+            compressed: ::std::option::Option::None,
+            backing_filename: ::std::option::Option::None,
+            full_backing_filename: ::std::option::Option::None,
+            backing_filename_format: ::std::option::Option::None,
+            snapshots: ::std::option::Option::None,
+            format_specific: ::std::option::Option::None,
+            backing_image: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            filename: object.required("filename", path)?,
+            format: object.required("format", path)?,
+            dirty_flag: object.optional("dirty-flag", path)?,
+            actual_size: object.optional("actual-size", path)?,
+            virtual_size: object.required("virtual-size", path)?,
+            cluster_size: object.optional("cluster-size", path)?,
+            encrypted: object.optional("encrypted", path)?,
+            compressed: object.optional("compressed", path)?,
+            backing_filename: object.optional("backing-filename", path)?,
+            full_backing_filename: object.optional("full-backing-filename", path)?,
+            backing_filename_format: object.optional("backing-filename-format", path)?,
+            snapshots: object.optional("snapshots", path)?,
+            format_specific: object.optional("format-specific", path)?,
+            backing_image: object.optional("backing-image", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for ImageInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The cache mode a node uses.
+///
+/// **Since:** 2.3
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevCacheInfo {
+    /// whether writes complete once they are in a cache
+    /// (write-back) rather than once they are on disk (write-through)
+    pub writeback: bool,
+    /// whether the host page cache is bypassed
+    pub direct: bool,
+    /// whether flush requests are ignored
+    #[serde(rename = "no-flush")]
+    pub no_flush: bool,
+}
+
+impl BlockdevCacheInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(writeback: bool, direct: bool, no_flush: bool) -> Self {
+        Self {
+            writeback,
+            direct,
+            no_flush,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            writeback: object.required("writeback", path)?,
+            direct: object.required("direct", path)?,
+            no_flush: object.required("no-flush", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevCacheInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// What @query-named-block-nodes reports about one node.
+///
+/// **Since:** 0.14
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockDeviceInfo {
+    /// the node's file name
+    pub file: ::std::string::String,
+    /// the node's name (since 2.0)
+    #[serde(rename = "node-name")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub node_name: ::std::option::Option<::std::string::String>,
+    /// whether the node is read-only
+    pub ro: bool,
+    /// the driver's name
+    pub drv: ::std::string::String,
+    /// the backing file's name, if any
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub backing_file: ::std::option::Option<::std::string::String>,
+    /// how many images are below this one
+    pub backing_file_depth: i64,
+    /// false when the node is inactive, i.e. another process may
+    /// own the image (as during migration) and this daemon must not
+    /// write to it (since 10.0)
+    pub active: bool,
+    /// whether the image is encrypted
+    pub encrypted: bool,
+    /// how writes of zeroes are detected (since 2.1)
+    pub detect_zeroes: BlockdevDetectZeroesOptions,
+    /// total throughput limit, bytes per second
+    pub bps: i64,
+    /// read throughput limit, bytes per second
+    pub bps_rd: i64,
+    /// write throughput limit, bytes per second
+    pub bps_wr: i64,
+    /// total request limit, requests per second
+    pub iops: i64,
+    /// read request limit, requests per second
+    pub iops_rd: i64,
+    /// write request limit, requests per second
+    pub iops_wr: i64,
+    /// information about the image and its backing chain (since
+    /// 1.6)
+    pub image: ImageInfo,
+    /// burst total throughput, bytes per second (since 1.7)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bps_max: ::std::option::Option<i64>,
+    /// burst read throughput, bytes per second (since 1.7)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bps_rd_max: ::std::option::Option<i64>,
+    /// burst write throughput, bytes per second (since 1.7)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bps_wr_max: ::std::option::Option<i64>,
+    /// burst total requests per second (since 1.7)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub iops_max: ::std::option::Option<i64>,
+    /// burst read requests per second (since 1.7)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub iops_rd_max: ::std::option::Option<i64>,
+    /// burst write requests per second (since 1.7)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub iops_wr_max: ::std::option::Option<i64>,
+    /// seconds @bps_max may last (since 2.6)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bps_max_length: ::std::option::Option<i64>,
+    /// seconds @bps_rd_max may last (since 2.6)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bps_rd_max_length: ::std::option::Option<i64>,
+    /// seconds @bps_wr_max may last (since 2.6)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bps_wr_max_length: ::std::option::Option<i64>,
+    /// seconds @iops_max may last (since 2.6)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub iops_max_length: ::std::option::Option<i64>,
+    /// seconds @iops_rd_max may last (since 2.6)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub iops_rd_max_length: ::std::option::Option<i64>,
+    /// seconds @iops_wr_max may last (since 2.6)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub iops_wr_max_length: ::std::option::Option<i64>,
+    /// bytes a request counts as for the request limits
+    /// (since 1.7)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub iops_size: ::std::option::Option<i64>,
+    /// the throttle group the node belongs to (since 2.4)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub group: ::std::option::Option<::std::string::String>,
+    /// the cache mode (since 2.3)
+    pub cache: BlockdevCacheInfo,
+    /// the write threshold in bytes, 0 when none is set
+    /// (since 2.3)
+    pub write_threshold: i64,
+    /// the node's dirty bitmaps (since 4.2)
+    #[serde(rename = "dirty-bitmaps")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub dirty_bitmaps: ::std::option::Option<::std::vec::Vec<BlockDirtyInfo>>,
+}
+
+impl BlockDeviceInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        file: impl ::std::convert::Into<::std::string::String>,
+        ro: bool,
+        drv: impl ::std::convert::Into<::std::string::String>,
+        backing_file_depth: i64,
+        active: bool,
+        encrypted: bool,
+        detect_zeroes: BlockdevDetectZeroesOptions,
+        bps: i64,
+        bps_rd: i64,
+        bps_wr: i64,
+        iops: i64,
+        iops_rd: i64,
+        iops_wr: i64,
+        image: ImageInfo,
+        cache: BlockdevCacheInfo,
+        write_threshold: i64,
+    ) -> Self {
+        Self {
+            file: file.into(),
+            node_name: ::std::option::Option::None,
+            ro,
+            drv: drv.into(),
+            backing_file: ::std::option::Option::None,
+            backing_file_depth,
+            active,
+            encrypted,
+            detect_zeroes,
+            bps,
+            bps_rd,
+            bps_wr,
+            iops,
+            iops_rd,
+            iops_wr,
+            image,
+            bps_max: ::std::option::Option::None,
+            bps_rd_max: ::std::option::Option::None,
+            bps_wr_max: ::std::option::Option::None,
+            iops_max: ::std::option::Option::None,
+            iops_rd_max: ::std::option::Option::None,
+            iops_wr_max: ::std::option::Option::None,
+            bps_max_length: ::std::option::Option::None,
+            bps_rd_max_length: ::std::option::Option::None,
+            bps_wr_max_length: ::std::option::Option::None,
+            iops_max_length: ::std::option::Option::None,
+            iops_rd_max_length: ::std::option::Option::None,
+            iops_wr_max_length: ::std::option::Option::None,
+            iops_size: ::std::option::Option::None,
+            group: ::std::option::Option::None,
+            cache,
+            write_threshold,
+            dirty_bitmaps: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            file: object.required("file", path)?,
+            node_name: object.optional("node-name", path)?,
+            ro: object.required("ro", path)?,
+            drv: object.required("drv", path)?,
+            backing_file: object.optional("backing_file", path)?,
+            backing_file_depth: object.required("backing_file_depth", path)?,
+            active: object.required("active", path)?,
+            encrypted: object.required("encrypted", path)?,
+            detect_zeroes: object.required("detect_zeroes", path)?,
+            bps: object.required("bps", path)?,
+            bps_rd: object.required("bps_rd", path)?,
+            bps_wr: object.required("bps_wr", path)?,
+            iops: object.required("iops", path)?,
+            iops_rd: object.required("iops_rd", path)?,
+            iops_wr: object.required("iops_wr", path)?,
+            image: object.required("image", path)?,
+            bps_max: object.optional("bps_max", path)?,
+            bps_rd_max: object.optional("bps_rd_max", path)?,
+            bps_wr_max: object.optional("bps_wr_max", path)?,
+            iops_max: object.optional("iops_max", path)?,
+            iops_rd_max: object.optional("iops_rd_max", path)?,
+            iops_wr_max: object.optional("iops_wr_max", path)?,
+            bps_max_length: object.optional("bps_max_length", path)?,
+            bps_rd_max_length: object.optional("bps_rd_max_length", path)?,
+            bps_wr_max_length: object.optional("bps_wr_max_length", path)?,
+            iops_max_length: object.optional("iops_max_length", path)?,
+            iops_rd_max_length: object.optional("iops_rd_max_length", path)?,
+            iops_wr_max_length: object.optional("iops_wr_max_length", path)?,
+            iops_size: object.optional("iops_size", path)?,
+            group: object.optional("group", path)?,
+            cache: object.required("cache", path)?,
+            write_threshold: object.required("write_threshold", path)?,
+            dirty_bitmaps: object.optional("dirty-bitmaps", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockDeviceInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Flags of a persistent bitmap stored in a qcow2 image.
+///
+/// **Since:** 4.0
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum Qcow2BitmapInfoFlags {
+    /// the bitmap was in use when the image was last closed, so
+    /// it may be out of date
+    #[serde(rename = "in-use")]
+    InUse,
+    /// the bitmap is enabled when the image is opened
+    #[serde(rename = "auto")]
+    Auto,
+}
+
+impl Qcow2BitmapInfoFlags {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::InUse, Self::Auto];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InUse => "in-use",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+impl ::std::fmt::Display for Qcow2BitmapInfoFlags {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for Qcow2BitmapInfoFlags {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "in-use" => ::std::result::Result::Ok(Self::InUse),
+            "auto" => ::std::result::Result::Ok(Self::Auto),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "Qcow2BitmapInfoFlags",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for Qcow2BitmapInfoFlags {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// A persistent bitmap as stored in a qcow2 image.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct Qcow2BitmapInfo {
+    /// the bitmap's name
+    pub name: ::std::string::String,
+    /// bytes covered by one bit
+    pub granularity: u32,
+    /// the bitmap's flags
+    pub flags: ::std::vec::Vec<Qcow2BitmapInfoFlags>,
+}
+
+impl Qcow2BitmapInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        name: impl ::std::convert::Into<::std::string::String>,
+        granularity: u32,
+        flags: ::std::vec::Vec<Qcow2BitmapInfoFlags>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            granularity,
+            flags,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            name: object.required("name", path)?,
+            granularity: object.required("granularity", path)?,
+            flags: object.required("flags", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for Qcow2BitmapInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Compression methods for qcow2 clusters.
+///
+/// **Since:** 5.1
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum Qcow2CompressionType {
+    /// zlib (deflate)
+    #[serde(rename = "zlib")]
+    Zlib,
+    /// zstandard
+    ///
+    /// **If:** `CONFIG_ZSTD` (QEMU builds this only under that condition; generated unconditionally here)
+    #[serde(rename = "zstd")]
+    Zstd,
+}
+
+impl Qcow2CompressionType {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Zlib, Self::Zstd];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Zlib => "zlib",
+            Self::Zstd => "zstd",
+        }
+    }
+}
+
+impl ::std::fmt::Display for Qcow2CompressionType {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for Qcow2CompressionType {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "zlib" => ::std::result::Result::Ok(Self::Zlib),
+            "zstd" => ::std::result::Result::Ok(Self::Zstd),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "Qcow2CompressionType",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for Qcow2CompressionType {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// What to do with discard requests.
+///
+/// **Since:** 2.9
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BlockdevDiscardOptions {
+    /// drop them
+    #[serde(rename = "ignore")]
+    Ignore,
+    /// pass them down to the protocol
+    #[serde(rename = "unmap")]
+    Unmap,
+}
+
+impl BlockdevDiscardOptions {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Ignore, Self::Unmap];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ignore => "ignore",
+            Self::Unmap => "unmap",
+        }
+    }
+}
+
+impl ::std::fmt::Display for BlockdevDiscardOptions {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for BlockdevDiscardOptions {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "ignore" => ::std::result::Result::Ok(Self::Ignore),
+            "unmap" => ::std::result::Result::Ok(Self::Unmap),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "BlockdevDiscardOptions",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for BlockdevDiscardOptions {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// Whether to look for writes of zeroes and turn them into efficient
+/// zero writes.
+///
+/// **Since:** 2.1
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BlockdevDetectZeroesOptions {
+    /// do not look
+    #[serde(rename = "off")]
+    Off,
+    /// turn them into zero writes
+    #[serde(rename = "on")]
+    On,
+    /// turn them into zero writes that may also discard, when
+    /// discard is enabled
+    #[serde(rename = "unmap")]
+    Unmap,
+}
+
+impl BlockdevDetectZeroesOptions {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Off, Self::On, Self::Unmap];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::On => "on",
+            Self::Unmap => "unmap",
+        }
+    }
+}
+
+impl ::std::fmt::Display for BlockdevDetectZeroesOptions {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for BlockdevDetectZeroesOptions {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "off" => ::std::result::Result::Ok(Self::Off),
+            "on" => ::std::result::Result::Ok(Self::On),
+            "unmap" => ::std::result::Result::Ok(Self::Unmap),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "BlockdevDetectZeroesOptions",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for BlockdevDetectZeroesOptions {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// How the file protocol submits asynchronous I/O.
+///
+/// **Since:** 2.9
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BlockdevAioOptions {
+    /// a pool of threads making blocking calls
+    #[serde(rename = "threads")]
+    Threads,
+    /// Linux native AIO
+    #[serde(rename = "native")]
+    Native,
+    /// Linux io_uring (since 5.0)
+    ///
+    /// **If:** `CONFIG_LINUX_IO_URING` (QEMU builds this only under that condition; generated unconditionally here)
+    #[serde(rename = "io_uring")]
+    IoUring,
+}
+
+impl BlockdevAioOptions {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Threads, Self::Native, Self::IoUring];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Threads => "threads",
+            Self::Native => "native",
+            Self::IoUring => "io_uring",
+        }
+    }
+}
+
+impl ::std::fmt::Display for BlockdevAioOptions {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for BlockdevAioOptions {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "threads" => ::std::result::Result::Ok(Self::Threads),
+            "native" => ::std::result::Result::Ok(Self::Native),
+            "io_uring" => ::std::result::Result::Ok(Self::IoUring),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "BlockdevAioOptions",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for BlockdevAioOptions {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// Cache settings of a node.
+///
+/// **Since:** 2.9
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevCacheOptions {
+    /// bypass the host page cache (default: false)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub direct: ::std::option::Option<bool>,
+    /// ignore flush requests (default: false)
+    #[serde(rename = "no-flush")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub no_flush: ::std::option::Option<bool>,
+}
+
+impl BlockdevCacheOptions {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            direct: ::std::option::Option::None,
+            no_flush: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            direct: object.optional("direct", path)?,
+            no_flush: object.optional("no-flush", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevCacheOptions {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The block drivers of this daemon.  QEMU has many more; a
+/// @blockdev-add naming one of those is rejected as naming an unknown
+/// driver.
+///
+/// **Since:** 2.9
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BlockdevDriver {
+    /// a filter that injects errors and tracks events, for
+    /// tests
+    #[serde(rename = "blkdebug")]
+    Blkdebug,
+    /// a file of the host's file system
+    #[serde(rename = "file")]
+    File,
+    /// a node that stores nothing: writes are dropped, reads
+    /// return zeroes (with read-zeroes) or leave the buffer alone
+    #[serde(rename = "null-co")]
+    NullCo,
+    /// the qcow2 image format
+    #[serde(rename = "qcow2")]
+    Qcow2,
+    /// the raw image format: the data as it is, optionally a slice
+    /// of the file
+    #[serde(rename = "raw")]
+    Raw,
+}
+
+impl BlockdevDriver {
     /// Every value, in schema order.
     pub const ALL: &'static [Self] = &[
-        Self::Top,
-        Self::Full,
-        Self::None,
-        Self::Incremental,
-        Self::Bitmap,
+        Self::Blkdebug,
+        Self::File,
+        Self::NullCo,
+        Self::Qcow2,
+        Self::Raw,
     ];
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Top => "top",
-            Self::Full => "full",
-            Self::None => "none",
-            Self::Incremental => "incremental",
-            Self::Bitmap => "bitmap",
+            Self::Blkdebug => "blkdebug",
+            Self::File => "file",
+            Self::NullCo => "null-co",
+            Self::Qcow2 => "qcow2",
+            Self::Raw => "raw",
         }
     }
 }
-impl ::std::fmt::Display for MirrorSyncMode {
+
+impl ::std::fmt::Display for BlockdevDriver {
     fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
         f.write_str(self.as_str())
     }
 }
-impl ::std::str::FromStr for MirrorSyncMode {
+
+impl ::std::str::FromStr for BlockdevDriver {
     type Err = crate::input::UnknownEnumValue;
     fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
         match s {
-            "top" => ::std::result::Result::Ok(Self::Top),
-            "full" => ::std::result::Result::Ok(Self::Full),
-            "none" => ::std::result::Result::Ok(Self::None),
-            "incremental" => ::std::result::Result::Ok(Self::Incremental),
-            "bitmap" => ::std::result::Result::Ok(Self::Bitmap),
+            "blkdebug" => ::std::result::Result::Ok(Self::Blkdebug),
+            "file" => ::std::result::Result::Ok(Self::File),
+            "null-co" => ::std::result::Result::Ok(Self::NullCo),
+            "qcow2" => ::std::result::Result::Ok(Self::Qcow2),
+            "raw" => ::std::result::Result::Ok(Self::Raw),
             _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                type_name: "MirrorSyncMode",
+                type_name: "BlockdevDriver",
                 value: s.to_string(),
             }),
         }
     }
 }
-impl crate::input::FromQmp for MirrorSyncMode {
+
+impl crate::input::FromQmp for BlockdevDriver {
     fn from_qmp(
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
@@ -468,6 +4735,233 @@ impl crate::input::FromQmp for MirrorSyncMode {
         crate::input::enum_from_qmp(value, path)
     }
 }
+
+/// Options of the file protocol.
+///
+/// **Since:** 2.9
+///
+/// **Features:**
+/// - `dynamic-auto-read-only`: with auto-read-only, the file is reopened read-write or read-only as users come and go, rather than fixed when the node is opened
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevOptionsFile {
+    /// the host file
+    pub filename: ::std::string::String,
+    /// the id of a persistent-reservation manager object
+    /// (since 2.11)
+    #[serde(rename = "pr-manager")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub pr_manager: ::std::option::Option<::std::string::String>,
+    /// whether to take file locks (default: auto, which locks
+    /// when the host supports it; since 2.10)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub locking: ::std::option::Option<OnOffAuto>,
+    /// how to submit I/O (default: threads)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub aio: ::std::option::Option<BlockdevAioOptions>,
+    /// most requests submitted in one go, 0 for the
+    /// default (since 6.2)
+    #[serde(rename = "aio-max-batch")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub aio_max_batch: ::std::option::Option<i64>,
+    /// drop the host page cache of the file when the node is
+    /// reactivated after migration (default: true; since 4.0)
+    ///
+    /// **If:** `CONFIG_LINUX` (QEMU builds this only under that condition; generated unconditionally here)
+    #[serde(rename = "drop-cache")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub drop_cache: ::std::option::Option<bool>,
+    /// check that the page cache was dropped on
+    /// reactivation (default: false; since 3.0)
+    ///
+    /// **Features:** `unstable`
+    #[serde(rename = "x-check-cache-dropped")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub x_check_cache_dropped: ::std::option::Option<bool>,
+}
+
+impl BlockdevOptionsFile {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(filename: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            filename: filename.into(),
+            pr_manager: ::std::option::Option::None,
+            locking: ::std::option::Option::None,
+            aio: ::std::option::Option::None,
+            aio_max_batch: ::std::option::Option::None,
+            drop_cache: ::std::option::Option::None,
+            x_check_cache_dropped: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            filename: object.required("filename", path)?,
+            pr_manager: object.optional("pr-manager", path)?,
+            locking: object.optional("locking", path)?,
+            aio: object.optional("aio", path)?,
+            aio_max_batch: object.optional("aio-max-batch", path)?,
+            drop_cache: object.optional("drop-cache", path)?,
+            x_check_cache_dropped: object.optional("x-check-cache-dropped", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevOptionsFile {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Options of the null drivers, which store nothing.
+///
+/// **Since:** 2.9
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevOptionsNull {
+    /// the size the node presents, in bytes (default: 1 GiB)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub size: ::std::option::Option<i64>,
+    /// simulated time each request takes, in nanoseconds
+    /// (default: 0; since 2.4)
+    #[serde(rename = "latency-ns")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub latency_ns: ::std::option::Option<u64>,
+    /// reads return zeroes rather than whatever the buffer
+    /// held (default: false; since 4.1)
+    #[serde(rename = "read-zeroes")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub read_zeroes: ::std::option::Option<bool>,
+}
+
+impl BlockdevOptionsNull {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            size: ::std::option::Option::None,
+            latency_ns: ::std::option::Option::None,
+            read_zeroes: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            size: object.optional("size", path)?,
+            latency_ns: object.optional("latency-ns", path)?,
+            read_zeroes: object.optional("read-zeroes", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevOptionsNull {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Options every format driver has.
+///
+/// **Since:** 2.9
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevOptionsGenericFormat {
+    /// the node holding the image data
+    pub file: BlockdevRef,
+}
+
+impl BlockdevOptionsGenericFormat {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(file: BlockdevRef) -> Self {
+        Self { file }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            file: object.required("file", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevOptionsGenericFormat {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Options of format drivers that support backing images.
+///
+/// **Since:** 2.9
+///
+/// Includes the members of [`BlockdevOptionsGenericFormat`] (its base).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevOptionsGenericCOWFormat {
+    /// the node holding the image data
+    pub file: BlockdevRef,
+    /// the backing node, or null for none; when absent, the
+    /// backing file the image names is opened (default)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub backing: ::std::option::Option<BlockdevRefOrNull>,
+}
+
+impl BlockdevOptionsGenericCOWFormat {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(file: BlockdevRef) -> Self {
+        Self {
+            file,
+            backing: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            file: object.required("file", path)?,
+            backing: object.optional("backing", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevOptionsGenericCOWFormat {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Preset sets of qcow2 metadata overlap checks.
+///
+/// **Since:** 2.9
 #[derive(
     Debug,
     Clone,
@@ -480,46 +4974,58 @@ impl crate::input::FromQmp for MirrorSyncMode {
     ::serde::Serialize,
     ::serde::Deserialize,
 )]
-pub enum BitmapSyncMode {
-    #[serde(rename = "on-success")]
-    OnSuccess,
-    #[serde(rename = "never")]
-    Never,
-    #[serde(rename = "always")]
-    Always,
+pub enum Qcow2OverlapCheckMode {
+    /// no checks
+    #[serde(rename = "none")]
+    None,
+    /// checks that take constant time and no disk access
+    #[serde(rename = "constant")]
+    Constant,
+    /// also checks that need only cached metadata
+    #[serde(rename = "cached")]
+    Cached,
+    /// every check, reading metadata from disk when needed
+    #[serde(rename = "all")]
+    All,
 }
-impl BitmapSyncMode {
+
+impl Qcow2OverlapCheckMode {
     /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::OnSuccess, Self::Never, Self::Always];
+    pub const ALL: &'static [Self] = &[Self::None, Self::Constant, Self::Cached, Self::All];
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::OnSuccess => "on-success",
-            Self::Never => "never",
-            Self::Always => "always",
+            Self::None => "none",
+            Self::Constant => "constant",
+            Self::Cached => "cached",
+            Self::All => "all",
         }
     }
 }
-impl ::std::fmt::Display for BitmapSyncMode {
+
+impl ::std::fmt::Display for Qcow2OverlapCheckMode {
     fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
         f.write_str(self.as_str())
     }
 }
-impl ::std::str::FromStr for BitmapSyncMode {
+
+impl ::std::str::FromStr for Qcow2OverlapCheckMode {
     type Err = crate::input::UnknownEnumValue;
     fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
         match s {
-            "on-success" => ::std::result::Result::Ok(Self::OnSuccess),
-            "never" => ::std::result::Result::Ok(Self::Never),
-            "always" => ::std::result::Result::Ok(Self::Always),
+            "none" => ::std::result::Result::Ok(Self::None),
+            "constant" => ::std::result::Result::Ok(Self::Constant),
+            "cached" => ::std::result::Result::Ok(Self::Cached),
+            "all" => ::std::result::Result::Ok(Self::All),
             _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                type_name: "BitmapSyncMode",
+                type_name: "Qcow2OverlapCheckMode",
                 value: s.to_string(),
             }),
         }
     }
 }
-impl crate::input::FromQmp for BitmapSyncMode {
+
+impl crate::input::FromQmp for Qcow2OverlapCheckMode {
     fn from_qmp(
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
@@ -527,6 +5033,1753 @@ impl crate::input::FromQmp for BitmapSyncMode {
         crate::input::enum_from_qmp(value, path)
     }
 }
+
+/// Which metadata areas a qcow2 write is checked against, so that data
+/// never overwrites metadata.  Flags not given take their value from
+/// @template.
+///
+/// **Since:** 2.9
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct Qcow2OverlapCheckFlags {
+    /// the preset the other flags start from (default:
+    /// cached)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub template: ::std::option::Option<Qcow2OverlapCheckMode>,
+    /// the image header
+    #[serde(rename = "main-header")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub main_header: ::std::option::Option<bool>,
+    /// the active L1 table
+    #[serde(rename = "active-l1")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub active_l1: ::std::option::Option<bool>,
+    /// the active L2 tables
+    #[serde(rename = "active-l2")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub active_l2: ::std::option::Option<bool>,
+    /// the refcount table
+    #[serde(rename = "refcount-table")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub refcount_table: ::std::option::Option<bool>,
+    /// the refcount blocks
+    #[serde(rename = "refcount-block")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub refcount_block: ::std::option::Option<bool>,
+    /// the snapshot table
+    #[serde(rename = "snapshot-table")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub snapshot_table: ::std::option::Option<bool>,
+    /// the L1 tables of snapshots
+    #[serde(rename = "inactive-l1")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub inactive_l1: ::std::option::Option<bool>,
+    /// the L2 tables of snapshots
+    #[serde(rename = "inactive-l2")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub inactive_l2: ::std::option::Option<bool>,
+    /// the bitmap directory (since 3.0)
+    #[serde(rename = "bitmap-directory")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bitmap_directory: ::std::option::Option<bool>,
+}
+
+impl Qcow2OverlapCheckFlags {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            template: ::std::option::Option::None,
+            main_header: ::std::option::Option::None,
+            active_l1: ::std::option::Option::None,
+            active_l2: ::std::option::Option::None,
+            refcount_table: ::std::option::Option::None,
+            refcount_block: ::std::option::Option::None,
+            snapshot_table: ::std::option::Option::None,
+            inactive_l1: ::std::option::Option::None,
+            inactive_l2: ::std::option::Option::None,
+            bitmap_directory: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            template: object.optional("template", path)?,
+            main_header: object.optional("main-header", path)?,
+            active_l1: object.optional("active-l1", path)?,
+            active_l2: object.optional("active-l2", path)?,
+            refcount_table: object.optional("refcount-table", path)?,
+            refcount_block: object.optional("refcount-block", path)?,
+            snapshot_table: object.optional("snapshot-table", path)?,
+            inactive_l1: object.optional("inactive-l1", path)?,
+            inactive_l2: object.optional("inactive-l2", path)?,
+            bitmap_directory: object.optional("bitmap-directory", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for Qcow2OverlapCheckFlags {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// qcow2 overlap checks, by preset or flag by flag.
+///
+/// **Since:** 2.9
+///
+/// Chosen by the JSON type of the value.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(untagged)]
+pub enum Qcow2OverlapChecks {
+    /// individual flags
+    Flags(Qcow2OverlapCheckFlags),
+    /// a preset
+    Mode(Qcow2OverlapCheckMode),
+}
+
+impl crate::input::FromQmp for Qcow2OverlapChecks {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(match value {
+            ::serde_json::Value::Object(_) => {
+                Self::Flags(crate::input::FromQmp::from_qmp(value, path)?)
+            }
+            ::serde_json::Value::String(_) => {
+                Self::Mode(crate::input::FromQmp::from_qmp(value, path)?)
+            }
+            _ => {
+                return ::std::result::Result::Err(path.invalid_alternate("Qcow2OverlapChecks"));
+            }
+        })
+    }
+}
+
+/// Encryption formats of qcow2 images.
+///
+/// **Since:** 2.10
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BlockdevQcow2EncryptionFormat {
+    /// the legacy AES-CBC scheme, supported for reading old images
+    #[serde(rename = "aes")]
+    Aes,
+    /// a LUKS header stored inside the image
+    #[serde(rename = "luks")]
+    Luks,
+}
+
+impl BlockdevQcow2EncryptionFormat {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Aes, Self::Luks];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Aes => "aes",
+            Self::Luks => "luks",
+        }
+    }
+}
+
+impl ::std::fmt::Display for BlockdevQcow2EncryptionFormat {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for BlockdevQcow2EncryptionFormat {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "aes" => ::std::result::Result::Ok(Self::Aes),
+            "luks" => ::std::result::Result::Ok(Self::Luks),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "BlockdevQcow2EncryptionFormat",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for BlockdevQcow2EncryptionFormat {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// How to open an encrypted qcow2 image.
+///
+/// **Since:** 2.10
+///
+/// The members of the branch selected by `format` are in [`BlockdevQcow2EncryptionBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevQcow2Encryption {
+    #[serde(flatten)]
+    pub branch: BlockdevQcow2EncryptionBranch,
+}
+
+/// The branch of [`BlockdevQcow2Encryption`] chosen by its discriminator `format` (serialised as that member).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(tag = "format")]
+pub enum BlockdevQcow2EncryptionBranch {
+    #[serde(rename = "aes")]
+    Aes(QCryptoBlockOptionsQCow),
+    #[serde(rename = "luks")]
+    Luks(QCryptoBlockOptionsLUKS),
+}
+
+impl BlockdevQcow2EncryptionBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> BlockdevQcow2EncryptionFormat {
+        match self {
+            Self::Aes(_) => BlockdevQcow2EncryptionFormat::Aes,
+            Self::Luks(_) => BlockdevQcow2EncryptionFormat::Luks,
+        }
+    }
+}
+
+impl BlockdevQcow2Encryption {
+    /// Reads this union's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let kind: BlockdevQcow2EncryptionFormat = object.required("format", path)?;
+        let branch = match kind {
+            BlockdevQcow2EncryptionFormat::Aes => BlockdevQcow2EncryptionBranch::Aes(
+                QCryptoBlockOptionsQCow::read_qmp_members(object, path)?,
+            ),
+            BlockdevQcow2EncryptionFormat::Luks => BlockdevQcow2EncryptionBranch::Luks(
+                QCryptoBlockOptionsLUKS::read_qmp_members(object, path)?,
+            ),
+        };
+        ::std::result::Result::Ok(Self { branch })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevQcow2Encryption {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Options of the qcow2 format.
+///
+/// **Since:** 2.9
+///
+/// Includes the members of [`BlockdevOptionsGenericCOWFormat`] (its base).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevOptionsQcow2 {
+    /// the node holding the image data
+    pub file: ::std::boxed::Box<BlockdevRef>,
+    /// the backing node, or null for none; when absent, the
+    /// backing file the image names is opened (default)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub backing: ::std::option::Option<::std::boxed::Box<BlockdevRefOrNull>>,
+    /// update reference counts lazily (default: as the
+    /// image header says)
+    #[serde(rename = "lazy-refcounts")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub lazy_refcounts: ::std::option::Option<bool>,
+    /// pass discard requests down to the protocol
+    /// (default: true when discard is enabled)
+    #[serde(rename = "pass-discard-request")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub pass_discard_request: ::std::option::Option<bool>,
+    /// discard host clusters freed by removing a
+    /// snapshot (default: true)
+    #[serde(rename = "pass-discard-snapshot")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub pass_discard_snapshot: ::std::option::Option<bool>,
+    /// discard host clusters freed for other reasons
+    /// (default: false)
+    #[serde(rename = "pass-discard-other")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub pass_discard_other: ::std::option::Option<bool>,
+    /// keep clusters allocated when the guest discards
+    /// them, only zeroing them, to avoid fragmentation (default: false;
+    /// since 8.1)
+    #[serde(rename = "discard-no-unref")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub discard_no_unref: ::std::option::Option<bool>,
+    /// the metadata overlap checks to make (default:
+    /// cached; since 2.2)
+    #[serde(rename = "overlap-check")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub overlap_check: ::std::option::Option<Qcow2OverlapChecks>,
+    /// the combined L2 and refcount cache size, in bytes
+    #[serde(rename = "cache-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub cache_size: ::std::option::Option<i64>,
+    /// the L2 table cache size, in bytes
+    #[serde(rename = "l2-cache-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub l2_cache_size: ::std::option::Option<i64>,
+    /// bytes per L2 cache entry (since 2.12)
+    #[serde(rename = "l2-cache-entry-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub l2_cache_entry_size: ::std::option::Option<i64>,
+    /// the refcount block cache size, in bytes
+    #[serde(rename = "refcount-cache-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub refcount_cache_size: ::std::option::Option<i64>,
+    /// seconds after which unused cache entries are
+    /// dropped, 0 for never (default: 600 where the host supports it)
+    #[serde(rename = "cache-clean-interval")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub cache_clean_interval: ::std::option::Option<i64>,
+    /// how to decrypt the image (since 2.10)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub encrypt: ::std::option::Option<BlockdevQcow2Encryption>,
+    /// the node holding an external data file (since 4.0)
+    #[serde(rename = "data-file")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub data_file: ::std::option::Option<::std::boxed::Box<BlockdevRef>>,
+}
+
+impl BlockdevOptionsQcow2 {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(file: ::std::boxed::Box<BlockdevRef>) -> Self {
+        Self {
+            file,
+            backing: ::std::option::Option::None,
+            lazy_refcounts: ::std::option::Option::None,
+            pass_discard_request: ::std::option::Option::None,
+            pass_discard_snapshot: ::std::option::Option::None,
+            pass_discard_other: ::std::option::Option::None,
+            discard_no_unref: ::std::option::Option::None,
+            overlap_check: ::std::option::Option::None,
+            cache_size: ::std::option::Option::None,
+            l2_cache_size: ::std::option::Option::None,
+            l2_cache_entry_size: ::std::option::Option::None,
+            refcount_cache_size: ::std::option::Option::None,
+            cache_clean_interval: ::std::option::Option::None,
+            encrypt: ::std::option::Option::None,
+            data_file: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            file: object.required("file", path)?,
+            backing: object.optional("backing", path)?,
+            lazy_refcounts: object.optional("lazy-refcounts", path)?,
+            pass_discard_request: object.optional("pass-discard-request", path)?,
+            pass_discard_snapshot: object.optional("pass-discard-snapshot", path)?,
+            pass_discard_other: object.optional("pass-discard-other", path)?,
+            discard_no_unref: object.optional("discard-no-unref", path)?,
+            overlap_check: object.optional("overlap-check", path)?,
+            cache_size: object.optional("cache-size", path)?,
+            l2_cache_size: object.optional("l2-cache-size", path)?,
+            l2_cache_entry_size: object.optional("l2-cache-entry-size", path)?,
+            refcount_cache_size: object.optional("refcount-cache-size", path)?,
+            cache_clean_interval: object.optional("cache-clean-interval", path)?,
+            encrypt: object.optional("encrypt", path)?,
+            data_file: object.optional("data-file", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevOptionsQcow2 {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Options of the raw format.
+///
+/// **Since:** 2.9
+///
+/// Includes the members of [`BlockdevOptionsGenericFormat`] (its base).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevOptionsRaw {
+    /// the node holding the image data
+    pub file: ::std::boxed::Box<BlockdevRef>,
+    /// where the image starts inside the file, in bytes
+    /// (default: 0; since 2.9)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub offset: ::std::option::Option<i64>,
+    /// how many bytes of the file the image spans (default: to the
+    /// end; since 2.9)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub size: ::std::option::Option<i64>,
+}
+
+impl BlockdevOptionsRaw {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(file: ::std::boxed::Box<BlockdevRef>) -> Self {
+        Self {
+            file,
+            offset: ::std::option::Option::None,
+            size: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            file: object.required("file", path)?,
+            offset: object.optional("offset", path)?,
+            size: object.optional("size", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevOptionsRaw {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The points in image drivers where blkdebug can inject errors or
+/// change state.  Most name a step of qcow2's metadata handling.
+///
+/// **Since:** 2.9
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BlkdebugEvent {
+    /// writing an L1 table entry
+    #[serde(rename = "l1_update")]
+    L1Update,
+    /// allocating a larger L1 table
+    #[serde(rename = "l1_grow_alloc_table")]
+    L1GrowAllocTable,
+    /// writing the larger L1 table
+    #[serde(rename = "l1_grow_write_table")]
+    L1GrowWriteTable,
+    /// switching the header to the larger L1
+    /// table
+    #[serde(rename = "l1_grow_activate_table")]
+    L1GrowActivateTable,
+    /// reading an L2 table
+    #[serde(rename = "l2_load")]
+    L2Load,
+    /// writing an L2 table entry
+    #[serde(rename = "l2_update")]
+    L2Update,
+    /// writing an L2 entry of a compressed cluster
+    #[serde(rename = "l2_update_compressed")]
+    L2UpdateCompressed,
+    /// reading the old L2 table for copy-on-write
+    #[serde(rename = "l2_alloc_cow_read")]
+    L2AllocCowRead,
+    /// writing a newly allocated L2 table
+    #[serde(rename = "l2_alloc_write")]
+    L2AllocWrite,
+    /// reading guest data
+    #[serde(rename = "read_aio")]
+    ReadAio,
+    /// reading guest data from the backing image
+    #[serde(rename = "read_backing_aio")]
+    ReadBackingAio,
+    /// reading a compressed cluster
+    #[serde(rename = "read_compressed")]
+    ReadCompressed,
+    /// writing guest data
+    #[serde(rename = "write_aio")]
+    WriteAio,
+    /// writing a compressed cluster
+    #[serde(rename = "write_compressed")]
+    WriteCompressed,
+    /// reading VM state
+    #[serde(rename = "vmstate_load")]
+    VmstateLoad,
+    /// writing VM state
+    #[serde(rename = "vmstate_save")]
+    VmstateSave,
+    /// reading data for copy-on-write
+    #[serde(rename = "cow_read")]
+    CowRead,
+    /// writing data for copy-on-write
+    #[serde(rename = "cow_write")]
+    CowWrite,
+    /// reading the refcount table
+    #[serde(rename = "reftable_load")]
+    ReftableLoad,
+    /// allocating a larger refcount table
+    #[serde(rename = "reftable_grow")]
+    ReftableGrow,
+    /// writing a refcount table entry
+    #[serde(rename = "reftable_update")]
+    ReftableUpdate,
+    /// reading a refcount block
+    #[serde(rename = "refblock_load")]
+    RefblockLoad,
+    /// writing a refcount block
+    #[serde(rename = "refblock_update")]
+    RefblockUpdate,
+    /// writing part of a refcount block
+    #[serde(rename = "refblock_update_part")]
+    RefblockUpdatePart,
+    /// allocating a refcount block
+    #[serde(rename = "refblock_alloc")]
+    RefblockAlloc,
+    /// linking a new refcount block into the table
+    #[serde(rename = "refblock_alloc_hookup")]
+    RefblockAllocHookup,
+    /// writing a new refcount block
+    #[serde(rename = "refblock_alloc_write")]
+    RefblockAllocWrite,
+    /// writing refcount blocks while growing
+    /// the table
+    #[serde(rename = "refblock_alloc_write_blocks")]
+    RefblockAllocWriteBlocks,
+    /// writing the grown refcount table
+    #[serde(rename = "refblock_alloc_write_table")]
+    RefblockAllocWriteTable,
+    /// switching the header to the grown
+    /// refcount table
+    #[serde(rename = "refblock_alloc_switch_table")]
+    RefblockAllocSwitchTable,
+    /// allocating clusters
+    #[serde(rename = "cluster_alloc")]
+    ClusterAlloc,
+    /// allocating bytes for compressed data
+    #[serde(rename = "cluster_alloc_bytes")]
+    ClusterAllocBytes,
+    /// freeing clusters
+    #[serde(rename = "cluster_free")]
+    ClusterFree,
+    /// flushing to the host's cache
+    #[serde(rename = "flush_to_os")]
+    FlushToOs,
+    /// flushing to stable storage
+    #[serde(rename = "flush_to_disk")]
+    FlushToDisk,
+    /// read of the head of an unaligned write
+    #[serde(rename = "pwritev_rmw_head")]
+    PwritevRmwHead,
+    /// after the head of an unaligned write was
+    /// read
+    #[serde(rename = "pwritev_rmw_after_head")]
+    PwritevRmwAfterHead,
+    /// read of the tail of an unaligned write
+    #[serde(rename = "pwritev_rmw_tail")]
+    PwritevRmwTail,
+    /// after the tail of an unaligned write was
+    /// read
+    #[serde(rename = "pwritev_rmw_after_tail")]
+    PwritevRmwAfterTail,
+    /// a write request reaching the protocol
+    #[serde(rename = "pwritev")]
+    Pwritev,
+    /// a zero write reaching the protocol
+    #[serde(rename = "pwritev_zero")]
+    PwritevZero,
+    /// a write request completing
+    #[serde(rename = "pwritev_done")]
+    PwritevDone,
+    /// emptying an image
+    #[serde(rename = "empty_image_prepare")]
+    EmptyImagePrepare,
+    /// writing a shrunk L1 table (since 2.11)
+    #[serde(rename = "l1_shrink_write_table")]
+    L1ShrinkWriteTable,
+    /// freeing L2 tables while shrinking
+    /// (since 2.11)
+    #[serde(rename = "l1_shrink_free_l2_clusters")]
+    L1ShrinkFreeL2Clusters,
+    /// a copy-on-read write (since 3.0)
+    #[serde(rename = "cor_write")]
+    CorWrite,
+    /// allocating host space for clusters (since
+    /// 4.1)
+    #[serde(rename = "cluster_alloc_space")]
+    ClusterAllocSpace,
+    /// no event; for rules that only react to states (since 5.0)
+    #[serde(rename = "none")]
+    None,
+}
+
+impl BlkdebugEvent {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[
+        Self::L1Update,
+        Self::L1GrowAllocTable,
+        Self::L1GrowWriteTable,
+        Self::L1GrowActivateTable,
+        Self::L2Load,
+        Self::L2Update,
+        Self::L2UpdateCompressed,
+        Self::L2AllocCowRead,
+        Self::L2AllocWrite,
+        Self::ReadAio,
+        Self::ReadBackingAio,
+        Self::ReadCompressed,
+        Self::WriteAio,
+        Self::WriteCompressed,
+        Self::VmstateLoad,
+        Self::VmstateSave,
+        Self::CowRead,
+        Self::CowWrite,
+        Self::ReftableLoad,
+        Self::ReftableGrow,
+        Self::ReftableUpdate,
+        Self::RefblockLoad,
+        Self::RefblockUpdate,
+        Self::RefblockUpdatePart,
+        Self::RefblockAlloc,
+        Self::RefblockAllocHookup,
+        Self::RefblockAllocWrite,
+        Self::RefblockAllocWriteBlocks,
+        Self::RefblockAllocWriteTable,
+        Self::RefblockAllocSwitchTable,
+        Self::ClusterAlloc,
+        Self::ClusterAllocBytes,
+        Self::ClusterFree,
+        Self::FlushToOs,
+        Self::FlushToDisk,
+        Self::PwritevRmwHead,
+        Self::PwritevRmwAfterHead,
+        Self::PwritevRmwTail,
+        Self::PwritevRmwAfterTail,
+        Self::Pwritev,
+        Self::PwritevZero,
+        Self::PwritevDone,
+        Self::EmptyImagePrepare,
+        Self::L1ShrinkWriteTable,
+        Self::L1ShrinkFreeL2Clusters,
+        Self::CorWrite,
+        Self::ClusterAllocSpace,
+        Self::None,
+    ];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::L1Update => "l1_update",
+            Self::L1GrowAllocTable => "l1_grow_alloc_table",
+            Self::L1GrowWriteTable => "l1_grow_write_table",
+            Self::L1GrowActivateTable => "l1_grow_activate_table",
+            Self::L2Load => "l2_load",
+            Self::L2Update => "l2_update",
+            Self::L2UpdateCompressed => "l2_update_compressed",
+            Self::L2AllocCowRead => "l2_alloc_cow_read",
+            Self::L2AllocWrite => "l2_alloc_write",
+            Self::ReadAio => "read_aio",
+            Self::ReadBackingAio => "read_backing_aio",
+            Self::ReadCompressed => "read_compressed",
+            Self::WriteAio => "write_aio",
+            Self::WriteCompressed => "write_compressed",
+            Self::VmstateLoad => "vmstate_load",
+            Self::VmstateSave => "vmstate_save",
+            Self::CowRead => "cow_read",
+            Self::CowWrite => "cow_write",
+            Self::ReftableLoad => "reftable_load",
+            Self::ReftableGrow => "reftable_grow",
+            Self::ReftableUpdate => "reftable_update",
+            Self::RefblockLoad => "refblock_load",
+            Self::RefblockUpdate => "refblock_update",
+            Self::RefblockUpdatePart => "refblock_update_part",
+            Self::RefblockAlloc => "refblock_alloc",
+            Self::RefblockAllocHookup => "refblock_alloc_hookup",
+            Self::RefblockAllocWrite => "refblock_alloc_write",
+            Self::RefblockAllocWriteBlocks => "refblock_alloc_write_blocks",
+            Self::RefblockAllocWriteTable => "refblock_alloc_write_table",
+            Self::RefblockAllocSwitchTable => "refblock_alloc_switch_table",
+            Self::ClusterAlloc => "cluster_alloc",
+            Self::ClusterAllocBytes => "cluster_alloc_bytes",
+            Self::ClusterFree => "cluster_free",
+            Self::FlushToOs => "flush_to_os",
+            Self::FlushToDisk => "flush_to_disk",
+            Self::PwritevRmwHead => "pwritev_rmw_head",
+            Self::PwritevRmwAfterHead => "pwritev_rmw_after_head",
+            Self::PwritevRmwTail => "pwritev_rmw_tail",
+            Self::PwritevRmwAfterTail => "pwritev_rmw_after_tail",
+            Self::Pwritev => "pwritev",
+            Self::PwritevZero => "pwritev_zero",
+            Self::PwritevDone => "pwritev_done",
+            Self::EmptyImagePrepare => "empty_image_prepare",
+            Self::L1ShrinkWriteTable => "l1_shrink_write_table",
+            Self::L1ShrinkFreeL2Clusters => "l1_shrink_free_l2_clusters",
+            Self::CorWrite => "cor_write",
+            Self::ClusterAllocSpace => "cluster_alloc_space",
+            Self::None => "none",
+        }
+    }
+}
+
+impl ::std::fmt::Display for BlkdebugEvent {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for BlkdebugEvent {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "l1_update" => ::std::result::Result::Ok(Self::L1Update),
+            "l1_grow_alloc_table" => ::std::result::Result::Ok(Self::L1GrowAllocTable),
+            "l1_grow_write_table" => ::std::result::Result::Ok(Self::L1GrowWriteTable),
+            "l1_grow_activate_table" => ::std::result::Result::Ok(Self::L1GrowActivateTable),
+            "l2_load" => ::std::result::Result::Ok(Self::L2Load),
+            "l2_update" => ::std::result::Result::Ok(Self::L2Update),
+            "l2_update_compressed" => ::std::result::Result::Ok(Self::L2UpdateCompressed),
+            "l2_alloc_cow_read" => ::std::result::Result::Ok(Self::L2AllocCowRead),
+            "l2_alloc_write" => ::std::result::Result::Ok(Self::L2AllocWrite),
+            "read_aio" => ::std::result::Result::Ok(Self::ReadAio),
+            "read_backing_aio" => ::std::result::Result::Ok(Self::ReadBackingAio),
+            "read_compressed" => ::std::result::Result::Ok(Self::ReadCompressed),
+            "write_aio" => ::std::result::Result::Ok(Self::WriteAio),
+            "write_compressed" => ::std::result::Result::Ok(Self::WriteCompressed),
+            "vmstate_load" => ::std::result::Result::Ok(Self::VmstateLoad),
+            "vmstate_save" => ::std::result::Result::Ok(Self::VmstateSave),
+            "cow_read" => ::std::result::Result::Ok(Self::CowRead),
+            "cow_write" => ::std::result::Result::Ok(Self::CowWrite),
+            "reftable_load" => ::std::result::Result::Ok(Self::ReftableLoad),
+            "reftable_grow" => ::std::result::Result::Ok(Self::ReftableGrow),
+            "reftable_update" => ::std::result::Result::Ok(Self::ReftableUpdate),
+            "refblock_load" => ::std::result::Result::Ok(Self::RefblockLoad),
+            "refblock_update" => ::std::result::Result::Ok(Self::RefblockUpdate),
+            "refblock_update_part" => ::std::result::Result::Ok(Self::RefblockUpdatePart),
+            "refblock_alloc" => ::std::result::Result::Ok(Self::RefblockAlloc),
+            "refblock_alloc_hookup" => ::std::result::Result::Ok(Self::RefblockAllocHookup),
+            "refblock_alloc_write" => ::std::result::Result::Ok(Self::RefblockAllocWrite),
+            "refblock_alloc_write_blocks" => {
+                ::std::result::Result::Ok(Self::RefblockAllocWriteBlocks)
+            }
+            "refblock_alloc_write_table" => {
+                ::std::result::Result::Ok(Self::RefblockAllocWriteTable)
+            }
+            "refblock_alloc_switch_table" => {
+                ::std::result::Result::Ok(Self::RefblockAllocSwitchTable)
+            }
+            "cluster_alloc" => ::std::result::Result::Ok(Self::ClusterAlloc),
+            "cluster_alloc_bytes" => ::std::result::Result::Ok(Self::ClusterAllocBytes),
+            "cluster_free" => ::std::result::Result::Ok(Self::ClusterFree),
+            "flush_to_os" => ::std::result::Result::Ok(Self::FlushToOs),
+            "flush_to_disk" => ::std::result::Result::Ok(Self::FlushToDisk),
+            "pwritev_rmw_head" => ::std::result::Result::Ok(Self::PwritevRmwHead),
+            "pwritev_rmw_after_head" => ::std::result::Result::Ok(Self::PwritevRmwAfterHead),
+            "pwritev_rmw_tail" => ::std::result::Result::Ok(Self::PwritevRmwTail),
+            "pwritev_rmw_after_tail" => ::std::result::Result::Ok(Self::PwritevRmwAfterTail),
+            "pwritev" => ::std::result::Result::Ok(Self::Pwritev),
+            "pwritev_zero" => ::std::result::Result::Ok(Self::PwritevZero),
+            "pwritev_done" => ::std::result::Result::Ok(Self::PwritevDone),
+            "empty_image_prepare" => ::std::result::Result::Ok(Self::EmptyImagePrepare),
+            "l1_shrink_write_table" => ::std::result::Result::Ok(Self::L1ShrinkWriteTable),
+            "l1_shrink_free_l2_clusters" => ::std::result::Result::Ok(Self::L1ShrinkFreeL2Clusters),
+            "cor_write" => ::std::result::Result::Ok(Self::CorWrite),
+            "cluster_alloc_space" => ::std::result::Result::Ok(Self::ClusterAllocSpace),
+            "none" => ::std::result::Result::Ok(Self::None),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "BlkdebugEvent",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for BlkdebugEvent {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// Kinds of I/O request blkdebug can fail.
+///
+/// **Since:** 4.1
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BlkdebugIOType {
+    /// reads
+    #[serde(rename = "read")]
+    Read,
+    /// writes
+    #[serde(rename = "write")]
+    Write,
+    /// zero writes
+    #[serde(rename = "write-zeroes")]
+    WriteZeroes,
+    /// discards
+    #[serde(rename = "discard")]
+    Discard,
+    /// flushes
+    #[serde(rename = "flush")]
+    Flush,
+    /// block status queries
+    #[serde(rename = "block-status")]
+    BlockStatus,
+}
+
+impl BlkdebugIOType {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[
+        Self::Read,
+        Self::Write,
+        Self::WriteZeroes,
+        Self::Discard,
+        Self::Flush,
+        Self::BlockStatus,
+    ];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::WriteZeroes => "write-zeroes",
+            Self::Discard => "discard",
+            Self::Flush => "flush",
+            Self::BlockStatus => "block-status",
+        }
+    }
+}
+
+impl ::std::fmt::Display for BlkdebugIOType {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for BlkdebugIOType {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "read" => ::std::result::Result::Ok(Self::Read),
+            "write" => ::std::result::Result::Ok(Self::Write),
+            "write-zeroes" => ::std::result::Result::Ok(Self::WriteZeroes),
+            "discard" => ::std::result::Result::Ok(Self::Discard),
+            "flush" => ::std::result::Result::Ok(Self::Flush),
+            "block-status" => ::std::result::Result::Ok(Self::BlockStatus),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "BlkdebugIOType",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for BlkdebugIOType {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// A rule that makes requests fail when an event happens.
+///
+/// **Since:** 2.9
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlkdebugInjectErrorOptions {
+    /// the event that triggers the rule
+    pub event: BlkdebugEvent,
+    /// the rule applies only in this blkdebug state (default: any)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub state: ::std::option::Option<i64>,
+    /// the rule fails only this kind of request (default: reads,
+    /// writes, zero writes, discards and flushes; since 4.1)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub iotype: ::std::option::Option<BlkdebugIOType>,
+    /// the error number to fail with (default: EIO)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub errno: ::std::option::Option<i64>,
+    /// the rule fails only requests touching this sector
+    /// (default: any)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub sector: ::std::option::Option<i64>,
+    /// the rule fires only once (default: false)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub once: ::std::option::Option<bool>,
+    /// fail the request that triggered the event itself
+    /// rather than the next one (default: false)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub immediately: ::std::option::Option<bool>,
+}
+
+impl BlkdebugInjectErrorOptions {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(event: BlkdebugEvent) -> Self {
+        Self {
+            event,
+            state: ::std::option::Option::None,
+            iotype: ::std::option::Option::None,
+            errno: ::std::option::Option::None,
+            sector: ::std::option::Option::None,
+            once: ::std::option::Option::None,
+            immediately: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            event: object.required("event", path)?,
+            state: object.optional("state", path)?,
+            iotype: object.optional("iotype", path)?,
+            errno: object.optional("errno", path)?,
+            sector: object.optional("sector", path)?,
+            once: object.optional("once", path)?,
+            immediately: object.optional("immediately", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlkdebugInjectErrorOptions {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// A rule that changes blkdebug's state when an event happens.
+///
+/// **Since:** 2.9
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlkdebugSetStateOptions {
+    /// the event that triggers the rule
+    pub event: BlkdebugEvent,
+    /// the rule applies only in this state (default: any)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub state: ::std::option::Option<i64>,
+    /// the state to move to
+    pub new_state: i64,
+}
+
+impl BlkdebugSetStateOptions {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(event: BlkdebugEvent, new_state: i64) -> Self {
+        Self {
+            event,
+            state: ::std::option::Option::None,
+            new_state,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            event: object.required("event", path)?,
+            state: object.optional("state", path)?,
+            new_state: object.required("new_state", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlkdebugSetStateOptions {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Kinds of access a user of a node may need or allow others.
+///
+/// **Since:** 4.0
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BlockPermission {
+    /// reading data that is consistent with what was
+    /// written
+    #[serde(rename = "consistent-read")]
+    ConsistentRead,
+    /// changing the data
+    #[serde(rename = "write")]
+    Write,
+    /// writing data that does not change what a reader
+    /// sees
+    #[serde(rename = "write-unchanged")]
+    WriteUnchanged,
+    /// changing the size
+    #[serde(rename = "resize")]
+    Resize,
+}
+
+impl BlockPermission {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[
+        Self::ConsistentRead,
+        Self::Write,
+        Self::WriteUnchanged,
+        Self::Resize,
+    ];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ConsistentRead => "consistent-read",
+            Self::Write => "write",
+            Self::WriteUnchanged => "write-unchanged",
+            Self::Resize => "resize",
+        }
+    }
+}
+
+impl ::std::fmt::Display for BlockPermission {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for BlockPermission {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "consistent-read" => ::std::result::Result::Ok(Self::ConsistentRead),
+            "write" => ::std::result::Result::Ok(Self::Write),
+            "write-unchanged" => ::std::result::Result::Ok(Self::WriteUnchanged),
+            "resize" => ::std::result::Result::Ok(Self::Resize),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "BlockPermission",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for BlockPermission {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// Options of blkdebug, a filter that injects errors for tests.
+///
+/// **Since:** 2.9
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevOptionsBlkdebug {
+    /// the node being filtered
+    pub image: ::std::boxed::Box<BlockdevRef>,
+    /// a file with rules in blkdebug's configuration syntax
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub config: ::std::option::Option<::std::string::String>,
+    /// required alignment of requests, in bytes (default: none)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub align: ::std::option::Option<i64>,
+    /// largest request passed down, in bytes (since 2.10)
+    #[serde(rename = "max-transfer")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub max_transfer: ::std::option::Option<i32>,
+    /// preferred alignment of zero writes (since 2.10)
+    #[serde(rename = "opt-write-zero")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub opt_write_zero: ::std::option::Option<i32>,
+    /// largest zero write passed down (since 2.10)
+    #[serde(rename = "max-write-zero")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub max_write_zero: ::std::option::Option<i32>,
+    /// preferred alignment of discards (since 2.10)
+    #[serde(rename = "opt-discard")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub opt_discard: ::std::option::Option<i32>,
+    /// largest discard passed down (since 2.10)
+    #[serde(rename = "max-discard")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub max_discard: ::std::option::Option<i32>,
+    /// rules that inject errors
+    #[serde(rename = "inject-error")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub inject_error: ::std::option::Option<::std::vec::Vec<BlkdebugInjectErrorOptions>>,
+    /// rules that change state
+    #[serde(rename = "set-state")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub set_state: ::std::option::Option<::std::vec::Vec<BlkdebugSetStateOptions>>,
+    /// permissions to take on the child in addition to
+    /// those needed (since 5.0)
+    #[serde(rename = "take-child-perms")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub take_child_perms: ::std::option::Option<::std::vec::Vec<BlockPermission>>,
+    /// permissions to refuse other users of the
+    /// child in addition to the usual ones (since 5.0)
+    #[serde(rename = "unshare-child-perms")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub unshare_child_perms: ::std::option::Option<::std::vec::Vec<BlockPermission>>,
+}
+
+impl BlockdevOptionsBlkdebug {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(image: ::std::boxed::Box<BlockdevRef>) -> Self {
+        Self {
+            image,
+            config: ::std::option::Option::None,
+            align: ::std::option::Option::None,
+            max_transfer: ::std::option::Option::None,
+            opt_write_zero: ::std::option::Option::None,
+            max_write_zero: ::std::option::Option::None,
+            opt_discard: ::std::option::Option::None,
+            max_discard: ::std::option::Option::None,
+            inject_error: ::std::option::Option::None,
+            set_state: ::std::option::Option::None,
+            take_child_perms: ::std::option::Option::None,
+            unshare_child_perms: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            image: object.required("image", path)?,
+            config: object.optional("config", path)?,
+            align: object.optional("align", path)?,
+            max_transfer: object.optional("max-transfer", path)?,
+            opt_write_zero: object.optional("opt-write-zero", path)?,
+            max_write_zero: object.optional("max-write-zero", path)?,
+            opt_discard: object.optional("opt-discard", path)?,
+            max_discard: object.optional("max-discard", path)?,
+            inject_error: object.optional("inject-error", path)?,
+            set_state: object.optional("set-state", path)?,
+            take_child_perms: object.optional("take-child-perms", path)?,
+            unshare_child_perms: object.optional("unshare-child-perms", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevOptionsBlkdebug {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Everything needed to open a block node.  The members depend on the
+/// driver; this daemon has the drivers @BlockdevDriver lists.
+///
+/// **Since:** 2.9
+///
+/// The members of the branch selected by `driver` are in [`BlockdevOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevOptions {
+    /// the node's name; required at the top level of
+    /// @blockdev-add, generated when absent in nested definitions
+    #[serde(rename = "node-name")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub node_name: ::std::option::Option<::std::string::String>,
+    /// what to do with discard requests (default: ignore)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub discard: ::std::option::Option<BlockdevDiscardOptions>,
+    /// cache settings
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub cache: ::std::option::Option<BlockdevCacheOptions>,
+    /// open the node inactive, leaving the image to another
+    /// process until it is activated (default: true; since 10.0)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub active: ::std::option::Option<bool>,
+    /// open the node read-only (default: false)
+    #[serde(rename = "read-only")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub read_only: ::std::option::Option<bool>,
+    /// when read-write access is impossible, open
+    /// read-only instead of failing (default: false; since 3.1)
+    #[serde(rename = "auto-read-only")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub auto_read_only: ::std::option::Option<bool>,
+    /// allow other users to write while this node is open,
+    /// which requires @read-only (default: false; since 2.10)
+    #[serde(rename = "force-share")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub force_share: ::std::option::Option<bool>,
+    /// detection of zero writes (default: off)
+    #[serde(rename = "detect-zeroes")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub detect_zeroes: ::std::option::Option<BlockdevDetectZeroesOptions>,
+    #[serde(flatten)]
+    pub branch: BlockdevOptionsBranch,
+}
+
+/// The branch of [`BlockdevOptions`] chosen by its discriminator `driver` (serialised as that member).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(tag = "driver")]
+pub enum BlockdevOptionsBranch {
+    #[serde(rename = "blkdebug")]
+    Blkdebug(::std::boxed::Box<BlockdevOptionsBlkdebug>),
+    #[serde(rename = "file")]
+    File(BlockdevOptionsFile),
+    #[serde(rename = "null-co")]
+    NullCo(BlockdevOptionsNull),
+    #[serde(rename = "qcow2")]
+    Qcow2(::std::boxed::Box<BlockdevOptionsQcow2>),
+    #[serde(rename = "raw")]
+    Raw(::std::boxed::Box<BlockdevOptionsRaw>),
+}
+
+impl BlockdevOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> BlockdevDriver {
+        match self {
+            Self::Blkdebug(_) => BlockdevDriver::Blkdebug,
+            Self::File(_) => BlockdevDriver::File,
+            Self::NullCo(_) => BlockdevDriver::NullCo,
+            Self::Qcow2(_) => BlockdevDriver::Qcow2,
+            Self::Raw(_) => BlockdevDriver::Raw,
+        }
+    }
+}
+
+impl BlockdevOptions {
+    /// Reads this union's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let kind: BlockdevDriver = object.required("driver", path)?;
+        let member_1 = object.optional("node-name", path)?;
+        let member_2 = object.optional("discard", path)?;
+        let member_3 = object.optional("cache", path)?;
+        let member_4 = object.optional("active", path)?;
+        let member_5 = object.optional("read-only", path)?;
+        let member_6 = object.optional("auto-read-only", path)?;
+        let member_7 = object.optional("force-share", path)?;
+        let member_8 = object.optional("detect-zeroes", path)?;
+        let branch = match kind {
+            BlockdevDriver::Blkdebug => BlockdevOptionsBranch::Blkdebug(::std::boxed::Box::new(
+                BlockdevOptionsBlkdebug::read_qmp_members(object, path)?,
+            )),
+            BlockdevDriver::File => {
+                BlockdevOptionsBranch::File(BlockdevOptionsFile::read_qmp_members(object, path)?)
+            }
+            BlockdevDriver::NullCo => {
+                BlockdevOptionsBranch::NullCo(BlockdevOptionsNull::read_qmp_members(object, path)?)
+            }
+            BlockdevDriver::Qcow2 => BlockdevOptionsBranch::Qcow2(::std::boxed::Box::new(
+                BlockdevOptionsQcow2::read_qmp_members(object, path)?,
+            )),
+            BlockdevDriver::Raw => BlockdevOptionsBranch::Raw(::std::boxed::Box::new(
+                BlockdevOptionsRaw::read_qmp_members(object, path)?,
+            )),
+        };
+        ::std::result::Result::Ok(Self {
+            node_name: member_1,
+            discard: member_2,
+            cache: member_3,
+            active: member_4,
+            read_only: member_5,
+            auto_read_only: member_6,
+            force_share: member_7,
+            detect_zeroes: member_8,
+            branch,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevOptions {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// A child node, given either by definition or by name.
+///
+/// **Since:** 2.9
+///
+/// Chosen by the JSON type of the value.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(untagged)]
+pub enum BlockdevRef {
+    /// options of a new node to open
+    Definition(::std::boxed::Box<BlockdevOptions>),
+    /// the name of an existing node
+    Reference(::std::string::String),
+}
+
+impl crate::input::FromQmp for BlockdevRef {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(match value {
+            ::serde_json::Value::Object(_) => {
+                Self::Definition(crate::input::FromQmp::from_qmp(value, path)?)
+            }
+            ::serde_json::Value::String(_) => {
+                Self::Reference(crate::input::FromQmp::from_qmp(value, path)?)
+            }
+            _ => {
+                return ::std::result::Result::Err(path.invalid_alternate("BlockdevRef"));
+            }
+        })
+    }
+}
+
+/// A child node given by definition or by name, or null for none.
+///
+/// **Since:** 2.9
+///
+/// Chosen by the JSON type of the value.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(untagged)]
+pub enum BlockdevRefOrNull {
+    /// options of a new node to open
+    Definition(::std::boxed::Box<BlockdevOptions>),
+    /// the name of an existing node; the empty string means
+    /// none, as null does
+    Reference(::std::string::String),
+    /// no child
+    Null(()),
+}
+
+impl crate::input::FromQmp for BlockdevRefOrNull {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(match value {
+            ::serde_json::Value::Object(_) => {
+                Self::Definition(crate::input::FromQmp::from_qmp(value, path)?)
+            }
+            ::serde_json::Value::String(_) => {
+                Self::Reference(crate::input::FromQmp::from_qmp(value, path)?)
+            }
+            ::serde_json::Value::Null => Self::Null(crate::input::FromQmp::from_qmp(value, path)?),
+            _ => {
+                return ::std::result::Result::Err(path.invalid_alternate("BlockdevRefOrNull"));
+            }
+        })
+    }
+}
+
+/// What is known about one dirty bitmap.
+///
+/// **Since:** 1.3
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockDirtyInfo {
+    /// the bitmap's name; absent for the anonymous bitmaps jobs use
+    /// internally
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub name: ::std::option::Option<::std::string::String>,
+    /// how many bytes the set bits cover
+    pub count: i64,
+    /// bytes covered by one bit
+    pub granularity: u32,
+    /// whether writes are being recorded (since 4.0)
+    pub recording: bool,
+    /// whether a job or export uses the bitmap, which makes it
+    /// unavailable to most commands (since 4.0)
+    pub busy: bool,
+    /// whether the bitmap is saved in the image when the node
+    /// is closed (since 4.0)
+    pub persistent: bool,
+    /// present and true when the saved copy was not
+    /// updated after its last use, so its content cannot be trusted;
+    /// such a bitmap can only be removed (since 4.0)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub inconsistent: ::std::option::Option<bool>,
+}
+
+impl BlockDirtyInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        count: i64,
+        granularity: u32,
+        recording: bool,
+        busy: bool,
+        persistent: bool,
+    ) -> Self {
+        Self {
+            name: ::std::option::Option::None,
+            count,
+            granularity,
+            recording,
+            busy,
+            persistent,
+            inconsistent: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            name: object.optional("name", path)?,
+            count: object.required("count", path)?,
+            granularity: object.required("granularity", path)?,
+            recording: object.required("recording", path)?,
+            busy: object.required("busy", path)?,
+            persistent: object.required("persistent", path)?,
+            inconsistent: object.optional("inconsistent", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockDirtyInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Names a dirty bitmap.
+///
+/// **Since:** 2.4
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockDirtyBitmap {
+    /// the name of the node that has the bitmap
+    pub node: ::std::string::String,
+    /// the bitmap's name
+    pub name: ::std::string::String,
+}
+
+impl BlockDirtyBitmap {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        node: impl ::std::convert::Into<::std::string::String>,
+        name: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            node: node.into(),
+            name: name.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            node: object.required("node", path)?,
+            name: object.required("name", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockDirtyBitmap {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// A dirty bitmap to create.
+///
+/// **Since:** 2.4
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockDirtyBitmapAdd {
+    /// the name of the node to track
+    pub node: ::std::string::String,
+    /// the new bitmap's name, unique on the node
+    pub name: ::std::string::String,
+    /// bytes covered by one bit, a power of two from 512 to
+    /// 2 GiB (default: the node's cluster size, but at least 4 KiB, when
+    /// it has one; 64 KiB otherwise)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub granularity: ::std::option::Option<u32>,
+    /// save the bitmap in the image when the node is closed;
+    /// the image format must support it (default: false; since 2.10)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub persistent: ::std::option::Option<bool>,
+    /// create the bitmap without recording writes (default:
+    /// false; since 4.0)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub disabled: ::std::option::Option<bool>,
+}
+
+impl BlockDirtyBitmapAdd {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        node: impl ::std::convert::Into<::std::string::String>,
+        name: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            node: node.into(),
+            name: name.into(),
+            granularity: ::std::option::Option::None,
+            persistent: ::std::option::Option::None,
+            disabled: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            node: object.required("node", path)?,
+            name: object.required("name", path)?,
+            granularity: object.optional("granularity", path)?,
+            persistent: object.optional("persistent", path)?,
+            disabled: object.optional("disabled", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockDirtyBitmapAdd {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// A dirty bitmap, by name on an implied node or by node and name.
+///
+/// **Since:** 4.1
+///
+/// Chosen by the JSON type of the value.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(untagged)]
+pub enum BlockDirtyBitmapOrStr {
+    /// the name of a bitmap on the node the command is about
+    Local(::std::string::String),
+    /// a bitmap on any node
+    External(BlockDirtyBitmap),
+}
+
+impl crate::input::FromQmp for BlockDirtyBitmapOrStr {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(match value {
+            ::serde_json::Value::String(_) => {
+                Self::Local(crate::input::FromQmp::from_qmp(value, path)?)
+            }
+            ::serde_json::Value::Object(_) => {
+                Self::External(crate::input::FromQmp::from_qmp(value, path)?)
+            }
+            _ => {
+                return ::std::result::Result::Err(path.invalid_alternate("BlockDirtyBitmapOrStr"));
+            }
+        })
+    }
+}
+
+/// Bitmaps to merge into another.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockDirtyBitmapMerge {
+    /// the node of the target bitmap
+    pub node: ::std::string::String,
+    /// the bitmap that receives the bits
+    pub target: ::std::string::String,
+    /// the bitmaps whose set bits are added to @target; local
+    /// names refer to bitmaps on @node (since 4.1 any node)
+    pub bitmaps: ::std::vec::Vec<BlockDirtyBitmapOrStr>,
+}
+
+impl BlockDirtyBitmapMerge {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        node: impl ::std::convert::Into<::std::string::String>,
+        target: impl ::std::convert::Into<::std::string::String>,
+        bitmaps: ::std::vec::Vec<BlockDirtyBitmapOrStr>,
+    ) -> Self {
+        Self {
+            node: node.into(),
+            target: target.into(),
+            bitmaps,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            node: object.required("node", path)?,
+            target: object.required("target", path)?,
+            bitmaps: object.required("bitmaps", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockDirtyBitmapMerge {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Whether I/O of a job (or device) has been failing.
+///
+/// **Since:** 1.0
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BlockDeviceIoStatus {
+    /// no error so far
+    #[serde(rename = "ok")]
+    Ok,
+    /// an I/O request failed
+    #[serde(rename = "failed")]
+    Failed,
+    /// an I/O request failed because the host ran out of space
+    #[serde(rename = "nospace")]
+    Nospace,
+}
+
+impl BlockDeviceIoStatus {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Ok, Self::Failed, Self::Nospace];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failed => "failed",
+            Self::Nospace => "nospace",
+        }
+    }
+}
+
+impl ::std::fmt::Display for BlockDeviceIoStatus {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for BlockDeviceIoStatus {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "ok" => ::std::result::Result::Ok(Self::Ok),
+            "failed" => ::std::result::Result::Ok(Self::Failed),
+            "nospace" => ::std::result::Result::Ok(Self::Nospace),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "BlockDeviceIoStatus",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for BlockDeviceIoStatus {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// What a job does when one of its I/O requests fails.
+///
+/// **Since:** 1.3
 #[derive(
     Debug,
     Clone,
@@ -540,17 +6793,26 @@ impl crate::input::FromQmp for BitmapSyncMode {
     ::serde::Deserialize,
 )]
 pub enum BlockdevOnError {
+    /// fail the job
     #[serde(rename = "report")]
     Report,
+    /// carry on as if the request had succeeded
     #[serde(rename = "ignore")]
     Ignore,
+    /// pause the job when the host ran out of space, fail it on
+    /// any other error
     #[serde(rename = "enospc")]
     Enospc,
+    /// pause the job, so that a client can resume it after fixing
+    /// the cause
     #[serde(rename = "stop")]
     Stop,
+    /// follow the error policy of the device the node belongs to;
+    /// for jobs without one this is @report (since 2.7)
     #[serde(rename = "auto")]
     Auto,
 }
+
 impl BlockdevOnError {
     /// Every value, in schema order.
     pub const ALL: &'static [Self] = &[
@@ -571,11 +6833,13 @@ impl BlockdevOnError {
         }
     }
 }
+
 impl ::std::fmt::Display for BlockdevOnError {
     fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
         f.write_str(self.as_str())
     }
 }
+
 impl ::std::str::FromStr for BlockdevOnError {
     type Err = crate::input::UnknownEnumValue;
     fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
@@ -592,6 +6856,7 @@ impl ::std::str::FromStr for BlockdevOnError {
         }
     }
 }
+
 impl crate::input::FromQmp for BlockdevOnError {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -600,6 +6865,1367 @@ impl crate::input::FromQmp for BlockdevOnError {
         crate::input::enum_from_qmp(value, path)
     }
 }
+
+/// What was done about a failed I/O request.
+///
+/// **Since:** 2.1
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BlockErrorAction {
+    /// the error was ignored
+    #[serde(rename = "ignore")]
+    Ignore,
+    /// the error was reported to the job, which fails
+    #[serde(rename = "report")]
+    Report,
+    /// the job was paused
+    #[serde(rename = "stop")]
+    Stop,
+}
+
+impl BlockErrorAction {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Ignore, Self::Report, Self::Stop];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ignore => "ignore",
+            Self::Report => "report",
+            Self::Stop => "stop",
+        }
+    }
+}
+
+impl ::std::fmt::Display for BlockErrorAction {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for BlockErrorAction {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "ignore" => ::std::result::Result::Ok(Self::Ignore),
+            "report" => ::std::result::Result::Ok(Self::Report),
+            "stop" => ::std::result::Result::Ok(Self::Stop),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "BlockErrorAction",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for BlockErrorAction {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// What @query-block-jobs adds for mirror jobs.
+///
+/// **Since:** 8.2
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockJobInfoMirror {
+    /// whether writes to the source are copied to the
+    /// target as they happen (true once the job is @ready in
+    /// write-blocking mode)
+    #[serde(rename = "actively-synced")]
+    pub actively_synced: bool,
+}
+
+impl BlockJobInfoMirror {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(actively_synced: bool) -> Self {
+        Self { actively_synced }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            actively_synced: object.required("actively-synced", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockJobInfoMirror {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// What @query-block-jobs reports about one block job.
+///
+/// **Since:** 1.1
+///
+/// The members of the branch selected by `type` are in [`BlockJobInfoBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockJobInfo {
+    /// the job's id (named "device" for historical reasons; it
+    /// is the device name only when no job id was given)
+    pub device: ::std::string::String,
+    /// an estimate of the whole work, in bytes
+    pub len: i64,
+    /// how much of @len is done
+    pub offset: i64,
+    /// false when the job is paused or sleeping, true otherwise
+    pub busy: bool,
+    /// whether the job was paused by a client
+    pub paused: bool,
+    /// the rate limit in bytes per second, 0 for none
+    pub speed: i64,
+    /// whether the job's I/O has been failing
+    #[serde(rename = "io-status")]
+    pub io_status: BlockDeviceIoStatus,
+    /// whether the job can be completed (since 2.2)
+    pub ready: bool,
+    /// where the job stands in its life cycle (since 2.12)
+    pub status: BlockJobStatus,
+    /// whether the job finalizes by itself on reaching
+    /// @pending (since 3.1)
+    #[serde(rename = "auto-finalize")]
+    pub auto_finalize: bool,
+    /// whether the job disappears by itself on reaching
+    /// @concluded (since 3.1)
+    #[serde(rename = "auto-dismiss")]
+    pub auto_dismiss: bool,
+    /// a human-readable reason once the job has failed or was
+    /// cancelled; absent while it runs and when it succeeded (since
+    /// 6.0)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub error: ::std::option::Option<::std::string::String>,
+    #[serde(flatten)]
+    pub branch: BlockJobInfoBranch,
+}
+
+/// The branch of [`BlockJobInfo`] chosen by its discriminator `type` (serialised as that member).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(tag = "type")]
+pub enum BlockJobInfoBranch {
+    #[serde(rename = "commit")]
+    Commit,
+    #[serde(rename = "stream")]
+    Stream,
+    #[serde(rename = "mirror")]
+    Mirror(BlockJobInfoMirror),
+    #[serde(rename = "backup")]
+    Backup,
+    #[serde(rename = "create")]
+    Create,
+    #[serde(rename = "amend")]
+    Amend,
+    #[serde(rename = "snapshot-load")]
+    SnapshotLoad,
+    #[serde(rename = "snapshot-save")]
+    SnapshotSave,
+    #[serde(rename = "snapshot-delete")]
+    SnapshotDelete,
+}
+
+impl BlockJobInfoBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> JobType {
+        match self {
+            Self::Commit => JobType::Commit,
+            Self::Stream => JobType::Stream,
+            Self::Mirror(_) => JobType::Mirror,
+            Self::Backup => JobType::Backup,
+            Self::Create => JobType::Create,
+            Self::Amend => JobType::Amend,
+            Self::SnapshotLoad => JobType::SnapshotLoad,
+            Self::SnapshotSave => JobType::SnapshotSave,
+            Self::SnapshotDelete => JobType::SnapshotDelete,
+        }
+    }
+}
+
+impl BlockJobInfo {
+    /// Reads this union's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let kind: JobType = object.required("type", path)?;
+        let member_1 = object.required("device", path)?;
+        let member_2 = object.required("len", path)?;
+        let member_3 = object.required("offset", path)?;
+        let member_4 = object.required("busy", path)?;
+        let member_5 = object.required("paused", path)?;
+        let member_6 = object.required("speed", path)?;
+        let member_7 = object.required("io-status", path)?;
+        let member_8 = object.required("ready", path)?;
+        let member_9 = object.required("status", path)?;
+        let member_10 = object.required("auto-finalize", path)?;
+        let member_11 = object.required("auto-dismiss", path)?;
+        let member_12 = object.optional("error", path)?;
+        let branch = match kind {
+            JobType::Commit => BlockJobInfoBranch::Commit,
+            JobType::Stream => BlockJobInfoBranch::Stream,
+            JobType::Mirror => {
+                BlockJobInfoBranch::Mirror(BlockJobInfoMirror::read_qmp_members(object, path)?)
+            }
+            JobType::Backup => BlockJobInfoBranch::Backup,
+            JobType::Create => BlockJobInfoBranch::Create,
+            JobType::Amend => BlockJobInfoBranch::Amend,
+            JobType::SnapshotLoad => BlockJobInfoBranch::SnapshotLoad,
+            JobType::SnapshotSave => BlockJobInfoBranch::SnapshotSave,
+            JobType::SnapshotDelete => BlockJobInfoBranch::SnapshotDelete,
+        };
+        ::std::result::Result::Ok(Self {
+            device: member_1,
+            len: member_2,
+            offset: member_3,
+            busy: member_4,
+            paused: member_5,
+            speed: member_6,
+            io_status: member_7,
+            ready: member_8,
+            status: member_9,
+            auto_finalize: member_10,
+            auto_dismiss: member_11,
+            error: member_12,
+            branch,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockJobInfo {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The options of a mirror job that can change while it runs.
+///
+/// **Since:** 8.2
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockJobChangeOptionsMirror {
+    /// the new copy mode; only a change from background to
+    /// write-blocking is possible
+    #[serde(rename = "copy-mode")]
+    pub copy_mode: MirrorCopyMode,
+}
+
+impl BlockJobChangeOptionsMirror {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(copy_mode: MirrorCopyMode) -> Self {
+        Self { copy_mode }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            copy_mode: object.required("copy-mode", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockJobChangeOptionsMirror {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Which job to change and how.
+///
+/// **Since:** 8.2
+///
+/// The members of the branch selected by `type` are in [`BlockJobChangeOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockJobChangeOptions {
+    /// the job's id
+    pub id: ::std::string::String,
+    #[serde(flatten)]
+    pub branch: BlockJobChangeOptionsBranch,
+}
+
+/// The branch of [`BlockJobChangeOptions`] chosen by its discriminator `type` (serialised as that member).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(tag = "type")]
+pub enum BlockJobChangeOptionsBranch {
+    #[serde(rename = "commit")]
+    Commit,
+    #[serde(rename = "stream")]
+    Stream,
+    #[serde(rename = "mirror")]
+    Mirror(BlockJobChangeOptionsMirror),
+    #[serde(rename = "backup")]
+    Backup,
+    #[serde(rename = "create")]
+    Create,
+    #[serde(rename = "amend")]
+    Amend,
+    #[serde(rename = "snapshot-load")]
+    SnapshotLoad,
+    #[serde(rename = "snapshot-save")]
+    SnapshotSave,
+    #[serde(rename = "snapshot-delete")]
+    SnapshotDelete,
+}
+
+impl BlockJobChangeOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> JobType {
+        match self {
+            Self::Commit => JobType::Commit,
+            Self::Stream => JobType::Stream,
+            Self::Mirror(_) => JobType::Mirror,
+            Self::Backup => JobType::Backup,
+            Self::Create => JobType::Create,
+            Self::Amend => JobType::Amend,
+            Self::SnapshotLoad => JobType::SnapshotLoad,
+            Self::SnapshotSave => JobType::SnapshotSave,
+            Self::SnapshotDelete => JobType::SnapshotDelete,
+        }
+    }
+}
+
+impl BlockJobChangeOptions {
+    /// Reads this union's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let member_0 = object.required("id", path)?;
+        let kind: JobType = object.required("type", path)?;
+        let branch = match kind {
+            JobType::Commit => BlockJobChangeOptionsBranch::Commit,
+            JobType::Stream => BlockJobChangeOptionsBranch::Stream,
+            JobType::Mirror => BlockJobChangeOptionsBranch::Mirror(
+                BlockJobChangeOptionsMirror::read_qmp_members(object, path)?,
+            ),
+            JobType::Backup => BlockJobChangeOptionsBranch::Backup,
+            JobType::Create => BlockJobChangeOptionsBranch::Create,
+            JobType::Amend => BlockJobChangeOptionsBranch::Amend,
+            JobType::SnapshotLoad => BlockJobChangeOptionsBranch::SnapshotLoad,
+            JobType::SnapshotSave => BlockJobChangeOptionsBranch::SnapshotSave,
+            JobType::SnapshotDelete => BlockJobChangeOptionsBranch::SnapshotDelete,
+        };
+        ::std::result::Result::Ok(Self {
+            id: member_0,
+            branch,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockJobChangeOptions {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Which data a backup or mirror job copies.
+///
+/// **Since:** 1.3
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum MirrorSyncMode {
+    /// the data of the top image only, not of its backing chain
+    #[serde(rename = "top")]
+    Top,
+    /// everything the node shows
+    #[serde(rename = "full")]
+    Full,
+    /// for backup: only data about to be overwritten, so the target
+    /// keeps the point-in-time view; for mirror: only new writes
+    #[serde(rename = "none")]
+    None,
+    /// what a bitmap marks; like @bitmap with bitmap-mode
+    /// on-success (since 2.4)
+    #[serde(rename = "incremental")]
+    Incremental,
+    /// what a bitmap marks, with the bitmap updated afterwards as
+    /// bitmap-mode says (since 4.2)
+    #[serde(rename = "bitmap")]
+    Bitmap,
+}
+
+impl MirrorSyncMode {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[
+        Self::Top,
+        Self::Full,
+        Self::None,
+        Self::Incremental,
+        Self::Bitmap,
+    ];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Top => "top",
+            Self::Full => "full",
+            Self::None => "none",
+            Self::Incremental => "incremental",
+            Self::Bitmap => "bitmap",
+        }
+    }
+}
+
+impl ::std::fmt::Display for MirrorSyncMode {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for MirrorSyncMode {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "top" => ::std::result::Result::Ok(Self::Top),
+            "full" => ::std::result::Result::Ok(Self::Full),
+            "none" => ::std::result::Result::Ok(Self::None),
+            "incremental" => ::std::result::Result::Ok(Self::Incremental),
+            "bitmap" => ::std::result::Result::Ok(Self::Bitmap),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "MirrorSyncMode",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for MirrorSyncMode {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// What becomes of the bitmap a job copied from, once the job ends.
+///
+/// **Since:** 4.2
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BitmapSyncMode {
+    /// if the job succeeded, the bitmap keeps only the writes
+    /// made while the job ran; if it failed, it keeps everything
+    /// (since 4.2; before that named "conditional")
+    #[serde(rename = "on-success")]
+    OnSuccess,
+    /// the bitmap is left as it would be without the job, with
+    /// every bit it had plus the writes made meanwhile
+    #[serde(rename = "never")]
+    Never,
+    /// the bits the job copied are cleared whether it succeeded
+    /// or not (since 4.2)
+    #[serde(rename = "always")]
+    Always,
+}
+
+impl BitmapSyncMode {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::OnSuccess, Self::Never, Self::Always];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OnSuccess => "on-success",
+            Self::Never => "never",
+            Self::Always => "always",
+        }
+    }
+}
+
+impl ::std::fmt::Display for BitmapSyncMode {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for BitmapSyncMode {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "on-success" => ::std::result::Result::Ok(Self::OnSuccess),
+            "never" => ::std::result::Result::Ok(Self::Never),
+            "always" => ::std::result::Result::Ok(Self::Always),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "BitmapSyncMode",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for BitmapSyncMode {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// When a mirror job copies writes made to the source.
+///
+/// **Since:** 3.0
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum MirrorCopyMode {
+    /// later, in the job's copy loop
+    #[serde(rename = "background")]
+    Background,
+    /// at once: a write to the source completes only
+    /// when it also reached the target
+    #[serde(rename = "write-blocking")]
+    WriteBlocking,
+}
+
+impl MirrorCopyMode {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Background, Self::WriteBlocking];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Background => "background",
+            Self::WriteBlocking => "write-blocking",
+        }
+    }
+}
+
+impl ::std::fmt::Display for MirrorCopyMode {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for MirrorCopyMode {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "background" => ::std::result::Result::Ok(Self::Background),
+            "write-blocking" => ::std::result::Result::Ok(Self::WriteBlocking),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "MirrorCopyMode",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for MirrorCopyMode {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// Tuning of backup jobs.  Meant for performance testing.
+///
+/// **Since:** 6.0
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BackupPerf {
+    /// use copy offloading between source and target
+    /// (default: false)
+    #[serde(rename = "use-copy-range")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub use_copy_range: ::std::option::Option<bool>,
+    /// how many requests may run in parallel (default: 64)
+    #[serde(rename = "max-workers")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub max_workers: ::std::option::Option<i64>,
+    /// the largest request, in bytes, 0 for no limit (default:
+    /// 0)
+    #[serde(rename = "max-chunk")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub max_chunk: ::std::option::Option<i64>,
+    /// the smallest unit the job copies in, in bytes
+    /// (since 9.2)
+    #[serde(rename = "min-cluster-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub min_cluster_size: ::std::option::Option<u64>,
+}
+
+impl BackupPerf {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            use_copy_range: ::std::option::Option::None,
+            max_workers: ::std::option::Option::None,
+            max_chunk: ::std::option::Option::None,
+            min_cluster_size: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            use_copy_range: object.optional("use-copy-range", path)?,
+            max_workers: object.optional("max-workers", path)?,
+            max_chunk: object.optional("max-chunk", path)?,
+            min_cluster_size: object.optional("min-cluster-size", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BackupPerf {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The arguments every backup job takes.
+///
+/// **Since:** 4.2
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BackupCommon {
+    /// the new job's id.  The default is the name of the guest
+    /// device @device belongs to; nodes of this daemon belong to none,
+    /// so a job id must be given.
+    #[serde(rename = "job-id")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub job_id: ::std::option::Option<::std::string::String>,
+    /// the node to back up
+    pub device: ::std::string::String,
+    /// which data to copy
+    pub sync: MirrorSyncMode,
+    /// the rate limit in bytes per second (default: 0, none)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub speed: ::std::option::Option<i64>,
+    /// the dirty bitmap to copy from, for @sync incremental or
+    /// bitmap; with @sync full or top it is only updated as
+    /// @bitmap-mode says (since 2.4)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bitmap: ::std::option::Option<::std::string::String>,
+    /// what becomes of @bitmap when the job ends; required
+    /// with @bitmap except for @sync incremental (since 4.2)
+    #[serde(rename = "bitmap-mode")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bitmap_mode: ::std::option::Option<BitmapSyncMode>,
+    /// write compressed data, when the target format can (since
+    /// 2.8)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub compress: ::std::option::Option<bool>,
+    /// what to do when reading the source fails
+    /// (default: report)
+    #[serde(rename = "on-source-error")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub on_source_error: ::std::option::Option<BlockdevOnError>,
+    /// what to do when writing the target fails
+    /// (default: report)
+    #[serde(rename = "on-target-error")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub on_target_error: ::std::option::Option<BlockdevOnError>,
+    /// finalize by itself on reaching pending; when false,
+    /// wait for @block-job-finalize (default: true; since 2.12)
+    #[serde(rename = "auto-finalize")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub auto_finalize: ::std::option::Option<bool>,
+    /// disappear by itself once concluded; when false, wait
+    /// for @block-job-dismiss (default: true; since 2.12)
+    #[serde(rename = "auto-dismiss")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub auto_dismiss: ::std::option::Option<bool>,
+    /// the node name of the filter the job inserts
+    /// above @device (default: generated; since 4.2)
+    #[serde(rename = "filter-node-name")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub filter_node_name: ::std::option::Option<::std::string::String>,
+    /// discard source data once it was copied (default:
+    /// false; since 9.1)
+    #[serde(rename = "discard-source")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub discard_source: ::std::option::Option<bool>,
+    /// performance tuning (since 6.0)
+    ///
+    /// **Features:** `unstable`
+    #[serde(rename = "x-perf")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub x_perf: ::std::option::Option<BackupPerf>,
+}
+
+impl BackupCommon {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        device: impl ::std::convert::Into<::std::string::String>,
+        sync: MirrorSyncMode,
+    ) -> Self {
+        Self {
+            job_id: ::std::option::Option::None,
+            device: device.into(),
+            sync,
+            speed: ::std::option::Option::None,
+            bitmap: ::std::option::Option::None,
+            bitmap_mode: ::std::option::Option::None,
+            compress: ::std::option::Option::None,
+            on_source_error: ::std::option::Option::None,
+            on_target_error: ::std::option::Option::None,
+            auto_finalize: ::std::option::Option::None,
+            auto_dismiss: ::std::option::Option::None,
+            filter_node_name: ::std::option::Option::None,
+            discard_source: ::std::option::Option::None,
+            x_perf: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            job_id: object.optional("job-id", path)?,
+            device: object.required("device", path)?,
+            sync: object.required("sync", path)?,
+            speed: object.optional("speed", path)?,
+            bitmap: object.optional("bitmap", path)?,
+            bitmap_mode: object.optional("bitmap-mode", path)?,
+            compress: object.optional("compress", path)?,
+            on_source_error: object.optional("on-source-error", path)?,
+            on_target_error: object.optional("on-target-error", path)?,
+            auto_finalize: object.optional("auto-finalize", path)?,
+            auto_dismiss: object.optional("auto-dismiss", path)?,
+            filter_node_name: object.optional("filter-node-name", path)?,
+            discard_source: object.optional("discard-source", path)?,
+            x_perf: object.optional("x-perf", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BackupCommon {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// A backup to a new (or existing) image file that the job opens
+/// itself.
+///
+/// **Since:** 1.6
+///
+/// Includes the members of [`BackupCommon`] (its base).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct DriveBackup {
+    /// the new job's id.  The default is the name of the guest
+    /// device @device belongs to; nodes of this daemon belong to none,
+    /// so a job id must be given.
+    #[serde(rename = "job-id")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub job_id: ::std::option::Option<::std::string::String>,
+    /// the node to back up
+    pub device: ::std::string::String,
+    /// which data to copy
+    pub sync: MirrorSyncMode,
+    /// the rate limit in bytes per second (default: 0, none)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub speed: ::std::option::Option<i64>,
+    /// the dirty bitmap to copy from, for @sync incremental or
+    /// bitmap; with @sync full or top it is only updated as
+    /// @bitmap-mode says (since 2.4)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bitmap: ::std::option::Option<::std::string::String>,
+    /// what becomes of @bitmap when the job ends; required
+    /// with @bitmap except for @sync incremental (since 4.2)
+    #[serde(rename = "bitmap-mode")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bitmap_mode: ::std::option::Option<BitmapSyncMode>,
+    /// write compressed data, when the target format can (since
+    /// 2.8)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub compress: ::std::option::Option<bool>,
+    /// what to do when reading the source fails
+    /// (default: report)
+    #[serde(rename = "on-source-error")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub on_source_error: ::std::option::Option<BlockdevOnError>,
+    /// what to do when writing the target fails
+    /// (default: report)
+    #[serde(rename = "on-target-error")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub on_target_error: ::std::option::Option<BlockdevOnError>,
+    /// finalize by itself on reaching pending; when false,
+    /// wait for @block-job-finalize (default: true; since 2.12)
+    #[serde(rename = "auto-finalize")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub auto_finalize: ::std::option::Option<bool>,
+    /// disappear by itself once concluded; when false, wait
+    /// for @block-job-dismiss (default: true; since 2.12)
+    #[serde(rename = "auto-dismiss")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub auto_dismiss: ::std::option::Option<bool>,
+    /// the node name of the filter the job inserts
+    /// above @device (default: generated; since 4.2)
+    #[serde(rename = "filter-node-name")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub filter_node_name: ::std::option::Option<::std::string::String>,
+    /// discard source data once it was copied (default:
+    /// false; since 9.1)
+    #[serde(rename = "discard-source")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub discard_source: ::std::option::Option<bool>,
+    /// performance tuning (since 6.0)
+    ///
+    /// **Features:** `unstable`
+    #[serde(rename = "x-perf")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub x_perf: ::std::option::Option<BackupPerf>,
+    /// the image file to write; created unless @mode is existing
+    pub target: ::std::string::String,
+    /// the target's format (default: the source's)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub format: ::std::option::Option<::std::string::String>,
+    /// whether to create the target (default: absolute-paths)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub mode: ::std::option::Option<NewImageMode>,
+}
+
+impl DriveBackup {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        device: impl ::std::convert::Into<::std::string::String>,
+        sync: MirrorSyncMode,
+        target: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            job_id: ::std::option::Option::None,
+            device: device.into(),
+            sync,
+            speed: ::std::option::Option::None,
+            bitmap: ::std::option::Option::None,
+            bitmap_mode: ::std::option::Option::None,
+            compress: ::std::option::Option::None,
+            on_source_error: ::std::option::Option::None,
+            on_target_error: ::std::option::Option::None,
+            auto_finalize: ::std::option::Option::None,
+            auto_dismiss: ::std::option::Option::None,
+            filter_node_name: ::std::option::Option::None,
+            discard_source: ::std::option::Option::None,
+            x_perf: ::std::option::Option::None,
+            target: target.into(),
+            format: ::std::option::Option::None,
+            mode: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            job_id: object.optional("job-id", path)?,
+            device: object.required("device", path)?,
+            sync: object.required("sync", path)?,
+            speed: object.optional("speed", path)?,
+            bitmap: object.optional("bitmap", path)?,
+            bitmap_mode: object.optional("bitmap-mode", path)?,
+            compress: object.optional("compress", path)?,
+            on_source_error: object.optional("on-source-error", path)?,
+            on_target_error: object.optional("on-target-error", path)?,
+            auto_finalize: object.optional("auto-finalize", path)?,
+            auto_dismiss: object.optional("auto-dismiss", path)?,
+            filter_node_name: object.optional("filter-node-name", path)?,
+            discard_source: object.optional("discard-source", path)?,
+            x_perf: object.optional("x-perf", path)?,
+            target: object.required("target", path)?,
+            format: object.optional("format", path)?,
+            mode: object.optional("mode", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for DriveBackup {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// A backup to an already open node.
+///
+/// **Since:** 2.3
+///
+/// Includes the members of [`BackupCommon`] (its base).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevBackup {
+    /// the new job's id.  The default is the name of the guest
+    /// device @device belongs to; nodes of this daemon belong to none,
+    /// so a job id must be given.
+    #[serde(rename = "job-id")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub job_id: ::std::option::Option<::std::string::String>,
+    /// the node to back up
+    pub device: ::std::string::String,
+    /// which data to copy
+    pub sync: MirrorSyncMode,
+    /// the rate limit in bytes per second (default: 0, none)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub speed: ::std::option::Option<i64>,
+    /// the dirty bitmap to copy from, for @sync incremental or
+    /// bitmap; with @sync full or top it is only updated as
+    /// @bitmap-mode says (since 2.4)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bitmap: ::std::option::Option<::std::string::String>,
+    /// what becomes of @bitmap when the job ends; required
+    /// with @bitmap except for @sync incremental (since 4.2)
+    #[serde(rename = "bitmap-mode")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bitmap_mode: ::std::option::Option<BitmapSyncMode>,
+    /// write compressed data, when the target format can (since
+    /// 2.8)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub compress: ::std::option::Option<bool>,
+    /// what to do when reading the source fails
+    /// (default: report)
+    #[serde(rename = "on-source-error")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub on_source_error: ::std::option::Option<BlockdevOnError>,
+    /// what to do when writing the target fails
+    /// (default: report)
+    #[serde(rename = "on-target-error")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub on_target_error: ::std::option::Option<BlockdevOnError>,
+    /// finalize by itself on reaching pending; when false,
+    /// wait for @block-job-finalize (default: true; since 2.12)
+    #[serde(rename = "auto-finalize")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub auto_finalize: ::std::option::Option<bool>,
+    /// disappear by itself once concluded; when false, wait
+    /// for @block-job-dismiss (default: true; since 2.12)
+    #[serde(rename = "auto-dismiss")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub auto_dismiss: ::std::option::Option<bool>,
+    /// the node name of the filter the job inserts
+    /// above @device (default: generated; since 4.2)
+    #[serde(rename = "filter-node-name")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub filter_node_name: ::std::option::Option<::std::string::String>,
+    /// discard source data once it was copied (default:
+    /// false; since 9.1)
+    #[serde(rename = "discard-source")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub discard_source: ::std::option::Option<bool>,
+    /// performance tuning (since 6.0)
+    ///
+    /// **Features:** `unstable`
+    #[serde(rename = "x-perf")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub x_perf: ::std::option::Option<BackupPerf>,
+    /// the name of the node to write
+    pub target: ::std::string::String,
+}
+
+impl BlockdevBackup {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        device: impl ::std::convert::Into<::std::string::String>,
+        sync: MirrorSyncMode,
+        target: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            job_id: ::std::option::Option::None,
+            device: device.into(),
+            sync,
+            speed: ::std::option::Option::None,
+            bitmap: ::std::option::Option::None,
+            bitmap_mode: ::std::option::Option::None,
+            compress: ::std::option::Option::None,
+            on_source_error: ::std::option::Option::None,
+            on_target_error: ::std::option::Option::None,
+            auto_finalize: ::std::option::Option::None,
+            auto_dismiss: ::std::option::Option::None,
+            filter_node_name: ::std::option::Option::None,
+            discard_source: ::std::option::Option::None,
+            x_perf: ::std::option::Option::None,
+            target: target.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            job_id: object.optional("job-id", path)?,
+            device: object.required("device", path)?,
+            sync: object.required("sync", path)?,
+            speed: object.optional("speed", path)?,
+            bitmap: object.optional("bitmap", path)?,
+            bitmap_mode: object.optional("bitmap-mode", path)?,
+            compress: object.optional("compress", path)?,
+            on_source_error: object.optional("on-source-error", path)?,
+            on_target_error: object.optional("on-target-error", path)?,
+            auto_finalize: object.optional("auto-finalize", path)?,
+            auto_dismiss: object.optional("auto-dismiss", path)?,
+            filter_node_name: object.optional("filter-node-name", path)?,
+            discard_source: object.optional("discard-source", path)?,
+            x_perf: object.optional("x-perf", path)?,
+            target: object.required("target", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevBackup {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Whether a command creates the image file it writes to.
+///
+/// **Since:** 1.1
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum NewImageMode {
+    /// the file exists and is used as it is; it should already
+    /// hold suitable content (for a snapshot overlay: a backing file
+    /// with the same data as the current image)
+    #[serde(rename = "existing")]
+    Existing,
+    /// create the file, overwriting any file of that
+    /// name; a backing file is recorded by absolute path
+    #[serde(rename = "absolute-paths")]
+    AbsolutePaths,
+}
+
+impl NewImageMode {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Existing, Self::AbsolutePaths];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Existing => "existing",
+            Self::AbsolutePaths => "absolute-paths",
+        }
+    }
+}
+
+impl ::std::fmt::Display for NewImageMode {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for NewImageMode {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "existing" => ::std::result::Result::Ok(Self::Existing),
+            "absolute-paths" => ::std::result::Result::Ok(Self::AbsolutePaths),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "NewImageMode",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for NewImageMode {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// An external snapshot whose overlay file the daemon creates and
+/// opens.
+///
+/// **Since:** 1.1
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevSnapshotSync {
+    /// the name of the node to snapshot (one of @device and
+    /// @node-name is required)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub device: ::std::option::Option<::std::string::String>,
+    /// the name of the node to snapshot (since 2.0)
+    #[serde(rename = "node-name")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub node_name: ::std::option::Option<::std::string::String>,
+    /// the overlay's file name
+    #[serde(rename = "snapshot-file")]
+    pub snapshot_file: ::std::string::String,
+    /// the node name of the new overlay; required
+    /// when @node-name is given (since 2.0)
+    #[serde(rename = "snapshot-node-name")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub snapshot_node_name: ::std::option::Option<::std::string::String>,
+    /// the overlay's format (default: qcow2)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub format: ::std::option::Option<::std::string::String>,
+    /// whether to create the overlay file (default: absolute-paths)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub mode: ::std::option::Option<NewImageMode>,
+}
+
+impl BlockdevSnapshotSync {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(snapshot_file: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            device: ::std::option::Option::None,
+            node_name: ::std::option::Option::None,
+            snapshot_file: snapshot_file.into(),
+            snapshot_node_name: ::std::option::Option::None,
+            format: ::std::option::Option::None,
+            mode: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            device: object.optional("device", path)?,
+            node_name: object.optional("node-name", path)?,
+            snapshot_file: object.required("snapshot-file", path)?,
+            snapshot_node_name: object.optional("snapshot-node-name", path)?,
+            format: object.optional("format", path)?,
+            mode: object.optional("mode", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevSnapshotSync {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// An external snapshot with an overlay node that is already open.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevSnapshot {
+    /// the node to snapshot
+    pub node: ::std::string::String,
+    /// the node that becomes the new top; it must have no
+    /// backing node yet, and gets @node as its backing node
+    pub overlay: ::std::string::String,
+}
+
+impl BlockdevSnapshot {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        node: impl ::std::convert::Into<::std::string::String>,
+        overlay: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            node: node.into(),
+            overlay: overlay.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            node: object.required("node", path)?,
+            overlay: object.required("overlay", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevSnapshot {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// An internal snapshot, stored inside the image itself.
+///
+/// **Since:** 1.7
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevSnapshotInternal {
+    /// the node to snapshot; its format must support internal
+    /// snapshots (qcow2)
+    pub device: ::std::string::String,
+    /// the snapshot's name, which must not be empty nor exist yet
+    pub name: ::std::string::String,
+}
+
+impl BlockdevSnapshotInternal {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        device: impl ::std::convert::Into<::std::string::String>,
+        name: impl ::std::convert::Into<::std::string::String>,
+    ) -> Self {
+        Self {
+            device: device.into(),
+            name: name.into(),
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            device: object.required("device", path)?,
+            name: object.required("name", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevSnapshotInternal {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The action that always fails; for testing how a transaction rolls
+/// back.
+///
+/// **Since:** 1.6
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct Abort {}
+impl Abort {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {})
+    }
+}
+
+impl crate::input::FromQmp for Abort {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// How the jobs started by one transaction end relative to each other.
+///
+/// **Since:** 2.5
 #[derive(
     Debug,
     Clone,
@@ -613,11 +8239,17 @@ impl crate::input::FromQmp for BlockdevOnError {
     ::serde::Deserialize,
 )]
 pub enum ActionCompletionMode {
+    /// each job ends on its own; a failing job does not affect
+    /// the others (default)
     #[serde(rename = "individual")]
     Individual,
+    /// the jobs form a group: none finalizes before all are done,
+    /// and when one fails or is cancelled the others are cancelled too.
+    /// Actions that cannot take part in a group reject this mode.
     #[serde(rename = "grouped")]
     Grouped,
 }
+
 impl ActionCompletionMode {
     /// Every value, in schema order.
     pub const ALL: &'static [Self] = &[Self::Individual, Self::Grouped];
@@ -629,11 +8261,13 @@ impl ActionCompletionMode {
         }
     }
 }
+
 impl ::std::fmt::Display for ActionCompletionMode {
     fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
         f.write_str(self.as_str())
     }
 }
+
 impl ::std::str::FromStr for ActionCompletionMode {
     type Err = crate::input::UnknownEnumValue;
     fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
@@ -647,6 +8281,7 @@ impl ::std::str::FromStr for ActionCompletionMode {
         }
     }
 }
+
 impl crate::input::FromQmp for ActionCompletionMode {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -655,161 +8290,10 @@ impl crate::input::FromQmp for ActionCompletionMode {
         crate::input::enum_from_qmp(value, path)
     }
 }
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-pub struct BackupCommon {
-    #[serde(rename = "job-id")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub job_id: ::std::option::Option<::std::string::String>,
-    pub device: ::std::string::String,
-    pub sync: MirrorSyncMode,
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub speed: ::std::option::Option<i64>,
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmap: ::std::option::Option<::std::string::String>,
-    #[serde(rename = "bitmap-mode")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmap_mode: ::std::option::Option<BitmapSyncMode>,
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub compress: ::std::option::Option<bool>,
-    #[serde(rename = "on-source-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_source_error: ::std::option::Option<BlockdevOnError>,
-    #[serde(rename = "on-target-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_target_error: ::std::option::Option<BlockdevOnError>,
-    #[serde(rename = "auto-finalize")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_finalize: ::std::option::Option<bool>,
-    #[serde(rename = "auto-dismiss")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_dismiss: ::std::option::Option<bool>,
-    #[serde(rename = "filter-node-name")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub filter_node_name: ::std::option::Option<::std::string::String>,
-}
-impl BackupCommon {
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            job_id: object.optional("job-id", path)?,
-            device: object.required("device", path)?,
-            sync: object.required("sync", path)?,
-            speed: object.optional("speed", path)?,
-            bitmap: object.optional("bitmap", path)?,
-            bitmap_mode: object.optional("bitmap-mode", path)?,
-            compress: object.optional("compress", path)?,
-            on_source_error: object.optional("on-source-error", path)?,
-            on_target_error: object.optional("on-target-error", path)?,
-            auto_finalize: object.optional("auto-finalize", path)?,
-            auto_dismiss: object.optional("auto-dismiss", path)?,
-            filter_node_name: object.optional("filter-node-name", path)?,
-        })
-    }
-}
-impl crate::input::FromQmp for BackupCommon {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
-    }
-}
-/// Includes the members of [`BackupCommon`] (its base).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-pub struct BlockdevBackup {
-    #[serde(rename = "job-id")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub job_id: ::std::option::Option<::std::string::String>,
-    pub device: ::std::string::String,
-    pub sync: MirrorSyncMode,
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub speed: ::std::option::Option<i64>,
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmap: ::std::option::Option<::std::string::String>,
-    #[serde(rename = "bitmap-mode")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmap_mode: ::std::option::Option<BitmapSyncMode>,
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub compress: ::std::option::Option<bool>,
-    #[serde(rename = "on-source-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_source_error: ::std::option::Option<BlockdevOnError>,
-    #[serde(rename = "on-target-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_target_error: ::std::option::Option<BlockdevOnError>,
-    #[serde(rename = "auto-finalize")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_finalize: ::std::option::Option<bool>,
-    #[serde(rename = "auto-dismiss")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_dismiss: ::std::option::Option<bool>,
-    #[serde(rename = "filter-node-name")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub filter_node_name: ::std::option::Option<::std::string::String>,
-    pub target: ::std::string::String,
-}
-impl BlockdevBackup {
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            job_id: object.optional("job-id", path)?,
-            device: object.required("device", path)?,
-            sync: object.required("sync", path)?,
-            speed: object.optional("speed", path)?,
-            bitmap: object.optional("bitmap", path)?,
-            bitmap_mode: object.optional("bitmap-mode", path)?,
-            compress: object.optional("compress", path)?,
-            on_source_error: object.optional("on-source-error", path)?,
-            on_target_error: object.optional("on-target-error", path)?,
-            auto_finalize: object.optional("auto-finalize", path)?,
-            auto_dismiss: object.optional("auto-dismiss", path)?,
-            filter_node_name: object.optional("filter-node-name", path)?,
-            target: object.required("target", path)?,
-        })
-    }
-}
-impl crate::input::FromQmp for BlockdevBackup {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
-    }
-}
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-pub struct Abort {}
-impl Abort {
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {})
-    }
-}
-impl crate::input::FromQmp for Abort {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
-    }
-}
+
+/// The actions a transaction can contain.
+///
+/// **Since:** 1.1
 #[derive(
     Debug,
     Clone,
@@ -823,33 +8307,142 @@ impl crate::input::FromQmp for Abort {
     ::serde::Deserialize,
 )]
 pub enum TransactionActionKind {
+    /// see @Abort (since 1.6)
     #[serde(rename = "abort")]
     Abort,
+    /// see @block-dirty-bitmap-add (since 2.5)
+    #[serde(rename = "block-dirty-bitmap-add")]
+    BlockDirtyBitmapAdd,
+    /// see @block-dirty-bitmap-remove (since
+    /// 4.2)
+    #[serde(rename = "block-dirty-bitmap-remove")]
+    BlockDirtyBitmapRemove,
+    /// see @block-dirty-bitmap-clear (since 2.5)
+    #[serde(rename = "block-dirty-bitmap-clear")]
+    BlockDirtyBitmapClear,
+    /// see @block-dirty-bitmap-enable (since
+    /// 4.0; added in 3.0 as x-block-dirty-bitmap-enable)
+    #[serde(rename = "block-dirty-bitmap-enable")]
+    BlockDirtyBitmapEnable,
+    /// see @block-dirty-bitmap-disable (since
+    /// 4.0; added in 3.0 as x-block-dirty-bitmap-disable)
+    #[serde(rename = "block-dirty-bitmap-disable")]
+    BlockDirtyBitmapDisable,
+    /// see @block-dirty-bitmap-merge (since
+    /// 4.0; added in 3.1 as x-block-dirty-bitmap-merge)
+    #[serde(rename = "block-dirty-bitmap-merge")]
+    BlockDirtyBitmapMerge,
+    /// see @blockdev-backup (since 2.3)
     #[serde(rename = "blockdev-backup")]
     BlockdevBackup,
+    /// see @blockdev-snapshot (since 2.5)
+    #[serde(rename = "blockdev-snapshot")]
+    BlockdevSnapshot,
+    /// see
+    /// @blockdev-snapshot-internal-sync (since 1.7)
+    #[serde(rename = "blockdev-snapshot-internal-sync")]
+    BlockdevSnapshotInternalSync,
+    /// see @blockdev-snapshot-sync (since 1.1)
+    #[serde(rename = "blockdev-snapshot-sync")]
+    BlockdevSnapshotSync,
+    /// see @drive-backup (since 1.6)
+    #[deprecated]
+    #[serde(rename = "drive-backup")]
+    DriveBackup,
+    /// the seed's experimental name of
+    /// @block-dirty-bitmap-enable, same arguments and meaning (since
+    /// 3.0; QEMU itself dropped it in 4.0, blockjobd still accepts it)
+    #[deprecated]
+    #[serde(rename = "x-block-dirty-bitmap-enable")]
+    XBlockDirtyBitmapEnable,
+    /// the seed's experimental name of
+    /// @block-dirty-bitmap-disable, same arguments and meaning (since
+    /// 3.0; QEMU itself dropped it in 4.0, blockjobd still accepts it)
+    #[deprecated]
+    #[serde(rename = "x-block-dirty-bitmap-disable")]
+    XBlockDirtyBitmapDisable,
+    /// the seed's experimental name of
+    /// @block-dirty-bitmap-merge, same arguments and meaning (since
+    /// 3.1; QEMU itself dropped it in 4.0, blockjobd still accepts it)
+    #[deprecated]
+    #[serde(rename = "x-block-dirty-bitmap-merge")]
+    XBlockDirtyBitmapMerge,
 }
+
 impl TransactionActionKind {
     /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Abort, Self::BlockdevBackup];
+    pub const ALL: &'static [Self] = &[
+        Self::Abort,
+        Self::BlockDirtyBitmapAdd,
+        Self::BlockDirtyBitmapRemove,
+        Self::BlockDirtyBitmapClear,
+        Self::BlockDirtyBitmapEnable,
+        Self::BlockDirtyBitmapDisable,
+        Self::BlockDirtyBitmapMerge,
+        Self::BlockdevBackup,
+        Self::BlockdevSnapshot,
+        Self::BlockdevSnapshotInternalSync,
+        Self::BlockdevSnapshotSync,
+        Self::DriveBackup,
+        Self::XBlockDirtyBitmapEnable,
+        Self::XBlockDirtyBitmapDisable,
+        Self::XBlockDirtyBitmapMerge,
+    ];
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Abort => "abort",
+            Self::BlockDirtyBitmapAdd => "block-dirty-bitmap-add",
+            Self::BlockDirtyBitmapRemove => "block-dirty-bitmap-remove",
+            Self::BlockDirtyBitmapClear => "block-dirty-bitmap-clear",
+            Self::BlockDirtyBitmapEnable => "block-dirty-bitmap-enable",
+            Self::BlockDirtyBitmapDisable => "block-dirty-bitmap-disable",
+            Self::BlockDirtyBitmapMerge => "block-dirty-bitmap-merge",
             Self::BlockdevBackup => "blockdev-backup",
+            Self::BlockdevSnapshot => "blockdev-snapshot",
+            Self::BlockdevSnapshotInternalSync => "blockdev-snapshot-internal-sync",
+            Self::BlockdevSnapshotSync => "blockdev-snapshot-sync",
+            Self::DriveBackup => "drive-backup",
+            Self::XBlockDirtyBitmapEnable => "x-block-dirty-bitmap-enable",
+            Self::XBlockDirtyBitmapDisable => "x-block-dirty-bitmap-disable",
+            Self::XBlockDirtyBitmapMerge => "x-block-dirty-bitmap-merge",
         }
     }
 }
+
 impl ::std::fmt::Display for TransactionActionKind {
     fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
         f.write_str(self.as_str())
     }
 }
+
 impl ::std::str::FromStr for TransactionActionKind {
     type Err = crate::input::UnknownEnumValue;
     fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
         match s {
             "abort" => ::std::result::Result::Ok(Self::Abort),
+            "block-dirty-bitmap-add" => ::std::result::Result::Ok(Self::BlockDirtyBitmapAdd),
+            "block-dirty-bitmap-remove" => ::std::result::Result::Ok(Self::BlockDirtyBitmapRemove),
+            "block-dirty-bitmap-clear" => ::std::result::Result::Ok(Self::BlockDirtyBitmapClear),
+            "block-dirty-bitmap-enable" => ::std::result::Result::Ok(Self::BlockDirtyBitmapEnable),
+            "block-dirty-bitmap-disable" => {
+                ::std::result::Result::Ok(Self::BlockDirtyBitmapDisable)
+            }
+            "block-dirty-bitmap-merge" => ::std::result::Result::Ok(Self::BlockDirtyBitmapMerge),
             "blockdev-backup" => ::std::result::Result::Ok(Self::BlockdevBackup),
+            "blockdev-snapshot" => ::std::result::Result::Ok(Self::BlockdevSnapshot),
+            "blockdev-snapshot-internal-sync" => {
+                ::std::result::Result::Ok(Self::BlockdevSnapshotInternalSync)
+            }
+            "blockdev-snapshot-sync" => ::std::result::Result::Ok(Self::BlockdevSnapshotSync),
+            "drive-backup" => ::std::result::Result::Ok(Self::DriveBackup),
+            "x-block-dirty-bitmap-enable" => {
+                ::std::result::Result::Ok(Self::XBlockDirtyBitmapEnable)
+            }
+            "x-block-dirty-bitmap-disable" => {
+                ::std::result::Result::Ok(Self::XBlockDirtyBitmapDisable)
+            }
+            "x-block-dirty-bitmap-merge" => ::std::result::Result::Ok(Self::XBlockDirtyBitmapMerge),
             _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
                 type_name: "TransactionActionKind",
                 value: s.to_string(),
@@ -857,6 +8450,7 @@ impl ::std::str::FromStr for TransactionActionKind {
         }
     }
 }
+
 impl crate::input::FromQmp for TransactionActionKind {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -865,11 +8459,21 @@ impl crate::input::FromQmp for TransactionActionKind {
         crate::input::enum_from_qmp(value, path)
     }
 }
+
+/// The arguments of the abort action.
+///
+/// **Since:** 1.6
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct AbortWrapper {
+    /// none
     pub data: Abort,
 }
+
 impl AbortWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: Abort) -> Self {
+        Self { data }
+    }
     /// Reads this type's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -880,6 +8484,7 @@ impl AbortWrapper {
         })
     }
 }
+
 impl crate::input::FromQmp for AbortWrapper {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -891,11 +8496,21 @@ impl crate::input::FromQmp for AbortWrapper {
         ::std::result::Result::Ok(read)
     }
 }
+
+/// The arguments of the block-dirty-bitmap-add action.
+///
+/// **Since:** 2.5
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-pub struct BlockdevBackupWrapper {
-    pub data: BlockdevBackup,
+pub struct BlockDirtyBitmapAddWrapper {
+    /// the bitmap to create
+    pub data: BlockDirtyBitmapAdd,
 }
-impl BlockdevBackupWrapper {
+
+impl BlockDirtyBitmapAddWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: BlockDirtyBitmapAdd) -> Self {
+        Self { data }
+    }
     /// Reads this type's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -906,6 +8521,119 @@ impl BlockdevBackupWrapper {
         })
     }
 }
+
+impl crate::input::FromQmp for BlockDirtyBitmapAddWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The arguments of the actions that act on one named bitmap
+/// (remove, clear, enable, disable).
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockDirtyBitmapWrapper {
+    /// the bitmap
+    pub data: BlockDirtyBitmap,
+}
+
+impl BlockDirtyBitmapWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: BlockDirtyBitmap) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockDirtyBitmapWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The arguments of the block-dirty-bitmap-merge action.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockDirtyBitmapMergeWrapper {
+    /// the merge to perform
+    pub data: BlockDirtyBitmapMerge,
+}
+
+impl BlockDirtyBitmapMergeWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: BlockDirtyBitmapMerge) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockDirtyBitmapMergeWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The arguments of the blockdev-backup action.
+///
+/// **Since:** 2.3
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevBackupWrapper {
+    /// the backup to start
+    pub data: BlockdevBackup,
+}
+
+impl BlockdevBackupWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: BlockdevBackup) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
 impl crate::input::FromQmp for BlockdevBackupWrapper {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -917,30 +8645,228 @@ impl crate::input::FromQmp for BlockdevBackupWrapper {
         ::std::result::Result::Ok(read)
     }
 }
+
+/// The arguments of the blockdev-snapshot action.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevSnapshotWrapper {
+    /// the snapshot to take
+    pub data: BlockdevSnapshot,
+}
+
+impl BlockdevSnapshotWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: BlockdevSnapshot) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevSnapshotWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The arguments of the blockdev-snapshot-internal-sync action.
+///
+/// **Since:** 1.7
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevSnapshotInternalWrapper {
+    /// the snapshot to take
+    pub data: BlockdevSnapshotInternal,
+}
+
+impl BlockdevSnapshotInternalWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: BlockdevSnapshotInternal) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevSnapshotInternalWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The arguments of the blockdev-snapshot-sync action.
+///
+/// **Since:** 1.1
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockdevSnapshotSyncWrapper {
+    /// the snapshot to take
+    pub data: BlockdevSnapshotSync,
+}
+
+impl BlockdevSnapshotSyncWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: BlockdevSnapshotSync) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockdevSnapshotSyncWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// The arguments of the drive-backup action.
+///
+/// **Since:** 1.6
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct DriveBackupWrapper {
+    /// the backup to start
+    pub data: DriveBackup,
+}
+
+impl DriveBackupWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: DriveBackup) -> Self {
+        Self { data }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            data: object.required("data", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for DriveBackupWrapper {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// One action of a transaction: its kind under "type" and its
+/// arguments under "data".
+///
+/// **Since:** 1.1
+///
 /// The members of the branch selected by `type` are in [`TransactionActionBranch`], flattened into the same JSON object.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct TransactionAction {
     #[serde(flatten)]
     pub branch: TransactionActionBranch,
 }
+
 /// The branch of [`TransactionAction`] chosen by its discriminator `type` (serialised as that member).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 #[serde(tag = "type")]
 pub enum TransactionActionBranch {
     #[serde(rename = "abort")]
     Abort(AbortWrapper),
+    #[serde(rename = "block-dirty-bitmap-add")]
+    BlockDirtyBitmapAdd(BlockDirtyBitmapAddWrapper),
+    #[serde(rename = "block-dirty-bitmap-remove")]
+    BlockDirtyBitmapRemove(BlockDirtyBitmapWrapper),
+    #[serde(rename = "block-dirty-bitmap-clear")]
+    BlockDirtyBitmapClear(BlockDirtyBitmapWrapper),
+    #[serde(rename = "block-dirty-bitmap-enable")]
+    BlockDirtyBitmapEnable(BlockDirtyBitmapWrapper),
+    #[serde(rename = "block-dirty-bitmap-disable")]
+    BlockDirtyBitmapDisable(BlockDirtyBitmapWrapper),
+    #[serde(rename = "block-dirty-bitmap-merge")]
+    BlockDirtyBitmapMerge(BlockDirtyBitmapMergeWrapper),
     #[serde(rename = "blockdev-backup")]
     BlockdevBackup(BlockdevBackupWrapper),
+    #[serde(rename = "blockdev-snapshot")]
+    BlockdevSnapshot(BlockdevSnapshotWrapper),
+    #[serde(rename = "blockdev-snapshot-internal-sync")]
+    BlockdevSnapshotInternalSync(BlockdevSnapshotInternalWrapper),
+    #[serde(rename = "blockdev-snapshot-sync")]
+    BlockdevSnapshotSync(BlockdevSnapshotSyncWrapper),
+    #[serde(rename = "drive-backup")]
+    DriveBackup(DriveBackupWrapper),
+    #[serde(rename = "x-block-dirty-bitmap-enable")]
+    XBlockDirtyBitmapEnable(BlockDirtyBitmapWrapper),
+    #[serde(rename = "x-block-dirty-bitmap-disable")]
+    XBlockDirtyBitmapDisable(BlockDirtyBitmapWrapper),
+    #[serde(rename = "x-block-dirty-bitmap-merge")]
+    XBlockDirtyBitmapMerge(BlockDirtyBitmapMergeWrapper),
 }
+
 impl TransactionActionBranch {
     /// The discriminator value selecting this branch.
     pub fn kind(&self) -> TransactionActionKind {
         match self {
             Self::Abort(_) => TransactionActionKind::Abort,
+            Self::BlockDirtyBitmapAdd(_) => TransactionActionKind::BlockDirtyBitmapAdd,
+            Self::BlockDirtyBitmapRemove(_) => TransactionActionKind::BlockDirtyBitmapRemove,
+            Self::BlockDirtyBitmapClear(_) => TransactionActionKind::BlockDirtyBitmapClear,
+            Self::BlockDirtyBitmapEnable(_) => TransactionActionKind::BlockDirtyBitmapEnable,
+            Self::BlockDirtyBitmapDisable(_) => TransactionActionKind::BlockDirtyBitmapDisable,
+            Self::BlockDirtyBitmapMerge(_) => TransactionActionKind::BlockDirtyBitmapMerge,
             Self::BlockdevBackup(_) => TransactionActionKind::BlockdevBackup,
+            Self::BlockdevSnapshot(_) => TransactionActionKind::BlockdevSnapshot,
+            Self::BlockdevSnapshotInternalSync(_) => {
+                TransactionActionKind::BlockdevSnapshotInternalSync
+            }
+            Self::BlockdevSnapshotSync(_) => TransactionActionKind::BlockdevSnapshotSync,
+            Self::DriveBackup(_) => TransactionActionKind::DriveBackup,
+            Self::XBlockDirtyBitmapEnable(_) => TransactionActionKind::XBlockDirtyBitmapEnable,
+            Self::XBlockDirtyBitmapDisable(_) => TransactionActionKind::XBlockDirtyBitmapDisable,
+            Self::XBlockDirtyBitmapMerge(_) => TransactionActionKind::XBlockDirtyBitmapMerge,
         }
     }
 }
+
 impl TransactionAction {
     /// Reads this union's members from an object being visited.
     pub(crate) fn read_qmp_members(
@@ -952,13 +8878,75 @@ impl TransactionAction {
             TransactionActionKind::Abort => {
                 TransactionActionBranch::Abort(AbortWrapper::read_qmp_members(object, path)?)
             }
+            TransactionActionKind::BlockDirtyBitmapAdd => {
+                TransactionActionBranch::BlockDirtyBitmapAdd(
+                    BlockDirtyBitmapAddWrapper::read_qmp_members(object, path)?,
+                )
+            }
+            TransactionActionKind::BlockDirtyBitmapRemove => {
+                TransactionActionBranch::BlockDirtyBitmapRemove(
+                    BlockDirtyBitmapWrapper::read_qmp_members(object, path)?,
+                )
+            }
+            TransactionActionKind::BlockDirtyBitmapClear => {
+                TransactionActionBranch::BlockDirtyBitmapClear(
+                    BlockDirtyBitmapWrapper::read_qmp_members(object, path)?,
+                )
+            }
+            TransactionActionKind::BlockDirtyBitmapEnable => {
+                TransactionActionBranch::BlockDirtyBitmapEnable(
+                    BlockDirtyBitmapWrapper::read_qmp_members(object, path)?,
+                )
+            }
+            TransactionActionKind::BlockDirtyBitmapDisable => {
+                TransactionActionBranch::BlockDirtyBitmapDisable(
+                    BlockDirtyBitmapWrapper::read_qmp_members(object, path)?,
+                )
+            }
+            TransactionActionKind::BlockDirtyBitmapMerge => {
+                TransactionActionBranch::BlockDirtyBitmapMerge(
+                    BlockDirtyBitmapMergeWrapper::read_qmp_members(object, path)?,
+                )
+            }
             TransactionActionKind::BlockdevBackup => TransactionActionBranch::BlockdevBackup(
                 BlockdevBackupWrapper::read_qmp_members(object, path)?,
             ),
+            TransactionActionKind::BlockdevSnapshot => TransactionActionBranch::BlockdevSnapshot(
+                BlockdevSnapshotWrapper::read_qmp_members(object, path)?,
+            ),
+            TransactionActionKind::BlockdevSnapshotInternalSync => {
+                TransactionActionBranch::BlockdevSnapshotInternalSync(
+                    BlockdevSnapshotInternalWrapper::read_qmp_members(object, path)?,
+                )
+            }
+            TransactionActionKind::BlockdevSnapshotSync => {
+                TransactionActionBranch::BlockdevSnapshotSync(
+                    BlockdevSnapshotSyncWrapper::read_qmp_members(object, path)?,
+                )
+            }
+            TransactionActionKind::DriveBackup => TransactionActionBranch::DriveBackup(
+                DriveBackupWrapper::read_qmp_members(object, path)?,
+            ),
+            TransactionActionKind::XBlockDirtyBitmapEnable => {
+                TransactionActionBranch::XBlockDirtyBitmapEnable(
+                    BlockDirtyBitmapWrapper::read_qmp_members(object, path)?,
+                )
+            }
+            TransactionActionKind::XBlockDirtyBitmapDisable => {
+                TransactionActionBranch::XBlockDirtyBitmapDisable(
+                    BlockDirtyBitmapWrapper::read_qmp_members(object, path)?,
+                )
+            }
+            TransactionActionKind::XBlockDirtyBitmapMerge => {
+                TransactionActionBranch::XBlockDirtyBitmapMerge(
+                    BlockDirtyBitmapMergeWrapper::read_qmp_members(object, path)?,
+                )
+            }
         };
         ::std::result::Result::Ok(Self { branch })
     }
 }
+
 impl crate::input::FromQmp for TransactionAction {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -970,13 +8958,26 @@ impl crate::input::FromQmp for TransactionAction {
         ::std::result::Result::Ok(read)
     }
 }
+
+/// Options that apply to a whole transaction.
+///
+/// **Since:** 2.5
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct TransactionProperties {
+    /// how the jobs the actions start end relative to
+    /// each other (default: individual)
     #[serde(rename = "completion-mode")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub completion_mode: ::std::option::Option<ActionCompletionMode>,
 }
+
 impl TransactionProperties {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            completion_mode: ::std::option::Option::None,
+        }
+    }
     /// Reads this type's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -987,6 +8988,7 @@ impl TransactionProperties {
         })
     }
 }
+
 impl crate::input::FromQmp for TransactionProperties {
     fn from_qmp(
         value: &::serde_json::Value,
@@ -998,47 +9000,60 @@ impl crate::input::FromQmp for TransactionProperties {
         ::std::result::Result::Ok(read)
     }
 }
+
+/// Settings of the NBD server other than its address.
+///
+/// **Since:** 10.0
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-pub struct BlockJobInfo {
-    pub r#type: ::std::string::String,
-    pub device: ::std::string::String,
-    pub len: i64,
-    pub offset: i64,
-    pub busy: bool,
-    pub paused: bool,
-    pub speed: i64,
-    pub ready: bool,
-    pub status: JobStatus,
-    #[serde(rename = "auto-finalize")]
-    pub auto_finalize: bool,
-    #[serde(rename = "auto-dismiss")]
-    pub auto_dismiss: bool,
+pub struct NbdServerOptionsBase {
+    /// how long a client may take to finish the
+    /// NBD handshake before it is disconnected, 0 for no limit
+    /// (default: 10; since 10.0)
+    #[serde(rename = "handshake-max-seconds")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub error: ::std::option::Option<::std::string::String>,
+    pub handshake_max_seconds: ::std::option::Option<u32>,
+    /// the id of the TLS credentials object; when given,
+    /// clients must use TLS (default: no TLS)
+    #[serde(rename = "tls-creds")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub tls_creds: ::std::option::Option<::std::string::String>,
+    /// the id of the authorization object that checks a TLS
+    /// client's identity (since 4.0)
+    #[serde(rename = "tls-authz")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub tls_authz: ::std::option::Option<::std::string::String>,
+    /// the most clients connected at once, 0 for no
+    /// limit (default: 0; since 5.2)
+    #[serde(rename = "max-connections")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub max_connections: ::std::option::Option<u32>,
 }
-impl BlockJobInfo {
+
+impl NbdServerOptionsBase {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            handshake_max_seconds: ::std::option::Option::None,
+            tls_creds: ::std::option::Option::None,
+            tls_authz: ::std::option::Option::None,
+            max_connections: ::std::option::Option::None,
+        }
+    }
     /// Reads this type's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
         ::std::result::Result::Ok(Self {
-            r#type: object.required("type", path)?,
-            device: object.required("device", path)?,
-            len: object.required("len", path)?,
-            offset: object.required("offset", path)?,
-            busy: object.required("busy", path)?,
-            paused: object.required("paused", path)?,
-            speed: object.required("speed", path)?,
-            ready: object.required("ready", path)?,
-            status: object.required("status", path)?,
-            auto_finalize: object.required("auto-finalize", path)?,
-            auto_dismiss: object.required("auto-dismiss", path)?,
-            error: object.optional("error", path)?,
+            handshake_max_seconds: object.optional("handshake-max-seconds", path)?,
+            tls_creds: object.optional("tls-creds", path)?,
+            tls_authz: object.optional("tls-authz", path)?,
+            max_connections: object.optional("max-connections", path)?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobInfo {
+
+impl crate::input::FromQmp for NbdServerOptionsBase {
     fn from_qmp(
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
@@ -1049,13 +9064,790 @@ impl crate::input::FromQmp for BlockJobInfo {
         ::std::result::Result::Ok(read)
     }
 }
+
+/// The arguments of @nbd-server-start.
+///
+/// **Since:** 10.0
+///
+/// Includes the members of [`NbdServerOptionsBase`] (its base).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct NbdServerOptionsLegacy {
+    /// how long a client may take to finish the
+    /// NBD handshake before it is disconnected, 0 for no limit
+    /// (default: 10; since 10.0)
+    #[serde(rename = "handshake-max-seconds")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub handshake_max_seconds: ::std::option::Option<u32>,
+    /// the id of the TLS credentials object; when given,
+    /// clients must use TLS (default: no TLS)
+    #[serde(rename = "tls-creds")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub tls_creds: ::std::option::Option<::std::string::String>,
+    /// the id of the authorization object that checks a TLS
+    /// client's identity (since 4.0)
+    #[serde(rename = "tls-authz")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub tls_authz: ::std::option::Option<::std::string::String>,
+    /// the most clients connected at once, 0 for no
+    /// limit (default: 0; since 5.2)
+    #[serde(rename = "max-connections")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub max_connections: ::std::option::Option<u32>,
+    /// the address to listen on
+    pub addr: SocketAddressLegacy,
+}
+
+impl NbdServerOptionsLegacy {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(addr: SocketAddressLegacy) -> Self {
+        Self {
+            handshake_max_seconds: ::std::option::Option::None,
+            tls_creds: ::std::option::Option::None,
+            tls_authz: ::std::option::Option::None,
+            max_connections: ::std::option::Option::None,
+            addr,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            handshake_max_seconds: object.optional("handshake-max-seconds", path)?,
+            tls_creds: object.optional("tls-creds", path)?,
+            tls_authz: object.optional("tls-authz", path)?,
+            max_connections: object.optional("max-connections", path)?,
+            addr: object.required("addr", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for NbdServerOptionsLegacy {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// NBD export settings shared with older commands.
+///
+/// **Since:** 5.0
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockExportOptionsNbdBase {
+    /// the name clients ask for (default: the node name)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub name: ::std::option::Option<::std::string::String>,
+    /// free text shown to clients that list exports (since
+    /// 5.0)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub description: ::std::option::Option<::std::string::String>,
+}
+
+impl BlockExportOptionsNbdBase {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            name: ::std::option::Option::None,
+            description: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            name: object.optional("name", path)?,
+            description: object.optional("description", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockExportOptionsNbdBase {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Settings of an NBD export.
+///
+/// **Since:** 5.2
+///
+/// Includes the members of [`BlockExportOptionsNbdBase`] (its base).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockExportOptionsNbd {
+    /// the name clients ask for (default: the node name)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub name: ::std::option::Option<::std::string::String>,
+    /// free text shown to clients that list exports (since
+    /// 5.0)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub description: ::std::option::Option<::std::string::String>,
+    /// dirty bitmaps whose bits clients may read through the
+    /// "qemu:dirty-bitmap:NAME" metadata context; local names refer to
+    /// bitmaps on the exported node (since 5.2; any node since 7.1)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub bitmaps: ::std::option::Option<::std::vec::Vec<BlockDirtyBitmapOrStr>>,
+    /// offer the "qemu:allocation-depth" metadata
+    /// context, which tells at which depth of the backing chain each
+    /// extent is allocated (default: false; since 5.2)
+    #[serde(rename = "allocation-depth")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub allocation_depth: ::std::option::Option<bool>,
+}
+
+impl BlockExportOptionsNbd {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            name: ::std::option::Option::None,
+            description: ::std::option::Option::None,
+            bitmaps: ::std::option::Option::None,
+            allocation_depth: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            name: object.optional("name", path)?,
+            description: object.optional("description", path)?,
+            bitmaps: object.optional("bitmaps", path)?,
+            allocation_depth: object.optional("allocation-depth", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockExportOptionsNbd {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Settings of a vhost-user-blk export.
+///
+/// **Since:** 5.2
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockExportOptionsVhostUserBlk {
+    /// the vhost-user socket to listen on
+    pub addr: SocketAddress,
+    /// the block size shown to the guest (default:
+    /// 512)
+    #[serde(rename = "logical-block-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub logical_block_size: ::std::option::Option<u64>,
+    /// how many virtqueues (default: 1)
+    #[serde(rename = "num-queues")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub num_queues: ::std::option::Option<u16>,
+}
+
+impl BlockExportOptionsVhostUserBlk {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(addr: SocketAddress) -> Self {
+        Self {
+            addr,
+            logical_block_size: ::std::option::Option::None,
+            num_queues: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            addr: object.required("addr", path)?,
+            logical_block_size: object.optional("logical-block-size", path)?,
+            num_queues: object.optional("num-queues", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockExportOptionsVhostUserBlk {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Whether other users than the daemon's may access a FUSE export.
+///
+/// **Since:** 6.1
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum FuseExportAllowOther {
+    /// only the daemon's user
+    #[serde(rename = "off")]
+    Off,
+    /// every user; fails when the system forbids it
+    #[serde(rename = "on")]
+    On,
+    /// every user when the system allows it, the daemon's user
+    /// only otherwise
+    #[serde(rename = "auto")]
+    Auto,
+}
+
+impl FuseExportAllowOther {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Off, Self::On, Self::Auto];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::On => "on",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+impl ::std::fmt::Display for FuseExportAllowOther {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for FuseExportAllowOther {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "off" => ::std::result::Result::Ok(Self::Off),
+            "on" => ::std::result::Result::Ok(Self::On),
+            "auto" => ::std::result::Result::Ok(Self::Auto),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "FuseExportAllowOther",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for FuseExportAllowOther {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// Settings of a FUSE export, which shows the node as a regular file.
+///
+/// **Since:** 6.0
+///
+/// **If:** `CONFIG_FUSE` (QEMU builds this only under that condition; generated unconditionally here)
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockExportOptionsFuse {
+    /// the existing regular file the export is mounted over
+    pub mountpoint: ::std::string::String,
+    /// writes past the end grow the node (default: false)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub growable: ::std::option::Option<bool>,
+    /// whether other users may access it (default: auto)
+    #[serde(rename = "allow-other")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub allow_other: ::std::option::Option<FuseExportAllowOther>,
+}
+
+impl BlockExportOptionsFuse {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(mountpoint: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            mountpoint: mountpoint.into(),
+            growable: ::std::option::Option::None,
+            allow_other: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            mountpoint: object.required("mountpoint", path)?,
+            growable: object.optional("growable", path)?,
+            allow_other: object.optional("allow-other", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockExportOptionsFuse {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// Settings of a VDUSE block export.
+///
+/// **Since:** 7.1
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockExportOptionsVduseBlk {
+    /// the VDUSE device's name
+    pub name: ::std::string::String,
+    /// how many virtqueues (default: 1)
+    #[serde(rename = "num-queues")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub num_queues: ::std::option::Option<u16>,
+    /// the size of each virtqueue (default: 256)
+    #[serde(rename = "queue-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub queue_size: ::std::option::Option<u16>,
+    /// the block size shown to the guest (default:
+    /// 512)
+    #[serde(rename = "logical-block-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub logical_block_size: ::std::option::Option<u64>,
+    /// the serial number shown to the guest (default: none)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub serial: ::std::option::Option<::std::string::String>,
+}
+
+impl BlockExportOptionsVduseBlk {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(name: impl ::std::convert::Into<::std::string::String>) -> Self {
+        Self {
+            name: name.into(),
+            num_queues: ::std::option::Option::None,
+            queue_size: ::std::option::Option::None,
+            logical_block_size: ::std::option::Option::None,
+            serial: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            name: object.required("name", path)?,
+            num_queues: object.optional("num-queues", path)?,
+            queue_size: object.optional("queue-size", path)?,
+            logical_block_size: object.optional("logical-block-size", path)?,
+            serial: object.optional("serial", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockExportOptionsVduseBlk {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
+/// How to remove an export that clients are still using.
+///
+/// **Since:** 2.12
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BlockExportRemoveMode {
+    /// refuse to remove it
+    #[serde(rename = "safe")]
+    Safe,
+    /// disconnect its clients and remove it
+    #[serde(rename = "hard")]
+    Hard,
+}
+
+impl BlockExportRemoveMode {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Safe, Self::Hard];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Safe => "safe",
+            Self::Hard => "hard",
+        }
+    }
+}
+
+impl ::std::fmt::Display for BlockExportRemoveMode {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for BlockExportRemoveMode {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "safe" => ::std::result::Result::Ok(Self::Safe),
+            "hard" => ::std::result::Result::Ok(Self::Hard),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "BlockExportRemoveMode",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for BlockExportRemoveMode {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// The kinds of export.
+///
+/// **Since:** 4.2
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    ::serde::Serialize,
+    ::serde::Deserialize,
+)]
+pub enum BlockExportType {
+    /// an export of the NBD server
+    #[serde(rename = "nbd")]
+    Nbd,
+    /// a vhost-user-blk server (since 5.2)
+    ///
+    /// **If:** `CONFIG_VHOST_USER_BLK_SERVER` (QEMU builds this only under that condition; generated unconditionally here)
+    #[serde(rename = "vhost-user-blk")]
+    VhostUserBlk,
+    /// a FUSE mount (since 6.0)
+    ///
+    /// **If:** `CONFIG_FUSE` (QEMU builds this only under that condition; generated unconditionally here)
+    #[serde(rename = "fuse")]
+    Fuse,
+    /// a VDUSE block device (since 7.1)
+    ///
+    /// **If:** `CONFIG_VDUSE_BLK_EXPORT` (QEMU builds this only under that condition; generated unconditionally here)
+    #[serde(rename = "vduse-blk")]
+    VduseBlk,
+}
+
+impl BlockExportType {
+    /// Every value, in schema order.
+    pub const ALL: &'static [Self] = &[Self::Nbd, Self::VhostUserBlk, Self::Fuse, Self::VduseBlk];
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Nbd => "nbd",
+            Self::VhostUserBlk => "vhost-user-blk",
+            Self::Fuse => "fuse",
+            Self::VduseBlk => "vduse-blk",
+        }
+    }
+}
+
+impl ::std::fmt::Display for BlockExportType {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ::std::str::FromStr for BlockExportType {
+    type Err = crate::input::UnknownEnumValue;
+    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+        match s {
+            "nbd" => ::std::result::Result::Ok(Self::Nbd),
+            "vhost-user-blk" => ::std::result::Result::Ok(Self::VhostUserBlk),
+            "fuse" => ::std::result::Result::Ok(Self::Fuse),
+            "vduse-blk" => ::std::result::Result::Ok(Self::VduseBlk),
+            _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
+                type_name: "BlockExportType",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl crate::input::FromQmp for BlockExportType {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::enum_from_qmp(value, path)
+    }
+}
+
+/// An export to create.  This daemon serves NBD exports only.
+///
+/// **Since:** 4.2
+///
+/// The members of the branch selected by `type` are in [`BlockExportOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct BlockExportOptions {
+    /// the export's id, unique among exports
+    pub id: ::std::string::String,
+    /// fail rather than move the node when it is in
+    /// another I/O thread than @iothread (default: false)
+    #[serde(rename = "fixed-iothread")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub fixed_iothread: ::std::option::Option<bool>,
+    /// the I/O thread to run the export in (default: the main
+    /// loop)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub iothread: ::std::option::Option<::std::string::String>,
+    /// the node to export
+    #[serde(rename = "node-name")]
+    pub node_name: ::std::string::String,
+    /// whether clients may write (default: false)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub writable: ::std::option::Option<bool>,
+    /// flush every write before completing it (default:
+    /// false)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub writethrough: ::std::option::Option<bool>,
+    /// the export may also be created on, and stay on, an
+    /// inactive node (default: false; since 10.0)
+    #[serde(rename = "allow-inactive")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub allow_inactive: ::std::option::Option<bool>,
+    #[serde(flatten)]
+    pub branch: BlockExportOptionsBranch,
+}
+
+/// The branch of [`BlockExportOptions`] chosen by its discriminator `type` (serialised as that member).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(tag = "type")]
+pub enum BlockExportOptionsBranch {
+    #[serde(rename = "nbd")]
+    Nbd(BlockExportOptionsNbd),
+    /// **If:** `CONFIG_VHOST_USER_BLK_SERVER` (QEMU builds this only under that condition; generated unconditionally here)
+    #[serde(rename = "vhost-user-blk")]
+    VhostUserBlk(BlockExportOptionsVhostUserBlk),
+    /// **If:** `CONFIG_FUSE` (QEMU builds this only under that condition; generated unconditionally here)
+    #[serde(rename = "fuse")]
+    Fuse(BlockExportOptionsFuse),
+    /// **If:** `CONFIG_VDUSE_BLK_EXPORT` (QEMU builds this only under that condition; generated unconditionally here)
+    #[serde(rename = "vduse-blk")]
+    VduseBlk(BlockExportOptionsVduseBlk),
+}
+
+impl BlockExportOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> BlockExportType {
+        match self {
+            Self::Nbd(_) => BlockExportType::Nbd,
+            Self::VhostUserBlk(_) => BlockExportType::VhostUserBlk,
+            Self::Fuse(_) => BlockExportType::Fuse,
+            Self::VduseBlk(_) => BlockExportType::VduseBlk,
+        }
+    }
+}
+
+impl BlockExportOptions {
+    /// Reads this union's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let kind: BlockExportType = object.required("type", path)?;
+        let member_1 = object.required("id", path)?;
+        let member_2 = object.optional("fixed-iothread", path)?;
+        let member_3 = object.optional("iothread", path)?;
+        let member_4 = object.required("node-name", path)?;
+        let member_5 = object.optional("writable", path)?;
+        let member_6 = object.optional("writethrough", path)?;
+        let member_7 = object.optional("allow-inactive", path)?;
+        let branch = match kind {
+            BlockExportType::Nbd => BlockExportOptionsBranch::Nbd(
+                BlockExportOptionsNbd::read_qmp_members(object, path)?,
+            ),
+            BlockExportType::VhostUserBlk => BlockExportOptionsBranch::VhostUserBlk(
+                BlockExportOptionsVhostUserBlk::read_qmp_members(object, path)?,
+            ),
+            BlockExportType::Fuse => BlockExportOptionsBranch::Fuse(
+                BlockExportOptionsFuse::read_qmp_members(object, path)?,
+            ),
+            BlockExportType::VduseBlk => BlockExportOptionsBranch::VduseBlk(
+                BlockExportOptionsVduseBlk::read_qmp_members(object, path)?,
+            ),
+        };
+        ::std::result::Result::Ok(Self {
+            id: member_1,
+            fixed_iothread: member_2,
+            iothread: member_3,
+            node_name: member_4,
+            writable: member_5,
+            writethrough: member_6,
+            allow_inactive: member_7,
+            branch,
+        })
+    }
+}
+
+impl crate::input::FromQmp for BlockExportOptions {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        let mut object = crate::input::QmpObject::open(value, path)?;
+        let read = Self::read_qmp_members(&mut object, path)?;
+        object.finish(path)?;
+        ::std::result::Result::Ok(read)
+    }
+}
+
 crate::deserialize_via_from_qmp!(
+    InetSocketAddressBase,
+    InetSocketAddress,
+    UnixSocketAddress,
+    VsockSocketAddress,
+    FdSocketAddress,
+    InetSocketAddressWrapper,
+    UnixSocketAddressWrapper,
+    VsockSocketAddressWrapper,
+    FdSocketAddressWrapper,
+    SocketAddressLegacy,
+    SocketAddress,
+    QCryptoBlockOptionsQCow,
+    QCryptoBlockOptionsLUKS,
+    QCryptoBlockInfoLUKSSlot,
+    QCryptoBlockInfoLUKS,
+    VersionTriple,
+    VersionInfo,
+    CommandInfo,
+    SchemaInfo,
+    SchemaInfoBuiltin,
+    SchemaInfoEnum,
+    SchemaInfoEnumMember,
+    SchemaInfoArray,
+    SchemaInfoObject,
+    SchemaInfoObjectMember,
+    SchemaInfoObjectVariant,
+    SchemaInfoAlternate,
+    SchemaInfoAlternateMember,
+    SchemaInfoCommand,
+    SchemaInfoEvent,
+    JobInfo,
+    SnapshotInfo,
+    ImageInfoSpecificQCow2EncryptionBase,
+    ImageInfoSpecificQCow2Encryption,
+    ImageInfoSpecificQCow2,
+    ImageInfoSpecificVmdk,
+    VmdkExtentInfo,
+    ImageInfoSpecificRbd,
+    ImageInfoSpecificFile,
+    ImageInfoSpecificQCow2Wrapper,
+    ImageInfoSpecificVmdkWrapper,
+    ImageInfoSpecificLUKSWrapper,
+    ImageInfoSpecificRbdWrapper,
+    ImageInfoSpecificFileWrapper,
+    ImageInfoSpecific,
+    BlockNodeInfo,
+    ImageInfo,
+    BlockdevCacheInfo,
+    BlockDeviceInfo,
+    Qcow2BitmapInfo,
+    BlockdevCacheOptions,
+    BlockdevOptionsFile,
+    BlockdevOptionsNull,
+    BlockdevOptionsGenericFormat,
+    BlockdevOptionsGenericCOWFormat,
+    Qcow2OverlapCheckFlags,
+    Qcow2OverlapChecks,
+    BlockdevQcow2Encryption,
+    BlockdevOptionsQcow2,
+    BlockdevOptionsRaw,
+    BlkdebugInjectErrorOptions,
+    BlkdebugSetStateOptions,
+    BlockdevOptionsBlkdebug,
+    BlockdevOptions,
+    BlockdevRef,
+    BlockdevRefOrNull,
+    BlockDirtyInfo,
+    BlockDirtyBitmap,
+    BlockDirtyBitmapAdd,
+    BlockDirtyBitmapOrStr,
+    BlockDirtyBitmapMerge,
+    BlockJobInfoMirror,
+    BlockJobInfo,
+    BlockJobChangeOptionsMirror,
+    BlockJobChangeOptions,
+    BackupPerf,
     BackupCommon,
+    DriveBackup,
     BlockdevBackup,
+    BlockdevSnapshotSync,
+    BlockdevSnapshot,
+    BlockdevSnapshotInternal,
     Abort,
     AbortWrapper,
+    BlockDirtyBitmapAddWrapper,
+    BlockDirtyBitmapWrapper,
+    BlockDirtyBitmapMergeWrapper,
     BlockdevBackupWrapper,
+    BlockdevSnapshotWrapper,
+    BlockdevSnapshotInternalWrapper,
+    BlockdevSnapshotSyncWrapper,
+    DriveBackupWrapper,
     TransactionAction,
     TransactionProperties,
-    BlockJobInfo
+    NbdServerOptionsBase,
+    NbdServerOptionsLegacy,
+    BlockExportOptionsNbdBase,
+    BlockExportOptionsNbd,
+    BlockExportOptionsVhostUserBlk,
+    BlockExportOptionsFuse,
+    BlockExportOptionsVduseBlk,
+    BlockExportOptions
 );
