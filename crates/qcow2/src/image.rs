@@ -55,7 +55,7 @@ pub struct Image {
     /// Guest cluster ranges being written, so two writes never allocate the same cluster.
     claims: Mutex<Vec<(u64, u64)>>,
     claims_free: Condvar,
-    backing: Option<Arc<dyn Backing>>,
+    backing: RwLock<Option<Arc<dyn Backing>>>,
     read_only: bool,
     size: u64,
     cluster_size: u64,
@@ -244,7 +244,7 @@ impl Image {
             ops: RwLock::new(()),
             claims: Mutex::new(Vec::new()),
             claims_free: Condvar::new(),
-            backing,
+            backing: RwLock::new(backing),
             read_only,
             size,
             cluster_size: cs,
@@ -344,6 +344,37 @@ impl Image {
             .map(|f| (f, m.h.backing_format.clone()))
     }
 
+    /// Replace the image that unallocated clusters read from (the header is not changed).
+    pub fn set_backing(&self, backing: Option<Arc<dyn Backing>>) {
+        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
+    }
+
+    /// Record a new backing file `(name, format)` in the header, or none (as block-stream and
+    /// block-commit do when they finish). The image read through is set by
+    /// [`Image::set_backing`].
+    pub fn set_backing_file(&self, backing: Option<(&str, &str)>) -> Result<()> {
+        self.check_writable()?;
+        if let Some((name, fmt)) = backing
+            && (name.is_empty() || name.len() > 1023 || fmt.is_empty() || fmt.len() > 16)
+        {
+            return Err(Error::InvalidArgument(
+                "backing file name or format invalid".into(),
+            ));
+        }
+        let _ops = self.ops.write().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.lock();
+        let old = (m.h.backing_file.take(), m.h.backing_format.take());
+        m.h.backing_file = backing.map(|b| b.0.to_string());
+        m.h.backing_format = backing.map(|b| b.1.to_string());
+        if let Err(e) = m.h.serialize() {
+            (m.h.backing_file, m.h.backing_format) = old;
+            return Err(e);
+        }
+        m.write_header()?;
+        self.storage.flush()?;
+        Ok(())
+    }
+
     /// Read `buf.len()` bytes of the disk at `off`.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_open()?;
@@ -373,7 +404,12 @@ impl Image {
     }
 
     fn read_backing(&self, out: &mut [u8], guest: u64) -> Result<()> {
-        match &self.backing {
+        let backing = self
+            .backing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match backing {
             Some(b) => {
                 let bsize = b.size();
                 let n = bsize.saturating_sub(guest).min(out.len() as u64) as usize;
@@ -564,7 +600,12 @@ impl Image {
         let _ops = self.ops.read().unwrap_or_else(|e| e.into_inner());
         self.written.store(true, Ordering::Release);
         let _claim = self.claim(first, last);
-        let target = if self.backing.is_some() || self.lock().h.backing_file.is_some() {
+        let has_backing = self
+            .backing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        let target = if has_backing || self.lock().h.backing_file.is_some() {
             ZERO
         } else {
             0

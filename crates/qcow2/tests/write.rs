@@ -405,3 +405,43 @@ fn a_dirty_image_from_lazy_refcounts_gets_its_refcounts_rebuilt() {
         ],
     );
 }
+
+#[test]
+fn the_backing_file_can_be_changed_and_removed() {
+    let s = Scratch::new();
+    let a = s.path("a.raw");
+    std::fs::write(&a, vec![0xaa; 1 << 20]).unwrap();
+    let b = s.path("b.raw");
+    std::fs::write(&b, vec![0xbb; 1 << 20]).unwrap();
+    let top = s.path("top.qcow2");
+    create_file(&top, 1 << 20, 65536, Some(("a.raw", "raw")));
+    let img = open_rw(&top);
+    img.write_at(&[1; 4096], 0).unwrap();
+    img.set_backing_file(Some(("b.raw", "raw"))).unwrap();
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&top);
+    qemu_io(
+        &top,
+        "qcow2",
+        &[
+            "read -P 1 0 4k",
+            "read -P 0xaa 4k 60k", // copied from the old backing file with the first write
+            "read -P 0xbb 64k 960k",
+        ],
+    );
+
+    let img = open_rw(&top);
+    let mut buf = vec![0u8; 4096];
+    img.read_at(&mut buf, 128 << 10).unwrap();
+    assert_eq!(buf, vec![0xbb; 4096]);
+    img.set_backing_file(None).unwrap();
+    img.set_backing(None);
+    img.read_at(&mut buf, 128 << 10).unwrap();
+    assert_eq!(buf, vec![0; 4096]);
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&top);
+    let info = json("qemu-img", &["info", "--output=json", p(&top)]);
+    assert!(info.get("backing-filename").is_none(), "{info}");
+}
