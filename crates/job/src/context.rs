@@ -163,6 +163,22 @@ impl<'a> Wait<'a> {
     }
 }
 
+impl Drop for Wait<'_> {
+    /// A driver may drop a sleep (e.g. racing it against its own I/O): it is busy again.
+    /// Dropping a wait that is parked is a driver bug; the job then stays PAUSED until resumed.
+    fn drop(&mut self) {
+        if matches!(self.phase, Phase::Sleeping) {
+            let mut g = self.ctx.inner.lock();
+            if let Some(job) = g.jobs.get_mut(&self.ctx.key)
+                && matches!(job.activity, Activity::Sleeping { .. })
+            {
+                job.activity = Activity::Busy;
+                job.waker = None;
+            }
+        }
+    }
+}
+
 impl Future for Wait<'_> {
     type Output = ();
 

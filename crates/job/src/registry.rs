@@ -643,7 +643,15 @@ impl Inner {
         let Some(job) = g.jobs.get_mut(&key) else {
             return g;
         };
+        let parked = job.activity;
         job.activity = Activity::Finished;
+        if let Activity::Parked { resume_to } = parked {
+            // Only if a driver returned from under a pause point it dropped.
+            g.set_status(key, resume_to);
+        }
+        let Some(job) = g.jobs.get_mut(&key) else {
+            return g;
+        };
         let aborting = job
             .txn
             .and_then(|t| g.txns.get(&t))

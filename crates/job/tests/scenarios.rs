@@ -951,3 +951,103 @@ async fn jobs_run_on_tokio() {
     reg.concluded(k).await;
     assert_eq!(reg.status(k), Some(BlockJobStatus::Concluded));
 }
+
+/// Polls a future once, then drops it (a driver racing a sleep against its own I/O).
+struct PollOnce<F>(Option<std::pin::Pin<Box<F>>>);
+
+impl<F: std::future::Future> std::future::Future for PollOnce<F> {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if let Some(mut f) = self.0.take() {
+            let _ = f.as_mut().poll(cx);
+        }
+        std::task::Poll::Ready(())
+    }
+}
+
+type Gate = std::sync::Arc<std::sync::Mutex<(bool, Option<std::task::Waker>)>>;
+
+struct GateWait(Gate);
+
+impl std::future::Future for GateWait {
+    type Output = ();
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let mut g = self.0.lock().unwrap();
+        if g.0 {
+            std::task::Poll::Ready(())
+        } else {
+            g.1 = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        }
+    }
+}
+
+struct DropsItsSleep {
+    gate: Gate,
+}
+
+impl job::JobDriver for DropsItsSleep {
+    fn job_type(&self) -> &'static str {
+        "backup"
+    }
+    fn run<'a>(
+        &'a mut self,
+        ctx: &'a job::JobContext,
+    ) -> job::BoxFuture<'a, Result<(), JobFailure>> {
+        Box::pin(async move {
+            PollOnce(Some(Box::pin(ctx.sleep(Duration::from_secs(1))))).await;
+            // Busy in its own I/O, then a pause point.
+            GateWait(self.gate.clone()).await;
+            ctx.pause_point().await;
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn a_job_that_drops_a_sleep_is_busy_again_and_pauses_at_its_next_pause_point() {
+    let h = Harness::new();
+    let gate: Gate = Default::default();
+    let k = h
+        .reg
+        .create(
+            JobSpec::new("j"),
+            Box::new(DropsItsSleep { gate: gate.clone() }),
+            None,
+        )
+        .unwrap();
+    h.reg.start(k).unwrap();
+    h.run();
+    assert_eq!(
+        h.clock.next_deadline(),
+        None,
+        "the dropped sleep left no timer"
+    );
+    h.events();
+    h.reg.pause_job(JobRef::Job("j")).unwrap();
+    assert!(
+        h.events().is_empty(),
+        "busy: the pause waits for a pause point"
+    );
+    {
+        let mut g = gate.lock().unwrap();
+        g.0 = true;
+        if let Some(w) = g.1.take() {
+            w.wake();
+        }
+    }
+    h.run();
+    assert_eq!(h.events(), seq("j paused"));
+    h.reg.resume_job(JobRef::Job("j")).unwrap();
+    h.run();
+    assert_eq!(
+        h.events(),
+        seq("j running, j waiting, j pending, COMPLETED j, j concluded, j null")
+    );
+}
