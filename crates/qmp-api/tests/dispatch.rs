@@ -290,3 +290,85 @@ fn transaction_arguments_are_typed() {
         other => panic!("wrong branch {other:?}"),
     }
 }
+
+#[test]
+fn alternate_matching_no_branch_names_the_member_and_the_alternate() {
+    let want = "Invalid parameter type for 'file', expected: BlockdevRef";
+    for file in [json!(1), json!(null)] {
+        let arguments = json!({"driver": "qcow2", "node-name": "q", "file": file});
+        assert_eq!(desc("blockdev-add", arguments), want);
+    }
+}
+
+#[test]
+fn alternate_object_branch_reports_nested_paths() {
+    let arguments = json!({"driver": "qcow2", "node-name": "q", "file": {"driver": "file"}});
+    assert_eq!(
+        desc("blockdev-add", arguments),
+        "Parameter 'file.filename' is missing"
+    );
+    let arguments = json!({"driver": "qcow2", "node-name": "q",
+                           "file": {"driver": "file", "filename": "/x", "bogus": 1}});
+    assert_eq!(
+        desc("blockdev-add", arguments),
+        "Parameter 'file.bogus' is unexpected"
+    );
+}
+
+#[test]
+fn boxed_union_discriminator_missing_or_unknown() {
+    assert_eq!(
+        desc("blockdev-add", json!({"node-name": "q"})),
+        "Parameter 'driver' is missing"
+    );
+    assert_eq!(
+        desc("blockdev-add", json!({"driver": "bogus"})),
+        "Parameter 'driver' does not accept value 'bogus'"
+    );
+}
+
+#[test]
+fn nested_struct_member_type_error_has_dotted_path() {
+    let arguments =
+        json!({"driver": "raw", "node-name": "q", "file": "n0", "cache": {"direct": "x"}});
+    assert_eq!(
+        desc("blockdev-add", arguments),
+        "Invalid parameter type for 'cache.direct', expected: boolean"
+    );
+}
+
+#[test]
+fn uint32_member_out_of_range_or_negative_expects_uint32_t() {
+    for granularity in [json!(-1), json!(4294967296u64)] {
+        let arguments = json!({"node": "n0", "name": "b", "granularity": granularity});
+        assert_eq!(
+            desc("block-dirty-bitmap-add", arguments),
+            "Parameter 'granularity' expects uint32_t"
+        );
+    }
+}
+
+#[test]
+fn uint32_member_given_a_string_expects_uint64_with_full_path() {
+    let arguments = json!({"node": "n0", "name": "b", "granularity": "x"});
+    assert_eq!(
+        desc("block-dirty-bitmap-add", arguments),
+        "Parameter 'granularity' expects uint64"
+    );
+    let arguments = json!({"actions": [{"type": "block-dirty-bitmap-add",
+                                        "data": {"node": "n0", "name": "b", "granularity": "x"}}]});
+    assert_eq!(
+        desc("transaction", arguments),
+        "Parameter 'actions[0].data.granularity' expects uint64"
+    );
+}
+
+#[test]
+fn uint32_member_in_a_transaction_names_only_the_member_when_out_of_range() {
+    let arguments = json!({"actions": [{"type": "block-dirty-bitmap-add",
+                                        "data": {"node": "n0", "name": "b", "granularity": -5}}]});
+    assert_eq!(
+        desc("transaction", arguments),
+        "Parameter 'granularity' expects uint32_t"
+    );
+}

@@ -86,3 +86,20 @@ fn introspection_lists_commands_events_and_masked_types() {
             .any(|e| e["meta-type"] == "builtin" && e["name"] == "str")
     );
 }
+
+#[test]
+fn alternate_round_trips_by_json_type() {
+    assert_eq!(round_trip::<BlockdevRef>(json!("node0")), json!("node0"));
+    let v = json!({"driver": "file", "filename": "/tmp/a.qcow2"});
+    assert_eq!(round_trip::<BlockdevRef>(v.clone()), v);
+    assert_eq!(round_trip::<BlockdevRefOrNull>(json!(null)), json!(null));
+}
+
+#[test]
+fn nested_union_in_alternate_in_union_round_trips() {
+    let v = json!({"driver": "qcow2", "node-name": "a",
+                   "file": {"driver": "file", "filename": "/tmp/a.qcow2"}});
+    let typed: BlockdevOptions = serde_json::from_value(v.clone()).unwrap();
+    assert_eq!(typed.branch.kind(), BlockdevDriver::Qcow2);
+    assert_eq!(serde_json::to_value(&typed).unwrap(), v);
+}
