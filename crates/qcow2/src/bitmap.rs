@@ -12,6 +12,8 @@ const TYPE_DIRTY_TRACKING: u8 = 1;
 const MAX_BITMAPS: usize = 65535;
 const MAX_NAME: usize = 1023;
 const MAX_DIRECTORY_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest bitmap held in memory (bytes of bits).
+const MAX_BITMAP_BYTES: usize = 512 * 1024 * 1024;
 
 /// A persistent dirty bitmap: one bit per `granularity` bytes of the virtual disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,6 +149,9 @@ pub(crate) fn load(st: &dyn Storage, h: &Header, ext: &BitmapsExt) -> Result<Vec
             .map_err(|_| Error::Invalid("bitmap name is not UTF-8".into()))?;
         let granularity = 1u64 << granularity_bits;
         let nbytes = PersistentBitmap::byte_len(h.size, granularity);
+        if nbytes > MAX_BITMAP_BYTES {
+            return Err(Error::Unsupported(format!("bitmap '{name}' is larger than 512 MiB")));
+        }
         let clusters = (nbytes as u64).div_ceil(cs);
         if u64::from(table_size) != clusters {
             return invalid(format!(

@@ -21,6 +21,8 @@ pub(crate) const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 pub(crate) const COPIED: u64 = 1 << 63;
 pub(crate) const COMPRESSED: u64 = 1 << 62;
 pub(crate) const ZERO: u64 = 1;
+/// How many in-use clusters past the end of the file one allocation scans before giving up.
+const MAX_SCAN_BEYOND_END: u64 = 1 << 22;
 /// Host offsets must fit the 56-bit offset fields.
 const MAX_HOST_OFFSET: u64 = 1 << 56;
 
@@ -103,6 +105,8 @@ pub(crate) struct Meta {
     pub(crate) pending_frees: Vec<(u64, u64)>,
     pub(crate) free_hint: u64,
     pub(crate) run_hint: u64,
+    /// One past the highest cluster given a refcount since open.
+    alloc_end: u64,
     in_write_back: bool,
     pub snapshots: Vec<Snapshot>,
     pub snapshot_table_len: u64,
@@ -155,6 +159,7 @@ impl Meta {
             pending_frees: Vec::new(),
             free_hint: 0,
             run_hint: 0,
+            alloc_end: 0,
             in_write_back: false,
             snapshots: Vec::new(),
             snapshot_table_len: 0,
@@ -360,6 +365,9 @@ impl Meta {
         }
         let bi = idx >> self.rb_bits();
         self.ensure_refblock(bi)?;
+        if v > 0 {
+            self.alloc_end = self.alloc_end.max(idx + 1);
+        }
         let off = self.reftable[bi as usize] & REFT_OFFSET_MASK;
         self.load(TableKind::Refblock, off)?;
         let order = self.h.refcount_order;
@@ -387,6 +395,7 @@ impl Meta {
         }
         let mut block = vec![0u8; self.cs() as usize];
         rc_set(&mut block, self.h.refcount_order, 0, 1);
+        self.alloc_end = self.alloc_end.max((bi << self.rb_bits()) + 1);
         self.insert_new(TableKind::Refblock, off, block)?;
         self.reftable[bi as usize] = off;
         self.reftable_dirty.insert(bi as usize);
@@ -418,6 +427,7 @@ impl Meta {
         for i in 0..=clusters as usize {
             rc_set(&mut block, self.h.refcount_order, i, 1);
         }
+        self.alloc_end = self.alloc_end.max(first + clusters + 1);
         let mut table = self.reftable.clone();
         table.resize(new_len as usize, 0);
         table[bi as usize] = block_off;
@@ -447,6 +457,9 @@ impl Meta {
     /// run, so sequential writes get contiguous clusters and a scan never revisits used space.
     pub fn alloc_run(&mut self, n: u64) -> Result<u64> {
         let rb_bits = self.rb_bits();
+        // Past the end of the file only clusters allocated since open can be in use.
+        let limit = self.storage.len()?.div_ceil(self.cs()).max(self.alloc_end);
+        let mut beyond = 0u64;
         let mut c = if n == 1 {
             self.free_hint
         } else {
@@ -460,7 +473,15 @@ impl Meta {
                 return invalid("image file would exceed the maximum size");
             }
             self.ensure_refblock(c >> rb_bits)?;
-            if self.refcount(c)? == 0 {
+            let rc = self.refcount(c)?;
+            if rc != 0 && c >= limit.max(self.alloc_end) {
+                // Leaked by a crash, or refcounts claiming the impossible: bound the scan.
+                beyond += 1;
+                if beyond > MAX_SCAN_BEYOND_END {
+                    return invalid("refcounts claim too many clusters beyond the end of the file");
+                }
+            }
+            if rc == 0 {
                 if len == 0 {
                     start = c;
                 }

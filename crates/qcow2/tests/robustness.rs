@@ -184,3 +184,20 @@ fn external_data_files_extended_l2_and_zstd_are_refused_clearly() {
         assert!(err.to_string().contains(what), "{opts}: {err}");
     }
 }
+
+#[test]
+fn refcounts_claiming_every_cluster_make_allocation_fail_instead_of_hang() {
+    let s = Scratch::in_memory();
+    let path = s.path("full.qcow2");
+    create_file(&path, 1 << 20, 65536, None);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Every refcount table entry points at one refcount block claiming every cluster used.
+    for e in bytes[65536..131072].chunks_exact_mut(8) {
+        e.copy_from_slice(&131072u64.to_be_bytes());
+    }
+    bytes[131072..196608].fill(0xff);
+    std::fs::write(&path, &bytes).unwrap();
+    let img = Image::open_file(&path, false).unwrap();
+    let err = img.write_at(&[1; 4096], 0).unwrap_err();
+    assert!(matches!(err, qcow2::Error::Invalid(_)), "{err}");
+}
