@@ -150,7 +150,9 @@ pub(crate) fn load(st: &dyn Storage, h: &Header, ext: &BitmapsExt) -> Result<Vec
         let granularity = 1u64 << granularity_bits;
         let nbytes = PersistentBitmap::byte_len(h.size, granularity);
         if nbytes > MAX_BITMAP_BYTES {
-            return Err(Error::Unsupported(format!("bitmap '{name}' is larger than 512 MiB")));
+            return Err(Error::Unsupported(format!(
+                "bitmap '{name}' is larger than 512 MiB"
+            )));
         }
         let clusters = (nbytes as u64).div_ceil(cs);
         if u64::from(table_size) != clusters {
@@ -306,7 +308,15 @@ impl Meta {
         for b in bitmaps {
             let mut table = Vec::new();
             let mut data_clusters = Vec::new();
-            for chunk in b.bits.chunks(cs as usize) {
+            // Bits past the end of the disk must be stored as zeros.
+            let mut bits = b.bits.clone();
+            let nb_bits = self.h.size.div_ceil(b.granularity);
+            if nb_bits % 8 != 0
+                && let Some(last) = bits.last_mut()
+            {
+                *last &= (1u8 << (nb_bits % 8)) - 1;
+            }
+            for chunk in bits.chunks(cs as usize) {
                 if chunk.iter().all(|&x| x == 0) {
                     table.extend_from_slice(&0u64.to_be_bytes());
                 } else {
@@ -328,7 +338,7 @@ impl Meta {
                 flags |= FLAG_AUTO;
             }
             entries.push(BitmapEntry {
-                bitmap: b.clone(),
+                bitmap: PersistentBitmap { bits, ..b.clone() },
                 table_offset,
                 table_size: (table.len() / 8) as u32,
                 data_clusters,

@@ -67,6 +67,8 @@ pub(crate) struct Header {
     pub bitmaps: Option<BitmapsExt>,
     /// Extensions we do not interpret, kept verbatim when the header is rewritten.
     pub unknown_extensions: Vec<(u32, Vec<u8>)>,
+    /// Header fields past the ones we know (bytes 112 to `header_length`), kept verbatim.
+    pub unknown_fields: Vec<u8>,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -149,6 +151,7 @@ impl Header {
             backing_format: None,
             bitmaps: None,
             unknown_extensions: Vec::new(),
+            unknown_fields: Vec::new(),
         };
         let mut header_length = V2_HEADER_LEN as u64;
         let mut compression_type = 0u8;
@@ -177,6 +180,9 @@ impl Header {
         let end = buf.len().min(cluster_size as usize);
         if header_length as usize > end {
             return invalid("header extends past the end of the file");
+        }
+        if header_length as usize > V3_HEADER_LEN {
+            h.unknown_fields = buf[V3_HEADER_LEN..header_length as usize].to_vec();
         }
         // Header extensions, up to the backing file name if it follows them.
         let mut ext_end = end;
@@ -332,7 +338,9 @@ impl Header {
         b[80..88].copy_from_slice(&self.compatible.to_be_bytes());
         b[88..96].copy_from_slice(&self.autoclear.to_be_bytes());
         b[96..100].copy_from_slice(&self.refcount_order.to_be_bytes());
-        b[100..104].copy_from_slice(&(V3_HEADER_LEN as u32).to_be_bytes());
+        b[100..104]
+            .copy_from_slice(&((V3_HEADER_LEN + self.unknown_fields.len()) as u32).to_be_bytes());
+        b.extend_from_slice(&self.unknown_fields);
         let ext = |b: &mut Vec<u8>, ty: u32, data: &[u8]| {
             b.extend_from_slice(&ty.to_be_bytes());
             b.extend_from_slice(&(data.len() as u32).to_be_bytes());

@@ -156,6 +156,7 @@ pub fn create(
         backing_format: backing.map(|b| b.1.to_string()),
         bitmaps: None,
         unknown_extensions: Vec::new(),
+        unknown_fields: Vec::new(),
     };
     let total = 3 + if l1_size > 0 { l1_clusters } else { 0 };
     let mut img = vec![0u8; (total * cs) as usize];

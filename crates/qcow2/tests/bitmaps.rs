@@ -199,3 +199,19 @@ fn bitmaps_of_the_wrong_size_are_refused() {
         Err(qcow2::Error::InvalidArgument(_))
     ));
 }
+
+#[test]
+fn bits_past_the_end_of_the_disk_are_stored_as_zeros() {
+    let s = Scratch::new();
+    let path = s.path("tail.qcow2");
+    // 3 bits of 64 KiB granularity: the byte's 5 upper bits lie past the disk.
+    create_file(&path, 3 * 65536, 65536, None);
+    let img = open_rw(&path);
+    let mut b = PersistentBitmap::new("t", 65536, true, 3 * 65536);
+    b.bits[0] = 0xff;
+    img.store_bitmaps(&[b]).unwrap();
+    img.close().unwrap();
+    drop(img);
+    assert_eq!(open_ro(&path).bitmaps()[0].bits, vec![0x07]);
+    assert_check_clean(&path);
+}

@@ -231,3 +231,25 @@ fn a_missing_backing_file_is_a_clear_error() {
     assert!(matches!(err, qcow2::Error::Backing { .. }), "{err}");
     assert!(err.to_string().contains("nothere.qcow2"));
 }
+
+#[test]
+fn unknown_header_fields_are_kept_when_the_header_is_rewritten() {
+    let s = Scratch::new();
+    let path = s.path("long.qcow2");
+    create_file(&path, 1 << 20, 65536, None);
+    // Grow the header to 120 bytes with a field we do not know, moving the extensions along.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let tail = bytes[112..4096].to_vec();
+    bytes[100..104].copy_from_slice(&120u32.to_be_bytes());
+    bytes[112..120].copy_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x2a]);
+    bytes[120..4096].copy_from_slice(&tail[..4096 - 120]);
+    std::fs::write(&path, &bytes).unwrap();
+    let img = open_rw(&path);
+    img.create_snapshot("rewrites the header").unwrap();
+    img.close().unwrap();
+    drop(img);
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(&bytes[100..104], &120u32.to_be_bytes());
+    assert_eq!(bytes[119], 0x2a);
+    assert_check_clean(&path);
+}
