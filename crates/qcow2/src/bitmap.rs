@@ -80,6 +80,8 @@ pub(crate) struct BitmapEntry {
     extra: Vec<u8>,
     /// Marked in use by this open; cleared again at close if the bits are still right.
     pub marked_by_us: bool,
+    /// Has extra data we do not know and may not ignore: kept as it is, never used.
+    pub foreign: bool,
 }
 
 impl BitmapEntry {
@@ -140,11 +142,8 @@ pub(crate) fn load(st: &dyn Storage, h: &Header, ext: &BitmapsExt) -> Result<Vec
             return invalid("bitmap directory entry invalid");
         }
         let extra = e[24..24 + extra_size].to_vec();
-        if extra_size > 0 && flags & FLAG_EXTRA_DATA_COMPATIBLE == 0 {
-            return Err(Error::Unsupported(
-                "bitmap with incompatible extra data".into(),
-            ));
-        }
+        // Extra data we do not understand and may not ignore: keep the bitmap, never use it.
+        let foreign = extra_size > 0 && flags & FLAG_EXTRA_DATA_COMPATIBLE == 0;
         let name = String::from_utf8(e[24 + extra_size..total].to_vec())
             .map_err(|_| Error::Invalid("bitmap name is not UTF-8".into()))?;
         let granularity = 1u64 << granularity_bits;
@@ -174,10 +173,10 @@ pub(crate) fn load(st: &dyn Storage, h: &Header, ext: &BitmapsExt) -> Result<Vec
                         return invalid(format!("bitmap '{name}' table entry unaligned"));
                     }
                     data_clusters.push(off);
-                    if flags & FLAG_IN_USE == 0 {
+                    if flags & FLAG_IN_USE == 0 && !foreign {
                         st.read_at(&mut bits[start..stop], off)?;
                     }
-                } else if entry & 1 != 0 && flags & FLAG_IN_USE == 0 {
+                } else if entry & 1 != 0 && flags & FLAG_IN_USE == 0 && !foreign {
                     bits[start..stop].fill(0xff);
                 }
             }
@@ -197,6 +196,7 @@ pub(crate) fn load(st: &dyn Storage, h: &Header, ext: &BitmapsExt) -> Result<Vec
             granularity_bits,
             extra,
             marked_by_us: false,
+            foreign,
         });
         pos += total.div_ceil(8) * 8;
     }
@@ -238,7 +238,7 @@ impl Meta {
     /// Mark every bitmap in use while the image is open read-write.
     pub fn mark_bitmaps_in_use(&mut self) -> Result<()> {
         let mut changed = false;
-        for e in &mut self.bitmaps {
+        for e in self.bitmaps.iter_mut().filter(|e| !e.foreign) {
             if e.flags & FLAG_IN_USE == 0 {
                 e.flags |= FLAG_IN_USE;
                 e.marked_by_us = true;
@@ -279,7 +279,12 @@ impl Meta {
                     "bitmap name must be 1 to 1023 bytes".into(),
                 ));
             }
-            if bitmaps[..i].iter().any(|o| o.name == b.name) {
+            if bitmaps[..i].iter().any(|o| o.name == b.name)
+                || self
+                    .bitmaps
+                    .iter()
+                    .any(|e| e.foreign && e.bitmap.name == b.name)
+            {
                 return Err(Error::InvalidArgument(format!(
                     "duplicate bitmap '{}'",
                     b.name
@@ -346,8 +351,10 @@ impl Meta {
                 granularity_bits: b.granularity.trailing_zeros() as u8,
                 extra: Vec::new(),
                 marked_by_us: false,
+                foreign: false,
             });
         }
+        entries.extend(self.bitmaps.iter().filter(|e| e.foreign).cloned());
         let dir = serialize_directory(&entries);
         let dir_off = if dir.is_empty() {
             0
@@ -371,7 +378,7 @@ impl Meta {
         self.write_header()?;
         self.storage.flush()?;
         let old = std::mem::replace(&mut self.bitmaps, entries);
-        for e in old {
+        for e in old.into_iter().filter(|e| !e.foreign) {
             for off in e.data_clusters {
                 self.free_now(off, cs)?;
             }

@@ -731,10 +731,12 @@ impl Image {
     // ---- bitmaps ----
 
     /// The persistent bitmaps stored in the image (as loaded at open or last stored).
+    /// Bitmaps with extra data this crate does not know are kept in the image but not listed.
     pub fn bitmaps(&self) -> Vec<PersistentBitmap> {
         self.lock()
             .bitmaps
             .iter()
+            .filter(|e| !e.foreign)
             .map(|e| e.bitmap.clone())
             .collect()
     }

@@ -215,3 +215,52 @@ fn bits_past_the_end_of_the_disk_are_stored_as_zeros() {
     assert_eq!(open_ro(&path).bitmaps()[0].bits, vec![0x07]);
     assert_check_clean(&path);
 }
+
+#[test]
+fn bitmaps_with_unknown_extra_data_are_kept_but_not_used() {
+    let s = Scratch::new();
+    let path = s.path("extra.qcow2");
+    create_file(&path, 4 << 20, 65536, None);
+    let img = open_rw(&path);
+    let mut b = PersistentBitmap::new("strange", 65536, true, 4 << 20);
+    b.set(1);
+    img.store_bitmaps(&[b]).unwrap();
+    img.close().unwrap();
+    drop(img);
+    // Give the directory entry 8 bytes of extra data without the extra_data_compatible flag.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let hdr = 0x2385_2875u32.to_be_bytes();
+    let at = bytes[..4096].windows(4).position(|w| w == hdr).unwrap();
+    let dir_size_at = at + 8 + 8;
+    let dir_off = u64::from_be_bytes(bytes[at + 8 + 16..at + 8 + 24].try_into().unwrap()) as usize;
+    let entry = bytes[dir_off..dir_off + 32].to_vec();
+    let name_len = u16::from_be_bytes([entry[18], entry[19]]) as usize;
+    let mut new_entry = entry[..24].to_vec();
+    new_entry[20..24].copy_from_slice(&8u32.to_be_bytes());
+    new_entry.extend_from_slice(&[0xee; 8]);
+    new_entry.extend_from_slice(&bytes[dir_off + 24..dir_off + 24 + name_len]);
+    new_entry.resize(new_entry.len().div_ceil(8) * 8, 0);
+    bytes[dir_off..dir_off + new_entry.len()].copy_from_slice(&new_entry);
+    bytes[dir_size_at..dir_size_at + 8].copy_from_slice(&(new_entry.len() as u64).to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+
+    let img = open_rw(&path);
+    assert!(img.bitmaps().is_empty());
+    img.store_bitmaps(&[PersistentBitmap::new("mine", 65536, false, 4 << 20)])
+        .unwrap();
+    img.close().unwrap();
+    drop(img);
+    // QEMU itself refuses such images, so look for ourselves: both bitmaps are stored.
+    let bytes = std::fs::read(&path).unwrap();
+    let at = bytes[..4096].windows(4).position(|w| w == hdr).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(bytes[at + 8..at + 12].try_into().unwrap()),
+        2
+    );
+    let names: Vec<_> = open_ro(&path)
+        .bitmaps()
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(names, ["mine"]);
+}
