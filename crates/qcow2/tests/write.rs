@@ -445,3 +445,58 @@ fn the_backing_file_can_be_changed_and_removed() {
     let info = json("qemu-img", &["info", "--output=json", p(&top)]);
     assert!(info.get("backing-filename").is_none(), "{info}");
 }
+
+#[test]
+fn reads_during_writes_see_old_or_new_bytes_only() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = Scratch::new();
+    let path = s.path("rw.qcow2");
+    let size: u64 = 8 << 20;
+    create_file(&path, size, 65536, None);
+    let img = open_rw(&path);
+    let piece = 49152u64;
+    let pieces = size / piece;
+    // Piece i is written with byte (i % 200) + 1 only; before that it reads as zeros.
+    let expected = |i: u64| (i % 200) as u8 + 1;
+    let done = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let writers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let img = &img;
+                sc.spawn(move || {
+                    for i in (t..pieces).step_by(2) {
+                        img.write_at(&vec![expected(i); piece as usize], i * piece)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for r in 0..2u64 {
+            let (img, done) = (&img, &done);
+            sc.spawn(move || {
+                let mut buf = vec![0u8; 200_000];
+                let mut off = r * 77_777;
+                while !done.load(Ordering::Acquire) {
+                    let len = (buf.len() as u64).min(size - off);
+                    img.read_at(&mut buf[..len as usize], off).unwrap();
+                    for (k, &b) in buf[..len as usize].iter().enumerate() {
+                        let i = (off + k as u64) / piece;
+                        assert!(
+                            b == 0 || b == expected(i),
+                            "byte {} reads {b}",
+                            off + k as u64
+                        );
+                    }
+                    off = (off + 1_234_567) % (size - 1);
+                }
+            });
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        done.store(true, Ordering::Release);
+    });
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&path);
+}
