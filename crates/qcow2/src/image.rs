@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::bitmap::{self, PersistentBitmap};
@@ -75,6 +75,23 @@ impl Drop for Claim<'_> {
             c.swap_remove(i);
         }
         self.image.claims_free.notify_all();
+    }
+}
+
+/// A read between mapping its range and finishing its data I/O (see `Meta::readers`).
+struct Reading(Arc<AtomicUsize>);
+
+impl Reading {
+    /// Count a reader; called with the metadata lock held, before mapping.
+    fn start(readers: &Arc<AtomicUsize>) -> Reading {
+        readers.fetch_add(1, Ordering::AcqRel);
+        Reading(readers.clone())
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -380,7 +397,11 @@ impl Image {
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_open()?;
         self.check_range(off, buf.len() as u64, self.size)?;
-        let extents = self.lock().map_range(None, off, buf.len())?;
+        let (extents, _reading) = {
+            let mut m = self.lock();
+            let reading = Reading::start(&m.readers);
+            (m.map_range(None, off, buf.len())?, reading)
+        };
         self.read_extents(&extents, buf)
     }
 
@@ -677,6 +698,17 @@ impl Image {
         }
         let mut m = self.lock();
         m.write_back()?;
+        // Frees kept back for readers still reading: wait for them (bounded), then apply.
+        let readers = m.readers.clone();
+        for _ in 0..10_000 {
+            if !m.frees_pending() || readers.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            drop(m);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            m = self.lock();
+        }
+        m.write_back()?;
         self.storage.flush()?;
         m.release_bitmaps(self.written.load(Ordering::Acquire))?;
         self.storage.flush()?;
@@ -723,6 +755,7 @@ impl Image {
         let s = m.snapshots[i].clone();
         self.check_range(off, buf.len() as u64, s.info.disk_size)?;
         let l1 = m.snapshot_l1(&s)?;
+        let _reading = Reading::start(&m.readers);
         let extents = m.map_range(Some(&l1), off, buf.len())?;
         drop(m);
         self.read_extents(&extents, buf)

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::bitmap::BitmapEntry;
 use crate::cache::TableCache;
@@ -108,6 +109,8 @@ pub(crate) struct Meta {
     /// One past the highest cluster given a refcount since open.
     alloc_end: u64,
     in_write_back: bool,
+    /// Readers between mapping a range (under the lock) and finishing its data I/O.
+    pub readers: Arc<AtomicUsize>,
     pub snapshots: Vec<Snapshot>,
     pub snapshot_table_len: u64,
     pub bitmaps: Vec<BitmapEntry>,
@@ -161,6 +164,7 @@ impl Meta {
             run_hint: 0,
             alloc_end: 0,
             in_write_back: false,
+            readers: Arc::new(AtomicUsize::new(0)),
             snapshots: Vec::new(),
             snapshot_table_len: 0,
             bitmaps: Vec::new(),
@@ -513,6 +517,11 @@ impl Meta {
         }
     }
 
+    /// Whether clusters are waiting to be freed.
+    pub fn frees_pending(&self) -> bool {
+        !self.pending_frees.is_empty()
+    }
+
     /// Drop one reference to every cluster in `[off, off + len)` now.
     pub fn free_now(&mut self, off: u64, len: u64) -> Result<()> {
         let cs = self.cs();
@@ -704,7 +713,9 @@ impl Meta {
                 }
             }
         }
-        if !self.pending_frees.is_empty() {
+        // A reader that mapped a guest range may still be reading a cluster freed here: keep
+        // the frees for a write-back with no reader between mapping and reading.
+        if !self.pending_frees.is_empty() && self.readers.load(Ordering::Acquire) == 0 {
             if tables_dirty {
                 self.storage.flush()?;
             }
