@@ -2,7 +2,7 @@
 //! one or more threads, printing one line per completed operation, until killed (or after a
 //! bounded number of operations).
 //!
-//! Usage: qcow2-crash-writer IMAGE SEED [THREADS]
+//! Usage: `qcow2-crash-writer IMAGE SEED [THREADS]`
 
 use std::io::Write;
 use std::sync::Mutex;
