@@ -1,5 +1,7 @@
-//! xtask: repository chores — `cargo xtask codegen [--check]`, `cargo xtask codegen --schema FILE --out DIR`.
+//! xtask: repository chores — `cargo xtask codegen [--check]`, `cargo xtask codegen --schema FILE --out DIR`,
+//! `cargo xtask bench codegen`.
 
+mod bench;
 mod codegen;
 
 use clap::{Parser, Subcommand};
@@ -17,12 +19,15 @@ enum Task {
     /// Generate crates/qmp-api/src/generated/ from qapi-schema/qapi-schema.json,
     /// or a self-contained crate from any schema with --schema/--out.
     Codegen(codegen::CodegenArgs),
+    /// Benchmarks (`cargo xtask bench codegen`).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Codegen(args) => codegen::run(&args),
+        Task::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,9 @@ use crate::naming;
 use proc_macro2::TokenStream;
 use qapi_model::{Builtin, Common, Doc, Entity, IfCond, Member, Schema, TypeRef};
 use quote::quote;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
 
 /// The JSON kind of a value, as alternates dispatch on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -24,6 +26,8 @@ pub struct Context<'a> {
     index: BTreeMap<&'a str, usize>,
     /// For each named type, the named types it contains by value (not through an array).
     by_value: BTreeMap<&'a str, BTreeSet<&'a str>>,
+    /// Memo of [`Context::reachable`].
+    reachable: RefCell<BTreeMap<String, Rc<BTreeSet<&'a str>>>>,
 }
 
 impl<'a> Context<'a> {
@@ -64,6 +68,7 @@ impl<'a> Context<'a> {
             schema,
             index,
             by_value,
+            reachable: RefCell::new(BTreeMap::new()),
         }
     }
 
@@ -71,28 +76,35 @@ impl<'a> Context<'a> {
         self.index.get(name).map(|&i| &self.schema.entities[i])
     }
 
-    /// Whether `to` is reachable from `from` by value (so a member of type
-    /// `from` inside `to` must be boxed to keep the type finite).
-    fn reaches(&self, from: &str, to: &str) -> bool {
-        let mut stack = vec![from];
+    /// Every named type reachable from `from` by value, `from` included.
+    fn reachable(&self, from: &str) -> Rc<BTreeSet<&'a str>> {
+        if let Some(done) = self.reachable.borrow().get(from) {
+            return Rc::clone(done);
+        }
         let mut seen = BTreeSet::new();
+        let mut stack: Vec<&'a str> = self
+            .by_value
+            .get_key_value(from)
+            .map(|(k, _)| *k)
+            .into_iter()
+            .collect();
         while let Some(cur) = stack.pop() {
-            if cur == to {
-                return true;
-            }
-            if !seen.insert(cur) {
-                continue;
-            }
-            if let Some(next) = self.by_value.get(cur) {
+            if seen.insert(cur)
+                && let Some(next) = self.by_value.get(cur)
+            {
                 stack.extend(next.iter().copied());
             }
         }
-        false
+        let seen = Rc::new(seen);
+        self.reachable
+            .borrow_mut()
+            .insert(from.to_string(), Rc::clone(&seen));
+        seen
     }
 
     /// Whether a by-value use of `ty` inside `container` needs a `Box`.
     pub fn needs_box(&self, container: Option<&str>, ty: &str) -> bool {
-        container.is_some_and(|c| self.reaches(ty, c))
+        container.is_some_and(|c| self.reachable(ty).contains(c))
     }
 
     /// The Rust type for a QAPI type used inside `container`.

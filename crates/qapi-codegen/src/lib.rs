@@ -95,65 +95,110 @@ fn raw_string_literal(text: &str) -> proc_macro2::Literal {
 /// The `generated/` module for `schema`: `mod.rs`, `types.rs`, `commands.rs`,
 /// `events.rs`, `introspection.rs`.
 pub fn generate(schema: &Schema) -> Result<Vec<GeneratedFile>, CodegenError> {
+    // Building and rendering `types.rs` (syn + prettyplease) is the largest
+    // part, so it runs on its own thread beside the other files.
+    std::thread::scope(|scope| {
+        let types = scope.spawn(|| types_file(schema));
+        let mut files = vec![mod_file()?];
+        let types = types.join().unwrap_or_else(|_| {
+            Err(CodegenError {
+                file: "types.rs".into(),
+                message: "generator thread panicked".into(),
+            })
+        })?;
+        files.push(types);
+        files.push(commands_file(schema)?);
+        files.push(events_file(schema)?);
+        files.push(introspection_file(schema)?);
+        Ok(files)
+    })
+}
+
+fn mod_file() -> Result<GeneratedFile, CodegenError> {
+    render(
+        "mod.rs",
+        quote! {
+            //! The API generated from the QAPI schema. See each module.
+            pub mod commands;
+            pub mod events;
+            pub mod introspection;
+            pub mod types;
+
+            pub use commands::*;
+            pub use events::*;
+            pub use introspection::*;
+            pub use types::*;
+        },
+    )
+}
+
+fn types_file(schema: &Schema) -> Result<GeneratedFile, CodegenError> {
     let cx = context::Context::new(schema);
     let prelude = module_prelude();
     let types = emit_types::emit(&cx);
+    render(
+        "types.rs",
+        quote! {
+            //! Enums, structs, unions and alternates of the schema.
+            #prelude
+            #types
+        },
+    )
+}
+
+fn commands_file(schema: &Schema) -> Result<GeneratedFile, CodegenError> {
+    let cx = context::Context::new(schema);
+    let prelude = module_prelude();
     let commands = emit_commands::emit(&cx);
+    render(
+        "commands.rs",
+        quote! {
+            //! Command arguments, the `Commands` trait and `dispatch`.
+            #prelude
+            use super::types::*;
+            #commands
+        },
+    )
+}
+
+fn events_file(schema: &Schema) -> Result<GeneratedFile, CodegenError> {
+    let cx = context::Context::new(schema);
+    let prelude = module_prelude();
     let events = emit_events::emit(&cx);
+    render(
+        "events.rs",
+        quote! {
+            //! Events with typed data.
+            #prelude
+            use super::types::*;
+            #events
+        },
+    )
+}
+
+fn introspection_file(schema: &Schema) -> Result<GeneratedFile, CodegenError> {
+    let cx = context::Context::new(schema);
     let info = emit_introspection::schema_info(&cx);
     let json = serde_json::to_string_pretty(&info).map_err(|e| CodegenError {
         file: "introspection.rs".into(),
         message: e.to_string(),
     })?;
-    let mod_rs = quote! {
-        //! The API generated from the QAPI schema. See each module.
-        pub mod commands;
-        pub mod events;
-        pub mod introspection;
-        pub mod types;
-
-        pub use commands::*;
-        pub use events::*;
-        pub use introspection::*;
-        pub use types::*;
-    };
-    let types_rs = quote! {
-        //! Enums, structs, unions and alternates of the schema.
-        #prelude
-        #types
-    };
-    let commands_rs = quote! {
-        //! Command arguments, the `Commands` trait and `dispatch`.
-        #prelude
-        use super::types::*;
-        #commands
-    };
-    let events_rs = quote! {
-        //! Events with typed data.
-        #prelude
-        use super::types::*;
-        #events
-    };
     let json = raw_string_literal(&json);
-    let introspection_rs = quote! {
-        //! The `query-qmp-schema` answer.
+    render(
+        "introspection.rs",
+        quote! {
+            //! The `query-qmp-schema` answer.
 
-        /// `query-qmp-schema`'s answer as JSON text (QEMU's `SchemaInfo` list,
-        /// type names masked as numbers).
-        pub const QMP_SCHEMA_JSON: &str = #json;
+            /// `query-qmp-schema`'s answer as JSON text (QEMU's `SchemaInfo` list,
+            /// type names masked as numbers).
+            pub const QMP_SCHEMA_JSON: &str = #json;
 
-        /// `query-qmp-schema`'s answer.
-        pub fn qmp_schema() -> ::serde_json::Value {
-            ::serde_json::from_str(QMP_SCHEMA_JSON).unwrap_or(::serde_json::Value::Null)
-        }
-    };
-    Ok(vec![
-        render("mod.rs", mod_rs)?,
-        render("types.rs", types_rs)?,
-        render("commands.rs", commands_rs)?,
-        render("events.rs", events_rs)?,
-        render("introspection.rs", introspection_rs)?,
-    ])
+            /// `query-qmp-schema`'s answer.
+            pub fn qmp_schema() -> ::serde_json::Value {
+                ::serde_json::from_str(QMP_SCHEMA_JSON).unwrap_or(::serde_json::Value::Null)
+            }
+        },
+    )
 }
 
 /// The hand-written runtime the generated code builds on, as shipped in `qmp-api`.
