@@ -11,7 +11,8 @@ pub struct CodegenArgs {
     /// Fail (listing stale files) instead of writing, if the checked-in files differ.
     #[arg(long)]
     check: bool,
-    /// Generate a self-contained crate from this schema instead of qmp-api's module.
+    /// Generate a self-contained crate from this schema instead of qmp-api's module
+    /// (with --check: check that crate instead).
     #[arg(long, requires = "out")]
     schema: Option<PathBuf>,
     /// Directory for the crate generated from --schema.
@@ -81,54 +82,65 @@ fn write_file(path: &Path, contents: &str) -> Result<(), String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let tmp = path.with_extension("rs.tmp");
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     std::fs::write(&tmp, contents).map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 pub fn run(args: &CodegenArgs) -> Result<(), String> {
-    if let (Some(schema), Some(out)) = (&args.schema, &args.out) {
-        let model = load(schema)?;
-        let name = out
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("qapi-generated");
-        let files = qapi_codegen::generate_crate(&model, name).map_err(|e| e.to_string())?;
-        for f in formatted(files)? {
-            write_file(&out.join(&f.path), &f.contents)?;
+    let (files, out_dir, command) = match (&args.schema, &args.out) {
+        (Some(schema), Some(out)) => {
+            let model = load(schema)?;
+            let name = out
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("qapi-generated");
+            let files = qapi_codegen::generate_crate(&model, name).map_err(|e| e.to_string())?;
+            let command = format!(
+                "cargo xtask codegen --schema {} --out {}",
+                schema.display(),
+                out.display()
+            );
+            (files, out.clone(), command)
         }
-        println!("wrote crate {}", out.display());
-        return Ok(());
-    }
-    let root = workspace_root();
-    let schema = root.join("qapi-schema/qapi-schema.json");
-    let out_dir = root.join("crates/qmp-api/src/generated");
-    let model = load(&schema)?;
-    let files = formatted(qapi_codegen::generate(&model).map_err(|e| e.to_string())?)?;
+        _ => {
+            let root = workspace_root();
+            let model = load(&root.join("qapi-schema/qapi-schema.json"))?;
+            let files = qapi_codegen::generate(&model).map_err(|e| e.to_string())?;
+            let out = root.join("crates/qmp-api/src/generated");
+            (files, out, "cargo xtask codegen".to_string())
+        }
+    };
+    let files = formatted(files)?;
+    let stale: Vec<&GeneratedFile> = files
+        .iter()
+        .filter(|f| {
+            std::fs::read_to_string(out_dir.join(&f.path))
+                .ok()
+                .as_deref()
+                != Some(f.contents.as_str())
+        })
+        .collect();
     if args.check {
-        let mut stale = Vec::new();
-        for f in &files {
-            let path = out_dir.join(&f.path);
-            if std::fs::read_to_string(&path).ok().as_deref() != Some(f.contents.as_str()) {
-                stale.push(path);
-            }
+        if stale.is_empty() {
+            println!("generated files are up to date");
+            return Ok(());
         }
-        if !stale.is_empty() {
-            let list: Vec<String> = stale.iter().map(|p| format!("  {}", p.display())).collect();
-            return Err(format!(
-                "generated files are stale:\n{}\nrun `cargo xtask codegen` and commit",
-                list.join("\n")
-            ));
-        }
-        println!("generated files are up to date");
-        return Ok(());
+        let list: Vec<String> = stale
+            .iter()
+            .map(|f| format!("  {}", out_dir.join(&f.path).display()))
+            .collect();
+        return Err(format!(
+            "generated files are stale:\n{}\nrun `{command}` and commit",
+            list.join("\n")
+        ));
     }
-    for f in &files {
+    for f in stale {
         let path = out_dir.join(&f.path);
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(f.contents.as_str()) {
-            write_file(&path, &f.contents)?;
-            println!("updated {}", path.display());
-        }
+        write_file(&path, &f.contents)?;
+        println!("updated {}", path.display());
     }
     Ok(())
 }
