@@ -50,8 +50,9 @@ pub struct JobSpec {
     pub id: Option<String>,
     pub auto_finalize: bool,
     pub auto_dismiss: bool,
-    /// Initial rate limit in bytes per second, 0 for none.
-    pub speed: u64,
+    /// Initial rate limit in bytes per second, 0 for none. Negative: the job is created and
+    /// dropped at once (`created`, `null`) with QEMU's error, as `blockdev-backup` does.
+    pub speed: i64,
     /// A block job: found by `block-job-*`, listed by `query-block-jobs`, emits `BLOCK_JOB_*`.
     pub block_job: bool,
 }
@@ -86,7 +87,7 @@ impl JobSpec {
         self
     }
 
-    pub fn speed(mut self, speed: u64) -> Self {
+    pub fn speed(mut self, speed: i64) -> Self {
         self.speed = speed;
         self
     }
@@ -945,7 +946,8 @@ impl JobRegistry {
     }
 
     /// Creates a job (CREATED) in `txn`, or in a transaction of its own. The id is checked:
-    /// `Invalid job ID '<id>'`, `Job ID '<id>' already in use`.
+    /// `Invalid job ID '<id>'`, `Job ID '<id>' already in use`; then the speed (a negative one
+    /// gives `created`, `null` and `Parameter 'speed' expects a non-negative value`).
     pub fn create(
         &self,
         spec: JobSpec,
@@ -973,7 +975,7 @@ impl JobRegistry {
         let key = JobKey(g.next_job);
         g.next_job += 1;
         let mut limit = RateLimit::default();
-        limit.set_speed(spec.speed);
+        limit.set_speed(u64::try_from(spec.speed).unwrap_or(0));
         let job = Job {
             id: spec.id.clone(),
             job_type: driver.job_type(),
@@ -1014,6 +1016,12 @@ impl JobRegistry {
             }
         }
         g.set_status(key, BlockJobStatus::Created);
+        if spec.speed < 0 {
+            g.do_dismiss(key);
+            return Err(generic(
+                "Parameter 'speed' expects a non-negative value".to_string(),
+            ));
+        }
         Ok(key)
     }
 
@@ -1346,5 +1354,91 @@ impl Inner {
             };
         }
         action
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::BoxFuture;
+    use crate::manual::{ManualClock, ManualExecutor};
+
+    struct Idle;
+
+    impl JobDriver for Idle {
+        fn job_type(&self) -> &'static str {
+            "backup"
+        }
+        fn run<'a>(&'a mut self, _ctx: &'a JobContext) -> BoxFuture<'a, Result<(), JobFailure>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn registry(events: Arc<Mutex<Vec<JobEvent>>>) -> JobRegistry {
+        JobRegistry::new(
+            Arc::new(move |e: JobEvent| events.lock().unwrap().push(e)),
+            Arc::new(ManualExecutor::new()),
+            Arc::new(ManualClock::new()),
+        )
+    }
+
+    #[test]
+    fn a_transition_outside_the_table_is_refused_and_emits_nothing() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let reg = registry(events.clone());
+        let key = reg.create(JobSpec::new("j"), Box::new(Idle), None).unwrap();
+        events.lock().unwrap().clear();
+        let inner = reg.inner.clone();
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            inner.lock().set_status(key, BlockJobStatus::Concluded)
+        }));
+        // Debug builds stop at the assertion; release builds refuse silently.
+        assert_eq!(attempt.is_err(), cfg!(debug_assertions));
+        assert_eq!(reg.status(key), Some(BlockJobStatus::Created));
+        assert!(events.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_status_set_to_itself_emits_no_event() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let reg = registry(events.clone());
+        // ABORTING -> ABORTING is in the table, and silent.
+        let txn = reg.new_txn();
+        let a = reg
+            .create(JobSpec::new("a"), Box::new(Idle), Some(&txn))
+            .unwrap();
+        let _b = reg
+            .create(JobSpec::new("b"), Box::new(Idle), Some(&txn))
+            .unwrap();
+        events.lock().unwrap().clear();
+        reg.start(a).unwrap();
+        {
+            let mut g = reg.inner.lock();
+            g.set_status(a, BlockJobStatus::Aborting);
+            g.set_status(a, BlockJobStatus::Aborting);
+        }
+        let changes: Vec<_> = events.lock().unwrap().drain(..).collect();
+        assert_eq!(
+            changes,
+            [
+                JobEvent::StatusChange {
+                    id: "a".into(),
+                    status: BlockJobStatus::Running
+                },
+                JobEvent::StatusChange {
+                    id: "a".into(),
+                    status: BlockJobStatus::Aborting
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn registry_handles_are_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<JobRegistry>();
+        send_sync::<JobTxn>();
+        send_sync::<JobContext>();
+        send_sync::<Concluded>();
     }
 }

@@ -306,6 +306,19 @@ fn a_never_started_job_cancelled_by_a_transaction_rollback_emits_no_block_job_ev
 }
 
 #[test]
+fn a_negative_initial_speed_creates_and_drops_the_job_with_qemus_error() {
+    // Recorded from QSD: blockdev-backup speed=-1.
+    let h = Harness::new();
+    let e = h
+        .reg
+        .create(JobSpec::new("j1").speed(-1), Box::new(NoWork), None)
+        .unwrap_err();
+    assert_eq!(e.desc, "Parameter 'speed' expects a non-negative value");
+    assert_eq!(h.events(), seq("j1 created, j1 null"));
+    assert!(h.reg.key_of("j1").is_none());
+}
+
+#[test]
 fn a_job_that_fails_to_be_set_up_goes_from_created_to_null() {
     let mut h = Harness::new();
     let j = h.create(JobSpec::new("j1"), None);
