@@ -1064,3 +1064,123 @@ fn a_job_that_drops_a_sleep_is_busy_again_and_pauses_at_its_next_pause_point() {
         seq("j running, j waiting, j pending, COMPLETED j, j concluded, j null")
     );
 }
+
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Rollback,
+    FailRunning,
+    CancelRunning,
+    CancelPaused,
+    CancelWaiting,
+    CancelPending,
+    FailPrepare,
+}
+
+#[test]
+fn grouped_pairs_and_triples_abort_every_member_whichever_fails_or_is_cancelled_at_any_stage() {
+    use Stage::*;
+    for n in [2, 3] {
+        for culprit in 0..n {
+            for stage in [
+                Rollback,
+                FailRunning,
+                CancelRunning,
+                CancelPaused,
+                CancelWaiting,
+                CancelPending,
+                FailPrepare,
+            ] {
+                let ctx = format!("{n} jobs, j{culprit} at {stage:?}");
+                let mut h = Harness::new();
+                let txn = h.reg.new_txn();
+                let ids: Vec<String> = (0..n).map(|i| format!("j{i}")).collect();
+                let keys: Vec<_> = ids
+                    .iter()
+                    .map(|id| h.create(JobSpec::new(id.as_str()).auto_finalize(false), Some(&txn)))
+                    .collect();
+                let culprit_id = ids[culprit].as_str();
+                if let Rollback = stage {
+                    h.reg.cancel_job(keys[culprit], true).unwrap();
+                } else {
+                    for &k in keys.iter().rev() {
+                        h.reg.start(k).unwrap();
+                    }
+                    h.run();
+                }
+                match stage {
+                    Rollback => {}
+                    FailRunning => h.finish(culprit_id, eio()),
+                    CancelRunning => h.reg.cancel(JobRef::Job(culprit_id), true).unwrap(),
+                    CancelPaused => {
+                        h.reg.pause_job(JobRef::BlockJob(culprit_id)).unwrap();
+                        h.reg.cancel(JobRef::BlockJob(culprit_id), true).unwrap();
+                    }
+                    CancelWaiting => {
+                        h.finish(culprit_id, Ok(()));
+                        assert_eq!(h.status(culprit_id), Some(BlockJobStatus::Waiting));
+                        h.reg.cancel(JobRef::Job(culprit_id), true).unwrap();
+                    }
+                    CancelPending | FailPrepare => {
+                        if let FailPrepare = stage {
+                            h.fail_prepare(culprit_id, "prepare refused");
+                        }
+                        for id in &ids {
+                            h.finish(id, Ok(()));
+                        }
+                        assert_eq!(h.status(culprit_id), Some(BlockJobStatus::Pending));
+                        if let FailPrepare = stage {
+                            h.reg
+                                .finalize(JobRef::Job(&ids[(culprit + 1) % n]))
+                                .unwrap();
+                        } else {
+                            h.reg.cancel(JobRef::Job(culprit_id), true).unwrap();
+                        }
+                    }
+                }
+                h.run();
+                let events = h.events();
+                let hooks = finalize_hooks(&h);
+                for (i, id) in ids.iter().enumerate() {
+                    assert_eq!(h.status(id), None, "{ctx}: {id} gone");
+                    let mine = |what: &str| {
+                        hooks
+                            .iter()
+                            .filter(|x| **x == format!("{id} {what}"))
+                            .count()
+                    };
+                    assert_eq!(mine("commit"), 0, "{ctx}: {hooks:?}");
+                    assert_eq!((mine("abort"), mine("clean")), (1, 1), "{ctx}: {hooks:?}");
+                    let finished: Vec<&String> = events
+                        .iter()
+                        .filter(|e| {
+                            e.starts_with(&format!("COMPLETED {id}"))
+                                || *e == &format!("CANCELLED {id}")
+                        })
+                        .collect();
+                    let expected = match stage {
+                        Rollback => vec![],
+                        FailRunning if i == culprit => {
+                            vec![format!("COMPLETED {id} error=Input/output error")]
+                        }
+                        FailPrepare if i == culprit => {
+                            vec![format!("COMPLETED {id} error=prepare refused")]
+                        }
+                        _ => vec![format!("CANCELLED {id}")],
+                    };
+                    let finished: Vec<String> = finished.into_iter().cloned().collect();
+                    assert_eq!(finished, expected, "{ctx}: {events:?}");
+                    assert!(
+                        events.contains(&format!("{id} aborting")),
+                        "{ctx}: {events:?}"
+                    );
+                }
+                // Members conclude newest first: the oldest is the last to go.
+                assert_eq!(
+                    events.last().map(String::as_str),
+                    Some("j0 null"),
+                    "{ctx}: {events:?}"
+                );
+            }
+        }
+    }
+}
