@@ -3,9 +3,18 @@
 //! with their QMP-level operations and transaction actions.
 
 pub mod bitmap;
+pub mod driver;
+pub mod drivers;
 pub mod error;
+pub mod graph;
+pub mod node;
 pub mod perm;
 
 pub use bitmap::DirtyBitmap;
+pub use driver::{
+    BitmapStore, BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, DriverSpec, OpenContext,
+};
 pub use error::{BlockError, BlockResult};
+pub use graph::BlockGraph;
+pub use node::{BlockNode, ChildEdge, OpBlocker, PermGrant};
 pub use perm::Perm;

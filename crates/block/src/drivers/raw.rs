@@ -1,0 +1,114 @@
+//! `raw`: the image is the child's bytes, optionally a window `offset`/`size` of them.
+
+use std::sync::Arc;
+
+use crate::driver::{BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, DriverSpec, OpenContext};
+use crate::error::{BlockError, BlockResult};
+use crate::node::BlockNode;
+
+/// The `raw` driver.
+pub const SPEC: DriverSpec = DriverSpec {
+    name: "raw",
+    is_protocol: false,
+    open,
+};
+
+/// A raw format node.
+pub struct RawDriver {
+    file: Arc<BlockNode>,
+    offset: u64,
+    size: Option<u64>,
+}
+
+fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
+    let offset = ctx.opt_u64("offset")?.unwrap_or(0);
+    let size = ctx.opt_u64("size")?;
+    let file = ctx
+        .open_child("file", ChildKind::Filtered, true)?
+        .ok_or_else(|| BlockError::new("A block device must be specified for \"file\""))?;
+    let real = file.size()?;
+    if offset > real {
+        return Err(BlockError::new(format!(
+            "Offset ({offset}) cannot be greater than size of the containing file ({real})"
+        )));
+    }
+    if let Some(size) = size {
+        if real - offset < size {
+            return Err(BlockError::new(format!(
+                "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to \
+                 the  actual size of the containing file ({real})"
+            )));
+        }
+        if size % 512 != 0 {
+            return Err(BlockError::new("Specified size is not multiple of 512!"));
+        }
+    }
+    Ok(Box::new(RawDriver { file, offset, size }))
+}
+
+impl RawDriver {
+    fn window(&self, offset: u64, len: u64) -> BlockResult<u64> {
+        if let Some(size) = self.size
+            && (offset > size || len > size - offset)
+        {
+            return Err(BlockError::from_errno(libc::EINVAL));
+        }
+        Ok(self.offset + offset)
+    }
+}
+
+impl BlockDriver for RawDriver {
+    fn size(&self) -> BlockResult<u64> {
+        match self.size {
+            Some(s) => Ok(s),
+            None => Ok(self.file.size()?.saturating_sub(self.offset)),
+        }
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        let at = self.window(offset, buf.len() as u64)?;
+        self.file.debug_event(BlkdebugEvent::ReadAio);
+        self.file.read_at(at, buf)
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        let at = self.window(offset, buf.len() as u64)?;
+        self.file.debug_event(BlkdebugEvent::WriteAio);
+        self.file.write_at(at, buf)
+    }
+
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        let at = self.window(offset, len)?;
+        self.file.write_zeroes_at(at, len)
+    }
+
+    fn flush(&self) -> BlockResult<()> {
+        Ok(())
+    }
+
+    fn truncate(&self, size: u64) -> BlockResult<()> {
+        if self.size.is_some() || self.offset != 0 {
+            return Err(BlockError::with_errno(
+                "Cannot resize fixed-size raw disks",
+                libc::ENOTSUP,
+            ));
+        }
+        self.file.truncate(size)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<(bool, u64)> {
+        let at = self.window(offset, len)?;
+        self.file.block_status(at, len)
+    }
+
+    fn info(&self) -> DriverInfo {
+        DriverInfo {
+            dirty_flag: Some(false),
+            ..DriverInfo::default()
+        }
+    }
+
+    fn close(&self) -> BlockResult<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,412 @@
+//! `BlockGraph`: the named nodes, `blockdev-add`/`blockdev-del` semantics, node look-ups and
+//! `query-named-block-nodes`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+
+use crate::driver::{DriverSpec, OpenContext};
+use crate::drivers;
+use crate::error::{BlockError, BlockResult};
+use crate::node::{BlockNode, NodeParts};
+
+/// Longest node name plus one (QEMU's `sizeof(node_name)`).
+const NODE_NAME_SIZE: usize = 32;
+
+/// The graph of block nodes, in the order their names were registered.
+pub struct BlockGraph {
+    nodes: Vec<Arc<BlockNode>>,
+    drivers: BTreeMap<&'static str, DriverSpec>,
+    auto_counter: u64,
+    rng: u64,
+}
+
+impl Default for BlockGraph {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// QEMU's `id_wellformed`: a letter, then letters, digits, `-`, `.`, `_`.
+pub fn node_name_is_wellformed(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+impl BlockGraph {
+    /// An empty graph knowing the built-in drivers (`file`, `raw`, `null-co`, `blkdebug`).
+    pub fn new() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9e37_79b9);
+        let mut g = BlockGraph {
+            nodes: Vec::new(),
+            drivers: BTreeMap::new(),
+            auto_counter: 0,
+            rng: seed | 1,
+        };
+        for spec in drivers::BUILTIN {
+            g.register_driver(*spec);
+        }
+        g
+    }
+
+    /// Makes a driver available to `blockdev-add` (e.g. qcow2).
+    pub fn register_driver(&mut self, spec: DriverSpec) {
+        self.drivers.insert(spec.name, spec);
+    }
+
+    /// The node named `name`.
+    pub fn find(&self, name: &str) -> Option<Arc<BlockNode>> {
+        self.nodes.iter().find(|n| n.name() == name).cloned()
+    }
+
+    /// The node named `name`, or `Cannot find device='<n>' nor node-name='<n>'`.
+    pub fn lookup(&self, name: &str) -> BlockResult<Arc<BlockNode>> {
+        self.find(name).ok_or_else(|| {
+            BlockError::new(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        })
+    }
+
+    /// Every node, newest first (the order of `query-named-block-nodes`).
+    pub fn nodes(&self) -> impl Iterator<Item = &Arc<BlockNode>> {
+        self.nodes.iter().rev()
+    }
+
+    fn auto_name(&mut self) -> String {
+        // xorshift64: QEMU appends two random digits to a counter.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let name = format!("#block{}{:02}", self.auto_counter, self.rng % 100);
+        self.auto_counter += 1;
+        name
+    }
+
+    fn check_new_name(&self, name: &str) -> BlockResult<()> {
+        if !node_name_is_wellformed(name) {
+            return Err(BlockError::new(format!("Invalid node-name: '{name}'")));
+        }
+        if self.find(name).is_some() {
+            return Err(BlockError::new(format!(
+                "Duplicate nodes with node-name='{name}'"
+            )));
+        }
+        if name.len() >= NODE_NAME_SIZE {
+            return Err(BlockError::new("Node name too long"));
+        }
+        Ok(())
+    }
+
+    /// `blockdev-add`: opens the node described by `options` (a `BlockdevOptions` object) and
+    /// its nested children; the root must be named and becomes monitor-owned. On failure
+    /// nothing stays open.
+    pub fn blockdev_add(&mut self, options: &Value) -> BlockResult<Arc<BlockNode>> {
+        let map = options
+            .as_object()
+            .ok_or_else(|| BlockError::new("Invalid parameter type, expected: object"))?;
+        if !map.get("node-name").is_some_and(Value::is_string) {
+            return Err(BlockError::new(
+                "'node-name' must be specified for the root node",
+            ));
+        }
+        let before = self.nodes.len();
+        match self.open_node(map, None, true) {
+            Ok(node) => {
+                node.set_monitor_owned(true);
+                Ok(node)
+            }
+            Err(e) => {
+                // Close what this call opened, newest first (parents release children).
+                while self.nodes.len() > before {
+                    if let Some(n) = self.nodes.pop() {
+                        let _ = n.close();
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn open_node(
+        &mut self,
+        options: &Map<String, Value>,
+        inherited_read_only: Option<bool>,
+        root: bool,
+    ) -> BlockResult<Arc<BlockNode>> {
+        let driver_name = match options.get("driver") {
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => {
+                return Err(BlockError::new(
+                    "Invalid parameter type for 'driver', expected: string",
+                ));
+            }
+            None => return Err(BlockError::new("Parameter 'driver' is missing")),
+        };
+        let spec = *self.drivers.get(driver_name.as_str()).ok_or_else(|| {
+            BlockError::new(format!(
+                "Parameter 'driver' does not accept value '{driver_name}'"
+            ))
+        })?;
+        let (name, auto_named) = match options.get("node-name") {
+            Some(Value::String(n)) => {
+                self.check_new_name(n)?;
+                (n.clone(), false)
+            }
+            Some(_) => {
+                return Err(BlockError::new(
+                    "Invalid parameter type for 'node-name', expected: string",
+                ));
+            }
+            None if root => {
+                return Err(BlockError::new(
+                    "'node-name' must be specified for the root node",
+                ));
+            }
+            None => (self.auto_name(), true),
+        };
+        let read_only = match options.get("read-only") {
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(BlockError::new(
+                    "Invalid parameter type for 'read-only', expected: boolean",
+                ));
+            }
+            None => inherited_read_only.unwrap_or(false),
+        };
+        let mut ctx = OpenContext {
+            graph: self,
+            options,
+            node_name: name.clone(),
+            read_only,
+            children: Vec::new(),
+            consumed: Vec::new(),
+        };
+        let opened = (spec.open)(&mut ctx).and_then(|driver| match ctx.unknown_option(&spec) {
+            Some(e) => {
+                let _ = driver.close();
+                Err(e)
+            }
+            None => Ok(driver),
+        });
+        let children = std::mem::take(&mut ctx.children);
+        let driver = match opened {
+            Ok(d) => d,
+            Err(e) => {
+                for edge in &children {
+                    edge.node.remove_use(edge.use_id);
+                }
+                return Err(e);
+            }
+        };
+        let node = match BlockNode::new(NodeParts {
+            name,
+            auto_named,
+            driver_name,
+            read_only,
+            options: Value::Object(options.clone()),
+            driver,
+            children,
+        }) {
+            Ok(n) => n,
+            Err(e) => return Err(e),
+        };
+        self.nodes.push(node.clone());
+        Ok(node)
+    }
+
+    /// `blockdev-del`: closes a monitor-added node nobody uses (flushing it and storing its
+    /// persistent bitmaps), then every anonymous child left unused.
+    pub fn blockdev_del(&mut self, name: &str) -> BlockResult<()> {
+        let node = self.find(name).ok_or_else(|| {
+            BlockError::new(format!("Failed to find node with node-name='{name}'"))
+        })?;
+        if !node.is_monitor_owned() {
+            return Err(BlockError::new(format!(
+                "Node {name} is not owned by the monitor"
+            )));
+        }
+        node.check_not_busy()?;
+        if node.is_in_use() {
+            return Err(BlockError::new(format!("Block device {name} is in use")));
+        }
+        self.close_node(&node)
+    }
+
+    fn close_node(&mut self, node: &Arc<BlockNode>) -> BlockResult<()> {
+        self.nodes.retain(|n| !Arc::ptr_eq(n, node));
+        let result = node.close();
+        for edge in node.children() {
+            let child = &edge.node;
+            if !child.is_monitor_owned() && !child.is_in_use() && !child.is_closed() {
+                self.close_node(child)?;
+            }
+        }
+        result
+    }
+
+    /// Closes every node (daemon exit): parents before children; stores bitmaps and flushes.
+    /// Returns the first error, after closing everything.
+    pub fn close_all(&mut self) -> BlockResult<()> {
+        let mut result = Ok(());
+        while let Some(node) = self.nodes.iter().rev().find(|n| !n.is_in_use()).cloned() {
+            let r = self.close_node(&node);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        for node in std::mem::take(&mut self.nodes) {
+            let r = node.close();
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+
+    /// `query-named-block-nodes`: `BlockDeviceInfo` for every node, newest first. With `flat`,
+    /// backing images are not nested into `image`.
+    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
+        Value::Array(self.nodes().map(|n| block_device_info(n, flat)).collect())
+    }
+}
+
+/// The node's file name as QEMU shows it (`file`, `image.filename`).
+pub fn node_filename(node: &BlockNode) -> String {
+    if let Some(f) = node.driver().info().filename {
+        return f;
+    }
+    let opts = node.options().as_object().cloned().unwrap_or_default();
+    let only_file = opts
+        .keys()
+        .all(|k| matches!(k.as_str(), "driver" | "node-name" | "read-only" | "file"));
+    match node.child("file") {
+        Some(file) if only_file => node_filename(file),
+        _ => json_filename(node.options()),
+    }
+}
+
+fn json_filename(options: &Value) -> String {
+    fn strip(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .filter(|(k, _)| k.as_str() != "node-name" && k.as_str() != "read-only")
+                    .map(|(k, v)| (k.clone(), strip(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    format!("json:{}", strip(options))
+}
+
+fn actual_size(node: &BlockNode) -> Option<u64> {
+    node.driver()
+        .info()
+        .actual_size
+        .or_else(|| node.child("file").and_then(|f| actual_size(f)))
+}
+
+fn image_info(node: &BlockNode, flat: bool) -> Value {
+    let info = node.driver().info();
+    let mut image = Map::new();
+    image.insert("filename".into(), json!(node_filename(node)));
+    image.insert("format".into(), json!(node.driver_name()));
+    if let Some(f) = &info.dirty_flag {
+        image.insert("dirty-flag".into(), json!(f));
+    }
+    if let Some(a) = actual_size(node) {
+        image.insert("actual-size".into(), json!(a));
+    }
+    image.insert("virtual-size".into(), json!(node.size().unwrap_or(0)));
+    if let Some(c) = info.cluster_size {
+        image.insert("cluster-size".into(), json!(c));
+    }
+    if let Some(backing) = node.child("backing") {
+        let name = node_filename(backing);
+        image.insert("backing-filename".into(), json!(name));
+        image.insert("full-backing-filename".into(), json!(name));
+        image.insert(
+            "backing-filename-format".into(),
+            json!(backing.driver_name()),
+        );
+        if !flat {
+            image.insert("backing-image".into(), image_info(backing, flat));
+        }
+    }
+    if let Some(spec) = info.format_specific {
+        image.insert("format-specific".into(), spec);
+    }
+    Value::Object(image)
+}
+
+fn backing_depth(node: &BlockNode) -> u64 {
+    node.child("backing").map_or(0, |b| 1 + backing_depth(b))
+}
+
+/// `BlockDirtyInfo` for each bitmap of `node` (a frozen bitmap's successor listed first).
+pub fn dirty_bitmap_info(node: &BlockNode) -> Vec<Value> {
+    let mut out = Vec::new();
+    let entry = |b: &crate::bitmap::DirtyBitmap| {
+        let mut m = Map::new();
+        if let Some(name) = b.name() {
+            m.insert("name".into(), json!(name));
+        }
+        m.insert("recording".into(), json!(b.is_recording()));
+        m.insert("persistent".into(), json!(b.is_persistent()));
+        m.insert("busy".into(), json!(b.is_busy()));
+        m.insert("granularity".into(), json!(b.granularity()));
+        m.insert("count".into(), json!(b.count()));
+        if b.is_inconsistent() {
+            m.insert("inconsistent".into(), json!(true));
+        }
+        Value::Object(m)
+    };
+    for b in node.bitmaps().iter() {
+        if let Some(s) = b.successor() {
+            out.push(entry(s));
+        }
+        out.push(entry(b));
+    }
+    out
+}
+
+fn block_device_info(node: &BlockNode, flat: bool) -> Value {
+    let mut m = Map::new();
+    m.insert("file".into(), json!(node_filename(node)));
+    m.insert("node-name".into(), json!(node.name()));
+    m.insert("ro".into(), json!(node.is_read_only()));
+    m.insert("drv".into(), json!(node.driver_name()));
+    if let Some(b) = node.child("backing") {
+        m.insert("backing_file".into(), json!(node_filename(b)));
+    }
+    m.insert("backing_file_depth".into(), json!(backing_depth(node)));
+    m.insert("encrypted".into(), json!(false));
+    let detect = node
+        .options()
+        .get("detect-zeroes")
+        .and_then(Value::as_str)
+        .unwrap_or("off");
+    m.insert("detect_zeroes".into(), json!(detect));
+    for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
+        m.insert(k.into(), json!(0));
+    }
+    m.insert("image".into(), image_info(node, flat));
+    m.insert(
+        "cache".into(),
+        json!({"writeback": true, "direct": false, "no-flush": false}),
+    );
+    m.insert("write_threshold".into(), json!(0));
+    let bitmaps = dirty_bitmap_info(node);
+    if !bitmaps.is_empty() {
+        m.insert("dirty-bitmaps".into(), Value::Array(bitmaps));
+    }
+    m.insert("active".into(), json!(true));
+    Value::Object(m)
+}

@@ -1,0 +1,482 @@
+//! `BlockNode`: one node of the graph — its driver, children, permission users, op blockers
+//! and dirty bitmaps. I/O through a node marks its recording bitmaps.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::Value;
+
+use crate::bitmap::DirtyBitmap;
+use crate::driver::{BlkdebugEvent, BlockDriver, ChildKind};
+use crate::error::{BlockError, BlockResult};
+use crate::perm::Perm;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A parent→child edge (`file`, `backing`, `image`).
+pub struct ChildEdge {
+    /// The child's role name, e.g. `file`.
+    pub name: String,
+    /// How the parent uses it (fixes the permissions taken).
+    pub kind: ChildKind,
+    /// The child node.
+    pub node: Arc<BlockNode>,
+    pub(crate) use_id: u64,
+}
+
+#[derive(Debug, Clone)]
+struct PermUse {
+    id: u64,
+    holder: String,
+    role: String,
+    perm: Perm,
+    shared: Perm,
+}
+
+#[derive(Default)]
+struct NodeState {
+    /// Newest first, like QEMU's parent list.
+    uses: Vec<PermUse>,
+    /// Newest first.
+    blockers: Vec<(u64, String)>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A node of the block graph.
+pub struct BlockNode {
+    name: String,
+    auto_named: bool,
+    driver_name: String,
+    read_only: bool,
+    options: Value,
+    driver: Box<dyn BlockDriver>,
+    children: Vec<ChildEdge>,
+    monitor_owned: AtomicBool,
+    closed: AtomicBool,
+    state: Mutex<NodeState>,
+    bitmaps: Mutex<Vec<DirtyBitmap>>,
+}
+
+pub(crate) struct NodeParts {
+    pub name: String,
+    pub auto_named: bool,
+    pub driver_name: String,
+    pub read_only: bool,
+    pub options: Value,
+    pub driver: Box<dyn BlockDriver>,
+    pub children: Vec<ChildEdge>,
+}
+
+impl BlockNode {
+    pub(crate) fn new(parts: NodeParts) -> BlockResult<Arc<Self>> {
+        let bitmaps = match parts.driver.bitmap_store() {
+            Some(store) => store.load_bitmaps()?,
+            None => Vec::new(),
+        };
+        Ok(Arc::new(BlockNode {
+            name: parts.name,
+            auto_named: parts.auto_named,
+            driver_name: parts.driver_name,
+            read_only: parts.read_only,
+            options: parts.options,
+            driver: parts.driver,
+            children: parts.children,
+            monitor_owned: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            state: Mutex::new(NodeState::default()),
+            bitmaps: Mutex::new(bitmaps),
+        }))
+    }
+
+    /// The node name (`#blockNNN` for anonymous children).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the name was generated.
+    pub fn is_auto_named(&self) -> bool {
+        self.auto_named
+    }
+
+    /// The driver name (`drv`).
+    pub fn driver_name(&self) -> &str {
+        &self.driver_name
+    }
+
+    /// The driver, e.g. for a format-specific command.
+    pub fn driver(&self) -> &dyn BlockDriver {
+        self.driver.as_ref()
+    }
+
+    /// Whether the node was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The options the node was opened with.
+    pub fn options(&self) -> &Value {
+        &self.options
+    }
+
+    /// The children, in the order the driver opened them.
+    pub fn children(&self) -> &[ChildEdge] {
+        &self.children
+    }
+
+    /// The child in role `name` (`file`, `backing`, `image`).
+    pub fn child(&self, name: &str) -> Option<&Arc<BlockNode>> {
+        self.children
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| &c.node)
+    }
+
+    /// Whether the monitor added this node (only such nodes can be `blockdev-del`ed).
+    pub fn is_monitor_owned(&self) -> bool {
+        self.monitor_owned.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_monitor_owned(&self, owned: bool) {
+        self.monitor_owned.store(owned, Ordering::Relaxed);
+    }
+
+    /// Whether anything (a parent node, a job, an export) uses the node.
+    pub fn is_in_use(&self) -> bool {
+        !lock(&self.state).uses.is_empty()
+    }
+
+    /// Whether the node was closed (removed from the graph).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    // ---- permissions ----
+
+    /// The union of permissions taken and the intersection of permissions shared.
+    pub fn cumulative_perms(&self) -> (Perm, Perm) {
+        cumulative(&lock(&self.state).uses)
+    }
+
+    /// Takes `perm` on this node for `holder` (e.g. `backup job 'j1'`) in `role` (e.g.
+    /// `target`), sharing `shared` with others. Fails with QEMU's conflict text, `Block node
+    /// is read-only`, or an image-lock error. Released when the grant drops.
+    pub fn take_perm(
+        self: &Arc<Self>,
+        holder: &str,
+        role: &str,
+        perm: Perm,
+        shared: Perm,
+    ) -> BlockResult<PermGrant> {
+        let id = self.add_use(holder, role, perm, shared)?;
+        Ok(PermGrant {
+            node: self.clone(),
+            id,
+        })
+    }
+
+    pub(crate) fn add_use(
+        &self,
+        holder: &str,
+        role: &str,
+        perm: Perm,
+        shared: Perm,
+    ) -> BlockResult<u64> {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        lock(&self.state).uses.insert(
+            0,
+            PermUse {
+                id,
+                holder: holder.to_string(),
+                role: role.to_string(),
+                perm,
+                shared,
+            },
+        );
+        if let Err(e) = self.refresh_perms() {
+            lock(&self.state).uses.retain(|u| u.id != id);
+            let _ = self.refresh_perms();
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    pub(crate) fn update_use(&self, id: u64, perm: Perm, shared: Perm) -> BlockResult<()> {
+        let old = {
+            let mut st = lock(&self.state);
+            let Some(u) = st.uses.iter_mut().find(|u| u.id == id) else {
+                return Ok(());
+            };
+            let old = (u.perm, u.shared);
+            (u.perm, u.shared) = (perm, shared);
+            old
+        };
+        if old == (perm, shared) {
+            return Ok(());
+        }
+        if let Err(e) = self.refresh_perms() {
+            if let Some(u) = lock(&self.state).uses.iter_mut().find(|u| u.id == id) {
+                (u.perm, u.shared) = old;
+            }
+            let _ = self.refresh_perms();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn remove_use(&self, id: u64) {
+        lock(&self.state).uses.retain(|u| u.id != id);
+        // Loosening cannot conflict; a lock-release failure leaves extra locks only.
+        let _ = self.refresh_perms();
+    }
+
+    fn refresh_perms(&self) -> BlockResult<()> {
+        let (perm, shared) = {
+            let st = lock(&self.state);
+            check_conflicts(&self.name, &st.uses)?;
+            cumulative(&st.uses)
+        };
+        if self.read_only && !(perm & (Perm::WRITE | Perm::WRITE_UNCHANGED)).is_empty() {
+            return Err(BlockError::new("Block node is read-only"));
+        }
+        self.driver.check_perm(perm, shared)?;
+        for edge in &self.children {
+            let (cp, cs) = edge.kind.child_perms(perm, shared, !self.read_only);
+            if let Err(e) = edge.node.update_use(edge.use_id, cp, cs) {
+                self.driver.abort_perm();
+                return Err(e);
+            }
+        }
+        self.driver.set_perm(perm, shared);
+        Ok(())
+    }
+
+    // ---- op blockers ----
+
+    /// Blocks graph operations on the node (deletion, another job) with `reason`, e.g.
+    /// `block device is in use by block job: backup`, until the blocker drops.
+    pub fn block_ops(self: &Arc<Self>, reason: &str) -> OpBlocker {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        lock(&self.state)
+            .blockers
+            .insert(0, (id, reason.to_string()));
+        OpBlocker {
+            node: self.clone(),
+            id,
+        }
+    }
+
+    /// `Node '<name>' is busy: <reason>` if any blocker is set.
+    pub fn check_not_busy(&self) -> BlockResult<()> {
+        match lock(&self.state).blockers.first() {
+            Some((_, reason)) => Err(BlockError::new(format!(
+                "Node '{}' is busy: {reason}",
+                self.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    // ---- I/O ----
+
+    /// Size in bytes, rounded up to 512 as QEMU reports it.
+    pub fn size(&self) -> BlockResult<u64> {
+        Ok(self.driver.size()?.div_ceil(512) * 512)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        self.check_open()?;
+        self.driver.read_at(offset, buf)
+    }
+
+    fn check_open(&self) -> BlockResult<()> {
+        if self.is_closed() {
+            return Err(BlockError::from_errno(libc::ENOMEDIUM));
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> BlockResult<()> {
+        self.check_open()?;
+        if self.read_only {
+            return Err(BlockError::from_errno(libc::EPERM));
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` as one request; marks recording bitmaps (even on failure: the
+    /// data may be partly written).
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        self.check_writable()?;
+        self.debug_event(BlkdebugEvent::Pwritev);
+        let r = self.driver.write_at(offset, buf);
+        self.debug_event(BlkdebugEvent::PwritevDone);
+        self.mark_dirty(offset, buf.len() as u64);
+        r
+    }
+
+    /// Writes `len` zeros at `offset`; marks recording bitmaps.
+    pub fn write_zeroes_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_writable()?;
+        self.debug_event(BlkdebugEvent::PwritevZero);
+        let r = self.driver.write_zeroes_at(offset, len);
+        self.debug_event(BlkdebugEvent::PwritevDone);
+        self.mark_dirty(offset, len);
+        r
+    }
+
+    /// Flushes this node, then its children.
+    pub fn flush(&self) -> BlockResult<()> {
+        self.check_open()?;
+        self.debug_event(BlkdebugEvent::FlushToOs);
+        self.driver.flush()?;
+        for edge in &self.children {
+            edge.node.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Resizes the node (and its bitmaps).
+    pub fn truncate(&self, size: u64) -> BlockResult<()> {
+        self.check_writable()?;
+        self.driver.truncate(size)?;
+        let new = self.size()?;
+        for b in lock(&self.bitmaps).iter_mut() {
+            b.resize(new);
+        }
+        Ok(())
+    }
+
+    /// Allocation status at `offset` for up to `len` bytes: `(allocated, bytes)`.
+    pub fn block_status(&self, offset: u64, len: u64) -> BlockResult<(bool, u64)> {
+        self.check_open()?;
+        self.driver.block_status(offset, len)
+    }
+
+    /// Delivers a blkdebug event to this node's driver (format drivers call this on their
+    /// `file` child, e.g. `write_aio` before a data write).
+    pub fn debug_event(&self, event: BlkdebugEvent) {
+        self.driver.debug_event(event);
+    }
+
+    // ---- bitmaps ----
+
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        for b in lock(&self.bitmaps).iter_mut() {
+            b.record_write(offset, len);
+        }
+    }
+
+    /// The node's dirty bitmaps, newest first (locked while the guard lives).
+    pub fn bitmaps(&self) -> MutexGuard<'_, Vec<DirtyBitmap>> {
+        lock(&self.bitmaps)
+    }
+
+    /// The default granularity for new bitmaps: the cluster size clamped to 4 KiB..64 KiB, or
+    /// 64 KiB.
+    pub fn default_bitmap_granularity(&self) -> u64 {
+        match self.driver.info().cluster_size {
+            Some(c) if c > 0 => c.clamp(4096, 65536),
+            _ => 65536,
+        }
+    }
+
+    // ---- lifetime ----
+
+    /// Stores persistent bitmaps and flushes (the node stays open).
+    pub fn store_bitmaps(&self) -> BlockResult<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        if let Some(store) = self.driver.bitmap_store() {
+            let persistent: Vec<DirtyBitmap> = self
+                .bitmaps()
+                .iter()
+                .filter(|b| b.is_persistent())
+                .cloned()
+                .collect();
+            store.store_bitmaps(&persistent)?;
+        }
+        Ok(())
+    }
+
+    /// Stores bitmaps, closes the driver, and releases the permissions taken on children.
+    pub(crate) fn close(&self) -> BlockResult<()> {
+        if self.closed.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let stored = self.store_bitmaps();
+        let closed = self.driver.close();
+        for edge in &self.children {
+            edge.node.remove_use(edge.use_id);
+        }
+        stored.and(closed)
+    }
+}
+
+fn cumulative(uses: &[PermUse]) -> (Perm, Perm) {
+    uses.iter().fold((Perm::NONE, Perm::ALL), |(p, s), u| {
+        (p | u.perm, s & u.shared)
+    })
+}
+
+fn check_conflicts(node: &str, uses: &[PermUse]) -> BlockResult<()> {
+    for a in uses {
+        for b in uses {
+            if a.id == b.id {
+                continue;
+            }
+            let denied = b.perm & !a.shared;
+            if !denied.is_empty() {
+                return Err(BlockError::new(format!(
+                    "Permission conflict on node '{node}': permissions '{denied}' are both \
+                     required by {} (uses node '{node}' as '{}' child) and unshared by {} (uses \
+                     node '{node}' as '{}' child).",
+                    b.holder, b.role, a.holder, a.role
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Permissions held on a node; released on drop.
+pub struct PermGrant {
+    node: Arc<BlockNode>,
+    id: u64,
+}
+
+impl PermGrant {
+    /// The node the permissions are on.
+    pub fn node(&self) -> &Arc<BlockNode> {
+        &self.node
+    }
+
+    /// Changes the permissions held (rolled back on failure).
+    pub fn update(&self, perm: Perm, shared: Perm) -> BlockResult<()> {
+        self.node.update_use(self.id, perm, shared)
+    }
+}
+
+impl Drop for PermGrant {
+    fn drop(&mut self) {
+        self.node.remove_use(self.id);
+    }
+}
+
+/// An op blocker on a node; removed on drop.
+pub struct OpBlocker {
+    node: Arc<BlockNode>,
+    id: u64,
+}
+
+impl Drop for OpBlocker {
+    fn drop(&mut self) {
+        lock(&self.node.state)
+            .blockers
+            .retain(|(id, _)| *id != self.id);
+    }
+}
