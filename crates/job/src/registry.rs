@@ -1079,6 +1079,20 @@ impl JobRegistry {
         Ok(())
     }
 
+    /// Force-cancels every job, newest first (daemon shutdown, QEMU's `job_cancel_sync_all`):
+    /// concluded jobs are dismissed, finished ones abort their transaction, running ones are
+    /// woken to stop. Returns the keys, for awaiting [`Self::concluded`].
+    pub fn cancel_all(&self) -> Vec<JobKey> {
+        let keys: Vec<JobKey> = self.inner.lock().jobs.keys().rev().copied().collect();
+        for &key in &keys {
+            let g = self.inner.lock();
+            if g.jobs.contains_key(&key) {
+                drop(self.inner.job_cancel(g, key, true));
+            }
+        }
+        keys
+    }
+
     /// Drops a CREATED job that could not be set up (QEMU's `job_early_fail`): → NULL.
     pub fn discard(&self, key: JobKey) -> Result<(), JobError> {
         let mut g = self.inner.lock();

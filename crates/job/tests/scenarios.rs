@@ -1184,3 +1184,23 @@ fn grouped_pairs_and_triples_abort_every_member_whichever_fails_or_is_cancelled_
         }
     }
 }
+
+#[test]
+fn cancel_all_ends_every_job_whatever_its_state() {
+    let mut h = Harness::new();
+    h.running(JobSpec::new("running"));
+    h.running(JobSpec::new("pending").auto_finalize(false));
+    h.finish("pending", Ok(()));
+    h.running(JobSpec::new("concluded").auto_dismiss(false));
+    h.finish("concluded", Ok(()));
+    h.running(JobSpec::new("paused"));
+    h.reg.pause_job(JobRef::Job("paused")).unwrap();
+    h.create(JobSpec::new("created"), None);
+    let keys = h.reg.cancel_all();
+    assert_eq!(keys.len(), 5);
+    h.run();
+    assert!(h.reg.query_jobs().is_empty());
+    for k in keys {
+        assert_eq!(h.reg.status(k), None);
+    }
+}
