@@ -964,7 +964,9 @@ impl JobRegistry {
             }
         }
         let t = match txn {
-            Some(txn) if g.txns.contains_key(&txn.key) => txn.key,
+            Some(txn) if Arc::ptr_eq(&txn.inner, &self.inner) && g.txns.contains_key(&txn.key) => {
+                txn.key
+            }
             _ => {
                 let t = g.next_txn;
                 g.next_txn += 1;
