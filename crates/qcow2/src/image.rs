@@ -9,7 +9,7 @@ use crate::bitmap::{self, PersistentBitmap};
 use crate::header::{AUTOCLEAR_BITMAPS, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC};
 use crate::meta::{Cluster, Extent, Meta, WriteStep, ZERO};
 use crate::snapshot::{self, SnapshotInfo};
-use crate::storage::{Backing, RawImage, Storage};
+use crate::storage::{Backing, PageBuf, RawImage, Storage};
 use crate::{Error, Result, invalid};
 
 /// How deep a chain of backing files [`Image::open_file`] follows.
@@ -451,7 +451,7 @@ impl Image {
         if size > 2 * self.cluster_size + 512 {
             return invalid("compressed cluster too large");
         }
-        let mut input = vec![0u8; size as usize];
+        let mut input = PageBuf::zeroed(size as usize);
         self.storage.read_at(&mut input, host)?;
         let mut out = vec![0u8; self.cluster_size as usize];
         let mut d = DecompressorOxide::new();
@@ -561,7 +561,7 @@ impl Image {
             self.storage.write_at(data, host)?;
             return Ok(());
         }
-        let mut b = vec![0u8; run as usize];
+        let mut b = PageBuf::zeroed(run as usize);
         if head > 0 {
             self.read_old(old[0], first * cs, &mut b[..head])?;
         }
@@ -607,16 +607,16 @@ impl Image {
         };
         if first >= last {
             if zero_partial && len > 0 {
-                self.write_at(&vec![0u8; len as usize], off)?;
+                self.write_at(&PageBuf::zeroed(len as usize), off)?;
             }
             return Ok(());
         }
         if zero_partial {
             if off < first * cs {
-                self.write_at(&vec![0u8; (first * cs - off) as usize], off)?;
+                self.write_at(&PageBuf::zeroed((first * cs - off) as usize), off)?;
             }
             if last * cs < end {
-                self.write_at(&vec![0u8; (end - last * cs) as usize], last * cs)?;
+                self.write_at(&PageBuf::zeroed((end - last * cs) as usize), last * cs)?;
             }
         }
         let _ops = self.ops.read().unwrap_or_else(|e| e.into_inner());
