@@ -25,7 +25,7 @@ mod storage;
 pub use bitmap::PersistentBitmap;
 pub use image::{Allocation, Image, ImageInfo, create};
 pub use snapshot::SnapshotInfo;
-pub use storage::{Backing, RawImage, Storage};
+pub use storage::{Backing, PageBuf, RawImage, Storage};
 
 /// Everything that can go wrong with an image.
 #[derive(Debug, thiserror::Error)]
