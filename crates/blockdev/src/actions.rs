@@ -1,0 +1,296 @@
+//! The transaction actions (QEMU's `blockdev.c` `*_prepare/_commit/_abort/_clean`), each an
+//! [`Action`] on the daemon's [`BlockState`].
+
+use std::sync::{Arc, OnceLock};
+
+use job::{JobKey, JobSpec, OnError};
+use qmp_api::{
+    BackupCommon, BitmapSyncMode, BlockdevBackup, BlockdevOnError, DriveBackup, MirrorSyncMode,
+    NewImageMode, QmpError,
+};
+
+use crate::BlockState;
+use crate::backup::{BackupBitmap, BackupJob, BackupSync};
+use crate::claims::Drain;
+use crate::node::{BlockIo, ImageRef};
+use crate::transaction::Action;
+
+/// `abort`: always fails.
+pub(crate) struct AbortAction;
+
+impl Action<BlockState> for AbortAction {
+    fn prepare(&mut self, _env: &mut BlockState) -> Result<(), QmpError> {
+        Err(QmpError::generic("Transaction aborted using Abort action"))
+    }
+}
+
+/// Where a backup writes.
+pub(crate) enum BackupTarget {
+    /// `blockdev-backup`: an existing node.
+    Node(String),
+    /// `drive-backup`: an image file, created unless `mode=existing`.
+    Image {
+        filename: String,
+        format: Option<String>,
+        mode: NewImageMode,
+    },
+}
+
+/// `blockdev-backup` and `drive-backup`.
+pub(crate) struct BackupAction {
+    common: BackupCommon,
+    target: BackupTarget,
+    key: Option<JobKey>,
+    drain: Option<Drain>,
+}
+
+fn on_error(policy: Option<BlockdevOnError>) -> OnError {
+    match policy.unwrap_or(BlockdevOnError::Report) {
+        BlockdevOnError::Report => OnError::Report,
+        BlockdevOnError::Ignore => OnError::Ignore,
+        BlockdevOnError::Enospc => OnError::Enospc,
+        BlockdevOnError::Stop => OnError::Stop,
+        BlockdevOnError::Auto => OnError::Auto,
+    }
+}
+
+fn common_of_blockdev(b: BlockdevBackup) -> (BackupCommon, String) {
+    let target = b.target;
+    let common = BackupCommon {
+        job_id: b.job_id,
+        device: b.device,
+        sync: b.sync,
+        speed: b.speed,
+        bitmap: b.bitmap,
+        bitmap_mode: b.bitmap_mode,
+        compress: b.compress,
+        on_source_error: b.on_source_error,
+        on_target_error: b.on_target_error,
+        auto_finalize: b.auto_finalize,
+        auto_dismiss: b.auto_dismiss,
+        filter_node_name: b.filter_node_name,
+        discard_source: b.discard_source,
+        x_perf: b.x_perf,
+    };
+    (common, target)
+}
+
+impl BackupAction {
+    pub(crate) fn blockdev(args: BlockdevBackup) -> Self {
+        let (common, target) = common_of_blockdev(args);
+        BackupAction {
+            common,
+            target: BackupTarget::Node(target),
+            key: None,
+            drain: None,
+        }
+    }
+
+    pub(crate) fn drive(d: DriveBackup) -> Self {
+        let target = BackupTarget::Image {
+            filename: d.target,
+            format: d.format,
+            mode: d.mode.unwrap_or(NewImageMode::AbsolutePaths),
+        };
+        let common = BackupCommon {
+            job_id: d.job_id,
+            device: d.device,
+            sync: d.sync,
+            speed: d.speed,
+            bitmap: d.bitmap,
+            bitmap_mode: d.bitmap_mode,
+            compress: d.compress,
+            on_source_error: d.on_source_error,
+            on_target_error: d.on_target_error,
+            auto_finalize: d.auto_finalize,
+            auto_dismiss: d.auto_dismiss,
+            filter_node_name: d.filter_node_name,
+            discard_source: d.discard_source,
+            x_perf: d.x_perf,
+        };
+        BackupAction {
+            common,
+            target,
+            key: None,
+            drain: None,
+        }
+    }
+
+    /// The target node: looked up, or (drive-backup) created and opened. Returns its name for
+    /// the busy check and its I/O.
+    fn target(
+        &self,
+        env: &mut BlockState,
+        source: &Arc<dyn BlockIo>,
+    ) -> Result<(String, Arc<dyn BlockIo>), QmpError> {
+        match &self.target {
+            BackupTarget::Node(name) => Ok((name.clone(), env.lookup(name)?)),
+            BackupTarget::Image {
+                filename,
+                format,
+                mode,
+            } => {
+                let graph = env.graph_mut()?;
+                let image = ImageRef {
+                    filename: filename.clone(),
+                    format: format.clone().unwrap_or_else(|| source.image().format),
+                };
+                if *mode != NewImageMode::Existing {
+                    let backing = match self.common.sync {
+                        MirrorSyncMode::None => Some(source.image()),
+                        MirrorSyncMode::Top => source.backing_image(),
+                        _ => None,
+                    };
+                    graph.create_image(&image, source.size(), backing.as_ref())?;
+                }
+                Ok((filename.clone(), graph.open_image(&image)?))
+            }
+        }
+    }
+
+    /// QEMU's `do_backup_common` checks, in its order; returns what to copy.
+    fn sync(&self, env: &BlockState) -> Result<(BackupSync, Option<BackupBitmap>), QmpError> {
+        let c = &self.common;
+        let mut sync = c.sync;
+        let mut bitmap_mode = c.bitmap_mode;
+        if matches!(sync, MirrorSyncMode::Bitmap | MirrorSyncMode::Incremental)
+            && c.bitmap.is_none()
+        {
+            return Err(QmpError::generic(format!(
+                "must provide a valid bitmap name for '{sync}' sync mode"
+            )));
+        }
+        if sync == MirrorSyncMode::Incremental {
+            if bitmap_mode.is_some_and(|m| m != BitmapSyncMode::OnSuccess) {
+                return Err(QmpError::generic(
+                    "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
+                ));
+            }
+            sync = MirrorSyncMode::Bitmap;
+            bitmap_mode = Some(BitmapSyncMode::OnSuccess);
+        }
+        let mut bitmap = None;
+        if let Some(name) = &c.bitmap {
+            let Some(found) = env
+                .graph
+                .as_ref()
+                .and_then(|g| g.dirty_bitmap(&c.device, name))
+            else {
+                return Err(QmpError::generic(format!(
+                    "Bitmap '{name}' could not be found"
+                )));
+            };
+            let Some(mode) = bitmap_mode else {
+                return Err(QmpError::generic(
+                    "Bitmap sync mode must be given when providing a bitmap",
+                ));
+            };
+            found.check_usable(true)?;
+            if sync == MirrorSyncMode::None {
+                return Err(QmpError::generic(
+                    "sync mode 'none' does not produce meaningful bitmap outputs",
+                ));
+            }
+            if mode == BitmapSyncMode::Never && sync != MirrorSyncMode::Bitmap {
+                return Err(QmpError::generic(format!(
+                    "Bitmap sync mode '{mode}' has no meaningful effect when combined with sync mode '{sync}'"
+                )));
+            }
+            bitmap = Some((found, mode));
+        } else if bitmap_mode.is_some() {
+            return Err(QmpError::generic(
+                "Cannot specify bitmap sync mode without a bitmap",
+            ));
+        }
+        let sync = match sync {
+            MirrorSyncMode::Bitmap | MirrorSyncMode::Incremental => BackupSync::Bitmap,
+            MirrorSyncMode::Top => BackupSync::Top,
+            MirrorSyncMode::None => BackupSync::None,
+            MirrorSyncMode::Full => BackupSync::Full,
+        };
+        Ok((sync, bitmap))
+    }
+}
+
+impl Action<BlockState> for BackupAction {
+    fn prepare(&mut self, env: &mut BlockState) -> Result<(), QmpError> {
+        let device = self.common.device.clone();
+        let source = env.lookup(&device)?;
+        let (target_name, target) = self.target(env, &source)?;
+        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &device));
+        let (sync, bitmap) = self.sync(env)?;
+        if device == target_name {
+            return Err(QmpError::generic("Source and target cannot be the same"));
+        }
+        env.claims.check_free(&target_name)?;
+        if source.size() != target.size() {
+            return Err(QmpError::generic(
+                "Source and target image have different sizes",
+            ));
+        }
+        if let Some((bitmap, mode)) = &bitmap {
+            if *mode != BitmapSyncMode::Never {
+                bitmap.check_usable(false)?;
+            }
+            bitmap.freeze()?;
+        }
+        let c = &self.common;
+        // A negative speed is refused by the registry after creating the job (QEMU's order).
+        let speed = c.speed.unwrap_or(0);
+        let spec = JobSpec::new(c.job_id.clone().unwrap_or_default())
+            .auto_finalize(c.auto_finalize.unwrap_or(true))
+            .auto_dismiss(c.auto_dismiss.unwrap_or(true))
+            .speed(speed);
+        let key_cell = Arc::new(OnceLock::new());
+        let frozen = bitmap.as_ref().map(|(b, _)| b.clone());
+        let driver = BackupJob::new(
+            source,
+            target,
+            sync,
+            bitmap,
+            on_error(c.on_source_error),
+            on_error(c.on_target_error),
+            env.pool.clone(),
+            env.claims.clone(),
+            key_cell.clone(),
+        );
+        let key = match env.jobs.create(spec, Box::new(driver), env.group.as_ref()) {
+            Ok(key) => key,
+            Err(e) => {
+                if let Some(bitmap) = frozen {
+                    bitmap.reclaim();
+                }
+                return Err(e);
+            }
+        };
+        let _ = key_cell.set(key);
+        env.claims.claim(key, "backup", &device, false);
+        env.claims.claim(key, "backup", &target_name, true);
+        if let Some(drain) = self.drain.as_mut() {
+            drain.hold(key);
+        }
+        self.key = Some(key);
+        Ok(())
+    }
+
+    fn commit(&mut self, env: &mut BlockState) {
+        if let Some(key) = self.key
+            && let Err(e) = env.jobs.start(key)
+        {
+            tracing::warn!("backup job could not start: {e}");
+        }
+    }
+
+    fn abort(&mut self, env: &mut BlockState) {
+        if let Some(key) = self.key.take() {
+            let _ = env.jobs.cancel_job(key, true);
+            env.claims.release(key);
+        }
+    }
+
+    fn clean(&mut self, _env: &mut BlockState) {
+        if let Some(mut drain) = self.drain.take() {
+            drain.end();
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The backup job (QEMU's `block/backup.c`): copies a source node to a target node, in large
+//! requests run on an [`IoPool`], skipping what the source says need not be copied.
+
+use std::io;
+use std::sync::{Arc, OnceLock};
+
+use job::{
+    BoxFuture, ErrorAction, IoOperation, JobContext, JobDriver, JobFailure, JobKey, OnError,
+};
+
+use crate::claims::NodeClaims;
+use qmp_api::BitmapSyncMode;
+
+use crate::node::{BlockIo, IoPool, SyncBitmap, errno_text, run_blocking};
+
+/// Bytes per copy request (cluster aligned for every cluster size up to 1 MiB).
+pub const COPY_CHUNK: u64 = 1 << 20;
+
+/// What a backup copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupSync {
+    /// Everything the source reads (zeroes as zero writes).
+    Full,
+    /// What the source's own layer allocates.
+    Top,
+    /// Nothing up front: the job waits to be cancelled (copy-before-write only).
+    None,
+    /// The dirty clusters of the job's bitmap (`incremental` is this with `on-success`).
+    Bitmap,
+}
+
+/// The bitmap a backup freezes for its life, and what happens to it at the end.
+pub type BackupBitmap = (Arc<dyn SyncBitmap>, BitmapSyncMode);
+
+/// A backup job's driver.
+pub struct BackupJob {
+    source: Arc<dyn BlockIo>,
+    target: Arc<dyn BlockIo>,
+    sync: BackupSync,
+    bitmap: Option<BackupBitmap>,
+    on_source_error: OnError,
+    on_target_error: OnError,
+    pool: Arc<dyn IoPool>,
+    claims: NodeClaims,
+    key: Arc<OnceLock<JobKey>>,
+    /// What is still to copy, `(offset, len)` in order.
+    remaining: Vec<(u64, u64)>,
+}
+
+impl BackupJob {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        source: Arc<dyn BlockIo>,
+        target: Arc<dyn BlockIo>,
+        sync: BackupSync,
+        bitmap: Option<BackupBitmap>,
+        on_source_error: OnError,
+        on_target_error: OnError,
+        pool: Arc<dyn IoPool>,
+        claims: NodeClaims,
+        key: Arc<OnceLock<JobKey>>,
+    ) -> Self {
+        let remaining = match (sync, &bitmap) {
+            (BackupSync::None, _) => Vec::new(),
+            (BackupSync::Bitmap, Some((b, _))) => b.dirty_ranges(),
+            _ => vec![(0, source.size())],
+        };
+        BackupJob {
+            source,
+            target,
+            sync,
+            bitmap,
+            on_source_error,
+            on_target_error,
+            pool,
+            claims,
+            key,
+            remaining,
+        }
+    }
+
+    async fn run_copy(&mut self, ctx: &JobContext) -> Result<(), JobFailure> {
+        if matches!(self.sync, BackupSync::None) {
+            while !ctx.is_cancelled() {
+                ctx.idle().await;
+            }
+            return Ok(());
+        }
+        ctx.set_progress_remaining(self.remaining.iter().map(|r| r.1).sum());
+        let top = matches!(self.sync, BackupSync::Top);
+        let mut next = 0;
+        while let Some(&(offset, range_len)) = self.remaining.get(next) {
+            if ctx.is_cancelled() {
+                return Ok(());
+            }
+            let n = COPY_CHUNK.min(range_len);
+            let (source, target) = (self.source.clone(), self.target.clone());
+            let result = run_blocking(self.pool.as_ref(), move || {
+                copy_range(source.as_ref(), target.as_ref(), top, offset, n)
+            })
+            .await
+            .unwrap_or_else(|| Err((IoOperation::Read, io::Error::other("I/O worker lost"))));
+            if let Err((operation, error)) = result {
+                let policy = match operation {
+                    IoOperation::Read => self.on_source_error,
+                    IoOperation::Write => self.on_target_error,
+                };
+                let no_space = error.raw_os_error() == Some(28);
+                match ctx.report_io_error(policy, operation, no_space) {
+                    ErrorAction::Report => return Err(JobFailure::new(errno_text(&error))),
+                    // QEMU retries the request (after the pause, for `stop`).
+                    ErrorAction::Ignore | ErrorAction::Stop => {
+                        ctx.pause_point().await;
+                        continue;
+                    }
+                }
+            }
+            ctx.progress_update(n);
+            if n == range_len {
+                next += 1;
+            } else if let Some(range) = self.remaining.get_mut(next) {
+                *range = (offset + n, range_len - n);
+            }
+            ctx.rate_limit(n).await;
+        }
+        self.remaining.clear();
+        if ctx.is_cancelled() {
+            return Ok(());
+        }
+        let target = self.target.clone();
+        match run_blocking(self.pool.as_ref(), move || target.flush()).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(JobFailure::new(errno_text(&e))),
+            None => Err(JobFailure::new("I/O worker lost")),
+        }
+    }
+
+    /// QEMU's `backup_cleanup_sync_bitmap`: on success (or always, unless never) the
+    /// successor becomes the bitmap; otherwise it is merged back. A failed `always` job
+    /// leaves what it did not copy dirty.
+    fn settle_bitmap(&mut self, success: bool) {
+        let Some((bitmap, mode)) = &self.bitmap else {
+            return;
+        };
+        let take_successor =
+            (success || *mode == BitmapSyncMode::Always) && *mode != BitmapSyncMode::Never;
+        if take_successor {
+            bitmap.abdicate();
+            if !success {
+                for &(offset, len) in &self.remaining {
+                    bitmap.mark_dirty(offset, len);
+                }
+            }
+        } else {
+            bitmap.reclaim();
+        }
+    }
+}
+
+/// Copies `[offset, offset + len)` as the source's block status says.
+fn copy_range(
+    source: &dyn BlockIo,
+    target: &dyn BlockIo,
+    top: bool,
+    offset: u64,
+    len: u64,
+) -> Result<(), (IoOperation, io::Error)> {
+    let read = |e| (IoOperation::Read, e);
+    let write = |e| (IoOperation::Write, e);
+    let end = offset + len;
+    let mut pos = offset;
+    let mut buf = Vec::new();
+    while pos < end {
+        let extent = source.block_status(pos, end - pos).map_err(read)?;
+        let n = match extent.len {
+            0 => end - pos,
+            l => l.min(end - pos),
+        };
+        if top && !extent.allocated {
+            // Comes from the backing chain: not part of a `top` backup.
+        } else if extent.zero {
+            target.write_zeroes(pos, n).map_err(write)?;
+        } else {
+            let size =
+                usize::try_from(n).map_err(|_| read(io::Error::other("request too large")))?;
+            buf.resize(size, 0);
+            source.read_at(&mut buf, pos).map_err(read)?;
+            target.write_at(&buf, pos).map_err(write)?;
+        }
+        pos += n;
+    }
+    Ok(())
+}
+
+impl JobDriver for BackupJob {
+    fn job_type(&self) -> &'static str {
+        "backup"
+    }
+
+    fn run<'a>(&'a mut self, ctx: &'a JobContext) -> BoxFuture<'a, Result<(), JobFailure>> {
+        Box::pin(self.run_copy(ctx))
+    }
+
+    fn commit(&mut self) {
+        self.settle_bitmap(true);
+    }
+
+    fn abort(&mut self) {
+        self.settle_bitmap(false);
+    }
+
+    fn clean(&mut self) {
+        if let Some(key) = self.key.get() {
+            self.claims.release(*key);
+        }
+    }
+}

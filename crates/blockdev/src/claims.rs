@@ -1,0 +1,128 @@
+//! Which jobs use which nodes: the "node is busy" check and drained sections (QEMU's op
+//! blockers and `bdrv_drained_begin`/`_end`, reduced to what the block-job commands observe).
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use job::{JobKey, JobRegistry};
+
+#[derive(Debug, Clone)]
+struct Claim {
+    job: JobKey,
+    job_type: &'static str,
+    node: String,
+    /// The job blocks other users (a backup or mirror target).
+    exclusive: bool,
+}
+
+/// The nodes each job uses. Cheap to clone (a shared handle).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NodeClaims(Arc<Mutex<Vec<Claim>>>);
+
+impl NodeClaims {
+    fn lock(&self) -> MutexGuard<'_, Vec<Claim>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records that `job` uses `node` (`exclusive`: nobody else may use it as a target).
+    pub(crate) fn claim(&self, job: JobKey, job_type: &'static str, node: &str, exclusive: bool) {
+        self.lock().push(Claim {
+            job,
+            job_type,
+            node: node.to_string(),
+            exclusive,
+        });
+    }
+
+    /// Forgets every node of `job` (its clean-up).
+    pub(crate) fn release(&self, job: JobKey) {
+        self.lock().retain(|c| c.job != job);
+    }
+
+    /// `Node '<n>' is busy: block device is in use by block job: <type>` if a job holds `node`
+    /// exclusively.
+    pub(crate) fn check_free(&self, node: &str) -> Result<(), qmp_api::QmpError> {
+        match self.lock().iter().find(|c| c.exclusive && c.node == node) {
+            Some(c) => Err(qmp_api::QmpError::generic(format!(
+                "Node '{node}' is busy: block device is in use by block job: {}",
+                c.job_type
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Jobs using `node`, oldest claim first, each once.
+    pub(crate) fn jobs_using(&self, node: &str) -> Vec<JobKey> {
+        let mut keys = Vec::new();
+        for c in self.lock().iter().filter(|c| c.node == node) {
+            if !keys.contains(&c.job) {
+                keys.push(c.job);
+            }
+        }
+        keys
+    }
+
+    /// Every job using some node, each once.
+    pub(crate) fn all_jobs(&self) -> Vec<JobKey> {
+        let mut keys = Vec::new();
+        for c in self.lock().iter() {
+            if !keys.contains(&c.job) {
+                keys.push(c.job);
+            }
+        }
+        keys
+    }
+}
+
+/// A drained section: the jobs using the drained nodes are held paused until it ends.
+#[derive(Debug)]
+pub(crate) struct Drain {
+    jobs: JobRegistry,
+    held: Vec<JobKey>,
+}
+
+impl Drain {
+    /// Begins a drained section of `node`.
+    pub(crate) fn begin(jobs: &JobRegistry, claims: &NodeClaims, node: &str) -> Drain {
+        let mut drain = Drain {
+            jobs: jobs.clone(),
+            held: Vec::new(),
+        };
+        for key in claims.jobs_using(node) {
+            drain.hold(key);
+        }
+        drain
+    }
+
+    /// Also holds `key` (a job created inside the section).
+    pub(crate) fn hold(&mut self, key: JobKey) {
+        if self.jobs.pause(key).is_ok() {
+            self.held.push(key);
+        }
+    }
+
+    /// Ends the section: every held job that still exists may run again.
+    pub(crate) fn end(&mut self) {
+        for key in self.held.drain(..) {
+            // A job that ended meanwhile is simply gone.
+            let _ = self.jobs.resume(key);
+        }
+    }
+}
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// `bdrv_drain_all()`: every job using a node pauses (at once if it sleeps) and resumes.
+pub(crate) fn drain_all(jobs: &JobRegistry, claims: &NodeClaims) {
+    let keys = claims.all_jobs();
+    let held: Vec<JobKey> = keys
+        .into_iter()
+        .filter(|k| jobs.pause(*k).is_ok())
+        .collect();
+    for key in held {
+        let _ = jobs.resume(key);
+    }
+}

@@ -1,0 +1,161 @@
+//! blockdev: the daemon's QMP block command layer (named after QEMU's `blockdev.c`). It
+//! implements the generated [`qmp_api::Commands`] over the job registry and the node graph:
+//! job verbs and queries, `transaction` and its actions, backup and mirror jobs, snapshots and
+//! bitmap commands, and turns job events into QMP events for the monitor.
+//!
+//! ```text
+//! let blockdev = Blockdev::new(events, spawn, clock).with_graph(graph).with_io_pool(pool);
+//! qmp_api::dispatch(&mut blockdev, "query-jobs", None)
+//! ```
+
+mod actions;
+pub mod backup;
+mod claims;
+mod commands;
+mod events;
+pub mod node;
+pub mod transaction;
+
+use std::io;
+use std::sync::Arc;
+
+use job::{Clock, JobRegistry, JobTxn, Spawn};
+use qmp_api::{Event, QmpError};
+
+pub use events::qmp_event;
+#[cfg(feature = "tokio")]
+pub use node::TokioBlockingPool;
+pub use node::{BlockIo, Extent, ImageRef, InlineIo, IoPool, NodeGraph, SyncBitmap};
+
+use claims::NodeClaims;
+
+/// Where QMP events go (the monitor broadcasts them). Called in order, possibly with the job
+/// registry's lock held: queue the event and return, never call back into [`Blockdev`].
+pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// The version `query-version` reports: the QEMU release whose behaviour we match (clients
+/// gate features on it) and our own package string.
+pub const QEMU_VERSION: (i64, i64, i64) = (10, 0, 2);
+
+/// The package string of `query-version`.
+pub fn package_version() -> String {
+    format!("blockjobd {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The commands the monitor answers itself (listed by `query-commands` too).
+pub const MONITOR_COMMANDS: &[&str] = &["qmp_capabilities", "quit"];
+
+/// The commands [`Blockdev`] implements; `query-commands` lists these plus
+/// [`MONITOR_COMMANDS`].
+pub const COMMANDS: &[&str] = &[
+    "query-version",
+    "query-commands",
+    "query-qmp-schema",
+    "job-pause",
+    "job-resume",
+    "job-cancel",
+    "job-complete",
+    "job-dismiss",
+    "job-finalize",
+    "query-jobs",
+    "query-named-block-nodes",
+    "blockdev-add",
+    "blockdev-del",
+    "query-block-jobs",
+    "block-job-set-speed",
+    "block-job-cancel",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-complete",
+    "block-job-dismiss",
+    "block-job-finalize",
+    "block-job-change",
+    "blockdev-backup",
+    "drive-backup",
+    "transaction",
+];
+
+/// The state the commands and transaction actions work on.
+pub struct BlockState {
+    pub(crate) jobs: JobRegistry,
+    pub(crate) claims: NodeClaims,
+    pub(crate) graph: Option<Box<dyn NodeGraph>>,
+    pub(crate) pool: Arc<dyn IoPool>,
+    /// The shared job transaction of a grouped `transaction` being prepared.
+    pub(crate) group: Option<JobTxn>,
+}
+
+impl BlockState {
+    /// A node by name, or QEMU's `Cannot find device=... nor node-name=...`.
+    pub(crate) fn lookup(&self, name: &str) -> Result<Arc<dyn BlockIo>, QmpError> {
+        self.graph
+            .as_ref()
+            .and_then(|g| g.node(name))
+            .ok_or_else(|| node::not_found(name, name))
+    }
+
+    pub(crate) fn graph_mut(&mut self) -> Result<&mut Box<dyn NodeGraph>, QmpError> {
+        self.graph
+            .as_mut()
+            .ok_or_else(|| QmpError::generic("No block layer is available"))
+    }
+}
+
+/// The QMP block command layer of the daemon.
+pub struct Blockdev {
+    state: BlockState,
+}
+
+impl std::fmt::Debug for Blockdev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blockdev").finish_non_exhaustive()
+    }
+}
+
+impl Blockdev {
+    /// A command layer with no nodes yet: events go to `events`, jobs run on `spawn`, rate
+    /// limits use `clock`; block I/O runs inline until [`Blockdev::with_io_pool`].
+    pub fn new(events: EventSink, spawn: Arc<dyn Spawn>, clock: Arc<dyn Clock>) -> Self {
+        let sink = move |e: job::JobEvent| events(qmp_event(e));
+        let jobs = JobRegistry::new(Arc::new(sink), spawn, clock);
+        Blockdev {
+            state: BlockState {
+                jobs,
+                claims: NodeClaims::default(),
+                graph: None,
+                pool: Arc::new(InlineIo),
+                group: None,
+            },
+        }
+    }
+
+    /// Uses `graph` for nodes (blockdev-add, lookups, images).
+    pub fn with_graph(mut self, graph: Box<dyn NodeGraph>) -> Self {
+        self.state.graph = Some(graph);
+        self
+    }
+
+    /// Runs jobs' block I/O on `pool` (the daemon: [`TokioBlockingPool`]).
+    pub fn with_io_pool(mut self, pool: Arc<dyn IoPool>) -> Self {
+        self.state.pool = pool;
+        self
+    }
+
+    /// The job registry (e.g. to wait for a job with [`JobRegistry::concluded`]).
+    pub fn jobs(&self) -> &JobRegistry {
+        &self.state.jobs
+    }
+
+    /// Daemon shutdown: force-cancels every job, then flushes and closes every node.
+    pub fn shutdown(&mut self) -> io::Result<()> {
+        for info in self.state.jobs.query_jobs() {
+            if let Some(key) = self.state.jobs.key_of(&info.id) {
+                let _ = self.state.jobs.cancel_job(key, true);
+            }
+        }
+        match self.state.graph.as_mut() {
+            Some(graph) => graph.close_all(),
+            None => Ok(()),
+        }
+    }
+}

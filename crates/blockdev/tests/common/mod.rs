@@ -1,0 +1,351 @@
+//! An in-memory node graph and a stepped harness around `Blockdev` + `qmp_api::dispatch`.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockdev::{BlockIo, Blockdev, Extent, ImageRef, NodeGraph, SyncBitmap};
+use job::manual::{ManualClock, ManualExecutor};
+use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError};
+use serde_json::{Value, json};
+
+pub const MIB: u64 = 1 << 20;
+
+/// A node whose data lives in memory.
+pub struct MemNode {
+    pub image: ImageRef,
+    pub backing: Option<ImageRef>,
+    pub data: Mutex<Vec<u8>>,
+    /// Ranges allocated in this layer (None: everything).
+    pub allocated: Option<Vec<(u64, u64)>>,
+    pub fail_writes: bool,
+    pub writes: Mutex<Vec<(u64, u64)>>,
+}
+
+impl MemNode {
+    pub fn new(name: &str, size: u64, fill: u8) -> Arc<MemNode> {
+        Arc::new(MemNode {
+            image: ImageRef {
+                filename: format!("/mem/{name}.qcow2"),
+                format: "qcow2".into(),
+            },
+            backing: None,
+            data: Mutex::new(vec![fill; size as usize]),
+            allocated: None,
+            fail_writes: false,
+            writes: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn failing(name: &str, size: u64) -> Arc<MemNode> {
+        Arc::new(MemNode {
+            fail_writes: true,
+            ..Arc::into_inner(MemNode::new(name, size, 0)).unwrap()
+        })
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        self.data.lock().unwrap().clone()
+    }
+}
+
+impl BlockIo for MemNode {
+    fn format(&self) -> &str {
+        &self.image.format
+    }
+    fn image(&self) -> ImageRef {
+        self.image.clone()
+    }
+    fn backing_image(&self) -> Option<ImageRef> {
+        self.backing.clone()
+    }
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self.data.lock().unwrap();
+        let o = offset as usize;
+        buf.copy_from_slice(&d[o..o + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.fail_writes {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        self.writes.lock().unwrap().push((offset, buf.len() as u64));
+        let mut d = self.data.lock().unwrap();
+        let o = offset as usize;
+        d[o..o + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_at(&vec![0; len as usize], offset)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let Some(ranges) = &self.allocated else {
+            return Ok(Extent {
+                len,
+                allocated: true,
+                zero: false,
+            });
+        };
+        for &(start, l) in ranges {
+            if offset >= start && offset < start + l {
+                return Ok(Extent {
+                    len: (start + l - offset).min(len),
+                    allocated: true,
+                    zero: false,
+                });
+            }
+        }
+        let next = ranges
+            .iter()
+            .map(|r| r.0)
+            .filter(|&s| s > offset)
+            .min()
+            .unwrap_or(offset + len);
+        Ok(Extent {
+            len: (next - offset).min(len),
+            allocated: false,
+            zero: false,
+        })
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A bitmap with QEMU's successor protocol, in memory (granularity 64 KiB).
+#[derive(Default)]
+pub struct MemBitmap {
+    pub dirty: Mutex<Vec<(u64, u64)>>,
+    pub successor: Mutex<Option<Vec<(u64, u64)>>>,
+    pub log: Mutex<Vec<&'static str>>,
+}
+
+impl SyncBitmap for MemBitmap {
+    fn check_usable(&self, _allow_read_only: bool) -> Result<(), QmpError> {
+        if self.successor.lock().unwrap().is_some() {
+            return Err(QmpError::generic(
+                "Bitmap 'bm0' is currently in use by another operation and cannot be used",
+            ));
+        }
+        Ok(())
+    }
+    fn freeze(&self) -> Result<(), QmpError> {
+        *self.successor.lock().unwrap() = Some(Vec::new());
+        self.log.lock().unwrap().push("freeze");
+        Ok(())
+    }
+    fn dirty_ranges(&self) -> Vec<(u64, u64)> {
+        self.dirty.lock().unwrap().clone()
+    }
+    fn abdicate(&self) {
+        let s = self.successor.lock().unwrap().take().unwrap_or_default();
+        *self.dirty.lock().unwrap() = s;
+        self.log.lock().unwrap().push("abdicate");
+    }
+    fn reclaim(&self) {
+        let s = self.successor.lock().unwrap().take().unwrap_or_default();
+        self.dirty.lock().unwrap().extend(s);
+        self.log.lock().unwrap().push("reclaim");
+    }
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        self.dirty.lock().unwrap().push((offset, len));
+    }
+}
+
+/// Nodes by name; created images by file name.
+#[derive(Clone, Default)]
+pub struct MemGraph {
+    pub nodes: Arc<Mutex<BTreeMap<String, Arc<MemNode>>>>,
+    pub bitmaps: Arc<Mutex<BTreeMap<(String, String), Arc<MemBitmap>>>>,
+    pub created: Arc<Mutex<Vec<(ImageRef, u64, Option<ImageRef>)>>>,
+    pub closed: Arc<Mutex<bool>>,
+}
+
+impl MemGraph {
+    pub fn add(&self, name: &str, node: Arc<MemNode>) {
+        self.nodes.lock().unwrap().insert(name.into(), node);
+    }
+    pub fn node(&self, name: &str) -> Arc<MemNode> {
+        self.nodes.lock().unwrap()[name].clone()
+    }
+    pub fn add_bitmap(&self, node: &str, name: &str, dirty: Vec<(u64, u64)>) -> Arc<MemBitmap> {
+        let b = Arc::new(MemBitmap::default());
+        *b.dirty.lock().unwrap() = dirty;
+        self.bitmaps
+            .lock()
+            .unwrap()
+            .insert((node.into(), name.into()), b.clone());
+        b
+    }
+}
+
+impl NodeGraph for MemGraph {
+    fn node(&self, name: &str) -> Option<Arc<dyn BlockIo>> {
+        self.nodes
+            .lock()
+            .unwrap()
+            .get(name)
+            .map(|n| n.clone() as Arc<dyn BlockIo>)
+    }
+    fn dirty_bitmap(&self, node: &str, name: &str) -> Option<Arc<dyn SyncBitmap>> {
+        self.bitmaps
+            .lock()
+            .unwrap()
+            .get(&(node.to_string(), name.to_string()))
+            .map(|b| b.clone() as Arc<dyn SyncBitmap>)
+    }
+    fn create_image(
+        &mut self,
+        image: &ImageRef,
+        size: u64,
+        backing: Option<&ImageRef>,
+    ) -> Result<(), QmpError> {
+        self.created
+            .lock()
+            .unwrap()
+            .push((image.clone(), size, backing.cloned()));
+        let node = Arc::new(MemNode {
+            image: image.clone(),
+            backing: backing.cloned(),
+            ..Arc::into_inner(MemNode::new("x", size, 0)).unwrap()
+        });
+        self.add(&image.filename, node);
+        Ok(())
+    }
+    fn open_image(&mut self, image: &ImageRef) -> Result<Arc<dyn BlockIo>, QmpError> {
+        NodeGraph::node(self, &image.filename)
+            .ok_or_else(|| QmpError::generic(format!("Could not open '{}'", image.filename)))
+    }
+    fn blockdev_add(&mut self, _options: BlockdevOptions) -> Result<(), QmpError> {
+        Err(QmpError::generic("not in memory"))
+    }
+    fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError> {
+        self.nodes.lock().unwrap().remove(&args.node_name);
+        Ok(())
+    }
+    fn query_named_block_nodes(&self, _flat: bool) -> Result<Vec<BlockDeviceInfo>, QmpError> {
+        Ok(Vec::new())
+    }
+    fn close_all(&mut self) -> io::Result<()> {
+        *self.closed.lock().unwrap() = true;
+        Ok(())
+    }
+}
+
+/// Blockdev on the manual executor and clock, events recorded compactly:
+/// `j1 created` for `JOB_STATUS_CHANGE`, `EVENT_NAME {data}` for the others.
+pub struct Harness {
+    pub bd: Blockdev,
+    pub exec: ManualExecutor,
+    pub clock: ManualClock,
+    pub graph: MemGraph,
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        let exec = ManualExecutor::new();
+        let clock = ManualClock::new();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let graph = MemGraph::default();
+        let bd = Blockdev::new(
+            Arc::new(move |e: qmp_api::Event| {
+                let line = match &e {
+                    qmp_api::Event::JobStatusChange(d) => format!("{} {}", d.id, d.status),
+                    other => format!("{} {}", other.name(), other.data().unwrap_or(Value::Null)),
+                };
+                sink.lock().unwrap().push(line);
+            }),
+            Arc::new(exec.clone()),
+            Arc::new(clock.clone()),
+        )
+        .with_graph(Box::new(graph.clone()));
+        Harness {
+            bd,
+            exec,
+            clock,
+            graph,
+            events,
+        }
+    }
+
+    /// Two 4 MiB nodes `src` (0xab) and `tgt` (zero).
+    pub fn with_src_tgt() -> Harness {
+        let h = Harness::new();
+        h.graph.add("src", MemNode::new("src", 4 * MIB, 0xab));
+        h.graph.add("tgt", MemNode::new("tgt", 4 * MIB, 0));
+        h
+    }
+
+    pub fn cmd(&mut self, name: &str, args: Value) -> Result<Value, QmpError> {
+        let map = match args {
+            Value::Object(m) => Some(m),
+            _ => None,
+        };
+        qmp_api::dispatch(&mut self.bd, name, map)
+    }
+
+    /// Runs a command that must succeed.
+    pub fn ok(&mut self, name: &str, args: Value) -> Value {
+        match self.cmd(name, args) {
+            Ok(v) => v,
+            Err(e) => panic!("{name} failed: {e:?}"),
+        }
+    }
+
+    /// Runs a command that must fail; returns `Class: desc`.
+    pub fn err(&mut self, name: &str, args: Value) -> String {
+        match self.cmd(name, args) {
+            Ok(v) => panic!("{name} succeeded: {v}"),
+            Err(e) => format!("{}: {}", e.class, e.desc),
+        }
+    }
+
+    pub fn take_events(&self) -> Vec<String> {
+        std::mem::take(&mut *self.events.lock().unwrap())
+    }
+
+    /// Runs tasks, advancing the clock, until nothing is left to do.
+    pub fn settle(&self) {
+        loop {
+            self.exec.run_until_stalled();
+            if !self.clock.advance_to_next_deadline() {
+                break;
+            }
+        }
+        self.exec.run_until_stalled();
+    }
+
+    /// Runs tasks without moving the clock.
+    pub fn step(&self) {
+        self.exec.run_until_stalled();
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+        self.exec.run_until_stalled();
+    }
+}
+
+pub fn backup(job: &str, device: &str, target: &str) -> Value {
+    json!({"job-id": job, "device": device, "target": target, "sync": "full"})
+}
+
+pub fn with(mut base: Value, extra: Value) -> Value {
+    if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    base
+}
+
+pub fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
