@@ -138,3 +138,20 @@ impl Drop for PageBuf {
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PageBuf;
+
+    #[test]
+    fn page_buffers_are_page_aligned_and_zeroed() {
+        for len in [0usize, 1, 4096, 1 << 20] {
+            let mut b = PageBuf::zeroed(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize % 4096, 0);
+            assert!(b.iter().all(|&x| x == 0));
+            b.iter_mut().for_each(|x| *x = 7);
+            assert!(b.iter().all(|&x| x == 7));
+        }
+    }
+}
