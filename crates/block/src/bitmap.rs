@@ -29,6 +29,7 @@ pub struct DirtyBitmap {
     readonly: bool,
     inconsistent: bool,
     busy: bool,
+    skip_store: bool,
     successor: Option<Box<DirtyBitmap>>,
 }
 
@@ -61,6 +62,7 @@ impl DirtyBitmap {
             readonly: false,
             inconsistent: false,
             busy: false,
+            skip_store: false,
             successor: None,
         })
     }
@@ -144,6 +146,16 @@ impl DirtyBitmap {
     /// Marks the bitmap busy or not (e.g. by a job, or a transaction removing it).
     pub fn set_busy(&mut self, busy: bool) {
         self.busy = busy;
+    }
+
+    /// Whether the bitmap must not be stored (a transaction is removing it).
+    pub fn skips_store(&self) -> bool {
+        self.skip_store
+    }
+
+    /// Marks the bitmap as not to be stored, or to be stored again.
+    pub fn set_skip_store(&mut self, skip: bool) {
+        self.skip_store = skip;
     }
 
     /// The anonymous successor recording writes while frozen.
@@ -413,6 +425,7 @@ impl DirtyBitmap {
             readonly: false,
             inconsistent: false,
             busy: false,
+            skip_store: false,
             successor: None,
             ..self.clone()
         }

@@ -3,6 +3,7 @@
 //! with their QMP-level operations and transaction actions.
 
 pub mod bitmap;
+pub mod bitmap_cmd;
 pub mod driver;
 pub mod drivers;
 pub mod error;

@@ -395,7 +395,7 @@ impl BlockNode {
             let persistent: Vec<DirtyBitmap> = self
                 .bitmaps()
                 .iter()
-                .filter(|b| b.is_persistent())
+                .filter(|b| b.is_persistent() && !b.skips_store())
                 .cloned()
                 .collect();
             store.store_bitmaps(&persistent)?;
@@ -478,5 +478,15 @@ impl Drop for OpBlocker {
         lock(&self.node.state)
             .blockers
             .retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl std::fmt::Debug for BlockNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockNode")
+            .field("name", &self.name)
+            .field("driver", &self.driver_name)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
     }
 }
