@@ -185,6 +185,41 @@ fn join_cond(v: &[IfCond], sep: &str) -> String {
     parts.join(sep)
 }
 
+/// Schema doc references (`@name`) as inline code (`` `name` ``).
+pub fn code_references(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.char_indices().peekable();
+    let mut prev: Option<char> = None;
+    while let Some((_, c)) = chars.next() {
+        let starts_ref = c == '@'
+            && !prev.is_some_and(|p| p.is_alphanumeric() || p == '`')
+            && chars.peek().is_some_and(|(_, n)| n.is_ascii_alphanumeric());
+        if starts_ref {
+            let mut name = String::new();
+            while let Some(&(_, n)) = chars.peek() {
+                if n.is_ascii_alphanumeric() || n == '-' || n == '_' {
+                    name.push(n);
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            // A trailing `-` belongs to the sentence, not the name.
+            let trailing = name.len() - name.trim_end_matches('-').len();
+            let name = name.trim_end_matches('-').to_string();
+            out.push('`');
+            out.push_str(&name);
+            out.push('`');
+            out.push_str(&"-".repeat(trailing));
+            prev = Some('`');
+        } else {
+            out.push(c);
+            prev = Some(c);
+        }
+    }
+    out
+}
+
 /// Rustdoc builder: paragraphs in order, rendered as one `#[doc]` per line.
 #[derive(Default)]
 pub struct DocText {
@@ -193,7 +228,7 @@ pub struct DocText {
 
 impl DocText {
     pub fn push(&mut self, text: impl Into<String>) {
-        let text: String = text.into();
+        let text = code_references(&text.into());
         let text = text.trim_end();
         if !text.trim().is_empty() {
             self.paragraphs.push(text.to_string());
@@ -235,7 +270,14 @@ fn push_doc_body(doc: &mut DocText, d: &Doc) {
     for section in &d.sections {
         match &section.tag {
             None => doc.push(section.text.clone()),
-            Some(tag) => doc.push(format!("**{tag}:** {}", section.text.trim())),
+            Some(tag) => {
+                let text = section.text.trim();
+                if text.contains('\n') || text.starts_with("- ") {
+                    doc.push(format!("**{tag}:**\n\n{text}"));
+                } else {
+                    doc.push(format!("**{tag}:** {text}"));
+                }
+            }
         }
     }
 }
@@ -291,5 +333,23 @@ pub fn deprecated_attr(deprecated: bool) -> TokenStream {
         quote!(#[deprecated])
     } else {
         quote!()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doc_references_become_inline_code() {
+        assert_eq!(
+            code_references("see @block-job-finalize; @id: the job"),
+            "see `block-job-finalize`; `id`: the job"
+        );
+    }
+
+    #[test]
+    fn at_signs_inside_words_are_kept() {
+        assert_eq!(code_references("mail jsnow@redhat.com"), "mail jsnow@redhat.com");
     }
 }

@@ -212,3 +212,42 @@ fn every_file_starts_with_the_generated_header() {
         assert!(f.contents.starts_with(qapi_codegen::HEADER), "{}", f.path);
     }
 }
+
+/// The seed definitions (block-job-finalize and its enums; QEMU's
+/// transaction.json) as written in our `qapi-schema/`.
+#[test]
+fn seed_definitions_from_qapi_schema_snapshot() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../qapi-schema/qapi-schema.json"
+    );
+    let full = qapi_model::load(std::path::Path::new(path)).unwrap_or_else(|d| panic!("{d}"));
+    let wanted = [
+        "BlockJobVerb",
+        "BlockJobStatus",
+        "block-job-finalize",
+        "ActionCompletionMode",
+        "TransactionActionKind",
+        "AbortWrapper",
+        "BlockdevBackupWrapper",
+        "TransactionAction",
+        "TransactionProperties",
+        "transaction",
+    ];
+    let subset = Schema {
+        entities: full
+            .entities
+            .iter()
+            .filter(|e| wanted.contains(&e.name()))
+            .cloned()
+            .collect(),
+        pragma: Pragma::default(),
+        free_docs: Vec::new(),
+    };
+    assert_eq!(
+        subset.entities.len(),
+        wanted.len(),
+        "every seed definition is in qapi-schema/"
+    );
+    insta::assert_snapshot!(generated(&subset));
+}

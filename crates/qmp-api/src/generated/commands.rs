@@ -384,7 +384,7 @@ impl crate::input::FromQmp for BlockJobSetSpeedArguments {
 pub struct BlockJobCancelArguments {
     /// the job's id
     pub device: ::std::string::String,
-    /// cancel even a paused job, and cancel a @ready job without
+    /// cancel even a paused job, and cancel a `ready` job without
     /// completing it (default: false; since 1.3)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub force: ::std::option::Option<bool>,
@@ -606,7 +606,7 @@ impl crate::input::FromQmp for BlockJobFinalizeArguments {
 /// Arguments of `blockdev-mirror`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockdevMirrorArguments {
-    /// the new job's id.  As with @blockdev-backup, it must be
+    /// the new job's id.  As with `blockdev-backup`, it must be
     /// given in this daemon.
     #[serde(rename = "job-id")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
@@ -616,7 +616,7 @@ pub struct BlockdevMirrorArguments {
     /// the node to write
     pub target: ::std::string::String,
     /// the node the target replaces on completion, when not
-    /// @device itself (since 2.3)
+    /// `device` itself (since 2.3)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub replaces: ::std::option::Option<::std::string::String>,
     /// which data to copy: full, top or none
@@ -644,7 +644,7 @@ pub struct BlockdevMirrorArguments {
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub on_target_error: ::std::option::Option<BlockdevOnError>,
     /// the node name of the filter the job inserts
-    /// above @device (default: generated; since 2.9)
+    /// above `device` (default: generated; since 2.9)
     #[serde(rename = "filter-node-name")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub filter_node_name: ::std::option::Option<::std::string::String>,
@@ -881,7 +881,9 @@ pub trait Commands {
     /// members and enum values are stable, as are the names of built-in
     /// types.  Only what commands and events can reach is listed.
     ///
-    /// **Returns:** the schema as a list of entities, each identified by its
+    /// **Returns:**
+    ///
+    /// the schema as a list of entities, each identified by its
     /// name and described by its meta-type
     ///
     /// **Since:** 2.5
@@ -893,7 +895,7 @@ pub trait Commands {
         ))
     }
     /// Ask a job to pause.  The command returns at once; the job moves to
-    /// @paused (from @running) or @standby (from @ready) at its next pause
+    /// `paused` (from `running`) or `standby` (from `ready`) at its next pause
     /// point.  Pausing a job that a client already paused is an error.  A
     /// paused job that gets cancelled is resumed first.
     ///
@@ -917,9 +919,9 @@ pub trait Commands {
         ::std::result::Result::Err(crate::error::QmpError::command_not_found("job-resume"))
     }
     /// Ask a job to stop.  The command returns at once.  The job usually
-    /// moves to @aborting and ends with an error, but one that was about
-    /// to finish may still succeed and move to @pending.  Unlike
-    /// @block-job-cancel, a @ready job is cancelled without completing its
+    /// moves to `aborting` and ends with an error, but one that was about
+    /// to finish may still succeed and move to `pending`.  Unlike
+    /// `block-job-cancel`, a `ready` job is cancelled without completing its
     /// work.
     ///
     /// **Since:** 3.0
@@ -930,7 +932,7 @@ pub trait Commands {
         let _ = args;
         ::std::result::Result::Err(crate::error::QmpError::command_not_found("job-cancel"))
     }
-    /// Tell a job in @ready (or @standby) to finish its work.
+    /// Tell a job in `ready` (or `standby`) to finish its work.
     ///
     /// **Since:** 3.0
     fn job_complete(
@@ -940,7 +942,7 @@ pub trait Commands {
         let _ = args;
         ::std::result::Result::Err(crate::error::QmpError::command_not_found("job-complete"))
     }
-    /// Remove a @concluded job, which makes it disappear from @query-jobs.
+    /// Remove a `concluded` job, which makes it disappear from `query-jobs`.
     /// Only needed for jobs started with auto-dismiss set to false.
     ///
     /// **Since:** 3.0
@@ -951,7 +953,7 @@ pub trait Commands {
         let _ = args;
         ::std::result::Result::Err(crate::error::QmpError::command_not_found("job-dismiss"))
     }
-    /// Finalize a @pending job: apply its results and run its cleanup.
+    /// Finalize a `pending` job: apply its results and run its cleanup.
     /// For a job that belongs to a transaction, every job of that
     /// transaction is finalized together, so naming one of them is
     /// enough.  Only needed for jobs started with auto-finalize set to
@@ -967,7 +969,7 @@ pub trait Commands {
     }
     /// List every job that exists, whatever its status.
     ///
-    /// **Returns:** one @JobInfo per job
+    /// **Returns:** one `JobInfo` per job
     ///
     /// **Since:** 3.0
     fn query_jobs(
@@ -1000,7 +1002,7 @@ pub trait Commands {
         let _ = args;
         ::std::result::Result::Err(crate::error::QmpError::command_not_found("blockdev-add"))
     }
-    /// Close a node that was opened by @blockdev-add.  The node must not
+    /// Close a node that was opened by `blockdev-add`.  The node must not
     /// be in use (by an export, a job or another node).
     ///
     /// **Since:** 2.9
@@ -1013,7 +1015,9 @@ pub trait Commands {
     }
     /// Create a dirty bitmap on a node; it starts empty.
     ///
-    /// **Errors:** - If the node is not found, DeviceNotFound (or GenericError)
+    /// **Errors:**
+    ///
+    /// - If the node is not found, DeviceNotFound (or GenericError)
     /// - If a bitmap of that name exists, GenericError
     ///
     /// **Since:** 2.4
@@ -1089,7 +1093,7 @@ pub trait Commands {
             "block-dirty-bitmap-merge",
         ))
     }
-    /// List the block jobs.  Unlike @query-jobs, this includes neither
+    /// List the block jobs.  Unlike `query-jobs`, this includes neither
     /// jobs that are not block jobs nor internal jobs without an id.
     ///
     /// **Returns:** one entry per block job
@@ -1104,7 +1108,9 @@ pub trait Commands {
     }
     /// Change a block job's rate limit.
     ///
-    /// **Errors:** - DeviceNotActive if no job has that id
+    /// **Errors:**
+    ///
+    /// - DeviceNotActive if no job has that id
     ///
     /// **Since:** 1.1
     fn block_job_set_speed(
@@ -1117,14 +1123,16 @@ pub trait Commands {
         ))
     }
     /// Ask a block job to stop.  The command returns at once; the job
-    /// ends with @BLOCK_JOB_CANCELLED, or with @BLOCK_JOB_COMPLETED if it
+    /// ends with `BLOCK_JOB_CANCELLED`, or with `BLOCK_JOB_COMPLETED` if it
     /// finished first.
     ///
-    /// A @ready mirror job cancelled without @force completes instead:
+    /// A `ready` mirror job cancelled without `force` completes instead:
     /// the target is left consistent with the source, but the source
-    /// stays in use (no pivot), and @BLOCK_JOB_COMPLETED is sent.
+    /// stays in use (no pivot), and `BLOCK_JOB_COMPLETED` is sent.
     ///
-    /// **Errors:** - DeviceNotActive if no job has that id
+    /// **Errors:**
+    ///
+    /// - DeviceNotActive if no job has that id
     ///
     /// **Since:** 1.1
     fn block_job_cancel(
@@ -1136,9 +1144,11 @@ pub trait Commands {
             "block-job-cancel",
         ))
     }
-    /// Ask a block job to pause; see @job-pause.
+    /// Ask a block job to pause; see `job-pause`.
     ///
-    /// **Errors:** - DeviceNotActive if no job has that id
+    /// **Errors:**
+    ///
+    /// - DeviceNotActive if no job has that id
     ///
     /// **Since:** 1.3
     fn block_job_pause(
@@ -1148,9 +1158,11 @@ pub trait Commands {
         let _ = args;
         ::std::result::Result::Err(crate::error::QmpError::command_not_found("block-job-pause"))
     }
-    /// Resume a block job that a client paused; see @job-resume.
+    /// Resume a block job that a client paused; see `job-resume`.
     ///
-    /// **Errors:** - DeviceNotActive if no job has that id
+    /// **Errors:**
+    ///
+    /// - DeviceNotActive if no job has that id
     ///
     /// **Since:** 1.3
     fn block_job_resume(
@@ -1162,10 +1174,12 @@ pub trait Commands {
             "block-job-resume",
         ))
     }
-    /// Tell a @ready block job to finish; see @job-complete.  A mirror job
+    /// Tell a `ready` block job to finish; see `job-complete`.  A mirror job
     /// then switches its users over to the target.
     ///
-    /// **Errors:** - DeviceNotActive if no job has that id
+    /// **Errors:**
+    ///
+    /// - DeviceNotActive if no job has that id
     ///
     /// **Since:** 1.3
     fn block_job_complete(
@@ -1177,9 +1191,11 @@ pub trait Commands {
             "block-job-complete",
         ))
     }
-    /// Remove a @concluded block job; see @job-dismiss.
+    /// Remove a `concluded` block job; see `job-dismiss`.
     ///
-    /// **Errors:** - DeviceNotActive if no job has that id
+    /// **Errors:**
+    ///
+    /// - DeviceNotActive if no job has that id
     ///
     /// **Since:** 2.12
     fn block_job_dismiss(
@@ -1191,12 +1207,14 @@ pub trait Commands {
             "block-job-dismiss",
         ))
     }
-    /// Finalize a @pending block job, together with every other job of
-    /// its transaction; see @job-finalize.  Jobs started with
-    /// auto-finalize set to false wait in @pending for this command, so
+    /// Finalize a `pending` block job, together with every other job of
+    /// its transaction; see `job-finalize`.  Jobs started with
+    /// auto-finalize set to false wait in `pending` for this command, so
     /// that a client decides when their results are applied.
     ///
-    /// **Errors:** - DeviceNotActive if no job has that id
+    /// **Errors:**
+    ///
+    /// - DeviceNotActive if no job has that id
     ///
     /// **Since:** 2.12
     fn block_job_finalize(
@@ -1224,7 +1242,9 @@ pub trait Commands {
     /// another node.  Writes to the source made while the job runs copy
     /// the old data to the target first.
     ///
-    /// **Errors:** - If @device or @target is not a node, DeviceNotFound (or
+    /// **Errors:**
+    ///
+    /// - If `device` or `target` is not a node, DeviceNotFound (or
     ///   GenericError)
     ///
     /// **Since:** 2.3
@@ -1238,12 +1258,14 @@ pub trait Commands {
     /// Start a backup job that writes to an image file, creating it first
     /// unless told it exists.
     ///
-    /// **Errors:** - If @device is not a node, GenericError
+    /// **Errors:**
+    ///
+    /// - If `device` is not a node, GenericError
     ///
     /// **Since:** 1.6
     ///
     /// **Features:**
-    /// - `deprecated`: use @blockdev-add to open the target and @blockdev-backup instead
+    /// - `deprecated`: use `blockdev-add` to open the target and `blockdev-backup` instead
     #[deprecated]
     fn drive_backup(
         &mut self,
@@ -1268,7 +1290,9 @@ pub trait Commands {
     /// file is the node's image, and put it on top of the node, so that
     /// later writes go to the overlay and the old image stays as it was.
     ///
-    /// **Errors:** - If the node is not found, DeviceNotFound (or GenericError)
+    /// **Errors:**
+    ///
+    /// - If the node is not found, DeviceNotFound (or GenericError)
     ///
     /// **Since:** 0.14
     fn blockdev_snapshot_sync(
@@ -1281,7 +1305,7 @@ pub trait Commands {
         ))
     }
     /// Take an external snapshot with an overlay node opened beforehand by
-    /// @blockdev-add.
+    /// `blockdev-add`.
     ///
     /// **Since:** 2.5
     ///
@@ -1298,7 +1322,9 @@ pub trait Commands {
     }
     /// Take an internal snapshot of a node, stored inside its image.
     ///
-    /// **Errors:** - If the node is not found, GenericError
+    /// **Errors:**
+    ///
+    /// - If the node is not found, GenericError
     /// - If the format does not support internal snapshots,
     ///   GenericError
     /// - If the name is empty or already used, GenericError
@@ -1322,7 +1348,9 @@ pub trait Commands {
     /// Snapshot files created by actions are not deleted when the
     /// transaction is rolled back.
     ///
-    /// **Errors:** - Any error of the first action that failed; the remaining
+    /// **Errors:**
+    ///
+    /// - Any error of the first action that failed; the remaining
     ///   actions were not attempted
     ///
     /// **Since:** 1.1
@@ -1334,9 +1362,11 @@ pub trait Commands {
         ::std::result::Result::Err(crate::error::QmpError::command_not_found("transaction"))
     }
     /// Start the NBD server, which serves the exports added with
-    /// @block-export-add.  There is at most one server.
+    /// `block-export-add`.  There is at most one server.
     ///
-    /// **Errors:** - If the server is already running, GenericError
+    /// **Errors:**
+    ///
+    /// - If the server is already running, GenericError
     ///
     /// **Since:** 1.3
     fn nbd_server_start(
@@ -1367,11 +1397,13 @@ pub trait Commands {
         ))
     }
     /// Remove an export.  The removal finishes in the background;
-    /// @BLOCK_EXPORT_DELETED tells when it is done.
+    /// `BLOCK_EXPORT_DELETED` tells when it is done.
     ///
-    /// **Errors:** - If no export has that id, GenericError
+    /// **Errors:**
+    ///
+    /// - If no export has that id, GenericError
     /// - If the export is already being removed, GenericError
-    /// - If clients are connected and @mode is safe, GenericError
+    /// - If clients are connected and `mode` is safe, GenericError
     ///
     /// **Since:** 5.2
     fn block_export_del(

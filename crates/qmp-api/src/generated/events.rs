@@ -378,7 +378,7 @@ pub enum Event {
     /// **Since:** 3.0
     JobStatusChange(JobStatusChangeData),
     /// Sent when a block job has ended, successfully or not, except when
-    /// it was cancelled (see @BLOCK_JOB_CANCELLED).
+    /// it was cancelled (see `BLOCK_JOB_CANCELLED`).
     ///
     /// **Since:** 1.1
     BlockJobCompleted(BlockJobCompletedData),
@@ -387,16 +387,16 @@ pub enum Event {
     /// **Since:** 1.1
     BlockJobCancelled(BlockJobCancelledData),
     /// Sent each time an I/O request of a block job fails, saying what the
-    /// job's error policy made of it.  With @report the job then fails.
+    /// job's error policy made of it.  With `report` the job then fails.
     ///
     /// **Since:** 1.3
     BlockJobError(BlockJobErrorData),
-    /// Sent when a block job reaches @ready and can be completed.
+    /// Sent when a block job reaches `ready` and can be completed.
     ///
     /// **Since:** 1.3
     BlockJobReady(BlockJobReadyData),
     /// Sent when a block job started with auto-finalize set to false
-    /// reaches @pending and waits for @block-job-finalize.
+    /// reaches `pending` and waits for `block-job-finalize`.
     ///
     /// **Since:** 2.12
     BlockJobPending(BlockJobPendingData),

@@ -205,7 +205,7 @@ pub struct InetSocketAddress {
     /// not resolve names (default: false)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub numeric: ::std::option::Option<bool>,
-    /// when listening, try every port from @port up to this one until
+    /// when listening, try every port from `port` up to this one until
     /// one is free
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub to: ::std::option::Option<u16>,
@@ -279,7 +279,7 @@ impl crate::input::FromQmp for InetSocketAddress {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct UnixSocketAddress {
     /// the socket's file name, or its name in the abstract namespace
-    /// when @abstract is true
+    /// when `abstract` is true
     pub path: ::std::string::String,
     /// the name lives in Linux's abstract namespace rather than
     /// the file system (default: false)
@@ -287,7 +287,7 @@ pub struct UnixSocketAddress {
     /// **If:** `CONFIG_LINUX` (QEMU builds this only under that condition; generated unconditionally here)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub r#abstract: ::std::option::Option<bool>,
-    /// with @abstract, the address length covers only the name
+    /// with `abstract`, the address length covers only the name
     /// rather than the whole sun_path buffer (default: true)
     ///
     /// **If:** `CONFIG_LINUX` (QEMU builds this only under that condition; generated unconditionally here)
@@ -413,7 +413,7 @@ impl crate::input::FromQmp for FdSocketAddress {
     }
 }
 
-/// Holds an @InetSocketAddress for @SocketAddressLegacy.
+/// Holds an `InetSocketAddress` for `SocketAddressLegacy`.
 ///
 /// **Since:** 1.3
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -450,7 +450,7 @@ impl crate::input::FromQmp for InetSocketAddressWrapper {
     }
 }
 
-/// Holds a @UnixSocketAddress for @SocketAddressLegacy.
+/// Holds a `UnixSocketAddress` for `SocketAddressLegacy`.
 ///
 /// **Since:** 1.3
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -487,7 +487,7 @@ impl crate::input::FromQmp for UnixSocketAddressWrapper {
     }
 }
 
-/// Holds a @VsockSocketAddress for @SocketAddressLegacy.
+/// Holds a `VsockSocketAddress` for `SocketAddressLegacy`.
 ///
 /// **Since:** 2.8
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -524,7 +524,7 @@ impl crate::input::FromQmp for VsockSocketAddressWrapper {
     }
 }
 
-/// Holds an @FdSocketAddress for @SocketAddressLegacy.
+/// Holds an `FdSocketAddress` for `SocketAddressLegacy`.
 ///
 /// **Since:** 1.3
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -563,7 +563,7 @@ impl crate::input::FromQmp for FdSocketAddressWrapper {
 
 /// A socket address in the older nested form, where the address sits
 /// under a 'data' key next to its 'type'.  New interfaces use
-/// @SocketAddress.
+/// `SocketAddress`.
 ///
 /// **Since:** 1.3
 ///
@@ -1322,7 +1322,7 @@ pub struct QCryptoBlockInfoLUKS {
     /// the initialization vector algorithm
     #[serde(rename = "ivgen-alg")]
     pub ivgen_alg: QCryptoIVGenAlgo,
-    /// the hash used by @ivgen-alg, when it uses one
+    /// the hash used by `ivgen-alg`, when it uses one
     #[serde(rename = "ivgen-hash-alg")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub ivgen_hash_alg: ::std::option::Option<QCryptoHashAlgo>,
@@ -1404,7 +1404,7 @@ impl crate::input::FromQmp for QCryptoBlockInfoLUKS {
 }
 
 /// Optional protocol capabilities a client can turn on with
-/// @qmp_capabilities.
+/// `qmp_capabilities`.
 ///
 /// **Since:** 2.12
 #[derive(
@@ -2419,11 +2419,11 @@ pub enum JobType {
     #[serde(rename = "stream")]
     Stream,
     /// keeps a target in sync with a source until told to
-    /// complete, see @blockdev-mirror
+    /// complete, see `blockdev-mirror`
     #[serde(rename = "mirror")]
     Mirror,
     /// copies a point-in-time view of a node to a target, see
-    /// @blockdev-backup
+    /// `blockdev-backup`
     #[serde(rename = "backup")]
     Backup,
     /// creates an image (since 3.0)
@@ -2510,7 +2510,7 @@ impl crate::input::FromQmp for JobType {
 
 /// Where a job stands in its life cycle.  A job moves between these
 /// states along a fixed transition table; each move is announced with
-/// a @JOB_STATUS_CHANGE event.
+/// a `JOB_STATUS_CHANGE` event.
 ///
 /// **Since:** 2.12
 #[derive(
@@ -2536,15 +2536,15 @@ pub enum BlockJobStatus {
     #[serde(rename = "running")]
     Running,
     /// the job is stopped, by a client or internally, and will
-    /// continue from @running when resumed
+    /// continue from `running` when resumed
     #[serde(rename = "paused")]
     Paused,
     /// the job's work has converged and it keeps the target in
     /// sync; it waits for a client to complete or cancel it (mirror)
     #[serde(rename = "ready")]
     Ready,
-    /// a @ready job that is paused; resuming returns it to
-    /// @ready
+    /// a `ready` job that is paused; resuming returns it to
+    /// `ready`
     #[serde(rename = "standby")]
     Standby,
     /// the job has finished its own work and waits for the
@@ -2552,16 +2552,16 @@ pub enum BlockJobStatus {
     #[serde(rename = "waiting")]
     Waiting,
     /// every job of the transaction is done; the job waits to be
-    /// finalized (automatically, or by @job-finalize when it was
+    /// finalized (automatically, or by `job-finalize` when it was
     /// started with auto-finalize set to false)
     #[serde(rename = "pending")]
     Pending,
     /// the job failed or was cancelled and is cleaning up; it
-    /// will end in @concluded with an error
+    /// will end in `concluded` with an error
     #[serde(rename = "aborting")]
     Aborting,
     /// the job is over; it stays visible until dismissed
-    /// (automatically, or by @job-dismiss when it was started with
+    /// (automatically, or by `job-dismiss` when it was started with
     /// auto-dismiss set to false)
     #[serde(rename = "concluded")]
     Concluded,
@@ -2643,7 +2643,7 @@ impl crate::input::FromQmp for BlockJobStatus {
 }
 
 /// The operations a client can ask of a job.  Whether a verb is
-/// accepted depends on the job's @BlockJobStatus.
+/// accepted depends on the job's `BlockJobStatus`.
 ///
 /// **Since:** 2.12
 #[derive(
@@ -2659,31 +2659,31 @@ impl crate::input::FromQmp for BlockJobStatus {
     ::serde::Deserialize,
 )]
 pub enum BlockJobVerb {
-    /// stop the job (@job-cancel, @block-job-cancel)
+    /// stop the job (`job-cancel`, `block-job-cancel`)
     #[serde(rename = "cancel")]
     Cancel,
-    /// pause the job (@job-pause, @block-job-pause)
+    /// pause the job (`job-pause`, `block-job-pause`)
     #[serde(rename = "pause")]
     Pause,
-    /// resume a paused job (@job-resume, @block-job-resume)
+    /// resume a paused job (`job-resume`, `block-job-resume`)
     #[serde(rename = "resume")]
     Resume,
-    /// change the rate limit (@block-job-set-speed)
+    /// change the rate limit (`block-job-set-speed`)
     #[serde(rename = "set-speed")]
     SetSpeed,
-    /// finish a @ready job (@job-complete,
-    /// @block-job-complete)
+    /// finish a `ready` job (`job-complete`,
+    /// `block-job-complete`)
     #[serde(rename = "complete")]
     Complete,
-    /// forget a @concluded job (@job-dismiss,
-    /// @block-job-dismiss)
+    /// forget a `concluded` job (`job-dismiss`,
+    /// `block-job-dismiss`)
     #[serde(rename = "dismiss")]
     Dismiss,
-    /// run the finalization of a @pending job (@job-finalize,
-    /// @block-job-finalize)
+    /// run the finalization of a `pending` job (`job-finalize`,
+    /// `block-job-finalize`)
     #[serde(rename = "finalize")]
     Finalize,
-    /// change job options while it runs (@block-job-change;
+    /// change job options while it runs (`block-job-change`;
     /// since 8.2)
     #[serde(rename = "change")]
     Change,
@@ -2751,7 +2751,7 @@ impl crate::input::FromQmp for BlockJobVerb {
     }
 }
 
-/// What @query-jobs reports about one job.
+/// What `query-jobs` reports about one job.
 ///
 /// **Since:** 3.0
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -2763,7 +2763,7 @@ pub struct JobInfo {
     /// where it stands in its life cycle
     pub status: BlockJobStatus,
     /// how much work is done, in units of
-    /// @total-progress
+    /// `total-progress`
     #[serde(rename = "current-progress")]
     pub current_progress: i64,
     /// an estimate of the whole work; both numbers may
@@ -3455,7 +3455,7 @@ impl crate::input::FromQmp for ImageInfoSpecificKind {
     }
 }
 
-/// Holds qcow2 information for @ImageInfoSpecific.
+/// Holds qcow2 information for `ImageInfoSpecific`.
 ///
 /// **Since:** 1.7
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -3492,7 +3492,7 @@ impl crate::input::FromQmp for ImageInfoSpecificQCow2Wrapper {
     }
 }
 
-/// Holds VMDK information for @ImageInfoSpecific.
+/// Holds VMDK information for `ImageInfoSpecific`.
 ///
 /// **Since:** 6.1
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -3529,7 +3529,7 @@ impl crate::input::FromQmp for ImageInfoSpecificVmdkWrapper {
     }
 }
 
-/// Holds LUKS information for @ImageInfoSpecific.
+/// Holds LUKS information for `ImageInfoSpecific`.
 ///
 /// **Since:** 2.7
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -3566,7 +3566,7 @@ impl crate::input::FromQmp for ImageInfoSpecificLUKSWrapper {
     }
 }
 
-/// Holds RBD information for @ImageInfoSpecific.
+/// Holds RBD information for `ImageInfoSpecific`.
 ///
 /// **Since:** 6.1
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -3603,7 +3603,7 @@ impl crate::input::FromQmp for ImageInfoSpecificRbdWrapper {
     }
 }
 
-/// Holds file information for @ImageInfoSpecific.
+/// Holds file information for `ImageInfoSpecific`.
 ///
 /// **Since:** 8.0
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -3998,7 +3998,7 @@ impl crate::input::FromQmp for BlockdevCacheInfo {
     }
 }
 
-/// What @query-named-block-nodes reports about one node.
+/// What `query-named-block-nodes` reports about one node.
 ///
 /// **Since:** 0.14
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -4059,22 +4059,22 @@ pub struct BlockDeviceInfo {
     /// burst write requests per second (since 1.7)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub iops_wr_max: ::std::option::Option<i64>,
-    /// seconds @bps_max may last (since 2.6)
+    /// seconds `bps_max` may last (since 2.6)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub bps_max_length: ::std::option::Option<i64>,
-    /// seconds @bps_rd_max may last (since 2.6)
+    /// seconds `bps_rd_max` may last (since 2.6)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub bps_rd_max_length: ::std::option::Option<i64>,
-    /// seconds @bps_wr_max may last (since 2.6)
+    /// seconds `bps_wr_max` may last (since 2.6)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub bps_wr_max_length: ::std::option::Option<i64>,
-    /// seconds @iops_max may last (since 2.6)
+    /// seconds `iops_max` may last (since 2.6)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub iops_max_length: ::std::option::Option<i64>,
-    /// seconds @iops_rd_max may last (since 2.6)
+    /// seconds `iops_rd_max` may last (since 2.6)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub iops_rd_max_length: ::std::option::Option<i64>,
-    /// seconds @iops_wr_max may last (since 2.6)
+    /// seconds `iops_wr_max` may last (since 2.6)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub iops_wr_max_length: ::std::option::Option<i64>,
     /// bytes a request counts as for the request limits
@@ -4646,7 +4646,7 @@ impl crate::input::FromQmp for BlockdevCacheOptions {
 }
 
 /// The block drivers of this daemon.  QEMU has many more; a
-/// @blockdev-add naming one of those is rejected as naming an unknown
+/// `blockdev-add` naming one of those is rejected as naming an unknown
 /// driver.
 ///
 /// **Since:** 2.9
@@ -5036,7 +5036,7 @@ impl crate::input::FromQmp for Qcow2OverlapCheckMode {
 
 /// Which metadata areas a qcow2 write is checked against, so that data
 /// never overwrites metadata.  Flags not given take their value from
-/// @template.
+/// `template`.
 ///
 /// **Since:** 2.9
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -6234,7 +6234,7 @@ impl crate::input::FromQmp for BlockdevOptionsBlkdebug {
 }
 
 /// Everything needed to open a block node.  The members depend on the
-/// driver; this daemon has the drivers @BlockdevDriver lists.
+/// driver; this daemon has the drivers `BlockdevDriver` lists.
 ///
 /// **Since:** 2.9
 ///
@@ -6242,7 +6242,7 @@ impl crate::input::FromQmp for BlockdevOptionsBlkdebug {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockdevOptions {
     /// the node's name; required at the top level of
-    /// @blockdev-add, generated when absent in nested definitions
+    /// `blockdev-add`, generated when absent in nested definitions
     #[serde(rename = "node-name")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub node_name: ::std::option::Option<::std::string::String>,
@@ -6266,7 +6266,7 @@ pub struct BlockdevOptions {
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub auto_read_only: ::std::option::Option<bool>,
     /// allow other users to write while this node is open,
-    /// which requires @read-only (default: false; since 2.10)
+    /// which requires `read-only` (default: false; since 2.10)
     #[serde(rename = "force-share")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub force_share: ::std::option::Option<bool>,
@@ -6664,8 +6664,8 @@ pub struct BlockDirtyBitmapMerge {
     pub node: ::std::string::String,
     /// the bitmap that receives the bits
     pub target: ::std::string::String,
-    /// the bitmaps whose set bits are added to @target; local
-    /// names refer to bitmaps on @node (since 4.1 any node)
+    /// the bitmaps whose set bits are added to `target`; local
+    /// names refer to bitmaps on `node` (since 4.1 any node)
     pub bitmaps: ::std::vec::Vec<BlockDirtyBitmapOrStr>,
 }
 
@@ -6808,7 +6808,7 @@ pub enum BlockdevOnError {
     #[serde(rename = "stop")]
     Stop,
     /// follow the error policy of the device the node belongs to;
-    /// for jobs without one this is @report (since 2.7)
+    /// for jobs without one this is `report` (since 2.7)
     #[serde(rename = "auto")]
     Auto,
 }
@@ -6936,13 +6936,13 @@ impl crate::input::FromQmp for BlockErrorAction {
     }
 }
 
-/// What @query-block-jobs adds for mirror jobs.
+/// What `query-block-jobs` adds for mirror jobs.
 ///
 /// **Since:** 8.2
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobInfoMirror {
     /// whether writes to the source are copied to the
-    /// target as they happen (true once the job is @ready in
+    /// target as they happen (true once the job is `ready` in
     /// write-blocking mode)
     #[serde(rename = "actively-synced")]
     pub actively_synced: bool,
@@ -6976,7 +6976,7 @@ impl crate::input::FromQmp for BlockJobInfoMirror {
     }
 }
 
-/// What @query-block-jobs reports about one block job.
+/// What `query-block-jobs` reports about one block job.
 ///
 /// **Since:** 1.1
 ///
@@ -6988,7 +6988,7 @@ pub struct BlockJobInfo {
     pub device: ::std::string::String,
     /// an estimate of the whole work, in bytes
     pub len: i64,
-    /// how much of @len is done
+    /// how much of `len` is done
     pub offset: i64,
     /// false when the job is paused or sleeping, true otherwise
     pub busy: bool,
@@ -7004,11 +7004,11 @@ pub struct BlockJobInfo {
     /// where the job stands in its life cycle (since 2.12)
     pub status: BlockJobStatus,
     /// whether the job finalizes by itself on reaching
-    /// @pending (since 3.1)
+    /// `pending` (since 3.1)
     #[serde(rename = "auto-finalize")]
     pub auto_finalize: bool,
     /// whether the job disappears by itself on reaching
-    /// @concluded (since 3.1)
+    /// `concluded` (since 3.1)
     #[serde(rename = "auto-dismiss")]
     pub auto_dismiss: bool,
     /// a human-readable reason once the job has failed or was
@@ -7282,7 +7282,7 @@ pub enum MirrorSyncMode {
     /// keeps the point-in-time view; for mirror: only new writes
     #[serde(rename = "none")]
     None,
-    /// what a bitmap marks; like @bitmap with bitmap-mode
+    /// what a bitmap marks; like `bitmap` with bitmap-mode
     /// on-success (since 2.4)
     #[serde(rename = "incremental")]
     Incremental,
@@ -7553,7 +7553,7 @@ impl crate::input::FromQmp for BackupPerf {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BackupCommon {
     /// the new job's id.  The default is the name of the guest
-    /// device @device belongs to; nodes of this daemon belong to none,
+    /// device `device` belongs to; nodes of this daemon belong to none,
     /// so a job id must be given.
     #[serde(rename = "job-id")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
@@ -7565,13 +7565,13 @@ pub struct BackupCommon {
     /// the rate limit in bytes per second (default: 0, none)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub speed: ::std::option::Option<i64>,
-    /// the dirty bitmap to copy from, for @sync incremental or
-    /// bitmap; with @sync full or top it is only updated as
-    /// @bitmap-mode says (since 2.4)
+    /// the dirty bitmap to copy from, for `sync` incremental or
+    /// bitmap; with `sync` full or top it is only updated as
+    /// `bitmap-mode` says (since 2.4)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub bitmap: ::std::option::Option<::std::string::String>,
-    /// what becomes of @bitmap when the job ends; required
-    /// with @bitmap except for @sync incremental (since 4.2)
+    /// what becomes of `bitmap` when the job ends; required
+    /// with `bitmap` except for `sync` incremental (since 4.2)
     #[serde(rename = "bitmap-mode")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub bitmap_mode: ::std::option::Option<BitmapSyncMode>,
@@ -7590,17 +7590,17 @@ pub struct BackupCommon {
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub on_target_error: ::std::option::Option<BlockdevOnError>,
     /// finalize by itself on reaching pending; when false,
-    /// wait for @block-job-finalize (default: true; since 2.12)
+    /// wait for `block-job-finalize` (default: true; since 2.12)
     #[serde(rename = "auto-finalize")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub auto_finalize: ::std::option::Option<bool>,
     /// disappear by itself once concluded; when false, wait
-    /// for @block-job-dismiss (default: true; since 2.12)
+    /// for `block-job-dismiss` (default: true; since 2.12)
     #[serde(rename = "auto-dismiss")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub auto_dismiss: ::std::option::Option<bool>,
     /// the node name of the filter the job inserts
-    /// above @device (default: generated; since 4.2)
+    /// above `device` (default: generated; since 4.2)
     #[serde(rename = "filter-node-name")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub filter_node_name: ::std::option::Option<::std::string::String>,
@@ -7685,7 +7685,7 @@ impl crate::input::FromQmp for BackupCommon {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct DriveBackup {
     /// the new job's id.  The default is the name of the guest
-    /// device @device belongs to; nodes of this daemon belong to none,
+    /// device `device` belongs to; nodes of this daemon belong to none,
     /// so a job id must be given.
     #[serde(rename = "job-id")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
@@ -7697,13 +7697,13 @@ pub struct DriveBackup {
     /// the rate limit in bytes per second (default: 0, none)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub speed: ::std::option::Option<i64>,
-    /// the dirty bitmap to copy from, for @sync incremental or
-    /// bitmap; with @sync full or top it is only updated as
-    /// @bitmap-mode says (since 2.4)
+    /// the dirty bitmap to copy from, for `sync` incremental or
+    /// bitmap; with `sync` full or top it is only updated as
+    /// `bitmap-mode` says (since 2.4)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub bitmap: ::std::option::Option<::std::string::String>,
-    /// what becomes of @bitmap when the job ends; required
-    /// with @bitmap except for @sync incremental (since 4.2)
+    /// what becomes of `bitmap` when the job ends; required
+    /// with `bitmap` except for `sync` incremental (since 4.2)
     #[serde(rename = "bitmap-mode")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub bitmap_mode: ::std::option::Option<BitmapSyncMode>,
@@ -7722,17 +7722,17 @@ pub struct DriveBackup {
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub on_target_error: ::std::option::Option<BlockdevOnError>,
     /// finalize by itself on reaching pending; when false,
-    /// wait for @block-job-finalize (default: true; since 2.12)
+    /// wait for `block-job-finalize` (default: true; since 2.12)
     #[serde(rename = "auto-finalize")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub auto_finalize: ::std::option::Option<bool>,
     /// disappear by itself once concluded; when false, wait
-    /// for @block-job-dismiss (default: true; since 2.12)
+    /// for `block-job-dismiss` (default: true; since 2.12)
     #[serde(rename = "auto-dismiss")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub auto_dismiss: ::std::option::Option<bool>,
     /// the node name of the filter the job inserts
-    /// above @device (default: generated; since 4.2)
+    /// above `device` (default: generated; since 4.2)
     #[serde(rename = "filter-node-name")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub filter_node_name: ::std::option::Option<::std::string::String>,
@@ -7747,7 +7747,7 @@ pub struct DriveBackup {
     #[serde(rename = "x-perf")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub x_perf: ::std::option::Option<BackupPerf>,
-    /// the image file to write; created unless @mode is existing
+    /// the image file to write; created unless `mode` is existing
     pub target: ::std::string::String,
     /// the target's format (default: the source's)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
@@ -7831,7 +7831,7 @@ impl crate::input::FromQmp for DriveBackup {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockdevBackup {
     /// the new job's id.  The default is the name of the guest
-    /// device @device belongs to; nodes of this daemon belong to none,
+    /// device `device` belongs to; nodes of this daemon belong to none,
     /// so a job id must be given.
     #[serde(rename = "job-id")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
@@ -7843,13 +7843,13 @@ pub struct BlockdevBackup {
     /// the rate limit in bytes per second (default: 0, none)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub speed: ::std::option::Option<i64>,
-    /// the dirty bitmap to copy from, for @sync incremental or
-    /// bitmap; with @sync full or top it is only updated as
-    /// @bitmap-mode says (since 2.4)
+    /// the dirty bitmap to copy from, for `sync` incremental or
+    /// bitmap; with `sync` full or top it is only updated as
+    /// `bitmap-mode` says (since 2.4)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub bitmap: ::std::option::Option<::std::string::String>,
-    /// what becomes of @bitmap when the job ends; required
-    /// with @bitmap except for @sync incremental (since 4.2)
+    /// what becomes of `bitmap` when the job ends; required
+    /// with `bitmap` except for `sync` incremental (since 4.2)
     #[serde(rename = "bitmap-mode")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub bitmap_mode: ::std::option::Option<BitmapSyncMode>,
@@ -7868,17 +7868,17 @@ pub struct BlockdevBackup {
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub on_target_error: ::std::option::Option<BlockdevOnError>,
     /// finalize by itself on reaching pending; when false,
-    /// wait for @block-job-finalize (default: true; since 2.12)
+    /// wait for `block-job-finalize` (default: true; since 2.12)
     #[serde(rename = "auto-finalize")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub auto_finalize: ::std::option::Option<bool>,
     /// disappear by itself once concluded; when false, wait
-    /// for @block-job-dismiss (default: true; since 2.12)
+    /// for `block-job-dismiss` (default: true; since 2.12)
     #[serde(rename = "auto-dismiss")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub auto_dismiss: ::std::option::Option<bool>,
     /// the node name of the filter the job inserts
-    /// above @device (default: generated; since 4.2)
+    /// above `device` (default: generated; since 4.2)
     #[serde(rename = "filter-node-name")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub filter_node_name: ::std::option::Option<::std::string::String>,
@@ -8033,8 +8033,8 @@ impl crate::input::FromQmp for NewImageMode {
 /// **Since:** 1.1
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockdevSnapshotSync {
-    /// the name of the node to snapshot (one of @device and
-    /// @node-name is required)
+    /// the name of the node to snapshot (one of `device` and
+    /// `node-name` is required)
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub device: ::std::option::Option<::std::string::String>,
     /// the name of the node to snapshot (since 2.0)
@@ -8045,7 +8045,7 @@ pub struct BlockdevSnapshotSync {
     #[serde(rename = "snapshot-file")]
     pub snapshot_file: ::std::string::String,
     /// the node name of the new overlay; required
-    /// when @node-name is given (since 2.0)
+    /// when `node-name` is given (since 2.0)
     #[serde(rename = "snapshot-node-name")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub snapshot_node_name: ::std::option::Option<::std::string::String>,
@@ -8105,7 +8105,7 @@ pub struct BlockdevSnapshot {
     /// the node to snapshot
     pub node: ::std::string::String,
     /// the node that becomes the new top; it must have no
-    /// backing node yet, and gets @node as its backing node
+    /// backing node yet, and gets `node` as its backing node
     pub overlay: ::std::string::String,
 }
 
@@ -8307,62 +8307,62 @@ impl crate::input::FromQmp for ActionCompletionMode {
     ::serde::Deserialize,
 )]
 pub enum TransactionActionKind {
-    /// see @Abort (since 1.6)
+    /// see `Abort` (since 1.6)
     #[serde(rename = "abort")]
     Abort,
-    /// see @block-dirty-bitmap-add (since 2.5)
+    /// see `block-dirty-bitmap-add` (since 2.5)
     #[serde(rename = "block-dirty-bitmap-add")]
     BlockDirtyBitmapAdd,
-    /// see @block-dirty-bitmap-remove (since
+    /// see `block-dirty-bitmap-remove` (since
     /// 4.2)
     #[serde(rename = "block-dirty-bitmap-remove")]
     BlockDirtyBitmapRemove,
-    /// see @block-dirty-bitmap-clear (since 2.5)
+    /// see `block-dirty-bitmap-clear` (since 2.5)
     #[serde(rename = "block-dirty-bitmap-clear")]
     BlockDirtyBitmapClear,
-    /// see @block-dirty-bitmap-enable (since
+    /// see `block-dirty-bitmap-enable` (since
     /// 4.0; added in 3.0 as x-block-dirty-bitmap-enable)
     #[serde(rename = "block-dirty-bitmap-enable")]
     BlockDirtyBitmapEnable,
-    /// see @block-dirty-bitmap-disable (since
+    /// see `block-dirty-bitmap-disable` (since
     /// 4.0; added in 3.0 as x-block-dirty-bitmap-disable)
     #[serde(rename = "block-dirty-bitmap-disable")]
     BlockDirtyBitmapDisable,
-    /// see @block-dirty-bitmap-merge (since
+    /// see `block-dirty-bitmap-merge` (since
     /// 4.0; added in 3.1 as x-block-dirty-bitmap-merge)
     #[serde(rename = "block-dirty-bitmap-merge")]
     BlockDirtyBitmapMerge,
-    /// see @blockdev-backup (since 2.3)
+    /// see `blockdev-backup` (since 2.3)
     #[serde(rename = "blockdev-backup")]
     BlockdevBackup,
-    /// see @blockdev-snapshot (since 2.5)
+    /// see `blockdev-snapshot` (since 2.5)
     #[serde(rename = "blockdev-snapshot")]
     BlockdevSnapshot,
     /// see
-    /// @blockdev-snapshot-internal-sync (since 1.7)
+    /// `blockdev-snapshot-internal-sync` (since 1.7)
     #[serde(rename = "blockdev-snapshot-internal-sync")]
     BlockdevSnapshotInternalSync,
-    /// see @blockdev-snapshot-sync (since 1.1)
+    /// see `blockdev-snapshot-sync` (since 1.1)
     #[serde(rename = "blockdev-snapshot-sync")]
     BlockdevSnapshotSync,
-    /// see @drive-backup (since 1.6)
+    /// see `drive-backup` (since 1.6)
     #[deprecated]
     #[serde(rename = "drive-backup")]
     DriveBackup,
     /// the seed's experimental name of
-    /// @block-dirty-bitmap-enable, same arguments and meaning (since
+    /// `block-dirty-bitmap-enable`, same arguments and meaning (since
     /// 3.0; QEMU itself dropped it in 4.0, blockjobd still accepts it)
     #[deprecated]
     #[serde(rename = "x-block-dirty-bitmap-enable")]
     XBlockDirtyBitmapEnable,
     /// the seed's experimental name of
-    /// @block-dirty-bitmap-disable, same arguments and meaning (since
+    /// `block-dirty-bitmap-disable`, same arguments and meaning (since
     /// 3.0; QEMU itself dropped it in 4.0, blockjobd still accepts it)
     #[deprecated]
     #[serde(rename = "x-block-dirty-bitmap-disable")]
     XBlockDirtyBitmapDisable,
     /// the seed's experimental name of
-    /// @block-dirty-bitmap-merge, same arguments and meaning (since
+    /// `block-dirty-bitmap-merge`, same arguments and meaning (since
     /// 3.1; QEMU itself dropped it in 4.0, blockjobd still accepts it)
     #[deprecated]
     #[serde(rename = "x-block-dirty-bitmap-merge")]
@@ -9065,7 +9065,7 @@ impl crate::input::FromQmp for NbdServerOptionsBase {
     }
 }
 
-/// The arguments of @nbd-server-start.
+/// The arguments of `nbd-server-start`.
 ///
 /// **Since:** 10.0
 ///
@@ -9638,7 +9638,7 @@ pub struct BlockExportOptions {
     /// the export's id, unique among exports
     pub id: ::std::string::String,
     /// fail rather than move the node when it is in
-    /// another I/O thread than @iothread (default: false)
+    /// another I/O thread than `iothread` (default: false)
     #[serde(rename = "fixed-iothread")]
     #[serde(skip_serializing_if = "::std::option::Option::is_none")]
     pub fixed_iothread: ::std::option::Option<bool>,
