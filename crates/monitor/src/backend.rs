@@ -1,0 +1,23 @@
+//! What the monitor asks of the rest of the daemon: a command executor.
+
+use serde_json::{Map, Value};
+
+pub use qmp_api::{ErrorClass, QmpError};
+
+/// The daemon's commands, as seen by the QMP server.
+///
+/// The monitor itself answers `qmp_capabilities` and `quit`; everything else comes here.
+/// Commands run one at a time, in arrival order across all clients (QEMU runs QMP commands
+/// serially in its main loop), on a dedicated dispatcher thread: `execute` may block.
+pub trait QmpBackend: Send + Sync + 'static {
+    /// Run command `name`. `arguments` is `None` when the request had no `"arguments"` member
+    /// (QEMU treats that as `{}`). An unknown name must give
+    /// `QmpError::new(ErrorClass::CommandNotFound, format!("The command {name} has not been found"))`.
+    fn execute(&self, name: &str, arguments: Option<Map<String, Value>>)
+    -> Result<Value, QmpError>;
+
+    /// Whether `name` is a command of this backend. Used where QEMU looks a command up before
+    /// running it (`exec-oob` of a known command is "does not support OOB", of an unknown one
+    /// "has not been found").
+    fn has_command(&self, name: &str) -> bool;
+}
