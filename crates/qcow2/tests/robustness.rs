@@ -163,8 +163,9 @@ fn unknown_incompatible_features_are_refused_by_name() {
 #[test]
 fn external_data_files_extended_l2_and_zstd_are_refused_clearly() {
     let s = Scratch::new();
+    let data_file = format!("data_file={}", p(&s.path("data.raw")));
     for (opts, what) in [
-        ("data_file=data.raw", "external data file"),
+        (data_file.as_str(), "external data file"),
         ("extended_l2=on", "extended L2"),
         ("compression_type=zstd", "zstd"),
     ] {
