@@ -185,8 +185,8 @@ pub type DriverOpenFn = fn(&mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDri
 pub struct DriverSpec {
     /// The `driver` value, e.g. `"qcow2"`.
     pub name: &'static str,
-    /// Protocol drivers talk to storage; formats/filters sit on children (affects error
-    /// wording for unknown options).
+    /// Whether the driver talks to storage itself (`file`, `null-co`) rather than through
+    /// children (formats, filters).
     pub is_protocol: bool,
     /// The opener.
     pub open: DriverOpenFn,
@@ -288,9 +288,7 @@ impl OpenContext<'_> {
         let spec = self.take(key).cloned();
         let child = match spec {
             None if required => {
-                return Err(BlockError::new(format!(
-                    "A block device must be specified for \"{key}\""
-                )));
+                return Err(BlockError::new(format!("Parameter '{key}' is missing")));
             }
             None | Some(Value::Null) => return Ok(None),
             Some(Value::String(name)) => self.graph.lookup(&name)?,
@@ -308,22 +306,12 @@ impl OpenContext<'_> {
         Ok(Some(child))
     }
 
-    pub(crate) fn unknown_option(&self, spec: &DriverSpec) -> Option<BlockError> {
+    pub(crate) fn unknown_option(&self) -> Option<BlockError> {
         let key = self
             .options
             .keys()
             .find(|k| !COMMON_OPTIONS.contains(&k.as_str()) && !self.consumed.contains(k))?;
-        Some(BlockError::new(if spec.is_protocol {
-            format!(
-                "Block protocol '{}' doesn't support the option '{key}'",
-                spec.name
-            )
-        } else {
-            format!(
-                "Block format '{}' does not support the option '{key}'",
-                spec.name
-            )
-        }))
+        Some(BlockError::new(format!("Parameter '{key}' is unexpected")))
     }
 }
 

@@ -187,7 +187,7 @@ impl BlockGraph {
             children: Vec::new(),
             consumed: Vec::new(),
         };
-        let opened = (spec.open)(&mut ctx).and_then(|driver| match ctx.unknown_option(&spec) {
+        let opened = (spec.open)(&mut ctx).and_then(|driver| match ctx.unknown_option() {
             Some(e) => {
                 let _ = driver.close();
                 Err(e)

@@ -7,7 +7,7 @@ use std::ops::{BitAnd, BitOr, Not};
 /// A set of block permissions (QEMU's `BLK_PERM_*` bit values, which also fix the image-lock
 /// byte offsets: 100 + bit and 200 + bit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Perm(u8);
+pub struct Perm(pub u8);
 
 impl Perm {
     /// No permission.
@@ -30,6 +30,11 @@ impl Perm {
         (Perm::WRITE_UNCHANGED, "write unchanged"),
         (Perm::RESIZE, "resize"),
     ];
+
+    /// `self | other`, usable in constants.
+    pub const fn union(self, other: Perm) -> Perm {
+        Perm(self.0 | other.0)
+    }
 
     /// The raw bits.
     pub fn bits(self) -> u8 {

@@ -94,10 +94,7 @@ fn unknown_option_is_refused_and_nothing_stays_open() {
     let mut g = BlockGraph::new();
     let r = g.blockdev_add(&json!({"driver": "raw", "node-name": "r", "bogus": 1,
         "file": {"driver": "file", "filename": f}}));
-    assert_eq!(
-        err(r),
-        "Block format 'raw' does not support the option 'bogus'"
-    );
+    assert_eq!(err(r), "Parameter 'bogus' is unexpected");
     assert_eq!(g.nodes().count(), 0);
 }
 
@@ -425,4 +422,49 @@ fn writes_through_a_node_mark_its_recording_bitmaps() {
     n.write_at(70000, &[1u8; 10]).unwrap();
     let q: Value = g.query_named_block_nodes(true);
     assert_eq!(q[0]["dirty-bitmaps"][0]["count"], json!(65536));
+}
+
+#[test]
+fn missing_mandatory_options_are_named() {
+    let mut g = BlockGraph::new();
+    assert_eq!(
+        err(g.blockdev_add(&json!({"driver": "raw", "node-name": "r"}))),
+        "Parameter 'file' is missing"
+    );
+    assert_eq!(
+        err(g.blockdev_add(&json!({"driver": "file", "node-name": "f"}))),
+        "Parameter 'filename' is missing"
+    );
+}
+
+#[test]
+fn option_of_wrong_type_is_refused() {
+    let mut g = BlockGraph::new();
+    assert_eq!(
+        err(g.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": "x"}))),
+        "Invalid parameter type for 'size', expected: integer"
+    );
+}
+
+#[test]
+fn raw_offset_beyond_the_file_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let f = image(&d, "a.raw", 4096);
+    let mut g = BlockGraph::new();
+    let r = g.blockdev_add(&json!({"driver": "raw", "node-name": "r", "offset": 8192,
+            "file": {"driver": "file", "filename": f}}));
+    assert_eq!(
+        err(r),
+        "Offset (8192) cannot be greater than size of the containing file (4096)"
+    );
+}
+
+#[test]
+fn raw_size_must_be_sector_aligned() {
+    let d = tempfile::tempdir().unwrap();
+    let f = image(&d, "a.raw", 4096);
+    let mut g = BlockGraph::new();
+    let r = g.blockdev_add(&json!({"driver": "raw", "node-name": "r", "size": 1000,
+            "file": {"driver": "file", "filename": f}}));
+    assert_eq!(err(r), "Specified size is not multiple of 512");
 }

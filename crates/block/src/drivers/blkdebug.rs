@@ -92,8 +92,11 @@ fn parse_rule(id: usize, v: &Value) -> BlockResult<Rule> {
         .get("event")
         .and_then(Value::as_str)
         .ok_or_else(|| BlockError::new("Parameter 'event' is missing"))?;
-    let event = BlkdebugEvent::from_name(event_name)
-        .ok_or_else(|| BlockError::new(format!("Invalid event name \"{event_name}\"")))?;
+    let event = BlkdebugEvent::from_name(event_name).ok_or_else(|| {
+        BlockError::new(format!(
+            "Parameter 'event' does not accept value '{event_name}'"
+        ))
+    })?;
     let int = |key: &str, default: i64| -> BlockResult<i64> {
         match obj.get(key) {
             None => Ok(default),
@@ -122,7 +125,9 @@ fn parse_rule(id: usize, v: &Value) -> BlockResult<Rule> {
                 | IoType::Flush.bit()
         }
         Some(Value::String(s)) => IoType::from_name(s)
-            .ok_or_else(|| BlockError::new(format!("Invalid I/O type \"{s}\"")))?
+            .ok_or_else(|| {
+                BlockError::new(format!("Parameter 'iotype' does not accept value '{s}'"))
+            })?
             .bit(),
         Some(_) => {
             return Err(BlockError::new(
@@ -138,7 +143,7 @@ fn parse_rule(id: usize, v: &Value) -> BlockResult<Rule> {
             key.as_str(),
             "event" | "state" | "iotype" | "errno" | "sector" | "once" | "immediately"
         ) {
-            return Err(BlockError::new(format!("Invalid parameter '{key}'")));
+            return Err(BlockError::new(format!("Parameter '{key}' is unexpected")));
         }
     }
     flag("immediately")?;
@@ -184,7 +189,7 @@ fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
     }
     let image = ctx
         .open_child("image", ChildKind::Filtered, true)?
-        .ok_or_else(|| BlockError::new("A block device must be specified for \"image\""))?;
+        .ok_or_else(|| BlockError::new("Parameter 'image' is missing"))?;
     Ok(Box::new(BlkdebugDriver {
         image,
         rules: Mutex::new(rules),

@@ -25,7 +25,7 @@ fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
     let size = ctx.opt_u64("size")?;
     let file = ctx
         .open_child("file", ChildKind::Filtered, true)?
-        .ok_or_else(|| BlockError::new("A block device must be specified for \"file\""))?;
+        .ok_or_else(|| BlockError::new("Parameter 'file' is missing"))?;
     let real = file.size()?;
     if offset > real {
         return Err(BlockError::new(format!(
@@ -40,7 +40,7 @@ fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
             )));
         }
         if size % 512 != 0 {
-            return Err(BlockError::new("Specified size is not multiple of 512!"));
+            return Err(BlockError::new("Specified size is not multiple of 512"));
         }
     }
     Ok(Box::new(RawDriver { file, offset, size }))
