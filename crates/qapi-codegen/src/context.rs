@@ -350,6 +350,9 @@ mod tests {
 
     #[test]
     fn at_signs_inside_words_are_kept() {
-        assert_eq!(code_references("mail jsnow@redhat.com"), "mail jsnow@redhat.com");
+        assert_eq!(
+            code_references("mail jsnow@redhat.com"),
+            "mail jsnow@redhat.com"
+        );
     }
 }

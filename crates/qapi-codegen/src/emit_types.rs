@@ -242,10 +242,7 @@ pub fn emit_object(
                 value: &::serde_json::Value,
                 path: &mut crate::input::QmpPath,
             ) -> ::std::result::Result<Self, crate::error::QmpError> {
-                let mut object = crate::input::QmpObject::open(value, path)?;
-                let read = Self::read_qmp_members(&mut object, path)?;
-                object.finish(path)?;
-                ::std::result::Result::Ok(read)
+                crate::input::read_object(value, path, Self::read_qmp_members)
             }
         }
     }
@@ -423,10 +420,7 @@ fn emit_union(cx: &Context, u: &UnionType) -> TokenStream {
                 value: &::serde_json::Value,
                 path: &mut crate::input::QmpPath,
             ) -> ::std::result::Result<Self, crate::error::QmpError> {
-                let mut object = crate::input::QmpObject::open(value, path)?;
-                let read = Self::read_qmp_members(&mut object, path)?;
-                object.finish(path)?;
-                ::std::result::Result::Ok(read)
+                crate::input::read_object(value, path, Self::read_qmp_members)
             }
         }
     }

@@ -196,6 +196,19 @@ impl<'a> QmpObject<'a> {
     }
 }
 
+/// Reads an object type: opens `value`, lets `read_members` take its
+/// members, then rejects the rest.
+pub fn read_object<T>(
+    value: &Value,
+    path: &mut QmpPath,
+    read_members: impl FnOnce(&mut QmpObject<'_>, &mut QmpPath) -> Result<T, QmpError>,
+) -> Result<T, QmpError> {
+    let mut object = QmpObject::open(value, path)?;
+    let read = read_members(&mut object, path)?;
+    object.finish(path)?;
+    Ok(read)
+}
+
 impl FromQmp for String {
     fn from_qmp(value: &Value, path: &mut QmpPath) -> Result<Self, QmpError> {
         match value {

@@ -42,10 +42,7 @@ impl crate::input::FromQmp for QmpCapabilitiesArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -77,10 +74,7 @@ impl crate::input::FromQmp for JobPauseArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -112,10 +106,7 @@ impl crate::input::FromQmp for JobResumeArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -147,10 +138,7 @@ impl crate::input::FromQmp for JobCancelArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -182,10 +170,7 @@ impl crate::input::FromQmp for JobCompleteArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -217,10 +202,7 @@ impl crate::input::FromQmp for JobDismissArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -252,10 +234,7 @@ impl crate::input::FromQmp for JobFinalizeArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -292,10 +271,7 @@ impl crate::input::FromQmp for QueryNamedBlockNodesArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -330,10 +306,7 @@ impl crate::input::FromQmp for BlockdevDelArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -372,10 +345,7 @@ impl crate::input::FromQmp for BlockJobSetSpeedArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -415,10 +385,7 @@ impl crate::input::FromQmp for BlockJobCancelArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -452,10 +419,7 @@ impl crate::input::FromQmp for BlockJobPauseArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -489,10 +453,7 @@ impl crate::input::FromQmp for BlockJobResumeArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -526,10 +487,7 @@ impl crate::input::FromQmp for BlockJobCompleteArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -561,10 +519,7 @@ impl crate::input::FromQmp for BlockJobDismissArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -596,10 +551,7 @@ impl crate::input::FromQmp for BlockJobFinalizeArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -718,10 +670,7 @@ impl crate::input::FromQmp for BlockdevMirrorArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -760,10 +709,7 @@ impl crate::input::FromQmp for TransactionArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -802,10 +748,7 @@ impl crate::input::FromQmp for BlockExportDelArguments {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 

@@ -47,10 +47,7 @@ impl crate::input::FromQmp for JobStatusChangeData {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -111,10 +108,7 @@ impl crate::input::FromQmp for BlockJobCompletedData {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -170,10 +164,7 @@ impl crate::input::FromQmp for BlockJobCancelledData {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -219,10 +210,7 @@ impl crate::input::FromQmp for BlockJobErrorData {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -278,10 +266,7 @@ impl crate::input::FromQmp for BlockJobReadyData {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -319,10 +304,7 @@ impl crate::input::FromQmp for BlockJobPendingData {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -354,10 +336,7 @@ impl crate::input::FromQmp for BlockExportDeletedData {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 

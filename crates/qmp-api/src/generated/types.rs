@@ -182,10 +182,7 @@ impl crate::input::FromQmp for InetSocketAddressBase {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -266,10 +263,7 @@ impl crate::input::FromQmp for InetSocketAddress {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -322,10 +316,7 @@ impl crate::input::FromQmp for UnixSocketAddress {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -368,10 +359,7 @@ impl crate::input::FromQmp for VsockSocketAddress {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -406,10 +394,7 @@ impl crate::input::FromQmp for FdSocketAddress {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -443,10 +428,7 @@ impl crate::input::FromQmp for InetSocketAddressWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -480,10 +462,7 @@ impl crate::input::FromQmp for UnixSocketAddressWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -517,10 +496,7 @@ impl crate::input::FromQmp for VsockSocketAddressWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -554,10 +530,7 @@ impl crate::input::FromQmp for FdSocketAddressWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -630,10 +603,7 @@ impl crate::input::FromQmp for SocketAddressLegacy {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -780,10 +750,7 @@ impl crate::input::FromQmp for SocketAddress {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -1205,10 +1172,7 @@ impl crate::input::FromQmp for QCryptoBlockOptionsQCow {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -1247,10 +1211,7 @@ impl crate::input::FromQmp for QCryptoBlockOptionsLUKS {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -1301,10 +1262,7 @@ impl crate::input::FromQmp for QCryptoBlockInfoLUKSSlot {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -1396,10 +1354,7 @@ impl crate::input::FromQmp for QCryptoBlockInfoLUKS {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -1505,10 +1460,7 @@ impl crate::input::FromQmp for VersionTriple {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -1551,10 +1503,7 @@ impl crate::input::FromQmp for VersionInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -1588,10 +1537,7 @@ impl crate::input::FromQmp for CommandInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -1792,10 +1738,7 @@ impl crate::input::FromQmp for SchemaInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -1830,10 +1773,7 @@ impl crate::input::FromQmp for SchemaInfoBuiltin {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -1980,10 +1920,7 @@ impl crate::input::FromQmp for SchemaInfoEnum {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2024,10 +1961,7 @@ impl crate::input::FromQmp for SchemaInfoEnumMember {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2064,10 +1998,7 @@ impl crate::input::FromQmp for SchemaInfoArray {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2115,10 +2046,7 @@ impl crate::input::FromQmp for SchemaInfoObject {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2172,10 +2100,7 @@ impl crate::input::FromQmp for SchemaInfoObjectMember {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2218,10 +2143,7 @@ impl crate::input::FromQmp for SchemaInfoObjectVariant {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2255,10 +2177,7 @@ impl crate::input::FromQmp for SchemaInfoAlternate {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2294,10 +2213,7 @@ impl crate::input::FromQmp for SchemaInfoAlternateMember {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2349,10 +2265,7 @@ impl crate::input::FromQmp for SchemaInfoCommand {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2389,10 +2302,7 @@ impl crate::input::FromQmp for SchemaInfoEvent {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2816,10 +2726,7 @@ impl crate::input::FromQmp for JobInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2898,10 +2805,7 @@ impl crate::input::FromQmp for SnapshotInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2935,10 +2839,7 @@ impl crate::input::FromQmp for ImageInfoSpecificQCow2EncryptionBase {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -2995,10 +2896,7 @@ impl crate::input::FromQmp for ImageInfoSpecificQCow2Encryption {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3094,10 +2992,7 @@ impl crate::input::FromQmp for ImageInfoSpecificQCow2 {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3152,10 +3047,7 @@ impl crate::input::FromQmp for ImageInfoSpecificVmdk {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3215,10 +3107,7 @@ impl crate::input::FromQmp for VmdkExtentInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3257,10 +3146,7 @@ impl crate::input::FromQmp for ImageInfoSpecificRbd {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3368,10 +3254,7 @@ impl crate::input::FromQmp for ImageInfoSpecificFile {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3485,10 +3368,7 @@ impl crate::input::FromQmp for ImageInfoSpecificQCow2Wrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3522,10 +3402,7 @@ impl crate::input::FromQmp for ImageInfoSpecificVmdkWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3559,10 +3436,7 @@ impl crate::input::FromQmp for ImageInfoSpecificLUKSWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3596,10 +3470,7 @@ impl crate::input::FromQmp for ImageInfoSpecificRbdWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3633,10 +3504,7 @@ impl crate::input::FromQmp for ImageInfoSpecificFileWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3713,10 +3581,7 @@ impl crate::input::FromQmp for ImageInfoSpecific {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3823,10 +3688,7 @@ impl crate::input::FromQmp for BlockNodeInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3942,10 +3804,7 @@ impl crate::input::FromQmp for ImageInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -3991,10 +3850,7 @@ impl crate::input::FromQmp for BlockdevCacheInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -4199,10 +4055,7 @@ impl crate::input::FromQmp for BlockDeviceInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -4316,10 +4169,7 @@ impl crate::input::FromQmp for Qcow2BitmapInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -4638,10 +4488,7 @@ impl crate::input::FromQmp for BlockdevCacheOptions {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -4814,10 +4661,7 @@ impl crate::input::FromQmp for BlockdevOptionsFile {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -4868,10 +4712,7 @@ impl crate::input::FromQmp for BlockdevOptionsNull {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -4905,10 +4746,7 @@ impl crate::input::FromQmp for BlockdevOptionsGenericFormat {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -4952,10 +4790,7 @@ impl crate::input::FromQmp for BlockdevOptionsGenericCOWFormat {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -5124,10 +4959,7 @@ impl crate::input::FromQmp for Qcow2OverlapCheckFlags {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -5284,10 +5116,7 @@ impl crate::input::FromQmp for BlockdevQcow2Encryption {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -5416,10 +5245,7 @@ impl crate::input::FromQmp for BlockdevOptionsQcow2 {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -5469,10 +5295,7 @@ impl crate::input::FromQmp for BlockdevOptionsRaw {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -5991,10 +5814,7 @@ impl crate::input::FromQmp for BlkdebugInjectErrorOptions {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -6039,10 +5859,7 @@ impl crate::input::FromQmp for BlkdebugSetStateOptions {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -6226,10 +6043,7 @@ impl crate::input::FromQmp for BlockdevOptionsBlkdebug {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -6358,10 +6172,7 @@ impl crate::input::FromQmp for BlockdevOptions {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -6504,10 +6315,7 @@ impl crate::input::FromQmp for BlockDirtyInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -6550,10 +6358,7 @@ impl crate::input::FromQmp for BlockDirtyBitmap {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -6615,10 +6420,7 @@ impl crate::input::FromQmp for BlockDirtyBitmapAdd {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -6700,10 +6502,7 @@ impl crate::input::FromQmp for BlockDirtyBitmapMerge {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -6969,10 +6768,7 @@ impl crate::input::FromQmp for BlockJobInfoMirror {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -7116,10 +6912,7 @@ impl crate::input::FromQmp for BlockJobInfo {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -7155,10 +6948,7 @@ impl crate::input::FromQmp for BlockJobChangeOptionsMirror {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -7249,10 +7039,7 @@ impl crate::input::FromQmp for BlockJobChangeOptions {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -7540,10 +7327,7 @@ impl crate::input::FromQmp for BackupPerf {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -7669,10 +7453,7 @@ impl crate::input::FromQmp for BackupCommon {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -7816,10 +7597,7 @@ impl crate::input::FromQmp for DriveBackup {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -7952,10 +7730,7 @@ impl crate::input::FromQmp for BlockdevBackup {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8090,10 +7865,7 @@ impl crate::input::FromQmp for BlockdevSnapshotSync {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8137,10 +7909,7 @@ impl crate::input::FromQmp for BlockdevSnapshot {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8184,10 +7953,7 @@ impl crate::input::FromQmp for BlockdevSnapshotInternal {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8216,10 +7982,7 @@ impl crate::input::FromQmp for Abort {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8490,10 +8253,7 @@ impl crate::input::FromQmp for AbortWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8527,10 +8287,7 @@ impl crate::input::FromQmp for BlockDirtyBitmapAddWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8565,10 +8322,7 @@ impl crate::input::FromQmp for BlockDirtyBitmapWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8602,10 +8356,7 @@ impl crate::input::FromQmp for BlockDirtyBitmapMergeWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8639,10 +8390,7 @@ impl crate::input::FromQmp for BlockdevBackupWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8676,10 +8424,7 @@ impl crate::input::FromQmp for BlockdevSnapshotWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8713,10 +8458,7 @@ impl crate::input::FromQmp for BlockdevSnapshotInternalWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8750,10 +8492,7 @@ impl crate::input::FromQmp for BlockdevSnapshotSyncWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8787,10 +8526,7 @@ impl crate::input::FromQmp for DriveBackupWrapper {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8952,10 +8688,7 @@ impl crate::input::FromQmp for TransactionAction {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -8994,10 +8727,7 @@ impl crate::input::FromQmp for TransactionProperties {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -9058,10 +8788,7 @@ impl crate::input::FromQmp for NbdServerOptionsBase {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -9128,10 +8855,7 @@ impl crate::input::FromQmp for NbdServerOptionsLegacy {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -9174,10 +8898,7 @@ impl crate::input::FromQmp for BlockExportOptionsNbdBase {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -9237,10 +8958,7 @@ impl crate::input::FromQmp for BlockExportOptionsNbd {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -9289,10 +9007,7 @@ impl crate::input::FromQmp for BlockExportOptionsVhostUserBlk {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -9412,10 +9127,7 @@ impl crate::input::FromQmp for BlockExportOptionsFuse {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -9475,10 +9187,7 @@ impl crate::input::FromQmp for BlockExportOptionsVduseBlk {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
@@ -9740,10 +9449,7 @@ impl crate::input::FromQmp for BlockExportOptions {
         value: &::serde_json::Value,
         path: &mut crate::input::QmpPath,
     ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let mut object = crate::input::QmpObject::open(value, path)?;
-        let read = Self::read_qmp_members(&mut object, path)?;
-        object.finish(path)?;
-        ::std::result::Result::Ok(read)
+        crate::input::read_object(value, path, Self::read_qmp_members)
     }
 }
 
