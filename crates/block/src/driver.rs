@@ -97,7 +97,8 @@ pub trait BitmapStore: Send + Sync {
     fn can_store_new_bitmap(&self, name: &str, granularity: u64) -> BlockResult<()>;
     /// Deletes the stored copy of `name` (block-dirty-bitmap-remove of a persistent bitmap).
     fn remove_persistent_bitmap(&self, name: &str) -> BlockResult<()>;
-    /// Stores every persistent bitmap (at flush-on-close / quit).
+    /// Writes these persistent bitmaps (at close / quit). Stored bitmaps absent from the list
+    /// stay as they are: removal goes through [`BitmapStore::remove_persistent_bitmap`].
     fn store_bitmaps(&self, bitmaps: &[DirtyBitmap]) -> BlockResult<()>;
 }
 

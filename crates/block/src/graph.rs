@@ -204,7 +204,7 @@ impl BlockGraph {
                 return Err(e);
             }
         };
-        let node = match BlockNode::new(NodeParts {
+        let node = BlockNode::new(NodeParts {
             name,
             auto_named,
             driver_name,
@@ -212,10 +212,11 @@ impl BlockGraph {
             options: Value::Object(options.clone()),
             driver,
             children,
-        }) {
-            Ok(n) => n,
-            Err(e) => return Err(e),
-        };
+        });
+        if let Err(e) = node.load_bitmaps() {
+            let _ = node.close_storing(false);
+            return Err(e);
+        }
         self.nodes.push(node.clone());
         Ok(node)
     }

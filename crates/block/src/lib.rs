@@ -8,6 +8,7 @@ pub mod driver;
 pub mod drivers;
 pub mod error;
 pub mod graph;
+pub mod io;
 pub mod node;
 pub mod perm;
 

@@ -71,12 +71,8 @@ pub(crate) struct NodeParts {
 }
 
 impl BlockNode {
-    pub(crate) fn new(parts: NodeParts) -> BlockResult<Arc<Self>> {
-        let bitmaps = match parts.driver.bitmap_store() {
-            Some(store) => store.load_bitmaps()?,
-            None => Vec::new(),
-        };
-        Ok(Arc::new(BlockNode {
+    pub(crate) fn new(parts: NodeParts) -> Arc<Self> {
+        Arc::new(BlockNode {
             name: parts.name,
             auto_named: parts.auto_named,
             driver_name: parts.driver_name,
@@ -87,8 +83,17 @@ impl BlockNode {
             monitor_owned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             state: Mutex::new(NodeState::default()),
-            bitmaps: Mutex::new(bitmaps),
-        }))
+            bitmaps: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Loads the format's persistent bitmaps (at open).
+    pub(crate) fn load_bitmaps(&self) -> BlockResult<()> {
+        if let Some(store) = self.driver.bitmap_store() {
+            let loaded = store.load_bitmaps()?;
+            self.bitmaps().extend(loaded);
+        }
+        Ok(())
     }
 
     /// The node name (`#blockNNN` for anonymous children).
@@ -405,10 +410,20 @@ impl BlockNode {
 
     /// Stores bitmaps, closes the driver, and releases the permissions taken on children.
     pub(crate) fn close(&self) -> BlockResult<()> {
+        self.close_storing(true)
+    }
+
+    /// Closes; with `store_bitmaps` false the image's stored bitmaps are left untouched (a node
+    /// whose bitmaps failed to load).
+    pub(crate) fn close_storing(&self, store_bitmaps: bool) -> BlockResult<()> {
         if self.closed.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
-        let stored = self.store_bitmaps();
+        let stored = if store_bitmaps {
+            self.store_bitmaps()
+        } else {
+            Ok(())
+        };
         let closed = self.driver.close();
         for edge in &self.children {
             edge.node.remove_use(edge.use_id);
