@@ -1,0 +1,116 @@
+//! QMP round trips per second for a small command (`query-version`) over a unix socket:
+//! blockjobd against qemu-storage-daemon, one request in flight and eight in flight.
+//!
+//! `cargo bench -p blockjobd --bench qmp_roundtrip` (qemu-storage-daemon is skipped when it
+//! is not installed). `QMP_BENCH_SECONDS` sets the length of each measurement (default 3).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const REQUEST: &[u8] = b"{\"execute\": \"query-version\"}\n";
+
+fn spawn(daemon: &str, socket: &Path) -> Option<Child> {
+    let child = Command::new(daemon)
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=m,path={},server=on,wait=off",
+            socket.display()
+        ))
+        .args(["--monitor", "chardev=m"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some(child)
+}
+
+struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    line: String,
+}
+
+impl Client {
+    fn connect(socket: &Path) -> Client {
+        let stream = UnixStream::connect(socket).expect("connect");
+        let mut client = Client {
+            reader: BufReader::with_capacity(1 << 16, stream.try_clone().expect("clone")),
+            writer: stream,
+            line: String::new(),
+        };
+        client.reader.read_line(&mut client.line).expect("greeting");
+        client
+            .writer
+            .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+            .expect("write");
+        client.read_reply();
+        client
+    }
+
+    fn read_reply(&mut self) {
+        self.line.clear();
+        let n = self.reader.read_line(&mut self.line).expect("read");
+        assert!(n > 0 && self.line.contains("\"return\""), "{}", self.line);
+    }
+
+    /// Round trips per second with `window` requests in flight.
+    fn measure(&mut self, window: usize, seconds: f64) -> f64 {
+        let burst: Vec<u8> = REQUEST.repeat(window);
+        for _ in 0..100 {
+            self.writer.write_all(REQUEST).expect("write");
+            self.read_reply();
+        }
+        let start = Instant::now();
+        let mut done = 0u64;
+        // Keep `window` requests outstanding: refill the window as replies arrive.
+        self.writer.write_all(&burst).expect("write");
+        while start.elapsed().as_secs_f64() < seconds {
+            self.read_reply();
+            done += 1;
+            self.writer.write_all(REQUEST).expect("write");
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        for _ in 0..window {
+            self.read_reply();
+        }
+        done as f64 / elapsed
+    }
+}
+
+fn bench(name: &str, daemon: &str, seconds: f64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("qmp.sock");
+    let Some(mut child) = spawn(daemon, &socket) else {
+        println!("{name:>22}: not available ({daemon})");
+        return;
+    };
+    let mut client = Client::connect(&socket);
+    let one = client.measure(1, seconds);
+    let eight = client.measure(8, seconds);
+    println!(
+        "{name:>22}: {one:>9.0} round trips/s (1 in flight)  {eight:>9.0} round trips/s (8 in flight)"
+    );
+    let _ = client.writer.write_all(b"{\"execute\": \"quit\"}\n");
+    let _ = child.wait();
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs this too: keep it short then.
+    let testing = !std::env::args().any(|a| a == "--bench");
+    let seconds: f64 = std::env::var("QMP_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if testing { 0.2 } else { 3.0 });
+    bench("blockjobd", env!("CARGO_BIN_EXE_blockjobd"), seconds);
+    bench("qemu-storage-daemon", "qemu-storage-daemon", seconds);
+}
