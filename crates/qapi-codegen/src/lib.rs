@@ -11,8 +11,6 @@ mod emit_commands;
 mod emit_events;
 mod emit_introspection;
 mod emit_types;
-#[doc(hidden)]
-pub mod fixture;
 pub mod naming;
 
 use proc_macro2::TokenStream;

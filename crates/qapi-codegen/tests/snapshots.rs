@@ -1,6 +1,8 @@
 //! The generated code for one small schema per construct, as reviewed snapshots.
 
-use qapi_codegen::fixture::*;
+mod fixture;
+
+use fixture::*;
 use qapi_model::*;
 
 /// All generated files of `schema` except the module list, concatenated.
