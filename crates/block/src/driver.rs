@@ -63,6 +63,17 @@ pub trait BlockDriver: Send + Sync {
     }
     /// A debug event happened on this node (blkdebug acts on it; others ignore it).
     fn debug_event(&self, _event: BlkdebugEvent) {}
+    /// Whether the format has a backing file (accepts the `backing` option).
+    fn supports_backing(&self) -> bool {
+        false
+    }
+    /// The backing file named in the image header: `(name as stored, format if stored)`.
+    /// The graph opens it after this node (read-only) unless `backing` was given.
+    fn backing_file(&self) -> Option<(String, Option<String>)> {
+        None
+    }
+    /// The backing node changed (attached at open, or replaced, or removed with `None`).
+    fn set_backing(&self, _backing: Option<Arc<BlockNode>>) {}
     /// Persistent bitmap storage, for formats that have it (qcow2).
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         None

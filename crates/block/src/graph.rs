@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
-use crate::driver::{DriverSpec, OpenContext};
+use crate::driver::{ChildKind, DriverSpec, OpenContext};
 use crate::drivers;
 use crate::error::{BlockError, BlockResult};
 use crate::node::{BlockNode, NodeParts};
@@ -187,12 +187,17 @@ impl BlockGraph {
             children: Vec::new(),
             consumed: Vec::new(),
         };
-        let opened = (spec.open)(&mut ctx).and_then(|driver| match ctx.unknown_option() {
-            Some(e) => {
-                let _ = driver.close();
-                Err(e)
+        let opened = (spec.open)(&mut ctx).and_then(|driver| {
+            if driver.supports_backing() {
+                ctx.consumed.push("backing".to_string());
             }
-            None => Ok(driver),
+            match ctx.unknown_option() {
+                Some(e) => {
+                    let _ = driver.close();
+                    Err(e)
+                }
+                None => Ok(driver),
+            }
         });
         let children = std::mem::take(&mut ctx.children);
         let driver = match opened {
@@ -218,7 +223,81 @@ impl BlockGraph {
             return Err(e);
         }
         self.nodes.push(node.clone());
+        // Like QEMU, the backing chain opens after (and is registered after) its overlay.
+        self.open_backing(&node, options)?;
         Ok(node)
+    }
+
+    fn open_backing(
+        &mut self,
+        node: &Arc<BlockNode>,
+        options: &Map<String, Value>,
+    ) -> BlockResult<()> {
+        if !node.driver().supports_backing() {
+            return Ok(());
+        }
+        let backing = match options.get("backing") {
+            Some(Value::Null) => None,
+            Some(Value::String(name)) => Some(self.lookup(name)?),
+            Some(Value::Object(map)) => Some(self.open_node(map, Some(true), false)?),
+            Some(_) => {
+                return Err(BlockError::new(
+                    "Invalid parameter type for 'backing', expected: BlockdevRefOrNull",
+                ));
+            }
+            None => match node.driver().backing_file() {
+                None => None,
+                Some((name, format)) => {
+                    let path = resolve_backing_path(node, &name);
+                    let format = match format {
+                        Some(f) => f,
+                        None => probe_format(&path)?,
+                    };
+                    let opts = json!({"driver": format, "read-only": true,
+                        "file": {"driver": "file", "filename": path}});
+                    let map = opts.as_object().cloned().unwrap_or_default();
+                    Some(self.open_node(&map, Some(true), false).map_err(|e| {
+                        BlockError::new(format!("Could not open backing file: {}", e.desc()))
+                    })?)
+                }
+            },
+        };
+        if let Some(b) = backing {
+            node.attach_child("backing", ChildKind::Backing, b.clone())?;
+            node.driver().set_backing(Some(b));
+        }
+        Ok(())
+    }
+
+    /// Replaces `node`'s backing (e.g. snapshot overlays): detaches the old one (closing it if
+    /// nothing else holds it), attaches `backing`, and tells the driver.
+    pub fn set_backing(
+        &mut self,
+        node: &Arc<BlockNode>,
+        backing: Option<Arc<BlockNode>>,
+    ) -> BlockResult<()> {
+        if let Some(b) = &backing
+            && Arc::ptr_eq(b, node)
+        {
+            return Err(BlockError::new("Cannot make a node its own backing file"));
+        }
+        let old = node.detach_child("backing");
+        if let Some(b) = &backing
+            && let Err(e) = node.attach_child("backing", ChildKind::Backing, b.clone())
+        {
+            if let Some(o) = &old {
+                let _ = node.attach_child("backing", ChildKind::Backing, o.clone());
+            }
+            return Err(e);
+        }
+        node.driver().set_backing(backing);
+        if let Some(o) = old
+            && !o.is_monitor_owned()
+            && !o.is_in_use()
+        {
+            self.close_node(&o)?;
+        }
+        Ok(())
     }
 
     /// `blockdev-del`: closes a monitor-added node nobody uses (flushing it and storing its
@@ -277,17 +356,70 @@ impl BlockGraph {
     }
 }
 
+/// A backing file name from an image header, resolved against the image's directory.
+fn resolve_backing_path(node: &BlockNode, name: &str) -> String {
+    if name.starts_with('/') || name.contains("://") {
+        return name.to_string();
+    }
+    let own = match node.child("file") {
+        Some(file) => node_filename(&file),
+        None => node_filename(node),
+    };
+    match std::path::Path::new(&own).parent() {
+        Some(dir) if !own.starts_with("json:") && !dir.as_os_str().is_empty() => {
+            dir.join(name).to_string_lossy().into_owned()
+        }
+        _ => name.to_string(),
+    }
+}
+
+/// `qcow2` if the file starts with qcow2's magic, else `raw`.
+fn probe_format(path: &str) -> BlockResult<String> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|e| {
+        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        BlockError::with_errno(
+            format!(
+                "Could not open backing file: Could not open '{path}': {}",
+                crate::error::strerror(errno)
+            ),
+            errno,
+        )
+    })?;
+    let n = f.read(&mut magic).unwrap_or(0);
+    Ok(if n == 4 && magic == *b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    }
+    .to_string())
+}
+
 /// The node's file name as QEMU shows it (`file`, `image.filename`).
 pub fn node_filename(node: &BlockNode) -> String {
     if let Some(f) = node.driver().info().filename {
         return f;
     }
     let opts = node.options().as_object().cloned().unwrap_or_default();
-    let only_file = opts
-        .keys()
-        .all(|k| matches!(k.as_str(), "driver" | "node-name" | "read-only" | "file"));
+    // Options that do not change what the image is (QEMU's non-"strong" options).
+    let only_file = opts.keys().all(|k| {
+        matches!(
+            k.as_str(),
+            "driver"
+                | "node-name"
+                | "read-only"
+                | "auto-read-only"
+                | "force-share"
+                | "discard"
+                | "cache"
+                | "detect-zeroes"
+                | "file"
+                | "backing"
+        )
+    });
     match node.child("file") {
-        Some(file) if only_file => node_filename(file),
+        Some(file) if only_file => node_filename(&file),
         _ => json_filename(node.options()),
     }
 }
@@ -311,7 +443,7 @@ fn actual_size(node: &BlockNode) -> Option<u64> {
     node.driver()
         .info()
         .actual_size
-        .or_else(|| node.child("file").and_then(|f| actual_size(f)))
+        .or_else(|| node.child("file").and_then(|f| actual_size(&f)))
 }
 
 fn image_info(node: &BlockNode, flat: bool) -> Value {
@@ -329,16 +461,22 @@ fn image_info(node: &BlockNode, flat: bool) -> Value {
     if let Some(c) = info.cluster_size {
         image.insert("cluster-size".into(), json!(c));
     }
-    if let Some(backing) = node.child("backing") {
-        let name = node_filename(backing);
-        image.insert("backing-filename".into(), json!(name));
-        image.insert("full-backing-filename".into(), json!(name));
-        image.insert(
-            "backing-filename-format".into(),
-            json!(backing.driver_name()),
-        );
-        if !flat {
-            image.insert("backing-image".into(), image_info(backing, flat));
+    let header = node.driver().backing_file();
+    let child = node.child("backing");
+    if header.is_some() || child.is_some() {
+        let full = match (&child, &header) {
+            (Some(b), _) => node_filename(b),
+            (None, Some((name, _))) => resolve_backing_path(node, name),
+            (None, None) => String::new(),
+        };
+        let stored = header.as_ref().map_or(full.clone(), |(n, _)| n.clone());
+        image.insert("backing-filename".into(), json!(stored));
+        image.insert("full-backing-filename".into(), json!(full));
+        if let Some((_, Some(fmt))) = &header {
+            image.insert("backing-filename-format".into(), json!(fmt));
+        }
+        if let (Some(b), false) = (&child, flat) {
+            image.insert("backing-image".into(), image_info(b, flat));
         }
     }
     if let Some(spec) = info.format_specific {
@@ -348,7 +486,7 @@ fn image_info(node: &BlockNode, flat: bool) -> Value {
 }
 
 fn backing_depth(node: &BlockNode) -> u64 {
-    node.child("backing").map_or(0, |b| 1 + backing_depth(b))
+    node.child("backing").map_or(0, |b| 1 + backing_depth(&b))
 }
 
 /// `BlockDirtyInfo` for each bitmap of `node` (a frozen bitmap's successor listed first).
@@ -385,9 +523,11 @@ fn block_device_info(node: &BlockNode, flat: bool) -> Value {
     m.insert("ro".into(), json!(node.is_read_only()));
     m.insert("drv".into(), json!(node.driver_name()));
     if let Some(b) = node.child("backing") {
-        m.insert("backing_file".into(), json!(node_filename(b)));
+        m.insert("backing_file".into(), json!(node_filename(&b)));
     }
-    m.insert("backing_file_depth".into(), json!(backing_depth(node)));
+    // QSD 10.0 reports depth 0 in flat mode (it does not walk the chain then).
+    let depth = if flat { 0 } else { backing_depth(node) };
+    m.insert("backing_file_depth".into(), json!(depth));
     m.insert("encrypted".into(), json!(false));
     let detect = node
         .options()

@@ -16,6 +16,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// A parent→child edge (`file`, `backing`, `image`).
+#[derive(Clone)]
 pub struct ChildEdge {
     /// The child's role name, e.g. `file`.
     pub name: String,
@@ -53,7 +54,7 @@ pub struct BlockNode {
     read_only: bool,
     options: Value,
     driver: Box<dyn BlockDriver>,
-    children: Vec<ChildEdge>,
+    children: Mutex<Vec<ChildEdge>>,
     monitor_owned: AtomicBool,
     closed: AtomicBool,
     state: Mutex<NodeState>,
@@ -79,7 +80,7 @@ impl BlockNode {
             read_only: parts.read_only,
             options: parts.options,
             driver: parts.driver,
-            children: parts.children,
+            children: Mutex::new(parts.children),
             monitor_owned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             state: Mutex::new(NodeState::default()),
@@ -126,17 +127,55 @@ impl BlockNode {
         &self.options
     }
 
-    /// The children, in the order the driver opened them.
-    pub fn children(&self) -> &[ChildEdge] {
-        &self.children
+    /// The children, in the order they were attached.
+    pub fn children(&self) -> Vec<ChildEdge> {
+        lock(&self.children).clone()
     }
 
     /// The child in role `name` (`file`, `backing`, `image`).
-    pub fn child(&self, name: &str) -> Option<&Arc<BlockNode>> {
-        self.children
+    pub fn child(&self, name: &str) -> Option<Arc<BlockNode>> {
+        lock(&self.children)
             .iter()
             .find(|c| c.name == name)
-            .map(|c| &c.node)
+            .map(|c| c.node.clone())
+    }
+
+    /// Attaches `child` in role `name` (e.g. a `backing` added after open, or an overlay's
+    /// backing at snapshot time), taking the permissions `kind` implies. Fails on a
+    /// permission conflict, or if the role is taken.
+    pub fn attach_child(
+        &self,
+        name: &str,
+        kind: ChildKind,
+        child: Arc<BlockNode>,
+    ) -> BlockResult<()> {
+        if self.child(name).is_some() {
+            return Err(BlockError::new(format!(
+                "Node '{}' already has a '{name}' child",
+                self.name
+            )));
+        }
+        let (perm, shared) = self.cumulative_perms();
+        let (cp, cs) = kind.child_perms(perm, shared, !self.read_only);
+        let use_id = child.add_use(&format!("node '{}'", self.name), name, cp, cs)?;
+        lock(&self.children).push(ChildEdge {
+            name: name.to_string(),
+            kind,
+            node: child,
+            use_id,
+        });
+        Ok(())
+    }
+
+    /// Detaches the child in role `name`, releasing the permissions taken on it.
+    pub fn detach_child(&self, name: &str) -> Option<Arc<BlockNode>> {
+        let edge = {
+            let mut children = lock(&self.children);
+            let i = children.iter().position(|c| c.name == name)?;
+            children.remove(i)
+        };
+        edge.node.remove_use(edge.use_id);
+        Some(edge.node)
     }
 
     /// Whether the monitor added this node (only such nodes can be `blockdev-del`ed).
@@ -247,7 +286,7 @@ impl BlockNode {
             return Err(BlockError::new("Block node is read-only"));
         }
         self.driver.check_perm(perm, shared)?;
-        for edge in &self.children {
+        for edge in &self.children() {
             let (cp, cs) = edge.kind.child_perms(perm, shared, !self.read_only);
             if let Err(e) = edge.node.update_use(edge.use_id, cp, cs) {
                 self.driver.abort_perm();
@@ -338,7 +377,7 @@ impl BlockNode {
         self.check_open()?;
         self.debug_event(BlkdebugEvent::FlushToOs);
         self.driver.flush()?;
-        for edge in &self.children {
+        for edge in &self.children() {
             edge.node.flush()?;
         }
         Ok(())
@@ -425,7 +464,7 @@ impl BlockNode {
             Ok(())
         };
         let closed = self.driver.close();
-        for edge in &self.children {
+        for edge in &self.children() {
             edge.node.remove_use(edge.use_id);
         }
         stored.and(closed)
