@@ -261,3 +261,27 @@ fn wait_gone(path: &Path) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn a_stdio_monitor_speaks_qmp_on_stdin_and_stdout() {
+    let mut child = Command::new(BIN)
+        .args(["--chardev", "stdio,id=s", "--monitor", "s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.starts_with("{\"QMP\": "), "{line}");
+    stdin
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n{\"execute\": \"quit\"}\n")
+        .unwrap();
+    for _ in 0..2 {
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"return\": {}}\r\n");
+    }
+    assert_eq!(wait_exit(&mut child), 0);
+}

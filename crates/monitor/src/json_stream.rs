@@ -854,6 +854,19 @@ mod tests {
                 b"[\"\\ud83d\\u0041\"]",
                 "JSON parse error, \\ud83d is not a valid Unicode character",
             ),
+            (
+                b"[\"\\u12\"]",
+                "JSON parse error, \\u12\" is not a valid Unicode character",
+            ),
+            (
+                b"[\"\xef\xbf\xbe\"]",
+                "JSON parse error, invalid UTF-8 sequence in string",
+            ),
+            (
+                b"[\"\xef\xb7\x90\"]",
+                "JSON parse error, invalid UTF-8 sequence in string",
+            ),
+            (b"[0e5]", "JSON parse error, expected separator in list"),
         ];
         for (input, desc) in cases {
             assert_eq!(
@@ -876,6 +889,7 @@ mod tests {
             (b"True", "JSON parse error, stray 'T'"),
             (b"{\"id\":%d}", "JSON parse error, stray '%'"),
             (b"\x01", "JSON parse error, stray '\u{1}'"),
+            (b"\x00", "JSON parse error, stray ''"),
             (b"\xff", "JSON parse error, stray '\u{fffd}'"),
             (b"{\"id\":\"a\x01b\"}", "JSON parse error, stray '\"a\u{1}'"),
             (b"{\"id\":\"a\nb\"}", "JSON parse error, stray '\"a\n'"),
