@@ -436,7 +436,38 @@ fn json_filename(options: &Value) -> String {
             other => other.clone(),
         }
     }
-    format!("json:{}", strip(options))
+    let mut out = String::from("json:");
+    qemu_json(&strip(options), &mut out);
+    out
+}
+
+/// JSON as QEMU prints it in `json:` file names: `{"a": 1, "b": [2, 3]}`.
+fn qemu_json(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            out.push('{');
+            for (i, (k, v)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                qemu_json(v, out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, v) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                qemu_json(v, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 fn actual_size(node: &BlockNode) -> Option<u64> {

@@ -7,7 +7,7 @@ use std::ops::{BitAnd, BitOr, Not};
 /// A set of block permissions (QEMU's `BLK_PERM_*` bit values, which also fix the image-lock
 /// byte offsets: 100 + bit and 200 + bit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Perm(pub u8);
+pub struct Perm(u8);
 
 impl Perm {
     /// No permission.
