@@ -34,13 +34,8 @@ fn run(args: &[&str]) -> (bool, String) {
 /// Permissions a writable format node takes on its image file (as qcow2 does in QSD: locks
 /// bytes 100, 101, 103, 201, 203).
 const WRITER: (Perm, Perm) = (
-    Perm(0)
-        .union(Perm::CONSISTENT_READ)
-        .union(Perm::WRITE)
-        .union(Perm::RESIZE),
-    Perm(0)
-        .union(Perm::CONSISTENT_READ)
-        .union(Perm::WRITE_UNCHANGED),
+    Perm::CONSISTENT_READ.union(Perm::WRITE).union(Perm::RESIZE),
+    Perm::CONSISTENT_READ.union(Perm::WRITE_UNCHANGED),
 );
 
 struct QemuIo {
