@@ -4,11 +4,12 @@ use std::str::FromStr;
 
 use job::JobRef;
 use qmp_api::{
-    ActionCompletionMode, BlockDeviceInfo, BlockDeviceIoStatus, BlockJobCancelArguments,
-    BlockJobChangeOptions, BlockJobChangeOptionsBranch, BlockJobCompleteArguments,
-    BlockJobDismissArguments, BlockJobFinalizeArguments, BlockJobInfo, BlockJobInfoBranch,
-    BlockJobInfoMirror, BlockJobPauseArguments, BlockJobResumeArguments, BlockJobSetSpeedArguments,
-    BlockJobVerb, BlockdevBackup, BlockdevDelArguments, BlockdevOptions, Commands, DriveBackup,
+    ActionCompletionMode, BlockDeviceInfo, BlockDeviceIoStatus, BlockDirtyBitmap,
+    BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockJobCancelArguments, BlockJobChangeOptions,
+    BlockJobChangeOptionsBranch, BlockJobCompleteArguments, BlockJobDismissArguments,
+    BlockJobFinalizeArguments, BlockJobInfo, BlockJobInfoBranch, BlockJobInfoMirror,
+    BlockJobPauseArguments, BlockJobResumeArguments, BlockJobSetSpeedArguments, BlockJobVerb,
+    BlockdevBackup, BlockdevDelArguments, BlockdevOptions, Commands, DriveBackup,
     JobCancelArguments, JobCompleteArguments, JobDismissArguments, JobFinalizeArguments, JobInfo,
     JobPauseArguments, JobResumeArguments, JobType, QmpError, QueryNamedBlockNodesArguments,
     SchemaInfo, TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
@@ -16,6 +17,7 @@ use qmp_api::{
 };
 
 use crate::actions::{AbortAction, BackupAction};
+use crate::bitmaps::{self, BitmapAction};
 use crate::transaction::{Action, Transaction};
 use crate::{BlockState, Blockdev, COMMANDS, MONITOR_COMMANDS, QEMU_VERSION, claims};
 
@@ -80,6 +82,23 @@ fn action_of(branch: TransactionActionBranch) -> Box<dyn Action<BlockState>> {
         TransactionActionBranch::Abort(_) => Box::new(AbortAction),
         TransactionActionBranch::BlockdevBackup(w) => Box::new(BackupAction::blockdev(w.data)),
         TransactionActionBranch::DriveBackup(w) => Box::new(BackupAction::drive(w.data)),
+        TransactionActionBranch::BlockDirtyBitmapAdd(w) => Box::new(BitmapAction::add(w.data)),
+        TransactionActionBranch::BlockDirtyBitmapRemove(w) => {
+            Box::new(BitmapAction::remove(w.data))
+        }
+        TransactionActionBranch::BlockDirtyBitmapClear(w) => Box::new(BitmapAction::clear(w.data)),
+        TransactionActionBranch::BlockDirtyBitmapEnable(w)
+        | TransactionActionBranch::XBlockDirtyBitmapEnable(w) => {
+            Box::new(BitmapAction::set_enabled(w.data, true))
+        }
+        TransactionActionBranch::BlockDirtyBitmapDisable(w)
+        | TransactionActionBranch::XBlockDirtyBitmapDisable(w) => {
+            Box::new(BitmapAction::set_enabled(w.data, false))
+        }
+        TransactionActionBranch::BlockDirtyBitmapMerge(w)
+        | TransactionActionBranch::XBlockDirtyBitmapMerge(w) => {
+            Box::new(BitmapAction::merge(w.data))
+        }
         other => Box::new(Unsupported(other.kind())),
     }
 }
@@ -197,6 +216,32 @@ impl Commands for Blockdev {
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError> {
         self.state.claims.check_free(&args.node_name)?;
         self.state.graph_mut()?.blockdev_del(args)
+    }
+
+    // ----- bitmaps -----
+
+    fn block_dirty_bitmap_add(&mut self, args: BlockDirtyBitmapAdd) -> Result<(), QmpError> {
+        bitmaps::add(&mut self.state, args)
+    }
+
+    fn block_dirty_bitmap_remove(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {
+        bitmaps::remove(&mut self.state, args)
+    }
+
+    fn block_dirty_bitmap_clear(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {
+        bitmaps::clear(&mut self.state, args)
+    }
+
+    fn block_dirty_bitmap_enable(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {
+        bitmaps::set_enabled(&mut self.state, args, true)
+    }
+
+    fn block_dirty_bitmap_disable(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {
+        bitmaps::set_enabled(&mut self.state, args, false)
+    }
+
+    fn block_dirty_bitmap_merge(&mut self, args: BlockDirtyBitmapMerge) -> Result<(), QmpError> {
+        bitmaps::merge(&mut self.state, args)
     }
 
     // ----- block-job-* -----

@@ -10,6 +10,8 @@
 
 mod actions;
 pub mod backup;
+mod bitmaps;
+pub mod block_layer;
 mod claims;
 mod commands;
 mod events;
@@ -22,6 +24,7 @@ use std::sync::Arc;
 use job::{Clock, JobRegistry, JobTxn, Spawn};
 use qmp_api::{Event, QmpError};
 
+pub use block_layer::BlockLayer;
 pub use events::qmp_event;
 #[cfg(feature = "tokio")]
 pub use node::TokioBlockingPool;
@@ -70,6 +73,12 @@ pub const COMMANDS: &[&str] = &[
     "block-job-dismiss",
     "block-job-finalize",
     "block-job-change",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
     "blockdev-backup",
     "drive-backup",
     "transaction",

@@ -89,6 +89,10 @@ pub trait NodeGraph: Send {
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError>;
     /// `query-named-block-nodes`.
     fn query_named_block_nodes(&self, flat: bool) -> Result<Vec<BlockDeviceInfo>, QmpError>;
+    /// The block crate's graph, for the bitmap commands and actions (none in test graphs).
+    fn block_graph(&mut self) -> Option<&mut block::BlockGraph> {
+        None
+    }
     /// Flushes and closes every node (daemon shutdown). Returns the first error, having tried
     /// every node.
     fn close_all(&mut self) -> io::Result<()>;

@@ -157,12 +157,15 @@ impl SyncBitmap for MemBitmap {
     }
 }
 
+type Bitmaps = BTreeMap<(String, String), Arc<MemBitmap>>;
+type Created = Vec<(ImageRef, u64, Option<ImageRef>)>;
+
 /// Nodes by name; created images by file name.
 #[derive(Clone, Default)]
 pub struct MemGraph {
     pub nodes: Arc<Mutex<BTreeMap<String, Arc<MemNode>>>>,
-    pub bitmaps: Arc<Mutex<BTreeMap<(String, String), Arc<MemBitmap>>>>,
-    pub created: Arc<Mutex<Vec<(ImageRef, u64, Option<ImageRef>)>>>,
+    pub bitmaps: Arc<Mutex<Bitmaps>>,
+    pub created: Arc<Mutex<Created>>,
     pub closed: Arc<Mutex<bool>>,
 }
 
@@ -249,11 +252,21 @@ pub struct Harness {
 
 impl Harness {
     pub fn new() -> Harness {
+        let graph = MemGraph::default();
+        Harness::over(Box::new(graph.clone()), graph)
+    }
+
+    /// Over the block crate's graph (file, raw, null-co, blkdebug drivers).
+    pub fn block_layer() -> Harness {
+        let layer = blockdev::BlockLayer::new(block::BlockGraph::new());
+        Harness::over(Box::new(layer), MemGraph::default())
+    }
+
+    fn over(node_graph: Box<dyn NodeGraph>, graph: MemGraph) -> Harness {
         let exec = ManualExecutor::new();
         let clock = ManualClock::new();
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = events.clone();
-        let graph = MemGraph::default();
         let bd = Blockdev::new(
             Arc::new(move |e: qmp_api::Event| {
                 let line = match &e {
@@ -265,7 +278,7 @@ impl Harness {
             Arc::new(exec.clone()),
             Arc::new(clock.clone()),
         )
-        .with_graph(Box::new(graph.clone()));
+        .with_graph(node_graph);
         Harness {
             bd,
             exec,

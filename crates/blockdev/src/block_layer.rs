@@ -1,0 +1,224 @@
+//! [`NodeGraph`] over the block crate's [`BlockGraph`]: nodes, their I/O, bitmaps, images.
+
+use std::io;
+use std::sync::Arc;
+
+use block::bitmap_cmd::{BitmapCheck, check_bitmap, with_bitmap};
+use block::graph::node_filename;
+use block::{BlockError, BlockGraph, BlockNode};
+use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError};
+
+use crate::node::{BlockIo, Extent, ImageRef, NodeGraph, SyncBitmap};
+
+/// A block error as QMP reports it.
+pub(crate) fn qmp_error(e: BlockError) -> QmpError {
+    QmpError::generic(e.desc())
+}
+
+fn io_error(e: BlockError) -> io::Error {
+    match e.errno() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::other(e.desc().to_string()),
+    }
+}
+
+/// The daemon's node graph.
+pub struct BlockLayer {
+    graph: BlockGraph,
+    next_anonymous: u64,
+}
+
+impl BlockLayer {
+    /// Over `graph` (with the drivers the daemon registered, e.g. qcow2).
+    pub fn new(graph: BlockGraph) -> Self {
+        BlockLayer {
+            graph,
+            next_anonymous: 0,
+        }
+    }
+}
+
+/// A node's I/O.
+pub struct NodeIo(pub Arc<BlockNode>);
+
+impl BlockIo for NodeIo {
+    fn format(&self) -> &str {
+        self.0.driver_name()
+    }
+
+    fn image(&self) -> ImageRef {
+        ImageRef {
+            filename: node_filename(&self.0),
+            format: self.0.driver_name().to_string(),
+        }
+    }
+
+    fn backing_image(&self) -> Option<ImageRef> {
+        self.0.child("backing").map(|b| ImageRef {
+            filename: node_filename(&b),
+            format: b.driver_name().to_string(),
+        })
+    }
+
+    fn size(&self) -> u64 {
+        self.0.size().unwrap_or(0)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(offset, buf).map_err(io_error)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at(offset, buf).map_err(io_error)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes_at(offset, len).map_err(io_error)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let (allocated, n) = self.0.block_status(offset, len).map_err(io_error)?;
+        Ok(Extent {
+            len: n,
+            allocated,
+            // Unallocated with nothing below reads as zeroes.
+            zero: !allocated && self.0.child("backing").is_none(),
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush().map_err(io_error)
+    }
+}
+
+/// A node's bitmap, for a backup job.
+struct NodeBitmap {
+    node: Arc<BlockNode>,
+    name: String,
+}
+
+impl SyncBitmap for NodeBitmap {
+    fn check_usable(&self, allow_read_only: bool) -> Result<(), QmpError> {
+        let check = if allow_read_only {
+            BitmapCheck::AllowReadOnly
+        } else {
+            BitmapCheck::Default
+        };
+        with_bitmap(&self.node, &self.name, |b| check_bitmap(b, check)).map_err(qmp_error)
+    }
+
+    fn freeze(&self) -> Result<(), QmpError> {
+        with_bitmap(&self.node, &self.name, |b| b.create_successor()).map_err(qmp_error)
+    }
+
+    fn dirty_ranges(&self) -> Vec<(u64, u64)> {
+        with_bitmap(&self.node, &self.name, |b| {
+            Ok(b.dirty_ranges(0, b.size()).collect())
+        })
+        .unwrap_or_default()
+    }
+
+    fn abdicate(&self) {
+        if let Err(e) = with_bitmap(&self.node, &self.name, |b| b.abdicate()) {
+            tracing::warn!("bitmap {}: {}", self.name, e.desc());
+        }
+    }
+
+    fn reclaim(&self) {
+        if let Err(e) = with_bitmap(&self.node, &self.name, |b| b.reclaim()) {
+            tracing::warn!("bitmap {}: {}", self.name, e.desc());
+        }
+    }
+
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        let _ = with_bitmap(&self.node, &self.name, |b| {
+            b.set_dirty(offset, len);
+            Ok(())
+        });
+    }
+}
+
+fn create_file_error(image: &ImageRef, e: impl std::fmt::Display) -> QmpError {
+    QmpError::generic(format!("Could not create '{}': {e}", image.filename))
+}
+
+impl NodeGraph for BlockLayer {
+    fn node(&self, name: &str) -> Option<Arc<dyn BlockIo>> {
+        self.graph
+            .find(name)
+            .map(|n| Arc::new(NodeIo(n)) as Arc<dyn BlockIo>)
+    }
+
+    fn dirty_bitmap(&self, node: &str, name: &str) -> Option<Arc<dyn SyncBitmap>> {
+        let n = self.graph.find(node)?;
+        if !n.bitmaps().iter().any(|b| b.name() == Some(name)) {
+            return None;
+        }
+        Some(Arc::new(NodeBitmap {
+            node: n,
+            name: name.to_string(),
+        }))
+    }
+
+    fn create_image(
+        &mut self,
+        image: &ImageRef,
+        size: u64,
+        backing: Option<&ImageRef>,
+    ) -> Result<(), QmpError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&image.filename)
+            .map_err(|e| create_file_error(image, e))?;
+        match image.format.as_str() {
+            "qcow2" => {
+                let backing = backing.map(|b| (b.filename.as_str(), b.format.as_str()));
+                qcow2::create(&file, size, 65536, backing).map_err(|e| create_file_error(image, e))
+            }
+            "raw" => file.set_len(size).map_err(|e| create_file_error(image, e)),
+            other => Err(QmpError::generic(format!(
+                "Driver '{other}' does not support image creation"
+            ))),
+        }
+    }
+
+    fn open_image(&mut self, image: &ImageRef) -> Result<Arc<dyn BlockIo>, QmpError> {
+        // QEMU names such nodes automatically; ours get a reserved-looking name of their own.
+        self.next_anonymous += 1;
+        let name = format!("blockdev-image{}", self.next_anonymous);
+        let options = serde_json::json!({
+            "driver": image.format,
+            "node-name": name,
+            "file": {"driver": "file", "filename": image.filename},
+        });
+        let node = self.graph.blockdev_add(&options).map_err(qmp_error)?;
+        Ok(Arc::new(NodeIo(node)))
+    }
+
+    fn blockdev_add(&mut self, options: BlockdevOptions) -> Result<(), QmpError> {
+        let value = serde_json::to_value(&options).map_err(|e| QmpError::generic(e.to_string()))?;
+        self.graph
+            .blockdev_add(&value)
+            .map(|_| ())
+            .map_err(qmp_error)
+    }
+
+    fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError> {
+        self.graph.blockdev_del(&args.node_name).map_err(qmp_error)
+    }
+
+    fn query_named_block_nodes(&self, flat: bool) -> Result<Vec<BlockDeviceInfo>, QmpError> {
+        qmp_api::input::from_value(&self.graph.query_named_block_nodes(flat))
+    }
+
+    fn close_all(&mut self) -> io::Result<()> {
+        self.graph.close_all().map_err(io_error)
+    }
+
+    fn block_graph(&mut self) -> Option<&mut BlockGraph> {
+        Some(&mut self.graph)
+    }
+}
