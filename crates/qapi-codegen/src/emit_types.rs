@@ -182,6 +182,31 @@ pub fn read_member(m: &Member) -> TokenStream {
     }
 }
 
+/// Parameters and field initialisers of `new`: mandatory members as
+/// parameters (strings as `impl Into<String>`), optional ones `None`.
+fn constructor_parts(
+    cx: &Context,
+    container: Option<&str>,
+    fields: &[Field],
+) -> (Vec<TokenStream>, Vec<TokenStream>) {
+    let mut params = Vec::new();
+    let mut values = Vec::new();
+    for f in fields {
+        let id = &f.ident;
+        if f.member.optional {
+            values.push(quote!(#id: ::std::option::Option::None,));
+        } else if f.member.ty == TypeRef::Builtin(Builtin::Str) {
+            params.push(quote!(#id: impl ::std::convert::Into<::std::string::String>));
+            values.push(quote!(#id: #id.into(),));
+        } else {
+            let ty = cx.rust_type(container, &f.member.ty);
+            params.push(quote!(#id: #ty));
+            values.push(quote!(#id,));
+        }
+    }
+    (params, values)
+}
+
 /// A plain object type: struct, command arguments, event data.
 pub fn emit_object(
     cx: &Context,
@@ -199,21 +224,7 @@ pub fn emit_object(
         quote!(#id: #read,)
     });
     let dep = context::deprecated_attr(deprecated);
-    let mut params = Vec::new();
-    let mut values = Vec::new();
-    for f in &fields {
-        let id = &f.ident;
-        if f.member.optional {
-            values.push(quote!(#id: ::std::option::Option::None,));
-        } else if f.member.ty == TypeRef::Builtin(Builtin::Str) {
-            params.push(quote!(#id: impl ::std::convert::Into<::std::string::String>));
-            values.push(quote!(#id: #id.into(),));
-        } else {
-            let ty = cx.rust_type(container, &f.member.ty);
-            params.push(quote!(#id: #ty));
-            values.push(quote!(#id,));
-        }
-    }
+    let (params, values) = constructor_parts(cx, container, &fields);
     quote! {
         #doc
         #dep
@@ -298,6 +309,7 @@ fn emit_union(cx: &Context, u: &UnionType) -> TokenStream {
         .collect();
     let fields = fields(cx, Some(union_name), &non_disc);
     let branch_field = branch_field(&fields);
+    let (ctor_params, ctor_values) = constructor_parts(cx, Some(union_name), &fields);
     let decls = fields.iter().map(|f| &f.decl);
 
     // Reading: base members in wire order (the discriminator among them), then the branch.
@@ -319,15 +331,24 @@ fn emit_union(cx: &Context, u: &UnionType) -> TokenStream {
         }
     }
 
-    let values: Vec<String> = match cx.entity(&u.discriminator_enum) {
-        Some(Entity::Enum(e)) => e.values.iter().map(|v| v.name.clone()).collect(),
-        _ => u.branches.iter().map(|b| b.name.clone()).collect(),
-    };
+    let (values, value_docs): (Vec<String>, Vec<Option<String>>) =
+        match cx.entity(&u.discriminator_enum) {
+            Some(Entity::Enum(e)) => e
+                .values
+                .iter()
+                .map(|v| (v.name.clone(), v.doc.clone()))
+                .unzip(),
+            _ => u.branches.iter().map(|b| (b.name.clone(), None)).unzip(),
+        };
     let variants = naming::dedupe(values.iter().map(|v| naming::variant_ident(v)).collect());
     let mut variant_decls = Vec::new();
     let mut read_arms = Vec::new();
     let mut kind_arms = Vec::new();
-    for (value, id) in values.iter().zip(&variants) {
+    for ((value, value_doc), id) in values.iter().zip(&value_docs).zip(&variants) {
+        let mut d = DocText::default();
+        if let Some(text) = value_doc {
+            d.push(text.clone());
+        }
         let rename = if naming::serde_name(id) != *value {
             quote!(#[serde(rename = #value)])
         } else {
@@ -342,7 +363,6 @@ fn emit_union(cx: &Context, u: &UnionType) -> TokenStream {
                 } else {
                     quote!(#ty_ident)
                 };
-                let mut d = DocText::default();
                 if let Some(cond) = &b.ifcond {
                     d.push(context::if_note(cond));
                 }
@@ -358,7 +378,8 @@ fn emit_union(cx: &Context, u: &UnionType) -> TokenStream {
                 kind_arms.push(quote!(Self::#id(_) => #disc_name::#id,));
             }
             None => {
-                variant_decls.push(quote!(#rename #id,));
+                let d = d.to_tokens();
+                variant_decls.push(quote!(#d #rename #id,));
                 read_arms.push(quote!(#disc_name::#id => #branch_name::#id,));
                 kind_arms.push(quote!(Self::#id => #disc_name::#id,));
             }
@@ -404,6 +425,12 @@ fn emit_union(cx: &Context, u: &UnionType) -> TokenStream {
         }
 
         impl #name {
+            /// A value with the mandatory base members and the branch given,
+            /// every optional base member absent.
+            pub fn new(#(#ctor_params,)* #branch_field: #branch_name) -> Self {
+                Self { #(#ctor_values)* #branch_field }
+            }
+
             /// Reads this union's members from an object being visited.
             pub(crate) fn read_qmp_members(
                 object: &mut crate::input::QmpObject<'_>,

@@ -15,9 +15,9 @@ fn backup(job: &str, device: &str, target: &str) -> TransactionAction {
     data.job_id = Some(job.to_string());
     data.auto_finalize = Some(false);
     data.auto_dismiss = Some(false);
-    TransactionAction {
-        branch: TransactionActionBranch::BlockdevBackup(BlockdevBackupWrapper { data }),
-    }
+    TransactionAction::new(TransactionActionBranch::BlockdevBackup(
+        BlockdevBackupWrapper { data },
+    ))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -551,12 +551,16 @@ pub struct SocketAddressLegacy {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 #[serde(tag = "type")]
 pub enum SocketAddressLegacyBranch {
+    /// an IP address and port
     #[serde(rename = "inet")]
     Inet(InetSocketAddressWrapper),
+    /// a Unix domain socket
     #[serde(rename = "unix")]
     Unix(UnixSocketAddressWrapper),
+    /// a VSOCK address
     #[serde(rename = "vsock")]
     Vsock(VsockSocketAddressWrapper),
+    /// an already open socket
     #[serde(rename = "fd")]
     Fd(FdSocketAddressWrapper),
 }
@@ -574,6 +578,11 @@ impl SocketAddressLegacyBranch {
 }
 
 impl SocketAddressLegacy {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: SocketAddressLegacyBranch) -> Self {
+        Self { branch }
+    }
     /// Reads this union's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -698,12 +707,16 @@ pub struct SocketAddress {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 #[serde(tag = "type")]
 pub enum SocketAddressBranch {
+    /// an IP address and port
     #[serde(rename = "inet")]
     Inet(InetSocketAddress),
+    /// a Unix domain socket
     #[serde(rename = "unix")]
     Unix(UnixSocketAddress),
+    /// a VSOCK address
     #[serde(rename = "vsock")]
     Vsock(VsockSocketAddress),
+    /// an already open socket
     #[serde(rename = "fd")]
     Fd(FdSocketAddress),
 }
@@ -721,6 +734,11 @@ impl SocketAddressBranch {
 }
 
 impl SocketAddress {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: SocketAddressBranch) -> Self {
+        Self { branch }
+    }
     /// Reads this union's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -1662,18 +1680,25 @@ pub struct SchemaInfo {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 #[serde(tag = "meta-type")]
 pub enum SchemaInfoBranch {
+    /// a predefined type such as 'str' or 'int'
     #[serde(rename = "builtin")]
     Builtin(SchemaInfoBuiltin),
+    /// an enumeration
     #[serde(rename = "enum")]
     Enum(SchemaInfoEnum),
+    /// a list of some element type
     #[serde(rename = "array")]
     Array(SchemaInfoArray),
+    /// a JSON object, possibly with variant parts
     #[serde(rename = "object")]
     Object(SchemaInfoObject),
+    /// a value that may take one of several JSON types
     #[serde(rename = "alternate")]
     Alternate(SchemaInfoAlternate),
+    /// a command
     #[serde(rename = "command")]
     Command(SchemaInfoCommand),
+    /// an event
     #[serde(rename = "event")]
     Event(SchemaInfoEvent),
 }
@@ -1694,6 +1719,18 @@ impl SchemaInfoBranch {
 }
 
 impl SchemaInfo {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(
+        name: impl ::std::convert::Into<::std::string::String>,
+        branch: SchemaInfoBranch,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            features: ::std::option::Option::None,
+            branch,
+        }
+    }
     /// Reads this union's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -2858,8 +2895,10 @@ pub struct ImageInfoSpecificQCow2Encryption {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 #[serde(tag = "format")]
 pub enum ImageInfoSpecificQCow2EncryptionBranch {
+    /// the legacy AES-CBC scheme, supported for reading old images
     #[serde(rename = "aes")]
     Aes,
+    /// a LUKS header stored inside the image
     #[serde(rename = "luks")]
     Luks(QCryptoBlockInfoLUKS),
 }
@@ -2875,6 +2914,11 @@ impl ImageInfoSpecificQCow2EncryptionBranch {
 }
 
 impl ImageInfoSpecificQCow2Encryption {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: ImageInfoSpecificQCow2EncryptionBranch) -> Self {
+        Self { branch }
+    }
     /// Reads this union's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -3523,14 +3567,19 @@ pub struct ImageInfoSpecific {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 #[serde(tag = "type")]
 pub enum ImageInfoSpecificBranch {
+    /// qcow2 images
     #[serde(rename = "qcow2")]
     Qcow2(ImageInfoSpecificQCow2Wrapper),
+    /// VMDK images
     #[serde(rename = "vmdk")]
     Vmdk(ImageInfoSpecificVmdkWrapper),
+    /// LUKS volumes (since 2.7)
     #[serde(rename = "luks")]
     Luks(ImageInfoSpecificLUKSWrapper),
+    /// RBD images (since 6.1)
     #[serde(rename = "rbd")]
     Rbd(ImageInfoSpecificRbdWrapper),
+    /// plain files (since 8.0)
     #[serde(rename = "file")]
     File(ImageInfoSpecificFileWrapper),
 }
@@ -3549,6 +3598,11 @@ impl ImageInfoSpecificBranch {
 }
 
 impl ImageInfoSpecific {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: ImageInfoSpecificBranch) -> Self {
+        Self { branch }
+    }
     /// Reads this union's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -5076,8 +5130,10 @@ pub struct BlockdevQcow2Encryption {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 #[serde(tag = "format")]
 pub enum BlockdevQcow2EncryptionBranch {
+    /// the legacy AES-CBC scheme, supported for reading old images
     #[serde(rename = "aes")]
     Aes(QCryptoBlockOptionsQCow),
+    /// a LUKS header stored inside the image
     #[serde(rename = "luks")]
     Luks(QCryptoBlockOptionsLUKS),
 }
@@ -5093,6 +5149,11 @@ impl BlockdevQcow2EncryptionBranch {
 }
 
 impl BlockdevQcow2Encryption {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: BlockdevQcow2EncryptionBranch) -> Self {
+        Self { branch }
+    }
     /// Reads this union's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -6096,14 +6157,22 @@ pub struct BlockdevOptions {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 #[serde(tag = "driver")]
 pub enum BlockdevOptionsBranch {
+    /// a filter that injects errors and tracks events, for
+    /// tests
     #[serde(rename = "blkdebug")]
     Blkdebug(::std::boxed::Box<BlockdevOptionsBlkdebug>),
+    /// a file of the host's file system
     #[serde(rename = "file")]
     File(BlockdevOptionsFile),
+    /// a node that stores nothing: writes are dropped, reads
+    /// return zeroes (with read-zeroes) or leave the buffer alone
     #[serde(rename = "null-co")]
     NullCo(BlockdevOptionsNull),
+    /// the qcow2 image format
     #[serde(rename = "qcow2")]
     Qcow2(::std::boxed::Box<BlockdevOptionsQcow2>),
+    /// the raw image format: the data as it is, optionally a slice
+    /// of the file
     #[serde(rename = "raw")]
     Raw(::std::boxed::Box<BlockdevOptionsRaw>),
 }
@@ -6122,6 +6191,21 @@ impl BlockdevOptionsBranch {
 }
 
 impl BlockdevOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: BlockdevOptionsBranch) -> Self {
+        Self {
+            node_name: ::std::option::Option::None,
+            discard: ::std::option::Option::None,
+            cache: ::std::option::Option::None,
+            active: ::std::option::Option::None,
+            read_only: ::std::option::Option::None,
+            auto_read_only: ::std::option::Option::None,
+            force_share: ::std::option::Option::None,
+            detect_zeroes: ::std::option::Option::None,
+            branch,
+        }
+    }
     /// Reads this union's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -6820,22 +6904,33 @@ pub struct BlockJobInfo {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 #[serde(tag = "type")]
 pub enum BlockJobInfoBranch {
+    /// merges an overlay down into one of its backing images
     #[serde(rename = "commit")]
     Commit,
+    /// pulls data from backing images up into the overlay
     #[serde(rename = "stream")]
     Stream,
+    /// keeps a target in sync with a source until told to
+    /// complete, see `blockdev-mirror`
     #[serde(rename = "mirror")]
     Mirror(BlockJobInfoMirror),
+    /// copies a point-in-time view of a node to a target, see
+    /// `blockdev-backup`
     #[serde(rename = "backup")]
     Backup,
+    /// creates an image (since 3.0)
     #[serde(rename = "create")]
     Create,
+    /// changes the options of an existing image (since 5.1)
     #[serde(rename = "amend")]
     Amend,
+    /// loads a VM snapshot (since 6.0)
     #[serde(rename = "snapshot-load")]
     SnapshotLoad,
+    /// saves a VM snapshot (since 6.0)
     #[serde(rename = "snapshot-save")]
     SnapshotSave,
+    /// deletes a VM snapshot (since 6.0)
     #[serde(rename = "snapshot-delete")]
     SnapshotDelete,
 }
@@ -6858,6 +6953,38 @@ impl BlockJobInfoBranch {
 }
 
 impl BlockJobInfo {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(
+        device: impl ::std::convert::Into<::std::string::String>,
+        len: i64,
+        offset: i64,
+        busy: bool,
+        paused: bool,
+        speed: i64,
+        io_status: BlockDeviceIoStatus,
+        ready: bool,
+        status: BlockJobStatus,
+        auto_finalize: bool,
+        auto_dismiss: bool,
+        branch: BlockJobInfoBranch,
+    ) -> Self {
+        Self {
+            device: device.into(),
+            len,
+            offset,
+            busy,
+            paused,
+            speed,
+            io_status,
+            ready,
+            status,
+            auto_finalize,
+            auto_dismiss,
+            error: ::std::option::Option::None,
+            branch,
+        }
+    }
     /// Reads this union's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -6969,22 +7096,33 @@ pub struct BlockJobChangeOptions {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 #[serde(tag = "type")]
 pub enum BlockJobChangeOptionsBranch {
+    /// merges an overlay down into one of its backing images
     #[serde(rename = "commit")]
     Commit,
+    /// pulls data from backing images up into the overlay
     #[serde(rename = "stream")]
     Stream,
+    /// keeps a target in sync with a source until told to
+    /// complete, see `blockdev-mirror`
     #[serde(rename = "mirror")]
     Mirror(BlockJobChangeOptionsMirror),
+    /// copies a point-in-time view of a node to a target, see
+    /// `blockdev-backup`
     #[serde(rename = "backup")]
     Backup,
+    /// creates an image (since 3.0)
     #[serde(rename = "create")]
     Create,
+    /// changes the options of an existing image (since 5.1)
     #[serde(rename = "amend")]
     Amend,
+    /// loads a VM snapshot (since 6.0)
     #[serde(rename = "snapshot-load")]
     SnapshotLoad,
+    /// saves a VM snapshot (since 6.0)
     #[serde(rename = "snapshot-save")]
     SnapshotSave,
+    /// deletes a VM snapshot (since 6.0)
     #[serde(rename = "snapshot-delete")]
     SnapshotDelete,
 }
@@ -7007,6 +7145,17 @@ impl BlockJobChangeOptionsBranch {
 }
 
 impl BlockJobChangeOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(
+        id: impl ::std::convert::Into<::std::string::String>,
+        branch: BlockJobChangeOptionsBranch,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            branch,
+        }
+    }
     /// Reads this union's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -8546,34 +8695,60 @@ pub struct TransactionAction {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 #[serde(tag = "type")]
 pub enum TransactionActionBranch {
+    /// see `Abort` (since 1.6)
     #[serde(rename = "abort")]
     Abort(AbortWrapper),
+    /// see `block-dirty-bitmap-add` (since 2.5)
     #[serde(rename = "block-dirty-bitmap-add")]
     BlockDirtyBitmapAdd(BlockDirtyBitmapAddWrapper),
+    /// see `block-dirty-bitmap-remove` (since
+    /// 4.2)
     #[serde(rename = "block-dirty-bitmap-remove")]
     BlockDirtyBitmapRemove(BlockDirtyBitmapWrapper),
+    /// see `block-dirty-bitmap-clear` (since 2.5)
     #[serde(rename = "block-dirty-bitmap-clear")]
     BlockDirtyBitmapClear(BlockDirtyBitmapWrapper),
+    /// see `block-dirty-bitmap-enable` (since
+    /// 4.0; added in 3.0 as x-block-dirty-bitmap-enable)
     #[serde(rename = "block-dirty-bitmap-enable")]
     BlockDirtyBitmapEnable(BlockDirtyBitmapWrapper),
+    /// see `block-dirty-bitmap-disable` (since
+    /// 4.0; added in 3.0 as x-block-dirty-bitmap-disable)
     #[serde(rename = "block-dirty-bitmap-disable")]
     BlockDirtyBitmapDisable(BlockDirtyBitmapWrapper),
+    /// see `block-dirty-bitmap-merge` (since
+    /// 4.0; added in 3.1 as x-block-dirty-bitmap-merge)
     #[serde(rename = "block-dirty-bitmap-merge")]
     BlockDirtyBitmapMerge(BlockDirtyBitmapMergeWrapper),
+    /// see `blockdev-backup` (since 2.3)
     #[serde(rename = "blockdev-backup")]
     BlockdevBackup(BlockdevBackupWrapper),
+    /// see `blockdev-snapshot` (since 2.5)
     #[serde(rename = "blockdev-snapshot")]
     BlockdevSnapshot(BlockdevSnapshotWrapper),
+    /// see
+    /// `blockdev-snapshot-internal-sync` (since 1.7)
     #[serde(rename = "blockdev-snapshot-internal-sync")]
     BlockdevSnapshotInternalSync(BlockdevSnapshotInternalWrapper),
+    /// see `blockdev-snapshot-sync` (since 1.1)
     #[serde(rename = "blockdev-snapshot-sync")]
     BlockdevSnapshotSync(BlockdevSnapshotSyncWrapper),
+    /// see `drive-backup` (since 1.6)
     #[serde(rename = "drive-backup")]
     DriveBackup(DriveBackupWrapper),
+    /// the seed's experimental name of
+    /// `block-dirty-bitmap-enable`, same arguments and meaning (since
+    /// 3.0; QEMU itself dropped it in 4.0, blockjobd still accepts it)
     #[serde(rename = "x-block-dirty-bitmap-enable")]
     XBlockDirtyBitmapEnable(BlockDirtyBitmapWrapper),
+    /// the seed's experimental name of
+    /// `block-dirty-bitmap-disable`, same arguments and meaning (since
+    /// 3.0; QEMU itself dropped it in 4.0, blockjobd still accepts it)
     #[serde(rename = "x-block-dirty-bitmap-disable")]
     XBlockDirtyBitmapDisable(BlockDirtyBitmapWrapper),
+    /// the seed's experimental name of
+    /// `block-dirty-bitmap-merge`, same arguments and meaning (since
+    /// 3.1; QEMU itself dropped it in 4.0, blockjobd still accepts it)
     #[serde(rename = "x-block-dirty-bitmap-merge")]
     XBlockDirtyBitmapMerge(BlockDirtyBitmapMergeWrapper),
 }
@@ -8604,6 +8779,11 @@ impl TransactionActionBranch {
 }
 
 impl TransactionAction {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: TransactionActionBranch) -> Self {
+        Self { branch }
+    }
     /// Reads this union's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
@@ -9378,14 +9558,21 @@ pub struct BlockExportOptions {
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 #[serde(tag = "type")]
 pub enum BlockExportOptionsBranch {
+    /// an export of the NBD server
     #[serde(rename = "nbd")]
     Nbd(BlockExportOptionsNbd),
+    /// a vhost-user-blk server (since 5.2)
+    ///
     /// **If:** `CONFIG_VHOST_USER_BLK_SERVER` (QEMU builds this only under that condition; generated unconditionally here)
     #[serde(rename = "vhost-user-blk")]
     VhostUserBlk(BlockExportOptionsVhostUserBlk),
+    /// a FUSE mount (since 6.0)
+    ///
     /// **If:** `CONFIG_FUSE` (QEMU builds this only under that condition; generated unconditionally here)
     #[serde(rename = "fuse")]
     Fuse(BlockExportOptionsFuse),
+    /// a VDUSE block device (since 7.1)
+    ///
     /// **If:** `CONFIG_VDUSE_BLK_EXPORT` (QEMU builds this only under that condition; generated unconditionally here)
     #[serde(rename = "vduse-blk")]
     VduseBlk(BlockExportOptionsVduseBlk),
@@ -9404,6 +9591,24 @@ impl BlockExportOptionsBranch {
 }
 
 impl BlockExportOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(
+        id: impl ::std::convert::Into<::std::string::String>,
+        node_name: impl ::std::convert::Into<::std::string::String>,
+        branch: BlockExportOptionsBranch,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            fixed_iothread: ::std::option::Option::None,
+            iothread: ::std::option::Option::None,
+            node_name: node_name.into(),
+            writable: ::std::option::Option::None,
+            writethrough: ::std::option::Option::None,
+            allow_inactive: ::std::option::Option::None,
+            branch,
+        }
+    }
     /// Reads this union's members from an object being visited.
     pub(crate) fn read_qmp_members(
         object: &mut crate::input::QmpObject<'_>,
