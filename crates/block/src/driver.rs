@@ -197,8 +197,9 @@ pub type DriverOpenFn = fn(&mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDri
 pub struct DriverSpec {
     /// The `driver` value, e.g. `"qcow2"`.
     pub name: &'static str,
-    /// Whether the driver talks to storage itself (`file`, `null-co`) rather than through
-    /// children (formats, filters).
+    /// QEMU's protocol-style drivers (`file`, `null-co`, `blkdebug`) get their node name
+    /// before their children open; formats (`raw`, `qcow2`) open their `file` child first.
+    /// This fixes `#blockNNN` counters and the order of `query-named-block-nodes`.
     pub is_protocol: bool,
     /// The opener.
     pub open: DriverOpenFn,
@@ -221,16 +222,26 @@ const COMMON_OPTIONS: &[&str] = &[
 pub struct OpenContext<'g> {
     pub(crate) graph: &'g mut BlockGraph,
     pub(crate) options: &'g Map<String, Value>,
-    pub(crate) node_name: String,
+    pub(crate) explicit_name: Option<String>,
+    /// Assigned name and whether it was generated; set when first needed.
+    pub(crate) name: Option<(String, bool)>,
     pub(crate) read_only: bool,
     pub(crate) children: Vec<crate::node::ChildEdge>,
     pub(crate) consumed: Vec<String>,
 }
 
 impl OpenContext<'_> {
-    /// The node being opened.
-    pub fn node_name(&self) -> &str {
-        &self.node_name
+    /// The name of the node being opened, assigning it now if needed (a generated
+    /// `#blockNNN`, or the validated `node-name`).
+    pub fn ensure_name(&mut self) -> BlockResult<String> {
+        if self.name.is_none() {
+            self.name = Some(self.graph.assign_name(self.explicit_name.as_deref())?);
+        }
+        Ok(self
+            .name
+            .as_ref()
+            .map(|(n, _)| n.clone())
+            .unwrap_or_default())
     }
 
     /// Whether the node opens read-only.
@@ -308,7 +319,8 @@ impl OpenContext<'_> {
             Some(_) => return Err(type_error(key, "BlockdevRef")),
         };
         let (perm, shared) = kind.child_perms(Perm::NONE, Perm::ALL, !self.read_only);
-        let use_id = child.add_use(&format!("node '{}'", self.node_name), key, perm, shared)?;
+        let holder = format!("node '{}'", self.ensure_name()?);
+        let use_id = child.add_use(&holder, key, perm, shared)?;
         self.children.push(crate::node::ChildEdge {
             name: key.to_string(),
             kind,

@@ -133,6 +133,10 @@ impl BlockGraph {
         }
     }
 
+    /// Opens one node (and, through its driver, its children). Like QEMU, a protocol-style
+    /// driver (`file`, `null-co`, `blkdebug`) gets its name before its children open, while a
+    /// format (`raw`, `qcow2`) opens its `file` first: this fixes the `#blockNNN` counters and
+    /// the order of `query-named-block-nodes`.
     pub(crate) fn open_node(
         &mut self,
         options: &Map<String, Value>,
@@ -153,11 +157,8 @@ impl BlockGraph {
                 "Parameter 'driver' does not accept value '{driver_name}'"
             ))
         })?;
-        let (name, auto_named) = match options.get("node-name") {
-            Some(Value::String(n)) => {
-                self.check_new_name(n)?;
-                (n.clone(), false)
-            }
+        let explicit_name = match options.get("node-name") {
+            Some(Value::String(n)) => Some(n.clone()),
             Some(_) => {
                 return Err(BlockError::new(
                     "Invalid parameter type for 'node-name', expected: string",
@@ -168,7 +169,7 @@ impl BlockGraph {
                     "'node-name' must be specified for the root node",
                 ));
             }
-            None => (self.auto_name(), true),
+            None => None,
         };
         let read_only = match options.get("read-only") {
             Some(Value::Bool(b)) => *b,
@@ -179,33 +180,49 @@ impl BlockGraph {
             }
             None => inherited_read_only.unwrap_or(false),
         };
+        let slot = self.nodes.len();
         let mut ctx = OpenContext {
             graph: self,
             options,
-            node_name: name.clone(),
+            explicit_name,
+            name: None,
             read_only,
             children: Vec::new(),
             consumed: Vec::new(),
         };
-        let opened = (spec.open)(&mut ctx).and_then(|driver| {
+        let opened = if spec.is_protocol {
+            ctx.ensure_name().map(|_| ())
+        } else {
+            Ok(())
+        }
+        .and_then(|()| (spec.open)(&mut ctx))
+        .and_then(|driver| {
             if driver.supports_backing() {
                 ctx.consumed.push("backing".to_string());
             }
-            match ctx.unknown_option() {
-                Some(e) => {
+            let checked = match ctx.unknown_option() {
+                Some(e) => Err(e),
+                None => ctx.ensure_name().map(|_| ()),
+            };
+            match checked {
+                Ok(()) => Ok(driver),
+                Err(e) => {
                     let _ = driver.close();
                     Err(e)
                 }
-                None => Ok(driver),
             }
         });
         let children = std::mem::take(&mut ctx.children);
-        let driver = match opened {
-            Ok(d) => d,
-            Err(e) => {
+        let name = ctx.name.take();
+        let (driver, (name, auto_named)) = match (opened, name) {
+            (Ok(driver), Some(name)) => (driver, name),
+            (result, _) => {
                 for edge in &children {
                     edge.node.remove_use(edge.use_id);
                 }
+                let e = result
+                    .err()
+                    .unwrap_or_else(|| BlockError::new("Could not assign a node name"));
                 return Err(e);
             }
         };
@@ -222,10 +239,25 @@ impl BlockGraph {
             let _ = node.close_storing(false);
             return Err(e);
         }
-        self.nodes.push(node.clone());
+        if spec.is_protocol {
+            self.nodes.insert(slot.min(self.nodes.len()), node.clone());
+        } else {
+            self.nodes.push(node.clone());
+        }
         // Like QEMU, the backing chain opens after (and is registered after) its overlay.
         self.open_backing(&node, options)?;
         Ok(node)
+    }
+
+    /// Validates an explicit name, or generates one.
+    pub(crate) fn assign_name(&mut self, explicit: Option<&str>) -> BlockResult<(String, bool)> {
+        match explicit {
+            Some(n) => {
+                self.check_new_name(n)?;
+                Ok((n.to_string(), false))
+            }
+            None => Ok((self.auto_name(), true)),
+        }
     }
 
     fn open_backing(
@@ -419,20 +451,52 @@ pub fn node_filename(node: &BlockNode) -> String {
         )
     });
     match node.child("file") {
-        Some(file) if only_file => node_filename(&file),
+        Some(file) if only_file => {
+            let inner = node_filename(&file);
+            if inner.starts_with("json:") {
+                json_filename(node.options())
+            } else {
+                inner
+            }
+        }
         _ => json_filename(node.options()),
     }
 }
 
 fn json_filename(options: &Value) -> String {
+    /// Drops naming/read-only keys and flattens lists QEMU-style (`inject-error.0.errno`).
     fn strip(v: &Value) -> Value {
+        fn flatten(prefix: &str, v: &Value, out: &mut Map<String, Value>) {
+            match v {
+                Value::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        flatten(&format!("{prefix}.{i}"), item, out);
+                    }
+                }
+                Value::Object(m) => {
+                    for (k, item) in m {
+                        flatten(&format!("{prefix}.{k}"), item, out);
+                    }
+                }
+                other => {
+                    out.insert(prefix.to_string(), other.clone());
+                }
+            }
+        }
         match v {
-            Value::Object(m) => Value::Object(
-                m.iter()
-                    .filter(|(k, _)| k.as_str() != "node-name" && k.as_str() != "read-only")
-                    .map(|(k, v)| (k.clone(), strip(v)))
-                    .collect(),
-            ),
+            Value::Object(m) => {
+                let mut out = Map::new();
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("node-name" | "read-only", _) => {}
+                        (_, Value::Array(_)) => flatten(k, v, &mut out),
+                        _ => {
+                            out.insert(k.clone(), strip(v));
+                        }
+                    }
+                }
+                Value::Object(out)
+            }
             other => other.clone(),
         }
     }

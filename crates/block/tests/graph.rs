@@ -471,3 +471,76 @@ fn raw_size_must_be_sector_aligned() {
             "file": {"driver": "file", "filename": f}}));
     assert_eq!(err(r), "Specified size is not multiple of 512");
 }
+
+#[test]
+fn query_order_and_names_for_blkdebug_match_qsd() {
+    let d = tempfile::tempdir().unwrap();
+    let f = image(&d, "a.raw", 4096);
+    let mut g = BlockGraph::new();
+    g.blockdev_add(
+        &json!({"driver": "raw", "node-name": "r", "file": {"driver": "blkdebug",
+        "inject-error": [{"event": "pwritev", "errno": 5}],
+        "image": {"driver": "file", "filename": f}}}),
+    )
+    .unwrap();
+    g.blockdev_add(&json!({"driver": "blkdebug", "node-name": "d2",
+        "image": {"driver": "file", "filename": f}}))
+        .unwrap();
+    let q = g.query_named_block_nodes(true);
+    let rows: Vec<(&str, &str)> = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["drv"].as_str().unwrap(), n["file"].as_str().unwrap()))
+        .collect();
+    // QSD: #block214 file, d2 blkdebug, r raw, #block153 file, #block010 blkdebug.
+    let drvs: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(drvs, ["file", "blkdebug", "raw", "file", "blkdebug"]);
+    assert_eq!(rows[1].1, format!("blkdebug::{f}"));
+    assert_eq!(
+        rows[4].1,
+        format!(
+            r#"json:{{"driver": "blkdebug", "inject-error.0.event": "pwritev", "inject-error.0.errno": 5, "image": {{"driver": "file", "filename": "{f}"}}}}"#
+        )
+    );
+    assert!(
+        rows[2]
+            .1
+            .starts_with(r#"json:{"driver": "raw", "file": {"driver": "blkdebug""#)
+    );
+    assert!(q[4]["image"].get("actual-size").is_none());
+    assert!(q[2]["image"].get("actual-size").is_none());
+    assert!(g.nodes().nth(4).unwrap().name().starts_with("#block0"));
+    assert!(g.nodes().nth(3).unwrap().name().starts_with("#block1"));
+}
+
+#[test]
+fn format_child_gets_its_generated_name_before_the_parent() {
+    let d = tempfile::tempdir().unwrap();
+    let f = image(&d, "a.raw", 4096);
+    let mut g = BlockGraph::new();
+    g.blockdev_add(&json!({"driver": "raw", "node-name": "r",
+        "file": {"driver": "raw", "file": {"driver": "file", "filename": f}}}))
+        .unwrap();
+    let names: Vec<String> = g.nodes().map(|n| n.name().to_string()).collect();
+    assert_eq!(names[0], "r");
+    assert!(names[1].starts_with("#block1"), "{names:?}");
+    assert!(names[2].starts_with("#block0"), "{names:?}");
+}
+
+#[test]
+fn duplicate_name_of_a_format_is_reported_after_its_file_opens() {
+    let mut g = BlockGraph::new();
+    g.blockdev_add(&json!({"driver": "null-co", "node-name": "x"}))
+        .unwrap();
+    let r = g.blockdev_add(&json!({"driver": "raw", "node-name": "x",
+        "file": {"driver": "file", "filename": "/nonexistent/f"}}));
+    assert_eq!(
+        err(r),
+        "Could not open '/nonexistent/f': No such file or directory"
+    );
+    let r = g.blockdev_add(&json!({"driver": "raw", "node-name": "x",
+        "file": {"driver": "null-co"}}));
+    assert_eq!(err(r), "Duplicate nodes with node-name='x'");
+    assert_eq!(g.nodes().count(), 1);
+}

@@ -18,7 +18,7 @@ use crate::node::{BlockNode, lock};
 /// The `blkdebug` driver.
 pub const SPEC: DriverSpec = DriverSpec {
     name: "blkdebug",
-    is_protocol: false,
+    is_protocol: true,
     open,
 };
 
@@ -79,6 +79,8 @@ struct Rules {
 /// An error-injecting filter.
 pub struct BlkdebugDriver {
     image: Arc<BlockNode>,
+    /// Whether rules were configured (the file name is then a `json:` one).
+    configured: bool,
     rules: Mutex<Rules>,
 }
 
@@ -191,6 +193,7 @@ fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
         .open_child("image", ChildKind::Filtered, true)?
         .ok_or_else(|| BlockError::new("Parameter 'image' is missing"))?;
     Ok(Box::new(BlkdebugDriver {
+        configured: !rules.all.is_empty(),
         image,
         rules: Mutex::new(rules),
     }))
@@ -268,7 +271,10 @@ impl BlockDriver for BlkdebugDriver {
     }
 
     fn info(&self) -> DriverInfo {
+        let image = crate::graph::node_filename(&self.image);
         DriverInfo {
+            filename: (!self.configured && !image.starts_with("json:"))
+                .then(|| format!("blkdebug::{image}")),
             dirty_flag: Some(false),
             ..DriverInfo::default()
         }
