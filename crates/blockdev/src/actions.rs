@@ -5,13 +5,14 @@ use std::sync::{Arc, OnceLock};
 
 use job::{JobKey, JobSpec, OnError};
 use qmp_api::{
-    BackupCommon, BitmapSyncMode, BlockdevBackup, BlockdevOnError, DriveBackup, MirrorSyncMode,
-    NewImageMode, QmpError,
+    BackupCommon, BitmapSyncMode, BlockdevBackup, BlockdevMirrorArguments, BlockdevOnError,
+    DriveBackup, MirrorSyncMode, NewImageMode, QmpError,
 };
 
 use crate::BlockState;
 use crate::backup::{BackupBitmap, BackupJob, BackupSync};
 use crate::claims::Drain;
+use crate::mirror::MirrorJob;
 use crate::node::{BlockIo, ImageRef};
 use crate::transaction::Action;
 
@@ -293,4 +294,66 @@ impl Action<BlockState> for BackupAction {
             drain.end();
         }
     }
+}
+
+/// `blockdev-mirror` (not a transaction action in QEMU, and no drained start).
+pub(crate) fn start_mirror(
+    env: &mut BlockState,
+    args: BlockdevMirrorArguments,
+) -> Result<(), QmpError> {
+    let source = env.lookup(&args.device)?;
+    let target = env.lookup(&args.target)?;
+    if let Some(g) = args.granularity
+        && !(512..=64 << 20).contains(&g)
+    {
+        return Err(QmpError::generic(
+            "Parameter 'granularity' expects a value in range [512B, 64MB]",
+        ));
+    }
+    if args.granularity.is_some_and(|g| !g.is_power_of_two()) {
+        return Err(QmpError::generic("Granularity must be power of 2"));
+    }
+    env.claims.check_free(&args.device)?;
+    env.claims.check_free(&args.target)?;
+    let sync = match args.sync {
+        MirrorSyncMode::Top if source.backing_image().is_none() => MirrorSyncMode::Full,
+        other => other,
+    };
+    if sync != MirrorSyncMode::Full {
+        return Err(QmpError::generic(format!(
+            "Sync mode '{sync}' is not supported by this daemon's mirror"
+        )));
+    }
+    if args.device == args.target {
+        return Err(QmpError::generic("Can't mirror node into itself"));
+    }
+    if source.size() != target.size() {
+        return Err(QmpError::generic(
+            "Source and target image have different sizes",
+        ));
+    }
+    let spec = JobSpec::new(args.job_id.clone().unwrap_or_default())
+        .auto_finalize(args.auto_finalize.unwrap_or(true))
+        .auto_dismiss(args.auto_dismiss.unwrap_or(true))
+        .speed(args.speed.unwrap_or(0));
+    let key_cell = Arc::new(OnceLock::new());
+    let driver = MirrorJob::new(
+        source,
+        target,
+        (
+            on_error(args.on_source_error),
+            on_error(args.on_target_error),
+        ),
+        env.pool.clone(),
+        env.claims.clone(),
+        key_cell.clone(),
+    );
+    let key = env.jobs.create(spec, Box::new(driver), None)?;
+    let _ = key_cell.set(key);
+    env.claims.claim(key, "mirror", &args.device, true);
+    env.claims.claim(key, "mirror", &args.target, true);
+    if let Err(e) = env.jobs.start(key) {
+        tracing::warn!("mirror job could not start: {e}");
+    }
+    Ok(())
 }

@@ -9,11 +9,11 @@ use qmp_api::{
     BlockJobChangeOptionsBranch, BlockJobCompleteArguments, BlockJobDismissArguments,
     BlockJobFinalizeArguments, BlockJobInfo, BlockJobInfoBranch, BlockJobInfoMirror,
     BlockJobPauseArguments, BlockJobResumeArguments, BlockJobSetSpeedArguments, BlockJobVerb,
-    BlockdevBackup, BlockdevDelArguments, BlockdevOptions, Commands, DriveBackup,
-    JobCancelArguments, JobCompleteArguments, JobDismissArguments, JobFinalizeArguments, JobInfo,
-    JobPauseArguments, JobResumeArguments, JobType, QmpError, QueryNamedBlockNodesArguments,
-    SchemaInfo, TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
-    VersionTriple,
+    BlockdevBackup, BlockdevDelArguments, BlockdevMirrorArguments, BlockdevOptions, Commands,
+    DriveBackup, JobCancelArguments, JobCompleteArguments, JobDismissArguments,
+    JobFinalizeArguments, JobInfo, JobPauseArguments, JobResumeArguments, JobType, QmpError,
+    QueryNamedBlockNodesArguments, SchemaInfo, TransactionActionBranch, TransactionActionKind,
+    TransactionArguments, VersionInfo, VersionTriple,
 };
 
 use crate::actions::{AbortAction, BackupAction};
@@ -324,6 +324,10 @@ impl Commands for Blockdev {
 
     fn drive_backup(&mut self, args: DriveBackup) -> Result<(), QmpError> {
         self.run_transaction(vec![Box::new(BackupAction::drive(args))], false)
+    }
+
+    fn blockdev_mirror(&mut self, args: BlockdevMirrorArguments) -> Result<(), QmpError> {
+        crate::actions::start_mirror(&mut self.state, args)
     }
 
     fn transaction(&mut self, args: TransactionArguments) -> Result<(), QmpError> {

@@ -15,6 +15,7 @@ pub mod block_layer;
 mod claims;
 mod commands;
 mod events;
+pub mod mirror;
 pub mod node;
 pub mod transaction;
 
@@ -81,6 +82,7 @@ pub const COMMANDS: &[&str] = &[
     "block-dirty-bitmap-merge",
     "blockdev-backup",
     "drive-backup",
+    "blockdev-mirror",
     "transaction",
 ];
 
