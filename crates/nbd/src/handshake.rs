@@ -1,0 +1,255 @@
+//! The fixed newstyle handshake: greeting, client flags, then option haggling until the client
+//! picks an export (`NBD_OPT_EXPORT_NAME`, `NBD_OPT_GO`), aborts or hangs up.
+//!
+//! Served options: EXPORT_NAME, ABORT, LIST, INFO, GO. Everything else (STARTTLS,
+//! STRUCTURED_REPLY, meta contexts, extended headers, …) gets `NBD_REP_ERR_UNSUP`, after which
+//! clients continue with simple replies.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::exports::{ExportEntry, ExportLease, Registry};
+use crate::wire;
+
+/// Runs the handshake; `Some` lease when the client entered transmission on an export, `None`
+/// when it ended the session cleanly (ABORT, or hung up between options).
+pub(crate) async fn negotiate<S>(stream: &mut S, registry: &Registry) -> io::Result<Option<ExportLease>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut greeting = Vec::with_capacity(18);
+    greeting.extend_from_slice(&wire::NBDMAGIC.to_be_bytes());
+    greeting.extend_from_slice(&wire::IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(wire::FLAG_FIXED_NEWSTYLE | wire::FLAG_NO_ZEROES).to_be_bytes());
+    stream.write_all(&greeting).await?;
+
+    let client_flags = stream.read_u32().await?;
+    if client_flags & !(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES) != 0 {
+        return Err(protocol_error(format!("unknown client flags {client_flags:#x}")));
+    }
+    let no_zeroes = client_flags & wire::FLAG_C_NO_ZEROES != 0;
+
+    loop {
+        let mut header = [0u8; 16];
+        match stream.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(error) => return Err(error),
+        }
+        let (magic, rest) = header.split_at(8);
+        if magic != wire::IHAVEOPT.to_be_bytes() {
+            return Err(protocol_error("option request without IHAVEOPT".into()));
+        }
+        let option = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        let length = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
+
+        if length > wire::MAX_OPTION_DATA {
+            discard(stream, length).await?;
+            if option == wire::OPT_EXPORT_NAME {
+                return Err(protocol_error("export name too long".into()));
+            }
+            let message = format!("option data of {length} bytes is too large");
+            reply_error(stream, option, wire::REP_ERR_TOO_BIG, &message).await?;
+            continue;
+        }
+        let mut data = vec![0u8; length as usize];
+        stream.read_exact(&mut data).await?;
+
+        match option {
+            wire::OPT_EXPORT_NAME => {
+                let lease = std::str::from_utf8(&data)
+                    .ok()
+                    .and_then(|name| registry.attach(name))
+                    .ok_or_else(|| protocol_error("NBD_OPT_EXPORT_NAME of an unknown export".into()))?;
+                let entry = lease.entry();
+                let mut answer = Vec::with_capacity(134);
+                answer.extend_from_slice(&entry.export.backend.size().to_be_bytes());
+                answer.extend_from_slice(&entry.transmission_flags().to_be_bytes());
+                if !no_zeroes {
+                    answer.extend_from_slice(&[0u8; 124]);
+                }
+                stream.write_all(&answer).await?;
+                return Ok(Some(lease));
+            }
+            wire::OPT_ABORT => {
+                // The client may already be gone; the session ends either way.
+                let _ = send(stream, wire::option_reply(option, wire::REP_ACK, &[])).await;
+                return Ok(None);
+            }
+            wire::OPT_LIST => {
+                if !data.is_empty() {
+                    reply_error(stream, option, wire::REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+                        .await?;
+                    continue;
+                }
+                let mut replies = Vec::new();
+                for (name, description) in registry.list() {
+                    let mut server = Vec::with_capacity(4 + name.len() + description.len());
+                    server.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                    server.extend_from_slice(name.as_bytes());
+                    server.extend_from_slice(description.as_bytes());
+                    replies.extend(wire::option_reply(option, wire::REP_SERVER, &server));
+                }
+                replies.extend(wire::option_reply(option, wire::REP_ACK, &[]));
+                send(stream, replies).await?;
+            }
+            wire::OPT_INFO | wire::OPT_GO => {
+                let Some(request) = InfoRequest::parse(&data) else {
+                    reply_error(stream, option, wire::REP_ERR_INVALID, "malformed info request")
+                        .await?;
+                    continue;
+                };
+                if option == wire::OPT_GO {
+                    let Some(lease) = registry.attach(request.name) else {
+                        reply_unknown(stream, option, request.name).await?;
+                        continue;
+                    };
+                    send(stream, info_replies(option, &request, lease.entry())).await?;
+                    return Ok(Some(lease));
+                }
+                match registry.find(request.name) {
+                    Some(entry) => send(stream, info_replies(option, &request, &entry)).await?,
+                    None => reply_unknown(stream, option, request.name).await?,
+                }
+            }
+            _ => {
+                let message = format!("option {option} is not supported");
+                reply_error(stream, option, wire::REP_ERR_UNSUP, &message).await?;
+            }
+        }
+    }
+}
+
+/// The data of `NBD_OPT_INFO` / `NBD_OPT_GO`: an export name and the information wanted.
+struct InfoRequest<'a> {
+    name: &'a str,
+    wanted: Vec<u16>,
+}
+
+impl<'a> InfoRequest<'a> {
+    fn parse(data: &'a [u8]) -> Option<InfoRequest<'a>> {
+        let name_len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+        let name_end = 4usize.checked_add(name_len)?;
+        let name = std::str::from_utf8(data.get(4..name_end)?).ok()?;
+        let count = u16::from_be_bytes(data.get(name_end..name_end + 2)?.try_into().ok()?) as usize;
+        let list = data.get(name_end + 2..)?;
+        if list.len() != count * 2 {
+            return None;
+        }
+        let wanted = list
+            .chunks_exact(2)
+            .map(|pair| u16::from_be_bytes([pair[0], pair[1]]))
+            .collect();
+        Some(InfoRequest { name, wanted })
+    }
+}
+
+/// The `NBD_REP_INFO` replies (export, block size, and name/description when asked), then ACK.
+fn info_replies(option: u32, request: &InfoRequest<'_>, entry: &ExportEntry) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut export = Vec::with_capacity(12);
+    export.extend_from_slice(&wire::INFO_EXPORT.to_be_bytes());
+    export.extend_from_slice(&entry.export.backend.size().to_be_bytes());
+    export.extend_from_slice(&entry.transmission_flags().to_be_bytes());
+    out.extend(wire::option_reply(option, wire::REP_INFO, &export));
+
+    let mut block_size = Vec::with_capacity(14);
+    block_size.extend_from_slice(&wire::INFO_BLOCK_SIZE.to_be_bytes());
+    block_size.extend_from_slice(&wire::MIN_BLOCK.to_be_bytes());
+    block_size.extend_from_slice(&wire::PREFERRED_BLOCK.to_be_bytes());
+    block_size.extend_from_slice(&wire::MAX_PAYLOAD.to_be_bytes());
+    out.extend(wire::option_reply(option, wire::REP_INFO, &block_size));
+
+    let mut text_info = |kind: u16, text: &str| {
+        let mut info = Vec::with_capacity(2 + text.len());
+        info.extend_from_slice(&kind.to_be_bytes());
+        info.extend_from_slice(text.as_bytes());
+        out.extend(wire::option_reply(option, wire::REP_INFO, &info));
+    };
+    if request.wanted.contains(&wire::INFO_NAME) {
+        text_info(wire::INFO_NAME, &entry.export.name);
+    }
+    if request.wanted.contains(&wire::INFO_DESCRIPTION) && !entry.export.description.is_empty() {
+        text_info(wire::INFO_DESCRIPTION, &entry.export.description);
+    }
+    out.extend(wire::option_reply(option, wire::REP_ACK, &[]));
+    out
+}
+
+async fn reply_unknown<S>(stream: &mut S, option: u32, name: &str) -> io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    let message = format!("export '{name}' not present");
+    reply_error(stream, option, wire::REP_ERR_UNKNOWN, &message).await
+}
+
+async fn reply_error<S>(stream: &mut S, option: u32, error: u32, message: &str) -> io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    send(stream, wire::option_reply(option, error, message.as_bytes())).await
+}
+
+async fn send<S>(stream: &mut S, bytes: Vec<u8>) -> io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    stream.write_all(&bytes).await?;
+    stream.flush().await
+}
+
+/// Reads and drops `length` bytes of option data too large to keep.
+async fn discard<S>(stream: &mut S, length: u32) -> io::Result<()>
+where
+    S: AsyncRead + Unpin,
+{
+    let copied = tokio::io::copy(&mut stream.take(u64::from(length)), &mut tokio::io::sink()).await?;
+    if copied < u64::from(length) {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+fn protocol_error(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info_data(name: &str, wanted: &[u16]) -> Vec<u8> {
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&(wanted.len() as u16).to_be_bytes());
+        for info in wanted {
+            data.extend_from_slice(&info.to_be_bytes());
+        }
+        data
+    }
+
+    #[test]
+    fn info_request_carries_name_and_wanted_information() {
+        let data = info_data("disk", &[wire::INFO_BLOCK_SIZE, wire::INFO_NAME]);
+        let request = InfoRequest::parse(&data).unwrap();
+        assert_eq!(request.name, "disk");
+        assert_eq!(request.wanted, vec![wire::INFO_BLOCK_SIZE, wire::INFO_NAME]);
+    }
+
+    #[test]
+    fn info_request_with_a_name_past_the_data_is_malformed() {
+        let mut data = info_data("disk", &[]);
+        data[3] = 200;
+        assert!(InfoRequest::parse(&data).is_none());
+    }
+
+    #[test]
+    fn info_request_with_a_wrong_count_is_malformed() {
+        let mut data = info_data("disk", &[wire::INFO_NAME]);
+        data.push(0);
+        assert!(InfoRequest::parse(&data).is_none());
+        assert!(InfoRequest::parse(&[0, 0]).is_none());
+    }
+}

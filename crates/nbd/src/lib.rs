@@ -1,0 +1,25 @@
+//! An NBD server (fixed newstyle handshake, simple replies) serving named exports over a unix
+//! or TCP socket, as `nbd-server-start` / `block-export-add` / `block-export-del` /
+//! `nbd-server-stop` need. Exports are [`ExportBackend`] trait objects: the crate knows
+//! nothing of the node graph.
+//!
+//! ```no_run
+//! # async fn example(backend: std::sync::Arc<dyn nbd::ExportBackend>) -> std::io::Result<()> {
+//! use nbd::{Export, ListenAddr, NbdServer, RemoveMode, ServerConfig};
+//! let server = NbdServer::start(&ListenAddr::Unix("/tmp/nbd.sock".into()), ServerConfig::default()).await?;
+//! server.add_export(Export::new("disk", backend).writable(true)).expect("a new name");
+//! // … clients connect to nbd+unix:///disk?socket=/tmp/nbd.sock …
+//! let deletion = server.remove_export("disk", RemoveMode::Hard).expect("exists");
+//! deletion.wait().await; // now emit BLOCK_EXPORT_DELETED
+//! server.stop().await;
+//! # Ok(()) }
+//! ```
+
+mod exports;
+mod handshake;
+mod server;
+mod transmission;
+mod wire;
+
+pub use exports::{Export, ExportBackend, ExportDeletion, ExportError, RemoveMode};
+pub use server::{BoundAddr, ListenAddr, NbdServer, ServerConfig};
