@@ -33,6 +33,15 @@ pub struct DirtyBitmap {
     successor: Option<Box<DirtyBitmap>>,
 }
 
+/// A zeroed vector, or ENOMEM instead of aborting on a huge request.
+fn zeroed(n: usize) -> BlockResult<Vec<u64>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| BlockError::from_errno(libc::ENOMEM))?;
+    v.resize(n, 0);
+    Ok(v)
+}
+
 /// Whether `granularity` is acceptable (power of two, 512 B ..= 2 GiB).
 pub fn granularity_is_valid(granularity: u64) -> bool {
     granularity.is_power_of_two() && (MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity)
@@ -49,13 +58,13 @@ impl DirtyBitmap {
         let shift = granularity.trailing_zeros();
         let granules = size.div_ceil(granularity);
         let nwords = usize::try_from(granules.div_ceil(64))
-            .map_err(|_| BlockError::new("Bitmap too large"))?;
+            .map_err(|_| BlockError::from_errno(libc::ENOMEM))?;
         Ok(DirtyBitmap {
             name,
             shift,
             size,
-            words: vec![0; nwords],
-            summary: vec![0; nwords.div_ceil(64)],
+            words: zeroed(nwords)?,
+            summary: zeroed(nwords.div_ceil(64))?,
             dirty_granules: 0,
             enabled: true,
             persistent: false,
@@ -492,6 +501,12 @@ mod tests {
             err.desc(),
             "Granularity must be power of 2 and at least 512"
         );
+    }
+
+    #[test]
+    fn impossible_bitmap_size_fails_without_aborting() {
+        let e = DirtyBitmap::new(None, 512, u64::MAX).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::ENOMEM));
     }
 
     #[test]

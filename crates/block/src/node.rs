@@ -333,6 +333,7 @@ impl BlockNode {
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
         self.check_open()?;
+        check_request(offset, buf.len() as u64)?;
         self.driver.read_at(offset, buf)
     }
 
@@ -355,6 +356,7 @@ impl BlockNode {
     /// data may be partly written).
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
         self.check_writable()?;
+        check_request(offset, buf.len() as u64)?;
         self.debug_event(BlkdebugEvent::Pwritev);
         let r = self.driver.write_at(offset, buf);
         self.debug_event(BlkdebugEvent::PwritevDone);
@@ -365,6 +367,7 @@ impl BlockNode {
     /// Writes `len` zeros at `offset`; marks recording bitmaps.
     pub fn write_zeroes_at(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.check_writable()?;
+        check_request(offset, len)?;
         self.debug_event(BlkdebugEvent::PwritevZero);
         let r = self.driver.write_zeroes_at(offset, len);
         self.debug_event(BlkdebugEvent::PwritevDone);
@@ -468,6 +471,14 @@ impl BlockNode {
             edge.node.remove_use(edge.use_id);
         }
         stored.and(closed)
+    }
+}
+
+/// Requests must end below 2^63 (QEMU's `BDRV_MAX_LENGTH` bound): EIO otherwise.
+fn check_request(offset: u64, len: u64) -> BlockResult<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= i64::MAX as u64 => Ok(()),
+        _ => Err(BlockError::from_errno(libc::EIO)),
     }
 }
 

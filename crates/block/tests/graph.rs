@@ -544,3 +544,20 @@ fn duplicate_name_of_a_format_is_reported_after_its_file_opens() {
     assert_eq!(err(r), "Duplicate nodes with node-name='x'");
     assert_eq!(g.nodes().count(), 1);
 }
+
+#[test]
+fn request_beyond_2_pow_63_fails_with_eio() {
+    let mut g = BlockGraph::new();
+    let n = g
+        .blockdev_add(&json!({"driver": "null-co", "node-name": "n"}))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    assert_eq!(
+        n.read_at(u64::MAX - 10, &mut buf).unwrap_err().errno(),
+        Some(libc::EIO)
+    );
+    assert_eq!(
+        n.write_at(i64::MAX as u64, &buf).unwrap_err().errno(),
+        Some(libc::EIO)
+    );
+}

@@ -155,7 +155,13 @@ fn parse_rule(id: usize, v: &Value) -> BlockResult<Rule> {
         state: int("state", 0)?,
         iotypes,
         errno,
-        offset: u64::try_from(sector).ok().map(|s| s * 512),
+        offset: match u64::try_from(sector) {
+            Err(_) => None,
+            Ok(s) => Some(
+                s.checked_mul(512)
+                    .ok_or_else(|| BlockError::new("Invalid sector"))?,
+            ),
+        },
         once: flag("once")?,
     })
 }

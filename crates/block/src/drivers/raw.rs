@@ -53,7 +53,9 @@ impl RawDriver {
         {
             return Err(BlockError::from_errno(libc::EINVAL));
         }
-        Ok(self.offset + offset)
+        self.offset
+            .checked_add(offset)
+            .ok_or_else(|| BlockError::from_errno(libc::EINVAL))
     }
 }
 
