@@ -380,7 +380,12 @@ impl JsonStream {
         self.token_count = 0;
         self.token_bytes = 0;
         self.stack.clear();
-        self.token.clear();
+        // Do not keep a huge token's buffer for the life of the connection.
+        if self.token.capacity() > 1 << 20 {
+            self.token = Vec::new();
+        } else {
+            self.token.clear();
+        }
     }
 
     fn token_done(&mut self, kind: TokenKind, out: &mut Vec<Message>) {
@@ -421,9 +426,11 @@ impl JsonStream {
             }
             Step::Fail(desc) => self.fail(out, desc),
         }
-        // Keep the allocation for the next token.
-        self.token = token;
-        self.token.clear();
+        // Keep the allocation for the next token, unless it is huge.
+        if token.capacity() <= 1 << 20 {
+            self.token = token;
+            self.token.clear();
+        }
     }
 
     /// Feed one token to the incremental parser, mirroring the errors of QEMU's
