@@ -8,7 +8,9 @@ pub use qmp_api::{ErrorClass, QmpError};
 ///
 /// The monitor itself answers `qmp_capabilities` and `quit`; everything else comes here.
 /// Commands run one at a time, in arrival order across all clients (QEMU runs QMP commands
-/// serially in its main loop), on a dedicated dispatcher thread: `execute` may block.
+/// serially in its main loop), on a dedicated dispatcher thread: `execute` may block. That
+/// thread is inside the tokio runtime the server was created in, so `execute` may use
+/// `tokio::runtime::Handle::current()` (spawn, or `block_on` a future).
 pub trait QmpBackend: Send + Sync + 'static {
     /// Run command `name`. `arguments` is `None` when the request had no `"arguments"` member
     /// (QEMU treats that as `{}`). An unknown name must give

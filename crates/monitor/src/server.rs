@@ -190,9 +190,15 @@ impl MonitorServer {
             shutdown: shutdown.clone(),
             next_client: AtomicU64::new(1),
         });
+        // Commands run inside the caller's tokio runtime context (when there is one), so a
+        // backend may spawn tasks or `Handle::current().block_on(...)`.
+        let runtime = tokio::runtime::Handle::try_current().ok();
         let spawned = std::thread::Builder::new()
             .name("qmp-dispatcher".into())
-            .spawn(move || dispatch_loop(rx, backend, events, shutdown));
+            .spawn(move || {
+                let _context = runtime.as_ref().map(|r| r.enter());
+                dispatch_loop(rx, backend, events, shutdown)
+            });
         if let Err(e) = spawned {
             // Without a dispatcher every job send fails and clients see their connection close.
             tracing::error!("cannot start the QMP dispatcher thread: {e}");

@@ -703,3 +703,39 @@ async fn replies_to_commands_sent_before_eof_are_delivered() {
     assert_eq!(client.recv().await, json!({"return": {}, "id": 1}));
     server.stop().await;
 }
+
+/// A backend that needs the runtime: `execute` blocks on an async computation.
+struct AsyncBackend;
+
+impl QmpBackend for AsyncBackend {
+    fn execute(
+        &self,
+        _name: &str,
+        _arguments: Option<Map<String, Value>>,
+    ) -> Result<Value, QmpError> {
+        let handle = tokio::runtime::Handle::current();
+        let value = handle.block_on(async { tokio::task::spawn(async { 42 }).await.unwrap() });
+        Ok(json!(value))
+    }
+
+    fn has_command(&self, name: &str) -> bool {
+        name == "answer"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_run_inside_the_servers_tokio_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qmp.sock");
+    let mut server = MonitorServer::new(Arc::new(AsyncBackend), ServerConfig::default());
+    server.listen(Endpoint::Unix(path.clone())).await.unwrap();
+    let shutdown = server.shutdown_handle();
+    let task = tokio::spawn(server.run());
+    let mut client = connected(&path).await;
+    assert_eq!(
+        client.call(json!({"execute": "answer"})).await,
+        json!({"return": 42})
+    );
+    shutdown.request();
+    task.await.unwrap();
+}
