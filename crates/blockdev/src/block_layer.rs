@@ -8,7 +8,7 @@ use block::graph::node_filename;
 use block::{BlockError, BlockGraph, BlockNode};
 use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError};
 
-use crate::node::{BlockIo, Extent, ImageRef, NodeGraph, SyncBitmap};
+use crate::node::{BlockIo, Extent, ImageRef, NodeFacts, NodeGraph, SyncBitmap};
 
 /// A block error as QMP reports it.
 pub(crate) fn qmp_error(e: BlockError) -> QmpError {
@@ -218,7 +218,88 @@ impl NodeGraph for BlockLayer {
         self.graph.close_all().map_err(io_error)
     }
 
+    fn node_facts(&self, name: &str) -> Option<NodeFacts> {
+        let n = self.graph.find(name)?;
+        Some(NodeFacts {
+            in_use: n.is_in_use(),
+            has_backing: n.child("backing").is_some(),
+            supports_backing: n.driver().supports_backing(),
+            read_only: n.is_read_only(),
+        })
+    }
+
+    fn open_overlay(&mut self, image: &ImageRef, node_name: &str) -> Result<(), QmpError> {
+        let mut options = serde_json::json!({
+            "driver": image.format,
+            "node-name": node_name,
+            "file": {"driver": "file", "filename": image.filename},
+        });
+        // Formats with backing files must not open the old image a second time.
+        if image.format != "raw"
+            && let Some(map) = options.as_object_mut()
+        {
+            map.insert("backing".into(), serde_json::Value::Null);
+        }
+        self.graph
+            .blockdev_add(&options)
+            .map(|_| ())
+            .map_err(qmp_error)
+    }
+
+    fn insert_overlay(&mut self, node: &str, overlay: &str) -> Result<(), QmpError> {
+        let n = self.graph.lookup(node).map_err(qmp_error)?;
+        let o = self.graph.lookup(overlay).map_err(qmp_error)?;
+        self.graph
+            .set_backing(&o, Some(n.clone()))
+            .map_err(qmp_error)?;
+        move_parents(&self.graph, &n, &o);
+        Ok(())
+    }
+
+    fn remove_overlay(&mut self, node: &str, overlay: &str) {
+        let (Some(n), Some(o)) = (self.graph.find(node), self.graph.find(overlay)) else {
+            return;
+        };
+        move_parents(&self.graph, &o, &n);
+        if let Err(e) = self.graph.set_backing(&o, None) {
+            tracing::warn!("snapshot rollback: {}", e.desc());
+        }
+    }
+
+    fn release_if_unused(&mut self, node: &str) {
+        if let Some(n) = self.graph.find(node)
+            && !n.is_in_use()
+            && let Err(e) = self.graph.blockdev_del(node)
+        {
+            tracing::warn!("releasing {node}: {}", e.desc());
+        }
+    }
+
     fn block_graph(&mut self) -> Option<&mut BlockGraph> {
         Some(&mut self.graph)
+    }
+}
+
+/// Every parent edge of `from` (except `to`'s own) now points at `to` (QEMU's
+/// `bdrv_replace_node`).
+fn move_parents(graph: &BlockGraph, from: &Arc<BlockNode>, to: &Arc<BlockNode>) {
+    for parent in graph.nodes() {
+        if Arc::ptr_eq(parent, to) {
+            continue;
+        }
+        for edge in parent.children() {
+            if !Arc::ptr_eq(&edge.node, from) {
+                continue;
+            }
+            parent.detach_child(&edge.name);
+            if let Err(e) = parent.attach_child(&edge.name, edge.kind, to.clone()) {
+                tracing::warn!("moving '{}' of {}: {}", edge.name, parent.name(), e.desc());
+                let _ = parent.attach_child(&edge.name, edge.kind, from.clone());
+                continue;
+            }
+            if edge.name == "backing" {
+                parent.driver().set_backing(Some(to.clone()));
+            }
+        }
     }
 }

@@ -9,15 +9,17 @@ use qmp_api::{
     BlockJobChangeOptionsBranch, BlockJobCompleteArguments, BlockJobDismissArguments,
     BlockJobFinalizeArguments, BlockJobInfo, BlockJobInfoBranch, BlockJobInfoMirror,
     BlockJobPauseArguments, BlockJobResumeArguments, BlockJobSetSpeedArguments, BlockJobVerb,
-    BlockdevBackup, BlockdevDelArguments, BlockdevMirrorArguments, BlockdevOptions, Commands,
-    DriveBackup, JobCancelArguments, JobCompleteArguments, JobDismissArguments,
-    JobFinalizeArguments, JobInfo, JobPauseArguments, JobResumeArguments, JobType, QmpError,
-    QueryNamedBlockNodesArguments, SchemaInfo, TransactionActionBranch, TransactionActionKind,
-    TransactionArguments, VersionInfo, VersionTriple,
+    BlockdevBackup, BlockdevDelArguments, BlockdevMirrorArguments, BlockdevOptions,
+    BlockdevSnapshot, BlockdevSnapshotInternal, BlockdevSnapshotSync, Commands, DriveBackup,
+    JobCancelArguments, JobCompleteArguments, JobDismissArguments, JobFinalizeArguments, JobInfo,
+    JobPauseArguments, JobResumeArguments, JobType, QmpError, QueryNamedBlockNodesArguments,
+    SchemaInfo, TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
+    VersionTriple,
 };
 
 use crate::actions::{AbortAction, BackupAction};
 use crate::bitmaps::{self, BitmapAction};
+use crate::snapshot::{ExternalSnapshot, InternalSnapshot};
 use crate::transaction::{Action, Transaction};
 use crate::{BlockState, Blockdev, COMMANDS, MONITOR_COMMANDS, QEMU_VERSION, claims};
 
@@ -99,20 +101,15 @@ fn action_of(branch: TransactionActionBranch) -> Box<dyn Action<BlockState>> {
         | TransactionActionBranch::XBlockDirtyBitmapMerge(w) => {
             Box::new(BitmapAction::merge(w.data))
         }
-        other => Box::new(Unsupported(other.kind())),
-    }
-}
-
-/// An action whose block-layer support is not wired yet: fails in prepare, so the transaction
-/// is rolled back like any other failure.
-struct Unsupported(TransactionActionKind);
-
-impl Action<BlockState> for Unsupported {
-    fn prepare(&mut self, _env: &mut BlockState) -> Result<(), QmpError> {
-        Err(QmpError::generic(format!(
-            "Action '{}' is not supported by this daemon",
-            self.0
-        )))
+        TransactionActionBranch::BlockdevSnapshotSync(w) => {
+            Box::new(ExternalSnapshot::sync(w.data))
+        }
+        TransactionActionBranch::BlockdevSnapshot(w) => {
+            Box::new(ExternalSnapshot::existing(w.data))
+        }
+        TransactionActionBranch::BlockdevSnapshotInternalSync(w) => {
+            Box::new(InternalSnapshot::new(w.data))
+        }
     }
 }
 
@@ -328,6 +325,21 @@ impl Commands for Blockdev {
 
     fn blockdev_mirror(&mut self, args: BlockdevMirrorArguments) -> Result<(), QmpError> {
         crate::actions::start_mirror(&mut self.state, args)
+    }
+
+    fn blockdev_snapshot_sync(&mut self, args: BlockdevSnapshotSync) -> Result<(), QmpError> {
+        self.run_transaction(vec![Box::new(ExternalSnapshot::sync(args))], false)
+    }
+
+    fn blockdev_snapshot(&mut self, args: BlockdevSnapshot) -> Result<(), QmpError> {
+        self.run_transaction(vec![Box::new(ExternalSnapshot::existing(args))], false)
+    }
+
+    fn blockdev_snapshot_internal_sync(
+        &mut self,
+        args: BlockdevSnapshotInternal,
+    ) -> Result<(), QmpError> {
+        self.run_transaction(vec![Box::new(InternalSnapshot::new(args))], false)
     }
 
     fn transaction(&mut self, args: TransactionArguments) -> Result<(), QmpError> {

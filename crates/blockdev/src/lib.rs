@@ -17,6 +17,7 @@ mod commands;
 mod events;
 pub mod mirror;
 pub mod node;
+mod snapshot;
 pub mod transaction;
 
 use std::io;
@@ -29,7 +30,7 @@ pub use block_layer::BlockLayer;
 pub use events::qmp_event;
 #[cfg(feature = "tokio")]
 pub use node::TokioBlockingPool;
-pub use node::{BlockIo, Extent, ImageRef, InlineIo, IoPool, NodeGraph, SyncBitmap};
+pub use node::{BlockIo, Extent, ImageRef, InlineIo, IoPool, NodeFacts, NodeGraph, SyncBitmap};
 
 use claims::NodeClaims;
 
@@ -83,6 +84,9 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-backup",
     "drive-backup",
     "blockdev-mirror",
+    "blockdev-snapshot-sync",
+    "blockdev-snapshot",
+    "blockdev-snapshot-internal-sync",
     "transaction",
 ];
 

@@ -89,6 +89,41 @@ pub trait NodeGraph: Send {
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError>;
     /// `query-named-block-nodes`.
     fn query_named_block_nodes(&self, flat: bool) -> Result<Vec<BlockDeviceInfo>, QmpError>;
+    /// What snapshots need to know about a node, if it exists.
+    fn node_facts(&self, _name: &str) -> Option<NodeFacts> {
+        None
+    }
+    /// Opens `image` as node `node_name` without opening its backing file (a new overlay).
+    fn open_overlay(&mut self, image: &ImageRef, node_name: &str) -> Result<(), QmpError> {
+        let _ = (image, node_name);
+        Err(unsupported("external snapshots"))
+    }
+    /// QEMU's `bdrv_append`: `overlay` gets `node` as its backing and takes `node`'s place
+    /// for every parent of `node`.
+    fn insert_overlay(&mut self, node: &str, overlay: &str) -> Result<(), QmpError> {
+        let _ = (node, overlay);
+        Err(unsupported("external snapshots"))
+    }
+    /// Undoes [`NodeGraph::insert_overlay`].
+    fn remove_overlay(&mut self, _node: &str, _overlay: &str) {}
+    /// Reopens `node` read-only (the old top of a snapshot).
+    fn make_read_only(&mut self, _node: &str) {}
+    /// Closes `node` if nothing uses it (an overlay only the transaction held).
+    fn release_if_unused(&mut self, _node: &str) {}
+    /// The names of the node's internal snapshots; `None` if its format has none.
+    fn internal_snapshots(&self, _node: &str) -> Option<Vec<String>> {
+        None
+    }
+    /// Creates internal snapshot `name`.
+    fn create_internal_snapshot(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
+        let _ = (node, name);
+        Err(unsupported("internal snapshots"))
+    }
+    /// Deletes internal snapshot `name`.
+    fn delete_internal_snapshot(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
+        let _ = (node, name);
+        Err(unsupported("internal snapshots"))
+    }
     /// The block crate's graph, for the bitmap commands and actions (none in test graphs).
     fn block_graph(&mut self) -> Option<&mut block::BlockGraph> {
         None
@@ -96,6 +131,23 @@ pub trait NodeGraph: Send {
     /// Flushes and closes every node (daemon shutdown). Returns the first error, having tried
     /// every node.
     fn close_all(&mut self) -> io::Result<()>;
+}
+
+/// Facts about a node that snapshot checks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// Something (a parent node, a job, an export) uses it.
+    pub in_use: bool,
+    /// It has a backing node.
+    pub has_backing: bool,
+    /// Its format can have a backing file.
+    pub supports_backing: bool,
+    /// Opened read-only.
+    pub read_only: bool,
+}
+
+fn unsupported(what: &str) -> QmpError {
+    QmpError::generic(format!("This block layer does not support {what}"))
 }
 
 /// `Cannot find device='<device>' nor node-name='<node>'` (QEMU's `bdrv_lookup_bs`).

@@ -400,3 +400,74 @@ fn a_failed_incremental_backup_merges_the_new_writes_back_and_keeps_the_dirty_bi
         (json!(4194304), json!(false))
     );
 }
+
+#[test]
+fn drive_backup_creates_the_target_image_in_the_sources_format_and_fills_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = raw_image(dir.path(), "src.raw", 4 * MIB, 0x5a);
+    let target = dir.path().join("db.raw").to_str().unwrap().to_string();
+    let mut h = Harness::block_layer();
+    add_raw(&mut h, "src", &src);
+    h.ok(
+        "drive-backup",
+        json!({"job-id": "jd", "device": "src", "target": target, "sync": "full"}),
+    );
+    assert_eq!(
+        h.take_events(),
+        s(&["jd created", "jd running", "jd paused", "jd running"])
+    );
+    h.settle();
+    assert_eq!(h.take_events().last().map(String::as_str), Some("jd null"));
+    h.bd.shutdown().unwrap();
+    assert_eq!(
+        qemu_img(&["compare", "-f", "raw", "-F", "raw", &src, &target]),
+        (true, "Images are identical.".to_string())
+    );
+}
+
+#[test]
+fn drive_backup_in_mode_existing_opens_the_file_without_creating_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = raw_image(dir.path(), "src.raw", MIB, 0x5a);
+    let missing = dir.path().join("none.raw").to_str().unwrap().to_string();
+    let mut h = Harness::block_layer();
+    add_raw(&mut h, "src", &src);
+    let e = h.err(
+        "drive-backup",
+        json!({"job-id": "jd", "device": "src", "target": missing, "sync": "full", "mode": "existing"}),
+    );
+    assert!(e.starts_with("GenericError: "), "{e}");
+    assert!(!Path::new(&missing).exists());
+    assert_eq!(h.take_events(), Vec::<String>::new());
+}
+
+#[test]
+fn a_snapshot_onto_a_raw_overlay_is_refused_and_the_new_node_goes_away_but_the_file_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = raw_image(dir.path(), "src.raw", MIB, 0x5a);
+    let mut h = Harness::block_layer();
+    add_raw(&mut h, "src", &src);
+    h.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "top", "file": "src"}),
+    );
+    // raw cannot have a backing file: the overlay is refused after its file was created.
+    let ovl = dir.path().join("ovl.raw").to_str().unwrap().to_string();
+    assert_eq!(
+        h.err(
+            "blockdev-snapshot-sync",
+            json!({"node-name": "src", "snapshot-file": ovl, "snapshot-node-name": "ovl", "format": "raw"})
+        ),
+        "GenericError: The overlay does not support backing images"
+    );
+    assert!(Path::new(&ovl).exists());
+    let nodes = h.ok("query-named-block-nodes", json!({"flat": true}));
+    assert!(
+        !nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node-name"] == "ovl"),
+        "{nodes}"
+    );
+}

@@ -167,6 +167,13 @@ pub struct MemGraph {
     pub bitmaps: Arc<Mutex<Bitmaps>>,
     pub created: Arc<Mutex<Created>>,
     pub closed: Arc<Mutex<bool>>,
+    /// child → parents (names).
+    pub parents: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
+    /// overlay → backing node.
+    pub backing: Arc<Mutex<BTreeMap<String, String>>>,
+    pub read_only: Arc<Mutex<Vec<String>>>,
+    /// node → internal snapshot names (qcow2 nodes only).
+    pub snapshots: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
 }
 
 impl MemGraph {
@@ -223,6 +230,92 @@ impl NodeGraph for MemGraph {
     fn open_image(&mut self, image: &ImageRef) -> Result<Arc<dyn BlockIo>, QmpError> {
         NodeGraph::node(self, &image.filename)
             .ok_or_else(|| QmpError::generic(format!("Could not open '{}'", image.filename)))
+    }
+    fn node_facts(&self, name: &str) -> Option<blockdev::NodeFacts> {
+        let node = self.nodes.lock().unwrap().get(name).cloned()?;
+        Some(blockdev::NodeFacts {
+            in_use: self
+                .parents
+                .lock()
+                .unwrap()
+                .get(name)
+                .is_some_and(|p| !p.is_empty()),
+            has_backing: self.backing.lock().unwrap().contains_key(name),
+            supports_backing: node.image.format == "qcow2",
+            read_only: self.read_only.lock().unwrap().iter().any(|n| n == name),
+        })
+    }
+    fn open_overlay(&mut self, image: &ImageRef, node_name: &str) -> Result<(), QmpError> {
+        let file = NodeGraph::node(self, &image.filename)
+            .ok_or_else(|| QmpError::generic(format!("Could not open '{}'", image.filename)))?;
+        let node = Arc::new(MemNode {
+            image: image.clone(),
+            backing: None,
+            ..Arc::into_inner(MemNode::new(node_name, file.size(), 0)).unwrap()
+        });
+        self.add(node_name, node);
+        Ok(())
+    }
+    fn insert_overlay(&mut self, node: &str, overlay: &str) -> Result<(), QmpError> {
+        let mut parents = self.parents.lock().unwrap();
+        let moved = parents.remove(node).unwrap_or_default();
+        parents.insert(overlay.into(), moved);
+        parents.insert(node.into(), vec![overlay.into()]);
+        self.backing
+            .lock()
+            .unwrap()
+            .insert(overlay.into(), node.into());
+        Ok(())
+    }
+    fn remove_overlay(&mut self, node: &str, overlay: &str) {
+        let mut parents = self.parents.lock().unwrap();
+        let moved = parents.remove(overlay).unwrap_or_default();
+        parents.insert(node.into(), moved);
+        self.backing.lock().unwrap().remove(overlay);
+    }
+    fn make_read_only(&mut self, node: &str) {
+        self.read_only.lock().unwrap().push(node.into());
+    }
+    fn release_if_unused(&mut self, node: &str) {
+        let used = self
+            .parents
+            .lock()
+            .unwrap()
+            .get(node)
+            .is_some_and(|p| !p.is_empty());
+        if !used {
+            self.nodes.lock().unwrap().remove(node);
+            self.backing.lock().unwrap().remove(node);
+            for p in self.parents.lock().unwrap().values_mut() {
+                p.retain(|n| n != node);
+            }
+        }
+    }
+    fn internal_snapshots(&self, node: &str) -> Option<Vec<String>> {
+        let n = self.nodes.lock().unwrap().get(node).cloned()?;
+        (n.image.format == "qcow2").then(|| {
+            self.snapshots
+                .lock()
+                .unwrap()
+                .get(node)
+                .cloned()
+                .unwrap_or_default()
+        })
+    }
+    fn create_internal_snapshot(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
+        self.snapshots
+            .lock()
+            .unwrap()
+            .entry(node.into())
+            .or_default()
+            .push(name.into());
+        Ok(())
+    }
+    fn delete_internal_snapshot(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
+        if let Some(list) = self.snapshots.lock().unwrap().get_mut(node) {
+            list.retain(|n| n != name);
+        }
+        Ok(())
     }
     fn blockdev_add(&mut self, _options: BlockdevOptions) -> Result<(), QmpError> {
         Err(QmpError::generic("not in memory"))
