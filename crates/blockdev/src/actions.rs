@@ -43,6 +43,8 @@ pub(crate) struct BackupAction {
     target: BackupTarget,
     key: Option<JobKey>,
     drain: Option<Drain>,
+    /// The target node this action opened (drive-backup).
+    opened: Option<String>,
 }
 
 fn on_error(policy: Option<BlockdevOnError>) -> OnError {
@@ -84,6 +86,7 @@ impl BackupAction {
             target: BackupTarget::Node(target),
             key: None,
             drain: None,
+            opened: None,
         }
     }
 
@@ -114,13 +117,14 @@ impl BackupAction {
             target,
             key: None,
             drain: None,
+            opened: None,
         }
     }
 
-    /// The target node: looked up, or (drive-backup) created and opened. Returns its name for
-    /// the busy check and its I/O.
+    /// The target node: looked up, or (drive-backup) created and opened (recorded in
+    /// `opened`). Returns its name for the busy check and its I/O.
     fn target(
-        &self,
+        &mut self,
         env: &mut BlockState,
         source: &Arc<dyn BlockIo>,
     ) -> Result<(String, Arc<dyn BlockIo>), QmpError> {
@@ -144,7 +148,9 @@ impl BackupAction {
                     };
                     graph.create_image(&image, source.size(), backing.as_ref())?;
                 }
-                Ok((filename.clone(), graph.open_image(&image)?))
+                let (name, io) = graph.open_image(&image)?;
+                self.opened = Some(name.clone());
+                Ok((name, io))
             }
         }
     }
@@ -254,7 +260,8 @@ impl Action<BlockState> for BackupAction {
             env.pool.clone(),
             env.claims.clone(),
             key_cell.clone(),
-        );
+        )
+        .owning_target(self.opened.clone());
         let key = match env.jobs.create(spec, Box::new(driver), env.group.as_ref()) {
             Ok(key) => key,
             Err(e) => {
@@ -289,9 +296,17 @@ impl Action<BlockState> for BackupAction {
         }
     }
 
-    fn clean(&mut self, _env: &mut BlockState) {
+    fn clean(&mut self, env: &mut BlockState) {
         if let Some(mut drain) = self.drain.take() {
             drain.end();
+        }
+        // A target this action opened now belongs to the job (closed when it ends), or, if no
+        // job was made, to nobody.
+        if let Some(opened) = self.opened.take()
+            && self.key.is_none()
+            && let Ok(graph) = env.graph_mut()
+        {
+            graph.release_if_unused(&opened);
         }
     }
 }

@@ -45,6 +45,8 @@ pub struct BackupJob {
     key: Arc<OnceLock<JobKey>>,
     /// What is still to copy, `(offset, len)` in order.
     remaining: Vec<(u64, u64)>,
+    /// A target node only this job holds (drive-backup), closed when the job ends.
+    owned_target: Option<String>,
 }
 
 impl BackupJob {
@@ -76,7 +78,14 @@ impl BackupJob {
             claims,
             key,
             remaining,
+            owned_target: None,
         }
+    }
+
+    /// The job holds the only reference to `node` (a target it opened).
+    pub(crate) fn owning_target(mut self, node: Option<String>) -> Self {
+        self.owned_target = node;
+        self
     }
 
     async fn run_copy(&mut self, ctx: &JobContext) -> Result<(), JobFailure> {
@@ -212,6 +221,9 @@ impl JobDriver for BackupJob {
     fn clean(&mut self) {
         if let Some(key) = self.key.get() {
             self.claims.release(*key);
+        }
+        if let Some(node) = self.owned_target.take() {
+            self.claims.retire(&node);
         }
     }
 }

@@ -185,7 +185,7 @@ impl NodeGraph for BlockLayer {
         }
     }
 
-    fn open_image(&mut self, image: &ImageRef) -> Result<Arc<dyn BlockIo>, QmpError> {
+    fn open_image(&mut self, image: &ImageRef) -> Result<(String, Arc<dyn BlockIo>), QmpError> {
         // QEMU names such nodes automatically; ours get a reserved-looking name of their own.
         self.next_anonymous += 1;
         let name = format!("blockdev-image{}", self.next_anonymous);
@@ -195,7 +195,7 @@ impl NodeGraph for BlockLayer {
             "file": {"driver": "file", "filename": image.filename},
         });
         let node = self.graph.blockdev_add(&options).map_err(qmp_error)?;
-        Ok(Arc::new(NodeIo(node)))
+        Ok((name, Arc::new(NodeIo(node))))
     }
 
     fn blockdev_add(&mut self, options: BlockdevOptions) -> Result<(), QmpError> {

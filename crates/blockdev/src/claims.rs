@@ -16,11 +16,28 @@ struct Claim {
 
 /// The nodes each job uses. Cheap to clone (a shared handle).
 #[derive(Debug, Clone, Default)]
-pub(crate) struct NodeClaims(Arc<Mutex<Vec<Claim>>>);
+pub(crate) struct NodeClaims {
+    claims: Arc<Mutex<Vec<Claim>>>,
+    /// Nodes only a finished job held (a drive-backup target): to be closed.
+    retired: Arc<Mutex<Vec<String>>>,
+}
 
 impl NodeClaims {
     fn lock(&self) -> MutexGuard<'_, Vec<Claim>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.claims.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `node` was held only by a job that has ended: close it at the next opportunity.
+    pub(crate) fn retire(&self, node: &str) {
+        self.retired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(node.to_string());
+    }
+
+    /// The nodes retired since the last call.
+    pub(crate) fn take_retired(&self) -> Vec<String> {
+        std::mem::take(&mut *self.retired.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Records that `job` uses `node` (`exclusive`: nobody else may use it as a target).

@@ -114,6 +114,16 @@ fn action_of(branch: TransactionActionBranch) -> Box<dyn Action<BlockState>> {
 }
 
 impl Blockdev {
+    /// Closes the nodes that only finished jobs held.
+    fn close_retired_nodes(&mut self) {
+        let retired = self.state.claims.take_retired();
+        if let Some(graph) = self.state.graph.as_mut() {
+            for node in retired {
+                graph.release_if_unused(&node);
+            }
+        }
+    }
+
     /// `qmp_transaction`: drain everything, then run the actions as one transaction (sharing
     /// one job transaction if `grouped`).
     fn run_transaction(
@@ -121,6 +131,7 @@ impl Blockdev {
         actions: Vec<Box<dyn Action<BlockState>>>,
         grouped: bool,
     ) -> Result<(), QmpError> {
+        self.close_retired_nodes();
         claims::drain_all(&self.state.jobs, &self.state.claims);
         if grouped {
             self.state.group = Some(self.state.jobs.new_txn());
@@ -200,6 +211,7 @@ impl Commands for Blockdev {
         &mut self,
         args: QueryNamedBlockNodesArguments,
     ) -> Result<Vec<BlockDeviceInfo>, QmpError> {
+        self.close_retired_nodes();
         match &self.state.graph {
             Some(graph) => graph.query_named_block_nodes(args.flat.unwrap_or(false)),
             None => Ok(Vec::new()),

@@ -161,13 +161,11 @@ impl Blockdev {
         &self.state.jobs
     }
 
-    /// Daemon shutdown: force-cancels every job, then flushes and closes every node.
+    /// Daemon shutdown (`quit`, SIGTERM): force-cancels every job (a job busy in a request
+    /// stops at its next pause point; its later I/O fails on the closed nodes), then stores
+    /// persistent bitmaps, flushes and closes every node. Returns the first error.
     pub fn shutdown(&mut self) -> io::Result<()> {
-        for info in self.state.jobs.query_jobs() {
-            if let Some(key) = self.state.jobs.key_of(&info.id) {
-                let _ = self.state.jobs.cancel_job(key, true);
-            }
-        }
+        self.state.jobs.cancel_all();
         match self.state.graph.as_mut() {
             Some(graph) => graph.close_all(),
             None => Ok(()),

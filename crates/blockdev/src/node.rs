@@ -81,8 +81,9 @@ pub trait NodeGraph: Send {
         size: u64,
         backing: Option<&ImageRef>,
     ) -> Result<(), QmpError>;
-    /// Opens an image read-write as a node without a name (a `drive-backup` target).
-    fn open_image(&mut self, image: &ImageRef) -> Result<Arc<dyn BlockIo>, QmpError>;
+    /// Opens an image read-write as a node of its own (a `drive-backup` target); returns the
+    /// node's name and I/O.
+    fn open_image(&mut self, image: &ImageRef) -> Result<(String, Arc<dyn BlockIo>), QmpError>;
     /// `blockdev-add`.
     fn blockdev_add(&mut self, options: BlockdevOptions) -> Result<(), QmpError>;
     /// `blockdev-del`.

@@ -416,8 +416,17 @@ fn drive_backup_creates_the_target_image_in_the_sources_format_and_fills_it() {
         h.take_events(),
         s(&["jd created", "jd running", "jd paused", "jd running"])
     );
+    let during = h.ok("query-named-block-nodes", json!({"flat": true}));
+    assert_eq!(
+        during.as_array().unwrap().len(),
+        4,
+        "src, the target and their files: {during}"
+    );
     h.settle();
     assert_eq!(h.take_events().last().map(String::as_str), Some("jd null"));
+    // The target node ends with its job.
+    let after = h.ok("query-named-block-nodes", json!({"flat": true}));
+    assert_eq!(after.as_array().unwrap().len(), 2, "{after}");
     h.bd.shutdown().unwrap();
     assert_eq!(
         qemu_img(&["compare", "-f", "raw", "-F", "raw", &src, &target]),

@@ -227,8 +227,9 @@ impl NodeGraph for MemGraph {
         self.add(&image.filename, node);
         Ok(())
     }
-    fn open_image(&mut self, image: &ImageRef) -> Result<Arc<dyn BlockIo>, QmpError> {
+    fn open_image(&mut self, image: &ImageRef) -> Result<(String, Arc<dyn BlockIo>), QmpError> {
         NodeGraph::node(self, &image.filename)
+            .map(|io| (image.filename.clone(), io))
             .ok_or_else(|| QmpError::generic(format!("Could not open '{}'", image.filename)))
     }
     fn node_facts(&self, name: &str) -> Option<blockdev::NodeFacts> {
