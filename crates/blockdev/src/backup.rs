@@ -11,7 +11,7 @@ use job::{
 use crate::claims::NodeClaims;
 use qmp_api::BitmapSyncMode;
 
-use crate::node::{BlockIo, IoPool, SyncBitmap, errno_text, run_blocking};
+use crate::node::{BlockIo, IoPool, SyncBitmap, errno_text, run_blocking, yield_now};
 
 /// Bytes per copy request (cluster aligned for every cluster size up to 1 MiB).
 pub const COPY_CHUNK: u64 = 1 << 20;
@@ -119,6 +119,7 @@ impl BackupJob {
                     ErrorAction::Report => return Err(JobFailure::new(errno_text(&error))),
                     // QEMU retries the request (after the pause, for `stop`).
                     ErrorAction::Ignore | ErrorAction::Stop => {
+                        yield_now().await;
                         ctx.pause_point().await;
                         continue;
                     }

@@ -11,7 +11,7 @@ use job::{
 
 use crate::backup::COPY_CHUNK;
 use crate::claims::NodeClaims;
-use crate::node::{BlockIo, IoPool, errno_text, run_blocking};
+use crate::node::{BlockIo, IoPool, errno_text, run_blocking, yield_now};
 
 /// A mirror job's driver.
 pub struct MirrorJob {
@@ -85,6 +85,7 @@ impl MirrorJob {
                 match ctx.report_io_error(policy, operation, no_space) {
                     ErrorAction::Report => return Err(JobFailure::new(errno_text(&error))),
                     ErrorAction::Ignore | ErrorAction::Stop => {
+                        yield_now().await;
                         ctx.pause_point().await;
                         continue;
                     }

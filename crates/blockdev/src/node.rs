@@ -218,3 +218,20 @@ pub(crate) fn errno_text(error: &io::Error) -> String {
         _ => text,
     }
 }
+
+/// Gives the executor a turn (a failed request retried under `ignore`/`stop` must not spin).
+pub(crate) fn yield_now() -> impl Future<Output = ()> + Send {
+    struct YieldNow(bool);
+    impl Future for YieldNow {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+            if self.0 {
+                return std::task::Poll::Ready(());
+            }
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    }
+    YieldNow(false)
+}

@@ -399,3 +399,71 @@ fn shutdown_cancels_jobs_and_closes_every_node() {
     assert!(*h.graph.closed.lock().unwrap());
     assert_eq!(h.ok("query-jobs", json!({})), json!([]));
 }
+
+#[test]
+fn a_target_error_under_stop_pauses_the_job_with_a_failed_io_status_until_resumed() {
+    let mut h = Harness::with_src_tgt();
+    h.graph.add("bad", MemNode::failing("bad", 4 * MIB));
+    h.ok(
+        "blockdev-backup",
+        with(
+            backup("j", "src", "bad"),
+            json!({"on-target-error": "stop"}),
+        ),
+    );
+    h.take_events();
+    h.step();
+    assert_eq!(
+        h.take_events(),
+        s(&[
+            r#"BLOCK_JOB_ERROR {"device":"j","operation":"write","action":"stop"}"#,
+            "j paused"
+        ])
+    );
+    let q = h.ok("query-block-jobs", json!({}));
+    assert_eq!(
+        (q[0]["io-status"].clone(), q[0]["paused"].clone()),
+        (json!("failed"), json!(true))
+    );
+    h.ok("block-job-resume", json!({"device": "j"}));
+    h.step();
+    let ev = h.take_events();
+    assert_eq!(ev[0], "j running");
+    assert_eq!(
+        ev[1],
+        r#"BLOCK_JOB_ERROR {"device":"j","operation":"write","action":"stop"}"#
+    );
+    h.ok("block-job-cancel", json!({"device": "j", "force": true}));
+    h.settle();
+    assert_eq!(h.take_events().last().map(String::as_str), Some("j null"));
+}
+
+#[test]
+fn a_target_error_under_ignore_is_retried_without_failing_the_job() {
+    let mut h = Harness::with_src_tgt();
+    h.graph.add("bad", MemNode::failing("bad", 4 * MIB));
+    h.ok(
+        "blockdev-backup",
+        with(
+            backup("j", "src", "bad"),
+            json!({"on-target-error": "ignore"}),
+        ),
+    );
+    h.take_events();
+    for _ in 0..3 {
+        h.exec.step();
+    }
+    let ev = h.take_events();
+    assert!(ev.len() >= 2, "{ev:?}");
+    assert!(ev.iter().all(|e| e == r#"BLOCK_JOB_ERROR {"device":"j","operation":"write","action":"ignore"}"#));
+    assert_eq!(h.ok("query-jobs", json!({}))[0]["status"], "running");
+    h.ok("job-cancel", json!({"id": "j"}));
+    h.settle();
+    assert_eq!(h.take_events().last().map(String::as_str), Some("j null"));
+}
+
+#[test]
+fn blockdev_is_send_for_the_daemons_threads() {
+    fn send<T: Send>() {}
+    send::<blockdev::Blockdev>();
+}
