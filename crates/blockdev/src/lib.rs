@@ -116,6 +116,44 @@ impl BlockState {
     }
 }
 
+/// A [`Blockdev`] shared by the monitor's dispatcher: commands run one at a time.
+/// `execute`/`has_command` have the shape of the monitor's `QmpBackend`.
+pub struct SharedBlockdev(std::sync::Mutex<Blockdev>);
+
+impl SharedBlockdev {
+    pub fn new(blockdev: Blockdev) -> Self {
+        SharedBlockdev(std::sync::Mutex::new(blockdev))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Blockdev> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs a command (`arguments: None` is `{}`), answering like QEMU.
+    pub fn execute(
+        &self,
+        name: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<serde_json::Value, QmpError> {
+        if !COMMANDS.contains(&name) {
+            return Err(QmpError::command_not_found(name));
+        }
+        qmp_api::dispatch(&mut *self.lock(), name, arguments)
+    }
+
+    /// Whether [`COMMANDS`] has `name`.
+    pub fn has_command(&self, name: &str) -> bool {
+        COMMANDS.contains(&name)
+    }
+
+    /// [`Blockdev::shutdown`].
+    pub fn shutdown(&self) -> io::Result<()> {
+        self.lock().shutdown()
+    }
+}
+
 /// The QMP block command layer of the daemon.
 pub struct Blockdev {
     state: BlockState,
@@ -142,6 +180,19 @@ impl Blockdev {
                 group: None,
             },
         }
+    }
+
+    /// The daemon's set-up: jobs on the current tokio runtime, block I/O on its blocking
+    /// threads, the block crate's graph with its built-in drivers.
+    #[cfg(feature = "tokio")]
+    pub fn for_tokio(events: EventSink) -> Self {
+        Blockdev::new(
+            events,
+            Arc::new(job::TokioSpawn),
+            Arc::new(job::TokioClock::default()),
+        )
+        .with_graph(Box::new(BlockLayer::new(block::BlockGraph::new())))
+        .with_io_pool(Arc::new(TokioBlockingPool))
     }
 
     /// Uses `graph` for nodes (blockdev-add, lookups, images).

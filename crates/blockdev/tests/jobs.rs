@@ -467,3 +467,14 @@ fn blockdev_is_send_for_the_daemons_threads() {
     fn send<T: Send>() {}
     send::<blockdev::Blockdev>();
 }
+
+#[test]
+fn the_shared_blockdev_answers_only_listed_commands_and_reports_the_rest_as_not_found() {
+    let h = Harness::with_src_tgt();
+    let shared = blockdev::SharedBlockdev::new(h.bd);
+    assert!(shared.has_command("transaction"));
+    assert!(!shared.has_command("nbd-server-start"));
+    let e = shared.execute("nbd-server-start", None).unwrap_err();
+    assert_eq!(e.desc, "The command nbd-server-start has not been found");
+    assert_eq!(shared.execute("query-jobs", None).unwrap(), json!([]));
+}
