@@ -78,6 +78,12 @@ pub trait BlockDriver: Send + Sync {
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         None
     }
+    /// Internal snapshots, for formats that have them (qcow2). The command layer
+    /// (`blockdev-snapshot-internal-sync`, `blockdev-snapshot-delete-internal-sync`) reaches
+    /// them through this; `None` means the format has none.
+    fn internal_snapshots(&self) -> Option<&dyn InternalSnapshots> {
+        None
+    }
     /// Releases the driver: flushes; after this no I/O arrives.
     fn close(&self) -> BlockResult<()> {
         self.flush()
@@ -111,6 +117,39 @@ pub trait BitmapStore: Send + Sync {
     /// Writes these persistent bitmaps (at close / quit). Stored bitmaps absent from the list
     /// stay as they are: removal goes through [`BitmapStore::remove_persistent_bitmap`].
     fn store_bitmaps(&self, bitmaps: &[DirtyBitmap]) -> BlockResult<()>;
+}
+
+/// One internal snapshot as QMP's `SnapshotInfo` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotSummary {
+    /// Unique id (`"1"`, `"2"`, ...).
+    pub id: String,
+    /// The name given at creation.
+    pub name: String,
+    /// Saved VM state bytes (0 for disk-only snapshots).
+    pub vm_state_size: u64,
+    /// Creation time: seconds since the epoch.
+    pub date_sec: u32,
+    /// Creation time: nanoseconds part.
+    pub date_nsec: u32,
+    /// Guest clock at creation (ns).
+    pub vm_clock_nsec: u64,
+    /// Instruction count at creation, if recorded.
+    pub icount: Option<u64>,
+}
+
+/// Internal snapshots of a format (qcow2 implements this over its snapshot table). Name
+/// checks QEMU does before calling the format (`Snapshot with name '...' already exists`,
+/// read-only node, ...) belong to the command layer.
+pub trait InternalSnapshots: Send + Sync {
+    /// The snapshots, in table order.
+    fn list(&self) -> Vec<SnapshotSummary>;
+    /// Creates a disk-only snapshot `name` of the current contents (flushed first) and returns
+    /// it.
+    fn create(&self, name: &str) -> BlockResult<SnapshotSummary>;
+    /// Deletes the snapshot whose id is `id_or_name`, else the first named so; returns what was
+    /// deleted. Not found: `Can't find snapshot '<id_or_name>'` (ENOENT).
+    fn delete(&self, id_or_name: &str) -> BlockResult<SnapshotSummary>;
 }
 
 /// How a parent uses a child, which fixes the permissions the parent takes on it.

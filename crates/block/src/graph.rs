@@ -36,7 +36,8 @@ pub fn node_name_is_wellformed(name: &str) -> bool {
 }
 
 impl BlockGraph {
-    /// An empty graph knowing the built-in drivers (`file`, `raw`, `null-co`, `blkdebug`).
+    /// An empty graph knowing the built-in drivers (`file`, `raw`, `null-co`, `blkdebug`,
+    /// `qcow2`).
     pub fn new() -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -447,8 +448,7 @@ pub fn node_filename(node: &BlockNode) -> String {
                 | "cache"
                 | "detect-zeroes"
                 | "file"
-                | "backing"
-        )
+        ) || (k == "backing" && !backing_overridden(node))
     });
     match node.child("file") {
         Some(file) if only_file => {
@@ -459,7 +459,46 @@ pub fn node_filename(node: &BlockNode) -> String {
                 inner
             }
         }
-        _ => json_filename(node.options()),
+        _ => json_filename(&backing_first(node)),
+    }
+}
+
+/// The node's options for its `json:` name: an overriding `backing` goes first, as QEMU puts
+/// it (`{"backing": null, "driver": ...`), and a backing given by node name is spelled out as
+/// that node's options.
+fn backing_first(node: &BlockNode) -> Value {
+    match node.options() {
+        Value::Object(m) if m.contains_key("backing") => {
+            let mut out = Map::new();
+            let backing = match (m.get("backing"), node.child("backing")) {
+                (Some(Value::String(_)), Some(b)) => b.options().clone(),
+                (Some(v), _) => v.clone(),
+                (None, _) => Value::Null,
+            };
+            out.insert("backing".into(), backing);
+            for (k, v) in m.iter().filter(|(k, _)| *k != "backing") {
+                out.insert(k.clone(), v.clone());
+            }
+            Value::Object(out)
+        }
+        other => other.clone(),
+    }
+}
+
+/// QEMU's `bdrv_backing_overridden`: the backing node is not the one the image header names
+/// (e.g. `backing: null` on an image with a backing file). Then `backing` is one of the options
+/// that make the image what it is, and the file name becomes a `json:` one.
+fn backing_overridden(node: &BlockNode) -> bool {
+    let header = node.driver().backing_file();
+    match (node.child("backing"), header) {
+        // Opened from the header: QEMU then records the backing node's name as the header's.
+        (Some(b), Some((name, _))) if node.options().get("backing").is_none() => {
+            resolve_backing_path(node, &name) != node_filename(&b)
+        }
+        // Given by the user: compared with the header's name as stored.
+        (Some(b), Some((name, _))) => name != node_filename(&b),
+        (Some(_), None) | (None, Some(_)) => true,
+        (None, None) => false,
     }
 }
 

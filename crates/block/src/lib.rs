@@ -1,5 +1,5 @@
-//! The block layer: a graph of named nodes with drivers (file, raw, null-co, blkdebug, and
-//! format drivers plugged in from outside), permissions and image locking, and dirty bitmaps
+//! The block layer: a graph of named nodes with drivers (file, raw, null-co, blkdebug, qcow2,
+//! and format drivers plugged in from outside), permissions and image locking, and dirty bitmaps
 //! with their QMP-level operations and transaction actions.
 
 pub mod bitmap;
@@ -14,7 +14,8 @@ pub mod perm;
 
 pub use bitmap::DirtyBitmap;
 pub use driver::{
-    BitmapStore, BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, DriverSpec, OpenContext,
+    BitmapStore, BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, DriverSpec, InternalSnapshots,
+    OpenContext, SnapshotSummary,
 };
 pub use error::{BlockError, BlockResult};
 pub use graph::BlockGraph;
