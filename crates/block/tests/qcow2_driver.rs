@@ -389,6 +389,141 @@ fn query_named_block_nodes_equals_qsd_for_a_backing_given_by_node_name() {
 }
 
 #[test]
+fn query_named_block_nodes_equals_qsd_for_bitmaps_left_in_use_by_a_crash() {
+    let make = |d: &Path| {
+        let img = qcow2_at(d, "a.qcow2", "1M", None);
+        let p = img.to_str().unwrap();
+        qemu_img(&["bitmap", "--add", p, "b0"]);
+        qemu_img(&["bitmap", "--add", "--disable", p, "b1"]);
+        // A writer marks the bitmaps in use, writes, and never closes the image (a crash).
+        let img = qcow2::Image::open_file(&img, false).unwrap();
+        img.write_at(&[1; 65536], 0).unwrap();
+        img.flush().unwrap();
+        std::mem::forget(img);
+    };
+    let (theirs, ours) =
+        compare_with_qsd(make, |d| vec![qcow2_opts("a", &d.join("a.qcow2"))], true);
+    assert_same(&ours, &theirs);
+    assert_eq!(ours[0]["dirty-bitmaps"][0]["inconsistent"], true);
+}
+
+#[test]
+fn errors_opening_qcow2_nodes_read_like_qsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.img");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let plain = create(&dir, "plain.qcow2", "1M", None);
+    let orphan = dir.path().join("orphan.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "missing.qcow2",
+        "-F",
+        "qcow2",
+        orphan.to_str().unwrap(),
+        "1M",
+    ]);
+    let mut encrypted = qcow2_opts("c", &plain);
+    encrypted["encrypt"] = json!({"format": "luks", "key-secret": "s"});
+    let cases = [qcow2_opts("a", &raw), qcow2_opts("b", &orphan), encrypted];
+    let mut qsd = Qsd::start();
+    let theirs: Vec<Value> = cases
+        .iter()
+        .map(|c| qsd.execute("blockdev-add", c.clone())["error"]["desc"].clone())
+        .collect();
+    qsd.quit();
+    let mut g = BlockGraph::new();
+    for (case, want) in cases.iter().zip(&theirs) {
+        let e = g.blockdev_add(case).unwrap_err();
+        assert_eq!(json!(e.desc()), *want);
+    }
+    assert_eq!(
+        g.nodes().count(),
+        0,
+        "nothing stays open after a failed add"
+    );
+}
+
+#[test]
+fn a_second_qcow2_node_on_the_same_image_file_fails_to_lock_like_qsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(&dir, "a.qcow2", "1M", None);
+    let mut ro = qcow2_opts("c", &img);
+    ro["read-only"] = json!(true);
+    let cases = [qcow2_opts("b", &img), ro];
+    let mut qsd = Qsd::start();
+    qsd.ok("blockdev-add", qcow2_opts("a", &img));
+    let theirs: Vec<Value> = cases
+        .iter()
+        .map(|c| qsd.execute("blockdev-add", c.clone())["error"]["desc"].clone())
+        .collect();
+    qsd.quit();
+    let mut g = BlockGraph::new();
+    g.blockdev_add(&qcow2_opts("a", &img)).unwrap();
+    for (case, want) in cases.iter().zip(&theirs) {
+        let e = g.blockdev_add(case).unwrap_err();
+        assert_eq!(json!(e.desc()), *want);
+    }
+    g.close_all().unwrap();
+}
+
+#[test]
+fn a_removed_persistent_bitmap_is_gone_from_the_image_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(&dir, "a.qcow2", "1M", None);
+    let p = img.to_str().unwrap();
+    qemu_img(&["bitmap", "--add", p, "keep"]);
+    qemu_img(&["bitmap", "--add", p, "drop"]);
+    let mut g = BlockGraph::new();
+    g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
+    block::bitmap_cmd::bitmap_remove(&g, "q", "drop").unwrap();
+    let names = |v: &Value| -> Vec<String> {
+        v["image"]["format-specific"]["data"]["bitmaps"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|b| b["name"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(names(&g.query_named_block_nodes(true)[0]), ["keep"]);
+    g.blockdev_del("q").unwrap();
+    let info: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", p])).unwrap();
+    assert_eq!(
+        info["format-specific"]["data"]["bitmaps"],
+        json!([{"name": "keep", "granularity": 65536, "flags": ["auto"]}])
+    );
+    qemu_img(&["check", "-q", p]);
+}
+
+#[test]
+fn qcow2_over_blkdebug_fails_reads_with_the_injected_errno() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(&dir, "a.qcow2", "1M", None);
+    qemu_io(&img, "write 0 64k");
+    let mut g = BlockGraph::new();
+    let node = g
+        .blockdev_add(&json!({"driver": "qcow2", "node-name": "q",
+            "file": {"driver": "blkdebug",
+                "inject-error": [{"event": "read_aio", "errno": 28, "once": true}],
+                "image": {"driver": "file", "filename": img}}}))
+        .unwrap();
+    let mut buf = vec![0; 4096];
+    let e = node.read_at(0, &mut buf).unwrap_err();
+    assert_eq!(e.errno(), Some(libc::ENOSPC));
+    node.read_at(0, &mut buf).unwrap();
+    g.close_all().unwrap();
+}
+
+#[test]
 fn bitmaps_made_by_qemu_img_are_loaded_with_their_counts() {
     let dir = tempfile::tempdir().unwrap();
     let img = create(&dir, "a.qcow2", "4M", None);

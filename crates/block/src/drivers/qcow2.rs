@@ -35,6 +35,8 @@ pub fn spec() -> DriverSpec {
 
 /// Incompatible feature bit: the image was not closed cleanly (lazy refcounts).
 const INCOMPAT_DIRTY: u64 = 1;
+/// Incompatible feature bit: guest data lives in an external data file.
+const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 /// Compatible feature bit: lazy refcounts.
 const COMPAT_LAZY_REFCOUNTS: u64 = 1;
 
@@ -130,16 +132,16 @@ fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
     for key in TUNING_OPTIONS {
         let _ = ctx.opt_value(key);
     }
-    if ctx.options().contains_key("encrypt") {
-        return Err(BlockError::new(
-            "qcow2 encryption is not supported by this block layer ('encrypt' option)",
-        ));
-    }
-    if ctx.options().contains_key("data-file") {
-        return Err(BlockError::new(
-            "qcow2 external data files are not supported ('data-file' option)",
-        ));
-    }
+    let encrypt_format = match ctx.opt_value("encrypt") {
+        None => None,
+        Some(v) => Some(
+            v.get("format")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        ),
+    };
+    let data_file = ctx.opt_value("data-file").is_some();
     let read_only = ctx.read_only();
     let file = ctx
         .open_child("file", ChildKind::Metadata, true)?
@@ -157,12 +159,34 @@ fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
         b.copy_from_slice(&header[at..at + 8]);
         u64::from_be_bytes(b)
     };
-    let version = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let be32 = |at: usize| {
+        u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    let version = be32(4);
+    let crypt_method = be32(32);
+    if crypt_method != 0 {
+        return Err(BlockError::new(
+            "Encrypted qcow2 images are not supported by this block layer",
+        ));
+    }
+    if let Some(format) = encrypt_format {
+        return Err(BlockError::new(format!(
+            "No encryption in image header, but options specified format '{format}'"
+        )));
+    }
     let (incompatible, compatible) = if version >= 3 {
         (be64(72), be64(80))
     } else {
         (0, 0)
     };
+    if data_file {
+        let message = if incompatible & INCOMPAT_DATA_FILE != 0 {
+            "qcow2 images with an external data file are not supported by this block layer"
+        } else {
+            "'data-file' can only be set for images with an external data file"
+        };
+        return Err(BlockError::new(message));
+    }
     let storage: Arc<dyn qcow2::Storage> = Arc::new(NodeStorage(file.clone()));
     let image = qcow2::Image::open(storage, read_only, None).map_err(|e| {
         let desc = match &e {
@@ -247,7 +271,9 @@ fn from_persistent(
     b.set_enabled(p.enabled);
     b.set_readonly(read_only);
     if p.in_use {
+        // Bits not to be trusted: QEMU loads such a bitmap inconsistent and not recording.
         b.set_inconsistent(true);
+        b.set_enabled(false);
         return Ok(b);
     }
     let g = p.granularity;
