@@ -401,8 +401,15 @@ fn query_named_block_nodes_equals_qsd_for_bitmaps_left_in_use_by_a_crash() {
         img.flush().unwrap();
         std::mem::forget(img);
     };
-    let (theirs, ours) =
+    let (mut theirs, mut ours) =
         compare_with_qsd(make, |d| vec![qcow2_opts("a", &d.join("a.qcow2"))], true);
+    // Host blocks of a file left by an unclosed writer vary by one 4 KiB block between two
+    // identical runs (seen with qemu-io-made files too): `actual-size` is not compared here.
+    for v in [&mut theirs, &mut ours] {
+        for node in v.as_array_mut().unwrap() {
+            node["image"].as_object_mut().unwrap().remove("actual-size");
+        }
+    }
     assert_same(&ours, &theirs);
     assert_eq!(ours[0]["dirty-bitmaps"][0]["inconsistent"], true);
 }

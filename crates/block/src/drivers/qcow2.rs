@@ -132,15 +132,12 @@ fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
     for key in TUNING_OPTIONS {
         let _ = ctx.opt_value(key);
     }
-    let encrypt_format = match ctx.opt_value("encrypt") {
-        None => None,
-        Some(v) => Some(
-            v.get("format")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-        ),
-    };
+    let encrypt_format = ctx.opt_value("encrypt").map(|v| {
+        v.get("format")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    });
     let data_file = ctx.opt_value("data-file").is_some();
     let read_only = ctx.read_only();
     let file = ctx
