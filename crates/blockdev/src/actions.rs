@@ -224,7 +224,12 @@ impl Action<BlockState> for BackupAction {
         let device = self.common.device.clone();
         let source = env.lookup(&device)?;
         let (target_name, target) = self.target(env, &source)?;
-        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &device));
+        self.drain = Some(Drain::begin(
+            &env.jobs,
+            &env.claims,
+            &device,
+            env.drain_wait,
+        ));
         let (sync, bitmap) = self.sync(env)?;
         if device == target_name {
             return Err(QmpError::generic("Source and target cannot be the same"));

@@ -275,6 +275,38 @@ impl NodeGraph for BlockLayer {
         }
     }
 
+    fn internal_snapshots(&self, node: &str) -> Option<Vec<String>> {
+        let n = self.graph.find(node)?;
+        let snapshots = n.driver().internal_snapshots()?;
+        Some(snapshots.list().into_iter().map(|s| s.name).collect())
+    }
+
+    fn create_internal_snapshot(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
+        let n = self.graph.lookup(node).map_err(qmp_error)?;
+        let snapshots = n
+            .driver()
+            .internal_snapshots()
+            .ok_or_else(|| QmpError::generic("internal snapshots not supported"))?;
+        snapshots.create(name).map(|_| ()).map_err(qmp_error)
+    }
+
+    fn delete_internal_snapshot(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
+        let n = self.graph.lookup(node).map_err(qmp_error)?;
+        let snapshots = n
+            .driver()
+            .internal_snapshots()
+            .ok_or_else(|| QmpError::generic("internal snapshots not supported"))?;
+        // The newest snapshot of that name is the one the action made.
+        let id = snapshots
+            .list()
+            .into_iter()
+            .rev()
+            .find(|s| s.name == name)
+            .map(|s| s.id)
+            .ok_or_else(|| QmpError::generic(format!("Can't find snapshot '{name}'")))?;
+        snapshots.delete(&id).map(|_| ()).map_err(qmp_error)
+    }
+
     fn block_graph(&mut self) -> Option<&mut BlockGraph> {
         Some(&mut self.graph)
     }

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use job::{JobKey, JobRegistry};
+use job::{BlockJobStatus, JobKey, JobRegistry};
 
 #[derive(Debug, Clone)]
 struct Claim {
@@ -90,6 +90,36 @@ impl NodeClaims {
     }
 }
 
+/// Whether a drain waits for busy jobs to reach their pause point (QEMU's drain polls until
+/// every job is quiescent). Only possible when jobs run on other threads than the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DrainWait {
+    /// Pause what sleeps now; a busy job pauses at its next pause point, unwaited (tests on
+    /// the manual executor).
+    #[default]
+    No,
+    /// Wait (up to a bound) until each paused job has parked (the daemon on tokio).
+    UntilParked,
+}
+
+/// How long a drain waits for one busy job at most.
+const DRAIN_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until the job has parked, finished its work, or is gone.
+fn wait_parked(jobs: &JobRegistry, key: JobKey, wait: DrainWait) {
+    if wait == DrainWait::No {
+        return;
+    }
+    let start = std::time::Instant::now();
+    while matches!(
+        jobs.status(key),
+        Some(BlockJobStatus::Running | BlockJobStatus::Ready)
+    ) && start.elapsed() < DRAIN_WAIT_LIMIT
+    {
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
 /// A drained section: the jobs using the drained nodes are held paused until it ends.
 #[derive(Debug)]
 pub(crate) struct Drain {
@@ -99,15 +129,29 @@ pub(crate) struct Drain {
 
 impl Drain {
     /// Begins a drained section of `node`.
-    pub(crate) fn begin(jobs: &JobRegistry, claims: &NodeClaims, node: &str) -> Drain {
+    pub(crate) fn begin(
+        jobs: &JobRegistry,
+        claims: &NodeClaims,
+        node: &str,
+        wait: DrainWait,
+    ) -> Drain {
         let mut drain = Drain {
             jobs: jobs.clone(),
             held: Vec::new(),
         };
         for key in claims.jobs_using(node) {
-            drain.hold(key);
+            if drain.hold_started(key) {
+                wait_parked(jobs, key, wait);
+            }
         }
         drain
+    }
+
+    /// Holds a job that may be running; true if it was paused.
+    fn hold_started(&mut self, key: JobKey) -> bool {
+        let started = !matches!(self.jobs.status(key), Some(BlockJobStatus::Created) | None);
+        self.hold(key);
+        started && self.held.last() == Some(&key)
     }
 
     /// Also holds `key` (a job created inside the section).
@@ -132,13 +176,16 @@ impl Drop for Drain {
     }
 }
 
-/// `bdrv_drain_all()`: every job using a node pauses (at once if it sleeps) and resumes.
-pub(crate) fn drain_all(jobs: &JobRegistry, claims: &NodeClaims) {
+/// `bdrv_drain_all()`: every job using a node pauses and resumes.
+pub(crate) fn drain_all(jobs: &JobRegistry, claims: &NodeClaims, wait: DrainWait) {
     let keys = claims.all_jobs();
     let held: Vec<JobKey> = keys
         .into_iter()
         .filter(|k| jobs.pause(*k).is_ok())
         .collect();
+    for &key in &held {
+        wait_parked(jobs, key, wait);
+    }
     for key in held {
         let _ = jobs.resume(key);
     }

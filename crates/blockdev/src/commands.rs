@@ -132,7 +132,7 @@ impl Blockdev {
         grouped: bool,
     ) -> Result<(), QmpError> {
         self.close_retired_nodes();
-        claims::drain_all(&self.state.jobs, &self.state.claims);
+        claims::drain_all(&self.state.jobs, &self.state.claims, self.state.drain_wait);
         if grouped {
             self.state.group = Some(self.state.jobs.new_txn());
         }

@@ -32,6 +32,7 @@ pub use events::qmp_event;
 pub use node::TokioBlockingPool;
 pub use node::{BlockIo, Extent, ImageRef, InlineIo, IoPool, NodeFacts, NodeGraph, SyncBitmap};
 
+pub use claims::DrainWait;
 use claims::NodeClaims;
 
 /// Where QMP events go (the monitor broadcasts them). Called in order, possibly with the job
@@ -98,6 +99,7 @@ pub struct BlockState {
     pub(crate) pool: Arc<dyn IoPool>,
     /// The shared job transaction of a grouped `transaction` being prepared.
     pub(crate) group: Option<JobTxn>,
+    pub(crate) drain_wait: DrainWait,
 }
 
 impl BlockState {
@@ -178,6 +180,7 @@ impl Blockdev {
                 graph: None,
                 pool: Arc::new(InlineIo),
                 group: None,
+                drain_wait: DrainWait::No,
             },
         }
     }
@@ -193,6 +196,13 @@ impl Blockdev {
         )
         .with_graph(Box::new(BlockLayer::new(block::BlockGraph::new())))
         .with_io_pool(Arc::new(TokioBlockingPool))
+        .with_drain_wait(DrainWait::UntilParked)
+    }
+
+    /// How drains treat busy jobs (the daemon: [`DrainWait::UntilParked`]).
+    pub fn with_drain_wait(mut self, wait: DrainWait) -> Self {
+        self.state.drain_wait = wait;
+        self
     }
 
     /// Uses `graph` for nodes (blockdev-add, lookups, images).

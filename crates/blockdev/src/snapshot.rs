@@ -108,7 +108,7 @@ impl ExternalSnapshot {
 impl Action<BlockState> for ExternalSnapshot {
     fn prepare(&mut self, env: &mut BlockState) -> Result<(), QmpError> {
         let node = self.node_name(env)?;
-        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &node));
+        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &node, env.drain_wait));
         env.claims.check_free(&node)?;
         let source = env.lookup(&node)?;
         source
@@ -193,7 +193,12 @@ impl Action<BlockState> for InternalSnapshot {
     fn prepare(&mut self, env: &mut BlockState) -> Result<(), QmpError> {
         let device = self.args.device.clone();
         let node = env.lookup(&device)?;
-        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &device));
+        self.drain = Some(Drain::begin(
+            &env.jobs,
+            &env.claims,
+            &device,
+            env.drain_wait,
+        ));
         env.claims.check_free(&device)?;
         let graph = env.graph_mut()?;
         if graph.node_facts(&device).is_some_and(|f| f.read_only) {

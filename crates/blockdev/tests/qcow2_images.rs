@@ -1,0 +1,227 @@
+//! The QSD scenarios on real qcow2 images (the block crate's qcow2 driver), checked with
+//! qemu-img and qemu-io.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn run(tool: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(tool).args(args).output().expect(tool);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+fn qcow2(dir: &Path, name: &str) -> String {
+    let path = dir.join(name).to_str().unwrap().to_string();
+    assert!(run("qemu-img", &["create", "-q", "-f", "qcow2", &path, "4M"]).0);
+    path
+}
+
+fn write(path: &str, pattern: &str, offset: &str, len: &str) {
+    let cmd = format!("write -P {pattern} {offset} {len}");
+    assert!(run("qemu-io", &["-f", "qcow2", "-c", &cmd, path]).0);
+}
+
+fn add(h: &mut Harness, node: &str, path: &str) {
+    h.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": node, "file": {"driver": "file", "filename": path}}),
+    );
+}
+
+fn node(h: &mut Harness, name: &str) -> Option<Value> {
+    let nodes = h.ok("query-named-block-nodes", json!({"flat": true}));
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == name)
+        .cloned()
+}
+
+fn info_chain(path: &str) -> Value {
+    let (ok, out) = run(
+        "qemu-img",
+        &["info", "--output=json", "--backing-chain", "-U", path],
+    );
+    assert!(ok);
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn a_full_backup_of_a_qcow2_image_is_identical_and_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = qcow2(dir.path(), "src.qcow2");
+    write(&src, "0xab", "0", "4M");
+    let tgt = qcow2(dir.path(), "tgt.qcow2");
+    let mut h = Harness::block_layer();
+    add(&mut h, "src", &src);
+    add(&mut h, "tgt", &tgt);
+    h.ok("blockdev-backup", backup("j1", "src", "tgt"));
+    h.settle();
+    let ev = h.take_events();
+    assert!(ev.contains(&r#"BLOCK_JOB_COMPLETED {"type":"backup","device":"j1","len":4194304,"offset":4194304,"speed":0}"#.to_string()), "{ev:?}");
+    h.bd.shutdown().unwrap();
+    assert_eq!(
+        run("qemu-img", &["compare", &src, &tgt]),
+        (true, "Images are identical.".to_string())
+    );
+    assert!(run("qemu-img", &["check", "-q", &tgt]).0);
+}
+
+#[test]
+fn an_incremental_backup_copies_the_persistent_bitmaps_dirty_clusters_and_clears_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = qcow2(dir.path(), "src.qcow2");
+    write(&src, "0x11", "0", "4M");
+    assert!(run("qemu-img", &["bitmap", "--add", &src, "bm0"]).0);
+    write(&src, "0x22", "1M", "64k");
+    write(&src, "0x33", "3M", "128k");
+    let tgt = qcow2(dir.path(), "tgt.qcow2");
+    let mut h = Harness::block_layer();
+    add(&mut h, "src", &src);
+    add(&mut h, "tgt", &tgt);
+    let bm = node(&mut h, "src").unwrap()["dirty-bitmaps"].clone();
+    assert_eq!(
+        (bm[0]["name"].clone(), bm[0]["count"].clone()),
+        (json!("bm0"), json!(196608))
+    );
+    h.ok(
+        "blockdev-backup",
+        json!({"job-id": "j1", "device": "src", "target": "tgt", "sync": "incremental", "bitmap": "bm0"}),
+    );
+    h.settle();
+    let ev = h.take_events();
+    assert!(ev.contains(&r#"BLOCK_JOB_COMPLETED {"type":"backup","device":"j1","len":196608,"offset":196608,"speed":0}"#.to_string()), "{ev:?}");
+    let bm = node(&mut h, "src").unwrap()["dirty-bitmaps"].clone();
+    assert_eq!(
+        (bm[0]["count"].clone(), bm[0]["busy"].clone()),
+        (json!(0), json!(false))
+    );
+    h.bd.shutdown().unwrap();
+    for (pattern, offset, len) in [
+        ("0x22", "1M", "64k"),
+        ("0x33", "3M", "128k"),
+        ("0", "0", "1M"),
+        ("0", "2M", "1M"),
+    ] {
+        let cmd = format!("read -P {pattern} {offset} {len}");
+        let (ok, out) = run("qemu-io", &["-f", "qcow2", "-c", &cmd, &tgt]);
+        assert!(
+            ok && !out.contains("Pattern verification failed"),
+            "{cmd}: {out}"
+        );
+    }
+}
+
+#[test]
+fn internal_snapshots_are_taken_refused_and_rolled_back_like_qsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = qcow2(dir.path(), "src.qcow2");
+    let mut h = Harness::block_layer();
+    add(&mut h, "src", &src);
+    h.ok(
+        "blockdev-snapshot-internal-sync",
+        json!({"device": "src", "name": "snap0"}),
+    );
+    assert_eq!(
+        h.err(
+            "blockdev-snapshot-internal-sync",
+            json!({"device": "src", "name": "snap0"})
+        ),
+        "GenericError: Snapshot with name 'snap0' already exists on device 'src'"
+    );
+    assert_eq!(
+        h.err(
+            "blockdev-snapshot-internal-sync",
+            json!({"device": "src", "name": ""})
+        ),
+        "GenericError: Name is empty"
+    );
+    assert_eq!(
+        h.err(
+            "transaction",
+            json!({"actions": [{"type": "blockdev-snapshot-internal-sync", "data": {"device": "src", "name": "snap1"}},
+                               {"type": "abort", "data": {}}]})
+        ),
+        "GenericError: Transaction aborted using Abort action"
+    );
+    h.ok(
+        "transaction",
+        json!({"actions": [{"type": "blockdev-snapshot-internal-sync", "data": {"device": "src", "name": "snap2"}}]}),
+    );
+    h.bd.shutdown().unwrap();
+    let (ok, out) = run("qemu-img", &["snapshot", "-l", &src]);
+    assert!(ok);
+    let names: Vec<&str> = out
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(names, ["snap0", "snap2"]);
+    assert!(run("qemu-img", &["check", "-q", &src]).0);
+}
+
+#[test]
+fn snapshot_sync_writes_an_overlay_backed_by_the_old_image_and_inserts_it_under_the_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = qcow2(dir.path(), "src.qcow2");
+    let mut h = Harness::block_layer();
+    add(&mut h, "src", &src);
+    h.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "top", "file": "src"}),
+    );
+    let ovl = dir.path().join("ovl.qcow2").to_str().unwrap().to_string();
+    h.ok(
+        "blockdev-snapshot-sync",
+        json!({"node-name": "src", "snapshot-file": ovl, "snapshot-node-name": "ovl", "format": "qcow2"}),
+    );
+    let chain = info_chain(&ovl);
+    assert_eq!(chain[0]["backing-filename"], json!(src));
+    assert_eq!(chain[0]["backing-filename-format"], "qcow2");
+    assert_eq!(chain[1]["filename"], json!(src));
+    let o = node(&mut h, "ovl").expect("the overlay is a named node");
+    assert_eq!(o["backing_file"], json!(src));
+    // An aborted snapshot leaves its file but not the node.
+    let ovl2 = dir.path().join("ovl2.qcow2").to_str().unwrap().to_string();
+    assert_eq!(
+        h.err(
+            "transaction",
+            json!({"actions": [{"type": "blockdev-snapshot-sync", "data": {"node-name": "ovl",
+                    "snapshot-file": ovl2, "snapshot-node-name": "ovl2"}}, {"type": "abort", "data": {}}]})
+        ),
+        "GenericError: Transaction aborted using Abort action"
+    );
+    assert!(Path::new(&ovl2).exists());
+    assert!(node(&mut h, "ovl2").is_none());
+    h.bd.shutdown().unwrap();
+    assert!(run("qemu-img", &["check", "-q", &ovl]).0);
+    assert_eq!(
+        run("qemu-img", &["compare", &src, &ovl]),
+        (true, "Images are identical.".to_string())
+    );
+}
+
+#[test]
+fn a_snapshot_overlay_nothing_uses_is_closed_after_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = qcow2(dir.path(), "src.qcow2");
+    let mut h = Harness::block_layer();
+    add(&mut h, "src", &src);
+    let ovl = dir.path().join("ovl.qcow2").to_str().unwrap().to_string();
+    h.ok(
+        "blockdev-snapshot-sync",
+        json!({"node-name": "src", "snapshot-file": ovl, "snapshot-node-name": "ovl", "format": "qcow2"}),
+    );
+    assert!(node(&mut h, "ovl").is_none());
+    assert!(node(&mut h, "src").is_some());
+    let chain = info_chain(&ovl);
+    assert_eq!(chain[0]["backing-filename"], json!(src));
+}
