@@ -14,7 +14,10 @@ use crate::wire;
 
 /// Runs the handshake; `Some` lease when the client entered transmission on an export, `None`
 /// when it ended the session cleanly (ABORT, or hung up between options).
-pub(crate) async fn negotiate<S>(stream: &mut S, registry: &Registry) -> io::Result<Option<ExportLease>>
+pub(crate) async fn negotiate<S>(
+    stream: &mut S,
+    registry: &Registry,
+) -> io::Result<Option<ExportLease>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -26,7 +29,9 @@ where
 
     let client_flags = stream.read_u32().await?;
     if client_flags & !(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES) != 0 {
-        return Err(protocol_error(format!("unknown client flags {client_flags:#x}")));
+        return Err(protocol_error(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
     }
     let no_zeroes = client_flags & wire::FLAG_C_NO_ZEROES != 0;
 
@@ -61,7 +66,9 @@ where
                 let lease = std::str::from_utf8(&data)
                     .ok()
                     .and_then(|name| registry.attach(name))
-                    .ok_or_else(|| protocol_error("NBD_OPT_EXPORT_NAME of an unknown export".into()))?;
+                    .ok_or_else(|| {
+                        protocol_error("NBD_OPT_EXPORT_NAME of an unknown export".into())
+                    })?;
                 let entry = lease.entry();
                 let mut answer = Vec::with_capacity(134);
                 answer.extend_from_slice(&entry.export.backend.size().to_be_bytes());
@@ -79,8 +86,13 @@ where
             }
             wire::OPT_LIST => {
                 if !data.is_empty() {
-                    reply_error(stream, option, wire::REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
-                        .await?;
+                    reply_error(
+                        stream,
+                        option,
+                        wire::REP_ERR_INVALID,
+                        "NBD_OPT_LIST takes no data",
+                    )
+                    .await?;
                     continue;
                 }
                 let mut replies = Vec::new();
@@ -96,8 +108,13 @@ where
             }
             wire::OPT_INFO | wire::OPT_GO => {
                 let Some(request) = InfoRequest::parse(&data) else {
-                    reply_error(stream, option, wire::REP_ERR_INVALID, "malformed info request")
-                        .await?;
+                    reply_error(
+                        stream,
+                        option,
+                        wire::REP_ERR_INVALID,
+                        "malformed info request",
+                    )
+                    .await?;
                     continue;
                 };
                 if option == wire::OPT_GO {
@@ -189,7 +206,11 @@ async fn reply_error<S>(stream: &mut S, option: u32, error: u32, message: &str) 
 where
     S: AsyncWrite + Unpin,
 {
-    send(stream, wire::option_reply(option, error, message.as_bytes())).await
+    send(
+        stream,
+        wire::option_reply(option, error, message.as_bytes()),
+    )
+    .await
 }
 
 async fn send<S>(stream: &mut S, bytes: Vec<u8>) -> io::Result<()>
@@ -205,7 +226,8 @@ async fn discard<S>(stream: &mut S, length: u32) -> io::Result<()>
 where
     S: AsyncRead + Unpin,
 {
-    let copied = tokio::io::copy(&mut stream.take(u64::from(length)), &mut tokio::io::sink()).await?;
+    let copied =
+        tokio::io::copy(&mut stream.take(u64::from(length)), &mut tokio::io::sink()).await?;
     if copied < u64::from(length) {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }

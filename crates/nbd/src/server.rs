@@ -67,7 +67,10 @@ impl NbdServer {
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path)?;
                 let listener = UnixListener::bind(path)?;
-                (Listener::Unix(listener, path.clone()), BoundAddr::Unix(path.clone()))
+                (
+                    Listener::Unix(listener, path.clone()),
+                    BoundAddr::Unix(path.clone()),
+                )
             }
             ListenAddr::Tcp { host, port } => {
                 let listener = TcpListener::bind((host.as_str(), *port)).await?;
@@ -115,7 +118,11 @@ impl NbdServer {
 
     /// Names of the exports, in the order they were added.
     pub fn export_names(&self) -> Vec<String> {
-        self.registry.list().into_iter().map(|(name, _)| name).collect()
+        self.registry
+            .list()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
     }
 
     /// Number of clients in transmission on `name`, or `None` if there is no such export.

@@ -88,7 +88,10 @@ where
             () = &mut stop => return Ok(()),
         }
         let request = Request::decode(&header).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, "request without the request magic")
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request without the request magic",
+            )
         })?;
         if request.command == wire::CMD_DISC {
             return Ok(());

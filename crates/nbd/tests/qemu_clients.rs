@@ -12,7 +12,11 @@ async fn qemu_io_write_lands_in_the_export() {
     server.export("src", memory.clone(), true);
 
     let uri = server.uri("src");
-    let output = run("qemu-io", &["-f", "raw", "-c", "write -P 0x44 512k 64k", &uri]).await;
+    let output = run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x44 512k 64k", &uri],
+    )
+    .await;
     assert!(output.status.success(), "{}", text(&output));
 
     let bytes = memory.bytes();
@@ -28,12 +32,24 @@ async fn qemu_io_read_only_connection_reads_the_pattern() {
     server.export("src", memory.clone(), false);
 
     let uri = server.uri("src");
-    let good = run("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x11 0 1M", &uri]).await;
+    let good = run(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x11 0 1M", &uri],
+    )
+    .await;
     assert!(good.status.success(), "{}", text(&good));
     assert!(!text(&good).contains("Pattern verification failed"));
 
-    let bad = run("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x22 0 4k", &uri]).await;
-    assert!(text(&bad).contains("Pattern verification failed"), "{}", text(&bad));
+    let bad = run(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x22 0 4k", &uri],
+    )
+    .await;
+    assert!(
+        text(&bad).contains("Pattern verification failed"),
+        "{}",
+        text(&bad)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,7 +61,17 @@ async fn qemu_io_write_zeroes_and_discard_reach_the_export() {
     let uri = server.uri("src");
     let output = run(
         "qemu-io",
-        &["-f", "raw", "-c", "write -z 64k 64k", "-c", "discard 256k 64k", "-c", "flush", &uri],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -z 64k 64k",
+            "-c",
+            "discard 256k 64k",
+            "-c",
+            "flush",
+            &uri,
+        ],
     )
     .await;
     assert!(output.status.success(), "{}", text(&output));
@@ -62,7 +88,11 @@ async fn qemu_img_info_reports_the_export_size() {
 
     let output = run("qemu-img", &["info", "--output=json", &server.uri("disk")]).await;
     assert!(output.status.success(), "{}", text(&output));
-    assert!(text(&output).contains("\"virtual-size\": 3145728"), "{}", text(&output));
+    assert!(
+        text(&output).contains("\"virtual-size\": 3145728"),
+        "{}",
+        text(&output)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,7 +109,15 @@ async fn qemu_img_convert_copies_every_byte() {
     let out = server.dir.path().join("out.raw");
     let output = run(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", &server.uri("disk"), out.to_str().unwrap()],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &server.uri("disk"),
+            out.to_str().unwrap(),
+        ],
     )
     .await;
     assert!(output.status.success(), "{}", text(&output));
@@ -114,7 +152,11 @@ async fn read_only_export_refuses_qemu_io_writes() {
 
     let uri = server.uri("ro");
     let output = run("qemu-io", &["-f", "raw", "-c", "write -P 0x44 0 4k", &uri]).await;
-    assert!(!output.status.success() || text(&output).contains("failed"), "{}", text(&output));
+    assert!(
+        !output.status.success() || text(&output).contains("failed"),
+        "{}",
+        text(&output)
+    );
     assert!(memory.bytes().iter().all(|&b| b == 0x11));
 }
 
@@ -149,7 +191,19 @@ async fn tcp_listener_on_an_ephemeral_port_serves_qemu_io() {
     assert_ne!(addr.port(), 0);
 
     let uri = format!("nbd://127.0.0.1:{}/net", addr.port());
-    let output = run("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 4k 4k", "-c", "read -P 0x5a 4k 4k", &uri]).await;
+    let output = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 4k 4k",
+            "-c",
+            "read -P 0x5a 4k 4k",
+            &uri,
+        ],
+    )
+    .await;
     assert!(output.status.success(), "{}", text(&output));
     assert!(!text(&output).contains("failed"), "{}", text(&output));
     assert!(memory.bytes()[4096..8192].iter().all(|&b| b == 0x5a));

@@ -265,14 +265,22 @@ impl RawClient {
     ) -> (u32, Vec<u8>) {
         self.send_request(command, flags, offset, length).await;
         self.stream.write_all(payload).await.unwrap();
-        let data_len = if command == CMD_READ { length as usize } else { 0 };
+        let data_len = if command == CMD_READ {
+            length as usize
+        } else {
+            0
+        };
         self.simple_reply(data_len).await
     }
 
-    /// True when the server closed the connection (end of stream or reset).
+    /// True when the server closes the connection (end of stream or reset) within 10 s;
+    /// whatever it sends before is skipped.
     pub async fn is_closed_by_server(&mut self) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(self.stream.read(&mut byte).await, Ok(0) | Err(_))
+        let mut rest = Vec::new();
+        let drained = self.stream.read_to_end(&mut rest);
+        tokio::time::timeout(std::time::Duration::from_secs(10), drained)
+            .await
+            .is_ok()
     }
 }
 
