@@ -27,6 +27,26 @@ pub trait ExportBackend: Send + Sync + 'static {
         let _ = (offset, len);
         Ok(())
     }
+    /// How the `len` bytes at `offset` are allocated, as consecutive extents from `offset`
+    /// (`base:allocation`); they may cover less than `len`. The default: all data.
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let _ = offset;
+        Ok(vec![Extent {
+            length: len,
+            hole: false,
+            zero: false,
+        }])
+    }
+}
+
+/// A run of bytes with the same allocation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// Not allocated in this layer.
+    pub hole: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
 }
 
 /// An export to serve: a name clients ask for, and its backend.

@@ -1,9 +1,9 @@
 //! The fixed newstyle handshake: greeting, client flags, then option haggling until the client
 //! picks an export (`NBD_OPT_EXPORT_NAME`, `NBD_OPT_GO`), aborts or hangs up.
 //!
-//! Served options: EXPORT_NAME, ABORT, LIST, INFO, GO. Everything else (STARTTLS,
-//! STRUCTURED_REPLY, meta contexts, extended headers, …) gets `NBD_REP_ERR_UNSUP`, after which
-//! clients continue with simple replies.
+//! Served options: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and
+//! SET_META_CONTEXT (the one context `base:allocation`). Everything else (STARTTLS, extended
+//! headers, …) gets `NBD_REP_ERR_UNSUP`.
 
 use std::io;
 
@@ -12,12 +12,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::exports::{ExportEntry, ExportLease, Registry};
 use crate::wire;
 
-/// Runs the handshake; `Some` lease when the client entered transmission on an export, `None`
-/// when it ended the session cleanly (ABORT, or hung up between options).
-pub(crate) async fn negotiate<S>(
-    stream: &mut S,
-    registry: &Registry,
-) -> io::Result<Option<ExportLease>>
+/// What the client chose: an export, and how replies are sent.
+pub(crate) struct Session {
+    pub lease: ExportLease,
+    pub structured: bool,
+    pub base_allocation: bool,
+}
+
+/// Runs the handshake; `Some` session when the client entered transmission on an export,
+/// `None` when it ended the session cleanly (ABORT, or hung up between options).
+pub(crate) async fn negotiate<S>(stream: &mut S, registry: &Registry) -> io::Result<Option<Session>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -34,6 +38,17 @@ where
         )));
     }
     let no_zeroes = client_flags & wire::FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    // The export `base:allocation` was selected for by SET_META_CONTEXT, if any.
+    let mut meta_export: Option<String> = None;
+    let session = |lease: ExportLease, structured: bool, meta_export: Option<String>| {
+        let base_allocation = meta_export.as_deref() == Some(lease.entry().export.name.as_str());
+        Some(Session {
+            lease,
+            structured,
+            base_allocation,
+        })
+    };
 
     loop {
         let mut header = [0u8; 16];
@@ -77,7 +92,7 @@ where
                     answer.extend_from_slice(&[0u8; 124]);
                 }
                 stream.write_all(&answer).await?;
-                return Ok(Some(lease));
+                return Ok(session(lease, structured, meta_export));
             }
             wire::OPT_ABORT => {
                 // The client may already be gone; the session ends either way.
@@ -123,12 +138,56 @@ where
                         continue;
                     };
                     send(stream, info_replies(option, &request, lease.entry())).await?;
-                    return Ok(Some(lease));
+                    return Ok(session(lease, structured, meta_export));
                 }
                 match registry.find(request.name) {
                     Some(entry) => send(stream, info_replies(option, &request, &entry)).await?,
                     None => reply_unknown(stream, option, request.name).await?,
                 }
+            }
+            wire::OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    let message = "NBD_OPT_STRUCTURED_REPLY takes no data";
+                    reply_error(stream, option, wire::REP_ERR_INVALID, message).await?;
+                    continue;
+                }
+                structured = true;
+                send(stream, wire::option_reply(option, wire::REP_ACK, &[])).await?;
+            }
+            wire::OPT_LIST_META_CONTEXT | wire::OPT_SET_META_CONTEXT => {
+                let Some(request) = MetaRequest::parse(&data) else {
+                    let message = "malformed meta context request";
+                    reply_error(stream, option, wire::REP_ERR_INVALID, message).await?;
+                    continue;
+                };
+                if !structured {
+                    let message = "structured replies were not negotiated";
+                    reply_error(stream, option, wire::REP_ERR_INVALID, message).await?;
+                    continue;
+                }
+                if registry.find(request.export).is_none() {
+                    reply_unknown(stream, option, request.export).await?;
+                    continue;
+                }
+                let base_allocation = if option == wire::OPT_SET_META_CONTEXT {
+                    let selected = request.queries.contains(&wire::BASE_ALLOCATION);
+                    meta_export = selected.then(|| request.export.to_owned());
+                    selected
+                } else {
+                    request.queries.is_empty()
+                        || request
+                            .queries
+                            .iter()
+                            .any(|query| *query == "base:" || *query == wire::BASE_ALLOCATION)
+                };
+                let mut replies = Vec::new();
+                if base_allocation {
+                    let mut context = wire::BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                    context.extend_from_slice(wire::BASE_ALLOCATION.as_bytes());
+                    replies.extend(wire::option_reply(option, wire::REP_META_CONTEXT, &context));
+                }
+                replies.extend(wire::option_reply(option, wire::REP_ACK, &[]));
+                send(stream, replies).await?;
             }
             _ => {
                 let message = format!("option {option} is not supported");
@@ -160,6 +219,36 @@ impl<'a> InfoRequest<'a> {
             .collect();
         Some(InfoRequest { name, wanted })
     }
+}
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`: an export name and
+/// context queries.
+struct MetaRequest<'a> {
+    export: &'a str,
+    queries: Vec<&'a str>,
+}
+
+impl<'a> MetaRequest<'a> {
+    fn parse(data: &'a [u8]) -> Option<MetaRequest<'a>> {
+        let (export, mut rest) = take_string(data)?;
+        let count = u32::from_be_bytes(rest.get(0..4)?.try_into().ok()?);
+        rest = &rest[4..];
+        let mut queries = Vec::new();
+        for _ in 0..count {
+            let (query, after) = take_string(rest)?;
+            queries.push(query);
+            rest = after;
+        }
+        rest.is_empty().then_some(MetaRequest { export, queries })
+    }
+}
+
+/// A UTF-8 string prefixed by its 32-bit length, and what follows it.
+fn take_string(data: &[u8]) -> Option<(&str, &[u8])> {
+    let len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+    let end = 4usize.checked_add(len)?;
+    let text = std::str::from_utf8(data.get(4..end)?).ok()?;
+    Some((text, &data[end..]))
 }
 
 /// The `NBD_REP_INFO` replies (export, block size, and name/description when asked), then ACK.
@@ -265,6 +354,32 @@ mod tests {
         let mut data = info_data("disk", &[]);
         data[3] = 200;
         assert!(InfoRequest::parse(&data).is_none());
+    }
+
+    #[test]
+    fn meta_context_request_carries_export_and_queries() {
+        let mut data = 4u32.to_be_bytes().to_vec();
+        data.extend_from_slice(b"disk");
+        data.extend_from_slice(&2u32.to_be_bytes());
+        for text in ["base:allocation", "qemu:dirty-bitmap:x"] {
+            data.extend_from_slice(&(text.len() as u32).to_be_bytes());
+            data.extend_from_slice(text.as_bytes());
+        }
+        let request = MetaRequest::parse(&data).unwrap();
+        assert_eq!(request.export, "disk");
+        assert_eq!(
+            request.queries,
+            vec!["base:allocation", "qemu:dirty-bitmap:x"]
+        );
+        data.push(0);
+        assert!(MetaRequest::parse(&data).is_none());
+    }
+
+    #[test]
+    fn meta_context_request_claiming_more_queries_than_sent_is_malformed() {
+        let mut data = 0u32.to_be_bytes().to_vec();
+        data.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(MetaRequest::parse(&data).is_none());
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! An NBD server (fixed newstyle handshake, simple replies) serving named exports over a unix
-//! or TCP socket, as `nbd-server-start` / `block-export-add` / `block-export-del` /
-//! `nbd-server-stop` need. Exports are [`ExportBackend`] trait objects: the crate knows
+//! An NBD server (fixed newstyle handshake, simple and structured replies, `base:allocation`)
+//! serving named exports over a unix or TCP socket, as `nbd-server-start` /
+//! `block-export-add` / `block-export-del` / `nbd-server-stop` need. Exports are [`ExportBackend`] trait objects: the crate knows
 //! nothing of the node graph.
 //!
 //! ```no_run
@@ -21,5 +21,5 @@ mod server;
 mod transmission;
 mod wire;
 
-pub use exports::{Export, ExportBackend, ExportDeletion, ExportError, RemoveMode};
+pub use exports::{Export, ExportBackend, ExportDeletion, ExportError, Extent, RemoveMode};
 pub use server::{BoundAddr, ListenAddr, NbdServer, ServerConfig};

@@ -263,28 +263,28 @@ async fn serve_connection<S>(
         negotiated = within(handshake_timeout, handshake::negotiate(&mut stream, &registry)) => negotiated,
         () = raised(&mut stop) => return,
     };
-    let lease = match negotiated {
-        Ok(Some(lease)) => lease,
+    let session = match negotiated {
+        Ok(Some(session)) => session,
         Ok(None) => return,
         Err(error) => {
             tracing::debug!(%error, "NBD client dropped during handshake");
             return;
         }
     };
-    let mut disconnect = lease.disconnect_signal();
+    let mut disconnect = session.lease.disconnect_signal();
     let stopped = async move {
         tokio::select! {
             () = raised(&mut stop) => {}
             () = raised(&mut disconnect) => {}
         }
     };
-    if let Err(error) = transmission::serve(&mut stream, &lease.entry().export, stopped).await {
+    if let Err(error) = transmission::serve(&mut stream, &session, stopped).await {
         tracing::debug!(%error, "NBD client dropped");
     }
     let _ = stream.shutdown().await;
     // The socket is closed before the export may be reported deleted.
     drop(stream);
-    drop(lease);
+    drop(session);
 }
 
 async fn within<T>(

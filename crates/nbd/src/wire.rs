@@ -13,6 +13,8 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// First word of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// First word of a structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Handshake flags (server → client).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -27,11 +29,15 @@ pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 const REP_FLAG_ERROR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
 pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
@@ -60,10 +66,25 @@ pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
 
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+/// Structured reply chunk flags and types.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+/// The one metadata context served, its id, and its extent flags.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+pub const BASE_ALLOCATION_ID: u32 = 1;
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
 
 /// Error values of replies (the protocol fixes these numbers; they match Linux's errno).
 pub const EPERM: u32 = 1;
@@ -88,6 +109,8 @@ pub const PREFERRED_BLOCK: u32 = 4096;
 pub const REQUEST_LEN: usize = 28;
 /// Size in bytes of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Size in bytes of a structured reply chunk header.
+pub const CHUNK_HEADER_LEN: usize = 20;
 
 /// The protocol error value for an I/O error of an export backend.
 pub fn errno_of(error: &io::Error) -> u32 {
@@ -134,6 +157,24 @@ pub fn encode_simple_reply(out: &mut [u8], error: u32, cookie: u64) {
     out[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     out[4..8].copy_from_slice(&error.to_be_bytes());
     out[8..16].copy_from_slice(&cookie.to_be_bytes());
+}
+
+/// Writes a structured reply chunk header into the first [`CHUNK_HEADER_LEN`] bytes of `out`.
+pub fn encode_chunk_header(out: &mut [u8], kind: u16, cookie: u64, payload_len: u32) {
+    out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    out[6..8].copy_from_slice(&kind.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out[16..20].copy_from_slice(&payload_len.to_be_bytes());
+}
+
+/// A whole final structured chunk with `payload`.
+pub fn chunk(kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; CHUNK_HEADER_LEN];
+    // Payloads are bounded by MAX_PAYLOAD plus a small header.
+    encode_chunk_header(&mut out, kind, cookie, payload.len() as u32);
+    out.extend_from_slice(payload);
+    out
 }
 
 /// An option reply: header and data, ready to send.

@@ -74,14 +74,107 @@ async fn malformed_go_data_answers_err_invalid() {
     );
 }
 
+/// A client in transmission with structured replies, and `base:allocation` if `meta`.
+async fn structured(server: &UnixServer, name: &str, meta: bool) -> RawClient {
+    let mut client = RawClient::connect(&server.socket).await;
+    assert_eq!(
+        client.option(OPT_STRUCTURED_REPLY, &[]).await,
+        vec![(REP_ACK, vec![])]
+    );
+    if meta {
+        let replies = client
+            .option(
+                OPT_SET_META_CONTEXT,
+                &meta_request(name, &["base:allocation"]),
+            )
+            .await;
+        assert_eq!(replies.len(), 2);
+    }
+    client.go(name).await.unwrap();
+    client
+}
+
 #[tokio::test]
-async fn structured_replies_are_declined_and_negotiation_goes_on() {
+async fn structured_read_answers_one_final_data_chunk_with_its_offset() {
+    let (server, _) = served("disk", false).await;
+    let mut client = structured(&server, "disk", false).await;
+    client.send_request(CMD_READ, 0, 512, 3).await;
+    let (flags, kind, payload) = read_chunk(&mut client).await;
+    assert_eq!((flags, kind), (1, 1));
+    assert_eq!(payload, [&512u64.to_be_bytes()[..], &[0x11; 3]].concat());
+}
+
+#[tokio::test]
+async fn structured_errors_are_error_chunks() {
+    let (server, _) = served("disk", false).await;
+    let mut client = structured(&server, "disk", false).await;
+    client.send_request(CMD_READ, 0, MIB as u64, 1).await;
+    let (flags, kind, payload) = read_chunk(&mut client).await;
+    assert_eq!((flags, kind), (1, 0x8001));
+    assert_eq!(payload, [&EINVAL.to_be_bytes()[..], &[0, 0]].concat());
+}
+
+#[tokio::test]
+async fn set_meta_context_selects_base_allocation() {
     let (server, _) = served("disk", false).await;
     let mut client = RawClient::connect(&server.socket).await;
-    let replies = client.option(OPT_STRUCTURED_REPLY, &[]).await;
+    client.option(OPT_STRUCTURED_REPLY, &[]).await;
+    let request = meta_request("disk", &["qemu:dirty-bitmap:x", "base:allocation"]);
+    let replies = client.option(OPT_SET_META_CONTEXT, &request).await;
+    assert_eq!(replies[0].0, REP_META_CONTEXT);
+    assert_eq!(&replies[0].1[4..], b"base:allocation");
+    assert_eq!(replies[1], (REP_ACK, vec![]));
+}
+
+#[tokio::test]
+async fn list_meta_context_without_queries_lists_base_allocation() {
+    let (server, _) = served("disk", false).await;
+    let mut client = RawClient::connect(&server.socket).await;
+    client.option(OPT_STRUCTURED_REPLY, &[]).await;
+    let replies = client
+        .option(OPT_LIST_META_CONTEXT, &meta_request("disk", &[]))
+        .await;
+    assert_eq!(replies.len(), 2);
+    assert_eq!(&replies[0].1[4..], b"base:allocation");
+}
+
+#[tokio::test]
+async fn meta_contexts_need_structured_replies_first() {
+    let (server, _) = served("disk", false).await;
+    let mut client = RawClient::connect(&server.socket).await;
+    let request = meta_request("disk", &["base:allocation"]);
+    let replies = client.option(OPT_SET_META_CONTEXT, &request).await;
     assert_eq!(replies.len(), 1);
-    assert_eq!(replies[0].0, REP_ERR_UNSUP);
-    assert!(client.go("disk").await.is_ok());
+    assert_eq!(replies[0].0, REP_ERR_INVALID);
+}
+
+#[tokio::test]
+async fn block_status_reports_the_backend_extents() {
+    let (server, memory) = served("disk", true).await;
+    {
+        use nbd::ExportBackend;
+        memory.write_zeroes(8192, 8192).unwrap();
+    }
+    let mut client = structured(&server, "disk", true).await;
+    client.send_request(CMD_BLOCK_STATUS, 0, 4096, 16384).await;
+    let (flags, kind, payload) = read_chunk(&mut client).await;
+    assert_eq!((flags, kind), (1, 5));
+    let words: Vec<u32> = payload
+        .chunks_exact(4)
+        .map(|word| u32::from_be_bytes(word.try_into().unwrap()))
+        .collect();
+    // Context id, then (length, flags): data, zero hole, data.
+    assert_eq!(words[1..], [4096, 0, 8192, 3, 4096, 0]);
+}
+
+#[tokio::test]
+async fn block_status_without_base_allocation_answers_einval() {
+    let (server, _) = served("disk", false).await;
+    let mut client = transmitting(&server, "disk").await;
+    assert_eq!(
+        client.request(CMD_BLOCK_STATUS, 0, 0, 512, &[]).await.0,
+        EINVAL
+    );
 }
 
 #[tokio::test]

@@ -209,3 +209,27 @@ async fn tcp_listener_on_an_ephemeral_port_serves_qemu_io() {
     assert!(memory.bytes()[4096..8192].iter().all(|&b| b == 0x5a));
     assert_eq!(server.stop().await, vec!["net".to_string()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_img_map_sees_zero_holes_through_base_allocation() {
+    let server = UnixServer::start().await;
+    let memory = MemoryExport::filled(MIB, 0x11);
+    {
+        use nbd::ExportBackend;
+        memory.write_zeroes(256 * 1024, 256 * 1024).unwrap();
+    }
+    server.export("disk", memory, false);
+
+    let output = run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &server.uri("disk")],
+    )
+    .await;
+    let map = text(&output);
+    assert!(output.status.success(), "{map}");
+    assert!(
+        map.contains(r#""start": 262144, "length": 262144, "depth": 0, "present": true, "zero": true, "data": false"#),
+        "{map}"
+    );
+    assert!(map.contains(r#""start": 0, "length": 262144, "depth": 0, "present": true, "zero": false, "data": true"#), "{map}");
+}

@@ -8,7 +8,7 @@ use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use nbd::{Export, ExportBackend, ListenAddr, NbdServer, ServerConfig};
+use nbd::{Export, ExportBackend, Extent, ListenAddr, NbdServer, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -61,6 +61,26 @@ impl ExportBackend for MemoryExport {
     fn flush(&self) -> io::Result<()> {
         self.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+    /// 4 KiB blocks of zeroes are reported as zero holes, the rest as data.
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let data = self.data.lock().unwrap();
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut at = offset;
+        while at < offset + len {
+            let end = ((at / 4096 + 1) * 4096).min(offset + len);
+            let zero = data[at as usize..end as usize].iter().all(|&b| b == 0);
+            match extents.last_mut() {
+                Some(last) if last.zero == zero => last.length += end - at,
+                _ => extents.push(Extent {
+                    length: end - at,
+                    hole: zero,
+                    zero,
+                }),
+            }
+            at = end;
+        }
+        Ok(extents)
     }
 }
 
@@ -147,6 +167,10 @@ pub const OPT_LIST: u32 = 3;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const REP_META_CONTEXT: u32 = 4;
+pub const CMD_BLOCK_STATUS: u16 = 7;
 pub const REP_ACK: u32 = 1;
 pub const REP_INFO: u32 = 3;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
@@ -293,4 +317,28 @@ pub fn info_request(name: &str, wanted: &[u16]) -> Vec<u8> {
         data.extend_from_slice(&info.to_be_bytes());
     }
     data
+}
+
+/// The data of NBD_OPT_SET_META_CONTEXT / NBD_OPT_LIST_META_CONTEXT.
+pub fn meta_request(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut data = (export.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for query in queries {
+        data.extend_from_slice(&(query.len() as u32).to_be_bytes());
+        data.extend_from_slice(query.as_bytes());
+    }
+    data
+}
+
+/// One structured reply chunk: (flags, type, payload).
+pub async fn read_chunk(client: &mut RawClient) -> (u16, u16, Vec<u8>) {
+    assert_eq!(client.stream.read_u32().await.unwrap(), 0x668e_33ef);
+    let flags = client.stream.read_u16().await.unwrap();
+    let kind = client.stream.read_u16().await.unwrap();
+    assert_eq!(client.stream.read_u64().await.unwrap(), 0xc0ffee);
+    let length = client.stream.read_u32().await.unwrap();
+    let mut payload = vec![0u8; length as usize];
+    client.stream.read_exact(&mut payload).await.unwrap();
+    (flags, kind, payload)
 }
