@@ -84,6 +84,12 @@ pub trait BlockDriver: Send + Sync {
     fn internal_snapshots(&self) -> Option<&dyn InternalSnapshots> {
         None
     }
+    /// The node is being reopened read-only (its bitmaps were stored and it was flushed;
+    /// no write arrives after this). A format that marks its image in use while writable
+    /// releases that here. The default has nothing to do.
+    fn reopen_read_only(&self) -> BlockResult<()> {
+        Ok(())
+    }
     /// Releases the driver: flushes; after this no I/O arrives.
     fn close(&self) -> BlockResult<()> {
         self.flush()

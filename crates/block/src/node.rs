@@ -51,7 +51,8 @@ pub struct BlockNode {
     name: String,
     auto_named: bool,
     driver_name: String,
-    read_only: bool,
+    /// Set at open; a reopen can only make it true (see [`BlockNode::reopen_read_only`]).
+    read_only: AtomicBool,
     options: Value,
     driver: Box<dyn BlockDriver>,
     children: Mutex<Vec<ChildEdge>>,
@@ -77,7 +78,7 @@ impl BlockNode {
             name: parts.name,
             auto_named: parts.auto_named,
             driver_name: parts.driver_name,
-            read_only: parts.read_only,
+            read_only: AtomicBool::new(parts.read_only),
             options: parts.options,
             driver: parts.driver,
             children: Mutex::new(parts.children),
@@ -119,7 +120,45 @@ impl BlockNode {
 
     /// Whether the node was opened read-only.
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// Reopens the node read-only, as QEMU does to the old active layer of an external
+    /// snapshot: stores its persistent bitmaps (which become read-only), lets the driver
+    /// reopen its image read-only, drops write and resize on its children, and reopens the
+    /// children that inherited its read-only flag (`file`, filtered children) the same way.
+    /// Fails, changing nothing, while a user holds write permission on the node. Already
+    /// read-only: nothing to do.
+    pub fn reopen_read_only(&self) -> BlockResult<()> {
+        if self.is_read_only() {
+            return Ok(());
+        }
+        self.check_open()?;
+        let (perm, _) = self.cumulative_perms();
+        if !(perm & (Perm::WRITE | Perm::WRITE_UNCHANGED)).is_empty() {
+            return Err(BlockError::new(format!(
+                "Cannot make node '{}' read-only: it is in use for writing",
+                self.name
+            )));
+        }
+        self.store_bitmaps()?;
+        self.flush()?;
+        self.driver.reopen_read_only()?;
+        for b in lock(&self.bitmaps).iter_mut() {
+            if b.is_persistent() {
+                b.set_readonly(true);
+            }
+        }
+        self.read_only.store(true, Ordering::Release);
+        // Loosening: the children lose write and resize; this cannot conflict.
+        let _ = self.refresh_perms();
+        for edge in self.children() {
+            let inherits = edge.node.options().get("read-only").is_none();
+            if edge.kind != ChildKind::Backing && inherits && !edge.node.is_monitor_owned() {
+                edge.node.reopen_read_only()?;
+            }
+        }
+        Ok(())
     }
 
     /// The options the node was opened with.
@@ -156,7 +195,7 @@ impl BlockNode {
             )));
         }
         let (perm, shared) = self.cumulative_perms();
-        let (cp, cs) = kind.child_perms(perm, shared, !self.read_only);
+        let (cp, cs) = kind.child_perms(perm, shared, !self.is_read_only());
         let use_id = child.add_use(&format!("node '{}'", self.name), name, cp, cs)?;
         lock(&self.children).push(ChildEdge {
             name: name.to_string(),
@@ -282,12 +321,12 @@ impl BlockNode {
             check_conflicts(&self.name, &st.uses)?;
             cumulative(&st.uses)
         };
-        if self.read_only && !(perm & (Perm::WRITE | Perm::WRITE_UNCHANGED)).is_empty() {
+        if self.is_read_only() && !(perm & (Perm::WRITE | Perm::WRITE_UNCHANGED)).is_empty() {
             return Err(BlockError::new("Block node is read-only"));
         }
         self.driver.check_perm(perm, shared)?;
         for edge in &self.children() {
-            let (cp, cs) = edge.kind.child_perms(perm, shared, !self.read_only);
+            let (cp, cs) = edge.kind.child_perms(perm, shared, !self.is_read_only());
             if let Err(e) = edge.node.update_use(edge.use_id, cp, cs) {
                 self.driver.abort_perm();
                 return Err(e);
@@ -346,7 +385,7 @@ impl BlockNode {
 
     fn check_writable(&self) -> BlockResult<()> {
         self.check_open()?;
-        if self.read_only {
+        if self.is_read_only() {
             return Err(BlockError::from_errno(libc::EPERM));
         }
         Ok(())
@@ -435,7 +474,7 @@ impl BlockNode {
 
     /// Stores persistent bitmaps and flushes (the node stays open).
     pub fn store_bitmaps(&self) -> BlockResult<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Ok(());
         }
         if let Some(store) = self.driver.bitmap_store() {
@@ -551,7 +590,7 @@ impl std::fmt::Debug for BlockNode {
         f.debug_struct("BlockNode")
             .field("name", &self.name)
             .field("driver", &self.driver_name)
-            .field("read_only", &self.read_only)
+            .field("read_only", &self.is_read_only())
             .finish_non_exhaustive()
     }
 }

@@ -9,7 +9,8 @@
 //! Errors from the file child keep their errno.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::{Value, json};
 
@@ -43,8 +44,14 @@ const COMPAT_LAZY_REFCOUNTS: u64 = 1;
 /// A qcow2 format node.
 pub struct Qcow2Driver {
     file: Arc<BlockNode>,
-    image: qcow2::Image,
-    read_only: bool,
+    storage: Arc<dyn qcow2::Storage>,
+    /// Replaced when the node is reopened read-only.
+    image: RwLock<Arc<qcow2::Image>>,
+    /// What unallocated clusters read from (kept to hand to a reopened image).
+    backing: Mutex<Option<Arc<dyn qcow2::Backing>>>,
+    read_only: AtomicBool,
+    /// Guest data was written since open: enabled bitmaps' stored bits are stale.
+    written: AtomicBool,
     /// The header's dirty bit as found at open (only a read-only open leaves it set).
     dirty_at_open: bool,
     lazy_refcounts: bool,
@@ -185,7 +192,7 @@ fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
         return Err(BlockError::new(message));
     }
     let storage: Arc<dyn qcow2::Storage> = Arc::new(NodeStorage(file.clone()));
-    let image = qcow2::Image::open(storage, read_only, None).map_err(|e| {
+    let image = qcow2::Image::open(storage.clone(), read_only, None).map_err(|e| {
         let desc = match &e {
             qcow2::Error::Io(_) => block_error(e).desc().to_string(),
             _ => e.to_string(),
@@ -194,16 +201,28 @@ fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
     })?;
     Ok(Box::new(Qcow2Driver {
         file,
-        image,
-        read_only,
+        storage,
+        image: RwLock::new(Arc::new(image)),
+        backing: Mutex::new(None),
+        read_only: AtomicBool::new(read_only),
+        written: AtomicBool::new(false),
         dirty_at_open: read_only && incompatible & INCOMPAT_DIRTY != 0,
         lazy_refcounts: compatible & COMPAT_LAZY_REFCOUNTS != 0,
     }))
 }
 
 impl Qcow2Driver {
+    /// The open image.
+    fn image(&self) -> Arc<qcow2::Image> {
+        self.image.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
     fn format_specific(&self) -> Value {
-        let info = self.image.info();
+        let info = self.image().info();
         let mut data = serde_json::Map::new();
         if info.version >= 3 {
             data.insert("compat".into(), json!("1.1"));
@@ -211,13 +230,13 @@ impl Qcow2Driver {
             data.insert("corrupt".into(), json!(info.corrupt));
             data.insert("extended-l2".into(), json!(false));
             let bitmaps: Vec<Value> = self
-                .image
+                .image()
                 .bitmaps()
                 .iter()
                 .map(|b| {
                     let mut flags = Vec::new();
                     // A read-write open marks every stored bitmap in use.
-                    if b.in_use || !self.read_only {
+                    if b.in_use || !self.read_only() {
                         flags.push("in-use");
                     }
                     if b.enabled {
@@ -244,7 +263,7 @@ impl Qcow2Driver {
             b.name().unwrap_or_default(),
             g,
             b.is_enabled(),
-            self.image.size(),
+            self.image().size(),
         );
         p.in_use = in_use;
         for (start, len) in b.dirty_ranges(0, b.size()) {
@@ -294,34 +313,36 @@ fn from_persistent(
 
 impl BlockDriver for Qcow2Driver {
     fn size(&self) -> BlockResult<u64> {
-        Ok(self.image.size())
+        Ok(self.image().size())
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
         self.file.debug_event(BlkdebugEvent::ReadAio);
-        self.image.read_at(buf, offset).map_err(block_error)
+        self.image().read_at(buf, offset).map_err(block_error)
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
         self.file.debug_event(BlkdebugEvent::WriteAio);
-        self.image.write_at(buf, offset).map_err(block_error)
+        self.written.store(true, Ordering::Release);
+        self.image().write_at(buf, offset).map_err(block_error)
     }
 
     fn write_zeroes_at(&self, offset: u64, len: u64) -> BlockResult<()> {
-        self.image.write_zeroes(offset, len).map_err(block_error)
+        self.written.store(true, Ordering::Release);
+        self.image().write_zeroes(offset, len).map_err(block_error)
     }
 
     fn flush(&self) -> BlockResult<()> {
-        self.image.flush().map_err(block_error)
+        self.image().flush().map_err(block_error)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<(bool, u64)> {
-        let size = self.image.size();
+        let size = self.image().size();
         if offset >= size || len == 0 {
             return Ok((false, len));
         }
         let (alloc, n) = self
-            .image
+            .image()
             .block_status(offset, len.min(size - offset))
             .map_err(block_error)?;
         Ok((alloc != qcow2::Allocation::Unallocated, n))
@@ -331,7 +352,7 @@ impl BlockDriver for Qcow2Driver {
         DriverInfo {
             filename: None,
             actual_size: None,
-            cluster_size: Some(self.image.cluster_size()),
+            cluster_size: Some(self.image().cluster_size()),
             dirty_flag: Some(self.dirty_at_open),
             format_specific: Some(self.format_specific()),
         }
@@ -342,7 +363,7 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn backing_file(&self) -> Option<(String, Option<String>)> {
-        self.image.backing_file()
+        self.image().backing_file()
     }
 
     fn set_backing(&self, backing: Option<Arc<BlockNode>>) {
@@ -352,7 +373,25 @@ impl BlockDriver for Qcow2Driver {
                 overlay_file: self.file.clone(),
             }) as Arc<dyn qcow2::Backing>
         });
-        self.image.set_backing(backing);
+        *self.backing.lock().unwrap_or_else(|e| e.into_inner()) = backing.clone();
+        self.image().set_backing(backing);
+    }
+
+    fn reopen_read_only(&self) -> BlockResult<()> {
+        let mut slot = self.image.write().unwrap_or_else(|e| e.into_inner());
+        let backing = self
+            .backing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // Closing releases the in-use marks of the bitmaps just stored.
+        slot.flush().map_err(block_error)?;
+        slot.close().map_err(block_error)?;
+        let reopened =
+            qcow2::Image::open(self.storage.clone(), true, backing).map_err(block_error)?;
+        *slot = Arc::new(reopened);
+        self.read_only.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
@@ -364,32 +403,32 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn close(&self) -> BlockResult<()> {
-        let flushed = self.image.flush().map_err(block_error);
-        let closed = self.image.close().map_err(block_error);
+        let flushed = self.image().flush().map_err(block_error);
+        let closed = self.image().close().map_err(block_error);
         flushed.and(closed)
     }
 }
 
 impl BitmapStore for Qcow2Driver {
     fn load_bitmaps(&self) -> BlockResult<Vec<DirtyBitmap>> {
-        let size = self.image.size().div_ceil(512) * 512;
+        let size = self.image().size().div_ceil(512) * 512;
         // The node's list is newest first; QEMU loads in directory order, each prepended.
         let mut out = Vec::new();
-        for p in self.image.bitmaps().iter().rev() {
-            out.push(from_persistent(p, size, self.read_only)?);
+        for p in self.image().bitmaps().iter().rev() {
+            out.push(from_persistent(p, size, self.read_only())?);
         }
         Ok(out)
     }
 
     fn can_store_new_bitmap(&self, name: &str, granularity: u64) -> BlockResult<()> {
-        let info = self.image.info();
+        let info = self.image().info();
         let fail = |why: &str| {
             Err(BlockError::new(format!(
                 "Can't make bitmap '{name}' persistent in '{}': {why}",
                 self.file_node_name()
             )))
         };
-        if self.read_only {
+        if self.read_only() {
             return fail("Operation not permitted");
         }
         if info.version < 3 {
@@ -401,7 +440,7 @@ impl BitmapStore for Qcow2Driver {
         if granularity < 512 {
             return fail("Granularity is under minimum (512 bytes)");
         }
-        let stored = self.image.bitmaps();
+        let stored = self.image().bitmaps();
         if stored.iter().any(|b| b.name == name) {
             return fail("Bitmap with the same name is already stored");
         }
@@ -412,7 +451,7 @@ impl BitmapStore for Qcow2Driver {
     }
 
     fn remove_persistent_bitmap(&self, name: &str) -> BlockResult<()> {
-        let stored = self.image.bitmaps();
+        let stored = self.image().bitmaps();
         if !stored.iter().any(|b| b.name == name) {
             // A persistent bitmap not stored yet: nothing on disk.
             return Ok(());
@@ -422,19 +461,19 @@ impl BitmapStore for Qcow2Driver {
             .filter(|b| b.name != name)
             .map(|mut b| {
                 // Still tracked in memory while the image is open: stored bits are stale.
-                b.in_use = b.in_use || !self.read_only;
+                b.in_use = b.in_use || !self.read_only();
                 b
             })
             .collect();
-        self.image.store_bitmaps(&kept).map_err(block_error)
+        self.image().store_bitmaps(&kept).map_err(block_error)
     }
 
     fn store_bitmaps(&self, bitmaps: &[DirtyBitmap]) -> BlockResult<()> {
-        if self.read_only {
+        if self.read_only() {
             return Ok(());
         }
         let writable = |b: &&DirtyBitmap| !b.is_inconsistent() && !b.is_readonly();
-        let stored = self.image.bitmaps();
+        let stored = self.image().bitmaps();
         let mut out = Vec::new();
         // Stored bitmaps keep their place; the node's copy replaces a consistent one.
         for s in &stored {
@@ -453,10 +492,12 @@ impl BitmapStore for Qcow2Driver {
                 out.push(self.to_persistent(b, false));
             }
         }
-        if out.is_empty() && stored.is_empty() {
+        // Nothing written and the bits unchanged: the stored copies are right, and closing
+        // the image clears their in-use marks without rewriting them (the file does not grow).
+        if out == stored && !self.written.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.image.store_bitmaps(&out).map_err(block_error)
+        self.image().store_bitmaps(&out).map_err(block_error)
     }
 }
 
@@ -470,18 +511,18 @@ impl Qcow2Driver {
 
 impl InternalSnapshots for Qcow2Driver {
     fn list(&self) -> Vec<SnapshotSummary> {
-        self.image.snapshots().iter().map(summary).collect()
+        self.image().snapshots().iter().map(summary).collect()
     }
 
     fn create(&self, name: &str) -> BlockResult<SnapshotSummary> {
-        self.image.flush().map_err(block_error)?;
-        let s = self.image.create_snapshot(name).map_err(block_error)?;
-        self.image.flush().map_err(block_error)?;
+        self.image().flush().map_err(block_error)?;
+        let s = self.image().create_snapshot(name).map_err(block_error)?;
+        self.image().flush().map_err(block_error)?;
         Ok(summary(&s))
     }
 
     fn delete(&self, id_or_name: &str) -> BlockResult<SnapshotSummary> {
-        let list = self.image.snapshots();
+        let list = self.image().snapshots();
         let found = list
             .iter()
             .find(|s| s.id == id_or_name)
@@ -493,8 +534,8 @@ impl InternalSnapshots for Qcow2Driver {
                 libc::ENOENT,
             ));
         };
-        self.image.delete_snapshot(&s.id).map_err(block_error)?;
-        self.image.flush().map_err(block_error)?;
+        self.image().delete_snapshot(&s.id).map_err(block_error)?;
+        self.image().flush().map_err(block_error)?;
         Ok(summary(&s))
     }
 }
