@@ -5,8 +5,8 @@
 //! the daemon's [`Services`] (command backend and shutdown hook) from the [`EventSink`] the
 //! backend emits QMP events into.
 
+pub mod backend;
 pub mod cli;
-pub mod interim;
 pub mod keyval;
 
 use std::io::Write;

@@ -1,9 +1,6 @@
 //! blockjobd: the block-job daemon, a drop-in for qemu-storage-daemon's QMP interface.
 
 use std::process::ExitCode;
-use std::sync::Arc;
-
-use blockjobd::{Services, interim::InterimBackend};
 
 fn main() -> ExitCode {
     let mut args = Vec::new();
@@ -19,7 +16,5 @@ fn main() -> ExitCode {
             }
         }
     }
-    blockjobd::main_with(&args, |_events| {
-        Services::new(Arc::new(InterimBackend::new()), || {})
-    })
+    blockjobd::main_with(&args, blockjobd::backend::block_services)
 }
