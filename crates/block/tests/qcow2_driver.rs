@@ -595,6 +595,43 @@ fn an_overlay_inserted_like_blockdev_snapshot_matches_qsd() {
 }
 
 #[test]
+fn a_read_only_v2_image_is_described_and_refuses_persistent_bitmaps_like_qsd() {
+    let make = |d: &Path| {
+        let p = d.join("v2.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            p.to_str().unwrap(),
+            "1M",
+        ]);
+    };
+    let adds = |d: &Path| {
+        let mut o = qcow2_opts("a", &d.join("v2.qcow2"));
+        o["read-only"] = json!(true);
+        vec![o]
+    };
+    let (theirs, ours) = compare_with_qsd(make, adds, true);
+    assert_same(&ours, &theirs);
+
+    let dir = tempfile::tempdir().unwrap();
+    make(dir.path());
+    let mut qsd = Qsd::start();
+    qsd.ok("blockdev-add", adds(dir.path()).remove(0));
+    let add = json!({"node": "a", "name": "b", "persistent": true});
+    let want = qsd.execute("block-dirty-bitmap-add", add)["error"]["desc"].clone();
+    qsd.quit();
+    let mut g = BlockGraph::new();
+    g.blockdev_add(&adds(dir.path())[0]).unwrap();
+    let e = block::bitmap_cmd::bitmap_add(&g, "a", "b", None, true, false).unwrap_err();
+    assert_eq!(json!(e.desc()), want);
+    g.close_all().unwrap();
+}
+
+#[test]
 fn bitmaps_made_by_qemu_img_are_loaded_with_their_counts() {
     let dir = tempfile::tempdir().unwrap();
     let img = create(&dir, "a.qcow2", "4M", None);

@@ -43,6 +43,8 @@ const COMPAT_LAZY_REFCOUNTS: u64 = 1;
 
 /// A qcow2 format node.
 pub struct Qcow2Driver {
+    /// The node's own name (QEMU names it in bitmap errors).
+    node_name: String,
     file: Arc<BlockNode>,
     storage: Arc<dyn qcow2::Storage>,
     /// Replaced when the node is reopened read-only.
@@ -200,6 +202,7 @@ fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
         BlockError::new(format!("Could not open qcow2 image: {desc}"))
     })?;
     Ok(Box::new(Qcow2Driver {
+        node_name: ctx.ensure_name()?,
         file,
         storage,
         image: RwLock::new(Arc::new(image)),
@@ -425,12 +428,9 @@ impl BitmapStore for Qcow2Driver {
         let fail = |why: &str| {
             Err(BlockError::new(format!(
                 "Can't make bitmap '{name}' persistent in '{}': {why}",
-                self.file_node_name()
+                self.node_name
             )))
         };
-        if self.read_only() {
-            return fail("Operation not permitted");
-        }
         if info.version < 3 {
             return fail("Cannot store dirty bitmaps in qcow2 v2 files");
         }
@@ -498,14 +498,6 @@ impl BitmapStore for Qcow2Driver {
             return Ok(());
         }
         self.image().store_bitmaps(&out).map_err(block_error)
-    }
-}
-
-impl Qcow2Driver {
-    /// The name QEMU puts in bitmap errors (`bdrv_get_device_or_node_name` of the format node
-    /// is not known to the driver; the file child's name stands in only when needed).
-    fn file_node_name(&self) -> String {
-        self.file.name().to_string()
     }
 }
 
