@@ -266,7 +266,8 @@ impl Action<BlockState> for BackupAction {
             env.claims.clone(),
             key_cell.clone(),
         )
-        .owning_target(self.opened.clone());
+        .owning_target(self.opened.clone())
+        .draining_on_cleanup(env.jobs.clone(), env.drain_wait);
         let key = match env.jobs.create(spec, Box::new(driver), env.group.as_ref()) {
             Ok(key) => key,
             Err(e) => {

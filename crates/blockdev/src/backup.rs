@@ -5,10 +5,11 @@ use std::io;
 use std::sync::{Arc, OnceLock};
 
 use job::{
-    BoxFuture, ErrorAction, IoOperation, JobContext, JobDriver, JobFailure, JobKey, OnError,
+    BoxFuture, ErrorAction, IoOperation, JobContext, JobDriver, JobFailure, JobKey, JobRegistry,
+    OnError,
 };
 
-use crate::claims::NodeClaims;
+use crate::claims::{DrainWait, NodeClaims, drain_jobs};
 use qmp_api::BitmapSyncMode;
 
 use crate::node::{BlockIo, IoPool, SyncBitmap, errno_text, run_blocking, yield_now};
@@ -47,6 +48,9 @@ pub struct BackupJob {
     remaining: Vec<(u64, u64)>,
     /// A target node only this job holds (drive-backup), closed when the job ends.
     owned_target: Option<String>,
+    /// The graph changes of QEMU's backup clean-up drain every node: other jobs pause and
+    /// resume (three times during the clean-up, once more shortly after).
+    cleanup_drains: Option<(JobRegistry, DrainWait)>,
 }
 
 impl BackupJob {
@@ -79,7 +83,14 @@ impl BackupJob {
             key,
             remaining,
             owned_target: None,
+            cleanup_drains: None,
         }
+    }
+
+    /// Drains like QEMU's clean-up (see [`BackupJob`]'s `cleanup_drains`).
+    pub(crate) fn draining_on_cleanup(mut self, jobs: JobRegistry, wait: DrainWait) -> Self {
+        self.cleanup_drains = Some((jobs, wait));
+        self
     }
 
     /// The job holds the only reference to `node` (a target it opened).
@@ -222,6 +233,31 @@ impl JobDriver for BackupJob {
     fn clean(&mut self) {
         if let Some(key) = self.key.get() {
             self.claims.release(*key);
+        }
+        if let Some((jobs, wait)) = self.cleanup_drains.take() {
+            // Dropping the copy-before-write filter, detaching the job's nodes, unref'ing the
+            // target: each a drain of every node in QEMU, seen by the jobs running now.
+            let others = self.claims.all_jobs();
+            if wait == DrainWait::UntilParked {
+                // Waiting for another job to park must not block the thread that would run it
+                // (a tokio worker's next task): drain from a thread of its own.
+                let (j, o) = (jobs.clone(), others.clone());
+                let drains = std::thread::spawn(move || {
+                    for _ in 0..3 {
+                        drain_jobs(&j, &o, wait);
+                    }
+                });
+                let _ = drains.join();
+                // The job's last reference goes a moment later (a bottom half in QEMU).
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    drain_jobs(&jobs, &others, wait);
+                });
+            } else {
+                for _ in 0..3 {
+                    drain_jobs(&jobs, &others, wait);
+                }
+            }
         }
         if let Some(node) = self.owned_target.take() {
             self.claims.retire(&node);

@@ -178,9 +178,14 @@ impl Drop for Drain {
 
 /// `bdrv_drain_all()`: every job using a node pauses and resumes.
 pub(crate) fn drain_all(jobs: &JobRegistry, claims: &NodeClaims, wait: DrainWait) {
-    let keys = claims.all_jobs();
+    drain_jobs(jobs, &claims.all_jobs(), wait);
+}
+
+/// A drain of every node, as the jobs in `keys` see it.
+pub(crate) fn drain_jobs(jobs: &JobRegistry, keys: &[JobKey], wait: DrainWait) {
     let held: Vec<JobKey> = keys
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|k| jobs.pause(*k).is_ok())
         .collect();
     for &key in &held {
