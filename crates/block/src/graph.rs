@@ -463,9 +463,8 @@ pub fn node_filename(node: &BlockNode) -> String {
     }
 }
 
-/// The node's options for its `json:` name: an overriding `backing` goes first, as QEMU puts
-/// it (`{"backing": null, "driver": ...`), and a backing given by node name is spelled out as
-/// that node's options.
+/// The node's options for its `json:` name: a backing given by node name is spelled out as
+/// that node's options, as QEMU does.
 fn backing_first(node: &BlockNode) -> Value {
     match node.options() {
         Value::Object(m) if m.contains_key("backing") => {
@@ -544,12 +543,25 @@ fn json_filename(options: &Value) -> String {
     out
 }
 
-/// JSON as QEMU prints it in `json:` file names: `{"a": 1, "b": [2, 3]}`.
+/// QEMU's `QDict` hash (`tdb_hash`) of a key, reduced to its 512 buckets.
+fn qdict_bucket(key: &str) -> u32 {
+    let mut value = 0x238F_13AFu32.wrapping_mul(key.len() as u32);
+    for (i, b) in key.bytes().enumerate() {
+        value = value.wrapping_add(u32::from(b) << ((i * 5) % 24));
+    }
+    1_103_515_243u32.wrapping_mul(value).wrapping_add(12345) % 512
+}
+
+/// JSON as QEMU prints it in `json:` file names: `{"a": 1, "b": [2, 3]}`, members in the
+/// order a `QDict` iterates them: by hash bucket, and newest first within a bucket (the map's
+/// order standing for QEMU's insertion order).
 fn qemu_json(v: &Value, out: &mut String) {
     match v {
         Value::Object(m) => {
             out.push('{');
-            for (i, (k, v)) in m.iter().enumerate() {
+            let mut members: Vec<(usize, (&String, &Value))> = m.iter().enumerate().collect();
+            members.sort_by_key(|(i, (k, _))| (qdict_bucket(k), std::cmp::Reverse(*i)));
+            for (i, (_, (k, v))) in members.into_iter().enumerate() {
                 if i > 0 {
                     out.push_str(", ");
                 }

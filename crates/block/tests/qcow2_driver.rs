@@ -632,6 +632,21 @@ fn a_read_only_v2_image_is_described_and_refuses_persistent_bitmaps_like_qsd() {
 }
 
 #[test]
+fn query_named_block_nodes_equals_qsd_for_qcow2_over_blkdebug() {
+    let make = |d: &Path| {
+        qcow2_at(d, "a.qcow2", "1M", None);
+    };
+    let adds = |d: &Path| {
+        vec![json!({"driver": "qcow2", "node-name": "q",
+            "file": {"driver": "blkdebug",
+                "inject-error": [{"event": "write_aio", "errno": 5}],
+                "image": {"driver": "file", "filename": d.join("a.qcow2")}}})]
+    };
+    let (theirs, ours) = compare_with_qsd(make, adds, true);
+    assert_same(&ours, &theirs);
+}
+
+#[test]
 fn bitmaps_made_by_qemu_img_are_loaded_with_their_counts() {
     let dir = tempfile::tempdir().unwrap();
     let img = create(&dir, "a.qcow2", "4M", None);
