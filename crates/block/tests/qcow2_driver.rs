@@ -777,6 +777,13 @@ fn tuning_options_are_accepted_and_encryption_is_refused() {
     opts["lazy-refcounts"] = json!(false);
     g.blockdev_add(&opts).unwrap();
     g.blockdev_del("q").unwrap();
+    let mut opts = qcow2_opts("t", &img);
+    opts["l2-cache-size"] = json!("big");
+    let e = g.blockdev_add(&opts).unwrap_err();
+    assert_eq!(
+        e.desc(),
+        "Invalid parameter type for 'l2-cache-size', expected: integer"
+    );
     let mut opts = qcow2_opts("e", &img);
     opts["encrypt"] = json!({"format": "luks", "key-secret": "s"});
     let e = g.blockdev_add(&opts).unwrap_err();

@@ -121,15 +121,19 @@ fn block_error(e: qcow2::Error) -> BlockError {
     }
 }
 
-/// Options of `BlockdevOptionsQcow2` that only tune QEMU's caches or checks: accepted and
-/// ignored (this implementation keeps refcounts exact and sizes its caches itself).
-const TUNING_OPTIONS: &[&str] = &[
+/// Boolean options of `BlockdevOptionsQcow2` that only tune QEMU's behaviour: accepted and
+/// ignored (refcounts here are always exact, and discards are not passed down).
+const TUNING_BOOLS: &[&str] = &[
     "lazy-refcounts",
     "pass-discard-request",
     "pass-discard-snapshot",
     "pass-discard-other",
     "discard-no-unref",
-    "overlap-check",
+];
+
+/// Integer options sizing QEMU's metadata caches: accepted and ignored (the qcow2 crate sizes
+/// its own cache).
+const TUNING_INTS: &[&str] = &[
     "cache-size",
     "l2-cache-size",
     "l2-cache-entry-size",
@@ -138,9 +142,14 @@ const TUNING_OPTIONS: &[&str] = &[
 ];
 
 fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
-    for key in TUNING_OPTIONS {
-        let _ = ctx.opt_value(key);
+    for key in TUNING_BOOLS {
+        ctx.opt_bool(key)?;
     }
+    for key in TUNING_INTS {
+        ctx.opt_u64(key)?;
+    }
+    // Metadata overlap checks: this implementation never writes over its own metadata.
+    let _ = ctx.opt_value("overlap-check");
     let encrypt_format = ctx.opt_value("encrypt").map(|v| {
         v.get("format")
             .and_then(Value::as_str)
