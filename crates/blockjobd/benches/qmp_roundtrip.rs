@@ -87,13 +87,26 @@ impl Client {
     }
 }
 
+/// The daemon under test; killed if the benchmark fails before `quit`.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
 fn bench(name: &str, daemon: &str, seconds: f64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("qmp.sock");
-    let Some(mut child) = spawn(daemon, &socket) else {
+    let Some(child) = spawn(daemon, &socket) else {
         println!("{name:>22}: not available ({daemon})");
         return;
     };
+    let mut child = Daemon(child);
     let mut client = Client::connect(&socket);
     let one = client.measure(1, seconds);
     let eight = client.measure(8, seconds);
@@ -101,7 +114,7 @@ fn bench(name: &str, daemon: &str, seconds: f64) {
         "{name:>22}: {one:>9.0} round trips/s (1 in flight)  {eight:>9.0} round trips/s (8 in flight)"
     );
     let _ = client.writer.write_all(b"{\"execute\": \"quit\"}\n");
-    let _ = child.wait();
+    let _ = child.0.wait();
 }
 
 fn main() {
