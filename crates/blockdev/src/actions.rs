@@ -369,7 +369,20 @@ pub(crate) fn start_mirror(
         env.claims.clone(),
         key_cell.clone(),
     );
-    let key = env.jobs.create(spec, Box::new(driver), None)?;
+    let tracker = env
+        .graph
+        .as_ref()
+        .and_then(|g| g.track_writes(&args.device));
+    let driver = driver.tracking(tracker.clone());
+    let key = match env.jobs.create(spec, Box::new(driver), None) {
+        Ok(key) => key,
+        Err(e) => {
+            if let Some(t) = tracker {
+                t.stop();
+            }
+            return Err(e);
+        }
+    };
     let _ = key_cell.set(key);
     env.claims.claim(key, "mirror", &args.device, true);
     env.claims.claim(key, "mirror", &args.target, true);

@@ -8,7 +8,7 @@ use block::graph::node_filename;
 use block::{BlockError, BlockGraph, BlockNode};
 use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError};
 
-use crate::node::{BlockIo, Extent, ImageRef, NodeFacts, NodeGraph, SyncBitmap};
+use crate::node::{BlockIo, Extent, ImageRef, NodeFacts, NodeGraph, SyncBitmap, WriteTracker};
 
 /// A block error as QMP reports it.
 pub(crate) fn qmp_error(e: BlockError) -> QmpError {
@@ -307,6 +307,14 @@ impl NodeGraph for BlockLayer {
         snapshots.delete(&id).map(|_| ()).map_err(qmp_error)
     }
 
+    fn track_writes(&self, node: &str) -> Option<Arc<dyn WriteTracker>> {
+        let n = self.graph.find(node)?;
+        let size = n.size().ok()?;
+        let bitmap = block::DirtyBitmap::new(None, MIRROR_GRANULARITY, size).ok()?;
+        n.bitmaps().push(bitmap);
+        Some(Arc::new(MirrorBitmap { node: n }))
+    }
+
     fn block_graph(&mut self) -> Option<&mut BlockGraph> {
         Some(&mut self.graph)
     }
@@ -332,6 +340,36 @@ fn move_parents(graph: &BlockGraph, from: &Arc<BlockNode>, to: &Arc<BlockNode>) 
             if edge.name == "backing" {
                 parent.driver().set_backing(Some(to.clone()));
             }
+        }
+    }
+}
+
+/// The granularity of a mirror's write tracking (QEMU's default for 64 KiB clusters).
+const MIRROR_GRANULARITY: u64 = 65536;
+
+/// A mirror's anonymous bitmap on its source: the only top-level bitmap without a name
+/// (successors of frozen bitmaps live inside their parent; a source has one mirror at most).
+struct MirrorBitmap {
+    node: Arc<BlockNode>,
+}
+
+impl WriteTracker for MirrorBitmap {
+    fn take_dirty(&self) -> Vec<(u64, u64)> {
+        let mut list = self.node.bitmaps();
+        match list.iter_mut().find(|b| b.name().is_none()) {
+            Some(b) => {
+                let ranges: Vec<(u64, u64)> = b.dirty_ranges(0, b.size()).collect();
+                b.clear();
+                ranges
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn stop(&self) {
+        let mut list = self.node.bitmaps();
+        if let Some(i) = list.iter().position(|b| b.name().is_none()) {
+            list.remove(i);
         }
     }
 }

@@ -30,7 +30,9 @@ pub use block_layer::BlockLayer;
 pub use events::qmp_event;
 #[cfg(feature = "tokio")]
 pub use node::TokioBlockingPool;
-pub use node::{BlockIo, Extent, ImageRef, InlineIo, IoPool, NodeFacts, NodeGraph, SyncBitmap};
+pub use node::{
+    BlockIo, Extent, ImageRef, InlineIo, IoPool, NodeFacts, NodeGraph, SyncBitmap, WriteTracker,
+};
 
 pub use claims::DrainWait;
 use claims::NodeClaims;

@@ -11,7 +11,7 @@ use job::{
 
 use crate::backup::COPY_CHUNK;
 use crate::claims::NodeClaims;
-use crate::node::{BlockIo, IoPool, errno_text, run_blocking, yield_now};
+use crate::node::{BlockIo, IoPool, WriteTracker, errno_text, run_blocking, yield_now};
 
 /// A mirror job's driver.
 pub struct MirrorJob {
@@ -22,7 +22,12 @@ pub struct MirrorJob {
     pool: Arc<dyn IoPool>,
     claims: NodeClaims,
     key: Arc<OnceLock<JobKey>>,
+    /// Writes to the source since the job started (none without a tracking graph).
+    tracker: Option<Arc<dyn WriteTracker>>,
 }
+
+/// How often a READY mirror with write tracking looks for new writes.
+const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl MirrorJob {
     pub(crate) fn new(
@@ -41,19 +46,61 @@ impl MirrorJob {
             pool,
             claims,
             key,
+            tracker: None,
         }
+    }
+
+    /// Copies writes to the source made while the job runs.
+    pub(crate) fn tracking(mut self, tracker: Option<Arc<dyn WriteTracker>>) -> Self {
+        self.tracker = tracker;
+        self
     }
 
     /// The initial copy; false if cancelled meanwhile.
     async fn copy_all(&mut self, ctx: &JobContext) -> Result<bool, JobFailure> {
         let len = self.source.size();
         ctx.set_progress_remaining(len);
-        let mut offset = 0;
-        while offset < len {
+        self.copy_ranges(ctx, &[(0, len)]).await
+    }
+
+    /// Copies what was written to the source since the last look; false if cancelled.
+    async fn copy_new_writes(&mut self, ctx: &JobContext) -> Result<bool, JobFailure> {
+        let Some(tracker) = &self.tracker else {
+            return Ok(true);
+        };
+        let dirty = tracker.take_dirty();
+        if dirty.is_empty() {
+            return Ok(true);
+        }
+        ctx.progress_increase_remaining(dirty.iter().map(|r| r.1).sum());
+        self.copy_ranges(ctx, &dirty).await
+    }
+
+    async fn copy_ranges(
+        &mut self,
+        ctx: &JobContext,
+        ranges: &[(u64, u64)],
+    ) -> Result<bool, JobFailure> {
+        for &(start, len) in ranges {
+            if !self.copy_range(ctx, start, start + len).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn copy_range(
+        &mut self,
+        ctx: &JobContext,
+        start: u64,
+        end: u64,
+    ) -> Result<bool, JobFailure> {
+        let mut offset = start;
+        while offset < end {
             if ctx.is_cancelled() {
                 return Ok(false);
             }
-            let n = COPY_CHUNK.min(len - offset);
+            let n = COPY_CHUNK.min(end - offset);
             let (source, target) = (self.source.clone(), self.target.clone());
             let result = run_blocking(self.pool.as_ref(), move || {
                 let size = usize::try_from(n)
@@ -95,6 +142,10 @@ impl MirrorJob {
             offset += n;
             ctx.rate_limit(n).await;
         }
+        Ok(true)
+    }
+
+    async fn flush_target(&mut self) -> Result<bool, JobFailure> {
         let target = self.target.clone();
         match run_blocking(self.pool.as_ref(), move || target.flush()).await {
             Some(Ok(())) => Ok(true),
@@ -104,15 +155,28 @@ impl MirrorJob {
     }
 
     async fn run_mirror(&mut self, ctx: &JobContext) -> Result<(), JobFailure> {
-        if !self.copy_all(ctx).await? {
+        if !self.copy_all(ctx).await? || !self.copy_new_writes(ctx).await? {
+            return Ok(());
+        }
+        if !self.flush_target().await? {
             return Ok(());
         }
         ctx.set_ready();
-        // Converged: wait for complete or cancel (writes to the source would be copied here).
+        // Converged: keep the target in sync until complete or cancel.
         while !ctx.should_complete() && !ctx.cancel_requested() {
-            ctx.idle().await;
+            if self.tracker.is_some() {
+                ctx.sleep(SYNC_INTERVAL).await;
+            } else {
+                ctx.idle().await;
+            }
+            if !self.copy_new_writes(ctx).await? {
+                return Ok(());
+            }
         }
-        Ok(())
+        if ctx.is_cancelled() {
+            return Ok(());
+        }
+        self.flush_target().await.map(|_| ())
     }
 }
 
@@ -134,6 +198,9 @@ impl JobDriver for MirrorJob {
     }
 
     fn clean(&mut self) {
+        if let Some(tracker) = self.tracker.take() {
+            tracker.stop();
+        }
         if let Some(key) = self.key.get() {
             self.claims.release(*key);
         }

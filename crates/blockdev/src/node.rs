@@ -67,6 +67,14 @@ pub trait SyncBitmap: Send + Sync {
     fn mark_dirty(&self, offset: u64, len: u64);
 }
 
+/// Records writes to a node while a mirror runs (an anonymous dirty bitmap).
+pub trait WriteTracker: Send + Sync {
+    /// The ranges written since the last call, `(offset, len)` in order; forgets them.
+    fn take_dirty(&self) -> Vec<(u64, u64)>;
+    /// Stops recording.
+    fn stop(&self);
+}
+
 /// The node graph, as the QMP command layer uses it.
 pub trait NodeGraph: Send {
     /// The I/O of the node named `name`, if it exists.
@@ -124,6 +132,10 @@ pub trait NodeGraph: Send {
     fn delete_internal_snapshot(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
         let _ = (node, name);
         Err(unsupported("internal snapshots"))
+    }
+    /// Starts recording writes to `node` (a mirror's source); `None` if it cannot.
+    fn track_writes(&self, _node: &str) -> Option<Arc<dyn WriteTracker>> {
+        None
     }
     /// The block crate's graph, for the bitmap commands and actions (none in test graphs).
     fn block_graph(&mut self) -> Option<&mut block::BlockGraph> {

@@ -480,3 +480,44 @@ fn a_snapshot_onto_a_raw_overlay_is_refused_and_the_new_node_goes_away_but_the_f
         "{nodes}"
     );
 }
+
+#[test]
+fn a_ready_mirror_copies_later_writes_to_the_source_before_completing() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = raw_image(dir.path(), "src.raw", 4 * MIB, 0x11);
+    let m1 = raw_image(dir.path(), "m1.raw", 4 * MIB, 0);
+    let mut graph = block::BlockGraph::new();
+    let mut add = |name: &str, file: &str| {
+        graph
+            .blockdev_add(&json!({"driver": "raw", "node-name": name,
+                                  "file": {"driver": "file", "filename": file}}))
+            .unwrap()
+    };
+    let source = add("src", &src);
+    add("m1", &m1);
+    let mut h = Harness::over(
+        Box::new(blockdev::BlockLayer::new(graph)),
+        MemGraph::default(),
+    );
+    h.ok(
+        "blockdev-mirror",
+        json!({"job-id": "jm", "device": "src", "target": "m1", "sync": "full"}),
+    );
+    h.step();
+    assert!(h.take_events().contains(&"jm ready".to_string()));
+    // A guest write (as through an export) after READY.
+    source.write_at(MIB, &vec![0x99; 65536]).unwrap();
+    h.advance(std::time::Duration::from_millis(150));
+    h.ok("block-job-complete", json!({"device": "jm"}));
+    h.advance(std::time::Duration::from_millis(150));
+    let ev = h.take_events();
+    assert!(
+        ev.contains(&r#"BLOCK_JOB_COMPLETED {"type":"mirror","device":"jm","len":4259840,"offset":4259840,"speed":0}"#.to_string()),
+        "{ev:?}"
+    );
+    h.bd.shutdown().unwrap();
+    assert_eq!(
+        qemu_img(&["compare", "-f", "raw", "-F", "raw", &src, &m1]),
+        (true, "Images are identical.".to_string())
+    );
+}

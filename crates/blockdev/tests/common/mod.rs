@@ -356,7 +356,7 @@ impl Harness {
         Harness::over(Box::new(layer), MemGraph::default())
     }
 
-    fn over(node_graph: Box<dyn NodeGraph>, graph: MemGraph) -> Harness {
+    pub fn over(node_graph: Box<dyn NodeGraph>, graph: MemGraph) -> Harness {
         let exec = ManualExecutor::new();
         let clock = ManualClock::new();
         let events = Arc::new(Mutex::new(Vec::new()));
