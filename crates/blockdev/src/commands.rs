@@ -115,7 +115,7 @@ fn action_of(branch: TransactionActionBranch) -> Box<dyn Action<BlockState>> {
 
 impl Blockdev {
     /// Closes the nodes that only finished jobs held.
-    fn close_retired_nodes(&mut self) {
+    pub(crate) fn close_retired_nodes(&mut self) {
         let retired = self.state.claims.take_retired();
         if let Some(graph) = self.state.graph.as_mut() {
             for node in retired {

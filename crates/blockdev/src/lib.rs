@@ -50,6 +50,9 @@ pub fn package_version() -> String {
     format!("blockjobd {}", env!("CARGO_PKG_VERSION"))
 }
 
+/// How long shutdown waits for cancelled jobs to stop before closing their nodes anyway.
+const SHUTDOWN_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The commands the monitor answers itself (listed by `query-commands` too).
 pub const MONITOR_COMMANDS: &[&str] = &["qmp_capabilities", "quit"];
 
@@ -228,7 +231,26 @@ impl Blockdev {
     /// stops at its next pause point; its later I/O fails on the closed nodes), then stores
     /// persistent bitmaps, flushes and closes every node. Returns the first error.
     pub fn shutdown(&mut self) -> io::Result<()> {
-        self.state.jobs.cancel_all();
+        let jobs = self.state.jobs.clone();
+        if self.state.drain_wait == DrainWait::UntilParked {
+            // Jobs run on other threads: let them stop before their nodes close. Cancelled
+            // from a thread of its own, so the jobs woken are not queued behind this one.
+            let stopper = std::thread::spawn(move || {
+                let keys = jobs.cancel_all();
+                let start = std::time::Instant::now();
+                while start.elapsed() < SHUTDOWN_WAIT_LIMIT
+                    && keys.iter().any(|k| {
+                        !matches!(jobs.status(*k), None | Some(job::BlockJobStatus::Concluded))
+                    })
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            });
+            let _ = stopper.join();
+        } else {
+            jobs.cancel_all();
+        }
+        self.close_retired_nodes();
         match self.state.graph.as_mut() {
             Some(graph) => graph.close_all(),
             None => Ok(()),

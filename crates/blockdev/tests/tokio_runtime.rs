@@ -80,3 +80,41 @@ async fn a_rate_limited_backup_runs_on_tokio_and_its_events_arrive_in_order() {
     bd.shutdown().unwrap();
     assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&tgt).unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_running_jobs_before_closing_their_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let tgt = dir.path().join("tgt.raw");
+    std::fs::write(&src, vec![7u8; 4 << 20]).unwrap();
+    std::fs::write(&tgt, vec![0u8; 4 << 20]).unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let mut bd = Blockdev::for_tokio(Arc::new(move |e: qmp_api::Event| {
+        sink.lock().unwrap().push(e.name().to_string())
+    }));
+    for (node, path) in [("src", &src), ("tgt", &tgt)] {
+        call(
+            &mut bd,
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": node,
+                   "file": {"driver": "file", "filename": path.to_str().unwrap()}}),
+        )
+        .unwrap();
+    }
+    call(
+        &mut bd,
+        "blockdev-backup",
+        json!({"job-id": "j1", "device": "src", "target": "tgt", "sync": "full", "speed": 1048576}),
+    )
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let shutdown = tokio::task::spawn_blocking(move || bd.shutdown());
+    shutdown.await.unwrap().unwrap();
+    assert!(
+        events
+            .lock()
+            .unwrap()
+            .contains(&"BLOCK_JOB_CANCELLED".to_string())
+    );
+}
