@@ -19,5 +19,6 @@ pub use driver::{
 };
 pub use error::{BlockError, BlockResult};
 pub use graph::BlockGraph;
+pub use io::PageBuf;
 pub use node::{BlockNode, ChildEdge, OpBlocker, PermGrant};
 pub use perm::Perm;
