@@ -478,3 +478,83 @@ fn the_shared_blockdev_answers_only_listed_commands_and_reports_the_rest_as_not_
     assert_eq!(e.desc, "The command nbd-server-start has not been found");
     assert_eq!(shared.execute("query-jobs", None).unwrap(), json!([]));
 }
+
+#[test]
+fn drive_backup_records_the_backing_each_sync_mode_needs() {
+    let mut h = Harness::new();
+    let src = MemNode::new("src", 4 * MIB, 1);
+    let src = std::sync::Arc::new(MemNode {
+        backing: Some(blockdev::ImageRef {
+            filename: "/mem/base.qcow2".into(),
+            format: "qcow2".into(),
+        }),
+        ..std::sync::Arc::into_inner(src).unwrap()
+    });
+    h.graph.add("src", src);
+    for (sync, file) in [
+        ("full", "/t/f.qcow2"),
+        ("top", "/t/t.qcow2"),
+        ("none", "/t/n.qcow2"),
+    ] {
+        h.ok(
+            "drive-backup",
+            json!({"job-id": format!("j{sync}"), "device": "src", "target": file, "sync": sync, "speed": 1}),
+        );
+    }
+    let created = h.graph.created.lock().unwrap().clone();
+    let backings: Vec<Option<String>> = created
+        .iter()
+        .map(|(_, _, b)| b.as_ref().map(|b| b.filename.clone()))
+        .collect();
+    assert_eq!(
+        backings,
+        [
+            None,
+            Some("/mem/base.qcow2".into()),
+            Some("/mem/src.qcow2".into())
+        ]
+    );
+    assert!(
+        created
+            .iter()
+            .all(|(image, size, _)| image.format == "qcow2" && *size == 4 * MIB)
+    );
+}
+
+#[test]
+fn a_sync_none_backup_copies_nothing_and_runs_until_cancelled() {
+    let mut h = Harness::with_src_tgt();
+    h.ok(
+        "blockdev-backup",
+        with(backup("j", "src", "tgt"), json!({"sync": "none"})),
+    );
+    h.settle();
+    assert_eq!(h.ok("query-jobs", json!({}))[0]["status"], "running");
+    assert!(h.graph.node("tgt").writes.lock().unwrap().is_empty());
+    h.ok("block-job-cancel", json!({"device": "j"}));
+    h.settle();
+    let ev = h.take_events();
+    assert!(
+        ev.iter().any(|e| e.starts_with("BLOCK_JOB_CANCELLED")),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn a_sync_top_backup_copies_only_what_the_top_layer_allocates() {
+    let mut h = Harness::new();
+    let src = MemNode::new("src", 4 * MIB, 0x7);
+    let src = std::sync::Arc::new(MemNode {
+        allocated: Some(vec![(MIB, 65536), (3 * MIB, 131072)]),
+        ..std::sync::Arc::into_inner(src).unwrap()
+    });
+    h.graph.add("src", src);
+    h.graph.add("tgt", MemNode::new("tgt", 4 * MIB, 0));
+    h.ok(
+        "blockdev-backup",
+        with(backup("j", "src", "tgt"), json!({"sync": "top"})),
+    );
+    h.settle();
+    let writes = h.graph.node("tgt").writes.lock().unwrap().clone();
+    assert_eq!(writes, [(MIB, 65536), (3 * MIB, 131072)]);
+}
