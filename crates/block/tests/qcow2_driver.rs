@@ -274,6 +274,28 @@ fn backing_file_named_in_the_header_opens_and_unallocated_reads_fall_through() {
 }
 
 #[test]
+fn blockdev_del_closes_the_auto_opened_backing_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    create(&dir, "base.qcow2", "1M", None);
+    create(&dir, "mid.qcow2", "1M", Some("base.qcow2"));
+    let top = create(&dir, "top.qcow2", "1M", Some("mid.qcow2"));
+    let mut g = BlockGraph::new();
+    g.blockdev_add(&qcow2_opts("top", &top)).unwrap();
+    assert_eq!(g.nodes().count(), 6);
+    let q = g.query_named_block_nodes(false);
+    let top_info = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "top");
+    assert_eq!(top_info.unwrap()["backing_file_depth"], 2);
+    g.blockdev_del("top").unwrap();
+    assert_eq!(g.nodes().count(), 0);
+    // The images are closed: a writer may take them.
+    qemu_io(&dir.path().join("base.qcow2"), "write 0 4k");
+}
+
+#[test]
 fn backing_null_reads_unallocated_clusters_as_zeros() {
     let dir = tempfile::tempdir().unwrap();
     let base = create(&dir, "base.qcow2", "1M", None);
