@@ -140,15 +140,17 @@ impl BackupAction {
                     filename: filename.clone(),
                     format: format.clone().unwrap_or_else(|| source.image().format),
                 };
+                let (backing, backing_node) = match self.common.sync {
+                    MirrorSyncMode::None => {
+                        (Some(source.image()), Some(self.common.device.clone()))
+                    }
+                    MirrorSyncMode::Top => (source.backing_image(), source.backing_node()),
+                    _ => (None, None),
+                };
                 if *mode != NewImageMode::Existing {
-                    let backing = match self.common.sync {
-                        MirrorSyncMode::None => Some(source.image()),
-                        MirrorSyncMode::Top => source.backing_image(),
-                        _ => None,
-                    };
                     graph.create_image(&image, source.size(), backing.as_ref())?;
                 }
-                let (name, io) = graph.open_image(&image)?;
+                let (name, io) = graph.open_image(&image, backing_node.as_deref())?;
                 self.opened = Some(name.clone());
                 Ok((name, io))
             }

@@ -60,6 +60,10 @@ impl BlockIo for NodeIo {
         })
     }
 
+    fn backing_node(&self) -> Option<String> {
+        self.0.child("backing").map(|b| b.name().to_string())
+    }
+
     fn size(&self) -> u64 {
         self.0.size().unwrap_or(0)
     }
@@ -185,15 +189,25 @@ impl NodeGraph for BlockLayer {
         }
     }
 
-    fn open_image(&mut self, image: &ImageRef) -> Result<(String, Arc<dyn BlockIo>), QmpError> {
+    fn open_image(
+        &mut self,
+        image: &ImageRef,
+        backing: Option<&str>,
+    ) -> Result<(String, Arc<dyn BlockIo>), QmpError> {
         // QEMU names such nodes automatically; ours get a reserved-looking name of their own.
         self.next_anonymous += 1;
         let name = format!("blockdev-image{}", self.next_anonymous);
-        let options = serde_json::json!({
+        let mut options = serde_json::json!({
             "driver": image.format,
             "node-name": name,
             "file": {"driver": "file", "filename": image.filename},
         });
+        if image.format != "raw"
+            && let Some(map) = options.as_object_mut()
+        {
+            let backing = backing.map_or(serde_json::Value::Null, |b| b.into());
+            map.insert("backing".into(), backing);
+        }
         let node = self.graph.blockdev_add(&options).map_err(qmp_error)?;
         Ok((name, Arc::new(NodeIo(node))))
     }

@@ -37,6 +37,10 @@ pub trait BlockIo: Send + Sync {
     fn image(&self) -> ImageRef;
     /// The image of its backing node, if it has one.
     fn backing_image(&self) -> Option<ImageRef>;
+    /// The name of its backing node, if it has one.
+    fn backing_node(&self) -> Option<String> {
+        None
+    }
     /// Virtual size in bytes.
     fn size(&self) -> u64;
     /// Fills `buf` from `offset`.
@@ -89,9 +93,14 @@ pub trait NodeGraph: Send {
         size: u64,
         backing: Option<&ImageRef>,
     ) -> Result<(), QmpError>;
-    /// Opens an image read-write as a node of its own (a `drive-backup` target); returns the
+    /// Opens an image read-write as a node of its own (a `drive-backup` target), with the node
+    /// `backing` as its backing (QEMU opens it without its own and attaches that); returns the
     /// node's name and I/O.
-    fn open_image(&mut self, image: &ImageRef) -> Result<(String, Arc<dyn BlockIo>), QmpError>;
+    fn open_image(
+        &mut self,
+        image: &ImageRef,
+        backing: Option<&str>,
+    ) -> Result<(String, Arc<dyn BlockIo>), QmpError>;
     /// `blockdev-add`.
     fn blockdev_add(&mut self, options: BlockdevOptions) -> Result<(), QmpError>;
     /// `blockdev-del`.

@@ -225,3 +225,27 @@ fn a_snapshot_overlay_nothing_uses_is_closed_after_the_command() {
     let chain = info_chain(&ovl);
     assert_eq!(chain[0]["backing-filename"], json!(src));
 }
+
+#[test]
+fn a_sync_none_drive_backup_target_is_backed_by_the_running_source_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = qcow2(dir.path(), "src.qcow2");
+    write(&src, "0x42", "0", "1M");
+    let mut h = Harness::block_layer();
+    add(&mut h, "src", &src);
+    let target = dir.path().join("none.qcow2").to_str().unwrap().to_string();
+    h.ok(
+        "drive-backup",
+        json!({"job-id": "jn", "device": "src", "target": target, "sync": "none"}),
+    );
+    let chain = info_chain(&target);
+    assert_eq!(chain[0]["backing-filename"], json!(src));
+    h.ok("block-job-cancel", json!({"device": "jn"}));
+    h.settle();
+    h.bd.shutdown().unwrap();
+    // Nothing was copied: the target reads the source through its backing file.
+    assert_eq!(
+        run("qemu-img", &["compare", &src, &target]),
+        (true, "Images are identical.".to_string())
+    );
+}

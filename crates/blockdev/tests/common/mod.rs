@@ -227,7 +227,11 @@ impl NodeGraph for MemGraph {
         self.add(&image.filename, node);
         Ok(())
     }
-    fn open_image(&mut self, image: &ImageRef) -> Result<(String, Arc<dyn BlockIo>), QmpError> {
+    fn open_image(
+        &mut self,
+        image: &ImageRef,
+        _backing: Option<&str>,
+    ) -> Result<(String, Arc<dyn BlockIo>), QmpError> {
         NodeGraph::node(self, &image.filename)
             .map(|io| (image.filename.clone(), io))
             .ok_or_else(|| QmpError::generic(format!("Could not open '{}'", image.filename)))
