@@ -2,6 +2,7 @@
 //! requests run on an [`IoPool`], skipping what the source says need not be copied.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use job::{
@@ -51,6 +52,8 @@ pub struct BackupJob {
     /// The graph changes of QEMU's backup clean-up drain every node: other jobs pause and
     /// resume (three times during the clean-up, once more shortly after).
     cleanup_drains: Option<(JobRegistry, DrainWait)>,
+    /// Set once the job's work has begun and its total progress is known.
+    begun: Arc<AtomicBool>,
 }
 
 impl BackupJob {
@@ -84,7 +87,13 @@ impl BackupJob {
             remaining,
             owned_target: None,
             cleanup_drains: None,
+            begun: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// A flag set once the work has begun (its total progress is then known).
+    pub(crate) fn begun(&self) -> Arc<AtomicBool> {
+        self.begun.clone()
     }
 
     /// Drains like QEMU's clean-up (see [`BackupJob`]'s `cleanup_drains`).
@@ -101,12 +110,14 @@ impl BackupJob {
 
     async fn run_copy(&mut self, ctx: &JobContext) -> Result<(), JobFailure> {
         if matches!(self.sync, BackupSync::None) {
+            self.begun.store(true, Ordering::Release);
             while !ctx.is_cancelled() {
                 ctx.idle().await;
             }
             return Ok(());
         }
         ctx.set_progress_remaining(self.remaining.iter().map(|r| r.1).sum());
+        self.begun.store(true, Ordering::Release);
         let top = matches!(self.sync, BackupSync::Top);
         let mut next = 0;
         while let Some(&(offset, range_len)) = self.remaining.get(next) {
