@@ -3,7 +3,7 @@
 use crate::context::{self, Context};
 use crate::emit_types;
 use crate::naming;
-use proc_macro2::TokenStream;
+use proc_macro2::{Ident, TokenStream};
 use qapi_model::{ArgType, Command, Entity};
 use quote::{format_ident, quote};
 
@@ -17,7 +17,36 @@ enum Args {
     Raw,
 }
 
-pub fn emit(cx: &Context) -> TokenStream {
+/// `<Command>Arguments`, the struct of a command with inline `data`.
+fn arguments_ident(wire: &str) -> Ident {
+    format_ident!("{}Arguments", naming::upper_camel(wire))
+}
+
+/// The argument struct of `c` when its `data` is inline and not empty.
+pub fn emit_arguments(cx: &Context, c: &Command) -> Option<Vec<emit_types::Segment>> {
+    match (&c.args, c.gen_) {
+        (Some(ArgType::Inline(members)), true) if !members.is_empty() => {
+            let wire = &c.common.name;
+            let name = arguments_ident(wire);
+            let mut doc = context::DocText::default();
+            doc.push(format!("Arguments of `{wire}`."));
+            let refs: Vec<_> = members.iter().collect();
+            Some(emit_types::emit_object(
+                cx,
+                &name,
+                None,
+                &refs,
+                doc.to_tokens(),
+                false,
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// What follows the argument structs: their `Deserialize`, the `Commands`
+/// trait, `dispatch`, `COMMANDS` and `command_info`.
+pub fn emit_tail(cx: &Context) -> TokenStream {
     let commands: Vec<&Command> = cx
         .schema
         .entities
@@ -27,7 +56,6 @@ pub fn emit(cx: &Context) -> TokenStream {
             _ => None,
         })
         .collect();
-    let mut items = Vec::new();
     let mut via_from_qmp = Vec::new();
     let mut methods = Vec::new();
     let mut arms = Vec::new();
@@ -44,19 +72,8 @@ pub fn emit(cx: &Context) -> TokenStream {
             (_, false) => Args::Raw,
             (None, true) => Args::None,
             (Some(ArgType::Inline(m)), true) if m.is_empty() => Args::None,
-            (Some(ArgType::Inline(members)), true) => {
-                let name = format_ident!("{}Arguments", naming::upper_camel(wire));
-                let mut doc = context::DocText::default();
-                doc.push(format!("Arguments of `{wire}`."));
-                let refs: Vec<_> = members.iter().collect();
-                items.push(emit_types::emit_object(
-                    cx,
-                    &name,
-                    None,
-                    &refs,
-                    doc.to_tokens(),
-                    false,
-                ));
+            (Some(ArgType::Inline(_)), true) => {
+                let name = arguments_ident(wire);
                 via_from_qmp.push(name.clone());
                 Args::Typed(quote!(#name))
             }
@@ -141,7 +158,6 @@ pub fn emit(cx: &Context) -> TokenStream {
         }
     };
     quote! {
-        #(#items)*
         #deserialize
 
         /// One method per command. Each default answers like QEMU for a

@@ -3,11 +3,12 @@
 use crate::context::{self, Context};
 use crate::emit_types;
 use crate::naming;
-use proc_macro2::TokenStream;
-use qapi_model::{ArgType, Entity, Event};
+use proc_macro2::{Ident, TokenStream};
+use qapi_model::{ArgType, Entity, Event, Member};
 use quote::{format_ident, quote};
 
-pub fn emit(cx: &Context) -> TokenStream {
+/// The events of the schema with their `Event` variant names.
+fn events<'a>(cx: &Context<'a>) -> Vec<(&'a Event, Ident)> {
     let events: Vec<&Event> = cx
         .schema
         .entities
@@ -23,39 +24,63 @@ pub fn emit(cx: &Context) -> TokenStream {
             .map(|e| naming::variant_ident(&e.common.name))
             .collect(),
     );
-    let mut items = Vec::new();
+    events.into_iter().zip(variants).collect()
+}
+
+/// `<Event>Data`, the struct of an event with inline `data`.
+fn data_ident(variant: &Ident) -> Ident {
+    format_ident!("{}Data", variant.to_string().trim_start_matches("r#"))
+}
+
+/// Whether `ev` has inline, non-empty `data` (and so a generated `<Event>Data`).
+fn inline_data(ev: &Event) -> Option<&[Member]> {
+    match &ev.data {
+        Some(ArgType::Inline(members)) if !members.is_empty() => Some(members),
+        _ => None,
+    }
+}
+
+/// The `<Event>Data` structs of events with inline data.
+pub fn emit_data_structs(cx: &Context) -> Vec<emit_types::Segment> {
+    let items = events(cx).into_iter().filter_map(|(ev, variant)| {
+        let members = inline_data(ev)?;
+        let mut doc = context::DocText::default();
+        doc.push(format!("Data of event `{}`.", ev.common.name));
+        let refs: Vec<_> = members.iter().collect();
+        Some(emit_types::emit_object(
+            cx,
+            &data_ident(&variant),
+            None,
+            &refs,
+            doc.to_tokens(),
+            false,
+        ))
+    });
+    items.flatten().collect()
+}
+
+/// What follows the data structs: their `Deserialize` and the `Event` enum.
+pub fn emit_tail(cx: &Context) -> TokenStream {
+    let events = events(cx);
     let mut via_from_qmp = Vec::new();
     let mut decls = Vec::new();
     let mut name_arms = Vec::new();
     let mut data_arms = Vec::new();
     let mut parse_arms = Vec::new();
     let mut names = Vec::new();
-    for (ev, variant) in events.iter().zip(&variants) {
+    for (ev, variant) in &events {
         let wire = &ev.common.name;
         names.push(wire.clone());
         let data_ty = match &ev.data {
-            None => None,
-            Some(ArgType::Inline(m)) if m.is_empty() => None,
-            Some(ArgType::Inline(members)) => {
-                let name = format_ident!("{}Data", variant.to_string().trim_start_matches("r#"));
-                let mut doc = context::DocText::default();
-                doc.push(format!("Data of event `{wire}`."));
-                let refs: Vec<_> = members.iter().collect();
-                items.push(emit_types::emit_object(
-                    cx,
-                    &name,
-                    None,
-                    &refs,
-                    doc.to_tokens(),
-                    false,
-                ));
-                via_from_qmp.push(name.clone());
-                Some(quote!(#name))
-            }
             Some(ArgType::Named(n)) => {
                 let id = naming::type_ident(n);
                 Some(quote!(#id))
             }
+            _ => inline_data(ev).map(|_| {
+                let name = data_ident(variant);
+                via_from_qmp.push(name.clone());
+                quote!(#name)
+            }),
         };
         let doc = context::entity_doc(&ev.common).to_tokens();
         let dep = context::deprecated_attr(ev.common.is_deprecated());
@@ -94,7 +119,6 @@ pub fn emit(cx: &Context) -> TokenStream {
         )
     };
     quote! {
-        #(#items)*
         #deserialize
 
         /// Every event of the schema with its typed data.

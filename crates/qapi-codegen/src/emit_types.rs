@@ -9,33 +9,85 @@ use qapi_model::{
 };
 use quote::{format_ident, quote};
 
-/// The whole `types.rs` body, plus the names that get `Deserialize` through `FromQmp`.
-pub fn emit(cx: &Context) -> TokenStream {
-    let mut items = Vec::new();
-    let mut via_from_qmp = Vec::new();
-    for entity in &cx.schema.entities {
-        match entity {
-            Entity::Enum(e) => items.push(emit_enum(e)),
-            Entity::Struct(s) => {
-                items.push(emit_struct(cx, s));
-                via_from_qmp.push(naming::type_ident(&s.common.name));
-            }
-            Entity::Union(u) => {
-                items.push(emit_union(cx, u));
-                via_from_qmp.push(naming::type_ident(&u.common.name));
-            }
-            Entity::Alternate(a) => {
-                items.push(emit_alternate(cx, a));
-                via_from_qmp.push(naming::type_ident(&a.common.name));
-            }
-            Entity::Command(_) | Entity::Event(_) => {}
+/// Top-level items as built: tokens to print, or an impl that is the same for
+/// every type but the type's name (printed once per length of name, then copied).
+pub enum Segment {
+    Tokens(TokenStream),
+    Impl(NamedImpl, Ident),
+}
+
+/// An impl whose text depends only on the name of the type it is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NamedImpl {
+    /// `Display` of an enum (its wire name).
+    EnumDisplay,
+    /// `FromQmp` of an enum.
+    EnumFromQmp,
+    /// `FromQmp` of a struct or union (through its `read_qmp_members`).
+    ObjectFromQmp,
+}
+
+impl NamedImpl {
+    pub fn tokens(self, name: &Ident) -> TokenStream {
+        match self {
+            NamedImpl::EnumDisplay => quote! {
+                impl ::std::fmt::Display for #name {
+                    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                        f.write_str(self.as_str())
+                    }
+                }
+            },
+            NamedImpl::EnumFromQmp => quote! {
+                impl crate::input::FromQmp for #name {
+                    fn from_qmp(
+                        value: &::serde_json::Value,
+                        path: &mut crate::input::QmpPath,
+                    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+                        crate::input::enum_from_qmp(value, path)
+                    }
+                }
+            },
+            NamedImpl::ObjectFromQmp => quote! {
+                impl crate::input::FromQmp for #name {
+                    fn from_qmp(
+                        value: &::serde_json::Value,
+                        path: &mut crate::input::QmpPath,
+                    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+                        crate::input::read_object(value, path, Self::read_qmp_members)
+                    }
+                }
+            },
         }
     }
-    let deserialize = deserialize_via_from_qmp(&via_from_qmp);
-    quote! {
-        #(#items)*
-        #deserialize
+}
+
+/// The items of one definition: an enum, struct, union or alternate with its
+/// impls (`None` for commands and events, which live in their own files).
+pub fn emit_entity(cx: &Context, entity: &Entity) -> Option<Vec<Segment>> {
+    match entity {
+        Entity::Enum(e) => Some(emit_enum(e)),
+        Entity::Struct(s) => Some(emit_struct(cx, s)),
+        Entity::Union(u) => Some(emit_union(cx, u)),
+        Entity::Alternate(a) => Some(vec![Segment::Tokens(emit_alternate(cx, a))]),
+        Entity::Command(_) | Entity::Event(_) => None,
     }
+}
+
+/// What follows the definitions in `types.rs`: `Deserialize` through
+/// `FromQmp` for every struct, union and alternate.
+pub fn emit_tail(cx: &Context) -> TokenStream {
+    let via_from_qmp: Vec<Ident> = cx
+        .schema
+        .entities
+        .iter()
+        .filter_map(|entity| match entity {
+            Entity::Struct(_) | Entity::Union(_) | Entity::Alternate(_) => {
+                Some(naming::type_ident(entity.name()))
+            }
+            Entity::Enum(_) | Entity::Command(_) | Entity::Event(_) => None,
+        })
+        .collect();
+    deserialize_via_from_qmp(&via_from_qmp)
 }
 
 pub fn deserialize_via_from_qmp(types: &[Ident]) -> TokenStream {
@@ -46,7 +98,7 @@ pub fn deserialize_via_from_qmp(types: &[Ident]) -> TokenStream {
     }
 }
 
-fn emit_enum(e: &EnumType) -> TokenStream {
+fn emit_enum(e: &EnumType) -> Vec<Segment> {
     let name = naming::type_ident(&e.common.name);
     let type_name = &e.common.name;
     let doc = context::entity_doc(&e.common).to_tokens();
@@ -76,7 +128,7 @@ fn emit_enum(e: &EnumType) -> TokenStream {
         };
         quote!(#d #dep #rename #id,)
     });
-    quote! {
+    let definition = quote! {
         #doc
         #deprecated
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ::serde::Serialize, ::serde::Deserialize)]
@@ -96,12 +148,8 @@ fn emit_enum(e: &EnumType) -> TokenStream {
             }
         }
 
-        impl ::std::fmt::Display for #name {
-            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
+    };
+    let from_str = quote! {
         impl ::std::str::FromStr for #name {
             type Err = crate::input::UnknownEnumValue;
             fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
@@ -114,16 +162,13 @@ fn emit_enum(e: &EnumType) -> TokenStream {
                 }
             }
         }
-
-        impl crate::input::FromQmp for #name {
-            fn from_qmp(
-                value: &::serde_json::Value,
-                path: &mut crate::input::QmpPath,
-            ) -> ::std::result::Result<Self, crate::error::QmpError> {
-                crate::input::enum_from_qmp(value, path)
-            }
-        }
-    }
+    };
+    vec![
+        Segment::Tokens(definition),
+        Segment::Impl(NamedImpl::EnumDisplay, name.clone()),
+        Segment::Tokens(from_str),
+        Segment::Impl(NamedImpl::EnumFromQmp, name),
+    ]
 }
 
 /// One field of a generated object.
@@ -215,7 +260,7 @@ pub fn emit_object(
     members: &[&Member],
     doc: TokenStream,
     deprecated: bool,
-) -> TokenStream {
+) -> Vec<Segment> {
     let fields = fields(cx, container, members);
     let decls = fields.iter().map(|f| &f.decl);
     let inits = fields.iter().map(|f| {
@@ -225,7 +270,7 @@ pub fn emit_object(
     });
     let dep = context::deprecated_attr(deprecated);
     let (params, values) = constructor_parts(cx, container, &fields);
-    quote! {
+    let definition = quote! {
         #doc
         #dep
         #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -247,19 +292,14 @@ pub fn emit_object(
                 ::std::result::Result::Ok(Self { #(#inits)* })
             }
         }
-
-        impl crate::input::FromQmp for #name {
-            fn from_qmp(
-                value: &::serde_json::Value,
-                path: &mut crate::input::QmpPath,
-            ) -> ::std::result::Result<Self, crate::error::QmpError> {
-                crate::input::read_object(value, path, Self::read_qmp_members)
-            }
-        }
-    }
+    };
+    vec![
+        Segment::Tokens(definition),
+        Segment::Impl(NamedImpl::ObjectFromQmp, name.clone()),
+    ]
 }
 
-fn emit_struct(cx: &Context, s: &StructType) -> TokenStream {
+fn emit_struct(cx: &Context, s: &StructType) -> Vec<Segment> {
     let name = naming::type_ident(&s.common.name);
     let mut doc = context::entity_doc(&s.common);
     if let Some(base) = &s.base {
@@ -288,7 +328,7 @@ fn branch_field(fields: &[Field]) -> Ident {
     naming::ident(&text)
 }
 
-fn emit_union(cx: &Context, u: &UnionType) -> TokenStream {
+fn emit_union(cx: &Context, u: &UnionType) -> Vec<Segment> {
     let union_name = &u.common.name;
     let name = naming::type_ident(union_name);
     let branch_name = format_ident!("{}Branch", name.to_string());
@@ -400,7 +440,7 @@ fn emit_union(cx: &Context, u: &UnionType) -> TokenStream {
         quote!(match kind { #(#read_arms)* })
     };
 
-    quote! {
+    let definition = quote! {
         #doc
         #deprecated
         #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
@@ -441,16 +481,11 @@ fn emit_union(cx: &Context, u: &UnionType) -> TokenStream {
                 ::std::result::Result::Ok(Self { #(#inits)* #branch_field })
             }
         }
-
-        impl crate::input::FromQmp for #name {
-            fn from_qmp(
-                value: &::serde_json::Value,
-                path: &mut crate::input::QmpPath,
-            ) -> ::std::result::Result<Self, crate::error::QmpError> {
-                crate::input::read_object(value, path, Self::read_qmp_members)
-            }
-        }
-    }
+    };
+    vec![
+        Segment::Tokens(definition),
+        Segment::Impl(NamedImpl::ObjectFromQmp, name),
+    ]
 }
 
 fn emit_alternate(cx: &Context, a: &AlternateType) -> TokenStream {
