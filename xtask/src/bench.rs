@@ -166,7 +166,11 @@ fn codegen(args: &BenchArgs) -> Result<(), String> {
     row("blockjobs: load + generate (full)", &our_t, our_bytes);
     row("  of which qapi_model::load", &load_t, 0);
     row("crates.io qapi-codegen 0.11.3", &their_t, their_bytes);
-    row("  same, writing a temporary file", &their_file_t, their_bytes);
+    row(
+        "  same, writing a temporary file",
+        &their_file_t,
+        their_bytes,
+    );
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     let (our_min, our_med) = our_t.wall();
     let (their_min, their_med) = their_t.wall();
