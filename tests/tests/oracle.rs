@@ -6,20 +6,10 @@ use blockjobs_tests::{blockjobd, own_oracle, run_oracle, shared_oracle};
 
 /// Shared scenarios whose features are not built yet, with the reason. Everything else in
 /// `../shared/oracle/scenarios/` must pass.
-const NOT_YET: &[(&str, &str)] = &[
-    (
-        "s16_snapshot_sync_overlay",
-        "the old top is not yet reopened read-only",
-    ),
-    (
-        "s27_snapshot_sync_unreferenced_overlay",
-        "the old top is not yet reopened read-only",
-    ),
-    (
-        "s28_incremental_backup_nbd_writes",
-        "NBD exports are not wired into the daemon yet",
-    ),
-];
+const NOT_YET: &[(&str, &str)] = &[(
+    "s28_incremental_backup_nbd_writes",
+    "NBD exports are not wired into the daemon yet",
+)];
 
 fn scenario_names(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -43,7 +33,7 @@ fn blockjobd_matches_qemu_storage_daemon_on_the_shared_scenarios() {
         .map(String::as_str)
         .filter(|n| !NOT_YET.iter().any(|(skip, _)| skip == n))
         .collect();
-    assert!(run.len() >= 17, "too few shared scenarios found: {run:?}");
+    assert!(run.len() >= 19, "too few shared scenarios found: {run:?}");
     let result = run_oracle(&blockjobd(), &dir, &shared_oracle().join("expected"), &run);
     assert!(result.success, "{}", result.output);
     assert!(

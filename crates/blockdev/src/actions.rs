@@ -276,6 +276,7 @@ impl Action<BlockState> for BackupAction {
         .owning_target(self.opened.clone())
         .draining_on_cleanup(env.jobs.clone(), env.drain_wait);
         self.begun = Some(driver.begun());
+        let total = driver.total();
         let key = match env.jobs.create(spec, Box::new(driver), env.group.as_ref()) {
             Ok(key) => key,
             Err(e) => {
@@ -286,6 +287,7 @@ impl Action<BlockState> for BackupAction {
             }
         };
         let _ = key_cell.set(key);
+        env.jobs.set_progress_total(key, total);
         env.claims.claim(key, "backup", &device, false);
         env.claims.claim(key, "backup", &target_name, true);
         if let Some(drain) = self.drain.as_mut() {

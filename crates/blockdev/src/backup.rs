@@ -91,6 +91,11 @@ impl BackupJob {
         }
     }
 
+    /// The bytes the job will copy, known from its creation.
+    pub(crate) fn total(&self) -> u64 {
+        self.remaining.iter().map(|r| r.1).sum()
+    }
+
     /// A flag set once the work has begun (its total progress is then known).
     pub(crate) fn begun(&self) -> Arc<AtomicBool> {
         self.begun.clone()

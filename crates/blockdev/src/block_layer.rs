@@ -280,6 +280,16 @@ impl NodeGraph for BlockLayer {
         }
     }
 
+    fn make_read_only(&mut self, node: &str) {
+        // QEMU reopens the old top read-only at commit; a failure there is only logged, the
+        // snapshot itself stands (as in QEMU, where the reopen is best effort).
+        if let Some(n) = self.graph.find(node)
+            && let Err(e) = n.reopen_read_only()
+        {
+            tracing::warn!("snapshot: reopening {node} read-only: {}", e.desc());
+        }
+    }
+
     fn release_if_unused(&mut self, node: &str) {
         if let Some(n) = self.graph.find(node)
             && !n.is_in_use()

@@ -1111,6 +1111,15 @@ impl JobRegistry {
         self.inner.lock().kick(key);
     }
 
+    /// Sets a job's total progress before its work starts, when its creator already knows it
+    /// (QEMU's backup sets its length at creation, so a job cancelled before it ever ran still
+    /// reports it in `BLOCK_JOB_CANCELLED`). A stale key is ignored.
+    pub fn set_progress_total(&self, key: JobKey, total: u64) {
+        if let Some(j) = self.inner.lock().jobs.get_mut(&key) {
+            j.progress_total = j.progress_current.max(total);
+        }
+    }
+
     /// The job's status, `None` once it is gone.
     pub fn status(&self, key: JobKey) -> Option<BlockJobStatus> {
         self.inner.lock().jobs.get(&key).map(|j| j.status)

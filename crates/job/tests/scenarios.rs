@@ -1204,3 +1204,25 @@ fn cancel_all_ends_every_job_whatever_its_state() {
         assert_eq!(h.reg.status(k), None);
     }
 }
+
+#[test]
+fn a_total_set_at_creation_is_reported_when_the_job_is_cancelled_before_its_work_ran() {
+    // b01: a grouped sibling fails at once and force-cancels this job before its work set the
+    // total; QSD still reports the backup's length in BLOCK_JOB_CANCELLED.
+    let mut h = Harness::new();
+    let j = h.create(JobSpec::new("j1"), None);
+    h.reg.set_progress_total(j, 4 << 20);
+    h.reg.start(j).unwrap();
+    h.events();
+    h.reg.cancel(JobRef::Job("j1"), true).unwrap();
+    h.run();
+    let cancelled: Vec<_> = h
+        .raw_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            job::JobEvent::Cancelled(p) => Some((p.len, p.offset)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancelled, vec![(4 << 20, 0)]);
+}
