@@ -152,8 +152,10 @@ async fn read_only_export_refuses_qemu_io_writes() {
 
     let uri = server.uri("ro");
     let output = run("qemu-io", &["-f", "raw", "-c", "write -P 0x44 0 4k", &uri]).await;
+    // QEMU's client sees the read-only flag and refuses a read-write open.
+    assert!(!output.status.success());
     assert!(
-        !output.status.success() || text(&output).contains("failed"),
+        text(&output).contains("Permission denied"),
         "{}",
         text(&output)
     );
@@ -232,4 +234,57 @@ async fn qemu_img_map_sees_zero_holes_through_base_allocation() {
         "{map}"
     );
     assert!(map.contains(r#""start": 0, "length": 262144, "depth": 0, "present": true, "zero": false, "data": true"#), "{map}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_removal_disconnects_a_connected_qemu_io() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let server = UnixServer::start().await;
+    server.export("disk", MemoryExport::filled(MIB, 0x11), true);
+    let mut qemu_io = tokio::process::Command::new("qemu-io")
+        .args(["-f", "raw", &server.uri("disk")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = qemu_io.stdin.take().unwrap();
+    let mut stdout = BufReader::new(qemu_io.stdout.take().unwrap()).lines();
+
+    // A completed read proves the client is in transmission.
+    stdin.write_all(b"read -P 0x11 0 4k\n").await.unwrap();
+    while let Some(line) = stdout.next_line().await.unwrap() {
+        if line.contains("read 4096/4096 bytes") {
+            break;
+        }
+    }
+    assert_eq!(server.server.client_count("disk"), Some(1));
+    assert!(
+        server
+            .server
+            .remove_export("disk", nbd::RemoveMode::Safe)
+            .is_err()
+    );
+
+    let deletion = server
+        .server
+        .remove_export("disk", nbd::RemoveMode::Hard)
+        .unwrap();
+    assert_eq!(deletion.wait().await, "disk");
+
+    // The disconnected client's next request fails.
+    stdin.write_all(b"read 0 4k\n").await.unwrap();
+    let mut failed = false;
+    while let Some(line) = stdout.next_line().await.unwrap() {
+        assert!(!line.contains("read 4096/4096"), "{line}");
+        if line.contains("read failed") {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed);
+    stdin.write_all(b"quit\n").await.unwrap();
+    qemu_io.wait().await.unwrap();
 }
