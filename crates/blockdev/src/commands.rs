@@ -5,20 +5,22 @@ use std::str::FromStr;
 use job::JobRef;
 use qmp_api::{
     ActionCompletionMode, BlockDeviceInfo, BlockDeviceIoStatus, BlockDirtyBitmap,
-    BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockJobCancelArguments, BlockJobChangeOptions,
-    BlockJobChangeOptionsBranch, BlockJobCompleteArguments, BlockJobDismissArguments,
-    BlockJobFinalizeArguments, BlockJobInfo, BlockJobInfoBranch, BlockJobInfoMirror,
-    BlockJobPauseArguments, BlockJobResumeArguments, BlockJobSetSpeedArguments, BlockJobVerb,
-    BlockdevBackup, BlockdevDelArguments, BlockdevMirrorArguments, BlockdevOptions,
-    BlockdevSnapshot, BlockdevSnapshotInternal, BlockdevSnapshotSync, Commands, DriveBackup,
-    JobCancelArguments, JobCompleteArguments, JobDismissArguments, JobFinalizeArguments, JobInfo,
-    JobPauseArguments, JobResumeArguments, JobType, QmpError, QueryNamedBlockNodesArguments,
-    SchemaInfo, TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
+    BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockExportDelArguments, BlockExportOptions,
+    BlockJobCancelArguments, BlockJobChangeOptions, BlockJobChangeOptionsBranch,
+    BlockJobCompleteArguments, BlockJobDismissArguments, BlockJobFinalizeArguments, BlockJobInfo,
+    BlockJobInfoBranch, BlockJobInfoMirror, BlockJobPauseArguments, BlockJobResumeArguments,
+    BlockJobSetSpeedArguments, BlockJobVerb, BlockdevBackup, BlockdevDelArguments,
+    BlockdevMirrorArguments, BlockdevOptions, BlockdevSnapshot, BlockdevSnapshotInternal,
+    BlockdevSnapshotSync, Commands, DriveBackup, JobCancelArguments, JobCompleteArguments,
+    JobDismissArguments, JobFinalizeArguments, JobInfo, JobPauseArguments, JobResumeArguments,
+    JobType, NbdServerOptionsLegacy, QmpError, QueryNamedBlockNodesArguments, SchemaInfo,
+    TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
     VersionTriple,
 };
 
 use crate::actions::{AbortAction, BackupAction};
 use crate::bitmaps::{self, BitmapAction};
+use crate::export;
 use crate::snapshot::{ExternalSnapshot, InternalSnapshot};
 use crate::transaction::{Action, Transaction};
 use crate::{BlockState, Blockdev, COMMANDS, MONITOR_COMMANDS, QEMU_VERSION, claims};
@@ -223,6 +225,7 @@ impl Commands for Blockdev {
     }
 
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError> {
+        self.state.exports.check_unexported(&args.node_name)?;
         self.state.claims.check_free(&args.node_name)?;
         self.state.graph_mut()?.blockdev_del(args)
     }
@@ -352,6 +355,22 @@ impl Commands for Blockdev {
         args: BlockdevSnapshotInternal,
     ) -> Result<(), QmpError> {
         self.run_transaction(vec![Box::new(InternalSnapshot::new(args))], false)
+    }
+
+    fn nbd_server_start(&mut self, args: NbdServerOptionsLegacy) -> Result<(), QmpError> {
+        self.state.exports.start(args)
+    }
+
+    fn nbd_server_stop(&mut self) -> Result<(), QmpError> {
+        self.state.exports.stop()
+    }
+
+    fn block_export_add(&mut self, args: BlockExportOptions) -> Result<(), QmpError> {
+        export::add(&mut self.state, args)
+    }
+
+    fn block_export_del(&mut self, args: BlockExportDelArguments) -> Result<(), QmpError> {
+        export::del(&mut self.state, args)
     }
 
     fn transaction(&mut self, args: TransactionArguments) -> Result<(), QmpError> {

@@ -15,6 +15,7 @@ pub mod block_layer;
 mod claims;
 mod commands;
 mod events;
+mod export;
 pub mod mirror;
 pub mod node;
 mod snapshot;
@@ -94,6 +95,10 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-snapshot",
     "blockdev-snapshot-internal-sync",
     "transaction",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "block-export-add",
+    "block-export-del",
 ];
 
 /// The state the commands and transaction actions work on.
@@ -105,6 +110,8 @@ pub struct BlockState {
     /// The shared job transaction of a grouped `transaction` being prepared.
     pub(crate) group: Option<JobTxn>,
     pub(crate) drain_wait: DrainWait,
+    /// The NBD server and its exports.
+    pub(crate) exports: export::NbdExports,
 }
 
 impl BlockState {
@@ -176,6 +183,7 @@ impl Blockdev {
     /// A command layer with no nodes yet: events go to `events`, jobs run on `spawn`, rate
     /// limits use `clock`; block I/O runs inline until [`Blockdev::with_io_pool`].
     pub fn new(events: EventSink, spawn: Arc<dyn Spawn>, clock: Arc<dyn Clock>) -> Self {
+        let exports = export::NbdExports::new(Arc::clone(&events));
         let sink = move |e: job::JobEvent| events(qmp_event(e));
         let jobs = JobRegistry::new(Arc::new(sink), spawn, clock);
         Blockdev {
@@ -186,6 +194,7 @@ impl Blockdev {
                 pool: Arc::new(InlineIo),
                 group: None,
                 drain_wait: DrainWait::No,
+                exports,
             },
         }
     }
@@ -202,6 +211,14 @@ impl Blockdev {
         .with_graph(Box::new(BlockLayer::new(block::BlockGraph::new())))
         .with_io_pool(Arc::new(TokioBlockingPool))
         .with_drain_wait(DrainWait::UntilParked)
+        .with_runtime(tokio::runtime::Handle::current())
+    }
+
+    /// Runs the NBD server (`nbd-server-start`) on `runtime`. Commands wait for it, so they
+    /// must not run on a thread that drives `runtime` (a current-thread runtime's own thread).
+    pub fn with_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.state.exports.set_runtime(runtime);
+        self
     }
 
     /// How drains treat busy jobs (the daemon: [`DrainWait::UntilParked`]).
@@ -227,10 +244,12 @@ impl Blockdev {
         &self.state.jobs
     }
 
-    /// Daemon shutdown (`quit`, SIGTERM): force-cancels every job (a job busy in a request
+    /// Daemon shutdown (`quit`, SIGTERM): stops the NBD server (its exports reported
+    /// deleted), force-cancels every job (a job busy in a request
     /// stops at its next pause point; its later I/O fails on the closed nodes), then stores
     /// persistent bitmaps, flushes and closes every node. Returns the first error.
     pub fn shutdown(&mut self) -> io::Result<()> {
+        self.state.exports.shutdown();
         let jobs = self.state.jobs.clone();
         if self.state.drain_wait == DrainWait::UntilParked {
             // Jobs run on other threads: let them stop before their nodes close. Cancelled

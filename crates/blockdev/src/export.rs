@@ -1,0 +1,439 @@
+//! NBD exports of nodes (QEMU's `blockdev-nbd.c` and `block/export/export.c`):
+//! `nbd-server-start`/`-stop`, `block-export-add`/`-del` and `BLOCK_EXPORT_DELETED`.
+//!
+//! The server runs on a tokio runtime ([`crate::Blockdev::with_runtime`]); the commands wait
+//! for it from the command thread, which must not be one of that runtime's workers driving
+//! the wait itself (the daemon's dispatcher is a thread of its own). Clients' block I/O goes
+//! through the node's [`BlockIo`] on tokio's blocking threads (the `nbd` crate calls its
+//! [`ExportBackend`] there), so writes mark the node's dirty bitmaps.
+
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use nbd::{Export, ExportBackend, ExportError, ListenAddr, NbdServer, RemoveMode, ServerConfig};
+use qmp_api::{
+    BlockExportDelArguments, BlockExportDeletedData, BlockExportOptions, BlockExportOptionsBranch,
+    BlockExportRemoveMode, Event, NbdServerOptionsLegacy, QmpError, SocketAddressLegacyBranch,
+};
+use tokio::runtime::Handle;
+
+use crate::node::{self, BlockIo};
+use crate::{BlockState, EventSink};
+
+/// QEMU's `NBD_MAX_STRING_SIZE`: longest export name or description.
+const MAX_STRING: usize = 4096;
+
+/// How long stopping the server (shutdown) waits for its connections to close.
+const STOP_WAIT_LIMIT: Duration = Duration::from_secs(5);
+
+/// One `block-export-add`ed export, until it is really gone.
+#[derive(Debug, Clone)]
+struct ExportRecord {
+    id: String,
+    /// The NBD export name.
+    name: String,
+    node: String,
+    /// `block-export-del` was accepted; clients are still being disconnected.
+    shutting_down: bool,
+}
+
+/// The NBD server and the exports on it.
+pub(crate) struct NbdExports {
+    runtime: Option<Handle>,
+    server: Option<NbdServer>,
+    /// Newest first, as QEMU lists them. Shared with the tasks that wait for a deletion.
+    records: Arc<Mutex<Vec<ExportRecord>>>,
+    events: EventSink,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn deleted_event(id: String) -> Event {
+    Event::BlockExportDeleted(BlockExportDeletedData { id })
+}
+
+/// `strerror` of an I/O error, without Rust's ` (os error N)` suffix.
+fn strerror(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(cut) => text[..cut].to_string(),
+        None => text,
+    }
+}
+
+/// QEMU's `id_wellformed`: a letter, then letters, digits, `-`, `.`, `_`.
+fn id_wellformed(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+/// Runs `future` on `runtime` and waits for it from this (non-worker) thread.
+fn wait_on<F>(runtime: &Handle, future: F, limit: Option<Duration>) -> Option<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    runtime.spawn(async move {
+        let _ = tx.send(future.await);
+    });
+    match limit {
+        Some(limit) => rx.recv_timeout(limit).ok(),
+        None => rx.recv().ok(),
+    }
+}
+
+impl NbdExports {
+    pub(crate) fn new(events: EventSink) -> NbdExports {
+        NbdExports {
+            runtime: None,
+            server: None,
+            records: Arc::default(),
+            events,
+        }
+    }
+
+    pub(crate) fn set_runtime(&mut self, runtime: Handle) {
+        self.runtime = Some(runtime);
+    }
+
+    /// QEMU's "Node <n> is in use" (`blockdev-del` of a node an export uses).
+    pub(crate) fn check_unexported(&self, node: &str) -> Result<(), QmpError> {
+        if lock(&self.records).iter().any(|r| r.node == node) {
+            return Err(QmpError::generic(format!("Node {node} is in use")));
+        }
+        Ok(())
+    }
+
+    /// `nbd-server-start`.
+    pub(crate) fn start(&mut self, args: NbdServerOptionsLegacy) -> Result<(), QmpError> {
+        if self.server.is_some() {
+            return Err(QmpError::generic("NBD server already running"));
+        }
+        if let Some(creds) = &args.tls_creds {
+            return Err(QmpError::generic(format!(
+                "No TLS credentials with id '{creds}'"
+            )));
+        }
+        if args.tls_authz.is_some() {
+            return Err(QmpError::generic("tls-authz is not supported without TLS"));
+        }
+        let addr = match args.addr.branch {
+            SocketAddressLegacyBranch::Unix(w) => {
+                if w.data.r#abstract == Some(true) {
+                    return Err(QmpError::generic("Abstract unix sockets are not supported"));
+                }
+                ListenAddr::Unix(w.data.path.into())
+            }
+            SocketAddressLegacyBranch::Inet(w) => {
+                let port = w.data.port.parse::<u16>().map_err(|_| {
+                    QmpError::generic(format!(
+                        "address resolution failed for {}:{}: Servname not supported for \
+                         ai_socktype",
+                        w.data.host, w.data.port
+                    ))
+                })?;
+                ListenAddr::Tcp {
+                    host: w.data.host,
+                    port,
+                }
+            }
+            SocketAddressLegacyBranch::Vsock(_) => {
+                return Err(QmpError::generic("vsock sockets are not supported"));
+            }
+            SocketAddressLegacyBranch::Fd(_) => {
+                return Err(QmpError::generic(
+                    "only QEMU supports file descriptor passing",
+                ));
+            }
+        };
+        let config = ServerConfig {
+            max_connections: args.max_connections.unwrap_or(0),
+            handshake_timeout: match args.handshake_max_seconds {
+                Some(0) => None,
+                Some(seconds) => Some(Duration::from_secs(u64::from(seconds))),
+                None => ServerConfig::default().handshake_timeout,
+            },
+        };
+        let runtime = self.runtime()?;
+        let bind_addr = addr.clone();
+        let started = wait_on(
+            &runtime,
+            async move { NbdServer::start(&bind_addr, config).await },
+            None,
+        )
+        .ok_or_else(|| QmpError::generic("The NBD server could not be started"))?;
+        let server = started.map_err(|e| match &addr {
+            ListenAddr::Unix(path) => QmpError::generic(format!(
+                "Failed to bind socket to {}: {}",
+                path.display(),
+                strerror(&e)
+            )),
+            ListenAddr::Tcp { .. } => {
+                QmpError::generic(format!("Failed to bind socket: {}", strerror(&e)))
+            }
+        })?;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// `nbd-server-stop`: every export goes (clients disconnected), each reported deleted,
+    /// then the server stops listening.
+    pub(crate) fn stop(&mut self) -> Result<(), QmpError> {
+        let server = self
+            .server
+            .take()
+            .ok_or_else(|| QmpError::generic("NBD server not running"))?;
+        self.stop_server(server, None);
+        Ok(())
+    }
+
+    /// Shutdown: stops the server if it runs, waiting a bounded time for its clients.
+    pub(crate) fn shutdown(&mut self) {
+        if let Some(server) = self.server.take() {
+            self.stop_server(server, Some(STOP_WAIT_LIMIT));
+        }
+    }
+
+    fn stop_server(&mut self, server: NbdServer, limit: Option<Duration>) {
+        match &self.runtime {
+            Some(runtime) => {
+                let _ = wait_on(runtime, server.stop(), limit);
+            }
+            None => drop(server),
+        }
+        let gone = std::mem::take(&mut *lock(&self.records));
+        for record in gone {
+            (self.events)(deleted_event(record.id));
+        }
+    }
+
+    fn runtime(&self) -> Result<Handle, QmpError> {
+        self.runtime
+            .clone()
+            .ok_or_else(|| QmpError::generic("NBD exports need an async runtime"))
+    }
+}
+
+/// `block-export-add`, checks in QEMU's order.
+pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<(), QmpError> {
+    if !id_wellformed(&args.id) {
+        return Err(QmpError::generic("Invalid block export id"));
+    }
+    if lock(&state.exports.records).iter().any(|r| r.id == args.id) {
+        return Err(QmpError::generic(format!(
+            "Block export id '{}' is already in use",
+            args.id
+        )));
+    }
+    let options = match args.branch {
+        BlockExportOptionsBranch::Nbd(options) => options,
+        other => {
+            return Err(QmpError::generic(format!(
+                "Block export type '{}' is not supported",
+                other.kind()
+            )));
+        }
+    };
+    let io = state
+        .graph
+        .as_ref()
+        .and_then(|g| g.node(&args.node_name))
+        .ok_or_else(|| node::not_found("", &args.node_name))?;
+    let writable = args.writable.unwrap_or(false);
+    let read_only = state
+        .graph
+        .as_ref()
+        .and_then(|g| g.node_facts(&args.node_name))
+        .is_some_and(|facts| facts.read_only);
+    if writable && read_only {
+        return Err(QmpError::generic(
+            "Cannot export read-only node as writable",
+        ));
+    }
+    let Some(server) = state.exports.server.as_ref() else {
+        return Err(QmpError::generic("NBD server not running"));
+    };
+    let name = options.name.unwrap_or_else(|| args.node_name.clone());
+    if name.len() > MAX_STRING {
+        return Err(QmpError::generic(format!("export name '{name}' too long")));
+    }
+    let description = options.description.unwrap_or_default();
+    if description.len() > MAX_STRING {
+        return Err(QmpError::generic(format!(
+            "description '{description}' too long"
+        )));
+    }
+    if server.export_names().contains(&name) {
+        return Err(QmpError::generic(format!(
+            "NBD server already has export named '{name}'"
+        )));
+    }
+    if let Some(bitmap) = options.bitmaps.as_ref().and_then(|b| b.first()) {
+        let bitmap = serde_json::to_value(bitmap).unwrap_or_default();
+        return Err(QmpError::generic(format!(
+            "Exporting dirty bitmaps ({bitmap}) is not supported"
+        )));
+    }
+    if options.allocation_depth == Some(true) {
+        return Err(QmpError::generic(
+            "Exporting qemu:allocation-depth is not supported",
+        ));
+    }
+    let backend = Arc::new(NodeExport { io });
+    let export = Export::new(name.clone(), backend)
+        .writable(writable)
+        .description(description);
+    server.add_export(export).map_err(|e| match e {
+        ExportError::DuplicateName(name) => {
+            QmpError::generic(format!("NBD server already has export named '{name}'"))
+        }
+        other => QmpError::generic(other.to_string()),
+    })?;
+    lock(&state.exports.records).insert(
+        0,
+        ExportRecord {
+            id: args.id,
+            name,
+            node: args.node_name,
+            shutting_down: false,
+        },
+    );
+    Ok(())
+}
+
+/// `block-export-del`: the export is gone for new clients at once; `BLOCK_EXPORT_DELETED`
+/// comes when its last client has gone (before the reply if it had none).
+pub(crate) fn del(state: &mut BlockState, args: BlockExportDelArguments) -> Result<(), QmpError> {
+    let exports = &mut state.exports;
+    let record = lock(&exports.records)
+        .iter()
+        .find(|r| r.id == args.id)
+        .cloned()
+        .ok_or_else(|| QmpError::generic(format!("Export '{}' is not found", args.id)))?;
+    if record.shutting_down {
+        return Err(QmpError::generic(format!(
+            "Export '{}' is already shutting down",
+            args.id
+        )));
+    }
+    let mode = match args.mode.unwrap_or(BlockExportRemoveMode::Safe) {
+        BlockExportRemoveMode::Safe => RemoveMode::Safe,
+        BlockExportRemoveMode::Hard => RemoveMode::Hard,
+    };
+    let server = exports
+        .server
+        .as_ref()
+        .ok_or_else(|| QmpError::generic(format!("Export '{}' is not found", args.id)))?;
+    let deletion = server
+        .remove_export(&record.name, mode)
+        .map_err(|e| match e {
+            ExportError::InUse { .. } => {
+                QmpError::generic(format!("export '{}' still in use", args.id))
+            }
+            other => QmpError::generic(other.to_string()),
+        })?;
+    if deletion.is_complete() {
+        finish_deletion(&exports.records, &exports.events, &record.id);
+        return Ok(());
+    }
+    if let Some(r) = lock(&exports.records)
+        .iter_mut()
+        .find(|r| r.id == record.id)
+    {
+        r.shutting_down = true;
+    }
+    let records = Arc::clone(&exports.records);
+    let events = Arc::clone(&exports.events);
+    let runtime = exports.runtime()?;
+    runtime.spawn(async move {
+        deletion.wait().await;
+        finish_deletion(&records, &events, &record.id);
+    });
+    Ok(())
+}
+
+/// Forgets export `id` and reports it deleted, unless that already happened (server stop).
+fn finish_deletion(records: &Mutex<Vec<ExportRecord>>, events: &EventSink, id: &str) {
+    let removed = {
+        let mut records = lock(records);
+        let before = records.len();
+        records.retain(|r| r.id != id);
+        records.len() != before
+    };
+    if removed {
+        events(deleted_event(id.to_string()));
+    }
+}
+
+/// A node as an NBD export's storage: every request goes through the node, so writes mark
+/// its dirty bitmaps.
+struct NodeExport {
+    io: Arc<dyn BlockIo>,
+}
+
+impl ExportBackend for NodeExport {
+    fn size(&self) -> u64 {
+        self.io.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.io.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.io.write_at(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.io.write_zeroes(offset, len)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.io.flush()
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<nbd::Extent>> {
+        let status = self.io.block_status(offset, len)?;
+        let length = if status.len == 0 {
+            len
+        } else {
+            status.len.min(len)
+        };
+        Ok(vec![nbd::Extent {
+            length,
+            // Data from a backing file is not a hole for the client.
+            hole: !status.allocated && status.zero,
+            zero: status.zero,
+        }])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_ids_follow_qemu_id_rules() {
+        assert!(id_wellformed("e0"));
+        assert!(id_wellformed("a-b.c_d"));
+        assert!(!id_wellformed(""));
+        assert!(!id_wellformed("1bad"));
+        assert!(!id_wellformed("a b"));
+    }
+
+    #[test]
+    fn strerror_drops_the_os_error_suffix() {
+        let e = io::Error::from_raw_os_error(libc_enoent());
+        assert_eq!(strerror(&e), "No such file or directory");
+    }
+
+    fn libc_enoent() -> i32 {
+        2
+    }
+}
