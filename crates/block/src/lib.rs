@@ -20,5 +20,5 @@ pub use driver::{
 pub use error::{BlockError, BlockResult};
 pub use graph::BlockGraph;
 pub use io::PageBuf;
-pub use node::{BlockNode, ChildEdge, OpBlocker, PermGrant};
+pub use node::{BeforeWrite, BlockNode, ChildEdge, NotifierHandle, OpBlocker, PermGrant};
 pub use perm::Perm;

@@ -60,6 +60,30 @@ pub struct BlockNode {
     closed: AtomicBool,
     state: Mutex<NodeState>,
     bitmaps: Mutex<Vec<DirtyBitmap>>,
+    /// Before-write hooks, oldest first, with their ids.
+    write_notifiers: Mutex<Vec<(u64, Arc<dyn BeforeWrite>)>>,
+}
+
+/// A hook run before every write to a node (QEMU's copy-before-write filter): a backup copies
+/// the old contents of the written range to its target here. It runs on the writer's thread
+/// with the range not yet touched; an error fails the write (nothing is written).
+pub trait BeforeWrite: Send + Sync {
+    /// `len` bytes at `offset` are about to be written (data, zeroes or a discard).
+    fn before_write(&self, offset: u64, len: u64) -> BlockResult<()>;
+}
+
+/// Keeps a [`BeforeWrite`] hook on its node; dropping it removes the hook.
+pub struct NotifierHandle {
+    node: std::sync::Weak<BlockNode>,
+    id: u64,
+}
+
+impl Drop for NotifierHandle {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.upgrade() {
+            lock(&node.write_notifiers).retain(|(id, _)| *id != self.id);
+        }
+    }
 }
 
 pub(crate) struct NodeParts {
@@ -86,6 +110,7 @@ impl BlockNode {
             closed: AtomicBool::new(false),
             state: Mutex::new(NodeState::default()),
             bitmaps: Mutex::new(Vec::new()),
+            write_notifiers: Mutex::new(Vec::new()),
         })
     }
 
@@ -391,11 +416,36 @@ impl BlockNode {
         Ok(())
     }
 
-    /// Writes `buf` at `offset` as one request; marks recording bitmaps (even on failure: the
-    /// data may be partly written).
+    /// Registers `hook`, run before every write (data or zeroes) to this node until the
+    /// returned handle drops.
+    pub fn add_write_notifier(self: &Arc<Self>, hook: Arc<dyn BeforeWrite>) -> NotifierHandle {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        lock(&self.write_notifiers).push((id, hook));
+        NotifierHandle {
+            node: Arc::downgrade(self),
+            id,
+        }
+    }
+
+    /// Runs the before-write hooks for `[offset, offset + len)`; the first error fails the
+    /// write.
+    fn notify_before_write(&self, offset: u64, len: u64) -> BlockResult<()> {
+        let hooks: Vec<Arc<dyn BeforeWrite>> = lock(&self.write_notifiers)
+            .iter()
+            .map(|(_, h)| h.clone())
+            .collect();
+        for hook in hooks {
+            hook.before_write(offset, len)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` as one request, after the before-write hooks; marks recording
+    /// bitmaps (even on failure: the data may be partly written).
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
         self.check_writable()?;
         check_request(offset, buf.len() as u64)?;
+        self.notify_before_write(offset, buf.len() as u64)?;
         self.debug_event(BlkdebugEvent::Pwritev);
         let r = self.driver.write_at(offset, buf);
         self.debug_event(BlkdebugEvent::PwritevDone);
@@ -403,10 +453,11 @@ impl BlockNode {
         r
     }
 
-    /// Writes `len` zeros at `offset`; marks recording bitmaps.
+    /// Writes `len` zeros at `offset`, after the before-write hooks; marks recording bitmaps.
     pub fn write_zeroes_at(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.check_writable()?;
         check_request(offset, len)?;
+        self.notify_before_write(offset, len)?;
         self.debug_event(BlkdebugEvent::PwritevZero);
         let r = self.driver.write_zeroes_at(offset, len);
         self.debug_event(BlkdebugEvent::PwritevDone);
@@ -592,5 +643,80 @@ impl std::fmt::Debug for BlockNode {
             .field("driver", &self.driver_name)
             .field("read_only", &self.is_read_only())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod write_notifier_tests {
+    use super::*;
+    use crate::graph::BlockGraph;
+    use serde_json::json;
+
+    struct Recorder {
+        node: Arc<BlockNode>,
+        seen: Mutex<Vec<(u64, u64, Vec<u8>)>>,
+        fail: bool,
+    }
+
+    impl BeforeWrite for Recorder {
+        fn before_write(&self, offset: u64, len: u64) -> BlockResult<()> {
+            let mut old = vec![0; len as usize];
+            self.node.read_at(offset, &mut old)?;
+            lock(&self.seen).push((offset, len, old));
+            if self.fail {
+                return Err(BlockError::from_errno(libc::EIO));
+            }
+            Ok(())
+        }
+    }
+
+    fn node(dir: &tempfile::TempDir) -> Arc<BlockNode> {
+        let path = dir.path().join("n.raw");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        BlockGraph::new()
+            .blockdev_add(&json!({"driver": "file", "node-name": "n", "filename": path}))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_write_notifier_sees_the_old_data_before_each_write_until_its_handle_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(&dir);
+        n.write_at(0, &[1; 512]).unwrap();
+        let rec = Arc::new(Recorder {
+            node: n.clone(),
+            seen: Mutex::new(Vec::new()),
+            fail: false,
+        });
+        let handle = n.add_write_notifier(rec.clone());
+        n.write_at(0, &[2; 512]).unwrap();
+        n.write_zeroes_at(4096, 512).unwrap();
+        drop(handle);
+        n.write_at(0, &[3; 512]).unwrap();
+        let seen = lock(&rec.seen).clone();
+        assert_eq!(
+            seen,
+            vec![(0, 512, vec![1; 512]), (4096, 512, vec![0; 512])]
+        );
+    }
+
+    #[test]
+    fn a_failing_write_notifier_fails_the_write_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(&dir);
+        n.write_at(0, &[1; 512]).unwrap();
+        let _handle = n.add_write_notifier(Arc::new(Recorder {
+            node: n.clone(),
+            seen: Mutex::new(Vec::new()),
+            fail: true,
+        }));
+        let e = n.write_at(0, &[2; 512]).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EIO));
+        let mut buf = [0; 512];
+        n.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [1; 512]);
     }
 }

@@ -1,9 +1,12 @@
 //! The backup job (QEMU's `block/backup.c`): copies a source node to a target node, in large
 //! requests run on an [`IoPool`], skipping what the source says need not be copied.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+
+use block::{BeforeWrite, BlockError, BlockResult, NotifierHandle, PageBuf};
 
 use job::{
     BoxFuture, ErrorAction, IoOperation, JobContext, JobDriver, JobFailure, JobKey, JobRegistry,
@@ -17,6 +20,177 @@ use crate::node::{BlockIo, IoPool, SyncBitmap, errno_text, run_blocking, yield_n
 
 /// Bytes per copy request (cluster aligned for every cluster size up to 1 MiB).
 pub const COPY_CHUNK: u64 = 1 << 20;
+
+/// Copy requests a backup without a speed limit keeps in flight.
+pub const PARALLEL_REQUESTS: usize = 8;
+
+/// The unit a backup tracks copies in (QEMU's copy-before-write cluster, at most 64 KiB).
+const CBW_CLUSTER: u64 = 64 << 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cluster {
+    /// Still holds data the target needs.
+    ToCopy,
+    /// Being copied (by the job or by a write's copy-before-write).
+    Busy,
+    /// Copied, or not part of the backup.
+    Done,
+}
+
+/// Which clusters of the source a backup still has to copy, shared by the job's copy loop and
+/// the copy-before-write hook: each cluster is copied exactly once, and before any write to it.
+struct CopyMap {
+    cluster: u64,
+    size: u64,
+    state: Mutex<Vec<Cluster>>,
+    changed: Condvar,
+}
+
+impl CopyMap {
+    /// Clusters of a `size`-byte source; those meeting `ranges` are to copy.
+    fn new(size: u64, ranges: &[(u64, u64)]) -> CopyMap {
+        // The largest power of two up to 64 KiB that every range boundary is a multiple of.
+        let mut cluster = CBW_CLUSTER;
+        for &(offset, len) in ranges {
+            while cluster > 512 && (offset % cluster != 0 || len % cluster != 0) {
+                cluster /= 2;
+            }
+        }
+        let count = usize::try_from(size.div_ceil(cluster)).unwrap_or(0);
+        let mut state = vec![Cluster::Done; count];
+        for &(offset, len) in ranges {
+            let first = (offset / cluster) as usize;
+            let last = ((offset + len).div_ceil(cluster) as usize).min(count);
+            for c in state.iter_mut().take(last).skip(first) {
+                *c = Cluster::ToCopy;
+            }
+        }
+        CopyMap {
+            cluster,
+            size,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Cluster>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until no cluster meeting `[offset, offset + len)` is being copied, then claims
+    /// those still to copy; returns their byte runs `(offset, len)`, to be copied and then
+    /// given to [`CopyMap::finish`].
+    fn claim(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let end = (offset + len).min(self.size);
+        if offset >= end {
+            return Vec::new();
+        }
+        let first = (offset / self.cluster) as usize;
+        let mut state = self.lock();
+        let last = (end.div_ceil(self.cluster) as usize).min(state.len());
+        while state[first..last].contains(&Cluster::Busy) {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (i, c) in state.iter_mut().enumerate().take(last).skip(first) {
+            if *c != Cluster::ToCopy {
+                continue;
+            }
+            *c = Cluster::Busy;
+            let start = i as u64 * self.cluster;
+            let n = self.cluster.min(self.size - start);
+            match runs.last_mut() {
+                Some(run) if run.0 + run.1 == start => run.1 += n,
+                _ => runs.push((start, n)),
+            }
+        }
+        runs
+    }
+
+    /// Ends a claim: the runs are copied (`copied`) or still to copy.
+    fn finish(&self, runs: &[(u64, u64)], copied: bool) {
+        let mut state = self.lock();
+        let mark = if copied {
+            Cluster::Done
+        } else {
+            Cluster::ToCopy
+        };
+        for &(offset, len) in runs {
+            let first = (offset / self.cluster) as usize;
+            let last = ((offset + len).div_ceil(self.cluster) as usize).min(state.len());
+            for c in state.iter_mut().take(last).skip(first) {
+                *c = mark;
+            }
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+}
+
+/// What a copy request needs: both nodes, the mode, the shared map and spare buffers.
+struct Copier {
+    source: Arc<dyn BlockIo>,
+    target: Arc<dyn BlockIo>,
+    top: bool,
+    map: CopyMap,
+    buffers: Mutex<Vec<PageBuf>>,
+}
+
+impl Copier {
+    /// Copies whatever of `[offset, offset + len)` is still to copy (cluster aligned).
+    fn copy(&self, offset: u64, len: u64) -> Result<(), (IoOperation, io::Error)> {
+        let runs = self.map.claim(offset, len);
+        let mut result = Ok(());
+        for &(start, n) in &runs {
+            result = self.copy_run(start, n);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.map.finish(&runs, result.is_ok());
+        result
+    }
+
+    fn copy_run(&self, offset: u64, len: u64) -> Result<(), (IoOperation, io::Error)> {
+        let size = usize::try_from(len)
+            .map_err(|_| (IoOperation::Read, io::Error::other("request too large")))?;
+        let mut buf = {
+            let mut spare = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
+            match spare.iter().position(|b| b.len() >= size) {
+                Some(i) => spare.swap_remove(i),
+                None => PageBuf::zeroed(size.max(COPY_CHUNK as usize)),
+            }
+        };
+        let result = copy_range(
+            self.source.as_ref(),
+            self.target.as_ref(),
+            self.top,
+            offset,
+            len,
+            &mut buf,
+        );
+        self.buffers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(buf);
+        result
+    }
+}
+
+/// The backup's copy-before-write hook on its source.
+struct CopyBeforeWrite(Arc<Copier>);
+
+impl BeforeWrite for CopyBeforeWrite {
+    fn before_write(&self, offset: u64, len: u64) -> BlockResult<()> {
+        // QEMU's default on-cbw-error=break-guest-write: the write fails.
+        self.0
+            .copy(offset, len)
+            .map_err(|(_, e)| BlockError::with_errno(errno_text(&e), e.raw_os_error().unwrap_or(5)))
+    }
+}
 
 /// What a backup copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +228,10 @@ pub struct BackupJob {
     cleanup_drains: Option<(JobRegistry, DrainWait)>,
     /// Set once the job's work has begun and its total progress is known.
     begun: Arc<AtomicBool>,
+    /// Shared with the copy-before-write hook.
+    copier: Arc<Copier>,
+    /// The copy-before-write hook on the source, from the job's start to its clean-up.
+    cbw: Option<NotifierHandle>,
 }
 
 impl BackupJob {
@@ -74,7 +252,22 @@ impl BackupJob {
             (BackupSync::Bitmap, Some((b, _))) => b.dirty_ranges(),
             _ => vec![(0, source.size())],
         };
+        // sync=none copies (before writes) whatever a write is about to change.
+        let everything = [(0, source.size())];
+        let to_copy = match sync {
+            BackupSync::None => &everything[..],
+            _ => &remaining[..],
+        };
+        let copier = Arc::new(Copier {
+            source: source.clone(),
+            target: target.clone(),
+            top: matches!(sync, BackupSync::Top),
+            map: CopyMap::new(source.size(), to_copy),
+            buffers: Mutex::new(Vec::new()),
+        });
         BackupJob {
+            copier,
+            cbw: None,
             source,
             target,
             sync,
@@ -114,6 +307,11 @@ impl BackupJob {
     }
 
     async fn run_copy(&mut self, ctx: &JobContext) -> Result<(), JobFailure> {
+        // From now on the target receives the source as it is now: a write to a cluster not
+        // yet copied copies it first.
+        self.cbw = self
+            .source
+            .add_write_notifier(Arc::new(CopyBeforeWrite(self.copier.clone())));
         if matches!(self.sync, BackupSync::None) {
             self.begun.store(true, Ordering::Release);
             while !ctx.is_cancelled() {
@@ -123,20 +321,54 @@ impl BackupJob {
         }
         ctx.set_progress_remaining(self.remaining.iter().map(|r| r.1).sum());
         self.begun.store(true, Ordering::Release);
-        let top = matches!(self.sync, BackupSync::Top);
-        let mut next = 0;
-        while let Some(&(offset, range_len)) = self.remaining.get(next) {
-            if ctx.is_cancelled() {
-                return Ok(());
-            }
-            let n = COPY_CHUNK.min(range_len);
-            let (source, target) = (self.source.clone(), self.target.clone());
-            let result = run_blocking(self.pool.as_ref(), move || {
-                copy_range(source.as_ref(), target.as_ref(), top, offset, n)
+        // Requests in order; up to `depth` in flight (one under a speed limit, so that the
+        // limit and pause points act per request as before).
+        let mut pending: VecDeque<(u64, u64)> = self
+            .remaining
+            .iter()
+            .flat_map(|&(offset, len)| {
+                (0..len.div_ceil(COPY_CHUNK)).map(move |i| {
+                    let start = offset + i * COPY_CHUNK;
+                    (start, COPY_CHUNK.min(offset + len - start))
+                })
             })
-            .await
-            .unwrap_or_else(|| Err((IoOperation::Read, io::Error::other("I/O worker lost"))));
-            if let Err((operation, error)) = result {
+            .collect();
+        let mut in_flight: VecDeque<CopyRequest> = VecDeque::new();
+        loop {
+            let depth = if ctx.speed() == 0 {
+                PARALLEL_REQUESTS
+            } else {
+                1
+            };
+            while in_flight.len() < depth && !ctx.is_cancelled() {
+                let Some((offset, len)) = pending.pop_front() else {
+                    break;
+                };
+                in_flight.push_back(CopyRequest::submit(
+                    self.pool.as_ref(),
+                    self.copier.clone(),
+                    offset,
+                    len,
+                ));
+            }
+            let Some(request) = in_flight.pop_front() else {
+                break;
+            };
+            let (offset, len) = (request.offset, request.len);
+            if let Err((operation, error)) = request.wait().await {
+                // Let the others land, then retry or fail with this request first.
+                let mut failed = vec![(offset, len)];
+                for other in std::mem::take(&mut in_flight) {
+                    let (o, l) = (other.offset, other.len);
+                    match other.wait().await {
+                        Ok(()) => ctx.progress_update(l),
+                        Err(_) => failed.push((o, l)),
+                    }
+                }
+                for range in failed.into_iter().rev() {
+                    pending.push_front(range);
+                }
+                self.remaining = pending.iter().copied().collect();
                 let policy = match operation {
                     IoOperation::Read => self.on_source_error,
                     IoOperation::Write => self.on_target_error,
@@ -152,18 +384,21 @@ impl BackupJob {
                     }
                 }
             }
-            ctx.progress_update(n);
-            if n == range_len {
-                next += 1;
-            } else if let Some(range) = self.remaining.get_mut(next) {
-                *range = (offset + n, range_len - n);
+            ctx.progress_update(len);
+            if in_flight.is_empty() && ctx.is_cancelled() {
+                break;
             }
-            ctx.rate_limit(n).await;
+            ctx.rate_limit(len).await;
         }
-        self.remaining.clear();
+        // Wait for what is still in flight (a cancel stops new requests only).
+        for request in std::mem::take(&mut in_flight) {
+            let _ = request.wait().await;
+        }
+        self.remaining = pending.into_iter().collect();
         if ctx.is_cancelled() {
             return Ok(());
         }
+        self.remaining.clear();
         let target = self.target.clone();
         match run_blocking(self.pool.as_ref(), move || target.flush()).await {
             Some(Ok(())) => Ok(()),
@@ -194,19 +429,57 @@ impl BackupJob {
     }
 }
 
-/// Copies `[offset, offset + len)` as the source's block status says.
+/// How a copy request ended: the failing operation and its error.
+type CopyResult = Result<(), (IoOperation, io::Error)>;
+
+/// A copy request running on the I/O pool.
+struct CopyRequest {
+    offset: u64,
+    len: u64,
+    result: Arc<Mutex<Option<CopyResult>>>,
+    done: crate::node::IoFuture,
+}
+
+impl CopyRequest {
+    /// Starts copying `[offset, offset + len)`.
+    fn submit(pool: &dyn IoPool, copier: Arc<Copier>, offset: u64, len: u64) -> CopyRequest {
+        let result = Arc::new(Mutex::new(None));
+        let slot = result.clone();
+        let done = pool.run(Box::new(move || {
+            let r = copier.copy(offset, len);
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+        }));
+        CopyRequest {
+            offset,
+            len,
+            result,
+            done,
+        }
+    }
+
+    async fn wait(self) -> Result<(), (IoOperation, io::Error)> {
+        self.done.await;
+        self.result
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_else(|| Err((IoOperation::Read, io::Error::other("I/O worker lost"))))
+    }
+}
+
+/// Copies `[offset, offset + len)` as the source's block status says, through `buf`.
 fn copy_range(
     source: &dyn BlockIo,
     target: &dyn BlockIo,
     top: bool,
     offset: u64,
     len: u64,
+    buf: &mut [u8],
 ) -> Result<(), (IoOperation, io::Error)> {
     let read = |e| (IoOperation::Read, e);
     let write = |e| (IoOperation::Write, e);
     let end = offset + len;
     let mut pos = offset;
-    let mut buf = Vec::new();
     while pos < end {
         let extent = source.block_status(pos, end - pos).map_err(read)?;
         let n = match extent.len {
@@ -218,11 +491,14 @@ fn copy_range(
         } else if extent.zero {
             target.write_zeroes(pos, n).map_err(write)?;
         } else {
-            let size =
-                usize::try_from(n).map_err(|_| read(io::Error::other("request too large")))?;
-            buf.resize(size, 0);
-            source.read_at(&mut buf, pos).map_err(read)?;
-            target.write_at(&buf, pos).map_err(write)?;
+            let mut done = 0;
+            while done < n {
+                let step = (n - done).min(buf.len() as u64);
+                let chunk = &mut buf[..step as usize];
+                source.read_at(chunk, pos + done).map_err(read)?;
+                target.write_at(chunk, pos + done).map_err(write)?;
+                done += step;
+            }
         }
         pos += n;
     }
@@ -247,6 +523,8 @@ impl JobDriver for BackupJob {
     }
 
     fn clean(&mut self) {
+        // The copy-before-write hook goes with the job.
+        self.cbw = None;
         if let Some(key) = self.key.get() {
             self.claims.release(*key);
         }

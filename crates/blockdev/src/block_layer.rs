@@ -93,6 +93,13 @@ impl BlockIo for NodeIo {
     fn flush(&self) -> io::Result<()> {
         self.0.flush().map_err(io_error)
     }
+
+    fn add_write_notifier(
+        &self,
+        hook: Arc<dyn block::BeforeWrite>,
+    ) -> Option<block::NotifierHandle> {
+        Some(self.0.add_write_notifier(hook))
+    }
 }
 
 /// A node's bitmap, for a backup job.

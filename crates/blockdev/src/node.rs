@@ -53,6 +53,14 @@ pub trait BlockIo: Send + Sync {
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent>;
     /// Makes everything written so far durable.
     fn flush(&self) -> io::Result<()>;
+    /// Runs `hook` before every write to the node until the handle drops (a backup's
+    /// copy-before-write); `None` if the node cannot.
+    fn add_write_notifier(
+        &self,
+        _hook: Arc<dyn block::BeforeWrite>,
+    ) -> Option<block::NotifierHandle> {
+        None
+    }
 }
 
 /// A dirty bitmap as a backup job uses it (QEMU's successor protocol).
