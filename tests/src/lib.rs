@@ -3,6 +3,8 @@
 //! The tests drive real daemons (ours, `blockjobd`, and the reference, `qemu-storage-daemon`)
 //! through real sockets, with QEMU's own tools checking the images.
 
+pub mod qmp;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

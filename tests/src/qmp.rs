@@ -1,0 +1,186 @@
+//! A small synchronous QMP client and a daemon process handle, for tests that drive `blockjobd`
+//! or `qemu-storage-daemon` command by command (and may kill them).
+
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A daemon started with qemu-storage-daemon's command line, listening on `socket`.
+/// Killed (SIGKILL) on drop if it is still running.
+pub struct Daemon {
+    child: Child,
+    /// The QMP monitor's unix socket.
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `program` with its monitor on `dir/qmp.sock` (working directory `dir`) and waits
+    /// until the socket exists.
+    pub fn spawn(program: &Path, dir: &Path) -> Daemon {
+        let socket = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(program)
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=m,path={},server=on,wait=off",
+                socket.display()
+            ))
+            .args(["--monitor", "chardev=m"])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+        let mut daemon = Daemon { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !daemon.socket.exists() {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("{} exited at start: {status}", program.display());
+            }
+            assert!(Instant::now() < deadline, "no QMP socket after 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        daemon
+    }
+
+    /// Connects a QMP client and negotiates capabilities.
+    pub fn connect(&self) -> Qmp {
+        Qmp::connect(&self.socket)
+    }
+
+    /// SIGKILL, then reap the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit (after `quit`), at most `timeout`; kills it after that.
+    /// Returns whether it exited by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// A QMP session: commands in order, events queued until asked for.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    events: VecDeque<Value>,
+}
+
+impl Qmp {
+    /// Connects to `socket`, reads the greeting and sends `qmp_capabilities`.
+    pub fn connect(socket: &Path) -> Qmp {
+        let stream = UnixStream::connect(socket).expect("connect to QMP socket");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("read timeout");
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone().expect("clone socket")),
+            writer: stream,
+            events: VecDeque::new(),
+        };
+        let greeting = qmp.read().expect("QMP greeting");
+        assert!(greeting.get("QMP").is_some(), "not a greeting: {greeting}");
+        qmp.execute("qmp_capabilities", json!({}))
+            .expect("qmp_capabilities");
+        qmp
+    }
+
+    fn read(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(serde_json::from_str(&line).expect("QMP line is JSON")),
+        }
+    }
+
+    /// Sends a command without waiting for its reply (read it with [`Qmp::reply`]).
+    pub fn send(&mut self, command: &str, arguments: Value) {
+        let request = json!({"execute": command, "arguments": arguments});
+        let mut text = request.to_string();
+        text.push('\n');
+        self.writer
+            .write_all(text.as_bytes())
+            .expect("write QMP request");
+    }
+
+    /// The next reply: `Ok(return)` or `Err(error)`; events read meanwhile are queued.
+    pub fn reply(&mut self) -> Result<Value, Value> {
+        loop {
+            let msg = self.read().expect("QMP reply before end of stream");
+            if msg.get("event").is_some() {
+                self.events.push_back(msg);
+            } else if let Some(error) = msg.get("error") {
+                return Err(error.clone());
+            } else {
+                return Ok(msg.get("return").cloned().unwrap_or(Value::Null));
+            }
+        }
+    }
+
+    /// Sends a command and waits for its reply.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, Value> {
+        self.send(command, arguments);
+        self.reply()
+    }
+
+    /// Waits for the first event named `name` whose `data` satisfies `matches` (earlier events
+    /// are dropped); panics after `timeout`.
+    pub fn wait_event(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Some(event) = self.events.pop_front() {
+                if event["event"] == name && matches(&event["data"]) {
+                    return event;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no {name} event within {timeout:?}");
+            self.writer
+                .set_read_timeout(Some(left))
+                .expect("read timeout");
+            let msg = self
+                .read()
+                .unwrap_or_else(|| panic!("stream ended or timed out waiting for {name}"));
+            self.events.push_back(msg);
+        }
+    }
+}
+
+/// Adds a qcow2 node `node` over a file node for `path`.
+pub fn qcow2_node(node: &str, path: &Path) -> Value {
+    json!({
+        "driver": "qcow2",
+        "node-name": node,
+        "file": {"driver": "file", "filename": path.to_str().expect("UTF-8 path")},
+    })
+}
