@@ -6,10 +6,7 @@ use blockjobs_tests::{blockjobd, own_oracle, run_oracle, shared_oracle};
 
 /// Shared scenarios whose features are not built yet, with the reason. Everything else in
 /// `../shared/oracle/scenarios/` must pass.
-const NOT_YET: &[(&str, &str)] = &[(
-    "s28_incremental_backup_nbd_writes",
-    "NBD exports are not wired into the daemon yet",
-)];
+const NOT_YET: &[(&str, &str)] = &[];
 
 fn scenario_names(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
