@@ -30,7 +30,7 @@ pub struct Options {
     pub blockdevs: Vec<(String, Map<String, Value>)>,
     /// One QMP monitor per `--monitor`, on its chardev's endpoint, with the option text.
     pub monitors: Vec<(String, Endpoint)>,
-    /// `--nbd-server` arguments, accepted and kept for `nbd-server-start` (not served yet).
+    /// `--nbd-server` arguments: the daemon runs `nbd-server-start` with them at startup.
     pub nbd_server: Option<(String, Map<String, Value>)>,
     pub pidfile: Option<PathBuf>,
     pub daemonize: bool,
@@ -82,7 +82,7 @@ Block-job daemon speaking QMP; accepts qemu-storage-daemon's command line.
 
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
   --nbd-server addr.type=unix,addr.path=<path>
-                         NBD server settings (accepted; not served yet)
+                         start the NBD server (exports: block-export-add)
 
   --daemonize            run in the background once startup is complete
   --pidfile <path>       write the process ID to a file after startup

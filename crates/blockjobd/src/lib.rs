@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use monitor::{Endpoint, EventSink, MonitorServer, QmpBackend, ServerConfig};
+use serde_json::{Map, Value};
 
 use crate::cli::{Command, Options};
 
@@ -134,6 +135,15 @@ async fn serve(
         {
             return fail(option, e.desc, services.on_shutdown);
         }
+    }
+
+    if let Some((option, arguments)) = &options.nbd_server
+        && let Err(e) = services.backend.execute(
+            "nbd-server-start",
+            Some(nbd_server_start_arguments(arguments)),
+        )
+    {
+        return fail(option, e.desc, services.on_shutdown);
     }
 
     let mut server =
@@ -278,5 +288,48 @@ mod daemon {
                 _ = hup.recv() => {}
             }
         }
+    }
+}
+
+/// `--nbd-server` keyval options (QEMU's `NbdServerOptions`: a flat `SocketAddress`, numbers
+/// as text) as `nbd-server-start` arguments (`SocketAddressLegacy`: `{type, data}`, numbers).
+fn nbd_server_start_arguments(options: &Map<String, Value>) -> Map<String, Value> {
+    let mut arguments = Map::new();
+    for (key, value) in options {
+        let value = match (key.as_str(), value) {
+            ("addr", Value::Object(addr)) => {
+                let mut data = addr.clone();
+                let kind = data.remove("type").unwrap_or(Value::Null);
+                serde_json::json!({"type": kind, "data": data})
+            }
+            ("max-connections" | "handshake-max-seconds", Value::String(text)) => {
+                match text.parse::<u64>() {
+                    Ok(number) => Value::from(number),
+                    // Left as text: the command's input check names the bad member.
+                    Err(_) => value.clone(),
+                }
+            }
+            _ => value.clone(),
+        };
+        arguments.insert(key.clone(), value);
+    }
+    arguments
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nbd_server_option_becomes_nbd_server_start_arguments() {
+        let options = json!({"addr": {"type": "unix", "path": "/tmp/n.sock"},
+                             "max-connections": "4"});
+        let arguments = nbd_server_start_arguments(options.as_object().unwrap());
+        assert_eq!(
+            Value::Object(arguments),
+            json!({"addr": {"type": "unix", "data": {"path": "/tmp/n.sock"}},
+                   "max-connections": 4})
+        );
     }
 }
