@@ -429,11 +429,7 @@ mod tests {
 
     #[test]
     fn strerror_drops_the_os_error_suffix() {
-        let e = io::Error::from_raw_os_error(libc_enoent());
-        assert_eq!(strerror(&e), "No such file or directory");
-    }
-
-    fn libc_enoent() -> i32 {
-        2
+        let enoent = io::Error::from_raw_os_error(2);
+        assert_eq!(strerror(&enoent), "No such file or directory");
     }
 }

@@ -473,9 +473,9 @@ fn the_shared_blockdev_answers_only_listed_commands_and_reports_the_rest_as_not_
     let h = Harness::with_src_tgt();
     let shared = blockdev::SharedBlockdev::new(h.bd);
     assert!(shared.has_command("transaction"));
-    assert!(!shared.has_command("nbd-server-start"));
-    let e = shared.execute("nbd-server-start", None).unwrap_err();
-    assert_eq!(e.desc, "The command nbd-server-start has not been found");
+    assert!(!shared.has_command("block-stream"));
+    let e = shared.execute("block-stream", None).unwrap_err();
+    assert_eq!(e.desc, "The command block-stream has not been found");
     assert_eq!(shared.execute("query-jobs", None).unwrap(), json!([]));
 }
 

@@ -445,3 +445,25 @@ fn shutdown_stops_the_server() {
     );
     assert!(!qemu_io(&d.uri("src"), "read 0 512"));
 }
+
+#[test]
+fn a_tcp_server_needs_a_numeric_port() {
+    let mut d = Daemon::new();
+    assert_eq!(
+        d.call(
+            "nbd-server-start",
+            json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "notaport"}}})
+        ),
+        Err(
+            "address resolution failed for 127.0.0.1:notaport: Servname not supported for \
+             ai_socktype"
+                .into()
+        )
+    );
+    d.call(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}}}),
+    )
+    .unwrap();
+    d.call("nbd-server-stop", json!({})).unwrap();
+}
