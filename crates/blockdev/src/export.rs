@@ -256,6 +256,12 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
             "Cannot export read-only node as writable",
         ));
     }
+    if let Some(iothread) = &args.iothread {
+        // No `--object iothread` exists in this daemon.
+        return Err(QmpError::generic(format!(
+            "iothread \"{iothread}\" not found"
+        )));
+    }
     let Some(server) = state.exports.server.as_ref() else {
         return Err(QmpError::generic("NBD server not running"));
     };

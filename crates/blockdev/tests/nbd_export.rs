@@ -312,6 +312,13 @@ fn export_add_answers_with_qemu_errors() {
         ),
         Err("Invalid block export id".into())
     );
+    assert_eq!(
+        add(
+            &mut d,
+            json!({"type": "nbd", "id": "e0", "node-name": "src", "iothread": "io0"})
+        ),
+        Err("iothread \"io0\" not found".into())
+    );
     add(
         &mut d,
         json!({"type": "nbd", "id": "e0", "node-name": "src", "writable": true}),
