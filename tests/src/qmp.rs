@@ -94,7 +94,17 @@ pub struct Qmp {
 impl Qmp {
     /// Connects to `socket`, reads the greeting and sends `qmp_capabilities`.
     pub fn connect(socket: &Path) -> Qmp {
-        let stream = UnixStream::connect(socket).expect("connect to QMP socket");
+        // The socket file appears at bind(), a moment before listen(): retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(socket) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => panic!("connect to {}: {e}", socket.display()),
+            }
+        };
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .expect("read timeout");

@@ -1,7 +1,9 @@
 //! Crash safety: `kill -9` of blockjobd in the middle of a backup or a snapshot never leaves a
 //! corrupt qcow2 image behind. After every kill, `qemu-img check` on every image involved
 //! (source, backup target, snapshot overlay) must exit 0 (clean) or 3 (leaked clusters only,
-//! which QEMU itself allows after a crash), never 2 (corruption) or 1 (check failed).
+//! which QEMU itself allows after a crash), never 2 (corruption) or 1 (check failed); and the
+//! source must still read exactly as before (`qemu-img compare`). An overlay file killed before
+//! its creation wrote anything (empty or all zeros) is not an image yet and is not checked.
 //!
 //! Each scenario is first run to completion once to measure how long it takes (T); the 20 kills
 //! then land at evenly spread points from 0 to 1.2 × T after the command is sent, so they cover
@@ -82,6 +84,14 @@ fn pristine() -> Pristine {
     }
 }
 
+/// A file holding no data yet: empty, or only zeros.
+fn never_written(file: &Path) -> bool {
+    std::fs::read(file)
+        .expect("read image file")
+        .iter()
+        .all(|&b| b == 0)
+}
+
 /// The first and last lines of a long `qemu-img check` report (one line per bad cluster).
 fn abridged(report: &str) -> String {
     let lines: Vec<&str> = report.lines().collect();
@@ -128,6 +138,11 @@ impl Run {
             .collect();
         files.sort();
         for file in files {
+            if never_written(&file) {
+                // An overlay whose creation was interrupted before its first byte: no image yet
+                // (the command never succeeded), nothing that could be corrupt.
+                continue;
+            }
             let out = Command::new("qemu-img")
                 .args(["check", "-f", "qcow2", path_str(&file)])
                 .output()
@@ -143,6 +158,25 @@ impl Run {
             }
         }
         bad
+    }
+
+    /// None of the scenarios changes what the source reads as: `qemu-img compare` with the
+    /// pristine source must find them identical.
+    fn source_changed(&self, pristine: &Pristine) -> Option<String> {
+        let out = Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+            .arg(&pristine.source)
+            .arg(self.dir.path().join("src.qcow2"))
+            .output()
+            .expect("run qemu-img compare");
+        (!out.status.success()).then(|| {
+            format!(
+                "src.qcow2 no longer reads as before: qemu-img compare exit {:?}\n{}{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     }
 
     /// Keeps the run's directory (for the failure report) and returns its path.
@@ -193,7 +227,8 @@ fn kill_repeatedly(scenario: &Scenario) -> Vec<String> {
         std::thread::sleep(delay);
         while Instant::now() < deadline {}
         run.daemon.kill();
-        let bad = run.corrupt_images();
+        let mut bad = run.corrupt_images();
+        bad.extend(run.source_changed(&pristine));
         if !bad.is_empty() {
             let dir = run.keep();
             failures.push(format!(
