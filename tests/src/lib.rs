@@ -26,27 +26,22 @@ pub fn own_oracle() -> PathBuf {
     repo_root().join("tests/oracle")
 }
 
-/// Path of the `blockjobd` binary built by this same `cargo test` run, building it with the
-/// same profile if it is not there yet.
+/// Path of the daemon under test: this package's `blockjobd-e2e` binary, which is `blockjobd::main`
+/// (the whole body of the `blockjobd` binary). Cargo builds a package's binaries before running its
+/// integration tests, so this is never stale, whichever packages `cargo test` was asked for.
 pub fn blockjobd() -> PathBuf {
-    // current_exe is target/<profile>/deps/<test>-<hash>
+    // current_exe is target/<profile>/deps/<test>-<hash>; the binary is target/<profile>/.
     let exe = std::env::current_exe().expect("current test executable");
-    let profile_dir = exe
+    let bin = exe
         .parent()
         .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
-    let bin = profile_dir.join("blockjobd");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "blockjobd"])
-            .current_dir(repo_root());
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build -p blockjobd");
-        assert!(status.success(), "cargo build -p blockjobd failed");
-    }
+        .expect("test executable lives in target/<profile>/deps")
+        .join("blockjobd-e2e");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run the end-to-end tests through cargo test",
+        bin.display()
+    );
     bin
 }
 

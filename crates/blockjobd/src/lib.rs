@@ -40,6 +40,26 @@ impl Services {
     }
 }
 
+/// The daemon as the `blockjobd` binary runs it: the process's command line, the block command
+/// layer behind the monitor. Returns the exit code.
+pub fn main() -> ExitCode {
+    let mut args = Vec::new();
+    for arg in std::env::args_os().skip(1) {
+        match arg.into_string() {
+            Ok(arg) => args.push(arg),
+            Err(arg) => {
+                eprintln!(
+                    "{}: {}: argument is not valid UTF-8",
+                    program(),
+                    arg.to_string_lossy()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    main_with(&args, backend::block_services)
+}
+
 fn program() -> &'static str {
     "blockjobd"
 }
