@@ -48,6 +48,13 @@ pub trait BlockDriver: Send + Sync {
     fn block_status(&self, _offset: u64, len: u64) -> BlockResult<(bool, u64)> {
         Ok((true, len))
     }
+    /// Like [`BlockDriver::block_status`], also telling whether the range is allocated as
+    /// zeroes in this layer (a qcow2 zero cluster): `(allocated, zero, bytes)`. The default
+    /// knows of no zero allocation.
+    fn zero_status(&self, offset: u64, len: u64) -> BlockResult<(bool, bool, u64)> {
+        let (allocated, n) = self.block_status(offset, len)?;
+        Ok((allocated, false, n))
+    }
     /// Called before the node's cumulative permissions change: refuse (e.g. an image lock is
     /// held elsewhere) or prepare. `perm`/`shared` are the new cumulative values.
     fn check_perm(&self, _perm: Perm, _shared: Perm) -> BlockResult<()> {

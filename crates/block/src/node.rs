@@ -493,6 +493,13 @@ impl BlockNode {
         self.driver.block_status(offset, len)
     }
 
+    /// Like [`BlockNode::block_status`], also telling whether the range is allocated as
+    /// zeroes in this layer: `(allocated, zero, bytes)`.
+    pub fn zero_status(&self, offset: u64, len: u64) -> BlockResult<(bool, bool, u64)> {
+        self.check_open()?;
+        self.driver.zero_status(offset, len)
+    }
+
     /// Delivers a blkdebug event to this node's driver (format drivers call this on their
     /// `file` child, e.g. `write_aio` before a data write).
     pub fn debug_event(&self, event: BlkdebugEvent) {

@@ -81,12 +81,12 @@ impl BlockIo for NodeIo {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
-        let (allocated, n) = self.0.block_status(offset, len).map_err(io_error)?;
+        let (allocated, zero, n) = self.0.zero_status(offset, len).map_err(io_error)?;
         Ok(Extent {
             len: n,
             allocated,
-            // Unallocated with nothing below reads as zeroes.
-            zero: !allocated && self.0.child("backing").is_none(),
+            // Allocated as zeroes, or unallocated with nothing below: reads as zeroes.
+            zero: zero || (!allocated && self.0.child("backing").is_none()),
         })
     }
 

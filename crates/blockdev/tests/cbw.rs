@@ -151,3 +151,50 @@ fn a_write_to_the_source_fails_when_its_copy_before_write_fails() {
     h.bd.shutdown().unwrap();
     qemu_io(&src, "read -P 0xab 0 512");
 }
+
+#[test]
+fn a_full_backup_of_a_sparse_source_copies_data_only_where_the_source_has_data() {
+    // Unallocated and zero-written (zero cluster) ranges alike are zero writes, no data.
+    // QSD 10.0.2 on the same images: the same data extent; its zero writes leave zero
+    // clusters (`present`), ours leave an unallocated cluster unallocated (reads zeroes).
+    let dir = tempfile::tempdir().unwrap();
+    let src = qcow2(dir.path(), "src.qcow2");
+    qemu_io(&src, "write -P 0xab 0 1M");
+    qemu_io(&src, "write -z 2M 1M");
+    let tgt = qcow2(dir.path(), "tgt.qcow2");
+    let mut graph = BlockGraph::new();
+    open(&mut graph, "src", &src);
+    open(&mut graph, "tgt", &tgt);
+    let mut h = Harness::over(
+        Box::new(blockdev::BlockLayer::new(graph)),
+        MemGraph::default(),
+    );
+    h.ok("blockdev-backup", backup("j1", "src", "tgt"));
+    h.settle();
+    h.bd.shutdown().unwrap();
+    let (ok, map) = run("qemu-img", &["map", "--output=json", &tgt]);
+    assert!(ok);
+    let extents: Vec<(u64, u64, bool, bool, bool)> =
+        serde_json::from_str::<serde_json::Value>(&map)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["start"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["present"] == true,
+                    e["zero"] == true,
+                    e["data"] == true,
+                )
+            })
+            .collect();
+    assert_eq!(
+        extents,
+        vec![
+            (0, MIB, true, false, true),
+            (MIB, 3 * MIB, false, true, false)
+        ]
+    );
+}

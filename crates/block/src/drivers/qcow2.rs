@@ -360,6 +360,22 @@ impl BlockDriver for Qcow2Driver {
         Ok((alloc != qcow2::Allocation::Unallocated, n))
     }
 
+    fn zero_status(&self, offset: u64, len: u64) -> BlockResult<(bool, bool, u64)> {
+        let size = self.image().size();
+        if offset >= size || len == 0 {
+            return Ok((false, false, len));
+        }
+        let (alloc, n) = self
+            .image()
+            .block_status(offset, len.min(size - offset))
+            .map_err(block_error)?;
+        Ok((
+            alloc != qcow2::Allocation::Unallocated,
+            alloc == qcow2::Allocation::Zero,
+            n,
+        ))
+    }
+
     fn info(&self) -> DriverInfo {
         DriverInfo {
             filename: None,
