@@ -198,3 +198,48 @@ fn a_full_backup_of_a_sparse_source_copies_data_only_where_the_source_has_data()
         ]
     );
 }
+
+#[test]
+fn an_incremental_backup_keeps_the_dirty_clusters_at_job_start_and_copies_nothing_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = qcow2(dir.path(), "src.qcow2");
+    qemu_io(&src, "write -P 0x11 0 4M");
+    assert!(run("qemu-img", &["bitmap", "--add", &src, "bm0"]).0);
+    qemu_io(&src, "write -P 0x22 0 64k");
+    qemu_io(&src, "write -P 0x33 3M 64k");
+    let tgt = qcow2(dir.path(), "tgt.qcow2");
+    let mut graph = BlockGraph::new();
+    let source = open(&mut graph, "src", &src);
+    open(&mut graph, "tgt", &tgt);
+    let mut h = Harness::over(
+        Box::new(blockdev::BlockLayer::new(graph)),
+        MemGraph::default(),
+    );
+    h.ok(
+        "blockdev-backup",
+        json!({"job-id": "j1", "device": "src", "target": "tgt", "sync": "incremental",
+               "bitmap": "bm0", "speed": 65536}),
+    );
+    h.step();
+    // A dirty cluster the job has not reached yet, and a clean one.
+    source.write_at(3 * MIB, &[0x44; 4096]).unwrap();
+    source.write_at(2 * MIB, &[0x55; 4096]).unwrap();
+    h.settle();
+    let ev = h.take_events();
+    assert!(ev.contains(&r#"BLOCK_JOB_COMPLETED {"type":"backup","device":"j1","len":131072,"offset":131072,"speed":65536}"#.to_string()), "{ev:?}");
+    drop(source);
+    h.bd.shutdown().unwrap();
+    qemu_io(&tgt, "read -P 0x22 0 64k");
+    qemu_io(&tgt, "read -P 0x33 3M 64k");
+    let (ok, map) = run("qemu-img", &["map", "--output=json", &tgt]);
+    assert!(ok);
+    let data: Vec<(u64, u64)> = serde_json::from_str::<serde_json::Value>(&map)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data, vec![(0, 65536), (3 * MIB, 65536)]);
+}
