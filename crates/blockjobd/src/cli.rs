@@ -201,6 +201,7 @@ fn blockdev(value: &str) -> Result<Map<String, Value>, String> {
         };
     }
     keyval::parse(value, Some("driver"))
+        .and_then(|map| crate::keyval_types::typed_arguments("blockdev-add", map))
 }
 
 /// QEMU's spellings of a boolean option value.

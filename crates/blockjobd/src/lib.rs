@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod cli;
 pub mod keyval;
+pub mod keyval_types;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
