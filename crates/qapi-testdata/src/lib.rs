@@ -21,7 +21,13 @@ pub fn qemu_schema_dir() -> Result<PathBuf, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
     let out = Command::new(&cargo)
-        .args(["metadata", "--format-version", "1", "--manifest-path", manifest])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--manifest-path",
+            manifest,
+        ])
         .output()
         .map_err(|e| format!("cannot run {cargo} metadata: {e}"))?;
     if !out.status.success() {
@@ -58,8 +64,17 @@ mod tests {
     #[test]
     fn finds_qemu_schema_with_its_modules() {
         let dir = super::qemu_schema_dir().expect("locate qapi-qmp");
-        for module in ["qapi-schema.json", "block-core.json", "job.json", "transaction.json"] {
-            assert!(dir.join(module).is_file(), "{module} missing in {}", dir.display());
+        for module in [
+            "qapi-schema.json",
+            "block-core.json",
+            "job.json",
+            "transaction.json",
+        ] {
+            assert!(
+                dir.join(module).is_file(),
+                "{module} missing in {}",
+                dir.display()
+            );
         }
     }
 }
