@@ -101,6 +101,10 @@ fn a_backup_onto_a_failing_target_reports_the_error_and_completes_with_it() {
             "jb null",
         ])
     );
+    // A failing target never touches the source.
+    let source = std::fs::read(&src).unwrap();
+    assert_eq!(source.len() as u64, 4 * MIB);
+    assert!(source.iter().all(|&b| b == 1), "the source changed");
 }
 
 #[test]
