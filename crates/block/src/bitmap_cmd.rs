@@ -7,6 +7,7 @@ use crate::bitmap::{DirtyBitmap, MAX_NAME_LEN, granularity_is_valid};
 use crate::error::{BlockError, BlockResult};
 use crate::graph::BlockGraph;
 use crate::node::BlockNode;
+pub use crate::transaction::{TransactionAction, run_transaction};
 
 /// What an operation needs from a bitmap (QEMU's `BDRV_BITMAP_*` check flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,20 +226,6 @@ pub fn bitmap_merge(
     })
 }
 
-/// A transaction action in four phases (see SPEC §5): `prepare` in list order; on the first
-/// failure every prepared-or-failed action's `abort` in reverse order, else every `commit` in
-/// reverse order; then every `clean` in reverse order.
-pub trait TransactionAction<C: ?Sized> {
-    /// Does the work so that it can still be undone.
-    fn prepare(&mut self, ctx: &mut C) -> BlockResult<()>;
-    /// Makes it final.
-    fn commit(&mut self, _ctx: &mut C) {}
-    /// Undoes `prepare` (also called when `prepare` itself failed).
-    fn abort(&mut self, _ctx: &mut C) {}
-    /// Releases what prepare kept.
-    fn clean(&mut self, _ctx: &mut C) {}
-}
-
 /// Access to the block graph from a transaction's context.
 pub trait GraphAccess {
     /// The graph.
@@ -249,34 +236,6 @@ impl GraphAccess for BlockGraph {
     fn graph(&mut self) -> &mut BlockGraph {
         self
     }
-}
-
-/// Runs actions as one transaction with QEMU's protocol; returns the first prepare error.
-pub fn run_transaction<C: ?Sized>(
-    ctx: &mut C,
-    actions: &mut [Box<dyn TransactionAction<C> + '_>],
-) -> BlockResult<()> {
-    let mut registered = 0;
-    let mut failure = None;
-    for action in actions.iter_mut() {
-        registered += 1;
-        if let Err(e) = action.prepare(ctx) {
-            failure = Some(e);
-            break;
-        }
-    }
-    let done = &mut actions[..registered];
-    for action in done.iter_mut().rev() {
-        if failure.is_some() {
-            action.abort(ctx);
-        } else {
-            action.commit(ctx);
-        }
-    }
-    for action in done.iter_mut().rev() {
-        action.clean(ctx);
-    }
-    failure.map_or(Ok(()), Err)
 }
 
 /// The `abort` action: always fails.

@@ -11,6 +11,7 @@ pub mod graph;
 pub mod io;
 pub mod node;
 pub mod perm;
+pub mod transaction;
 
 pub use bitmap::DirtyBitmap;
 pub use driver::{
@@ -22,3 +23,4 @@ pub use graph::BlockGraph;
 pub use io::PageBuf;
 pub use node::{BeforeWrite, BlockNode, ChildEdge, NotifierHandle, OpBlocker, PermGrant};
 pub use perm::Perm;
+pub use transaction::{TransactionAction, run_transaction};

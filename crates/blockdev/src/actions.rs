@@ -15,12 +15,12 @@ use crate::backup::{BackupBitmap, BackupJob, BackupSync};
 use crate::claims::{Drain, DrainWait};
 use crate::mirror::MirrorJob;
 use crate::node::{BlockIo, ImageRef};
-use crate::transaction::Action;
+use crate::transaction::TransactionAction;
 
 /// `abort`: always fails.
 pub(crate) struct AbortAction;
 
-impl Action<BlockState> for AbortAction {
+impl TransactionAction<BlockState, QmpError> for AbortAction {
     fn prepare(&mut self, _env: &mut BlockState) -> Result<(), QmpError> {
         Err(QmpError::generic("Transaction aborted using Abort action"))
     }
@@ -226,7 +226,7 @@ impl BackupAction {
     }
 }
 
-impl Action<BlockState> for BackupAction {
+impl TransactionAction<BlockState, QmpError> for BackupAction {
     fn prepare(&mut self, env: &mut BlockState) -> Result<(), QmpError> {
         let device = self.common.device.clone();
         let source = env.lookup(&device)?;

@@ -12,7 +12,6 @@ use qmp_api::{
 
 use crate::BlockState;
 use crate::block_layer::qmp_error;
-use crate::transaction::Action;
 
 impl BlockState {
     /// The block crate's graph, or an error if the daemon runs without one.
@@ -112,7 +111,7 @@ impl BitmapAction {
     }
 }
 
-impl Action<BlockState> for BitmapAction {
+impl TransactionAction<BlockState, QmpError> for BitmapAction {
     fn prepare(&mut self, env: &mut BlockState) -> Result<(), QmpError> {
         let graph = env.block_graph()?;
         self.0.prepare(graph).map_err(qmp_error)

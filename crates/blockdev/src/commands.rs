@@ -22,8 +22,8 @@ use crate::actions::{AbortAction, BackupAction};
 use crate::bitmaps::{self, BitmapAction};
 use crate::export;
 use crate::snapshot::{ExternalSnapshot, InternalSnapshot};
-use crate::transaction::{Action, Transaction};
-use crate::{BlockState, Blockdev, COMMANDS, MONITOR_COMMANDS, QEMU_VERSION, claims};
+use crate::transaction::{self, Action};
+use crate::{Blockdev, COMMANDS, MONITOR_COMMANDS, QEMU_VERSION, claims};
 
 fn wire_int(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
@@ -81,7 +81,7 @@ fn block_job_info(info: job::BlockJobInfo) -> BlockJobInfo {
 }
 
 /// The action behind one `transaction` entry.
-fn action_of(branch: TransactionActionBranch) -> Box<dyn Action<BlockState>> {
+fn action_of(branch: TransactionActionBranch) -> Box<Action> {
     match branch {
         TransactionActionBranch::Abort(_) => Box::new(AbortAction),
         TransactionActionBranch::BlockdevBackup(w) => Box::new(BackupAction::blockdev(w.data)),
@@ -130,7 +130,7 @@ impl Blockdev {
     /// one job transaction if `grouped`).
     fn run_transaction(
         &mut self,
-        actions: Vec<Box<dyn Action<BlockState>>>,
+        actions: Vec<Box<Action>>,
         grouped: bool,
     ) -> Result<(), QmpError> {
         self.close_retired_nodes();
@@ -138,7 +138,7 @@ impl Blockdev {
         if grouped {
             self.state.group = Some(self.state.jobs.new_txn());
         }
-        let result = Transaction::new().run(&mut self.state, actions);
+        let result = transaction::run(&mut self.state, actions);
         self.state.group = None;
         result
     }

@@ -8,7 +8,7 @@ use qmp_api::{
 use crate::BlockState;
 use crate::claims::Drain;
 use crate::node::{ImageRef, not_found};
-use crate::transaction::Action;
+use crate::transaction::TransactionAction;
 
 /// Where the overlay of an external snapshot comes from.
 enum Overlay {
@@ -105,7 +105,7 @@ impl ExternalSnapshot {
     }
 }
 
-impl Action<BlockState> for ExternalSnapshot {
+impl TransactionAction<BlockState, QmpError> for ExternalSnapshot {
     fn prepare(&mut self, env: &mut BlockState) -> Result<(), QmpError> {
         let node = self.node_name(env)?;
         self.drain = Some(Drain::begin(&env.jobs, &env.claims, &node, env.drain_wait));
@@ -189,7 +189,7 @@ impl InternalSnapshot {
     }
 }
 
-impl Action<BlockState> for InternalSnapshot {
+impl TransactionAction<BlockState, QmpError> for InternalSnapshot {
     fn prepare(&mut self, env: &mut BlockState) -> Result<(), QmpError> {
         let device = self.args.device.clone();
         let node = env.lookup(&device)?;
