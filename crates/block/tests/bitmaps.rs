@@ -455,7 +455,7 @@ fn actions_then_abort(
     mut actions: Vec<Box<dyn TransactionAction<BlockGraph>>>,
 ) -> String {
     actions.push(Box::new(AbortAction));
-    err(run_transaction(g, &mut actions))
+    err(run_transaction(g, actions))
 }
 
 #[test]
@@ -494,12 +494,12 @@ fn committed_transaction_applies_every_action() {
     bitmap_add(&g, "n", "c", None, false, false).unwrap();
     bitmap_add(&g, "n", "r", None, false, false).unwrap();
     dirty(&g, "n", "c", 0, 1);
-    let mut actions: Vec<Box<dyn TransactionAction<BlockGraph>>> = vec![
+    let actions: Vec<Box<dyn TransactionAction<BlockGraph>>> = vec![
         Box::new(BitmapAddAction::new("n", "new", None, false, false)),
         Box::new(BitmapClearAction::new("n", "c")),
         Box::new(BitmapRemoveAction::new("n", "r")),
     ];
-    run_transaction(&mut g, &mut actions).unwrap();
+    run_transaction(&mut g, actions).unwrap();
     assert_eq!(count(&g, "n", "new"), 0);
     assert_eq!(count(&g, "n", "c"), 0);
     assert_eq!(
@@ -512,12 +512,12 @@ fn committed_transaction_applies_every_action() {
 fn bitmap_removed_in_pending_transaction_is_busy() {
     let mut g = graph();
     bitmap_add(&g, "n", "r", None, false, false).unwrap();
-    let mut actions: Vec<Box<dyn TransactionAction<BlockGraph>>> = vec![
+    let actions: Vec<Box<dyn TransactionAction<BlockGraph>>> = vec![
         Box::new(BitmapRemoveAction::new("n", "r")),
         Box::new(BitmapClearAction::new("n", "r")),
     ];
     assert_eq!(
-        err(run_transaction(&mut g, &mut actions)),
+        err(run_transaction(&mut g, actions)),
         "Bitmap 'r' is currently in use by another operation and cannot be used"
     );
     bitmap_clear(&g, "n", "r").unwrap();
@@ -538,8 +538,8 @@ fn failing_add_in_transaction_does_not_delete_the_existing_bitmap() {
 #[test]
 fn empty_transaction_succeeds() {
     let mut g = graph();
-    let mut actions: Vec<Box<dyn TransactionAction<BlockGraph>>> = vec![];
-    run_transaction(&mut g, &mut actions).unwrap();
+    let actions: Vec<Box<dyn TransactionAction<BlockGraph>>> = vec![];
+    run_transaction(&mut g, actions).unwrap();
 }
 
 #[test]
@@ -566,12 +566,12 @@ fn transaction_runs_commits_and_cleans_in_reverse_order() {
     }
     let log = Arc::new(Mutex::new(Vec::new()));
     let mut g = BlockGraph::new();
-    let mut actions: Vec<Box<dyn TransactionAction<BlockGraph>>> = vec![
+    let actions: Vec<Box<dyn TransactionAction<BlockGraph>>> = vec![
         Box::new(Probe("a", log.clone(), false)),
         Box::new(Probe("b", log.clone(), true)),
         Box::new(Probe("c", log.clone(), false)),
     ];
-    assert!(run_transaction(&mut g, &mut actions).is_err());
+    assert!(run_transaction(&mut g, actions).is_err());
     assert_eq!(
         *log.lock().unwrap(),
         [

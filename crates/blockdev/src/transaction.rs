@@ -13,6 +13,6 @@ pub use block::TransactionAction;
 pub type Action = dyn TransactionAction<BlockState, QmpError>;
 
 /// Runs `actions` as one transaction; returns the first prepare error.
-pub fn run(state: &mut BlockState, mut actions: Vec<Box<Action>>) -> Result<(), QmpError> {
-    block::run_transaction(state, &mut actions)
+pub fn run(state: &mut BlockState, actions: Vec<Box<Action>>) -> Result<(), QmpError> {
+    block::run_transaction(state, actions)
 }
