@@ -321,7 +321,6 @@ fn killing_the_daemon_mid_external_snapshot_never_corrupts_an_image() {
 }
 
 #[test]
-#[ignore = "fails on blockjobd and on qemu-storage-daemon 10.0.2 alike: a kill between the refcount increments and the snapshot table/L1 update leaves OFLAG_COPIED set on clusters with refcount 2 (qemu-img check exit 2)"]
 fn killing_the_daemon_mid_internal_snapshot_never_corrupts_an_image() {
     assert_never_corrupt(Scenario {
         name: "blockdev-snapshot-internal-sync",
@@ -331,7 +330,6 @@ fn killing_the_daemon_mid_internal_snapshot_never_corrupts_an_image() {
 }
 
 #[test]
-#[ignore = "fails on blockjobd and on qemu-storage-daemon 10.0.2 alike: a kill between the refcount increments and the snapshot table/L1 update leaves OFLAG_COPIED set on clusters with refcount 2 (qemu-img check exit 2)"]
 fn killing_the_daemon_mid_snapshot_transaction_never_corrupts_an_image() {
     assert_never_corrupt(Scenario {
         name: "transaction [blockdev-snapshot-internal-sync, blockdev-snapshot-sync]",

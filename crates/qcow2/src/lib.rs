@@ -9,9 +9,12 @@
 //! Crash safety: refcount blocks reach the storage (and a flush) before the L2 tables that
 //! reference new clusters, L2 tables before the L1 entries that point to them, and clusters are
 //! freed only after the references to them are stored. A crash at any point therefore leaves at
-//! worst leaked clusters, never a cluster referenced without a refcount. Because refcounts are
-//! always kept ahead, this crate never marks an image dirty; an image left dirty by QEMU's lazy
-//! refcounts gets its refcounts rebuilt when opened read-write (as QEMU repairs it).
+//! worst leaked clusters, never a cluster referenced without a refcount. Creating a snapshot
+//! changes refcounts and COPIED flags that live in different clusters, so it stores the whole
+//! new state (L1/L2 copies, snapshot table, refcount table and blocks) past everything in use
+//! and switches to it with one header write. Because refcounts are always kept ahead, this
+//! crate never marks an image dirty; an image left dirty by QEMU's lazy refcounts gets its
+//! refcounts rebuilt when opened read-write (as QEMU repairs it).
 
 mod bitmap;
 mod cache;

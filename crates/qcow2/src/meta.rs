@@ -25,7 +25,7 @@ pub(crate) const ZERO: u64 = 1;
 /// How many in-use clusters past the end of the file one allocation scans before giving up.
 const MAX_SCAN_BEYOND_END: u64 = 1 << 22;
 /// Host offsets must fit the 56-bit offset fields.
-const MAX_HOST_OFFSET: u64 = 1 << 56;
+pub(crate) const MAX_HOST_OFFSET: u64 = 1 << 56;
 
 /// What one guest cluster maps to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -749,5 +749,59 @@ impl Meta {
         buf.resize((n * cs) as usize, 0);
         self.storage.write_at(&buf, off)?;
         Ok(off)
+    }
+}
+
+impl Meta {
+    /// Refcount block `off` as stored (through the cache).
+    pub(crate) fn refblock_bytes(&mut self, off: u64) -> Result<Vec<u8>> {
+        self.load(TableKind::Refblock, off)?;
+        self.rb_cache
+            .get(off)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| Error::Invalid("refcount cache miss".into()))
+    }
+
+    /// One past the highest cluster that the file, this session's allocations or any refcount
+    /// claim: clusters from here on are free and unreferenced.
+    pub(crate) fn referenced_end(&mut self) -> Result<u64> {
+        let mut end = self.storage.len()?.div_ceil(self.cs()).max(self.alloc_end);
+        let per = 1u64 << self.rb_bits();
+        for bi in (0..self.reftable.len()).rev() {
+            let off = self.reftable[bi] & REFT_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            let block = self.refblock_bytes(off)?;
+            if let Some(i) = (0..per as usize)
+                .rev()
+                .find(|&i| rc_get(&block, self.h.refcount_order, i) != 0)
+            {
+                end = end.max(bi as u64 * per + i as u64 + 1);
+                break;
+            }
+        }
+        Ok(end)
+    }
+
+    /// Adopt metadata the header was just switched to (stored and flushed): `l1` and
+    /// `reftable` as now on disk, clusters `end..` free.
+    pub(crate) fn adopt_switched(&mut self, l1: Vec<u64>, reftable: Vec<u64>, end: u64) {
+        self.l1 = l1;
+        self.l1_dirty.clear();
+        self.reftable = reftable;
+        self.reftable_dirty.clear();
+        self.rb_cache.clear();
+        self.free_hint = 0;
+        self.run_hint = 0;
+        self.alloc_end = self.alloc_end.max(end);
+    }
+
+    pub(crate) fn refcount_get(&self, block: &[u8], i: usize) -> u64 {
+        rc_get(block, self.h.refcount_order, i)
+    }
+
+    pub(crate) fn refcount_limit(&self) -> u64 {
+        self.max_refcount()
     }
 }

@@ -1,7 +1,11 @@
 //! Internal snapshots: the snapshot table, and creating, deleting and listing snapshots.
 
 use crate::header::{Header, MAX_L1_ENTRIES, MAX_SNAPSHOTS, get_be32, get_be64};
-use crate::meta::{COPIED, Cluster, L1_OFFSET_MASK, Meta};
+use std::collections::BTreeMap;
+
+use crate::meta::{
+    COMPRESSED, COPIED, Cluster, L1_OFFSET_MASK, MAX_HOST_OFFSET, Meta, REFT_OFFSET_MASK,
+};
 use crate::storage::Storage;
 use crate::{Error, Result, invalid};
 
@@ -241,6 +245,13 @@ impl Meta {
         Ok(())
     }
 
+    /// Take a snapshot by a copy-on-write switch through the header: the whole post-snapshot
+    /// state (a new active L1 table and copies of the active L2 tables with COPIED cleared,
+    /// the snapshot's L1 table, the new snapshot table, and a new refcount table and blocks
+    /// describing exactly that state) is stored in unreferenced clusters past everything in
+    /// use and flushed; then one write of the header's first sector switches to it. A crash
+    /// before that write leaves the old image with unreferenced garbage past its end, after it
+    /// the new image: refcounts and COPIED flags never disagree on storage.
     pub fn create_snapshot(&mut self, name: &str, date: (u32, u32)) -> Result<SnapshotInfo> {
         if name.is_empty() || name.len() > MAX_ID_NAME {
             return Err(Error::InvalidArgument(
@@ -252,22 +263,13 @@ impl Meta {
                 "snapshot '{name}' already exists"
             )));
         }
+        if self.snapshots.len() >= MAX_SNAPSHOTS as usize {
+            return Err(Error::InvalidArgument("too many snapshots".into()));
+        }
         self.write_back()?;
-        let l1 = self.l1.clone();
-        // References first: every table and cluster the snapshot will share gains one.
-        self.adjust_tree(&l1, true)?;
-        self.refresh_copied_flags()?;
-        let snap_l1: Vec<u8> = self
-            .l1
-            .iter()
-            .flat_map(|e| (e & !COPIED).to_be_bytes())
-            .collect();
-        let l1_off = if snap_l1.is_empty() {
-            0
-        } else {
-            self.store_blob(&snap_l1)?
-        };
-        self.write_back()?;
+        self.storage.flush()?;
+        let cs = self.cs();
+        let entries = cs / 8;
         let id = self
             .snapshots
             .iter()
@@ -285,14 +287,214 @@ impl Meta {
             disk_size: self.h.size,
             icount: None,
         };
+
+        // Refcount changes against the current state, per cluster index.
+        let mut delta: BTreeMap<u64, i64> = BTreeMap::new();
+        let mut change = |first: u64, bytes: u64, by: i64| -> Result<()> {
+            let last = match first.checked_add(bytes) {
+                Some(e) if e <= MAX_HOST_OFFSET => e.div_ceil(cs),
+                _ => return invalid(format!("metadata points past the image at {first:#x}")),
+            };
+            for c in first / cs..last {
+                *delta.entry(c).or_default() += by;
+            }
+            Ok(())
+        };
+        // Every cluster the active L2 tables reference gains the snapshot's reference; the
+        // copies of the tables have COPIED clear on all of them. The old tables become the
+        // snapshot's (their refcounts stay).
+        let old_l1 = self.l1.clone();
+        let mut l2_copies: Vec<(usize, Vec<u8>)> = Vec::new();
+        for (i, &e) in old_l1.iter().enumerate() {
+            let l2 = e & L1_OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            let mut table = vec![0u8; cs as usize];
+            for j in 0..entries {
+                let raw = self.l2_entry(l2, j)?;
+                let c = self.decode(raw)?;
+                if let Some((h, len)) = self.host_range(c) {
+                    change(h, len, 1)?;
+                }
+                let new = if raw & COMPRESSED == 0 {
+                    raw & !COPIED
+                } else {
+                    raw
+                };
+                let at = j as usize * 8;
+                table[at..at + 8].copy_from_slice(&new.to_be_bytes());
+            }
+            l2_copies.push((i, table));
+        }
+        // The old active L1 table, refcount table and blocks and snapshot table are dropped.
+        if !old_l1.is_empty() {
+            change(self.h.l1_table_offset, old_l1.len() as u64 * 8, -1)?;
+        }
+        change(
+            self.h.refcount_table_offset,
+            u64::from(self.h.refcount_table_clusters) * cs,
+            -1,
+        )?;
+        for &e in &self.reftable {
+            let off = e & REFT_OFFSET_MASK;
+            if off != 0 {
+                change(off, cs, -1)?;
+            }
+        }
+        if self.h.nb_snapshots > 0 && self.snapshot_table_len > 0 {
+            change(self.h.snapshots_offset, self.snapshot_table_len, -1)?;
+        }
+
+        // Layout of the new structures, from the first cluster nothing claims.
+        let base = self.referenced_end()?;
+        if base.saturating_mul(cs) >= MAX_HOST_OFFSET / 2 {
+            return Err(Error::Unsupported(
+                "image would grow too large for a snapshot".into(),
+            ));
+        }
+        let l1_clusters = (old_l1.len() as u64 * 8).div_ceil(cs).max(1);
+        let new_l1_off = base * cs;
+        let l2_first = base + l1_clusters;
+        let mut new_l1 = vec![0u64; old_l1.len()];
+        for (k, (i, _)) in l2_copies.iter().enumerate() {
+            new_l1[*i] = ((l2_first + k as u64) * cs) | COPIED;
+        }
+        let snap_l1_cluster = l2_first + l2_copies.len() as u64;
+        let snap_l1_clusters = (old_l1.len() as u64 * 8).div_ceil(cs);
+        let snap_l1_off = if old_l1.is_empty() {
+            0
+        } else {
+            snap_l1_cluster * cs
+        };
+        let table_cluster = snap_l1_cluster + snap_l1_clusters;
         let mut snaps = self.snapshots.clone();
         snaps.push(Snapshot {
             info: info.clone(),
-            l1_table_offset: l1_off,
-            l1_size: self.l1.len() as u32,
+            l1_table_offset: snap_l1_off,
+            l1_size: old_l1.len() as u32,
             extra_rest: Vec::new(),
         });
-        self.replace_snapshot_table(snaps)?;
+        let table_bytes = serialize_table(&snaps);
+        let table_clusters = (table_bytes.len() as u64).div_ceil(cs).max(1);
+        let fixed_end = table_cluster + table_clusters;
+
+        // New refcount blocks for the clusters below `base`: the old counts plus the changes.
+        if delta.range(base..).next().is_some() {
+            return invalid("a cluster in use has no refcount");
+        }
+        let rb_bits = self.rb_bits();
+        let per = 1u64 << rb_bits;
+        let order = self.h.refcount_order;
+        let limit = self.refcount_limit();
+        let mut old_blocks: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for bi in 0..base.div_ceil(per).min(self.reftable.len() as u64) {
+            let off = self.reftable[bi as usize] & REFT_OFFSET_MASK;
+            if off != 0 {
+                old_blocks.insert(bi, self.refblock_bytes(off)?);
+            }
+        }
+        for (&c, &d) in &delta {
+            if d == 0 {
+                continue;
+            }
+            let block = old_blocks
+                .entry(c >> rb_bits)
+                .or_insert_with(|| vec![0u8; cs as usize]);
+            let i = (c & (per - 1)) as usize;
+            let v = i128::from(self.refcount_get(block, i)) + i128::from(d);
+            if v < 0 {
+                return invalid(format!("cluster {:#x} has too low a refcount", c * cs));
+            }
+            if v as u128 > u128::from(limit) {
+                return invalid(format!("refcount of cluster {:#x} overflows", c * cs));
+            }
+            crate::meta::rc_set(block, order, i, v as u64);
+        }
+        let mut nonempty: Vec<u64> = old_blocks
+            .iter()
+            .filter(|(bi, b)| {
+                **bi < base >> rb_bits && (0..per as usize).any(|i| self.refcount_get(b, i) != 0)
+            })
+            .map(|(bi, _)| *bi)
+            .collect();
+        nonempty.sort_unstable();
+
+        // The refcount table and blocks describe themselves: grow them until they fit.
+        let mut rt_clusters = u64::from(self.h.refcount_table_clusters).max(1);
+        let mut rb_count = 0u64;
+        let (blocks, end) = loop {
+            let end = fixed_end + rt_clusters + rb_count;
+            let mut blocks = nonempty.clone();
+            blocks.extend(base >> rb_bits..end.div_ceil(per));
+            let rt_needed = (blocks.last().map_or(0, |b| b + 1) * 8).div_ceil(cs).max(1);
+            if rt_needed <= rt_clusters && blocks.len() as u64 == rb_count {
+                break (blocks, end);
+            }
+            rt_clusters = rt_clusters.max(rt_needed);
+            rb_count = blocks.len() as u64;
+        };
+        if rt_clusters * cs > 8 * 1024 * 1024 || end * cs >= MAX_HOST_OFFSET {
+            return Err(Error::Unsupported(
+                "image would grow too large for a snapshot".into(),
+            ));
+        }
+        let rt_off = fixed_end * cs;
+        let rb_first = fixed_end + rt_clusters;
+        let mut new_reftable = vec![0u64; (rt_clusters * cs / 8) as usize];
+        let mut rb_writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (k, &bi) in blocks.iter().enumerate() {
+            let off = (rb_first + k as u64) * cs;
+            new_reftable[bi as usize] = off;
+            let mut block = old_blocks
+                .remove(&bi)
+                .unwrap_or_else(|| vec![0u8; cs as usize]);
+            let lo = (bi * per).max(base);
+            let hi = ((bi + 1) * per).min(end);
+            for c in lo..hi {
+                crate::meta::rc_set(&mut block, order, (c & (per - 1)) as usize, 1);
+            }
+            rb_writes.push((off, block));
+        }
+
+        // Store everything, flush, then switch the header in one write.
+        let l1_bytes = |t: &[u64], clusters: u64| {
+            let mut b: Vec<u8> = t.iter().flat_map(|e| e.to_be_bytes()).collect();
+            b.resize((clusters * cs) as usize, 0);
+            b
+        };
+        self.storage
+            .write_at(&l1_bytes(&new_l1, l1_clusters), new_l1_off)?;
+        for (k, (_, table)) in l2_copies.iter().enumerate() {
+            self.storage.write_at(table, (l2_first + k as u64) * cs)?;
+        }
+        if snap_l1_off != 0 {
+            let snap_l1: Vec<u64> = old_l1.iter().map(|e| e & L1_OFFSET_MASK).collect();
+            self.storage
+                .write_at(&l1_bytes(&snap_l1, snap_l1_clusters), snap_l1_off)?;
+        }
+        let mut tb = table_bytes.clone();
+        tb.resize((table_clusters * cs) as usize, 0);
+        self.storage.write_at(&tb, table_cluster * cs)?;
+        self.storage
+            .write_at(&l1_bytes(&new_reftable, rt_clusters), rt_off)?;
+        for (off, block) in &rb_writes {
+            self.storage.write_at(block, *off)?;
+        }
+        self.storage.flush()?;
+        let mut h = self.h.clone();
+        h.l1_table_offset = new_l1_off;
+        h.refcount_table_offset = rt_off;
+        h.refcount_table_clusters = rt_clusters as u32;
+        h.nb_snapshots = snaps.len() as u32;
+        h.snapshots_offset = table_cluster * cs;
+        let hb = h.serialize()?;
+        self.storage.write_at(&hb[..hb.len().min(512)], 0)?;
+        self.storage.flush()?;
+        self.h = h;
+        self.adopt_switched(new_l1, new_reftable, end);
+        self.snapshots = snaps;
+        self.snapshot_table_len = table_bytes.len() as u64;
         Ok(info)
     }
 

@@ -135,3 +135,137 @@ fn snapshot_names_must_be_unique() {
         Err(qcow2::Error::InvalidArgument(_))
     ));
 }
+
+/// A file whose writes stop reaching it after the first `limit` (a crash at that point).
+struct CrashingFile {
+    file: std::fs::File,
+    writes: std::sync::atomic::AtomicUsize,
+    limit: std::sync::atomic::AtomicUsize,
+}
+
+impl qcow2::Storage for CrashingFile {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        qcow2::Storage::read_at(&self.file, buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        let n = self
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n >= self.limit.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("simulated crash"));
+        }
+        qcow2::Storage::write_at(&self.file, buf, off)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        qcow2::Storage::len(&self.file)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if self.writes.load(std::sync::atomic::Ordering::SeqCst)
+            >= self.limit.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(std::io::Error::other("simulated crash"));
+        }
+        qcow2::Storage::set_len(&self.file, len)
+    }
+}
+
+/// Open `path` on a [`CrashingFile`], take snapshot "second" letting only `limit` of its
+/// writes through, and drop the image; returns how many writes the snapshot attempted and
+/// whether it succeeded.
+fn snapshot_with_crash_after(path: &std::path::Path, limit: usize) -> (usize, bool) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let st = std::sync::Arc::new(CrashingFile {
+        file,
+        writes: std::sync::atomic::AtomicUsize::new(0),
+        limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
+    });
+    let img = qcow2::Image::open(st.clone(), false, None).unwrap();
+    let before = st.writes.load(SeqCst);
+    st.limit.store(before.saturating_add(limit), SeqCst);
+    let ok = img.create_snapshot("second").is_ok();
+    let done = st.writes.load(SeqCst) - before;
+    drop(img);
+    (done, ok)
+}
+
+#[test]
+fn a_crash_at_any_write_of_snapshot_creation_leaves_a_consistent_image() {
+    let s = Scratch::new();
+    let template = s.path("template.qcow2");
+    // Several L2 tables, an existing snapshot (shared clusters, a snapshot table to replace)
+    // and clusters written since (COPIED set on some, clear on others).
+    create_file(&template, 4 << 20, 4096, None);
+    let img = open_rw(&template);
+    img.write_at(&pattern(4 << 20, 1), 0).unwrap();
+    img.create_snapshot("first").unwrap();
+    img.write_at(&pattern(300_000, 2), 1_000_000).unwrap();
+    img.write_at(&pattern(5000, 3), 3 << 20).unwrap();
+    let data = our_contents(&img);
+    let mut first = vec![0u8; 4 << 20];
+    img.read_snapshot("first", &mut first, 0).unwrap();
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&template);
+    let writes_from_open = {
+        let probe = s.path("probe.qcow2");
+        std::fs::copy(&template, &probe).unwrap();
+        let (n, ok) = snapshot_with_crash_after(&probe, usize::MAX);
+        assert!(ok);
+        assert_check_clean(&probe);
+        n
+    };
+    assert!(writes_from_open > 0);
+    for limit in 0..=writes_from_open + 1 {
+        let path = s.path(&format!("crash{limit}.qcow2"));
+        std::fs::copy(&template, &path).unwrap();
+        let (_, ok) = snapshot_with_crash_after(&path, limit);
+        assert_eq!(ok, limit >= writes_from_open, "crash after {limit} writes");
+        let (code, out) = run_status("qemu-img", &["check", p(&path)]);
+        assert!(
+            code == 0 || code == 3,
+            "crash after {limit} writes: qemu-img check:\n{out}"
+        );
+        let img = open_rw(&path);
+        let names: Vec<String> = img.snapshots().into_iter().map(|i| i.name).collect();
+        assert!(
+            names == ["first"] || names == ["first", "second"],
+            "crash after {limit} writes: snapshots {names:?}"
+        );
+        assert_eq!(our_contents(&img), data, "crash after {limit} writes");
+        let mut buf = vec![0u8; 4 << 20];
+        img.read_snapshot("first", &mut buf, 0).unwrap();
+        assert_eq!(buf, first, "crash after {limit} writes");
+        if names.len() == 2 {
+            img.read_snapshot("second", &mut buf, 0).unwrap();
+            assert_eq!(buf, data, "crash after {limit} writes");
+        }
+        img.close().unwrap();
+    }
+}
+
+#[test]
+fn a_snapshot_keeps_persistent_bitmaps_referenced() {
+    let s = Scratch::new();
+    let path = s.path("bm.qcow2");
+    create_file(&path, 4 << 20, 65536, None);
+    qemu_io(&path, "qcow2", &["write -P 7 0 1M"]);
+    run("qemu-img", &["bitmap", "--add", p(&path), "tracking"]);
+    let img = open_rw(&path);
+    img.write_at(&[9; 70_000], 2 << 20).unwrap();
+    img.create_snapshot("s").unwrap();
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&path);
+    let info = json("qemu-img", &["info", "--output=json", p(&path)]);
+    let bitmaps = &info["format-specific"]["data"]["bitmaps"];
+    assert_eq!(bitmaps[0]["name"], "tracking", "{info}");
+    qemu_io(&path, "qcow2", &["read -P 7 0 1M", "read -P 9 2M 70000"]);
+}
