@@ -1,7 +1,6 @@
 //! The transaction actions (QEMU's `blockdev.c` `*_prepare/_commit/_abort/_clean`), each an
 //! [`Action`] on the daemon's [`BlockState`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use job::{JobKey, JobSpec, OnError};
@@ -12,7 +11,7 @@ use qmp_api::{
 
 use crate::BlockState;
 use crate::backup::{BackupBitmap, BackupJob, BackupSync};
-use crate::claims::{Drain, DrainWait};
+use crate::claims::Drain;
 use crate::mirror::MirrorJob;
 use crate::node::{BlockIo, ImageRef};
 use crate::transaction::TransactionAction;
@@ -46,8 +45,6 @@ pub(crate) struct BackupAction {
     drain: Option<Drain>,
     /// The target node this action opened (drive-backup).
     opened: Option<String>,
-    /// The job's "work has begun" flag.
-    begun: Option<Arc<AtomicBool>>,
 }
 
 fn on_error(policy: Option<BlockdevOnError>) -> OnError {
@@ -90,7 +87,6 @@ impl BackupAction {
             key: None,
             drain: None,
             opened: None,
-            begun: None,
         }
     }
 
@@ -122,7 +118,6 @@ impl BackupAction {
             key: None,
             drain: None,
             opened: None,
-            begun: None,
         }
     }
 
@@ -275,7 +270,6 @@ impl TransactionAction<BlockState, QmpError> for BackupAction {
         )
         .owning_target(self.opened.clone())
         .draining_on_cleanup(env.jobs.clone(), env.drain_wait);
-        self.begun = Some(driver.begun());
         let total = driver.total();
         let key = match env.jobs.create(spec, Box::new(driver), env.group.as_ref()) {
             Ok(key) => key,
@@ -313,21 +307,8 @@ impl TransactionAction<BlockState, QmpError> for BackupAction {
     }
 
     fn clean(&mut self, env: &mut BlockState) {
-        if let Some(mut drain) = self.drain.take() {
-            drain.end();
-        }
-        // QEMU's job runs up to its first yield before the command returns, so a query right
-        // after the reply sees its total: give ours the moment to get there.
-        if let (Some(key), Some(begun)) = (self.key, self.begun.take())
-            && env.drain_wait == DrainWait::UntilParked
-        {
-            let start = std::time::Instant::now();
-            while !begun.load(Ordering::Acquire)
-                && env.jobs.status(key) == Some(job::BlockJobStatus::Running)
-                && start.elapsed() < std::time::Duration::from_secs(1)
-            {
-                std::thread::sleep(std::time::Duration::from_micros(100));
-            }
+        if let Some(drain) = self.drain.take() {
+            env.end_drain(drain);
         }
         // A target this action opened now belongs to the job (closed when it ends), or, if no
         // job was made, to nobody.

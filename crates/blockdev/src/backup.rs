@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 
 use block::{BeforeWrite, BlockError, BlockResult, NotifierHandle, PageBuf};
@@ -225,8 +224,6 @@ pub struct BackupJob {
     /// The graph changes of QEMU's backup clean-up drain every node: other jobs pause and
     /// resume (three times during the clean-up, once more shortly after).
     cleanup_drains: Option<(JobRegistry, DrainWait)>,
-    /// Set once the job's work has begun and its total progress is known.
-    begun: Arc<AtomicBool>,
     /// Shared with the copy-before-write hook.
     copier: Arc<Copier>,
     /// The copy-before-write hook on the source, from the job's start to its clean-up.
@@ -278,18 +275,12 @@ impl BackupJob {
             remaining,
             owned_target: None,
             cleanup_drains: None,
-            begun: Arc::new(AtomicBool::new(false)),
         }
     }
 
     /// The bytes the job will copy, known from its creation.
     pub(crate) fn total(&self) -> u64 {
         self.remaining.iter().map(|r| r.1).sum()
-    }
-
-    /// A flag set once the work has begun (its total progress is then known).
-    pub(crate) fn begun(&self) -> Arc<AtomicBool> {
-        self.begun.clone()
     }
 
     /// Drains like QEMU's clean-up (see [`BackupJob`]'s `cleanup_drains`).
@@ -311,14 +302,12 @@ impl BackupJob {
             .source
             .add_write_notifier(Arc::new(CopyBeforeWrite(self.copier.clone())));
         if matches!(self.sync, BackupSync::None) {
-            self.begun.store(true, Ordering::Release);
             while !ctx.is_cancelled() {
                 ctx.idle().await;
             }
             return Ok(());
         }
         ctx.set_progress_remaining(self.remaining.iter().map(|r| r.1).sum());
-        self.begun.store(true, Ordering::Release);
         // Requests in order; up to `depth` in flight (one under a speed limit, so that the
         // limit and pause points act per request as before).
         let mut pending: VecDeque<(u64, u64)> = self

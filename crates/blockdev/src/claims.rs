@@ -161,6 +161,12 @@ impl Drain {
         }
     }
 
+    /// The held jobs, handed over to be resumed later (see `BlockState::end_drain`); the
+    /// section then ends with nothing left to resume.
+    pub(crate) fn take_held(&mut self) -> Vec<JobKey> {
+        std::mem::take(&mut self.held)
+    }
+
     /// Ends the section: every held job that still exists may run again.
     pub(crate) fn end(&mut self) {
         for key in self.held.drain(..) {

@@ -110,6 +110,9 @@ pub struct BlockState {
     /// The shared job transaction of a grouped `transaction` being prepared.
     pub(crate) group: Option<JobTxn>,
     pub(crate) drain_wait: DrainWait,
+    /// Jobs whose drained sections the running transaction's actions ended in `clean`, in that
+    /// order; resumed together once every action is cleaned (see `transaction::run`).
+    pub(crate) ended_drains: Vec<job::JobKey>,
     /// The NBD server and its exports.
     pub(crate) exports: export::NbdExports,
 }
@@ -121,6 +124,12 @@ impl BlockState {
             .as_ref()
             .and_then(|g| g.node(name))
             .ok_or_else(|| node::not_found(name, name))
+    }
+
+    /// Ends a transaction action's drained section: its jobs are resumed with the others' once
+    /// the whole transaction is cleaned.
+    pub(crate) fn end_drain(&mut self, mut drain: claims::Drain) {
+        self.ended_drains.extend(drain.take_held());
     }
 
     pub(crate) fn graph_mut(&mut self) -> Result<&mut Box<dyn NodeGraph>, QmpError> {
@@ -194,6 +203,7 @@ impl Blockdev {
                 pool: Arc::new(InlineIo),
                 group: None,
                 drain_wait: DrainWait::No,
+                ended_drains: Vec::new(),
                 exports,
             },
         }

@@ -161,8 +161,8 @@ impl TransactionAction<BlockState, QmpError> for ExternalSnapshot {
     }
 
     fn clean(&mut self, env: &mut BlockState) {
-        if let Some(mut drain) = self.drain.take() {
-            drain.end();
+        if let Some(drain) = self.drain.take() {
+            env.end_drain(drain);
         }
         // The action's reference to a node it opened ends: with no parent, the overlay goes
         // (QSD's behaviour for a snapshot of a node nothing uses).
@@ -232,9 +232,9 @@ impl TransactionAction<BlockState, QmpError> for InternalSnapshot {
         }
     }
 
-    fn clean(&mut self, _env: &mut BlockState) {
-        if let Some(mut drain) = self.drain.take() {
-            drain.end();
+    fn clean(&mut self, env: &mut BlockState) {
+        if let Some(drain) = self.drain.take() {
+            env.end_drain(drain);
         }
     }
 }

@@ -13,6 +13,12 @@ pub use block::TransactionAction;
 pub type Action = dyn TransactionAction<BlockState, QmpError>;
 
 /// Runs `actions` as one transaction; returns the first prepare error.
+/// The actions' drained sections end together after the last clean, in clean order, under one
+/// job-registry lock: a job resumed by an early clean cannot run (and, say, fail) before the
+/// later ones are resumed, as in QEMU where they only run once the command returns.
 pub fn run(state: &mut BlockState, actions: Vec<Box<Action>>) -> Result<(), QmpError> {
-    block::run_transaction(state, actions)
+    let result = block::run_transaction(state, actions);
+    let ended = std::mem::take(&mut state.ended_drains);
+    state.jobs.resume_all(&ended);
+    result
 }

@@ -1072,6 +1072,16 @@ impl JobRegistry {
         self.inner.lock().resume(key)
     }
 
+    /// Ends several drains at once, in order, under one lock: none of the resumed jobs can emit
+    /// anything before all of them are resumed (in QEMU, jobs resumed while a command runs only
+    /// get to run once it returns). Keys of jobs that are gone or not paused are skipped.
+    pub fn resume_all(&self, keys: &[JobKey]) {
+        let mut g = self.inner.lock();
+        for &key in keys {
+            let _ = g.resume(key);
+        }
+    }
+
     /// Cancels without QMP's checks (QEMU's `job_cancel`), e.g. a transaction action's abort.
     /// A job that never started concludes before this returns.
     pub fn cancel_job(&self, key: JobKey, force: bool) -> Result<(), JobError> {
