@@ -42,11 +42,41 @@ pub fn load_str(name: &str, text: &str) -> Result<Schema, Diagnostics> {
     check(qapi_parser::parse_str(Path::new(name), text)?)
 }
 
+/// `f` over `items` on up to one thread per core (in slices of
+/// consecutive items), results in the order of `items`.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let slice_len = items.len().div_ceil(threads.clamp(1, 8)).max(64);
+    if items.len() <= slice_len {
+        return items.iter().map(f).collect();
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let mut slices = items.chunks(slice_len);
+        let first = slices.next().unwrap_or_default();
+        let helpers: Vec<_> = slices
+            .map(|slice| scope.spawn(move || slice.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        let mut out: Vec<R> = first.iter().map(f).collect();
+        for helper in helpers {
+            match helper.join() {
+                Ok(part) => out.extend(part),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
+}
+
 fn check(parsed: ParsedSchema) -> Result<Schema, Diagnostics> {
     let mut errors = Vec::new();
     let mut defs = Vec::with_capacity(parsed.exprs.len());
-    for expr in &parsed.exprs {
-        match exprs::check_expr(expr, &parsed.pragmas) {
+    // Each definition's shape is checked on its own: in parallel, results
+    // (and so errors) in schema order.
+    for result in par_map(&parsed.exprs, |expr| {
+        exprs::check_expr(expr, &parsed.pragmas)
+    }) {
+        match result {
             Ok(d) => defs.push(d),
             Err(e) => errors.push(e),
         }
@@ -55,10 +85,10 @@ fn check(parsed: ParsedSchema) -> Result<Schema, Diagnostics> {
         return Err(Diagnostics { errors });
     }
     let checker = check::Checker::new(&defs, &parsed.pragmas, &mut errors);
-    for d in &defs {
-        if let Err(e) = checker.check_def(d) {
-            errors.push(e);
-        } else if let Err(e) = checker.check_doc(d) {
+    for result in par_map(&defs, |d| {
+        checker.check_def(d).and_then(|()| checker.check_doc(d))
+    }) {
+        if let Err(e) = result {
             errors.push(e);
         }
     }
@@ -88,10 +118,7 @@ fn check(parsed: ParsedSchema) -> Result<Schema, Diagnostics> {
             .map(|m| m.ty.name.clone())
             .unwrap_or_default()
     };
-    let entities = defs
-        .iter()
-        .map(|d| build::entity(d, enum_of_discriminator))
-        .collect();
+    let entities = par_map(&defs, |d| build::entity(d, enum_of_discriminator));
     Ok(Schema {
         entities,
         pragma: build::pragma(&parsed.pragmas),
