@@ -2,9 +2,7 @@
 
 use clap::Args;
 use qapi_codegen::GeneratedFile;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 #[derive(Args)]
 pub struct CodegenArgs {
@@ -32,53 +30,8 @@ fn load(path: &Path) -> Result<qapi_model::Schema, String> {
     qapi_model::load(path).map_err(|diagnostics| diagnostics.to_string())
 }
 
-/// Formats Rust source with the stable rustfmt, as `cargo fmt` would.
-fn rustfmt(source: &str) -> Result<String, String> {
-    let mut child = Command::new("rustfmt")
-        .args(["--edition", "2024", "--emit", "stdout", "--quiet"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run rustfmt: {e}"))?;
-    let mut stdin = child.stdin.take().ok_or("rustfmt has no stdin")?;
-    let input = source.to_string();
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("rustfmt failed: {e}"))?;
-    writer
-        .join()
-        .map_err(|_| "rustfmt writer panicked".to_string())?
-        .map_err(|e| format!("cannot write to rustfmt: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "rustfmt rejected generated code: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    String::from_utf8(out.stdout).map_err(|e| format!("rustfmt printed invalid UTF-8: {e}"))
-}
-
-fn formatted(files: Vec<GeneratedFile>) -> Result<Vec<GeneratedFile>, String> {
-    files
-        .into_iter()
-        .map(|f| {
-            let contents = if f.path.ends_with(".rs") {
-                rustfmt(&f.contents)?
-            } else {
-                f.contents
-            };
-            Ok(GeneratedFile {
-                path: f.path,
-                contents,
-            })
-        })
-        .collect()
-}
-
 /// Writes `contents` to `path` through a temporary file, so a reader never sees half a file.
-fn write_file(path: &Path, contents: &str) -> Result<(), String> {
+pub(crate) fn write_file(path: &Path, contents: &str) -> Result<(), String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
@@ -113,7 +66,6 @@ pub fn run(args: &CodegenArgs) -> Result<(), String> {
             (files, out, "cargo xtask codegen".to_string())
         }
     };
-    let files = formatted(files)?;
     let stale: Vec<&GeneratedFile> = files
         .iter()
         .filter(|f| {

@@ -1,12 +1,13 @@
 //! What every emitter needs: schema lookups, Rust types for QAPI types,
 //! which members must be boxed, and rustdoc from schema docs.
 
+use crate::layout;
 use crate::naming;
-use proc_macro2::TokenStream;
-use qapi_model::{Builtin, Common, Doc, Entity, IfCond, Member, Schema, TypeRef};
-use quote::quote;
+use qapi_model::{
+    Builtin, Common, Doc, Entity, IfCond, Member, Schema, TypeRef, UnionBase, UnionType,
+};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 
 /// The JSON kind of a value, as alternates dispatch on it.
@@ -23,7 +24,7 @@ pub enum JsonKind {
 
 pub struct Context<'a> {
     pub schema: &'a Schema,
-    index: BTreeMap<&'a str, usize>,
+    index: HashMap<&'a str, usize>,
     /// For each named type, the named types it contains by value (not through an array).
     by_value: BTreeMap<&'a str, BTreeSet<&'a str>>,
     /// Memo of [`Context::reachable`].
@@ -32,7 +33,13 @@ pub struct Context<'a> {
 
 impl<'a> Context<'a> {
     pub fn new(schema: &'a Schema) -> Self {
-        let index = schema.index();
+        let index: HashMap<&str, usize> = schema
+            .entities
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name(), i))
+            .collect();
+        let all_members = |name: &str| all_members(schema, &index, name);
         let mut by_value: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for entity in &schema.entities {
             let mut out = BTreeSet::new();
@@ -43,12 +50,16 @@ impl<'a> Context<'a> {
             };
             match entity {
                 Entity::Struct(s) => {
-                    for m in schema.all_members(&s.common.name) {
+                    for m in all_members(&s.common.name) {
                         add(&m.ty);
                     }
                 }
                 Entity::Union(u) => {
-                    for m in schema.union_base_members(u) {
+                    let base = match &u.base {
+                        UnionBase::Named(n) => all_members(n),
+                        UnionBase::Inline(m) => m.iter().collect(),
+                    };
+                    for m in base {
                         add(&m.ty);
                     }
                     for b in &u.branches {
@@ -74,6 +85,22 @@ impl<'a> Context<'a> {
 
     pub fn entity(&self, name: &str) -> Option<&'a Entity> {
         self.index.get(name).map(|&i| &self.schema.entities[i])
+    }
+
+    /// Every member of a struct in wire order: base members first.
+    pub fn all_members(&self, struct_name: &str) -> Vec<&'a Member> {
+        all_members(self.schema, &self.index, struct_name)
+    }
+
+    /// The base members of a union in wire order.
+    pub fn union_base_members<'u>(&self, u: &'u UnionType) -> Vec<&'u Member>
+    where
+        'a: 'u,
+    {
+        match &u.base {
+            UnionBase::Named(n) => self.all_members(n),
+            UnionBase::Inline(m) => m.iter().collect(),
+        }
     }
 
     /// Every named type reachable from `from` by value, `from` included.
@@ -108,19 +135,18 @@ impl<'a> Context<'a> {
     }
 
     /// The Rust type for a QAPI type used inside `container`.
-    pub fn rust_type(&self, container: Option<&str>, ty: &TypeRef) -> TokenStream {
+    pub fn rust_type(&self, container: Option<&str>, ty: &TypeRef) -> String {
         match ty {
-            TypeRef::Builtin(b) => builtin_type(*b),
+            TypeRef::Builtin(b) => builtin_type(*b).to_string(),
             TypeRef::Array(inner) => {
-                let inner = self.rust_type(None, inner);
-                quote!(::std::vec::Vec<#inner>)
+                format!("::std::vec::Vec<{}>", self.rust_type(None, inner))
             }
             TypeRef::Named(n) => {
                 let id = naming::type_ident(n);
                 if self.needs_box(container, n) {
-                    quote!(::std::boxed::Box<#id>)
+                    format!("::std::boxed::Box<{id}>")
                 } else {
-                    quote!(#id)
+                    id
                 }
             }
         }
@@ -145,22 +171,42 @@ impl<'a> Context<'a> {
     }
 }
 
-pub fn builtin_type(b: Builtin) -> TokenStream {
+/// [`Schema::all_members`] through an index instead of a search.
+fn all_members<'a>(
+    schema: &'a Schema,
+    index: &HashMap<&str, usize>,
+    struct_name: &str,
+) -> Vec<&'a Member> {
+    let mut chain = Vec::new();
+    let mut cur = Some(struct_name);
+    while let Some(name) = cur.take() {
+        if let Some(Entity::Struct(s)) = index.get(name).map(|&i| &schema.entities[i]) {
+            // A checked schema has no base cycle; the bound keeps a bad one finite.
+            if chain.len() <= schema.entities.len() {
+                chain.push(s);
+                cur = s.base.as_deref();
+            }
+        }
+    }
+    chain.iter().rev().flat_map(|s| s.members.iter()).collect()
+}
+
+pub fn builtin_type(b: Builtin) -> &'static str {
     match b {
-        Builtin::Str => quote!(::std::string::String),
-        Builtin::Number => quote!(f64),
-        Builtin::Int | Builtin::Int64 => quote!(i64),
-        Builtin::Int8 => quote!(i8),
-        Builtin::Int16 => quote!(i16),
-        Builtin::Int32 => quote!(i32),
-        Builtin::Uint8 => quote!(u8),
-        Builtin::Uint16 => quote!(u16),
-        Builtin::Uint32 => quote!(u32),
-        Builtin::Uint64 | Builtin::Size => quote!(u64),
-        Builtin::Bool => quote!(bool),
-        Builtin::Null => quote!(()),
-        Builtin::Any => quote!(::serde_json::Value),
-        Builtin::QType => quote!(crate::wire::QType),
+        Builtin::Str => "::std::string::String",
+        Builtin::Number => "f64",
+        Builtin::Int | Builtin::Int64 => "i64",
+        Builtin::Int8 => "i8",
+        Builtin::Int16 => "i16",
+        Builtin::Int32 => "i32",
+        Builtin::Uint8 => "u8",
+        Builtin::Uint16 => "u16",
+        Builtin::Uint32 => "u32",
+        Builtin::Uint64 | Builtin::Size => "u64",
+        Builtin::Bool => "bool",
+        Builtin::Null => "()",
+        Builtin::Any => "::serde_json::Value",
+        Builtin::QType => "crate::wire::QType",
     }
 }
 
@@ -187,7 +233,10 @@ fn join_cond(v: &[IfCond], sep: &str) -> String {
 
 /// Schema doc references (`@name`) as inline code (`` `name` ``).
 pub fn code_references(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
+    if !text.contains('@') {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
     let mut chars = text.char_indices().peekable();
     let mut prev: Option<char> = None;
     while let Some((_, c)) = chars.next() {
@@ -227,31 +276,30 @@ pub struct DocText {
 }
 
 impl DocText {
-    pub fn push(&mut self, text: impl Into<String>) {
-        let text = code_references(&text.into());
-        let text = text.trim_end();
-        if !text.trim().is_empty() {
-            self.paragraphs.push(text.to_string());
+    pub fn push(&mut self, text: impl AsRef<str>) {
+        let text = text.as_ref().trim_end();
+        if !text.trim_start().is_empty() {
+            self.paragraphs.push(code_references(text));
         }
     }
 
-    pub fn to_tokens(&self) -> TokenStream {
-        let mut lines = Vec::new();
+    /// The paragraphs as `///` lines at `indent`, a `///` line between two.
+    pub fn write(&self, out: &mut String, indent: usize) {
         for (i, p) in self.paragraphs.iter().enumerate() {
             if i > 0 {
-                lines.push(String::new());
+                layout::line(out, indent, "///");
             }
-            lines.extend(p.lines().map(|l| l.trim_end().to_string()));
+            for l in p.lines() {
+                let l = l.trim_end();
+                layout::push_indent(out, indent);
+                out.push_str("///");
+                if !l.is_empty() {
+                    out.push(' ');
+                    out.push_str(l);
+                }
+                out.push('\n');
+            }
         }
-        let attrs = lines.iter().map(|l| {
-            let text = if l.is_empty() {
-                String::new()
-            } else {
-                format!(" {l}")
-            };
-            quote!(#[doc = #text])
-        });
-        quote!(#(#attrs)*)
     }
 }
 
@@ -266,10 +314,10 @@ pub fn entity_doc(common: &Common) -> DocText {
 }
 
 fn push_doc_body(doc: &mut DocText, d: &Doc) {
-    doc.push(d.body.clone());
+    doc.push(&d.body);
     for section in &d.sections {
         match &section.tag {
-            None => doc.push(section.text.clone()),
+            None => doc.push(&section.text),
             Some(tag) => {
                 let text = section.text.trim();
                 if text.contains('\n') || text.starts_with("- ") {
@@ -316,7 +364,7 @@ pub fn if_note(cond: &IfCond) -> String {
 pub fn member_doc(m: &Member) -> DocText {
     let mut doc = DocText::default();
     if let Some(text) = &m.doc {
-        doc.push(text.clone());
+        doc.push(text);
     }
     if !m.features.is_empty() {
         let names: Vec<String> = m.features.iter().map(|f| format!("`{}`", f.name)).collect();
@@ -328,11 +376,10 @@ pub fn member_doc(m: &Member) -> DocText {
     doc
 }
 
-pub fn deprecated_attr(deprecated: bool) -> TokenStream {
+/// `#[deprecated]` at `indent` when `deprecated`.
+pub fn deprecated_attr(out: &mut String, indent: usize, deprecated: bool) {
     if deprecated {
-        quote!(#[deprecated])
-    } else {
-        quote!()
+        layout::line(out, indent, "#[deprecated]");
     }
 }
 

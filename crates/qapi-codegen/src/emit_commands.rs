@@ -1,52 +1,45 @@
 //! Command argument structs, the `Commands` trait, `dispatch` and `COMMANDS`.
 
 use crate::context::{self, Context};
-use crate::emit_types;
+use crate::emit_types::{self, item_start};
+use crate::layout::{self, atom, call, try_call, try_method};
 use crate::naming;
-use proc_macro2::{Ident, TokenStream};
 use qapi_model::{ArgType, Command, Entity};
-use quote::{format_ident, quote};
+use std::fmt::Write as _;
 
 /// How a command receives its arguments.
 enum Args {
     /// No `data` (or an empty one): any argument is unexpected.
     None,
     /// A generated type (`<Command>Arguments` or the named struct/union).
-    Typed(TokenStream),
+    Typed(String),
     /// `'gen': false`: the raw arguments object.
     Raw,
 }
 
 /// `<Command>Arguments`, the struct of a command with inline `data`.
-fn arguments_ident(wire: &str) -> Ident {
-    format_ident!("{}Arguments", naming::upper_camel(wire))
+fn arguments_ident(wire: &str) -> String {
+    format!("{}Arguments", naming::upper_camel(wire))
 }
 
 /// The argument struct of `c` when its `data` is inline and not empty.
-pub fn emit_arguments(cx: &Context, c: &Command) -> Option<Vec<emit_types::Segment>> {
-    match (&c.args, c.gen_) {
-        (Some(ArgType::Inline(members)), true) if !members.is_empty() => {
-            let wire = &c.common.name;
-            let name = arguments_ident(wire);
-            let mut doc = context::DocText::default();
-            doc.push(format!("Arguments of `{wire}`."));
-            let refs: Vec<_> = members.iter().collect();
-            Some(emit_types::emit_object(
-                cx,
-                &name,
-                None,
-                &refs,
-                doc.to_tokens(),
-                false,
-            ))
-        }
-        _ => None,
+pub fn emit_arguments(out: &mut String, cx: &Context, c: &Command) {
+    if let (Some(ArgType::Inline(members)), true) = (&c.args, c.gen_)
+        && !members.is_empty()
+    {
+        let wire = &c.common.name;
+        let mut doc = context::DocText::default();
+        doc.push(format!("Arguments of `{wire}`."));
+        let refs: Vec<_> = members.iter().collect();
+        emit_types::emit_object(out, cx, &arguments_ident(wire), None, &refs, &doc, false);
     }
 }
 
+const RAW_ARGUMENTS: &str = "::serde_json::Map<::std::string::String, ::serde_json::Value>";
+
 /// What follows the argument structs: their `Deserialize`, the `Commands`
 /// trait, `dispatch`, `COMMANDS` and `command_info`.
-pub fn emit_tail(cx: &Context) -> TokenStream {
+pub fn emit_tail(out: &mut String, cx: &Context) {
     let commands: Vec<&Command> = cx
         .schema
         .entities
@@ -56,138 +49,172 @@ pub fn emit_tail(cx: &Context) -> TokenStream {
             _ => None,
         })
         .collect();
-    let mut via_from_qmp = Vec::new();
-    let mut methods = Vec::new();
-    let mut arms = Vec::new();
-    let mut infos = Vec::new();
     let method_idents = naming::dedupe(
         commands
             .iter()
             .map(|c| naming::field_ident(&c.common.name))
             .collect(),
     );
-    for (c, method) in commands.iter().zip(&method_idents) {
-        let wire = &c.common.name;
-        let args = match (&c.args, c.gen_) {
+    let args: Vec<Args> = commands
+        .iter()
+        .map(|c| match (&c.args, c.gen_) {
             (_, false) => Args::Raw,
             (None, true) => Args::None,
             (Some(ArgType::Inline(m)), true) if m.is_empty() => Args::None,
-            (Some(ArgType::Inline(_)), true) => {
-                let name = arguments_ident(wire);
-                via_from_qmp.push(name.clone());
-                Args::Typed(quote!(#name))
-            }
-            (Some(ArgType::Named(n)), true) => {
-                let id = naming::type_ident(n);
-                Args::Typed(quote!(#id))
-            }
-        };
+            (Some(ArgType::Inline(_)), true) => Args::Typed(arguments_ident(&c.common.name)),
+            (Some(ArgType::Named(n)), true) => Args::Typed(naming::type_ident(n)),
+        })
+        .collect();
+    let via_from_qmp = commands
+        .iter()
+        .zip(&args)
+        .filter(|(c, a)| matches!(a, Args::Typed(_)) && matches!(c.args, Some(ArgType::Inline(_))))
+        .map(|(c, _)| arguments_ident(&c.common.name))
+        .collect();
+    emit_types::deserialize_via_from_qmp(out, via_from_qmp);
+
+    item_start(out);
+    out.push_str(
+        "/// One method per command. Each default answers like QEMU for a
+/// command it does not have (`CommandNotFound`), so a server
+/// implements only what it supports.
+pub trait Commands {
+",
+    );
+    for ((c, method), args) in commands.iter().zip(&method_idents).zip(&args) {
+        let wire = &c.common.name;
         let ret = match (&c.returns, c.gen_) {
-            (_, false) => quote!(::serde_json::Value),
+            (_, false) => "::serde_json::Value".to_string(),
             (Some(t), true) => cx.rust_type(None, t),
-            (None, true) => quote!(()),
+            (None, true) => "()".to_string(),
         };
-        let doc = context::entity_doc(&c.common).to_tokens();
-        let deprecated = context::deprecated_attr(c.common.is_deprecated());
-        let result = quote!(::std::result::Result<#ret, crate::error::QmpError>);
-        let not_found =
-            quote!(::std::result::Result::Err(crate::error::QmpError::command_not_found(#wire)));
-        let (signature, call) = match &args {
-            Args::None => (
-                quote!(fn #method(&mut self) -> #result { #not_found }),
-                quote! {
-                    crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
-                    let ret = handler.#method()?;
-                },
-            ),
-            Args::Typed(ty) => (
-                quote!(fn #method(&mut self, args: #ty) -> #result { let _ = args; #not_found }),
-                quote! {
-                    let args = <#ty as crate::input::FromQmp>::from_qmp(&arguments, path)?;
-                    let ret = handler.#method(args)?;
-                },
-            ),
-            Args::Raw => (
-                quote! {
-                    fn #method(&mut self, arguments: ::serde_json::Map<::std::string::String, ::serde_json::Value>) -> #result {
-                        let _ = arguments;
-                        #not_found
-                    }
-                },
-                quote! {
-                    let ret = handler.#method(arguments.as_object().cloned().unwrap_or_default())?;
-                },
-            ),
-        };
-        methods.push(quote!(#doc #deprecated #signature));
-        let reply = if c.returns.is_none() && c.gen_ {
-            quote! {
-                let () = ret;
-                ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        context::entity_doc(&c.common).write(out, 4);
+        context::deprecated_attr(out, 4, c.common.is_deprecated());
+        let mut params = vec!["&mut self".to_string()];
+        let unused = match args {
+            Args::None => None,
+            Args::Typed(ty) => {
+                params.push(format!("args: {ty}"));
+                Some("args")
             }
-        } else {
-            quote!(crate::wire::reply_value(&ret))
-        };
-        arms.push(quote! {
-            #wire => {
-                #call
-                #reply
+            Args::Raw => {
+                params.push(format!("arguments: {RAW_ARGUMENTS}"));
+                Some("arguments")
             }
-        });
-        let success_response = c.success_response;
-        let allow_oob = c.allow_oob;
-        let allow_preconfig = c.allow_preconfig;
-        let dep = c.common.is_deprecated();
-        infos.push(quote! {
-            crate::wire::CommandInfo {
-                name: #wire,
-                success_response: #success_response,
-                allow_oob: #allow_oob,
-                allow_preconfig: #allow_preconfig,
-                deprecated: #dep,
-            },
-        });
+        };
+        let suffix = format!(" -> ::std::result::Result<{ret}, crate::error::QmpError> {{");
+        layout::signature(out, 4, &format!("fn {method}"), &params, &suffix);
+        if let Some(name) = unused {
+            let _ = writeln!(out, "        let _ = {name};");
+        }
+        let not_found = call(
+            "::std::result::Result::Err",
+            vec![call(
+                "crate::error::QmpError::command_not_found",
+                vec![atom(format!("\"{wire}\""))],
+            )],
+        );
+        layout::stmt(out, 8, &not_found, "");
+        out.push_str("    }\n");
     }
-    let deserialize = emit_types::deserialize_via_from_qmp(&via_from_qmp);
-    let arguments_binding = if arms.is_empty() {
-        quote!(let _ = (handler, arguments);)
+    layout::close_block(out);
+
+    item_start(out);
+    out.push_str(
+        "/// Runs command `name` on `handler`: reads `arguments` with QEMU's
+/// input rules, calls the method, and returns the `return` value
+/// (`{}` for commands without `returns`).
+pub fn dispatch(
+    handler: &mut impl Commands,
+    name: &str,
+    arguments: ::std::option::Option<::serde_json::Map<::std::string::String, ::serde_json::Value>>,
+) -> ::std::result::Result<::serde_json::Value, crate::error::QmpError> {
+",
+    );
+    if commands.is_empty() {
+        out.push_str("    let _ = (handler, arguments);\n");
     } else {
-        quote! {
-            let arguments = ::serde_json::Value::Object(arguments.unwrap_or_default());
-            let path = &mut crate::input::QmpPath::root();
-        }
-    };
-    quote! {
-        #deserialize
-
-        /// One method per command. Each default answers like QEMU for a
-        /// command it does not have (`CommandNotFound`), so a server
-        /// implements only what it supports.
-        pub trait Commands {
-            #(#methods)*
-        }
-
-        /// Runs command `name` on `handler`: reads `arguments` with QEMU's
-        /// input rules, calls the method, and returns the `return` value
-        /// (`{}` for commands without `returns`).
-        pub fn dispatch(
-            handler: &mut impl Commands,
-            name: &str,
-            arguments: ::std::option::Option<::serde_json::Map<::std::string::String, ::serde_json::Value>>,
-        ) -> ::std::result::Result<::serde_json::Value, crate::error::QmpError> {
-            #arguments_binding
-            match name {
-                #(#arms)*
-                _ => ::std::result::Result::Err(crate::error::QmpError::command_not_found(name)),
-            }
-        }
-
-        /// Every command with the properties the monitor needs, in schema order.
-        pub const COMMANDS: &[crate::wire::CommandInfo] = &[#(#infos)*];
-
-        /// The properties of command `name`, if the schema has it.
-        pub fn command_info(name: &str) -> ::std::option::Option<&'static crate::wire::CommandInfo> {
-            COMMANDS.iter().find(|c| c.name == name)
-        }
+        out.push_str(
+            "    let arguments = ::serde_json::Value::Object(arguments.unwrap_or_default());
+    let path = &mut crate::input::QmpPath::root();
+",
+        );
     }
+    out.push_str("    match name {\n");
+    for ((c, method), args) in commands.iter().zip(&method_idents).zip(&args) {
+        let _ = writeln!(out, "        \"{}\" => {{", c.common.name);
+
+        let ret = match args {
+            Args::None => {
+                out.push_str(
+                    "            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;\n",
+                );
+                try_method("handler", method, Vec::new())
+            }
+            Args::Typed(ty) => {
+                let read = try_call(
+                    format!("<{ty} as crate::input::FromQmp>::from_qmp"),
+                    vec![atom("&arguments"), atom("path")],
+                );
+                layout::line(out, 12, &layout::rhs(12, "let args =", &read, ";"));
+                try_method("handler", method, vec![atom("args")])
+            }
+            Args::Raw => try_method(
+                "handler",
+                method,
+                vec![atom("arguments.as_object().cloned().unwrap_or_default()")],
+            ),
+        };
+        layout::line(out, 12, &layout::rhs(12, "let ret =", &ret, ";"));
+        if c.returns.is_none() && c.gen_ {
+            out.push_str(
+                "            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+",
+            );
+        } else {
+            out.push_str("            crate::wire::reply_value(&ret)\n");
+        }
+        out.push_str("        }\n");
+    }
+    out.push_str(
+        "        _ => ::std::result::Result::Err(crate::error::QmpError::command_not_found(name)),
+    }
+}
+",
+    );
+
+    item_start(out);
+    out.push_str("/// Every command with the properties the monitor needs, in schema order.\n");
+    if commands.is_empty() {
+        out.push_str("pub const COMMANDS: &[crate::wire::CommandInfo] = &[];\n");
+    } else {
+        out.push_str("pub const COMMANDS: &[crate::wire::CommandInfo] = &[\n");
+        for c in &commands {
+            let _ = write!(
+                out,
+                "    crate::wire::CommandInfo {{
+        name: \"{}\",
+        success_response: {},
+        allow_oob: {},
+        allow_preconfig: {},
+        deprecated: {},
+    }},
+",
+                c.common.name,
+                c.success_response,
+                c.allow_oob,
+                c.allow_preconfig,
+                c.common.is_deprecated()
+            );
+        }
+        out.push_str("];\n");
+    }
+    out.push_str(
+        "/// The properties of command `name`, if the schema has it.
+pub fn command_info(name: &str) -> ::std::option::Option<&'static crate::wire::CommandInfo> {
+    COMMANDS.iter().find(|c| c.name == name)
+}
+",
+    );
 }

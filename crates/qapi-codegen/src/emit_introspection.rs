@@ -9,7 +9,7 @@
 use crate::context::Context;
 use qapi_model::{ArgType, Builtin, Entity, Feature, Member, TypeRef};
 use serde_json::{Map, Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 /// A type as introspection sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +26,8 @@ enum Used<'a> {
 struct Introspection<'a, 'c> {
     cx: &'c Context<'a>,
     used: Vec<Used<'a>>,
+    /// The keys of `used`.
+    seen: HashSet<String>,
     masks: BTreeMap<String, usize>,
     out: Vec<Value>,
 }
@@ -56,7 +58,7 @@ impl<'a, 'c> Introspection<'a, 'c> {
 
     fn use_type(&mut self, used: Used<'a>) -> String {
         let used = Self::normalise(used);
-        if !self.used.contains(&used) {
+        if self.seen.insert(Self::key(&used)) {
             self.used.push(used.clone());
         }
         match &used {
@@ -174,7 +176,6 @@ impl<'a, 'c> Introspection<'a, 'c> {
     }
 
     fn visit_type(&mut self, used: Used<'a>) {
-        let schema = self.cx.schema;
         match used {
             Used::Builtin(b) => {
                 let mut obj = Map::new();
@@ -219,10 +220,11 @@ impl<'a, 'c> Introspection<'a, 'c> {
                         self.push(obj, name, "enum", &e.common.features);
                     }
                     Some(Entity::Struct(s)) => {
-                        self.visit_object(name, schema.all_members(n), &s.common.features);
+                        self.visit_object(name, self.cx.all_members(n), &s.common.features);
                     }
                     Some(Entity::Union(u)) => {
-                        let members: Vec<Value> = schema
+                        let members: Vec<Value> = self
+                            .cx
                             .union_base_members(u)
                             .into_iter()
                             .map(|m| self.member(m))
@@ -265,16 +267,15 @@ impl<'a, 'c> Introspection<'a, 'c> {
     }
 }
 
-/// Sorts object keys recursively, as QEMU prints its schema literal.
-fn sorted(value: Value) -> Value {
+/// Sorts object keys recursively, in place, as QEMU prints its schema literal.
+fn sort_keys(value: &mut Value) {
     match value {
         Value::Object(map) => {
-            let ordered: BTreeMap<String, Value> =
-                map.into_iter().map(|(k, v)| (k, sorted(v))).collect();
-            Value::Object(ordered.into_iter().collect())
+            map.sort_keys();
+            map.values_mut().for_each(sort_keys);
         }
-        Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
-        other => other,
+        Value::Array(items) => items.iter_mut().for_each(sort_keys),
+        _ => {}
     }
 }
 
@@ -283,10 +284,13 @@ pub fn schema_info(cx: &Context) -> Value {
     let mut intro = Introspection {
         cx,
         used: Vec::new(),
+        seen: HashSet::new(),
         masks: BTreeMap::new(),
         out: Vec::new(),
     };
     intro.visit_entities();
     intro.visit_used();
-    sorted(Value::Array(intro.out))
+    let mut info = Value::Array(intro.out);
+    sort_keys(&mut info);
+    info
 }

@@ -4,20 +4,19 @@
 //! runtime of `qmp-api` (`crate::error`, `crate::input`, `crate::wire`) beside
 //! it; [`generate_crate`] returns a self-contained crate with that runtime
 //! included. Output is deterministic: the same schema gives byte-identical
-//! files. Code is built with `quote!` and printed with `prettyplease`.
+//! files. Code is written as text laid out the way rustfmt lays it out
+//! (see `layout`), so no formatter runs over it.
 
 mod context;
 mod emit_commands;
 mod emit_events;
 mod emit_introspection;
 mod emit_types;
+mod layout;
 pub mod naming;
 
-use emit_types::{NamedImpl, Segment};
-use proc_macro2::{Ident, TokenStream};
+use emit_types::item_start;
 use qapi_model::{Entity, Schema};
-use quote::quote;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The first line of every generated file.
@@ -48,286 +47,158 @@ impl std::error::Error for CodegenError {}
 
 /// Lints that generated code is allowed to trip: deprecated items are used by
 /// their own (de)serialisers, and names come from the schema.
-fn module_prelude() -> TokenStream {
-    quote! {
-        #![allow(deprecated, non_camel_case_types, unreachable_patterns, unused_variables, clippy::all)]
+const MODULE_PRELUDE: &str = "#![allow(
+    deprecated,
+    non_camel_case_types,
+    unreachable_patterns,
+    unused_variables,
+    clippy::all
+)]
+";
+
+/// The files of the `generated/` module, in the order [`generate`] returns them.
+const FILES: [&str; 5] = [
+    "mod.rs",
+    "types.rs",
+    "commands.rs",
+    "events.rs",
+    "introspection.rs",
+];
+
+/// `types.rs` is written in this many pieces (of consecutive definitions),
+/// so that threads share it.
+const TYPE_PIECES: usize = 4;
+
+/// A piece of work: file `FILES[file]`, or for `types.rs` the definitions
+/// in `entities[range]` (the first piece with the file's head, the last with
+/// its tail).
+#[derive(Debug, Clone)]
+struct Job {
+    file: usize,
+    range: std::ops::Range<usize>,
+}
+
+/// Every job, in file order.
+fn jobs(schema: &Schema) -> Vec<Job> {
+    let n = schema.entities.len();
+    let mut jobs = vec![Job {
+        file: 0,
+        range: 0..0,
+    }];
+    let step = n.div_ceil(TYPE_PIECES).max(1);
+    let mut start = 0;
+    while start < n || start == 0 {
+        let end = (start + step).min(n);
+        jobs.push(Job {
+            file: 1,
+            range: start..end,
+        });
+        start = end;
+        if n == 0 {
+            break;
+        }
     }
+    jobs.extend((2..FILES.len()).map(|file| Job { file, range: 0..0 }));
+    jobs
 }
 
-/// A generated file, as the pieces it is rendered from (in file order).
-struct FileSpec {
-    path: &'static str,
-    pieces: Vec<Piece>,
-}
-
-/// Top-level items rendered on their own: each is built, parsed and printed
-/// independently, so the pieces of all files can be shared among threads.
-/// Printing a file piece by piece gives the same text as printing it whole,
-/// since every top-level item ends in a hard line break.
-#[derive(Debug, Clone, Copy)]
-enum Piece {
-    Mod,
-    TypesHeader,
-    /// The definition at this index of `schema.entities`.
-    Type(usize),
-    TypesTail,
-    CommandsHeader,
-    /// The argument struct of the command at this index of `schema.entities`.
-    CommandArguments(usize),
-    CommandsTail,
-    EventsHeader,
-    EventData,
-    EventsTail,
-    Introspection,
-}
-
-impl Piece {
-    /// Pieces that take long to build, started first so that no thread is
-    /// left with a big piece at the end.
-    fn is_large(self) -> bool {
-        matches!(
-            self,
-            Piece::CommandsTail | Piece::EventsTail | Piece::EventData | Piece::Introspection
-        )
-    }
-}
-
-fn file_specs(schema: &Schema) -> Vec<FileSpec> {
-    let entities = &schema.entities;
-    let mut types = vec![Piece::TypesHeader];
-    types.extend(
-        entities
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| {
-                matches!(
-                    e,
-                    Entity::Enum(_) | Entity::Struct(_) | Entity::Union(_) | Entity::Alternate(_)
-                )
-            })
-            .map(|(i, _)| Piece::Type(i)),
-    );
-    types.push(Piece::TypesTail);
-    let mut commands = vec![Piece::CommandsHeader];
-    commands.extend(
-        entities
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| matches!(e, Entity::Command(_)))
-            .map(|(i, _)| Piece::CommandArguments(i)),
-    );
-    commands.push(Piece::CommandsTail);
-    vec![
-        FileSpec {
-            path: "mod.rs",
-            pieces: vec![Piece::Mod],
-        },
-        FileSpec {
-            path: "types.rs",
-            pieces: types,
-        },
-        FileSpec {
-            path: "commands.rs",
-            pieces: commands,
-        },
-        FileSpec {
-            path: "events.rs",
-            pieces: vec![Piece::EventsHeader, Piece::EventData, Piece::EventsTail],
-        },
-        FileSpec {
-            path: "introspection.rs",
-            pieces: vec![Piece::Introspection],
-        },
-    ]
-}
-
-/// The items of one piece (none when it has no items).
-fn emit_piece(
-    cx: &context::Context,
-    path: &str,
-    piece: Piece,
-) -> Result<Vec<Segment>, CodegenError> {
+/// The text of one job (a file after its header, or a piece of `types.rs`).
+fn emit_job(cx: &context::Context, job: &Job) -> Result<String, CodegenError> {
     let entities = &cx.schema.entities;
-    let tokens = match piece {
-        Piece::Mod => quote! {
-            //! The API generated from the QAPI schema. See each module.
-            pub mod commands;
-            pub mod events;
-            pub mod introspection;
-            pub mod types;
+    let mut out = String::new();
+    match job.file {
+        0 => out.push_str(
+            "//! The API generated from the QAPI schema. See each module.
+pub mod commands;
 
-            pub use commands::*;
-            pub use events::*;
-            pub use introspection::*;
-            pub use types::*;
-        },
-        Piece::TypesHeader => {
-            let prelude = module_prelude();
-            quote! {
-                //! Enums, structs, unions and alternates of the schema.
-                #prelude
+pub mod events;
+
+pub mod introspection;
+
+pub mod types;
+
+pub use commands::*;
+
+pub use events::*;
+
+pub use introspection::*;
+
+pub use types::*;
+",
+        ),
+        1 => {
+            out.reserve(job.range.len() * 1200);
+            if job.range.start == 0 {
+                out.push_str("//! Enums, structs, unions and alternates of the schema.\n");
+                out.push_str(MODULE_PRELUDE);
+            }
+            for entity in &entities[job.range.clone()] {
+                emit_types::emit_entity(&mut out, cx, entity);
+            }
+            if job.range.end == entities.len() {
+                emit_types::emit_tail(&mut out, cx);
             }
         }
-        Piece::Type(i) => {
-            return Ok(entities
-                .get(i)
-                .and_then(|e| emit_types::emit_entity(cx, e))
-                .unwrap_or_default());
-        }
-        Piece::TypesTail => emit_types::emit_tail(cx),
-        Piece::CommandsHeader => {
-            let prelude = module_prelude();
-            quote! {
-                //! Command arguments, the `Commands` trait and `dispatch`.
-                #prelude
-                use super::types::*;
-            }
-        }
-        Piece::CommandArguments(i) => {
-            return Ok(match entities.get(i) {
-                Some(Entity::Command(c)) => {
-                    emit_commands::emit_arguments(cx, c).unwrap_or_default()
+        2 => {
+            out.push_str("//! Command arguments, the `Commands` trait and `dispatch`.\n");
+            out.push_str(MODULE_PRELUDE);
+            out.push_str("use super::types::*;\n");
+            for entity in entities {
+                if let Entity::Command(c) = entity {
+                    emit_commands::emit_arguments(&mut out, cx, c);
                 }
-                _ => Vec::new(),
-            });
-        }
-        Piece::CommandsTail => emit_commands::emit_tail(cx),
-        Piece::EventsHeader => {
-            let prelude = module_prelude();
-            quote! {
-                //! Events with typed data.
-                #prelude
-                use super::types::*;
             }
+            emit_commands::emit_tail(&mut out, cx);
         }
-        Piece::EventData => return Ok(emit_events::emit_data_structs(cx)),
-        Piece::EventsTail => emit_events::emit_tail(cx),
-        Piece::Introspection => {
+        3 => {
+            out.push_str("//! Events with typed data.\n");
+            out.push_str(MODULE_PRELUDE);
+            out.push_str("use super::types::*;\n");
+            emit_events::emit_data_structs(&mut out, cx);
+            emit_events::emit_tail(&mut out, cx);
+        }
+        _ => {
             let info = emit_introspection::schema_info(cx);
             let json = serde_json::to_string_pretty(&info).map_err(|e| CodegenError {
-                file: path.into(),
+                file: FILES[4].into(),
                 message: e.to_string(),
             })?;
-            let json = raw_string_literal(&json);
-            quote! {
-                //! The `query-qmp-schema` answer.
-
-                /// `query-qmp-schema`'s answer as JSON text (QEMU's `SchemaInfo` list,
-                /// type names masked as numbers).
-                pub const QMP_SCHEMA_JSON: &str = #json;
-
-                /// `query-qmp-schema`'s answer.
-                pub fn qmp_schema() -> ::serde_json::Value {
-                    ::serde_json::from_str(QMP_SCHEMA_JSON).unwrap_or(::serde_json::Value::Null)
-                }
-            }
-        }
-    };
-    Ok(vec![Segment::Tokens(tokens)])
+            out.push_str("//! The `query-qmp-schema` answer.\n");
+            item_start(&mut out);
+            out.push_str(
+                "/// `query-qmp-schema`'s answer as JSON text (QEMU's `SchemaInfo` list,
+/// type names masked as numbers).
+pub const QMP_SCHEMA_JSON: &str = ",
+            );
+            out.push_str(&raw_string_literal(&json));
+            out.push_str(
+                ";
+/// `query-qmp-schema`'s answer.
+pub fn qmp_schema() -> ::serde_json::Value {
+    ::serde_json::from_str(QMP_SCHEMA_JSON).unwrap_or(::serde_json::Value::Null)
 }
-
-/// What a thread keeps between pieces: its own [`context::Context`] and the
-/// printed text of each [`NamedImpl`] per length of name.
-struct Printer<'a> {
-    cx: context::Context<'a>,
-    named_impls: HashMap<(NamedImpl, usize), String>,
-}
-
-impl<'a> Printer<'a> {
-    fn new(schema: &'a Schema) -> Self {
-        Printer {
-            cx: context::Context::new(schema),
-            named_impls: HashMap::new(),
+",
+            );
         }
     }
-
-    /// One piece built and printed with `prettyplease`.
-    fn piece(&mut self, path: &str, piece: Piece) -> Result<String, CodegenError> {
-        let mut out = String::new();
-        let mut pending = TokenStream::new();
-        for segment in emit_piece(&self.cx, path, piece)? {
-            match segment {
-                Segment::Tokens(tokens) => pending.extend(tokens),
-                Segment::Impl(kind, name) => {
-                    out.push_str(&print(path, std::mem::take(&mut pending))?);
-                    out.push_str(&self.named_impl(path, kind, &name)?);
-                }
-            }
-        }
-        out.push_str(&print(path, pending)?);
-        Ok(out)
-    }
-
-    /// `kind` for `name`: printed once for a placeholder name of the same
-    /// length (so `prettyplease` breaks lines alike), then the name put in.
-    fn named_impl(
-        &mut self,
-        path: &str,
-        kind: NamedImpl,
-        name: &Ident,
-    ) -> Result<String, CodegenError> {
-        let text = name.to_string();
-        let placeholder = "X".repeat(text.len());
-        let key = (kind, text.len());
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.named_impls.entry(key) {
-            let placeholder_ident = Ident::new(&placeholder, proc_macro2::Span::call_site());
-            slot.insert(print(path, kind.tokens(&placeholder_ident))?);
-        }
-        match self.named_impls.get(&key) {
-            // The placeholder is made of a letter no template contains.
-            Some(printed) if !printed.replace(&placeholder, "").contains('X') => {
-                Ok(printed.replace(&placeholder, &text))
-            }
-            _ => print(path, kind.tokens(name)),
-        }
-    }
-}
-
-/// Items printed with `prettyplease` (empty for no items).
-fn print(path: &str, tokens: TokenStream) -> Result<String, CodegenError> {
-    if tokens.is_empty() {
-        return Ok(String::new());
-    }
-    let file: syn::File = syn::parse2(tokens).map_err(|e| CodegenError {
-        file: path.to_string(),
-        message: format!("generated tokens do not parse: {e}"),
-    })?;
-    Ok(prettyplease::unparse(&file))
-}
-
-/// A blank line between top-level items (prettyplease prints none).
-fn separate_items(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + text.len() / 20);
-    let mut prev_ends_item = false;
-    for line in text.lines() {
-        let top_level = !line.is_empty() && !line.starts_with([' ', '}', ')', ']']);
-        if prev_ends_item && top_level {
-            out.push('\n');
-        }
-        prev_ends_item = line == "}" || line == "};" || (top_level && line.ends_with(';'));
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
+    Ok(out)
 }
 
 /// `text` as a raw string literal (`r#"..."#`), so multi-line data stays readable in diffs.
-fn raw_string_literal(text: &str) -> proc_macro2::Literal {
+fn raw_string_literal(text: &str) -> String {
     let mut hashes = String::from("#");
     while text.contains(&format!("\"{hashes}")) {
         hashes.push('#');
     }
     format!("r{hashes}\"{text}\"{hashes}")
-        .parse()
-        .unwrap_or_else(|_| proc_macro2::Literal::string(text))
 }
 
 /// The `generated/` module for `schema`: `mod.rs`, `types.rs`, `commands.rs`,
 /// `events.rs`, `introspection.rs`.
 ///
-/// The pieces of all files are built and printed by one thread per core
-/// (each with its own [`Printer`]), then joined in file order, so
-/// the result does not depend on the number of threads.
+/// The files are written as text already laid out as rustfmt would (see
+/// `layout`), by one thread per core, biggest first; the result does not
+/// depend on the number of threads.
 pub fn generate(schema: &Schema) -> Result<Vec<GeneratedFile>, CodegenError> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -338,30 +209,32 @@ pub fn generate(schema: &Schema) -> Result<Vec<GeneratedFile>, CodegenError> {
 
 /// [`generate`] on `threads` threads (at least one).
 fn generate_on(schema: &Schema, threads: usize) -> Result<Vec<GeneratedFile>, CodegenError> {
-    let specs = file_specs(schema);
-    // (file, piece) in file order.
-    let jobs: Vec<(usize, Piece)> = specs
-        .iter()
-        .enumerate()
-        .flat_map(|(f, spec)| spec.pieces.iter().map(move |&piece| (f, piece)))
-        .collect();
+    let jobs = jobs(schema);
+    // The biggest jobs first (the pieces of `types.rs`, then `commands.rs`,
+    // `introspection.rs`), so that no thread is left with a big one at the end.
+    let rank = |job: &Job| match job.file {
+        1 => 0,
+        2 => 1,
+        4 => 2,
+        3 => 3,
+        _ => 4,
+    };
     let mut order: Vec<usize> = (0..jobs.len()).collect();
-    order.sort_by_key(|&j| !jobs[j].1.is_large());
-    let threads = threads.clamp(1, jobs.len().max(1));
+    order.sort_by_key(|&j| rank(&jobs[j]));
     let next = AtomicUsize::new(0);
     let worker = || {
-        let mut printer = Printer::new(schema);
+        let cx = context::Context::new(schema);
         let mut done = Vec::new();
         while let Some(&j) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
-            let (f, piece) = jobs[j];
-            done.push((j, printer.piece(specs[f].path, piece)));
+            done.push((j, emit_job(&cx, &jobs[j])));
         }
         done
     };
-    let mut rendered: Vec<Option<Result<String, CodegenError>>> =
-        (0..jobs.len()).map(|_| None).collect();
+    let mut texts: Vec<Option<String>> = vec![None; jobs.len()];
     std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(worker)).collect();
+        let helpers: Vec<_> = (1..threads.clamp(1, jobs.len()))
+            .map(|_| scope.spawn(worker))
+            .collect();
         let mut results = vec![worker()];
         for helper in helpers {
             results.push(helper.join().map_err(|_| CodegenError {
@@ -370,29 +243,29 @@ fn generate_on(schema: &Schema, threads: usize) -> Result<Vec<GeneratedFile>, Co
             })?);
         }
         for (j, text) in results.into_iter().flatten() {
-            rendered[j] = Some(text);
+            texts[j] = Some(text?);
         }
         Ok::<(), CodegenError>(())
     })?;
-    let mut texts = rendered.into_iter();
-    let mut files = Vec::with_capacity(specs.len());
-    for spec in &specs {
-        let mut text = String::new();
-        for _ in &spec.pieces {
-            match texts.next().flatten() {
-                Some(piece) => text.push_str(&piece?),
-                None => {
-                    return Err(CodegenError {
-                        file: spec.path.into(),
-                        message: "a piece was not generated".into(),
-                    });
-                }
-            }
+    let mut files: Vec<GeneratedFile> = FILES
+        .iter()
+        .map(|path| GeneratedFile {
+            path: path.to_string(),
+            contents: format!("{HEADER}\n\n"),
+        })
+        .collect();
+    for (job, text) in jobs.iter().zip(texts) {
+        let text = text.ok_or_else(|| CodegenError {
+            file: FILES[job.file].to_string(),
+            message: "a piece was not generated".into(),
+        })?;
+        let contents = &mut files[job.file].contents;
+        // Each piece starts with an item: the blank line before it, if any,
+        // depends on what ends the previous piece.
+        if !text.is_empty() {
+            item_start(contents);
         }
-        files.push(GeneratedFile {
-            path: spec.path.to_string(),
-            contents: format!("{HEADER}\n\n{}", separate_items(&text)),
-        });
+        contents.push_str(&text);
     }
     Ok(files)
 }
@@ -461,34 +334,5 @@ mod tests {
         let one = generate_on(&schema, 1).expect("generates on one thread");
         let three = generate_on(&schema, 3).expect("generates on three threads");
         assert_eq!(one, three);
-    }
-
-    #[test]
-    fn a_named_impl_copied_from_its_placeholder_print_equals_printing_it() {
-        let schema = Schema {
-            entities: Vec::new(),
-            pragma: qapi_model::Pragma::default(),
-            free_docs: Vec::new(),
-        };
-        let mut printer = Printer::new(&schema);
-        let names = [
-            "A".to_string(),
-            "BlockdevOptionsFile".to_string(),
-            "Self_".to_string(),
-            "L".repeat(70),
-            "Long".repeat(30),
-        ];
-        for kind in [
-            NamedImpl::EnumDisplay,
-            NamedImpl::EnumFromQmp,
-            NamedImpl::ObjectFromQmp,
-        ] {
-            for name in &names {
-                let ident = naming::ident(name);
-                let copied = printer.named_impl("t.rs", kind, &ident).expect("prints");
-                let printed = print("t.rs", kind.tokens(&ident)).expect("prints");
-                assert_eq!(copied, printed, "{kind:?} for {name}");
-            }
-        }
     }
 }

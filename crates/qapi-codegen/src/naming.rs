@@ -2,8 +2,6 @@
 //!
 //! Every rule lives here so the generator never spells an identifier by hand.
 
-use proc_macro2::{Ident, Span};
-
 /// Every Rust keyword, strict and reserved, in all editions up to 2024.
 const KEYWORDS: &[&str] = &[
     "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum", "extern",
@@ -44,6 +42,12 @@ fn capitalize(part: &str, lower_rest: bool) -> String {
 /// capitals only (`JOB_STATUS_CHANGE`) are lowered first. Two digit-ending and
 /// digit-starting parts keep a `_` between them so `1.1` and `11` differ.
 pub fn upper_camel(name: &str) -> String {
+    // Already UpperCamelCase (most type names): nothing to change.
+    if name.starts_with(|c: char| c.is_ascii_uppercase())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return name.to_string();
+    }
     let parts = parts(name);
     let all_caps = parts.len() > 1
         && parts
@@ -82,45 +86,44 @@ pub fn snake(name: &str) -> String {
 
 /// An identifier for `text`, raw (`r#type`) when it is a keyword, or with a
 /// trailing `_` for the keywords that cannot be raw.
-pub fn ident(text: &str) -> Ident {
+pub fn ident(text: &str) -> String {
     if NOT_RAW.contains(&text) {
-        Ident::new(&format!("{text}_"), Span::call_site())
+        format!("{text}_")
     } else if KEYWORDS.contains(&text) {
-        Ident::new_raw(text, Span::call_site())
+        format!("r#{text}")
     } else {
-        Ident::new(text, Span::call_site())
+        text.to_string()
     }
 }
 
 /// The name serde derives for `ident` (raw identifiers lose their `r#`).
-pub fn serde_name(ident: &Ident) -> String {
-    let s = ident.to_string();
-    s.strip_prefix("r#").map(str::to_string).unwrap_or(s)
+pub fn serde_name(ident: &str) -> &str {
+    ident.strip_prefix("r#").unwrap_or(ident)
 }
 
 /// Type identifier for a schema type name.
-pub fn type_ident(name: &str) -> Ident {
+pub fn type_ident(name: &str) -> String {
     ident(&upper_camel(name))
 }
 
 /// Field or method identifier for a wire name.
-pub fn field_ident(name: &str) -> Ident {
+pub fn field_ident(name: &str) -> String {
     ident(&snake(name))
 }
 
 /// Enum variant identifier for a wire name.
-pub fn variant_ident(name: &str) -> Ident {
+pub fn variant_ident(name: &str) -> String {
     ident(&upper_camel(name))
 }
 
 /// Makes identifiers in one scope unique by suffixing later duplicates with
 /// `_2`, `_3`, ... (normalisation can merge names like `a-b` and `a_b`).
-pub fn dedupe(idents: Vec<Ident>) -> Vec<Ident> {
+pub fn dedupe(idents: Vec<String>) -> Vec<String> {
     let mut seen: Vec<String> = Vec::new();
     idents
         .into_iter()
         .map(|id| {
-            let base = id.to_string();
+            let base = id.clone();
             let mut text = base.clone();
             let mut n = 2;
             while seen.contains(&text) {
@@ -175,17 +178,16 @@ mod tests {
 
     #[test]
     fn keywords_become_raw_or_suffixed() {
-        assert_eq!(ident("type").to_string(), "r#type");
-        assert_eq!(ident("gen").to_string(), "r#gen");
-        assert_eq!(ident("self").to_string(), "self_");
-        assert_eq!(ident("Self").to_string(), "Self_");
+        assert_eq!(ident("type"), "r#type");
+        assert_eq!(ident("gen"), "r#gen");
+        assert_eq!(ident("self"), "self_");
+        assert_eq!(ident("Self"), "Self_");
         assert_eq!(serde_name(&ident("type")), "type");
     }
 
     #[test]
     fn dedupe_suffixes_later_duplicates() {
         let ids = dedupe(vec![ident("a_b"), ident("a_b"), ident("c")]);
-        let names: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-        assert_eq!(names, ["a_b", "a_b_2", "c"]);
+        assert_eq!(ids, ["a_b", "a_b_2", "c"]);
     }
 }
