@@ -149,23 +149,23 @@ pub fn dispatch(
                 out.push_str(
                     "            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;\n",
                 );
-                try_method("handler", method, Vec::new())
+                try_method("handler", format!(".{method}"), Vec::new())
             }
             Args::Typed(ty) => {
                 let read = try_call(
                     format!("<{ty} as crate::input::FromQmp>::from_qmp"),
                     vec![atom("&arguments"), atom("path")],
                 );
-                layout::line(out, 12, &layout::rhs(12, "let args =", &read, ";"));
-                try_method("handler", method, vec![atom("args")])
+                layout::rhs_line(out, 12, "let args =", &read, ";");
+                try_method("handler", format!(".{method}"), vec![atom("args")])
             }
             Args::Raw => try_method(
                 "handler",
-                method,
+                format!(".{method}"),
                 vec![atom("arguments.as_object().cloned().unwrap_or_default()")],
             ),
         };
-        layout::line(out, 12, &layout::rhs(12, "let ret =", &ret, ";"));
+        layout::rhs_line(out, 12, "let ret =", &ret, ";");
         if c.returns.is_none() && c.gen_ {
             out.push_str(
                 "            let () = ret;

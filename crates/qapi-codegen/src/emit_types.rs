@@ -88,7 +88,7 @@ pub fn deserialize_via_from_qmp(out: &mut String, types: Vec<String>) {
         return;
     }
     item_start(out);
-    let args = types.into_iter().map(Expr::Atom).collect();
+    let args = types.into_iter().map(atom).collect();
     layout::stmt(out, 0, &call("crate::deserialize_via_from_qmp!", args), ";");
 }
 
@@ -256,7 +256,7 @@ fn write_field_decls(out: &mut String, fields: &[Field]) {
 
 /// The expression reading one member from `object`.
 pub fn read_member(m: &Member) -> Expr {
-    let method = if m.optional { "optional" } else { "required" };
+    let method = if m.optional { ".optional" } else { ".required" };
     try_method(
         "object",
         method,
@@ -277,7 +277,10 @@ fn constructor_parts(fields: &[Field]) -> (Vec<String>, Vec<(String, Option<Expr
             params.push(format!(
                 "{id}: impl ::std::convert::Into<::std::string::String>"
             ));
-            values.push((id.clone(), Some(layout::method(id, "into", Vec::new()))));
+            values.push((
+                id.clone(),
+                Some(layout::method(id.clone(), ".into", Vec::new())),
+            ));
         } else {
             params.push(format!("{id}: {}", f.ty));
             values.push((id.clone(), None));
@@ -287,10 +290,10 @@ fn constructor_parts(fields: &[Field]) -> (Vec<String>, Vec<(String, Option<Expr
 }
 
 /// `Self { fields }` as the last line(s) of a body at indentation 8.
-fn self_literal(fields: Vec<(String, Option<Expr>)>) -> Expr {
+fn self_literal<T: Into<layout::Text>>(fields: Vec<(T, Option<Expr>)>) -> Expr {
     Expr::Struct {
         head: "Self".into(),
-        fields,
+        fields: fields.into_iter().map(|(n, v)| (n.into(), v)).collect(),
     }
 }
 
@@ -485,7 +488,7 @@ fn emit_union(out: &mut String, cx: &Context, u: &UnionType) {
     } else {
         out.push_str("        match self {\n");
         for (pattern, value) in kind_arms {
-            layout::arm(out, 12, &pattern, &Expr::Atom(value));
+            layout::arm(out, 12, &pattern, &atom(value));
         }
         out.push_str("        }\n");
     }
@@ -513,16 +516,16 @@ fn emit_union(out: &mut String, cx: &Context, u: &UnionType) {
             let lhs = format!("let kind: {disc_name} =");
             let read = try_method(
                 "object",
-                "required",
+                ".required",
                 vec![atom(format!("\"{}\"", m.name)), atom("path")],
             );
-            layout::line(out, 8, &layout::rhs(8, &lhs, &read, ";"));
+            layout::rhs_line(out, 8, &lhs, &read, ";");
         } else {
             let local = format!("member_{i}");
             let lhs = format!("let {local} =");
-            layout::line(out, 8, &layout::rhs(8, &lhs, &read_member(m), ";"));
+            layout::rhs_line(out, 8, &lhs, &read_member(m), ";");
             if let Some(f) = field_iter.next() {
-                inits.push((f.ident.clone(), Some(Expr::Atom(local))));
+                inits.push((f.ident.clone(), Some(atom(local))));
             }
         }
     }
@@ -613,7 +616,7 @@ fn emit_alternate(out: &mut String, cx: &Context, a: &AlternateType) {
                 "::std::result::Result::Err",
                 vec![layout::method(
                     "path",
-                    "invalid_alternate",
+                    ".invalid_alternate",
                     vec![atom(format!("\"{alt_name}\""))],
                 )],
             ),

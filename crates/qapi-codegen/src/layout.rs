@@ -23,6 +23,7 @@
 //! `tests/rustfmt_stable.rs` checks the result against rustfmt itself for
 //! QEMU's complete schema and for names of every length.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 pub const MAX_WIDTH: usize = 100;
@@ -31,32 +32,36 @@ pub const STRUCT_LIT_WIDTH: usize = 18;
 pub const ARRAY_WIDTH: usize = 60;
 pub const INDENT: usize = 4;
 
+/// Text of an expression: most of it is fixed (`path`, `::std::result::Result::Ok`),
+/// and borrowed rather than copied.
+pub type Text = Cow<'static, str>;
+
 /// An expression whose layout depends on where it lands.
 #[derive(Debug, Clone)]
 pub enum Expr {
     /// Text that is never broken.
-    Atom(String),
+    Atom(Text),
     /// `head(args)tail`, `tail` being `?` or nothing.
     Call {
-        head: String,
+        head: Text,
         args: Vec<Expr>,
         tail: &'static str,
     },
     /// `receiver.method(args)tail`: a method call on a local, a chain of one
     /// link, which rustfmt breaks before the `.` (`call` holds `.method(...)`).
-    Method { receiver: String, call: Box<Expr> },
+    Method { receiver: Text, call: Box<Expr> },
     /// `head { name: value, shorthand }`.
     Struct {
-        head: String,
-        fields: Vec<(String, Option<Expr>)>,
+        head: Text,
+        fields: Vec<(Text, Option<Expr>)>,
     },
 }
 
-pub fn atom(text: impl Into<String>) -> Expr {
+pub fn atom(text: impl Into<Text>) -> Expr {
     Expr::Atom(text.into())
 }
 
-pub fn call(head: impl Into<String>, args: Vec<Expr>) -> Expr {
+pub fn call(head: impl Into<Text>, args: Vec<Expr>) -> Expr {
     Expr::Call {
         head: head.into(),
         args,
@@ -64,7 +69,7 @@ pub fn call(head: impl Into<String>, args: Vec<Expr>) -> Expr {
     }
 }
 
-pub fn try_call(head: impl Into<String>, args: Vec<Expr>) -> Expr {
+pub fn try_call(head: impl Into<Text>, args: Vec<Expr>) -> Expr {
     Expr::Call {
         head: head.into(),
         args,
@@ -72,19 +77,19 @@ pub fn try_call(head: impl Into<String>, args: Vec<Expr>) -> Expr {
     }
 }
 
-/// `receiver.method(args)`.
-pub fn method(receiver: &str, method: &str, args: Vec<Expr>) -> Expr {
+/// `receiver.method(args)`; `method` starts with its `.` (`".into"`).
+pub fn method(receiver: impl Into<Text>, method: impl Into<Text>, args: Vec<Expr>) -> Expr {
     Expr::Method {
-        receiver: receiver.to_string(),
-        call: Box::new(call(format!(".{method}"), args)),
+        receiver: receiver.into(),
+        call: Box::new(call(method, args)),
     }
 }
 
-/// `receiver.method(args)?`.
-pub fn try_method(receiver: &str, method: &str, args: Vec<Expr>) -> Expr {
+/// `receiver.method(args)?`; `method` starts with its `.`.
+pub fn try_method(receiver: impl Into<Text>, method: impl Into<Text>, args: Vec<Expr>) -> Expr {
     Expr::Method {
-        receiver: receiver.to_string(),
-        call: Box::new(try_call(format!(".{method}"), args)),
+        receiver: receiver.into(),
+        call: Box::new(try_call(method, args)),
     }
 }
 
@@ -173,13 +178,27 @@ impl Expr {
     /// The one-line form if it is allowed and ends by column `limit`
     /// when started at column `col`.
     fn flat_within(&self, col: usize, limit: usize) -> Option<String> {
+        self.fits_flat(col, limit).then(|| self.flat())
+    }
+
+    /// Whether the one-line form is allowed and ends by column `limit` when
+    /// started at column `col`.
+    fn fits_flat(&self, col: usize, limit: usize) -> bool {
         // rustfmt keeps two more columns free for a method chain ending in
         // `?` (measured: such a line ends by column 98).
         let quirk = if self.is_try_chain() { 2 } else { 0 };
-        if col + self.flat_len() + quirk > limit || !self.flat_allowed() {
-            return None;
+        col + self.flat_len() + quirk <= limit && self.flat_allowed()
+    }
+
+    /// [`Expr::render_within`] appended to `out`: the one-line form is
+    /// written in place, without an intermediate string.
+    fn render_into(&self, out: &mut String, indent: usize, col: usize, suffix: &str, limit: usize) {
+        if self.fits_flat(col, limit.saturating_sub(suffix.len())) {
+            self.write_flat(out);
+            out.push_str(suffix);
+        } else {
+            out.push_str(&self.render_within(indent, col, suffix, limit));
         }
-        Some(self.flat())
     }
 
     /// The one-line `.method(args)?` of a chain, if allowed.
@@ -250,7 +269,7 @@ impl Expr {
                     for (i, a) in args.iter().enumerate() {
                         let sep = if i + 1 == args.len() { last } else { "," };
                         push_indent(&mut s, indent + INDENT);
-                        s.push_str(&a.render(indent + INDENT, indent + INDENT, sep));
+                        a.render_into(&mut s, indent + INDENT, indent + INDENT, sep, MAX_WIDTH);
                         s.push('\n');
                     }
                 }
@@ -297,7 +316,7 @@ impl Expr {
                             s.push_str(name);
                             s.push(',');
                         }
-                        Some(v) => s.push_str(&field(indent + INDENT, name, v, ",")),
+                        Some(v) => field_into(&mut s, indent + INDENT, name, v, ","),
                     }
                     s.push('\n');
                 }
@@ -307,6 +326,19 @@ impl Expr {
                 s
             }
         }
+    }
+}
+
+/// [`field`] appended to `out`, a one-line field written in place.
+fn field_into(out: &mut String, indent: usize, name: &str, value: &Expr, suffix: &str) {
+    let col = indent + name.len() + 2;
+    if value.fits_flat(col, MAX_WIDTH - suffix.len()) {
+        out.push_str(name);
+        out.push_str(": ");
+        value.write_flat(out);
+        out.push_str(suffix);
+    } else {
+        out.push_str(&field(indent, name, value, suffix));
     }
 }
 
@@ -386,7 +418,7 @@ fn mixed(s: &mut String, indent: usize, items: &[&str], last: &str) {
     s.push('\n');
 }
 
-fn write_fields_flat(fields: &[(String, Option<Expr>)], s: &mut String) {
+fn write_fields_flat(fields: &[(Text, Option<Expr>)], s: &mut String) {
     for (i, (name, value)) in fields.iter().enumerate() {
         if i > 0 {
             s.push_str(", ");
@@ -404,7 +436,7 @@ fn list_width(args: &[Expr]) -> usize {
 }
 
 /// The length of `name: value, shorthand` on one line.
-fn fields_width(fields: &[(String, Option<Expr>)]) -> usize {
+fn fields_width(fields: &[(Text, Option<Expr>)]) -> usize {
     let items: usize = fields
         .iter()
         .map(|(name, value)| name.len() + value.as_ref().map_or(0, |v| 2 + v.flat_len()))
@@ -448,6 +480,20 @@ pub fn rhs(indent: usize, lhs: &str, value: &Expr, suffix: &str) -> String {
     s
 }
 
+/// [`rhs`] as a line of `out` at `indent`, a one-line value written in place.
+pub fn rhs_line(out: &mut String, indent: usize, lhs: &str, value: &Expr, suffix: &str) {
+    push_indent(out, indent);
+    if value.fits_flat(indent + lhs.len() + 1, MAX_WIDTH - suffix.len()) {
+        out.push_str(lhs);
+        out.push(' ');
+        value.write_flat(out);
+        out.push_str(suffix);
+    } else {
+        out.push_str(&rhs(indent, lhs, value, suffix));
+    }
+    out.push('\n');
+}
+
 /// rustfmt's choice between a value beside its left-hand side and on the
 /// next line, both already laid out.
 fn prefer_next_line(same_line: &str, next_line: &str) -> bool {
@@ -466,9 +512,9 @@ pub fn arm(out: &mut String, indent: usize, pattern: &str, body: &Expr) {
     out.push_str(pattern);
     out.push_str(" =>");
     let col = indent + pattern.len() + 4;
-    if let Some(flat) = body.flat_within(col, MAX_WIDTH - 1) {
+    if body.fits_flat(col, MAX_WIDTH - 1) {
         out.push(' ');
-        out.push_str(&flat);
+        body.write_flat(out);
         out.push_str(",\n");
         return;
     }
@@ -748,6 +794,6 @@ pub fn line(out: &mut String, indent: usize, text: &str) {
 /// A statement or expression line: `expr suffix` at `indent`.
 pub fn stmt(out: &mut String, indent: usize, expr: &Expr, suffix: &str) {
     push_indent(out, indent);
-    out.push_str(&expr.render(indent, indent, suffix));
+    expr.render_into(out, indent, indent, suffix, MAX_WIDTH);
     out.push('\n');
 }
