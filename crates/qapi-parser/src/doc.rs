@@ -83,7 +83,7 @@ fn indent_of(line: &str) -> usize {
 
 /// Parses the comment lines of one `##` block (without the delimiters):
 /// a definition's doc if the first line is `# @name:`, else free-form.
-pub(crate) fn parse_doc(start: &Location, lines: &[(String, Location)]) -> Result<DocBlock, Error> {
+pub(crate) fn parse_doc(start: &Location, lines: &[(&str, Location)]) -> Result<DocBlock, Error> {
     let mut texts = Vec::with_capacity(lines.len());
     for (raw, loc) in lines {
         let rest = &raw[1..];

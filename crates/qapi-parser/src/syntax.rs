@@ -14,14 +14,14 @@ use std::sync::Arc;
 const MAX_DEPTH: usize = 64;
 
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Tok {
+pub(crate) enum Tok<'a> {
     /// One of `{ } : , [ ]`.
     Punct(char),
     Str(String),
     Bool(bool),
     /// A comment line, `#` included; only returned when asked for, or when
     /// it starts a doc block (`##`).
-    Comment(String),
+    Comment(&'a str),
     Eof,
 }
 
@@ -32,7 +32,7 @@ pub(crate) struct Lexer<'a> {
     cursor: usize,
     line: u32,
     line_start: usize,
-    pub tok: Tok,
+    pub tok: Tok<'a>,
     tok_pos: usize,
     tok_line: u32,
     tok_line_start: usize,
@@ -143,7 +143,7 @@ impl<'a> Lexer<'a> {
                     };
                     self.cursor += text.len();
                     if keep_comments || text.starts_with("##") {
-                        self.tok = Tok::Comment(text.trim_end_matches('\r').to_string());
+                        self.tok = Tok::Comment(text.trim_end_matches('\r'));
                         return Ok(());
                     }
                 }
