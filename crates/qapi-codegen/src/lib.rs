@@ -158,11 +158,7 @@ pub use types::*;
             emit_events::emit_tail(&mut out, cx);
         }
         _ => {
-            let info = emit_introspection::schema_info(cx);
-            let json = serde_json::to_string_pretty(&info).map_err(|e| CodegenError {
-                file: FILES[4].into(),
-                message: e.to_string(),
-            })?;
+            let json = emit_introspection::schema_json(cx);
             out.push_str("//! The `query-qmp-schema` answer.\n");
             item_start(&mut out);
             out.push_str(
@@ -210,12 +206,13 @@ pub fn generate(schema: &Schema) -> Result<Vec<GeneratedFile>, CodegenError> {
 /// [`generate`] on `threads` threads (at least one).
 fn generate_on(schema: &Schema, threads: usize) -> Result<Vec<GeneratedFile>, CodegenError> {
     let jobs = jobs(schema);
-    // The biggest jobs first (the pieces of `types.rs`, then `commands.rs`,
-    // `introspection.rs`), so that no thread is left with a big one at the end.
+    // The biggest jobs first (`introspection.rs`, the pieces of `types.rs`,
+    // `commands.rs`; measured on QEMU's schema, each 2-3 ms), so that no
+    // thread is left with a big one at the end.
     let rank = |job: &Job| match job.file {
-        1 => 0,
-        2 => 1,
-        4 => 2,
+        4 => 0,
+        1 => 1,
+        2 => 2,
         3 => 3,
         _ => 4,
     };
