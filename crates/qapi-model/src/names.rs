@@ -37,7 +37,9 @@ pub(crate) fn stem(name: &str) -> Option<&str> {
             return None;
         }
     }
-    if c_name(name).starts_with("q_") {
+    // `c_name(name)` starts with `q_` (without building it).
+    let mut chars = name.chars();
+    if chars.next() == Some('q') && chars.next().is_some_and(|c| !c.is_ascii_alphanumeric()) {
         return None;
     }
     if rest.len() >= 2 && rest[..2].eq_ignore_ascii_case("x-") && valid_stem(&rest[2..]) {
