@@ -105,7 +105,17 @@ fn jobs(schema: &Schema) -> Vec<Job> {
 /// The text of one job (a file after its header, or a piece of `types.rs`).
 fn emit_job(cx: &context::Context, job: &Job) -> Result<String, CodegenError> {
     let entities = &cx.schema.entities;
-    let mut out = String::new();
+    // Room for the job's text, so that it is not copied as it grows
+    // (measured on QEMU's schema: about 800 bytes a definition in types.rs,
+    // 2,400 a command, 1,400 an event, 200 a definition in introspection).
+    let count = |f: fn(&Entity) -> bool| entities.iter().filter(|e| f(e)).count();
+    let mut out = String::with_capacity(match job.file {
+        1 => job.range.len() * 900,
+        2 => count(|e| matches!(e, Entity::Command(_))) * 2600,
+        3 => count(|e| matches!(e, Entity::Event(_))) * 1500,
+        4 => entities.len() * 220,
+        _ => 0,
+    });
     match job.file {
         0 => out.push_str(
             "//! The API generated from the QAPI schema. See each module.
@@ -127,7 +137,6 @@ pub use types::*;
 ",
         ),
         1 => {
-            out.reserve(job.range.len() * 1200);
             if job.range.start == 0 {
                 out.push_str("//! Enums, structs, unions and alternates of the schema.\n");
                 out.push_str(MODULE_PRELUDE);
@@ -166,7 +175,7 @@ pub use types::*;
 /// type names masked as numbers).
 pub const QMP_SCHEMA_JSON: &str = ",
             );
-            out.push_str(&raw_string_literal(&json));
+            write_raw_string_literal(&mut out, &json);
             out.push_str(
                 ";
 /// `query-qmp-schema`'s answer.
@@ -180,13 +189,20 @@ pub fn qmp_schema() -> ::serde_json::Value {
     Ok(out)
 }
 
-/// `text` as a raw string literal (`r#"..."#`), so multi-line data stays readable in diffs.
-fn raw_string_literal(text: &str) -> String {
+/// `text` as a raw string literal (`r#"..."#`) appended to `out`, so multi-line data stays
+/// readable in diffs.
+fn write_raw_string_literal(out: &mut String, text: &str) {
     let mut hashes = String::from("#");
     while text.contains(&format!("\"{hashes}")) {
         hashes.push('#');
     }
-    format!("r{hashes}\"{text}\"{hashes}")
+    out.reserve(text.len() + 2 * hashes.len() + 3);
+    out.push('r');
+    out.push_str(&hashes);
+    out.push('"');
+    out.push_str(text);
+    out.push('"');
+    out.push_str(&hashes);
 }
 
 /// The `generated/` module for `schema`: `mod.rs`, `types.rs`, `commands.rs`,
