@@ -141,20 +141,21 @@ fn free_block(location: &Location, body: &str) -> DocBlock {
 
 /// Text of a section: its first line, then continuation lines dedented
 /// by their common indentation; surrounding blank lines dropped.
-struct TextBuf {
-    lines: Vec<String>,
+struct TextBuf<'t> {
+    /// The lines, borrowed from the comment text.
+    lines: Vec<&'t str>,
 }
 
-impl TextBuf {
-    fn new(first: &str) -> Self {
+impl<'t> TextBuf<'t> {
+    fn new(first: &'t str) -> Self {
         let mut lines = Vec::new();
         if !first.trim().is_empty() {
-            lines.push(first.trim_end().to_string());
+            lines.push(first.trim_end());
         }
         TextBuf { lines }
     }
-    fn push(&mut self, line: &str) {
-        self.lines.push(line.trim_end().to_string());
+    fn push(&mut self, line: &'t str) {
+        self.lines.push(line.trim_end());
     }
     fn is_blank(&self) -> bool {
         self.lines.iter().all(|l| l.is_empty())
@@ -169,9 +170,16 @@ impl TextBuf {
             .map(|l| indent_of(l))
             .min()
             .unwrap_or(0);
-        let mut out = String::new();
-        for (i, l) in self.lines.iter().enumerate() {
-            if i > 0 {
+        // Surrounding blank lines dropped.
+        let first = self.lines.iter().position(|l| !l.is_empty());
+        let last = self.lines.iter().rposition(|l| !l.is_empty());
+        let (Some(first), Some(last)) = (first, last) else {
+            return String::new();
+        };
+        let mut out =
+            String::with_capacity(self.lines[first..=last].iter().map(|l| l.len() + 1).sum());
+        for (i, l) in self.lines.iter().enumerate().take(last + 1).skip(first) {
+            if i > first {
                 out.push('\n');
             }
             if i >= skip && !l.is_empty() {
@@ -180,7 +188,7 @@ impl TextBuf {
                 out.push_str(l);
             }
         }
-        out.trim_matches('\n').to_string()
+        out
     }
 }
 
@@ -196,10 +204,10 @@ enum Last {
 struct DefDoc<'t> {
     start: &'t Location,
     texts: &'t [(&'t str, &'t Location)],
-    body: TextBuf,
-    members: Vec<(String, TextBuf, bool, Location)>,
-    features: Vec<(String, TextBuf, bool, Location)>,
-    sections: Vec<(Option<String>, TextBuf, bool, Location)>,
+    body: TextBuf<'t>,
+    members: Vec<(String, TextBuf<'t>, bool, Location)>,
+    features: Vec<(String, TextBuf<'t>, bool, Location)>,
+    sections: Vec<(Option<String>, TextBuf<'t>, bool, Location)>,
     last: Last,
 }
 
@@ -220,7 +228,7 @@ impl<'t> DefDoc<'t> {
             },
         }
     }
-    fn append(&mut self, line: &str) {
+    fn append(&mut self, line: &'t str) {
         match self.last {
             Last::Body => self.body.push(line),
             Last::Member(i) => self.members[i].1.push(line),
@@ -413,25 +421,25 @@ fn definition_doc(
         }
     }
 
-    let empty = |what: String, text: &TextBuf, loc: &Location| {
-        if text.is_blank() {
-            Err(Error::new(
-                loc.clone(),
-                format!("text required after '{what}:'"),
-            ))
-        } else {
-            Ok(())
-        }
+    let empty = |what: &str, loc: &Location| {
+        Err(Error::new(
+            loc.clone(),
+            format!("text required after '{what}:'"),
+        ))
     };
     for (name, text, _, loc) in d.members.iter().chain(&d.features) {
-        empty(format!("@{name}"), text, loc)?;
-    }
-    for (tag, text, _, loc) in &d.sections {
-        if let Some(tag) = tag {
-            empty(tag.clone(), text, loc)?;
+        if text.is_blank() {
+            return empty(&format!("@{name}"), loc);
         }
     }
-    let items = |list: Vec<(String, TextBuf, bool, Location)>| {
+    for (tag, text, _, loc) in &d.sections {
+        if let Some(tag) = tag
+            && text.is_blank()
+        {
+            return empty(tag, loc);
+        }
+    }
+    let items = |list: Vec<(String, TextBuf, bool, Location)>| -> Vec<DocItem> {
         list.into_iter()
             .map(|(name, text, header_text, location)| DocItem {
                 name,
