@@ -5,6 +5,7 @@
 use crate::names;
 use crate::types::{Feature, IfCond};
 use qapi_parser::{Dict, DocBlock, Error, Location, Node, Pragmas, TopExpr, Value};
+use std::fmt;
 
 type R<T> = Result<T, Error>;
 
@@ -155,7 +156,7 @@ fn quoted_sorted<'a>(names: impl Iterator<Item = &'a str>) -> String {
 fn check_keys(
     dict: &Dict,
     loc: &Location,
-    source: &str,
+    source: &dyn fmt::Display,
     required: &[&str],
     optional: &[&str],
 ) -> R<()> {
@@ -192,14 +193,14 @@ fn check_keys(
     Ok(())
 }
 
-fn check_if(dict: &Dict, source: &str) -> R<Option<IfCond>> {
+fn check_if(dict: &Dict, source: &dyn fmt::Display) -> R<Option<IfCond>> {
     let Some(node) = dict.get("if") else {
         return Ok(None);
     };
     if_cond(node, source).map(Some)
 }
 
-fn if_cond(node: &Node, source: &str) -> R<IfCond> {
+fn if_cond(node: &Node, source: &dyn fmt::Display) -> R<IfCond> {
     match &node.value {
         Value::Str(s) => {
             if !names::is_config_symbol(s) {
@@ -268,7 +269,7 @@ fn check_features(dict: &Dict) -> R<Vec<Feature>> {
     for f in list {
         let (name_node, ifcond) = match &f.value {
             Value::Dict(d) => {
-                check_keys(d, &f.location, "'features' member", &["name"], &["if"])?;
+                check_keys(d, &f.location, &"'features' member", &["name"], &["if"])?;
                 let name_node = d
                     .get("name")
                     .ok_or_else(|| err(&f.location, "'features' member misses key 'name'"))?;
@@ -302,7 +303,7 @@ fn check_features(dict: &Dict) -> R<Vec<Feature>> {
 /// the caller handles.
 fn check_type(
     node: &Node,
-    source: &str,
+    source: &dyn fmt::Display,
     allow_array: bool,
     allow_dict: bool,
 ) -> R<Option<RawType>> {
@@ -357,15 +358,19 @@ fn check_members(node: &Node, source: &str, permissive: bool) -> R<Vec<RawMember
     };
     let mut out = Vec::with_capacity(dict.len());
     for (key, value) in &dict.entries {
-        let key_source = format!("{source} member '{}'", key.name);
+        // Only written out in a message.
+        let key_source = MemberSource {
+            source,
+            member: &key.name,
+        };
+        let key_source: &dyn fmt::Display = &key_source;
         let (name, optional) = match key.name.strip_prefix('*') {
             Some(n) => (n, true),
             None => (key.name.as_str(), false),
         };
-        names::check_lower(name, &key_source, permissive, permissive)
+        names::check_lower(name, key_source, permissive, permissive)
             .map_err(|m| err(&key.location, m))?;
-        let c = names::c_name(name);
-        if c == "u" || c.starts_with("has_") {
+        if name == "u" || names::c_name_starts_with(name, "has_") {
             return Err(err(
                 &key.location,
                 format!("{key_source} uses reserved name"),
@@ -407,9 +412,21 @@ fn check_members(node: &Node, source: &str, permissive: bool) -> R<Vec<RawMember
     Ok(out)
 }
 
+/// `{source} member '{member}'`, written only when a message needs it.
+struct MemberSource<'s> {
+    source: &'s str,
+    member: &'s str,
+}
+
+impl fmt::Display for MemberSource<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} member '{}'", self.source, self.member)
+    }
+}
+
 /// `'data'` of a command or event: inline members or a type name.
 fn check_args(node: &Node, boxed: bool) -> R<RawArgs> {
-    match check_type(node, "'data'", false, !boxed)? {
+    match check_type(node, &"'data'", false, !boxed)? {
         Some(t) => Ok(RawArgs::Named(Named {
             name: t.name,
             loc: t.loc,
@@ -464,7 +481,7 @@ fn check_enum_values(node: &Node, permissive: bool) -> R<Vec<RawValue>> {
                 check_keys(
                     d,
                     &v.location,
-                    "'data' member",
+                    &"'data' member",
                     &["name"],
                     &["if", "features"],
                 )?;
@@ -571,7 +588,7 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
         Meta::Event => names::check_upper(name, m),
         Meta::Command => names::check_lower(
             name,
-            m,
+            &m,
             true,
             pragmas.command_name_exceptions.iter().any(|n| n == name),
         ),
@@ -629,7 +646,7 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
             check_keys(
                 dict,
                 loc,
-                m,
+                &m,
                 &["enum", "data"],
                 &["if", "features", "prefix"],
             )?;
@@ -650,7 +667,7 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
             check_keys(
                 dict,
                 loc,
-                m,
+                &m,
                 &["struct", "data"],
                 &["base", "if", "features"],
             )?;
@@ -669,7 +686,7 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
             let members = check_members(data, "'data'", permissive)?;
             let base = match dict.get("base") {
                 None => None,
-                Some(b) => check_type(b, "'base'", false, false)?.map(|t| Named {
+                Some(b) => check_type(b, &"'base'", false, false)?.map(|t| Named {
                     name: t.name,
                     loc: t.loc,
                 }),
@@ -680,14 +697,14 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
             check_keys(
                 dict,
                 loc,
-                m,
+                &m,
                 &["union", "base", "discriminator", "data"],
                 &["if", "features"],
             )?;
             let base_node = dict
                 .get("base")
                 .ok_or_else(|| err(loc, "union misses key 'base'"))?;
-            let base = match check_type(base_node, "'base'", false, true)? {
+            let base = match check_type(base_node, &"'base'", false, true)? {
                 Some(t) => RawArgs::Named(Named {
                     name: t.name,
                     loc: t.loc,
@@ -718,7 +735,7 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
             }
         }
         Meta::Alternate => {
-            check_keys(dict, loc, m, &["alternate", "data"], &["if", "features"])?;
+            check_keys(dict, loc, &m, &["alternate", "data"], &["if", "features"])?;
             let data = dict
                 .get("data")
                 .ok_or_else(|| err(loc, "alternate misses key 'data'"))?;
@@ -739,7 +756,7 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
             check_keys(
                 dict,
                 loc,
-                m,
+                &m,
                 &["command"],
                 &[
                     "data",
@@ -763,7 +780,7 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
             let data = data.map(|d| check_args(d, boxed)).transpose()?;
             let returns = match dict.get("returns") {
                 None => None,
-                Some(r) => check_type(r, "'returns'", true, false)?,
+                Some(r) => check_type(r, &"'returns'", true, false)?,
             };
             let flag =
                 |k: &str, default: bool| dict.get(k).and_then(Node::as_bool).unwrap_or(default);
@@ -782,7 +799,7 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
             check_keys(
                 dict,
                 loc,
-                m,
+                &m,
                 &["event"],
                 &["data", "boxed", "if", "features"],
             )?;
@@ -798,7 +815,7 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
             }
         }
     };
-    let ifcond = check_if(dict, m)?;
+    let ifcond = check_if(dict, &m)?;
     let features = check_features(dict)?;
     check_flags(dict)?;
     Ok(Def {

@@ -15,6 +15,21 @@ pub(crate) fn c_name(name: &str) -> String {
         .collect()
 }
 
+/// Whether `c_name(name)` starts with `prefix` (letters, digits and `_`),
+/// without building it.
+pub(crate) fn c_name_starts_with(name: &str, prefix: &str) -> bool {
+    let mut chars = name.chars();
+    prefix.chars().all(|p| {
+        chars.next().is_some_and(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c == p
+            } else {
+                p == '_'
+            }
+        })
+    })
+}
+
 fn valid_stem(stem: &str) -> bool {
     let mut chars = stem.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
@@ -61,7 +76,7 @@ pub(crate) fn check_upper(name: &str, source: &str) -> Result<(), String> {
 /// (unless a pragma exception permits upper case and `_`).
 pub(crate) fn check_lower(
     name: &str,
-    source: &str,
+    source: &dyn std::fmt::Display,
     permit_upper: bool,
     permit_underscore: bool,
 ) -> Result<(), String> {
@@ -98,6 +113,21 @@ pub(crate) fn is_config_symbol(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn c_name_prefix_test_agrees_with_c_name() {
+        for name in [
+            "has-x", "has_x", "has.x", "hasx", "has", "ha", "u", "q_x", "q-x", "qx", "hé-x",
+        ] {
+            for prefix in ["has_", "q_", "u"] {
+                assert_eq!(
+                    c_name_starts_with(name, prefix),
+                    c_name(name).starts_with(prefix),
+                    "{name} / {prefix}"
+                );
+            }
+        }
+    }
     use super::*;
 
     #[test]
