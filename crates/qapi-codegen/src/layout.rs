@@ -456,7 +456,7 @@ pub fn push_indent(s: &mut String, indent: usize) {
 /// `lhs value suffix` at `indent` (`lhs` being `let x =` or `name:`), the
 /// value beside `lhs` or on the next line as rustfmt chooses. The first
 /// line has no indentation; there is no final newline.
-pub fn rhs(indent: usize, lhs: &str, value: &Expr, suffix: &str) -> String {
+fn rhs(indent: usize, lhs: &str, value: &Expr, suffix: &str) -> String {
     let col = indent + lhs.len() + 1;
     if let Some(flat) = value.flat_within(col, MAX_WIDTH - suffix.len()) {
         return format!("{lhs} {flat}{suffix}");
