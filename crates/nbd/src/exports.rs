@@ -1,5 +1,6 @@
-//! Exports by name and their lifetime: the backend trait, which clients are attached, removal
-//! (safe or hard) and the notification that an export is fully deleted.
+//! Exports by name and their lifetime: the backend trait, the metadata contexts an export offers,
+//! which clients are attached, removal (safe or hard) and the notification that an export is
+//! fully deleted.
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -19,6 +20,13 @@ pub trait ExportBackend: Send + Sync + 'static {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes `len` bytes at `offset` read as zeroes. Never called for a read-only export.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Like [`ExportBackend::write_zeroes`], but only if that is fast (no zero data written):
+    /// otherwise fails at once with [`io::ErrorKind::Unsupported`], as `NBD_CMD_FLAG_FAST_ZERO`
+    /// asks, and the client falls back to a plain zeroing. The default is never fast.
+    fn write_zeroes_fast(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Makes completed writes durable.
     fn flush(&self) -> io::Result<()>;
     /// Hints that `len` bytes at `offset` are no longer needed; the default ignores it.
@@ -27,8 +35,21 @@ pub trait ExportBackend: Send + Sync + 'static {
         let _ = (offset, len);
         Ok(())
     }
+    /// Prefetches `len` bytes at `offset` (`NBD_CMD_CACHE`); the default reads them.
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let mut buf = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done) as usize;
+            self.read_at(&mut buf[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
     /// How the `len` bytes at `offset` are allocated, as consecutive extents from `offset`
-    /// (`base:allocation`); they may cover less than `len`. The default: all data.
+    /// (`base:allocation`); they may cover less than `len` (the server asks again for the
+    /// rest). The default: all data.
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let _ = offset;
         Ok(vec![Extent {
@@ -49,6 +70,30 @@ pub struct Extent {
     pub zero: bool,
 }
 
+/// A source of block status for a metadata context other than `base:allocation`
+/// (`qemu:allocation-depth`, `qemu:dirty-bitmap:NAME`). Calls block, like the backend's.
+pub trait BlockStatus: Send + Sync + 'static {
+    /// The status of the `len` bytes at `offset`, as consecutive extents from `offset`; they
+    /// may cover less than `len` (the server asks again for the rest).
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<StatusExtent>>;
+}
+
+/// A run of bytes with the same status flags, in a context's own meaning (for
+/// `qemu:dirty-bitmap:NAME` bit 0 is dirty; for `qemu:allocation-depth` the value is the depth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusExtent {
+    pub length: u64,
+    pub flags: u32,
+}
+
+/// A metadata context an export offers besides `base:allocation`, which every export has.
+#[derive(Clone)]
+pub struct MetaContext {
+    /// The full name, `namespace:leaf` (`qemu:dirty-bitmap:b0`).
+    pub name: String,
+    pub source: Arc<dyn BlockStatus>,
+}
+
 /// An export to serve: a name clients ask for, and its backend.
 #[derive(Clone)]
 pub struct Export {
@@ -58,6 +103,11 @@ pub struct Export {
     pub description: String,
     /// Whether clients may write (WRITE, WRITE_ZEROES, TRIM); if not they get `EPERM`.
     pub writable: bool,
+    /// Whether every write is flushed before its reply (QEMU's `writethrough`), as if the
+    /// client had set FUA.
+    pub writethrough: bool,
+    /// The contexts offered after `base:allocation`, in this order (context ids 1, 2, ...).
+    pub contexts: Vec<MetaContext>,
     pub backend: Arc<dyn ExportBackend>,
 }
 
@@ -68,8 +118,25 @@ impl Export {
             name: name.into(),
             description: String::new(),
             writable: false,
+            writethrough: false,
+            contexts: Vec::new(),
             backend,
         }
+    }
+
+    /// Sets whether every write is flushed before its reply.
+    pub fn writethrough(mut self, writethrough: bool) -> Export {
+        self.writethrough = writethrough;
+        self
+    }
+
+    /// Offers the metadata context `name` (after those added before).
+    pub fn meta_context(mut self, name: impl Into<String>, source: Arc<dyn BlockStatus>) -> Export {
+        self.contexts.push(MetaContext {
+            name: name.into(),
+            source,
+        });
+        self
     }
 
     /// Sets whether clients may write.
@@ -99,8 +166,10 @@ pub enum RemoveMode {
 pub enum ExportError {
     #[error("NBD server already has export named '{0}'")]
     DuplicateName(String),
-    #[error("export name or description longer than 4096 bytes")]
+    #[error("export name, description or context name longer than 4096 bytes")]
     StringTooLong,
+    #[error("export offers the metadata context '{0}' twice")]
+    DuplicateContext(String),
     #[error("export '{0}' not found")]
     NotFound(String),
     #[error("export '{name}' still in use")]
@@ -139,11 +208,14 @@ impl ExportDeletion {
 #[derive(Default)]
 pub(crate) struct Registry {
     exports: Mutex<Vec<Arc<ExportEntry>>>,
+    /// Whether clients may use several connections at once (`NBD_FLAG_CAN_MULTI_CONN`).
+    multi_conn: bool,
 }
 
 /// One export and its attached clients.
 pub(crate) struct ExportEntry {
     pub export: Export,
+    multi_conn: bool,
     life: Mutex<Life>,
     disconnect: watch::Sender<bool>,
     deleted: watch::Sender<bool>,
@@ -165,9 +237,27 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Registry {
+    /// A registry whose exports advertise multi-conn if `multi_conn`.
+    pub fn new(multi_conn: bool) -> Registry {
+        Registry {
+            exports: Mutex::default(),
+            multi_conn,
+        }
+    }
+
     pub fn add(&self, export: Export) -> Result<(), ExportError> {
-        if export.name.len() > wire::MAX_STRING || export.description.len() > wire::MAX_STRING {
+        let names = std::iter::once(&export.name)
+            .chain(std::iter::once(&export.description))
+            .chain(export.contexts.iter().map(|context| &context.name));
+        if names.into_iter().any(|text| text.len() > wire::MAX_STRING) {
             return Err(ExportError::StringTooLong);
+        }
+        for (i, context) in export.contexts.iter().enumerate() {
+            let twice = context.name == wire::BASE_ALLOCATION
+                || export.contexts[..i].iter().any(|c| c.name == context.name);
+            if twice {
+                return Err(ExportError::DuplicateContext(context.name.clone()));
+            }
         }
         let mut exports = lock(&self.exports);
         if exports.iter().any(|entry| entry.export.name == export.name) {
@@ -175,6 +265,7 @@ impl Registry {
         }
         exports.push(Arc::new(ExportEntry {
             export,
+            multi_conn: self.multi_conn,
             life: Mutex::default(),
             disconnect: watch::Sender::new(false),
             deleted: watch::Sender::new(false),
@@ -241,16 +332,27 @@ impl Registry {
 }
 
 impl ExportEntry {
-    /// Transmission flags advertised for this export.
-    pub fn transmission_flags(&self) -> u16 {
+    /// Transmission flags advertised for this export to a client that did (or did not)
+    /// negotiate structured replies; QEMU's set.
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
         let mut flags = wire::FLAG_HAS_FLAGS
             | wire::FLAG_SEND_FLUSH
             | wire::FLAG_SEND_FUA
-            | wire::FLAG_SEND_TRIM
-            | wire::FLAG_SEND_WRITE_ZEROES;
-        if !self.export.writable {
-            // Without writers, every connection sees the same data: several are safe.
-            flags |= wire::FLAG_READ_ONLY | wire::FLAG_CAN_MULTI_CONN;
+            | wire::FLAG_SEND_CACHE;
+        if self.multi_conn {
+            // Every connection reaches the same backend, and a flush on any of them makes
+            // every completed write durable: QEMU's condition (more than one connection allowed).
+            flags |= wire::FLAG_CAN_MULTI_CONN;
+        }
+        if self.export.writable {
+            flags |=
+                wire::FLAG_SEND_TRIM | wire::FLAG_SEND_WRITE_ZEROES | wire::FLAG_SEND_FAST_ZERO;
+        } else {
+            flags |= wire::FLAG_READ_ONLY;
+        }
+        if structured {
+            // Reads are always answered in one chunk.
+            flags |= wire::FLAG_SEND_DF;
         }
         flags
     }
@@ -272,6 +374,10 @@ impl ExportEntry {
 impl ExportLease {
     pub fn entry(&self) -> &ExportEntry {
         &self.entry
+    }
+
+    pub fn entry_arc(&self) -> Arc<ExportEntry> {
+        Arc::clone(&self.entry)
     }
 
     /// Becomes true when the export's clients must be disconnected (hard removal).

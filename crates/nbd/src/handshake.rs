@@ -2,8 +2,11 @@
 //! picks an export (`NBD_OPT_EXPORT_NAME`, `NBD_OPT_GO`), aborts or hangs up.
 //!
 //! Served options: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and
-//! SET_META_CONTEXT (the one context `base:allocation`). Everything else (STARTTLS, extended
-//! headers, …) gets `NBD_REP_ERR_UNSUP`.
+//! SET_META_CONTEXT (`base:allocation` and the export's own contexts, with QEMU's query forms:
+//! no query lists every context, a query ending in `:` lists those it prefixes). STARTTLS gets
+//! `NBD_REP_ERR_POLICY`, everything else (extended headers, …) `NBD_REP_ERR_UNSUP`. A client
+//! that sends more than [`wire::MAX_OPTIONS`] options, or option data over 32 MiB, is
+//! disconnected.
 
 use std::io;
 
@@ -12,11 +15,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::exports::{ExportEntry, ExportLease, Registry};
 use crate::wire;
 
-/// What the client chose: an export, and how replies are sent.
+/// What the client chose: an export, how replies are sent, and the metadata contexts selected
+/// (ids in increasing order: 0 is `base:allocation`, `i + 1` the export's context `i`).
 pub(crate) struct Session {
     pub lease: ExportLease,
     pub structured: bool,
-    pub base_allocation: bool,
+    pub contexts: Vec<u32>,
+}
+
+/// The contexts of the last SET_META_CONTEXT, and the export they were chosen on.
+struct Selection {
+    export: String,
+    ids: Vec<u32>,
 }
 
 /// Runs the handshake; `Some` session when the client entered transmission on an export,
@@ -39,18 +49,20 @@ where
     }
     let no_zeroes = client_flags & wire::FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
-    // The export `base:allocation` was selected for by SET_META_CONTEXT, if any.
-    let mut meta_export: Option<String> = None;
-    let session = |lease: ExportLease, structured: bool, meta_export: Option<String>| {
-        let base_allocation = meta_export.as_deref() == Some(lease.entry().export.name.as_str());
+    let mut selection: Option<Selection> = None;
+    let session = |lease: ExportLease, structured: bool, selection: Option<Selection>| {
+        let contexts = match selection {
+            Some(selection) if selection.export == lease.entry().export.name => selection.ids,
+            _ => Vec::new(),
+        };
         Some(Session {
             lease,
             structured,
-            base_allocation,
+            contexts,
         })
     };
 
-    loop {
+    for _ in 0..wire::MAX_OPTIONS {
         let mut header = [0u8; 16];
         match stream.read_exact(&mut header).await {
             Ok(_) => {}
@@ -64,6 +76,11 @@ where
         let option = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
         let length = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
 
+        if length > wire::MAX_OPTION_SKIP {
+            return Err(protocol_error(format!(
+                "option data of {length} bytes is larger than 32 MiB"
+            )));
+        }
         if length > wire::MAX_OPTION_DATA {
             discard(stream, length).await?;
             if option == wire::OPT_EXPORT_NAME {
@@ -87,12 +104,12 @@ where
                 let entry = lease.entry();
                 let mut answer = Vec::with_capacity(134);
                 answer.extend_from_slice(&entry.export.backend.size().to_be_bytes());
-                answer.extend_from_slice(&entry.transmission_flags().to_be_bytes());
+                answer.extend_from_slice(&entry.transmission_flags(structured).to_be_bytes());
                 if !no_zeroes {
                     answer.extend_from_slice(&[0u8; 124]);
                 }
                 stream.write_all(&answer).await?;
-                return Ok(session(lease, structured, meta_export));
+                return Ok(session(lease, structured, selection));
             }
             wire::OPT_ABORT => {
                 // The client may already be gone; the session ends either way.
@@ -137,11 +154,14 @@ where
                         reply_unknown(stream, option, request.name).await?;
                         continue;
                     };
-                    send(stream, info_replies(option, &request, lease.entry())).await?;
-                    return Ok(session(lease, structured, meta_export));
+                    let replies = info_replies(option, &request, lease.entry(), structured);
+                    send(stream, replies).await?;
+                    return Ok(session(lease, structured, selection));
                 }
                 match registry.find(request.name) {
-                    Some(entry) => send(stream, info_replies(option, &request, &entry)).await?,
+                    Some(entry) => {
+                        send(stream, info_replies(option, &request, &entry, structured)).await?
+                    }
                     None => reply_unknown(stream, option, request.name).await?,
                 }
             }
@@ -151,50 +171,96 @@ where
                     reply_error(stream, option, wire::REP_ERR_INVALID, message).await?;
                     continue;
                 }
+                if structured {
+                    let message = "structured reply already negotiated";
+                    reply_error(stream, option, wire::REP_ERR_INVALID, message).await?;
+                    continue;
+                }
                 structured = true;
                 send(stream, wire::option_reply(option, wire::REP_ACK, &[])).await?;
             }
             wire::OPT_LIST_META_CONTEXT | wire::OPT_SET_META_CONTEXT => {
+                let set = option == wire::OPT_SET_META_CONTEXT;
+                if set && !structured {
+                    let message = "request option 'NBD_OPT_SET_META_CONTEXT' when structured \
+                                   reply is not negotiated";
+                    reply_error(stream, option, wire::REP_ERR_INVALID, message).await?;
+                    continue;
+                }
+                if set {
+                    // A SET replaces the previous selection, even when it fails.
+                    selection = None;
+                }
                 let Some(request) = MetaRequest::parse(&data) else {
                     let message = "malformed meta context request";
                     reply_error(stream, option, wire::REP_ERR_INVALID, message).await?;
                     continue;
                 };
-                if !structured {
-                    let message = "structured replies were not negotiated";
-                    reply_error(stream, option, wire::REP_ERR_INVALID, message).await?;
-                    continue;
-                }
-                if registry.find(request.export).is_none() {
+                let Some(entry) = registry.find(request.export) else {
                     reply_unknown(stream, option, request.export).await?;
                     continue;
-                }
-                let base_allocation = if option == wire::OPT_SET_META_CONTEXT {
-                    let selected = request.queries.contains(&wire::BASE_ALLOCATION);
-                    meta_export = selected.then(|| request.export.to_owned());
-                    selected
-                } else {
-                    request.queries.is_empty()
-                        || request
-                            .queries
-                            .iter()
-                            .any(|query| *query == "base:" || *query == wire::BASE_ALLOCATION)
                 };
+                let ids = select_contexts(&entry, &request.queries, !set);
                 let mut replies = Vec::new();
-                if base_allocation {
-                    let mut context = wire::BASE_ALLOCATION_ID.to_be_bytes().to_vec();
-                    context.extend_from_slice(wire::BASE_ALLOCATION.as_bytes());
+                for &id in &ids {
+                    let mut context = id.to_be_bytes().to_vec();
+                    context.extend_from_slice(context_name(&entry, id).as_bytes());
                     replies.extend(wire::option_reply(option, wire::REP_META_CONTEXT, &context));
                 }
                 replies.extend(wire::option_reply(option, wire::REP_ACK, &[]));
                 send(stream, replies).await?;
+                if set {
+                    selection = Some(Selection {
+                        export: request.export.to_owned(),
+                        ids,
+                    });
+                }
+            }
+            wire::OPT_STARTTLS => {
+                reply_error(stream, option, wire::REP_ERR_POLICY, "TLS not configured").await?;
             }
             _ => {
-                let message = format!("option {option} is not supported");
+                let message = format!("Unsupported option {option}");
                 reply_error(stream, option, wire::REP_ERR_UNSUP, &message).await?;
             }
         }
     }
+    Err(protocol_error(format!(
+        "more than {} options in one handshake",
+        wire::MAX_OPTIONS
+    )))
+}
+
+/// The name of context `id` of an export.
+pub(crate) fn context_name(entry: &ExportEntry, id: u32) -> &str {
+    match id {
+        wire::BASE_ALLOCATION_ID => wire::BASE_ALLOCATION,
+        _ => &entry.export.contexts[id as usize - 1].name,
+    }
+}
+
+/// The ids of the contexts `queries` select, in increasing order. An exact name selects its
+/// context; when listing, no query selects every context and a query ending in `:` (a
+/// namespace like `qemu:`, or `qemu:dirty-bitmap:`) every context it prefixes.
+fn select_contexts(entry: &ExportEntry, queries: &[&str], list: bool) -> Vec<u32> {
+    let names = std::iter::once(wire::BASE_ALLOCATION).chain(
+        entry
+            .export
+            .contexts
+            .iter()
+            .map(|context| context.name.as_str()),
+    );
+    names
+        .enumerate()
+        .filter(|(_, name)| {
+            (list && queries.is_empty())
+                || queries.iter().any(|query| {
+                    query == name || (list && query.ends_with(':') && name.starts_with(query))
+                })
+        })
+        // At most 1 + the export's contexts, which fit in memory and so in u32.
+        .map(|(id, _)| id as u32)
+        .collect()
 }
 
 /// The data of `NBD_OPT_INFO` / `NBD_OPT_GO`: an export name and the information wanted.
@@ -252,12 +318,17 @@ fn take_string(data: &[u8]) -> Option<(&str, &[u8])> {
 }
 
 /// The `NBD_REP_INFO` replies (export, block size, and name/description when asked), then ACK.
-fn info_replies(option: u32, request: &InfoRequest<'_>, entry: &ExportEntry) -> Vec<u8> {
+fn info_replies(
+    option: u32,
+    request: &InfoRequest<'_>,
+    entry: &ExportEntry,
+    structured: bool,
+) -> Vec<u8> {
     let mut out = Vec::new();
     let mut export = Vec::with_capacity(12);
     export.extend_from_slice(&wire::INFO_EXPORT.to_be_bytes());
     export.extend_from_slice(&entry.export.backend.size().to_be_bytes());
-    export.extend_from_slice(&entry.transmission_flags().to_be_bytes());
+    export.extend_from_slice(&entry.transmission_flags(structured).to_be_bytes());
     out.extend(wire::option_reply(option, wire::REP_INFO, &export));
 
     let mut block_size = Vec::with_capacity(14);

@@ -19,7 +19,10 @@ mod exports;
 mod handshake;
 mod server;
 mod transmission;
-mod wire;
+pub mod wire;
 
-pub use exports::{Export, ExportBackend, ExportDeletion, ExportError, Extent, RemoveMode};
+pub use exports::{
+    BlockStatus, Export, ExportBackend, ExportDeletion, ExportError, Extent, MetaContext,
+    RemoveMode, StatusExtent,
+};
 pub use server::{BoundAddr, ListenAddr, NbdServer, ServerConfig};

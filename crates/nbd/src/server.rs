@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -78,7 +78,7 @@ impl NbdServer {
                 (Listener::Tcp(listener), BoundAddr::Tcp(local))
             }
         };
-        let registry = Arc::new(Registry::default());
+        let registry = Arc::new(Registry::new(config.max_connections != 1));
         let stop = watch::Sender::new(false);
         let acceptor = tokio::spawn(accept_loop(
             listener,
@@ -257,7 +257,7 @@ async fn serve_connection<S>(
     handshake_timeout: Option<Duration>,
     _slot: Option<OwnedSemaphorePermit>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let negotiated = tokio::select! {
         negotiated = within(handshake_timeout, handshake::negotiate(&mut stream, &registry)) => negotiated,
@@ -278,12 +278,10 @@ async fn serve_connection<S>(
             () = raised(&mut disconnect) => {}
         }
     };
-    if let Err(error) = transmission::serve(&mut stream, &session, stopped).await {
+    // The socket is closed when `serve` returns, before the export may be reported deleted.
+    if let Err(error) = transmission::serve(stream, &session, stopped).await {
         tracing::debug!(%error, "NBD client dropped");
     }
-    let _ = stream.shutdown().await;
-    // The socket is closed before the export may be reported deleted.
-    drop(stream);
     drop(session);
 }
 

@@ -1,20 +1,25 @@
-//! The transmission phase: requests in, replies out, one request at a time per connection.
-//! Backend calls run on tokio's blocking pool. With structured replies negotiated, READ answers
-//! with one data chunk, BLOCK_STATUS (`base:allocation`) with one extents chunk, and errors
-//! come as error chunks; other successes stay simple replies, which the protocol allows.
+//! The transmission phase: requests in, replies out. A connection reads requests in order and
+//! runs up to [`wire::MAX_REQUESTS_IN_FLIGHT`] of them at once, each as a task whose backend
+//! calls run on tokio's blocking pool; replies go out whole, in completion order, matched to
+//! requests by their cookie. With structured replies negotiated, READ answers with one data
+//! chunk, BLOCK_STATUS with one extents chunk per selected context (in context id order, the
+//! last one flagged done), errors with error chunks; other successes stay simple replies, which
+//! the protocol allows.
 //!
 //! Checks, in QEMU's order: read-only export (`EPERM`), range past the end (`ENOSPC` for
 //! WRITE/WRITE_ZEROES, `EINVAL` otherwise), flags the command does not take (`EINVAL`). A
 //! request header with a bad magic, or a WRITE payload over 32 MiB, leaves the stream out of
-//! sync: the connection is closed.
+//! sync: the connection is closed, once the requests already running are done.
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Mutex, Semaphore, watch};
+use tokio::task::JoinSet;
 
-use crate::exports::{Export, Extent};
+use crate::exports::{ExportBackend, ExportEntry, StatusExtent};
 use crate::handshake::Session;
 use crate::wire::{self, Request};
 
@@ -23,158 +28,187 @@ struct CommandRule {
     command: u16,
     /// Refused on read-only exports.
     modifies: bool,
-    /// Whether offset and length name a range of the export.
-    ranged: bool,
     /// Error for a range past the end of the export.
     past_end: u32,
-    /// Flags the command accepts.
+    /// Flags the command accepts (with structured replies, READ also takes DF).
     flags: u16,
-    /// Only served once `base:allocation` was selected.
-    needs_base_allocation: bool,
+    /// Longest length accepted (READ and CACHE: 32 MiB).
+    max_length: u32,
 }
 
 const COMMANDS: &[CommandRule] = &[
     CommandRule {
         command: wire::CMD_READ,
         modifies: false,
-        ranged: true,
         past_end: wire::EINVAL,
         flags: wire::CMD_FLAG_FUA,
-        needs_base_allocation: false,
+        max_length: wire::MAX_PAYLOAD,
     },
     CommandRule {
         command: wire::CMD_WRITE,
         modifies: true,
-        ranged: true,
         past_end: wire::ENOSPC,
         flags: wire::CMD_FLAG_FUA,
-        needs_base_allocation: false,
+        max_length: wire::MAX_PAYLOAD,
     },
     CommandRule {
         command: wire::CMD_FLUSH,
         modifies: false,
-        ranged: false,
         past_end: wire::EINVAL,
         flags: wire::CMD_FLAG_FUA,
-        needs_base_allocation: false,
+        max_length: u32::MAX,
     },
     CommandRule {
         command: wire::CMD_TRIM,
         modifies: true,
-        ranged: true,
         past_end: wire::EINVAL,
         flags: wire::CMD_FLAG_FUA,
-        needs_base_allocation: false,
+        max_length: u32::MAX,
+    },
+    CommandRule {
+        command: wire::CMD_CACHE,
+        modifies: false,
+        past_end: wire::EINVAL,
+        flags: wire::CMD_FLAG_FUA,
+        max_length: wire::MAX_PAYLOAD,
     },
     CommandRule {
         command: wire::CMD_WRITE_ZEROES,
         modifies: true,
-        ranged: true,
         past_end: wire::ENOSPC,
-        flags: wire::CMD_FLAG_FUA | wire::CMD_FLAG_NO_HOLE,
-        needs_base_allocation: false,
+        flags: wire::CMD_FLAG_FUA | wire::CMD_FLAG_NO_HOLE | wire::CMD_FLAG_FAST_ZERO,
+        max_length: u32::MAX,
     },
     CommandRule {
         command: wire::CMD_BLOCK_STATUS,
         modifies: false,
-        ranged: true,
         past_end: wire::EINVAL,
         flags: wire::CMD_FLAG_FUA | wire::CMD_FLAG_REQ_ONE,
-        needs_base_allocation: true,
+        max_length: u32::MAX,
     },
 ];
 
-/// Most extents sent in one BLOCK_STATUS reply.
-const MAX_EXTENTS: usize = 65536;
+/// A connection's state shared by its request tasks.
+struct Connection<W> {
+    entry: Arc<ExportEntry>,
+    structured: bool,
+    contexts: Vec<u32>,
+    writer: Mutex<W>,
+}
 
-/// Serves requests on `export` until the client disconnects (DISC or hang-up) or `stop`
-/// resolves; a request already being executed is completed first.
+/// Serves requests on the session's export until the client disconnects (DISC or hang-up),
+/// breaks the protocol, or `stop` resolves. Requests already running are completed first
+/// (their replies are dropped once stopped), so no backend call outlives the connection.
 pub(crate) async fn serve<S>(
-    stream: &mut S,
+    stream: S,
     session: &Session,
     stop: impl Future<Output = ()>,
 ) -> io::Result<()>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let export = &session.lease.entry().export;
+    let (mut reader, writer) = tokio::io::split(stream);
+    let connection = Arc::new(Connection {
+        entry: session.lease.entry_arc(),
+        structured: session.structured,
+        contexts: session.contexts.clone(),
+        writer: Mutex::new(writer),
+    });
+    let slots = Arc::new(Semaphore::new(wire::MAX_REQUESTS_IN_FLIGHT));
+    let (halt, halted) = watch::channel(false);
+    let mut running = JoinSet::new();
     tokio::pin!(stop);
-    loop {
+    let outcome = loop {
+        // Wait for a free slot first: a client that never reads its replies stalls only here.
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break Ok(()),
+            },
+            () = &mut stop => break Ok(()),
+        };
         let mut header = [0u8; wire::REQUEST_LEN];
         tokio::select! {
-            read = stream.read_exact(&mut header) => match read {
+            read = reader.read_exact(&mut header) => match read {
                 Ok(_) => {}
-                Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(error) => return Err(error),
+                Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(error) => break Err(error),
             },
-            () = &mut stop => return Ok(()),
+            () = &mut stop => break Ok(()),
         }
-        let request = Request::decode(&header).ok_or_else(|| {
-            io::Error::new(
+        // Reap finished tasks so the set does not grow on a long connection.
+        while running.try_join_next().is_some() {}
+        let Some(request) = Request::decode(&header) else {
+            break Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "request without the request magic",
-            )
-        })?;
+            ));
+        };
         if request.command == wire::CMD_DISC {
-            return Ok(());
+            break Ok(());
         }
         let payload = if request.command == wire::CMD_WRITE {
             if request.length > wire::MAX_PAYLOAD {
-                return Err(io::Error::new(
+                break Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("write of {} bytes is larger than 32 MiB", request.length),
                 ));
             }
             let mut payload = vec![0u8; request.length as usize];
             tokio::select! {
-                read = stream.read_exact(&mut payload) => { read?; }
-                () = &mut stop => return Ok(()),
+                read = reader.read_exact(&mut payload) => if let Err(error) = read {
+                    break Err(error);
+                },
+                () = &mut stop => break Ok(()),
             }
             payload
         } else {
             Vec::new()
         };
-
-        let reply = execute(export, session, request, payload).await;
-        tokio::select! {
-            written = stream.write_all(&reply) => written?,
-            () = &mut stop => return Ok(()),
-        }
+        let connection = Arc::clone(&connection);
+        let mut halted = halted.clone();
+        running.spawn(async move {
+            let reply = execute(&connection, request, payload).await;
+            let mut writer = connection.writer.lock().await;
+            tokio::select! {
+                // A failed write means the client is gone; the reader sees it too.
+                _ = writer.write_all(&reply) => {}
+                _ = halted.wait_for(|halted| *halted) => {}
+            }
+            drop(slot);
+        });
+    };
+    // Stopped, or the client is gone or broke the protocol: abandon pending replies, but let
+    // every backend call finish.
+    halt.send_replace(true);
+    while running.join_next().await.is_some() {}
+    if outcome.is_ok() {
+        let _ = connection.writer.lock().await.flush().await;
     }
+    outcome
 }
 
 /// Runs one request; returns the whole reply (header, then data for a successful READ).
-async fn execute(
-    export: &Export,
-    session: &Session,
-    request: Request,
-    payload: Vec<u8>,
-) -> Vec<u8> {
+async fn execute<W>(connection: &Connection<W>, request: Request, payload: Vec<u8>) -> Vec<u8> {
     let cookie = request.cookie;
-    let failure = |error: u32| {
-        if session.structured {
-            // Error value, then an empty message.
-            let mut payload = error.to_be_bytes().to_vec();
-            payload.extend_from_slice(&0u16.to_be_bytes());
-            wire::chunk(wire::REPLY_TYPE_ERROR, cookie, &payload)
-        } else {
-            simple_reply(error, cookie)
-        }
+    let structured = connection.structured;
+    let failure = |error: u32| error_reply(structured, cookie, error, "");
+    let rule = match check(connection, &request) {
+        Ok(rule) => rule,
+        Err(error) => return failure(error),
     };
-    if let Err(error) = check(export, session, &request) {
-        return failure(error);
-    }
+    let export = &connection.entry.export;
     let backend = Arc::clone(&export.backend);
     let fua = request.flags & wire::CMD_FLAG_FUA != 0;
     let offset = request.offset;
     let length = u64::from(request.length);
 
-    match request.command {
+    match rule.command {
         wire::CMD_READ => {
-            if session.structured && length == 0 {
+            if structured && length == 0 {
                 return wire::chunk(wire::REPLY_TYPE_NONE, cookie, &[]);
             }
-            let header_len = if session.structured {
+            let header_len = if structured {
                 wire::CHUNK_HEADER_LEN + 8
             } else {
                 wire::SIMPLE_REPLY_LEN
@@ -186,10 +220,11 @@ async fn execute(
             })
             .await;
             match result {
-                Ok(mut reply) if session.structured => {
+                Ok(mut reply) if structured => {
                     let payload_len = 8 + request.length;
                     wire::encode_chunk_header(
                         &mut reply,
+                        wire::REPLY_FLAG_DONE,
                         wire::REPLY_TYPE_OFFSET_DATA,
                         cookie,
                         payload_len,
@@ -206,24 +241,53 @@ async fn execute(
             }
         }
         wire::CMD_BLOCK_STATUS => {
-            let req_one = request.flags & wire::CMD_FLAG_REQ_ONE != 0;
-            match blocking(move || backend.allocation(offset, length)).await {
-                Ok(extents) => {
-                    let payload = encode_extents(&extents, length, req_one);
-                    wire::chunk(wire::REPLY_TYPE_BLOCK_STATUS, cookie, &payload)
+            let cap = if request.flags & wire::CMD_FLAG_REQ_ONE != 0 {
+                1
+            } else {
+                wire::MAX_EXTENTS
+            };
+            let mut reply = Vec::new();
+            let count = connection.contexts.len();
+            for (i, &id) in connection.contexts.iter().enumerate() {
+                let entry = Arc::clone(&connection.entry);
+                let extents =
+                    blocking(move || collect_extents(&entry, id, offset, length, cap)).await;
+                let last = i + 1 == count;
+                match extents {
+                    Ok(extents) => {
+                        let flags = if last { wire::REPLY_FLAG_DONE } else { 0 };
+                        let payload = encode_extents(id, &extents);
+                        reply.extend(wire::chunk_with_flags(
+                            flags,
+                            wire::REPLY_TYPE_BLOCK_STATUS,
+                            cookie,
+                            &payload,
+                        ));
+                    }
+                    Err(error) => {
+                        reply.extend(error_reply(true, cookie, error, "can't get block status"));
+                        break;
+                    }
                 }
-                Err(error) => failure(error),
             }
+            reply
         }
         command => {
+            let writethrough = export.writethrough;
+            let fast_zero = request.flags & wire::CMD_FLAG_FAST_ZERO != 0;
             let result = blocking(move || {
                 match command {
                     wire::CMD_WRITE => backend.write_at(&payload, offset)?,
                     wire::CMD_TRIM => backend.trim(offset, length)?,
+                    wire::CMD_CACHE => backend.cache(offset, length)?,
+                    wire::CMD_WRITE_ZEROES if fast_zero => {
+                        backend.write_zeroes_fast(offset, length)?
+                    }
                     wire::CMD_WRITE_ZEROES => backend.write_zeroes(offset, length)?,
                     _ => {}
                 }
-                if command == wire::CMD_FLUSH || fua {
+                let written = matches!(command, wire::CMD_WRITE | wire::CMD_WRITE_ZEROES);
+                if command == wire::CMD_FLUSH || fua || (writethrough && written) {
                     backend.flush()?;
                 }
                 Ok(())
@@ -237,70 +301,148 @@ async fn execute(
     }
 }
 
-fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
-    let mut reply = vec![0u8; wire::SIMPLE_REPLY_LEN];
-    wire::encode_simple_reply(&mut reply, error, cookie);
-    reply
+/// An error reply: an error chunk (with `message`) or a simple reply.
+fn error_reply(structured: bool, cookie: u64, error: u32, message: &str) -> Vec<u8> {
+    if !structured {
+        return simple_reply(error, cookie);
+    }
+    let mut payload = error.to_be_bytes().to_vec();
+    // Messages are short constant texts.
+    payload.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    payload.extend_from_slice(message.as_bytes());
+    wire::chunk(wire::REPLY_TYPE_ERROR, cookie, &payload)
 }
 
-/// The payload of a `base:allocation` BLOCK_STATUS chunk: the backend's extents, cut to the
-/// `length` asked for (one extent with REQ_ONE); all data if the backend reports nothing.
-fn encode_extents(extents: &[Extent], length: u64, req_one: bool) -> Vec<u8> {
-    let mut payload = wire::BASE_ALLOCATION_ID.to_be_bytes().to_vec();
-    let mut covered = 0u64;
-    for extent in extents.iter().take(MAX_EXTENTS) {
-        // `length` comes from a 32-bit field, so every piece fits in 32 bits.
-        let piece = extent.length.min(length - covered);
-        if piece == 0 {
-            continue;
+/// Extents in the making: adjacent runs with the same flags merge (as long as the length
+/// fits in 32 bits); at most `cap` runs.
+struct ExtentList {
+    runs: Vec<(u32, u32)>,
+    cap: usize,
+}
+
+impl ExtentList {
+    /// Appends a run; false when it did not fit (the list is full).
+    fn push(&mut self, length: u64, flags: u32) -> bool {
+        if length == 0 {
+            return true;
         }
-        let mut flags = 0;
-        if extent.hole {
-            flags |= wire::STATE_HOLE;
+        if let Some(last) = self.runs.last_mut()
+            && last.1 == flags
+            && u64::from(last.0) + length <= u64::from(u32::MAX)
+        {
+            last.0 += length as u32;
+            return true;
         }
-        if extent.zero {
-            flags |= wire::STATE_ZERO;
+        if self.runs.len() >= self.cap {
+            return false;
         }
-        payload.extend_from_slice(&(piece as u32).to_be_bytes());
-        payload.extend_from_slice(&flags.to_be_bytes());
-        covered += piece;
-        if covered == length || req_one {
+        // Callers cut runs to the request's 32-bit length.
+        self.runs.push((length as u32, flags));
+        true
+    }
+}
+
+/// The extents of context `id` over `length` bytes at `offset` (`length` fits in 32 bits):
+/// the source is asked again from where its last answer ended until the range is covered or
+/// `cap` runs are full; a source that stops answering leaves the rest reported as flags 0.
+fn collect_extents(
+    entry: &ExportEntry,
+    id: u32,
+    offset: u64,
+    length: u64,
+    cap: usize,
+) -> io::Result<Vec<(u32, u32)>> {
+    let export = &entry.export;
+    let source = |at: u64, len: u64| -> io::Result<Vec<StatusExtent>> {
+        match id {
+            wire::BASE_ALLOCATION_ID => Ok(base_allocation(export.backend.as_ref(), at, len)?),
+            _ => export.contexts[id as usize - 1].source.extents(at, len),
+        }
+    };
+    let end = offset + length;
+    let mut list = ExtentList {
+        runs: Vec::new(),
+        cap,
+    };
+    let mut at = offset;
+    'ask: while at < end {
+        let before = at;
+        for extent in source(at, end - at)? {
+            let piece = extent.length.min(end - at);
+            if !list.push(piece, extent.flags) {
+                break 'ask;
+            }
+            at += piece;
+            if at == end {
+                break 'ask;
+            }
+        }
+        if at == before {
+            list.push(end - at, 0);
             break;
         }
     }
-    if covered == 0 {
-        payload.extend_from_slice(&(length as u32).to_be_bytes());
-        payload.extend_from_slice(&0u32.to_be_bytes());
+    Ok(list.runs)
+}
+
+/// `base:allocation` as status flags.
+fn base_allocation(
+    backend: &dyn ExportBackend,
+    offset: u64,
+    len: u64,
+) -> io::Result<Vec<StatusExtent>> {
+    Ok(backend
+        .allocation(offset, len)?
+        .into_iter()
+        .map(|extent| StatusExtent {
+            length: extent.length,
+            flags: if extent.hole { wire::STATE_HOLE } else { 0 }
+                | if extent.zero { wire::STATE_ZERO } else { 0 },
+        })
+        .collect())
+}
+
+/// The payload of a BLOCK_STATUS chunk: the context id, then (length, flags) pairs.
+fn encode_extents(id: u32, runs: &[(u32, u32)]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(4 + 8 * runs.len());
+    payload.extend_from_slice(&id.to_be_bytes());
+    for (length, flags) in runs {
+        payload.extend_from_slice(&length.to_be_bytes());
+        payload.extend_from_slice(&flags.to_be_bytes());
     }
     payload
 }
 
-/// The error value refusing `request`, if any.
-fn check(export: &Export, session: &Session, request: &Request) -> Result<(), u32> {
+/// The rule of `request`'s command, or the error value refusing the request.
+fn check<W>(connection: &Connection<W>, request: &Request) -> Result<&'static CommandRule, u32> {
+    let export = &connection.entry.export;
     let rule = COMMANDS
         .iter()
         .find(|rule| rule.command == request.command)
-        .filter(|rule| session.base_allocation || !rule.needs_base_allocation)
         .ok_or(wire::EINVAL)?;
-    if request.command == wire::CMD_BLOCK_STATUS && request.length == 0 {
-        return Err(wire::EINVAL);
-    }
-    if request.command == wire::CMD_READ && request.length > wire::MAX_PAYLOAD {
+    if request.length > rule.max_length {
         return Err(wire::EINVAL);
     }
     if rule.modifies && !export.writable {
         return Err(wire::EPERM);
     }
-    if rule.ranged {
-        let size = export.backend.size();
-        if request.offset > size || u64::from(request.length) > size - request.offset {
-            return Err(rule.past_end);
-        }
+    let size = export.backend.size();
+    if request.offset > size || u64::from(request.length) > size - request.offset {
+        return Err(rule.past_end);
     }
-    if request.flags & !rule.flags != 0 {
+    let mut flags = rule.flags;
+    if connection.structured && rule.command == wire::CMD_READ {
+        flags |= wire::CMD_FLAG_DF;
+    }
+    if request.flags & !flags != 0 {
         return Err(wire::EINVAL);
     }
-    Ok(())
+    if rule.command == wire::CMD_BLOCK_STATUS
+        && (request.length == 0 || connection.contexts.is_empty())
+    {
+        return Err(wire::EINVAL);
+    }
+    Ok(rule)
 }
 
 /// Runs a backend call on the blocking pool; a panicking backend answers `EIO`.
@@ -316,46 +458,53 @@ where
     }
 }
 
+fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
+    let mut reply = vec![0u8; wire::SIMPLE_REPLY_LEN];
+    wire::encode_simple_reply(&mut reply, error, cookie);
+    reply
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn extent(length: u64, hole: bool, zero: bool) -> Extent {
-        Extent { length, hole, zero }
-    }
-
-    fn decode(payload: &[u8]) -> Vec<(u32, u32)> {
-        assert_eq!(payload[0..4], wire::BASE_ALLOCATION_ID.to_be_bytes());
-        payload[4..]
-            .chunks_exact(8)
-            .map(|pair| {
-                let length = u32::from_be_bytes(pair[0..4].try_into().unwrap());
-                let flags = u32::from_be_bytes(pair[4..8].try_into().unwrap());
-                (length, flags)
-            })
-            .collect()
+    fn list(cap: usize) -> ExtentList {
+        ExtentList {
+            runs: Vec::new(),
+            cap,
+        }
     }
 
     #[test]
-    fn extents_are_cut_to_the_requested_length() {
-        let extents = [extent(100, false, false), extent(100, true, true)];
-        assert_eq!(
-            decode(&encode_extents(&extents, 150, false)),
-            vec![(100, 0), (50, 3)]
-        );
+    fn adjacent_runs_with_the_same_flags_merge() {
+        let mut extents = list(8);
+        assert!(extents.push(100, 0));
+        assert!(extents.push(50, 0));
+        assert!(extents.push(0, 3));
+        assert!(extents.push(10, 3));
+        assert_eq!(extents.runs, vec![(150, 0), (10, 3)]);
     }
 
     #[test]
-    fn req_one_sends_a_single_extent() {
-        let extents = [extent(100, false, true), extent(100, true, true)];
-        assert_eq!(decode(&encode_extents(&extents, 200, true)), vec![(100, 2)]);
+    fn a_full_list_refuses_a_new_run_but_still_merges() {
+        let mut extents = list(1);
+        assert!(extents.push(100, 2));
+        assert!(extents.push(100, 2));
+        assert!(!extents.push(1, 0));
+        assert_eq!(extents.runs, vec![(200, 2)]);
     }
 
     #[test]
-    fn no_extents_from_the_backend_report_data() {
-        assert_eq!(
-            decode(&encode_extents(&[extent(0, true, true)], 64, false)),
-            vec![(64, 0)]
-        );
+    fn runs_past_32_bits_are_not_merged() {
+        let mut extents = list(4);
+        assert!(extents.push(u64::from(u32::MAX), 0));
+        assert!(extents.push(1, 0));
+        assert_eq!(extents.runs, vec![(u32::MAX, 0), (1, 0)]);
+    }
+
+    #[test]
+    fn extents_payload_is_the_context_id_then_pairs() {
+        let payload = encode_extents(2, &[(4096, 1)]);
+        assert_eq!(payload, [0, 0, 0, 2, 0, 0, 16, 0, 0, 0, 0, 1]);
     }
 }

@@ -27,21 +27,28 @@ pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
-const REP_FLAG_ERROR: u32 = 1 << 31;
+pub const REP_FLAG_ERROR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
+pub const REP_ERR_POLICY: u32 = REP_FLAG_ERROR | 2;
 pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
+pub const REP_ERR_PLATFORM: u32 = REP_FLAG_ERROR | 4;
+pub const REP_ERR_TLS_REQD: u32 = REP_FLAG_ERROR | 5;
 pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
+pub const REP_ERR_SHUTDOWN: u32 = REP_FLAG_ERROR | 7;
+pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
 pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
 
 /// Information types of `NBD_REP_INFO`.
@@ -55,9 +62,13 @@ pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
 pub const FLAG_READ_ONLY: u16 = 1 << 1;
 pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const FLAG_SEND_FUA: u16 = 1 << 3;
+pub const FLAG_ROTATIONAL: u16 = 1 << 4;
 pub const FLAG_SEND_TRIM: u16 = 1 << 5;
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const FLAG_SEND_DF: u16 = 1 << 7;
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const FLAG_SEND_CACHE: u16 = 1 << 10;
+pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Commands.
 pub const CMD_READ: u16 = 0;
@@ -65,26 +76,36 @@ pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 /// Structured reply chunk flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 
-/// The one metadata context served, its id, and its extent flags.
+/// The metadata context every export has, its id (QEMU's), and its extent flags.
 pub const BASE_ALLOCATION: &str = "base:allocation";
-pub const BASE_ALLOCATION_ID: u32 = 1;
+pub const BASE_ALLOCATION_ID: u32 = 0;
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
+/// QEMU's contexts (`docs/interop/nbd.rst`): allocation depth, and dirty bitmaps (bit 0 set:
+/// dirty).
+pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// Error values of replies (the protocol fixes these numbers; they match Linux's errno).
 pub const EPERM: u32 = 1;
@@ -94,6 +115,7 @@ pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 pub const EOVERFLOW: u32 = 75;
 pub const ENOTSUP: u32 = 95;
+pub const ESHUTDOWN: u32 = 108;
 
 /// Largest READ or WRITE payload served (QEMU's limit as well).
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
@@ -101,6 +123,17 @@ pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 pub const MAX_STRING: usize = 4096;
 /// Largest option data read into memory; longer options are skipped and refused.
 pub const MAX_OPTION_DATA: u32 = 64 * 1024;
+/// Option data longer than this is not even skipped: the client is disconnected (QEMU's limit).
+pub const MAX_OPTION_SKIP: u32 = MAX_PAYLOAD;
+/// Most options one handshake may send before the server gives up on the client: far more
+/// than any real client needs (`nbdinfo --list` sends two per export), few enough that an
+/// option haggling loop ends even without a handshake timeout.
+pub const MAX_OPTIONS: usize = 65536;
+/// Most extents sent in one BLOCK_STATUS chunk (QEMU's limit: 1 MiB of extents).
+pub const MAX_EXTENTS: usize = 1024 * 1024 / 8;
+/// Most requests of one connection executed at once (QEMU's `MAX_NBD_REQUESTS`); the server
+/// reads no further request until one of them is answered.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 16;
 /// Block sizes advertised with `NBD_INFO_BLOCK_SIZE`: any byte alignment works, 4 KiB is best.
 pub const MIN_BLOCK: u32 = 1;
 pub const PREFERRED_BLOCK: u32 = 4096;
@@ -111,6 +144,21 @@ pub const REQUEST_LEN: usize = 28;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Size in bytes of a structured reply chunk header.
 pub const CHUNK_HEADER_LEN: usize = 20;
+
+/// The I/O error a reply's error value stands for (the client side of [`errno_of`]): the
+/// protocol's values are Linux's errno numbers; an unknown one counts as `EINVAL`, as the
+/// protocol asks.
+pub fn error_of(errno: u32) -> io::Error {
+    let known = [
+        EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN,
+    ];
+    let errno = if known.contains(&errno) {
+        errno
+    } else {
+        EINVAL
+    };
+    io::Error::from_raw_os_error(errno as i32)
+}
 
 /// The protocol error value for an I/O error of an export backend.
 pub fn errno_of(error: &io::Error) -> u32 {
@@ -160,9 +208,9 @@ pub fn encode_simple_reply(out: &mut [u8], error: u32, cookie: u64) {
 }
 
 /// Writes a structured reply chunk header into the first [`CHUNK_HEADER_LEN`] bytes of `out`.
-pub fn encode_chunk_header(out: &mut [u8], kind: u16, cookie: u64, payload_len: u32) {
+pub fn encode_chunk_header(out: &mut [u8], flags: u16, kind: u16, cookie: u64, payload_len: u32) {
     out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    out[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    out[4..6].copy_from_slice(&flags.to_be_bytes());
     out[6..8].copy_from_slice(&kind.to_be_bytes());
     out[8..16].copy_from_slice(&cookie.to_be_bytes());
     out[16..20].copy_from_slice(&payload_len.to_be_bytes());
@@ -170,9 +218,15 @@ pub fn encode_chunk_header(out: &mut [u8], kind: u16, cookie: u64, payload_len: 
 
 /// A whole final structured chunk with `payload`.
 pub fn chunk(kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0u8; CHUNK_HEADER_LEN];
+    chunk_with_flags(REPLY_FLAG_DONE, kind, cookie, payload)
+}
+
+/// A whole structured chunk with `payload` and chunk `flags`.
+pub fn chunk_with_flags(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + payload.len());
+    out.resize(CHUNK_HEADER_LEN, 0);
     // Payloads are bounded by MAX_PAYLOAD plus a small header.
-    encode_chunk_header(&mut out, kind, cookie, payload.len() as u32);
+    encode_chunk_header(&mut out, flags, kind, cookie, payload.len() as u32);
     out.extend_from_slice(payload);
     out
 }
