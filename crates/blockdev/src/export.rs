@@ -1,5 +1,8 @@
 //! NBD exports of nodes (QEMU's `blockdev-nbd.c` and `block/export/export.c`):
 //! `nbd-server-start`/`-stop`, `block-export-add`/`-del` and `BLOCK_EXPORT_DELETED`.
+//! An export offers `base:allocation` (block status through the backing chain, as QEMU's
+//! `bdrv_block_status_above`), and on request `qemu:allocation-depth` and
+//! `qemu:dirty-bitmap:NAME` for each of its `bitmaps` (busy while exported).
 //!
 //! The server runs on a tokio runtime ([`crate::Blockdev::with_runtime`]); the commands wait
 //! for it from the command thread, which must not be one of that runtime's workers driving
@@ -12,10 +15,16 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use nbd::{Export, ExportBackend, ExportError, ListenAddr, NbdServer, RemoveMode, ServerConfig};
+use block::bitmap_cmd::{BitmapCheck, check_bitmap, lookup_bitmap_node, with_bitmap};
+use block::{BlockNode, ChildKind};
+use nbd::{
+    BlockStatus, Export, ExportBackend, ExportError, ListenAddr, NbdServer, RemoveMode,
+    ServerConfig, StatusExtent,
+};
 use qmp_api::{
-    BlockExportDelArguments, BlockExportDeletedData, BlockExportOptions, BlockExportOptionsBranch,
-    BlockExportRemoveMode, Event, NbdServerOptionsLegacy, QmpError, SocketAddressLegacyBranch,
+    BlockDirtyBitmapOrStr, BlockExportDelArguments, BlockExportDeletedData, BlockExportOptions,
+    BlockExportOptionsBranch, BlockExportRemoveMode, Event, NbdServerOptionsLegacy, QmpError,
+    SocketAddressLegacyBranch,
 };
 use tokio::runtime::Handle;
 
@@ -29,7 +38,7 @@ const MAX_STRING: usize = 4096;
 const STOP_WAIT_LIMIT: Duration = Duration::from_secs(5);
 
 /// One `block-export-add`ed export, until it is really gone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct ExportRecord {
     id: String,
     /// The NBD export name.
@@ -37,6 +46,59 @@ struct ExportRecord {
     node: String,
     /// `block-export-del` was accepted; clients are still being disconnected.
     shutting_down: bool,
+    /// The bitmaps exported (busy until the export is gone).
+    bitmaps: Vec<ExportedBitmap>,
+}
+
+/// A dirty bitmap an export offers as `qemu:dirty-bitmap:NAME`.
+#[derive(Clone)]
+struct ExportedBitmap {
+    node: Arc<BlockNode>,
+    name: String,
+}
+
+impl ExportedBitmap {
+    /// The bitmap is usable by other operations again (the export is gone).
+    fn release(&self) {
+        let _ = with_bitmap(&self.node, &self.name, |b| {
+            b.set_busy(false);
+            Ok(())
+        });
+    }
+}
+
+impl BlockStatus for ExportedBitmap {
+    /// Clean and dirty runs (QEMU's `bitmap_to_extents`): dirty ranges as the bitmap records
+    /// them, cut to the range asked for.
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<StatusExtent>> {
+        let end = offset + len;
+        let ranges = with_bitmap(&self.node, &self.name, |b| {
+            Ok(b.dirty_ranges(offset, end).collect::<Vec<_>>())
+        })
+        .map_err(|e| io::Error::other(e.desc().to_string()))?;
+        let mut extents = Vec::with_capacity(2 * ranges.len() + 1);
+        let mut at = offset;
+        for (start, length) in ranges {
+            if start > at {
+                extents.push(StatusExtent {
+                    length: start - at,
+                    flags: 0,
+                });
+            }
+            extents.push(StatusExtent {
+                length,
+                flags: nbd::wire::STATE_DIRTY,
+            });
+            at = start + length;
+        }
+        if at < end {
+            extents.push(StatusExtent {
+                length: end - at,
+                flags: 0,
+            });
+        }
+        Ok(extents)
+    }
 }
 
 /// The NBD server and the exports on it.
@@ -209,6 +271,7 @@ impl NbdExports {
         }
         let gone = std::mem::take(&mut *lock(&self.records));
         for record in gone {
+            record.bitmaps.iter().for_each(ExportedBitmap::release);
             (self.events)(deleted_event(record.id));
         }
     }
@@ -280,26 +343,64 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
             "NBD server already has export named '{name}'"
         )));
     }
-    if let Some(bitmap) = options.bitmaps.as_ref().and_then(|b| b.first()) {
-        let bitmap = serde_json::to_value(bitmap).unwrap_or_default();
-        return Err(QmpError::generic(format!(
-            "Exporting dirty bitmaps ({bitmap}) is not supported"
-        )));
-    }
-    if options.allocation_depth == Some(true) {
+    let top = state
+        .graph
+        .as_mut()
+        .and_then(|g| g.block_graph())
+        .and_then(|g| g.find(&args.node_name));
+    let bitmaps = match options.bitmaps {
+        Some(bitmaps) if !bitmaps.is_empty() => {
+            let graph = state
+                .graph
+                .as_mut()
+                .and_then(|g| g.block_graph())
+                .ok_or_else(|| QmpError::generic("Dirty bitmaps need the block layer"))?;
+            let top = top.as_ref().ok_or_else(|| node::not_found("", &args.node_name))?;
+            exported_bitmaps(graph, top, bitmaps, !writable)?
+        }
+        _ => Vec::new(),
+    };
+    let allocation_depth = options.allocation_depth == Some(true);
+    if allocation_depth && top.is_none() {
         return Err(QmpError::generic(
-            "Exporting qemu:allocation-depth is not supported",
+            "Exporting qemu:allocation-depth needs the block layer",
         ));
     }
-    let backend = Arc::new(NodeExport { io });
-    let export = Export::new(name.clone(), backend)
+    let backend = Arc::new(NodeExport {
+        io,
+        node: top.clone(),
+    });
+    let mut export = Export::new(name.clone(), backend)
         .writable(writable)
+        .writethrough(args.writethrough == Some(true))
         .description(description);
-    server.add_export(export).map_err(|e| match e {
-        ExportError::DuplicateName(name) => {
-            QmpError::generic(format!("NBD server already has export named '{name}'"))
+    if let Some(top) = top.filter(|_| allocation_depth) {
+        export = export.meta_context(nbd::wire::ALLOCATION_DEPTH, Arc::new(AllocationDepth(top)));
+    }
+    for bitmap in &bitmaps {
+        let context = format!("{}{}", nbd::wire::DIRTY_BITMAP_PREFIX, bitmap.name);
+        export = export.meta_context(context, Arc::new(bitmap.clone()));
+    }
+    for bitmap in &bitmaps {
+        let _ = with_bitmap(&bitmap.node, &bitmap.name, |b| {
+            b.set_busy(true);
+            Ok(())
+        });
+    }
+    server.add_export(export).map_err(|e| {
+        bitmaps.iter().for_each(ExportedBitmap::release);
+        match e {
+            ExportError::DuplicateName(name) => {
+                QmpError::generic(format!("NBD server already has export named '{name}'"))
+            }
+            ExportError::DuplicateContext(context) => {
+                let name = context.trim_start_matches(nbd::wire::DIRTY_BITMAP_PREFIX);
+                QmpError::generic(format!(
+                    "Bitmap '{name}' is currently in use by another operation and cannot be used"
+                ))
+            }
+            other => QmpError::generic(other.to_string()),
         }
-        other => QmpError::generic(other.to_string()),
     })?;
     lock(&state.exports.records).insert(
         0,
@@ -308,6 +409,7 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
             name,
             node: args.node_name,
             shutting_down: false,
+            bitmaps,
         },
     );
     Ok(())
@@ -364,23 +466,167 @@ pub(crate) fn del(state: &mut BlockState, args: BlockExportDelArguments) -> Resu
     Ok(())
 }
 
-/// Forgets export `id` and reports it deleted, unless that already happened (server stop).
+/// Forgets export `id`, releases its bitmaps and reports it deleted, unless that already
+/// happened (server stop).
 fn finish_deletion(records: &Mutex<Vec<ExportRecord>>, events: &EventSink, id: &str) {
     let removed = {
         let mut records = lock(records);
-        let before = records.len();
-        records.retain(|r| r.id != id);
-        records.len() != before
+        records
+            .iter()
+            .position(|r| r.id == id)
+            .map(|i| records.remove(i))
     };
-    if removed {
+    if let Some(record) = removed {
+        record.bitmaps.iter().for_each(ExportedBitmap::release);
         events(deleted_event(id.to_string()));
     }
 }
 
+/// The layer below `node` whose data shows through it: a filter's child, or the backing file.
+fn layer_below(node: &BlockNode) -> Option<Arc<BlockNode>> {
+    let children = node.children();
+    children
+        .iter()
+        .find(|edge| edge.kind == ChildKind::Filtered)
+        .or_else(|| children.iter().find(|edge| edge.kind == ChildKind::Backing))
+        .map(|edge| edge.node.clone())
+}
+
+/// The bitmaps of `block-export-add`'s `bitmaps`, checked in QEMU's order (`nbd_export_create`):
+/// a name alone is looked for on the node and then down its chain; an enabled bitmap on a
+/// writable node cannot be exported read-only (it would change under the client); a busy or
+/// inconsistent one cannot be exported.
+fn exported_bitmaps(
+    graph: &block::BlockGraph,
+    top: &Arc<BlockNode>,
+    bitmaps: Vec<BlockDirtyBitmapOrStr>,
+    read_only_export: bool,
+) -> Result<Vec<ExportedBitmap>, QmpError> {
+    let mut found = Vec::with_capacity(bitmaps.len());
+    for bitmap in bitmaps {
+        let (node, name) = match bitmap {
+            BlockDirtyBitmapOrStr::Local(name) => {
+                let mut layer = Some(top.clone());
+                let node = loop {
+                    match layer {
+                        Some(node) if node.bitmaps().iter().any(|b| b.name() == Some(&name)) => {
+                            break node;
+                        }
+                        Some(node) => layer = layer_below(&node),
+                        None => {
+                            return Err(QmpError::generic(format!(
+                                "Bitmap '{name}' is not found"
+                            )));
+                        }
+                    }
+                };
+                let enabled = with_bitmap(&node, &name, |b| Ok(b.is_enabled())).unwrap_or(false);
+                if read_only_export && !node.is_read_only() && enabled {
+                    return Err(QmpError::generic(format!(
+                        "Enabled bitmap '{name}' incompatible with readonly export"
+                    )));
+                }
+                (node, name)
+            }
+            BlockDirtyBitmapOrStr::External(b) => {
+                let node = lookup_bitmap_node(graph, &b.node, &b.name)
+                    .map_err(crate::block_layer::qmp_error)?;
+                (node, b.name)
+            }
+        };
+        with_bitmap(&node, &name, |b| check_bitmap(b, BitmapCheck::AllowReadOnly))
+            .map_err(crate::block_layer::qmp_error)?;
+        found.push(ExportedBitmap { node, name });
+    }
+    Ok(found)
+}
+
+/// How `len` bytes at `offset` of `node` read, through its chain (QEMU's
+/// `bdrv_block_status_above`): `(data, zero, bytes)`. The first layer that allocates the
+/// range decides (data, or allocated as zeroes); a range no layer allocates reads as zeroes.
+/// `depth` is that layer's depth (1: `node` itself; 0: no layer).
+fn chain_status(node: &Arc<BlockNode>, offset: u64, len: u64) -> io::Result<ChainStatus> {
+    let mut layer = node.clone();
+    let mut len = len;
+    let mut depth = 1;
+    loop {
+        let size = layer.size().map_err(block_io_error)?;
+        if offset >= size {
+            // Past the end of a shorter backing file: zeroes.
+            return Ok(ChainStatus::unallocated(len));
+        }
+        let (allocated, zero, n) = layer
+            .zero_status(offset, len.min(size - offset))
+            .map_err(block_io_error)?;
+        // A layer that cannot have a backing file holds all its data itself.
+        let below = layer_below(&layer);
+        let allocated = allocated || !layer.driver().supports_backing() && below.is_none();
+        if n > 0 {
+            len = len.min(n);
+        }
+        if allocated {
+            return Ok(ChainStatus {
+                data: !zero,
+                zero,
+                depth,
+                len,
+            });
+        }
+        match below {
+            Some(next) => {
+                layer = next;
+                depth += 1;
+            }
+            None => return Ok(ChainStatus::unallocated(len)),
+        }
+    }
+}
+
+/// One answer of [`chain_status`].
+struct ChainStatus {
+    data: bool,
+    zero: bool,
+    depth: u32,
+    len: u64,
+}
+
+impl ChainStatus {
+    fn unallocated(len: u64) -> ChainStatus {
+        ChainStatus {
+            data: false,
+            zero: true,
+            depth: 0,
+            len,
+        }
+    }
+}
+
+fn block_io_error(e: block::BlockError) -> io::Error {
+    match e.errno() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::other(e.desc().to_string()),
+    }
+}
+
+/// `qemu:allocation-depth`: which layer of the chain allocates each range (0: none).
+struct AllocationDepth(Arc<BlockNode>);
+
+impl BlockStatus for AllocationDepth {
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<StatusExtent>> {
+        let status = chain_status(&self.0, offset, len)?;
+        Ok(vec![StatusExtent {
+            length: status.len,
+            flags: status.depth,
+        }])
+    }
+}
+
 /// A node as an NBD export's storage: every request goes through the node, so writes mark
-/// its dirty bitmaps.
+/// its dirty bitmaps. With the block crate's node at hand, block status looks through the
+/// backing chain; without (test graphs), at the node's own layer.
 struct NodeExport {
     io: Arc<dyn BlockIo>,
+    node: Option<Arc<BlockNode>>,
 }
 
 impl ExportBackend for NodeExport {
@@ -405,6 +651,14 @@ impl ExportBackend for NodeExport {
     }
 
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<nbd::Extent>> {
+        if let Some(node) = &self.node {
+            let status = chain_status(node, offset, len)?;
+            return Ok(vec![nbd::Extent {
+                length: status.len,
+                hole: !status.data,
+                zero: status.zero,
+            }]);
+        }
         let status = self.io.block_status(offset, len)?;
         let length = if status.len == 0 {
             len
