@@ -355,7 +355,9 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
                 .as_mut()
                 .and_then(|g| g.block_graph())
                 .ok_or_else(|| QmpError::generic("Dirty bitmaps need the block layer"))?;
-            let top = top.as_ref().ok_or_else(|| node::not_found("", &args.node_name))?;
+            let top = top
+                .as_ref()
+                .ok_or_else(|| node::not_found("", &args.node_name))?;
             exported_bitmaps(graph, top, bitmaps, !writable)?
         }
         _ => Vec::new(),
@@ -514,9 +516,7 @@ fn exported_bitmaps(
                         }
                         Some(node) => layer = layer_below(&node),
                         None => {
-                            return Err(QmpError::generic(format!(
-                                "Bitmap '{name}' is not found"
-                            )));
+                            return Err(QmpError::generic(format!("Bitmap '{name}' is not found")));
                         }
                     }
                 };
@@ -534,8 +534,10 @@ fn exported_bitmaps(
                 (node, b.name)
             }
         };
-        with_bitmap(&node, &name, |b| check_bitmap(b, BitmapCheck::AllowReadOnly))
-            .map_err(crate::block_layer::qmp_error)?;
+        with_bitmap(&node, &name, |b| {
+            check_bitmap(b, BitmapCheck::AllowReadOnly)
+        })
+        .map_err(crate::block_layer::qmp_error)?;
         found.push(ExportedBitmap { node, name });
     }
     Ok(found)
