@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod client;
 mod exports;
 mod handshake;
 mod server;

@@ -1,0 +1,553 @@
+//! Transmission, client side: requests are written whole under a lock, a reader task routes
+//! every reply (simple, or structured chunks until the one flagged done) to its request by
+//! cookie. When the connection ends, every request still waiting fails with
+//! [`ClientError::Disconnected`], and so does every later one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::{ClientError, Command, ExportInfo, Outcome, Stream, ZeroFlags};
+use crate::exports::StatusExtent;
+use crate::wire;
+
+/// The extents a BLOCK_STATUS returned, per selected context.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockStatusReply {
+    /// (context id, extents from the requested offset), in the order the chunks came.
+    pub contexts: Vec<(u32, Vec<StatusExtent>)>,
+}
+
+impl BlockStatusReply {
+    /// The extents of context `id`, if the server sent them.
+    pub fn extents(&self, id: u32) -> Option<&[StatusExtent]> {
+        self.contexts
+            .iter()
+            .find(|(context, _)| *context == id)
+            .map(|(_, extents)| extents.as_slice())
+    }
+}
+
+/// A connection in transmission on one export.
+pub struct NbdClient {
+    info: ExportInfo,
+    shared: Arc<Shared>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Shared {
+    writer: tokio::sync::Mutex<WriteHalf<Stream>>,
+    state: Mutex<State>,
+    next_cookie: AtomicU64,
+}
+
+/// Requests waiting for replies, and whether the connection still stands.
+struct State {
+    /// Why the connection ended (`None` while it stands).
+    closed: Option<String>,
+    waiting: HashMap<u64, InFlight>,
+}
+
+/// A request sent, waiting for (the rest of) its reply.
+struct InFlight {
+    command: u16,
+    offset: u64,
+    /// READ: the data, filled as chunks arrive.
+    data: Vec<u8>,
+    status: BlockStatusReply,
+    /// The first error chunk.
+    error: Option<(u32, String)>,
+    reply: oneshot::Sender<Result<Outcome, ClientError>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Largest chunk payload accepted: a READ's data plus its offset, or a BLOCK_STATUS of the
+/// most extents a server may send.
+const MAX_CHUNK: u32 = wire::MAX_PAYLOAD + 8;
+
+impl NbdClient {
+    /// Takes over a stream that finished the handshake.
+    pub(super) fn start(stream: Stream, info: ExportInfo) -> NbdClient {
+        let (reader, writer) = tokio::io::split(stream);
+        let shared = Arc::new(Shared {
+            writer: tokio::sync::Mutex::new(writer),
+            state: Mutex::new(State {
+                closed: None,
+                waiting: HashMap::new(),
+            }),
+            next_cookie: AtomicU64::new(1),
+        });
+        let task = tokio::spawn(read_replies(reader, Arc::clone(&shared)));
+        NbdClient {
+            info,
+            shared,
+            reader: Mutex::new(Some(task)),
+        }
+    }
+
+    /// The export, as the server described it at GO.
+    pub fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    /// Whether the connection still stands.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.shared.state).closed.is_none()
+    }
+
+    /// READ of `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
+        match self.execute(&Command::Read { offset, len }).await? {
+            Outcome::Data(data) => Ok(data),
+            _ => Err(ClientError::Protocol("a READ without data".into())),
+        }
+    }
+
+    /// WRITE of `data` at `offset`.
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
+        let len = self.checked_len(data.len())?;
+        self.check_range(offset, len)?;
+        self.check_writable()?;
+        let flags = self.fua_flag(fua)?;
+        self.submit(wire::CMD_WRITE, flags, offset, len, data)
+            .await
+            .map(|_| ())
+    }
+
+    /// FLUSH: every write answered so far is durable.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        self.execute(&Command::Flush).await.map(|_| ())
+    }
+
+    /// TRIM of `len` bytes at `offset`.
+    pub async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), ClientError> {
+        self.execute(&Command::Trim { offset, len, fua })
+            .await
+            .map(|_| ())
+    }
+
+    /// WRITE_ZEROES of `len` bytes at `offset`.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        flags: ZeroFlags,
+    ) -> Result<(), ClientError> {
+        self.execute(&Command::WriteZeroes { offset, len, flags })
+            .await
+            .map(|_| ())
+    }
+
+    /// BLOCK_STATUS of `len` bytes at `offset` in every selected context (one extent each
+    /// with `req_one`).
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    ) -> Result<BlockStatusReply, ClientError> {
+        match self
+            .execute(&Command::BlockStatus {
+                offset,
+                len,
+                req_one,
+            })
+            .await?
+        {
+            Outcome::Status(status) => Ok(status),
+            _ => Err(ClientError::Protocol(
+                "a BLOCK_STATUS without extents".into(),
+            )),
+        }
+    }
+
+    /// Sends `command` and waits for its reply.
+    pub async fn execute(&self, command: &Command) -> Result<Outcome, ClientError> {
+        match command {
+            Command::Read { offset, len } => {
+                self.checked_len(*len as usize)?;
+                self.check_range(*offset, *len)?;
+                self.submit(wire::CMD_READ, 0, *offset, *len, &[]).await
+            }
+            Command::Write { offset, data, fua } => self
+                .write(*offset, data, *fua)
+                .await
+                .map(|()| Outcome::Done),
+            Command::Flush => {
+                self.offered(wire::FLAG_SEND_FLUSH, "FLUSH")?;
+                self.submit(wire::CMD_FLUSH, 0, 0, 0, &[]).await
+            }
+            Command::Trim { offset, len, fua } => {
+                self.check_writable()?;
+                self.offered(wire::FLAG_SEND_TRIM, "TRIM")?;
+                self.check_range(*offset, *len)?;
+                let flags = self.fua_flag(*fua)?;
+                self.submit(wire::CMD_TRIM, flags, *offset, *len, &[]).await
+            }
+            Command::WriteZeroes { offset, len, flags } => {
+                self.check_writable()?;
+                self.offered(wire::FLAG_SEND_WRITE_ZEROES, "WRITE_ZEROES")?;
+                self.check_range(*offset, *len)?;
+                let mut bits = self.fua_flag(flags.fua)?;
+                if flags.no_hole {
+                    bits |= wire::CMD_FLAG_NO_HOLE;
+                }
+                if flags.fast {
+                    self.offered(wire::FLAG_SEND_FAST_ZERO, "fast zeroing")?;
+                    bits |= wire::CMD_FLAG_FAST_ZERO;
+                }
+                self.submit(wire::CMD_WRITE_ZEROES, bits, *offset, *len, &[])
+                    .await
+            }
+            Command::Cache { offset, len } => {
+                self.offered(wire::FLAG_SEND_CACHE, "CACHE")?;
+                self.check_range(*offset, *len)?;
+                self.submit(wire::CMD_CACHE, 0, *offset, *len, &[]).await
+            }
+            Command::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } => {
+                if self.info.contexts.is_empty() {
+                    return Err(ClientError::InvalidRequest(
+                        "no metadata context was selected".into(),
+                    ));
+                }
+                if *len == 0 {
+                    return Err(ClientError::InvalidRequest(
+                        "BLOCK_STATUS of 0 bytes".into(),
+                    ));
+                }
+                self.check_range(*offset, *len)?;
+                let flags = if *req_one { wire::CMD_FLAG_REQ_ONE } else { 0 };
+                self.submit(wire::CMD_BLOCK_STATUS, flags, *offset, *len, &[])
+                    .await
+            }
+        }
+    }
+
+    fn checked_len(&self, len: usize) -> Result<u32, ClientError> {
+        u32::try_from(len)
+            .ok()
+            .filter(|&len| len <= self.info.max_payload())
+            .ok_or_else(|| {
+                ClientError::InvalidRequest(format!(
+                    "{len} bytes is more than the server's maximum of {}",
+                    self.info.max_payload()
+                ))
+            })
+    }
+
+    fn check_range(&self, offset: u64, len: u32) -> Result<(), ClientError> {
+        match offset.checked_add(u64::from(len)) {
+            Some(end) if end <= self.info.size => Ok(()),
+            _ => Err(ClientError::InvalidRequest(format!(
+                "{len} bytes at {offset} go past the end of the export ({} bytes)",
+                self.info.size
+            ))),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), ClientError> {
+        if self.info.read_only() {
+            return Err(ClientError::InvalidRequest(
+                "the export is read-only".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn offered(&self, flag: u16, what: &str) -> Result<(), ClientError> {
+        if self.info.flags & flag == 0 {
+            return Err(ClientError::InvalidRequest(format!(
+                "the server does not offer {what}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn fua_flag(&self, fua: bool) -> Result<u16, ClientError> {
+        if !fua {
+            return Ok(0);
+        }
+        self.offered(wire::FLAG_SEND_FUA, "FUA")?;
+        Ok(wire::CMD_FLAG_FUA)
+    }
+
+    /// Registers the request, sends it, and waits for its reply.
+    async fn submit(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<Outcome, ClientError> {
+        let cookie = self.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut state = lock(&self.shared.state);
+            if let Some(reason) = &state.closed {
+                return Err(ClientError::Disconnected(reason.clone()));
+            }
+            let data = if command == wire::CMD_READ {
+                vec![0u8; len as usize]
+            } else {
+                Vec::new()
+            };
+            state.waiting.insert(
+                cookie,
+                InFlight {
+                    command,
+                    offset,
+                    data,
+                    status: BlockStatusReply::default(),
+                    error: None,
+                    reply,
+                },
+            );
+        }
+        let mut header = [0u8; wire::REQUEST_LEN];
+        header[0..4].copy_from_slice(&wire::REQUEST_MAGIC.to_be_bytes());
+        header[4..6].copy_from_slice(&flags.to_be_bytes());
+        header[6..8].copy_from_slice(&command.to_be_bytes());
+        header[8..16].copy_from_slice(&cookie.to_be_bytes());
+        header[16..24].copy_from_slice(&offset.to_be_bytes());
+        header[24..28].copy_from_slice(&len.to_be_bytes());
+        let sent = {
+            let mut writer = self.shared.writer.lock().await;
+            let mut sent = writer.write_all(&header).await;
+            if sent.is_ok() && !payload.is_empty() {
+                sent = writer.write_all(payload).await;
+            }
+            sent
+        };
+        if let Err(error) = sent {
+            // The stream is out of sync (or gone): nothing more can go over it.
+            fail_all(&self.shared, format!("sending a request failed: {error}"));
+            self.close();
+            return Err(ClientError::Disconnected(error.to_string()));
+        }
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Disconnected(
+                "the connection closed before the reply".into(),
+            )),
+        }
+    }
+
+    /// Ends the connection at once (no DISC): requests waiting fail as disconnected.
+    pub fn close(&self) {
+        if let Some(task) = lock(&self.reader).take() {
+            task.abort();
+        }
+        fail_all(&self.shared, "the client closed the connection".into());
+    }
+
+    /// A clean disconnect: NBD_CMD_DISC, then the server closes the connection.
+    pub async fn disconnect(self) {
+        let mut header = [0u8; wire::REQUEST_LEN];
+        header[0..4].copy_from_slice(&wire::REQUEST_MAGIC.to_be_bytes());
+        header[6..8].copy_from_slice(&wire::CMD_DISC.to_be_bytes());
+        header[8..16].copy_from_slice(
+            &self
+                .shared
+                .next_cookie
+                .fetch_add(1, Ordering::Relaxed)
+                .to_be_bytes(),
+        );
+        {
+            let mut writer = self.shared.writer.lock().await;
+            // The server may be gone already: the connection ends either way.
+            let _ = writer.write_all(&header).await;
+            let _ = writer.shutdown().await;
+        }
+        let task = lock(&self.reader).take();
+        if let Some(task) = task {
+            // The reader ends when the server closes its side.
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.reader).take() {
+            task.abort();
+        }
+    }
+}
+
+/// Marks the connection closed and fails every request waiting.
+fn fail_all(shared: &Shared, reason: String) {
+    let waiting = {
+        let mut state = lock(&shared.state);
+        state.closed.get_or_insert(reason.clone());
+        std::mem::take(&mut state.waiting)
+    };
+    for (_, request) in waiting {
+        let _ = request
+            .reply
+            .send(Err(ClientError::Disconnected(reason.clone())));
+    }
+}
+
+/// The reader task: routes replies until the connection ends, then fails what is left.
+async fn read_replies(mut reader: ReadHalf<Stream>, shared: Arc<Shared>) {
+    let reason = loop {
+        match read_reply(&mut reader, &shared).await {
+            Ok(()) => {}
+            Err(ReadError::Closed(error)) => {
+                break format!("the server closed the connection ({error})");
+            }
+            Err(ReadError::Protocol(message)) => {
+                tracing::warn!("NBD server broke the protocol: {message}");
+                break format!("protocol error: {message}");
+            }
+        }
+    };
+    fail_all(&shared, reason);
+}
+
+enum ReadError {
+    Closed(std::io::Error),
+    Protocol(String),
+}
+
+impl From<std::io::Error> for ReadError {
+    fn from(error: std::io::Error) -> ReadError {
+        ReadError::Closed(error)
+    }
+}
+
+fn take(shared: &Shared, cookie: u64) -> Result<InFlight, ReadError> {
+    lock(&shared.state)
+        .waiting
+        .remove(&cookie)
+        .ok_or_else(|| ReadError::Protocol(format!("a reply to unknown cookie {cookie:#x}")))
+}
+
+/// Reads one simple reply or one structured chunk.
+async fn read_reply(reader: &mut ReadHalf<Stream>, shared: &Shared) -> Result<(), ReadError> {
+    let magic = reader.read_u32().await?;
+    match magic {
+        wire::SIMPLE_REPLY_MAGIC => {
+            let error = reader.read_u32().await?;
+            let cookie = reader.read_u64().await?;
+            let mut request = take(shared, cookie)?;
+            if error == 0 && request.command == wire::CMD_READ {
+                reader.read_exact(&mut request.data).await?;
+            }
+            if error != 0 {
+                request.error = Some((error, String::new()));
+            }
+            complete(request);
+            Ok(())
+        }
+        wire::STRUCTURED_REPLY_MAGIC => {
+            let flags = reader.read_u16().await?;
+            let kind = reader.read_u16().await?;
+            let cookie = reader.read_u64().await?;
+            let length = reader.read_u32().await?;
+            if length > MAX_CHUNK {
+                return Err(ReadError::Protocol(format!("a chunk of {length} bytes")));
+            }
+            let mut request = take(shared, cookie)?;
+            read_chunk(reader, &mut request, kind, length).await?;
+            if flags & wire::REPLY_FLAG_DONE != 0 {
+                complete(request);
+            } else {
+                lock(&shared.state).waiting.insert(cookie, request);
+            }
+            Ok(())
+        }
+        other => Err(ReadError::Protocol(format!("reply magic {other:#x}"))),
+    }
+}
+
+/// Applies one chunk's payload to its request.
+async fn read_chunk(
+    reader: &mut ReadHalf<Stream>,
+    request: &mut InFlight,
+    kind: u16,
+    length: u32,
+) -> Result<(), ReadError> {
+    let malformed = |what: &str| ReadError::Protocol(format!("malformed {what} chunk"));
+    match kind {
+        wire::REPLY_TYPE_NONE if length == 0 => Ok(()),
+        wire::REPLY_TYPE_OFFSET_DATA if request.command == wire::CMD_READ && length >= 8 => {
+            let offset = reader.read_u64().await?;
+            let len = u64::from(length - 8);
+            let start = offset
+                .checked_sub(request.offset)
+                .filter(|start| start + len <= request.data.len() as u64)
+                .ok_or_else(|| malformed("data"))?;
+            let range = start as usize..(start + len) as usize;
+            reader.read_exact(&mut request.data[range]).await?;
+            Ok(())
+        }
+        wire::REPLY_TYPE_OFFSET_HOLE if request.command == wire::CMD_READ && length == 12 => {
+            let offset = reader.read_u64().await?;
+            let len = u64::from(reader.read_u32().await?);
+            let start = offset
+                .checked_sub(request.offset)
+                .filter(|start| start + len <= request.data.len() as u64)
+                .ok_or_else(|| malformed("hole"))?;
+            request.data[start as usize..(start + len) as usize].fill(0);
+            Ok(())
+        }
+        wire::REPLY_TYPE_BLOCK_STATUS
+            if request.command == wire::CMD_BLOCK_STATUS && length >= 4 && length % 8 == 4 =>
+        {
+            let mut payload = vec![0u8; length as usize];
+            reader.read_exact(&mut payload).await?;
+            let id = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            let extents = payload[4..]
+                .chunks_exact(8)
+                .map(|pair| StatusExtent {
+                    length: u64::from(u32::from_be_bytes([pair[0], pair[1], pair[2], pair[3]])),
+                    flags: u32::from_be_bytes([pair[4], pair[5], pair[6], pair[7]]),
+                })
+                .collect();
+            request.status.contexts.push((id, extents));
+            Ok(())
+        }
+        kind if kind & 0x8000 != 0 && length >= 6 => {
+            let mut payload = vec![0u8; length as usize];
+            reader.read_exact(&mut payload).await?;
+            let errno = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            let message_len = usize::from(u16::from_be_bytes([payload[4], payload[5]]));
+            let message = payload
+                .get(6..6 + message_len)
+                .map(|text| String::from_utf8_lossy(text).into_owned())
+                .unwrap_or_default();
+            request.error.get_or_insert((errno, message));
+            Ok(())
+        }
+        _ => Err(ReadError::Protocol(format!(
+            "an unexpected chunk of type {kind} ({length} bytes)"
+        ))),
+    }
+}
+
+/// Answers the waiting caller.
+fn complete(request: InFlight) {
+    let result = match request.error {
+        Some((errno, message)) => Err(ClientError::Server { errno, message }),
+        None => Ok(match request.command {
+            wire::CMD_READ => Outcome::Data(request.data),
+            wire::CMD_BLOCK_STATUS => Outcome::Status(request.status),
+            _ => Outcome::Done,
+        }),
+    };
+    // The caller may have given up waiting; the reply is dropped then.
+    let _ = request.reply.send(result);
+}
