@@ -458,3 +458,50 @@ fn nbdcopy_pulls_a_whole_export_equal_to_qemu_storage_daemons() {
     assert_eq!(copies[0].len(), 4 << 20);
     assert!(copies[0] == copies[1], "the pulled images differ");
 }
+
+#[test]
+fn hostile_nbd_clients_neither_crash_blockjobd_nor_stall_its_exports() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let root = tempfile::tempdir().expect("temp dir");
+    let template = make_image(root.path());
+    let mut ours = Served::start(&blockjobd(), "ours", root.path(), &template);
+    ours.set_up_exports();
+    let socket = ours.dir.join("nbd.sock");
+    let hostile: [&[u8]; 4] = [
+        b"GET / HTTP/1.1\r\n\r\n",
+        // Fixed newstyle, then an option claiming 4 GiB of data.
+        &[
+            0, 0, 0, 3, b'I', b'H', b'A', b'V', b'E', b'O', b'P', b'T', 0, 0, 0, 3, 255, 255, 255,
+            255,
+        ],
+        // Unknown client flags.
+        &[255, 255, 255, 255],
+        // Half an option header, then a hang-up.
+        &[0, 0, 0, 3, b'I', b'H', b'A'],
+    ];
+    for bytes in hostile {
+        let mut stream = UnixStream::connect(&socket).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut greeting = [0u8; 18];
+        stream.read_exact(&mut greeting).expect("greeting");
+        stream.write_all(bytes).expect("send");
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        // The server closes the connection (an error reply may come first; unread bytes
+        // make the close a reset), well within the read timeout.
+        match stream.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("not closed by the server: {e}"),
+        }
+    }
+    ours.qmp
+        .execute("query-version", json!({}))
+        .expect("the daemon still answers");
+    let map = stdout_of("nbdinfo", &["--map=qemu:dirty-bitmap:b0", &ours.unix("r")]);
+    assert!(map.contains("dirty"), "{map}");
+}

@@ -278,6 +278,19 @@ impl RawClient {
         (error, data)
     }
 
+    /// Reads a simple reply with any cookie (and `data_len` bytes of data after a success):
+    /// (error, cookie).
+    pub async fn simple_reply_any(&mut self, data_len: usize) -> (u32, u64) {
+        assert_eq!(self.stream.read_u32().await.unwrap(), 0x6744_6698);
+        let error = self.stream.read_u32().await.unwrap();
+        let cookie = self.stream.read_u64().await.unwrap();
+        if error == 0 && data_len > 0 {
+            let mut data = vec![0u8; data_len];
+            self.stream.read_exact(&mut data).await.unwrap();
+        }
+        (error, cookie)
+    }
+
     /// A whole request: (error, read data).
     pub async fn request(
         &mut self,
