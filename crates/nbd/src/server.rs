@@ -15,6 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::exports::{Export, ExportDeletion, ExportError, Registry, RemoveMode};
+use crate::transmission::IntoSocket;
 use crate::{handshake, transmission};
 
 /// Where the server listens.
@@ -257,7 +258,7 @@ async fn serve_connection<S>(
     handshake_timeout: Option<Duration>,
     _slot: Option<OwnedSemaphorePermit>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + IntoSocket + 'static,
 {
     let negotiated = tokio::select! {
         negotiated = within(handshake_timeout, handshake::negotiate(&mut stream, &registry)) => negotiated,
@@ -279,7 +280,11 @@ async fn serve_connection<S>(
         }
     };
     // The socket is closed when `serve` returns, before the export may be reported deleted.
-    if let Err(error) = transmission::serve(stream, &session, stopped).await {
+    let served = match stream.into_socket() {
+        Ok(socket) => transmission::serve(socket, &session, stopped).await,
+        Err(error) => Err(error),
+    };
+    if let Err(error) = served {
         tracing::debug!(%error, "NBD client dropped");
     }
     drop(session);
