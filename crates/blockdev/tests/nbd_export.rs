@@ -474,3 +474,57 @@ fn a_tcp_server_needs_a_numeric_port() {
     .unwrap();
     d.call("nbd-server-stop", json!({})).unwrap();
 }
+
+#[test]
+fn exported_bitmaps_are_checked_like_qemu_and_busy_until_the_export_is_gone() {
+    let mut d = Daemon::new();
+    d.add_qcow2("src", "1M");
+    d.start_server();
+    d.call(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "b0"}),
+    )
+    .unwrap();
+    let export = |bitmaps: Value| {
+        json!({"type": "nbd", "id": "e0", "node-name": "src", "bitmaps": bitmaps,
+               "allocation-depth": true})
+    };
+    assert_eq!(
+        d.call("block-export-add", export(json!(["nope"]))),
+        Err("Bitmap 'nope' is not found".into())
+    );
+    assert_eq!(
+        d.call(
+            "block-export-add",
+            export(json!([{"node": "nope", "name": "b0"}]))
+        ),
+        Err("Node 'nope' not found".into())
+    );
+    // An enabled bitmap of a writable node would change under a read-only export's client.
+    assert_eq!(
+        d.call("block-export-add", export(json!(["b0"]))),
+        Err("Enabled bitmap 'b0' incompatible with readonly export".into())
+    );
+    d.call(
+        "block-dirty-bitmap-disable",
+        json!({"node": "src", "name": "b0"}),
+    )
+    .unwrap();
+    d.call("block-export-add", export(json!(["b0"]))).unwrap();
+    let busy =
+        Err("Bitmap 'b0' is currently in use by another operation and cannot be used".into());
+    assert_eq!(
+        d.call(
+            "block-dirty-bitmap-remove",
+            json!({"node": "src", "name": "b0"})
+        ),
+        busy
+    );
+    d.call("block-export-del", json!({"id": "e0"})).unwrap();
+    d.wait_event("BLOCK_EXPORT_DELETED", json!({"id": "e0"}));
+    d.call(
+        "block-dirty-bitmap-remove",
+        json!({"node": "src", "name": "b0"}),
+    )
+    .unwrap();
+}

@@ -419,3 +419,51 @@ async fn a_client_silent_past_the_handshake_timeout_is_disconnected() {
     let mut idle = RawClient::connect(&server.socket).await;
     assert!(idle.is_closed_by_server().await);
 }
+
+#[tokio::test]
+async fn a_writethrough_export_flushes_every_write_before_its_reply() {
+    let server = UnixServer::start().await;
+    let memory = MemoryExport::filled(MIB, 0);
+    server
+        .server
+        .add_export(
+            nbd::Export::new("wt", memory.clone())
+                .writable(true)
+                .writethrough(true),
+        )
+        .unwrap();
+    let mut client = transmitting(&server, "wt").await;
+    assert_eq!(client.request(CMD_WRITE, 0, 0, 1, &[1]).await.0, 0);
+    assert_eq!(memory.flushes(), 1);
+    assert_eq!(client.request(CMD_WRITE_ZEROES, 0, 0, 8, &[]).await.0, 0);
+    assert_eq!(memory.flushes(), 2);
+    // Reads do not flush.
+    assert_eq!(client.request(CMD_READ, 0, 0, 1, &[]).await.0, 0);
+    assert_eq!(memory.flushes(), 2);
+}
+
+#[tokio::test]
+async fn flags_follow_qemu_multi_conn_only_with_more_than_one_connection_allowed() {
+    let shared = UnixServer::start().await;
+    shared.export("rw", MemoryExport::filled(MIB, 0), true);
+    let (_, flags) = RawClient::connect(&shared.socket)
+        .await
+        .go("rw")
+        .await
+        .unwrap();
+    // HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES, CAN_MULTI_CONN,
+    // SEND_CACHE, SEND_FAST_ZERO (no DF: structured replies were not negotiated).
+    assert_eq!(flags, 0b1101_0110_1101);
+    let single = UnixServer::start_with(ServerConfig {
+        max_connections: 1,
+        handshake_timeout: None,
+    })
+    .await;
+    single.export("rw", MemoryExport::filled(MIB, 0), true);
+    let (_, flags) = RawClient::connect(&single.socket)
+        .await
+        .go("rw")
+        .await
+        .unwrap();
+    assert_eq!(flags & (1 << 8), 0);
+}
