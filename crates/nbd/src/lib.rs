@@ -1,7 +1,9 @@
-//! An NBD server (fixed newstyle handshake, simple and structured replies, `base:allocation`)
-//! serving named exports over a unix or TCP socket, as `nbd-server-start` /
-//! `block-export-add` / `block-export-del` / `nbd-server-stop` need. Exports are [`ExportBackend`] trait objects: the crate knows
-//! nothing of the node graph.
+//! NBD, both ends. The server (fixed newstyle handshake, simple and structured replies,
+//! `base:allocation` and the metadata contexts an export adds, e.g. `qemu:dirty-bitmap:NAME`)
+//! serves named exports over a unix or TCP socket, as `nbd-server-start` / `block-export-add` /
+//! `block-export-del` / `nbd-server-stop` need; exports are [`ExportBackend`] trait objects:
+//! the crate knows nothing of the node graph. The client ([`client`]) connects to any NBD
+//! server, and reconnects. [`wire`] has the protocol's numbers.
 //!
 //! ```no_run
 //! # async fn example(backend: std::sync::Arc<dyn nbd::ExportBackend>) -> std::io::Result<()> {
