@@ -2,7 +2,7 @@
 //! `pragma`, and doc blocks attached to the definitions they precede.
 
 use crate::doc::{DocBlock, parse_doc};
-use crate::syntax::{Lexer, Tok};
+use crate::grammar::{Item as Syntax, RawDocBlock, Source};
 use crate::value::{Node, Value};
 use crate::{Diagnostics, Error, Location, SourceFile};
 use std::collections::HashSet;
@@ -141,10 +141,31 @@ enum PendingDoc {
 }
 
 impl State {
+    /// Parses one file's text and acts on its items in order (includes
+    /// expanded or recorded); a syntax error ends the file.
     fn parse_text(&mut self, file: Arc<SourceFile>, text: &str) {
-        let mut lx = Lexer::new(text, file);
-        if let Err(e) = self.parse_all(&mut lx) {
-            self.errors.push(e);
+        let source = Source::new(text, file);
+        let (items, stopped) = source.file();
+        let mut pending = PendingDoc::None;
+        for item in items {
+            match item {
+                Syntax::Doc(block) => {
+                    self.reject_doc(&mut pending);
+                    pending = self.doc_block(&block);
+                }
+                Syntax::Value(node) => self.top_level(node, &mut pending, source.source_file()),
+            }
+        }
+        match stopped {
+            // QEMU has dealt with the doc block before when it meets
+            // another one; a syntax error elsewhere leaves it pending.
+            Some(stop) => {
+                if stop.in_doc_block {
+                    self.reject_doc(&mut pending);
+                }
+                self.errors.push(source.error(&stop.error));
+            }
+            None => self.reject_doc(&mut pending),
         }
     }
 
@@ -167,106 +188,62 @@ impl State {
         }
     }
 
-    /// Parses tokens until the end of the file; an `Err` is a syntax error
-    /// that ends this file.
-    fn parse_all(&mut self, lx: &mut Lexer) -> Result<(), Error> {
-        let mut pending = PendingDoc::None;
-        lx.accept(false)?;
-        loop {
-            match &lx.tok {
-                Tok::Eof => break,
-                Tok::Comment(_) => {
-                    self.reject_doc(&mut pending);
-                    pending = self.doc_blocks(lx)?;
-                    continue;
-                }
-                _ => {}
+    /// A top-level value: an object, which is an `include`, a `pragma` or
+    /// a definition (with the doc block before it).
+    fn top_level(&mut self, node: Node, pending: &mut PendingDoc, file: &Arc<SourceFile>) {
+        let Some(dict) = node.as_dict() else {
+            self.errors.push(Error::new(
+                node.location.clone(),
+                "top-level expression must be an object",
+            ));
+            *pending = PendingDoc::None;
+            return;
+        };
+        if dict.contains("include") {
+            self.reject_doc(pending);
+            match &mut self.deferred {
+                Some(items) => items.push(Item::Include(node)),
+                None => self.include(&node, file),
             }
-            let node = lx.value()?;
-            let Some(dict) = node.as_dict() else {
-                self.errors.push(Error::new(
-                    node.location.clone(),
-                    "top-level expression must be an object",
-                ));
-                pending = PendingDoc::None;
-                continue;
+        } else if dict.contains("pragma") {
+            self.reject_doc(pending);
+            match &mut self.deferred {
+                Some(items) => items.push(Item::Pragma(node)),
+                None => self.pragma(&node),
+            }
+        } else {
+            let (doc, doc_broken) = match std::mem::replace(pending, PendingDoc::None) {
+                PendingDoc::None => (None, false),
+                PendingDoc::Broken => (None, true),
+                PendingDoc::Doc(d) if d.symbol.is_none() => {
+                    self.errors.push(Error::new(
+                        d.location.clone(),
+                        "definition documentation required",
+                    ));
+                    (None, true)
+                }
+                PendingDoc::Doc(d) => (Some(d), false),
             };
-            if dict.contains("include") {
-                self.reject_doc(&mut pending);
-                match &mut self.deferred {
-                    Some(items) => items.push(Item::Include(node)),
-                    None => self.include(&node, lx.file()),
-                }
-            } else if dict.contains("pragma") {
-                self.reject_doc(&mut pending);
-                match &mut self.deferred {
-                    Some(items) => items.push(Item::Pragma(node)),
-                    None => self.pragma(&node),
-                }
-            } else {
-                let (doc, doc_broken) = match std::mem::replace(&mut pending, PendingDoc::None) {
-                    PendingDoc::None => (None, false),
-                    PendingDoc::Broken => (None, true),
-                    PendingDoc::Doc(d) if d.symbol.is_none() => {
-                        self.errors.push(Error::new(
-                            d.location.clone(),
-                            "definition documentation required",
-                        ));
-                        (None, true)
-                    }
-                    PendingDoc::Doc(d) => (Some(d), false),
-                };
-                let expr = TopExpr {
-                    node,
-                    doc,
-                    doc_broken,
-                };
-                match &mut self.deferred {
-                    Some(items) => items.push(Item::Expr(expr)),
-                    None => self.out.exprs.push(expr),
-                }
+            let expr = TopExpr {
+                node,
+                doc,
+                doc_broken,
+            };
+            match &mut self.deferred {
+                Some(items) => items.push(Item::Expr(expr)),
+                None => self.out.exprs.push(expr),
             }
         }
-        self.reject_doc(&mut pending);
-        Ok(())
     }
 
-    /// Reads one `##` block (the current token is its opening comment).
-    fn doc_blocks(&mut self, lx: &mut Lexer) -> Result<PendingDoc, Error> {
-        let start = lx.location();
-        if lx.tok != Tok::Comment("##") {
-            return Err(Error::new(
-                start,
-                "junk after '##' at start of documentation comment",
-            ));
-        }
-        let mut lines = Vec::new();
-        lx.accept(true)?;
-        loop {
-            let Tok::Comment(text) = lx.tok else {
-                return Err(Error::new(
-                    lx.location(),
-                    "documentation comment must end with '##'",
-                ));
-            };
-            if text.starts_with("##") {
-                if text != "##" {
-                    return Err(Error::new(
-                        lx.location(),
-                        "junk after '##' at end of documentation comment",
-                    ));
-                }
-                break;
-            }
-            lines.push((text, lx.location()));
-            lx.accept(true)?;
-        }
-        lx.accept(false)?;
-        match parse_doc(&start, &lines) {
-            Ok(block) => Ok(PendingDoc::Doc(block)),
+    /// A `##` block's sections; a block that does not parse is reported
+    /// and leaves its definition without documentation.
+    fn doc_block(&mut self, block: &RawDocBlock) -> PendingDoc {
+        match parse_doc(&block.location, &block.lines) {
+            Ok(doc) => PendingDoc::Doc(doc),
             Err(e) => {
                 self.errors.push(e);
-                Ok(PendingDoc::Broken)
+                PendingDoc::Broken
             }
         }
     }

@@ -7,12 +7,19 @@
 //! Syntax errors end the file they are in; errors that leave the token
 //! stream intact (bad `include` or `pragma`, misplaced doc blocks) are
 //! collected and parsing goes on.
+//!
+//! The grammar is nom combinators end to end, one function per production:
+//! `grammar` (whitespace and comments, strings, booleans, lists, objects,
+//! top-level items, the `##` blocks) and `doc` (a doc block's lines:
+//! descriptions, features, tagged sections, indentation). Its error type
+//! carries QEMU's message and the offending position, turned into a
+//! `FILE:LINE:COL` [`Location`].
 
 mod diag;
 mod doc;
 mod file;
+mod grammar;
 pub mod location;
-mod syntax;
 mod value;
 
 pub use diag::{Diagnostics, Error};

@@ -170,3 +170,86 @@ fn files_are_included_once_relative_to_the_including_file() {
     assert_eq!(b.include_context().len(), 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// All the errors of a text, one per line.
+fn all_errors(text: &str) -> String {
+    parse_str(Path::new("t.json"), text)
+        .expect_err("should fail")
+        .to_string()
+}
+
+#[test]
+fn an_unreadable_token_is_reported_before_what_the_grammar_expected_there() {
+    assert_eq!(first_error("{ 'a' 1 }"), "t.json:1:7: stray '1'");
+    assert_eq!(
+        first_error("{ 'a': 'b' 'c\\d' }"),
+        "t.json:1:14: unknown escape \\d"
+    );
+    assert_eq!(first_error("{ 'a' 'b' }"), "t.json:1:7: expected ':'");
+}
+
+#[test]
+fn a_duplicate_key_is_reported_at_the_key_once_its_value_is_readable() {
+    assert_eq!(
+        first_error("{ 'a': 'x', 'a': 'y' }"),
+        "t.json:1:13: duplicate key 'a'"
+    );
+    assert_eq!(
+        first_error("{ 'a': 'x', 'a': 'é' }"),
+        "t.json:1:19: funny character in string"
+    );
+}
+
+#[test]
+fn an_unreadable_token_after_an_item_ends_the_file_before_the_item_is_used() {
+    // QEMU reads the next token before it looks at the item.
+    assert_eq!(
+        all_errors("[ 'x' ] 'a\\e'"),
+        "t.json:1:11: unknown escape \\e"
+    );
+    assert_eq!(all_errors("##\n#x\n##\n-1"), "t.json:4:1: stray '-1'");
+    assert_eq!(
+        all_errors("##\n#x\n##\n{ 'enum': 'E', 'data': [] }"),
+        "t.json:2:2: missing space after #"
+    );
+}
+
+#[test]
+fn strings_hold_printable_ascii_and_end_on_their_line() {
+    assert_eq!(
+        first_error("{ 'a': 'x\ty' }"),
+        "t.json:1:10: funny character in string"
+    );
+    assert_eq!(
+        first_error("{ 'a': 'x\\\n' }"),
+        "t.json:1:8: missing terminating \"'\""
+    );
+    assert_eq!(
+        first_error("{ 'a': 'x"),
+        "t.json:1:8: missing terminating \"'\""
+    );
+}
+
+#[test]
+fn doc_blocks_must_be_delimited_by_lone_double_hashes() {
+    assert_eq!(
+        first_error("## x\n# @E:\n##\n"),
+        "t.json:1:1: junk after '##' at start of documentation comment"
+    );
+    assert_eq!(
+        first_error("##\n# @E:\n## x\n"),
+        "t.json:3:1: junk after '##' at end of documentation comment"
+    );
+    assert_eq!(
+        first_error("##\n# @E:\n{ 'enum': 'E', 'data': [] }"),
+        "t.json:3:1: documentation comment must end with '##'"
+    );
+}
+
+#[test]
+fn nesting_deeper_than_64_is_refused() {
+    let ok = format!("{{ 'a': {}{} }}", "[".repeat(64), "]".repeat(64));
+    assert!(parse_str(Path::new("t.json"), &ok).is_ok());
+    let deep = format!("{{ 'a': {}{} }}", "[".repeat(65), "]".repeat(65));
+    assert_eq!(first_error(&deep), "t.json:1:72: nesting too deep");
+}
