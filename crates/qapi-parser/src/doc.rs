@@ -7,7 +7,8 @@
 //! `heading`) and the block as a sequence of lines (`Lines`):
 //!
 //! ```text
-//! doc          := definition_doc | free_form_doc
+//! doc          := definition | free_form
+//! free_form    := heading? line*
 //! definition   := '@symbol:' (blank* section)*
 //! section      := features | descriptions | tagged | paragraph
 //! features     := 'Features:' blank* description+
@@ -659,14 +660,21 @@ pub(crate) fn parse_doc(start: &Location, raw: &[RawDocLine]) -> Result<DocBlock
     }
 }
 
-/// `free_form_doc := line*`: prose and headings; no descriptions.
+/// `free_form_doc := heading? line*`: prose, and a `=` heading only on
+/// the first line; no descriptions.
 fn free_form_doc(start: &Location, lines: &[DocLine]) -> Result<DocBlock, Error> {
     let mut body = String::new();
-    for l in lines {
+    for (n, l) in lines.iter().enumerate() {
         if let Ok((_, (name, _))) = description(l.text) {
             return Err(Error::new(
                 l.location.clone(),
                 format!("'@{name}:' not allowed in free-form documentation"),
+            ));
+        }
+        if n > 0 && heading(l.text).is_ok() {
+            return Err(Error::new(
+                l.location.clone(),
+                "'=' heading must come first in a comment block",
             ));
         }
         body.push_str(l.text);

@@ -86,10 +86,19 @@ fn tagged_and_plain_sections_follow_members() {
 
 #[test]
 fn free_form_blocks_keep_headings_and_record_their_position() {
-    let p = parse("{ 'enum': 'A', 'data': [] }\n##\n# = One\n#\n# text\n# == Two\n##\n");
-    assert_eq!(p.free_docs.len(), 1);
+    let p = parse("{ 'enum': 'A', 'data': [] }\n##\n# = One\n#\n# text\n##\n\n##\n# == Two\n##\n");
+    assert_eq!(p.free_docs.len(), 2);
     assert_eq!(p.free_docs[0].0, 1);
-    assert_eq!(p.free_docs[0].1.body, "= One\n\ntext\n== Two");
+    assert_eq!(p.free_docs[0].1.body, "= One\n\ntext");
+    assert_eq!(p.free_docs[1].1.body, "== Two");
+}
+
+#[test]
+fn a_heading_must_come_first_in_its_block() {
+    assert_eq!(
+        first_error("##\n# = One\n#\n# == Two\n##\n"),
+        "t.json:4:1: '=' heading must come first in a comment block"
+    );
 }
 
 #[test]
