@@ -8,7 +8,7 @@
 use crate::exprs::{Def, DefKind, Meta, RawArgs, RawBranch, RawMember, RawType};
 use crate::names::c_name;
 use crate::types::*;
-use qapi_parser::{Error, Location, Pragmas};
+use qapi_parser::{Definition, Error, Location, Pragmas};
 use std::collections::{HashMap, HashSet};
 
 type R<T> = Result<T, Error>;
@@ -77,10 +77,13 @@ impl<'a> Checker<'a> {
         let mut index = HashMap::with_capacity(defs.len());
         for (i, d) in defs.iter().enumerate() {
             if Builtin::from_name(&d.name).is_some() {
-                errors.push(err(
-                    &d.name_loc,
-                    format!("built-in type '{}' is already defined", d.name),
-                ));
+                errors.push(
+                    err(
+                        &d.name_loc,
+                        format!("built-in type '{}' is already defined", d.name),
+                    )
+                    .in_definition(d.meta.as_str(), &d.name),
+                );
                 continue;
             }
             match index.get(d.name.as_str()) {
@@ -88,7 +91,12 @@ impl<'a> Checker<'a> {
                     let p: &Def = &defs[prev];
                     errors.push(
                         err(&d.name_loc, format!("'{}' is already defined", d.name))
-                            .with_note(p.name_loc.clone(), "previous definition"),
+                            .in_definition(d.meta.as_str(), &d.name)
+                            .with_note_in(
+                                Some(Definition::new(p.meta.as_str(), &p.name)),
+                                p.name_loc.clone(),
+                                "previous definition",
+                            ),
                     );
                 }
                 None => {
@@ -205,8 +213,13 @@ impl<'a> Checker<'a> {
         check_feature_clash(&m.features)
     }
 
-    /// Checks one definition; the first error found.
+    /// Checks one definition; the first error found (about `d`).
     pub fn check_def(&self, d: &'a Def) -> R<()> {
+        self.check_def_parts(d)
+            .map_err(|e| e.in_definition(d.meta.as_str(), &d.name))
+    }
+
+    fn check_def_parts(&self, d: &'a Def) -> R<()> {
         check_feature_clash(&d.features)?;
         if !matches!(d.meta, Meta::Command | Meta::Event)
             && let Some(f) = has_special(&d.features)
@@ -611,17 +624,23 @@ impl<'a> Checker<'a> {
         let documented: HashSet<&str> = doc.members.iter().map(|m| m.name.as_str()).collect();
         let documented_features: HashSet<&str> =
             doc.features.iter().map(|f| f.name.as_str()).collect();
+        // Missing documentation is about the definition; documentation of
+        // what does not exist is about the doc comment (QEMU words both so).
+        let in_definition = |e: Error| e.in_definition(d.meta.as_str(), &d.name);
         for (name, role, loc) in &connected {
             if !excepted && !documented.contains(name) {
-                return Err(err(loc, format!("{role} '{name}' lacks documentation")));
+                return Err(in_definition(err(
+                    loc,
+                    format!("{role} '{name}' lacks documentation"),
+                )));
             }
         }
         for f in &features {
             if !documented_features.contains(f.name.as_str()) {
-                return Err(err(
+                return Err(in_definition(err(
                     &f.location,
                     format!("feature '{}' lacks documentation", f.name),
-                ));
+                )));
             }
         }
         let members: HashSet<&str> = connected.iter().map(|(n, _, _)| *n).collect();
@@ -661,12 +680,11 @@ fn bogus<'b>(what: &str, items: impl Iterator<Item = &'b qapi_parser::DocItem>) 
 }
 
 /// The schema may use at most 64 distinct feature names (the two special
-/// ones included).
+/// ones included); the error is about the definition using the 65th.
 pub(crate) fn check_feature_count(defs: &[Def]) -> R<()> {
     let mut names: HashSet<&str> = ["deprecated", "unstable"].into_iter().collect();
-    let mut all = Vec::new();
     for d in defs {
-        all.extend(d.features.iter());
+        let mut all: Vec<&Feature> = d.features.iter().collect();
         match &d.kind {
             DefKind::Enum { values, .. } => {
                 values.iter().for_each(|v| all.extend(v.features.iter()))
@@ -686,13 +704,13 @@ pub(crate) fn check_feature_count(defs: &[Def]) -> R<()> {
             } => members.iter().for_each(|m| all.extend(m.features.iter())),
             _ => {}
         }
-    }
-    for f in all {
-        if names.insert(&f.name) && names.len() > 64 {
-            return Err(err(
-                &f.location,
-                "Maximum of 64 schema features is permitted",
-            ));
+        for f in all {
+            if names.insert(&f.name) && names.len() > 64 {
+                return Err(
+                    err(&f.location, "Maximum of 64 schema features is permitted")
+                        .in_definition(d.meta.as_str(), &d.name),
+                );
+            }
         }
     }
     Ok(())

@@ -584,6 +584,29 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
         ));
     };
     let name_loc = &name_node.location;
+    // From here on, errors are about this definition (QEMU's `In KIND
+    // 'NAME':`), except those located in its doc comment's sections.
+    let in_definition = |e: Error| e.in_definition(m, name);
+    check_definition_name(meta, name, pragmas).map_err(|msg| in_definition(err(name_loc, msg)))?;
+    check_doc_comment(expr, dict, meta, name, pragmas.doc_required)?;
+    let (kind, ifcond, features) =
+        check_definition(dict, loc, meta, name, pragmas).map_err(in_definition)?;
+    Ok(Def {
+        meta,
+        name: name.to_string(),
+        name_loc: name_loc.clone(),
+        location: loc.clone(),
+        doc: expr.doc.clone(),
+        doc_broken: expr.doc_broken,
+        ifcond,
+        features,
+        kind,
+    })
+}
+
+/// The name rules of each kind of definition.
+fn check_definition_name(meta: Meta, name: &str, pragmas: &Pragmas) -> Result<(), String> {
+    let m = meta.as_str();
     match meta {
         Meta::Event => names::check_upper(name, m),
         Meta::Command => names::check_lower(
@@ -600,46 +623,69 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
             }
         }),
     }
-    .map_err(|msg| err(name_loc, msg))?;
+}
 
-    match &expr.doc {
-        Some(doc) => {
-            if doc.symbol.as_deref() != Some(name) {
+/// The doc comment against its definition: it names it, and only a command
+/// that returns something has a `Returns` section (only commands have
+/// `Errors`); it is required where the `doc-required` pragma says so.
+fn check_doc_comment(
+    expr: &TopExpr,
+    dict: &Dict,
+    meta: Meta,
+    name: &str,
+    doc_required: bool,
+) -> R<()> {
+    let in_definition = |e: Error| e.in_definition(meta.as_str(), name);
+    let Some(doc) = &expr.doc else {
+        if doc_required && !expr.doc_broken {
+            return Err(in_definition(err(
+                &expr.node.location,
+                "documentation comment required",
+            )));
+        }
+        return Ok(());
+    };
+    if doc.symbol.as_deref() != Some(name) {
+        return Err(in_definition(err(
+            &doc.location,
+            format!(
+                "documentation comment is for '{}'",
+                doc.symbol.as_deref().unwrap_or_default()
+            ),
+        )));
+    }
+    let section = |tag: &str| doc.sections.iter().find(|s| s.tag.as_deref() == Some(tag));
+    if meta == Meta::Command {
+        if let Some(s) = section("Returns")
+            && !dict.contains("returns")
+        {
+            return Err(err(
+                &s.location,
+                "'Returns' section, but command doesn't return anything",
+            ));
+        }
+    } else {
+        for tag in ["Returns", "Errors"] {
+            if let Some(s) = section(tag) {
                 return Err(err(
-                    &doc.location,
-                    format!(
-                        "documentation comment is for '{}'",
-                        doc.symbol.as_deref().unwrap_or_default()
-                    ),
+                    &s.location,
+                    format!("'{tag}' section is only valid for commands"),
                 ));
             }
-            let section = |tag: &str| doc.sections.iter().find(|s| s.tag.as_deref() == Some(tag));
-            if meta == Meta::Command {
-                if let Some(s) = section("Returns")
-                    && !dict.contains("returns")
-                {
-                    return Err(err(
-                        &s.location,
-                        "'Returns' section, but command doesn't return anything",
-                    ));
-                }
-            } else {
-                for tag in ["Returns", "Errors"] {
-                    if let Some(s) = section(tag) {
-                        return Err(err(
-                            &s.location,
-                            format!("'{tag}' section is only valid for commands"),
-                        ));
-                    }
-                }
-            }
         }
-        None if pragmas.doc_required && !expr.doc_broken => {
-            return Err(err(loc, "documentation comment required"));
-        }
-        None => {}
     }
+    Ok(())
+}
 
+/// The keys and values of one definition of kind `meta`.
+fn check_definition(
+    dict: &Dict,
+    loc: &Location,
+    meta: Meta,
+    name: &str,
+    pragmas: &Pragmas,
+) -> R<(DefKind, Option<IfCond>, Vec<Feature>)> {
+    let m = meta.as_str();
     let permissive = pragmas.member_name_exceptions.iter().any(|n| n == name);
     let kind = match meta {
         Meta::Enum => {
@@ -818,15 +864,5 @@ pub(crate) fn check_expr(expr: &TopExpr, pragmas: &Pragmas) -> R<Def> {
     let ifcond = check_if(dict, &m)?;
     let features = check_features(dict)?;
     check_flags(dict)?;
-    Ok(Def {
-        meta,
-        name: name.to_string(),
-        name_loc: name_loc.clone(),
-        location: loc.clone(),
-        doc: expr.doc.clone(),
-        doc_broken: expr.doc_broken,
-        ifcond,
-        features,
-        kind,
-    })
+    Ok((kind, ifcond, features))
 }

@@ -23,7 +23,7 @@ mod exprs;
 mod names;
 pub mod types;
 
-pub use qapi_parser::{Diagnostics, Error, Location, SourceFile};
+pub use qapi_parser::{Definition, Diagnostics, Error, Location, Note, SourceFile};
 pub use types::*;
 
 use qapi_parser::ParsedSchema;

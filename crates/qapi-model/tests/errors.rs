@@ -1,7 +1,8 @@
 //! Every kind of error the front end reports, one small schema each under
 //! `tests/errors/` (helper modules they include live in
 //! `tests/errors/include/`). Each case must fail, and its full output
-//! (`FILE:LINE:COL: message`, with `In file included from` context) is
+//! (`FILE:LINE:COL: message`, with `In file included from` and QEMU's
+//! `FILE: In KIND 'NAME':` context lines) is
 //! snapshotted as `snapshots/errors__<case>.snap`, paths relative to the
 //! repository.
 
@@ -75,8 +76,44 @@ fn error_inside_an_included_file_names_the_include_chain() {
 
 #[test]
 fn errors_in_several_definitions_are_all_reported() {
-    let output = diagnose(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/errors/many_errors_collected.json"),
+    let case =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/errors/many_errors_collected.json");
+    let errors = qapi_model::load(&case)
+        .expect_err("three bad definitions")
+        .errors;
+    let named: Vec<_> = errors
+        .iter()
+        .filter_map(|e| e.definition.as_ref())
+        .map(|d| format!("{} {}", d.meta, d.name))
+        .collect();
+    assert_eq!(named, ["struct Point", "enum color", "command go"]);
+}
+
+/// As QEMU prints it: the include chain, then `FILE: In KIND 'NAME':`, then
+/// `FILE:LINE:COL: message`.
+#[test]
+fn an_error_about_a_definition_is_preceded_by_the_definition() {
+    let err = qapi_model::load_str(
+        "t.json",
+        "{ 'struct': 'Point', 'data': { 'x': 'int' } }\n{ 'command': 'move', 'data': { 'to': 'Place' } }",
+    )
+    .expect_err("unknown type");
+    assert_eq!(
+        err.to_string(),
+        "t.json: In command 'move':\nt.json:2:38: parameter 'to' uses unknown type 'Place'"
     );
-    assert_eq!(output.lines().count(), 3, "{output}");
+}
+
+/// QEMU locates these in the doc comment, not in the definition.
+#[test]
+fn an_error_about_a_doc_comment_names_no_definition() {
+    let err = qapi_model::load_str(
+        "t.json",
+        "##\n# @Color:\n#\n# @red: red\n# @blue: blue\n##\n{ 'enum': 'Color', 'data': [ 'red' ] }",
+    )
+    .expect_err("documented value that does not exist");
+    assert_eq!(
+        err.to_string(),
+        "t.json:5:3: documented member 'blue' does not exist"
+    );
 }

@@ -3,13 +3,41 @@
 use crate::Location;
 use std::fmt;
 
+/// The definition an error is about, named above it as QEMU does:
+/// `FILE: In command 'block-job-finalize':`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Definition {
+    /// `enum`, `struct`, `union`, `alternate`, `command` or `event`.
+    pub meta: &'static str,
+    pub name: String,
+}
+
+impl Definition {
+    pub fn new(meta: &'static str, name: impl Into<String>) -> Self {
+        Definition {
+            meta,
+            name: name.into(),
+        }
+    }
+}
+
+/// A further place the reader of an error needs to see (e.g. a previous
+/// definition).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub location: Location,
+    pub message: String,
+    pub definition: Option<Definition>,
+}
+
 /// One error about the schema: where, and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
     pub location: Location,
     pub message: String,
-    /// Further places the reader needs to see (e.g. a previous definition).
-    pub notes: Vec<(Location, String)>,
+    /// The definition the error is about, if it is about one.
+    pub definition: Option<Definition>,
+    pub notes: Vec<Note>,
 }
 
 impl Error {
@@ -17,25 +45,70 @@ impl Error {
         Error {
             location,
             message: message.into(),
+            definition: None,
             notes: Vec::new(),
         }
     }
 
+    /// Says which definition the error is about (unless it already says).
+    pub fn in_definition(mut self, meta: &'static str, name: &str) -> Self {
+        if self.definition.is_none() {
+            self.definition = Some(Definition::new(meta, name));
+        }
+        self
+    }
+
     /// Adds a note pointing at another place.
-    pub fn with_note(mut self, location: Location, message: impl Into<String>) -> Self {
-        self.notes.push((location, message.into()));
+    pub fn with_note(self, location: Location, message: impl Into<String>) -> Self {
+        self.with_note_in(None, location, message)
+    }
+
+    /// Adds a note pointing at another place in `definition`.
+    pub fn with_note_in(
+        mut self,
+        definition: Option<Definition>,
+        location: Location,
+        message: impl Into<String>,
+    ) -> Self {
+        self.notes.push(Note {
+            location,
+            message: message.into(),
+            definition,
+        });
         self
     }
 }
 
+/// `location: message` with what QEMU prints above it: the include chain
+/// (`In file included from FILE:LINE:`), then the definition
+/// (`FILE: In KIND 'NAME':`).
+fn write_located(
+    f: &mut fmt::Formatter<'_>,
+    location: &Location,
+    definition: Option<&Definition>,
+    message: &str,
+) -> fmt::Result {
+    for line in location.include_context() {
+        writeln!(f, "{line}")?;
+    }
+    if let Some(d) = definition {
+        writeln!(
+            f,
+            "{}: In {} '{}':",
+            location.file.path.display(),
+            d.meta,
+            d.name
+        )?;
+    }
+    write!(f, "{location}: {message}")
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for line in self.location.include_context() {
-            writeln!(f, "{line}")?;
-        }
-        write!(f, "{}: {}", self.location, self.message)?;
-        for (loc, note) in &self.notes {
-            write!(f, "\n{loc}: {note}")?;
+        write_located(f, &self.location, self.definition.as_ref(), &self.message)?;
+        for note in &self.notes {
+            writeln!(f)?;
+            write_located(f, &note.location, note.definition.as_ref(), &note.message)?;
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ mod grammar;
 pub mod location;
 mod value;
 
-pub use diag::{Diagnostics, Error};
+pub use diag::{Definition, Diagnostics, Error, Note};
 pub use doc::{DocBlock, DocItem, DocSectionBlock};
 pub use file::{ParsedSchema, Pragmas, TopExpr, parse_file, parse_str};
 pub use location::{Location, SourceFile};
