@@ -26,6 +26,7 @@ enum Kind<'a> {
 
 /// A member on the way to a clash check, with its description relative
 /// to the definition being checked.
+#[derive(Clone)]
 struct Seen {
     describe: String,
 }
@@ -173,22 +174,67 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Members of an object type as seen by a branch check: a struct's,
-    /// or a union's base members.
-    fn object_members(&self, name: &str) -> Vec<(&'a RawMember, &'a str)> {
-        let Some(&i) = self.index.get(name) else {
-            return Vec::new();
+    /// A branch's members against its union's (`seen`): a struct's
+    /// members, or a union's base members and then, one branch at a time,
+    /// its own branches' (a union holds its branches by value, so they all
+    /// share one set of names). Clashes are reported at `loc`, the branch.
+    /// `path` holds the unions being walked: a cycle (reported as an object
+    /// containing itself) ends the walk.
+    fn check_branch_clash(
+        &self,
+        seen: &HashMap<String, Seen>,
+        ty: &'a str,
+        loc: &Location,
+        path: &mut Vec<&'a str>,
+    ) -> R<()> {
+        let Some(&i) = self.index.get(ty) else {
+            return Ok(());
         };
         let d = &self.defs[i];
-        match &d.kind {
-            DefKind::Struct { .. } => self.struct_members(name),
-            DefKind::Union { base, .. } => self
-                .union_base_members(base)
-                .into_iter()
-                .map(|(m, owner)| (m, owner.unwrap_or(d.name.as_str())))
-                .collect(),
-            _ => Vec::new(),
+        if path.contains(&d.name.as_str()) {
+            return Ok(());
         }
+        let mut seen = seen.clone();
+        match &d.kind {
+            DefKind::Struct { .. } => {
+                for (m, owner) in self.struct_members(ty) {
+                    let describe = format!("member '{}' of type '{owner}'", m.name);
+                    Self::clash(&mut seen, &m.name, describe, loc)?;
+                }
+            }
+            DefKind::Union { base, branches, .. } => {
+                for (m, owner) in self.union_base_members(base) {
+                    let describe = match owner {
+                        Some(owner) => format!("member '{}' of type '{owner}'", m.name),
+                        None => format!("base member '{}' of type '{}'", m.name, d.name),
+                    };
+                    Self::clash(&mut seen, &m.name, describe, loc)?;
+                }
+                path.push(&d.name);
+                for b in branches {
+                    self.check_branch_clash(&seen, &b.ty.name, loc, path)?;
+                }
+                path.pop();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether union `from` holds `target` by value: as a branch, or in a
+    /// branch that is a union holding it.
+    fn union_holds(&self, from: &'a str, target: &str, visited: &mut HashSet<&'a str>) -> bool {
+        if !visited.insert(from) {
+            return false;
+        }
+        let Some(DefKind::Union { branches, .. }) =
+            self.index.get(from).map(|&i| &self.defs[i].kind)
+        else {
+            return false;
+        };
+        branches
+            .iter()
+            .any(|b| b.ty.name == target || self.union_holds(&b.ty.name, target, visited))
     }
 
     fn clash(
@@ -419,7 +465,7 @@ impl<'a> Checker<'a> {
             let kind = self.resolve(&b.ty, &describe)?;
             match kind {
                 Kind::Def(t) if matches!(t.meta, Meta::Struct | Meta::Union) => {
-                    if t.name == d.name {
+                    if t.name == d.name || self.union_holds(&t.name, &d.name, &mut HashSet::new()) {
                         return Err(err(&b.ty.loc, format!("object {} contains itself", d.name)));
                     }
                 }
@@ -430,25 +476,7 @@ impl<'a> Checker<'a> {
                     ));
                 }
             }
-            let mut branch_seen: HashMap<String, Seen> = seen
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        Seen {
-                            describe: v.describe.clone(),
-                        },
-                    )
-                })
-                .collect();
-            for (m, owner) in self.object_members(&b.ty.name) {
-                Self::clash(
-                    &mut branch_seen,
-                    &m.name,
-                    format!("member '{}' of type '{owner}'", m.name),
-                    &b.ty.loc,
-                )?;
-            }
+            self.check_branch_clash(&seen, &b.ty.name, &b.ty.loc, &mut vec![d.name.as_str()])?;
         }
         Ok(())
     }

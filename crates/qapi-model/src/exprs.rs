@@ -609,10 +609,11 @@ fn check_definition_name(meta: Meta, name: &str, pragmas: &Pragmas) -> Result<()
     let m = meta.as_str();
     match meta {
         Meta::Event => names::check_upper(name, m),
+        // Upper case is never permitted; the pragma permits `_` only.
         Meta::Command => names::check_lower(
             name,
             &m,
-            true,
+            false,
             pragmas.command_name_exceptions.iter().any(|n| n == name),
         ),
         _ => names::check_camel(name, m).and_then(|()| {
