@@ -527,6 +527,9 @@ impl<'a> Checker<'a> {
                             }
                         }
                     }
+                    // QEMU's predefined enum: its values (`none`, `qnull`,
+                    // `qnum`, ...) look like neither numbers nor booleans.
+                    Kind::Builtin(Builtin::QType) if !v.ty.array => {}
                     _ => {
                         conflicting.push("QNUM");
                         conflicting.push("QBOOL");
