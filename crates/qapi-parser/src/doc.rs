@@ -21,7 +21,7 @@
 
 use crate::{Error, Location};
 use nom::branch::alt;
-use nom::bytes::complete::{tag, take_till, take_while};
+use nom::bytes::complete::{tag, take_till, take_while, take_while1};
 use nom::character::complete::char;
 use nom::combinator::{all_consuming, eof, not, rest, value, verify};
 use nom::error::{ErrorKind, ParseError};
@@ -521,8 +521,7 @@ impl<'t> DefinitionDoc<'t> {
                 self.last = Last::Section(self.sections.len() - 1);
             }
         }
-        let (i, lines) =
-            nom::bytes::complete::take_while1(|l: &DocLine| !l.text.is_empty()).parse(i)?;
+        let (i, lines) = take_while1(|l: &DocLine| !l.text.is_empty()).parse(i)?;
         for l in lines.0 {
             self.append(l.text);
         }
