@@ -37,7 +37,7 @@ fn bad_schema_prints_a_located_error_and_exits_1() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.starts_with(&format!("{schema}:2:")),
+        stderr.starts_with(&format!("{schema}: In struct 'S':\n{schema}:2:")),
         "stderr: {stderr}"
     );
     assert!(!out_dir.exists(), "nothing is written for a bad schema");
