@@ -16,9 +16,19 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `../shared/oracle/` beside the repository.
+/// The shared oracle: `$BLOCKJOBS_SHARED_ORACLE` if set, else `../shared/oracle/` beside the
+/// repository. Panics, saying where it was looked for, if it is not there.
 pub fn shared_oracle() -> PathBuf {
-    repo_root().join("../shared/oracle")
+    let dir = std::env::var_os("BLOCKJOBS_SHARED_ORACLE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/oracle"));
+    assert!(
+        dir.join("qmp_oracle.py").is_file(),
+        "the shared oracle (qmp_oracle.py, scenarios/, expected/) is missing at {}: put it \
+         there, or point BLOCKJOBS_SHARED_ORACLE at it",
+        dir.display()
+    );
+    dir
 }
 
 /// Our own scenarios and their transcripts recorded from qemu-storage-daemon.

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use qmp_api::{ImageInfoSpecific, SnapshotInfo};
 use serde_json::{Map, Value};
 
 use crate::bitmap::DirtyBitmap;
@@ -114,8 +115,8 @@ pub struct DriverInfo {
     pub cluster_size: Option<u64>,
     /// `Some` when the driver supports `get_info` (the image's dirty flag).
     pub dirty_flag: Option<bool>,
-    /// `ImageInfoSpecific` (`{"type": ..., "data": {...}}`).
-    pub format_specific: Option<Value>,
+    /// `ImageInfoSpecific`.
+    pub format_specific: Option<ImageInfoSpecific>,
 }
 
 /// Persistent dirty bitmaps of a format (qcow2 implements this over its bitmap extension).
@@ -132,37 +133,18 @@ pub trait BitmapStore: Send + Sync {
     fn store_bitmaps(&self, bitmaps: &[DirtyBitmap]) -> BlockResult<()>;
 }
 
-/// One internal snapshot as QMP's `SnapshotInfo` describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotSummary {
-    /// Unique id (`"1"`, `"2"`, ...).
-    pub id: String,
-    /// The name given at creation.
-    pub name: String,
-    /// Saved VM state bytes (0 for disk-only snapshots).
-    pub vm_state_size: u64,
-    /// Creation time: seconds since the epoch.
-    pub date_sec: u32,
-    /// Creation time: nanoseconds part.
-    pub date_nsec: u32,
-    /// Guest clock at creation (ns).
-    pub vm_clock_nsec: u64,
-    /// Instruction count at creation, if recorded.
-    pub icount: Option<u64>,
-}
-
 /// Internal snapshots of a format (qcow2 implements this over its snapshot table). Name
 /// checks QEMU does before calling the format (`Snapshot with name '...' already exists`,
 /// read-only node, ...) belong to the command layer.
 pub trait InternalSnapshots: Send + Sync {
     /// The snapshots, in table order.
-    fn list(&self) -> Vec<SnapshotSummary>;
+    fn list(&self) -> Vec<SnapshotInfo>;
     /// Creates a disk-only snapshot `name` of the current contents (flushed first) and returns
     /// it.
-    fn create(&self, name: &str) -> BlockResult<SnapshotSummary>;
+    fn create(&self, name: &str) -> BlockResult<SnapshotInfo>;
     /// Deletes the snapshot whose id is `id_or_name`, else the first named so; returns what was
     /// deleted. Not found: `Can't find snapshot '<id_or_name>'` (ENOENT).
-    fn delete(&self, id_or_name: &str) -> BlockResult<SnapshotSummary>;
+    fn delete(&self, id_or_name: &str) -> BlockResult<SnapshotInfo>;
 }
 
 /// How a parent uses a child, which fixes the permissions the parent takes on it.

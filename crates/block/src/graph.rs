@@ -4,6 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use qmp_api::{
+    BlockDeviceInfo, BlockDirtyInfo, BlockdevCacheInfo, BlockdevDetectZeroesOptions, ImageInfo,
+};
 use serde_json::{Map, Value, json};
 
 use crate::driver::{ChildKind, DriverSpec, OpenContext};
@@ -384,8 +387,8 @@ impl BlockGraph {
 
     /// `query-named-block-nodes`: `BlockDeviceInfo` for every node, newest first. With `flat`,
     /// backing images are not nested into `image`.
-    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
-        Value::Array(self.nodes().map(|n| block_device_info(n, flat)).collect())
+    pub fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo> {
+        self.nodes().map(|n| block_device_info(n, flat)).collect()
     }
 }
 
@@ -592,21 +595,20 @@ fn actual_size(node: &BlockNode) -> Option<u64> {
         .or_else(|| node.child("file").and_then(|f| actual_size(&f)))
 }
 
-fn image_info(node: &BlockNode, flat: bool) -> Value {
+fn wire(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn image_info(node: &BlockNode, flat: bool) -> ImageInfo {
     let info = node.driver().info();
-    let mut image = Map::new();
-    image.insert("filename".into(), json!(node_filename(node)));
-    image.insert("format".into(), json!(node.driver_name()));
-    if let Some(f) = &info.dirty_flag {
-        image.insert("dirty-flag".into(), json!(f));
-    }
-    if let Some(a) = actual_size(node) {
-        image.insert("actual-size".into(), json!(a));
-    }
-    image.insert("virtual-size".into(), json!(node.size().unwrap_or(0)));
-    if let Some(c) = info.cluster_size {
-        image.insert("cluster-size".into(), json!(c));
-    }
+    let mut image = ImageInfo::new(
+        node_filename(node),
+        node.driver_name().to_string(),
+        wire(node.size().unwrap_or(0)),
+    );
+    image.dirty_flag = info.dirty_flag;
+    image.actual_size = actual_size(node).map(wire);
+    image.cluster_size = info.cluster_size.map(wire);
     let header = node.driver().backing_file();
     let child = node.child("backing");
     if header.is_some() || child.is_some() {
@@ -616,19 +618,17 @@ fn image_info(node: &BlockNode, flat: bool) -> Value {
             (None, None) => String::new(),
         };
         let stored = header.as_ref().map_or(full.clone(), |(n, _)| n.clone());
-        image.insert("backing-filename".into(), json!(stored));
-        image.insert("full-backing-filename".into(), json!(full));
+        image.backing_filename = Some(stored);
+        image.full_backing_filename = Some(full);
         if let Some((_, Some(fmt))) = &header {
-            image.insert("backing-filename-format".into(), json!(fmt));
+            image.backing_filename_format = Some(fmt.clone());
         }
         if let (Some(b), false) = (&child, flat) {
-            image.insert("backing-image".into(), image_info(b, flat));
+            image.backing_image = Some(Box::new(image_info(b, flat)));
         }
     }
-    if let Some(spec) = info.format_specific {
-        image.insert("format-specific".into(), spec);
-    }
-    Value::Object(image)
+    image.format_specific = info.format_specific;
+    image
 }
 
 fn backing_depth(node: &BlockNode) -> u64 {
@@ -636,23 +636,17 @@ fn backing_depth(node: &BlockNode) -> u64 {
 }
 
 /// `BlockDirtyInfo` for each bitmap of `node` (a frozen bitmap's successor listed first).
-pub fn dirty_bitmap_info(node: &BlockNode) -> Vec<Value> {
-    let mut out = Vec::new();
-    let entry = |b: &crate::bitmap::DirtyBitmap| {
-        let mut m = Map::new();
-        if let Some(name) = b.name() {
-            m.insert("name".into(), json!(name));
-        }
-        m.insert("recording".into(), json!(b.is_recording()));
-        m.insert("persistent".into(), json!(b.is_persistent()));
-        m.insert("busy".into(), json!(b.is_busy()));
-        m.insert("granularity".into(), json!(b.granularity()));
-        m.insert("count".into(), json!(b.count()));
-        if b.is_inconsistent() {
-            m.insert("inconsistent".into(), json!(true));
-        }
-        Value::Object(m)
+pub fn dirty_bitmap_info(node: &BlockNode) -> Vec<BlockDirtyInfo> {
+    let entry = |b: &crate::bitmap::DirtyBitmap| BlockDirtyInfo {
+        name: b.name().map(str::to_string),
+        count: wire(b.count()),
+        granularity: u32::try_from(b.granularity()).unwrap_or(u32::MAX),
+        recording: b.is_recording(),
+        busy: b.is_busy(),
+        persistent: b.is_persistent(),
+        inconsistent: b.is_inconsistent().then_some(true),
     };
+    let mut out = Vec::new();
     for b in node.bitmaps().iter() {
         if let Some(s) = b.successor() {
             out.push(entry(s));
@@ -662,38 +656,40 @@ pub fn dirty_bitmap_info(node: &BlockNode) -> Vec<Value> {
     out
 }
 
-fn block_device_info(node: &BlockNode, flat: bool) -> Value {
-    let mut m = Map::new();
-    m.insert("file".into(), json!(node_filename(node)));
-    m.insert("node-name".into(), json!(node.name()));
-    m.insert("ro".into(), json!(node.is_read_only()));
-    m.insert("drv".into(), json!(node.driver_name()));
-    if let Some(b) = node.child("backing") {
-        m.insert("backing_file".into(), json!(node_filename(&b)));
-    }
+fn block_device_info(node: &BlockNode, flat: bool) -> BlockDeviceInfo {
     // QSD 10.0 reports depth 0 in flat mode (it does not walk the chain then).
     let depth = if flat { 0 } else { backing_depth(node) };
-    m.insert("backing_file_depth".into(), json!(depth));
-    m.insert("encrypted".into(), json!(false));
-    let detect = node
+    let detect_zeroes = node
         .options()
         .get("detect-zeroes")
         .and_then(Value::as_str)
-        .unwrap_or("off");
-    m.insert("detect_zeroes".into(), json!(detect));
-    for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
-        m.insert(k.into(), json!(0));
-    }
-    m.insert("image".into(), image_info(node, flat));
-    m.insert(
-        "cache".into(),
-        json!({"writeback": true, "direct": false, "no-flush": false}),
-    );
-    m.insert("write_threshold".into(), json!(0));
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(BlockdevDetectZeroesOptions::Off);
     let bitmaps = dirty_bitmap_info(node);
-    if !bitmaps.is_empty() {
-        m.insert("dirty-bitmaps".into(), Value::Array(bitmaps));
-    }
-    m.insert("active".into(), json!(true));
-    Value::Object(m)
+    let mut info = BlockDeviceInfo::new(
+        node_filename(node),
+        node.is_read_only(),
+        node.driver_name().to_string(),
+        wire(depth),
+        true,
+        false,
+        detect_zeroes,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        image_info(node, flat),
+        BlockdevCacheInfo {
+            writeback: true,
+            direct: false,
+            no_flush: false,
+        },
+        0,
+    );
+    info.node_name = Some(node.name().to_string());
+    info.backing_file = node.child("backing").map(|b| node_filename(&b));
+    info.dirty_bitmaps = (!bitmaps.is_empty()).then_some(bitmaps);
+    info
 }

@@ -15,6 +15,41 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How a range of a node reads, as far as its format knows (block status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes from the queried offset with the same state (at least 1 unless at the end).
+    pub len: u64,
+    /// Allocated in this node's own layer (false: comes from the backing chain, or nowhere).
+    pub allocated: bool,
+    /// Reads as zeroes (through the backing chain).
+    pub zero: bool,
+}
+
+/// How a range of a node reads through its backing chain (QEMU's `bdrv_block_status_above`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainStatus {
+    /// Some layer holds data for it.
+    pub data: bool,
+    /// It reads as zeroes.
+    pub zero: bool,
+    /// The depth of the layer that allocates it (1: the node itself; 0: no layer).
+    pub depth: u32,
+    /// Bytes from the queried offset with this status.
+    pub len: u64,
+}
+
+impl ChainStatus {
+    fn unallocated(len: u64) -> ChainStatus {
+        ChainStatus {
+            data: false,
+            zero: true,
+            depth: 0,
+            len,
+        }
+    }
+}
+
 /// A parent→child edge (`file`, `backing`, `image`).
 #[derive(Clone)]
 pub struct ChildEdge {
@@ -498,6 +533,66 @@ impl BlockNode {
     pub fn zero_status(&self, offset: u64, len: u64) -> BlockResult<(bool, bool, u64)> {
         self.check_open()?;
         self.driver.zero_status(offset, len)
+    }
+
+    /// The state of the range starting at `offset` (at most `len` bytes): allocated here, and
+    /// whether it reads as zeroes (allocated as zeroes, or unallocated with nothing below).
+    pub fn extent(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        let (allocated, zero, n) = self.zero_status(offset, len)?;
+        Ok(Extent {
+            len: n,
+            allocated,
+            zero: zero || (!allocated && self.child("backing").is_none()),
+        })
+    }
+
+    /// The layer below this node whose data shows through it: a filter's child, or the
+    /// backing file.
+    pub fn layer_below(&self) -> Option<Arc<BlockNode>> {
+        let children = self.children();
+        children
+            .iter()
+            .find(|edge| edge.kind == ChildKind::Filtered)
+            .or_else(|| children.iter().find(|edge| edge.kind == ChildKind::Backing))
+            .map(|edge| edge.node.clone())
+    }
+
+    /// How `len` bytes at `offset` read through the chain (QEMU's
+    /// `bdrv_block_status_above`): the first layer that allocates the range decides (data, or
+    /// allocated as zeroes); a range no layer allocates reads as zeroes.
+    pub fn chain_status(self: &Arc<Self>, offset: u64, len: u64) -> BlockResult<ChainStatus> {
+        let mut layer = self.clone();
+        let mut len = len;
+        let mut depth = 1;
+        loop {
+            let size = layer.size()?;
+            if offset >= size {
+                // Past the end of a shorter backing file: zeroes.
+                return Ok(ChainStatus::unallocated(len));
+            }
+            let (allocated, zero, n) = layer.zero_status(offset, len.min(size - offset))?;
+            // A layer that cannot have a backing file holds all its data itself.
+            let below = layer.layer_below();
+            let allocated = allocated || !layer.driver().supports_backing() && below.is_none();
+            if n > 0 {
+                len = len.min(n);
+            }
+            if allocated {
+                return Ok(ChainStatus {
+                    data: !zero,
+                    zero,
+                    depth,
+                    len,
+                });
+            }
+            match below {
+                Some(next) => {
+                    layer = next;
+                    depth += 1;
+                }
+                None => return Ok(ChainStatus::unallocated(len)),
+            }
+        }
     }
 
     /// Delivers a blkdebug event to this node's driver (format drivers call this on their

@@ -164,7 +164,7 @@ fn query_reports_backing_like_qsd() {
     )
     .unwrap();
     for flat in [true, false] {
-        let q = g.query_named_block_nodes(flat);
+        let q = serde_json::to_value(g.query_named_block_nodes(flat)).unwrap();
         let t = q
             .as_array()
             .unwrap()

@@ -259,7 +259,7 @@ fn query_lists_nodes_newest_first_children_before_parents_registered() {
     g.blockdev_add(&json!({"driver": "raw", "node-name": "r1",
         "file": {"driver": "file", "node-name": "f1", "filename": f}}))
         .unwrap();
-    let q = g.query_named_block_nodes(true);
+    let q = serde_json::to_value(g.query_named_block_nodes(true)).unwrap();
     let names: Vec<&str> = q
         .as_array()
         .unwrap()
@@ -277,7 +277,7 @@ fn query_shape_matches_qsd_for_raw_over_file() {
     g.blockdev_add(&json!({"driver": "raw", "node-name": "r1",
         "file": {"driver": "file", "node-name": "f1", "filename": f}}))
         .unwrap();
-    let q = g.query_named_block_nodes(true);
+    let q = serde_json::to_value(g.query_named_block_nodes(true)).unwrap();
     let r1 = &q[0];
     let mut keys: Vec<&str> = r1.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort();
@@ -328,7 +328,7 @@ fn query_shape_matches_qsd_for_null_co() {
         &json!({"driver": "null-co", "node-name": "n2", "size": 1000, "read-zeroes": true}),
     )
     .unwrap();
-    let q = g.query_named_block_nodes(true);
+    let q = serde_json::to_value(g.query_named_block_nodes(true)).unwrap();
     let n1 = &q[1];
     assert_eq!(
         n1["image"],
@@ -423,7 +423,7 @@ fn writes_through_a_node_mark_its_recording_bitmaps() {
         block::DirtyBitmap::new(Some("b".into()), 65536, 1 << 20).unwrap(),
     );
     n.write_at(70000, &[1u8; 10]).unwrap();
-    let q: Value = g.query_named_block_nodes(true);
+    let q: Value = serde_json::to_value(g.query_named_block_nodes(true)).unwrap();
     assert_eq!(q[0]["dirty-bitmaps"][0]["count"], json!(65536));
 }
 
@@ -486,7 +486,7 @@ fn query_order_and_names_for_blkdebug_match_qsd() {
     g.blockdev_add(&json!({"driver": "blkdebug", "node-name": "d2",
         "image": {"driver": "file", "filename": f}}))
         .unwrap();
-    let q = g.query_named_block_nodes(true);
+    let q = serde_json::to_value(g.query_named_block_nodes(true)).unwrap();
     let rows: Vec<(&str, &str)> = q
         .as_array()
         .unwrap()

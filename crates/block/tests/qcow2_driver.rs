@@ -206,7 +206,7 @@ fn compare_with_qsd(
     for a in adds(our_dir.path()) {
         g.blockdev_add(&a).unwrap();
     }
-    let ours = g.query_named_block_nodes(flat);
+    let ours = serde_json::to_value(g.query_named_block_nodes(flat)).unwrap();
     g.close_all().unwrap();
     (
         normalise(&strip_dir(&theirs, qsd_dir.path())),
@@ -282,7 +282,7 @@ fn blockdev_del_closes_the_auto_opened_backing_chain() {
     let mut g = BlockGraph::new();
     g.blockdev_add(&qcow2_opts("top", &top)).unwrap();
     assert_eq!(g.nodes().count(), 6);
-    let q = g.query_named_block_nodes(false);
+    let q = serde_json::to_value(g.query_named_block_nodes(false)).unwrap();
     let top_info = q
         .as_array()
         .unwrap()
@@ -511,8 +511,12 @@ fn a_removed_persistent_bitmap_is_gone_from_the_image_at_once() {
     qemu_img(&["bitmap", "--add", p, "keep"]);
     qemu_img(&["bitmap", "--add", p, "drop"]);
     let mut g = BlockGraph::new();
-    g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
-    block::bitmap_cmd::bitmap_remove(&g, "q", "drop").unwrap();
+    let node = g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
+    // What block-dirty-bitmap-remove does to a persistent bitmap: the store forgets it, the
+    // node's list drops it.
+    let store = node.driver().bitmap_store().unwrap();
+    store.remove_persistent_bitmap("drop").unwrap();
+    node.bitmaps().retain(|b| b.name() != Some("drop"));
     let names = |v: &Value| -> Vec<String> {
         v["image"]["format-specific"]["data"]["bitmaps"]
             .as_array()
@@ -523,7 +527,10 @@ fn a_removed_persistent_bitmap_is_gone_from_the_image_at_once() {
             })
             .unwrap_or_default()
     };
-    assert_eq!(names(&g.query_named_block_nodes(true)[0]), ["keep"]);
+    assert_eq!(
+        names(&serde_json::to_value(g.query_named_block_nodes(true)).unwrap()[0]),
+        ["keep"]
+    );
     g.blockdev_del("q").unwrap();
     let info: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", p])).unwrap();
     assert_eq!(
@@ -585,7 +592,7 @@ fn an_overlay_inserted_like_blockdev_snapshot_matches_qsd() {
     let (base, ov) = (g.lookup("base").unwrap(), g.lookup("ov").unwrap());
     g.set_backing(&ov, Some(base.clone())).unwrap();
     base.reopen_read_only().unwrap();
-    let ours = g.query_named_block_nodes(false);
+    let ours = serde_json::to_value(g.query_named_block_nodes(false)).unwrap();
     // QEMU stores the base's bitmaps at the reopen and we find them unchanged: where each
     // implementation puts its clusters is its own, so host sizes are not compared.
     let host_sizes_removed = |v: &Value| {
@@ -647,8 +654,9 @@ fn a_read_only_v2_image_is_described_and_refuses_persistent_bitmaps_like_qsd() {
     let want = qsd.execute("block-dirty-bitmap-add", add)["error"]["desc"].clone();
     qsd.quit();
     let mut g = BlockGraph::new();
-    g.blockdev_add(&adds(dir.path())[0]).unwrap();
-    let e = block::bitmap_cmd::bitmap_add(&g, "a", "b", None, true, false).unwrap_err();
+    let node = g.blockdev_add(&adds(dir.path())[0]).unwrap();
+    let store = node.driver().bitmap_store().unwrap();
+    let e = store.can_store_new_bitmap("b", 65536).unwrap_err();
     assert_eq!(json!(e.desc()), want);
     g.close_all().unwrap();
 }
@@ -678,7 +686,7 @@ fn bitmaps_made_by_qemu_img_are_loaded_with_their_counts() {
     qemu_io(&img, "write 1M 192k");
     let mut g = BlockGraph::new();
     g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
-    let info = g.query_named_block_nodes(true);
+    let info = serde_json::to_value(g.query_named_block_nodes(true)).unwrap();
     let bitmaps = &info[0]["dirty-bitmaps"];
     assert_eq!(
         bitmaps,
@@ -694,7 +702,10 @@ fn a_persistent_bitmap_added_through_the_graph_is_stored_at_blockdev_del() {
     let img = create(&dir, "a.qcow2", "4M", None);
     let mut g = BlockGraph::new();
     let node = g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
-    block::bitmap_cmd::bitmap_add(&g, "q", "mine", None, true, false).unwrap();
+    // What block-dirty-bitmap-add of a persistent bitmap puts in the node's list.
+    let mut mine = block::DirtyBitmap::new(Some("mine".into()), 65536, 4 << 20).unwrap();
+    mine.set_persistent(true);
+    node.bitmaps().insert(0, mine);
     node.write_at(0, &[1; 4096]).unwrap();
     g.blockdev_del("q").unwrap();
     let info: Value =
@@ -707,7 +718,7 @@ fn a_persistent_bitmap_added_through_the_graph_is_stored_at_blockdev_del() {
     let mut g = BlockGraph::new();
     g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
     assert_eq!(
-        g.query_named_block_nodes(true)[0]["dirty-bitmaps"][0]["count"],
+        serde_json::to_value(g.query_named_block_nodes(true)).unwrap()[0]["dirty-bitmaps"][0]["count"],
         65536
     );
     g.close_all().unwrap();

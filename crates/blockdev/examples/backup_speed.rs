@@ -51,7 +51,7 @@ async fn main() {
         Arc::new(TokioClock::default()),
     )
     .with_graph(Box::new(BlockLayer::new(block::BlockGraph::new())))
-    .with_io_pool(Arc::new(TokioBlockingPool));
+    .with_io_pool(Arc::new(TokioBlockingPool::default()));
     let call = |bd: &mut Blockdev, name: &str, args: serde_json::Value| {
         qmp_api::dispatch(bd, name, args.as_object().cloned())
             .unwrap_or_else(|e| panic!("{name}: {e:?}"))

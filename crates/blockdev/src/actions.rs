@@ -1,29 +1,21 @@
-//! The transaction actions (QEMU's `blockdev.c` `*_prepare/_commit/_abort/_clean`), each an
-//! [`Action`] on the daemon's [`BlockState`].
+//! The backup transaction action (QEMU's `blockdev.c` `drive_backup_*`/`blockdev_backup_*`
+//! prepare/commit/abort/clean) and `blockdev-mirror`.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use job::{JobKey, JobSpec, OnError};
+use job::{JobKey, JobSpec};
 use qmp_api::{
-    BackupCommon, BitmapSyncMode, BlockdevBackup, BlockdevMirrorArguments, BlockdevOnError,
-    DriveBackup, MirrorSyncMode, NewImageMode, QmpError,
+    BackupCommon, BitmapSyncMode, BlockdevBackup, BlockdevMirrorArguments, DriveBackup,
+    MirrorSyncMode, NewImageMode, QmpError,
 };
 
 use crate::BlockState;
-use crate::backup::{BackupBitmap, BackupJob, BackupSync};
+use crate::backup::{BackupBitmap, BackupEnv, BackupJob, BackupSync};
+use crate::bitmaps::JobBitmap;
 use crate::claims::Drain;
 use crate::mirror::MirrorJob;
 use crate::node::{BlockIo, ImageRef};
-use crate::transaction::TransactionAction;
-
-/// `abort`: always fails.
-pub(crate) struct AbortAction;
-
-impl TransactionAction<BlockState, QmpError> for AbortAction {
-    fn prepare(&mut self, _env: &mut BlockState) -> Result<(), QmpError> {
-        Err(QmpError::generic("Transaction aborted using Abort action"))
-    }
-}
+use crate::transaction::{Action, Transaction};
 
 /// Where a backup writes.
 pub(crate) enum BackupTarget {
@@ -45,16 +37,6 @@ pub(crate) struct BackupAction {
     drain: Option<Drain>,
     /// The target node this action opened (drive-backup).
     opened: Option<String>,
-}
-
-fn on_error(policy: Option<BlockdevOnError>) -> OnError {
-    match policy.unwrap_or(BlockdevOnError::Report) {
-        BlockdevOnError::Report => OnError::Report,
-        BlockdevOnError::Ignore => OnError::Ignore,
-        BlockdevOnError::Enospc => OnError::Enospc,
-        BlockdevOnError::Stop => OnError::Stop,
-        BlockdevOnError::Auto => OnError::Auto,
-    }
 }
 
 fn common_of_blockdev(b: BlockdevBackup) -> (BackupCommon, String) {
@@ -182,8 +164,8 @@ impl BackupAction {
         if let Some(name) = &c.bitmap {
             let Some(found) = env
                 .graph
-                .as_ref()
-                .and_then(|g| g.dirty_bitmap(&c.device, name))
+                .as_deref()
+                .and_then(|g| JobBitmap::find(g, &c.device, name))
             else {
                 return Err(QmpError::generic(format!(
                     "Bitmap '{name}' could not be found"
@@ -221,17 +203,14 @@ impl BackupAction {
     }
 }
 
-impl TransactionAction<BlockState, QmpError> for BackupAction {
-    fn prepare(&mut self, env: &mut BlockState) -> Result<(), QmpError> {
+impl Action for BackupAction {
+    fn prepare(&mut self, txn: &mut Transaction<'_>) -> Result<(), QmpError> {
+        let group = txn.group().cloned();
+        let env = &mut *txn.state;
         let device = self.common.device.clone();
         let source = env.lookup(&device)?;
         let (target_name, target) = self.target(env, &source)?;
-        self.drain = Some(Drain::begin(
-            &env.jobs,
-            &env.claims,
-            &device,
-            env.drain_wait,
-        ));
+        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &device));
         let (sync, bitmap) = self.sync(env)?;
         if device == target_name {
             return Err(QmpError::generic("Source and target cannot be the same"));
@@ -250,28 +229,27 @@ impl TransactionAction<BlockState, QmpError> for BackupAction {
         }
         let c = &self.common;
         // A negative speed is refused by the registry after creating the job (QEMU's order).
-        let speed = c.speed.unwrap_or(0);
         let spec = JobSpec::new(c.job_id.clone().unwrap_or_default())
             .auto_finalize(c.auto_finalize.unwrap_or(true))
             .auto_dismiss(c.auto_dismiss.unwrap_or(true))
-            .speed(speed);
-        let key_cell = Arc::new(OnceLock::new());
+            .speed(c.speed.unwrap_or(0))
+            .on_error(c.on_source_error, c.on_target_error);
         let frozen = bitmap.as_ref().map(|(b, _)| b.clone());
-        let driver = BackupJob::new(
-            source,
-            target,
-            sync,
-            bitmap,
-            on_error(c.on_source_error),
-            on_error(c.on_target_error),
-            env.pool.clone(),
-            env.claims.clone(),
-            key_cell.clone(),
-        )
-        .owning_target(self.opened.clone())
-        .draining_on_cleanup(env.jobs.clone(), env.drain_wait);
-        let total = driver.total();
-        let key = match env.jobs.create(spec, Box::new(driver), env.group.as_ref()) {
+        let total = BackupJob::total(source.as_ref(), sync, frozen.as_ref());
+        let backup_env = BackupEnv {
+            pool: env.pool.clone(),
+            buffers: env.buffers.clone(),
+            claims: env.claims.clone(),
+            jobs: env.jobs.clone(),
+        };
+        let owned_target = self.opened.clone();
+        let make = move |key| {
+            Box::new(
+                BackupJob::new(key, (source, target), sync, bitmap, backup_env)
+                    .owning_target(owned_target),
+            ) as Box<dyn job::JobDriver>
+        };
+        let key = match env.jobs.create(spec, make, group.as_ref()) {
             Ok(key) => key,
             Err(e) => {
                 if let Some(bitmap) = frozen {
@@ -280,7 +258,6 @@ impl TransactionAction<BlockState, QmpError> for BackupAction {
                 return Err(e);
             }
         };
-        let _ = key_cell.set(key);
         env.jobs.set_progress_total(key, total);
         env.claims.claim(key, "backup", &device, false);
         env.claims.claim(key, "backup", &target_name, true);
@@ -291,30 +268,30 @@ impl TransactionAction<BlockState, QmpError> for BackupAction {
         Ok(())
     }
 
-    fn commit(&mut self, env: &mut BlockState) {
+    fn commit(&mut self, txn: &mut Transaction<'_>) {
         if let Some(key) = self.key
-            && let Err(e) = env.jobs.start(key)
+            && let Err(e) = txn.state.jobs.start(key)
         {
             tracing::warn!("backup job could not start: {e}");
         }
     }
 
-    fn abort(&mut self, env: &mut BlockState) {
+    fn abort(&mut self, txn: &mut Transaction<'_>) {
         if let Some(key) = self.key.take() {
-            let _ = env.jobs.cancel_job(key, true);
-            env.claims.release(key);
+            let _ = txn.state.jobs.cancel_job(key, true);
+            txn.state.claims.release(key);
         }
     }
 
-    fn clean(&mut self, env: &mut BlockState) {
+    fn clean(&mut self, txn: &mut Transaction<'_>) {
         if let Some(drain) = self.drain.take() {
-            env.end_drain(drain);
+            txn.end_drain(drain);
         }
         // A target this action opened now belongs to the job (closed when it ends), or, if no
         // job was made, to nobody.
         if let Some(opened) = self.opened.take()
             && self.key.is_none()
-            && let Ok(graph) = env.graph_mut()
+            && let Ok(graph) = txn.state.graph_mut()
         {
             graph.release_if_unused(&opened);
         }
@@ -360,25 +337,20 @@ pub(crate) fn start_mirror(
     let spec = JobSpec::new(args.job_id.clone().unwrap_or_default())
         .auto_finalize(args.auto_finalize.unwrap_or(true))
         .auto_dismiss(args.auto_dismiss.unwrap_or(true))
-        .speed(args.speed.unwrap_or(0));
-    let key_cell = Arc::new(OnceLock::new());
-    let driver = MirrorJob::new(
-        source,
-        target,
-        (
-            on_error(args.on_source_error),
-            on_error(args.on_target_error),
-        ),
-        env.pool.clone(),
-        env.claims.clone(),
-        key_cell.clone(),
-    );
+        .speed(args.speed.unwrap_or(0))
+        .on_error(args.on_source_error, args.on_target_error);
     let tracker = env
         .graph
         .as_ref()
         .and_then(|g| g.track_writes(&args.device));
-    let driver = driver.tracking(tracker.clone());
-    let key = match env.jobs.create(spec, Box::new(driver), None) {
+    let io = (env.pool.clone(), env.buffers.clone());
+    let claims = env.claims.clone();
+    let tracking = tracker.clone();
+    let make = move |key| {
+        Box::new(MirrorJob::new(key, (source, target), io, claims).tracking(tracking))
+            as Box<dyn job::JobDriver>
+    };
+    let key = match env.jobs.create(spec, make, None) {
         Ok(key) => key,
         Err(e) => {
             if let Some(t) = tracker {
@@ -387,7 +359,6 @@ pub(crate) fn start_mirror(
             return Err(e);
         }
     };
-    let _ = key_cell.set(key);
     env.claims.claim(key, "mirror", &args.device, true);
     env.claims.claim(key, "mirror", &args.target, true);
     if let Err(e) = env.jobs.start(key) {

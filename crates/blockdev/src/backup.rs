@@ -3,19 +3,15 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
-use block::{BeforeWrite, BlockError, BlockResult, NotifierHandle, PageBuf};
+use block::{BeforeWrite, BlockError, BlockResult, NotifierHandle};
+use job::{BoxFuture, JobContext, JobDriver, JobFailure, JobKey, JobRegistry, strerror};
+use qmp_api::{BitmapSyncMode, IoOperationType, JobType};
 
-use job::{
-    BoxFuture, ErrorAction, IoOperation, JobContext, JobDriver, JobFailure, JobKey, JobRegistry,
-    OnError,
-};
-
-use crate::claims::{DrainWait, NodeClaims, drain_jobs};
-use qmp_api::BitmapSyncMode;
-
-use crate::node::{BlockIo, IoPool, SyncBitmap, errno_text, yield_now};
+use crate::bitmaps::JobBitmap;
+use crate::claims::NodeClaims;
+use crate::node::{BlockIo, CopyBuffers, IoPool};
 
 /// Bytes per copy request (cluster aligned for every cluster size up to 1 MiB).
 pub const COPY_CHUNK: u64 = 1 << 20;
@@ -129,18 +125,22 @@ impl CopyMap {
     }
 }
 
-/// What a copy request needs: both nodes, the mode, the shared map and spare buffers.
+/// What a copy request needs: both nodes, the mode, the shared map, and where buffers come
+/// from (the command layer's, shared by every job: a request holds one while it runs).
 struct Copier {
     source: Arc<dyn BlockIo>,
     target: Arc<dyn BlockIo>,
     top: bool,
     map: CopyMap,
-    buffers: Mutex<Vec<PageBuf>>,
+    buffers: Arc<CopyBuffers>,
 }
+
+/// How a copy failed: the operation and its error.
+type CopyError = (IoOperationType, io::Error);
 
 impl Copier {
     /// Copies whatever of `[offset, offset + len)` is still to copy (cluster aligned).
-    fn copy(&self, offset: u64, len: u64) -> Result<(), (IoOperation, io::Error)> {
+    fn copy(&self, offset: u64, len: u64) -> Result<(), CopyError> {
         let runs = self.map.claim(offset, len);
         let mut result = Ok(());
         for &(start, n) in &runs {
@@ -153,16 +153,10 @@ impl Copier {
         result
     }
 
-    fn copy_run(&self, offset: u64, len: u64) -> Result<(), (IoOperation, io::Error)> {
-        let size = usize::try_from(len)
-            .map_err(|_| (IoOperation::Read, io::Error::other("request too large")))?;
-        let mut buf = {
-            let mut spare = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
-            match spare.iter().position(|b| b.len() >= size) {
-                Some(i) => spare.swap_remove(i),
-                None => PageBuf::zeroed(size.max(COPY_CHUNK as usize)),
-            }
-        };
+    fn copy_run(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        let size = usize::try_from(len.min(COPY_CHUNK))
+            .map_err(|_| (IoOperationType::Read, io::Error::other("request too large")))?;
+        let mut buf = self.buffers.take(size.max(COPY_CHUNK as usize));
         let result = copy_range(
             self.source.as_ref(),
             self.target.as_ref(),
@@ -171,10 +165,7 @@ impl Copier {
             len,
             &mut buf,
         );
-        self.buffers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(buf);
+        self.buffers.give(buf);
         result
     }
 }
@@ -187,7 +178,7 @@ impl BeforeWrite for CopyBeforeWrite {
         // QEMU's default on-cbw-error=break-guest-write: the write fails.
         self.0
             .copy(offset, len)
-            .map_err(|(_, e)| BlockError::with_errno(errno_text(&e), e.raw_os_error().unwrap_or(5)))
+            .map_err(|(_, e)| BlockError::with_errno(strerror(&e), e.raw_os_error().unwrap_or(5)))
     }
 }
 
@@ -205,25 +196,31 @@ pub enum BackupSync {
 }
 
 /// The bitmap a backup freezes for its life, and what happens to it at the end.
-pub type BackupBitmap = (Arc<dyn SyncBitmap>, BitmapSyncMode);
+pub(crate) type BackupBitmap = (JobBitmap, BitmapSyncMode);
+
+/// What a backup job works with, besides its nodes and mode.
+pub(crate) struct BackupEnv {
+    /// Where its copy requests run.
+    pub(crate) pool: Arc<dyn IoPool>,
+    /// Where its buffers come from.
+    pub(crate) buffers: Arc<CopyBuffers>,
+    /// Its node claims, released at its clean-up.
+    pub(crate) claims: NodeClaims,
+    /// For the drains of its clean-up's graph changes.
+    pub(crate) jobs: JobRegistry,
+}
 
 /// A backup job's driver.
 pub struct BackupJob {
+    key: JobKey,
     source: Arc<dyn BlockIo>,
     sync: BackupSync,
     bitmap: Option<BackupBitmap>,
-    on_source_error: OnError,
-    on_target_error: OnError,
-    pool: Arc<dyn IoPool>,
-    claims: NodeClaims,
-    key: Arc<OnceLock<JobKey>>,
+    env: BackupEnv,
     /// What is still to copy, `(offset, len)` in order.
     remaining: Vec<(u64, u64)>,
     /// A target node only this job holds (drive-backup), closed when the job ends.
     owned_target: Option<String>,
-    /// The graph changes of QEMU's backup clean-up drain every node: other jobs pause and
-    /// resume (three times during the clean-up, once more shortly after).
-    cleanup_drains: Option<(JobRegistry, DrainWait)>,
     /// Shared with the copy-before-write hook.
     copier: Arc<Copier>,
     /// The copy-before-write hook on the source, from the job's start to its clean-up.
@@ -231,17 +228,12 @@ pub struct BackupJob {
 }
 
 impl BackupJob {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        source: Arc<dyn BlockIo>,
-        target: Arc<dyn BlockIo>,
+        key: JobKey,
+        (source, target): (Arc<dyn BlockIo>, Arc<dyn BlockIo>),
         sync: BackupSync,
         bitmap: Option<BackupBitmap>,
-        on_source_error: OnError,
-        on_target_error: OnError,
-        pool: Arc<dyn IoPool>,
-        claims: NodeClaims,
-        key: Arc<OnceLock<JobKey>>,
+        env: BackupEnv,
     ) -> Self {
         let remaining = match (sync, &bitmap) {
             (BackupSync::None, _) => Vec::new(),
@@ -259,34 +251,28 @@ impl BackupJob {
             target,
             top: matches!(sync, BackupSync::Top),
             map: CopyMap::new(source.size(), to_copy),
-            buffers: Mutex::new(Vec::new()),
+            buffers: env.buffers.clone(),
         });
         BackupJob {
+            key,
             copier,
             cbw: None,
             source,
             sync,
             bitmap,
-            on_source_error,
-            on_target_error,
-            pool,
-            claims,
-            key,
+            env,
             remaining,
             owned_target: None,
-            cleanup_drains: None,
         }
     }
 
-    /// The bytes the job will copy, known from its creation.
-    pub(crate) fn total(&self) -> u64 {
-        self.remaining.iter().map(|r| r.1).sum()
-    }
-
-    /// Drains like QEMU's clean-up (see [`BackupJob`]'s `cleanup_drains`).
-    pub(crate) fn draining_on_cleanup(mut self, jobs: JobRegistry, wait: DrainWait) -> Self {
-        self.cleanup_drains = Some((jobs, wait));
-        self
+    /// The bytes a backup of `source` copies: all of it, or the bitmap's dirty ranges.
+    pub(crate) fn total(source: &dyn BlockIo, sync: BackupSync, bitmap: Option<&JobBitmap>) -> u64 {
+        match (sync, bitmap) {
+            (BackupSync::None, _) => 0,
+            (BackupSync::Bitmap, Some(b)) => b.dirty_ranges().iter().map(|r| r.1).sum(),
+            _ => source.size(),
+        }
     }
 
     /// The job holds the only reference to `node` (a target it opened).
@@ -332,7 +318,7 @@ impl BackupJob {
                     break;
                 };
                 in_flight.push_back(CopyRequest::submit(
-                    self.pool.as_ref(),
+                    self.env.pool.as_ref(),
                     self.copier.clone(),
                     offset,
                     len,
@@ -356,20 +342,9 @@ impl BackupJob {
                     pending.push_front(range);
                 }
                 self.remaining = pending.iter().copied().collect();
-                let policy = match operation {
-                    IoOperation::Read => self.on_source_error,
-                    IoOperation::Write => self.on_target_error,
-                };
-                let no_space = error.raw_os_error() == Some(28);
-                match ctx.report_io_error(policy, operation, no_space) {
-                    ErrorAction::Report => return Err(JobFailure::new(errno_text(&error))),
-                    // QEMU retries the request (after the pause, for `stop`).
-                    ErrorAction::Ignore | ErrorAction::Stop => {
-                        yield_now().await;
-                        ctx.pause_point().await;
-                        continue;
-                    }
-                }
+                // QEMU retries the request (after the pause, for `stop`).
+                ctx.retry_after_io_error(operation, &error).await?;
+                continue;
             }
             ctx.progress_update(len);
             if in_flight.is_empty() && ctx.is_cancelled() {
@@ -414,8 +389,8 @@ impl BackupJob {
     }
 }
 
-/// How a copy request ended: the failing operation and its error.
-type CopyResult = Result<(), (IoOperation, io::Error)>;
+/// How a copy request ended.
+type CopyResult = Result<(), CopyError>;
 
 /// A copy request running on the I/O pool.
 struct CopyRequest {
@@ -442,13 +417,13 @@ impl CopyRequest {
         }
     }
 
-    async fn wait(self) -> Result<(), (IoOperation, io::Error)> {
+    async fn wait(self) -> CopyResult {
         self.done.await;
         self.result
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
-            .unwrap_or_else(|| Err((IoOperation::Read, io::Error::other("I/O worker lost"))))
+            .unwrap_or_else(|| Err((IoOperationType::Read, io::Error::other("I/O worker lost"))))
     }
 }
 
@@ -460,9 +435,9 @@ fn copy_range(
     offset: u64,
     len: u64,
     buf: &mut [u8],
-) -> Result<(), (IoOperation, io::Error)> {
-    let read = |e| (IoOperation::Read, e);
-    let write = |e| (IoOperation::Write, e);
+) -> CopyResult {
+    let read = |e| (IoOperationType::Read, e);
+    let write = |e| (IoOperationType::Write, e);
     let end = offset + len;
     let mut pos = offset;
     while pos < end {
@@ -491,8 +466,8 @@ fn copy_range(
 }
 
 impl JobDriver for BackupJob {
-    fn job_type(&self) -> &'static str {
-        "backup"
+    fn job_type(&self) -> JobType {
+        JobType::Backup
     }
 
     fn run<'a>(&'a mut self, ctx: &'a JobContext) -> BoxFuture<'a, Result<(), JobFailure>> {
@@ -507,39 +482,19 @@ impl JobDriver for BackupJob {
         self.settle_bitmap(false);
     }
 
+    /// QEMU's backup clean-up changes the graph three times (the copy-before-write filter is
+    /// dropped, the job's nodes are detached, the target is unref'd), each a drain of every
+    /// node that the jobs running now see (the job's free after its `null` is a fourth, the
+    /// job core's).
     fn clean(&mut self) {
         // The copy-before-write hook goes with the job.
         self.cbw = None;
-        if let Some(key) = self.key.get() {
-            self.claims.release(*key);
-        }
-        if let Some((jobs, wait)) = self.cleanup_drains.take() {
-            // Dropping the copy-before-write filter, detaching the job's nodes, unref'ing the
-            // target: each a drain of every node in QEMU, seen by the jobs running now.
-            let others = self.claims.all_jobs();
-            if wait == DrainWait::UntilParked {
-                // Waiting for another job to park must not block the thread that would run it
-                // (a tokio worker's next task): drain from a thread of its own.
-                let (j, o) = (jobs.clone(), others.clone());
-                let drains = std::thread::spawn(move || {
-                    for _ in 0..3 {
-                        drain_jobs(&j, &o, wait);
-                    }
-                });
-                let _ = drains.join();
-                // The job's last reference goes a moment later (a bottom half in QEMU).
-                std::thread::spawn(move || {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                    drain_jobs(&jobs, &others, wait);
-                });
-            } else {
-                for _ in 0..3 {
-                    drain_jobs(&jobs, &others, wait);
-                }
-            }
+        self.env.claims.release(self.key);
+        for _ in 0..3 {
+            self.env.jobs.drain_all();
         }
         if let Some(node) = self.owned_target.take() {
-            self.claims.retire(&node);
+            self.env.claims.retire(&node);
         }
     }
 }

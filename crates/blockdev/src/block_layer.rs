@@ -1,14 +1,13 @@
 //! [`NodeGraph`] over the block crate's [`BlockGraph`]: nodes, their I/O, bitmaps, images.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
-use block::bitmap_cmd::{BitmapCheck, check_bitmap, with_bitmap};
 use block::graph::node_filename;
-use block::{BlockError, BlockGraph, BlockNode};
-use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError};
+use block::{BitmapStore, BlockError, BlockGraph, BlockNode, DirtyBitmap};
+use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError, SnapshotInfo};
 
-use crate::node::{BlockIo, Extent, ImageRef, NodeFacts, NodeGraph, SyncBitmap, WriteTracker};
+use crate::node::{BlockIo, Extent, ImageRef, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker};
 
 /// A block error as QMP reports it.
 pub(crate) fn qmp_error(e: BlockError) -> QmpError {
@@ -81,17 +80,15 @@ impl BlockIo for NodeIo {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
-        let (allocated, zero, n) = self.0.zero_status(offset, len).map_err(io_error)?;
-        Ok(Extent {
-            len: n,
-            allocated,
-            // Allocated as zeroes, or unallocated with nothing below: reads as zeroes.
-            zero: zero || (!allocated && self.0.child("backing").is_none()),
-        })
+        self.0.extent(offset, len).map_err(io_error)
     }
 
     fn flush(&self) -> io::Result<()> {
         self.0.flush().map_err(io_error)
+    }
+
+    fn chain_status(&self, offset: u64, len: u64) -> Option<io::Result<block::ChainStatus>> {
+        Some(self.0.chain_status(offset, len).map_err(io_error))
     }
 
     fn add_write_notifier(
@@ -102,50 +99,32 @@ impl BlockIo for NodeIo {
     }
 }
 
-/// A node's bitmap, for a backup job.
-struct NodeBitmap {
-    node: Arc<BlockNode>,
-    name: String,
-}
+/// A node's bitmaps.
+struct NodeBitmapList(Arc<BlockNode>);
 
-impl SyncBitmap for NodeBitmap {
-    fn check_usable(&self, allow_read_only: bool) -> Result<(), QmpError> {
-        let check = if allow_read_only {
-            BitmapCheck::AllowReadOnly
-        } else {
-            BitmapCheck::Default
-        };
-        with_bitmap(&self.node, &self.name, |b| check_bitmap(b, check)).map_err(qmp_error)
+impl NodeBitmaps for NodeBitmapList {
+    fn node_name(&self) -> &str {
+        self.0.name()
     }
 
-    fn freeze(&self) -> Result<(), QmpError> {
-        with_bitmap(&self.node, &self.name, |b| b.create_successor()).map_err(qmp_error)
+    fn list(&self) -> MutexGuard<'_, Vec<DirtyBitmap>> {
+        self.0.bitmaps()
     }
 
-    fn dirty_ranges(&self) -> Vec<(u64, u64)> {
-        with_bitmap(&self.node, &self.name, |b| {
-            Ok(b.dirty_ranges(0, b.size()).collect())
-        })
-        .unwrap_or_default()
+    fn size(&self) -> u64 {
+        self.0.size().unwrap_or(0)
     }
 
-    fn abdicate(&self) {
-        if let Err(e) = with_bitmap(&self.node, &self.name, |b| b.abdicate()) {
-            tracing::warn!("bitmap {}: {}", self.name, e.desc());
-        }
+    fn read_only(&self) -> bool {
+        self.0.is_read_only()
     }
 
-    fn reclaim(&self) {
-        if let Err(e) = with_bitmap(&self.node, &self.name, |b| b.reclaim()) {
-            tracing::warn!("bitmap {}: {}", self.name, e.desc());
-        }
+    fn default_granularity(&self) -> u64 {
+        self.0.default_bitmap_granularity()
     }
 
-    fn mark_dirty(&self, offset: u64, len: u64) {
-        let _ = with_bitmap(&self.node, &self.name, |b| {
-            b.set_dirty(offset, len);
-            Ok(())
-        });
+    fn store(&self) -> Option<&dyn BitmapStore> {
+        self.0.driver().bitmap_store()
     }
 }
 
@@ -160,15 +139,19 @@ impl NodeGraph for BlockLayer {
             .map(|n| Arc::new(NodeIo(n)) as Arc<dyn BlockIo>)
     }
 
-    fn dirty_bitmap(&self, node: &str, name: &str) -> Option<Arc<dyn SyncBitmap>> {
-        let n = self.graph.find(node)?;
-        if !n.bitmaps().iter().any(|b| b.name() == Some(name)) {
-            return None;
+    fn bitmaps(&self, name: &str) -> Option<Arc<dyn NodeBitmaps>> {
+        let n = self.graph.find(name)?;
+        Some(Arc::new(NodeBitmapList(n)))
+    }
+
+    fn chain_bitmaps(&self, name: &str) -> Vec<Arc<dyn NodeBitmaps>> {
+        let mut layers: Vec<Arc<dyn NodeBitmaps>> = Vec::new();
+        let mut layer = self.graph.find(name);
+        while let Some(node) = layer {
+            layer = node.layer_below();
+            layers.push(Arc::new(NodeBitmapList(node)));
         }
-        Some(Arc::new(NodeBitmap {
-            node: n,
-            name: name.to_string(),
-        }))
+        layers
     }
 
     fn create_image(
@@ -231,8 +214,8 @@ impl NodeGraph for BlockLayer {
         self.graph.blockdev_del(&args.node_name).map_err(qmp_error)
     }
 
-    fn query_named_block_nodes(&self, flat: bool) -> Result<Vec<BlockDeviceInfo>, QmpError> {
-        qmp_api::input::from_value(&self.graph.query_named_block_nodes(flat))
+    fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo> {
+        self.graph.query_named_block_nodes(flat)
     }
 
     fn close_all(&mut self) -> io::Result<()> {
@@ -306,10 +289,9 @@ impl NodeGraph for BlockLayer {
         }
     }
 
-    fn internal_snapshots(&self, node: &str) -> Option<Vec<String>> {
+    fn internal_snapshots(&self, node: &str) -> Option<Vec<SnapshotInfo>> {
         let n = self.graph.find(node)?;
-        let snapshots = n.driver().internal_snapshots()?;
-        Some(snapshots.list().into_iter().map(|s| s.name).collect())
+        Some(n.driver().internal_snapshots()?.list())
     }
 
     fn create_internal_snapshot(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
@@ -344,10 +326,6 @@ impl NodeGraph for BlockLayer {
         let bitmap = block::DirtyBitmap::new(None, MIRROR_GRANULARITY, size).ok()?;
         n.bitmaps().push(bitmap);
         Some(Arc::new(MirrorBitmap { node: n }))
-    }
-
-    fn block_graph(&mut self) -> Option<&mut BlockGraph> {
-        Some(&mut self.graph)
     }
 }
 

@@ -1,87 +1,29 @@
 //! The generated `Commands` trait, implemented over the job registry and the node graph.
 
-use std::str::FromStr;
-
 use job::JobRef;
 use qmp_api::{
-    ActionCompletionMode, BlockDeviceInfo, BlockDeviceIoStatus, BlockDirtyBitmap,
-    BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockExportDelArguments, BlockExportOptions,
-    BlockJobCancelArguments, BlockJobChangeOptions, BlockJobChangeOptionsBranch,
-    BlockJobCompleteArguments, BlockJobDismissArguments, BlockJobFinalizeArguments, BlockJobInfo,
-    BlockJobInfoBranch, BlockJobInfoMirror, BlockJobPauseArguments, BlockJobResumeArguments,
+    ActionCompletionMode, BlockDeviceInfo, BlockDirtyBitmap, BlockDirtyBitmapAdd,
+    BlockDirtyBitmapMerge, BlockExportDelArguments, BlockExportOptions, BlockJobCancelArguments,
+    BlockJobChangeOptions, BlockJobCompleteArguments, BlockJobDismissArguments,
+    BlockJobFinalizeArguments, BlockJobInfo, BlockJobPauseArguments, BlockJobResumeArguments,
     BlockJobSetSpeedArguments, BlockJobVerb, BlockdevBackup, BlockdevDelArguments,
     BlockdevMirrorArguments, BlockdevOptions, BlockdevSnapshot, BlockdevSnapshotInternal,
     BlockdevSnapshotSync, Commands, DriveBackup, JobCancelArguments, JobCompleteArguments,
     JobDismissArguments, JobFinalizeArguments, JobInfo, JobPauseArguments, JobResumeArguments,
-    JobType, NbdServerOptionsLegacy, QmpError, QueryNamedBlockNodesArguments, SchemaInfo,
+    NbdServerOptionsLegacy, QmpError, QueryNamedBlockNodesArguments, SchemaInfo,
     TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
     VersionTriple,
 };
 
-use crate::actions::{AbortAction, BackupAction};
+use crate::actions::BackupAction;
 use crate::bitmaps::{self, BitmapAction};
 use crate::export;
 use crate::snapshot::{ExternalSnapshot, InternalSnapshot};
-use crate::transaction::{self, Action};
-use crate::{Blockdev, COMMANDS, MONITOR_COMMANDS, QEMU_VERSION, claims};
-
-fn wire_int(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn job_type(name: &str) -> JobType {
-    JobType::from_str(name).unwrap_or(JobType::Backup)
-}
-
-fn job_info(info: job::JobInfo) -> JobInfo {
-    let mut out = JobInfo::new(
-        info.id,
-        job_type(info.job_type),
-        info.status,
-        wire_int(info.current_progress),
-        wire_int(info.total_progress),
-    );
-    out.error = info.error;
-    out
-}
-
-fn block_job_info(info: job::BlockJobInfo) -> BlockJobInfo {
-    let branch = match job_type(info.job_type) {
-        JobType::Mirror => BlockJobInfoBranch::Mirror(BlockJobInfoMirror {
-            actively_synced: false,
-        }),
-        JobType::Commit => BlockJobInfoBranch::Commit,
-        JobType::Stream => BlockJobInfoBranch::Stream,
-        JobType::Create => BlockJobInfoBranch::Create,
-        JobType::Amend => BlockJobInfoBranch::Amend,
-        JobType::SnapshotLoad => BlockJobInfoBranch::SnapshotLoad,
-        JobType::SnapshotSave => BlockJobInfoBranch::SnapshotSave,
-        JobType::SnapshotDelete => BlockJobInfoBranch::SnapshotDelete,
-        JobType::Backup => BlockJobInfoBranch::Backup,
-    };
-    BlockJobInfo {
-        device: info.device,
-        len: wire_int(info.len),
-        offset: wire_int(info.offset),
-        busy: info.busy,
-        paused: info.paused,
-        speed: wire_int(info.speed),
-        io_status: match info.io_status {
-            job::IoStatus::Ok => BlockDeviceIoStatus::Ok,
-            job::IoStatus::Failed => BlockDeviceIoStatus::Failed,
-            job::IoStatus::Nospace => BlockDeviceIoStatus::Nospace,
-        },
-        ready: info.ready,
-        status: info.status,
-        auto_finalize: info.auto_finalize,
-        auto_dismiss: info.auto_dismiss,
-        error: info.error,
-        branch,
-    }
-}
+use crate::transaction::{self, AbortAction, Action};
+use crate::{Blockdev, QEMU_VERSION};
 
 /// The action behind one `transaction` entry.
-fn action_of(branch: TransactionActionBranch) -> Box<Action> {
+fn action_of(branch: TransactionActionBranch) -> Box<dyn Action> {
     match branch {
         TransactionActionBranch::Abort(_) => Box::new(AbortAction),
         TransactionActionBranch::BlockdevBackup(w) => Box::new(BackupAction::blockdev(w.data)),
@@ -130,17 +72,13 @@ impl Blockdev {
     /// one job transaction if `grouped`).
     fn run_transaction(
         &mut self,
-        actions: Vec<Box<Action>>,
+        actions: Vec<Box<dyn Action>>,
         grouped: bool,
     ) -> Result<(), QmpError> {
         self.close_retired_nodes();
-        claims::drain_all(&self.state.jobs, &self.state.claims, self.state.drain_wait);
-        if grouped {
-            self.state.group = Some(self.state.jobs.new_txn());
-        }
-        let result = transaction::run(&mut self.state, actions);
-        self.state.group = None;
-        result
+        self.state.jobs.drain_all();
+        let group = grouped.then(|| self.state.jobs.new_txn());
+        transaction::run(&mut self.state, actions, group.as_ref())
     }
 }
 
@@ -157,12 +95,13 @@ impl Commands for Blockdev {
         })
     }
 
+    /// Every command of the generated table: the schema is what blockjobd serves (the
+    /// monitor answers `qmp_capabilities` and `quit` itself).
     fn query_commands(&mut self) -> Result<Vec<qmp_api::generated::CommandInfo>, QmpError> {
-        Ok(MONITOR_COMMANDS
+        Ok(qmp_api::COMMANDS
             .iter()
-            .chain(COMMANDS)
-            .map(|name| qmp_api::generated::CommandInfo {
-                name: name.to_string(),
+            .map(|c| qmp_api::generated::CommandInfo {
+                name: c.name.to_string(),
             })
             .collect())
     }
@@ -198,13 +137,7 @@ impl Commands for Blockdev {
     }
 
     fn query_jobs(&mut self) -> Result<Vec<JobInfo>, QmpError> {
-        Ok(self
-            .state
-            .jobs
-            .query_jobs()
-            .into_iter()
-            .map(job_info)
-            .collect())
+        Ok(self.state.jobs.query_jobs())
     }
 
     // ----- nodes -----
@@ -214,10 +147,10 @@ impl Commands for Blockdev {
         args: QueryNamedBlockNodesArguments,
     ) -> Result<Vec<BlockDeviceInfo>, QmpError> {
         self.close_retired_nodes();
-        match &self.state.graph {
+        Ok(match &self.state.graph {
             Some(graph) => graph.query_named_block_nodes(args.flat.unwrap_or(false)),
-            None => Ok(Vec::new()),
-        }
+            None => Vec::new(),
+        })
     }
 
     fn blockdev_add(&mut self, args: BlockdevOptions) -> Result<(), QmpError> {
@@ -233,39 +166,33 @@ impl Commands for Blockdev {
     // ----- bitmaps -----
 
     fn block_dirty_bitmap_add(&mut self, args: BlockDirtyBitmapAdd) -> Result<(), QmpError> {
-        bitmaps::add(&mut self.state, args)
+        bitmaps::add(&self.state, &args)
     }
 
     fn block_dirty_bitmap_remove(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {
-        bitmaps::remove(&mut self.state, args)
+        bitmaps::remove(&self.state, &args)
     }
 
     fn block_dirty_bitmap_clear(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {
-        bitmaps::clear(&mut self.state, args)
+        bitmaps::clear(&self.state, &args).map(drop)
     }
 
     fn block_dirty_bitmap_enable(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {
-        bitmaps::set_enabled(&mut self.state, args, true)
+        bitmaps::set_enabled(&self.state, &args, true).map(drop)
     }
 
     fn block_dirty_bitmap_disable(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {
-        bitmaps::set_enabled(&mut self.state, args, false)
+        bitmaps::set_enabled(&self.state, &args, false).map(drop)
     }
 
     fn block_dirty_bitmap_merge(&mut self, args: BlockDirtyBitmapMerge) -> Result<(), QmpError> {
-        bitmaps::merge(&mut self.state, args)
+        bitmaps::merge(&self.state, &args).map(drop)
     }
 
     // ----- block-job-* -----
 
     fn query_block_jobs(&mut self) -> Result<Vec<BlockJobInfo>, QmpError> {
-        Ok(self
-            .state
-            .jobs
-            .query_block_jobs()
-            .into_iter()
-            .map(block_job_info)
-            .collect())
+        Ok(self.state.jobs.query_block_jobs())
     }
 
     fn block_job_set_speed(&mut self, args: BlockJobSetSpeedArguments) -> Result<(), QmpError> {
@@ -302,26 +229,9 @@ impl Commands for Blockdev {
 
     fn block_job_change(&mut self, args: BlockJobChangeOptions) -> Result<(), QmpError> {
         let target = JobRef::BlockJob(&args.id);
-        self.state.jobs.check_verb(target, BlockJobVerb::Change)?;
-        let job_type = self
-            .state
-            .jobs
-            .query_block_jobs()
-            .into_iter()
-            .find(|j| j.device == args.id)
-            .map(|j| job_type(j.job_type));
-        let wanted = match args.branch {
-            BlockJobChangeOptionsBranch::Mirror(_) => JobType::Mirror,
-            BlockJobChangeOptionsBranch::Commit => JobType::Commit,
-            BlockJobChangeOptionsBranch::Stream => JobType::Stream,
-            BlockJobChangeOptionsBranch::Backup => JobType::Backup,
-            BlockJobChangeOptionsBranch::Create => JobType::Create,
-            BlockJobChangeOptionsBranch::Amend => JobType::Amend,
-            BlockJobChangeOptionsBranch::SnapshotLoad => JobType::SnapshotLoad,
-            BlockJobChangeOptionsBranch::SnapshotSave => JobType::SnapshotSave,
-            BlockJobChangeOptionsBranch::SnapshotDelete => JobType::SnapshotDelete,
-        };
-        if job_type != Some(wanted) {
+        let key = self.state.jobs.check_verb(target, BlockJobVerb::Change)?;
+        let job_type = self.state.jobs.block_job_info(key).map(|j| j.branch.kind());
+        if job_type != Some(args.branch.kind()) {
             return Err(QmpError::generic("Job type does not match specified type"));
         }
         // No job of ours has options to change (QEMU: a driver without `change` accepts).

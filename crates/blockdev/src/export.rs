@@ -15,8 +15,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use block::bitmap_cmd::{BitmapCheck, check_bitmap, lookup_bitmap_node, with_bitmap};
-use block::{BlockNode, ChildKind};
+use job::{EventSink, id_wellformed, strerror};
 use nbd::{
     BlockStatus, Export, ExportBackend, ExportError, ListenAddr, NbdServer, RemoveMode,
     ServerConfig, StatusExtent,
@@ -28,8 +27,9 @@ use qmp_api::{
 };
 use tokio::runtime::Handle;
 
-use crate::node::{self, BlockIo};
-use crate::{BlockState, EventSink};
+use crate::BlockState;
+use crate::bitmaps::{BitmapCheck, check_bitmap, with_bitmap};
+use crate::node::{self, BlockIo, NodeBitmaps, NodeGraph};
 
 /// QEMU's `NBD_MAX_STRING_SIZE`: longest export name or description.
 const MAX_STRING: usize = 4096;
@@ -53,14 +53,14 @@ struct ExportRecord {
 /// A dirty bitmap an export offers as `qemu:dirty-bitmap:NAME`.
 #[derive(Clone)]
 struct ExportedBitmap {
-    node: Arc<BlockNode>,
+    node: Arc<dyn NodeBitmaps>,
     name: String,
 }
 
 impl ExportedBitmap {
     /// The bitmap is usable by other operations again (the export is gone).
     fn release(&self) {
-        let _ = with_bitmap(&self.node, &self.name, |b| {
+        let _ = with_bitmap(self.node.as_ref(), &self.name, |b| {
             b.set_busy(false);
             Ok(())
         });
@@ -72,10 +72,10 @@ impl BlockStatus for ExportedBitmap {
     /// them, cut to the range asked for.
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<StatusExtent>> {
         let end = offset + len;
-        let ranges = with_bitmap(&self.node, &self.name, |b| {
+        let ranges = with_bitmap(self.node.as_ref(), &self.name, |b| {
             Ok(b.dirty_ranges(offset, end).collect::<Vec<_>>())
         })
-        .map_err(|e| io::Error::other(e.desc().to_string()))?;
+        .map_err(|e| io::Error::other(e.desc))?;
         let mut extents = Vec::with_capacity(2 * ranges.len() + 1);
         let mut at = offset;
         for (start, length) in ranges {
@@ -107,7 +107,7 @@ pub(crate) struct NbdExports {
     server: Option<NbdServer>,
     /// Newest first, as QEMU lists them. Shared with the tasks that wait for a deletion.
     records: Arc<Mutex<Vec<ExportRecord>>>,
-    events: EventSink,
+    events: Arc<dyn EventSink>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -116,22 +116,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn deleted_event(id: String) -> Event {
     Event::BlockExportDeleted(BlockExportDeletedData { id })
-}
-
-/// `strerror` of an I/O error, without Rust's ` (os error N)` suffix.
-fn strerror(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error ") {
-        Some(cut) => text[..cut].to_string(),
-        None => text,
-    }
-}
-
-/// QEMU's `id_wellformed`: a letter, then letters, digits, `-`, `.`, `_`.
-fn id_wellformed(id: &str) -> bool {
-    let mut chars = id.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
 /// Runs `future` on `runtime` and waits for it from this (non-worker) thread.
@@ -151,7 +135,7 @@ where
 }
 
 impl NbdExports {
-    pub(crate) fn new(events: EventSink) -> NbdExports {
+    pub(crate) fn new(events: Arc<dyn EventSink>) -> NbdExports {
         NbdExports {
             runtime: None,
             server: None,
@@ -272,7 +256,7 @@ impl NbdExports {
         let gone = std::mem::take(&mut *lock(&self.records));
         for record in gone {
             record.bitmaps.iter().for_each(ExportedBitmap::release);
-            (self.events)(deleted_event(record.id));
+            self.events.emit(deleted_event(record.id));
         }
     }
 
@@ -343,48 +327,36 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
             "NBD server already has export named '{name}'"
         )));
     }
-    let top = state
-        .graph
-        .as_mut()
-        .and_then(|g| g.block_graph())
-        .and_then(|g| g.find(&args.node_name));
     let bitmaps = match options.bitmaps {
         Some(bitmaps) if !bitmaps.is_empty() => {
             let graph = state
                 .graph
-                .as_mut()
-                .and_then(|g| g.block_graph())
+                .as_deref()
                 .ok_or_else(|| QmpError::generic("Dirty bitmaps need the block layer"))?;
-            let top = top
-                .as_ref()
-                .ok_or_else(|| node::not_found("", &args.node_name))?;
-            exported_bitmaps(graph, top, bitmaps, !writable)?
+            exported_bitmaps(graph, &args.node_name, bitmaps, !writable)?
         }
         _ => Vec::new(),
     };
     let allocation_depth = options.allocation_depth == Some(true);
-    if allocation_depth && top.is_none() {
+    if allocation_depth && io.chain_status(0, 0).is_none() {
         return Err(QmpError::generic(
             "Exporting qemu:allocation-depth needs the block layer",
         ));
     }
-    let backend = Arc::new(NodeExport {
-        io,
-        node: top.clone(),
-    });
+    let backend = Arc::new(NodeExport { io: io.clone() });
     let mut export = Export::new(name.clone(), backend)
         .writable(writable)
         .writethrough(args.writethrough == Some(true))
         .description(description);
-    if let Some(top) = top.filter(|_| allocation_depth) {
-        export = export.meta_context(nbd::wire::ALLOCATION_DEPTH, Arc::new(AllocationDepth(top)));
+    if allocation_depth {
+        export = export.meta_context(nbd::wire::ALLOCATION_DEPTH, Arc::new(AllocationDepth(io)));
     }
     for bitmap in &bitmaps {
         let context = format!("{}{}", nbd::wire::DIRTY_BITMAP_PREFIX, bitmap.name);
         export = export.meta_context(context, Arc::new(bitmap.clone()));
     }
     for bitmap in &bitmaps {
-        let _ = with_bitmap(&bitmap.node, &bitmap.name, |b| {
+        let _ = with_bitmap(bitmap.node.as_ref(), &bitmap.name, |b| {
             b.set_busy(true);
             Ok(())
         });
@@ -470,7 +442,7 @@ pub(crate) fn del(state: &mut BlockState, args: BlockExportDelArguments) -> Resu
 
 /// Forgets export `id`, releases its bitmaps and reports it deleted, unless that already
 /// happened (server stop).
-fn finish_deletion(records: &Mutex<Vec<ExportRecord>>, events: &EventSink, id: &str) {
+fn finish_deletion(records: &Mutex<Vec<ExportRecord>>, events: &Arc<dyn EventSink>, id: &str) {
     let removed = {
         let mut records = lock(records);
         records
@@ -480,18 +452,8 @@ fn finish_deletion(records: &Mutex<Vec<ExportRecord>>, events: &EventSink, id: &
     };
     if let Some(record) = removed {
         record.bitmaps.iter().for_each(ExportedBitmap::release);
-        events(deleted_event(id.to_string()));
+        events.emit(deleted_event(id.to_string()));
     }
-}
-
-/// The layer below `node` whose data shows through it: a filter's child, or the backing file.
-fn layer_below(node: &BlockNode) -> Option<Arc<BlockNode>> {
-    let children = node.children();
-    children
-        .iter()
-        .find(|edge| edge.kind == ChildKind::Filtered)
-        .or_else(|| children.iter().find(|edge| edge.kind == ChildKind::Backing))
-        .map(|edge| edge.node.clone())
 }
 
 /// The bitmaps of `block-export-add`'s `bitmaps`, checked in QEMU's order (`nbd_export_create`):
@@ -499,8 +461,8 @@ fn layer_below(node: &BlockNode) -> Option<Arc<BlockNode>> {
 /// writable node cannot be exported read-only (it would change under the client); a busy or
 /// inconsistent one cannot be exported.
 fn exported_bitmaps(
-    graph: &block::BlockGraph,
-    top: &Arc<BlockNode>,
+    graph: &dyn NodeGraph,
+    top: &str,
     bitmaps: Vec<BlockDirtyBitmapOrStr>,
     read_only_export: bool,
 ) -> Result<Vec<ExportedBitmap>, QmpError> {
@@ -508,20 +470,14 @@ fn exported_bitmaps(
     for bitmap in bitmaps {
         let (node, name) = match bitmap {
             BlockDirtyBitmapOrStr::Local(name) => {
-                let mut layer = Some(top.clone());
-                let node = loop {
-                    match layer {
-                        Some(node) if node.bitmaps().iter().any(|b| b.name() == Some(&name)) => {
-                            break node;
-                        }
-                        Some(node) => layer = layer_below(&node),
-                        None => {
-                            return Err(QmpError::generic(format!("Bitmap '{name}' is not found")));
-                        }
-                    }
-                };
-                let enabled = with_bitmap(&node, &name, |b| Ok(b.is_enabled())).unwrap_or(false);
-                if read_only_export && !node.is_read_only() && enabled {
+                let node = graph
+                    .chain_bitmaps(top)
+                    .into_iter()
+                    .find(|layer| layer.list().iter().any(|b| b.name() == Some(&name)))
+                    .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found")))?;
+                let enabled =
+                    with_bitmap(node.as_ref(), &name, |b| Ok(b.is_enabled())).unwrap_or(false);
+                if read_only_export && !node.read_only() && enabled {
                     return Err(QmpError::generic(format!(
                         "Enabled bitmap '{name}' incompatible with readonly export"
                     )));
@@ -529,93 +485,27 @@ fn exported_bitmaps(
                 (node, name)
             }
             BlockDirtyBitmapOrStr::External(b) => {
-                let node = lookup_bitmap_node(graph, &b.node, &b.name)
-                    .map_err(crate::block_layer::qmp_error)?;
+                let node = crate::bitmaps::lookup(graph, &b.node, &b.name)?;
                 (node, b.name)
             }
         };
-        with_bitmap(&node, &name, |b| {
+        with_bitmap(node.as_ref(), &name, |b| {
             check_bitmap(b, BitmapCheck::AllowReadOnly)
-        })
-        .map_err(crate::block_layer::qmp_error)?;
+        })?;
         found.push(ExportedBitmap { node, name });
     }
     Ok(found)
 }
 
-/// How `len` bytes at `offset` of `node` read, through its chain (QEMU's
-/// `bdrv_block_status_above`): `(data, zero, bytes)`. The first layer that allocates the
-/// range decides (data, or allocated as zeroes); a range no layer allocates reads as zeroes.
-/// `depth` is that layer's depth (1: `node` itself; 0: no layer).
-fn chain_status(node: &Arc<BlockNode>, offset: u64, len: u64) -> io::Result<ChainStatus> {
-    let mut layer = node.clone();
-    let mut len = len;
-    let mut depth = 1;
-    loop {
-        let size = layer.size().map_err(block_io_error)?;
-        if offset >= size {
-            // Past the end of a shorter backing file: zeroes.
-            return Ok(ChainStatus::unallocated(len));
-        }
-        let (allocated, zero, n) = layer
-            .zero_status(offset, len.min(size - offset))
-            .map_err(block_io_error)?;
-        // A layer that cannot have a backing file holds all its data itself.
-        let below = layer_below(&layer);
-        let allocated = allocated || !layer.driver().supports_backing() && below.is_none();
-        if n > 0 {
-            len = len.min(n);
-        }
-        if allocated {
-            return Ok(ChainStatus {
-                data: !zero,
-                zero,
-                depth,
-                len,
-            });
-        }
-        match below {
-            Some(next) => {
-                layer = next;
-                depth += 1;
-            }
-            None => return Ok(ChainStatus::unallocated(len)),
-        }
-    }
-}
-
-/// One answer of [`chain_status`].
-struct ChainStatus {
-    data: bool,
-    zero: bool,
-    depth: u32,
-    len: u64,
-}
-
-impl ChainStatus {
-    fn unallocated(len: u64) -> ChainStatus {
-        ChainStatus {
-            data: false,
-            zero: true,
-            depth: 0,
-            len,
-        }
-    }
-}
-
-fn block_io_error(e: block::BlockError) -> io::Error {
-    match e.errno() {
-        Some(errno) => io::Error::from_raw_os_error(errno),
-        None => io::Error::other(e.desc().to_string()),
-    }
-}
-
 /// `qemu:allocation-depth`: which layer of the chain allocates each range (0: none).
-struct AllocationDepth(Arc<BlockNode>);
+struct AllocationDepth(Arc<dyn BlockIo>);
 
 impl BlockStatus for AllocationDepth {
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<StatusExtent>> {
-        let status = chain_status(&self.0, offset, len)?;
+        let status = self
+            .0
+            .chain_status(offset, len)
+            .unwrap_or_else(|| Err(io::Error::other("no backing chain here")))?;
         Ok(vec![StatusExtent {
             length: status.len,
             flags: status.depth,
@@ -624,11 +514,10 @@ impl BlockStatus for AllocationDepth {
 }
 
 /// A node as an NBD export's storage: every request goes through the node, so writes mark
-/// its dirty bitmaps. With the block crate's node at hand, block status looks through the
-/// backing chain; without (test graphs), at the node's own layer.
+/// its dirty bitmaps. Block status looks through the backing chain where the graph can (the
+/// block layer's nodes); elsewhere (test graphs), at the node's own layer.
 struct NodeExport {
     io: Arc<dyn BlockIo>,
-    node: Option<Arc<BlockNode>>,
 }
 
 impl ExportBackend for NodeExport {
@@ -653,8 +542,8 @@ impl ExportBackend for NodeExport {
     }
 
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<nbd::Extent>> {
-        if let Some(node) = &self.node {
-            let status = chain_status(node, offset, len)?;
+        if let Some(status) = self.io.chain_status(offset, len) {
+            let status = status?;
             return Ok(vec![nbd::Extent {
                 length: status.len,
                 hole: !status.data,

@@ -14,7 +14,6 @@ mod bitmaps;
 pub mod block_layer;
 mod claims;
 mod commands;
-mod events;
 mod export;
 pub mod mirror;
 pub mod node;
@@ -23,24 +22,20 @@ pub mod transaction;
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
-use job::{Clock, JobRegistry, JobTxn, Spawn};
-use qmp_api::{Event, QmpError};
+use job::{Clock, EventSink, JobRegistry, Spawn};
+use qmp_api::QmpError;
 
 pub use block_layer::BlockLayer;
-pub use events::qmp_event;
 #[cfg(feature = "tokio")]
 pub use node::TokioBlockingPool;
 pub use node::{
-    BlockIo, Extent, ImageRef, InlineIo, IoPool, NodeFacts, NodeGraph, SyncBitmap, WriteTracker,
+    BlockIo, CopyBuffers, Extent, ImageRef, InlineIo, IoPool, NodeBitmaps, NodeFacts, NodeGraph,
+    WriteTracker,
 };
 
-pub use claims::DrainWait;
 use claims::NodeClaims;
-
-/// Where QMP events go (the monitor broadcasts them). Called in order, possibly with the job
-/// registry's lock held: queue the event and return, never call back into [`Blockdev`].
-pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
 
 /// The version `query-version` reports: the QEMU release whose behaviour we match (clients
 /// gate features on it) and our own package string.
@@ -52,54 +47,7 @@ pub fn package_version() -> String {
 }
 
 /// How long shutdown waits for cancelled jobs to stop before closing their nodes anyway.
-const SHUTDOWN_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// The commands the monitor answers itself (listed by `query-commands` too).
-pub const MONITOR_COMMANDS: &[&str] = &["qmp_capabilities", "quit"];
-
-/// The commands [`Blockdev`] implements; `query-commands` lists these plus
-/// [`MONITOR_COMMANDS`].
-pub const COMMANDS: &[&str] = &[
-    "query-version",
-    "query-commands",
-    "query-qmp-schema",
-    "job-pause",
-    "job-resume",
-    "job-cancel",
-    "job-complete",
-    "job-dismiss",
-    "job-finalize",
-    "query-jobs",
-    "query-named-block-nodes",
-    "blockdev-add",
-    "blockdev-del",
-    "query-block-jobs",
-    "block-job-set-speed",
-    "block-job-cancel",
-    "block-job-pause",
-    "block-job-resume",
-    "block-job-complete",
-    "block-job-dismiss",
-    "block-job-finalize",
-    "block-job-change",
-    "block-dirty-bitmap-add",
-    "block-dirty-bitmap-remove",
-    "block-dirty-bitmap-clear",
-    "block-dirty-bitmap-enable",
-    "block-dirty-bitmap-disable",
-    "block-dirty-bitmap-merge",
-    "blockdev-backup",
-    "drive-backup",
-    "blockdev-mirror",
-    "blockdev-snapshot-sync",
-    "blockdev-snapshot",
-    "blockdev-snapshot-internal-sync",
-    "transaction",
-    "nbd-server-start",
-    "nbd-server-stop",
-    "block-export-add",
-    "block-export-del",
-];
+const SHUTDOWN_WAIT_LIMIT: Duration = Duration::from_secs(5);
 
 /// The state the commands and transaction actions work on.
 pub struct BlockState {
@@ -107,12 +55,7 @@ pub struct BlockState {
     pub(crate) claims: NodeClaims,
     pub(crate) graph: Option<Box<dyn NodeGraph>>,
     pub(crate) pool: Arc<dyn IoPool>,
-    /// The shared job transaction of a grouped `transaction` being prepared.
-    pub(crate) group: Option<JobTxn>,
-    pub(crate) drain_wait: DrainWait,
-    /// Jobs whose drained sections the running transaction's actions ended in `clean`, in that
-    /// order; resumed together once every action is cleaned (see `transaction::run`).
-    pub(crate) ended_drains: Vec<job::JobKey>,
+    pub(crate) buffers: Arc<CopyBuffers>,
     /// The NBD server and its exports.
     pub(crate) exports: export::NbdExports,
 }
@@ -126,21 +69,25 @@ impl BlockState {
             .ok_or_else(|| node::not_found(name, name))
     }
 
-    /// Ends a transaction action's drained section: its jobs are resumed with the others' once
-    /// the whole transaction is cleaned.
-    pub(crate) fn end_drain(&mut self, mut drain: claims::Drain) {
-        self.ended_drains.extend(drain.take_held());
-    }
-
     pub(crate) fn graph_mut(&mut self) -> Result<&mut Box<dyn NodeGraph>, QmpError> {
         self.graph
             .as_mut()
             .ok_or_else(|| QmpError::generic("No block layer is available"))
     }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> BlockState {
+        let events: Arc<dyn EventSink> = Arc::new(|_: qmp_api::Event| {});
+        Blockdev::new(
+            events,
+            Arc::new(job::manual::ManualExecutor::new()),
+            Arc::new(job::manual::ManualClock::new()),
+        )
+        .state
+    }
 }
 
 /// A [`Blockdev`] shared by the monitor's dispatcher: commands run one at a time.
-/// `execute`/`has_command` have the shape of the monitor's `QmpBackend`.
 pub struct SharedBlockdev(std::sync::Mutex<Blockdev>);
 
 impl SharedBlockdev {
@@ -160,20 +107,17 @@ impl SharedBlockdev {
         name: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<serde_json::Value, QmpError> {
-        if !COMMANDS.contains(&name) {
-            return Err(QmpError::command_not_found(name));
-        }
         qmp_api::dispatch(&mut *self.lock(), name, arguments)
-    }
-
-    /// Whether [`COMMANDS`] has `name`.
-    pub fn has_command(&self, name: &str) -> bool {
-        COMMANDS.contains(&name)
     }
 
     /// [`Blockdev::shutdown`].
     pub fn shutdown(&self) -> io::Result<()> {
         self.lock().shutdown()
+    }
+
+    /// The job registry (for waiting on jobs).
+    pub fn jobs(&self) -> JobRegistry {
+        self.lock().jobs().clone()
     }
 }
 
@@ -191,36 +135,32 @@ impl std::fmt::Debug for Blockdev {
 impl Blockdev {
     /// A command layer with no nodes yet: events go to `events`, jobs run on `spawn`, rate
     /// limits use `clock`; block I/O runs inline until [`Blockdev::with_io_pool`].
-    pub fn new(events: EventSink, spawn: Arc<dyn Spawn>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(events: Arc<dyn EventSink>, spawn: Arc<dyn Spawn>, clock: Arc<dyn Clock>) -> Self {
         let exports = export::NbdExports::new(Arc::clone(&events));
-        let sink = move |e: job::JobEvent| events(qmp_event(e));
-        let jobs = JobRegistry::new(Arc::new(sink), spawn, clock);
+        let jobs = JobRegistry::new(events, spawn, clock);
         Blockdev {
             state: BlockState {
                 jobs,
                 claims: NodeClaims::default(),
                 graph: None,
                 pool: Arc::new(InlineIo),
-                group: None,
-                drain_wait: DrainWait::No,
-                ended_drains: Vec::new(),
+                buffers: Arc::new(CopyBuffers::default()),
                 exports,
             },
         }
     }
 
     /// The daemon's set-up: jobs on the current tokio runtime, block I/O on its blocking
-    /// threads, the block crate's graph with its built-in drivers.
+    /// threads (bounded), the block crate's graph with its built-in drivers.
     #[cfg(feature = "tokio")]
-    pub fn for_tokio(events: EventSink) -> Self {
+    pub fn for_tokio(events: Arc<dyn EventSink>) -> Self {
         Blockdev::new(
             events,
             Arc::new(job::TokioSpawn),
             Arc::new(job::TokioClock::default()),
         )
         .with_graph(Box::new(BlockLayer::new(block::BlockGraph::new())))
-        .with_io_pool(Arc::new(TokioBlockingPool))
-        .with_drain_wait(DrainWait::UntilParked)
+        .with_io_pool(Arc::new(TokioBlockingPool::default()))
         .with_runtime(tokio::runtime::Handle::current())
     }
 
@@ -228,12 +168,6 @@ impl Blockdev {
     /// must not run on a thread that drives `runtime` (a current-thread runtime's own thread).
     pub fn with_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
         self.state.exports.set_runtime(runtime);
-        self
-    }
-
-    /// How drains treat busy jobs (the daemon: [`DrainWait::UntilParked`]).
-    pub fn with_drain_wait(mut self, wait: DrainWait) -> Self {
-        self.state.drain_wait = wait;
         self
     }
 
@@ -254,30 +188,20 @@ impl Blockdev {
         &self.state.jobs
     }
 
+    /// The copy buffers the jobs share.
+    pub fn copy_buffers(&self) -> &Arc<CopyBuffers> {
+        &self.state.buffers
+    }
+
     /// Daemon shutdown (`quit`, SIGTERM): stops the NBD server (its exports reported
-    /// deleted), force-cancels every job (a job busy in a request
-    /// stops at its next pause point; its later I/O fails on the closed nodes), then stores
-    /// persistent bitmaps, flushes and closes every node. Returns the first error.
+    /// deleted), force-cancels every job and waits (boundedly, woken by their state changes)
+    /// until they have stopped (a job busy in a request stops at its next pause point), then
+    /// stores persistent bitmaps, flushes and closes every node. Returns the first error.
     pub fn shutdown(&mut self) -> io::Result<()> {
         self.state.exports.shutdown();
-        let jobs = self.state.jobs.clone();
-        if self.state.drain_wait == DrainWait::UntilParked {
-            // Jobs run on other threads: let them stop before their nodes close. Cancelled
-            // from a thread of its own, so the jobs woken are not queued behind this one.
-            let stopper = std::thread::spawn(move || {
-                let keys = jobs.cancel_all();
-                let start = std::time::Instant::now();
-                while start.elapsed() < SHUTDOWN_WAIT_LIMIT
-                    && keys.iter().any(|k| {
-                        !matches!(jobs.status(*k), None | Some(job::BlockJobStatus::Concluded))
-                    })
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-            });
-            let _ = stopper.join();
-        } else {
-            jobs.cancel_all();
+        let keys = self.state.jobs.cancel_all();
+        if !self.state.jobs.wait_concluded(&keys, SHUTDOWN_WAIT_LIMIT) {
+            tracing::warn!("shutdown: some jobs did not stop in time; closing their nodes anyway");
         }
         self.close_retired_nodes();
         match self.state.graph.as_mut() {

@@ -3,25 +3,23 @@
 //! READY: COMPLETED without switching; forced: CANCELLED).
 
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use job::{
-    BoxFuture, ErrorAction, IoOperation, JobContext, JobDriver, JobFailure, JobKey, OnError,
-};
+use job::{BoxFuture, JobContext, JobDriver, JobFailure, JobKey};
+use qmp_api::{IoOperationType, JobType};
 
 use crate::backup::COPY_CHUNK;
 use crate::claims::NodeClaims;
-use crate::node::{BlockIo, IoPool, WriteTracker, errno_text, run_blocking, yield_now};
+use crate::node::{BlockIo, CopyBuffers, IoPool, WriteTracker, run_blocking};
 
 /// A mirror job's driver.
 pub struct MirrorJob {
+    key: JobKey,
     source: Arc<dyn BlockIo>,
     target: Arc<dyn BlockIo>,
-    on_source_error: OnError,
-    on_target_error: OnError,
     pool: Arc<dyn IoPool>,
+    buffers: Arc<CopyBuffers>,
     claims: NodeClaims,
-    key: Arc<OnceLock<JobKey>>,
     /// Writes to the source since the job started (none without a tracking graph).
     tracker: Option<Arc<dyn WriteTracker>>,
 }
@@ -31,21 +29,18 @@ const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100)
 
 impl MirrorJob {
     pub(crate) fn new(
-        source: Arc<dyn BlockIo>,
-        target: Arc<dyn BlockIo>,
-        errors: (OnError, OnError),
-        pool: Arc<dyn IoPool>,
+        key: JobKey,
+        (source, target): (Arc<dyn BlockIo>, Arc<dyn BlockIo>),
+        (pool, buffers): (Arc<dyn IoPool>, Arc<CopyBuffers>),
         claims: NodeClaims,
-        key: Arc<OnceLock<JobKey>>,
     ) -> Self {
         MirrorJob {
+            key,
             source,
             target,
-            on_source_error: errors.0,
-            on_target_error: errors.1,
             pool,
+            buffers,
             claims,
-            key,
             tracker: None,
         }
     }
@@ -102,41 +97,29 @@ impl MirrorJob {
             }
             let n = COPY_CHUNK.min(end - offset);
             let (source, target) = (self.source.clone(), self.target.clone());
+            let buffers = self.buffers.clone();
             let result = run_blocking(self.pool.as_ref(), move || {
-                let size = usize::try_from(n)
-                    .map_err(|_| (IoOperation::Read, io::Error::other("request too large")))?;
-                let mut buf = vec![0; size];
-                let status = source
-                    .block_status(offset, n)
-                    .map_err(|e| (IoOperation::Read, e))?;
+                let read = |e| (IoOperationType::Read, e);
+                let write = |e| (IoOperationType::Write, e);
+                let size =
+                    usize::try_from(n).map_err(|_| read(io::Error::other("request too large")))?;
+                let status = source.block_status(offset, n).map_err(read)?;
                 if status.zero && status.len >= n {
-                    return target
-                        .write_zeroes(offset, n)
-                        .map_err(|e| (IoOperation::Write, e));
+                    return target.write_zeroes(offset, n).map_err(write);
                 }
-                source
-                    .read_at(&mut buf, offset)
-                    .map_err(|e| (IoOperation::Read, e))?;
-                target
-                    .write_at(&buf, offset)
-                    .map_err(|e| (IoOperation::Write, e))
+                let mut buf = buffers.take(size);
+                let copied = source
+                    .read_at(&mut buf[..size], offset)
+                    .map_err(read)
+                    .and_then(|()| target.write_at(&buf[..size], offset).map_err(write));
+                buffers.give(buf);
+                copied
             })
             .await
-            .unwrap_or_else(|| Err((IoOperation::Read, io::Error::other("I/O worker lost"))));
+            .unwrap_or_else(|| Err((IoOperationType::Read, io::Error::other("I/O worker lost"))));
             if let Err((operation, error)) = result {
-                let policy = match operation {
-                    IoOperation::Read => self.on_source_error,
-                    IoOperation::Write => self.on_target_error,
-                };
-                let no_space = error.raw_os_error() == Some(28);
-                match ctx.report_io_error(policy, operation, no_space) {
-                    ErrorAction::Report => return Err(JobFailure::new(errno_text(&error))),
-                    ErrorAction::Ignore | ErrorAction::Stop => {
-                        yield_now().await;
-                        ctx.pause_point().await;
-                        continue;
-                    }
-                }
+                ctx.retry_after_io_error(operation, &error).await?;
+                continue;
             }
             ctx.progress_update(n);
             offset += n;
@@ -149,7 +132,7 @@ impl MirrorJob {
         let target = self.target.clone();
         match run_blocking(self.pool.as_ref(), move || target.flush()).await {
             Some(Ok(())) => Ok(true),
-            Some(Err(e)) => Err(JobFailure::new(errno_text(&e))),
+            Some(Err(e)) => Err(JobFailure::from_io(&e)),
             None => Err(JobFailure::new("I/O worker lost")),
         }
     }
@@ -181,8 +164,8 @@ impl MirrorJob {
 }
 
 impl JobDriver for MirrorJob {
-    fn job_type(&self) -> &'static str {
-        "mirror"
+    fn job_type(&self) -> JobType {
+        JobType::Mirror
     }
 
     fn supports_complete(&self) -> bool {
@@ -201,8 +184,6 @@ impl JobDriver for MirrorJob {
         if let Some(tracker) = self.tracker.take() {
             tracker.stop();
         }
-        if let Some(key) = self.key.get() {
-            self.claims.release(*key);
-        }
+        self.claims.release(self.key);
     }
 }

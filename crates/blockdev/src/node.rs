@@ -1,24 +1,18 @@
-//! What the command layer needs from the block layer: the node graph (look nodes up, add and
-//! delete them, list them, flush them) and each node's I/O. `crates/block` provides the real
-//! graph; the daemon hands it over with [`crate::Blockdev::with_graph`].
+//! What the command layer needs from the node layer, as one trait ([`NodeGraph`]: look nodes
+//! up, add and delete them, list them, their bitmaps, images, snapshots, closing) and each
+//! node's I/O ([`BlockIo`]). `crates/block` provides the real graph ([`crate::BlockLayer`]);
+//! tests provide one in memory. Jobs run their blocking I/O on an [`IoPool`], through buffers
+//! from [`CopyBuffers`].
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError};
+use block::{BitmapStore, DirtyBitmap, PageBuf};
+use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError, SnapshotInfo};
 
-/// How a range of a node reads, as far as its format knows (`block_status`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    /// Bytes from the queried offset with the same state (at least 1 unless at the end).
-    pub len: u64,
-    /// Allocated in this node's own layer (false: comes from the backing chain, or nowhere).
-    pub allocated: bool,
-    /// Reads as zeroes (through the backing chain).
-    pub zero: bool,
-}
+pub use block::Extent;
 
 /// An image file and its format, as QEMU names a backing file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +47,12 @@ pub trait BlockIo: Send + Sync {
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent>;
     /// Makes everything written so far durable.
     fn flush(&self) -> io::Result<()>;
+    /// The state of the range through the node's backing chain (QEMU's
+    /// `bdrv_block_status_above`: data, zero, the depth of the layer that allocates it);
+    /// `None` where the graph cannot look through layers (test graphs).
+    fn chain_status(&self, _offset: u64, _len: u64) -> Option<io::Result<block::ChainStatus>> {
+        None
+    }
     /// Runs `hook` before every write to the node until the handle drops (a backup's
     /// copy-before-write); `None` if the node cannot.
     fn add_write_notifier(
@@ -63,20 +63,25 @@ pub trait BlockIo: Send + Sync {
     }
 }
 
-/// A dirty bitmap as a backup job uses it (QEMU's successor protocol).
-pub trait SyncBitmap: Send + Sync {
-    /// QEMU's `bdrv_dirty_bitmap_check`: busy, inconsistent, or read-only (unless allowed).
-    fn check_usable(&self, allow_read_only: bool) -> Result<(), QmpError>;
-    /// Freezes the bitmap (busy); an anonymous successor records new writes from now on.
-    fn freeze(&self) -> Result<(), QmpError>;
-    /// The frozen bitmap's dirty ranges `(offset, len)`, in order, granularity aligned.
-    fn dirty_ranges(&self) -> Vec<(u64, u64)>;
-    /// The successor replaces the bitmap (the frozen bits are dropped), which is usable again.
-    fn abdicate(&self);
-    /// The successor is merged back into the bitmap (nothing lost), which is usable again.
-    fn reclaim(&self);
-    /// Marks `[offset, offset + len)` dirty (bits a failed job did not copy).
-    fn mark_dirty(&self, offset: u64, len: u64);
+/// A node's dirty bitmaps, as data (the block crate's [`DirtyBitmap`]s), with what the bitmap
+/// commands need to know about the node.
+pub trait NodeBitmaps: Send + Sync {
+    /// The node's name.
+    fn node_name(&self) -> &str;
+    /// The bitmaps, newest first, locked while the guard lives. Writes to the node mark the
+    /// recording ones.
+    fn list(&self) -> MutexGuard<'_, Vec<DirtyBitmap>>;
+    /// The node's virtual size (what a new bitmap covers).
+    fn size(&self) -> u64;
+    /// Whether the node is read-only.
+    fn read_only(&self) -> bool {
+        false
+    }
+    /// The granularity of a bitmap added without one (QEMU: the cluster size clamped to
+    /// 4 KiB..64 KiB, else 64 KiB).
+    fn default_granularity(&self) -> u64;
+    /// Where the node's format stores persistent bitmaps, if it can.
+    fn store(&self) -> Option<&dyn BitmapStore>;
 }
 
 /// Records writes to a node while a mirror runs (an anonymous dirty bitmap).
@@ -87,12 +92,18 @@ pub trait WriteTracker: Send + Sync {
     fn stop(&self);
 }
 
-/// The node graph, as the QMP command layer uses it.
+/// The node graph, as the QMP command layer uses it: the one seam between the command layer
+/// and the node layer.
 pub trait NodeGraph: Send {
     /// The I/O of the node named `name`, if it exists.
     fn node(&self, name: &str) -> Option<Arc<dyn BlockIo>>;
-    /// The bitmap `name` of node `node`, if both exist.
-    fn dirty_bitmap(&self, node: &str, name: &str) -> Option<Arc<dyn SyncBitmap>>;
+    /// The dirty bitmaps of node `name`, if it exists.
+    fn bitmaps(&self, name: &str) -> Option<Arc<dyn NodeBitmaps>>;
+    /// The dirty bitmaps of node `name` and of each layer below it whose data shows through
+    /// (filter children, backing files), top first.
+    fn chain_bitmaps(&self, name: &str) -> Vec<Arc<dyn NodeBitmaps>> {
+        self.bitmaps(name).into_iter().collect()
+    }
     /// Creates an image file (`drive-backup`, `blockdev-snapshot-sync`) of `size` bytes,
     /// with `backing` written into its header.
     fn create_image(
@@ -114,7 +125,7 @@ pub trait NodeGraph: Send {
     /// `blockdev-del`.
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError>;
     /// `query-named-block-nodes`.
-    fn query_named_block_nodes(&self, flat: bool) -> Result<Vec<BlockDeviceInfo>, QmpError>;
+    fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo>;
     /// What snapshots need to know about a node, if it exists.
     fn node_facts(&self, _name: &str) -> Option<NodeFacts> {
         None
@@ -136,8 +147,8 @@ pub trait NodeGraph: Send {
     fn make_read_only(&mut self, _node: &str) {}
     /// Closes `node` if nothing uses it (an overlay only the transaction held).
     fn release_if_unused(&mut self, _node: &str) {}
-    /// The names of the node's internal snapshots; `None` if its format has none.
-    fn internal_snapshots(&self, _node: &str) -> Option<Vec<String>> {
+    /// The node's internal snapshots; `None` if its format has none.
+    fn internal_snapshots(&self, _node: &str) -> Option<Vec<SnapshotInfo>> {
         None
     }
     /// Creates internal snapshot `name`.
@@ -152,10 +163,6 @@ pub trait NodeGraph: Send {
     }
     /// Starts recording writes to `node` (a mirror's source); `None` if it cannot.
     fn track_writes(&self, _node: &str) -> Option<Arc<dyn WriteTracker>> {
-        None
-    }
-    /// The block crate's graph, for the bitmap commands and actions (none in test graphs).
-    fn block_graph(&mut self) -> Option<&mut block::BlockGraph> {
         None
     }
     /// Flushes and closes every node (daemon shutdown). Returns the first error, having tried
@@ -207,18 +214,46 @@ impl IoPool for InlineIo {
     }
 }
 
-/// Runs the work on tokio's blocking threads.
+/// Runs the work on tokio's blocking threads, at most `depth` requests at once: however many
+/// jobs run, job I/O occupies a bounded number of threads (and of copy buffers, which belong
+/// to the requests running). Requests beyond that wait their turn, in order.
 #[cfg(feature = "tokio")]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TokioBlockingPool;
+#[derive(Debug, Clone)]
+pub struct TokioBlockingPool {
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+#[cfg(feature = "tokio")]
+impl TokioBlockingPool {
+    /// Requests running at once by default: enough to keep two cores and a disk queue busy.
+    pub const DEFAULT_DEPTH: usize = 16;
+
+    /// A pool running at most `depth` requests at once.
+    pub fn new(depth: usize) -> Self {
+        TokioBlockingPool {
+            permits: Arc::new(tokio::sync::Semaphore::new(depth.max(1))),
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Default for TokioBlockingPool {
+    fn default() -> Self {
+        Self::new(Self::DEFAULT_DEPTH)
+    }
+}
 
 #[cfg(feature = "tokio")]
 impl IoPool for TokioBlockingPool {
     fn run(&self, work: Box<dyn FnOnce() + Send + 'static>) -> IoFuture {
-        let handle = tokio::task::spawn_blocking(work);
+        let permits = self.permits.clone();
         Box::pin(async move {
+            // The semaphore is never closed: a permit always comes.
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
             // A panicking closure is a bug in a driver; the job then sees no result.
-            let _ = handle.await;
+            let _ = tokio::task::spawn_blocking(work).await;
         })
     }
 }
@@ -238,29 +273,40 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
     slot.lock().unwrap_or_else(PoisonError::into_inner).take()
 }
 
-/// An errno's text as QEMU prints it (`strerror`): `Input/output error`, without Rust's
-/// ` (os error N)` suffix.
-pub(crate) fn errno_text(error: &io::Error) -> String {
-    let text = error.to_string();
-    match text.rfind(" (os error ") {
-        Some(cut) if error.raw_os_error().is_some() => text[..cut].to_string(),
-        _ => text,
-    }
+/// The page-aligned buffers copy requests read into, shared by every job: a request takes one
+/// while it runs and gives it back, so buffers follow the requests in flight (bounded by the
+/// I/O pool), not the jobs. At most [`CopyBuffers::SPARE`] are kept for reuse.
+#[derive(Default)]
+pub struct CopyBuffers {
+    spare: Mutex<Vec<PageBuf>>,
 }
 
-/// Gives the executor a turn (a failed request retried under `ignore`/`stop` must not spin).
-pub(crate) fn yield_now() -> impl Future<Output = ()> + Send {
-    struct YieldNow(bool);
-    impl Future for YieldNow {
-        type Output = ();
-        fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-            if self.0 {
-                return std::task::Poll::Ready(());
-            }
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            std::task::Poll::Pending
+impl CopyBuffers {
+    /// Buffers kept for the next requests.
+    pub const SPARE: usize = 16;
+
+    /// A buffer of at least `len` bytes (contents unspecified).
+    pub fn take(&self, len: usize) -> PageBuf {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        match spare.iter().position(|b| b.len() >= len) {
+            Some(i) => spare.swap_remove(i),
+            None => PageBuf::zeroed(len),
         }
     }
-    YieldNow(false)
+
+    /// Returns a buffer for reuse (dropped if enough are kept).
+    pub fn give(&self, buf: PageBuf) {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < Self::SPARE {
+            spare.push(buf);
+        }
+    }
+
+    /// Buffers kept now.
+    pub fn spare(&self) -> usize {
+        self.spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
 }

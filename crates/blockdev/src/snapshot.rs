@@ -8,7 +8,7 @@ use qmp_api::{
 use crate::BlockState;
 use crate::claims::Drain;
 use crate::node::{ImageRef, not_found};
-use crate::transaction::TransactionAction;
+use crate::transaction::{Action, Transaction};
 
 /// Where the overlay of an external snapshot comes from.
 enum Overlay {
@@ -105,15 +105,16 @@ impl ExternalSnapshot {
     }
 }
 
-impl TransactionAction<BlockState, QmpError> for ExternalSnapshot {
-    fn prepare(&mut self, env: &mut BlockState) -> Result<(), QmpError> {
+impl Action for ExternalSnapshot {
+    fn prepare(&mut self, txn: &mut Transaction<'_>) -> Result<(), QmpError> {
+        let env = &mut *txn.state;
         let node = self.node_name(env)?;
-        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &node, env.drain_wait));
+        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &node));
         env.claims.check_free(&node)?;
         let source = env.lookup(&node)?;
         source
             .flush()
-            .map_err(|e| QmpError::generic(crate::node::errno_text(&e)))?;
+            .map_err(|e| QmpError::generic(job::strerror(&e)))?;
         let overlay = self.overlay(env, &node)?;
         let graph = env.graph_mut()?;
         if overlay != node
@@ -141,14 +142,14 @@ impl TransactionAction<BlockState, QmpError> for ExternalSnapshot {
         Ok(())
     }
 
-    fn commit(&mut self, env: &mut BlockState) {
-        if let (Some((node, _)), Ok(graph)) = (&self.inserted, env.graph_mut()) {
+    fn commit(&mut self, txn: &mut Transaction<'_>) {
+        if let (Some((node, _)), Ok(graph)) = (&self.inserted, txn.state.graph_mut()) {
             graph.make_read_only(node);
         }
     }
 
-    fn abort(&mut self, env: &mut BlockState) {
-        let Ok(graph) = env.graph_mut() else {
+    fn abort(&mut self, txn: &mut Transaction<'_>) {
+        let Ok(graph) = txn.state.graph_mut() else {
             return;
         };
         if let Some((node, overlay)) = self.inserted.take() {
@@ -160,13 +161,13 @@ impl TransactionAction<BlockState, QmpError> for ExternalSnapshot {
         }
     }
 
-    fn clean(&mut self, env: &mut BlockState) {
+    fn clean(&mut self, txn: &mut Transaction<'_>) {
         if let Some(drain) = self.drain.take() {
-            env.end_drain(drain);
+            txn.end_drain(drain);
         }
         // The action's reference to a node it opened ends: with no parent, the overlay goes
         // (QSD's behaviour for a snapshot of a node nothing uses).
-        if let (Some(opened), Ok(graph)) = (self.opened.take(), env.graph_mut()) {
+        if let (Some(opened), Ok(graph)) = (self.opened.take(), txn.state.graph_mut()) {
             graph.release_if_unused(&opened);
         }
     }
@@ -189,16 +190,12 @@ impl InternalSnapshot {
     }
 }
 
-impl TransactionAction<BlockState, QmpError> for InternalSnapshot {
-    fn prepare(&mut self, env: &mut BlockState) -> Result<(), QmpError> {
+impl Action for InternalSnapshot {
+    fn prepare(&mut self, txn: &mut Transaction<'_>) -> Result<(), QmpError> {
+        let env = &mut *txn.state;
         let device = self.args.device.clone();
         let node = env.lookup(&device)?;
-        self.drain = Some(Drain::begin(
-            &env.jobs,
-            &env.claims,
-            &device,
-            env.drain_wait,
-        ));
+        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &device));
         env.claims.check_free(&device)?;
         let graph = env.graph_mut()?;
         if graph.node_facts(&device).is_some_and(|f| f.read_only) {
@@ -214,7 +211,7 @@ impl TransactionAction<BlockState, QmpError> for InternalSnapshot {
         if name.is_empty() {
             return Err(QmpError::generic("Name is empty"));
         }
-        if existing.iter().any(|n| n == name) {
+        if existing.iter().any(|s| s.name == *name) {
             return Err(QmpError::generic(format!(
                 "Snapshot with name '{name}' already exists on device '{device}'"
             )));
@@ -224,17 +221,17 @@ impl TransactionAction<BlockState, QmpError> for InternalSnapshot {
         Ok(())
     }
 
-    fn abort(&mut self, env: &mut BlockState) {
-        if let (Some(name), Ok(graph)) = (self.created.take(), env.graph_mut())
+    fn abort(&mut self, txn: &mut Transaction<'_>) {
+        if let (Some(name), Ok(graph)) = (self.created.take(), txn.state.graph_mut())
             && let Err(e) = graph.delete_internal_snapshot(&self.args.device, &name)
         {
             tracing::warn!("could not delete snapshot {name}: {}", e.desc);
         }
     }
 
-    fn clean(&mut self, env: &mut BlockState) {
+    fn clean(&mut self, txn: &mut Transaction<'_>) {
         if let Some(drain) = self.drain.take() {
-            env.end_drain(drain);
+            txn.end_drain(drain);
         }
     }
 }

@@ -29,7 +29,7 @@ async fn a_rate_limited_backup_runs_on_tokio_and_its_events_arrive_in_order() {
         Arc::new(TokioClock::default()),
     )
     .with_graph(Box::new(BlockLayer::new(block::BlockGraph::new())))
-    .with_io_pool(Arc::new(TokioBlockingPool));
+    .with_io_pool(Arc::new(TokioBlockingPool::default()));
     for (node, path) in [("src", &src), ("tgt", &tgt)] {
         call(
             &mut bd,

@@ -23,7 +23,7 @@ impl QmpBackend for BlockBackend {
     }
 
     fn has_command(&self, name: &str) -> bool {
-        self.0.has_command(name)
+        qmp_api::command_info(name).is_some()
     }
 }
 
@@ -31,7 +31,7 @@ impl QmpBackend for BlockBackend {
 /// blocking pool, events into `events`; on shutdown every job is cancelled and every image is
 /// flushed and closed (qcow2 metadata and persistent bitmaps written).
 pub fn block_services(events: EventSink) -> Services {
-    let sink: blockdev::EventSink = Arc::new(move |event: qmp_api::Event| {
+    let sink: Arc<dyn job::EventSink> = Arc::new(move |event: qmp_api::Event| {
         let data = match event.data() {
             Some(Value::Object(map)) => Some(map),
             _ => None,

@@ -9,13 +9,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use job::manual::{ManualClock, ManualExecutor};
-use job::{BoxFuture, JobContext, JobDriver, JobEvent, JobFailure, JobRef, JobRegistry, JobSpec};
+use job::{BoxFuture, JobContext, JobDriver, JobFailure, JobRef, JobRegistry, JobSpec};
+use qmp_api::{Event, JobType};
 
 struct NoOp;
 
 impl JobDriver for NoOp {
-    fn job_type(&self) -> &'static str {
-        "backup"
+    fn job_type(&self) -> JobType {
+        JobType::Backup
     }
 
     fn run<'a>(&'a mut self, _ctx: &'a JobContext) -> BoxFuture<'a, Result<(), JobFailure>> {
@@ -28,7 +29,7 @@ fn registry() -> (JobRegistry, ManualExecutor, Arc<AtomicUsize>) {
     let events = Arc::new(AtomicUsize::new(0));
     let counter = events.clone();
     let reg = JobRegistry::new(
-        Arc::new(move |_e: JobEvent| {
+        Arc::new(move |_e: Event| {
             counter.fetch_add(1, Ordering::Relaxed);
         }),
         Arc::new(exec.clone()),
@@ -47,7 +48,7 @@ fn grouped(n: usize, manual_finalize: bool) -> (Duration, usize) {
         .iter()
         .map(|id| {
             let spec = JobSpec::new(id.as_str()).auto_finalize(!manual_finalize);
-            reg.create(spec, Box::new(NoOp), Some(&txn))
+            reg.create(spec, |_| Box::new(NoOp), Some(&txn))
                 .expect("create")
         })
         .collect();

@@ -1,13 +1,22 @@
-//! What a running job's work sees: pause points, cancellation, rate limiting, progress, READY.
+//! What a running job's work sees: pause points, cancellation, rate limiting, progress, READY,
+//! and the I/O error policy every block job shares.
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::event::{ErrorAction, IoOperation};
-use crate::registry::{Activity, Inner, JobKey, OnError};
+use qmp_api::{
+    BlockDeviceIoStatus, BlockErrorAction, BlockJobErrorData, BlockdevOnError, Event,
+    IoOperationType,
+};
+
+use crate::BlockJobStatus;
+use crate::driver::JobFailure;
+use crate::registry::{Inner, JobKey};
+use crate::state::{Activity, Job, WaitKind};
 
 /// Handed to [`crate::JobDriver::run`]. Every await point it offers is also a pause point:
 /// a pause, cancel or set-speed wakes a job sleeping in it at once.
@@ -26,7 +35,7 @@ impl JobContext {
         self.key
     }
 
-    fn with_job<R>(&self, default: R, f: impl FnOnce(&mut crate::registry::Job) -> R) -> R {
+    fn with_job<R>(&self, default: R, f: impl FnOnce(&mut Job) -> R) -> R {
         let mut g = self.inner.lock();
         match g.jobs.get_mut(&self.key) {
             Some(job) => f(job),
@@ -59,22 +68,28 @@ impl JobContext {
         Wait::new(self, Mode::PausePoint)
     }
 
-    /// Accounts `bytes` of work against the speed limit and sleeps as long as it says, then
-    /// passes a pause point. Returns early when cancelled.
+    /// Accounts `bytes` of work against the speed limit, then sleeps until the limit allows
+    /// more (QEMU's `block_job_ratelimit_sleep`): a wake-up before that (pause and resume, a
+    /// drain, a kick) sleeps again for what is left, so the limit holds whatever wakes the
+    /// job. Passes a pause point; returns early when cancelled.
     pub fn rate_limit(&self, bytes: u64) -> impl Future<Output = ()> + Send + '_ {
         let now = self.inner.clock.now();
-        let deadline = self.with_job(None, |j| j.limit.account(bytes, now));
+        self.with_job((), |j| {
+            j.limit.account(bytes, now);
+        });
+        Wait::new(self, Mode::RateLimit)
+    }
+
+    /// Sleeps for `duration` (woken early by cancel or a kick; a pause and resume meanwhile
+    /// leaves it sleeping until then), then passes a pause point.
+    pub fn sleep(&self, duration: Duration) -> impl Future<Output = ()> + Send + '_ {
+        let deadline = self.inner.clock.now().saturating_add(duration);
         Wait::new(self, Mode::Sleep(deadline))
     }
 
-    /// Sleeps for `duration` (woken early by cancel or pause), then passes a pause point.
-    pub fn sleep(&self, duration: Duration) -> impl Future<Output = ()> + Send + '_ {
-        let deadline = self.inner.clock.now().saturating_add(duration);
-        Wait::new(self, Mode::Sleep(Some(deadline)))
-    }
-
-    /// Sleeps until something happens (kick, complete, cancel, pause/resume), then passes a
-    /// pause point (QEMU's `job_yield`). Returns at once if a kick arrived while busy.
+    /// Sleeps until kicked (a kick, complete or cancel), then passes a pause point (QEMU's
+    /// `job_yield` in a driver's loop): a pause and resume meanwhile leaves it idling.
+    /// Returns at once if a kick arrived while busy.
     pub fn idle(&self) -> impl Future<Output = ()> + Send + '_ {
         Wait::new(self, Mode::Idle)
     }
@@ -109,26 +124,107 @@ impl JobContext {
     /// RUNNING → READY with `BLOCK_JOB_READY` (mirror-like jobs, once converged). No-op in any
     /// other status.
     pub fn set_ready(&self) {
-        self.inner.set_ready(self.key)
+        let mut g = self.inner.lock();
+        if g.jobs.get(&self.key).map(|j| j.status) != Some(BlockJobStatus::Running) {
+            return;
+        }
+        g.set_status(self.key, BlockJobStatus::Ready);
+        if let Some(job) = g.jobs.get(&self.key)
+            && let Some(id) = job.block_events()
+        {
+            let event = job.ready_event(id);
+            g.emit(event);
+        }
     }
 
-    /// An I/O error under `on_error`: emits `BLOCK_JOB_ERROR`; `stop` also pauses the job as
-    /// if the user had (resume clears the I/O status). Returns what to do.
-    pub fn report_io_error(
+    /// An I/O error of the job's work, under the job's policy for `operation`
+    /// (`on-source-error` for reads, `on-target-error` for writes; QEMU's
+    /// `block_job_error_action`): emits `BLOCK_JOB_ERROR`; `stop` (and `enospc` on ENOSPC)
+    /// also pauses the job as if the user had, with its I/O status set (resume clears it).
+    /// Returns what to do.
+    pub fn io_error(&self, operation: IoOperationType, error: &io::Error) -> BlockErrorAction {
+        let no_space = error.raw_os_error() == Some(libc_enospc());
+        let mut g = self.inner.lock();
+        let Some(job) = g.jobs.get_mut(&self.key) else {
+            return BlockErrorAction::Report;
+        };
+        let policy = match operation {
+            IoOperationType::Read => job.on_source_error,
+            IoOperationType::Write => job.on_target_error,
+        };
+        let action = match policy {
+            BlockdevOnError::Report | BlockdevOnError::Auto => BlockErrorAction::Report,
+            BlockdevOnError::Ignore => BlockErrorAction::Ignore,
+            BlockdevOnError::Stop => BlockErrorAction::Stop,
+            BlockdevOnError::Enospc if no_space => BlockErrorAction::Stop,
+            BlockdevOnError::Enospc => BlockErrorAction::Report,
+        };
+        if action == BlockErrorAction::Stop {
+            if !job.user_paused {
+                job.user_paused = true;
+                job.pause_count += 1;
+            }
+            job.io_status = if no_space {
+                BlockDeviceIoStatus::Nospace
+            } else {
+                BlockDeviceIoStatus::Failed
+            };
+        }
+        if let Some(id) = job.block_events() {
+            let event =
+                Event::BlockJobError(BlockJobErrorData::new(id.to_string(), operation, action));
+            g.emit(event);
+        }
+        action
+    }
+
+    /// [`Self::io_error`], then what the copy loops of backup and mirror do about it: `report`
+    /// ends the job with the error's text; `ignore` and `stop` retry the request (`Ok`) after
+    /// a pause point (where `stop` holds the job until resumed).
+    pub async fn retry_after_io_error(
         &self,
-        on_error: OnError,
-        operation: IoOperation,
-        no_space: bool,
-    ) -> ErrorAction {
-        self.inner
-            .report_io_error(self.key, on_error, operation, no_space)
+        operation: IoOperationType,
+        error: &io::Error,
+    ) -> Result<(), JobFailure> {
+        match self.io_error(operation, error) {
+            BlockErrorAction::Report => Err(JobFailure::from_io(error)),
+            BlockErrorAction::Ignore | BlockErrorAction::Stop => {
+                // A request failing at once must not spin: give the executor a turn.
+                YieldNow(false).await;
+                self.pause_point().await;
+                Ok(())
+            }
+        }
     }
 }
 
+/// ENOSPC on Linux (the only platform blockjobd runs on).
+const fn libc_enospc() -> i32 {
+    28
+}
+
+/// Gives the executor a turn once.
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+#[derive(Clone, Copy)]
 enum Mode {
     PausePoint,
-    /// Sleep until the deadline (if any), then a pause point.
-    Sleep(Option<Duration>),
+    /// Sleep as long as the rate limiter says, asking it again after every wake-up.
+    RateLimit,
+    /// Sleep until the deadline (woken early by pause or cancel), then a pause point.
+    Sleep(Duration),
     Idle,
     /// Only wait while parked (a freshly started job held by a drained section).
     Unparked,
@@ -173,7 +269,143 @@ impl Drop for Wait<'_> {
                 && matches!(job.activity, Activity::Sleeping { .. })
             {
                 job.activity = Activity::Busy;
+                job.waiting = None;
                 job.waker = None;
+            }
+        }
+    }
+}
+
+/// What one poll step decided.
+enum Step {
+    Again,
+    Pending,
+    Ready,
+}
+
+impl Wait<'_> {
+    /// Passes the pause point: parks (pending) if a pause is held, else done.
+    fn pause_point(&mut self, g: &mut crate::registry::Guard<'_>, cx: &Context<'_>) -> Step {
+        let key = self.ctx.key;
+        if g.reach_pause_point(key) {
+            if let Some(job) = g.jobs.get_mut(&key) {
+                job.waker = Some(cx.waker().clone());
+            }
+            self.phase = Phase::Parked;
+            return Step::Pending;
+        }
+        Step::Ready
+    }
+
+    fn step(&mut self, g: &mut crate::registry::Guard<'_>, cx: &mut Context<'_>) -> Step {
+        let ctx: &JobContext = self.ctx;
+        let key = ctx.key;
+        let inner = &ctx.inner;
+        let now = inner.clock.now();
+        let Some(job) = g.jobs.get_mut(&key) else {
+            return Step::Ready;
+        };
+        match self.phase {
+            Phase::Start => {
+                job.waiting = match self.mode {
+                    Mode::RateLimit => Some(WaitKind::RateLimit),
+                    Mode::Sleep(deadline) => Some(WaitKind::Sleep(deadline)),
+                    Mode::Idle => Some(WaitKind::Idle),
+                    Mode::PausePoint | Mode::Unparked => None,
+                };
+                let deadline = match self.mode {
+                    Mode::Unparked => {
+                        self.phase = Phase::Parked;
+                        return Step::Again;
+                    }
+                    Mode::PausePoint => None,
+                    Mode::RateLimit => {
+                        if job.is_cancelled() {
+                            return Step::Ready;
+                        }
+                        job.limit.delay(now)
+                    }
+                    Mode::Sleep(deadline) => {
+                        if job.is_cancelled() {
+                            return Step::Ready;
+                        }
+                        Some(deadline).filter(|d| *d > now)
+                    }
+                    Mode::Idle => {
+                        if job.is_cancelled() {
+                            return Step::Ready;
+                        }
+                        if std::mem::take(&mut job.kicked) {
+                            None
+                        } else {
+                            Some(Duration::MAX)
+                        }
+                    }
+                };
+                let Some(deadline) = deadline.filter(|_| job.pause_count == 0) else {
+                    // No sleep (or a pause is held): straight to the pause point.
+                    return self.pause_point(g, cx);
+                };
+                let timed = deadline != Duration::MAX;
+                job.activity = Activity::Sleeping { timed };
+                job.kicked = false;
+                self.timer = timed.then(|| inner.clock.sleep_until(deadline));
+                self.phase = Phase::Sleeping;
+                Step::Again
+            }
+            Phase::Sleeping => match job.activity {
+                Activity::Sleeping { .. } => {
+                    let fired = self
+                        .timer
+                        .as_mut()
+                        .is_some_and(|t| t.as_mut().poll(cx).is_ready());
+                    if !fired {
+                        job.waker = Some(cx.waker().clone());
+                        return Step::Pending;
+                    }
+                    self.timer = None;
+                    job.activity = Activity::Busy;
+                    self.woken()
+                }
+                Activity::Parked { .. } => {
+                    self.timer = None;
+                    self.phase = Phase::Parked;
+                    Step::Again
+                }
+                _ => {
+                    // Woken by the registry (cancel, kick, set-speed).
+                    self.timer = None;
+                    self.woken()
+                }
+            },
+            Phase::Parked => match job.activity {
+                Activity::Parked { .. } => {
+                    job.waker = Some(cx.waker().clone());
+                    Step::Pending
+                }
+                // Resumed into the wait it paused in (see `State::enter`): wait on.
+                Activity::Sleeping { .. } => {
+                    self.phase = Phase::Start;
+                    Step::Again
+                }
+                _ => self.woken(),
+            },
+        }
+    }
+
+    /// After a sleep or a pause: a rate-limit delay is asked again (only the clock ends it);
+    /// every other wait passes its pause point.
+    fn woken(&mut self) -> Step {
+        match self.mode {
+            Mode::RateLimit => {
+                self.phase = Phase::Start;
+                Step::Again
+            }
+            _ if matches!(self.phase, Phase::Parked) => Step::Ready,
+            _ => {
+                self.phase = Phase::Start;
+                self.mode = Mode::PausePoint;
+                Step::Again
             }
         }
     }
@@ -184,99 +416,21 @@ impl Future for Wait<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        let ctx: &JobContext = this.ctx;
-        let key = ctx.key;
-        let inner = &ctx.inner;
+        let inner = this.ctx.inner.clone();
         let mut g = inner.lock();
         loop {
-            let Some(job) = g.jobs.get_mut(&key) else {
-                return Poll::Ready(());
-            };
-            match this.phase {
-                Phase::Start => {
-                    let deadline = match this.mode {
-                        Mode::Unparked => {
-                            this.phase = Phase::Parked;
-                            continue;
-                        }
-                        Mode::PausePoint => None,
-                        Mode::Sleep(deadline) => {
-                            if job.is_cancelled() {
-                                return Poll::Ready(());
-                            }
-                            deadline.filter(|d| *d > inner.clock.now())
-                        }
-                        Mode::Idle => {
-                            if job.is_cancelled() {
-                                return Poll::Ready(());
-                            }
-                            if std::mem::take(&mut job.kicked) {
-                                None
-                            } else {
-                                Some(Duration::MAX)
-                            }
-                        }
-                    };
-                    let Some(deadline) = deadline.filter(|_| job.pause_count == 0) else {
-                        // No sleep: straight to the pause point.
-                        if g.reach_pause_point(key) {
-                            if let Some(job) = g.jobs.get_mut(&key) {
-                                job.waker = Some(cx.waker().clone());
-                            }
-                            this.phase = Phase::Parked;
-                            return Poll::Pending;
-                        }
-                        return Poll::Ready(());
-                    };
-                    let timed = deadline != Duration::MAX;
-                    job.activity = Activity::Sleeping { timed };
-                    job.kicked = false;
-                    this.timer = timed.then(|| inner.clock.sleep_until(deadline));
-                    this.phase = Phase::Sleeping;
-                }
-                Phase::Sleeping => match job.activity {
-                    Activity::Sleeping { .. } => {
-                        let fired = this
-                            .timer
-                            .as_mut()
-                            .is_some_and(|t| t.as_mut().poll(cx).is_ready());
-                        if !fired {
-                            job.waker = Some(cx.waker().clone());
-                            return Poll::Pending;
-                        }
-                        this.timer = None;
-                        if g.reach_pause_point(key) {
-                            if let Some(job) = g.jobs.get_mut(&key) {
-                                job.waker = Some(cx.waker().clone());
-                            }
-                            this.phase = Phase::Parked;
-                            return Poll::Pending;
-                        }
-                        return Poll::Ready(());
-                    }
-                    Activity::Parked { .. } => {
-                        this.timer = None;
-                        this.phase = Phase::Parked;
-                    }
-                    _ => {
-                        // Woken by the registry (cancel, kick, set-speed).
-                        this.timer = None;
-                        if g.reach_pause_point(key) {
-                            if let Some(job) = g.jobs.get_mut(&key) {
-                                job.waker = Some(cx.waker().clone());
-                            }
-                            this.phase = Phase::Parked;
-                            return Poll::Pending;
-                        }
-                        return Poll::Ready(());
-                    }
-                },
-                Phase::Parked => {
-                    if matches!(job.activity, Activity::Parked { .. }) {
-                        job.waker = Some(cx.waker().clone());
-                        return Poll::Pending;
+            match this.step(&mut g, cx) {
+                Step::Again => continue,
+                Step::Ready => {
+                    if let Some(job) = g.jobs.get_mut(&this.ctx.key) {
+                        job.waiting = None;
                     }
                     return Poll::Ready(());
+                }
+                Step::Pending => {
+                    // The job stopped being busy: a drain may be waiting for that.
+                    inner.notify_quiescent();
+                    return Poll::Pending;
                 }
             }
         }

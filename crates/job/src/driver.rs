@@ -3,7 +3,10 @@
 
 use std::fmt;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
+
+use qmp_api::JobType;
 
 use crate::JobContext;
 
@@ -24,8 +27,23 @@ impl JobFailure {
         }
     }
 
+    /// The failure of an I/O error, worded as QEMU words errno (`Input/output error`).
+    pub fn from_io(error: &io::Error) -> Self {
+        JobFailure::new(strerror(error))
+    }
+
     pub fn message(&self) -> &str {
         &self.message
+    }
+}
+
+/// An I/O error's text as QEMU prints it (`strerror`): `Input/output error`, without Rust's
+/// ` (os error N)` suffix.
+pub fn strerror(error: &io::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" (os error ") {
+        Some(cut) if error.raw_os_error().is_some() => text[..cut].to_string(),
+        _ => text,
     }
 }
 
@@ -42,8 +60,8 @@ impl std::error::Error for JobFailure {}
 /// order: `prepare` (all members), then per member `commit` xor `abort`, then `clean`. Each
 /// member gets exactly one of `commit`/`abort` and exactly one `clean`, even if it never ran.
 pub trait JobDriver: Send + 'static {
-    /// The job type as QMP spells it (`backup`, `mirror`, ...).
-    fn job_type(&self) -> &'static str;
+    /// The job type (`backup`, `mirror`, ...).
+    fn job_type(&self) -> JobType;
 
     /// Whether `complete` is accepted once the job is READY (mirror-like jobs). The driver sees
     /// the request through [`JobContext::should_complete`].

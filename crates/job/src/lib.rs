@@ -1,13 +1,19 @@
 //! job: the block-job state machine and job transactions, with no knowledge of block devices or
-//! of the QMP wire format.
+//! of the QMP wire format. Its vocabulary is the generated API's (`BlockJobStatus`,
+//! `BlockJobVerb`, `JobInfo`, `BlockJobInfo`, `BlockdevOnError`, `qmp_api::Event`).
 //!
 //! * [`tables`]: the transition table and the verb table, as data.
-//! * [`JobRegistry`]: creates jobs in [`JobTxn`]s, starts them, applies the QMP verbs
-//!   (`cancel`, `pause_job`, `resume_job`, `set_speed`, `complete`, `finalize`, `dismiss`),
-//!   answers `query-jobs`/`query-block-jobs`, and runs the transaction protocol.
+//! * `state`: one job's state machine (the function that moves a status, the one that checks
+//!   a verb, pause points).
+//! * `txn`: the transaction protocol (wait for every member, then prepare, commit or abort,
+//!   clean, conclude; or abort everything when one member fails).
+//! * `verbs`: what the monitor calls (`cancel`, `pause_job`, `resume_job`, `set_speed`,
+//!   `complete`, `finalize`, `dismiss`, the queries).
+//! * [`JobRegistry`]: creation, start, drains and the block layer's other calls.
 //! * [`JobDriver`]: what a kind of job (backup, mirror) implements; its work gets a
-//!   [`JobContext`] (pause points, cancellation, rate limiting, progress, READY).
-//! * [`EventSink`]: where [`JobEvent`]s go, in QEMU's order.
+//!   [`JobContext`] (pause points, cancellation, rate limiting, progress, READY, the I/O
+//!   error policy).
+//! * [`EventSink`]: where events go, in QEMU's order.
 //! * [`Spawn`] and [`Clock`]: the executor and the time source; [`manual`] has deterministic
 //!   ones for tests, the `tokio` feature real ones.
 
@@ -18,17 +24,19 @@ pub mod manual;
 mod ratelimit;
 mod registry;
 mod runtime;
+mod state;
 pub mod tables;
+mod txn;
+mod verbs;
 
 pub use qmp_api::{BlockJobStatus, BlockJobVerb};
 
 pub use context::JobContext;
-pub use driver::{BoxFuture, JobDriver, JobFailure};
-pub use event::{BlockJobProgress, ErrorAction, EventSink, IoOperation, JobEvent};
-pub use registry::{
-    BlockJobInfo, CANCELED_MESSAGE, Concluded, IoStatus, JobError, JobInfo, JobKey, JobRef,
-    JobRegistry, JobSpec, JobTxn, OnError, id_wellformed,
-};
+pub use driver::{BoxFuture, JobDriver, JobFailure, strerror};
+pub use event::EventSink;
+pub use registry::{Concluded, JobError, JobKey, JobRef, JobRegistry, JobSpec, id_wellformed};
 pub use runtime::{Clock, JobTask, Spawn};
 #[cfg(feature = "tokio")]
 pub use runtime::{TokioClock, TokioSpawn};
+pub use state::CANCELED_MESSAGE;
+pub use txn::JobTxn;

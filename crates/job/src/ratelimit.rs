@@ -25,6 +25,13 @@ impl RateLimit {
         self.dispatched = 0;
     }
 
+    /// The deadline the bytes accounted so far impose at `now`, if any (QEMU's
+    /// `ratelimit_calculate_delay(limit, 0)`): asked again after every wake-up, so that
+    /// nothing but the clock ends a delay.
+    pub(crate) fn delay(&mut self, now: Duration) -> Option<Duration> {
+        self.account(0, now)
+    }
+
     /// Accounts `bytes` done at `now`; returns the deadline to sleep until, if any.
     pub(crate) fn account(&mut self, bytes: u64, now: Duration) -> Option<Duration> {
         if self.speed == 0 {
@@ -66,6 +73,16 @@ mod tests {
             r.account(1 << 20, Duration::ZERO),
             Some(Duration::from_secs(1))
         );
+    }
+
+    #[test]
+    fn the_delay_asked_again_before_its_deadline_is_the_same_deadline() {
+        let mut r = RateLimit::default();
+        r.set_speed(1);
+        let deadline = r.account(1 << 20, Duration::ZERO);
+        assert_eq!(deadline, Some(Duration::from_secs(1 << 20)));
+        assert_eq!(r.delay(Duration::from_secs(5)), deadline);
+        assert_eq!(r.delay(Duration::from_secs(1 << 20)), None);
     }
 
     #[test]

@@ -11,6 +11,13 @@ pub type JobTask = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// Starts job tasks. Any `Fn(JobTask)` closure is a `Spawn` (e.g. `|t| { tokio::spawn(t); }`).
 pub trait Spawn: Send + Sync {
     fn spawn(&self, task: JobTask);
+
+    /// Whether tasks run on other threads than the caller, so that a caller may block until a
+    /// job reaches a pause point (a drain). A stepped executor runs nothing while its caller
+    /// waits: false.
+    fn runs_concurrently(&self) -> bool {
+        false
+    }
 }
 
 impl<F: Fn(JobTask) + Send + Sync> Spawn for F {
@@ -38,6 +45,10 @@ mod tokio_runtime {
     impl Spawn for TokioSpawn {
         fn spawn(&self, task: JobTask) {
             tokio::spawn(task);
+        }
+
+        fn runs_concurrently(&self) -> bool {
+            true
         }
     }
 

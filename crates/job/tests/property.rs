@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use common::{Harness, Step};
 use job::tables::transition_allowed;
-use job::{BlockJobStatus, JobEvent, JobFailure, JobKey, JobRef, JobSpec, OnError};
+use job::{BlockJobStatus, JobFailure, JobKey, JobRef, JobSpec};
+use qmp_api::Event;
 
 /// xorshift64*: small, seedable, good enough to pick actions.
 struct Rng(u64);
@@ -141,7 +142,7 @@ fn run_case(seed: u64, coverage: &mut Coverage) {
             3 if alive => h.push(&name, Step::Ready),
             4 if alive => h.push(&name, Step::Block),
             5 if alive => h.open_gate(&name),
-            6 if alive => h.push(&name, Step::IoError(OnError::Report)),
+            6 if alive => h.push(&name, Step::IoError),
             7 if rng.chance(25) => {
                 let _ = h.reg.cancel(target, rng.chance(50));
             }
@@ -258,7 +259,8 @@ fn check_history(h: &Harness, members: &[Member], grouped: bool, seed: u64) -> (
     let mut finished_events: HashMap<String, usize> = HashMap::new();
     for e in h.raw_events() {
         match e {
-            JobEvent::StatusChange { id, status } => {
+            Event::JobStatusChange(d) => {
+                let (id, status) = (d.id, d.status);
                 let from = last.get(&id).copied().unwrap_or(BlockJobStatus::Undefined);
                 assert!(
                     from != status && transition_allowed(from, status),
@@ -266,8 +268,11 @@ fn check_history(h: &Harness, members: &[Member], grouped: bool, seed: u64) -> (
                 );
                 last.insert(id, status);
             }
-            JobEvent::Completed { progress, .. } | JobEvent::Cancelled(progress) => {
-                *finished_events.entry(progress.device).or_default() += 1;
+            Event::BlockJobCompleted(d) => {
+                *finished_events.entry(d.device).or_default() += 1;
+            }
+            Event::BlockJobCancelled(d) => {
+                *finished_events.entry(d.device).or_default() += 1;
             }
             _ => {}
         }

@@ -6,8 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{Harness, Step, seq};
-use job::{BlockJobStatus, IoStatus, JobError, JobFailure, JobRef, JobSpec, OnError};
+use job::{BlockJobStatus, JobError, JobFailure, JobRef, JobSpec};
 use qmp_api::ErrorClass;
+use qmp_api::{BlockDeviceIoStatus, BlockdevOnError};
 
 const EIO: &str = "Input/output error";
 
@@ -63,7 +64,7 @@ fn a_job_that_fails_aborts_with_its_error_in_block_job_completed() {
     let mut h = Harness::new();
     h.running(JobSpec::new("j1"));
     h.events();
-    h.push("j1", Step::IoError(OnError::Report));
+    h.push("j1", Step::IoError);
     h.finish("j1", eio());
     assert_eq!(
         h.events(),
@@ -95,7 +96,7 @@ fn auto_finalize_off_parks_in_pending_until_finalize_and_auto_dismiss_off_until_
     assert!(!bj.busy && !bj.paused && !bj.ready && !bj.auto_finalize && !bj.auto_dismiss);
     assert_eq!(
         (bj.len, bj.offset, bj.io_status),
-        (4 << 20, 4 << 20, IoStatus::Ok)
+        (4 << 20, 4 << 20, BlockDeviceIoStatus::Ok)
     );
 
     h.reg.finalize(JobRef::BlockJob("j1")).unwrap();
@@ -228,7 +229,7 @@ fn job_ids_must_be_well_formed_and_unique() {
     for bad in ["1bad", "", "a b", "a/b", "é"] {
         let err = h
             .reg
-            .create(JobSpec::new(bad), Box::new(NoWork), None)
+            .create(JobSpec::new(bad), |_| Box::new(NoWork), None)
             .unwrap_err();
         assert_eq!(err.class, ErrorClass::GenericError);
         assert_eq!(err.desc, format!("Invalid job ID '{bad}'"));
@@ -239,7 +240,7 @@ fn job_ids_must_be_well_formed_and_unique() {
     h.running(JobSpec::new("j1"));
     let err = h
         .reg
-        .create(JobSpec::new("j1"), Box::new(NoWork), None)
+        .create(JobSpec::new("j1"), |_| Box::new(NoWork), None)
         .unwrap_err();
     assert_eq!(err.desc, "Job ID 'j1' already in use");
 }
@@ -247,8 +248,8 @@ fn job_ids_must_be_well_formed_and_unique() {
 struct NoWork;
 
 impl job::JobDriver for NoWork {
-    fn job_type(&self) -> &'static str {
-        "backup"
+    fn job_type(&self) -> qmp_api::JobType {
+        qmp_api::JobType::Backup
     }
     fn run<'a>(
         &'a mut self,
@@ -311,7 +312,7 @@ fn a_negative_initial_speed_creates_and_drops_the_job_with_qemus_error() {
     let h = Harness::new();
     let e = h
         .reg
-        .create(JobSpec::new("j1").speed(-1), Box::new(NoWork), None)
+        .create(JobSpec::new("j1").speed(-1), |_| Box::new(NoWork), None)
         .unwrap_err();
     assert_eq!(e.desc, "Parameter 'speed' expects a non-negative value");
     assert_eq!(h.events(), seq("j1 created, j1 null"));
@@ -332,7 +333,7 @@ fn a_job_that_fails_to_be_set_up_goes_from_created_to_null() {
 fn internal_jobs_emit_nothing_and_are_not_listed() {
     let mut h = Harness::new();
     let k = h.running(JobSpec::internal());
-    h.push("internal", Step::IoError(OnError::Report));
+    h.push("internal", Step::IoError);
     h.finish("internal", eio());
     assert!(h.events().is_empty());
     assert!(h.reg.query_jobs().is_empty());
@@ -533,16 +534,22 @@ fn cancel_wakes_a_job_sleeping_in_a_rate_limit_delay() {
 #[test]
 fn an_io_error_with_policy_stop_pauses_the_job_until_resumed() {
     let mut h = Harness::new();
-    h.running(JobSpec::new("j"));
+    h.running(JobSpec::new("j").on_error(None, Some(BlockdevOnError::Stop)));
     h.events();
-    h.push("j", Step::IoError(OnError::Stop));
+    h.push("j", Step::IoError);
     h.run();
     assert_eq!(h.events(), seq("ERROR j write stop, j paused"));
     let bj = &h.reg.query_block_jobs()[0];
-    assert_eq!((bj.io_status, bj.paused), (IoStatus::Failed, true));
+    assert_eq!(
+        (bj.io_status, bj.paused),
+        (BlockDeviceIoStatus::Failed, true)
+    );
     h.reg.resume_job(JobRef::BlockJob("j")).unwrap();
     assert_eq!(h.events(), seq("j running"));
-    assert_eq!(h.reg.query_block_jobs()[0].io_status, IoStatus::Ok);
+    assert_eq!(
+        h.reg.query_block_jobs()[0].io_status,
+        BlockDeviceIoStatus::Ok
+    );
 }
 
 #[test]
@@ -695,7 +702,8 @@ fn grouped_auto_finalize_pair_concludes_when_the_last_member_finishes() {
 
 #[test]
 fn individual_mode_failure_aborts_only_the_failing_job() {
-    // s06: no shared transaction.
+    // s06: no shared transaction. Freeing jb (after its `null`) detaches it from its nodes, a
+    // graph change: ja, sleeping, pauses and resumes.
     let mut h = Harness::new();
     let ja = h.create(JobSpec::new("ja"), None);
     let jb = h.create(JobSpec::new("jb"), None);
@@ -703,13 +711,13 @@ fn individual_mode_failure_aborts_only_the_failing_job() {
     h.reg.start(ja).unwrap();
     h.run();
     h.events();
-    h.push("jb", Step::IoError(OnError::Report));
+    h.push("jb", Step::IoError);
     h.finish("jb", eio());
     assert_eq!(
         h.events(),
         seq(
             "ERROR jb write report, jb aborting, COMPLETED jb error=Input/output error, \
-             jb concluded, jb null"
+             jb concluded, jb null, ja paused, ja running"
         )
     );
     assert_eq!(h.status("ja"), Some(BlockJobStatus::Running));
@@ -727,7 +735,7 @@ fn grouped_failure_of_the_newest_member_cancels_the_other() {
     grouped_pair(&mut h, JobSpec::new("ja"), JobSpec::new("jb"));
     h.events();
     h.hooks();
-    h.push("jb", Step::IoError(OnError::Report));
+    h.push("jb", Step::IoError);
     h.finish("jb", eio());
     assert_eq!(
         h.events(),
@@ -747,7 +755,7 @@ fn grouped_failure_of_the_oldest_member_finalizes_newest_first() {
     let mut h = Harness::new();
     grouped_pair(&mut h, JobSpec::new("ja"), JobSpec::new("jb"));
     h.events();
-    h.push("ja", Step::IoError(OnError::Report));
+    h.push("ja", Step::IoError);
     h.finish("ja", eio());
     assert_eq!(
         h.events(),
@@ -783,7 +791,7 @@ fn grouped_failure_of_the_middle_of_three_waits_for_all_then_finalizes_newest_fi
     let mut h = Harness::new();
     grouped_triple(&mut h);
     h.events();
-    h.push("jb", Step::IoError(OnError::Report));
+    h.push("jb", Step::IoError);
     h.finish("jb", eio());
     assert_eq!(
         h.events(),
@@ -949,14 +957,14 @@ fn concluded_future_completes_when_the_job_concludes() {
 async fn jobs_run_on_tokio() {
     use std::sync::Arc;
     let reg = job::JobRegistry::new(
-        Arc::new(|_e: job::JobEvent| {}),
+        Arc::new(|_e: qmp_api::Event| {}),
         Arc::new(job::TokioSpawn),
         Arc::new(job::TokioClock::default()),
     );
     let k = reg
         .create(
             JobSpec::new("j").auto_dismiss(false),
-            Box::new(NoWork),
+            |_| Box::new(NoWork),
             None,
         )
         .unwrap();
@@ -1006,8 +1014,8 @@ struct DropsItsSleep {
 }
 
 impl job::JobDriver for DropsItsSleep {
-    fn job_type(&self) -> &'static str {
-        "backup"
+    fn job_type(&self) -> qmp_api::JobType {
+        qmp_api::JobType::Backup
     }
     fn run<'a>(
         &'a mut self,
@@ -1031,7 +1039,7 @@ fn a_job_that_drops_a_sleep_is_busy_again_and_pauses_at_its_next_pause_point() {
         .reg
         .create(
             JobSpec::new("j"),
-            Box::new(DropsItsSleep { gate: gate.clone() }),
+            |_| Box::new(DropsItsSleep { gate: gate.clone() }),
             None,
         )
         .unwrap();
@@ -1220,7 +1228,7 @@ fn a_total_set_at_creation_is_reported_when_the_job_is_cancelled_before_its_work
         .raw_events()
         .into_iter()
         .filter_map(|e| match e {
-            job::JobEvent::Cancelled(p) => Some((p.len, p.offset)),
+            qmp_api::Event::BlockJobCancelled(p) => Some((p.len, p.offset)),
             _ => None,
         })
         .collect();

@@ -11,7 +11,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Mutex;
 
-use serde_json::json;
+use qmp_api::{
+    ImageInfoSpecific, ImageInfoSpecificBranch, ImageInfoSpecificFile, ImageInfoSpecificFileWrapper,
+};
 
 use crate::driver::{BlockDriver, DriverInfo, DriverSpec, OpenContext};
 use crate::error::{BlockError, BlockResult, strerror};
@@ -244,7 +246,13 @@ impl BlockDriver for FileDriver {
             actual_size: self.file.metadata().ok().map(|m| m.blocks() * 512),
             cluster_size: None,
             dirty_flag: Some(false),
-            format_specific: Some(json!({"type": "file", "data": {}})),
+            format_specific: Some(ImageInfoSpecific {
+                branch: ImageInfoSpecificBranch::File(ImageInfoSpecificFileWrapper {
+                    data: ImageInfoSpecificFile {
+                        extent_size_hint: None,
+                    },
+                }),
+            }),
         }
     }
 

@@ -12,15 +12,20 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::bitmap::DirtyBitmap;
 use crate::driver::{
     BitmapStore, BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, DriverSpec, InternalSnapshots,
-    OpenContext, SnapshotSummary,
+    OpenContext,
 };
 use crate::error::{BlockError, BlockResult};
 use crate::node::BlockNode;
+use qmp_api::{
+    ImageInfoSpecific, ImageInfoSpecificBranch, ImageInfoSpecificQCow2,
+    ImageInfoSpecificQCow2Wrapper, Qcow2BitmapInfo, Qcow2BitmapInfoFlags, Qcow2CompressionType,
+    SnapshotInfo,
+};
 
 /// The `qcow2` driver.
 pub const SPEC: DriverSpec = DriverSpec {
@@ -233,39 +238,44 @@ impl Qcow2Driver {
         self.read_only.load(Ordering::Acquire)
     }
 
-    fn format_specific(&self) -> Value {
+    fn format_specific(&self) -> ImageInfoSpecific {
         let info = self.image().info();
-        let mut data = serde_json::Map::new();
-        if info.version >= 3 {
-            data.insert("compat".into(), json!("1.1"));
-            data.insert("lazy-refcounts".into(), json!(self.lazy_refcounts));
-            data.insert("corrupt".into(), json!(info.corrupt));
-            data.insert("extended-l2".into(), json!(false));
-            let bitmaps: Vec<Value> = self
-                .image()
-                .bitmaps()
-                .iter()
-                .map(|b| {
-                    let mut flags = Vec::new();
-                    // A read-write open marks every stored bitmap in use.
-                    if b.in_use || !self.read_only() {
-                        flags.push("in-use");
-                    }
-                    if b.enabled {
-                        flags.push("auto");
-                    }
-                    json!({"name": b.name, "granularity": b.granularity, "flags": flags})
-                })
-                .collect();
-            if !bitmaps.is_empty() {
-                data.insert("bitmaps".into(), Value::Array(bitmaps));
-            }
-        } else {
-            data.insert("compat".into(), json!("0.10"));
+        let v3 = info.version >= 3;
+        let bitmaps: Vec<Qcow2BitmapInfo> = self
+            .image()
+            .bitmaps()
+            .iter()
+            .map(|b| {
+                let mut flags = Vec::new();
+                // A read-write open marks every stored bitmap in use.
+                if b.in_use || !self.read_only() {
+                    flags.push(Qcow2BitmapInfoFlags::InUse);
+                }
+                if b.enabled {
+                    flags.push(Qcow2BitmapInfoFlags::Auto);
+                }
+                Qcow2BitmapInfo {
+                    name: b.name.clone(),
+                    granularity: u32::try_from(b.granularity).unwrap_or(u32::MAX),
+                    flags,
+                }
+            })
+            .collect();
+        let data = ImageInfoSpecificQCow2 {
+            compat: if v3 { "1.1" } else { "0.10" }.to_string(),
+            data_file: None,
+            data_file_raw: None,
+            extended_l2: v3.then_some(false),
+            lazy_refcounts: v3.then_some(self.lazy_refcounts),
+            corrupt: v3.then_some(info.corrupt),
+            refcount_bits: i64::from(info.refcount_bits),
+            encrypt: None,
+            bitmaps: (v3 && !bitmaps.is_empty()).then_some(bitmaps),
+            compression_type: Qcow2CompressionType::Zlib,
+        };
+        ImageInfoSpecific {
+            branch: ImageInfoSpecificBranch::Qcow2(ImageInfoSpecificQCow2Wrapper { data }),
         }
-        data.insert("refcount-bits".into(), json!(info.refcount_bits));
-        data.insert("compression-type".into(), json!("zlib"));
-        json!({"type": "qcow2", "data": data})
     }
 
     /// The node's bitmap as the image stores it.
@@ -527,18 +537,18 @@ impl BitmapStore for Qcow2Driver {
 }
 
 impl InternalSnapshots for Qcow2Driver {
-    fn list(&self) -> Vec<SnapshotSummary> {
+    fn list(&self) -> Vec<SnapshotInfo> {
         self.image().snapshots().iter().map(summary).collect()
     }
 
-    fn create(&self, name: &str) -> BlockResult<SnapshotSummary> {
+    fn create(&self, name: &str) -> BlockResult<SnapshotInfo> {
         self.image().flush().map_err(block_error)?;
         let s = self.image().create_snapshot(name).map_err(block_error)?;
         self.image().flush().map_err(block_error)?;
         Ok(summary(&s))
     }
 
-    fn delete(&self, id_or_name: &str) -> BlockResult<SnapshotSummary> {
+    fn delete(&self, id_or_name: &str) -> BlockResult<SnapshotInfo> {
         let list = self.image().snapshots();
         let found = list
             .iter()
@@ -557,14 +567,17 @@ impl InternalSnapshots for Qcow2Driver {
     }
 }
 
-fn summary(s: &qcow2::SnapshotInfo) -> SnapshotSummary {
-    SnapshotSummary {
+/// A snapshot table entry as QMP's `SnapshotInfo`.
+fn summary(s: &qcow2::SnapshotInfo) -> SnapshotInfo {
+    let wire = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    SnapshotInfo {
         id: s.id.clone(),
         name: s.name.clone(),
-        vm_state_size: s.vm_state_size,
-        date_sec: s.date_sec,
-        date_nsec: s.date_nsec,
-        vm_clock_nsec: s.vm_clock_nsec,
-        icount: s.icount,
+        vm_state_size: wire(s.vm_state_size),
+        date_sec: i64::from(s.date_sec),
+        date_nsec: i64::from(s.date_nsec),
+        vm_clock_sec: wire(s.vm_clock_nsec / 1_000_000_000),
+        vm_clock_nsec: wire(s.vm_clock_nsec % 1_000_000_000),
+        icount: s.icount.map(wire),
     }
 }

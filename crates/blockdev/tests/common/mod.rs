@@ -3,12 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use blockdev::{BlockIo, Blockdev, Extent, ImageRef, NodeGraph, SyncBitmap};
+use block::{BitmapStore, DirtyBitmap};
+use blockdev::{BlockIo, Blockdev, Extent, ImageRef, NodeBitmaps, NodeGraph};
 use job::manual::{ManualClock, ManualExecutor};
-use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError};
+use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError, SnapshotInfo};
 use serde_json::{Value, json};
 
 pub const MIB: u64 = 1 << 20;
@@ -22,6 +23,8 @@ pub struct MemNode {
     pub allocated: Option<Vec<(u64, u64)>>,
     pub fail_writes: bool,
     pub writes: Mutex<Vec<(u64, u64)>>,
+    /// The node's bitmaps, marked by writes (set by [`MemGraph::node_bitmaps`]).
+    pub bitmaps: Mutex<Option<Arc<MemBitmaps>>>,
 }
 
 impl MemNode {
@@ -36,6 +39,7 @@ impl MemNode {
             allocated: None,
             fail_writes: false,
             writes: Mutex::new(Vec::new()),
+            bitmaps: Mutex::new(None),
         })
     }
 
@@ -73,6 +77,11 @@ impl BlockIo for MemNode {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if self.fail_writes {
             return Err(io::Error::from_raw_os_error(5));
+        }
+        if let Some(bitmaps) = self.bitmaps.lock().unwrap().as_ref() {
+            for b in bitmaps.bitmaps.lock().unwrap().iter_mut() {
+                b.record_write(offset, buf.len() as u64);
+            }
         }
         self.writes.lock().unwrap().push((offset, buf.len() as u64));
         let mut d = self.data.lock().unwrap();
@@ -117,47 +126,33 @@ impl BlockIo for MemNode {
     }
 }
 
-/// A bitmap with QEMU's successor protocol, in memory (granularity 64 KiB).
-#[derive(Default)]
-pub struct MemBitmap {
-    pub dirty: Mutex<Vec<(u64, u64)>>,
-    pub successor: Mutex<Option<Vec<(u64, u64)>>>,
-    pub log: Mutex<Vec<&'static str>>,
+/// A node's bitmaps, in memory: the list as data, and optionally a format's store.
+pub struct MemBitmaps {
+    pub node: String,
+    pub size: u64,
+    pub bitmaps: Mutex<Vec<DirtyBitmap>>,
+    pub store: Option<Arc<dyn BitmapStore>>,
 }
 
-impl SyncBitmap for MemBitmap {
-    fn check_usable(&self, _allow_read_only: bool) -> Result<(), QmpError> {
-        if self.successor.lock().unwrap().is_some() {
-            return Err(QmpError::generic(
-                "Bitmap 'bm0' is currently in use by another operation and cannot be used",
-            ));
-        }
-        Ok(())
+impl NodeBitmaps for MemBitmaps {
+    fn node_name(&self) -> &str {
+        &self.node
     }
-    fn freeze(&self) -> Result<(), QmpError> {
-        *self.successor.lock().unwrap() = Some(Vec::new());
-        self.log.lock().unwrap().push("freeze");
-        Ok(())
+    fn list(&self) -> MutexGuard<'_, Vec<DirtyBitmap>> {
+        self.bitmaps.lock().unwrap()
     }
-    fn dirty_ranges(&self) -> Vec<(u64, u64)> {
-        self.dirty.lock().unwrap().clone()
+    fn size(&self) -> u64 {
+        self.size
     }
-    fn abdicate(&self) {
-        let s = self.successor.lock().unwrap().take().unwrap_or_default();
-        *self.dirty.lock().unwrap() = s;
-        self.log.lock().unwrap().push("abdicate");
+    fn default_granularity(&self) -> u64 {
+        65536
     }
-    fn reclaim(&self) {
-        let s = self.successor.lock().unwrap().take().unwrap_or_default();
-        self.dirty.lock().unwrap().extend(s);
-        self.log.lock().unwrap().push("reclaim");
-    }
-    fn mark_dirty(&self, offset: u64, len: u64) {
-        self.dirty.lock().unwrap().push((offset, len));
+    fn store(&self) -> Option<&dyn BitmapStore> {
+        self.store.as_deref()
     }
 }
 
-type Bitmaps = BTreeMap<(String, String), Arc<MemBitmap>>;
+type Bitmaps = BTreeMap<String, Arc<MemBitmaps>>;
 type Created = Vec<(ImageRef, u64, Option<ImageRef>)>;
 
 /// Nodes by name; created images by file name.
@@ -183,14 +178,51 @@ impl MemGraph {
     pub fn node(&self, name: &str) -> Arc<MemNode> {
         self.nodes.lock().unwrap()[name].clone()
     }
-    pub fn add_bitmap(&self, node: &str, name: &str, dirty: Vec<(u64, u64)>) -> Arc<MemBitmap> {
-        let b = Arc::new(MemBitmap::default());
-        *b.dirty.lock().unwrap() = dirty;
-        self.bitmaps
+    /// The bitmaps of `node` (created empty, with no store, on first use).
+    pub fn node_bitmaps(&self, node: &str) -> Arc<MemBitmaps> {
+        let mem = self.nodes.lock().unwrap().get(node).cloned();
+        let size = mem.as_ref().map_or(0, |n| n.size());
+        let list = self
+            .bitmaps
             .lock()
             .unwrap()
-            .insert((node.into(), name.into()), b.clone());
-        b
+            .entry(node.into())
+            .or_insert_with(|| {
+                Arc::new(MemBitmaps {
+                    node: node.into(),
+                    size,
+                    bitmaps: Mutex::new(Vec::new()),
+                    store: None,
+                })
+            })
+            .clone();
+        if let Some(mem) = mem {
+            *mem.bitmaps.lock().unwrap() = Some(list.clone());
+        }
+        list
+    }
+
+    /// Gives `node` a bitmap store (persistent bitmaps) and its bitmaps.
+    pub fn with_store(&self, node: &str, store: Arc<dyn BitmapStore>, bitmaps: Vec<DirtyBitmap>) {
+        let mem = self.nodes.lock().unwrap()[node].clone();
+        let list = Arc::new(MemBitmaps {
+            node: node.into(),
+            size: mem.size(),
+            bitmaps: Mutex::new(bitmaps),
+            store: Some(store),
+        });
+        *mem.bitmaps.lock().unwrap() = Some(list.clone());
+        self.bitmaps.lock().unwrap().insert(node.into(), list);
+    }
+
+    /// Adds bitmap `name` (granularity 64 KiB) to `node` with `dirty` ranges set.
+    pub fn add_bitmap(&self, node: &str, name: &str, dirty: Vec<(u64, u64)>) {
+        let n = self.node_bitmaps(node);
+        let mut b = DirtyBitmap::new(Some(name.into()), 65536, n.size).unwrap();
+        for (offset, len) in dirty {
+            b.set_dirty(offset, len);
+        }
+        n.bitmaps.lock().unwrap().insert(0, b);
     }
 }
 
@@ -202,12 +234,11 @@ impl NodeGraph for MemGraph {
             .get(name)
             .map(|n| n.clone() as Arc<dyn BlockIo>)
     }
-    fn dirty_bitmap(&self, node: &str, name: &str) -> Option<Arc<dyn SyncBitmap>> {
-        self.bitmaps
-            .lock()
-            .unwrap()
-            .get(&(node.to_string(), name.to_string()))
-            .map(|b| b.clone() as Arc<dyn SyncBitmap>)
+    fn bitmaps(&self, node: &str) -> Option<Arc<dyn NodeBitmaps>> {
+        if !self.nodes.lock().unwrap().contains_key(node) {
+            return None;
+        }
+        Some(self.node_bitmaps(node) as Arc<dyn NodeBitmaps>)
     }
     fn create_image(
         &mut self,
@@ -296,15 +327,25 @@ impl NodeGraph for MemGraph {
             }
         }
     }
-    fn internal_snapshots(&self, node: &str) -> Option<Vec<String>> {
+    fn internal_snapshots(&self, node: &str) -> Option<Vec<SnapshotInfo>> {
         let n = self.nodes.lock().unwrap().get(node).cloned()?;
         (n.image.format == "qcow2").then(|| {
-            self.snapshots
-                .lock()
-                .unwrap()
-                .get(node)
-                .cloned()
+            let names = self.snapshots.lock().unwrap().get(node).cloned();
+            names
                 .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(i, name)| SnapshotInfo {
+                    id: (i + 1).to_string(),
+                    name,
+                    vm_state_size: 0,
+                    date_sec: 0,
+                    date_nsec: 0,
+                    vm_clock_sec: 0,
+                    vm_clock_nsec: 0,
+                    icount: None,
+                })
+                .collect()
         })
     }
     fn create_internal_snapshot(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
@@ -329,8 +370,8 @@ impl NodeGraph for MemGraph {
         self.nodes.lock().unwrap().remove(&args.node_name);
         Ok(())
     }
-    fn query_named_block_nodes(&self, _flat: bool) -> Result<Vec<BlockDeviceInfo>, QmpError> {
-        Ok(Vec::new())
+    fn query_named_block_nodes(&self, _flat: bool) -> Vec<BlockDeviceInfo> {
+        Vec::new()
     }
     fn close_all(&mut self) -> io::Result<()> {
         *self.closed.lock().unwrap() = true;

@@ -10,9 +10,10 @@ use std::task::{Context, Poll, Waker};
 
 use job::manual::{ManualClock, ManualExecutor};
 use job::{
-    BlockJobStatus, BoxFuture, IoOperation, JobContext, JobDriver, JobEvent, JobFailure, JobKey,
-    JobRegistry, JobSpec, JobTxn, OnError,
+    BlockJobStatus, BoxFuture, JobContext, JobDriver, JobFailure, JobKey, JobRegistry, JobSpec,
+    JobTxn,
 };
+use qmp_api::{Event, IoOperationType, JobType};
 
 /// What a scripted job does next.
 #[derive(Debug, Clone)]
@@ -23,8 +24,8 @@ pub enum Step {
     Work(u64),
     /// Go READY.
     Ready,
-    /// Report a write error under the policy.
-    IoError(OnError),
+    /// A write error (EIO), under the job's `on-target-error`.
+    IoError,
     /// Wait for the gate, ignoring cancellation (a job slow to stop).
     Block,
 }
@@ -39,7 +40,7 @@ pub struct Control {
 
 pub struct Scripted {
     name: String,
-    job_type: &'static str,
+    job_type: JobType,
     mirror: bool,
     control: Arc<Mutex<Control>>,
     log: Arc<Mutex<Vec<String>>>,
@@ -70,7 +71,7 @@ impl Scripted {
 }
 
 impl JobDriver for Scripted {
-    fn job_type(&self) -> &'static str {
+    fn job_type(&self) -> JobType {
         self.job_type
     }
 
@@ -97,8 +98,11 @@ impl JobDriver for Scripted {
                         ctx.rate_limit(n).await;
                     }
                     Some(Step::Ready) => ctx.set_ready(),
-                    Some(Step::IoError(policy)) => {
-                        ctx.report_io_error(policy, IoOperation::Write, false);
+                    Some(Step::IoError) => {
+                        ctx.io_error(
+                            IoOperationType::Write,
+                            &std::io::Error::from_raw_os_error(5),
+                        );
                     }
                     Some(Step::Block) => Gate(self.control.clone()).await,
                     None => {
@@ -137,7 +141,7 @@ pub struct Harness {
     pub reg: JobRegistry,
     pub exec: ManualExecutor,
     pub clock: ManualClock,
-    events: Arc<Mutex<Vec<JobEvent>>>,
+    events: Arc<Mutex<Vec<Event>>>,
     log: Arc<Mutex<Vec<String>>>,
     controls: HashMap<String, Arc<Mutex<Control>>>,
     keys: HashMap<String, JobKey>,
@@ -156,7 +160,7 @@ impl Harness {
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = {
             let events = events.clone();
-            move |e: JobEvent| events.lock().unwrap().push(e)
+            move |e: Event| events.lock().unwrap().push(e)
         };
         let reg = JobRegistry::new(
             Arc::new(sink),
@@ -174,7 +178,7 @@ impl Harness {
         }
     }
 
-    fn driver(&mut self, name: &str, job_type: &'static str, mirror: bool) -> Box<Scripted> {
+    fn driver(&mut self, name: &str, job_type: JobType, mirror: bool) -> Box<Scripted> {
         let control = Arc::new(Mutex::new(Control::default()));
         self.controls.insert(name.to_string(), control.clone());
         Box::new(Scripted {
@@ -198,9 +202,13 @@ impl Harness {
 
     pub fn create_with(&mut self, spec: JobSpec, txn: Option<&JobTxn>, mirror: bool) -> JobKey {
         let name = spec.id.clone().unwrap_or_else(|| "internal".to_string());
-        let job_type = if mirror { "mirror" } else { "backup" };
+        let job_type = if mirror {
+            JobType::Mirror
+        } else {
+            JobType::Backup
+        };
         let driver = self.driver(&name, job_type, mirror);
-        let key = self.reg.create(spec, driver, txn).expect("create");
+        let key = self.reg.create(spec, |_| driver, txn).expect("create");
         self.keys.insert(name, key);
         key
     }
@@ -259,7 +267,7 @@ impl Harness {
             .collect()
     }
 
-    pub fn raw_events(&self) -> Vec<JobEvent> {
+    pub fn raw_events(&self) -> Vec<Event> {
         self.events.lock().unwrap().drain(..).collect()
     }
 
@@ -269,25 +277,18 @@ impl Harness {
     }
 }
 
-pub fn render(e: &JobEvent) -> String {
+pub fn render(e: &Event) -> String {
     match e {
-        JobEvent::StatusChange { id, status } => format!("{id} {status}"),
-        JobEvent::Completed {
-            progress,
-            error: None,
-        } => format!("COMPLETED {}", progress.device),
-        JobEvent::Completed {
-            progress,
-            error: Some(error),
-        } => format!("COMPLETED {} error={error}", progress.device),
-        JobEvent::Cancelled(p) => format!("CANCELLED {}", p.device),
-        JobEvent::Ready(p) => format!("READY {}", p.device),
-        JobEvent::Pending { id, .. } => format!("PENDING {id}"),
-        JobEvent::Error {
-            device,
-            operation,
-            action,
-        } => format!("ERROR {device} {} {}", operation.as_str(), action.as_str()),
+        Event::JobStatusChange(d) => format!("{} {}", d.id, d.status),
+        Event::BlockJobCompleted(d) => match &d.error {
+            None => format!("COMPLETED {}", d.device),
+            Some(error) => format!("COMPLETED {} error={error}", d.device),
+        },
+        Event::BlockJobCancelled(d) => format!("CANCELLED {}", d.device),
+        Event::BlockJobReady(d) => format!("READY {}", d.device),
+        Event::BlockJobPending(d) => format!("PENDING {}", d.id),
+        Event::BlockJobError(d) => format!("ERROR {} {} {}", d.device, d.operation, d.action),
+        other => format!("{} {:?}", other.name(), other.data()),
     }
 }
 
