@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
+use std::time::Duration;
 
 fn completed(id: &str, len: u64, speed: u64) -> String {
     format!(
@@ -548,4 +549,44 @@ fn a_sync_top_backup_copies_only_what_the_top_layer_allocates() {
     h.settle();
     let writes = h.graph.node("tgt").writes.lock().unwrap().clone();
     assert_eq!(writes, [(MIB, 65536), (3 * MIB, 131072)]);
+}
+
+/// Issue 10, item 5: at 1 byte/s, a backup copies its first request and then waits out the
+/// limit whatever wakes it meanwhile: user pause/resume, the drains of `transaction`s (an
+/// empty one, and one refused by a busy target), set-speed to the same speed.
+#[test]
+fn the_speed_limit_holds_whatever_wakes_the_job() {
+    let mut h = Harness::new();
+    h.graph.add("src", MemNode::new("src", 16 * MIB, 0xab));
+    h.graph.add("tgt", MemNode::new("tgt", 16 * MIB, 0));
+    h.graph.add("other", MemNode::new("other", 16 * MIB, 0));
+    h.ok(
+        "blockdev-backup",
+        with(backup("j", "src", "tgt"), json!({"speed": 1})),
+    );
+    h.step();
+    let offset = |h: &mut Harness| h.ok("query-block-jobs", json!({}))[0]["offset"].clone();
+    assert_eq!(
+        offset(&mut h),
+        json!(MIB),
+        "the first request goes unlimited"
+    );
+    for _ in 0..50 {
+        h.ok("block-job-pause", json!({"device": "j"}));
+        h.step();
+        h.ok("block-job-resume", json!({"device": "j"}));
+        h.step();
+        h.ok("transaction", json!({"actions": []}));
+        h.step();
+        let refused = h.cmd("blockdev-backup", backup("k", "other", "tgt"));
+        assert!(refused.is_err(), "{refused:?} {:?}", h.take_events());
+        h.step();
+        h.ok("block-job-set-speed", json!({"device": "j", "speed": 1}));
+        h.step();
+    }
+    assert_eq!(offset(&mut h), json!(MIB));
+    // The clock, only, ends the delay: a MiB at 1 byte/s.
+    h.advance(Duration::from_secs(MIB));
+    h.step();
+    assert_eq!(offset(&mut h), json!(2 * MIB));
 }

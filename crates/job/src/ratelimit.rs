@@ -18,11 +18,11 @@ impl RateLimit {
         self.speed
     }
 
-    /// Sets bytes per second (0 = unlimited) and starts a fresh slice.
+    /// Sets bytes per second (0 = unlimited). What was dispatched in the current slice still
+    /// counts (QEMU's `ratelimit_set_speed`): the delay is recomputed at the new speed, not
+    /// forgotten.
     pub(crate) fn set_speed(&mut self, speed: u64) {
         self.speed = speed;
-        self.slice_end = Duration::ZERO;
-        self.dispatched = 0;
     }
 
     /// The deadline the bytes accounted so far impose at `now`, if any (QEMU's
@@ -83,6 +83,19 @@ mod tests {
         assert_eq!(deadline, Some(Duration::from_secs(1 << 20)));
         assert_eq!(r.delay(Duration::from_secs(5)), deadline);
         assert_eq!(r.delay(Duration::from_secs(1 << 20)), None);
+    }
+
+    #[test]
+    fn setting_the_speed_again_keeps_the_delay_and_a_higher_speed_shortens_it() {
+        let mut r = RateLimit::default();
+        r.set_speed(1);
+        r.account(1 << 20, Duration::ZERO);
+        r.set_speed(1);
+        assert_eq!(r.delay(Duration::ZERO), Some(Duration::from_secs(1 << 20)));
+        r.set_speed(1 << 20);
+        assert_eq!(r.delay(Duration::ZERO), Some(Duration::from_secs(1)));
+        r.set_speed(0);
+        assert_eq!(r.delay(Duration::ZERO), None);
     }
 
     #[test]
