@@ -12,15 +12,14 @@ use qmp_api::{
     JobDismissArguments, JobFinalizeArguments, JobInfo, JobPauseArguments, JobResumeArguments,
     NbdServerOptionsLegacy, QmpError, QueryNamedBlockNodesArguments, SchemaInfo,
     TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
-    VersionTriple,
 };
 
+use crate::Blockdev;
 use crate::actions::BackupAction;
 use crate::bitmaps::{self, BitmapAction};
 use crate::export;
 use crate::snapshot::{ExternalSnapshot, InternalSnapshot};
 use crate::transaction::{self, AbortAction, Action};
-use crate::{Blockdev, QEMU_VERSION};
 
 /// The action behind one `transaction` entry.
 fn action_of(branch: TransactionActionBranch) -> Box<dyn Action> {
@@ -84,15 +83,7 @@ impl Blockdev {
 
 impl Commands for Blockdev {
     fn query_version(&mut self) -> Result<VersionInfo, QmpError> {
-        let (major, minor, micro) = QEMU_VERSION;
-        Ok(VersionInfo {
-            qemu: VersionTriple {
-                major,
-                minor,
-                micro,
-            },
-            package: crate::package_version(),
-        })
+        Ok(crate::version_info())
     }
 
     /// Every command of the generated table: the schema is what blockjobd serves (the

@@ -46,6 +46,19 @@ pub fn package_version() -> String {
     format!("blockjobd {}", env!("CARGO_PKG_VERSION"))
 }
 
+/// What `query-version` answers and the monitor's greeting shows.
+pub fn version_info() -> qmp_api::VersionInfo {
+    let (major, minor, micro) = QEMU_VERSION;
+    qmp_api::VersionInfo {
+        qemu: qmp_api::VersionTriple {
+            major,
+            minor,
+            micro,
+        },
+        package: package_version(),
+    }
+}
+
 /// How long shutdown waits for cancelled jobs to stop before closing their nodes anyway.
 const SHUTDOWN_WAIT_LIMIT: Duration = Duration::from_secs(5);
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use blockdev::{Blockdev, SharedBlockdev};
-use monitor::{EventSink, QmpBackend};
+use monitor::{Broadcast, QmpBackend};
 use qmp_api::QmpError;
 use serde_json::{Map, Value};
 
@@ -30,14 +30,8 @@ impl QmpBackend for BlockBackend {
 /// Builds the daemon's services on the current tokio runtime: jobs as tasks, block I/O on the
 /// blocking pool, events into `events`; on shutdown every job is cancelled and every image is
 /// flushed and closed (qcow2 metadata and persistent bitmaps written).
-pub fn block_services(events: EventSink) -> Services {
-    let sink: Arc<dyn job::EventSink> = Arc::new(move |event: qmp_api::Event| {
-        let data = match event.data() {
-            Some(Value::Object(map)) => Some(map),
-            _ => None,
-        };
-        events.emit(event.name(), data);
-    });
+pub fn block_services(events: Broadcast) -> Services {
+    let sink: Arc<dyn job::EventSink> = Arc::new(move |event: qmp_api::Event| events.emit(&event));
     let shared = Arc::new(SharedBlockdev::new(Blockdev::for_tokio(sink)));
     let on_shutdown = {
         let shared = Arc::clone(&shared);

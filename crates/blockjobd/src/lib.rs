@@ -2,8 +2,8 @@
 //! (`--blockdev` nodes, monitors, pidfile, daemonizing), signals, and orderly shutdown.
 //!
 //! The binary's `main` is [`main_with`]: it takes the command line and a function that builds
-//! the daemon's [`Services`] (command backend and shutdown hook) from the [`EventSink`] the
-//! backend emits QMP events into.
+//! the daemon's [`Services`] (command backend and shutdown hook) from the monitor's
+//! [`Broadcast`] the backend's events go to.
 
 pub mod backend;
 pub mod cli;
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use monitor::{Endpoint, EventSink, MonitorServer, QmpBackend, ServerConfig};
+use monitor::{Broadcast, Endpoint, MonitorServer, QmpBackend, ServerConfig};
 use serde_json::{Map, Value};
 
 use crate::cli::{Command, Options};
@@ -44,6 +44,7 @@ impl Services {
 /// The daemon as the `blockjobd` binary runs it: the process's command line, the block command
 /// layer behind the monitor. Returns the exit code.
 pub fn main() -> ExitCode {
+    init_logging();
     let mut args = Vec::new();
     for arg in std::env::args_os().skip(1) {
         match arg.into_string() {
@@ -61,13 +62,24 @@ pub fn main() -> ExitCode {
     main_with(&args, backend::block_services)
 }
 
+/// Log lines go to stderr: warnings and errors by default, `RUST_LOG` for more.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
 fn program() -> &'static str {
     "blockjobd"
 }
 
 /// Run the daemon with `args` (without the program name). Returns the process exit code: 0
 /// after an orderly shutdown, 1 on a command line or startup error (printed to stderr).
-pub fn main_with(args: &[String], build: impl FnOnce(EventSink) -> Services) -> ExitCode {
+pub fn main_with(args: &[String], build: impl FnOnce(Broadcast) -> Services) -> ExitCode {
     let options = if args.is_empty() {
         default_options()
     } else {
@@ -135,13 +147,13 @@ fn default_options() -> Options {
 
 async fn serve(
     options: Options,
-    build: impl FnOnce(EventSink) -> Services,
+    build: impl FnOnce(Broadcast) -> Services,
     announce: bool,
     startup_pipe: Option<daemon::StartupPipe>,
 ) -> ExitCode {
     // Installed first, so that a signal arriving once startup is visible (pidfile) is handled.
     let signals = daemon::TerminationSignals::install();
-    let events = EventSink::new();
+    let events = Broadcast::new();
     let services = build(events.clone());
     let fail = |option: &str, message: String, on_shutdown: Box<dyn FnOnce() + Send>| {
         eprintln!("{}: {option}: {message}", program());
@@ -167,8 +179,11 @@ async fn serve(
         return fail(option, e.desc, services.on_shutdown);
     }
 
-    let mut server =
-        MonitorServer::with_events(services.backend.clone(), events, ServerConfig::default());
+    let config = ServerConfig {
+        version: blockdev::version_info(),
+        ..ServerConfig::default()
+    };
+    let mut server = MonitorServer::with_events(services.backend.clone(), events, config);
     for (option, endpoint) in &options.monitors {
         if let Err(e) = server.listen(endpoint.clone()).await {
             let what = match endpoint {

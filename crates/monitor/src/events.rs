@@ -1,58 +1,125 @@
 //! Event broadcast: every client that finished capabilities negotiation gets every event.
 //!
-//! Each client has a bounded queue of outgoing lines. Events are serialised once and pushed
-//! into every queue without waiting, so a slow client never stalls the others or the thread
-//! emitting the event. A client whose queue overflows is disconnected (it would otherwise
-//! silently miss events and lose track of jobs); QEMU instead buffers without bound.
+//! An event is serialised once (QEMU's wire form) and the line is queued for every client
+//! without waiting, so a slow client never stalls the others or the thread emitting the
+//! event (the job core emits under its lock). A client's queue is bounded in bytes: it holds
+//! what is queued and what its writer is still writing. A client that keeps reading drains it
+//! as fast as its socket takes it and is never dropped; a burst of events (a 10,000-job
+//! transaction emits about 6 MB at once) stays far below the bound. A client that stops
+//! reading fills it, and is then disconnected, with a log line saying how many bytes it left
+//! unread (QEMU instead buffers without bound).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use serde_json::{Map, Value, json};
-use tokio::sync::{Notify, mpsc};
+use qmp_api::{Event, EventTimestamp};
+use tokio::sync::Notify;
 
 use crate::wire;
 
 /// A line of output, shared between the queues of all clients it goes to.
 pub(crate) type Line = Arc<[u8]>;
 
+/// What a client's writer has still to write.
+#[derive(Default)]
+struct Outbox {
+    lines: VecDeque<Line>,
+    /// Bytes queued plus bytes taken by the writer and not yet written.
+    bytes: usize,
+}
+
 /// The server's end of one connected client.
-#[derive(Debug)]
 pub(crate) struct Client {
     pub(crate) id: u64,
-    tx: mpsc::Sender<Line>,
+    /// Most bytes of output pending before the client counts as not reading.
+    limit: usize,
+    outbox: Mutex<Outbox>,
+    /// Woken when lines are queued.
+    pub(crate) ready: Notify,
     overflowed: AtomicBool,
-    /// Woken when the client must be dropped (queue overflow).
+    /// Woken when the client must be dropped (it stopped reading).
     pub(crate) kicked: Notify,
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("id", &self.id).finish()
+    }
+}
+
 impl Client {
-    pub(crate) fn new(id: u64, tx: mpsc::Sender<Line>) -> Self {
+    pub(crate) fn new(id: u64, limit: usize) -> Self {
         Client {
             id,
-            tx,
+            limit,
+            outbox: Mutex::default(),
+            ready: Notify::new(),
             overflowed: AtomicBool::new(false),
             kicked: Notify::new(),
         }
     }
 
-    /// Queue a line; on overflow mark the client for disconnection.
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a line. A client whose pending output would exceed its limit has stopped
+    /// reading: its queue is dropped, it is marked for disconnection (logged), and `false`
+    /// is returned.
     pub(crate) fn push(&self, line: Line) -> bool {
-        match self.tx.try_send(line) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.overflowed.swap(true, Ordering::SeqCst) {
-                    tracing::warn!(
-                        client = self.id,
-                        "QMP client too slow: output queue full, disconnecting"
-                    );
-                }
-                self.kicked.notify_one();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        if self.overflowed() {
+            return false;
         }
+        let mut out = self.outbox();
+        if out.bytes + line.len() > self.limit {
+            let pending = out.bytes;
+            *out = Outbox::default();
+            drop(out);
+            self.overflowed.store(true, Ordering::SeqCst);
+            tracing::warn!(
+                client = self.id,
+                pending,
+                limit = self.limit,
+                "QMP client stopped reading: {pending} bytes of output pending, limit {} bytes; \
+                 disconnecting",
+                self.limit
+            );
+            self.kicked.notify_one();
+            return false;
+        }
+        out.bytes += line.len();
+        out.lines.push_back(line);
+        drop(out);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Moves up to `max_bytes` (at least one line) of queued output into `into`; returns how
+    /// many bytes. They stay counted until [`Client::written`].
+    pub(crate) fn take(&self, into: &mut Vec<u8>, max_bytes: usize) -> usize {
+        let mut out = self.outbox();
+        let mut taken = 0;
+        while let Some(line) = out.lines.front() {
+            if taken > 0 && taken + line.len() > max_bytes {
+                break;
+            }
+            taken += line.len();
+            into.extend_from_slice(line);
+            out.lines.pop_front();
+        }
+        taken
+    }
+
+    /// `bytes` taken earlier have been written to the socket.
+    pub(crate) fn written(&self, bytes: usize) {
+        let mut out = self.outbox();
+        out.bytes = out.bytes.saturating_sub(bytes);
+    }
+
+    /// Bytes of output not yet written.
+    pub(crate) fn pending(&self) -> usize {
+        self.outbox().bytes
     }
 
     pub(crate) fn overflowed(&self) -> bool {
@@ -60,51 +127,37 @@ impl Client {
     }
 }
 
-/// Handle for emitting QMP events to every negotiated client. Cheap to clone; usable from any
-/// thread.
+/// Sends every event to every negotiated client. Cheap to clone; usable from any thread.
 #[derive(Clone, Debug, Default)]
-pub struct EventSink {
+pub struct Broadcast {
     clients: Arc<Mutex<Vec<Arc<Client>>>>,
 }
 
-/// The current time as QMP's `timestamp` member.
-fn timestamp() -> Value {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(t) => json!({"seconds": t.as_secs(), "microseconds": t.subsec_micros()}),
-        Err(_) => json!({"seconds": -1, "microseconds": -1}),
-    }
-}
-
-impl EventSink {
+impl Broadcast {
     pub fn new() -> Self {
         Self::default()
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Arc<Client>>> {
         // A panic while holding the lock cannot leave the list inconsistent.
-        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+        self.clients.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Emit event `name` now: `{"timestamp": ..., "event": name, "data": data}` (no `data`
-    /// member when `data` is `None`).
-    pub fn emit(&self, name: &str, data: Option<Map<String, Value>>) {
-        let mut event = Map::new();
-        event.insert("timestamp".into(), timestamp());
-        event.insert("event".into(), Value::String(name.to_string()));
-        if let Some(data) = data {
-            event.insert("data".into(), Value::Object(data));
-        }
-        self.emit_line(wire::line(&Value::Object(event)).into());
-    }
-
-    fn emit_line(&self, line: Line) {
-        let mut clients = self.lock();
-        clients.retain(|c| c.push(line.clone()) || !c.overflowed());
+    /// Sends `event` now, stamped with the current time, to every negotiated client.
+    pub fn emit(&self, event: &Event) {
+        let message = event.to_wire(EventTimestamp::now());
+        let line: Line = wire::line(&message).into();
+        self.lock().retain(|c| c.push(line.clone()));
     }
 
     /// Number of clients currently receiving events.
     pub fn subscribers(&self) -> usize {
         self.lock().len()
+    }
+
+    /// The most output any subscribed client has pending, in bytes.
+    pub fn most_pending(&self) -> usize {
+        self.lock().iter().map(|c| c.pending()).max().unwrap_or(0)
     }
 
     /// Queue `reply` for `client`, then subscribe it, atomically with respect to events: no

@@ -10,14 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use qmp_api::{QMPCapability, VersionInfo, VersionTriple};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::backend::{QmpBackend, QmpError};
-use crate::events::{Client, EventSink, Line};
+use crate::events::{Broadcast, Client, Line};
 use crate::json_stream::JsonStream;
 use crate::session::{Action, Session, failure, success};
 use crate::wire;
@@ -25,7 +26,7 @@ use crate::wire;
 /// Requests a client may have queued before the server stops reading from it (QEMU's
 /// `QMP_REQ_QUEUE_LEN_MAX`).
 const IN_FLIGHT: usize = 8;
-/// Size of each read from a client.
+/// Size of each read from a client, and of each write to it.
 const READ_CHUNK: usize = 64 * 1024;
 /// How long a closing connection may take to flush its last replies.
 const FLUSH_GRACE: Duration = Duration::from_secs(2);
@@ -34,19 +35,30 @@ const FLUSH_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// The greeting's `version` member (the `query-version` answer).
-    pub version: Value,
-    /// Output lines queued per client before the client counts as too slow and is disconnected.
-    pub client_queue: usize,
+    pub version: VersionInfo,
+    /// Bytes of output a client may leave unread before it counts as not reading and is
+    /// disconnected (see [`crate::events`]).
+    pub client_output_limit: usize,
+}
+
+impl ServerConfig {
+    /// Output a client may leave unread by default: 64 MiB, ten times the largest burst of a
+    /// 10,000-job transaction.
+    pub const DEFAULT_OUTPUT_LIMIT: usize = 64 << 20;
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            version: json!({
-                "qemu": {"major": 10, "minor": 0, "micro": 2},
-                "package": concat!("blockjobd ", env!("CARGO_PKG_VERSION")),
-            }),
-            client_queue: 4096,
+            version: VersionInfo {
+                qemu: VersionTriple {
+                    major: 10,
+                    minor: 0,
+                    micro: 2,
+                },
+                package: concat!("blockjobd ", env!("CARGO_PKG_VERSION")).to_string(),
+            },
+            client_output_limit: Self::DEFAULT_OUTPUT_LIMIT,
         }
     }
 }
@@ -139,9 +151,9 @@ enum Job {
 
 struct Shared {
     backend: Arc<dyn QmpBackend>,
-    events: EventSink,
+    events: Broadcast,
     greeting: Line,
-    client_queue: usize,
+    client_output_limit: usize,
     jobs: std::sync::mpsc::Sender<Job>,
     shutdown: Arc<watch::Sender<Option<ShutdownReason>>>,
     next_client: AtomicU64,
@@ -167,25 +179,28 @@ pub struct MonitorServer {
 impl MonitorServer {
     /// A server with no monitors yet; starts the dispatcher thread.
     pub fn new(backend: Arc<dyn QmpBackend>, config: ServerConfig) -> Self {
-        Self::with_events(backend, EventSink::new(), config)
+        Self::with_events(backend, Broadcast::new(), config)
     }
 
     /// Like [`new`](Self::new), broadcasting the events emitted into `events` (create the
-    /// sink first when the backend needs it at construction).
+    /// broadcast first when the backend needs it at construction).
     pub fn with_events(
         backend: Arc<dyn QmpBackend>,
-        events: EventSink,
+        events: Broadcast,
         config: ServerConfig,
     ) -> Self {
         let (jobs, rx) = std::sync::mpsc::channel();
         let (shutdown, _) = watch::channel(None);
         let shutdown = Arc::new(shutdown);
-        let greeting = json!({"QMP": {"version": config.version, "capabilities": ["oob"]}});
+        let greeting = json!({"QMP": {
+            "version": serde_json::to_value(&config.version).unwrap_or(Value::Null),
+            "capabilities": QMPCapability::ALL,
+        }});
         let shared = Arc::new(Shared {
             backend: backend.clone(),
             events: events.clone(),
             greeting: wire::line(&greeting).into(),
-            client_queue: config.client_queue.max(1),
+            client_output_limit: config.client_output_limit.max(1),
             jobs,
             shutdown: shutdown.clone(),
             next_client: AtomicU64::new(1),
@@ -211,7 +226,7 @@ impl MonitorServer {
     }
 
     /// The handle for emitting events to every negotiated client.
-    pub fn events(&self) -> EventSink {
+    pub fn events(&self) -> Broadcast {
         self.shared.events.clone()
     }
 
@@ -287,7 +302,7 @@ impl MonitorServer {
 fn dispatch_loop(
     rx: std::sync::mpsc::Receiver<Job>,
     backend: Arc<dyn QmpBackend>,
-    events: EventSink,
+    events: Broadcast,
     shutdown: Arc<watch::Sender<Option<ShutdownReason>>>,
 ) {
     while let Ok(job) = rx.recv() {
@@ -381,7 +396,7 @@ enum End {
     Quit,
     /// The server is stopping.
     Shutdown,
-    /// The client's output queue overflowed.
+    /// The client stopped reading: its output exceeded its limit.
     Kicked,
 }
 
@@ -392,10 +407,9 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(shared.client_queue);
-    let client = Arc::new(Client::new(id, tx));
+    let client = Arc::new(Client::new(id, shared.client_output_limit));
     let finish = Arc::new(Notify::new());
-    let writer_task = tokio::spawn(write_loop(writer, rx, finish.clone()));
+    let writer_task = tokio::spawn(write_loop(writer, client.clone(), finish.clone()));
     client.push(shared.greeting.clone());
 
     let mut stop = shared.shutdown.subscribe();
@@ -470,41 +484,33 @@ where
     }
 }
 
+/// Writes the client's output as it is queued, a chunk at a time; the bytes count against
+/// the client's limit until written. On `finish`, writes what is left and closes.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut rx: mpsc::Receiver<Line>,
+    client: Arc<Client>,
     finish: Arc<Notify>,
 ) {
-    let mut lines = Vec::new();
     let mut out = Vec::with_capacity(READ_CHUNK);
+    let mut finishing = false;
     loop {
-        let finishing = tokio::select! {
-            biased;
-            n = rx.recv_many(&mut lines, 256) => {
-                if n == 0 {
-                    break;
-                }
-                false
-            }
-            _ = finish.notified() => {
-                while let Ok(line) = rx.try_recv() {
-                    lines.push(line);
-                }
-                true
-            }
-        };
         out.clear();
-        for line in lines.drain(..) {
-            out.extend_from_slice(&line);
+        let taken = client.take(&mut out, READ_CHUNK);
+        if taken == 0 {
+            if finishing {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = client.ready.notified() => {}
+                _ = finish.notified() => finishing = true,
+            }
+            continue;
         }
-        if !out.is_empty()
-            && (writer.write_all(&out).await.is_err() || writer.flush().await.is_err())
-        {
+        if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
             break;
         }
-        if finishing {
-            break;
-        }
+        client.written(taken);
     }
     let _ = writer.shutdown().await;
 }

@@ -3,6 +3,9 @@
 
 use serde_json::{Map, Value, json};
 
+use qmp_api::input::{FromQmp, QmpPath};
+use qmp_api::{QMPCapability, QmpCapabilitiesArguments};
+
 use crate::backend::{ErrorClass, QmpBackend, QmpError};
 use crate::json_stream::Message;
 use crate::qdict_order;
@@ -178,35 +181,16 @@ impl Session {
         }
     }
 
-    /// `qmp_capabilities`: arguments are checked first, then whether negotiation is over.
-    fn capabilities(&mut self, mut arguments: Map<String, Value>) -> Result<(), QmpError> {
-        let mut oob = false;
-        if let Some(enable) = arguments.remove("enable") {
-            let Value::Array(caps) = enable else {
-                return Err(QmpError::generic(
-                    "Invalid parameter type for 'enable', expected: array",
-                ));
-            };
-            for (i, cap) in caps.iter().enumerate() {
-                match cap {
-                    Value::String(s) if s == "oob" => oob = true,
-                    // QEMU's input visitor names list elements 'null' in this message.
-                    Value::String(s) => {
-                        return Err(QmpError::generic(format!(
-                            "Parameter 'null' does not accept value '{s}'"
-                        )));
-                    }
-                    _ => {
-                        return Err(QmpError::generic(format!(
-                            "Invalid parameter type for 'enable[{i}]', expected: string"
-                        )));
-                    }
-                }
-            }
-        }
-        if let Some(e) = unexpected_parameter(&arguments) {
-            return Err(e);
-        }
+    /// `qmp_capabilities`: arguments are checked first (the generated
+    /// `QmpCapabilitiesArguments`, read by QEMU's input visitor), then whether negotiation
+    /// is over.
+    fn capabilities(&mut self, arguments: Map<String, Value>) -> Result<(), QmpError> {
+        let arguments = Value::Object(arguments);
+        let args = QmpCapabilitiesArguments::from_qmp(&arguments, &mut QmpPath::root())?;
+        let oob = args
+            .enable
+            .unwrap_or_default()
+            .contains(&QMPCapability::Oob);
         if self.negotiated {
             return Err(QmpError::new(
                 ErrorClass::CommandNotFound,

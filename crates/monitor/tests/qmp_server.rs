@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use monitor::{
-    Bound, Endpoint, ErrorClass, EventSink, MonitorServer, QmpBackend, QmpError, ServerConfig,
+    Bound, Broadcast, Endpoint, ErrorClass, MonitorServer, QmpBackend, QmpError, ServerConfig,
     ShutdownHandle, ShutdownReason,
 };
+use qmp_api::{BlockExportDeletedData, Event, JobStatusChangeData};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
@@ -17,7 +18,7 @@ use tokio::task::JoinHandle;
 /// Commands: `echo` returns its arguments, `emit` emits event `arguments.name` with
 /// `arguments.data`, `boom` panics.
 struct FakeBackend {
-    events: Mutex<Option<EventSink>>,
+    events: Mutex<Option<Broadcast>>,
 }
 
 impl QmpBackend for FakeBackend {
@@ -31,9 +32,8 @@ impl QmpBackend for FakeBackend {
             "echo" => Ok(Value::Object(arguments)),
             "emit" => {
                 let sink = self.events.lock().unwrap().clone().unwrap();
-                let event = arguments["name"].as_str().unwrap_or("TEST");
-                let data = arguments.get("data").and_then(Value::as_object).cloned();
-                sink.emit(event, data);
+                let message = json!({"event": arguments["name"], "data": arguments["data"]});
+                sink.emit(&Event::from_wire(&message)?);
                 Ok(json!({}))
             }
             "boom" => panic!("backend bug"),
@@ -54,7 +54,7 @@ struct Running {
     sockets: Vec<PathBuf>,
     tcp: Option<std::net::SocketAddr>,
     shutdown: ShutdownHandle,
-    events: EventSink,
+    events: Broadcast,
     task: JoinHandle<ShutdownReason>,
 }
 
@@ -522,10 +522,12 @@ async fn events_reach_every_negotiated_client_only() {
 async fn an_event_line_is_in_qemus_member_order() {
     let server = start(1).await;
     let mut client = connected(&server.sockets[0]).await;
-    let mut data = Map::new();
-    data.insert("id".into(), json!("j"));
-    data.insert("status".into(), json!("null"));
-    server.events.emit("JOB_STATUS_CHANGE", Some(data));
+    server
+        .events
+        .emit(&Event::JobStatusChange(JobStatusChangeData::new(
+            "j".to_string(),
+            qmp_api::BlockJobStatus::Null,
+        )));
     let line = client.raw_line().await;
     let prefix = "{\"timestamp\": {\"seconds\": ";
     assert!(line.starts_with(prefix), "{line}");
@@ -573,31 +575,113 @@ async fn garbage_on_one_monitor_never_disturbs_another() {
     server.stop().await;
 }
 
+/// An event whose line is about `pad` bytes long.
+fn padded_event(n: usize, pad: usize) -> Event {
+    Event::BlockExportDeleted(BlockExportDeletedData {
+        id: format!("{n:06}{}", "x".repeat(pad)),
+    })
+}
+
 #[tokio::test]
-async fn a_slow_client_is_disconnected_and_others_keep_receiving() {
+async fn a_client_that_stops_reading_is_bounded_in_bytes_then_disconnected_and_others_keep_receiving()
+ {
+    const LIMIT: usize = 1 << 20;
+    let log = LogCapture::default();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(log.clone())
+            .with_ansi(false)
+            .finish(),
+    );
     let config = ServerConfig {
-        client_queue: 16,
+        client_output_limit: LIMIT,
         ..ServerConfig::default()
     };
     let server = start_with(2, false, config).await;
-    let mut fast = connected(&server.sockets[0]).await;
-    let mut slow = connected(&server.sockets[1]).await;
-    // Enough output to fill the slow client's socket buffers and then its queue.
-    let big = "x".repeat(64 * 1024);
-    for i in 0..200 {
-        let mut data = Map::new();
-        data.insert("n".into(), json!(i));
-        data.insert("pad".into(), json!(big));
-        server.events.emit("TEST", Some(data));
-        assert_eq!(fast.recv().await["data"]["n"], json!(i));
+    let mut reader = connected(&server.sockets[0]).await;
+    let mut stopped = connected(&server.sockets[1]).await;
+    // 64 MiB of events, 64 KiB each: far more than the limit and the sockets' buffers.
+    let mut most_pending = 0;
+    for i in 0..1024 {
+        server.events.emit(&padded_event(i, 64 << 10));
+        most_pending = most_pending.max(server.events.most_pending());
+        let event = reader.recv().await;
+        assert!(
+            event["data"]["id"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{i:06}"))
+        );
     }
+    // What the server kept for the client that stopped reading never exceeded its limit,
+    // and it was dropped from the broadcast.
+    assert!(most_pending <= LIMIT, "{most_pending} bytes pending");
     assert_eq!(server.events.subscribers(), 1);
     // Whatever was delivered before the cut, the connection ends.
     let mut lines = 0;
-    while !slow.closed().await {
+    while !stopped.closed().await {
         lines += 1;
     }
-    assert!(lines < 200);
+    assert!(lines < 1024);
+    let log = log.text();
+    assert!(
+        log.contains("QMP client stopped reading") && log.contains("disconnecting"),
+        "{log}"
+    );
+    server.stop().await;
+}
+
+/// Log output, kept for the test to read.
+#[derive(Clone, Default)]
+struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
+    type Writer = LogCapture;
+    fn make_writer(&'a self) -> LogCapture {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_keeps_reading_gets_every_event_of_a_burst_larger_than_its_socket() {
+    let server = start(1).await;
+    let mut client = connected(&server.sockets[0]).await;
+    // 100,000 events (about 10 MB) emitted at once, as a 10,000-job transaction does.
+    let emitter = {
+        let events = server.events.clone();
+        std::thread::spawn(move || {
+            for i in 0..100_000 {
+                events.emit(&padded_event(i, 32));
+            }
+        })
+    };
+    for i in 0..100_000 {
+        let event = client.recv().await;
+        assert!(
+            event["data"]["id"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{i:06}"))
+        );
+    }
+    emitter.join().unwrap();
+    assert_eq!(server.events.subscribers(), 1);
     server.stop().await;
 }
 
