@@ -5,8 +5,7 @@
 
 use std::sync::Arc;
 
-use qmp_api::{ImageInfoSpecific, SnapshotInfo};
-use serde_json::{Map, Value};
+use qmp_api::{BlockdevRef, ImageInfoSpecific, SnapshotInfo};
 
 use crate::bitmap::DirtyBitmap;
 use crate::error::{BlockError, BlockResult};
@@ -176,92 +175,20 @@ impl ChildKind {
     }
 }
 
-macro_rules! blkdebug_events {
-    ($($variant:ident = $name:literal,)*) => {
-        /// QEMU's `BlkdebugEvent`: points in I/O paths where blkdebug rules trigger.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum BlkdebugEvent { $(#[doc = $name] $variant,)* }
+/// QEMU's `BlkdebugEvent` (the generated type): points in I/O paths where blkdebug rules
+/// trigger.
+pub use qmp_api::BlkdebugEvent;
 
-        impl BlkdebugEvent {
-            /// Every event in schema order.
-            pub const ALL: &'static [BlkdebugEvent] = &[$(BlkdebugEvent::$variant,)*];
-            /// The wire name.
-            pub fn as_str(self) -> &'static str {
-                match self { $(BlkdebugEvent::$variant => $name,)* }
-            }
-            /// Parses a wire name.
-            pub fn from_name(name: &str) -> Option<Self> {
-                match name { $($name => Some(BlkdebugEvent::$variant),)* _ => None }
-            }
-        }
-    };
-}
-
-blkdebug_events! {
-    L1Update = "l1_update", L1GrowAllocTable = "l1_grow_alloc_table",
-    L1GrowWriteTable = "l1_grow_write_table", L1GrowActivateTable = "l1_grow_activate_table",
-    L2Load = "l2_load", L2Update = "l2_update", L2UpdateCompressed = "l2_update_compressed",
-    L2AllocCowRead = "l2_alloc_cow_read", L2AllocWrite = "l2_alloc_write",
-    ReadAio = "read_aio", ReadBackingAio = "read_backing_aio", ReadCompressed = "read_compressed",
-    WriteAio = "write_aio", WriteCompressed = "write_compressed", VmstateLoad = "vmstate_load",
-    VmstateSave = "vmstate_save", CowRead = "cow_read", CowWrite = "cow_write",
-    ReftableLoad = "reftable_load", ReftableGrow = "reftable_grow",
-    ReftableUpdate = "reftable_update", RefblockLoad = "refblock_load",
-    RefblockUpdate = "refblock_update", RefblockUpdatePart = "refblock_update_part",
-    RefblockAlloc = "refblock_alloc", RefblockAllocHookup = "refblock_alloc_hookup",
-    RefblockAllocWrite = "refblock_alloc_write",
-    RefblockAllocWriteBlocks = "refblock_alloc_write_blocks",
-    RefblockAllocWriteTable = "refblock_alloc_write_table",
-    RefblockAllocSwitchTable = "refblock_alloc_switch_table", ClusterAlloc = "cluster_alloc",
-    ClusterAllocBytes = "cluster_alloc_bytes", ClusterFree = "cluster_free",
-    FlushToOs = "flush_to_os", FlushToDisk = "flush_to_disk",
-    PwritevRmwHead = "pwritev_rmw_head", PwritevRmwAfterHead = "pwritev_rmw_after_head",
-    PwritevRmwTail = "pwritev_rmw_tail", PwritevRmwAfterTail = "pwritev_rmw_after_tail",
-    Pwritev = "pwritev", PwritevZero = "pwritev_zero", PwritevDone = "pwritev_done",
-    EmptyImagePrepare = "empty_image_prepare", L1ShrinkWriteTable = "l1_shrink_write_table",
-    L1ShrinkFreeL2Clusters = "l1_shrink_free_l2_clusters", CorWrite = "cor_write",
-    ClusterAllocSpace = "cluster_alloc_space", None = "none",
-}
-
-/// Opens a driver for a node being created.
-pub type DriverOpenFn = fn(&mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>>;
-
-/// A driver the graph can instantiate by name (`driver` in `blockdev-add`).
-#[derive(Clone, Copy)]
-pub struct DriverSpec {
-    /// The `driver` value, e.g. `"qcow2"`.
-    pub name: &'static str,
-    /// QEMU's protocol-style drivers (`file`, `null-co`, `blkdebug`) get their node name
-    /// before their children open; formats (`raw`, `qcow2`) open their `file` child first.
-    /// This fixes `#blockNNN` counters and the order of `query-named-block-nodes`.
-    pub is_protocol: bool,
-    /// The opener.
-    pub open: DriverOpenFn,
-}
-
-/// Options every node accepts besides its driver's.
-const COMMON_OPTIONS: &[&str] = &[
-    "driver",
-    "node-name",
-    "read-only",
-    "auto-read-only",
-    "force-share",
-    "discard",
-    "cache",
-    "detect-zeroes",
-];
-
-/// What a driver sees while its node opens: its options, its read-only flag, and a way to
-/// open children.
+/// What a driver sees while its node opens: the node's read-only flag, its name, and a way
+/// to open children. The driver's own options are its branch of the generated
+/// `BlockdevOptions`, handed to its `open` beside this.
 pub struct OpenContext<'g> {
     pub(crate) graph: &'g mut BlockGraph,
-    pub(crate) options: &'g Map<String, Value>,
     pub(crate) explicit_name: Option<String>,
     /// Assigned name and whether it was generated; set when first needed.
     pub(crate) name: Option<(String, bool)>,
     pub(crate) read_only: bool,
     pub(crate) children: Vec<crate::node::ChildEdge>,
-    pub(crate) consumed: Vec<String>,
 }
 
 impl OpenContext<'_> {
@@ -283,98 +210,30 @@ impl OpenContext<'_> {
         self.read_only
     }
 
-    /// Every option as given.
-    pub fn options(&self) -> &Map<String, Value> {
-        self.options
-    }
-
-    fn take(&mut self, key: &str) -> Option<&Value> {
-        self.consumed.push(key.to_string());
-        self.options.get(key)
-    }
-
-    /// A string option.
-    pub fn opt_str(&mut self, key: &str) -> BlockResult<Option<String>> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(type_error(key, "string")),
-        }
-    }
-
-    /// A mandatory string option (`Parameter '<key>' is missing`).
-    pub fn req_str(&mut self, key: &str) -> BlockResult<String> {
-        self.opt_str(key)?
-            .ok_or_else(|| BlockError::new(format!("Parameter '{key}' is missing")))
-    }
-
-    /// A non-negative integer option.
-    pub fn opt_u64(&mut self, key: &str) -> BlockResult<Option<u64>> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| type_error(key, "integer")),
-        }
-    }
-
-    /// A boolean option.
-    pub fn opt_bool(&mut self, key: &str) -> BlockResult<Option<bool>> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(type_error(key, "boolean")),
-        }
-    }
-
-    /// Any option, raw (marks it consumed).
-    pub fn opt_value(&mut self, key: &str) -> Option<Value> {
-        self.take(key).cloned()
-    }
-
-    /// Opens (or references) the child under option `key` (`file`, `backing`, `image`): a
-    /// nested options dict opens a new node (read-only inherited unless given), a string names
-    /// an existing node. Returns `None` if the option is absent and `required` is false.
+    /// Opens (or references) a child in role `role` (`file`, `backing`, `image`): a
+    /// definition opens a new node (read-only inherited unless given), a reference names an
+    /// existing node.
     pub fn open_child(
         &mut self,
-        key: &str,
+        role: &str,
+        child: &BlockdevRef,
         kind: ChildKind,
-        required: bool,
-    ) -> BlockResult<Option<Arc<BlockNode>>> {
-        let spec = self.take(key).cloned();
-        let child = match spec {
-            None if required => {
-                return Err(BlockError::new(format!("Parameter '{key}' is missing")));
+    ) -> BlockResult<Arc<BlockNode>> {
+        let node = match child {
+            BlockdevRef::Reference(name) => self.graph.lookup(name)?,
+            BlockdevRef::Definition(options) => {
+                self.graph.open_node(options, Some(self.read_only), false)?
             }
-            None | Some(Value::Null) => return Ok(None),
-            Some(Value::String(name)) => self.graph.lookup(&name)?,
-            Some(Value::Object(map)) => self.graph.open_node(&map, Some(self.read_only), false)?,
-            Some(_) => return Err(type_error(key, "BlockdevRef")),
         };
         let (perm, shared) = kind.child_perms(Perm::NONE, Perm::ALL, !self.read_only);
         let holder = format!("node '{}'", self.ensure_name()?);
-        let use_id = child.add_use(&holder, key, perm, shared)?;
+        let use_id = node.add_use(&holder, role, perm, shared)?;
         self.children.push(crate::node::ChildEdge {
-            name: key.to_string(),
+            name: role.to_string(),
             kind,
-            node: child.clone(),
+            node: node.clone(),
             use_id,
         });
-        Ok(Some(child))
+        Ok(node)
     }
-
-    pub(crate) fn unknown_option(&self) -> Option<BlockError> {
-        let key = self
-            .options
-            .keys()
-            .find(|k| !COMMON_OPTIONS.contains(&k.as_str()) && !self.consumed.contains(k))?;
-        Some(BlockError::new(format!("Parameter '{key}' is unexpected")))
-    }
-}
-
-fn type_error(key: &str, expected: &str) -> BlockError {
-    BlockError::new(format!(
-        "Invalid parameter type for '{key}', expected: {expected}"
-    ))
 }

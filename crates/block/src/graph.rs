@@ -1,15 +1,17 @@
 //! `BlockGraph`: the named nodes, `blockdev-add`/`blockdev-del` semantics, node look-ups and
 //! `query-named-block-nodes`.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use qmp_api::{
-    BlockDeviceInfo, BlockDirtyInfo, BlockdevCacheInfo, BlockdevDetectZeroesOptions, ImageInfo,
+    BlockDeviceInfo, BlockDirtyInfo, BlockdevCacheInfo, BlockdevDetectZeroesOptions,
+    BlockdevOptions, BlockdevOptionsBranch, BlockdevOptionsFile, BlockdevOptionsQcow2,
+    BlockdevOptionsRaw, BlockdevRef, BlockdevRefOrNull, ImageInfo,
 };
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
-use crate::driver::{ChildKind, DriverSpec, OpenContext};
+use crate::driver::{ChildKind, OpenContext};
 use crate::drivers;
 use crate::error::{BlockError, BlockResult};
 use crate::node::{BlockNode, NodeParts};
@@ -20,7 +22,8 @@ const NODE_NAME_SIZE: usize = 32;
 /// The graph of block nodes, in the order their names were registered.
 pub struct BlockGraph {
     nodes: Vec<Arc<BlockNode>>,
-    drivers: BTreeMap<&'static str, DriverSpec>,
+    /// The same nodes by name: look-ups stay O(1) with 20,000 nodes.
+    by_name: HashMap<String, Arc<BlockNode>>,
     auto_counter: u64,
     rng: u64,
 }
@@ -39,33 +42,24 @@ pub fn node_name_is_wellformed(name: &str) -> bool {
 }
 
 impl BlockGraph {
-    /// An empty graph knowing the built-in drivers (`file`, `raw`, `null-co`, `blkdebug`,
-    /// `qcow2`).
+    /// An empty graph. Its drivers are the branches of the generated `BlockdevOptions`
+    /// (`file`, `raw`, `null-co`, `blkdebug`, `qcow2`).
     pub fn new() -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0x9e37_79b9);
-        let mut g = BlockGraph {
+        BlockGraph {
             nodes: Vec::new(),
-            drivers: BTreeMap::new(),
+            by_name: HashMap::new(),
             auto_counter: 0,
             rng: seed | 1,
-        };
-        for spec in drivers::BUILTIN {
-            g.register_driver(*spec);
         }
-        g
-    }
-
-    /// Makes a driver available to `blockdev-add` (e.g. qcow2).
-    pub fn register_driver(&mut self, spec: DriverSpec) {
-        self.drivers.insert(spec.name, spec);
     }
 
     /// The node named `name`.
     pub fn find(&self, name: &str) -> Option<Arc<BlockNode>> {
-        self.nodes.iter().find(|n| n.name() == name).cloned()
+        self.by_name.get(name).cloned()
     }
 
     /// The node named `name`, or `Cannot find device='<n>' nor node-name='<n>'`.
@@ -107,20 +101,16 @@ impl BlockGraph {
         Ok(())
     }
 
-    /// `blockdev-add`: opens the node described by `options` (a `BlockdevOptions` object) and
-    /// its nested children; the root must be named and becomes monitor-owned. On failure
-    /// nothing stays open.
-    pub fn blockdev_add(&mut self, options: &Value) -> BlockResult<Arc<BlockNode>> {
-        let map = options
-            .as_object()
-            .ok_or_else(|| BlockError::new("Invalid parameter type, expected: object"))?;
-        if !map.get("node-name").is_some_and(Value::is_string) {
+    /// `blockdev-add`: opens the node described by `options` and its nested children; the
+    /// root must be named and becomes monitor-owned. On failure nothing stays open.
+    pub fn blockdev_add(&mut self, options: &BlockdevOptions) -> BlockResult<Arc<BlockNode>> {
+        if options.node_name.is_none() {
             return Err(BlockError::new(
                 "'node-name' must be specified for the root node",
             ));
         }
         let before = self.nodes.len();
-        match self.open_node(map, None, true) {
+        match self.open_node(options, None, true) {
             Ok(node) => {
                 node.set_monitor_owned(true);
                 Ok(node)
@@ -129,6 +119,7 @@ impl BlockGraph {
                 // Close what this call opened, newest first (parents release children).
                 while self.nodes.len() > before {
                     if let Some(n) = self.nodes.pop() {
+                        self.by_name.remove(n.name());
                         let _ = n.close();
                     }
                 }
@@ -143,77 +134,42 @@ impl BlockGraph {
     /// the order of `query-named-block-nodes`.
     pub(crate) fn open_node(
         &mut self,
-        options: &Map<String, Value>,
+        options: &BlockdevOptions,
         inherited_read_only: Option<bool>,
         root: bool,
     ) -> BlockResult<Arc<BlockNode>> {
-        let driver_name = match options.get("driver") {
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => {
-                return Err(BlockError::new(
-                    "Invalid parameter type for 'driver', expected: string",
-                ));
-            }
-            None => return Err(BlockError::new("Parameter 'driver' is missing")),
-        };
-        let spec = *self.drivers.get(driver_name.as_str()).ok_or_else(|| {
-            BlockError::new(format!(
-                "Parameter 'driver' does not accept value '{driver_name}'"
-            ))
-        })?;
-        let explicit_name = match options.get("node-name") {
-            Some(Value::String(n)) => Some(n.clone()),
-            Some(_) => {
-                return Err(BlockError::new(
-                    "Invalid parameter type for 'node-name', expected: string",
-                ));
-            }
-            None if root => {
-                return Err(BlockError::new(
-                    "'node-name' must be specified for the root node",
-                ));
-            }
-            None => None,
-        };
-        let read_only = match options.get("read-only") {
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                return Err(BlockError::new(
-                    "Invalid parameter type for 'read-only', expected: boolean",
-                ));
-            }
-            None => inherited_read_only.unwrap_or(false),
-        };
+        if root && options.node_name.is_none() {
+            return Err(BlockError::new(
+                "'node-name' must be specified for the root node",
+            ));
+        }
+        if options.active == Some(false) {
+            return Err(BlockError::new(
+                "Parameter 'active' is not supported with value false by this block layer",
+            ));
+        }
+        let kind = options.branch.kind();
+        let protocol = drivers::is_protocol(kind);
+        let read_only = options.read_only.or(inherited_read_only).unwrap_or(false);
         let slot = self.nodes.len();
         let mut ctx = OpenContext {
             graph: self,
-            options,
-            explicit_name,
+            explicit_name: options.node_name.clone(),
             name: None,
             read_only,
             children: Vec::new(),
-            consumed: Vec::new(),
         };
-        let opened = if spec.is_protocol {
+        let opened = if protocol {
             ctx.ensure_name().map(|_| ())
         } else {
             Ok(())
         }
-        .and_then(|()| (spec.open)(&mut ctx))
-        .and_then(|driver| {
-            if driver.supports_backing() {
-                ctx.consumed.push("backing".to_string());
-            }
-            let checked = match ctx.unknown_option() {
-                Some(e) => Err(e),
-                None => ctx.ensure_name().map(|_| ()),
-            };
-            match checked {
-                Ok(()) => Ok(driver),
-                Err(e) => {
-                    let _ = driver.close();
-                    Err(e)
-                }
+        .and_then(|()| drivers::open(&mut ctx, &options.branch))
+        .and_then(|driver| match ctx.ensure_name() {
+            Ok(_) => Ok(driver),
+            Err(e) => {
+                let _ = driver.close();
+                Err(e)
             }
         });
         let children = std::mem::take(&mut ctx.children);
@@ -233,9 +189,10 @@ impl BlockGraph {
         let node = BlockNode::new(NodeParts {
             name,
             auto_named,
-            driver_name,
+            driver_name: kind.as_str().to_string(),
             read_only,
-            options: Value::Object(options.clone()),
+            // Kept as QEMU keeps a node's options: for its `json:` file name.
+            options: serde_json::to_value(options).unwrap_or(Value::Null),
             driver,
             children,
         });
@@ -243,13 +200,14 @@ impl BlockGraph {
             let _ = node.close_storing(false);
             return Err(e);
         }
-        if spec.is_protocol {
+        if protocol {
             self.nodes.insert(slot.min(self.nodes.len()), node.clone());
         } else {
             self.nodes.push(node.clone());
         }
+        self.by_name.insert(node.name().to_string(), node.clone());
         // Like QEMU, the backing chain opens after (and is registered after) its overlay.
-        self.open_backing(&node, options)?;
+        self.open_backing(&node, drivers::backing_option(&options.branch))?;
         Ok(node)
     }
 
@@ -267,19 +225,16 @@ impl BlockGraph {
     fn open_backing(
         &mut self,
         node: &Arc<BlockNode>,
-        options: &Map<String, Value>,
+        backing: Option<&BlockdevRefOrNull>,
     ) -> BlockResult<()> {
         if !node.driver().supports_backing() {
             return Ok(());
         }
-        let backing = match options.get("backing") {
-            Some(Value::Null) => None,
-            Some(Value::String(name)) => Some(self.lookup(name)?),
-            Some(Value::Object(map)) => Some(self.open_node(map, Some(true), false)?),
-            Some(_) => {
-                return Err(BlockError::new(
-                    "Invalid parameter type for 'backing', expected: BlockdevRefOrNull",
-                ));
+        let backing = match backing {
+            Some(BlockdevRefOrNull::Null(())) => None,
+            Some(BlockdevRefOrNull::Reference(name)) => Some(self.lookup(name)?),
+            Some(BlockdevRefOrNull::Definition(options)) => {
+                Some(self.open_node(options, Some(true), false)?)
             }
             None => match node.driver().backing_file() {
                 None => None,
@@ -289,10 +244,9 @@ impl BlockGraph {
                         Some(f) => f,
                         None => probe_format(&path)?,
                     };
-                    let opts = json!({"driver": format, "read-only": true,
-                        "file": {"driver": "file", "filename": path}});
-                    let map = opts.as_object().cloned().unwrap_or_default();
-                    Some(self.open_node(&map, Some(true), false).map_err(|e| {
+                    let opened = image_options(&format, &path)
+                        .and_then(|options| self.open_node(&options, Some(true), false));
+                    Some(opened.map_err(|e| {
                         BlockError::new(format!("Could not open backing file: {}", e.desc()))
                     })?)
                 }
@@ -355,7 +309,10 @@ impl BlockGraph {
     }
 
     fn close_node(&mut self, node: &Arc<BlockNode>) -> BlockResult<()> {
-        self.nodes.retain(|n| !Arc::ptr_eq(n, node));
+        if let Some(i) = self.nodes.iter().rposition(|n| Arc::ptr_eq(n, node)) {
+            self.nodes.remove(i);
+        }
+        self.by_name.remove(node.name());
         let result = node.close();
         for edge in node.children() {
             let child = &edge.node;
@@ -370,16 +327,33 @@ impl BlockGraph {
     /// Returns the first error, after closing everything.
     pub fn close_all(&mut self) -> BlockResult<()> {
         let mut result = Ok(());
-        while let Some(node) = self.nodes.iter().rev().find(|n| !n.is_in_use()).cloned() {
-            let r = self.close_node(&node);
-            if result.is_ok() {
-                result = r;
+        let mut open = std::mem::take(&mut self.nodes);
+        self.by_name.clear();
+        // Each pass closes, newest first, every node nothing uses (closing a parent releases
+        // its children for the same pass); what is still used after a pass that closed
+        // nothing (a job's hold) is closed anyway.
+        while !open.is_empty() {
+            let before = open.len();
+            let mut used = Vec::new();
+            for node in open.into_iter().rev() {
+                if node.is_in_use() {
+                    used.push(node);
+                    continue;
+                }
+                let r = node.close();
+                if result.is_ok() {
+                    result = r;
+                }
             }
-        }
-        for node in std::mem::take(&mut self.nodes) {
-            let r = node.close();
-            if result.is_ok() {
-                result = r;
+            used.reverse();
+            open = used;
+            if open.len() == before {
+                for node in open.drain(..).rev() {
+                    let r = node.close();
+                    if result.is_ok() {
+                        result = r;
+                    }
+                }
             }
         }
         result
@@ -390,6 +364,27 @@ impl BlockGraph {
     pub fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo> {
         self.nodes().map(|n| block_device_info(n, flat)).collect()
     }
+}
+
+/// The options of an image file opened as a format node over a `file` node (a backing file
+/// named in a header, a file the command layer creates), read-only unless given otherwise:
+/// `{"driver": <format>, "file": {"driver": "file", "filename": <path>}}`.
+pub fn image_options(format: &str, path: &str) -> BlockResult<BlockdevOptions> {
+    let file = Box::new(BlockdevRef::Definition(Box::new(BlockdevOptions::new(
+        BlockdevOptionsBranch::File(BlockdevOptionsFile::new(path)),
+    ))));
+    let branch = match format {
+        "qcow2" => BlockdevOptionsBranch::Qcow2(Box::new(BlockdevOptionsQcow2::new(file))),
+        "raw" => BlockdevOptionsBranch::Raw(Box::new(BlockdevOptionsRaw::new(file))),
+        other => {
+            return Err(BlockError::new(format!(
+                "Parameter 'driver' does not accept value '{other}'"
+            )));
+        }
+    };
+    let mut options = BlockdevOptions::new(branch);
+    options.read_only = Some(true);
+    Ok(options)
 }
 
 /// A backing file name from an image header, resolved against the image's directory.

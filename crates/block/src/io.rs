@@ -61,6 +61,7 @@ pub async fn flush(node: Arc<BlockNode>) -> BlockResult<()> {
 mod tests {
     use super::*;
     use crate::graph::BlockGraph;
+    use crate::test_support::AddJson;
     use serde_json::json;
 
     #[tokio::test]
@@ -73,7 +74,7 @@ mod tests {
             .unwrap();
         let mut g = BlockGraph::new();
         let node = g
-            .blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": path}))
+            .blockdev_add_json(&json!({"driver": "file", "node-name": "f", "filename": path}))
             .unwrap();
         let data = vec![0xabu8; 2 << 20];
         write(node.clone(), 1 << 20, data.clone()).await.unwrap();
@@ -90,7 +91,7 @@ mod tests {
     async fn async_io_errors_carry_errno() {
         let mut g = BlockGraph::new();
         let node = g
-            .blockdev_add(&json!({"driver": "blkdebug", "node-name": "d",
+            .blockdev_add_json(&json!({"driver": "blkdebug", "node-name": "d",
                 "inject-error": [{"event": "pwritev", "errno": 5}],
                 "image": {"driver": "null-co"}}))
             .unwrap();

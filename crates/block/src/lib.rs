@@ -13,8 +13,7 @@ pub mod perm;
 
 pub use bitmap::DirtyBitmap;
 pub use driver::{
-    BitmapStore, BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, DriverSpec, InternalSnapshots,
-    OpenContext,
+    BitmapStore, BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, InternalSnapshots, OpenContext,
 };
 pub use error::{BlockError, BlockResult};
 pub use graph::BlockGraph;
@@ -23,3 +22,30 @@ pub use node::{
     BeforeWrite, BlockNode, ChainStatus, ChildEdge, Extent, NotifierHandle, OpBlocker, PermGrant,
 };
 pub use perm::Perm;
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! `blockdev-add` from QMP arguments for the unit tests (see `tests/common`).
+
+    use std::sync::Arc;
+
+    use crate::{BlockError, BlockGraph, BlockNode, BlockResult};
+
+    pub(crate) trait AddJson {
+        fn blockdev_add_json(
+            &mut self,
+            arguments: &serde_json::Value,
+        ) -> BlockResult<Arc<BlockNode>>;
+    }
+
+    impl AddJson for BlockGraph {
+        fn blockdev_add_json(
+            &mut self,
+            arguments: &serde_json::Value,
+        ) -> BlockResult<Arc<BlockNode>> {
+            let options: qmp_api::BlockdevOptions =
+                qmp_api::input::from_value(arguments).map_err(|e| BlockError::new(e.desc))?;
+            self.blockdev_add(&options)
+        }
+    }
+}

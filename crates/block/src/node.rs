@@ -752,6 +752,7 @@ impl std::fmt::Debug for BlockNode {
 mod write_notifier_tests {
     use super::*;
     use crate::graph::BlockGraph;
+    use crate::test_support::AddJson;
     use serde_json::json;
 
     struct Recorder {
@@ -779,7 +780,7 @@ mod write_notifier_tests {
             .set_len(1 << 20)
             .unwrap();
         BlockGraph::new()
-            .blockdev_add(&json!({"driver": "file", "node-name": "n", "filename": path}))
+            .blockdev_add_json(&json!({"driver": "file", "node-name": "n", "filename": path}))
             .unwrap()
     }
 

@@ -1,5 +1,8 @@
 //! blkdebug error injection: events, I/O types, once, sector, and a format above it.
 
+mod common;
+use common::AddJson;
+
 use block::{BlockGraph, BlockNode};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -7,7 +10,7 @@ use std::sync::Arc;
 fn blkdebug(rules: Value) -> (BlockGraph, Arc<BlockNode>) {
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(
+        .blockdev_add_json(
             &json!({"driver": "blkdebug", "node-name": "dbg", "inject-error": rules,
             "image": {"driver": "null-co", "size": 1 << 20}}),
         )
@@ -66,7 +69,7 @@ fn sector_rule_fails_only_requests_covering_it() {
 fn write_aio_fires_when_raw_writes_to_its_file() {
     let mut g = BlockGraph::new();
     let r = g
-        .blockdev_add(&json!({"driver": "raw", "node-name": "r", "file": {
+        .blockdev_add_json(&json!({"driver": "raw", "node-name": "r", "file": {
             "driver": "blkdebug", "inject-error": [{"event": "write_aio", "errno": 5}],
             "image": {"driver": "null-co", "size": 1 << 20}}}))
         .unwrap();
@@ -79,7 +82,7 @@ fn write_aio_fires_when_raw_writes_to_its_file() {
 fn read_aio_fires_when_raw_reads_from_its_file() {
     let mut g = BlockGraph::new();
     let r = g
-        .blockdev_add(&json!({"driver": "raw", "node-name": "r", "file": {
+        .blockdev_add_json(&json!({"driver": "raw", "node-name": "r", "file": {
             "driver": "blkdebug", "inject-error": [{"event": "read_aio", "iotype": "read"}],
             "image": {"driver": "null-co", "size": 1 << 20}}}))
         .unwrap();
@@ -92,7 +95,7 @@ fn read_aio_fires_when_raw_reads_from_its_file() {
 fn unknown_event_is_refused() {
     let mut g = BlockGraph::new();
     let e = g
-        .blockdev_add(&json!({"driver": "blkdebug", "node-name": "d",
+        .blockdev_add_json(&json!({"driver": "blkdebug", "node-name": "d",
             "inject-error": [{"event": "preadv"}], "image": {"driver": "null-co"}}))
         .unwrap_err();
     assert_eq!(e.desc(), "Parameter 'event' does not accept value 'preadv'");
@@ -102,7 +105,7 @@ fn unknown_event_is_refused() {
 fn image_child_is_required() {
     let mut g = BlockGraph::new();
     let e = g
-        .blockdev_add(&json!({"driver": "blkdebug", "node-name": "d"}))
+        .blockdev_add_json(&json!({"driver": "blkdebug", "node-name": "d"}))
         .unwrap_err();
     assert_eq!(e.desc(), "Parameter 'image' is missing");
 }

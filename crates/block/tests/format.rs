@@ -1,80 +1,40 @@
-//! Plugging a format driver over a `file` child: permissions it takes on its file (QSD's
-//! conflict text), and backing files opened after their overlay (QSD's registration order and
-//! query fields).
+//! A format driver over a `file` child (qcow2, images made by qemu-img): permissions it takes
+//! on its file (QSD's conflict text), and backing files opened after their overlay (QSD's
+//! registration order and query fields).
 
-use std::sync::{Arc, Mutex};
+mod common;
+use common::AddJson;
 
-use block::{
-    BlockDriver, BlockGraph, BlockNode, BlockResult, ChildKind, DriverInfo, DriverSpec, OpenContext,
-};
+use block::BlockGraph;
 use serde_json::json;
 
-/// A stand-in for qcow2: data lives in its `file`; the header's backing name comes from the
-/// test-only option `x-backing`; unwritten data would come from the backing node.
-struct CowFormat {
-    file: Arc<BlockNode>,
-    header_backing: Option<String>,
-    backing: Mutex<Option<Arc<BlockNode>>>,
-}
-
-impl BlockDriver for CowFormat {
-    fn size(&self) -> BlockResult<u64> {
-        self.file.size()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
-        match self.backing.lock().unwrap().as_ref() {
-            Some(b) => b.read_at(offset, buf),
-            None => self.file.read_at(offset, buf),
-        }
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
-        self.file.write_at(offset, buf)
-    }
-    fn flush(&self) -> BlockResult<()> {
-        Ok(())
-    }
-    fn info(&self) -> DriverInfo {
-        DriverInfo {
-            cluster_size: Some(65536),
-            dirty_flag: Some(false),
-            ..DriverInfo::default()
-        }
-    }
-    fn supports_backing(&self) -> bool {
-        true
-    }
-    fn backing_file(&self) -> Option<(String, Option<String>)> {
-        self.header_backing
-            .clone()
-            .map(|n| (n, Some("cowfmt".to_string())))
-    }
-    fn set_backing(&self, backing: Option<Arc<BlockNode>>) {
-        *self.backing.lock().unwrap() = backing;
-    }
-}
-
-fn open_cow(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
-    let header_backing = ctx.opt_str("x-backing")?;
-    let file = ctx
-        .open_child("file", ChildKind::Metadata, true)?
-        .expect("required");
-    Ok(Box::new(CowFormat {
-        file,
-        header_backing,
-        backing: Mutex::new(None),
-    }))
-}
-
 fn graph() -> BlockGraph {
-    let mut g = BlockGraph::new();
-    g.register_driver(DriverSpec {
-        name: "cowfmt",
-        is_protocol: false,
-        open: open_cow,
-    });
-    g
+    BlockGraph::new()
 }
 
+/// A 1 MiB qcow2 image `name` (with `backing`, a qcow2 file name as stored in the header),
+/// made by qemu-img; returns its path.
+fn image(dir: &tempfile::TempDir, name: &str, backing: Option<&str>) -> String {
+    let p = dir.path().join(name);
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if let Some(b) = backing {
+        args.extend(["-u", "-b", b, "-F", "qcow2"]);
+    }
+    let path = p.to_str().unwrap().to_string();
+    args.extend([path.as_str(), "1M"]);
+    let out = std::process::Command::new("qemu-img")
+        .args(&args)
+        .output()
+        .expect("qemu-img is needed: install qemu-utils");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+/// A 1 MiB raw file.
 fn file(dir: &tempfile::TempDir, name: &str) -> String {
     let p = dir.path().join(name);
     std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
@@ -84,14 +44,14 @@ fn file(dir: &tempfile::TempDir, name: &str) -> String {
 #[test]
 fn second_writable_format_on_one_file_conflicts_with_qsd_text() {
     let d = tempfile::tempdir().unwrap();
-    let f = file(&d, "x.img");
+    let f = image(&d, "x.qcow2", None);
     let mut g = graph();
-    g.blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": f}))
+    g.blockdev_add_json(&json!({"driver": "file", "node-name": "f", "filename": f}))
         .unwrap();
-    g.blockdev_add(&json!({"driver": "cowfmt", "node-name": "q1", "file": "f"}))
+    g.blockdev_add_json(&json!({"driver": "qcow2", "node-name": "q1", "file": "f"}))
         .unwrap();
     let e = g
-        .blockdev_add(&json!({"driver": "cowfmt", "node-name": "q2", "file": "f"}))
+        .blockdev_add_json(&json!({"driver": "qcow2", "node-name": "q2", "file": "f"}))
         .unwrap_err();
     assert_eq!(
         e.desc(),
@@ -105,15 +65,15 @@ fn second_writable_format_on_one_file_conflicts_with_qsd_text() {
 #[test]
 fn read_only_format_also_refuses_to_share_write() {
     let d = tempfile::tempdir().unwrap();
-    let f = file(&d, "x.img");
+    let f = image(&d, "x.qcow2", None);
     let mut g = graph();
-    g.blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": f}))
+    g.blockdev_add_json(&json!({"driver": "file", "node-name": "f", "filename": f}))
         .unwrap();
-    g.blockdev_add(&json!({"driver": "cowfmt", "node-name": "q1", "file": "f"}))
+    g.blockdev_add_json(&json!({"driver": "qcow2", "node-name": "q1", "file": "f"}))
         .unwrap();
     let e = g
-        .blockdev_add(
-            &json!({"driver": "cowfmt", "node-name": "q3", "read-only": true, "file": "f"}),
+        .blockdev_add_json(
+            &json!({"driver": "qcow2", "node-name": "q3", "read-only": true, "file": "f"}),
         )
         .unwrap_err();
     assert!(e.desc().contains("unshared by node 'q3'"), "{}", e.desc());
@@ -122,11 +82,11 @@ fn read_only_format_also_refuses_to_share_write() {
 #[test]
 fn failed_open_releases_permissions_on_the_referenced_file() {
     let d = tempfile::tempdir().unwrap();
-    let f = file(&d, "x.img");
+    let f = image(&d, "x.qcow2", None);
     let mut g = graph();
-    g.blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": f}))
+    g.blockdev_add_json(&json!({"driver": "file", "node-name": "f", "filename": f}))
         .unwrap();
-    let r = g.blockdev_add(&json!({"driver": "cowfmt", "node-name": "1bad", "file": "f"}));
+    let r = g.blockdev_add_json(&json!({"driver": "qcow2", "node-name": "1bad", "file": "f"}));
     assert!(r.is_err());
     g.blockdev_del("f").unwrap();
 }
@@ -134,20 +94,18 @@ fn failed_open_releases_permissions_on_the_referenced_file() {
 #[test]
 fn backing_from_the_header_opens_after_its_overlay() {
     let d = tempfile::tempdir().unwrap();
-    file(&d, "base.img");
-    let top = file(&d, "top.img");
+    image(&d, "base.qcow2", None);
+    let top = image(&d, "top.qcow2", Some("base.qcow2"));
     let mut g = graph();
-    g.blockdev_add(
-        &json!({"driver": "cowfmt", "node-name": "top", "x-backing": "base.img",
-        "file": {"driver": "file", "filename": top}}),
-    )
-    .unwrap();
+    g.blockdev_add_json(&json!({"driver": "qcow2", "node-name": "top",
+        "file": {"driver": "file", "filename": top}}))
+        .unwrap();
     let names: Vec<String> = g.nodes().map(|n| n.name().to_string()).collect();
     // Newest first: base, base's file, top, top's file (QSD: #block267, #block162, top,
     // #block009): the overlay registers before its backing, each file before its format.
     assert_eq!(names[2], "top");
     let base = g.find(&names[0]).unwrap();
-    assert_eq!(base.driver_name(), "cowfmt");
+    assert_eq!(base.driver_name(), "qcow2");
     assert!(base.is_read_only());
     assert_eq!(g.find(&names[1]).unwrap().driver_name(), "file");
 }
@@ -155,14 +113,12 @@ fn backing_from_the_header_opens_after_its_overlay() {
 #[test]
 fn query_reports_backing_like_qsd() {
     let d = tempfile::tempdir().unwrap();
-    let base = file(&d, "base.img");
-    let top = file(&d, "top.img");
+    let base = image(&d, "base.qcow2", None);
+    let top = image(&d, "top.qcow2", Some("base.qcow2"));
     let mut g = graph();
-    g.blockdev_add(
-        &json!({"driver": "cowfmt", "node-name": "top", "x-backing": "base.img",
-        "file": {"driver": "file", "filename": top}}),
-    )
-    .unwrap();
+    g.blockdev_add_json(&json!({"driver": "qcow2", "node-name": "top",
+        "file": {"driver": "file", "filename": top}}))
+        .unwrap();
     for flat in [true, false] {
         let q = serde_json::to_value(g.query_named_block_nodes(flat)).unwrap();
         let t = q
@@ -173,9 +129,9 @@ fn query_reports_backing_like_qsd() {
             .unwrap();
         assert_eq!(t["backing_file"], json!(base));
         assert_eq!(t["backing_file_depth"], json!(if flat { 0 } else { 1 }));
-        assert_eq!(t["image"]["backing-filename"], json!("base.img"));
+        assert_eq!(t["image"]["backing-filename"], json!("base.qcow2"));
         assert_eq!(t["image"]["full-backing-filename"], json!(base));
-        assert_eq!(t["image"]["backing-filename-format"], json!("cowfmt"));
+        assert_eq!(t["image"]["backing-filename-format"], json!("qcow2"));
         assert_eq!(t["image"].get("backing-image").is_some(), !flat);
     }
 }
@@ -183,14 +139,12 @@ fn query_reports_backing_like_qsd() {
 #[test]
 fn deleting_the_overlay_closes_its_anonymous_backing_chain() {
     let d = tempfile::tempdir().unwrap();
-    file(&d, "base.img");
-    let top = file(&d, "top.img");
+    image(&d, "base.qcow2", None);
+    let top = image(&d, "top.qcow2", Some("base.qcow2"));
     let mut g = graph();
-    g.blockdev_add(
-        &json!({"driver": "cowfmt", "node-name": "top", "x-backing": "base.img",
-        "file": {"driver": "file", "filename": top}}),
-    )
-    .unwrap();
+    g.blockdev_add_json(&json!({"driver": "qcow2", "node-name": "top",
+        "file": {"driver": "file", "filename": top}}))
+        .unwrap();
     g.blockdev_del("top").unwrap();
     assert_eq!(g.nodes().count(), 0);
 }
@@ -198,14 +152,12 @@ fn deleting_the_overlay_closes_its_anonymous_backing_chain() {
 #[test]
 fn backing_null_opens_no_backing() {
     let d = tempfile::tempdir().unwrap();
-    file(&d, "base.img");
-    let top = file(&d, "top.img");
+    image(&d, "base.qcow2", None);
+    let top = image(&d, "top.qcow2", Some("base.qcow2"));
     let mut g = graph();
     let t = g
-        .blockdev_add(
-            &json!({"driver": "cowfmt", "node-name": "top", "x-backing": "base.img",
-            "backing": null, "file": {"driver": "file", "filename": top}}),
-        )
+        .blockdev_add_json(&json!({"driver": "qcow2", "node-name": "top",
+            "backing": null, "file": {"driver": "file", "filename": top}}))
         .unwrap();
     assert!(t.child("backing").is_none());
     assert_eq!(g.nodes().count(), 2);
@@ -216,13 +168,13 @@ fn set_backing_attaches_an_existing_node_and_reads_through_it() {
     let d = tempfile::tempdir().unwrap();
     let base = file(&d, "base.img");
     std::fs::write(&base, vec![0x42u8; 1 << 20]).unwrap();
-    let top = file(&d, "top.img");
+    let top = image(&d, "top.qcow2", None);
     let mut g = graph();
     let b = g
-        .blockdev_add(&json!({"driver": "file", "node-name": "base", "filename": base}))
+        .blockdev_add_json(&json!({"driver": "file", "node-name": "base", "filename": base}))
         .unwrap();
     let t = g
-        .blockdev_add(&json!({"driver": "cowfmt", "node-name": "top",
+        .blockdev_add_json(&json!({"driver": "qcow2", "node-name": "top",
             "file": {"driver": "file", "filename": top}}))
         .unwrap();
     g.set_backing(&t, Some(b)).unwrap();
@@ -240,13 +192,11 @@ fn set_backing_attaches_an_existing_node_and_reads_through_it() {
 #[test]
 fn missing_backing_file_fails_the_open() {
     let d = tempfile::tempdir().unwrap();
-    let top = file(&d, "top.img");
+    let top = image(&d, "top.qcow2", Some("nope.qcow2"));
     let mut g = graph();
     let e = g
-        .blockdev_add(
-            &json!({"driver": "cowfmt", "node-name": "top", "x-backing": "nope.img",
-            "file": {"driver": "file", "filename": top}}),
-        )
+        .blockdev_add_json(&json!({"driver": "qcow2", "node-name": "top",
+            "file": {"driver": "file", "filename": top}}))
         .unwrap_err();
     assert!(
         e.desc()

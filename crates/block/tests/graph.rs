@@ -1,5 +1,8 @@
 //! Node graph: blockdev-add/-del semantics, names, permissions, query output.
 
+mod common;
+use common::AddJson;
+
 use block::{BlockGraph, Perm};
 use serde_json::{Value, json};
 
@@ -21,10 +24,10 @@ fn duplicate_node_name_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let f = image(&d, "a.raw", 1 << 20);
     let mut g = BlockGraph::new();
-    g.blockdev_add(&json!({"driver": "file", "node-name": "f1", "filename": f}))
+    g.blockdev_add_json(&json!({"driver": "file", "node-name": "f1", "filename": f}))
         .unwrap();
     assert_eq!(
-        err(g.blockdev_add(&json!({"driver": "file", "node-name": "f1", "filename": f}))),
+        err(g.blockdev_add_json(&json!({"driver": "file", "node-name": "f1", "filename": f}))),
         "Duplicate nodes with node-name='f1'"
     );
 }
@@ -40,11 +43,11 @@ fn node_names_follow_qemu_rules() {
         ("", "Invalid node-name: ''"),
         (&"a".repeat(40), "Node name too long"),
     ] {
-        let r = g.blockdev_add(&json!({"driver": "file", "node-name": name, "filename": f}));
+        let r = g.blockdev_add_json(&json!({"driver": "file", "node-name": name, "filename": f}));
         assert_eq!(err(r), msg);
     }
     assert!(
-        g.blockdev_add(&json!({"driver": "file", "node-name": "a-b.c_d", "filename": f}))
+        g.blockdev_add_json(&json!({"driver": "file", "node-name": "a-b.c_d", "filename": f}))
             .is_ok()
     );
 }
@@ -53,7 +56,7 @@ fn node_names_follow_qemu_rules() {
 fn root_node_needs_a_name() {
     let mut g = BlockGraph::new();
     assert_eq!(
-        err(g.blockdev_add(&json!({"driver": "null-co"}))),
+        err(g.blockdev_add_json(&json!({"driver": "null-co"}))),
         "'node-name' must be specified for the root node"
     );
 }
@@ -62,7 +65,7 @@ fn root_node_needs_a_name() {
 fn unknown_driver_is_refused() {
     let mut g = BlockGraph::new();
     assert_eq!(
-        err(g.blockdev_add(&json!({"driver": "nope", "node-name": "x"}))),
+        err(g.blockdev_add_json(&json!({"driver": "nope", "node-name": "x"}))),
         "Parameter 'driver' does not accept value 'nope'"
     );
 }
@@ -71,7 +74,7 @@ fn unknown_driver_is_refused() {
 fn missing_file_reports_strerror() {
     let mut g = BlockGraph::new();
     assert_eq!(
-        err(g.blockdev_add(
+        err(g.blockdev_add_json(
             &json!({"driver": "file", "node-name": "x", "filename": "/nonexistent/m"})
         )),
         "Could not open '/nonexistent/m': No such file or directory"
@@ -82,7 +85,7 @@ fn missing_file_reports_strerror() {
 fn unknown_child_reference_is_refused() {
     let mut g = BlockGraph::new();
     assert_eq!(
-        err(g.blockdev_add(&json!({"driver": "raw", "node-name": "r", "file": "nonexist"}))),
+        err(g.blockdev_add_json(&json!({"driver": "raw", "node-name": "r", "file": "nonexist"}))),
         "Cannot find device='nonexist' nor node-name='nonexist'"
     );
 }
@@ -92,7 +95,7 @@ fn unknown_option_is_refused_and_nothing_stays_open() {
     let d = tempfile::tempdir().unwrap();
     let f = image(&d, "a.raw", 1 << 20);
     let mut g = BlockGraph::new();
-    let r = g.blockdev_add(&json!({"driver": "raw", "node-name": "r", "bogus": 1,
+    let r = g.blockdev_add_json(&json!({"driver": "raw", "node-name": "r", "bogus": 1,
         "file": {"driver": "file", "filename": f}}));
     assert_eq!(err(r), "Parameter 'bogus' is unexpected");
     assert_eq!(g.nodes().count(), 0);
@@ -104,7 +107,7 @@ fn anonymous_children_get_block_names() {
     let f = image(&d, "a.raw", 1 << 20);
     let mut g = BlockGraph::new();
     let r = g
-        .blockdev_add(
+        .blockdev_add_json(
             &json!({"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": f}}),
         )
         .unwrap();
@@ -119,9 +122,9 @@ fn node_used_by_a_parent_cannot_be_deleted() {
     let d = tempfile::tempdir().unwrap();
     let f = image(&d, "a.raw", 1 << 20);
     let mut g = BlockGraph::new();
-    g.blockdev_add(&json!({"driver": "file", "node-name": "f1", "filename": f}))
+    g.blockdev_add_json(&json!({"driver": "file", "node-name": "f1", "filename": f}))
         .unwrap();
-    g.blockdev_add(&json!({"driver": "raw", "node-name": "r1", "file": "f1"}))
+    g.blockdev_add_json(&json!({"driver": "raw", "node-name": "r1", "file": "f1"}))
         .unwrap();
     assert_eq!(err(g.blockdev_del("f1")), "Block device f1 is in use");
     g.blockdev_del("r1").unwrap();
@@ -134,7 +137,7 @@ fn inline_child_is_not_owned_by_the_monitor_and_goes_with_its_parent() {
     let d = tempfile::tempdir().unwrap();
     let f = image(&d, "a.raw", 1 << 20);
     let mut g = BlockGraph::new();
-    g.blockdev_add(&json!({"driver": "raw", "node-name": "r1",
+    g.blockdev_add_json(&json!({"driver": "raw", "node-name": "r1",
         "file": {"driver": "file", "node-name": "f1", "filename": f}}))
         .unwrap();
     assert_eq!(
@@ -158,7 +161,7 @@ fn deleting_an_unknown_node_is_refused() {
 fn blocked_node_is_busy_for_deletion() {
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "null-co", "node-name": "t"}))
+        .blockdev_add_json(&json!({"driver": "null-co", "node-name": "t"}))
         .unwrap();
     let blocker = n.block_ops("block device is in use by block job: backup");
     assert_eq!(
@@ -173,7 +176,7 @@ fn blocked_node_is_busy_for_deletion() {
 fn node_with_a_user_cannot_be_deleted() {
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "null-co", "node-name": "t"}))
+        .blockdev_add_json(&json!({"driver": "null-co", "node-name": "t"}))
         .unwrap();
     let grant = n
         .take_perm("backup job 'j1'", "target", Perm::WRITE, Perm::ALL)
@@ -187,7 +190,7 @@ fn node_with_a_user_cannot_be_deleted() {
 fn unshared_write_conflicts_with_a_second_writer() {
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "null-co", "node-name": "t"}))
+        .blockdev_add_json(&json!({"driver": "null-co", "node-name": "t"}))
         .unwrap();
     let _a = n
         .take_perm(
@@ -210,7 +213,7 @@ fn unshared_write_conflicts_with_a_second_writer() {
 fn released_permission_can_be_taken_again() {
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "null-co", "node-name": "t"}))
+        .blockdev_add_json(&json!({"driver": "null-co", "node-name": "t"}))
         .unwrap();
     let a = n.take_perm("a", "target", Perm::WRITE, Perm::NONE).unwrap();
     drop(a);
@@ -221,7 +224,7 @@ fn released_permission_can_be_taken_again() {
 fn read_only_node_refuses_write_permission_and_writes() {
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "null-co", "node-name": "t", "read-only": true}))
+        .blockdev_add_json(&json!({"driver": "null-co", "node-name": "t", "read-only": true}))
         .unwrap();
     assert_eq!(
         err(n.take_perm("a", "target", Perm::WRITE, Perm::ALL)),
@@ -236,7 +239,7 @@ fn permissions_pass_through_raw_to_its_file() {
     let f = image(&d, "a.raw", 1 << 20);
     let mut g = BlockGraph::new();
     let r = g
-        .blockdev_add(&json!({"driver": "raw", "node-name": "r",
+        .blockdev_add_json(&json!({"driver": "raw", "node-name": "r",
             "file": {"driver": "file", "node-name": "f", "filename": f}}))
         .unwrap();
     let _w = r
@@ -254,9 +257,9 @@ fn query_lists_nodes_newest_first_children_before_parents_registered() {
     let d = tempfile::tempdir().unwrap();
     let f = image(&d, "a.raw", 4 << 20);
     let mut g = BlockGraph::new();
-    g.blockdev_add(&json!({"driver": "null-co", "node-name": "n1"}))
+    g.blockdev_add_json(&json!({"driver": "null-co", "node-name": "n1"}))
         .unwrap();
-    g.blockdev_add(&json!({"driver": "raw", "node-name": "r1",
+    g.blockdev_add_json(&json!({"driver": "raw", "node-name": "r1",
         "file": {"driver": "file", "node-name": "f1", "filename": f}}))
         .unwrap();
     let q = serde_json::to_value(g.query_named_block_nodes(true)).unwrap();
@@ -274,7 +277,7 @@ fn query_shape_matches_qsd_for_raw_over_file() {
     let d = tempfile::tempdir().unwrap();
     let f = image(&d, "a.raw", 4 << 20);
     let mut g = BlockGraph::new();
-    g.blockdev_add(&json!({"driver": "raw", "node-name": "r1",
+    g.blockdev_add_json(&json!({"driver": "raw", "node-name": "r1",
         "file": {"driver": "file", "node-name": "f1", "filename": f}}))
         .unwrap();
     let q = serde_json::to_value(g.query_named_block_nodes(true)).unwrap();
@@ -322,9 +325,9 @@ fn query_shape_matches_qsd_for_raw_over_file() {
 #[test]
 fn query_shape_matches_qsd_for_null_co() {
     let mut g = BlockGraph::new();
-    g.blockdev_add(&json!({"driver": "null-co", "node-name": "n1"}))
+    g.blockdev_add_json(&json!({"driver": "null-co", "node-name": "n1"}))
         .unwrap();
-    g.blockdev_add(
+    g.blockdev_add_json(
         &json!({"driver": "null-co", "node-name": "n2", "size": 1000, "read-zeroes": true}),
     )
     .unwrap();
@@ -349,7 +352,7 @@ fn raw_offset_and_size_window_the_file() {
     std::fs::write(&f, vec![7u8; 1 << 20]).unwrap();
     let mut g = BlockGraph::new();
     let r = g
-        .blockdev_add(
+        .blockdev_add_json(
             &json!({"driver": "raw", "node-name": "r", "offset": 512, "size": 4096,
             "file": {"driver": "file", "filename": f}}),
         )
@@ -370,7 +373,7 @@ fn raw_window_beyond_the_file_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let f = image(&d, "a.raw", 4096);
     let mut g = BlockGraph::new();
-    let r = g.blockdev_add(
+    let r = g.blockdev_add_json(
         &json!({"driver": "raw", "node-name": "r", "offset": 512, "size": 4096,
             "file": {"driver": "file", "filename": f}}),
     );
@@ -385,7 +388,7 @@ fn raw_window_beyond_the_file_is_refused() {
 fn null_co_reads_zeros_and_drops_writes() {
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": 4096}))
+        .blockdev_add_json(&json!({"driver": "null-co", "node-name": "n", "size": 4096}))
         .unwrap();
     n.write_at(0, &[9u8; 512]).unwrap();
     let mut buf = [1u8; 512];
@@ -399,7 +402,7 @@ fn file_reads_and_writes_positionally() {
     let f = image(&d, "a.raw", 1 << 20);
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": f}))
+        .blockdev_add_json(&json!({"driver": "file", "node-name": "f", "filename": f}))
         .unwrap();
     let big = vec![0x5au8; 512 * 1024];
     n.write_at(4096, &big).unwrap();
@@ -416,7 +419,7 @@ fn file_reads_and_writes_positionally() {
 fn writes_through_a_node_mark_its_recording_bitmaps() {
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": 1 << 20}))
+        .blockdev_add_json(&json!({"driver": "null-co", "node-name": "n", "size": 1 << 20}))
         .unwrap();
     n.bitmaps().insert(
         0,
@@ -431,11 +434,11 @@ fn writes_through_a_node_mark_its_recording_bitmaps() {
 fn missing_mandatory_options_are_named() {
     let mut g = BlockGraph::new();
     assert_eq!(
-        err(g.blockdev_add(&json!({"driver": "raw", "node-name": "r"}))),
+        err(g.blockdev_add_json(&json!({"driver": "raw", "node-name": "r"}))),
         "Parameter 'file' is missing"
     );
     assert_eq!(
-        err(g.blockdev_add(&json!({"driver": "file", "node-name": "f"}))),
+        err(g.blockdev_add_json(&json!({"driver": "file", "node-name": "f"}))),
         "Parameter 'filename' is missing"
     );
 }
@@ -444,7 +447,7 @@ fn missing_mandatory_options_are_named() {
 fn option_of_wrong_type_is_refused() {
     let mut g = BlockGraph::new();
     assert_eq!(
-        err(g.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": "x"}))),
+        err(g.blockdev_add_json(&json!({"driver": "null-co", "node-name": "n", "size": "x"}))),
         "Invalid parameter type for 'size', expected: integer"
     );
 }
@@ -454,7 +457,7 @@ fn raw_offset_beyond_the_file_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let f = image(&d, "a.raw", 4096);
     let mut g = BlockGraph::new();
-    let r = g.blockdev_add(&json!({"driver": "raw", "node-name": "r", "offset": 8192,
+    let r = g.blockdev_add_json(&json!({"driver": "raw", "node-name": "r", "offset": 8192,
             "file": {"driver": "file", "filename": f}}));
     assert_eq!(
         err(r),
@@ -467,7 +470,7 @@ fn raw_size_must_be_sector_aligned() {
     let d = tempfile::tempdir().unwrap();
     let f = image(&d, "a.raw", 4096);
     let mut g = BlockGraph::new();
-    let r = g.blockdev_add(&json!({"driver": "raw", "node-name": "r", "size": 1000,
+    let r = g.blockdev_add_json(&json!({"driver": "raw", "node-name": "r", "size": 1000,
             "file": {"driver": "file", "filename": f}}));
     assert_eq!(err(r), "Specified size is not multiple of 512");
 }
@@ -477,13 +480,13 @@ fn query_order_and_names_for_blkdebug_match_qsd() {
     let d = tempfile::tempdir().unwrap();
     let f = image(&d, "a.raw", 4096);
     let mut g = BlockGraph::new();
-    g.blockdev_add(
+    g.blockdev_add_json(
         &json!({"driver": "raw", "node-name": "r", "file": {"driver": "blkdebug",
         "inject-error": [{"event": "pwritev", "errno": 5}],
         "image": {"driver": "file", "filename": f}}}),
     )
     .unwrap();
-    g.blockdev_add(&json!({"driver": "blkdebug", "node-name": "d2",
+    g.blockdev_add_json(&json!({"driver": "blkdebug", "node-name": "d2",
         "image": {"driver": "file", "filename": f}}))
         .unwrap();
     let q = serde_json::to_value(g.query_named_block_nodes(true)).unwrap();
@@ -520,7 +523,7 @@ fn format_child_gets_its_generated_name_before_the_parent() {
     let d = tempfile::tempdir().unwrap();
     let f = image(&d, "a.raw", 4096);
     let mut g = BlockGraph::new();
-    g.blockdev_add(&json!({"driver": "raw", "node-name": "r",
+    g.blockdev_add_json(&json!({"driver": "raw", "node-name": "r",
         "file": {"driver": "raw", "file": {"driver": "file", "filename": f}}}))
         .unwrap();
     let names: Vec<String> = g.nodes().map(|n| n.name().to_string()).collect();
@@ -532,15 +535,15 @@ fn format_child_gets_its_generated_name_before_the_parent() {
 #[test]
 fn duplicate_name_of_a_format_is_reported_after_its_file_opens() {
     let mut g = BlockGraph::new();
-    g.blockdev_add(&json!({"driver": "null-co", "node-name": "x"}))
+    g.blockdev_add_json(&json!({"driver": "null-co", "node-name": "x"}))
         .unwrap();
-    let r = g.blockdev_add(&json!({"driver": "raw", "node-name": "x",
+    let r = g.blockdev_add_json(&json!({"driver": "raw", "node-name": "x",
         "file": {"driver": "file", "filename": "/nonexistent/f"}}));
     assert_eq!(
         err(r),
         "Could not open '/nonexistent/f': No such file or directory"
     );
-    let r = g.blockdev_add(&json!({"driver": "raw", "node-name": "x",
+    let r = g.blockdev_add_json(&json!({"driver": "raw", "node-name": "x",
         "file": {"driver": "null-co"}}));
     assert_eq!(err(r), "Duplicate nodes with node-name='x'");
     assert_eq!(g.nodes().count(), 1);
@@ -550,7 +553,7 @@ fn duplicate_name_of_a_format_is_reported_after_its_file_opens() {
 fn request_beyond_2_pow_63_fails_with_eio() {
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "null-co", "node-name": "n"}))
+        .blockdev_add_json(&json!({"driver": "null-co", "node-name": "n"}))
         .unwrap();
     let mut buf = [0u8; 512];
     assert_eq!(

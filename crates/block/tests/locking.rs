@@ -1,5 +1,8 @@
 //! Image locking interoperates with QEMU's tools (qemu-io, qemu-img from QEMU 10) both ways.
 
+mod common;
+use common::AddJson;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 
@@ -89,7 +92,7 @@ fn qemu_io_cannot_write_while_we_hold_write() {
     let f = image(&d);
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": f}))
+        .blockdev_add_json(&json!({"driver": "file", "node-name": "f", "filename": f}))
         .unwrap();
     let _grant = n.take_perm("node 'q'", "file", WRITER.0, WRITER.1).unwrap();
     let (ok, err) = run(&["qemu-io", "-f", "raw", "-c", "write 0 512", &f]);
@@ -107,7 +110,7 @@ fn qemu_img_info_of_qcow2_needs_shared_write_while_we_hold_write() {
     let f = qcow2_image(&d);
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": f}))
+        .blockdev_add_json(&json!({"driver": "file", "node-name": "f", "filename": f}))
         .unwrap();
     let _grant = n.take_perm("node 'q'", "file", WRITER.0, WRITER.1).unwrap();
     let (ok, err) = run(&["qemu-img", "info", &f]);
@@ -122,7 +125,7 @@ fn releasing_write_lets_qemu_io_write() {
     let f = image(&d);
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": f}))
+        .blockdev_add_json(&json!({"driver": "file", "node-name": "f", "filename": f}))
         .unwrap();
     let grant = n.take_perm("node 'q'", "file", WRITER.0, WRITER.1).unwrap();
     drop(grant);
@@ -135,7 +138,7 @@ fn node_without_users_takes_no_locks() {
     let d = tempfile::tempdir().unwrap();
     let f = image(&d);
     let mut g = BlockGraph::new();
-    g.blockdev_add(&json!({"driver": "raw", "node-name": "r",
+    g.blockdev_add_json(&json!({"driver": "raw", "node-name": "r",
         "file": {"driver": "file", "filename": f}}))
         .unwrap();
     let (ok, err) = run(&["qemu-io", "-f", "raw", "-c", "write 0 512", &f]);
@@ -148,7 +151,9 @@ fn locking_off_takes_no_locks() {
     let f = image(&d);
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": f, "locking": "off"}))
+        .blockdev_add_json(
+            &json!({"driver": "file", "node-name": "f", "filename": f, "locking": "off"}),
+        )
         .unwrap();
     let _grant = n.take_perm("node 'q'", "file", WRITER.0, WRITER.1).unwrap();
     assert!(run(&["qemu-io", "-f", "raw", "-c", "write 0 512", &f]).0);
@@ -161,7 +166,7 @@ fn we_cannot_take_write_while_qemu_io_holds_a_qcow2_image() {
     let _qemu = QemuIo::open(&f, "qcow2", false);
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": f}))
+        .blockdev_add_json(&json!({"driver": "file", "node-name": "f", "filename": f}))
         .unwrap();
     let e = n
         .take_perm("node 'q'", "file", Perm::WRITE, Perm::ALL)
@@ -182,7 +187,7 @@ fn we_must_share_write_while_qemu_io_writes_a_raw_image() {
     let _qemu = QemuIo::open(&f, "raw", false);
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": f}))
+        .blockdev_add_json(&json!({"driver": "file", "node-name": "f", "filename": f}))
         .unwrap();
     let e = n
         .take_perm("node 'q'", "file", WRITER.0, WRITER.1)
@@ -202,7 +207,7 @@ fn read_only_user_refusing_to_share_write_fails_while_qemu_io_writes() {
     let _qemu = QemuIo::open(&f, "raw", false);
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(
+        .blockdev_add_json(
             &json!({"driver": "file", "node-name": "f", "filename": f, "read-only": true}),
         )
         .unwrap();
@@ -225,7 +230,7 @@ fn readers_coexist_with_a_read_only_qemu_io() {
     let _qemu = QemuIo::open(&f, "raw", true);
     let mut g = BlockGraph::new();
     let n = g
-        .blockdev_add(
+        .blockdev_add_json(
             &json!({"driver": "file", "node-name": "f", "filename": f, "read-only": true}),
         )
         .unwrap();
@@ -246,10 +251,10 @@ fn two_nodes_on_one_file_in_one_process_conflict_like_two_processes() {
     let f = image(&d);
     let mut g = BlockGraph::new();
     let a = g
-        .blockdev_add(&json!({"driver": "file", "node-name": "a", "filename": f}))
+        .blockdev_add_json(&json!({"driver": "file", "node-name": "a", "filename": f}))
         .unwrap();
     let b = g
-        .blockdev_add(&json!({"driver": "file", "node-name": "b", "filename": f}))
+        .blockdev_add_json(&json!({"driver": "file", "node-name": "b", "filename": f}))
         .unwrap();
     let _ga = a
         .take_perm("node 'qa'", "file", WRITER.0, WRITER.1)

@@ -4,6 +4,9 @@
 //! persistent bitmaps and internal snapshots round-trip with qemu-img, blkdebug errors reach the
 //! guest with their errno, and two qcow2 nodes on one file conflict.
 
+mod common;
+use common::AddJson;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -204,7 +207,7 @@ fn compare_with_qsd(
     qsd.quit();
     let mut g = BlockGraph::new();
     for a in adds(our_dir.path()) {
-        g.blockdev_add(&a).unwrap();
+        g.blockdev_add_json(&a).unwrap();
     }
     let ours = serde_json::to_value(g.query_named_block_nodes(flat)).unwrap();
     g.close_all().unwrap();
@@ -220,7 +223,7 @@ fn data_written_by_qemu_io_reads_back_through_the_node() {
     let img = create(&dir, "a.qcow2", "4M", None);
     qemu_io(&img, "write -P 0x5a 64k 128k");
     let mut g = BlockGraph::new();
-    g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
+    g.blockdev_add_json(&qcow2_opts("q", &img)).unwrap();
     assert_eq!(read(&g, "q", 64 << 10, 128 << 10), vec![0x5a; 128 << 10]);
     assert_eq!(read(&g, "q", 0, 4096), vec![0; 4096]);
     assert_eq!(g.lookup("q").unwrap().size().unwrap(), 4 << 20);
@@ -233,7 +236,7 @@ fn writes_through_the_node_pass_qemu_img_check_and_compare() {
     let img = create(&dir, "a.qcow2", "4M", None);
     let reference = create(&dir, "ref.qcow2", "4M", None);
     let mut g = BlockGraph::new();
-    let node = g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
+    let node = g.blockdev_add_json(&qcow2_opts("q", &img)).unwrap();
     node.write_at(4096, &[0x11; 8192]).unwrap();
     node.write_at(1 << 20, &vec![0x22; 1 << 20]).unwrap();
     node.write_zeroes_at(1 << 20, 4096).unwrap();
@@ -258,7 +261,7 @@ fn backing_file_named_in_the_header_opens_and_unallocated_reads_fall_through() {
     let top = create(&dir, "top.qcow2", "1M", Some("base.qcow2"));
     qemu_io(&top, "write -P 0x33 0 4k");
     let mut g = BlockGraph::new();
-    let node = g.blockdev_add(&qcow2_opts("top", &top)).unwrap();
+    let node = g.blockdev_add_json(&qcow2_opts("top", &top)).unwrap();
     let mut expected = vec![0x77u8; 64 << 10];
     expected[..4096].fill(0x33);
     assert_eq!(read(&g, "top", 0, 64 << 10), expected);
@@ -280,7 +283,7 @@ fn blockdev_del_closes_the_auto_opened_backing_chain() {
     create(&dir, "mid.qcow2", "1M", Some("base.qcow2"));
     let top = create(&dir, "top.qcow2", "1M", Some("mid.qcow2"));
     let mut g = BlockGraph::new();
-    g.blockdev_add(&qcow2_opts("top", &top)).unwrap();
+    g.blockdev_add_json(&qcow2_opts("top", &top)).unwrap();
     assert_eq!(g.nodes().count(), 6);
     let q = serde_json::to_value(g.query_named_block_nodes(false)).unwrap();
     let top_info = q
@@ -304,7 +307,7 @@ fn backing_null_reads_unallocated_clusters_as_zeros() {
     let mut opts = qcow2_opts("top", &top);
     opts["backing"] = Value::Null;
     let mut g = BlockGraph::new();
-    let node = g.blockdev_add(&opts).unwrap();
+    let node = g.blockdev_add_json(&opts).unwrap();
     assert!(node.child("backing").is_none());
     assert_eq!(g.nodes().count(), 2);
     assert_eq!(read(&g, "top", 0, 4096), vec![0; 4096]);
@@ -318,10 +321,10 @@ fn backing_set_at_run_time_becomes_the_read_through_image() {
     qemu_io(&base, "write -P 0x44 0 64k");
     let overlay = create(&dir, "overlay.qcow2", "1M", Some("base.qcow2"));
     let mut g = BlockGraph::new();
-    let b = g.blockdev_add(&qcow2_opts("base", &base)).unwrap();
+    let b = g.blockdev_add_json(&qcow2_opts("base", &base)).unwrap();
     let mut opts = qcow2_opts("ov", &overlay);
     opts["backing"] = Value::Null;
-    let ov = g.blockdev_add(&opts).unwrap();
+    let ov = g.blockdev_add_json(&opts).unwrap();
     assert_eq!(read(&g, "ov", 0, 4096), vec![0; 4096]);
     g.set_backing(&ov, Some(b)).unwrap();
     assert_eq!(read(&g, "ov", 0, 4096), vec![0x44; 4096]);
@@ -470,7 +473,7 @@ fn errors_opening_qcow2_nodes_read_like_qsd() {
     qsd.quit();
     let mut g = BlockGraph::new();
     for (case, want) in cases.iter().zip(&theirs) {
-        let e = g.blockdev_add(case).unwrap_err();
+        let e = g.blockdev_add_json(case).unwrap_err();
         assert_eq!(json!(e.desc()), *want);
     }
     assert_eq!(
@@ -495,9 +498,9 @@ fn a_second_qcow2_node_on_the_same_image_file_fails_to_lock_like_qsd() {
         .collect();
     qsd.quit();
     let mut g = BlockGraph::new();
-    g.blockdev_add(&qcow2_opts("a", &img)).unwrap();
+    g.blockdev_add_json(&qcow2_opts("a", &img)).unwrap();
     for (case, want) in cases.iter().zip(&theirs) {
-        let e = g.blockdev_add(case).unwrap_err();
+        let e = g.blockdev_add_json(case).unwrap_err();
         assert_eq!(json!(e.desc()), *want);
     }
     g.close_all().unwrap();
@@ -511,7 +514,7 @@ fn a_removed_persistent_bitmap_is_gone_from_the_image_at_once() {
     qemu_img(&["bitmap", "--add", p, "keep"]);
     qemu_img(&["bitmap", "--add", p, "drop"]);
     let mut g = BlockGraph::new();
-    let node = g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
+    let node = g.blockdev_add_json(&qcow2_opts("q", &img)).unwrap();
     // What block-dirty-bitmap-remove does to a persistent bitmap: the store forgets it, the
     // node's list drops it.
     let store = node.driver().bitmap_store().unwrap();
@@ -547,7 +550,7 @@ fn qcow2_over_blkdebug_fails_reads_with_the_injected_errno() {
     qemu_io(&img, "write 0 64k");
     let mut g = BlockGraph::new();
     let node = g
-        .blockdev_add(&json!({"driver": "qcow2", "node-name": "q",
+        .blockdev_add_json(&json!({"driver": "qcow2", "node-name": "q",
             "file": {"driver": "blkdebug",
                 "inject-error": [{"event": "read_aio", "errno": 28, "once": true}],
                 "image": {"driver": "file", "filename": img}}}))
@@ -587,7 +590,7 @@ fn an_overlay_inserted_like_blockdev_snapshot_matches_qsd() {
     qsd.quit();
     let mut g = BlockGraph::new();
     for a in adds(our_dir.path()) {
-        g.blockdev_add(&a).unwrap();
+        g.blockdev_add_json(&a).unwrap();
     }
     let (base, ov) = (g.lookup("base").unwrap(), g.lookup("ov").unwrap());
     g.set_backing(&ov, Some(base.clone())).unwrap();
@@ -654,7 +657,7 @@ fn a_read_only_v2_image_is_described_and_refuses_persistent_bitmaps_like_qsd() {
     let want = qsd.execute("block-dirty-bitmap-add", add)["error"]["desc"].clone();
     qsd.quit();
     let mut g = BlockGraph::new();
-    let node = g.blockdev_add(&adds(dir.path())[0]).unwrap();
+    let node = g.blockdev_add_json(&adds(dir.path())[0]).unwrap();
     let store = node.driver().bitmap_store().unwrap();
     let e = store.can_store_new_bitmap("b", 65536).unwrap_err();
     assert_eq!(json!(e.desc()), want);
@@ -685,7 +688,7 @@ fn bitmaps_made_by_qemu_img_are_loaded_with_their_counts() {
     qemu_io(&img, "write 0 64k");
     qemu_io(&img, "write 1M 192k");
     let mut g = BlockGraph::new();
-    g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
+    g.blockdev_add_json(&qcow2_opts("q", &img)).unwrap();
     let info = serde_json::to_value(g.query_named_block_nodes(true)).unwrap();
     let bitmaps = &info[0]["dirty-bitmaps"];
     assert_eq!(
@@ -701,7 +704,7 @@ fn a_persistent_bitmap_added_through_the_graph_is_stored_at_blockdev_del() {
     let dir = tempfile::tempdir().unwrap();
     let img = create(&dir, "a.qcow2", "4M", None);
     let mut g = BlockGraph::new();
-    let node = g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
+    let node = g.blockdev_add_json(&qcow2_opts("q", &img)).unwrap();
     // What block-dirty-bitmap-add of a persistent bitmap puts in the node's list.
     let mut mine = block::DirtyBitmap::new(Some("mine".into()), 65536, 4 << 20).unwrap();
     mine.set_persistent(true);
@@ -716,7 +719,7 @@ fn a_persistent_bitmap_added_through_the_graph_is_stored_at_blockdev_del() {
     );
     qemu_img(&["check", "-q", img.to_str().unwrap()]);
     let mut g = BlockGraph::new();
-    g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
+    g.blockdev_add_json(&qcow2_opts("q", &img)).unwrap();
     assert_eq!(
         serde_json::to_value(g.query_named_block_nodes(true)).unwrap()[0]["dirty-bitmaps"][0]["count"],
         65536
@@ -729,7 +732,7 @@ fn internal_snapshots_created_through_the_seam_are_listed_by_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     let img = create(&dir, "a.qcow2", "1M", None);
     let mut g = BlockGraph::new();
-    let node = g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
+    let node = g.blockdev_add_json(&qcow2_opts("q", &img)).unwrap();
     node.write_at(0, &[9; 4096]).unwrap();
     let snaps = node
         .driver()
@@ -755,7 +758,7 @@ fn qcow2_over_blkdebug_fails_writes_with_eio() {
     let img = create(&dir, "a.qcow2", "1M", None);
     let mut g = BlockGraph::new();
     let node = g
-        .blockdev_add(&json!({"driver": "qcow2", "node-name": "q",
+        .blockdev_add_json(&json!({"driver": "qcow2", "node-name": "q",
             "file": {"driver": "blkdebug",
                 "inject-error": [{"event": "write_aio", "errno": 5, "once": true}],
                 "image": {"driver": "file", "filename": img}}}))
@@ -779,9 +782,9 @@ fn a_second_qcow2_node_on_the_same_file_node_conflicts_like_qsd() {
     let theirs = qsd.execute("blockdev-add", b.clone());
     qsd.quit();
     let mut g = BlockGraph::new();
-    g.blockdev_add(&file).unwrap();
-    g.blockdev_add(&a).unwrap();
-    let ours = g.blockdev_add(&b).unwrap_err();
+    g.blockdev_add_json(&file).unwrap();
+    g.blockdev_add_json(&a).unwrap();
+    let ours = g.blockdev_add_json(&b).unwrap_err();
     assert_eq!(ours.desc(), theirs["error"]["desc"].as_str().unwrap());
     assert!(g.find("b").is_none());
     g.close_all().unwrap();
@@ -792,7 +795,7 @@ fn a_qcow2_node_takes_write_and_resize_on_its_file_unshared() {
     let dir = tempfile::tempdir().unwrap();
     let img = create(&dir, "a.qcow2", "1M", None);
     let mut g = BlockGraph::new();
-    let node = g.blockdev_add(&qcow2_opts("q", &img)).unwrap();
+    let node = g.blockdev_add_json(&qcow2_opts("q", &img)).unwrap();
     let (perm, shared) = node.child("file").unwrap().cumulative_perms();
     assert!(perm.contains(Perm::WRITE | Perm::RESIZE | Perm::CONSISTENT_READ));
     assert!(!shared.contains(Perm::WRITE) && !shared.contains(Perm::RESIZE));
@@ -808,18 +811,18 @@ fn tuning_options_are_accepted_and_encryption_is_refused() {
     opts["l2-cache-size"] = json!(1 << 20);
     opts["cache-clean-interval"] = json!(0);
     opts["lazy-refcounts"] = json!(false);
-    g.blockdev_add(&opts).unwrap();
+    g.blockdev_add_json(&opts).unwrap();
     g.blockdev_del("q").unwrap();
     let mut opts = qcow2_opts("t", &img);
     opts["l2-cache-size"] = json!("big");
-    let e = g.blockdev_add(&opts).unwrap_err();
+    let e = g.blockdev_add_json(&opts).unwrap_err();
     assert_eq!(
         e.desc(),
         "Invalid parameter type for 'l2-cache-size', expected: integer"
     );
     let mut opts = qcow2_opts("e", &img);
     opts["encrypt"] = json!({"format": "luks", "key-secret": "s"});
-    let e = g.blockdev_add(&opts).unwrap_err();
+    let e = g.blockdev_add_json(&opts).unwrap_err();
     assert!(e.desc().contains("encrypt"), "{}", e.desc());
     assert_eq!(g.nodes().count(), 0);
 }
@@ -830,6 +833,6 @@ fn a_file_that_is_not_qcow2_is_refused() {
     let p = dir.path().join("raw.img");
     std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
     let mut g = BlockGraph::new();
-    let e = g.blockdev_add(&qcow2_opts("q", &p)).unwrap_err();
+    let e = g.blockdev_add_json(&qcow2_opts("q", &p)).unwrap_err();
     assert_eq!(e.desc(), "Image is not in qcow2 format");
 }

@@ -3,9 +3,12 @@
 use std::io;
 use std::sync::{Arc, MutexGuard};
 
-use block::graph::node_filename;
+use block::graph::{image_options, node_filename};
 use block::{BitmapStore, BlockError, BlockGraph, BlockNode, DirtyBitmap};
-use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError, SnapshotInfo};
+use qmp_api::{
+    BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, BlockdevOptionsBranch,
+    BlockdevRefOrNull, QmpError, SnapshotInfo,
+};
 
 use crate::node::{BlockIo, Extent, ImageRef, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker};
 
@@ -128,6 +131,22 @@ impl NodeBitmaps for NodeBitmapList {
     }
 }
 
+/// The options of node `name` opening `image` read-write, with `backing` (for formats that
+/// have one).
+fn writable_image(
+    image: &ImageRef,
+    name: &str,
+    backing: BlockdevRefOrNull,
+) -> Result<BlockdevOptions, QmpError> {
+    let mut options = image_options(&image.format, &image.filename).map_err(qmp_error)?;
+    options.node_name = Some(name.to_string());
+    options.read_only = None;
+    if let BlockdevOptionsBranch::Qcow2(qcow2) = &mut options.branch {
+        qcow2.backing = Some(Box::new(backing));
+    }
+    Ok(options)
+}
+
 fn create_file_error(image: &ImageRef, e: impl std::fmt::Display) -> QmpError {
     QmpError::generic(format!("Could not create '{}': {e}", image.filename))
 }
@@ -187,25 +206,18 @@ impl NodeGraph for BlockLayer {
         // QEMU names such nodes automatically; ours get a reserved-looking name of their own.
         self.next_anonymous += 1;
         let name = format!("blockdev-image{}", self.next_anonymous);
-        let mut options = serde_json::json!({
-            "driver": image.format,
-            "node-name": name,
-            "file": {"driver": "file", "filename": image.filename},
-        });
-        if image.format != "raw"
-            && let Some(map) = options.as_object_mut()
-        {
-            let backing = backing.map_or(serde_json::Value::Null, |b| b.into());
-            map.insert("backing".into(), backing);
-        }
+        let backing = match backing {
+            Some(node) => BlockdevRefOrNull::Reference(node.to_string()),
+            None => BlockdevRefOrNull::Null(()),
+        };
+        let options = writable_image(image, &name, backing)?;
         let node = self.graph.blockdev_add(&options).map_err(qmp_error)?;
         Ok((name, Arc::new(NodeIo(node))))
     }
 
     fn blockdev_add(&mut self, options: BlockdevOptions) -> Result<(), QmpError> {
-        let value = serde_json::to_value(&options).map_err(|e| QmpError::generic(e.to_string()))?;
         self.graph
-            .blockdev_add(&value)
+            .blockdev_add(&options)
             .map(|_| ())
             .map_err(qmp_error)
     }
@@ -233,17 +245,8 @@ impl NodeGraph for BlockLayer {
     }
 
     fn open_overlay(&mut self, image: &ImageRef, node_name: &str) -> Result<(), QmpError> {
-        let mut options = serde_json::json!({
-            "driver": image.format,
-            "node-name": node_name,
-            "file": {"driver": "file", "filename": image.filename},
-        });
         // Formats with backing files must not open the old image a second time.
-        if image.format != "raw"
-            && let Some(map) = options.as_object_mut()
-        {
-            map.insert("backing".into(), serde_json::Value::Null);
-        }
+        let options = writable_image(image, node_name, BlockdevRefOrNull::Null(()))?;
         self.graph
             .blockdev_add(&options)
             .map(|_| ())

@@ -493,8 +493,8 @@ fn a_ready_mirror_copies_later_writes_to_the_source_before_completing() {
     let mut graph = block::BlockGraph::new();
     let mut add = |name: &str, file: &str| {
         graph
-            .blockdev_add(&json!({"driver": "raw", "node-name": name,
-                                  "file": {"driver": "file", "filename": file}}))
+            .blockdev_add(&options(json!({"driver": "raw", "node-name": name,
+                                  "file": {"driver": "file", "filename": file}})))
             .unwrap()
     };
     let source = add("src", &src);

@@ -38,8 +38,8 @@ fn qemu_io(path: &str, cmd: &str) {
 
 fn open(graph: &mut BlockGraph, node: &str, path: &str) -> Arc<BlockNode> {
     graph
-        .blockdev_add(&json!({"driver": "qcow2", "node-name": node,
-            "file": {"driver": "file", "filename": path}}))
+        .blockdev_add(&options(json!({"driver": "qcow2", "node-name": node,
+            "file": {"driver": "file", "filename": path}})))
         .unwrap()
 }
 
@@ -130,9 +130,9 @@ fn a_write_to_the_source_fails_when_its_copy_before_write_fails() {
     let mut graph = BlockGraph::new();
     let source = open(&mut graph, "src", &src);
     graph
-        .blockdev_add(&json!({"driver": "blkdebug", "node-name": "tgt",
+        .blockdev_add(&options(json!({"driver": "blkdebug", "node-name": "tgt",
             "inject-error": [{"event": "pwritev", "errno": 5}],
-            "image": {"driver": "null-co", "size": 4 * MIB}}))
+            "image": {"driver": "null-co", "size": 4 * MIB}})))
         .unwrap();
     let mut h = Harness::over(
         Box::new(blockdev::BlockLayer::new(graph)),

@@ -9,51 +9,21 @@
 
 use std::sync::{Arc, Mutex};
 
-use serde_json::Value;
+use qmp_api::{BlkdebugIOType, BlkdebugInjectErrorOptions, BlockdevOptionsBlkdebug};
 
-use crate::driver::{BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, DriverSpec, OpenContext};
+use crate::driver::{BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, OpenContext};
 use crate::error::{BlockError, BlockResult};
 use crate::node::{BlockNode, lock};
 
-/// The `blkdebug` driver.
-pub const SPEC: DriverSpec = DriverSpec {
-    name: "blkdebug",
-    is_protocol: true,
-    open,
-};
-
-/// I/O types a rule can match (QEMU's `BlkdebugIOType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IoType {
-    /// Reads.
-    Read,
-    /// Writes.
-    Write,
-    /// Zero writes.
-    WriteZeroes,
-    /// Discards.
-    Discard,
-    /// Flushes.
-    Flush,
-    /// Block-status queries.
-    BlockStatus,
-}
-
-impl IoType {
-    fn bit(self) -> u8 {
-        1 << self as u8
-    }
-
-    fn from_name(name: &str) -> Option<Self> {
-        Some(match name {
-            "read" => IoType::Read,
-            "write" => IoType::Write,
-            "write-zeroes" => IoType::WriteZeroes,
-            "discard" => IoType::Discard,
-            "flush" => IoType::Flush,
-            "block-status" => IoType::BlockStatus,
-            _ => return None,
-        })
+/// The bit of an I/O type in a rule's mask.
+fn bit(iotype: BlkdebugIOType) -> u8 {
+    1 << match iotype {
+        BlkdebugIOType::Read => 0,
+        BlkdebugIOType::Write => 1,
+        BlkdebugIOType::WriteZeroes => 2,
+        BlkdebugIOType::Discard => 3,
+        BlkdebugIOType::Flush => 4,
+        BlkdebugIOType::BlockStatus => 5,
     }
 }
 
@@ -86,118 +56,64 @@ pub struct BlkdebugDriver {
 
 const INITIAL_STATE: i64 = 1;
 
-fn parse_rule(id: usize, v: &Value) -> BlockResult<Rule> {
-    let obj = v.as_object().ok_or_else(|| {
-        BlockError::new("Invalid parameter type for 'inject-error', expected: object")
-    })?;
-    let event_name = obj
-        .get("event")
-        .and_then(Value::as_str)
-        .ok_or_else(|| BlockError::new("Parameter 'event' is missing"))?;
-    let event = BlkdebugEvent::from_name(event_name).ok_or_else(|| {
-        BlockError::new(format!(
-            "Parameter 'event' does not accept value '{event_name}'"
-        ))
-    })?;
-    let int = |key: &str, default: i64| -> BlockResult<i64> {
-        match obj.get(key) {
-            None => Ok(default),
-            Some(v) => v.as_i64().ok_or_else(|| {
-                BlockError::new(format!(
-                    "Invalid parameter type for '{key}', expected: integer"
-                ))
-            }),
-        }
+fn rule(id: usize, r: &BlkdebugInjectErrorOptions) -> BlockResult<Rule> {
+    let iotypes = match r.iotype {
+        None => [
+            BlkdebugIOType::Read,
+            BlkdebugIOType::Write,
+            BlkdebugIOType::WriteZeroes,
+            BlkdebugIOType::Discard,
+            BlkdebugIOType::Flush,
+        ]
+        .into_iter()
+        .map(bit)
+        .fold(0, |a, b| a | b),
+        Some(t) => bit(t),
     };
-    let flag = |key: &str| -> BlockResult<bool> {
-        match obj.get(key) {
-            None => Ok(false),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(_) => Err(BlockError::new(format!(
-                "Invalid parameter type for '{key}', expected: boolean"
-            ))),
-        }
-    };
-    let iotypes = match obj.get("iotype") {
-        None => {
-            IoType::Read.bit()
-                | IoType::Write.bit()
-                | IoType::WriteZeroes.bit()
-                | IoType::Discard.bit()
-                | IoType::Flush.bit()
-        }
-        Some(Value::String(s)) => IoType::from_name(s)
-            .ok_or_else(|| {
-                BlockError::new(format!("Parameter 'iotype' does not accept value '{s}'"))
-            })?
-            .bit(),
-        Some(_) => {
-            return Err(BlockError::new(
-                "Invalid parameter type for 'iotype', expected: string",
-            ));
-        }
-    };
-    let errno = i32::try_from(int("errno", i64::from(libc::EIO))?)
+    let errno = i32::try_from(r.errno.unwrap_or(i64::from(libc::EIO)))
         .map_err(|_| BlockError::new("Invalid errno"))?;
-    let sector = int("sector", -1)?;
-    for key in obj.keys() {
-        if !matches!(
-            key.as_str(),
-            "event" | "state" | "iotype" | "errno" | "sector" | "once" | "immediately"
-        ) {
-            return Err(BlockError::new(format!("Parameter '{key}' is unexpected")));
-        }
-    }
-    flag("immediately")?;
+    let offset = match r.sector.map(u64::try_from) {
+        None | Some(Err(_)) => None,
+        Some(Ok(s)) => Some(
+            s.checked_mul(512)
+                .ok_or_else(|| BlockError::new("Invalid sector"))?,
+        ),
+    };
     Ok(Rule {
         id,
-        event,
-        state: int("state", 0)?,
+        event: r.event,
+        state: r.state.unwrap_or(0),
         iotypes,
         errno,
-        offset: match u64::try_from(sector) {
-            Err(_) => None,
-            Ok(s) => Some(
-                s.checked_mul(512)
-                    .ok_or_else(|| BlockError::new("Invalid sector"))?,
-            ),
-        },
-        once: flag("once")?,
+        offset,
+        once: r.once.unwrap_or(false),
     })
 }
 
-fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
+/// Opens the filter over its `image`. `config` and `set-state` are refused; the request
+/// alignment and limits (`align`, `max-transfer`, ...) and the permission tweaks are accepted
+/// (requests here are never split).
+pub(crate) fn open(
+    ctx: &mut OpenContext<'_>,
+    options: &BlockdevOptionsBlkdebug,
+) -> BlockResult<Box<dyn BlockDriver>> {
     let mut rules = Rules::default();
-    if let Some(list) = ctx.opt_value("inject-error") {
-        let list = list.as_array().ok_or_else(|| {
-            BlockError::new("Invalid parameter type for 'inject-error', expected: array")
-        })?;
-        for (id, v) in list.iter().enumerate() {
-            rules.all.push(parse_rule(id, v)?);
+    for (id, r) in options.inject_error.iter().flatten().enumerate() {
+        rules.all.push(rule(id, r)?);
+        // `immediately`: active from the start, without waiting for its event.
+        if r.immediately == Some(true) {
+            rules.active.insert(0, id);
         }
     }
-    for unsupported in ["config", "set-state"] {
-        if ctx.opt_value(unsupported).is_some() {
-            return Err(BlockError::new(format!(
-                "blkdebug option '{unsupported}' is not supported"
-            )));
-        }
+    if options.config.is_some() {
+        return Err(BlockError::new("blkdebug option 'config' is not supported"));
     }
-    for ignored in [
-        "align",
-        "max-transfer",
-        "opt-write-zero",
-        "max-write-zero",
-        "opt-discard",
-        "max-discard",
-        "take-child-perms",
-        "unshare-child-perms",
-    ] {
-        ctx.opt_value(ignored);
+    if options.set_state.is_some() {
+        return Err(BlockError::new(
+            "blkdebug option 'set-state' is not supported",
+        ));
     }
-    let image = ctx
-        .open_child("image", ChildKind::Filtered, true)?
-        .ok_or_else(|| BlockError::new("Parameter 'image' is missing"))?;
+    let image = ctx.open_child("image", &options.image, ChildKind::Filtered)?;
     Ok(Box::new(BlkdebugDriver {
         configured: !rules.all.is_empty(),
         image,
@@ -206,12 +122,12 @@ fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
 }
 
 impl BlkdebugDriver {
-    fn check(&self, offset: u64, len: u64, iotype: IoType) -> BlockResult<()> {
+    fn check(&self, offset: u64, len: u64, iotype: BlkdebugIOType) -> BlockResult<()> {
         let mut rules = lock(&self.rules);
         let hit = rules.active.iter().copied().find(|id| {
             rules.all.iter().any(|r| {
                 r.id == *id
-                    && r.iotypes & iotype.bit() != 0
+                    && r.iotypes & bit(iotype) != 0
                     && r.offset
                         .is_none_or(|o| len > 0 && o >= offset && o < offset + len)
             })
@@ -236,22 +152,22 @@ impl BlockDriver for BlkdebugDriver {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
-        self.check(offset, buf.len() as u64, IoType::Read)?;
+        self.check(offset, buf.len() as u64, BlkdebugIOType::Read)?;
         self.image.read_at(offset, buf)
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
-        self.check(offset, buf.len() as u64, IoType::Write)?;
+        self.check(offset, buf.len() as u64, BlkdebugIOType::Write)?;
         self.image.write_at(offset, buf)
     }
 
     fn write_zeroes_at(&self, offset: u64, len: u64) -> BlockResult<()> {
-        self.check(offset, len, IoType::WriteZeroes)?;
+        self.check(offset, len, BlkdebugIOType::WriteZeroes)?;
         self.image.write_zeroes_at(offset, len)
     }
 
     fn flush(&self) -> BlockResult<()> {
-        self.check(0, 0, IoType::Flush)
+        self.check(0, 0, BlkdebugIOType::Flush)
     }
 
     fn truncate(&self, size: u64) -> BlockResult<()> {
@@ -259,7 +175,7 @@ impl BlockDriver for BlkdebugDriver {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<(bool, u64)> {
-        self.check(offset, len, IoType::BlockStatus)?;
+        self.check(offset, len, BlkdebugIOType::BlockStatus)?;
         self.image.block_status(offset, len)
     }
 

@@ -12,20 +12,14 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Mutex;
 
 use qmp_api::{
-    ImageInfoSpecific, ImageInfoSpecificBranch, ImageInfoSpecificFile, ImageInfoSpecificFileWrapper,
+    BlockdevOptionsFile, ImageInfoSpecific, ImageInfoSpecificBranch, ImageInfoSpecificFile,
+    ImageInfoSpecificFileWrapper, OnOffAuto,
 };
 
-use crate::driver::{BlockDriver, DriverInfo, DriverSpec, OpenContext};
+use crate::driver::{BlockDriver, DriverInfo, OpenContext};
 use crate::error::{BlockError, BlockResult, strerror};
 use crate::node::lock;
 use crate::perm::Perm;
-
-/// The `file` driver.
-pub const SPEC: DriverSpec = DriverSpec {
-    name: "file",
-    is_protocol: true,
-    open,
-};
 
 const PERM_LOCK_BASE: i64 = 100;
 const SHARED_LOCK_BASE: i64 = 200;
@@ -48,25 +42,19 @@ struct LockState {
     committed: (u8, u8),
 }
 
-fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn crate::driver::BlockDriver>> {
-    let path = ctx.req_str("filename")?;
-    let locking = match ctx.opt_str("locking")?.as_deref() {
-        None | Some("auto") | Some("on") => true,
-        Some("off") => false,
-        Some(other) => {
-            return Err(BlockError::new(format!(
-                "Parameter 'locking' does not accept value '{other}'"
-            )));
-        }
-    };
-    for ignored in [
-        "aio",
-        "aio-max-batch",
-        "pr-manager",
-        "x-check-cache-dropped",
-        "drop-cache",
-    ] {
-        ctx.opt_value(ignored);
+/// Opens the file (read-write unless the node is read-only). `aio`, `aio-max-batch`,
+/// `drop-cache` and `x-check-cache-dropped` tune how QEMU submits requests and are accepted;
+/// a persistent-reservation manager is refused.
+pub(crate) fn open(
+    ctx: &mut OpenContext<'_>,
+    options: &BlockdevOptionsFile,
+) -> BlockResult<Box<dyn crate::driver::BlockDriver>> {
+    let path = options.filename.clone();
+    let locking = !matches!(options.locking, Some(OnOffAuto::Off));
+    if options.pr_manager.is_some() {
+        return Err(BlockError::new(
+            "Parameter 'pr-manager' is not supported by this block layer",
+        ));
     }
     let file = OpenOptions::new()
         .read(true)

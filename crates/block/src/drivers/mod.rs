@@ -1,4 +1,5 @@
-//! The built-in drivers.
+//! The built-in drivers, one per branch of the generated `BlockdevOptions`: each opens from
+//! its branch's options (`BlockdevOptionsFile`, `BlockdevOptionsQcow2`, ...).
 
 pub mod blkdebug;
 pub mod file;
@@ -6,13 +7,39 @@ pub mod null;
 pub mod qcow2;
 pub mod raw;
 
-use crate::driver::DriverSpec;
+use qmp_api::{BlockdevDriver, BlockdevOptionsBranch, BlockdevRefOrNull};
 
-/// Drivers every graph knows.
-pub const BUILTIN: &[DriverSpec] = &[
-    file::SPEC,
-    raw::SPEC,
-    null::SPEC,
-    blkdebug::SPEC,
-    qcow2::SPEC,
-];
+use crate::driver::{BlockDriver, OpenContext};
+use crate::error::BlockResult;
+
+/// Opens the driver `branch` names, with its options.
+pub(crate) fn open(
+    ctx: &mut OpenContext<'_>,
+    branch: &BlockdevOptionsBranch,
+) -> BlockResult<Box<dyn BlockDriver>> {
+    match branch {
+        BlockdevOptionsBranch::Blkdebug(o) => blkdebug::open(ctx, o),
+        BlockdevOptionsBranch::File(o) => file::open(ctx, o),
+        BlockdevOptionsBranch::NullCo(o) => null::open(ctx, o),
+        BlockdevOptionsBranch::Qcow2(o) => qcow2::open(ctx, o),
+        BlockdevOptionsBranch::Raw(o) => raw::open(ctx, o),
+    }
+}
+
+/// QEMU's protocol-style drivers (`file`, `null-co`, `blkdebug`) get their node name before
+/// their children open; formats (`raw`, `qcow2`) open their `file` child first. This fixes the
+/// `#blockNNN` counters and the order of `query-named-block-nodes`.
+pub(crate) fn is_protocol(driver: BlockdevDriver) -> bool {
+    matches!(
+        driver,
+        BlockdevDriver::File | BlockdevDriver::NullCo | BlockdevDriver::Blkdebug
+    )
+}
+
+/// The `backing` option of a format with backing files.
+pub(crate) fn backing_option(branch: &BlockdevOptionsBranch) -> Option<&BlockdevRefOrNull> {
+    match branch {
+        BlockdevOptionsBranch::Qcow2(o) => o.backing.as_deref(),
+        _ => None,
+    }
+}

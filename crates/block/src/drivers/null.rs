@@ -1,14 +1,9 @@
 //! `null-co`: a node of a given size (default 1 GiB) that reads zeros and drops writes.
 
-use crate::driver::{BlockDriver, DriverInfo, DriverSpec, OpenContext};
-use crate::error::BlockResult;
+use qmp_api::BlockdevOptionsNull;
 
-/// The `null-co` driver.
-pub const SPEC: DriverSpec = DriverSpec {
-    name: "null-co",
-    is_protocol: true,
-    open,
-};
+use crate::driver::{BlockDriver, DriverInfo, OpenContext};
+use crate::error::{BlockError, BlockResult};
 
 /// A null device.
 pub struct NullDriver {
@@ -16,16 +11,26 @@ pub struct NullDriver {
     filename: Option<String>,
 }
 
-fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
-    let size = ctx.opt_u64("size")?.unwrap_or(1 << 30);
-    let read_zeroes = ctx.opt_bool("read-zeroes")?;
-    let latency = ctx.opt_u64("latency-ns")?;
-    let filename =
-        if ctx.options().contains_key("size") || read_zeroes.is_some() || latency.is_some() {
-            None
-        } else {
-            Some("null-co://".to_string())
-        };
+/// Opens a null device. `read-zeroes` acts as QEMU's with it on (reads always give zeroes,
+/// which `read-zeroes: false` leaves unspecified); `latency-ns` is refused unless 0.
+pub(crate) fn open(
+    _ctx: &mut OpenContext<'_>,
+    options: &BlockdevOptionsNull,
+) -> BlockResult<Box<dyn BlockDriver>> {
+    let size = match options.size {
+        None => 1 << 30,
+        Some(size) => u64::try_from(size)
+            .map_err(|_| BlockError::new("Parameter 'size' expects a non-negative value"))?,
+    };
+    if options.latency_ns.is_some_and(|l| l != 0) {
+        return Err(BlockError::new(
+            "Parameter 'latency-ns' is not supported by this block layer",
+        ));
+    }
+    // QEMU names the node `null-co://` only when no option changes what it is.
+    let plain =
+        options.size.is_none() && options.read_zeroes.is_none() && options.latency_ns.is_none();
+    let filename = plain.then(|| "null-co://".to_string());
     Ok(Box::new(NullDriver { size, filename }))
 }
 
@@ -51,6 +56,12 @@ impl BlockDriver for NullDriver {
 
     fn flush(&self) -> BlockResult<()> {
         Ok(())
+    }
+
+    /// Everything reads as zeroes (as QEMU's null-co with `read-zeroes`): a reader that asks
+    /// first (a backup) writes zeroes instead of copying buffers of them.
+    fn zero_status(&self, _offset: u64, len: u64) -> BlockResult<(bool, bool, u64)> {
+        Ok((true, true, len))
     }
 
     fn info(&self) -> DriverInfo {

@@ -12,32 +12,17 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use serde_json::Value;
-
 use crate::bitmap::DirtyBitmap;
 use crate::driver::{
-    BitmapStore, BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, DriverSpec, InternalSnapshots,
-    OpenContext,
+    BitmapStore, BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, InternalSnapshots, OpenContext,
 };
 use crate::error::{BlockError, BlockResult};
 use crate::node::BlockNode;
 use qmp_api::{
-    ImageInfoSpecific, ImageInfoSpecificBranch, ImageInfoSpecificQCow2,
+    BlockdevOptionsQcow2, ImageInfoSpecific, ImageInfoSpecificBranch, ImageInfoSpecificQCow2,
     ImageInfoSpecificQCow2Wrapper, Qcow2BitmapInfo, Qcow2BitmapInfoFlags, Qcow2CompressionType,
     SnapshotInfo,
 };
-
-/// The `qcow2` driver.
-pub const SPEC: DriverSpec = DriverSpec {
-    name: "qcow2",
-    is_protocol: false,
-    open,
-};
-
-/// The `qcow2` driver spec (also registered by [`crate::BlockGraph::new`]).
-pub fn spec() -> DriverSpec {
-    SPEC
-}
 
 /// Incompatible feature bit: the image was not closed cleanly (lazy refcounts).
 const INCOMPAT_DIRTY: u64 = 1;
@@ -126,46 +111,23 @@ fn block_error(e: qcow2::Error) -> BlockError {
     }
 }
 
-/// Boolean options of `BlockdevOptionsQcow2` that only tune QEMU's behaviour: accepted and
-/// ignored (refcounts here are always exact, and discards are not passed down).
-const TUNING_BOOLS: &[&str] = &[
-    "lazy-refcounts",
-    "pass-discard-request",
-    "pass-discard-snapshot",
-    "pass-discard-other",
-    "discard-no-unref",
-];
-
-/// Integer options sizing QEMU's metadata caches: accepted and ignored (the qcow2 crate sizes
-/// its own cache).
-const TUNING_INTS: &[&str] = &[
-    "cache-size",
-    "l2-cache-size",
-    "l2-cache-entry-size",
-    "refcount-cache-size",
-    "cache-clean-interval",
-];
-
-fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
-    for key in TUNING_BOOLS {
-        ctx.opt_bool(key)?;
-    }
-    for key in TUNING_INTS {
-        ctx.opt_u64(key)?;
-    }
-    // Metadata overlap checks: this implementation never writes over its own metadata.
-    let _ = ctx.opt_value("overlap-check");
-    let encrypt_format = ctx.opt_value("encrypt").map(|v| {
-        v.get("format")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    });
-    let data_file = ctx.opt_value("data-file").is_some();
+/// Opens the image in the `file` child. Of `BlockdevOptionsQcow2`, the options that only tune
+/// QEMU's caches and discard passing (`lazy-refcounts`, `pass-discard-*`, `discard-no-unref`,
+/// `*cache-size`, `l2-cache-entry-size`, `cache-clean-interval`) are accepted: refcounts here
+/// are always exact, the qcow2 crate sizes its own cache and discards are not passed down.
+/// `overlap-check` is accepted: this implementation never writes over its own metadata.
+/// Encryption and external data files are refused. `backing` is the graph's.
+pub(crate) fn open(
+    ctx: &mut OpenContext<'_>,
+    options: &BlockdevOptionsQcow2,
+) -> BlockResult<Box<dyn BlockDriver>> {
+    let encrypt_format = options
+        .encrypt
+        .as_ref()
+        .map(|e| e.branch.kind().as_str().to_string());
+    let data_file = options.data_file.is_some();
     let read_only = ctx.read_only();
-    let file = ctx
-        .open_child("file", ChildKind::Metadata, true)?
-        .ok_or_else(|| BlockError::new("Parameter 'file' is missing"))?;
+    let file = ctx.open_child("file", &options.file, ChildKind::Metadata)?;
     let mut header = [0u8; 88];
     file.read_at(0, &mut header)?;
     if header[..4] != *b"QFI\xfb" {

@@ -2,16 +2,11 @@
 
 use std::sync::Arc;
 
-use crate::driver::{BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, DriverSpec, OpenContext};
+use qmp_api::BlockdevOptionsRaw;
+
+use crate::driver::{BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, OpenContext};
 use crate::error::{BlockError, BlockResult};
 use crate::node::BlockNode;
-
-/// The `raw` driver.
-pub const SPEC: DriverSpec = DriverSpec {
-    name: "raw",
-    is_protocol: false,
-    open,
-};
 
 /// A raw format node.
 pub struct RawDriver {
@@ -20,12 +15,23 @@ pub struct RawDriver {
     size: Option<u64>,
 }
 
-fn open(ctx: &mut OpenContext<'_>) -> BlockResult<Box<dyn BlockDriver>> {
-    let offset = ctx.opt_u64("offset")?.unwrap_or(0);
-    let size = ctx.opt_u64("size")?;
-    let file = ctx
-        .open_child("file", ChildKind::Filtered, true)?
-        .ok_or_else(|| BlockError::new("Parameter 'file' is missing"))?;
+/// Opens a raw node over its `file`, optionally a window `offset`/`size` of it.
+pub(crate) fn open(
+    ctx: &mut OpenContext<'_>,
+    options: &BlockdevOptionsRaw,
+) -> BlockResult<Box<dyn BlockDriver>> {
+    let non_negative = |name: &str, v: i64| {
+        u64::try_from(v).map_err(|_| {
+            BlockError::new(format!("Parameter '{name}' expects a non-negative value"))
+        })
+    };
+    let offset = options
+        .offset
+        .map(|v| non_negative("offset", v))
+        .transpose()?
+        .unwrap_or(0);
+    let size = options.size.map(|v| non_negative("size", v)).transpose()?;
+    let file = ctx.open_child("file", &options.file, ChildKind::Filtered)?;
     let real = file.size()?;
     if offset > real {
         return Err(BlockError::new(format!(

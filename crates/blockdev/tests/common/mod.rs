@@ -501,3 +501,8 @@ pub fn with(mut base: Value, extra: Value) -> Value {
 pub fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
+
+/// `BlockdevOptions` from `blockdev-add` arguments (QEMU's input visitor).
+pub fn options(arguments: Value) -> BlockdevOptions {
+    qmp_api::input::from_value(&arguments).expect("valid blockdev-add arguments")
+}
