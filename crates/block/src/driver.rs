@@ -81,6 +81,15 @@ pub trait BlockDriver: Send + Sync {
     }
     /// The backing node changed (attached at open, or replaced, or removed with `None`).
     fn set_backing(&self, _backing: Option<Arc<BlockNode>>) {}
+    /// Whether the driver follows its child in role `role` (other than `backing`, which every
+    /// driver follows through [`BlockDriver::set_backing`]) when the graph moves the edge to
+    /// another node ([`crate::replace_node`]). A driver that keeps its child's I/O handle for
+    /// good says no, and the move is refused.
+    fn follows_child(&self, _role: &str) -> bool {
+        false
+    }
+    /// The child in role `role` is now `node` (only called when [`BlockDriver::follows_child`]).
+    fn replace_child(&self, _role: &str, _node: Arc<BlockNode>) {}
     /// Persistent bitmap storage, for formats that have it (qcow2).
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         None

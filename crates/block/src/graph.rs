@@ -15,6 +15,7 @@ use crate::driver::{ChildKind, OpenContext};
 use crate::drivers;
 use crate::error::{BlockError, BlockResult};
 use crate::node::{BlockNode, NodeParts};
+use crate::perm::Perm;
 
 /// Longest node name plus one (QEMU's `sizeof(node_name)`).
 const NODE_NAME_SIZE: usize = 32;
@@ -288,6 +289,54 @@ impl BlockGraph {
             self.close_node(&o)?;
         }
         Ok(())
+    }
+
+    /// QEMU's `bdrv_append` of a filter: opens node `name` (generated when `None`) with
+    /// `driver` over `child` (a filtered child in role `role`), then moves every parent of
+    /// `child` onto it ([`crate::replace_node`]). On failure nothing stays.
+    pub fn insert_filter(
+        &mut self,
+        name: Option<&str>,
+        driver_name: &str,
+        driver: Box<dyn crate::BlockDriver>,
+        (child, role): (&Arc<BlockNode>, &str),
+    ) -> BlockResult<Arc<BlockNode>> {
+        let (name, auto_named) = self.assign_name(name)?;
+        let (perm, shared) = ChildKind::Filtered.child_perms(Perm::NONE, Perm::ALL, true);
+        let use_id = child.add_use(&format!("node '{name}'"), role, perm, shared)?;
+        let mut options = Map::new();
+        options.insert("driver".into(), Value::String(driver_name.to_string()));
+        options.insert("node-name".into(), Value::String(name.clone()));
+        let node = BlockNode::new(NodeParts {
+            name,
+            auto_named,
+            driver_name: driver_name.to_string(),
+            read_only: child.is_read_only(),
+            options: Value::Object(options),
+            driver,
+            children: vec![crate::node::ChildEdge {
+                name: role.to_string(),
+                kind: ChildKind::Filtered,
+                node: child.clone(),
+                use_id,
+            }],
+        });
+        if let Err(e) = crate::replace_node(child, &node) {
+            let _ = node.close();
+            return Err(e);
+        }
+        self.nodes.push(node.clone());
+        self.by_name.insert(node.name().to_string(), node.clone());
+        Ok(node)
+    }
+
+    /// Closes `node` (and the anonymous children it alone held) if nothing uses it and the
+    /// monitor does not own it: a filter a job dropped, a node only a job held.
+    pub fn close_unused(&mut self, node: &Arc<BlockNode>) -> BlockResult<()> {
+        if node.is_monitor_owned() || node.is_in_use() || node.is_closed() {
+            return Ok(());
+        }
+        self.close_node(node)
     }
 
     /// `blockdev-del`: closes a monitor-added node nobody uses (flushing it and storing its

@@ -2,6 +2,7 @@
 //! and format drivers plugged in from outside), permissions and image locking, and dirty bitmaps
 //! as data (the QMP bitmap commands are the command layer's, `blockdev`).
 
+pub mod backend;
 pub mod bitmap;
 pub mod driver;
 pub mod drivers;
@@ -10,7 +11,9 @@ pub mod graph;
 pub mod io;
 pub mod node;
 pub mod perm;
+pub mod replace;
 
+pub use backend::BlockBackend;
 pub use bitmap::DirtyBitmap;
 pub use driver::{
     BitmapStore, BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, InternalSnapshots, OpenContext,
@@ -19,9 +22,11 @@ pub use error::{BlockError, BlockResult};
 pub use graph::BlockGraph;
 pub use io::PageBuf;
 pub use node::{
-    BeforeWrite, BlockNode, ChainStatus, ChildEdge, Extent, NotifierHandle, OpBlocker, PermGrant,
+    BeforeWrite, BlockNode, ChainStatus, ChildEdge, ChildSlot, Extent, NotifierHandle, OpBlocker,
+    Parent, PermGrant,
 };
 pub use perm::Perm;
+pub use replace::replace_node;
 
 #[cfg(test)]
 pub(crate) mod test_support {

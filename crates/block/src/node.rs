@@ -2,7 +2,7 @@
 //! and dirty bitmaps. I/O through a node marks its recording bitmaps.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use serde_json::Value;
 
@@ -50,6 +50,27 @@ impl ChainStatus {
     }
 }
 
+/// A driver's handle on a child that follows the edge when the graph moves it
+/// ([`crate::BlockDriver::replace_child`]).
+pub struct ChildSlot(std::sync::RwLock<Arc<BlockNode>>);
+
+impl ChildSlot {
+    /// Holds `node`.
+    pub fn new(node: Arc<BlockNode>) -> Self {
+        ChildSlot(std::sync::RwLock::new(node))
+    }
+
+    /// The child now.
+    pub fn get(&self) -> Arc<BlockNode> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The child is now `node`.
+    pub fn set(&self, node: Arc<BlockNode>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = node;
+    }
+}
+
 /// A parent→child edge (`file`, `backing`, `image`).
 #[derive(Clone)]
 pub struct ChildEdge {
@@ -69,6 +90,43 @@ struct PermUse {
     role: String,
     perm: Perm,
     shared: Perm,
+    /// The parent behind the use, when it is one that [`crate::replace_node`] moves (a node's
+    /// child edge, a [`crate::BlockBackend`]); `None` for a use that stays at its node (a
+    /// job's own grant, QEMU's `stay_at_node`).
+    parent: Option<ParentLink>,
+}
+
+/// Who a permission use belongs to, for moving it to another node.
+#[derive(Debug, Clone)]
+pub(crate) enum ParentLink {
+    /// A node's child edge (found by its use id in the parent's children).
+    Node(Weak<BlockNode>),
+    /// A backend's root.
+    Backend(Weak<crate::backend::BlockBackend>),
+}
+
+/// A parent of a node: what [`crate::replace_node`] moves.
+#[derive(Clone)]
+pub enum Parent {
+    /// A node, through its child edge in role `role`.
+    Node {
+        /// The parent node.
+        node: Arc<BlockNode>,
+        /// The edge's role (`file`, `backing`, ...).
+        role: String,
+    },
+    /// A [`crate::BlockBackend`] (an export, a job's target, ...).
+    Backend(Arc<crate::backend::BlockBackend>),
+}
+
+/// One use of a node as [`BlockNode::parent_uses`] lists it.
+pub(crate) struct ParentUse {
+    pub(crate) id: u64,
+    pub(crate) holder: String,
+    pub(crate) role: String,
+    pub(crate) perm: Perm,
+    pub(crate) shared: Perm,
+    pub(crate) link: ParentLink,
 }
 
 #[derive(Default)]
@@ -83,6 +141,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A node of the block graph.
 pub struct BlockNode {
+    /// This node, for the parent links of the edges it attaches.
+    me: Weak<BlockNode>,
     name: String,
     auto_named: bool,
     driver_name: String,
@@ -133,7 +193,8 @@ pub(crate) struct NodeParts {
 
 impl BlockNode {
     pub(crate) fn new(parts: NodeParts) -> Arc<Self> {
-        Arc::new(BlockNode {
+        let node = Arc::new_cyclic(|me| BlockNode {
+            me: me.clone(),
             name: parts.name,
             auto_named: parts.auto_named,
             driver_name: parts.driver_name,
@@ -146,7 +207,69 @@ impl BlockNode {
             state: Mutex::new(NodeState::default()),
             bitmaps: Mutex::new(Vec::new()),
             write_notifiers: Mutex::new(Vec::new()),
-        })
+        });
+        for edge in node.children() {
+            edge.node
+                .set_use_parent(edge.use_id, ParentLink::Node(Arc::downgrade(&node)));
+        }
+        node
+    }
+
+    /// Records which parent is behind use `id` (edges opened before their parent existed).
+    fn set_use_parent(&self, id: u64, link: ParentLink) {
+        if let Some(u) = lock(&self.state).uses.iter_mut().find(|u| u.id == id) {
+            u.parent = Some(link);
+        }
+    }
+
+    /// The parents of this node that [`crate::replace_node`] would move, newest first.
+    pub fn parents(&self) -> Vec<Parent> {
+        self.parent_uses()
+            .into_iter()
+            .filter_map(|u| match u.link {
+                ParentLink::Node(w) => w.upgrade().map(|node| Parent::Node { node, role: u.role }),
+                ParentLink::Backend(w) => w.upgrade().map(Parent::Backend),
+            })
+            .collect()
+    }
+
+    pub(crate) fn parent_uses(&self) -> Vec<ParentUse> {
+        lock(&self.state)
+            .uses
+            .iter()
+            .filter_map(|u| {
+                Some(ParentUse {
+                    id: u.id,
+                    holder: u.holder.clone(),
+                    role: u.role.clone(),
+                    perm: u.perm,
+                    shared: u.shared,
+                    link: u.parent.clone()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Points the child edge whose use is `old_id` at `to` (use `new_id`); tells the driver.
+    pub(crate) fn retarget_edge(
+        &self,
+        old_id: u64,
+        to: &Arc<BlockNode>,
+        new_id: u64,
+    ) -> Option<ChildEdge> {
+        let edge = {
+            let mut children = lock(&self.children);
+            let edge = children.iter_mut().find(|c| c.use_id == old_id)?;
+            edge.node = to.clone();
+            edge.use_id = new_id;
+            edge.clone()
+        };
+        if edge.kind == ChildKind::Backing {
+            self.driver.set_backing(Some(to.clone()));
+        } else {
+            self.driver.replace_child(&edge.name, to.clone());
+        }
+        Some(edge)
     }
 
     /// Loads the format's persistent bitmaps (at open).
@@ -256,7 +379,12 @@ impl BlockNode {
         }
         let (perm, shared) = self.cumulative_perms();
         let (cp, cs) = kind.child_perms(perm, shared, !self.is_read_only());
-        let use_id = child.add_use(&format!("node '{}'", self.name), name, cp, cs)?;
+        let use_id = child.add_use_linked(
+            &format!("node '{}'", self.name),
+            name,
+            (cp, cs),
+            Some(ParentLink::Node(self.me.clone())),
+        )?;
         lock(&self.children).push(ChildEdge {
             name: name.to_string(),
             kind,
@@ -327,6 +455,17 @@ impl BlockNode {
         perm: Perm,
         shared: Perm,
     ) -> BlockResult<u64> {
+        self.add_use_linked(holder, role, (perm, shared), None)
+    }
+
+    /// [`BlockNode::add_use`] on behalf of a parent that [`crate::replace_node`] can move.
+    pub(crate) fn add_use_linked(
+        &self,
+        holder: &str,
+        role: &str,
+        (perm, shared): (Perm, Perm),
+        parent: Option<ParentLink>,
+    ) -> BlockResult<u64> {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         lock(&self.state).uses.insert(
             0,
@@ -336,6 +475,7 @@ impl BlockNode {
                 role: role.to_string(),
                 perm,
                 shared,
+                parent,
             },
         );
         if let Err(e) = self.refresh_perms() {

@@ -259,7 +259,10 @@ impl NodeGraph for BlockLayer {
         self.graph
             .set_backing(&o, Some(n.clone()))
             .map_err(qmp_error)?;
-        move_parents(&self.graph, &n, &o);
+        if let Err(e) = block::replace_node(&n, &o) {
+            let _ = self.graph.set_backing(&o, None);
+            return Err(qmp_error(e));
+        }
         Ok(())
     }
 
@@ -267,7 +270,9 @@ impl NodeGraph for BlockLayer {
         let (Some(n), Some(o)) = (self.graph.find(node), self.graph.find(overlay)) else {
             return;
         };
-        move_parents(&self.graph, &o, &n);
+        if let Err(e) = block::replace_node(&o, &n) {
+            tracing::warn!("snapshot rollback: {}", e.desc());
+        }
         if let Err(e) = self.graph.set_backing(&o, None) {
             tracing::warn!("snapshot rollback: {}", e.desc());
         }
@@ -329,30 +334,6 @@ impl NodeGraph for BlockLayer {
         let bitmap = block::DirtyBitmap::new(None, MIRROR_GRANULARITY, size).ok()?;
         n.bitmaps().push(bitmap);
         Some(Arc::new(MirrorBitmap { node: n }))
-    }
-}
-
-/// Every parent edge of `from` (except `to`'s own) now points at `to` (QEMU's
-/// `bdrv_replace_node`).
-fn move_parents(graph: &BlockGraph, from: &Arc<BlockNode>, to: &Arc<BlockNode>) {
-    for parent in graph.nodes() {
-        if Arc::ptr_eq(parent, to) {
-            continue;
-        }
-        for edge in parent.children() {
-            if !Arc::ptr_eq(&edge.node, from) {
-                continue;
-            }
-            parent.detach_child(&edge.name);
-            if let Err(e) = parent.attach_child(&edge.name, edge.kind, to.clone()) {
-                tracing::warn!("moving '{}' of {}: {}", edge.name, parent.name(), e.desc());
-                let _ = parent.attach_child(&edge.name, edge.kind, from.clone());
-                continue;
-            }
-            if edge.name == "backing" {
-                parent.driver().set_backing(Some(to.clone()));
-            }
-        }
     }
 }
 

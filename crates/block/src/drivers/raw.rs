@@ -10,7 +10,7 @@ use crate::node::BlockNode;
 
 /// A raw format node.
 pub struct RawDriver {
-    file: Arc<BlockNode>,
+    file: crate::node::ChildSlot,
     offset: u64,
     size: Option<u64>,
 }
@@ -49,7 +49,11 @@ pub(crate) fn open(
             return Err(BlockError::new("Specified size is not multiple of 512"));
         }
     }
-    Ok(Box::new(RawDriver { file, offset, size }))
+    Ok(Box::new(RawDriver {
+        file: crate::node::ChildSlot::new(file),
+        offset,
+        size,
+    }))
 }
 
 impl RawDriver {
@@ -66,28 +70,38 @@ impl RawDriver {
 }
 
 impl BlockDriver for RawDriver {
+    fn follows_child(&self, role: &str) -> bool {
+        role == "file"
+    }
+
+    fn replace_child(&self, role: &str, node: Arc<BlockNode>) {
+        if role == "file" {
+            self.file.set(node);
+        }
+    }
+
     fn size(&self) -> BlockResult<u64> {
         match self.size {
             Some(s) => Ok(s),
-            None => Ok(self.file.size()?.saturating_sub(self.offset)),
+            None => Ok(self.file.get().size()?.saturating_sub(self.offset)),
         }
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
         let at = self.window(offset, buf.len() as u64)?;
-        self.file.debug_event(BlkdebugEvent::ReadAio);
-        self.file.read_at(at, buf)
+        self.file.get().debug_event(BlkdebugEvent::ReadAio);
+        self.file.get().read_at(at, buf)
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
         let at = self.window(offset, buf.len() as u64)?;
-        self.file.debug_event(BlkdebugEvent::WriteAio);
-        self.file.write_at(at, buf)
+        self.file.get().debug_event(BlkdebugEvent::WriteAio);
+        self.file.get().write_at(at, buf)
     }
 
     fn write_zeroes_at(&self, offset: u64, len: u64) -> BlockResult<()> {
         let at = self.window(offset, len)?;
-        self.file.write_zeroes_at(at, len)
+        self.file.get().write_zeroes_at(at, len)
     }
 
     fn flush(&self) -> BlockResult<()> {
@@ -101,12 +115,12 @@ impl BlockDriver for RawDriver {
                 libc::ENOTSUP,
             ));
         }
-        self.file.truncate(size)
+        self.file.get().truncate(size)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<(bool, u64)> {
         let at = self.window(offset, len)?;
-        self.file.block_status(at, len)
+        self.file.get().block_status(at, len)
     }
 
     fn info(&self) -> DriverInfo {
