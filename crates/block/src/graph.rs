@@ -453,6 +453,12 @@ fn resolve_backing_path(node: &BlockNode, name: &str) -> String {
     }
 }
 
+/// `qcow2` if the file starts with qcow2's magic, else `raw` (QEMU's format probing, for
+/// images opened without a format).
+pub fn probe_image_format(path: &str) -> BlockResult<String> {
+    probe_format(path)
+}
+
 /// `qcow2` if the file starts with qcow2's magic, else `raw`.
 fn probe_format(path: &str) -> BlockResult<String> {
     use std::io::Read;

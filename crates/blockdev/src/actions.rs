@@ -1,19 +1,18 @@
 //! The backup transaction action (QEMU's `blockdev.c` `drive_backup_*`/`blockdev_backup_*`
-//! prepare/commit/abort/clean) and `blockdev-mirror`.
+//! prepare/commit/abort/clean).
 
 use std::sync::Arc;
 
 use job::{JobKey, JobSpec};
 use qmp_api::{
-    BackupCommon, BitmapSyncMode, BlockdevBackup, BlockdevMirrorArguments, DriveBackup,
-    MirrorSyncMode, NewImageMode, QmpError,
+    BackupCommon, BitmapSyncMode, BlockdevBackup, DriveBackup, MirrorSyncMode, NewImageMode,
+    QmpError,
 };
 
 use crate::BlockState;
 use crate::backup::{BackupBitmap, BackupEnv, BackupJob, BackupSync};
 use crate::bitmaps::JobBitmap;
 use crate::claims::Drain;
-use crate::mirror::MirrorJob;
 use crate::node::{BlockIo, ImageRef};
 use crate::transaction::{Action, Transaction};
 
@@ -296,73 +295,4 @@ impl Action for BackupAction {
             graph.release_if_unused(&opened);
         }
     }
-}
-
-/// `blockdev-mirror` (not a transaction action in QEMU, and no drained start).
-pub(crate) fn start_mirror(
-    env: &mut BlockState,
-    args: BlockdevMirrorArguments,
-) -> Result<(), QmpError> {
-    let source = env.lookup(&args.device)?;
-    let target = env.lookup(&args.target)?;
-    if let Some(g) = args.granularity
-        && !(512..=64 << 20).contains(&g)
-    {
-        return Err(QmpError::generic(
-            "Parameter 'granularity' expects a value in range [512B, 64MB]",
-        ));
-    }
-    if args.granularity.is_some_and(|g| !g.is_power_of_two()) {
-        return Err(QmpError::generic("Granularity must be power of 2"));
-    }
-    env.claims.check_free(&args.device)?;
-    env.claims.check_free(&args.target)?;
-    let sync = match args.sync {
-        MirrorSyncMode::Top if source.backing_image().is_none() => MirrorSyncMode::Full,
-        other => other,
-    };
-    if sync != MirrorSyncMode::Full {
-        return Err(QmpError::generic(format!(
-            "Sync mode '{sync}' is not supported by this daemon's mirror"
-        )));
-    }
-    if args.device == args.target {
-        return Err(QmpError::generic("Can't mirror node into itself"));
-    }
-    if source.size() != target.size() {
-        return Err(QmpError::generic(
-            "Source and target image have different sizes",
-        ));
-    }
-    let spec = JobSpec::new(args.job_id.clone().unwrap_or_default())
-        .auto_finalize(args.auto_finalize.unwrap_or(true))
-        .auto_dismiss(args.auto_dismiss.unwrap_or(true))
-        .speed(args.speed.unwrap_or(0))
-        .on_error(args.on_source_error, args.on_target_error);
-    let tracker = env
-        .graph
-        .as_ref()
-        .and_then(|g| g.track_writes(&args.device));
-    let io = (env.pool.clone(), env.buffers.clone());
-    let claims = env.claims.clone();
-    let tracking = tracker.clone();
-    let make = move |key| {
-        Box::new(MirrorJob::new(key, (source, target), io, claims).tracking(tracking))
-            as Box<dyn job::JobDriver>
-    };
-    let key = match env.jobs.create(spec, make, None) {
-        Ok(key) => key,
-        Err(e) => {
-            if let Some(t) = tracker {
-                t.stop();
-            }
-            return Err(e);
-        }
-    };
-    env.claims.claim(key, "mirror", &args.device, true);
-    env.claims.claim(key, "mirror", &args.target, true);
-    if let Err(e) = env.jobs.start(key) {
-        tracing::warn!("mirror job could not start: {e}");
-    }
-    Ok(())
 }

@@ -10,14 +10,17 @@ use qmp_api::{
     BlockdevRefOrNull, QmpError, SnapshotInfo,
 };
 
-use crate::node::{BlockIo, Extent, ImageRef, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker};
+use crate::node::{
+    BlockIo, Extent, FilterWrites, ImageRef, MirrorNodes, MirrorTargetImage, NodeBitmaps,
+    NodeFacts, NodeGraph, WriteTracker,
+};
 
 /// A block error as QMP reports it.
 pub(crate) fn qmp_error(e: BlockError) -> QmpError {
     QmpError::generic(e.desc())
 }
 
-fn io_error(e: BlockError) -> io::Error {
+pub(crate) fn io_error(e: BlockError) -> io::Error {
     match e.errno() {
         Some(errno) => io::Error::from_raw_os_error(errno),
         None => io::Error::other(e.desc().to_string()),
@@ -103,7 +106,7 @@ impl BlockIo for NodeIo {
 }
 
 /// A node's bitmaps.
-struct NodeBitmapList(Arc<BlockNode>);
+pub(crate) struct NodeBitmapList(pub(crate) Arc<BlockNode>);
 
 impl NodeBitmaps for NodeBitmapList {
     fn node_name(&self) -> &str {
@@ -289,12 +292,106 @@ impl NodeGraph for BlockLayer {
     }
 
     fn release_if_unused(&mut self, node: &str) {
-        if let Some(n) = self.graph.find(node)
-            && !n.is_in_use()
-            && let Err(e) = self.graph.blockdev_del(node)
-        {
+        let Some(n) = self.graph.find(node) else {
+            return;
+        };
+        let result = if n.is_monitor_owned() {
+            if n.is_in_use() {
+                return;
+            }
+            self.graph.blockdev_del(node)
+        } else {
+            self.graph.close_unused(&n)
+        };
+        if let Err(e) = result {
             tracing::warn!("releasing {node}: {}", e.desc());
         }
+    }
+
+    fn insert_mirror_filter(
+        &mut self,
+        source: &str,
+        target: &str,
+        name: Option<&str>,
+        writes: Arc<dyn FilterWrites>,
+    ) -> Result<Option<Arc<dyn MirrorNodes>>, QmpError> {
+        let nodes = crate::mirror_top::insert(&mut self.graph, (source, target), name, writes)
+            .map_err(qmp_error)?;
+        Ok(Some(Arc::new(nodes)))
+    }
+
+    fn has_parent_node(&self, node: &str) -> bool {
+        self.graph.find(node).is_some_and(|n| {
+            n.parents()
+                .iter()
+                .any(|p| matches!(p, block::Parent::Node { .. }))
+        })
+    }
+
+    fn can_replace(&self, node: &str, to_replace: &str) -> bool {
+        // `to_replace` reaches `node` through filter children only.
+        let mut layer = self.graph.find(to_replace);
+        while let Some(n) = layer {
+            if n.name() == node {
+                return true;
+            }
+            layer = n
+                .children()
+                .into_iter()
+                .find(|e| e.kind == block::ChildKind::Filtered)
+                .map(|e| e.node);
+        }
+        false
+    }
+
+    fn in_chain(&self, below: &str, node: &str) -> bool {
+        let mut layer = self.graph.find(below);
+        while let Some(n) = layer {
+            if n.name() == node {
+                return true;
+            }
+            layer = n.layer_below();
+        }
+        false
+    }
+
+    fn open_mirror_target(
+        &mut self,
+        image: &MirrorTargetImage,
+    ) -> Result<(String, Arc<dyn BlockIo>), QmpError> {
+        let name = match &image.node_name {
+            Some(n) => n.clone(),
+            None => {
+                self.next_anonymous += 1;
+                format!("blockdev-image{}", self.next_anonymous)
+            }
+        };
+        let format = match &image.format {
+            Some(f) => f.clone(),
+            None => block::graph::probe_image_format(&image.filename).map_err(qmp_error)?,
+        };
+        let image_ref = ImageRef {
+            filename: image.filename.clone(),
+            format,
+        };
+        let mut options = writable_image(&image_ref, &name, BlockdevRefOrNull::Null(()))?;
+        if image.open_backing
+            && let BlockdevOptionsBranch::Qcow2(qcow2) = &mut options.branch
+        {
+            qcow2.backing = None;
+        }
+        let node = self.graph.blockdev_add(&options).map_err(qmp_error)?;
+        Ok((name, Arc::new(NodeIo(node))))
+    }
+
+    fn backend(
+        &self,
+        node: &str,
+        holder: &str,
+        writable: bool,
+    ) -> Result<Arc<dyn BlockIo>, QmpError> {
+        let n = self.graph.lookup(node).map_err(qmp_error)?;
+        crate::mirror_top::backend(&n, holder, writable).map_err(qmp_error)
     }
 
     fn internal_snapshots(&self, node: &str) -> Option<Vec<SnapshotInfo>> {

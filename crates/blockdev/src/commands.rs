@@ -225,8 +225,16 @@ impl Commands for Blockdev {
         if job_type != Some(args.branch.kind()) {
             return Err(QmpError::generic("Job type does not match specified type"));
         }
-        // No job of ours has options to change (QEMU: a driver without `change` accepts).
-        Ok(())
+        self.state
+            .mirrors
+            .retain(|k, _| self.state.jobs.status(*k).is_some());
+        match (&args.branch, self.state.mirrors.get(&key)) {
+            (qmp_api::BlockJobChangeOptionsBranch::Mirror(m), Some(shared)) => {
+                shared.change(m.copy_mode)
+            }
+            // QEMU: a driver without `change` accepts.
+            _ => Ok(()),
+        }
     }
 
     // ----- jobs from commands -----
@@ -240,7 +248,11 @@ impl Commands for Blockdev {
     }
 
     fn blockdev_mirror(&mut self, args: BlockdevMirrorArguments) -> Result<(), QmpError> {
-        crate::actions::start_mirror(&mut self.state, args)
+        crate::mirror::blockdev_mirror(&mut self.state, args)
+    }
+
+    fn drive_mirror(&mut self, args: qmp_api::DriveMirror) -> Result<(), QmpError> {
+        crate::mirror::drive_mirror(&mut self.state, args)
     }
 
     fn blockdev_snapshot_sync(&mut self, args: BlockdevSnapshotSync) -> Result<(), QmpError> {

@@ -343,6 +343,11 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
             "Exporting qemu:allocation-depth needs the block layer",
         ));
     }
+    // The export is a parent of the node that a mirror's pivot moves (QEMU's BlockBackend).
+    let io = match state.graph.as_ref() {
+        Some(g) => g.backend(&args.node_name, &format!("export '{}'", args.id), writable)?,
+        None => io,
+    };
     let backend = Arc::new(NodeExport { io: io.clone() });
     let mut export = Export::new(name.clone(), backend)
         .writable(writable)

@@ -16,6 +16,7 @@ mod claims;
 mod commands;
 mod export;
 pub mod mirror;
+mod mirror_top;
 pub mod node;
 mod snapshot;
 pub mod transaction;
@@ -31,8 +32,8 @@ pub use block_layer::BlockLayer;
 #[cfg(feature = "tokio")]
 pub use node::TokioBlockingPool;
 pub use node::{
-    BlockIo, CopyBuffers, Extent, ImageRef, InlineIo, IoPool, NodeBitmaps, NodeFacts, NodeGraph,
-    WriteTracker,
+    BlockIo, CopyBuffers, Extent, FilterWrites, ImageRef, InlineIo, IoPool, MirrorNodes,
+    MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
 };
 
 use claims::NodeClaims;
@@ -71,6 +72,8 @@ pub struct BlockState {
     pub(crate) buffers: Arc<CopyBuffers>,
     /// The NBD server and its exports.
     pub(crate) exports: export::NbdExports,
+    /// Running mirrors' shared state, for `block-job-change`.
+    pub(crate) mirrors: std::collections::HashMap<job::JobKey, Arc<mirror::MirrorShared>>,
 }
 
 impl BlockState {
@@ -120,7 +123,10 @@ impl SharedBlockdev {
         name: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<serde_json::Value, QmpError> {
-        qmp_api::dispatch(&mut *self.lock(), name, arguments)
+        let mut blockdev = self.lock();
+        // Nodes that only finished jobs held (a mirror's filter) go before the next command.
+        blockdev.close_retired_nodes();
+        qmp_api::dispatch(&mut *blockdev, name, arguments)
     }
 
     /// [`Blockdev::shutdown`].
@@ -159,6 +165,7 @@ impl Blockdev {
                 pool: Arc::new(InlineIo),
                 buffers: Arc::new(CopyBuffers::default()),
                 exports,
+                mirrors: std::collections::HashMap::new(),
             },
         }
     }

@@ -1,16 +1,271 @@
-//! The mirror job (QEMU's `block/mirror.c`, `sync=full` to an existing node): copies the
-//! source, goes READY, and waits for `complete` (finishes: COMPLETED) or a cancel (soft in
-//! READY: COMPLETED without switching; forced: CANCELLED).
+//! The mirror job (QEMU's `block/mirror.c`): a filter node above the source (`mirror_top`,
+//! named by `filter-node-name`) records every write in the job's dirty bitmap; the job copies
+//! dirty ranges to the target (all of them first for `sync=full`, the top layer's for `top`,
+//! none for `none`) until the bitmap is clean, goes READY and keeps the target in sync. Guest
+//! writes wake it; nothing polls. `copy-mode=write-blocking` (or `block-job-change` to it)
+//! writes each guest write to the target too before it completes, so the job becomes
+//! `actively-synced`. `complete` pivots: every parent of the source (or of `replaces`) moves
+//! onto the target.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
-use job::{BoxFuture, JobContext, JobDriver, JobFailure, JobKey};
-use qmp_api::{IoOperationType, JobType};
+use block::DirtyBitmap;
+use job::{BoxFuture, JobContext, JobDriver, JobFailure, JobKey, JobRegistry, JobSpec};
+use qmp_api::{
+    BlockdevMirrorArguments, DriveMirror, IoOperationType, JobType, MirrorCopyMode, MirrorSyncMode,
+    NewImageMode, QmpError,
+};
 
-use crate::backup::COPY_CHUNK;
+use crate::BlockState;
 use crate::claims::NodeClaims;
-use crate::node::{BlockIo, CopyBuffers, IoPool, WriteTracker, run_blocking};
+use crate::node::{
+    BlockIo, CopyBuffers, FilterWrites, IoFuture, IoPool, MirrorNodes, MirrorTargetImage,
+    NodeBitmaps,
+};
+
+/// Copy operations a mirror keeps in flight at most (QEMU's `MAX_IN_FLIGHT`).
+const MAX_IN_FLIGHT: usize = 16;
+/// The largest copy operation (QEMU's `MAX_IO_BYTES`).
+const MAX_IO_BYTES: u64 = 1 << 20;
+/// `buf-size` by default (QEMU's `DEFAULT_MIRROR_BUF_SIZE`).
+const DEFAULT_BUF_SIZE: u64 = 16 << 20;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Ranges being written (a copy operation or an active guest write), so that the two never
+/// interleave on the same granules.
+#[derive(Default)]
+struct RangeLocks {
+    held: Mutex<Vec<(u64, u64)>>,
+    freed: Condvar,
+}
+
+impl RangeLocks {
+    fn lock(&self, start: u64, end: u64) {
+        let mut held = lock(&self.held);
+        while held.iter().any(|&(s, e)| s < end && start < e) {
+            held = self
+                .freed
+                .wait(held)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        held.push((start, end));
+    }
+
+    fn unlock(&self, start: u64, end: u64) {
+        let mut held = lock(&self.held);
+        if let Some(i) = held.iter().position(|&r| r == (start, end)) {
+            held.swap_remove(i);
+        }
+        drop(held);
+        self.freed.notify_all();
+    }
+}
+
+/// Guest writes through the filter, and the job's drained section around completion: while
+/// closed, new writes wait (QEMU keeps the source drained from the last check to the pivot).
+#[derive(Default)]
+struct Gate {
+    state: Mutex<(bool, usize)>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn enter(&self) {
+        let mut st = lock(&self.state);
+        while st.0 {
+            st = self
+                .changed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        st.1 += 1;
+    }
+
+    fn leave(&self) {
+        lock(&self.state).1 -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Closes the gate once no write is inside.
+    fn close(&self) {
+        let mut st = lock(&self.state);
+        st.0 = true;
+        while st.1 > 0 {
+            st = self
+                .changed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn open(&self) {
+        lock(&self.state).0 = false;
+        self.changed.notify_all();
+    }
+}
+
+/// What the job, its filter and `block-job-change` share.
+pub(crate) struct MirrorShared {
+    /// Where the dirty bitmap lives (the filter node's, or the source's without a filter).
+    bitmaps: OnceLock<Arc<dyn NodeBitmaps>>,
+    target: Arc<dyn BlockIo>,
+    ranges: RangeLocks,
+    gate: Gate,
+    write_blocking: AtomicBool,
+    actively_synced: Arc<AtomicBool>,
+    /// The job, woken by guest writes.
+    job: OnceLock<(JobRegistry, JobKey)>,
+}
+
+impl MirrorShared {
+    fn with_bitmap<T>(&self, f: impl FnOnce(&mut DirtyBitmap) -> T) -> Option<T> {
+        let bitmaps = self.bitmaps.get()?;
+        let mut list = bitmaps.list();
+        list.iter_mut().find(|b| b.name().is_none()).map(f)
+    }
+
+    fn dirty_count(&self) -> u64 {
+        self.with_bitmap(|b| b.count()).unwrap_or(0)
+    }
+
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        self.with_bitmap(|b| b.set_dirty(offset, len));
+    }
+
+    fn wake(&self) {
+        if let Some((jobs, key)) = self.job.get() {
+            jobs.kick(*key);
+        }
+    }
+
+    /// `block-job-change`: QEMU's `mirror_change`.
+    pub(crate) fn change(&self, mode: MirrorCopyMode) -> Result<(), QmpError> {
+        let current = if self.write_blocking.load(Ordering::Acquire) {
+            MirrorCopyMode::WriteBlocking
+        } else {
+            MirrorCopyMode::Background
+        };
+        if current == mode {
+            return Ok(());
+        }
+        if mode != MirrorCopyMode::WriteBlocking {
+            return Err(QmpError::generic(format!(
+                "Change to copy mode '{mode}' is not implemented"
+            )));
+        }
+        if self
+            .write_blocking
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(QmpError::generic(format!(
+                "Expected current copy mode 'background', got '{}'",
+                MirrorCopyMode::WriteBlocking
+            )));
+        }
+        // The job sets actively-synced once it next finds the bitmap clean.
+        self.wake();
+        Ok(())
+    }
+}
+
+impl FilterWrites for MirrorShared {
+    fn write(
+        &self,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+        below: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.gate.enter();
+        let g = self.with_bitmap(|b| b.granularity()).unwrap_or(512).max(1);
+        let (start, end) = (offset / g * g, (offset + len).div_ceil(g) * g);
+        self.ranges.lock(start, end);
+        let result = below();
+        self.mark_dirty(offset, len);
+        if result.is_ok() && self.write_blocking.load(Ordering::Acquire) {
+            let copied = match data {
+                Some(buf) => self.target.write_at(buf, offset),
+                None => self.target.write_zeroes(offset, len),
+            };
+            match copied {
+                // Granules the write covers whole are now the same on both sides.
+                Ok(()) => {
+                    self.with_bitmap(|b| b.reset_dirty(offset, len));
+                }
+                Err(_) => self.actively_synced.store(false, Ordering::Release),
+            }
+        }
+        self.ranges.unlock(start, end);
+        self.gate.leave();
+        self.wake();
+        result
+    }
+}
+
+/// How a copy operation ended: the failing operation and its error.
+type CopyResult = Result<(), (IoOperationType, io::Error)>;
+
+/// A copy operation in flight.
+struct CopyOp {
+    offset: u64,
+    len: u64,
+    result: Arc<Mutex<Option<CopyResult>>>,
+    done: IoFuture,
+}
+
+impl CopyOp {
+    async fn wait(self) -> CopyResult {
+        self.done.await;
+        lock(&self.result)
+            .take()
+            .unwrap_or_else(|| Err((IoOperationType::Read, io::Error::other("I/O worker lost"))))
+    }
+}
+
+/// Copies `[offset, offset + len)` of `source` to `target` as the source reads.
+fn copy_range(
+    source: &dyn BlockIo,
+    target: &dyn BlockIo,
+    (offset, len): (u64, u64),
+    buf: &mut [u8],
+) -> Result<(), (IoOperationType, io::Error)> {
+    let read = |e| (IoOperationType::Read, e);
+    let write = |e| (IoOperationType::Write, e);
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let extent = source.block_status(pos, end - pos).map_err(read)?;
+        let n = match extent.len {
+            0 => end - pos,
+            l => l.min(end - pos),
+        };
+        if extent.zero {
+            target.write_zeroes(pos, n).map_err(write)?;
+        } else {
+            let chunk = &mut buf[..n as usize];
+            source.read_at(chunk, pos).map_err(read)?;
+            target.write_at(chunk, pos).map_err(write)?;
+        }
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Where the target's backing goes on completion (QEMU's `MIRROR_SOURCE_BACKING_CHAIN`).
+#[derive(Debug, Clone)]
+enum TargetBacking {
+    /// Leave it (blockdev-mirror, drive-mirror with `mode=existing`).
+    Leave,
+    /// The node the target's image names as backing file (drive-mirror `absolute-paths`).
+    Node(String),
+}
 
 /// A mirror job's driver.
 pub struct MirrorJob {
@@ -20,146 +275,197 @@ pub struct MirrorJob {
     pool: Arc<dyn IoPool>,
     buffers: Arc<CopyBuffers>,
     claims: NodeClaims,
-    /// Writes to the source since the job started (none without a tracking graph).
-    tracker: Option<Arc<dyn WriteTracker>>,
+    shared: Arc<MirrorShared>,
+    nodes: Option<Arc<dyn MirrorNodes>>,
+    sync: MirrorSyncMode,
+    granularity: u64,
+    buf_size: u64,
+    /// The node that the target replaces on completion.
+    to_replace: String,
+    target_backing: TargetBacking,
+    /// The run ended converged with `complete`: the pivot is due.
+    pivot: bool,
+    /// A target only this job holds (drive-mirror), closed if the job does not pivot.
+    owned_target: Option<String>,
 }
 
-/// How often a READY mirror with write tracking looks for new writes.
-const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
 impl MirrorJob {
-    pub(crate) fn new(
-        key: JobKey,
-        (source, target): (Arc<dyn BlockIo>, Arc<dyn BlockIo>),
-        (pool, buffers): (Arc<dyn IoPool>, Arc<CopyBuffers>),
-        claims: NodeClaims,
-    ) -> Self {
-        MirrorJob {
-            key,
-            source,
-            target,
-            pool,
-            buffers,
-            claims,
-            tracker: None,
-        }
-    }
-
-    /// Copies writes to the source made while the job runs.
-    pub(crate) fn tracking(mut self, tracker: Option<Arc<dyn WriteTracker>>) -> Self {
-        self.tracker = tracker;
-        self
-    }
-
-    /// The initial copy; false if cancelled meanwhile.
-    async fn copy_all(&mut self, ctx: &JobContext) -> Result<bool, JobFailure> {
-        let len = self.source.size();
-        ctx.set_progress_remaining(len);
-        self.copy_ranges(ctx, &[(0, len)]).await
-    }
-
-    /// Copies what was written to the source since the last look; false if cancelled.
-    async fn copy_new_writes(&mut self, ctx: &JobContext) -> Result<bool, JobFailure> {
-        let Some(tracker) = &self.tracker else {
-            return Ok(true);
-        };
-        let dirty = tracker.take_dirty();
-        if dirty.is_empty() {
-            return Ok(true);
-        }
-        ctx.progress_increase_remaining(dirty.iter().map(|r| r.1).sum());
-        self.copy_ranges(ctx, &dirty).await
-    }
-
-    async fn copy_ranges(
-        &mut self,
-        ctx: &JobContext,
-        ranges: &[(u64, u64)],
-    ) -> Result<bool, JobFailure> {
-        for &(start, len) in ranges {
-            if !self.copy_range(ctx, start, start + len).await? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    async fn copy_range(
-        &mut self,
-        ctx: &JobContext,
-        start: u64,
-        end: u64,
-    ) -> Result<bool, JobFailure> {
-        let mut offset = start;
-        while offset < end {
-            if ctx.is_cancelled() {
-                return Ok(false);
-            }
-            let n = COPY_CHUNK.min(end - offset);
-            let (source, target) = (self.source.clone(), self.target.clone());
-            let buffers = self.buffers.clone();
-            let result = run_blocking(self.pool.as_ref(), move || {
-                let read = |e| (IoOperationType::Read, e);
-                let write = |e| (IoOperationType::Write, e);
-                let size =
-                    usize::try_from(n).map_err(|_| read(io::Error::other("request too large")))?;
-                let status = source.block_status(offset, n).map_err(read)?;
-                if status.zero && status.len >= n {
-                    return target.write_zeroes(offset, n).map_err(write);
+    /// The initial dirty bitmap: QEMU's `mirror_dirty_init`.
+    async fn dirty_init(&mut self, ctx: &JobContext) -> Result<(), JobFailure> {
+        let size = self.source.size();
+        match self.sync {
+            MirrorSyncMode::None => {}
+            MirrorSyncMode::Top => {
+                // What the source's own layer allocates (above its backing).
+                let source = self.source.clone();
+                let ranges = crate::node::run_blocking(self.pool.as_ref(), move || {
+                    let mut ranges = Vec::new();
+                    let mut pos = 0;
+                    while pos < size {
+                        let e = source.block_status(pos, size - pos)?;
+                        let n = if e.len == 0 { size - pos } else { e.len };
+                        if e.allocated {
+                            ranges.push((pos, n));
+                        }
+                        pos += n;
+                    }
+                    Ok::<_, io::Error>(ranges)
+                })
+                .await
+                .unwrap_or_else(|| Err(io::Error::other("I/O worker lost")))
+                .map_err(|e| JobFailure::from_io(&e))?;
+                for (o, l) in ranges {
+                    self.shared.mark_dirty(o, l);
                 }
-                let mut buf = buffers.take(size);
-                let copied = source
-                    .read_at(&mut buf[..size], offset)
-                    .map_err(read)
-                    .and_then(|()| target.write_at(&buf[..size], offset).map_err(write));
-                buffers.give(buf);
-                copied
-            })
-            .await
-            .unwrap_or_else(|| Err((IoOperationType::Read, io::Error::other("I/O worker lost"))));
-            if let Err((operation, error)) = result {
-                ctx.retry_after_io_error(operation, &error).await?;
-                continue;
             }
-            ctx.progress_update(n);
-            offset += n;
-            ctx.rate_limit(n).await;
+            _ => {
+                self.shared.with_bitmap(|b| b.set_all());
+            }
         }
-        Ok(true)
+        ctx.set_progress_remaining(self.shared.dirty_count());
+        Ok(())
     }
 
-    async fn flush_target(&mut self) -> Result<bool, JobFailure> {
-        let target = self.target.clone();
-        match run_blocking(self.pool.as_ref(), move || target.flush()).await {
-            Some(Ok(())) => Ok(true),
-            Some(Err(e)) => Err(JobFailure::from_io(&e)),
-            None => Err(JobFailure::new("I/O worker lost")),
+    /// Takes the next dirty run from `cursor` (at most `max` bytes), clearing its bits.
+    fn next_run(&self, cursor: &mut u64, max: u64) -> Option<(u64, u64)> {
+        self.shared.with_bitmap(|b| {
+            let start = b.next_dirty(*cursor).or_else(|| b.next_dirty(0))?;
+            let end = b
+                .next_clean(start)
+                .unwrap_or(b.size())
+                .min(start + max)
+                .min(b.size());
+            b.reset_dirty(start, end - start);
+            *cursor = end;
+            Some((start, end - start))
+        })?
+    }
+
+    fn submit(&self, offset: u64, len: u64) -> CopyOp {
+        let result = Arc::new(Mutex::new(None));
+        let slot = result.clone();
+        let (source, target) = (self.source.clone(), self.target.clone());
+        let (shared, buffers) = (self.shared.clone(), self.buffers.clone());
+        let done = self.pool.run(Box::new(move || {
+            shared.ranges.lock(offset, offset + len);
+            let mut buf = buffers.take(len as usize);
+            let r = copy_range(source.as_ref(), target.as_ref(), (offset, len), &mut buf);
+            buffers.give(buf);
+            shared.ranges.unlock(offset, offset + len);
+            *lock(&slot) = Some(r);
+        }));
+        CopyOp {
+            offset,
+            len,
+            result,
+            done,
         }
+    }
+
+    async fn flush_target(&self) -> io::Result<()> {
+        let target = self.target.clone();
+        crate::node::run_blocking(self.pool.as_ref(), move || target.flush())
+            .await
+            .unwrap_or_else(|| Err(io::Error::other("I/O worker lost")))
+    }
+
+    async fn close_gate(&self) {
+        let shared = self.shared.clone();
+        crate::node::run_blocking(self.pool.as_ref(), move || shared.gate.close()).await;
     }
 
     async fn run_mirror(&mut self, ctx: &JobContext) -> Result<(), JobFailure> {
-        if !self.copy_all(ctx).await? || !self.copy_new_writes(ctx).await? {
-            return Ok(());
+        if self.source.size() != self.target.size() {
+            return Err(JobFailure::new(
+                "Source and target image have different sizes",
+            ));
         }
-        if !self.flush_target().await? {
-            return Ok(());
-        }
-        ctx.set_ready();
-        // Converged: keep the target in sync until complete or cancel.
-        while !ctx.should_complete() && !ctx.cancel_requested() {
-            if self.tracker.is_some() {
-                ctx.sleep(SYNC_INTERVAL).await;
-            } else {
-                ctx.idle().await;
+        self.dirty_init(ctx).await?;
+        let max_io = (self.buf_size / MAX_IN_FLIGHT as u64)
+            .max(MAX_IO_BYTES)
+            .min(self.buf_size)
+            .max(self.granularity);
+        let mut cursor = 0;
+        let mut in_flight: VecDeque<CopyOp> = VecDeque::new();
+        let mut bytes_in_flight = 0;
+        loop {
+            if in_flight.is_empty() {
+                ctx.pause_point().await;
             }
-            if !self.copy_new_writes(ctx).await? {
+            if ctx.is_cancelled() {
+                break;
+            }
+            let cnt = self.shared.dirty_count();
+            ctx.set_progress_remaining(bytes_in_flight + cnt);
+            let depth = if ctx.speed() == 0 { MAX_IN_FLIGHT } else { 1 };
+            if cnt > 0 && in_flight.len() < depth && bytes_in_flight < self.buf_size {
+                let room = (self.buf_size - bytes_in_flight).max(self.granularity);
+                if let Some((offset, len)) = self.next_run(&mut cursor, max_io.min(room)) {
+                    bytes_in_flight += len;
+                    in_flight.push_back(self.submit(offset, len));
+                    continue;
+                }
+            }
+            if let Some(op) = in_flight.pop_front() {
+                let (offset, len) = (op.offset, op.len);
+                let result = op.wait().await;
+                bytes_in_flight -= len;
+                match result {
+                    Ok(()) => {
+                        ctx.progress_update(len);
+                        ctx.rate_limit(len).await;
+                    }
+                    Err((operation, error)) => {
+                        self.shared.mark_dirty(offset, len);
+                        // Let the others land before acting on the error.
+                        while let Some(other) = in_flight.pop_front() {
+                            bytes_in_flight -= other.len;
+                            let (o, l) = (other.offset, other.len);
+                            match other.wait().await {
+                                Ok(()) => ctx.progress_update(l),
+                                Err(_) => self.shared.mark_dirty(o, l),
+                            }
+                        }
+                        ctx.retry_after_io_error(operation, &error).await?;
+                    }
+                }
+                continue;
+            }
+            // Nothing in flight, nothing dirty.
+            if cnt > 0 {
+                continue;
+            }
+            if !ctx.is_ready() {
+                if let Err(e) = self.flush_target().await {
+                    ctx.retry_after_io_error(IoOperationType::Write, &e).await?;
+                    continue;
+                }
+                ctx.set_ready();
+            }
+            if self.shared.write_blocking.load(Ordering::Acquire) {
+                self.shared.actively_synced.store(true, Ordering::Release);
+            }
+            if ctx.should_complete() || ctx.cancel_requested() {
+                self.close_gate().await;
+                if self.shared.dirty_count() > 0 {
+                    self.shared.gate.open();
+                    continue;
+                }
+                if let Err(e) = self.flush_target().await {
+                    self.shared.gate.open();
+                    ctx.retry_after_io_error(IoOperationType::Write, &e).await?;
+                    continue;
+                }
+                // Converged, drained until the job's clean-up.
+                self.pivot = ctx.should_complete() && !ctx.is_cancelled();
                 return Ok(());
             }
+            ctx.idle().await;
         }
-        if ctx.is_cancelled() {
-            return Ok(());
+        for op in in_flight {
+            let _ = op.wait().await;
         }
-        self.flush_target().await.map(|_| ())
+        Ok(())
     }
 }
 
@@ -176,14 +482,364 @@ impl JobDriver for MirrorJob {
         true
     }
 
+    fn actively_synced(&self) -> Option<Arc<AtomicBool>> {
+        Some(self.shared.actively_synced.clone())
+    }
+
     fn run<'a>(&'a mut self, ctx: &'a JobContext) -> BoxFuture<'a, Result<(), JobFailure>> {
         Box::pin(self.run_mirror(ctx))
     }
 
-    fn clean(&mut self) {
-        if let Some(tracker) = self.tracker.take() {
-            tracker.stop();
+    /// QEMU's `mirror_exit_common` on success: the target's backing, then the pivot.
+    fn prepare(&mut self) -> Result<(), JobFailure> {
+        let Some(nodes) = &self.nodes else {
+            return Ok(());
+        };
+        if let TargetBacking::Node(backing) = &self.target_backing
+            && let Err(e) = nodes.set_target_backing(backing)
+        {
+            return Err(JobFailure::new(e));
         }
-        self.claims.release(self.key);
+        if self.pivot {
+            nodes.pivot(&self.to_replace).map_err(JobFailure::new)?;
+            self.owned_target = None;
+        }
+        Ok(())
     }
+
+    fn clean(&mut self) {
+        if let Some(nodes) = self.nodes.take() {
+            nodes.remove_filter();
+            self.claims.retire(&nodes.filter_name());
+        }
+        // The dirty bitmap goes with the job.
+        if let Some(bitmaps) = self.shared.bitmaps.get() {
+            let mut list = bitmaps.list();
+            if let Some(i) = list.iter().position(|b| b.name().is_none()) {
+                list.remove(i);
+            }
+        }
+        self.shared.gate.open();
+        self.claims.release(self.key);
+        if let Some(node) = self.owned_target.take() {
+            self.claims.retire(&node);
+        }
+    }
+}
+
+/// The options both mirror commands share, after their own preparation.
+struct MirrorRequest {
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    replaces: Option<String>,
+    sync: MirrorSyncMode,
+    speed: Option<i64>,
+    granularity: Option<u32>,
+    buf_size: Option<i64>,
+    on_source_error: Option<qmp_api::BlockdevOnError>,
+    on_target_error: Option<qmp_api::BlockdevOnError>,
+    filter_node_name: Option<String>,
+    copy_mode: Option<MirrorCopyMode>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+    target_backing: TargetBacking,
+    owned_target: Option<String>,
+}
+
+/// QEMU's `qmp_get_root_bs`.
+fn root_node(env: &BlockState, name: &str) -> Result<Arc<dyn BlockIo>, QmpError> {
+    let io = env.lookup(name)?;
+    if env.graph.as_ref().is_some_and(|g| g.has_parent_node(name)) {
+        return Err(QmpError::generic("Need a root block node"));
+    }
+    Ok(io)
+}
+
+/// `blockdev-mirror`.
+pub(crate) fn blockdev_mirror(
+    env: &mut BlockState,
+    args: BlockdevMirrorArguments,
+) -> Result<(), QmpError> {
+    root_node(env, &args.device)?;
+    env.lookup(&args.target)?;
+    start(
+        env,
+        MirrorRequest {
+            job_id: args.job_id,
+            device: args.device,
+            target: args.target,
+            replaces: args.replaces,
+            sync: args.sync,
+            speed: args.speed,
+            granularity: args.granularity,
+            buf_size: args.buf_size,
+            on_source_error: args.on_source_error,
+            on_target_error: args.on_target_error,
+            filter_node_name: args.filter_node_name,
+            copy_mode: args.copy_mode,
+            auto_finalize: args.auto_finalize,
+            auto_dismiss: args.auto_dismiss,
+            target_backing: TargetBacking::Leave,
+            owned_target: None,
+        },
+    )
+}
+
+/// `drive-mirror`: QEMU's `qmp_drive_mirror`.
+pub(crate) fn drive_mirror(env: &mut BlockState, args: DriveMirror) -> Result<(), QmpError> {
+    let source = root_node(env, &args.device)?;
+    env.claims.check_free(&args.device)?;
+    let mode = args.mode.unwrap_or(NewImageMode::AbsolutePaths);
+    let format = match (&args.format, mode) {
+        (Some(f), _) => Some(f.clone()),
+        (None, NewImageMode::Existing) => None,
+        (None, _) => Some(source.format().to_string()),
+    };
+    let mut sync = args.sync;
+    let mut backing_node = source.backing_node();
+    let mut backing_image = source.backing_image();
+    if backing_node.is_none() && sync == MirrorSyncMode::Top {
+        sync = MirrorSyncMode::Full;
+    }
+    if sync == MirrorSyncMode::None {
+        backing_node = Some(args.device.clone());
+        backing_image = Some(source.image());
+    }
+    if args.replaces.is_some() && args.node_name.is_none() {
+        return Err(QmpError::generic(
+            "a node-name must be provided when replacing a named node of the graph",
+        ));
+    }
+    let graph = env.graph_mut()?;
+    if mode != NewImageMode::Existing {
+        let image = crate::node::ImageRef {
+            filename: args.target.clone(),
+            format: format.clone().unwrap_or_default(),
+        };
+        let backing = if sync == MirrorSyncMode::Full || backing_node.is_none() {
+            None
+        } else {
+            backing_image.as_ref()
+        };
+        graph.create_image(&image, source.size(), backing)?;
+    }
+    let (target, _) = graph.open_mirror_target(&MirrorTargetImage {
+        filename: args.target.clone(),
+        format,
+        node_name: args.node_name.clone(),
+        open_backing: mode == NewImageMode::Existing,
+    })?;
+    let target_backing = match (mode, &backing_node) {
+        (NewImageMode::AbsolutePaths, Some(b)) if sync != MirrorSyncMode::Full => {
+            TargetBacking::Node(b.clone())
+        }
+        _ => TargetBacking::Leave,
+    };
+    let result = start(
+        env,
+        MirrorRequest {
+            job_id: args.job_id,
+            device: args.device,
+            target: target.clone(),
+            replaces: args.replaces,
+            sync,
+            speed: args.speed,
+            granularity: args.granularity,
+            buf_size: args.buf_size,
+            on_source_error: args.on_source_error,
+            on_target_error: args.on_target_error,
+            filter_node_name: None,
+            copy_mode: args.copy_mode,
+            auto_finalize: args.auto_finalize,
+            auto_dismiss: args.auto_dismiss,
+            target_backing,
+            owned_target: Some(target.clone()),
+        },
+    );
+    if result.is_err()
+        && let Ok(graph) = env.graph_mut()
+    {
+        graph.release_if_unused(&target);
+    }
+    // `unmap` only chooses between discarding and writing zeroes on the target; both read
+    // back as zeroes, and this daemon's targets write zeroes (accepted, as QEMU's default).
+    let _ = args.unmap;
+    result
+}
+
+/// QEMU's `blockdev_mirror_common`, `mirror_start` and `mirror_start_job`, in their order.
+fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
+    let source = env.lookup(&r.device)?;
+    let target = env.lookup(&r.target)?;
+    let granularity = u64::from(r.granularity.unwrap_or(0));
+    if granularity != 0 && !(512..=64 << 20).contains(&granularity) {
+        return Err(QmpError::generic(
+            "Parameter 'granularity' expects a value in range [512B, 64MB]",
+        ));
+    }
+    if granularity & granularity.wrapping_sub(1) != 0 {
+        return Err(QmpError::generic(
+            "Parameter 'granularity' expects a power of 2",
+        ));
+    }
+    env.claims.check_free(&r.device)?;
+    env.claims.check_free(&r.target)?;
+    let mut sync = r.sync;
+    if source.backing_node().is_none() && sync == MirrorSyncMode::Top {
+        sync = MirrorSyncMode::Full;
+    }
+    let graph = env
+        .graph
+        .as_ref()
+        .ok_or_else(|| QmpError::generic("No block layer is available"))?;
+    if let Some(replaces) = &r.replaces {
+        if graph.node(replaces).is_none() {
+            return Err(QmpError::generic(format!(
+                "Failed to find node with node-name='{replaces}'"
+            )));
+        }
+        env.claims.check_free(replaces)?;
+        if !graph.can_replace(&r.device, replaces) {
+            return Err(QmpError::generic(format!(
+                "Cannot replace '{replaces}' by a node mirrored from '{}', because it cannot \
+                 be guaranteed that doing so would not lead to an abrupt change of visible data",
+                r.device
+            )));
+        }
+        if graph.node(replaces).map(|n| n.size()) != Some(source.size()) {
+            return Err(QmpError::generic(
+                "cannot replace image with a mirror image of different size",
+            ));
+        }
+    }
+    if matches!(sync, MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap) {
+        return Err(QmpError::generic(format!(
+            "Sync mode '{sync}' not supported"
+        )));
+    }
+    let granularity = if granularity == 0 {
+        default_granularity(env, &r.target)
+    } else {
+        granularity
+    };
+    let buf_size = match r.buf_size.unwrap_or(0) {
+        b if b < 0 => return Err(QmpError::generic("Invalid parameter 'buf-size'")),
+        0 => DEFAULT_BUF_SIZE,
+        b => (b as u64).div_ceil(granularity) * granularity,
+    };
+    if r.device == r.target {
+        return Err(QmpError::generic("Can't mirror node into itself"));
+    }
+    let graph = env
+        .graph
+        .as_ref()
+        .ok_or_else(|| QmpError::generic("No block layer"))?;
+    if graph.in_chain(&r.device, &r.target) {
+        return Err(QmpError::generic(
+            "Cannot mirror to a filter on top of a node in the source's backing chain",
+        ));
+    }
+    let shared = Arc::new(MirrorShared {
+        bitmaps: OnceLock::new(),
+        target: target.clone(),
+        ranges: RangeLocks::default(),
+        gate: Gate::default(),
+        write_blocking: AtomicBool::new(r.copy_mode == Some(MirrorCopyMode::WriteBlocking)),
+        actively_synced: Arc::new(AtomicBool::new(false)),
+        job: OnceLock::new(),
+    });
+    let nodes = env.graph_mut()?.insert_mirror_filter(
+        &r.device,
+        &r.target,
+        r.filter_node_name.as_deref(),
+        shared.clone(),
+    )?;
+    let bitmaps = match &nodes {
+        Some(n) => Some(n.bitmaps()),
+        None => env.graph.as_ref().and_then(|g| g.bitmaps(&r.device)),
+    };
+    let undo_filter = |env: &mut BlockState, nodes: &Option<Arc<dyn MirrorNodes>>| {
+        if let Some(n) = nodes {
+            n.remove_filter();
+            if let Ok(g) = env.graph_mut() {
+                g.release_if_unused(&n.filter_name());
+            }
+        }
+    };
+    let Some(bitmaps) = bitmaps else {
+        undo_filter(env, &nodes);
+        return Err(QmpError::generic("This block layer cannot track writes"));
+    };
+    let mut bitmap = match DirtyBitmap::new(None, granularity, source.size()) {
+        Ok(b) => b,
+        Err(e) => {
+            undo_filter(env, &nodes);
+            return Err(QmpError::generic(e.desc()));
+        }
+    };
+    // With a filter, the filter marks it; without one, the source's writes do.
+    bitmap.set_enabled(nodes.is_none());
+    bitmaps.list().insert(0, bitmap);
+    let _ = shared.bitmaps.set(bitmaps);
+    let spec = JobSpec::new(r.job_id.clone().unwrap_or_default())
+        .auto_finalize(r.auto_finalize.unwrap_or(true))
+        .auto_dismiss(r.auto_dismiss.unwrap_or(true))
+        .speed(r.speed.unwrap_or(0))
+        .on_error(r.on_source_error, r.on_target_error);
+    let claims = env.claims.clone();
+    let (pool, buffers) = (env.pool.clone(), env.buffers.clone());
+    let (job_claims, job_shared, job_nodes) = (claims.clone(), shared.clone(), nodes.clone());
+    let to_replace = r.replaces.clone().unwrap_or_else(|| r.device.clone());
+    let (target_backing, owned_target) = (r.target_backing.clone(), r.owned_target.clone());
+    let job = move |key| MirrorJob {
+        key,
+        source,
+        target,
+        pool,
+        buffers,
+        claims: job_claims,
+        shared: job_shared,
+        nodes: job_nodes,
+        sync,
+        granularity,
+        buf_size,
+        to_replace,
+        target_backing,
+        pivot: false,
+        owned_target,
+    };
+    let make = move |key| Box::new(job(key)) as Box<dyn JobDriver>;
+    let key = match env.jobs.create(spec, make, None) {
+        Ok(key) => key,
+        Err(e) => {
+            if let Some(b) = shared.bitmaps.get() {
+                let mut list = b.list();
+                if let Some(i) = list.iter().position(|b| b.name().is_none()) {
+                    list.remove(i);
+                }
+            }
+            undo_filter(env, &nodes);
+            return Err(e);
+        }
+    };
+    let _ = shared.job.set((env.jobs.clone(), key));
+    claims.claim(key, "mirror", &r.device, true);
+    claims.claim(key, "mirror", &r.target, true);
+    if let Some(n) = &nodes {
+        claims.claim(key, "mirror", &n.filter_name(), true);
+    }
+    env.mirrors.insert(key, shared);
+    if let Err(e) = env.jobs.start(key) {
+        tracing::warn!("mirror job could not start: {e}");
+    }
+    Ok(())
+}
+
+/// QEMU's `bdrv_get_default_bitmap_granularity` of the target.
+fn default_granularity(env: &BlockState, target: &str) -> u64 {
+    env.graph
+        .as_ref()
+        .and_then(|g| g.bitmaps(target))
+        .map_or(65536, |b| b.default_granularity())
 }

@@ -92,6 +92,49 @@ pub trait WriteTracker: Send + Sync {
     fn stop(&self);
 }
 
+/// What a mirror's filter node does with the writes through it (QEMU's `mirror_top`
+/// `do_write`): the mirror's shared state implements it.
+pub trait FilterWrites: Send + Sync {
+    /// A write of `len` bytes at `offset` reaches the filter (`data`: the bytes; `None`:
+    /// zeroes); `below` performs it on the node under the filter.
+    fn write(
+        &self,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+        below: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()>;
+}
+
+/// A running mirror's part of the graph: its filter node above the source.
+pub trait MirrorNodes: Send + Sync {
+    /// The filter node's name.
+    fn filter_name(&self) -> String;
+    /// The filter node's bitmaps (where the job's anonymous dirty bitmap lives).
+    fn bitmaps(&self) -> Arc<dyn NodeBitmaps>;
+    /// The pivot: every parent of `to_replace` moves onto the mirror's target, then the
+    /// filter's parents too; the filter is left with no parent. Fails (changing nothing)
+    /// with QEMU's text when the target cannot take them.
+    fn pivot(&self, to_replace: &str) -> Result<(), String>;
+    /// The filter's parents move back onto the source.
+    fn remove_filter(&self);
+    /// The target's backing becomes `backing` (drive-mirror with `absolute-paths`).
+    fn set_target_backing(&self, backing: &str) -> Result<(), String>;
+}
+
+/// How `drive-mirror` opens its target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorTargetImage {
+    /// The file.
+    pub filename: String,
+    /// Its format; `None`: probed.
+    pub format: Option<String>,
+    /// The node name (`None`: generated).
+    pub node_name: Option<String>,
+    /// Open the backing chain its header names (`mode=existing`), else none.
+    pub open_backing: bool,
+}
+
 /// The node graph, as the QMP command layer uses it: the one seam between the command layer
 /// and the node layer.
 pub trait NodeGraph: Send {
@@ -160,6 +203,51 @@ pub trait NodeGraph: Send {
     fn delete_internal_snapshot(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
         let _ = (node, name);
         Err(unsupported("internal snapshots"))
+    }
+    /// Inserts a mirror's filter node (driver `mirror_top`, named `name` or generated) above
+    /// `source`, passing its writes to `writes`; every parent of `source` moves onto it.
+    /// `Ok(None)`: this graph has no filters (the mirror then tracks writes on the source).
+    fn insert_mirror_filter(
+        &mut self,
+        source: &str,
+        target: &str,
+        name: Option<&str>,
+        writes: Arc<dyn FilterWrites>,
+    ) -> Result<Option<Arc<dyn MirrorNodes>>, QmpError> {
+        let _ = (source, target, name, writes);
+        Ok(None)
+    }
+    /// Whether `node` has a parent node (QEMU's `bdrv_is_root_node`, negated).
+    fn has_parent_node(&self, _node: &str) -> bool {
+        false
+    }
+    /// Whether `to_replace` shows `node`'s data: it is `node`, or reaches it through filter
+    /// children only (QEMU's `bdrv_recurse_can_replace`).
+    fn can_replace(&self, node: &str, to_replace: &str) -> bool {
+        node == to_replace
+    }
+    /// Whether `node` is `below` or lies under it in `below`'s backing chain.
+    fn in_chain(&self, _below: &str, _node: &str) -> bool {
+        false
+    }
+    /// Opens a `drive-mirror` target read-write; returns its name and I/O.
+    fn open_mirror_target(
+        &mut self,
+        image: &MirrorTargetImage,
+    ) -> Result<(String, Arc<dyn BlockIo>), QmpError> {
+        let _ = image;
+        Err(unsupported("drive-mirror"))
+    }
+    /// An I/O handle on `node` that follows it when its parents move (a pivot): an export's
+    /// (QEMU's `BlockBackend`), held by `holder` with write permission if `writable`.
+    fn backend(
+        &self,
+        node: &str,
+        holder: &str,
+        writable: bool,
+    ) -> Result<Arc<dyn BlockIo>, QmpError> {
+        let _ = (holder, writable);
+        self.node(node).ok_or_else(|| not_found(node, node))
     }
     /// Starts recording writes to `node` (a mirror's source); `None` if it cannot.
     fn track_writes(&self, _node: &str) -> Option<Arc<dyn WriteTracker>> {

@@ -499,6 +499,15 @@ fn a_ready_mirror_copies_later_writes_to_the_source_before_completing() {
     };
     let source = add("src", &src);
     add("m1", &m1);
+    // A guest's view of the source (as an export's): a parent that the mirror's filter and
+    // then the pivot move.
+    let guest = block::BlockBackend::new(
+        &source,
+        "export 'e0'",
+        block::Perm::CONSISTENT_READ | block::Perm::WRITE,
+        block::Perm::ALL,
+    )
+    .unwrap();
     let mut h = Harness::over(
         Box::new(blockdev::BlockLayer::new(graph)),
         MemGraph::default(),
@@ -509,8 +518,9 @@ fn a_ready_mirror_copies_later_writes_to_the_source_before_completing() {
     );
     h.step();
     assert!(h.take_events().contains(&"jm ready".to_string()));
-    // A guest write (as through an export) after READY.
-    source.write_at(MIB, &vec![0x99; 65536]).unwrap();
+    // A guest write after READY goes through the filter, which records it.
+    assert_eq!(guest.root().driver_name(), "mirror_top");
+    guest.root().write_at(MIB, &vec![0x99; 65536]).unwrap();
     h.advance(std::time::Duration::from_millis(150));
     h.ok("block-job-complete", json!({"device": "jm"}));
     h.advance(std::time::Duration::from_millis(150));
@@ -519,6 +529,9 @@ fn a_ready_mirror_copies_later_writes_to_the_source_before_completing() {
         ev.contains(&r#"BLOCK_JOB_COMPLETED {"type":"mirror","device":"jm","len":4259840,"offset":4259840,"speed":0}"#.to_string()),
         "{ev:?}"
     );
+    // The pivot moved the guest onto the target.
+    assert_eq!(guest.root().name(), "m1");
+    drop(guest);
     h.bd.shutdown().unwrap();
     assert_eq!(
         qemu_img(&["compare", "-f", "raw", "-F", "raw", &src, &m1]),

@@ -43,6 +43,11 @@ impl JobContext {
         }
     }
 
+    /// Whether the job is READY or STANDBY (it converged once).
+    pub fn is_ready(&self) -> bool {
+        self.with_job(false, |j| crate::tables::is_ready(j.status))
+    }
+
     /// Force-cancelled: stop working and return.
     pub fn is_cancelled(&self) -> bool {
         self.with_job(true, |j| j.is_cancelled())

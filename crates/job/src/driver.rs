@@ -76,6 +76,12 @@ pub trait JobDriver: Send + 'static {
         false
     }
 
+    /// A mirror's `actively-synced` flag (`query-block-jobs`), which the driver keeps; `None`
+    /// for jobs without one (reported false).
+    fn actively_synced(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+        None
+    }
+
     /// The work. Call [`JobContext::pause_point`] / [`JobContext::rate_limit`] regularly and
     /// return soon after [`JobContext::is_cancelled`] turns true (the result of a force-cancelled
     /// job is ignored: it ends cancelled).

@@ -281,6 +281,7 @@ impl JobRegistry {
             auto_dismiss: spec.auto_dismiss,
             can_complete: driver.supports_complete(),
             soft_cancel_when_ready: driver.soft_cancel_when_ready(),
+            actively_synced: driver.actively_synced(),
             pause_count: 1,
             user_paused: false,
             started: false,

@@ -66,6 +66,8 @@ pub(crate) struct Job {
     pub(crate) auto_dismiss: bool,
     pub(crate) can_complete: bool,
     pub(crate) soft_cancel_when_ready: bool,
+    /// A mirror's `actively-synced`, kept by its driver.
+    pub(crate) actively_synced: Option<Arc<std::sync::atomic::AtomicBool>>,
     pub(crate) pause_count: u32,
     pub(crate) user_paused: bool,
     pub(crate) started: bool,
@@ -181,18 +183,20 @@ impl Job {
             auto_finalize: self.auto_finalize,
             auto_dismiss: self.auto_dismiss,
             error: self.ret.clone(),
-            branch: info_branch(self.job_type),
+            branch: info_branch(
+                self.job_type,
+                self.actively_synced
+                    .as_ref()
+                    .is_some_and(|a| a.load(std::sync::atomic::Ordering::Acquire)),
+            ),
         }
     }
 }
 
-/// The type-specific part of `query-block-jobs` (mirror's `actively-synced`: our mirror never
-/// switches to active mode).
-fn info_branch(job_type: JobType) -> BlockJobInfoBranch {
+/// The type-specific part of `query-block-jobs` (mirror's `actively-synced`).
+fn info_branch(job_type: JobType, actively_synced: bool) -> BlockJobInfoBranch {
     match job_type {
-        JobType::Mirror => BlockJobInfoBranch::Mirror(BlockJobInfoMirror {
-            actively_synced: false,
-        }),
+        JobType::Mirror => BlockJobInfoBranch::Mirror(BlockJobInfoMirror { actively_synced }),
         JobType::Commit => BlockJobInfoBranch::Commit,
         JobType::Stream => BlockJobInfoBranch::Stream,
         JobType::Create => BlockJobInfoBranch::Create,

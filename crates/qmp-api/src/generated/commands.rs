@@ -1229,6 +1229,20 @@ pub trait Commands {
         let _ = args;
         ::std::result::Result::Err(crate::error::QmpError::command_not_found("blockdev-mirror"))
     }
+    /// Start a mirror job to an image file (see `DriveMirror`).
+    ///
+    /// **Errors:**
+    ///
+    /// - If `device` is not a node, GenericError
+    ///
+    /// **Since:** 1.3
+    fn drive_mirror(
+        &mut self,
+        args: DriveMirror,
+    ) -> ::std::result::Result<(), crate::error::QmpError> {
+        let _ = args;
+        ::std::result::Result::Err(crate::error::QmpError::command_not_found("drive-mirror"))
+    }
     /// Take an external snapshot: create an overlay image whose backing
     /// file is the node's image, and put it on top of the node, so that
     /// later writes go to the overlay and the old image stays as it was.
@@ -1576,6 +1590,12 @@ pub fn dispatch(
             let () = ret;
             ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
         }
+        "drive-mirror" => {
+            let args = <DriveMirror as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+            let ret = handler.drive_mirror(args)?;
+            let () = ret;
+            ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
+        }
         "blockdev-snapshot-sync" => {
             let args = <BlockdevSnapshotSync as crate::input::FromQmp>::from_qmp(&arguments, path)?;
             let ret = handler.blockdev_snapshot_sync(args)?;
@@ -1859,6 +1879,13 @@ pub const COMMANDS: &[crate::wire::CommandInfo] = &[
     },
     crate::wire::CommandInfo {
         name: "blockdev-mirror",
+        success_response: true,
+        allow_oob: false,
+        allow_preconfig: true,
+        deprecated: false,
+    },
+    crate::wire::CommandInfo {
+        name: "drive-mirror",
         success_response: true,
         allow_oob: false,
         allow_preconfig: true,

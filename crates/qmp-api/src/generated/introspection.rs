@@ -238,11 +238,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "arg-type": "37",
     "meta-type": "command",
-    "name": "blockdev-snapshot-sync",
+    "name": "drive-mirror",
     "ret-type": "1"
   },
   {
     "arg-type": "38",
+    "meta-type": "command",
+    "name": "blockdev-snapshot-sync",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "39",
     "features": [
       "allow-write-only-overlay"
     ],
@@ -251,19 +257,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "39",
+    "arg-type": "40",
     "meta-type": "command",
     "name": "blockdev-snapshot-internal-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "40",
+    "arg-type": "41",
     "meta-type": "command",
     "name": "transaction",
     "ret-type": "1"
   },
   {
-    "arg-type": "41",
+    "arg-type": "42",
     "meta-type": "command",
     "name": "nbd-server-start",
     "ret-type": "1"
@@ -275,19 +281,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "42",
+    "arg-type": "43",
     "meta-type": "command",
     "name": "block-export-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "43",
+    "arg-type": "44",
     "meta-type": "command",
     "name": "block-export-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "44",
+    "arg-type": "45",
     "meta-type": "event",
     "name": "BLOCK_EXPORT_DELETED"
   },
@@ -296,7 +302,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "enable",
-        "type": "[45]"
+        "type": "[46]"
       }
     ],
     "meta-type": "object",
@@ -311,7 +317,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qemu",
-        "type": "46"
+        "type": "47"
       },
       {
         "name": "package",
@@ -349,7 +355,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "meta-type",
-        "type": "47"
+        "type": "48"
       },
       {
         "default": null,
@@ -363,31 +369,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "builtin",
-        "type": "48"
-      },
-      {
-        "case": "enum",
         "type": "49"
       },
       {
-        "case": "array",
+        "case": "enum",
         "type": "50"
       },
       {
-        "case": "object",
+        "case": "array",
         "type": "51"
       },
       {
-        "case": "alternate",
+        "case": "object",
         "type": "52"
       },
       {
-        "case": "command",
+        "case": "alternate",
         "type": "53"
       },
       {
-        "case": "event",
+        "case": "command",
         "type": "54"
+      },
+      {
+        "case": "event",
+        "type": "55"
       }
     ]
   },
@@ -399,7 +405,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "55"
+        "type": "56"
       }
     ],
     "meta-type": "object",
@@ -478,11 +484,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "56"
+        "type": "57"
       },
       {
         "name": "status",
-        "type": "55"
+        "type": "56"
       },
       {
         "name": "current-progress",
@@ -555,7 +561,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "detect_zeroes",
-        "type": "57"
+        "type": "58"
       },
       {
         "name": "bps",
@@ -583,7 +589,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "image",
-        "type": "58"
+        "type": "59"
       },
       {
         "default": null,
@@ -657,7 +663,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "cache",
-        "type": "59"
+        "type": "60"
       },
       {
         "name": "write_threshold",
@@ -666,7 +672,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "dirty-bitmaps",
-        "type": "[60]"
+        "type": "[61]"
       }
     ],
     "meta-type": "object",
@@ -676,7 +682,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "61"
+        "type": "62"
       },
       {
         "default": null,
@@ -686,12 +692,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "discard",
-        "type": "62"
+        "type": "63"
       },
       {
         "default": null,
         "name": "cache",
-        "type": "63"
+        "type": "64"
       },
       {
         "default": null,
@@ -716,7 +722,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "detect-zeroes",
-        "type": "57"
+        "type": "58"
       }
     ],
     "meta-type": "object",
@@ -725,23 +731,23 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "blkdebug",
-        "type": "64"
-      },
-      {
-        "case": "file",
         "type": "65"
       },
       {
-        "case": "null-co",
+        "case": "file",
         "type": "66"
       },
       {
-        "case": "qcow2",
+        "case": "null-co",
         "type": "67"
       },
       {
-        "case": "raw",
+        "case": "qcow2",
         "type": "68"
+      },
+      {
+        "case": "raw",
+        "type": "69"
       }
     ]
   },
@@ -810,7 +816,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[69]"
+        "type": "[70]"
       }
     ],
     "meta-type": "object",
@@ -825,7 +831,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "56"
+        "type": "57"
       },
       {
         "name": "device",
@@ -853,7 +859,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "70"
+        "type": "71"
       },
       {
         "name": "ready",
@@ -861,7 +867,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "55"
+        "type": "56"
       },
       {
         "name": "auto-finalize",
@@ -883,7 +889,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "71"
+        "type": "72"
       },
       {
         "case": "commit",
@@ -1006,7 +1012,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "56"
+        "type": "57"
       }
     ],
     "meta-type": "object",
@@ -1015,7 +1021,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "72"
+        "type": "73"
       },
       {
         "case": "commit",
@@ -1055,7 +1061,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "56"
+        "type": "57"
       },
       {
         "name": "device",
@@ -1086,7 +1092,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "56"
+        "type": "57"
       },
       {
         "name": "device",
@@ -1116,11 +1122,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "73"
+        "type": "74"
       },
       {
         "name": "action",
-        "type": "74"
+        "type": "75"
       }
     ],
     "meta-type": "object",
@@ -1130,7 +1136,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "56"
+        "type": "57"
       },
       {
         "name": "device",
@@ -1156,7 +1162,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "56"
+        "type": "57"
       },
       {
         "name": "id",
@@ -1179,7 +1185,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "75"
+        "type": "76"
       },
       {
         "default": null,
@@ -1194,7 +1200,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "76"
+        "type": "77"
       },
       {
         "default": null,
@@ -1204,12 +1210,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "77"
+        "type": "78"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "77"
+        "type": "78"
       },
       {
         "default": null,
@@ -1237,7 +1243,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "78"
+        "type": "79"
       },
       {
         "name": "target",
@@ -1260,7 +1266,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "75"
+        "type": "76"
       },
       {
         "default": null,
@@ -1275,7 +1281,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "76"
+        "type": "77"
       },
       {
         "default": null,
@@ -1285,12 +1291,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "77"
+        "type": "78"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "77"
+        "type": "78"
       },
       {
         "default": null,
@@ -1318,7 +1324,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "78"
+        "type": "79"
       },
       {
         "name": "target",
@@ -1332,7 +1338,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "79"
+        "type": "80"
       }
     ],
     "meta-type": "object",
@@ -1360,7 +1366,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "75"
+        "type": "76"
       },
       {
         "default": null,
@@ -1380,12 +1386,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "77"
+        "type": "78"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "77"
+        "type": "78"
       },
       {
         "default": null,
@@ -1395,7 +1401,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "80"
+        "type": "81"
       },
       {
         "default": null,
@@ -1410,6 +1416,94 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "object",
     "name": "36"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "target",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "format",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "replaces",
+        "type": "str"
+      },
+      {
+        "name": "sync",
+        "type": "76"
+      },
+      {
+        "default": null,
+        "name": "mode",
+        "type": "80"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "granularity",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "buf-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "on-source-error",
+        "type": "78"
+      },
+      {
+        "default": null,
+        "name": "on-target-error",
+        "type": "78"
+      },
+      {
+        "default": null,
+        "name": "unmap",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "copy-mode",
+        "type": "81"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "37"
   },
   {
     "members": [
@@ -1440,11 +1534,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "79"
+        "type": "80"
       }
     ],
     "meta-type": "object",
-    "name": "37"
+    "name": "38"
   },
   {
     "members": [
@@ -1458,7 +1552,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "38"
+    "name": "39"
   },
   {
     "members": [
@@ -1472,22 +1566,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "39"
+    "name": "40"
   },
   {
     "members": [
       {
         "name": "actions",
-        "type": "[81]"
+        "type": "[82]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "82"
+        "type": "83"
       }
     ],
     "meta-type": "object",
-    "name": "40"
+    "name": "41"
   },
   {
     "members": [
@@ -1513,17 +1607,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "83"
+        "type": "84"
       }
     ],
     "meta-type": "object",
-    "name": "41"
+    "name": "42"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "84"
+        "type": "85"
       },
       {
         "name": "id",
@@ -1560,24 +1654,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "42",
+    "name": "43",
     "tag": "type",
     "variants": [
       {
         "case": "nbd",
-        "type": "85"
-      },
-      {
-        "case": "vhost-user-blk",
         "type": "86"
       },
       {
-        "case": "fuse",
+        "case": "vhost-user-blk",
         "type": "87"
       },
       {
-        "case": "vduse-blk",
+        "case": "fuse",
         "type": "88"
+      },
+      {
+        "case": "vduse-blk",
+        "type": "89"
       }
     ]
   },
@@ -1590,11 +1684,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "89"
+        "type": "90"
       }
     ],
     "meta-type": "object",
-    "name": "43"
+    "name": "44"
   },
   {
     "members": [
@@ -1604,12 +1698,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "44"
+    "name": "45"
   },
   {
-    "element-type": "45",
+    "element-type": "46",
     "meta-type": "array",
-    "name": "[45]"
+    "name": "[46]"
   },
   {
     "members": [
@@ -1618,7 +1712,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "45",
+    "name": "46",
     "values": [
       "oob"
     ]
@@ -1639,7 +1733,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "46"
+    "name": "47"
   },
   {
     "json-type": "string",
@@ -1671,7 +1765,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "47",
+    "name": "48",
     "values": [
       "builtin",
       "enum",
@@ -1691,17 +1785,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "90"
+        "type": "91"
       }
     ],
     "meta-type": "object",
-    "name": "48"
+    "name": "49"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[91]"
+        "type": "[92]"
       },
       {
         "features": [
@@ -1712,7 +1806,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "49"
+    "name": "50"
   },
   {
     "members": [
@@ -1722,13 +1816,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "50"
+    "name": "51"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[92]"
+        "type": "[93]"
       },
       {
         "default": null,
@@ -1738,21 +1832,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[93]"
-      }
-    ],
-    "meta-type": "object",
-    "name": "51"
-  },
-  {
-    "members": [
-      {
-        "name": "members",
         "type": "[94]"
       }
     ],
     "meta-type": "object",
     "name": "52"
+  },
+  {
+    "members": [
+      {
+        "name": "members",
+        "type": "[95]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "53"
   },
   {
     "members": [
@@ -1771,7 +1865,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "53"
+    "name": "54"
   },
   {
     "members": [
@@ -1781,7 +1875,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "54"
+    "name": "55"
   },
   {
     "members": [
@@ -1820,7 +1914,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "55",
+    "name": "56",
     "values": [
       "undefined",
       "created",
@@ -1866,7 +1960,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "56",
+    "name": "57",
     "values": [
       "commit",
       "stream",
@@ -1902,7 +1996,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "57",
+    "name": "58",
     "values": [
       "off",
       "on",
@@ -1966,21 +2060,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[95]"
+        "type": "[96]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "96"
+        "type": "97"
       },
       {
         "default": null,
         "name": "backing-image",
-        "type": "58"
+        "type": "59"
       }
     ],
     "meta-type": "object",
-    "name": "58"
+    "name": "59"
   },
   {
     "members": [
@@ -1998,12 +2092,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "59"
+    "name": "60"
   },
   {
-    "element-type": "60",
+    "element-type": "61",
     "meta-type": "array",
-    "name": "[60]"
+    "name": "[61]"
   },
   {
     "members": [
@@ -2039,7 +2133,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "60"
+    "name": "61"
   },
   {
     "members": [
@@ -2060,7 +2154,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "61",
+    "name": "62",
     "values": [
       "blkdebug",
       "file",
@@ -2079,7 +2173,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "62",
+    "name": "63",
     "values": [
       "ignore",
       "unmap"
@@ -2099,13 +2193,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "63"
+    "name": "64"
   },
   {
     "members": [
       {
         "name": "image",
-        "type": "97"
+        "type": "98"
       },
       {
         "default": null,
@@ -2145,26 +2239,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[98]"
-      },
-      {
-        "default": null,
-        "name": "set-state",
         "type": "[99]"
       },
       {
         "default": null,
-        "name": "take-child-perms",
+        "name": "set-state",
         "type": "[100]"
       },
       {
         "default": null,
+        "name": "take-child-perms",
+        "type": "[101]"
+      },
+      {
+        "default": null,
         "name": "unshare-child-perms",
-        "type": "[100]"
+        "type": "[101]"
       }
     ],
     "meta-type": "object",
-    "name": "64"
+    "name": "65"
   },
   {
     "features": [
@@ -2183,12 +2277,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "101"
+        "type": "102"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "102"
+        "type": "103"
       },
       {
         "default": null,
@@ -2210,7 +2304,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "65"
+    "name": "66"
   },
   {
     "members": [
@@ -2231,18 +2325,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "66"
+    "name": "67"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "97"
+        "type": "98"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "103"
+        "type": "104"
       },
       {
         "default": null,
@@ -2272,7 +2366,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "104"
+        "type": "105"
       },
       {
         "default": null,
@@ -2302,22 +2396,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "105"
+        "type": "106"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "97"
+        "type": "98"
       }
     ],
     "meta-type": "object",
-    "name": "67"
+    "name": "68"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "97"
+        "type": "98"
       },
       {
         "default": null,
@@ -2331,12 +2425,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "68"
+    "name": "69"
   },
   {
-    "element-type": "69",
+    "element-type": "70",
     "meta-type": "array",
-    "name": "[69]"
+    "name": "[70]"
   },
   {
     "members": [
@@ -2348,7 +2442,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "69"
+    "name": "70"
   },
   {
     "members": [
@@ -2363,7 +2457,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "70",
+    "name": "71",
     "values": [
       "ok",
       "failed",
@@ -2378,17 +2472,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "71"
+    "name": "72"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "80"
+        "type": "81"
       }
     ],
     "meta-type": "object",
-    "name": "72"
+    "name": "73"
   },
   {
     "members": [
@@ -2400,7 +2494,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "73",
+    "name": "74",
     "values": [
       "read",
       "write"
@@ -2419,7 +2513,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "74",
+    "name": "75",
     "values": [
       "ignore",
       "report",
@@ -2445,7 +2539,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "75",
+    "name": "76",
     "values": [
       "top",
       "full",
@@ -2467,7 +2561,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "76",
+    "name": "77",
     "values": [
       "on-success",
       "never",
@@ -2493,7 +2587,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "77",
+    "name": "78",
     "values": [
       "report",
       "ignore",
@@ -2526,7 +2620,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "78"
+    "name": "79"
   },
   {
     "members": [
@@ -2538,7 +2632,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "79",
+    "name": "80",
     "values": [
       "existing",
       "absolute-paths"
@@ -2554,87 +2648,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "80",
+    "name": "81",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "81",
+    "element-type": "82",
     "meta-type": "array",
-    "name": "[81]"
+    "name": "[82]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "106"
+        "type": "107"
       }
     ],
     "meta-type": "object",
-    "name": "81",
+    "name": "82",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "107"
-      },
-      {
-        "case": "block-dirty-bitmap-add",
         "type": "108"
       },
       {
-        "case": "block-dirty-bitmap-remove",
+        "case": "block-dirty-bitmap-add",
         "type": "109"
+      },
+      {
+        "case": "block-dirty-bitmap-remove",
+        "type": "110"
       },
       {
         "case": "block-dirty-bitmap-clear",
-        "type": "109"
+        "type": "110"
       },
       {
         "case": "block-dirty-bitmap-enable",
-        "type": "109"
+        "type": "110"
       },
       {
         "case": "block-dirty-bitmap-disable",
-        "type": "109"
+        "type": "110"
       },
       {
         "case": "block-dirty-bitmap-merge",
-        "type": "110"
-      },
-      {
-        "case": "blockdev-backup",
         "type": "111"
       },
       {
-        "case": "blockdev-snapshot",
+        "case": "blockdev-backup",
         "type": "112"
       },
       {
-        "case": "blockdev-snapshot-internal-sync",
+        "case": "blockdev-snapshot",
         "type": "113"
       },
       {
-        "case": "blockdev-snapshot-sync",
+        "case": "blockdev-snapshot-internal-sync",
         "type": "114"
       },
       {
-        "case": "drive-backup",
+        "case": "blockdev-snapshot-sync",
         "type": "115"
       },
       {
+        "case": "drive-backup",
+        "type": "116"
+      },
+      {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "109"
+        "type": "110"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "109"
+        "type": "110"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "110"
+        "type": "111"
       }
     ]
   },
@@ -2643,38 +2737,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "116"
+        "type": "117"
       }
     ],
     "meta-type": "object",
-    "name": "82"
+    "name": "83"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "117"
+        "type": "118"
       }
     ],
     "meta-type": "object",
-    "name": "83",
+    "name": "84",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "118"
-      },
-      {
-        "case": "unix",
         "type": "119"
       },
       {
-        "case": "vsock",
+        "case": "unix",
         "type": "120"
       },
       {
-        "case": "fd",
+        "case": "vsock",
         "type": "121"
+      },
+      {
+        "case": "fd",
+        "type": "122"
       }
     ]
   },
@@ -2694,7 +2788,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "84",
+    "name": "85",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -2717,7 +2811,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[69]"
+        "type": "[70]"
       },
       {
         "default": null,
@@ -2726,13 +2820,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "85"
+    "name": "86"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "122"
+        "type": "123"
       },
       {
         "default": null,
@@ -2746,7 +2840,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "86"
+    "name": "87"
   },
   {
     "members": [
@@ -2762,11 +2856,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "123"
+        "type": "124"
       }
     ],
     "meta-type": "object",
-    "name": "87"
+    "name": "88"
   },
   {
     "members": [
@@ -2796,7 +2890,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "88"
+    "name": "89"
   },
   {
     "members": [
@@ -2808,7 +2902,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "89",
+    "name": "90",
     "values": [
       "safe",
       "hard"
@@ -2842,7 +2936,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "90",
+    "name": "91",
     "values": [
       "string",
       "number",
@@ -2855,9 +2949,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "91",
+    "element-type": "92",
     "meta-type": "array",
-    "name": "[91]"
+    "name": "[92]"
   },
   {
     "members": [
@@ -2872,12 +2966,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "91"
+    "name": "92"
   },
   {
-    "element-type": "92",
+    "element-type": "93",
     "meta-type": "array",
-    "name": "[92]"
+    "name": "[93]"
   },
   {
     "members": [
@@ -2901,12 +2995,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "92"
+    "name": "93"
   },
   {
-    "element-type": "93",
+    "element-type": "94",
     "meta-type": "array",
-    "name": "[93]"
+    "name": "[94]"
   },
   {
     "members": [
@@ -2920,12 +3014,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "93"
+    "name": "94"
   },
   {
-    "element-type": "94",
+    "element-type": "95",
     "meta-type": "array",
-    "name": "[94]"
+    "name": "[95]"
   },
   {
     "members": [
@@ -2935,12 +3029,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "94"
+    "name": "95"
   },
   {
-    "element-type": "95",
+    "element-type": "96",
     "meta-type": "array",
-    "name": "[95]"
+    "name": "[96]"
   },
   {
     "members": [
@@ -2979,38 +3073,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "95"
+    "name": "96"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "124"
+        "type": "125"
       }
     ],
     "meta-type": "object",
-    "name": "96",
+    "name": "97",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "125"
-      },
-      {
-        "case": "vmdk",
         "type": "126"
       },
       {
-        "case": "luks",
+        "case": "vmdk",
         "type": "127"
       },
       {
-        "case": "rbd",
+        "case": "luks",
         "type": "128"
       },
       {
-        "case": "file",
+        "case": "rbd",
         "type": "129"
+      },
+      {
+        "case": "file",
+        "type": "130"
       }
     ]
   },
@@ -3024,18 +3118,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "97"
+    "name": "98"
   },
   {
-    "element-type": "98",
+    "element-type": "99",
     "meta-type": "array",
-    "name": "[98]"
+    "name": "[99]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "130"
+        "type": "131"
       },
       {
         "default": null,
@@ -3045,7 +3139,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "131"
+        "type": "132"
       },
       {
         "default": null,
@@ -3069,18 +3163,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "98"
+    "name": "99"
   },
   {
-    "element-type": "99",
+    "element-type": "100",
     "meta-type": "array",
-    "name": "[99]"
+    "name": "[100]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "130"
+        "type": "131"
       },
       {
         "default": null,
@@ -3093,12 +3187,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "99"
+    "name": "100"
   },
   {
-    "element-type": "100",
+    "element-type": "101",
     "meta-type": "array",
-    "name": "[100]"
+    "name": "[101]"
   },
   {
     "members": [
@@ -3116,7 +3210,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "100",
+    "name": "101",
     "values": [
       "consistent-read",
       "write",
@@ -3137,7 +3231,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "101",
+    "name": "102",
     "values": [
       "auto",
       "on",
@@ -3157,7 +3251,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "102",
+    "name": "103",
     "values": [
       "threads",
       "native",
@@ -3177,38 +3271,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "103"
-  },
-  {
-    "members": [
-      {
-        "type": "132"
-      },
-      {
-        "type": "133"
-      }
-    ],
-    "meta-type": "alternate",
     "name": "104"
   },
   {
     "members": [
       {
-        "name": "format",
+        "type": "133"
+      },
+      {
         "type": "134"
       }
     ],
+    "meta-type": "alternate",
+    "name": "105"
+  },
+  {
+    "members": [
+      {
+        "name": "format",
+        "type": "135"
+      }
+    ],
     "meta-type": "object",
-    "name": "105",
+    "name": "106",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "135"
+        "type": "136"
       },
       {
         "case": "luks",
-        "type": "136"
+        "type": "137"
       }
     ]
   },
@@ -3276,7 +3370,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "106",
+    "name": "107",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -3299,17 +3393,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "137"
-      }
-    ],
-    "meta-type": "object",
-    "name": "107"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "17"
+        "type": "138"
       }
     ],
     "meta-type": "object",
@@ -3319,7 +3403,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "18"
+        "type": "17"
       }
     ],
     "meta-type": "object",
@@ -3329,7 +3413,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "19"
+        "type": "18"
       }
     ],
     "meta-type": "object",
@@ -3339,7 +3423,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "34"
+        "type": "19"
       }
     ],
     "meta-type": "object",
@@ -3349,7 +3433,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "38"
+        "type": "34"
       }
     ],
     "meta-type": "object",
@@ -3369,7 +3453,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "37"
+        "type": "40"
       }
     ],
     "meta-type": "object",
@@ -3379,11 +3463,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "35"
+        "type": "38"
       }
     ],
     "meta-type": "object",
     "name": "115"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "35"
+      }
+    ],
+    "meta-type": "object",
+    "name": "116"
   },
   {
     "members": [
@@ -3395,7 +3489,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "116",
+    "name": "117",
     "values": [
       "individual",
       "grouped"
@@ -3417,23 +3511,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "117",
+    "name": "118",
     "values": [
       "inet",
       "unix",
       "vsock",
       "fd"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "138"
-      }
-    ],
-    "meta-type": "object",
-    "name": "118"
   },
   {
     "members": [
@@ -3468,29 +3552,39 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "type",
-        "type": "117"
+        "name": "data",
+        "type": "142"
       }
     ],
     "meta-type": "object",
-    "name": "122",
+    "name": "122"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "118"
+      }
+    ],
+    "meta-type": "object",
+    "name": "123",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "138"
-      },
-      {
-        "case": "unix",
         "type": "139"
       },
       {
-        "case": "vsock",
+        "case": "unix",
         "type": "140"
       },
       {
-        "case": "fd",
+        "case": "vsock",
         "type": "141"
+      },
+      {
+        "case": "fd",
+        "type": "142"
       }
     ]
   },
@@ -3507,7 +3601,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "123",
+    "name": "124",
     "values": [
       "off",
       "on",
@@ -3538,7 +3632,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "124",
+    "name": "125",
     "values": [
       "qcow2",
       "vmdk",
@@ -3546,16 +3640,6 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       "rbd",
       "file"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "142"
-      }
-    ],
-    "meta-type": "object",
-    "name": "125"
   },
   {
     "members": [
@@ -3596,6 +3680,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "object",
     "name": "129"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "147"
+      }
+    ],
+    "meta-type": "object",
+    "name": "130"
   },
   {
     "members": [
@@ -3745,7 +3839,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "130",
+    "name": "131",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -3819,7 +3913,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "131",
+    "name": "132",
     "values": [
       "read",
       "write",
@@ -3839,7 +3933,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "133"
+        "type": "134"
       },
       {
         "default": null,
@@ -3888,7 +3982,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "132"
+    "name": "133"
   },
   {
     "members": [
@@ -3906,7 +4000,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "133",
+    "name": "134",
     "values": [
       "none",
       "constant",
@@ -3924,7 +4018,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "134",
+    "name": "135",
     "values": [
       "aes",
       "luks"
@@ -3939,7 +4033,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "135"
+    "name": "136"
   },
   {
     "members": [
@@ -3950,12 +4044,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "136"
+    "name": "137"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "137"
+    "name": "138"
   },
   {
     "members": [
@@ -3999,7 +4093,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "138"
+    "name": "139"
   },
   {
     "members": [
@@ -4019,7 +4113,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "139"
+    "name": "140"
   },
   {
     "members": [
@@ -4033,7 +4127,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "140"
+    "name": "141"
   },
   {
     "members": [
@@ -4043,7 +4137,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "141"
+    "name": "142"
   },
   {
     "members": [
@@ -4083,20 +4177,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "147"
+        "type": "148"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[148]"
+        "type": "[149]"
       },
       {
         "name": "compression-type",
-        "type": "149"
+        "type": "150"
       }
     ],
     "meta-type": "object",
-    "name": "142"
+    "name": "143"
   },
   {
     "members": [
@@ -4114,34 +4208,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[150]"
+        "type": "[151]"
       }
     ],
     "meta-type": "object",
-    "name": "143"
+    "name": "144"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "151"
-      },
-      {
-        "name": "cipher-mode",
         "type": "152"
       },
       {
-        "name": "ivgen-alg",
+        "name": "cipher-mode",
         "type": "153"
+      },
+      {
+        "name": "ivgen-alg",
+        "type": "154"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "154"
+        "type": "155"
       },
       {
         "name": "hash-alg",
-        "type": "154"
+        "type": "155"
       },
       {
         "name": "detached-header",
@@ -4161,22 +4255,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[155]"
+        "type": "[156]"
       }
     ],
     "meta-type": "object",
-    "name": "144"
+    "name": "145"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "156"
+        "type": "157"
       }
     ],
     "meta-type": "object",
-    "name": "145"
+    "name": "146"
   },
   {
     "members": [
@@ -4187,22 +4281,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "146"
+    "name": "147"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "134"
+        "type": "135"
       }
     ],
     "meta-type": "object",
-    "name": "147",
+    "name": "148",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "144"
+        "type": "145"
       },
       {
         "case": "aes",
@@ -4211,9 +4305,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "148",
+    "element-type": "149",
     "meta-type": "array",
-    "name": "[148]"
+    "name": "[149]"
   },
   {
     "members": [
@@ -4227,11 +4321,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[157]"
+        "type": "[158]"
       }
     ],
     "meta-type": "object",
-    "name": "148"
+    "name": "149"
   },
   {
     "members": [
@@ -4243,16 +4337,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "149",
+    "name": "150",
     "values": [
       "zlib",
       "zstd"
     ]
   },
   {
-    "element-type": "150",
+    "element-type": "151",
     "meta-type": "array",
-    "name": "[150]"
+    "name": "[151]"
   },
   {
     "members": [
@@ -4280,7 +4374,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "150"
+    "name": "151"
   },
   {
     "members": [
@@ -4325,7 +4419,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "151",
+    "name": "152",
     "values": [
       "aes-128",
       "aes-192",
@@ -4358,7 +4452,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "152",
+    "name": "153",
     "values": [
       "ecb",
       "cbc",
@@ -4379,7 +4473,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "153",
+    "name": "154",
     "values": [
       "plain",
       "plain64",
@@ -4414,7 +4508,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "154",
+    "name": "155",
     "values": [
       "md5",
       "sha1",
@@ -4427,9 +4521,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "155",
+    "element-type": "156",
     "meta-type": "array",
-    "name": "[155]"
+    "name": "[156]"
   },
   {
     "members": [
@@ -4453,7 +4547,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "155"
+    "name": "156"
   },
   {
     "members": [
@@ -4468,7 +4562,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "156",
+    "name": "157",
     "values": [
       "luks",
       "luks2",
@@ -4476,9 +4570,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "157",
+    "element-type": "158",
     "meta-type": "array",
-    "name": "[157]"
+    "name": "[158]"
   },
   {
     "members": [
@@ -4490,7 +4584,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "157",
+    "name": "158",
     "values": [
       "in-use",
       "auto"

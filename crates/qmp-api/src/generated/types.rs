@@ -7883,6 +7883,142 @@ impl crate::input::FromQmp for BlockdevBackup {
     }
 }
 
+/// What `drive-mirror` starts: a mirror job whose target is an image
+/// file, created first unless `mode` says it exists.
+///
+/// **Since:** 1.3
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct DriveMirror {
+    /// the new job's id.  As with `blockdev-backup`, it must be
+    /// given in this daemon.
+    #[serde(rename = "job-id")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub job_id: ::std::option::Option<::std::string::String>,
+    /// the node to mirror
+    pub device: ::std::string::String,
+    /// the image file to write
+    pub target: ::std::string::String,
+    /// the target's format (default: the source's, or probed
+    /// when `mode` is existing)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub format: ::std::option::Option<::std::string::String>,
+    /// the node name of the target (default: generated)
+    #[serde(rename = "node-name")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub node_name: ::std::option::Option<::std::string::String>,
+    /// the node the target replaces on completion, when not
+    /// `device` itself; needs `node-name`
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub replaces: ::std::option::Option<::std::string::String>,
+    /// which data to copy: full, top or none
+    pub sync: MirrorSyncMode,
+    /// whether to create the target (default: absolute-paths)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub mode: ::std::option::Option<NewImageMode>,
+    /// the rate limit in bytes per second (default: 0, none)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub speed: ::std::option::Option<i64>,
+    /// bytes per bit of the job's dirty bitmap, a power of
+    /// two from 512 to 64 MiB
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub granularity: ::std::option::Option<u32>,
+    /// the most bytes in flight at once (default: 16 MiB)
+    #[serde(rename = "buf-size")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub buf_size: ::std::option::Option<i64>,
+    /// what to do when reading the source fails
+    /// (default: report)
+    #[serde(rename = "on-source-error")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub on_source_error: ::std::option::Option<BlockdevOnError>,
+    /// what to do when writing the target fails
+    /// (default: report)
+    #[serde(rename = "on-target-error")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub on_target_error: ::std::option::Option<BlockdevOnError>,
+    /// whether ranges the source reads as zeroes are discarded
+    /// on the target rather than written (default: true)
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub unmap: ::std::option::Option<bool>,
+    /// when writes to the source are copied (default:
+    /// background)
+    #[serde(rename = "copy-mode")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub copy_mode: ::std::option::Option<MirrorCopyMode>,
+    /// finalize by itself on reaching pending (default:
+    /// true)
+    #[serde(rename = "auto-finalize")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub auto_finalize: ::std::option::Option<bool>,
+    /// disappear by itself once concluded (default: true)
+    #[serde(rename = "auto-dismiss")]
+    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
+    pub auto_dismiss: ::std::option::Option<bool>,
+}
+
+impl DriveMirror {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        device: impl ::std::convert::Into<::std::string::String>,
+        target: impl ::std::convert::Into<::std::string::String>,
+        sync: MirrorSyncMode,
+    ) -> Self {
+        Self {
+            job_id: ::std::option::Option::None,
+            device: device.into(),
+            target: target.into(),
+            format: ::std::option::Option::None,
+            node_name: ::std::option::Option::None,
+            replaces: ::std::option::Option::None,
+            sync,
+            mode: ::std::option::Option::None,
+            speed: ::std::option::Option::None,
+            granularity: ::std::option::Option::None,
+            buf_size: ::std::option::Option::None,
+            on_source_error: ::std::option::Option::None,
+            on_target_error: ::std::option::Option::None,
+            unmap: ::std::option::Option::None,
+            copy_mode: ::std::option::Option::None,
+            auto_finalize: ::std::option::Option::None,
+            auto_dismiss: ::std::option::Option::None,
+        }
+    }
+    /// Reads this type's members from an object being visited.
+    pub(crate) fn read_qmp_members(
+        object: &mut crate::input::QmpObject<'_>,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        ::std::result::Result::Ok(Self {
+            job_id: object.optional("job-id", path)?,
+            device: object.required("device", path)?,
+            target: object.required("target", path)?,
+            format: object.optional("format", path)?,
+            node_name: object.optional("node-name", path)?,
+            replaces: object.optional("replaces", path)?,
+            sync: object.required("sync", path)?,
+            mode: object.optional("mode", path)?,
+            speed: object.optional("speed", path)?,
+            granularity: object.optional("granularity", path)?,
+            buf_size: object.optional("buf-size", path)?,
+            on_source_error: object.optional("on-source-error", path)?,
+            on_target_error: object.optional("on-target-error", path)?,
+            unmap: object.optional("unmap", path)?,
+            copy_mode: object.optional("copy-mode", path)?,
+            auto_finalize: object.optional("auto-finalize", path)?,
+            auto_dismiss: object.optional("auto-dismiss", path)?,
+        })
+    }
+}
+
+impl crate::input::FromQmp for DriveMirror {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut crate::input::QmpPath,
+    ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        crate::input::read_object(value, path, Self::read_qmp_members)
+    }
+}
+
 /// Whether a command creates the image file it writes to.
 ///
 /// **Since:** 1.1
@@ -9738,6 +9874,7 @@ crate::deserialize_via_from_qmp!(
     BackupCommon,
     DriveBackup,
     BlockdevBackup,
+    DriveMirror,
     BlockdevSnapshotSync,
     BlockdevSnapshot,
     BlockdevSnapshotInternal,
