@@ -198,6 +198,9 @@ impl FilterWrites for MirrorShared {
                 // Granules the write covers whole are now the same on both sides.
                 Ok(()) => {
                     self.with_bitmap(|b| b.reset_dirty(offset, len));
+                    if let Some((jobs, key)) = self.job.get() {
+                        jobs.progress_done_outside(*key, len);
+                    }
                 }
                 Err(_) => self.actively_synced.store(false, Ordering::Release),
             }

@@ -471,6 +471,16 @@ impl JobRegistry {
         self.inner.lock().kick(key);
     }
 
+    /// Work done outside the job's own loop (a mirror's active writes, QEMU's
+    /// `job_progress_increase_remaining` and `job_progress_update` together): adds `done` to
+    /// both the current progress and the total. A stale key is ignored.
+    pub fn progress_done_outside(&self, key: JobKey, done: u64) {
+        if let Some(j) = self.inner.lock().jobs.get_mut(&key) {
+            j.progress_current = j.progress_current.saturating_add(done);
+            j.progress_total = j.progress_total.saturating_add(done);
+        }
+    }
+
     /// Sets a job's total progress before its work starts, when its creator already knows it
     /// (QEMU's backup sets its length at creation, so a job cancelled before it ever ran still
     /// reports it in `BLOCK_JOB_CANCELLED`). A stale key is ignored.
