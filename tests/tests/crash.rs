@@ -345,3 +345,23 @@ fn killing_the_daemon_mid_snapshot_transaction_never_corrupts_an_image() {
         done: reply_ok,
     });
 }
+
+#[test]
+fn killing_the_daemon_mid_mirror_never_corrupts_an_image() {
+    // Killed while copying and while READY (the filter above the source, the job's bitmap).
+    assert_never_corrupt(Scenario {
+        name: "blockdev-mirror sync=full",
+        send: |qmp, _| {
+            qmp.send(
+                "blockdev-mirror",
+                json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                       "filter-node-name": "mt"}),
+            )
+        },
+        done: |qmp| {
+            qmp.wait_event("BLOCK_JOB_READY", Duration::from_secs(60), |d| {
+                d["device"] == "j"
+            });
+        },
+    });
+}
