@@ -184,6 +184,15 @@ fn every_command_of_the_generated_table_is_served_with_valid_arguments() {
         s.ok(complete, arguments);
         s.wait_status(id, "null");
     }
+    let mirror_file = d.join("drive-mirror.qcow2");
+    s.ok(
+        "drive-mirror",
+        json!({"job-id": "m3", "device": "n3", "target": mirror_file.to_str(),
+               "format": "qcow2", "node-name": "dm", "sync": "full"}),
+    );
+    s.wait_status("m3", "ready");
+    s.ok("block-job-cancel", json!({"device": "m3"}));
+    s.wait_status("m3", "null");
 
     // Snapshots of qcow2 nodes.
     let file = |path: &str| json!({"driver": "file", "filename": path});
