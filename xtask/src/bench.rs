@@ -14,9 +14,8 @@
 //!   (the crate's files written to a temporary directory through temporary
 //!   files and renames), theirs writes a temporary file.
 //!
-//! Our output needs no formatter pass: it is written already laid out as
-//! rustfmt would lay it out (`crates/qapi-codegen/tests/rustfmt_stable.rs`
-//! proves it), so nothing is left out of our figures. Wall time and process
+//! Our figures include printing: the generator's tokens are printed by
+//! prettyplease, as `cargo xtask codegen` writes them. Wall time and process
 //! CPU time are both printed: ours uses one thread per core, theirs one.
 
 use clap::{Args, ValueEnum};

@@ -1,11 +1,12 @@
 //! What every emitter needs: schema lookups, Rust types for QAPI types,
 //! which members must be boxed, and rustdoc from schema docs.
 
-use crate::layout;
 use crate::naming;
+use proc_macro2::TokenStream;
 use qapi_model::{
     Builtin, Common, Doc, Entity, IfCond, Member, Schema, TypeRef, UnionBase, UnionType,
 };
+use quote::quote;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
@@ -29,6 +30,8 @@ pub struct Context<'a> {
     by_value: BTreeMap<&'a str, BTreeSet<&'a str>>,
     /// Memo of [`Context::reachable`].
     reachable: RefCell<BTreeMap<String, Rc<BTreeSet<&'a str>>>>,
+    /// The `Event` variant of each event, by entity index.
+    event_variants: HashMap<usize, String>,
 }
 
 impl<'a> Context<'a> {
@@ -75,12 +78,31 @@ impl<'a> Context<'a> {
             }
             by_value.insert(entity.name(), out);
         }
+        let events: Vec<(usize, &Entity)> = schema
+            .entities
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e, Entity::Event(_)))
+            .collect();
+        let variants = naming::dedupe(
+            events
+                .iter()
+                .map(|(_, e)| naming::variant_ident(e.name()))
+                .collect(),
+        );
+        let event_variants = events.iter().map(|(i, _)| *i).zip(variants).collect();
         Context {
             schema,
             index,
             by_value,
             reachable: RefCell::new(BTreeMap::new()),
+            event_variants,
         }
+    }
+
+    /// The `Event` variant of the event at `entities[index]`.
+    pub fn event_variant(&self, index: usize) -> String {
+        self.event_variants.get(&index).cloned().unwrap_or_default()
     }
 
     pub fn entity(&self, name: &str) -> Option<&'a Entity> {
@@ -135,18 +157,19 @@ impl<'a> Context<'a> {
     }
 
     /// The Rust type for a QAPI type used inside `container`.
-    pub fn rust_type(&self, container: Option<&str>, ty: &TypeRef) -> String {
+    pub fn rust_type(&self, container: Option<&str>, ty: &TypeRef) -> TokenStream {
         match ty {
-            TypeRef::Builtin(b) => builtin_type(*b).to_string(),
+            TypeRef::Builtin(b) => builtin_type(*b),
             TypeRef::Array(inner) => {
-                format!("::std::vec::Vec<{}>", self.rust_type(None, inner))
+                let inner = self.rust_type(None, inner);
+                quote!(::std::vec::Vec<#inner>)
             }
             TypeRef::Named(n) => {
-                let id = naming::type_ident(n);
+                let id = naming::token(&naming::type_ident(n));
                 if self.needs_box(container, n) {
-                    format!("::std::boxed::Box<{id}>")
+                    quote!(::std::boxed::Box<#id>)
                 } else {
-                    id
+                    quote!(#id)
                 }
             }
         }
@@ -191,22 +214,22 @@ fn all_members<'a>(
     chain.iter().rev().flat_map(|s| s.members.iter()).collect()
 }
 
-pub fn builtin_type(b: Builtin) -> &'static str {
+pub fn builtin_type(b: Builtin) -> TokenStream {
     match b {
-        Builtin::Str => "::std::string::String",
-        Builtin::Number => "f64",
-        Builtin::Int | Builtin::Int64 => "i64",
-        Builtin::Int8 => "i8",
-        Builtin::Int16 => "i16",
-        Builtin::Int32 => "i32",
-        Builtin::Uint8 => "u8",
-        Builtin::Uint16 => "u16",
-        Builtin::Uint32 => "u32",
-        Builtin::Uint64 | Builtin::Size => "u64",
-        Builtin::Bool => "bool",
-        Builtin::Null => "()",
-        Builtin::Any => "::serde_json::Value",
-        Builtin::QType => "crate::wire::QType",
+        Builtin::Str => quote!(::std::string::String),
+        Builtin::Number => quote!(f64),
+        Builtin::Int | Builtin::Int64 => quote!(i64),
+        Builtin::Int8 => quote!(i8),
+        Builtin::Int16 => quote!(i16),
+        Builtin::Int32 => quote!(i32),
+        Builtin::Uint8 => quote!(u8),
+        Builtin::Uint16 => quote!(u16),
+        Builtin::Uint32 => quote!(u32),
+        Builtin::Uint64 | Builtin::Size => quote!(u64),
+        Builtin::Bool => quote!(bool),
+        Builtin::Null => quote!(()),
+        Builtin::Any => quote!(::serde_json::Value),
+        Builtin::QType => quote!(crate::wire::QType),
     }
 }
 
@@ -283,23 +306,24 @@ impl DocText {
         }
     }
 
-    /// The paragraphs as `///` lines at `indent`, a `///` line between two.
-    pub fn write(&self, out: &mut String, indent: usize) {
+    /// The paragraphs as `#[doc]` attributes, one per line (`///` lines
+    /// once printed), an empty one between two paragraphs.
+    pub fn attrs(&self) -> TokenStream {
+        let mut lines: Vec<String> = Vec::new();
         for (i, p) in self.paragraphs.iter().enumerate() {
             if i > 0 {
-                layout::line(out, indent, "///");
+                lines.push(String::new());
             }
             for l in p.lines() {
                 let l = l.trim_end();
-                layout::push_indent(out, indent);
-                out.push_str("///");
-                if !l.is_empty() {
-                    out.push(' ');
-                    out.push_str(l);
-                }
-                out.push('\n');
+                lines.push(if l.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {l}")
+                });
             }
         }
+        quote!(#(#[doc = #lines])*)
     }
 }
 
@@ -376,10 +400,12 @@ pub fn member_doc(m: &Member) -> DocText {
     doc
 }
 
-/// `#[deprecated]` at `indent` when `deprecated`.
-pub fn deprecated_attr(out: &mut String, indent: usize, deprecated: bool) {
+/// `#[deprecated]` when `deprecated`.
+pub fn deprecated_attr(deprecated: bool) -> TokenStream {
     if deprecated {
-        layout::line(out, indent, "#[deprecated]");
+        quote!(#[deprecated])
+    } else {
+        TokenStream::new()
     }
 }
 

@@ -7,7 +7,9 @@
 //! are not reported (the answer is `if`-less).
 
 use crate::context::Context;
+use proc_macro2::TokenStream;
 use qapi_model::{ArgType, Builtin, Entity, Feature, Member, TypeRef};
+use quote::quote;
 use std::collections::{HashMap, HashSet};
 
 /// A type as introspection sees it.
@@ -485,6 +487,32 @@ impl Pretty {
         }
         self.close('}');
     }
+}
+
+/// The items of the introspection module: `QMP_SCHEMA_JSON` and `qmp_schema()`.
+pub fn items(cx: &Context) -> TokenStream {
+    let json = raw_string_literal(&schema_json(cx));
+    quote! {
+        /// `query-qmp-schema`'s answer as JSON text (QEMU's `SchemaInfo` list,
+        /// type names masked as numbers).
+        pub const QMP_SCHEMA_JSON: &str = #json;
+        /// `query-qmp-schema`'s answer.
+        pub fn qmp_schema() -> ::serde_json::Value {
+            ::serde_json::from_str(QMP_SCHEMA_JSON).unwrap_or(::serde_json::Value::Null)
+        }
+    }
+}
+
+/// `text` as a raw string literal (`r#"..."#`), so multi-line data stays readable in diffs.
+fn raw_string_literal(text: &str) -> proc_macro2::Literal {
+    let mut hashes = String::from("#");
+    while text.contains(&format!("\"{hashes}")) {
+        hashes.push('#');
+    }
+    let source = format!("r{hashes}\"{text}\"{hashes}");
+    source
+        .parse()
+        .unwrap_or_else(|_| proc_macro2::Literal::string(text))
 }
 
 /// The `query-qmp-schema` answer for the schema in `cx`, as JSON text laid

@@ -96,6 +96,15 @@ pub fn ident(text: &str) -> String {
     }
 }
 
+/// The token for an identifier made by this module (`r#type` becomes a raw identifier).
+pub fn token(ident: &str) -> proc_macro2::Ident {
+    let span = proc_macro2::Span::call_site();
+    match ident.strip_prefix("r#") {
+        Some(raw) => proc_macro2::Ident::new_raw(raw, span),
+        None => proc_macro2::Ident::new(ident, span),
+    }
+}
+
 /// The name serde derives for `ident` (raw identifiers lose their `r#`).
 pub fn serde_name(ident: &str) -> &str {
     ident.strip_prefix("r#").unwrap_or(ident)

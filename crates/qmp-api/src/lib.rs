@@ -6,6 +6,8 @@
 //! [`wire`] (event timestamps, command properties).
 
 pub mod error;
+// Printed by prettyplease, not rustfmt: `cargo fmt` leaves the generated module alone.
+#[rustfmt::skip]
 pub mod generated;
 pub mod input;
 pub mod wire;
