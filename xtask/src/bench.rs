@@ -127,9 +127,11 @@ fn codegen(args: &BenchArgs) -> Result<(), String> {
         Ok(files.iter().map(|f| f.contents.len()).sum())
     };
     let out_dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let runtime = crate::codegen::runtime_dependency(out_dir.path())?;
     let ours_to_disk = || -> Result<(), String> {
         let model = qapi_model::load(&schema).map_err(|d| d.to_string())?;
-        let files = qapi_codegen::generate_crate(&model, "qemu-qapi").map_err(|e| e.to_string())?;
+        let files = qapi_codegen::generate_crate(&model, "qemu-qapi", &runtime)
+            .map_err(|e| e.to_string())?;
         for f in &files {
             crate::codegen::write_file(&out_dir.path().join(&f.path), &f.contents)?;
         }

@@ -25,6 +25,30 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// `qapi-runtime`'s dependency line for a crate generated into `out`: this
+/// workspace's `crates/qapi-runtime`, relative to `out` where both share a root.
+pub(crate) fn runtime_dependency(out: &Path) -> Result<String, String> {
+    let runtime = workspace_root().join("crates/qapi-runtime");
+    let runtime = runtime
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", runtime.display()))?;
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let out = out
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    let common = out
+        .components()
+        .zip(runtime.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut relative = PathBuf::new();
+    for _ in out.components().skip(common) {
+        relative.push("..");
+    }
+    relative.extend(runtime.components().skip(common));
+    Ok(format!("{{ path = {:?} }}", relative.display().to_string()))
+}
+
 /// Loads a checked schema; errors are printed `FILE:LINE:COL: message`.
 fn load(path: &Path) -> Result<qapi_model::Schema, String> {
     qapi_model::load(path).map_err(|diagnostics| diagnostics.to_string())
@@ -50,7 +74,8 @@ pub fn run(args: &CodegenArgs) -> Result<(), String> {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or("qapi-generated");
-            let files = qapi_codegen::generate_crate(&model, name).map_err(|e| e.to_string())?;
+            let files = qapi_codegen::generate_crate(&model, name, &runtime_dependency(out)?)
+                .map_err(|e| e.to_string())?;
             let command = format!(
                 "cargo xtask codegen --schema {} --out {}",
                 schema.display(),

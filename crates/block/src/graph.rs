@@ -232,7 +232,7 @@ impl BlockGraph {
             return Ok(());
         }
         let backing = match backing {
-            Some(BlockdevRefOrNull::Null(())) => None,
+            Some(BlockdevRefOrNull::Null(_)) => None,
             Some(BlockdevRefOrNull::Reference(name)) => Some(self.lookup(name)?),
             Some(BlockdevRefOrNull::Definition(options)) => {
                 Some(self.open_node(options, Some(true), false)?)

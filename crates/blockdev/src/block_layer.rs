@@ -211,7 +211,7 @@ impl NodeGraph for BlockLayer {
         let name = format!("blockdev-image{}", self.next_anonymous);
         let backing = match backing {
             Some(node) => BlockdevRefOrNull::Reference(node.to_string()),
-            None => BlockdevRefOrNull::Null(()),
+            None => BlockdevRefOrNull::Null(qmp_api::wire::Null),
         };
         let options = writable_image(image, &name, backing)?;
         let node = self.graph.blockdev_add(&options).map_err(qmp_error)?;
@@ -249,7 +249,11 @@ impl NodeGraph for BlockLayer {
 
     fn open_overlay(&mut self, image: &ImageRef, node_name: &str) -> Result<(), QmpError> {
         // Formats with backing files must not open the old image a second time.
-        let options = writable_image(image, node_name, BlockdevRefOrNull::Null(()))?;
+        let options = writable_image(
+            image,
+            node_name,
+            BlockdevRefOrNull::Null(qmp_api::wire::Null),
+        )?;
         self.graph
             .blockdev_add(&options)
             .map(|_| ())
@@ -374,7 +378,11 @@ impl NodeGraph for BlockLayer {
             filename: image.filename.clone(),
             format,
         };
-        let mut options = writable_image(&image_ref, &name, BlockdevRefOrNull::Null(()))?;
+        let mut options = writable_image(
+            &image_ref,
+            &name,
+            BlockdevRefOrNull::Null(qmp_api::wire::Null),
+        )?;
         if image.open_backing
             && let BlockdevOptionsBranch::Qcow2(qcow2) = &mut options.branch
         {

@@ -23,7 +23,7 @@ impl QmpBackend for BlockBackend {
     }
 
     fn has_command(&self, name: &str) -> bool {
-        qmp_api::command_info(name).is_some()
+        qmp_api::command_properties(name).is_some()
     }
 }
 

@@ -156,6 +156,9 @@ impl JobContext {
         let policy = match operation {
             IoOperationType::Read => job.on_source_error,
             IoOperationType::Write => job.on_target_error,
+            // Drivers pass reads and writes only; an operation the schema does not know
+            // (a type only a client reading a newer server's event sees) is reported.
+            IoOperationType::UnknownValue => BlockdevOnError::Report,
         };
         let action = match policy {
             BlockdevOnError::Report | BlockdevOnError::Auto => BlockErrorAction::Report,
@@ -192,7 +195,11 @@ impl JobContext {
         error: &io::Error,
     ) -> Result<(), JobFailure> {
         match self.io_error(operation, error) {
-            BlockErrorAction::Report => Err(JobFailure::from_io(error)),
+            // `io_error` decides report, ignore or stop; never an action the schema does not
+            // know, which would be reported too.
+            BlockErrorAction::Report | BlockErrorAction::UnknownValue => {
+                Err(JobFailure::from_io(error))
+            }
             BlockErrorAction::Ignore | BlockErrorAction::Stop => {
                 // A request failing at once must not spin: give the executor a turn.
                 YieldNow(false).await;

@@ -205,6 +205,9 @@ fn info_branch(job_type: JobType, actively_synced: bool) -> BlockJobInfoBranch {
         JobType::SnapshotSave => BlockJobInfoBranch::SnapshotSave,
         JobType::SnapshotDelete => BlockJobInfoBranch::SnapshotDelete,
         JobType::Backup => BlockJobInfoBranch::Backup,
+        // A job's type comes from its driver, which names one the schema has; the type
+        // the schema does not know has its own branch.
+        JobType::UnknownValue => BlockJobInfoBranch::UnknownValue,
     }
 }
 

@@ -135,7 +135,7 @@ fn job_in(status: BlockJobStatus) -> Harness {
             h.running(JobSpec::new("j").auto_dismiss(false));
             h.finish("j", Ok(()));
         }
-        Undefined | Null => unreachable!("not observable"),
+        Undefined | Null | UnknownValue => unreachable!("not observable"),
     }
     assert_eq!(h.status("j"), Some(status), "setup");
     h

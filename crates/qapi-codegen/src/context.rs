@@ -8,7 +8,7 @@ use qapi_model::{
 };
 use quote::quote;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::rc::Rc;
 
 /// The JSON kind of a value, as alternates dispatch on it.
@@ -32,6 +32,8 @@ pub struct Context<'a> {
     reachable: RefCell<BTreeMap<String, Rc<BTreeSet<&'a str>>>>,
     /// The `Event` variant of each event, by entity index.
     event_variants: HashMap<usize, String>,
+    /// The named types that replies or events carry (see [`Context::is_output`]).
+    output: HashSet<&'a str>,
 }
 
 impl<'a> Context<'a> {
@@ -91,13 +93,23 @@ impl<'a> Context<'a> {
                 .collect(),
         );
         let event_variants = events.iter().map(|(i, _)| *i).zip(variants).collect();
+        let output = output_types(schema, &index);
         Context {
             schema,
             index,
             by_value,
             reachable: RefCell::new(BTreeMap::new()),
             event_variants,
+            output,
         }
+    }
+
+    /// Whether a reply or an event can carry the named type (by value or in an array, at
+    /// any depth): then a newer QEMU may send it with values this schema does not know,
+    /// and the type (an enum, or a union through its discriminator) gets an `UnknownValue`
+    /// that tolerant reading gives for them.
+    pub fn is_output(&self, name: &str) -> bool {
+        self.output.contains(name)
     }
 
     /// The `Event` variant of the event at `entities[index]`.
@@ -194,6 +206,59 @@ impl<'a> Context<'a> {
     }
 }
 
+/// Every named type reachable from a command's `returns` or an event's `data`.
+fn output_types<'a>(schema: &'a Schema, index: &HashMap<&'a str, usize>) -> HashSet<&'a str> {
+    fn named(ty: &TypeRef) -> Option<&str> {
+        match ty {
+            TypeRef::Named(n) => Some(n),
+            TypeRef::Array(inner) => named(inner),
+            TypeRef::Builtin(_) => None,
+        }
+    }
+    let mut stack: Vec<&'a str> = Vec::new();
+    for entity in &schema.entities {
+        match entity {
+            Entity::Command(c) => stack.extend(c.returns.as_ref().and_then(named)),
+            Entity::Event(e) => match &e.data {
+                Some(qapi_model::ArgType::Named(n)) => stack.push(n),
+                Some(qapi_model::ArgType::Inline(members)) => {
+                    stack.extend(members.iter().filter_map(|m| named(&m.ty)))
+                }
+                None => {}
+            },
+            _ => {}
+        }
+    }
+    let mut seen = HashSet::new();
+    while let Some(name) = stack.pop() {
+        if !seen.insert(name) {
+            continue;
+        }
+        match index.get(name).map(|&i| &schema.entities[i]) {
+            Some(Entity::Struct(s)) => {
+                stack.extend(
+                    all_members(schema, index, &s.common.name)
+                        .iter()
+                        .filter_map(|m| named(&m.ty)),
+                );
+            }
+            Some(Entity::Union(u)) => {
+                let base: Vec<&Member> = match &u.base {
+                    UnionBase::Named(n) => all_members(schema, index, n),
+                    UnionBase::Inline(m) => m.iter().collect(),
+                };
+                stack.extend(base.iter().filter_map(|m| named(&m.ty)));
+                stack.extend(u.branches.iter().map(|b| b.ty.as_str()));
+            }
+            Some(Entity::Alternate(a)) => {
+                stack.extend(a.alternatives.iter().filter_map(|alt| named(&alt.ty)));
+            }
+            _ => {}
+        }
+    }
+    seen
+}
+
 /// [`Schema::all_members`] through an index instead of a search.
 fn all_members<'a>(
     schema: &'a Schema,
@@ -227,9 +292,9 @@ pub fn builtin_type(b: Builtin) -> TokenStream {
         Builtin::Uint32 => quote!(u32),
         Builtin::Uint64 | Builtin::Size => quote!(u64),
         Builtin::Bool => quote!(bool),
-        Builtin::Null => quote!(()),
+        Builtin::Null => quote!(::qapi_runtime::Null),
         Builtin::Any => quote!(::serde_json::Value),
-        Builtin::QType => quote!(crate::wire::QType),
+        Builtin::QType => quote!(::qapi_runtime::QType),
     }
 }
 

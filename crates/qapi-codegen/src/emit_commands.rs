@@ -1,4 +1,5 @@
-//! Command argument structs, the `Commands` trait, `dispatch` and `COMMANDS`.
+//! Per command, its argument type implementing `qapi_runtime::Command`; then the
+//! server's `Commands` trait, `dispatch` and `COMMANDS`.
 
 use crate::context::{self, Context};
 use crate::emit_types;
@@ -7,7 +8,7 @@ use proc_macro2::{Ident, TokenStream};
 use qapi_model::{ArgType, Command, Entity};
 use quote::quote;
 
-/// How a command receives its arguments.
+/// How a server's handler receives a command's arguments.
 enum Args {
     /// No `data` (or an empty one): any argument is unexpected.
     None,
@@ -17,27 +18,117 @@ enum Args {
     Raw,
 }
 
-/// `<Command>Arguments`, the struct of a command with inline `data`.
-fn arguments_ident(wire: &str) -> String {
-    format!("{}Arguments", naming::upper_camel(wire))
+/// `<Command>Arguments`: the argument type of every command.
+fn arguments_ident(wire: &str) -> Ident {
+    token(&format!("{}Arguments", naming::upper_camel(wire)))
 }
 
-/// The argument struct of `c` when its `data` is inline and not empty.
-pub fn arguments(cx: &Context, c: &Command) -> TokenStream {
+fn args(c: &Command) -> Args {
     match (&c.args, c.gen_) {
-        (Some(ArgType::Inline(members)), true) if !members.is_empty() => {
-            let wire = &c.common.name;
-            let mut doc = context::DocText::default();
-            doc.push(format!("Arguments of `{wire}`."));
-            let refs: Vec<_> = members.iter().collect();
-            emit_types::object(cx, &arguments_ident(wire), None, &refs, &doc, false)
-        }
-        _ => TokenStream::new(),
+        (_, false) => Args::Raw,
+        (None, true) => Args::None,
+        (Some(ArgType::Inline(m)), true) if m.is_empty() => Args::None,
+        (Some(ArgType::Inline(_)), true) => Args::Typed(arguments_ident(&c.common.name)),
+        (Some(ArgType::Named(n)), true) => Args::Typed(token(&naming::type_ident(n))),
     }
 }
 
-/// What follows the argument structs: their `Deserialize`, the `Commands`
-/// trait, `dispatch`, `COMMANDS` and `command_info`.
+/// What the command's reply returns.
+fn returns(cx: &Context, c: &Command) -> TokenStream {
+    match (&c.returns, c.gen_) {
+        (_, false) => quote!(::serde_json::Value),
+        (Some(t), true) => cx.rust_type(None, t),
+        (None, true) => quote!(()),
+    }
+}
+
+const RAW_ARGUMENTS: &str = "::serde_json::Map<::std::string::String, ::serde_json::Value>";
+
+fn raw_arguments() -> TokenStream {
+    RAW_ARGUMENTS.parse().unwrap_or_default()
+}
+
+/// The argument type of `c` and its `Command` impl: a struct of the inline `data` (an
+/// empty one without `data`), or a newtype of the named `data` type or, for
+/// `'gen': false`, of the raw arguments object.
+pub fn arguments(cx: &Context, c: &Command) -> TokenStream {
+    let wire = &c.common.name;
+    let name = arguments_ident(wire);
+    let mut doc = context::entity_doc(&c.common);
+    doc.push(format!(
+        "The arguments of command `{wire}` (its `qapi_runtime::Command`)."
+    ));
+    let ty = match (&c.args, c.gen_) {
+        (Some(ArgType::Inline(members)), true) => {
+            let refs: Vec<_> = members.iter().collect();
+            emit_types::object(cx, &name.to_string(), None, &refs, &doc, false)
+        }
+        (None, true) => emit_types::object(cx, &name.to_string(), None, &[], &doc, false),
+        (data, gen_) => {
+            let inner = match (data, gen_) {
+                (Some(ArgType::Named(n)), true) => {
+                    let n = token(&naming::type_ident(n));
+                    quote!(#n)
+                }
+                _ => raw_arguments(),
+            };
+            let doc = doc.attrs();
+            quote! {
+                #doc
+                #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+                #[serde(transparent)]
+                pub struct #name(pub #inner);
+                impl ::std::convert::From<#inner> for #name {
+                    fn from(arguments: #inner) -> Self {
+                        Self(arguments)
+                    }
+                }
+                impl ::qapi_runtime::input::FromQmp for #name {
+                    fn from_qmp(
+                        value: &::serde_json::Value,
+                        path: &mut ::qapi_runtime::input::QmpPath,
+                    ) -> ::qapi_runtime::Result<Self> {
+                        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+                    }
+                }
+                ::qapi_runtime::impl_deserialize!(#name);
+            }
+        }
+    };
+    let ret = returns(cx, c);
+    let mut properties = TokenStream::new();
+    if !c.success_response {
+        properties.extend(quote!(
+            const SUCCESS_RESPONSE: bool = false;
+        ));
+    }
+    if c.allow_oob {
+        properties.extend(quote!(
+            const ALLOW_OOB: bool = true;
+        ));
+    }
+    if c.allow_preconfig {
+        properties.extend(quote!(
+            const ALLOW_PRECONFIG: bool = true;
+        ));
+    }
+    if c.common.is_deprecated() {
+        properties.extend(quote!(
+            const DEPRECATED: bool = true;
+        ));
+    }
+    quote! {
+        #ty
+        impl ::qapi_runtime::Command for #name {
+            const NAME: &'static str = #wire;
+            type Returns = #ret;
+            #properties
+        }
+    }
+}
+
+/// What follows the argument types: the `Commands` trait, `dispatch`, `COMMANDS` and
+/// `command_properties`.
 pub fn tail(cx: &Context) -> TokenStream {
     let commands: Vec<&Command> = cx
         .schema
@@ -57,60 +148,42 @@ pub fn tail(cx: &Context) -> TokenStream {
     .iter()
     .map(|m| token(m))
     .collect();
-    let args: Vec<Args> = commands
-        .iter()
-        .map(|c| match (&c.args, c.gen_) {
-            (_, false) => Args::Raw,
-            (None, true) => Args::None,
-            (Some(ArgType::Inline(m)), true) if m.is_empty() => Args::None,
-            (Some(ArgType::Inline(_)), true) => {
-                Args::Typed(token(&arguments_ident(&c.common.name)))
-            }
-            (Some(ArgType::Named(n)), true) => Args::Typed(token(&naming::type_ident(n))),
-        })
-        .collect();
-    let via_from_qmp = commands
-        .iter()
-        .zip(&args)
-        .filter(|(c, a)| matches!(a, Args::Typed(_)) && matches!(c.args, Some(ArgType::Inline(_))))
-        .map(|(c, _)| token(&arguments_ident(&c.common.name)))
-        .collect();
-    let deserialize = emit_types::deserialize_via_from_qmp(via_from_qmp);
+    let args: Vec<Args> = commands.iter().map(|c| args(c)).collect();
 
-    let raw_arguments = quote!(::serde_json::Map<::std::string::String, ::serde_json::Value>);
-    let trait_methods = commands.iter().zip(&methods).zip(&args).map(|((c, method), args)| {
-        let wire = &c.common.name;
-        let ret = match (&c.returns, c.gen_) {
-            (_, false) => quote!(::serde_json::Value),
-            (Some(t), true) => cx.rust_type(None, t),
-            (None, true) => quote!(()),
-        };
-        let doc = context::entity_doc(&c.common).attrs();
-        let deprecated = context::deprecated_attr(c.common.is_deprecated());
-        let (param, unused) = match args {
-            Args::None => (TokenStream::new(), TokenStream::new()),
-            Args::Typed(ty) => (quote!(, args: #ty), quote!(let _ = args;)),
-            Args::Raw => (
-                quote!(, arguments: #raw_arguments),
-                quote!(let _ = arguments;),
-            ),
-        };
-        quote! {
-            #doc
-            #deprecated
-            fn #method(&mut self #param) -> ::std::result::Result<#ret, crate::error::QmpError> {
-                #unused
-                ::std::result::Result::Err(crate::error::QmpError::command_not_found(#wire))
+    let raw_arguments = raw_arguments();
+    let trait_methods = commands
+        .iter()
+        .zip(&methods)
+        .zip(&args)
+        .map(|((c, method), args)| {
+            let wire = &c.common.name;
+            let ret = returns(cx, c);
+            let doc = format!(" `{wire}`: see [`{}`].", arguments_ident(&c.common.name));
+            let deprecated = context::deprecated_attr(c.common.is_deprecated());
+            let (param, unused) = match args {
+                Args::None => (TokenStream::new(), TokenStream::new()),
+                Args::Typed(ty) => (quote!(, args: #ty), quote!(let _ = args;)),
+                Args::Raw => (
+                    quote!(, arguments: #raw_arguments),
+                    quote!(let _ = arguments;),
+                ),
+            };
+            quote! {
+                #[doc = #doc]
+                #deprecated
+                fn #method(&mut self #param) -> ::qapi_runtime::Result<#ret> {
+                    #unused
+                    Err(::qapi_runtime::QmpError::command_not_found(#wire))
+                }
             }
-        }
-    });
+        });
 
     let dispatch_start = if commands.is_empty() {
         quote!(let _ = (handler, arguments);)
     } else {
         quote! {
             let arguments = ::serde_json::Value::Object(arguments.unwrap_or_default());
-            let path = &mut crate::input::QmpPath::root();
+            let path = &mut ::qapi_runtime::input::QmpPath::root();
         }
     };
     let dispatch_arms = commands
@@ -121,11 +194,11 @@ pub fn tail(cx: &Context) -> TokenStream {
             let wire = &c.common.name;
             let call = match args {
                 Args::None => quote! {
-                    crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+                    <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
                     let ret = handler.#method()?;
                 },
                 Args::Typed(ty) => quote! {
-                    let args = <#ty as crate::input::FromQmp>::from_qmp(&arguments, path)?;
+                    let args = <#ty as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
                     let ret = handler.#method(args)?;
                 },
                 Args::Raw => quote! {
@@ -133,12 +206,9 @@ pub fn tail(cx: &Context) -> TokenStream {
                 },
             };
             let reply = if c.returns.is_none() && c.gen_ {
-                quote! {
-                    let () = ret;
-                    ::std::result::Result::Ok(::serde_json::Value::Object(::serde_json::Map::new()))
-                }
+                quote!(::qapi_runtime::wire::reply_empty(ret))
             } else {
-                quote!(crate::wire::reply_value(&ret))
+                quote!(::qapi_runtime::wire::reply(&ret))
             };
             quote! {
                 #wire => {
@@ -147,52 +217,37 @@ pub fn tail(cx: &Context) -> TokenStream {
                 }
             }
         });
-
-    let infos = commands.iter().map(|c| {
-        let name = &c.common.name;
-        let (success_response, allow_oob, allow_preconfig, deprecated) = (
-            c.success_response,
-            c.allow_oob,
-            c.allow_preconfig,
-            c.common.is_deprecated(),
-        );
-        quote! {
-            crate::wire::CommandInfo {
-                name: #name,
-                success_response: #success_response,
-                allow_oob: #allow_oob,
-                allow_preconfig: #allow_preconfig,
-                deprecated: #deprecated,
-            }
-        }
-    });
+    let argument_types = commands.iter().map(|c| arguments_ident(&c.common.name));
 
     quote! {
-        #deserialize
-        /// One method per command. Each default answers like QEMU for a
-        /// command it does not have (`CommandNotFound`), so a server
-        /// implements only what it supports.
+        /// One method per command, for a server. Each default answers like QEMU for a
+        /// command it does not have (`CommandNotFound`), so a server implements only
+        /// what it supports.
         pub trait Commands {
             #(#trait_methods)*
         }
-        /// Runs command `name` on `handler`: reads `arguments` with QEMU's
+        /// Runs command `name` on `handler`: reads `arguments` strictly with QEMU's
         /// input rules, calls the method, and returns the `return` value
         /// (`{}` for commands without `returns`).
         pub fn dispatch(
             handler: &mut impl Commands,
             name: &str,
             arguments: ::std::option::Option<#raw_arguments>,
-        ) -> ::std::result::Result<::serde_json::Value, crate::error::QmpError> {
+        ) -> ::qapi_runtime::Result<::serde_json::Value> {
             #dispatch_start
             match name {
                 #(#dispatch_arms)*
-                _ => ::std::result::Result::Err(crate::error::QmpError::command_not_found(name)),
+                _ => Err(::qapi_runtime::QmpError::command_not_found(name)),
             }
         }
-        /// Every command with the properties the monitor needs, in schema order.
-        pub const COMMANDS: &[crate::wire::CommandInfo] = &[#(#infos),*];
+        /// Every command with its properties, in schema order.
+        pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
+            #(<#argument_types as ::qapi_runtime::Command>::PROPERTIES),*
+        ];
         /// The properties of command `name`, if the schema has it.
-        pub fn command_info(name: &str) -> ::std::option::Option<&'static crate::wire::CommandInfo> {
+        pub fn command_properties(
+            name: &str,
+        ) -> ::std::option::Option<&'static ::qapi_runtime::CommandProperties> {
             COMMANDS.iter().find(|c| c.name == name)
         }
     }

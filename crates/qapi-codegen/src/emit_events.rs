@@ -53,7 +53,7 @@ pub fn data_struct(cx: &Context, ev: &Event, variant: &str) -> TokenStream {
     }
 }
 
-/// What follows the data structs: their `Deserialize` and the `Event` enum.
+/// What follows the data structs: the `Event` enum and its `qapi_runtime::Event` impl.
 pub fn tail(cx: &Context) -> TokenStream {
     let events = events(cx);
     let data_types: Vec<Option<Ident>> = events
@@ -63,12 +63,9 @@ pub fn tail(cx: &Context) -> TokenStream {
             _ => inline_data(ev).map(|_| token(&data_ident(variant))),
         })
         .collect();
-    let via_from_qmp = events
-        .iter()
-        .filter(|(ev, _)| !matches!(ev.data, Some(ArgType::Named(_))) && inline_data(ev).is_some())
-        .map(|(_, variant)| token(&data_ident(variant)))
-        .collect();
-    let deserialize = emit_types::deserialize_via_from_qmp(via_from_qmp);
+    let mut variant_names: Vec<String> = events.iter().map(|(_, v)| v.clone()).collect();
+    variant_names.push("UnknownEvent".to_string());
+    let unknown = token(&naming::dedupe(variant_names).pop().unwrap_or_default());
 
     let mut decls = Vec::new();
     let mut name_arms = Vec::new();
@@ -83,91 +80,75 @@ pub fn tail(cx: &Context) -> TokenStream {
             Some(ty) => {
                 decls.push(quote!(#doc #deprecated #variant(#ty),));
                 name_arms.push(quote!(Self::#variant(_) => #wire,));
-                data_arms.push(quote! {
-                    Self::#variant(data) => ::std::option::Option::Some(
-                        ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
-                    ),
-                });
+                data_arms
+                    .push(quote!(Self::#variant(data) => Some(::qapi_runtime::wire::data(data)),));
                 read_arms.push(quote! {
-                    #wire => {
-                        path.push_member("data");
-                        let data = message.get("data").ok_or_else(|| path.missing())?;
-                        Self::#variant(<#ty as crate::input::FromQmp>::from_qmp(data, path)?)
-                    }
+                    #wire => Self::#variant(::qapi_runtime::event::read_data(data)?),
                 });
             }
             None => {
                 decls.push(quote!(#doc #deprecated #variant,));
                 name_arms.push(quote!(Self::#variant => #wire,));
-                data_arms.push(quote!(Self::#variant => ::std::option::Option::None,));
+                data_arms.push(quote!(Self::#variant => None,));
                 read_arms.push(quote!(#wire => Self::#variant,));
             }
         }
     }
     let names = events.iter().map(|(ev, _)| &ev.common.name);
-    let (name_body, data_body) = if events.is_empty() {
-        (quote!(match *self {}), quote!(match *self {}))
-    } else {
-        (
-            quote!(match self { #(#name_arms)* }),
-            quote!(match self { #(#data_arms)* }),
-        )
-    };
 
     quote! {
-        #deserialize
-        /// Every event of the schema with its typed data.
+        /// Every event of the schema with its typed data, and the events it does not know.
         #[derive(Debug, Clone, PartialEq)]
         pub enum Event {
             #(#decls)*
+            /// An event this schema does not know (a newer QEMU's): its name and data.
+            #unknown(::qapi_runtime::UnknownEvent),
         }
         impl Event {
             /// Every event name, in schema order.
             pub const NAMES: &'static [&'static str] = &[#(#names),*];
             /// The wire name (`JOB_STATUS_CHANGE`).
-            pub fn name(&self) -> &'static str {
-                #name_body
+            pub fn name(&self) -> &str {
+                match self {
+                    #(#name_arms)*
+                    Self::#unknown(event) => &event.name,
+                }
             }
             /// The `data` member, `None` for events without data.
             pub fn data(&self) -> ::std::option::Option<::serde_json::Value> {
-                #data_body
+                match self {
+                    #(#data_arms)*
+                    Self::#unknown(event) => event.data.clone(),
+                }
             }
             /// The message QEMU sends: `{"timestamp": {...}, "event": NAME, "data": {...}}`
             /// (`data` omitted for events without data).
-            pub fn to_wire(&self, timestamp: crate::wire::EventTimestamp) -> ::serde_json::Value {
-                let mut message = ::serde_json::Map::new();
-                message.insert(
-                    "timestamp".to_string(),
-                    ::serde_json::to_value(timestamp).unwrap_or(::serde_json::Value::Null),
-                );
-                message.insert("event".to_string(), ::serde_json::Value::from(self.name()));
-                if let ::std::option::Option::Some(data) = self.data() {
-                    message.insert("data".to_string(), data);
-                }
-                ::serde_json::Value::Object(message)
+            pub fn to_wire(&self, timestamp: ::qapi_runtime::EventTimestamp) -> ::serde_json::Value {
+                ::qapi_runtime::Event::to_wire(self, timestamp)
             }
-            /// Reads an event message (`event` and `data`; `timestamp` is not needed).
-            pub fn from_wire(
-                message: &::serde_json::Value,
-            ) -> ::std::result::Result<Self, crate::error::QmpError> {
-                let path = &mut crate::input::QmpPath::root();
-                let name = match message.get("event") {
-                    ::std::option::Option::Some(::serde_json::Value::String(name)) => name.as_str(),
-                    _ => {
-                        return ::std::result::Result::Err(crate::error::QmpError::generic(
-                            "event message has no 'event' string member",
-                        ));
-                    }
-                };
-                let _ = &path;
-                ::std::result::Result::Ok(match name {
+            /// Reads an event message (`event` and `data`; `timestamp` is not needed),
+            /// tolerantly: members and values the schema does not know are ignored or
+            /// read as `UnknownValue`, and an unknown event is an `UnknownEvent`.
+            pub fn from_wire(message: &::serde_json::Value) -> ::qapi_runtime::Result<Self> {
+                let (name, data) = ::qapi_runtime::event::split_message(message)?;
+                Ok(match name {
                     #(#read_arms)*
-                    _ => {
-                        return ::std::result::Result::Err(crate::error::QmpError::generic(format!(
-                            "unknown event '{name}'"
-                        )));
-                    }
+                    _ => Self::#unknown(::qapi_runtime::UnknownEvent {
+                        name: name.to_string(),
+                        data: data.cloned(),
+                    }),
                 })
+            }
+        }
+        impl ::qapi_runtime::Event for Event {
+            fn name(&self) -> &str {
+                self.name()
+            }
+            fn data(&self) -> ::std::option::Option<::serde_json::Value> {
+                self.data()
+            }
+            fn from_wire(message: &::serde_json::Value) -> ::qapi_runtime::Result<Self> {
+                Self::from_wire(message)
             }
         }
     }

@@ -1,11 +1,12 @@
-//! Enums, structs, unions and alternates, each with its serde `Serialize` and
-//! its QMP input visitor (`FromQmp`).
+//! Enums, structs, unions and alternates, each with its serde `Serialize`, its QMP
+//! input visitor (`FromQmp`, through `ReadMembers` for object types) and a
+//! `Deserialize` that reads tolerantly (see `qapi_runtime::input`).
 
 use crate::context::{self, Context, DocText, JsonKind};
 use crate::naming::{self, token};
 use proc_macro2::{Ident, TokenStream};
 use qapi_model::{
-    AlternateType, Builtin, Entity, EnumType, Member, StructType, TypeRef, UnionType,
+    AlternateType, Builtin, Entity, EnumType, IfCond, Member, StructType, TypeRef, UnionType,
 };
 use quote::{format_ident, quote};
 
@@ -13,38 +14,12 @@ use quote::{format_ident, quote};
 /// impls (nothing for commands and events, which live in their own modules).
 pub fn entity(cx: &Context, entity: &Entity) -> TokenStream {
     match entity {
-        Entity::Enum(e) => enum_(e),
+        Entity::Enum(e) => enum_(cx, e),
         Entity::Struct(s) => struct_(cx, s),
         Entity::Union(u) => union(cx, u),
         Entity::Alternate(a) => alternate(cx, a),
         Entity::Command(_) | Entity::Event(_) => TokenStream::new(),
     }
-}
-
-/// What follows the definitions: `Deserialize` through `FromQmp` for every
-/// struct, union and alternate.
-pub fn tail(cx: &Context) -> TokenStream {
-    let via_from_qmp = cx
-        .schema
-        .entities
-        .iter()
-        .filter(|e| {
-            matches!(
-                e,
-                Entity::Struct(_) | Entity::Union(_) | Entity::Alternate(_)
-            )
-        })
-        .map(|e| token(&naming::type_ident(e.name())))
-        .collect();
-    deserialize_via_from_qmp(via_from_qmp)
-}
-
-/// `crate::deserialize_via_from_qmp!(A, B, ...);` (nothing for no types).
-pub fn deserialize_via_from_qmp(types: Vec<Ident>) -> TokenStream {
-    if types.is_empty() {
-        return TokenStream::new();
-    }
-    quote!(crate::deserialize_via_from_qmp!(#(#types),*);)
 }
 
 /// `#[serde(rename = "wire")]` when serde would not derive `wire` from `ident`.
@@ -56,22 +31,29 @@ fn rename_attr(ident: &str, wire: &str) -> TokenStream {
     }
 }
 
-/// `impl crate::input::FromQmp for name` with `body`.
-fn from_qmp_impl(name: &Ident, body: TokenStream) -> TokenStream {
+/// `impl ReadMembers for name` whose body is `body` (an expression of type `Result<Self>`).
+pub fn read_members_impl(name: &Ident, body: TokenStream) -> TokenStream {
     quote! {
-        impl crate::input::FromQmp for #name {
-            fn from_qmp(
-                value: &::serde_json::Value,
-                path: &mut crate::input::QmpPath,
-            ) -> ::std::result::Result<Self, crate::error::QmpError> {
+        impl ::qapi_runtime::input::ReadMembers for #name {
+            fn read_members(
+                object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+            ) -> ::qapi_runtime::Result<Self> {
                 #body
             }
         }
     }
 }
 
-/// Rustdoc and `#[deprecated]` of one enum value, alternative or branch.
-fn value_doc(doc: Option<&str>, ifcond: Option<&qapi_model::IfCond>) -> DocText {
+/// The name of the variant standing for values the schema does not know, after
+/// `variants` (`UnknownValue`, unless a value of the schema already took it).
+fn unknown_variant(variants: &[String]) -> Ident {
+    let mut all = variants.to_vec();
+    all.push("UnknownValue".to_string());
+    token(&naming::dedupe(all).pop().unwrap_or_default())
+}
+
+/// Rustdoc of one enum value, alternative or branch.
+fn value_doc(doc: Option<&str>, ifcond: Option<&IfCond>) -> DocText {
     let mut d = DocText::default();
     if let Some(text) = doc {
         d.push(text);
@@ -82,7 +64,15 @@ fn value_doc(doc: Option<&str>, ifcond: Option<&qapi_model::IfCond>) -> DocText 
     d
 }
 
-fn enum_(e: &EnumType) -> TokenStream {
+/// The documentation of a type's `UnknownValue`.
+fn unknown_doc() -> TokenStream {
+    quote! {
+        /// A value this schema does not know, read from a newer QEMU's reply or event
+        /// (it has no wire name and cannot be sent).
+    }
+}
+
+fn enum_(cx: &Context, e: &EnumType) -> TokenStream {
     let name = token(&naming::type_ident(&e.common.name));
     let type_name = &e.common.name;
     let variant_names = naming::dedupe(
@@ -95,32 +85,30 @@ fn enum_(e: &EnumType) -> TokenStream {
     let wires: Vec<&str> = e.values.iter().map(|v| v.name.as_str()).collect();
     let doc = context::entity_doc(&e.common).attrs();
     let deprecated = context::deprecated_attr(e.common.is_deprecated());
-    let decls = e.values.iter().zip(&variant_names).map(|(v, id)| {
+    let decls = e.values.iter().zip(&variants).map(|(v, id)| {
         let doc = value_doc(v.doc.as_deref(), v.ifcond.as_ref()).attrs();
         let deprecated =
             context::deprecated_attr(v.features.iter().any(|f| f.name == "deprecated"));
-        let rename = rename_attr(id, &v.name);
-        let id = token(id);
-        quote!(#doc #deprecated #rename #id,)
+        quote!(#doc #deprecated #id,)
     });
-    let from_qmp = from_qmp_impl(&name, quote!(crate::input::enum_from_qmp(value, path)));
+    let (unknown_decl, unknown_arm, unknown) = if cx.is_output(type_name) {
+        let id = unknown_variant(&variant_names);
+        let doc = unknown_doc();
+        (
+            quote!(#doc #id,),
+            quote!(Self::#id => ::qapi_runtime::enums::UNKNOWN_VALUE,),
+            quote!(Some(Self::#id)),
+        )
+    } else {
+        (TokenStream::new(), TokenStream::new(), quote!(None))
+    };
     quote! {
         #doc
         #deprecated
-        #[derive(
-            Debug,
-            Clone,
-            Copy,
-            PartialEq,
-            Eq,
-            Hash,
-            PartialOrd,
-            Ord,
-            ::serde::Serialize,
-            ::serde::Deserialize,
-        )]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum #name {
             #(#decls)*
+            #unknown_decl
         }
         impl #name {
             /// Every value, in schema order.
@@ -129,27 +117,19 @@ fn enum_(e: &EnumType) -> TokenStream {
             pub fn as_str(self) -> &'static str {
                 match self {
                     #(Self::#variants => #wires,)*
+                    #unknown_arm
                 }
             }
         }
-        impl ::std::fmt::Display for #name {
-            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-                f.write_str(self.as_str())
+        impl ::qapi_runtime::Enum for #name {
+            const NAME: &'static str = #type_name;
+            const ALL: &'static [Self] = Self::ALL;
+            const UNKNOWN: ::std::option::Option<Self> = #unknown;
+            fn as_str(self) -> &'static str {
+                self.as_str()
             }
         }
-        impl ::std::str::FromStr for #name {
-            type Err = crate::input::UnknownEnumValue;
-            fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-                match s {
-                    #(#wires => ::std::result::Result::Ok(Self::#variants),)*
-                    _ => ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                        type_name: #type_name,
-                        value: s.to_string(),
-                    }),
-                }
-            }
-        }
-        #from_qmp
+        ::qapi_runtime::impl_enum!(#name);
     }
 }
 
@@ -204,12 +184,12 @@ fn field_decls(fields: &[Field]) -> TokenStream {
 }
 
 /// The expression reading one member from `object`.
-pub fn read_member(m: &Member) -> TokenStream {
+fn read_member(m: &Member) -> TokenStream {
     let wire = &m.name;
     if m.optional {
-        quote!(object.optional(#wire, path)?)
+        quote!(object.optional(#wire)?)
     } else {
-        quote!(object.required(#wire, path)?)
+        quote!(object.required(#wire)?)
     }
 }
 
@@ -222,7 +202,7 @@ fn constructor_parts(fields: &[Field]) -> (Vec<TokenStream>, Vec<TokenStream>) {
         let id = token(&f.ident);
         let ty = &f.ty;
         if f.member.optional {
-            values.push(quote!(#id: ::std::option::Option::None));
+            values.push(quote!(#id: None));
         } else if f.member.ty == TypeRef::Builtin(Builtin::Str) {
             params.push(quote!(#id: impl ::std::convert::Into<::std::string::String>));
             values.push(quote!(#id: #id.into()));
@@ -254,14 +234,7 @@ pub fn object(
         let read = read_member(f.member);
         quote!(#id: #read)
     });
-    let from_qmp = from_qmp_impl(
-        &name,
-        quote!(crate::input::read_object(
-            value,
-            path,
-            Self::read_qmp_members
-        )),
-    );
+    let read_members = read_members_impl(&name, quote!(Ok(Self { #(#inits),* })));
     quote! {
         #doc
         #deprecated
@@ -274,15 +247,9 @@ pub fn object(
             pub fn new(#(#params),*) -> Self {
                 Self { #(#values),* }
             }
-            /// Reads this type's members from an object being visited.
-            pub(crate) fn read_qmp_members(
-                object: &mut crate::input::QmpObject<'_>,
-                path: &mut crate::input::QmpPath,
-            ) -> ::std::result::Result<Self, crate::error::QmpError> {
-                ::std::result::Result::Ok(Self { #(#inits),* })
-            }
         }
-        #from_qmp
+        #read_members
+        ::qapi_runtime::impl_object!(#name);
     }
 }
 
@@ -337,8 +304,7 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
         .filter(|m| m.name != u.discriminator)
         .collect();
     let fields = fields(cx, Some(union_name), &non_disc);
-    let branch_field_text = branch_field(&fields);
-    let branch_field = token(&branch_field_text);
+    let branch_field = token(&branch_field(&fields));
     let decls = field_decls(&fields);
 
     let (values, value_docs): (Vec<String>, Vec<Option<String>>) =
@@ -362,10 +328,9 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
         match u.branches.iter().find(|b| b.name == *value) {
             Some(b) => {
                 let ty = token(&naming::type_ident(&b.ty));
-                let boxed = cx.needs_box(Some(union_name), &b.ty);
                 let doc = value_doc(text.as_deref(), b.ifcond.as_ref()).attrs();
-                let read = quote!(#ty::read_qmp_members(object, path)?);
-                if boxed {
+                let read = quote!(::qapi_runtime::input::ReadMembers::read_members(object)?);
+                if cx.needs_box(Some(union_name), &b.ty) {
                     branch_decls.push(quote!(#doc #rename #id(::std::boxed::Box<#ty>),));
                     read_arms.push(quote! {
                         #disc_name::#id => #branch_name::#id(::std::boxed::Box::new(#read)),
@@ -382,6 +347,22 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
                 read_arms.push(quote!(#disc_name::#id => #branch_name::#id,));
                 kind_arms.push(quote!(Self::#id => #disc_name::#id,));
             }
+        }
+    }
+    // Values the discriminator's enum does not know: a branch of their own if replies
+    // or events carry the union, else an error naming the value (the enum is read
+    // tolerantly elsewhere, this union only strictly).
+    if cx.is_output(&u.discriminator_enum) {
+        let disc_unknown = unknown_variant(&variants);
+        if cx.is_output(union_name) {
+            let doc = unknown_doc();
+            branch_decls.push(quote!(#doc #[serde(skip_serializing)] #disc_unknown,));
+            read_arms.push(quote!(#disc_name::#disc_unknown => #branch_name::#disc_unknown,));
+            kind_arms.push(quote!(Self::#disc_unknown => #disc_name::#disc_unknown,));
+        } else {
+            read_arms.push(quote! {
+                #disc_name::#disc_unknown => return Err(object.unknown_branch(#tag)),
+            });
         }
     }
     let kind_body = if kind_arms.is_empty() {
@@ -401,7 +382,7 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
     for (i, m) in base_members.iter().enumerate() {
         let wire = &m.name;
         if m.name == u.discriminator {
-            reads.push(quote!(let kind: #disc_name = object.required(#wire, path)?;));
+            reads.push(quote!(let kind: #disc_name = object.required(#wire)?;));
         } else {
             let local = format_ident!("member_{i}");
             let read = read_member(m);
@@ -416,13 +397,15 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
     let doc_line = format!(
         " The branch of [`{name_text}`] chosen by its discriminator `{tag}` (serialised as that member)."
     );
-    let from_qmp = from_qmp_impl(
+    let read_members = read_members_impl(
         &name,
-        quote!(crate::input::read_object(
-            value,
-            path,
-            Self::read_qmp_members
-        )),
+        quote! {
+            #(#reads)*
+            let #branch_field = match kind {
+                #(#read_arms)*
+            };
+            Ok(Self { #(#inits),* })
+        },
     );
     quote! {
         #doc
@@ -451,19 +434,9 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
             pub fn new(#(#params),*) -> Self {
                 Self { #(#values),* }
             }
-            /// Reads this union's members from an object being visited.
-            pub(crate) fn read_qmp_members(
-                object: &mut crate::input::QmpObject<'_>,
-                path: &mut crate::input::QmpPath,
-            ) -> ::std::result::Result<Self, crate::error::QmpError> {
-                #(#reads)*
-                let #branch_field = match kind {
-                    #(#read_arms)*
-                };
-                ::std::result::Result::Ok(Self { #(#inits),* })
-            }
         }
-        #from_qmp
+        #read_members
+        ::qapi_runtime::impl_object!(#name);
     }
 }
 
@@ -488,7 +461,7 @@ fn alternate(cx: &Context, a: &AlternateType) -> TokenStream {
         let ty = cx.rust_type(Some(alt_name), &alt.ty);
         let d = value_doc(alt.doc.as_deref(), alt.ifcond.as_ref()).attrs();
         decls.push(quote!(#d #id(#ty),));
-        let read = quote!(Self::#id(crate::input::FromQmp::from_qmp(value, path)?));
+        let read = quote!(Self::#id(::qapi_runtime::input::FromQmp::from_qmp(value, path)?));
         let pattern = match cx.json_kind(&alt.ty) {
             JsonKind::Object => quote!(::serde_json::Value::Object(_)),
             JsonKind::Array => quote!(::serde_json::Value::Array(_)),
@@ -505,21 +478,8 @@ fn alternate(cx: &Context, a: &AlternateType) -> TokenStream {
     }
     let last = match any_arm {
         Some(read) => quote!(_ => #read,),
-        None => quote! {
-            _ => {
-                return ::std::result::Result::Err(path.invalid_alternate(#alt_name));
-            }
-        },
+        None => quote!(_ => return Err(path.invalid_alternate(#alt_name)),),
     };
-    let from_qmp = from_qmp_impl(
-        &name,
-        quote! {
-            ::std::result::Result::Ok(match value {
-                #(#arms)*
-                #last
-            })
-        },
-    );
     quote! {
         #doc
         #deprecated
@@ -528,6 +488,17 @@ fn alternate(cx: &Context, a: &AlternateType) -> TokenStream {
         pub enum #name {
             #(#decls)*
         }
-        #from_qmp
+        impl ::qapi_runtime::input::FromQmp for #name {
+            fn from_qmp(
+                value: &::serde_json::Value,
+                path: &mut ::qapi_runtime::input::QmpPath,
+            ) -> ::qapi_runtime::Result<Self> {
+                Ok(match value {
+                    #(#arms)*
+                    #last
+                })
+            }
+        }
+        ::qapi_runtime::impl_deserialize!(#name);
     }
 }

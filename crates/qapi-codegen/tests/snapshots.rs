@@ -91,6 +91,33 @@ fn union_snapshot() {
     insta::assert_snapshot!(only_types(&s));
 }
 
+/// What replies and events carry gets an `UnknownValue` (enum value, union branch), read
+/// tolerantly; a union only sent to a server refuses a discriminator value it lacks.
+#[test]
+fn types_read_from_replies_and_events_snapshot() {
+    let s = schema(vec![
+        enum_("Kind", &["a", "b"]),
+        struct_("BranchA", None, vec![member("x", int())]),
+        union(
+            "Thing",
+            vec![member("id", str_()), member("kind", named("Kind"))],
+            "kind",
+            "Kind",
+            &[("a", "BranchA")],
+        ),
+        union(
+            "Order",
+            vec![member("kind", named("Kind"))],
+            "kind",
+            "Kind",
+            &[("a", "BranchA")],
+        ),
+        command("query-things", None, Some(array(named("Thing")))),
+        command("place-order", Some(ArgType::Named("Order".into())), None),
+    ]);
+    insta::assert_snapshot!(only_types(&s));
+}
+
 #[test]
 fn alternate_snapshot() {
     let s = schema(vec![

@@ -38,12 +38,10 @@ fn union_round_trips_with_discriminator_and_branch_in_one_object() {
 }
 
 #[test]
-fn deserialize_rejects_unknown_members_with_qemus_message() {
-    let e = serde_json::from_value::<BlockdevBackup>(
-        json!({"device": "a", "sync": "full", "target": "t", "x": 1}),
-    )
-    .unwrap_err();
-    assert_eq!(e.to_string(), "Parameter 'x' is unexpected");
+fn deserialize_reports_errors_with_qemus_messages() {
+    let e = serde_json::from_value::<BlockdevBackup>(json!({"device": "a", "sync": "full"}))
+        .unwrap_err();
+    assert_eq!(e.to_string(), "Parameter 'target' is missing");
 }
 
 #[test]

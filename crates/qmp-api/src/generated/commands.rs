@@ -9,7 +9,13 @@
     clippy::all
 )]
 use super::types::*;
-/// Arguments of `qmp_capabilities`.
+/// Leave capabilities negotiation mode and enter command mode.  Right
+/// after the greeting a client may only send this command; every
+/// other command is refused until it succeeds.
+///
+/// **Since:** 0.13
+///
+/// The arguments of command `qmp_capabilities` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct QmpCapabilitiesArguments {
     /// protocol capabilities to turn on for this session, chosen
@@ -20,29 +26,152 @@ pub struct QmpCapabilitiesArguments {
 impl QmpCapabilitiesArguments {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
-        Self {
-            enable: ::std::option::Option::None,
-        }
+        Self { enable: None }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            enable: object.optional("enable", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for QmpCapabilitiesArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            enable: object.optional("enable")?,
         })
     }
 }
-impl crate::input::FromQmp for QmpCapabilitiesArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
+::qapi_runtime::impl_object!(QmpCapabilitiesArguments);
+impl ::qapi_runtime::Command for QmpCapabilitiesArguments {
+    const NAME: &'static str = "qmp_capabilities";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Report the daemon's version.
+///
+/// **Returns:** the version
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `query-version` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct QueryVersionArguments {}
+impl QueryVersionArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
     }
 }
-/// Arguments of `job-pause`.
+impl ::qapi_runtime::input::ReadMembers for QueryVersionArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {})
+    }
+}
+::qapi_runtime::impl_object!(QueryVersionArguments);
+impl ::qapi_runtime::Command for QueryVersionArguments {
+    const NAME: &'static str = "query-version";
+    type Returns = VersionInfo;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// List the commands the daemon accepts.
+///
+/// **Returns:** one entry per command
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `query-commands` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct QueryCommandsArguments {}
+impl QueryCommandsArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+impl ::qapi_runtime::input::ReadMembers for QueryCommandsArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {})
+    }
+}
+::qapi_runtime::impl_object!(QueryCommandsArguments);
+impl ::qapi_runtime::Command for QueryCommandsArguments {
+    const NAME: &'static str = "query-commands";
+    type Returns = ::std::vec::Vec<CommandInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Shut the daemon down.  Image data is flushed to disk and the
+/// connection closes after the reply.
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `quit` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct QuitArguments {}
+impl QuitArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+impl ::qapi_runtime::input::ReadMembers for QuitArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {})
+    }
+}
+::qapi_runtime::impl_object!(QuitArguments);
+impl ::qapi_runtime::Command for QuitArguments {
+    const NAME: &'static str = "quit";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Describe the QMP interface: every command and event with the types
+/// of its arguments and results, and every type those reach.
+///
+/// Types are named by opaque strings that change between builds, so a
+/// client must not rely on them; the names of commands, events,
+/// members and enum values are stable, as are the names of built-in
+/// types.  Only what commands and events can reach is listed.
+///
+/// **Returns:**
+///
+/// the schema as a list of entities, each identified by its
+/// name and described by its meta-type
+///
+/// **Since:** 2.5
+///
+/// The arguments of command `query-qmp-schema` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct QueryQmpSchemaArguments {}
+impl QueryQmpSchemaArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+impl ::qapi_runtime::input::ReadMembers for QueryQmpSchemaArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {})
+    }
+}
+::qapi_runtime::impl_object!(QueryQmpSchemaArguments);
+impl ::qapi_runtime::Command for QueryQmpSchemaArguments {
+    const NAME: &'static str = "query-qmp-schema";
+    type Returns = ::std::vec::Vec<SchemaInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Ask a job to pause.  The command returns at once; the job moves to
+/// `paused` (from `running`) or `standby` (from `ready`) at its next pause
+/// point.  Pausing a job that a client already paused is an error.  A
+/// paused job that gets cancelled is resumed first.
+///
+/// **Since:** 3.0
+///
+/// The arguments of command `job-pause` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct JobPauseArguments {
     /// the job's identifier
@@ -53,25 +182,25 @@ impl JobPauseArguments {
     pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { id: id.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-        })
+}
+impl ::qapi_runtime::input::ReadMembers for JobPauseArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self { id: object.required("id")? })
     }
 }
-impl crate::input::FromQmp for JobPauseArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
+::qapi_runtime::impl_object!(JobPauseArguments);
+impl ::qapi_runtime::Command for JobPauseArguments {
+    const NAME: &'static str = "job-pause";
+    type Returns = ();
 }
-/// Arguments of `job-resume`.
+/// Resume a job that a client paused.  Resuming a job that was not
+/// paused by a client is an error.
+///
+/// **Since:** 3.0
+///
+/// The arguments of command `job-resume` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct JobResumeArguments {
     /// the job's identifier
@@ -82,25 +211,28 @@ impl JobResumeArguments {
     pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { id: id.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-        })
+}
+impl ::qapi_runtime::input::ReadMembers for JobResumeArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self { id: object.required("id")? })
     }
 }
-impl crate::input::FromQmp for JobResumeArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
+::qapi_runtime::impl_object!(JobResumeArguments);
+impl ::qapi_runtime::Command for JobResumeArguments {
+    const NAME: &'static str = "job-resume";
+    type Returns = ();
 }
-/// Arguments of `job-cancel`.
+/// Ask a job to stop.  The command returns at once.  The job usually
+/// moves to `aborting` and ends with an error, but one that was about
+/// to finish may still succeed and move to `pending`.  Unlike
+/// `block-job-cancel`, a `ready` job is cancelled without completing its
+/// work.
+///
+/// **Since:** 3.0
+///
+/// The arguments of command `job-cancel` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct JobCancelArguments {
     /// the job's identifier
@@ -111,25 +243,24 @@ impl JobCancelArguments {
     pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { id: id.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-        })
+}
+impl ::qapi_runtime::input::ReadMembers for JobCancelArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self { id: object.required("id")? })
     }
 }
-impl crate::input::FromQmp for JobCancelArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
+::qapi_runtime::impl_object!(JobCancelArguments);
+impl ::qapi_runtime::Command for JobCancelArguments {
+    const NAME: &'static str = "job-cancel";
+    type Returns = ();
 }
-/// Arguments of `job-complete`.
+/// Tell a job in `ready` (or `standby`) to finish its work.
+///
+/// **Since:** 3.0
+///
+/// The arguments of command `job-complete` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct JobCompleteArguments {
     /// the job's identifier
@@ -140,25 +271,25 @@ impl JobCompleteArguments {
     pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { id: id.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-        })
+}
+impl ::qapi_runtime::input::ReadMembers for JobCompleteArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self { id: object.required("id")? })
     }
 }
-impl crate::input::FromQmp for JobCompleteArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
+::qapi_runtime::impl_object!(JobCompleteArguments);
+impl ::qapi_runtime::Command for JobCompleteArguments {
+    const NAME: &'static str = "job-complete";
+    type Returns = ();
 }
-/// Arguments of `job-dismiss`.
+/// Remove a `concluded` job, which makes it disappear from `query-jobs`.
+/// Only needed for jobs started with auto-dismiss set to false.
+///
+/// **Since:** 3.0
+///
+/// The arguments of command `job-dismiss` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct JobDismissArguments {
     /// the job's identifier
@@ -169,25 +300,28 @@ impl JobDismissArguments {
     pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { id: id.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-        })
+}
+impl ::qapi_runtime::input::ReadMembers for JobDismissArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self { id: object.required("id")? })
     }
 }
-impl crate::input::FromQmp for JobDismissArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
+::qapi_runtime::impl_object!(JobDismissArguments);
+impl ::qapi_runtime::Command for JobDismissArguments {
+    const NAME: &'static str = "job-dismiss";
+    type Returns = ();
 }
-/// Arguments of `job-finalize`.
+/// Finalize a `pending` job: apply its results and run its cleanup.
+/// For a job that belongs to a transaction, every job of that
+/// transaction is finalized together, so naming one of them is
+/// enough.  Only needed for jobs started with auto-finalize set to
+/// false.
+///
+/// **Since:** 3.0
+///
+/// The arguments of command `job-finalize` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct JobFinalizeArguments {
     /// the identifier of a job of the transaction
@@ -198,25 +332,53 @@ impl JobFinalizeArguments {
     pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { id: id.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-        })
+}
+impl ::qapi_runtime::input::ReadMembers for JobFinalizeArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self { id: object.required("id")? })
     }
 }
-impl crate::input::FromQmp for JobFinalizeArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
+::qapi_runtime::impl_object!(JobFinalizeArguments);
+impl ::qapi_runtime::Command for JobFinalizeArguments {
+    const NAME: &'static str = "job-finalize";
+    type Returns = ();
+}
+/// List every job that exists, whatever its status.
+///
+/// **Returns:** one `JobInfo` per job
+///
+/// **Since:** 3.0
+///
+/// The arguments of command `query-jobs` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct QueryJobsArguments {}
+impl QueryJobsArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
     }
 }
-/// Arguments of `query-named-block-nodes`.
+impl ::qapi_runtime::input::ReadMembers for QueryJobsArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {})
+    }
+}
+::qapi_runtime::impl_object!(QueryJobsArguments);
+impl ::qapi_runtime::Command for QueryJobsArguments {
+    const NAME: &'static str = "query-jobs";
+    type Returns = ::std::vec::Vec<JobInfo>;
+}
+/// Describe the block nodes that have a node name.
+///
+/// **Returns:** one entry per named node
+///
+/// **Since:** 2.0
+///
+/// The arguments of command `query-named-block-nodes` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct QueryNamedBlockNodesArguments {
     /// list only the nodes themselves, without the recursive
@@ -228,29 +390,58 @@ pub struct QueryNamedBlockNodesArguments {
 impl QueryNamedBlockNodesArguments {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
-        Self {
-            flat: ::std::option::Option::None,
-        }
+        Self { flat: None }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            flat: object.optional("flat", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for QueryNamedBlockNodesArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            flat: object.optional("flat")?,
         })
     }
 }
-impl crate::input::FromQmp for QueryNamedBlockNodesArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
+::qapi_runtime::impl_object!(QueryNamedBlockNodesArguments);
+impl ::qapi_runtime::Command for QueryNamedBlockNodesArguments {
+    const NAME: &'static str = "query-named-block-nodes";
+    type Returns = ::std::vec::Vec<BlockDeviceInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Open a block node, and any nodes defined inline as its children.
+/// The top-level node must have a node-name.
+///
+/// **Since:** 2.9
+///
+/// The arguments of command `blockdev-add` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockdevAddArguments(pub BlockdevOptions);
+impl ::std::convert::From<BlockdevOptions> for BlockdevAddArguments {
+    fn from(arguments: BlockdevOptions) -> Self {
+        Self(arguments)
     }
 }
-/// Arguments of `blockdev-del`.
+impl ::qapi_runtime::input::FromQmp for BlockdevAddArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(BlockdevAddArguments);
+impl ::qapi_runtime::Command for BlockdevAddArguments {
+    const NAME: &'static str = "blockdev-add";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Close a node that was opened by `blockdev-add`.  The node must not
+/// be in use (by an export, a job or another node).
+///
+/// **Since:** 2.9
+///
+/// The arguments of command `blockdev-del` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockdevDelArguments {
     /// the node's name
@@ -264,25 +455,230 @@ impl BlockdevDelArguments {
             node_name: node_name.into(),
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            node_name: object.required("node-name", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevDelArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            node_name: object.required("node-name")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevDelArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
+::qapi_runtime::impl_object!(BlockdevDelArguments);
+impl ::qapi_runtime::Command for BlockdevDelArguments {
+    const NAME: &'static str = "blockdev-del";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Create a dirty bitmap on a node; it starts empty.
+///
+/// **Errors:**
+///
+/// - If the node is not found, DeviceNotFound (or GenericError)
+/// - If a bitmap of that name exists, GenericError
+///
+/// **Since:** 2.4
+///
+/// The arguments of command `block-dirty-bitmap-add` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockDirtyBitmapAddArguments(pub BlockDirtyBitmapAdd);
+impl ::std::convert::From<BlockDirtyBitmapAdd> for BlockDirtyBitmapAddArguments {
+    fn from(arguments: BlockDirtyBitmapAdd) -> Self {
+        Self(arguments)
     }
 }
-/// Arguments of `block-job-set-speed`.
+impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapAddArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(BlockDirtyBitmapAddArguments);
+impl ::qapi_runtime::Command for BlockDirtyBitmapAddArguments {
+    const NAME: &'static str = "block-dirty-bitmap-add";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Delete a dirty bitmap, also from the image when it is persistent.
+/// A bitmap in use by a job or export cannot be removed.
+///
+/// **Since:** 2.4
+///
+/// The arguments of command `block-dirty-bitmap-remove` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockDirtyBitmapRemoveArguments(pub BlockDirtyBitmap);
+impl ::std::convert::From<BlockDirtyBitmap> for BlockDirtyBitmapRemoveArguments {
+    fn from(arguments: BlockDirtyBitmap) -> Self {
+        Self(arguments)
+    }
+}
+impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapRemoveArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(BlockDirtyBitmapRemoveArguments);
+impl ::qapi_runtime::Command for BlockDirtyBitmapRemoveArguments {
+    const NAME: &'static str = "block-dirty-bitmap-remove";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Unset every bit of a dirty bitmap, so that it records writes from
+/// now on only.
+///
+/// **Since:** 2.4
+///
+/// The arguments of command `block-dirty-bitmap-clear` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockDirtyBitmapClearArguments(pub BlockDirtyBitmap);
+impl ::std::convert::From<BlockDirtyBitmap> for BlockDirtyBitmapClearArguments {
+    fn from(arguments: BlockDirtyBitmap) -> Self {
+        Self(arguments)
+    }
+}
+impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapClearArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(BlockDirtyBitmapClearArguments);
+impl ::qapi_runtime::Command for BlockDirtyBitmapClearArguments {
+    const NAME: &'static str = "block-dirty-bitmap-clear";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Make a dirty bitmap record writes again.
+///
+/// **Since:** 4.0
+///
+/// The arguments of command `block-dirty-bitmap-enable` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockDirtyBitmapEnableArguments(pub BlockDirtyBitmap);
+impl ::std::convert::From<BlockDirtyBitmap> for BlockDirtyBitmapEnableArguments {
+    fn from(arguments: BlockDirtyBitmap) -> Self {
+        Self(arguments)
+    }
+}
+impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapEnableArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(BlockDirtyBitmapEnableArguments);
+impl ::qapi_runtime::Command for BlockDirtyBitmapEnableArguments {
+    const NAME: &'static str = "block-dirty-bitmap-enable";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Make a dirty bitmap stop recording writes; its bits are kept.
+///
+/// **Since:** 4.0
+///
+/// The arguments of command `block-dirty-bitmap-disable` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockDirtyBitmapDisableArguments(pub BlockDirtyBitmap);
+impl ::std::convert::From<BlockDirtyBitmap> for BlockDirtyBitmapDisableArguments {
+    fn from(arguments: BlockDirtyBitmap) -> Self {
+        Self(arguments)
+    }
+}
+impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapDisableArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(BlockDirtyBitmapDisableArguments);
+impl ::qapi_runtime::Command for BlockDirtyBitmapDisableArguments {
+    const NAME: &'static str = "block-dirty-bitmap-disable";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Add the set bits of several bitmaps to a target bitmap.  Either the
+/// whole merge happens or, on error, the target is left unchanged.
+///
+/// **Since:** 4.0
+///
+/// The arguments of command `block-dirty-bitmap-merge` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockDirtyBitmapMergeArguments(pub BlockDirtyBitmapMerge);
+impl ::std::convert::From<BlockDirtyBitmapMerge> for BlockDirtyBitmapMergeArguments {
+    fn from(arguments: BlockDirtyBitmapMerge) -> Self {
+        Self(arguments)
+    }
+}
+impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapMergeArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(BlockDirtyBitmapMergeArguments);
+impl ::qapi_runtime::Command for BlockDirtyBitmapMergeArguments {
+    const NAME: &'static str = "block-dirty-bitmap-merge";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// List the block jobs.  Unlike `query-jobs`, this includes neither
+/// jobs that are not block jobs nor internal jobs without an id.
+///
+/// **Returns:** one entry per block job
+///
+/// **Since:** 1.1
+///
+/// The arguments of command `query-block-jobs` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct QueryBlockJobsArguments {}
+impl QueryBlockJobsArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+impl ::qapi_runtime::input::ReadMembers for QueryBlockJobsArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {})
+    }
+}
+::qapi_runtime::impl_object!(QueryBlockJobsArguments);
+impl ::qapi_runtime::Command for QueryBlockJobsArguments {
+    const NAME: &'static str = "query-block-jobs";
+    type Returns = ::std::vec::Vec<BlockJobInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Change a block job's rate limit.
+///
+/// **Errors:**
+///
+/// - DeviceNotActive if no job has that id
+///
+/// **Since:** 1.1
+///
+/// The arguments of command `block-job-set-speed` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobSetSpeedArguments {
     /// the job's id
@@ -302,26 +698,38 @@ impl BlockJobSetSpeedArguments {
             speed,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            device: object.required("device", path)?,
-            speed: object.required("speed", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobSetSpeedArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            device: object.required("device")?,
+            speed: object.required("speed")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobSetSpeedArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
+::qapi_runtime::impl_object!(BlockJobSetSpeedArguments);
+impl ::qapi_runtime::Command for BlockJobSetSpeedArguments {
+    const NAME: &'static str = "block-job-set-speed";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
 }
-/// Arguments of `block-job-cancel`.
+/// Ask a block job to stop.  The command returns at once; the job
+/// ends with `BLOCK_JOB_CANCELLED`, or with `BLOCK_JOB_COMPLETED` if it
+/// finished first.
+///
+/// A `ready` mirror job cancelled without `force` completes instead:
+/// the target is left consistent with the source, but the source
+/// stays in use (no pivot), and `BLOCK_JOB_COMPLETED` is sent.
+///
+/// **Errors:**
+///
+/// - DeviceNotActive if no job has that id
+///
+/// **Since:** 1.1
+///
+/// The arguments of command `block-job-cancel` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobCancelArguments {
     /// the job's id
@@ -336,29 +744,35 @@ impl BlockJobCancelArguments {
     pub fn new(device: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self {
             device: device.into(),
-            force: ::std::option::Option::None,
+            force: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            device: object.required("device", path)?,
-            force: object.optional("force", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobCancelArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            device: object.required("device")?,
+            force: object.optional("force")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobCancelArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
+::qapi_runtime::impl_object!(BlockJobCancelArguments);
+impl ::qapi_runtime::Command for BlockJobCancelArguments {
+    const NAME: &'static str = "block-job-cancel";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
 }
-/// Arguments of `block-job-pause`.
+/// Ask a block job to pause; see `job-pause`.
+///
+/// **Errors:**
+///
+/// - DeviceNotActive if no job has that id
+///
+/// **Since:** 1.3
+///
+/// The arguments of command `block-job-pause` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobPauseArguments {
     /// the job's id
@@ -369,25 +783,31 @@ impl BlockJobPauseArguments {
     pub fn new(device: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { device: device.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            device: object.required("device", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobPauseArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            device: object.required("device")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobPauseArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
+::qapi_runtime::impl_object!(BlockJobPauseArguments);
+impl ::qapi_runtime::Command for BlockJobPauseArguments {
+    const NAME: &'static str = "block-job-pause";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
 }
-/// Arguments of `block-job-resume`.
+/// Resume a block job that a client paused; see `job-resume`.
+///
+/// **Errors:**
+///
+/// - DeviceNotActive if no job has that id
+///
+/// **Since:** 1.3
+///
+/// The arguments of command `block-job-resume` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobResumeArguments {
     /// the job's id
@@ -398,25 +818,32 @@ impl BlockJobResumeArguments {
     pub fn new(device: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { device: device.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            device: object.required("device", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobResumeArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            device: object.required("device")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobResumeArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
+::qapi_runtime::impl_object!(BlockJobResumeArguments);
+impl ::qapi_runtime::Command for BlockJobResumeArguments {
+    const NAME: &'static str = "block-job-resume";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
 }
-/// Arguments of `block-job-complete`.
+/// Tell a `ready` block job to finish; see `job-complete`.  A mirror job
+/// then switches its users over to the target.
+///
+/// **Errors:**
+///
+/// - DeviceNotActive if no job has that id
+///
+/// **Since:** 1.3
+///
+/// The arguments of command `block-job-complete` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobCompleteArguments {
     /// the job's id
@@ -427,25 +854,31 @@ impl BlockJobCompleteArguments {
     pub fn new(device: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { device: device.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            device: object.required("device", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobCompleteArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            device: object.required("device")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobCompleteArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
+::qapi_runtime::impl_object!(BlockJobCompleteArguments);
+impl ::qapi_runtime::Command for BlockJobCompleteArguments {
+    const NAME: &'static str = "block-job-complete";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
 }
-/// Arguments of `block-job-dismiss`.
+/// Remove a `concluded` block job; see `job-dismiss`.
+///
+/// **Errors:**
+///
+/// - DeviceNotActive if no job has that id
+///
+/// **Since:** 2.12
+///
+/// The arguments of command `block-job-dismiss` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobDismissArguments {
     /// the job's id
@@ -456,25 +889,32 @@ impl BlockJobDismissArguments {
     pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { id: id.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-        })
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobDismissArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self { id: object.required("id")? })
     }
 }
-impl crate::input::FromQmp for BlockJobDismissArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
+::qapi_runtime::impl_object!(BlockJobDismissArguments);
+impl ::qapi_runtime::Command for BlockJobDismissArguments {
+    const NAME: &'static str = "block-job-dismiss";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
 }
-/// Arguments of `block-job-finalize`.
+/// Finalize a `pending` block job, together with every other job of
+/// its transaction; see `job-finalize`.  Jobs started with
+/// auto-finalize set to false wait in `pending` for this command, so
+/// that a client decides when their results are applied.
+///
+/// **Errors:**
+///
+/// - DeviceNotActive if no job has that id
+///
+/// **Since:** 2.12
+///
+/// The arguments of command `block-job-finalize` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobFinalizeArguments {
     /// the id of a job of the transaction
@@ -485,25 +925,123 @@ impl BlockJobFinalizeArguments {
     pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { id: id.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-        })
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobFinalizeArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self { id: object.required("id")? })
     }
 }
-impl crate::input::FromQmp for BlockJobFinalizeArguments {
+::qapi_runtime::impl_object!(BlockJobFinalizeArguments);
+impl ::qapi_runtime::Command for BlockJobFinalizeArguments {
+    const NAME: &'static str = "block-job-finalize";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Change options of a running block job.
+///
+/// **Since:** 8.2
+///
+/// The arguments of command `block-job-change` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockJobChangeArguments(pub BlockJobChangeOptions);
+impl ::std::convert::From<BlockJobChangeOptions> for BlockJobChangeArguments {
+    fn from(arguments: BlockJobChangeOptions) -> Self {
+        Self(arguments)
+    }
+}
+impl ::qapi_runtime::input::FromQmp for BlockJobChangeArguments {
     fn from_qmp(
         value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
     }
 }
-/// Arguments of `blockdev-mirror`.
+::qapi_runtime::impl_deserialize!(BlockJobChangeArguments);
+impl ::qapi_runtime::Command for BlockJobChangeArguments {
+    const NAME: &'static str = "block-job-change";
+    type Returns = ();
+}
+/// Start a backup job copying a point-in-time view of a node to
+/// another node.  Writes to the source made while the job runs copy
+/// the old data to the target first.
+///
+/// **Errors:**
+///
+/// - If `device` or `target` is not a node, DeviceNotFound (or
+///   GenericError)
+///
+/// **Since:** 2.3
+///
+/// The arguments of command `blockdev-backup` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockdevBackupArguments(pub BlockdevBackup);
+impl ::std::convert::From<BlockdevBackup> for BlockdevBackupArguments {
+    fn from(arguments: BlockdevBackup) -> Self {
+        Self(arguments)
+    }
+}
+impl ::qapi_runtime::input::FromQmp for BlockdevBackupArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(BlockdevBackupArguments);
+impl ::qapi_runtime::Command for BlockdevBackupArguments {
+    const NAME: &'static str = "blockdev-backup";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Start a backup job that writes to an image file, creating it first
+/// unless told it exists.
+///
+/// **Errors:**
+///
+/// - If `device` is not a node, GenericError
+///
+/// **Since:** 1.6
+///
+/// **Features:**
+/// - `deprecated`: use `blockdev-add` to open the target and `blockdev-backup` instead
+///
+/// The arguments of command `drive-backup` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct DriveBackupArguments(pub DriveBackup);
+impl ::std::convert::From<DriveBackup> for DriveBackupArguments {
+    fn from(arguments: DriveBackup) -> Self {
+        Self(arguments)
+    }
+}
+impl ::qapi_runtime::input::FromQmp for DriveBackupArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(DriveBackupArguments);
+impl ::qapi_runtime::Command for DriveBackupArguments {
+    const NAME: &'static str = "drive-backup";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+    const DEPRECATED: bool = true;
+}
+/// Start a mirror job: it copies a node to a target node, then keeps
+/// the target in sync with every write until a client completes it
+/// (the target then replaces the source) or cancels it.
+///
+/// **Since:** 2.6
+///
+/// The arguments of command `blockdev-mirror` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockdevMirrorArguments {
     /// the new job's id.  As with `blockdev-backup`, it must be
@@ -572,54 +1110,198 @@ impl BlockdevMirrorArguments {
         sync: MirrorSyncMode,
     ) -> Self {
         Self {
-            job_id: ::std::option::Option::None,
+            job_id: None,
             device: device.into(),
             target: target.into(),
-            replaces: ::std::option::Option::None,
+            replaces: None,
             sync,
-            speed: ::std::option::Option::None,
-            granularity: ::std::option::Option::None,
-            buf_size: ::std::option::Option::None,
-            on_source_error: ::std::option::Option::None,
-            on_target_error: ::std::option::Option::None,
-            filter_node_name: ::std::option::Option::None,
-            copy_mode: ::std::option::Option::None,
-            auto_finalize: ::std::option::Option::None,
-            auto_dismiss: ::std::option::Option::None,
+            speed: None,
+            granularity: None,
+            buf_size: None,
+            on_source_error: None,
+            on_target_error: None,
+            filter_node_name: None,
+            copy_mode: None,
+            auto_finalize: None,
+            auto_dismiss: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            job_id: object.optional("job-id", path)?,
-            device: object.required("device", path)?,
-            target: object.required("target", path)?,
-            replaces: object.optional("replaces", path)?,
-            sync: object.required("sync", path)?,
-            speed: object.optional("speed", path)?,
-            granularity: object.optional("granularity", path)?,
-            buf_size: object.optional("buf-size", path)?,
-            on_source_error: object.optional("on-source-error", path)?,
-            on_target_error: object.optional("on-target-error", path)?,
-            filter_node_name: object.optional("filter-node-name", path)?,
-            copy_mode: object.optional("copy-mode", path)?,
-            auto_finalize: object.optional("auto-finalize", path)?,
-            auto_dismiss: object.optional("auto-dismiss", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevMirrorArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            job_id: object.optional("job-id")?,
+            device: object.required("device")?,
+            target: object.required("target")?,
+            replaces: object.optional("replaces")?,
+            sync: object.required("sync")?,
+            speed: object.optional("speed")?,
+            granularity: object.optional("granularity")?,
+            buf_size: object.optional("buf-size")?,
+            on_source_error: object.optional("on-source-error")?,
+            on_target_error: object.optional("on-target-error")?,
+            filter_node_name: object.optional("filter-node-name")?,
+            copy_mode: object.optional("copy-mode")?,
+            auto_finalize: object.optional("auto-finalize")?,
+            auto_dismiss: object.optional("auto-dismiss")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevMirrorArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
+::qapi_runtime::impl_object!(BlockdevMirrorArguments);
+impl ::qapi_runtime::Command for BlockdevMirrorArguments {
+    const NAME: &'static str = "blockdev-mirror";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Start a mirror job to an image file (see `DriveMirror`).
+///
+/// **Errors:**
+///
+/// - If `device` is not a node, GenericError
+///
+/// **Since:** 1.3
+///
+/// The arguments of command `drive-mirror` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct DriveMirrorArguments(pub DriveMirror);
+impl ::std::convert::From<DriveMirror> for DriveMirrorArguments {
+    fn from(arguments: DriveMirror) -> Self {
+        Self(arguments)
     }
 }
-/// Arguments of `transaction`.
+impl ::qapi_runtime::input::FromQmp for DriveMirrorArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(DriveMirrorArguments);
+impl ::qapi_runtime::Command for DriveMirrorArguments {
+    const NAME: &'static str = "drive-mirror";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Take an external snapshot: create an overlay image whose backing
+/// file is the node's image, and put it on top of the node, so that
+/// later writes go to the overlay and the old image stays as it was.
+///
+/// **Errors:**
+///
+/// - If the node is not found, DeviceNotFound (or GenericError)
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `blockdev-snapshot-sync` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockdevSnapshotSyncArguments(pub BlockdevSnapshotSync);
+impl ::std::convert::From<BlockdevSnapshotSync> for BlockdevSnapshotSyncArguments {
+    fn from(arguments: BlockdevSnapshotSync) -> Self {
+        Self(arguments)
+    }
+}
+impl ::qapi_runtime::input::FromQmp for BlockdevSnapshotSyncArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(BlockdevSnapshotSyncArguments);
+impl ::qapi_runtime::Command for BlockdevSnapshotSyncArguments {
+    const NAME: &'static str = "blockdev-snapshot-sync";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Take an external snapshot with an overlay node opened beforehand by
+/// `blockdev-add`.
+///
+/// **Since:** 2.5
+///
+/// **Features:**
+/// - `allow-write-only-overlay`: the overlay need not be readable when the snapshot is taken, as long as it will be consistent before the guest reads from it (since 5.0)
+///
+/// The arguments of command `blockdev-snapshot` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockdevSnapshotArguments(pub BlockdevSnapshot);
+impl ::std::convert::From<BlockdevSnapshot> for BlockdevSnapshotArguments {
+    fn from(arguments: BlockdevSnapshot) -> Self {
+        Self(arguments)
+    }
+}
+impl ::qapi_runtime::input::FromQmp for BlockdevSnapshotArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(BlockdevSnapshotArguments);
+impl ::qapi_runtime::Command for BlockdevSnapshotArguments {
+    const NAME: &'static str = "blockdev-snapshot";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Take an internal snapshot of a node, stored inside its image.
+///
+/// **Errors:**
+///
+/// - If the node is not found, GenericError
+/// - If the format does not support internal snapshots,
+///   GenericError
+/// - If the name is empty or already used, GenericError
+///
+/// **Since:** 1.7
+///
+/// The arguments of command `blockdev-snapshot-internal-sync` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockdevSnapshotInternalSyncArguments(pub BlockdevSnapshotInternal);
+impl ::std::convert::From<BlockdevSnapshotInternal>
+for BlockdevSnapshotInternalSyncArguments {
+    fn from(arguments: BlockdevSnapshotInternal) -> Self {
+        Self(arguments)
+    }
+}
+impl ::qapi_runtime::input::FromQmp for BlockdevSnapshotInternalSyncArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(BlockdevSnapshotInternalSyncArguments);
+impl ::qapi_runtime::Command for BlockdevSnapshotInternalSyncArguments {
+    const NAME: &'static str = "blockdev-snapshot-internal-sync";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Run several actions atomically.  Every action is first prepared, in
+/// order; if one fails, those already prepared are undone, in reverse
+/// order, and the first error is returned.  Only when all were
+/// prepared are they committed.  Jobs the actions create start after
+/// the commit.
+///
+/// Snapshot files created by actions are not deleted when the
+/// transaction is rolled back.
+///
+/// **Errors:**
+///
+/// - Any error of the first action that failed; the remaining
+///   actions were not attempted
+///
+/// **Since:** 1.1
+///
+/// The arguments of command `transaction` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct TransactionArguments {
     /// the actions, in the order they are prepared
@@ -631,31 +1313,121 @@ pub struct TransactionArguments {
 impl TransactionArguments {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(actions: ::std::vec::Vec<TransactionAction>) -> Self {
-        Self {
-            actions,
-            properties: ::std::option::Option::None,
-        }
+        Self { actions, properties: None }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            actions: object.required("actions", path)?,
-            properties: object.optional("properties", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for TransactionArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            actions: object.required("actions")?,
+            properties: object.optional("properties")?,
         })
     }
 }
-impl crate::input::FromQmp for TransactionArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
+::qapi_runtime::impl_object!(TransactionArguments);
+impl ::qapi_runtime::Command for TransactionArguments {
+    const NAME: &'static str = "transaction";
+    type Returns = ();
+}
+/// Start the NBD server, which serves the exports added with
+/// `block-export-add`.  There is at most one server.
+///
+/// **Errors:**
+///
+/// - If the server is already running, GenericError
+///
+/// **Since:** 1.3
+///
+/// The arguments of command `nbd-server-start` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct NbdServerStartArguments(pub NbdServerOptionsLegacy);
+impl ::std::convert::From<NbdServerOptionsLegacy> for NbdServerStartArguments {
+    fn from(arguments: NbdServerOptionsLegacy) -> Self {
+        Self(arguments)
     }
 }
-/// Arguments of `block-export-del`.
+impl ::qapi_runtime::input::FromQmp for NbdServerStartArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(NbdServerStartArguments);
+impl ::qapi_runtime::Command for NbdServerStartArguments {
+    const NAME: &'static str = "nbd-server-start";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Stop the NBD server and remove every NBD export.
+///
+/// **Since:** 1.3
+///
+/// The arguments of command `nbd-server-stop` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+pub struct NbdServerStopArguments {}
+impl NbdServerStopArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+impl ::qapi_runtime::input::ReadMembers for NbdServerStopArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {})
+    }
+}
+::qapi_runtime::impl_object!(NbdServerStopArguments);
+impl ::qapi_runtime::Command for NbdServerStopArguments {
+    const NAME: &'static str = "nbd-server-stop";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Create a block export.
+///
+/// **Since:** 5.2
+///
+/// The arguments of command `block-export-add` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[serde(transparent)]
+pub struct BlockExportAddArguments(pub BlockExportOptions);
+impl ::std::convert::From<BlockExportOptions> for BlockExportAddArguments {
+    fn from(arguments: BlockExportOptions) -> Self {
+        Self(arguments)
+    }
+}
+impl ::qapi_runtime::input::FromQmp for BlockExportAddArguments {
+    fn from_qmp(
+        value: &::serde_json::Value,
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
+    }
+}
+::qapi_runtime::impl_deserialize!(BlockExportAddArguments);
+impl ::qapi_runtime::Command for BlockExportAddArguments {
+    const NAME: &'static str = "block-export-add";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Remove an export.  The removal finishes in the background;
+/// `BLOCK_EXPORT_DELETED` tells when it is done.
+///
+/// **Errors:**
+///
+/// - If no export has that id, GenericError
+/// - If the export is already being removed, GenericError
+/// - If clients are connected and `mode` is safe, GenericError
+///
+/// **Since:** 5.2
+///
+/// The arguments of command `block-export-del` (its `qapi_runtime::Command`).
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockExportDelArguments {
     /// the export's id
@@ -667,680 +1439,323 @@ pub struct BlockExportDelArguments {
 impl BlockExportDelArguments {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
-        Self {
-            id: id.into(),
-            mode: ::std::option::Option::None,
-        }
+        Self { id: id.into(), mode: None }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-            mode: object.optional("mode", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockExportDelArguments {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            id: object.required("id")?,
+            mode: object.optional("mode")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockExportDelArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
+::qapi_runtime::impl_object!(BlockExportDelArguments);
+impl ::qapi_runtime::Command for BlockExportDelArguments {
+    const NAME: &'static str = "block-export-del";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
 }
-crate::deserialize_via_from_qmp!(
-    QmpCapabilitiesArguments, JobPauseArguments, JobResumeArguments, JobCancelArguments,
-    JobCompleteArguments, JobDismissArguments, JobFinalizeArguments,
-    QueryNamedBlockNodesArguments, BlockdevDelArguments, BlockJobSetSpeedArguments,
-    BlockJobCancelArguments, BlockJobPauseArguments, BlockJobResumeArguments,
-    BlockJobCompleteArguments, BlockJobDismissArguments, BlockJobFinalizeArguments,
-    BlockdevMirrorArguments, TransactionArguments, BlockExportDelArguments
-);
-/// One method per command. Each default answers like QEMU for a
-/// command it does not have (`CommandNotFound`), so a server
-/// implements only what it supports.
+/// One method per command, for a server. Each default answers like QEMU for a
+/// command it does not have (`CommandNotFound`), so a server implements only
+/// what it supports.
 pub trait Commands {
-    /// Leave capabilities negotiation mode and enter command mode.  Right
-    /// after the greeting a client may only send this command; every
-    /// other command is refused until it succeeds.
-    ///
-    /// **Since:** 0.13
+    /// `qmp_capabilities`: see [`QmpCapabilitiesArguments`].
     fn qmp_capabilities(
         &mut self,
         args: QmpCapabilitiesArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("qmp_capabilities"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("qmp_capabilities"))
     }
-    /// Report the daemon's version.
-    ///
-    /// **Returns:** the version
-    ///
-    /// **Since:** 0.14
-    fn query_version(
-        &mut self,
-    ) -> ::std::result::Result<VersionInfo, crate::error::QmpError> {
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("query-version"),
-        )
+    /// `query-version`: see [`QueryVersionArguments`].
+    fn query_version(&mut self) -> ::qapi_runtime::Result<VersionInfo> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-version"))
     }
-    /// List the commands the daemon accepts.
-    ///
-    /// **Returns:** one entry per command
-    ///
-    /// **Since:** 0.14
+    /// `query-commands`: see [`QueryCommandsArguments`].
     fn query_commands(
         &mut self,
-    ) -> ::std::result::Result<::std::vec::Vec<CommandInfo>, crate::error::QmpError> {
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("query-commands"),
-        )
+    ) -> ::qapi_runtime::Result<::std::vec::Vec<CommandInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-commands"))
     }
-    /// Shut the daemon down.  Image data is flushed to disk and the
-    /// connection closes after the reply.
-    ///
-    /// **Since:** 0.14
-    fn quit(&mut self) -> ::std::result::Result<(), crate::error::QmpError> {
-        ::std::result::Result::Err(crate::error::QmpError::command_not_found("quit"))
+    /// `quit`: see [`QuitArguments`].
+    fn quit(&mut self) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("quit"))
     }
-    /// Describe the QMP interface: every command and event with the types
-    /// of its arguments and results, and every type those reach.
-    ///
-    /// Types are named by opaque strings that change between builds, so a
-    /// client must not rely on them; the names of commands, events,
-    /// members and enum values are stable, as are the names of built-in
-    /// types.  Only what commands and events can reach is listed.
-    ///
-    /// **Returns:**
-    ///
-    /// the schema as a list of entities, each identified by its
-    /// name and described by its meta-type
-    ///
-    /// **Since:** 2.5
+    /// `query-qmp-schema`: see [`QueryQmpSchemaArguments`].
     fn query_qmp_schema(
         &mut self,
-    ) -> ::std::result::Result<::std::vec::Vec<SchemaInfo>, crate::error::QmpError> {
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("query-qmp-schema"),
-        )
+    ) -> ::qapi_runtime::Result<::std::vec::Vec<SchemaInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-qmp-schema"))
     }
-    /// Ask a job to pause.  The command returns at once; the job moves to
-    /// `paused` (from `running`) or `standby` (from `ready`) at its next pause
-    /// point.  Pausing a job that a client already paused is an error.  A
-    /// paused job that gets cancelled is resumed first.
-    ///
-    /// **Since:** 3.0
-    fn job_pause(
-        &mut self,
-        args: JobPauseArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    /// `job-pause`: see [`JobPauseArguments`].
+    fn job_pause(&mut self, args: JobPauseArguments) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("job-pause"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("job-pause"))
     }
-    /// Resume a job that a client paused.  Resuming a job that was not
-    /// paused by a client is an error.
-    ///
-    /// **Since:** 3.0
-    fn job_resume(
-        &mut self,
-        args: JobResumeArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    /// `job-resume`: see [`JobResumeArguments`].
+    fn job_resume(&mut self, args: JobResumeArguments) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("job-resume"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("job-resume"))
     }
-    /// Ask a job to stop.  The command returns at once.  The job usually
-    /// moves to `aborting` and ends with an error, but one that was about
-    /// to finish may still succeed and move to `pending`.  Unlike
-    /// `block-job-cancel`, a `ready` job is cancelled without completing its
-    /// work.
-    ///
-    /// **Since:** 3.0
-    fn job_cancel(
-        &mut self,
-        args: JobCancelArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    /// `job-cancel`: see [`JobCancelArguments`].
+    fn job_cancel(&mut self, args: JobCancelArguments) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("job-cancel"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("job-cancel"))
     }
-    /// Tell a job in `ready` (or `standby`) to finish its work.
-    ///
-    /// **Since:** 3.0
+    /// `job-complete`: see [`JobCompleteArguments`].
     fn job_complete(
         &mut self,
         args: JobCompleteArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("job-complete"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("job-complete"))
     }
-    /// Remove a `concluded` job, which makes it disappear from `query-jobs`.
-    /// Only needed for jobs started with auto-dismiss set to false.
-    ///
-    /// **Since:** 3.0
-    fn job_dismiss(
-        &mut self,
-        args: JobDismissArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    /// `job-dismiss`: see [`JobDismissArguments`].
+    fn job_dismiss(&mut self, args: JobDismissArguments) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("job-dismiss"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("job-dismiss"))
     }
-    /// Finalize a `pending` job: apply its results and run its cleanup.
-    /// For a job that belongs to a transaction, every job of that
-    /// transaction is finalized together, so naming one of them is
-    /// enough.  Only needed for jobs started with auto-finalize set to
-    /// false.
-    ///
-    /// **Since:** 3.0
+    /// `job-finalize`: see [`JobFinalizeArguments`].
     fn job_finalize(
         &mut self,
         args: JobFinalizeArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("job-finalize"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("job-finalize"))
     }
-    /// List every job that exists, whatever its status.
-    ///
-    /// **Returns:** one `JobInfo` per job
-    ///
-    /// **Since:** 3.0
-    fn query_jobs(
-        &mut self,
-    ) -> ::std::result::Result<::std::vec::Vec<JobInfo>, crate::error::QmpError> {
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("query-jobs"),
-        )
+    /// `query-jobs`: see [`QueryJobsArguments`].
+    fn query_jobs(&mut self) -> ::qapi_runtime::Result<::std::vec::Vec<JobInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-jobs"))
     }
-    /// Describe the block nodes that have a node name.
-    ///
-    /// **Returns:** one entry per named node
-    ///
-    /// **Since:** 2.0
+    /// `query-named-block-nodes`: see [`QueryNamedBlockNodesArguments`].
     fn query_named_block_nodes(
         &mut self,
         args: QueryNamedBlockNodesArguments,
-    ) -> ::std::result::Result<
-        ::std::vec::Vec<BlockDeviceInfo>,
-        crate::error::QmpError,
-    > {
+    ) -> ::qapi_runtime::Result<::std::vec::Vec<BlockDeviceInfo>> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("query-named-block-nodes"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("query-named-block-nodes"))
     }
-    /// Open a block node, and any nodes defined inline as its children.
-    /// The top-level node must have a node-name.
-    ///
-    /// **Since:** 2.9
-    fn blockdev_add(
-        &mut self,
-        args: BlockdevOptions,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    /// `blockdev-add`: see [`BlockdevAddArguments`].
+    fn blockdev_add(&mut self, args: BlockdevOptions) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("blockdev-add"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("blockdev-add"))
     }
-    /// Close a node that was opened by `blockdev-add`.  The node must not
-    /// be in use (by an export, a job or another node).
-    ///
-    /// **Since:** 2.9
+    /// `blockdev-del`: see [`BlockdevDelArguments`].
     fn blockdev_del(
         &mut self,
         args: BlockdevDelArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("blockdev-del"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("blockdev-del"))
     }
-    /// Create a dirty bitmap on a node; it starts empty.
-    ///
-    /// **Errors:**
-    ///
-    /// - If the node is not found, DeviceNotFound (or GenericError)
-    /// - If a bitmap of that name exists, GenericError
-    ///
-    /// **Since:** 2.4
+    /// `block-dirty-bitmap-add`: see [`BlockDirtyBitmapAddArguments`].
     fn block_dirty_bitmap_add(
         &mut self,
         args: BlockDirtyBitmapAdd,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-dirty-bitmap-add"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-dirty-bitmap-add"))
     }
-    /// Delete a dirty bitmap, also from the image when it is persistent.
-    /// A bitmap in use by a job or export cannot be removed.
-    ///
-    /// **Since:** 2.4
+    /// `block-dirty-bitmap-remove`: see [`BlockDirtyBitmapRemoveArguments`].
     fn block_dirty_bitmap_remove(
         &mut self,
         args: BlockDirtyBitmap,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-dirty-bitmap-remove"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-dirty-bitmap-remove"))
     }
-    /// Unset every bit of a dirty bitmap, so that it records writes from
-    /// now on only.
-    ///
-    /// **Since:** 2.4
+    /// `block-dirty-bitmap-clear`: see [`BlockDirtyBitmapClearArguments`].
     fn block_dirty_bitmap_clear(
         &mut self,
         args: BlockDirtyBitmap,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-dirty-bitmap-clear"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-dirty-bitmap-clear"))
     }
-    /// Make a dirty bitmap record writes again.
-    ///
-    /// **Since:** 4.0
+    /// `block-dirty-bitmap-enable`: see [`BlockDirtyBitmapEnableArguments`].
     fn block_dirty_bitmap_enable(
         &mut self,
         args: BlockDirtyBitmap,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-dirty-bitmap-enable"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-dirty-bitmap-enable"))
     }
-    /// Make a dirty bitmap stop recording writes; its bits are kept.
-    ///
-    /// **Since:** 4.0
+    /// `block-dirty-bitmap-disable`: see [`BlockDirtyBitmapDisableArguments`].
     fn block_dirty_bitmap_disable(
         &mut self,
         args: BlockDirtyBitmap,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-dirty-bitmap-disable"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-dirty-bitmap-disable"))
     }
-    /// Add the set bits of several bitmaps to a target bitmap.  Either the
-    /// whole merge happens or, on error, the target is left unchanged.
-    ///
-    /// **Since:** 4.0
+    /// `block-dirty-bitmap-merge`: see [`BlockDirtyBitmapMergeArguments`].
     fn block_dirty_bitmap_merge(
         &mut self,
         args: BlockDirtyBitmapMerge,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-dirty-bitmap-merge"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-dirty-bitmap-merge"))
     }
-    /// List the block jobs.  Unlike `query-jobs`, this includes neither
-    /// jobs that are not block jobs nor internal jobs without an id.
-    ///
-    /// **Returns:** one entry per block job
-    ///
-    /// **Since:** 1.1
+    /// `query-block-jobs`: see [`QueryBlockJobsArguments`].
     fn query_block_jobs(
         &mut self,
-    ) -> ::std::result::Result<::std::vec::Vec<BlockJobInfo>, crate::error::QmpError> {
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("query-block-jobs"),
-        )
+    ) -> ::qapi_runtime::Result<::std::vec::Vec<BlockJobInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-block-jobs"))
     }
-    /// Change a block job's rate limit.
-    ///
-    /// **Errors:**
-    ///
-    /// - DeviceNotActive if no job has that id
-    ///
-    /// **Since:** 1.1
+    /// `block-job-set-speed`: see [`BlockJobSetSpeedArguments`].
     fn block_job_set_speed(
         &mut self,
         args: BlockJobSetSpeedArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-job-set-speed"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-job-set-speed"))
     }
-    /// Ask a block job to stop.  The command returns at once; the job
-    /// ends with `BLOCK_JOB_CANCELLED`, or with `BLOCK_JOB_COMPLETED` if it
-    /// finished first.
-    ///
-    /// A `ready` mirror job cancelled without `force` completes instead:
-    /// the target is left consistent with the source, but the source
-    /// stays in use (no pivot), and `BLOCK_JOB_COMPLETED` is sent.
-    ///
-    /// **Errors:**
-    ///
-    /// - DeviceNotActive if no job has that id
-    ///
-    /// **Since:** 1.1
+    /// `block-job-cancel`: see [`BlockJobCancelArguments`].
     fn block_job_cancel(
         &mut self,
         args: BlockJobCancelArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-job-cancel"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-job-cancel"))
     }
-    /// Ask a block job to pause; see `job-pause`.
-    ///
-    /// **Errors:**
-    ///
-    /// - DeviceNotActive if no job has that id
-    ///
-    /// **Since:** 1.3
+    /// `block-job-pause`: see [`BlockJobPauseArguments`].
     fn block_job_pause(
         &mut self,
         args: BlockJobPauseArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-job-pause"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-job-pause"))
     }
-    /// Resume a block job that a client paused; see `job-resume`.
-    ///
-    /// **Errors:**
-    ///
-    /// - DeviceNotActive if no job has that id
-    ///
-    /// **Since:** 1.3
+    /// `block-job-resume`: see [`BlockJobResumeArguments`].
     fn block_job_resume(
         &mut self,
         args: BlockJobResumeArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-job-resume"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-job-resume"))
     }
-    /// Tell a `ready` block job to finish; see `job-complete`.  A mirror job
-    /// then switches its users over to the target.
-    ///
-    /// **Errors:**
-    ///
-    /// - DeviceNotActive if no job has that id
-    ///
-    /// **Since:** 1.3
+    /// `block-job-complete`: see [`BlockJobCompleteArguments`].
     fn block_job_complete(
         &mut self,
         args: BlockJobCompleteArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-job-complete"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-job-complete"))
     }
-    /// Remove a `concluded` block job; see `job-dismiss`.
-    ///
-    /// **Errors:**
-    ///
-    /// - DeviceNotActive if no job has that id
-    ///
-    /// **Since:** 2.12
+    /// `block-job-dismiss`: see [`BlockJobDismissArguments`].
     fn block_job_dismiss(
         &mut self,
         args: BlockJobDismissArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-job-dismiss"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-job-dismiss"))
     }
-    /// Finalize a `pending` block job, together with every other job of
-    /// its transaction; see `job-finalize`.  Jobs started with
-    /// auto-finalize set to false wait in `pending` for this command, so
-    /// that a client decides when their results are applied.
-    ///
-    /// **Errors:**
-    ///
-    /// - DeviceNotActive if no job has that id
-    ///
-    /// **Since:** 2.12
+    /// `block-job-finalize`: see [`BlockJobFinalizeArguments`].
     fn block_job_finalize(
         &mut self,
         args: BlockJobFinalizeArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-job-finalize"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-job-finalize"))
     }
-    /// Change options of a running block job.
-    ///
-    /// **Since:** 8.2
+    /// `block-job-change`: see [`BlockJobChangeArguments`].
     fn block_job_change(
         &mut self,
         args: BlockJobChangeOptions,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-job-change"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-job-change"))
     }
-    /// Start a backup job copying a point-in-time view of a node to
-    /// another node.  Writes to the source made while the job runs copy
-    /// the old data to the target first.
-    ///
-    /// **Errors:**
-    ///
-    /// - If `device` or `target` is not a node, DeviceNotFound (or
-    ///   GenericError)
-    ///
-    /// **Since:** 2.3
-    fn blockdev_backup(
-        &mut self,
-        args: BlockdevBackup,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    /// `blockdev-backup`: see [`BlockdevBackupArguments`].
+    fn blockdev_backup(&mut self, args: BlockdevBackup) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("blockdev-backup"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("blockdev-backup"))
     }
-    /// Start a backup job that writes to an image file, creating it first
-    /// unless told it exists.
-    ///
-    /// **Errors:**
-    ///
-    /// - If `device` is not a node, GenericError
-    ///
-    /// **Since:** 1.6
-    ///
-    /// **Features:**
-    /// - `deprecated`: use `blockdev-add` to open the target and `blockdev-backup` instead
+    /// `drive-backup`: see [`DriveBackupArguments`].
     #[deprecated]
-    fn drive_backup(
-        &mut self,
-        args: DriveBackup,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    fn drive_backup(&mut self, args: DriveBackup) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("drive-backup"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("drive-backup"))
     }
-    /// Start a mirror job: it copies a node to a target node, then keeps
-    /// the target in sync with every write until a client completes it
-    /// (the target then replaces the source) or cancels it.
-    ///
-    /// **Since:** 2.6
+    /// `blockdev-mirror`: see [`BlockdevMirrorArguments`].
     fn blockdev_mirror(
         &mut self,
         args: BlockdevMirrorArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("blockdev-mirror"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("blockdev-mirror"))
     }
-    /// Start a mirror job to an image file (see `DriveMirror`).
-    ///
-    /// **Errors:**
-    ///
-    /// - If `device` is not a node, GenericError
-    ///
-    /// **Since:** 1.3
-    fn drive_mirror(
-        &mut self,
-        args: DriveMirror,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    /// `drive-mirror`: see [`DriveMirrorArguments`].
+    fn drive_mirror(&mut self, args: DriveMirror) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("drive-mirror"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("drive-mirror"))
     }
-    /// Take an external snapshot: create an overlay image whose backing
-    /// file is the node's image, and put it on top of the node, so that
-    /// later writes go to the overlay and the old image stays as it was.
-    ///
-    /// **Errors:**
-    ///
-    /// - If the node is not found, DeviceNotFound (or GenericError)
-    ///
-    /// **Since:** 0.14
+    /// `blockdev-snapshot-sync`: see [`BlockdevSnapshotSyncArguments`].
     fn blockdev_snapshot_sync(
         &mut self,
         args: BlockdevSnapshotSync,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("blockdev-snapshot-sync"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("blockdev-snapshot-sync"))
     }
-    /// Take an external snapshot with an overlay node opened beforehand by
-    /// `blockdev-add`.
-    ///
-    /// **Since:** 2.5
-    ///
-    /// **Features:**
-    /// - `allow-write-only-overlay`: the overlay need not be readable when the snapshot is taken, as long as it will be consistent before the guest reads from it (since 5.0)
+    /// `blockdev-snapshot`: see [`BlockdevSnapshotArguments`].
     fn blockdev_snapshot(
         &mut self,
         args: BlockdevSnapshot,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("blockdev-snapshot"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("blockdev-snapshot"))
     }
-    /// Take an internal snapshot of a node, stored inside its image.
-    ///
-    /// **Errors:**
-    ///
-    /// - If the node is not found, GenericError
-    /// - If the format does not support internal snapshots,
-    ///   GenericError
-    /// - If the name is empty or already used, GenericError
-    ///
-    /// **Since:** 1.7
+    /// `blockdev-snapshot-internal-sync`: see [`BlockdevSnapshotInternalSyncArguments`].
     fn blockdev_snapshot_internal_sync(
         &mut self,
         args: BlockdevSnapshotInternal,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("blockdev-snapshot-internal-sync"),
+        Err(
+            ::qapi_runtime::QmpError::command_not_found(
+                "blockdev-snapshot-internal-sync",
+            ),
         )
     }
-    /// Run several actions atomically.  Every action is first prepared, in
-    /// order; if one fails, those already prepared are undone, in reverse
-    /// order, and the first error is returned.  Only when all were
-    /// prepared are they committed.  Jobs the actions create start after
-    /// the commit.
-    ///
-    /// Snapshot files created by actions are not deleted when the
-    /// transaction is rolled back.
-    ///
-    /// **Errors:**
-    ///
-    /// - Any error of the first action that failed; the remaining
-    ///   actions were not attempted
-    ///
-    /// **Since:** 1.1
-    fn transaction(
-        &mut self,
-        args: TransactionArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    /// `transaction`: see [`TransactionArguments`].
+    fn transaction(&mut self, args: TransactionArguments) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("transaction"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("transaction"))
     }
-    /// Start the NBD server, which serves the exports added with
-    /// `block-export-add`.  There is at most one server.
-    ///
-    /// **Errors:**
-    ///
-    /// - If the server is already running, GenericError
-    ///
-    /// **Since:** 1.3
+    /// `nbd-server-start`: see [`NbdServerStartArguments`].
     fn nbd_server_start(
         &mut self,
         args: NbdServerOptionsLegacy,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("nbd-server-start"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("nbd-server-start"))
     }
-    /// Stop the NBD server and remove every NBD export.
-    ///
-    /// **Since:** 1.3
-    fn nbd_server_stop(&mut self) -> ::std::result::Result<(), crate::error::QmpError> {
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("nbd-server-stop"),
-        )
+    /// `nbd-server-stop`: see [`NbdServerStopArguments`].
+    fn nbd_server_stop(&mut self) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("nbd-server-stop"))
     }
-    /// Create a block export.
-    ///
-    /// **Since:** 5.2
+    /// `block-export-add`: see [`BlockExportAddArguments`].
     fn block_export_add(
         &mut self,
         args: BlockExportOptions,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-export-add"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-export-add"))
     }
-    /// Remove an export.  The removal finishes in the background;
-    /// `BLOCK_EXPORT_DELETED` tells when it is done.
-    ///
-    /// **Errors:**
-    ///
-    /// - If no export has that id, GenericError
-    /// - If the export is already being removed, GenericError
-    /// - If clients are connected and `mode` is safe, GenericError
-    ///
-    /// **Since:** 5.2
+    /// `block-export-del`: see [`BlockExportDelArguments`].
     fn block_export_del(
         &mut self,
         args: BlockExportDelArguments,
-    ) -> ::std::result::Result<(), crate::error::QmpError> {
+    ) -> ::qapi_runtime::Result<()> {
         let _ = args;
-        ::std::result::Result::Err(
-            crate::error::QmpError::command_not_found("block-export-del"),
-        )
+        Err(::qapi_runtime::QmpError::command_not_found("block-export-del"))
     }
 }
-/// Runs command `name` on `handler`: reads `arguments` with QEMU's
+/// Runs command `name` on `handler`: reads `arguments` strictly with QEMU's
 /// input rules, calls the method, and returns the `return` value
 /// (`{}` for commands without `returns`).
 pub fn dispatch(
@@ -1349,736 +1764,376 @@ pub fn dispatch(
     arguments: ::std::option::Option<
         ::serde_json::Map<::std::string::String, ::serde_json::Value>,
     >,
-) -> ::std::result::Result<::serde_json::Value, crate::error::QmpError> {
+) -> ::qapi_runtime::Result<::serde_json::Value> {
     let arguments = ::serde_json::Value::Object(arguments.unwrap_or_default());
-    let path = &mut crate::input::QmpPath::root();
+    let path = &mut ::qapi_runtime::input::QmpPath::root();
     match name {
         "qmp_capabilities" => {
-            let args = <QmpCapabilitiesArguments as crate::input::FromQmp>::from_qmp(
+            let args = <QmpCapabilitiesArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.qmp_capabilities(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "query-version" => {
-            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
             let ret = handler.query_version()?;
-            crate::wire::reply_value(&ret)
+            ::qapi_runtime::wire::reply(&ret)
         }
         "query-commands" => {
-            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
             let ret = handler.query_commands()?;
-            crate::wire::reply_value(&ret)
+            ::qapi_runtime::wire::reply(&ret)
         }
         "quit" => {
-            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
             let ret = handler.quit()?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "query-qmp-schema" => {
-            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
             let ret = handler.query_qmp_schema()?;
-            crate::wire::reply_value(&ret)
+            ::qapi_runtime::wire::reply(&ret)
         }
         "job-pause" => {
-            let args = <JobPauseArguments as crate::input::FromQmp>::from_qmp(
+            let args = <JobPauseArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.job_pause(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "job-resume" => {
-            let args = <JobResumeArguments as crate::input::FromQmp>::from_qmp(
+            let args = <JobResumeArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.job_resume(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "job-cancel" => {
-            let args = <JobCancelArguments as crate::input::FromQmp>::from_qmp(
+            let args = <JobCancelArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.job_cancel(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "job-complete" => {
-            let args = <JobCompleteArguments as crate::input::FromQmp>::from_qmp(
+            let args = <JobCompleteArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.job_complete(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "job-dismiss" => {
-            let args = <JobDismissArguments as crate::input::FromQmp>::from_qmp(
+            let args = <JobDismissArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.job_dismiss(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "job-finalize" => {
-            let args = <JobFinalizeArguments as crate::input::FromQmp>::from_qmp(
+            let args = <JobFinalizeArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.job_finalize(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "query-jobs" => {
-            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
             let ret = handler.query_jobs()?;
-            crate::wire::reply_value(&ret)
+            ::qapi_runtime::wire::reply(&ret)
         }
         "query-named-block-nodes" => {
-            let args = <QueryNamedBlockNodesArguments as crate::input::FromQmp>::from_qmp(
+            let args = <QueryNamedBlockNodesArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.query_named_block_nodes(args)?;
-            crate::wire::reply_value(&ret)
+            ::qapi_runtime::wire::reply(&ret)
         }
         "blockdev-add" => {
-            let args = <BlockdevOptions as crate::input::FromQmp>::from_qmp(
+            let args = <BlockdevOptions as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.blockdev_add(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "blockdev-del" => {
-            let args = <BlockdevDelArguments as crate::input::FromQmp>::from_qmp(
+            let args = <BlockdevDelArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.blockdev_del(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-dirty-bitmap-add" => {
-            let args = <BlockDirtyBitmapAdd as crate::input::FromQmp>::from_qmp(
+            let args = <BlockDirtyBitmapAdd as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_dirty_bitmap_add(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-dirty-bitmap-remove" => {
-            let args = <BlockDirtyBitmap as crate::input::FromQmp>::from_qmp(
+            let args = <BlockDirtyBitmap as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_dirty_bitmap_remove(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-dirty-bitmap-clear" => {
-            let args = <BlockDirtyBitmap as crate::input::FromQmp>::from_qmp(
+            let args = <BlockDirtyBitmap as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_dirty_bitmap_clear(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-dirty-bitmap-enable" => {
-            let args = <BlockDirtyBitmap as crate::input::FromQmp>::from_qmp(
+            let args = <BlockDirtyBitmap as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_dirty_bitmap_enable(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-dirty-bitmap-disable" => {
-            let args = <BlockDirtyBitmap as crate::input::FromQmp>::from_qmp(
+            let args = <BlockDirtyBitmap as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_dirty_bitmap_disable(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-dirty-bitmap-merge" => {
-            let args = <BlockDirtyBitmapMerge as crate::input::FromQmp>::from_qmp(
+            let args = <BlockDirtyBitmapMerge as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_dirty_bitmap_merge(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "query-block-jobs" => {
-            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
             let ret = handler.query_block_jobs()?;
-            crate::wire::reply_value(&ret)
+            ::qapi_runtime::wire::reply(&ret)
         }
         "block-job-set-speed" => {
-            let args = <BlockJobSetSpeedArguments as crate::input::FromQmp>::from_qmp(
+            let args = <BlockJobSetSpeedArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_job_set_speed(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-job-cancel" => {
-            let args = <BlockJobCancelArguments as crate::input::FromQmp>::from_qmp(
+            let args = <BlockJobCancelArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_job_cancel(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-job-pause" => {
-            let args = <BlockJobPauseArguments as crate::input::FromQmp>::from_qmp(
+            let args = <BlockJobPauseArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_job_pause(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-job-resume" => {
-            let args = <BlockJobResumeArguments as crate::input::FromQmp>::from_qmp(
+            let args = <BlockJobResumeArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_job_resume(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-job-complete" => {
-            let args = <BlockJobCompleteArguments as crate::input::FromQmp>::from_qmp(
+            let args = <BlockJobCompleteArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_job_complete(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-job-dismiss" => {
-            let args = <BlockJobDismissArguments as crate::input::FromQmp>::from_qmp(
+            let args = <BlockJobDismissArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_job_dismiss(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-job-finalize" => {
-            let args = <BlockJobFinalizeArguments as crate::input::FromQmp>::from_qmp(
+            let args = <BlockJobFinalizeArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_job_finalize(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-job-change" => {
-            let args = <BlockJobChangeOptions as crate::input::FromQmp>::from_qmp(
+            let args = <BlockJobChangeOptions as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_job_change(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "blockdev-backup" => {
-            let args = <BlockdevBackup as crate::input::FromQmp>::from_qmp(
+            let args = <BlockdevBackup as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.blockdev_backup(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "drive-backup" => {
-            let args = <DriveBackup as crate::input::FromQmp>::from_qmp(
+            let args = <DriveBackup as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.drive_backup(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "blockdev-mirror" => {
-            let args = <BlockdevMirrorArguments as crate::input::FromQmp>::from_qmp(
+            let args = <BlockdevMirrorArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.blockdev_mirror(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "drive-mirror" => {
-            let args = <DriveMirror as crate::input::FromQmp>::from_qmp(
+            let args = <DriveMirror as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.drive_mirror(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "blockdev-snapshot-sync" => {
-            let args = <BlockdevSnapshotSync as crate::input::FromQmp>::from_qmp(
+            let args = <BlockdevSnapshotSync as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.blockdev_snapshot_sync(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "blockdev-snapshot" => {
-            let args = <BlockdevSnapshot as crate::input::FromQmp>::from_qmp(
+            let args = <BlockdevSnapshot as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.blockdev_snapshot(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "blockdev-snapshot-internal-sync" => {
-            let args = <BlockdevSnapshotInternal as crate::input::FromQmp>::from_qmp(
+            let args = <BlockdevSnapshotInternal as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.blockdev_snapshot_internal_sync(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "transaction" => {
-            let args = <TransactionArguments as crate::input::FromQmp>::from_qmp(
+            let args = <TransactionArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.transaction(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "nbd-server-start" => {
-            let args = <NbdServerOptionsLegacy as crate::input::FromQmp>::from_qmp(
+            let args = <NbdServerOptionsLegacy as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.nbd_server_start(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "nbd-server-stop" => {
-            crate::input::QmpObject::open(&arguments, path)?.finish(path)?;
+            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
             let ret = handler.nbd_server_stop()?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-export-add" => {
-            let args = <BlockExportOptions as crate::input::FromQmp>::from_qmp(
+            let args = <BlockExportOptions as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_export_add(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
         "block-export-del" => {
-            let args = <BlockExportDelArguments as crate::input::FromQmp>::from_qmp(
+            let args = <BlockExportDelArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
                 &arguments,
                 path,
             )?;
             let ret = handler.block_export_del(args)?;
-            let () = ret;
-            ::std::result::Result::Ok(
-                ::serde_json::Value::Object(::serde_json::Map::new()),
-            )
+            ::qapi_runtime::wire::reply_empty(ret)
         }
-        _ => ::std::result::Result::Err(crate::error::QmpError::command_not_found(name)),
+        _ => Err(::qapi_runtime::QmpError::command_not_found(name)),
     }
 }
-/// Every command with the properties the monitor needs, in schema order.
-pub const COMMANDS: &[crate::wire::CommandInfo] = &[
-    crate::wire::CommandInfo {
-        name: "qmp_capabilities",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "query-version",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "query-commands",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "quit",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "query-qmp-schema",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "job-pause",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: false,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "job-resume",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: false,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "job-cancel",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: false,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "job-complete",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: false,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "job-dismiss",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: false,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "job-finalize",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: false,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "query-jobs",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: false,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "query-named-block-nodes",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "blockdev-add",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "blockdev-del",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-dirty-bitmap-add",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-dirty-bitmap-remove",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-dirty-bitmap-clear",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-dirty-bitmap-enable",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-dirty-bitmap-disable",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-dirty-bitmap-merge",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "query-block-jobs",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-job-set-speed",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-job-cancel",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-job-pause",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-job-resume",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-job-complete",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-job-dismiss",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-job-finalize",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-job-change",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: false,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "blockdev-backup",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "drive-backup",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: true,
-    },
-    crate::wire::CommandInfo {
-        name: "blockdev-mirror",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "drive-mirror",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "blockdev-snapshot-sync",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "blockdev-snapshot",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "blockdev-snapshot-internal-sync",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "transaction",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: false,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "nbd-server-start",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "nbd-server-stop",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-export-add",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
-    crate::wire::CommandInfo {
-        name: "block-export-del",
-        success_response: true,
-        allow_oob: false,
-        allow_preconfig: true,
-        deprecated: false,
-    },
+/// Every command with its properties, in schema order.
+pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
+    <QmpCapabilitiesArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryVersionArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryCommandsArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QuitArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryQmpSchemaArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <JobPauseArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <JobResumeArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <JobCancelArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <JobCompleteArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <JobDismissArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <JobFinalizeArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryJobsArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryNamedBlockNodesArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevAddArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevDelArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockDirtyBitmapAddArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockDirtyBitmapRemoveArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockDirtyBitmapClearArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockDirtyBitmapEnableArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockDirtyBitmapDisableArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockDirtyBitmapMergeArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryBlockJobsArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockJobSetSpeedArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockJobCancelArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockJobPauseArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockJobResumeArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockJobCompleteArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockJobDismissArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockJobFinalizeArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockJobChangeArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevBackupArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <DriveBackupArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevMirrorArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <DriveMirrorArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevSnapshotSyncArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevSnapshotArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevSnapshotInternalSyncArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <TransactionArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <NbdServerStartArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <NbdServerStopArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockExportAddArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockExportDelArguments as ::qapi_runtime::Command>::PROPERTIES,
 ];
 /// The properties of command `name`, if the schema has it.
-pub fn command_info(
+pub fn command_properties(
     name: &str,
-) -> ::std::option::Option<&'static crate::wire::CommandInfo> {
+) -> ::std::option::Option<&'static ::qapi_runtime::CommandProperties> {
     COMMANDS.iter().find(|c| c.name == name)
 }

@@ -25,25 +25,18 @@ impl JobStatusChangeData {
     ) -> Self {
         Self { id: id.into(), status }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-            status: object.required("status", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for JobStatusChangeData {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            id: object.required("id")?,
+            status: object.required("status")?,
         })
     }
 }
-impl crate::input::FromQmp for JobStatusChangeData {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(JobStatusChangeData);
 /// Data of event `BLOCK_JOB_COMPLETED`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobCompletedData {
@@ -76,32 +69,25 @@ impl BlockJobCompletedData {
             len,
             offset,
             speed,
-            error: ::std::option::Option::None,
+            error: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            r#type: object.required("type", path)?,
-            device: object.required("device", path)?,
-            len: object.required("len", path)?,
-            offset: object.required("offset", path)?,
-            speed: object.required("speed", path)?,
-            error: object.optional("error", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobCompletedData {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            r#type: object.required("type")?,
+            device: object.required("device")?,
+            len: object.required("len")?,
+            offset: object.required("offset")?,
+            speed: object.required("speed")?,
+            error: object.optional("error")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobCompletedData {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockJobCompletedData);
 /// Data of event `BLOCK_JOB_CANCELLED`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobCancelledData {
@@ -133,28 +119,21 @@ impl BlockJobCancelledData {
             speed,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            r#type: object.required("type", path)?,
-            device: object.required("device", path)?,
-            len: object.required("len", path)?,
-            offset: object.required("offset", path)?,
-            speed: object.required("speed", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobCancelledData {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            r#type: object.required("type")?,
+            device: object.required("device")?,
+            len: object.required("len")?,
+            offset: object.required("offset")?,
+            speed: object.required("speed")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobCancelledData {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockJobCancelledData);
 /// Data of event `BLOCK_JOB_ERROR`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobErrorData {
@@ -178,26 +157,19 @@ impl BlockJobErrorData {
             action,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            device: object.required("device", path)?,
-            operation: object.required("operation", path)?,
-            action: object.required("action", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobErrorData {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            device: object.required("device")?,
+            operation: object.required("operation")?,
+            action: object.required("action")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobErrorData {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockJobErrorData);
 /// Data of event `BLOCK_JOB_READY`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobReadyData {
@@ -229,28 +201,21 @@ impl BlockJobReadyData {
             speed,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            r#type: object.required("type", path)?,
-            device: object.required("device", path)?,
-            len: object.required("len", path)?,
-            offset: object.required("offset", path)?,
-            speed: object.required("speed", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobReadyData {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            r#type: object.required("type")?,
+            device: object.required("device")?,
+            len: object.required("len")?,
+            offset: object.required("offset")?,
+            speed: object.required("speed")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobReadyData {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockJobReadyData);
 /// Data of event `BLOCK_JOB_PENDING`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockJobPendingData {
@@ -267,25 +232,18 @@ impl BlockJobPendingData {
     ) -> Self {
         Self { r#type, id: id.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            r#type: object.required("type", path)?,
-            id: object.required("id", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobPendingData {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            r#type: object.required("type")?,
+            id: object.required("id")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobPendingData {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockJobPendingData);
 /// Data of event `BLOCK_EXPORT_DELETED`.
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
 pub struct BlockExportDeletedData {
@@ -297,29 +255,16 @@ impl BlockExportDeletedData {
     pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { id: id.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-        })
+}
+impl ::qapi_runtime::input::ReadMembers for BlockExportDeletedData {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self { id: object.required("id")? })
     }
 }
-impl crate::input::FromQmp for BlockExportDeletedData {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
-crate::deserialize_via_from_qmp!(
-    JobStatusChangeData, BlockJobCompletedData, BlockJobCancelledData, BlockJobErrorData,
-    BlockJobReadyData, BlockJobPendingData, BlockExportDeletedData
-);
-/// Every event of the schema with its typed data.
+::qapi_runtime::impl_object!(BlockExportDeletedData);
+/// Every event of the schema with its typed data, and the events it does not know.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Sent each time a job moves to another status.
@@ -353,6 +298,8 @@ pub enum Event {
     ///
     /// **Since:** 5.2
     BlockExportDeleted(BlockExportDeletedData),
+    /// An event this schema does not know (a newer QEMU's): its name and data.
+    UnknownEvent(::qapi_runtime::UnknownEvent),
 }
 impl Event {
     /// Every event name, in schema order.
@@ -366,7 +313,7 @@ impl Event {
         "BLOCK_EXPORT_DELETED",
     ];
     /// The wire name (`JOB_STATUS_CHANGE`).
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> &str {
         match self {
             Self::JobStatusChange(_) => "JOB_STATUS_CHANGE",
             Self::BlockJobCompleted(_) => "BLOCK_JOB_COMPLETED",
@@ -375,164 +322,76 @@ impl Event {
             Self::BlockJobReady(_) => "BLOCK_JOB_READY",
             Self::BlockJobPending(_) => "BLOCK_JOB_PENDING",
             Self::BlockExportDeleted(_) => "BLOCK_EXPORT_DELETED",
+            Self::UnknownEvent(event) => &event.name,
         }
     }
     /// The `data` member, `None` for events without data.
     pub fn data(&self) -> ::std::option::Option<::serde_json::Value> {
         match self {
-            Self::JobStatusChange(data) => {
-                ::std::option::Option::Some(
-                    ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
-                )
-            }
-            Self::BlockJobCompleted(data) => {
-                ::std::option::Option::Some(
-                    ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
-                )
-            }
-            Self::BlockJobCancelled(data) => {
-                ::std::option::Option::Some(
-                    ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
-                )
-            }
-            Self::BlockJobError(data) => {
-                ::std::option::Option::Some(
-                    ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
-                )
-            }
-            Self::BlockJobReady(data) => {
-                ::std::option::Option::Some(
-                    ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
-                )
-            }
-            Self::BlockJobPending(data) => {
-                ::std::option::Option::Some(
-                    ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
-                )
-            }
-            Self::BlockExportDeleted(data) => {
-                ::std::option::Option::Some(
-                    ::serde_json::to_value(data).unwrap_or(::serde_json::Value::Null),
-                )
-            }
+            Self::JobStatusChange(data) => Some(::qapi_runtime::wire::data(data)),
+            Self::BlockJobCompleted(data) => Some(::qapi_runtime::wire::data(data)),
+            Self::BlockJobCancelled(data) => Some(::qapi_runtime::wire::data(data)),
+            Self::BlockJobError(data) => Some(::qapi_runtime::wire::data(data)),
+            Self::BlockJobReady(data) => Some(::qapi_runtime::wire::data(data)),
+            Self::BlockJobPending(data) => Some(::qapi_runtime::wire::data(data)),
+            Self::BlockExportDeleted(data) => Some(::qapi_runtime::wire::data(data)),
+            Self::UnknownEvent(event) => event.data.clone(),
         }
     }
     /// The message QEMU sends: `{"timestamp": {...}, "event": NAME, "data": {...}}`
     /// (`data` omitted for events without data).
     pub fn to_wire(
         &self,
-        timestamp: crate::wire::EventTimestamp,
+        timestamp: ::qapi_runtime::EventTimestamp,
     ) -> ::serde_json::Value {
-        let mut message = ::serde_json::Map::new();
-        message
-            .insert(
-                "timestamp".to_string(),
-                ::serde_json::to_value(timestamp).unwrap_or(::serde_json::Value::Null),
-            );
-        message.insert("event".to_string(), ::serde_json::Value::from(self.name()));
-        if let ::std::option::Option::Some(data) = self.data() {
-            message.insert("data".to_string(), data);
-        }
-        ::serde_json::Value::Object(message)
+        ::qapi_runtime::Event::to_wire(self, timestamp)
     }
-    /// Reads an event message (`event` and `data`; `timestamp` is not needed).
-    pub fn from_wire(
-        message: &::serde_json::Value,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let path = &mut crate::input::QmpPath::root();
-        let name = match message.get("event") {
-            ::std::option::Option::Some(::serde_json::Value::String(name)) => {
-                name.as_str()
-            }
-            _ => {
-                return ::std::result::Result::Err(
-                    crate::error::QmpError::generic(
-                        "event message has no 'event' string member",
-                    ),
-                );
-            }
-        };
-        let _ = &path;
-        ::std::result::Result::Ok(
+    /// Reads an event message (`event` and `data`; `timestamp` is not needed),
+    /// tolerantly: members and values the schema does not know are ignored or
+    /// read as `UnknownValue`, and an unknown event is an `UnknownEvent`.
+    pub fn from_wire(message: &::serde_json::Value) -> ::qapi_runtime::Result<Self> {
+        let (name, data) = ::qapi_runtime::event::split_message(message)?;
+        Ok(
             match name {
                 "JOB_STATUS_CHANGE" => {
-                    path.push_member("data");
-                    let data = message.get("data").ok_or_else(|| path.missing())?;
-                    Self::JobStatusChange(
-                        <JobStatusChangeData as crate::input::FromQmp>::from_qmp(
-                            data,
-                            path,
-                        )?,
-                    )
+                    Self::JobStatusChange(::qapi_runtime::event::read_data(data)?)
                 }
                 "BLOCK_JOB_COMPLETED" => {
-                    path.push_member("data");
-                    let data = message.get("data").ok_or_else(|| path.missing())?;
-                    Self::BlockJobCompleted(
-                        <BlockJobCompletedData as crate::input::FromQmp>::from_qmp(
-                            data,
-                            path,
-                        )?,
-                    )
+                    Self::BlockJobCompleted(::qapi_runtime::event::read_data(data)?)
                 }
                 "BLOCK_JOB_CANCELLED" => {
-                    path.push_member("data");
-                    let data = message.get("data").ok_or_else(|| path.missing())?;
-                    Self::BlockJobCancelled(
-                        <BlockJobCancelledData as crate::input::FromQmp>::from_qmp(
-                            data,
-                            path,
-                        )?,
-                    )
+                    Self::BlockJobCancelled(::qapi_runtime::event::read_data(data)?)
                 }
                 "BLOCK_JOB_ERROR" => {
-                    path.push_member("data");
-                    let data = message.get("data").ok_or_else(|| path.missing())?;
-                    Self::BlockJobError(
-                        <BlockJobErrorData as crate::input::FromQmp>::from_qmp(
-                            data,
-                            path,
-                        )?,
-                    )
+                    Self::BlockJobError(::qapi_runtime::event::read_data(data)?)
                 }
                 "BLOCK_JOB_READY" => {
-                    path.push_member("data");
-                    let data = message.get("data").ok_or_else(|| path.missing())?;
-                    Self::BlockJobReady(
-                        <BlockJobReadyData as crate::input::FromQmp>::from_qmp(
-                            data,
-                            path,
-                        )?,
-                    )
+                    Self::BlockJobReady(::qapi_runtime::event::read_data(data)?)
                 }
                 "BLOCK_JOB_PENDING" => {
-                    path.push_member("data");
-                    let data = message.get("data").ok_or_else(|| path.missing())?;
-                    Self::BlockJobPending(
-                        <BlockJobPendingData as crate::input::FromQmp>::from_qmp(
-                            data,
-                            path,
-                        )?,
-                    )
+                    Self::BlockJobPending(::qapi_runtime::event::read_data(data)?)
                 }
                 "BLOCK_EXPORT_DELETED" => {
-                    path.push_member("data");
-                    let data = message.get("data").ok_or_else(|| path.missing())?;
-                    Self::BlockExportDeleted(
-                        <BlockExportDeletedData as crate::input::FromQmp>::from_qmp(
-                            data,
-                            path,
-                        )?,
-                    )
+                    Self::BlockExportDeleted(::qapi_runtime::event::read_data(data)?)
                 }
                 _ => {
-                    return ::std::result::Result::Err(
-                        crate::error::QmpError::generic(
-                            format!("unknown event '{name}'"),
-                        ),
-                    );
+                    Self::UnknownEvent(::qapi_runtime::UnknownEvent {
+                        name: name.to_string(),
+                        data: data.cloned(),
+                    })
                 }
             },
         )
+    }
+}
+impl ::qapi_runtime::Event for Event {
+    fn name(&self) -> &str {
+        self.name()
+    }
+    fn data(&self) -> ::std::option::Option<::serde_json::Value> {
+        self.data()
+    }
+    fn from_wire(message: &::serde_json::Value) -> ::qapi_runtime::Result<Self> {
+        Self::from_wire(message)
     }
 }

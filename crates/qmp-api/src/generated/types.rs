@@ -11,25 +11,15 @@
 /// The direction of an I/O request.
 ///
 /// **Since:** 2.1
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IoOperationType {
     /// data was being read
-    #[serde(rename = "read")]
     Read,
     /// data was being written
-    #[serde(rename = "write")]
     Write,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl IoOperationType {
     /// Every value, in schema order.
@@ -39,61 +29,29 @@ impl IoOperationType {
         match self {
             Self::Read => "read",
             Self::Write => "write",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for IoOperationType {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for IoOperationType {
+    const NAME: &'static str = "IoOperationType";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for IoOperationType {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "read" => ::std::result::Result::Ok(Self::Read),
-            "write" => ::std::result::Result::Ok(Self::Write),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "IoOperationType",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for IoOperationType {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(IoOperationType);
 /// A switch with a third position that lets the daemon decide.
 ///
 /// **Since:** 2.2
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum OnOffAuto {
     /// the daemon picks what suits the host
-    #[serde(rename = "auto")]
     Auto,
     /// always enabled
-    #[serde(rename = "on")]
     On,
     /// always disabled
-    #[serde(rename = "off")]
     Off,
 }
 impl OnOffAuto {
@@ -108,35 +66,15 @@ impl OnOffAuto {
         }
     }
 }
-impl ::std::fmt::Display for OnOffAuto {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for OnOffAuto {
+    const NAME: &'static str = "OnOffAuto";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for OnOffAuto {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "auto" => ::std::result::Result::Ok(Self::Auto),
-            "on" => ::std::result::Result::Ok(Self::On),
-            "off" => ::std::result::Result::Ok(Self::Off),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "OnOffAuto",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for OnOffAuto {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(OnOffAuto);
 /// A host and port, the part of an IP socket address every user needs.
 ///
 /// **Since:** 1.3
@@ -158,25 +96,18 @@ impl InetSocketAddressBase {
             port: port.into(),
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            host: object.required("host", path)?,
-            port: object.required("port", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for InetSocketAddressBase {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            host: object.required("host")?,
+            port: object.required("port")?,
         })
     }
 }
-impl crate::input::FromQmp for InetSocketAddressBase {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(InetSocketAddressBase);
 /// An IP socket address with the options for resolving it and for
 /// connections made through it.
 ///
@@ -222,39 +153,32 @@ impl InetSocketAddress {
         Self {
             host: host.into(),
             port: port.into(),
-            numeric: ::std::option::Option::None,
-            to: ::std::option::Option::None,
-            ipv4: ::std::option::Option::None,
-            ipv6: ::std::option::Option::None,
-            keep_alive: ::std::option::Option::None,
-            mptcp: ::std::option::Option::None,
+            numeric: None,
+            to: None,
+            ipv4: None,
+            ipv6: None,
+            keep_alive: None,
+            mptcp: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            host: object.required("host", path)?,
-            port: object.required("port", path)?,
-            numeric: object.optional("numeric", path)?,
-            to: object.optional("to", path)?,
-            ipv4: object.optional("ipv4", path)?,
-            ipv6: object.optional("ipv6", path)?,
-            keep_alive: object.optional("keep-alive", path)?,
-            mptcp: object.optional("mptcp", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for InetSocketAddress {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            host: object.required("host")?,
+            port: object.required("port")?,
+            numeric: object.optional("numeric")?,
+            to: object.optional("to")?,
+            ipv4: object.optional("ipv4")?,
+            ipv6: object.optional("ipv6")?,
+            keep_alive: object.optional("keep-alive")?,
+            mptcp: object.optional("mptcp")?,
         })
     }
 }
-impl crate::input::FromQmp for InetSocketAddress {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(InetSocketAddress);
 /// A Unix domain socket address.
 ///
 /// **Since:** 1.3
@@ -281,30 +205,23 @@ impl UnixSocketAddress {
     pub fn new(path: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self {
             path: path.into(),
-            r#abstract: ::std::option::Option::None,
-            tight: ::std::option::Option::None,
+            r#abstract: None,
+            tight: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            path: object.required("path", path)?,
-            r#abstract: object.optional("abstract", path)?,
-            tight: object.optional("tight", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for UnixSocketAddress {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            path: object.required("path")?,
+            r#abstract: object.optional("abstract")?,
+            tight: object.optional("tight")?,
         })
     }
 }
-impl crate::input::FromQmp for UnixSocketAddress {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(UnixSocketAddress);
 /// A VSOCK socket address.
 ///
 /// **Since:** 2.8
@@ -326,25 +243,18 @@ impl VsockSocketAddress {
             port: port.into(),
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            cid: object.required("cid", path)?,
-            port: object.required("port", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for VsockSocketAddress {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            cid: object.required("cid")?,
+            port: object.required("port")?,
         })
     }
 }
-impl crate::input::FromQmp for VsockSocketAddress {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(VsockSocketAddress);
 /// A socket that is already open, given by file descriptor.
 ///
 /// **Since:** 1.2
@@ -359,24 +269,17 @@ impl FdSocketAddress {
     pub fn new(str: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { str: str.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            str: object.required("str", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for FdSocketAddress {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            str: object.required("str")?,
         })
     }
 }
-impl crate::input::FromQmp for FdSocketAddress {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(FdSocketAddress);
 /// Holds an `InetSocketAddress` for `SocketAddressLegacy`.
 ///
 /// **Since:** 1.3
@@ -390,24 +293,17 @@ impl InetSocketAddressWrapper {
     pub fn new(data: InetSocketAddress) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for InetSocketAddressWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for InetSocketAddressWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(InetSocketAddressWrapper);
 /// Holds a `UnixSocketAddress` for `SocketAddressLegacy`.
 ///
 /// **Since:** 1.3
@@ -421,24 +317,17 @@ impl UnixSocketAddressWrapper {
     pub fn new(data: UnixSocketAddress) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for UnixSocketAddressWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for UnixSocketAddressWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(UnixSocketAddressWrapper);
 /// Holds a `VsockSocketAddress` for `SocketAddressLegacy`.
 ///
 /// **Since:** 2.8
@@ -452,24 +341,17 @@ impl VsockSocketAddressWrapper {
     pub fn new(data: VsockSocketAddress) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for VsockSocketAddressWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for VsockSocketAddressWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(VsockSocketAddressWrapper);
 /// Holds an `FdSocketAddress` for `SocketAddressLegacy`.
 ///
 /// **Since:** 1.3
@@ -483,24 +365,17 @@ impl FdSocketAddressWrapper {
     pub fn new(data: FdSocketAddress) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for FdSocketAddressWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for FdSocketAddressWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(FdSocketAddressWrapper);
 /// A socket address in the older nested form, where the address sits
 /// under a 'data' key next to its 'type'.  New interfaces use
 /// `SocketAddress`.
@@ -547,72 +422,50 @@ impl SocketAddressLegacy {
     pub fn new(branch: SocketAddressLegacyBranch) -> Self {
         Self { branch }
     }
-    /// Reads this union's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let kind: SocketAddressType = object.required("type", path)?;
+}
+impl ::qapi_runtime::input::ReadMembers for SocketAddressLegacy {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: SocketAddressType = object.required("type")?;
         let branch = match kind {
             SocketAddressType::Inet => {
                 SocketAddressLegacyBranch::Inet(
-                    InetSocketAddressWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             SocketAddressType::Unix => {
                 SocketAddressLegacyBranch::Unix(
-                    UnixSocketAddressWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             SocketAddressType::Vsock => {
                 SocketAddressLegacyBranch::Vsock(
-                    VsockSocketAddressWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             SocketAddressType::Fd => {
                 SocketAddressLegacyBranch::Fd(
-                    FdSocketAddressWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
         };
-        ::std::result::Result::Ok(Self { branch })
+        Ok(Self { branch })
     }
 }
-impl crate::input::FromQmp for SocketAddressLegacy {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SocketAddressLegacy);
 /// The kinds of socket address.
 ///
 /// **Since:** 2.9
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SocketAddressType {
     /// an IP address and port
-    #[serde(rename = "inet")]
     Inet,
     /// a Unix domain socket
-    #[serde(rename = "unix")]
     Unix,
     /// a VSOCK address
-    #[serde(rename = "vsock")]
     Vsock,
     /// an already open socket
-    #[serde(rename = "fd")]
     Fd,
 }
 impl SocketAddressType {
@@ -628,36 +481,15 @@ impl SocketAddressType {
         }
     }
 }
-impl ::std::fmt::Display for SocketAddressType {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for SocketAddressType {
+    const NAME: &'static str = "SocketAddressType";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for SocketAddressType {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "inet" => ::std::result::Result::Ok(Self::Inet),
-            "unix" => ::std::result::Result::Ok(Self::Unix),
-            "vsock" => ::std::result::Result::Ok(Self::Vsock),
-            "fd" => ::std::result::Result::Ok(Self::Fd),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "SocketAddressType",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for SocketAddressType {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(SocketAddressType);
 /// A socket address in the flat form: the address's members sit next
 /// to its 'type'.
 ///
@@ -703,83 +535,62 @@ impl SocketAddress {
     pub fn new(branch: SocketAddressBranch) -> Self {
         Self { branch }
     }
-    /// Reads this union's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let kind: SocketAddressType = object.required("type", path)?;
+}
+impl ::qapi_runtime::input::ReadMembers for SocketAddress {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: SocketAddressType = object.required("type")?;
         let branch = match kind {
             SocketAddressType::Inet => {
                 SocketAddressBranch::Inet(
-                    InetSocketAddress::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             SocketAddressType::Unix => {
                 SocketAddressBranch::Unix(
-                    UnixSocketAddress::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             SocketAddressType::Vsock => {
                 SocketAddressBranch::Vsock(
-                    VsockSocketAddress::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             SocketAddressType::Fd => {
-                SocketAddressBranch::Fd(FdSocketAddress::read_qmp_members(object, path)?)
+                SocketAddressBranch::Fd(
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                )
             }
         };
-        ::std::result::Result::Ok(Self { branch })
+        Ok(Self { branch })
     }
 }
-impl crate::input::FromQmp for SocketAddress {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SocketAddress);
 /// Hash algorithms.
 ///
 /// **Since:** 2.6
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoHashAlgo {
     /// MD5
-    #[serde(rename = "md5")]
     Md5,
     /// SHA-1
-    #[serde(rename = "sha1")]
     Sha1,
     /// SHA-224
-    #[serde(rename = "sha224")]
     Sha224,
     /// SHA-256
-    #[serde(rename = "sha256")]
     Sha256,
     /// SHA-384
-    #[serde(rename = "sha384")]
     Sha384,
     /// SHA-512
-    #[serde(rename = "sha512")]
     Sha512,
     /// RIPEMD-160
-    #[serde(rename = "ripemd160")]
     Ripemd160,
     /// SM3 (since 9.2)
-    #[serde(rename = "sm3")]
     Sm3,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl QCryptoHashAlgo {
     /// Every value, in schema order.
@@ -804,98 +615,53 @@ impl QCryptoHashAlgo {
             Self::Sha512 => "sha512",
             Self::Ripemd160 => "ripemd160",
             Self::Sm3 => "sm3",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for QCryptoHashAlgo {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for QCryptoHashAlgo {
+    const NAME: &'static str = "QCryptoHashAlgo";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for QCryptoHashAlgo {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "md5" => ::std::result::Result::Ok(Self::Md5),
-            "sha1" => ::std::result::Result::Ok(Self::Sha1),
-            "sha224" => ::std::result::Result::Ok(Self::Sha224),
-            "sha256" => ::std::result::Result::Ok(Self::Sha256),
-            "sha384" => ::std::result::Result::Ok(Self::Sha384),
-            "sha512" => ::std::result::Result::Ok(Self::Sha512),
-            "ripemd160" => ::std::result::Result::Ok(Self::Ripemd160),
-            "sm3" => ::std::result::Result::Ok(Self::Sm3),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "QCryptoHashAlgo",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for QCryptoHashAlgo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(QCryptoHashAlgo);
 /// Block cipher algorithms with their key sizes.
 ///
 /// **Since:** 2.6
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoCipherAlgo {
     /// AES with a 128-bit key
-    #[serde(rename = "aes-128")]
     Aes128,
     /// AES with a 192-bit key
-    #[serde(rename = "aes-192")]
     Aes192,
     /// AES with a 256-bit key
-    #[serde(rename = "aes-256")]
     Aes256,
     /// single DES, 56-bit key (since 6.1)
-    #[serde(rename = "des")]
     Des,
     /// triple DES, 192-bit key (since 2.9)
-    #[serde(rename = "3des")]
     _3des,
     /// CAST5 with a 128-bit key
-    #[serde(rename = "cast5-128")]
     Cast5_128,
     /// Serpent with a 128-bit key
-    #[serde(rename = "serpent-128")]
     Serpent128,
     /// Serpent with a 192-bit key
-    #[serde(rename = "serpent-192")]
     Serpent192,
     /// Serpent with a 256-bit key
-    #[serde(rename = "serpent-256")]
     Serpent256,
     /// Twofish with a 128-bit key
-    #[serde(rename = "twofish-128")]
     Twofish128,
     /// Twofish with a 192-bit key
-    #[serde(rename = "twofish-192")]
     Twofish192,
     /// Twofish with a 256-bit key
-    #[serde(rename = "twofish-256")]
     Twofish256,
     /// SM4 with a 128-bit key (since 9.0)
-    #[serde(rename = "sm4")]
     Sm4,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl QCryptoCipherAlgo {
     /// Every value, in schema order.
@@ -930,76 +696,35 @@ impl QCryptoCipherAlgo {
             Self::Twofish192 => "twofish-192",
             Self::Twofish256 => "twofish-256",
             Self::Sm4 => "sm4",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for QCryptoCipherAlgo {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for QCryptoCipherAlgo {
+    const NAME: &'static str = "QCryptoCipherAlgo";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for QCryptoCipherAlgo {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "aes-128" => ::std::result::Result::Ok(Self::Aes128),
-            "aes-192" => ::std::result::Result::Ok(Self::Aes192),
-            "aes-256" => ::std::result::Result::Ok(Self::Aes256),
-            "des" => ::std::result::Result::Ok(Self::Des),
-            "3des" => ::std::result::Result::Ok(Self::_3des),
-            "cast5-128" => ::std::result::Result::Ok(Self::Cast5_128),
-            "serpent-128" => ::std::result::Result::Ok(Self::Serpent128),
-            "serpent-192" => ::std::result::Result::Ok(Self::Serpent192),
-            "serpent-256" => ::std::result::Result::Ok(Self::Serpent256),
-            "twofish-128" => ::std::result::Result::Ok(Self::Twofish128),
-            "twofish-192" => ::std::result::Result::Ok(Self::Twofish192),
-            "twofish-256" => ::std::result::Result::Ok(Self::Twofish256),
-            "sm4" => ::std::result::Result::Ok(Self::Sm4),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "QCryptoCipherAlgo",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for QCryptoCipherAlgo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(QCryptoCipherAlgo);
 /// Ways of chaining cipher blocks.
 ///
 /// **Since:** 2.6
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoCipherMode {
     /// electronic code book
-    #[serde(rename = "ecb")]
     Ecb,
     /// cipher block chaining
-    #[serde(rename = "cbc")]
     Cbc,
     /// XEX with tweaked code book and ciphertext stealing
-    #[serde(rename = "xts")]
     Xts,
     /// counter (since 2.8)
-    #[serde(rename = "ctr")]
     Ctr,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl QCryptoCipherMode {
     /// Every value, in schema order.
@@ -1011,64 +736,33 @@ impl QCryptoCipherMode {
             Self::Cbc => "cbc",
             Self::Xts => "xts",
             Self::Ctr => "ctr",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for QCryptoCipherMode {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for QCryptoCipherMode {
+    const NAME: &'static str = "QCryptoCipherMode";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for QCryptoCipherMode {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "ecb" => ::std::result::Result::Ok(Self::Ecb),
-            "cbc" => ::std::result::Result::Ok(Self::Cbc),
-            "xts" => ::std::result::Result::Ok(Self::Xts),
-            "ctr" => ::std::result::Result::Ok(Self::Ctr),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "QCryptoCipherMode",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for QCryptoCipherMode {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(QCryptoCipherMode);
 /// Ways of deriving the initialization vector of each sector.
 ///
 /// **Since:** 2.6
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoIVGenAlgo {
     /// the sector number, truncated to 32 bits
-    #[serde(rename = "plain")]
     Plain,
     /// the full 64-bit sector number
-    #[serde(rename = "plain64")]
     Plain64,
     /// the sector number encrypted with a hash of the key
-    #[serde(rename = "essiv")]
     Essiv,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl QCryptoIVGenAlgo {
     /// Every value, in schema order.
@@ -1079,38 +773,19 @@ impl QCryptoIVGenAlgo {
             Self::Plain => "plain",
             Self::Plain64 => "plain64",
             Self::Essiv => "essiv",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for QCryptoIVGenAlgo {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for QCryptoIVGenAlgo {
+    const NAME: &'static str = "QCryptoIVGenAlgo";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for QCryptoIVGenAlgo {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "plain" => ::std::result::Result::Ok(Self::Plain),
-            "plain64" => ::std::result::Result::Ok(Self::Plain64),
-            "essiv" => ::std::result::Result::Ok(Self::Essiv),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "QCryptoIVGenAlgo",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for QCryptoIVGenAlgo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(QCryptoIVGenAlgo);
 /// How to open an image that uses the legacy qcow AES encryption.
 ///
 /// **Since:** 2.6
@@ -1125,28 +800,19 @@ pub struct QCryptoBlockOptionsQCow {
 impl QCryptoBlockOptionsQCow {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
-        Self {
-            key_secret: ::std::option::Option::None,
-        }
+        Self { key_secret: None }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            key_secret: object.optional("key-secret", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for QCryptoBlockOptionsQCow {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            key_secret: object.optional("key-secret")?,
         })
     }
 }
-impl crate::input::FromQmp for QCryptoBlockOptionsQCow {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(QCryptoBlockOptionsQCow);
 /// How to open a LUKS-encrypted image.
 ///
 /// **Since:** 2.6
@@ -1161,28 +827,19 @@ pub struct QCryptoBlockOptionsLUKS {
 impl QCryptoBlockOptionsLUKS {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
-        Self {
-            key_secret: ::std::option::Option::None,
-        }
+        Self { key_secret: None }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            key_secret: object.optional("key-secret", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for QCryptoBlockOptionsLUKS {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            key_secret: object.optional("key-secret")?,
         })
     }
 }
-impl crate::input::FromQmp for QCryptoBlockOptionsLUKS {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(QCryptoBlockOptionsLUKS);
 /// One key slot of a LUKS header.
 ///
 /// **Since:** 2.7
@@ -1205,32 +862,25 @@ impl QCryptoBlockInfoLUKSSlot {
     pub fn new(active: bool, key_offset: i64) -> Self {
         Self {
             active,
-            iters: ::std::option::Option::None,
-            stripes: ::std::option::Option::None,
+            iters: None,
+            stripes: None,
             key_offset,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            active: object.required("active", path)?,
-            iters: object.optional("iters", path)?,
-            stripes: object.optional("stripes", path)?,
-            key_offset: object.required("key-offset", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for QCryptoBlockInfoLUKSSlot {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            active: object.required("active")?,
+            iters: object.optional("iters")?,
+            stripes: object.optional("stripes")?,
+            key_offset: object.required("key-offset")?,
         })
     }
 }
-impl crate::input::FromQmp for QCryptoBlockInfoLUKSSlot {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(QCryptoBlockInfoLUKSSlot);
 /// What a LUKS header says.
 ///
 /// **Since:** 2.7
@@ -1284,7 +934,7 @@ impl QCryptoBlockInfoLUKS {
             cipher_alg,
             cipher_mode,
             ivgen_alg,
-            ivgen_hash_alg: ::std::option::Option::None,
+            ivgen_hash_alg: None,
             hash_alg,
             detached_header,
             payload_offset,
@@ -1293,53 +943,34 @@ impl QCryptoBlockInfoLUKS {
             slots,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            cipher_alg: object.required("cipher-alg", path)?,
-            cipher_mode: object.required("cipher-mode", path)?,
-            ivgen_alg: object.required("ivgen-alg", path)?,
-            ivgen_hash_alg: object.optional("ivgen-hash-alg", path)?,
-            hash_alg: object.required("hash-alg", path)?,
-            detached_header: object.required("detached-header", path)?,
-            payload_offset: object.required("payload-offset", path)?,
-            master_key_iters: object.required("master-key-iters", path)?,
-            uuid: object.required("uuid", path)?,
-            slots: object.required("slots", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for QCryptoBlockInfoLUKS {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            cipher_alg: object.required("cipher-alg")?,
+            cipher_mode: object.required("cipher-mode")?,
+            ivgen_alg: object.required("ivgen-alg")?,
+            ivgen_hash_alg: object.optional("ivgen-hash-alg")?,
+            hash_alg: object.required("hash-alg")?,
+            detached_header: object.required("detached-header")?,
+            payload_offset: object.required("payload-offset")?,
+            master_key_iters: object.required("master-key-iters")?,
+            uuid: object.required("uuid")?,
+            slots: object.required("slots")?,
         })
     }
 }
-impl crate::input::FromQmp for QCryptoBlockInfoLUKS {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(QCryptoBlockInfoLUKS);
 /// Optional protocol capabilities a client can turn on with
 /// `qmp_capabilities`.
 ///
 /// **Since:** 2.12
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QMPCapability {
     /// out-of-band execution: commands marked for it may be sent
     /// with 'exec-oob' and run ahead of queued ones
-    #[serde(rename = "oob")]
     Oob,
 }
 impl QMPCapability {
@@ -1352,33 +983,15 @@ impl QMPCapability {
         }
     }
 }
-impl ::std::fmt::Display for QMPCapability {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for QMPCapability {
+    const NAME: &'static str = "QMPCapability";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for QMPCapability {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "oob" => ::std::result::Result::Ok(Self::Oob),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "QMPCapability",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for QMPCapability {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(QMPCapability);
 /// A three-part version number.
 ///
 /// **Since:** 2.4
@@ -1396,26 +1009,19 @@ impl VersionTriple {
     pub fn new(major: i64, minor: i64, micro: i64) -> Self {
         Self { major, minor, micro }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            major: object.required("major", path)?,
-            minor: object.required("minor", path)?,
-            micro: object.required("micro", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for VersionTriple {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            major: object.required("major")?,
+            minor: object.required("minor")?,
+            micro: object.required("micro")?,
         })
     }
 }
-impl crate::input::FromQmp for VersionTriple {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(VersionTriple);
 /// The version of the daemon.
 ///
 /// **Since:** 0.14
@@ -1437,25 +1043,18 @@ impl VersionInfo {
             package: package.into(),
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            qemu: object.required("qemu", path)?,
-            package: object.required("package", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for VersionInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            qemu: object.required("qemu")?,
+            package: object.required("package")?,
         })
     }
 }
-impl crate::input::FromQmp for VersionInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(VersionInfo);
 /// One command the daemon accepts.
 ///
 /// **Since:** 0.14
@@ -1469,61 +1068,39 @@ impl CommandInfo {
     pub fn new(name: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { name: name.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            name: object.required("name", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for CommandInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            name: object.required("name")?,
         })
     }
 }
-impl crate::input::FromQmp for CommandInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(CommandInfo);
 /// The kinds of entity in an introspected schema.
 ///
 /// **Since:** 2.5
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SchemaMetaType {
     /// a predefined type such as 'str' or 'int'
-    #[serde(rename = "builtin")]
     Builtin,
     /// an enumeration
-    #[serde(rename = "enum")]
     Enum,
     /// a list of some element type
-    #[serde(rename = "array")]
     Array,
     /// a JSON object, possibly with variant parts
-    #[serde(rename = "object")]
     Object,
     /// a value that may take one of several JSON types
-    #[serde(rename = "alternate")]
     Alternate,
     /// a command
-    #[serde(rename = "command")]
     Command,
     /// an event
-    #[serde(rename = "event")]
     Event,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl SchemaMetaType {
     /// Every value, in schema order.
@@ -1546,42 +1123,19 @@ impl SchemaMetaType {
             Self::Alternate => "alternate",
             Self::Command => "command",
             Self::Event => "event",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for SchemaMetaType {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for SchemaMetaType {
+    const NAME: &'static str = "SchemaMetaType";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for SchemaMetaType {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "builtin" => ::std::result::Result::Ok(Self::Builtin),
-            "enum" => ::std::result::Result::Ok(Self::Enum),
-            "array" => ::std::result::Result::Ok(Self::Array),
-            "object" => ::std::result::Result::Ok(Self::Object),
-            "alternate" => ::std::result::Result::Ok(Self::Alternate),
-            "command" => ::std::result::Result::Ok(Self::Command),
-            "event" => ::std::result::Result::Ok(Self::Event),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "SchemaMetaType",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for SchemaMetaType {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(SchemaMetaType);
 /// One entity of the introspected schema.
 ///
 /// **Since:** 2.5
@@ -1625,6 +1179,10 @@ pub enum SchemaInfoBranch {
     /// an event
     #[serde(rename = "event")]
     Event(SchemaInfoEvent),
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    #[serde(skip_serializing)]
+    UnknownValue,
 }
 impl SchemaInfoBranch {
     /// The discriminator value selecting this branch.
@@ -1637,6 +1195,7 @@ impl SchemaInfoBranch {
             Self::Alternate(_) => SchemaMetaType::Alternate,
             Self::Command(_) => SchemaMetaType::Command,
             Self::Event(_) => SchemaMetaType::Event,
+            Self::UnknownValue => SchemaMetaType::UnknownValue,
         }
     }
 }
@@ -1649,64 +1208,64 @@ impl SchemaInfo {
     ) -> Self {
         Self {
             name: name.into(),
-            features: ::std::option::Option::None,
+            features: None,
             branch,
         }
     }
-    /// Reads this union's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let member_0 = object.required("name", path)?;
-        let kind: SchemaMetaType = object.required("meta-type", path)?;
-        let member_2 = object.optional("features", path)?;
+}
+impl ::qapi_runtime::input::ReadMembers for SchemaInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        let member_0 = object.required("name")?;
+        let kind: SchemaMetaType = object.required("meta-type")?;
+        let member_2 = object.optional("features")?;
         let branch = match kind {
             SchemaMetaType::Builtin => {
                 SchemaInfoBranch::Builtin(
-                    SchemaInfoBuiltin::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             SchemaMetaType::Enum => {
-                SchemaInfoBranch::Enum(SchemaInfoEnum::read_qmp_members(object, path)?)
+                SchemaInfoBranch::Enum(
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                )
             }
             SchemaMetaType::Array => {
-                SchemaInfoBranch::Array(SchemaInfoArray::read_qmp_members(object, path)?)
+                SchemaInfoBranch::Array(
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                )
             }
             SchemaMetaType::Object => {
                 SchemaInfoBranch::Object(
-                    SchemaInfoObject::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             SchemaMetaType::Alternate => {
                 SchemaInfoBranch::Alternate(
-                    SchemaInfoAlternate::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             SchemaMetaType::Command => {
                 SchemaInfoBranch::Command(
-                    SchemaInfoCommand::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             SchemaMetaType::Event => {
-                SchemaInfoBranch::Event(SchemaInfoEvent::read_qmp_members(object, path)?)
+                SchemaInfoBranch::Event(
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                )
             }
+            SchemaMetaType::UnknownValue => SchemaInfoBranch::UnknownValue,
         };
-        ::std::result::Result::Ok(Self {
+        Ok(Self {
             name: member_0,
             features: member_2,
             branch,
         })
     }
 }
-impl crate::input::FromQmp for SchemaInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SchemaInfo);
 /// What introspection says about a built-in type.
 ///
 /// **Since:** 2.5
@@ -1721,64 +1280,41 @@ impl SchemaInfoBuiltin {
     pub fn new(json_type: JSONType) -> Self {
         Self { json_type }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            json_type: object.required("json-type", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for SchemaInfoBuiltin {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            json_type: object.required("json-type")?,
         })
     }
 }
-impl crate::input::FromQmp for SchemaInfoBuiltin {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SchemaInfoBuiltin);
 /// The JSON value types, with integers told apart from other numbers.
 ///
 /// **Since:** 2.5
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JSONType {
     /// a JSON string
-    #[serde(rename = "string")]
     String,
     /// any JSON number
-    #[serde(rename = "number")]
     Number,
     /// a JSON number without fraction or exponent
-    #[serde(rename = "int")]
     Int,
     /// true or false
-    #[serde(rename = "boolean")]
     Boolean,
     /// null
-    #[serde(rename = "null")]
     Null,
     /// a JSON object
-    #[serde(rename = "object")]
     Object,
     /// a JSON array
-    #[serde(rename = "array")]
     Array,
     /// any JSON value
-    #[serde(rename = "value")]
     Value,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl JSONType {
     /// Every value, in schema order.
@@ -1803,43 +1339,19 @@ impl JSONType {
             Self::Object => "object",
             Self::Array => "array",
             Self::Value => "value",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for JSONType {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for JSONType {
+    const NAME: &'static str = "JSONType";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for JSONType {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "string" => ::std::result::Result::Ok(Self::String),
-            "number" => ::std::result::Result::Ok(Self::Number),
-            "int" => ::std::result::Result::Ok(Self::Int),
-            "boolean" => ::std::result::Result::Ok(Self::Boolean),
-            "null" => ::std::result::Result::Ok(Self::Null),
-            "object" => ::std::result::Result::Ok(Self::Object),
-            "array" => ::std::result::Result::Ok(Self::Array),
-            "value" => ::std::result::Result::Ok(Self::Value),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "JSONType",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for JSONType {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(JSONType);
 /// What introspection says about an enumeration.
 ///
 /// **Since:** 2.5
@@ -1861,25 +1373,18 @@ impl SchemaInfoEnum {
     ) -> Self {
         Self { members, values }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            members: object.required("members", path)?,
-            values: object.required("values", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for SchemaInfoEnum {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            members: object.required("members")?,
+            values: object.required("values")?,
         })
     }
 }
-impl crate::input::FromQmp for SchemaInfoEnum {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SchemaInfoEnum);
 /// One value of an introspected enumeration.
 ///
 /// **Since:** 6.2
@@ -1896,28 +1401,21 @@ impl SchemaInfoEnumMember {
     pub fn new(name: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self {
             name: name.into(),
-            features: ::std::option::Option::None,
+            features: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            name: object.required("name", path)?,
-            features: object.optional("features", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for SchemaInfoEnumMember {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            name: object.required("name")?,
+            features: object.optional("features")?,
         })
     }
 }
-impl crate::input::FromQmp for SchemaInfoEnumMember {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SchemaInfoEnumMember);
 /// What introspection says about an array type.
 ///
 /// **Since:** 2.5
@@ -1934,24 +1432,17 @@ impl SchemaInfoArray {
             element_type: element_type.into(),
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            element_type: object.required("element-type", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for SchemaInfoArray {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            element_type: object.required("element-type")?,
         })
     }
 }
-impl crate::input::FromQmp for SchemaInfoArray {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SchemaInfoArray);
 /// What introspection says about an object type.
 ///
 /// **Since:** 2.5
@@ -1973,30 +1464,23 @@ impl SchemaInfoObject {
     pub fn new(members: ::std::vec::Vec<SchemaInfoObjectMember>) -> Self {
         Self {
             members,
-            tag: ::std::option::Option::None,
-            variants: ::std::option::Option::None,
+            tag: None,
+            variants: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            members: object.required("members", path)?,
-            tag: object.optional("tag", path)?,
-            variants: object.optional("variants", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for SchemaInfoObject {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            members: object.required("members")?,
+            tag: object.optional("tag")?,
+            variants: object.optional("variants")?,
         })
     }
 }
-impl crate::input::FromQmp for SchemaInfoObject {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SchemaInfoObject);
 /// One member of an introspected object type.
 ///
 /// **Since:** 2.5
@@ -2023,31 +1507,24 @@ impl SchemaInfoObjectMember {
         Self {
             name: name.into(),
             r#type: r#type.into(),
-            default: ::std::option::Option::None,
-            features: ::std::option::Option::None,
+            default: None,
+            features: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            name: object.required("name", path)?,
-            r#type: object.required("type", path)?,
-            default: object.optional("default", path)?,
-            features: object.optional("features", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for SchemaInfoObjectMember {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            name: object.required("name")?,
+            r#type: object.required("type")?,
+            default: object.optional("default")?,
+            features: object.optional("features")?,
         })
     }
 }
-impl crate::input::FromQmp for SchemaInfoObjectMember {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SchemaInfoObjectMember);
 /// The extra members one tag value brings to an object.
 ///
 /// **Since:** 2.5
@@ -2069,25 +1546,18 @@ impl SchemaInfoObjectVariant {
             r#type: r#type.into(),
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            case: object.required("case", path)?,
-            r#type: object.required("type", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for SchemaInfoObjectVariant {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            case: object.required("case")?,
+            r#type: object.required("type")?,
         })
     }
 }
-impl crate::input::FromQmp for SchemaInfoObjectVariant {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SchemaInfoObjectVariant);
 /// What introspection says about an alternate type.
 ///
 /// **Since:** 2.5
@@ -2101,24 +1571,17 @@ impl SchemaInfoAlternate {
     pub fn new(members: ::std::vec::Vec<SchemaInfoAlternateMember>) -> Self {
         Self { members }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            members: object.required("members", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for SchemaInfoAlternate {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            members: object.required("members")?,
         })
     }
 }
-impl crate::input::FromQmp for SchemaInfoAlternate {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SchemaInfoAlternate);
 /// One choice of an introspected alternate.
 ///
 /// **Since:** 2.5
@@ -2132,24 +1595,17 @@ impl SchemaInfoAlternateMember {
     pub fn new(r#type: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { r#type: r#type.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            r#type: object.required("type", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for SchemaInfoAlternateMember {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            r#type: object.required("type")?,
         })
     }
 }
-impl crate::input::FromQmp for SchemaInfoAlternateMember {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SchemaInfoAlternateMember);
 /// What introspection says about a command.
 ///
 /// **Since:** 2.5
@@ -2176,29 +1632,22 @@ impl SchemaInfoCommand {
         Self {
             arg_type: arg_type.into(),
             ret_type: ret_type.into(),
-            allow_oob: ::std::option::Option::None,
+            allow_oob: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            arg_type: object.required("arg-type", path)?,
-            ret_type: object.required("ret-type", path)?,
-            allow_oob: object.optional("allow-oob", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for SchemaInfoCommand {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            arg_type: object.required("arg-type")?,
+            ret_type: object.required("ret-type")?,
+            allow_oob: object.optional("allow-oob")?,
         })
     }
 }
-impl crate::input::FromQmp for SchemaInfoCommand {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SchemaInfoCommand);
 /// What introspection says about an event.
 ///
 /// **Since:** 2.5
@@ -2213,69 +1662,45 @@ impl SchemaInfoEvent {
     pub fn new(arg_type: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self { arg_type: arg_type.into() }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            arg_type: object.required("arg-type", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for SchemaInfoEvent {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            arg_type: object.required("arg-type")?,
         })
     }
 }
-impl crate::input::FromQmp for SchemaInfoEvent {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SchemaInfoEvent);
 /// What kind of work a background job does.
 ///
 /// **Since:** 1.7
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JobType {
     /// merges an overlay down into one of its backing images
-    #[serde(rename = "commit")]
     Commit,
     /// pulls data from backing images up into the overlay
-    #[serde(rename = "stream")]
     Stream,
     /// keeps a target in sync with a source until told to
     /// complete, see `blockdev-mirror`
-    #[serde(rename = "mirror")]
     Mirror,
     /// copies a point-in-time view of a node to a target, see
     /// `blockdev-backup`
-    #[serde(rename = "backup")]
     Backup,
     /// creates an image (since 3.0)
-    #[serde(rename = "create")]
     Create,
     /// changes the options of an existing image (since 5.1)
-    #[serde(rename = "amend")]
     Amend,
     /// loads a VM snapshot (since 6.0)
-    #[serde(rename = "snapshot-load")]
     SnapshotLoad,
     /// saves a VM snapshot (since 6.0)
-    #[serde(rename = "snapshot-save")]
     SnapshotSave,
     /// deletes a VM snapshot (since 6.0)
-    #[serde(rename = "snapshot-delete")]
     SnapshotDelete,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl JobType {
     /// Every value, in schema order.
@@ -2302,105 +1727,61 @@ impl JobType {
             Self::SnapshotLoad => "snapshot-load",
             Self::SnapshotSave => "snapshot-save",
             Self::SnapshotDelete => "snapshot-delete",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for JobType {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for JobType {
+    const NAME: &'static str = "JobType";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for JobType {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "commit" => ::std::result::Result::Ok(Self::Commit),
-            "stream" => ::std::result::Result::Ok(Self::Stream),
-            "mirror" => ::std::result::Result::Ok(Self::Mirror),
-            "backup" => ::std::result::Result::Ok(Self::Backup),
-            "create" => ::std::result::Result::Ok(Self::Create),
-            "amend" => ::std::result::Result::Ok(Self::Amend),
-            "snapshot-load" => ::std::result::Result::Ok(Self::SnapshotLoad),
-            "snapshot-save" => ::std::result::Result::Ok(Self::SnapshotSave),
-            "snapshot-delete" => ::std::result::Result::Ok(Self::SnapshotDelete),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "JobType",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for JobType {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(JobType);
 /// Where a job stands in its life cycle.  A job moves between these
 /// states along a fixed transition table; each move is announced with
 /// a `JOB_STATUS_CHANGE` event.
 ///
 /// **Since:** 2.12
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockJobStatus {
     /// placeholder before creation; a job is never seen in it
-    #[serde(rename = "undefined")]
     Undefined,
     /// the job exists but has not started working yet
-    #[serde(rename = "created")]
     Created,
     /// the job is doing its work
-    #[serde(rename = "running")]
     Running,
     /// the job is stopped, by a client or internally, and will
     /// continue from `running` when resumed
-    #[serde(rename = "paused")]
     Paused,
     /// the job's work has converged and it keeps the target in
     /// sync; it waits for a client to complete or cancel it (mirror)
-    #[serde(rename = "ready")]
     Ready,
     /// a `ready` job that is paused; resuming returns it to
     /// `ready`
-    #[serde(rename = "standby")]
     Standby,
     /// the job has finished its own work and waits for the
     /// other jobs of its transaction to finish theirs
-    #[serde(rename = "waiting")]
     Waiting,
     /// every job of the transaction is done; the job waits to be
     /// finalized (automatically, or by `job-finalize` when it was
     /// started with auto-finalize set to false)
-    #[serde(rename = "pending")]
     Pending,
     /// the job failed or was cancelled and is cleaning up; it
     /// will end in `concluded` with an error
-    #[serde(rename = "aborting")]
     Aborting,
     /// the job is over; it stays visible until dismissed
     /// (automatically, or by `job-dismiss` when it was started with
     /// auto-dismiss set to false)
-    #[serde(rename = "concluded")]
     Concluded,
     /// the job is being torn down; only ever seen as the last
     /// status change
-    #[serde(rename = "null")]
     Null,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl BlockJobStatus {
     /// Every value, in schema order.
@@ -2431,90 +1812,44 @@ impl BlockJobStatus {
             Self::Aborting => "aborting",
             Self::Concluded => "concluded",
             Self::Null => "null",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for BlockJobStatus {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockJobStatus {
+    const NAME: &'static str = "BlockJobStatus";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockJobStatus {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "undefined" => ::std::result::Result::Ok(Self::Undefined),
-            "created" => ::std::result::Result::Ok(Self::Created),
-            "running" => ::std::result::Result::Ok(Self::Running),
-            "paused" => ::std::result::Result::Ok(Self::Paused),
-            "ready" => ::std::result::Result::Ok(Self::Ready),
-            "standby" => ::std::result::Result::Ok(Self::Standby),
-            "waiting" => ::std::result::Result::Ok(Self::Waiting),
-            "pending" => ::std::result::Result::Ok(Self::Pending),
-            "aborting" => ::std::result::Result::Ok(Self::Aborting),
-            "concluded" => ::std::result::Result::Ok(Self::Concluded),
-            "null" => ::std::result::Result::Ok(Self::Null),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockJobStatus",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockJobStatus {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockJobStatus);
 /// The operations a client can ask of a job.  Whether a verb is
 /// accepted depends on the job's `BlockJobStatus`.
 ///
 /// **Since:** 2.12
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockJobVerb {
     /// stop the job (`job-cancel`, `block-job-cancel`)
-    #[serde(rename = "cancel")]
     Cancel,
     /// pause the job (`job-pause`, `block-job-pause`)
-    #[serde(rename = "pause")]
     Pause,
     /// resume a paused job (`job-resume`, `block-job-resume`)
-    #[serde(rename = "resume")]
     Resume,
     /// change the rate limit (`block-job-set-speed`)
-    #[serde(rename = "set-speed")]
     SetSpeed,
     /// finish a `ready` job (`job-complete`,
     /// `block-job-complete`)
-    #[serde(rename = "complete")]
     Complete,
     /// forget a `concluded` job (`job-dismiss`,
     /// `block-job-dismiss`)
-    #[serde(rename = "dismiss")]
     Dismiss,
     /// run the finalization of a `pending` job (`job-finalize`,
     /// `block-job-finalize`)
-    #[serde(rename = "finalize")]
     Finalize,
     /// change job options while it runs (`block-job-change`;
     /// since 8.2)
-    #[serde(rename = "change")]
     Change,
 }
 impl BlockJobVerb {
@@ -2543,40 +1878,15 @@ impl BlockJobVerb {
         }
     }
 }
-impl ::std::fmt::Display for BlockJobVerb {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockJobVerb {
+    const NAME: &'static str = "BlockJobVerb";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockJobVerb {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "cancel" => ::std::result::Result::Ok(Self::Cancel),
-            "pause" => ::std::result::Result::Ok(Self::Pause),
-            "resume" => ::std::result::Result::Ok(Self::Resume),
-            "set-speed" => ::std::result::Result::Ok(Self::SetSpeed),
-            "complete" => ::std::result::Result::Ok(Self::Complete),
-            "dismiss" => ::std::result::Result::Ok(Self::Dismiss),
-            "finalize" => ::std::result::Result::Ok(Self::Finalize),
-            "change" => ::std::result::Result::Ok(Self::Change),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockJobVerb",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockJobVerb {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockJobVerb);
 /// What `query-jobs` reports about one job.
 ///
 /// **Since:** 3.0
@@ -2617,32 +1927,25 @@ impl JobInfo {
             status,
             current_progress,
             total_progress,
-            error: ::std::option::Option::None,
+            error: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-            r#type: object.required("type", path)?,
-            status: object.required("status", path)?,
-            current_progress: object.required("current-progress", path)?,
-            total_progress: object.required("total-progress", path)?,
-            error: object.optional("error", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for JobInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            id: object.required("id")?,
+            r#type: object.required("type")?,
+            status: object.required("status")?,
+            current_progress: object.required("current-progress")?,
+            total_progress: object.required("total-progress")?,
+            error: object.optional("error")?,
         })
     }
 }
-impl crate::input::FromQmp for JobInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(JobInfo);
 /// One internal snapshot stored inside an image.
 ///
 /// **Since:** 1.3
@@ -2691,34 +1994,27 @@ impl SnapshotInfo {
             date_nsec,
             vm_clock_sec,
             vm_clock_nsec,
-            icount: ::std::option::Option::None,
+            icount: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            id: object.required("id", path)?,
-            name: object.required("name", path)?,
-            vm_state_size: object.required("vm-state-size", path)?,
-            date_sec: object.required("date-sec", path)?,
-            date_nsec: object.required("date-nsec", path)?,
-            vm_clock_sec: object.required("vm-clock-sec", path)?,
-            vm_clock_nsec: object.required("vm-clock-nsec", path)?,
-            icount: object.optional("icount", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for SnapshotInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            id: object.required("id")?,
+            name: object.required("name")?,
+            vm_state_size: object.required("vm-state-size")?,
+            date_sec: object.required("date-sec")?,
+            date_nsec: object.required("date-nsec")?,
+            vm_clock_sec: object.required("vm-clock-sec")?,
+            vm_clock_nsec: object.required("vm-clock-nsec")?,
+            icount: object.optional("icount")?,
         })
     }
 }
-impl crate::input::FromQmp for SnapshotInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(SnapshotInfo);
 /// The part of qcow2 encryption information every format has.
 ///
 /// **Since:** 2.10
@@ -2732,24 +2028,17 @@ impl ImageInfoSpecificQCow2EncryptionBase {
     pub fn new(format: BlockdevQcow2EncryptionFormat) -> Self {
         Self { format }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            format: object.required("format", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificQCow2EncryptionBase {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            format: object.required("format")?,
         })
     }
 }
-impl crate::input::FromQmp for ImageInfoSpecificQCow2EncryptionBase {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfoSpecificQCow2EncryptionBase);
 /// How a qcow2 image is encrypted.
 ///
 /// **Since:** 2.10
@@ -2770,6 +2059,10 @@ pub enum ImageInfoSpecificQCow2EncryptionBranch {
     /// a LUKS header stored inside the image
     #[serde(rename = "luks")]
     Luks(QCryptoBlockInfoLUKS),
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    #[serde(skip_serializing)]
+    UnknownValue,
 }
 impl ImageInfoSpecificQCow2EncryptionBranch {
     /// The discriminator value selecting this branch.
@@ -2777,6 +2070,7 @@ impl ImageInfoSpecificQCow2EncryptionBranch {
         match self {
             Self::Aes => BlockdevQcow2EncryptionFormat::Aes,
             Self::Luks(_) => BlockdevQcow2EncryptionFormat::Luks,
+            Self::UnknownValue => BlockdevQcow2EncryptionFormat::UnknownValue,
         }
     }
 }
@@ -2786,33 +2080,29 @@ impl ImageInfoSpecificQCow2Encryption {
     pub fn new(branch: ImageInfoSpecificQCow2EncryptionBranch) -> Self {
         Self { branch }
     }
-    /// Reads this union's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let kind: BlockdevQcow2EncryptionFormat = object.required("format", path)?;
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificQCow2Encryption {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: BlockdevQcow2EncryptionFormat = object.required("format")?;
         let branch = match kind {
             BlockdevQcow2EncryptionFormat::Aes => {
                 ImageInfoSpecificQCow2EncryptionBranch::Aes
             }
             BlockdevQcow2EncryptionFormat::Luks => {
                 ImageInfoSpecificQCow2EncryptionBranch::Luks(
-                    QCryptoBlockInfoLUKS::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
+            BlockdevQcow2EncryptionFormat::UnknownValue => {
+                ImageInfoSpecificQCow2EncryptionBranch::UnknownValue
+            }
         };
-        ::std::result::Result::Ok(Self { branch })
+        Ok(Self { branch })
     }
 }
-impl crate::input::FromQmp for ImageInfoSpecificQCow2Encryption {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfoSpecificQCow2Encryption);
 /// Information only qcow2 images have.
 ///
 /// **Since:** 1.7
@@ -2868,44 +2158,37 @@ impl ImageInfoSpecificQCow2 {
     ) -> Self {
         Self {
             compat: compat.into(),
-            data_file: ::std::option::Option::None,
-            data_file_raw: ::std::option::Option::None,
-            extended_l2: ::std::option::Option::None,
-            lazy_refcounts: ::std::option::Option::None,
-            corrupt: ::std::option::Option::None,
+            data_file: None,
+            data_file_raw: None,
+            extended_l2: None,
+            lazy_refcounts: None,
+            corrupt: None,
             refcount_bits,
-            encrypt: ::std::option::Option::None,
-            bitmaps: ::std::option::Option::None,
+            encrypt: None,
+            bitmaps: None,
             compression_type,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            compat: object.required("compat", path)?,
-            data_file: object.optional("data-file", path)?,
-            data_file_raw: object.optional("data-file-raw", path)?,
-            extended_l2: object.optional("extended-l2", path)?,
-            lazy_refcounts: object.optional("lazy-refcounts", path)?,
-            corrupt: object.optional("corrupt", path)?,
-            refcount_bits: object.required("refcount-bits", path)?,
-            encrypt: object.optional("encrypt", path)?,
-            bitmaps: object.optional("bitmaps", path)?,
-            compression_type: object.required("compression-type", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificQCow2 {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            compat: object.required("compat")?,
+            data_file: object.optional("data-file")?,
+            data_file_raw: object.optional("data-file-raw")?,
+            extended_l2: object.optional("extended-l2")?,
+            lazy_refcounts: object.optional("lazy-refcounts")?,
+            corrupt: object.optional("corrupt")?,
+            refcount_bits: object.required("refcount-bits")?,
+            encrypt: object.optional("encrypt")?,
+            bitmaps: object.optional("bitmaps")?,
+            compression_type: object.required("compression-type")?,
         })
     }
 }
-impl crate::input::FromQmp for ImageInfoSpecificQCow2 {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfoSpecificQCow2);
 /// Information only VMDK images have.
 ///
 /// **Since:** 1.7
@@ -2937,27 +2220,20 @@ impl ImageInfoSpecificVmdk {
             extents,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            create_type: object.required("create-type", path)?,
-            cid: object.required("cid", path)?,
-            parent_cid: object.required("parent-cid", path)?,
-            extents: object.required("extents", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificVmdk {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            create_type: object.required("create-type")?,
+            cid: object.required("cid")?,
+            parent_cid: object.required("parent-cid")?,
+            extents: object.required("extents")?,
         })
     }
 }
-impl crate::input::FromQmp for ImageInfoSpecificVmdk {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfoSpecificVmdk);
 /// One extent of a VMDK image.
 ///
 /// **Since:** 8.0
@@ -2989,32 +2265,25 @@ impl VmdkExtentInfo {
             filename: filename.into(),
             format: format.into(),
             virtual_size,
-            cluster_size: ::std::option::Option::None,
-            compressed: ::std::option::Option::None,
+            cluster_size: None,
+            compressed: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            filename: object.required("filename", path)?,
-            format: object.required("format", path)?,
-            virtual_size: object.required("virtual-size", path)?,
-            cluster_size: object.optional("cluster-size", path)?,
-            compressed: object.optional("compressed", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for VmdkExtentInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            filename: object.required("filename")?,
+            format: object.required("format")?,
+            virtual_size: object.required("virtual-size")?,
+            cluster_size: object.optional("cluster-size")?,
+            compressed: object.optional("compressed")?,
         })
     }
 }
-impl crate::input::FromQmp for VmdkExtentInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(VmdkExtentInfo);
 /// Information only RBD images have.
 ///
 /// **Since:** 6.1
@@ -3029,53 +2298,33 @@ pub struct ImageInfoSpecificRbd {
 impl ImageInfoSpecificRbd {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
-        Self {
-            encryption_format: ::std::option::Option::None,
-        }
+        Self { encryption_format: None }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            encryption_format: object.optional("encryption-format", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificRbd {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            encryption_format: object.optional("encryption-format")?,
         })
     }
 }
-impl crate::input::FromQmp for ImageInfoSpecificRbd {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfoSpecificRbd);
 /// Encryption formats of RBD images.
 ///
 /// **Since:** 6.1
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RbdImageEncryptionFormat {
     /// LUKS version 1
-    #[serde(rename = "luks")]
     Luks,
     /// LUKS version 2
-    #[serde(rename = "luks2")]
     Luks2,
     /// whichever LUKS version the image uses (since 8.0)
-    #[serde(rename = "luks-any")]
     LuksAny,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl RbdImageEncryptionFormat {
     /// Every value, in schema order.
@@ -3086,38 +2335,19 @@ impl RbdImageEncryptionFormat {
             Self::Luks => "luks",
             Self::Luks2 => "luks2",
             Self::LuksAny => "luks-any",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for RbdImageEncryptionFormat {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for RbdImageEncryptionFormat {
+    const NAME: &'static str = "RbdImageEncryptionFormat";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for RbdImageEncryptionFormat {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "luks" => ::std::result::Result::Ok(Self::Luks),
-            "luks2" => ::std::result::Result::Ok(Self::Luks2),
-            "luks-any" => ::std::result::Result::Ok(Self::LuksAny),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "RbdImageEncryptionFormat",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for RbdImageEncryptionFormat {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(RbdImageEncryptionFormat);
 /// Information only the file protocol has.
 ///
 /// **Since:** 8.0
@@ -3131,59 +2361,37 @@ pub struct ImageInfoSpecificFile {
 impl ImageInfoSpecificFile {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
-        Self {
-            extent_size_hint: ::std::option::Option::None,
-        }
+        Self { extent_size_hint: None }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            extent_size_hint: object.optional("extent-size-hint", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificFile {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            extent_size_hint: object.optional("extent-size-hint")?,
         })
     }
 }
-impl crate::input::FromQmp for ImageInfoSpecificFile {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfoSpecificFile);
 /// The drivers that have format-specific image information.
 ///
 /// **Since:** 1.7
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ImageInfoSpecificKind {
     /// qcow2 images
-    #[serde(rename = "qcow2")]
     Qcow2,
     /// VMDK images
-    #[serde(rename = "vmdk")]
     Vmdk,
     /// LUKS volumes (since 2.7)
-    #[serde(rename = "luks")]
     Luks,
     /// RBD images (since 6.1)
-    #[serde(rename = "rbd")]
     Rbd,
     /// plain files (since 8.0)
-    #[serde(rename = "file")]
     File,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl ImageInfoSpecificKind {
     /// Every value, in schema order.
@@ -3202,40 +2410,19 @@ impl ImageInfoSpecificKind {
             Self::Luks => "luks",
             Self::Rbd => "rbd",
             Self::File => "file",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for ImageInfoSpecificKind {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for ImageInfoSpecificKind {
+    const NAME: &'static str = "ImageInfoSpecificKind";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for ImageInfoSpecificKind {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "qcow2" => ::std::result::Result::Ok(Self::Qcow2),
-            "vmdk" => ::std::result::Result::Ok(Self::Vmdk),
-            "luks" => ::std::result::Result::Ok(Self::Luks),
-            "rbd" => ::std::result::Result::Ok(Self::Rbd),
-            "file" => ::std::result::Result::Ok(Self::File),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "ImageInfoSpecificKind",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for ImageInfoSpecificKind {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(ImageInfoSpecificKind);
 /// Holds qcow2 information for `ImageInfoSpecific`.
 ///
 /// **Since:** 1.7
@@ -3249,24 +2436,17 @@ impl ImageInfoSpecificQCow2Wrapper {
     pub fn new(data: ImageInfoSpecificQCow2) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificQCow2Wrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for ImageInfoSpecificQCow2Wrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfoSpecificQCow2Wrapper);
 /// Holds VMDK information for `ImageInfoSpecific`.
 ///
 /// **Since:** 6.1
@@ -3280,24 +2460,17 @@ impl ImageInfoSpecificVmdkWrapper {
     pub fn new(data: ImageInfoSpecificVmdk) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificVmdkWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for ImageInfoSpecificVmdkWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfoSpecificVmdkWrapper);
 /// Holds LUKS information for `ImageInfoSpecific`.
 ///
 /// **Since:** 2.7
@@ -3311,24 +2484,17 @@ impl ImageInfoSpecificLUKSWrapper {
     pub fn new(data: QCryptoBlockInfoLUKS) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificLUKSWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for ImageInfoSpecificLUKSWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfoSpecificLUKSWrapper);
 /// Holds RBD information for `ImageInfoSpecific`.
 ///
 /// **Since:** 6.1
@@ -3342,24 +2508,17 @@ impl ImageInfoSpecificRbdWrapper {
     pub fn new(data: ImageInfoSpecificRbd) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificRbdWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for ImageInfoSpecificRbdWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfoSpecificRbdWrapper);
 /// Holds file information for `ImageInfoSpecific`.
 ///
 /// **Since:** 8.0
@@ -3373,24 +2532,17 @@ impl ImageInfoSpecificFileWrapper {
     pub fn new(data: ImageInfoSpecificFile) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificFileWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for ImageInfoSpecificFileWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfoSpecificFileWrapper);
 /// Information that depends on the image's driver.
 ///
 /// **Since:** 1.7
@@ -3420,6 +2572,10 @@ pub enum ImageInfoSpecificBranch {
     /// plain files (since 8.0)
     #[serde(rename = "file")]
     File(ImageInfoSpecificFileWrapper),
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    #[serde(skip_serializing)]
+    UnknownValue,
 }
 impl ImageInfoSpecificBranch {
     /// The discriminator value selecting this branch.
@@ -3430,6 +2586,7 @@ impl ImageInfoSpecificBranch {
             Self::Luks(_) => ImageInfoSpecificKind::Luks,
             Self::Rbd(_) => ImageInfoSpecificKind::Rbd,
             Self::File(_) => ImageInfoSpecificKind::File,
+            Self::UnknownValue => ImageInfoSpecificKind::UnknownValue,
         }
     }
 }
@@ -3439,50 +2596,44 @@ impl ImageInfoSpecific {
     pub fn new(branch: ImageInfoSpecificBranch) -> Self {
         Self { branch }
     }
-    /// Reads this union's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let kind: ImageInfoSpecificKind = object.required("type", path)?;
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecific {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: ImageInfoSpecificKind = object.required("type")?;
         let branch = match kind {
             ImageInfoSpecificKind::Qcow2 => {
                 ImageInfoSpecificBranch::Qcow2(
-                    ImageInfoSpecificQCow2Wrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             ImageInfoSpecificKind::Vmdk => {
                 ImageInfoSpecificBranch::Vmdk(
-                    ImageInfoSpecificVmdkWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             ImageInfoSpecificKind::Luks => {
                 ImageInfoSpecificBranch::Luks(
-                    ImageInfoSpecificLUKSWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             ImageInfoSpecificKind::Rbd => {
                 ImageInfoSpecificBranch::Rbd(
-                    ImageInfoSpecificRbdWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             ImageInfoSpecificKind::File => {
                 ImageInfoSpecificBranch::File(
-                    ImageInfoSpecificFileWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
+            ImageInfoSpecificKind::UnknownValue => ImageInfoSpecificBranch::UnknownValue,
         };
-        ::std::result::Result::Ok(Self { branch })
+        Ok(Self { branch })
     }
 }
-impl crate::input::FromQmp for ImageInfoSpecific {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfoSpecific);
 /// What is known about the image of one node.
 ///
 /// **Since:** 8.0
@@ -3544,49 +2695,42 @@ impl BlockNodeInfo {
         Self {
             filename: filename.into(),
             format: format.into(),
-            dirty_flag: ::std::option::Option::None,
-            actual_size: ::std::option::Option::None,
+            dirty_flag: None,
+            actual_size: None,
             virtual_size,
-            cluster_size: ::std::option::Option::None,
-            encrypted: ::std::option::Option::None,
-            compressed: ::std::option::Option::None,
-            backing_filename: ::std::option::Option::None,
-            full_backing_filename: ::std::option::Option::None,
-            backing_filename_format: ::std::option::Option::None,
-            snapshots: ::std::option::Option::None,
-            format_specific: ::std::option::Option::None,
+            cluster_size: None,
+            encrypted: None,
+            compressed: None,
+            backing_filename: None,
+            full_backing_filename: None,
+            backing_filename_format: None,
+            snapshots: None,
+            format_specific: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            filename: object.required("filename", path)?,
-            format: object.required("format", path)?,
-            dirty_flag: object.optional("dirty-flag", path)?,
-            actual_size: object.optional("actual-size", path)?,
-            virtual_size: object.required("virtual-size", path)?,
-            cluster_size: object.optional("cluster-size", path)?,
-            encrypted: object.optional("encrypted", path)?,
-            compressed: object.optional("compressed", path)?,
-            backing_filename: object.optional("backing-filename", path)?,
-            full_backing_filename: object.optional("full-backing-filename", path)?,
-            backing_filename_format: object.optional("backing-filename-format", path)?,
-            snapshots: object.optional("snapshots", path)?,
-            format_specific: object.optional("format-specific", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockNodeInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            filename: object.required("filename")?,
+            format: object.required("format")?,
+            dirty_flag: object.optional("dirty-flag")?,
+            actual_size: object.optional("actual-size")?,
+            virtual_size: object.required("virtual-size")?,
+            cluster_size: object.optional("cluster-size")?,
+            encrypted: object.optional("encrypted")?,
+            compressed: object.optional("compressed")?,
+            backing_filename: object.optional("backing-filename")?,
+            full_backing_filename: object.optional("full-backing-filename")?,
+            backing_filename_format: object.optional("backing-filename-format")?,
+            snapshots: object.optional("snapshots")?,
+            format_specific: object.optional("format-specific")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockNodeInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockNodeInfo);
 /// What is known about an image and, recursively, its backing chain.
 ///
 /// **Since:** 1.3
@@ -3655,51 +2799,44 @@ impl ImageInfo {
         Self {
             filename: filename.into(),
             format: format.into(),
-            dirty_flag: ::std::option::Option::None,
-            actual_size: ::std::option::Option::None,
+            dirty_flag: None,
+            actual_size: None,
             virtual_size,
-            cluster_size: ::std::option::Option::None,
-            encrypted: ::std::option::Option::None,
-            compressed: ::std::option::Option::None,
-            backing_filename: ::std::option::Option::None,
-            full_backing_filename: ::std::option::Option::None,
-            backing_filename_format: ::std::option::Option::None,
-            snapshots: ::std::option::Option::None,
-            format_specific: ::std::option::Option::None,
-            backing_image: ::std::option::Option::None,
+            cluster_size: None,
+            encrypted: None,
+            compressed: None,
+            backing_filename: None,
+            full_backing_filename: None,
+            backing_filename_format: None,
+            snapshots: None,
+            format_specific: None,
+            backing_image: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            filename: object.required("filename", path)?,
-            format: object.required("format", path)?,
-            dirty_flag: object.optional("dirty-flag", path)?,
-            actual_size: object.optional("actual-size", path)?,
-            virtual_size: object.required("virtual-size", path)?,
-            cluster_size: object.optional("cluster-size", path)?,
-            encrypted: object.optional("encrypted", path)?,
-            compressed: object.optional("compressed", path)?,
-            backing_filename: object.optional("backing-filename", path)?,
-            full_backing_filename: object.optional("full-backing-filename", path)?,
-            backing_filename_format: object.optional("backing-filename-format", path)?,
-            snapshots: object.optional("snapshots", path)?,
-            format_specific: object.optional("format-specific", path)?,
-            backing_image: object.optional("backing-image", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for ImageInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            filename: object.required("filename")?,
+            format: object.required("format")?,
+            dirty_flag: object.optional("dirty-flag")?,
+            actual_size: object.optional("actual-size")?,
+            virtual_size: object.required("virtual-size")?,
+            cluster_size: object.optional("cluster-size")?,
+            encrypted: object.optional("encrypted")?,
+            compressed: object.optional("compressed")?,
+            backing_filename: object.optional("backing-filename")?,
+            full_backing_filename: object.optional("full-backing-filename")?,
+            backing_filename_format: object.optional("backing-filename-format")?,
+            snapshots: object.optional("snapshots")?,
+            format_specific: object.optional("format-specific")?,
+            backing_image: object.optional("backing-image")?,
         })
     }
 }
-impl crate::input::FromQmp for ImageInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(ImageInfo);
 /// The cache mode a node uses.
 ///
 /// **Since:** 2.3
@@ -3723,26 +2860,19 @@ impl BlockdevCacheInfo {
             no_flush,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            writeback: object.required("writeback", path)?,
-            direct: object.required("direct", path)?,
-            no_flush: object.required("no-flush", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevCacheInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            writeback: object.required("writeback")?,
+            direct: object.required("direct")?,
+            no_flush: object.required("no-flush")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevCacheInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevCacheInfo);
 /// What `query-named-block-nodes` reports about one node.
 ///
 /// **Since:** 0.14
@@ -3861,10 +2991,10 @@ impl BlockDeviceInfo {
     ) -> Self {
         Self {
             file: file.into(),
-            node_name: ::std::option::Option::None,
+            node_name: None,
             ro,
             drv: drv.into(),
-            backing_file: ::std::option::Option::None,
+            backing_file: None,
             backing_file_depth,
             active,
             encrypted,
@@ -3876,98 +3006,81 @@ impl BlockDeviceInfo {
             iops_rd,
             iops_wr,
             image,
-            bps_max: ::std::option::Option::None,
-            bps_rd_max: ::std::option::Option::None,
-            bps_wr_max: ::std::option::Option::None,
-            iops_max: ::std::option::Option::None,
-            iops_rd_max: ::std::option::Option::None,
-            iops_wr_max: ::std::option::Option::None,
-            bps_max_length: ::std::option::Option::None,
-            bps_rd_max_length: ::std::option::Option::None,
-            bps_wr_max_length: ::std::option::Option::None,
-            iops_max_length: ::std::option::Option::None,
-            iops_rd_max_length: ::std::option::Option::None,
-            iops_wr_max_length: ::std::option::Option::None,
-            iops_size: ::std::option::Option::None,
-            group: ::std::option::Option::None,
+            bps_max: None,
+            bps_rd_max: None,
+            bps_wr_max: None,
+            iops_max: None,
+            iops_rd_max: None,
+            iops_wr_max: None,
+            bps_max_length: None,
+            bps_rd_max_length: None,
+            bps_wr_max_length: None,
+            iops_max_length: None,
+            iops_rd_max_length: None,
+            iops_wr_max_length: None,
+            iops_size: None,
+            group: None,
             cache,
             write_threshold,
-            dirty_bitmaps: ::std::option::Option::None,
+            dirty_bitmaps: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            file: object.required("file", path)?,
-            node_name: object.optional("node-name", path)?,
-            ro: object.required("ro", path)?,
-            drv: object.required("drv", path)?,
-            backing_file: object.optional("backing_file", path)?,
-            backing_file_depth: object.required("backing_file_depth", path)?,
-            active: object.required("active", path)?,
-            encrypted: object.required("encrypted", path)?,
-            detect_zeroes: object.required("detect_zeroes", path)?,
-            bps: object.required("bps", path)?,
-            bps_rd: object.required("bps_rd", path)?,
-            bps_wr: object.required("bps_wr", path)?,
-            iops: object.required("iops", path)?,
-            iops_rd: object.required("iops_rd", path)?,
-            iops_wr: object.required("iops_wr", path)?,
-            image: object.required("image", path)?,
-            bps_max: object.optional("bps_max", path)?,
-            bps_rd_max: object.optional("bps_rd_max", path)?,
-            bps_wr_max: object.optional("bps_wr_max", path)?,
-            iops_max: object.optional("iops_max", path)?,
-            iops_rd_max: object.optional("iops_rd_max", path)?,
-            iops_wr_max: object.optional("iops_wr_max", path)?,
-            bps_max_length: object.optional("bps_max_length", path)?,
-            bps_rd_max_length: object.optional("bps_rd_max_length", path)?,
-            bps_wr_max_length: object.optional("bps_wr_max_length", path)?,
-            iops_max_length: object.optional("iops_max_length", path)?,
-            iops_rd_max_length: object.optional("iops_rd_max_length", path)?,
-            iops_wr_max_length: object.optional("iops_wr_max_length", path)?,
-            iops_size: object.optional("iops_size", path)?,
-            group: object.optional("group", path)?,
-            cache: object.required("cache", path)?,
-            write_threshold: object.required("write_threshold", path)?,
-            dirty_bitmaps: object.optional("dirty-bitmaps", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockDeviceInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            file: object.required("file")?,
+            node_name: object.optional("node-name")?,
+            ro: object.required("ro")?,
+            drv: object.required("drv")?,
+            backing_file: object.optional("backing_file")?,
+            backing_file_depth: object.required("backing_file_depth")?,
+            active: object.required("active")?,
+            encrypted: object.required("encrypted")?,
+            detect_zeroes: object.required("detect_zeroes")?,
+            bps: object.required("bps")?,
+            bps_rd: object.required("bps_rd")?,
+            bps_wr: object.required("bps_wr")?,
+            iops: object.required("iops")?,
+            iops_rd: object.required("iops_rd")?,
+            iops_wr: object.required("iops_wr")?,
+            image: object.required("image")?,
+            bps_max: object.optional("bps_max")?,
+            bps_rd_max: object.optional("bps_rd_max")?,
+            bps_wr_max: object.optional("bps_wr_max")?,
+            iops_max: object.optional("iops_max")?,
+            iops_rd_max: object.optional("iops_rd_max")?,
+            iops_wr_max: object.optional("iops_wr_max")?,
+            bps_max_length: object.optional("bps_max_length")?,
+            bps_rd_max_length: object.optional("bps_rd_max_length")?,
+            bps_wr_max_length: object.optional("bps_wr_max_length")?,
+            iops_max_length: object.optional("iops_max_length")?,
+            iops_rd_max_length: object.optional("iops_rd_max_length")?,
+            iops_wr_max_length: object.optional("iops_wr_max_length")?,
+            iops_size: object.optional("iops_size")?,
+            group: object.optional("group")?,
+            cache: object.required("cache")?,
+            write_threshold: object.required("write_threshold")?,
+            dirty_bitmaps: object.optional("dirty-bitmaps")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockDeviceInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockDeviceInfo);
 /// Flags of a persistent bitmap stored in a qcow2 image.
 ///
 /// **Since:** 4.0
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Qcow2BitmapInfoFlags {
     /// the bitmap was in use when the image was last closed, so
     /// it may be out of date
-    #[serde(rename = "in-use")]
     InUse,
     /// the bitmap is enabled when the image is opened
-    #[serde(rename = "auto")]
     Auto,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl Qcow2BitmapInfoFlags {
     /// Every value, in schema order.
@@ -3977,37 +3090,19 @@ impl Qcow2BitmapInfoFlags {
         match self {
             Self::InUse => "in-use",
             Self::Auto => "auto",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for Qcow2BitmapInfoFlags {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for Qcow2BitmapInfoFlags {
+    const NAME: &'static str = "Qcow2BitmapInfoFlags";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for Qcow2BitmapInfoFlags {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "in-use" => ::std::result::Result::Ok(Self::InUse),
-            "auto" => ::std::result::Result::Ok(Self::Auto),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "Qcow2BitmapInfoFlags",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for Qcow2BitmapInfoFlags {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(Qcow2BitmapInfoFlags);
 /// A persistent bitmap as stored in a qcow2 image.
 ///
 /// **Since:** 4.0
@@ -4033,50 +3128,33 @@ impl Qcow2BitmapInfo {
             flags,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            name: object.required("name", path)?,
-            granularity: object.required("granularity", path)?,
-            flags: object.required("flags", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for Qcow2BitmapInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            name: object.required("name")?,
+            granularity: object.required("granularity")?,
+            flags: object.required("flags")?,
         })
     }
 }
-impl crate::input::FromQmp for Qcow2BitmapInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(Qcow2BitmapInfo);
 /// Compression methods for qcow2 clusters.
 ///
 /// **Since:** 5.1
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Qcow2CompressionType {
     /// zlib (deflate)
-    #[serde(rename = "zlib")]
     Zlib,
     /// zstandard
     ///
     /// **If:** `CONFIG_ZSTD` (QEMU builds this only under that condition; generated unconditionally here)
-    #[serde(rename = "zstd")]
     Zstd,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl Qcow2CompressionType {
     /// Every value, in schema order.
@@ -4086,58 +3164,27 @@ impl Qcow2CompressionType {
         match self {
             Self::Zlib => "zlib",
             Self::Zstd => "zstd",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for Qcow2CompressionType {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for Qcow2CompressionType {
+    const NAME: &'static str = "Qcow2CompressionType";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for Qcow2CompressionType {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "zlib" => ::std::result::Result::Ok(Self::Zlib),
-            "zstd" => ::std::result::Result::Ok(Self::Zstd),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "Qcow2CompressionType",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for Qcow2CompressionType {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(Qcow2CompressionType);
 /// What to do with discard requests.
 ///
 /// **Since:** 2.9
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevDiscardOptions {
     /// drop them
-    #[serde(rename = "ignore")]
     Ignore,
     /// pass them down to the protocol
-    #[serde(rename = "unmap")]
     Unmap,
 }
 impl BlockdevDiscardOptions {
@@ -4151,61 +3198,31 @@ impl BlockdevDiscardOptions {
         }
     }
 }
-impl ::std::fmt::Display for BlockdevDiscardOptions {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockdevDiscardOptions {
+    const NAME: &'static str = "BlockdevDiscardOptions";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockdevDiscardOptions {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "ignore" => ::std::result::Result::Ok(Self::Ignore),
-            "unmap" => ::std::result::Result::Ok(Self::Unmap),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockdevDiscardOptions",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockdevDiscardOptions {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockdevDiscardOptions);
 /// Whether to look for writes of zeroes and turn them into efficient
 /// zero writes.
 ///
 /// **Since:** 2.1
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevDetectZeroesOptions {
     /// do not look
-    #[serde(rename = "off")]
     Off,
     /// turn them into zero writes
-    #[serde(rename = "on")]
     On,
     /// turn them into zero writes that may also discard, when
     /// discard is enabled
-    #[serde(rename = "unmap")]
     Unmap,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl BlockdevDetectZeroesOptions {
     /// Every value, in schema order.
@@ -4216,64 +3233,31 @@ impl BlockdevDetectZeroesOptions {
             Self::Off => "off",
             Self::On => "on",
             Self::Unmap => "unmap",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for BlockdevDetectZeroesOptions {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockdevDetectZeroesOptions {
+    const NAME: &'static str = "BlockdevDetectZeroesOptions";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockdevDetectZeroesOptions {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "off" => ::std::result::Result::Ok(Self::Off),
-            "on" => ::std::result::Result::Ok(Self::On),
-            "unmap" => ::std::result::Result::Ok(Self::Unmap),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockdevDetectZeroesOptions",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockdevDetectZeroesOptions {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockdevDetectZeroesOptions);
 /// How the file protocol submits asynchronous I/O.
 ///
 /// **Since:** 2.9
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevAioOptions {
     /// a pool of threads making blocking calls
-    #[serde(rename = "threads")]
     Threads,
     /// Linux native AIO
-    #[serde(rename = "native")]
     Native,
     /// Linux io_uring (since 5.0)
     ///
     /// **If:** `CONFIG_LINUX_IO_URING` (QEMU builds this only under that condition; generated unconditionally here)
-    #[serde(rename = "io_uring")]
     IoUring,
 }
 impl BlockdevAioOptions {
@@ -4288,35 +3272,15 @@ impl BlockdevAioOptions {
         }
     }
 }
-impl ::std::fmt::Display for BlockdevAioOptions {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockdevAioOptions {
+    const NAME: &'static str = "BlockdevAioOptions";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockdevAioOptions {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "threads" => ::std::result::Result::Ok(Self::Threads),
-            "native" => ::std::result::Result::Ok(Self::Native),
-            "io_uring" => ::std::result::Result::Ok(Self::IoUring),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockdevAioOptions",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockdevAioOptions {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockdevAioOptions);
 /// Cache settings of a node.
 ///
 /// **Since:** 2.9
@@ -4334,64 +3298,41 @@ impl BlockdevCacheOptions {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
         Self {
-            direct: ::std::option::Option::None,
-            no_flush: ::std::option::Option::None,
+            direct: None,
+            no_flush: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            direct: object.optional("direct", path)?,
-            no_flush: object.optional("no-flush", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevCacheOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            direct: object.optional("direct")?,
+            no_flush: object.optional("no-flush")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevCacheOptions {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevCacheOptions);
 /// The block drivers of this daemon.  QEMU has many more; a
 /// `blockdev-add` naming one of those is rejected as naming an unknown
 /// driver.
 ///
 /// **Since:** 2.9
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevDriver {
     /// a filter that injects errors and tracks events, for
     /// tests
-    #[serde(rename = "blkdebug")]
     Blkdebug,
     /// a file of the host's file system
-    #[serde(rename = "file")]
     File,
     /// a node that stores nothing: writes are dropped, reads
     /// return zeroes (with read-zeroes) or leave the buffer alone
-    #[serde(rename = "null-co")]
     NullCo,
     /// the qcow2 image format
-    #[serde(rename = "qcow2")]
     Qcow2,
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
-    #[serde(rename = "raw")]
     Raw,
 }
 impl BlockdevDriver {
@@ -4414,37 +3355,15 @@ impl BlockdevDriver {
         }
     }
 }
-impl ::std::fmt::Display for BlockdevDriver {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockdevDriver {
+    const NAME: &'static str = "BlockdevDriver";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockdevDriver {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "blkdebug" => ::std::result::Result::Ok(Self::Blkdebug),
-            "file" => ::std::result::Result::Ok(Self::File),
-            "null-co" => ::std::result::Result::Ok(Self::NullCo),
-            "qcow2" => ::std::result::Result::Ok(Self::Qcow2),
-            "raw" => ::std::result::Result::Ok(Self::Raw),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockdevDriver",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockdevDriver {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockdevDriver);
 /// Options of the file protocol.
 ///
 /// **Since:** 2.9
@@ -4492,38 +3411,31 @@ impl BlockdevOptionsFile {
     pub fn new(filename: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self {
             filename: filename.into(),
-            pr_manager: ::std::option::Option::None,
-            locking: ::std::option::Option::None,
-            aio: ::std::option::Option::None,
-            aio_max_batch: ::std::option::Option::None,
-            drop_cache: ::std::option::Option::None,
-            x_check_cache_dropped: ::std::option::Option::None,
+            pr_manager: None,
+            locking: None,
+            aio: None,
+            aio_max_batch: None,
+            drop_cache: None,
+            x_check_cache_dropped: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            filename: object.required("filename", path)?,
-            pr_manager: object.optional("pr-manager", path)?,
-            locking: object.optional("locking", path)?,
-            aio: object.optional("aio", path)?,
-            aio_max_batch: object.optional("aio-max-batch", path)?,
-            drop_cache: object.optional("drop-cache", path)?,
-            x_check_cache_dropped: object.optional("x-check-cache-dropped", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsFile {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            filename: object.required("filename")?,
+            pr_manager: object.optional("pr-manager")?,
+            locking: object.optional("locking")?,
+            aio: object.optional("aio")?,
+            aio_max_batch: object.optional("aio-max-batch")?,
+            drop_cache: object.optional("drop-cache")?,
+            x_check_cache_dropped: object.optional("x-check-cache-dropped")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevOptionsFile {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevOptionsFile);
 /// Options of the null drivers, which store nothing.
 ///
 /// **Since:** 2.9
@@ -4547,31 +3459,24 @@ impl BlockdevOptionsNull {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
         Self {
-            size: ::std::option::Option::None,
-            latency_ns: ::std::option::Option::None,
-            read_zeroes: ::std::option::Option::None,
+            size: None,
+            latency_ns: None,
+            read_zeroes: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            size: object.optional("size", path)?,
-            latency_ns: object.optional("latency-ns", path)?,
-            read_zeroes: object.optional("read-zeroes", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsNull {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            size: object.optional("size")?,
+            latency_ns: object.optional("latency-ns")?,
+            read_zeroes: object.optional("read-zeroes")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevOptionsNull {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevOptionsNull);
 /// Options every format driver has.
 ///
 /// **Since:** 2.9
@@ -4585,24 +3490,17 @@ impl BlockdevOptionsGenericFormat {
     pub fn new(file: BlockdevRef) -> Self {
         Self { file }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            file: object.required("file", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsGenericFormat {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            file: object.required("file")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevOptionsGenericFormat {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevOptionsGenericFormat);
 /// Options of format drivers that support backing images.
 ///
 /// **Since:** 2.9
@@ -4620,57 +3518,32 @@ pub struct BlockdevOptionsGenericCOWFormat {
 impl BlockdevOptionsGenericCOWFormat {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(file: BlockdevRef) -> Self {
-        Self {
-            file,
-            backing: ::std::option::Option::None,
-        }
+        Self { file, backing: None }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            file: object.required("file", path)?,
-            backing: object.optional("backing", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsGenericCOWFormat {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            file: object.required("file")?,
+            backing: object.optional("backing")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevOptionsGenericCOWFormat {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevOptionsGenericCOWFormat);
 /// Preset sets of qcow2 metadata overlap checks.
 ///
 /// **Since:** 2.9
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Qcow2OverlapCheckMode {
     /// no checks
-    #[serde(rename = "none")]
     None,
     /// checks that take constant time and no disk access
-    #[serde(rename = "constant")]
     Constant,
     /// also checks that need only cached metadata
-    #[serde(rename = "cached")]
     Cached,
     /// every check, reading metadata from disk when needed
-    #[serde(rename = "all")]
     All,
 }
 impl Qcow2OverlapCheckMode {
@@ -4691,36 +3564,15 @@ impl Qcow2OverlapCheckMode {
         }
     }
 }
-impl ::std::fmt::Display for Qcow2OverlapCheckMode {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for Qcow2OverlapCheckMode {
+    const NAME: &'static str = "Qcow2OverlapCheckMode";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for Qcow2OverlapCheckMode {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "none" => ::std::result::Result::Ok(Self::None),
-            "constant" => ::std::result::Result::Ok(Self::Constant),
-            "cached" => ::std::result::Result::Ok(Self::Cached),
-            "all" => ::std::result::Result::Ok(Self::All),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "Qcow2OverlapCheckMode",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for Qcow2OverlapCheckMode {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(Qcow2OverlapCheckMode);
 /// Which metadata areas a qcow2 write is checked against, so that data
 /// never overwrites metadata.  Flags not given take their value from
 /// `template`.
@@ -4773,45 +3625,38 @@ impl Qcow2OverlapCheckFlags {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
         Self {
-            template: ::std::option::Option::None,
-            main_header: ::std::option::Option::None,
-            active_l1: ::std::option::Option::None,
-            active_l2: ::std::option::Option::None,
-            refcount_table: ::std::option::Option::None,
-            refcount_block: ::std::option::Option::None,
-            snapshot_table: ::std::option::Option::None,
-            inactive_l1: ::std::option::Option::None,
-            inactive_l2: ::std::option::Option::None,
-            bitmap_directory: ::std::option::Option::None,
+            template: None,
+            main_header: None,
+            active_l1: None,
+            active_l2: None,
+            refcount_table: None,
+            refcount_block: None,
+            snapshot_table: None,
+            inactive_l1: None,
+            inactive_l2: None,
+            bitmap_directory: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            template: object.optional("template", path)?,
-            main_header: object.optional("main-header", path)?,
-            active_l1: object.optional("active-l1", path)?,
-            active_l2: object.optional("active-l2", path)?,
-            refcount_table: object.optional("refcount-table", path)?,
-            refcount_block: object.optional("refcount-block", path)?,
-            snapshot_table: object.optional("snapshot-table", path)?,
-            inactive_l1: object.optional("inactive-l1", path)?,
-            inactive_l2: object.optional("inactive-l2", path)?,
-            bitmap_directory: object.optional("bitmap-directory", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for Qcow2OverlapCheckFlags {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            template: object.optional("template")?,
+            main_header: object.optional("main-header")?,
+            active_l1: object.optional("active-l1")?,
+            active_l2: object.optional("active-l2")?,
+            refcount_table: object.optional("refcount-table")?,
+            refcount_block: object.optional("refcount-block")?,
+            snapshot_table: object.optional("snapshot-table")?,
+            inactive_l1: object.optional("inactive-l1")?,
+            inactive_l2: object.optional("inactive-l2")?,
+            bitmap_directory: object.optional("bitmap-directory")?,
         })
     }
 }
-impl crate::input::FromQmp for Qcow2OverlapCheckFlags {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(Qcow2OverlapCheckFlags);
 /// qcow2 overlap checks, by preset or flag by flag.
 ///
 /// **Since:** 2.9
@@ -4825,50 +3670,37 @@ pub enum Qcow2OverlapChecks {
     /// a preset
     Mode(Qcow2OverlapCheckMode),
 }
-impl crate::input::FromQmp for Qcow2OverlapChecks {
+impl ::qapi_runtime::input::FromQmp for Qcow2OverlapChecks {
     fn from_qmp(
         value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(
             match value {
                 ::serde_json::Value::Object(_) => {
-                    Self::Flags(crate::input::FromQmp::from_qmp(value, path)?)
+                    Self::Flags(::qapi_runtime::input::FromQmp::from_qmp(value, path)?)
                 }
                 ::serde_json::Value::String(_) => {
-                    Self::Mode(crate::input::FromQmp::from_qmp(value, path)?)
+                    Self::Mode(::qapi_runtime::input::FromQmp::from_qmp(value, path)?)
                 }
-                _ => {
-                    return ::std::result::Result::Err(
-                        path.invalid_alternate("Qcow2OverlapChecks"),
-                    );
-                }
+                _ => return Err(path.invalid_alternate("Qcow2OverlapChecks")),
             },
         )
     }
 }
+::qapi_runtime::impl_deserialize!(Qcow2OverlapChecks);
 /// Encryption formats of qcow2 images.
 ///
 /// **Since:** 2.10
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevQcow2EncryptionFormat {
     /// the legacy AES-CBC scheme, supported for reading old images
-    #[serde(rename = "aes")]
     Aes,
     /// a LUKS header stored inside the image
-    #[serde(rename = "luks")]
     Luks,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl BlockdevQcow2EncryptionFormat {
     /// Every value, in schema order.
@@ -4878,37 +3710,19 @@ impl BlockdevQcow2EncryptionFormat {
         match self {
             Self::Aes => "aes",
             Self::Luks => "luks",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for BlockdevQcow2EncryptionFormat {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockdevQcow2EncryptionFormat {
+    const NAME: &'static str = "BlockdevQcow2EncryptionFormat";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockdevQcow2EncryptionFormat {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "aes" => ::std::result::Result::Ok(Self::Aes),
-            "luks" => ::std::result::Result::Ok(Self::Luks),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockdevQcow2EncryptionFormat",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockdevQcow2EncryptionFormat {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockdevQcow2EncryptionFormat);
 /// How to open an encrypted qcow2 image.
 ///
 /// **Since:** 2.10
@@ -4945,35 +3759,31 @@ impl BlockdevQcow2Encryption {
     pub fn new(branch: BlockdevQcow2EncryptionBranch) -> Self {
         Self { branch }
     }
-    /// Reads this union's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let kind: BlockdevQcow2EncryptionFormat = object.required("format", path)?;
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevQcow2Encryption {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: BlockdevQcow2EncryptionFormat = object.required("format")?;
         let branch = match kind {
             BlockdevQcow2EncryptionFormat::Aes => {
                 BlockdevQcow2EncryptionBranch::Aes(
-                    QCryptoBlockOptionsQCow::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             BlockdevQcow2EncryptionFormat::Luks => {
                 BlockdevQcow2EncryptionBranch::Luks(
-                    QCryptoBlockOptionsLUKS::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
+            BlockdevQcow2EncryptionFormat::UnknownValue => {
+                return Err(object.unknown_branch("format"));
+            }
         };
-        ::std::result::Result::Ok(Self { branch })
+        Ok(Self { branch })
     }
 }
-impl crate::input::FromQmp for BlockdevQcow2Encryption {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevQcow2Encryption);
 /// Options of the qcow2 format.
 ///
 /// **Since:** 2.9
@@ -5052,54 +3862,47 @@ impl BlockdevOptionsQcow2 {
     pub fn new(file: ::std::boxed::Box<BlockdevRef>) -> Self {
         Self {
             file,
-            backing: ::std::option::Option::None,
-            lazy_refcounts: ::std::option::Option::None,
-            pass_discard_request: ::std::option::Option::None,
-            pass_discard_snapshot: ::std::option::Option::None,
-            pass_discard_other: ::std::option::Option::None,
-            discard_no_unref: ::std::option::Option::None,
-            overlap_check: ::std::option::Option::None,
-            cache_size: ::std::option::Option::None,
-            l2_cache_size: ::std::option::Option::None,
-            l2_cache_entry_size: ::std::option::Option::None,
-            refcount_cache_size: ::std::option::Option::None,
-            cache_clean_interval: ::std::option::Option::None,
-            encrypt: ::std::option::Option::None,
-            data_file: ::std::option::Option::None,
+            backing: None,
+            lazy_refcounts: None,
+            pass_discard_request: None,
+            pass_discard_snapshot: None,
+            pass_discard_other: None,
+            discard_no_unref: None,
+            overlap_check: None,
+            cache_size: None,
+            l2_cache_size: None,
+            l2_cache_entry_size: None,
+            refcount_cache_size: None,
+            cache_clean_interval: None,
+            encrypt: None,
+            data_file: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            file: object.required("file", path)?,
-            backing: object.optional("backing", path)?,
-            lazy_refcounts: object.optional("lazy-refcounts", path)?,
-            pass_discard_request: object.optional("pass-discard-request", path)?,
-            pass_discard_snapshot: object.optional("pass-discard-snapshot", path)?,
-            pass_discard_other: object.optional("pass-discard-other", path)?,
-            discard_no_unref: object.optional("discard-no-unref", path)?,
-            overlap_check: object.optional("overlap-check", path)?,
-            cache_size: object.optional("cache-size", path)?,
-            l2_cache_size: object.optional("l2-cache-size", path)?,
-            l2_cache_entry_size: object.optional("l2-cache-entry-size", path)?,
-            refcount_cache_size: object.optional("refcount-cache-size", path)?,
-            cache_clean_interval: object.optional("cache-clean-interval", path)?,
-            encrypt: object.optional("encrypt", path)?,
-            data_file: object.optional("data-file", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsQcow2 {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            file: object.required("file")?,
+            backing: object.optional("backing")?,
+            lazy_refcounts: object.optional("lazy-refcounts")?,
+            pass_discard_request: object.optional("pass-discard-request")?,
+            pass_discard_snapshot: object.optional("pass-discard-snapshot")?,
+            pass_discard_other: object.optional("pass-discard-other")?,
+            discard_no_unref: object.optional("discard-no-unref")?,
+            overlap_check: object.optional("overlap-check")?,
+            cache_size: object.optional("cache-size")?,
+            l2_cache_size: object.optional("l2-cache-size")?,
+            l2_cache_entry_size: object.optional("l2-cache-entry-size")?,
+            refcount_cache_size: object.optional("refcount-cache-size")?,
+            cache_clean_interval: object.optional("cache-clean-interval")?,
+            encrypt: object.optional("encrypt")?,
+            data_file: object.optional("data-file")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevOptionsQcow2 {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevOptionsQcow2);
 /// Options of the raw format.
 ///
 /// **Since:** 2.9
@@ -5123,197 +3926,131 @@ impl BlockdevOptionsRaw {
     pub fn new(file: ::std::boxed::Box<BlockdevRef>) -> Self {
         Self {
             file,
-            offset: ::std::option::Option::None,
-            size: ::std::option::Option::None,
+            offset: None,
+            size: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            file: object.required("file", path)?,
-            offset: object.optional("offset", path)?,
-            size: object.optional("size", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsRaw {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            file: object.required("file")?,
+            offset: object.optional("offset")?,
+            size: object.optional("size")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevOptionsRaw {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevOptionsRaw);
 /// The points in image drivers where blkdebug can inject errors or
 /// change state.  Most name a step of qcow2's metadata handling.
 ///
 /// **Since:** 2.9
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlkdebugEvent {
     /// writing an L1 table entry
-    #[serde(rename = "l1_update")]
     L1Update,
     /// allocating a larger L1 table
-    #[serde(rename = "l1_grow_alloc_table")]
     L1GrowAllocTable,
     /// writing the larger L1 table
-    #[serde(rename = "l1_grow_write_table")]
     L1GrowWriteTable,
     /// switching the header to the larger L1
     /// table
-    #[serde(rename = "l1_grow_activate_table")]
     L1GrowActivateTable,
     /// reading an L2 table
-    #[serde(rename = "l2_load")]
     L2Load,
     /// writing an L2 table entry
-    #[serde(rename = "l2_update")]
     L2Update,
     /// writing an L2 entry of a compressed cluster
-    #[serde(rename = "l2_update_compressed")]
     L2UpdateCompressed,
     /// reading the old L2 table for copy-on-write
-    #[serde(rename = "l2_alloc_cow_read")]
     L2AllocCowRead,
     /// writing a newly allocated L2 table
-    #[serde(rename = "l2_alloc_write")]
     L2AllocWrite,
     /// reading guest data
-    #[serde(rename = "read_aio")]
     ReadAio,
     /// reading guest data from the backing image
-    #[serde(rename = "read_backing_aio")]
     ReadBackingAio,
     /// reading a compressed cluster
-    #[serde(rename = "read_compressed")]
     ReadCompressed,
     /// writing guest data
-    #[serde(rename = "write_aio")]
     WriteAio,
     /// writing a compressed cluster
-    #[serde(rename = "write_compressed")]
     WriteCompressed,
     /// reading VM state
-    #[serde(rename = "vmstate_load")]
     VmstateLoad,
     /// writing VM state
-    #[serde(rename = "vmstate_save")]
     VmstateSave,
     /// reading data for copy-on-write
-    #[serde(rename = "cow_read")]
     CowRead,
     /// writing data for copy-on-write
-    #[serde(rename = "cow_write")]
     CowWrite,
     /// reading the refcount table
-    #[serde(rename = "reftable_load")]
     ReftableLoad,
     /// allocating a larger refcount table
-    #[serde(rename = "reftable_grow")]
     ReftableGrow,
     /// writing a refcount table entry
-    #[serde(rename = "reftable_update")]
     ReftableUpdate,
     /// reading a refcount block
-    #[serde(rename = "refblock_load")]
     RefblockLoad,
     /// writing a refcount block
-    #[serde(rename = "refblock_update")]
     RefblockUpdate,
     /// writing part of a refcount block
-    #[serde(rename = "refblock_update_part")]
     RefblockUpdatePart,
     /// allocating a refcount block
-    #[serde(rename = "refblock_alloc")]
     RefblockAlloc,
     /// linking a new refcount block into the table
-    #[serde(rename = "refblock_alloc_hookup")]
     RefblockAllocHookup,
     /// writing a new refcount block
-    #[serde(rename = "refblock_alloc_write")]
     RefblockAllocWrite,
     /// writing refcount blocks while growing
     /// the table
-    #[serde(rename = "refblock_alloc_write_blocks")]
     RefblockAllocWriteBlocks,
     /// writing the grown refcount table
-    #[serde(rename = "refblock_alloc_write_table")]
     RefblockAllocWriteTable,
     /// switching the header to the grown
     /// refcount table
-    #[serde(rename = "refblock_alloc_switch_table")]
     RefblockAllocSwitchTable,
     /// allocating clusters
-    #[serde(rename = "cluster_alloc")]
     ClusterAlloc,
     /// allocating bytes for compressed data
-    #[serde(rename = "cluster_alloc_bytes")]
     ClusterAllocBytes,
     /// freeing clusters
-    #[serde(rename = "cluster_free")]
     ClusterFree,
     /// flushing to the host's cache
-    #[serde(rename = "flush_to_os")]
     FlushToOs,
     /// flushing to stable storage
-    #[serde(rename = "flush_to_disk")]
     FlushToDisk,
     /// read of the head of an unaligned write
-    #[serde(rename = "pwritev_rmw_head")]
     PwritevRmwHead,
     /// after the head of an unaligned write was
     /// read
-    #[serde(rename = "pwritev_rmw_after_head")]
     PwritevRmwAfterHead,
     /// read of the tail of an unaligned write
-    #[serde(rename = "pwritev_rmw_tail")]
     PwritevRmwTail,
     /// after the tail of an unaligned write was
     /// read
-    #[serde(rename = "pwritev_rmw_after_tail")]
     PwritevRmwAfterTail,
     /// a write request reaching the protocol
-    #[serde(rename = "pwritev")]
     Pwritev,
     /// a zero write reaching the protocol
-    #[serde(rename = "pwritev_zero")]
     PwritevZero,
     /// a write request completing
-    #[serde(rename = "pwritev_done")]
     PwritevDone,
     /// emptying an image
-    #[serde(rename = "empty_image_prepare")]
     EmptyImagePrepare,
     /// writing a shrunk L1 table (since 2.11)
-    #[serde(rename = "l1_shrink_write_table")]
     L1ShrinkWriteTable,
     /// freeing L2 tables while shrinking
     /// (since 2.11)
-    #[serde(rename = "l1_shrink_free_l2_clusters")]
     L1ShrinkFreeL2Clusters,
     /// a copy-on-read write (since 3.0)
-    #[serde(rename = "cor_write")]
     CorWrite,
     /// allocating host space for clusters (since
     /// 4.1)
-    #[serde(rename = "cluster_alloc_space")]
     ClusterAllocSpace,
     /// no event; for rules that only react to states (since 5.0)
-    #[serde(rename = "none")]
     None,
 }
 impl BlkdebugEvent {
@@ -5422,131 +4159,31 @@ impl BlkdebugEvent {
         }
     }
 }
-impl ::std::fmt::Display for BlkdebugEvent {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlkdebugEvent {
+    const NAME: &'static str = "BlkdebugEvent";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlkdebugEvent {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "l1_update" => ::std::result::Result::Ok(Self::L1Update),
-            "l1_grow_alloc_table" => ::std::result::Result::Ok(Self::L1GrowAllocTable),
-            "l1_grow_write_table" => ::std::result::Result::Ok(Self::L1GrowWriteTable),
-            "l1_grow_activate_table" => {
-                ::std::result::Result::Ok(Self::L1GrowActivateTable)
-            }
-            "l2_load" => ::std::result::Result::Ok(Self::L2Load),
-            "l2_update" => ::std::result::Result::Ok(Self::L2Update),
-            "l2_update_compressed" => ::std::result::Result::Ok(Self::L2UpdateCompressed),
-            "l2_alloc_cow_read" => ::std::result::Result::Ok(Self::L2AllocCowRead),
-            "l2_alloc_write" => ::std::result::Result::Ok(Self::L2AllocWrite),
-            "read_aio" => ::std::result::Result::Ok(Self::ReadAio),
-            "read_backing_aio" => ::std::result::Result::Ok(Self::ReadBackingAio),
-            "read_compressed" => ::std::result::Result::Ok(Self::ReadCompressed),
-            "write_aio" => ::std::result::Result::Ok(Self::WriteAio),
-            "write_compressed" => ::std::result::Result::Ok(Self::WriteCompressed),
-            "vmstate_load" => ::std::result::Result::Ok(Self::VmstateLoad),
-            "vmstate_save" => ::std::result::Result::Ok(Self::VmstateSave),
-            "cow_read" => ::std::result::Result::Ok(Self::CowRead),
-            "cow_write" => ::std::result::Result::Ok(Self::CowWrite),
-            "reftable_load" => ::std::result::Result::Ok(Self::ReftableLoad),
-            "reftable_grow" => ::std::result::Result::Ok(Self::ReftableGrow),
-            "reftable_update" => ::std::result::Result::Ok(Self::ReftableUpdate),
-            "refblock_load" => ::std::result::Result::Ok(Self::RefblockLoad),
-            "refblock_update" => ::std::result::Result::Ok(Self::RefblockUpdate),
-            "refblock_update_part" => ::std::result::Result::Ok(Self::RefblockUpdatePart),
-            "refblock_alloc" => ::std::result::Result::Ok(Self::RefblockAlloc),
-            "refblock_alloc_hookup" => {
-                ::std::result::Result::Ok(Self::RefblockAllocHookup)
-            }
-            "refblock_alloc_write" => ::std::result::Result::Ok(Self::RefblockAllocWrite),
-            "refblock_alloc_write_blocks" => {
-                ::std::result::Result::Ok(Self::RefblockAllocWriteBlocks)
-            }
-            "refblock_alloc_write_table" => {
-                ::std::result::Result::Ok(Self::RefblockAllocWriteTable)
-            }
-            "refblock_alloc_switch_table" => {
-                ::std::result::Result::Ok(Self::RefblockAllocSwitchTable)
-            }
-            "cluster_alloc" => ::std::result::Result::Ok(Self::ClusterAlloc),
-            "cluster_alloc_bytes" => ::std::result::Result::Ok(Self::ClusterAllocBytes),
-            "cluster_free" => ::std::result::Result::Ok(Self::ClusterFree),
-            "flush_to_os" => ::std::result::Result::Ok(Self::FlushToOs),
-            "flush_to_disk" => ::std::result::Result::Ok(Self::FlushToDisk),
-            "pwritev_rmw_head" => ::std::result::Result::Ok(Self::PwritevRmwHead),
-            "pwritev_rmw_after_head" => {
-                ::std::result::Result::Ok(Self::PwritevRmwAfterHead)
-            }
-            "pwritev_rmw_tail" => ::std::result::Result::Ok(Self::PwritevRmwTail),
-            "pwritev_rmw_after_tail" => {
-                ::std::result::Result::Ok(Self::PwritevRmwAfterTail)
-            }
-            "pwritev" => ::std::result::Result::Ok(Self::Pwritev),
-            "pwritev_zero" => ::std::result::Result::Ok(Self::PwritevZero),
-            "pwritev_done" => ::std::result::Result::Ok(Self::PwritevDone),
-            "empty_image_prepare" => ::std::result::Result::Ok(Self::EmptyImagePrepare),
-            "l1_shrink_write_table" => {
-                ::std::result::Result::Ok(Self::L1ShrinkWriteTable)
-            }
-            "l1_shrink_free_l2_clusters" => {
-                ::std::result::Result::Ok(Self::L1ShrinkFreeL2Clusters)
-            }
-            "cor_write" => ::std::result::Result::Ok(Self::CorWrite),
-            "cluster_alloc_space" => ::std::result::Result::Ok(Self::ClusterAllocSpace),
-            "none" => ::std::result::Result::Ok(Self::None),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlkdebugEvent",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlkdebugEvent {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlkdebugEvent);
 /// Kinds of I/O request blkdebug can fail.
 ///
 /// **Since:** 4.1
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlkdebugIOType {
     /// reads
-    #[serde(rename = "read")]
     Read,
     /// writes
-    #[serde(rename = "write")]
     Write,
     /// zero writes
-    #[serde(rename = "write-zeroes")]
     WriteZeroes,
     /// discards
-    #[serde(rename = "discard")]
     Discard,
     /// flushes
-    #[serde(rename = "flush")]
     Flush,
     /// block status queries
-    #[serde(rename = "block-status")]
     BlockStatus,
 }
 impl BlkdebugIOType {
@@ -5571,38 +4208,15 @@ impl BlkdebugIOType {
         }
     }
 }
-impl ::std::fmt::Display for BlkdebugIOType {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlkdebugIOType {
+    const NAME: &'static str = "BlkdebugIOType";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlkdebugIOType {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "read" => ::std::result::Result::Ok(Self::Read),
-            "write" => ::std::result::Result::Ok(Self::Write),
-            "write-zeroes" => ::std::result::Result::Ok(Self::WriteZeroes),
-            "discard" => ::std::result::Result::Ok(Self::Discard),
-            "flush" => ::std::result::Result::Ok(Self::Flush),
-            "block-status" => ::std::result::Result::Ok(Self::BlockStatus),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlkdebugIOType",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlkdebugIOType {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlkdebugIOType);
 /// A rule that makes requests fail when an event happens.
 ///
 /// **Since:** 2.9
@@ -5637,38 +4251,31 @@ impl BlkdebugInjectErrorOptions {
     pub fn new(event: BlkdebugEvent) -> Self {
         Self {
             event,
-            state: ::std::option::Option::None,
-            iotype: ::std::option::Option::None,
-            errno: ::std::option::Option::None,
-            sector: ::std::option::Option::None,
-            once: ::std::option::Option::None,
-            immediately: ::std::option::Option::None,
+            state: None,
+            iotype: None,
+            errno: None,
+            sector: None,
+            once: None,
+            immediately: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            event: object.required("event", path)?,
-            state: object.optional("state", path)?,
-            iotype: object.optional("iotype", path)?,
-            errno: object.optional("errno", path)?,
-            sector: object.optional("sector", path)?,
-            once: object.optional("once", path)?,
-            immediately: object.optional("immediately", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlkdebugInjectErrorOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            event: object.required("event")?,
+            state: object.optional("state")?,
+            iotype: object.optional("iotype")?,
+            errno: object.optional("errno")?,
+            sector: object.optional("sector")?,
+            once: object.optional("once")?,
+            immediately: object.optional("immediately")?,
         })
     }
 }
-impl crate::input::FromQmp for BlkdebugInjectErrorOptions {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlkdebugInjectErrorOptions);
 /// A rule that changes blkdebug's state when an event happens.
 ///
 /// **Since:** 2.9
@@ -5687,59 +4294,37 @@ impl BlkdebugSetStateOptions {
     pub fn new(event: BlkdebugEvent, new_state: i64) -> Self {
         Self {
             event,
-            state: ::std::option::Option::None,
+            state: None,
             new_state,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            event: object.required("event", path)?,
-            state: object.optional("state", path)?,
-            new_state: object.required("new_state", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlkdebugSetStateOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            event: object.required("event")?,
+            state: object.optional("state")?,
+            new_state: object.required("new_state")?,
         })
     }
 }
-impl crate::input::FromQmp for BlkdebugSetStateOptions {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlkdebugSetStateOptions);
 /// Kinds of access a user of a node may need or allow others.
 ///
 /// **Since:** 4.0
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockPermission {
     /// reading data that is consistent with what was
     /// written
-    #[serde(rename = "consistent-read")]
     ConsistentRead,
     /// changing the data
-    #[serde(rename = "write")]
     Write,
     /// writing data that does not change what a reader
     /// sees
-    #[serde(rename = "write-unchanged")]
     WriteUnchanged,
     /// changing the size
-    #[serde(rename = "resize")]
     Resize,
 }
 impl BlockPermission {
@@ -5760,36 +4345,15 @@ impl BlockPermission {
         }
     }
 }
-impl ::std::fmt::Display for BlockPermission {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockPermission {
+    const NAME: &'static str = "BlockPermission";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockPermission {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "consistent-read" => ::std::result::Result::Ok(Self::ConsistentRead),
-            "write" => ::std::result::Result::Ok(Self::Write),
-            "write-unchanged" => ::std::result::Result::Ok(Self::WriteUnchanged),
-            "resize" => ::std::result::Result::Ok(Self::Resize),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockPermission",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockPermission {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockPermission);
 /// Options of blkdebug, a filter that injects errors for tests.
 ///
 /// **Since:** 2.9
@@ -5847,48 +4411,41 @@ impl BlockdevOptionsBlkdebug {
     pub fn new(image: ::std::boxed::Box<BlockdevRef>) -> Self {
         Self {
             image,
-            config: ::std::option::Option::None,
-            align: ::std::option::Option::None,
-            max_transfer: ::std::option::Option::None,
-            opt_write_zero: ::std::option::Option::None,
-            max_write_zero: ::std::option::Option::None,
-            opt_discard: ::std::option::Option::None,
-            max_discard: ::std::option::Option::None,
-            inject_error: ::std::option::Option::None,
-            set_state: ::std::option::Option::None,
-            take_child_perms: ::std::option::Option::None,
-            unshare_child_perms: ::std::option::Option::None,
+            config: None,
+            align: None,
+            max_transfer: None,
+            opt_write_zero: None,
+            max_write_zero: None,
+            opt_discard: None,
+            max_discard: None,
+            inject_error: None,
+            set_state: None,
+            take_child_perms: None,
+            unshare_child_perms: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            image: object.required("image", path)?,
-            config: object.optional("config", path)?,
-            align: object.optional("align", path)?,
-            max_transfer: object.optional("max-transfer", path)?,
-            opt_write_zero: object.optional("opt-write-zero", path)?,
-            max_write_zero: object.optional("max-write-zero", path)?,
-            opt_discard: object.optional("opt-discard", path)?,
-            max_discard: object.optional("max-discard", path)?,
-            inject_error: object.optional("inject-error", path)?,
-            set_state: object.optional("set-state", path)?,
-            take_child_perms: object.optional("take-child-perms", path)?,
-            unshare_child_perms: object.optional("unshare-child-perms", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsBlkdebug {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            image: object.required("image")?,
+            config: object.optional("config")?,
+            align: object.optional("align")?,
+            max_transfer: object.optional("max-transfer")?,
+            opt_write_zero: object.optional("opt-write-zero")?,
+            max_write_zero: object.optional("max-write-zero")?,
+            opt_discard: object.optional("opt-discard")?,
+            max_discard: object.optional("max-discard")?,
+            inject_error: object.optional("inject-error")?,
+            set_state: object.optional("set-state")?,
+            take_child_perms: object.optional("take-child-perms")?,
+            unshare_child_perms: object.optional("unshare-child-perms")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevOptionsBlkdebug {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevOptionsBlkdebug);
 /// Everything needed to open a block node.  The members depend on the
 /// driver; this daemon has the drivers `BlockdevDriver` lists.
 ///
@@ -5973,65 +4530,65 @@ impl BlockdevOptions {
     /// every optional base member absent.
     pub fn new(branch: BlockdevOptionsBranch) -> Self {
         Self {
-            node_name: ::std::option::Option::None,
-            discard: ::std::option::Option::None,
-            cache: ::std::option::Option::None,
-            active: ::std::option::Option::None,
-            read_only: ::std::option::Option::None,
-            auto_read_only: ::std::option::Option::None,
-            force_share: ::std::option::Option::None,
-            detect_zeroes: ::std::option::Option::None,
+            node_name: None,
+            discard: None,
+            cache: None,
+            active: None,
+            read_only: None,
+            auto_read_only: None,
+            force_share: None,
+            detect_zeroes: None,
             branch,
         }
     }
-    /// Reads this union's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let kind: BlockdevDriver = object.required("driver", path)?;
-        let member_1 = object.optional("node-name", path)?;
-        let member_2 = object.optional("discard", path)?;
-        let member_3 = object.optional("cache", path)?;
-        let member_4 = object.optional("active", path)?;
-        let member_5 = object.optional("read-only", path)?;
-        let member_6 = object.optional("auto-read-only", path)?;
-        let member_7 = object.optional("force-share", path)?;
-        let member_8 = object.optional("detect-zeroes", path)?;
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: BlockdevDriver = object.required("driver")?;
+        let member_1 = object.optional("node-name")?;
+        let member_2 = object.optional("discard")?;
+        let member_3 = object.optional("cache")?;
+        let member_4 = object.optional("active")?;
+        let member_5 = object.optional("read-only")?;
+        let member_6 = object.optional("auto-read-only")?;
+        let member_7 = object.optional("force-share")?;
+        let member_8 = object.optional("detect-zeroes")?;
         let branch = match kind {
             BlockdevDriver::Blkdebug => {
                 BlockdevOptionsBranch::Blkdebug(
                     ::std::boxed::Box::new(
-                        BlockdevOptionsBlkdebug::read_qmp_members(object, path)?,
+                        ::qapi_runtime::input::ReadMembers::read_members(object)?,
                     ),
                 )
             }
             BlockdevDriver::File => {
                 BlockdevOptionsBranch::File(
-                    BlockdevOptionsFile::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             BlockdevDriver::NullCo => {
                 BlockdevOptionsBranch::NullCo(
-                    BlockdevOptionsNull::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             BlockdevDriver::Qcow2 => {
                 BlockdevOptionsBranch::Qcow2(
                     ::std::boxed::Box::new(
-                        BlockdevOptionsQcow2::read_qmp_members(object, path)?,
+                        ::qapi_runtime::input::ReadMembers::read_members(object)?,
                     ),
                 )
             }
             BlockdevDriver::Raw => {
                 BlockdevOptionsBranch::Raw(
                     ::std::boxed::Box::new(
-                        BlockdevOptionsRaw::read_qmp_members(object, path)?,
+                        ::qapi_runtime::input::ReadMembers::read_members(object)?,
                     ),
                 )
             }
         };
-        ::std::result::Result::Ok(Self {
+        Ok(Self {
             node_name: member_1,
             discard: member_2,
             cache: member_3,
@@ -6044,14 +4601,7 @@ impl BlockdevOptions {
         })
     }
 }
-impl crate::input::FromQmp for BlockdevOptions {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevOptions);
 /// A child node, given either by definition or by name.
 ///
 /// **Since:** 2.9
@@ -6065,28 +4615,29 @@ pub enum BlockdevRef {
     /// the name of an existing node
     Reference(::std::string::String),
 }
-impl crate::input::FromQmp for BlockdevRef {
+impl ::qapi_runtime::input::FromQmp for BlockdevRef {
     fn from_qmp(
         value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(
             match value {
                 ::serde_json::Value::Object(_) => {
-                    Self::Definition(crate::input::FromQmp::from_qmp(value, path)?)
+                    Self::Definition(
+                        ::qapi_runtime::input::FromQmp::from_qmp(value, path)?,
+                    )
                 }
                 ::serde_json::Value::String(_) => {
-                    Self::Reference(crate::input::FromQmp::from_qmp(value, path)?)
+                    Self::Reference(
+                        ::qapi_runtime::input::FromQmp::from_qmp(value, path)?,
+                    )
                 }
-                _ => {
-                    return ::std::result::Result::Err(
-                        path.invalid_alternate("BlockdevRef"),
-                    );
-                }
+                _ => return Err(path.invalid_alternate("BlockdevRef")),
             },
         )
     }
 }
+::qapi_runtime::impl_deserialize!(BlockdevRef);
 /// A child node given by definition or by name, or null for none.
 ///
 /// **Since:** 2.9
@@ -6101,33 +4652,34 @@ pub enum BlockdevRefOrNull {
     /// none, as null does
     Reference(::std::string::String),
     /// no child
-    Null(()),
+    Null(::qapi_runtime::Null),
 }
-impl crate::input::FromQmp for BlockdevRefOrNull {
+impl ::qapi_runtime::input::FromQmp for BlockdevRefOrNull {
     fn from_qmp(
         value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(
             match value {
                 ::serde_json::Value::Object(_) => {
-                    Self::Definition(crate::input::FromQmp::from_qmp(value, path)?)
+                    Self::Definition(
+                        ::qapi_runtime::input::FromQmp::from_qmp(value, path)?,
+                    )
                 }
                 ::serde_json::Value::String(_) => {
-                    Self::Reference(crate::input::FromQmp::from_qmp(value, path)?)
+                    Self::Reference(
+                        ::qapi_runtime::input::FromQmp::from_qmp(value, path)?,
+                    )
                 }
                 ::serde_json::Value::Null => {
-                    Self::Null(crate::input::FromQmp::from_qmp(value, path)?)
+                    Self::Null(::qapi_runtime::input::FromQmp::from_qmp(value, path)?)
                 }
-                _ => {
-                    return ::std::result::Result::Err(
-                        path.invalid_alternate("BlockdevRefOrNull"),
-                    );
-                }
+                _ => return Err(path.invalid_alternate("BlockdevRefOrNull")),
             },
         )
     }
 }
+::qapi_runtime::impl_deserialize!(BlockdevRefOrNull);
 /// What is known about one dirty bitmap.
 ///
 /// **Since:** 1.3
@@ -6165,39 +4717,32 @@ impl BlockDirtyInfo {
         persistent: bool,
     ) -> Self {
         Self {
-            name: ::std::option::Option::None,
+            name: None,
             count,
             granularity,
             recording,
             busy,
             persistent,
-            inconsistent: ::std::option::Option::None,
+            inconsistent: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            name: object.optional("name", path)?,
-            count: object.required("count", path)?,
-            granularity: object.required("granularity", path)?,
-            recording: object.required("recording", path)?,
-            busy: object.required("busy", path)?,
-            persistent: object.required("persistent", path)?,
-            inconsistent: object.optional("inconsistent", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockDirtyInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            name: object.optional("name")?,
+            count: object.required("count")?,
+            granularity: object.required("granularity")?,
+            recording: object.required("recording")?,
+            busy: object.required("busy")?,
+            persistent: object.required("persistent")?,
+            inconsistent: object.optional("inconsistent")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockDirtyInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockDirtyInfo);
 /// Names a dirty bitmap.
 ///
 /// **Since:** 2.4
@@ -6219,25 +4764,18 @@ impl BlockDirtyBitmap {
             name: name.into(),
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            node: object.required("node", path)?,
-            name: object.required("name", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockDirtyBitmap {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            node: object.required("node")?,
+            name: object.required("name")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockDirtyBitmap {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockDirtyBitmap);
 /// A dirty bitmap to create.
 ///
 /// **Since:** 2.4
@@ -6270,33 +4808,26 @@ impl BlockDirtyBitmapAdd {
         Self {
             node: node.into(),
             name: name.into(),
-            granularity: ::std::option::Option::None,
-            persistent: ::std::option::Option::None,
-            disabled: ::std::option::Option::None,
+            granularity: None,
+            persistent: None,
+            disabled: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            node: object.required("node", path)?,
-            name: object.required("name", path)?,
-            granularity: object.optional("granularity", path)?,
-            persistent: object.optional("persistent", path)?,
-            disabled: object.optional("disabled", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockDirtyBitmapAdd {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            node: object.required("node")?,
+            name: object.required("name")?,
+            granularity: object.optional("granularity")?,
+            persistent: object.optional("persistent")?,
+            disabled: object.optional("disabled")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockDirtyBitmapAdd {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockDirtyBitmapAdd);
 /// A dirty bitmap, by name on an implied node or by node and name.
 ///
 /// **Since:** 4.1
@@ -6310,28 +4841,27 @@ pub enum BlockDirtyBitmapOrStr {
     /// a bitmap on any node
     External(BlockDirtyBitmap),
 }
-impl crate::input::FromQmp for BlockDirtyBitmapOrStr {
+impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapOrStr {
     fn from_qmp(
         value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(
+        path: &mut ::qapi_runtime::input::QmpPath,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(
             match value {
                 ::serde_json::Value::String(_) => {
-                    Self::Local(crate::input::FromQmp::from_qmp(value, path)?)
+                    Self::Local(::qapi_runtime::input::FromQmp::from_qmp(value, path)?)
                 }
                 ::serde_json::Value::Object(_) => {
-                    Self::External(crate::input::FromQmp::from_qmp(value, path)?)
+                    Self::External(
+                        ::qapi_runtime::input::FromQmp::from_qmp(value, path)?,
+                    )
                 }
-                _ => {
-                    return ::std::result::Result::Err(
-                        path.invalid_alternate("BlockDirtyBitmapOrStr"),
-                    );
-                }
+                _ => return Err(path.invalid_alternate("BlockDirtyBitmapOrStr")),
             },
         )
     }
 }
+::qapi_runtime::impl_deserialize!(BlockDirtyBitmapOrStr);
 /// Bitmaps to merge into another.
 ///
 /// **Since:** 4.0
@@ -6358,51 +4888,33 @@ impl BlockDirtyBitmapMerge {
             bitmaps,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            node: object.required("node", path)?,
-            target: object.required("target", path)?,
-            bitmaps: object.required("bitmaps", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockDirtyBitmapMerge {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            node: object.required("node")?,
+            target: object.required("target")?,
+            bitmaps: object.required("bitmaps")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockDirtyBitmapMerge {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockDirtyBitmapMerge);
 /// Whether I/O of a job (or device) has been failing.
 ///
 /// **Since:** 1.0
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockDeviceIoStatus {
     /// no error so far
-    #[serde(rename = "ok")]
     Ok,
     /// an I/O request failed
-    #[serde(rename = "failed")]
     Failed,
     /// an I/O request failed because the host ran out of space
-    #[serde(rename = "nospace")]
     Nospace,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl BlockDeviceIoStatus {
     /// Every value, in schema order.
@@ -6413,71 +4925,36 @@ impl BlockDeviceIoStatus {
             Self::Ok => "ok",
             Self::Failed => "failed",
             Self::Nospace => "nospace",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for BlockDeviceIoStatus {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockDeviceIoStatus {
+    const NAME: &'static str = "BlockDeviceIoStatus";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockDeviceIoStatus {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "ok" => ::std::result::Result::Ok(Self::Ok),
-            "failed" => ::std::result::Result::Ok(Self::Failed),
-            "nospace" => ::std::result::Result::Ok(Self::Nospace),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockDeviceIoStatus",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockDeviceIoStatus {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockDeviceIoStatus);
 /// What a job does when one of its I/O requests fails.
 ///
 /// **Since:** 1.3
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevOnError {
     /// fail the job
-    #[serde(rename = "report")]
     Report,
     /// carry on as if the request had succeeded
-    #[serde(rename = "ignore")]
     Ignore,
     /// pause the job when the host ran out of space, fail it on
     /// any other error
-    #[serde(rename = "enospc")]
     Enospc,
     /// pause the job, so that a client can resume it after fixing
     /// the cause
-    #[serde(rename = "stop")]
     Stop,
     /// follow the error policy of the device the node belongs to;
     /// for jobs without one this is `report` (since 2.7)
-    #[serde(rename = "auto")]
     Auto,
 }
 impl BlockdevOnError {
@@ -6500,62 +4977,29 @@ impl BlockdevOnError {
         }
     }
 }
-impl ::std::fmt::Display for BlockdevOnError {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockdevOnError {
+    const NAME: &'static str = "BlockdevOnError";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockdevOnError {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "report" => ::std::result::Result::Ok(Self::Report),
-            "ignore" => ::std::result::Result::Ok(Self::Ignore),
-            "enospc" => ::std::result::Result::Ok(Self::Enospc),
-            "stop" => ::std::result::Result::Ok(Self::Stop),
-            "auto" => ::std::result::Result::Ok(Self::Auto),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockdevOnError",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockdevOnError {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockdevOnError);
 /// What was done about a failed I/O request.
 ///
 /// **Since:** 2.1
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockErrorAction {
     /// the error was ignored
-    #[serde(rename = "ignore")]
     Ignore,
     /// the error was reported to the job, which fails
-    #[serde(rename = "report")]
     Report,
     /// the job was paused
-    #[serde(rename = "stop")]
     Stop,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 impl BlockErrorAction {
     /// Every value, in schema order.
@@ -6566,38 +5010,19 @@ impl BlockErrorAction {
             Self::Ignore => "ignore",
             Self::Report => "report",
             Self::Stop => "stop",
+            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
         }
     }
 }
-impl ::std::fmt::Display for BlockErrorAction {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockErrorAction {
+    const NAME: &'static str = "BlockErrorAction";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockErrorAction {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "ignore" => ::std::result::Result::Ok(Self::Ignore),
-            "report" => ::std::result::Result::Ok(Self::Report),
-            "stop" => ::std::result::Result::Ok(Self::Stop),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockErrorAction",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockErrorAction {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockErrorAction);
 /// What `query-block-jobs` adds for mirror jobs.
 ///
 /// **Since:** 8.2
@@ -6614,24 +5039,17 @@ impl BlockJobInfoMirror {
     pub fn new(actively_synced: bool) -> Self {
         Self { actively_synced }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            actively_synced: object.required("actively-synced", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobInfoMirror {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            actively_synced: object.required("actively-synced")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobInfoMirror {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockJobInfoMirror);
 /// What `query-block-jobs` reports about one block job.
 ///
 /// **Since:** 1.1
@@ -6708,6 +5126,10 @@ pub enum BlockJobInfoBranch {
     /// deletes a VM snapshot (since 6.0)
     #[serde(rename = "snapshot-delete")]
     SnapshotDelete,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    #[serde(skip_serializing)]
+    UnknownValue,
 }
 impl BlockJobInfoBranch {
     /// The discriminator value selecting this branch.
@@ -6722,6 +5144,7 @@ impl BlockJobInfoBranch {
             Self::SnapshotLoad => JobType::SnapshotLoad,
             Self::SnapshotSave => JobType::SnapshotSave,
             Self::SnapshotDelete => JobType::SnapshotDelete,
+            Self::UnknownValue => JobType::UnknownValue,
         }
     }
 }
@@ -6754,34 +5177,34 @@ impl BlockJobInfo {
             status,
             auto_finalize,
             auto_dismiss,
-            error: ::std::option::Option::None,
+            error: None,
             branch,
         }
     }
-    /// Reads this union's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let kind: JobType = object.required("type", path)?;
-        let member_1 = object.required("device", path)?;
-        let member_2 = object.required("len", path)?;
-        let member_3 = object.required("offset", path)?;
-        let member_4 = object.required("busy", path)?;
-        let member_5 = object.required("paused", path)?;
-        let member_6 = object.required("speed", path)?;
-        let member_7 = object.required("io-status", path)?;
-        let member_8 = object.required("ready", path)?;
-        let member_9 = object.required("status", path)?;
-        let member_10 = object.required("auto-finalize", path)?;
-        let member_11 = object.required("auto-dismiss", path)?;
-        let member_12 = object.optional("error", path)?;
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobInfo {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: JobType = object.required("type")?;
+        let member_1 = object.required("device")?;
+        let member_2 = object.required("len")?;
+        let member_3 = object.required("offset")?;
+        let member_4 = object.required("busy")?;
+        let member_5 = object.required("paused")?;
+        let member_6 = object.required("speed")?;
+        let member_7 = object.required("io-status")?;
+        let member_8 = object.required("ready")?;
+        let member_9 = object.required("status")?;
+        let member_10 = object.required("auto-finalize")?;
+        let member_11 = object.required("auto-dismiss")?;
+        let member_12 = object.optional("error")?;
         let branch = match kind {
             JobType::Commit => BlockJobInfoBranch::Commit,
             JobType::Stream => BlockJobInfoBranch::Stream,
             JobType::Mirror => {
                 BlockJobInfoBranch::Mirror(
-                    BlockJobInfoMirror::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             JobType::Backup => BlockJobInfoBranch::Backup,
@@ -6790,8 +5213,9 @@ impl BlockJobInfo {
             JobType::SnapshotLoad => BlockJobInfoBranch::SnapshotLoad,
             JobType::SnapshotSave => BlockJobInfoBranch::SnapshotSave,
             JobType::SnapshotDelete => BlockJobInfoBranch::SnapshotDelete,
+            JobType::UnknownValue => BlockJobInfoBranch::UnknownValue,
         };
-        ::std::result::Result::Ok(Self {
+        Ok(Self {
             device: member_1,
             len: member_2,
             offset: member_3,
@@ -6808,14 +5232,7 @@ impl BlockJobInfo {
         })
     }
 }
-impl crate::input::FromQmp for BlockJobInfo {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockJobInfo);
 /// The options of a mirror job that can change while it runs.
 ///
 /// **Since:** 8.2
@@ -6831,24 +5248,17 @@ impl BlockJobChangeOptionsMirror {
     pub fn new(copy_mode: MirrorCopyMode) -> Self {
         Self { copy_mode }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            copy_mode: object.required("copy-mode", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobChangeOptionsMirror {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            copy_mode: object.required("copy-mode")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockJobChangeOptionsMirror {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockJobChangeOptionsMirror);
 /// Which job to change and how.
 ///
 /// **Since:** 8.2
@@ -6920,19 +5330,19 @@ impl BlockJobChangeOptions {
     ) -> Self {
         Self { id: id.into(), branch }
     }
-    /// Reads this union's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let member_0 = object.required("id", path)?;
-        let kind: JobType = object.required("type", path)?;
+}
+impl ::qapi_runtime::input::ReadMembers for BlockJobChangeOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        let member_0 = object.required("id")?;
+        let kind: JobType = object.required("type")?;
         let branch = match kind {
             JobType::Commit => BlockJobChangeOptionsBranch::Commit,
             JobType::Stream => BlockJobChangeOptionsBranch::Stream,
             JobType::Mirror => {
                 BlockJobChangeOptionsBranch::Mirror(
-                    BlockJobChangeOptionsMirror::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             JobType::Backup => BlockJobChangeOptionsBranch::Backup,
@@ -6941,51 +5351,29 @@ impl BlockJobChangeOptions {
             JobType::SnapshotLoad => BlockJobChangeOptionsBranch::SnapshotLoad,
             JobType::SnapshotSave => BlockJobChangeOptionsBranch::SnapshotSave,
             JobType::SnapshotDelete => BlockJobChangeOptionsBranch::SnapshotDelete,
+            JobType::UnknownValue => return Err(object.unknown_branch("type")),
         };
-        ::std::result::Result::Ok(Self { id: member_0, branch })
+        Ok(Self { id: member_0, branch })
     }
 }
-impl crate::input::FromQmp for BlockJobChangeOptions {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockJobChangeOptions);
 /// Which data a backup or mirror job copies.
 ///
 /// **Since:** 1.3
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MirrorSyncMode {
     /// the data of the top image only, not of its backing chain
-    #[serde(rename = "top")]
     Top,
     /// everything the node shows
-    #[serde(rename = "full")]
     Full,
     /// for backup: only data about to be overwritten, so the target
     /// keeps the point-in-time view; for mirror: only new writes
-    #[serde(rename = "none")]
     None,
     /// what a bitmap marks; like `bitmap` with bitmap-mode
     /// on-success (since 2.4)
-    #[serde(rename = "incremental")]
     Incremental,
     /// what a bitmap marks, with the bitmap updated afterwards as
     /// bitmap-mode says (since 4.2)
-    #[serde(rename = "bitmap")]
     Bitmap,
 }
 impl MirrorSyncMode {
@@ -7008,65 +5396,29 @@ impl MirrorSyncMode {
         }
     }
 }
-impl ::std::fmt::Display for MirrorSyncMode {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for MirrorSyncMode {
+    const NAME: &'static str = "MirrorSyncMode";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for MirrorSyncMode {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "top" => ::std::result::Result::Ok(Self::Top),
-            "full" => ::std::result::Result::Ok(Self::Full),
-            "none" => ::std::result::Result::Ok(Self::None),
-            "incremental" => ::std::result::Result::Ok(Self::Incremental),
-            "bitmap" => ::std::result::Result::Ok(Self::Bitmap),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "MirrorSyncMode",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for MirrorSyncMode {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(MirrorSyncMode);
 /// What becomes of the bitmap a job copied from, once the job ends.
 ///
 /// **Since:** 4.2
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BitmapSyncMode {
     /// if the job succeeded, the bitmap keeps only the writes
     /// made while the job ran; if it failed, it keeps everything
     /// (since 4.2; before that named "conditional")
-    #[serde(rename = "on-success")]
     OnSuccess,
     /// the bitmap is left as it would be without the job, with
     /// every bit it had plus the writes made meanwhile
-    #[serde(rename = "never")]
     Never,
     /// the bits the job copied are cleared whether it succeeded
     /// or not (since 4.2)
-    #[serde(rename = "always")]
     Always,
 }
 impl BitmapSyncMode {
@@ -7081,57 +5433,24 @@ impl BitmapSyncMode {
         }
     }
 }
-impl ::std::fmt::Display for BitmapSyncMode {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BitmapSyncMode {
+    const NAME: &'static str = "BitmapSyncMode";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BitmapSyncMode {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "on-success" => ::std::result::Result::Ok(Self::OnSuccess),
-            "never" => ::std::result::Result::Ok(Self::Never),
-            "always" => ::std::result::Result::Ok(Self::Always),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BitmapSyncMode",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BitmapSyncMode {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BitmapSyncMode);
 /// When a mirror job copies writes made to the source.
 ///
 /// **Since:** 3.0
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MirrorCopyMode {
     /// later, in the job's copy loop
-    #[serde(rename = "background")]
     Background,
     /// at once: a write to the source completes only
     /// when it also reached the target
-    #[serde(rename = "write-blocking")]
     WriteBlocking,
 }
 impl MirrorCopyMode {
@@ -7145,34 +5464,15 @@ impl MirrorCopyMode {
         }
     }
 }
-impl ::std::fmt::Display for MirrorCopyMode {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for MirrorCopyMode {
+    const NAME: &'static str = "MirrorCopyMode";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for MirrorCopyMode {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "background" => ::std::result::Result::Ok(Self::Background),
-            "write-blocking" => ::std::result::Result::Ok(Self::WriteBlocking),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "MirrorCopyMode",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for MirrorCopyMode {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(MirrorCopyMode);
 /// Tuning of backup jobs.  Meant for performance testing.
 ///
 /// **Since:** 6.0
@@ -7202,33 +5502,26 @@ impl BackupPerf {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
         Self {
-            use_copy_range: ::std::option::Option::None,
-            max_workers: ::std::option::Option::None,
-            max_chunk: ::std::option::Option::None,
-            min_cluster_size: ::std::option::Option::None,
+            use_copy_range: None,
+            max_workers: None,
+            max_chunk: None,
+            min_cluster_size: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            use_copy_range: object.optional("use-copy-range", path)?,
-            max_workers: object.optional("max-workers", path)?,
-            max_chunk: object.optional("max-chunk", path)?,
-            min_cluster_size: object.optional("min-cluster-size", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BackupPerf {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            use_copy_range: object.optional("use-copy-range")?,
+            max_workers: object.optional("max-workers")?,
+            max_chunk: object.optional("max-chunk")?,
+            min_cluster_size: object.optional("min-cluster-size")?,
         })
     }
 }
-impl crate::input::FromQmp for BackupPerf {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BackupPerf);
 /// The arguments every backup job takes.
 ///
 /// **Since:** 4.2
@@ -7305,53 +5598,46 @@ impl BackupCommon {
         sync: MirrorSyncMode,
     ) -> Self {
         Self {
-            job_id: ::std::option::Option::None,
+            job_id: None,
             device: device.into(),
             sync,
-            speed: ::std::option::Option::None,
-            bitmap: ::std::option::Option::None,
-            bitmap_mode: ::std::option::Option::None,
-            compress: ::std::option::Option::None,
-            on_source_error: ::std::option::Option::None,
-            on_target_error: ::std::option::Option::None,
-            auto_finalize: ::std::option::Option::None,
-            auto_dismiss: ::std::option::Option::None,
-            filter_node_name: ::std::option::Option::None,
-            discard_source: ::std::option::Option::None,
-            x_perf: ::std::option::Option::None,
+            speed: None,
+            bitmap: None,
+            bitmap_mode: None,
+            compress: None,
+            on_source_error: None,
+            on_target_error: None,
+            auto_finalize: None,
+            auto_dismiss: None,
+            filter_node_name: None,
+            discard_source: None,
+            x_perf: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            job_id: object.optional("job-id", path)?,
-            device: object.required("device", path)?,
-            sync: object.required("sync", path)?,
-            speed: object.optional("speed", path)?,
-            bitmap: object.optional("bitmap", path)?,
-            bitmap_mode: object.optional("bitmap-mode", path)?,
-            compress: object.optional("compress", path)?,
-            on_source_error: object.optional("on-source-error", path)?,
-            on_target_error: object.optional("on-target-error", path)?,
-            auto_finalize: object.optional("auto-finalize", path)?,
-            auto_dismiss: object.optional("auto-dismiss", path)?,
-            filter_node_name: object.optional("filter-node-name", path)?,
-            discard_source: object.optional("discard-source", path)?,
-            x_perf: object.optional("x-perf", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BackupCommon {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            job_id: object.optional("job-id")?,
+            device: object.required("device")?,
+            sync: object.required("sync")?,
+            speed: object.optional("speed")?,
+            bitmap: object.optional("bitmap")?,
+            bitmap_mode: object.optional("bitmap-mode")?,
+            compress: object.optional("compress")?,
+            on_source_error: object.optional("on-source-error")?,
+            on_target_error: object.optional("on-target-error")?,
+            auto_finalize: object.optional("auto-finalize")?,
+            auto_dismiss: object.optional("auto-dismiss")?,
+            filter_node_name: object.optional("filter-node-name")?,
+            discard_source: object.optional("discard-source")?,
+            x_perf: object.optional("x-perf")?,
         })
     }
 }
-impl crate::input::FromQmp for BackupCommon {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BackupCommon);
 /// A backup to a new (or existing) image file that the job opens
 /// itself.
 ///
@@ -7440,59 +5726,52 @@ impl DriveBackup {
         target: impl ::std::convert::Into<::std::string::String>,
     ) -> Self {
         Self {
-            job_id: ::std::option::Option::None,
+            job_id: None,
             device: device.into(),
             sync,
-            speed: ::std::option::Option::None,
-            bitmap: ::std::option::Option::None,
-            bitmap_mode: ::std::option::Option::None,
-            compress: ::std::option::Option::None,
-            on_source_error: ::std::option::Option::None,
-            on_target_error: ::std::option::Option::None,
-            auto_finalize: ::std::option::Option::None,
-            auto_dismiss: ::std::option::Option::None,
-            filter_node_name: ::std::option::Option::None,
-            discard_source: ::std::option::Option::None,
-            x_perf: ::std::option::Option::None,
+            speed: None,
+            bitmap: None,
+            bitmap_mode: None,
+            compress: None,
+            on_source_error: None,
+            on_target_error: None,
+            auto_finalize: None,
+            auto_dismiss: None,
+            filter_node_name: None,
+            discard_source: None,
+            x_perf: None,
             target: target.into(),
-            format: ::std::option::Option::None,
-            mode: ::std::option::Option::None,
+            format: None,
+            mode: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            job_id: object.optional("job-id", path)?,
-            device: object.required("device", path)?,
-            sync: object.required("sync", path)?,
-            speed: object.optional("speed", path)?,
-            bitmap: object.optional("bitmap", path)?,
-            bitmap_mode: object.optional("bitmap-mode", path)?,
-            compress: object.optional("compress", path)?,
-            on_source_error: object.optional("on-source-error", path)?,
-            on_target_error: object.optional("on-target-error", path)?,
-            auto_finalize: object.optional("auto-finalize", path)?,
-            auto_dismiss: object.optional("auto-dismiss", path)?,
-            filter_node_name: object.optional("filter-node-name", path)?,
-            discard_source: object.optional("discard-source", path)?,
-            x_perf: object.optional("x-perf", path)?,
-            target: object.required("target", path)?,
-            format: object.optional("format", path)?,
-            mode: object.optional("mode", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for DriveBackup {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            job_id: object.optional("job-id")?,
+            device: object.required("device")?,
+            sync: object.required("sync")?,
+            speed: object.optional("speed")?,
+            bitmap: object.optional("bitmap")?,
+            bitmap_mode: object.optional("bitmap-mode")?,
+            compress: object.optional("compress")?,
+            on_source_error: object.optional("on-source-error")?,
+            on_target_error: object.optional("on-target-error")?,
+            auto_finalize: object.optional("auto-finalize")?,
+            auto_dismiss: object.optional("auto-dismiss")?,
+            filter_node_name: object.optional("filter-node-name")?,
+            discard_source: object.optional("discard-source")?,
+            x_perf: object.optional("x-perf")?,
+            target: object.required("target")?,
+            format: object.optional("format")?,
+            mode: object.optional("mode")?,
         })
     }
 }
-impl crate::input::FromQmp for DriveBackup {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(DriveBackup);
 /// A backup to an already open node.
 ///
 /// **Since:** 2.3
@@ -7574,55 +5853,48 @@ impl BlockdevBackup {
         target: impl ::std::convert::Into<::std::string::String>,
     ) -> Self {
         Self {
-            job_id: ::std::option::Option::None,
+            job_id: None,
             device: device.into(),
             sync,
-            speed: ::std::option::Option::None,
-            bitmap: ::std::option::Option::None,
-            bitmap_mode: ::std::option::Option::None,
-            compress: ::std::option::Option::None,
-            on_source_error: ::std::option::Option::None,
-            on_target_error: ::std::option::Option::None,
-            auto_finalize: ::std::option::Option::None,
-            auto_dismiss: ::std::option::Option::None,
-            filter_node_name: ::std::option::Option::None,
-            discard_source: ::std::option::Option::None,
-            x_perf: ::std::option::Option::None,
+            speed: None,
+            bitmap: None,
+            bitmap_mode: None,
+            compress: None,
+            on_source_error: None,
+            on_target_error: None,
+            auto_finalize: None,
+            auto_dismiss: None,
+            filter_node_name: None,
+            discard_source: None,
+            x_perf: None,
             target: target.into(),
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            job_id: object.optional("job-id", path)?,
-            device: object.required("device", path)?,
-            sync: object.required("sync", path)?,
-            speed: object.optional("speed", path)?,
-            bitmap: object.optional("bitmap", path)?,
-            bitmap_mode: object.optional("bitmap-mode", path)?,
-            compress: object.optional("compress", path)?,
-            on_source_error: object.optional("on-source-error", path)?,
-            on_target_error: object.optional("on-target-error", path)?,
-            auto_finalize: object.optional("auto-finalize", path)?,
-            auto_dismiss: object.optional("auto-dismiss", path)?,
-            filter_node_name: object.optional("filter-node-name", path)?,
-            discard_source: object.optional("discard-source", path)?,
-            x_perf: object.optional("x-perf", path)?,
-            target: object.required("target", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevBackup {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            job_id: object.optional("job-id")?,
+            device: object.required("device")?,
+            sync: object.required("sync")?,
+            speed: object.optional("speed")?,
+            bitmap: object.optional("bitmap")?,
+            bitmap_mode: object.optional("bitmap-mode")?,
+            compress: object.optional("compress")?,
+            on_source_error: object.optional("on-source-error")?,
+            on_target_error: object.optional("on-target-error")?,
+            auto_finalize: object.optional("auto-finalize")?,
+            auto_dismiss: object.optional("auto-dismiss")?,
+            filter_node_name: object.optional("filter-node-name")?,
+            discard_source: object.optional("discard-source")?,
+            x_perf: object.optional("x-perf")?,
+            target: object.required("target")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevBackup {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevBackup);
 /// What `drive-mirror` starts: a mirror job whose target is an image
 /// file, created first unless `mode` says it exists.
 ///
@@ -7703,83 +5975,63 @@ impl DriveMirror {
         sync: MirrorSyncMode,
     ) -> Self {
         Self {
-            job_id: ::std::option::Option::None,
+            job_id: None,
             device: device.into(),
             target: target.into(),
-            format: ::std::option::Option::None,
-            node_name: ::std::option::Option::None,
-            replaces: ::std::option::Option::None,
+            format: None,
+            node_name: None,
+            replaces: None,
             sync,
-            mode: ::std::option::Option::None,
-            speed: ::std::option::Option::None,
-            granularity: ::std::option::Option::None,
-            buf_size: ::std::option::Option::None,
-            on_source_error: ::std::option::Option::None,
-            on_target_error: ::std::option::Option::None,
-            unmap: ::std::option::Option::None,
-            copy_mode: ::std::option::Option::None,
-            auto_finalize: ::std::option::Option::None,
-            auto_dismiss: ::std::option::Option::None,
+            mode: None,
+            speed: None,
+            granularity: None,
+            buf_size: None,
+            on_source_error: None,
+            on_target_error: None,
+            unmap: None,
+            copy_mode: None,
+            auto_finalize: None,
+            auto_dismiss: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            job_id: object.optional("job-id", path)?,
-            device: object.required("device", path)?,
-            target: object.required("target", path)?,
-            format: object.optional("format", path)?,
-            node_name: object.optional("node-name", path)?,
-            replaces: object.optional("replaces", path)?,
-            sync: object.required("sync", path)?,
-            mode: object.optional("mode", path)?,
-            speed: object.optional("speed", path)?,
-            granularity: object.optional("granularity", path)?,
-            buf_size: object.optional("buf-size", path)?,
-            on_source_error: object.optional("on-source-error", path)?,
-            on_target_error: object.optional("on-target-error", path)?,
-            unmap: object.optional("unmap", path)?,
-            copy_mode: object.optional("copy-mode", path)?,
-            auto_finalize: object.optional("auto-finalize", path)?,
-            auto_dismiss: object.optional("auto-dismiss", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for DriveMirror {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            job_id: object.optional("job-id")?,
+            device: object.required("device")?,
+            target: object.required("target")?,
+            format: object.optional("format")?,
+            node_name: object.optional("node-name")?,
+            replaces: object.optional("replaces")?,
+            sync: object.required("sync")?,
+            mode: object.optional("mode")?,
+            speed: object.optional("speed")?,
+            granularity: object.optional("granularity")?,
+            buf_size: object.optional("buf-size")?,
+            on_source_error: object.optional("on-source-error")?,
+            on_target_error: object.optional("on-target-error")?,
+            unmap: object.optional("unmap")?,
+            copy_mode: object.optional("copy-mode")?,
+            auto_finalize: object.optional("auto-finalize")?,
+            auto_dismiss: object.optional("auto-dismiss")?,
         })
     }
 }
-impl crate::input::FromQmp for DriveMirror {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(DriveMirror);
 /// Whether a command creates the image file it writes to.
 ///
 /// **Since:** 1.1
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NewImageMode {
     /// the file exists and is used as it is; it should already
     /// hold suitable content (for a snapshot overlay: a backing file
     /// with the same data as the current image)
-    #[serde(rename = "existing")]
     Existing,
     /// create the file, overwriting any file of that
     /// name; a backing file is recorded by absolute path
-    #[serde(rename = "absolute-paths")]
     AbsolutePaths,
 }
 impl NewImageMode {
@@ -7793,34 +6045,15 @@ impl NewImageMode {
         }
     }
 }
-impl ::std::fmt::Display for NewImageMode {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for NewImageMode {
+    const NAME: &'static str = "NewImageMode";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for NewImageMode {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "existing" => ::std::result::Result::Ok(Self::Existing),
-            "absolute-paths" => ::std::result::Result::Ok(Self::AbsolutePaths),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "NewImageMode",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for NewImageMode {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(NewImageMode);
 /// An external snapshot whose overlay file the daemon creates and
 /// opens.
 ///
@@ -7854,37 +6087,30 @@ impl BlockdevSnapshotSync {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(snapshot_file: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self {
-            device: ::std::option::Option::None,
-            node_name: ::std::option::Option::None,
+            device: None,
+            node_name: None,
             snapshot_file: snapshot_file.into(),
-            snapshot_node_name: ::std::option::Option::None,
-            format: ::std::option::Option::None,
-            mode: ::std::option::Option::None,
+            snapshot_node_name: None,
+            format: None,
+            mode: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            device: object.optional("device", path)?,
-            node_name: object.optional("node-name", path)?,
-            snapshot_file: object.required("snapshot-file", path)?,
-            snapshot_node_name: object.optional("snapshot-node-name", path)?,
-            format: object.optional("format", path)?,
-            mode: object.optional("mode", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevSnapshotSync {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            device: object.optional("device")?,
+            node_name: object.optional("node-name")?,
+            snapshot_file: object.required("snapshot-file")?,
+            snapshot_node_name: object.optional("snapshot-node-name")?,
+            format: object.optional("format")?,
+            mode: object.optional("mode")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevSnapshotSync {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevSnapshotSync);
 /// An external snapshot with an overlay node that is already open.
 ///
 /// **Since:** 2.5
@@ -7907,25 +6133,18 @@ impl BlockdevSnapshot {
             overlay: overlay.into(),
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            node: object.required("node", path)?,
-            overlay: object.required("overlay", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevSnapshot {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            node: object.required("node")?,
+            overlay: object.required("overlay")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevSnapshot {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevSnapshot);
 /// An internal snapshot, stored inside the image itself.
 ///
 /// **Since:** 1.7
@@ -7948,25 +6167,18 @@ impl BlockdevSnapshotInternal {
             name: name.into(),
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            device: object.required("device", path)?,
-            name: object.required("name", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevSnapshotInternal {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            device: object.required("device")?,
+            name: object.required("name")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevSnapshotInternal {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevSnapshotInternal);
 /// The action that always fails; for testing how a transaction rolls
 /// back.
 ///
@@ -7978,46 +6190,26 @@ impl Abort {
     pub fn new() -> Self {
         Self {}
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {})
+}
+impl ::qapi_runtime::input::ReadMembers for Abort {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {})
     }
 }
-impl crate::input::FromQmp for Abort {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(Abort);
 /// How the jobs started by one transaction end relative to each other.
 ///
 /// **Since:** 2.5
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ActionCompletionMode {
     /// each job ends on its own; a failing job does not affect
     /// the others (default)
-    #[serde(rename = "individual")]
     Individual,
     /// the jobs form a group: none finalizes before all are done,
     /// and when one fails or is cancelled the others are cancelled too.
     /// Actions that cannot take part in a group reject this mode.
-    #[serde(rename = "grouped")]
     Grouped,
 }
 impl ActionCompletionMode {
@@ -8031,109 +6223,64 @@ impl ActionCompletionMode {
         }
     }
 }
-impl ::std::fmt::Display for ActionCompletionMode {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for ActionCompletionMode {
+    const NAME: &'static str = "ActionCompletionMode";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for ActionCompletionMode {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "individual" => ::std::result::Result::Ok(Self::Individual),
-            "grouped" => ::std::result::Result::Ok(Self::Grouped),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "ActionCompletionMode",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for ActionCompletionMode {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(ActionCompletionMode);
 /// The actions a transaction can contain.
 ///
 /// **Since:** 1.1
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TransactionActionKind {
     /// see `Abort` (since 1.6)
-    #[serde(rename = "abort")]
     Abort,
     /// see `block-dirty-bitmap-add` (since 2.5)
-    #[serde(rename = "block-dirty-bitmap-add")]
     BlockDirtyBitmapAdd,
     /// see `block-dirty-bitmap-remove` (since
     /// 4.2)
-    #[serde(rename = "block-dirty-bitmap-remove")]
     BlockDirtyBitmapRemove,
     /// see `block-dirty-bitmap-clear` (since 2.5)
-    #[serde(rename = "block-dirty-bitmap-clear")]
     BlockDirtyBitmapClear,
     /// see `block-dirty-bitmap-enable` (since
     /// 4.0; added in 3.0 as x-block-dirty-bitmap-enable)
-    #[serde(rename = "block-dirty-bitmap-enable")]
     BlockDirtyBitmapEnable,
     /// see `block-dirty-bitmap-disable` (since
     /// 4.0; added in 3.0 as x-block-dirty-bitmap-disable)
-    #[serde(rename = "block-dirty-bitmap-disable")]
     BlockDirtyBitmapDisable,
     /// see `block-dirty-bitmap-merge` (since
     /// 4.0; added in 3.1 as x-block-dirty-bitmap-merge)
-    #[serde(rename = "block-dirty-bitmap-merge")]
     BlockDirtyBitmapMerge,
     /// see `blockdev-backup` (since 2.3)
-    #[serde(rename = "blockdev-backup")]
     BlockdevBackup,
     /// see `blockdev-snapshot` (since 2.5)
-    #[serde(rename = "blockdev-snapshot")]
     BlockdevSnapshot,
     /// see
     /// `blockdev-snapshot-internal-sync` (since 1.7)
-    #[serde(rename = "blockdev-snapshot-internal-sync")]
     BlockdevSnapshotInternalSync,
     /// see `blockdev-snapshot-sync` (since 1.1)
-    #[serde(rename = "blockdev-snapshot-sync")]
     BlockdevSnapshotSync,
     /// see `drive-backup` (since 1.6)
     #[deprecated]
-    #[serde(rename = "drive-backup")]
     DriveBackup,
     /// the seed's experimental name of
     /// `block-dirty-bitmap-enable`, same arguments and meaning (since
     /// 3.0; QEMU itself dropped it in 4.0, blockjobd still accepts it)
     #[deprecated]
-    #[serde(rename = "x-block-dirty-bitmap-enable")]
     XBlockDirtyBitmapEnable,
     /// the seed's experimental name of
     /// `block-dirty-bitmap-disable`, same arguments and meaning (since
     /// 3.0; QEMU itself dropped it in 4.0, blockjobd still accepts it)
     #[deprecated]
-    #[serde(rename = "x-block-dirty-bitmap-disable")]
     XBlockDirtyBitmapDisable,
     /// the seed's experimental name of
     /// `block-dirty-bitmap-merge`, same arguments and meaning (since
     /// 3.1; QEMU itself dropped it in 4.0, blockjobd still accepts it)
     #[deprecated]
-    #[serde(rename = "x-block-dirty-bitmap-merge")]
     XBlockDirtyBitmapMerge,
 }
 impl TransactionActionKind {
@@ -8176,69 +6323,15 @@ impl TransactionActionKind {
         }
     }
 }
-impl ::std::fmt::Display for TransactionActionKind {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for TransactionActionKind {
+    const NAME: &'static str = "TransactionActionKind";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for TransactionActionKind {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "abort" => ::std::result::Result::Ok(Self::Abort),
-            "block-dirty-bitmap-add" => {
-                ::std::result::Result::Ok(Self::BlockDirtyBitmapAdd)
-            }
-            "block-dirty-bitmap-remove" => {
-                ::std::result::Result::Ok(Self::BlockDirtyBitmapRemove)
-            }
-            "block-dirty-bitmap-clear" => {
-                ::std::result::Result::Ok(Self::BlockDirtyBitmapClear)
-            }
-            "block-dirty-bitmap-enable" => {
-                ::std::result::Result::Ok(Self::BlockDirtyBitmapEnable)
-            }
-            "block-dirty-bitmap-disable" => {
-                ::std::result::Result::Ok(Self::BlockDirtyBitmapDisable)
-            }
-            "block-dirty-bitmap-merge" => {
-                ::std::result::Result::Ok(Self::BlockDirtyBitmapMerge)
-            }
-            "blockdev-backup" => ::std::result::Result::Ok(Self::BlockdevBackup),
-            "blockdev-snapshot" => ::std::result::Result::Ok(Self::BlockdevSnapshot),
-            "blockdev-snapshot-internal-sync" => {
-                ::std::result::Result::Ok(Self::BlockdevSnapshotInternalSync)
-            }
-            "blockdev-snapshot-sync" => {
-                ::std::result::Result::Ok(Self::BlockdevSnapshotSync)
-            }
-            "drive-backup" => ::std::result::Result::Ok(Self::DriveBackup),
-            "x-block-dirty-bitmap-enable" => {
-                ::std::result::Result::Ok(Self::XBlockDirtyBitmapEnable)
-            }
-            "x-block-dirty-bitmap-disable" => {
-                ::std::result::Result::Ok(Self::XBlockDirtyBitmapDisable)
-            }
-            "x-block-dirty-bitmap-merge" => {
-                ::std::result::Result::Ok(Self::XBlockDirtyBitmapMerge)
-            }
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "TransactionActionKind",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for TransactionActionKind {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(TransactionActionKind);
 /// The arguments of the abort action.
 ///
 /// **Since:** 1.6
@@ -8252,24 +6345,17 @@ impl AbortWrapper {
     pub fn new(data: Abort) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for AbortWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for AbortWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(AbortWrapper);
 /// The arguments of the block-dirty-bitmap-add action.
 ///
 /// **Since:** 2.5
@@ -8283,24 +6369,17 @@ impl BlockDirtyBitmapAddWrapper {
     pub fn new(data: BlockDirtyBitmapAdd) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockDirtyBitmapAddWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockDirtyBitmapAddWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockDirtyBitmapAddWrapper);
 /// The arguments of the actions that act on one named bitmap
 /// (remove, clear, enable, disable).
 ///
@@ -8315,24 +6394,17 @@ impl BlockDirtyBitmapWrapper {
     pub fn new(data: BlockDirtyBitmap) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockDirtyBitmapWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockDirtyBitmapWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockDirtyBitmapWrapper);
 /// The arguments of the block-dirty-bitmap-merge action.
 ///
 /// **Since:** 4.0
@@ -8346,24 +6418,17 @@ impl BlockDirtyBitmapMergeWrapper {
     pub fn new(data: BlockDirtyBitmapMerge) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockDirtyBitmapMergeWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockDirtyBitmapMergeWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockDirtyBitmapMergeWrapper);
 /// The arguments of the blockdev-backup action.
 ///
 /// **Since:** 2.3
@@ -8377,24 +6442,17 @@ impl BlockdevBackupWrapper {
     pub fn new(data: BlockdevBackup) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevBackupWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevBackupWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevBackupWrapper);
 /// The arguments of the blockdev-snapshot action.
 ///
 /// **Since:** 2.5
@@ -8408,24 +6466,17 @@ impl BlockdevSnapshotWrapper {
     pub fn new(data: BlockdevSnapshot) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevSnapshotWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevSnapshotWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevSnapshotWrapper);
 /// The arguments of the blockdev-snapshot-internal-sync action.
 ///
 /// **Since:** 1.7
@@ -8439,24 +6490,17 @@ impl BlockdevSnapshotInternalWrapper {
     pub fn new(data: BlockdevSnapshotInternal) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevSnapshotInternalWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevSnapshotInternalWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevSnapshotInternalWrapper);
 /// The arguments of the blockdev-snapshot-sync action.
 ///
 /// **Since:** 1.1
@@ -8470,24 +6514,17 @@ impl BlockdevSnapshotSyncWrapper {
     pub fn new(data: BlockdevSnapshotSync) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockdevSnapshotSyncWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockdevSnapshotSyncWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockdevSnapshotSyncWrapper);
 /// The arguments of the drive-backup action.
 ///
 /// **Since:** 1.6
@@ -8501,24 +6538,17 @@ impl DriveBackupWrapper {
     pub fn new(data: DriveBackup) -> Self {
         Self { data }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            data: object.required("data", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for DriveBackupWrapper {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            data: object.required("data")?,
         })
     }
 }
-impl crate::input::FromQmp for DriveBackupWrapper {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(DriveBackupWrapper);
 /// One action of a transaction: its kind under "type" and its
 /// arguments under "data".
 ///
@@ -8637,100 +6667,93 @@ impl TransactionAction {
     pub fn new(branch: TransactionActionBranch) -> Self {
         Self { branch }
     }
-    /// Reads this union's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let kind: TransactionActionKind = object.required("type", path)?;
+}
+impl ::qapi_runtime::input::ReadMembers for TransactionAction {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: TransactionActionKind = object.required("type")?;
         let branch = match kind {
             TransactionActionKind::Abort => {
                 TransactionActionBranch::Abort(
-                    AbortWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockDirtyBitmapAdd => {
                 TransactionActionBranch::BlockDirtyBitmapAdd(
-                    BlockDirtyBitmapAddWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockDirtyBitmapRemove => {
                 TransactionActionBranch::BlockDirtyBitmapRemove(
-                    BlockDirtyBitmapWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockDirtyBitmapClear => {
                 TransactionActionBranch::BlockDirtyBitmapClear(
-                    BlockDirtyBitmapWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockDirtyBitmapEnable => {
                 TransactionActionBranch::BlockDirtyBitmapEnable(
-                    BlockDirtyBitmapWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockDirtyBitmapDisable => {
                 TransactionActionBranch::BlockDirtyBitmapDisable(
-                    BlockDirtyBitmapWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockDirtyBitmapMerge => {
                 TransactionActionBranch::BlockDirtyBitmapMerge(
-                    BlockDirtyBitmapMergeWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockdevBackup => {
                 TransactionActionBranch::BlockdevBackup(
-                    BlockdevBackupWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockdevSnapshot => {
                 TransactionActionBranch::BlockdevSnapshot(
-                    BlockdevSnapshotWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockdevSnapshotInternalSync => {
                 TransactionActionBranch::BlockdevSnapshotInternalSync(
-                    BlockdevSnapshotInternalWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockdevSnapshotSync => {
                 TransactionActionBranch::BlockdevSnapshotSync(
-                    BlockdevSnapshotSyncWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::DriveBackup => {
                 TransactionActionBranch::DriveBackup(
-                    DriveBackupWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::XBlockDirtyBitmapEnable => {
                 TransactionActionBranch::XBlockDirtyBitmapEnable(
-                    BlockDirtyBitmapWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::XBlockDirtyBitmapDisable => {
                 TransactionActionBranch::XBlockDirtyBitmapDisable(
-                    BlockDirtyBitmapWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::XBlockDirtyBitmapMerge => {
                 TransactionActionBranch::XBlockDirtyBitmapMerge(
-                    BlockDirtyBitmapMergeWrapper::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
         };
-        ::std::result::Result::Ok(Self { branch })
+        Ok(Self { branch })
     }
 }
-impl crate::input::FromQmp for TransactionAction {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(TransactionAction);
 /// Options that apply to a whole transaction.
 ///
 /// **Since:** 2.5
@@ -8745,28 +6768,19 @@ pub struct TransactionProperties {
 impl TransactionProperties {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
-        Self {
-            completion_mode: ::std::option::Option::None,
-        }
+        Self { completion_mode: None }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            completion_mode: object.optional("completion-mode", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for TransactionProperties {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            completion_mode: object.optional("completion-mode")?,
         })
     }
 }
-impl crate::input::FromQmp for TransactionProperties {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(TransactionProperties);
 /// Settings of the NBD server other than its address.
 ///
 /// **Since:** 10.0
@@ -8798,33 +6812,26 @@ impl NbdServerOptionsBase {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
         Self {
-            handshake_max_seconds: ::std::option::Option::None,
-            tls_creds: ::std::option::Option::None,
-            tls_authz: ::std::option::Option::None,
-            max_connections: ::std::option::Option::None,
+            handshake_max_seconds: None,
+            tls_creds: None,
+            tls_authz: None,
+            max_connections: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            handshake_max_seconds: object.optional("handshake-max-seconds", path)?,
-            tls_creds: object.optional("tls-creds", path)?,
-            tls_authz: object.optional("tls-authz", path)?,
-            max_connections: object.optional("max-connections", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for NbdServerOptionsBase {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            handshake_max_seconds: object.optional("handshake-max-seconds")?,
+            tls_creds: object.optional("tls-creds")?,
+            tls_authz: object.optional("tls-authz")?,
+            max_connections: object.optional("max-connections")?,
         })
     }
 }
-impl crate::input::FromQmp for NbdServerOptionsBase {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(NbdServerOptionsBase);
 /// The arguments of `nbd-server-start`.
 ///
 /// **Since:** 10.0
@@ -8860,35 +6867,28 @@ impl NbdServerOptionsLegacy {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(addr: SocketAddressLegacy) -> Self {
         Self {
-            handshake_max_seconds: ::std::option::Option::None,
-            tls_creds: ::std::option::Option::None,
-            tls_authz: ::std::option::Option::None,
-            max_connections: ::std::option::Option::None,
+            handshake_max_seconds: None,
+            tls_creds: None,
+            tls_authz: None,
+            max_connections: None,
             addr,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            handshake_max_seconds: object.optional("handshake-max-seconds", path)?,
-            tls_creds: object.optional("tls-creds", path)?,
-            tls_authz: object.optional("tls-authz", path)?,
-            max_connections: object.optional("max-connections", path)?,
-            addr: object.required("addr", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for NbdServerOptionsLegacy {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            handshake_max_seconds: object.optional("handshake-max-seconds")?,
+            tls_creds: object.optional("tls-creds")?,
+            tls_authz: object.optional("tls-authz")?,
+            max_connections: object.optional("max-connections")?,
+            addr: object.required("addr")?,
         })
     }
 }
-impl crate::input::FromQmp for NbdServerOptionsLegacy {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(NbdServerOptionsLegacy);
 /// NBD export settings shared with older commands.
 ///
 /// **Since:** 5.0
@@ -8906,29 +6906,22 @@ impl BlockExportOptionsNbdBase {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
         Self {
-            name: ::std::option::Option::None,
-            description: ::std::option::Option::None,
+            name: None,
+            description: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            name: object.optional("name", path)?,
-            description: object.optional("description", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockExportOptionsNbdBase {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            name: object.optional("name")?,
+            description: object.optional("description")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockExportOptionsNbdBase {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockExportOptionsNbdBase);
 /// Settings of an NBD export.
 ///
 /// **Since:** 5.2
@@ -8959,33 +6952,26 @@ impl BlockExportOptionsNbd {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new() -> Self {
         Self {
-            name: ::std::option::Option::None,
-            description: ::std::option::Option::None,
-            bitmaps: ::std::option::Option::None,
-            allocation_depth: ::std::option::Option::None,
+            name: None,
+            description: None,
+            bitmaps: None,
+            allocation_depth: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            name: object.optional("name", path)?,
-            description: object.optional("description", path)?,
-            bitmaps: object.optional("bitmaps", path)?,
-            allocation_depth: object.optional("allocation-depth", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockExportOptionsNbd {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            name: object.optional("name")?,
+            description: object.optional("description")?,
+            bitmaps: object.optional("bitmaps")?,
+            allocation_depth: object.optional("allocation-depth")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockExportOptionsNbd {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockExportOptionsNbd);
 /// Settings of a vhost-user-blk export.
 ///
 /// **Since:** 5.2
@@ -9008,55 +6994,34 @@ impl BlockExportOptionsVhostUserBlk {
     pub fn new(addr: SocketAddress) -> Self {
         Self {
             addr,
-            logical_block_size: ::std::option::Option::None,
-            num_queues: ::std::option::Option::None,
+            logical_block_size: None,
+            num_queues: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            addr: object.required("addr", path)?,
-            logical_block_size: object.optional("logical-block-size", path)?,
-            num_queues: object.optional("num-queues", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockExportOptionsVhostUserBlk {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            addr: object.required("addr")?,
+            logical_block_size: object.optional("logical-block-size")?,
+            num_queues: object.optional("num-queues")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockExportOptionsVhostUserBlk {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockExportOptionsVhostUserBlk);
 /// Whether other users than the daemon's may access a FUSE export.
 ///
 /// **Since:** 6.1
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FuseExportAllowOther {
     /// only the daemon's user
-    #[serde(rename = "off")]
     Off,
     /// every user; fails when the system forbids it
-    #[serde(rename = "on")]
     On,
     /// every user when the system allows it, the daemon's user
     /// only otherwise
-    #[serde(rename = "auto")]
     Auto,
 }
 impl FuseExportAllowOther {
@@ -9071,35 +7036,15 @@ impl FuseExportAllowOther {
         }
     }
 }
-impl ::std::fmt::Display for FuseExportAllowOther {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for FuseExportAllowOther {
+    const NAME: &'static str = "FuseExportAllowOther";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for FuseExportAllowOther {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "off" => ::std::result::Result::Ok(Self::Off),
-            "on" => ::std::result::Result::Ok(Self::On),
-            "auto" => ::std::result::Result::Ok(Self::Auto),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "FuseExportAllowOther",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for FuseExportAllowOther {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(FuseExportAllowOther);
 /// Settings of a FUSE export, which shows the node as a regular file.
 ///
 /// **Since:** 6.0
@@ -9122,30 +7067,23 @@ impl BlockExportOptionsFuse {
     pub fn new(mountpoint: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self {
             mountpoint: mountpoint.into(),
-            growable: ::std::option::Option::None,
-            allow_other: ::std::option::Option::None,
+            growable: None,
+            allow_other: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            mountpoint: object.required("mountpoint", path)?,
-            growable: object.optional("growable", path)?,
-            allow_other: object.optional("allow-other", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockExportOptionsFuse {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            mountpoint: object.required("mountpoint")?,
+            growable: object.optional("growable")?,
+            allow_other: object.optional("allow-other")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockExportOptionsFuse {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockExportOptionsFuse);
 /// Settings of a VDUSE block export.
 ///
 /// **Since:** 7.1
@@ -9175,55 +7113,35 @@ impl BlockExportOptionsVduseBlk {
     pub fn new(name: impl ::std::convert::Into<::std::string::String>) -> Self {
         Self {
             name: name.into(),
-            num_queues: ::std::option::Option::None,
-            queue_size: ::std::option::Option::None,
-            logical_block_size: ::std::option::Option::None,
-            serial: ::std::option::Option::None,
+            num_queues: None,
+            queue_size: None,
+            logical_block_size: None,
+            serial: None,
         }
     }
-    /// Reads this type's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        ::std::result::Result::Ok(Self {
-            name: object.required("name", path)?,
-            num_queues: object.optional("num-queues", path)?,
-            queue_size: object.optional("queue-size", path)?,
-            logical_block_size: object.optional("logical-block-size", path)?,
-            serial: object.optional("serial", path)?,
+}
+impl ::qapi_runtime::input::ReadMembers for BlockExportOptionsVduseBlk {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        Ok(Self {
+            name: object.required("name")?,
+            num_queues: object.optional("num-queues")?,
+            queue_size: object.optional("queue-size")?,
+            logical_block_size: object.optional("logical-block-size")?,
+            serial: object.optional("serial")?,
         })
     }
 }
-impl crate::input::FromQmp for BlockExportOptionsVduseBlk {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
+::qapi_runtime::impl_object!(BlockExportOptionsVduseBlk);
 /// How to remove an export that clients are still using.
 ///
 /// **Since:** 2.12
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockExportRemoveMode {
     /// refuse to remove it
-    #[serde(rename = "safe")]
     Safe,
     /// disconnect its clients and remove it
-    #[serde(rename = "hard")]
     Hard,
 }
 impl BlockExportRemoveMode {
@@ -9237,67 +7155,33 @@ impl BlockExportRemoveMode {
         }
     }
 }
-impl ::std::fmt::Display for BlockExportRemoveMode {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockExportRemoveMode {
+    const NAME: &'static str = "BlockExportRemoveMode";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockExportRemoveMode {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "safe" => ::std::result::Result::Ok(Self::Safe),
-            "hard" => ::std::result::Result::Ok(Self::Hard),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockExportRemoveMode",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockExportRemoveMode {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockExportRemoveMode);
 /// The kinds of export.
 ///
 /// **Since:** 4.2
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    ::serde::Serialize,
-    ::serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockExportType {
     /// an export of the NBD server
-    #[serde(rename = "nbd")]
     Nbd,
     /// a vhost-user-blk server (since 5.2)
     ///
     /// **If:** `CONFIG_VHOST_USER_BLK_SERVER` (QEMU builds this only under that condition; generated unconditionally here)
-    #[serde(rename = "vhost-user-blk")]
     VhostUserBlk,
     /// a FUSE mount (since 6.0)
     ///
     /// **If:** `CONFIG_FUSE` (QEMU builds this only under that condition; generated unconditionally here)
-    #[serde(rename = "fuse")]
     Fuse,
     /// a VDUSE block device (since 7.1)
     ///
     /// **If:** `CONFIG_VDUSE_BLK_EXPORT` (QEMU builds this only under that condition; generated unconditionally here)
-    #[serde(rename = "vduse-blk")]
     VduseBlk,
 }
 impl BlockExportType {
@@ -9318,36 +7202,15 @@ impl BlockExportType {
         }
     }
 }
-impl ::std::fmt::Display for BlockExportType {
-    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-        f.write_str(self.as_str())
+impl ::qapi_runtime::Enum for BlockExportType {
+    const NAME: &'static str = "BlockExportType";
+    const ALL: &'static [Self] = Self::ALL;
+    const UNKNOWN: ::std::option::Option<Self> = None;
+    fn as_str(self) -> &'static str {
+        self.as_str()
     }
 }
-impl ::std::str::FromStr for BlockExportType {
-    type Err = crate::input::UnknownEnumValue;
-    fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
-        match s {
-            "nbd" => ::std::result::Result::Ok(Self::Nbd),
-            "vhost-user-blk" => ::std::result::Result::Ok(Self::VhostUserBlk),
-            "fuse" => ::std::result::Result::Ok(Self::Fuse),
-            "vduse-blk" => ::std::result::Result::Ok(Self::VduseBlk),
-            _ => {
-                ::std::result::Result::Err(crate::input::UnknownEnumValue {
-                    type_name: "BlockExportType",
-                    value: s.to_string(),
-                })
-            }
-        }
-    }
-}
-impl crate::input::FromQmp for BlockExportType {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::enum_from_qmp(value, path)
-    }
-}
+::qapi_runtime::impl_enum!(BlockExportType);
 /// An export to create.  This daemon serves NBD exports only.
 ///
 /// **Since:** 4.2
@@ -9428,51 +7291,51 @@ impl BlockExportOptions {
     ) -> Self {
         Self {
             id: id.into(),
-            fixed_iothread: ::std::option::Option::None,
-            iothread: ::std::option::Option::None,
+            fixed_iothread: None,
+            iothread: None,
             node_name: node_name.into(),
-            writable: ::std::option::Option::None,
-            writethrough: ::std::option::Option::None,
-            allow_inactive: ::std::option::Option::None,
+            writable: None,
+            writethrough: None,
+            allow_inactive: None,
             branch,
         }
     }
-    /// Reads this union's members from an object being visited.
-    pub(crate) fn read_qmp_members(
-        object: &mut crate::input::QmpObject<'_>,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        let kind: BlockExportType = object.required("type", path)?;
-        let member_1 = object.required("id", path)?;
-        let member_2 = object.optional("fixed-iothread", path)?;
-        let member_3 = object.optional("iothread", path)?;
-        let member_4 = object.required("node-name", path)?;
-        let member_5 = object.optional("writable", path)?;
-        let member_6 = object.optional("writethrough", path)?;
-        let member_7 = object.optional("allow-inactive", path)?;
+}
+impl ::qapi_runtime::input::ReadMembers for BlockExportOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: BlockExportType = object.required("type")?;
+        let member_1 = object.required("id")?;
+        let member_2 = object.optional("fixed-iothread")?;
+        let member_3 = object.optional("iothread")?;
+        let member_4 = object.required("node-name")?;
+        let member_5 = object.optional("writable")?;
+        let member_6 = object.optional("writethrough")?;
+        let member_7 = object.optional("allow-inactive")?;
         let branch = match kind {
             BlockExportType::Nbd => {
                 BlockExportOptionsBranch::Nbd(
-                    BlockExportOptionsNbd::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             BlockExportType::VhostUserBlk => {
                 BlockExportOptionsBranch::VhostUserBlk(
-                    BlockExportOptionsVhostUserBlk::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             BlockExportType::Fuse => {
                 BlockExportOptionsBranch::Fuse(
-                    BlockExportOptionsFuse::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
             BlockExportType::VduseBlk => {
                 BlockExportOptionsBranch::VduseBlk(
-                    BlockExportOptionsVduseBlk::read_qmp_members(object, path)?,
+                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
                 )
             }
         };
-        ::std::result::Result::Ok(Self {
+        Ok(Self {
             id: member_1,
             fixed_iothread: member_2,
             iothread: member_3,
@@ -9484,44 +7347,4 @@ impl BlockExportOptions {
         })
     }
 }
-impl crate::input::FromQmp for BlockExportOptions {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut crate::input::QmpPath,
-    ) -> ::std::result::Result<Self, crate::error::QmpError> {
-        crate::input::read_object(value, path, Self::read_qmp_members)
-    }
-}
-crate::deserialize_via_from_qmp!(
-    InetSocketAddressBase, InetSocketAddress, UnixSocketAddress, VsockSocketAddress,
-    FdSocketAddress, InetSocketAddressWrapper, UnixSocketAddressWrapper,
-    VsockSocketAddressWrapper, FdSocketAddressWrapper, SocketAddressLegacy,
-    SocketAddress, QCryptoBlockOptionsQCow, QCryptoBlockOptionsLUKS,
-    QCryptoBlockInfoLUKSSlot, QCryptoBlockInfoLUKS, VersionTriple, VersionInfo,
-    CommandInfo, SchemaInfo, SchemaInfoBuiltin, SchemaInfoEnum, SchemaInfoEnumMember,
-    SchemaInfoArray, SchemaInfoObject, SchemaInfoObjectMember, SchemaInfoObjectVariant,
-    SchemaInfoAlternate, SchemaInfoAlternateMember, SchemaInfoCommand, SchemaInfoEvent,
-    JobInfo, SnapshotInfo, ImageInfoSpecificQCow2EncryptionBase,
-    ImageInfoSpecificQCow2Encryption, ImageInfoSpecificQCow2, ImageInfoSpecificVmdk,
-    VmdkExtentInfo, ImageInfoSpecificRbd, ImageInfoSpecificFile,
-    ImageInfoSpecificQCow2Wrapper, ImageInfoSpecificVmdkWrapper,
-    ImageInfoSpecificLUKSWrapper, ImageInfoSpecificRbdWrapper,
-    ImageInfoSpecificFileWrapper, ImageInfoSpecific, BlockNodeInfo, ImageInfo,
-    BlockdevCacheInfo, BlockDeviceInfo, Qcow2BitmapInfo, BlockdevCacheOptions,
-    BlockdevOptionsFile, BlockdevOptionsNull, BlockdevOptionsGenericFormat,
-    BlockdevOptionsGenericCOWFormat, Qcow2OverlapCheckFlags, Qcow2OverlapChecks,
-    BlockdevQcow2Encryption, BlockdevOptionsQcow2, BlockdevOptionsRaw,
-    BlkdebugInjectErrorOptions, BlkdebugSetStateOptions, BlockdevOptionsBlkdebug,
-    BlockdevOptions, BlockdevRef, BlockdevRefOrNull, BlockDirtyInfo, BlockDirtyBitmap,
-    BlockDirtyBitmapAdd, BlockDirtyBitmapOrStr, BlockDirtyBitmapMerge,
-    BlockJobInfoMirror, BlockJobInfo, BlockJobChangeOptionsMirror, BlockJobChangeOptions,
-    BackupPerf, BackupCommon, DriveBackup, BlockdevBackup, DriveMirror,
-    BlockdevSnapshotSync, BlockdevSnapshot, BlockdevSnapshotInternal, Abort,
-    AbortWrapper, BlockDirtyBitmapAddWrapper, BlockDirtyBitmapWrapper,
-    BlockDirtyBitmapMergeWrapper, BlockdevBackupWrapper, BlockdevSnapshotWrapper,
-    BlockdevSnapshotInternalWrapper, BlockdevSnapshotSyncWrapper, DriveBackupWrapper,
-    TransactionAction, TransactionProperties, NbdServerOptionsBase,
-    NbdServerOptionsLegacy, BlockExportOptionsNbdBase, BlockExportOptionsNbd,
-    BlockExportOptionsVhostUserBlk, BlockExportOptionsFuse, BlockExportOptionsVduseBlk,
-    BlockExportOptions
-);
+::qapi_runtime::impl_object!(BlockExportOptions);

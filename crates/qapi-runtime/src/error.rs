@@ -1,4 +1,4 @@
-//! The hand-written runtime of the generated API: QMP errors and their classes.
+//! QMP errors and their classes.
 
 use std::fmt;
 

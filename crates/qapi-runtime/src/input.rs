@@ -15,9 +15,28 @@
 //!
 //! "Last name only" messages name the innermost member, or `null` for an array element, as QEMU does.
 //! An optional member given as JSON `null` is present, so its type is checked (QEMU does the same).
+//!
+//! **Two ways to read.** A server reads command arguments [`Strictness::Strict`]ly, as QEMU does:
+//! every rule above applies ([`from_value`]). A client reads replies and events
+//! [`Strictness::Tolerant`]ly, as QEMU's compatibility promise asks of it ([`from_value_tolerant`],
+//! and every generated `Deserialize`): members it does not know are ignored, and an enum value or
+//! union branch it does not know becomes the type's `UnknownValue` (generated for the enums and
+//! unions that replies or events carry); everything else (types, missing members, ranges) is
+//! checked as strictly.
 
 use crate::error::QmpError;
 use serde_json::{Map, Value};
+
+/// How unknown members, enum values and union branches are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strictness {
+    /// Refused with QEMU's message: how a server reads command arguments.
+    #[default]
+    Strict,
+    /// Ignored (members) or read as `UnknownValue` (enum values, union branches, where the
+    /// type has one): how a client reads replies and events from a newer QEMU.
+    Tolerant,
+}
 
 /// One step of a path: a member name or an array index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,16 +45,33 @@ enum Step {
     Index(usize),
 }
 
-/// Where in the input a value sits (`actions[0].data.device`).
+/// Where in the input a value sits (`actions[0].data.device`), and how strictly it is read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QmpPath {
     steps: Vec<Step>,
+    strictness: Strictness,
 }
 
 impl QmpPath {
-    /// The path of a command's arguments object.
+    /// The path of a command's arguments object, read strictly.
     pub fn root() -> Self {
         QmpPath::default()
+    }
+
+    /// The root of a reply or event, read tolerantly.
+    pub fn tolerant_root() -> Self {
+        QmpPath {
+            steps: Vec::new(),
+            strictness: Strictness::Tolerant,
+        }
+    }
+
+    pub fn strictness(&self) -> Strictness {
+        self.strictness
+    }
+
+    pub fn is_tolerant(&self) -> bool {
+        self.strictness == Strictness::Tolerant
     }
 
     pub fn push_member(&mut self, name: &str) {
@@ -124,90 +160,113 @@ pub trait FromQmp: Sized {
     fn from_qmp(value: &Value, path: &mut QmpPath) -> Result<Self, QmpError>;
 }
 
-/// Reads a whole value the way a command's arguments are read (path at the root).
+/// Reads a whole value the way a server reads a command's arguments (strictly, path at the root).
 pub fn from_value<T: FromQmp>(value: &Value) -> Result<T, QmpError> {
     T::from_qmp(value, &mut QmpPath::root())
 }
 
-/// A JSON object being read member by member; [`QmpObject::finish`] rejects
-/// members nobody asked for.
-pub struct QmpObject<'a> {
-    map: &'a Map<String, Value>,
-    visited: Vec<&'static str>,
+/// Reads a whole value the way a client reads a reply or an event (tolerantly, path at the root).
+pub fn from_value_tolerant<T: FromQmp>(value: &Value) -> Result<T, QmpError> {
+    T::from_qmp(value, &mut QmpPath::tolerant_root())
 }
 
-impl<'a> QmpObject<'a> {
+/// A JSON object being read member by member; [`QmpObject::finish`] rejects
+/// members nobody asked for (unless reading tolerantly).
+pub struct QmpObject<'v, 'p> {
+    map: &'v Map<String, Value>,
+    visited: Vec<&'static str>,
+    path: &'p mut QmpPath,
+}
+
+impl<'v, 'p> QmpObject<'v, 'p> {
     /// Opens `value` as an object, or fails with `expected: object`.
-    pub fn open(value: &'a Value, path: &QmpPath) -> Result<Self, QmpError> {
+    pub fn open(value: &'v Value, path: &'p mut QmpPath) -> Result<Self, QmpError> {
         match value {
             Value::Object(map) => Ok(QmpObject {
                 map,
                 visited: Vec::new(),
+                path,
             }),
             _ => Err(path.invalid_type("object")),
         }
     }
 
     /// A mandatory member.
-    pub fn required<T: FromQmp>(
-        &mut self,
-        name: &'static str,
-        path: &mut QmpPath,
-    ) -> Result<T, QmpError> {
+    pub fn required<T: FromQmp>(&mut self, name: &'static str) -> Result<T, QmpError> {
         self.visited.push(name);
-        path.push_member(name);
-        let value = self.map.get(name).ok_or_else(|| path.missing())?;
-        let read = T::from_qmp(value, path)?;
-        path.pop();
+        self.path.push_member(name);
+        let value = self.map.get(name).ok_or_else(|| self.path.missing())?;
+        let read = T::from_qmp(value, self.path)?;
+        self.path.pop();
         Ok(read)
     }
 
     /// An optional member: `None` when absent.
-    pub fn optional<T: FromQmp>(
-        &mut self,
-        name: &'static str,
-        path: &mut QmpPath,
-    ) -> Result<Option<T>, QmpError> {
+    pub fn optional<T: FromQmp>(&mut self, name: &'static str) -> Result<Option<T>, QmpError> {
         self.visited.push(name);
         match self.map.get(name) {
             None => Ok(None),
             Some(value) => {
-                path.push_member(name);
-                let read = T::from_qmp(value, path)?;
-                path.pop();
+                self.path.push_member(name);
+                let read = T::from_qmp(value, self.path)?;
+                self.path.pop();
                 Ok(Some(read))
             }
         }
     }
 
-    /// Fails if a member was not read. With several such members, names
-    /// the one QEMU names (see [`qemu_order`]).
-    pub fn finish(self, path: &mut QmpPath) -> Result<(), QmpError> {
-        if self.map.keys().all(|k| self.visited.contains(&k.as_str())) {
+    /// The error for a union whose discriminator `tag` holds a value the union has no
+    /// branch for (reached only when a tolerantly read discriminator enum knows more
+    /// values than the union: the union itself is not read from replies).
+    pub fn unknown_branch(&mut self, tag: &str) -> QmpError {
+        let value = match self.map.get(tag) {
+            Some(Value::String(s)) => s.as_str(),
+            _ => "",
+        };
+        self.path.push_member(tag);
+        let error = self.path.invalid_enum_value(value);
+        self.path.pop();
+        error
+    }
+
+    /// Fails if a member was not read, unless reading tolerantly. With several such
+    /// members, names the one QEMU names (see [`qemu_order`]).
+    pub fn finish(self) -> Result<(), QmpError> {
+        if self.path.is_tolerant() || self.map.keys().all(|k| self.visited.contains(&k.as_str())) {
             return Ok(());
         }
         let keys: Vec<&str> = self.map.keys().map(String::as_str).collect();
         match qemu_order::first_unvisited(&keys, &self.visited) {
             Some(key) => {
-                path.push_member(key);
-                Err(path.unexpected())
+                self.path.push_member(key);
+                Err(self.path.unexpected())
             }
             None => Ok(()),
         }
     }
 }
 
-/// Reads an object type: opens `value`, lets `read_members` take its
-/// members, then rejects the rest.
-pub fn read_object<T>(
-    value: &Value,
-    path: &mut QmpPath,
-    read_members: impl FnOnce(&mut QmpObject<'_>, &mut QmpPath) -> Result<T, QmpError>,
-) -> Result<T, QmpError> {
+/// An object type (struct, union, command arguments, event data): reads its members
+/// from an object being visited. [`FromQmp`] for it is [`read_object`] (see
+/// [`impl_object!`](crate::impl_object)).
+pub trait ReadMembers: Sized {
+    fn read_members(object: &mut QmpObject<'_, '_>) -> Result<Self, QmpError>;
+}
+
+/// Reads an object type: opens `value`, lets `T` take its members, then
+/// rejects the rest (unless reading tolerantly).
+pub fn read_object<T: ReadMembers>(value: &Value, path: &mut QmpPath) -> Result<T, QmpError> {
     let mut object = QmpObject::open(value, path)?;
-    let read = read_members(&mut object, path)?;
-    object.finish(path)?;
+    let read = T::read_members(&mut object)?;
+    object.finish()?;
     Ok(read)
+}
+
+/// The arguments of a command without `data`: an object with no members (strictly).
+impl FromQmp for () {
+    fn from_qmp(value: &Value, path: &mut QmpPath) -> Result<Self, QmpError> {
+        QmpObject::open(value, path)?.finish()
+    }
 }
 
 impl FromQmp for String {
@@ -270,11 +329,12 @@ sized_int! {
     u32 => u64, "uint32_t";
 }
 
-impl FromQmp for () {
+/// The raw arguments of a `'gen': false` command: any object.
+impl FromQmp for Map<String, Value> {
     fn from_qmp(value: &Value, path: &mut QmpPath) -> Result<Self, QmpError> {
         match value {
-            Value::Null => Ok(()),
-            _ => Err(path.invalid_type("null")),
+            Value::Object(map) => Ok(map.clone()),
+            _ => Err(path.invalid_type("object")),
         }
     }
 }
@@ -304,39 +364,17 @@ impl<T: FromQmp> FromQmp for Box<T> {
     }
 }
 
-/// Implements `serde::Deserialize` for a generated type through [`FromQmp`],
-/// so serde and QMP accept exactly the same input.
-#[doc(hidden)]
-#[macro_export]
-macro_rules! deserialize_via_from_qmp {
-    ($($ty:ty),* $(,)?) => {$(
-        impl<'de> ::serde::Deserialize<'de> for $ty {
-            fn deserialize<D: ::serde::Deserializer<'de>>(
-                deserializer: D,
-            ) -> ::std::result::Result<Self, D::Error> {
-                let value = <::serde_json::Value as ::serde::Deserialize>::deserialize(deserializer)?;
-                $crate::input::from_value(&value)
-                    .map_err(|e| <D::Error as ::serde::de::Error>::custom(e.desc))
-            }
-        }
-    )*};
-}
-
-/// An enum value that is not in the enum (returned by the generated `FromStr` impls).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown value '{value}' for {type_name}")]
-pub struct UnknownEnumValue {
-    pub type_name: &'static str,
-    pub value: String,
-}
-
-/// Reads an enum: a JSON string naming one of its values.
-pub fn enum_from_qmp<T: std::str::FromStr>(
-    value: &Value,
-    path: &mut QmpPath,
-) -> Result<T, QmpError> {
+/// Reads an enum: a JSON string naming one of its values. A value the enum does not
+/// know is an error, unless reading tolerantly an enum that has an `UnknownValue`.
+pub fn enum_from_qmp<T: crate::Enum>(value: &Value, path: &mut QmpPath) -> Result<T, QmpError> {
     match value {
-        Value::String(s) => s.parse().map_err(|_| path.invalid_enum_value(s)),
+        Value::String(s) => match T::from_wire(s) {
+            Some(v) => Ok(v),
+            None => match T::UNKNOWN {
+                Some(unknown) if path.is_tolerant() => Ok(unknown),
+                _ => Err(path.invalid_enum_value(s)),
+            },
+        },
         _ => Err(path.invalid_type("string")),
     }
 }
@@ -594,22 +632,52 @@ mod tests {
         let value = json!({"a": "x", "zz": 1});
         let mut path = QmpPath::root();
         path.push_member("properties");
-        let mut object = QmpObject::open(&value, &path).unwrap();
-        let e = object
-            .required::<String>("b", &mut path.clone())
-            .unwrap_err();
+        let mut probe = path.clone();
+        let mut object = QmpObject::open(&value, &mut probe).unwrap();
+        let e = object.required::<String>("b").unwrap_err();
         assert_eq!(e.desc, "Parameter 'properties.b' is missing");
-        let _: String = object.required("a", &mut path).unwrap();
-        let e = object.finish(&mut path).unwrap_err();
+        let mut object = QmpObject::open(&value, &mut path).unwrap();
+        let _: String = object.required("a").unwrap();
+        let e = object.finish().unwrap_err();
         assert_eq!(e.desc, "Parameter 'properties.zz' is unexpected");
+    }
+
+    #[test]
+    fn tolerant_reading_ignores_members_nobody_asked_for() {
+        let value = json!({"a": "x", "zz": 1});
+        let mut path = QmpPath::tolerant_root();
+        let mut object = QmpObject::open(&value, &mut path).unwrap();
+        let _: String = object.required("a").unwrap();
+        assert_eq!(object.finish(), Ok(()));
+    }
+
+    #[test]
+    fn tolerant_reading_still_checks_types_and_missing_members() {
+        let value = json!({"a": 1});
+        let mut path = QmpPath::tolerant_root();
+        let mut object = QmpObject::open(&value, &mut path).unwrap();
+        let e = object.required::<String>("a").unwrap_err();
+        assert_eq!(e.desc, "Invalid parameter type for 'a', expected: string");
+        let mut path = QmpPath::tolerant_root();
+        let mut object = QmpObject::open(&value, &mut path).unwrap();
+        let e = object.required::<String>("b").unwrap_err();
+        assert_eq!(e.desc, "Parameter 'b' is missing");
+    }
+
+    #[test]
+    fn no_arguments_accept_an_empty_object_only_when_strict() {
+        assert_eq!(from_value::<()>(&json!({})), Ok(()));
+        let e = from_value::<()>(&json!({"x": 1})).unwrap_err();
+        assert_eq!(e.desc, "Parameter 'x' is unexpected");
+        assert_eq!(from_value_tolerant::<()>(&json!({"x": 1})), Ok(()));
     }
 
     #[test]
     fn null_for_an_optional_member_is_a_type_error() {
         let value = json!({"flat": null});
         let mut path = QmpPath::root();
-        let mut object = QmpObject::open(&value, &path).unwrap();
-        let e = object.optional::<bool>("flat", &mut path).unwrap_err();
+        let mut object = QmpObject::open(&value, &mut path).unwrap();
+        let e = object.optional::<bool>("flat").unwrap_err();
         assert_eq!(
             e.desc,
             "Invalid parameter type for 'flat', expected: boolean"
