@@ -1,7 +1,7 @@
 //! Per command, its argument type implementing `qapi_runtime::Command`; then the
 //! server's `Commands` trait, `dispatch` and `COMMANDS`.
 
-use crate::context::{self, Context};
+use crate::context::{self, Context, Moved};
 use crate::emit_types;
 use crate::naming::{self, token};
 use proc_macro2::{Ident, TokenStream};
@@ -42,10 +42,10 @@ fn returns(cx: &Context, c: &Command) -> TokenStream {
     }
 }
 
-const RAW_ARGUMENTS: &str = "::serde_json::Map<::std::string::String, ::serde_json::Value>";
-
-fn raw_arguments() -> TokenStream {
-    RAW_ARGUMENTS.parse().unwrap_or_default()
+/// The raw arguments object.
+fn raw_arguments(cx: &Context) -> TokenStream {
+    let string = cx.std_item("String");
+    quote!(::serde_json::Map<#string, ::serde_json::Value>)
 }
 
 /// The argument type of `c` and its `Command` impl: a struct of the inline `data` (an
@@ -70,31 +70,17 @@ pub fn arguments(cx: &Context, c: &Command) -> TokenStream {
                     let n = token(&naming::type_ident(n));
                     quote!(#n)
                 }
-                _ => raw_arguments(),
+                _ => raw_arguments(cx),
             };
-            let doc = doc.attrs();
             quote! {
                 #doc
-                #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-                #[serde(transparent)]
+                #[derive(Debug, Clone, PartialEq)]
                 pub struct #name(pub #inner);
-                impl ::std::convert::From<#inner> for #name {
-                    fn from(arguments: #inner) -> Self {
-                        Self(arguments)
-                    }
-                }
-                impl ::qapi_runtime::input::FromQmp for #name {
-                    fn from_qmp(
-                        value: &::serde_json::Value,
-                        path: &mut ::qapi_runtime::input::QmpPath,
-                    ) -> ::qapi_runtime::Result<Self> {
-                        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-                    }
-                }
-                ::qapi_runtime::impl_deserialize!(#name);
+                ::qapi_runtime::impl_newtype!(#name(#inner));
             }
         }
     };
+    let ty = Moved::new(ty);
     let ret = returns(cx, c);
     let mut properties = TokenStream::new();
     if !c.success_response {
@@ -150,7 +136,8 @@ pub fn tail(cx: &Context) -> TokenStream {
     .collect();
     let args: Vec<Args> = commands.iter().map(|c| args(c)).collect();
 
-    let raw_arguments = raw_arguments();
+    let raw_arguments = raw_arguments(cx);
+    let option = cx.std_item("Option");
     let trait_methods = commands
         .iter()
         .zip(&methods)
@@ -160,30 +147,27 @@ pub fn tail(cx: &Context) -> TokenStream {
             let ret = returns(cx, c);
             let doc = format!(" `{wire}`: see [`{}`].", arguments_ident(&c.common.name));
             let deprecated = context::deprecated_attr(c.common.is_deprecated());
-            let (param, unused) = match args {
-                Args::None => (TokenStream::new(), TokenStream::new()),
-                Args::Typed(ty) => (quote!(, args: #ty), quote!(let _ = args;)),
-                Args::Raw => (
-                    quote!(, arguments: #raw_arguments),
-                    quote!(let _ = arguments;),
-                ),
+            let param = match args {
+                Args::None => TokenStream::new(),
+                Args::Typed(ty) => quote!(, args: #ty),
+                Args::Raw => quote!(, arguments: #raw_arguments),
             };
             quote! {
                 #[doc = #doc]
                 #deprecated
                 fn #method(&mut self #param) -> ::qapi_runtime::Result<#ret> {
-                    #unused
                     Err(::qapi_runtime::QmpError::command_not_found(#wire))
                 }
             }
-        });
+        })
+        .map(Moved::from);
 
     let dispatch_start = if commands.is_empty() {
         quote!(let _ = (handler, arguments);)
     } else {
         quote! {
             let arguments = ::serde_json::Value::Object(arguments.unwrap_or_default());
-            let path = &mut ::qapi_runtime::input::QmpPath::root();
+            let path = &mut ::qapi_runtime::QmpPath::root();
         }
     };
     let dispatch_arms = commands
@@ -192,31 +176,27 @@ pub fn tail(cx: &Context) -> TokenStream {
         .zip(&args)
         .map(|((c, method), args)| {
             let wire = &c.common.name;
-            let call = match args {
+            let reply = if c.returns.is_none() && c.gen_ {
+                quote!(::qapi_runtime::wire::reply_empty)
+            } else {
+                quote!(::qapi_runtime::wire::reply)
+            };
+            match args {
                 Args::None => quote! {
-                    <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
-                    let ret = handler.#method()?;
+                    #wire => {
+                        <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+                        #reply(handler.#method()?)
+                    }
                 },
-                Args::Typed(ty) => quote! {
-                    let args = <#ty as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
-                    let ret = handler.#method(args)?;
+                Args::Typed(_) => quote! {
+                    #wire => #reply(handler.#method(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?),
                 },
                 Args::Raw => quote! {
-                    let ret = handler.#method(arguments.as_object().cloned().unwrap_or_default())?;
+                    #wire => #reply(handler.#method(arguments.as_object().cloned().unwrap_or_default())?),
                 },
-            };
-            let reply = if c.returns.is_none() && c.gen_ {
-                quote!(::qapi_runtime::wire::reply_empty(ret))
-            } else {
-                quote!(::qapi_runtime::wire::reply(&ret))
-            };
-            quote! {
-                #wire => {
-                    #call
-                    #reply
-                }
             }
-        });
+        })
+        .map(Moved::from);
     let argument_types = commands.iter().map(|c| arguments_ident(&c.common.name));
 
     quote! {
@@ -232,7 +212,7 @@ pub fn tail(cx: &Context) -> TokenStream {
         pub fn dispatch(
             handler: &mut impl Commands,
             name: &str,
-            arguments: ::std::option::Option<#raw_arguments>,
+            arguments: #option<#raw_arguments>,
         ) -> ::qapi_runtime::Result<::serde_json::Value> {
             #dispatch_start
             match name {
@@ -247,7 +227,7 @@ pub fn tail(cx: &Context) -> TokenStream {
         /// The properties of command `name`, if the schema has it.
         pub fn command_properties(
             name: &str,
-        ) -> ::std::option::Option<&'static ::qapi_runtime::CommandProperties> {
+        ) -> #option<&'static ::qapi_runtime::CommandProperties> {
             COMMANDS.iter().find(|c| c.name == name)
         }
     }

@@ -1,6 +1,6 @@
 //! Event data structs and the `Event` enum with its wire form.
 
-use crate::context::{self, Context};
+use crate::context::{self, Context, Moved};
 use crate::emit_types;
 use crate::naming::{self, token};
 use proc_macro2::{Ident, TokenStream};
@@ -74,7 +74,7 @@ pub fn tail(cx: &Context) -> TokenStream {
     for ((ev, variant), ty) in events.iter().zip(&data_types) {
         let wire = &ev.common.name;
         let variant = token(variant);
-        let doc = context::entity_doc(&ev.common).attrs();
+        let doc = context::entity_doc(&ev.common);
         let deprecated = context::deprecated_attr(ev.common.is_deprecated());
         match ty {
             Some(ty) => {
@@ -95,6 +95,13 @@ pub fn tail(cx: &Context) -> TokenStream {
         }
     }
     let names = events.iter().map(|(ev, _)| &ev.common.name);
+    let (decls, name_arms, data_arms, read_arms) = (
+        decls.into_iter().map(Moved::from),
+        name_arms.into_iter().map(Moved::from),
+        data_arms.into_iter().map(Moved::from),
+        read_arms.into_iter().map(Moved::from),
+    );
+    let option = cx.std_item("Option");
 
     quote! {
         /// Every event of the schema with its typed data, and the events it does not know.
@@ -115,7 +122,7 @@ pub fn tail(cx: &Context) -> TokenStream {
                 }
             }
             /// The `data` member, `None` for events without data.
-            pub fn data(&self) -> ::std::option::Option<::serde_json::Value> {
+            pub fn data(&self) -> #option<::serde_json::Value> {
                 match self {
                     #(#data_arms)*
                     Self::#unknown(event) => event.data.clone(),
@@ -144,7 +151,7 @@ pub fn tail(cx: &Context) -> TokenStream {
             fn name(&self) -> &str {
                 self.name()
             }
-            fn data(&self) -> ::std::option::Option<::serde_json::Value> {
+            fn data(&self) -> #option<::serde_json::Value> {
                 self.data()
             }
             fn from_wire(message: &::serde_json::Value) -> ::qapi_runtime::Result<Self> {

@@ -2,7 +2,7 @@
 //! input visitor (`FromQmp`, through `ReadMembers` for object types) and a
 //! `Deserialize` that reads tolerantly (see `qapi_runtime::input`).
 
-use crate::context::{self, Context, DocText, JsonKind};
+use crate::context::{self, Context, DocText, JsonKind, Moved};
 use crate::naming::{self, token};
 use proc_macro2::{Ident, TokenStream};
 use qapi_model::{
@@ -22,26 +22,18 @@ pub fn entity(cx: &Context, entity: &Entity) -> TokenStream {
     }
 }
 
-/// `#[serde(rename = "wire")]` when serde would not derive `wire` from `ident`.
-fn rename_attr(ident: &str, wire: &str) -> TokenStream {
-    if naming::serde_name(ident) == wire {
-        TokenStream::new()
-    } else {
-        quote!(#[serde(rename = #wire)])
-    }
-}
-
 /// `impl ReadMembers for name` whose body is `body` (an expression of type `Result<Self>`).
-pub fn read_members_impl(name: &Ident, body: TokenStream) -> TokenStream {
-    quote! {
-        impl ::qapi_runtime::input::ReadMembers for #name {
+pub fn read_members_impl(name: &Ident, body: TokenStream) -> Moved {
+    let body = Moved::new(body);
+    Moved::new(quote! {
+        impl ::qapi_runtime::ReadMembers for #name {
             fn read_members(
-                object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+                object: &mut ::qapi_runtime::QmpObject,
             ) -> ::qapi_runtime::Result<Self> {
                 #body
             }
         }
-    }
+    })
 }
 
 /// The name of the variant standing for values the schema does not know, after
@@ -83,24 +75,20 @@ fn enum_(cx: &Context, e: &EnumType) -> TokenStream {
     );
     let variants: Vec<Ident> = variant_names.iter().map(|v| token(v)).collect();
     let wires: Vec<&str> = e.values.iter().map(|v| v.name.as_str()).collect();
-    let doc = context::entity_doc(&e.common).attrs();
+    let doc = context::entity_doc(&e.common);
     let deprecated = context::deprecated_attr(e.common.is_deprecated());
     let decls = e.values.iter().zip(&variants).map(|(v, id)| {
-        let doc = value_doc(v.doc.as_deref(), v.ifcond.as_ref()).attrs();
+        let doc = value_doc(v.doc.as_deref(), v.ifcond.as_ref());
         let deprecated =
             context::deprecated_attr(v.features.iter().any(|f| f.name == "deprecated"));
-        quote!(#doc #deprecated #id,)
+        Moved::from(quote!(#doc #deprecated #id,))
     });
-    let (unknown_decl, unknown_arm, unknown) = if cx.is_output(type_name) {
+    let (unknown_decl, unknown) = if cx.is_output(type_name) {
         let id = unknown_variant(&variant_names);
         let doc = unknown_doc();
-        (
-            quote!(#doc #id,),
-            quote!(Self::#id => ::qapi_runtime::enums::UNKNOWN_VALUE,),
-            quote!(Some(Self::#id)),
-        )
+        (quote!(#doc #id,), quote!(#id))
     } else {
-        (TokenStream::new(), TokenStream::new(), quote!(None))
+        (TokenStream::new(), TokenStream::new())
     };
     quote! {
         #doc
@@ -110,26 +98,7 @@ fn enum_(cx: &Context, e: &EnumType) -> TokenStream {
             #(#decls)*
             #unknown_decl
         }
-        impl #name {
-            /// Every value, in schema order.
-            pub const ALL: &'static [Self] = &[#(Self::#variants),*];
-            /// The wire name.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    #(Self::#variants => #wires,)*
-                    #unknown_arm
-                }
-            }
-        }
-        impl ::qapi_runtime::Enum for #name {
-            const NAME: &'static str = #type_name;
-            const ALL: &'static [Self] = Self::ALL;
-            const UNKNOWN: ::std::option::Option<Self> = #unknown;
-            fn as_str(self) -> &'static str {
-                self.as_str()
-            }
-        }
-        ::qapi_runtime::impl_enum!(#name);
+        ::qapi_runtime::impl_enum!(#name = #type_name { #(#variants(#wires)),* } #unknown);
     }
 }
 
@@ -161,26 +130,24 @@ pub fn fields<'m>(cx: &Context, container: Option<&str>, members: &[&'m Member])
 }
 
 /// The declarations of `fields`.
-fn field_decls(fields: &[Field]) -> TokenStream {
+fn field_decls(cx: &Context, fields: &[Field]) -> Moved {
+    let option = cx.std_item("Option");
     let decls = fields.iter().map(|f| {
         let m = f.member;
-        let doc = context::member_doc(m).attrs();
+        let doc = context::member_doc(m);
         let deprecated =
             context::deprecated_attr(m.features.iter().any(|f| f.name == "deprecated"));
-        let rename = rename_attr(&f.ident, &m.name);
         let id = token(&f.ident);
         let ty = &f.ty;
         if m.optional {
-            quote! {
-                #doc #deprecated #rename
-                #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-                pub #id: ::std::option::Option<#ty>,
-            }
+            quote!(#doc #deprecated pub #id: #option<#ty>,)
         } else {
-            quote!(#doc #deprecated #rename pub #id: #ty,)
+            quote!(#doc #deprecated pub #id: #ty,)
         }
     });
-    quote!(#(#decls)*)
+    let mut out = TokenStream::new();
+    out.extend(decls);
+    Moved::new(out)
 }
 
 /// The expression reading one member from `object`.
@@ -195,20 +162,21 @@ fn read_member(m: &Member) -> TokenStream {
 
 /// Parameters and field initialisers of `new`: mandatory members as
 /// parameters (strings as `impl Into<String>`), optional ones `None`.
-fn constructor_parts(fields: &[Field]) -> (Vec<TokenStream>, Vec<TokenStream>) {
+fn constructor_parts(cx: &Context, fields: &[Field]) -> (Vec<Moved>, Vec<Moved>) {
+    let (into, string) = (cx.std_item("Into"), cx.std_item("String"));
     let mut params = Vec::new();
     let mut values = Vec::new();
     for f in fields {
         let id = token(&f.ident);
         let ty = &f.ty;
         if f.member.optional {
-            values.push(quote!(#id: None));
+            values.push(quote!(#id: None).into());
         } else if f.member.ty == TypeRef::Builtin(Builtin::Str) {
-            params.push(quote!(#id: impl ::std::convert::Into<::std::string::String>));
-            values.push(quote!(#id: #id.into()));
+            params.push(quote!(#id: impl #into<#string>).into());
+            values.push(quote!(#id: #id.into()).into());
         } else {
-            params.push(quote!(#id: #ty));
-            values.push(quote!(#id));
+            params.push(quote!(#id: #ty).into());
+            values.push(quote!(#id).into());
         }
     }
     (params, values)
@@ -225,20 +193,22 @@ pub fn object(
 ) -> TokenStream {
     let fields = fields(cx, container, members);
     let name = token(name);
-    let doc = doc.attrs();
     let deprecated = context::deprecated_attr(deprecated);
-    let decls = field_decls(&fields);
-    let (params, values) = constructor_parts(&fields);
-    let inits = fields.iter().map(|f| {
+    let decls = field_decls(cx, &fields);
+    let (params, values) = constructor_parts(cx, &fields);
+    let members = fields.iter().map(|f| {
         let id = token(&f.ident);
-        let read = read_member(f.member);
-        quote!(#id: #read)
+        let wire = &f.member.name;
+        if f.member.optional {
+            quote!(optional #id(#wire))
+        } else {
+            quote!(#id(#wire))
+        }
     });
-    let read_members = read_members_impl(&name, quote!(Ok(Self { #(#inits),* })));
     quote! {
         #doc
         #deprecated
-        #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+        #[derive(Debug, Clone, PartialEq)]
         pub struct #name {
             #decls
         }
@@ -248,8 +218,7 @@ pub fn object(
                 Self { #(#values),* }
             }
         }
-        #read_members
-        ::qapi_runtime::impl_object!(#name);
+        ::qapi_runtime::impl_object!(#name { #(#members),* });
     }
 }
 
@@ -294,7 +263,6 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
         "The members of the branch selected by `{}` are in [`{branch_name_text}`], flattened into the same JSON object.",
         u.discriminator
     ));
-    let doc = doc.attrs();
     let deprecated = context::deprecated_attr(u.common.is_deprecated());
 
     let base_members = cx.union_base_members(u);
@@ -305,7 +273,7 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
         .collect();
     let fields = fields(cx, Some(union_name), &non_disc);
     let branch_field = token(&branch_field(&fields));
-    let decls = field_decls(&fields);
+    let decls = field_decls(cx, &fields);
 
     let (values, value_docs): (Vec<String>, Vec<Option<String>>) =
         match cx.entity(&u.discriminator_enum) {
@@ -322,30 +290,35 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
     let mut branch_decls = Vec::new();
     let mut read_arms = Vec::new();
     let mut kind_arms = Vec::new();
+    let mut write_arms = Vec::new();
     for ((value, text), id_text) in values.iter().zip(&value_docs).zip(&variants) {
-        let rename = rename_attr(id_text, value);
         let id = token(id_text);
         match u.branches.iter().find(|b| b.name == *value) {
             Some(b) => {
                 let ty = token(&naming::type_ident(&b.ty));
-                let doc = value_doc(text.as_deref(), b.ifcond.as_ref()).attrs();
-                let read = quote!(::qapi_runtime::input::ReadMembers::read_members(object)?);
+                let doc = value_doc(text.as_deref(), b.ifcond.as_ref());
+                let read = quote!(::qapi_runtime::ReadMembers::read_members(object)?);
                 if cx.needs_box(Some(union_name), &b.ty) {
-                    branch_decls.push(quote!(#doc #rename #id(::std::boxed::Box<#ty>),));
+                    let boxed = cx.std_item("Box");
+                    branch_decls.push(quote!(#doc #id(#boxed<#ty>),));
                     read_arms.push(quote! {
-                        #disc_name::#id => #branch_name::#id(::std::boxed::Box::new(#read)),
+                        #disc_name::#id => #branch_name::#id(#boxed::new(#read)),
                     });
                 } else {
-                    branch_decls.push(quote!(#doc #rename #id(#ty),));
+                    branch_decls.push(quote!(#doc #id(#ty),));
                     read_arms.push(quote!(#disc_name::#id => #branch_name::#id(#read),));
                 }
                 kind_arms.push(quote!(Self::#id(_) => #disc_name::#id,));
+                write_arms.push(quote! {
+                    Self::#id(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+                });
             }
             None => {
-                let doc = value_doc(text.as_deref(), None).attrs();
-                branch_decls.push(quote!(#doc #rename #id,));
+                let doc = value_doc(text.as_deref(), None);
+                branch_decls.push(quote!(#doc #id,));
                 read_arms.push(quote!(#disc_name::#id => #branch_name::#id,));
                 kind_arms.push(quote!(Self::#id => #disc_name::#id,));
+                write_arms.push(quote!(Self::#id => Ok(()),));
             }
         }
     }
@@ -356,33 +329,41 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
         let disc_unknown = unknown_variant(&variants);
         if cx.is_output(union_name) {
             let doc = unknown_doc();
-            branch_decls.push(quote!(#doc #[serde(skip_serializing)] #disc_unknown,));
+            branch_decls.push(quote!(#doc #disc_unknown,));
             read_arms.push(quote!(#disc_name::#disc_unknown => #branch_name::#disc_unknown,));
             kind_arms.push(quote!(Self::#disc_unknown => #disc_name::#disc_unknown,));
+            write_arms.push(quote! {
+                Self::#disc_unknown => Err(::qapi_runtime::output::unknown_branch(#union_name)),
+            });
         } else {
             read_arms.push(quote! {
                 #disc_name::#disc_unknown => return Err(object.unknown_branch(#tag)),
             });
         }
     }
-    let kind_body = if kind_arms.is_empty() {
-        quote!(match *self {})
+    let (kind_body, write_branch) = if kind_arms.is_empty() {
+        (quote!(match *self {}), quote!(match *self {}))
     } else {
-        quote!(match self { #(#kind_arms)* })
+        (
+            quote!(match self { #(#kind_arms)* }),
+            quote!(match self { #(#write_arms)* }),
+        )
     };
 
-    let (mut params, mut values) = constructor_parts(&fields);
-    params.push(quote!(#branch_field: #branch_name));
-    values.push(quote!(#branch_field));
+    let (mut params, mut values) = constructor_parts(cx, &fields);
+    params.push(quote!(#branch_field: #branch_name).into());
+    values.push(quote!(#branch_field).into());
 
     // Reading: base members in wire order (the discriminator among them), then the branch.
     let mut reads = Vec::new();
     let mut inits = Vec::new();
+    let mut writes = Vec::new();
     let mut field_iter = fields.iter();
     for (i, m) in base_members.iter().enumerate() {
         let wire = &m.name;
         if m.name == u.discriminator {
             reads.push(quote!(let kind: #disc_name = object.required(#wire)?;));
+            writes.push(quote!(map.serialize_entry(#wire, &self.#branch_field.kind())?;));
         } else {
             let local = format_ident!("member_{i}");
             let read = read_member(m);
@@ -390,12 +371,22 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
             if let Some(f) = field_iter.next() {
                 let id = token(&f.ident);
                 inits.push(quote!(#id: #local));
+                writes.push(if m.optional {
+                    quote!(::qapi_runtime::output::write_optional(map, #wire, &self.#id)?;)
+                } else {
+                    quote!(map.serialize_entry(#wire, &self.#id)?;)
+                });
             }
         }
     }
     inits.push(quote!(#branch_field));
     let doc_line = format!(
         " The branch of [`{name_text}`] chosen by its discriminator `{tag}` (serialised as that member)."
+    );
+    let (branch_decls, read_arms, kind_body) = (
+        branch_decls.into_iter().map(Moved::from),
+        read_arms.into_iter().map(Moved::from),
+        Moved::new(kind_body),
     );
     let read_members = read_members_impl(
         &name,
@@ -410,15 +401,13 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
     quote! {
         #doc
         #deprecated
-        #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+        #[derive(Debug, Clone, PartialEq)]
         pub struct #name {
             #decls
-            #[serde(flatten)]
             pub #branch_field: #branch_name,
         }
         #[doc = #doc_line]
-        #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-        #[serde(tag = #tag)]
+        #[derive(Debug, Clone, PartialEq)]
         pub enum #branch_name {
             #(#branch_decls)*
         }
@@ -436,6 +425,23 @@ fn union(cx: &Context, u: &UnionType) -> TokenStream {
             }
         }
         #read_members
+        impl ::qapi_runtime::WriteMembers for #name {
+            fn write_members<M: ::serde::ser::SerializeMap>(
+                &self,
+                map: &mut M,
+            ) -> ::std::result::Result<(), M::Error> {
+                #(#writes)*
+                ::qapi_runtime::WriteMembers::write_members(&self.#branch_field, map)
+            }
+        }
+        impl ::qapi_runtime::WriteMembers for #branch_name {
+            fn write_members<M: ::serde::ser::SerializeMap>(
+                &self,
+                map: &mut M,
+            ) -> ::std::result::Result<(), M::Error> {
+                #write_branch
+            }
+        }
         ::qapi_runtime::impl_object!(#name);
     }
 }
@@ -445,7 +451,6 @@ fn alternate(cx: &Context, a: &AlternateType) -> TokenStream {
     let name = token(&naming::type_ident(alt_name));
     let mut doc = context::entity_doc(&a.common);
     doc.push("Chosen by the JSON type of the value.");
-    let doc = doc.attrs();
     let deprecated = context::deprecated_attr(a.common.is_deprecated());
     let variants = naming::dedupe(
         a.alternatives
@@ -454,14 +459,16 @@ fn alternate(cx: &Context, a: &AlternateType) -> TokenStream {
             .collect(),
     );
     let mut decls = Vec::new();
+    let mut writes = Vec::new();
     let mut arms = Vec::new();
     let mut any_arm = None;
     for (alt, id) in a.alternatives.iter().zip(&variants) {
         let id = token(id);
         let ty = cx.rust_type(Some(alt_name), &alt.ty);
-        let d = value_doc(alt.doc.as_deref(), alt.ifcond.as_ref()).attrs();
+        let d = value_doc(alt.doc.as_deref(), alt.ifcond.as_ref());
         decls.push(quote!(#d #id(#ty),));
-        let read = quote!(Self::#id(::qapi_runtime::input::FromQmp::from_qmp(value, path)?));
+        writes.push(quote!(Self::#id(value) => ::serde::Serialize::serialize(value, serializer),));
+        let read = quote!(Self::#id(::qapi_runtime::FromQmp::from_qmp(value, path)?));
         let pattern = match cx.json_kind(&alt.ty) {
             JsonKind::Object => quote!(::serde_json::Value::Object(_)),
             JsonKind::Array => quote!(::serde_json::Value::Array(_)),
@@ -476,6 +483,7 @@ fn alternate(cx: &Context, a: &AlternateType) -> TokenStream {
         };
         arms.push(quote!(#pattern => #read,));
     }
+    let decls = decls.into_iter().map(Moved::from);
     let last = match any_arm {
         Some(read) => quote!(_ => #read,),
         None => quote!(_ => return Err(path.invalid_alternate(#alt_name)),),
@@ -483,15 +491,24 @@ fn alternate(cx: &Context, a: &AlternateType) -> TokenStream {
     quote! {
         #doc
         #deprecated
-        #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-        #[serde(untagged)]
+        #[derive(Debug, Clone, PartialEq)]
         pub enum #name {
             #(#decls)*
         }
-        impl ::qapi_runtime::input::FromQmp for #name {
+        impl ::serde::Serialize for #name {
+            fn serialize<S: ::serde::Serializer>(
+                &self,
+                serializer: S,
+            ) -> ::std::result::Result<S::Ok, S::Error> {
+                match self {
+                    #(#writes)*
+                }
+            }
+        }
+        impl ::qapi_runtime::FromQmp for #name {
             fn from_qmp(
                 value: &::serde_json::Value,
-                path: &mut ::qapi_runtime::input::QmpPath,
+                path: &mut ::qapi_runtime::QmpPath,
             ) -> ::qapi_runtime::Result<Self> {
                 Ok(match value {
                     #(#arms)*

@@ -263,13 +263,14 @@ fn generate_on(schema: &Schema, threads: usize) -> Result<Vec<GeneratedFile>, Co
     let mut order: Vec<usize> = (0..pieces.len()).collect();
     order.sort_by_key(|&p| rank(&pieces[p]));
     let next = AtomicUsize::new(0);
+    let cx = context::Context::new(schema);
+    let cx = &cx;
     let worker = || {
-        let cx = context::Context::new(schema);
         let mut done = Vec::new();
         while let Some(&p) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
             let piece = &pieces[p];
             let file = format!("{}.rs", piece.module().name());
-            done.push((p, print(emit(&cx, piece), &file)));
+            done.push((p, print(emit(cx, piece), &file)));
         }
         done
     };

@@ -110,6 +110,24 @@ pub fn serde_name(ident: &str) -> &str {
     ident.strip_prefix("r#").unwrap_or(ident)
 }
 
+/// The name serde gives field `ident` under `#[serde(rename_all = "kebab-case")]`.
+pub fn serde_kebab_field(ident: &str) -> String {
+    serde_name(ident).replace('_', "-")
+}
+
+/// The name serde gives variant `ident` under `#[serde(rename_all = "kebab-case")]`
+/// (a `-` before every capital but the first, all lower case).
+pub fn serde_kebab_variant(ident: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in serde_name(ident).chars().enumerate() {
+        if i > 0 && c.is_uppercase() {
+            out.push('-');
+        }
+        out.extend(c.to_lowercase());
+    }
+    out
+}
+
 /// Type identifier for a schema type name.
 pub fn type_ident(name: &str) -> String {
     ident(&upper_camel(name))
@@ -192,6 +210,18 @@ mod tests {
         assert_eq!(ident("self"), "self_");
         assert_eq!(ident("Self"), "Self_");
         assert_eq!(serde_name(&ident("type")), "type");
+    }
+
+    #[test]
+    fn kebab_case_names_are_serdes() {
+        assert_eq!(serde_kebab_field("current_progress"), "current-progress");
+        assert_eq!(serde_kebab_field("r#type"), "type");
+        assert_eq!(serde_kebab_variant("SnapshotLoad"), "snapshot-load");
+        assert_eq!(
+            serde_kebab_variant("XBlockDirtyBitmapEnable"),
+            "x-block-dirty-bitmap-enable"
+        );
+        assert_eq!(serde_kebab_variant("Qcow2"), "qcow2");
     }
 
     #[test]

@@ -14,12 +14,15 @@ pub mod error;
 pub mod event;
 pub mod input;
 mod macros;
+pub mod output;
 pub mod wire;
 
 pub use command::Command;
 pub use enums::Enum;
 pub use error::{ErrorClass, QmpError};
 pub use event::{Event, UnknownEvent};
+pub use input::{FromQmp, QmpObject, QmpPath, ReadMembers};
+pub use output::WriteMembers;
 pub use wire::{CommandProperties, EventTimestamp, Null, QType};
 
 /// What a generated API's result type is.

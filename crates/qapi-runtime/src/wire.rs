@@ -77,7 +77,7 @@ impl crate::Enum for QType {
     }
 }
 
-crate::impl_enum!(QType);
+crate::impl_enum_traits!(QType);
 
 /// QAPI's built-in `null` type: JSON `null` (an alternate's branch in QEMU's schema).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -101,8 +101,8 @@ impl FromQmp for Null {
 crate::impl_deserialize!(Null);
 
 /// A command's return value as the `return` member of its reply.
-pub fn reply<T: serde::Serialize>(value: &T) -> Result<Value, QmpError> {
-    serde_json::to_value(value).map_err(|e| QmpError::generic(e.to_string()))
+pub fn reply<T: serde::Serialize>(value: T) -> Result<Value, QmpError> {
+    serde_json::to_value(&value).map_err(|e| QmpError::generic(e.to_string()))
 }
 
 /// The `return` member of a command without `returns`: `{}`.

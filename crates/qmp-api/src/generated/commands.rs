@@ -16,12 +16,11 @@ use super::types::*;
 /// **Since:** 0.13
 ///
 /// The arguments of command `qmp_capabilities` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QmpCapabilitiesArguments {
     /// protocol capabilities to turn on for this session, chosen
     /// among those the greeting offered (default: none)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub enable: ::std::option::Option<::std::vec::Vec<QMPCapability>>,
+    pub enable: Option<Vec<QMPCapability>>,
 }
 impl QmpCapabilitiesArguments {
     /// A value with the mandatory members given and every optional member absent.
@@ -29,16 +28,7 @@ impl QmpCapabilitiesArguments {
         Self { enable: None }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for QmpCapabilitiesArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            enable: object.optional("enable")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(QmpCapabilitiesArguments);
+::qapi_runtime::impl_object!(QmpCapabilitiesArguments { optional enable("enable") });
 impl ::qapi_runtime::Command for QmpCapabilitiesArguments {
     const NAME: &'static str = "qmp_capabilities";
     type Returns = ();
@@ -51,7 +41,7 @@ impl ::qapi_runtime::Command for QmpCapabilitiesArguments {
 /// **Since:** 0.14
 ///
 /// The arguments of command `query-version` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueryVersionArguments {}
 impl QueryVersionArguments {
     /// A value with the mandatory members given and every optional member absent.
@@ -59,14 +49,7 @@ impl QueryVersionArguments {
         Self {}
     }
 }
-impl ::qapi_runtime::input::ReadMembers for QueryVersionArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {})
-    }
-}
-::qapi_runtime::impl_object!(QueryVersionArguments);
+::qapi_runtime::impl_object!(QueryVersionArguments {});
 impl ::qapi_runtime::Command for QueryVersionArguments {
     const NAME: &'static str = "query-version";
     type Returns = VersionInfo;
@@ -79,7 +62,7 @@ impl ::qapi_runtime::Command for QueryVersionArguments {
 /// **Since:** 0.14
 ///
 /// The arguments of command `query-commands` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueryCommandsArguments {}
 impl QueryCommandsArguments {
     /// A value with the mandatory members given and every optional member absent.
@@ -87,17 +70,10 @@ impl QueryCommandsArguments {
         Self {}
     }
 }
-impl ::qapi_runtime::input::ReadMembers for QueryCommandsArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {})
-    }
-}
-::qapi_runtime::impl_object!(QueryCommandsArguments);
+::qapi_runtime::impl_object!(QueryCommandsArguments {});
 impl ::qapi_runtime::Command for QueryCommandsArguments {
     const NAME: &'static str = "query-commands";
-    type Returns = ::std::vec::Vec<CommandInfo>;
+    type Returns = Vec<CommandInfo>;
     const ALLOW_PRECONFIG: bool = true;
 }
 /// Shut the daemon down.  Image data is flushed to disk and the
@@ -106,7 +82,7 @@ impl ::qapi_runtime::Command for QueryCommandsArguments {
 /// **Since:** 0.14
 ///
 /// The arguments of command `quit` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QuitArguments {}
 impl QuitArguments {
     /// A value with the mandatory members given and every optional member absent.
@@ -114,14 +90,7 @@ impl QuitArguments {
         Self {}
     }
 }
-impl ::qapi_runtime::input::ReadMembers for QuitArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {})
-    }
-}
-::qapi_runtime::impl_object!(QuitArguments);
+::qapi_runtime::impl_object!(QuitArguments {});
 impl ::qapi_runtime::Command for QuitArguments {
     const NAME: &'static str = "quit";
     type Returns = ();
@@ -143,7 +112,7 @@ impl ::qapi_runtime::Command for QuitArguments {
 /// **Since:** 2.5
 ///
 /// The arguments of command `query-qmp-schema` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueryQmpSchemaArguments {}
 impl QueryQmpSchemaArguments {
     /// A value with the mandatory members given and every optional member absent.
@@ -151,17 +120,10 @@ impl QueryQmpSchemaArguments {
         Self {}
     }
 }
-impl ::qapi_runtime::input::ReadMembers for QueryQmpSchemaArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {})
-    }
-}
-::qapi_runtime::impl_object!(QueryQmpSchemaArguments);
+::qapi_runtime::impl_object!(QueryQmpSchemaArguments {});
 impl ::qapi_runtime::Command for QueryQmpSchemaArguments {
     const NAME: &'static str = "query-qmp-schema";
-    type Returns = ::std::vec::Vec<SchemaInfo>;
+    type Returns = Vec<SchemaInfo>;
     const ALLOW_PRECONFIG: bool = true;
 }
 /// Ask a job to pause.  The command returns at once; the job moves to
@@ -172,25 +134,18 @@ impl ::qapi_runtime::Command for QueryQmpSchemaArguments {
 /// **Since:** 3.0
 ///
 /// The arguments of command `job-pause` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobPauseArguments {
     /// the job's identifier
-    pub id: ::std::string::String,
+    pub id: String,
 }
 impl JobPauseArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(id: impl Into<String>) -> Self {
         Self { id: id.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for JobPauseArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self { id: object.required("id")? })
-    }
-}
-::qapi_runtime::impl_object!(JobPauseArguments);
+::qapi_runtime::impl_object!(JobPauseArguments { id("id") });
 impl ::qapi_runtime::Command for JobPauseArguments {
     const NAME: &'static str = "job-pause";
     type Returns = ();
@@ -201,25 +156,18 @@ impl ::qapi_runtime::Command for JobPauseArguments {
 /// **Since:** 3.0
 ///
 /// The arguments of command `job-resume` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobResumeArguments {
     /// the job's identifier
-    pub id: ::std::string::String,
+    pub id: String,
 }
 impl JobResumeArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(id: impl Into<String>) -> Self {
         Self { id: id.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for JobResumeArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self { id: object.required("id")? })
-    }
-}
-::qapi_runtime::impl_object!(JobResumeArguments);
+::qapi_runtime::impl_object!(JobResumeArguments { id("id") });
 impl ::qapi_runtime::Command for JobResumeArguments {
     const NAME: &'static str = "job-resume";
     type Returns = ();
@@ -233,25 +181,18 @@ impl ::qapi_runtime::Command for JobResumeArguments {
 /// **Since:** 3.0
 ///
 /// The arguments of command `job-cancel` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobCancelArguments {
     /// the job's identifier
-    pub id: ::std::string::String,
+    pub id: String,
 }
 impl JobCancelArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(id: impl Into<String>) -> Self {
         Self { id: id.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for JobCancelArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self { id: object.required("id")? })
-    }
-}
-::qapi_runtime::impl_object!(JobCancelArguments);
+::qapi_runtime::impl_object!(JobCancelArguments { id("id") });
 impl ::qapi_runtime::Command for JobCancelArguments {
     const NAME: &'static str = "job-cancel";
     type Returns = ();
@@ -261,25 +202,18 @@ impl ::qapi_runtime::Command for JobCancelArguments {
 /// **Since:** 3.0
 ///
 /// The arguments of command `job-complete` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobCompleteArguments {
     /// the job's identifier
-    pub id: ::std::string::String,
+    pub id: String,
 }
 impl JobCompleteArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(id: impl Into<String>) -> Self {
         Self { id: id.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for JobCompleteArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self { id: object.required("id")? })
-    }
-}
-::qapi_runtime::impl_object!(JobCompleteArguments);
+::qapi_runtime::impl_object!(JobCompleteArguments { id("id") });
 impl ::qapi_runtime::Command for JobCompleteArguments {
     const NAME: &'static str = "job-complete";
     type Returns = ();
@@ -290,25 +224,18 @@ impl ::qapi_runtime::Command for JobCompleteArguments {
 /// **Since:** 3.0
 ///
 /// The arguments of command `job-dismiss` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobDismissArguments {
     /// the job's identifier
-    pub id: ::std::string::String,
+    pub id: String,
 }
 impl JobDismissArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(id: impl Into<String>) -> Self {
         Self { id: id.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for JobDismissArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self { id: object.required("id")? })
-    }
-}
-::qapi_runtime::impl_object!(JobDismissArguments);
+::qapi_runtime::impl_object!(JobDismissArguments { id("id") });
 impl ::qapi_runtime::Command for JobDismissArguments {
     const NAME: &'static str = "job-dismiss";
     type Returns = ();
@@ -322,25 +249,18 @@ impl ::qapi_runtime::Command for JobDismissArguments {
 /// **Since:** 3.0
 ///
 /// The arguments of command `job-finalize` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobFinalizeArguments {
     /// the identifier of a job of the transaction
-    pub id: ::std::string::String,
+    pub id: String,
 }
 impl JobFinalizeArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(id: impl Into<String>) -> Self {
         Self { id: id.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for JobFinalizeArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self { id: object.required("id")? })
-    }
-}
-::qapi_runtime::impl_object!(JobFinalizeArguments);
+::qapi_runtime::impl_object!(JobFinalizeArguments { id("id") });
 impl ::qapi_runtime::Command for JobFinalizeArguments {
     const NAME: &'static str = "job-finalize";
     type Returns = ();
@@ -352,7 +272,7 @@ impl ::qapi_runtime::Command for JobFinalizeArguments {
 /// **Since:** 3.0
 ///
 /// The arguments of command `query-jobs` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueryJobsArguments {}
 impl QueryJobsArguments {
     /// A value with the mandatory members given and every optional member absent.
@@ -360,17 +280,10 @@ impl QueryJobsArguments {
         Self {}
     }
 }
-impl ::qapi_runtime::input::ReadMembers for QueryJobsArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {})
-    }
-}
-::qapi_runtime::impl_object!(QueryJobsArguments);
+::qapi_runtime::impl_object!(QueryJobsArguments {});
 impl ::qapi_runtime::Command for QueryJobsArguments {
     const NAME: &'static str = "query-jobs";
-    type Returns = ::std::vec::Vec<JobInfo>;
+    type Returns = Vec<JobInfo>;
 }
 /// Describe the block nodes that have a node name.
 ///
@@ -379,13 +292,12 @@ impl ::qapi_runtime::Command for QueryJobsArguments {
 /// **Since:** 2.0
 ///
 /// The arguments of command `query-named-block-nodes` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueryNamedBlockNodesArguments {
     /// list only the nodes themselves, without the recursive
     /// backing-image information under 'image' (default: false;
     /// since 5.0)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub flat: ::std::option::Option<bool>,
+    pub flat: Option<bool>,
 }
 impl QueryNamedBlockNodesArguments {
     /// A value with the mandatory members given and every optional member absent.
@@ -393,19 +305,10 @@ impl QueryNamedBlockNodesArguments {
         Self { flat: None }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for QueryNamedBlockNodesArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            flat: object.optional("flat")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(QueryNamedBlockNodesArguments);
+::qapi_runtime::impl_object!(QueryNamedBlockNodesArguments { optional flat("flat") });
 impl ::qapi_runtime::Command for QueryNamedBlockNodesArguments {
     const NAME: &'static str = "query-named-block-nodes";
-    type Returns = ::std::vec::Vec<BlockDeviceInfo>;
+    type Returns = Vec<BlockDeviceInfo>;
     const ALLOW_PRECONFIG: bool = true;
 }
 /// Open a block node, and any nodes defined inline as its children.
@@ -414,23 +317,9 @@ impl ::qapi_runtime::Command for QueryNamedBlockNodesArguments {
 /// **Since:** 2.9
 ///
 /// The arguments of command `blockdev-add` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevAddArguments(pub BlockdevOptions);
-impl ::std::convert::From<BlockdevOptions> for BlockdevAddArguments {
-    fn from(arguments: BlockdevOptions) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockdevAddArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockdevAddArguments);
+::qapi_runtime::impl_newtype!(BlockdevAddArguments(BlockdevOptions));
 impl ::qapi_runtime::Command for BlockdevAddArguments {
     const NAME: &'static str = "blockdev-add";
     type Returns = ();
@@ -442,30 +331,20 @@ impl ::qapi_runtime::Command for BlockdevAddArguments {
 /// **Since:** 2.9
 ///
 /// The arguments of command `blockdev-del` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevDelArguments {
     /// the node's name
-    #[serde(rename = "node-name")]
-    pub node_name: ::std::string::String,
+    pub node_name: String,
 }
 impl BlockdevDelArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(node_name: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(node_name: impl Into<String>) -> Self {
         Self {
             node_name: node_name.into(),
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevDelArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            node_name: object.required("node-name")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevDelArguments);
+::qapi_runtime::impl_object!(BlockdevDelArguments { node_name("node-name") });
 impl ::qapi_runtime::Command for BlockdevDelArguments {
     const NAME: &'static str = "blockdev-del";
     type Returns = ();
@@ -481,23 +360,9 @@ impl ::qapi_runtime::Command for BlockdevDelArguments {
 /// **Since:** 2.4
 ///
 /// The arguments of command `block-dirty-bitmap-add` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyBitmapAddArguments(pub BlockDirtyBitmapAdd);
-impl ::std::convert::From<BlockDirtyBitmapAdd> for BlockDirtyBitmapAddArguments {
-    fn from(arguments: BlockDirtyBitmapAdd) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapAddArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockDirtyBitmapAddArguments);
+::qapi_runtime::impl_newtype!(BlockDirtyBitmapAddArguments(BlockDirtyBitmapAdd));
 impl ::qapi_runtime::Command for BlockDirtyBitmapAddArguments {
     const NAME: &'static str = "block-dirty-bitmap-add";
     type Returns = ();
@@ -509,23 +374,9 @@ impl ::qapi_runtime::Command for BlockDirtyBitmapAddArguments {
 /// **Since:** 2.4
 ///
 /// The arguments of command `block-dirty-bitmap-remove` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyBitmapRemoveArguments(pub BlockDirtyBitmap);
-impl ::std::convert::From<BlockDirtyBitmap> for BlockDirtyBitmapRemoveArguments {
-    fn from(arguments: BlockDirtyBitmap) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapRemoveArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockDirtyBitmapRemoveArguments);
+::qapi_runtime::impl_newtype!(BlockDirtyBitmapRemoveArguments(BlockDirtyBitmap));
 impl ::qapi_runtime::Command for BlockDirtyBitmapRemoveArguments {
     const NAME: &'static str = "block-dirty-bitmap-remove";
     type Returns = ();
@@ -537,23 +388,9 @@ impl ::qapi_runtime::Command for BlockDirtyBitmapRemoveArguments {
 /// **Since:** 2.4
 ///
 /// The arguments of command `block-dirty-bitmap-clear` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyBitmapClearArguments(pub BlockDirtyBitmap);
-impl ::std::convert::From<BlockDirtyBitmap> for BlockDirtyBitmapClearArguments {
-    fn from(arguments: BlockDirtyBitmap) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapClearArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockDirtyBitmapClearArguments);
+::qapi_runtime::impl_newtype!(BlockDirtyBitmapClearArguments(BlockDirtyBitmap));
 impl ::qapi_runtime::Command for BlockDirtyBitmapClearArguments {
     const NAME: &'static str = "block-dirty-bitmap-clear";
     type Returns = ();
@@ -564,23 +401,9 @@ impl ::qapi_runtime::Command for BlockDirtyBitmapClearArguments {
 /// **Since:** 4.0
 ///
 /// The arguments of command `block-dirty-bitmap-enable` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyBitmapEnableArguments(pub BlockDirtyBitmap);
-impl ::std::convert::From<BlockDirtyBitmap> for BlockDirtyBitmapEnableArguments {
-    fn from(arguments: BlockDirtyBitmap) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapEnableArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockDirtyBitmapEnableArguments);
+::qapi_runtime::impl_newtype!(BlockDirtyBitmapEnableArguments(BlockDirtyBitmap));
 impl ::qapi_runtime::Command for BlockDirtyBitmapEnableArguments {
     const NAME: &'static str = "block-dirty-bitmap-enable";
     type Returns = ();
@@ -591,23 +414,9 @@ impl ::qapi_runtime::Command for BlockDirtyBitmapEnableArguments {
 /// **Since:** 4.0
 ///
 /// The arguments of command `block-dirty-bitmap-disable` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyBitmapDisableArguments(pub BlockDirtyBitmap);
-impl ::std::convert::From<BlockDirtyBitmap> for BlockDirtyBitmapDisableArguments {
-    fn from(arguments: BlockDirtyBitmap) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapDisableArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockDirtyBitmapDisableArguments);
+::qapi_runtime::impl_newtype!(BlockDirtyBitmapDisableArguments(BlockDirtyBitmap));
 impl ::qapi_runtime::Command for BlockDirtyBitmapDisableArguments {
     const NAME: &'static str = "block-dirty-bitmap-disable";
     type Returns = ();
@@ -619,23 +428,9 @@ impl ::qapi_runtime::Command for BlockDirtyBitmapDisableArguments {
 /// **Since:** 4.0
 ///
 /// The arguments of command `block-dirty-bitmap-merge` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyBitmapMergeArguments(pub BlockDirtyBitmapMerge);
-impl ::std::convert::From<BlockDirtyBitmapMerge> for BlockDirtyBitmapMergeArguments {
-    fn from(arguments: BlockDirtyBitmapMerge) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapMergeArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockDirtyBitmapMergeArguments);
+::qapi_runtime::impl_newtype!(BlockDirtyBitmapMergeArguments(BlockDirtyBitmapMerge));
 impl ::qapi_runtime::Command for BlockDirtyBitmapMergeArguments {
     const NAME: &'static str = "block-dirty-bitmap-merge";
     type Returns = ();
@@ -649,7 +444,7 @@ impl ::qapi_runtime::Command for BlockDirtyBitmapMergeArguments {
 /// **Since:** 1.1
 ///
 /// The arguments of command `query-block-jobs` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueryBlockJobsArguments {}
 impl QueryBlockJobsArguments {
     /// A value with the mandatory members given and every optional member absent.
@@ -657,17 +452,10 @@ impl QueryBlockJobsArguments {
         Self {}
     }
 }
-impl ::qapi_runtime::input::ReadMembers for QueryBlockJobsArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {})
-    }
-}
-::qapi_runtime::impl_object!(QueryBlockJobsArguments);
+::qapi_runtime::impl_object!(QueryBlockJobsArguments {});
 impl ::qapi_runtime::Command for QueryBlockJobsArguments {
     const NAME: &'static str = "query-block-jobs";
-    type Returns = ::std::vec::Vec<BlockJobInfo>;
+    type Returns = Vec<BlockJobInfo>;
     const ALLOW_PRECONFIG: bool = true;
 }
 /// Change a block job's rate limit.
@@ -679,37 +467,26 @@ impl ::qapi_runtime::Command for QueryBlockJobsArguments {
 /// **Since:** 1.1
 ///
 /// The arguments of command `block-job-set-speed` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobSetSpeedArguments {
     /// the job's id
-    pub device: ::std::string::String,
+    pub device: String,
     /// the new limit in bytes per second, 0 for none; must not be
     /// negative
     pub speed: i64,
 }
 impl BlockJobSetSpeedArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        device: impl ::std::convert::Into<::std::string::String>,
-        speed: i64,
-    ) -> Self {
+    pub fn new(device: impl Into<String>, speed: i64) -> Self {
         Self {
             device: device.into(),
             speed,
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobSetSpeedArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            device: object.required("device")?,
-            speed: object.required("speed")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobSetSpeedArguments);
+::qapi_runtime::impl_object!(
+    BlockJobSetSpeedArguments { device("device"), speed("speed") }
+);
 impl ::qapi_runtime::Command for BlockJobSetSpeedArguments {
     const NAME: &'static str = "block-job-set-speed";
     type Returns = ();
@@ -730,35 +507,26 @@ impl ::qapi_runtime::Command for BlockJobSetSpeedArguments {
 /// **Since:** 1.1
 ///
 /// The arguments of command `block-job-cancel` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobCancelArguments {
     /// the job's id
-    pub device: ::std::string::String,
+    pub device: String,
     /// cancel even a paused job, and cancel a `ready` job without
     /// completing it (default: false; since 1.3)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub force: ::std::option::Option<bool>,
+    pub force: Option<bool>,
 }
 impl BlockJobCancelArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(device: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(device: impl Into<String>) -> Self {
         Self {
             device: device.into(),
             force: None,
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobCancelArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            device: object.required("device")?,
-            force: object.optional("force")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobCancelArguments);
+::qapi_runtime::impl_object!(
+    BlockJobCancelArguments { device("device"), optional force("force") }
+);
 impl ::qapi_runtime::Command for BlockJobCancelArguments {
     const NAME: &'static str = "block-job-cancel";
     type Returns = ();
@@ -773,27 +541,18 @@ impl ::qapi_runtime::Command for BlockJobCancelArguments {
 /// **Since:** 1.3
 ///
 /// The arguments of command `block-job-pause` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobPauseArguments {
     /// the job's id
-    pub device: ::std::string::String,
+    pub device: String,
 }
 impl BlockJobPauseArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(device: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(device: impl Into<String>) -> Self {
         Self { device: device.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobPauseArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            device: object.required("device")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobPauseArguments);
+::qapi_runtime::impl_object!(BlockJobPauseArguments { device("device") });
 impl ::qapi_runtime::Command for BlockJobPauseArguments {
     const NAME: &'static str = "block-job-pause";
     type Returns = ();
@@ -808,27 +567,18 @@ impl ::qapi_runtime::Command for BlockJobPauseArguments {
 /// **Since:** 1.3
 ///
 /// The arguments of command `block-job-resume` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobResumeArguments {
     /// the job's id
-    pub device: ::std::string::String,
+    pub device: String,
 }
 impl BlockJobResumeArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(device: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(device: impl Into<String>) -> Self {
         Self { device: device.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobResumeArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            device: object.required("device")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobResumeArguments);
+::qapi_runtime::impl_object!(BlockJobResumeArguments { device("device") });
 impl ::qapi_runtime::Command for BlockJobResumeArguments {
     const NAME: &'static str = "block-job-resume";
     type Returns = ();
@@ -844,27 +594,18 @@ impl ::qapi_runtime::Command for BlockJobResumeArguments {
 /// **Since:** 1.3
 ///
 /// The arguments of command `block-job-complete` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobCompleteArguments {
     /// the job's id
-    pub device: ::std::string::String,
+    pub device: String,
 }
 impl BlockJobCompleteArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(device: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(device: impl Into<String>) -> Self {
         Self { device: device.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobCompleteArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            device: object.required("device")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobCompleteArguments);
+::qapi_runtime::impl_object!(BlockJobCompleteArguments { device("device") });
 impl ::qapi_runtime::Command for BlockJobCompleteArguments {
     const NAME: &'static str = "block-job-complete";
     type Returns = ();
@@ -879,25 +620,18 @@ impl ::qapi_runtime::Command for BlockJobCompleteArguments {
 /// **Since:** 2.12
 ///
 /// The arguments of command `block-job-dismiss` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobDismissArguments {
     /// the job's id
-    pub id: ::std::string::String,
+    pub id: String,
 }
 impl BlockJobDismissArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(id: impl Into<String>) -> Self {
         Self { id: id.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobDismissArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self { id: object.required("id")? })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobDismissArguments);
+::qapi_runtime::impl_object!(BlockJobDismissArguments { id("id") });
 impl ::qapi_runtime::Command for BlockJobDismissArguments {
     const NAME: &'static str = "block-job-dismiss";
     type Returns = ();
@@ -915,25 +649,18 @@ impl ::qapi_runtime::Command for BlockJobDismissArguments {
 /// **Since:** 2.12
 ///
 /// The arguments of command `block-job-finalize` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobFinalizeArguments {
     /// the id of a job of the transaction
-    pub id: ::std::string::String,
+    pub id: String,
 }
 impl BlockJobFinalizeArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(id: impl Into<String>) -> Self {
         Self { id: id.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobFinalizeArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self { id: object.required("id")? })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobFinalizeArguments);
+::qapi_runtime::impl_object!(BlockJobFinalizeArguments { id("id") });
 impl ::qapi_runtime::Command for BlockJobFinalizeArguments {
     const NAME: &'static str = "block-job-finalize";
     type Returns = ();
@@ -944,23 +671,9 @@ impl ::qapi_runtime::Command for BlockJobFinalizeArguments {
 /// **Since:** 8.2
 ///
 /// The arguments of command `block-job-change` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobChangeArguments(pub BlockJobChangeOptions);
-impl ::std::convert::From<BlockJobChangeOptions> for BlockJobChangeArguments {
-    fn from(arguments: BlockJobChangeOptions) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockJobChangeArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockJobChangeArguments);
+::qapi_runtime::impl_newtype!(BlockJobChangeArguments(BlockJobChangeOptions));
 impl ::qapi_runtime::Command for BlockJobChangeArguments {
     const NAME: &'static str = "block-job-change";
     type Returns = ();
@@ -977,23 +690,9 @@ impl ::qapi_runtime::Command for BlockJobChangeArguments {
 /// **Since:** 2.3
 ///
 /// The arguments of command `blockdev-backup` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevBackupArguments(pub BlockdevBackup);
-impl ::std::convert::From<BlockdevBackup> for BlockdevBackupArguments {
-    fn from(arguments: BlockdevBackup) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockdevBackupArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockdevBackupArguments);
+::qapi_runtime::impl_newtype!(BlockdevBackupArguments(BlockdevBackup));
 impl ::qapi_runtime::Command for BlockdevBackupArguments {
     const NAME: &'static str = "blockdev-backup";
     type Returns = ();
@@ -1012,23 +711,9 @@ impl ::qapi_runtime::Command for BlockdevBackupArguments {
 /// - `deprecated`: use `blockdev-add` to open the target and `blockdev-backup` instead
 ///
 /// The arguments of command `drive-backup` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DriveBackupArguments(pub DriveBackup);
-impl ::std::convert::From<DriveBackup> for DriveBackupArguments {
-    fn from(arguments: DriveBackup) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for DriveBackupArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(DriveBackupArguments);
+::qapi_runtime::impl_newtype!(DriveBackupArguments(DriveBackup));
 impl ::qapi_runtime::Command for DriveBackupArguments {
     const NAME: &'static str = "drive-backup";
     type Returns = ();
@@ -1042,71 +727,52 @@ impl ::qapi_runtime::Command for DriveBackupArguments {
 /// **Since:** 2.6
 ///
 /// The arguments of command `blockdev-mirror` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevMirrorArguments {
     /// the new job's id.  As with `blockdev-backup`, it must be
     /// given in this daemon.
-    #[serde(rename = "job-id")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub job_id: ::std::option::Option<::std::string::String>,
+    pub job_id: Option<String>,
     /// the node to mirror
-    pub device: ::std::string::String,
+    pub device: String,
     /// the node to write
-    pub target: ::std::string::String,
+    pub target: String,
     /// the node the target replaces on completion, when not
     /// `device` itself (since 2.3)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub replaces: ::std::option::Option<::std::string::String>,
+    pub replaces: Option<String>,
     /// which data to copy: full, top or none
     pub sync: MirrorSyncMode,
     /// the rate limit in bytes per second (default: 0, none)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub speed: ::std::option::Option<i64>,
+    pub speed: Option<i64>,
     /// bytes per bit of the job's dirty bitmap, a power of
     /// two from 512 to 64 MiB (default: the target's cluster size, but
     /// at least 4 KiB, when it has one; 64 KiB otherwise)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub granularity: ::std::option::Option<u32>,
+    pub granularity: Option<u32>,
     /// the most bytes in flight at once (default: 16 MiB)
-    #[serde(rename = "buf-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub buf_size: ::std::option::Option<i64>,
+    pub buf_size: Option<i64>,
     /// what to do when reading the source fails
     /// (default: report)
-    #[serde(rename = "on-source-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_source_error: ::std::option::Option<BlockdevOnError>,
+    pub on_source_error: Option<BlockdevOnError>,
     /// what to do when writing the target fails
     /// (default: report)
-    #[serde(rename = "on-target-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_target_error: ::std::option::Option<BlockdevOnError>,
+    pub on_target_error: Option<BlockdevOnError>,
     /// the node name of the filter the job inserts
     /// above `device` (default: generated; since 2.9)
-    #[serde(rename = "filter-node-name")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub filter_node_name: ::std::option::Option<::std::string::String>,
+    pub filter_node_name: Option<String>,
     /// when writes to the source are copied (default:
     /// background; since 3.0)
-    #[serde(rename = "copy-mode")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub copy_mode: ::std::option::Option<MirrorCopyMode>,
+    pub copy_mode: Option<MirrorCopyMode>,
     /// finalize by itself on reaching pending (default:
     /// true; since 3.1)
-    #[serde(rename = "auto-finalize")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_finalize: ::std::option::Option<bool>,
+    pub auto_finalize: Option<bool>,
     /// disappear by itself once concluded (default: true;
     /// since 3.1)
-    #[serde(rename = "auto-dismiss")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_dismiss: ::std::option::Option<bool>,
+    pub auto_dismiss: Option<bool>,
 }
 impl BlockdevMirrorArguments {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        device: impl ::std::convert::Into<::std::string::String>,
-        target: impl ::std::convert::Into<::std::string::String>,
+        device: impl Into<String>,
+        target: impl Into<String>,
         sync: MirrorSyncMode,
     ) -> Self {
         Self {
@@ -1127,29 +793,15 @@ impl BlockdevMirrorArguments {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevMirrorArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            job_id: object.optional("job-id")?,
-            device: object.required("device")?,
-            target: object.required("target")?,
-            replaces: object.optional("replaces")?,
-            sync: object.required("sync")?,
-            speed: object.optional("speed")?,
-            granularity: object.optional("granularity")?,
-            buf_size: object.optional("buf-size")?,
-            on_source_error: object.optional("on-source-error")?,
-            on_target_error: object.optional("on-target-error")?,
-            filter_node_name: object.optional("filter-node-name")?,
-            copy_mode: object.optional("copy-mode")?,
-            auto_finalize: object.optional("auto-finalize")?,
-            auto_dismiss: object.optional("auto-dismiss")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevMirrorArguments);
+::qapi_runtime::impl_object!(
+    BlockdevMirrorArguments { optional job_id("job-id"), device("device"),
+    target("target"), optional replaces("replaces"), sync("sync"), optional
+    speed("speed"), optional granularity("granularity"), optional buf_size("buf-size"),
+    optional on_source_error("on-source-error"), optional
+    on_target_error("on-target-error"), optional filter_node_name("filter-node-name"),
+    optional copy_mode("copy-mode"), optional auto_finalize("auto-finalize"), optional
+    auto_dismiss("auto-dismiss") }
+);
 impl ::qapi_runtime::Command for BlockdevMirrorArguments {
     const NAME: &'static str = "blockdev-mirror";
     type Returns = ();
@@ -1164,23 +816,9 @@ impl ::qapi_runtime::Command for BlockdevMirrorArguments {
 /// **Since:** 1.3
 ///
 /// The arguments of command `drive-mirror` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DriveMirrorArguments(pub DriveMirror);
-impl ::std::convert::From<DriveMirror> for DriveMirrorArguments {
-    fn from(arguments: DriveMirror) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for DriveMirrorArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(DriveMirrorArguments);
+::qapi_runtime::impl_newtype!(DriveMirrorArguments(DriveMirror));
 impl ::qapi_runtime::Command for DriveMirrorArguments {
     const NAME: &'static str = "drive-mirror";
     type Returns = ();
@@ -1197,23 +835,9 @@ impl ::qapi_runtime::Command for DriveMirrorArguments {
 /// **Since:** 0.14
 ///
 /// The arguments of command `blockdev-snapshot-sync` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevSnapshotSyncArguments(pub BlockdevSnapshotSync);
-impl ::std::convert::From<BlockdevSnapshotSync> for BlockdevSnapshotSyncArguments {
-    fn from(arguments: BlockdevSnapshotSync) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockdevSnapshotSyncArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockdevSnapshotSyncArguments);
+::qapi_runtime::impl_newtype!(BlockdevSnapshotSyncArguments(BlockdevSnapshotSync));
 impl ::qapi_runtime::Command for BlockdevSnapshotSyncArguments {
     const NAME: &'static str = "blockdev-snapshot-sync";
     type Returns = ();
@@ -1228,23 +852,9 @@ impl ::qapi_runtime::Command for BlockdevSnapshotSyncArguments {
 /// - `allow-write-only-overlay`: the overlay need not be readable when the snapshot is taken, as long as it will be consistent before the guest reads from it (since 5.0)
 ///
 /// The arguments of command `blockdev-snapshot` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevSnapshotArguments(pub BlockdevSnapshot);
-impl ::std::convert::From<BlockdevSnapshot> for BlockdevSnapshotArguments {
-    fn from(arguments: BlockdevSnapshot) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockdevSnapshotArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockdevSnapshotArguments);
+::qapi_runtime::impl_newtype!(BlockdevSnapshotArguments(BlockdevSnapshot));
 impl ::qapi_runtime::Command for BlockdevSnapshotArguments {
     const NAME: &'static str = "blockdev-snapshot";
     type Returns = ();
@@ -1262,24 +872,11 @@ impl ::qapi_runtime::Command for BlockdevSnapshotArguments {
 /// **Since:** 1.7
 ///
 /// The arguments of command `blockdev-snapshot-internal-sync` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevSnapshotInternalSyncArguments(pub BlockdevSnapshotInternal);
-impl ::std::convert::From<BlockdevSnapshotInternal>
-for BlockdevSnapshotInternalSyncArguments {
-    fn from(arguments: BlockdevSnapshotInternal) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockdevSnapshotInternalSyncArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockdevSnapshotInternalSyncArguments);
+::qapi_runtime::impl_newtype!(
+    BlockdevSnapshotInternalSyncArguments(BlockdevSnapshotInternal)
+);
 impl ::qapi_runtime::Command for BlockdevSnapshotInternalSyncArguments {
     const NAME: &'static str = "blockdev-snapshot-internal-sync";
     type Returns = ();
@@ -1302,31 +899,22 @@ impl ::qapi_runtime::Command for BlockdevSnapshotInternalSyncArguments {
 /// **Since:** 1.1
 ///
 /// The arguments of command `transaction` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TransactionArguments {
     /// the actions, in the order they are prepared
-    pub actions: ::std::vec::Vec<TransactionAction>,
+    pub actions: Vec<TransactionAction>,
     /// options for the whole transaction (since 2.5)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub properties: ::std::option::Option<TransactionProperties>,
+    pub properties: Option<TransactionProperties>,
 }
 impl TransactionArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(actions: ::std::vec::Vec<TransactionAction>) -> Self {
+    pub fn new(actions: Vec<TransactionAction>) -> Self {
         Self { actions, properties: None }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for TransactionArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            actions: object.required("actions")?,
-            properties: object.optional("properties")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(TransactionArguments);
+::qapi_runtime::impl_object!(
+    TransactionArguments { actions("actions"), optional properties("properties") }
+);
 impl ::qapi_runtime::Command for TransactionArguments {
     const NAME: &'static str = "transaction";
     type Returns = ();
@@ -1341,23 +929,9 @@ impl ::qapi_runtime::Command for TransactionArguments {
 /// **Since:** 1.3
 ///
 /// The arguments of command `nbd-server-start` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NbdServerStartArguments(pub NbdServerOptionsLegacy);
-impl ::std::convert::From<NbdServerOptionsLegacy> for NbdServerStartArguments {
-    fn from(arguments: NbdServerOptionsLegacy) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for NbdServerStartArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(NbdServerStartArguments);
+::qapi_runtime::impl_newtype!(NbdServerStartArguments(NbdServerOptionsLegacy));
 impl ::qapi_runtime::Command for NbdServerStartArguments {
     const NAME: &'static str = "nbd-server-start";
     type Returns = ();
@@ -1368,7 +942,7 @@ impl ::qapi_runtime::Command for NbdServerStartArguments {
 /// **Since:** 1.3
 ///
 /// The arguments of command `nbd-server-stop` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NbdServerStopArguments {}
 impl NbdServerStopArguments {
     /// A value with the mandatory members given and every optional member absent.
@@ -1376,14 +950,7 @@ impl NbdServerStopArguments {
         Self {}
     }
 }
-impl ::qapi_runtime::input::ReadMembers for NbdServerStopArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {})
-    }
-}
-::qapi_runtime::impl_object!(NbdServerStopArguments);
+::qapi_runtime::impl_object!(NbdServerStopArguments {});
 impl ::qapi_runtime::Command for NbdServerStopArguments {
     const NAME: &'static str = "nbd-server-stop";
     type Returns = ();
@@ -1394,23 +961,9 @@ impl ::qapi_runtime::Command for NbdServerStopArguments {
 /// **Since:** 5.2
 ///
 /// The arguments of command `block-export-add` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockExportAddArguments(pub BlockExportOptions);
-impl ::std::convert::From<BlockExportOptions> for BlockExportAddArguments {
-    fn from(arguments: BlockExportOptions) -> Self {
-        Self(arguments)
-    }
-}
-impl ::qapi_runtime::input::FromQmp for BlockExportAddArguments {
-    fn from_qmp(
-        value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
-    ) -> ::qapi_runtime::Result<Self> {
-        ::qapi_runtime::input::FromQmp::from_qmp(value, path).map(Self)
-    }
-}
-::qapi_runtime::impl_deserialize!(BlockExportAddArguments);
+::qapi_runtime::impl_newtype!(BlockExportAddArguments(BlockExportOptions));
 impl ::qapi_runtime::Command for BlockExportAddArguments {
     const NAME: &'static str = "block-export-add";
     type Returns = ();
@@ -1428,31 +981,22 @@ impl ::qapi_runtime::Command for BlockExportAddArguments {
 /// **Since:** 5.2
 ///
 /// The arguments of command `block-export-del` (its `qapi_runtime::Command`).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockExportDelArguments {
     /// the export's id
-    pub id: ::std::string::String,
+    pub id: String,
     /// what to do about connected clients (default: safe)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub mode: ::std::option::Option<BlockExportRemoveMode>,
+    pub mode: Option<BlockExportRemoveMode>,
 }
 impl BlockExportDelArguments {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(id: impl Into<String>) -> Self {
         Self { id: id.into(), mode: None }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockExportDelArguments {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            id: object.required("id")?,
-            mode: object.optional("mode")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockExportDelArguments);
+::qapi_runtime::impl_object!(
+    BlockExportDelArguments { id("id"), optional mode("mode") }
+);
 impl ::qapi_runtime::Command for BlockExportDelArguments {
     const NAME: &'static str = "block-export-del";
     type Returns = ();
@@ -1467,7 +1011,6 @@ pub trait Commands {
         &mut self,
         args: QmpCapabilitiesArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("qmp_capabilities"))
     }
     /// `query-version`: see [`QueryVersionArguments`].
@@ -1475,9 +1018,7 @@ pub trait Commands {
         Err(::qapi_runtime::QmpError::command_not_found("query-version"))
     }
     /// `query-commands`: see [`QueryCommandsArguments`].
-    fn query_commands(
-        &mut self,
-    ) -> ::qapi_runtime::Result<::std::vec::Vec<CommandInfo>> {
+    fn query_commands(&mut self) -> ::qapi_runtime::Result<Vec<CommandInfo>> {
         Err(::qapi_runtime::QmpError::command_not_found("query-commands"))
     }
     /// `quit`: see [`QuitArguments`].
@@ -1485,24 +1026,19 @@ pub trait Commands {
         Err(::qapi_runtime::QmpError::command_not_found("quit"))
     }
     /// `query-qmp-schema`: see [`QueryQmpSchemaArguments`].
-    fn query_qmp_schema(
-        &mut self,
-    ) -> ::qapi_runtime::Result<::std::vec::Vec<SchemaInfo>> {
+    fn query_qmp_schema(&mut self) -> ::qapi_runtime::Result<Vec<SchemaInfo>> {
         Err(::qapi_runtime::QmpError::command_not_found("query-qmp-schema"))
     }
     /// `job-pause`: see [`JobPauseArguments`].
     fn job_pause(&mut self, args: JobPauseArguments) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("job-pause"))
     }
     /// `job-resume`: see [`JobResumeArguments`].
     fn job_resume(&mut self, args: JobResumeArguments) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("job-resume"))
     }
     /// `job-cancel`: see [`JobCancelArguments`].
     fn job_cancel(&mut self, args: JobCancelArguments) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("job-cancel"))
     }
     /// `job-complete`: see [`JobCompleteArguments`].
@@ -1510,12 +1046,10 @@ pub trait Commands {
         &mut self,
         args: JobCompleteArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("job-complete"))
     }
     /// `job-dismiss`: see [`JobDismissArguments`].
     fn job_dismiss(&mut self, args: JobDismissArguments) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("job-dismiss"))
     }
     /// `job-finalize`: see [`JobFinalizeArguments`].
@@ -1523,24 +1057,21 @@ pub trait Commands {
         &mut self,
         args: JobFinalizeArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("job-finalize"))
     }
     /// `query-jobs`: see [`QueryJobsArguments`].
-    fn query_jobs(&mut self) -> ::qapi_runtime::Result<::std::vec::Vec<JobInfo>> {
+    fn query_jobs(&mut self) -> ::qapi_runtime::Result<Vec<JobInfo>> {
         Err(::qapi_runtime::QmpError::command_not_found("query-jobs"))
     }
     /// `query-named-block-nodes`: see [`QueryNamedBlockNodesArguments`].
     fn query_named_block_nodes(
         &mut self,
         args: QueryNamedBlockNodesArguments,
-    ) -> ::qapi_runtime::Result<::std::vec::Vec<BlockDeviceInfo>> {
-        let _ = args;
+    ) -> ::qapi_runtime::Result<Vec<BlockDeviceInfo>> {
         Err(::qapi_runtime::QmpError::command_not_found("query-named-block-nodes"))
     }
     /// `blockdev-add`: see [`BlockdevAddArguments`].
     fn blockdev_add(&mut self, args: BlockdevOptions) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("blockdev-add"))
     }
     /// `blockdev-del`: see [`BlockdevDelArguments`].
@@ -1548,7 +1079,6 @@ pub trait Commands {
         &mut self,
         args: BlockdevDelArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("blockdev-del"))
     }
     /// `block-dirty-bitmap-add`: see [`BlockDirtyBitmapAddArguments`].
@@ -1556,7 +1086,6 @@ pub trait Commands {
         &mut self,
         args: BlockDirtyBitmapAdd,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-dirty-bitmap-add"))
     }
     /// `block-dirty-bitmap-remove`: see [`BlockDirtyBitmapRemoveArguments`].
@@ -1564,7 +1093,6 @@ pub trait Commands {
         &mut self,
         args: BlockDirtyBitmap,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-dirty-bitmap-remove"))
     }
     /// `block-dirty-bitmap-clear`: see [`BlockDirtyBitmapClearArguments`].
@@ -1572,7 +1100,6 @@ pub trait Commands {
         &mut self,
         args: BlockDirtyBitmap,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-dirty-bitmap-clear"))
     }
     /// `block-dirty-bitmap-enable`: see [`BlockDirtyBitmapEnableArguments`].
@@ -1580,7 +1107,6 @@ pub trait Commands {
         &mut self,
         args: BlockDirtyBitmap,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-dirty-bitmap-enable"))
     }
     /// `block-dirty-bitmap-disable`: see [`BlockDirtyBitmapDisableArguments`].
@@ -1588,7 +1114,6 @@ pub trait Commands {
         &mut self,
         args: BlockDirtyBitmap,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-dirty-bitmap-disable"))
     }
     /// `block-dirty-bitmap-merge`: see [`BlockDirtyBitmapMergeArguments`].
@@ -1596,13 +1121,10 @@ pub trait Commands {
         &mut self,
         args: BlockDirtyBitmapMerge,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-dirty-bitmap-merge"))
     }
     /// `query-block-jobs`: see [`QueryBlockJobsArguments`].
-    fn query_block_jobs(
-        &mut self,
-    ) -> ::qapi_runtime::Result<::std::vec::Vec<BlockJobInfo>> {
+    fn query_block_jobs(&mut self) -> ::qapi_runtime::Result<Vec<BlockJobInfo>> {
         Err(::qapi_runtime::QmpError::command_not_found("query-block-jobs"))
     }
     /// `block-job-set-speed`: see [`BlockJobSetSpeedArguments`].
@@ -1610,7 +1132,6 @@ pub trait Commands {
         &mut self,
         args: BlockJobSetSpeedArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-job-set-speed"))
     }
     /// `block-job-cancel`: see [`BlockJobCancelArguments`].
@@ -1618,7 +1139,6 @@ pub trait Commands {
         &mut self,
         args: BlockJobCancelArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-job-cancel"))
     }
     /// `block-job-pause`: see [`BlockJobPauseArguments`].
@@ -1626,7 +1146,6 @@ pub trait Commands {
         &mut self,
         args: BlockJobPauseArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-job-pause"))
     }
     /// `block-job-resume`: see [`BlockJobResumeArguments`].
@@ -1634,7 +1153,6 @@ pub trait Commands {
         &mut self,
         args: BlockJobResumeArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-job-resume"))
     }
     /// `block-job-complete`: see [`BlockJobCompleteArguments`].
@@ -1642,7 +1160,6 @@ pub trait Commands {
         &mut self,
         args: BlockJobCompleteArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-job-complete"))
     }
     /// `block-job-dismiss`: see [`BlockJobDismissArguments`].
@@ -1650,7 +1167,6 @@ pub trait Commands {
         &mut self,
         args: BlockJobDismissArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-job-dismiss"))
     }
     /// `block-job-finalize`: see [`BlockJobFinalizeArguments`].
@@ -1658,7 +1174,6 @@ pub trait Commands {
         &mut self,
         args: BlockJobFinalizeArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-job-finalize"))
     }
     /// `block-job-change`: see [`BlockJobChangeArguments`].
@@ -1666,18 +1181,15 @@ pub trait Commands {
         &mut self,
         args: BlockJobChangeOptions,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-job-change"))
     }
     /// `blockdev-backup`: see [`BlockdevBackupArguments`].
     fn blockdev_backup(&mut self, args: BlockdevBackup) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("blockdev-backup"))
     }
     /// `drive-backup`: see [`DriveBackupArguments`].
     #[deprecated]
     fn drive_backup(&mut self, args: DriveBackup) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("drive-backup"))
     }
     /// `blockdev-mirror`: see [`BlockdevMirrorArguments`].
@@ -1685,12 +1197,10 @@ pub trait Commands {
         &mut self,
         args: BlockdevMirrorArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("blockdev-mirror"))
     }
     /// `drive-mirror`: see [`DriveMirrorArguments`].
     fn drive_mirror(&mut self, args: DriveMirror) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("drive-mirror"))
     }
     /// `blockdev-snapshot-sync`: see [`BlockdevSnapshotSyncArguments`].
@@ -1698,7 +1208,6 @@ pub trait Commands {
         &mut self,
         args: BlockdevSnapshotSync,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("blockdev-snapshot-sync"))
     }
     /// `blockdev-snapshot`: see [`BlockdevSnapshotArguments`].
@@ -1706,7 +1215,6 @@ pub trait Commands {
         &mut self,
         args: BlockdevSnapshot,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("blockdev-snapshot"))
     }
     /// `blockdev-snapshot-internal-sync`: see [`BlockdevSnapshotInternalSyncArguments`].
@@ -1714,7 +1222,6 @@ pub trait Commands {
         &mut self,
         args: BlockdevSnapshotInternal,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(
             ::qapi_runtime::QmpError::command_not_found(
                 "blockdev-snapshot-internal-sync",
@@ -1723,7 +1230,6 @@ pub trait Commands {
     }
     /// `transaction`: see [`TransactionArguments`].
     fn transaction(&mut self, args: TransactionArguments) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("transaction"))
     }
     /// `nbd-server-start`: see [`NbdServerStartArguments`].
@@ -1731,7 +1237,6 @@ pub trait Commands {
         &mut self,
         args: NbdServerOptionsLegacy,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("nbd-server-start"))
     }
     /// `nbd-server-stop`: see [`NbdServerStopArguments`].
@@ -1743,7 +1248,6 @@ pub trait Commands {
         &mut self,
         args: BlockExportOptions,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-export-add"))
     }
     /// `block-export-del`: see [`BlockExportDelArguments`].
@@ -1751,7 +1255,6 @@ pub trait Commands {
         &mut self,
         args: BlockExportDelArguments,
     ) -> ::qapi_runtime::Result<()> {
-        let _ = args;
         Err(::qapi_runtime::QmpError::command_not_found("block-export-del"))
     }
 }
@@ -1761,327 +1264,293 @@ pub trait Commands {
 pub fn dispatch(
     handler: &mut impl Commands,
     name: &str,
-    arguments: ::std::option::Option<
-        ::serde_json::Map<::std::string::String, ::serde_json::Value>,
-    >,
+    arguments: Option<::serde_json::Map<String, ::serde_json::Value>>,
 ) -> ::qapi_runtime::Result<::serde_json::Value> {
     let arguments = ::serde_json::Value::Object(arguments.unwrap_or_default());
-    let path = &mut ::qapi_runtime::input::QmpPath::root();
+    let path = &mut ::qapi_runtime::QmpPath::root();
     match name {
         "qmp_capabilities" => {
-            let args = <QmpCapabilitiesArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.qmp_capabilities(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .qmp_capabilities(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "query-version" => {
-            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
-            let ret = handler.query_version()?;
-            ::qapi_runtime::wire::reply(&ret)
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_version()?)
         }
         "query-commands" => {
-            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
-            let ret = handler.query_commands()?;
-            ::qapi_runtime::wire::reply(&ret)
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_commands()?)
         }
         "quit" => {
-            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
-            let ret = handler.quit()?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply_empty(handler.quit()?)
         }
         "query-qmp-schema" => {
-            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
-            let ret = handler.query_qmp_schema()?;
-            ::qapi_runtime::wire::reply(&ret)
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_qmp_schema()?)
         }
         "job-pause" => {
-            let args = <JobPauseArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.job_pause(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler.job_pause(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
         }
         "job-resume" => {
-            let args = <JobResumeArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.job_resume(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler.job_resume(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
         }
         "job-cancel" => {
-            let args = <JobCancelArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.job_cancel(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler.job_cancel(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
         }
         "job-complete" => {
-            let args = <JobCompleteArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.job_complete(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .job_complete(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
         }
         "job-dismiss" => {
-            let args = <JobDismissArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.job_dismiss(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .job_dismiss(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
         }
         "job-finalize" => {
-            let args = <JobFinalizeArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.job_finalize(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .job_finalize(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
         }
         "query-jobs" => {
-            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
-            let ret = handler.query_jobs()?;
-            ::qapi_runtime::wire::reply(&ret)
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_jobs()?)
         }
         "query-named-block-nodes" => {
-            let args = <QueryNamedBlockNodesArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.query_named_block_nodes(args)?;
-            ::qapi_runtime::wire::reply(&ret)
+            ::qapi_runtime::wire::reply(
+                handler
+                    .query_named_block_nodes(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "blockdev-add" => {
-            let args = <BlockdevOptions as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.blockdev_add(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_add(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
         }
         "blockdev-del" => {
-            let args = <BlockdevDelArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.blockdev_del(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_del(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
         }
         "block-dirty-bitmap-add" => {
-            let args = <BlockDirtyBitmapAdd as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_dirty_bitmap_add(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_dirty_bitmap_add(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-dirty-bitmap-remove" => {
-            let args = <BlockDirtyBitmap as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_dirty_bitmap_remove(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_dirty_bitmap_remove(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-dirty-bitmap-clear" => {
-            let args = <BlockDirtyBitmap as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_dirty_bitmap_clear(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_dirty_bitmap_clear(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-dirty-bitmap-enable" => {
-            let args = <BlockDirtyBitmap as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_dirty_bitmap_enable(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_dirty_bitmap_enable(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-dirty-bitmap-disable" => {
-            let args = <BlockDirtyBitmap as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_dirty_bitmap_disable(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_dirty_bitmap_disable(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-dirty-bitmap-merge" => {
-            let args = <BlockDirtyBitmapMerge as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_dirty_bitmap_merge(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_dirty_bitmap_merge(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "query-block-jobs" => {
-            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
-            let ret = handler.query_block_jobs()?;
-            ::qapi_runtime::wire::reply(&ret)
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_block_jobs()?)
         }
         "block-job-set-speed" => {
-            let args = <BlockJobSetSpeedArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_job_set_speed(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_job_set_speed(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-job-cancel" => {
-            let args = <BlockJobCancelArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_job_cancel(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_job_cancel(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-job-pause" => {
-            let args = <BlockJobPauseArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_job_pause(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_job_pause(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-job-resume" => {
-            let args = <BlockJobResumeArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_job_resume(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_job_resume(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-job-complete" => {
-            let args = <BlockJobCompleteArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_job_complete(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_job_complete(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-job-dismiss" => {
-            let args = <BlockJobDismissArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_job_dismiss(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_job_dismiss(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-job-finalize" => {
-            let args = <BlockJobFinalizeArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_job_finalize(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_job_finalize(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-job-change" => {
-            let args = <BlockJobChangeOptions as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_job_change(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_job_change(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "blockdev-backup" => {
-            let args = <BlockdevBackup as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.blockdev_backup(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_backup(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "drive-backup" => {
-            let args = <DriveBackup as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.drive_backup(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .drive_backup(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
         }
         "blockdev-mirror" => {
-            let args = <BlockdevMirrorArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.blockdev_mirror(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_mirror(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "drive-mirror" => {
-            let args = <DriveMirror as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.drive_mirror(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .drive_mirror(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
         }
         "blockdev-snapshot-sync" => {
-            let args = <BlockdevSnapshotSync as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.blockdev_snapshot_sync(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_snapshot_sync(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "blockdev-snapshot" => {
-            let args = <BlockdevSnapshot as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.blockdev_snapshot(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_snapshot(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "blockdev-snapshot-internal-sync" => {
-            let args = <BlockdevSnapshotInternal as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.blockdev_snapshot_internal_sync(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_snapshot_internal_sync(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "transaction" => {
-            let args = <TransactionArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.transaction(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .transaction(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
         }
         "nbd-server-start" => {
-            let args = <NbdServerOptionsLegacy as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.nbd_server_start(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .nbd_server_start(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "nbd-server-stop" => {
-            <() as ::qapi_runtime::input::FromQmp>::from_qmp(&arguments, path)?;
-            let ret = handler.nbd_server_stop()?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply_empty(handler.nbd_server_stop()?)
         }
         "block-export-add" => {
-            let args = <BlockExportOptions as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_export_add(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_export_add(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         "block-export-del" => {
-            let args = <BlockExportDelArguments as ::qapi_runtime::input::FromQmp>::from_qmp(
-                &arguments,
-                path,
-            )?;
-            let ret = handler.block_export_del(args)?;
-            ::qapi_runtime::wire::reply_empty(ret)
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_export_del(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
         }
         _ => Err(::qapi_runtime::QmpError::command_not_found(name)),
     }
@@ -2134,6 +1603,6 @@ pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
 /// The properties of command `name`, if the schema has it.
 pub fn command_properties(
     name: &str,
-) -> ::std::option::Option<&'static ::qapi_runtime::CommandProperties> {
+) -> Option<&'static ::qapi_runtime::CommandProperties> {
     COMMANDS.iter().find(|c| c.name == name)
 }

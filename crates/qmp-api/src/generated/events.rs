@@ -10,40 +10,27 @@
 )]
 use super::types::*;
 /// Data of event `JOB_STATUS_CHANGE`.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobStatusChangeData {
     /// the job's identifier
-    pub id: ::std::string::String,
+    pub id: String,
     /// the status the job has just entered
     pub status: BlockJobStatus,
 }
 impl JobStatusChangeData {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        id: impl ::std::convert::Into<::std::string::String>,
-        status: BlockJobStatus,
-    ) -> Self {
+    pub fn new(id: impl Into<String>, status: BlockJobStatus) -> Self {
         Self { id: id.into(), status }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for JobStatusChangeData {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            id: object.required("id")?,
-            status: object.required("status")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(JobStatusChangeData);
+::qapi_runtime::impl_object!(JobStatusChangeData { id("id"), status("status") });
 /// Data of event `BLOCK_JOB_COMPLETED`.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobCompletedData {
     /// what kind of job it was
     pub r#type: JobType,
     /// the job's id
-    pub device: ::std::string::String,
+    pub device: String,
     /// the whole work, in bytes
     pub len: i64,
     /// how much of it was done
@@ -51,14 +38,13 @@ pub struct BlockJobCompletedData {
     /// the rate limit, 0 for none
     pub speed: i64,
     /// present when the job failed, with a human-readable reason
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub error: ::std::option::Option<::std::string::String>,
+    pub error: Option<String>,
 }
 impl BlockJobCompletedData {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
         r#type: JobType,
-        device: impl ::std::convert::Into<::std::string::String>,
+        device: impl Into<String>,
         len: i64,
         offset: i64,
         speed: i64,
@@ -73,28 +59,17 @@ impl BlockJobCompletedData {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobCompletedData {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            r#type: object.required("type")?,
-            device: object.required("device")?,
-            len: object.required("len")?,
-            offset: object.required("offset")?,
-            speed: object.required("speed")?,
-            error: object.optional("error")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobCompletedData);
+::qapi_runtime::impl_object!(
+    BlockJobCompletedData { r#type("type"), device("device"), len("len"),
+    offset("offset"), speed("speed"), optional error("error") }
+);
 /// Data of event `BLOCK_JOB_CANCELLED`.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobCancelledData {
     /// what kind of job it was
     pub r#type: JobType,
     /// the job's id
-    pub device: ::std::string::String,
+    pub device: String,
     /// the whole work, in bytes
     pub len: i64,
     /// how much of it was done
@@ -106,7 +81,7 @@ impl BlockJobCancelledData {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
         r#type: JobType,
-        device: impl ::std::convert::Into<::std::string::String>,
+        device: impl Into<String>,
         len: i64,
         offset: i64,
         speed: i64,
@@ -120,25 +95,15 @@ impl BlockJobCancelledData {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobCancelledData {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            r#type: object.required("type")?,
-            device: object.required("device")?,
-            len: object.required("len")?,
-            offset: object.required("offset")?,
-            speed: object.required("speed")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobCancelledData);
+::qapi_runtime::impl_object!(
+    BlockJobCancelledData { r#type("type"), device("device"), len("len"),
+    offset("offset"), speed("speed") }
+);
 /// Data of event `BLOCK_JOB_ERROR`.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobErrorData {
     /// the job's id
-    pub device: ::std::string::String,
+    pub device: String,
     /// whether it was a read or a write
     pub operation: IoOperationType,
     /// what the job did about it
@@ -147,7 +112,7 @@ pub struct BlockJobErrorData {
 impl BlockJobErrorData {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        device: impl ::std::convert::Into<::std::string::String>,
+        device: impl Into<String>,
         operation: IoOperationType,
         action: BlockErrorAction,
     ) -> Self {
@@ -158,25 +123,16 @@ impl BlockJobErrorData {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobErrorData {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            device: object.required("device")?,
-            operation: object.required("operation")?,
-            action: object.required("action")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobErrorData);
+::qapi_runtime::impl_object!(
+    BlockJobErrorData { device("device"), operation("operation"), action("action") }
+);
 /// Data of event `BLOCK_JOB_READY`.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobReadyData {
     /// what kind of job it is
     pub r#type: JobType,
     /// the job's id
-    pub device: ::std::string::String,
+    pub device: String,
     /// the work so far, in bytes
     pub len: i64,
     /// how much of it is done
@@ -188,7 +144,7 @@ impl BlockJobReadyData {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
         r#type: JobType,
-        device: impl ::std::convert::Into<::std::string::String>,
+        device: impl Into<String>,
         len: i64,
         offset: i64,
         speed: i64,
@@ -202,68 +158,38 @@ impl BlockJobReadyData {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobReadyData {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            r#type: object.required("type")?,
-            device: object.required("device")?,
-            len: object.required("len")?,
-            offset: object.required("offset")?,
-            speed: object.required("speed")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobReadyData);
+::qapi_runtime::impl_object!(
+    BlockJobReadyData { r#type("type"), device("device"), len("len"), offset("offset"),
+    speed("speed") }
+);
 /// Data of event `BLOCK_JOB_PENDING`.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobPendingData {
     /// what kind of job it is
     pub r#type: JobType,
     /// the job's id
-    pub id: ::std::string::String,
+    pub id: String,
 }
 impl BlockJobPendingData {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        r#type: JobType,
-        id: impl ::std::convert::Into<::std::string::String>,
-    ) -> Self {
+    pub fn new(r#type: JobType, id: impl Into<String>) -> Self {
         Self { r#type, id: id.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobPendingData {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            r#type: object.required("type")?,
-            id: object.required("id")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobPendingData);
+::qapi_runtime::impl_object!(BlockJobPendingData { r#type("type"), id("id") });
 /// Data of event `BLOCK_EXPORT_DELETED`.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockExportDeletedData {
     /// the export's id
-    pub id: ::std::string::String,
+    pub id: String,
 }
 impl BlockExportDeletedData {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(id: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(id: impl Into<String>) -> Self {
         Self { id: id.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockExportDeletedData {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self { id: object.required("id")? })
-    }
-}
-::qapi_runtime::impl_object!(BlockExportDeletedData);
+::qapi_runtime::impl_object!(BlockExportDeletedData { id("id") });
 /// Every event of the schema with its typed data, and the events it does not know.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -326,7 +252,7 @@ impl Event {
         }
     }
     /// The `data` member, `None` for events without data.
-    pub fn data(&self) -> ::std::option::Option<::serde_json::Value> {
+    pub fn data(&self) -> Option<::serde_json::Value> {
         match self {
             Self::JobStatusChange(data) => Some(::qapi_runtime::wire::data(data)),
             Self::BlockJobCompleted(data) => Some(::qapi_runtime::wire::data(data)),
@@ -388,7 +314,7 @@ impl ::qapi_runtime::Event for Event {
     fn name(&self) -> &str {
         self.name()
     }
-    fn data(&self) -> ::std::option::Option<::serde_json::Value> {
+    fn data(&self) -> Option<::serde_json::Value> {
         self.data()
     }
     fn from_wire(message: &::serde_json::Value) -> ::qapi_runtime::Result<Self> {

@@ -21,27 +21,9 @@ pub enum IoOperationType {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl IoOperationType {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Read, Self::Write];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Read => "read",
-            Self::Write => "write",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for IoOperationType {
-    const NAME: &'static str = "IoOperationType";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(IoOperationType);
+::qapi_runtime::impl_enum!(
+    IoOperationType = "IoOperationType" { Read("read"), Write("write") } UnknownValue
+);
 /// A switch with a third position that lets the daemon decide.
 ///
 /// **Since:** 2.2
@@ -54,102 +36,61 @@ pub enum OnOffAuto {
     /// always disabled
     Off,
 }
-impl OnOffAuto {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Auto, Self::On, Self::Off];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::On => "on",
-            Self::Off => "off",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for OnOffAuto {
-    const NAME: &'static str = "OnOffAuto";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(OnOffAuto);
+::qapi_runtime::impl_enum!(
+    OnOffAuto = "OnOffAuto" { Auto("auto"), On("on"), Off("off") }
+);
 /// A host and port, the part of an IP socket address every user needs.
 ///
 /// **Since:** 1.3
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct InetSocketAddressBase {
     /// host name or IP address
-    pub host: ::std::string::String,
+    pub host: String,
     /// port number or service name
-    pub port: ::std::string::String,
+    pub port: String,
 }
 impl InetSocketAddressBase {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        host: impl ::std::convert::Into<::std::string::String>,
-        port: impl ::std::convert::Into<::std::string::String>,
-    ) -> Self {
+    pub fn new(host: impl Into<String>, port: impl Into<String>) -> Self {
         Self {
             host: host.into(),
             port: port.into(),
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for InetSocketAddressBase {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            host: object.required("host")?,
-            port: object.required("port")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(InetSocketAddressBase);
+::qapi_runtime::impl_object!(InetSocketAddressBase { host("host"), port("port") });
 /// An IP socket address with the options for resolving it and for
 /// connections made through it.
 ///
 /// **Since:** 1.3
 ///
 /// Includes the members of [`InetSocketAddressBase`] (its base).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct InetSocketAddress {
     /// host name or IP address
-    pub host: ::std::string::String,
+    pub host: String,
     /// port number or service name
-    pub port: ::std::string::String,
+    pub port: String,
     /// the host is a numeric address and the port a number; do
     /// not resolve names (default: false)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub numeric: ::std::option::Option<bool>,
+    pub numeric: Option<bool>,
     /// when listening, try every port from `port` up to this one until
     /// one is free
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub to: ::std::option::Option<u16>,
+    pub to: Option<u16>,
     /// restrict to IPv4 (true) or exclude it (false)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub ipv4: ::std::option::Option<bool>,
+    pub ipv4: Option<bool>,
     /// restrict to IPv6 (true) or exclude it (false)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub ipv6: ::std::option::Option<bool>,
+    pub ipv6: Option<bool>,
     /// turn on TCP keep-alive on connections (default: false)
-    #[serde(rename = "keep-alive")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub keep_alive: ::std::option::Option<bool>,
+    pub keep_alive: Option<bool>,
     /// use Multipath TCP (default: false)
     ///
     /// **If:** `HAVE_IPPROTO_MPTCP` (QEMU builds this only under that condition; generated unconditionally here)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub mptcp: ::std::option::Option<bool>,
+    pub mptcp: Option<bool>,
 }
 impl InetSocketAddress {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        host: impl ::std::convert::Into<::std::string::String>,
-        port: impl ::std::convert::Into<::std::string::String>,
-    ) -> Self {
+    pub fn new(host: impl Into<String>, port: impl Into<String>) -> Self {
         Self {
             host: host.into(),
             port: port.into(),
@@ -162,47 +103,33 @@ impl InetSocketAddress {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for InetSocketAddress {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            host: object.required("host")?,
-            port: object.required("port")?,
-            numeric: object.optional("numeric")?,
-            to: object.optional("to")?,
-            ipv4: object.optional("ipv4")?,
-            ipv6: object.optional("ipv6")?,
-            keep_alive: object.optional("keep-alive")?,
-            mptcp: object.optional("mptcp")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(InetSocketAddress);
+::qapi_runtime::impl_object!(
+    InetSocketAddress { host("host"), port("port"), optional numeric("numeric"), optional
+    to("to"), optional ipv4("ipv4"), optional ipv6("ipv6"), optional
+    keep_alive("keep-alive"), optional mptcp("mptcp") }
+);
 /// A Unix domain socket address.
 ///
 /// **Since:** 1.3
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UnixSocketAddress {
     /// the socket's file name, or its name in the abstract namespace
     /// when `abstract` is true
-    pub path: ::std::string::String,
+    pub path: String,
     /// the name lives in Linux's abstract namespace rather than
     /// the file system (default: false)
     ///
     /// **If:** `CONFIG_LINUX` (QEMU builds this only under that condition; generated unconditionally here)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub r#abstract: ::std::option::Option<bool>,
+    pub r#abstract: Option<bool>,
     /// with `abstract`, the address length covers only the name
     /// rather than the whole sun_path buffer (default: true)
     ///
     /// **If:** `CONFIG_LINUX` (QEMU builds this only under that condition; generated unconditionally here)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub tight: ::std::option::Option<bool>,
+    pub tight: Option<bool>,
 }
 impl UnixSocketAddress {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(path: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(path: impl Into<String>) -> Self {
         Self {
             path: path.into(),
             r#abstract: None,
@@ -210,80 +137,50 @@ impl UnixSocketAddress {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for UnixSocketAddress {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            path: object.required("path")?,
-            r#abstract: object.optional("abstract")?,
-            tight: object.optional("tight")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(UnixSocketAddress);
+::qapi_runtime::impl_object!(
+    UnixSocketAddress { path("path"), optional r#abstract("abstract"), optional
+    tight("tight") }
+);
 /// A VSOCK socket address.
 ///
 /// **Since:** 2.8
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VsockSocketAddress {
     /// the context identifier
-    pub cid: ::std::string::String,
+    pub cid: String,
     /// the port
-    pub port: ::std::string::String,
+    pub port: String,
 }
 impl VsockSocketAddress {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        cid: impl ::std::convert::Into<::std::string::String>,
-        port: impl ::std::convert::Into<::std::string::String>,
-    ) -> Self {
+    pub fn new(cid: impl Into<String>, port: impl Into<String>) -> Self {
         Self {
             cid: cid.into(),
             port: port.into(),
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for VsockSocketAddress {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            cid: object.required("cid")?,
-            port: object.required("port")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(VsockSocketAddress);
+::qapi_runtime::impl_object!(VsockSocketAddress { cid("cid"), port("port") });
 /// A socket that is already open, given by file descriptor.
 ///
 /// **Since:** 1.2
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FdSocketAddress {
     /// the number of the descriptor, or the name under which it was
     /// passed to the daemon
-    pub str: ::std::string::String,
+    pub str: String,
 }
 impl FdSocketAddress {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(str: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(str: impl Into<String>) -> Self {
         Self { str: str.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for FdSocketAddress {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            str: object.required("str")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(FdSocketAddress);
+::qapi_runtime::impl_object!(FdSocketAddress { str("str") });
 /// Holds an `InetSocketAddress` for `SocketAddressLegacy`.
 ///
 /// **Since:** 1.3
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct InetSocketAddressWrapper {
     /// the address
     pub data: InetSocketAddress,
@@ -294,20 +191,11 @@ impl InetSocketAddressWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for InetSocketAddressWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(InetSocketAddressWrapper);
+::qapi_runtime::impl_object!(InetSocketAddressWrapper { data("data") });
 /// Holds a `UnixSocketAddress` for `SocketAddressLegacy`.
 ///
 /// **Since:** 1.3
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UnixSocketAddressWrapper {
     /// the address
     pub data: UnixSocketAddress,
@@ -318,20 +206,11 @@ impl UnixSocketAddressWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for UnixSocketAddressWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(UnixSocketAddressWrapper);
+::qapi_runtime::impl_object!(UnixSocketAddressWrapper { data("data") });
 /// Holds a `VsockSocketAddress` for `SocketAddressLegacy`.
 ///
 /// **Since:** 2.8
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VsockSocketAddressWrapper {
     /// the address
     pub data: VsockSocketAddress,
@@ -342,20 +221,11 @@ impl VsockSocketAddressWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for VsockSocketAddressWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(VsockSocketAddressWrapper);
+::qapi_runtime::impl_object!(VsockSocketAddressWrapper { data("data") });
 /// Holds an `FdSocketAddress` for `SocketAddressLegacy`.
 ///
 /// **Since:** 1.3
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FdSocketAddressWrapper {
     /// the descriptor
     pub data: FdSocketAddress,
@@ -366,16 +236,7 @@ impl FdSocketAddressWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for FdSocketAddressWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(FdSocketAddressWrapper);
+::qapi_runtime::impl_object!(FdSocketAddressWrapper { data("data") });
 /// A socket address in the older nested form, where the address sits
 /// under a 'data' key next to its 'type'.  New interfaces use
 /// `SocketAddress`.
@@ -383,26 +244,20 @@ impl ::qapi_runtime::input::ReadMembers for FdSocketAddressWrapper {
 /// **Since:** 1.3
 ///
 /// The members of the branch selected by `type` are in [`SocketAddressLegacyBranch`], flattened into the same JSON object.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SocketAddressLegacy {
-    #[serde(flatten)]
     pub branch: SocketAddressLegacyBranch,
 }
 /// The branch of [`SocketAddressLegacy`] chosen by its discriminator `type` (serialised as that member).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(tag = "type")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SocketAddressLegacyBranch {
     /// an IP address and port
-    #[serde(rename = "inet")]
     Inet(InetSocketAddressWrapper),
     /// a Unix domain socket
-    #[serde(rename = "unix")]
     Unix(UnixSocketAddressWrapper),
     /// a VSOCK address
-    #[serde(rename = "vsock")]
     Vsock(VsockSocketAddressWrapper),
     /// an already open socket
-    #[serde(rename = "fd")]
     Fd(FdSocketAddressWrapper),
 }
 impl SocketAddressLegacyBranch {
@@ -423,34 +278,56 @@ impl SocketAddressLegacy {
         Self { branch }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SocketAddressLegacy {
+impl ::qapi_runtime::ReadMembers for SocketAddressLegacy {
     fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+        object: &mut ::qapi_runtime::QmpObject,
     ) -> ::qapi_runtime::Result<Self> {
         let kind: SocketAddressType = object.required("type")?;
         let branch = match kind {
             SocketAddressType::Inet => {
                 SocketAddressLegacyBranch::Inet(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SocketAddressType::Unix => {
                 SocketAddressLegacyBranch::Unix(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SocketAddressType::Vsock => {
                 SocketAddressLegacyBranch::Vsock(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SocketAddressType::Fd => {
                 SocketAddressLegacyBranch::Fd(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
         };
         Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for SocketAddressLegacy {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("type", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for SocketAddressLegacyBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Inet(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Unix(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Vsock(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Fd(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+        }
     }
 }
 ::qapi_runtime::impl_object!(SocketAddressLegacy);
@@ -468,54 +345,30 @@ pub enum SocketAddressType {
     /// an already open socket
     Fd,
 }
-impl SocketAddressType {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Inet, Self::Unix, Self::Vsock, Self::Fd];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Inet => "inet",
-            Self::Unix => "unix",
-            Self::Vsock => "vsock",
-            Self::Fd => "fd",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for SocketAddressType {
-    const NAME: &'static str = "SocketAddressType";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(SocketAddressType);
+::qapi_runtime::impl_enum!(
+    SocketAddressType = "SocketAddressType" { Inet("inet"), Unix("unix"), Vsock("vsock"),
+    Fd("fd") }
+);
 /// A socket address in the flat form: the address's members sit next
 /// to its 'type'.
 ///
 /// **Since:** 2.9
 ///
 /// The members of the branch selected by `type` are in [`SocketAddressBranch`], flattened into the same JSON object.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SocketAddress {
-    #[serde(flatten)]
     pub branch: SocketAddressBranch,
 }
 /// The branch of [`SocketAddress`] chosen by its discriminator `type` (serialised as that member).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(tag = "type")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SocketAddressBranch {
     /// an IP address and port
-    #[serde(rename = "inet")]
     Inet(InetSocketAddress),
     /// a Unix domain socket
-    #[serde(rename = "unix")]
     Unix(UnixSocketAddress),
     /// a VSOCK address
-    #[serde(rename = "vsock")]
     Vsock(VsockSocketAddress),
     /// an already open socket
-    #[serde(rename = "fd")]
     Fd(FdSocketAddress),
 }
 impl SocketAddressBranch {
@@ -536,34 +389,56 @@ impl SocketAddress {
         Self { branch }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SocketAddress {
+impl ::qapi_runtime::ReadMembers for SocketAddress {
     fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+        object: &mut ::qapi_runtime::QmpObject,
     ) -> ::qapi_runtime::Result<Self> {
         let kind: SocketAddressType = object.required("type")?;
         let branch = match kind {
             SocketAddressType::Inet => {
                 SocketAddressBranch::Inet(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SocketAddressType::Unix => {
                 SocketAddressBranch::Unix(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SocketAddressType::Vsock => {
                 SocketAddressBranch::Vsock(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SocketAddressType::Fd => {
                 SocketAddressBranch::Fd(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
         };
         Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for SocketAddress {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("type", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for SocketAddressBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Inet(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Unix(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Vsock(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Fd(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+        }
     }
 }
 ::qapi_runtime::impl_object!(SocketAddress);
@@ -592,42 +467,11 @@ pub enum QCryptoHashAlgo {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl QCryptoHashAlgo {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Md5,
-        Self::Sha1,
-        Self::Sha224,
-        Self::Sha256,
-        Self::Sha384,
-        Self::Sha512,
-        Self::Ripemd160,
-        Self::Sm3,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Md5 => "md5",
-            Self::Sha1 => "sha1",
-            Self::Sha224 => "sha224",
-            Self::Sha256 => "sha256",
-            Self::Sha384 => "sha384",
-            Self::Sha512 => "sha512",
-            Self::Ripemd160 => "ripemd160",
-            Self::Sm3 => "sm3",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for QCryptoHashAlgo {
-    const NAME: &'static str = "QCryptoHashAlgo";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(QCryptoHashAlgo);
+::qapi_runtime::impl_enum!(
+    QCryptoHashAlgo = "QCryptoHashAlgo" { Md5("md5"), Sha1("sha1"), Sha224("sha224"),
+    Sha256("sha256"), Sha384("sha384"), Sha512("sha512"), Ripemd160("ripemd160"),
+    Sm3("sm3") } UnknownValue
+);
 /// Block cipher algorithms with their key sizes.
 ///
 /// **Since:** 2.6
@@ -663,52 +507,13 @@ pub enum QCryptoCipherAlgo {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl QCryptoCipherAlgo {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Aes128,
-        Self::Aes192,
-        Self::Aes256,
-        Self::Des,
-        Self::_3des,
-        Self::Cast5_128,
-        Self::Serpent128,
-        Self::Serpent192,
-        Self::Serpent256,
-        Self::Twofish128,
-        Self::Twofish192,
-        Self::Twofish256,
-        Self::Sm4,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Aes128 => "aes-128",
-            Self::Aes192 => "aes-192",
-            Self::Aes256 => "aes-256",
-            Self::Des => "des",
-            Self::_3des => "3des",
-            Self::Cast5_128 => "cast5-128",
-            Self::Serpent128 => "serpent-128",
-            Self::Serpent192 => "serpent-192",
-            Self::Serpent256 => "serpent-256",
-            Self::Twofish128 => "twofish-128",
-            Self::Twofish192 => "twofish-192",
-            Self::Twofish256 => "twofish-256",
-            Self::Sm4 => "sm4",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for QCryptoCipherAlgo {
-    const NAME: &'static str = "QCryptoCipherAlgo";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(QCryptoCipherAlgo);
+::qapi_runtime::impl_enum!(
+    QCryptoCipherAlgo = "QCryptoCipherAlgo" { Aes128("aes-128"), Aes192("aes-192"),
+    Aes256("aes-256"), Des("des"), _3des("3des"), Cast5_128("cast5-128"),
+    Serpent128("serpent-128"), Serpent192("serpent-192"), Serpent256("serpent-256"),
+    Twofish128("twofish-128"), Twofish192("twofish-192"), Twofish256("twofish-256"),
+    Sm4("sm4") } UnknownValue
+);
 /// Ways of chaining cipher blocks.
 ///
 /// **Since:** 2.6
@@ -726,29 +531,10 @@ pub enum QCryptoCipherMode {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl QCryptoCipherMode {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Ecb, Self::Cbc, Self::Xts, Self::Ctr];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ecb => "ecb",
-            Self::Cbc => "cbc",
-            Self::Xts => "xts",
-            Self::Ctr => "ctr",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for QCryptoCipherMode {
-    const NAME: &'static str = "QCryptoCipherMode";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(QCryptoCipherMode);
+::qapi_runtime::impl_enum!(
+    QCryptoCipherMode = "QCryptoCipherMode" { Ecb("ecb"), Cbc("cbc"), Xts("xts"),
+    Ctr("ctr") } UnknownValue
+);
 /// Ways of deriving the initialization vector of each sector.
 ///
 /// **Since:** 2.6
@@ -764,38 +550,18 @@ pub enum QCryptoIVGenAlgo {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl QCryptoIVGenAlgo {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Plain, Self::Plain64, Self::Essiv];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Plain => "plain",
-            Self::Plain64 => "plain64",
-            Self::Essiv => "essiv",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for QCryptoIVGenAlgo {
-    const NAME: &'static str = "QCryptoIVGenAlgo";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(QCryptoIVGenAlgo);
+::qapi_runtime::impl_enum!(
+    QCryptoIVGenAlgo = "QCryptoIVGenAlgo" { Plain("plain"), Plain64("plain64"),
+    Essiv("essiv") } UnknownValue
+);
 /// How to open an image that uses the legacy qcow AES encryption.
 ///
 /// **Since:** 2.6
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QCryptoBlockOptionsQCow {
     /// the id of the secret object holding the decryption
     /// key; needed to read or write the data, not to open the image
-    #[serde(rename = "key-secret")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub key_secret: ::std::option::Option<::std::string::String>,
+    pub key_secret: Option<String>,
 }
 impl QCryptoBlockOptionsQCow {
     /// A value with the mandatory members given and every optional member absent.
@@ -803,26 +569,17 @@ impl QCryptoBlockOptionsQCow {
         Self { key_secret: None }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for QCryptoBlockOptionsQCow {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            key_secret: object.optional("key-secret")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(QCryptoBlockOptionsQCow);
+::qapi_runtime::impl_object!(
+    QCryptoBlockOptionsQCow { optional key_secret("key-secret") }
+);
 /// How to open a LUKS-encrypted image.
 ///
 /// **Since:** 2.6
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QCryptoBlockOptionsLUKS {
     /// the id of the secret object holding the passphrase;
     /// needed to read or write the data, not to open the image
-    #[serde(rename = "key-secret")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub key_secret: ::std::option::Option<::std::string::String>,
+    pub key_secret: Option<String>,
 }
 impl QCryptoBlockOptionsLUKS {
     /// A value with the mandatory members given and every optional member absent.
@@ -830,31 +587,21 @@ impl QCryptoBlockOptionsLUKS {
         Self { key_secret: None }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for QCryptoBlockOptionsLUKS {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            key_secret: object.optional("key-secret")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(QCryptoBlockOptionsLUKS);
+::qapi_runtime::impl_object!(
+    QCryptoBlockOptionsLUKS { optional key_secret("key-secret") }
+);
 /// One key slot of a LUKS header.
 ///
 /// **Since:** 2.7
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QCryptoBlockInfoLUKSSlot {
     /// whether the slot holds a key
     pub active: bool,
     /// how many key-derivation iterations the slot uses
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub iters: ::std::option::Option<i64>,
+    pub iters: Option<i64>,
     /// how many anti-forensic stripes the key material has
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub stripes: ::std::option::Option<i64>,
+    pub stripes: Option<i64>,
     /// where the slot's key material starts, in sectors
-    #[serde(rename = "key-offset")]
     pub key_offset: i64,
 }
 impl QCryptoBlockInfoLUKSSlot {
@@ -868,54 +615,36 @@ impl QCryptoBlockInfoLUKSSlot {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for QCryptoBlockInfoLUKSSlot {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            active: object.required("active")?,
-            iters: object.optional("iters")?,
-            stripes: object.optional("stripes")?,
-            key_offset: object.required("key-offset")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(QCryptoBlockInfoLUKSSlot);
+::qapi_runtime::impl_object!(
+    QCryptoBlockInfoLUKSSlot { active("active"), optional iters("iters"), optional
+    stripes("stripes"), key_offset("key-offset") }
+);
 /// What a LUKS header says.
 ///
 /// **Since:** 2.7
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QCryptoBlockInfoLUKS {
     /// the cipher
-    #[serde(rename = "cipher-alg")]
     pub cipher_alg: QCryptoCipherAlgo,
     /// the chaining mode
-    #[serde(rename = "cipher-mode")]
     pub cipher_mode: QCryptoCipherMode,
     /// the initialization vector algorithm
-    #[serde(rename = "ivgen-alg")]
     pub ivgen_alg: QCryptoIVGenAlgo,
     /// the hash used by `ivgen-alg`, when it uses one
-    #[serde(rename = "ivgen-hash-alg")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub ivgen_hash_alg: ::std::option::Option<QCryptoHashAlgo>,
+    pub ivgen_hash_alg: Option<QCryptoHashAlgo>,
     /// the hash of the key derivation
-    #[serde(rename = "hash-alg")]
     pub hash_alg: QCryptoHashAlgo,
     /// whether the header lives apart from the data
     /// (since 9.0)
-    #[serde(rename = "detached-header")]
     pub detached_header: bool,
     /// where the encrypted data starts, in bytes
-    #[serde(rename = "payload-offset")]
     pub payload_offset: i64,
     /// key-derivation iterations of the master key
-    #[serde(rename = "master-key-iters")]
     pub master_key_iters: i64,
     /// the volume's unique identifier
-    pub uuid: ::std::string::String,
+    pub uuid: String,
     /// the key slots
-    pub slots: ::std::vec::Vec<QCryptoBlockInfoLUKSSlot>,
+    pub slots: Vec<QCryptoBlockInfoLUKSSlot>,
 }
 impl QCryptoBlockInfoLUKS {
     /// A value with the mandatory members given and every optional member absent.
@@ -927,8 +656,8 @@ impl QCryptoBlockInfoLUKS {
         detached_header: bool,
         payload_offset: i64,
         master_key_iters: i64,
-        uuid: impl ::std::convert::Into<::std::string::String>,
-        slots: ::std::vec::Vec<QCryptoBlockInfoLUKSSlot>,
+        uuid: impl Into<String>,
+        slots: Vec<QCryptoBlockInfoLUKSSlot>,
     ) -> Self {
         Self {
             cipher_alg,
@@ -944,25 +673,13 @@ impl QCryptoBlockInfoLUKS {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for QCryptoBlockInfoLUKS {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            cipher_alg: object.required("cipher-alg")?,
-            cipher_mode: object.required("cipher-mode")?,
-            ivgen_alg: object.required("ivgen-alg")?,
-            ivgen_hash_alg: object.optional("ivgen-hash-alg")?,
-            hash_alg: object.required("hash-alg")?,
-            detached_header: object.required("detached-header")?,
-            payload_offset: object.required("payload-offset")?,
-            master_key_iters: object.required("master-key-iters")?,
-            uuid: object.required("uuid")?,
-            slots: object.required("slots")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(QCryptoBlockInfoLUKS);
+::qapi_runtime::impl_object!(
+    QCryptoBlockInfoLUKS { cipher_alg("cipher-alg"), cipher_mode("cipher-mode"),
+    ivgen_alg("ivgen-alg"), optional ivgen_hash_alg("ivgen-hash-alg"),
+    hash_alg("hash-alg"), detached_header("detached-header"),
+    payload_offset("payload-offset"), master_key_iters("master-key-iters"), uuid("uuid"),
+    slots("slots") }
+);
 /// Optional protocol capabilities a client can turn on with
 /// `qmp_capabilities`.
 ///
@@ -973,29 +690,11 @@ pub enum QMPCapability {
     /// with 'exec-oob' and run ahead of queued ones
     Oob,
 }
-impl QMPCapability {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Oob];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Oob => "oob",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for QMPCapability {
-    const NAME: &'static str = "QMPCapability";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(QMPCapability);
+::qapi_runtime::impl_enum!(QMPCapability = "QMPCapability" { Oob("oob") });
 /// A three-part version number.
 ///
 /// **Since:** 2.4
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VersionTriple {
     /// the major part
     pub major: i64,
@@ -1010,75 +709,44 @@ impl VersionTriple {
         Self { major, minor, micro }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for VersionTriple {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            major: object.required("major")?,
-            minor: object.required("minor")?,
-            micro: object.required("micro")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(VersionTriple);
+::qapi_runtime::impl_object!(
+    VersionTriple { major("major"), minor("minor"), micro("micro") }
+);
 /// The version of the daemon.
 ///
 /// **Since:** 0.14
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VersionInfo {
     /// the QEMU version this daemon is compatible with
     pub qemu: VersionTriple,
     /// free-form text naming the build or distribution package
-    pub package: ::std::string::String,
+    pub package: String,
 }
 impl VersionInfo {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        qemu: VersionTriple,
-        package: impl ::std::convert::Into<::std::string::String>,
-    ) -> Self {
+    pub fn new(qemu: VersionTriple, package: impl Into<String>) -> Self {
         Self {
             qemu,
             package: package.into(),
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for VersionInfo {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            qemu: object.required("qemu")?,
-            package: object.required("package")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(VersionInfo);
+::qapi_runtime::impl_object!(VersionInfo { qemu("qemu"), package("package") });
 /// One command the daemon accepts.
 ///
 /// **Since:** 0.14
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CommandInfo {
     /// the command's name
-    pub name: ::std::string::String,
+    pub name: String,
 }
 impl CommandInfo {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(name: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(name: impl Into<String>) -> Self {
         Self { name: name.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for CommandInfo {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            name: object.required("name")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(CommandInfo);
+::qapi_runtime::impl_object!(CommandInfo { name("name") });
 /// The kinds of entity in an introspected schema.
 ///
 /// **Since:** 2.5
@@ -1102,86 +770,46 @@ pub enum SchemaMetaType {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl SchemaMetaType {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Builtin,
-        Self::Enum,
-        Self::Array,
-        Self::Object,
-        Self::Alternate,
-        Self::Command,
-        Self::Event,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Builtin => "builtin",
-            Self::Enum => "enum",
-            Self::Array => "array",
-            Self::Object => "object",
-            Self::Alternate => "alternate",
-            Self::Command => "command",
-            Self::Event => "event",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for SchemaMetaType {
-    const NAME: &'static str = "SchemaMetaType";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(SchemaMetaType);
+::qapi_runtime::impl_enum!(
+    SchemaMetaType = "SchemaMetaType" { Builtin("builtin"), Enum("enum"), Array("array"),
+    Object("object"), Alternate("alternate"), Command("command"), Event("event") }
+    UnknownValue
+);
 /// One entity of the introspected schema.
 ///
 /// **Since:** 2.5
 ///
 /// The members of the branch selected by `meta-type` are in [`SchemaInfoBranch`], flattened into the same JSON object.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchemaInfo {
     /// the entity's name; for commands and events the real name,
     /// for types an opaque one (arrays are named after their element
     /// type in brackets)
-    pub name: ::std::string::String,
+    pub name: String,
     /// the entity's feature flags, such as 'deprecated' or
     /// 'unstable' (since 4.1)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub features: ::std::option::Option<::std::vec::Vec<::std::string::String>>,
-    #[serde(flatten)]
+    pub features: Option<Vec<String>>,
     pub branch: SchemaInfoBranch,
 }
 /// The branch of [`SchemaInfo`] chosen by its discriminator `meta-type` (serialised as that member).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(tag = "meta-type")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SchemaInfoBranch {
     /// a predefined type such as 'str' or 'int'
-    #[serde(rename = "builtin")]
     Builtin(SchemaInfoBuiltin),
     /// an enumeration
-    #[serde(rename = "enum")]
     Enum(SchemaInfoEnum),
     /// a list of some element type
-    #[serde(rename = "array")]
     Array(SchemaInfoArray),
     /// a JSON object, possibly with variant parts
-    #[serde(rename = "object")]
     Object(SchemaInfoObject),
     /// a value that may take one of several JSON types
-    #[serde(rename = "alternate")]
     Alternate(SchemaInfoAlternate),
     /// a command
-    #[serde(rename = "command")]
     Command(SchemaInfoCommand),
     /// an event
-    #[serde(rename = "event")]
     Event(SchemaInfoEvent),
     /// A value this schema does not know, read from a newer QEMU's reply or event
     /// (it has no wire name and cannot be sent).
-    #[serde(skip_serializing)]
     UnknownValue,
 }
 impl SchemaInfoBranch {
@@ -1202,10 +830,7 @@ impl SchemaInfoBranch {
 impl SchemaInfo {
     /// A value with the mandatory base members and the branch given,
     /// every optional base member absent.
-    pub fn new(
-        name: impl ::std::convert::Into<::std::string::String>,
-        branch: SchemaInfoBranch,
-    ) -> Self {
+    pub fn new(name: impl Into<String>, branch: SchemaInfoBranch) -> Self {
         Self {
             name: name.into(),
             features: None,
@@ -1213,9 +838,9 @@ impl SchemaInfo {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SchemaInfo {
+impl ::qapi_runtime::ReadMembers for SchemaInfo {
     fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+        object: &mut ::qapi_runtime::QmpObject,
     ) -> ::qapi_runtime::Result<Self> {
         let member_0 = object.required("name")?;
         let kind: SchemaMetaType = object.required("meta-type")?;
@@ -1223,37 +848,37 @@ impl ::qapi_runtime::input::ReadMembers for SchemaInfo {
         let branch = match kind {
             SchemaMetaType::Builtin => {
                 SchemaInfoBranch::Builtin(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SchemaMetaType::Enum => {
                 SchemaInfoBranch::Enum(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SchemaMetaType::Array => {
                 SchemaInfoBranch::Array(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SchemaMetaType::Object => {
                 SchemaInfoBranch::Object(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SchemaMetaType::Alternate => {
                 SchemaInfoBranch::Alternate(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SchemaMetaType::Command => {
                 SchemaInfoBranch::Command(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SchemaMetaType::Event => {
                 SchemaInfoBranch::Event(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             SchemaMetaType::UnknownValue => SchemaInfoBranch::UnknownValue,
@@ -1265,14 +890,45 @@ impl ::qapi_runtime::input::ReadMembers for SchemaInfo {
         })
     }
 }
+impl ::qapi_runtime::WriteMembers for SchemaInfo {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("name", &self.name)?;
+        map.serialize_entry("meta-type", &self.branch.kind())?;
+        ::qapi_runtime::output::write_optional(map, "features", &self.features)?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for SchemaInfoBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Builtin(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Enum(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Array(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Object(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Alternate(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::Command(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Event(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::UnknownValue => {
+                Err(::qapi_runtime::output::unknown_branch("SchemaInfo"))
+            }
+        }
+    }
+}
 ::qapi_runtime::impl_object!(SchemaInfo);
 /// What introspection says about a built-in type.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchemaInfoBuiltin {
     /// the JSON type its values have
-    #[serde(rename = "json-type")]
     pub json_type: JSONType,
 }
 impl SchemaInfoBuiltin {
@@ -1281,16 +937,7 @@ impl SchemaInfoBuiltin {
         Self { json_type }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SchemaInfoBuiltin {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            json_type: object.required("json-type")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(SchemaInfoBuiltin);
+::qapi_runtime::impl_object!(SchemaInfoBuiltin { json_type("json-type") });
 /// The JSON value types, with integers told apart from other numbers.
 ///
 /// **Since:** 2.5
@@ -1316,152 +963,87 @@ pub enum JSONType {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl JSONType {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::String,
-        Self::Number,
-        Self::Int,
-        Self::Boolean,
-        Self::Null,
-        Self::Object,
-        Self::Array,
-        Self::Value,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::String => "string",
-            Self::Number => "number",
-            Self::Int => "int",
-            Self::Boolean => "boolean",
-            Self::Null => "null",
-            Self::Object => "object",
-            Self::Array => "array",
-            Self::Value => "value",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for JSONType {
-    const NAME: &'static str = "JSONType";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(JSONType);
+::qapi_runtime::impl_enum!(
+    JSONType = "JSONType" { String("string"), Number("number"), Int("int"),
+    Boolean("boolean"), Null("null"), Object("object"), Array("array"), Value("value") }
+    UnknownValue
+);
 /// What introspection says about an enumeration.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchemaInfoEnum {
     /// the values, each with its feature flags (since 6.2)
-    pub members: ::std::vec::Vec<SchemaInfoEnumMember>,
+    pub members: Vec<SchemaInfoEnumMember>,
     /// the value names alone
     ///
     /// **Features:** `deprecated`
     #[deprecated]
-    pub values: ::std::vec::Vec<::std::string::String>,
+    pub values: Vec<String>,
 }
 impl SchemaInfoEnum {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        members: ::std::vec::Vec<SchemaInfoEnumMember>,
-        values: ::std::vec::Vec<::std::string::String>,
-    ) -> Self {
+    pub fn new(members: Vec<SchemaInfoEnumMember>, values: Vec<String>) -> Self {
         Self { members, values }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SchemaInfoEnum {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            members: object.required("members")?,
-            values: object.required("values")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(SchemaInfoEnum);
+::qapi_runtime::impl_object!(SchemaInfoEnum { members("members"), values("values") });
 /// One value of an introspected enumeration.
 ///
 /// **Since:** 6.2
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchemaInfoEnumMember {
     /// the value as it appears on the wire
-    pub name: ::std::string::String,
+    pub name: String,
     /// the value's feature flags
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub features: ::std::option::Option<::std::vec::Vec<::std::string::String>>,
+    pub features: Option<Vec<String>>,
 }
 impl SchemaInfoEnumMember {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(name: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             features: None,
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SchemaInfoEnumMember {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            name: object.required("name")?,
-            features: object.optional("features")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(SchemaInfoEnumMember);
+::qapi_runtime::impl_object!(
+    SchemaInfoEnumMember { name("name"), optional features("features") }
+);
 /// What introspection says about an array type.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchemaInfoArray {
     /// the name of the element type
-    #[serde(rename = "element-type")]
-    pub element_type: ::std::string::String,
+    pub element_type: String,
 }
 impl SchemaInfoArray {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(element_type: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(element_type: impl Into<String>) -> Self {
         Self {
             element_type: element_type.into(),
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SchemaInfoArray {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            element_type: object.required("element-type")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(SchemaInfoArray);
+::qapi_runtime::impl_object!(SchemaInfoArray { element_type("element-type") });
 /// What introspection says about an object type.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchemaInfoObject {
     /// the members every instance may have
-    pub members: ::std::vec::Vec<SchemaInfoObjectMember>,
+    pub members: Vec<SchemaInfoObjectMember>,
     /// for objects with variant parts, the member whose value picks
     /// the variant
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub tag: ::std::option::Option<::std::string::String>,
+    pub tag: Option<String>,
     /// for objects with variant parts, the extra members each
     /// tag value brings
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub variants: ::std::option::Option<::std::vec::Vec<SchemaInfoObjectVariant>>,
+    pub variants: Option<Vec<SchemaInfoObjectVariant>>,
 }
 impl SchemaInfoObject {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(members: ::std::vec::Vec<SchemaInfoObjectMember>) -> Self {
+    pub fn new(members: Vec<SchemaInfoObjectMember>) -> Self {
         Self {
             members,
             tag: None,
@@ -1469,41 +1051,28 @@ impl SchemaInfoObject {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SchemaInfoObject {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            members: object.required("members")?,
-            tag: object.optional("tag")?,
-            variants: object.optional("variants")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(SchemaInfoObject);
+::qapi_runtime::impl_object!(
+    SchemaInfoObject { members("members"), optional tag("tag"), optional
+    variants("variants") }
+);
 /// One member of an introspected object type.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchemaInfoObjectMember {
     /// the member's key
-    pub name: ::std::string::String,
+    pub name: String,
     /// the name of the member's type
-    pub r#type: ::std::string::String,
+    pub r#type: String,
     /// present (and null) when the member is optional; what an
     /// absent member means is left to the command's documentation
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub default: ::std::option::Option<::serde_json::Value>,
+    pub default: Option<::serde_json::Value>,
     /// the member's feature flags (since 5.0)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub features: ::std::option::Option<::std::vec::Vec<::std::string::String>>,
+    pub features: Option<Vec<String>>,
 }
 impl SchemaInfoObjectMember {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        name: impl ::std::convert::Into<::std::string::String>,
-        r#type: impl ::std::convert::Into<::std::string::String>,
-    ) -> Self {
+    pub fn new(name: impl Into<String>, r#type: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             r#type: r#type.into(),
@@ -1512,123 +1081,76 @@ impl SchemaInfoObjectMember {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SchemaInfoObjectMember {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            name: object.required("name")?,
-            r#type: object.required("type")?,
-            default: object.optional("default")?,
-            features: object.optional("features")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(SchemaInfoObjectMember);
+::qapi_runtime::impl_object!(
+    SchemaInfoObjectMember { name("name"), r#type("type"), optional default("default"),
+    optional features("features") }
+);
 /// The extra members one tag value brings to an object.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchemaInfoObjectVariant {
     /// the tag value
-    pub case: ::std::string::String,
+    pub case: String,
     /// the name of an object type whose members are added
-    pub r#type: ::std::string::String,
+    pub r#type: String,
 }
 impl SchemaInfoObjectVariant {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        case: impl ::std::convert::Into<::std::string::String>,
-        r#type: impl ::std::convert::Into<::std::string::String>,
-    ) -> Self {
+    pub fn new(case: impl Into<String>, r#type: impl Into<String>) -> Self {
         Self {
             case: case.into(),
             r#type: r#type.into(),
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SchemaInfoObjectVariant {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            case: object.required("case")?,
-            r#type: object.required("type")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(SchemaInfoObjectVariant);
+::qapi_runtime::impl_object!(SchemaInfoObjectVariant { case("case"), r#type("type") });
 /// What introspection says about an alternate type.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchemaInfoAlternate {
     /// the types a value may have; no two share a JSON type
-    pub members: ::std::vec::Vec<SchemaInfoAlternateMember>,
+    pub members: Vec<SchemaInfoAlternateMember>,
 }
 impl SchemaInfoAlternate {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(members: ::std::vec::Vec<SchemaInfoAlternateMember>) -> Self {
+    pub fn new(members: Vec<SchemaInfoAlternateMember>) -> Self {
         Self { members }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SchemaInfoAlternate {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            members: object.required("members")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(SchemaInfoAlternate);
+::qapi_runtime::impl_object!(SchemaInfoAlternate { members("members") });
 /// One choice of an introspected alternate.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchemaInfoAlternateMember {
     /// the name of the type
-    pub r#type: ::std::string::String,
+    pub r#type: String,
 }
 impl SchemaInfoAlternateMember {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(r#type: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(r#type: impl Into<String>) -> Self {
         Self { r#type: r#type.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SchemaInfoAlternateMember {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            r#type: object.required("type")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(SchemaInfoAlternateMember);
+::qapi_runtime::impl_object!(SchemaInfoAlternateMember { r#type("type") });
 /// What introspection says about a command.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchemaInfoCommand {
     /// the name of the object type of its arguments
-    #[serde(rename = "arg-type")]
-    pub arg_type: ::std::string::String,
+    pub arg_type: String,
     /// the name of the type of its result
-    #[serde(rename = "ret-type")]
-    pub ret_type: ::std::string::String,
+    pub ret_type: String,
     /// present and true when the command may be run
     /// out-of-band (since 2.12)
-    #[serde(rename = "allow-oob")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub allow_oob: ::std::option::Option<bool>,
+    pub allow_oob: Option<bool>,
 }
 impl SchemaInfoCommand {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        arg_type: impl ::std::convert::Into<::std::string::String>,
-        ret_type: impl ::std::convert::Into<::std::string::String>,
-    ) -> Self {
+    pub fn new(arg_type: impl Into<String>, ret_type: impl Into<String>) -> Self {
         Self {
             arg_type: arg_type.into(),
             ret_type: ret_type.into(),
@@ -1636,43 +1158,25 @@ impl SchemaInfoCommand {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SchemaInfoCommand {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            arg_type: object.required("arg-type")?,
-            ret_type: object.required("ret-type")?,
-            allow_oob: object.optional("allow-oob")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(SchemaInfoCommand);
+::qapi_runtime::impl_object!(
+    SchemaInfoCommand { arg_type("arg-type"), ret_type("ret-type"), optional
+    allow_oob("allow-oob") }
+);
 /// What introspection says about an event.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchemaInfoEvent {
     /// the name of the object type of its data
-    #[serde(rename = "arg-type")]
-    pub arg_type: ::std::string::String,
+    pub arg_type: String,
 }
 impl SchemaInfoEvent {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(arg_type: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(arg_type: impl Into<String>) -> Self {
         Self { arg_type: arg_type.into() }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SchemaInfoEvent {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            arg_type: object.required("arg-type")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(SchemaInfoEvent);
+::qapi_runtime::impl_object!(SchemaInfoEvent { arg_type("arg-type") });
 /// What kind of work a background job does.
 ///
 /// **Since:** 1.7
@@ -1702,44 +1206,11 @@ pub enum JobType {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl JobType {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Commit,
-        Self::Stream,
-        Self::Mirror,
-        Self::Backup,
-        Self::Create,
-        Self::Amend,
-        Self::SnapshotLoad,
-        Self::SnapshotSave,
-        Self::SnapshotDelete,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Commit => "commit",
-            Self::Stream => "stream",
-            Self::Mirror => "mirror",
-            Self::Backup => "backup",
-            Self::Create => "create",
-            Self::Amend => "amend",
-            Self::SnapshotLoad => "snapshot-load",
-            Self::SnapshotSave => "snapshot-save",
-            Self::SnapshotDelete => "snapshot-delete",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for JobType {
-    const NAME: &'static str = "JobType";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(JobType);
+::qapi_runtime::impl_enum!(
+    JobType = "JobType" { Commit("commit"), Stream("stream"), Mirror("mirror"),
+    Backup("backup"), Create("create"), Amend("amend"), SnapshotLoad("snapshot-load"),
+    SnapshotSave("snapshot-save"), SnapshotDelete("snapshot-delete") } UnknownValue
+);
 /// Where a job stands in its life cycle.  A job moves between these
 /// states along a fixed transition table; each move is announced with
 /// a `JOB_STATUS_CHANGE` event.
@@ -1783,48 +1254,12 @@ pub enum BlockJobStatus {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl BlockJobStatus {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Undefined,
-        Self::Created,
-        Self::Running,
-        Self::Paused,
-        Self::Ready,
-        Self::Standby,
-        Self::Waiting,
-        Self::Pending,
-        Self::Aborting,
-        Self::Concluded,
-        Self::Null,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Undefined => "undefined",
-            Self::Created => "created",
-            Self::Running => "running",
-            Self::Paused => "paused",
-            Self::Ready => "ready",
-            Self::Standby => "standby",
-            Self::Waiting => "waiting",
-            Self::Pending => "pending",
-            Self::Aborting => "aborting",
-            Self::Concluded => "concluded",
-            Self::Null => "null",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlockJobStatus {
-    const NAME: &'static str = "BlockJobStatus";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockJobStatus);
+::qapi_runtime::impl_enum!(
+    BlockJobStatus = "BlockJobStatus" { Undefined("undefined"), Created("created"),
+    Running("running"), Paused("paused"), Ready("ready"), Standby("standby"),
+    Waiting("waiting"), Pending("pending"), Aborting("aborting"), Concluded("concluded"),
+    Null("null") } UnknownValue
+);
 /// The operations a client can ask of a job.  Whether a verb is
 /// accepted depends on the job's `BlockJobStatus`.
 ///
@@ -1852,70 +1287,37 @@ pub enum BlockJobVerb {
     /// since 8.2)
     Change,
 }
-impl BlockJobVerb {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Cancel,
-        Self::Pause,
-        Self::Resume,
-        Self::SetSpeed,
-        Self::Complete,
-        Self::Dismiss,
-        Self::Finalize,
-        Self::Change,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Cancel => "cancel",
-            Self::Pause => "pause",
-            Self::Resume => "resume",
-            Self::SetSpeed => "set-speed",
-            Self::Complete => "complete",
-            Self::Dismiss => "dismiss",
-            Self::Finalize => "finalize",
-            Self::Change => "change",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlockJobVerb {
-    const NAME: &'static str = "BlockJobVerb";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockJobVerb);
+::qapi_runtime::impl_enum!(
+    BlockJobVerb = "BlockJobVerb" { Cancel("cancel"), Pause("pause"), Resume("resume"),
+    SetSpeed("set-speed"), Complete("complete"), Dismiss("dismiss"),
+    Finalize("finalize"), Change("change") }
+);
 /// What `query-jobs` reports about one job.
 ///
 /// **Since:** 3.0
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobInfo {
     /// the job's identifier
-    pub id: ::std::string::String,
+    pub id: String,
     /// what kind of job it is
     pub r#type: JobType,
     /// where it stands in its life cycle
     pub status: BlockJobStatus,
     /// how much work is done, in units of
     /// `total-progress`
-    #[serde(rename = "current-progress")]
     pub current_progress: i64,
     /// an estimate of the whole work; both numbers may
     /// change while the job runs, only their ratio is meaningful
-    #[serde(rename = "total-progress")]
     pub total_progress: i64,
     /// present once the job has failed or was cancelled, with a
     /// human-readable reason; absent while it runs and when it
     /// succeeded
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub error: ::std::option::Option<::std::string::String>,
+    pub error: Option<String>,
 }
 impl JobInfo {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        id: impl ::std::convert::Into<::std::string::String>,
+        id: impl Into<String>,
         r#type: JobType,
         status: BlockJobStatus,
         current_progress: i64,
@@ -1931,55 +1333,39 @@ impl JobInfo {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for JobInfo {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            id: object.required("id")?,
-            r#type: object.required("type")?,
-            status: object.required("status")?,
-            current_progress: object.required("current-progress")?,
-            total_progress: object.required("total-progress")?,
-            error: object.optional("error")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(JobInfo);
+::qapi_runtime::impl_object!(
+    JobInfo { id("id"), r#type("type"), status("status"),
+    current_progress("current-progress"), total_progress("total-progress"), optional
+    error("error") }
+);
 /// One internal snapshot stored inside an image.
 ///
 /// **Since:** 1.3
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SnapshotInfo {
     /// the snapshot's identifier, unique within the image
-    pub id: ::std::string::String,
+    pub id: String,
     /// the snapshot's name
-    pub name: ::std::string::String,
+    pub name: String,
     /// bytes of saved VM state in the snapshot (0 for a
     /// disk-only snapshot)
-    #[serde(rename = "vm-state-size")]
     pub vm_state_size: i64,
     /// creation time, seconds since the Unix epoch
-    #[serde(rename = "date-sec")]
     pub date_sec: i64,
     /// the nanoseconds part of the creation time
-    #[serde(rename = "date-nsec")]
     pub date_nsec: i64,
     /// guest clock at creation, whole seconds
-    #[serde(rename = "vm-clock-sec")]
     pub vm_clock_sec: i64,
     /// guest clock at creation, nanoseconds part
-    #[serde(rename = "vm-clock-nsec")]
     pub vm_clock_nsec: i64,
     /// instruction count at creation, when recorded (since 5.2)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub icount: ::std::option::Option<i64>,
+    pub icount: Option<i64>,
 }
 impl SnapshotInfo {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        id: impl ::std::convert::Into<::std::string::String>,
-        name: impl ::std::convert::Into<::std::string::String>,
+        id: impl Into<String>,
+        name: impl Into<String>,
         vm_state_size: i64,
         date_sec: i64,
         date_nsec: i64,
@@ -1998,27 +1384,15 @@ impl SnapshotInfo {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for SnapshotInfo {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            id: object.required("id")?,
-            name: object.required("name")?,
-            vm_state_size: object.required("vm-state-size")?,
-            date_sec: object.required("date-sec")?,
-            date_nsec: object.required("date-nsec")?,
-            vm_clock_sec: object.required("vm-clock-sec")?,
-            vm_clock_nsec: object.required("vm-clock-nsec")?,
-            icount: object.optional("icount")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(SnapshotInfo);
+::qapi_runtime::impl_object!(
+    SnapshotInfo { id("id"), name("name"), vm_state_size("vm-state-size"),
+    date_sec("date-sec"), date_nsec("date-nsec"), vm_clock_sec("vm-clock-sec"),
+    vm_clock_nsec("vm-clock-nsec"), optional icount("icount") }
+);
 /// The part of qcow2 encryption information every format has.
 ///
 /// **Since:** 2.10
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificQCow2EncryptionBase {
     /// the encryption format
     pub format: BlockdevQcow2EncryptionFormat,
@@ -2029,39 +1403,25 @@ impl ImageInfoSpecificQCow2EncryptionBase {
         Self { format }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificQCow2EncryptionBase {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            format: object.required("format")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(ImageInfoSpecificQCow2EncryptionBase);
+::qapi_runtime::impl_object!(ImageInfoSpecificQCow2EncryptionBase { format("format") });
 /// How a qcow2 image is encrypted.
 ///
 /// **Since:** 2.10
 ///
 /// The members of the branch selected by `format` are in [`ImageInfoSpecificQCow2EncryptionBranch`], flattened into the same JSON object.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificQCow2Encryption {
-    #[serde(flatten)]
     pub branch: ImageInfoSpecificQCow2EncryptionBranch,
 }
 /// The branch of [`ImageInfoSpecificQCow2Encryption`] chosen by its discriminator `format` (serialised as that member).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(tag = "format")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ImageInfoSpecificQCow2EncryptionBranch {
     /// the legacy AES-CBC scheme, supported for reading old images
-    #[serde(rename = "aes")]
     Aes,
     /// a LUKS header stored inside the image
-    #[serde(rename = "luks")]
     Luks(QCryptoBlockInfoLUKS),
     /// A value this schema does not know, read from a newer QEMU's reply or event
     /// (it has no wire name and cannot be sent).
-    #[serde(skip_serializing)]
     UnknownValue,
 }
 impl ImageInfoSpecificQCow2EncryptionBranch {
@@ -2081,9 +1441,9 @@ impl ImageInfoSpecificQCow2Encryption {
         Self { branch }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificQCow2Encryption {
+impl ::qapi_runtime::ReadMembers for ImageInfoSpecificQCow2Encryption {
     fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+        object: &mut ::qapi_runtime::QmpObject,
     ) -> ::qapi_runtime::Result<Self> {
         let kind: BlockdevQcow2EncryptionFormat = object.required("format")?;
         let branch = match kind {
@@ -2092,7 +1452,7 @@ impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificQCow2Encryption {
             }
             BlockdevQcow2EncryptionFormat::Luks => {
                 ImageInfoSpecificQCow2EncryptionBranch::Luks(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             BlockdevQcow2EncryptionFormat::UnknownValue => {
@@ -2102,57 +1462,71 @@ impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificQCow2Encryption {
         Ok(Self { branch })
     }
 }
+impl ::qapi_runtime::WriteMembers for ImageInfoSpecificQCow2Encryption {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("format", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for ImageInfoSpecificQCow2EncryptionBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Aes => Ok(()),
+            Self::Luks(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::UnknownValue => {
+                Err(
+                    ::qapi_runtime::output::unknown_branch(
+                        "ImageInfoSpecificQCow2Encryption",
+                    ),
+                )
+            }
+        }
+    }
+}
 ::qapi_runtime::impl_object!(ImageInfoSpecificQCow2Encryption);
 /// Information only qcow2 images have.
 ///
 /// **Since:** 1.7
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificQCow2 {
     /// the format version: "0.10" for version 2, "1.1" for
     /// version 3
-    pub compat: ::std::string::String,
+    pub compat: String,
     /// the external data file's name, if the image uses one
     /// (since 4.0)
-    #[serde(rename = "data-file")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub data_file: ::std::option::Option<::std::string::String>,
+    pub data_file: Option<String>,
     /// whether the external data file is a valid raw
     /// image by itself (since 4.0)
-    #[serde(rename = "data-file-raw")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub data_file_raw: ::std::option::Option<bool>,
+    pub data_file_raw: Option<bool>,
     /// whether L2 entries have 32 subclusters (since 5.2)
-    #[serde(rename = "extended-l2")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub extended_l2: ::std::option::Option<bool>,
+    pub extended_l2: Option<bool>,
     /// whether reference counts are updated lazily
     /// (version 3 only)
-    #[serde(rename = "lazy-refcounts")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub lazy_refcounts: ::std::option::Option<bool>,
+    pub lazy_refcounts: Option<bool>,
     /// whether the image is marked corrupt (version 3 only;
     /// since 2.2)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub corrupt: ::std::option::Option<bool>,
+    pub corrupt: Option<bool>,
     /// the width of a reference count (since 2.3)
-    #[serde(rename = "refcount-bits")]
     pub refcount_bits: i64,
     /// how the image is encrypted, if it is (since 2.10)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub encrypt: ::std::option::Option<ImageInfoSpecificQCow2Encryption>,
+    pub encrypt: Option<ImageInfoSpecificQCow2Encryption>,
     /// the persistent dirty bitmaps stored in the image (since
     /// 4.0)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmaps: ::std::option::Option<::std::vec::Vec<Qcow2BitmapInfo>>,
+    pub bitmaps: Option<Vec<Qcow2BitmapInfo>>,
     /// how compressed clusters are compressed (since
     /// 5.1)
-    #[serde(rename = "compression-type")]
     pub compression_type: Qcow2CompressionType,
 }
 impl ImageInfoSpecificQCow2 {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        compat: impl ::std::convert::Into<::std::string::String>,
+        compat: impl Into<String>,
         refcount_bits: i64,
         compression_type: Qcow2CompressionType,
     ) -> Self {
@@ -2170,48 +1544,34 @@ impl ImageInfoSpecificQCow2 {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificQCow2 {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            compat: object.required("compat")?,
-            data_file: object.optional("data-file")?,
-            data_file_raw: object.optional("data-file-raw")?,
-            extended_l2: object.optional("extended-l2")?,
-            lazy_refcounts: object.optional("lazy-refcounts")?,
-            corrupt: object.optional("corrupt")?,
-            refcount_bits: object.required("refcount-bits")?,
-            encrypt: object.optional("encrypt")?,
-            bitmaps: object.optional("bitmaps")?,
-            compression_type: object.required("compression-type")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(ImageInfoSpecificQCow2);
+::qapi_runtime::impl_object!(
+    ImageInfoSpecificQCow2 { compat("compat"), optional data_file("data-file"), optional
+    data_file_raw("data-file-raw"), optional extended_l2("extended-l2"), optional
+    lazy_refcounts("lazy-refcounts"), optional corrupt("corrupt"),
+    refcount_bits("refcount-bits"), optional encrypt("encrypt"), optional
+    bitmaps("bitmaps"), compression_type("compression-type") }
+);
 /// Information only VMDK images have.
 ///
 /// **Since:** 1.7
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificVmdk {
     /// the VMDK subformat
-    #[serde(rename = "create-type")]
-    pub create_type: ::std::string::String,
+    pub create_type: String,
     /// the content identifier
     pub cid: i64,
     /// the parent's content identifier
-    #[serde(rename = "parent-cid")]
     pub parent_cid: i64,
     /// the extent files
-    pub extents: ::std::vec::Vec<VmdkExtentInfo>,
+    pub extents: Vec<VmdkExtentInfo>,
 }
 impl ImageInfoSpecificVmdk {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        create_type: impl ::std::convert::Into<::std::string::String>,
+        create_type: impl Into<String>,
         cid: i64,
         parent_cid: i64,
-        extents: ::std::vec::Vec<VmdkExtentInfo>,
+        extents: Vec<VmdkExtentInfo>,
     ) -> Self {
         Self {
             create_type: create_type.into(),
@@ -2221,44 +1581,31 @@ impl ImageInfoSpecificVmdk {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificVmdk {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            create_type: object.required("create-type")?,
-            cid: object.required("cid")?,
-            parent_cid: object.required("parent-cid")?,
-            extents: object.required("extents")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(ImageInfoSpecificVmdk);
+::qapi_runtime::impl_object!(
+    ImageInfoSpecificVmdk { create_type("create-type"), cid("cid"),
+    parent_cid("parent-cid"), extents("extents") }
+);
 /// One extent of a VMDK image.
 ///
 /// **Since:** 8.0
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VmdkExtentInfo {
     /// the extent's file
-    pub filename: ::std::string::String,
+    pub filename: String,
     /// the extent's type (FLAT, SPARSE, ...)
-    pub format: ::std::string::String,
+    pub format: String,
     /// the guest-visible bytes the extent covers
-    #[serde(rename = "virtual-size")]
     pub virtual_size: i64,
     /// the cluster size, for sparse extents
-    #[serde(rename = "cluster-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub cluster_size: ::std::option::Option<i64>,
+    pub cluster_size: Option<i64>,
     /// whether the extent is compressed
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub compressed: ::std::option::Option<bool>,
+    pub compressed: Option<bool>,
 }
 impl VmdkExtentInfo {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        filename: impl ::std::convert::Into<::std::string::String>,
-        format: impl ::std::convert::Into<::std::string::String>,
+        filename: impl Into<String>,
+        format: impl Into<String>,
         virtual_size: i64,
     ) -> Self {
         Self {
@@ -2270,30 +1617,19 @@ impl VmdkExtentInfo {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for VmdkExtentInfo {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            filename: object.required("filename")?,
-            format: object.required("format")?,
-            virtual_size: object.required("virtual-size")?,
-            cluster_size: object.optional("cluster-size")?,
-            compressed: object.optional("compressed")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(VmdkExtentInfo);
+::qapi_runtime::impl_object!(
+    VmdkExtentInfo { filename("filename"), format("format"),
+    virtual_size("virtual-size"), optional cluster_size("cluster-size"), optional
+    compressed("compressed") }
+);
 /// Information only RBD images have.
 ///
 /// **Since:** 6.1
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificRbd {
     /// the encryption format, if the image is
     /// encrypted
-    #[serde(rename = "encryption-format")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub encryption_format: ::std::option::Option<RbdImageEncryptionFormat>,
+    pub encryption_format: Option<RbdImageEncryptionFormat>,
 }
 impl ImageInfoSpecificRbd {
     /// A value with the mandatory members given and every optional member absent.
@@ -2301,16 +1637,9 @@ impl ImageInfoSpecificRbd {
         Self { encryption_format: None }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificRbd {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            encryption_format: object.optional("encryption-format")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(ImageInfoSpecificRbd);
+::qapi_runtime::impl_object!(
+    ImageInfoSpecificRbd { optional encryption_format("encryption-format") }
+);
 /// Encryption formats of RBD images.
 ///
 /// **Since:** 6.1
@@ -2326,37 +1655,17 @@ pub enum RbdImageEncryptionFormat {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl RbdImageEncryptionFormat {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Luks, Self::Luks2, Self::LuksAny];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Luks => "luks",
-            Self::Luks2 => "luks2",
-            Self::LuksAny => "luks-any",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for RbdImageEncryptionFormat {
-    const NAME: &'static str = "RbdImageEncryptionFormat";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(RbdImageEncryptionFormat);
+::qapi_runtime::impl_enum!(
+    RbdImageEncryptionFormat = "RbdImageEncryptionFormat" { Luks("luks"), Luks2("luks2"),
+    LuksAny("luks-any") } UnknownValue
+);
 /// Information only the file protocol has.
 ///
 /// **Since:** 8.0
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificFile {
     /// the file system's extent size hint, if set
-    #[serde(rename = "extent-size-hint")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub extent_size_hint: ::std::option::Option<u64>,
+    pub extent_size_hint: Option<u64>,
 }
 impl ImageInfoSpecificFile {
     /// A value with the mandatory members given and every optional member absent.
@@ -2364,16 +1673,9 @@ impl ImageInfoSpecificFile {
         Self { extent_size_hint: None }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificFile {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            extent_size_hint: object.optional("extent-size-hint")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(ImageInfoSpecificFile);
+::qapi_runtime::impl_object!(
+    ImageInfoSpecificFile { optional extent_size_hint("extent-size-hint") }
+);
 /// The drivers that have format-specific image information.
 ///
 /// **Since:** 1.7
@@ -2393,40 +1695,14 @@ pub enum ImageInfoSpecificKind {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl ImageInfoSpecificKind {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Qcow2,
-        Self::Vmdk,
-        Self::Luks,
-        Self::Rbd,
-        Self::File,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Qcow2 => "qcow2",
-            Self::Vmdk => "vmdk",
-            Self::Luks => "luks",
-            Self::Rbd => "rbd",
-            Self::File => "file",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for ImageInfoSpecificKind {
-    const NAME: &'static str = "ImageInfoSpecificKind";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(ImageInfoSpecificKind);
+::qapi_runtime::impl_enum!(
+    ImageInfoSpecificKind = "ImageInfoSpecificKind" { Qcow2("qcow2"), Vmdk("vmdk"),
+    Luks("luks"), Rbd("rbd"), File("file") } UnknownValue
+);
 /// Holds qcow2 information for `ImageInfoSpecific`.
 ///
 /// **Since:** 1.7
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificQCow2Wrapper {
     /// the information
     pub data: ImageInfoSpecificQCow2,
@@ -2437,20 +1713,11 @@ impl ImageInfoSpecificQCow2Wrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificQCow2Wrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(ImageInfoSpecificQCow2Wrapper);
+::qapi_runtime::impl_object!(ImageInfoSpecificQCow2Wrapper { data("data") });
 /// Holds VMDK information for `ImageInfoSpecific`.
 ///
 /// **Since:** 6.1
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificVmdkWrapper {
     /// the information
     pub data: ImageInfoSpecificVmdk,
@@ -2461,20 +1728,11 @@ impl ImageInfoSpecificVmdkWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificVmdkWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(ImageInfoSpecificVmdkWrapper);
+::qapi_runtime::impl_object!(ImageInfoSpecificVmdkWrapper { data("data") });
 /// Holds LUKS information for `ImageInfoSpecific`.
 ///
 /// **Since:** 2.7
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificLUKSWrapper {
     /// the information
     pub data: QCryptoBlockInfoLUKS,
@@ -2485,20 +1743,11 @@ impl ImageInfoSpecificLUKSWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificLUKSWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(ImageInfoSpecificLUKSWrapper);
+::qapi_runtime::impl_object!(ImageInfoSpecificLUKSWrapper { data("data") });
 /// Holds RBD information for `ImageInfoSpecific`.
 ///
 /// **Since:** 6.1
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificRbdWrapper {
     /// the information
     pub data: ImageInfoSpecificRbd,
@@ -2509,20 +1758,11 @@ impl ImageInfoSpecificRbdWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificRbdWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(ImageInfoSpecificRbdWrapper);
+::qapi_runtime::impl_object!(ImageInfoSpecificRbdWrapper { data("data") });
 /// Holds file information for `ImageInfoSpecific`.
 ///
 /// **Since:** 8.0
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecificFileWrapper {
     /// the information
     pub data: ImageInfoSpecificFile,
@@ -2533,48 +1773,31 @@ impl ImageInfoSpecificFileWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecificFileWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(ImageInfoSpecificFileWrapper);
+::qapi_runtime::impl_object!(ImageInfoSpecificFileWrapper { data("data") });
 /// Information that depends on the image's driver.
 ///
 /// **Since:** 1.7
 ///
 /// The members of the branch selected by `type` are in [`ImageInfoSpecificBranch`], flattened into the same JSON object.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfoSpecific {
-    #[serde(flatten)]
     pub branch: ImageInfoSpecificBranch,
 }
 /// The branch of [`ImageInfoSpecific`] chosen by its discriminator `type` (serialised as that member).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(tag = "type")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ImageInfoSpecificBranch {
     /// qcow2 images
-    #[serde(rename = "qcow2")]
     Qcow2(ImageInfoSpecificQCow2Wrapper),
     /// VMDK images
-    #[serde(rename = "vmdk")]
     Vmdk(ImageInfoSpecificVmdkWrapper),
     /// LUKS volumes (since 2.7)
-    #[serde(rename = "luks")]
     Luks(ImageInfoSpecificLUKSWrapper),
     /// RBD images (since 6.1)
-    #[serde(rename = "rbd")]
     Rbd(ImageInfoSpecificRbdWrapper),
     /// plain files (since 8.0)
-    #[serde(rename = "file")]
     File(ImageInfoSpecificFileWrapper),
     /// A value this schema does not know, read from a newer QEMU's reply or event
     /// (it has no wire name and cannot be sent).
-    #[serde(skip_serializing)]
     UnknownValue,
 }
 impl ImageInfoSpecificBranch {
@@ -2597,35 +1820,35 @@ impl ImageInfoSpecific {
         Self { branch }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecific {
+impl ::qapi_runtime::ReadMembers for ImageInfoSpecific {
     fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+        object: &mut ::qapi_runtime::QmpObject,
     ) -> ::qapi_runtime::Result<Self> {
         let kind: ImageInfoSpecificKind = object.required("type")?;
         let branch = match kind {
             ImageInfoSpecificKind::Qcow2 => {
                 ImageInfoSpecificBranch::Qcow2(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             ImageInfoSpecificKind::Vmdk => {
                 ImageInfoSpecificBranch::Vmdk(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             ImageInfoSpecificKind::Luks => {
                 ImageInfoSpecificBranch::Luks(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             ImageInfoSpecificKind::Rbd => {
                 ImageInfoSpecificBranch::Rbd(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             ImageInfoSpecificKind::File => {
                 ImageInfoSpecificBranch::File(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             ImageInfoSpecificKind::UnknownValue => ImageInfoSpecificBranch::UnknownValue,
@@ -2633,63 +1856,71 @@ impl ::qapi_runtime::input::ReadMembers for ImageInfoSpecific {
         Ok(Self { branch })
     }
 }
+impl ::qapi_runtime::WriteMembers for ImageInfoSpecific {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("type", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for ImageInfoSpecificBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Vmdk(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Luks(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Rbd(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::UnknownValue => {
+                Err(::qapi_runtime::output::unknown_branch("ImageInfoSpecific"))
+            }
+        }
+    }
+}
 ::qapi_runtime::impl_object!(ImageInfoSpecific);
 /// What is known about the image of one node.
 ///
 /// **Since:** 8.0
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockNodeInfo {
     /// the image's file name
-    pub filename: ::std::string::String,
+    pub filename: String,
     /// the driver's name
-    pub format: ::std::string::String,
+    pub format: String,
     /// whether the image was not closed cleanly
-    #[serde(rename = "dirty-flag")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub dirty_flag: ::std::option::Option<bool>,
+    pub dirty_flag: Option<bool>,
     /// bytes the image occupies on the host
-    #[serde(rename = "actual-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub actual_size: ::std::option::Option<i64>,
+    pub actual_size: Option<i64>,
     /// the size the image presents, in bytes
-    #[serde(rename = "virtual-size")]
     pub virtual_size: i64,
     /// the allocation unit, for formats that have one
-    #[serde(rename = "cluster-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub cluster_size: ::std::option::Option<i64>,
+    pub cluster_size: Option<i64>,
     /// whether the image is encrypted
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub encrypted: ::std::option::Option<bool>,
+    pub encrypted: Option<bool>,
     /// whether the image is compressed (since 1.7)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub compressed: ::std::option::Option<bool>,
+    pub compressed: Option<bool>,
     /// the backing file's name as the image records it
-    #[serde(rename = "backing-filename")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub backing_filename: ::std::option::Option<::std::string::String>,
+    pub backing_filename: Option<String>,
     /// the backing file's name made absolute
-    #[serde(rename = "full-backing-filename")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub full_backing_filename: ::std::option::Option<::std::string::String>,
+    pub full_backing_filename: Option<String>,
     /// the backing file's format as the image
     /// records it
-    #[serde(rename = "backing-filename-format")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub backing_filename_format: ::std::option::Option<::std::string::String>,
+    pub backing_filename_format: Option<String>,
     /// the internal snapshots the image holds
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub snapshots: ::std::option::Option<::std::vec::Vec<SnapshotInfo>>,
+    pub snapshots: Option<Vec<SnapshotInfo>>,
     /// information only this format has (since 1.7)
-    #[serde(rename = "format-specific")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub format_specific: ::std::option::Option<ImageInfoSpecific>,
+    pub format_specific: Option<ImageInfoSpecific>,
 }
 impl BlockNodeInfo {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        filename: impl ::std::convert::Into<::std::string::String>,
-        format: impl ::std::convert::Into<::std::string::String>,
+        filename: impl Into<String>,
+        format: impl Into<String>,
         virtual_size: i64,
     ) -> Self {
         Self {
@@ -2709,91 +1940,59 @@ impl BlockNodeInfo {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockNodeInfo {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            filename: object.required("filename")?,
-            format: object.required("format")?,
-            dirty_flag: object.optional("dirty-flag")?,
-            actual_size: object.optional("actual-size")?,
-            virtual_size: object.required("virtual-size")?,
-            cluster_size: object.optional("cluster-size")?,
-            encrypted: object.optional("encrypted")?,
-            compressed: object.optional("compressed")?,
-            backing_filename: object.optional("backing-filename")?,
-            full_backing_filename: object.optional("full-backing-filename")?,
-            backing_filename_format: object.optional("backing-filename-format")?,
-            snapshots: object.optional("snapshots")?,
-            format_specific: object.optional("format-specific")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockNodeInfo);
+::qapi_runtime::impl_object!(
+    BlockNodeInfo { filename("filename"), format("format"), optional
+    dirty_flag("dirty-flag"), optional actual_size("actual-size"),
+    virtual_size("virtual-size"), optional cluster_size("cluster-size"), optional
+    encrypted("encrypted"), optional compressed("compressed"), optional
+    backing_filename("backing-filename"), optional
+    full_backing_filename("full-backing-filename"), optional
+    backing_filename_format("backing-filename-format"), optional snapshots("snapshots"),
+    optional format_specific("format-specific") }
+);
 /// What is known about an image and, recursively, its backing chain.
 ///
 /// **Since:** 1.3
 ///
 /// Includes the members of [`BlockNodeInfo`] (its base).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageInfo {
     /// the image's file name
-    pub filename: ::std::string::String,
+    pub filename: String,
     /// the driver's name
-    pub format: ::std::string::String,
+    pub format: String,
     /// whether the image was not closed cleanly
-    #[serde(rename = "dirty-flag")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub dirty_flag: ::std::option::Option<bool>,
+    pub dirty_flag: Option<bool>,
     /// bytes the image occupies on the host
-    #[serde(rename = "actual-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub actual_size: ::std::option::Option<i64>,
+    pub actual_size: Option<i64>,
     /// the size the image presents, in bytes
-    #[serde(rename = "virtual-size")]
     pub virtual_size: i64,
     /// the allocation unit, for formats that have one
-    #[serde(rename = "cluster-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub cluster_size: ::std::option::Option<i64>,
+    pub cluster_size: Option<i64>,
     /// whether the image is encrypted
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub encrypted: ::std::option::Option<bool>,
+    pub encrypted: Option<bool>,
     /// whether the image is compressed (since 1.7)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub compressed: ::std::option::Option<bool>,
+    pub compressed: Option<bool>,
     /// the backing file's name as the image records it
-    #[serde(rename = "backing-filename")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub backing_filename: ::std::option::Option<::std::string::String>,
+    pub backing_filename: Option<String>,
     /// the backing file's name made absolute
-    #[serde(rename = "full-backing-filename")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub full_backing_filename: ::std::option::Option<::std::string::String>,
+    pub full_backing_filename: Option<String>,
     /// the backing file's format as the image
     /// records it
-    #[serde(rename = "backing-filename-format")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub backing_filename_format: ::std::option::Option<::std::string::String>,
+    pub backing_filename_format: Option<String>,
     /// the internal snapshots the image holds
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub snapshots: ::std::option::Option<::std::vec::Vec<SnapshotInfo>>,
+    pub snapshots: Option<Vec<SnapshotInfo>>,
     /// information only this format has (since 1.7)
-    #[serde(rename = "format-specific")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub format_specific: ::std::option::Option<ImageInfoSpecific>,
+    pub format_specific: Option<ImageInfoSpecific>,
     /// the same information for the backing image, if
     /// there is one (since 1.6)
-    #[serde(rename = "backing-image")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub backing_image: ::std::option::Option<::std::boxed::Box<ImageInfo>>,
+    pub backing_image: Option<Box<ImageInfo>>,
 }
 impl ImageInfo {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        filename: impl ::std::convert::Into<::std::string::String>,
-        format: impl ::std::convert::Into<::std::string::String>,
+        filename: impl Into<String>,
+        format: impl Into<String>,
         virtual_size: i64,
     ) -> Self {
         Self {
@@ -2814,33 +2013,21 @@ impl ImageInfo {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for ImageInfo {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            filename: object.required("filename")?,
-            format: object.required("format")?,
-            dirty_flag: object.optional("dirty-flag")?,
-            actual_size: object.optional("actual-size")?,
-            virtual_size: object.required("virtual-size")?,
-            cluster_size: object.optional("cluster-size")?,
-            encrypted: object.optional("encrypted")?,
-            compressed: object.optional("compressed")?,
-            backing_filename: object.optional("backing-filename")?,
-            full_backing_filename: object.optional("full-backing-filename")?,
-            backing_filename_format: object.optional("backing-filename-format")?,
-            snapshots: object.optional("snapshots")?,
-            format_specific: object.optional("format-specific")?,
-            backing_image: object.optional("backing-image")?,
-        })
+::qapi_runtime::impl_object!(
+    ImageInfo { filename("filename"), format("format"), optional
+    dirty_flag("dirty-flag"), optional actual_size("actual-size"),
+    virtual_size("virtual-size"), optional cluster_size("cluster-size"), optional
+    encrypted("encrypted"), optional compressed("compressed"), optional
+    backing_filename("backing-filename"), optional
+    full_backing_filename("full-backing-filename"), optional
+    backing_filename_format("backing-filename-format"), optional snapshots("snapshots"),
+    optional format_specific("format-specific"), optional backing_image("backing-image")
     }
-}
-::qapi_runtime::impl_object!(ImageInfo);
+);
 /// The cache mode a node uses.
 ///
 /// **Since:** 2.3
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevCacheInfo {
     /// whether writes complete once they are in a cache
     /// (write-back) rather than once they are on disk (write-through)
@@ -2848,7 +2035,6 @@ pub struct BlockdevCacheInfo {
     /// whether the host page cache is bypassed
     pub direct: bool,
     /// whether flush requests are ignored
-    #[serde(rename = "no-flush")]
     pub no_flush: bool,
 }
 impl BlockdevCacheInfo {
@@ -2861,36 +2047,24 @@ impl BlockdevCacheInfo {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevCacheInfo {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            writeback: object.required("writeback")?,
-            direct: object.required("direct")?,
-            no_flush: object.required("no-flush")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevCacheInfo);
+::qapi_runtime::impl_object!(
+    BlockdevCacheInfo { writeback("writeback"), direct("direct"), no_flush("no-flush") }
+);
 /// What `query-named-block-nodes` reports about one node.
 ///
 /// **Since:** 0.14
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDeviceInfo {
     /// the node's file name
-    pub file: ::std::string::String,
+    pub file: String,
     /// the node's name (since 2.0)
-    #[serde(rename = "node-name")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub node_name: ::std::option::Option<::std::string::String>,
+    pub node_name: Option<String>,
     /// whether the node is read-only
     pub ro: bool,
     /// the driver's name
-    pub drv: ::std::string::String,
+    pub drv: String,
     /// the backing file's name, if any
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub backing_file: ::std::option::Option<::std::string::String>,
+    pub backing_file: Option<String>,
     /// how many images are below this one
     pub backing_file_depth: i64,
     /// false when the node is inactive, i.e. another process may
@@ -2917,64 +2091,48 @@ pub struct BlockDeviceInfo {
     /// 1.6)
     pub image: ImageInfo,
     /// burst total throughput, bytes per second (since 1.7)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bps_max: ::std::option::Option<i64>,
+    pub bps_max: Option<i64>,
     /// burst read throughput, bytes per second (since 1.7)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bps_rd_max: ::std::option::Option<i64>,
+    pub bps_rd_max: Option<i64>,
     /// burst write throughput, bytes per second (since 1.7)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bps_wr_max: ::std::option::Option<i64>,
+    pub bps_wr_max: Option<i64>,
     /// burst total requests per second (since 1.7)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub iops_max: ::std::option::Option<i64>,
+    pub iops_max: Option<i64>,
     /// burst read requests per second (since 1.7)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub iops_rd_max: ::std::option::Option<i64>,
+    pub iops_rd_max: Option<i64>,
     /// burst write requests per second (since 1.7)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub iops_wr_max: ::std::option::Option<i64>,
+    pub iops_wr_max: Option<i64>,
     /// seconds `bps_max` may last (since 2.6)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bps_max_length: ::std::option::Option<i64>,
+    pub bps_max_length: Option<i64>,
     /// seconds `bps_rd_max` may last (since 2.6)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bps_rd_max_length: ::std::option::Option<i64>,
+    pub bps_rd_max_length: Option<i64>,
     /// seconds `bps_wr_max` may last (since 2.6)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bps_wr_max_length: ::std::option::Option<i64>,
+    pub bps_wr_max_length: Option<i64>,
     /// seconds `iops_max` may last (since 2.6)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub iops_max_length: ::std::option::Option<i64>,
+    pub iops_max_length: Option<i64>,
     /// seconds `iops_rd_max` may last (since 2.6)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub iops_rd_max_length: ::std::option::Option<i64>,
+    pub iops_rd_max_length: Option<i64>,
     /// seconds `iops_wr_max` may last (since 2.6)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub iops_wr_max_length: ::std::option::Option<i64>,
+    pub iops_wr_max_length: Option<i64>,
     /// bytes a request counts as for the request limits
     /// (since 1.7)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub iops_size: ::std::option::Option<i64>,
+    pub iops_size: Option<i64>,
     /// the throttle group the node belongs to (since 2.4)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub group: ::std::option::Option<::std::string::String>,
+    pub group: Option<String>,
     /// the cache mode (since 2.3)
     pub cache: BlockdevCacheInfo,
     /// the write threshold in bytes, 0 when none is set
     /// (since 2.3)
     pub write_threshold: i64,
     /// the node's dirty bitmaps (since 4.2)
-    #[serde(rename = "dirty-bitmaps")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub dirty_bitmaps: ::std::option::Option<::std::vec::Vec<BlockDirtyInfo>>,
+    pub dirty_bitmaps: Option<Vec<BlockDirtyInfo>>,
 }
 impl BlockDeviceInfo {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        file: impl ::std::convert::Into<::std::string::String>,
+        file: impl Into<String>,
         ro: bool,
-        drv: impl ::std::convert::Into<::std::string::String>,
+        drv: impl Into<String>,
         backing_file_depth: i64,
         active: bool,
         encrypted: bool,
@@ -3026,48 +2184,23 @@ impl BlockDeviceInfo {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockDeviceInfo {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            file: object.required("file")?,
-            node_name: object.optional("node-name")?,
-            ro: object.required("ro")?,
-            drv: object.required("drv")?,
-            backing_file: object.optional("backing_file")?,
-            backing_file_depth: object.required("backing_file_depth")?,
-            active: object.required("active")?,
-            encrypted: object.required("encrypted")?,
-            detect_zeroes: object.required("detect_zeroes")?,
-            bps: object.required("bps")?,
-            bps_rd: object.required("bps_rd")?,
-            bps_wr: object.required("bps_wr")?,
-            iops: object.required("iops")?,
-            iops_rd: object.required("iops_rd")?,
-            iops_wr: object.required("iops_wr")?,
-            image: object.required("image")?,
-            bps_max: object.optional("bps_max")?,
-            bps_rd_max: object.optional("bps_rd_max")?,
-            bps_wr_max: object.optional("bps_wr_max")?,
-            iops_max: object.optional("iops_max")?,
-            iops_rd_max: object.optional("iops_rd_max")?,
-            iops_wr_max: object.optional("iops_wr_max")?,
-            bps_max_length: object.optional("bps_max_length")?,
-            bps_rd_max_length: object.optional("bps_rd_max_length")?,
-            bps_wr_max_length: object.optional("bps_wr_max_length")?,
-            iops_max_length: object.optional("iops_max_length")?,
-            iops_rd_max_length: object.optional("iops_rd_max_length")?,
-            iops_wr_max_length: object.optional("iops_wr_max_length")?,
-            iops_size: object.optional("iops_size")?,
-            group: object.optional("group")?,
-            cache: object.required("cache")?,
-            write_threshold: object.required("write_threshold")?,
-            dirty_bitmaps: object.optional("dirty-bitmaps")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockDeviceInfo);
+::qapi_runtime::impl_object!(
+    BlockDeviceInfo { file("file"), optional node_name("node-name"), ro("ro"),
+    drv("drv"), optional backing_file("backing_file"),
+    backing_file_depth("backing_file_depth"), active("active"), encrypted("encrypted"),
+    detect_zeroes("detect_zeroes"), bps("bps"), bps_rd("bps_rd"), bps_wr("bps_wr"),
+    iops("iops"), iops_rd("iops_rd"), iops_wr("iops_wr"), image("image"), optional
+    bps_max("bps_max"), optional bps_rd_max("bps_rd_max"), optional
+    bps_wr_max("bps_wr_max"), optional iops_max("iops_max"), optional
+    iops_rd_max("iops_rd_max"), optional iops_wr_max("iops_wr_max"), optional
+    bps_max_length("bps_max_length"), optional bps_rd_max_length("bps_rd_max_length"),
+    optional bps_wr_max_length("bps_wr_max_length"), optional
+    iops_max_length("iops_max_length"), optional
+    iops_rd_max_length("iops_rd_max_length"), optional
+    iops_wr_max_length("iops_wr_max_length"), optional iops_size("iops_size"), optional
+    group("group"), cache("cache"), write_threshold("write_threshold"), optional
+    dirty_bitmaps("dirty-bitmaps") }
+);
 /// Flags of a persistent bitmap stored in a qcow2 image.
 ///
 /// **Since:** 4.0
@@ -3082,45 +2215,28 @@ pub enum Qcow2BitmapInfoFlags {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl Qcow2BitmapInfoFlags {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::InUse, Self::Auto];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::InUse => "in-use",
-            Self::Auto => "auto",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for Qcow2BitmapInfoFlags {
-    const NAME: &'static str = "Qcow2BitmapInfoFlags";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(Qcow2BitmapInfoFlags);
+::qapi_runtime::impl_enum!(
+    Qcow2BitmapInfoFlags = "Qcow2BitmapInfoFlags" { InUse("in-use"), Auto("auto") }
+    UnknownValue
+);
 /// A persistent bitmap as stored in a qcow2 image.
 ///
 /// **Since:** 4.0
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Qcow2BitmapInfo {
     /// the bitmap's name
-    pub name: ::std::string::String,
+    pub name: String,
     /// bytes covered by one bit
     pub granularity: u32,
     /// the bitmap's flags
-    pub flags: ::std::vec::Vec<Qcow2BitmapInfoFlags>,
+    pub flags: Vec<Qcow2BitmapInfoFlags>,
 }
 impl Qcow2BitmapInfo {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        name: impl ::std::convert::Into<::std::string::String>,
+        name: impl Into<String>,
         granularity: u32,
-        flags: ::std::vec::Vec<Qcow2BitmapInfoFlags>,
+        flags: Vec<Qcow2BitmapInfoFlags>,
     ) -> Self {
         Self {
             name: name.into(),
@@ -3129,18 +2245,9 @@ impl Qcow2BitmapInfo {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for Qcow2BitmapInfo {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            name: object.required("name")?,
-            granularity: object.required("granularity")?,
-            flags: object.required("flags")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(Qcow2BitmapInfo);
+::qapi_runtime::impl_object!(
+    Qcow2BitmapInfo { name("name"), granularity("granularity"), flags("flags") }
+);
 /// Compression methods for qcow2 clusters.
 ///
 /// **Since:** 5.1
@@ -3156,27 +2263,10 @@ pub enum Qcow2CompressionType {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl Qcow2CompressionType {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Zlib, Self::Zstd];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Zlib => "zlib",
-            Self::Zstd => "zstd",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for Qcow2CompressionType {
-    const NAME: &'static str = "Qcow2CompressionType";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(Qcow2CompressionType);
+::qapi_runtime::impl_enum!(
+    Qcow2CompressionType = "Qcow2CompressionType" { Zlib("zlib"), Zstd("zstd") }
+    UnknownValue
+);
 /// What to do with discard requests.
 ///
 /// **Since:** 2.9
@@ -3187,26 +2277,10 @@ pub enum BlockdevDiscardOptions {
     /// pass them down to the protocol
     Unmap,
 }
-impl BlockdevDiscardOptions {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Ignore, Self::Unmap];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ignore => "ignore",
-            Self::Unmap => "unmap",
-        }
+::qapi_runtime::impl_enum!(
+    BlockdevDiscardOptions = "BlockdevDiscardOptions" { Ignore("ignore"), Unmap("unmap")
     }
-}
-impl ::qapi_runtime::Enum for BlockdevDiscardOptions {
-    const NAME: &'static str = "BlockdevDiscardOptions";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockdevDiscardOptions);
+);
 /// Whether to look for writes of zeroes and turn them into efficient
 /// zero writes.
 ///
@@ -3224,28 +2298,10 @@ pub enum BlockdevDetectZeroesOptions {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl BlockdevDetectZeroesOptions {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Off, Self::On, Self::Unmap];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Off => "off",
-            Self::On => "on",
-            Self::Unmap => "unmap",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlockdevDetectZeroesOptions {
-    const NAME: &'static str = "BlockdevDetectZeroesOptions";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockdevDetectZeroesOptions);
+::qapi_runtime::impl_enum!(
+    BlockdevDetectZeroesOptions = "BlockdevDetectZeroesOptions" { Off("off"), On("on"),
+    Unmap("unmap") } UnknownValue
+);
 /// How the file protocol submits asynchronous I/O.
 ///
 /// **Since:** 2.9
@@ -3260,39 +2316,19 @@ pub enum BlockdevAioOptions {
     /// **If:** `CONFIG_LINUX_IO_URING` (QEMU builds this only under that condition; generated unconditionally here)
     IoUring,
 }
-impl BlockdevAioOptions {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Threads, Self::Native, Self::IoUring];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Threads => "threads",
-            Self::Native => "native",
-            Self::IoUring => "io_uring",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlockdevAioOptions {
-    const NAME: &'static str = "BlockdevAioOptions";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockdevAioOptions);
+::qapi_runtime::impl_enum!(
+    BlockdevAioOptions = "BlockdevAioOptions" { Threads("threads"), Native("native"),
+    IoUring("io_uring") }
+);
 /// Cache settings of a node.
 ///
 /// **Since:** 2.9
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevCacheOptions {
     /// bypass the host page cache (default: false)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub direct: ::std::option::Option<bool>,
+    pub direct: Option<bool>,
     /// ignore flush requests (default: false)
-    #[serde(rename = "no-flush")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub no_flush: ::std::option::Option<bool>,
+    pub no_flush: Option<bool>,
 }
 impl BlockdevCacheOptions {
     /// A value with the mandatory members given and every optional member absent.
@@ -3303,17 +2339,9 @@ impl BlockdevCacheOptions {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevCacheOptions {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            direct: object.optional("direct")?,
-            no_flush: object.optional("no-flush")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevCacheOptions);
+::qapi_runtime::impl_object!(
+    BlockdevCacheOptions { optional direct("direct"), optional no_flush("no-flush") }
+);
 /// The block drivers of this daemon.  QEMU has many more; a
 /// `blockdev-add` naming one of those is rejected as naming an unknown
 /// driver.
@@ -3335,80 +2363,45 @@ pub enum BlockdevDriver {
     /// of the file
     Raw,
 }
-impl BlockdevDriver {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Blkdebug,
-        Self::File,
-        Self::NullCo,
-        Self::Qcow2,
-        Self::Raw,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Blkdebug => "blkdebug",
-            Self::File => "file",
-            Self::NullCo => "null-co",
-            Self::Qcow2 => "qcow2",
-            Self::Raw => "raw",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlockdevDriver {
-    const NAME: &'static str = "BlockdevDriver";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockdevDriver);
+::qapi_runtime::impl_enum!(
+    BlockdevDriver = "BlockdevDriver" { Blkdebug("blkdebug"), File("file"),
+    NullCo("null-co"), Qcow2("qcow2"), Raw("raw") }
+);
 /// Options of the file protocol.
 ///
 /// **Since:** 2.9
 ///
 /// **Features:**
 /// - `dynamic-auto-read-only`: with auto-read-only, the file is reopened read-write or read-only as users come and go, rather than fixed when the node is opened
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevOptionsFile {
     /// the host file
-    pub filename: ::std::string::String,
+    pub filename: String,
     /// the id of a persistent-reservation manager object
     /// (since 2.11)
-    #[serde(rename = "pr-manager")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub pr_manager: ::std::option::Option<::std::string::String>,
+    pub pr_manager: Option<String>,
     /// whether to take file locks (default: auto, which locks
     /// when the host supports it; since 2.10)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub locking: ::std::option::Option<OnOffAuto>,
+    pub locking: Option<OnOffAuto>,
     /// how to submit I/O (default: threads)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub aio: ::std::option::Option<BlockdevAioOptions>,
+    pub aio: Option<BlockdevAioOptions>,
     /// most requests submitted in one go, 0 for the
     /// default (since 6.2)
-    #[serde(rename = "aio-max-batch")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub aio_max_batch: ::std::option::Option<i64>,
+    pub aio_max_batch: Option<i64>,
     /// drop the host page cache of the file when the node is
     /// reactivated after migration (default: true; since 4.0)
     ///
     /// **If:** `CONFIG_LINUX` (QEMU builds this only under that condition; generated unconditionally here)
-    #[serde(rename = "drop-cache")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub drop_cache: ::std::option::Option<bool>,
+    pub drop_cache: Option<bool>,
     /// check that the page cache was dropped on
     /// reactivation (default: false; since 3.0)
     ///
     /// **Features:** `unstable`
-    #[serde(rename = "x-check-cache-dropped")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub x_check_cache_dropped: ::std::option::Option<bool>,
+    pub x_check_cache_dropped: Option<bool>,
 }
 impl BlockdevOptionsFile {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(filename: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(filename: impl Into<String>) -> Self {
         Self {
             filename: filename.into(),
             pr_manager: None,
@@ -3420,40 +2413,25 @@ impl BlockdevOptionsFile {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsFile {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            filename: object.required("filename")?,
-            pr_manager: object.optional("pr-manager")?,
-            locking: object.optional("locking")?,
-            aio: object.optional("aio")?,
-            aio_max_batch: object.optional("aio-max-batch")?,
-            drop_cache: object.optional("drop-cache")?,
-            x_check_cache_dropped: object.optional("x-check-cache-dropped")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevOptionsFile);
+::qapi_runtime::impl_object!(
+    BlockdevOptionsFile { filename("filename"), optional pr_manager("pr-manager"),
+    optional locking("locking"), optional aio("aio"), optional
+    aio_max_batch("aio-max-batch"), optional drop_cache("drop-cache"), optional
+    x_check_cache_dropped("x-check-cache-dropped") }
+);
 /// Options of the null drivers, which store nothing.
 ///
 /// **Since:** 2.9
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevOptionsNull {
     /// the size the node presents, in bytes (default: 1 GiB)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub size: ::std::option::Option<i64>,
+    pub size: Option<i64>,
     /// simulated time each request takes, in nanoseconds
     /// (default: 0; since 2.4)
-    #[serde(rename = "latency-ns")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub latency_ns: ::std::option::Option<u64>,
+    pub latency_ns: Option<u64>,
     /// reads return zeroes rather than whatever the buffer
     /// held (default: false; since 4.1)
-    #[serde(rename = "read-zeroes")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub read_zeroes: ::std::option::Option<bool>,
+    pub read_zeroes: Option<bool>,
 }
 impl BlockdevOptionsNull {
     /// A value with the mandatory members given and every optional member absent.
@@ -3465,22 +2443,14 @@ impl BlockdevOptionsNull {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsNull {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            size: object.optional("size")?,
-            latency_ns: object.optional("latency-ns")?,
-            read_zeroes: object.optional("read-zeroes")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevOptionsNull);
+::qapi_runtime::impl_object!(
+    BlockdevOptionsNull { optional size("size"), optional latency_ns("latency-ns"),
+    optional read_zeroes("read-zeroes") }
+);
 /// Options every format driver has.
 ///
 /// **Since:** 2.9
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevOptionsGenericFormat {
     /// the node holding the image data
     pub file: BlockdevRef,
@@ -3491,29 +2461,19 @@ impl BlockdevOptionsGenericFormat {
         Self { file }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsGenericFormat {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            file: object.required("file")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevOptionsGenericFormat);
+::qapi_runtime::impl_object!(BlockdevOptionsGenericFormat { file("file") });
 /// Options of format drivers that support backing images.
 ///
 /// **Since:** 2.9
 ///
 /// Includes the members of [`BlockdevOptionsGenericFormat`] (its base).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevOptionsGenericCOWFormat {
     /// the node holding the image data
     pub file: BlockdevRef,
     /// the backing node, or null for none; when absent, the
     /// backing file the image names is opened (default)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub backing: ::std::option::Option<BlockdevRefOrNull>,
+    pub backing: Option<BlockdevRefOrNull>,
 }
 impl BlockdevOptionsGenericCOWFormat {
     /// A value with the mandatory members given and every optional member absent.
@@ -3521,17 +2481,9 @@ impl BlockdevOptionsGenericCOWFormat {
         Self { file, backing: None }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsGenericCOWFormat {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            file: object.required("file")?,
-            backing: object.optional("backing")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevOptionsGenericCOWFormat);
+::qapi_runtime::impl_object!(
+    BlockdevOptionsGenericCOWFormat { file("file"), optional backing("backing") }
+);
 /// Preset sets of qcow2 metadata overlap checks.
 ///
 /// **Since:** 2.9
@@ -3546,80 +2498,38 @@ pub enum Qcow2OverlapCheckMode {
     /// every check, reading metadata from disk when needed
     All,
 }
-impl Qcow2OverlapCheckMode {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::None,
-        Self::Constant,
-        Self::Cached,
-        Self::All,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Constant => "constant",
-            Self::Cached => "cached",
-            Self::All => "all",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for Qcow2OverlapCheckMode {
-    const NAME: &'static str = "Qcow2OverlapCheckMode";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(Qcow2OverlapCheckMode);
+::qapi_runtime::impl_enum!(
+    Qcow2OverlapCheckMode = "Qcow2OverlapCheckMode" { None("none"), Constant("constant"),
+    Cached("cached"), All("all") }
+);
 /// Which metadata areas a qcow2 write is checked against, so that data
 /// never overwrites metadata.  Flags not given take their value from
 /// `template`.
 ///
 /// **Since:** 2.9
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Qcow2OverlapCheckFlags {
     /// the preset the other flags start from (default:
     /// cached)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub template: ::std::option::Option<Qcow2OverlapCheckMode>,
+    pub template: Option<Qcow2OverlapCheckMode>,
     /// the image header
-    #[serde(rename = "main-header")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub main_header: ::std::option::Option<bool>,
+    pub main_header: Option<bool>,
     /// the active L1 table
-    #[serde(rename = "active-l1")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub active_l1: ::std::option::Option<bool>,
+    pub active_l1: Option<bool>,
     /// the active L2 tables
-    #[serde(rename = "active-l2")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub active_l2: ::std::option::Option<bool>,
+    pub active_l2: Option<bool>,
     /// the refcount table
-    #[serde(rename = "refcount-table")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub refcount_table: ::std::option::Option<bool>,
+    pub refcount_table: Option<bool>,
     /// the refcount blocks
-    #[serde(rename = "refcount-block")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub refcount_block: ::std::option::Option<bool>,
+    pub refcount_block: Option<bool>,
     /// the snapshot table
-    #[serde(rename = "snapshot-table")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub snapshot_table: ::std::option::Option<bool>,
+    pub snapshot_table: Option<bool>,
     /// the L1 tables of snapshots
-    #[serde(rename = "inactive-l1")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub inactive_l1: ::std::option::Option<bool>,
+    pub inactive_l1: Option<bool>,
     /// the L2 tables of snapshots
-    #[serde(rename = "inactive-l2")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub inactive_l2: ::std::option::Option<bool>,
+    pub inactive_l2: Option<bool>,
     /// the bitmap directory (since 3.0)
-    #[serde(rename = "bitmap-directory")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmap_directory: ::std::option::Option<bool>,
+    pub bitmap_directory: Option<bool>,
 }
 impl Qcow2OverlapCheckFlags {
     /// A value with the mandatory members given and every optional member absent.
@@ -3638,50 +2548,49 @@ impl Qcow2OverlapCheckFlags {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for Qcow2OverlapCheckFlags {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            template: object.optional("template")?,
-            main_header: object.optional("main-header")?,
-            active_l1: object.optional("active-l1")?,
-            active_l2: object.optional("active-l2")?,
-            refcount_table: object.optional("refcount-table")?,
-            refcount_block: object.optional("refcount-block")?,
-            snapshot_table: object.optional("snapshot-table")?,
-            inactive_l1: object.optional("inactive-l1")?,
-            inactive_l2: object.optional("inactive-l2")?,
-            bitmap_directory: object.optional("bitmap-directory")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(Qcow2OverlapCheckFlags);
+::qapi_runtime::impl_object!(
+    Qcow2OverlapCheckFlags { optional template("template"), optional
+    main_header("main-header"), optional active_l1("active-l1"), optional
+    active_l2("active-l2"), optional refcount_table("refcount-table"), optional
+    refcount_block("refcount-block"), optional snapshot_table("snapshot-table"), optional
+    inactive_l1("inactive-l1"), optional inactive_l2("inactive-l2"), optional
+    bitmap_directory("bitmap-directory") }
+);
 /// qcow2 overlap checks, by preset or flag by flag.
 ///
 /// **Since:** 2.9
 ///
 /// Chosen by the JSON type of the value.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Qcow2OverlapChecks {
     /// individual flags
     Flags(Qcow2OverlapCheckFlags),
     /// a preset
     Mode(Qcow2OverlapCheckMode),
 }
-impl ::qapi_runtime::input::FromQmp for Qcow2OverlapChecks {
+impl ::serde::Serialize for Qcow2OverlapChecks {
+    fn serialize<S: ::serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> ::std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Flags(value) => ::serde::Serialize::serialize(value, serializer),
+            Self::Mode(value) => ::serde::Serialize::serialize(value, serializer),
+        }
+    }
+}
+impl ::qapi_runtime::FromQmp for Qcow2OverlapChecks {
     fn from_qmp(
         value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
+        path: &mut ::qapi_runtime::QmpPath,
     ) -> ::qapi_runtime::Result<Self> {
         Ok(
             match value {
                 ::serde_json::Value::Object(_) => {
-                    Self::Flags(::qapi_runtime::input::FromQmp::from_qmp(value, path)?)
+                    Self::Flags(::qapi_runtime::FromQmp::from_qmp(value, path)?)
                 }
                 ::serde_json::Value::String(_) => {
-                    Self::Mode(::qapi_runtime::input::FromQmp::from_qmp(value, path)?)
+                    Self::Mode(::qapi_runtime::FromQmp::from_qmp(value, path)?)
                 }
                 _ => return Err(path.invalid_alternate("Qcow2OverlapChecks")),
             },
@@ -3702,46 +2611,25 @@ pub enum BlockdevQcow2EncryptionFormat {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl BlockdevQcow2EncryptionFormat {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Aes, Self::Luks];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Aes => "aes",
-            Self::Luks => "luks",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlockdevQcow2EncryptionFormat {
-    const NAME: &'static str = "BlockdevQcow2EncryptionFormat";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockdevQcow2EncryptionFormat);
+::qapi_runtime::impl_enum!(
+    BlockdevQcow2EncryptionFormat = "BlockdevQcow2EncryptionFormat" { Aes("aes"),
+    Luks("luks") } UnknownValue
+);
 /// How to open an encrypted qcow2 image.
 ///
 /// **Since:** 2.10
 ///
 /// The members of the branch selected by `format` are in [`BlockdevQcow2EncryptionBranch`], flattened into the same JSON object.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevQcow2Encryption {
-    #[serde(flatten)]
     pub branch: BlockdevQcow2EncryptionBranch,
 }
 /// The branch of [`BlockdevQcow2Encryption`] chosen by its discriminator `format` (serialised as that member).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(tag = "format")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BlockdevQcow2EncryptionBranch {
     /// the legacy AES-CBC scheme, supported for reading old images
-    #[serde(rename = "aes")]
     Aes(QCryptoBlockOptionsQCow),
     /// a LUKS header stored inside the image
-    #[serde(rename = "luks")]
     Luks(QCryptoBlockOptionsLUKS),
 }
 impl BlockdevQcow2EncryptionBranch {
@@ -3760,20 +2648,20 @@ impl BlockdevQcow2Encryption {
         Self { branch }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevQcow2Encryption {
+impl ::qapi_runtime::ReadMembers for BlockdevQcow2Encryption {
     fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+        object: &mut ::qapi_runtime::QmpObject,
     ) -> ::qapi_runtime::Result<Self> {
         let kind: BlockdevQcow2EncryptionFormat = object.required("format")?;
         let branch = match kind {
             BlockdevQcow2EncryptionFormat::Aes => {
                 BlockdevQcow2EncryptionBranch::Aes(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             BlockdevQcow2EncryptionFormat::Luks => {
                 BlockdevQcow2EncryptionBranch::Luks(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             BlockdevQcow2EncryptionFormat::UnknownValue => {
@@ -3783,83 +2671,77 @@ impl ::qapi_runtime::input::ReadMembers for BlockdevQcow2Encryption {
         Ok(Self { branch })
     }
 }
+impl ::qapi_runtime::WriteMembers for BlockdevQcow2Encryption {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("format", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockdevQcow2EncryptionBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Aes(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Luks(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+        }
+    }
+}
 ::qapi_runtime::impl_object!(BlockdevQcow2Encryption);
 /// Options of the qcow2 format.
 ///
 /// **Since:** 2.9
 ///
 /// Includes the members of [`BlockdevOptionsGenericCOWFormat`] (its base).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevOptionsQcow2 {
     /// the node holding the image data
-    pub file: ::std::boxed::Box<BlockdevRef>,
+    pub file: Box<BlockdevRef>,
     /// the backing node, or null for none; when absent, the
     /// backing file the image names is opened (default)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub backing: ::std::option::Option<::std::boxed::Box<BlockdevRefOrNull>>,
+    pub backing: Option<Box<BlockdevRefOrNull>>,
     /// update reference counts lazily (default: as the
     /// image header says)
-    #[serde(rename = "lazy-refcounts")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub lazy_refcounts: ::std::option::Option<bool>,
+    pub lazy_refcounts: Option<bool>,
     /// pass discard requests down to the protocol
     /// (default: true when discard is enabled)
-    #[serde(rename = "pass-discard-request")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub pass_discard_request: ::std::option::Option<bool>,
+    pub pass_discard_request: Option<bool>,
     /// discard host clusters freed by removing a
     /// snapshot (default: true)
-    #[serde(rename = "pass-discard-snapshot")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub pass_discard_snapshot: ::std::option::Option<bool>,
+    pub pass_discard_snapshot: Option<bool>,
     /// discard host clusters freed for other reasons
     /// (default: false)
-    #[serde(rename = "pass-discard-other")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub pass_discard_other: ::std::option::Option<bool>,
+    pub pass_discard_other: Option<bool>,
     /// keep clusters allocated when the guest discards
     /// them, only zeroing them, to avoid fragmentation (default: false;
     /// since 8.1)
-    #[serde(rename = "discard-no-unref")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub discard_no_unref: ::std::option::Option<bool>,
+    pub discard_no_unref: Option<bool>,
     /// the metadata overlap checks to make (default:
     /// cached; since 2.2)
-    #[serde(rename = "overlap-check")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub overlap_check: ::std::option::Option<Qcow2OverlapChecks>,
+    pub overlap_check: Option<Qcow2OverlapChecks>,
     /// the combined L2 and refcount cache size, in bytes
-    #[serde(rename = "cache-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub cache_size: ::std::option::Option<i64>,
+    pub cache_size: Option<i64>,
     /// the L2 table cache size, in bytes
-    #[serde(rename = "l2-cache-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub l2_cache_size: ::std::option::Option<i64>,
+    pub l2_cache_size: Option<i64>,
     /// bytes per L2 cache entry (since 2.12)
-    #[serde(rename = "l2-cache-entry-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub l2_cache_entry_size: ::std::option::Option<i64>,
+    pub l2_cache_entry_size: Option<i64>,
     /// the refcount block cache size, in bytes
-    #[serde(rename = "refcount-cache-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub refcount_cache_size: ::std::option::Option<i64>,
+    pub refcount_cache_size: Option<i64>,
     /// seconds after which unused cache entries are
     /// dropped, 0 for never (default: 600 where the host supports it)
-    #[serde(rename = "cache-clean-interval")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub cache_clean_interval: ::std::option::Option<i64>,
+    pub cache_clean_interval: Option<i64>,
     /// how to decrypt the image (since 2.10)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub encrypt: ::std::option::Option<BlockdevQcow2Encryption>,
+    pub encrypt: Option<BlockdevQcow2Encryption>,
     /// the node holding an external data file (since 4.0)
-    #[serde(rename = "data-file")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub data_file: ::std::option::Option<::std::boxed::Box<BlockdevRef>>,
+    pub data_file: Option<Box<BlockdevRef>>,
 }
 impl BlockdevOptionsQcow2 {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(file: ::std::boxed::Box<BlockdevRef>) -> Self {
+    pub fn new(file: Box<BlockdevRef>) -> Self {
         Self {
             file,
             backing: None,
@@ -3879,51 +2761,38 @@ impl BlockdevOptionsQcow2 {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsQcow2 {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            file: object.required("file")?,
-            backing: object.optional("backing")?,
-            lazy_refcounts: object.optional("lazy-refcounts")?,
-            pass_discard_request: object.optional("pass-discard-request")?,
-            pass_discard_snapshot: object.optional("pass-discard-snapshot")?,
-            pass_discard_other: object.optional("pass-discard-other")?,
-            discard_no_unref: object.optional("discard-no-unref")?,
-            overlap_check: object.optional("overlap-check")?,
-            cache_size: object.optional("cache-size")?,
-            l2_cache_size: object.optional("l2-cache-size")?,
-            l2_cache_entry_size: object.optional("l2-cache-entry-size")?,
-            refcount_cache_size: object.optional("refcount-cache-size")?,
-            cache_clean_interval: object.optional("cache-clean-interval")?,
-            encrypt: object.optional("encrypt")?,
-            data_file: object.optional("data-file")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevOptionsQcow2);
+::qapi_runtime::impl_object!(
+    BlockdevOptionsQcow2 { file("file"), optional backing("backing"), optional
+    lazy_refcounts("lazy-refcounts"), optional
+    pass_discard_request("pass-discard-request"), optional
+    pass_discard_snapshot("pass-discard-snapshot"), optional
+    pass_discard_other("pass-discard-other"), optional
+    discard_no_unref("discard-no-unref"), optional overlap_check("overlap-check"),
+    optional cache_size("cache-size"), optional l2_cache_size("l2-cache-size"), optional
+    l2_cache_entry_size("l2-cache-entry-size"), optional
+    refcount_cache_size("refcount-cache-size"), optional
+    cache_clean_interval("cache-clean-interval"), optional encrypt("encrypt"), optional
+    data_file("data-file") }
+);
 /// Options of the raw format.
 ///
 /// **Since:** 2.9
 ///
 /// Includes the members of [`BlockdevOptionsGenericFormat`] (its base).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevOptionsRaw {
     /// the node holding the image data
-    pub file: ::std::boxed::Box<BlockdevRef>,
+    pub file: Box<BlockdevRef>,
     /// where the image starts inside the file, in bytes
     /// (default: 0; since 2.9)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub offset: ::std::option::Option<i64>,
+    pub offset: Option<i64>,
     /// how many bytes of the file the image spans (default: to the
     /// end; since 2.9)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub size: ::std::option::Option<i64>,
+    pub size: Option<i64>,
 }
 impl BlockdevOptionsRaw {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(file: ::std::boxed::Box<BlockdevRef>) -> Self {
+    pub fn new(file: Box<BlockdevRef>) -> Self {
         Self {
             file,
             offset: None,
@@ -3931,18 +2800,9 @@ impl BlockdevOptionsRaw {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsRaw {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            file: object.required("file")?,
-            offset: object.optional("offset")?,
-            size: object.optional("size")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevOptionsRaw);
+::qapi_runtime::impl_object!(
+    BlockdevOptionsRaw { file("file"), optional offset("offset"), optional size("size") }
+);
 /// The points in image drivers where blkdebug can inject errors or
 /// change state.  Most name a step of qcow2's metadata handling.
 ///
@@ -4053,121 +2913,34 @@ pub enum BlkdebugEvent {
     /// no event; for rules that only react to states (since 5.0)
     None,
 }
-impl BlkdebugEvent {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::L1Update,
-        Self::L1GrowAllocTable,
-        Self::L1GrowWriteTable,
-        Self::L1GrowActivateTable,
-        Self::L2Load,
-        Self::L2Update,
-        Self::L2UpdateCompressed,
-        Self::L2AllocCowRead,
-        Self::L2AllocWrite,
-        Self::ReadAio,
-        Self::ReadBackingAio,
-        Self::ReadCompressed,
-        Self::WriteAio,
-        Self::WriteCompressed,
-        Self::VmstateLoad,
-        Self::VmstateSave,
-        Self::CowRead,
-        Self::CowWrite,
-        Self::ReftableLoad,
-        Self::ReftableGrow,
-        Self::ReftableUpdate,
-        Self::RefblockLoad,
-        Self::RefblockUpdate,
-        Self::RefblockUpdatePart,
-        Self::RefblockAlloc,
-        Self::RefblockAllocHookup,
-        Self::RefblockAllocWrite,
-        Self::RefblockAllocWriteBlocks,
-        Self::RefblockAllocWriteTable,
-        Self::RefblockAllocSwitchTable,
-        Self::ClusterAlloc,
-        Self::ClusterAllocBytes,
-        Self::ClusterFree,
-        Self::FlushToOs,
-        Self::FlushToDisk,
-        Self::PwritevRmwHead,
-        Self::PwritevRmwAfterHead,
-        Self::PwritevRmwTail,
-        Self::PwritevRmwAfterTail,
-        Self::Pwritev,
-        Self::PwritevZero,
-        Self::PwritevDone,
-        Self::EmptyImagePrepare,
-        Self::L1ShrinkWriteTable,
-        Self::L1ShrinkFreeL2Clusters,
-        Self::CorWrite,
-        Self::ClusterAllocSpace,
-        Self::None,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::L1Update => "l1_update",
-            Self::L1GrowAllocTable => "l1_grow_alloc_table",
-            Self::L1GrowWriteTable => "l1_grow_write_table",
-            Self::L1GrowActivateTable => "l1_grow_activate_table",
-            Self::L2Load => "l2_load",
-            Self::L2Update => "l2_update",
-            Self::L2UpdateCompressed => "l2_update_compressed",
-            Self::L2AllocCowRead => "l2_alloc_cow_read",
-            Self::L2AllocWrite => "l2_alloc_write",
-            Self::ReadAio => "read_aio",
-            Self::ReadBackingAio => "read_backing_aio",
-            Self::ReadCompressed => "read_compressed",
-            Self::WriteAio => "write_aio",
-            Self::WriteCompressed => "write_compressed",
-            Self::VmstateLoad => "vmstate_load",
-            Self::VmstateSave => "vmstate_save",
-            Self::CowRead => "cow_read",
-            Self::CowWrite => "cow_write",
-            Self::ReftableLoad => "reftable_load",
-            Self::ReftableGrow => "reftable_grow",
-            Self::ReftableUpdate => "reftable_update",
-            Self::RefblockLoad => "refblock_load",
-            Self::RefblockUpdate => "refblock_update",
-            Self::RefblockUpdatePart => "refblock_update_part",
-            Self::RefblockAlloc => "refblock_alloc",
-            Self::RefblockAllocHookup => "refblock_alloc_hookup",
-            Self::RefblockAllocWrite => "refblock_alloc_write",
-            Self::RefblockAllocWriteBlocks => "refblock_alloc_write_blocks",
-            Self::RefblockAllocWriteTable => "refblock_alloc_write_table",
-            Self::RefblockAllocSwitchTable => "refblock_alloc_switch_table",
-            Self::ClusterAlloc => "cluster_alloc",
-            Self::ClusterAllocBytes => "cluster_alloc_bytes",
-            Self::ClusterFree => "cluster_free",
-            Self::FlushToOs => "flush_to_os",
-            Self::FlushToDisk => "flush_to_disk",
-            Self::PwritevRmwHead => "pwritev_rmw_head",
-            Self::PwritevRmwAfterHead => "pwritev_rmw_after_head",
-            Self::PwritevRmwTail => "pwritev_rmw_tail",
-            Self::PwritevRmwAfterTail => "pwritev_rmw_after_tail",
-            Self::Pwritev => "pwritev",
-            Self::PwritevZero => "pwritev_zero",
-            Self::PwritevDone => "pwritev_done",
-            Self::EmptyImagePrepare => "empty_image_prepare",
-            Self::L1ShrinkWriteTable => "l1_shrink_write_table",
-            Self::L1ShrinkFreeL2Clusters => "l1_shrink_free_l2_clusters",
-            Self::CorWrite => "cor_write",
-            Self::ClusterAllocSpace => "cluster_alloc_space",
-            Self::None => "none",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlkdebugEvent {
-    const NAME: &'static str = "BlkdebugEvent";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlkdebugEvent);
+::qapi_runtime::impl_enum!(
+    BlkdebugEvent = "BlkdebugEvent" { L1Update("l1_update"),
+    L1GrowAllocTable("l1_grow_alloc_table"), L1GrowWriteTable("l1_grow_write_table"),
+    L1GrowActivateTable("l1_grow_activate_table"), L2Load("l2_load"),
+    L2Update("l2_update"), L2UpdateCompressed("l2_update_compressed"),
+    L2AllocCowRead("l2_alloc_cow_read"), L2AllocWrite("l2_alloc_write"),
+    ReadAio("read_aio"), ReadBackingAio("read_backing_aio"),
+    ReadCompressed("read_compressed"), WriteAio("write_aio"),
+    WriteCompressed("write_compressed"), VmstateLoad("vmstate_load"),
+    VmstateSave("vmstate_save"), CowRead("cow_read"), CowWrite("cow_write"),
+    ReftableLoad("reftable_load"), ReftableGrow("reftable_grow"),
+    ReftableUpdate("reftable_update"), RefblockLoad("refblock_load"),
+    RefblockUpdate("refblock_update"), RefblockUpdatePart("refblock_update_part"),
+    RefblockAlloc("refblock_alloc"), RefblockAllocHookup("refblock_alloc_hookup"),
+    RefblockAllocWrite("refblock_alloc_write"),
+    RefblockAllocWriteBlocks("refblock_alloc_write_blocks"),
+    RefblockAllocWriteTable("refblock_alloc_write_table"),
+    RefblockAllocSwitchTable("refblock_alloc_switch_table"),
+    ClusterAlloc("cluster_alloc"), ClusterAllocBytes("cluster_alloc_bytes"),
+    ClusterFree("cluster_free"), FlushToOs("flush_to_os"), FlushToDisk("flush_to_disk"),
+    PwritevRmwHead("pwritev_rmw_head"), PwritevRmwAfterHead("pwritev_rmw_after_head"),
+    PwritevRmwTail("pwritev_rmw_tail"), PwritevRmwAfterTail("pwritev_rmw_after_tail"),
+    Pwritev("pwritev"), PwritevZero("pwritev_zero"), PwritevDone("pwritev_done"),
+    EmptyImagePrepare("empty_image_prepare"),
+    L1ShrinkWriteTable("l1_shrink_write_table"),
+    L1ShrinkFreeL2Clusters("l1_shrink_free_l2_clusters"), CorWrite("cor_write"),
+    ClusterAllocSpace("cluster_alloc_space"), None("none") }
+);
 /// Kinds of I/O request blkdebug can fail.
 ///
 /// **Since:** 4.1
@@ -4186,65 +2959,33 @@ pub enum BlkdebugIOType {
     /// block status queries
     BlockStatus,
 }
-impl BlkdebugIOType {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Read,
-        Self::Write,
-        Self::WriteZeroes,
-        Self::Discard,
-        Self::Flush,
-        Self::BlockStatus,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Read => "read",
-            Self::Write => "write",
-            Self::WriteZeroes => "write-zeroes",
-            Self::Discard => "discard",
-            Self::Flush => "flush",
-            Self::BlockStatus => "block-status",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlkdebugIOType {
-    const NAME: &'static str = "BlkdebugIOType";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlkdebugIOType);
+::qapi_runtime::impl_enum!(
+    BlkdebugIOType = "BlkdebugIOType" { Read("read"), Write("write"),
+    WriteZeroes("write-zeroes"), Discard("discard"), Flush("flush"),
+    BlockStatus("block-status") }
+);
 /// A rule that makes requests fail when an event happens.
 ///
 /// **Since:** 2.9
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlkdebugInjectErrorOptions {
     /// the event that triggers the rule
     pub event: BlkdebugEvent,
     /// the rule applies only in this blkdebug state (default: any)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub state: ::std::option::Option<i64>,
+    pub state: Option<i64>,
     /// the rule fails only this kind of request (default: reads,
     /// writes, zero writes, discards and flushes; since 4.1)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub iotype: ::std::option::Option<BlkdebugIOType>,
+    pub iotype: Option<BlkdebugIOType>,
     /// the error number to fail with (default: EIO)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub errno: ::std::option::Option<i64>,
+    pub errno: Option<i64>,
     /// the rule fails only requests touching this sector
     /// (default: any)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub sector: ::std::option::Option<i64>,
+    pub sector: Option<i64>,
     /// the rule fires only once (default: false)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub once: ::std::option::Option<bool>,
+    pub once: Option<bool>,
     /// fail the request that triggered the event itself
     /// rather than the next one (default: false)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub immediately: ::std::option::Option<bool>,
+    pub immediately: Option<bool>,
 }
 impl BlkdebugInjectErrorOptions {
     /// A value with the mandatory members given and every optional member absent.
@@ -4260,32 +3001,20 @@ impl BlkdebugInjectErrorOptions {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlkdebugInjectErrorOptions {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            event: object.required("event")?,
-            state: object.optional("state")?,
-            iotype: object.optional("iotype")?,
-            errno: object.optional("errno")?,
-            sector: object.optional("sector")?,
-            once: object.optional("once")?,
-            immediately: object.optional("immediately")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlkdebugInjectErrorOptions);
+::qapi_runtime::impl_object!(
+    BlkdebugInjectErrorOptions { event("event"), optional state("state"), optional
+    iotype("iotype"), optional errno("errno"), optional sector("sector"), optional
+    once("once"), optional immediately("immediately") }
+);
 /// A rule that changes blkdebug's state when an event happens.
 ///
 /// **Since:** 2.9
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlkdebugSetStateOptions {
     /// the event that triggers the rule
     pub event: BlkdebugEvent,
     /// the rule applies only in this state (default: any)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub state: ::std::option::Option<i64>,
+    pub state: Option<i64>,
     /// the state to move to
     pub new_state: i64,
 }
@@ -4299,18 +3028,10 @@ impl BlkdebugSetStateOptions {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlkdebugSetStateOptions {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            event: object.required("event")?,
-            state: object.optional("state")?,
-            new_state: object.required("new_state")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlkdebugSetStateOptions);
+::qapi_runtime::impl_object!(
+    BlkdebugSetStateOptions { event("event"), optional state("state"),
+    new_state("new_state") }
+);
 /// Kinds of access a user of a node may need or allow others.
 ///
 /// **Since:** 4.0
@@ -4327,88 +3048,45 @@ pub enum BlockPermission {
     /// changing the size
     Resize,
 }
-impl BlockPermission {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::ConsistentRead,
-        Self::Write,
-        Self::WriteUnchanged,
-        Self::Resize,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ConsistentRead => "consistent-read",
-            Self::Write => "write",
-            Self::WriteUnchanged => "write-unchanged",
-            Self::Resize => "resize",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlockPermission {
-    const NAME: &'static str = "BlockPermission";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockPermission);
+::qapi_runtime::impl_enum!(
+    BlockPermission = "BlockPermission" { ConsistentRead("consistent-read"),
+    Write("write"), WriteUnchanged("write-unchanged"), Resize("resize") }
+);
 /// Options of blkdebug, a filter that injects errors for tests.
 ///
 /// **Since:** 2.9
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevOptionsBlkdebug {
     /// the node being filtered
-    pub image: ::std::boxed::Box<BlockdevRef>,
+    pub image: Box<BlockdevRef>,
     /// a file with rules in blkdebug's configuration syntax
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub config: ::std::option::Option<::std::string::String>,
+    pub config: Option<String>,
     /// required alignment of requests, in bytes (default: none)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub align: ::std::option::Option<i64>,
+    pub align: Option<i64>,
     /// largest request passed down, in bytes (since 2.10)
-    #[serde(rename = "max-transfer")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub max_transfer: ::std::option::Option<i32>,
+    pub max_transfer: Option<i32>,
     /// preferred alignment of zero writes (since 2.10)
-    #[serde(rename = "opt-write-zero")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub opt_write_zero: ::std::option::Option<i32>,
+    pub opt_write_zero: Option<i32>,
     /// largest zero write passed down (since 2.10)
-    #[serde(rename = "max-write-zero")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub max_write_zero: ::std::option::Option<i32>,
+    pub max_write_zero: Option<i32>,
     /// preferred alignment of discards (since 2.10)
-    #[serde(rename = "opt-discard")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub opt_discard: ::std::option::Option<i32>,
+    pub opt_discard: Option<i32>,
     /// largest discard passed down (since 2.10)
-    #[serde(rename = "max-discard")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub max_discard: ::std::option::Option<i32>,
+    pub max_discard: Option<i32>,
     /// rules that inject errors
-    #[serde(rename = "inject-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub inject_error: ::std::option::Option<::std::vec::Vec<BlkdebugInjectErrorOptions>>,
+    pub inject_error: Option<Vec<BlkdebugInjectErrorOptions>>,
     /// rules that change state
-    #[serde(rename = "set-state")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub set_state: ::std::option::Option<::std::vec::Vec<BlkdebugSetStateOptions>>,
+    pub set_state: Option<Vec<BlkdebugSetStateOptions>>,
     /// permissions to take on the child in addition to
     /// those needed (since 5.0)
-    #[serde(rename = "take-child-perms")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub take_child_perms: ::std::option::Option<::std::vec::Vec<BlockPermission>>,
+    pub take_child_perms: Option<Vec<BlockPermission>>,
     /// permissions to refuse other users of the
     /// child in addition to the usual ones (since 5.0)
-    #[serde(rename = "unshare-child-perms")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub unshare_child_perms: ::std::option::Option<::std::vec::Vec<BlockPermission>>,
+    pub unshare_child_perms: Option<Vec<BlockPermission>>,
 }
 impl BlockdevOptionsBlkdebug {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(image: ::std::boxed::Box<BlockdevRef>) -> Self {
+    pub fn new(image: Box<BlockdevRef>) -> Self {
         Self {
             image,
             config: None,
@@ -4425,93 +3103,61 @@ impl BlockdevOptionsBlkdebug {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevOptionsBlkdebug {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            image: object.required("image")?,
-            config: object.optional("config")?,
-            align: object.optional("align")?,
-            max_transfer: object.optional("max-transfer")?,
-            opt_write_zero: object.optional("opt-write-zero")?,
-            max_write_zero: object.optional("max-write-zero")?,
-            opt_discard: object.optional("opt-discard")?,
-            max_discard: object.optional("max-discard")?,
-            inject_error: object.optional("inject-error")?,
-            set_state: object.optional("set-state")?,
-            take_child_perms: object.optional("take-child-perms")?,
-            unshare_child_perms: object.optional("unshare-child-perms")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevOptionsBlkdebug);
+::qapi_runtime::impl_object!(
+    BlockdevOptionsBlkdebug { image("image"), optional config("config"), optional
+    align("align"), optional max_transfer("max-transfer"), optional
+    opt_write_zero("opt-write-zero"), optional max_write_zero("max-write-zero"), optional
+    opt_discard("opt-discard"), optional max_discard("max-discard"), optional
+    inject_error("inject-error"), optional set_state("set-state"), optional
+    take_child_perms("take-child-perms"), optional
+    unshare_child_perms("unshare-child-perms") }
+);
 /// Everything needed to open a block node.  The members depend on the
 /// driver; this daemon has the drivers `BlockdevDriver` lists.
 ///
 /// **Since:** 2.9
 ///
 /// The members of the branch selected by `driver` are in [`BlockdevOptionsBranch`], flattened into the same JSON object.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevOptions {
     /// the node's name; required at the top level of
     /// `blockdev-add`, generated when absent in nested definitions
-    #[serde(rename = "node-name")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub node_name: ::std::option::Option<::std::string::String>,
+    pub node_name: Option<String>,
     /// what to do with discard requests (default: ignore)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub discard: ::std::option::Option<BlockdevDiscardOptions>,
+    pub discard: Option<BlockdevDiscardOptions>,
     /// cache settings
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub cache: ::std::option::Option<BlockdevCacheOptions>,
+    pub cache: Option<BlockdevCacheOptions>,
     /// open the node inactive, leaving the image to another
     /// process until it is activated (default: true; since 10.0)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub active: ::std::option::Option<bool>,
+    pub active: Option<bool>,
     /// open the node read-only (default: false)
-    #[serde(rename = "read-only")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub read_only: ::std::option::Option<bool>,
+    pub read_only: Option<bool>,
     /// when read-write access is impossible, open
     /// read-only instead of failing (default: false; since 3.1)
-    #[serde(rename = "auto-read-only")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_read_only: ::std::option::Option<bool>,
+    pub auto_read_only: Option<bool>,
     /// allow other users to write while this node is open,
     /// which requires `read-only` (default: false; since 2.10)
-    #[serde(rename = "force-share")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub force_share: ::std::option::Option<bool>,
+    pub force_share: Option<bool>,
     /// detection of zero writes (default: off)
-    #[serde(rename = "detect-zeroes")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub detect_zeroes: ::std::option::Option<BlockdevDetectZeroesOptions>,
-    #[serde(flatten)]
+    pub detect_zeroes: Option<BlockdevDetectZeroesOptions>,
     pub branch: BlockdevOptionsBranch,
 }
 /// The branch of [`BlockdevOptions`] chosen by its discriminator `driver` (serialised as that member).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(tag = "driver")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BlockdevOptionsBranch {
     /// a filter that injects errors and tracks events, for
     /// tests
-    #[serde(rename = "blkdebug")]
-    Blkdebug(::std::boxed::Box<BlockdevOptionsBlkdebug>),
+    Blkdebug(Box<BlockdevOptionsBlkdebug>),
     /// a file of the host's file system
-    #[serde(rename = "file")]
     File(BlockdevOptionsFile),
     /// a node that stores nothing: writes are dropped, reads
     /// return zeroes (with read-zeroes) or leave the buffer alone
-    #[serde(rename = "null-co")]
     NullCo(BlockdevOptionsNull),
     /// the qcow2 image format
-    #[serde(rename = "qcow2")]
-    Qcow2(::std::boxed::Box<BlockdevOptionsQcow2>),
+    Qcow2(Box<BlockdevOptionsQcow2>),
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
-    #[serde(rename = "raw")]
-    Raw(::std::boxed::Box<BlockdevOptionsRaw>),
+    Raw(Box<BlockdevOptionsRaw>),
 }
 impl BlockdevOptionsBranch {
     /// The discriminator value selecting this branch.
@@ -4542,9 +3188,9 @@ impl BlockdevOptions {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevOptions {
+impl ::qapi_runtime::ReadMembers for BlockdevOptions {
     fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+        object: &mut ::qapi_runtime::QmpObject,
     ) -> ::qapi_runtime::Result<Self> {
         let kind: BlockdevDriver = object.required("driver")?;
         let member_1 = object.optional("node-name")?;
@@ -4558,33 +3204,27 @@ impl ::qapi_runtime::input::ReadMembers for BlockdevOptions {
         let branch = match kind {
             BlockdevDriver::Blkdebug => {
                 BlockdevOptionsBranch::Blkdebug(
-                    ::std::boxed::Box::new(
-                        ::qapi_runtime::input::ReadMembers::read_members(object)?,
-                    ),
+                    Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
                 )
             }
             BlockdevDriver::File => {
                 BlockdevOptionsBranch::File(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             BlockdevDriver::NullCo => {
                 BlockdevOptionsBranch::NullCo(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             BlockdevDriver::Qcow2 => {
                 BlockdevOptionsBranch::Qcow2(
-                    ::std::boxed::Box::new(
-                        ::qapi_runtime::input::ReadMembers::read_members(object)?,
-                    ),
+                    Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
                 )
             }
             BlockdevDriver::Raw => {
                 BlockdevOptionsBranch::Raw(
-                    ::std::boxed::Box::new(
-                        ::qapi_runtime::input::ReadMembers::read_members(object)?,
-                    ),
+                    Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
                 )
             }
         };
@@ -4601,36 +3241,83 @@ impl ::qapi_runtime::input::ReadMembers for BlockdevOptions {
         })
     }
 }
+impl ::qapi_runtime::WriteMembers for BlockdevOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("driver", &self.branch.kind())?;
+        ::qapi_runtime::output::write_optional(map, "node-name", &self.node_name)?;
+        ::qapi_runtime::output::write_optional(map, "discard", &self.discard)?;
+        ::qapi_runtime::output::write_optional(map, "cache", &self.cache)?;
+        ::qapi_runtime::output::write_optional(map, "active", &self.active)?;
+        ::qapi_runtime::output::write_optional(map, "read-only", &self.read_only)?;
+        ::qapi_runtime::output::write_optional(
+            map,
+            "auto-read-only",
+            &self.auto_read_only,
+        )?;
+        ::qapi_runtime::output::write_optional(map, "force-share", &self.force_share)?;
+        ::qapi_runtime::output::write_optional(
+            map,
+            "detect-zeroes",
+            &self.detect_zeroes,
+        )?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockdevOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Blkdebug(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::NullCo(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Raw(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+        }
+    }
+}
 ::qapi_runtime::impl_object!(BlockdevOptions);
 /// A child node, given either by definition or by name.
 ///
 /// **Since:** 2.9
 ///
 /// Chosen by the JSON type of the value.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BlockdevRef {
     /// options of a new node to open
-    Definition(::std::boxed::Box<BlockdevOptions>),
+    Definition(Box<BlockdevOptions>),
     /// the name of an existing node
-    Reference(::std::string::String),
+    Reference(String),
 }
-impl ::qapi_runtime::input::FromQmp for BlockdevRef {
+impl ::serde::Serialize for BlockdevRef {
+    fn serialize<S: ::serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> ::std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Definition(value) => ::serde::Serialize::serialize(value, serializer),
+            Self::Reference(value) => ::serde::Serialize::serialize(value, serializer),
+        }
+    }
+}
+impl ::qapi_runtime::FromQmp for BlockdevRef {
     fn from_qmp(
         value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
+        path: &mut ::qapi_runtime::QmpPath,
     ) -> ::qapi_runtime::Result<Self> {
         Ok(
             match value {
                 ::serde_json::Value::Object(_) => {
-                    Self::Definition(
-                        ::qapi_runtime::input::FromQmp::from_qmp(value, path)?,
-                    )
+                    Self::Definition(::qapi_runtime::FromQmp::from_qmp(value, path)?)
                 }
                 ::serde_json::Value::String(_) => {
-                    Self::Reference(
-                        ::qapi_runtime::input::FromQmp::from_qmp(value, path)?,
-                    )
+                    Self::Reference(::qapi_runtime::FromQmp::from_qmp(value, path)?)
                 }
                 _ => return Err(path.invalid_alternate("BlockdevRef")),
             },
@@ -4643,36 +3330,43 @@ impl ::qapi_runtime::input::FromQmp for BlockdevRef {
 /// **Since:** 2.9
 ///
 /// Chosen by the JSON type of the value.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BlockdevRefOrNull {
     /// options of a new node to open
-    Definition(::std::boxed::Box<BlockdevOptions>),
+    Definition(Box<BlockdevOptions>),
     /// the name of an existing node; the empty string means
     /// none, as null does
-    Reference(::std::string::String),
+    Reference(String),
     /// no child
     Null(::qapi_runtime::Null),
 }
-impl ::qapi_runtime::input::FromQmp for BlockdevRefOrNull {
+impl ::serde::Serialize for BlockdevRefOrNull {
+    fn serialize<S: ::serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> ::std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Definition(value) => ::serde::Serialize::serialize(value, serializer),
+            Self::Reference(value) => ::serde::Serialize::serialize(value, serializer),
+            Self::Null(value) => ::serde::Serialize::serialize(value, serializer),
+        }
+    }
+}
+impl ::qapi_runtime::FromQmp for BlockdevRefOrNull {
     fn from_qmp(
         value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
+        path: &mut ::qapi_runtime::QmpPath,
     ) -> ::qapi_runtime::Result<Self> {
         Ok(
             match value {
                 ::serde_json::Value::Object(_) => {
-                    Self::Definition(
-                        ::qapi_runtime::input::FromQmp::from_qmp(value, path)?,
-                    )
+                    Self::Definition(::qapi_runtime::FromQmp::from_qmp(value, path)?)
                 }
                 ::serde_json::Value::String(_) => {
-                    Self::Reference(
-                        ::qapi_runtime::input::FromQmp::from_qmp(value, path)?,
-                    )
+                    Self::Reference(::qapi_runtime::FromQmp::from_qmp(value, path)?)
                 }
                 ::serde_json::Value::Null => {
-                    Self::Null(::qapi_runtime::input::FromQmp::from_qmp(value, path)?)
+                    Self::Null(::qapi_runtime::FromQmp::from_qmp(value, path)?)
                 }
                 _ => return Err(path.invalid_alternate("BlockdevRefOrNull")),
             },
@@ -4683,12 +3377,11 @@ impl ::qapi_runtime::input::FromQmp for BlockdevRefOrNull {
 /// What is known about one dirty bitmap.
 ///
 /// **Since:** 1.3
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyInfo {
     /// the bitmap's name; absent for the anonymous bitmaps jobs use
     /// internally
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub name: ::std::option::Option<::std::string::String>,
+    pub name: Option<String>,
     /// how many bytes the set bits cover
     pub count: i64,
     /// bytes covered by one bit
@@ -4704,8 +3397,7 @@ pub struct BlockDirtyInfo {
     /// present and true when the saved copy was not
     /// updated after its last use, so its content cannot be trusted;
     /// such a bitmap can only be removed (since 4.0)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub inconsistent: ::std::option::Option<bool>,
+    pub inconsistent: Option<bool>,
 }
 impl BlockDirtyInfo {
     /// A value with the mandatory members given and every optional member absent.
@@ -4727,84 +3419,54 @@ impl BlockDirtyInfo {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockDirtyInfo {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            name: object.optional("name")?,
-            count: object.required("count")?,
-            granularity: object.required("granularity")?,
-            recording: object.required("recording")?,
-            busy: object.required("busy")?,
-            persistent: object.required("persistent")?,
-            inconsistent: object.optional("inconsistent")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockDirtyInfo);
+::qapi_runtime::impl_object!(
+    BlockDirtyInfo { optional name("name"), count("count"), granularity("granularity"),
+    recording("recording"), busy("busy"), persistent("persistent"), optional
+    inconsistent("inconsistent") }
+);
 /// Names a dirty bitmap.
 ///
 /// **Since:** 2.4
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyBitmap {
     /// the name of the node that has the bitmap
-    pub node: ::std::string::String,
+    pub node: String,
     /// the bitmap's name
-    pub name: ::std::string::String,
+    pub name: String,
 }
 impl BlockDirtyBitmap {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        node: impl ::std::convert::Into<::std::string::String>,
-        name: impl ::std::convert::Into<::std::string::String>,
-    ) -> Self {
+    pub fn new(node: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             node: node.into(),
             name: name.into(),
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockDirtyBitmap {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            node: object.required("node")?,
-            name: object.required("name")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockDirtyBitmap);
+::qapi_runtime::impl_object!(BlockDirtyBitmap { node("node"), name("name") });
 /// A dirty bitmap to create.
 ///
 /// **Since:** 2.4
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyBitmapAdd {
     /// the name of the node to track
-    pub node: ::std::string::String,
+    pub node: String,
     /// the new bitmap's name, unique on the node
-    pub name: ::std::string::String,
+    pub name: String,
     /// bytes covered by one bit, a power of two from 512 to
     /// 2 GiB (default: the node's cluster size, but at least 4 KiB, when
     /// it has one; 64 KiB otherwise)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub granularity: ::std::option::Option<u32>,
+    pub granularity: Option<u32>,
     /// save the bitmap in the image when the node is closed;
     /// the image format must support it (default: false; since 2.10)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub persistent: ::std::option::Option<bool>,
+    pub persistent: Option<bool>,
     /// create the bitmap without recording writes (default:
     /// false; since 4.0)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub disabled: ::std::option::Option<bool>,
+    pub disabled: Option<bool>,
 }
 impl BlockDirtyBitmapAdd {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        node: impl ::std::convert::Into<::std::string::String>,
-        name: impl ::std::convert::Into<::std::string::String>,
-    ) -> Self {
+    pub fn new(node: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             node: node.into(),
             name: name.into(),
@@ -4814,47 +3476,46 @@ impl BlockDirtyBitmapAdd {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockDirtyBitmapAdd {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            node: object.required("node")?,
-            name: object.required("name")?,
-            granularity: object.optional("granularity")?,
-            persistent: object.optional("persistent")?,
-            disabled: object.optional("disabled")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockDirtyBitmapAdd);
+::qapi_runtime::impl_object!(
+    BlockDirtyBitmapAdd { node("node"), name("name"), optional
+    granularity("granularity"), optional persistent("persistent"), optional
+    disabled("disabled") }
+);
 /// A dirty bitmap, by name on an implied node or by node and name.
 ///
 /// **Since:** 4.1
 ///
 /// Chosen by the JSON type of the value.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BlockDirtyBitmapOrStr {
     /// the name of a bitmap on the node the command is about
-    Local(::std::string::String),
+    Local(String),
     /// a bitmap on any node
     External(BlockDirtyBitmap),
 }
-impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapOrStr {
+impl ::serde::Serialize for BlockDirtyBitmapOrStr {
+    fn serialize<S: ::serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> ::std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Local(value) => ::serde::Serialize::serialize(value, serializer),
+            Self::External(value) => ::serde::Serialize::serialize(value, serializer),
+        }
+    }
+}
+impl ::qapi_runtime::FromQmp for BlockDirtyBitmapOrStr {
     fn from_qmp(
         value: &::serde_json::Value,
-        path: &mut ::qapi_runtime::input::QmpPath,
+        path: &mut ::qapi_runtime::QmpPath,
     ) -> ::qapi_runtime::Result<Self> {
         Ok(
             match value {
                 ::serde_json::Value::String(_) => {
-                    Self::Local(::qapi_runtime::input::FromQmp::from_qmp(value, path)?)
+                    Self::Local(::qapi_runtime::FromQmp::from_qmp(value, path)?)
                 }
                 ::serde_json::Value::Object(_) => {
-                    Self::External(
-                        ::qapi_runtime::input::FromQmp::from_qmp(value, path)?,
-                    )
+                    Self::External(::qapi_runtime::FromQmp::from_qmp(value, path)?)
                 }
                 _ => return Err(path.invalid_alternate("BlockDirtyBitmapOrStr")),
             },
@@ -4865,22 +3526,22 @@ impl ::qapi_runtime::input::FromQmp for BlockDirtyBitmapOrStr {
 /// Bitmaps to merge into another.
 ///
 /// **Since:** 4.0
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyBitmapMerge {
     /// the node of the target bitmap
-    pub node: ::std::string::String,
+    pub node: String,
     /// the bitmap that receives the bits
-    pub target: ::std::string::String,
+    pub target: String,
     /// the bitmaps whose set bits are added to `target`; local
     /// names refer to bitmaps on `node` (since 4.1 any node)
-    pub bitmaps: ::std::vec::Vec<BlockDirtyBitmapOrStr>,
+    pub bitmaps: Vec<BlockDirtyBitmapOrStr>,
 }
 impl BlockDirtyBitmapMerge {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        node: impl ::std::convert::Into<::std::string::String>,
-        target: impl ::std::convert::Into<::std::string::String>,
-        bitmaps: ::std::vec::Vec<BlockDirtyBitmapOrStr>,
+        node: impl Into<String>,
+        target: impl Into<String>,
+        bitmaps: Vec<BlockDirtyBitmapOrStr>,
     ) -> Self {
         Self {
             node: node.into(),
@@ -4889,18 +3550,9 @@ impl BlockDirtyBitmapMerge {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockDirtyBitmapMerge {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            node: object.required("node")?,
-            target: object.required("target")?,
-            bitmaps: object.required("bitmaps")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockDirtyBitmapMerge);
+::qapi_runtime::impl_object!(
+    BlockDirtyBitmapMerge { node("node"), target("target"), bitmaps("bitmaps") }
+);
 /// Whether I/O of a job (or device) has been failing.
 ///
 /// **Since:** 1.0
@@ -4916,28 +3568,10 @@ pub enum BlockDeviceIoStatus {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl BlockDeviceIoStatus {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Ok, Self::Failed, Self::Nospace];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::Failed => "failed",
-            Self::Nospace => "nospace",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlockDeviceIoStatus {
-    const NAME: &'static str = "BlockDeviceIoStatus";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockDeviceIoStatus);
+::qapi_runtime::impl_enum!(
+    BlockDeviceIoStatus = "BlockDeviceIoStatus" { Ok("ok"), Failed("failed"),
+    Nospace("nospace") } UnknownValue
+);
 /// What a job does when one of its I/O requests fails.
 ///
 /// **Since:** 1.3
@@ -4957,35 +3591,10 @@ pub enum BlockdevOnError {
     /// for jobs without one this is `report` (since 2.7)
     Auto,
 }
-impl BlockdevOnError {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Report,
-        Self::Ignore,
-        Self::Enospc,
-        Self::Stop,
-        Self::Auto,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Report => "report",
-            Self::Ignore => "ignore",
-            Self::Enospc => "enospc",
-            Self::Stop => "stop",
-            Self::Auto => "auto",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlockdevOnError {
-    const NAME: &'static str = "BlockdevOnError";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockdevOnError);
+::qapi_runtime::impl_enum!(
+    BlockdevOnError = "BlockdevOnError" { Report("report"), Ignore("ignore"),
+    Enospc("enospc"), Stop("stop"), Auto("auto") }
+);
 /// What was done about a failed I/O request.
 ///
 /// **Since:** 2.1
@@ -5001,37 +3610,18 @@ pub enum BlockErrorAction {
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
-impl BlockErrorAction {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Ignore, Self::Report, Self::Stop];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ignore => "ignore",
-            Self::Report => "report",
-            Self::Stop => "stop",
-            Self::UnknownValue => ::qapi_runtime::enums::UNKNOWN_VALUE,
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlockErrorAction {
-    const NAME: &'static str = "BlockErrorAction";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = Some(Self::UnknownValue);
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockErrorAction);
+::qapi_runtime::impl_enum!(
+    BlockErrorAction = "BlockErrorAction" { Ignore("ignore"), Report("report"),
+    Stop("stop") } UnknownValue
+);
 /// What `query-block-jobs` adds for mirror jobs.
 ///
 /// **Since:** 8.2
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobInfoMirror {
     /// whether writes to the source are copied to the
     /// target as they happen (true once the job is `ready` in
     /// write-blocking mode)
-    #[serde(rename = "actively-synced")]
     pub actively_synced: bool,
 }
 impl BlockJobInfoMirror {
@@ -5040,26 +3630,17 @@ impl BlockJobInfoMirror {
         Self { actively_synced }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobInfoMirror {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            actively_synced: object.required("actively-synced")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobInfoMirror);
+::qapi_runtime::impl_object!(BlockJobInfoMirror { actively_synced("actively-synced") });
 /// What `query-block-jobs` reports about one block job.
 ///
 /// **Since:** 1.1
 ///
 /// The members of the branch selected by `type` are in [`BlockJobInfoBranch`], flattened into the same JSON object.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobInfo {
     /// the job's id (named "device" for historical reasons; it
     /// is the device name only when no job id was given)
-    pub device: ::std::string::String,
+    pub device: String,
     /// an estimate of the whole work, in bytes
     pub len: i64,
     /// how much of `len` is done
@@ -5071,7 +3652,6 @@ pub struct BlockJobInfo {
     /// the rate limit in bytes per second, 0 for none
     pub speed: i64,
     /// whether the job's I/O has been failing
-    #[serde(rename = "io-status")]
     pub io_status: BlockDeviceIoStatus,
     /// whether the job can be completed (since 2.2)
     pub ready: bool,
@@ -5079,56 +3659,41 @@ pub struct BlockJobInfo {
     pub status: BlockJobStatus,
     /// whether the job finalizes by itself on reaching
     /// `pending` (since 3.1)
-    #[serde(rename = "auto-finalize")]
     pub auto_finalize: bool,
     /// whether the job disappears by itself on reaching
     /// `concluded` (since 3.1)
-    #[serde(rename = "auto-dismiss")]
     pub auto_dismiss: bool,
     /// a human-readable reason once the job has failed or was
     /// cancelled; absent while it runs and when it succeeded (since
     /// 6.0)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub error: ::std::option::Option<::std::string::String>,
-    #[serde(flatten)]
+    pub error: Option<String>,
     pub branch: BlockJobInfoBranch,
 }
 /// The branch of [`BlockJobInfo`] chosen by its discriminator `type` (serialised as that member).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(tag = "type")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BlockJobInfoBranch {
     /// merges an overlay down into one of its backing images
-    #[serde(rename = "commit")]
     Commit,
     /// pulls data from backing images up into the overlay
-    #[serde(rename = "stream")]
     Stream,
     /// keeps a target in sync with a source until told to
     /// complete, see `blockdev-mirror`
-    #[serde(rename = "mirror")]
     Mirror(BlockJobInfoMirror),
     /// copies a point-in-time view of a node to a target, see
     /// `blockdev-backup`
-    #[serde(rename = "backup")]
     Backup,
     /// creates an image (since 3.0)
-    #[serde(rename = "create")]
     Create,
     /// changes the options of an existing image (since 5.1)
-    #[serde(rename = "amend")]
     Amend,
     /// loads a VM snapshot (since 6.0)
-    #[serde(rename = "snapshot-load")]
     SnapshotLoad,
     /// saves a VM snapshot (since 6.0)
-    #[serde(rename = "snapshot-save")]
     SnapshotSave,
     /// deletes a VM snapshot (since 6.0)
-    #[serde(rename = "snapshot-delete")]
     SnapshotDelete,
     /// A value this schema does not know, read from a newer QEMU's reply or event
     /// (it has no wire name and cannot be sent).
-    #[serde(skip_serializing)]
     UnknownValue,
 }
 impl BlockJobInfoBranch {
@@ -5152,7 +3717,7 @@ impl BlockJobInfo {
     /// A value with the mandatory base members and the branch given,
     /// every optional base member absent.
     pub fn new(
-        device: impl ::std::convert::Into<::std::string::String>,
+        device: impl Into<String>,
         len: i64,
         offset: i64,
         busy: bool,
@@ -5182,9 +3747,9 @@ impl BlockJobInfo {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobInfo {
+impl ::qapi_runtime::ReadMembers for BlockJobInfo {
     fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+        object: &mut ::qapi_runtime::QmpObject,
     ) -> ::qapi_runtime::Result<Self> {
         let kind: JobType = object.required("type")?;
         let member_1 = object.required("device")?;
@@ -5204,7 +3769,7 @@ impl ::qapi_runtime::input::ReadMembers for BlockJobInfo {
             JobType::Stream => BlockJobInfoBranch::Stream,
             JobType::Mirror => {
                 BlockJobInfoBranch::Mirror(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             JobType::Backup => BlockJobInfoBranch::Backup,
@@ -5232,15 +3797,56 @@ impl ::qapi_runtime::input::ReadMembers for BlockJobInfo {
         })
     }
 }
+impl ::qapi_runtime::WriteMembers for BlockJobInfo {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("type", &self.branch.kind())?;
+        map.serialize_entry("device", &self.device)?;
+        map.serialize_entry("len", &self.len)?;
+        map.serialize_entry("offset", &self.offset)?;
+        map.serialize_entry("busy", &self.busy)?;
+        map.serialize_entry("paused", &self.paused)?;
+        map.serialize_entry("speed", &self.speed)?;
+        map.serialize_entry("io-status", &self.io_status)?;
+        map.serialize_entry("ready", &self.ready)?;
+        map.serialize_entry("status", &self.status)?;
+        map.serialize_entry("auto-finalize", &self.auto_finalize)?;
+        map.serialize_entry("auto-dismiss", &self.auto_dismiss)?;
+        ::qapi_runtime::output::write_optional(map, "error", &self.error)?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockJobInfoBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Commit => Ok(()),
+            Self::Stream => Ok(()),
+            Self::Mirror(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Backup => Ok(()),
+            Self::Create => Ok(()),
+            Self::Amend => Ok(()),
+            Self::SnapshotLoad => Ok(()),
+            Self::SnapshotSave => Ok(()),
+            Self::SnapshotDelete => Ok(()),
+            Self::UnknownValue => {
+                Err(::qapi_runtime::output::unknown_branch("BlockJobInfo"))
+            }
+        }
+    }
+}
 ::qapi_runtime::impl_object!(BlockJobInfo);
 /// The options of a mirror job that can change while it runs.
 ///
 /// **Since:** 8.2
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobChangeOptionsMirror {
     /// the new copy mode; only a change from background to
     /// write-blocking is possible
-    #[serde(rename = "copy-mode")]
     pub copy_mode: MirrorCopyMode,
 }
 impl BlockJobChangeOptionsMirror {
@@ -5249,60 +3855,40 @@ impl BlockJobChangeOptionsMirror {
         Self { copy_mode }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobChangeOptionsMirror {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            copy_mode: object.required("copy-mode")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockJobChangeOptionsMirror);
+::qapi_runtime::impl_object!(BlockJobChangeOptionsMirror { copy_mode("copy-mode") });
 /// Which job to change and how.
 ///
 /// **Since:** 8.2
 ///
 /// The members of the branch selected by `type` are in [`BlockJobChangeOptionsBranch`], flattened into the same JSON object.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobChangeOptions {
     /// the job's id
-    pub id: ::std::string::String,
-    #[serde(flatten)]
+    pub id: String,
     pub branch: BlockJobChangeOptionsBranch,
 }
 /// The branch of [`BlockJobChangeOptions`] chosen by its discriminator `type` (serialised as that member).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(tag = "type")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BlockJobChangeOptionsBranch {
     /// merges an overlay down into one of its backing images
-    #[serde(rename = "commit")]
     Commit,
     /// pulls data from backing images up into the overlay
-    #[serde(rename = "stream")]
     Stream,
     /// keeps a target in sync with a source until told to
     /// complete, see `blockdev-mirror`
-    #[serde(rename = "mirror")]
     Mirror(BlockJobChangeOptionsMirror),
     /// copies a point-in-time view of a node to a target, see
     /// `blockdev-backup`
-    #[serde(rename = "backup")]
     Backup,
     /// creates an image (since 3.0)
-    #[serde(rename = "create")]
     Create,
     /// changes the options of an existing image (since 5.1)
-    #[serde(rename = "amend")]
     Amend,
     /// loads a VM snapshot (since 6.0)
-    #[serde(rename = "snapshot-load")]
     SnapshotLoad,
     /// saves a VM snapshot (since 6.0)
-    #[serde(rename = "snapshot-save")]
     SnapshotSave,
     /// deletes a VM snapshot (since 6.0)
-    #[serde(rename = "snapshot-delete")]
     SnapshotDelete,
 }
 impl BlockJobChangeOptionsBranch {
@@ -5324,16 +3910,13 @@ impl BlockJobChangeOptionsBranch {
 impl BlockJobChangeOptions {
     /// A value with the mandatory base members and the branch given,
     /// every optional base member absent.
-    pub fn new(
-        id: impl ::std::convert::Into<::std::string::String>,
-        branch: BlockJobChangeOptionsBranch,
-    ) -> Self {
+    pub fn new(id: impl Into<String>, branch: BlockJobChangeOptionsBranch) -> Self {
         Self { id: id.into(), branch }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockJobChangeOptions {
+impl ::qapi_runtime::ReadMembers for BlockJobChangeOptions {
     fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+        object: &mut ::qapi_runtime::QmpObject,
     ) -> ::qapi_runtime::Result<Self> {
         let member_0 = object.required("id")?;
         let kind: JobType = object.required("type")?;
@@ -5342,7 +3925,7 @@ impl ::qapi_runtime::input::ReadMembers for BlockJobChangeOptions {
             JobType::Stream => BlockJobChangeOptionsBranch::Stream,
             JobType::Mirror => {
                 BlockJobChangeOptionsBranch::Mirror(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             JobType::Backup => BlockJobChangeOptionsBranch::Backup,
@@ -5354,6 +3937,34 @@ impl ::qapi_runtime::input::ReadMembers for BlockJobChangeOptions {
             JobType::UnknownValue => return Err(object.unknown_branch("type")),
         };
         Ok(Self { id: member_0, branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockJobChangeOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("id", &self.id)?;
+        map.serialize_entry("type", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockJobChangeOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Commit => Ok(()),
+            Self::Stream => Ok(()),
+            Self::Mirror(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Backup => Ok(()),
+            Self::Create => Ok(()),
+            Self::Amend => Ok(()),
+            Self::SnapshotLoad => Ok(()),
+            Self::SnapshotSave => Ok(()),
+            Self::SnapshotDelete => Ok(()),
+        }
     }
 }
 ::qapi_runtime::impl_object!(BlockJobChangeOptions);
@@ -5376,35 +3987,10 @@ pub enum MirrorSyncMode {
     /// bitmap-mode says (since 4.2)
     Bitmap,
 }
-impl MirrorSyncMode {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Top,
-        Self::Full,
-        Self::None,
-        Self::Incremental,
-        Self::Bitmap,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Top => "top",
-            Self::Full => "full",
-            Self::None => "none",
-            Self::Incremental => "incremental",
-            Self::Bitmap => "bitmap",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for MirrorSyncMode {
-    const NAME: &'static str = "MirrorSyncMode";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(MirrorSyncMode);
+::qapi_runtime::impl_enum!(
+    MirrorSyncMode = "MirrorSyncMode" { Top("top"), Full("full"), None("none"),
+    Incremental("incremental"), Bitmap("bitmap") }
+);
 /// What becomes of the bitmap a job copied from, once the job ends.
 ///
 /// **Since:** 4.2
@@ -5421,27 +4007,10 @@ pub enum BitmapSyncMode {
     /// or not (since 4.2)
     Always,
 }
-impl BitmapSyncMode {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::OnSuccess, Self::Never, Self::Always];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::OnSuccess => "on-success",
-            Self::Never => "never",
-            Self::Always => "always",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BitmapSyncMode {
-    const NAME: &'static str = "BitmapSyncMode";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BitmapSyncMode);
+::qapi_runtime::impl_enum!(
+    BitmapSyncMode = "BitmapSyncMode" { OnSuccess("on-success"), Never("never"),
+    Always("always") }
+);
 /// When a mirror job copies writes made to the source.
 ///
 /// **Since:** 3.0
@@ -5453,50 +4022,26 @@ pub enum MirrorCopyMode {
     /// when it also reached the target
     WriteBlocking,
 }
-impl MirrorCopyMode {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Background, Self::WriteBlocking];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Background => "background",
-            Self::WriteBlocking => "write-blocking",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for MirrorCopyMode {
-    const NAME: &'static str = "MirrorCopyMode";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(MirrorCopyMode);
+::qapi_runtime::impl_enum!(
+    MirrorCopyMode = "MirrorCopyMode" { Background("background"),
+    WriteBlocking("write-blocking") }
+);
 /// Tuning of backup jobs.  Meant for performance testing.
 ///
 /// **Since:** 6.0
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackupPerf {
     /// use copy offloading between source and target
     /// (default: false)
-    #[serde(rename = "use-copy-range")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub use_copy_range: ::std::option::Option<bool>,
+    pub use_copy_range: Option<bool>,
     /// how many requests may run in parallel (default: 64)
-    #[serde(rename = "max-workers")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub max_workers: ::std::option::Option<i64>,
+    pub max_workers: Option<i64>,
     /// the largest request, in bytes, 0 for no limit (default:
     /// 0)
-    #[serde(rename = "max-chunk")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub max_chunk: ::std::option::Option<i64>,
+    pub max_chunk: Option<i64>,
     /// the smallest unit the job copies in, in bytes
     /// (since 9.2)
-    #[serde(rename = "min-cluster-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub min_cluster_size: ::std::option::Option<u64>,
+    pub min_cluster_size: Option<u64>,
 }
 impl BackupPerf {
     /// A value with the mandatory members given and every optional member absent.
@@ -5509,94 +4054,62 @@ impl BackupPerf {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BackupPerf {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            use_copy_range: object.optional("use-copy-range")?,
-            max_workers: object.optional("max-workers")?,
-            max_chunk: object.optional("max-chunk")?,
-            min_cluster_size: object.optional("min-cluster-size")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BackupPerf);
+::qapi_runtime::impl_object!(
+    BackupPerf { optional use_copy_range("use-copy-range"), optional
+    max_workers("max-workers"), optional max_chunk("max-chunk"), optional
+    min_cluster_size("min-cluster-size") }
+);
 /// The arguments every backup job takes.
 ///
 /// **Since:** 4.2
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackupCommon {
     /// the new job's id.  The default is the name of the guest
     /// device `device` belongs to; nodes of this daemon belong to none,
     /// so a job id must be given.
-    #[serde(rename = "job-id")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub job_id: ::std::option::Option<::std::string::String>,
+    pub job_id: Option<String>,
     /// the node to back up
-    pub device: ::std::string::String,
+    pub device: String,
     /// which data to copy
     pub sync: MirrorSyncMode,
     /// the rate limit in bytes per second (default: 0, none)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub speed: ::std::option::Option<i64>,
+    pub speed: Option<i64>,
     /// the dirty bitmap to copy from, for `sync` incremental or
     /// bitmap; with `sync` full or top it is only updated as
     /// `bitmap-mode` says (since 2.4)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmap: ::std::option::Option<::std::string::String>,
+    pub bitmap: Option<String>,
     /// what becomes of `bitmap` when the job ends; required
     /// with `bitmap` except for `sync` incremental (since 4.2)
-    #[serde(rename = "bitmap-mode")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmap_mode: ::std::option::Option<BitmapSyncMode>,
+    pub bitmap_mode: Option<BitmapSyncMode>,
     /// write compressed data, when the target format can (since
     /// 2.8)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub compress: ::std::option::Option<bool>,
+    pub compress: Option<bool>,
     /// what to do when reading the source fails
     /// (default: report)
-    #[serde(rename = "on-source-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_source_error: ::std::option::Option<BlockdevOnError>,
+    pub on_source_error: Option<BlockdevOnError>,
     /// what to do when writing the target fails
     /// (default: report)
-    #[serde(rename = "on-target-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_target_error: ::std::option::Option<BlockdevOnError>,
+    pub on_target_error: Option<BlockdevOnError>,
     /// finalize by itself on reaching pending; when false,
     /// wait for `block-job-finalize` (default: true; since 2.12)
-    #[serde(rename = "auto-finalize")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_finalize: ::std::option::Option<bool>,
+    pub auto_finalize: Option<bool>,
     /// disappear by itself once concluded; when false, wait
     /// for `block-job-dismiss` (default: true; since 2.12)
-    #[serde(rename = "auto-dismiss")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_dismiss: ::std::option::Option<bool>,
+    pub auto_dismiss: Option<bool>,
     /// the node name of the filter the job inserts
     /// above `device` (default: generated; since 4.2)
-    #[serde(rename = "filter-node-name")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub filter_node_name: ::std::option::Option<::std::string::String>,
+    pub filter_node_name: Option<String>,
     /// discard source data once it was copied (default:
     /// false; since 9.1)
-    #[serde(rename = "discard-source")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub discard_source: ::std::option::Option<bool>,
+    pub discard_source: Option<bool>,
     /// performance tuning (since 6.0)
     ///
     /// **Features:** `unstable`
-    #[serde(rename = "x-perf")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub x_perf: ::std::option::Option<BackupPerf>,
+    pub x_perf: Option<BackupPerf>,
 }
 impl BackupCommon {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        device: impl ::std::convert::Into<::std::string::String>,
-        sync: MirrorSyncMode,
-    ) -> Self {
+    pub fn new(device: impl Into<String>, sync: MirrorSyncMode) -> Self {
         Self {
             job_id: None,
             device: device.into(),
@@ -5615,115 +4128,77 @@ impl BackupCommon {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BackupCommon {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            job_id: object.optional("job-id")?,
-            device: object.required("device")?,
-            sync: object.required("sync")?,
-            speed: object.optional("speed")?,
-            bitmap: object.optional("bitmap")?,
-            bitmap_mode: object.optional("bitmap-mode")?,
-            compress: object.optional("compress")?,
-            on_source_error: object.optional("on-source-error")?,
-            on_target_error: object.optional("on-target-error")?,
-            auto_finalize: object.optional("auto-finalize")?,
-            auto_dismiss: object.optional("auto-dismiss")?,
-            filter_node_name: object.optional("filter-node-name")?,
-            discard_source: object.optional("discard-source")?,
-            x_perf: object.optional("x-perf")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BackupCommon);
+::qapi_runtime::impl_object!(
+    BackupCommon { optional job_id("job-id"), device("device"), sync("sync"), optional
+    speed("speed"), optional bitmap("bitmap"), optional bitmap_mode("bitmap-mode"),
+    optional compress("compress"), optional on_source_error("on-source-error"), optional
+    on_target_error("on-target-error"), optional auto_finalize("auto-finalize"), optional
+    auto_dismiss("auto-dismiss"), optional filter_node_name("filter-node-name"), optional
+    discard_source("discard-source"), optional x_perf("x-perf") }
+);
 /// A backup to a new (or existing) image file that the job opens
 /// itself.
 ///
 /// **Since:** 1.6
 ///
 /// Includes the members of [`BackupCommon`] (its base).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DriveBackup {
     /// the new job's id.  The default is the name of the guest
     /// device `device` belongs to; nodes of this daemon belong to none,
     /// so a job id must be given.
-    #[serde(rename = "job-id")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub job_id: ::std::option::Option<::std::string::String>,
+    pub job_id: Option<String>,
     /// the node to back up
-    pub device: ::std::string::String,
+    pub device: String,
     /// which data to copy
     pub sync: MirrorSyncMode,
     /// the rate limit in bytes per second (default: 0, none)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub speed: ::std::option::Option<i64>,
+    pub speed: Option<i64>,
     /// the dirty bitmap to copy from, for `sync` incremental or
     /// bitmap; with `sync` full or top it is only updated as
     /// `bitmap-mode` says (since 2.4)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmap: ::std::option::Option<::std::string::String>,
+    pub bitmap: Option<String>,
     /// what becomes of `bitmap` when the job ends; required
     /// with `bitmap` except for `sync` incremental (since 4.2)
-    #[serde(rename = "bitmap-mode")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmap_mode: ::std::option::Option<BitmapSyncMode>,
+    pub bitmap_mode: Option<BitmapSyncMode>,
     /// write compressed data, when the target format can (since
     /// 2.8)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub compress: ::std::option::Option<bool>,
+    pub compress: Option<bool>,
     /// what to do when reading the source fails
     /// (default: report)
-    #[serde(rename = "on-source-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_source_error: ::std::option::Option<BlockdevOnError>,
+    pub on_source_error: Option<BlockdevOnError>,
     /// what to do when writing the target fails
     /// (default: report)
-    #[serde(rename = "on-target-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_target_error: ::std::option::Option<BlockdevOnError>,
+    pub on_target_error: Option<BlockdevOnError>,
     /// finalize by itself on reaching pending; when false,
     /// wait for `block-job-finalize` (default: true; since 2.12)
-    #[serde(rename = "auto-finalize")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_finalize: ::std::option::Option<bool>,
+    pub auto_finalize: Option<bool>,
     /// disappear by itself once concluded; when false, wait
     /// for `block-job-dismiss` (default: true; since 2.12)
-    #[serde(rename = "auto-dismiss")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_dismiss: ::std::option::Option<bool>,
+    pub auto_dismiss: Option<bool>,
     /// the node name of the filter the job inserts
     /// above `device` (default: generated; since 4.2)
-    #[serde(rename = "filter-node-name")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub filter_node_name: ::std::option::Option<::std::string::String>,
+    pub filter_node_name: Option<String>,
     /// discard source data once it was copied (default:
     /// false; since 9.1)
-    #[serde(rename = "discard-source")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub discard_source: ::std::option::Option<bool>,
+    pub discard_source: Option<bool>,
     /// performance tuning (since 6.0)
     ///
     /// **Features:** `unstable`
-    #[serde(rename = "x-perf")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub x_perf: ::std::option::Option<BackupPerf>,
+    pub x_perf: Option<BackupPerf>,
     /// the image file to write; created unless `mode` is existing
-    pub target: ::std::string::String,
+    pub target: String,
     /// the target's format (default: the source's)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub format: ::std::option::Option<::std::string::String>,
+    pub format: Option<String>,
     /// whether to create the target (default: absolute-paths)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub mode: ::std::option::Option<NewImageMode>,
+    pub mode: Option<NewImageMode>,
 }
 impl DriveBackup {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        device: impl ::std::convert::Into<::std::string::String>,
+        device: impl Into<String>,
         sync: MirrorSyncMode,
-        target: impl ::std::convert::Into<::std::string::String>,
+        target: impl Into<String>,
     ) -> Self {
         Self {
             job_id: None,
@@ -5746,111 +4221,73 @@ impl DriveBackup {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for DriveBackup {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            job_id: object.optional("job-id")?,
-            device: object.required("device")?,
-            sync: object.required("sync")?,
-            speed: object.optional("speed")?,
-            bitmap: object.optional("bitmap")?,
-            bitmap_mode: object.optional("bitmap-mode")?,
-            compress: object.optional("compress")?,
-            on_source_error: object.optional("on-source-error")?,
-            on_target_error: object.optional("on-target-error")?,
-            auto_finalize: object.optional("auto-finalize")?,
-            auto_dismiss: object.optional("auto-dismiss")?,
-            filter_node_name: object.optional("filter-node-name")?,
-            discard_source: object.optional("discard-source")?,
-            x_perf: object.optional("x-perf")?,
-            target: object.required("target")?,
-            format: object.optional("format")?,
-            mode: object.optional("mode")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(DriveBackup);
+::qapi_runtime::impl_object!(
+    DriveBackup { optional job_id("job-id"), device("device"), sync("sync"), optional
+    speed("speed"), optional bitmap("bitmap"), optional bitmap_mode("bitmap-mode"),
+    optional compress("compress"), optional on_source_error("on-source-error"), optional
+    on_target_error("on-target-error"), optional auto_finalize("auto-finalize"), optional
+    auto_dismiss("auto-dismiss"), optional filter_node_name("filter-node-name"), optional
+    discard_source("discard-source"), optional x_perf("x-perf"), target("target"),
+    optional format("format"), optional mode("mode") }
+);
 /// A backup to an already open node.
 ///
 /// **Since:** 2.3
 ///
 /// Includes the members of [`BackupCommon`] (its base).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevBackup {
     /// the new job's id.  The default is the name of the guest
     /// device `device` belongs to; nodes of this daemon belong to none,
     /// so a job id must be given.
-    #[serde(rename = "job-id")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub job_id: ::std::option::Option<::std::string::String>,
+    pub job_id: Option<String>,
     /// the node to back up
-    pub device: ::std::string::String,
+    pub device: String,
     /// which data to copy
     pub sync: MirrorSyncMode,
     /// the rate limit in bytes per second (default: 0, none)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub speed: ::std::option::Option<i64>,
+    pub speed: Option<i64>,
     /// the dirty bitmap to copy from, for `sync` incremental or
     /// bitmap; with `sync` full or top it is only updated as
     /// `bitmap-mode` says (since 2.4)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmap: ::std::option::Option<::std::string::String>,
+    pub bitmap: Option<String>,
     /// what becomes of `bitmap` when the job ends; required
     /// with `bitmap` except for `sync` incremental (since 4.2)
-    #[serde(rename = "bitmap-mode")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmap_mode: ::std::option::Option<BitmapSyncMode>,
+    pub bitmap_mode: Option<BitmapSyncMode>,
     /// write compressed data, when the target format can (since
     /// 2.8)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub compress: ::std::option::Option<bool>,
+    pub compress: Option<bool>,
     /// what to do when reading the source fails
     /// (default: report)
-    #[serde(rename = "on-source-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_source_error: ::std::option::Option<BlockdevOnError>,
+    pub on_source_error: Option<BlockdevOnError>,
     /// what to do when writing the target fails
     /// (default: report)
-    #[serde(rename = "on-target-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_target_error: ::std::option::Option<BlockdevOnError>,
+    pub on_target_error: Option<BlockdevOnError>,
     /// finalize by itself on reaching pending; when false,
     /// wait for `block-job-finalize` (default: true; since 2.12)
-    #[serde(rename = "auto-finalize")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_finalize: ::std::option::Option<bool>,
+    pub auto_finalize: Option<bool>,
     /// disappear by itself once concluded; when false, wait
     /// for `block-job-dismiss` (default: true; since 2.12)
-    #[serde(rename = "auto-dismiss")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_dismiss: ::std::option::Option<bool>,
+    pub auto_dismiss: Option<bool>,
     /// the node name of the filter the job inserts
     /// above `device` (default: generated; since 4.2)
-    #[serde(rename = "filter-node-name")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub filter_node_name: ::std::option::Option<::std::string::String>,
+    pub filter_node_name: Option<String>,
     /// discard source data once it was copied (default:
     /// false; since 9.1)
-    #[serde(rename = "discard-source")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub discard_source: ::std::option::Option<bool>,
+    pub discard_source: Option<bool>,
     /// performance tuning (since 6.0)
     ///
     /// **Features:** `unstable`
-    #[serde(rename = "x-perf")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub x_perf: ::std::option::Option<BackupPerf>,
+    pub x_perf: Option<BackupPerf>,
     /// the name of the node to write
-    pub target: ::std::string::String,
+    pub target: String,
 }
 impl BlockdevBackup {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        device: impl ::std::convert::Into<::std::string::String>,
+        device: impl Into<String>,
         sync: MirrorSyncMode,
-        target: impl ::std::convert::Into<::std::string::String>,
+        target: impl Into<String>,
     ) -> Self {
         Self {
             job_id: None,
@@ -5871,107 +4308,69 @@ impl BlockdevBackup {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevBackup {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            job_id: object.optional("job-id")?,
-            device: object.required("device")?,
-            sync: object.required("sync")?,
-            speed: object.optional("speed")?,
-            bitmap: object.optional("bitmap")?,
-            bitmap_mode: object.optional("bitmap-mode")?,
-            compress: object.optional("compress")?,
-            on_source_error: object.optional("on-source-error")?,
-            on_target_error: object.optional("on-target-error")?,
-            auto_finalize: object.optional("auto-finalize")?,
-            auto_dismiss: object.optional("auto-dismiss")?,
-            filter_node_name: object.optional("filter-node-name")?,
-            discard_source: object.optional("discard-source")?,
-            x_perf: object.optional("x-perf")?,
-            target: object.required("target")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevBackup);
+::qapi_runtime::impl_object!(
+    BlockdevBackup { optional job_id("job-id"), device("device"), sync("sync"), optional
+    speed("speed"), optional bitmap("bitmap"), optional bitmap_mode("bitmap-mode"),
+    optional compress("compress"), optional on_source_error("on-source-error"), optional
+    on_target_error("on-target-error"), optional auto_finalize("auto-finalize"), optional
+    auto_dismiss("auto-dismiss"), optional filter_node_name("filter-node-name"), optional
+    discard_source("discard-source"), optional x_perf("x-perf"), target("target") }
+);
 /// What `drive-mirror` starts: a mirror job whose target is an image
 /// file, created first unless `mode` says it exists.
 ///
 /// **Since:** 1.3
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DriveMirror {
     /// the new job's id.  As with `blockdev-backup`, it must be
     /// given in this daemon.
-    #[serde(rename = "job-id")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub job_id: ::std::option::Option<::std::string::String>,
+    pub job_id: Option<String>,
     /// the node to mirror
-    pub device: ::std::string::String,
+    pub device: String,
     /// the image file to write
-    pub target: ::std::string::String,
+    pub target: String,
     /// the target's format (default: the source's, or probed
     /// when `mode` is existing)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub format: ::std::option::Option<::std::string::String>,
+    pub format: Option<String>,
     /// the node name of the target (default: generated)
-    #[serde(rename = "node-name")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub node_name: ::std::option::Option<::std::string::String>,
+    pub node_name: Option<String>,
     /// the node the target replaces on completion, when not
     /// `device` itself; needs `node-name`
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub replaces: ::std::option::Option<::std::string::String>,
+    pub replaces: Option<String>,
     /// which data to copy: full, top or none
     pub sync: MirrorSyncMode,
     /// whether to create the target (default: absolute-paths)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub mode: ::std::option::Option<NewImageMode>,
+    pub mode: Option<NewImageMode>,
     /// the rate limit in bytes per second (default: 0, none)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub speed: ::std::option::Option<i64>,
+    pub speed: Option<i64>,
     /// bytes per bit of the job's dirty bitmap, a power of
     /// two from 512 to 64 MiB
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub granularity: ::std::option::Option<u32>,
+    pub granularity: Option<u32>,
     /// the most bytes in flight at once (default: 16 MiB)
-    #[serde(rename = "buf-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub buf_size: ::std::option::Option<i64>,
+    pub buf_size: Option<i64>,
     /// what to do when reading the source fails
     /// (default: report)
-    #[serde(rename = "on-source-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_source_error: ::std::option::Option<BlockdevOnError>,
+    pub on_source_error: Option<BlockdevOnError>,
     /// what to do when writing the target fails
     /// (default: report)
-    #[serde(rename = "on-target-error")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub on_target_error: ::std::option::Option<BlockdevOnError>,
+    pub on_target_error: Option<BlockdevOnError>,
     /// whether ranges the source reads as zeroes are discarded
     /// on the target rather than written (default: true)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub unmap: ::std::option::Option<bool>,
+    pub unmap: Option<bool>,
     /// when writes to the source are copied (default:
     /// background)
-    #[serde(rename = "copy-mode")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub copy_mode: ::std::option::Option<MirrorCopyMode>,
+    pub copy_mode: Option<MirrorCopyMode>,
     /// finalize by itself on reaching pending (default:
     /// true)
-    #[serde(rename = "auto-finalize")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_finalize: ::std::option::Option<bool>,
+    pub auto_finalize: Option<bool>,
     /// disappear by itself once concluded (default: true)
-    #[serde(rename = "auto-dismiss")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub auto_dismiss: ::std::option::Option<bool>,
+    pub auto_dismiss: Option<bool>,
 }
 impl DriveMirror {
     /// A value with the mandatory members given and every optional member absent.
     pub fn new(
-        device: impl ::std::convert::Into<::std::string::String>,
-        target: impl ::std::convert::Into<::std::string::String>,
+        device: impl Into<String>,
+        target: impl Into<String>,
         sync: MirrorSyncMode,
     ) -> Self {
         Self {
@@ -5995,32 +4394,15 @@ impl DriveMirror {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for DriveMirror {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            job_id: object.optional("job-id")?,
-            device: object.required("device")?,
-            target: object.required("target")?,
-            format: object.optional("format")?,
-            node_name: object.optional("node-name")?,
-            replaces: object.optional("replaces")?,
-            sync: object.required("sync")?,
-            mode: object.optional("mode")?,
-            speed: object.optional("speed")?,
-            granularity: object.optional("granularity")?,
-            buf_size: object.optional("buf-size")?,
-            on_source_error: object.optional("on-source-error")?,
-            on_target_error: object.optional("on-target-error")?,
-            unmap: object.optional("unmap")?,
-            copy_mode: object.optional("copy-mode")?,
-            auto_finalize: object.optional("auto-finalize")?,
-            auto_dismiss: object.optional("auto-dismiss")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(DriveMirror);
+::qapi_runtime::impl_object!(
+    DriveMirror { optional job_id("job-id"), device("device"), target("target"), optional
+    format("format"), optional node_name("node-name"), optional replaces("replaces"),
+    sync("sync"), optional mode("mode"), optional speed("speed"), optional
+    granularity("granularity"), optional buf_size("buf-size"), optional
+    on_source_error("on-source-error"), optional on_target_error("on-target-error"),
+    optional unmap("unmap"), optional copy_mode("copy-mode"), optional
+    auto_finalize("auto-finalize"), optional auto_dismiss("auto-dismiss") }
+);
 /// Whether a command creates the image file it writes to.
 ///
 /// **Since:** 1.1
@@ -6034,58 +4416,34 @@ pub enum NewImageMode {
     /// name; a backing file is recorded by absolute path
     AbsolutePaths,
 }
-impl NewImageMode {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Existing, Self::AbsolutePaths];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Existing => "existing",
-            Self::AbsolutePaths => "absolute-paths",
-        }
+::qapi_runtime::impl_enum!(
+    NewImageMode = "NewImageMode" { Existing("existing"), AbsolutePaths("absolute-paths")
     }
-}
-impl ::qapi_runtime::Enum for NewImageMode {
-    const NAME: &'static str = "NewImageMode";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(NewImageMode);
+);
 /// An external snapshot whose overlay file the daemon creates and
 /// opens.
 ///
 /// **Since:** 1.1
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevSnapshotSync {
     /// the name of the node to snapshot (one of `device` and
     /// `node-name` is required)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub device: ::std::option::Option<::std::string::String>,
+    pub device: Option<String>,
     /// the name of the node to snapshot (since 2.0)
-    #[serde(rename = "node-name")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub node_name: ::std::option::Option<::std::string::String>,
+    pub node_name: Option<String>,
     /// the overlay's file name
-    #[serde(rename = "snapshot-file")]
-    pub snapshot_file: ::std::string::String,
+    pub snapshot_file: String,
     /// the node name of the new overlay; required
     /// when `node-name` is given (since 2.0)
-    #[serde(rename = "snapshot-node-name")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub snapshot_node_name: ::std::option::Option<::std::string::String>,
+    pub snapshot_node_name: Option<String>,
     /// the overlay's format (default: qcow2)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub format: ::std::option::Option<::std::string::String>,
+    pub format: Option<String>,
     /// whether to create the overlay file (default: absolute-paths)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub mode: ::std::option::Option<NewImageMode>,
+    pub mode: Option<NewImageMode>,
 }
 impl BlockdevSnapshotSync {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(snapshot_file: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(snapshot_file: impl Into<String>) -> Self {
         Self {
             device: None,
             node_name: None,
@@ -6096,94 +4454,60 @@ impl BlockdevSnapshotSync {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevSnapshotSync {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            device: object.optional("device")?,
-            node_name: object.optional("node-name")?,
-            snapshot_file: object.required("snapshot-file")?,
-            snapshot_node_name: object.optional("snapshot-node-name")?,
-            format: object.optional("format")?,
-            mode: object.optional("mode")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevSnapshotSync);
+::qapi_runtime::impl_object!(
+    BlockdevSnapshotSync { optional device("device"), optional node_name("node-name"),
+    snapshot_file("snapshot-file"), optional snapshot_node_name("snapshot-node-name"),
+    optional format("format"), optional mode("mode") }
+);
 /// An external snapshot with an overlay node that is already open.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevSnapshot {
     /// the node to snapshot
-    pub node: ::std::string::String,
+    pub node: String,
     /// the node that becomes the new top; it must have no
     /// backing node yet, and gets `node` as its backing node
-    pub overlay: ::std::string::String,
+    pub overlay: String,
 }
 impl BlockdevSnapshot {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        node: impl ::std::convert::Into<::std::string::String>,
-        overlay: impl ::std::convert::Into<::std::string::String>,
-    ) -> Self {
+    pub fn new(node: impl Into<String>, overlay: impl Into<String>) -> Self {
         Self {
             node: node.into(),
             overlay: overlay.into(),
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevSnapshot {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            node: object.required("node")?,
-            overlay: object.required("overlay")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevSnapshot);
+::qapi_runtime::impl_object!(BlockdevSnapshot { node("node"), overlay("overlay") });
 /// An internal snapshot, stored inside the image itself.
 ///
 /// **Since:** 1.7
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevSnapshotInternal {
     /// the node to snapshot; its format must support internal
     /// snapshots (qcow2)
-    pub device: ::std::string::String,
+    pub device: String,
     /// the snapshot's name, which must not be empty nor exist yet
-    pub name: ::std::string::String,
+    pub name: String,
 }
 impl BlockdevSnapshotInternal {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(
-        device: impl ::std::convert::Into<::std::string::String>,
-        name: impl ::std::convert::Into<::std::string::String>,
-    ) -> Self {
+    pub fn new(device: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             device: device.into(),
             name: name.into(),
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevSnapshotInternal {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            device: object.required("device")?,
-            name: object.required("name")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevSnapshotInternal);
+::qapi_runtime::impl_object!(
+    BlockdevSnapshotInternal { device("device"), name("name") }
+);
 /// The action that always fails; for testing how a transaction rolls
 /// back.
 ///
 /// **Since:** 1.6
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Abort {}
 impl Abort {
     /// A value with the mandatory members given and every optional member absent.
@@ -6191,14 +4515,7 @@ impl Abort {
         Self {}
     }
 }
-impl ::qapi_runtime::input::ReadMembers for Abort {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {})
-    }
-}
-::qapi_runtime::impl_object!(Abort);
+::qapi_runtime::impl_object!(Abort {});
 /// How the jobs started by one transaction end relative to each other.
 ///
 /// **Since:** 2.5
@@ -6212,26 +4529,10 @@ pub enum ActionCompletionMode {
     /// Actions that cannot take part in a group reject this mode.
     Grouped,
 }
-impl ActionCompletionMode {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Individual, Self::Grouped];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Individual => "individual",
-            Self::Grouped => "grouped",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for ActionCompletionMode {
-    const NAME: &'static str = "ActionCompletionMode";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(ActionCompletionMode);
+::qapi_runtime::impl_enum!(
+    ActionCompletionMode = "ActionCompletionMode" { Individual("individual"),
+    Grouped("grouped") }
+);
 /// The actions a transaction can contain.
 ///
 /// **Since:** 1.1
@@ -6283,59 +4584,25 @@ pub enum TransactionActionKind {
     #[deprecated]
     XBlockDirtyBitmapMerge,
 }
-impl TransactionActionKind {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Abort,
-        Self::BlockDirtyBitmapAdd,
-        Self::BlockDirtyBitmapRemove,
-        Self::BlockDirtyBitmapClear,
-        Self::BlockDirtyBitmapEnable,
-        Self::BlockDirtyBitmapDisable,
-        Self::BlockDirtyBitmapMerge,
-        Self::BlockdevBackup,
-        Self::BlockdevSnapshot,
-        Self::BlockdevSnapshotInternalSync,
-        Self::BlockdevSnapshotSync,
-        Self::DriveBackup,
-        Self::XBlockDirtyBitmapEnable,
-        Self::XBlockDirtyBitmapDisable,
-        Self::XBlockDirtyBitmapMerge,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Abort => "abort",
-            Self::BlockDirtyBitmapAdd => "block-dirty-bitmap-add",
-            Self::BlockDirtyBitmapRemove => "block-dirty-bitmap-remove",
-            Self::BlockDirtyBitmapClear => "block-dirty-bitmap-clear",
-            Self::BlockDirtyBitmapEnable => "block-dirty-bitmap-enable",
-            Self::BlockDirtyBitmapDisable => "block-dirty-bitmap-disable",
-            Self::BlockDirtyBitmapMerge => "block-dirty-bitmap-merge",
-            Self::BlockdevBackup => "blockdev-backup",
-            Self::BlockdevSnapshot => "blockdev-snapshot",
-            Self::BlockdevSnapshotInternalSync => "blockdev-snapshot-internal-sync",
-            Self::BlockdevSnapshotSync => "blockdev-snapshot-sync",
-            Self::DriveBackup => "drive-backup",
-            Self::XBlockDirtyBitmapEnable => "x-block-dirty-bitmap-enable",
-            Self::XBlockDirtyBitmapDisable => "x-block-dirty-bitmap-disable",
-            Self::XBlockDirtyBitmapMerge => "x-block-dirty-bitmap-merge",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for TransactionActionKind {
-    const NAME: &'static str = "TransactionActionKind";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(TransactionActionKind);
+::qapi_runtime::impl_enum!(
+    TransactionActionKind = "TransactionActionKind" { Abort("abort"),
+    BlockDirtyBitmapAdd("block-dirty-bitmap-add"),
+    BlockDirtyBitmapRemove("block-dirty-bitmap-remove"),
+    BlockDirtyBitmapClear("block-dirty-bitmap-clear"),
+    BlockDirtyBitmapEnable("block-dirty-bitmap-enable"),
+    BlockDirtyBitmapDisable("block-dirty-bitmap-disable"),
+    BlockDirtyBitmapMerge("block-dirty-bitmap-merge"), BlockdevBackup("blockdev-backup"),
+    BlockdevSnapshot("blockdev-snapshot"),
+    BlockdevSnapshotInternalSync("blockdev-snapshot-internal-sync"),
+    BlockdevSnapshotSync("blockdev-snapshot-sync"), DriveBackup("drive-backup"),
+    XBlockDirtyBitmapEnable("x-block-dirty-bitmap-enable"),
+    XBlockDirtyBitmapDisable("x-block-dirty-bitmap-disable"),
+    XBlockDirtyBitmapMerge("x-block-dirty-bitmap-merge") }
+);
 /// The arguments of the abort action.
 ///
 /// **Since:** 1.6
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AbortWrapper {
     /// none
     pub data: Abort,
@@ -6346,20 +4613,11 @@ impl AbortWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for AbortWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(AbortWrapper);
+::qapi_runtime::impl_object!(AbortWrapper { data("data") });
 /// The arguments of the block-dirty-bitmap-add action.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyBitmapAddWrapper {
     /// the bitmap to create
     pub data: BlockDirtyBitmapAdd,
@@ -6370,21 +4628,12 @@ impl BlockDirtyBitmapAddWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockDirtyBitmapAddWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockDirtyBitmapAddWrapper);
+::qapi_runtime::impl_object!(BlockDirtyBitmapAddWrapper { data("data") });
 /// The arguments of the actions that act on one named bitmap
 /// (remove, clear, enable, disable).
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyBitmapWrapper {
     /// the bitmap
     pub data: BlockDirtyBitmap,
@@ -6395,20 +4644,11 @@ impl BlockDirtyBitmapWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockDirtyBitmapWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockDirtyBitmapWrapper);
+::qapi_runtime::impl_object!(BlockDirtyBitmapWrapper { data("data") });
 /// The arguments of the block-dirty-bitmap-merge action.
 ///
 /// **Since:** 4.0
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockDirtyBitmapMergeWrapper {
     /// the merge to perform
     pub data: BlockDirtyBitmapMerge,
@@ -6419,20 +4659,11 @@ impl BlockDirtyBitmapMergeWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockDirtyBitmapMergeWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockDirtyBitmapMergeWrapper);
+::qapi_runtime::impl_object!(BlockDirtyBitmapMergeWrapper { data("data") });
 /// The arguments of the blockdev-backup action.
 ///
 /// **Since:** 2.3
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevBackupWrapper {
     /// the backup to start
     pub data: BlockdevBackup,
@@ -6443,20 +4674,11 @@ impl BlockdevBackupWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevBackupWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevBackupWrapper);
+::qapi_runtime::impl_object!(BlockdevBackupWrapper { data("data") });
 /// The arguments of the blockdev-snapshot action.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevSnapshotWrapper {
     /// the snapshot to take
     pub data: BlockdevSnapshot,
@@ -6467,20 +4689,11 @@ impl BlockdevSnapshotWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevSnapshotWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevSnapshotWrapper);
+::qapi_runtime::impl_object!(BlockdevSnapshotWrapper { data("data") });
 /// The arguments of the blockdev-snapshot-internal-sync action.
 ///
 /// **Since:** 1.7
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevSnapshotInternalWrapper {
     /// the snapshot to take
     pub data: BlockdevSnapshotInternal,
@@ -6491,20 +4704,11 @@ impl BlockdevSnapshotInternalWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevSnapshotInternalWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevSnapshotInternalWrapper);
+::qapi_runtime::impl_object!(BlockdevSnapshotInternalWrapper { data("data") });
 /// The arguments of the blockdev-snapshot-sync action.
 ///
 /// **Since:** 1.1
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevSnapshotSyncWrapper {
     /// the snapshot to take
     pub data: BlockdevSnapshotSync,
@@ -6515,20 +4719,11 @@ impl BlockdevSnapshotSyncWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockdevSnapshotSyncWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockdevSnapshotSyncWrapper);
+::qapi_runtime::impl_object!(BlockdevSnapshotSyncWrapper { data("data") });
 /// The arguments of the drive-backup action.
 ///
 /// **Since:** 1.6
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DriveBackupWrapper {
     /// the backup to start
     pub data: DriveBackup,
@@ -6539,86 +4734,60 @@ impl DriveBackupWrapper {
         Self { data }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for DriveBackupWrapper {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            data: object.required("data")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(DriveBackupWrapper);
+::qapi_runtime::impl_object!(DriveBackupWrapper { data("data") });
 /// One action of a transaction: its kind under "type" and its
 /// arguments under "data".
 ///
 /// **Since:** 1.1
 ///
 /// The members of the branch selected by `type` are in [`TransactionActionBranch`], flattened into the same JSON object.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TransactionAction {
-    #[serde(flatten)]
     pub branch: TransactionActionBranch,
 }
 /// The branch of [`TransactionAction`] chosen by its discriminator `type` (serialised as that member).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(tag = "type")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum TransactionActionBranch {
     /// see `Abort` (since 1.6)
-    #[serde(rename = "abort")]
     Abort(AbortWrapper),
     /// see `block-dirty-bitmap-add` (since 2.5)
-    #[serde(rename = "block-dirty-bitmap-add")]
     BlockDirtyBitmapAdd(BlockDirtyBitmapAddWrapper),
     /// see `block-dirty-bitmap-remove` (since
     /// 4.2)
-    #[serde(rename = "block-dirty-bitmap-remove")]
     BlockDirtyBitmapRemove(BlockDirtyBitmapWrapper),
     /// see `block-dirty-bitmap-clear` (since 2.5)
-    #[serde(rename = "block-dirty-bitmap-clear")]
     BlockDirtyBitmapClear(BlockDirtyBitmapWrapper),
     /// see `block-dirty-bitmap-enable` (since
     /// 4.0; added in 3.0 as x-block-dirty-bitmap-enable)
-    #[serde(rename = "block-dirty-bitmap-enable")]
     BlockDirtyBitmapEnable(BlockDirtyBitmapWrapper),
     /// see `block-dirty-bitmap-disable` (since
     /// 4.0; added in 3.0 as x-block-dirty-bitmap-disable)
-    #[serde(rename = "block-dirty-bitmap-disable")]
     BlockDirtyBitmapDisable(BlockDirtyBitmapWrapper),
     /// see `block-dirty-bitmap-merge` (since
     /// 4.0; added in 3.1 as x-block-dirty-bitmap-merge)
-    #[serde(rename = "block-dirty-bitmap-merge")]
     BlockDirtyBitmapMerge(BlockDirtyBitmapMergeWrapper),
     /// see `blockdev-backup` (since 2.3)
-    #[serde(rename = "blockdev-backup")]
     BlockdevBackup(BlockdevBackupWrapper),
     /// see `blockdev-snapshot` (since 2.5)
-    #[serde(rename = "blockdev-snapshot")]
     BlockdevSnapshot(BlockdevSnapshotWrapper),
     /// see
     /// `blockdev-snapshot-internal-sync` (since 1.7)
-    #[serde(rename = "blockdev-snapshot-internal-sync")]
     BlockdevSnapshotInternalSync(BlockdevSnapshotInternalWrapper),
     /// see `blockdev-snapshot-sync` (since 1.1)
-    #[serde(rename = "blockdev-snapshot-sync")]
     BlockdevSnapshotSync(BlockdevSnapshotSyncWrapper),
     /// see `drive-backup` (since 1.6)
-    #[serde(rename = "drive-backup")]
     DriveBackup(DriveBackupWrapper),
     /// the seed's experimental name of
     /// `block-dirty-bitmap-enable`, same arguments and meaning (since
     /// 3.0; QEMU itself dropped it in 4.0, blockjobd still accepts it)
-    #[serde(rename = "x-block-dirty-bitmap-enable")]
     XBlockDirtyBitmapEnable(BlockDirtyBitmapWrapper),
     /// the seed's experimental name of
     /// `block-dirty-bitmap-disable`, same arguments and meaning (since
     /// 3.0; QEMU itself dropped it in 4.0, blockjobd still accepts it)
-    #[serde(rename = "x-block-dirty-bitmap-disable")]
     XBlockDirtyBitmapDisable(BlockDirtyBitmapWrapper),
     /// the seed's experimental name of
     /// `block-dirty-bitmap-merge`, same arguments and meaning (since
     /// 3.1; QEMU itself dropped it in 4.0, blockjobd still accepts it)
-    #[serde(rename = "x-block-dirty-bitmap-merge")]
     XBlockDirtyBitmapMerge(BlockDirtyBitmapMergeWrapper),
 }
 impl TransactionActionBranch {
@@ -6668,102 +4837,161 @@ impl TransactionAction {
         Self { branch }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for TransactionAction {
+impl ::qapi_runtime::ReadMembers for TransactionAction {
     fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+        object: &mut ::qapi_runtime::QmpObject,
     ) -> ::qapi_runtime::Result<Self> {
         let kind: TransactionActionKind = object.required("type")?;
         let branch = match kind {
             TransactionActionKind::Abort => {
                 TransactionActionBranch::Abort(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockDirtyBitmapAdd => {
                 TransactionActionBranch::BlockDirtyBitmapAdd(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockDirtyBitmapRemove => {
                 TransactionActionBranch::BlockDirtyBitmapRemove(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockDirtyBitmapClear => {
                 TransactionActionBranch::BlockDirtyBitmapClear(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockDirtyBitmapEnable => {
                 TransactionActionBranch::BlockDirtyBitmapEnable(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockDirtyBitmapDisable => {
                 TransactionActionBranch::BlockDirtyBitmapDisable(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockDirtyBitmapMerge => {
                 TransactionActionBranch::BlockDirtyBitmapMerge(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockdevBackup => {
                 TransactionActionBranch::BlockdevBackup(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockdevSnapshot => {
                 TransactionActionBranch::BlockdevSnapshot(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockdevSnapshotInternalSync => {
                 TransactionActionBranch::BlockdevSnapshotInternalSync(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::BlockdevSnapshotSync => {
                 TransactionActionBranch::BlockdevSnapshotSync(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::DriveBackup => {
                 TransactionActionBranch::DriveBackup(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::XBlockDirtyBitmapEnable => {
                 TransactionActionBranch::XBlockDirtyBitmapEnable(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::XBlockDirtyBitmapDisable => {
                 TransactionActionBranch::XBlockDirtyBitmapDisable(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             TransactionActionKind::XBlockDirtyBitmapMerge => {
                 TransactionActionBranch::XBlockDirtyBitmapMerge(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
         };
         Ok(Self { branch })
     }
 }
+impl ::qapi_runtime::WriteMembers for TransactionAction {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("type", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for TransactionActionBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Abort(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::BlockDirtyBitmapAdd(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::BlockDirtyBitmapRemove(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::BlockDirtyBitmapClear(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::BlockDirtyBitmapEnable(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::BlockDirtyBitmapDisable(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::BlockDirtyBitmapMerge(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::BlockdevBackup(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::BlockdevSnapshot(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::BlockdevSnapshotInternalSync(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::BlockdevSnapshotSync(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::DriveBackup(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::XBlockDirtyBitmapEnable(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::XBlockDirtyBitmapDisable(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::XBlockDirtyBitmapMerge(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+        }
+    }
+}
 ::qapi_runtime::impl_object!(TransactionAction);
 /// Options that apply to a whole transaction.
 ///
 /// **Since:** 2.5
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TransactionProperties {
     /// how the jobs the actions start end relative to
     /// each other (default: individual)
-    #[serde(rename = "completion-mode")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub completion_mode: ::std::option::Option<ActionCompletionMode>,
+    pub completion_mode: Option<ActionCompletionMode>,
 }
 impl TransactionProperties {
     /// A value with the mandatory members given and every optional member absent.
@@ -6771,42 +4999,27 @@ impl TransactionProperties {
         Self { completion_mode: None }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for TransactionProperties {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            completion_mode: object.optional("completion-mode")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(TransactionProperties);
+::qapi_runtime::impl_object!(
+    TransactionProperties { optional completion_mode("completion-mode") }
+);
 /// Settings of the NBD server other than its address.
 ///
 /// **Since:** 10.0
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NbdServerOptionsBase {
     /// how long a client may take to finish the
     /// NBD handshake before it is disconnected, 0 for no limit
     /// (default: 10; since 10.0)
-    #[serde(rename = "handshake-max-seconds")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub handshake_max_seconds: ::std::option::Option<u32>,
+    pub handshake_max_seconds: Option<u32>,
     /// the id of the TLS credentials object; when given,
     /// clients must use TLS (default: no TLS)
-    #[serde(rename = "tls-creds")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub tls_creds: ::std::option::Option<::std::string::String>,
+    pub tls_creds: Option<String>,
     /// the id of the authorization object that checks a TLS
     /// client's identity (since 4.0)
-    #[serde(rename = "tls-authz")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub tls_authz: ::std::option::Option<::std::string::String>,
+    pub tls_authz: Option<String>,
     /// the most clients connected at once, 0 for no
     /// limit (default: 0; since 5.2)
-    #[serde(rename = "max-connections")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub max_connections: ::std::option::Option<u32>,
+    pub max_connections: Option<u32>,
 }
 impl NbdServerOptionsBase {
     /// A value with the mandatory members given and every optional member absent.
@@ -6819,47 +5032,31 @@ impl NbdServerOptionsBase {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for NbdServerOptionsBase {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            handshake_max_seconds: object.optional("handshake-max-seconds")?,
-            tls_creds: object.optional("tls-creds")?,
-            tls_authz: object.optional("tls-authz")?,
-            max_connections: object.optional("max-connections")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(NbdServerOptionsBase);
+::qapi_runtime::impl_object!(
+    NbdServerOptionsBase { optional handshake_max_seconds("handshake-max-seconds"),
+    optional tls_creds("tls-creds"), optional tls_authz("tls-authz"), optional
+    max_connections("max-connections") }
+);
 /// The arguments of `nbd-server-start`.
 ///
 /// **Since:** 10.0
 ///
 /// Includes the members of [`NbdServerOptionsBase`] (its base).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NbdServerOptionsLegacy {
     /// how long a client may take to finish the
     /// NBD handshake before it is disconnected, 0 for no limit
     /// (default: 10; since 10.0)
-    #[serde(rename = "handshake-max-seconds")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub handshake_max_seconds: ::std::option::Option<u32>,
+    pub handshake_max_seconds: Option<u32>,
     /// the id of the TLS credentials object; when given,
     /// clients must use TLS (default: no TLS)
-    #[serde(rename = "tls-creds")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub tls_creds: ::std::option::Option<::std::string::String>,
+    pub tls_creds: Option<String>,
     /// the id of the authorization object that checks a TLS
     /// client's identity (since 4.0)
-    #[serde(rename = "tls-authz")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub tls_authz: ::std::option::Option<::std::string::String>,
+    pub tls_authz: Option<String>,
     /// the most clients connected at once, 0 for no
     /// limit (default: 0; since 5.2)
-    #[serde(rename = "max-connections")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub max_connections: ::std::option::Option<u32>,
+    pub max_connections: Option<u32>,
     /// the address to listen on
     pub addr: SocketAddressLegacy,
 }
@@ -6875,32 +5072,21 @@ impl NbdServerOptionsLegacy {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for NbdServerOptionsLegacy {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            handshake_max_seconds: object.optional("handshake-max-seconds")?,
-            tls_creds: object.optional("tls-creds")?,
-            tls_authz: object.optional("tls-authz")?,
-            max_connections: object.optional("max-connections")?,
-            addr: object.required("addr")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(NbdServerOptionsLegacy);
+::qapi_runtime::impl_object!(
+    NbdServerOptionsLegacy { optional handshake_max_seconds("handshake-max-seconds"),
+    optional tls_creds("tls-creds"), optional tls_authz("tls-authz"), optional
+    max_connections("max-connections"), addr("addr") }
+);
 /// NBD export settings shared with older commands.
 ///
 /// **Since:** 5.0
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockExportOptionsNbdBase {
     /// the name clients ask for (default: the node name)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub name: ::std::option::Option<::std::string::String>,
+    pub name: Option<String>,
     /// free text shown to clients that list exports (since
     /// 5.0)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub description: ::std::option::Option<::std::string::String>,
+    pub description: Option<String>,
 }
 impl BlockExportOptionsNbdBase {
     /// A value with the mandatory members given and every optional member absent.
@@ -6911,42 +5097,30 @@ impl BlockExportOptionsNbdBase {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockExportOptionsNbdBase {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            name: object.optional("name")?,
-            description: object.optional("description")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockExportOptionsNbdBase);
+::qapi_runtime::impl_object!(
+    BlockExportOptionsNbdBase { optional name("name"), optional
+    description("description") }
+);
 /// Settings of an NBD export.
 ///
 /// **Since:** 5.2
 ///
 /// Includes the members of [`BlockExportOptionsNbdBase`] (its base).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockExportOptionsNbd {
     /// the name clients ask for (default: the node name)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub name: ::std::option::Option<::std::string::String>,
+    pub name: Option<String>,
     /// free text shown to clients that list exports (since
     /// 5.0)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub description: ::std::option::Option<::std::string::String>,
+    pub description: Option<String>,
     /// dirty bitmaps whose bits clients may read through the
     /// "qemu:dirty-bitmap:NAME" metadata context; local names refer to
     /// bitmaps on the exported node (since 5.2; any node since 7.1)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub bitmaps: ::std::option::Option<::std::vec::Vec<BlockDirtyBitmapOrStr>>,
+    pub bitmaps: Option<Vec<BlockDirtyBitmapOrStr>>,
     /// offer the "qemu:allocation-depth" metadata
     /// context, which tells at which depth of the backing chain each
     /// extent is allocated (default: false; since 5.2)
-    #[serde(rename = "allocation-depth")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub allocation_depth: ::std::option::Option<bool>,
+    pub allocation_depth: Option<bool>,
 }
 impl BlockExportOptionsNbd {
     /// A value with the mandatory members given and every optional member absent.
@@ -6959,35 +5133,22 @@ impl BlockExportOptionsNbd {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockExportOptionsNbd {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            name: object.optional("name")?,
-            description: object.optional("description")?,
-            bitmaps: object.optional("bitmaps")?,
-            allocation_depth: object.optional("allocation-depth")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockExportOptionsNbd);
+::qapi_runtime::impl_object!(
+    BlockExportOptionsNbd { optional name("name"), optional description("description"),
+    optional bitmaps("bitmaps"), optional allocation_depth("allocation-depth") }
+);
 /// Settings of a vhost-user-blk export.
 ///
 /// **Since:** 5.2
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockExportOptionsVhostUserBlk {
     /// the vhost-user socket to listen on
     pub addr: SocketAddress,
     /// the block size shown to the guest (default:
     /// 512)
-    #[serde(rename = "logical-block-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub logical_block_size: ::std::option::Option<u64>,
+    pub logical_block_size: Option<u64>,
     /// how many virtqueues (default: 1)
-    #[serde(rename = "num-queues")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub num_queues: ::std::option::Option<u16>,
+    pub num_queues: Option<u16>,
 }
 impl BlockExportOptionsVhostUserBlk {
     /// A value with the mandatory members given and every optional member absent.
@@ -6999,18 +5160,10 @@ impl BlockExportOptionsVhostUserBlk {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockExportOptionsVhostUserBlk {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            addr: object.required("addr")?,
-            logical_block_size: object.optional("logical-block-size")?,
-            num_queues: object.optional("num-queues")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockExportOptionsVhostUserBlk);
+::qapi_runtime::impl_object!(
+    BlockExportOptionsVhostUserBlk { addr("addr"), optional
+    logical_block_size("logical-block-size"), optional num_queues("num-queues") }
+);
 /// Whether other users than the daemon's may access a FUSE export.
 ///
 /// **Since:** 6.1
@@ -7024,47 +5177,26 @@ pub enum FuseExportAllowOther {
     /// only otherwise
     Auto,
 }
-impl FuseExportAllowOther {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Off, Self::On, Self::Auto];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Off => "off",
-            Self::On => "on",
-            Self::Auto => "auto",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for FuseExportAllowOther {
-    const NAME: &'static str = "FuseExportAllowOther";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(FuseExportAllowOther);
+::qapi_runtime::impl_enum!(
+    FuseExportAllowOther = "FuseExportAllowOther" { Off("off"), On("on"), Auto("auto") }
+);
 /// Settings of a FUSE export, which shows the node as a regular file.
 ///
 /// **Since:** 6.0
 ///
 /// **If:** `CONFIG_FUSE` (QEMU builds this only under that condition; generated unconditionally here)
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockExportOptionsFuse {
     /// the existing regular file the export is mounted over
-    pub mountpoint: ::std::string::String,
+    pub mountpoint: String,
     /// writes past the end grow the node (default: false)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub growable: ::std::option::Option<bool>,
+    pub growable: Option<bool>,
     /// whether other users may access it (default: auto)
-    #[serde(rename = "allow-other")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub allow_other: ::std::option::Option<FuseExportAllowOther>,
+    pub allow_other: Option<FuseExportAllowOther>,
 }
 impl BlockExportOptionsFuse {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(mountpoint: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(mountpoint: impl Into<String>) -> Self {
         Self {
             mountpoint: mountpoint.into(),
             growable: None,
@@ -7072,45 +5204,30 @@ impl BlockExportOptionsFuse {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockExportOptionsFuse {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            mountpoint: object.required("mountpoint")?,
-            growable: object.optional("growable")?,
-            allow_other: object.optional("allow-other")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockExportOptionsFuse);
+::qapi_runtime::impl_object!(
+    BlockExportOptionsFuse { mountpoint("mountpoint"), optional growable("growable"),
+    optional allow_other("allow-other") }
+);
 /// Settings of a VDUSE block export.
 ///
 /// **Since:** 7.1
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockExportOptionsVduseBlk {
     /// the VDUSE device's name
-    pub name: ::std::string::String,
+    pub name: String,
     /// how many virtqueues (default: 1)
-    #[serde(rename = "num-queues")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub num_queues: ::std::option::Option<u16>,
+    pub num_queues: Option<u16>,
     /// the size of each virtqueue (default: 256)
-    #[serde(rename = "queue-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub queue_size: ::std::option::Option<u16>,
+    pub queue_size: Option<u16>,
     /// the block size shown to the guest (default:
     /// 512)
-    #[serde(rename = "logical-block-size")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub logical_block_size: ::std::option::Option<u64>,
+    pub logical_block_size: Option<u64>,
     /// the serial number shown to the guest (default: none)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub serial: ::std::option::Option<::std::string::String>,
+    pub serial: Option<String>,
 }
 impl BlockExportOptionsVduseBlk {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(name: impl ::std::convert::Into<::std::string::String>) -> Self {
+    pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             num_queues: None,
@@ -7120,20 +5237,11 @@ impl BlockExportOptionsVduseBlk {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockExportOptionsVduseBlk {
-    fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
-    ) -> ::qapi_runtime::Result<Self> {
-        Ok(Self {
-            name: object.required("name")?,
-            num_queues: object.optional("num-queues")?,
-            queue_size: object.optional("queue-size")?,
-            logical_block_size: object.optional("logical-block-size")?,
-            serial: object.optional("serial")?,
-        })
-    }
-}
-::qapi_runtime::impl_object!(BlockExportOptionsVduseBlk);
+::qapi_runtime::impl_object!(
+    BlockExportOptionsVduseBlk { name("name"), optional num_queues("num-queues"),
+    optional queue_size("queue-size"), optional logical_block_size("logical-block-size"),
+    optional serial("serial") }
+);
 /// How to remove an export that clients are still using.
 ///
 /// **Since:** 2.12
@@ -7144,26 +5252,9 @@ pub enum BlockExportRemoveMode {
     /// disconnect its clients and remove it
     Hard,
 }
-impl BlockExportRemoveMode {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[Self::Safe, Self::Hard];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Safe => "safe",
-            Self::Hard => "hard",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlockExportRemoveMode {
-    const NAME: &'static str = "BlockExportRemoveMode";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockExportRemoveMode);
+::qapi_runtime::impl_enum!(
+    BlockExportRemoveMode = "BlockExportRemoveMode" { Safe("safe"), Hard("hard") }
+);
 /// The kinds of export.
 ///
 /// **Since:** 4.2
@@ -7184,90 +5275,53 @@ pub enum BlockExportType {
     /// **If:** `CONFIG_VDUSE_BLK_EXPORT` (QEMU builds this only under that condition; generated unconditionally here)
     VduseBlk,
 }
-impl BlockExportType {
-    /// Every value, in schema order.
-    pub const ALL: &'static [Self] = &[
-        Self::Nbd,
-        Self::VhostUserBlk,
-        Self::Fuse,
-        Self::VduseBlk,
-    ];
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Nbd => "nbd",
-            Self::VhostUserBlk => "vhost-user-blk",
-            Self::Fuse => "fuse",
-            Self::VduseBlk => "vduse-blk",
-        }
-    }
-}
-impl ::qapi_runtime::Enum for BlockExportType {
-    const NAME: &'static str = "BlockExportType";
-    const ALL: &'static [Self] = Self::ALL;
-    const UNKNOWN: ::std::option::Option<Self> = None;
-    fn as_str(self) -> &'static str {
-        self.as_str()
-    }
-}
-::qapi_runtime::impl_enum!(BlockExportType);
+::qapi_runtime::impl_enum!(
+    BlockExportType = "BlockExportType" { Nbd("nbd"), VhostUserBlk("vhost-user-blk"),
+    Fuse("fuse"), VduseBlk("vduse-blk") }
+);
 /// An export to create.  This daemon serves NBD exports only.
 ///
 /// **Since:** 4.2
 ///
 /// The members of the branch selected by `type` are in [`BlockExportOptionsBranch`], flattened into the same JSON object.
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockExportOptions {
     /// the export's id, unique among exports
-    pub id: ::std::string::String,
+    pub id: String,
     /// fail rather than move the node when it is in
     /// another I/O thread than `iothread` (default: false)
-    #[serde(rename = "fixed-iothread")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub fixed_iothread: ::std::option::Option<bool>,
+    pub fixed_iothread: Option<bool>,
     /// the I/O thread to run the export in (default: the main
     /// loop)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub iothread: ::std::option::Option<::std::string::String>,
+    pub iothread: Option<String>,
     /// the node to export
-    #[serde(rename = "node-name")]
-    pub node_name: ::std::string::String,
+    pub node_name: String,
     /// whether clients may write (default: false)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub writable: ::std::option::Option<bool>,
+    pub writable: Option<bool>,
     /// flush every write before completing it (default:
     /// false)
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub writethrough: ::std::option::Option<bool>,
+    pub writethrough: Option<bool>,
     /// the export may also be created on, and stay on, an
     /// inactive node (default: false; since 10.0)
-    #[serde(rename = "allow-inactive")]
-    #[serde(skip_serializing_if = "::std::option::Option::is_none")]
-    pub allow_inactive: ::std::option::Option<bool>,
-    #[serde(flatten)]
+    pub allow_inactive: Option<bool>,
     pub branch: BlockExportOptionsBranch,
 }
 /// The branch of [`BlockExportOptions`] chosen by its discriminator `type` (serialised as that member).
-#[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
-#[serde(tag = "type")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BlockExportOptionsBranch {
     /// an export of the NBD server
-    #[serde(rename = "nbd")]
     Nbd(BlockExportOptionsNbd),
     /// a vhost-user-blk server (since 5.2)
     ///
     /// **If:** `CONFIG_VHOST_USER_BLK_SERVER` (QEMU builds this only under that condition; generated unconditionally here)
-    #[serde(rename = "vhost-user-blk")]
     VhostUserBlk(BlockExportOptionsVhostUserBlk),
     /// a FUSE mount (since 6.0)
     ///
     /// **If:** `CONFIG_FUSE` (QEMU builds this only under that condition; generated unconditionally here)
-    #[serde(rename = "fuse")]
     Fuse(BlockExportOptionsFuse),
     /// a VDUSE block device (since 7.1)
     ///
     /// **If:** `CONFIG_VDUSE_BLK_EXPORT` (QEMU builds this only under that condition; generated unconditionally here)
-    #[serde(rename = "vduse-blk")]
     VduseBlk(BlockExportOptionsVduseBlk),
 }
 impl BlockExportOptionsBranch {
@@ -7285,8 +5339,8 @@ impl BlockExportOptions {
     /// A value with the mandatory base members and the branch given,
     /// every optional base member absent.
     pub fn new(
-        id: impl ::std::convert::Into<::std::string::String>,
-        node_name: impl ::std::convert::Into<::std::string::String>,
+        id: impl Into<String>,
+        node_name: impl Into<String>,
         branch: BlockExportOptionsBranch,
     ) -> Self {
         Self {
@@ -7301,9 +5355,9 @@ impl BlockExportOptions {
         }
     }
 }
-impl ::qapi_runtime::input::ReadMembers for BlockExportOptions {
+impl ::qapi_runtime::ReadMembers for BlockExportOptions {
     fn read_members(
-        object: &mut ::qapi_runtime::input::QmpObject<'_, '_>,
+        object: &mut ::qapi_runtime::QmpObject,
     ) -> ::qapi_runtime::Result<Self> {
         let kind: BlockExportType = object.required("type")?;
         let member_1 = object.required("id")?;
@@ -7316,22 +5370,22 @@ impl ::qapi_runtime::input::ReadMembers for BlockExportOptions {
         let branch = match kind {
             BlockExportType::Nbd => {
                 BlockExportOptionsBranch::Nbd(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             BlockExportType::VhostUserBlk => {
                 BlockExportOptionsBranch::VhostUserBlk(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             BlockExportType::Fuse => {
                 BlockExportOptionsBranch::Fuse(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
             BlockExportType::VduseBlk => {
                 BlockExportOptionsBranch::VduseBlk(
-                    ::qapi_runtime::input::ReadMembers::read_members(object)?,
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
         };
@@ -7345,6 +5399,47 @@ impl ::qapi_runtime::input::ReadMembers for BlockExportOptions {
             allow_inactive: member_7,
             branch,
         })
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockExportOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("type", &self.branch.kind())?;
+        map.serialize_entry("id", &self.id)?;
+        ::qapi_runtime::output::write_optional(
+            map,
+            "fixed-iothread",
+            &self.fixed_iothread,
+        )?;
+        ::qapi_runtime::output::write_optional(map, "iothread", &self.iothread)?;
+        map.serialize_entry("node-name", &self.node_name)?;
+        ::qapi_runtime::output::write_optional(map, "writable", &self.writable)?;
+        ::qapi_runtime::output::write_optional(map, "writethrough", &self.writethrough)?;
+        ::qapi_runtime::output::write_optional(
+            map,
+            "allow-inactive",
+            &self.allow_inactive,
+        )?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockExportOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Nbd(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::VhostUserBlk(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::Fuse(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::VduseBlk(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+        }
     }
 }
 ::qapi_runtime::impl_object!(BlockExportOptions);
