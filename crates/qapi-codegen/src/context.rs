@@ -101,7 +101,7 @@ impl<'a> Context<'a> {
         let variants = naming::dedupe(
             events
                 .iter()
-                .map(|(_, e)| naming::variant_ident(e.name()))
+                .map(|(_, e)| naming::event_variant_ident(e.name()))
                 .collect(),
         );
         let event_variants = events.iter().map(|(i, _)| *i).zip(variants).collect();

@@ -21,7 +21,7 @@ fn events<'a>(cx: &Context<'a>) -> Vec<(&'a Event, String)> {
     let variants = naming::dedupe(
         events
             .iter()
-            .map(|e| naming::variant_ident(&e.common.name))
+            .map(|e| naming::event_variant_ident(&e.common.name))
             .collect(),
     );
     events.into_iter().zip(variants).collect()

@@ -138,6 +138,13 @@ pub fn field_ident(name: &str) -> String {
     ident(&snake(name))
 }
 
+/// `Event` variant identifier for an event name: events are shouted
+/// (`JOB_STATUS_CHANGE`, `SHUTDOWN`), so every part is lowered first
+/// (`JobStatusChange`, `Shutdown`).
+pub fn event_variant_ident(name: &str) -> String {
+    ident(&upper_camel(&name.to_ascii_lowercase()))
+}
+
 /// Enum variant identifier for a wire name.
 pub fn variant_ident(name: &str) -> String {
     ident(&upper_camel(name))
@@ -186,6 +193,12 @@ mod tests {
     #[test]
     fn upper_camel_lowers_shouted_event_names() {
         assert_eq!(upper_camel("JOB_STATUS_CHANGE"), "JobStatusChange");
+    }
+
+    #[test]
+    fn event_variants_lower_every_shouted_part() {
+        assert_eq!(event_variant_ident("JOB_STATUS_CHANGE"), "JobStatusChange");
+        assert_eq!(event_variant_ident("SHUTDOWN"), "Shutdown");
     }
 
     #[test]

@@ -166,8 +166,10 @@ fn expected(schema: &Schema) -> Items {
             }
             Entity::Event(e) => {
                 if matches!(&e.data, Some(ArgType::Inline(m)) if !m.is_empty()) {
-                    let data =
-                        format!("{}Data", unraw_text(&naming::variant_ident(&e.common.name)));
+                    let data = format!(
+                        "{}Data",
+                        unraw_text(&naming::event_variant_ident(&e.common.name))
+                    );
                     add(&mut items, "events", "struct", &data);
                     add(&mut items, "events", "impl", &data);
                     add(&mut items, "events", "impl_object!", &data);
