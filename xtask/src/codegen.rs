@@ -84,6 +84,14 @@ const TARGETS: &[Target] = &[
         schema: |root| Ok(root.join("examples/demo-schema/demo.json")),
         out: "examples/demo-api-checked-in/src/generated",
     },
+    Target {
+        schema: |_| qapi_testdata::qemu_schema(),
+        out: "crates/qemu-qmp-api/src/generated",
+    },
+    Target {
+        schema: |_| qapi_testdata::qga_schema(),
+        out: "crates/qemu-ga-api/src/generated",
+    },
 ];
 
 /// The files of `files` that differ from what `out_dir` holds.

@@ -96,6 +96,7 @@ impl Module {
                 deprecated,
                 non_camel_case_types,
                 unreachable_patterns,
+                unused_imports,
                 unused_variables,
                 clippy::all
             )]

@@ -5,6 +5,7 @@
     deprecated,
     non_camel_case_types,
     unreachable_patterns,
+    unused_imports,
     unused_variables,
     clippy::all
 )]
