@@ -135,10 +135,18 @@ impl<'a> Context<'a> {
                 let ident = proc_macro2::Ident::new(name, proc_macro2::Span::call_site());
                 quote!(#ident)
             }
-            Some(path) => path.parse().unwrap_or_default(),
+            // `::std::<module>::<Name>`, built rather than parsed from text.
+            Some(path) => {
+                let segments = path
+                    .split("::")
+                    .filter(|s| !s.is_empty())
+                    .map(|s| proc_macro2::Ident::new(s, proc_macro2::Span::call_site()));
+                quote!(#(::#segments)*)
+            }
             None => TokenStream::new(),
         }
     }
+
     /// Whether a reply or an event can carry the named type (by value or in an array, at
     /// any depth): then a newer QEMU may send it with values this schema does not know,
     /// and the type (an enum, or a union through its discriminator) gets an `UnknownValue`
@@ -418,18 +426,118 @@ impl DocText {
 }
 
 /// One `#[doc]` attribute per line (`///` lines once printed), an empty one between two
-/// paragraphs; written straight into the stream being built.
+/// paragraphs; written straight into the stream being built. While [`DocBlocks`] collects,
+/// a block of several lines is one placeholder attribute instead (see there).
 impl ToTokens for DocText {
     fn to_tokens(&self, out: &mut TokenStream) {
-        let mut line = String::new();
+        let mut lines: Vec<&str> = Vec::new();
         for (i, p) in self.paragraphs.iter().enumerate() {
             if i > 0 {
-                doc_attr(out, doc_literal(&mut line, ""));
+                lines.push("");
             }
-            for l in p.lines() {
-                doc_attr(out, doc_literal(&mut line, l.trim_end()));
+            lines.extend(p.lines().map(str::trim_end));
+        }
+        if lines.len() > 1
+            && let Some(placeholder) = DocBlocks::placeholder(&lines)
+        {
+            doc_attr(out, placeholder);
+            return;
+        }
+        let mut buf = String::new();
+        for line in lines {
+            doc_attr(out, doc_literal(&mut buf, line));
+        }
+    }
+}
+
+/// Doc blocks set aside while a piece of a file is emitted, to be spliced into its printed
+/// text: syn and prettyplease then see one attribute per block instead of one per line,
+/// which was a seventh of generation time. prettyplease prints a doc attribute as `///`
+/// and its text, alone on a line at the item's indentation, whatever surrounds it; so
+/// printing the placeholder and putting the block's lines in its place, at its
+/// indentation, is exactly what printing every line would give (a unit test compares the
+/// two on QEMU's schema). Tokens for the macro and the build script are emitted without
+/// placeholders.
+pub struct DocBlocks;
+
+/// What every placeholder's text starts with (a doc line holding it is emitted as it is).
+const PLACEHOLDER: &str = "\u{27e6}qapi-codegen doc block ";
+
+thread_local! {
+    static DOC_BLOCKS: std::cell::RefCell<Option<Vec<Vec<String>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl DocBlocks {
+    /// Runs `emit` with doc blocks set aside; returns its tokens and the blocks, each a
+    /// list of line texts as `///` prints them (` text`, or nothing).
+    pub fn collect<T>(emit: impl FnOnce() -> T) -> (T, Vec<Vec<String>>) {
+        DOC_BLOCKS.with(|b| *b.borrow_mut() = Some(Vec::new()));
+        let tokens = emit();
+        let blocks = DOC_BLOCKS
+            .with(|b| b.borrow_mut().take())
+            .unwrap_or_default();
+        (tokens, blocks)
+    }
+
+    /// The placeholder literal for `lines`, if blocks are being collected and the lines
+    /// can be spliced back exactly (no carriage return, no placeholder look-alike).
+    fn placeholder(lines: &[&str]) -> Option<proc_macro2::Literal> {
+        if lines
+            .iter()
+            .any(|l| l.contains('\r') || l.contains(PLACEHOLDER))
+        {
+            return None;
+        }
+        DOC_BLOCKS.with(|b| {
+            let mut b = b.borrow_mut();
+            let blocks = b.as_mut()?;
+            let text = format!("{PLACEHOLDER}{}\u{27e7}", blocks.len());
+            blocks.push(
+                lines
+                    .iter()
+                    .map(|l| {
+                        if l.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {l}")
+                        }
+                    })
+                    .collect(),
+            );
+            format!("r\"{text}\"").parse().ok()
+        })
+    }
+
+    /// `printed` with every placeholder line replaced by its block's lines.
+    pub fn splice(printed: &str, blocks: &[Vec<String>]) -> String {
+        if blocks.is_empty() {
+            return printed.to_string();
+        }
+        let mut out = String::with_capacity(printed.len() + blocks.len() * 200);
+        for line in printed.split_inclusive('\n') {
+            let body = line.trim_end_matches('\n');
+            let content = body.trim_start();
+            let block = content
+                .strip_prefix("///")
+                .and_then(|rest| rest.strip_prefix(PLACEHOLDER))
+                .and_then(|rest| rest.strip_suffix('\u{27e7}'))
+                .and_then(|n| n.parse::<usize>().ok())
+                .and_then(|n| blocks.get(n));
+            match block {
+                Some(lines) => {
+                    let indent = &body[..body.len() - content.len()];
+                    for l in lines {
+                        out.push_str(indent);
+                        out.push_str("///");
+                        out.push_str(l);
+                        out.push('\n');
+                    }
+                }
+                None => out.push_str(line),
             }
         }
+        out
     }
 }
 

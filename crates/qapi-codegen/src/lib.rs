@@ -278,7 +278,9 @@ fn generate_on(schema: &Schema, threads: usize) -> Result<Vec<GeneratedFile>, Co
         while let Some(&p) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
             let piece = &pieces[p];
             let file = format!("{}.rs", piece.module().name());
-            done.push((p, print(emit(cx, piece), &file)));
+            let (tokens, blocks) = context::DocBlocks::collect(|| emit(cx, piece));
+            let printed = print(tokens, &file).map(|t| context::DocBlocks::splice(&t, &blocks));
+            done.push((p, printed));
         }
         done
     };
