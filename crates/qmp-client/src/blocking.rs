@@ -5,11 +5,11 @@
 //! things. Clones share the connection and may be used from many threads at once. Do
 //! not use it from inside an async runtime (use [`crate::Client`] there).
 
+use crate::TransportError;
 use crate::error::{Error, Result};
 use crate::events::EventMessage;
 use crate::greeting::Greeting;
 use crate::jobs::JobProgress;
-use crate::TransportError;
 use qapi_runtime::input::FromQmp;
 use qapi_runtime::{Command, Enum, Event};
 use serde_json::Value;
@@ -73,7 +73,10 @@ impl Connector {
         self.connect(|c| c.connect_unix(path))
     }
 
-    pub fn connect_tcp(self, address: impl std::net::ToSocketAddrs + std::fmt::Debug) -> Result<Client> {
+    pub fn connect_tcp(
+        self,
+        address: impl std::net::ToSocketAddrs + std::fmt::Debug,
+    ) -> Result<Client> {
         let addresses: Vec<std::net::SocketAddr> = address
             .to_socket_addrs()
             .map_err(|e| {

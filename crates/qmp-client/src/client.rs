@@ -79,7 +79,10 @@ impl Connector {
     }
 
     /// Connects over TCP.
-    pub async fn connect_tcp(self, address: impl ToSocketAddrs + std::fmt::Debug) -> Result<Client> {
+    pub async fn connect_tcp(
+        self,
+        address: impl ToSocketAddrs + std::fmt::Debug,
+    ) -> Result<Client> {
         let stream = TcpStream::connect(&address)
             .await
             .map_err(|e| connect_error(format_args!("{address:?}"), &e))?;
@@ -129,9 +132,7 @@ impl Connector {
             } else {
                 Value::Object(Default::default())
             };
-            client
-                .execute_value("qmp_capabilities", arguments)
-                .await?;
+            client.execute_value("qmp_capabilities", arguments).await?;
         }
         // Events read before this point (before the greeting, during negotiation):
         // kept for `early_events`, then the queue that held them is dropped.
@@ -264,7 +265,9 @@ impl Client {
     /// Runs a command by name with JSON arguments (an object, or `null` for none) and
     /// returns its `return` member as sent: for commands outside the schema.
     pub async fn execute_value(&self, name: &str, arguments: Value) -> Result<Value> {
-        self.execute_value_seq(name, arguments).await.map(|(v, _)| v)
+        self.execute_value_seq(name, arguments)
+            .await
+            .map(|(v, _)| v)
     }
 
     pub(crate) async fn execute_value_seq(
@@ -330,7 +333,9 @@ fn encode_body<A: Serialize + ?Sized>(key: Key, name: &str, arguments: &A) -> Re
         Key::ExecOob => b"{\"exec-oob\":",
     });
     let refused = |e: serde_json::Error| {
-        Error::Refused(format!("the arguments of '{name}' cannot be serialised: {e}"))
+        Error::Refused(format!(
+            "the arguments of '{name}' cannot be serialised: {e}"
+        ))
     };
     serde_json::to_writer(&mut out, name).map_err(refused)?;
     let at = out.len();

@@ -129,7 +129,9 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the state half-changed in a way
         // that matters more than losing the connection; carry on with it.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Sends the request `encode(id)` returns; with `reply`, registers the call first so
@@ -156,7 +158,10 @@ impl Shared {
         });
         // Queued under the lock, so requests go out in the order their ids were given.
         if self.outbox.send(encode(id)).is_err() {
-            return Err(state.closed.clone().unwrap_or(TransportError::ClosedByClient));
+            return Err(state
+                .closed
+                .clone()
+                .unwrap_or(TransportError::ClosedByClient));
         }
         Ok(pending)
     }
@@ -197,9 +202,8 @@ impl Shared {
 
     /// Routes one message read from the server.
     fn route(&self, bytes: &[u8]) -> Result<(), TransportError> {
-        let message: Value = serde_json::from_slice(bytes).map_err(|e| {
-            TransportError::Protocol(format!("not JSON ({e}): {}", excerpt(bytes)))
-        })?;
+        let message: Value = serde_json::from_slice(bytes)
+            .map_err(|e| TransportError::Protocol(format!("not JSON ({e}): {}", excerpt(bytes))))?;
         let Value::Object(object) = &message else {
             unreachable!("the framer hands out objects only")
         };

@@ -30,9 +30,8 @@ impl std::fmt::Display for QemuVersion {
 impl Greeting {
     /// Reads a greeting message; members it does not know are ignored.
     pub(crate) fn from_message(message: &Value) -> Result<Greeting, TransportError> {
-        let bad = |what: &str| {
-            TransportError::Protocol(format!("a greeting without {what}: {message}"))
-        };
+        let bad =
+            |what: &str| TransportError::Protocol(format!("a greeting without {what}: {message}"));
         let qmp = message.get("QMP").ok_or_else(|| bad("'QMP'"))?;
         let version = qmp.get("version").ok_or_else(|| bad("'QMP.version'"))?;
         let number = |name: &str| {

@@ -97,7 +97,9 @@ fn news<S: Enum + FromQmp>(id: &str, message: &Value) -> Result<Option<JobNews<S
     Ok(match name {
         "JOB_STATUS_CHANGE" if member("id") == Some(id) => {
             let status = data.get("status").unwrap_or(&Value::Null);
-            Some(JobNews::Status(from_value_tolerant(status).map_err(mismatch)?))
+            Some(JobNews::Status(
+                from_value_tolerant(status).map_err(mismatch)?,
+            ))
         }
         "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" if member("device") == Some(id) => {
             let number = |m: &str| data.get(m).and_then(Value::as_i64).unwrap_or(0);
@@ -113,9 +115,7 @@ fn news<S: Enum + FromQmp>(id: &str, message: &Value) -> Result<Option<JobNews<S
 
 /// `query-jobs`, read tolerantly, with the reply's place in the stream.
 async fn query_jobs<S: Enum + FromQmp>(client: &Client) -> Result<(Vec<JobProgress<S>>, u64)> {
-    let (value, seq) = client
-        .execute_value_seq("query-jobs", Value::Null)
-        .await?;
+    let (value, seq) = client.execute_value_seq("query-jobs", Value::Null).await?;
     let jobs = from_value_tolerant(&value).map_err(|e| Error::Mismatch {
         what: "reply to 'query-jobs'".to_string(),
         reason: e.desc,
