@@ -55,6 +55,19 @@ pub fn blockjobd() -> PathBuf {
     bin
 }
 
+/// The path of `program` found on `PATH`; fails the test, naming the Debian package to
+/// install, when it is missing (a missing tool never lets a test pass).
+pub fn require_tool(program: &str, package: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!("{program} is not installed: apt-get install {package} (.ci/run does)")
+        })
+}
+
 /// A Python venv in `dir` (pass the test's `CARGO_TARGET_TMPDIR`, so it is reused across runs)
 /// with `qemu.qmp` installed; returns its `python` executable.
 pub fn python_with_qemu_qmp(dir: &Path) -> PathBuf {
