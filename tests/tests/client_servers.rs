@@ -83,10 +83,7 @@ async fn scenario(program: &Path, expected_major: i64) {
         "properties": {"completion-mode": "grouped"}
     }))
     .expect("transaction arguments");
-    let ((), jobs) = client
-        .transaction(transaction)
-        .await
-        .expect("transaction");
+    let ((), jobs) = client.transaction(transaction).await.expect("transaction");
     assert_eq!(jobs, ["j0", "j1"]);
 
     // Both wait for finalize (auto-finalize off); finalize one, both conclude.
@@ -169,13 +166,19 @@ async fn scenario(program: &Path, expected_major: i64) {
     let mut completed = Vec::new();
     while let Some(event) = events.next().await {
         match event.expect("a typed event").event {
-            Event::JobStatusChange(change) => lives.entry(change.id).or_default().push(change.status),
+            Event::JobStatusChange(change) => {
+                lives.entry(change.id).or_default().push(change.status)
+            }
             Event::BlockJobCompleted(done) => completed.push(done.device),
             _ => {}
         }
     }
     for (job, life) in &lives {
-        assert_eq!(life.first(), Some(&BlockJobStatus::Created), "{job}: {life:?}");
+        assert_eq!(
+            life.first(),
+            Some(&BlockJobStatus::Created),
+            "{job}: {life:?}"
+        );
         assert!(
             life.ends_with(&[
                 BlockJobStatus::Waiting,

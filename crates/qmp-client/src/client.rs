@@ -1,6 +1,6 @@
 //! The async client.
 
-use crate::connection::{self, Incoming, PendingReply, Shared, Tasks};
+use crate::connection::{self, Incoming, PendingReply, Shared, Tasks, Writer};
 use crate::error::{Error, Result, TransportError};
 use crate::events::{EventMessage, EventStream, read_event};
 use crate::greeting::Greeting;
@@ -75,7 +75,7 @@ impl Connector {
             .await
             .map_err(|e| connect_error(path.display(), &e))?;
         let (read, write) = stream.into_split();
-        self.handshake(read, write).await
+        self.handshake(read, Writer::Direct(Arc::new(write))).await
     }
 
     /// Connects over TCP.
@@ -88,7 +88,7 @@ impl Connector {
             .map_err(|e| connect_error(format_args!("{address:?}"), &e))?;
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
-        self.handshake(read, write).await
+        self.handshake(read, Writer::Direct(Arc::new(write))).await
     }
 
     /// Takes an already connected stream (a socket passed by a parent process, one end
@@ -98,13 +98,12 @@ impl Connector {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (read, write) = tokio::io::split(stream);
-        self.handshake(read, write).await
+        self.handshake(read, Writer::Stream(Box::new(write))).await
     }
 
-    async fn handshake<R, W>(self, read: R, write: W) -> Result<Client>
+    async fn handshake<R>(self, read: R, write: Writer) -> Result<Client>
     where
         R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
     {
         let started = connection::start(read, write, self.greeting);
         let mut early = started.early_events;

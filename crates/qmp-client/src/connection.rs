@@ -1,5 +1,7 @@
-//! One connection: a reader task owns the read half and routes every message, a writer
-//! task owns the write half and sends requests whole, in order.
+//! One connection: a reader task owns the read half and routes every message; requests
+//! are written whole, in the order they were queued: by the calling task itself when the
+//! socket takes them at once (unix and TCP sockets, the common case: no task switch on
+//! the way out), otherwise by a writer task that drains the queue.
 //!
 //! Every message read gets a sequence number. Replies go to the call waiting for their
 //! `id`; events go to every subscriber present when they were read, each with its own
@@ -12,6 +14,8 @@ use crate::error::TransportError;
 use crate::framing::Framer;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -29,7 +33,54 @@ type ReplySender = oneshot::Sender<Result<Incoming, TransportError>>;
 /// What the reader task and the callers share.
 pub(crate) struct Shared {
     state: Mutex<State>,
+    writing: Mutex<Writing>,
+}
+
+/// The way out. Invariant: while `backlog` is set, every request goes through the
+/// writer task's queue (so requests never overtake each other, and no two writers
+/// write at once); when it is clear, the queue is empty and the writer task idle.
+struct Writing {
     outbox: mpsc::UnboundedSender<Vec<u8>>,
+    /// The socket, when callers may write to it themselves.
+    direct: Option<Arc<dyn DirectWrite>>,
+    backlog: bool,
+}
+
+/// A write half that can be written without `&mut` and without waiting: unix and TCP
+/// sockets.
+pub(crate) trait DirectWrite: Send + Sync + 'static {
+    /// Writes what the socket takes now (`WouldBlock` if nothing).
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize>;
+    /// Waits until the socket may take more.
+    fn writable(&self) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>>;
+}
+
+impl DirectWrite for tokio::net::unix::OwnedWriteHalf {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        tokio::net::unix::OwnedWriteHalf::try_write(self, buf)
+    }
+
+    fn writable(&self) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
+        Box::pin(tokio::net::unix::OwnedWriteHalf::writable(self))
+    }
+}
+
+impl DirectWrite for tokio::net::tcp::OwnedWriteHalf {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        tokio::net::tcp::OwnedWriteHalf::try_write(self, buf)
+    }
+
+    fn writable(&self) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
+        Box::pin(tokio::net::tcp::OwnedWriteHalf::writable(self))
+    }
+}
+
+/// The write half of a connection.
+pub(crate) enum Writer {
+    /// A socket callers may write to themselves.
+    Direct(Arc<dyn DirectWrite>),
+    /// Any other stream: written by the writer task only.
+    Stream(Box<dyn AsyncWrite + Unpin + Send>),
 }
 
 #[derive(Default)]
@@ -95,10 +146,9 @@ pub(crate) struct Started {
 }
 
 /// Starts the reader and writer tasks on the current tokio runtime.
-pub(crate) fn start<R, W>(reader: R, writer: W, expect_greeting: bool) -> Started
+pub(crate) fn start<R>(reader: R, writer: Writer, expect_greeting: bool) -> Started
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
 {
     let (outbox, outbox_rx) = mpsc::unbounded_channel();
     let (events_tx, early_events) = mpsc::unbounded_channel();
@@ -111,9 +161,17 @@ where
         state.greeting = Some(tx);
         rx
     });
+    let direct = match &writer {
+        Writer::Direct(socket) => Some(socket.clone()),
+        Writer::Stream(_) => None,
+    };
     let shared = Arc::new(Shared {
         state: Mutex::new(state),
-        outbox,
+        writing: Mutex::new(Writing {
+            outbox,
+            backlog: direct.is_none(),
+            direct,
+        }),
     });
     let reader = tokio::spawn(read_loop(shared.clone(), reader)).abort_handle();
     let writer = tokio::spawn(write_loop(shared.clone(), writer, outbox_rx)).abort_handle();
@@ -134,6 +192,12 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn lock_writing(&self) -> MutexGuard<'_, Writing> {
+        self.writing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Sends the request `encode(id)` returns; with `reply`, registers the call first so
     /// its reply cannot come before anyone waits for it.
     pub(crate) fn send(
@@ -141,27 +205,53 @@ impl Shared {
         reply: bool,
         encode: impl FnOnce(u64) -> Vec<u8>,
     ) -> Result<Option<PendingReply>, TransportError> {
-        let mut state = self.lock();
-        if let Some(reason) = &state.closed {
-            return Err(reason.clone());
-        }
-        state.next_id += 1;
-        let id = state.next_id;
-        let pending = reply.then(|| {
-            let (tx, rx) = oneshot::channel();
-            state.pending.insert(id, tx);
-            PendingReply {
-                id,
-                rx: Some(rx),
-                shared: self.clone(),
+        let (id, pending) = {
+            let mut state = self.lock();
+            if let Some(reason) = &state.closed {
+                return Err(reason.clone());
             }
-        });
-        // Queued under the lock, so requests go out in the order their ids were given.
-        if self.outbox.send(encode(id)).is_err() {
-            return Err(state
-                .closed
-                .clone()
-                .unwrap_or(TransportError::ClosedByClient));
+            state.next_id += 1;
+            let id = state.next_id;
+            let pending = reply.then(|| {
+                let (tx, rx) = oneshot::channel();
+                state.pending.insert(id, tx);
+                PendingReply {
+                    id,
+                    rx: Some(rx),
+                    shared: self.clone(),
+                }
+            });
+            (id, pending)
+        };
+        let mut request = encode(id);
+        let mut writing = self.lock_writing();
+        if !writing.backlog
+            && let Some(socket) = &writing.direct
+        {
+            let mut written = 0;
+            while written < request.len() {
+                match socket.try_write(&request[written..]) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        drop(writing);
+                        let reason = TransportError::io(&e);
+                        self.close(reason.clone());
+                        return Err(reason);
+                    }
+                }
+            }
+            if written == request.len() {
+                return Ok(pending);
+            }
+            // The socket is full: the writer task sends the rest, and everything after.
+            request.drain(..written);
+            writing.backlog = true;
+        }
+        if writing.outbox.send(request).is_err() {
+            drop(writing);
+            return Err(self.closed().unwrap_or(TransportError::ClosedByClient));
         }
         Ok(pending)
     }
@@ -322,9 +412,10 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut reader: R) {
     shared.close(reason);
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
+/// Writes what callers could not write themselves, in order.
+async fn write_loop(
     shared: Arc<Shared>,
-    mut writer: W,
+    mut writer: Writer,
     mut outbox: mpsc::UnboundedReceiver<Vec<u8>>,
 ) {
     let mut batch = Vec::new();
@@ -338,13 +429,41 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        let written = async {
-            writer.write_all(&batch).await?;
-            writer.flush().await
+        let written = match &mut writer {
+            Writer::Direct(socket) => write_all_direct(socket.as_ref(), &batch).await,
+            Writer::Stream(stream) => {
+                async {
+                    stream.write_all(&batch).await?;
+                    stream.flush().await
+                }
+                .await
+            }
         };
-        if let Err(e) = written.await {
+        if let Err(e) = written {
             shared.close(TransportError::io(&e));
             return;
         }
+        // Caught up: callers may write directly again (checked under the lock callers
+        // queue under, so nothing queued is left behind).
+        let mut writing = shared.lock_writing();
+        if writing.direct.is_some() && outbox.is_empty() {
+            writing.backlog = false;
+        }
     }
+}
+
+async fn write_all_direct(socket: &dyn DirectWrite, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        socket.writable().await?;
+        match socket.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
