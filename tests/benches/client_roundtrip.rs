@@ -163,6 +163,9 @@ fn python(socket: &Path, seconds: f64) -> Vec<Figure> {
         .collect()
 }
 
+/// One client's measurement: figures for each window.
+type Run = fn(&Path, f64) -> Vec<Figure>;
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -180,7 +183,7 @@ fn main() {
     let daemon_path = Path::new(env!("CARGO_BIN_EXE_blockjobd-e2e"));
     let dir = tempfile::tempdir().expect("temp dir");
     let daemon = Daemon::spawn(daemon_path, dir.path());
-    let clients: [(&str, fn(&Path, f64) -> Vec<Figure>); 3] = [
+    let clients: [(&str, Run); 3] = [
         ("qmp-client (ours)", ours),
         ("qapi-rs 0.15 (tokio)", qapi_rs),
         ("Python qemu.qmp", python),
