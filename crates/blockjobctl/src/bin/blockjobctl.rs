@@ -1,0 +1,5 @@
+//! The `blockjobctl` binary: see the crate docs.
+
+fn main() -> std::process::ExitCode {
+    blockjobctl::main()
+}
