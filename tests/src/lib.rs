@@ -55,6 +55,11 @@ pub fn blockjobd() -> PathBuf {
     bin
 }
 
+/// Path of this package's `blockjobctl-e2e` binary (`blockjobctl::main`).
+pub fn blockjobctl() -> PathBuf {
+    blockjobd().with_file_name("blockjobctl-e2e")
+}
+
 /// The path of `program` found on `PATH`; fails the test, naming the Debian package to
 /// install, when it is missing (a missing tool never lets a test pass).
 pub fn require_tool(program: &str, package: &str) -> PathBuf {

@@ -249,6 +249,13 @@ async fn watch(client: &Client, interval: Duration, until_idle: bool) -> Result<
             },
             _ = ticker.tick() => {
                 let value = client.execute_value("query-jobs", Value::Null).await?;
+                // Events the server sent before this reply are shown before it.
+                while let Some(event) = events.try_next() {
+                    match event {
+                        Ok(message) => bars.display().println(&event_line(&message)),
+                        Err(e) => bars.display().println(&format!("(an event that does not fit: {e})")),
+                    }
+                }
                 let jobs: Vec<qmp_client::JobProgress<BlockJobStatus>> =
                     qapi_runtime_read(&value)?;
                 let listed: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
@@ -307,11 +314,6 @@ async fn backup(
     let mut last = None;
     while let Some(progress) = follow.next().await {
         let progress = progress?;
-        if progress.status == BlockJobStatus::Pending {
-            client
-                .execute_value("job-finalize", json!({"id": job_id}))
-                .await?;
-        }
         if !json {
             bars.update(&progress);
         }
