@@ -160,6 +160,25 @@ async fn scenario(program: &Path, expected_major: i64) {
             .expect("dismiss");
     }
 
+    // Following from before the job starts: its end is reported even when the job has
+    // concluded and been dismissed (auto-dismiss) before the first `query-jobs`.
+    null_node(&client, "t3", 4 << 20).await;
+    let mut follow = client.follow_job::<BlockJobStatus>("j3", Duration::from_secs(3600));
+    client
+        .execute_value(
+            "blockdev-backup",
+            json!({"job-id": "j3", "device": "src", "target": "t3", "sync": "full"}),
+        )
+        .await
+        .expect("blockdev-backup");
+    let mut last = None;
+    while let Some(progress) = follow.next().await {
+        last = Some(progress.expect("progress"));
+    }
+    let last = last.expect("at least the end");
+    assert_eq!(last.status, BlockJobStatus::Concluded);
+    assert_eq!((last.current, last.total), (4 << 20, 4 << 20));
+
     // Every job's life as typed events, in order.
     client.quit().await.expect("quit");
     let mut lives: std::collections::BTreeMap<String, Vec<BlockJobStatus>> = Default::default();
@@ -189,9 +208,9 @@ async fn scenario(program: &Path, expected_major: i64) {
             "{job}: {life:?}"
         );
     }
-    assert_eq!(lives.len(), 3);
+    assert_eq!(lives.len(), 4);
     completed.sort();
-    assert_eq!(completed, ["j0", "j1", "j2"]);
+    assert_eq!(completed, ["j0", "j1", "j2", "j3"]);
     drop(daemon);
 }
 

@@ -188,7 +188,11 @@ impl Client {
     /// Follows job `id`: a [`JobFollow`] yielding its [`JobProgress`] whenever its
     /// status changes (at once, from events) or its progress does (seen by `query-jobs`
     /// every `interval`), ending after the job has ended. The first item is the job as
-    /// the first `query-jobs` finds it.
+    /// the first `query-jobs` finds it (asked at the first `next()`).
+    ///
+    /// Call it *before* the command that starts the job: it listens from the moment it
+    /// is made, so a job that ends (and is dismissed) before the first `query-jobs` is
+    /// still reported, from its events: its end status, final numbers and error.
     pub fn follow_job<S: Enum + FromQmp>(&self, id: &str, interval: Duration) -> JobFollow<S> {
         let (events, _) = self.events_since::<RawEvent>();
         let mut ticker = tokio::time::interval(interval);
@@ -200,6 +204,7 @@ impl Client {
             read_ahead: VecDeque::new(),
             ticker,
             job: None,
+            before_first_poll: EarlyNews::default(),
             last_sent: None,
             ready: VecDeque::new(),
             done: false,
@@ -233,6 +238,21 @@ impl Client {
     }
 }
 
+/// Events about a job seen before any poll found it.
+struct EarlyNews<S> {
+    status: Option<S>,
+    finished: Option<(i64, i64, Option<String>)>,
+}
+
+impl<S> Default for EarlyNews<S> {
+    fn default() -> Self {
+        EarlyNews {
+            status: None,
+            finished: None,
+        }
+    }
+}
+
 /// The progress of one job as it runs: [`Client::follow_job`].
 pub struct JobFollow<S> {
     client: Client,
@@ -242,6 +262,8 @@ pub struct JobFollow<S> {
     read_ahead: VecDeque<Arc<Incoming>>,
     ticker: tokio::time::Interval,
     job: Option<JobProgress<S>>,
+    /// What events said about the job before the first poll found it.
+    before_first_poll: EarlyNews<S>,
     last_sent: Option<JobProgress<S>>,
     ready: VecDeque<Result<JobProgress<S>>>,
     done: bool,
@@ -295,14 +317,50 @@ impl<S: Enum + FromQmp> JobFollow<S> {
         }
         match jobs.into_iter().find(|j| j.id == self.id) {
             Some(found) => self.update(found),
-            // Gone without an end seen: dismissed before we looked, or never there.
+            None if self.job.is_none() => match self.before_first_poll.status.take() {
+                // Ended (and dismissed) before the first poll: what its events said.
+                Some(status) if is_end(status) => {
+                    let (current, total, error) = self
+                        .before_first_poll
+                        .finished
+                        .take()
+                        .unwrap_or((0, 0, None));
+                    self.update(JobProgress {
+                        id: self.id.clone(),
+                        status,
+                        current,
+                        total,
+                        error,
+                    });
+                }
+                _ => self.fail(no_such_job(&self.id)),
+            },
+            // Gone without an end seen.
             None => self.fail(no_such_job(&self.id)),
         }
     }
 
     fn apply_event(&mut self, event: &Incoming) {
         let Some(job) = self.job.as_mut() else {
-            // Nothing to update before the first poll, which reflects this event.
+            // Before the first poll (which reflects this event if the job is still
+            // there), remember what it says in case the job is gone by then.
+            match news::<S>(&self.id, &event.message) {
+                Ok(Some(JobNews::Status(status))) => {
+                    // `null` (dismissed) keeps the end status seen before it.
+                    if !(status.as_str() == "null"
+                        && self.before_first_poll.status.is_some_and(is_end))
+                    {
+                        self.before_first_poll.status = Some(status);
+                    }
+                }
+                Ok(Some(JobNews::Finished {
+                    current,
+                    total,
+                    error,
+                })) => self.before_first_poll.finished = Some((current, total, error)),
+                Ok(None) => {}
+                Err(e) => self.fail(e),
+            }
             return;
         };
         match news::<S>(&self.id, &event.message) {
