@@ -317,8 +317,10 @@ impl Client {
         // object is refused without touching the connection.
         let body = encode_body(key, name, arguments)?;
         Ok(self.inner.shared.send(expect_reply, |id| {
+            use std::io::Write as _;
             let mut request = body;
-            request.extend_from_slice(format!(",\"id\":{id}}}\n").as_bytes());
+            // Writing to a Vec cannot fail.
+            let _ = write!(request, ",\"id\":{id}}}\n");
             request
         })?)
     }
