@@ -595,3 +595,53 @@ fn the_blocking_client_has_the_same_surface() {
     assert!(e.is_disconnect(), "{e:?}");
     assert!(events.next().is_none());
 }
+
+#[tokio::test]
+async fn requests_stay_whole_and_in_order_when_the_socket_is_full() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("qmp.sock");
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let (read, write) = stream.into_split();
+        let mut s = Script {
+            reader: BufReader::new(read),
+            writer: write,
+        };
+        s.negotiate().await;
+        s
+    });
+    let client = Client::connect_unix(&path).await.expect("connect");
+    let mut s = server.await.expect("server");
+    // 64 requests of 64 KiB each: far more than the socket buffer holds while the server
+    // reads nothing, so most go through the writer task's queue.
+    let big = "x".repeat(64 * 1024);
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            let client = client.clone();
+            let arguments = json!({"n": i, "pad": big});
+            tokio::spawn(async move { client.execute_value("echo", arguments).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let mut seen = Vec::new();
+    for _ in 0..64 {
+        let request = s.expect_request("echo").await;
+        assert_eq!(
+            request["arguments"]["pad"].as_str().map(str::len),
+            Some(64 * 1024)
+        );
+        seen.push(request["id"].as_u64().expect("id"));
+        let n = request["arguments"]["n"].clone();
+        s.reply(&request, json!({"return": n})).await;
+    }
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        seen, sorted,
+        "on one thread, requests leave in the order of their ids"
+    );
+    for (i, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.await.expect("task").expect("reply"), json!(i));
+    }
+}

@@ -10,6 +10,8 @@ fn the_readme_shows_the_backup_example_verbatim() {
         readme.contains(&format!("```rust\n{example}```")),
         "README.md must show crates/qmp-client/examples/backup.rs as it is"
     );
-    let body = example.lines().skip_while(|l| !l.starts_with("async fn main"));
+    let body = example
+        .lines()
+        .skip_while(|l| !l.starts_with("async fn main"));
     assert!(body.count() <= 16, "fifteen lines or so");
 }
