@@ -168,12 +168,14 @@ fn backup_off_a_terminal_prints_plain_progress_lines_and_succeeds() {
 #[test]
 fn a_failing_backup_exits_1_with_qemus_error() {
     let s = setup();
+    // The source reads as zeros, so the backup writes zeroes to the target: blkdebug fails
+    // them with EIO (QEMU's `pwritev_zero` event).
     s.null_node("src", 4 << 20);
     s.qmp(
         "blockdev-add",
         json!({"driver": "raw", "node-name": "bad", "file": {
             "driver": "blkdebug", "image": {"driver": "null-co", "size": 4 << 20},
-            "inject-error": [{"event": "write_aio", "errno": 5}]}}),
+            "inject-error": [{"event": "pwritev_zero", "errno": 5}]}}),
     );
     let out = s.run(&["backup", "src", "bad"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
