@@ -320,7 +320,7 @@ impl Client {
             use std::io::Write as _;
             let mut request = body;
             // Writing to a Vec cannot fail.
-            let _ = write!(request, ",\"id\":{id}}}\n");
+            let _ = writeln!(request, ",\"id\":{id}}}");
             request
         })?)
     }
