@@ -38,7 +38,9 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
         let mut daemon = Daemon { child, socket };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !daemon.socket.exists() {
+        // The socket file appears at bind(), before listen(): wait until a
+        // connection is accepted, not only for the file.
+        while UnixStream::connect(&daemon.socket).is_err() {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("{} exited at start: {status}", program.display());
             }

@@ -28,7 +28,8 @@ impl Drop for Server {
 
 fn wait_for_socket(server: &mut Server, socket: &Path, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
+    // The file appears at bind(), before listen(): wait for an accepted connection.
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
         if let Ok(Some(status)) = server.0.try_wait() {
             panic!("{what} exited at start: {status}");
         }
