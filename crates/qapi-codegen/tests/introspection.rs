@@ -18,7 +18,7 @@ fn ours() -> Vec<Value> {
 }
 
 /// qemu-storage-daemon 10.0's own `query-qmp-schema` answer, asked live over
-/// a monitor on its stdio (no file outside the repository, no skip: without
+/// a monitor on its stdio (no file outside the repository; without
 /// the daemon the test fails saying what to install).
 fn qsd() -> Vec<Value> {
     use std::io::{BufRead, BufReader, Write};
