@@ -397,6 +397,9 @@ impl Image {
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_open()?;
         self.check_range(off, buf.len() as u64, self.size)?;
+        // Held to the end of the data I/O: `close` and the other exclusive operations wait
+        // for every read in flight (no reader outlives them).
+        let _ops = self.ops.read().unwrap_or_else(|e| e.into_inner());
         let (extents, _reading) = {
             let mut m = self.lock();
             let reading = Reading::start(&m.readers);
@@ -696,19 +699,11 @@ impl Image {
         if self.closed.swap(true, Ordering::AcqRel) || self.read_only {
             return Ok(());
         }
+        // Reads hold `ops` shared to the end of their data I/O, so none is in flight here and
+        // the write-back applies every free kept back for readers.
         let mut m = self.lock();
         m.write_back()?;
-        // Frees kept back for readers still reading: wait for them (bounded), then apply.
-        let readers = m.readers.clone();
-        for _ in 0..10_000 {
-            if !m.frees_pending() || readers.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            drop(m);
-            std::thread::sleep(std::time::Duration::from_millis(1));
-            m = self.lock();
-        }
-        m.write_back()?;
+        debug_assert!(!m.frees_pending(), "no reader in flight at close");
         self.storage.flush()?;
         m.release_bitmaps(self.written.load(Ordering::Acquire))?;
         self.storage.flush()?;
@@ -750,6 +745,7 @@ impl Image {
     /// Read the disk as it was when snapshot `id_or_name` was taken.
     pub fn read_snapshot(&self, id_or_name: &str, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_open()?;
+        let _ops = self.ops.read().unwrap_or_else(|e| e.into_inner());
         let mut m = self.lock();
         let i = snapshot::find(&m.snapshots, id_or_name)?;
         let s = m.snapshots[i].clone();
