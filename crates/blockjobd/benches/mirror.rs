@@ -12,12 +12,15 @@
 //!   writes their caches out and `fdatasync`s the file before replying.
 //!
 //! Then `quit`, and `qemu-img compare` of source and target: a run whose copy differs aborts
-//! the benchmark. Runs alternate between the daemons. Figures: best and median MiB/s (of the
-//! image's virtual size) per daemon, and the ratio blockjobd / qemu-storage-daemon.
+//! the benchmark. Runs alternate between the daemons, which one goes first alternating too
+//! (the source is on disk before the first). Figures: best and median MiB/s (of the image's
+//! virtual size) per daemon, the same per CPU second the daemon used (user + system, from
+//! `/proc`: the figure the other load of a shared machine disturbs least), and the ratios
+//! blockjobd / qemu-storage-daemon.
 //!
 //! `cargo bench -p blockjobd --bench mirror`. Environment:
 //! - `MIRROR_BENCH_SIZE` image size for `qemu-img` (default `1G`; `64M` under `cargo test`),
-//! - `MIRROR_BENCH_RUNS` runs per daemon (default 3; 1 under `cargo test`),
+//! - `MIRROR_BENCH_RUNS` runs per daemon (default 5; 1 under `cargo test`),
 //! - `MIRROR_BENCH_DIR` where the temp dir with the images goes (default the system temp dir,
 //!   a real disk here; set it to `/dev/shm` to take the disk out),
 //! - `MIRROR_BENCH_BLOCKJOBD` another blockjobd binary to measure.
@@ -145,8 +148,32 @@ fn qcow2(node: &str, path: &Path) -> Value {
            "file": {"driver": "file", "filename": path_str(path)}})
 }
 
-/// One timed mirror: (until BLOCK_JOB_COMPLETED, until the target is flushed and closed).
-fn mirror_once(program: &Path, dir: &Path, size: &str) -> (Duration, Duration) {
+/// CPU time (user + system) the process has used so far, from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // Fields after the command name (which may hold spaces) start at the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("stat format") + 2..]
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(ticks * 1_000_000_000 / hz)
+}
+
+/// One timed mirror.
+struct Run {
+    /// Until BLOCK_JOB_COMPLETED.
+    done: Duration,
+    /// Until the target is flushed and closed.
+    flushed: Duration,
+    /// CPU time the daemon used, from start to the target's close.
+    cpu: Duration,
+}
+
+fn mirror_once(program: &Path, dir: &Path, size: &str) -> Run {
     let source = dir.join("src.qcow2");
     let target = dir.join("tgt.qcow2");
     let _ = std::fs::remove_file(&target);
@@ -178,6 +205,7 @@ fn mirror_once(program: &Path, dir: &Path, size: &str) -> (Duration, Duration) {
     });
     qmp.execute("blockdev-del", json!({"node-name": "tgt"}));
     let flushed = start.elapsed();
+    let cpu = cpu_time(daemon.0.id());
 
     qmp.send("quit", json!({}));
     let _ = daemon.0.wait();
@@ -192,7 +220,7 @@ fn mirror_once(program: &Path, dir: &Path, size: &str) -> (Duration, Duration) {
         program.display(),
         String::from_utf8_lossy(&out.stdout)
     );
-    (done, flushed)
+    Run { done, flushed, cpu }
 }
 
 /// `cp` of the source file, then `fdatasync` of the copy: (copied, synced).
@@ -247,7 +275,7 @@ fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs this too: keep it small then.
     let testing = !std::env::args().any(|a| a == "--bench");
     let size = env_or("MIRROR_BENCH_SIZE", if testing { "64M" } else { "1G" });
-    let runs: usize = env_or("MIRROR_BENCH_RUNS", if testing { "1" } else { "3" })
+    let runs: usize = env_or("MIRROR_BENCH_RUNS", if testing { "1" } else { "5" })
         .parse()
         .expect("MIRROR_BENCH_RUNS: a number");
     assert!(runs > 0, "MIRROR_BENCH_RUNS must be at least 1");
@@ -281,25 +309,45 @@ fn main() {
     );
     let write = format!("write -P 0xab 0 {size}");
     tool("qemu-io", &["-f", "qcow2", "-c", &write, path_str(&source)]);
+    // On disk before the first run: the kernel's write-back of the source must not compete
+    // with whichever daemon goes first.
+    std::fs::File::open(&source)
+        .and_then(|f| f.sync_all())
+        .expect("fsync source");
     println!(
         "mirror to completion of a {size} qcow2 (all data) to a qcow2 target in {}, {runs} run(s) each",
         dir.path().display()
     );
 
-    let mut ours_done = Vec::new();
-    let mut ours_flushed = Vec::new();
-    let mut qsd_done = Vec::new();
-    let mut qsd_flushed = Vec::new();
+    let mut ours_runs = Vec::new();
+    let mut qsd_runs = Vec::new();
     let mut cp_copied = Vec::new();
     let mut cp_synced = Vec::new();
-    for _ in 0..runs {
-        let (d, f) = mirror_once(&ours, dir.path(), &size);
-        ours_done.push(d);
-        ours_flushed.push(f);
-        if qsd_available {
-            let (d, f) = mirror_once(&qsd, dir.path(), &size);
-            qsd_done.push(d);
-            qsd_flushed.push(f);
+    for i in 0..runs {
+        // Which daemon goes first alternates: neither always runs after the `cp`.
+        if i % 2 == 1 && qsd_available {
+            qsd_runs.push(mirror_once(&qsd, dir.path(), &size));
+        }
+        ours_runs.push(mirror_once(&ours, dir.path(), &size));
+        if i % 2 == 0 && qsd_available {
+            qsd_runs.push(mirror_once(&qsd, dir.path(), &size));
+        }
+        let mib = |t: Duration| bytes as f64 / (1024.0 * 1024.0) / t.as_secs_f64();
+        let show = |r: &Run| {
+            format!(
+                "{:7.1} MiB/s ({:.2} s CPU)",
+                mib(r.done),
+                r.cpu.as_secs_f64()
+            )
+        };
+        match qsd_runs.last().filter(|_| qsd_available) {
+            Some(q) => println!(
+                "run {}: blockjobd {}, qemu-storage-daemon {}",
+                i + 1,
+                show(&ours_runs[i]),
+                show(q)
+            ),
+            None => println!("run {}: blockjobd {}", i + 1, show(&ours_runs[i])),
         }
         let (c, s) = cp_once(dir.path());
         cp_copied.push(c);
@@ -314,22 +362,48 @@ fn main() {
         );
         f
     };
-    let od = row("blockjobd", "until BLOCK_JOB_COMPLETED", &ours_done);
-    let of = row("blockjobd", "until target flushed", &ours_flushed);
+    let times = |runs: &[Run], f: fn(&Run) -> Duration| runs.iter().map(f).collect::<Vec<_>>();
+    let od = row(
+        "blockjobd",
+        "until BLOCK_JOB_COMPLETED",
+        &times(&ours_runs, |r| r.done),
+    );
+    let of = row(
+        "blockjobd",
+        "until target flushed",
+        &times(&ours_runs, |r| r.flushed),
+    );
+    let oc = row(
+        "blockjobd",
+        "per CPU second used",
+        &times(&ours_runs, |r| r.cpu),
+    );
     if qsd_available {
         let qd = row(
             "qemu-storage-daemon",
             "until BLOCK_JOB_COMPLETED",
-            &qsd_done,
+            &times(&qsd_runs, |r| r.done),
         );
-        let qf = row("qemu-storage-daemon", "until target flushed", &qsd_flushed);
+        let qf = row(
+            "qemu-storage-daemon",
+            "until target flushed",
+            &times(&qsd_runs, |r| r.flushed),
+        );
+        let qc = row(
+            "qemu-storage-daemon",
+            "per CPU second used",
+            &times(&qsd_runs, |r| r.cpu),
+        );
         println!(
-            "{:>20} completed: best {:.2}, median {:.2}; flushed: best {:.2}, median {:.2}",
+            "{:>20} completed: best {:.2}, median {:.2}; flushed: best {:.2}, median {:.2}; \
+             per CPU second: best {:.2}, median {:.2}",
             "ours / QSD",
             od.best / qd.best,
             od.median / qd.median,
             of.best / qf.best,
-            of.median / qf.median
+            of.median / qf.median,
+            oc.best / qc.best,
+            oc.median / qc.median,
         );
     }
     row("cp (source file)", "copied (page cache)", &cp_copied);
