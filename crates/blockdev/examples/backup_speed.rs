@@ -16,7 +16,7 @@ async fn main() {
     use std::sync::Arc;
     use std::time::Instant;
 
-    use blockdev::{BlockLayer, Blockdev, TokioBlockingPool};
+    use blockdev::{BlockLayer, Blockdev, IoThreads};
     use job::{TokioClock, TokioSpawn};
     use serde_json::json;
 
@@ -51,7 +51,7 @@ async fn main() {
         Arc::new(TokioClock::default()),
     )
     .with_graph(Box::new(BlockLayer::new(block::BlockGraph::new())))
-    .with_io_pool(Arc::new(TokioBlockingPool::default()));
+    .with_io_pool(Arc::new(IoThreads::default()));
     let call = |bd: &mut Blockdev, name: &str, args: serde_json::Value| {
         qmp_api::dispatch(bd, name, args.as_object().cloned())
             .unwrap_or_else(|e| panic!("{name}: {e:?}"))

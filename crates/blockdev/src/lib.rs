@@ -15,6 +15,7 @@ pub mod block_layer;
 mod claims;
 mod commands;
 mod export;
+mod io_threads;
 pub mod mirror;
 mod mirror_top;
 pub mod node;
@@ -29,8 +30,7 @@ use job::{Clock, EventSink, JobRegistry, Spawn};
 use qmp_api::QmpError;
 
 pub use block_layer::BlockLayer;
-#[cfg(feature = "tokio")]
-pub use node::TokioBlockingPool;
+pub use io_threads::IoThreads;
 pub use node::{
     BlockIo, CopyBuffers, Extent, FilterWrites, ImageRef, InlineIo, IoPool, MirrorNodes,
     MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
@@ -170,8 +170,8 @@ impl Blockdev {
         }
     }
 
-    /// The daemon's set-up: jobs on the current tokio runtime, block I/O on its blocking
-    /// threads (bounded), the block crate's graph with its built-in drivers.
+    /// The daemon's set-up: jobs on the current tokio runtime, block I/O on [`IoThreads`],
+    /// the block crate's graph with its built-in drivers.
     #[cfg(feature = "tokio")]
     pub fn for_tokio(events: Arc<dyn EventSink>) -> Self {
         Blockdev::new(
@@ -180,7 +180,7 @@ impl Blockdev {
             Arc::new(job::TokioClock::default()),
         )
         .with_graph(Box::new(BlockLayer::new(block::BlockGraph::new())))
-        .with_io_pool(Arc::new(TokioBlockingPool::default()))
+        .with_io_pool(Arc::new(IoThreads::default()))
         .with_runtime(tokio::runtime::Handle::current())
     }
 
@@ -197,7 +197,7 @@ impl Blockdev {
         self
     }
 
-    /// Runs jobs' block I/O on `pool` (the daemon: [`TokioBlockingPool`]).
+    /// Runs jobs' block I/O on `pool` (the daemon: [`IoThreads`]).
     pub fn with_io_pool(mut self, pool: Arc<dyn IoPool>) -> Self {
         self.state.pool = pool;
         self

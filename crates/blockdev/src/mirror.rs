@@ -7,7 +7,6 @@
 //! `actively-synced`. `complete` pivots: every parent of the source (or of `replaces`) moves
 //! onto the target.
 
-use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -224,11 +223,27 @@ struct CopyOp {
 }
 
 impl CopyOp {
-    async fn wait(self) -> CopyResult {
-        self.done.await;
+    async fn wait(mut self) -> CopyResult {
+        (&mut self.done).await;
+        self.outcome()
+    }
+
+    /// The result of an operation whose request completed.
+    fn outcome(&self) -> CopyResult {
         lock(&self.result)
             .take()
             .unwrap_or_else(|| Err((IoOperationType::Read, io::Error::other("I/O worker lost"))))
+    }
+
+    /// The first of `ops` to complete, removed from them (`None` if there are none).
+    async fn first_done(ops: &mut Vec<CopyOp>) -> Option<(CopyOp, CopyResult)> {
+        if ops.is_empty() {
+            return None;
+        }
+        let i = crate::io_threads::first_done(ops, |op| &mut op.done).await;
+        let op = ops.swap_remove(i);
+        let result = op.outcome();
+        Some((op, result))
     }
 }
 
@@ -389,7 +404,7 @@ impl MirrorJob {
             .min(self.buf_size)
             .max(self.granularity);
         let mut cursor = 0;
-        let mut in_flight: VecDeque<CopyOp> = VecDeque::new();
+        let mut in_flight: Vec<CopyOp> = Vec::new();
         let mut bytes_in_flight = 0;
         loop {
             if in_flight.is_empty() {
@@ -405,13 +420,13 @@ impl MirrorJob {
                 let room = (self.buf_size - bytes_in_flight).max(self.granularity);
                 if let Some((offset, len)) = self.next_run(&mut cursor, max_io.min(room)) {
                     bytes_in_flight += len;
-                    in_flight.push_back(self.submit(offset, len));
+                    in_flight.push(self.submit(offset, len));
                     continue;
                 }
             }
-            if let Some(op) = in_flight.pop_front() {
+            // As QEMU's mirror, a slot freed by any operation is filled at once.
+            if let Some((op, result)) = CopyOp::first_done(&mut in_flight).await {
                 let (offset, len) = (op.offset, op.len);
-                let result = op.wait().await;
                 bytes_in_flight -= len;
                 match result {
                     Ok(()) => {
@@ -421,7 +436,7 @@ impl MirrorJob {
                     Err((operation, error)) => {
                         self.shared.mark_dirty(offset, len);
                         // Let the others land before acting on the error.
-                        while let Some(other) = in_flight.pop_front() {
+                        while let Some(other) = in_flight.pop() {
                             bytes_in_flight -= other.len;
                             let (o, l) = (other.offset, other.len);
                             match other.wait().await {

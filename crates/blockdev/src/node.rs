@@ -302,50 +302,6 @@ impl IoPool for InlineIo {
     }
 }
 
-/// Runs the work on tokio's blocking threads, at most `depth` requests at once: however many
-/// jobs run, job I/O occupies a bounded number of threads (and of copy buffers, which belong
-/// to the requests running). Requests beyond that wait their turn, in order.
-#[cfg(feature = "tokio")]
-#[derive(Debug, Clone)]
-pub struct TokioBlockingPool {
-    permits: Arc<tokio::sync::Semaphore>,
-}
-
-#[cfg(feature = "tokio")]
-impl TokioBlockingPool {
-    /// Requests running at once by default: enough to keep two cores and a disk queue busy.
-    pub const DEFAULT_DEPTH: usize = 16;
-
-    /// A pool running at most `depth` requests at once.
-    pub fn new(depth: usize) -> Self {
-        TokioBlockingPool {
-            permits: Arc::new(tokio::sync::Semaphore::new(depth.max(1))),
-        }
-    }
-}
-
-#[cfg(feature = "tokio")]
-impl Default for TokioBlockingPool {
-    fn default() -> Self {
-        Self::new(Self::DEFAULT_DEPTH)
-    }
-}
-
-#[cfg(feature = "tokio")]
-impl IoPool for TokioBlockingPool {
-    fn run(&self, work: Box<dyn FnOnce() + Send + 'static>) -> IoFuture {
-        let permits = self.permits.clone();
-        Box::pin(async move {
-            // The semaphore is never closed: a permit always comes.
-            let Ok(_permit) = permits.acquire_owned().await else {
-                return;
-            };
-            // A panicking closure is a bug in a driver; the job then sees no result.
-            let _ = tokio::task::spawn_blocking(work).await;
-        })
-    }
-}
-
 /// Runs `work` on `pool` and returns its result.
 pub(crate) async fn run_blocking<T: Send + 'static>(
     pool: &dyn IoPool,

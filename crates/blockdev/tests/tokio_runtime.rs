@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use blockdev::{BlockLayer, Blockdev, TokioBlockingPool};
+use blockdev::{BlockLayer, Blockdev, IoThreads};
 use job::{TokioClock, TokioSpawn};
 use serde_json::{Value, json};
 
@@ -29,7 +29,7 @@ async fn a_rate_limited_backup_runs_on_tokio_and_its_events_arrive_in_order() {
         Arc::new(TokioClock::default()),
     )
     .with_graph(Box::new(BlockLayer::new(block::BlockGraph::new())))
-    .with_io_pool(Arc::new(TokioBlockingPool::default()));
+    .with_io_pool(Arc::new(IoThreads::default()));
     for (node, path) in [("src", &src), ("tgt", &tgt)] {
         call(
             &mut bd,
