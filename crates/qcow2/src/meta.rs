@@ -106,6 +106,9 @@ pub(crate) struct Meta {
     pub(crate) pending_frees: Vec<(u64, u64)>,
     pub(crate) free_hint: u64,
     pub(crate) run_hint: u64,
+    /// Where the next compressed cluster may go in the host cluster compressed data last went
+    /// to (QEMU's `free_byte_offset`); 0: none.
+    compressed_free: u64,
     /// One past the highest cluster given a refcount since open.
     alloc_end: u64,
     in_write_back: bool,
@@ -162,6 +165,7 @@ impl Meta {
             pending_frees: Vec::new(),
             free_hint: 0,
             run_hint: 0,
+            compressed_free: 0,
             alloc_end: 0,
             in_write_back: false,
             readers: Arc::new(AtomicUsize::new(0)),
@@ -533,6 +537,9 @@ impl Meta {
                 return invalid(format!("freeing cluster {:#x} whose refcount is 0", c * cs));
             }
             self.set_refcount(c, rc - 1)?;
+            if rc == 1 && self.compressed_free / cs == c {
+                self.compressed_free = 0;
+            }
             if rc == 1 {
                 self.free_hint = self.free_hint.min(c);
                 self.run_hint = self.run_hint.min(c);
@@ -550,6 +557,37 @@ impl Meta {
             self.set_refcount(c, rc + 1)?;
         }
         Ok(())
+    }
+
+    /// Room for `len` bytes of compressed data (512-byte aligned, at most a cluster), packed
+    /// after the previous compressed cluster where it fits, as QEMU's `qcow2_alloc_bytes`
+    /// packs them: the host cluster gains one reference per compressed cluster in it.
+    pub fn alloc_compressed(&mut self, len: u64) -> Result<u64> {
+        let cs = self.cs();
+        let free = self.compressed_free;
+        if free != 0 && free % cs + len <= cs && self.refcount(free / cs)? > 0 {
+            self.take_ref(free, 1)?;
+            self.compressed_free = if (free + len).is_multiple_of(cs) {
+                0
+            } else {
+                free + len
+            };
+            return Ok(free);
+        }
+        let host = self.alloc_run(len.div_ceil(cs))?;
+        self.compressed_free = if len.is_multiple_of(cs) {
+            0
+        } else {
+            host + len
+        };
+        Ok(host)
+    }
+
+    /// The L2 entry of a compressed cluster of `len` bytes at `host`.
+    pub fn compressed_entry(&self, host: u64, len: u64) -> u64 {
+        let shift = 62 - (self.h.cluster_bits - 8);
+        let sectors = (host + len - 1) / 512 - host / 512;
+        COMPRESSED | (sectors << shift) | host
     }
 
     /// The host clusters an L2 entry holds a reference to.

@@ -500,3 +500,84 @@ fn reads_during_writes_see_old_or_new_bytes_only() {
     drop(img);
     assert_check_clean(&path);
 }
+
+/// Cluster contents that deflate well (repeating text with a counter).
+fn compressible(len: usize, seed: u8) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut i = 0u32;
+    while out.len() < len {
+        out.extend_from_slice(format!("cluster {seed} line {i} of text\n").as_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Bytes that do not deflate (xorshift).
+fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn compressed_clusters_are_packed_read_back_and_accepted_by_qemu_img() {
+    let s = Scratch::new();
+    for cs in [4096u32, 65536] {
+        let path = s.path(&format!("c{cs}.qcow2"));
+        // The last cluster is partial: the disk ends 1024 bytes into it.
+        let size = 16 * u64::from(cs) + 1024;
+        create_file(&path, size, cs, None);
+        let img = open_rw(&path);
+        let c = u64::from(cs);
+        let mut reference = vec![0u8; size as usize];
+        let mut put = |img: &Image, data: Vec<u8>, off: u64| {
+            img.write_compressed(&data, off).unwrap();
+            reference[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        };
+        for i in 0..8 {
+            put(&img, compressible(cs as usize, i as u8), i * c);
+        }
+        // Does not shrink: written uncompressed, as QEMU does.
+        put(&img, noise(cs as usize), 9 * c);
+        // Overwrites a compressed cluster with another one.
+        put(&img, compressible(cs as usize, 42), 2 * c);
+        put(&img, compressible(1024, 7), 16 * c);
+        // A plain write into a compressed cluster rewrites it uncompressed.
+        img.write_at(&pattern(100, 3), 3 * c + 10).unwrap();
+        reference[3 * cs as usize + 10..3 * cs as usize + 110].copy_from_slice(&pattern(100, 3));
+        assert!(img.write_compressed(&pattern(10, 1), 5 * c + 1).is_err());
+        assert_eq!(
+            our_contents(&img),
+            reference,
+            "cluster size {cs}, before close"
+        );
+        img.close().unwrap();
+        drop(img);
+        assert_check_clean(&path);
+        assert_same_as_reference(&s, &path, &reference);
+        let img = open_ro(&path);
+        assert_eq!(our_contents(&img), reference, "cluster size {cs}, reopened");
+        let map = json("qemu-img", &["map", "--output=json", p(&path)]);
+        let compressed: Vec<_> = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["compressed"] == true)
+            .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+            .collect();
+        // Clusters 0-1, 2 (rewritten), 4-7 and the partial last one; 3 was rewritten
+        // uncompressed, 9 never compressed.
+        let want = vec![(0, 3 * c), (4 * c, 4 * c), (16 * c, 1024)];
+        assert_eq!(compressed, want, "cluster size {cs}: {map}");
+        // Packed: the file is far smaller than the 11 clusters written would take.
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len < 10 * c, "cluster size {cs}: file of {len} bytes");
+    }
+}
