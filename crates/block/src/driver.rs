@@ -34,6 +34,22 @@ pub trait BlockDriver: Send + Sync {
         }
         Ok(())
     }
+    /// Whether the format stores compressed clusters (QEMU's
+    /// `bdrv_supports_compressed_writes`).
+    fn supports_compressed_writes(&self) -> bool {
+        false
+    }
+    /// Writes one cluster compressed (`offset` cluster aligned, `buf` a whole cluster or the
+    /// disk's end).
+    fn write_compressed_at(&self, _offset: u64, _buf: &[u8]) -> BlockResult<()> {
+        Err(BlockError::from_errno(libc::ENOTSUP))
+    }
+    /// Discards `[offset, offset + len)` (QEMU's `bdrv_co_pdiscard`, called only on nodes
+    /// opened with `discard=unmap`): afterwards the range may read as zeroes. The default,
+    /// as QEMU for drivers without discard, does nothing.
+    fn discard_at(&self, _offset: u64, _len: u64) -> BlockResult<()> {
+        Ok(())
+    }
     /// Makes this driver's own writes stable (children are flushed by the node afterwards).
     fn flush(&self) -> BlockResult<()>;
     /// Changes the size.

@@ -640,6 +640,46 @@ impl BlockNode {
         r
     }
 
+    /// Whether writes of compressed clusters reach a format that stores them.
+    pub fn supports_compressed_writes(&self) -> bool {
+        self.driver.supports_compressed_writes()
+    }
+
+    /// Writes one cluster compressed, after the before-write hooks; marks recording bitmaps.
+    pub fn write_compressed_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        self.check_writable()?;
+        check_request(offset, buf.len() as u64)?;
+        self.notify_before_write(offset, buf.len() as u64)?;
+        self.debug_event(BlkdebugEvent::Pwritev);
+        let r = self.driver.write_compressed_at(offset, buf);
+        self.debug_event(BlkdebugEvent::PwritevDone);
+        self.mark_dirty(offset, buf.len() as u64);
+        r
+    }
+
+    /// Whether the node was opened with `discard=unmap` (QEMU's `BDRV_O_UNMAP`).
+    pub fn discard_unmaps(&self) -> bool {
+        matches!(
+            self.options().get("discard").and_then(Value::as_str),
+            Some("unmap" | "on")
+        )
+    }
+
+    /// Discards `[offset, offset + len)` as QEMU's `bdrv_co_pdiscard`: nothing unless the
+    /// node was opened with `discard=unmap`; else after the before-write hooks, marking
+    /// recording bitmaps.
+    pub fn discard_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_writable()?;
+        check_request(offset, len)?;
+        if !self.discard_unmaps() {
+            return Ok(());
+        }
+        self.notify_before_write(offset, len)?;
+        let r = self.driver.discard_at(offset, len);
+        self.mark_dirty(offset, len);
+        r
+    }
+
     /// Flushes this node, then its children.
     pub fn flush(&self) -> BlockResult<()> {
         self.check_open()?;

@@ -89,6 +89,22 @@ impl BlockIo for NodeIo {
         self.0.extent(offset, len).map_err(io_error)
     }
 
+    fn cluster_size(&self) -> Option<u64> {
+        self.0.driver().info().cluster_size
+    }
+
+    fn supports_compressed_writes(&self) -> bool {
+        self.0.supports_compressed_writes()
+    }
+
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_compressed_at(offset, buf).map_err(io_error)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.discard_at(offset, len).map_err(io_error)
+    }
+
     fn flush(&self) -> io::Result<()> {
         self.0.flush().map_err(io_error)
     }

@@ -47,6 +47,27 @@ pub trait BlockIo: Send + Sync {
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent>;
     /// Makes everything written so far durable.
     fn flush(&self) -> io::Result<()>;
+    /// The format's cluster size, if it has clusters.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+    /// Whether the node stores compressed clusters (a qcow2 node).
+    fn supports_compressed_writes(&self) -> bool {
+        false
+    }
+    /// Writes one cluster compressed (`offset` cluster aligned, `buf` a whole cluster or the
+    /// rest of the disk).
+    fn write_compressed(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "compressed writes are not supported",
+        ))
+    }
+    /// Discards `len` bytes at `offset` as QEMU does: only on a node opened with
+    /// `discard=unmap`, which may read as zeroes afterwards; elsewhere nothing happens.
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// The state of the range through the node's backing chain (QEMU's
     /// `bdrv_block_status_above`: data, zero, the depth of the layer that allocates it);
     /// `None` where the graph cannot look through layers (test graphs).

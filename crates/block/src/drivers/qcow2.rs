@@ -316,6 +316,23 @@ impl BlockDriver for Qcow2Driver {
         self.image().write_zeroes(offset, len).map_err(block_error)
     }
 
+    fn supports_compressed_writes(&self) -> bool {
+        true
+    }
+
+    fn write_compressed_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        self.file.debug_event(BlkdebugEvent::WriteAio);
+        self.written.store(true, Ordering::Release);
+        self.image()
+            .write_compressed(buf, offset)
+            .map_err(block_error)
+    }
+
+    fn discard_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.written.store(true, Ordering::Release);
+        self.image().discard(offset, len).map_err(block_error)
+    }
+
     fn flush(&self) -> BlockResult<()> {
         self.image().flush().map_err(block_error)
     }
