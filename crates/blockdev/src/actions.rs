@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use job::{JobKey, JobSpec};
 use qmp_api::{
-    BackupCommon, BitmapSyncMode, BlockdevBackup, DriveBackup, MirrorSyncMode, NewImageMode,
-    QmpError,
+    BackupCommon, BackupPerf, BitmapSyncMode, BlockdevBackup, DriveBackup, MirrorSyncMode,
+    NewImageMode, QmpError,
 };
 
 use crate::BlockState;
-use crate::backup::{BackupBitmap, BackupEnv, BackupJob, BackupSync};
+use crate::backup::{BackupBitmap, BackupEnv, BackupJob, BackupOptions, BackupSync};
 use crate::bitmaps::JobBitmap;
 use crate::claims::Drain;
 use crate::node::{BlockIo, ImageRef};
@@ -202,6 +202,39 @@ impl BackupAction {
     }
 }
 
+/// `x-perf` as QEMU's `backup_job_create` checks it, in its order.
+fn backup_options(perf: Option<&BackupPerf>) -> Result<BackupOptions, QmpError> {
+    let mut options = BackupOptions::default();
+    let Some(perf) = perf else {
+        return Ok(options);
+    };
+    if let Some(workers) = perf.max_workers {
+        if !(1..=i64::from(i32::MAX)).contains(&workers) {
+            return Err(QmpError::generic(format!(
+                "max-workers must be between 1 and {}",
+                i32::MAX
+            )));
+        }
+        options.max_workers = usize::try_from(workers).unwrap_or(usize::MAX);
+    }
+    if let Some(chunk) = perf.max_chunk {
+        if chunk < 0 {
+            return Err(QmpError::generic(
+                "max-chunk must be zero (which means no limit) or positive",
+            ));
+        }
+        options.max_chunk = chunk.unsigned_abs();
+    }
+    if perf.use_copy_range == Some(true) {
+        // QEMU tries copy_file_range and falls back to reading and writing; this daemon
+        // has no copy offloading, so the request is refused rather than ignored.
+        return Err(QmpError::generic(
+            "Parameter 'x-perf.use-copy-range' cannot be true: copy offloading is not supported",
+        ));
+    }
+    Ok(options)
+}
+
 impl Action for BackupAction {
     fn prepare(&mut self, txn: &mut Transaction<'_>) -> Result<(), QmpError> {
         let group = txn.group().cloned();
@@ -214,7 +247,18 @@ impl Action for BackupAction {
         if device == target_name {
             return Err(QmpError::generic("Source and target cannot be the same"));
         }
+        let c = &self.common;
+        let compress = c.compress.unwrap_or(false);
+        if compress && !target.supports_compressed_writes() {
+            // QEMU names the target's BlockBackend, which a node of this daemon never has.
+            return Err(QmpError::generic(
+                "Compression is not supported for this drive ",
+            ));
+        }
         env.claims.check_free(&target_name)?;
+        let mut options = backup_options(c.x_perf.as_ref())?;
+        options.compress = compress;
+        options.discard_source = c.discard_source.unwrap_or(false);
         if source.size() != target.size() {
             return Err(QmpError::generic(
                 "Source and target image have different sizes",
@@ -226,7 +270,18 @@ impl Action for BackupAction {
             }
             bitmap.freeze()?;
         }
-        let c = &self.common;
+        // QEMU's block-copy cluster: the target's cluster size, at least 64 KiB.
+        let cluster = target.cluster_size().unwrap_or(0).max(64 << 10);
+        options.target_cluster = target.cluster_size().unwrap_or(cluster);
+        if options.max_chunk != 0 && options.max_chunk < cluster {
+            if let Some((bitmap, _)) = &bitmap {
+                bitmap.reclaim();
+            }
+            return Err(QmpError::generic(format!(
+                "Required max-chunk ({}) is less than backup cluster size ({cluster})",
+                options.max_chunk
+            )));
+        }
         // A negative speed is refused by the registry after creating the job (QEMU's order).
         let spec = JobSpec::new(c.job_id.clone().unwrap_or_default())
             .auto_finalize(c.auto_finalize.unwrap_or(true))
@@ -244,7 +299,7 @@ impl Action for BackupAction {
         let owned_target = self.opened.clone();
         let make = move |key| {
             Box::new(
-                BackupJob::new(key, (source, target), sync, bitmap, backup_env)
+                BackupJob::new(key, (source, target), sync, bitmap, backup_env, options)
                     .owning_target(owned_target),
             ) as Box<dyn job::JobDriver>
         };

@@ -22,6 +22,34 @@ pub const PARALLEL_REQUESTS: usize = 8;
 /// The unit a backup tracks copies in (QEMU's copy-before-write cluster, at most 64 KiB).
 const CBW_CLUSTER: u64 = 64 << 10;
 
+/// What `compress`, `discard-source` and `x-perf` ask of a backup (QEMU's `BackupPerf` and
+/// block-copy flags), checked by the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BackupOptions {
+    /// Write the target's clusters compressed.
+    pub(crate) compress: bool,
+    /// Discard each range of the source once copied (QEMU 9.1's `discard-source`).
+    pub(crate) discard_source: bool,
+    /// `x-perf.max-workers`: copy requests in flight at most.
+    pub(crate) max_workers: usize,
+    /// `x-perf.max-chunk`: the largest background copy request; 0: no limit.
+    pub(crate) max_chunk: u64,
+    /// The target's cluster size where compressed clusters are written.
+    pub(crate) target_cluster: u64,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            compress: false,
+            discard_source: false,
+            max_workers: 64,
+            max_chunk: 0,
+            target_cluster: CBW_CLUSTER,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cluster {
     /// Still holds data the target needs.
@@ -133,6 +161,7 @@ struct Copier {
     top: bool,
     map: CopyMap,
     buffers: Arc<CopyBuffers>,
+    options: BackupOptions,
 }
 
 /// How a copy failed: the operation and its error.
@@ -150,21 +179,42 @@ impl Copier {
             }
         }
         self.map.finish(&runs, result.is_ok());
+        if result.is_ok() && self.options.discard_source {
+            // As QEMU's block-copy: once copied, the source's range goes (its failure is no
+            // failure of the copy). After `finish`, so that the discard's own
+            // copy-before-write finds the clusters copied.
+            for &(start, n) in &runs {
+                let _ = self.source.discard(start, n);
+            }
+        }
         result
     }
 
     fn copy_run(&self, offset: u64, len: u64) -> Result<(), CopyError> {
         let size = usize::try_from(len.min(COPY_CHUNK))
             .map_err(|_| (IoOperationType::Read, io::Error::other("request too large")))?;
-        let mut buf = self.buffers.take(size.max(COPY_CHUNK as usize));
-        let result = copy_range(
-            self.source.as_ref(),
-            self.target.as_ref(),
-            self.top,
-            offset,
-            len,
-            &mut buf,
-        );
+        let cluster = usize::try_from(self.options.target_cluster).unwrap_or(usize::MAX);
+        let mut buf = self
+            .buffers
+            .take(size.max(COPY_CHUNK as usize).max(cluster));
+        let result = if self.options.compress {
+            copy_compressed(
+                self.source.as_ref(),
+                self.target.as_ref(),
+                self.top,
+                (offset, len, self.options.target_cluster),
+                &mut buf,
+            )
+        } else {
+            copy_range(
+                self.source.as_ref(),
+                self.target.as_ref(),
+                self.top,
+                offset,
+                len,
+                &mut buf,
+            )
+        };
         self.buffers.give(buf);
         result
     }
@@ -234,6 +284,7 @@ impl BackupJob {
         sync: BackupSync,
         bitmap: Option<BackupBitmap>,
         env: BackupEnv,
+        options: BackupOptions,
     ) -> Self {
         let remaining = match (sync, &bitmap) {
             (BackupSync::None, _) => Vec::new(),
@@ -252,6 +303,7 @@ impl BackupJob {
             top: matches!(sync, BackupSync::Top),
             map: CopyMap::new(source.size(), to_copy),
             buffers: env.buffers.clone(),
+            options,
         });
         BackupJob {
             key,
@@ -296,20 +348,27 @@ impl BackupJob {
         ctx.set_progress_remaining(self.remaining.iter().map(|r| r.1).sum());
         // Requests in order; up to `depth` in flight (one under a speed limit, so that the
         // limit and pause points act per request as before).
+        // `x-perf.max-chunk` (at least a backup cluster, as checked) bounds the requests.
+        let chunk = match self.copier.options.max_chunk {
+            0 => COPY_CHUNK,
+            max => COPY_CHUNK
+                .min(max / CBW_CLUSTER * CBW_CLUSTER)
+                .max(CBW_CLUSTER),
+        };
         let mut pending: VecDeque<(u64, u64)> = self
             .remaining
             .iter()
             .flat_map(|&(offset, len)| {
-                (0..len.div_ceil(COPY_CHUNK)).map(move |i| {
-                    let start = offset + i * COPY_CHUNK;
-                    (start, COPY_CHUNK.min(offset + len - start))
+                (0..len.div_ceil(chunk)).map(move |i| {
+                    let start = offset + i * chunk;
+                    (start, chunk.min(offset + len - start))
                 })
             })
             .collect();
         let mut in_flight: VecDeque<CopyRequest> = VecDeque::new();
         loop {
             let depth = if ctx.speed() == 0 {
-                PARALLEL_REQUESTS
+                PARALLEL_REQUESTS.min(self.copier.options.max_workers)
             } else {
                 1
             };
@@ -458,6 +517,43 @@ fn copy_range(
                 source.read_at(chunk, pos + done).map_err(read)?;
                 target.write_at(chunk, pos + done).map_err(write)?;
                 done += step;
+            }
+        }
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Copies `[offset, offset + len)` writing whole target clusters of `cluster` bytes
+/// compressed (zeroes stay zero writes, as QEMU's block-copy). A piece not aligned to a
+/// target cluster (a copy-before-write inside a cluster larger than 64 KiB) is written plain.
+fn copy_compressed(
+    source: &dyn BlockIo,
+    target: &dyn BlockIo,
+    top: bool,
+    (offset, len, cluster): (u64, u64, u64),
+    buf: &mut [u8],
+) -> CopyResult {
+    let read = |e| (IoOperationType::Read, e);
+    let write = |e| (IoOperationType::Write, e);
+    let end = offset + len;
+    let disk = source.size();
+    let mut pos = offset;
+    while pos < end {
+        let n = (cluster - pos % cluster).min(end - pos);
+        let extent = source.block_status(pos, n).map_err(read)?;
+        let whole = extent.len == 0 || extent.len >= n;
+        if top && !extent.allocated && whole {
+            // Comes from the backing chain: not part of a `top` backup.
+        } else if extent.zero && whole {
+            target.write_zeroes(pos, n).map_err(write)?;
+        } else {
+            let chunk = &mut buf[..n as usize];
+            source.read_at(chunk, pos).map_err(read)?;
+            if pos.is_multiple_of(cluster) && (n == cluster || pos + n == disk) {
+                target.write_compressed(chunk, pos).map_err(write)?;
+            } else {
+                target.write_at(chunk, pos).map_err(write)?;
             }
         }
         pos += n;

@@ -273,6 +273,31 @@ fn backup_argument_errors_come_in_qemus_order() {
             "Cannot find device='nosuch' nor node-name='nosuch'",
         ),
         (json!({"job-id": "1j"}), "Invalid job ID '1j'"),
+        (
+            json!({"compress": true}),
+            "Compression is not supported for this drive ",
+        ),
+        (
+            json!({"compress": true, "x-perf": {"max-workers": 0}}),
+            "Compression is not supported for this drive ",
+        ),
+        (
+            json!({"x-perf": {"max-workers": 0, "max-chunk": -1}}),
+            "max-workers must be between 1 and 2147483647",
+        ),
+        (
+            json!({"x-perf": {"max-chunk": -1}}),
+            "max-chunk must be zero (which means no limit) or positive",
+        ),
+        (
+            json!({"x-perf": {"max-chunk": 65535}}),
+            "Required max-chunk (65535) is less than backup cluster size (65536)",
+        ),
+        // No copy offloading here: refused by name rather than ignored.
+        (
+            json!({"x-perf": {"use-copy-range": true}}),
+            "Parameter 'x-perf.use-copy-range' cannot be true: copy offloading is not supported",
+        ),
     ];
     for (extra, message) in cases {
         let args = with(backup("j", "src", "tgt"), extra);
