@@ -283,11 +283,15 @@ impl Action for BackupAction {
             )));
         }
         // A negative speed is refused by the registry after creating the job (QEMU's order).
-        let spec = JobSpec::new(c.job_id.clone().unwrap_or_default())
+        let mut spec = JobSpec::new(c.job_id.clone().unwrap_or_default())
             .auto_finalize(c.auto_finalize.unwrap_or(true))
             .auto_dismiss(c.auto_dismiss.unwrap_or(true))
             .speed(c.speed.unwrap_or(0))
             .on_error(c.on_source_error, c.on_target_error);
+        if options.discard_source && source.read_only() {
+            // Discarding needs the source writable: QEMU's job cannot take that permission.
+            spec = spec.fail_when_created("Block node is read-only");
+        }
         let frozen = bitmap.as_ref().map(|(b, _)| b.clone());
         let total = BackupJob::total(source.as_ref(), sync, frozen.as_ref());
         let backup_env = BackupEnv {

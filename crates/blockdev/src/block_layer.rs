@@ -89,6 +89,10 @@ impl BlockIo for NodeIo {
         self.0.extent(offset, len).map_err(io_error)
     }
 
+    fn read_only(&self) -> bool {
+        self.0.is_read_only()
+    }
+
     fn cluster_size(&self) -> Option<u64> {
         self.0.driver().info().cluster_size
     }

@@ -47,6 +47,10 @@ pub trait BlockIo: Send + Sync {
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent>;
     /// Makes everything written so far durable.
     fn flush(&self) -> io::Result<()>;
+    /// Whether the node is read-only (a job cannot write or discard it).
+    fn read_only(&self) -> bool {
+        false
+    }
     /// The format's cluster size, if it has clusters.
     fn cluster_size(&self) -> Option<u64> {
         None

@@ -58,6 +58,10 @@ pub struct JobSpec {
     pub on_source_error: BlockdevOnError,
     /// What an I/O error writing the target does (`on-target-error`).
     pub on_target_error: BlockdevOnError,
+    /// A failure found once the job exists (QEMU's `block_job_create` failing after
+    /// `job_create`, as a permission the job cannot take): the job is created and dropped at
+    /// once (`created`, `null`) with this GenericError, before the speed is looked at.
+    pub fails_when_created: Option<String>,
 }
 
 impl JobSpec {
@@ -72,6 +76,7 @@ impl JobSpec {
             block_job: true,
             on_source_error: BlockdevOnError::Report,
             on_target_error: BlockdevOnError::Report,
+            fails_when_created: None,
         }
     }
 
@@ -95,6 +100,13 @@ impl JobSpec {
 
     pub fn speed(mut self, speed: i64) -> Self {
         self.speed = speed;
+        self
+    }
+
+    /// The job fails as soon as it is created, with `error` (see
+    /// [`JobSpec::fails_when_created`]).
+    pub fn fail_when_created(mut self, error: impl Into<String>) -> Self {
+        self.fails_when_created = Some(error.into());
         self
     }
 
@@ -315,6 +327,10 @@ impl JobRegistry {
             }
         }
         g.set_status(key, BlockJobStatus::Created);
+        if let Some(error) = spec.fails_when_created {
+            g.dismiss(key);
+            return Err(generic(error));
+        }
         if spec.speed < 0 {
             g.dismiss(key);
             return Err(generic("Parameter 'speed' expects a non-negative value"));
