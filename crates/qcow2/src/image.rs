@@ -633,20 +633,29 @@ impl Image {
         e
     }
 
-    /// Make `[off, off + len)` read as zeros; whole clusters lose their data clusters.
+    /// Make `[off, off + len)` read as zeros, as QEMU's write-zeroes without `MAY_UNMAP`:
+    /// whole clusters of a version 3 image get the zero flag and keep their data clusters
+    /// (compressed ones excepted); partial clusters are written.
     pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
-        self.zero_or_discard(off, len, true)
+        self.zero_or_discard(off, len, Clear::Zero { unmap: false })
+    }
+
+    /// Make `[off, off + len)` read as zeros, as QEMU's write-zeroes with `MAY_UNMAP`: whole
+    /// clusters also lose their data clusters.
+    pub fn write_zeroes_unmap(&self, off: u64, len: u64) -> Result<()> {
+        self.zero_or_discard(off, len, Clear::Zero { unmap: true })
     }
 
     /// Discard `[off, off + len)`: whole clusters lose their data clusters and read as zeros;
     /// partial clusters are left as they are.
     pub fn discard(&self, off: u64, len: u64) -> Result<()> {
-        self.zero_or_discard(off, len, false)
+        self.zero_or_discard(off, len, Clear::Discard)
     }
 
-    fn zero_or_discard(&self, off: u64, len: u64, zero_partial: bool) -> Result<()> {
+    fn zero_or_discard(&self, off: u64, len: u64, how: Clear) -> Result<()> {
         self.check_writable()?;
         self.check_range(off, len, self.size)?;
+        let zero_partial = how != Clear::Discard;
         let cs = self.cluster_size;
         let end = off + len;
         // Whole clusters; the last cluster counts as whole if the disk ends in it.
@@ -670,32 +679,39 @@ impl Image {
                 self.write_at(&PageBuf::zeroed((end - last * cs) as usize), last * cs)?;
             }
         }
-        let _ops = self.ops.read().unwrap_or_else(|e| e.into_inner());
-        self.written.store(true, Ordering::Release);
-        let _claim = self.claim(first, last);
         let has_backing = self
             .backing
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .is_some();
-        let target = if has_backing || self.lock().h.backing_file.is_some() {
-            ZERO
-        } else {
-            0
+        let (has_backing, v3) = {
+            let m = self.lock();
+            (has_backing || m.h.backing_file.is_some(), m.h.version >= 3)
         };
+        if zero_partial && !v3 && has_backing {
+            // Version 2 cannot mark zeroes over a backing file: they are written (QEMU
+            // falls back to that too).
+            const CHUNK: u64 = 1 << 20;
+            let zeros = PageBuf::zeroed(CHUNK.min((last - first) * cs) as usize);
+            let (mut pos, stop) = (first * cs, (last * cs).min(self.size));
+            while pos < stop {
+                let n = (stop - pos).min(CHUNK);
+                self.write_at(&zeros[..n as usize], pos)?;
+                pos += n;
+            }
+            return Ok(());
+        }
+        let _ops = self.ops.read().unwrap_or_else(|e| e.into_inner());
+        self.written.store(true, Ordering::Release);
+        let _claim = self.claim(first, last);
         let mut m = self.lock();
         for gc in first..last {
             let old = m.map(gc).map_err(|e| self.fail_locked(&mut m, e))?;
-            let done = match old {
-                Cluster::Unallocated => target == 0,
-                Cluster::Zero { host: 0 } => true,
-                _ => false,
-            };
-            if done {
+            let Some((entry, free)) = cleared(old, how, v3, has_backing) else {
                 continue;
-            }
-            m.set_mapping(gc, target)?;
-            if let Some((h, l)) = m.host_range(old) {
+            };
+            m.set_mapping(gc, entry)?;
+            if free && let Some((h, l)) = m.host_range(old) {
                 m.queue_free(h, l);
             }
         }
@@ -900,5 +916,43 @@ fn deflate(data: &[u8], limit: usize) -> Option<Vec<u8>> {
     match c.compress_vec(data, &mut out, FlushCompress::Finish) {
         Ok(Status::StreamEnd) if out.len() <= limit => Some(out),
         _ => None,
+    }
+}
+
+/// What a range of whole clusters is cleared by.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Clear {
+    /// Write zeroes; `unmap`: QEMU's `BDRV_REQ_MAY_UNMAP`.
+    Zero { unmap: bool },
+    /// Discard (QEMU's `qcow2_co_pdiscard`, not a full discard).
+    Discard,
+}
+
+/// The new L2 entry of a cluster mapped as `old`, cleared by `how`, and whether `old`'s host
+/// clusters lose their reference; `None`: nothing changes. QEMU's `zero_in_l2_slice` and
+/// `discard_in_l2_slice`: a version 3 image marks zeroes with the zero flag (keeping the data
+/// cluster unless unmapping, never a compressed one); a discard drops the data and leaves the
+/// zero flag where something was allocated or a backing file would show through. Version 2
+/// has no zero flag: clusters are unallocated (reading as zeros without a backing file).
+fn cleared(old: Cluster, how: Clear, v3: bool, has_backing: bool) -> Option<(u64, bool)> {
+    use crate::meta::COPIED;
+    if !v3 {
+        return match old {
+            Cluster::Unallocated => None,
+            _ => Some((if has_backing { ZERO } else { 0 }, true)),
+        };
+    }
+    let allocated = !matches!(old, Cluster::Unallocated | Cluster::Zero { host: 0 });
+    match (how, old) {
+        (_, Cluster::Zero { host: 0 }) => None,
+        (Clear::Discard, Cluster::Unallocated) if !has_backing => None,
+        (Clear::Discard, _)
+        | (Clear::Zero { unmap: true }, _)
+        | (_, Cluster::Compressed { .. }) => Some((ZERO, allocated)),
+        (Clear::Zero { unmap: false }, Cluster::Zero { .. }) => None,
+        (Clear::Zero { unmap: false }, Cluster::Data { host, copied }) => {
+            Some((host | ZERO | if copied { COPIED } else { 0 }, false))
+        }
+        (Clear::Zero { unmap: false }, Cluster::Unallocated) => Some((ZERO, false)),
     }
 }

@@ -286,14 +286,60 @@ fn discard_frees_whole_clusters_only() {
     img.discard(1000, 200_000).unwrap();
     img.flush().unwrap();
     assert_eq!(img.block_status(0, 65536).unwrap().0, Allocation::Data);
+    // As QEMU's (non-full) discard: a data cluster becomes a zero cluster.
     assert_eq!(
         img.block_status(65536, 131072).unwrap(),
-        (Allocation::Unallocated, 131072)
+        (Allocation::Zero, 131072)
     );
     assert_eq!(img.block_status(196608, 65536).unwrap().0, Allocation::Data);
     img.close().unwrap();
     drop(img);
     assert_check_clean(&path);
+}
+
+/// `(start, length, zero, has a host offset)` of each qemu-img map entry.
+fn zero_map(path: &std::path::Path) -> Vec<(u64, u64, bool, bool)> {
+    let map = json("qemu-img", &["map", "--output=json", p(path)]);
+    map.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["zero"] == true,
+                e.get("offset").is_some(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn zeroes_keep_their_data_clusters_unless_unmapping_as_qemu_maps_them() {
+    let s = Scratch::new();
+    let path = s.path("z.qcow2");
+    create_file(&path, 1 << 20, 65536, None);
+    let img = open_rw(&path);
+    img.write_at(&[7; 1 << 20], 0).unwrap();
+    img.write_zeroes_unmap(0, 128 << 10).unwrap();
+    img.write_zeroes(128 << 10, 128 << 10).unwrap();
+    // Unallocated clusters become zero clusters either way (QEMU sets the zero flag).
+    img.discard(512 << 10, 512 << 10).unwrap();
+    img.write_zeroes(512 << 10, 128 << 10).unwrap();
+    img.close().unwrap();
+    drop(img);
+    assert_check_clean(&path);
+    // What `qemu-io -c 'write -z -u 0 128k' -c 'write -z 128k 128k'` makes of the same image
+    // (opened with discard=unmap): unmapped zeroes have no host offset, kept ones do.
+    assert_eq!(
+        zero_map(&path),
+        vec![
+            (0, 128 << 10, true, false),
+            (128 << 10, 128 << 10, true, true),
+            (256 << 10, 256 << 10, false, true),
+            (512 << 10, 512 << 10, true, false),
+        ]
+    );
 }
 
 #[test]
