@@ -34,6 +34,12 @@ pub trait BlockDriver: Send + Sync {
         }
         Ok(())
     }
+    /// Writes `len` zero bytes at `offset` and may free the storage behind them (QEMU's
+    /// `BDRV_REQ_MAY_UNMAP`; the node asks only when opened with `discard=unmap`). The
+    /// default writes zeroes as [`BlockDriver::write_zeroes_at`].
+    fn write_zeroes_unmap_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.write_zeroes_at(offset, len)
+    }
     /// Whether the format stores compressed clusters (QEMU's
     /// `bdrv_supports_compressed_writes`).
     fn supports_compressed_writes(&self) -> bool {

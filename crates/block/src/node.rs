@@ -630,11 +630,26 @@ impl BlockNode {
 
     /// Writes `len` zeros at `offset`, after the before-write hooks; marks recording bitmaps.
     pub fn write_zeroes_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.write_zeroes_flags(offset, len, false)
+    }
+
+    /// Writes `len` zeros at `offset` with QEMU's `BDRV_REQ_MAY_UNMAP`: the driver may free
+    /// the storage behind them if the node was opened with `discard=unmap` (else the flag is
+    /// dropped, as QEMU drops it).
+    pub fn write_zeroes_unmap_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.write_zeroes_flags(offset, len, true)
+    }
+
+    fn write_zeroes_flags(&self, offset: u64, len: u64, may_unmap: bool) -> BlockResult<()> {
         self.check_writable()?;
         check_request(offset, len)?;
         self.notify_before_write(offset, len)?;
         self.debug_event(BlkdebugEvent::PwritevZero);
-        let r = self.driver.write_zeroes_at(offset, len);
+        let r = if may_unmap && self.discard_unmaps() {
+            self.driver.write_zeroes_unmap_at(offset, len)
+        } else {
+            self.driver.write_zeroes_at(offset, len)
+        };
         self.debug_event(BlkdebugEvent::PwritevDone);
         self.mark_dirty(offset, len);
         r

@@ -85,6 +85,14 @@ impl BlockIo for NodeIo {
         self.0.write_zeroes_at(offset, len).map_err(io_error)
     }
 
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes_unmap_at(offset, len).map_err(io_error)
+    }
+
+    fn discard_unmaps(&self) -> bool {
+        self.0.discard_unmaps()
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
         self.0.extent(offset, len).map_err(io_error)
     }
@@ -403,6 +411,9 @@ impl NodeGraph for BlockLayer {
             &name,
             BlockdevRefOrNull::Null(qmp_api::wire::Null),
         )?;
+        if image.discard_unmap {
+            options.discard = Some(qmp_api::BlockdevDiscardOptions::Unmap);
+        }
         if image.open_backing
             && let BlockdevOptionsBranch::Qcow2(qcow2) = &mut options.branch
         {

@@ -248,10 +248,11 @@ impl CopyOp {
 }
 
 /// Copies `[offset, offset + len)` of `source` to `target` as the source reads.
+/// Zero ranges become zero writes on the target, with QEMU's `MAY_UNMAP` when `unmap`.
 fn copy_range(
     source: &dyn BlockIo,
     target: &dyn BlockIo,
-    (offset, len): (u64, u64),
+    (offset, len, unmap): (u64, u64, bool),
     buf: &mut [u8],
 ) -> Result<(), (IoOperationType, io::Error)> {
     let read = |e| (IoOperationType::Read, e);
@@ -264,7 +265,9 @@ fn copy_range(
             0 => end - pos,
             l => l.min(end - pos),
         };
-        if extent.zero {
+        if extent.zero && unmap {
+            target.write_zeroes_unmap(pos, n).map_err(write)?;
+        } else if extent.zero {
             target.write_zeroes(pos, n).map_err(write)?;
         } else {
             let chunk = &mut buf[..n as usize];
@@ -296,6 +299,11 @@ pub struct MirrorJob {
     shared: Arc<MirrorShared>,
     nodes: Option<Arc<dyn MirrorNodes>>,
     sync: MirrorSyncMode,
+    /// Zero writes may unmap (`unmap`; blockdev-mirror always).
+    unmap: bool,
+    /// `sync=full` makes every range of the target right, zeroes included (QEMU's
+    /// `zero_target`); otherwise ranges no layer of the source allocates are left alone.
+    zero_target: bool,
     granularity: u64,
     buf_size: u64,
     /// The node that the target replaces on completion.
@@ -336,8 +344,59 @@ impl MirrorJob {
                     self.shared.mark_dirty(o, l);
                 }
             }
-            _ => {
+            // QEMU's `bdrv_can_write_zeroes_with_unmap`: a qcow2 target opened with
+            // `discard=unmap` is zeroed up front instead.
+            _ if self.zero_target
+                && !(self.target.discard_unmaps() && self.target.format() == "qcow2") =>
+            {
                 self.shared.with_bitmap(|b| b.set_all());
+            }
+            _ => {
+                // With `zero_target`, the target is zeroed first (not counted as progress);
+                // then, as without, what some layer of the source allocates is dirty (QEMU's
+                // `bdrv_is_allocated_above` down the whole chain): the rest reads as zeroes
+                // on the target.
+                let source = self.source.clone();
+                let zero = self.zero_target.then(|| (self.target.clone(), self.unmap));
+                let ranges = crate::node::run_blocking(self.pool.as_ref(), move || {
+                    if let Some((target, unmap)) = zero {
+                        const STEP: u64 = 1 << 30;
+                        let mut pos = 0;
+                        while pos < size {
+                            let n = (size - pos).min(STEP);
+                            if unmap {
+                                target.write_zeroes_unmap(pos, n)?;
+                            } else {
+                                target.write_zeroes(pos, n)?;
+                            }
+                            pos += n;
+                        }
+                    }
+                    let mut ranges = Vec::new();
+                    let mut pos = 0;
+                    while pos < size {
+                        let Some(status) = source.chain_status(pos, size - pos) else {
+                            return Ok(vec![(0, size)]);
+                        };
+                        let status = status?;
+                        let n = if status.len == 0 {
+                            size - pos
+                        } else {
+                            status.len
+                        };
+                        if status.depth > 0 {
+                            ranges.push((pos, n));
+                        }
+                        pos += n;
+                    }
+                    Ok::<_, io::Error>(ranges)
+                })
+                .await
+                .unwrap_or_else(|| Err(io::Error::other("I/O worker lost")))
+                .map_err(|e| JobFailure::from_io(&e))?;
+                for (o, l) in ranges {
+                    self.shared.mark_dirty(o, l);
+                }
             }
         }
         ctx.set_progress_remaining(self.shared.dirty_count());
@@ -364,10 +423,16 @@ impl MirrorJob {
         let slot = result.clone();
         let (source, target) = (self.source.clone(), self.target.clone());
         let (shared, buffers) = (self.shared.clone(), self.buffers.clone());
+        let unmap = self.unmap;
         let done = self.pool.run(Box::new(move || {
             shared.ranges.lock(offset, offset + len);
             let mut buf = buffers.take(len as usize);
-            let r = copy_range(source.as_ref(), target.as_ref(), (offset, len), &mut buf);
+            let r = copy_range(
+                source.as_ref(),
+                target.as_ref(),
+                (offset, len, unmap),
+                &mut buf,
+            );
             buffers.give(buf);
             shared.ranges.unlock(offset, offset + len);
             *lock(&slot) = Some(r);
@@ -563,6 +628,10 @@ struct MirrorRequest {
     auto_dismiss: Option<bool>,
     target_backing: TargetBacking,
     owned_target: Option<String>,
+    /// `unmap` (drive-mirror's; blockdev-mirror's is always on).
+    unmap: bool,
+    /// QEMU's `zero_target`.
+    zero_target: bool,
 }
 
 /// QEMU's `qmp_get_root_bs`.
@@ -600,6 +669,8 @@ pub(crate) fn blockdev_mirror(
             auto_dismiss: args.auto_dismiss,
             target_backing: TargetBacking::Leave,
             owned_target: None,
+            unmap: true,
+            zero_target: args.sync == MirrorSyncMode::Full,
         },
     )
 }
@@ -647,6 +718,8 @@ pub(crate) fn drive_mirror(env: &mut BlockState, args: DriveMirror) -> Result<()
         format,
         node_name: args.node_name.clone(),
         open_backing: mode == NewImageMode::Existing,
+        // QEMU opens the target with the source's flags, `discard=unmap` among them.
+        discard_unmap: source.discard_unmaps(),
     })?;
     let target_backing = match (mode, &backing_node) {
         (NewImageMode::AbsolutePaths, Some(b)) if sync != MirrorSyncMode::Full => {
@@ -673,6 +746,9 @@ pub(crate) fn drive_mirror(env: &mut BlockState, args: DriveMirror) -> Result<()
             auto_dismiss: args.auto_dismiss,
             target_backing,
             owned_target: Some(target.clone()),
+            unmap: args.unmap.unwrap_or(true),
+            // A new image starts out reading zeroes (QEMU: `bdrv_has_zero_init`).
+            zero_target: sync == MirrorSyncMode::Full && mode == NewImageMode::Existing,
         },
     );
     if result.is_err()
@@ -680,9 +756,6 @@ pub(crate) fn drive_mirror(env: &mut BlockState, args: DriveMirror) -> Result<()
     {
         graph.release_if_unused(&target);
     }
-    // `unmap` only chooses between discarding and writing zeroes on the target; both read
-    // back as zeroes, and this daemon's targets write zeroes (accepted, as QEMU's default).
-    let _ = args.unmap;
     result
 }
 
@@ -820,6 +893,8 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
         shared: job_shared,
         nodes: job_nodes,
         sync,
+        unmap: r.unmap,
+        zero_target: r.zero_target,
         granularity,
         buf_size,
         to_replace,

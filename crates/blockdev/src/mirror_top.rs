@@ -237,6 +237,34 @@ impl BlockIo for BackendIo {
         self.io().write_zeroes(offset, len)
     }
 
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.io().write_zeroes_unmap(offset, len)
+    }
+
+    fn discard_unmaps(&self) -> bool {
+        self.io().discard_unmaps()
+    }
+
+    fn read_only(&self) -> bool {
+        self.io().read_only()
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        self.io().cluster_size()
+    }
+
+    fn supports_compressed_writes(&self) -> bool {
+        self.io().supports_compressed_writes()
+    }
+
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.io().write_compressed(buf, offset)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.io().discard(offset, len)
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
         self.io().block_status(offset, len)
     }

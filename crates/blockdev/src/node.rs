@@ -43,6 +43,16 @@ pub trait BlockIo: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes `len` bytes at `offset` read as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeroes, freeing what is behind them where the
+    /// node allows it (QEMU's `BDRV_REQ_MAY_UNMAP`, honoured on nodes opened with
+    /// `discard=unmap`).
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len)
+    }
+    /// Whether the node was opened with `discard=unmap` (QEMU's `BDRV_O_UNMAP`).
+    fn discard_unmaps(&self) -> bool {
+        false
+    }
     /// The state of the range starting at `offset` (at most `len` bytes).
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent>;
     /// Makes everything written so far durable.
@@ -158,6 +168,8 @@ pub struct MirrorTargetImage {
     pub node_name: Option<String>,
     /// Open the backing chain its header names (`mode=existing`), else none.
     pub open_backing: bool,
+    /// Open it with `discard=unmap` (the source's setting, as QEMU passes it on).
+    pub discard_unmap: bool,
 }
 
 /// The node graph, as the QMP command layer uses it: the one seam between the command layer

@@ -352,3 +352,152 @@ fn discard_source_discards_what_was_copied_on_a_source_opened_with_discard_unmap
     assert!(read(&kept, "0xab"));
     assert!(run("qemu-img", &["check", "-q", &src]).0);
 }
+
+/// `(start KiB, length KiB, kind, has a host offset)` of each qemu-img map entry; kind is
+/// `data`, `zero` (present in the image) or `absent` (reads as zeroes from nowhere).
+fn zero_map(path: &str) -> Vec<(u64, u64, &'static str, bool)> {
+    map(path)
+        .iter()
+        .map(|e| {
+            let kind = if e["data"] == true {
+                "data"
+            } else if e["present"] == true {
+                "zero"
+            } else {
+                "absent"
+            };
+            (
+                e["start"].as_u64().unwrap() >> 10,
+                e["length"].as_u64().unwrap() >> 10,
+                kind,
+                e.get("offset").is_some(),
+            )
+        })
+        .collect()
+}
+
+/// Mirrors to READY, then cancels (a soft cancel: the target is left in sync).
+fn mirror_and_cancel(h: &mut Harness, command: &str, args: Value) -> Vec<String> {
+    let job = args["job-id"].as_str().unwrap().to_string();
+    h.ok(command, args);
+    h.settle();
+    h.ok("block-job-cancel", json!({"device": job}));
+    h.settle();
+    // As the daemon before its next command: the finished job's filter node goes.
+    h.ok("query-named-block-nodes", json!({}));
+    h.take_events()
+        .into_iter()
+        .filter(|e| e.starts_with("BLOCK_JOB_READY"))
+        .collect()
+}
+
+#[test]
+fn mirror_unmap_and_zero_target_map_the_target_as_qsd_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let src = qcow2(dir.path(), "src.qcow2");
+    let dsrc = qcow2(dir.path(), "dsrc.qcow2");
+    for image in [&src, &dsrc] {
+        write(image, "0xab", "0", "1M");
+        // A zero cluster the source allocates, the rest unallocated.
+        assert!(run("qemu-io", &["-f", "qcow2", "-c", "write -z 1M 64k", image]).0);
+    }
+    for t in ["t1", "t2", "t3"] {
+        let path = qcow2(dir.path(), &format!("{t}.qcow2"));
+        write(&path, "0x11", "0", "4M");
+    }
+    let t4 = qcow2(dir.path(), "t4.qcow2");
+    let mut h = Harness::block_layer();
+    add(&mut h, "src", &src);
+    add(&mut h, "t4", &t4);
+    h.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "dsrc", "discard": "unmap",
+               "file": {"driver": "file", "filename": dsrc}}),
+    );
+    let drive = |job: &str, device: &str, target: &str, extra: Value| {
+        with(
+            json!({"job-id": job, "device": device, "target": p(target), "format": "qcow2",
+                   "sync": "full"}),
+            extra,
+        )
+    };
+    let existing = |unmap: bool| json!({"mode": "existing", "unmap": unmap});
+    let ready = |len: u64, job: &str| {
+        vec![format!(
+            r#"BLOCK_JOB_READY {{"type":"mirror","device":"{job}","len":{len},"offset":{len},"speed":0}}"#
+        )]
+    };
+    // The target opened with the source's discard=unmap is zeroed up front: only what the
+    // source allocates is counted (1 MiB of data, 64 KiB of zeroes).
+    let counted = (1 << 20) + (64 << 10);
+    let r = mirror_and_cancel(
+        &mut h,
+        "drive-mirror",
+        drive("j1", "dsrc", "t1.qcow2", existing(true)),
+    );
+    assert_eq!(r, ready(counted, "j1"));
+    let r = mirror_and_cancel(
+        &mut h,
+        "drive-mirror",
+        drive("j2", "dsrc", "t2.qcow2", existing(false)),
+    );
+    assert_eq!(r, ready(counted, "j2"));
+    let r = mirror_and_cancel(
+        &mut h,
+        "drive-mirror",
+        drive("j3", "src", "t3.qcow2", existing(true)),
+    );
+    assert_eq!(r, ready(4 << 20, "j3"));
+    let r = mirror_and_cancel(
+        &mut h,
+        "blockdev-mirror",
+        json!({"job-id": "j4", "device": "src", "target": "t4", "sync": "full"}),
+    );
+    assert_eq!(r, ready(4 << 20, "j4"));
+    let r = mirror_and_cancel(
+        &mut h,
+        "drive-mirror",
+        drive("j5", "src", "t5.qcow2", json!({})),
+    );
+    assert_eq!(r, ready(counted, "j5"));
+    h.bd.shutdown().unwrap();
+    for t in ["t1", "t2", "t3", "t4", "t5"] {
+        let path = p(&format!("{t}.qcow2"));
+        assert_eq!(
+            run("qemu-img", &["compare", &src, &path]),
+            (true, "Images are identical.".to_string()),
+            "{t}"
+        );
+        assert!(run("qemu-img", &["check", "-q", &path]).0, "{t}");
+    }
+    let data = (0, 1024, "data", true);
+    // unmap=true with discard=unmap: the old data clusters are freed.
+    assert_eq!(
+        zero_map(&p("t1.qcow2")),
+        vec![data, (1024, 3072, "zero", false)]
+    );
+    // unmap=false, or a target without discard=unmap: zeroes over the kept clusters.
+    assert_eq!(
+        zero_map(&p("t2.qcow2")),
+        vec![data, (1024, 3072, "zero", true)]
+    );
+    assert_eq!(
+        zero_map(&p("t3.qcow2")),
+        vec![data, (1024, 3072, "zero", true)]
+    );
+    // blockdev-mirror zeroes its target (sync=full); a new image keeps what the source
+    // does not allocate unallocated.
+    assert_eq!(
+        zero_map(&p("t4.qcow2")),
+        vec![data, (1024, 3072, "zero", false)]
+    );
+    assert_eq!(
+        zero_map(&p("t5.qcow2")),
+        vec![
+            data,
+            (1024, 64, "zero", false),
+            (1088, 3008, "absent", false)
+        ]
+    );
+}

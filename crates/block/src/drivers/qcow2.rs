@@ -316,6 +316,13 @@ impl BlockDriver for Qcow2Driver {
         self.image().write_zeroes(offset, len).map_err(block_error)
     }
 
+    fn write_zeroes_unmap_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.written.store(true, Ordering::Release);
+        self.image()
+            .write_zeroes_unmap(offset, len)
+            .map_err(block_error)
+    }
+
     fn supports_compressed_writes(&self) -> bool {
         true
     }

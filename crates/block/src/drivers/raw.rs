@@ -104,6 +104,11 @@ impl BlockDriver for RawDriver {
         self.file.get().write_zeroes_at(at, len)
     }
 
+    fn write_zeroes_unmap_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        let at = self.window(offset, len)?;
+        self.file.get().write_zeroes_unmap_at(at, len)
+    }
+
     fn discard_at(&self, offset: u64, len: u64) -> BlockResult<()> {
         let at = self.window(offset, len)?;
         self.file.get().discard_at(at, len)
