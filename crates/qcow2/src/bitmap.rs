@@ -2,6 +2,7 @@
 
 use crate::header::{AUTOCLEAR_BITMAPS, BitmapsExt, Header, get_be32, get_be64};
 use crate::meta::{L1_OFFSET_MASK, Meta};
+use crate::overlap::Metadata;
 use crate::storage::Storage;
 use crate::{Error, Result, invalid};
 
@@ -230,7 +231,7 @@ impl Meta {
         if d.len() as u64 != ext.directory_size {
             return invalid("bitmap directory changed size");
         }
-        self.storage.write_at(&d, ext.directory_offset)?;
+        self.checked_write(&[Metadata::BitmapDirectory], &d, ext.directory_offset)?;
         self.storage.flush()?;
         Ok(())
     }

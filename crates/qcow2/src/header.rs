@@ -1,5 +1,6 @@
 //! The image header and its extensions: parsing with validation, and serialisation.
 
+use crate::meta::MAX_HOST_OFFSET;
 use crate::{Error, Result, invalid};
 
 pub(crate) const MAGIC: u32 = 0x5146_49fb;
@@ -294,8 +295,29 @@ impl Header {
         {
             return invalid("L1 table offset invalid");
         }
+        // Tables must lie where host offsets can point (QEMU's `qcow2_validate_table`): an
+        // offset near 2^64 would wrap around onto the header when indexed.
+        let ends_in_range =
+            |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= MAX_HOST_OFFSET);
+        if !ends_in_range(h.l1_table_offset, u64::from(h.l1_size) * 8) {
+            return invalid("Active L1 table offset invalid");
+        }
         if !h.refcount_table_offset.is_multiple_of(cluster_size) || h.refcount_table_offset == 0 {
             return invalid("refcount table offset invalid");
+        }
+        if !ends_in_range(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cluster_size,
+        ) {
+            return invalid("Reference count table offset invalid");
+        }
+        if h.nb_snapshots > 0 && !ends_in_range(h.snapshots_offset, cluster_size) {
+            return invalid("Snapshot table offset invalid");
+        }
+        if let Some(b) = &h.bitmaps
+            && !ends_in_range(b.directory_offset, b.directory_size)
+        {
+            return invalid("bitmaps extension invalid");
         }
         if h.refcount_table_clusters == 0
             || u64::from(h.refcount_table_clusters) * cluster_size > MAX_REFTABLE_BYTES

@@ -8,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use crate::bitmap::{self, PersistentBitmap};
 use crate::header::{AUTOCLEAR_BITMAPS, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC};
 use crate::meta::{Cluster, Extent, Meta, WriteStep, ZERO};
+use crate::overlap::{CorruptionListener, OverlapChecks};
 use crate::snapshot::{self, SnapshotInfo};
 use crate::storage::{Backing, PageBuf, RawImage, Storage};
 use crate::{Error, Result, invalid};
@@ -362,6 +363,17 @@ impl Image {
             .map(|f| (f, m.h.backing_format.clone()))
     }
 
+    /// Which metadata every write is checked against (QEMU's `overlap-check`; by default
+    /// [`OverlapChecks::CACHED`]).
+    pub fn set_overlap_checks(&self, checks: OverlapChecks) {
+        self.lock().overlap_checks = checks;
+    }
+
+    /// Who is told when the image is marked corrupt (once per open).
+    pub fn set_corruption_listener(&self, listener: CorruptionListener) {
+        self.lock().corruption_listener = Some(listener);
+    }
+
     /// Replace the image that unallocated clusters read from (the header is not changed).
     pub fn set_backing(&self, backing: Option<Arc<dyn Backing>>) {
         *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
@@ -402,6 +414,9 @@ impl Image {
         let _ops = self.ops.read().unwrap_or_else(|e| e.into_inner());
         let (extents, _reading) = {
             let mut m = self.lock();
+            if m.broken {
+                return Err(Error::Corrupt);
+            }
             let reading = Reading::start(&m.readers);
             (m.map_range(None, off, buf.len())?, reading)
         };
@@ -536,9 +551,9 @@ impl Image {
                         self.lock().queue_free(host, old.len() as u64 * cs);
                         return Err(e);
                     }
-                    self.lock()
-                        .install(first, host, &old)
-                        .map_err(|e| self.fail(e))?;
+                    // (The guard must be gone before `fail` locks again.)
+                    let installed = self.lock().install(first, host, &old);
+                    installed.map_err(|e| self.fail(e))?;
                     done += len;
                 }
             }
@@ -627,10 +642,7 @@ impl Image {
 
     /// Mark the image corrupt if `e` says its metadata is inconsistent.
     fn fail(&self, e: Error) -> Error {
-        if matches!(e, Error::Invalid(_)) {
-            self.lock().mark_corrupt();
-        }
-        e
+        self.fail_locked(&mut self.lock(), e)
     }
 
     /// Make `[off, off + len)` read as zeros, as QEMU's write-zeroes without `MAY_UNMAP`:
@@ -719,8 +731,8 @@ impl Image {
     }
 
     fn fail_locked(&self, m: &mut Meta, e: Error) -> Error {
-        if matches!(e, Error::Invalid(_)) {
-            m.mark_corrupt();
+        if let Error::Invalid(why) = &e {
+            m.signal_corruption(why.clone(), None, None);
         }
         e
     }
@@ -747,7 +759,8 @@ impl Image {
     /// Store cached metadata and make everything written so far durable.
     pub fn flush(&self) -> Result<()> {
         self.check_open()?;
-        if self.read_only {
+        // Nothing more is written to an image marked corrupt while open (QEMU ejects it).
+        if self.read_only || self.lock().broken {
             return Ok(());
         }
         self.lock().write_back()?;
@@ -766,6 +779,9 @@ impl Image {
         // Reads hold `ops` shared to the end of their data I/O, so none is in flight here and
         // the write-back applies every free kept back for readers.
         let mut m = self.lock();
+        if m.broken {
+            return Ok(());
+        }
         m.write_back()?;
         debug_assert!(!m.frees_pending(), "no reader in flight at close");
         self.storage.flush()?;

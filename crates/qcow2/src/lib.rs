@@ -21,12 +21,14 @@ mod cache;
 mod header;
 mod image;
 mod meta;
+mod overlap;
 mod repair;
 mod snapshot;
 mod storage;
 
 pub use bitmap::PersistentBitmap;
 pub use image::{Allocation, Image, ImageInfo, create};
+pub use overlap::{Corruption, CorruptionListener, Metadata, OverlapChecks};
 pub use snapshot::SnapshotInfo;
 pub use storage::{Backing, PageBuf, RawImage, Storage};
 
@@ -42,9 +44,14 @@ pub enum Error {
     /// The image uses a feature this implementation does not support.
     #[error("unsupported qcow2 feature: {0}")]
     Unsupported(String),
-    /// The image is marked corrupt; it can only be opened read-only.
+    /// The image is marked corrupt: it opens read-only only, and an image marked corrupt
+    /// while open takes no more I/O.
     #[error("qcow2 image is marked corrupt; repair it with 'qemu-img check -r all'")]
     Corrupt,
+    /// A write would have landed on the image's own metadata: refused, and the image marked
+    /// corrupt (QEMU's `overlap-check`).
+    #[error("{0}")]
+    MetadataOverlap(String),
     /// A write was attempted on an image opened read-only.
     #[error("image is opened read-only")]
     ReadOnly,

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::bitmap::BitmapEntry;
 use crate::cache::TableCache;
 use crate::header::{Header, INCOMPAT_CORRUPT};
+use crate::overlap::{Corruption, CorruptionListener, Metadata, OverlapChecks, ranges_overlap};
 use crate::snapshot::Snapshot;
 use crate::storage::Storage;
 use crate::{Error, Result, invalid};
@@ -117,6 +118,12 @@ pub(crate) struct Meta {
     pub snapshots: Vec<Snapshot>,
     pub snapshot_table_len: u64,
     pub bitmaps: Vec<BitmapEntry>,
+    /// What every write is checked against before it is issued.
+    pub overlap_checks: OverlapChecks,
+    /// Told when the image is marked corrupt.
+    pub corruption_listener: Option<CorruptionListener>,
+    /// The image was marked corrupt in this session: it takes no more I/O (QEMU ejects it).
+    pub broken: bool,
 }
 
 fn rc_get(block: &[u8], order: u32, i: usize) -> u64 {
@@ -172,6 +179,9 @@ impl Meta {
             snapshots: Vec::new(),
             snapshot_table_len: 0,
             bitmaps: Vec::new(),
+            overlap_checks: OverlapChecks::default(),
+            corruption_listener: None,
+            broken: false,
             h,
         }
     }
@@ -403,6 +413,8 @@ impl Meta {
         }
         let mut block = vec![0u8; self.cs() as usize];
         rc_set(&mut block, self.h.refcount_order, 0, 1);
+        // Stored at once, like a new L2 table (see `l2_for_write`).
+        self.checked_write(&[], &block, off)?;
         self.alloc_end = self.alloc_end.max((bi << self.rb_bits()) + 1);
         self.insert_new(TableKind::Refblock, off, block)?;
         self.reftable[bi as usize] = off;
@@ -441,11 +453,11 @@ impl Meta {
         table[bi as usize] = block_off;
         // Blocks first, then the new table, then the header that points to it.
         self.write_dirty_refblocks()?;
-        self.storage.write_at(&block, block_off)?;
+        self.checked_write(&[], &block, block_off)?;
         self.make_room(TableKind::Refblock)?;
         self.rb_cache.insert(block_off, block, false);
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.storage.write_at(&bytes, table_off)?;
+        self.checked_write(&[], &bytes, table_off)?;
         self.storage.flush()?;
         let old_off = self.h.refcount_table_offset;
         let old_clusters = u64::from(self.h.refcount_table_clusters);
@@ -624,6 +636,12 @@ impl Meta {
                 .ok_or_else(|| Error::Invalid("L2 cache miss".into()))?
         };
         let new = self.alloc_run(1)?;
+        // Stored at once (as QEMU does): the cluster is the file's from now on, so a full
+        // disk fails this request rather than a later write-back.
+        if let Err(e) = self.checked_write(&[], &data, new) {
+            self.free_now(new, self.cs())?;
+            return Err(e);
+        }
         self.insert_new(TableKind::L2, new, data)?;
         self.l1[i] = new | COPIED;
         self.l1_dirty.insert(i);
@@ -663,6 +681,7 @@ impl Meta {
                     }
                 }
                 let len = (n * cs - within).min(remaining) as usize;
+                self.check_write(&[], host + within, len as u64)?;
                 Ok(WriteStep::InPlace {
                     host: host + within,
                     len,
@@ -680,6 +699,10 @@ impl Meta {
                 let n = old.len() as u64;
                 let host = self.alloc_run(n)?;
                 let len = (n * cs - within).min(remaining) as usize;
+                if let Err(e) = self.check_write(&[], host, n * cs) {
+                    self.queue_free(host, n * cs);
+                    return Err(e);
+                }
                 Ok(WriteStep::Allocate {
                     host,
                     first,
@@ -707,16 +730,20 @@ impl Meta {
     fn write_dirty_refblocks(&mut self) -> Result<bool> {
         let dirty = self.rb_cache.dirty_offsets();
         for &off in &dirty {
-            if let Some(d) = self.rb_cache.get(off) {
-                self.storage.write_at(d, off)?;
+            if let Some(d) = self.rb_cache.get(off).map(<[u8]>::to_vec) {
+                self.checked_write(&[Metadata::RefcountBlock], &d, off)?;
             }
             self.rb_cache.mark_clean(off);
         }
         let rt = std::mem::take(&mut self.reftable_dirty);
-        for &i in &rt {
+        for (k, &i) in rt.iter().enumerate() {
             let off = self.h.refcount_table_offset + i as u64 * 8;
-            self.storage
-                .write_at(&self.reftable[i].to_be_bytes(), off)?;
+            let entry = self.reftable[i].to_be_bytes();
+            if let Err(e) = self.checked_write(&[Metadata::RefcountTable], &entry, off) {
+                // Still to store.
+                self.reftable_dirty.extend(rt.iter().skip(k));
+                return Err(e);
+            }
         }
         Ok(!dirty.is_empty() || !rt.is_empty())
     }
@@ -737,17 +764,21 @@ impl Meta {
                 self.storage.flush()?;
             }
             for off in self.l2_cache.dirty_offsets() {
-                if let Some(d) = self.l2_cache.get(off) {
-                    self.storage.write_at(d, off)?;
+                if let Some(d) = self.l2_cache.get(off).map(<[u8]>::to_vec) {
+                    self.checked_write(&[Metadata::ActiveL2], &d, off)?;
                 }
                 self.l2_cache.mark_clean(off);
             }
             if !self.l1_dirty.is_empty() {
                 self.storage.flush()?;
                 let dirty = std::mem::take(&mut self.l1_dirty);
-                for i in dirty {
+                for (k, &i) in dirty.iter().enumerate() {
                     let off = self.h.l1_table_offset + i as u64 * 8;
-                    self.storage.write_at(&self.l1[i].to_be_bytes(), off)?;
+                    let entry = self.l1[i].to_be_bytes();
+                    if let Err(e) = self.checked_write(&[Metadata::ActiveL1], &entry, off) {
+                        self.l1_dirty.extend(dirty.iter().skip(k));
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -772,10 +803,124 @@ impl Meta {
         Ok(())
     }
 
-    /// Set the corrupt bit after detecting inconsistent metadata on the write path.
-    pub fn mark_corrupt(&mut self) {
+    /// The image is inconsistent (found on the write path): set the corrupt bit, tell the
+    /// listener once, and take no more I/O (QEMU's `qcow2_signal_corruption`, fatal).
+    pub fn signal_corruption(&mut self, message: String, offset: Option<u64>, size: Option<u64>) {
+        if self.broken {
+            return;
+        }
+        self.broken = true;
         self.h.incompatible |= INCOMPAT_CORRUPT;
         let _ = self.write_header().and_then(|_| Ok(self.storage.flush()?));
+        if let Some(listener) = &self.corruption_listener {
+            listener(&Corruption {
+                message,
+                offset,
+                size,
+            });
+        }
+    }
+
+    /// The first kind of metadata (in QEMU's order) that `[offset, offset + size)` overlaps,
+    /// among the checked kinds other than `ignore`.
+    fn overlapping(&self, ignore: &[Metadata], offset: u64, size: u64) -> Result<Option<Metadata>> {
+        let checks = self.overlap_checks;
+        let on = |m: Metadata| checks.contains(m) && !ignore.contains(&m);
+        if size == 0 {
+            return Ok(None);
+        }
+        let cs = self.cs();
+        if on(Metadata::MainHeader) && offset < cs {
+            return Ok(Some(Metadata::MainHeader));
+        }
+        // Whole clusters, as QEMU compares them.
+        let start = offset - offset % cs;
+        let len = (offset % cs + size).div_ceil(cs).saturating_mul(cs);
+        let hits = |at: u64, n: u64| ranges_overlap(start, len, at, n);
+        if on(Metadata::ActiveL1)
+            && !self.l1.is_empty()
+            && hits(self.h.l1_table_offset, self.l1.len() as u64 * 8)
+        {
+            return Ok(Some(Metadata::ActiveL1));
+        }
+        if on(Metadata::RefcountTable)
+            && hits(self.h.refcount_table_offset, self.reftable.len() as u64 * 8)
+        {
+            return Ok(Some(Metadata::RefcountTable));
+        }
+        if on(Metadata::SnapshotTable)
+            && self.h.nb_snapshots > 0
+            && hits(self.h.snapshots_offset, self.snapshot_table_len)
+        {
+            return Ok(Some(Metadata::SnapshotTable));
+        }
+        if on(Metadata::InactiveL1)
+            && self
+                .snapshots
+                .iter()
+                .any(|s| s.l1_size > 0 && hits(s.l1_table_offset, u64::from(s.l1_size) * 8))
+        {
+            return Ok(Some(Metadata::InactiveL1));
+        }
+        if on(Metadata::ActiveL2)
+            && self
+                .l1
+                .iter()
+                .any(|&e| e & L1_OFFSET_MASK != 0 && hits(e & L1_OFFSET_MASK, cs))
+        {
+            return Ok(Some(Metadata::ActiveL2));
+        }
+        if on(Metadata::RefcountBlock)
+            && self
+                .reftable
+                .iter()
+                .any(|&e| e & REFT_OFFSET_MASK != 0 && hits(e & REFT_OFFSET_MASK, cs))
+        {
+            return Ok(Some(Metadata::RefcountBlock));
+        }
+        if on(Metadata::InactiveL2) {
+            for s in &self.snapshots {
+                if s.l1_size == 0 {
+                    continue;
+                }
+                for e in self.snapshot_l1(s)? {
+                    if e & L1_OFFSET_MASK != 0 && hits(e & L1_OFFSET_MASK, cs) {
+                        return Ok(Some(Metadata::InactiveL2));
+                    }
+                }
+            }
+        }
+        if on(Metadata::BitmapDirectory)
+            && let Some(ext) = self.h.bitmaps
+            && hits(ext.directory_offset, ext.directory_size)
+        {
+            return Ok(Some(Metadata::BitmapDirectory));
+        }
+        Ok(None)
+    }
+
+    /// Refuse a write of `size` bytes at `offset` that would land on metadata other than
+    /// `ignore` (the kinds being written): the image is marked corrupt and the write fails.
+    pub fn check_write(&mut self, ignore: &[Metadata], offset: u64, size: u64) -> Result<()> {
+        if self.broken {
+            return Err(Error::Corrupt);
+        }
+        if let Some(m) = self.overlapping(ignore, offset, size)? {
+            let message = format!(
+                "Preventing invalid write on metadata (overlaps with {})",
+                m.name()
+            );
+            self.signal_corruption(message.clone(), Some(offset), Some(size));
+            return Err(Error::MetadataOverlap(message));
+        }
+        Ok(())
+    }
+
+    /// Write `buf` at `offset` once [`Meta::check_write`] allows it.
+    pub fn checked_write(&mut self, ignore: &[Metadata], buf: &[u8], offset: u64) -> Result<()> {
+        self.check_write(ignore, offset, buf.len() as u64)?;
+        self.storage.write_at(buf, offset)?;
+        Ok(())
     }
 
     /// Write `data` into freshly allocated clusters; returns their offset.
@@ -785,7 +930,7 @@ impl Meta {
         let off = self.alloc_run(n)?;
         let mut buf = data.to_vec();
         buf.resize((n * cs) as usize, 0);
-        self.storage.write_at(&buf, off)?;
+        self.checked_write(&[], &buf, off)?;
         Ok(off)
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::header::INCOMPAT_DIRTY;
 use crate::meta::{L1_OFFSET_MASK, Meta};
+use crate::overlap::Metadata;
 use crate::{Result, invalid};
 
 impl Meta {
@@ -117,11 +118,19 @@ impl Meta {
                 crate::meta::rc_set(&mut block, order, i as usize, v);
             }
             let off = (start + b) * cs;
-            self.storage.write_at(&block, off)?;
+            self.checked_write(
+                &[Metadata::RefcountBlock, Metadata::RefcountTable],
+                &block,
+                off,
+            )?;
             table[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
         }
         let table_off = (start + blocks) * cs;
-        self.storage.write_at(&table, table_off)?;
+        self.checked_write(
+            &[Metadata::RefcountBlock, Metadata::RefcountTable],
+            &table,
+            table_off,
+        )?;
         self.storage.flush()?;
         self.h.refcount_table_offset = table_off;
         self.h.refcount_table_clusters = table_clusters as u32;

@@ -71,7 +71,12 @@ pub(crate) fn read_table(st: &dyn Storage, h: &Header) -> Result<(Vec<Snapshot>,
         let extra = &var[..extra_len];
         let l1_table_offset = get_be64(&f, 0);
         let l1_size = get_be32(&f, 8);
-        if u64::from(l1_size) > MAX_L1_ENTRIES || !l1_table_offset.is_multiple_of(cs) {
+        if u64::from(l1_size) > MAX_L1_ENTRIES
+            || !l1_table_offset.is_multiple_of(cs)
+            || l1_table_offset
+                .checked_add(u64::from(l1_size) * 8)
+                .is_none_or(|e| e > MAX_HOST_OFFSET)
+        {
             return invalid("snapshot L1 table invalid");
         }
         let mut vm_state_size = u64::from(get_be32(&f, 32));
@@ -463,23 +468,20 @@ impl Meta {
             b.resize((clusters * cs) as usize, 0);
             b
         };
-        self.storage
-            .write_at(&l1_bytes(&new_l1, l1_clusters), new_l1_off)?;
+        self.checked_write(&[], &l1_bytes(&new_l1, l1_clusters), new_l1_off)?;
         for (k, (_, table)) in l2_copies.iter().enumerate() {
-            self.storage.write_at(table, (l2_first + k as u64) * cs)?;
+            self.checked_write(&[], table, (l2_first + k as u64) * cs)?;
         }
         if snap_l1_off != 0 {
             let snap_l1: Vec<u64> = old_l1.iter().map(|e| e & L1_OFFSET_MASK).collect();
-            self.storage
-                .write_at(&l1_bytes(&snap_l1, snap_l1_clusters), snap_l1_off)?;
+            self.checked_write(&[], &l1_bytes(&snap_l1, snap_l1_clusters), snap_l1_off)?;
         }
         let mut tb = table_bytes.clone();
         tb.resize((table_clusters * cs) as usize, 0);
-        self.storage.write_at(&tb, table_cluster * cs)?;
-        self.storage
-            .write_at(&l1_bytes(&new_reftable, rt_clusters), rt_off)?;
+        self.checked_write(&[], &tb, table_cluster * cs)?;
+        self.checked_write(&[], &l1_bytes(&new_reftable, rt_clusters), rt_off)?;
         for (off, block) in &rb_writes {
-            self.storage.write_at(block, *off)?;
+            self.checked_write(&[], block, *off)?;
         }
         self.storage.flush()?;
         let mut h = self.h.clone();
