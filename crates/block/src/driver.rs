@@ -134,6 +134,29 @@ pub trait BlockDriver: Send + Sync {
     }
 }
 
+/// Something a node reports on its own, outside any request (the daemon turns it into a QMP
+/// event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockEvent {
+    /// QEMU's `BLOCK_IMAGE_CORRUPTED`: the image's metadata was found corrupt.
+    ImageCorrupted {
+        /// The node's name.
+        node_name: String,
+        /// What was found.
+        msg: String,
+        /// Where in the image file, if known.
+        offset: Option<u64>,
+        /// How many bytes, if known.
+        size: Option<u64>,
+        /// The image is marked corrupt and the node takes no more I/O.
+        fatal: bool,
+    },
+}
+
+/// Where nodes report [`BlockEvent`]s. It may be called with a node's locks held: it must only
+/// queue the event.
+pub type BlockEventSink = Arc<dyn Fn(BlockEvent) + Send + Sync>;
+
 /// What a driver reports about its image (QEMU's `bdrv_get_info`/`ImageInfo` pieces).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DriverInfo {
@@ -234,6 +257,11 @@ impl OpenContext<'_> {
             .as_ref()
             .map(|(n, _)| n.clone())
             .unwrap_or_default())
+    }
+
+    /// Where the node reports events, if anywhere.
+    pub fn event_sink(&self) -> Option<BlockEventSink> {
+        self.graph.event_sink()
     }
 
     /// Whether the node opens read-only.

@@ -11,7 +11,7 @@ use qmp_api::{
 };
 use serde_json::{Map, Value};
 
-use crate::driver::{ChildKind, OpenContext};
+use crate::driver::{BlockEventSink, ChildKind, OpenContext};
 use crate::drivers;
 use crate::error::{BlockError, BlockResult};
 use crate::node::{BlockNode, NodeParts};
@@ -27,6 +27,7 @@ pub struct BlockGraph {
     by_name: HashMap<String, Arc<BlockNode>>,
     auto_counter: u64,
     rng: u64,
+    events: Option<BlockEventSink>,
 }
 
 impl Default for BlockGraph {
@@ -55,7 +56,18 @@ impl BlockGraph {
             by_name: HashMap::new(),
             auto_counter: 0,
             rng: seed | 1,
+            events: None,
         }
+    }
+
+    /// Where the nodes opened from now on report events (`BLOCK_IMAGE_CORRUPTED`).
+    pub fn set_event_sink(&mut self, sink: BlockEventSink) {
+        self.events = Some(sink);
+    }
+
+    /// Where nodes report events, if anywhere.
+    pub fn event_sink(&self) -> Option<BlockEventSink> {
+        self.events.clone()
     }
 
     /// The node named `name`.

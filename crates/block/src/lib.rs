@@ -16,7 +16,8 @@ pub mod replace;
 pub use backend::BlockBackend;
 pub use bitmap::DirtyBitmap;
 pub use driver::{
-    BitmapStore, BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, InternalSnapshots, OpenContext,
+    BitmapStore, BlkdebugEvent, BlockDriver, BlockEvent, BlockEventSink, ChildKind, DriverInfo,
+    InternalSnapshots, OpenContext,
 };
 pub use error::{BlockError, BlockResult};
 pub use graph::BlockGraph;

@@ -14,6 +14,7 @@ mod bitmaps;
 pub mod block_layer;
 mod claims;
 mod commands;
+mod events;
 mod export;
 mod io_threads;
 pub mod mirror;
@@ -30,6 +31,7 @@ use job::{Clock, EventSink, JobRegistry, Spawn};
 use qmp_api::QmpError;
 
 pub use block_layer::BlockLayer;
+pub use events::block_event_sink;
 pub use io_threads::IoThreads;
 pub use node::{
     BlockIo, CopyBuffers, Extent, FilterWrites, ImageRef, InlineIo, IoPool, MirrorNodes,
@@ -174,12 +176,14 @@ impl Blockdev {
     /// the block crate's graph with its built-in drivers.
     #[cfg(feature = "tokio")]
     pub fn for_tokio(events: Arc<dyn EventSink>) -> Self {
+        let mut graph = block::BlockGraph::new();
+        graph.set_event_sink(events::block_event_sink(events.clone()));
         Blockdev::new(
             events,
             Arc::new(job::TokioSpawn),
             Arc::new(job::TokioClock::default()),
         )
-        .with_graph(Box::new(BlockLayer::new(block::BlockGraph::new())))
+        .with_graph(Box::new(BlockLayer::new(graph)))
         .with_io_pool(Arc::new(IoThreads::default()))
         .with_runtime(tokio::runtime::Handle::current())
     }

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::bitmap::DirtyBitmap;
 use crate::driver::{
-    BitmapStore, BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, InternalSnapshots, OpenContext,
+    BitmapStore, BlkdebugEvent, BlockDriver, BlockEvent, ChildKind, DriverInfo, InternalSnapshots,
+    OpenContext,
 };
 use crate::error::{BlockError, BlockResult};
 use crate::node::BlockNode;
@@ -105,7 +106,11 @@ fn block_error(e: qcow2::Error) -> BlockError {
         qcow2::Error::InvalidArgument(m) => BlockError::with_errno(m, libc::EINVAL),
         qcow2::Error::NotFound(m) => BlockError::with_errno(m, libc::ENOENT),
         qcow2::Error::Unsupported(m) => BlockError::with_errno(m, libc::ENOTSUP),
-        e @ (qcow2::Error::Invalid(_) | qcow2::Error::Corrupt | qcow2::Error::Backing { .. }) => {
+        // QEMU ejects a node whose image it marked corrupt: its I/O fails with ENOMEDIUM.
+        qcow2::Error::Corrupt => BlockError::from_errno(libc::ENOMEDIUM),
+        // The refused write itself fails with EIO, as in QEMU.
+        qcow2::Error::MetadataOverlap(_) => BlockError::from_errno(libc::EIO),
+        e @ (qcow2::Error::Invalid(_) | qcow2::Error::Backing { .. }) => {
             BlockError::with_errno(e.to_string(), libc::EIO)
         }
     }
@@ -115,7 +120,7 @@ fn block_error(e: qcow2::Error) -> BlockError {
 /// QEMU's caches and discard passing (`lazy-refcounts`, `pass-discard-*`, `discard-no-unref`,
 /// `*cache-size`, `l2-cache-entry-size`, `cache-clean-interval`) are accepted: refcounts here
 /// are always exact, the qcow2 crate sizes its own cache and discards are not passed down.
-/// `overlap-check` is accepted: this implementation never writes over its own metadata.
+/// `overlap-check` acts as in QEMU (see [`overlap_checks`]).
 /// Encryption and external data files are refused. `backing` is the graph's.
 pub(crate) fn open(
     ctx: &mut OpenContext<'_>,
@@ -126,6 +131,7 @@ pub(crate) fn open(
         .as_ref()
         .map(|e| e.branch.kind().as_str().to_string());
     let data_file = options.data_file.is_some();
+    let overlap_checks = overlap_checks(options.overlap_check.as_ref());
     let read_only = ctx.read_only();
     let file = ctx.open_child("file", &options.file, ChildKind::Metadata)?;
     let mut header = [0u8; 88];
@@ -172,13 +178,39 @@ pub(crate) fn open(
     let storage: Arc<dyn qcow2::Storage> = Arc::new(NodeStorage(file.clone()));
     let image = qcow2::Image::open(storage.clone(), read_only, None).map_err(|e| {
         let desc = match &e {
+            qcow2::Error::Corrupt => {
+                return BlockError::with_errno(
+                    "qcow2: Image is corrupt; cannot be opened read/write",
+                    libc::EINVAL,
+                );
+            }
             qcow2::Error::Io(_) => block_error(e).desc().to_string(),
             _ => e.to_string(),
         };
         BlockError::new(format!("Could not open qcow2 image: {desc}"))
     })?;
+    let node_name = ctx.ensure_name()?;
+    image.set_overlap_checks(overlap_checks);
+    let events = ctx.event_sink();
+    let name = node_name.clone();
+    image.set_corruption_listener(Arc::new(move |c: &qcow2::Corruption| {
+        // QEMU's words on stderr, and BLOCK_IMAGE_CORRUPTED.
+        eprintln!(
+            "qcow2: Marking image as corrupt: {}; further corruption events will be suppressed",
+            c.message
+        );
+        if let Some(events) = &events {
+            events(BlockEvent::ImageCorrupted {
+                node_name: name.clone(),
+                msg: c.message.clone(),
+                offset: c.offset,
+                size: c.size,
+                fatal: true,
+            });
+        }
+    }));
     Ok(Box::new(Qcow2Driver {
-        node_name: ctx.ensure_name()?,
+        node_name,
         file,
         storage,
         image: RwLock::new(Arc::new(image)),
@@ -188,6 +220,43 @@ pub(crate) fn open(
         dirty_at_open: read_only && incompatible & INCOMPAT_DIRTY != 0,
         lazy_refcounts: compatible & COMPAT_LAZY_REFCOUNTS != 0,
     }))
+}
+
+/// `overlap-check` (`Qcow2OverlapChecks`): a template, or `Qcow2OverlapCheckFlags` (a template,
+/// `cached` unless given, with single checks switched on or off); absent: `cached`. The input
+/// visitor has refused unknown values and members already, with QEMU's words.
+fn overlap_checks(option: Option<&qmp_api::Qcow2OverlapChecks>) -> qcow2::OverlapChecks {
+    use qcow2::{Metadata, OverlapChecks};
+    use qmp_api::{Qcow2OverlapCheckMode as Mode, Qcow2OverlapChecks as Checks};
+    let template = |mode: Mode| match mode {
+        Mode::None => OverlapChecks::NONE,
+        Mode::Constant => OverlapChecks::CONSTANT,
+        Mode::Cached => OverlapChecks::CACHED,
+        Mode::All => OverlapChecks::ALL,
+    };
+    match option {
+        None => OverlapChecks::default(),
+        Some(Checks::Mode(mode)) => template(*mode),
+        Some(Checks::Flags(f)) => {
+            let mut checks = f.template.map_or(OverlapChecks::default(), template);
+            for (m, on) in [
+                (Metadata::MainHeader, f.main_header),
+                (Metadata::ActiveL1, f.active_l1),
+                (Metadata::ActiveL2, f.active_l2),
+                (Metadata::RefcountTable, f.refcount_table),
+                (Metadata::RefcountBlock, f.refcount_block),
+                (Metadata::SnapshotTable, f.snapshot_table),
+                (Metadata::InactiveL1, f.inactive_l1),
+                (Metadata::InactiveL2, f.inactive_l2),
+                (Metadata::BitmapDirectory, f.bitmap_directory),
+            ] {
+                if let Some(on) = on {
+                    checks = checks.with(m, on);
+                }
+            }
+            checks
+        }
+    }
 }
 
 impl Qcow2Driver {
@@ -490,7 +559,8 @@ impl BitmapStore for Qcow2Driver {
     }
 
     fn store_bitmaps(&self, bitmaps: &[DirtyBitmap]) -> BlockResult<()> {
-        if self.read_only() {
+        // Nothing more is written to an image marked corrupt while open.
+        if self.read_only() || self.image().info().corrupt {
             return Ok(());
         }
         let writable = |b: &&DirtyBitmap| !b.is_inconsistent() && !b.is_readonly();

@@ -25,6 +25,41 @@ impl JobStatusChangeData {
     }
 }
 ::qapi_runtime::impl_object!(JobStatusChangeData { id("id"), status("status") });
+/// Data of event `BLOCK_IMAGE_CORRUPTED`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockImageCorruptedData {
+    /// the device the node belongs to (empty for a node that is
+    /// not attached to a device, as every node of this daemon)
+    pub device: String,
+    /// the node's name
+    pub node_name: Option<String>,
+    /// what was found, e.g. "Preventing invalid write on metadata
+    /// (overlaps with active L1 table)"
+    pub msg: String,
+    /// where in the image file, if known
+    pub offset: Option<i64>,
+    /// how many bytes, if known
+    pub size: Option<i64>,
+    /// whether the image is now marked corrupt and unusable
+    pub fatal: bool,
+}
+impl BlockImageCorruptedData {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>, msg: impl Into<String>, fatal: bool) -> Self {
+        Self {
+            device: device.into(),
+            node_name: None,
+            msg: msg.into(),
+            offset: None,
+            size: None,
+            fatal,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockImageCorruptedData { device("device"), optional node_name("node-name"),
+    msg("msg"), optional offset("offset"), optional size("size"), fatal("fatal") }
+);
 /// Data of event `BLOCK_JOB_COMPLETED`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockJobCompletedData {
@@ -198,6 +233,14 @@ pub enum Event {
     ///
     /// **Since:** 3.0
     JobStatusChange(JobStatusChangeData),
+    /// Emitted when a corruption of an image's metadata is found.  A fatal
+    /// one (a write that would have landed on the image's own metadata,
+    /// for instance) marks the image corrupt: the node takes no more I/O,
+    /// and the image can only be opened read-only until it is repaired
+    /// (`qemu-img check -r all`).
+    ///
+    /// **Since:** 1.7
+    BlockImageCorrupted(BlockImageCorruptedData),
     /// Sent when a block job has ended, successfully or not, except when
     /// it was cancelled (see `BLOCK_JOB_CANCELLED`).
     ///
@@ -232,6 +275,7 @@ impl Event {
     /// Every event name, in schema order.
     pub const NAMES: &'static [&'static str] = &[
         "JOB_STATUS_CHANGE",
+        "BLOCK_IMAGE_CORRUPTED",
         "BLOCK_JOB_COMPLETED",
         "BLOCK_JOB_CANCELLED",
         "BLOCK_JOB_ERROR",
@@ -243,6 +287,7 @@ impl Event {
     pub fn name(&self) -> &str {
         match self {
             Self::JobStatusChange(_) => "JOB_STATUS_CHANGE",
+            Self::BlockImageCorrupted(_) => "BLOCK_IMAGE_CORRUPTED",
             Self::BlockJobCompleted(_) => "BLOCK_JOB_COMPLETED",
             Self::BlockJobCancelled(_) => "BLOCK_JOB_CANCELLED",
             Self::BlockJobError(_) => "BLOCK_JOB_ERROR",
@@ -256,6 +301,7 @@ impl Event {
     pub fn data(&self) -> Option<::serde_json::Value> {
         match self {
             Self::JobStatusChange(data) => Some(::qapi_runtime::wire::data(data)),
+            Self::BlockImageCorrupted(data) => Some(::qapi_runtime::wire::data(data)),
             Self::BlockJobCompleted(data) => Some(::qapi_runtime::wire::data(data)),
             Self::BlockJobCancelled(data) => Some(::qapi_runtime::wire::data(data)),
             Self::BlockJobError(data) => Some(::qapi_runtime::wire::data(data)),
@@ -282,6 +328,9 @@ impl Event {
             match name {
                 "JOB_STATUS_CHANGE" => {
                     Self::JobStatusChange(::qapi_runtime::event::read_data(data)?)
+                }
+                "BLOCK_IMAGE_CORRUPTED" => {
+                    Self::BlockImageCorrupted(::qapi_runtime::event::read_data(data)?)
                 }
                 "BLOCK_JOB_COMPLETED" => {
                     Self::BlockJobCompleted(::qapi_runtime::event::read_data(data)?)

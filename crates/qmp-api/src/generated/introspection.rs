@@ -101,36 +101,41 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   },
   {
     "arg-type": "17",
+    "meta-type": "event",
+    "name": "BLOCK_IMAGE_CORRUPTED"
+  },
+  {
+    "arg-type": "18",
     "meta-type": "command",
     "name": "block-dirty-bitmap-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "18",
+    "arg-type": "19",
     "meta-type": "command",
     "name": "block-dirty-bitmap-remove",
     "ret-type": "1"
   },
   {
-    "arg-type": "18",
+    "arg-type": "19",
     "meta-type": "command",
     "name": "block-dirty-bitmap-clear",
     "ret-type": "1"
   },
   {
-    "arg-type": "18",
+    "arg-type": "19",
     "meta-type": "command",
     "name": "block-dirty-bitmap-enable",
     "ret-type": "1"
   },
   {
-    "arg-type": "18",
+    "arg-type": "19",
     "meta-type": "command",
     "name": "block-dirty-bitmap-disable",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "20",
     "meta-type": "command",
     "name": "block-dirty-bitmap-merge",
     "ret-type": "1"
@@ -139,89 +144,89 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "arg-type": "1",
     "meta-type": "command",
     "name": "query-block-jobs",
-    "ret-type": "[20]"
+    "ret-type": "[21]"
   },
   {
-    "arg-type": "21",
+    "arg-type": "22",
     "meta-type": "command",
     "name": "block-job-set-speed",
     "ret-type": "1"
   },
   {
-    "arg-type": "22",
+    "arg-type": "23",
     "meta-type": "command",
     "name": "block-job-cancel",
     "ret-type": "1"
   },
   {
-    "arg-type": "23",
+    "arg-type": "24",
     "meta-type": "command",
     "name": "block-job-pause",
     "ret-type": "1"
   },
   {
-    "arg-type": "24",
+    "arg-type": "25",
     "meta-type": "command",
     "name": "block-job-resume",
     "ret-type": "1"
   },
   {
-    "arg-type": "25",
+    "arg-type": "26",
     "meta-type": "command",
     "name": "block-job-complete",
     "ret-type": "1"
   },
   {
-    "arg-type": "26",
+    "arg-type": "27",
     "meta-type": "command",
     "name": "block-job-dismiss",
     "ret-type": "1"
   },
   {
-    "arg-type": "27",
+    "arg-type": "28",
     "meta-type": "command",
     "name": "block-job-finalize",
     "ret-type": "1"
   },
   {
-    "arg-type": "28",
+    "arg-type": "29",
     "meta-type": "command",
     "name": "block-job-change",
     "ret-type": "1"
   },
   {
-    "arg-type": "29",
+    "arg-type": "30",
     "meta-type": "event",
     "name": "BLOCK_JOB_COMPLETED"
   },
   {
-    "arg-type": "30",
+    "arg-type": "31",
     "meta-type": "event",
     "name": "BLOCK_JOB_CANCELLED"
   },
   {
-    "arg-type": "31",
+    "arg-type": "32",
     "meta-type": "event",
     "name": "BLOCK_JOB_ERROR"
   },
   {
-    "arg-type": "32",
+    "arg-type": "33",
     "meta-type": "event",
     "name": "BLOCK_JOB_READY"
   },
   {
-    "arg-type": "33",
+    "arg-type": "34",
     "meta-type": "event",
     "name": "BLOCK_JOB_PENDING"
   },
   {
-    "arg-type": "34",
+    "arg-type": "35",
     "meta-type": "command",
     "name": "blockdev-backup",
     "ret-type": "1"
   },
   {
-    "arg-type": "35",
+    "arg-type": "36",
     "features": [
       "deprecated"
     ],
@@ -230,25 +235,25 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "36",
+    "arg-type": "37",
     "meta-type": "command",
     "name": "blockdev-mirror",
     "ret-type": "1"
   },
   {
-    "arg-type": "37",
+    "arg-type": "38",
     "meta-type": "command",
     "name": "drive-mirror",
     "ret-type": "1"
   },
   {
-    "arg-type": "38",
+    "arg-type": "39",
     "meta-type": "command",
     "name": "blockdev-snapshot-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "39",
+    "arg-type": "40",
     "features": [
       "allow-write-only-overlay"
     ],
@@ -257,19 +262,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "40",
+    "arg-type": "41",
     "meta-type": "command",
     "name": "blockdev-snapshot-internal-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "41",
+    "arg-type": "42",
     "meta-type": "command",
     "name": "transaction",
     "ret-type": "1"
   },
   {
-    "arg-type": "42",
+    "arg-type": "43",
     "meta-type": "command",
     "name": "nbd-server-start",
     "ret-type": "1"
@@ -281,19 +286,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "43",
+    "arg-type": "44",
     "meta-type": "command",
     "name": "block-export-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "44",
+    "arg-type": "45",
     "meta-type": "command",
     "name": "block-export-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "45",
+    "arg-type": "46",
     "meta-type": "event",
     "name": "BLOCK_EXPORT_DELETED"
   },
@@ -302,7 +307,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "enable",
-        "type": "[46]"
+        "type": "[47]"
       }
     ],
     "meta-type": "object",
@@ -317,7 +322,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qemu",
-        "type": "47"
+        "type": "48"
       },
       {
         "name": "package",
@@ -355,7 +360,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "meta-type",
-        "type": "48"
+        "type": "49"
       },
       {
         "default": null,
@@ -369,31 +374,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "builtin",
-        "type": "49"
-      },
-      {
-        "case": "enum",
         "type": "50"
       },
       {
-        "case": "array",
+        "case": "enum",
         "type": "51"
       },
       {
-        "case": "object",
+        "case": "array",
         "type": "52"
       },
       {
-        "case": "alternate",
+        "case": "object",
         "type": "53"
       },
       {
-        "case": "command",
+        "case": "alternate",
         "type": "54"
       },
       {
-        "case": "event",
+        "case": "command",
         "type": "55"
+      },
+      {
+        "case": "event",
+        "type": "56"
       }
     ]
   },
@@ -405,7 +410,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "56"
+        "type": "57"
       }
     ],
     "meta-type": "object",
@@ -484,11 +489,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "57"
+        "type": "58"
       },
       {
         "name": "status",
-        "type": "56"
+        "type": "57"
       },
       {
         "name": "current-progress",
@@ -561,7 +566,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "detect_zeroes",
-        "type": "58"
+        "type": "59"
       },
       {
         "name": "bps",
@@ -589,7 +594,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "image",
-        "type": "59"
+        "type": "60"
       },
       {
         "default": null,
@@ -663,7 +668,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "cache",
-        "type": "60"
+        "type": "61"
       },
       {
         "name": "write_threshold",
@@ -672,7 +677,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "dirty-bitmaps",
-        "type": "[61]"
+        "type": "[62]"
       }
     ],
     "meta-type": "object",
@@ -682,7 +687,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "62"
+        "type": "63"
       },
       {
         "default": null,
@@ -692,12 +697,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "discard",
-        "type": "63"
+        "type": "64"
       },
       {
         "default": null,
         "name": "cache",
-        "type": "64"
+        "type": "65"
       },
       {
         "default": null,
@@ -722,7 +727,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "detect-zeroes",
-        "type": "58"
+        "type": "59"
       }
     ],
     "meta-type": "object",
@@ -731,23 +736,23 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "blkdebug",
-        "type": "65"
-      },
-      {
-        "case": "file",
         "type": "66"
       },
       {
-        "case": "null-co",
+        "case": "file",
         "type": "67"
       },
       {
-        "case": "qcow2",
+        "case": "null-co",
         "type": "68"
       },
       {
-        "case": "raw",
+        "case": "qcow2",
         "type": "69"
+      },
+      {
+        "case": "raw",
+        "type": "70"
       }
     ]
   },
@@ -760,6 +765,39 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "object",
     "name": "16"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "msg",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "offset",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "size",
+        "type": "int"
+      },
+      {
+        "name": "fatal",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "17"
   },
   {
     "members": [
@@ -788,7 +826,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "17"
+    "name": "18"
   },
   {
     "members": [
@@ -802,7 +840,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "18"
+    "name": "19"
   },
   {
     "members": [
@@ -816,22 +854,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[70]"
+        "type": "[71]"
       }
     ],
     "meta-type": "object",
-    "name": "19"
+    "name": "20"
   },
   {
-    "element-type": "20",
+    "element-type": "21",
     "meta-type": "array",
-    "name": "[20]"
+    "name": "[21]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "57"
+        "type": "58"
       },
       {
         "name": "device",
@@ -859,7 +897,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "71"
+        "type": "72"
       },
       {
         "name": "ready",
@@ -867,7 +905,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "56"
+        "type": "57"
       },
       {
         "name": "auto-finalize",
@@ -884,139 +922,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "20",
-    "tag": "type",
-    "variants": [
-      {
-        "case": "mirror",
-        "type": "72"
-      },
-      {
-        "case": "commit",
-        "type": "1"
-      },
-      {
-        "case": "stream",
-        "type": "1"
-      },
-      {
-        "case": "backup",
-        "type": "1"
-      },
-      {
-        "case": "create",
-        "type": "1"
-      },
-      {
-        "case": "amend",
-        "type": "1"
-      },
-      {
-        "case": "snapshot-load",
-        "type": "1"
-      },
-      {
-        "case": "snapshot-save",
-        "type": "1"
-      },
-      {
-        "case": "snapshot-delete",
-        "type": "1"
-      }
-    ]
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
-      },
-      {
-        "name": "speed",
-        "type": "int"
-      }
-    ],
-    "meta-type": "object",
-    "name": "21"
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
-      },
-      {
-        "default": null,
-        "name": "force",
-        "type": "bool"
-      }
-    ],
-    "meta-type": "object",
-    "name": "22"
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "23"
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "24"
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "25"
-  },
-  {
-    "members": [
-      {
-        "name": "id",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "26"
-  },
-  {
-    "members": [
-      {
-        "name": "id",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "27"
-  },
-  {
-    "members": [
-      {
-        "name": "id",
-        "type": "str"
-      },
-      {
-        "name": "type",
-        "type": "57"
-      }
-    ],
-    "meta-type": "object",
-    "name": "28",
+    "name": "21",
     "tag": "type",
     "variants": [
       {
@@ -1060,8 +966,140 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "speed",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "22"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "force",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "23"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "24"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "25"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "26"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "27"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "28"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
         "name": "type",
-        "type": "57"
+        "type": "58"
+      }
+    ],
+    "meta-type": "object",
+    "name": "29",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "mirror",
+        "type": "74"
+      },
+      {
+        "case": "commit",
+        "type": "1"
+      },
+      {
+        "case": "stream",
+        "type": "1"
+      },
+      {
+        "case": "backup",
+        "type": "1"
+      },
+      {
+        "case": "create",
+        "type": "1"
+      },
+      {
+        "case": "amend",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-load",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-save",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-delete",
+        "type": "1"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "58"
       },
       {
         "name": "device",
@@ -1086,13 +1124,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "29"
+    "name": "30"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "57"
+        "type": "58"
       },
       {
         "name": "device",
@@ -1112,7 +1150,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "30"
+    "name": "31"
   },
   {
     "members": [
@@ -1122,21 +1160,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "74"
+        "type": "75"
       },
       {
         "name": "action",
-        "type": "75"
+        "type": "76"
       }
     ],
     "meta-type": "object",
-    "name": "31"
+    "name": "32"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "57"
+        "type": "58"
       },
       {
         "name": "device",
@@ -1156,97 +1194,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "32"
-  },
-  {
-    "members": [
-      {
-        "name": "type",
-        "type": "57"
-      },
-      {
-        "name": "id",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
     "name": "33"
   },
   {
     "members": [
       {
-        "default": null,
-        "name": "job-id",
-        "type": "str"
+        "name": "type",
+        "type": "58"
       },
       {
-        "name": "device",
-        "type": "str"
-      },
-      {
-        "name": "sync",
-        "type": "76"
-      },
-      {
-        "default": null,
-        "name": "speed",
-        "type": "int"
-      },
-      {
-        "default": null,
-        "name": "bitmap",
-        "type": "str"
-      },
-      {
-        "default": null,
-        "name": "bitmap-mode",
-        "type": "77"
-      },
-      {
-        "default": null,
-        "name": "compress",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "on-source-error",
-        "type": "78"
-      },
-      {
-        "default": null,
-        "name": "on-target-error",
-        "type": "78"
-      },
-      {
-        "default": null,
-        "name": "auto-finalize",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "auto-dismiss",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "filter-node-name",
-        "type": "str"
-      },
-      {
-        "default": null,
-        "name": "discard-source",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "features": [
-          "unstable"
-        ],
-        "name": "x-perf",
-        "type": "79"
-      },
-      {
-        "name": "target",
+        "name": "id",
         "type": "str"
       }
     ],
@@ -1266,7 +1223,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "76"
+        "type": "77"
       },
       {
         "default": null,
@@ -1281,7 +1238,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "77"
+        "type": "78"
       },
       {
         "default": null,
@@ -1291,12 +1248,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "78"
+        "type": "79"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "78"
+        "type": "79"
       },
       {
         "default": null,
@@ -1324,7 +1281,88 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
+        "type": "80"
+      },
+      {
+        "name": "target",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "35"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "sync",
+        "type": "77"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bitmap",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "bitmap-mode",
+        "type": "78"
+      },
+      {
+        "default": null,
+        "name": "compress",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "on-source-error",
         "type": "79"
+      },
+      {
+        "default": null,
+        "name": "on-target-error",
+        "type": "79"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "discard-source",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-perf",
+        "type": "80"
       },
       {
         "name": "target",
@@ -1338,11 +1376,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "80"
+        "type": "81"
       }
     ],
     "meta-type": "object",
-    "name": "35"
+    "name": "36"
   },
   {
     "members": [
@@ -1366,7 +1404,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "76"
+        "type": "77"
       },
       {
         "default": null,
@@ -1386,12 +1424,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "78"
+        "type": "79"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "78"
+        "type": "79"
       },
       {
         "default": null,
@@ -1401,7 +1439,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "81"
+        "type": "82"
       },
       {
         "default": null,
@@ -1415,7 +1453,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "36"
+    "name": "37"
   },
   {
     "members": [
@@ -1449,12 +1487,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "76"
+        "type": "77"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "80"
+        "type": "81"
       },
       {
         "default": null,
@@ -1474,12 +1512,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "78"
+        "type": "79"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "78"
+        "type": "79"
       },
       {
         "default": null,
@@ -1489,7 +1527,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "81"
+        "type": "82"
       },
       {
         "default": null,
@@ -1503,7 +1541,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "37"
+    "name": "38"
   },
   {
     "members": [
@@ -1534,11 +1572,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "80"
+        "type": "81"
       }
     ],
     "meta-type": "object",
-    "name": "38"
+    "name": "39"
   },
   {
     "members": [
@@ -1552,7 +1590,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "39"
+    "name": "40"
   },
   {
     "members": [
@@ -1566,22 +1604,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "40"
+    "name": "41"
   },
   {
     "members": [
       {
         "name": "actions",
-        "type": "[82]"
+        "type": "[83]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "83"
+        "type": "84"
       }
     ],
     "meta-type": "object",
-    "name": "41"
+    "name": "42"
   },
   {
     "members": [
@@ -1607,17 +1645,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "84"
+        "type": "85"
       }
     ],
     "meta-type": "object",
-    "name": "42"
+    "name": "43"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "85"
+        "type": "86"
       },
       {
         "name": "id",
@@ -1654,24 +1692,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "43",
+    "name": "44",
     "tag": "type",
     "variants": [
       {
         "case": "nbd",
-        "type": "86"
-      },
-      {
-        "case": "vhost-user-blk",
         "type": "87"
       },
       {
-        "case": "fuse",
+        "case": "vhost-user-blk",
         "type": "88"
       },
       {
-        "case": "vduse-blk",
+        "case": "fuse",
         "type": "89"
+      },
+      {
+        "case": "vduse-blk",
+        "type": "90"
       }
     ]
   },
@@ -1684,11 +1722,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "90"
+        "type": "91"
       }
     ],
     "meta-type": "object",
-    "name": "44"
+    "name": "45"
   },
   {
     "members": [
@@ -1698,12 +1736,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "45"
+    "name": "46"
   },
   {
-    "element-type": "46",
+    "element-type": "47",
     "meta-type": "array",
-    "name": "[46]"
+    "name": "[47]"
   },
   {
     "members": [
@@ -1712,7 +1750,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "46",
+    "name": "47",
     "values": [
       "oob"
     ]
@@ -1733,7 +1771,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "47"
+    "name": "48"
   },
   {
     "json-type": "string",
@@ -1765,7 +1803,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "48",
+    "name": "49",
     "values": [
       "builtin",
       "enum",
@@ -1785,17 +1823,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "91"
+        "type": "92"
       }
     ],
     "meta-type": "object",
-    "name": "49"
+    "name": "50"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[92]"
+        "type": "[93]"
       },
       {
         "features": [
@@ -1806,7 +1844,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "50"
+    "name": "51"
   },
   {
     "members": [
@@ -1816,13 +1854,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "51"
+    "name": "52"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[93]"
+        "type": "[94]"
       },
       {
         "default": null,
@@ -1832,21 +1870,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[94]"
-      }
-    ],
-    "meta-type": "object",
-    "name": "52"
-  },
-  {
-    "members": [
-      {
-        "name": "members",
         "type": "[95]"
       }
     ],
     "meta-type": "object",
     "name": "53"
+  },
+  {
+    "members": [
+      {
+        "name": "members",
+        "type": "[96]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "54"
   },
   {
     "members": [
@@ -1865,7 +1903,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "54"
+    "name": "55"
   },
   {
     "members": [
@@ -1875,7 +1913,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "55"
+    "name": "56"
   },
   {
     "members": [
@@ -1914,7 +1952,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "56",
+    "name": "57",
     "values": [
       "undefined",
       "created",
@@ -1960,7 +1998,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "57",
+    "name": "58",
     "values": [
       "commit",
       "stream",
@@ -1996,7 +2034,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "58",
+    "name": "59",
     "values": [
       "off",
       "on",
@@ -2060,21 +2098,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[96]"
+        "type": "[97]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "97"
+        "type": "98"
       },
       {
         "default": null,
         "name": "backing-image",
-        "type": "59"
+        "type": "60"
       }
     ],
     "meta-type": "object",
-    "name": "59"
+    "name": "60"
   },
   {
     "members": [
@@ -2092,12 +2130,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "60"
+    "name": "61"
   },
   {
-    "element-type": "61",
+    "element-type": "62",
     "meta-type": "array",
-    "name": "[61]"
+    "name": "[62]"
   },
   {
     "members": [
@@ -2133,7 +2171,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "61"
+    "name": "62"
   },
   {
     "members": [
@@ -2154,7 +2192,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "62",
+    "name": "63",
     "values": [
       "blkdebug",
       "file",
@@ -2173,7 +2211,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "63",
+    "name": "64",
     "values": [
       "ignore",
       "unmap"
@@ -2193,13 +2231,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "64"
+    "name": "65"
   },
   {
     "members": [
       {
         "name": "image",
-        "type": "98"
+        "type": "99"
       },
       {
         "default": null,
@@ -2239,26 +2277,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[99]"
-      },
-      {
-        "default": null,
-        "name": "set-state",
         "type": "[100]"
       },
       {
         "default": null,
-        "name": "take-child-perms",
+        "name": "set-state",
         "type": "[101]"
       },
       {
         "default": null,
+        "name": "take-child-perms",
+        "type": "[102]"
+      },
+      {
+        "default": null,
         "name": "unshare-child-perms",
-        "type": "[101]"
+        "type": "[102]"
       }
     ],
     "meta-type": "object",
-    "name": "65"
+    "name": "66"
   },
   {
     "features": [
@@ -2277,12 +2315,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "102"
+        "type": "103"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "103"
+        "type": "104"
       },
       {
         "default": null,
@@ -2304,7 +2342,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "66"
+    "name": "67"
   },
   {
     "members": [
@@ -2325,18 +2363,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "67"
+    "name": "68"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "98"
+        "type": "99"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "104"
+        "type": "105"
       },
       {
         "default": null,
@@ -2366,7 +2404,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "105"
+        "type": "106"
       },
       {
         "default": null,
@@ -2396,22 +2434,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "106"
+        "type": "107"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "98"
+        "type": "99"
       }
     ],
     "meta-type": "object",
-    "name": "68"
+    "name": "69"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "98"
+        "type": "99"
       },
       {
         "default": null,
@@ -2425,12 +2463,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "69"
+    "name": "70"
   },
   {
-    "element-type": "70",
+    "element-type": "71",
     "meta-type": "array",
-    "name": "[70]"
+    "name": "[71]"
   },
   {
     "members": [
@@ -2438,11 +2476,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "type": "str"
       },
       {
-        "type": "18"
+        "type": "19"
       }
     ],
     "meta-type": "alternate",
-    "name": "70"
+    "name": "71"
   },
   {
     "members": [
@@ -2457,7 +2495,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "71",
+    "name": "72",
     "values": [
       "ok",
       "failed",
@@ -2472,17 +2510,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "72"
+    "name": "73"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "81"
+        "type": "82"
       }
     ],
     "meta-type": "object",
-    "name": "73"
+    "name": "74"
   },
   {
     "members": [
@@ -2494,7 +2532,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "74",
+    "name": "75",
     "values": [
       "read",
       "write"
@@ -2513,7 +2551,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "75",
+    "name": "76",
     "values": [
       "ignore",
       "report",
@@ -2539,7 +2577,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "76",
+    "name": "77",
     "values": [
       "top",
       "full",
@@ -2561,7 +2599,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "77",
+    "name": "78",
     "values": [
       "on-success",
       "never",
@@ -2587,7 +2625,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "78",
+    "name": "79",
     "values": [
       "report",
       "ignore",
@@ -2620,7 +2658,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "79"
+    "name": "80"
   },
   {
     "members": [
@@ -2632,7 +2670,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "80",
+    "name": "81",
     "values": [
       "existing",
       "absolute-paths"
@@ -2648,87 +2686,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "81",
+    "name": "82",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "82",
+    "element-type": "83",
     "meta-type": "array",
-    "name": "[82]"
+    "name": "[83]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "107"
+        "type": "108"
       }
     ],
     "meta-type": "object",
-    "name": "82",
+    "name": "83",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "108"
-      },
-      {
-        "case": "block-dirty-bitmap-add",
         "type": "109"
       },
       {
-        "case": "block-dirty-bitmap-remove",
+        "case": "block-dirty-bitmap-add",
         "type": "110"
+      },
+      {
+        "case": "block-dirty-bitmap-remove",
+        "type": "111"
       },
       {
         "case": "block-dirty-bitmap-clear",
-        "type": "110"
+        "type": "111"
       },
       {
         "case": "block-dirty-bitmap-enable",
-        "type": "110"
+        "type": "111"
       },
       {
         "case": "block-dirty-bitmap-disable",
-        "type": "110"
+        "type": "111"
       },
       {
         "case": "block-dirty-bitmap-merge",
-        "type": "111"
-      },
-      {
-        "case": "blockdev-backup",
         "type": "112"
       },
       {
-        "case": "blockdev-snapshot",
+        "case": "blockdev-backup",
         "type": "113"
       },
       {
-        "case": "blockdev-snapshot-internal-sync",
+        "case": "blockdev-snapshot",
         "type": "114"
       },
       {
-        "case": "blockdev-snapshot-sync",
+        "case": "blockdev-snapshot-internal-sync",
         "type": "115"
       },
       {
-        "case": "drive-backup",
+        "case": "blockdev-snapshot-sync",
         "type": "116"
       },
       {
+        "case": "drive-backup",
+        "type": "117"
+      },
+      {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "110"
+        "type": "111"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "110"
+        "type": "111"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "111"
+        "type": "112"
       }
     ]
   },
@@ -2737,38 +2775,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "117"
+        "type": "118"
       }
     ],
     "meta-type": "object",
-    "name": "83"
+    "name": "84"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "118"
+        "type": "119"
       }
     ],
     "meta-type": "object",
-    "name": "84",
+    "name": "85",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "119"
-      },
-      {
-        "case": "unix",
         "type": "120"
       },
       {
-        "case": "vsock",
+        "case": "unix",
         "type": "121"
       },
       {
-        "case": "fd",
+        "case": "vsock",
         "type": "122"
+      },
+      {
+        "case": "fd",
+        "type": "123"
       }
     ]
   },
@@ -2788,7 +2826,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "85",
+    "name": "86",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -2811,7 +2849,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[70]"
+        "type": "[71]"
       },
       {
         "default": null,
@@ -2820,13 +2858,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "86"
+    "name": "87"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "123"
+        "type": "124"
       },
       {
         "default": null,
@@ -2840,7 +2878,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "87"
+    "name": "88"
   },
   {
     "members": [
@@ -2856,11 +2894,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "124"
+        "type": "125"
       }
     ],
     "meta-type": "object",
-    "name": "88"
+    "name": "89"
   },
   {
     "members": [
@@ -2890,7 +2928,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "89"
+    "name": "90"
   },
   {
     "members": [
@@ -2902,7 +2940,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "90",
+    "name": "91",
     "values": [
       "safe",
       "hard"
@@ -2936,7 +2974,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "91",
+    "name": "92",
     "values": [
       "string",
       "number",
@@ -2949,9 +2987,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "92",
+    "element-type": "93",
     "meta-type": "array",
-    "name": "[92]"
+    "name": "[93]"
   },
   {
     "members": [
@@ -2966,12 +3004,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "92"
+    "name": "93"
   },
   {
-    "element-type": "93",
+    "element-type": "94",
     "meta-type": "array",
-    "name": "[93]"
+    "name": "[94]"
   },
   {
     "members": [
@@ -2995,12 +3033,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "93"
+    "name": "94"
   },
   {
-    "element-type": "94",
+    "element-type": "95",
     "meta-type": "array",
-    "name": "[94]"
+    "name": "[95]"
   },
   {
     "members": [
@@ -3014,12 +3052,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "94"
+    "name": "95"
   },
   {
-    "element-type": "95",
+    "element-type": "96",
     "meta-type": "array",
-    "name": "[95]"
+    "name": "[96]"
   },
   {
     "members": [
@@ -3029,12 +3067,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "95"
+    "name": "96"
   },
   {
-    "element-type": "96",
+    "element-type": "97",
     "meta-type": "array",
-    "name": "[96]"
+    "name": "[97]"
   },
   {
     "members": [
@@ -3073,38 +3111,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "96"
+    "name": "97"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "125"
+        "type": "126"
       }
     ],
     "meta-type": "object",
-    "name": "97",
+    "name": "98",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "126"
-      },
-      {
-        "case": "vmdk",
         "type": "127"
       },
       {
-        "case": "luks",
+        "case": "vmdk",
         "type": "128"
       },
       {
-        "case": "rbd",
+        "case": "luks",
         "type": "129"
       },
       {
-        "case": "file",
+        "case": "rbd",
         "type": "130"
+      },
+      {
+        "case": "file",
+        "type": "131"
       }
     ]
   },
@@ -3118,18 +3156,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "98"
+    "name": "99"
   },
   {
-    "element-type": "99",
+    "element-type": "100",
     "meta-type": "array",
-    "name": "[99]"
+    "name": "[100]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "131"
+        "type": "132"
       },
       {
         "default": null,
@@ -3139,7 +3177,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "132"
+        "type": "133"
       },
       {
         "default": null,
@@ -3163,18 +3201,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "99"
+    "name": "100"
   },
   {
-    "element-type": "100",
+    "element-type": "101",
     "meta-type": "array",
-    "name": "[100]"
+    "name": "[101]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "131"
+        "type": "132"
       },
       {
         "default": null,
@@ -3187,12 +3225,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "100"
+    "name": "101"
   },
   {
-    "element-type": "101",
+    "element-type": "102",
     "meta-type": "array",
-    "name": "[101]"
+    "name": "[102]"
   },
   {
     "members": [
@@ -3210,7 +3248,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "101",
+    "name": "102",
     "values": [
       "consistent-read",
       "write",
@@ -3231,7 +3269,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "102",
+    "name": "103",
     "values": [
       "auto",
       "on",
@@ -3251,7 +3289,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "103",
+    "name": "104",
     "values": [
       "threads",
       "native",
@@ -3271,38 +3309,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "104"
-  },
-  {
-    "members": [
-      {
-        "type": "133"
-      },
-      {
-        "type": "134"
-      }
-    ],
-    "meta-type": "alternate",
     "name": "105"
   },
   {
     "members": [
       {
-        "name": "format",
+        "type": "134"
+      },
+      {
         "type": "135"
       }
     ],
+    "meta-type": "alternate",
+    "name": "106"
+  },
+  {
+    "members": [
+      {
+        "name": "format",
+        "type": "136"
+      }
+    ],
     "meta-type": "object",
-    "name": "106",
+    "name": "107",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "136"
+        "type": "137"
       },
       {
         "case": "luks",
-        "type": "137"
+        "type": "138"
       }
     ]
   },
@@ -3370,7 +3408,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "107",
+    "name": "108",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -3393,17 +3431,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "138"
-      }
-    ],
-    "meta-type": "object",
-    "name": "108"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "17"
+        "type": "139"
       }
     ],
     "meta-type": "object",
@@ -3433,7 +3461,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "34"
+        "type": "20"
       }
     ],
     "meta-type": "object",
@@ -3443,7 +3471,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "39"
+        "type": "35"
       }
     ],
     "meta-type": "object",
@@ -3463,7 +3491,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "38"
+        "type": "41"
       }
     ],
     "meta-type": "object",
@@ -3473,11 +3501,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "35"
+        "type": "39"
       }
     ],
     "meta-type": "object",
     "name": "116"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "36"
+      }
+    ],
+    "meta-type": "object",
+    "name": "117"
   },
   {
     "members": [
@@ -3489,7 +3527,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "117",
+    "name": "118",
     "values": [
       "individual",
       "grouped"
@@ -3511,23 +3549,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "118",
+    "name": "119",
     "values": [
       "inet",
       "unix",
       "vsock",
       "fd"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "139"
-      }
-    ],
-    "meta-type": "object",
-    "name": "119"
   },
   {
     "members": [
@@ -3562,29 +3590,39 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "type",
-        "type": "118"
+        "name": "data",
+        "type": "143"
       }
     ],
     "meta-type": "object",
-    "name": "123",
+    "name": "123"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "119"
+      }
+    ],
+    "meta-type": "object",
+    "name": "124",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "139"
-      },
-      {
-        "case": "unix",
         "type": "140"
       },
       {
-        "case": "vsock",
+        "case": "unix",
         "type": "141"
       },
       {
-        "case": "fd",
+        "case": "vsock",
         "type": "142"
+      },
+      {
+        "case": "fd",
+        "type": "143"
       }
     ]
   },
@@ -3601,7 +3639,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "124",
+    "name": "125",
     "values": [
       "off",
       "on",
@@ -3632,7 +3670,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "125",
+    "name": "126",
     "values": [
       "qcow2",
       "vmdk",
@@ -3640,16 +3678,6 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       "rbd",
       "file"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "143"
-      }
-    ],
-    "meta-type": "object",
-    "name": "126"
   },
   {
     "members": [
@@ -3690,6 +3718,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "object",
     "name": "130"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "148"
+      }
+    ],
+    "meta-type": "object",
+    "name": "131"
   },
   {
     "members": [
@@ -3839,7 +3877,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "131",
+    "name": "132",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -3913,7 +3951,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "132",
+    "name": "133",
     "values": [
       "read",
       "write",
@@ -3933,7 +3971,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "134"
+        "type": "135"
       },
       {
         "default": null,
@@ -3982,7 +4020,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "133"
+    "name": "134"
   },
   {
     "members": [
@@ -4000,7 +4038,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "134",
+    "name": "135",
     "values": [
       "none",
       "constant",
@@ -4018,7 +4056,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "135",
+    "name": "136",
     "values": [
       "aes",
       "luks"
@@ -4033,7 +4071,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "136"
+    "name": "137"
   },
   {
     "members": [
@@ -4044,12 +4082,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "137"
+    "name": "138"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "138"
+    "name": "139"
   },
   {
     "members": [
@@ -4093,7 +4131,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "139"
+    "name": "140"
   },
   {
     "members": [
@@ -4113,7 +4151,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "140"
+    "name": "141"
   },
   {
     "members": [
@@ -4127,7 +4165,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "141"
+    "name": "142"
   },
   {
     "members": [
@@ -4137,7 +4175,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "142"
+    "name": "143"
   },
   {
     "members": [
@@ -4177,20 +4215,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "148"
+        "type": "149"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[149]"
+        "type": "[150]"
       },
       {
         "name": "compression-type",
-        "type": "150"
+        "type": "151"
       }
     ],
     "meta-type": "object",
-    "name": "143"
+    "name": "144"
   },
   {
     "members": [
@@ -4208,34 +4246,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[151]"
+        "type": "[152]"
       }
     ],
     "meta-type": "object",
-    "name": "144"
+    "name": "145"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "152"
-      },
-      {
-        "name": "cipher-mode",
         "type": "153"
       },
       {
-        "name": "ivgen-alg",
+        "name": "cipher-mode",
         "type": "154"
+      },
+      {
+        "name": "ivgen-alg",
+        "type": "155"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "155"
+        "type": "156"
       },
       {
         "name": "hash-alg",
-        "type": "155"
+        "type": "156"
       },
       {
         "name": "detached-header",
@@ -4255,22 +4293,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[156]"
+        "type": "[157]"
       }
     ],
     "meta-type": "object",
-    "name": "145"
+    "name": "146"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "157"
+        "type": "158"
       }
     ],
     "meta-type": "object",
-    "name": "146"
+    "name": "147"
   },
   {
     "members": [
@@ -4281,22 +4319,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "147"
+    "name": "148"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "135"
+        "type": "136"
       }
     ],
     "meta-type": "object",
-    "name": "148",
+    "name": "149",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "145"
+        "type": "146"
       },
       {
         "case": "aes",
@@ -4305,9 +4343,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "149",
+    "element-type": "150",
     "meta-type": "array",
-    "name": "[149]"
+    "name": "[150]"
   },
   {
     "members": [
@@ -4321,11 +4359,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[158]"
+        "type": "[159]"
       }
     ],
     "meta-type": "object",
-    "name": "149"
+    "name": "150"
   },
   {
     "members": [
@@ -4337,16 +4375,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "150",
+    "name": "151",
     "values": [
       "zlib",
       "zstd"
     ]
   },
   {
-    "element-type": "151",
+    "element-type": "152",
     "meta-type": "array",
-    "name": "[151]"
+    "name": "[152]"
   },
   {
     "members": [
@@ -4374,7 +4412,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "151"
+    "name": "152"
   },
   {
     "members": [
@@ -4419,7 +4457,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "152",
+    "name": "153",
     "values": [
       "aes-128",
       "aes-192",
@@ -4452,7 +4490,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "153",
+    "name": "154",
     "values": [
       "ecb",
       "cbc",
@@ -4473,7 +4511,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "154",
+    "name": "155",
     "values": [
       "plain",
       "plain64",
@@ -4508,7 +4546,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "155",
+    "name": "156",
     "values": [
       "md5",
       "sha1",
@@ -4521,9 +4559,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "156",
+    "element-type": "157",
     "meta-type": "array",
-    "name": "[156]"
+    "name": "[157]"
   },
   {
     "members": [
@@ -4547,7 +4585,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "156"
+    "name": "157"
   },
   {
     "members": [
@@ -4562,7 +4600,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "157",
+    "name": "158",
     "values": [
       "luks",
       "luks2",
@@ -4570,9 +4608,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "158",
+    "element-type": "159",
     "meta-type": "array",
-    "name": "[158]"
+    "name": "[159]"
   },
   {
     "members": [
@@ -4584,7 +4622,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "158",
+    "name": "159",
     "values": [
       "in-use",
       "auto"
