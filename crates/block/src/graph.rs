@@ -141,11 +141,24 @@ impl BlockGraph {
         }
     }
 
-    /// Opens one node (and, through its driver, its children). Like QEMU, a protocol-style
-    /// driver (`file`, `null-co`, `blkdebug`) gets its name before its children open, while a
-    /// format (`raw`, `qcow2`) opens its `file` first: this fixes the `#blockNNN` counters and
-    /// the order of `query-named-block-nodes`.
+    /// Opens one node (and, through its driver, its children), then its backing chain.
     pub(crate) fn open_node(
+        &mut self,
+        options: &BlockdevOptions,
+        inherited_read_only: Option<bool>,
+        root: bool,
+    ) -> BlockResult<Arc<BlockNode>> {
+        let node = self.open_single(options, inherited_read_only, root)?;
+        // Like QEMU, the backing chain opens after (and is registered after) its overlay.
+        self.open_backing_chain(&node, drivers::backing_option(&options.branch))?;
+        Ok(node)
+    }
+
+    /// Opens one node (and, through its driver, its children), without its backing chain.
+    /// Like QEMU, a protocol-style driver (`file`, `null-co`, `blkdebug`) gets its name before
+    /// its children open, while a format (`raw`, `qcow2`) opens its `file` first: this fixes
+    /// the `#blockNNN` counters and the order of `query-named-block-nodes`.
+    fn open_single(
         &mut self,
         options: &BlockdevOptions,
         inherited_read_only: Option<bool>,
@@ -219,8 +232,6 @@ impl BlockGraph {
             self.nodes.push(node.clone());
         }
         self.by_name.insert(node.name().to_string(), node.clone());
-        // Like QEMU, the backing chain opens after (and is registered after) its overlay.
-        self.open_backing(&node, drivers::backing_option(&options.branch))?;
         Ok(node)
     }
 
@@ -235,39 +246,93 @@ impl BlockGraph {
         }
     }
 
-    fn open_backing(
+    /// Opens the backing chain below `top`, whose `backing` option is `backing`, one image
+    /// after the other (never by recursion, so no chain can exhaust the stack): from each
+    /// node's `backing` option, or else from the backing file its image header names. A chain
+    /// that comes back to a file already in it is refused naming that file, and so is one
+    /// deeper than [`MAX_BACKING_CHAIN`] images. Errors read as QEMU's, one `Could not open
+    /// backing file: ` per image opened from a header.
+    fn open_backing_chain(
         &mut self,
-        node: &Arc<BlockNode>,
+        top: &Arc<BlockNode>,
         backing: Option<&BlockdevRefOrNull>,
     ) -> BlockResult<()> {
-        if !node.driver().supports_backing() {
-            return Ok(());
-        }
-        let backing = match backing {
-            Some(BlockdevRefOrNull::Null(_)) => None,
-            Some(BlockdevRefOrNull::Reference(name)) => Some(self.lookup(name)?),
-            Some(BlockdevRefOrNull::Definition(options)) => {
-                Some(self.open_node(options, Some(true), false)?)
+        let mut chain: Vec<(u64, u64)> = file_identity(top).into_iter().collect();
+        let mut node = top.clone();
+        // The `backing` option of `node`: an image opened from a header has none.
+        let mut option = backing;
+        let mut prefix = String::new();
+        for depth in 0.. {
+            if !node.driver().supports_backing() {
+                return Ok(());
             }
-            None => match node.driver().backing_file() {
-                None => None,
-                Some((name, format)) => {
-                    let path = resolve_backing_path(node, &name);
-                    let format = match format {
-                        Some(f) => f,
-                        None => probe_format(&path)?,
-                    };
-                    let opened = image_options(&format, &path)
-                        .and_then(|options| self.open_node(&options, Some(true), false));
-                    Some(opened.map_err(|e| {
-                        BlockError::new(format!("Could not open backing file: {}", e.desc()))
-                    })?)
+            let (backing, next) = match option {
+                Some(BlockdevRefOrNull::Null(_)) => return Ok(()),
+                Some(BlockdevRefOrNull::Reference(name)) => {
+                    // An existing node, with the chain it already has.
+                    let b = self.lookup(name).map_err(|e| prefixed(&prefix, e))?;
+                    attach_backing(&node, b)?;
+                    return Ok(());
                 }
-            },
-        };
-        if let Some(b) = backing {
-            node.attach_child("backing", ChildKind::Backing, b.clone())?;
-            node.driver().set_backing(Some(b));
+                Some(BlockdevRefOrNull::Definition(options)) => {
+                    let b = self
+                        .open_single(options, Some(true), false)
+                        .map_err(|e| prefixed(&prefix, e))?;
+                    (b, drivers::backing_option(&options.branch))
+                }
+                None => match node.driver().backing_file() {
+                    None => return Ok(()),
+                    Some((name, format)) => {
+                        let outer = prefix.clone();
+                        prefix.push_str("Could not open backing file: ");
+                        let path = resolve_backing_path(&node, &name);
+                        if let Some(id) = path_identity(&path)
+                            && chain.contains(&id)
+                        {
+                            return Err(prefixed(
+                                &prefix,
+                                BlockError::new(format!(
+                                    "Backing file '{path}' creates an infinite loop"
+                                )),
+                            ));
+                        }
+                        let format = match format {
+                            Some(f) => f,
+                            None => probe_format(&path).map_err(|e| prefixed(&outer, e))?,
+                        };
+                        let b = image_options(&format, &path)
+                            .and_then(|options| self.open_single(&options, Some(true), false))
+                            .map_err(|e| prefixed(&prefix, e))?;
+                        (b, None)
+                    }
+                },
+            };
+            if depth >= MAX_BACKING_CHAIN {
+                return Err(prefixed(
+                    &prefix,
+                    BlockError::new(format!(
+                        "Backing chain is too deep: '{}' would be backing image {} \
+                         (at most {MAX_BACKING_CHAIN} are opened)",
+                        node_filename(&backing),
+                        depth + 1
+                    )),
+                ));
+            }
+            if let Some(id) = file_identity(&backing) {
+                if chain.contains(&id) {
+                    return Err(prefixed(
+                        &prefix,
+                        BlockError::new(format!(
+                            "Backing file '{}' creates an infinite loop",
+                            node_filename(&backing)
+                        )),
+                    ));
+                }
+                chain.push(id);
+            }
+            attach_backing(&node, backing.clone())?;
+            node = backing;
+            option = next;
         }
         Ok(())
     }
@@ -446,6 +511,51 @@ pub fn image_options(format: &str, path: &str) -> BlockResult<BlockdevOptions> {
     let mut options = BlockdevOptions::new(branch);
     options.read_only = Some(true);
     Ok(options)
+}
+
+/// How many backing images below a node are opened at most. QEMU 10.0 has no limit: a
+/// 1500-deep chain crashes qemu-io (stack overflow), and a read-only chain that loops makes
+/// qemu-storage-daemon open the same file again and again (7000+ descriptors) without ever
+/// answering. Reads through a chain still go down it level by level: this bound keeps them
+/// well within a 2 MiB thread stack (measured in a release build: a read through 2048
+/// levels fits; the `backing_chains` tests read through this many).
+pub const MAX_BACKING_CHAIN: usize = 256;
+
+/// `e` behind the `Could not open backing file: ` prefixes of the levels above it.
+fn prefixed(prefix: &str, e: BlockError) -> BlockError {
+    if prefix.is_empty() {
+        return e;
+    }
+    let desc = format!("{prefix}{}", e.desc());
+    match e.errno() {
+        Some(errno) => BlockError::with_errno(desc, errno),
+        None => BlockError::new(desc),
+    }
+}
+
+fn attach_backing(node: &Arc<BlockNode>, backing: Arc<BlockNode>) -> BlockResult<()> {
+    node.attach_child("backing", ChildKind::Backing, backing.clone())?;
+    node.driver().set_backing(Some(backing));
+    Ok(())
+}
+
+/// The file a path names (device and inode), if it exists.
+fn path_identity(path: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// The file under a node: its `file` children followed down to a `file` driver node.
+fn file_identity(node: &Arc<BlockNode>) -> Option<(u64, u64)> {
+    let mut n = node.clone();
+    for _ in 0..16 {
+        if n.driver_name() == "file" {
+            return path_identity(n.options().get("filename")?.as_str()?);
+        }
+        n = n.child("file")?;
+    }
+    None
 }
 
 /// A backing file name from an image header, resolved against the image's directory.
