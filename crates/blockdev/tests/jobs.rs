@@ -615,3 +615,65 @@ fn the_speed_limit_holds_whatever_wakes_the_job() {
     h.step();
     assert_eq!(offset(&mut h), json!(2 * MIB));
 }
+
+#[test]
+fn a_backup_whose_target_cannot_be_flushed_fails_instead_of_completing() {
+    let mut h = Harness::with_src_tgt();
+    h.graph.add(
+        "full",
+        MemNode::failing_flush("full", 4 * MIB, 1, 28 /* ENOSPC */),
+    );
+    h.ok("blockdev-backup", backup("j", "src", "full"));
+    h.take_events();
+    h.settle();
+    let ev = h.take_events();
+    assert!(
+        ev.contains(
+            &r#"BLOCK_JOB_ERROR {"device":"j","operation":"write","action":"report"}"#.to_string()
+        ),
+        "{ev:?}"
+    );
+    let completed = ev
+        .iter()
+        .find(|e| e.starts_with("BLOCK_JOB_COMPLETED"))
+        .unwrap();
+    assert!(
+        completed.contains(r#""error":"No space left on device""#),
+        "{completed}"
+    );
+    assert_eq!(ev.last().map(String::as_str), Some("j null"));
+}
+
+#[test]
+fn a_target_flush_out_of_space_under_enospc_pauses_and_completes_once_resumed() {
+    let mut h = Harness::with_src_tgt();
+    let full = MemNode::failing_flush("full", 4 * MIB, 1, 28 /* ENOSPC */);
+    h.graph.add("full", full.clone());
+    h.ok(
+        "blockdev-backup",
+        with(
+            backup("j", "src", "full"),
+            json!({"on-target-error": "enospc"}),
+        ),
+    );
+    h.take_events();
+    h.settle();
+    let ev = h.take_events();
+    assert_eq!(
+        ev[ev.len() - 2..],
+        s(&[
+            r#"BLOCK_JOB_ERROR {"device":"j","operation":"write","action":"stop"}"#,
+            "j paused"
+        ])
+    );
+    h.ok("block-job-resume", json!({"device": "j"}));
+    h.settle();
+    let ev = h.take_events();
+    assert!(ev.contains(&completed("j", 4 * MIB, 0)), "{ev:?}");
+    assert_eq!(
+        *full.flushes.lock().unwrap(),
+        2,
+        "flushed again after the pause"
+    );
+    assert_eq!(full.bytes(), vec![0xab; 4 * MIB as usize]);
+}

@@ -25,6 +25,9 @@ pub struct MemNode {
     pub writes: Mutex<Vec<(u64, u64)>>,
     /// The node's bitmaps, marked by writes (set by [`MemGraph::node_bitmaps`]).
     pub bitmaps: Mutex<Option<Arc<MemBitmaps>>>,
+    /// The next flushes that fail, and their errno.
+    pub failing_flushes: Mutex<(u32, i32)>,
+    pub flushes: Mutex<u32>,
 }
 
 impl MemNode {
@@ -40,7 +43,16 @@ impl MemNode {
             fail_writes: false,
             writes: Mutex::new(Vec::new()),
             bitmaps: Mutex::new(None),
+            failing_flushes: Mutex::new((0, 0)),
+            flushes: Mutex::new(0),
         })
+    }
+
+    /// A node whose next `times` flushes fail with `errno`.
+    pub fn failing_flush(name: &str, size: u64, times: u32, errno: i32) -> Arc<MemNode> {
+        let node = MemNode::new(name, size, 0);
+        *node.failing_flushes.lock().unwrap() = (times, errno);
+        node
     }
 
     pub fn failing(name: &str, size: u64) -> Arc<MemNode> {
@@ -122,6 +134,12 @@ impl BlockIo for MemNode {
         })
     }
     fn flush(&self) -> io::Result<()> {
+        *self.flushes.lock().unwrap() += 1;
+        let mut failing = self.failing_flushes.lock().unwrap();
+        if failing.0 > 0 {
+            failing.0 -= 1;
+            return Err(io::Error::from_raw_os_error(failing.1));
+        }
         Ok(())
     }
 }
