@@ -48,8 +48,9 @@ pub enum Error {
     /// while open takes no more I/O.
     #[error("qcow2 image is marked corrupt; repair it with 'qemu-img check -r all'")]
     Corrupt,
-    /// A write would have landed on the image's own metadata: refused, and the image marked
-    /// corrupt (QEMU's `overlap-check`).
+    /// A write would have landed on the image's own metadata (QEMU's `overlap-check`), or an
+    /// allocation the metadata makes invalid (a refcount block at offset 0): refused, and the
+    /// image marked corrupt.
     #[error("{0}")]
     MetadataOverlap(String),
     /// A write was attempted on an image opened read-only.

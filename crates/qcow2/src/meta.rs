@@ -411,6 +411,10 @@ impl Meta {
         if off >= MAX_HOST_OFFSET {
             return invalid("image file would exceed the maximum size");
         }
+        if off == 0 {
+            // A zeroed first refcount table entry (QEMU's words and checks).
+            return Err(self.prevent("Preventing invalid allocation of refcount block at offset 0"));
+        }
         let mut block = vec![0u8; self.cs() as usize];
         rc_set(&mut block, self.h.refcount_order, 0, 1);
         // Stored at once, like a new L2 table (see `l2_for_write`).
@@ -636,6 +640,9 @@ impl Meta {
                 .ok_or_else(|| Error::Invalid("L2 cache miss".into()))?
         };
         let new = self.alloc_run(1)?;
+        if new == 0 {
+            return Err(self.prevent("Preventing invalid allocation of L2 table at offset 0"));
+        }
         // Stored at once (as QEMU does): the cluster is the file's from now on, so a full
         // disk fails this request rather than a later write-back.
         if let Err(e) = self.checked_write(&[], &data, new) {
@@ -897,6 +904,13 @@ impl Meta {
             return Ok(Some(Metadata::BitmapDirectory));
         }
         Ok(None)
+    }
+
+    /// Refuse an allocation that the image's metadata makes invalid: the image is marked
+    /// corrupt (told without an offset, as QEMU does) and the request fails.
+    fn prevent(&mut self, message: &str) -> Error {
+        self.signal_corruption(message.to_string(), None, None);
+        Error::MetadataOverlap(message.to_string())
     }
 
     /// Refuse a write of `size` bytes at `offset` that would land on metadata other than
