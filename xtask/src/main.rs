@@ -1,8 +1,9 @@
 //! xtask: repository chores — `cargo xtask codegen [--check]`, `cargo xtask codegen --schema FILE --out DIR`,
-//! `cargo xtask bench codegen`.
+//! `cargo xtask bench codegen`, `cargo xtask fuzz TARGET --time S`.
 
 mod bench;
 mod codegen;
+mod fuzz;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,8 @@ enum Task {
     Codegen(codegen::CodegenArgs),
     /// Benchmarks (`cargo xtask bench codegen`).
     Bench(bench::BenchArgs),
+    /// Coverage-guided fuzzing (`cargo xtask fuzz TARGET --time S`, `--smoke S` for all).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Codegen(args) => codegen::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
