@@ -21,6 +21,11 @@ impl Daemon {
     /// Starts `program` with its monitor on `dir/qmp.sock` (working directory `dir`) and waits
     /// until the socket exists.
     pub fn spawn(program: &Path, dir: &Path) -> Daemon {
+        Daemon::spawn_with_stderr(program, dir, Stdio::null())
+    }
+
+    /// [`Daemon::spawn`] with the daemon's stderr going to `stderr` (e.g. a log file).
+    pub fn spawn_with_stderr(program: &Path, dir: &Path, stderr: impl Into<Stdio>) -> Daemon {
         let socket = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&socket);
         let child = Command::new(program)
@@ -33,7 +38,7 @@ impl Daemon {
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
         let mut daemon = Daemon { child, socket };
@@ -59,6 +64,22 @@ impl Daemon {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit (after `quit`), at most `timeout`; returns its exit code
+    /// (`None`: killed after the timeout, or by a signal).
+    pub fn wait_exit_code(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Waits for the process to exit (after `quit`), at most `timeout`; kills it after that.
@@ -91,6 +112,8 @@ pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     events: VecDeque<Value>,
+    /// Events `wait_event` passed over since the last `events_until`.
+    passed: Vec<Value>,
 }
 
 impl Qmp {
@@ -114,6 +137,7 @@ impl Qmp {
             reader: BufReader::new(stream.try_clone().expect("clone socket")),
             writer: stream,
             events: VecDeque::new(),
+            passed: Vec::new(),
         };
         let greeting = qmp.read().expect("QMP greeting");
         assert!(greeting.get("QMP").is_some(), "not a greeting: {greeting}");
@@ -160,8 +184,18 @@ impl Qmp {
         self.reply()
     }
 
+    /// Every event up to and including the first one named `name`; panics after `timeout`.
+    pub fn events_until(&mut self, name: &str, timeout: Duration) -> Vec<Value> {
+        let mut seen = Vec::new();
+        let last = self.wait_event(name, timeout, |_| true);
+        // wait_event drops what it passes over: collect it on the way instead.
+        std::mem::swap(&mut seen, &mut self.passed);
+        seen.push(last);
+        seen
+    }
+
     /// Waits for the first event named `name` whose `data` satisfies `matches` (earlier events
-    /// are dropped); panics after `timeout`.
+    /// are dropped, and kept for [`Qmp::events_until`]); panics after `timeout`.
     pub fn wait_event(
         &mut self,
         name: &str,
@@ -174,6 +208,7 @@ impl Qmp {
                 if event["event"] == name && matches(&event["data"]) {
                     return event;
                 }
+                self.passed.push(event);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(!left.is_zero(), "no {name} event within {timeout:?}");
