@@ -200,7 +200,7 @@ fn zeroed_refcounts_cannot_hand_out_the_l1_table_as_a_data_cluster() {
 }
 
 #[test]
-fn a_refcount_block_beyond_the_end_of_the_file_is_not_written_over_data() {
+fn a_refcount_table_entry_pointing_at_an_l2_table_is_caught() {
     let s = Scratch::new();
     let path = image_with_data(&s);
     let (l1, rt) = layout(&path);
@@ -304,4 +304,21 @@ fn a_refcount_table_offset_near_2_pow_64_is_refused_at_open() {
         Image::open(Arc::new(file), false, None),
         Err(Error::Invalid(m)) if m == "Reference count table offset invalid"
     ));
+}
+
+#[test]
+fn a_refcount_block_beyond_the_end_of_the_file_cannot_hand_out_the_header() {
+    // The block reads as zeros: every cluster looks free, the header first.
+    let s = Scratch::new();
+    let path = image_with_data(&s);
+    let (_, rt) = layout(&path);
+    poke(&path, rt, 16 << 20);
+    let before = std::fs::read(&path).unwrap();
+    let (image, seen) = open_rw(&path);
+    let r = image.write_at(&[7u8; 4096], 512 << 10);
+    assert_refused(&path, &image, &seen, r, Metadata::MainHeader);
+    let after = std::fs::read(&path).unwrap();
+    let mut expected = before[..CS as usize].to_vec();
+    expected[79] |= 2;
+    assert_eq!(after[..CS as usize], expected[..]);
 }
