@@ -235,7 +235,8 @@ fn snapshot_only_clusters(b: &[u8]) -> Vec<(u64, u64)> {
             );
             let extra = u64::from(be32(b, pos + 36)?);
             out.push(pos / cs * cs);
-            if sl1_off != 0 && sl1_off != l1_off {
+            // An empty L1 table occupies nothing (QEMU's checks skip it too).
+            if sl1_off != 0 && sl1_size > 0 && sl1_off != l1_off {
                 for i in 0..u64::from(sl1_size).min(1 << 16) {
                     let l2 = be64(b, sl1_off.checked_add(i * 8)?)? & MASK;
                     if l2 != 0 && !active.contains(&l2) {
@@ -246,8 +247,22 @@ fn snapshot_only_clusters(b: &[u8]) -> Vec<(u64, u64)> {
             }
             pos = pos.checked_add((40 + extra + id_len + name_len).div_ceil(8) * 8)?;
         }
-        // Clusters the active tables also use are not the snapshots' alone.
-        out.retain(|&c| c != 0 && c != l1_off / cs * cs && !active.contains(&c));
+        // Clusters the active tables or the refcount structures also use are not the
+        // snapshots' alone (their writes are legitimate).
+        let (rt_off, rt_clusters) = (be64(b, 48)?, u64::from(be32(b, 56)?).min(16));
+        let refcounts: Vec<u64> = (0..rt_clusters * cs / 8)
+            .filter_map(|i| be64(b, rt_off.checked_add(i * 8)?))
+            .map(|e| e & !0x1ff)
+            .filter(|&e| e != 0)
+            .collect();
+        let in_reftable = |c: u64| c >= rt_off && c < rt_off.saturating_add(rt_clusters * cs);
+        out.retain(|&c| {
+            c != 0
+                && c != l1_off / cs * cs
+                && !active.contains(&c)
+                && !refcounts.contains(&c)
+                && !in_reftable(c)
+        });
         out.sort_unstable();
         out.dedup();
         Some(out.into_iter().map(|c| (c, cs)).collect())
