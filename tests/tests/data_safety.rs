@@ -307,6 +307,14 @@ fn a_backup_onto_a_nearly_full_disk_fails_its_job_or_succeeds_whole_at_every_fil
         }
         table.push((free, ours.0, theirs.0));
     }
+    for (free, ours, theirs) in &table {
+        eprintln!(
+            "free {:>4} KiB: blockjobd {}, qemu-storage-daemon {}",
+            free / 1024,
+            if *ours { "succeeded" } else { "failed" },
+            if *theirs { "succeeded" } else { "failed" }
+        );
+    }
     // Both fail with too little room and succeed with enough; the levels where the two
     // daemons disagree are few and next to the boundary (allocation orders differ a little).
     assert!(!table[0].1 && !table[0].2, "{table:?}");
