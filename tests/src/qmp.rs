@@ -60,6 +60,16 @@ impl Daemon {
         Qmp::connect(&self.socket)
     }
 
+    /// Sends signal `name` (`TERM`, `INT`, `HUP`, ...) to the process, with kill(1).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill (procps)");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
     /// SIGKILL, then reap the process.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -182,6 +192,33 @@ impl Qmp {
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, Value> {
         self.send(command, arguments);
         self.reply()
+    }
+
+    /// The events read so far and not yet asked for (they are forgotten).
+    pub fn until_now(&mut self) -> Vec<Value> {
+        self.passed.clear();
+        self.events.drain(..).collect()
+    }
+
+    /// Every message still to come (events queued first) until the daemon closes the
+    /// connection; panics if it stays open longer than `timeout`.
+    pub fn until_closed(&mut self, timeout: Duration) -> Vec<Value> {
+        let mut all: Vec<Value> = self.events.drain(..).collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "connection still open after {timeout:?}");
+            self.writer
+                .set_read_timeout(Some(left))
+                .expect("read timeout");
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return all,
+                Ok(_) => all.push(serde_json::from_str(&line).expect("QMP line is JSON")),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return all,
+                Err(e) => panic!("reading until the daemon closes the connection: {e}"),
+            }
+        }
     }
 
     /// Every event up to and including the first one named `name`; panics after `timeout`.

@@ -153,6 +153,9 @@ pub struct BlockNode {
     children: Mutex<Vec<ChildEdge>>,
     monitor_owned: AtomicBool,
     closed: AtomicBool,
+    /// Written (or resized) since the last flush (QEMU's `write_gen` ahead of
+    /// `flushed_gen`): closing flushes the node first.
+    unflushed: AtomicBool,
     state: Mutex<NodeState>,
     bitmaps: Mutex<Vec<DirtyBitmap>>,
     /// Before-write hooks, oldest first, with their ids.
@@ -204,6 +207,7 @@ impl BlockNode {
             children: Mutex::new(parts.children),
             monitor_owned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            unflushed: AtomicBool::new(false),
             state: Mutex::new(NodeState::default()),
             bitmaps: Mutex::new(Vec::new()),
             write_notifiers: Mutex::new(Vec::new()),
@@ -622,6 +626,7 @@ impl BlockNode {
         check_request(offset, buf.len() as u64)?;
         self.notify_before_write(offset, buf.len() as u64)?;
         self.debug_event(BlkdebugEvent::Pwritev);
+        self.unflushed.store(true, Ordering::Release);
         let r = self.driver.write_at(offset, buf);
         self.debug_event(BlkdebugEvent::PwritevDone);
         self.mark_dirty(offset, buf.len() as u64);
@@ -645,6 +650,7 @@ impl BlockNode {
         check_request(offset, len)?;
         self.notify_before_write(offset, len)?;
         self.debug_event(BlkdebugEvent::PwritevZero);
+        self.unflushed.store(true, Ordering::Release);
         let r = if may_unmap && self.discard_unmaps() {
             self.driver.write_zeroes_unmap_at(offset, len)
         } else {
@@ -666,6 +672,7 @@ impl BlockNode {
         check_request(offset, buf.len() as u64)?;
         self.notify_before_write(offset, buf.len() as u64)?;
         self.debug_event(BlkdebugEvent::Pwritev);
+        self.unflushed.store(true, Ordering::Release);
         let r = self.driver.write_compressed_at(offset, buf);
         self.debug_event(BlkdebugEvent::PwritevDone);
         self.mark_dirty(offset, buf.len() as u64);
@@ -690,6 +697,7 @@ impl BlockNode {
             return Ok(());
         }
         self.notify_before_write(offset, len)?;
+        self.unflushed.store(true, Ordering::Release);
         let r = self.driver.discard_at(offset, len);
         self.mark_dirty(offset, len);
         r
@@ -698,6 +706,15 @@ impl BlockNode {
     /// Flushes this node, then its children.
     pub fn flush(&self) -> BlockResult<()> {
         self.check_open()?;
+        let unflushed = self.unflushed.swap(false, Ordering::AcqRel);
+        let r = self.flush_driver_and_children();
+        if r.is_err() && unflushed {
+            self.unflushed.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    fn flush_driver_and_children(&self) -> BlockResult<()> {
         self.debug_event(BlkdebugEvent::FlushToOs);
         self.driver.flush()?;
         for edge in &self.children() {
@@ -709,6 +726,7 @@ impl BlockNode {
     /// Resizes the node (and its bitmaps).
     pub fn truncate(&self, size: u64) -> BlockResult<()> {
         self.check_writable()?;
+        self.unflushed.store(true, Ordering::Release);
         self.driver.truncate(size)?;
         let new = self.size()?;
         for b in lock(&self.bitmaps).iter_mut() {
@@ -845,6 +863,13 @@ impl BlockNode {
     /// Closes; with `store_bitmaps` false the image's stored bitmaps are left untouched (a node
     /// whose bitmaps failed to load).
     pub(crate) fn close_storing(&self, store_bitmaps: bool) -> BlockResult<()> {
+        // As QEMU's `bdrv_close`: a node written since its last flush is flushed (with its
+        // children) first; an error there is the close's error.
+        let flushed = if !self.is_closed() && self.unflushed.load(Ordering::Acquire) {
+            self.flush()
+        } else {
+            Ok(())
+        };
         if self.closed.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
@@ -857,7 +882,7 @@ impl BlockNode {
         for edge in &self.children() {
             edge.node.remove_use(edge.use_id);
         }
-        stored.and(closed)
+        flushed.and(stored).and(closed)
     }
 }
 

@@ -136,6 +136,16 @@ impl SharedBlockdev {
         self.lock().shutdown()
     }
 
+    /// [`Blockdev::stop_jobs`].
+    pub fn stop_jobs(&self) -> bool {
+        self.lock().stop_jobs()
+    }
+
+    /// [`Blockdev::close_images`].
+    pub fn close_images(&self) -> io::Result<()> {
+        self.lock().close_images()
+    }
+
     /// The job registry (for waiting on jobs).
     pub fn jobs(&self) -> JobRegistry {
         self.lock().jobs().clone()
@@ -217,16 +227,29 @@ impl Blockdev {
         &self.state.buffers
     }
 
-    /// Daemon shutdown (`quit`, SIGTERM): stops the NBD server (its exports reported
-    /// deleted), force-cancels every job and waits (boundedly, woken by their state changes)
-    /// until they have stopped (a job busy in a request stops at its next pause point), then
-    /// stores persistent bitmaps, flushes and closes every node. Returns the first error.
+    /// Daemon shutdown (`quit`, SIGTERM): [`Self::stop_jobs`], then [`Self::close_images`].
     pub fn shutdown(&mut self) -> io::Result<()> {
+        self.stop_jobs();
+        self.close_images()
+    }
+
+    /// The first half of shutdown, run while the monitors are still open (their clients
+    /// see the events): stops the NBD server (its exports reported deleted), then pauses
+    /// every job and cancels them one at a time, newest first, each waited for until it has
+    /// concluded (QSD's `bdrv_drain_all_begin` and `job_cancel_sync_all`, see
+    /// [`JobRegistry::cancel_all_sync`]; bounded). Returns whether every job ended.
+    pub fn stop_jobs(&mut self) -> bool {
         self.state.exports.shutdown();
-        let keys = self.state.jobs.cancel_all();
-        if !self.state.jobs.wait_concluded(&keys, SHUTDOWN_WAIT_LIMIT) {
+        let ended = self.state.jobs.cancel_all_sync(SHUTDOWN_WAIT_LIMIT);
+        if !ended {
             tracing::warn!("shutdown: some jobs did not stop in time; closing their nodes anyway");
         }
+        ended
+    }
+
+    /// The second half of shutdown: stores persistent bitmaps, flushes and closes every
+    /// node. Returns the first error.
+    pub fn close_images(&mut self) -> io::Result<()> {
         self.close_retired_nodes();
         match self.state.graph.as_mut() {
             Some(graph) => graph.close_all(),

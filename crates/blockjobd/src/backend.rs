@@ -25,20 +25,30 @@ impl QmpBackend for BlockBackend {
     fn has_command(&self, name: &str) -> bool {
         qmp_api::command_properties(name).is_some()
     }
+
+    /// With the monitors still open: the NBD server stops, every job is cancelled and waited
+    /// for ([`SharedBlockdev::stop_jobs`]), its events reaching the clients.
+    fn stop(&self) {
+        self.0.stop_jobs();
+    }
 }
 
 /// Builds the daemon's services on the current tokio runtime: jobs as tasks, block I/O on the
-/// blocking pool, events into `events`; on shutdown every job is cancelled and every image is
-/// flushed and closed (qcow2 metadata and persistent bitmaps written).
+/// blocking pool, events into `events`. On shutdown every job is cancelled while the monitors
+/// are open (the backend's `stop`), then every image is flushed and closed (qcow2 metadata and
+/// persistent bitmaps written): an error there is the shutdown's error.
 pub fn block_services(events: Broadcast) -> Services {
     let sink: Arc<dyn job::EventSink> = Arc::new(move |event: qmp_api::Event| events.emit(&event));
     let shared = Arc::new(SharedBlockdev::new(Blockdev::for_tokio(sink)));
     let on_shutdown = {
         let shared = Arc::clone(&shared);
         move || {
-            if let Err(e) = shared.shutdown() {
-                eprintln!("blockjobd: closing images: {e}");
-            }
+            // Jobs a failed startup left (none: startup runs no job) and anything the
+            // monitor's stop did not reach are stopped here too.
+            shared.stop_jobs();
+            shared
+                .close_images()
+                .map_err(|e| format!("closing images: {e}"))
         }
     };
     Services::new(Arc::new(BlockBackend(shared)), on_shutdown)

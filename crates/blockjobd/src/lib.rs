@@ -27,13 +27,20 @@ pub const DEFAULT_SOCKET: &str = "blockjobd.sock";
 pub struct Services {
     /// Executes every command except `qmp_capabilities` and `quit`.
     pub backend: Arc<dyn QmpBackend>,
-    /// Runs once when the daemon stops (after `quit`, SIGTERM, SIGINT or SIGHUP, and on a
-    /// failed startup): the block layer flushes and closes its images here.
-    pub on_shutdown: Box<dyn FnOnce() + Send>,
+    /// Runs once when the daemon stops (after `quit`, SIGTERM, SIGINT or SIGHUP, once the
+    /// monitors are closed, and on a failed startup): the block layer flushes and closes its
+    /// images here. An error (an image that could not be flushed) makes the exit status 1.
+    pub on_shutdown: OnShutdown,
 }
 
+/// [`Services::on_shutdown`].
+pub type OnShutdown = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
 impl Services {
-    pub fn new(backend: Arc<dyn QmpBackend>, on_shutdown: impl FnOnce() + Send + 'static) -> Self {
+    pub fn new(
+        backend: Arc<dyn QmpBackend>,
+        on_shutdown: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> Self {
         Services {
             backend,
             on_shutdown: Box::new(on_shutdown),
@@ -78,7 +85,9 @@ fn program() -> &'static str {
 }
 
 /// Run the daemon with `args` (without the program name). Returns the process exit code: 0
-/// after an orderly shutdown, 1 on a command line or startup error (printed to stderr).
+/// after an orderly shutdown, 1 on a command line or startup error, or when an image could
+/// not be flushed and closed at shutdown (printed to stderr; qemu-storage-daemon 10.0 exits
+/// 0 there, saying nothing).
 pub fn main_with(args: &[String], build: impl FnOnce(Broadcast) -> Services) -> ExitCode {
     let options = if args.is_empty() {
         default_options()
@@ -155,9 +164,11 @@ async fn serve(
     let signals = daemon::TerminationSignals::install();
     let events = Broadcast::new();
     let services = build(events.clone());
-    let fail = |option: &str, message: String, on_shutdown: Box<dyn FnOnce() + Send>| {
+    let fail = |option: &str, message: String, on_shutdown: OnShutdown| {
         eprintln!("{}: {option}: {message}", program());
-        on_shutdown();
+        if let Err(e) = on_shutdown() {
+            eprintln!("{}: {e}", program());
+        }
         ExitCode::FAILURE
     };
 
@@ -223,13 +234,21 @@ async fn serve(
         signals.wait().await;
         shutdown.request();
     });
+    // `run` returns once the backend's `stop` (jobs cancelled, their events sent) has run and
+    // the monitors are closed.
     let reason = server.run().await;
     tracing::info!(?reason, "shutting down");
-    (services.on_shutdown)();
+    let closed = (services.on_shutdown)();
     if let Some(path) = &options.pidfile {
         let _ = std::fs::remove_file(path);
     }
-    ExitCode::SUCCESS
+    match closed {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}: {e}", program());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn write_pidfile(path: &Path) -> std::io::Result<()> {

@@ -446,6 +446,43 @@ impl JobRegistry {
         keys
     }
 
+    /// Daemon shutdown as qemu-storage-daemon does it (`bdrv_drain_all_begin`, then
+    /// `job_cancel_sync_all`): every job is paused, oldest first, and stays paused (each
+    /// running job says `paused`); then the newest job is force-cancelled and waited for until
+    /// it has concluded (woken by its state changes), then the newest again (a concluded job's
+    /// cancel dismisses it), until none is left. A cancelled job leaves its pause at once
+    /// (`running`, `aborting`, ...). Returns whether every job ended within `limit`; a job
+    /// that did not is left as it is. Never call it from a thread that runs the jobs.
+    pub fn cancel_all_sync(&self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let all: Vec<JobKey> = self.inner.lock().jobs.keys().copied().collect();
+        // Never ended: the daemon is going away.
+        let _drained = self.begin_drain(&all);
+        let mut left_alone: Vec<JobKey> = Vec::new();
+        loop {
+            let newest = {
+                let g = self.inner.lock();
+                g.jobs
+                    .keys()
+                    .rev()
+                    .find(|k| !left_alone.contains(k))
+                    .copied()
+            };
+            let Some(key) = newest else {
+                return left_alone.is_empty();
+            };
+            let was_concluded = self.status(key) == Some(BlockJobStatus::Concluded);
+            let _ = self.cancel_job(key, true);
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let concluded = self.wait_concluded(&[key], left);
+            // A job that stays (not concluded in time, or concluded and not dismissed by
+            // its cancel) is left alone, so that this ends.
+            if !concluded || (was_concluded && self.status(key).is_some()) {
+                left_alone.push(key);
+            }
+        }
+    }
+
     /// Blocks until each of `keys` is CONCLUDED or gone, or `limit` has passed; returns
     /// whether all were. Woken by the jobs' state changes. Never call it from a thread that
     /// runs the jobs.

@@ -28,6 +28,9 @@ pub(crate) struct Txn {
     pub(crate) manual: usize,
     pub(crate) aborting: bool,
     pub(crate) finalizing: bool,
+    /// An abort is concluding its stopped members while others are still held paused
+    /// (see [`Inner::abort`]): other calls leave it to that one.
+    pub(crate) concluding_some: bool,
     /// [`JobTxn`] handles alive.
     pub(crate) handles: usize,
 }
@@ -38,6 +41,14 @@ impl State {
             .get(&txn)
             .map(|t| t.members.iter().rev().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// Members not yet concluded, newest first.
+    fn unconcluded_newest_first(&self, txn: u64) -> Vec<JobKey> {
+        self.members_newest_first(txn)
+            .into_iter()
+            .filter(|m| self.jobs.get(m).is_some_and(|j| j.txn == Some(txn)))
+            .collect()
     }
 
     /// Counts a member's work as finished, once.
@@ -263,7 +274,7 @@ impl Inner {
                     g.work_done(m);
                     g.update_rc(m);
                     g.count_done(m);
-                } else if !is_completed(job.status) {
+                } else if !is_completed(job.status) && !held_parked(job) {
                     g.enter(m);
                 }
             }
@@ -271,16 +282,70 @@ impl Inner {
         let Some(txn) = g.txns.get_mut(&t) else {
             return g;
         };
-        if !txn.aborting || txn.finalizing || txn.unfinished > 0 {
-            // The others conclude the abort when the last of them stops.
+        if !txn.aborting || txn.finalizing {
             return g;
         }
+        if txn.unfinished > 0 {
+            if txn.concluding_some {
+                return g;
+            }
+            // The others conclude the abort when the last of them stops. Members held
+            // paused by a drain (daemon shutdown) were not entered: QEMU's abort reaches
+            // them one at a time (`job_finish_sync`), newest first, after concluding the
+            // stopped members before them, and only then does each leave its pause.
+            g = self.conclude_up_to_held(g, t);
+            let Some(txn) = g.txns.get_mut(&t) else {
+                return g;
+            };
+            if txn.finalizing || txn.unfinished > 0 {
+                return g;
+            }
+        }
+        let Some(txn) = g.txns.get_mut(&t) else {
+            return g;
+        };
         txn.finalizing = true;
-        for m in g.members_newest_first(t) {
+        for m in g.unconcluded_newest_first(t) {
             g = self.conclude(g, m);
         }
         g.close_txn(t);
         g
+    }
+
+    /// The part of an abort that waits on members held paused: if every member still to
+    /// stop is held (none is on its way), concludes the stopped members newest first up to
+    /// the first held one, and enters that one.
+    fn conclude_up_to_held<'a>(&'a self, mut g: Guard<'a>, t: u64) -> Guard<'a> {
+        loop {
+            let members = g.unconcluded_newest_first(t);
+            let on_its_way = members.iter().any(|m| {
+                g.jobs
+                    .get(m)
+                    .is_some_and(|j| j.activity != Activity::Finished && !held_parked(j))
+            });
+            let unfinished = g.txns.get(&t).map_or(0, |txn| txn.unfinished);
+            let Some(&newest) = members.first() else {
+                return g;
+            };
+            if on_its_way || unfinished == 0 {
+                return g;
+            }
+            if g.jobs.get(&newest).is_some_and(held_parked) {
+                g.enter(newest);
+                return g;
+            }
+            if let Some(txn) = g.txns.get_mut(&t) {
+                txn.concluding_some = true;
+            }
+            g = self.conclude(g, newest);
+            if let Some(txn) = g.txns.get_mut(&t) {
+                txn.concluding_some = false;
+            }
+            if g.unconcluded_newest_first(t).first() == Some(&newest) {
+                // Not taken out of the transaction: do not loop on it.
+                return g;
+            }
+        }
     }
 
     /// QEMU's `job_finalize_single`: commit xor abort, clean, the completion event, CONCLUDED,
@@ -355,6 +420,12 @@ impl Inner {
             g
         }
     }
+}
+
+/// A cancelled member parked at a pause point that a drain still holds (QEMU: paused, not
+/// re-entered by `job_cancel_async`).
+fn held_parked(job: &Job) -> bool {
+    matches!(job.activity, Activity::Parked { .. }) && job.pause_count > 0
 }
 
 /// A job transaction: jobs created in it succeed or fail together. Cloning the handle keeps

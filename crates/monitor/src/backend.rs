@@ -22,4 +22,12 @@ pub trait QmpBackend: Send + Sync + 'static {
     /// running it (`exec-oob` of a known command is "does not support OOB", of an unknown one
     /// "has not been found").
     fn has_command(&self, name: &str) -> bool;
+
+    /// Runs once, on the dispatcher thread, when the server stops (`quit`, or a
+    /// [`ShutdownHandle::request`](crate::ShutdownHandle::request) such as SIGTERM), before any
+    /// client is closed: the events it emits still reach every client, as
+    /// qemu-storage-daemon cancels its jobs with its monitors open. After `quit` it runs before
+    /// the reply is sent (QSD sends the cancelled jobs' events first). The daemon cancels its
+    /// jobs here and waits for them; the default does nothing.
+    fn stop(&self) {}
 }

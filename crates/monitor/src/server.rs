@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use qmp_api::{QMPCapability, VersionInfo, VersionTriple};
@@ -95,12 +95,22 @@ pub enum ShutdownReason {
 #[derive(Clone, Debug)]
 pub struct ShutdownHandle {
     tx: Arc<watch::Sender<Option<ShutdownReason>>>,
+    jobs: std::sync::mpsc::Sender<Job>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl ShutdownHandle {
-    /// Stop serving: `run` returns [`ShutdownReason::Requested`] (unless already stopping).
+    /// Stop serving: commands not yet started are dropped, the dispatcher (once the command
+    /// it runs, if any, has returned) runs [`QmpBackend::stop`] with every client still
+    /// connected, then `run` returns [`ShutdownReason::Requested`] (unless already stopping).
     pub fn request(&self) {
-        set_shutdown(&self.tx, ShutdownReason::Requested);
+        if self.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if self.jobs.send(Job::Stop).is_err() {
+            // No dispatcher: nothing to stop first.
+            set_shutdown(&self.tx, ShutdownReason::Requested);
+        }
     }
 }
 
@@ -147,6 +157,18 @@ enum Job {
     },
     /// Answered once every job queued before it has been handled.
     Barrier(oneshot::Sender<()>),
+    /// [`ShutdownHandle::request`]: run the backend's `stop`, then stop the server.
+    Stop,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Job::Client { .. } => "Job::Client",
+            Job::Barrier(_) => "Job::Barrier",
+            Job::Stop => "Job::Stop",
+        })
+    }
 }
 
 struct Shared {
@@ -156,6 +178,9 @@ struct Shared {
     client_output_limit: usize,
     jobs: std::sync::mpsc::Sender<Job>,
     shutdown: Arc<watch::Sender<Option<ShutdownReason>>>,
+    /// Set once stopping has begun (`quit` executed or shutdown requested): commands not yet
+    /// started are dropped from then on.
+    stopping: Arc<AtomicBool>,
     next_client: AtomicU64,
 }
 
@@ -192,6 +217,7 @@ impl MonitorServer {
         let (jobs, rx) = std::sync::mpsc::channel();
         let (shutdown, _) = watch::channel(None);
         let shutdown = Arc::new(shutdown);
+        let stopping = Arc::new(AtomicBool::new(false));
         let greeting = json!({"QMP": {
             "version": serde_json::to_value(&config.version).unwrap_or(Value::Null),
             "capabilities": QMPCapability::ALL,
@@ -203,6 +229,7 @@ impl MonitorServer {
             client_output_limit: config.client_output_limit.max(1),
             jobs,
             shutdown: shutdown.clone(),
+            stopping: stopping.clone(),
             next_client: AtomicU64::new(1),
         });
         // Commands run inside the caller's tokio runtime context (when there is one), so a
@@ -212,7 +239,7 @@ impl MonitorServer {
             .name("qmp-dispatcher".into())
             .spawn(move || {
                 let _context = runtime.as_ref().map(|r| r.enter());
-                dispatch_loop(rx, backend, events, shutdown)
+                dispatch_loop(rx, backend, events, shutdown, stopping)
             });
         if let Err(e) = spawned {
             // Without a dispatcher every job send fails and clients see their connection close.
@@ -234,6 +261,8 @@ impl MonitorServer {
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
             tx: self.shared.shutdown.clone(),
+            jobs: self.shared.jobs.clone(),
+            stopping: self.shared.stopping.clone(),
         }
     }
 
@@ -304,6 +333,7 @@ fn dispatch_loop(
     backend: Arc<dyn QmpBackend>,
     events: Broadcast,
     shutdown: Arc<watch::Sender<Option<ShutdownReason>>>,
+    stopping: Arc<AtomicBool>,
 ) {
     while let Ok(job) = rx.recv() {
         let (client, work) = match job {
@@ -311,9 +341,16 @@ fn dispatch_loop(
                 let _ = done.send(());
                 continue;
             }
+            Job::Stop => {
+                if shutdown.borrow().is_none() {
+                    stop_backend(&*backend);
+                    set_shutdown(&shutdown, ShutdownReason::Requested);
+                }
+                continue;
+            }
             Job::Client { client, work, .. } => (client, work),
         };
-        if shutdown.borrow().is_some() {
+        if shutdown.borrow().is_some() || stopping.load(Ordering::Acquire) {
             continue;
         }
         match work {
@@ -340,10 +377,19 @@ fn dispatch_loop(
                 client.push(wire::line(&reply).into());
             }
             Work::Quit { id } => {
+                stopping.store(true, Ordering::Release);
+                stop_backend(&*backend);
                 client.push(wire::line(&success(json!({}), id)).into());
                 set_shutdown(&shutdown, ShutdownReason::Quit);
             }
         }
+    }
+}
+
+/// [`QmpBackend::stop`], a panic in it logged rather than taking the dispatcher down.
+fn stop_backend(backend: &dyn QmpBackend) {
+    if catch_unwind(AssertUnwindSafe(|| backend.stop())).is_err() {
+        tracing::error!("stopping the QMP backend panicked");
     }
 }
 
