@@ -92,6 +92,11 @@ pub trait BlockDriver: Send + Sync {
     }
     /// A debug event happened on this node (blkdebug acts on it; others ignore it).
     fn debug_event(&self, _event: BlkdebugEvent) {}
+    /// A format's metadata caches: `(capacity, held)` in tables, L2 then refcount blocks
+    /// (qcow2; `None` for drivers without one).
+    fn metadata_caches(&self) -> Option<((usize, usize), (usize, usize))> {
+        None
+    }
     /// Whether the format has a backing file (accepts the `backing` option).
     fn supports_backing(&self) -> bool {
         false
@@ -205,6 +210,10 @@ pub trait InternalSnapshots: Send + Sync {
 pub enum ChildKind {
     /// A filter or raw child: the parent's users' permissions pass through unchanged.
     Filtered,
+    /// A filter's child whose permissions the filter adjusts (blkdebug's `take-child-perms`
+    /// and `unshare-child-perms`): as [`ChildKind::Filtered`], plus `take`, and `unshare`
+    /// taken out of what is shared.
+    FilteredAdjusted { take: Perm, unshare: Perm },
     /// A format's image file (qcow2's `file`): consistent read always, write and resize when the
     /// parent is writable; write and resize are not shared.
     Metadata,
@@ -213,10 +222,19 @@ pub enum ChildKind {
 }
 
 impl ChildKind {
+    /// Whether this is the child a filter passes its data through.
+    pub fn is_filtered(self) -> bool {
+        matches!(
+            self,
+            ChildKind::Filtered | ChildKind::FilteredAdjusted { .. }
+        )
+    }
+
     /// The `(perm, shared)` a parent with cumulative `(perm, shared)` takes on such a child.
     pub fn child_perms(self, perm: Perm, shared: Perm, writable: bool) -> (Perm, Perm) {
         match self {
             ChildKind::Filtered => (perm, shared),
+            ChildKind::FilteredAdjusted { take, unshare } => (perm | take, shared & !unshare),
             ChildKind::Metadata => {
                 let mut p = perm | Perm::CONSISTENT_READ;
                 if writable {

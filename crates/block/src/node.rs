@@ -765,7 +765,7 @@ impl BlockNode {
         let children = self.children();
         children
             .iter()
-            .find(|edge| edge.kind == ChildKind::Filtered)
+            .find(|edge| edge.kind.is_filtered())
             .or_else(|| children.iter().find(|edge| edge.kind == ChildKind::Backing))
             .map(|edge| edge.node.clone())
     }

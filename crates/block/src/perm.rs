@@ -31,6 +31,17 @@ impl Perm {
         (Perm::RESIZE, "resize"),
     ];
 
+    /// The permission a QAPI `BlockPermission` names.
+    pub fn from_qapi(p: qmp_api::BlockPermission) -> Perm {
+        use qmp_api::BlockPermission as P;
+        match p {
+            P::ConsistentRead => Perm::CONSISTENT_READ,
+            P::Write => Perm::WRITE,
+            P::WriteUnchanged => Perm::WRITE_UNCHANGED,
+            P::Resize => Perm::RESIZE,
+        }
+    }
+
     /// `self | other`, usable in constants.
     pub const fn union(self, other: Perm) -> Perm {
         Perm(self.0 | other.0)

@@ -803,7 +803,7 @@ fn a_qcow2_node_takes_write_and_resize_on_its_file_unshared() {
 }
 
 #[test]
-fn tuning_options_are_accepted_and_encryption_is_refused() {
+fn cache_options_and_lazy_refcounts_off_are_accepted_and_encryption_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = create(&dir, "a.qcow2", "1M", None);
     let mut g = BlockGraph::new();

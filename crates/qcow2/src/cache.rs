@@ -46,6 +46,29 @@ impl TableCache {
         }
     }
 
+    /// Changes how many tables the cache may hold (at least 4); a smaller cache sheds its
+    /// clean tables as new ones come in.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(4);
+    }
+
+    /// How many tables the cache may hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// How many tables it holds.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// QEMU's `qcow2_cache_clean_unused`: drops the clean tables not used since the clock
+    /// value `since` (the previous clean's return value); returns the clock now.
+    pub fn clean_unused(&mut self, since: u64) -> u64 {
+        self.slots.retain(|_, s| s.dirty || s.used > since);
+        self.clock
+    }
+
     pub fn contains(&mut self, off: u64) -> bool {
         self.clock += 1;
         let clock = self.clock;

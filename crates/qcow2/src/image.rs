@@ -369,6 +369,45 @@ impl Image {
         self.lock().overlap_checks = checks;
     }
 
+    /// Bounds the metadata caches: `l2_bytes` of L2 tables and `refcount_bytes` of refcount
+    /// blocks, in whole tables of one cluster each (at least 4 tables each). QEMU's
+    /// `l2-cache-size` and `refcount-cache-size` once its `read_cache_sizes` has settled them.
+    pub fn set_cache_sizes(&self, l2_bytes: u64, refcount_bytes: u64) {
+        let tables = |bytes: u64| usize::try_from(bytes / self.cluster_size).unwrap_or(usize::MAX);
+        let mut m = self.lock();
+        m.l2_cache.set_capacity(tables(l2_bytes));
+        m.rb_cache.set_capacity(tables(refcount_bytes));
+    }
+
+    /// `(L2 tables, refcount blocks)` the caches may hold.
+    pub fn cache_capacity(&self) -> (usize, usize) {
+        let m = self.lock();
+        (m.l2_cache.capacity(), m.rb_cache.capacity())
+    }
+
+    /// `(L2 tables, refcount blocks)` the caches hold now.
+    pub fn cached_tables(&self) -> (usize, usize) {
+        let m = self.lock();
+        (m.l2_cache.len(), m.rb_cache.len())
+    }
+
+    /// QEMU's cache-clean timer callback: drops every clean cached table not used since the
+    /// previous call. See [`Image::clean_caches_every`].
+    pub fn clean_unused_tables(&self) {
+        let mut m = self.lock();
+        let (l2_since, rb_since) = m.cleaned_at;
+        let l2 = m.l2_cache.clean_unused(l2_since);
+        let rb = m.rb_cache.clean_unused(rb_since);
+        m.cleaned_at = (l2, rb);
+    }
+
+    /// QEMU's `cache-clean-interval`: every `interval` (none: never), the tables not used
+    /// since the last pass are dropped ([`Image::clean_unused_tables`]), on a thread shared by
+    /// every image, for as long as the image lives.
+    pub fn clean_caches_every(self: &Arc<Self>, interval: Option<std::time::Duration>) {
+        crate::cleaner::register(Arc::downgrade(self), interval);
+    }
+
     /// Who is told when the image is marked corrupt (once per open).
     pub fn set_corruption_listener(&self, listener: CorruptionListener) {
         self.lock().corruption_listener = Some(listener);

@@ -18,6 +18,7 @@
 
 mod bitmap;
 mod cache;
+mod cleaner;
 mod header;
 mod image;
 mod meta;

@@ -101,8 +101,10 @@ pub(crate) struct Meta {
     l1_dirty: BTreeSet<usize>,
     pub reftable: Vec<u64>,
     reftable_dirty: BTreeSet<usize>,
-    l2_cache: TableCache,
+    pub(crate) l2_cache: TableCache,
     pub(crate) rb_cache: TableCache,
+    /// The caches' clocks at the last clean of unused tables (L2, refcount).
+    pub(crate) cleaned_at: (u64, u64),
     /// Clusters (offset, bytes) to decrement once the removal of their reference is stored.
     pub(crate) pending_frees: Vec<(u64, u64)>,
     pub(crate) free_hint: u64,
@@ -166,9 +168,10 @@ impl Meta {
             l1_dirty: BTreeSet::new(),
             reftable,
             reftable_dirty: BTreeSet::new(),
-            // 32 MiB of L2 tables, 4 MiB of refcount blocks.
+            // 32 MiB of L2 tables, 4 MiB of refcount blocks (`Image::set_cache_sizes`).
             l2_cache: TableCache::new((32 << 20) / cs),
             rb_cache: TableCache::new((4 << 20) / cs),
+            cleaned_at: (0, 0),
             pending_frees: Vec::new(),
             free_hint: 0,
             run_hint: 0,

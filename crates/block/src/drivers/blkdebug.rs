@@ -6,6 +6,10 @@
 //! next request of a matching I/O type (default: read, write, write-zeroes, discard, flush) that
 //! overlaps the rule's sector (any, by default) fails with the rule's errno; a `once` rule is
 //! then removed. Only the initial state (1) is supported: rules with another `state` never fire.
+//! As in QEMU, the event `none` fires once when the node opens: its rules are active from the
+//! start. `immediately` only decides, in QEMU, whether the failing request yields once before
+//! it completes; requests here complete synchronously, so both values act alike: the request
+//! that meets the rule fails.
 
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +18,7 @@ use qmp_api::{BlkdebugIOType, BlkdebugInjectErrorOptions, BlockdevOptionsBlkdebu
 use crate::driver::{BlkdebugEvent, BlockDriver, ChildKind, DriverInfo, OpenContext};
 use crate::error::{BlockError, BlockResult};
 use crate::node::{BlockNode, lock};
+use crate::perm::Perm;
 
 /// The bit of an I/O type in a rule's mask.
 fn bit(iotype: BlkdebugIOType) -> u8 {
@@ -90,9 +95,11 @@ fn rule(id: usize, r: &BlkdebugInjectErrorOptions) -> BlockResult<Rule> {
     })
 }
 
-/// Opens the filter over its `image`. `config` and `set-state` are refused; the request
-/// alignment and limits (`align`, `max-transfer`, ...) and the permission tweaks are accepted
-/// (requests here are never split).
+/// Opens the filter over its `image`. `config` and `set-state` are refused. The request
+/// limits (`align`, `max-transfer`, `opt-write-zero`, `max-write-zero`, `opt-discard`,
+/// `max-discard`) are checked with QEMU's words, then refused unless 0 (QEMU's "no
+/// constraint"): the block layer here neither aligns nor splits requests. `take-child-perms`
+/// and `unshare-child-perms` adjust the permissions taken on `image`, as in QEMU.
 pub(crate) fn open(
     ctx: &mut OpenContext<'_>,
     options: &BlockdevOptionsBlkdebug,
@@ -100,10 +107,6 @@ pub(crate) fn open(
     let mut rules = Rules::default();
     for (id, r) in options.inject_error.iter().flatten().enumerate() {
         rules.all.push(rule(id, r)?);
-        // `immediately`: active from the start, without waiting for its event.
-        if r.immediately == Some(true) {
-            rules.active.insert(0, id);
-        }
     }
     if options.config.is_some() {
         return Err(BlockError::new("blkdebug option 'config' is not supported"));
@@ -113,12 +116,80 @@ pub(crate) fn open(
             "blkdebug option 'set-state' is not supported",
         ));
     }
-    let image = ctx.open_child("image", &options.image, ChildKind::Filtered)?;
-    Ok(Box::new(BlkdebugDriver {
+    check_limits(options)?;
+    let perms = |list: &Option<Vec<qmp_api::BlockPermission>>| {
+        list.iter()
+            .flatten()
+            .fold(Perm::NONE, |acc, p| acc | Perm::from_qapi(*p))
+    };
+    let kind = ChildKind::FilteredAdjusted {
+        take: perms(&options.take_child_perms),
+        unshare: perms(&options.unshare_child_perms),
+    };
+    let image = ctx.open_child("image", &options.image, kind)?;
+    let driver = BlkdebugDriver {
         configured: !rules.all.is_empty(),
         image,
         rules: Mutex::new(rules),
-    }))
+    };
+    // QEMU's `bdrv_debug_event(bs, BLKDBG_NONE)` at the end of its open.
+    driver.debug_event(BlkdebugEvent::None);
+    Ok(Box::new(driver))
+}
+
+/// QEMU's checks of the request limits (`Cannot meet constraints with ...`), then the refusal
+/// of any limit but 0.
+fn check_limits(o: &BlockdevOptionsBlkdebug) -> BlockResult<()> {
+    const INT_MAX: u64 = i32::MAX as u64;
+    // QEMU reads them as sizes: a negative number is not one.
+    let size = |name: &str, v: Option<i64>| -> BlockResult<u64> {
+        match v {
+            None => Ok(0),
+            Some(v) => u64::try_from(v).map_err(|_| {
+                BlockError::new(format!(
+                    "Value '{v}' is out of range for parameter '{name}'"
+                ))
+            }),
+        }
+    };
+    let align = size("align", o.align)?;
+    if align != 0 && (align >= INT_MAX || !align.is_power_of_two()) {
+        return Err(BlockError::new(format!(
+            "Cannot meet constraints with align {align}"
+        )));
+    }
+    // The file below has a request alignment of 1.
+    let base = align.max(1);
+    let limits = [
+        ("max-transfer", o.max_transfer, None),
+        ("opt-write-zero", o.opt_write_zero, None),
+        ("max-write-zero", o.max_write_zero, Some(1)),
+        ("opt-discard", o.opt_discard, None),
+        ("max-discard", o.max_discard, Some(3)),
+    ];
+    let mut values = [0u64; 5];
+    for (i, (name, value, _)) in limits.iter().enumerate() {
+        values[i] = size(name, value.map(i64::from))?;
+    }
+    for (i, (name, _, opt)) in limits.iter().enumerate() {
+        let v = values[i];
+        let unit = opt.map_or(base, |o| values[o].max(base));
+        if v != 0 && (v >= INT_MAX || v % unit != 0) {
+            return Err(BlockError::new(format!(
+                "Cannot meet constraints with {name} {v}"
+            )));
+        }
+    }
+    let given = std::iter::once(("align", align))
+        .chain(limits.iter().zip(values).map(|((name, ..), v)| (*name, v)));
+    for (name, v) in given {
+        if v != 0 {
+            return Err(BlockError::new(format!(
+                "Parameter '{name}' is not supported with a value other than 0 by this block layer"
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl BlkdebugDriver {

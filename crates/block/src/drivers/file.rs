@@ -12,8 +12,8 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Mutex;
 
 use qmp_api::{
-    BlockdevOptionsFile, ImageInfoSpecific, ImageInfoSpecificBranch, ImageInfoSpecificFile,
-    ImageInfoSpecificFileWrapper, OnOffAuto,
+    BlockdevAioOptions, BlockdevOptionsFile, ImageInfoSpecific, ImageInfoSpecificBranch,
+    ImageInfoSpecificFile, ImageInfoSpecificFileWrapper, OnOffAuto,
 };
 
 use crate::driver::{BlockDriver, DriverInfo, OpenContext};
@@ -42,15 +42,29 @@ struct LockState {
     committed: (u8, u8),
 }
 
-/// Opens the file (read-write unless the node is read-only). `aio`, `aio-max-batch`,
-/// `drop-cache` and `x-check-cache-dropped` tune how QEMU submits requests and are accepted;
-/// a persistent-reservation manager is refused.
+/// Opens the file (read-write unless the node is read-only). Requests run as QEMU's
+/// `aio: threads` runs them (positional I/O on a pool of threads): that value acts, `native`
+/// and `io_uring` are refused. `aio-max-batch` acts as in QEMU with `threads`: it only bounds
+/// the batches of the `native` and `io_uring` engines, so it changes nothing. `drop-cache` and
+/// `x-check-cache-dropped` act when an inactive node becomes active again, which a node here
+/// never is (`active: false` is refused), as in QEMU for a node never inactivated. `locking`
+/// acts (`auto` is `on`: open file description locks are always there). A
+/// persistent-reservation manager is refused.
 pub(crate) fn open(
     ctx: &mut OpenContext<'_>,
     options: &BlockdevOptionsFile,
 ) -> BlockResult<Box<dyn crate::driver::BlockDriver>> {
     let path = options.filename.clone();
     let locking = !matches!(options.locking, Some(OnOffAuto::Off));
+    match options.aio {
+        None | Some(BlockdevAioOptions::Threads) => {}
+        Some(other) => {
+            return Err(BlockError::new(format!(
+                "Parameter 'aio' is not supported with value '{}' by this block layer",
+                other.as_str()
+            )));
+        }
+    }
     if options.pr_manager.is_some() {
         return Err(BlockError::new(
             "Parameter 'pr-manager' is not supported by this block layer",

@@ -48,6 +48,147 @@ pub struct Qcow2Driver {
     /// The header's dirty bit as found at open (only a read-only open leaves it set).
     dirty_at_open: bool,
     lazy_refcounts: bool,
+    /// The cache options, applied again to a reopened image.
+    cache: CacheOptions,
+}
+
+/// QEMU's default `cache-clean-interval` on Linux, in seconds.
+const DEFAULT_CACHE_CLEAN_INTERVAL: u64 = 600;
+/// QEMU's default upper bound of the L2 cache.
+const DEFAULT_L2_CACHE_MAX_SIZE: u64 = 32 << 20;
+/// QEMU's smallest caches, in entries.
+const MIN_L2_CACHE_SIZE: u64 = 2;
+const MIN_REFCOUNT_CACHE_SIZE: u64 = 4;
+/// QEMU's smallest cluster (and L2 cache entry).
+const MIN_CLUSTER_SIZE: u64 = 512;
+
+/// The qcow2 cache options once settled: bytes of L2 tables and of refcount blocks (`None`:
+/// no size option given, the qcow2 crate's own sizes), and the clean interval in seconds.
+#[derive(Debug, Clone, Copy)]
+struct CacheOptions {
+    sizes: Option<(u64, u64)>,
+    clean_interval: u64,
+}
+
+impl CacheOptions {
+    /// QEMU's `read_cache_sizes` and the cache part of `qcow2_update_options_prepare`: the
+    /// same defaults, the same arithmetic, the same errors in the same order.
+    fn settle(o: &BlockdevOptionsQcow2, size: u64, cluster_size: u64) -> BlockResult<Self> {
+        let non_negative = |name: &str, v: Option<i64>| -> BlockResult<Option<u64>> {
+            v.map(|v| {
+                u64::try_from(v).map_err(|_| {
+                    BlockError::new(format!(
+                        "Value '{v}' is out of range for parameter '{name}'"
+                    ))
+                })
+            })
+            .transpose()
+        };
+        let combined_set = non_negative("cache-size", o.cache_size)?;
+        let l2_set = non_negative("l2-cache-size", o.l2_cache_size)?;
+        let entry_set = non_negative("l2-cache-entry-size", o.l2_cache_entry_size)?;
+        let refcount_set = non_negative("refcount-cache-size", o.refcount_cache_size)?;
+        let cs = cluster_size;
+        let max_l2_entries = size.div_ceil(cs);
+        let max_l2_cache = max_l2_entries
+            .saturating_mul(8)
+            .div_ceil(cs)
+            .saturating_mul(cs);
+        let min_refcount_cache = MIN_REFCOUNT_CACHE_SIZE * cs;
+        let l2_max_setting = l2_set.unwrap_or(DEFAULT_L2_CACHE_MAX_SIZE);
+        let mut refcount = refcount_set.unwrap_or(0);
+        let mut entry = entry_set.unwrap_or(cs);
+        let mut l2 = max_l2_cache.min(l2_max_setting);
+        if let Some(combined) = combined_set {
+            if l2_set.is_some() && refcount_set.is_some() {
+                return Err(BlockError::new(
+                    "cache-size, l2-cache-size and refcount-cache-size may not be set at the \
+                     same time",
+                ));
+            } else if l2_set.is_some() && l2_max_setting > combined {
+                return Err(BlockError::new("l2-cache-size may not exceed cache-size"));
+            } else if refcount > combined {
+                return Err(BlockError::new(
+                    "refcount-cache-size may not exceed cache-size",
+                ));
+            }
+            if l2_set.is_some() {
+                refcount = combined - l2;
+            } else if refcount_set.is_some() {
+                l2 = combined - refcount;
+            } else if combined >= max_l2_cache.saturating_add(min_refcount_cache) {
+                l2 = max_l2_cache;
+                refcount = combined - l2;
+            } else {
+                refcount = combined.min(min_refcount_cache);
+                l2 = combined - refcount;
+            }
+        }
+        if l2 < max_l2_cache && entry_set.is_none() {
+            entry = cs.min(4096);
+        }
+        if entry < MIN_CLUSTER_SIZE || entry > cs || !entry.is_power_of_two() {
+            return Err(BlockError::new(format!(
+                "L2 cache entry size must be a power of two between {MIN_CLUSTER_SIZE} and the \
+                 cluster size ({cs})"
+            )));
+        }
+        let l2_entries = (l2 / entry).max(MIN_L2_CACHE_SIZE);
+        if l2_entries > i32::MAX as u64 {
+            return Err(BlockError::new("L2 cache size too big"));
+        }
+        let refcount_blocks = (refcount / cs).max(MIN_REFCOUNT_CACHE_SIZE);
+        if refcount_blocks > i32::MAX as u64 {
+            return Err(BlockError::new("Refcount cache size too big"));
+        }
+        // An unsigned number in QEMU: a negative one wraps and is too big as well.
+        let clean_interval = o
+            .cache_clean_interval
+            .map_or(DEFAULT_CACHE_CLEAN_INTERVAL, |v| v as u64);
+        if clean_interval > u64::from(u32::MAX) {
+            return Err(BlockError::new("Cache clean interval too big"));
+        }
+        // The caches here hold whole L2 tables: a smaller entry is QEMU's own choice when it
+        // picks it, refused when asked for.
+        if entry_set.is_some_and(|e| e != cs) {
+            return Err(BlockError::new(format!(
+                "Parameter 'l2-cache-entry-size' is not supported with a value other than the \
+                 cluster size ({cs}) by this block layer"
+            )));
+        }
+        let sized = combined_set.is_some() || l2_set.is_some() || refcount_set.is_some();
+        Ok(CacheOptions {
+            sizes: sized.then_some((l2_entries * entry, refcount_blocks * cs)),
+            clean_interval,
+        })
+    }
+
+    fn apply(&self, image: &Arc<qcow2::Image>) {
+        if let Some((l2, refcount)) = self.sizes {
+            image.set_cache_sizes(l2, refcount);
+        }
+        image.clean_caches_every(
+            Some(std::time::Duration::from_secs(self.clean_interval)).filter(|d| !d.is_zero()),
+        );
+    }
+}
+
+/// The options whose `true` asks for what this block layer does not do.
+fn refuse_true(o: &BlockdevOptionsQcow2) -> BlockResult<()> {
+    for (name, value) in [
+        ("lazy-refcounts", o.lazy_refcounts),
+        ("pass-discard-request", o.pass_discard_request),
+        ("pass-discard-snapshot", o.pass_discard_snapshot),
+        ("pass-discard-other", o.pass_discard_other),
+        ("discard-no-unref", o.discard_no_unref),
+    ] {
+        if value == Some(true) {
+            return Err(BlockError::new(format!(
+                "Parameter '{name}' is not supported with value true by this block layer"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `qcow2::Storage` over the `file` child node.
@@ -116,12 +257,16 @@ fn block_error(e: qcow2::Error) -> BlockError {
     }
 }
 
-/// Opens the image in the `file` child. Of `BlockdevOptionsQcow2`, the options that only tune
-/// QEMU's caches and discard passing (`lazy-refcounts`, `pass-discard-*`, `discard-no-unref`,
-/// `*cache-size`, `l2-cache-entry-size`, `cache-clean-interval`) are accepted: refcounts here
-/// are always exact, the qcow2 crate sizes its own cache and discards are not passed down.
-/// `overlap-check` acts as in QEMU (see [`overlap_checks`]).
-/// Encryption and external data files are refused. `backing` is the graph's.
+/// Opens the image in the `file` child. Of `BlockdevOptionsQcow2`: the cache options
+/// (`cache-size`, `l2-cache-size`, `refcount-cache-size`, `l2-cache-entry-size`,
+/// `cache-clean-interval`) are settled and checked as QEMU's `read_cache_sizes` does, with its
+/// words, and bound the qcow2 crate's caches (see [`CacheOptions`]); `overlap-check` acts as in
+/// QEMU (see [`overlap_checks`]). What this block layer does not do is refused naming the
+/// option: lazy refcounts (`lazy-refcounts: true`; refcounts here are always written as they
+/// change), passing discards down (`pass-discard-*: true`: freed clusters stay in the file),
+/// `discard-no-unref: true` (zeroed clusters are freed), an L2 cache entry other than a whole
+/// table. Their `false` values act: that is what happens here. Encryption and external data
+/// files are refused. `backing` is the graph's.
 pub(crate) fn open(
     ctx: &mut OpenContext<'_>,
     options: &BlockdevOptionsQcow2,
@@ -189,6 +334,16 @@ pub(crate) fn open(
         };
         BlockError::new(format!("Could not open qcow2 image: {desc}"))
     })?;
+    let info = image.info();
+    let cache = CacheOptions::settle(options, info.size, info.cluster_size)?;
+    if options.lazy_refcounts == Some(true) && info.version < 3 {
+        return Err(BlockError::new(
+            "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+        ));
+    }
+    refuse_true(options)?;
+    let image = Arc::new(image);
+    cache.apply(&image);
     let node_name = ctx.ensure_name()?;
     image.set_overlap_checks(overlap_checks);
     let events = ctx.event_sink();
@@ -213,7 +368,8 @@ pub(crate) fn open(
         node_name,
         file,
         storage,
-        image: RwLock::new(Arc::new(image)),
+        image: RwLock::new(image),
+        cache,
         backing: Mutex::new(None),
         read_only: AtomicBool::new(read_only),
         written: AtomicBool::new(false),
@@ -455,6 +611,13 @@ impl BlockDriver for Qcow2Driver {
         true
     }
 
+    fn metadata_caches(&self) -> Option<((usize, usize), (usize, usize))> {
+        let image = self.image();
+        let (cap_l2, cap_rb) = image.cache_capacity();
+        let (l2, rb) = image.cached_tables();
+        Some(((cap_l2, l2), (cap_rb, rb)))
+    }
+
     fn backing_file(&self) -> Option<(String, Option<String>)> {
         self.image().backing_file()
     }
@@ -481,8 +644,9 @@ impl BlockDriver for Qcow2Driver {
         slot.flush().map_err(block_error)?;
         slot.close().map_err(block_error)?;
         let reopened =
-            qcow2::Image::open(self.storage.clone(), true, backing).map_err(block_error)?;
-        *slot = Arc::new(reopened);
+            Arc::new(qcow2::Image::open(self.storage.clone(), true, backing).map_err(block_error)?);
+        self.cache.apply(&reopened);
+        *slot = reopened;
         self.read_only.store(true, Ordering::Release);
         Ok(())
     }
