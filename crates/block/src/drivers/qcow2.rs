@@ -264,7 +264,7 @@ fn block_error(e: qcow2::Error) -> BlockError {
 /// QEMU (see [`overlap_checks`]). What this block layer does not do is refused naming the
 /// option: lazy refcounts (`lazy-refcounts: true`; refcounts here are always written as they
 /// change), passing discards down (`pass-discard-*: true`: freed clusters stay in the file),
-/// `discard-no-unref: true` (zeroed clusters are freed), an L2 cache entry other than a whole
+/// `discard-no-unref: true` (a discard frees its clusters), an L2 cache entry other than a whole
 /// table. Their `false` values act: that is what happens here. Encryption and external data
 /// files are refused. `backing` is the graph's.
 pub(crate) fn open(
