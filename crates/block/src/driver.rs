@@ -303,13 +303,16 @@ impl OpenContext<'_> {
             }
         };
         let (perm, shared) = kind.child_perms(Perm::NONE, Perm::ALL, !self.read_only);
-        let holder = format!("node '{}'", self.ensure_name()?);
+        let holder_name = self.ensure_name()?;
+        let holder = format!("node '{holder_name}'");
         let use_id = node.add_use(&holder, role, perm, shared)?;
+        let blocker = (kind == ChildKind::Backing).then(|| node.block_as_backing_of(&holder_name));
         self.children.push(crate::node::ChildEdge {
             name: role.to_string(),
             kind,
             node: node.clone(),
             use_id,
+            blocker,
         });
         Ok(node)
     }

@@ -396,6 +396,7 @@ impl BlockGraph {
                 kind: ChildKind::Filtered,
                 node: child.clone(),
                 use_id,
+                blocker: None,
             }],
         });
         if let Err(e) = crate::replace_node(child, &node) {
@@ -417,17 +418,18 @@ impl BlockGraph {
     }
 
     /// `blockdev-del`: closes a monitor-added node nobody uses (flushing it and storing its
-    /// persistent bitmaps), then every anonymous child left unused.
+    /// persistent bitmaps), then every anonymous child left unused. Checked in QEMU's order:
+    /// found, not blocked, monitor-owned, unused.
     pub fn blockdev_del(&mut self, name: &str) -> BlockResult<()> {
         let node = self.find(name).ok_or_else(|| {
             BlockError::new(format!("Failed to find node with node-name='{name}'"))
         })?;
+        node.check_op(crate::BlockOp::DriveDel)?;
         if !node.is_monitor_owned() {
             return Err(BlockError::new(format!(
                 "Node {name} is not owned by the monitor"
             )));
         }
-        node.check_not_busy()?;
         if node.is_in_use() {
             return Err(BlockError::new(format!("Block device {name} is in use")));
         }

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod bitmap;
+pub mod blocker;
 pub mod driver;
 pub mod drivers;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod replace;
 
 pub use backend::BlockBackend;
 pub use bitmap::DirtyBitmap;
+pub use blocker::{BlockOp, OpBlocker, OpBlockers, OpSet};
 pub use driver::{
     BitmapStore, BlkdebugEvent, BlockDriver, BlockEvent, BlockEventSink, ChildKind, DriverInfo,
     InternalSnapshots, OpenContext,
@@ -23,8 +25,8 @@ pub use error::{BlockError, BlockResult};
 pub use graph::BlockGraph;
 pub use io::PageBuf;
 pub use node::{
-    BeforeWrite, BlockNode, ChainStatus, ChildEdge, ChildSlot, Extent, NotifierHandle, OpBlocker,
-    Parent, PermGrant,
+    BeforeWrite, BlockNode, ChainStatus, ChildEdge, ChildSlot, Extent, NotifierHandle, Parent,
+    PermGrant,
 };
 pub use perm::Perm;
 pub use replace::replace_node;

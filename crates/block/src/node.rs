@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use serde_json::Value;
 
 use crate::bitmap::DirtyBitmap;
+use crate::blocker::{BlockOp, OpBlocker, OpBlockers, OpSet};
 use crate::driver::{BlkdebugEvent, BlockDriver, ChildKind};
 use crate::error::{BlockError, BlockResult};
 use crate::perm::Perm;
@@ -81,6 +82,8 @@ pub struct ChildEdge {
     /// The child node.
     pub node: Arc<BlockNode>,
     pub(crate) use_id: u64,
+    /// The op blocker a `backing` edge sets on its child (QEMU's `backing_blocker`).
+    pub(crate) blocker: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -133,8 +136,6 @@ pub(crate) struct ParentUse {
 struct NodeState {
     /// Newest first, like QEMU's parent list.
     uses: Vec<PermUse>,
-    /// Newest first.
-    blockers: Vec<(u64, String)>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -157,6 +158,7 @@ pub struct BlockNode {
     /// `flushed_gen`): closing flushes the node first.
     unflushed: AtomicBool,
     state: Mutex<NodeState>,
+    blockers: Arc<OpBlockers>,
     bitmaps: Mutex<Vec<DirtyBitmap>>,
     /// Before-write hooks, oldest first, with their ids.
     write_notifiers: Mutex<Vec<(u64, Arc<dyn BeforeWrite>)>>,
@@ -209,6 +211,7 @@ impl BlockNode {
             closed: AtomicBool::new(false),
             unflushed: AtomicBool::new(false),
             state: Mutex::new(NodeState::default()),
+            blockers: OpBlockers::new(),
             bitmaps: Mutex::new(Vec::new()),
             write_notifiers: Mutex::new(Vec::new()),
         });
@@ -261,13 +264,19 @@ impl BlockNode {
         to: &Arc<BlockNode>,
         new_id: u64,
     ) -> Option<ChildEdge> {
-        let edge = {
+        let (edge, old) = {
             let mut children = lock(&self.children);
             let edge = children.iter_mut().find(|c| c.use_id == old_id)?;
-            edge.node = to.clone();
+            let old = std::mem::replace(&mut edge.node, to.clone());
             edge.use_id = new_id;
-            edge.clone()
+            // A backing edge's blocker moves with it (QEMU's backing detach and attach).
+            if let Some(id) = edge.blocker.take() {
+                old.blockers.remove(id);
+                edge.blocker = Some(to.block_as_backing_of(&self.name));
+            }
+            (edge.clone(), old)
         };
+        drop(old);
         if edge.kind == ChildKind::Backing {
             self.driver.set_backing(Some(to.clone()));
         } else {
@@ -389,13 +398,24 @@ impl BlockNode {
             (cp, cs),
             Some(ParentLink::Node(self.me.clone())),
         )?;
+        let blocker = (kind == ChildKind::Backing).then(|| child.block_as_backing_of(&self.name));
         lock(&self.children).push(ChildEdge {
             name: name.to_string(),
             kind,
             node: child,
             use_id,
+            blocker,
         });
         Ok(())
+    }
+
+    /// Sets the blocker of a backing edge from `parent` on this node (QEMU's
+    /// `bdrv_backing_attach`): everything but commit, stream and backup is refused.
+    pub(crate) fn block_as_backing_of(&self, parent: &str) -> u64 {
+        self.blockers.add(
+            format!("node is used as backing hd of '{parent}'"),
+            OpSet::BACKING,
+        )
     }
 
     /// Detaches the child in role `name`, releasing the permissions taken on it.
@@ -406,6 +426,9 @@ impl BlockNode {
             children.remove(i)
         };
         edge.node.remove_use(edge.use_id);
+        if let Some(id) = edge.blocker {
+            edge.node.blockers.remove(id);
+        }
         Some(edge.node)
     }
 
@@ -542,28 +565,20 @@ impl BlockNode {
 
     // ---- op blockers ----
 
-    /// Blocks graph operations on the node (deletion, another job) with `reason`, e.g.
-    /// `block device is in use by block job: backup`, until the blocker drops.
-    pub fn block_ops(self: &Arc<Self>, reason: &str) -> OpBlocker {
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        lock(&self.state)
-            .blockers
-            .insert(0, (id, reason.to_string()));
-        OpBlocker {
-            node: self.clone(),
-            id,
-        }
+    /// The node's op blockers (QEMU's `bs->op_blockers`).
+    pub fn op_blockers(&self) -> &Arc<OpBlockers> {
+        &self.blockers
     }
 
-    /// `Node '<name>' is busy: <reason>` if any blocker is set.
-    pub fn check_not_busy(&self) -> BlockResult<()> {
-        match lock(&self.state).blockers.first() {
-            Some((_, reason)) => Err(BlockError::new(format!(
-                "Node '{}' is busy: {reason}",
-                self.name
-            ))),
-            None => Ok(()),
-        }
+    /// Blocks `ops` on the node with `reason`, e.g. `block device is in use by block job:
+    /// backup`, until the blocker drops.
+    pub fn block_ops(&self, reason: &str, ops: OpSet) -> OpBlocker {
+        self.blockers.block(reason, ops)
+    }
+
+    /// `Node '<name>' is busy: <reason>` if `op` is blocked (QEMU's `bdrv_op_is_blocked`).
+    pub fn check_op(&self, op: BlockOp) -> BlockResult<()> {
+        self.blockers.check(&self.name, op).map_err(BlockError::new)
     }
 
     // ---- I/O ----
@@ -881,6 +896,9 @@ impl BlockNode {
         let closed = self.driver.close();
         for edge in &self.children() {
             edge.node.remove_use(edge.use_id);
+            if let Some(id) = edge.blocker {
+                edge.node.blockers.remove(id);
+            }
         }
         flushed.and(stored).and(closed)
     }
@@ -941,20 +959,6 @@ impl PermGrant {
 impl Drop for PermGrant {
     fn drop(&mut self) {
         self.node.remove_use(self.id);
-    }
-}
-
-/// An op blocker on a node; removed on drop.
-pub struct OpBlocker {
-    node: Arc<BlockNode>,
-    id: u64,
-}
-
-impl Drop for OpBlocker {
-    fn drop(&mut self) {
-        lock(&self.node.state)
-            .blockers
-            .retain(|(id, _)| *id != self.id);
     }
 }
 

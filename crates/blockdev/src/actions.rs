@@ -3,15 +3,18 @@
 
 use std::sync::Arc;
 
+use block::{BlockOp, OpSet};
 use job::{JobKey, JobSpec};
 use qmp_api::{
-    BackupCommon, BackupPerf, BitmapSyncMode, BlockdevBackup, DriveBackup, MirrorSyncMode,
+    BackupCommon, BackupPerf, BitmapSyncMode, BlockdevBackup, DriveBackup, JobType,
+    MirrorSyncMode,
     NewImageMode, QmpError,
 };
 
 use crate::BlockState;
 use crate::backup::{BackupBitmap, BackupEnv, BackupJob, BackupOptions, BackupSync};
 use crate::bitmaps::JobBitmap;
+use crate::busy::MAIN_NODE;
 use crate::claims::Drain;
 use crate::node::{BlockIo, ImageRef};
 use crate::transaction::{Action, Transaction};
@@ -241,8 +244,15 @@ impl Action for BackupAction {
         let env = &mut *txn.state;
         let device = self.common.device.clone();
         let source = env.lookup(&device)?;
-        let (target_name, target) = self.target(env, &source)?;
+        if let BackupTarget::Node(name) = &self.target {
+            env.lookup(name)?;
+        }
         self.drain = Some(Drain::begin(&env.jobs, &env.claims, &device));
+        if matches!(self.target, BackupTarget::Image { .. }) {
+            // drive-backup's early check, before it creates the target.
+            env.check_op(&device, BlockOp::BackupSource)?;
+        }
+        let (target_name, target) = self.target(env, &source)?;
         let (sync, bitmap) = self.sync(env)?;
         if device == target_name {
             return Err(QmpError::generic("Source and target cannot be the same"));
@@ -255,7 +265,8 @@ impl Action for BackupAction {
                 "Compression is not supported for this drive ",
             ));
         }
-        env.claims.check_free(&target_name)?;
+        env.check_op(&device, BlockOp::BackupSource)?;
+        env.check_op(&target_name, BlockOp::BackupTarget)?;
         let mut options = backup_options(c.x_perf.as_ref())?;
         options.compress = compress;
         options.discard_source = c.discard_source.unwrap_or(false);
@@ -317,8 +328,10 @@ impl Action for BackupAction {
             }
         };
         env.jobs.set_progress_total(key, total);
-        env.claims.claim(key, "backup", &device, false);
-        env.claims.claim(key, "backup", &target_name, true);
+        // QEMU's job sits on a copy-before-write filter above the source: the source is used,
+        // not blocked; the target is blocked.
+        env.add_job_node(key, JobType::Backup, &device, MAIN_NODE, OpSet::default());
+        env.add_job_node(key, JobType::Backup, &target_name, "target", OpSet::ALL);
         if let Some(drain) = self.drain.as_mut() {
             drain.hold(key);
         }

@@ -269,10 +269,15 @@ impl NodeGraph for BlockLayer {
         let n = self.graph.find(name)?;
         Some(NodeFacts {
             in_use: n.is_in_use(),
+            monitor_owned: n.is_monitor_owned(),
             has_backing: n.child("backing").is_some(),
             supports_backing: n.driver().supports_backing(),
             read_only: n.is_read_only(),
         })
+    }
+
+    fn op_blockers(&self, name: &str) -> Option<Arc<block::OpBlockers>> {
+        self.graph.find(name).map(|n| n.op_blockers().clone())
     }
 
     fn open_overlay(&mut self, image: &ImageRef, node_name: &str) -> Result<(), QmpError> {

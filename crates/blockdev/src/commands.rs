@@ -149,8 +149,7 @@ impl Commands for Blockdev {
     }
 
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError> {
-        self.state.exports.check_unexported(&args.node_name)?;
-        self.state.claims.check_free(&args.node_name)?;
+        self.state.check_deletable(&args.node_name)?;
         self.state.graph_mut()?.blockdev_del(args)
     }
 

@@ -148,12 +148,9 @@ impl NbdExports {
         self.runtime = Some(runtime);
     }
 
-    /// QEMU's "Node <n> is in use" (`blockdev-del` of a node an export uses).
-    pub(crate) fn check_unexported(&self, node: &str) -> Result<(), QmpError> {
-        if lock(&self.records).iter().any(|r| r.node == node) {
-            return Err(QmpError::generic(format!("Node {node} is in use")));
-        }
-        Ok(())
+    /// Whether an export uses `node` (QEMU: it has a block backend).
+    pub(crate) fn is_exported(&self, node: &str) -> bool {
+        lock(&self.records).iter().any(|r| r.node == node)
     }
 
     /// `nbd-server-start`.

@@ -12,6 +12,7 @@ mod actions;
 pub mod backup;
 mod bitmaps;
 pub mod block_layer;
+mod busy;
 mod claims;
 mod commands;
 mod events;

@@ -11,7 +11,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
-use block::DirtyBitmap;
+use block::{BlockOp, DirtyBitmap, OpSet};
 use job::{BoxFuture, JobContext, JobDriver, JobFailure, JobKey, JobRegistry, JobSpec};
 use qmp_api::{
     BlockdevMirrorArguments, DriveMirror, IoOperationType, JobType, MirrorCopyMode, MirrorSyncMode,
@@ -19,6 +19,7 @@ use qmp_api::{
 };
 
 use crate::BlockState;
+use crate::busy::MAIN_NODE;
 use crate::claims::NodeClaims;
 use crate::node::{
     BlockIo, CopyBuffers, FilterWrites, IoFuture, IoPool, MirrorNodes, MirrorTargetImage,
@@ -634,21 +635,12 @@ struct MirrorRequest {
     zero_target: bool,
 }
 
-/// QEMU's `qmp_get_root_bs`.
-fn root_node(env: &BlockState, name: &str) -> Result<Arc<dyn BlockIo>, QmpError> {
-    let io = env.lookup(name)?;
-    if env.graph.as_ref().is_some_and(|g| g.has_parent_node(name)) {
-        return Err(QmpError::generic("Need a root block node"));
-    }
-    Ok(io)
-}
-
 /// `blockdev-mirror`.
 pub(crate) fn blockdev_mirror(
     env: &mut BlockState,
     args: BlockdevMirrorArguments,
 ) -> Result<(), QmpError> {
-    root_node(env, &args.device)?;
+    env.root_node(&args.device)?;
     env.lookup(&args.target)?;
     start(
         env,
@@ -677,8 +669,8 @@ pub(crate) fn blockdev_mirror(
 
 /// `drive-mirror`: QEMU's `qmp_drive_mirror`.
 pub(crate) fn drive_mirror(env: &mut BlockState, args: DriveMirror) -> Result<(), QmpError> {
-    let source = root_node(env, &args.device)?;
-    env.claims.check_free(&args.device)?;
+    let source = env.root_node(&args.device)?;
+    env.check_op(&args.device, BlockOp::MirrorSource)?;
     let mode = args.mode.unwrap_or(NewImageMode::AbsolutePaths);
     let format = match (&args.format, mode) {
         (Some(f), _) => Some(f.clone()),
@@ -774,8 +766,8 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
             "Parameter 'granularity' expects a power of 2",
         ));
     }
-    env.claims.check_free(&r.device)?;
-    env.claims.check_free(&r.target)?;
+    env.check_op(&r.device, BlockOp::MirrorSource)?;
+    env.check_op(&r.target, BlockOp::MirrorTarget)?;
     let mut sync = r.sync;
     if source.backing_node().is_none() && sync == MirrorSyncMode::Top {
         sync = MirrorSyncMode::Full;
@@ -790,7 +782,7 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
                 "Failed to find node with node-name='{replaces}'"
             )));
         }
-        env.claims.check_free(replaces)?;
+        env.check_op(replaces, BlockOp::Replace)?;
         if !graph.can_replace(&r.device, replaces) {
             return Err(QmpError::generic(format!(
                 "Cannot replace '{replaces}' by a node mirrored from '{}', because it cannot \
@@ -917,11 +909,18 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
         }
     };
     let _ = shared.job.set((env.jobs.clone(), key));
-    claims.claim(key, "mirror", &r.device, true);
-    claims.claim(key, "mirror", &r.target, true);
+    // QEMU's mirror job: created on its filter node, with the source and target added.
     if let Some(n) = &nodes {
-        claims.claim(key, "mirror", &n.filter_name(), true);
+        env.add_job_node(
+            key,
+            JobType::Mirror,
+            &n.filter_name(),
+            MAIN_NODE,
+            OpSet::JOB_MAIN,
+        );
     }
+    env.add_job_node(key, JobType::Mirror, &r.device, "source", OpSet::ALL);
+    env.add_job_node(key, JobType::Mirror, &r.target, "target", OpSet::ALL);
     env.mirrors.insert(key, shared);
     if let Err(e) = env.jobs.start(key) {
         tracing::warn!("mirror job could not start: {e}");

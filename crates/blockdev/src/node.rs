@@ -210,6 +210,11 @@ pub trait NodeGraph: Send {
     fn node_facts(&self, _name: &str) -> Option<NodeFacts> {
         None
     }
+    /// The op blockers of node `name` (QEMU's `bs->op_blockers`), if it exists; `None` also
+    /// where the graph keeps none (nothing is blocked then).
+    fn op_blockers(&self, _name: &str) -> Option<Arc<block::OpBlockers>> {
+        None
+    }
     /// Opens `image` as node `node_name` without opening its backing file (a new overlay).
     fn open_overlay(&mut self, image: &ImageRef, node_name: &str) -> Result<(), QmpError> {
         let _ = (image, node_name);
@@ -300,6 +305,8 @@ pub trait NodeGraph: Send {
 pub struct NodeFacts {
     /// Something (a parent node, a job, an export) uses it.
     pub in_use: bool,
+    /// The monitor added it (`blockdev-add`): only such nodes can be deleted.
+    pub monitor_owned: bool,
     /// It has a backing node.
     pub has_backing: bool,
     /// Its format can have a backing file.
