@@ -223,6 +223,31 @@ fn every_command_of_the_generated_table_is_served_with_valid_arguments() {
         json!({"device": "qi", "name": "snap0"}),
     );
 
+    // Images created and amended by jobs.
+    let created = d.join("created.qcow2");
+    s.ok(
+        "blockdev-create",
+        json!({"job-id": "c1", "options": {"driver": "file", "filename": created.to_str(),
+               "size": 0}}),
+    );
+    s.wait_status("c1", "concluded");
+    s.ok("job-dismiss", json!({"id": "c1"}));
+    s.ok(
+        "blockdev-create",
+        json!({"job-id": "c2", "options": {"driver": "qcow2", "file": file(created.to_str().expect("UTF-8")),
+               "size": 1 << 20}}),
+    );
+    s.wait_status("c2", "concluded");
+    let jobs = s.ok("query-jobs", json!({}));
+    assert!(jobs[0].get("error").is_none(), "{jobs}");
+    s.ok("job-dismiss", json!({"id": "c2"}));
+    s.ok(
+        "x-blockdev-amend",
+        json!({"job-id": "a1", "node-name": "qi", "options": {"driver": "qcow2"}}),
+    );
+    s.wait_status("a1", "concluded");
+    s.ok("job-dismiss", json!({"id": "a1"}));
+
     // An NBD export of a node.
     let socket = d.join("nbd.sock");
     s.ok(

@@ -141,6 +141,23 @@ impl BlockGraph {
         }
     }
 
+    /// Opens the node `options` describe, with a generated name unless it has one, not owned
+    /// by the monitor (an image `blockdev-create` writes to, opened for the job); close it
+    /// with [`BlockGraph::close_unused`]. On failure nothing stays open.
+    pub fn open_anonymous(&mut self, options: &BlockdevOptions) -> BlockResult<Arc<BlockNode>> {
+        let before = self.nodes.len();
+        let opened = self.open_node(options, None, false);
+        if opened.is_err() {
+            while self.nodes.len() > before {
+                if let Some(n) = self.nodes.pop() {
+                    self.by_name.remove(n.name());
+                    let _ = n.close();
+                }
+            }
+        }
+        opened
+    }
+
     /// Opens one node (and, through its driver, its children), then its backing chain.
     pub(crate) fn open_node(
         &mut self,

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod bitmap;
 pub mod blocker;
+pub mod create;
 pub mod driver;
 pub mod drivers;
 pub mod error;

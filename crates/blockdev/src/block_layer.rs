@@ -6,13 +6,13 @@ use std::sync::{Arc, MutexGuard};
 use block::graph::{image_options, node_filename};
 use block::{BitmapStore, BlockError, BlockGraph, BlockNode, DirtyBitmap};
 use qmp_api::{
-    BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, BlockdevOptionsBranch,
-    BlockdevRefOrNull, QmpError, SnapshotInfo,
+    BlockDeviceInfo, BlockdevCreateOptions, BlockdevCreateOptionsBranch, BlockdevDelArguments,
+    BlockdevOptions, BlockdevOptionsBranch, BlockdevRef, BlockdevRefOrNull, QmpError, SnapshotInfo,
 };
 
 use crate::node::{
-    BlockIo, Extent, FilterWrites, ImageRef, MirrorNodes, MirrorTargetImage, NodeBitmaps,
-    NodeFacts, NodeGraph, WriteTracker,
+    BlockIo, CreateWork, Extent, FilterWrites, ImageRef, MirrorNodes, MirrorTargetImage,
+    NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
 };
 
 /// A block error as QMP reports it.
@@ -436,6 +436,41 @@ impl NodeGraph for BlockLayer {
     ) -> Result<Arc<dyn BlockIo>, QmpError> {
         let n = self.graph.lookup(node).map_err(qmp_error)?;
         crate::mirror_top::backend(&n, holder, writable).map_err(qmp_error)
+    }
+
+    fn prepare_create(&mut self, options: &BlockdevCreateOptions) -> CreateWork {
+        match &options.branch {
+            BlockdevCreateOptionsBranch::File(o) => {
+                let o = o.clone();
+                CreateWork::new(move || block::create::create_file(&o).map_err(|e| e.desc().into()))
+            }
+            BlockdevCreateOptionsBranch::Qcow2(o) => {
+                // QEMU opens (or finds) the file node first, in the job: its errors are the
+                // job's.
+                let (file, opened) = match &o.file {
+                    BlockdevRef::Reference(name) => (self.graph.lookup(name), None),
+                    BlockdevRef::Definition(def) => match self.graph.open_anonymous(def) {
+                        Ok(n) => (Ok(n.clone()), Some(n.name().to_string())),
+                        Err(e) => (Err(e), None),
+                    },
+                };
+                let o = o.clone();
+                let mut work = CreateWork::new(move || {
+                    let file = file.map_err(|e| e.desc().to_string())?;
+                    let options =
+                        block::create::qcow2_options(&o).map_err(|e| e.desc().to_string())?;
+                    block::create::create_qcow2(&file, &options).map_err(|e| e.desc().to_string())
+                });
+                work.opened.extend(opened);
+                work
+            }
+            other => {
+                let driver = other.kind();
+                CreateWork::new(move || {
+                    Err(format!("Driver '{driver}' does not support image creation"))
+                })
+            }
+        }
     }
 
     fn internal_snapshots(&self, node: &str) -> Option<Vec<SnapshotInfo>> {

@@ -6,12 +6,13 @@ use qmp_api::{
     BlockDirtyBitmapMerge, BlockExportDelArguments, BlockExportOptions, BlockJobCancelArguments,
     BlockJobChangeOptions, BlockJobCompleteArguments, BlockJobDismissArguments,
     BlockJobFinalizeArguments, BlockJobInfo, BlockJobPauseArguments, BlockJobResumeArguments,
-    BlockJobSetSpeedArguments, BlockJobVerb, BlockdevBackup, BlockdevDelArguments,
-    BlockdevMirrorArguments, BlockdevOptions, BlockdevSnapshot, BlockdevSnapshotInternal,
-    BlockdevSnapshotSync, Commands, DriveBackup, JobCancelArguments, JobCompleteArguments,
-    JobDismissArguments, JobFinalizeArguments, JobInfo, JobPauseArguments, JobResumeArguments,
-    NbdServerOptionsLegacy, QmpError, QueryNamedBlockNodesArguments, SchemaInfo,
-    TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
+    BlockJobSetSpeedArguments, BlockJobVerb, BlockdevBackup, BlockdevCreateArguments,
+    BlockdevDelArguments, BlockdevMirrorArguments, BlockdevOptions, BlockdevSnapshot,
+    BlockdevSnapshotInternal, BlockdevSnapshotSync, Commands, DriveBackup, JobCancelArguments,
+    JobCompleteArguments, JobDismissArguments, JobFinalizeArguments, JobInfo, JobPauseArguments,
+    JobResumeArguments, NbdServerOptionsLegacy, QmpError, QueryNamedBlockNodesArguments,
+    SchemaInfo, TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
+    XBlockdevAmendArguments,
 };
 
 use crate::Blockdev;
@@ -244,6 +245,15 @@ impl Commands for Blockdev {
 
     fn drive_backup(&mut self, args: DriveBackup) -> Result<(), QmpError> {
         self.run_transaction(vec![Box::new(BackupAction::drive(args))], false)
+    }
+
+    fn blockdev_create(&mut self, args: BlockdevCreateArguments) -> Result<(), QmpError> {
+        self.close_retired_nodes();
+        crate::create::blockdev_create(&mut self.state, args)
+    }
+
+    fn x_blockdev_amend(&mut self, args: XBlockdevAmendArguments) -> Result<(), QmpError> {
+        crate::create::x_blockdev_amend(&mut self.state, args)
     }
 
     fn blockdev_mirror(&mut self, args: BlockdevMirrorArguments) -> Result<(), QmpError> {

@@ -16,6 +16,7 @@ mod busy;
 mod claims;
 mod commands;
 mod events;
+mod create;
 mod export;
 mod io_threads;
 pub mod mirror;
@@ -35,8 +36,8 @@ pub use block_layer::BlockLayer;
 pub use events::block_event_sink;
 pub use io_threads::IoThreads;
 pub use node::{
-    BlockIo, CopyBuffers, Extent, FilterWrites, ImageRef, InlineIo, IoPool, MirrorNodes,
-    MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
+    BlockIo, CopyBuffers, CreateRun, CreateWork, Extent, FilterWrites, ImageRef, InlineIo, IoPool,
+    MirrorNodes, MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
 };
 
 use claims::NodeClaims;

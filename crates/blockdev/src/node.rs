@@ -10,7 +10,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use block::{BitmapStore, DirtyBitmap, PageBuf};
-use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError, SnapshotInfo};
+use qmp_api::{
+    BlockDeviceInfo, BlockdevCreateOptions, BlockdevDelArguments, BlockdevOptions, QmpError,
+    SnapshotInfo,
+};
 
 pub use block::Extent;
 
@@ -295,9 +298,38 @@ pub trait NodeGraph: Send {
     fn track_writes(&self, _node: &str) -> Option<Arc<dyn WriteTracker>> {
         None
     }
+    /// Prepares `blockdev-create` of a driver that can create images (`file`, `qcow2`): finds
+    /// or opens the nodes the options name (an error there is the job's, as QEMU finds it
+    /// while the job runs) and returns the work the job runs.
+    fn prepare_create(&mut self, options: &BlockdevCreateOptions) -> CreateWork {
+        let _ = options;
+        CreateWork::new(|| Err("This block layer does not support image creation".into()))
+    }
     /// Flushes and closes every node (daemon shutdown). Returns the first error, having tried
     /// every node.
     fn close_all(&mut self) -> io::Result<()>;
+}
+
+/// What a `blockdev-create` job runs (blocking I/O, on the I/O pool): `Err` is the job's
+/// error message.
+pub type CreateRun = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// The work of a `blockdev-create` job and the nodes opened for it (closed when it ends).
+pub struct CreateWork {
+    /// The creation.
+    pub run: CreateRun,
+    /// Nodes the graph opened for the job.
+    pub opened: Vec<String>,
+}
+
+impl CreateWork {
+    /// Work that opened no node.
+    pub fn new(run: impl FnOnce() -> Result<(), String> + Send + 'static) -> Self {
+        CreateWork {
+            run: Box::new(run),
+            opened: Vec::new(),
+        }
+    }
 }
 
 /// Facts about a node that snapshot checks use.

@@ -64,9 +64,11 @@ fn invalid_arg<T>(msg: impl Into<String>) -> Result<T> {
     Err(Error::InvalidArgument(msg.into()))
 }
 
-/// Creates an image on `storage` (which is truncated first) as `options` say. The caller
-/// checks the options' combinations in QEMU's order; this refuses what the format cannot
-/// hold.
+/// Creates an image on `storage` as `options` say: its first three clusters are overwritten
+/// (header, refcount table, refcount block) and the image grows from there; bytes past them
+/// are left as they are, free by the refcounts (as QEMU's `qcow2_co_create` leaves them).
+/// The caller checks the options' combinations in QEMU's order; this refuses what the
+/// format cannot hold.
 pub fn create_with(storage: std::sync::Arc<dyn Storage>, options: &CreateOptions) -> Result<()> {
     let cs = options.cluster_size;
     if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
@@ -117,7 +119,6 @@ pub fn create_with(storage: std::sync::Arc<dyn Storage>, options: &CreateOptions
         crate::meta::rc_set(&mut block, h.refcount_order, c, 1);
     }
     img[2 * cs as usize..].copy_from_slice(&block);
-    storage.set_len(0)?;
     storage.write_at(&img, 0)?;
     storage.flush()?;
     if options.version < 3 {

@@ -801,3 +801,10 @@ fn summary(s: &qcow2::SnapshotInfo) -> SnapshotInfo {
         icount: s.icount.map(wire),
     }
 }
+
+/// Writes a new qcow2 image onto the node `file` (see [`crate::create::create_qcow2`]).
+pub(crate) fn create_on(file: &Arc<BlockNode>, options: &qcow2::CreateOptions) -> BlockResult<()> {
+    let storage: Arc<dyn qcow2::Storage> = Arc::new(NodeStorage(file.clone()));
+    qcow2::create_with(storage, options).map_err(block_error)?;
+    file.flush()
+}

@@ -1003,6 +1003,83 @@ impl ::qapi_runtime::Command for BlockExportDelArguments {
     type Returns = ();
     const ALLOW_PRECONFIG: bool = true;
 }
+/// Create an image, as a job of type create.  The job's progress goes
+/// from 0 to 1; it is not dismissed automatically.  Errors in
+/// `options` that only the job finds (a bad size, a node in use) make
+/// the job end with that error.
+///
+/// **Since:** 3.0
+///
+/// The arguments of command `blockdev-create` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevCreateArguments {
+    /// the job's identifier
+    pub job_id: String,
+    /// what to create
+    pub options: BlockdevCreateOptions,
+}
+impl BlockdevCreateArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(job_id: impl Into<String>, options: BlockdevCreateOptions) -> Self {
+        Self {
+            job_id: job_id.into(),
+            options,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevCreateArguments { job_id("job-id"), options("options") }
+);
+impl ::qapi_runtime::Command for BlockdevCreateArguments {
+    const NAME: &'static str = "blockdev-create";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Change an open image's format options, as a job of type amend
+/// (progress from 0 to 1, not dismissed automatically).
+///
+/// **Since:** 5.1
+///
+/// **Features:**
+/// - `unstable`: the command may change incompatibly in a later release
+///
+/// The arguments of command `x-blockdev-amend` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct XBlockdevAmendArguments {
+    /// the job's identifier
+    pub job_id: String,
+    /// the node whose image changes
+    pub node_name: String,
+    /// what to change
+    pub options: BlockdevAmendOptions,
+    /// allow changes that are unsafe (e.g. erasing the last key
+    /// slot; default: false)
+    pub force: Option<bool>,
+}
+impl XBlockdevAmendArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        job_id: impl Into<String>,
+        node_name: impl Into<String>,
+        options: BlockdevAmendOptions,
+    ) -> Self {
+        Self {
+            job_id: job_id.into(),
+            node_name: node_name.into(),
+            options,
+            force: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    XBlockdevAmendArguments { job_id("job-id"), node_name("node-name"),
+    options("options"), optional force("force") }
+);
+impl ::qapi_runtime::Command for XBlockdevAmendArguments {
+    const NAME: &'static str = "x-blockdev-amend";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
 /// One method per command, for a server. Each default answers like QEMU for a
 /// command it does not have (`CommandNotFound`), so a server implements only
 /// what it supports.
@@ -1257,6 +1334,20 @@ pub trait Commands {
         args: BlockExportDelArguments,
     ) -> ::qapi_runtime::Result<()> {
         Err(::qapi_runtime::QmpError::command_not_found("block-export-del"))
+    }
+    /// `blockdev-create`: see [`BlockdevCreateArguments`].
+    fn blockdev_create(
+        &mut self,
+        args: BlockdevCreateArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("blockdev-create"))
+    }
+    /// `x-blockdev-amend`: see [`XBlockdevAmendArguments`].
+    fn x_blockdev_amend(
+        &mut self,
+        args: XBlockdevAmendArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("x-blockdev-amend"))
     }
 }
 /// Runs command `name` on `handler`: reads `arguments` strictly with QEMU's
@@ -1553,6 +1644,22 @@ pub fn dispatch(
                     )?,
             )
         }
+        "blockdev-create" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_create(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "x-blockdev-amend" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .x_blockdev_amend(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
         _ => Err(::qapi_runtime::QmpError::command_not_found(name)),
     }
 }
@@ -1600,6 +1707,8 @@ pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
     <NbdServerStopArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockExportAddArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockExportDelArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevCreateArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <XBlockdevAmendArguments as ::qapi_runtime::Command>::PROPERTIES,
 ];
 /// The properties of command `name`, if the schema has it.
 pub fn command_properties(

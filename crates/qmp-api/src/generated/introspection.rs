@@ -303,11 +303,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "name": "BLOCK_EXPORT_DELETED"
   },
   {
+    "arg-type": "47",
+    "meta-type": "command",
+    "name": "blockdev-create",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "48",
+    "features": [
+      "unstable"
+    ],
+    "meta-type": "command",
+    "name": "x-blockdev-amend",
+    "ret-type": "1"
+  },
+  {
     "members": [
       {
         "default": null,
         "name": "enable",
-        "type": "[47]"
+        "type": "[49]"
       }
     ],
     "meta-type": "object",
@@ -322,7 +337,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qemu",
-        "type": "48"
+        "type": "50"
       },
       {
         "name": "package",
@@ -360,7 +375,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "meta-type",
-        "type": "49"
+        "type": "51"
       },
       {
         "default": null,
@@ -374,31 +389,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "builtin",
-        "type": "50"
-      },
-      {
-        "case": "enum",
-        "type": "51"
-      },
-      {
-        "case": "array",
         "type": "52"
       },
       {
-        "case": "object",
+        "case": "enum",
         "type": "53"
       },
       {
-        "case": "alternate",
+        "case": "array",
         "type": "54"
       },
       {
-        "case": "command",
+        "case": "object",
         "type": "55"
       },
       {
-        "case": "event",
+        "case": "alternate",
         "type": "56"
+      },
+      {
+        "case": "command",
+        "type": "57"
+      },
+      {
+        "case": "event",
+        "type": "58"
       }
     ]
   },
@@ -410,7 +425,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "57"
+        "type": "59"
       }
     ],
     "meta-type": "object",
@@ -489,11 +504,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       },
       {
         "name": "status",
-        "type": "57"
+        "type": "59"
       },
       {
         "name": "current-progress",
@@ -566,7 +581,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "detect_zeroes",
-        "type": "59"
+        "type": "61"
       },
       {
         "name": "bps",
@@ -594,7 +609,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "image",
-        "type": "60"
+        "type": "62"
       },
       {
         "default": null,
@@ -668,7 +683,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "cache",
-        "type": "61"
+        "type": "63"
       },
       {
         "name": "write_threshold",
@@ -677,7 +692,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "dirty-bitmaps",
-        "type": "[62]"
+        "type": "[64]"
       }
     ],
     "meta-type": "object",
@@ -687,7 +702,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "63"
+        "type": "65"
       },
       {
         "default": null,
@@ -697,12 +712,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "discard",
-        "type": "64"
+        "type": "66"
       },
       {
         "default": null,
         "name": "cache",
-        "type": "65"
+        "type": "67"
       },
       {
         "default": null,
@@ -727,7 +742,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "detect-zeroes",
-        "type": "59"
+        "type": "61"
       }
     ],
     "meta-type": "object",
@@ -736,23 +751,23 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "blkdebug",
-        "type": "66"
-      },
-      {
-        "case": "file",
-        "type": "67"
-      },
-      {
-        "case": "null-co",
         "type": "68"
       },
       {
-        "case": "qcow2",
+        "case": "file",
         "type": "69"
       },
       {
-        "case": "raw",
+        "case": "null-co",
         "type": "70"
+      },
+      {
+        "case": "qcow2",
+        "type": "71"
+      },
+      {
+        "case": "raw",
+        "type": "72"
       }
     ]
   },
@@ -854,7 +869,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[71]"
+        "type": "[73]"
       }
     ],
     "meta-type": "object",
@@ -869,7 +884,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       },
       {
         "name": "device",
@@ -897,7 +912,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "72"
+        "type": "74"
       },
       {
         "name": "ready",
@@ -905,7 +920,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "57"
+        "type": "59"
       },
       {
         "name": "auto-finalize",
@@ -927,7 +942,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "73"
+        "type": "75"
       },
       {
         "case": "commit",
@@ -1050,7 +1065,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       }
     ],
     "meta-type": "object",
@@ -1059,7 +1074,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "74"
+        "type": "76"
       },
       {
         "case": "commit",
@@ -1099,7 +1114,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       },
       {
         "name": "device",
@@ -1130,7 +1145,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       },
       {
         "name": "device",
@@ -1160,11 +1175,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "75"
+        "type": "77"
       },
       {
         "name": "action",
-        "type": "76"
+        "type": "78"
       }
     ],
     "meta-type": "object",
@@ -1174,7 +1189,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       },
       {
         "name": "device",
@@ -1200,7 +1215,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       },
       {
         "name": "id",
@@ -1223,7 +1238,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "79"
       },
       {
         "default": null,
@@ -1238,7 +1253,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "78"
+        "type": "80"
       },
       {
         "default": null,
@@ -1248,12 +1263,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
@@ -1281,7 +1296,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "80"
+        "type": "82"
       },
       {
         "name": "target",
@@ -1304,7 +1319,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "79"
       },
       {
         "default": null,
@@ -1319,7 +1334,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "78"
+        "type": "80"
       },
       {
         "default": null,
@@ -1329,12 +1344,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
@@ -1362,7 +1377,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "80"
+        "type": "82"
       },
       {
         "name": "target",
@@ -1376,7 +1391,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "81"
+        "type": "83"
       }
     ],
     "meta-type": "object",
@@ -1404,7 +1419,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "79"
       },
       {
         "default": null,
@@ -1424,12 +1439,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
@@ -1439,7 +1454,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "82"
+        "type": "84"
       },
       {
         "default": null,
@@ -1487,12 +1502,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "79"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "81"
+        "type": "83"
       },
       {
         "default": null,
@@ -1512,12 +1527,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
@@ -1527,7 +1542,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "82"
+        "type": "84"
       },
       {
         "default": null,
@@ -1572,7 +1587,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "81"
+        "type": "83"
       }
     ],
     "meta-type": "object",
@@ -1610,12 +1625,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "actions",
-        "type": "[83]"
+        "type": "[85]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "84"
+        "type": "86"
       }
     ],
     "meta-type": "object",
@@ -1645,7 +1660,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "85"
+        "type": "87"
       }
     ],
     "meta-type": "object",
@@ -1655,7 +1670,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "86"
+        "type": "88"
       },
       {
         "name": "id",
@@ -1697,19 +1712,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "nbd",
-        "type": "87"
-      },
-      {
-        "case": "vhost-user-blk",
-        "type": "88"
-      },
-      {
-        "case": "fuse",
         "type": "89"
       },
       {
-        "case": "vduse-blk",
+        "case": "vhost-user-blk",
         "type": "90"
+      },
+      {
+        "case": "fuse",
+        "type": "91"
+      },
+      {
+        "case": "vduse-blk",
+        "type": "92"
       }
     ]
   },
@@ -1722,7 +1737,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "91"
+        "type": "93"
       }
     ],
     "meta-type": "object",
@@ -1739,9 +1754,46 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "name": "46"
   },
   {
-    "element-type": "47",
+    "members": [
+      {
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "options",
+        "type": "94"
+      }
+    ],
+    "meta-type": "object",
+    "name": "47"
+  },
+  {
+    "members": [
+      {
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "options",
+        "type": "95"
+      },
+      {
+        "default": null,
+        "name": "force",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "48"
+  },
+  {
+    "element-type": "49",
     "meta-type": "array",
-    "name": "[47]"
+    "name": "[49]"
   },
   {
     "members": [
@@ -1750,7 +1802,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "47",
+    "name": "49",
     "values": [
       "oob"
     ]
@@ -1771,7 +1823,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "48"
+    "name": "50"
   },
   {
     "json-type": "string",
@@ -1803,7 +1855,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "49",
+    "name": "51",
     "values": [
       "builtin",
       "enum",
@@ -1823,17 +1875,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "92"
+        "type": "96"
       }
     ],
     "meta-type": "object",
-    "name": "50"
+    "name": "52"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[93]"
+        "type": "[97]"
       },
       {
         "features": [
@@ -1844,7 +1896,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "51"
+    "name": "53"
   },
   {
     "members": [
@@ -1854,13 +1906,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "52"
+    "name": "54"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[94]"
+        "type": "[98]"
       },
       {
         "default": null,
@@ -1870,21 +1922,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[95]"
+        "type": "[99]"
       }
     ],
     "meta-type": "object",
-    "name": "53"
+    "name": "55"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[96]"
+        "type": "[100]"
       }
     ],
     "meta-type": "object",
-    "name": "54"
+    "name": "56"
   },
   {
     "members": [
@@ -1903,7 +1955,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "55"
+    "name": "57"
   },
   {
     "members": [
@@ -1913,7 +1965,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "56"
+    "name": "58"
   },
   {
     "members": [
@@ -1952,7 +2004,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "57",
+    "name": "59",
     "values": [
       "undefined",
       "created",
@@ -1998,7 +2050,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "58",
+    "name": "60",
     "values": [
       "commit",
       "stream",
@@ -2034,7 +2086,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "59",
+    "name": "61",
     "values": [
       "off",
       "on",
@@ -2098,21 +2150,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[97]"
+        "type": "[101]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "98"
+        "type": "102"
       },
       {
         "default": null,
         "name": "backing-image",
-        "type": "60"
+        "type": "62"
       }
     ],
     "meta-type": "object",
-    "name": "60"
+    "name": "62"
   },
   {
     "members": [
@@ -2130,12 +2182,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "61"
+    "name": "63"
   },
   {
-    "element-type": "62",
+    "element-type": "64",
     "meta-type": "array",
-    "name": "[62]"
+    "name": "[64]"
   },
   {
     "members": [
@@ -2171,7 +2223,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "62"
+    "name": "64"
   },
   {
     "members": [
@@ -2192,7 +2244,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "63",
+    "name": "65",
     "values": [
       "blkdebug",
       "file",
@@ -2211,7 +2263,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "64",
+    "name": "66",
     "values": [
       "ignore",
       "unmap"
@@ -2231,13 +2283,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "65"
+    "name": "67"
   },
   {
     "members": [
       {
         "name": "image",
-        "type": "99"
+        "type": "103"
       },
       {
         "default": null,
@@ -2277,26 +2329,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[100]"
+        "type": "[104]"
       },
       {
         "default": null,
         "name": "set-state",
-        "type": "[101]"
+        "type": "[105]"
       },
       {
         "default": null,
         "name": "take-child-perms",
-        "type": "[102]"
+        "type": "[106]"
       },
       {
         "default": null,
         "name": "unshare-child-perms",
-        "type": "[102]"
+        "type": "[106]"
       }
     ],
     "meta-type": "object",
-    "name": "66"
+    "name": "68"
   },
   {
     "features": [
@@ -2315,12 +2367,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "103"
+        "type": "107"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "104"
+        "type": "108"
       },
       {
         "default": null,
@@ -2342,7 +2394,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "67"
+    "name": "69"
   },
   {
     "members": [
@@ -2363,18 +2415,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "68"
+    "name": "70"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "99"
+        "type": "103"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "105"
+        "type": "109"
       },
       {
         "default": null,
@@ -2404,7 +2456,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "106"
+        "type": "110"
       },
       {
         "default": null,
@@ -2434,22 +2486,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "107"
+        "type": "111"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "99"
+        "type": "103"
       }
     ],
     "meta-type": "object",
-    "name": "69"
+    "name": "71"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "99"
+        "type": "103"
       },
       {
         "default": null,
@@ -2463,12 +2515,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "70"
+    "name": "72"
   },
   {
-    "element-type": "71",
+    "element-type": "73",
     "meta-type": "array",
-    "name": "[71]"
+    "name": "[73]"
   },
   {
     "members": [
@@ -2480,7 +2532,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "71"
+    "name": "73"
   },
   {
     "members": [
@@ -2495,7 +2547,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "72",
+    "name": "74",
     "values": [
       "ok",
       "failed",
@@ -2510,17 +2562,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "73"
+    "name": "75"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "82"
+        "type": "84"
       }
     ],
     "meta-type": "object",
-    "name": "74"
+    "name": "76"
   },
   {
     "members": [
@@ -2532,7 +2584,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "75",
+    "name": "77",
     "values": [
       "read",
       "write"
@@ -2551,7 +2603,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "76",
+    "name": "78",
     "values": [
       "ignore",
       "report",
@@ -2577,7 +2629,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "77",
+    "name": "79",
     "values": [
       "top",
       "full",
@@ -2599,7 +2651,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "78",
+    "name": "80",
     "values": [
       "on-success",
       "never",
@@ -2625,7 +2677,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "79",
+    "name": "81",
     "values": [
       "report",
       "ignore",
@@ -2658,7 +2710,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "80"
+    "name": "82"
   },
   {
     "members": [
@@ -2670,7 +2722,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "81",
+    "name": "83",
     "values": [
       "existing",
       "absolute-paths"
@@ -2686,87 +2738,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "82",
+    "name": "84",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "83",
+    "element-type": "85",
     "meta-type": "array",
-    "name": "[83]"
+    "name": "[85]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "108"
+        "type": "112"
       }
     ],
     "meta-type": "object",
-    "name": "83",
+    "name": "85",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "109"
-      },
-      {
-        "case": "block-dirty-bitmap-add",
-        "type": "110"
-      },
-      {
-        "case": "block-dirty-bitmap-remove",
-        "type": "111"
-      },
-      {
-        "case": "block-dirty-bitmap-clear",
-        "type": "111"
-      },
-      {
-        "case": "block-dirty-bitmap-enable",
-        "type": "111"
-      },
-      {
-        "case": "block-dirty-bitmap-disable",
-        "type": "111"
-      },
-      {
-        "case": "block-dirty-bitmap-merge",
-        "type": "112"
-      },
-      {
-        "case": "blockdev-backup",
         "type": "113"
       },
       {
-        "case": "blockdev-snapshot",
+        "case": "block-dirty-bitmap-add",
         "type": "114"
       },
       {
-        "case": "blockdev-snapshot-internal-sync",
+        "case": "block-dirty-bitmap-remove",
         "type": "115"
       },
       {
-        "case": "blockdev-snapshot-sync",
+        "case": "block-dirty-bitmap-clear",
+        "type": "115"
+      },
+      {
+        "case": "block-dirty-bitmap-enable",
+        "type": "115"
+      },
+      {
+        "case": "block-dirty-bitmap-disable",
+        "type": "115"
+      },
+      {
+        "case": "block-dirty-bitmap-merge",
         "type": "116"
       },
       {
-        "case": "drive-backup",
+        "case": "blockdev-backup",
         "type": "117"
       },
       {
+        "case": "blockdev-snapshot",
+        "type": "118"
+      },
+      {
+        "case": "blockdev-snapshot-internal-sync",
+        "type": "119"
+      },
+      {
+        "case": "blockdev-snapshot-sync",
+        "type": "120"
+      },
+      {
+        "case": "drive-backup",
+        "type": "121"
+      },
+      {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "111"
+        "type": "115"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "111"
+        "type": "115"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "112"
+        "type": "116"
       }
     ]
   },
@@ -2775,38 +2827,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "118"
+        "type": "122"
       }
     ],
     "meta-type": "object",
-    "name": "84"
+    "name": "86"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "119"
+        "type": "123"
       }
     ],
     "meta-type": "object",
-    "name": "85",
+    "name": "87",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "120"
+        "type": "124"
       },
       {
         "case": "unix",
-        "type": "121"
+        "type": "125"
       },
       {
         "case": "vsock",
-        "type": "122"
+        "type": "126"
       },
       {
         "case": "fd",
-        "type": "123"
+        "type": "127"
       }
     ]
   },
@@ -2826,7 +2878,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "86",
+    "name": "88",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -2849,7 +2901,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[71]"
+        "type": "[73]"
       },
       {
         "default": null,
@@ -2858,13 +2910,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "87"
+    "name": "89"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "124"
+        "type": "128"
       },
       {
         "default": null,
@@ -2878,7 +2930,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "88"
+    "name": "90"
   },
   {
     "members": [
@@ -2894,11 +2946,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "125"
+        "type": "129"
       }
     ],
     "meta-type": "object",
-    "name": "89"
+    "name": "91"
   },
   {
     "members": [
@@ -2928,7 +2980,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "90"
+    "name": "92"
   },
   {
     "members": [
@@ -2940,10 +2992,76 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "91",
+    "name": "93",
     "values": [
       "safe",
       "hard"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "driver",
+        "type": "65"
+      }
+    ],
+    "meta-type": "object",
+    "name": "94",
+    "tag": "driver",
+    "variants": [
+      {
+        "case": "file",
+        "type": "130"
+      },
+      {
+        "case": "qcow2",
+        "type": "131"
+      },
+      {
+        "case": "blkdebug",
+        "type": "1"
+      },
+      {
+        "case": "null-co",
+        "type": "1"
+      },
+      {
+        "case": "raw",
+        "type": "1"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "driver",
+        "type": "65"
+      }
+    ],
+    "meta-type": "object",
+    "name": "95",
+    "tag": "driver",
+    "variants": [
+      {
+        "case": "qcow2",
+        "type": "132"
+      },
+      {
+        "case": "blkdebug",
+        "type": "1"
+      },
+      {
+        "case": "file",
+        "type": "1"
+      },
+      {
+        "case": "null-co",
+        "type": "1"
+      },
+      {
+        "case": "raw",
+        "type": "1"
+      }
     ]
   },
   {
@@ -2974,7 +3092,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "92",
+    "name": "96",
     "values": [
       "string",
       "number",
@@ -2987,9 +3105,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "93",
+    "element-type": "97",
     "meta-type": "array",
-    "name": "[93]"
+    "name": "[97]"
   },
   {
     "members": [
@@ -3004,12 +3122,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "93"
+    "name": "97"
   },
   {
-    "element-type": "94",
+    "element-type": "98",
     "meta-type": "array",
-    "name": "[94]"
+    "name": "[98]"
   },
   {
     "members": [
@@ -3033,12 +3151,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "94"
+    "name": "98"
   },
   {
-    "element-type": "95",
+    "element-type": "99",
     "meta-type": "array",
-    "name": "[95]"
+    "name": "[99]"
   },
   {
     "members": [
@@ -3052,12 +3170,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "95"
+    "name": "99"
   },
   {
-    "element-type": "96",
+    "element-type": "100",
     "meta-type": "array",
-    "name": "[96]"
+    "name": "[100]"
   },
   {
     "members": [
@@ -3067,12 +3185,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "96"
+    "name": "100"
   },
   {
-    "element-type": "97",
+    "element-type": "101",
     "meta-type": "array",
-    "name": "[97]"
+    "name": "[101]"
   },
   {
     "members": [
@@ -3111,38 +3229,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "97"
+    "name": "101"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "126"
+        "type": "133"
       }
     ],
     "meta-type": "object",
-    "name": "98",
+    "name": "102",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "127"
+        "type": "134"
       },
       {
         "case": "vmdk",
-        "type": "128"
+        "type": "135"
       },
       {
         "case": "luks",
-        "type": "129"
+        "type": "136"
       },
       {
         "case": "rbd",
-        "type": "130"
+        "type": "137"
       },
       {
         "case": "file",
-        "type": "131"
+        "type": "138"
       }
     ]
   },
@@ -3156,18 +3274,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "99"
+    "name": "103"
   },
   {
-    "element-type": "100",
+    "element-type": "104",
     "meta-type": "array",
-    "name": "[100]"
+    "name": "[104]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "132"
+        "type": "139"
       },
       {
         "default": null,
@@ -3177,7 +3295,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "133"
+        "type": "140"
       },
       {
         "default": null,
@@ -3201,18 +3319,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "100"
+    "name": "104"
   },
   {
-    "element-type": "101",
+    "element-type": "105",
     "meta-type": "array",
-    "name": "[101]"
+    "name": "[105]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "132"
+        "type": "139"
       },
       {
         "default": null,
@@ -3225,12 +3343,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "101"
+    "name": "105"
   },
   {
-    "element-type": "102",
+    "element-type": "106",
     "meta-type": "array",
-    "name": "[102]"
+    "name": "[106]"
   },
   {
     "members": [
@@ -3248,7 +3366,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "102",
+    "name": "106",
     "values": [
       "consistent-read",
       "write",
@@ -3269,7 +3387,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "103",
+    "name": "107",
     "values": [
       "auto",
       "on",
@@ -3289,7 +3407,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "104",
+    "name": "108",
     "values": [
       "threads",
       "native",
@@ -3309,38 +3427,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "105"
+    "name": "109"
   },
   {
     "members": [
       {
-        "type": "134"
+        "type": "141"
       },
       {
-        "type": "135"
+        "type": "142"
       }
     ],
     "meta-type": "alternate",
-    "name": "106"
+    "name": "110"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "136"
+        "type": "143"
       }
     ],
     "meta-type": "object",
-    "name": "107",
+    "name": "111",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "137"
+        "type": "144"
       },
       {
         "case": "luks",
-        "type": "138"
+        "type": "145"
       }
     ]
   },
@@ -3408,7 +3526,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "108",
+    "name": "112",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -3431,47 +3549,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "139"
-      }
-    ],
-    "meta-type": "object",
-    "name": "109"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "18"
-      }
-    ],
-    "meta-type": "object",
-    "name": "110"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "19"
-      }
-    ],
-    "meta-type": "object",
-    "name": "111"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "20"
-      }
-    ],
-    "meta-type": "object",
-    "name": "112"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "35"
+        "type": "146"
       }
     ],
     "meta-type": "object",
@@ -3481,7 +3559,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "40"
+        "type": "18"
       }
     ],
     "meta-type": "object",
@@ -3491,7 +3569,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "41"
+        "type": "19"
       }
     ],
     "meta-type": "object",
@@ -3501,7 +3579,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "39"
+        "type": "20"
       }
     ],
     "meta-type": "object",
@@ -3511,11 +3589,51 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "36"
+        "type": "35"
       }
     ],
     "meta-type": "object",
     "name": "117"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "40"
+      }
+    ],
+    "meta-type": "object",
+    "name": "118"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "41"
+      }
+    ],
+    "meta-type": "object",
+    "name": "119"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "39"
+      }
+    ],
+    "meta-type": "object",
+    "name": "120"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "36"
+      }
+    ],
+    "meta-type": "object",
+    "name": "121"
   },
   {
     "members": [
@@ -3527,7 +3645,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "118",
+    "name": "122",
     "values": [
       "individual",
       "grouped"
@@ -3549,7 +3667,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "119",
+    "name": "123",
     "values": [
       "inet",
       "unix",
@@ -3561,68 +3679,68 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "140"
+        "type": "147"
       }
     ],
     "meta-type": "object",
-    "name": "120"
+    "name": "124"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "141"
+        "type": "148"
       }
     ],
     "meta-type": "object",
-    "name": "121"
+    "name": "125"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "142"
+        "type": "149"
       }
     ],
     "meta-type": "object",
-    "name": "122"
+    "name": "126"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "143"
+        "type": "150"
       }
     ],
     "meta-type": "object",
-    "name": "123"
+    "name": "127"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "119"
+        "type": "123"
       }
     ],
     "meta-type": "object",
-    "name": "124",
+    "name": "128",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "140"
+        "type": "147"
       },
       {
         "case": "unix",
-        "type": "141"
+        "type": "148"
       },
       {
         "case": "vsock",
-        "type": "142"
+        "type": "149"
       },
       {
         "case": "fd",
-        "type": "143"
+        "type": "150"
       }
     ]
   },
@@ -3639,12 +3757,126 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "125",
+    "name": "129",
     "values": [
       "off",
       "on",
       "auto"
     ]
+  },
+  {
+    "members": [
+      {
+        "name": "filename",
+        "type": "str"
+      },
+      {
+        "name": "size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "preallocation",
+        "type": "151"
+      },
+      {
+        "default": null,
+        "name": "nocow",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "extent-size-hint",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "130"
+  },
+  {
+    "members": [
+      {
+        "name": "file",
+        "type": "103"
+      },
+      {
+        "default": null,
+        "name": "data-file",
+        "type": "103"
+      },
+      {
+        "default": null,
+        "name": "data-file-raw",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "extended-l2",
+        "type": "bool"
+      },
+      {
+        "name": "size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "version",
+        "type": "152"
+      },
+      {
+        "default": null,
+        "name": "backing-file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-fmt",
+        "type": "65"
+      },
+      {
+        "default": null,
+        "name": "encrypt",
+        "type": "153"
+      },
+      {
+        "default": null,
+        "name": "cluster-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "preallocation",
+        "type": "151"
+      },
+      {
+        "default": null,
+        "name": "lazy-refcounts",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "refcount-bits",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "compression-type",
+        "type": "154"
+      }
+    ],
+    "meta-type": "object",
+    "name": "131"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "encrypt",
+        "type": "155"
+      }
+    ],
+    "meta-type": "object",
+    "name": "132"
   },
   {
     "json-type": "value",
@@ -3670,7 +3902,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "126",
+    "name": "133",
     "values": [
       "qcow2",
       "vmdk",
@@ -3683,51 +3915,51 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "144"
+        "type": "156"
       }
     ],
     "meta-type": "object",
-    "name": "127"
+    "name": "134"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "145"
+        "type": "157"
       }
     ],
     "meta-type": "object",
-    "name": "128"
+    "name": "135"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "146"
+        "type": "158"
       }
     ],
     "meta-type": "object",
-    "name": "129"
+    "name": "136"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "147"
+        "type": "159"
       }
     ],
     "meta-type": "object",
-    "name": "130"
+    "name": "137"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "148"
+        "type": "160"
       }
     ],
     "meta-type": "object",
-    "name": "131"
+    "name": "138"
   },
   {
     "members": [
@@ -3877,7 +4109,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "132",
+    "name": "139",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -3951,7 +4183,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "133",
+    "name": "140",
     "values": [
       "read",
       "write",
@@ -3971,7 +4203,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "135"
+        "type": "142"
       },
       {
         "default": null,
@@ -4020,7 +4252,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "134"
+    "name": "141"
   },
   {
     "members": [
@@ -4038,7 +4270,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "135",
+    "name": "142",
     "values": [
       "none",
       "constant",
@@ -4056,7 +4288,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "136",
+    "name": "143",
     "values": [
       "aes",
       "luks"
@@ -4071,7 +4303,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "137"
+    "name": "144"
   },
   {
     "members": [
@@ -4082,12 +4314,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "138"
+    "name": "145"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "139"
+    "name": "146"
   },
   {
     "members": [
@@ -4131,7 +4363,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "140"
+    "name": "147"
   },
   {
     "members": [
@@ -4151,7 +4383,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "141"
+    "name": "148"
   },
   {
     "members": [
@@ -4165,7 +4397,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "142"
+    "name": "149"
   },
   {
     "members": [
@@ -4175,7 +4407,105 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "143"
+    "name": "150"
+  },
+  {
+    "members": [
+      {
+        "name": "off"
+      },
+      {
+        "name": "metadata"
+      },
+      {
+        "name": "falloc"
+      },
+      {
+        "name": "full"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "151",
+    "values": [
+      "off",
+      "metadata",
+      "falloc",
+      "full"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "v2"
+      },
+      {
+        "name": "v3"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "152",
+    "values": [
+      "v2",
+      "v3"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "format",
+        "type": "161"
+      }
+    ],
+    "meta-type": "object",
+    "name": "153",
+    "tag": "format",
+    "variants": [
+      {
+        "case": "qcow",
+        "type": "144"
+      },
+      {
+        "case": "luks",
+        "type": "162"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "zlib"
+      },
+      {
+        "name": "zstd"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "154",
+    "values": [
+      "zlib",
+      "zstd"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "format",
+        "type": "161"
+      }
+    ],
+    "meta-type": "object",
+    "name": "155",
+    "tag": "format",
+    "variants": [
+      {
+        "case": "luks",
+        "type": "163"
+      },
+      {
+        "case": "qcow",
+        "type": "1"
+      }
+    ]
   },
   {
     "members": [
@@ -4215,20 +4545,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "149"
+        "type": "164"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[150]"
+        "type": "[165]"
       },
       {
         "name": "compression-type",
-        "type": "151"
+        "type": "154"
       }
     ],
     "meta-type": "object",
-    "name": "144"
+    "name": "156"
   },
   {
     "members": [
@@ -4246,34 +4576,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[152]"
+        "type": "[166]"
       }
     ],
     "meta-type": "object",
-    "name": "145"
+    "name": "157"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "153"
+        "type": "167"
       },
       {
         "name": "cipher-mode",
-        "type": "154"
+        "type": "168"
       },
       {
         "name": "ivgen-alg",
-        "type": "155"
+        "type": "169"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "156"
+        "type": "170"
       },
       {
         "name": "hash-alg",
-        "type": "156"
+        "type": "170"
       },
       {
         "name": "detached-header",
@@ -4293,22 +4623,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[157]"
+        "type": "[171]"
       }
     ],
     "meta-type": "object",
-    "name": "146"
+    "name": "158"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "158"
+        "type": "172"
       }
     ],
     "meta-type": "object",
-    "name": "147"
+    "name": "159"
   },
   {
     "members": [
@@ -4319,22 +4649,114 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "148"
+    "name": "160"
+  },
+  {
+    "members": [
+      {
+        "name": "qcow"
+      },
+      {
+        "name": "luks"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "161",
+    "values": [
+      "qcow",
+      "luks"
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "key-secret",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "cipher-alg",
+        "type": "167"
+      },
+      {
+        "default": null,
+        "name": "cipher-mode",
+        "type": "168"
+      },
+      {
+        "default": null,
+        "name": "ivgen-alg",
+        "type": "169"
+      },
+      {
+        "default": null,
+        "name": "ivgen-hash-alg",
+        "type": "170"
+      },
+      {
+        "default": null,
+        "name": "hash-alg",
+        "type": "170"
+      },
+      {
+        "default": null,
+        "name": "iter-time",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "162"
+  },
+  {
+    "members": [
+      {
+        "name": "state",
+        "type": "173"
+      },
+      {
+        "default": null,
+        "name": "new-secret",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "old-secret",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "keyslot",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iter-time",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "secret",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "163"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "136"
+        "type": "143"
       }
     ],
     "meta-type": "object",
-    "name": "149",
+    "name": "164",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "146"
+        "type": "158"
       },
       {
         "case": "aes",
@@ -4343,9 +4765,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "150",
+    "element-type": "165",
     "meta-type": "array",
-    "name": "[150]"
+    "name": "[165]"
   },
   {
     "members": [
@@ -4359,32 +4781,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[159]"
+        "type": "[174]"
       }
     ],
     "meta-type": "object",
-    "name": "150"
+    "name": "165"
   },
   {
-    "members": [
-      {
-        "name": "zlib"
-      },
-      {
-        "name": "zstd"
-      }
-    ],
-    "meta-type": "enum",
-    "name": "151",
-    "values": [
-      "zlib",
-      "zstd"
-    ]
-  },
-  {
-    "element-type": "152",
+    "element-type": "166",
     "meta-type": "array",
-    "name": "[152]"
+    "name": "[166]"
   },
   {
     "members": [
@@ -4412,7 +4818,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "152"
+    "name": "166"
   },
   {
     "members": [
@@ -4457,7 +4863,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "153",
+    "name": "167",
     "values": [
       "aes-128",
       "aes-192",
@@ -4490,7 +4896,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "154",
+    "name": "168",
     "values": [
       "ecb",
       "cbc",
@@ -4511,7 +4917,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "155",
+    "name": "169",
     "values": [
       "plain",
       "plain64",
@@ -4546,7 +4952,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "156",
+    "name": "170",
     "values": [
       "md5",
       "sha1",
@@ -4559,9 +4965,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "157",
+    "element-type": "171",
     "meta-type": "array",
-    "name": "[157]"
+    "name": "[171]"
   },
   {
     "members": [
@@ -4585,7 +4991,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "157"
+    "name": "171"
   },
   {
     "members": [
@@ -4600,7 +5006,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "158",
+    "name": "172",
     "values": [
       "luks",
       "luks2",
@@ -4608,9 +5014,25 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "159",
+    "members": [
+      {
+        "name": "active"
+      },
+      {
+        "name": "inactive"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "173",
+    "values": [
+      "active",
+      "inactive"
+    ]
+  },
+  {
+    "element-type": "174",
     "meta-type": "array",
-    "name": "[159]"
+    "name": "[174]"
   },
   {
     "members": [
@@ -4622,7 +5044,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "159",
+    "name": "174",
     "values": [
       "in-use",
       "auto"

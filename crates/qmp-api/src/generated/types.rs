@@ -681,6 +681,263 @@ impl QCryptoBlockInfoLUKS {
     payload_offset("payload-offset"), master_key_iters("master-key-iters"), uuid("uuid"),
     slots("slots") }
 );
+/// Formats of encrypted images.
+///
+/// **Since:** 2.6
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QCryptoBlockFormat {
+    /// qcow's legacy AES encryption
+    Qcow,
+    /// the LUKS format
+    Luks,
+}
+::qapi_runtime::impl_enum!(
+    QCryptoBlockFormat = "QCryptoBlockFormat" { Qcow("qcow"), Luks("luks") }
+);
+/// How to set up LUKS encryption in a new image.
+///
+/// **Since:** 2.6
+///
+/// Includes the members of [`QCryptoBlockOptionsLUKS`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QCryptoBlockCreateOptionsLUKS {
+    /// the id of the secret object holding the passphrase;
+    /// needed to read or write the data, not to open the image
+    pub key_secret: Option<String>,
+    /// the cipher (default: aes-256)
+    pub cipher_alg: Option<QCryptoCipherAlgo>,
+    /// the chaining mode (default: xts)
+    pub cipher_mode: Option<QCryptoCipherMode>,
+    /// the initialization vector algorithm (default: plain64)
+    pub ivgen_alg: Option<QCryptoIVGenAlgo>,
+    /// the hash used by `ivgen-alg`, when it uses one
+    /// (default: sha256)
+    pub ivgen_hash_alg: Option<QCryptoHashAlgo>,
+    /// the hash of the key derivation (default: sha256)
+    pub hash_alg: Option<QCryptoHashAlgo>,
+    /// milliseconds to spend deriving the key (default: 2000;
+    /// since 2.8)
+    pub iter_time: Option<i64>,
+}
+impl QCryptoBlockCreateOptionsLUKS {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            key_secret: None,
+            cipher_alg: None,
+            cipher_mode: None,
+            ivgen_alg: None,
+            ivgen_hash_alg: None,
+            hash_alg: None,
+            iter_time: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    QCryptoBlockCreateOptionsLUKS { optional key_secret("key-secret"), optional
+    cipher_alg("cipher-alg"), optional cipher_mode("cipher-mode"), optional
+    ivgen_alg("ivgen-alg"), optional ivgen_hash_alg("ivgen-hash-alg"), optional
+    hash_alg("hash-alg"), optional iter_time("iter-time") }
+);
+/// How to encrypt a new image.
+///
+/// **Since:** 2.6
+///
+/// The members of the branch selected by `format` are in [`QCryptoBlockCreateOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QCryptoBlockCreateOptions {
+    pub branch: QCryptoBlockCreateOptionsBranch,
+}
+/// The branch of [`QCryptoBlockCreateOptions`] chosen by its discriminator `format` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum QCryptoBlockCreateOptionsBranch {
+    /// qcow's legacy AES encryption
+    Qcow(QCryptoBlockOptionsQCow),
+    /// the LUKS format
+    Luks(QCryptoBlockCreateOptionsLUKS),
+}
+impl QCryptoBlockCreateOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> QCryptoBlockFormat {
+        match self {
+            Self::Qcow(_) => QCryptoBlockFormat::Qcow,
+            Self::Luks(_) => QCryptoBlockFormat::Luks,
+        }
+    }
+}
+impl QCryptoBlockCreateOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: QCryptoBlockCreateOptionsBranch) -> Self {
+        Self { branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for QCryptoBlockCreateOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: QCryptoBlockFormat = object.required("format")?;
+        let branch = match kind {
+            QCryptoBlockFormat::Qcow => {
+                QCryptoBlockCreateOptionsBranch::Qcow(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            QCryptoBlockFormat::Luks => {
+                QCryptoBlockCreateOptionsBranch::Luks(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+        };
+        Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for QCryptoBlockCreateOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("format", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for QCryptoBlockCreateOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Qcow(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Luks(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+        }
+    }
+}
+::qapi_runtime::impl_object!(QCryptoBlockCreateOptions);
+/// What to do with LUKS key slots.
+///
+/// **Since:** 5.1
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QCryptoBlockLUKSKeyslotState {
+    /// put a key into them
+    Active,
+    /// erase their key
+    Inactive,
+}
+::qapi_runtime::impl_enum!(
+    QCryptoBlockLUKSKeyslotState = "QCryptoBlockLUKSKeyslotState" { Active("active"),
+    Inactive("inactive") }
+);
+/// A change to the key slots of a LUKS header.
+///
+/// **Since:** 5.1
+#[derive(Debug, Clone, PartialEq)]
+pub struct QCryptoBlockAmendOptionsLUKS {
+    /// whether the slots get a key or lose it
+    pub state: QCryptoBlockLUKSKeyslotState,
+    /// the id of the secret object holding the new key
+    /// (needed when `state` is active)
+    pub new_secret: Option<String>,
+    /// erase the slots holding the key in this secret object
+    /// (when `state` is inactive and `keyslot` is absent)
+    pub old_secret: Option<String>,
+    /// the slot to change (default: the first free one for
+    /// active, the ones matching `old-secret` for inactive)
+    pub keyslot: Option<i64>,
+    /// milliseconds to spend deriving the new key (default:
+    /// 2000)
+    pub iter_time: Option<i64>,
+    /// the id of a secret object holding a key that unlocks the
+    /// header (default: the key given when the image was opened)
+    pub secret: Option<String>,
+}
+impl QCryptoBlockAmendOptionsLUKS {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(state: QCryptoBlockLUKSKeyslotState) -> Self {
+        Self {
+            state,
+            new_secret: None,
+            old_secret: None,
+            keyslot: None,
+            iter_time: None,
+            secret: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    QCryptoBlockAmendOptionsLUKS { state("state"), optional new_secret("new-secret"),
+    optional old_secret("old-secret"), optional keyslot("keyslot"), optional
+    iter_time("iter-time"), optional secret("secret") }
+);
+/// A change to the encryption of an image.
+///
+/// **Since:** 5.1
+///
+/// The members of the branch selected by `format` are in [`QCryptoBlockAmendOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QCryptoBlockAmendOptions {
+    pub branch: QCryptoBlockAmendOptionsBranch,
+}
+/// The branch of [`QCryptoBlockAmendOptions`] chosen by its discriminator `format` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum QCryptoBlockAmendOptionsBranch {
+    /// qcow's legacy AES encryption
+    Qcow,
+    /// the LUKS format
+    Luks(QCryptoBlockAmendOptionsLUKS),
+}
+impl QCryptoBlockAmendOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> QCryptoBlockFormat {
+        match self {
+            Self::Qcow => QCryptoBlockFormat::Qcow,
+            Self::Luks(_) => QCryptoBlockFormat::Luks,
+        }
+    }
+}
+impl QCryptoBlockAmendOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: QCryptoBlockAmendOptionsBranch) -> Self {
+        Self { branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for QCryptoBlockAmendOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: QCryptoBlockFormat = object.required("format")?;
+        let branch = match kind {
+            QCryptoBlockFormat::Qcow => QCryptoBlockAmendOptionsBranch::Qcow,
+            QCryptoBlockFormat::Luks => {
+                QCryptoBlockAmendOptionsBranch::Luks(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+        };
+        Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for QCryptoBlockAmendOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("format", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for QCryptoBlockAmendOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Qcow => Ok(()),
+            Self::Luks(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+        }
+    }
+}
+::qapi_runtime::impl_object!(QCryptoBlockAmendOptions);
 /// Optional protocol capabilities a client can turn on with
 /// `qmp_capabilities`.
 ///
@@ -5444,3 +5701,346 @@ impl ::qapi_runtime::WriteMembers for BlockExportOptionsBranch {
     }
 }
 ::qapi_runtime::impl_object!(BlockExportOptions);
+/// How much of a new or grown image is allocated up front.
+///
+/// **Since:** 2.2
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PreallocMode {
+    /// nothing
+    Off,
+    /// the format's metadata (tables mapping every cluster);
+    /// the data area stays sparse
+    Metadata,
+    /// the metadata, and file space reserved for the data
+    /// (posix_fallocate)
+    Falloc,
+    /// the metadata, and zeros written over the data area
+    Full,
+}
+::qapi_runtime::impl_enum!(
+    PreallocMode = "PreallocMode" { Off("off"), Metadata("metadata"), Falloc("falloc"),
+    Full("full") }
+);
+/// Creating a file.
+///
+/// **Since:** 2.12
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevCreateOptionsFile {
+    /// the file's name; an existing file is emptied first
+    pub filename: String,
+    /// the file's size in bytes
+    pub size: u64,
+    /// how the file's space is allocated (off, falloc or
+    /// full; default: off)
+    pub preallocation: Option<PreallocMode>,
+    /// mark the file no-copy-on-write where the file system has
+    /// the flag (btrfs); ignored where it has not (default: false)
+    pub nocow: Option<bool>,
+    /// the extent size the file system should use
+    /// where it takes a hint (XFS); 0 for none (default: 1 MiB;
+    /// since 5.1)
+    pub extent_size_hint: Option<u64>,
+}
+impl BlockdevCreateOptionsFile {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(filename: impl Into<String>, size: u64) -> Self {
+        Self {
+            filename: filename.into(),
+            size,
+            preallocation: None,
+            nocow: None,
+            extent_size_hint: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevCreateOptionsFile { filename("filename"), size("size"), optional
+    preallocation("preallocation"), optional nocow("nocow"), optional
+    extent_size_hint("extent-size-hint") }
+);
+/// qcow2 format versions.
+///
+/// **Since:** 2.12
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BlockdevQcow2Version {
+    /// version 2, QEMU's "compat=0.10"
+    V2,
+    /// version 3, QEMU's "compat=1.1" (since 2.12)
+    V3,
+}
+::qapi_runtime::impl_enum!(
+    BlockdevQcow2Version = "BlockdevQcow2Version" { V2("v2"), V3("v3") }
+);
+/// Creating a qcow2 image.
+///
+/// **Since:** 2.12
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevCreateOptionsQcow2 {
+    /// the node to write the image to (an existing node's name or
+    /// options for one to open for the job); its content is replaced
+    pub file: BlockdevRef,
+    /// a node for the guest data apart from the metadata (not
+    /// supported by blockjobd: refused)
+    pub data_file: Option<BlockdevRef>,
+    /// whether `data-file` reads as a raw image by itself
+    /// (default: false)
+    pub data_file_raw: Option<bool>,
+    /// use L2 entries with subcluster bits (not supported by
+    /// blockjobd: true is refused; default: false)
+    pub extended_l2: Option<bool>,
+    /// the image's virtual size in bytes (a multiple of 512)
+    pub size: u64,
+    /// the format version (default: v3)
+    pub version: Option<BlockdevQcow2Version>,
+    /// the backing file name to record in the image
+    pub backing_file: Option<String>,
+    /// the backing file's format to record (needs
+    /// `backing-file`)
+    pub backing_fmt: Option<BlockdevDriver>,
+    /// encryption (not supported by blockjobd: refused)
+    pub encrypt: Option<QCryptoBlockCreateOptions>,
+    /// the cluster size, a power of two from 512 to 2M
+    /// (default: 64k)
+    pub cluster_size: Option<u64>,
+    /// how much to allocate up front (default: off; other
+    /// modes only without a backing file)
+    pub preallocation: Option<PreallocMode>,
+    /// set the lazy-refcounts feature (version 3 only;
+    /// default: false)
+    pub lazy_refcounts: Option<bool>,
+    /// the width of a reference count, a power of two up
+    /// to 64 (default: 16; only 16 with version 2)
+    pub refcount_bits: Option<i64>,
+    /// the compression of compressed clusters
+    /// (default: zlib; zstd is not supported by blockjobd: refused)
+    pub compression_type: Option<Qcow2CompressionType>,
+}
+impl BlockdevCreateOptionsQcow2 {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(file: BlockdevRef, size: u64) -> Self {
+        Self {
+            file,
+            data_file: None,
+            data_file_raw: None,
+            extended_l2: None,
+            size,
+            version: None,
+            backing_file: None,
+            backing_fmt: None,
+            encrypt: None,
+            cluster_size: None,
+            preallocation: None,
+            lazy_refcounts: None,
+            refcount_bits: None,
+            compression_type: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevCreateOptionsQcow2 { file("file"), optional data_file("data-file"), optional
+    data_file_raw("data-file-raw"), optional extended_l2("extended-l2"), size("size"),
+    optional version("version"), optional backing_file("backing-file"), optional
+    backing_fmt("backing-fmt"), optional encrypt("encrypt"), optional
+    cluster_size("cluster-size"), optional preallocation("preallocation"), optional
+    lazy_refcounts("lazy-refcounts"), optional refcount_bits("refcount-bits"), optional
+    compression_type("compression-type") }
+);
+/// What `blockdev-create` creates.  Drivers without a branch here
+/// cannot create images.
+///
+/// **Since:** 2.12
+///
+/// The members of the branch selected by `driver` are in [`BlockdevCreateOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevCreateOptions {
+    pub branch: BlockdevCreateOptionsBranch,
+}
+/// The branch of [`BlockdevCreateOptions`] chosen by its discriminator `driver` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockdevCreateOptionsBranch {
+    /// a filter that injects errors and tracks events, for
+    /// tests
+    Blkdebug,
+    /// a file of the host's file system
+    File(BlockdevCreateOptionsFile),
+    /// a node that stores nothing: writes are dropped, reads
+    /// return zeroes (with read-zeroes) or leave the buffer alone
+    NullCo,
+    /// the qcow2 image format
+    Qcow2(BlockdevCreateOptionsQcow2),
+    /// the raw image format: the data as it is, optionally a slice
+    /// of the file
+    Raw,
+}
+impl BlockdevCreateOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> BlockdevDriver {
+        match self {
+            Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::File(_) => BlockdevDriver::File,
+            Self::NullCo => BlockdevDriver::NullCo,
+            Self::Qcow2(_) => BlockdevDriver::Qcow2,
+            Self::Raw => BlockdevDriver::Raw,
+        }
+    }
+}
+impl BlockdevCreateOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: BlockdevCreateOptionsBranch) -> Self {
+        Self { branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for BlockdevCreateOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: BlockdevDriver = object.required("driver")?;
+        let branch = match kind {
+            BlockdevDriver::Blkdebug => BlockdevCreateOptionsBranch::Blkdebug,
+            BlockdevDriver::File => {
+                BlockdevCreateOptionsBranch::File(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            BlockdevDriver::NullCo => BlockdevCreateOptionsBranch::NullCo,
+            BlockdevDriver::Qcow2 => {
+                BlockdevCreateOptionsBranch::Qcow2(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            BlockdevDriver::Raw => BlockdevCreateOptionsBranch::Raw,
+        };
+        Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockdevCreateOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("driver", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockdevCreateOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Blkdebug => Ok(()),
+            Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::NullCo => Ok(()),
+            Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Raw => Ok(()),
+        }
+    }
+}
+::qapi_runtime::impl_object!(BlockdevCreateOptions);
+/// What can change in an existing qcow2 image.
+///
+/// **Since:** 5.1
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevAmendOptionsQcow2 {
+    /// its encryption keys (the image must be LUKS-encrypted;
+    /// blockjobd opens no encrypted image, so the job fails saying the
+    /// image is not encrypted)
+    pub encrypt: Option<QCryptoBlockAmendOptions>,
+}
+impl BlockdevAmendOptionsQcow2 {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self { encrypt: None }
+    }
+}
+::qapi_runtime::impl_object!(BlockdevAmendOptionsQcow2 { optional encrypt("encrypt") });
+/// What `x-blockdev-amend` changes.  Drivers without a branch here
+/// cannot amend images.
+///
+/// **Since:** 5.1
+///
+/// The members of the branch selected by `driver` are in [`BlockdevAmendOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevAmendOptions {
+    pub branch: BlockdevAmendOptionsBranch,
+}
+/// The branch of [`BlockdevAmendOptions`] chosen by its discriminator `driver` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockdevAmendOptionsBranch {
+    /// a filter that injects errors and tracks events, for
+    /// tests
+    Blkdebug,
+    /// a file of the host's file system
+    File,
+    /// a node that stores nothing: writes are dropped, reads
+    /// return zeroes (with read-zeroes) or leave the buffer alone
+    NullCo,
+    /// the qcow2 image format
+    Qcow2(BlockdevAmendOptionsQcow2),
+    /// the raw image format: the data as it is, optionally a slice
+    /// of the file
+    Raw,
+}
+impl BlockdevAmendOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> BlockdevDriver {
+        match self {
+            Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::File => BlockdevDriver::File,
+            Self::NullCo => BlockdevDriver::NullCo,
+            Self::Qcow2(_) => BlockdevDriver::Qcow2,
+            Self::Raw => BlockdevDriver::Raw,
+        }
+    }
+}
+impl BlockdevAmendOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: BlockdevAmendOptionsBranch) -> Self {
+        Self { branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for BlockdevAmendOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: BlockdevDriver = object.required("driver")?;
+        let branch = match kind {
+            BlockdevDriver::Blkdebug => BlockdevAmendOptionsBranch::Blkdebug,
+            BlockdevDriver::File => BlockdevAmendOptionsBranch::File,
+            BlockdevDriver::NullCo => BlockdevAmendOptionsBranch::NullCo,
+            BlockdevDriver::Qcow2 => {
+                BlockdevAmendOptionsBranch::Qcow2(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            BlockdevDriver::Raw => BlockdevAmendOptionsBranch::Raw,
+        };
+        Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockdevAmendOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("driver", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockdevAmendOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Blkdebug => Ok(()),
+            Self::File => Ok(()),
+            Self::NullCo => Ok(()),
+            Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Raw => Ok(()),
+        }
+    }
+}
+::qapi_runtime::impl_object!(BlockdevAmendOptions);
