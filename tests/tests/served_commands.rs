@@ -248,6 +248,29 @@ fn every_command_of_the_generated_table_is_served_with_valid_arguments() {
     s.wait_status("a1", "concluded");
     s.ok("job-dismiss", json!({"id": "a1"}));
 
+    // Node management and inspection.
+    s.ok("block_resize", json!({"node-name": "qi", "size": 8 << 20}));
+    s.ok(
+        "blockdev-snapshot-delete-internal-sync",
+        json!({"device": "qi", "name": "snap0"}),
+    );
+    s.ok(
+        "change-backing-file",
+        json!({"device": "ov", "image-node-name": "ov", "backing-file": "renamed"}),
+    );
+    s.ok(
+        "block-set-write-threshold",
+        json!({"node-name": "n1", "write-threshold": 1 << 20}),
+    );
+    s.ok(
+        "x-debug-block-dirty-bitmap-sha256",
+        json!({"node": "n1", "name": "b1"}),
+    );
+    let graph = s.ok("x-debug-query-block-graph", json!({}));
+    assert!(graph["nodes"].as_array().is_some_and(|n| !n.is_empty()));
+    let stats = s.ok("query-blockstats", json!({"query-nodes": true}));
+    assert!(stats.as_array().is_some_and(|n| !n.is_empty()));
+
     // An NBD export of a node.
     let socket = d.join("nbd.sock");
     s.ok(
@@ -258,6 +281,7 @@ fn every_command_of_the_generated_table_is_served_with_valid_arguments() {
         "block-export-add",
         json!({"type": "nbd", "id": "e1", "node-name": "n1"}),
     );
+    assert_eq!(s.ok("query-block-exports", json!({}))[0]["id"], "e1");
     s.ok("block-export-del", json!({"id": "e1"}));
     s.qmp
         .wait_event("BLOCK_EXPORT_DELETED", WAIT, |d| d["id"] == "e1");

@@ -106,6 +106,11 @@ pub trait BlockDriver: Send + Sync {
     fn backing_file(&self) -> Option<(String, Option<String>)> {
         None
     }
+    /// Records `name` (and `format`) as the backing file in the image header (QEMU's
+    /// `bdrv_change_backing_file`); formats without one refuse (ENOTSUP).
+    fn change_backing_file(&self, _name: &str, _format: &str) -> BlockResult<()> {
+        Err(BlockError::from_errno(libc::ENOTSUP))
+    }
     /// The backing node changed (attached at open, or replaced, or removed with `None`).
     fn set_backing(&self, _backing: Option<Arc<BlockNode>>) {}
     /// Whether the driver follows its child in role `role` (other than `backing`, which every
@@ -131,6 +136,11 @@ pub trait BlockDriver: Send + Sync {
     /// no write arrives after this). A format that marks its image in use while writable
     /// releases that here. The default has nothing to do.
     fn reopen_read_only(&self) -> BlockResult<()> {
+        Ok(())
+    }
+    /// The node is being reopened read-write (its children already are). The default has
+    /// nothing to do.
+    fn reopen_read_write(&self) -> BlockResult<()> {
         Ok(())
     }
     /// Releases the driver: flushes; after this no I/O arrives.
@@ -217,7 +227,8 @@ pub enum ChildKind {
     /// A format's image file (qcow2's `file`): consistent read always, write and resize when the
     /// parent is writable; write and resize are not shared.
     Metadata,
-    /// A backing file: consistent read; everything shared.
+    /// A backing file: consistent read when the parent's users read; writes and resizes
+    /// shared when the parent's users share writes.
     Backing,
 }
 
@@ -242,7 +253,19 @@ impl ChildKind {
                 }
                 (p, shared & !(Perm::WRITE | Perm::RESIZE))
             }
-            ChildKind::Backing => (Perm::CONSISTENT_READ, Perm::ALL),
+            // QEMU's bdrv_default_perms_for_cow: consistent read if the parent's users
+            // read, and the backing file may change only under users that let the data change.
+            ChildKind::Backing => {
+                let changing = if shared.contains(Perm::WRITE) {
+                    Perm::WRITE | Perm::RESIZE
+                } else {
+                    Perm::NONE
+                };
+                (
+                    perm & Perm::CONSISTENT_READ,
+                    changing | Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+                )
+            }
         }
     }
 }

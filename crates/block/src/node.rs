@@ -160,6 +160,8 @@ pub struct BlockNode {
     state: Mutex<NodeState>,
     blockers: Arc<OpBlockers>,
     bitmaps: Mutex<Vec<DirtyBitmap>>,
+    /// The end of the highest write (QEMU's `wr_highest_offset`).
+    wr_highest_offset: AtomicU64,
     /// Before-write hooks, oldest first, with their ids.
     write_notifiers: Mutex<Vec<(u64, Arc<dyn BeforeWrite>)>>,
 }
@@ -213,6 +215,7 @@ impl BlockNode {
             state: Mutex::new(NodeState::default()),
             blockers: OpBlockers::new(),
             bitmaps: Mutex::new(Vec::new()),
+            wr_highest_offset: AtomicU64::new(0),
             write_notifiers: Mutex::new(Vec::new()),
         });
         for edge in node.children() {
@@ -357,6 +360,36 @@ impl BlockNode {
         Ok(())
     }
 
+    /// Reopens the node read-write (QEMU's `bdrv_reopen_set_read_only(bs, false)`): the
+    /// children that inherited its read-only flag (`file`, filtered children) first, then its
+    /// driver (a qcow2 image opens for writing), then its persistent bitmaps become writable
+    /// and it takes write on its children. Already writable: nothing to do.
+    pub fn reopen_read_write(&self) -> BlockResult<()> {
+        if !self.is_read_only() {
+            return Ok(());
+        }
+        self.check_open()?;
+        for edge in self.children() {
+            let inherits = edge.node.options().get("read-only").is_none();
+            if edge.kind != ChildKind::Backing && inherits && !edge.node.is_monitor_owned() {
+                edge.node.reopen_read_write()?;
+            }
+        }
+        self.driver.reopen_read_write()?;
+        self.read_only.store(false, Ordering::Release);
+        if let Err(e) = self.refresh_perms() {
+            self.read_only.store(true, Ordering::Release);
+            let _ = self.driver.reopen_read_only();
+            return Err(e);
+        }
+        for b in lock(&self.bitmaps).iter_mut() {
+            if b.is_persistent() {
+                b.set_readonly(false);
+            }
+        }
+        Ok(())
+    }
+
     /// The options the node was opened with.
     pub fn options(&self) -> &Value {
         &self.options
@@ -416,6 +449,16 @@ impl BlockNode {
             format!("node is used as backing hd of '{parent}'"),
             OpSet::BACKING,
         )
+    }
+
+    /// The permissions `edge` (one of this node's children) takes on its child and the ones
+    /// it shares.
+    pub fn edge_perms(&self, edge: &ChildEdge) -> (Perm, Perm) {
+        lock(&edge.node.state)
+            .uses
+            .iter()
+            .find(|u| u.id == edge.use_id)
+            .map_or((Perm::NONE, Perm::ALL), |u| (u.perm, u.shared))
     }
 
     /// Detaches the child in role `name`, releasing the permissions taken on it.
@@ -645,7 +688,14 @@ impl BlockNode {
         let r = self.driver.write_at(offset, buf);
         self.debug_event(BlkdebugEvent::PwritevDone);
         self.mark_dirty(offset, buf.len() as u64);
+        self.wr_highest_offset
+            .fetch_max(offset + buf.len() as u64, Ordering::Relaxed);
         r
+    }
+
+    /// The end of the highest write to this node so far (QEMU's `wr_highest_offset`).
+    pub fn wr_highest_offset(&self) -> u64 {
+        self.wr_highest_offset.load(Ordering::Relaxed)
     }
 
     /// Writes `len` zeros at `offset`, after the before-write hooks; marks recording bitmaps.
@@ -673,6 +723,8 @@ impl BlockNode {
         };
         self.debug_event(BlkdebugEvent::PwritevDone);
         self.mark_dirty(offset, len);
+        self.wr_highest_offset
+            .fetch_max(offset + len, Ordering::Relaxed);
         r
     }
 
@@ -738,9 +790,32 @@ impl BlockNode {
         Ok(())
     }
 
-    /// Resizes the node (and its bitmaps).
+    /// Resizes the node (and its bitmaps). A read-only node refuses (`Image is read-only`);
+    /// a format with persistent bitmaps refuses while one is busy, read-only or inconsistent
+    /// (QEMU's `qcow2_truncate_bitmaps_check`).
     pub fn truncate(&self, size: u64) -> BlockResult<()> {
-        self.check_writable()?;
+        self.check_open()?;
+        if self.is_read_only() {
+            return Err(BlockError::with_errno("Image is read-only", libc::EACCES));
+        }
+        if self.driver.bitmap_store().is_some() {
+            for b in lock(&self.bitmaps).iter().filter(|b| b.is_persistent()) {
+                let name = b.name().unwrap_or("");
+                let why = if b.is_busy() {
+                    "is currently in use by another operation and cannot be used"
+                } else if b.is_readonly() {
+                    "is readonly and cannot be modified"
+                } else if b.is_inconsistent() {
+                    "is inconsistent and cannot be used"
+                } else {
+                    continue;
+                };
+                return Err(BlockError::with_errno(
+                    format!("Bitmap '{name}' {why}"),
+                    libc::ENOTSUP,
+                ));
+            }
+        }
         self.unflushed.store(true, Ordering::Release);
         self.driver.truncate(size)?;
         let new = self.size()?;

@@ -4,15 +4,15 @@ use std::io;
 use std::sync::{Arc, MutexGuard};
 
 use block::graph::{image_options, node_filename};
-use block::{BitmapStore, BlockError, BlockGraph, BlockNode, DirtyBitmap};
+use block::{BitmapStore, BlockError, BlockGraph, BlockNode, DirtyBitmap, Perm};
 use qmp_api::{
     BlockDeviceInfo, BlockdevCreateOptions, BlockdevCreateOptionsBranch, BlockdevDelArguments,
     BlockdevOptions, BlockdevOptionsBranch, BlockdevRef, BlockdevRefOrNull, QmpError, SnapshotInfo,
 };
 
 use crate::node::{
-    BlockIo, CreateWork, Extent, FilterWrites, ImageRef, MirrorNodes, MirrorTargetImage,
-    NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
+    BlockIo, CreateWork, Extent, FilterWrites, GraphEdge, GraphNode, ImageRef, MirrorNodes,
+    MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
 };
 
 /// A block error as QMP reports it.
@@ -436,6 +436,79 @@ impl NodeGraph for BlockLayer {
     ) -> Result<Arc<dyn BlockIo>, QmpError> {
         let n = self.graph.lookup(node).map_err(qmp_error)?;
         crate::mirror_top::backend(&n, holder, writable).map_err(qmp_error)
+    }
+
+    fn resize(&mut self, node: &str, size: u64) -> Result<(), QmpError> {
+        let n = self.graph.lookup(node).map_err(qmp_error)?;
+        let _grant = n
+            .take_perm("an unnamed block device", "root", Perm::RESIZE, Perm::ALL)
+            .map_err(qmp_error)?;
+        n.truncate(size).map_err(qmp_error)
+    }
+
+    fn delete_internal_snapshot_id(&mut self, node: &str, id: &str) -> Result<(), QmpError> {
+        let n = self.graph.lookup(node).map_err(qmp_error)?;
+        let snapshots = n
+            .driver()
+            .internal_snapshots()
+            .ok_or_else(|| QmpError::generic("internal snapshots not supported"))?;
+        snapshots.delete(id).map(|_| ()).map_err(qmp_error)
+    }
+
+    fn change_backing_file(&mut self, node: &str, backing_file: &str) -> Result<(), QmpError> {
+        let n = self.graph.lookup(node).map_err(qmp_error)?;
+        let read_only = n.is_read_only();
+        if read_only {
+            n.reopen_read_write().map_err(qmp_error)?;
+        }
+        let changed = n
+            .driver()
+            .change_backing_file(backing_file, n.driver_name())
+            .map_err(|e| {
+                QmpError::generic(format!(
+                    "Could not change backing file to '{backing_file}': {}",
+                    block::error::strerror(e.errno().unwrap_or(libc::EIO))
+                ))
+            });
+        if read_only && let Err(e) = n.reopen_read_only() {
+            return changed.and(Err(qmp_error(e)));
+        }
+        changed
+    }
+
+    fn graph_nodes(&self) -> Vec<GraphNode> {
+        let mut nodes: Vec<GraphNode> = self
+            .graph
+            .nodes()
+            .map(|n| GraphNode {
+                name: n.name().to_string(),
+                driver: n.driver_name().to_string(),
+                wr_highest_offset: n.wr_highest_offset(),
+                children: {
+                    let children = n.children();
+                    let primary = children
+                        .iter()
+                        .position(|e| e.kind != block::ChildKind::Backing);
+                    children
+                        .iter()
+                        .enumerate()
+                        .rev()
+                        .map(|(i, e)| {
+                            let (perm, shared) = n.edge_perms(e);
+                            GraphEdge {
+                                role: e.name.clone(),
+                                child: e.node.name().to_string(),
+                                primary: Some(i) == primary,
+                                perm,
+                                shared,
+                            }
+                        })
+                        .collect()
+                },
+            })
+            .collect();
+        nodes.reverse();
+        nodes
     }
 
     fn prepare_create(&mut self, options: &BlockdevCreateOptions) -> CreateWork {

@@ -11,7 +11,6 @@ use job::{JobKey, JobRegistry};
 
 /// How a job uses one of its nodes.
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // role and permissions: shown by x-debug-query-block-graph (to come)
 pub(crate) struct JobNode {
     pub(crate) job: JobKey,
     /// The edge's name (`main node`, `target`, `source`, ...).
@@ -96,6 +95,23 @@ impl NodeClaims {
     /// Whether a job uses `node`.
     pub(crate) fn is_claimed(&self, node: &str) -> bool {
         self.lock().by_node.contains_key(node)
+    }
+
+    /// The nodes of `job`, newest first, with how it uses them.
+    pub(crate) fn nodes_of(&self, job: JobKey) -> Vec<(String, JobNode)> {
+        let claims = self.lock();
+        let mut out: Vec<(String, JobNode)> = Vec::new();
+        for name in claims.by_job.get(&job).into_iter().flatten().rev() {
+            if out.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            for c in claims.by_node.get(name).into_iter().flatten().rev() {
+                if c.node.job == job {
+                    out.push((name.clone(), c.node.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// Jobs using `node`, oldest claim first, each once.

@@ -14,6 +14,11 @@ use qmp_api::{
     SchemaInfo, TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
     XBlockdevAmendArguments,
 };
+use qmp_api::{
+    BlockDirtyBitmapSha256, BlockExportInfo, BlockResizeArguments, BlockSetWriteThresholdArguments,
+    BlockStats, BlockdevSnapshotDeleteInternalSyncArguments, ChangeBackingFileArguments,
+    QueryBlockstatsArguments, SnapshotInfo, XDbgBlockGraph,
+};
 
 use crate::Blockdev;
 use crate::actions::BackupAction;
@@ -151,7 +156,10 @@ impl Commands for Blockdev {
 
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError> {
         self.state.check_deletable(&args.node_name)?;
-        self.state.graph_mut()?.blockdev_del(args)
+        let name = args.node_name.clone();
+        self.state.graph_mut()?.blockdev_del(args)?;
+        self.state.thresholds.forget(&name);
+        Ok(())
     }
 
     // ----- bitmaps -----
@@ -245,6 +253,55 @@ impl Commands for Blockdev {
 
     fn drive_backup(&mut self, args: DriveBackup) -> Result<(), QmpError> {
         self.run_transaction(vec![Box::new(BackupAction::drive(args))], false)
+    }
+
+    fn block_resize(&mut self, args: BlockResizeArguments) -> Result<(), QmpError> {
+        crate::nodes::block_resize(&mut self.state, args)
+    }
+
+    fn blockdev_snapshot_delete_internal_sync(
+        &mut self,
+        args: BlockdevSnapshotDeleteInternalSyncArguments,
+    ) -> Result<SnapshotInfo, QmpError> {
+        crate::nodes::delete_internal_snapshot(&mut self.state, args)
+    }
+
+    fn change_backing_file(&mut self, args: ChangeBackingFileArguments) -> Result<(), QmpError> {
+        crate::nodes::change_backing_file(&mut self.state, args)
+    }
+
+    fn block_set_write_threshold(
+        &mut self,
+        args: BlockSetWriteThresholdArguments,
+    ) -> Result<(), QmpError> {
+        crate::nodes::set_write_threshold(&mut self.state, args)
+    }
+
+    fn query_block_exports(&mut self) -> Result<Vec<BlockExportInfo>, QmpError> {
+        Ok(self.state.exports.query())
+    }
+
+    fn x_debug_block_dirty_bitmap_sha256(
+        &mut self,
+        args: BlockDirtyBitmap,
+    ) -> Result<BlockDirtyBitmapSha256, QmpError> {
+        crate::inspect::bitmap_sha256(&self.state, &args)
+    }
+
+    fn x_debug_query_block_graph(&mut self) -> Result<XDbgBlockGraph, QmpError> {
+        self.close_retired_nodes();
+        Ok(crate::inspect::block_graph(&self.state))
+    }
+
+    fn query_blockstats(
+        &mut self,
+        args: QueryBlockstatsArguments,
+    ) -> Result<Vec<BlockStats>, QmpError> {
+        self.close_retired_nodes();
+        Ok(crate::inspect::blockstats(
+            &self.state,
+            args.query_nodes.unwrap_or(false),
+        ))
     }
 
     fn blockdev_create(&mut self, args: BlockdevCreateArguments) -> Result<(), QmpError> {

@@ -46,6 +46,8 @@ struct ExportRecord {
     node: String,
     /// `block-export-del` was accepted; clients are still being disconnected.
     shutting_down: bool,
+    /// Clients may write.
+    writable: bool,
     /// The bitmaps exported (busy until the export is gone).
     bitmaps: Vec<ExportedBitmap>,
 }
@@ -146,6 +148,29 @@ impl NbdExports {
 
     pub(crate) fn set_runtime(&mut self, runtime: Handle) {
         self.runtime = Some(runtime);
+    }
+
+    /// `query-block-exports`: newest first; an export deleted while clients are still
+    /// connected is shutting down.
+    pub(crate) fn query(&self) -> Vec<qmp_api::BlockExportInfo> {
+        lock(&self.records)
+            .iter()
+            .map(|r| qmp_api::BlockExportInfo {
+                id: r.id.clone(),
+                r#type: qmp_api::BlockExportType::Nbd,
+                node_name: r.node.clone(),
+                shutting_down: r.shutting_down,
+            })
+            .collect()
+    }
+
+    /// The exported nodes and whether each export is writable, newest first (the block
+    /// backends of `x-debug-query-block-graph`).
+    pub(crate) fn backends(&self) -> Vec<(String, bool)> {
+        lock(&self.records)
+            .iter()
+            .map(|r| (r.node.clone(), r.writable))
+            .collect()
     }
 
     /// Whether an export uses `node` (QEMU: it has a block backend).
@@ -385,6 +410,7 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
             name,
             node: args.node_name,
             shutting_down: false,
+            writable,
             bitmaps,
         },
     );

@@ -19,9 +19,11 @@ mod events;
 mod create;
 mod export;
 mod io_threads;
+mod inspect;
 pub mod mirror;
 mod mirror_top;
 pub mod node;
+mod nodes;
 mod snapshot;
 pub mod transaction;
 
@@ -36,8 +38,9 @@ pub use block_layer::BlockLayer;
 pub use events::block_event_sink;
 pub use io_threads::IoThreads;
 pub use node::{
-    BlockIo, CopyBuffers, CreateRun, CreateWork, Extent, FilterWrites, ImageRef, InlineIo, IoPool,
-    MirrorNodes, MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
+    BlockIo, CopyBuffers, CreateRun, CreateWork, Extent, FilterWrites, GraphEdge, GraphNode,
+    ImageRef, InlineIo, IoPool, MirrorNodes, MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph,
+    WriteTracker,
 };
 
 use claims::NodeClaims;
@@ -78,6 +81,10 @@ pub struct BlockState {
     pub(crate) exports: export::NbdExports,
     /// Running mirrors' shared state, for `block-job-change`.
     pub(crate) mirrors: std::collections::HashMap<job::JobKey, Arc<mirror::MirrorShared>>,
+    /// The nodes' write thresholds.
+    pub(crate) thresholds: nodes::WriteThresholds,
+    /// Where events the command layer emits go (write thresholds).
+    pub(crate) events: Arc<dyn EventSink>,
 }
 
 impl BlockState {
@@ -170,7 +177,7 @@ impl Blockdev {
     /// limits use `clock`; block I/O runs inline until [`Blockdev::with_io_pool`].
     pub fn new(events: Arc<dyn EventSink>, spawn: Arc<dyn Spawn>, clock: Arc<dyn Clock>) -> Self {
         let exports = export::NbdExports::new(Arc::clone(&events));
-        let jobs = JobRegistry::new(events, spawn, clock);
+        let jobs = JobRegistry::new(events.clone(), spawn, clock);
         Blockdev {
             state: BlockState {
                 jobs,
@@ -180,6 +187,8 @@ impl Blockdev {
                 buffers: Arc::new(CopyBuffers::default()),
                 exports,
                 mirrors: std::collections::HashMap::new(),
+                thresholds: nodes::WriteThresholds::default(),
+                events,
             },
         }
     }

@@ -289,7 +289,8 @@ pub(crate) fn backend(
     } else {
         Perm::CONSISTENT_READ
     };
-    let backend = BlockBackend::new(node, holder, perm, Perm::ALL)?;
+    // Everything but resize shared, as QEMU's exports share (nbd_export_create).
+    let backend = BlockBackend::new(node, holder, perm, Perm::ALL & !Perm::RESIZE)?;
     Ok(Arc::new(BackendIo {
         backend,
         format: node.driver_name().to_string(),

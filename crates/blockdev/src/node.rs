@@ -298,6 +298,28 @@ pub trait NodeGraph: Send {
     fn track_writes(&self, _node: &str) -> Option<Arc<dyn WriteTracker>> {
         None
     }
+    /// `block_resize`'s work on a node that exists: holds resize as an unnamed block device
+    /// does (permission conflicts in QEMU's words), then resizes it.
+    fn resize(&mut self, node: &str, size: u64) -> Result<(), QmpError> {
+        let _ = (node, size);
+        Err(unsupported("resizing"))
+    }
+    /// Deletes the internal snapshot whose id is `id`.
+    fn delete_internal_snapshot_id(&mut self, node: &str, id: &str) -> Result<(), QmpError> {
+        let _ = (node, id);
+        Err(unsupported("internal snapshots"))
+    }
+    /// Records `backing_file` as the backing file name in the image of `node` (with the
+    /// node's own format as the backing format, as QEMU's `change-backing-file` does),
+    /// reopening it read-write meanwhile if it is read-only.
+    fn change_backing_file(&mut self, node: &str, backing_file: &str) -> Result<(), QmpError> {
+        let _ = (node, backing_file);
+        Err(unsupported("changing backing file names"))
+    }
+    /// Every node, oldest first, with its children newest first.
+    fn graph_nodes(&self) -> Vec<GraphNode> {
+        Vec::new()
+    }
     /// Prepares `blockdev-create` of a driver that can create images (`file`, `qcow2`): finds
     /// or opens the nodes the options name (an error there is the job's, as QEMU finds it
     /// while the job runs) and returns the work the job runs.
@@ -330,6 +352,34 @@ impl CreateWork {
             opened: Vec::new(),
         }
     }
+}
+
+/// A node as `x-debug-query-block-graph` and `query-blockstats` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphNode {
+    /// Its name.
+    pub name: String,
+    /// Its driver.
+    pub driver: String,
+    /// The end of the highest write to it.
+    pub wr_highest_offset: u64,
+    /// Its children, newest first.
+    pub children: Vec<GraphEdge>,
+}
+
+/// A node's use of a child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphEdge {
+    /// The child's role (`file`, `backing`, `image`).
+    pub role: String,
+    /// The child's name.
+    pub child: String,
+    /// Whether the child is the node's primary child (QEMU's `bs->file`: the `file` of a
+    /// format, the filtered child of a filter).
+    pub primary: bool,
+    /// The permissions taken on the child, and those shared.
+    pub perm: block::Perm,
+    pub shared: block::Perm,
 }
 
 /// Facts about a node that snapshot checks use.

@@ -119,7 +119,9 @@ pub fn create_with(storage: std::sync::Arc<dyn Storage>, options: &CreateOptions
         crate::meta::rc_set(&mut block, h.refcount_order, c, 1);
     }
     img[2 * cs as usize..].copy_from_slice(&block);
-    storage.write_at(&img, 0)?;
+    // The header cluster, then the refcount table and block (QEMU's two writes).
+    storage.write_at(&img[..cs as usize], 0)?;
+    storage.write_at(&img[cs as usize..], cs)?;
     storage.flush()?;
     if options.version < 3 {
         // This crate writes version 3 only: a version 2 image gets its size (and backing

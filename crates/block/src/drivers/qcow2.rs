@@ -651,6 +651,34 @@ impl BlockDriver for Qcow2Driver {
         Ok(())
     }
 
+    fn reopen_read_write(&self) -> BlockResult<()> {
+        let mut slot = self.image.write().unwrap_or_else(|e| e.into_inner());
+        let backing = self
+            .backing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let reopened =
+            qcow2::Image::open(self.storage.clone(), false, backing).map_err(block_error)?;
+        slot.close().map_err(block_error)?;
+        *slot = Arc::new(reopened);
+        self.read_only.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    fn change_backing_file(&self, name: &str, format: &str) -> BlockResult<()> {
+        self.image()
+            .set_backing_file_name(name, Some(format))
+            .map_err(block_error)
+    }
+
+    fn truncate(&self, size: u64) -> BlockResult<()> {
+        self.written.store(true, Ordering::Release);
+        self.image()
+            .resize(size, qcow2::Preallocation::Off)
+            .map_err(block_error)
+    }
+
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         Some(self)
     }

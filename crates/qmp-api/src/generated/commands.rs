@@ -1080,6 +1080,256 @@ impl ::qapi_runtime::Command for XBlockdevAmendArguments {
     type Returns = ();
     const ALLOW_PRECONFIG: bool = true;
 }
+/// Change a node's virtual size.  The node must not be blocked for
+/// resizing (e.g. used as a backing file or by a job) and nothing that
+/// uses it may forbid resizing.
+///
+/// **Errors:**
+///
+/// - If the node is not found, GenericError
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `block_resize` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockResizeArguments {
+    /// the name of a block device (blockjobd has none: give
+    /// `node-name`)
+    pub device: Option<String>,
+    /// the node to resize (since 2.0)
+    pub node_name: Option<String>,
+    /// the new size in bytes
+    pub size: i64,
+}
+impl BlockResizeArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(size: i64) -> Self {
+        Self {
+            device: None,
+            node_name: None,
+            size,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockResizeArguments { optional device("device"), optional node_name("node-name"),
+    size("size") }
+);
+impl ::qapi_runtime::Command for BlockResizeArguments {
+    const NAME: &'static str = "block_resize";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Change the backing file name recorded in an image of a node's
+/// backing chain.  Only the name in the image changes: the node keeps
+/// reading from the backing node it has.
+///
+/// **Since:** 2.1
+///
+/// The arguments of command `change-backing-file` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeBackingFileArguments {
+    /// the root node of the chain
+    pub device: String,
+    /// the node in the chain whose image gets the new
+    /// name
+    pub image_node_name: String,
+    /// the name to record
+    pub backing_file: String,
+}
+impl ChangeBackingFileArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        device: impl Into<String>,
+        image_node_name: impl Into<String>,
+        backing_file: impl Into<String>,
+    ) -> Self {
+        Self {
+            device: device.into(),
+            image_node_name: image_node_name.into(),
+            backing_file: backing_file.into(),
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ChangeBackingFileArguments { device("device"), image_node_name("image-node-name"),
+    backing_file("backing-file") }
+);
+impl ::qapi_runtime::Command for ChangeBackingFileArguments {
+    const NAME: &'static str = "change-backing-file";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Set a node's write threshold: the first write reaching past it
+/// sends `BLOCK_WRITE_THRESHOLD` and clears the threshold.
+///
+/// **Since:** 2.3
+///
+/// The arguments of command `block-set-write-threshold` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockSetWriteThresholdArguments {
+    /// the node
+    pub node_name: String,
+    /// the offset in bytes; 0 clears the threshold
+    pub write_threshold: u64,
+}
+impl BlockSetWriteThresholdArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(node_name: impl Into<String>, write_threshold: u64) -> Self {
+        Self {
+            node_name: node_name.into(),
+            write_threshold,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockSetWriteThresholdArguments { node_name("node-name"),
+    write_threshold("write-threshold") }
+);
+impl ::qapi_runtime::Command for BlockSetWriteThresholdArguments {
+    const NAME: &'static str = "block-set-write-threshold";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Delete an internal snapshot of a node's image.
+///
+/// At least one of `id` and `name` is required; with both, the snapshot
+/// must match both.
+///
+/// **Returns:** the snapshot that was deleted
+///
+/// **Errors:**
+///
+/// - If the node is not found, GenericError
+/// - If no snapshot matches, GenericError
+///
+/// **Since:** 1.7
+///
+/// The arguments of command `blockdev-snapshot-delete-internal-sync` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevSnapshotDeleteInternalSyncArguments {
+    /// the node (it must be a root node)
+    pub device: String,
+    /// the snapshot's id
+    pub id: Option<String>,
+    /// the snapshot's name
+    pub name: Option<String>,
+}
+impl BlockdevSnapshotDeleteInternalSyncArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>) -> Self {
+        Self {
+            device: device.into(),
+            id: None,
+            name: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevSnapshotDeleteInternalSyncArguments { device("device"), optional id("id"),
+    optional name("name") }
+);
+impl ::qapi_runtime::Command for BlockdevSnapshotDeleteInternalSyncArguments {
+    const NAME: &'static str = "blockdev-snapshot-delete-internal-sync";
+    type Returns = SnapshotInfo;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// The exports.
+///
+/// **Returns:** every export, newest first
+///
+/// **Since:** 5.2
+///
+/// The arguments of command `query-block-exports` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryBlockExportsArguments {}
+impl QueryBlockExportsArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+::qapi_runtime::impl_object!(QueryBlockExportsArguments {});
+impl ::qapi_runtime::Command for QueryBlockExportsArguments {
+    const NAME: &'static str = "query-block-exports";
+    type Returns = Vec<BlockExportInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// The SHA-256 of a dirty bitmap's bits, laid out as QEMU keeps them
+/// (one bit per granularity-sized chunk, in little-endian 64-bit
+/// words): equal bitmaps give equal digests in blockjobd and QEMU.
+///
+/// **Returns:** the digest
+///
+/// **Since:** 2.10
+///
+/// **Features:**
+/// - `unstable`: the command is meant for tests
+///
+/// The arguments of command `x-debug-block-dirty-bitmap-sha256` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct XDebugBlockDirtyBitmapSha256Arguments(pub BlockDirtyBitmap);
+::qapi_runtime::impl_newtype!(XDebugBlockDirtyBitmapSha256Arguments(BlockDirtyBitmap));
+impl ::qapi_runtime::Command for XDebugBlockDirtyBitmapSha256Arguments {
+    const NAME: &'static str = "x-debug-block-dirty-bitmap-sha256";
+    type Returns = BlockDirtyBitmapSha256;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// The block graph: exports, jobs and nodes, and who uses which node
+/// with which permissions.
+///
+/// **Returns:** the graph
+///
+/// **Since:** 4.0
+///
+/// **Features:**
+/// - `unstable`: the command is meant for debugging
+///
+/// The arguments of command `x-debug-query-block-graph` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct XDebugQueryBlockGraphArguments {}
+impl XDebugQueryBlockGraphArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+::qapi_runtime::impl_object!(XDebugQueryBlockGraphArguments {});
+impl ::qapi_runtime::Command for XDebugQueryBlockGraphArguments {
+    const NAME: &'static str = "x-debug-query-block-graph";
+    type Returns = XDbgBlockGraph;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// I/O statistics of the block devices, or of every named node.
+///
+/// **Returns:**
+///
+/// the statistics of each block device, or of each named node
+/// (oldest first) with its file and backing children's nested
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `query-blockstats` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryBlockstatsArguments {
+    /// list every named node instead of the block devices
+    /// (blockjobd has none; default: false; since 2.3)
+    pub query_nodes: Option<bool>,
+}
+impl QueryBlockstatsArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self { query_nodes: None }
+    }
+}
+::qapi_runtime::impl_object!(
+    QueryBlockstatsArguments { optional query_nodes("query-nodes") }
+);
+impl ::qapi_runtime::Command for QueryBlockstatsArguments {
+    const NAME: &'static str = "query-blockstats";
+    type Returns = Vec<BlockStats>;
+    const ALLOW_PRECONFIG: bool = true;
+}
 /// One method per command, for a server. Each default answers like QEMU for a
 /// command it does not have (`CommandNotFound`), so a server implements only
 /// what it supports.
@@ -1348,6 +1598,64 @@ pub trait Commands {
         args: XBlockdevAmendArguments,
     ) -> ::qapi_runtime::Result<()> {
         Err(::qapi_runtime::QmpError::command_not_found("x-blockdev-amend"))
+    }
+    /// `block_resize`: see [`BlockResizeArguments`].
+    fn block_resize(
+        &mut self,
+        args: BlockResizeArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("block_resize"))
+    }
+    /// `change-backing-file`: see [`ChangeBackingFileArguments`].
+    fn change_backing_file(
+        &mut self,
+        args: ChangeBackingFileArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("change-backing-file"))
+    }
+    /// `block-set-write-threshold`: see [`BlockSetWriteThresholdArguments`].
+    fn block_set_write_threshold(
+        &mut self,
+        args: BlockSetWriteThresholdArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("block-set-write-threshold"))
+    }
+    /// `blockdev-snapshot-delete-internal-sync`: see [`BlockdevSnapshotDeleteInternalSyncArguments`].
+    fn blockdev_snapshot_delete_internal_sync(
+        &mut self,
+        args: BlockdevSnapshotDeleteInternalSyncArguments,
+    ) -> ::qapi_runtime::Result<SnapshotInfo> {
+        Err(
+            ::qapi_runtime::QmpError::command_not_found(
+                "blockdev-snapshot-delete-internal-sync",
+            ),
+        )
+    }
+    /// `query-block-exports`: see [`QueryBlockExportsArguments`].
+    fn query_block_exports(&mut self) -> ::qapi_runtime::Result<Vec<BlockExportInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-block-exports"))
+    }
+    /// `x-debug-block-dirty-bitmap-sha256`: see [`XDebugBlockDirtyBitmapSha256Arguments`].
+    fn x_debug_block_dirty_bitmap_sha256(
+        &mut self,
+        args: BlockDirtyBitmap,
+    ) -> ::qapi_runtime::Result<BlockDirtyBitmapSha256> {
+        Err(
+            ::qapi_runtime::QmpError::command_not_found(
+                "x-debug-block-dirty-bitmap-sha256",
+            ),
+        )
+    }
+    /// `x-debug-query-block-graph`: see [`XDebugQueryBlockGraphArguments`].
+    fn x_debug_query_block_graph(&mut self) -> ::qapi_runtime::Result<XDbgBlockGraph> {
+        Err(::qapi_runtime::QmpError::command_not_found("x-debug-query-block-graph"))
+    }
+    /// `query-blockstats`: see [`QueryBlockstatsArguments`].
+    fn query_blockstats(
+        &mut self,
+        args: QueryBlockstatsArguments,
+    ) -> ::qapi_runtime::Result<Vec<BlockStats>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-blockstats"))
     }
 }
 /// Runs command `name` on `handler`: reads `arguments` strictly with QEMU's
@@ -1660,6 +1968,60 @@ pub fn dispatch(
                     )?,
             )
         }
+        "block_resize" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_resize(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "change-backing-file" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .change_backing_file(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "block-set-write-threshold" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_set_write_threshold(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "blockdev-snapshot-delete-internal-sync" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .blockdev_snapshot_delete_internal_sync(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "query-block-exports" => {
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_block_exports()?)
+        }
+        "x-debug-block-dirty-bitmap-sha256" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .x_debug_block_dirty_bitmap_sha256(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "x-debug-query-block-graph" => {
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.x_debug_query_block_graph()?)
+        }
+        "query-blockstats" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .query_blockstats(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
         _ => Err(::qapi_runtime::QmpError::command_not_found(name)),
     }
 }
@@ -1709,6 +2071,14 @@ pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
     <BlockExportDelArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevCreateArguments as ::qapi_runtime::Command>::PROPERTIES,
     <XBlockdevAmendArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockResizeArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ChangeBackingFileArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockSetWriteThresholdArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevSnapshotDeleteInternalSyncArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryBlockExportsArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <XDebugBlockDirtyBitmapSha256Arguments as ::qapi_runtime::Command>::PROPERTIES,
+    <XDebugQueryBlockGraphArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryBlockstatsArguments as ::qapi_runtime::Command>::PROPERTIES,
 ];
 /// The properties of command `name`, if the schema has it.
 pub fn command_properties(

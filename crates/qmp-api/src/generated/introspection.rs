@@ -318,11 +318,70 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
+    "arg-type": "49",
+    "meta-type": "command",
+    "name": "block_resize",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "50",
+    "meta-type": "command",
+    "name": "change-backing-file",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "51",
+    "meta-type": "command",
+    "name": "block-set-write-threshold",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "52",
+    "meta-type": "event",
+    "name": "BLOCK_WRITE_THRESHOLD"
+  },
+  {
+    "arg-type": "53",
+    "meta-type": "command",
+    "name": "blockdev-snapshot-delete-internal-sync",
+    "ret-type": "54"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-block-exports",
+    "ret-type": "[55]"
+  },
+  {
+    "arg-type": "19",
+    "features": [
+      "unstable"
+    ],
+    "meta-type": "command",
+    "name": "x-debug-block-dirty-bitmap-sha256",
+    "ret-type": "56"
+  },
+  {
+    "arg-type": "1",
+    "features": [
+      "unstable"
+    ],
+    "meta-type": "command",
+    "name": "x-debug-query-block-graph",
+    "ret-type": "57"
+  },
+  {
+    "arg-type": "58",
+    "meta-type": "command",
+    "name": "query-blockstats",
+    "ret-type": "[59]"
+  },
+  {
     "members": [
       {
         "default": null,
         "name": "enable",
-        "type": "[49]"
+        "type": "[60]"
       }
     ],
     "meta-type": "object",
@@ -337,7 +396,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qemu",
-        "type": "50"
+        "type": "61"
       },
       {
         "name": "package",
@@ -375,7 +434,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "meta-type",
-        "type": "51"
+        "type": "62"
       },
       {
         "default": null,
@@ -389,31 +448,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "builtin",
-        "type": "52"
+        "type": "63"
       },
       {
         "case": "enum",
-        "type": "53"
+        "type": "64"
       },
       {
         "case": "array",
-        "type": "54"
+        "type": "65"
       },
       {
         "case": "object",
-        "type": "55"
+        "type": "66"
       },
       {
         "case": "alternate",
-        "type": "56"
+        "type": "67"
       },
       {
         "case": "command",
-        "type": "57"
+        "type": "68"
       },
       {
         "case": "event",
-        "type": "58"
+        "type": "69"
       }
     ]
   },
@@ -425,7 +484,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "59"
+        "type": "70"
       }
     ],
     "meta-type": "object",
@@ -504,11 +563,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "60"
+        "type": "71"
       },
       {
         "name": "status",
-        "type": "59"
+        "type": "70"
       },
       {
         "name": "current-progress",
@@ -581,7 +640,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "detect_zeroes",
-        "type": "61"
+        "type": "72"
       },
       {
         "name": "bps",
@@ -609,7 +668,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "image",
-        "type": "62"
+        "type": "73"
       },
       {
         "default": null,
@@ -683,7 +742,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "cache",
-        "type": "63"
+        "type": "74"
       },
       {
         "name": "write_threshold",
@@ -692,7 +751,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "dirty-bitmaps",
-        "type": "[64]"
+        "type": "[75]"
       }
     ],
     "meta-type": "object",
@@ -702,7 +761,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "65"
+        "type": "76"
       },
       {
         "default": null,
@@ -712,12 +771,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "discard",
-        "type": "66"
+        "type": "77"
       },
       {
         "default": null,
         "name": "cache",
-        "type": "67"
+        "type": "78"
       },
       {
         "default": null,
@@ -742,7 +801,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "detect-zeroes",
-        "type": "61"
+        "type": "72"
       }
     ],
     "meta-type": "object",
@@ -751,23 +810,23 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "blkdebug",
-        "type": "68"
+        "type": "79"
       },
       {
         "case": "file",
-        "type": "69"
+        "type": "80"
       },
       {
         "case": "null-co",
-        "type": "70"
+        "type": "81"
       },
       {
         "case": "qcow2",
-        "type": "71"
+        "type": "82"
       },
       {
         "case": "raw",
-        "type": "72"
+        "type": "83"
       }
     ]
   },
@@ -869,7 +928,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[73]"
+        "type": "[84]"
       }
     ],
     "meta-type": "object",
@@ -884,7 +943,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "60"
+        "type": "71"
       },
       {
         "name": "device",
@@ -912,7 +971,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "74"
+        "type": "85"
       },
       {
         "name": "ready",
@@ -920,7 +979,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "59"
+        "type": "70"
       },
       {
         "name": "auto-finalize",
@@ -942,7 +1001,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "75"
+        "type": "86"
       },
       {
         "case": "commit",
@@ -1065,7 +1124,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "60"
+        "type": "71"
       }
     ],
     "meta-type": "object",
@@ -1074,7 +1133,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "76"
+        "type": "87"
       },
       {
         "case": "commit",
@@ -1114,7 +1173,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "60"
+        "type": "71"
       },
       {
         "name": "device",
@@ -1145,7 +1204,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "60"
+        "type": "71"
       },
       {
         "name": "device",
@@ -1175,11 +1234,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "77"
+        "type": "88"
       },
       {
         "name": "action",
-        "type": "78"
+        "type": "89"
       }
     ],
     "meta-type": "object",
@@ -1189,7 +1248,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "60"
+        "type": "71"
       },
       {
         "name": "device",
@@ -1215,7 +1274,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "60"
+        "type": "71"
       },
       {
         "name": "id",
@@ -1238,7 +1297,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "79"
+        "type": "90"
       },
       {
         "default": null,
@@ -1253,7 +1312,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "80"
+        "type": "91"
       },
       {
         "default": null,
@@ -1263,12 +1322,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "81"
+        "type": "92"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "81"
+        "type": "92"
       },
       {
         "default": null,
@@ -1296,7 +1355,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "82"
+        "type": "93"
       },
       {
         "name": "target",
@@ -1319,7 +1378,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "79"
+        "type": "90"
       },
       {
         "default": null,
@@ -1334,7 +1393,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "80"
+        "type": "91"
       },
       {
         "default": null,
@@ -1344,12 +1403,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "81"
+        "type": "92"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "81"
+        "type": "92"
       },
       {
         "default": null,
@@ -1377,7 +1436,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "82"
+        "type": "93"
       },
       {
         "name": "target",
@@ -1391,7 +1450,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "83"
+        "type": "94"
       }
     ],
     "meta-type": "object",
@@ -1419,7 +1478,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "79"
+        "type": "90"
       },
       {
         "default": null,
@@ -1439,12 +1498,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "81"
+        "type": "92"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "81"
+        "type": "92"
       },
       {
         "default": null,
@@ -1454,7 +1513,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "84"
+        "type": "95"
       },
       {
         "default": null,
@@ -1502,12 +1561,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "79"
+        "type": "90"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "83"
+        "type": "94"
       },
       {
         "default": null,
@@ -1527,12 +1586,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "81"
+        "type": "92"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "81"
+        "type": "92"
       },
       {
         "default": null,
@@ -1542,7 +1601,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "84"
+        "type": "95"
       },
       {
         "default": null,
@@ -1587,7 +1646,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "83"
+        "type": "94"
       }
     ],
     "meta-type": "object",
@@ -1625,12 +1684,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "actions",
-        "type": "[85]"
+        "type": "[96]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "86"
+        "type": "97"
       }
     ],
     "meta-type": "object",
@@ -1660,7 +1719,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "87"
+        "type": "98"
       }
     ],
     "meta-type": "object",
@@ -1670,7 +1729,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "88"
+        "type": "99"
       },
       {
         "name": "id",
@@ -1712,19 +1771,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "nbd",
-        "type": "89"
+        "type": "100"
       },
       {
         "case": "vhost-user-blk",
-        "type": "90"
+        "type": "101"
       },
       {
         "case": "fuse",
-        "type": "91"
+        "type": "102"
       },
       {
         "case": "vduse-blk",
-        "type": "92"
+        "type": "103"
       }
     ]
   },
@@ -1737,7 +1796,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "93"
+        "type": "104"
       }
     ],
     "meta-type": "object",
@@ -1761,7 +1820,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "options",
-        "type": "94"
+        "type": "105"
       }
     ],
     "meta-type": "object",
@@ -1779,7 +1838,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "options",
-        "type": "95"
+        "type": "106"
       },
       {
         "default": null,
@@ -1791,9 +1850,245 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "name": "48"
   },
   {
-    "element-type": "49",
+    "members": [
+      {
+        "default": null,
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "49"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "image-node-name",
+        "type": "str"
+      },
+      {
+        "name": "backing-file",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "50"
+  },
+  {
+    "members": [
+      {
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "write-threshold",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "51"
+  },
+  {
+    "members": [
+      {
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "amount-exceeded",
+        "type": "int"
+      },
+      {
+        "name": "write-threshold",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "52"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "name",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "53"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "name": "vm-state-size",
+        "type": "int"
+      },
+      {
+        "name": "date-sec",
+        "type": "int"
+      },
+      {
+        "name": "date-nsec",
+        "type": "int"
+      },
+      {
+        "name": "vm-clock-sec",
+        "type": "int"
+      },
+      {
+        "name": "vm-clock-nsec",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "icount",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "54"
+  },
+  {
+    "element-type": "55",
     "meta-type": "array",
-    "name": "[49]"
+    "name": "[55]"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "99"
+      },
+      {
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "shutting-down",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "55"
+  },
+  {
+    "members": [
+      {
+        "name": "sha256",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "56"
+  },
+  {
+    "members": [
+      {
+        "name": "nodes",
+        "type": "[107]"
+      },
+      {
+        "name": "edges",
+        "type": "[108]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "57"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "query-nodes",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "58"
+  },
+  {
+    "element-type": "59",
+    "meta-type": "array",
+    "name": "[59]"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "qdev",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "stats",
+        "type": "109"
+      },
+      {
+        "default": null,
+        "name": "driver-specific",
+        "type": "110"
+      },
+      {
+        "default": null,
+        "name": "parent",
+        "type": "59"
+      },
+      {
+        "default": null,
+        "name": "backing",
+        "type": "59"
+      }
+    ],
+    "meta-type": "object",
+    "name": "59"
+  },
+  {
+    "element-type": "60",
+    "meta-type": "array",
+    "name": "[60]"
   },
   {
     "members": [
@@ -1802,7 +2097,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "49",
+    "name": "60",
     "values": [
       "oob"
     ]
@@ -1823,7 +2118,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "50"
+    "name": "61"
   },
   {
     "json-type": "string",
@@ -1855,7 +2150,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "51",
+    "name": "62",
     "values": [
       "builtin",
       "enum",
@@ -1875,17 +2170,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "96"
+        "type": "111"
       }
     ],
     "meta-type": "object",
-    "name": "52"
+    "name": "63"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[97]"
+        "type": "[112]"
       },
       {
         "features": [
@@ -1896,7 +2191,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "53"
+    "name": "64"
   },
   {
     "members": [
@@ -1906,13 +2201,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "54"
+    "name": "65"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[98]"
+        "type": "[113]"
       },
       {
         "default": null,
@@ -1922,21 +2217,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[99]"
+        "type": "[114]"
       }
     ],
     "meta-type": "object",
-    "name": "55"
+    "name": "66"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[100]"
+        "type": "[115]"
       }
     ],
     "meta-type": "object",
-    "name": "56"
+    "name": "67"
   },
   {
     "members": [
@@ -1955,7 +2250,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "57"
+    "name": "68"
   },
   {
     "members": [
@@ -1965,7 +2260,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "58"
+    "name": "69"
   },
   {
     "members": [
@@ -2004,7 +2299,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "59",
+    "name": "70",
     "values": [
       "undefined",
       "created",
@@ -2050,7 +2345,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "60",
+    "name": "71",
     "values": [
       "commit",
       "stream",
@@ -2086,7 +2381,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "61",
+    "name": "72",
     "values": [
       "off",
       "on",
@@ -2150,21 +2445,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[101]"
+        "type": "[54]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "102"
+        "type": "116"
       },
       {
         "default": null,
         "name": "backing-image",
-        "type": "62"
+        "type": "73"
       }
     ],
     "meta-type": "object",
-    "name": "62"
+    "name": "73"
   },
   {
     "members": [
@@ -2182,12 +2477,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "63"
+    "name": "74"
   },
   {
-    "element-type": "64",
+    "element-type": "75",
     "meta-type": "array",
-    "name": "[64]"
+    "name": "[75]"
   },
   {
     "members": [
@@ -2223,7 +2518,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "64"
+    "name": "75"
   },
   {
     "members": [
@@ -2244,7 +2539,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "65",
+    "name": "76",
     "values": [
       "blkdebug",
       "file",
@@ -2263,7 +2558,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "66",
+    "name": "77",
     "values": [
       "ignore",
       "unmap"
@@ -2283,13 +2578,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "67"
+    "name": "78"
   },
   {
     "members": [
       {
         "name": "image",
-        "type": "103"
+        "type": "117"
       },
       {
         "default": null,
@@ -2329,26 +2624,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[104]"
+        "type": "[118]"
       },
       {
         "default": null,
         "name": "set-state",
-        "type": "[105]"
+        "type": "[119]"
       },
       {
         "default": null,
         "name": "take-child-perms",
-        "type": "[106]"
+        "type": "[120]"
       },
       {
         "default": null,
         "name": "unshare-child-perms",
-        "type": "[106]"
+        "type": "[120]"
       }
     ],
     "meta-type": "object",
-    "name": "68"
+    "name": "79"
   },
   {
     "features": [
@@ -2367,12 +2662,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "107"
+        "type": "121"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "108"
+        "type": "122"
       },
       {
         "default": null,
@@ -2394,7 +2689,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "69"
+    "name": "80"
   },
   {
     "members": [
@@ -2415,18 +2710,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "70"
+    "name": "81"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "103"
+        "type": "117"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "109"
+        "type": "123"
       },
       {
         "default": null,
@@ -2456,7 +2751,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "110"
+        "type": "124"
       },
       {
         "default": null,
@@ -2486,22 +2781,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "111"
+        "type": "125"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "103"
+        "type": "117"
       }
     ],
     "meta-type": "object",
-    "name": "71"
+    "name": "82"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "103"
+        "type": "117"
       },
       {
         "default": null,
@@ -2515,12 +2810,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "72"
+    "name": "83"
   },
   {
-    "element-type": "73",
+    "element-type": "84",
     "meta-type": "array",
-    "name": "[73]"
+    "name": "[84]"
   },
   {
     "members": [
@@ -2532,7 +2827,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "73"
+    "name": "84"
   },
   {
     "members": [
@@ -2547,7 +2842,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "74",
+    "name": "85",
     "values": [
       "ok",
       "failed",
@@ -2562,17 +2857,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "75"
+    "name": "86"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "84"
+        "type": "95"
       }
     ],
     "meta-type": "object",
-    "name": "76"
+    "name": "87"
   },
   {
     "members": [
@@ -2584,7 +2879,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "77",
+    "name": "88",
     "values": [
       "read",
       "write"
@@ -2603,7 +2898,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "78",
+    "name": "89",
     "values": [
       "ignore",
       "report",
@@ -2629,7 +2924,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "79",
+    "name": "90",
     "values": [
       "top",
       "full",
@@ -2651,7 +2946,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "80",
+    "name": "91",
     "values": [
       "on-success",
       "never",
@@ -2677,7 +2972,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "81",
+    "name": "92",
     "values": [
       "report",
       "ignore",
@@ -2710,7 +3005,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "82"
+    "name": "93"
   },
   {
     "members": [
@@ -2722,7 +3017,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "83",
+    "name": "94",
     "values": [
       "existing",
       "absolute-paths"
@@ -2738,87 +3033,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "84",
+    "name": "95",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "85",
+    "element-type": "96",
     "meta-type": "array",
-    "name": "[85]"
+    "name": "[96]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "112"
+        "type": "126"
       }
     ],
     "meta-type": "object",
-    "name": "85",
+    "name": "96",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "113"
+        "type": "127"
       },
       {
         "case": "block-dirty-bitmap-add",
-        "type": "114"
+        "type": "128"
       },
       {
         "case": "block-dirty-bitmap-remove",
-        "type": "115"
+        "type": "129"
       },
       {
         "case": "block-dirty-bitmap-clear",
-        "type": "115"
+        "type": "129"
       },
       {
         "case": "block-dirty-bitmap-enable",
-        "type": "115"
+        "type": "129"
       },
       {
         "case": "block-dirty-bitmap-disable",
-        "type": "115"
+        "type": "129"
       },
       {
         "case": "block-dirty-bitmap-merge",
-        "type": "116"
+        "type": "130"
       },
       {
         "case": "blockdev-backup",
-        "type": "117"
+        "type": "131"
       },
       {
         "case": "blockdev-snapshot",
-        "type": "118"
+        "type": "132"
       },
       {
         "case": "blockdev-snapshot-internal-sync",
-        "type": "119"
+        "type": "133"
       },
       {
         "case": "blockdev-snapshot-sync",
-        "type": "120"
+        "type": "134"
       },
       {
         "case": "drive-backup",
-        "type": "121"
+        "type": "135"
       },
       {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "115"
+        "type": "129"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "115"
+        "type": "129"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "116"
+        "type": "130"
       }
     ]
   },
@@ -2827,38 +3122,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "122"
+        "type": "136"
       }
     ],
     "meta-type": "object",
-    "name": "86"
+    "name": "97"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "123"
+        "type": "137"
       }
     ],
     "meta-type": "object",
-    "name": "87",
+    "name": "98",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "124"
+        "type": "138"
       },
       {
         "case": "unix",
-        "type": "125"
+        "type": "139"
       },
       {
         "case": "vsock",
-        "type": "126"
+        "type": "140"
       },
       {
         "case": "fd",
-        "type": "127"
+        "type": "141"
       }
     ]
   },
@@ -2878,7 +3173,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "88",
+    "name": "99",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -2901,7 +3196,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[73]"
+        "type": "[84]"
       },
       {
         "default": null,
@@ -2910,13 +3205,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "89"
+    "name": "100"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "128"
+        "type": "142"
       },
       {
         "default": null,
@@ -2930,7 +3225,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "90"
+    "name": "101"
   },
   {
     "members": [
@@ -2946,11 +3241,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "129"
+        "type": "143"
       }
     ],
     "meta-type": "object",
-    "name": "91"
+    "name": "102"
   },
   {
     "members": [
@@ -2980,7 +3275,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "92"
+    "name": "103"
   },
   {
     "members": [
@@ -2992,7 +3287,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "93",
+    "name": "104",
     "values": [
       "safe",
       "hard"
@@ -3002,20 +3297,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "65"
+        "type": "76"
       }
     ],
     "meta-type": "object",
-    "name": "94",
+    "name": "105",
     "tag": "driver",
     "variants": [
       {
         "case": "file",
-        "type": "130"
+        "type": "144"
       },
       {
         "case": "qcow2",
-        "type": "131"
+        "type": "145"
       },
       {
         "case": "blkdebug",
@@ -3035,16 +3330,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "65"
+        "type": "76"
       }
     ],
     "meta-type": "object",
-    "name": "95",
+    "name": "106",
     "tag": "driver",
     "variants": [
       {
         "case": "qcow2",
-        "type": "132"
+        "type": "146"
       },
       {
         "case": "blkdebug",
@@ -3056,6 +3351,252 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "case": "null-co",
+        "type": "1"
+      },
+      {
+        "case": "raw",
+        "type": "1"
+      }
+    ]
+  },
+  {
+    "element-type": "107",
+    "meta-type": "array",
+    "name": "[107]"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "int"
+      },
+      {
+        "name": "type",
+        "type": "147"
+      },
+      {
+        "name": "name",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "107"
+  },
+  {
+    "element-type": "108",
+    "meta-type": "array",
+    "name": "[108]"
+  },
+  {
+    "members": [
+      {
+        "name": "parent",
+        "type": "int"
+      },
+      {
+        "name": "child",
+        "type": "int"
+      },
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "name": "perm",
+        "type": "[120]"
+      },
+      {
+        "name": "shared-perm",
+        "type": "[120]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "108"
+  },
+  {
+    "members": [
+      {
+        "name": "rd_bytes",
+        "type": "int"
+      },
+      {
+        "name": "wr_bytes",
+        "type": "int"
+      },
+      {
+        "name": "zone_append_bytes",
+        "type": "int"
+      },
+      {
+        "name": "unmap_bytes",
+        "type": "int"
+      },
+      {
+        "name": "rd_operations",
+        "type": "int"
+      },
+      {
+        "name": "wr_operations",
+        "type": "int"
+      },
+      {
+        "name": "zone_append_operations",
+        "type": "int"
+      },
+      {
+        "name": "flush_operations",
+        "type": "int"
+      },
+      {
+        "name": "unmap_operations",
+        "type": "int"
+      },
+      {
+        "name": "rd_total_time_ns",
+        "type": "int"
+      },
+      {
+        "name": "wr_total_time_ns",
+        "type": "int"
+      },
+      {
+        "name": "zone_append_total_time_ns",
+        "type": "int"
+      },
+      {
+        "name": "flush_total_time_ns",
+        "type": "int"
+      },
+      {
+        "name": "unmap_total_time_ns",
+        "type": "int"
+      },
+      {
+        "name": "wr_highest_offset",
+        "type": "int"
+      },
+      {
+        "name": "rd_merged",
+        "type": "int"
+      },
+      {
+        "name": "wr_merged",
+        "type": "int"
+      },
+      {
+        "name": "zone_append_merged",
+        "type": "int"
+      },
+      {
+        "name": "unmap_merged",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "idle_time_ns",
+        "type": "int"
+      },
+      {
+        "name": "failed_rd_operations",
+        "type": "int"
+      },
+      {
+        "name": "failed_wr_operations",
+        "type": "int"
+      },
+      {
+        "name": "failed_zone_append_operations",
+        "type": "int"
+      },
+      {
+        "name": "failed_flush_operations",
+        "type": "int"
+      },
+      {
+        "name": "failed_unmap_operations",
+        "type": "int"
+      },
+      {
+        "name": "invalid_rd_operations",
+        "type": "int"
+      },
+      {
+        "name": "invalid_wr_operations",
+        "type": "int"
+      },
+      {
+        "name": "invalid_zone_append_operations",
+        "type": "int"
+      },
+      {
+        "name": "invalid_flush_operations",
+        "type": "int"
+      },
+      {
+        "name": "invalid_unmap_operations",
+        "type": "int"
+      },
+      {
+        "name": "account_invalid",
+        "type": "bool"
+      },
+      {
+        "name": "account_failed",
+        "type": "bool"
+      },
+      {
+        "name": "timed_stats",
+        "type": "[148]"
+      },
+      {
+        "default": null,
+        "name": "rd_latency_histogram",
+        "type": "149"
+      },
+      {
+        "default": null,
+        "name": "wr_latency_histogram",
+        "type": "149"
+      },
+      {
+        "default": null,
+        "name": "zone_append_latency_histogram",
+        "type": "149"
+      },
+      {
+        "default": null,
+        "name": "flush_latency_histogram",
+        "type": "149"
+      }
+    ],
+    "meta-type": "object",
+    "name": "109"
+  },
+  {
+    "members": [
+      {
+        "name": "driver",
+        "type": "76"
+      }
+    ],
+    "meta-type": "object",
+    "name": "110",
+    "tag": "driver",
+    "variants": [
+      {
+        "case": "file",
+        "type": "150"
+      },
+      {
+        "case": "blkdebug",
+        "type": "1"
+      },
+      {
+        "case": "null-co",
+        "type": "1"
+      },
+      {
+        "case": "qcow2",
         "type": "1"
       },
       {
@@ -3092,7 +3633,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "96",
+    "name": "111",
     "values": [
       "string",
       "number",
@@ -3105,9 +3646,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "97",
+    "element-type": "112",
     "meta-type": "array",
-    "name": "[97]"
+    "name": "[112]"
   },
   {
     "members": [
@@ -3122,12 +3663,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "97"
+    "name": "112"
   },
   {
-    "element-type": "98",
+    "element-type": "113",
     "meta-type": "array",
-    "name": "[98]"
+    "name": "[113]"
   },
   {
     "members": [
@@ -3151,12 +3692,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "98"
+    "name": "113"
   },
   {
-    "element-type": "99",
+    "element-type": "114",
     "meta-type": "array",
-    "name": "[99]"
+    "name": "[114]"
   },
   {
     "members": [
@@ -3170,12 +3711,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "99"
+    "name": "114"
   },
   {
-    "element-type": "100",
+    "element-type": "115",
     "meta-type": "array",
-    "name": "[100]"
+    "name": "[115]"
   },
   {
     "members": [
@@ -3185,82 +3726,43 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "100"
+    "name": "115"
   },
   {
-    "element-type": "101",
+    "element-type": "54",
     "meta-type": "array",
-    "name": "[101]"
-  },
-  {
-    "members": [
-      {
-        "name": "id",
-        "type": "str"
-      },
-      {
-        "name": "name",
-        "type": "str"
-      },
-      {
-        "name": "vm-state-size",
-        "type": "int"
-      },
-      {
-        "name": "date-sec",
-        "type": "int"
-      },
-      {
-        "name": "date-nsec",
-        "type": "int"
-      },
-      {
-        "name": "vm-clock-sec",
-        "type": "int"
-      },
-      {
-        "name": "vm-clock-nsec",
-        "type": "int"
-      },
-      {
-        "default": null,
-        "name": "icount",
-        "type": "int"
-      }
-    ],
-    "meta-type": "object",
-    "name": "101"
+    "name": "[54]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "133"
+        "type": "151"
       }
     ],
     "meta-type": "object",
-    "name": "102",
+    "name": "116",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "134"
+        "type": "152"
       },
       {
         "case": "vmdk",
-        "type": "135"
+        "type": "153"
       },
       {
         "case": "luks",
-        "type": "136"
+        "type": "154"
       },
       {
         "case": "rbd",
-        "type": "137"
+        "type": "155"
       },
       {
         "case": "file",
-        "type": "138"
+        "type": "156"
       }
     ]
   },
@@ -3274,18 +3776,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "103"
+    "name": "117"
   },
   {
-    "element-type": "104",
+    "element-type": "118",
     "meta-type": "array",
-    "name": "[104]"
+    "name": "[118]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "139"
+        "type": "157"
       },
       {
         "default": null,
@@ -3295,7 +3797,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "140"
+        "type": "158"
       },
       {
         "default": null,
@@ -3319,18 +3821,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "104"
+    "name": "118"
   },
   {
-    "element-type": "105",
+    "element-type": "119",
     "meta-type": "array",
-    "name": "[105]"
+    "name": "[119]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "139"
+        "type": "157"
       },
       {
         "default": null,
@@ -3343,12 +3845,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "105"
+    "name": "119"
   },
   {
-    "element-type": "106",
+    "element-type": "120",
     "meta-type": "array",
-    "name": "[106]"
+    "name": "[120]"
   },
   {
     "members": [
@@ -3366,7 +3868,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "106",
+    "name": "120",
     "values": [
       "consistent-read",
       "write",
@@ -3387,7 +3889,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "107",
+    "name": "121",
     "values": [
       "auto",
       "on",
@@ -3407,7 +3909,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "108",
+    "name": "122",
     "values": [
       "threads",
       "native",
@@ -3427,38 +3929,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "109"
+    "name": "123"
   },
   {
     "members": [
       {
-        "type": "141"
+        "type": "159"
       },
       {
-        "type": "142"
+        "type": "160"
       }
     ],
     "meta-type": "alternate",
-    "name": "110"
+    "name": "124"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "143"
+        "type": "161"
       }
     ],
     "meta-type": "object",
-    "name": "111",
+    "name": "125",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "144"
+        "type": "162"
       },
       {
         "case": "luks",
-        "type": "145"
+        "type": "163"
       }
     ]
   },
@@ -3526,7 +4028,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "112",
+    "name": "126",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -3549,11 +4051,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "146"
+        "type": "164"
       }
     ],
     "meta-type": "object",
-    "name": "113"
+    "name": "127"
   },
   {
     "members": [
@@ -3563,7 +4065,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "114"
+    "name": "128"
   },
   {
     "members": [
@@ -3573,7 +4075,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "115"
+    "name": "129"
   },
   {
     "members": [
@@ -3583,7 +4085,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "116"
+    "name": "130"
   },
   {
     "members": [
@@ -3593,7 +4095,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "117"
+    "name": "131"
   },
   {
     "members": [
@@ -3603,7 +4105,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "118"
+    "name": "132"
   },
   {
     "members": [
@@ -3613,7 +4115,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "119"
+    "name": "133"
   },
   {
     "members": [
@@ -3623,7 +4125,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "120"
+    "name": "134"
   },
   {
     "members": [
@@ -3633,7 +4135,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "121"
+    "name": "135"
   },
   {
     "members": [
@@ -3645,7 +4147,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "122",
+    "name": "136",
     "values": [
       "individual",
       "grouped"
@@ -3667,7 +4169,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "123",
+    "name": "137",
     "values": [
       "inet",
       "unix",
@@ -3679,68 +4181,68 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "147"
+        "type": "165"
       }
     ],
     "meta-type": "object",
-    "name": "124"
+    "name": "138"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "148"
+        "type": "166"
       }
     ],
     "meta-type": "object",
-    "name": "125"
+    "name": "139"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "149"
+        "type": "167"
       }
     ],
     "meta-type": "object",
-    "name": "126"
+    "name": "140"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "150"
+        "type": "168"
       }
     ],
     "meta-type": "object",
-    "name": "127"
+    "name": "141"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "123"
+        "type": "137"
       }
     ],
     "meta-type": "object",
-    "name": "128",
+    "name": "142",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "147"
+        "type": "165"
       },
       {
         "case": "unix",
-        "type": "148"
+        "type": "166"
       },
       {
         "case": "vsock",
-        "type": "149"
+        "type": "167"
       },
       {
         "case": "fd",
-        "type": "150"
+        "type": "168"
       }
     ]
   },
@@ -3757,7 +4259,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "129",
+    "name": "143",
     "values": [
       "off",
       "on",
@@ -3777,7 +4279,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "preallocation",
-        "type": "151"
+        "type": "169"
       },
       {
         "default": null,
@@ -3791,18 +4293,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "130"
+    "name": "144"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "103"
+        "type": "117"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "103"
+        "type": "117"
       },
       {
         "default": null,
@@ -3821,7 +4323,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "version",
-        "type": "152"
+        "type": "170"
       },
       {
         "default": null,
@@ -3831,12 +4333,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "backing-fmt",
-        "type": "65"
+        "type": "76"
       },
       {
         "default": null,
         "name": "encrypt",
-        "type": "153"
+        "type": "171"
       },
       {
         "default": null,
@@ -3846,7 +4348,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "preallocation",
-        "type": "151"
+        "type": "169"
       },
       {
         "default": null,
@@ -3861,22 +4363,149 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "compression-type",
-        "type": "154"
+        "type": "172"
       }
     ],
     "meta-type": "object",
-    "name": "131"
+    "name": "145"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encrypt",
-        "type": "155"
+        "type": "173"
       }
     ],
     "meta-type": "object",
-    "name": "132"
+    "name": "146"
+  },
+  {
+    "members": [
+      {
+        "name": "block-backend"
+      },
+      {
+        "name": "block-job"
+      },
+      {
+        "name": "block-driver"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "147",
+    "values": [
+      "block-backend",
+      "block-job",
+      "block-driver"
+    ]
+  },
+  {
+    "element-type": "148",
+    "meta-type": "array",
+    "name": "[148]"
+  },
+  {
+    "members": [
+      {
+        "name": "interval_length",
+        "type": "int"
+      },
+      {
+        "name": "min_rd_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "max_rd_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "avg_rd_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "min_wr_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "max_wr_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "avg_wr_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "min_zone_append_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "max_zone_append_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "avg_zone_append_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "min_flush_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "max_flush_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "avg_flush_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "avg_rd_queue_depth",
+        "type": "number"
+      },
+      {
+        "name": "avg_wr_queue_depth",
+        "type": "number"
+      },
+      {
+        "name": "avg_zone_append_queue_depth",
+        "type": "number"
+      }
+    ],
+    "meta-type": "object",
+    "name": "148"
+  },
+  {
+    "members": [
+      {
+        "name": "boundaries",
+        "type": "[int]"
+      },
+      {
+        "name": "bins",
+        "type": "[int]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "149"
+  },
+  {
+    "members": [
+      {
+        "name": "discard-nb-ok",
+        "type": "int"
+      },
+      {
+        "name": "discard-nb-failed",
+        "type": "int"
+      },
+      {
+        "name": "discard-bytes-ok",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "150"
   },
   {
     "json-type": "value",
@@ -3902,7 +4531,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "133",
+    "name": "151",
     "values": [
       "qcow2",
       "vmdk",
@@ -3915,51 +4544,51 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "156"
+        "type": "174"
       }
     ],
     "meta-type": "object",
-    "name": "134"
+    "name": "152"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "157"
+        "type": "175"
       }
     ],
     "meta-type": "object",
-    "name": "135"
+    "name": "153"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "158"
+        "type": "176"
       }
     ],
     "meta-type": "object",
-    "name": "136"
+    "name": "154"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "159"
+        "type": "177"
       }
     ],
     "meta-type": "object",
-    "name": "137"
+    "name": "155"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "160"
+        "type": "178"
       }
     ],
     "meta-type": "object",
-    "name": "138"
+    "name": "156"
   },
   {
     "members": [
@@ -4109,7 +4738,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "139",
+    "name": "157",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -4183,7 +4812,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "140",
+    "name": "158",
     "values": [
       "read",
       "write",
@@ -4203,7 +4832,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "142"
+        "type": "160"
       },
       {
         "default": null,
@@ -4252,7 +4881,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "141"
+    "name": "159"
   },
   {
     "members": [
@@ -4270,7 +4899,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "142",
+    "name": "160",
     "values": [
       "none",
       "constant",
@@ -4288,7 +4917,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "143",
+    "name": "161",
     "values": [
       "aes",
       "luks"
@@ -4303,7 +4932,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "144"
+    "name": "162"
   },
   {
     "members": [
@@ -4314,12 +4943,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "145"
+    "name": "163"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "146"
+    "name": "164"
   },
   {
     "members": [
@@ -4363,7 +4992,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "147"
+    "name": "165"
   },
   {
     "members": [
@@ -4383,7 +5012,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "148"
+    "name": "166"
   },
   {
     "members": [
@@ -4397,7 +5026,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "149"
+    "name": "167"
   },
   {
     "members": [
@@ -4407,7 +5036,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "150"
+    "name": "168"
   },
   {
     "members": [
@@ -4425,7 +5054,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "151",
+    "name": "169",
     "values": [
       "off",
       "metadata",
@@ -4443,7 +5072,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "152",
+    "name": "170",
     "values": [
       "v2",
       "v3"
@@ -4453,20 +5082,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "format",
-        "type": "161"
+        "type": "179"
       }
     ],
     "meta-type": "object",
-    "name": "153",
+    "name": "171",
     "tag": "format",
     "variants": [
       {
         "case": "qcow",
-        "type": "144"
+        "type": "162"
       },
       {
         "case": "luks",
-        "type": "162"
+        "type": "180"
       }
     ]
   },
@@ -4480,7 +5109,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "154",
+    "name": "172",
     "values": [
       "zlib",
       "zstd"
@@ -4490,22 +5119,32 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "format",
-        "type": "161"
+        "type": "179"
       }
     ],
     "meta-type": "object",
-    "name": "155",
+    "name": "173",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "163"
+        "type": "181"
       },
       {
         "case": "qcow",
         "type": "1"
       }
     ]
+  },
+  {
+    "json-type": "number",
+    "meta-type": "builtin",
+    "name": "number"
+  },
+  {
+    "element-type": "int",
+    "meta-type": "array",
+    "name": "[int]"
   },
   {
     "members": [
@@ -4545,20 +5184,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "164"
+        "type": "182"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[165]"
+        "type": "[183]"
       },
       {
         "name": "compression-type",
-        "type": "154"
+        "type": "172"
       }
     ],
     "meta-type": "object",
-    "name": "156"
+    "name": "174"
   },
   {
     "members": [
@@ -4576,34 +5215,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[166]"
+        "type": "[184]"
       }
     ],
     "meta-type": "object",
-    "name": "157"
+    "name": "175"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "167"
+        "type": "185"
       },
       {
         "name": "cipher-mode",
-        "type": "168"
+        "type": "186"
       },
       {
         "name": "ivgen-alg",
-        "type": "169"
+        "type": "187"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "170"
+        "type": "188"
       },
       {
         "name": "hash-alg",
-        "type": "170"
+        "type": "188"
       },
       {
         "name": "detached-header",
@@ -4623,22 +5262,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[171]"
+        "type": "[189]"
       }
     ],
     "meta-type": "object",
-    "name": "158"
+    "name": "176"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "172"
+        "type": "190"
       }
     ],
     "meta-type": "object",
-    "name": "159"
+    "name": "177"
   },
   {
     "members": [
@@ -4649,7 +5288,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "160"
+    "name": "178"
   },
   {
     "members": [
@@ -4661,7 +5300,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "161",
+    "name": "179",
     "values": [
       "qcow",
       "luks"
@@ -4677,27 +5316,27 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "cipher-alg",
-        "type": "167"
+        "type": "185"
       },
       {
         "default": null,
         "name": "cipher-mode",
-        "type": "168"
+        "type": "186"
       },
       {
         "default": null,
         "name": "ivgen-alg",
-        "type": "169"
+        "type": "187"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "170"
+        "type": "188"
       },
       {
         "default": null,
         "name": "hash-alg",
-        "type": "170"
+        "type": "188"
       },
       {
         "default": null,
@@ -4706,13 +5345,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "162"
+    "name": "180"
   },
   {
     "members": [
       {
         "name": "state",
-        "type": "173"
+        "type": "191"
       },
       {
         "default": null,
@@ -4741,22 +5380,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "163"
+    "name": "181"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "143"
+        "type": "161"
       }
     ],
     "meta-type": "object",
-    "name": "164",
+    "name": "182",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "158"
+        "type": "176"
       },
       {
         "case": "aes",
@@ -4765,9 +5404,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "165",
+    "element-type": "183",
     "meta-type": "array",
-    "name": "[165]"
+    "name": "[183]"
   },
   {
     "members": [
@@ -4781,16 +5420,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[174]"
+        "type": "[192]"
       }
     ],
     "meta-type": "object",
-    "name": "165"
+    "name": "183"
   },
   {
-    "element-type": "166",
+    "element-type": "184",
     "meta-type": "array",
-    "name": "[166]"
+    "name": "[184]"
   },
   {
     "members": [
@@ -4818,7 +5457,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "166"
+    "name": "184"
   },
   {
     "members": [
@@ -4863,7 +5502,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "167",
+    "name": "185",
     "values": [
       "aes-128",
       "aes-192",
@@ -4896,7 +5535,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "168",
+    "name": "186",
     "values": [
       "ecb",
       "cbc",
@@ -4917,7 +5556,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "169",
+    "name": "187",
     "values": [
       "plain",
       "plain64",
@@ -4952,7 +5591,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "170",
+    "name": "188",
     "values": [
       "md5",
       "sha1",
@@ -4965,9 +5604,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "171",
+    "element-type": "189",
     "meta-type": "array",
-    "name": "[171]"
+    "name": "[189]"
   },
   {
     "members": [
@@ -4991,7 +5630,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "171"
+    "name": "189"
   },
   {
     "members": [
@@ -5006,7 +5645,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "172",
+    "name": "190",
     "values": [
       "luks",
       "luks2",
@@ -5023,16 +5662,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "173",
+    "name": "191",
     "values": [
       "active",
       "inactive"
     ]
   },
   {
-    "element-type": "174",
+    "element-type": "192",
     "meta-type": "array",
-    "name": "[174]"
+    "name": "[192]"
   },
   {
     "members": [
@@ -5044,7 +5683,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "174",
+    "name": "192",
     "values": [
       "in-use",
       "auto"

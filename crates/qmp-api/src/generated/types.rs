@@ -2620,10 +2620,13 @@ pub enum BlockdevDriver {
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
     Raw,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 ::qapi_runtime::impl_enum!(
     BlockdevDriver = "BlockdevDriver" { Blkdebug("blkdebug"), File("file"),
-    NullCo("null-co"), Qcow2("qcow2"), Raw("raw") }
+    NullCo("null-co"), Qcow2("qcow2"), Raw("raw") } UnknownValue
 );
 /// Options of the file protocol.
 ///
@@ -3305,10 +3308,13 @@ pub enum BlockPermission {
     WriteUnchanged,
     /// changing the size
     Resize,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 ::qapi_runtime::impl_enum!(
     BlockPermission = "BlockPermission" { ConsistentRead("consistent-read"),
-    Write("write"), WriteUnchanged("write-unchanged"), Resize("resize") }
+    Write("write"), WriteUnchanged("write-unchanged"), Resize("resize") } UnknownValue
 );
 /// Options of blkdebug, a filter that injects errors for tests.
 ///
@@ -3485,6 +3491,7 @@ impl ::qapi_runtime::ReadMembers for BlockdevOptions {
                     Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
                 )
             }
+            BlockdevDriver::UnknownValue => return Err(object.unknown_branch("driver")),
         };
         Ok(Self {
             node_name: member_1,
@@ -5532,10 +5539,13 @@ pub enum BlockExportType {
     ///
     /// **If:** `CONFIG_VDUSE_BLK_EXPORT` (QEMU builds this only under that condition; generated unconditionally here)
     VduseBlk,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 ::qapi_runtime::impl_enum!(
     BlockExportType = "BlockExportType" { Nbd("nbd"), VhostUserBlk("vhost-user-blk"),
-    Fuse("fuse"), VduseBlk("vduse-blk") }
+    Fuse("fuse"), VduseBlk("vduse-blk") } UnknownValue
 );
 /// An export to create.  This daemon serves NBD exports only.
 ///
@@ -5646,6 +5656,7 @@ impl ::qapi_runtime::ReadMembers for BlockExportOptions {
                     ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
+            BlockExportType::UnknownValue => return Err(object.unknown_branch("type")),
         };
         Ok(Self {
             id: member_1,
@@ -5910,6 +5921,7 @@ impl ::qapi_runtime::ReadMembers for BlockdevCreateOptions {
                 )
             }
             BlockdevDriver::Raw => BlockdevCreateOptionsBranch::Raw,
+            BlockdevDriver::UnknownValue => return Err(object.unknown_branch("driver")),
         };
         Ok(Self { branch })
     }
@@ -6016,6 +6028,7 @@ impl ::qapi_runtime::ReadMembers for BlockdevAmendOptions {
                 )
             }
             BlockdevDriver::Raw => BlockdevAmendOptionsBranch::Raw,
+            BlockdevDriver::UnknownValue => return Err(object.unknown_branch("driver")),
         };
         Ok(Self { branch })
     }
@@ -6044,3 +6057,624 @@ impl ::qapi_runtime::WriteMembers for BlockdevAmendOptionsBranch {
     }
 }
 ::qapi_runtime::impl_object!(BlockdevAmendOptions);
+/// An export.
+///
+/// **Since:** 5.2
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockExportInfo {
+    /// the export's identifier
+    pub id: String,
+    /// the kind of export
+    pub r#type: BlockExportType,
+    /// the node it exports
+    pub node_name: String,
+    /// it was deleted and waits for its clients to leave
+    pub shutting_down: bool,
+}
+impl BlockExportInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        id: impl Into<String>,
+        r#type: BlockExportType,
+        node_name: impl Into<String>,
+        shutting_down: bool,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            r#type,
+            node_name: node_name.into(),
+            shutting_down,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockExportInfo { id("id"), r#type("type"), node_name("node-name"),
+    shutting_down("shutting-down") }
+);
+/// A dirty bitmap's digest.
+///
+/// **Since:** 2.10
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockDirtyBitmapSha256 {
+    /// the SHA-256 of the bitmap's bits, in hexadecimal
+    pub sha256: String,
+}
+impl BlockDirtyBitmapSha256 {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(sha256: impl Into<String>) -> Self {
+        Self { sha256: sha256.into() }
+    }
+}
+::qapi_runtime::impl_object!(BlockDirtyBitmapSha256 { sha256("sha256") });
+/// Kinds of vertices of the block graph.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum XDbgBlockGraphNodeType {
+    /// a user of a node from outside the graph (an export)
+    BlockBackend,
+    /// a block job
+    BlockJob,
+    /// a node
+    BlockDriver,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
+}
+::qapi_runtime::impl_enum!(
+    XDbgBlockGraphNodeType = "XDbgBlockGraphNodeType" { BlockBackend("block-backend"),
+    BlockJob("block-job"), BlockDriver("block-driver") } UnknownValue
+);
+/// A vertex of the block graph.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, PartialEq)]
+pub struct XDbgBlockGraphNode {
+    /// its number within this answer
+    pub id: u64,
+    /// what it is
+    pub r#type: XDbgBlockGraphNodeType,
+    /// its name (a node name, a job id; empty for an unnamed
+    /// backend)
+    pub name: String,
+}
+impl XDbgBlockGraphNode {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        id: u64,
+        r#type: XDbgBlockGraphNodeType,
+        name: impl Into<String>,
+    ) -> Self {
+        Self {
+            id,
+            r#type,
+            name: name.into(),
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    XDbgBlockGraphNode { id("id"), r#type("type"), name("name") }
+);
+/// An edge of the block graph: a parent using a child node.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, PartialEq)]
+pub struct XDbgBlockGraphEdge {
+    /// the parent's `id`
+    pub parent: u64,
+    /// the child's `id`
+    pub child: u64,
+    /// the role of the child (file, backing, target, ...)
+    pub name: String,
+    /// the permissions the parent takes on the child
+    pub perm: Vec<BlockPermission>,
+    /// the permissions the parent lets others take
+    pub shared_perm: Vec<BlockPermission>,
+}
+impl XDbgBlockGraphEdge {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        parent: u64,
+        child: u64,
+        name: impl Into<String>,
+        perm: Vec<BlockPermission>,
+        shared_perm: Vec<BlockPermission>,
+    ) -> Self {
+        Self {
+            parent,
+            child,
+            name: name.into(),
+            perm,
+            shared_perm,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    XDbgBlockGraphEdge { parent("parent"), child("child"), name("name"), perm("perm"),
+    shared_perm("shared-perm") }
+);
+/// The block graph.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, PartialEq)]
+pub struct XDbgBlockGraph {
+    /// its vertices
+    pub nodes: Vec<XDbgBlockGraphNode>,
+    /// its edges
+    pub edges: Vec<XDbgBlockGraphEdge>,
+}
+impl XDbgBlockGraph {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(nodes: Vec<XDbgBlockGraphNode>, edges: Vec<XDbgBlockGraphEdge>) -> Self {
+        Self { nodes, edges }
+    }
+}
+::qapi_runtime::impl_object!(XDbgBlockGraph { nodes("nodes"), edges("edges") });
+/// A latency histogram.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockLatencyHistogramInfo {
+    /// the bins' boundaries in nanoseconds
+    pub boundaries: Vec<u64>,
+    /// how many requests fell in each bin
+    pub bins: Vec<u64>,
+}
+impl BlockLatencyHistogramInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(boundaries: Vec<u64>, bins: Vec<u64>) -> Self {
+        Self { boundaries, bins }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockLatencyHistogramInfo { boundaries("boundaries"), bins("bins") }
+);
+/// Latency and queue depth over one accounting interval.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockDeviceTimedStats {
+    /// the interval in seconds
+    pub interval_length: i64,
+    /// shortest read, nanoseconds
+    pub min_rd_latency_ns: i64,
+    /// longest read, nanoseconds
+    pub max_rd_latency_ns: i64,
+    /// average read, nanoseconds
+    pub avg_rd_latency_ns: i64,
+    /// shortest write, nanoseconds
+    pub min_wr_latency_ns: i64,
+    /// longest write, nanoseconds
+    pub max_wr_latency_ns: i64,
+    /// average write, nanoseconds
+    pub avg_wr_latency_ns: i64,
+    /// shortest zone append, nanoseconds
+    /// (since 8.1)
+    pub min_zone_append_latency_ns: i64,
+    /// longest zone append, nanoseconds
+    /// (since 8.1)
+    pub max_zone_append_latency_ns: i64,
+    /// average zone append, nanoseconds
+    /// (since 8.1)
+    pub avg_zone_append_latency_ns: i64,
+    /// shortest flush, nanoseconds
+    pub min_flush_latency_ns: i64,
+    /// longest flush, nanoseconds
+    pub max_flush_latency_ns: i64,
+    /// average flush, nanoseconds
+    pub avg_flush_latency_ns: i64,
+    /// average reads in flight
+    pub avg_rd_queue_depth: f64,
+    /// average writes in flight
+    pub avg_wr_queue_depth: f64,
+    /// average zone appends in flight
+    /// (since 8.1)
+    pub avg_zone_append_queue_depth: f64,
+}
+impl BlockDeviceTimedStats {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        interval_length: i64,
+        min_rd_latency_ns: i64,
+        max_rd_latency_ns: i64,
+        avg_rd_latency_ns: i64,
+        min_wr_latency_ns: i64,
+        max_wr_latency_ns: i64,
+        avg_wr_latency_ns: i64,
+        min_zone_append_latency_ns: i64,
+        max_zone_append_latency_ns: i64,
+        avg_zone_append_latency_ns: i64,
+        min_flush_latency_ns: i64,
+        max_flush_latency_ns: i64,
+        avg_flush_latency_ns: i64,
+        avg_rd_queue_depth: f64,
+        avg_wr_queue_depth: f64,
+        avg_zone_append_queue_depth: f64,
+    ) -> Self {
+        Self {
+            interval_length,
+            min_rd_latency_ns,
+            max_rd_latency_ns,
+            avg_rd_latency_ns,
+            min_wr_latency_ns,
+            max_wr_latency_ns,
+            avg_wr_latency_ns,
+            min_zone_append_latency_ns,
+            max_zone_append_latency_ns,
+            avg_zone_append_latency_ns,
+            min_flush_latency_ns,
+            max_flush_latency_ns,
+            avg_flush_latency_ns,
+            avg_rd_queue_depth,
+            avg_wr_queue_depth,
+            avg_zone_append_queue_depth,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockDeviceTimedStats { interval_length("interval_length"),
+    min_rd_latency_ns("min_rd_latency_ns"), max_rd_latency_ns("max_rd_latency_ns"),
+    avg_rd_latency_ns("avg_rd_latency_ns"), min_wr_latency_ns("min_wr_latency_ns"),
+    max_wr_latency_ns("max_wr_latency_ns"), avg_wr_latency_ns("avg_wr_latency_ns"),
+    min_zone_append_latency_ns("min_zone_append_latency_ns"),
+    max_zone_append_latency_ns("max_zone_append_latency_ns"),
+    avg_zone_append_latency_ns("avg_zone_append_latency_ns"),
+    min_flush_latency_ns("min_flush_latency_ns"),
+    max_flush_latency_ns("max_flush_latency_ns"),
+    avg_flush_latency_ns("avg_flush_latency_ns"),
+    avg_rd_queue_depth("avg_rd_queue_depth"), avg_wr_queue_depth("avg_wr_queue_depth"),
+    avg_zone_append_queue_depth("avg_zone_append_queue_depth") }
+);
+/// I/O statistics.  blockjobd accounts requests on block devices
+/// only, and has none: a node's counters are 0, except
+/// `wr_highest_offset`, which nodes keep themselves.
+///
+/// **Since:** 0.14
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockDeviceStats {
+    /// bytes read
+    pub rd_bytes: i64,
+    /// bytes written
+    pub wr_bytes: i64,
+    /// bytes zone-appended (since 8.1)
+    pub zone_append_bytes: i64,
+    /// bytes unmapped (since 4.2)
+    pub unmap_bytes: i64,
+    /// reads
+    pub rd_operations: i64,
+    /// writes
+    pub wr_operations: i64,
+    /// zone appends (since 8.1)
+    pub zone_append_operations: i64,
+    /// flushes (since 0.15)
+    pub flush_operations: i64,
+    /// unmaps (since 4.2)
+    pub unmap_operations: i64,
+    /// time spent reading (since 0.15)
+    pub rd_total_time_ns: i64,
+    /// time spent writing (since 0.15)
+    pub wr_total_time_ns: i64,
+    /// time spent zone-appending (since 8.1)
+    pub zone_append_total_time_ns: i64,
+    /// time spent flushing (since 0.15)
+    pub flush_total_time_ns: i64,
+    /// time spent unmapping (since 4.2)
+    pub unmap_total_time_ns: i64,
+    /// the end of the highest write to the node
+    pub wr_highest_offset: i64,
+    /// reads merged into others (since 2.3)
+    pub rd_merged: i64,
+    /// writes merged into others (since 2.3)
+    pub wr_merged: i64,
+    /// zone appends merged into others (since 8.1)
+    pub zone_append_merged: i64,
+    /// unmaps merged into others (since 4.2)
+    pub unmap_merged: i64,
+    /// time since the last request (since 2.5)
+    pub idle_time_ns: Option<i64>,
+    /// failed reads (since 2.5)
+    pub failed_rd_operations: i64,
+    /// failed writes (since 2.5)
+    pub failed_wr_operations: i64,
+    /// failed zone appends (since 8.1)
+    pub failed_zone_append_operations: i64,
+    /// failed flushes (since 2.5)
+    pub failed_flush_operations: i64,
+    /// failed unmaps (since 4.2)
+    pub failed_unmap_operations: i64,
+    /// invalid reads (since 2.5)
+    pub invalid_rd_operations: i64,
+    /// invalid writes (since 2.5)
+    pub invalid_wr_operations: i64,
+    /// invalid zone appends (since 8.1)
+    pub invalid_zone_append_operations: i64,
+    /// invalid flushes (since 2.5)
+    pub invalid_flush_operations: i64,
+    /// invalid unmaps (since 4.2)
+    pub invalid_unmap_operations: i64,
+    /// whether invalid requests are counted (since 2.5)
+    pub account_invalid: bool,
+    /// whether failed requests are counted (since 2.5)
+    pub account_failed: bool,
+    /// statistics per accounting interval (since 2.5)
+    pub timed_stats: Vec<BlockDeviceTimedStats>,
+    /// read latency histogram (since 4.0)
+    pub rd_latency_histogram: Option<BlockLatencyHistogramInfo>,
+    /// write latency histogram (since 4.0)
+    pub wr_latency_histogram: Option<BlockLatencyHistogramInfo>,
+    /// zone append latency histogram
+    /// (since 8.1)
+    pub zone_append_latency_histogram: Option<BlockLatencyHistogramInfo>,
+    /// flush latency histogram (since 4.0)
+    pub flush_latency_histogram: Option<BlockLatencyHistogramInfo>,
+}
+impl BlockDeviceStats {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        rd_bytes: i64,
+        wr_bytes: i64,
+        zone_append_bytes: i64,
+        unmap_bytes: i64,
+        rd_operations: i64,
+        wr_operations: i64,
+        zone_append_operations: i64,
+        flush_operations: i64,
+        unmap_operations: i64,
+        rd_total_time_ns: i64,
+        wr_total_time_ns: i64,
+        zone_append_total_time_ns: i64,
+        flush_total_time_ns: i64,
+        unmap_total_time_ns: i64,
+        wr_highest_offset: i64,
+        rd_merged: i64,
+        wr_merged: i64,
+        zone_append_merged: i64,
+        unmap_merged: i64,
+        failed_rd_operations: i64,
+        failed_wr_operations: i64,
+        failed_zone_append_operations: i64,
+        failed_flush_operations: i64,
+        failed_unmap_operations: i64,
+        invalid_rd_operations: i64,
+        invalid_wr_operations: i64,
+        invalid_zone_append_operations: i64,
+        invalid_flush_operations: i64,
+        invalid_unmap_operations: i64,
+        account_invalid: bool,
+        account_failed: bool,
+        timed_stats: Vec<BlockDeviceTimedStats>,
+    ) -> Self {
+        Self {
+            rd_bytes,
+            wr_bytes,
+            zone_append_bytes,
+            unmap_bytes,
+            rd_operations,
+            wr_operations,
+            zone_append_operations,
+            flush_operations,
+            unmap_operations,
+            rd_total_time_ns,
+            wr_total_time_ns,
+            zone_append_total_time_ns,
+            flush_total_time_ns,
+            unmap_total_time_ns,
+            wr_highest_offset,
+            rd_merged,
+            wr_merged,
+            zone_append_merged,
+            unmap_merged,
+            idle_time_ns: None,
+            failed_rd_operations,
+            failed_wr_operations,
+            failed_zone_append_operations,
+            failed_flush_operations,
+            failed_unmap_operations,
+            invalid_rd_operations,
+            invalid_wr_operations,
+            invalid_zone_append_operations,
+            invalid_flush_operations,
+            invalid_unmap_operations,
+            account_invalid,
+            account_failed,
+            timed_stats,
+            rd_latency_histogram: None,
+            wr_latency_histogram: None,
+            zone_append_latency_histogram: None,
+            flush_latency_histogram: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockDeviceStats { rd_bytes("rd_bytes"), wr_bytes("wr_bytes"),
+    zone_append_bytes("zone_append_bytes"), unmap_bytes("unmap_bytes"),
+    rd_operations("rd_operations"), wr_operations("wr_operations"),
+    zone_append_operations("zone_append_operations"),
+    flush_operations("flush_operations"), unmap_operations("unmap_operations"),
+    rd_total_time_ns("rd_total_time_ns"), wr_total_time_ns("wr_total_time_ns"),
+    zone_append_total_time_ns("zone_append_total_time_ns"),
+    flush_total_time_ns("flush_total_time_ns"),
+    unmap_total_time_ns("unmap_total_time_ns"), wr_highest_offset("wr_highest_offset"),
+    rd_merged("rd_merged"), wr_merged("wr_merged"),
+    zone_append_merged("zone_append_merged"), unmap_merged("unmap_merged"), optional
+    idle_time_ns("idle_time_ns"), failed_rd_operations("failed_rd_operations"),
+    failed_wr_operations("failed_wr_operations"),
+    failed_zone_append_operations("failed_zone_append_operations"),
+    failed_flush_operations("failed_flush_operations"),
+    failed_unmap_operations("failed_unmap_operations"),
+    invalid_rd_operations("invalid_rd_operations"),
+    invalid_wr_operations("invalid_wr_operations"),
+    invalid_zone_append_operations("invalid_zone_append_operations"),
+    invalid_flush_operations("invalid_flush_operations"),
+    invalid_unmap_operations("invalid_unmap_operations"),
+    account_invalid("account_invalid"), account_failed("account_failed"),
+    timed_stats("timed_stats"), optional rd_latency_histogram("rd_latency_histogram"),
+    optional wr_latency_histogram("wr_latency_histogram"), optional
+    zone_append_latency_histogram("zone_append_latency_histogram"), optional
+    flush_latency_histogram("flush_latency_histogram") }
+);
+/// Statistics of the file driver.
+///
+/// **Since:** 4.2
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockStatsSpecificFile {
+    /// discards that succeeded
+    pub discard_nb_ok: u64,
+    /// discards that failed
+    pub discard_nb_failed: u64,
+    /// bytes discarded
+    pub discard_bytes_ok: u64,
+}
+impl BlockStatsSpecificFile {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        discard_nb_ok: u64,
+        discard_nb_failed: u64,
+        discard_bytes_ok: u64,
+    ) -> Self {
+        Self {
+            discard_nb_ok,
+            discard_nb_failed,
+            discard_bytes_ok,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockStatsSpecificFile { discard_nb_ok("discard-nb-ok"),
+    discard_nb_failed("discard-nb-failed"), discard_bytes_ok("discard-bytes-ok") }
+);
+/// Statistics of a node's driver, for drivers that keep some.
+///
+/// **Since:** 4.2
+///
+/// The members of the branch selected by `driver` are in [`BlockStatsSpecificBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockStatsSpecific {
+    pub branch: BlockStatsSpecificBranch,
+}
+/// The branch of [`BlockStatsSpecific`] chosen by its discriminator `driver` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockStatsSpecificBranch {
+    /// a filter that injects errors and tracks events, for
+    /// tests
+    Blkdebug,
+    /// a file of the host's file system
+    File(BlockStatsSpecificFile),
+    /// a node that stores nothing: writes are dropped, reads
+    /// return zeroes (with read-zeroes) or leave the buffer alone
+    NullCo,
+    /// the qcow2 image format
+    Qcow2,
+    /// the raw image format: the data as it is, optionally a slice
+    /// of the file
+    Raw,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
+}
+impl BlockStatsSpecificBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> BlockdevDriver {
+        match self {
+            Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::File(_) => BlockdevDriver::File,
+            Self::NullCo => BlockdevDriver::NullCo,
+            Self::Qcow2 => BlockdevDriver::Qcow2,
+            Self::Raw => BlockdevDriver::Raw,
+            Self::UnknownValue => BlockdevDriver::UnknownValue,
+        }
+    }
+}
+impl BlockStatsSpecific {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: BlockStatsSpecificBranch) -> Self {
+        Self { branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for BlockStatsSpecific {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: BlockdevDriver = object.required("driver")?;
+        let branch = match kind {
+            BlockdevDriver::Blkdebug => BlockStatsSpecificBranch::Blkdebug,
+            BlockdevDriver::File => {
+                BlockStatsSpecificBranch::File(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            BlockdevDriver::NullCo => BlockStatsSpecificBranch::NullCo,
+            BlockdevDriver::Qcow2 => BlockStatsSpecificBranch::Qcow2,
+            BlockdevDriver::Raw => BlockStatsSpecificBranch::Raw,
+            BlockdevDriver::UnknownValue => BlockStatsSpecificBranch::UnknownValue,
+        };
+        Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockStatsSpecific {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("driver", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockStatsSpecificBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Blkdebug => Ok(()),
+            Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::NullCo => Ok(()),
+            Self::Qcow2 => Ok(()),
+            Self::Raw => Ok(()),
+            Self::UnknownValue => {
+                Err(::qapi_runtime::output::unknown_branch("BlockStatsSpecific"))
+            }
+        }
+    }
+}
+::qapi_runtime::impl_object!(BlockStatsSpecific);
+/// Statistics of a block device or node.
+///
+/// **Since:** 0.14
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockStats {
+    /// the block device's name
+    pub device: Option<String>,
+    /// the device's path
+    pub qdev: Option<String>,
+    /// the node's name (since 2.3)
+    pub node_name: Option<String>,
+    /// the statistics
+    pub stats: BlockDeviceStats,
+    /// the driver's own statistics (since 4.2)
+    pub driver_specific: Option<BlockStatsSpecific>,
+    /// the statistics of the node's file child (since 2.0)
+    pub parent: Option<Box<BlockStats>>,
+    /// the statistics of the node's backing child (since 2.12)
+    pub backing: Option<Box<BlockStats>>,
+}
+impl BlockStats {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(stats: BlockDeviceStats) -> Self {
+        Self {
+            device: None,
+            qdev: None,
+            node_name: None,
+            stats,
+            driver_specific: None,
+            parent: None,
+            backing: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockStats { optional device("device"), optional qdev("qdev"), optional
+    node_name("node-name"), stats("stats"), optional driver_specific("driver-specific"),
+    optional parent("parent"), optional backing("backing") }
+);
