@@ -143,6 +143,18 @@ pub trait BlockDriver: Send + Sync {
     fn reopen_read_write(&self) -> BlockResult<()> {
         Ok(())
     }
+    /// The node is being inactivated (its bitmaps were stored and it was flushed): write out
+    /// anything cached and mark the image clean, as if closing it; reads may still come.
+    /// QEMU's `bdrv_inactivate`. The default has nothing to do.
+    fn inactivate(&self) -> BlockResult<()> {
+        Ok(())
+    }
+    /// The node is being activated again: another process may have written the image
+    /// meanwhile, so forget what is cached and read it anew (QEMU's
+    /// `bdrv_co_invalidate_cache`). The default has nothing to do.
+    fn activate(&self) -> BlockResult<()> {
+        Ok(())
+    }
     /// Releases the driver: flushes; after this no I/O arrives.
     fn close(&self) -> BlockResult<()> {
         self.flush()
@@ -284,6 +296,9 @@ pub struct OpenContext<'g> {
     pub(crate) name: Option<(String, bool)>,
     pub(crate) read_only: bool,
     pub(crate) children: Vec<crate::node::ChildEdge>,
+    /// The children opened from a definition here: they inherit from the node (QEMU's
+    /// `inherits_from`), so a reopen of the node reopens them.
+    pub(crate) opened: Vec<Arc<BlockNode>>,
 }
 
 impl OpenContext<'_> {
@@ -322,12 +337,20 @@ impl OpenContext<'_> {
         let node = match child {
             BlockdevRef::Reference(name) => self.graph.lookup(name)?,
             BlockdevRef::Definition(options) => {
-                self.graph.open_node(options, Some(self.read_only), false)?
+                let node = self.graph.open_node(options, Some(self.read_only), false)?;
+                self.opened.push(node.clone());
+                node
             }
         };
         let (perm, shared) = kind.child_perms(Perm::NONE, Perm::ALL, !self.read_only);
         let holder_name = self.ensure_name()?;
         let holder = format!("node '{holder_name}'");
+        if !node.is_active() {
+            return Err(BlockError::new(format!(
+                "Inactive '{}' can't be a {role} child of active '{holder_name}'",
+                node.name()
+            )));
+        }
         let use_id = node.add_use(&holder, role, perm, shared)?;
         let blocker = (kind == ChildKind::Backing).then(|| node.block_as_backing_of(&holder_name));
         self.children.push(crate::node::ChildEdge {

@@ -28,6 +28,8 @@ pub struct BlockGraph {
     auto_counter: u64,
     rng: u64,
     events: Option<BlockEventSink>,
+    /// A `blockdev-add` is opening its root node.
+    monitor_open: bool,
 }
 
 impl Default for BlockGraph {
@@ -57,6 +59,7 @@ impl BlockGraph {
             auto_counter: 0,
             rng: seed | 1,
             events: None,
+            monitor_open: false,
         }
     }
 
@@ -123,7 +126,17 @@ impl BlockGraph {
             ));
         }
         let before = self.nodes.len();
-        match self.open_node(options, None, true) {
+        self.monitor_open = true;
+        let opened = self.open_node(options, None, true);
+        self.monitor_open = false;
+        // `active: false`: opened, then inactivated with its children (QEMU opens them so).
+        let opened = opened.and_then(|node| {
+            if options.active == Some(false) {
+                self.set_node_active(&node, false)?;
+            }
+            Ok(node)
+        });
+        match opened {
             Ok(node) => {
                 node.set_monitor_owned(true);
                 Ok(node)
@@ -186,9 +199,10 @@ impl BlockGraph {
                 "'node-name' must be specified for the root node",
             ));
         }
-        if options.active == Some(false) {
+        if options.active == Some(false) && !(root && self.monitor_open) {
             return Err(BlockError::new(
-                "Parameter 'active' is not supported with value false by this block layer",
+                "Parameter 'active' is not supported with value false by this block layer \
+                 except on the node blockdev-add names",
             ));
         }
         let kind = options.branch.kind();
@@ -201,6 +215,7 @@ impl BlockGraph {
             name: None,
             read_only,
             children: Vec::new(),
+            opened: Vec::new(),
         };
         let opened = if protocol {
             ctx.ensure_name().map(|_| ())
@@ -216,6 +231,7 @@ impl BlockGraph {
             }
         });
         let children = std::mem::take(&mut ctx.children);
+        let inheriting = std::mem::take(&mut ctx.opened);
         let name = ctx.name.take();
         let (driver, (name, auto_named)) = match (opened, name) {
             (Ok(driver), Some(name)) => (driver, name),
@@ -239,6 +255,9 @@ impl BlockGraph {
             driver,
             children,
         });
+        for child in &inheriting {
+            child.set_inherits_from(&node);
+        }
         if let Err(e) = node.load_bitmaps() {
             let _ = node.close_storing(false);
             return Err(e);
@@ -250,6 +269,11 @@ impl BlockGraph {
         }
         self.by_name.insert(node.name().to_string(), node.clone());
         Ok(node)
+    }
+
+    /// A generated name (`#blockNNN`), as a node opened now without a name would get.
+    pub fn generate_node_name(&mut self) -> String {
+        self.auto_name()
     }
 
     /// Validates an explicit name, or generates one.
@@ -347,7 +371,12 @@ impl BlockGraph {
                 }
                 chain.push(id);
             }
+            // Opened here (a definition or the header's name), it inherits from `node`.
+            let inherits = !matches!(option, Some(BlockdevRefOrNull::Reference(_)));
             attach_backing(&node, backing.clone())?;
+            if inherits {
+                backing.set_inherits_from(&node);
+            }
             node = backing;
             option = next;
         }
@@ -641,6 +670,7 @@ pub fn node_filename(node: &BlockNode) -> String {
                 | "discard"
                 | "cache"
                 | "detect-zeroes"
+                | "active"
                 | "file"
         ) || (k == "backing" && !backing_overridden(node))
     });
@@ -648,7 +678,7 @@ pub fn node_filename(node: &BlockNode) -> String {
         Some(file) if only_file => {
             let inner = node_filename(&file);
             if inner.starts_with("json:") {
-                json_filename(node.options())
+                json_filename(&node.options())
             } else {
                 inner
             }
@@ -664,7 +694,7 @@ fn backing_first(node: &BlockNode) -> Value {
         Value::Object(m) if m.contains_key("backing") => {
             let mut out = Map::new();
             let backing = match (m.get("backing"), node.child("backing")) {
-                (Some(Value::String(_)), Some(b)) => b.options().clone(),
+                (Some(Value::String(_)), Some(b)) => b.options(),
                 (Some(v), _) => v.clone(),
                 (None, _) => Value::Null,
             };
@@ -674,7 +704,7 @@ fn backing_first(node: &BlockNode) -> Value {
             }
             Value::Object(out)
         }
-        other => other.clone(),
+        other => other,
     }
 }
 
@@ -862,7 +892,7 @@ fn block_device_info(node: &BlockNode, flat: bool) -> BlockDeviceInfo {
         node.is_read_only(),
         node.driver_name().to_string(),
         wire(depth),
-        true,
+        node.is_active(),
         false,
         detect_zeroes,
         0,

@@ -2,6 +2,7 @@
 //! and format drivers plugged in from outside), permissions and image locking, and dirty bitmaps
 //! as data (the QMP bitmap commands are the command layer's, `blockdev`).
 
+pub mod active;
 pub mod backend;
 pub mod bitmap;
 pub mod blocker;
@@ -13,6 +14,7 @@ pub mod graph;
 pub mod io;
 pub mod node;
 pub mod perm;
+pub mod reopen;
 pub mod replace;
 
 pub use backend::BlockBackend;

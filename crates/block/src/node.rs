@@ -122,6 +122,14 @@ pub enum Parent {
     Backend(Arc<crate::backend::BlockBackend>),
 }
 
+/// One use of a node, as a reopen weighs it.
+pub(crate) struct UseInfo {
+    pub(crate) id: u64,
+    pub(crate) role: String,
+    pub(crate) perm: Perm,
+    pub(crate) parent: Option<Arc<BlockNode>>,
+}
+
 /// One use of a node as [`BlockNode::parent_uses`] lists it.
 pub(crate) struct ParentUse {
     pub(crate) id: u64,
@@ -149,7 +157,15 @@ pub struct BlockNode {
     driver_name: String,
     /// Set at open; a reopen can only make it true (see [`BlockNode::reopen_read_only`]).
     read_only: AtomicBool,
-    options: Value,
+    /// Inactive (QEMU's `BDRV_O_INACTIVE`): no writes, other processes may write the image.
+    inactive: AtomicBool,
+    /// A reopen gave the node its parent's `active: false`.
+    inactive_option_inherited: AtomicBool,
+    /// The options of the last open or reopen.
+    options: Mutex<Value>,
+    /// The parent that opened this node from a definition or its image's backing file name
+    /// (QEMU's `inherits_from`): its reopens reopen this node.
+    inherits_from: Mutex<Weak<BlockNode>>,
     driver: Box<dyn BlockDriver>,
     children: Mutex<Vec<ChildEdge>>,
     monitor_owned: AtomicBool,
@@ -206,7 +222,10 @@ impl BlockNode {
             auto_named: parts.auto_named,
             driver_name: parts.driver_name,
             read_only: AtomicBool::new(parts.read_only),
-            options: parts.options,
+            inactive: AtomicBool::new(false),
+            inactive_option_inherited: AtomicBool::new(false),
+            options: Mutex::new(parts.options),
+            inherits_from: Mutex::new(Weak::new()),
             driver: parts.driver,
             children: Mutex::new(parts.children),
             monitor_owned: AtomicBool::new(false),
@@ -258,6 +277,49 @@ impl BlockNode {
                 })
             })
             .collect()
+    }
+
+    /// Every use of the node, with the parent node behind it (`None`: an export, a job).
+    pub(crate) fn parent_uses_all(&self) -> Vec<UseInfo> {
+        lock(&self.state)
+            .uses
+            .iter()
+            .map(|u| UseInfo {
+                id: u.id,
+                role: u.role.clone(),
+                perm: u.perm,
+                parent: match &u.parent {
+                    Some(ParentLink::Node(w)) => w.upgrade(),
+                    _ => None,
+                },
+            })
+            .collect()
+    }
+
+    /// Moves this node's child edge `role` onto `to` (a reopen's new `file`), taking on `to`
+    /// what the edge holds; returns the old child. Fails, changing nothing, if `to` cannot
+    /// grant it.
+    pub(crate) fn replace_child_edge(
+        &self,
+        role: &str,
+        to: &Arc<BlockNode>,
+    ) -> BlockResult<Option<Arc<BlockNode>>> {
+        let Some(edge) = self.children().into_iter().find(|e| e.name == role) else {
+            return Ok(None);
+        };
+        let (perm, shared) = self.edge_perms(&edge);
+        let new_id = to.add_use_linked(
+            &format!("node '{}'", self.name),
+            role,
+            (perm, shared),
+            Some(ParentLink::Node(self.me.clone())),
+        )?;
+        if self.retarget_edge(edge.use_id, to, new_id).is_none() {
+            to.remove_use(new_id);
+            return Ok(None);
+        }
+        edge.node.remove_use(edge.use_id);
+        Ok(Some(edge.node))
     }
 
     /// Points the child edge whose use is `old_id` at `to` (use `new_id`); tells the driver.
@@ -340,17 +402,7 @@ impl BlockNode {
                 self.name
             )));
         }
-        self.store_bitmaps()?;
-        self.flush()?;
-        self.driver.reopen_read_only()?;
-        for b in lock(&self.bitmaps).iter_mut() {
-            if b.is_persistent() {
-                b.set_readonly(true);
-            }
-        }
-        self.read_only.store(true, Ordering::Release);
-        // Loosening: the children lose write and resize; this cannot conflict.
-        let _ = self.refresh_perms();
+        self.make_read_only_self()?;
         for edge in self.children() {
             let inherits = edge.node.options().get("read-only").is_none();
             if edge.kind != ChildKind::Backing && inherits && !edge.node.is_monitor_owned() {
@@ -375,6 +427,36 @@ impl BlockNode {
                 edge.node.reopen_read_write()?;
             }
         }
+        self.make_read_write_self()
+    }
+
+    /// This node alone becomes read-only (its users no longer write it): persistent bitmaps
+    /// stored and read-only, the driver's image reopened read-only, write and resize on its
+    /// children dropped.
+    pub(crate) fn make_read_only_self(&self) -> BlockResult<()> {
+        if self.is_read_only() {
+            return Ok(());
+        }
+        self.store_bitmaps()?;
+        self.flush()?;
+        self.driver.reopen_read_only()?;
+        for b in lock(&self.bitmaps).iter_mut() {
+            if b.is_persistent() {
+                b.set_readonly(true);
+            }
+        }
+        self.read_only.store(true, Ordering::Release);
+        // Loosening: the children lose write and resize; this cannot conflict.
+        let _ = self.refresh_perms();
+        Ok(())
+    }
+
+    /// This node alone becomes read-write (its children already are writable): the driver's
+    /// image reopened for writing, write taken on its children, persistent bitmaps writable.
+    pub(crate) fn make_read_write_self(&self) -> BlockResult<()> {
+        if !self.is_read_only() {
+            return Ok(());
+        }
         self.driver.reopen_read_write()?;
         self.read_only.store(false, Ordering::Release);
         if let Err(e) = self.refresh_perms() {
@@ -390,9 +472,83 @@ impl BlockNode {
         Ok(())
     }
 
-    /// The options the node was opened with.
-    pub fn options(&self) -> &Value {
-        &self.options
+    /// The options of the node's last open or reopen.
+    pub fn options(&self) -> Value {
+        lock(&self.options).clone()
+    }
+
+    /// Whether `parent` opened this node (from a definition, or its image's backing file).
+    pub fn inherits_from(&self, parent: &BlockNode) -> bool {
+        lock(&self.inherits_from)
+            .upgrade()
+            .is_some_and(|p| std::ptr::eq(Arc::as_ptr(&p), parent))
+    }
+
+    pub(crate) fn set_inherits_from(&self, parent: &Arc<BlockNode>) {
+        *lock(&self.inherits_from) = Arc::downgrade(parent);
+    }
+
+    /// A reopen's options become the node's; `inactive_inherited`: its `active: false` came
+    /// from its parent's options (QEMU keeps it among the node's options, not the explicit).
+    pub(crate) fn set_options(&self, options: Value, inactive_inherited: bool) {
+        *lock(&self.options) = options;
+        self.inactive_option_inherited
+            .store(inactive_inherited, Ordering::Release);
+    }
+
+    /// Whether the node's options hold an `active: false` taken from its parent.
+    pub(crate) fn has_inherited_inactive_option(&self) -> bool {
+        self.inactive_option_inherited.load(Ordering::Acquire)
+    }
+
+    /// Whether the node is active (not inactivated for a handover, QEMU's `BDRV_O_INACTIVE`).
+    pub fn is_active(&self) -> bool {
+        !self.inactive.load(Ordering::Acquire)
+    }
+
+    /// Whether writes can reach the node: writable and active (QEMU's `bdrv_is_writable`).
+    pub fn is_writable(&self) -> bool {
+        !self.is_read_only() && self.is_active()
+    }
+
+    /// Inactivates this node alone (QEMU's `bdrv_inactivate_recurse` for one node, after its
+    /// checks): the driver writes out what it caches and marks its image clean, then the node
+    /// takes no more writes and its children's users may write (the image's locks allow
+    /// another process to write it).
+    pub(crate) fn inactivate_self(&self) -> BlockResult<()> {
+        self.check_open()?;
+        if !self.is_active() {
+            return Ok(());
+        }
+        self.store_bitmaps()?;
+        self.flush()?;
+        self.driver.inactivate()?;
+        self.inactive.store(true, Ordering::Release);
+        // Only loosening: errors leave stricter locks, as in QEMU.
+        let _ = self.refresh_perms();
+        Ok(())
+    }
+
+    /// Activates this node alone (its children already are): its users' permissions are
+    /// taken again, then the driver drops what it knew of the image and reads it anew
+    /// (QEMU's `bdrv_activate` for one node). On failure the node stays inactive.
+    pub(crate) fn activate_self(&self) -> BlockResult<()> {
+        self.check_open()?;
+        if self.is_active() {
+            return Ok(());
+        }
+        self.inactive.store(false, Ordering::Release);
+        if let Err(e) = self.refresh_perms() {
+            self.inactive.store(true, Ordering::Release);
+            let _ = self.refresh_perms();
+            return Err(e);
+        }
+        if let Err(e) = self.driver.activate() {
+            self.inactive.store(true, Ordering::Release);
+            let _ = self.refresh_perms();
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The children, in the order they were attached.
@@ -420,6 +576,13 @@ impl BlockNode {
         if self.child(name).is_some() {
             return Err(BlockError::new(format!(
                 "Node '{}' already has a '{name}' child",
+                self.name
+            )));
+        }
+        if !child.is_active() && self.is_active() {
+            return Err(BlockError::new(format!(
+                "Inactive '{}' can't be a {name} child of active '{}'",
+                child.name(),
                 self.name
             )));
         }
@@ -501,6 +664,16 @@ impl BlockNode {
         cumulative(&lock(&self.state).uses)
     }
 
+    /// The union of the permissions taken by users that are not parent nodes (exports,
+    /// jobs: QEMU's BlockBackends).
+    pub(crate) fn non_node_users_perm(&self) -> Perm {
+        lock(&self.state)
+            .uses
+            .iter()
+            .filter(|u| !matches!(u.parent, Some(ParentLink::Node(_))))
+            .fold(Perm::NONE, |acc, u| acc | u.perm)
+    }
+
     /// Takes `perm` on this node for `holder` (e.g. `backup job 'j1'`) in `role` (e.g.
     /// `target`), sharing `shared` with others. Fails with QEMU's conflict text, `Block node
     /// is read-only`, or an image-lock error. Released when the grant drops.
@@ -536,6 +709,11 @@ impl BlockNode {
         (perm, shared): (Perm, Perm),
         parent: Option<ParentLink>,
     ) -> BlockResult<u64> {
+        if !self.is_active() && !(perm & !Perm::CONSISTENT_READ).is_empty() {
+            return Err(BlockError::new(format!(
+                "Permission '{perm}' unavailable on inactive node"
+            )));
+        }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         lock(&self.state).uses.insert(
             0,
@@ -591,12 +769,17 @@ impl BlockNode {
             check_conflicts(&self.name, &st.uses)?;
             cumulative(&st.uses)
         };
-        if self.is_read_only() && !(perm & (Perm::WRITE | Perm::WRITE_UNCHANGED)).is_empty() {
+        if !self.is_writable() && !(perm & (Perm::WRITE | Perm::WRITE_UNCHANGED)).is_empty() {
             return Err(BlockError::new("Block node is read-only"));
         }
         self.driver.check_perm(perm, shared)?;
         for edge in &self.children() {
-            let (cp, cs) = edge.kind.child_perms(perm, shared, !self.is_read_only());
+            let (cp, mut cs) = edge.kind.child_perms(perm, shared, self.is_writable());
+            // An inactive node lets others write and resize what it is made of (QEMU's
+            // default permissions for an inactive node's children).
+            if !self.is_active() && edge.kind != ChildKind::Filtered {
+                cs = cs | Perm::WRITE | Perm::RESIZE;
+            }
             if let Err(e) = edge.node.update_use(edge.use_id, cp, cs) {
                 self.driver.abort_perm();
                 return Err(e);
@@ -647,7 +830,7 @@ impl BlockNode {
 
     fn check_writable(&self) -> BlockResult<()> {
         self.check_open()?;
-        if self.is_read_only() {
+        if !self.is_writable() {
             return Err(BlockError::from_errno(libc::EPERM));
         }
         Ok(())

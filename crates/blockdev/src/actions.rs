@@ -275,6 +275,7 @@ impl Action for BackupAction {
                 "Source and target image have different sizes",
             ));
         }
+        env.check_backup_nodes_active(&device, &target_name)?;
         if let Some((bitmap, mode)) = &bitmap {
             if *mode != BitmapSyncMode::Never {
                 bitmap.check_usable(false)?;

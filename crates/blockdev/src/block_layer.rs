@@ -257,6 +257,31 @@ impl NodeGraph for BlockLayer {
         self.graph.blockdev_del(&args.node_name).map_err(qmp_error)
     }
 
+    fn reopen(&mut self, options: &[BlockdevOptions]) -> Result<(), QmpError> {
+        self.graph.reopen(options).map_err(qmp_error)
+    }
+
+    fn set_active(&mut self, node: Option<&str>, active: bool) -> Result<(), QmpError> {
+        match node {
+            None => self.graph.set_all_active(active),
+            Some(name) => {
+                let n = self.graph.find(name).ok_or_else(|| {
+                    QmpError::generic(format!("Failed to find node with node-name='{name}'"))
+                })?;
+                self.graph.set_node_active(&n, active)
+            }
+        }
+        .map_err(qmp_error)
+    }
+
+    fn generate_node_name(&mut self) -> String {
+        self.graph.generate_node_name()
+    }
+
+    fn is_active(&self, node: &str) -> bool {
+        self.graph.find(node).is_none_or(|n| n.is_active())
+    }
+
     fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo> {
         self.graph.query_named_block_nodes(flat)
     }

@@ -16,7 +16,8 @@ use qmp_api::{
 };
 use qmp_api::{
     BlockDirtyBitmapSha256, BlockExportInfo, BlockResizeArguments, BlockSetWriteThresholdArguments,
-    BlockStats, BlockdevSnapshotDeleteInternalSyncArguments, ChangeBackingFileArguments,
+    BlockStats, BlockdevReopenArguments, BlockdevSetActiveArguments,
+    BlockdevSnapshotDeleteInternalSyncArguments, ChangeBackingFileArguments,
     QueryBlockstatsArguments, SnapshotInfo, XDbgBlockGraph,
 };
 
@@ -144,10 +145,17 @@ impl Commands for Blockdev {
         args: QueryNamedBlockNodesArguments,
     ) -> Result<Vec<BlockDeviceInfo>, QmpError> {
         self.close_retired_nodes();
-        Ok(match &self.state.graph {
+        let mut infos = match &self.state.graph {
             Some(graph) => graph.query_named_block_nodes(args.flat.unwrap_or(false)),
             None => Vec::new(),
-        })
+        };
+        for info in &mut infos {
+            if let Some(name) = &info.node_name {
+                info.write_threshold =
+                    crate::nodes::wire_threshold(self.state.thresholds.get(name));
+            }
+        }
+        Ok(infos)
     }
 
     fn blockdev_add(&mut self, args: BlockdevOptions) -> Result<(), QmpError> {
@@ -160,6 +168,18 @@ impl Commands for Blockdev {
         self.state.graph_mut()?.blockdev_del(args)?;
         self.state.thresholds.forget(&name);
         Ok(())
+    }
+
+    fn blockdev_reopen(&mut self, args: BlockdevReopenArguments) -> Result<(), QmpError> {
+        self.close_retired_nodes();
+        self.state.graph_mut()?.reopen(&args.options)
+    }
+
+    fn blockdev_set_active(&mut self, args: BlockdevSetActiveArguments) -> Result<(), QmpError> {
+        self.close_retired_nodes();
+        self.state
+            .graph_mut()?
+            .set_active(args.node_name.as_deref(), args.active)
     }
 
     // ----- bitmaps -----

@@ -331,6 +331,20 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
             "iothread \"{iothread}\" not found"
         )));
     }
+    // An export keeps its node active unless it may stay on an inactive one (QEMU's
+    // `allow-inactive`); this block layer lets only a read-only export do that.
+    if args.allow_inactive == Some(true) {
+        if writable {
+            return Err(QmpError::generic(
+                "Parameter 'allow-inactive' is not supported for a writable export by this \
+                 block layer",
+            ));
+        }
+    } else if let Some(graph) = state.graph.as_mut()
+        && !graph.is_active(&args.node_name)
+    {
+        graph.set_active(Some(&args.node_name), true)?;
+    }
     let Some(server) = state.exports.server.as_ref() else {
         return Err(QmpError::generic("NBD server not running"));
     };

@@ -209,6 +209,25 @@ pub trait NodeGraph: Send {
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError>;
     /// `query-named-block-nodes`.
     fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo>;
+    /// `blockdev-reopen`.
+    fn reopen(&mut self, options: &[BlockdevOptions]) -> Result<(), QmpError> {
+        let _ = options;
+        Err(unsupported("blockdev-reopen"))
+    }
+    /// `blockdev-set-active`: node `node` (every node if `None`) made active or inactive.
+    fn set_active(&mut self, node: Option<&str>, active: bool) -> Result<(), QmpError> {
+        let _ = (node, active);
+        Err(unsupported("blockdev-set-active"))
+    }
+    /// A generated node name (`#blockNNN`), as a node opened now would get.
+    fn generate_node_name(&mut self) -> String {
+        String::from("#block000")
+    }
+    /// Whether node `node` is active (a node this graph does not know is).
+    fn is_active(&self, node: &str) -> bool {
+        let _ = node;
+        true
+    }
     /// What snapshots need to know about a node, if it exists.
     fn node_facts(&self, _name: &str) -> Option<NodeFacts> {
         None

@@ -175,6 +175,13 @@ pub(crate) struct WriteThresholds {
 }
 
 impl WriteThresholds {
+    /// The threshold set on `node` (0: none), as `query-named-block-nodes` reports it.
+    pub(crate) fn get(&self, node: &str) -> u64 {
+        self.by_node
+            .get(node)
+            .map_or(0, |(t, _)| t.offset.load(Ordering::Acquire))
+    }
+
     /// Forgets the threshold of a node that is gone.
     pub(crate) fn forget(&mut self, node: &str) {
         self.by_node.remove(node);
@@ -211,4 +218,34 @@ pub(crate) fn set_write_threshold(
             "This block layer cannot watch writes to this node",
         )),
     }
+}
+
+impl BlockState {
+    /// QEMU creates a backup's copy-before-write filter node (a generated name) over the
+    /// source with the target as a child: an inactive source or target cannot be a child of
+    /// that active node, in QEMU's words.
+    pub(crate) fn check_backup_nodes_active(
+        &mut self,
+        source: &str,
+        target: &str,
+    ) -> Result<(), QmpError> {
+        let Some(graph) = self.graph.as_mut() else {
+            return Ok(());
+        };
+        for (node, role) in [(source, "file"), (target, "target")] {
+            if !graph.is_active(node) {
+                let filter = graph.generate_node_name();
+                return Err(QmpError::generic(format!(
+                    "Could not create node: Inactive '{node}' can't be a {role} child of active \
+                     '{filter}'"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A threshold as the wire's `int` (thresholds beyond `i64::MAX` cannot be set over QMP).
+pub(crate) fn wire_threshold(threshold: u64) -> i64 {
+    i64::try_from(threshold).unwrap_or(i64::MAX)
 }

@@ -202,7 +202,9 @@ impl Action for InternalSnapshot {
         if graph.node_facts(&device).is_some_and(|f| f.read_only) {
             return Err(QmpError::generic(format!("Device '{device}' is read only")));
         }
-        let Some(existing) = graph.internal_snapshots(&device) else {
+        // QEMU's bdrv_can_snapshot: an inactive node cannot (it is not writable).
+        let active = graph.is_active(&device);
+        let Some(existing) = graph.internal_snapshots(&device).filter(|_| active) else {
             return Err(QmpError::generic(format!(
                 "Block format '{}' used by device '{device}' does not support internal snapshots",
                 node.format()

@@ -666,6 +666,39 @@ impl BlockDriver for Qcow2Driver {
         Ok(())
     }
 
+    fn inactivate(&self) -> BlockResult<()> {
+        let mut slot = self.image.write().unwrap_or_else(|e| e.into_inner());
+        let backing = self
+            .backing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // Closing writes the image out clean, as QEMU's qcow2_inactivate leaves it; reads go
+        // on through a read-only view until the node is active again.
+        slot.flush().map_err(block_error)?;
+        slot.close().map_err(block_error)?;
+        let reopened =
+            qcow2::Image::open(self.storage.clone(), true, backing).map_err(block_error)?;
+        *slot = Arc::new(reopened);
+        Ok(())
+    }
+
+    fn activate(&self) -> BlockResult<()> {
+        let mut slot = self.image.write().unwrap_or_else(|e| e.into_inner());
+        let backing = self
+            .backing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // Everything is read again: another process may have written the image meanwhile.
+        let read_only = self.read_only.load(Ordering::Acquire);
+        let reopened =
+            qcow2::Image::open(self.storage.clone(), read_only, backing).map_err(block_error)?;
+        slot.close().map_err(block_error)?;
+        *slot = Arc::new(reopened);
+        Ok(())
+    }
+
     fn change_backing_file(&self, name: &str, format: &str) -> BlockResult<()> {
         self.image()
             .set_backing_file_name(name, Some(format))

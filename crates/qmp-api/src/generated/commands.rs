@@ -351,6 +351,66 @@ impl ::qapi_runtime::Command for BlockdevDelArguments {
     type Returns = ();
     const ALLOW_PRECONFIG: bool = true;
 }
+/// Reopen one or more nodes with new sets of options, atomically: every
+/// node of the list is reopened, or none is.  Each entry's top-level
+/// `node-name` names the node; an option left out goes back to its
+/// default.  Of a child option (`file`, `backing`), a definition reopens
+/// the child with those options, the current child's name reopens it
+/// with its own, another node's name replaces the child, and null (for
+/// `backing` only) detaches it.  `backing` must be given when the node
+/// has a backing node or its image names a backing file.  Options that
+/// cannot change are refused, naming them.
+///
+/// **Since:** 6.1
+///
+/// The arguments of command `blockdev-reopen` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevReopenArguments {
+    /// the nodes and their new options
+    pub options: Vec<BlockdevOptions>,
+}
+impl BlockdevReopenArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(options: Vec<BlockdevOptions>) -> Self {
+        Self { options }
+    }
+}
+::qapi_runtime::impl_object!(BlockdevReopenArguments { options("options") });
+impl ::qapi_runtime::Command for BlockdevReopenArguments {
+    const NAME: &'static str = "blockdev-reopen";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Activate or inactivate a node (the handover of images on migration).
+/// Activating a node activates its children first; inactivating a node
+/// inactivates its children that no active node still uses.  An
+/// inactive node takes no writes and lets other processes write its
+/// image.
+///
+/// **Since:** 10.0
+///
+/// The arguments of command `blockdev-set-active` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevSetActiveArguments {
+    /// the node; all nodes when absent
+    pub node_name: Option<String>,
+    /// whether the nodes are to be active
+    pub active: bool,
+}
+impl BlockdevSetActiveArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(active: bool) -> Self {
+        Self { node_name: None, active }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevSetActiveArguments { optional node_name("node-name"), active("active") }
+);
+impl ::qapi_runtime::Command for BlockdevSetActiveArguments {
+    const NAME: &'static str = "blockdev-set-active";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
 /// Create a dirty bitmap on a node; it starts empty.
 ///
 /// **Errors:**
@@ -1409,6 +1469,20 @@ pub trait Commands {
     ) -> ::qapi_runtime::Result<()> {
         Err(::qapi_runtime::QmpError::command_not_found("blockdev-del"))
     }
+    /// `blockdev-reopen`: see [`BlockdevReopenArguments`].
+    fn blockdev_reopen(
+        &mut self,
+        args: BlockdevReopenArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("blockdev-reopen"))
+    }
+    /// `blockdev-set-active`: see [`BlockdevSetActiveArguments`].
+    fn blockdev_set_active(
+        &mut self,
+        args: BlockdevSetActiveArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("blockdev-set-active"))
+    }
     /// `block-dirty-bitmap-add`: see [`BlockDirtyBitmapAddArguments`].
     fn block_dirty_bitmap_add(
         &mut self,
@@ -1750,6 +1824,22 @@ pub fn dispatch(
                     .blockdev_del(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
             )
         }
+        "blockdev-reopen" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_reopen(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "blockdev-set-active" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_set_active(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
         "block-dirty-bitmap-add" => {
             ::qapi_runtime::wire::reply_empty(
                 handler
@@ -2042,6 +2132,8 @@ pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
     <QueryNamedBlockNodesArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevAddArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevDelArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevReopenArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevSetActiveArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockDirtyBitmapAddArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockDirtyBitmapRemoveArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockDirtyBitmapClearArguments as ::qapi_runtime::Command>::PROPERTIES,
