@@ -266,6 +266,16 @@ fn every_command_of_the_generated_table_is_served_with_valid_arguments() {
         "x-debug-block-dirty-bitmap-sha256",
         json!({"node": "n1", "name": "b1"}),
     );
+    s.ok(
+        "blockdev-reopen",
+        json!({"options": [{"driver": "qcow2", "node-name": "qi",
+                            "file": file(&internal), "read-only": true}]}),
+    );
+    s.ok(
+        "blockdev-set-active",
+        json!({"node-name": "qi", "active": false}),
+    );
+    s.ok("blockdev-set-active", json!({"active": true}));
     let graph = s.ok("x-debug-query-block-graph", json!({}));
     assert!(graph["nodes"].as_array().is_some_and(|n| !n.is_empty()));
     let stats = s.ok("query-blockstats", json!({"query-nodes": true}));

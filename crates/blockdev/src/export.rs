@@ -381,7 +381,8 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
     }
     // The export is a parent of the node that a mirror's pivot moves (QEMU's BlockBackend).
     let io = match state.graph.as_ref() {
-        Some(g) => g.backend(&args.node_name, &format!("export '{}'", args.id), writable)?,
+        // QEMU's export BlockBackend has no name: permission errors call it so.
+        Some(g) => g.backend(&args.node_name, "an unnamed block device", writable)?,
         None => io,
     };
     let backend = Arc::new(NodeExport { io: io.clone() });
