@@ -6,8 +6,7 @@ use std::sync::Arc;
 use block::{BlockOp, OpSet};
 use job::{JobKey, JobSpec};
 use qmp_api::{
-    BackupCommon, BackupPerf, BitmapSyncMode, BlockdevBackup, DriveBackup, JobType,
-    MirrorSyncMode,
+    BackupCommon, BackupPerf, BitmapSyncMode, BlockdevBackup, DriveBackup, JobType, MirrorSyncMode,
     NewImageMode, QmpError,
 };
 

@@ -211,7 +211,7 @@ impl BlockDriver for FileDriver {
         // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
         let r = unsafe {
             libc::fallocate(
-                self.file.as_raw_fd(),
+                self.file().as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 off,
                 n,
