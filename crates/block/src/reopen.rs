@@ -391,7 +391,9 @@ fn needs_write_after(queue: &Queue, parent: &Arc<BlockNode>, kind: ChildKind, pe
     let writes = perm & (Perm::WRITE | Perm::WRITE_UNCHANGED) != Perm::NONE;
     match kind {
         ChildKind::Backing => false,
-        ChildKind::Metadata | ChildKind::Filtered => writes && queue.writable_after(parent),
+        ChildKind::Metadata | ChildKind::Filtered | ChildKind::FilteredAdjusted { .. } => {
+            writes && queue.writable_after(parent)
+        }
     }
 }
 
@@ -463,7 +465,7 @@ fn check_perms(queue: &Queue) -> BlockResult<()> {
             let needs_write = match edge.kind {
                 ChildKind::Backing => false,
                 ChildKind::Metadata => writable_after,
-                ChildKind::Filtered => {
+                ChildKind::Filtered | ChildKind::FilteredAdjusted { .. } => {
                     writable_after && perm & (Perm::WRITE | Perm::WRITE_UNCHANGED) != Perm::NONE
                 }
             };

@@ -107,35 +107,47 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "arg-type": "18",
     "meta-type": "command",
-    "name": "block-dirty-bitmap-add",
+    "name": "blockdev-reopen",
     "ret-type": "1"
   },
   {
     "arg-type": "19",
+    "meta-type": "command",
+    "name": "blockdev-set-active",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "20",
+    "meta-type": "command",
+    "name": "block-dirty-bitmap-add",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "21",
     "meta-type": "command",
     "name": "block-dirty-bitmap-remove",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "21",
     "meta-type": "command",
     "name": "block-dirty-bitmap-clear",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "21",
     "meta-type": "command",
     "name": "block-dirty-bitmap-enable",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "21",
     "meta-type": "command",
     "name": "block-dirty-bitmap-disable",
     "ret-type": "1"
   },
   {
-    "arg-type": "20",
+    "arg-type": "22",
     "meta-type": "command",
     "name": "block-dirty-bitmap-merge",
     "ret-type": "1"
@@ -144,89 +156,89 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "arg-type": "1",
     "meta-type": "command",
     "name": "query-block-jobs",
-    "ret-type": "[21]"
+    "ret-type": "[23]"
   },
   {
-    "arg-type": "22",
+    "arg-type": "24",
     "meta-type": "command",
     "name": "block-job-set-speed",
     "ret-type": "1"
   },
   {
-    "arg-type": "23",
+    "arg-type": "25",
     "meta-type": "command",
     "name": "block-job-cancel",
     "ret-type": "1"
   },
   {
-    "arg-type": "24",
+    "arg-type": "26",
     "meta-type": "command",
     "name": "block-job-pause",
     "ret-type": "1"
   },
   {
-    "arg-type": "25",
+    "arg-type": "27",
     "meta-type": "command",
     "name": "block-job-resume",
     "ret-type": "1"
   },
   {
-    "arg-type": "26",
+    "arg-type": "28",
     "meta-type": "command",
     "name": "block-job-complete",
     "ret-type": "1"
   },
   {
-    "arg-type": "27",
+    "arg-type": "29",
     "meta-type": "command",
     "name": "block-job-dismiss",
     "ret-type": "1"
   },
   {
-    "arg-type": "28",
+    "arg-type": "30",
     "meta-type": "command",
     "name": "block-job-finalize",
     "ret-type": "1"
   },
   {
-    "arg-type": "29",
+    "arg-type": "31",
     "meta-type": "command",
     "name": "block-job-change",
     "ret-type": "1"
   },
   {
-    "arg-type": "30",
+    "arg-type": "32",
     "meta-type": "event",
     "name": "BLOCK_JOB_COMPLETED"
   },
   {
-    "arg-type": "31",
+    "arg-type": "33",
     "meta-type": "event",
     "name": "BLOCK_JOB_CANCELLED"
   },
   {
-    "arg-type": "32",
+    "arg-type": "34",
     "meta-type": "event",
     "name": "BLOCK_JOB_ERROR"
   },
   {
-    "arg-type": "33",
+    "arg-type": "35",
     "meta-type": "event",
     "name": "BLOCK_JOB_READY"
   },
   {
-    "arg-type": "34",
+    "arg-type": "36",
     "meta-type": "event",
     "name": "BLOCK_JOB_PENDING"
   },
   {
-    "arg-type": "35",
+    "arg-type": "37",
     "meta-type": "command",
     "name": "blockdev-backup",
     "ret-type": "1"
   },
   {
-    "arg-type": "36",
+    "arg-type": "38",
     "features": [
       "deprecated"
     ],
@@ -235,25 +247,25 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "37",
+    "arg-type": "39",
     "meta-type": "command",
     "name": "blockdev-mirror",
     "ret-type": "1"
   },
   {
-    "arg-type": "38",
+    "arg-type": "40",
     "meta-type": "command",
     "name": "drive-mirror",
     "ret-type": "1"
   },
   {
-    "arg-type": "39",
+    "arg-type": "41",
     "meta-type": "command",
     "name": "blockdev-snapshot-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "40",
+    "arg-type": "42",
     "features": [
       "allow-write-only-overlay"
     ],
@@ -262,19 +274,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "41",
+    "arg-type": "43",
     "meta-type": "command",
     "name": "blockdev-snapshot-internal-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "42",
+    "arg-type": "44",
     "meta-type": "command",
     "name": "transaction",
     "ret-type": "1"
   },
   {
-    "arg-type": "43",
+    "arg-type": "45",
     "meta-type": "command",
     "name": "nbd-server-start",
     "ret-type": "1"
@@ -286,30 +298,30 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "44",
+    "arg-type": "46",
     "meta-type": "command",
     "name": "block-export-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "45",
+    "arg-type": "47",
     "meta-type": "command",
     "name": "block-export-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "46",
+    "arg-type": "48",
     "meta-type": "event",
     "name": "BLOCK_EXPORT_DELETED"
   },
   {
-    "arg-type": "47",
+    "arg-type": "49",
     "meta-type": "command",
     "name": "blockdev-create",
     "ret-type": "1"
   },
   {
-    "arg-type": "48",
+    "arg-type": "50",
     "features": [
       "unstable"
     ],
@@ -318,48 +330,48 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "49",
+    "arg-type": "51",
     "meta-type": "command",
     "name": "block_resize",
     "ret-type": "1"
   },
   {
-    "arg-type": "50",
+    "arg-type": "52",
     "meta-type": "command",
     "name": "change-backing-file",
     "ret-type": "1"
   },
   {
-    "arg-type": "51",
+    "arg-type": "53",
     "meta-type": "command",
     "name": "block-set-write-threshold",
     "ret-type": "1"
   },
   {
-    "arg-type": "52",
+    "arg-type": "54",
     "meta-type": "event",
     "name": "BLOCK_WRITE_THRESHOLD"
   },
   {
-    "arg-type": "53",
+    "arg-type": "55",
     "meta-type": "command",
     "name": "blockdev-snapshot-delete-internal-sync",
-    "ret-type": "54"
+    "ret-type": "56"
   },
   {
     "arg-type": "1",
     "meta-type": "command",
     "name": "query-block-exports",
-    "ret-type": "[55]"
+    "ret-type": "[57]"
   },
   {
-    "arg-type": "19",
+    "arg-type": "21",
     "features": [
       "unstable"
     ],
     "meta-type": "command",
     "name": "x-debug-block-dirty-bitmap-sha256",
-    "ret-type": "56"
+    "ret-type": "58"
   },
   {
     "arg-type": "1",
@@ -368,20 +380,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "command",
     "name": "x-debug-query-block-graph",
-    "ret-type": "57"
+    "ret-type": "59"
   },
   {
-    "arg-type": "58",
+    "arg-type": "60",
     "meta-type": "command",
     "name": "query-blockstats",
-    "ret-type": "[59]"
+    "ret-type": "[61]"
   },
   {
     "members": [
       {
         "default": null,
         "name": "enable",
-        "type": "[60]"
+        "type": "[62]"
       }
     ],
     "meta-type": "object",
@@ -396,7 +408,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qemu",
-        "type": "61"
+        "type": "63"
       },
       {
         "name": "package",
@@ -434,7 +446,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "meta-type",
-        "type": "62"
+        "type": "64"
       },
       {
         "default": null,
@@ -448,31 +460,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "builtin",
-        "type": "63"
-      },
-      {
-        "case": "enum",
-        "type": "64"
-      },
-      {
-        "case": "array",
         "type": "65"
       },
       {
-        "case": "object",
+        "case": "enum",
         "type": "66"
       },
       {
-        "case": "alternate",
+        "case": "array",
         "type": "67"
       },
       {
-        "case": "command",
+        "case": "object",
         "type": "68"
       },
       {
-        "case": "event",
+        "case": "alternate",
         "type": "69"
+      },
+      {
+        "case": "command",
+        "type": "70"
+      },
+      {
+        "case": "event",
+        "type": "71"
       }
     ]
   },
@@ -484,7 +496,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "70"
+        "type": "72"
       }
     ],
     "meta-type": "object",
@@ -563,11 +575,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "71"
+        "type": "73"
       },
       {
         "name": "status",
-        "type": "70"
+        "type": "72"
       },
       {
         "name": "current-progress",
@@ -640,7 +652,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "detect_zeroes",
-        "type": "72"
+        "type": "74"
       },
       {
         "name": "bps",
@@ -668,7 +680,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "image",
-        "type": "73"
+        "type": "75"
       },
       {
         "default": null,
@@ -742,7 +754,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "cache",
-        "type": "74"
+        "type": "76"
       },
       {
         "name": "write_threshold",
@@ -751,7 +763,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "dirty-bitmaps",
-        "type": "[75]"
+        "type": "[77]"
       }
     ],
     "meta-type": "object",
@@ -761,7 +773,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "76"
+        "type": "78"
       },
       {
         "default": null,
@@ -771,12 +783,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "discard",
-        "type": "77"
+        "type": "79"
       },
       {
         "default": null,
         "name": "cache",
-        "type": "78"
+        "type": "80"
       },
       {
         "default": null,
@@ -801,7 +813,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "detect-zeroes",
-        "type": "72"
+        "type": "74"
       }
     ],
     "meta-type": "object",
@@ -810,23 +822,23 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "blkdebug",
-        "type": "79"
-      },
-      {
-        "case": "file",
-        "type": "80"
-      },
-      {
-        "case": "null-co",
         "type": "81"
       },
       {
-        "case": "qcow2",
+        "case": "file",
         "type": "82"
       },
       {
-        "case": "raw",
+        "case": "null-co",
         "type": "83"
+      },
+      {
+        "case": "qcow2",
+        "type": "84"
+      },
+      {
+        "case": "raw",
+        "type": "85"
       }
     ]
   },
@@ -876,6 +888,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
+        "name": "options",
+        "type": "[15]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "18"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "active",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "19"
+  },
+  {
+    "members": [
+      {
         "name": "node",
         "type": "str"
       },
@@ -900,7 +937,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "18"
+    "name": "20"
   },
   {
     "members": [
@@ -914,7 +951,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "19"
+    "name": "21"
   },
   {
     "members": [
@@ -928,22 +965,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[84]"
+        "type": "[86]"
       }
     ],
     "meta-type": "object",
-    "name": "20"
+    "name": "22"
   },
   {
-    "element-type": "21",
+    "element-type": "23",
     "meta-type": "array",
-    "name": "[21]"
+    "name": "[23]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "71"
+        "type": "73"
       },
       {
         "name": "device",
@@ -971,7 +1008,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "85"
+        "type": "87"
       },
       {
         "name": "ready",
@@ -979,7 +1016,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "70"
+        "type": "72"
       },
       {
         "name": "auto-finalize",
@@ -996,12 +1033,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "21",
+    "name": "23",
     "tag": "type",
     "variants": [
       {
         "case": "mirror",
-        "type": "86"
+        "type": "88"
       },
       {
         "case": "commit",
@@ -1049,7 +1086,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "22"
+    "name": "24"
   },
   {
     "members": [
@@ -1061,26 +1098,6 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "default": null,
         "name": "force",
         "type": "bool"
-      }
-    ],
-    "meta-type": "object",
-    "name": "23"
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "24"
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
       }
     ],
     "meta-type": "object",
@@ -1099,7 +1116,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "id",
+        "name": "device",
         "type": "str"
       }
     ],
@@ -1109,7 +1126,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "id",
+        "name": "device",
         "type": "str"
       }
     ],
@@ -1121,19 +1138,39 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "name": "id",
         "type": "str"
-      },
-      {
-        "name": "type",
-        "type": "71"
       }
     ],
     "meta-type": "object",
-    "name": "29",
+    "name": "29"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "30"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "73"
+      }
+    ],
+    "meta-type": "object",
+    "name": "31",
     "tag": "type",
     "variants": [
       {
         "case": "mirror",
-        "type": "87"
+        "type": "89"
       },
       {
         "case": "commit",
@@ -1173,7 +1210,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "71"
+        "type": "73"
       },
       {
         "name": "device",
@@ -1198,57 +1235,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "30"
-  },
-  {
-    "members": [
-      {
-        "name": "type",
-        "type": "71"
-      },
-      {
-        "name": "device",
-        "type": "str"
-      },
-      {
-        "name": "len",
-        "type": "int"
-      },
-      {
-        "name": "offset",
-        "type": "int"
-      },
-      {
-        "name": "speed",
-        "type": "int"
-      }
-    ],
-    "meta-type": "object",
-    "name": "31"
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
-      },
-      {
-        "name": "operation",
-        "type": "88"
-      },
-      {
-        "name": "action",
-        "type": "89"
-      }
-    ],
-    "meta-type": "object",
     "name": "32"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "71"
+        "type": "73"
       },
       {
         "name": "device",
@@ -1273,12 +1266,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "type",
-        "type": "71"
+        "name": "device",
+        "type": "str"
       },
       {
-        "name": "id",
-        "type": "str"
+        "name": "operation",
+        "type": "90"
+      },
+      {
+        "name": "action",
+        "type": "91"
       }
     ],
     "meta-type": "object",
@@ -1287,83 +1284,42 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "default": null,
-        "name": "job-id",
-        "type": "str"
+        "name": "type",
+        "type": "73"
       },
       {
         "name": "device",
         "type": "str"
       },
       {
-        "name": "sync",
-        "type": "90"
-      },
-      {
-        "default": null,
-        "name": "speed",
+        "name": "len",
         "type": "int"
       },
       {
-        "default": null,
-        "name": "bitmap",
-        "type": "str"
+        "name": "offset",
+        "type": "int"
       },
       {
-        "default": null,
-        "name": "bitmap-mode",
-        "type": "91"
-      },
-      {
-        "default": null,
-        "name": "compress",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "on-source-error",
-        "type": "92"
-      },
-      {
-        "default": null,
-        "name": "on-target-error",
-        "type": "92"
-      },
-      {
-        "default": null,
-        "name": "auto-finalize",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "auto-dismiss",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "filter-node-name",
-        "type": "str"
-      },
-      {
-        "default": null,
-        "name": "discard-source",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "features": [
-          "unstable"
-        ],
-        "name": "x-perf",
-        "type": "93"
-      },
-      {
-        "name": "target",
-        "type": "str"
+        "name": "speed",
+        "type": "int"
       }
     ],
     "meta-type": "object",
     "name": "35"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "73"
+      },
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "36"
   },
   {
     "members": [
@@ -1378,7 +1334,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "90"
+        "type": "92"
       },
       {
         "default": null,
@@ -1393,7 +1349,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "91"
+        "type": "93"
       },
       {
         "default": null,
@@ -1403,12 +1359,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "92"
+        "type": "94"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "92"
+        "type": "94"
       },
       {
         "default": null,
@@ -1436,7 +1392,88 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
+        "type": "95"
+      },
+      {
+        "name": "target",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "37"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "sync",
+        "type": "92"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bitmap",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "bitmap-mode",
         "type": "93"
+      },
+      {
+        "default": null,
+        "name": "compress",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "on-source-error",
+        "type": "94"
+      },
+      {
+        "default": null,
+        "name": "on-target-error",
+        "type": "94"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "discard-source",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-perf",
+        "type": "95"
       },
       {
         "name": "target",
@@ -1450,11 +1487,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "94"
+        "type": "96"
       }
     ],
     "meta-type": "object",
-    "name": "36"
+    "name": "38"
   },
   {
     "members": [
@@ -1478,7 +1515,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "90"
+        "type": "92"
       },
       {
         "default": null,
@@ -1498,12 +1535,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "92"
+        "type": "94"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "92"
+        "type": "94"
       },
       {
         "default": null,
@@ -1513,7 +1550,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "95"
+        "type": "97"
       },
       {
         "default": null,
@@ -1527,7 +1564,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "37"
+    "name": "39"
   },
   {
     "members": [
@@ -1561,12 +1598,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "90"
+        "type": "92"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "94"
+        "type": "96"
       },
       {
         "default": null,
@@ -1586,12 +1623,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "92"
+        "type": "94"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "92"
+        "type": "94"
       },
       {
         "default": null,
@@ -1601,7 +1638,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "95"
+        "type": "97"
       },
       {
         "default": null,
@@ -1615,7 +1652,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "38"
+    "name": "40"
   },
   {
     "members": [
@@ -1646,11 +1683,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "94"
+        "type": "96"
       }
     ],
     "meta-type": "object",
-    "name": "39"
+    "name": "41"
   },
   {
     "members": [
@@ -1664,7 +1701,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "40"
+    "name": "42"
   },
   {
     "members": [
@@ -1678,22 +1715,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "41"
+    "name": "43"
   },
   {
     "members": [
       {
         "name": "actions",
-        "type": "[96]"
+        "type": "[98]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "97"
+        "type": "99"
       }
     ],
     "meta-type": "object",
-    "name": "42"
+    "name": "44"
   },
   {
     "members": [
@@ -1719,17 +1756,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "98"
+        "type": "100"
       }
     ],
     "meta-type": "object",
-    "name": "43"
+    "name": "45"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "99"
+        "type": "101"
       },
       {
         "name": "id",
@@ -1766,24 +1803,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "44",
+    "name": "46",
     "tag": "type",
     "variants": [
       {
         "case": "nbd",
-        "type": "100"
-      },
-      {
-        "case": "vhost-user-blk",
-        "type": "101"
-      },
-      {
-        "case": "fuse",
         "type": "102"
       },
       {
-        "case": "vduse-blk",
+        "case": "vhost-user-blk",
         "type": "103"
+      },
+      {
+        "case": "fuse",
+        "type": "104"
+      },
+      {
+        "case": "vduse-blk",
+        "type": "105"
       }
     ]
   },
@@ -1796,11 +1833,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "104"
+        "type": "106"
       }
     ],
     "meta-type": "object",
-    "name": "45"
+    "name": "47"
   },
   {
     "members": [
@@ -1810,7 +1847,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "46"
+    "name": "48"
   },
   {
     "members": [
@@ -1820,11 +1857,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "options",
-        "type": "105"
+        "type": "107"
       }
     ],
     "meta-type": "object",
-    "name": "47"
+    "name": "49"
   },
   {
     "members": [
@@ -1838,7 +1875,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "options",
-        "type": "106"
+        "type": "108"
       },
       {
         "default": null,
@@ -1847,7 +1884,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "48"
+    "name": "50"
   },
   {
     "members": [
@@ -1867,7 +1904,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "49"
+    "name": "51"
   },
   {
     "members": [
@@ -1885,7 +1922,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "50"
+    "name": "52"
   },
   {
     "members": [
@@ -1899,7 +1936,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "51"
+    "name": "53"
   },
   {
     "members": [
@@ -1917,7 +1954,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "52"
+    "name": "54"
   },
   {
     "members": [
@@ -1937,7 +1974,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "53"
+    "name": "55"
   },
   {
     "members": [
@@ -1976,12 +2013,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "54"
+    "name": "56"
   },
   {
-    "element-type": "55",
+    "element-type": "57",
     "meta-type": "array",
-    "name": "[55]"
+    "name": "[57]"
   },
   {
     "members": [
@@ -1991,7 +2028,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "99"
+        "type": "101"
       },
       {
         "name": "node-name",
@@ -2003,7 +2040,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "55"
+    "name": "57"
   },
   {
     "members": [
@@ -2013,21 +2050,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "56"
+    "name": "58"
   },
   {
     "members": [
       {
         "name": "nodes",
-        "type": "[107]"
+        "type": "[109]"
       },
       {
         "name": "edges",
-        "type": "[108]"
+        "type": "[110]"
       }
     ],
     "meta-type": "object",
-    "name": "57"
+    "name": "59"
   },
   {
     "members": [
@@ -2038,12 +2075,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "58"
+    "name": "60"
   },
   {
-    "element-type": "59",
+    "element-type": "61",
     "meta-type": "array",
-    "name": "[59]"
+    "name": "[61]"
   },
   {
     "members": [
@@ -2064,31 +2101,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "stats",
-        "type": "109"
+        "type": "111"
       },
       {
         "default": null,
         "name": "driver-specific",
-        "type": "110"
+        "type": "112"
       },
       {
         "default": null,
         "name": "parent",
-        "type": "59"
+        "type": "61"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "59"
+        "type": "61"
       }
     ],
     "meta-type": "object",
-    "name": "59"
+    "name": "61"
   },
   {
-    "element-type": "60",
+    "element-type": "62",
     "meta-type": "array",
-    "name": "[60]"
+    "name": "[62]"
   },
   {
     "members": [
@@ -2097,7 +2134,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "60",
+    "name": "62",
     "values": [
       "oob"
     ]
@@ -2118,7 +2155,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "61"
+    "name": "63"
   },
   {
     "json-type": "string",
@@ -2150,7 +2187,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "62",
+    "name": "64",
     "values": [
       "builtin",
       "enum",
@@ -2170,17 +2207,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "111"
+        "type": "113"
       }
     ],
     "meta-type": "object",
-    "name": "63"
+    "name": "65"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[112]"
+        "type": "[114]"
       },
       {
         "features": [
@@ -2191,7 +2228,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "64"
+    "name": "66"
   },
   {
     "members": [
@@ -2201,13 +2238,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "65"
+    "name": "67"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[113]"
+        "type": "[115]"
       },
       {
         "default": null,
@@ -2217,21 +2254,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[114]"
+        "type": "[116]"
       }
     ],
     "meta-type": "object",
-    "name": "66"
+    "name": "68"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[115]"
+        "type": "[117]"
       }
     ],
     "meta-type": "object",
-    "name": "67"
+    "name": "69"
   },
   {
     "members": [
@@ -2250,7 +2287,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "68"
+    "name": "70"
   },
   {
     "members": [
@@ -2260,7 +2297,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "69"
+    "name": "71"
   },
   {
     "members": [
@@ -2299,7 +2336,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "70",
+    "name": "72",
     "values": [
       "undefined",
       "created",
@@ -2345,7 +2382,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "71",
+    "name": "73",
     "values": [
       "commit",
       "stream",
@@ -2381,7 +2418,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "72",
+    "name": "74",
     "values": [
       "off",
       "on",
@@ -2445,21 +2482,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[54]"
+        "type": "[56]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "116"
+        "type": "118"
       },
       {
         "default": null,
         "name": "backing-image",
-        "type": "73"
+        "type": "75"
       }
     ],
     "meta-type": "object",
-    "name": "73"
+    "name": "75"
   },
   {
     "members": [
@@ -2477,12 +2514,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "74"
+    "name": "76"
   },
   {
-    "element-type": "75",
+    "element-type": "77",
     "meta-type": "array",
-    "name": "[75]"
+    "name": "[77]"
   },
   {
     "members": [
@@ -2518,7 +2555,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "75"
+    "name": "77"
   },
   {
     "members": [
@@ -2539,7 +2576,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "76",
+    "name": "78",
     "values": [
       "blkdebug",
       "file",
@@ -2558,7 +2595,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "77",
+    "name": "79",
     "values": [
       "ignore",
       "unmap"
@@ -2578,13 +2615,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "78"
+    "name": "80"
   },
   {
     "members": [
       {
         "name": "image",
-        "type": "117"
+        "type": "119"
       },
       {
         "default": null,
@@ -2624,26 +2661,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[118]"
+        "type": "[120]"
       },
       {
         "default": null,
         "name": "set-state",
-        "type": "[119]"
+        "type": "[121]"
       },
       {
         "default": null,
         "name": "take-child-perms",
-        "type": "[120]"
+        "type": "[122]"
       },
       {
         "default": null,
         "name": "unshare-child-perms",
-        "type": "[120]"
+        "type": "[122]"
       }
     ],
     "meta-type": "object",
-    "name": "79"
+    "name": "81"
   },
   {
     "features": [
@@ -2662,12 +2699,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "121"
+        "type": "123"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "122"
+        "type": "124"
       },
       {
         "default": null,
@@ -2689,7 +2726,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "80"
+    "name": "82"
   },
   {
     "members": [
@@ -2710,18 +2747,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "81"
+    "name": "83"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "117"
+        "type": "119"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "123"
+        "type": "125"
       },
       {
         "default": null,
@@ -2751,7 +2788,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "124"
+        "type": "126"
       },
       {
         "default": null,
@@ -2781,22 +2818,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "125"
+        "type": "127"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "117"
+        "type": "119"
       }
     ],
     "meta-type": "object",
-    "name": "82"
+    "name": "84"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "117"
+        "type": "119"
       },
       {
         "default": null,
@@ -2810,12 +2847,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "83"
+    "name": "85"
   },
   {
-    "element-type": "84",
+    "element-type": "15",
     "meta-type": "array",
-    "name": "[84]"
+    "name": "[15]"
+  },
+  {
+    "element-type": "86",
+    "meta-type": "array",
+    "name": "[86]"
   },
   {
     "members": [
@@ -2823,11 +2865,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "type": "str"
       },
       {
-        "type": "19"
+        "type": "21"
       }
     ],
     "meta-type": "alternate",
-    "name": "84"
+    "name": "86"
   },
   {
     "members": [
@@ -2842,7 +2884,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "85",
+    "name": "87",
     "values": [
       "ok",
       "failed",
@@ -2857,17 +2899,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "86"
+    "name": "88"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "95"
+        "type": "97"
       }
     ],
     "meta-type": "object",
-    "name": "87"
+    "name": "89"
   },
   {
     "members": [
@@ -2879,7 +2921,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "88",
+    "name": "90",
     "values": [
       "read",
       "write"
@@ -2898,7 +2940,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "89",
+    "name": "91",
     "values": [
       "ignore",
       "report",
@@ -2924,7 +2966,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "90",
+    "name": "92",
     "values": [
       "top",
       "full",
@@ -2946,7 +2988,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "91",
+    "name": "93",
     "values": [
       "on-success",
       "never",
@@ -2972,7 +3014,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "92",
+    "name": "94",
     "values": [
       "report",
       "ignore",
@@ -3005,7 +3047,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "93"
+    "name": "95"
   },
   {
     "members": [
@@ -3017,7 +3059,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "94",
+    "name": "96",
     "values": [
       "existing",
       "absolute-paths"
@@ -3033,87 +3075,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "95",
+    "name": "97",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "96",
+    "element-type": "98",
     "meta-type": "array",
-    "name": "[96]"
+    "name": "[98]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "126"
+        "type": "128"
       }
     ],
     "meta-type": "object",
-    "name": "96",
+    "name": "98",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "127"
+        "type": "129"
       },
       {
         "case": "block-dirty-bitmap-add",
-        "type": "128"
+        "type": "130"
       },
       {
         "case": "block-dirty-bitmap-remove",
-        "type": "129"
-      },
-      {
-        "case": "block-dirty-bitmap-clear",
-        "type": "129"
-      },
-      {
-        "case": "block-dirty-bitmap-enable",
-        "type": "129"
-      },
-      {
-        "case": "block-dirty-bitmap-disable",
-        "type": "129"
-      },
-      {
-        "case": "block-dirty-bitmap-merge",
-        "type": "130"
-      },
-      {
-        "case": "blockdev-backup",
         "type": "131"
       },
       {
-        "case": "blockdev-snapshot",
+        "case": "block-dirty-bitmap-clear",
+        "type": "131"
+      },
+      {
+        "case": "block-dirty-bitmap-enable",
+        "type": "131"
+      },
+      {
+        "case": "block-dirty-bitmap-disable",
+        "type": "131"
+      },
+      {
+        "case": "block-dirty-bitmap-merge",
         "type": "132"
       },
       {
-        "case": "blockdev-snapshot-internal-sync",
+        "case": "blockdev-backup",
         "type": "133"
       },
       {
-        "case": "blockdev-snapshot-sync",
+        "case": "blockdev-snapshot",
         "type": "134"
       },
       {
-        "case": "drive-backup",
+        "case": "blockdev-snapshot-internal-sync",
         "type": "135"
       },
       {
+        "case": "blockdev-snapshot-sync",
+        "type": "136"
+      },
+      {
+        "case": "drive-backup",
+        "type": "137"
+      },
+      {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "129"
+        "type": "131"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "129"
+        "type": "131"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "130"
+        "type": "132"
       }
     ]
   },
@@ -3122,38 +3164,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "136"
+        "type": "138"
       }
     ],
     "meta-type": "object",
-    "name": "97"
+    "name": "99"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "137"
+        "type": "139"
       }
     ],
     "meta-type": "object",
-    "name": "98",
+    "name": "100",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "138"
-      },
-      {
-        "case": "unix",
-        "type": "139"
-      },
-      {
-        "case": "vsock",
         "type": "140"
       },
       {
-        "case": "fd",
+        "case": "unix",
         "type": "141"
+      },
+      {
+        "case": "vsock",
+        "type": "142"
+      },
+      {
+        "case": "fd",
+        "type": "143"
       }
     ]
   },
@@ -3173,7 +3215,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "99",
+    "name": "101",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -3196,7 +3238,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[84]"
+        "type": "[86]"
       },
       {
         "default": null,
@@ -3205,13 +3247,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "100"
+    "name": "102"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "142"
+        "type": "144"
       },
       {
         "default": null,
@@ -3225,7 +3267,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "101"
+    "name": "103"
   },
   {
     "members": [
@@ -3241,11 +3283,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "143"
+        "type": "145"
       }
     ],
     "meta-type": "object",
-    "name": "102"
+    "name": "104"
   },
   {
     "members": [
@@ -3275,7 +3317,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "103"
+    "name": "105"
   },
   {
     "members": [
@@ -3287,7 +3329,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "104",
+    "name": "106",
     "values": [
       "safe",
       "hard"
@@ -3297,20 +3339,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "76"
+        "type": "78"
       }
     ],
     "meta-type": "object",
-    "name": "105",
+    "name": "107",
     "tag": "driver",
     "variants": [
       {
         "case": "file",
-        "type": "144"
+        "type": "146"
       },
       {
         "case": "qcow2",
-        "type": "145"
+        "type": "147"
       },
       {
         "case": "blkdebug",
@@ -3330,16 +3372,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "76"
+        "type": "78"
       }
     ],
     "meta-type": "object",
-    "name": "106",
+    "name": "108",
     "tag": "driver",
     "variants": [
       {
         "case": "qcow2",
-        "type": "146"
+        "type": "148"
       },
       {
         "case": "blkdebug",
@@ -3360,9 +3402,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "107",
+    "element-type": "109",
     "meta-type": "array",
-    "name": "[107]"
+    "name": "[109]"
   },
   {
     "members": [
@@ -3372,7 +3414,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "147"
+        "type": "149"
       },
       {
         "name": "name",
@@ -3380,12 +3422,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "107"
+    "name": "109"
   },
   {
-    "element-type": "108",
+    "element-type": "110",
     "meta-type": "array",
-    "name": "[108]"
+    "name": "[110]"
   },
   {
     "members": [
@@ -3403,15 +3445,15 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "perm",
-        "type": "[120]"
+        "type": "[122]"
       },
       {
         "name": "shared-perm",
-        "type": "[120]"
+        "type": "[122]"
       }
     ],
     "meta-type": "object",
-    "name": "108"
+    "name": "110"
   },
   {
     "members": [
@@ -3546,46 +3588,46 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "timed_stats",
-        "type": "[148]"
+        "type": "[150]"
       },
       {
         "default": null,
         "name": "rd_latency_histogram",
-        "type": "149"
+        "type": "151"
       },
       {
         "default": null,
         "name": "wr_latency_histogram",
-        "type": "149"
+        "type": "151"
       },
       {
         "default": null,
         "name": "zone_append_latency_histogram",
-        "type": "149"
+        "type": "151"
       },
       {
         "default": null,
         "name": "flush_latency_histogram",
-        "type": "149"
+        "type": "151"
       }
     ],
     "meta-type": "object",
-    "name": "109"
+    "name": "111"
   },
   {
     "members": [
       {
         "name": "driver",
-        "type": "76"
+        "type": "78"
       }
     ],
     "meta-type": "object",
-    "name": "110",
+    "name": "112",
     "tag": "driver",
     "variants": [
       {
         "case": "file",
-        "type": "150"
+        "type": "152"
       },
       {
         "case": "blkdebug",
@@ -3633,7 +3675,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "111",
+    "name": "113",
     "values": [
       "string",
       "number",
@@ -3646,9 +3688,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "112",
+    "element-type": "114",
     "meta-type": "array",
-    "name": "[112]"
+    "name": "[114]"
   },
   {
     "members": [
@@ -3663,12 +3705,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "112"
+    "name": "114"
   },
   {
-    "element-type": "113",
+    "element-type": "115",
     "meta-type": "array",
-    "name": "[113]"
+    "name": "[115]"
   },
   {
     "members": [
@@ -3692,12 +3734,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "113"
+    "name": "115"
   },
   {
-    "element-type": "114",
+    "element-type": "116",
     "meta-type": "array",
-    "name": "[114]"
+    "name": "[116]"
   },
   {
     "members": [
@@ -3711,12 +3753,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "114"
+    "name": "116"
   },
   {
-    "element-type": "115",
+    "element-type": "117",
     "meta-type": "array",
-    "name": "[115]"
+    "name": "[117]"
   },
   {
     "members": [
@@ -3726,43 +3768,43 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "115"
+    "name": "117"
   },
   {
-    "element-type": "54",
+    "element-type": "56",
     "meta-type": "array",
-    "name": "[54]"
+    "name": "[56]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "151"
+        "type": "153"
       }
     ],
     "meta-type": "object",
-    "name": "116",
+    "name": "118",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "152"
-      },
-      {
-        "case": "vmdk",
-        "type": "153"
-      },
-      {
-        "case": "luks",
         "type": "154"
       },
       {
-        "case": "rbd",
+        "case": "vmdk",
         "type": "155"
       },
       {
-        "case": "file",
+        "case": "luks",
         "type": "156"
+      },
+      {
+        "case": "rbd",
+        "type": "157"
+      },
+      {
+        "case": "file",
+        "type": "158"
       }
     ]
   },
@@ -3776,18 +3818,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "117"
+    "name": "119"
   },
   {
-    "element-type": "118",
+    "element-type": "120",
     "meta-type": "array",
-    "name": "[118]"
+    "name": "[120]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "157"
+        "type": "159"
       },
       {
         "default": null,
@@ -3797,7 +3839,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "158"
+        "type": "160"
       },
       {
         "default": null,
@@ -3821,18 +3863,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "118"
+    "name": "120"
   },
   {
-    "element-type": "119",
+    "element-type": "121",
     "meta-type": "array",
-    "name": "[119]"
+    "name": "[121]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "157"
+        "type": "159"
       },
       {
         "default": null,
@@ -3845,12 +3887,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "119"
+    "name": "121"
   },
   {
-    "element-type": "120",
+    "element-type": "122",
     "meta-type": "array",
-    "name": "[120]"
+    "name": "[122]"
   },
   {
     "members": [
@@ -3868,7 +3910,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "120",
+    "name": "122",
     "values": [
       "consistent-read",
       "write",
@@ -3889,7 +3931,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "121",
+    "name": "123",
     "values": [
       "auto",
       "on",
@@ -3909,7 +3951,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "122",
+    "name": "124",
     "values": [
       "threads",
       "native",
@@ -3929,38 +3971,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "123"
+    "name": "125"
   },
   {
     "members": [
       {
-        "type": "159"
+        "type": "161"
       },
       {
-        "type": "160"
+        "type": "162"
       }
     ],
     "meta-type": "alternate",
-    "name": "124"
+    "name": "126"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "161"
+        "type": "163"
       }
     ],
     "meta-type": "object",
-    "name": "125",
+    "name": "127",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "162"
+        "type": "164"
       },
       {
         "case": "luks",
-        "type": "163"
+        "type": "165"
       }
     ]
   },
@@ -4028,7 +4070,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "126",
+    "name": "128",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -4051,27 +4093,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "164"
-      }
-    ],
-    "meta-type": "object",
-    "name": "127"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "18"
-      }
-    ],
-    "meta-type": "object",
-    "name": "128"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "19"
+        "type": "166"
       }
     ],
     "meta-type": "object",
@@ -4091,7 +4113,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "35"
+        "type": "21"
       }
     ],
     "meta-type": "object",
@@ -4101,7 +4123,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "40"
+        "type": "22"
       }
     ],
     "meta-type": "object",
@@ -4111,7 +4133,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "41"
+        "type": "37"
       }
     ],
     "meta-type": "object",
@@ -4121,7 +4143,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "39"
+        "type": "42"
       }
     ],
     "meta-type": "object",
@@ -4131,11 +4153,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "36"
+        "type": "43"
       }
     ],
     "meta-type": "object",
     "name": "135"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "41"
+      }
+    ],
+    "meta-type": "object",
+    "name": "136"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "38"
+      }
+    ],
+    "meta-type": "object",
+    "name": "137"
   },
   {
     "members": [
@@ -4147,7 +4189,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "136",
+    "name": "138",
     "values": [
       "individual",
       "grouped"
@@ -4169,33 +4211,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "137",
+    "name": "139",
     "values": [
       "inet",
       "unix",
       "vsock",
       "fd"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "165"
-      }
-    ],
-    "meta-type": "object",
-    "name": "138"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "166"
-      }
-    ],
-    "meta-type": "object",
-    "name": "139"
   },
   {
     "members": [
@@ -4220,29 +4242,49 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "type",
-        "type": "137"
+        "name": "data",
+        "type": "169"
       }
     ],
     "meta-type": "object",
-    "name": "142",
+    "name": "142"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "170"
+      }
+    ],
+    "meta-type": "object",
+    "name": "143"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "139"
+      }
+    ],
+    "meta-type": "object",
+    "name": "144",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "165"
-      },
-      {
-        "case": "unix",
-        "type": "166"
-      },
-      {
-        "case": "vsock",
         "type": "167"
       },
       {
-        "case": "fd",
+        "case": "unix",
         "type": "168"
+      },
+      {
+        "case": "vsock",
+        "type": "169"
+      },
+      {
+        "case": "fd",
+        "type": "170"
       }
     ]
   },
@@ -4259,7 +4301,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "143",
+    "name": "145",
     "values": [
       "off",
       "on",
@@ -4279,7 +4321,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "preallocation",
-        "type": "169"
+        "type": "171"
       },
       {
         "default": null,
@@ -4293,18 +4335,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "144"
+    "name": "146"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "117"
+        "type": "119"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "117"
+        "type": "119"
       },
       {
         "default": null,
@@ -4323,7 +4365,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "version",
-        "type": "170"
+        "type": "172"
       },
       {
         "default": null,
@@ -4333,12 +4375,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "backing-fmt",
-        "type": "76"
+        "type": "78"
       },
       {
         "default": null,
         "name": "encrypt",
-        "type": "171"
+        "type": "173"
       },
       {
         "default": null,
@@ -4348,7 +4390,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "preallocation",
-        "type": "169"
+        "type": "171"
       },
       {
         "default": null,
@@ -4363,22 +4405,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "compression-type",
-        "type": "172"
+        "type": "174"
       }
     ],
     "meta-type": "object",
-    "name": "145"
+    "name": "147"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encrypt",
-        "type": "173"
+        "type": "175"
       }
     ],
     "meta-type": "object",
-    "name": "146"
+    "name": "148"
   },
   {
     "members": [
@@ -4393,7 +4435,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "147",
+    "name": "149",
     "values": [
       "block-backend",
       "block-job",
@@ -4401,9 +4443,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "148",
+    "element-type": "150",
     "meta-type": "array",
-    "name": "[148]"
+    "name": "[150]"
   },
   {
     "members": [
@@ -4473,7 +4515,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "148"
+    "name": "150"
   },
   {
     "members": [
@@ -4487,7 +4529,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "149"
+    "name": "151"
   },
   {
     "members": [
@@ -4505,7 +4547,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "150"
+    "name": "152"
   },
   {
     "json-type": "value",
@@ -4531,7 +4573,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "151",
+    "name": "153",
     "values": [
       "qcow2",
       "vmdk",
@@ -4539,26 +4581,6 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       "rbd",
       "file"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "174"
-      }
-    ],
-    "meta-type": "object",
-    "name": "152"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "175"
-      }
-    ],
-    "meta-type": "object",
-    "name": "153"
   },
   {
     "members": [
@@ -4589,6 +4611,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "object",
     "name": "156"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "179"
+      }
+    ],
+    "meta-type": "object",
+    "name": "157"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "180"
+      }
+    ],
+    "meta-type": "object",
+    "name": "158"
   },
   {
     "members": [
@@ -4738,7 +4780,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "157",
+    "name": "159",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -4812,7 +4854,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "158",
+    "name": "160",
     "values": [
       "read",
       "write",
@@ -4832,7 +4874,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "160"
+        "type": "162"
       },
       {
         "default": null,
@@ -4881,7 +4923,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "159"
+    "name": "161"
   },
   {
     "members": [
@@ -4899,7 +4941,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "160",
+    "name": "162",
     "values": [
       "none",
       "constant",
@@ -4917,7 +4959,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "161",
+    "name": "163",
     "values": [
       "aes",
       "luks"
@@ -4932,7 +4974,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "162"
+    "name": "164"
   },
   {
     "members": [
@@ -4943,12 +4985,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "163"
+    "name": "165"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "164"
+    "name": "166"
   },
   {
     "members": [
@@ -4992,7 +5034,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "165"
+    "name": "167"
   },
   {
     "members": [
@@ -5012,7 +5054,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "166"
+    "name": "168"
   },
   {
     "members": [
@@ -5026,7 +5068,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "167"
+    "name": "169"
   },
   {
     "members": [
@@ -5036,7 +5078,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "168"
+    "name": "170"
   },
   {
     "members": [
@@ -5054,7 +5096,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "169",
+    "name": "171",
     "values": [
       "off",
       "metadata",
@@ -5072,7 +5114,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "170",
+    "name": "172",
     "values": [
       "v2",
       "v3"
@@ -5082,20 +5124,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "format",
-        "type": "179"
+        "type": "181"
       }
     ],
     "meta-type": "object",
-    "name": "171",
+    "name": "173",
     "tag": "format",
     "variants": [
       {
         "case": "qcow",
-        "type": "162"
+        "type": "164"
       },
       {
         "case": "luks",
-        "type": "180"
+        "type": "182"
       }
     ]
   },
@@ -5109,7 +5151,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "172",
+    "name": "174",
     "values": [
       "zlib",
       "zstd"
@@ -5119,16 +5161,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "format",
-        "type": "179"
+        "type": "181"
       }
     ],
     "meta-type": "object",
-    "name": "173",
+    "name": "175",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "181"
+        "type": "183"
       },
       {
         "case": "qcow",
@@ -5184,20 +5226,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "182"
+        "type": "184"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[183]"
+        "type": "[185]"
       },
       {
         "name": "compression-type",
-        "type": "172"
+        "type": "174"
       }
     ],
     "meta-type": "object",
-    "name": "174"
+    "name": "176"
   },
   {
     "members": [
@@ -5215,34 +5257,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[184]"
+        "type": "[186]"
       }
     ],
     "meta-type": "object",
-    "name": "175"
+    "name": "177"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "185"
+        "type": "187"
       },
       {
         "name": "cipher-mode",
-        "type": "186"
+        "type": "188"
       },
       {
         "name": "ivgen-alg",
-        "type": "187"
+        "type": "189"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "188"
+        "type": "190"
       },
       {
         "name": "hash-alg",
-        "type": "188"
+        "type": "190"
       },
       {
         "name": "detached-header",
@@ -5262,22 +5304,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[189]"
+        "type": "[191]"
       }
     ],
     "meta-type": "object",
-    "name": "176"
+    "name": "178"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "190"
+        "type": "192"
       }
     ],
     "meta-type": "object",
-    "name": "177"
+    "name": "179"
   },
   {
     "members": [
@@ -5288,7 +5330,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "178"
+    "name": "180"
   },
   {
     "members": [
@@ -5300,7 +5342,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "179",
+    "name": "181",
     "values": [
       "qcow",
       "luks"
@@ -5316,27 +5358,27 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "cipher-alg",
-        "type": "185"
-      },
-      {
-        "default": null,
-        "name": "cipher-mode",
-        "type": "186"
-      },
-      {
-        "default": null,
-        "name": "ivgen-alg",
         "type": "187"
       },
       {
         "default": null,
-        "name": "ivgen-hash-alg",
+        "name": "cipher-mode",
         "type": "188"
       },
       {
         "default": null,
+        "name": "ivgen-alg",
+        "type": "189"
+      },
+      {
+        "default": null,
+        "name": "ivgen-hash-alg",
+        "type": "190"
+      },
+      {
+        "default": null,
         "name": "hash-alg",
-        "type": "188"
+        "type": "190"
       },
       {
         "default": null,
@@ -5345,13 +5387,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "180"
+    "name": "182"
   },
   {
     "members": [
       {
         "name": "state",
-        "type": "191"
+        "type": "193"
       },
       {
         "default": null,
@@ -5380,22 +5422,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "181"
+    "name": "183"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "161"
+        "type": "163"
       }
     ],
     "meta-type": "object",
-    "name": "182",
+    "name": "184",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "176"
+        "type": "178"
       },
       {
         "case": "aes",
@@ -5404,9 +5446,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "183",
+    "element-type": "185",
     "meta-type": "array",
-    "name": "[183]"
+    "name": "[185]"
   },
   {
     "members": [
@@ -5420,16 +5462,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[192]"
+        "type": "[194]"
       }
     ],
     "meta-type": "object",
-    "name": "183"
+    "name": "185"
   },
   {
-    "element-type": "184",
+    "element-type": "186",
     "meta-type": "array",
-    "name": "[184]"
+    "name": "[186]"
   },
   {
     "members": [
@@ -5457,7 +5499,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "184"
+    "name": "186"
   },
   {
     "members": [
@@ -5502,7 +5544,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "185",
+    "name": "187",
     "values": [
       "aes-128",
       "aes-192",
@@ -5535,7 +5577,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "186",
+    "name": "188",
     "values": [
       "ecb",
       "cbc",
@@ -5556,7 +5598,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "187",
+    "name": "189",
     "values": [
       "plain",
       "plain64",
@@ -5591,7 +5633,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "188",
+    "name": "190",
     "values": [
       "md5",
       "sha1",
@@ -5604,9 +5646,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "189",
+    "element-type": "191",
     "meta-type": "array",
-    "name": "[189]"
+    "name": "[191]"
   },
   {
     "members": [
@@ -5630,7 +5672,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "189"
+    "name": "191"
   },
   {
     "members": [
@@ -5645,7 +5687,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "190",
+    "name": "192",
     "values": [
       "luks",
       "luks2",
@@ -5662,16 +5704,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "191",
+    "name": "193",
     "values": [
       "active",
       "inactive"
     ]
   },
   {
-    "element-type": "192",
+    "element-type": "194",
     "meta-type": "array",
-    "name": "[192]"
+    "name": "[194]"
   },
   {
     "members": [
@@ -5683,7 +5725,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "192",
+    "name": "194",
     "values": [
       "in-use",
       "auto"
