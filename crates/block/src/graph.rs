@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use crate::driver::{BlockEventSink, ChildKind, OpenContext};
 use crate::drivers;
 use crate::error::{BlockError, BlockResult};
+use crate::filter::{FilterDriver, FilterKind};
 use crate::node::{BlockNode, NodeParts};
 use crate::perm::Perm;
 
@@ -416,6 +417,111 @@ impl BlockGraph {
         self.close_node(node)
     }
 
+    /// QEMU's `bdrv_set_backing_hd` then `bdrv_change_backing_file`, as a stream ends:
+    /// `overlay` gets `base` as its backing node (`None`: no backing file), and its image
+    /// header names it (see [`BackingName`]). The layers that were below `overlay` and that
+    /// nothing uses any more (not monitor-owned, no other parent) are closed. `overlay` must be
+    /// writable for the header rewrite.
+    pub fn change_backing(
+        &mut self,
+        overlay: &Arc<BlockNode>,
+        base: Option<&Arc<BlockNode>>,
+        name: &BackingName,
+    ) -> BlockResult<()> {
+        self.set_backing(overlay, base.cloned())?;
+        let header = base.map(|b| name.for_base(b));
+        overlay
+            .driver()
+            .change_backing_file(header.as_ref().map(|(n, f)| (n.as_str(), f.as_str())))
+    }
+
+    /// QEMU's `bdrv_drop_intermediate`, as an intermediate commit ends: every node that has
+    /// `top` as its backing node gets `base` instead, and its image header names `base` (see
+    /// [`BackingName`]; a read-only parent is reopened read-write for the rewrite and
+    /// read-only again after, as QEMU's `bdrv_backing_update_filename` does). `top` and the
+    /// layers below it down to `base` leave the chain, and are closed if nothing else uses
+    /// them. `top` may be a job's filter above the real top layer.
+    pub fn drop_intermediate(
+        &mut self,
+        top: &Arc<BlockNode>,
+        base: &Arc<BlockNode>,
+        name: &BackingName,
+    ) -> BlockResult<()> {
+        let mut chain = top.layer_below();
+        let mut contains = false;
+        while let Some(layer) = chain {
+            if Arc::ptr_eq(&layer, base) {
+                contains = true;
+                break;
+            }
+            chain = layer.layer_below();
+        }
+        if !contains {
+            return Err(BlockError::from_errno(libc::EIO));
+        }
+        let parents: Vec<Arc<BlockNode>> = self
+            .nodes
+            .iter()
+            .filter(|p| p.child("backing").is_some_and(|b| Arc::ptr_eq(&b, top)))
+            .cloned()
+            .collect();
+        // First every parent moves (QEMU replaces the node for all of them at once) ...
+        for parent in &parents {
+            move_edge(parent, "backing", base)?;
+        }
+        // ... then each header is rewritten.
+        let (file, format) = name.for_base(base);
+        for parent in &parents {
+            update_backing_name(parent, &file, &format).map_err(|e| {
+                BlockError::with_errno(
+                    format!("Could not update backing file link: {}", e.desc()),
+                    e.errno().unwrap_or(libc::EIO),
+                )
+            })?;
+        }
+        if !top.is_monitor_owned() && !top.is_in_use() && !top.is_closed() {
+            self.close_node(top)?;
+        }
+        Ok(())
+    }
+
+    /// Inserts a job's filter node of `kind` above `below` (QEMU's `bdrv_insert_node` of a
+    /// `copy-on-read` filter, `bdrv_append` of `commit_top`), named `name` (checked as a new
+    /// node name) or generated; every parent of `below` moves onto it. Returns the filter.
+    pub fn insert_job_filter(
+        &mut self,
+        below: &Arc<BlockNode>,
+        kind: FilterKind,
+        name: Option<&str>,
+    ) -> BlockResult<Arc<BlockNode>> {
+        let named = name.is_some();
+        let options = kind.options(name.unwrap_or_default(), below);
+        let driver_name = kind.driver_name();
+        let role = kind.child_role();
+        let driver = FilterDriver::new(kind, below.clone(), named, options);
+        self.insert_filter(name, driver_name, Box::new(driver), (below, role))
+    }
+
+    /// Removes a job's filter node: its parents move back onto its child and it is closed
+    /// (QEMU's `bdrv_cor_filter_drop`, or `bdrv_replace_node` of `commit_top`/`mirror_top` by
+    /// its child). A filter already gone (dropped with the layers of a commit) is nothing to
+    /// do.
+    pub fn remove_filter(&mut self, filter: &Arc<BlockNode>) -> BlockResult<()> {
+        if filter.is_closed() {
+            return Ok(());
+        }
+        let Some(role) = filter.driver().filtered_child() else {
+            return Err(BlockError::new(format!(
+                "Node '{}' is not a filter",
+                filter.name()
+            )));
+        };
+        if let Some(child) = filter.child(role) {
+            crate::replace_node(filter, &child)?;
+        }
+        self.close_unused(filter)
+    }
+
     /// `blockdev-del`: closes a monitor-added node nobody uses (flushing it and storing its
     /// persistent bitmaps), then every anonymous child left unused.
     pub fn blockdev_del(&mut self, name: &str) -> BlockResult<()> {
@@ -558,6 +664,69 @@ fn file_identity(node: &Arc<BlockNode>) -> Option<(u64, u64)> {
     None
 }
 
+/// What an image header records for a new backing node (QEMU's `backing-file` and
+/// `backing-mask-protocol` arguments of `block-stream` and `block-commit`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackingName {
+    /// The name to record instead of the base's file name.
+    pub file: Option<String>,
+    /// Record a protocol node's format (`file`, ...) as `raw`.
+    pub mask_protocol: bool,
+}
+
+impl BackingName {
+    /// The `(file name, format)` the header records for `base`.
+    pub fn for_base(&self, base: &BlockNode) -> (String, String) {
+        let file = self.file.clone().unwrap_or_else(|| node_filename(base));
+        let format = match base.driver_name() {
+            d if self.mask_protocol && is_protocol_driver(d) => "raw",
+            d => d,
+        };
+        (file, format.to_string())
+    }
+}
+
+/// Whether a driver is a protocol (QEMU's `protocol_name` is set): `file`, `null-co`,
+/// `blkdebug`.
+fn is_protocol_driver(driver: &str) -> bool {
+    driver
+        .parse::<qmp_api::BlockdevDriver>()
+        .is_ok_and(drivers::is_protocol)
+}
+
+/// Points `parent`'s child edge in role `role` at `to`, with the same kind (the driver is told
+/// of a new backing node). Fails, changing nothing, if `to` cannot grant the edge's
+/// permissions.
+fn move_edge(parent: &Arc<BlockNode>, role: &str, to: &Arc<BlockNode>) -> BlockResult<()> {
+    let Some(edge) = parent.children().into_iter().find(|e| e.name == role) else {
+        return Ok(());
+    };
+    parent.detach_child(role);
+    if let Err(e) = parent.attach_child(role, edge.kind, to.clone()) {
+        let _ = parent.attach_child(role, edge.kind, edge.node.clone());
+        return Err(e);
+    }
+    if role == "backing" {
+        parent.driver().set_backing(Some(to.clone()));
+    }
+    Ok(())
+}
+
+/// QEMU's `bdrv_backing_update_filename`: rewrites `node`'s header to name `(file, format)`,
+/// reopening a read-only node read-write for it and read-only again after.
+fn update_backing_name(node: &BlockNode, file: &str, format: &str) -> BlockResult<()> {
+    let read_only = node.is_read_only();
+    if read_only {
+        node.reopen_read_write()?;
+    }
+    let result = node.driver().change_backing_file(Some((file, format)));
+    if read_only {
+        // As QEMU, a failure to make it read-only again is not the job's failure.
+        let _ = node.reopen_read_only();
+    }
+    result
+}
+
 /// A backing file name from an image header, resolved against the image's directory.
 fn resolve_backing_path(node: &BlockNode, name: &str) -> String {
     if name.starts_with('/') || name.contains("://") {
@@ -676,7 +845,9 @@ fn backing_overridden(node: &BlockNode) -> bool {
     }
 }
 
-fn json_filename(options: &Value) -> String {
+/// A `json:` file name of a node's options, as QEMU prints it (naming and read-only keys
+/// dropped, lists flattened).
+pub(crate) fn json_filename(options: &Value) -> String {
     /// Drops naming/read-only keys and flattens lists QEMU-style (`inject-error.0.errno`).
     fn strip(v: &Value) -> Value {
         fn flatten(prefix: &str, v: &Value, out: &mut Map<String, Value>) {
@@ -760,7 +931,8 @@ fn qemu_json(v: &Value, out: &mut String) {
     }
 }
 
-fn actual_size(node: &BlockNode) -> Option<u64> {
+/// The bytes a node's storage takes on the host (its own, or its `file` child's).
+pub(crate) fn actual_size(node: &BlockNode) -> Option<u64> {
     node.driver()
         .info()
         .actual_size
@@ -781,6 +953,15 @@ fn image_info(node: &BlockNode, flat: bool) -> ImageInfo {
     image.dirty_flag = info.dirty_flag;
     image.actual_size = actual_size(node).map(wire);
     image.cluster_size = info.cluster_size.map(wire);
+    if let Some(role) = node.driver().filtered_child() {
+        // A filter: its child is the next layer, with no backing file name (QEMU's
+        // `bdrv_filter_or_cow_bs` walk).
+        if let (Some(c), false) = (node.child(role), flat) {
+            image.backing_image = Some(Box::new(image_info(&c, flat)));
+        }
+        image.format_specific = info.format_specific;
+        return image;
+    }
     let header = node.driver().backing_file();
     let child = node.child("backing");
     if header.is_some() || child.is_some() {
@@ -803,8 +984,13 @@ fn image_info(node: &BlockNode, flat: bool) -> ImageInfo {
     image
 }
 
+/// The layers below `node`: its backing file, or a filter's child (QEMU counts both).
 fn backing_depth(node: &BlockNode) -> u64 {
-    node.child("backing").map_or(0, |b| 1 + backing_depth(&b))
+    let below = match node.driver().filtered_child() {
+        Some(role) => node.child(role),
+        None => node.child("backing"),
+    };
+    below.map_or(0, |b| 1 + backing_depth(&b))
 }
 
 /// `BlockDirtyInfo` for each bitmap of `node` (a frozen bitmap's successor listed first).
