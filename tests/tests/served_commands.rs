@@ -207,6 +207,24 @@ fn every_command_of_the_generated_table_is_served_with_valid_arguments() {
         json!({"node-name": "q", "snapshot-file": top.to_str(), "snapshot-node-name": "top",
                "format": "qcow2"}),
     );
+    // A stream and a commit of a chain base <- mid <- top, its nodes named.
+    let mut backing = Value::Null;
+    for layer in ["cb", "cm", "ct"] {
+        let path = qcow2(d, &format!("{layer}.qcow2"));
+        s.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": layer, "backing": backing,
+                   "file": file(&path)}),
+        );
+        backing = json!(layer);
+    }
+    s.ok(
+        "block-commit",
+        json!({"job-id": "c1", "device": "ct", "top-node": "cm", "base-node": "cb"}),
+    );
+    s.wait_status("c1", "null");
+    s.ok("block-stream", json!({"job-id": "s1", "device": "ct"}));
+    s.wait_status("s1", "null");
     let overlay = qcow2(d, "overlay.qcow2");
     s.ok(
         "blockdev-add",

@@ -430,9 +430,7 @@ impl BlockGraph {
     ) -> BlockResult<()> {
         self.set_backing(overlay, base.cloned())?;
         let header = base.map(|b| name.for_base(b));
-        overlay
-            .driver()
-            .change_backing_file(header.as_ref().map(|(n, f)| (n.as_str(), f.as_str())))
+        overlay.change_backing_file(header.as_ref().map(|(n, f)| (n.as_str(), f.as_str())))
     }
 
     /// QEMU's `bdrv_drop_intermediate`, as an intermediate commit ends: every node that has
@@ -483,6 +481,55 @@ impl BlockGraph {
             self.close_node(top)?;
         }
         Ok(())
+    }
+
+    /// QEMU's `bdrv_find_backing_image`: the node in `top`'s backing chain that
+    /// `filename` names. For each layer with a backing node: if the backing node is not the
+    /// one the header names, `filename` must equal the backing node's file name; if either
+    /// name has a protocol prefix, it must equal the header's name or its resolved form;
+    /// otherwise both, made absolute against the layer's directory, must be the same file.
+    pub fn find_backing_image(
+        &self,
+        top: &Arc<BlockNode>,
+        filename: &str,
+    ) -> Option<Arc<BlockNode>> {
+        let has_protocol = |name: &str| {
+            name.split_once(':')
+                .is_some_and(|(p, _)| !p.is_empty() && !p.contains('/'))
+        };
+        let mut layer = top.clone();
+        while let Some(role) = layer.driver().filtered_child() {
+            layer = layer.child(role)?;
+        }
+        loop {
+            let below = layer.child("backing")?;
+            let header = layer.driver().backing_file();
+            let found = match &header {
+                _ if backing_overridden(&layer) => filename == node_filename(&below),
+                Some((name, _)) if has_protocol(filename) || has_protocol(name) => {
+                    filename == name || filename == resolve_backing_path(&layer, name)
+                }
+                Some((name, _)) => {
+                    let wanted = resolve_backing_path(&layer, filename);
+                    let recorded = resolve_backing_path(&layer, name);
+                    match (
+                        std::fs::canonicalize(wanted),
+                        std::fs::canonicalize(recorded),
+                    ) {
+                        (Ok(a), Ok(b)) => a == b,
+                        _ => false,
+                    }
+                }
+                None => false,
+            };
+            if found {
+                return Some(below);
+            }
+            layer = below;
+            while let Some(role) = layer.driver().filtered_child() {
+                layer = layer.child(role)?;
+            }
+        }
     }
 
     /// Inserts a job's filter node of `kind` above `below` (QEMU's `bdrv_insert_node` of a
@@ -719,7 +766,7 @@ fn update_backing_name(node: &BlockNode, file: &str, format: &str) -> BlockResul
     if read_only {
         node.reopen_read_write()?;
     }
-    let result = node.driver().change_backing_file(Some((file, format)));
+    let result = node.change_backing_file(Some((file, format)));
     if read_only {
         // As QEMU, a failure to make it read-only again is not the job's failure.
         let _ = node.reopen_read_only();
@@ -780,20 +827,22 @@ pub fn node_filename(node: &BlockNode) -> String {
     }
     let opts = node.options().as_object().cloned().unwrap_or_default();
     // Options that do not change what the image is (QEMU's non-"strong" options).
-    let only_file = opts.keys().all(|k| {
-        matches!(
-            k.as_str(),
-            "driver"
-                | "node-name"
-                | "read-only"
-                | "auto-read-only"
-                | "force-share"
-                | "discard"
-                | "cache"
-                | "detect-zeroes"
-                | "file"
-        ) || (k == "backing" && !backing_overridden(node))
-    });
+    let rewritten = node.written_backing_name().is_some();
+    let only_file = !(rewritten && backing_overridden(node))
+        && opts.keys().all(|k| {
+            matches!(
+                k.as_str(),
+                "driver"
+                    | "node-name"
+                    | "read-only"
+                    | "auto-read-only"
+                    | "force-share"
+                    | "discard"
+                    | "cache"
+                    | "detect-zeroes"
+                    | "file"
+            ) || (k == "backing" && !backing_overridden(node))
+        });
     match node.child("file") {
         Some(file) if only_file => {
             let inner = node_filename(&file);
@@ -811,12 +860,15 @@ pub fn node_filename(node: &BlockNode) -> String {
 /// that node's options, as QEMU does.
 fn backing_first(node: &BlockNode) -> Value {
     match node.options() {
-        Value::Object(m) if m.contains_key("backing") => {
+        Value::Object(m)
+            if m.contains_key("backing")
+                || node.written_backing_name().is_some() && backing_overridden(node) =>
+        {
             let mut out = Map::new();
             let backing = match (m.get("backing"), node.child("backing")) {
-                (Some(Value::String(_)), Some(b)) => b.options().clone(),
+                (Some(Value::String(_)) | None, Some(b)) => b.options().clone(),
                 (Some(v), _) => v.clone(),
-                (None, _) => Value::Null,
+                (None, None) => Value::Null,
             };
             out.insert("backing".into(), backing);
             for (k, v) in m.iter().filter(|(k, _)| *k != "backing") {
@@ -832,6 +884,13 @@ fn backing_first(node: &BlockNode) -> Value {
 /// (e.g. `backing: null` on an image with a backing file). Then `backing` is one of the options
 /// that make the image what it is, and the file name becomes a `json:` one.
 fn backing_overridden(node: &BlockNode) -> bool {
+    if let Some(written) = node.written_backing_name() {
+        // Rewritten by this process: QEMU compares the name it wrote with the backing node's.
+        return match node.child("backing") {
+            Some(b) => written != node_filename(&b),
+            None => !written.is_empty(),
+        };
+    }
     let header = node.driver().backing_file();
     match (node.child("backing"), header) {
         // Opened from the header: QEMU then records the backing node's name as the header's.
@@ -966,6 +1025,10 @@ fn image_info(node: &BlockNode, flat: bool) -> ImageInfo {
     let child = node.child("backing");
     if header.is_some() || child.is_some() {
         let full = match (&child, &header) {
+            // A name this process wrote: QEMU resolves it, whatever node is attached.
+            (_, Some((name, _))) if node.written_backing_name().is_some() => {
+                resolve_backing_path(node, name)
+            }
             (Some(b), _) => node_filename(b),
             (None, Some((name, _))) => resolve_backing_path(node, name),
             (None, None) => String::new(),
@@ -1047,7 +1110,11 @@ fn block_device_info(node: &BlockNode, flat: bool) -> BlockDeviceInfo {
         0,
     );
     info.node_name = Some(node.name().to_string());
-    info.backing_file = node.child("backing").map(|b| node_filename(&b));
+    // A filter records no backing file name, whatever its child's role.
+    info.backing_file = node
+        .child("backing")
+        .filter(|_| node.driver().filtered_child().is_none())
+        .map(|b| node_filename(&b));
     info.dirty_bitmaps = (!bitmaps.is_empty()).then_some(bitmaps);
     info
 }

@@ -163,6 +163,9 @@ pub struct BlockNode {
     write_notifiers: Mutex<Vec<(u64, Arc<dyn BeforeWrite>)>>,
     /// Writes in flight and copy-on-read requests, which must not overlap.
     requests: RequestTracker,
+    /// The backing file name this process last wrote into the image header (QEMU's
+    /// `auto_backing_file` after `bdrv_change_backing_file`; empty: none).
+    written_backing_name: Mutex<Option<String>>,
 }
 
 /// A hook run before every write to a node (QEMU's copy-before-write filter): a backup copies
@@ -215,6 +218,7 @@ impl BlockNode {
             bitmaps: Mutex::new(Vec::new()),
             write_notifiers: Mutex::new(Vec::new()),
             requests: RequestTracker::default(),
+            written_backing_name: Mutex::new(None),
         });
         for edge in node.children() {
             edge.node
@@ -399,6 +403,22 @@ impl BlockNode {
                 b.set_readonly(false);
             }
         }
+        Ok(())
+    }
+
+    /// The backing file name this process last wrote into the node's image header (an empty
+    /// string: none), if it did.
+    pub fn written_backing_name(&self) -> Option<String> {
+        lock(&self.written_backing_name).clone()
+    }
+
+    /// Rewrites the backing file named in the image header (QEMU's
+    /// `bdrv_change_backing_file`): `(name, format)`, or none. The node must be writable.
+    pub fn change_backing_file(&self, backing: Option<(&str, &str)>) -> BlockResult<()> {
+        self.check_writable()?;
+        self.driver.change_backing_file(backing)?;
+        *lock(&self.written_backing_name) =
+            Some(backing.map_or(String::new(), |b| b.0.to_string()));
         Ok(())
     }
 
@@ -919,6 +939,10 @@ impl BlockNode {
     ) -> BlockResult<(u64, bool)> {
         self.check_writable()?;
         check_request(offset, len)?;
+        if bottom == Some(self.name()) {
+            // The node itself is the lowest layer to copy from: nothing is.
+            return Ok((len, false));
+        }
         let (allocated, n) = self.block_status(offset, len)?;
         if allocated || n == 0 {
             return Ok((n, false));

@@ -2,16 +2,17 @@
 
 use job::JobRef;
 use qmp_api::{
-    ActionCompletionMode, BlockDeviceInfo, BlockDirtyBitmap, BlockDirtyBitmapAdd,
-    BlockDirtyBitmapMerge, BlockExportDelArguments, BlockExportOptions, BlockJobCancelArguments,
-    BlockJobChangeOptions, BlockJobCompleteArguments, BlockJobDismissArguments,
-    BlockJobFinalizeArguments, BlockJobInfo, BlockJobPauseArguments, BlockJobResumeArguments,
-    BlockJobSetSpeedArguments, BlockJobVerb, BlockdevBackup, BlockdevDelArguments,
-    BlockdevMirrorArguments, BlockdevOptions, BlockdevSnapshot, BlockdevSnapshotInternal,
-    BlockdevSnapshotSync, Commands, DriveBackup, JobCancelArguments, JobCompleteArguments,
-    JobDismissArguments, JobFinalizeArguments, JobInfo, JobPauseArguments, JobResumeArguments,
-    NbdServerOptionsLegacy, QmpError, QueryNamedBlockNodesArguments, SchemaInfo,
-    TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
+    ActionCompletionMode, BlockCommitArguments, BlockDeviceInfo, BlockDirtyBitmap,
+    BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockExportDelArguments, BlockExportOptions,
+    BlockJobCancelArguments, BlockJobChangeOptions, BlockJobCompleteArguments,
+    BlockJobDismissArguments, BlockJobFinalizeArguments, BlockJobInfo, BlockJobPauseArguments,
+    BlockJobResumeArguments, BlockJobSetSpeedArguments, BlockJobVerb, BlockStreamArguments,
+    BlockdevBackup, BlockdevDelArguments, BlockdevMirrorArguments, BlockdevOptions,
+    BlockdevSnapshot, BlockdevSnapshotInternal, BlockdevSnapshotSync, Commands, DriveBackup,
+    JobCancelArguments, JobCompleteArguments, JobDismissArguments, JobFinalizeArguments, JobInfo,
+    JobPauseArguments, JobResumeArguments, NbdServerOptionsLegacy, QmpError,
+    QueryNamedBlockNodesArguments, SchemaInfo, TransactionActionBranch, TransactionActionKind,
+    TransactionArguments, VersionInfo,
 };
 
 use crate::Blockdev;
@@ -253,6 +254,16 @@ impl Commands for Blockdev {
 
     fn drive_mirror(&mut self, args: qmp_api::DriveMirror) -> Result<(), QmpError> {
         crate::mirror::drive_mirror(&mut self.state, args)
+    }
+
+    fn block_commit(&mut self, args: BlockCommitArguments) -> Result<(), QmpError> {
+        self.close_retired_nodes();
+        crate::commit::start(&mut self.state, args)
+    }
+
+    fn block_stream(&mut self, args: BlockStreamArguments) -> Result<(), QmpError> {
+        self.close_retired_nodes();
+        crate::stream::start(&mut self.state, args)
     }
 
     fn blockdev_snapshot_sync(&mut self, args: BlockdevSnapshotSync) -> Result<(), QmpError> {

@@ -14,6 +14,7 @@ mod bitmaps;
 pub mod block_layer;
 mod claims;
 mod commands;
+pub mod commit;
 mod events;
 mod export;
 mod io_threads;
@@ -21,6 +22,7 @@ pub mod mirror;
 mod mirror_top;
 pub mod node;
 mod snapshot;
+pub mod stream;
 pub mod transaction;
 
 use std::io;
@@ -34,8 +36,8 @@ pub use block_layer::BlockLayer;
 pub use events::block_event_sink;
 pub use io_threads::IoThreads;
 pub use node::{
-    BlockIo, CopyBuffers, Extent, FilterWrites, ImageRef, InlineIo, IoPool, MirrorNodes,
-    MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
+    BlockIo, ChainEditor, ChainLayer, CopyBuffers, Extent, FilterWrites, ImageRef, InlineIo,
+    IoPool, MirrorNodes, MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
 };
 
 use claims::NodeClaims;

@@ -491,8 +491,8 @@ fn blockdev_is_send_for_the_daemons_threads() {
 fn the_shared_blockdev_answers_the_schemas_commands_and_reports_the_rest_as_not_found() {
     let h = Harness::with_src_tgt();
     let shared = blockdev::SharedBlockdev::new(h.bd);
-    let e = shared.execute("block-stream", None).unwrap_err();
-    assert_eq!(e.desc, "The command block-stream has not been found");
+    let e = shared.execute("x-no-such-command", None).unwrap_err();
+    assert_eq!(e.desc, "The command x-no-such-command has not been found");
     assert_eq!(shared.execute("query-jobs", None).unwrap(), json!([]));
 }
 

@@ -249,11 +249,23 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "arg-type": "39",
     "meta-type": "command",
-    "name": "blockdev-snapshot-sync",
+    "name": "block-stream",
     "ret-type": "1"
   },
   {
     "arg-type": "40",
+    "meta-type": "command",
+    "name": "block-commit",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "41",
+    "meta-type": "command",
+    "name": "blockdev-snapshot-sync",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "42",
     "features": [
       "allow-write-only-overlay"
     ],
@@ -262,19 +274,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "41",
+    "arg-type": "43",
     "meta-type": "command",
     "name": "blockdev-snapshot-internal-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "42",
+    "arg-type": "44",
     "meta-type": "command",
     "name": "transaction",
     "ret-type": "1"
   },
   {
-    "arg-type": "43",
+    "arg-type": "45",
     "meta-type": "command",
     "name": "nbd-server-start",
     "ret-type": "1"
@@ -286,19 +298,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "44",
+    "arg-type": "46",
     "meta-type": "command",
     "name": "block-export-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "45",
+    "arg-type": "47",
     "meta-type": "command",
     "name": "block-export-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "46",
+    "arg-type": "48",
     "meta-type": "event",
     "name": "BLOCK_EXPORT_DELETED"
   },
@@ -307,7 +319,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "enable",
-        "type": "[47]"
+        "type": "[49]"
       }
     ],
     "meta-type": "object",
@@ -322,7 +334,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qemu",
-        "type": "48"
+        "type": "50"
       },
       {
         "name": "package",
@@ -360,7 +372,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "meta-type",
-        "type": "49"
+        "type": "51"
       },
       {
         "default": null,
@@ -374,31 +386,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "builtin",
-        "type": "50"
-      },
-      {
-        "case": "enum",
-        "type": "51"
-      },
-      {
-        "case": "array",
         "type": "52"
       },
       {
-        "case": "object",
+        "case": "enum",
         "type": "53"
       },
       {
-        "case": "alternate",
+        "case": "array",
         "type": "54"
       },
       {
-        "case": "command",
+        "case": "object",
         "type": "55"
       },
       {
-        "case": "event",
+        "case": "alternate",
         "type": "56"
+      },
+      {
+        "case": "command",
+        "type": "57"
+      },
+      {
+        "case": "event",
+        "type": "58"
       }
     ]
   },
@@ -410,7 +422,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "57"
+        "type": "59"
       }
     ],
     "meta-type": "object",
@@ -489,11 +501,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       },
       {
         "name": "status",
-        "type": "57"
+        "type": "59"
       },
       {
         "name": "current-progress",
@@ -566,7 +578,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "detect_zeroes",
-        "type": "59"
+        "type": "61"
       },
       {
         "name": "bps",
@@ -594,7 +606,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "image",
-        "type": "60"
+        "type": "62"
       },
       {
         "default": null,
@@ -668,7 +680,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "cache",
-        "type": "61"
+        "type": "63"
       },
       {
         "name": "write_threshold",
@@ -677,7 +689,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "dirty-bitmaps",
-        "type": "[62]"
+        "type": "[64]"
       }
     ],
     "meta-type": "object",
@@ -687,7 +699,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "63"
+        "type": "65"
       },
       {
         "default": null,
@@ -697,12 +709,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "discard",
-        "type": "64"
+        "type": "66"
       },
       {
         "default": null,
         "name": "cache",
-        "type": "65"
+        "type": "67"
       },
       {
         "default": null,
@@ -727,7 +739,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "detect-zeroes",
-        "type": "59"
+        "type": "61"
       }
     ],
     "meta-type": "object",
@@ -736,23 +748,23 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "blkdebug",
-        "type": "66"
-      },
-      {
-        "case": "file",
-        "type": "67"
-      },
-      {
-        "case": "null-co",
         "type": "68"
       },
       {
-        "case": "qcow2",
+        "case": "file",
         "type": "69"
       },
       {
-        "case": "raw",
+        "case": "null-co",
         "type": "70"
+      },
+      {
+        "case": "qcow2",
+        "type": "71"
+      },
+      {
+        "case": "raw",
+        "type": "72"
       }
     ]
   },
@@ -854,7 +866,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[71]"
+        "type": "[73]"
       }
     ],
     "meta-type": "object",
@@ -869,7 +881,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       },
       {
         "name": "device",
@@ -897,7 +909,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "72"
+        "type": "74"
       },
       {
         "name": "ready",
@@ -905,7 +917,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "57"
+        "type": "59"
       },
       {
         "name": "auto-finalize",
@@ -927,7 +939,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "73"
+        "type": "75"
       },
       {
         "case": "commit",
@@ -1050,7 +1062,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       }
     ],
     "meta-type": "object",
@@ -1059,7 +1071,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "74"
+        "type": "76"
       },
       {
         "case": "commit",
@@ -1099,7 +1111,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       },
       {
         "name": "device",
@@ -1130,7 +1142,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       },
       {
         "name": "device",
@@ -1160,11 +1172,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "75"
+        "type": "77"
       },
       {
         "name": "action",
-        "type": "76"
+        "type": "78"
       }
     ],
     "meta-type": "object",
@@ -1174,7 +1186,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       },
       {
         "name": "device",
@@ -1200,7 +1212,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "60"
       },
       {
         "name": "id",
@@ -1223,7 +1235,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "79"
       },
       {
         "default": null,
@@ -1238,7 +1250,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "78"
+        "type": "80"
       },
       {
         "default": null,
@@ -1248,12 +1260,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
@@ -1281,7 +1293,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "80"
+        "type": "82"
       },
       {
         "name": "target",
@@ -1304,7 +1316,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "79"
       },
       {
         "default": null,
@@ -1319,7 +1331,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "78"
+        "type": "80"
       },
       {
         "default": null,
@@ -1329,12 +1341,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
@@ -1362,7 +1374,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "80"
+        "type": "82"
       },
       {
         "name": "target",
@@ -1376,7 +1388,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "81"
+        "type": "83"
       }
     ],
     "meta-type": "object",
@@ -1404,7 +1416,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "79"
       },
       {
         "default": null,
@@ -1424,12 +1436,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
@@ -1439,7 +1451,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "82"
+        "type": "84"
       },
       {
         "default": null,
@@ -1487,12 +1499,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "79"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "81"
+        "type": "83"
       },
       {
         "default": null,
@@ -1512,12 +1524,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
@@ -1527,7 +1539,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "82"
+        "type": "84"
       },
       {
         "default": null,
@@ -1542,6 +1554,147 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "object",
     "name": "38"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "base",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "base-node",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-mask-protocol",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "bottom",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "on-error",
+        "type": "81"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "39"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "base-node",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "features": [
+          "deprecated"
+        ],
+        "name": "base",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "top-node",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "features": [
+          "deprecated"
+        ],
+        "name": "top",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-mask-protocol",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "on-error",
+        "type": "81"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "40"
   },
   {
     "members": [
@@ -1572,11 +1725,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "81"
+        "type": "83"
       }
     ],
     "meta-type": "object",
-    "name": "39"
+    "name": "41"
   },
   {
     "members": [
@@ -1590,7 +1743,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "40"
+    "name": "42"
   },
   {
     "members": [
@@ -1604,22 +1757,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "41"
+    "name": "43"
   },
   {
     "members": [
       {
         "name": "actions",
-        "type": "[83]"
+        "type": "[85]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "84"
+        "type": "86"
       }
     ],
     "meta-type": "object",
-    "name": "42"
+    "name": "44"
   },
   {
     "members": [
@@ -1645,17 +1798,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "85"
+        "type": "87"
       }
     ],
     "meta-type": "object",
-    "name": "43"
+    "name": "45"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "86"
+        "type": "88"
       },
       {
         "name": "id",
@@ -1692,24 +1845,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "44",
+    "name": "46",
     "tag": "type",
     "variants": [
       {
         "case": "nbd",
-        "type": "87"
-      },
-      {
-        "case": "vhost-user-blk",
-        "type": "88"
-      },
-      {
-        "case": "fuse",
         "type": "89"
       },
       {
-        "case": "vduse-blk",
+        "case": "vhost-user-blk",
         "type": "90"
+      },
+      {
+        "case": "fuse",
+        "type": "91"
+      },
+      {
+        "case": "vduse-blk",
+        "type": "92"
       }
     ]
   },
@@ -1722,11 +1875,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "91"
+        "type": "93"
       }
     ],
     "meta-type": "object",
-    "name": "45"
+    "name": "47"
   },
   {
     "members": [
@@ -1736,12 +1889,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "46"
+    "name": "48"
   },
   {
-    "element-type": "47",
+    "element-type": "49",
     "meta-type": "array",
-    "name": "[47]"
+    "name": "[49]"
   },
   {
     "members": [
@@ -1750,7 +1903,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "47",
+    "name": "49",
     "values": [
       "oob"
     ]
@@ -1771,7 +1924,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "48"
+    "name": "50"
   },
   {
     "json-type": "string",
@@ -1803,7 +1956,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "49",
+    "name": "51",
     "values": [
       "builtin",
       "enum",
@@ -1823,17 +1976,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "92"
+        "type": "94"
       }
     ],
     "meta-type": "object",
-    "name": "50"
+    "name": "52"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[93]"
+        "type": "[95]"
       },
       {
         "features": [
@@ -1844,7 +1997,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "51"
+    "name": "53"
   },
   {
     "members": [
@@ -1854,13 +2007,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "52"
+    "name": "54"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[94]"
+        "type": "[96]"
       },
       {
         "default": null,
@@ -1870,21 +2023,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[95]"
+        "type": "[97]"
       }
     ],
     "meta-type": "object",
-    "name": "53"
+    "name": "55"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[96]"
+        "type": "[98]"
       }
     ],
     "meta-type": "object",
-    "name": "54"
+    "name": "56"
   },
   {
     "members": [
@@ -1903,7 +2056,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "55"
+    "name": "57"
   },
   {
     "members": [
@@ -1913,7 +2066,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "56"
+    "name": "58"
   },
   {
     "members": [
@@ -1952,7 +2105,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "57",
+    "name": "59",
     "values": [
       "undefined",
       "created",
@@ -1998,7 +2151,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "58",
+    "name": "60",
     "values": [
       "commit",
       "stream",
@@ -2034,7 +2187,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "59",
+    "name": "61",
     "values": [
       "off",
       "on",
@@ -2098,21 +2251,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[97]"
+        "type": "[99]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "98"
+        "type": "100"
       },
       {
         "default": null,
         "name": "backing-image",
-        "type": "60"
+        "type": "62"
       }
     ],
     "meta-type": "object",
-    "name": "60"
+    "name": "62"
   },
   {
     "members": [
@@ -2130,12 +2283,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "61"
+    "name": "63"
   },
   {
-    "element-type": "62",
+    "element-type": "64",
     "meta-type": "array",
-    "name": "[62]"
+    "name": "[64]"
   },
   {
     "members": [
@@ -2171,7 +2324,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "62"
+    "name": "64"
   },
   {
     "members": [
@@ -2192,7 +2345,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "63",
+    "name": "65",
     "values": [
       "blkdebug",
       "file",
@@ -2211,7 +2364,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "64",
+    "name": "66",
     "values": [
       "ignore",
       "unmap"
@@ -2231,13 +2384,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "65"
+    "name": "67"
   },
   {
     "members": [
       {
         "name": "image",
-        "type": "99"
+        "type": "101"
       },
       {
         "default": null,
@@ -2277,26 +2430,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[100]"
+        "type": "[102]"
       },
       {
         "default": null,
         "name": "set-state",
-        "type": "[101]"
+        "type": "[103]"
       },
       {
         "default": null,
         "name": "take-child-perms",
-        "type": "[102]"
+        "type": "[104]"
       },
       {
         "default": null,
         "name": "unshare-child-perms",
-        "type": "[102]"
+        "type": "[104]"
       }
     ],
     "meta-type": "object",
-    "name": "66"
+    "name": "68"
   },
   {
     "features": [
@@ -2315,12 +2468,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "103"
+        "type": "105"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "104"
+        "type": "106"
       },
       {
         "default": null,
@@ -2342,7 +2495,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "67"
+    "name": "69"
   },
   {
     "members": [
@@ -2363,18 +2516,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "68"
+    "name": "70"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "99"
+        "type": "101"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "105"
+        "type": "107"
       },
       {
         "default": null,
@@ -2404,7 +2557,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "106"
+        "type": "108"
       },
       {
         "default": null,
@@ -2434,22 +2587,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "107"
+        "type": "109"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "99"
+        "type": "101"
       }
     ],
     "meta-type": "object",
-    "name": "69"
+    "name": "71"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "99"
+        "type": "101"
       },
       {
         "default": null,
@@ -2463,12 +2616,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "70"
+    "name": "72"
   },
   {
-    "element-type": "71",
+    "element-type": "73",
     "meta-type": "array",
-    "name": "[71]"
+    "name": "[73]"
   },
   {
     "members": [
@@ -2480,7 +2633,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "71"
+    "name": "73"
   },
   {
     "members": [
@@ -2495,7 +2648,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "72",
+    "name": "74",
     "values": [
       "ok",
       "failed",
@@ -2510,17 +2663,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "73"
+    "name": "75"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "82"
+        "type": "84"
       }
     ],
     "meta-type": "object",
-    "name": "74"
+    "name": "76"
   },
   {
     "members": [
@@ -2532,7 +2685,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "75",
+    "name": "77",
     "values": [
       "read",
       "write"
@@ -2551,7 +2704,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "76",
+    "name": "78",
     "values": [
       "ignore",
       "report",
@@ -2577,7 +2730,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "77",
+    "name": "79",
     "values": [
       "top",
       "full",
@@ -2599,7 +2752,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "78",
+    "name": "80",
     "values": [
       "on-success",
       "never",
@@ -2625,7 +2778,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "79",
+    "name": "81",
     "values": [
       "report",
       "ignore",
@@ -2658,7 +2811,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "80"
+    "name": "82"
   },
   {
     "members": [
@@ -2670,7 +2823,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "81",
+    "name": "83",
     "values": [
       "existing",
       "absolute-paths"
@@ -2686,87 +2839,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "82",
+    "name": "84",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "83",
+    "element-type": "85",
     "meta-type": "array",
-    "name": "[83]"
+    "name": "[85]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "108"
+        "type": "110"
       }
     ],
     "meta-type": "object",
-    "name": "83",
+    "name": "85",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "109"
+        "type": "111"
       },
       {
         "case": "block-dirty-bitmap-add",
-        "type": "110"
+        "type": "112"
       },
       {
         "case": "block-dirty-bitmap-remove",
-        "type": "111"
-      },
-      {
-        "case": "block-dirty-bitmap-clear",
-        "type": "111"
-      },
-      {
-        "case": "block-dirty-bitmap-enable",
-        "type": "111"
-      },
-      {
-        "case": "block-dirty-bitmap-disable",
-        "type": "111"
-      },
-      {
-        "case": "block-dirty-bitmap-merge",
-        "type": "112"
-      },
-      {
-        "case": "blockdev-backup",
         "type": "113"
       },
       {
-        "case": "blockdev-snapshot",
+        "case": "block-dirty-bitmap-clear",
+        "type": "113"
+      },
+      {
+        "case": "block-dirty-bitmap-enable",
+        "type": "113"
+      },
+      {
+        "case": "block-dirty-bitmap-disable",
+        "type": "113"
+      },
+      {
+        "case": "block-dirty-bitmap-merge",
         "type": "114"
       },
       {
-        "case": "blockdev-snapshot-internal-sync",
+        "case": "blockdev-backup",
         "type": "115"
       },
       {
-        "case": "blockdev-snapshot-sync",
+        "case": "blockdev-snapshot",
         "type": "116"
       },
       {
-        "case": "drive-backup",
+        "case": "blockdev-snapshot-internal-sync",
         "type": "117"
       },
       {
+        "case": "blockdev-snapshot-sync",
+        "type": "118"
+      },
+      {
+        "case": "drive-backup",
+        "type": "119"
+      },
+      {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "111"
+        "type": "113"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "111"
+        "type": "113"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "112"
+        "type": "114"
       }
     ]
   },
@@ -2775,38 +2928,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "118"
+        "type": "120"
       }
     ],
     "meta-type": "object",
-    "name": "84"
+    "name": "86"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "119"
+        "type": "121"
       }
     ],
     "meta-type": "object",
-    "name": "85",
+    "name": "87",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "120"
-      },
-      {
-        "case": "unix",
-        "type": "121"
-      },
-      {
-        "case": "vsock",
         "type": "122"
       },
       {
-        "case": "fd",
+        "case": "unix",
         "type": "123"
+      },
+      {
+        "case": "vsock",
+        "type": "124"
+      },
+      {
+        "case": "fd",
+        "type": "125"
       }
     ]
   },
@@ -2826,7 +2979,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "86",
+    "name": "88",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -2849,7 +3002,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[71]"
+        "type": "[73]"
       },
       {
         "default": null,
@@ -2858,13 +3011,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "87"
+    "name": "89"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "124"
+        "type": "126"
       },
       {
         "default": null,
@@ -2878,7 +3031,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "88"
+    "name": "90"
   },
   {
     "members": [
@@ -2894,11 +3047,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "125"
+        "type": "127"
       }
     ],
     "meta-type": "object",
-    "name": "89"
+    "name": "91"
   },
   {
     "members": [
@@ -2928,7 +3081,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "90"
+    "name": "92"
   },
   {
     "members": [
@@ -2940,7 +3093,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "91",
+    "name": "93",
     "values": [
       "safe",
       "hard"
@@ -2974,7 +3127,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "92",
+    "name": "94",
     "values": [
       "string",
       "number",
@@ -2987,9 +3140,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "93",
+    "element-type": "95",
     "meta-type": "array",
-    "name": "[93]"
+    "name": "[95]"
   },
   {
     "members": [
@@ -3004,12 +3157,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "93"
+    "name": "95"
   },
   {
-    "element-type": "94",
+    "element-type": "96",
     "meta-type": "array",
-    "name": "[94]"
+    "name": "[96]"
   },
   {
     "members": [
@@ -3033,12 +3186,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "94"
+    "name": "96"
   },
   {
-    "element-type": "95",
+    "element-type": "97",
     "meta-type": "array",
-    "name": "[95]"
+    "name": "[97]"
   },
   {
     "members": [
@@ -3052,12 +3205,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "95"
+    "name": "97"
   },
   {
-    "element-type": "96",
+    "element-type": "98",
     "meta-type": "array",
-    "name": "[96]"
+    "name": "[98]"
   },
   {
     "members": [
@@ -3067,12 +3220,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "96"
+    "name": "98"
   },
   {
-    "element-type": "97",
+    "element-type": "99",
     "meta-type": "array",
-    "name": "[97]"
+    "name": "[99]"
   },
   {
     "members": [
@@ -3111,38 +3264,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "97"
+    "name": "99"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "126"
+        "type": "128"
       }
     ],
     "meta-type": "object",
-    "name": "98",
+    "name": "100",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "127"
-      },
-      {
-        "case": "vmdk",
-        "type": "128"
-      },
-      {
-        "case": "luks",
         "type": "129"
       },
       {
-        "case": "rbd",
+        "case": "vmdk",
         "type": "130"
       },
       {
-        "case": "file",
+        "case": "luks",
         "type": "131"
+      },
+      {
+        "case": "rbd",
+        "type": "132"
+      },
+      {
+        "case": "file",
+        "type": "133"
       }
     ]
   },
@@ -3156,18 +3309,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "99"
+    "name": "101"
   },
   {
-    "element-type": "100",
+    "element-type": "102",
     "meta-type": "array",
-    "name": "[100]"
+    "name": "[102]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "132"
+        "type": "134"
       },
       {
         "default": null,
@@ -3177,7 +3330,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "133"
+        "type": "135"
       },
       {
         "default": null,
@@ -3201,18 +3354,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "100"
+    "name": "102"
   },
   {
-    "element-type": "101",
+    "element-type": "103",
     "meta-type": "array",
-    "name": "[101]"
+    "name": "[103]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "132"
+        "type": "134"
       },
       {
         "default": null,
@@ -3225,12 +3378,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "101"
+    "name": "103"
   },
   {
-    "element-type": "102",
+    "element-type": "104",
     "meta-type": "array",
-    "name": "[102]"
+    "name": "[104]"
   },
   {
     "members": [
@@ -3248,7 +3401,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "102",
+    "name": "104",
     "values": [
       "consistent-read",
       "write",
@@ -3269,7 +3422,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "103",
+    "name": "105",
     "values": [
       "auto",
       "on",
@@ -3289,7 +3442,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "104",
+    "name": "106",
     "values": [
       "threads",
       "native",
@@ -3309,38 +3462,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "105"
+    "name": "107"
   },
   {
     "members": [
       {
-        "type": "134"
+        "type": "136"
       },
       {
-        "type": "135"
+        "type": "137"
       }
     ],
     "meta-type": "alternate",
-    "name": "106"
+    "name": "108"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "136"
+        "type": "138"
       }
     ],
     "meta-type": "object",
-    "name": "107",
+    "name": "109",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "137"
+        "type": "139"
       },
       {
         "case": "luks",
-        "type": "138"
+        "type": "140"
       }
     ]
   },
@@ -3408,7 +3561,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "108",
+    "name": "110",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -3431,27 +3584,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "139"
-      }
-    ],
-    "meta-type": "object",
-    "name": "109"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "18"
-      }
-    ],
-    "meta-type": "object",
-    "name": "110"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "19"
+        "type": "141"
       }
     ],
     "meta-type": "object",
@@ -3461,7 +3594,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "20"
+        "type": "18"
       }
     ],
     "meta-type": "object",
@@ -3471,7 +3604,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "35"
+        "type": "19"
       }
     ],
     "meta-type": "object",
@@ -3481,7 +3614,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "40"
+        "type": "20"
       }
     ],
     "meta-type": "object",
@@ -3491,7 +3624,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "41"
+        "type": "35"
       }
     ],
     "meta-type": "object",
@@ -3501,7 +3634,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "39"
+        "type": "42"
       }
     ],
     "meta-type": "object",
@@ -3511,11 +3644,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "36"
+        "type": "43"
       }
     ],
     "meta-type": "object",
     "name": "117"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "41"
+      }
+    ],
+    "meta-type": "object",
+    "name": "118"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "36"
+      }
+    ],
+    "meta-type": "object",
+    "name": "119"
   },
   {
     "members": [
@@ -3527,7 +3680,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "118",
+    "name": "120",
     "values": [
       "individual",
       "grouped"
@@ -3549,33 +3702,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "119",
+    "name": "121",
     "values": [
       "inet",
       "unix",
       "vsock",
       "fd"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "140"
-      }
-    ],
-    "meta-type": "object",
-    "name": "120"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "141"
-      }
-    ],
-    "meta-type": "object",
-    "name": "121"
   },
   {
     "members": [
@@ -3600,29 +3733,49 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "type",
-        "type": "119"
+        "name": "data",
+        "type": "144"
       }
     ],
     "meta-type": "object",
-    "name": "124",
+    "name": "124"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "145"
+      }
+    ],
+    "meta-type": "object",
+    "name": "125"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "121"
+      }
+    ],
+    "meta-type": "object",
+    "name": "126",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "140"
-      },
-      {
-        "case": "unix",
-        "type": "141"
-      },
-      {
-        "case": "vsock",
         "type": "142"
       },
       {
-        "case": "fd",
+        "case": "unix",
         "type": "143"
+      },
+      {
+        "case": "vsock",
+        "type": "144"
+      },
+      {
+        "case": "fd",
+        "type": "145"
       }
     ]
   },
@@ -3639,7 +3792,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "125",
+    "name": "127",
     "values": [
       "off",
       "on",
@@ -3670,7 +3823,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "126",
+    "name": "128",
     "values": [
       "qcow2",
       "vmdk",
@@ -3678,26 +3831,6 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       "rbd",
       "file"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "144"
-      }
-    ],
-    "meta-type": "object",
-    "name": "127"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "145"
-      }
-    ],
-    "meta-type": "object",
-    "name": "128"
   },
   {
     "members": [
@@ -3728,6 +3861,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "object",
     "name": "131"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "149"
+      }
+    ],
+    "meta-type": "object",
+    "name": "132"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "150"
+      }
+    ],
+    "meta-type": "object",
+    "name": "133"
   },
   {
     "members": [
@@ -3877,7 +4030,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "132",
+    "name": "134",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -3951,7 +4104,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "133",
+    "name": "135",
     "values": [
       "read",
       "write",
@@ -3971,7 +4124,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "135"
+        "type": "137"
       },
       {
         "default": null,
@@ -4020,7 +4173,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "134"
+    "name": "136"
   },
   {
     "members": [
@@ -4038,7 +4191,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "135",
+    "name": "137",
     "values": [
       "none",
       "constant",
@@ -4056,7 +4209,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "136",
+    "name": "138",
     "values": [
       "aes",
       "luks"
@@ -4071,7 +4224,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "137"
+    "name": "139"
   },
   {
     "members": [
@@ -4082,12 +4235,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "138"
+    "name": "140"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "139"
+    "name": "141"
   },
   {
     "members": [
@@ -4131,7 +4284,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "140"
+    "name": "142"
   },
   {
     "members": [
@@ -4151,7 +4304,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "141"
+    "name": "143"
   },
   {
     "members": [
@@ -4165,7 +4318,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "142"
+    "name": "144"
   },
   {
     "members": [
@@ -4175,7 +4328,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "143"
+    "name": "145"
   },
   {
     "members": [
@@ -4215,20 +4368,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "149"
+        "type": "151"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[150]"
+        "type": "[152]"
       },
       {
         "name": "compression-type",
-        "type": "151"
+        "type": "153"
       }
     ],
     "meta-type": "object",
-    "name": "144"
+    "name": "146"
   },
   {
     "members": [
@@ -4246,34 +4399,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[152]"
+        "type": "[154]"
       }
     ],
     "meta-type": "object",
-    "name": "145"
+    "name": "147"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "153"
+        "type": "155"
       },
       {
         "name": "cipher-mode",
-        "type": "154"
+        "type": "156"
       },
       {
         "name": "ivgen-alg",
-        "type": "155"
+        "type": "157"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "156"
+        "type": "158"
       },
       {
         "name": "hash-alg",
-        "type": "156"
+        "type": "158"
       },
       {
         "name": "detached-header",
@@ -4293,22 +4446,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[157]"
+        "type": "[159]"
       }
     ],
     "meta-type": "object",
-    "name": "146"
+    "name": "148"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "158"
+        "type": "160"
       }
     ],
     "meta-type": "object",
-    "name": "147"
+    "name": "149"
   },
   {
     "members": [
@@ -4319,22 +4472,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "148"
+    "name": "150"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "136"
+        "type": "138"
       }
     ],
     "meta-type": "object",
-    "name": "149",
+    "name": "151",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "146"
+        "type": "148"
       },
       {
         "case": "aes",
@@ -4343,9 +4496,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "150",
+    "element-type": "152",
     "meta-type": "array",
-    "name": "[150]"
+    "name": "[152]"
   },
   {
     "members": [
@@ -4359,11 +4512,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[159]"
+        "type": "[161]"
       }
     ],
     "meta-type": "object",
-    "name": "150"
+    "name": "152"
   },
   {
     "members": [
@@ -4375,16 +4528,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "151",
+    "name": "153",
     "values": [
       "zlib",
       "zstd"
     ]
   },
   {
-    "element-type": "152",
+    "element-type": "154",
     "meta-type": "array",
-    "name": "[152]"
+    "name": "[154]"
   },
   {
     "members": [
@@ -4412,7 +4565,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "152"
+    "name": "154"
   },
   {
     "members": [
@@ -4457,7 +4610,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "153",
+    "name": "155",
     "values": [
       "aes-128",
       "aes-192",
@@ -4490,7 +4643,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "154",
+    "name": "156",
     "values": [
       "ecb",
       "cbc",
@@ -4511,7 +4664,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "155",
+    "name": "157",
     "values": [
       "plain",
       "plain64",
@@ -4546,7 +4699,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "156",
+    "name": "158",
     "values": [
       "md5",
       "sha1",
@@ -4559,9 +4712,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "157",
+    "element-type": "159",
     "meta-type": "array",
-    "name": "[157]"
+    "name": "[159]"
   },
   {
     "members": [
@@ -4585,7 +4738,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "157"
+    "name": "159"
   },
   {
     "members": [
@@ -4600,7 +4753,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "158",
+    "name": "160",
     "values": [
       "luks",
       "luks2",
@@ -4608,9 +4761,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "159",
+    "element-type": "161",
     "meta-type": "array",
-    "name": "[159]"
+    "name": "[161]"
   },
   {
     "members": [
@@ -4622,7 +4775,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "159",
+    "name": "161",
     "values": [
       "in-use",
       "auto"
