@@ -59,7 +59,7 @@ impl FilterKind {
         let mut options = Map::new();
         options.insert("driver".into(), json!(self.driver_name()));
         options.insert("node-name".into(), json!(name));
-        options.insert(self.child_role().into(), child.options().clone());
+        options.insert(self.child_role().into(), crate::graph::full_options(child));
         Value::Object(options)
     }
 }

@@ -847,37 +847,41 @@ pub fn node_filename(node: &BlockNode) -> String {
         Some(file) if only_file => {
             let inner = node_filename(&file);
             if inner.starts_with("json:") {
-                json_filename(node.options())
+                json_filename(&full_options(node))
             } else {
                 inner
             }
         }
-        _ => json_filename(&backing_first(node)),
+        _ => json_filename(&full_options(node)),
     }
 }
 
-/// The node's options for its `json:` name: a backing given by node name is spelled out as
-/// that node's options, as QEMU does.
-fn backing_first(node: &BlockNode) -> Value {
-    match node.options() {
-        Value::Object(m)
-            if m.contains_key("backing")
-                || node.written_backing_name().is_some() && backing_overridden(node) =>
-        {
-            let mut out = Map::new();
-            let backing = match (m.get("backing"), node.child("backing")) {
-                (Some(Value::String(_)) | None, Some(b)) => b.options().clone(),
-                (Some(v), _) => v.clone(),
-                (None, None) => Value::Null,
-            };
-            out.insert("backing".into(), backing);
-            for (k, v) in m.iter().filter(|(k, _)| *k != "backing") {
-                out.insert(k.clone(), v.clone());
-            }
-            Value::Object(out)
-        }
-        other => other.clone(),
+/// QEMU's `full_open_options` of a node, from which its `json:` name is made: its own
+/// options, a child given by node name spelled out as that child's full options, and the
+/// backing file only when it is not the one the image header names (then first, as QEMU's
+/// dictionary order has it).
+pub(crate) fn full_options(node: &BlockNode) -> Value {
+    let Value::Object(m) = node.options() else {
+        return node.options().clone();
+    };
+    let overridden = backing_overridden(node);
+    let mut out = Map::new();
+    if overridden {
+        let backing = match (m.get("backing"), node.child("backing")) {
+            (Some(Value::String(_)) | None, Some(b)) => full_options(&b),
+            (Some(v), _) => v.clone(),
+            (None, None) => Value::Null,
+        };
+        out.insert("backing".into(), backing);
     }
+    for (k, v) in m.iter().filter(|(k, _)| *k != "backing") {
+        let v = match (v, node.child(k)) {
+            (Value::String(_), Some(child)) => full_options(&child),
+            _ => v.clone(),
+        };
+        out.insert(k.clone(), v);
+    }
+    Value::Object(out)
 }
 
 /// QEMU's `bdrv_backing_overridden`: the backing node is not the one the image header names

@@ -50,7 +50,8 @@ fn plan(env: &BlockState, args: &BlockCommitArguments) -> Result<Plan, QmpError>
         });
     }
     let chain = graph.backing_chain(device);
-    if chain.first().is_some_and(|l| l.has_parent) {
+    // A job's nodes have the job as a parent in QEMU (a backup source its filter).
+    if chain.first().is_some_and(|l| l.has_parent) || !env.claims.jobs_using(device).is_empty() {
         return Err(generic("Need a root block node"));
     }
     env.claims.check_free(device)?;
