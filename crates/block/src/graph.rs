@@ -422,12 +422,17 @@ impl BlockGraph {
     /// header names it (see [`BackingName`]). The layers that were below `overlay` and that
     /// nothing uses any more (not monitor-owned, no other parent) are closed. `overlay` must be
     /// writable for the header rewrite.
+    ///
+    /// Crash safety: `overlay` is flushed first, so the data it took over from the layers it
+    /// drops (a stream's copy) is durable before its header stops naming them. (QEMU does not
+    /// flush here: killed right after, its image can read zeroes where the data was.)
     pub fn change_backing(
         &mut self,
         overlay: &Arc<BlockNode>,
         base: Option<&Arc<BlockNode>>,
         name: &BackingName,
     ) -> BlockResult<()> {
+        overlay.flush()?;
         self.set_backing(overlay, base.cloned())?;
         let header = base.map(|b| name.for_base(b));
         overlay.change_backing_file(header.as_ref().map(|(n, f)| (n.as_str(), f.as_str())))
@@ -439,6 +444,9 @@ impl BlockGraph {
     /// read-only again after, as QEMU's `bdrv_backing_update_filename` does). `top` and the
     /// layers below it down to `base` leave the chain, and are closed if nothing else uses
     /// them. `top` may be a job's filter above the real top layer.
+    ///
+    /// Crash safety: `base` is flushed first, so the data a commit copied into it is durable
+    /// before any header stops naming the layers it came from.
     pub fn drop_intermediate(
         &mut self,
         top: &Arc<BlockNode>,
@@ -457,6 +465,7 @@ impl BlockGraph {
         if !contains {
             return Err(BlockError::from_errno(libc::EIO));
         }
+        base.flush()?;
         let parents: Vec<Arc<BlockNode>> = self
             .nodes
             .iter()
