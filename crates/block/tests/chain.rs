@@ -47,6 +47,34 @@ fn chain(dir: &tempfile::TempDir) -> [PathBuf; 3] {
     paths
 }
 
+/// over.qcow2 above `top` (4 MiB, empty).
+fn overlay(dir: &tempfile::TempDir, top: &Path) -> PathBuf {
+    let over = dir.path().join("over.qcow2");
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        p(top),
+        "-F",
+        "qcow2",
+        p(&over),
+        "4M",
+    ];
+    run("qemu-img", &args);
+    over
+}
+
+/// The chain of [`chain`] with `top` opened as node `top` (its chain from the headers).
+fn opened_chain() -> (tempfile::TempDir, [PathBuf; 3], BlockGraph, Arc<BlockNode>) {
+    let d = tempfile::tempdir().unwrap();
+    let paths = chain(&d);
+    let mut g = BlockGraph::new();
+    let t = g.blockdev_add_json(&qcow2("top", &paths[2])).unwrap();
+    (d, paths, g, t)
+}
+
 fn qcow2(name: &str, path: &Path) -> Value {
     json!({"driver": "qcow2", "node-name": name, "file": {"driver": "file", "filename": path}})
 }
@@ -72,10 +100,7 @@ fn backing_of(node: &BlockNode) -> Option<Arc<BlockNode>> {
 
 #[test]
 fn a_read_only_backing_node_reopens_read_write_and_back() {
-    let d = tempfile::tempdir().unwrap();
-    let [base, _, top] = chain(&d);
-    let mut g = BlockGraph::new();
-    let t = g.blockdev_add_json(&qcow2("top", &top)).unwrap();
+    let (_d, [base, _, _], g, t) = opened_chain();
     let mid = backing_of(&t).unwrap();
     let b = backing_of(&mid).unwrap();
     assert!(b.is_read_only());
@@ -100,10 +125,7 @@ fn a_read_only_backing_node_reopens_read_write_and_back() {
 
 #[test]
 fn reopening_read_write_keeps_the_image_locked_against_other_writers() {
-    let d = tempfile::tempdir().unwrap();
-    let [base, _, top] = chain(&d);
-    let mut g = BlockGraph::new();
-    let t = g.blockdev_add_json(&qcow2("top", &top)).unwrap();
+    let (_d, [base, _, _], _g, t) = opened_chain();
     let b = backing_of(&backing_of(&t).unwrap()).unwrap();
     b.reopen_read_write().unwrap();
     // qemu-io without force-share cannot open the base for writing now.
@@ -118,10 +140,7 @@ fn reopening_read_write_keeps_the_image_locked_against_other_writers() {
 
 #[test]
 fn change_backing_relinks_a_node_rewrites_its_header_and_closes_the_dropped_layer() {
-    let d = tempfile::tempdir().unwrap();
-    let [base, mid, top] = chain(&d);
-    let mut g = BlockGraph::new();
-    let t = g.blockdev_add_json(&qcow2("top", &top)).unwrap();
+    let (_d, [base, _, top], mut g, t) = opened_chain();
     let m = backing_of(&t).unwrap();
     let b = backing_of(&m).unwrap();
     // What mid holds must be in top before mid can go (a stream copies it).
@@ -138,15 +157,11 @@ fn change_backing_relinks_a_node_rewrites_its_header_and_closes_the_dropped_laye
     assert_eq!(i["backing-filename"], json!(p(&base)));
     assert_eq!(i["backing-filename-format"], json!("qcow2"));
     check_clean(&top);
-    let _ = mid;
 }
 
 #[test]
 fn change_backing_to_none_leaves_no_backing_file_in_the_header() {
-    let d = tempfile::tempdir().unwrap();
-    let [_, _, top] = chain(&d);
-    let mut g = BlockGraph::new();
-    let t = g.blockdev_add_json(&qcow2("top", &top)).unwrap();
+    let (_d, [_, _, top], mut g, t) = opened_chain();
     g.change_backing(&t, None, &BackingName::default()).unwrap();
     assert!(backing_of(&t).is_none());
     drop(g);
@@ -201,23 +216,8 @@ fn a_given_backing_file_name_and_masked_protocol_are_what_the_header_records() {
 #[test]
 fn drop_intermediate_moves_the_overlay_onto_the_base_and_rewrites_a_read_only_overlay() {
     let d = tempfile::tempdir().unwrap();
-    let [base, mid, top] = chain(&d);
-    let over = d.path().join("over.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&top),
-            "-F",
-            "qcow2",
-            p(&over),
-            "4M",
-        ],
-    );
+    let [base, _, top] = chain(&d);
+    let over = overlay(&d, &top);
     let mut g = BlockGraph::new();
     let mut opts = qcow2("over", &over);
     opts["read-only"] = json!(true);
@@ -246,15 +246,11 @@ fn drop_intermediate_moves_the_overlay_onto_the_base_and_rewrites_a_read_only_ov
     assert_eq!(i["backing-filename"], json!("base.qcow2"));
     check_clean(&top);
     check_clean(&base);
-    let _ = mid;
 }
 
 #[test]
 fn drop_intermediate_refuses_a_base_outside_the_chain() {
-    let d = tempfile::tempdir().unwrap();
-    let [_, _, top] = chain(&d);
-    let mut g = BlockGraph::new();
-    let t = g.blockdev_add_json(&qcow2("top", &top)).unwrap();
+    let (_d, [_, _, _], mut g, t) = opened_chain();
     let m = backing_of(&t).unwrap();
     assert!(
         g.drop_intermediate(&m, &t, &BackingName::default())
@@ -267,22 +263,7 @@ fn drop_intermediate_refuses_a_base_outside_the_chain() {
 fn a_filter_sits_above_a_node_under_its_name_and_goes_away_leaving_the_parents_back() {
     let d = tempfile::tempdir().unwrap();
     let [_, _, top] = chain(&d);
-    let over = d.path().join("over.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&top),
-            "-F",
-            "qcow2",
-            p(&over),
-            "4M",
-        ],
-    );
+    let over = overlay(&d, &top);
     let mut g = BlockGraph::new();
     let o = g.blockdev_add_json(&qcow2("over", &over)).unwrap();
     let t = backing_of(&o).unwrap();
@@ -315,10 +296,7 @@ fn a_filter_sits_above_a_node_under_its_name_and_goes_away_leaving_the_parents_b
 
 #[test]
 fn a_named_copy_on_read_filter_has_a_json_file_name_and_an_implicit_one_its_childs() {
-    let d = tempfile::tempdir().unwrap();
-    let [_, _, top] = chain(&d);
-    let mut g = BlockGraph::new();
-    let t = g.blockdev_add_json(&qcow2("top", &top)).unwrap();
+    let (_d, [_, _, top], mut g, t) = opened_chain();
     let named = g
         .insert_job_filter(&t, FilterKind::CopyOnRead { bottom: None }, Some("cor"))
         .unwrap();
@@ -356,10 +334,7 @@ fn a_named_copy_on_read_filter_has_a_json_file_name_and_an_implicit_one_its_chil
 
 #[test]
 fn allocated_above_looks_down_to_the_bottom_layer_only() {
-    let d = tempfile::tempdir().unwrap();
-    let [_, _, top] = chain(&d);
-    let mut g = BlockGraph::new();
-    let t = g.blockdev_add_json(&qcow2("top", &top)).unwrap();
+    let (_d, [_, _, _], _g, t) = opened_chain();
     let m = backing_of(&t).unwrap();
     let mb = 1u64 << 20;
     // base's data at 0: allocated above nothing but the whole chain.
@@ -384,10 +359,7 @@ fn allocated_above_looks_down_to_the_bottom_layer_only() {
 
 #[test]
 fn copy_on_read_copies_what_the_chain_above_the_bottom_holds_and_keeps_written_data() {
-    let d = tempfile::tempdir().unwrap();
-    let [_, _, top] = chain(&d);
-    let mut g = BlockGraph::new();
-    let t = g.blockdev_add_json(&qcow2("top", &top)).unwrap();
+    let (_d, [_, _, top], g, t) = opened_chain();
     let m = backing_of(&t).unwrap();
     let mb = 1u64 << 20;
     let mut buf = vec![0u8; 256 << 10];
