@@ -1,5 +1,5 @@
-//! Stream and commit while a client writes: the guest-visible content afterwards is the chain
-//! as it was plus every write made during the job. The client is qemu-io writing through an
+//! Stream and commit (intermediate and active) while a client writes: the guest-visible content
+//! afterwards is the chain as it was plus every write made during the job. The client is qemu-io writing through an
 //! NBD export of the node the guest uses, in batches, while a speed-limited job copies; the
 //! same writes go to a flat copy of the chain made before the job (`qemu-img convert`), and
 //! `qemu-img compare` judges. `qemu-img check` must find every image clean.
@@ -95,9 +95,19 @@ fn qemu_io_batch(dir: &Path, format: &str, target: &str, batch: &[String]) {
     tool("qemu-io", &args, dir);
 }
 
+/// How the job ends, and which image the guest reads afterwards.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// It completes by itself; the guest still reads `node`.
+    Completes,
+    /// An active commit into `base`: it gets READY (more writes then), `block-job-complete`
+    /// pivots the export onto the base (more writes then, which reach the base only).
+    PivotsOnto(&'static str),
+}
+
 /// Runs `job` (a block-stream or block-commit of `node`'s chain, speed-limited) while writing
 /// through an NBD export of `node`, then checks the content and the images.
-fn job_under_writes(node: &str, job: (&str, Value)) {
+fn job_under_writes(node: &str, job: (&str, Value), end: End) {
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
     let daemon = Daemon::spawn(&blockjobd(), d);
@@ -143,7 +153,38 @@ fn job_under_writes(node: &str, job: (&str, Value)) {
     );
     qmp.execute("block-job-set-speed", json!({"device": "j", "speed": 0}))
         .expect("set-speed");
-    let done = qmp.wait_event("BLOCK_JOB_COMPLETED", WAIT, |e| e["device"] == "j");
+    let mut guest = node.to_string();
+    let done = if let End::PivotsOnto(base) = end {
+        qmp.wait_event("BLOCK_JOB_READY", WAIT, |e| e["device"] == "j");
+        for batch in write_batches(2, 40) {
+            qemu_io_batch(d, "raw", &uri, &batch);
+            qemu_io_batch(d, "qcow2", "ref.qcow2", &batch);
+        }
+        qmp.execute("block-job-complete", json!({"device": "j"}))
+            .expect("block-job-complete");
+        let done = qmp.wait_event("BLOCK_JOB_COMPLETED", WAIT, |e| e["device"] == "j");
+        // What the old active layer must still read: everything up to the pivot.
+        tool(
+            "qemu-img",
+            &[
+                "convert",
+                "-U",
+                "-O",
+                "qcow2",
+                "ref.qcow2",
+                "ref-pivot.qcow2",
+            ],
+            d,
+        );
+        for batch in write_batches(3, 20).into_iter().skip(2) {
+            qemu_io_batch(d, "raw", &uri, &batch);
+            qemu_io_batch(d, "qcow2", "ref.qcow2", &batch);
+        }
+        guest = base.to_string();
+        done
+    } else {
+        qmp.wait_event("BLOCK_JOB_COMPLETED", WAIT, |e| e["device"] == "j")
+    };
     assert!(done["data"].get("error").is_none(), "job failed: {done}");
     qmp.execute("block-export-del", json!({"id": "e"}))
         .expect("block-export-del");
@@ -153,19 +194,25 @@ fn job_under_writes(node: &str, job: (&str, Value)) {
         daemon.wait_exit(Duration::from_secs(30)),
         "blockjobd did not quit"
     );
-    let compare = Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "qcow2"])
-        .arg(format!("{node}.qcow2"))
-        .arg("ref.qcow2")
-        .current_dir(d)
-        .output()
-        .expect("qemu-img compare");
-    assert!(
-        compare.status.success(),
-        "{node} does not read as the chain plus the writes: {}{}",
-        String::from_utf8_lossy(&compare.stdout),
-        String::from_utf8_lossy(&compare.stderr)
-    );
+    let mut expected = vec![(guest, "ref.qcow2")];
+    if end != End::Completes {
+        expected.push((node.to_string(), "ref-pivot.qcow2"));
+    }
+    for (image, reference) in expected {
+        let compare = Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+            .arg(format!("{image}.qcow2"))
+            .arg(reference)
+            .current_dir(d)
+            .output()
+            .expect("qemu-img compare");
+        assert!(
+            compare.status.success(),
+            "{image} does not read as {reference} (the chain plus the writes): {}{}",
+            String::from_utf8_lossy(&compare.stdout),
+            String::from_utf8_lossy(&compare.stderr)
+        );
+    }
     for image in ["base", "mid", "top", "top2"] {
         tool("qemu-img", &["check", &format!("{image}.qcow2")], d);
     }
@@ -180,6 +227,7 @@ fn a_stream_under_concurrent_writes_keeps_every_write_and_streams_the_rest() {
             "block-stream",
             json!({"job-id": "j", "device": "top2", "speed": MIB / 2}),
         ),
+        End::Completes,
     );
 }
 
@@ -192,5 +240,20 @@ fn an_intermediate_commit_under_writes_to_the_active_layer_keeps_the_guests_view
             json!({"job-id": "j", "device": "top2", "top-node": "top", "base-node": "base",
                    "speed": MIB / 2}),
         ),
+        End::Completes,
+    );
+}
+
+#[test]
+fn an_active_commit_under_writes_pivots_onto_a_base_holding_the_chain_and_every_write() {
+    // The export of top2 follows the pivot onto base: writes after it land in base only, and
+    // top2 keeps what it read at the pivot.
+    job_under_writes(
+        "top2",
+        (
+            "block-commit",
+            json!({"job-id": "j", "device": "top2", "speed": MIB / 2}),
+        ),
+        End::PivotsOnto("base"),
     );
 }

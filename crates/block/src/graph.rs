@@ -554,8 +554,13 @@ impl BlockGraph {
         let options = kind.options(name.unwrap_or_default(), below);
         let driver_name = kind.driver_name();
         let role = kind.child_role();
+        let read_only = kind.read_only();
         let driver = FilterDriver::new(kind, below.clone(), named, options);
-        self.insert_filter(name, driver_name, Box::new(driver), (below, role))
+        let filter = self.insert_filter(name, driver_name, Box::new(driver), (below, role))?;
+        if read_only {
+            filter.mark_read_only();
+        }
+        Ok(filter)
     }
 
     /// Removes a job's filter node: its parents move back onto its child and it is closed

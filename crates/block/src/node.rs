@@ -318,6 +318,12 @@ impl BlockNode {
         self.read_only.load(Ordering::Acquire)
     }
 
+    /// Marks a node opened without write access read-only (a job filter that QEMU opens
+    /// read-only above a writable child: `commit_top`); its children are left as they are.
+    pub(crate) fn mark_read_only(&self) {
+        self.read_only.store(true, Ordering::Release);
+    }
+
     /// Reopens the node read-only, as QEMU does to the old active layer of an external
     /// snapshot: stores its persistent bitmaps (which become read-only), lets the driver
     /// reopen its image read-only, drops write and resize on its children, and reopens the

@@ -223,6 +223,10 @@ impl Commands for Blockdev {
         let target = JobRef::BlockJob(&args.id);
         let key = self.state.jobs.check_verb(target, BlockJobVerb::Change)?;
         let job_type = self.state.jobs.block_job_info(key).map(|j| j.branch.kind());
+        // Only mirror's driver has `change` (an active commit is a mirror of type commit).
+        if job_type != Some(qmp_api::JobType::Mirror) {
+            return Err(QmpError::generic("Job type does not support change"));
+        }
         if job_type != Some(args.branch.kind()) {
             return Err(QmpError::generic("Job type does not match specified type"));
         }

@@ -14,6 +14,7 @@ use qmp_api::{
 
 use crate::BlockState;
 use crate::claims::NodeClaims;
+use crate::mirror::ActiveCommit;
 use crate::node::{
     BackingName, BlockIo, ChainEditor, ChainLayer, CopyBuffers, FilterKind, IoPool, run_blocking,
 };
@@ -146,11 +147,52 @@ fn plan(env: &BlockState, args: &BlockCommitArguments) -> Result<Plan, QmpError>
 pub(crate) fn start(env: &mut BlockState, args: BlockCommitArguments) -> Result<(), QmpError> {
     let plan = plan(env, &args)?;
     if plan.active {
-        return Err(generic(
-            "Active commit (top is the active layer) is not supported by this daemon yet",
-        ));
+        return start_active(env, &args, plan);
     }
     start_intermediate(env, args, plan)
+}
+
+/// QEMU's `commit_active_start`: the base is reopened read-write, then a mirror of type
+/// `commit` from `top` into it (see [`crate::mirror::ActiveCommit`]); READY once the base
+/// holds everything, `complete` pivots every parent of `top` onto the base.
+fn start_active(
+    env: &mut BlockState,
+    args: &BlockCommitArguments,
+    plan: Plan,
+) -> Result<(), QmpError> {
+    let Plan {
+        chain, top, base, ..
+    } = plan;
+    let index = |name: &str| chain.iter().position(|l| l.name == name);
+    let (Some(top_at), Some(base_at)) = (index(&top), index(&base)) else {
+        return Err(generic("cannot commit an image into itself"));
+    };
+    if base_at <= top_at {
+        return Err(generic("cannot commit an image into itself"));
+    }
+    let editor = editor(env, "block-commit")?;
+    let base_read_only = chain[base_at].read_only;
+    if base_read_only {
+        editor.set_read_only(&base, false)?;
+    }
+    let commit = ActiveCommit {
+        base: base.clone(),
+        base_overlay: chain[base_at - 1].name.clone(),
+        base_read_only,
+        intermediate: chain[top_at + 1..base_at]
+            .iter()
+            .map(|l| l.name.clone())
+            .collect(),
+        editor: editor.clone(),
+    };
+    let started = crate::mirror::active_commit(env, args, &top, commit);
+    if started.is_err()
+        && base_read_only
+        && let Err(e) = editor.set_read_only(&base, true)
+    {
+        tracing::warn!("commit: reopening {base} read-only: {}", e.desc);
+    }
+    started
 }
 
 /// QEMU's `commit_start`: an intermediate commit.
