@@ -1,5 +1,5 @@
 //! Crash safety: `kill -9` of blockjobd in the middle of a backup, a snapshot, a stream or a
-//! commit never leaves a corrupt qcow2 image behind. After every kill, `qemu-img check` on every
+//! commit (intermediate or active, up to READY and through the pivot) never leaves a corrupt qcow2 image behind. After every kill, `qemu-img check` on every
 //! image involved (source, backup target, snapshot overlay, every layer of a chain) must exit 0
 //! (clean) or 3 (leaked clusters only, which QEMU itself allows after a crash), never 2
 //! (corruption) or 1 (check failed); and what the guest sees must still read exactly as before
@@ -457,6 +457,47 @@ fn killing_the_daemon_mid_intermediate_commit_never_corrupts_an_image() {
                     json!({"job-id": "j", "device": "top2", "top-node": "top",
                            "base-node": "base"}),
                 )
+            },
+            done: job_completed,
+        },
+    );
+}
+
+fn active_commit(qmp: &mut Qmp) {
+    qmp.send("block-commit", json!({"job-id": "j", "device": "top2"}));
+}
+
+fn active_commit_ready(qmp: &mut Qmp) {
+    qmp.wait_event("BLOCK_JOB_READY", Duration::from_secs(60), |d| {
+        d["device"] == "j"
+    });
+}
+
+#[test]
+fn killing_the_daemon_mid_active_commit_never_corrupts_an_image() {
+    // Killed while copying top2, top and mid into base (the mirror_top filter above top2, the
+    // base reopened read-write), and while READY.
+    assert_never_corrupt_on(
+        &chain_pristine(),
+        Scenario {
+            name: "active block-commit of the whole chain, to READY",
+            send: |qmp, _| active_commit(qmp),
+            done: active_commit_ready,
+        },
+    );
+}
+
+#[test]
+fn killing_the_daemon_mid_active_commit_completion_never_corrupts_an_image() {
+    // Killed between block-job-complete and the end: the pivot of top2's users onto base.
+    assert_never_corrupt_on(
+        &chain_pristine(),
+        Scenario {
+            name: "active block-commit of the whole chain, completed",
+            send: |qmp, _| {
+                active_commit(qmp);
+                active_commit_ready(qmp);
+                qmp.send("block-job-complete", json!({"device": "j"}));
             },
             done: job_completed,
         },
