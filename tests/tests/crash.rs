@@ -1,6 +1,6 @@
 //! Crash safety: `kill -9` of blockjobd in the middle of a backup, a snapshot, a stream or a
-//! commit (intermediate or active, up to READY and through the pivot) never leaves a corrupt qcow2 image behind. After every kill, `qemu-img check` on every
-//! image involved (source, backup target, snapshot overlay, every layer of a chain) must exit 0
+//! commit (intermediate or active, up to READY and through the pivot) never leaves a corrupt
+//! qcow2 image behind. After every kill, `qemu-img check` on every image involved (source, backup target, snapshot overlay, every layer of a chain) must exit 0
 //! (clean) or 3 (leaked clusters only, which QEMU itself allows after a crash), never 2
 //! (corruption) or 1 (check failed); and what the guest sees must still read exactly as before
 //! (`qemu-img compare` of the source, or of a chain's top through whatever chain its header
