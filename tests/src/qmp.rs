@@ -70,6 +70,11 @@ impl Daemon {
         assert!(status.success(), "kill -{name} failed");
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, then reap the process.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
