@@ -10,12 +10,14 @@ pub mod create;
 pub mod driver;
 pub mod drivers;
 pub mod error;
+pub mod filter;
 pub mod graph;
 pub mod io;
 pub mod node;
 pub mod perm;
 pub mod reopen;
 pub mod replace;
+mod requests;
 
 pub use backend::BlockBackend;
 pub use bitmap::DirtyBitmap;
@@ -25,7 +27,8 @@ pub use driver::{
     InternalSnapshots, OpenContext,
 };
 pub use error::{BlockError, BlockResult};
-pub use graph::BlockGraph;
+pub use filter::FilterKind;
+pub use graph::{BackingName, BlockGraph};
 pub use io::PageBuf;
 pub use node::{
     BeforeWrite, BlockNode, ChainStatus, ChildEdge, ChildSlot, Extent, NotifierHandle, Parent,

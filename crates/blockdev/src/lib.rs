@@ -15,6 +15,7 @@ pub mod block_layer;
 mod busy;
 mod claims;
 mod commands;
+pub mod commit;
 mod create;
 mod events;
 mod export;
@@ -25,6 +26,7 @@ mod mirror_top;
 pub mod node;
 mod nodes;
 mod snapshot;
+pub mod stream;
 pub mod transaction;
 
 use std::io;
@@ -38,9 +40,9 @@ pub use block_layer::BlockLayer;
 pub use events::block_event_sink;
 pub use io_threads::IoThreads;
 pub use node::{
-    BlockIo, CopyBuffers, CreateRun, CreateWork, Extent, FilterWrites, GraphEdge, GraphNode,
-    ImageRef, InlineIo, IoPool, MirrorNodes, MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph,
-    WriteTracker,
+    BlockIo, ChainEditor, ChainLayer, CopyBuffers, CreateRun, CreateWork, Extent, FilterWrites,
+    GraphEdge, GraphNode, ImageRef, InlineIo, IoPool, MirrorNodes, MirrorTargetImage, NodeBitmaps,
+    NodeFacts, NodeGraph, WriteTracker,
 };
 
 use claims::NodeClaims;

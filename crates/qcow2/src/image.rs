@@ -424,9 +424,24 @@ impl Image {
     /// block-commit do when they finish). The image read through is set by
     /// [`Image::set_backing`].
     pub fn set_backing_file(&self, backing: Option<(&str, &str)>) -> Result<()> {
+        if backing.is_some_and(|(_, fmt)| fmt.is_empty()) {
+            return Err(Error::InvalidArgument(
+                "backing file name or format invalid".into(),
+            ));
+        }
+        self.set_backing_header(backing.map(|b| b.0), backing.map(|b| b.1))
+    }
+
+    /// Writes the header's backing file name and format (a name without a format, as
+    /// `qemu-img create -b` without `-F` leaves it, is possible here).
+    pub(crate) fn set_backing_header(
+        &self,
+        name: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<()> {
         self.check_writable()?;
-        if let Some((name, fmt)) = backing
-            && (name.is_empty() || name.len() > 1023 || fmt.is_empty() || fmt.len() > 16)
+        if name.is_some_and(|n| n.is_empty() || n.len() > 1023)
+            || format.is_some_and(|f| f.len() > 16)
         {
             return Err(Error::InvalidArgument(
                 "backing file name or format invalid".into(),
@@ -435,8 +450,8 @@ impl Image {
         let _ops = self.ops.write().unwrap_or_else(|e| e.into_inner());
         let mut m = self.lock();
         let old = (m.h.backing_file.take(), m.h.backing_format.take());
-        m.h.backing_file = backing.map(|b| b.0.to_string());
-        m.h.backing_format = backing.map(|b| b.1.to_string());
+        m.h.backing_file = name.map(str::to_string);
+        m.h.backing_format = format.map(str::to_string);
         if let Err(e) = m.h.serialize() {
             (m.h.backing_file, m.h.backing_format) = old;
             return Err(e);

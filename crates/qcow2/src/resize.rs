@@ -131,7 +131,7 @@ pub fn create_with(storage: std::sync::Arc<dyn Storage>, options: &CreateOptions
     let image = Image::open(storage, false, None)?;
     image.resize(options.size, options.preallocation)?;
     if let Some((name, fmt)) = &options.backing {
-        image.set_backing_file_name(name, fmt.as_deref())?;
+        image.set_backing_header(Some(name), fmt.as_deref())?;
     }
     image.close()
 }
@@ -351,27 +351,6 @@ impl Image {
             self.storage.flush()?;
         }
         self.written.store(true, Ordering::Release);
-        Ok(())
-    }
-
-    /// Records `name` (and `format`, if given) as the backing file in the header (QEMU's
-    /// `bdrv_change_backing_file` on a qcow2 image).
-    pub fn set_backing_file_name(&self, name: &str, format: Option<&str>) -> Result<()> {
-        self.check_writable()?;
-        if name.is_empty() || name.len() > 1023 || format.is_some_and(|f| f.len() > 16) {
-            return invalid_arg("backing file name or format invalid");
-        }
-        let _ops = self.ops.write().unwrap_or_else(|e| e.into_inner());
-        let mut m = self.lock();
-        let old = (m.h.backing_file.take(), m.h.backing_format.take());
-        m.h.backing_file = Some(name.to_string());
-        m.h.backing_format = format.map(str::to_string);
-        if let Err(e) = m.h.serialize() {
-            (m.h.backing_file, m.h.backing_format) = old;
-            return Err(e);
-        }
-        m.write_header()?;
-        self.storage.flush()?;
         Ok(())
     }
 }

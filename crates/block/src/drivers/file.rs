@@ -75,13 +75,7 @@ pub(crate) fn open(
         .read(true)
         .write(!ctx.read_only())
         .open(&path)
-        .map_err(|e| {
-            let errno = e.raw_os_error().unwrap_or(libc::EIO);
-            BlockError::with_errno(
-                format!("Could not open '{path}': {}", strerror(errno)),
-                errno,
-            )
-        })?;
+        .map_err(|e| open_error(&path, &e))?;
     Ok(Box::new(FileDriver {
         file: RwLock::new(file),
         path,
@@ -90,25 +84,38 @@ pub(crate) fn open(
     }))
 }
 
+fn open_error(path: &str, e: &std::io::Error) -> BlockError {
+    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+    BlockError::with_errno(
+        format!("Could not open '{path}': {}", strerror(errno)),
+        errno,
+    )
+}
+
+/// Takes (a shared OFD lock) or releases the lock on `byte` of `file`.
+fn set_lock_byte(file: &File, byte: i64, locked: bool) -> BlockResult<()> {
+    let mut fl = flock_for(byte, if locked { libc::F_RDLCK } else { libc::F_UNLCK });
+    // SAFETY: fcntl with F_OFD_SETLK reads a valid, initialized `flock` we own.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+    if r == -1 {
+        let errno = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        return Err(BlockError::with_errno(
+            format!("Failed to lock byte {byte}"),
+            errno,
+        ));
+    }
+    Ok(())
+}
+
 impl FileDriver {
     fn file(&self) -> RwLockReadGuard<'_, File> {
         self.file.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn set_lock_byte(&self, byte: i64, locked: bool) -> BlockResult<()> {
-        let mut fl = flock_for(byte, if locked { libc::F_RDLCK } else { libc::F_UNLCK });
-        // SAFETY: fcntl with F_OFD_SETLK reads a valid, initialized `flock` we own.
-        let r = unsafe { libc::fcntl(self.file().as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
-        if r == -1 {
-            let errno = std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO);
-            return Err(BlockError::with_errno(
-                format!("Failed to lock byte {byte}"),
-                errno,
-            ));
-        }
-        Ok(())
+        set_lock_byte(&self.file(), byte, locked)
     }
 
     /// Whether another open file description holds a lock on `byte`.
@@ -208,10 +215,11 @@ impl BlockDriver for FileDriver {
         let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(BlockError::from_errno(libc::EINVAL));
         };
+        let file = self.file();
         // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
         let r = unsafe {
             libc::fallocate(
-                self.file().as_raw_fd(),
+                file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 off,
                 n,

@@ -658,6 +658,8 @@ impl BlockDriver for Qcow2Driver {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        // A read-only image has nothing to write back; opening it read-write marks its stored
+        // bitmaps in use, as QEMU's reopen does.
         let reopened =
             qcow2::Image::open(self.storage.clone(), false, backing).map_err(block_error)?;
         slot.close().map_err(block_error)?;
@@ -699,10 +701,8 @@ impl BlockDriver for Qcow2Driver {
         Ok(())
     }
 
-    fn change_backing_file(&self, name: &str, format: &str) -> BlockResult<()> {
-        self.image()
-            .set_backing_file_name(name, Some(format))
-            .map_err(block_error)
+    fn change_backing_file(&self, backing: Option<(&str, &str)>) -> BlockResult<()> {
+        self.image().set_backing_file(backing).map_err(block_error)
     }
 
     fn truncate(&self, size: u64) -> BlockResult<()> {

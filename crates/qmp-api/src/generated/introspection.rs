@@ -261,11 +261,23 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "arg-type": "41",
     "meta-type": "command",
-    "name": "blockdev-snapshot-sync",
+    "name": "block-stream",
     "ret-type": "1"
   },
   {
     "arg-type": "42",
+    "meta-type": "command",
+    "name": "block-commit",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "43",
+    "meta-type": "command",
+    "name": "blockdev-snapshot-sync",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "44",
     "features": [
       "allow-write-only-overlay"
     ],
@@ -274,19 +286,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "43",
+    "arg-type": "45",
     "meta-type": "command",
     "name": "blockdev-snapshot-internal-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "44",
+    "arg-type": "46",
     "meta-type": "command",
     "name": "transaction",
     "ret-type": "1"
   },
   {
-    "arg-type": "45",
+    "arg-type": "47",
     "meta-type": "command",
     "name": "nbd-server-start",
     "ret-type": "1"
@@ -298,30 +310,30 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "46",
+    "arg-type": "48",
     "meta-type": "command",
     "name": "block-export-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "47",
+    "arg-type": "49",
     "meta-type": "command",
     "name": "block-export-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "48",
+    "arg-type": "50",
     "meta-type": "event",
     "name": "BLOCK_EXPORT_DELETED"
   },
   {
-    "arg-type": "49",
+    "arg-type": "51",
     "meta-type": "command",
     "name": "blockdev-create",
     "ret-type": "1"
   },
   {
-    "arg-type": "50",
+    "arg-type": "52",
     "features": [
       "unstable"
     ],
@@ -330,39 +342,39 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "51",
+    "arg-type": "53",
     "meta-type": "command",
     "name": "block_resize",
     "ret-type": "1"
   },
   {
-    "arg-type": "52",
+    "arg-type": "54",
     "meta-type": "command",
     "name": "change-backing-file",
     "ret-type": "1"
   },
   {
-    "arg-type": "53",
+    "arg-type": "55",
     "meta-type": "command",
     "name": "block-set-write-threshold",
     "ret-type": "1"
   },
   {
-    "arg-type": "54",
+    "arg-type": "56",
     "meta-type": "event",
     "name": "BLOCK_WRITE_THRESHOLD"
   },
   {
-    "arg-type": "55",
+    "arg-type": "57",
     "meta-type": "command",
     "name": "blockdev-snapshot-delete-internal-sync",
-    "ret-type": "56"
+    "ret-type": "58"
   },
   {
     "arg-type": "1",
     "meta-type": "command",
     "name": "query-block-exports",
-    "ret-type": "[57]"
+    "ret-type": "[59]"
   },
   {
     "arg-type": "21",
@@ -371,7 +383,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "command",
     "name": "x-debug-block-dirty-bitmap-sha256",
-    "ret-type": "58"
+    "ret-type": "60"
   },
   {
     "arg-type": "1",
@@ -380,20 +392,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "command",
     "name": "x-debug-query-block-graph",
-    "ret-type": "59"
+    "ret-type": "61"
   },
   {
-    "arg-type": "60",
+    "arg-type": "62",
     "meta-type": "command",
     "name": "query-blockstats",
-    "ret-type": "[61]"
+    "ret-type": "[63]"
   },
   {
     "members": [
       {
         "default": null,
         "name": "enable",
-        "type": "[62]"
+        "type": "[64]"
       }
     ],
     "meta-type": "object",
@@ -408,7 +420,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qemu",
-        "type": "63"
+        "type": "65"
       },
       {
         "name": "package",
@@ -446,7 +458,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "meta-type",
-        "type": "64"
+        "type": "66"
       },
       {
         "default": null,
@@ -460,31 +472,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "builtin",
-        "type": "65"
-      },
-      {
-        "case": "enum",
-        "type": "66"
-      },
-      {
-        "case": "array",
         "type": "67"
       },
       {
-        "case": "object",
+        "case": "enum",
         "type": "68"
       },
       {
-        "case": "alternate",
+        "case": "array",
         "type": "69"
       },
       {
-        "case": "command",
+        "case": "object",
         "type": "70"
       },
       {
-        "case": "event",
+        "case": "alternate",
         "type": "71"
+      },
+      {
+        "case": "command",
+        "type": "72"
+      },
+      {
+        "case": "event",
+        "type": "73"
       }
     ]
   },
@@ -496,7 +508,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "72"
+        "type": "74"
       }
     ],
     "meta-type": "object",
@@ -575,11 +587,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "73"
+        "type": "75"
       },
       {
         "name": "status",
-        "type": "72"
+        "type": "74"
       },
       {
         "name": "current-progress",
@@ -652,7 +664,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "detect_zeroes",
-        "type": "74"
+        "type": "76"
       },
       {
         "name": "bps",
@@ -680,7 +692,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "image",
-        "type": "75"
+        "type": "77"
       },
       {
         "default": null,
@@ -754,7 +766,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "cache",
-        "type": "76"
+        "type": "78"
       },
       {
         "name": "write_threshold",
@@ -763,7 +775,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "dirty-bitmaps",
-        "type": "[77]"
+        "type": "[79]"
       }
     ],
     "meta-type": "object",
@@ -773,7 +785,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "78"
+        "type": "80"
       },
       {
         "default": null,
@@ -783,12 +795,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "discard",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
         "name": "cache",
-        "type": "80"
+        "type": "82"
       },
       {
         "default": null,
@@ -813,7 +825,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "detect-zeroes",
-        "type": "74"
+        "type": "76"
       }
     ],
     "meta-type": "object",
@@ -822,23 +834,23 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "blkdebug",
-        "type": "81"
-      },
-      {
-        "case": "file",
-        "type": "82"
-      },
-      {
-        "case": "null-co",
         "type": "83"
       },
       {
-        "case": "qcow2",
+        "case": "file",
         "type": "84"
       },
       {
-        "case": "raw",
+        "case": "null-co",
         "type": "85"
+      },
+      {
+        "case": "qcow2",
+        "type": "86"
+      },
+      {
+        "case": "raw",
+        "type": "87"
       }
     ]
   },
@@ -965,7 +977,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[86]"
+        "type": "[88]"
       }
     ],
     "meta-type": "object",
@@ -980,7 +992,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "73"
+        "type": "75"
       },
       {
         "name": "device",
@@ -1008,7 +1020,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "87"
+        "type": "89"
       },
       {
         "name": "ready",
@@ -1016,7 +1028,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "72"
+        "type": "74"
       },
       {
         "name": "auto-finalize",
@@ -1038,7 +1050,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "88"
+        "type": "90"
       },
       {
         "case": "commit",
@@ -1161,7 +1173,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "73"
+        "type": "75"
       }
     ],
     "meta-type": "object",
@@ -1170,7 +1182,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "89"
+        "type": "91"
       },
       {
         "case": "commit",
@@ -1210,7 +1222,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "73"
+        "type": "75"
       },
       {
         "name": "device",
@@ -1241,7 +1253,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "73"
+        "type": "75"
       },
       {
         "name": "device",
@@ -1271,11 +1283,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "90"
+        "type": "92"
       },
       {
         "name": "action",
-        "type": "91"
+        "type": "93"
       }
     ],
     "meta-type": "object",
@@ -1285,7 +1297,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "73"
+        "type": "75"
       },
       {
         "name": "device",
@@ -1311,7 +1323,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "73"
+        "type": "75"
       },
       {
         "name": "id",
@@ -1334,7 +1346,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "92"
+        "type": "94"
       },
       {
         "default": null,
@@ -1349,7 +1361,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "93"
+        "type": "95"
       },
       {
         "default": null,
@@ -1359,12 +1371,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "94"
+        "type": "96"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "94"
+        "type": "96"
       },
       {
         "default": null,
@@ -1392,7 +1404,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "95"
+        "type": "97"
       },
       {
         "name": "target",
@@ -1415,7 +1427,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "92"
+        "type": "94"
       },
       {
         "default": null,
@@ -1430,7 +1442,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "93"
+        "type": "95"
       },
       {
         "default": null,
@@ -1440,12 +1452,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "94"
+        "type": "96"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "94"
+        "type": "96"
       },
       {
         "default": null,
@@ -1473,7 +1485,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "95"
+        "type": "97"
       },
       {
         "name": "target",
@@ -1487,7 +1499,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "96"
+        "type": "98"
       }
     ],
     "meta-type": "object",
@@ -1515,7 +1527,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "92"
+        "type": "94"
       },
       {
         "default": null,
@@ -1535,12 +1547,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "94"
+        "type": "96"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "94"
+        "type": "96"
       },
       {
         "default": null,
@@ -1550,7 +1562,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "97"
+        "type": "99"
       },
       {
         "default": null,
@@ -1598,12 +1610,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "92"
+        "type": "94"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "96"
+        "type": "98"
       },
       {
         "default": null,
@@ -1623,12 +1635,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "94"
+        "type": "96"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "94"
+        "type": "96"
       },
       {
         "default": null,
@@ -1638,7 +1650,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "97"
+        "type": "99"
       },
       {
         "default": null,
@@ -1653,6 +1665,147 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "object",
     "name": "40"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "base",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "base-node",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-mask-protocol",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "bottom",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "on-error",
+        "type": "96"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "41"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "base-node",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "features": [
+          "deprecated"
+        ],
+        "name": "base",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "top-node",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "features": [
+          "deprecated"
+        ],
+        "name": "top",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-mask-protocol",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "on-error",
+        "type": "96"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "42"
   },
   {
     "members": [
@@ -1683,11 +1836,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "96"
+        "type": "98"
       }
     ],
     "meta-type": "object",
-    "name": "41"
+    "name": "43"
   },
   {
     "members": [
@@ -1701,7 +1854,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "42"
+    "name": "44"
   },
   {
     "members": [
@@ -1715,22 +1868,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "43"
+    "name": "45"
   },
   {
     "members": [
       {
         "name": "actions",
-        "type": "[98]"
+        "type": "[100]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "99"
+        "type": "101"
       }
     ],
     "meta-type": "object",
-    "name": "44"
+    "name": "46"
   },
   {
     "members": [
@@ -1756,17 +1909,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "100"
+        "type": "102"
       }
     ],
     "meta-type": "object",
-    "name": "45"
+    "name": "47"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "101"
+        "type": "103"
       },
       {
         "name": "id",
@@ -1803,24 +1956,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "46",
+    "name": "48",
     "tag": "type",
     "variants": [
       {
         "case": "nbd",
-        "type": "102"
-      },
-      {
-        "case": "vhost-user-blk",
-        "type": "103"
-      },
-      {
-        "case": "fuse",
         "type": "104"
       },
       {
-        "case": "vduse-blk",
+        "case": "vhost-user-blk",
         "type": "105"
+      },
+      {
+        "case": "fuse",
+        "type": "106"
+      },
+      {
+        "case": "vduse-blk",
+        "type": "107"
       }
     ]
   },
@@ -1833,11 +1986,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "106"
+        "type": "108"
       }
     ],
     "meta-type": "object",
-    "name": "47"
+    "name": "49"
   },
   {
     "members": [
@@ -1847,7 +2000,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "48"
+    "name": "50"
   },
   {
     "members": [
@@ -1857,11 +2010,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "options",
-        "type": "107"
+        "type": "109"
       }
     ],
     "meta-type": "object",
-    "name": "49"
+    "name": "51"
   },
   {
     "members": [
@@ -1875,7 +2028,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "options",
-        "type": "108"
+        "type": "110"
       },
       {
         "default": null,
@@ -1884,7 +2037,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "50"
+    "name": "52"
   },
   {
     "members": [
@@ -1904,7 +2057,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "51"
+    "name": "53"
   },
   {
     "members": [
@@ -1922,7 +2075,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "52"
+    "name": "54"
   },
   {
     "members": [
@@ -1936,7 +2089,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "53"
+    "name": "55"
   },
   {
     "members": [
@@ -1954,7 +2107,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "54"
+    "name": "56"
   },
   {
     "members": [
@@ -1974,7 +2127,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "55"
+    "name": "57"
   },
   {
     "members": [
@@ -2013,12 +2166,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "56"
+    "name": "58"
   },
   {
-    "element-type": "57",
+    "element-type": "59",
     "meta-type": "array",
-    "name": "[57]"
+    "name": "[59]"
   },
   {
     "members": [
@@ -2028,7 +2181,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "101"
+        "type": "103"
       },
       {
         "name": "node-name",
@@ -2040,7 +2193,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "57"
+    "name": "59"
   },
   {
     "members": [
@@ -2050,21 +2203,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "58"
+    "name": "60"
   },
   {
     "members": [
       {
         "name": "nodes",
-        "type": "[109]"
+        "type": "[111]"
       },
       {
         "name": "edges",
-        "type": "[110]"
+        "type": "[112]"
       }
     ],
     "meta-type": "object",
-    "name": "59"
+    "name": "61"
   },
   {
     "members": [
@@ -2075,12 +2228,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "60"
+    "name": "62"
   },
   {
-    "element-type": "61",
+    "element-type": "63",
     "meta-type": "array",
-    "name": "[61]"
+    "name": "[63]"
   },
   {
     "members": [
@@ -2101,31 +2254,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "stats",
-        "type": "111"
+        "type": "113"
       },
       {
         "default": null,
         "name": "driver-specific",
-        "type": "112"
+        "type": "114"
       },
       {
         "default": null,
         "name": "parent",
-        "type": "61"
+        "type": "63"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "61"
+        "type": "63"
       }
     ],
     "meta-type": "object",
-    "name": "61"
+    "name": "63"
   },
   {
-    "element-type": "62",
+    "element-type": "64",
     "meta-type": "array",
-    "name": "[62]"
+    "name": "[64]"
   },
   {
     "members": [
@@ -2134,7 +2287,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "62",
+    "name": "64",
     "values": [
       "oob"
     ]
@@ -2155,7 +2308,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "63"
+    "name": "65"
   },
   {
     "json-type": "string",
@@ -2187,7 +2340,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "64",
+    "name": "66",
     "values": [
       "builtin",
       "enum",
@@ -2207,17 +2360,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "113"
+        "type": "115"
       }
     ],
     "meta-type": "object",
-    "name": "65"
+    "name": "67"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[114]"
+        "type": "[116]"
       },
       {
         "features": [
@@ -2228,7 +2381,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "66"
+    "name": "68"
   },
   {
     "members": [
@@ -2238,13 +2391,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "67"
+    "name": "69"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[115]"
+        "type": "[117]"
       },
       {
         "default": null,
@@ -2254,21 +2407,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[116]"
+        "type": "[118]"
       }
     ],
     "meta-type": "object",
-    "name": "68"
+    "name": "70"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[117]"
+        "type": "[119]"
       }
     ],
     "meta-type": "object",
-    "name": "69"
+    "name": "71"
   },
   {
     "members": [
@@ -2287,7 +2440,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "70"
+    "name": "72"
   },
   {
     "members": [
@@ -2297,7 +2450,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "71"
+    "name": "73"
   },
   {
     "members": [
@@ -2336,7 +2489,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "72",
+    "name": "74",
     "values": [
       "undefined",
       "created",
@@ -2382,7 +2535,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "73",
+    "name": "75",
     "values": [
       "commit",
       "stream",
@@ -2418,7 +2571,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "74",
+    "name": "76",
     "values": [
       "off",
       "on",
@@ -2482,21 +2635,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[56]"
+        "type": "[58]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "118"
+        "type": "120"
       },
       {
         "default": null,
         "name": "backing-image",
-        "type": "75"
+        "type": "77"
       }
     ],
     "meta-type": "object",
-    "name": "75"
+    "name": "77"
   },
   {
     "members": [
@@ -2514,12 +2667,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "76"
+    "name": "78"
   },
   {
-    "element-type": "77",
+    "element-type": "79",
     "meta-type": "array",
-    "name": "[77]"
+    "name": "[79]"
   },
   {
     "members": [
@@ -2555,7 +2708,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "77"
+    "name": "79"
   },
   {
     "members": [
@@ -2576,7 +2729,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "78",
+    "name": "80",
     "values": [
       "blkdebug",
       "file",
@@ -2595,7 +2748,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "79",
+    "name": "81",
     "values": [
       "ignore",
       "unmap"
@@ -2615,13 +2768,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "80"
+    "name": "82"
   },
   {
     "members": [
       {
         "name": "image",
-        "type": "119"
+        "type": "121"
       },
       {
         "default": null,
@@ -2661,26 +2814,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[120]"
+        "type": "[122]"
       },
       {
         "default": null,
         "name": "set-state",
-        "type": "[121]"
+        "type": "[123]"
       },
       {
         "default": null,
         "name": "take-child-perms",
-        "type": "[122]"
+        "type": "[124]"
       },
       {
         "default": null,
         "name": "unshare-child-perms",
-        "type": "[122]"
+        "type": "[124]"
       }
     ],
     "meta-type": "object",
-    "name": "81"
+    "name": "83"
   },
   {
     "features": [
@@ -2699,12 +2852,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "123"
+        "type": "125"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "124"
+        "type": "126"
       },
       {
         "default": null,
@@ -2726,7 +2879,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "82"
+    "name": "84"
   },
   {
     "members": [
@@ -2747,18 +2900,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "83"
+    "name": "85"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "119"
+        "type": "121"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "125"
+        "type": "127"
       },
       {
         "default": null,
@@ -2788,7 +2941,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "126"
+        "type": "128"
       },
       {
         "default": null,
@@ -2818,22 +2971,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "127"
+        "type": "129"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "119"
+        "type": "121"
       }
     ],
     "meta-type": "object",
-    "name": "84"
+    "name": "86"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "119"
+        "type": "121"
       },
       {
         "default": null,
@@ -2847,7 +3000,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "85"
+    "name": "87"
   },
   {
     "element-type": "15",
@@ -2855,9 +3008,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "name": "[15]"
   },
   {
-    "element-type": "86",
+    "element-type": "88",
     "meta-type": "array",
-    "name": "[86]"
+    "name": "[88]"
   },
   {
     "members": [
@@ -2869,7 +3022,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "86"
+    "name": "88"
   },
   {
     "members": [
@@ -2884,7 +3037,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "87",
+    "name": "89",
     "values": [
       "ok",
       "failed",
@@ -2899,17 +3052,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "88"
+    "name": "90"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "97"
+        "type": "99"
       }
     ],
     "meta-type": "object",
-    "name": "89"
+    "name": "91"
   },
   {
     "members": [
@@ -2921,7 +3074,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "90",
+    "name": "92",
     "values": [
       "read",
       "write"
@@ -2940,7 +3093,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "91",
+    "name": "93",
     "values": [
       "ignore",
       "report",
@@ -2966,7 +3119,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "92",
+    "name": "94",
     "values": [
       "top",
       "full",
@@ -2988,7 +3141,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "93",
+    "name": "95",
     "values": [
       "on-success",
       "never",
@@ -3014,7 +3167,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "94",
+    "name": "96",
     "values": [
       "report",
       "ignore",
@@ -3047,7 +3200,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "95"
+    "name": "97"
   },
   {
     "members": [
@@ -3059,7 +3212,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "96",
+    "name": "98",
     "values": [
       "existing",
       "absolute-paths"
@@ -3075,87 +3228,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "97",
+    "name": "99",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "98",
+    "element-type": "100",
     "meta-type": "array",
-    "name": "[98]"
+    "name": "[100]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "128"
+        "type": "130"
       }
     ],
     "meta-type": "object",
-    "name": "98",
+    "name": "100",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "129"
+        "type": "131"
       },
       {
         "case": "block-dirty-bitmap-add",
-        "type": "130"
+        "type": "132"
       },
       {
         "case": "block-dirty-bitmap-remove",
-        "type": "131"
-      },
-      {
-        "case": "block-dirty-bitmap-clear",
-        "type": "131"
-      },
-      {
-        "case": "block-dirty-bitmap-enable",
-        "type": "131"
-      },
-      {
-        "case": "block-dirty-bitmap-disable",
-        "type": "131"
-      },
-      {
-        "case": "block-dirty-bitmap-merge",
-        "type": "132"
-      },
-      {
-        "case": "blockdev-backup",
         "type": "133"
       },
       {
-        "case": "blockdev-snapshot",
+        "case": "block-dirty-bitmap-clear",
+        "type": "133"
+      },
+      {
+        "case": "block-dirty-bitmap-enable",
+        "type": "133"
+      },
+      {
+        "case": "block-dirty-bitmap-disable",
+        "type": "133"
+      },
+      {
+        "case": "block-dirty-bitmap-merge",
         "type": "134"
       },
       {
-        "case": "blockdev-snapshot-internal-sync",
+        "case": "blockdev-backup",
         "type": "135"
       },
       {
-        "case": "blockdev-snapshot-sync",
+        "case": "blockdev-snapshot",
         "type": "136"
       },
       {
-        "case": "drive-backup",
+        "case": "blockdev-snapshot-internal-sync",
         "type": "137"
       },
       {
+        "case": "blockdev-snapshot-sync",
+        "type": "138"
+      },
+      {
+        "case": "drive-backup",
+        "type": "139"
+      },
+      {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "131"
+        "type": "133"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "131"
+        "type": "133"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "132"
+        "type": "134"
       }
     ]
   },
@@ -3164,38 +3317,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "138"
+        "type": "140"
       }
     ],
     "meta-type": "object",
-    "name": "99"
+    "name": "101"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "139"
+        "type": "141"
       }
     ],
     "meta-type": "object",
-    "name": "100",
+    "name": "102",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "140"
-      },
-      {
-        "case": "unix",
-        "type": "141"
-      },
-      {
-        "case": "vsock",
         "type": "142"
       },
       {
-        "case": "fd",
+        "case": "unix",
         "type": "143"
+      },
+      {
+        "case": "vsock",
+        "type": "144"
+      },
+      {
+        "case": "fd",
+        "type": "145"
       }
     ]
   },
@@ -3215,7 +3368,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "101",
+    "name": "103",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -3238,7 +3391,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[86]"
+        "type": "[88]"
       },
       {
         "default": null,
@@ -3247,13 +3400,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "102"
+    "name": "104"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "144"
+        "type": "146"
       },
       {
         "default": null,
@@ -3267,7 +3420,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "103"
+    "name": "105"
   },
   {
     "members": [
@@ -3283,11 +3436,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "145"
+        "type": "147"
       }
     ],
     "meta-type": "object",
-    "name": "104"
+    "name": "106"
   },
   {
     "members": [
@@ -3317,7 +3470,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "105"
+    "name": "107"
   },
   {
     "members": [
@@ -3329,7 +3482,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "106",
+    "name": "108",
     "values": [
       "safe",
       "hard"
@@ -3339,20 +3492,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "78"
+        "type": "80"
       }
     ],
     "meta-type": "object",
-    "name": "107",
+    "name": "109",
     "tag": "driver",
     "variants": [
       {
         "case": "file",
-        "type": "146"
+        "type": "148"
       },
       {
         "case": "qcow2",
-        "type": "147"
+        "type": "149"
       },
       {
         "case": "blkdebug",
@@ -3372,16 +3525,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "78"
+        "type": "80"
       }
     ],
     "meta-type": "object",
-    "name": "108",
+    "name": "110",
     "tag": "driver",
     "variants": [
       {
         "case": "qcow2",
-        "type": "148"
+        "type": "150"
       },
       {
         "case": "blkdebug",
@@ -3402,9 +3555,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "109",
+    "element-type": "111",
     "meta-type": "array",
-    "name": "[109]"
+    "name": "[111]"
   },
   {
     "members": [
@@ -3414,7 +3567,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "149"
+        "type": "151"
       },
       {
         "name": "name",
@@ -3422,12 +3575,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "109"
+    "name": "111"
   },
   {
-    "element-type": "110",
+    "element-type": "112",
     "meta-type": "array",
-    "name": "[110]"
+    "name": "[112]"
   },
   {
     "members": [
@@ -3445,15 +3598,15 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "perm",
-        "type": "[122]"
+        "type": "[124]"
       },
       {
         "name": "shared-perm",
-        "type": "[122]"
+        "type": "[124]"
       }
     ],
     "meta-type": "object",
-    "name": "110"
+    "name": "112"
   },
   {
     "members": [
@@ -3588,46 +3741,46 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "timed_stats",
-        "type": "[150]"
+        "type": "[152]"
       },
       {
         "default": null,
         "name": "rd_latency_histogram",
-        "type": "151"
+        "type": "153"
       },
       {
         "default": null,
         "name": "wr_latency_histogram",
-        "type": "151"
+        "type": "153"
       },
       {
         "default": null,
         "name": "zone_append_latency_histogram",
-        "type": "151"
+        "type": "153"
       },
       {
         "default": null,
         "name": "flush_latency_histogram",
-        "type": "151"
+        "type": "153"
       }
     ],
     "meta-type": "object",
-    "name": "111"
+    "name": "113"
   },
   {
     "members": [
       {
         "name": "driver",
-        "type": "78"
+        "type": "80"
       }
     ],
     "meta-type": "object",
-    "name": "112",
+    "name": "114",
     "tag": "driver",
     "variants": [
       {
         "case": "file",
-        "type": "152"
+        "type": "154"
       },
       {
         "case": "blkdebug",
@@ -3675,7 +3828,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "113",
+    "name": "115",
     "values": [
       "string",
       "number",
@@ -3688,9 +3841,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "114",
+    "element-type": "116",
     "meta-type": "array",
-    "name": "[114]"
+    "name": "[116]"
   },
   {
     "members": [
@@ -3705,12 +3858,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "114"
+    "name": "116"
   },
   {
-    "element-type": "115",
+    "element-type": "117",
     "meta-type": "array",
-    "name": "[115]"
+    "name": "[117]"
   },
   {
     "members": [
@@ -3734,12 +3887,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "115"
+    "name": "117"
   },
   {
-    "element-type": "116",
+    "element-type": "118",
     "meta-type": "array",
-    "name": "[116]"
+    "name": "[118]"
   },
   {
     "members": [
@@ -3753,12 +3906,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "116"
+    "name": "118"
   },
   {
-    "element-type": "117",
+    "element-type": "119",
     "meta-type": "array",
-    "name": "[117]"
+    "name": "[119]"
   },
   {
     "members": [
@@ -3768,43 +3921,43 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "117"
+    "name": "119"
   },
   {
-    "element-type": "56",
+    "element-type": "58",
     "meta-type": "array",
-    "name": "[56]"
+    "name": "[58]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "153"
+        "type": "155"
       }
     ],
     "meta-type": "object",
-    "name": "118",
+    "name": "120",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "154"
-      },
-      {
-        "case": "vmdk",
-        "type": "155"
-      },
-      {
-        "case": "luks",
         "type": "156"
       },
       {
-        "case": "rbd",
+        "case": "vmdk",
         "type": "157"
       },
       {
-        "case": "file",
+        "case": "luks",
         "type": "158"
+      },
+      {
+        "case": "rbd",
+        "type": "159"
+      },
+      {
+        "case": "file",
+        "type": "160"
       }
     ]
   },
@@ -3818,18 +3971,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "119"
+    "name": "121"
   },
   {
-    "element-type": "120",
+    "element-type": "122",
     "meta-type": "array",
-    "name": "[120]"
+    "name": "[122]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "159"
+        "type": "161"
       },
       {
         "default": null,
@@ -3839,7 +3992,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "160"
+        "type": "162"
       },
       {
         "default": null,
@@ -3863,18 +4016,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "120"
+    "name": "122"
   },
   {
-    "element-type": "121",
+    "element-type": "123",
     "meta-type": "array",
-    "name": "[121]"
+    "name": "[123]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "159"
+        "type": "161"
       },
       {
         "default": null,
@@ -3887,12 +4040,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "121"
+    "name": "123"
   },
   {
-    "element-type": "122",
+    "element-type": "124",
     "meta-type": "array",
-    "name": "[122]"
+    "name": "[124]"
   },
   {
     "members": [
@@ -3910,7 +4063,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "122",
+    "name": "124",
     "values": [
       "consistent-read",
       "write",
@@ -3931,7 +4084,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "123",
+    "name": "125",
     "values": [
       "auto",
       "on",
@@ -3951,7 +4104,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "124",
+    "name": "126",
     "values": [
       "threads",
       "native",
@@ -3971,38 +4124,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "125"
+    "name": "127"
   },
   {
     "members": [
       {
-        "type": "161"
+        "type": "163"
       },
       {
-        "type": "162"
+        "type": "164"
       }
     ],
     "meta-type": "alternate",
-    "name": "126"
+    "name": "128"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "163"
+        "type": "165"
       }
     ],
     "meta-type": "object",
-    "name": "127",
+    "name": "129",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "164"
+        "type": "166"
       },
       {
         "case": "luks",
-        "type": "165"
+        "type": "167"
       }
     ]
   },
@@ -4070,7 +4223,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "128",
+    "name": "130",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -4093,27 +4246,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "166"
-      }
-    ],
-    "meta-type": "object",
-    "name": "129"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "20"
-      }
-    ],
-    "meta-type": "object",
-    "name": "130"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "21"
+        "type": "168"
       }
     ],
     "meta-type": "object",
@@ -4123,7 +4256,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "22"
+        "type": "20"
       }
     ],
     "meta-type": "object",
@@ -4133,7 +4266,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "37"
+        "type": "21"
       }
     ],
     "meta-type": "object",
@@ -4143,7 +4276,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "42"
+        "type": "22"
       }
     ],
     "meta-type": "object",
@@ -4153,7 +4286,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "43"
+        "type": "37"
       }
     ],
     "meta-type": "object",
@@ -4163,7 +4296,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "41"
+        "type": "44"
       }
     ],
     "meta-type": "object",
@@ -4173,11 +4306,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "38"
+        "type": "45"
       }
     ],
     "meta-type": "object",
     "name": "137"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "43"
+      }
+    ],
+    "meta-type": "object",
+    "name": "138"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "38"
+      }
+    ],
+    "meta-type": "object",
+    "name": "139"
   },
   {
     "members": [
@@ -4189,7 +4342,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "138",
+    "name": "140",
     "values": [
       "individual",
       "grouped"
@@ -4211,33 +4364,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "139",
+    "name": "141",
     "values": [
       "inet",
       "unix",
       "vsock",
       "fd"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "167"
-      }
-    ],
-    "meta-type": "object",
-    "name": "140"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "168"
-      }
-    ],
-    "meta-type": "object",
-    "name": "141"
   },
   {
     "members": [
@@ -4262,29 +4395,49 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "type",
-        "type": "139"
+        "name": "data",
+        "type": "171"
       }
     ],
     "meta-type": "object",
-    "name": "144",
+    "name": "144"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "172"
+      }
+    ],
+    "meta-type": "object",
+    "name": "145"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "141"
+      }
+    ],
+    "meta-type": "object",
+    "name": "146",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "167"
-      },
-      {
-        "case": "unix",
-        "type": "168"
-      },
-      {
-        "case": "vsock",
         "type": "169"
       },
       {
-        "case": "fd",
+        "case": "unix",
         "type": "170"
+      },
+      {
+        "case": "vsock",
+        "type": "171"
+      },
+      {
+        "case": "fd",
+        "type": "172"
       }
     ]
   },
@@ -4301,7 +4454,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "145",
+    "name": "147",
     "values": [
       "off",
       "on",
@@ -4321,7 +4474,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "preallocation",
-        "type": "171"
+        "type": "173"
       },
       {
         "default": null,
@@ -4335,18 +4488,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "146"
+    "name": "148"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "119"
+        "type": "121"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "119"
+        "type": "121"
       },
       {
         "default": null,
@@ -4365,7 +4518,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "version",
-        "type": "172"
+        "type": "174"
       },
       {
         "default": null,
@@ -4375,12 +4528,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "backing-fmt",
-        "type": "78"
+        "type": "80"
       },
       {
         "default": null,
         "name": "encrypt",
-        "type": "173"
+        "type": "175"
       },
       {
         "default": null,
@@ -4390,7 +4543,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "preallocation",
-        "type": "171"
+        "type": "173"
       },
       {
         "default": null,
@@ -4405,22 +4558,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "compression-type",
-        "type": "174"
+        "type": "176"
       }
     ],
     "meta-type": "object",
-    "name": "147"
+    "name": "149"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encrypt",
-        "type": "175"
+        "type": "177"
       }
     ],
     "meta-type": "object",
-    "name": "148"
+    "name": "150"
   },
   {
     "members": [
@@ -4435,7 +4588,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "149",
+    "name": "151",
     "values": [
       "block-backend",
       "block-job",
@@ -4443,9 +4596,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "150",
+    "element-type": "152",
     "meta-type": "array",
-    "name": "[150]"
+    "name": "[152]"
   },
   {
     "members": [
@@ -4515,7 +4668,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "150"
+    "name": "152"
   },
   {
     "members": [
@@ -4529,7 +4682,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "151"
+    "name": "153"
   },
   {
     "members": [
@@ -4547,7 +4700,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "152"
+    "name": "154"
   },
   {
     "json-type": "value",
@@ -4573,7 +4726,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "153",
+    "name": "155",
     "values": [
       "qcow2",
       "vmdk",
@@ -4581,26 +4734,6 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       "rbd",
       "file"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "176"
-      }
-    ],
-    "meta-type": "object",
-    "name": "154"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "177"
-      }
-    ],
-    "meta-type": "object",
-    "name": "155"
   },
   {
     "members": [
@@ -4631,6 +4764,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "object",
     "name": "158"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "181"
+      }
+    ],
+    "meta-type": "object",
+    "name": "159"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "182"
+      }
+    ],
+    "meta-type": "object",
+    "name": "160"
   },
   {
     "members": [
@@ -4780,7 +4933,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "159",
+    "name": "161",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -4854,7 +5007,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "160",
+    "name": "162",
     "values": [
       "read",
       "write",
@@ -4874,7 +5027,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "162"
+        "type": "164"
       },
       {
         "default": null,
@@ -4923,7 +5076,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "161"
+    "name": "163"
   },
   {
     "members": [
@@ -4941,7 +5094,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "162",
+    "name": "164",
     "values": [
       "none",
       "constant",
@@ -4959,7 +5112,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "163",
+    "name": "165",
     "values": [
       "aes",
       "luks"
@@ -4974,7 +5127,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "164"
+    "name": "166"
   },
   {
     "members": [
@@ -4985,12 +5138,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "165"
+    "name": "167"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "166"
+    "name": "168"
   },
   {
     "members": [
@@ -5034,7 +5187,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "167"
+    "name": "169"
   },
   {
     "members": [
@@ -5054,7 +5207,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "168"
+    "name": "170"
   },
   {
     "members": [
@@ -5068,7 +5221,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "169"
+    "name": "171"
   },
   {
     "members": [
@@ -5078,7 +5231,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "170"
+    "name": "172"
   },
   {
     "members": [
@@ -5096,7 +5249,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "171",
+    "name": "173",
     "values": [
       "off",
       "metadata",
@@ -5114,7 +5267,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "172",
+    "name": "174",
     "values": [
       "v2",
       "v3"
@@ -5124,20 +5277,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "format",
-        "type": "181"
+        "type": "183"
       }
     ],
     "meta-type": "object",
-    "name": "173",
+    "name": "175",
     "tag": "format",
     "variants": [
       {
         "case": "qcow",
-        "type": "164"
+        "type": "166"
       },
       {
         "case": "luks",
-        "type": "182"
+        "type": "184"
       }
     ]
   },
@@ -5151,7 +5304,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "174",
+    "name": "176",
     "values": [
       "zlib",
       "zstd"
@@ -5161,16 +5314,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "format",
-        "type": "181"
+        "type": "183"
       }
     ],
     "meta-type": "object",
-    "name": "175",
+    "name": "177",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "183"
+        "type": "185"
       },
       {
         "case": "qcow",
@@ -5226,20 +5379,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "184"
+        "type": "186"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[185]"
+        "type": "[187]"
       },
       {
         "name": "compression-type",
-        "type": "174"
+        "type": "176"
       }
     ],
     "meta-type": "object",
-    "name": "176"
+    "name": "178"
   },
   {
     "members": [
@@ -5257,34 +5410,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[186]"
+        "type": "[188]"
       }
     ],
     "meta-type": "object",
-    "name": "177"
+    "name": "179"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "187"
+        "type": "189"
       },
       {
         "name": "cipher-mode",
-        "type": "188"
+        "type": "190"
       },
       {
         "name": "ivgen-alg",
-        "type": "189"
+        "type": "191"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "190"
+        "type": "192"
       },
       {
         "name": "hash-alg",
-        "type": "190"
+        "type": "192"
       },
       {
         "name": "detached-header",
@@ -5304,22 +5457,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[191]"
+        "type": "[193]"
       }
     ],
     "meta-type": "object",
-    "name": "178"
+    "name": "180"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "192"
+        "type": "194"
       }
     ],
     "meta-type": "object",
-    "name": "179"
+    "name": "181"
   },
   {
     "members": [
@@ -5330,7 +5483,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "180"
+    "name": "182"
   },
   {
     "members": [
@@ -5342,7 +5495,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "181",
+    "name": "183",
     "values": [
       "qcow",
       "luks"
@@ -5358,27 +5511,27 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "cipher-alg",
-        "type": "187"
-      },
-      {
-        "default": null,
-        "name": "cipher-mode",
-        "type": "188"
-      },
-      {
-        "default": null,
-        "name": "ivgen-alg",
         "type": "189"
       },
       {
         "default": null,
-        "name": "ivgen-hash-alg",
+        "name": "cipher-mode",
         "type": "190"
       },
       {
         "default": null,
+        "name": "ivgen-alg",
+        "type": "191"
+      },
+      {
+        "default": null,
+        "name": "ivgen-hash-alg",
+        "type": "192"
+      },
+      {
+        "default": null,
         "name": "hash-alg",
-        "type": "190"
+        "type": "192"
       },
       {
         "default": null,
@@ -5387,13 +5540,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "182"
+    "name": "184"
   },
   {
     "members": [
       {
         "name": "state",
-        "type": "193"
+        "type": "195"
       },
       {
         "default": null,
@@ -5422,22 +5575,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "183"
+    "name": "185"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "163"
+        "type": "165"
       }
     ],
     "meta-type": "object",
-    "name": "184",
+    "name": "186",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "178"
+        "type": "180"
       },
       {
         "case": "aes",
@@ -5446,9 +5599,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "185",
+    "element-type": "187",
     "meta-type": "array",
-    "name": "[185]"
+    "name": "[187]"
   },
   {
     "members": [
@@ -5462,16 +5615,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[194]"
+        "type": "[196]"
       }
     ],
     "meta-type": "object",
-    "name": "185"
+    "name": "187"
   },
   {
-    "element-type": "186",
+    "element-type": "188",
     "meta-type": "array",
-    "name": "[186]"
+    "name": "[188]"
   },
   {
     "members": [
@@ -5499,7 +5652,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "186"
+    "name": "188"
   },
   {
     "members": [
@@ -5544,7 +5697,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "187",
+    "name": "189",
     "values": [
       "aes-128",
       "aes-192",
@@ -5577,7 +5730,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "188",
+    "name": "190",
     "values": [
       "ecb",
       "cbc",
@@ -5598,7 +5751,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "189",
+    "name": "191",
     "values": [
       "plain",
       "plain64",
@@ -5633,7 +5786,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "190",
+    "name": "192",
     "values": [
       "md5",
       "sha1",
@@ -5646,9 +5799,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "191",
+    "element-type": "193",
     "meta-type": "array",
-    "name": "[191]"
+    "name": "[193]"
   },
   {
     "members": [
@@ -5672,7 +5825,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "191"
+    "name": "193"
   },
   {
     "members": [
@@ -5687,7 +5840,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "192",
+    "name": "194",
     "values": [
       "luks",
       "luks2",
@@ -5704,16 +5857,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "193",
+    "name": "195",
     "values": [
       "active",
       "inactive"
     ]
   },
   {
-    "element-type": "194",
+    "element-type": "196",
     "meta-type": "array",
-    "name": "[194]"
+    "name": "[196]"
   },
   {
     "members": [
@@ -5725,7 +5878,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "194",
+    "name": "196",
     "values": [
       "in-use",
       "auto"
