@@ -28,6 +28,8 @@ pub struct BlockGraph {
     auto_counter: u64,
     rng: u64,
     events: Option<BlockEventSink>,
+    /// The throttle groups `throttle` nodes name.
+    throttle_groups: crate::throttle::ThrottleGroups,
 }
 
 impl Default for BlockGraph {
@@ -57,6 +59,7 @@ impl BlockGraph {
             auto_counter: 0,
             rng: seed | 1,
             events: None,
+            throttle_groups: crate::throttle::ThrottleGroups::default(),
         }
     }
 
@@ -68,6 +71,18 @@ impl BlockGraph {
     /// Where nodes report events, if anywhere.
     pub fn event_sink(&self) -> Option<BlockEventSink> {
         self.events.clone()
+    }
+
+    /// Uses `groups` for the `throttle` driver's `throttle-group` option (the daemon shares
+    /// them with its `throttle-group` objects).
+    pub fn with_throttle_groups(mut self, groups: crate::throttle::ThrottleGroups) -> Self {
+        self.throttle_groups = groups;
+        self
+    }
+
+    /// The throttle groups `throttle` nodes can join.
+    pub fn throttle_groups(&self) -> &crate::throttle::ThrottleGroups {
+        &self.throttle_groups
     }
 
     /// The node named `name`.
@@ -676,7 +691,7 @@ fn backing_overridden(node: &BlockNode) -> bool {
     }
 }
 
-fn json_filename(options: &Value) -> String {
+pub(crate) fn json_filename(options: &Value) -> String {
     /// Drops naming/read-only keys and flattens lists QEMU-style (`inject-error.0.errno`).
     fn strip(v: &Value) -> Value {
         fn flatten(prefix: &str, v: &Value, out: &mut Map<String, Value>) {

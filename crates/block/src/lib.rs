@@ -12,6 +12,7 @@ pub mod io;
 pub mod node;
 pub mod perm;
 pub mod replace;
+pub mod throttle;
 
 pub use backend::BlockBackend;
 pub use bitmap::DirtyBitmap;

@@ -12,6 +12,7 @@ mod actions;
 pub mod backup;
 mod bitmaps;
 pub mod block_layer;
+mod chardev;
 mod claims;
 mod commands;
 mod events;
@@ -20,6 +21,8 @@ mod io_threads;
 pub mod mirror;
 mod mirror_top;
 pub mod node;
+mod objects;
+mod qom;
 mod snapshot;
 pub mod transaction;
 
@@ -76,6 +79,10 @@ pub struct BlockState {
     pub(crate) exports: export::NbdExports,
     /// Running mirrors' shared state, for `block-job-change`.
     pub(crate) mirrors: std::collections::HashMap<job::JobKey, Arc<mirror::MirrorShared>>,
+    /// `object-add`'s objects (`/objects`).
+    pub(crate) objects: objects::Objects,
+    /// Character devices (`/chardevs`).
+    pub(crate) chardevs: chardev::Chardevs,
 }
 
 impl BlockState {
@@ -131,6 +138,11 @@ impl SharedBlockdev {
         qmp_api::dispatch(&mut *blockdev, name, arguments)
     }
 
+    /// [`Blockdev::register_monitor_chardev`].
+    pub fn register_monitor_chardev(&self, id: &str, filename: &str) {
+        self.lock().register_monitor_chardev(id, filename);
+    }
+
     /// [`Blockdev::shutdown`].
     pub fn shutdown(&self) -> io::Result<()> {
         self.lock().shutdown()
@@ -178,6 +190,8 @@ impl Blockdev {
                 buffers: Arc::new(CopyBuffers::default()),
                 exports,
                 mirrors: std::collections::HashMap::new(),
+                objects: objects::Objects::new(block::throttle::ThrottleGroups::default()),
+                chardevs: chardev::Chardevs::default(),
             },
         }
     }
@@ -193,7 +207,7 @@ impl Blockdev {
             Arc::new(job::TokioSpawn),
             Arc::new(job::TokioClock::default()),
         )
-        .with_graph(Box::new(BlockLayer::new(graph)))
+        .with_block_graph(graph)
         .with_io_pool(Arc::new(IoThreads::default()))
         .with_runtime(tokio::runtime::Handle::current())
     }
@@ -201,8 +215,25 @@ impl Blockdev {
     /// Runs the NBD server (`nbd-server-start`) on `runtime`. Commands wait for it, so they
     /// must not run on a thread that drives `runtime` (a current-thread runtime's own thread).
     pub fn with_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
-        self.state.exports.set_runtime(runtime);
+        self.state.exports.set_runtime(runtime.clone());
+        self.state.chardevs.set_runtime(runtime);
         self
+    }
+
+    /// Uses the block crate's `graph` for nodes, sharing the throttle groups of the
+    /// `throttle-group` objects with its `throttle` driver.
+    pub fn with_block_graph(mut self, graph: block::BlockGraph) -> Self {
+        let groups = block::throttle::ThrottleGroups::default();
+        self.state.objects = objects::Objects::new(groups.clone());
+        self.with_graph(Box::new(BlockLayer::new(
+            graph.with_throttle_groups(groups),
+        )))
+    }
+
+    /// Registers the chardev of a `--monitor` (listed by `query-chardev`, never removable);
+    /// `filename` is QEMU's text for it (`unix:PATH,server=on`).
+    pub fn register_monitor_chardev(&mut self, id: &str, filename: &str) {
+        self.state.chardevs.register_monitor(id, filename);
     }
 
     /// Uses `graph` for nodes (blockdev-add, lookups, images).

@@ -6,6 +6,7 @@ pub mod file;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod throttle;
 
 use qmp_api::{BlockdevDriver, BlockdevOptionsBranch, BlockdevRefOrNull};
 
@@ -23,6 +24,10 @@ pub(crate) fn open(
         BlockdevOptionsBranch::NullCo(o) => null::open(ctx, o),
         BlockdevOptionsBranch::Qcow2(o) => qcow2::open(ctx, o),
         BlockdevOptionsBranch::Raw(o) => raw::open(ctx, o),
+        BlockdevOptionsBranch::Throttle(o) => throttle::open(ctx, o),
+        BlockdevOptionsBranch::CopyOnRead(_) => {
+            Err(crate::error::BlockError::new("copy-on-read: not yet"))
+        }
     }
 }
 

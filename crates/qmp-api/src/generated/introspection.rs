@@ -287,27 +287,129 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   },
   {
     "arg-type": "44",
+    "features": [
+      "deprecated"
+    ],
+    "meta-type": "command",
+    "name": "nbd-server-add",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "45",
+    "features": [
+      "deprecated"
+    ],
+    "meta-type": "command",
+    "name": "nbd-server-remove",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "46",
     "meta-type": "command",
     "name": "block-export-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "45",
+    "arg-type": "47",
     "meta-type": "command",
     "name": "block-export-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "46",
+    "arg-type": "48",
     "meta-type": "event",
     "name": "BLOCK_EXPORT_DELETED"
+  },
+  {
+    "arg-type": "49",
+    "meta-type": "command",
+    "name": "qom-list",
+    "ret-type": "[50]"
+  },
+  {
+    "arg-type": "51",
+    "meta-type": "command",
+    "name": "qom-get",
+    "ret-type": "any"
+  },
+  {
+    "arg-type": "52",
+    "meta-type": "command",
+    "name": "qom-set",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "53",
+    "meta-type": "command",
+    "name": "qom-list-types",
+    "ret-type": "[54]"
+  },
+  {
+    "arg-type": "55",
+    "meta-type": "command",
+    "name": "qom-list-properties",
+    "ret-type": "[50]"
+  },
+  {
+    "arg-type": "56",
+    "meta-type": "command",
+    "name": "object-add",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "57",
+    "meta-type": "command",
+    "name": "object-del",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-chardev",
+    "ret-type": "[58]"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-chardev-backends",
+    "ret-type": "[59]"
+  },
+  {
+    "arg-type": "60",
+    "meta-type": "command",
+    "name": "ringbuf-write",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "61",
+    "meta-type": "command",
+    "name": "ringbuf-read",
+    "ret-type": "str"
+  },
+  {
+    "arg-type": "62",
+    "meta-type": "command",
+    "name": "chardev-add",
+    "ret-type": "63"
+  },
+  {
+    "arg-type": "64",
+    "meta-type": "command",
+    "name": "chardev-remove",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "65",
+    "meta-type": "command",
+    "name": "chardev-send-break",
+    "ret-type": "1"
   },
   {
     "members": [
       {
         "default": null,
         "name": "enable",
-        "type": "[47]"
+        "type": "[66]"
       }
     ],
     "meta-type": "object",
@@ -322,7 +424,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qemu",
-        "type": "48"
+        "type": "67"
       },
       {
         "name": "package",
@@ -360,7 +462,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "meta-type",
-        "type": "49"
+        "type": "68"
       },
       {
         "default": null,
@@ -374,31 +476,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "builtin",
-        "type": "50"
+        "type": "69"
       },
       {
         "case": "enum",
-        "type": "51"
+        "type": "70"
       },
       {
         "case": "array",
-        "type": "52"
+        "type": "71"
       },
       {
         "case": "object",
-        "type": "53"
+        "type": "72"
       },
       {
         "case": "alternate",
-        "type": "54"
+        "type": "73"
       },
       {
         "case": "command",
-        "type": "55"
+        "type": "74"
       },
       {
         "case": "event",
-        "type": "56"
+        "type": "75"
       }
     ]
   },
@@ -410,7 +512,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "57"
+        "type": "76"
       }
     ],
     "meta-type": "object",
@@ -489,11 +591,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "58"
+        "type": "77"
       },
       {
         "name": "status",
-        "type": "57"
+        "type": "76"
       },
       {
         "name": "current-progress",
@@ -566,7 +668,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "detect_zeroes",
-        "type": "59"
+        "type": "78"
       },
       {
         "name": "bps",
@@ -594,7 +696,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "image",
-        "type": "60"
+        "type": "79"
       },
       {
         "default": null,
@@ -668,7 +770,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "cache",
-        "type": "61"
+        "type": "80"
       },
       {
         "name": "write_threshold",
@@ -677,7 +779,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "dirty-bitmaps",
-        "type": "[62]"
+        "type": "[81]"
       }
     ],
     "meta-type": "object",
@@ -687,7 +789,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "63"
+        "type": "82"
       },
       {
         "default": null,
@@ -697,12 +799,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "discard",
-        "type": "64"
+        "type": "83"
       },
       {
         "default": null,
         "name": "cache",
-        "type": "65"
+        "type": "84"
       },
       {
         "default": null,
@@ -727,7 +829,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "detect-zeroes",
-        "type": "59"
+        "type": "78"
       }
     ],
     "meta-type": "object",
@@ -736,23 +838,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "blkdebug",
-        "type": "66"
+        "type": "85"
+      },
+      {
+        "case": "copy-on-read",
+        "type": "86"
       },
       {
         "case": "file",
-        "type": "67"
+        "type": "87"
       },
       {
         "case": "null-co",
-        "type": "68"
+        "type": "88"
       },
       {
         "case": "qcow2",
-        "type": "69"
+        "type": "89"
       },
       {
         "case": "raw",
-        "type": "70"
+        "type": "90"
+      },
+      {
+        "case": "throttle",
+        "type": "91"
       }
     ]
   },
@@ -854,7 +964,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[71]"
+        "type": "[92]"
       }
     ],
     "meta-type": "object",
@@ -869,7 +979,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "77"
       },
       {
         "name": "device",
@@ -897,7 +1007,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "72"
+        "type": "93"
       },
       {
         "name": "ready",
@@ -905,7 +1015,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "57"
+        "type": "76"
       },
       {
         "name": "auto-finalize",
@@ -927,7 +1037,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "73"
+        "type": "94"
       },
       {
         "case": "commit",
@@ -1050,7 +1160,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "58"
+        "type": "77"
       }
     ],
     "meta-type": "object",
@@ -1059,7 +1169,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "74"
+        "type": "95"
       },
       {
         "case": "commit",
@@ -1099,7 +1209,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "77"
       },
       {
         "name": "device",
@@ -1130,7 +1240,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "77"
       },
       {
         "name": "device",
@@ -1160,11 +1270,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "75"
+        "type": "96"
       },
       {
         "name": "action",
-        "type": "76"
+        "type": "97"
       }
     ],
     "meta-type": "object",
@@ -1174,7 +1284,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "77"
       },
       {
         "name": "device",
@@ -1200,7 +1310,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "77"
       },
       {
         "name": "id",
@@ -1223,7 +1333,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "98"
       },
       {
         "default": null,
@@ -1238,7 +1348,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "78"
+        "type": "99"
       },
       {
         "default": null,
@@ -1248,12 +1358,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "100"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "100"
       },
       {
         "default": null,
@@ -1281,7 +1391,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "80"
+        "type": "101"
       },
       {
         "name": "target",
@@ -1304,7 +1414,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "98"
       },
       {
         "default": null,
@@ -1319,7 +1429,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "78"
+        "type": "99"
       },
       {
         "default": null,
@@ -1329,12 +1439,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "100"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "100"
       },
       {
         "default": null,
@@ -1362,7 +1472,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "80"
+        "type": "101"
       },
       {
         "name": "target",
@@ -1376,7 +1486,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "81"
+        "type": "102"
       }
     ],
     "meta-type": "object",
@@ -1404,7 +1514,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "98"
       },
       {
         "default": null,
@@ -1424,12 +1534,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "100"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "100"
       },
       {
         "default": null,
@@ -1439,7 +1549,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "82"
+        "type": "103"
       },
       {
         "default": null,
@@ -1487,12 +1597,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "98"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "81"
+        "type": "102"
       },
       {
         "default": null,
@@ -1512,12 +1622,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "100"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "100"
       },
       {
         "default": null,
@@ -1527,7 +1637,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "82"
+        "type": "103"
       },
       {
         "default": null,
@@ -1572,7 +1682,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "81"
+        "type": "102"
       }
     ],
     "meta-type": "object",
@@ -1610,12 +1720,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "actions",
-        "type": "[83]"
+        "type": "[104]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "84"
+        "type": "105"
       }
     ],
     "meta-type": "object",
@@ -1645,7 +1755,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "85"
+        "type": "106"
       }
     ],
     "meta-type": "object",
@@ -1654,8 +1764,53 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
+        "default": null,
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "description",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "writable",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "bitmap",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "44"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "mode",
+        "type": "107"
+      }
+    ],
+    "meta-type": "object",
+    "name": "45"
+  },
+  {
+    "members": [
+      {
         "name": "type",
-        "type": "86"
+        "type": "108"
       },
       {
         "name": "id",
@@ -1692,24 +1847,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "44",
+    "name": "46",
     "tag": "type",
     "variants": [
       {
         "case": "nbd",
-        "type": "87"
+        "type": "109"
       },
       {
         "case": "vhost-user-blk",
-        "type": "88"
+        "type": "110"
       },
       {
         "case": "fuse",
-        "type": "89"
+        "type": "111"
       },
       {
         "case": "vduse-blk",
-        "type": "90"
+        "type": "112"
       }
     ]
   },
@@ -1722,11 +1877,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "91"
+        "type": "107"
       }
     ],
     "meta-type": "object",
-    "name": "45"
+    "name": "47"
   },
   {
     "members": [
@@ -1736,12 +1891,304 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "46"
+    "name": "48"
   },
   {
-    "element-type": "47",
+    "members": [
+      {
+        "name": "path",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "49"
+  },
+  {
+    "element-type": "50",
     "meta-type": "array",
-    "name": "[47]"
+    "name": "[50]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "description",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "default-value",
+        "type": "any"
+      }
+    ],
+    "meta-type": "object",
+    "name": "50"
+  },
+  {
+    "members": [
+      {
+        "name": "path",
+        "type": "str"
+      },
+      {
+        "name": "property",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "51"
+  },
+  {
+    "json-type": "value",
+    "meta-type": "builtin",
+    "name": "any"
+  },
+  {
+    "members": [
+      {
+        "name": "path",
+        "type": "str"
+      },
+      {
+        "name": "property",
+        "type": "str"
+      },
+      {
+        "name": "value",
+        "type": "any"
+      }
+    ],
+    "meta-type": "object",
+    "name": "52"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "implements",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "abstract",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "53"
+  },
+  {
+    "element-type": "54",
+    "meta-type": "array",
+    "name": "[54]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "abstract",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "parent",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "54"
+  },
+  {
+    "members": [
+      {
+        "name": "typename",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "55"
+  },
+  {
+    "members": [
+      {
+        "name": "qom-type",
+        "type": "113"
+      },
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "56",
+    "tag": "qom-type",
+    "variants": [
+      {
+        "case": "iothread",
+        "type": "114"
+      },
+      {
+        "case": "secret",
+        "type": "115"
+      },
+      {
+        "case": "throttle-group",
+        "type": "116"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "57"
+  },
+  {
+    "element-type": "58",
+    "meta-type": "array",
+    "name": "[58]"
+  },
+  {
+    "members": [
+      {
+        "name": "label",
+        "type": "str"
+      },
+      {
+        "name": "filename",
+        "type": "str"
+      },
+      {
+        "name": "frontend-open",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "58"
+  },
+  {
+    "element-type": "59",
+    "meta-type": "array",
+    "name": "[59]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "59"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "data",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "format",
+        "type": "117"
+      }
+    ],
+    "meta-type": "object",
+    "name": "60"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "format",
+        "type": "117"
+      }
+    ],
+    "meta-type": "object",
+    "name": "61"
+  },
+  {
+    "json-type": "string",
+    "meta-type": "builtin",
+    "name": "str"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "backend",
+        "type": "118"
+      }
+    ],
+    "meta-type": "object",
+    "name": "62"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "pty",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "63"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "64"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "65"
+  },
+  {
+    "element-type": "66",
+    "meta-type": "array",
+    "name": "[66]"
   },
   {
     "members": [
@@ -1750,7 +2197,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "47",
+    "name": "66",
     "values": [
       "oob"
     ]
@@ -1771,12 +2218,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "48"
-  },
-  {
-    "json-type": "string",
-    "meta-type": "builtin",
-    "name": "str"
+    "name": "67"
   },
   {
     "members": [
@@ -1803,7 +2245,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "49",
+    "name": "68",
     "values": [
       "builtin",
       "enum",
@@ -1823,17 +2265,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "92"
+        "type": "119"
       }
     ],
     "meta-type": "object",
-    "name": "50"
+    "name": "69"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[93]"
+        "type": "[120]"
       },
       {
         "features": [
@@ -1844,7 +2286,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "51"
+    "name": "70"
   },
   {
     "members": [
@@ -1854,13 +2296,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "52"
+    "name": "71"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[94]"
+        "type": "[121]"
       },
       {
         "default": null,
@@ -1870,21 +2312,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[95]"
+        "type": "[122]"
       }
     ],
     "meta-type": "object",
-    "name": "53"
+    "name": "72"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[96]"
+        "type": "[123]"
       }
     ],
     "meta-type": "object",
-    "name": "54"
+    "name": "73"
   },
   {
     "members": [
@@ -1903,7 +2345,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "55"
+    "name": "74"
   },
   {
     "members": [
@@ -1913,7 +2355,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "56"
+    "name": "75"
   },
   {
     "members": [
@@ -1952,7 +2394,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "57",
+    "name": "76",
     "values": [
       "undefined",
       "created",
@@ -1998,7 +2440,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "58",
+    "name": "77",
     "values": [
       "commit",
       "stream",
@@ -2034,7 +2476,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "59",
+    "name": "78",
     "values": [
       "off",
       "on",
@@ -2098,21 +2540,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[97]"
+        "type": "[124]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "98"
+        "type": "125"
       },
       {
         "default": null,
         "name": "backing-image",
-        "type": "60"
+        "type": "79"
       }
     ],
     "meta-type": "object",
-    "name": "60"
+    "name": "79"
   },
   {
     "members": [
@@ -2130,12 +2572,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "61"
+    "name": "80"
   },
   {
-    "element-type": "62",
+    "element-type": "81",
     "meta-type": "array",
-    "name": "[62]"
+    "name": "[81]"
   },
   {
     "members": [
@@ -2171,12 +2613,15 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "62"
+    "name": "81"
   },
   {
     "members": [
       {
         "name": "blkdebug"
+      },
+      {
+        "name": "copy-on-read"
       },
       {
         "name": "file"
@@ -2189,16 +2634,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "raw"
+      },
+      {
+        "name": "throttle"
       }
     ],
     "meta-type": "enum",
-    "name": "63",
+    "name": "82",
     "values": [
       "blkdebug",
+      "copy-on-read",
       "file",
       "null-co",
       "qcow2",
-      "raw"
+      "raw",
+      "throttle"
     ]
   },
   {
@@ -2211,7 +2661,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "64",
+    "name": "83",
     "values": [
       "ignore",
       "unmap"
@@ -2231,13 +2681,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "65"
+    "name": "84"
   },
   {
     "members": [
       {
         "name": "image",
-        "type": "99"
+        "type": "126"
       },
       {
         "default": null,
@@ -2277,26 +2727,41 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[100]"
+        "type": "[127]"
       },
       {
         "default": null,
         "name": "set-state",
-        "type": "[101]"
+        "type": "[128]"
       },
       {
         "default": null,
         "name": "take-child-perms",
-        "type": "[102]"
+        "type": "[129]"
       },
       {
         "default": null,
         "name": "unshare-child-perms",
-        "type": "[102]"
+        "type": "[129]"
       }
     ],
     "meta-type": "object",
-    "name": "66"
+    "name": "85"
+  },
+  {
+    "members": [
+      {
+        "name": "file",
+        "type": "126"
+      },
+      {
+        "default": null,
+        "name": "bottom",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "86"
   },
   {
     "features": [
@@ -2315,12 +2780,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "103"
+        "type": "130"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "104"
+        "type": "131"
       },
       {
         "default": null,
@@ -2342,7 +2807,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "67"
+    "name": "87"
   },
   {
     "members": [
@@ -2363,18 +2828,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "68"
+    "name": "88"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "99"
+        "type": "126"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "105"
+        "type": "132"
       },
       {
         "default": null,
@@ -2404,7 +2869,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "106"
+        "type": "133"
       },
       {
         "default": null,
@@ -2434,22 +2899,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "107"
+        "type": "134"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "99"
+        "type": "126"
       }
     ],
     "meta-type": "object",
-    "name": "69"
+    "name": "89"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "99"
+        "type": "126"
       },
       {
         "default": null,
@@ -2463,12 +2928,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "70"
+    "name": "90"
   },
   {
-    "element-type": "71",
+    "members": [
+      {
+        "name": "throttle-group",
+        "type": "str"
+      },
+      {
+        "name": "file",
+        "type": "126"
+      }
+    ],
+    "meta-type": "object",
+    "name": "91"
+  },
+  {
+    "element-type": "92",
     "meta-type": "array",
-    "name": "[71]"
+    "name": "[92]"
   },
   {
     "members": [
@@ -2480,7 +2959,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "71"
+    "name": "92"
   },
   {
     "members": [
@@ -2495,7 +2974,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "72",
+    "name": "93",
     "values": [
       "ok",
       "failed",
@@ -2510,17 +2989,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "73"
+    "name": "94"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "82"
+        "type": "103"
       }
     ],
     "meta-type": "object",
-    "name": "74"
+    "name": "95"
   },
   {
     "members": [
@@ -2532,7 +3011,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "75",
+    "name": "96",
     "values": [
       "read",
       "write"
@@ -2551,7 +3030,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "76",
+    "name": "97",
     "values": [
       "ignore",
       "report",
@@ -2577,7 +3056,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "77",
+    "name": "98",
     "values": [
       "top",
       "full",
@@ -2599,7 +3078,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "78",
+    "name": "99",
     "values": [
       "on-success",
       "never",
@@ -2625,7 +3104,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "79",
+    "name": "100",
     "values": [
       "report",
       "ignore",
@@ -2658,7 +3137,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "80"
+    "name": "101"
   },
   {
     "members": [
@@ -2670,7 +3149,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "81",
+    "name": "102",
     "values": [
       "existing",
       "absolute-paths"
@@ -2686,87 +3165,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "82",
+    "name": "103",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "83",
+    "element-type": "104",
     "meta-type": "array",
-    "name": "[83]"
+    "name": "[104]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "108"
+        "type": "135"
       }
     ],
     "meta-type": "object",
-    "name": "83",
+    "name": "104",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "109"
+        "type": "136"
       },
       {
         "case": "block-dirty-bitmap-add",
-        "type": "110"
+        "type": "137"
       },
       {
         "case": "block-dirty-bitmap-remove",
-        "type": "111"
+        "type": "138"
       },
       {
         "case": "block-dirty-bitmap-clear",
-        "type": "111"
+        "type": "138"
       },
       {
         "case": "block-dirty-bitmap-enable",
-        "type": "111"
+        "type": "138"
       },
       {
         "case": "block-dirty-bitmap-disable",
-        "type": "111"
+        "type": "138"
       },
       {
         "case": "block-dirty-bitmap-merge",
-        "type": "112"
+        "type": "139"
       },
       {
         "case": "blockdev-backup",
-        "type": "113"
+        "type": "140"
       },
       {
         "case": "blockdev-snapshot",
-        "type": "114"
+        "type": "141"
       },
       {
         "case": "blockdev-snapshot-internal-sync",
-        "type": "115"
+        "type": "142"
       },
       {
         "case": "blockdev-snapshot-sync",
-        "type": "116"
+        "type": "143"
       },
       {
         "case": "drive-backup",
-        "type": "117"
+        "type": "144"
       },
       {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "111"
+        "type": "138"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "111"
+        "type": "138"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "112"
+        "type": "139"
       }
     ]
   },
@@ -2775,39 +3254,55 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "118"
+        "type": "145"
       }
     ],
     "meta-type": "object",
-    "name": "84"
+    "name": "105"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "119"
+        "type": "146"
       }
     ],
     "meta-type": "object",
-    "name": "85",
+    "name": "106",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "120"
+        "type": "147"
       },
       {
         "case": "unix",
-        "type": "121"
+        "type": "148"
       },
       {
         "case": "vsock",
-        "type": "122"
+        "type": "149"
       },
       {
         "case": "fd",
-        "type": "123"
+        "type": "150"
       }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "safe"
+      },
+      {
+        "name": "hard"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "107",
+    "values": [
+      "safe",
+      "hard"
     ]
   },
   {
@@ -2826,7 +3321,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "86",
+    "name": "108",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -2849,7 +3344,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[71]"
+        "type": "[92]"
       },
       {
         "default": null,
@@ -2858,13 +3353,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "87"
+    "name": "109"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "124"
+        "type": "151"
       },
       {
         "default": null,
@@ -2878,7 +3373,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "88"
+    "name": "110"
   },
   {
     "members": [
@@ -2894,11 +3389,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "125"
+        "type": "152"
       }
     ],
     "meta-type": "object",
-    "name": "89"
+    "name": "111"
   },
   {
     "members": [
@@ -2928,22 +3423,297 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "90"
+    "name": "112"
   },
   {
     "members": [
       {
-        "name": "safe"
+        "name": "iothread"
       },
       {
-        "name": "hard"
+        "name": "secret"
+      },
+      {
+        "name": "throttle-group"
       }
     ],
     "meta-type": "enum",
-    "name": "91",
+    "name": "113",
     "values": [
-      "safe",
-      "hard"
+      "iothread",
+      "secret",
+      "throttle-group"
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "aio-max-batch",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "thread-pool-min",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "thread-pool-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "poll-max-ns",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "poll-grow",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "poll-shrink",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "114"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "format",
+        "type": "153"
+      },
+      {
+        "default": null,
+        "name": "keyid",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "iv",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "data",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "file",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "115"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "limits",
+        "type": "154"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-total",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-total-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-total-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-read",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-read-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-read-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-write",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-write-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-write-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-total",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-total-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-total-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-read",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-read-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-read-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-write",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-write-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-write-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "116"
+  },
+  {
+    "members": [
+      {
+        "name": "utf8"
+      },
+      {
+        "name": "base64"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "117",
+    "values": [
+      "utf8",
+      "base64"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "155"
+      }
+    ],
+    "meta-type": "object",
+    "name": "118",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "null",
+        "type": "156"
+      },
+      {
+        "case": "socket",
+        "type": "157"
+      },
+      {
+        "case": "ringbuf",
+        "type": "158"
+      }
     ]
   },
   {
@@ -2974,7 +3744,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "92",
+    "name": "119",
     "values": [
       "string",
       "number",
@@ -2987,9 +3757,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "93",
+    "element-type": "120",
     "meta-type": "array",
-    "name": "[93]"
+    "name": "[120]"
   },
   {
     "members": [
@@ -3004,12 +3774,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "93"
+    "name": "120"
   },
   {
-    "element-type": "94",
+    "element-type": "121",
     "meta-type": "array",
-    "name": "[94]"
+    "name": "[121]"
   },
   {
     "members": [
@@ -3033,12 +3803,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "94"
+    "name": "121"
   },
   {
-    "element-type": "95",
+    "element-type": "122",
     "meta-type": "array",
-    "name": "[95]"
+    "name": "[122]"
   },
   {
     "members": [
@@ -3052,12 +3822,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "95"
+    "name": "122"
   },
   {
-    "element-type": "96",
+    "element-type": "123",
     "meta-type": "array",
-    "name": "[96]"
+    "name": "[123]"
   },
   {
     "members": [
@@ -3067,12 +3837,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "96"
+    "name": "123"
   },
   {
-    "element-type": "97",
+    "element-type": "124",
     "meta-type": "array",
-    "name": "[97]"
+    "name": "[124]"
   },
   {
     "members": [
@@ -3111,38 +3881,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "97"
+    "name": "124"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "126"
+        "type": "159"
       }
     ],
     "meta-type": "object",
-    "name": "98",
+    "name": "125",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "127"
+        "type": "160"
       },
       {
         "case": "vmdk",
-        "type": "128"
+        "type": "161"
       },
       {
         "case": "luks",
-        "type": "129"
+        "type": "162"
       },
       {
         "case": "rbd",
-        "type": "130"
+        "type": "163"
       },
       {
         "case": "file",
-        "type": "131"
+        "type": "164"
       }
     ]
   },
@@ -3156,18 +3926,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "99"
+    "name": "126"
   },
   {
-    "element-type": "100",
+    "element-type": "127",
     "meta-type": "array",
-    "name": "[100]"
+    "name": "[127]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "132"
+        "type": "165"
       },
       {
         "default": null,
@@ -3177,7 +3947,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "133"
+        "type": "166"
       },
       {
         "default": null,
@@ -3201,18 +3971,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "100"
+    "name": "127"
   },
   {
-    "element-type": "101",
+    "element-type": "128",
     "meta-type": "array",
-    "name": "[101]"
+    "name": "[128]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "132"
+        "type": "165"
       },
       {
         "default": null,
@@ -3225,12 +3995,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "101"
+    "name": "128"
   },
   {
-    "element-type": "102",
+    "element-type": "129",
     "meta-type": "array",
-    "name": "[102]"
+    "name": "[129]"
   },
   {
     "members": [
@@ -3248,7 +4018,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "102",
+    "name": "129",
     "values": [
       "consistent-read",
       "write",
@@ -3269,7 +4039,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "103",
+    "name": "130",
     "values": [
       "auto",
       "on",
@@ -3289,7 +4059,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "104",
+    "name": "131",
     "values": [
       "threads",
       "native",
@@ -3309,38 +4079,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "105"
+    "name": "132"
   },
   {
     "members": [
       {
-        "type": "134"
+        "type": "167"
       },
       {
-        "type": "135"
+        "type": "168"
       }
     ],
     "meta-type": "alternate",
-    "name": "106"
+    "name": "133"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "136"
+        "type": "169"
       }
     ],
     "meta-type": "object",
-    "name": "107",
+    "name": "134",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "137"
+        "type": "170"
       },
       {
         "case": "luks",
-        "type": "138"
+        "type": "171"
       }
     ]
   },
@@ -3408,7 +4178,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "108",
+    "name": "135",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -3431,11 +4201,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "139"
+        "type": "172"
       }
     ],
     "meta-type": "object",
-    "name": "109"
+    "name": "136"
   },
   {
     "members": [
@@ -3445,7 +4215,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "110"
+    "name": "137"
   },
   {
     "members": [
@@ -3455,7 +4225,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "111"
+    "name": "138"
   },
   {
     "members": [
@@ -3465,7 +4235,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "112"
+    "name": "139"
   },
   {
     "members": [
@@ -3475,7 +4245,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "113"
+    "name": "140"
   },
   {
     "members": [
@@ -3485,7 +4255,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "114"
+    "name": "141"
   },
   {
     "members": [
@@ -3495,7 +4265,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "115"
+    "name": "142"
   },
   {
     "members": [
@@ -3505,7 +4275,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "116"
+    "name": "143"
   },
   {
     "members": [
@@ -3515,7 +4285,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "117"
+    "name": "144"
   },
   {
     "members": [
@@ -3527,7 +4297,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "118",
+    "name": "145",
     "values": [
       "individual",
       "grouped"
@@ -3549,7 +4319,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "119",
+    "name": "146",
     "values": [
       "inet",
       "unix",
@@ -3561,68 +4331,68 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "140"
+        "type": "173"
       }
     ],
     "meta-type": "object",
-    "name": "120"
+    "name": "147"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "141"
+        "type": "174"
       }
     ],
     "meta-type": "object",
-    "name": "121"
+    "name": "148"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "142"
+        "type": "175"
       }
     ],
     "meta-type": "object",
-    "name": "122"
+    "name": "149"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "143"
+        "type": "176"
       }
     ],
     "meta-type": "object",
-    "name": "123"
+    "name": "150"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "119"
+        "type": "146"
       }
     ],
     "meta-type": "object",
-    "name": "124",
+    "name": "151",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "140"
+        "type": "173"
       },
       {
         "case": "unix",
-        "type": "141"
+        "type": "174"
       },
       {
         "case": "vsock",
-        "type": "142"
+        "type": "175"
       },
       {
         "case": "fd",
-        "type": "143"
+        "type": "176"
       }
     ]
   },
@@ -3639,7 +4409,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "125",
+    "name": "152",
     "values": [
       "off",
       "on",
@@ -3647,9 +4417,171 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "json-type": "value",
-    "meta-type": "builtin",
-    "name": "any"
+    "members": [
+      {
+        "name": "raw"
+      },
+      {
+        "name": "base64"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "153",
+    "values": [
+      "raw",
+      "base64"
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "iops-total",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-total-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-total-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-read",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-read-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-read-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-write",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-write-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-write-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-total",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-total-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-total-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-read",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-read-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-read-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-write",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-write-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-write-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "154"
+  },
+  {
+    "members": [
+      {
+        "name": "null"
+      },
+      {
+        "name": "socket"
+      },
+      {
+        "name": "ringbuf"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "155",
+    "values": [
+      "null",
+      "socket",
+      "ringbuf"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "177"
+      }
+    ],
+    "meta-type": "object",
+    "name": "156"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "178"
+      }
+    ],
+    "meta-type": "object",
+    "name": "157"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "179"
+      }
+    ],
+    "meta-type": "object",
+    "name": "158"
   },
   {
     "members": [
@@ -3670,7 +4602,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "126",
+    "name": "159",
     "values": [
       "qcow2",
       "vmdk",
@@ -3683,51 +4615,51 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "144"
+        "type": "180"
       }
     ],
     "meta-type": "object",
-    "name": "127"
+    "name": "160"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "145"
+        "type": "181"
       }
     ],
     "meta-type": "object",
-    "name": "128"
+    "name": "161"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "146"
+        "type": "182"
       }
     ],
     "meta-type": "object",
-    "name": "129"
+    "name": "162"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "147"
+        "type": "183"
       }
     ],
     "meta-type": "object",
-    "name": "130"
+    "name": "163"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "148"
+        "type": "184"
       }
     ],
     "meta-type": "object",
-    "name": "131"
+    "name": "164"
   },
   {
     "members": [
@@ -3877,7 +4809,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "132",
+    "name": "165",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -3951,7 +4883,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "133",
+    "name": "166",
     "values": [
       "read",
       "write",
@@ -3971,7 +4903,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "135"
+        "type": "168"
       },
       {
         "default": null,
@@ -4020,7 +4952,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "134"
+    "name": "167"
   },
   {
     "members": [
@@ -4038,7 +4970,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "135",
+    "name": "168",
     "values": [
       "none",
       "constant",
@@ -4056,7 +4988,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "136",
+    "name": "169",
     "values": [
       "aes",
       "luks"
@@ -4071,7 +5003,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "137"
+    "name": "170"
   },
   {
     "members": [
@@ -4082,12 +5014,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "138"
+    "name": "171"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "139"
+    "name": "172"
   },
   {
     "members": [
@@ -4131,7 +5063,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "140"
+    "name": "173"
   },
   {
     "members": [
@@ -4151,7 +5083,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "141"
+    "name": "174"
   },
   {
     "members": [
@@ -4165,7 +5097,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "142"
+    "name": "175"
   },
   {
     "members": [
@@ -4175,7 +5107,117 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "143"
+    "name": "176"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "logfile",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "logappend",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "177"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "logfile",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "logappend",
+        "type": "bool"
+      },
+      {
+        "name": "addr",
+        "type": "106"
+      },
+      {
+        "default": null,
+        "name": "tls-creds",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "tls-authz",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "server",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "wait",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "nodelay",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "telnet",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "tn3270",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "websocket",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "features": [
+          "deprecated"
+        ],
+        "name": "reconnect",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "reconnect-ms",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "178"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "logfile",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "logappend",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "179"
   },
   {
     "members": [
@@ -4215,20 +5257,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "149"
+        "type": "185"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[150]"
+        "type": "[186]"
       },
       {
         "name": "compression-type",
-        "type": "151"
+        "type": "187"
       }
     ],
     "meta-type": "object",
-    "name": "144"
+    "name": "180"
   },
   {
     "members": [
@@ -4246,34 +5288,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[152]"
+        "type": "[188]"
       }
     ],
     "meta-type": "object",
-    "name": "145"
+    "name": "181"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "153"
+        "type": "189"
       },
       {
         "name": "cipher-mode",
-        "type": "154"
+        "type": "190"
       },
       {
         "name": "ivgen-alg",
-        "type": "155"
+        "type": "191"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "156"
+        "type": "192"
       },
       {
         "name": "hash-alg",
-        "type": "156"
+        "type": "192"
       },
       {
         "name": "detached-header",
@@ -4293,22 +5335,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[157]"
+        "type": "[193]"
       }
     ],
     "meta-type": "object",
-    "name": "146"
+    "name": "182"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "158"
+        "type": "194"
       }
     ],
     "meta-type": "object",
-    "name": "147"
+    "name": "183"
   },
   {
     "members": [
@@ -4319,22 +5361,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "148"
+    "name": "184"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "136"
+        "type": "169"
       }
     ],
     "meta-type": "object",
-    "name": "149",
+    "name": "185",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "146"
+        "type": "182"
       },
       {
         "case": "aes",
@@ -4343,9 +5385,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "150",
+    "element-type": "186",
     "meta-type": "array",
-    "name": "[150]"
+    "name": "[186]"
   },
   {
     "members": [
@@ -4359,11 +5401,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[159]"
+        "type": "[195]"
       }
     ],
     "meta-type": "object",
-    "name": "150"
+    "name": "186"
   },
   {
     "members": [
@@ -4375,16 +5417,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "151",
+    "name": "187",
     "values": [
       "zlib",
       "zstd"
     ]
   },
   {
-    "element-type": "152",
+    "element-type": "188",
     "meta-type": "array",
-    "name": "[152]"
+    "name": "[188]"
   },
   {
     "members": [
@@ -4412,7 +5454,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "152"
+    "name": "188"
   },
   {
     "members": [
@@ -4457,7 +5499,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "153",
+    "name": "189",
     "values": [
       "aes-128",
       "aes-192",
@@ -4490,7 +5532,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "154",
+    "name": "190",
     "values": [
       "ecb",
       "cbc",
@@ -4511,7 +5553,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "155",
+    "name": "191",
     "values": [
       "plain",
       "plain64",
@@ -4546,7 +5588,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "156",
+    "name": "192",
     "values": [
       "md5",
       "sha1",
@@ -4559,9 +5601,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "157",
+    "element-type": "193",
     "meta-type": "array",
-    "name": "[157]"
+    "name": "[193]"
   },
   {
     "members": [
@@ -4585,7 +5627,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "157"
+    "name": "193"
   },
   {
     "members": [
@@ -4600,7 +5642,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "158",
+    "name": "194",
     "values": [
       "luks",
       "luks2",
@@ -4608,9 +5650,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "159",
+    "element-type": "195",
     "meta-type": "array",
-    "name": "[159]"
+    "name": "[195]"
   },
   {
     "members": [
@@ -4622,7 +5664,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "159",
+    "name": "195",
     "values": [
       "in-use",
       "auto"
