@@ -406,14 +406,14 @@ pub(crate) fn nbd_server_add(
     state: &mut BlockState,
     args: qmp_api::NbdServerAddOptions,
 ) -> Result<(), QmpError> {
-    if state.exports.server.is_none() {
-        return Err(QmpError::generic("NBD server not running"));
-    }
     state
         .graph
         .as_ref()
         .and_then(|g| g.node(&args.device))
         .ok_or_else(|| node::not_found(&args.device, &args.device))?;
+    if state.exports.server.is_none() {
+        return Err(QmpError::generic("NBD server not running"));
+    }
     let read_only = state
         .graph
         .as_ref()
