@@ -297,8 +297,13 @@ fn every_command_of_the_generated_table_is_served_with_valid_arguments() {
         s.ok("ringbuf-read", json!({"device": "r", "size": 8})),
         "abc"
     );
+    s.ok(
+        "chardev-change",
+        json!({"id": "r", "backend": {"type": "null", "data": {}}}),
+    );
     s.ok("chardev-remove", json!({"id": "c"}));
     s.ok("chardev-remove", json!({"id": "r"}));
+    assert_eq!(s.ok("query-block", json!({})), json!([]));
 
     s.ok("quit", json!({}));
     let missing: Vec<&String> = table.difference(&s.run).collect();

@@ -308,6 +308,21 @@ impl Chardevs {
         })
     }
 
+    /// `chardev-change`: QEMU's case of a chardev without a user (the old one goes, then the
+    /// new one is added; a failed add leaves neither); a monitor's cannot be changed.
+    pub(crate) fn change(&mut self, id: String, backend: ChardevBackend) -> Result<(), QmpError> {
+        let Some(at) = self.list.iter().position(|(i, _)| *i == id) else {
+            return Err(QmpError::generic(format!("Chardev '{id}' does not exist")));
+        };
+        if matches!(self.list[at].1, Kind::Monitor { .. }) {
+            return Err(QmpError::generic(
+                "Chardev user does not support chardev hotswap",
+            ));
+        }
+        self.list.remove(at);
+        self.add(id, backend)
+    }
+
     /// `chardev-remove`.
     pub(crate) fn remove(&mut self, id: &str) -> Result<(), QmpError> {
         let Some(at) = self.list.iter().position(|(i, _)| i == id) else {

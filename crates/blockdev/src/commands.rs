@@ -386,6 +386,14 @@ impl Commands for Blockdev {
         Ok(ChardevReturn { pty: None })
     }
 
+    fn chardev_change(
+        &mut self,
+        args: qmp_api::ChardevChangeArguments,
+    ) -> Result<ChardevReturn, QmpError> {
+        self.state.chardevs.change(args.id, args.backend)?;
+        Ok(ChardevReturn { pty: None })
+    }
+
     fn chardev_remove(&mut self, args: ChardevRemoveArguments) -> Result<(), QmpError> {
         self.state.chardevs.remove(&args.id)
     }
@@ -404,6 +412,12 @@ impl Commands for Blockdev {
         self.state
             .chardevs
             .ringbuf_read(&args.device, args.size, args.format)
+    }
+
+    /// A storage daemon has no named block backend and no guest device: QSD's answer is
+    /// always empty (exports' backends are anonymous).
+    fn query_block(&mut self) -> Result<Vec<qmp_api::BlockInfo>, QmpError> {
+        Ok(Vec::new())
     }
 
     // ----- the legacy NBD export commands (export.rs) -----
