@@ -182,3 +182,51 @@ fn a_chardev_added_at_run_time_takes_a_client_as_in_qemu_storage_daemon() {
     assert_eq!(ours, theirs);
     assert_eq!(ours[0], json!(false));
 }
+
+/// The command names of a `query-commands` answer.
+fn command_names(program: &Path) -> std::collections::BTreeSet<String> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::spawn(program, dir.path());
+    let mut qmp = daemon.connect();
+    let names = ok(&mut qmp, "query-commands", json!({}))
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .collect();
+    ok(&mut qmp, "quit", json!({}));
+    names
+}
+
+#[test]
+fn every_qemu_storage_daemon_command_not_served_is_named_in_the_readme() {
+    let ours = command_names(&blockjobd());
+    let theirs = command_names(Path::new("qemu-storage-daemon"));
+    assert_eq!(
+        theirs.len(),
+        76,
+        "qemu-storage-daemon 10.0.2 serves 76 commands"
+    );
+    let extra: Vec<&String> = ours.difference(&theirs).collect();
+    assert!(extra.is_empty(), "not QSD commands: {extra:?}");
+    let readme =
+        std::fs::read_to_string(blockjobs_tests::repo_root().join("README.md")).expect("README.md");
+    let section = readme
+        .split("### Commands not served")
+        .nth(1)
+        .and_then(|rest| rest.split("\n#").next())
+        .expect("README section 'Commands not served'");
+    let missing: Vec<&String> = theirs
+        .difference(&ours)
+        .filter(|name| !section.contains(&format!("`{name}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "served by QSD, not by blockjobd, and not named in the README: {missing:?}"
+    );
+    println!(
+        "blockjobd serves {} of qemu-storage-daemon's {} commands",
+        ours.len(),
+        theirs.len()
+    );
+}
