@@ -62,7 +62,7 @@ fn run_command_line(program: &Path) -> (Vec<Value>, Duration) {
     let daemon = Daemon::spawn_with(program, dir.path(), &options);
     let mut qmp = daemon.connect();
     let mut answers = Vec::new();
-    let mut names = |v: Value| {
+    let names = |v: Value| {
         let mut list: Vec<Value> = v.as_array().cloned().unwrap_or_default();
         list.sort_by_key(|p| p["name"].as_str().map(str::to_string));
         Value::Array(list)
@@ -82,8 +82,7 @@ fn run_command_line(program: &Path) -> (Vec<Value>, Duration) {
     }
     answers.push(
         qmp.execute("object-del", json!({"id": "tg0"}))
-            .err()
-            .expect("the group is in use"),
+            .expect_err("the group is in use"),
     );
     // 1 MiB in 64 KiB writes through the throttled export: 0.1 MiB pass at once, the rest at
     // 1 MiB/s.

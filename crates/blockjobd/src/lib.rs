@@ -23,6 +23,9 @@ use crate::cli::{Command, Options};
 /// The socket served when blockjobd runs without options.
 pub const DEFAULT_SOCKET: &str = "blockjobd.sock";
 
+/// Called with a `--monitor`'s chardev id and QEMU's text for it.
+pub type MonitorChardevHook = Box<dyn Fn(&str, &str) + Send + Sync>;
+
 /// What the rest of the daemon plugs into the server.
 pub struct Services {
     /// Executes every command except `qmp_capabilities` and `quit`.
@@ -33,7 +36,7 @@ pub struct Services {
     pub on_shutdown: OnShutdown,
     /// Told of each `--monitor`'s chardev (id, QEMU's text for it) once it listens, so that
     /// `query-chardev` lists it and `chardev-remove` refuses it.
-    pub monitor_chardev: Option<Box<dyn Fn(&str, &str) + Send + Sync>>,
+    pub monitor_chardev: Option<MonitorChardevHook>,
 }
 
 /// [`Services::on_shutdown`].
