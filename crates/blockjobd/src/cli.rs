@@ -454,7 +454,7 @@ mod tests {
         );
         assert_eq!(
             error(&["--object", "iothread,id=io0,poll-max-ns=x"]),
-            "--object iothread,id=io0,poll-max-ns=x: Parameter 'poll-max-ns' expects an integer"
+            "--object iothread,id=io0,poll-max-ns=x: Parameter 'poll-max-ns' expects integer"
         );
     }
 
