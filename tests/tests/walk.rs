@@ -111,10 +111,6 @@ const KNOWN: &[(&str, &str)] = &[
         "detect-zeroes=unmap without discard=unmap is not refused (issue 10)",
     ),
     (
-        "blockdev-backup compress=true",
-        "backup compress: QEMU's checks come after the job id's (issue 14, mirror2)",
-    ),
-    (
         "blockdev-backup filter-node-name=\"n1\"",
         "backup filter-node-name: checked after the job id (issue 14, nbd2's copy-before-write)",
     ),
