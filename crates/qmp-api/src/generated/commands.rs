@@ -312,6 +312,30 @@ impl ::qapi_runtime::Command for QueryNamedBlockNodesArguments {
     type Returns = Vec<BlockDeviceInfo>;
     const ALLOW_PRECONFIG: bool = true;
 }
+/// List the named block backends and guest block devices.  A storage
+/// daemon has neither (its exports' backends are anonymous), so the
+/// list is empty, as qemu-storage-daemon's is; nodes are listed by
+/// `query-named-block-nodes`.
+///
+/// **Returns:** the block devices
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `query-block` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryBlockArguments {}
+impl QueryBlockArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+::qapi_runtime::impl_object!(QueryBlockArguments {});
+impl ::qapi_runtime::Command for QueryBlockArguments {
+    const NAME: &'static str = "query-block";
+    type Returns = Vec<BlockInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
 /// Open a block node, and any nodes defined inline as its children.
 /// The top-level node must have a node-name.
 ///
@@ -1396,6 +1420,39 @@ impl ::qapi_runtime::Command for ChardevAddArguments {
     const NAME: &'static str = "chardev-add";
     type Returns = ChardevReturn;
 }
+/// Replace a character device by a new one of the same id.  As in
+/// QEMU, a device nothing uses is removed and the new one added; if
+/// adding fails, the old device is gone.  A monitor's device cannot be
+/// changed.
+///
+/// **Returns:** what the new device is
+///
+/// **Errors:**
+///
+/// - If there is no such device, a monitor uses it, or the new
+///   device cannot be opened, GenericError
+///
+/// **Since:** 5.1
+///
+/// The arguments of command `chardev-change` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevChangeArguments {
+    /// the device's id
+    pub id: String,
+    /// the new device's kind and settings
+    pub backend: ChardevBackend,
+}
+impl ChardevChangeArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl Into<String>, backend: ChardevBackend) -> Self {
+        Self { id: id.into(), backend }
+    }
+}
+::qapi_runtime::impl_object!(ChardevChangeArguments { id("id"), backend("backend") });
+impl ::qapi_runtime::Command for ChardevChangeArguments {
+    const NAME: &'static str = "chardev-change";
+    type Returns = ChardevReturn;
+}
 /// Remove a character device.
 ///
 /// **Errors:**
@@ -1509,6 +1566,10 @@ pub trait Commands {
         args: QueryNamedBlockNodesArguments,
     ) -> ::qapi_runtime::Result<Vec<BlockDeviceInfo>> {
         Err(::qapi_runtime::QmpError::command_not_found("query-named-block-nodes"))
+    }
+    /// `query-block`: see [`QueryBlockArguments`].
+    fn query_block(&mut self) -> ::qapi_runtime::Result<Vec<BlockInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-block"))
     }
     /// `blockdev-add`: see [`BlockdevAddArguments`].
     fn blockdev_add(&mut self, args: BlockdevOptions) -> ::qapi_runtime::Result<()> {
@@ -1784,6 +1845,13 @@ pub trait Commands {
     ) -> ::qapi_runtime::Result<ChardevReturn> {
         Err(::qapi_runtime::QmpError::command_not_found("chardev-add"))
     }
+    /// `chardev-change`: see [`ChardevChangeArguments`].
+    fn chardev_change(
+        &mut self,
+        args: ChardevChangeArguments,
+    ) -> ::qapi_runtime::Result<ChardevReturn> {
+        Err(::qapi_runtime::QmpError::command_not_found("chardev-change"))
+    }
     /// `chardev-remove`: see [`ChardevRemoveArguments`].
     fn chardev_remove(
         &mut self,
@@ -1878,6 +1946,10 @@ pub fn dispatch(
                         ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
                     )?,
             )
+        }
+        "query-block" => {
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_block()?)
         }
         "blockdev-add" => {
             ::qapi_runtime::wire::reply_empty(
@@ -2176,6 +2248,14 @@ pub fn dispatch(
                     .chardev_add(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
             )
         }
+        "chardev-change" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .chardev_change(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
         "chardev-remove" => {
             ::qapi_runtime::wire::reply_empty(
                 handler
@@ -2210,6 +2290,7 @@ pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
     <JobFinalizeArguments as ::qapi_runtime::Command>::PROPERTIES,
     <QueryJobsArguments as ::qapi_runtime::Command>::PROPERTIES,
     <QueryNamedBlockNodesArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryBlockArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevAddArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevDelArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockDirtyBitmapAddArguments as ::qapi_runtime::Command>::PROPERTIES,
@@ -2253,6 +2334,7 @@ pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
     <RingbufWriteArguments as ::qapi_runtime::Command>::PROPERTIES,
     <RingbufReadArguments as ::qapi_runtime::Command>::PROPERTIES,
     <ChardevAddArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ChardevChangeArguments as ::qapi_runtime::Command>::PROPERTIES,
     <ChardevRemoveArguments as ::qapi_runtime::Command>::PROPERTIES,
     <ChardevSendBreakArguments as ::qapi_runtime::Command>::PROPERTIES,
 ];

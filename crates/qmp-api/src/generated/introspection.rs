@@ -88,54 +88,60 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "[14]"
   },
   {
-    "arg-type": "15",
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-block",
+    "ret-type": "[15]"
+  },
+  {
+    "arg-type": "16",
     "meta-type": "command",
     "name": "blockdev-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "16",
+    "arg-type": "17",
     "meta-type": "command",
     "name": "blockdev-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "17",
+    "arg-type": "18",
     "meta-type": "event",
     "name": "BLOCK_IMAGE_CORRUPTED"
   },
   {
-    "arg-type": "18",
+    "arg-type": "19",
     "meta-type": "command",
     "name": "block-dirty-bitmap-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "20",
     "meta-type": "command",
     "name": "block-dirty-bitmap-remove",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "20",
     "meta-type": "command",
     "name": "block-dirty-bitmap-clear",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "20",
     "meta-type": "command",
     "name": "block-dirty-bitmap-enable",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "20",
     "meta-type": "command",
     "name": "block-dirty-bitmap-disable",
     "ret-type": "1"
   },
   {
-    "arg-type": "20",
+    "arg-type": "21",
     "meta-type": "command",
     "name": "block-dirty-bitmap-merge",
     "ret-type": "1"
@@ -144,89 +150,89 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "arg-type": "1",
     "meta-type": "command",
     "name": "query-block-jobs",
-    "ret-type": "[21]"
+    "ret-type": "[22]"
   },
   {
-    "arg-type": "22",
+    "arg-type": "23",
     "meta-type": "command",
     "name": "block-job-set-speed",
     "ret-type": "1"
   },
   {
-    "arg-type": "23",
+    "arg-type": "24",
     "meta-type": "command",
     "name": "block-job-cancel",
     "ret-type": "1"
   },
   {
-    "arg-type": "24",
+    "arg-type": "25",
     "meta-type": "command",
     "name": "block-job-pause",
     "ret-type": "1"
   },
   {
-    "arg-type": "25",
+    "arg-type": "26",
     "meta-type": "command",
     "name": "block-job-resume",
     "ret-type": "1"
   },
   {
-    "arg-type": "26",
+    "arg-type": "27",
     "meta-type": "command",
     "name": "block-job-complete",
     "ret-type": "1"
   },
   {
-    "arg-type": "27",
+    "arg-type": "28",
     "meta-type": "command",
     "name": "block-job-dismiss",
     "ret-type": "1"
   },
   {
-    "arg-type": "28",
+    "arg-type": "29",
     "meta-type": "command",
     "name": "block-job-finalize",
     "ret-type": "1"
   },
   {
-    "arg-type": "29",
+    "arg-type": "30",
     "meta-type": "command",
     "name": "block-job-change",
     "ret-type": "1"
   },
   {
-    "arg-type": "30",
+    "arg-type": "31",
     "meta-type": "event",
     "name": "BLOCK_JOB_COMPLETED"
   },
   {
-    "arg-type": "31",
+    "arg-type": "32",
     "meta-type": "event",
     "name": "BLOCK_JOB_CANCELLED"
   },
   {
-    "arg-type": "32",
+    "arg-type": "33",
     "meta-type": "event",
     "name": "BLOCK_JOB_ERROR"
   },
   {
-    "arg-type": "33",
+    "arg-type": "34",
     "meta-type": "event",
     "name": "BLOCK_JOB_READY"
   },
   {
-    "arg-type": "34",
+    "arg-type": "35",
     "meta-type": "event",
     "name": "BLOCK_JOB_PENDING"
   },
   {
-    "arg-type": "35",
+    "arg-type": "36",
     "meta-type": "command",
     "name": "blockdev-backup",
     "ret-type": "1"
   },
   {
-    "arg-type": "36",
+    "arg-type": "37",
     "features": [
       "deprecated"
     ],
@@ -235,25 +241,25 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "37",
+    "arg-type": "38",
     "meta-type": "command",
     "name": "blockdev-mirror",
     "ret-type": "1"
   },
   {
-    "arg-type": "38",
+    "arg-type": "39",
     "meta-type": "command",
     "name": "drive-mirror",
     "ret-type": "1"
   },
   {
-    "arg-type": "39",
+    "arg-type": "40",
     "meta-type": "command",
     "name": "blockdev-snapshot-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "40",
+    "arg-type": "41",
     "features": [
       "allow-write-only-overlay"
     ],
@@ -262,19 +268,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "41",
+    "arg-type": "42",
     "meta-type": "command",
     "name": "blockdev-snapshot-internal-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "42",
+    "arg-type": "43",
     "meta-type": "command",
     "name": "transaction",
     "ret-type": "1"
   },
   {
-    "arg-type": "43",
+    "arg-type": "44",
     "meta-type": "command",
     "name": "nbd-server-start",
     "ret-type": "1"
@@ -286,7 +292,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "44",
+    "arg-type": "45",
     "features": [
       "deprecated"
     ],
@@ -295,7 +301,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "45",
+    "arg-type": "46",
     "features": [
       "deprecated"
     ],
@@ -304,60 +310,60 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "46",
+    "arg-type": "47",
     "meta-type": "command",
     "name": "block-export-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "47",
+    "arg-type": "48",
     "meta-type": "command",
     "name": "block-export-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "48",
+    "arg-type": "49",
     "meta-type": "event",
     "name": "BLOCK_EXPORT_DELETED"
   },
   {
-    "arg-type": "49",
+    "arg-type": "50",
     "meta-type": "command",
     "name": "qom-list",
-    "ret-type": "[50]"
+    "ret-type": "[51]"
   },
   {
-    "arg-type": "51",
+    "arg-type": "52",
     "meta-type": "command",
     "name": "qom-get",
     "ret-type": "any"
   },
   {
-    "arg-type": "52",
+    "arg-type": "53",
     "meta-type": "command",
     "name": "qom-set",
     "ret-type": "1"
   },
   {
-    "arg-type": "53",
+    "arg-type": "54",
     "meta-type": "command",
     "name": "qom-list-types",
-    "ret-type": "[54]"
-  },
-  {
-    "arg-type": "55",
-    "meta-type": "command",
-    "name": "qom-list-properties",
-    "ret-type": "[50]"
+    "ret-type": "[55]"
   },
   {
     "arg-type": "56",
+    "meta-type": "command",
+    "name": "qom-list-properties",
+    "ret-type": "[51]"
+  },
+  {
+    "arg-type": "57",
     "meta-type": "command",
     "name": "object-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "57",
+    "arg-type": "58",
     "meta-type": "command",
     "name": "object-del",
     "ret-type": "1"
@@ -366,40 +372,46 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "arg-type": "1",
     "meta-type": "command",
     "name": "query-chardev",
-    "ret-type": "[58]"
+    "ret-type": "[59]"
   },
   {
     "arg-type": "1",
     "meta-type": "command",
     "name": "query-chardev-backends",
-    "ret-type": "[59]"
+    "ret-type": "[60]"
   },
   {
-    "arg-type": "60",
+    "arg-type": "61",
     "meta-type": "command",
     "name": "ringbuf-write",
     "ret-type": "1"
   },
   {
-    "arg-type": "61",
+    "arg-type": "62",
     "meta-type": "command",
     "name": "ringbuf-read",
     "ret-type": "str"
   },
   {
-    "arg-type": "62",
+    "arg-type": "63",
     "meta-type": "command",
     "name": "chardev-add",
-    "ret-type": "63"
+    "ret-type": "64"
   },
   {
-    "arg-type": "64",
+    "arg-type": "65",
+    "meta-type": "command",
+    "name": "chardev-change",
+    "ret-type": "64"
+  },
+  {
+    "arg-type": "66",
     "meta-type": "command",
     "name": "chardev-remove",
     "ret-type": "1"
   },
   {
-    "arg-type": "65",
+    "arg-type": "67",
     "meta-type": "command",
     "name": "chardev-send-break",
     "ret-type": "1"
@@ -409,7 +421,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "enable",
-        "type": "[66]"
+        "type": "[68]"
       }
     ],
     "meta-type": "object",
@@ -424,7 +436,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qemu",
-        "type": "67"
+        "type": "69"
       },
       {
         "name": "package",
@@ -462,7 +474,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "meta-type",
-        "type": "68"
+        "type": "70"
       },
       {
         "default": null,
@@ -476,31 +488,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "builtin",
-        "type": "69"
-      },
-      {
-        "case": "enum",
-        "type": "70"
-      },
-      {
-        "case": "array",
         "type": "71"
       },
       {
-        "case": "object",
+        "case": "enum",
         "type": "72"
       },
       {
-        "case": "alternate",
+        "case": "array",
         "type": "73"
       },
       {
-        "case": "command",
+        "case": "object",
         "type": "74"
       },
       {
-        "case": "event",
+        "case": "alternate",
         "type": "75"
+      },
+      {
+        "case": "command",
+        "type": "76"
+      },
+      {
+        "case": "event",
+        "type": "77"
       }
     ]
   },
@@ -512,7 +524,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "76"
+        "type": "78"
       }
     ],
     "meta-type": "object",
@@ -591,11 +603,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "77"
+        "type": "79"
       },
       {
         "name": "status",
-        "type": "76"
+        "type": "78"
       },
       {
         "name": "current-progress",
@@ -668,7 +680,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "detect_zeroes",
-        "type": "78"
+        "type": "80"
       },
       {
         "name": "bps",
@@ -696,7 +708,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "image",
-        "type": "79"
+        "type": "81"
       },
       {
         "default": null,
@@ -770,7 +782,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "cache",
-        "type": "80"
+        "type": "82"
       },
       {
         "name": "write_threshold",
@@ -779,17 +791,64 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "dirty-bitmaps",
-        "type": "[81]"
+        "type": "[83]"
       }
     ],
     "meta-type": "object",
     "name": "14"
   },
   {
+    "element-type": "15",
+    "meta-type": "array",
+    "name": "[15]"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "qdev",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "str"
+      },
+      {
+        "name": "removable",
+        "type": "bool"
+      },
+      {
+        "name": "locked",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "inserted",
+        "type": "14"
+      },
+      {
+        "default": null,
+        "name": "tray_open",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "io-status",
+        "type": "84"
+      }
+    ],
+    "meta-type": "object",
+    "name": "15"
+  },
+  {
     "members": [
       {
         "name": "driver",
-        "type": "82"
+        "type": "85"
       },
       {
         "default": null,
@@ -799,12 +858,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "discard",
-        "type": "83"
+        "type": "86"
       },
       {
         "default": null,
         "name": "cache",
-        "type": "84"
+        "type": "87"
       },
       {
         "default": null,
@@ -829,40 +888,40 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "detect-zeroes",
-        "type": "78"
+        "type": "80"
       }
     ],
     "meta-type": "object",
-    "name": "15",
+    "name": "16",
     "tag": "driver",
     "variants": [
       {
         "case": "blkdebug",
-        "type": "85"
-      },
-      {
-        "case": "copy-on-read",
-        "type": "86"
-      },
-      {
-        "case": "file",
-        "type": "87"
-      },
-      {
-        "case": "null-co",
         "type": "88"
       },
       {
-        "case": "qcow2",
+        "case": "copy-on-read",
         "type": "89"
       },
       {
-        "case": "raw",
+        "case": "file",
         "type": "90"
       },
       {
-        "case": "throttle",
+        "case": "null-co",
         "type": "91"
+      },
+      {
+        "case": "qcow2",
+        "type": "92"
+      },
+      {
+        "case": "raw",
+        "type": "93"
+      },
+      {
+        "case": "throttle",
+        "type": "94"
       }
     ]
   },
@@ -874,7 +933,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "16"
+    "name": "17"
   },
   {
     "members": [
@@ -907,7 +966,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "17"
+    "name": "18"
   },
   {
     "members": [
@@ -936,7 +995,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "18"
+    "name": "19"
   },
   {
     "members": [
@@ -950,7 +1009,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "19"
+    "name": "20"
   },
   {
     "members": [
@@ -964,22 +1023,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[92]"
+        "type": "[95]"
       }
     ],
     "meta-type": "object",
-    "name": "20"
+    "name": "21"
   },
   {
-    "element-type": "21",
+    "element-type": "22",
     "meta-type": "array",
-    "name": "[21]"
+    "name": "[22]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "77"
+        "type": "79"
       },
       {
         "name": "device",
@@ -1007,7 +1066,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "93"
+        "type": "84"
       },
       {
         "name": "ready",
@@ -1015,7 +1074,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "76"
+        "type": "78"
       },
       {
         "name": "auto-finalize",
@@ -1032,12 +1091,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "21",
+    "name": "22",
     "tag": "type",
     "variants": [
       {
         "case": "mirror",
-        "type": "94"
+        "type": "96"
       },
       {
         "case": "commit",
@@ -1085,7 +1144,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "22"
+    "name": "23"
   },
   {
     "members": [
@@ -1097,16 +1156,6 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "default": null,
         "name": "force",
         "type": "bool"
-      }
-    ],
-    "meta-type": "object",
-    "name": "23"
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
       }
     ],
     "meta-type": "object",
@@ -1135,7 +1184,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "id",
+        "name": "device",
         "type": "str"
       }
     ],
@@ -1157,19 +1206,29 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "name": "id",
         "type": "str"
-      },
-      {
-        "name": "type",
-        "type": "77"
       }
     ],
     "meta-type": "object",
-    "name": "29",
+    "name": "29"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "79"
+      }
+    ],
+    "meta-type": "object",
+    "name": "30",
     "tag": "type",
     "variants": [
       {
         "case": "mirror",
-        "type": "95"
+        "type": "97"
       },
       {
         "case": "commit",
@@ -1209,7 +1268,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "77"
+        "type": "79"
       },
       {
         "name": "device",
@@ -1234,13 +1293,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "30"
+    "name": "31"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "77"
+        "type": "79"
       },
       {
         "name": "device",
@@ -1260,7 +1319,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "31"
+    "name": "32"
   },
   {
     "members": [
@@ -1270,21 +1329,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "96"
+        "type": "98"
       },
       {
         "name": "action",
-        "type": "97"
+        "type": "99"
       }
     ],
     "meta-type": "object",
-    "name": "32"
+    "name": "33"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "77"
+        "type": "79"
       },
       {
         "name": "device",
@@ -1304,97 +1363,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "33"
-  },
-  {
-    "members": [
-      {
-        "name": "type",
-        "type": "77"
-      },
-      {
-        "name": "id",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
     "name": "34"
   },
   {
     "members": [
       {
-        "default": null,
-        "name": "job-id",
-        "type": "str"
+        "name": "type",
+        "type": "79"
       },
       {
-        "name": "device",
-        "type": "str"
-      },
-      {
-        "name": "sync",
-        "type": "98"
-      },
-      {
-        "default": null,
-        "name": "speed",
-        "type": "int"
-      },
-      {
-        "default": null,
-        "name": "bitmap",
-        "type": "str"
-      },
-      {
-        "default": null,
-        "name": "bitmap-mode",
-        "type": "99"
-      },
-      {
-        "default": null,
-        "name": "compress",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "on-source-error",
-        "type": "100"
-      },
-      {
-        "default": null,
-        "name": "on-target-error",
-        "type": "100"
-      },
-      {
-        "default": null,
-        "name": "auto-finalize",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "auto-dismiss",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "filter-node-name",
-        "type": "str"
-      },
-      {
-        "default": null,
-        "name": "discard-source",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "features": [
-          "unstable"
-        ],
-        "name": "x-perf",
-        "type": "101"
-      },
-      {
-        "name": "target",
+        "name": "id",
         "type": "str"
       }
     ],
@@ -1414,7 +1392,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "98"
+        "type": "100"
       },
       {
         "default": null,
@@ -1429,7 +1407,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "99"
+        "type": "101"
       },
       {
         "default": null,
@@ -1439,12 +1417,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "100"
+        "type": "102"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "100"
+        "type": "102"
       },
       {
         "default": null,
@@ -1472,7 +1450,88 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
+        "type": "103"
+      },
+      {
+        "name": "target",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "36"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "sync",
+        "type": "100"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bitmap",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "bitmap-mode",
         "type": "101"
+      },
+      {
+        "default": null,
+        "name": "compress",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "on-source-error",
+        "type": "102"
+      },
+      {
+        "default": null,
+        "name": "on-target-error",
+        "type": "102"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "discard-source",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-perf",
+        "type": "103"
       },
       {
         "name": "target",
@@ -1486,11 +1545,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "102"
+        "type": "104"
       }
     ],
     "meta-type": "object",
-    "name": "36"
+    "name": "37"
   },
   {
     "members": [
@@ -1514,7 +1573,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "98"
+        "type": "100"
       },
       {
         "default": null,
@@ -1534,12 +1593,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "100"
+        "type": "102"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "100"
+        "type": "102"
       },
       {
         "default": null,
@@ -1549,7 +1608,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "103"
+        "type": "105"
       },
       {
         "default": null,
@@ -1563,7 +1622,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "37"
+    "name": "38"
   },
   {
     "members": [
@@ -1597,12 +1656,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "98"
+        "type": "100"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "102"
+        "type": "104"
       },
       {
         "default": null,
@@ -1622,12 +1681,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "100"
+        "type": "102"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "100"
+        "type": "102"
       },
       {
         "default": null,
@@ -1637,7 +1696,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "103"
+        "type": "105"
       },
       {
         "default": null,
@@ -1651,7 +1710,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "38"
+    "name": "39"
   },
   {
     "members": [
@@ -1682,11 +1741,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "102"
+        "type": "104"
       }
     ],
     "meta-type": "object",
-    "name": "39"
+    "name": "40"
   },
   {
     "members": [
@@ -1700,7 +1759,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "40"
+    "name": "41"
   },
   {
     "members": [
@@ -1714,22 +1773,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "41"
+    "name": "42"
   },
   {
     "members": [
       {
         "name": "actions",
-        "type": "[104]"
+        "type": "[106]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "105"
+        "type": "107"
       }
     ],
     "meta-type": "object",
-    "name": "42"
+    "name": "43"
   },
   {
     "members": [
@@ -1755,11 +1814,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "106"
+        "type": "108"
       }
     ],
     "meta-type": "object",
-    "name": "43"
+    "name": "44"
   },
   {
     "members": [
@@ -1789,7 +1848,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "44"
+    "name": "45"
   },
   {
     "members": [
@@ -1800,17 +1859,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "107"
+        "type": "109"
       }
     ],
     "meta-type": "object",
-    "name": "45"
+    "name": "46"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "108"
+        "type": "110"
       },
       {
         "name": "id",
@@ -1847,24 +1906,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "46",
+    "name": "47",
     "tag": "type",
     "variants": [
       {
         "case": "nbd",
-        "type": "109"
-      },
-      {
-        "case": "vhost-user-blk",
-        "type": "110"
-      },
-      {
-        "case": "fuse",
         "type": "111"
       },
       {
-        "case": "vduse-blk",
+        "case": "vhost-user-blk",
         "type": "112"
+      },
+      {
+        "case": "fuse",
+        "type": "113"
+      },
+      {
+        "case": "vduse-blk",
+        "type": "114"
       }
     ]
   },
@@ -1877,11 +1936,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "107"
+        "type": "109"
       }
     ],
     "meta-type": "object",
-    "name": "47"
+    "name": "48"
   },
   {
     "members": [
@@ -1891,7 +1950,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "48"
+    "name": "49"
   },
   {
     "members": [
@@ -1901,12 +1960,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "49"
+    "name": "50"
   },
   {
-    "element-type": "50",
+    "element-type": "51",
     "meta-type": "array",
-    "name": "[50]"
+    "name": "[51]"
   },
   {
     "members": [
@@ -1930,7 +1989,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "50"
+    "name": "51"
   },
   {
     "members": [
@@ -1944,7 +2003,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "51"
+    "name": "52"
   },
   {
     "json-type": "value",
@@ -1967,7 +2026,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "52"
+    "name": "53"
   },
   {
     "members": [
@@ -1983,12 +2042,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "53"
+    "name": "54"
   },
   {
-    "element-type": "54",
+    "element-type": "55",
     "meta-type": "array",
-    "name": "[54]"
+    "name": "[55]"
   },
   {
     "members": [
@@ -2008,7 +2067,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "54"
+    "name": "55"
   },
   {
     "members": [
@@ -2018,13 +2077,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "55"
+    "name": "56"
   },
   {
     "members": [
       {
         "name": "qom-type",
-        "type": "113"
+        "type": "115"
       },
       {
         "name": "id",
@@ -2032,20 +2091,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "56",
+    "name": "57",
     "tag": "qom-type",
     "variants": [
       {
         "case": "iothread",
-        "type": "114"
+        "type": "116"
       },
       {
         "case": "secret",
-        "type": "115"
+        "type": "117"
       },
       {
         "case": "throttle-group",
-        "type": "116"
+        "type": "118"
       }
     ]
   },
@@ -2057,12 +2116,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "57"
+    "name": "58"
   },
   {
-    "element-type": "58",
+    "element-type": "59",
     "meta-type": "array",
-    "name": "[58]"
+    "name": "[59]"
   },
   {
     "members": [
@@ -2080,12 +2139,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "58"
+    "name": "59"
   },
   {
-    "element-type": "59",
+    "element-type": "60",
     "meta-type": "array",
-    "name": "[59]"
+    "name": "[60]"
   },
   {
     "members": [
@@ -2095,7 +2154,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "59"
+    "name": "60"
   },
   {
     "members": [
@@ -2110,11 +2169,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "format",
-        "type": "117"
+        "type": "119"
       }
     ],
     "meta-type": "object",
-    "name": "60"
+    "name": "61"
   },
   {
     "members": [
@@ -2129,11 +2188,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "format",
-        "type": "117"
+        "type": "119"
       }
     ],
     "meta-type": "object",
-    "name": "61"
+    "name": "62"
   },
   {
     "json-type": "string",
@@ -2148,18 +2207,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "backend",
-        "type": "118"
-      }
-    ],
-    "meta-type": "object",
-    "name": "62"
-  },
-  {
-    "members": [
-      {
-        "default": null,
-        "name": "pty",
-        "type": "str"
+        "type": "120"
       }
     ],
     "meta-type": "object",
@@ -2168,7 +2216,8 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "id",
+        "default": null,
+        "name": "pty",
         "type": "str"
       }
     ],
@@ -2180,15 +2229,39 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "name": "id",
         "type": "str"
+      },
+      {
+        "name": "backend",
+        "type": "120"
       }
     ],
     "meta-type": "object",
     "name": "65"
   },
   {
-    "element-type": "66",
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "66"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "67"
+  },
+  {
+    "element-type": "68",
     "meta-type": "array",
-    "name": "[66]"
+    "name": "[68]"
   },
   {
     "members": [
@@ -2197,7 +2270,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "66",
+    "name": "68",
     "values": [
       "oob"
     ]
@@ -2218,7 +2291,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "67"
+    "name": "69"
   },
   {
     "members": [
@@ -2245,7 +2318,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "68",
+    "name": "70",
     "values": [
       "builtin",
       "enum",
@@ -2265,17 +2338,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "119"
+        "type": "121"
       }
     ],
     "meta-type": "object",
-    "name": "69"
+    "name": "71"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[120]"
+        "type": "[122]"
       },
       {
         "features": [
@@ -2286,7 +2359,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "70"
+    "name": "72"
   },
   {
     "members": [
@@ -2296,13 +2369,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "71"
+    "name": "73"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[121]"
+        "type": "[123]"
       },
       {
         "default": null,
@@ -2312,21 +2385,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[122]"
+        "type": "[124]"
       }
     ],
     "meta-type": "object",
-    "name": "72"
+    "name": "74"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[123]"
+        "type": "[125]"
       }
     ],
     "meta-type": "object",
-    "name": "73"
+    "name": "75"
   },
   {
     "members": [
@@ -2345,7 +2418,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "74"
+    "name": "76"
   },
   {
     "members": [
@@ -2355,7 +2428,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "75"
+    "name": "77"
   },
   {
     "members": [
@@ -2394,7 +2467,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "76",
+    "name": "78",
     "values": [
       "undefined",
       "created",
@@ -2440,7 +2513,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "77",
+    "name": "79",
     "values": [
       "commit",
       "stream",
@@ -2476,7 +2549,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "78",
+    "name": "80",
     "values": [
       "off",
       "on",
@@ -2540,21 +2613,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[124]"
+        "type": "[126]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "125"
+        "type": "127"
       },
       {
         "default": null,
         "name": "backing-image",
-        "type": "79"
+        "type": "81"
       }
     ],
     "meta-type": "object",
-    "name": "79"
+    "name": "81"
   },
   {
     "members": [
@@ -2572,12 +2645,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "80"
+    "name": "82"
   },
   {
-    "element-type": "81",
+    "element-type": "83",
     "meta-type": "array",
-    "name": "[81]"
+    "name": "[83]"
   },
   {
     "members": [
@@ -2613,7 +2686,27 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "81"
+    "name": "83"
+  },
+  {
+    "members": [
+      {
+        "name": "ok"
+      },
+      {
+        "name": "failed"
+      },
+      {
+        "name": "nospace"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "84",
+    "values": [
+      "ok",
+      "failed",
+      "nospace"
+    ]
   },
   {
     "members": [
@@ -2640,7 +2733,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "82",
+    "name": "85",
     "values": [
       "blkdebug",
       "copy-on-read",
@@ -2661,7 +2754,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "83",
+    "name": "86",
     "values": [
       "ignore",
       "unmap"
@@ -2681,13 +2774,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "84"
+    "name": "87"
   },
   {
     "members": [
       {
         "name": "image",
-        "type": "126"
+        "type": "128"
       },
       {
         "default": null,
@@ -2727,32 +2820,32 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[127]"
+        "type": "[129]"
       },
       {
         "default": null,
         "name": "set-state",
-        "type": "[128]"
+        "type": "[130]"
       },
       {
         "default": null,
         "name": "take-child-perms",
-        "type": "[129]"
+        "type": "[131]"
       },
       {
         "default": null,
         "name": "unshare-child-perms",
-        "type": "[129]"
+        "type": "[131]"
       }
     ],
     "meta-type": "object",
-    "name": "85"
+    "name": "88"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "126"
+        "type": "128"
       },
       {
         "default": null,
@@ -2761,7 +2854,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "86"
+    "name": "89"
   },
   {
     "features": [
@@ -2780,12 +2873,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "130"
+        "type": "132"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "131"
+        "type": "133"
       },
       {
         "default": null,
@@ -2807,7 +2900,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "87"
+    "name": "90"
   },
   {
     "members": [
@@ -2828,18 +2921,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "88"
+    "name": "91"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "126"
+        "type": "128"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "132"
+        "type": "134"
       },
       {
         "default": null,
@@ -2869,7 +2962,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "133"
+        "type": "135"
       },
       {
         "default": null,
@@ -2899,22 +2992,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "134"
+        "type": "136"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "126"
+        "type": "128"
       }
     ],
     "meta-type": "object",
-    "name": "89"
+    "name": "92"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "126"
+        "type": "128"
       },
       {
         "default": null,
@@ -2928,7 +3021,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "90"
+    "name": "93"
   },
   {
     "members": [
@@ -2938,16 +3031,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "file",
-        "type": "126"
+        "type": "128"
       }
     ],
     "meta-type": "object",
-    "name": "91"
+    "name": "94"
   },
   {
-    "element-type": "92",
+    "element-type": "95",
     "meta-type": "array",
-    "name": "[92]"
+    "name": "[95]"
   },
   {
     "members": [
@@ -2955,31 +3048,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "type": "str"
       },
       {
-        "type": "19"
+        "type": "20"
       }
     ],
     "meta-type": "alternate",
-    "name": "92"
-  },
-  {
-    "members": [
-      {
-        "name": "ok"
-      },
-      {
-        "name": "failed"
-      },
-      {
-        "name": "nospace"
-      }
-    ],
-    "meta-type": "enum",
-    "name": "93",
-    "values": [
-      "ok",
-      "failed",
-      "nospace"
-    ]
+    "name": "95"
   },
   {
     "members": [
@@ -2989,17 +3062,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "94"
+    "name": "96"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "103"
+        "type": "105"
       }
     ],
     "meta-type": "object",
-    "name": "95"
+    "name": "97"
   },
   {
     "members": [
@@ -3011,7 +3084,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "96",
+    "name": "98",
     "values": [
       "read",
       "write"
@@ -3030,7 +3103,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "97",
+    "name": "99",
     "values": [
       "ignore",
       "report",
@@ -3056,7 +3129,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "98",
+    "name": "100",
     "values": [
       "top",
       "full",
@@ -3078,7 +3151,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "99",
+    "name": "101",
     "values": [
       "on-success",
       "never",
@@ -3104,7 +3177,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "100",
+    "name": "102",
     "values": [
       "report",
       "ignore",
@@ -3137,7 +3210,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "101"
+    "name": "103"
   },
   {
     "members": [
@@ -3149,7 +3222,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "102",
+    "name": "104",
     "values": [
       "existing",
       "absolute-paths"
@@ -3165,87 +3238,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "103",
+    "name": "105",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "104",
+    "element-type": "106",
     "meta-type": "array",
-    "name": "[104]"
+    "name": "[106]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "135"
+        "type": "137"
       }
     ],
     "meta-type": "object",
-    "name": "104",
+    "name": "106",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "136"
+        "type": "138"
       },
       {
         "case": "block-dirty-bitmap-add",
-        "type": "137"
+        "type": "139"
       },
       {
         "case": "block-dirty-bitmap-remove",
-        "type": "138"
-      },
-      {
-        "case": "block-dirty-bitmap-clear",
-        "type": "138"
-      },
-      {
-        "case": "block-dirty-bitmap-enable",
-        "type": "138"
-      },
-      {
-        "case": "block-dirty-bitmap-disable",
-        "type": "138"
-      },
-      {
-        "case": "block-dirty-bitmap-merge",
-        "type": "139"
-      },
-      {
-        "case": "blockdev-backup",
         "type": "140"
       },
       {
-        "case": "blockdev-snapshot",
+        "case": "block-dirty-bitmap-clear",
+        "type": "140"
+      },
+      {
+        "case": "block-dirty-bitmap-enable",
+        "type": "140"
+      },
+      {
+        "case": "block-dirty-bitmap-disable",
+        "type": "140"
+      },
+      {
+        "case": "block-dirty-bitmap-merge",
         "type": "141"
       },
       {
-        "case": "blockdev-snapshot-internal-sync",
+        "case": "blockdev-backup",
         "type": "142"
       },
       {
-        "case": "blockdev-snapshot-sync",
+        "case": "blockdev-snapshot",
         "type": "143"
       },
       {
-        "case": "drive-backup",
+        "case": "blockdev-snapshot-internal-sync",
         "type": "144"
       },
       {
+        "case": "blockdev-snapshot-sync",
+        "type": "145"
+      },
+      {
+        "case": "drive-backup",
+        "type": "146"
+      },
+      {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "138"
+        "type": "140"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "138"
+        "type": "140"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "139"
+        "type": "141"
       }
     ]
   },
@@ -3254,38 +3327,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "145"
+        "type": "147"
       }
     ],
     "meta-type": "object",
-    "name": "105"
+    "name": "107"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "146"
+        "type": "148"
       }
     ],
     "meta-type": "object",
-    "name": "106",
+    "name": "108",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "147"
-      },
-      {
-        "case": "unix",
-        "type": "148"
-      },
-      {
-        "case": "vsock",
         "type": "149"
       },
       {
-        "case": "fd",
+        "case": "unix",
         "type": "150"
+      },
+      {
+        "case": "vsock",
+        "type": "151"
+      },
+      {
+        "case": "fd",
+        "type": "152"
       }
     ]
   },
@@ -3299,7 +3372,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "107",
+    "name": "109",
     "values": [
       "safe",
       "hard"
@@ -3321,7 +3394,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "108",
+    "name": "110",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -3344,7 +3417,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[92]"
+        "type": "[95]"
       },
       {
         "default": null,
@@ -3353,13 +3426,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "109"
+    "name": "111"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "151"
+        "type": "153"
       },
       {
         "default": null,
@@ -3373,7 +3446,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "110"
+    "name": "112"
   },
   {
     "members": [
@@ -3389,11 +3462,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "152"
+        "type": "154"
       }
     ],
     "meta-type": "object",
-    "name": "111"
+    "name": "113"
   },
   {
     "members": [
@@ -3423,7 +3496,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "112"
+    "name": "114"
   },
   {
     "members": [
@@ -3438,7 +3511,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "113",
+    "name": "115",
     "values": [
       "iothread",
       "secret",
@@ -3479,14 +3552,14 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "114"
+    "name": "116"
   },
   {
     "members": [
       {
         "default": null,
         "name": "format",
-        "type": "153"
+        "type": "155"
       },
       {
         "default": null,
@@ -3510,14 +3583,14 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "115"
+    "name": "117"
   },
   {
     "members": [
       {
         "default": null,
         "name": "limits",
-        "type": "154"
+        "type": "156"
       },
       {
         "default": null,
@@ -3673,7 +3746,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "116"
+    "name": "118"
   },
   {
     "members": [
@@ -3685,7 +3758,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "117",
+    "name": "119",
     "values": [
       "utf8",
       "base64"
@@ -3695,24 +3768,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "155"
+        "type": "157"
       }
     ],
     "meta-type": "object",
-    "name": "118",
+    "name": "120",
     "tag": "type",
     "variants": [
       {
         "case": "null",
-        "type": "156"
+        "type": "158"
       },
       {
         "case": "socket",
-        "type": "157"
+        "type": "159"
       },
       {
         "case": "ringbuf",
-        "type": "158"
+        "type": "160"
       }
     ]
   },
@@ -3744,7 +3817,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "119",
+    "name": "121",
     "values": [
       "string",
       "number",
@@ -3757,9 +3830,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "120",
+    "element-type": "122",
     "meta-type": "array",
-    "name": "[120]"
+    "name": "[122]"
   },
   {
     "members": [
@@ -3774,12 +3847,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "120"
+    "name": "122"
   },
   {
-    "element-type": "121",
+    "element-type": "123",
     "meta-type": "array",
-    "name": "[121]"
+    "name": "[123]"
   },
   {
     "members": [
@@ -3803,12 +3876,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "121"
+    "name": "123"
   },
   {
-    "element-type": "122",
+    "element-type": "124",
     "meta-type": "array",
-    "name": "[122]"
+    "name": "[124]"
   },
   {
     "members": [
@@ -3822,12 +3895,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "122"
+    "name": "124"
   },
   {
-    "element-type": "123",
+    "element-type": "125",
     "meta-type": "array",
-    "name": "[123]"
+    "name": "[125]"
   },
   {
     "members": [
@@ -3837,12 +3910,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "123"
+    "name": "125"
   },
   {
-    "element-type": "124",
+    "element-type": "126",
     "meta-type": "array",
-    "name": "[124]"
+    "name": "[126]"
   },
   {
     "members": [
@@ -3881,63 +3954,63 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "124"
+    "name": "126"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "159"
+        "type": "161"
       }
     ],
     "meta-type": "object",
-    "name": "125",
+    "name": "127",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "160"
-      },
-      {
-        "case": "vmdk",
-        "type": "161"
-      },
-      {
-        "case": "luks",
         "type": "162"
       },
       {
-        "case": "rbd",
+        "case": "vmdk",
         "type": "163"
       },
       {
-        "case": "file",
+        "case": "luks",
         "type": "164"
+      },
+      {
+        "case": "rbd",
+        "type": "165"
+      },
+      {
+        "case": "file",
+        "type": "166"
       }
     ]
   },
   {
     "members": [
       {
-        "type": "15"
+        "type": "16"
       },
       {
         "type": "str"
       }
     ],
     "meta-type": "alternate",
-    "name": "126"
+    "name": "128"
   },
   {
-    "element-type": "127",
+    "element-type": "129",
     "meta-type": "array",
-    "name": "[127]"
+    "name": "[129]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "165"
+        "type": "167"
       },
       {
         "default": null,
@@ -3947,7 +4020,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "166"
+        "type": "168"
       },
       {
         "default": null,
@@ -3971,18 +4044,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "127"
+    "name": "129"
   },
   {
-    "element-type": "128",
+    "element-type": "130",
     "meta-type": "array",
-    "name": "[128]"
+    "name": "[130]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "165"
+        "type": "167"
       },
       {
         "default": null,
@@ -3995,12 +4068,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "128"
+    "name": "130"
   },
   {
-    "element-type": "129",
+    "element-type": "131",
     "meta-type": "array",
-    "name": "[129]"
+    "name": "[131]"
   },
   {
     "members": [
@@ -4018,7 +4091,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "129",
+    "name": "131",
     "values": [
       "consistent-read",
       "write",
@@ -4039,7 +4112,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "130",
+    "name": "132",
     "values": [
       "auto",
       "on",
@@ -4059,7 +4132,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "131",
+    "name": "133",
     "values": [
       "threads",
       "native",
@@ -4069,7 +4142,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "type": "15"
+        "type": "16"
       },
       {
         "type": "str"
@@ -4079,38 +4152,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "132"
+    "name": "134"
   },
   {
     "members": [
       {
-        "type": "167"
+        "type": "169"
       },
       {
-        "type": "168"
+        "type": "170"
       }
     ],
     "meta-type": "alternate",
-    "name": "133"
+    "name": "135"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "169"
+        "type": "171"
       }
     ],
     "meta-type": "object",
-    "name": "134",
+    "name": "136",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "170"
+        "type": "172"
       },
       {
         "case": "luks",
-        "type": "171"
+        "type": "173"
       }
     ]
   },
@@ -4178,7 +4251,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "135",
+    "name": "137",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -4201,27 +4274,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "172"
-      }
-    ],
-    "meta-type": "object",
-    "name": "136"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "18"
-      }
-    ],
-    "meta-type": "object",
-    "name": "137"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "19"
+        "type": "174"
       }
     ],
     "meta-type": "object",
@@ -4231,7 +4284,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "20"
+        "type": "19"
       }
     ],
     "meta-type": "object",
@@ -4241,7 +4294,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "35"
+        "type": "20"
       }
     ],
     "meta-type": "object",
@@ -4251,7 +4304,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "40"
+        "type": "21"
       }
     ],
     "meta-type": "object",
@@ -4261,7 +4314,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "41"
+        "type": "36"
       }
     ],
     "meta-type": "object",
@@ -4271,7 +4324,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "39"
+        "type": "41"
       }
     ],
     "meta-type": "object",
@@ -4281,11 +4334,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "36"
+        "type": "42"
       }
     ],
     "meta-type": "object",
     "name": "144"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "40"
+      }
+    ],
+    "meta-type": "object",
+    "name": "145"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "37"
+      }
+    ],
+    "meta-type": "object",
+    "name": "146"
   },
   {
     "members": [
@@ -4297,7 +4370,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "145",
+    "name": "147",
     "values": [
       "individual",
       "grouped"
@@ -4319,33 +4392,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "146",
+    "name": "148",
     "values": [
       "inet",
       "unix",
       "vsock",
       "fd"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "173"
-      }
-    ],
-    "meta-type": "object",
-    "name": "147"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "174"
-      }
-    ],
-    "meta-type": "object",
-    "name": "148"
   },
   {
     "members": [
@@ -4370,29 +4423,49 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "type",
-        "type": "146"
+        "name": "data",
+        "type": "177"
       }
     ],
     "meta-type": "object",
-    "name": "151",
+    "name": "151"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "178"
+      }
+    ],
+    "meta-type": "object",
+    "name": "152"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "148"
+      }
+    ],
+    "meta-type": "object",
+    "name": "153",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "173"
-      },
-      {
-        "case": "unix",
-        "type": "174"
-      },
-      {
-        "case": "vsock",
         "type": "175"
       },
       {
-        "case": "fd",
+        "case": "unix",
         "type": "176"
+      },
+      {
+        "case": "vsock",
+        "type": "177"
+      },
+      {
+        "case": "fd",
+        "type": "178"
       }
     ]
   },
@@ -4409,7 +4482,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "152",
+    "name": "154",
     "values": [
       "off",
       "on",
@@ -4426,7 +4499,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "153",
+    "name": "155",
     "values": [
       "raw",
       "base64"
@@ -4531,7 +4604,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "154"
+    "name": "156"
   },
   {
     "members": [
@@ -4546,7 +4619,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "155",
+    "name": "157",
     "values": [
       "null",
       "socket",
@@ -4557,31 +4630,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "177"
-      }
-    ],
-    "meta-type": "object",
-    "name": "156"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "178"
-      }
-    ],
-    "meta-type": "object",
-    "name": "157"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
         "type": "179"
       }
     ],
     "meta-type": "object",
     "name": "158"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "180"
+      }
+    ],
+    "meta-type": "object",
+    "name": "159"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "181"
+      }
+    ],
+    "meta-type": "object",
+    "name": "160"
   },
   {
     "members": [
@@ -4602,7 +4675,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "159",
+    "name": "161",
     "values": [
       "qcow2",
       "vmdk",
@@ -4610,26 +4683,6 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       "rbd",
       "file"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "180"
-      }
-    ],
-    "meta-type": "object",
-    "name": "160"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "181"
-      }
-    ],
-    "meta-type": "object",
-    "name": "161"
   },
   {
     "members": [
@@ -4660,6 +4713,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "object",
     "name": "164"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "185"
+      }
+    ],
+    "meta-type": "object",
+    "name": "165"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "186"
+      }
+    ],
+    "meta-type": "object",
+    "name": "166"
   },
   {
     "members": [
@@ -4809,7 +4882,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "165",
+    "name": "167",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -4883,7 +4956,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "166",
+    "name": "168",
     "values": [
       "read",
       "write",
@@ -4903,7 +4976,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "168"
+        "type": "170"
       },
       {
         "default": null,
@@ -4952,7 +5025,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "167"
+    "name": "169"
   },
   {
     "members": [
@@ -4970,7 +5043,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "168",
+    "name": "170",
     "values": [
       "none",
       "constant",
@@ -4988,7 +5061,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "169",
+    "name": "171",
     "values": [
       "aes",
       "luks"
@@ -5003,7 +5076,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "170"
+    "name": "172"
   },
   {
     "members": [
@@ -5014,12 +5087,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "171"
+    "name": "173"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "172"
+    "name": "174"
   },
   {
     "members": [
@@ -5063,7 +5136,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "173"
+    "name": "175"
   },
   {
     "members": [
@@ -5083,7 +5156,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "174"
+    "name": "176"
   },
   {
     "members": [
@@ -5097,7 +5170,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "175"
+    "name": "177"
   },
   {
     "members": [
@@ -5107,7 +5180,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "176"
+    "name": "178"
   },
   {
     "members": [
@@ -5123,7 +5196,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "177"
+    "name": "179"
   },
   {
     "members": [
@@ -5139,7 +5212,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "106"
+        "type": "108"
       },
       {
         "default": null,
@@ -5196,7 +5269,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "178"
+    "name": "180"
   },
   {
     "members": [
@@ -5217,7 +5290,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "179"
+    "name": "181"
   },
   {
     "members": [
@@ -5257,20 +5330,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "185"
+        "type": "187"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[186]"
+        "type": "[188]"
       },
       {
         "name": "compression-type",
-        "type": "187"
+        "type": "189"
       }
     ],
     "meta-type": "object",
-    "name": "180"
+    "name": "182"
   },
   {
     "members": [
@@ -5288,34 +5361,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[188]"
+        "type": "[190]"
       }
     ],
     "meta-type": "object",
-    "name": "181"
+    "name": "183"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "189"
+        "type": "191"
       },
       {
         "name": "cipher-mode",
-        "type": "190"
+        "type": "192"
       },
       {
         "name": "ivgen-alg",
-        "type": "191"
+        "type": "193"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "192"
+        "type": "194"
       },
       {
         "name": "hash-alg",
-        "type": "192"
+        "type": "194"
       },
       {
         "name": "detached-header",
@@ -5335,22 +5408,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[193]"
+        "type": "[195]"
       }
     ],
     "meta-type": "object",
-    "name": "182"
+    "name": "184"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "194"
+        "type": "196"
       }
     ],
     "meta-type": "object",
-    "name": "183"
+    "name": "185"
   },
   {
     "members": [
@@ -5361,22 +5434,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "184"
+    "name": "186"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "169"
+        "type": "171"
       }
     ],
     "meta-type": "object",
-    "name": "185",
+    "name": "187",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "182"
+        "type": "184"
       },
       {
         "case": "aes",
@@ -5385,9 +5458,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "186",
+    "element-type": "188",
     "meta-type": "array",
-    "name": "[186]"
+    "name": "[188]"
   },
   {
     "members": [
@@ -5401,11 +5474,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[195]"
+        "type": "[197]"
       }
     ],
     "meta-type": "object",
-    "name": "186"
+    "name": "188"
   },
   {
     "members": [
@@ -5417,16 +5490,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "187",
+    "name": "189",
     "values": [
       "zlib",
       "zstd"
     ]
   },
   {
-    "element-type": "188",
+    "element-type": "190",
     "meta-type": "array",
-    "name": "[188]"
+    "name": "[190]"
   },
   {
     "members": [
@@ -5454,7 +5527,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "188"
+    "name": "190"
   },
   {
     "members": [
@@ -5499,7 +5572,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "189",
+    "name": "191",
     "values": [
       "aes-128",
       "aes-192",
@@ -5532,7 +5605,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "190",
+    "name": "192",
     "values": [
       "ecb",
       "cbc",
@@ -5553,7 +5626,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "191",
+    "name": "193",
     "values": [
       "plain",
       "plain64",
@@ -5588,7 +5661,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "192",
+    "name": "194",
     "values": [
       "md5",
       "sha1",
@@ -5601,9 +5674,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "193",
+    "element-type": "195",
     "meta-type": "array",
-    "name": "[193]"
+    "name": "[195]"
   },
   {
     "members": [
@@ -5627,7 +5700,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "193"
+    "name": "195"
   },
   {
     "members": [
@@ -5642,7 +5715,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "194",
+    "name": "196",
     "values": [
       "luks",
       "luks2",
@@ -5650,9 +5723,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "195",
+    "element-type": "197",
     "meta-type": "array",
-    "name": "[195]"
+    "name": "[197]"
   },
   {
     "members": [
@@ -5664,7 +5737,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "195",
+    "name": "197",
     "values": [
       "in-use",
       "auto"

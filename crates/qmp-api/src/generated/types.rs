@@ -2343,6 +2343,53 @@ impl BlockdevCacheOptions {
 ::qapi_runtime::impl_object!(
     BlockdevCacheOptions { optional direct("direct"), optional no_flush("no-flush") }
 );
+/// A block device of a guest, or a named block backend.
+///
+/// **Since:** 0.14
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockInfo {
+    /// the backend's name
+    pub device: String,
+    /// the path of the guest device attached to it (since 2.10)
+    pub qdev: Option<String>,
+    /// the kind of device (always 'unknown')
+    pub r#type: String,
+    /// whether the medium can be removed
+    pub removable: bool,
+    /// whether the guest locked the medium
+    pub locked: bool,
+    /// the medium, when one is inserted
+    pub inserted: Option<BlockDeviceInfo>,
+    /// whether the tray is open (removable devices only)
+    pub tray_open: Option<bool>,
+    /// the device's I/O status, when it reports one
+    pub io_status: Option<BlockDeviceIoStatus>,
+}
+impl BlockInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        device: impl Into<String>,
+        r#type: impl Into<String>,
+        removable: bool,
+        locked: bool,
+    ) -> Self {
+        Self {
+            device: device.into(),
+            qdev: None,
+            r#type: r#type.into(),
+            removable,
+            locked,
+            inserted: None,
+            tray_open: None,
+            io_status: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockInfo { device("device"), optional qdev("qdev"), r#type("type"),
+    removable("removable"), locked("locked"), optional inserted("inserted"), optional
+    tray_open("tray_open"), optional io_status("io-status") }
+);
 /// The block drivers of this daemon.  QEMU has many more; a
 /// `blockdev-add` naming one of those is rejected as naming an unknown
 /// driver.
