@@ -59,9 +59,10 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
         let mut daemon = Daemon { child, socket };
         let deadline = Instant::now() + Duration::from_secs(10);
-        // The socket file appears at bind(), before listen(): wait until a
-        // connection is accepted, not only for the file.
-        while UnixStream::connect(&daemon.socket).is_err() {
+        // The file appears at bind(), a moment before listen(): `Qmp::connect`
+        // retries a refused connection (no probe connection here: a daemon's
+        // monitor serves one client at a time).
+        while !daemon.socket.exists() {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("{} exited at start: {status}", program.display());
             }
@@ -84,6 +85,11 @@ impl Daemon {
             .status()
             .expect("run kill (procps)");
         assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL, then reap the process.

@@ -117,6 +117,19 @@ pub trait BlockDriver: Send + Sync {
     }
     /// The child in role `role` is now `node` (only called when [`BlockDriver::follows_child`]).
     fn replace_child(&self, _role: &str, _node: Arc<BlockNode>) {}
+    /// Rewrites the backing file named in the image header: `(name, format)`, or none (QEMU's
+    /// `bdrv_change_backing_file`; the node is writable). The default: the format records no
+    /// backing file (`ENOTSUP`).
+    fn change_backing_file(&self, _backing: Option<(&str, &str)>) -> BlockResult<()> {
+        Err(BlockError::from_errno(libc::ENOTSUP))
+    }
+    /// The role of the child whose data this node shows unchanged, if the node is a filter
+    /// in QEMU's sense (`is_filter`: the job filters `copy-on-read`, `commit_top`,
+    /// `mirror_top`). A filter counts as a layer of the chain in what the node's image
+    /// information shows.
+    fn filtered_child(&self) -> Option<&'static str> {
+        None
+    }
     /// Persistent bitmap storage, for formats that have it (qcow2).
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         None
@@ -131,6 +144,12 @@ pub trait BlockDriver: Send + Sync {
     /// no write arrives after this). A format that marks its image in use while writable
     /// releases that here. The default has nothing to do.
     fn reopen_read_only(&self) -> BlockResult<()> {
+        Ok(())
+    }
+    /// The node is being reopened read-write (its children that inherit the flag already
+    /// were): a driver holding its storage read-only reopens it for writing here. The default
+    /// has nothing to do.
+    fn reopen_read_write(&self) -> BlockResult<()> {
         Ok(())
     }
     /// Releases the driver: flushes; after this no I/O arrives.

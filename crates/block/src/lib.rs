@@ -7,11 +7,13 @@ pub mod bitmap;
 pub mod driver;
 pub mod drivers;
 pub mod error;
+pub mod filter;
 pub mod graph;
 pub mod io;
 pub mod node;
 pub mod perm;
 pub mod replace;
+mod requests;
 pub mod throttle;
 
 pub use backend::BlockBackend;
@@ -21,7 +23,8 @@ pub use driver::{
     InternalSnapshots, OpenContext,
 };
 pub use error::{BlockError, BlockResult};
-pub use graph::BlockGraph;
+pub use filter::FilterKind;
+pub use graph::{BackingName, BlockGraph};
 pub use io::PageBuf;
 pub use node::{
     BeforeWrite, BlockNode, ChainStatus, ChildEdge, ChildSlot, Extent, NotifierHandle, OpBlocker,

@@ -10,6 +10,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::driver::{BlkdebugEvent, BlockDriver, ChildKind};
 use crate::error::{BlockError, BlockResult};
 use crate::perm::Perm;
+use crate::requests::RequestTracker;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -160,6 +161,11 @@ pub struct BlockNode {
     bitmaps: Mutex<Vec<DirtyBitmap>>,
     /// Before-write hooks, oldest first, with their ids.
     write_notifiers: Mutex<Vec<(u64, Arc<dyn BeforeWrite>)>>,
+    /// Writes in flight and copy-on-read requests, which must not overlap.
+    requests: RequestTracker,
+    /// The backing file name this process last wrote into the image header (QEMU's
+    /// `auto_backing_file` after `bdrv_change_backing_file`; empty: none).
+    written_backing_name: Mutex<Option<String>>,
 }
 
 /// A hook run before every write to a node (QEMU's copy-before-write filter): a backup copies
@@ -211,6 +217,8 @@ impl BlockNode {
             state: Mutex::new(NodeState::default()),
             bitmaps: Mutex::new(Vec::new()),
             write_notifiers: Mutex::new(Vec::new()),
+            requests: RequestTracker::default(),
+            written_backing_name: Mutex::new(None),
         });
         for edge in node.children() {
             edge.node
@@ -310,6 +318,12 @@ impl BlockNode {
         self.read_only.load(Ordering::Acquire)
     }
 
+    /// Marks a node opened without write access read-only (a job filter that QEMU opens
+    /// read-only above a writable child: `commit_top`); its children are left as they are.
+    pub(crate) fn mark_read_only(&self) {
+        self.read_only.store(true, Ordering::Release);
+    }
+
     /// Reopens the node read-only, as QEMU does to the old active layer of an external
     /// snapshot: stores its persistent bitmaps (which become read-only), lets the driver
     /// reopen its image read-only, drops write and resize on its children, and reopens the
@@ -345,6 +359,72 @@ impl BlockNode {
                 edge.node.reopen_read_only()?;
             }
         }
+        Ok(())
+    }
+
+    /// Reopens the node read-write (QEMU's `bdrv_reopen_set_read_only(bs, false)`), as a
+    /// stream into a read-only node, a commit into a read-only base, or the rewrite of a
+    /// read-only overlay's backing file name do: the children that inherited the read-only
+    /// flag (`file`, filtered children) are reopened first, then the node's permissions on its
+    /// children follow (a format takes write on its file), then the driver reopens its image;
+    /// persistent bitmaps become writable. On failure everything is as before. Already
+    /// read-write: nothing to do.
+    pub fn reopen_read_write(&self) -> BlockResult<()> {
+        if !self.is_read_only() {
+            return Ok(());
+        }
+        self.check_open()?;
+        let mut reopened: Vec<Arc<BlockNode>> = Vec::new();
+        let undo_children = |reopened: &[Arc<BlockNode>]| {
+            for child in reopened.iter().rev() {
+                let _ = child.reopen_read_only();
+            }
+        };
+        for edge in self.children() {
+            let inherits = edge.node.options().get("read-only").is_none();
+            if edge.kind != ChildKind::Backing
+                && inherits
+                && !edge.node.is_monitor_owned()
+                && edge.node.is_read_only()
+            {
+                if let Err(e) = edge.node.reopen_read_write() {
+                    undo_children(&reopened);
+                    return Err(e);
+                }
+                reopened.push(edge.node.clone());
+            }
+        }
+        self.read_only.store(false, Ordering::Release);
+        let reopen = self
+            .refresh_perms()
+            .and_then(|()| self.driver.reopen_read_write());
+        if let Err(e) = reopen {
+            self.read_only.store(true, Ordering::Release);
+            let _ = self.refresh_perms();
+            undo_children(&reopened);
+            return Err(e);
+        }
+        for b in lock(&self.bitmaps).iter_mut() {
+            if b.is_persistent() {
+                b.set_readonly(false);
+            }
+        }
+        Ok(())
+    }
+
+    /// The backing file name this process last wrote into the node's image header (an empty
+    /// string: none), if it did.
+    pub fn written_backing_name(&self) -> Option<String> {
+        lock(&self.written_backing_name).clone()
+    }
+
+    /// Rewrites the backing file named in the image header (QEMU's
+    /// `bdrv_change_backing_file`): `(name, format)`, or none. The node must be writable.
+    pub fn change_backing_file(&self, backing: Option<(&str, &str)>) -> BlockResult<()> {
+        self.check_writable()?;
+        self.driver.change_backing_file(backing)?;
+        *lock(&self.written_backing_name) =
+            Some(backing.map_or(String::new(), |b| b.0.to_string()));
         Ok(())
     }
 
@@ -625,6 +705,7 @@ impl BlockNode {
         self.check_writable()?;
         check_request(offset, buf.len() as u64)?;
         self.notify_before_write(offset, buf.len() as u64)?;
+        let _request = self.requests.begin(offset, buf.len() as u64, false);
         self.debug_event(BlkdebugEvent::Pwritev);
         self.unflushed.store(true, Ordering::Release);
         let r = self.driver.write_at(offset, buf);
@@ -649,6 +730,7 @@ impl BlockNode {
         self.check_writable()?;
         check_request(offset, len)?;
         self.notify_before_write(offset, len)?;
+        let _request = self.requests.begin(offset, len, false);
         self.debug_event(BlkdebugEvent::PwritevZero);
         self.unflushed.store(true, Ordering::Release);
         let r = if may_unmap && self.discard_unmaps() {
@@ -806,6 +888,97 @@ impl BlockNode {
                 None => return Ok(ChainStatus::unallocated(len)),
             }
         }
+    }
+
+    /// QEMU's `bdrv_is_allocated_above(self, bottom, include_base=true)`: whether the range
+    /// starting at `offset` (at most `len` bytes) is allocated in some layer from this node
+    /// down to the layer named `bottom` (inclusive; `None`: the whole chain), and for how many
+    /// bytes that answer holds. Past the end of a shorter layer counts as unallocated there.
+    pub fn allocated_above(
+        self: &Arc<Self>,
+        bottom: Option<&str>,
+        offset: u64,
+        len: u64,
+    ) -> BlockResult<(bool, u64)> {
+        let mut layer = self.clone();
+        let mut len = len;
+        loop {
+            let size = layer.size()?;
+            if offset < size {
+                let (allocated, n) = layer.block_status(offset, len.min(size - offset))?;
+                if n > 0 {
+                    len = len.min(n);
+                }
+                if allocated {
+                    return Ok((true, len));
+                }
+            }
+            if bottom == Some(layer.name()) {
+                return Ok((false, len));
+            }
+            match layer.layer_below() {
+                Some(next) => layer = next,
+                None => return Ok((false, len)),
+            }
+        }
+    }
+
+    /// One step of copy-on-read (QEMU's `copy-on-read` filter reading with
+    /// `BDRV_REQ_PREFETCH`, what a stream job does), on the range starting at `offset` (at
+    /// most `len` bytes): where this node allocates it, or where no layer from its backing
+    /// file down to the layer named `bottom` (inclusive; `None`: the whole chain) does, there
+    /// is nothing to copy; otherwise the data is read through the chain and written into this
+    /// node's own layer. Returns how many bytes from `offset` the step covered and whether it
+    /// copied them (0 bytes: past the end of every layer).
+    ///
+    /// The copy holds its range against writes (see [`crate::requests`]): a write to it waits,
+    /// and one that landed before is seen allocated and kept. The data written is the data
+    /// the node already reads, so it goes straight to the driver, as QEMU's
+    /// `BDRV_REQ_WRITE_UNCHANGED` does: no bitmap is marked and no before-write hook runs.
+    /// `buf` is the bounce buffer (any size above zero).
+    pub fn copy_on_read(
+        &self,
+        offset: u64,
+        len: u64,
+        bottom: Option<&str>,
+        buf: &mut [u8],
+    ) -> BlockResult<(u64, bool)> {
+        self.check_writable()?;
+        check_request(offset, len)?;
+        if bottom == Some(self.name()) {
+            // The node itself is the lowest layer to copy from: nothing is.
+            return Ok((len, false));
+        }
+        let (allocated, n) = self.block_status(offset, len)?;
+        if allocated || n == 0 {
+            return Ok((n, false));
+        }
+        let Some(backing) = self.child("backing") else {
+            return Ok((n, false));
+        };
+        let (above, n) = backing.allocated_above(bottom, offset, n)?;
+        if !above || n == 0 {
+            return Ok((n, false));
+        }
+        let _request = self.requests.begin(offset, n, true);
+        let end = offset + n;
+        let mut pos = offset;
+        while pos < end {
+            // A write may have allocated part of the range before the copy held it.
+            let (allocated, run) = self.block_status(pos, end - pos)?;
+            let run = run.clamp(1, end - pos);
+            if !allocated {
+                let mut done = 0;
+                while done < run {
+                    let step = (run - done).min(buf.len() as u64) as usize;
+                    self.read_at(pos + done, &mut buf[..step])?;
+                    self.driver.write_at(pos + done, &buf[..step])?;
+                    done += step as u64;
+                }
+            }
+            pos += run;
+        }
+        Ok((n, true))
     }
 
     /// Delivers a blkdebug event to this node's driver (format drivers call this on their

@@ -1,7 +1,7 @@
 //! [`NodeGraph`] over the block crate's [`BlockGraph`]: nodes, their I/O, bitmaps, images.
 
 use std::io;
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use block::graph::{image_options, node_filename};
 use block::{BitmapStore, BlockError, BlockGraph, BlockNode, DirtyBitmap};
@@ -11,8 +11,8 @@ use qmp_api::{
 };
 
 use crate::node::{
-    BlockIo, Extent, FilterWrites, ImageRef, MirrorNodes, MirrorTargetImage, NodeBitmaps,
-    NodeFacts, NodeGraph, WriteTracker,
+    BackingName, BlockIo, ChainEditor, ChainLayer, Extent, FilterKind, FilterWrites, ImageRef,
+    MirrorNodes, MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
 };
 
 /// A block error as QMP reports it.
@@ -27,9 +27,10 @@ pub(crate) fn io_error(e: BlockError) -> io::Error {
     }
 }
 
-/// The daemon's node graph.
+/// The daemon's node graph. The graph is shared with the jobs that change it when they end
+/// (see [`ChainEditor`]); every use locks it briefly, never across I/O.
 pub struct BlockLayer {
-    graph: BlockGraph,
+    graph: SharedGraph,
     next_anonymous: u64,
 }
 
@@ -37,9 +38,13 @@ impl BlockLayer {
     /// Over `graph` (with the drivers the daemon registered, e.g. qcow2).
     pub fn new(graph: BlockGraph) -> Self {
         BlockLayer {
-            graph,
+            graph: SharedGraph(Arc::new(Mutex::new(graph))),
             next_anonymous: 0,
         }
+    }
+
+    fn graph(&self) -> MutexGuard<'_, BlockGraph> {
+        self.graph.lock()
     }
 }
 
@@ -131,6 +136,105 @@ impl BlockIo for NodeIo {
     ) -> Option<block::NotifierHandle> {
         Some(self.0.add_write_notifier(hook))
     }
+
+    fn allocated_above(
+        &self,
+        bottom: Option<&str>,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<(bool, u64)> {
+        self.0
+            .allocated_above(bottom, offset, len)
+            .map_err(io_error)
+    }
+
+    fn copy_on_read(
+        &self,
+        offset: u64,
+        len: u64,
+        bottom: Option<&str>,
+        buf: &mut [u8],
+    ) -> io::Result<(u64, bool)> {
+        self.0
+            .copy_on_read(offset, len, bottom, buf)
+            .map_err(io_error)
+    }
+
+    fn truncate(&self, size: u64) -> io::Result<()> {
+        self.0.truncate(size).map_err(io_error)
+    }
+}
+
+/// The graph, shared by the command layer and the jobs that change it.
+#[derive(Clone)]
+struct SharedGraph(Arc<Mutex<BlockGraph>>);
+
+impl SharedGraph {
+    fn lock(&self) -> MutexGuard<'_, BlockGraph> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ChainEditor for SharedGraph {
+    fn insert_filter(
+        &self,
+        node: &str,
+        kind: FilterKind,
+        name: Option<&str>,
+    ) -> Result<String, QmpError> {
+        let mut g = self.lock();
+        let below = g.lookup(node).map_err(qmp_error)?;
+        g.insert_job_filter(&below, kind, name)
+            .map(|f| f.name().to_string())
+            .map_err(qmp_error)
+    }
+
+    fn remove_filter(&self, filter: &str) -> Result<(), QmpError> {
+        let mut g = self.lock();
+        match g.find(filter) {
+            Some(f) => g.remove_filter(&f).map_err(qmp_error),
+            None => Ok(()),
+        }
+    }
+
+    fn set_read_only(&self, node: &str, read_only: bool) -> Result<(), QmpError> {
+        let n = self.lock().lookup(node).map_err(qmp_error)?;
+        if read_only {
+            n.reopen_read_only().map_err(qmp_error)
+        } else {
+            n.reopen_read_write().map_err(qmp_error)
+        }
+    }
+
+    fn layer_below(&self, node: &str) -> Option<String> {
+        let n = self.lock().find(node)?;
+        let below = match n.driver().filtered_child() {
+            Some(role) => n.child(role),
+            None => n.child("backing"),
+        };
+        below.map(|b| b.name().to_string())
+    }
+
+    fn change_backing(
+        &self,
+        overlay: &str,
+        base: Option<&str>,
+        name: &BackingName,
+    ) -> Result<(), QmpError> {
+        let mut g = self.lock();
+        let o = g.lookup(overlay).map_err(qmp_error)?;
+        let b = base.map(|b| g.lookup(b)).transpose().map_err(qmp_error)?;
+        g.change_backing(&o, b.as_ref(), name).map_err(qmp_error)
+    }
+
+    fn drop_intermediate(&self, top: &str, base: &str, name: &BackingName) -> Result<(), QmpError> {
+        let mut g = self.lock();
+        let t = g.lookup(top).map_err(qmp_error)?;
+        let b = g.lookup(base).map_err(qmp_error)?;
+        g.drop_intermediate(&t, &b, name).map_err(qmp_error)
+    }
 }
 
 /// A node's bitmaps.
@@ -184,19 +288,19 @@ fn create_file_error(image: &ImageRef, e: impl std::fmt::Display) -> QmpError {
 
 impl NodeGraph for BlockLayer {
     fn node(&self, name: &str) -> Option<Arc<dyn BlockIo>> {
-        self.graph
+        self.graph()
             .find(name)
             .map(|n| Arc::new(NodeIo(n)) as Arc<dyn BlockIo>)
     }
 
     fn bitmaps(&self, name: &str) -> Option<Arc<dyn NodeBitmaps>> {
-        let n = self.graph.find(name)?;
+        let n = self.graph().find(name)?;
         Some(Arc::new(NodeBitmapList(n)))
     }
 
     fn chain_bitmaps(&self, name: &str) -> Vec<Arc<dyn NodeBitmaps>> {
         let mut layers: Vec<Arc<dyn NodeBitmaps>> = Vec::new();
-        let mut layer = self.graph.find(name);
+        let mut layer = self.graph().find(name);
         while let Some(node) = layer {
             layer = node.layer_below();
             layers.push(Arc::new(NodeBitmapList(node)));
@@ -242,31 +346,33 @@ impl NodeGraph for BlockLayer {
             None => BlockdevRefOrNull::Null(qmp_api::wire::Null),
         };
         let options = writable_image(image, &name, backing)?;
-        let node = self.graph.blockdev_add(&options).map_err(qmp_error)?;
+        let node = self.graph().blockdev_add(&options).map_err(qmp_error)?;
         Ok((name, Arc::new(NodeIo(node))))
     }
 
     fn blockdev_add(&mut self, options: BlockdevOptions) -> Result<(), QmpError> {
-        self.graph
+        self.graph()
             .blockdev_add(&options)
             .map(|_| ())
             .map_err(qmp_error)
     }
 
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError> {
-        self.graph.blockdev_del(&args.node_name).map_err(qmp_error)
+        self.graph()
+            .blockdev_del(&args.node_name)
+            .map_err(qmp_error)
     }
 
     fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo> {
-        self.graph.query_named_block_nodes(flat)
+        self.graph().query_named_block_nodes(flat)
     }
 
     fn close_all(&mut self) -> io::Result<()> {
-        self.graph.close_all().map_err(io_error)
+        self.graph().close_all().map_err(io_error)
     }
 
     fn node_facts(&self, name: &str) -> Option<NodeFacts> {
-        let n = self.graph.find(name)?;
+        let n = self.graph().find(name)?;
         Some(NodeFacts {
             in_use: n.is_in_use(),
             has_backing: n.child("backing").is_some(),
@@ -282,33 +388,33 @@ impl NodeGraph for BlockLayer {
             node_name,
             BlockdevRefOrNull::Null(qmp_api::wire::Null),
         )?;
-        self.graph
+        self.graph()
             .blockdev_add(&options)
             .map(|_| ())
             .map_err(qmp_error)
     }
 
     fn insert_overlay(&mut self, node: &str, overlay: &str) -> Result<(), QmpError> {
-        let n = self.graph.lookup(node).map_err(qmp_error)?;
-        let o = self.graph.lookup(overlay).map_err(qmp_error)?;
-        self.graph
-            .set_backing(&o, Some(n.clone()))
-            .map_err(qmp_error)?;
+        let mut g = self.graph();
+        let n = g.lookup(node).map_err(qmp_error)?;
+        let o = g.lookup(overlay).map_err(qmp_error)?;
+        g.set_backing(&o, Some(n.clone())).map_err(qmp_error)?;
         if let Err(e) = block::replace_node(&n, &o) {
-            let _ = self.graph.set_backing(&o, None);
+            let _ = g.set_backing(&o, None);
             return Err(qmp_error(e));
         }
         Ok(())
     }
 
     fn remove_overlay(&mut self, node: &str, overlay: &str) {
-        let (Some(n), Some(o)) = (self.graph.find(node), self.graph.find(overlay)) else {
+        let mut g = self.graph();
+        let (Some(n), Some(o)) = (g.find(node), g.find(overlay)) else {
             return;
         };
         if let Err(e) = block::replace_node(&o, &n) {
             tracing::warn!("snapshot rollback: {}", e.desc());
         }
-        if let Err(e) = self.graph.set_backing(&o, None) {
+        if let Err(e) = g.set_backing(&o, None) {
             tracing::warn!("snapshot rollback: {}", e.desc());
         }
     }
@@ -316,7 +422,8 @@ impl NodeGraph for BlockLayer {
     fn make_read_only(&mut self, node: &str) {
         // QEMU reopens the old top read-only at commit; a failure there is only logged, the
         // snapshot itself stands (as in QEMU, where the reopen is best effort).
-        if let Some(n) = self.graph.find(node)
+        let found = self.graph().find(node);
+        if let Some(n) = found
             && let Err(e) = n.reopen_read_only()
         {
             tracing::warn!("snapshot: reopening {node} read-only: {}", e.desc());
@@ -324,16 +431,17 @@ impl NodeGraph for BlockLayer {
     }
 
     fn release_if_unused(&mut self, node: &str) {
-        let Some(n) = self.graph.find(node) else {
+        let mut g = self.graph();
+        let Some(n) = g.find(node) else {
             return;
         };
         let result = if n.is_monitor_owned() {
             if n.is_in_use() {
                 return;
             }
-            self.graph.blockdev_del(node)
+            g.blockdev_del(node)
         } else {
-            self.graph.close_unused(&n)
+            g.close_unused(&n)
         };
         if let Err(e) = result {
             tracing::warn!("releasing {node}: {}", e.desc());
@@ -347,13 +455,13 @@ impl NodeGraph for BlockLayer {
         name: Option<&str>,
         writes: Arc<dyn FilterWrites>,
     ) -> Result<Option<Arc<dyn MirrorNodes>>, QmpError> {
-        let nodes = crate::mirror_top::insert(&mut self.graph, (source, target), name, writes)
+        let nodes = crate::mirror_top::insert(&mut self.graph(), (source, target), name, writes)
             .map_err(qmp_error)?;
         Ok(Some(Arc::new(nodes)))
     }
 
     fn has_parent_node(&self, node: &str) -> bool {
-        self.graph.find(node).is_some_and(|n| {
+        self.graph().find(node).is_some_and(|n| {
             n.parents()
                 .iter()
                 .any(|p| matches!(p, block::Parent::Node { .. }))
@@ -362,7 +470,7 @@ impl NodeGraph for BlockLayer {
 
     fn can_replace(&self, node: &str, to_replace: &str) -> bool {
         // `to_replace` reaches `node` through filter children only.
-        let mut layer = self.graph.find(to_replace);
+        let mut layer = self.graph().find(to_replace);
         while let Some(n) = layer {
             if n.name() == node {
                 return true;
@@ -377,7 +485,7 @@ impl NodeGraph for BlockLayer {
     }
 
     fn in_chain(&self, below: &str, node: &str) -> bool {
-        let mut layer = self.graph.find(below);
+        let mut layer = self.graph().find(below);
         while let Some(n) = layer {
             if n.name() == node {
                 return true;
@@ -419,7 +527,7 @@ impl NodeGraph for BlockLayer {
         {
             qcow2.backing = None;
         }
-        let node = self.graph.blockdev_add(&options).map_err(qmp_error)?;
+        let node = self.graph().blockdev_add(&options).map_err(qmp_error)?;
         Ok((name, Arc::new(NodeIo(node))))
     }
 
@@ -429,17 +537,17 @@ impl NodeGraph for BlockLayer {
         holder: &str,
         writable: bool,
     ) -> Result<Arc<dyn BlockIo>, QmpError> {
-        let n = self.graph.lookup(node).map_err(qmp_error)?;
+        let n = self.graph().lookup(node).map_err(qmp_error)?;
         crate::mirror_top::backend(&n, holder, writable).map_err(qmp_error)
     }
 
     fn internal_snapshots(&self, node: &str) -> Option<Vec<SnapshotInfo>> {
-        let n = self.graph.find(node)?;
+        let n = self.graph().find(node)?;
         Some(n.driver().internal_snapshots()?.list())
     }
 
     fn create_internal_snapshot(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
-        let n = self.graph.lookup(node).map_err(qmp_error)?;
+        let n = self.graph().lookup(node).map_err(qmp_error)?;
         let snapshots = n
             .driver()
             .internal_snapshots()
@@ -448,7 +556,7 @@ impl NodeGraph for BlockLayer {
     }
 
     fn delete_internal_snapshot(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
-        let n = self.graph.lookup(node).map_err(qmp_error)?;
+        let n = self.graph().lookup(node).map_err(qmp_error)?;
         let snapshots = n
             .driver()
             .internal_snapshots()
@@ -464,8 +572,42 @@ impl NodeGraph for BlockLayer {
         snapshots.delete(&id).map(|_| ()).map_err(qmp_error)
     }
 
+    fn backing_chain(&self, name: &str) -> Vec<ChainLayer> {
+        let g = self.graph();
+        let mut layers = Vec::new();
+        let mut layer = g.find(name);
+        while let Some(n) = layer {
+            let filtered = n.driver().filtered_child();
+            layers.push(ChainLayer {
+                name: n.name().to_string(),
+                filename: node_filename(&n),
+                driver: n.driver_name().to_string(),
+                filter: filtered.is_some(),
+                read_only: n.is_read_only(),
+                has_parent: n
+                    .parents()
+                    .iter()
+                    .any(|p| matches!(p, block::Parent::Node { .. })),
+                written: n.cumulative_perms().0.contains(block::Perm::WRITE),
+            });
+            layer = n.child(filtered.unwrap_or("backing"));
+        }
+        layers
+    }
+
+    fn find_backing_image(&self, top: &str, filename: &str) -> Option<String> {
+        let g = self.graph();
+        let t = g.find(top)?;
+        g.find_backing_image(&t, filename)
+            .map(|n| n.name().to_string())
+    }
+
+    fn chain_editor(&self) -> Option<Arc<dyn ChainEditor>> {
+        Some(Arc::new(self.graph.clone()))
+    }
+
     fn track_writes(&self, node: &str) -> Option<Arc<dyn WriteTracker>> {
-        let n = self.graph.find(node)?;
+        let n = self.graph().find(node)?;
         let size = n.size().ok()?;
         let bitmap = block::DirtyBitmap::new(None, MIRROR_GRANULARITY, size).ok()?;
         n.bitmaps().push(bitmap);

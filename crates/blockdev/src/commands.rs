@@ -2,21 +2,21 @@
 
 use job::JobRef;
 use qmp_api::{
-    ActionCompletionMode, BlockDeviceInfo, BlockDirtyBitmap, BlockDirtyBitmapAdd,
-    BlockDirtyBitmapMerge, BlockExportDelArguments, BlockExportOptions, BlockJobCancelArguments,
-    BlockJobChangeOptions, BlockJobCompleteArguments, BlockJobDismissArguments,
-    BlockJobFinalizeArguments, BlockJobInfo, BlockJobPauseArguments, BlockJobResumeArguments,
-    BlockJobSetSpeedArguments, BlockJobVerb, BlockdevBackup, BlockdevDelArguments,
-    BlockdevMirrorArguments, BlockdevOptions, BlockdevSnapshot, BlockdevSnapshotInternal,
-    BlockdevSnapshotSync, ChardevAddArguments, ChardevBackendInfo, ChardevInfo,
-    ChardevRemoveArguments, ChardevReturn, ChardevSendBreakArguments, Commands, DriveBackup,
-    JobCancelArguments, JobCompleteArguments, JobDismissArguments, JobFinalizeArguments, JobInfo,
-    JobPauseArguments, JobResumeArguments, NbdServerAddOptions, NbdServerOptionsLegacy,
-    NbdServerRemoveArguments, ObjectDelArguments, ObjectOptions, ObjectPropertyInfo,
-    ObjectTypeInfo, QmpError, QomGetArguments, QomListArguments, QomListPropertiesArguments,
-    QomListTypesArguments, QomSetArguments, QueryNamedBlockNodesArguments, RingbufReadArguments,
-    RingbufWriteArguments, SchemaInfo, TransactionActionBranch, TransactionActionKind,
-    TransactionArguments, VersionInfo,
+    ActionCompletionMode, BlockCommitArguments, BlockDeviceInfo, BlockDirtyBitmap,
+    BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockExportDelArguments, BlockExportOptions,
+    BlockJobCancelArguments, BlockJobChangeOptions, BlockJobCompleteArguments,
+    BlockJobDismissArguments, BlockJobFinalizeArguments, BlockJobInfo, BlockJobPauseArguments,
+    BlockJobResumeArguments, BlockJobSetSpeedArguments, BlockJobVerb, BlockStreamArguments,
+    BlockdevBackup, BlockdevDelArguments, BlockdevMirrorArguments, BlockdevOptions,
+    BlockdevSnapshot, BlockdevSnapshotInternal, BlockdevSnapshotSync, ChardevAddArguments,
+    ChardevBackendInfo, ChardevInfo, ChardevRemoveArguments, ChardevReturn,
+    ChardevSendBreakArguments, Commands, DriveBackup, JobCancelArguments, JobCompleteArguments,
+    JobDismissArguments, JobFinalizeArguments, JobInfo, JobPauseArguments, JobResumeArguments,
+    NbdServerAddOptions, NbdServerOptionsLegacy, NbdServerRemoveArguments, ObjectDelArguments,
+    ObjectOptions, ObjectPropertyInfo, ObjectTypeInfo, QmpError, QomGetArguments, QomListArguments,
+    QomListPropertiesArguments, QomListTypesArguments, QomSetArguments,
+    QueryNamedBlockNodesArguments, RingbufReadArguments, RingbufWriteArguments, SchemaInfo,
+    TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
 };
 
 use crate::Blockdev;
@@ -228,6 +228,10 @@ impl Commands for Blockdev {
         let target = JobRef::BlockJob(&args.id);
         let key = self.state.jobs.check_verb(target, BlockJobVerb::Change)?;
         let job_type = self.state.jobs.block_job_info(key).map(|j| j.branch.kind());
+        // Only mirror's driver has `change` (an active commit is a mirror of type commit).
+        if job_type != Some(qmp_api::JobType::Mirror) {
+            return Err(QmpError::generic("Job type does not support change"));
+        }
         if job_type != Some(args.branch.kind()) {
             return Err(QmpError::generic("Job type does not match specified type"));
         }
@@ -259,6 +263,16 @@ impl Commands for Blockdev {
 
     fn drive_mirror(&mut self, args: qmp_api::DriveMirror) -> Result<(), QmpError> {
         crate::mirror::drive_mirror(&mut self.state, args)
+    }
+
+    fn block_commit(&mut self, args: BlockCommitArguments) -> Result<(), QmpError> {
+        self.close_retired_nodes();
+        crate::commit::start(&mut self.state, args)
+    }
+
+    fn block_stream(&mut self, args: BlockStreamArguments) -> Result<(), QmpError> {
+        self.close_retired_nodes();
+        crate::stream::start(&mut self.state, args)
     }
 
     fn blockdev_snapshot_sync(&mut self, args: BlockdevSnapshotSync) -> Result<(), QmpError> {

@@ -15,6 +15,7 @@ pub mod block_layer;
 mod chardev;
 mod claims;
 mod commands;
+pub mod commit;
 mod events;
 mod export;
 mod io_threads;
@@ -24,6 +25,7 @@ pub mod node;
 mod objects;
 mod qom;
 mod snapshot;
+pub mod stream;
 pub mod transaction;
 
 use std::io;
@@ -37,8 +39,8 @@ pub use block_layer::BlockLayer;
 pub use events::block_event_sink;
 pub use io_threads::IoThreads;
 pub use node::{
-    BlockIo, CopyBuffers, Extent, FilterWrites, ImageRef, InlineIo, IoPool, MirrorNodes,
-    MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
+    BlockIo, ChainEditor, ChainLayer, CopyBuffers, Extent, FilterWrites, ImageRef, InlineIo,
+    IoPool, MirrorNodes, MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
 };
 
 use claims::NodeClaims;

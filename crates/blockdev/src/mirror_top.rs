@@ -84,6 +84,11 @@ impl BlockDriver for MirrorTop {
         role == ROLE
     }
 
+    /// QEMU's `mirror_top` is a filter: its child counts as a layer (`backing_file_depth`).
+    fn filtered_child(&self) -> Option<&'static str> {
+        Some(ROLE)
+    }
+
     fn replace_child(&self, role: &str, node: Arc<BlockNode>) {
         if role == ROLE {
             self.child.set(node);

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use block::{BitmapStore, DirtyBitmap, PageBuf};
 use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError, SnapshotInfo};
 
-pub use block::Extent;
+pub use block::{BackingName, Extent, FilterKind};
 
 /// An image file and its format, as QEMU names a backing file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +87,33 @@ pub trait BlockIo: Send + Sync {
     /// `None` where the graph cannot look through layers (test graphs).
     fn chain_status(&self, _offset: u64, _len: u64) -> Option<io::Result<block::ChainStatus>> {
         None
+    }
+    /// QEMU's `bdrv_is_allocated_above(node, bottom, include_base=true)`: whether the range
+    /// at `offset` (at most `len` bytes) is allocated in a layer from this node down to the
+    /// layer named `bottom` (inclusive; `None`: the whole chain), and for how many bytes.
+    fn allocated_above(
+        &self,
+        _bottom: Option<&str>,
+        _offset: u64,
+        _len: u64,
+    ) -> io::Result<(bool, u64)> {
+        Err(io::Error::from_raw_os_error(95))
+    }
+    /// One copy-on-read step of a stream (see `block::BlockNode::copy_on_read`): copies into
+    /// this node's own layer what it does not allocate and the layers down to `bottom` do,
+    /// serialised against writes; returns the bytes covered and whether they were copied.
+    fn copy_on_read(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _bottom: Option<&str>,
+        _buf: &mut [u8],
+    ) -> io::Result<(u64, bool)> {
+        Err(io::Error::from_raw_os_error(95))
+    }
+    /// Grows the node to `size` bytes (a commit's base smaller than its top).
+    fn truncate(&self, _size: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(95))
     }
     /// Runs `hook` before every write to the node until the handle drops (a backup's
     /// copy-before-write); `None` if the node cannot.
@@ -290,9 +317,72 @@ pub trait NodeGraph: Send {
     fn track_writes(&self, _node: &str) -> Option<Arc<dyn WriteTracker>> {
         None
     }
+    /// The layers of the chain from node `name` down (itself first), through filters'
+    /// children and backing files (QEMU's `bdrv_filter_or_cow_bs` walk); empty if there is
+    /// no such node or the graph cannot tell.
+    fn backing_chain(&self, _name: &str) -> Vec<ChainLayer> {
+        Vec::new()
+    }
+    /// QEMU's `bdrv_find_backing_image`: the node in `top`'s backing chain whose file name,
+    /// as the chain records it (or resolved against the overlay's directory), is `filename`.
+    fn find_backing_image(&self, _top: &str, _filename: &str) -> Option<String> {
+        None
+    }
+    /// A handle on the graph for the changes a job makes while it runs and when it ends
+    /// (filters, read-only reopens, relinking the chain); `None` if the graph cannot.
+    fn chain_editor(&self) -> Option<Arc<dyn ChainEditor>> {
+        None
+    }
     /// Flushes and closes every node (daemon shutdown). Returns the first error, having tried
     /// every node.
     fn close_all(&mut self) -> io::Result<()>;
+}
+
+/// One layer of a backing chain, as stream and commit check their arguments against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLayer {
+    /// The node name.
+    pub name: String,
+    /// The file name QEMU shows for it (`bs->filename`).
+    pub filename: String,
+    /// The driver name (`qcow2`, `file`, `copy-on-read`, ...).
+    pub driver: String,
+    /// A filter (QEMU's `is_filter`): shows its child's data unchanged.
+    pub filter: bool,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// Some parent node uses it (QEMU's `bdrv_is_root_node` is false).
+    pub has_parent: bool,
+    /// Someone holds write permission on it.
+    pub written: bool,
+}
+
+/// The graph changes block jobs make, on a handle the job keeps (its hooks run outside the
+/// command that started it). Nodes are named; each call locks the graph for its duration.
+pub trait ChainEditor: Send + Sync {
+    /// Inserts the job's filter above `node` (see `block::BlockGraph::insert_filter`);
+    /// returns its name.
+    fn insert_filter(
+        &self,
+        node: &str,
+        kind: FilterKind,
+        name: Option<&str>,
+    ) -> Result<String, QmpError>;
+    /// Removes the filter `filter` (nothing to do if it is gone).
+    fn remove_filter(&self, filter: &str) -> Result<(), QmpError>;
+    /// Reopens `node` read-only or read-write.
+    fn set_read_only(&self, node: &str, read_only: bool) -> Result<(), QmpError>;
+    /// The node name of `node`'s backing node (or a filter's child), if any.
+    fn layer_below(&self, node: &str) -> Option<String>;
+    /// A stream's end: `overlay` gets `base` (or no backing file) and its header names it.
+    fn change_backing(
+        &self,
+        overlay: &str,
+        base: Option<&str>,
+        name: &BackingName,
+    ) -> Result<(), QmpError>;
+    /// An intermediate commit's end: the overlays of `top` get `base`, headers rewritten.
+    fn drop_intermediate(&self, top: &str, base: &str, name: &BackingName) -> Result<(), QmpError>;
 }
 
 /// Facts about a node that snapshot checks use.

@@ -9,7 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use qmp_api::{
     BlockdevAioOptions, BlockdevOptionsFile, ImageInfoSpecific, ImageInfoSpecificBranch,
@@ -26,7 +26,8 @@ const SHARED_LOCK_BASE: i64 = 200;
 
 /// An open image file.
 pub struct FileDriver {
-    file: File,
+    /// Replaced (by a read-write descriptor) when the node is reopened read-write.
+    file: RwLock<File>,
     path: String,
     locking: bool,
     locks: Mutex<LockState>,
@@ -74,43 +75,54 @@ pub(crate) fn open(
         .read(true)
         .write(!ctx.read_only())
         .open(&path)
-        .map_err(|e| {
-            let errno = e.raw_os_error().unwrap_or(libc::EIO);
-            BlockError::with_errno(
-                format!("Could not open '{path}': {}", strerror(errno)),
-                errno,
-            )
-        })?;
+        .map_err(|e| open_error(&path, &e))?;
     Ok(Box::new(FileDriver {
-        file,
+        file: RwLock::new(file),
         path,
         locking,
         locks: Mutex::new(LockState::default()),
     }))
 }
 
+fn open_error(path: &str, e: &std::io::Error) -> BlockError {
+    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+    BlockError::with_errno(
+        format!("Could not open '{path}': {}", strerror(errno)),
+        errno,
+    )
+}
+
+/// Takes (a shared OFD lock) or releases the lock on `byte` of `file`.
+fn set_lock_byte(file: &File, byte: i64, locked: bool) -> BlockResult<()> {
+    let mut fl = flock_for(byte, if locked { libc::F_RDLCK } else { libc::F_UNLCK });
+    // SAFETY: fcntl with F_OFD_SETLK reads a valid, initialized `flock` we own.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+    if r == -1 {
+        let errno = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        return Err(BlockError::with_errno(
+            format!("Failed to lock byte {byte}"),
+            errno,
+        ));
+    }
+    Ok(())
+}
+
 impl FileDriver {
+    fn file(&self) -> RwLockReadGuard<'_, File> {
+        self.file.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn set_lock_byte(&self, byte: i64, locked: bool) -> BlockResult<()> {
-        let mut fl = flock_for(byte, if locked { libc::F_RDLCK } else { libc::F_UNLCK });
-        // SAFETY: fcntl with F_OFD_SETLK reads a valid, initialized `flock` we own.
-        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
-        if r == -1 {
-            let errno = std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO);
-            return Err(BlockError::with_errno(
-                format!("Failed to lock byte {byte}"),
-                errno,
-            ));
-        }
-        Ok(())
+        set_lock_byte(&self.file(), byte, locked)
     }
 
     /// Whether another open file description holds a lock on `byte`.
     fn byte_is_locked_elsewhere(&self, byte: i64) -> BlockResult<bool> {
         let mut fl = flock_for(byte, libc::F_WRLCK);
         // SAFETY: fcntl with F_OFD_GETLK fills the valid `flock` we own.
-        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        let r = unsafe { libc::fcntl(self.file().as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
         if r == -1 {
             let errno = std::io::Error::last_os_error()
                 .raw_os_error()
@@ -174,13 +186,13 @@ fn flock_for(byte: i64, kind: i32) -> libc::flock {
 
 impl BlockDriver for FileDriver {
     fn size(&self) -> BlockResult<u64> {
-        Ok(self.file.metadata()?.len())
+        Ok(self.file().metadata()?.len())
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match self.file().read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
                     break;
@@ -194,7 +206,7 @@ impl BlockDriver for FileDriver {
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
-        Ok(self.file.write_all_at(buf, offset)?)
+        Ok(self.file().write_all_at(buf, offset)?)
     }
 
     /// Punches a hole (QEMU's `raw_co_pdiscard`); a file system without holes keeps the data,
@@ -203,10 +215,11 @@ impl BlockDriver for FileDriver {
         let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(BlockError::from_errno(libc::EINVAL));
         };
+        let file = self.file();
         // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
         let r = unsafe {
             libc::fallocate(
-                self.file.as_raw_fd(),
+                file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 off,
                 n,
@@ -223,11 +236,11 @@ impl BlockDriver for FileDriver {
     }
 
     fn flush(&self) -> BlockResult<()> {
-        Ok(self.file.sync_data()?)
+        Ok(self.file().sync_data()?)
     }
 
     fn truncate(&self, size: u64) -> BlockResult<()> {
-        Ok(self.file.set_len(size)?)
+        Ok(self.file().set_len(size)?)
     }
 
     fn check_perm(&self, perm: Perm, shared: Perm) -> BlockResult<()> {
@@ -270,7 +283,7 @@ impl BlockDriver for FileDriver {
     fn info(&self) -> DriverInfo {
         DriverInfo {
             filename: Some(self.path.clone()),
-            actual_size: self.file.metadata().ok().map(|m| m.blocks() * 512),
+            actual_size: self.file().metadata().ok().map(|m| m.blocks() * 512),
             cluster_size: None,
             dirty_flag: Some(false),
             format_specific: Some(ImageInfoSpecific {
@@ -283,8 +296,32 @@ impl BlockDriver for FileDriver {
         }
     }
 
+    /// Opens the file again for writing; the image locks held move to the new descriptor
+    /// (taken there before the old one, which holds the same shared locks, is closed).
+    fn reopen_read_write(&self) -> BlockResult<()> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| open_error(&self.path, &e))?;
+        let st = *lock(&self.locks);
+        if self.locking {
+            for (i, _) in Perm::NAMED.iter().enumerate() {
+                let bit = 1u8 << i;
+                if st.perm & bit != 0 {
+                    set_lock_byte(&file, PERM_LOCK_BASE + i as i64, true)?;
+                }
+                if st.unshared & bit != 0 {
+                    set_lock_byte(&file, SHARED_LOCK_BASE + i as i64, true)?;
+                }
+            }
+        }
+        *self.file.write().unwrap_or_else(|e| e.into_inner()) = file;
+        Ok(())
+    }
+
     fn close(&self) -> BlockResult<()> {
-        self.file.sync_data()?;
+        self.file().sync_data()?;
         Ok(())
     }
 }

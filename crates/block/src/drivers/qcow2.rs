@@ -651,6 +651,27 @@ impl BlockDriver for Qcow2Driver {
         Ok(())
     }
 
+    fn reopen_read_write(&self) -> BlockResult<()> {
+        let mut slot = self.image.write().unwrap_or_else(|e| e.into_inner());
+        let backing = self
+            .backing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // A read-only image has nothing to write back; opening it read-write marks its stored
+        // bitmaps in use, as QEMU's reopen does.
+        let reopened =
+            qcow2::Image::open(self.storage.clone(), false, backing).map_err(block_error)?;
+        slot.close().map_err(block_error)?;
+        *slot = Arc::new(reopened);
+        self.read_only.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    fn change_backing_file(&self, backing: Option<(&str, &str)>) -> BlockResult<()> {
+        self.image().set_backing_file(backing).map_err(block_error)
+    }
+
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         Some(self)
     }

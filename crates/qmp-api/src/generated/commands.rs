@@ -849,6 +849,199 @@ impl ::qapi_runtime::Command for DriveMirrorArguments {
     type Returns = ();
     const ALLOW_PRECONFIG: bool = true;
 }
+/// Start a stream job: it copies into `device` the data that its
+/// backing chain holds above the new base, then takes the layers it
+/// copied out of the chain.  With `base` or `base-node`, that node stays
+/// as `device`'s backing file; with `bottom`, the node below `bottom`
+/// does; with none of them, the whole chain is copied and `device` is
+/// left without a backing file.  Writes to `device` during the job are
+/// kept: a cluster is copied only while `device` does not hold it.
+///
+/// While the job runs, a copy-on-read filter node sits above `device`.
+///
+/// **Errors:**
+///
+/// - If `device` does not exist, GenericError
+///
+/// **Since:** 1.1
+///
+/// The arguments of command `block-stream` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockStreamArguments {
+    /// the new job's id.  Without it, QEMU uses the device name
+    /// of `device`'s block backend; qemu-storage-daemon has none, so
+    /// it must be given.
+    pub job_id: Option<String>,
+    /// the node to stream into
+    pub device: String,
+    /// the node that stays as the backing file, named by its file
+    /// name as the chain records it (deprecated in favour of
+    /// `base-node`)
+    pub base: Option<String>,
+    /// the node that stays as the backing file (since 2.8)
+    pub base_node: Option<String>,
+    /// the backing file name to write into `device`'s image
+    /// header instead of the file name of the base (only with `base` or
+    /// `base-node`; since 2.2)
+    pub backing_file: Option<String>,
+    /// if the base is a protocol node (for example
+    /// a plain file), record its format as 'raw' in the header rather
+    /// than the protocol's name (default: false; since 8.0)
+    pub backing_mask_protocol: Option<bool>,
+    /// the lowest node whose data is copied; the node below it
+    /// stays as the backing file.  A filter is refused (since 6.0)
+    pub bottom: Option<String>,
+    /// the rate limit in bytes per second (default: 0, none)
+    pub speed: Option<i64>,
+    /// what to do when an I/O error occurs (default: report).
+    /// With ignore, the job goes on and fails at the end, keeping the
+    /// backing chain (since 1.3)
+    pub on_error: Option<BlockdevOnError>,
+    /// the node name of the copy-on-read filter the job
+    /// inserts above `device` (default: generated; since 6.0)
+    pub filter_node_name: Option<String>,
+    /// finalize by itself on reaching pending (default:
+    /// true; since 3.1)
+    pub auto_finalize: Option<bool>,
+    /// disappear by itself once concluded (default: true;
+    /// since 3.1)
+    pub auto_dismiss: Option<bool>,
+}
+impl BlockStreamArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>) -> Self {
+        Self {
+            job_id: None,
+            device: device.into(),
+            base: None,
+            base_node: None,
+            backing_file: None,
+            backing_mask_protocol: None,
+            bottom: None,
+            speed: None,
+            on_error: None,
+            filter_node_name: None,
+            auto_finalize: None,
+            auto_dismiss: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockStreamArguments { optional job_id("job-id"), device("device"), optional
+    base("base"), optional base_node("base-node"), optional backing_file("backing-file"),
+    optional backing_mask_protocol("backing-mask-protocol"), optional bottom("bottom"),
+    optional speed("speed"), optional on_error("on-error"), optional
+    filter_node_name("filter-node-name"), optional auto_finalize("auto-finalize"),
+    optional auto_dismiss("auto-dismiss") }
+);
+impl ::qapi_runtime::Command for BlockStreamArguments {
+    const NAME: &'static str = "block-stream";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Start a commit job: it copies the data of the layers from `top`
+/// down to just above `base` into `base`.
+///
+/// If `top` is not the active layer (intermediate commit), the job
+/// then takes those layers out of the chain: the node above `top` gets
+/// `base` as its backing file, and its image header is rewritten to
+/// name it.
+///
+/// If `top` is the active layer (active commit), the job goes on
+/// copying writes to `top` until it is ready (BLOCK_JOB_READY); then
+/// block-job-complete moves every user of `top` onto `base`, and
+/// block-job-cancel ends it leaving `top` in place.
+///
+/// **Errors:**
+///
+/// - If `device` does not exist, DeviceNotFound
+/// - Any other error returns a GenericError.
+///
+/// **Since:** 1.3
+///
+/// The arguments of command `block-commit` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockCommitArguments {
+    /// the new job's id.  Without it, QEMU uses the device name
+    /// of `device`'s block backend; qemu-storage-daemon has none, so
+    /// it must be given.
+    pub job_id: Option<String>,
+    /// the root node of the chain (it must have no parent node)
+    pub device: String,
+    /// the node to commit into (default: the bottom of the
+    /// chain; since 3.1)
+    pub base_node: Option<String>,
+    /// the node to commit into, named by its file name as the
+    /// chain records it
+    ///
+    /// **Features:** `deprecated`
+    #[deprecated]
+    pub base: Option<String>,
+    /// the highest node whose data is committed (default: the
+    /// active layer, `device`; since 3.1)
+    pub top_node: Option<String>,
+    /// the highest node whose data is committed, named by its file
+    /// name as the chain records it
+    ///
+    /// **Features:** `deprecated`
+    #[deprecated]
+    pub top: Option<String>,
+    /// the backing file name to write into the header of
+    /// the node above `top` instead of the file name of `base`.  Refused
+    /// for an active commit (since 2.1)
+    pub backing_file: Option<String>,
+    /// if `base` is a protocol node (for example a
+    /// plain file), record its format as 'raw' in the header rather
+    /// than the protocol's name (default: false; since 8.0)
+    pub backing_mask_protocol: Option<bool>,
+    /// the rate limit in bytes per second (default: 0, none)
+    pub speed: Option<i64>,
+    /// what to do when an I/O error occurs (default: report;
+    /// since 1.3)
+    pub on_error: Option<BlockdevOnError>,
+    /// the node name of the filter the job inserts
+    /// above `top` (default: generated; since 2.9)
+    pub filter_node_name: Option<String>,
+    /// finalize by itself on reaching pending (default:
+    /// true; since 3.1)
+    pub auto_finalize: Option<bool>,
+    /// disappear by itself once concluded (default: true;
+    /// since 3.1)
+    pub auto_dismiss: Option<bool>,
+}
+impl BlockCommitArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>) -> Self {
+        Self {
+            job_id: None,
+            device: device.into(),
+            base_node: None,
+            base: None,
+            top_node: None,
+            top: None,
+            backing_file: None,
+            backing_mask_protocol: None,
+            speed: None,
+            on_error: None,
+            filter_node_name: None,
+            auto_finalize: None,
+            auto_dismiss: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockCommitArguments { optional job_id("job-id"), device("device"), optional
+    base_node("base-node"), optional base("base"), optional top_node("top-node"),
+    optional top("top"), optional backing_file("backing-file"), optional
+    backing_mask_protocol("backing-mask-protocol"), optional speed("speed"), optional
+    on_error("on-error"), optional filter_node_name("filter-node-name"), optional
+    auto_finalize("auto-finalize"), optional auto_dismiss("auto-dismiss") }
+);
+impl ::qapi_runtime::Command for BlockCommitArguments {
+    const NAME: &'static str = "block-commit";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
 /// Take an external snapshot: create an overlay image whose backing
 /// file is the node's image, and put it on top of the node, so that
 /// later writes go to the overlay and the old image stays as it was.
@@ -1704,6 +1897,20 @@ pub trait Commands {
     fn drive_mirror(&mut self, args: DriveMirror) -> ::qapi_runtime::Result<()> {
         Err(::qapi_runtime::QmpError::command_not_found("drive-mirror"))
     }
+    /// `block-stream`: see [`BlockStreamArguments`].
+    fn block_stream(
+        &mut self,
+        args: BlockStreamArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("block-stream"))
+    }
+    /// `block-commit`: see [`BlockCommitArguments`].
+    fn block_commit(
+        &mut self,
+        args: BlockCommitArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("block-commit"))
+    }
     /// `blockdev-snapshot-sync`: see [`BlockdevSnapshotSyncArguments`].
     fn blockdev_snapshot_sync(
         &mut self,
@@ -2107,6 +2314,18 @@ pub fn dispatch(
                     .drive_mirror(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
             )
         }
+        "block-stream" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_stream(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "block-commit" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_commit(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
         "blockdev-snapshot-sync" => {
             ::qapi_runtime::wire::reply_empty(
                 handler
@@ -2312,6 +2531,8 @@ pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
     <DriveBackupArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevMirrorArguments as ::qapi_runtime::Command>::PROPERTIES,
     <DriveMirrorArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockStreamArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockCommitArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevSnapshotSyncArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevSnapshotArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevSnapshotInternalSyncArguments as ::qapi_runtime::Command>::PROPERTIES,

@@ -255,11 +255,23 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "arg-type": "40",
     "meta-type": "command",
-    "name": "blockdev-snapshot-sync",
+    "name": "block-stream",
     "ret-type": "1"
   },
   {
     "arg-type": "41",
+    "meta-type": "command",
+    "name": "block-commit",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "42",
+    "meta-type": "command",
+    "name": "blockdev-snapshot-sync",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "43",
     "features": [
       "allow-write-only-overlay"
     ],
@@ -268,19 +280,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "42",
+    "arg-type": "44",
     "meta-type": "command",
     "name": "blockdev-snapshot-internal-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "43",
+    "arg-type": "45",
     "meta-type": "command",
     "name": "transaction",
     "ret-type": "1"
   },
   {
-    "arg-type": "44",
+    "arg-type": "46",
     "meta-type": "command",
     "name": "nbd-server-start",
     "ret-type": "1"
@@ -292,7 +304,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "45",
+    "arg-type": "47",
     "features": [
       "deprecated"
     ],
@@ -301,7 +313,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "46",
+    "arg-type": "48",
     "features": [
       "deprecated"
     ],
@@ -310,60 +322,60 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "47",
+    "arg-type": "49",
     "meta-type": "command",
     "name": "block-export-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "48",
+    "arg-type": "50",
     "meta-type": "command",
     "name": "block-export-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "49",
+    "arg-type": "51",
     "meta-type": "event",
     "name": "BLOCK_EXPORT_DELETED"
   },
   {
-    "arg-type": "50",
+    "arg-type": "52",
     "meta-type": "command",
     "name": "qom-list",
-    "ret-type": "[51]"
+    "ret-type": "[53]"
   },
   {
-    "arg-type": "52",
+    "arg-type": "54",
     "meta-type": "command",
     "name": "qom-get",
     "ret-type": "any"
   },
   {
-    "arg-type": "53",
+    "arg-type": "55",
     "meta-type": "command",
     "name": "qom-set",
     "ret-type": "1"
   },
   {
-    "arg-type": "54",
-    "meta-type": "command",
-    "name": "qom-list-types",
-    "ret-type": "[55]"
-  },
-  {
     "arg-type": "56",
     "meta-type": "command",
-    "name": "qom-list-properties",
-    "ret-type": "[51]"
+    "name": "qom-list-types",
+    "ret-type": "[57]"
   },
   {
-    "arg-type": "57",
+    "arg-type": "58",
+    "meta-type": "command",
+    "name": "qom-list-properties",
+    "ret-type": "[53]"
+  },
+  {
+    "arg-type": "59",
     "meta-type": "command",
     "name": "object-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "58",
+    "arg-type": "60",
     "meta-type": "command",
     "name": "object-del",
     "ret-type": "1"
@@ -372,46 +384,46 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "arg-type": "1",
     "meta-type": "command",
     "name": "query-chardev",
-    "ret-type": "[59]"
+    "ret-type": "[61]"
   },
   {
     "arg-type": "1",
     "meta-type": "command",
     "name": "query-chardev-backends",
-    "ret-type": "[60]"
+    "ret-type": "[62]"
   },
   {
-    "arg-type": "61",
+    "arg-type": "63",
     "meta-type": "command",
     "name": "ringbuf-write",
     "ret-type": "1"
   },
   {
-    "arg-type": "62",
+    "arg-type": "64",
     "meta-type": "command",
     "name": "ringbuf-read",
     "ret-type": "str"
   },
   {
-    "arg-type": "63",
-    "meta-type": "command",
-    "name": "chardev-add",
-    "ret-type": "64"
-  },
-  {
     "arg-type": "65",
     "meta-type": "command",
-    "name": "chardev-change",
-    "ret-type": "64"
+    "name": "chardev-add",
+    "ret-type": "66"
   },
   {
-    "arg-type": "66",
+    "arg-type": "67",
+    "meta-type": "command",
+    "name": "chardev-change",
+    "ret-type": "66"
+  },
+  {
+    "arg-type": "68",
     "meta-type": "command",
     "name": "chardev-remove",
     "ret-type": "1"
   },
   {
-    "arg-type": "67",
+    "arg-type": "69",
     "meta-type": "command",
     "name": "chardev-send-break",
     "ret-type": "1"
@@ -421,7 +433,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "enable",
-        "type": "[68]"
+        "type": "[70]"
       }
     ],
     "meta-type": "object",
@@ -436,7 +448,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qemu",
-        "type": "69"
+        "type": "71"
       },
       {
         "name": "package",
@@ -474,7 +486,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "meta-type",
-        "type": "70"
+        "type": "72"
       },
       {
         "default": null,
@@ -488,31 +500,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "builtin",
-        "type": "71"
-      },
-      {
-        "case": "enum",
-        "type": "72"
-      },
-      {
-        "case": "array",
         "type": "73"
       },
       {
-        "case": "object",
+        "case": "enum",
         "type": "74"
       },
       {
-        "case": "alternate",
+        "case": "array",
         "type": "75"
       },
       {
-        "case": "command",
+        "case": "object",
         "type": "76"
       },
       {
-        "case": "event",
+        "case": "alternate",
         "type": "77"
+      },
+      {
+        "case": "command",
+        "type": "78"
+      },
+      {
+        "case": "event",
+        "type": "79"
       }
     ]
   },
@@ -524,7 +536,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "78"
+        "type": "80"
       }
     ],
     "meta-type": "object",
@@ -603,11 +615,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "79"
+        "type": "81"
       },
       {
         "name": "status",
-        "type": "78"
+        "type": "80"
       },
       {
         "name": "current-progress",
@@ -680,7 +692,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "detect_zeroes",
-        "type": "80"
+        "type": "82"
       },
       {
         "name": "bps",
@@ -708,7 +720,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "image",
-        "type": "81"
+        "type": "83"
       },
       {
         "default": null,
@@ -782,7 +794,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "cache",
-        "type": "82"
+        "type": "84"
       },
       {
         "name": "write_threshold",
@@ -791,7 +803,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "dirty-bitmaps",
-        "type": "[83]"
+        "type": "[85]"
       }
     ],
     "meta-type": "object",
@@ -838,7 +850,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "io-status",
-        "type": "84"
+        "type": "86"
       }
     ],
     "meta-type": "object",
@@ -848,7 +860,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "85"
+        "type": "87"
       },
       {
         "default": null,
@@ -858,12 +870,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "discard",
-        "type": "86"
+        "type": "88"
       },
       {
         "default": null,
         "name": "cache",
-        "type": "87"
+        "type": "89"
       },
       {
         "default": null,
@@ -888,7 +900,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "detect-zeroes",
-        "type": "80"
+        "type": "82"
       }
     ],
     "meta-type": "object",
@@ -897,31 +909,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "blkdebug",
-        "type": "88"
-      },
-      {
-        "case": "copy-on-read",
-        "type": "89"
-      },
-      {
-        "case": "file",
         "type": "90"
       },
       {
-        "case": "null-co",
+        "case": "copy-on-read",
         "type": "91"
       },
       {
-        "case": "qcow2",
+        "case": "file",
         "type": "92"
       },
       {
-        "case": "raw",
+        "case": "null-co",
         "type": "93"
       },
       {
-        "case": "throttle",
+        "case": "qcow2",
         "type": "94"
+      },
+      {
+        "case": "raw",
+        "type": "95"
+      },
+      {
+        "case": "throttle",
+        "type": "96"
       }
     ]
   },
@@ -1023,7 +1035,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[95]"
+        "type": "[97]"
       }
     ],
     "meta-type": "object",
@@ -1038,7 +1050,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "79"
+        "type": "81"
       },
       {
         "name": "device",
@@ -1066,7 +1078,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "84"
+        "type": "86"
       },
       {
         "name": "ready",
@@ -1074,7 +1086,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "78"
+        "type": "80"
       },
       {
         "name": "auto-finalize",
@@ -1096,7 +1108,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "96"
+        "type": "98"
       },
       {
         "case": "commit",
@@ -1219,7 +1231,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "79"
+        "type": "81"
       }
     ],
     "meta-type": "object",
@@ -1228,7 +1240,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "97"
+        "type": "99"
       },
       {
         "case": "commit",
@@ -1268,7 +1280,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "79"
+        "type": "81"
       },
       {
         "name": "device",
@@ -1299,7 +1311,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "79"
+        "type": "81"
       },
       {
         "name": "device",
@@ -1329,11 +1341,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "98"
+        "type": "100"
       },
       {
         "name": "action",
-        "type": "99"
+        "type": "101"
       }
     ],
     "meta-type": "object",
@@ -1343,7 +1355,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "79"
+        "type": "81"
       },
       {
         "name": "device",
@@ -1369,7 +1381,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "79"
+        "type": "81"
       },
       {
         "name": "id",
@@ -1392,7 +1404,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "100"
+        "type": "102"
       },
       {
         "default": null,
@@ -1407,7 +1419,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "101"
+        "type": "103"
       },
       {
         "default": null,
@@ -1417,12 +1429,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "102"
+        "type": "104"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "102"
+        "type": "104"
       },
       {
         "default": null,
@@ -1450,7 +1462,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "103"
+        "type": "105"
       },
       {
         "name": "target",
@@ -1473,7 +1485,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "100"
+        "type": "102"
       },
       {
         "default": null,
@@ -1488,7 +1500,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "101"
+        "type": "103"
       },
       {
         "default": null,
@@ -1498,12 +1510,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "102"
+        "type": "104"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "102"
+        "type": "104"
       },
       {
         "default": null,
@@ -1531,7 +1543,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "103"
+        "type": "105"
       },
       {
         "name": "target",
@@ -1545,7 +1557,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "104"
+        "type": "106"
       }
     ],
     "meta-type": "object",
@@ -1573,7 +1585,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "100"
+        "type": "102"
       },
       {
         "default": null,
@@ -1593,12 +1605,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "102"
+        "type": "104"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "102"
+        "type": "104"
       },
       {
         "default": null,
@@ -1608,7 +1620,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "105"
+        "type": "107"
       },
       {
         "default": null,
@@ -1656,12 +1668,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "100"
+        "type": "102"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "104"
+        "type": "106"
       },
       {
         "default": null,
@@ -1681,12 +1693,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "102"
+        "type": "104"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "102"
+        "type": "104"
       },
       {
         "default": null,
@@ -1696,7 +1708,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "105"
+        "type": "107"
       },
       {
         "default": null,
@@ -1711,6 +1723,147 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "object",
     "name": "39"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "base",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "base-node",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-mask-protocol",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "bottom",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "on-error",
+        "type": "104"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "40"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "base-node",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "features": [
+          "deprecated"
+        ],
+        "name": "base",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "top-node",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "features": [
+          "deprecated"
+        ],
+        "name": "top",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-mask-protocol",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "on-error",
+        "type": "104"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "41"
   },
   {
     "members": [
@@ -1741,11 +1894,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "104"
+        "type": "106"
       }
     ],
     "meta-type": "object",
-    "name": "40"
+    "name": "42"
   },
   {
     "members": [
@@ -1759,7 +1912,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "41"
+    "name": "43"
   },
   {
     "members": [
@@ -1773,22 +1926,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "42"
+    "name": "44"
   },
   {
     "members": [
       {
         "name": "actions",
-        "type": "[106]"
+        "type": "[108]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "107"
+        "type": "109"
       }
     ],
     "meta-type": "object",
-    "name": "43"
+    "name": "45"
   },
   {
     "members": [
@@ -1814,11 +1967,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "108"
+        "type": "110"
       }
     ],
     "meta-type": "object",
-    "name": "44"
+    "name": "46"
   },
   {
     "members": [
@@ -1848,7 +2001,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "45"
+    "name": "47"
   },
   {
     "members": [
@@ -1859,17 +2012,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "109"
+        "type": "111"
       }
     ],
     "meta-type": "object",
-    "name": "46"
+    "name": "48"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "110"
+        "type": "112"
       },
       {
         "name": "id",
@@ -1906,24 +2059,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "47",
+    "name": "49",
     "tag": "type",
     "variants": [
       {
         "case": "nbd",
-        "type": "111"
-      },
-      {
-        "case": "vhost-user-blk",
-        "type": "112"
-      },
-      {
-        "case": "fuse",
         "type": "113"
       },
       {
-        "case": "vduse-blk",
+        "case": "vhost-user-blk",
         "type": "114"
+      },
+      {
+        "case": "fuse",
+        "type": "115"
+      },
+      {
+        "case": "vduse-blk",
+        "type": "116"
       }
     ]
   },
@@ -1936,11 +2089,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "109"
+        "type": "111"
       }
     ],
     "meta-type": "object",
-    "name": "48"
+    "name": "50"
   },
   {
     "members": [
@@ -1950,7 +2103,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "49"
+    "name": "51"
   },
   {
     "members": [
@@ -1960,12 +2113,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "50"
+    "name": "52"
   },
   {
-    "element-type": "51",
+    "element-type": "53",
     "meta-type": "array",
-    "name": "[51]"
+    "name": "[53]"
   },
   {
     "members": [
@@ -1989,7 +2142,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "51"
+    "name": "53"
   },
   {
     "members": [
@@ -2003,7 +2156,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "52"
+    "name": "54"
   },
   {
     "json-type": "value",
@@ -2026,7 +2179,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "53"
+    "name": "55"
   },
   {
     "members": [
@@ -2042,12 +2195,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "54"
+    "name": "56"
   },
   {
-    "element-type": "55",
+    "element-type": "57",
     "meta-type": "array",
-    "name": "[55]"
+    "name": "[57]"
   },
   {
     "members": [
@@ -2067,7 +2220,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "55"
+    "name": "57"
   },
   {
     "members": [
@@ -2077,13 +2230,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "56"
+    "name": "58"
   },
   {
     "members": [
       {
         "name": "qom-type",
-        "type": "115"
+        "type": "117"
       },
       {
         "name": "id",
@@ -2091,20 +2244,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "57",
+    "name": "59",
     "tag": "qom-type",
     "variants": [
       {
         "case": "iothread",
-        "type": "116"
+        "type": "118"
       },
       {
         "case": "secret",
-        "type": "117"
+        "type": "119"
       },
       {
         "case": "throttle-group",
-        "type": "118"
+        "type": "120"
       }
     ]
   },
@@ -2116,12 +2269,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "58"
+    "name": "60"
   },
   {
-    "element-type": "59",
+    "element-type": "61",
     "meta-type": "array",
-    "name": "[59]"
+    "name": "[61]"
   },
   {
     "members": [
@@ -2139,12 +2292,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "59"
+    "name": "61"
   },
   {
-    "element-type": "60",
+    "element-type": "62",
     "meta-type": "array",
-    "name": "[60]"
+    "name": "[62]"
   },
   {
     "members": [
@@ -2154,7 +2307,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "60"
+    "name": "62"
   },
   {
     "members": [
@@ -2169,11 +2322,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "format",
-        "type": "119"
+        "type": "121"
       }
     ],
     "meta-type": "object",
-    "name": "61"
+    "name": "63"
   },
   {
     "members": [
@@ -2188,11 +2341,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "format",
-        "type": "119"
+        "type": "121"
       }
     ],
     "meta-type": "object",
-    "name": "62"
+    "name": "64"
   },
   {
     "json-type": "string",
@@ -2207,32 +2360,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "backend",
-        "type": "120"
-      }
-    ],
-    "meta-type": "object",
-    "name": "63"
-  },
-  {
-    "members": [
-      {
-        "default": null,
-        "name": "pty",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "64"
-  },
-  {
-    "members": [
-      {
-        "name": "id",
-        "type": "str"
-      },
-      {
-        "name": "backend",
-        "type": "120"
+        "type": "122"
       }
     ],
     "meta-type": "object",
@@ -2241,7 +2369,8 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "id",
+        "default": null,
+        "name": "pty",
         "type": "str"
       }
     ],
@@ -2253,15 +2382,39 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "name": "id",
         "type": "str"
+      },
+      {
+        "name": "backend",
+        "type": "122"
       }
     ],
     "meta-type": "object",
     "name": "67"
   },
   {
-    "element-type": "68",
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "68"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "69"
+  },
+  {
+    "element-type": "70",
     "meta-type": "array",
-    "name": "[68]"
+    "name": "[70]"
   },
   {
     "members": [
@@ -2270,7 +2423,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "68",
+    "name": "70",
     "values": [
       "oob"
     ]
@@ -2291,7 +2444,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "69"
+    "name": "71"
   },
   {
     "members": [
@@ -2318,7 +2471,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "70",
+    "name": "72",
     "values": [
       "builtin",
       "enum",
@@ -2338,17 +2491,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "121"
+        "type": "123"
       }
     ],
     "meta-type": "object",
-    "name": "71"
+    "name": "73"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[122]"
+        "type": "[124]"
       },
       {
         "features": [
@@ -2359,7 +2512,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "72"
+    "name": "74"
   },
   {
     "members": [
@@ -2369,13 +2522,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "73"
+    "name": "75"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[123]"
+        "type": "[125]"
       },
       {
         "default": null,
@@ -2385,21 +2538,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[124]"
+        "type": "[126]"
       }
     ],
     "meta-type": "object",
-    "name": "74"
+    "name": "76"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[125]"
+        "type": "[127]"
       }
     ],
     "meta-type": "object",
-    "name": "75"
+    "name": "77"
   },
   {
     "members": [
@@ -2418,7 +2571,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "76"
+    "name": "78"
   },
   {
     "members": [
@@ -2428,7 +2581,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "77"
+    "name": "79"
   },
   {
     "members": [
@@ -2467,7 +2620,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "78",
+    "name": "80",
     "values": [
       "undefined",
       "created",
@@ -2513,7 +2666,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "79",
+    "name": "81",
     "values": [
       "commit",
       "stream",
@@ -2549,7 +2702,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "80",
+    "name": "82",
     "values": [
       "off",
       "on",
@@ -2613,21 +2766,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[126]"
+        "type": "[128]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "127"
+        "type": "129"
       },
       {
         "default": null,
         "name": "backing-image",
-        "type": "81"
+        "type": "83"
       }
     ],
     "meta-type": "object",
-    "name": "81"
+    "name": "83"
   },
   {
     "members": [
@@ -2645,12 +2798,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "82"
+    "name": "84"
   },
   {
-    "element-type": "83",
+    "element-type": "85",
     "meta-type": "array",
-    "name": "[83]"
+    "name": "[85]"
   },
   {
     "members": [
@@ -2686,7 +2839,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "83"
+    "name": "85"
   },
   {
     "members": [
@@ -2701,7 +2854,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "84",
+    "name": "86",
     "values": [
       "ok",
       "failed",
@@ -2733,7 +2886,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "85",
+    "name": "87",
     "values": [
       "blkdebug",
       "copy-on-read",
@@ -2754,7 +2907,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "86",
+    "name": "88",
     "values": [
       "ignore",
       "unmap"
@@ -2774,13 +2927,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "87"
+    "name": "89"
   },
   {
     "members": [
       {
         "name": "image",
-        "type": "128"
+        "type": "130"
       },
       {
         "default": null,
@@ -2820,32 +2973,32 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[129]"
+        "type": "[131]"
       },
       {
         "default": null,
         "name": "set-state",
-        "type": "[130]"
+        "type": "[132]"
       },
       {
         "default": null,
         "name": "take-child-perms",
-        "type": "[131]"
+        "type": "[133]"
       },
       {
         "default": null,
         "name": "unshare-child-perms",
-        "type": "[131]"
+        "type": "[133]"
       }
     ],
     "meta-type": "object",
-    "name": "88"
+    "name": "90"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "128"
+        "type": "130"
       },
       {
         "default": null,
@@ -2854,7 +3007,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "89"
+    "name": "91"
   },
   {
     "features": [
@@ -2873,12 +3026,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "132"
+        "type": "134"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "133"
+        "type": "135"
       },
       {
         "default": null,
@@ -2900,7 +3053,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "90"
+    "name": "92"
   },
   {
     "members": [
@@ -2921,18 +3074,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "91"
+    "name": "93"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "128"
+        "type": "130"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "134"
+        "type": "136"
       },
       {
         "default": null,
@@ -2962,7 +3115,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "135"
+        "type": "137"
       },
       {
         "default": null,
@@ -2992,22 +3145,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "136"
+        "type": "138"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "128"
+        "type": "130"
       }
     ],
     "meta-type": "object",
-    "name": "92"
+    "name": "94"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "128"
+        "type": "130"
       },
       {
         "default": null,
@@ -3021,7 +3174,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "93"
+    "name": "95"
   },
   {
     "members": [
@@ -3031,16 +3184,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "file",
-        "type": "128"
+        "type": "130"
       }
     ],
     "meta-type": "object",
-    "name": "94"
+    "name": "96"
   },
   {
-    "element-type": "95",
+    "element-type": "97",
     "meta-type": "array",
-    "name": "[95]"
+    "name": "[97]"
   },
   {
     "members": [
@@ -3052,7 +3205,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "95"
+    "name": "97"
   },
   {
     "members": [
@@ -3062,17 +3215,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "96"
+    "name": "98"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "105"
+        "type": "107"
       }
     ],
     "meta-type": "object",
-    "name": "97"
+    "name": "99"
   },
   {
     "members": [
@@ -3084,7 +3237,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "98",
+    "name": "100",
     "values": [
       "read",
       "write"
@@ -3103,7 +3256,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "99",
+    "name": "101",
     "values": [
       "ignore",
       "report",
@@ -3129,7 +3282,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "100",
+    "name": "102",
     "values": [
       "top",
       "full",
@@ -3151,7 +3304,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "101",
+    "name": "103",
     "values": [
       "on-success",
       "never",
@@ -3177,7 +3330,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "102",
+    "name": "104",
     "values": [
       "report",
       "ignore",
@@ -3210,7 +3363,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "103"
+    "name": "105"
   },
   {
     "members": [
@@ -3222,7 +3375,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "104",
+    "name": "106",
     "values": [
       "existing",
       "absolute-paths"
@@ -3238,87 +3391,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "105",
+    "name": "107",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "106",
+    "element-type": "108",
     "meta-type": "array",
-    "name": "[106]"
+    "name": "[108]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "137"
+        "type": "139"
       }
     ],
     "meta-type": "object",
-    "name": "106",
+    "name": "108",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "138"
+        "type": "140"
       },
       {
         "case": "block-dirty-bitmap-add",
-        "type": "139"
+        "type": "141"
       },
       {
         "case": "block-dirty-bitmap-remove",
-        "type": "140"
-      },
-      {
-        "case": "block-dirty-bitmap-clear",
-        "type": "140"
-      },
-      {
-        "case": "block-dirty-bitmap-enable",
-        "type": "140"
-      },
-      {
-        "case": "block-dirty-bitmap-disable",
-        "type": "140"
-      },
-      {
-        "case": "block-dirty-bitmap-merge",
-        "type": "141"
-      },
-      {
-        "case": "blockdev-backup",
         "type": "142"
       },
       {
-        "case": "blockdev-snapshot",
+        "case": "block-dirty-bitmap-clear",
+        "type": "142"
+      },
+      {
+        "case": "block-dirty-bitmap-enable",
+        "type": "142"
+      },
+      {
+        "case": "block-dirty-bitmap-disable",
+        "type": "142"
+      },
+      {
+        "case": "block-dirty-bitmap-merge",
         "type": "143"
       },
       {
-        "case": "blockdev-snapshot-internal-sync",
+        "case": "blockdev-backup",
         "type": "144"
       },
       {
-        "case": "blockdev-snapshot-sync",
+        "case": "blockdev-snapshot",
         "type": "145"
       },
       {
-        "case": "drive-backup",
+        "case": "blockdev-snapshot-internal-sync",
         "type": "146"
       },
       {
+        "case": "blockdev-snapshot-sync",
+        "type": "147"
+      },
+      {
+        "case": "drive-backup",
+        "type": "148"
+      },
+      {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "140"
+        "type": "142"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "140"
+        "type": "142"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "141"
+        "type": "143"
       }
     ]
   },
@@ -3327,38 +3480,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "147"
+        "type": "149"
       }
     ],
     "meta-type": "object",
-    "name": "107"
+    "name": "109"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "148"
+        "type": "150"
       }
     ],
     "meta-type": "object",
-    "name": "108",
+    "name": "110",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "149"
-      },
-      {
-        "case": "unix",
-        "type": "150"
-      },
-      {
-        "case": "vsock",
         "type": "151"
       },
       {
-        "case": "fd",
+        "case": "unix",
         "type": "152"
+      },
+      {
+        "case": "vsock",
+        "type": "153"
+      },
+      {
+        "case": "fd",
+        "type": "154"
       }
     ]
   },
@@ -3372,7 +3525,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "109",
+    "name": "111",
     "values": [
       "safe",
       "hard"
@@ -3394,7 +3547,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "110",
+    "name": "112",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -3417,7 +3570,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[95]"
+        "type": "[97]"
       },
       {
         "default": null,
@@ -3426,13 +3579,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "111"
+    "name": "113"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "153"
+        "type": "155"
       },
       {
         "default": null,
@@ -3446,7 +3599,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "112"
+    "name": "114"
   },
   {
     "members": [
@@ -3462,11 +3615,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "154"
+        "type": "156"
       }
     ],
     "meta-type": "object",
-    "name": "113"
+    "name": "115"
   },
   {
     "members": [
@@ -3496,7 +3649,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "114"
+    "name": "116"
   },
   {
     "members": [
@@ -3511,7 +3664,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "115",
+    "name": "117",
     "values": [
       "iothread",
       "secret",
@@ -3552,14 +3705,14 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "116"
+    "name": "118"
   },
   {
     "members": [
       {
         "default": null,
         "name": "format",
-        "type": "155"
+        "type": "157"
       },
       {
         "default": null,
@@ -3583,14 +3736,14 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "117"
+    "name": "119"
   },
   {
     "members": [
       {
         "default": null,
         "name": "limits",
-        "type": "156"
+        "type": "158"
       },
       {
         "default": null,
@@ -3746,7 +3899,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "118"
+    "name": "120"
   },
   {
     "members": [
@@ -3758,7 +3911,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "119",
+    "name": "121",
     "values": [
       "utf8",
       "base64"
@@ -3768,24 +3921,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "157"
+        "type": "159"
       }
     ],
     "meta-type": "object",
-    "name": "120",
+    "name": "122",
     "tag": "type",
     "variants": [
       {
         "case": "null",
-        "type": "158"
+        "type": "160"
       },
       {
         "case": "socket",
-        "type": "159"
+        "type": "161"
       },
       {
         "case": "ringbuf",
-        "type": "160"
+        "type": "162"
       }
     ]
   },
@@ -3817,7 +3970,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "121",
+    "name": "123",
     "values": [
       "string",
       "number",
@@ -3830,9 +3983,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "122",
+    "element-type": "124",
     "meta-type": "array",
-    "name": "[122]"
+    "name": "[124]"
   },
   {
     "members": [
@@ -3847,12 +4000,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "122"
+    "name": "124"
   },
   {
-    "element-type": "123",
+    "element-type": "125",
     "meta-type": "array",
-    "name": "[123]"
+    "name": "[125]"
   },
   {
     "members": [
@@ -3876,12 +4029,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "123"
+    "name": "125"
   },
   {
-    "element-type": "124",
+    "element-type": "126",
     "meta-type": "array",
-    "name": "[124]"
+    "name": "[126]"
   },
   {
     "members": [
@@ -3895,12 +4048,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "124"
+    "name": "126"
   },
   {
-    "element-type": "125",
+    "element-type": "127",
     "meta-type": "array",
-    "name": "[125]"
+    "name": "[127]"
   },
   {
     "members": [
@@ -3910,12 +4063,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "125"
+    "name": "127"
   },
   {
-    "element-type": "126",
+    "element-type": "128",
     "meta-type": "array",
-    "name": "[126]"
+    "name": "[128]"
   },
   {
     "members": [
@@ -3954,38 +4107,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "126"
+    "name": "128"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "161"
+        "type": "163"
       }
     ],
     "meta-type": "object",
-    "name": "127",
+    "name": "129",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "162"
-      },
-      {
-        "case": "vmdk",
-        "type": "163"
-      },
-      {
-        "case": "luks",
         "type": "164"
       },
       {
-        "case": "rbd",
+        "case": "vmdk",
         "type": "165"
       },
       {
-        "case": "file",
+        "case": "luks",
         "type": "166"
+      },
+      {
+        "case": "rbd",
+        "type": "167"
+      },
+      {
+        "case": "file",
+        "type": "168"
       }
     ]
   },
@@ -3999,18 +4152,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "128"
+    "name": "130"
   },
   {
-    "element-type": "129",
+    "element-type": "131",
     "meta-type": "array",
-    "name": "[129]"
+    "name": "[131]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "167"
+        "type": "169"
       },
       {
         "default": null,
@@ -4020,7 +4173,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "168"
+        "type": "170"
       },
       {
         "default": null,
@@ -4044,18 +4197,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "129"
+    "name": "131"
   },
   {
-    "element-type": "130",
+    "element-type": "132",
     "meta-type": "array",
-    "name": "[130]"
+    "name": "[132]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "167"
+        "type": "169"
       },
       {
         "default": null,
@@ -4068,12 +4221,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "130"
+    "name": "132"
   },
   {
-    "element-type": "131",
+    "element-type": "133",
     "meta-type": "array",
-    "name": "[131]"
+    "name": "[133]"
   },
   {
     "members": [
@@ -4091,7 +4244,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "131",
+    "name": "133",
     "values": [
       "consistent-read",
       "write",
@@ -4112,7 +4265,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "132",
+    "name": "134",
     "values": [
       "auto",
       "on",
@@ -4132,7 +4285,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "133",
+    "name": "135",
     "values": [
       "threads",
       "native",
@@ -4152,38 +4305,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "134"
+    "name": "136"
   },
   {
     "members": [
       {
-        "type": "169"
+        "type": "171"
       },
       {
-        "type": "170"
+        "type": "172"
       }
     ],
     "meta-type": "alternate",
-    "name": "135"
+    "name": "137"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "171"
+        "type": "173"
       }
     ],
     "meta-type": "object",
-    "name": "136",
+    "name": "138",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "172"
+        "type": "174"
       },
       {
         "case": "luks",
-        "type": "173"
+        "type": "175"
       }
     ]
   },
@@ -4251,7 +4404,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "137",
+    "name": "139",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -4274,27 +4427,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "174"
-      }
-    ],
-    "meta-type": "object",
-    "name": "138"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "19"
-      }
-    ],
-    "meta-type": "object",
-    "name": "139"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "20"
+        "type": "176"
       }
     ],
     "meta-type": "object",
@@ -4304,7 +4437,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "21"
+        "type": "19"
       }
     ],
     "meta-type": "object",
@@ -4314,7 +4447,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "36"
+        "type": "20"
       }
     ],
     "meta-type": "object",
@@ -4324,7 +4457,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "41"
+        "type": "21"
       }
     ],
     "meta-type": "object",
@@ -4334,7 +4467,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "42"
+        "type": "36"
       }
     ],
     "meta-type": "object",
@@ -4344,7 +4477,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "40"
+        "type": "43"
       }
     ],
     "meta-type": "object",
@@ -4354,11 +4487,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "37"
+        "type": "44"
       }
     ],
     "meta-type": "object",
     "name": "146"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "42"
+      }
+    ],
+    "meta-type": "object",
+    "name": "147"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "37"
+      }
+    ],
+    "meta-type": "object",
+    "name": "148"
   },
   {
     "members": [
@@ -4370,7 +4523,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "147",
+    "name": "149",
     "values": [
       "individual",
       "grouped"
@@ -4392,33 +4545,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "148",
+    "name": "150",
     "values": [
       "inet",
       "unix",
       "vsock",
       "fd"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "175"
-      }
-    ],
-    "meta-type": "object",
-    "name": "149"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "176"
-      }
-    ],
-    "meta-type": "object",
-    "name": "150"
   },
   {
     "members": [
@@ -4443,29 +4576,49 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "type",
-        "type": "148"
+        "name": "data",
+        "type": "179"
       }
     ],
     "meta-type": "object",
-    "name": "153",
+    "name": "153"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "180"
+      }
+    ],
+    "meta-type": "object",
+    "name": "154"
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "150"
+      }
+    ],
+    "meta-type": "object",
+    "name": "155",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "175"
-      },
-      {
-        "case": "unix",
-        "type": "176"
-      },
-      {
-        "case": "vsock",
         "type": "177"
       },
       {
-        "case": "fd",
+        "case": "unix",
         "type": "178"
+      },
+      {
+        "case": "vsock",
+        "type": "179"
+      },
+      {
+        "case": "fd",
+        "type": "180"
       }
     ]
   },
@@ -4482,7 +4635,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "154",
+    "name": "156",
     "values": [
       "off",
       "on",
@@ -4499,7 +4652,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "155",
+    "name": "157",
     "values": [
       "raw",
       "base64"
@@ -4604,7 +4757,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "156"
+    "name": "158"
   },
   {
     "members": [
@@ -4619,7 +4772,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "157",
+    "name": "159",
     "values": [
       "null",
       "socket",
@@ -4630,31 +4783,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "179"
-      }
-    ],
-    "meta-type": "object",
-    "name": "158"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "180"
-      }
-    ],
-    "meta-type": "object",
-    "name": "159"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
         "type": "181"
       }
     ],
     "meta-type": "object",
     "name": "160"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "182"
+      }
+    ],
+    "meta-type": "object",
+    "name": "161"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "183"
+      }
+    ],
+    "meta-type": "object",
+    "name": "162"
   },
   {
     "members": [
@@ -4675,7 +4828,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "161",
+    "name": "163",
     "values": [
       "qcow2",
       "vmdk",
@@ -4683,26 +4836,6 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       "rbd",
       "file"
     ]
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "182"
-      }
-    ],
-    "meta-type": "object",
-    "name": "162"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "183"
-      }
-    ],
-    "meta-type": "object",
-    "name": "163"
   },
   {
     "members": [
@@ -4733,6 +4866,26 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "object",
     "name": "166"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "187"
+      }
+    ],
+    "meta-type": "object",
+    "name": "167"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "188"
+      }
+    ],
+    "meta-type": "object",
+    "name": "168"
   },
   {
     "members": [
@@ -4882,7 +5035,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "167",
+    "name": "169",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -4956,7 +5109,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "168",
+    "name": "170",
     "values": [
       "read",
       "write",
@@ -4976,7 +5129,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "170"
+        "type": "172"
       },
       {
         "default": null,
@@ -5025,7 +5178,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "169"
+    "name": "171"
   },
   {
     "members": [
@@ -5043,7 +5196,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "170",
+    "name": "172",
     "values": [
       "none",
       "constant",
@@ -5061,7 +5214,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "171",
+    "name": "173",
     "values": [
       "aes",
       "luks"
@@ -5076,7 +5229,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "172"
+    "name": "174"
   },
   {
     "members": [
@@ -5087,12 +5240,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "173"
+    "name": "175"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "174"
+    "name": "176"
   },
   {
     "members": [
@@ -5136,7 +5289,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "175"
+    "name": "177"
   },
   {
     "members": [
@@ -5156,7 +5309,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "176"
+    "name": "178"
   },
   {
     "members": [
@@ -5170,7 +5323,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "177"
+    "name": "179"
   },
   {
     "members": [
@@ -5180,7 +5333,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "178"
+    "name": "180"
   },
   {
     "members": [
@@ -5196,7 +5349,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "179"
+    "name": "181"
   },
   {
     "members": [
@@ -5212,7 +5365,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "108"
+        "type": "110"
       },
       {
         "default": null,
@@ -5269,7 +5422,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "180"
+    "name": "182"
   },
   {
     "members": [
@@ -5290,7 +5443,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "181"
+    "name": "183"
   },
   {
     "members": [
@@ -5330,20 +5483,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "187"
+        "type": "189"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[188]"
+        "type": "[190]"
       },
       {
         "name": "compression-type",
-        "type": "189"
+        "type": "191"
       }
     ],
     "meta-type": "object",
-    "name": "182"
+    "name": "184"
   },
   {
     "members": [
@@ -5361,34 +5514,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[190]"
+        "type": "[192]"
       }
     ],
     "meta-type": "object",
-    "name": "183"
+    "name": "185"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "191"
+        "type": "193"
       },
       {
         "name": "cipher-mode",
-        "type": "192"
+        "type": "194"
       },
       {
         "name": "ivgen-alg",
-        "type": "193"
+        "type": "195"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "194"
+        "type": "196"
       },
       {
         "name": "hash-alg",
-        "type": "194"
+        "type": "196"
       },
       {
         "name": "detached-header",
@@ -5408,22 +5561,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[195]"
+        "type": "[197]"
       }
     ],
     "meta-type": "object",
-    "name": "184"
+    "name": "186"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "196"
+        "type": "198"
       }
     ],
     "meta-type": "object",
-    "name": "185"
+    "name": "187"
   },
   {
     "members": [
@@ -5434,22 +5587,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "186"
+    "name": "188"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "171"
+        "type": "173"
       }
     ],
     "meta-type": "object",
-    "name": "187",
+    "name": "189",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "184"
+        "type": "186"
       },
       {
         "case": "aes",
@@ -5458,9 +5611,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "188",
+    "element-type": "190",
     "meta-type": "array",
-    "name": "[188]"
+    "name": "[190]"
   },
   {
     "members": [
@@ -5474,11 +5627,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[197]"
+        "type": "[199]"
       }
     ],
     "meta-type": "object",
-    "name": "188"
+    "name": "190"
   },
   {
     "members": [
@@ -5490,16 +5643,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "189",
+    "name": "191",
     "values": [
       "zlib",
       "zstd"
     ]
   },
   {
-    "element-type": "190",
+    "element-type": "192",
     "meta-type": "array",
-    "name": "[190]"
+    "name": "[192]"
   },
   {
     "members": [
@@ -5527,7 +5680,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "190"
+    "name": "192"
   },
   {
     "members": [
@@ -5572,7 +5725,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "191",
+    "name": "193",
     "values": [
       "aes-128",
       "aes-192",
@@ -5605,7 +5758,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "192",
+    "name": "194",
     "values": [
       "ecb",
       "cbc",
@@ -5626,7 +5779,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "193",
+    "name": "195",
     "values": [
       "plain",
       "plain64",
@@ -5661,7 +5814,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "194",
+    "name": "196",
     "values": [
       "md5",
       "sha1",
@@ -5674,9 +5827,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "195",
+    "element-type": "197",
     "meta-type": "array",
-    "name": "[195]"
+    "name": "[197]"
   },
   {
     "members": [
@@ -5700,7 +5853,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "195"
+    "name": "197"
   },
   {
     "members": [
@@ -5715,7 +5868,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "196",
+    "name": "198",
     "values": [
       "luks",
       "luks2",
@@ -5723,9 +5876,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "197",
+    "element-type": "199",
     "meta-type": "array",
-    "name": "[197]"
+    "name": "[199]"
   },
   {
     "members": [
@@ -5737,7 +5890,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "197",
+    "name": "199",
     "values": [
       "in-use",
       "auto"
