@@ -2,6 +2,7 @@
 //! its branch's options (`BlockdevOptionsFile`, `BlockdevOptionsQcow2`, ...).
 
 pub mod blkdebug;
+pub mod copy_on_read;
 pub mod file;
 pub mod null;
 pub mod qcow2;
@@ -25,11 +26,7 @@ pub(crate) fn open(
         BlockdevOptionsBranch::Qcow2(o) => qcow2::open(ctx, o),
         BlockdevOptionsBranch::Raw(o) => raw::open(ctx, o),
         BlockdevOptionsBranch::Throttle(o) => throttle::open(ctx, o),
-        // The copy-on-read filter is the stream job's node (issue 14's block-stream work);
-        // until it is here, the driver is refused by name rather than opened half-way.
-        BlockdevOptionsBranch::CopyOnRead(_) => Err(crate::error::BlockError::new(
-            "Driver 'copy-on-read' is not available in this build of blockjobd",
-        )),
+        BlockdevOptionsBranch::CopyOnRead(o) => copy_on_read::open(ctx, o),
     }
 }
 

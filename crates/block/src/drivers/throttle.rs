@@ -110,7 +110,7 @@ impl BlockDriver for ThrottleDriver {
         let options = serde_json::json!({
             "driver": "throttle",
             "throttle-group": self.group.name(),
-            "file": spelled_out(&self.file.get()),
+            "file": crate::graph::full_options(&self.file.get()),
         });
         DriverInfo {
             filename: Some(crate::graph::json_filename(&options)),
@@ -123,20 +123,4 @@ impl BlockDriver for ThrottleDriver {
         self.leave();
         Ok(())
     }
-}
-
-/// A node's options with its children given by name spelled out as their own options, as
-/// QEMU's `full_open_options` are.
-pub(crate) fn spelled_out(node: &BlockNode) -> serde_json::Value {
-    let mut options = node.options().clone();
-    if let serde_json::Value::Object(map) = &mut options {
-        for role in ["file", "backing"] {
-            if let (Some(serde_json::Value::String(_)), Some(child)) =
-                (map.get(role), node.child(role))
-            {
-                map.insert(role.to_string(), spelled_out(&child));
-            }
-        }
-    }
-    options
 }
