@@ -21,11 +21,26 @@ impl Daemon {
     /// Starts `program` with its monitor on `dir/qmp.sock` (working directory `dir`) and waits
     /// until the socket exists.
     pub fn spawn(program: &Path, dir: &Path) -> Daemon {
-        Daemon::spawn_with_stderr(program, dir, Stdio::null())
+        Daemon::spawn_full(program, dir, &[], Stdio::null())
     }
 
     /// [`Daemon::spawn`] with the daemon's stderr going to `stderr` (e.g. a log file).
     pub fn spawn_with_stderr(program: &Path, dir: &Path, stderr: impl Into<Stdio>) -> Daemon {
+        Daemon::spawn_full(program, dir, &[], stderr)
+    }
+
+    /// [`Daemon::spawn`] with more options after the monitor's (`--object`, `--blockdev`...).
+    pub fn spawn_with(program: &Path, dir: &Path, options: &[String]) -> Daemon {
+        Daemon::spawn_full(program, dir, options, Stdio::null())
+    }
+
+    /// [`Daemon::spawn`] with more options and the daemon's stderr going to `stderr`.
+    pub fn spawn_full(
+        program: &Path,
+        dir: &Path,
+        options: &[String],
+        stderr: impl Into<Stdio>,
+    ) -> Daemon {
         let socket = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&socket);
         let child = Command::new(program)
@@ -35,6 +50,7 @@ impl Daemon {
                 socket.display()
             ))
             .args(["--monitor", "chardev=m"])
+            .args(options)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

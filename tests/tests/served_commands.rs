@@ -317,7 +317,74 @@ fn every_command_of_the_generated_table_is_served_with_valid_arguments() {
     s.ok("block-export-del", json!({"id": "e1"}));
     s.qmp
         .wait_event("BLOCK_EXPORT_DELETED", WAIT, |d| d["id"] == "e1");
+    s.ok("nbd-server-add", json!({"device": "n2", "name": "legacy"}));
+    s.ok("nbd-server-remove", json!({"name": "legacy"}));
+    s.qmp
+        .wait_event("BLOCK_EXPORT_DELETED", WAIT, |d| d["id"] == "legacy");
     s.ok("nbd-server-stop", json!({}));
+
+    // Objects, the object tree, a throttle node.
+    s.ok("object-add", json!({"qom-type": "iothread", "id": "io0"}));
+    s.ok(
+        "object-add",
+        json!({"qom-type": "throttle-group", "id": "tg0", "limits": {"iops-total": 1000}}),
+    );
+    s.ok(
+        "blockdev-add",
+        json!({"driver": "throttle", "node-name": "t", "throttle-group": "tg0", "file": "n3"}),
+    );
+    let props = s.ok("qom-list", json!({"path": "/objects/tg0"}));
+    assert!(props.as_array().is_some_and(|p| p.len() == 21));
+    s.ok(
+        "qom-set",
+        json!({"path": "/objects/io0", "property": "poll-max-ns", "value": 0}),
+    );
+    assert_eq!(
+        s.ok("qom-get", json!({"path": "io0", "property": "poll-max-ns"})),
+        0
+    );
+    let types = s.ok("qom-list-types", json!({"implements": "user-creatable"}));
+    assert!(types.as_array().is_some_and(|t| t.len() == 3));
+    s.ok("qom-list-properties", json!({"typename": "secret"}));
+    s.ok("blockdev-del", json!({"node-name": "t"}));
+    s.ok("object-del", json!({"id": "tg0"}));
+    s.ok("object-del", json!({"id": "io0"}));
+
+    // Chardevs.
+    let chardev = d.join("c.sock");
+    s.ok(
+        "chardev-add",
+        json!({"id": "c", "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": chardev.to_str()}},
+            "server": true, "wait": false}}}),
+    );
+    s.ok(
+        "chardev-add",
+        json!({"id": "r", "backend": {"type": "ringbuf", "data": {"size": 8}}}),
+    );
+    assert_eq!(
+        s.ok("query-chardev", json!({})).as_array().map(Vec::len),
+        Some(3)
+    );
+    assert_eq!(
+        s.ok("query-chardev-backends", json!({}))
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+    s.ok("chardev-send-break", json!({"id": "c"}));
+    s.ok("ringbuf-write", json!({"device": "r", "data": "abc"}));
+    assert_eq!(
+        s.ok("ringbuf-read", json!({"device": "r", "size": 8})),
+        "abc"
+    );
+    s.ok(
+        "chardev-change",
+        json!({"id": "r", "backend": {"type": "null", "data": {}}}),
+    );
+    s.ok("chardev-remove", json!({"id": "c"}));
+    s.ok("chardev-remove", json!({"id": "r"}));
+    assert_eq!(s.ok("query-block", json!({})), json!([]));
 
     s.ok("quit", json!({}));
     let missing: Vec<&String> = table.difference(&s.run).collect();

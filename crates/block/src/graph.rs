@@ -31,6 +31,8 @@ pub struct BlockGraph {
     events: Option<BlockEventSink>,
     /// A `blockdev-add` is opening its root node.
     monitor_open: bool,
+    /// The throttle groups `throttle` nodes name.
+    throttle_groups: crate::throttle::ThrottleGroups,
 }
 
 impl Default for BlockGraph {
@@ -61,6 +63,7 @@ impl BlockGraph {
             rng: seed | 1,
             events: None,
             monitor_open: false,
+            throttle_groups: crate::throttle::ThrottleGroups::default(),
         }
     }
 
@@ -72,6 +75,18 @@ impl BlockGraph {
     /// Where nodes report events, if anywhere.
     pub fn event_sink(&self) -> Option<BlockEventSink> {
         self.events.clone()
+    }
+
+    /// Uses `groups` for the `throttle` driver's `throttle-group` option (the daemon shares
+    /// them with its `throttle-group` objects).
+    pub fn with_throttle_groups(mut self, groups: crate::throttle::ThrottleGroups) -> Self {
+        self.throttle_groups = groups;
+        self
+    }
+
+    /// The throttle groups `throttle` nodes can join.
+    pub fn throttle_groups(&self) -> &crate::throttle::ThrottleGroups {
+        &self.throttle_groups
     }
 
     /// The node named `name`.

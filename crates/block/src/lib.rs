@@ -18,6 +18,7 @@ pub mod perm;
 pub mod reopen;
 pub mod replace;
 mod requests;
+pub mod throttle;
 
 pub use backend::BlockBackend;
 pub use bitmap::DirtyBitmap;

@@ -17,14 +17,19 @@ use qmp_api::{
 use qmp_api::{
     BlockDirtyBitmapSha256, BlockExportInfo, BlockResizeArguments, BlockSetWriteThresholdArguments,
     BlockStats, BlockdevReopenArguments, BlockdevSetActiveArguments,
-    BlockdevSnapshotDeleteInternalSyncArguments, ChangeBackingFileArguments,
-    QueryBlockstatsArguments, SnapshotInfo, XDbgBlockGraph,
+    BlockdevSnapshotDeleteInternalSyncArguments, ChangeBackingFileArguments, ChardevAddArguments,
+    ChardevBackendInfo, ChardevInfo, ChardevRemoveArguments, ChardevReturn,
+    ChardevSendBreakArguments, NbdServerAddOptions, NbdServerRemoveArguments, ObjectDelArguments,
+    ObjectOptions, ObjectPropertyInfo, ObjectTypeInfo, QomGetArguments, QomListArguments,
+    QomListPropertiesArguments, QomListTypesArguments, QomSetArguments, QueryBlockstatsArguments,
+    RingbufReadArguments, RingbufWriteArguments, SnapshotInfo, XDbgBlockGraph,
 };
 
 use crate::Blockdev;
 use crate::actions::BackupAction;
 use crate::bitmaps::{self, BitmapAction};
 use crate::export;
+use crate::qom;
 use crate::snapshot::{ExternalSnapshot, InternalSnapshot};
 use crate::transaction::{self, AbortAction, Action};
 
@@ -410,5 +415,117 @@ impl Commands for Blockdev {
             .map(|a| action_of(a.branch))
             .collect();
         self.run_transaction(actions, grouped)
+    }
+
+    // ----- objects, the object tree, chardevs (objects.rs, qom.rs, chardev.rs) -----
+
+    fn object_add(&mut self, args: ObjectOptions) -> Result<(), QmpError> {
+        self.state.objects.add(args)
+    }
+
+    fn object_del(&mut self, args: ObjectDelArguments) -> Result<(), QmpError> {
+        self.state.objects.del(&args.id)
+    }
+
+    fn qom_list(&mut self, args: QomListArguments) -> Result<Vec<ObjectPropertyInfo>, QmpError> {
+        qom::list(&mut self.state.objects, &self.state.chardevs, &args.path)
+    }
+
+    fn qom_get(&mut self, args: QomGetArguments) -> Result<serde_json::Value, QmpError> {
+        qom::get(
+            &mut self.state.objects,
+            &self.state.chardevs,
+            &args.path,
+            &args.property,
+        )
+    }
+
+    fn qom_set(&mut self, args: QomSetArguments) -> Result<(), QmpError> {
+        qom::set(
+            &mut self.state.objects,
+            &self.state.chardevs,
+            &args.path,
+            &args.property,
+            &args.value,
+        )
+    }
+
+    fn qom_list_types(
+        &mut self,
+        args: QomListTypesArguments,
+    ) -> Result<Vec<ObjectTypeInfo>, QmpError> {
+        Ok(qom::list_types(
+            args.implements.as_deref(),
+            args.r#abstract.unwrap_or(false),
+        ))
+    }
+
+    fn qom_list_properties(
+        &mut self,
+        args: QomListPropertiesArguments,
+    ) -> Result<Vec<ObjectPropertyInfo>, QmpError> {
+        qom::list_properties(&args.typename)
+    }
+
+    fn query_chardev(&mut self) -> Result<Vec<ChardevInfo>, QmpError> {
+        Ok(self.state.chardevs.query())
+    }
+
+    fn query_chardev_backends(&mut self) -> Result<Vec<ChardevBackendInfo>, QmpError> {
+        Ok(qmp_api::ChardevBackendKind::ALL
+            .iter()
+            .map(|k| ChardevBackendInfo {
+                name: k.as_str().to_string(),
+            })
+            .collect())
+    }
+
+    fn chardev_add(&mut self, args: ChardevAddArguments) -> Result<ChardevReturn, QmpError> {
+        self.state.chardevs.add(args.id, args.backend)?;
+        Ok(ChardevReturn { pty: None })
+    }
+
+    fn chardev_change(
+        &mut self,
+        args: qmp_api::ChardevChangeArguments,
+    ) -> Result<ChardevReturn, QmpError> {
+        self.state.chardevs.change(args.id, args.backend)?;
+        Ok(ChardevReturn { pty: None })
+    }
+
+    fn chardev_remove(&mut self, args: ChardevRemoveArguments) -> Result<(), QmpError> {
+        self.state.chardevs.remove(&args.id)
+    }
+
+    fn chardev_send_break(&mut self, args: ChardevSendBreakArguments) -> Result<(), QmpError> {
+        self.state.chardevs.send_break(&args.id)
+    }
+
+    fn ringbuf_write(&mut self, args: RingbufWriteArguments) -> Result<(), QmpError> {
+        self.state
+            .chardevs
+            .ringbuf_write(&args.device, &args.data, args.format)
+    }
+
+    fn ringbuf_read(&mut self, args: RingbufReadArguments) -> Result<String, QmpError> {
+        self.state
+            .chardevs
+            .ringbuf_read(&args.device, args.size, args.format)
+    }
+
+    /// A storage daemon has no named block backend and no guest device: QSD's answer is
+    /// always empty (exports' backends are anonymous).
+    fn query_block(&mut self) -> Result<Vec<qmp_api::BlockInfo>, QmpError> {
+        Ok(Vec::new())
+    }
+
+    // ----- the legacy NBD export commands (export.rs) -----
+
+    fn nbd_server_add(&mut self, args: NbdServerAddOptions) -> Result<(), QmpError> {
+        export::nbd_server_add(&mut self.state, args)
+    }
+
+    fn nbd_server_remove(&mut self, args: NbdServerRemoveArguments) -> Result<(), QmpError> {
+        export::nbd_server_remove(&mut self.state, args)
     }
 }

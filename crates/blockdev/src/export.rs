@@ -325,8 +325,11 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
             "Cannot export read-only node as writable",
         ));
     }
-    if let Some(iothread) = &args.iothread {
-        // No `--object iothread` exists in this daemon.
+    if let Some(iothread) = &args.iothread
+        && !state.objects.is_iothread(iothread)
+    {
+        // An existing iothread is accepted: the export's I/O runs on the daemon's I/O pool
+        // whichever iothread is named (see `objects`).
         return Err(QmpError::generic(format!(
             "iothread \"{iothread}\" not found"
         )));
@@ -434,6 +437,56 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
 
 /// `block-export-del`: the export is gone for new clients at once; `BLOCK_EXPORT_DELETED`
 /// comes when its last client has gone (before the reply if it had none).
+/// `nbd-server-add` (deprecated): `block-export-add` of an NBD export whose id and name are
+/// `name` (default: the device), as QEMU builds it. A read-only node is exported read-only
+/// even when `writable` asks otherwise, as QEMU does for this command.
+pub(crate) fn nbd_server_add(
+    state: &mut BlockState,
+    args: qmp_api::NbdServerAddOptions,
+) -> Result<(), QmpError> {
+    state
+        .graph
+        .as_ref()
+        .and_then(|g| g.node(&args.device))
+        .ok_or_else(|| node::not_found(&args.device, &args.device))?;
+    if state.exports.server.is_none() {
+        return Err(QmpError::generic("NBD server not running"));
+    }
+    let read_only = state
+        .graph
+        .as_ref()
+        .and_then(|g| g.node_facts(&args.device))
+        .is_some_and(|facts| facts.read_only);
+    let name = args.name.unwrap_or_else(|| args.device.clone());
+    let mut options = serde_json::json!({
+        "type": "nbd", "id": name, "node-name": args.device, "name": name,
+    });
+    if let Some(description) = args.description {
+        options["description"] = description.into();
+    }
+    if let Some(bitmap) = args.bitmap {
+        options["bitmaps"] = serde_json::json!([bitmap]);
+    }
+    if let Some(writable) = args.writable {
+        options["writable"] = (writable && !read_only).into();
+    }
+    add(state, qmp_api::input::from_value(&options)?)
+}
+
+/// `nbd-server-remove` (deprecated): `block-export-del` of an NBD export by its id.
+pub(crate) fn nbd_server_remove(
+    state: &mut BlockState,
+    args: qmp_api::NbdServerRemoveArguments,
+) -> Result<(), QmpError> {
+    del(
+        state,
+        BlockExportDelArguments {
+            id: args.name,
+            mode: args.mode,
+        },
+    )
+}
+
 pub(crate) fn del(state: &mut BlockState, args: BlockExportDelArguments) -> Result<(), QmpError> {
     let exports = &mut state.exports;
     let record = lock(&exports.records)

@@ -2,10 +2,12 @@
 //! its branch's options (`BlockdevOptionsFile`, `BlockdevOptionsQcow2`, ...).
 
 pub mod blkdebug;
+pub mod copy_on_read;
 pub mod file;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod throttle;
 
 use qmp_api::{BlockdevDriver, BlockdevOptionsBranch, BlockdevRefOrNull};
 
@@ -23,6 +25,8 @@ pub(crate) fn open(
         BlockdevOptionsBranch::NullCo(o) => null::open(ctx, o),
         BlockdevOptionsBranch::Qcow2(o) => qcow2::open(ctx, o),
         BlockdevOptionsBranch::Raw(o) => raw::open(ctx, o),
+        BlockdevOptionsBranch::Throttle(o) => throttle::open(ctx, o),
+        BlockdevOptionsBranch::CopyOnRead(o) => copy_on_read::open(ctx, o),
     }
 }
 

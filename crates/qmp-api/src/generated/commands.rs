@@ -312,6 +312,30 @@ impl ::qapi_runtime::Command for QueryNamedBlockNodesArguments {
     type Returns = Vec<BlockDeviceInfo>;
     const ALLOW_PRECONFIG: bool = true;
 }
+/// List the named block backends and guest block devices.  A storage
+/// daemon has neither (its exports' backends are anonymous), so the
+/// list is empty, as qemu-storage-daemon's is; nodes are listed by
+/// `query-named-block-nodes`.
+///
+/// **Returns:** the block devices
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `query-block` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryBlockArguments {}
+impl QueryBlockArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+::qapi_runtime::impl_object!(QueryBlockArguments {});
+impl ::qapi_runtime::Command for QueryBlockArguments {
+    const NAME: &'static str = "query-block";
+    type Returns = Vec<BlockInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
 /// Open a block node, and any nodes defined inline as its children.
 /// The top-level node must have a node-name.
 ///
@@ -1210,6 +1234,66 @@ impl ::qapi_runtime::Command for NbdServerStopArguments {
     type Returns = ();
     const ALLOW_PRECONFIG: bool = true;
 }
+/// Export a node over the running NBD server (the older form of
+/// `block-export-add`, whose export id is the NBD name).
+///
+/// **Errors:**
+///
+/// - If the server is not running, the name is in use, the node or
+///   the bitmap does not exist, GenericError
+///
+/// **Since:** 1.3
+///
+/// **Features:**
+/// - `deprecated`: use `block-export-add`
+///
+/// The arguments of command `nbd-server-add` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbdServerAddArguments(pub NbdServerAddOptions);
+::qapi_runtime::impl_newtype!(NbdServerAddArguments(NbdServerAddOptions));
+impl ::qapi_runtime::Command for NbdServerAddArguments {
+    const NAME: &'static str = "nbd-server-add";
+    type Returns = ();
+    const DEPRECATED: bool = true;
+}
+/// Remove an NBD export added with `nbd-server-add` (or an NBD export
+/// of `block-export-add`, by its id).
+///
+/// **Errors:**
+///
+/// - If there is no such NBD export, GenericError
+///
+/// **Since:** 2.12
+///
+/// **Features:**
+/// - `deprecated`: use `block-export-del`
+///
+/// The arguments of command `nbd-server-remove` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbdServerRemoveArguments {
+    /// the export's name
+    pub name: String,
+    /// how to treat connected clients (default: safe, which
+    /// refuses while clients are connected)
+    pub mode: Option<BlockExportRemoveMode>,
+}
+impl NbdServerRemoveArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            mode: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    NbdServerRemoveArguments { name("name"), optional mode("mode") }
+);
+impl ::qapi_runtime::Command for NbdServerRemoveArguments {
+    const NAME: &'static str = "nbd-server-remove";
+    type Returns = ();
+    const DEPRECATED: bool = true;
+}
 /// Create a block export.
 ///
 /// **Since:** 5.2
@@ -1583,6 +1667,418 @@ impl ::qapi_runtime::Command for QueryBlockstatsArguments {
     type Returns = Vec<BlockStats>;
     const ALLOW_PRECONFIG: bool = true;
 }
+/// List the properties of an object.
+///
+/// **Returns:** the object's properties
+///
+/// **Errors:**
+///
+/// - If no object has this path, DeviceNotFound
+///
+/// **Since:** 1.2
+///
+/// The arguments of command `qom-list` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QomListArguments {
+    /// the object's path: absolute ('/objects/io0') or partial
+    /// ('io0', resolved when it names one object only)
+    pub path: String,
+}
+impl QomListArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(path: impl Into<String>) -> Self {
+        Self { path: path.into() }
+    }
+}
+::qapi_runtime::impl_object!(QomListArguments { path("path") });
+impl ::qapi_runtime::Command for QomListArguments {
+    const NAME: &'static str = "qom-list";
+    type Returns = Vec<ObjectPropertyInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Read one property of an object.
+///
+/// **Returns:** the property's value, in the JSON form of its type
+///
+/// **Since:** 1.2
+///
+/// The arguments of command `qom-get` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QomGetArguments {
+    /// the object's path, as for `qom-list`
+    pub path: String,
+    /// the property's name
+    pub property: String,
+}
+impl QomGetArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(path: impl Into<String>, property: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            property: property.into(),
+        }
+    }
+}
+::qapi_runtime::impl_object!(QomGetArguments { path("path"), property("property") });
+impl ::qapi_runtime::Command for QomGetArguments {
+    const NAME: &'static str = "qom-get";
+    type Returns = ::serde_json::Value;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Change one property of an object.
+///
+/// **Since:** 1.2
+///
+/// The arguments of command `qom-set` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QomSetArguments {
+    /// the object's path, as for `qom-list`
+    pub path: String,
+    /// the property's name
+    pub property: String,
+    /// the new value, in the JSON form of the property's type
+    pub value: ::serde_json::Value,
+}
+impl QomSetArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        path: impl Into<String>,
+        property: impl Into<String>,
+        value: ::serde_json::Value,
+    ) -> Self {
+        Self {
+            path: path.into(),
+            property: property.into(),
+            value,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    QomSetArguments { path("path"), property("property"), value("value") }
+);
+impl ::qapi_runtime::Command for QomSetArguments {
+    const NAME: &'static str = "qom-set";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// List the object types this daemon knows.
+///
+/// **Returns:** the types
+///
+/// **Since:** 1.1
+///
+/// The arguments of command `qom-list-types` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QomListTypesArguments {
+    /// list only the types deriving from this one
+    pub implements: Option<String>,
+    /// list abstract types too (default: false)
+    pub r#abstract: Option<bool>,
+}
+impl QomListTypesArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            implements: None,
+            r#abstract: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    QomListTypesArguments { optional implements("implements"), optional
+    r#abstract("abstract") }
+);
+impl ::qapi_runtime::Command for QomListTypesArguments {
+    const NAME: &'static str = "qom-list-types";
+    type Returns = Vec<ObjectTypeInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// List the properties an object of a type would have.
+///
+/// **Returns:** the properties
+///
+/// **Since:** 2.12
+///
+/// The arguments of command `qom-list-properties` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QomListPropertiesArguments {
+    /// the type's name
+    pub typename: String,
+}
+impl QomListPropertiesArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(typename: impl Into<String>) -> Self {
+        Self { typename: typename.into() }
+    }
+}
+::qapi_runtime::impl_object!(QomListPropertiesArguments { typename("typename") });
+impl ::qapi_runtime::Command for QomListPropertiesArguments {
+    const NAME: &'static str = "qom-list-properties";
+    type Returns = Vec<ObjectPropertyInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Create an object under /objects.
+///
+/// **Errors:**
+///
+/// - If an object of the same id exists, GenericError
+///
+/// **Since:** 2.0
+///
+/// The arguments of command `object-add` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectAddArguments(pub ObjectOptions);
+::qapi_runtime::impl_newtype!(ObjectAddArguments(ObjectOptions));
+impl ::qapi_runtime::Command for ObjectAddArguments {
+    const NAME: &'static str = "object-add";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Delete an object created with `object-add` or --object.
+///
+/// **Errors:**
+///
+/// - If there is no such object or something uses it, GenericError
+///
+/// **Since:** 2.0
+///
+/// The arguments of command `object-del` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectDelArguments {
+    /// the object's id
+    pub id: String,
+}
+impl ObjectDelArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self { id: id.into() }
+    }
+}
+::qapi_runtime::impl_object!(ObjectDelArguments { id("id") });
+impl ::qapi_runtime::Command for ObjectDelArguments {
+    const NAME: &'static str = "object-del";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// List the character devices.
+///
+/// **Returns:** the devices
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `query-chardev` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryChardevArguments {}
+impl QueryChardevArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+::qapi_runtime::impl_object!(QueryChardevArguments {});
+impl ::qapi_runtime::Command for QueryChardevArguments {
+    const NAME: &'static str = "query-chardev";
+    type Returns = Vec<ChardevInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// List the kinds of character device.
+///
+/// **Returns:** the kinds
+///
+/// **Since:** 2.0
+///
+/// The arguments of command `query-chardev-backends` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryChardevBackendsArguments {}
+impl QueryChardevBackendsArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+::qapi_runtime::impl_object!(QueryChardevBackendsArguments {});
+impl ::qapi_runtime::Command for QueryChardevBackendsArguments {
+    const NAME: &'static str = "query-chardev-backends";
+    type Returns = Vec<ChardevBackendInfo>;
+}
+/// Write into a ring buffer character device.  When the buffer is
+/// full, the oldest data is overwritten.
+///
+/// **Since:** 1.4
+///
+/// The arguments of command `ringbuf-write` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RingbufWriteArguments {
+    /// the device's id
+    pub device: String,
+    /// the data to write
+    pub data: String,
+    /// how `data` is written (default: utf8)
+    pub format: Option<DataFormat>,
+}
+impl RingbufWriteArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>, data: impl Into<String>) -> Self {
+        Self {
+            device: device.into(),
+            data: data.into(),
+            format: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    RingbufWriteArguments { device("device"), data("data"), optional format("format") }
+);
+impl ::qapi_runtime::Command for RingbufWriteArguments {
+    const NAME: &'static str = "ringbuf-write";
+    type Returns = ();
+}
+/// Read from a ring buffer character device; what is read is
+/// removed from the buffer.
+///
+/// **Returns:** the data read
+///
+/// **Since:** 1.4
+///
+/// The arguments of command `ringbuf-read` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RingbufReadArguments {
+    /// the device's id
+    pub device: String,
+    /// the most bytes to read
+    pub size: i64,
+    /// how to return the data (default: utf8, where bytes that
+    /// are not valid UTF-8 are replaced)
+    pub format: Option<DataFormat>,
+}
+impl RingbufReadArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>, size: i64) -> Self {
+        Self {
+            device: device.into(),
+            size,
+            format: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    RingbufReadArguments { device("device"), size("size"), optional format("format") }
+);
+impl ::qapi_runtime::Command for RingbufReadArguments {
+    const NAME: &'static str = "ringbuf-read";
+    type Returns = String;
+}
+/// Add a character device.  qemu-storage-daemon has no command to put
+/// a monitor on it at run time; a socket device listens and holds a
+/// client's connection, as QEMU's does with nothing using it.
+///
+/// **Returns:** what the new device is
+///
+/// **Errors:**
+///
+/// - If the id is in use or the device cannot be opened,
+///   GenericError
+///
+/// **Since:** 1.4
+///
+/// The arguments of command `chardev-add` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevAddArguments {
+    /// the device's id
+    pub id: String,
+    /// the kind and its settings
+    pub backend: ChardevBackend,
+}
+impl ChardevAddArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl Into<String>, backend: ChardevBackend) -> Self {
+        Self { id: id.into(), backend }
+    }
+}
+::qapi_runtime::impl_object!(ChardevAddArguments { id("id"), backend("backend") });
+impl ::qapi_runtime::Command for ChardevAddArguments {
+    const NAME: &'static str = "chardev-add";
+    type Returns = ChardevReturn;
+}
+/// Replace a character device by a new one of the same id.  As in
+/// QEMU, a device nothing uses is removed and the new one added; if
+/// adding fails, the old device is gone.  A monitor's device cannot be
+/// changed.
+///
+/// **Returns:** what the new device is
+///
+/// **Errors:**
+///
+/// - If there is no such device, a monitor uses it, or the new
+///   device cannot be opened, GenericError
+///
+/// **Since:** 5.1
+///
+/// The arguments of command `chardev-change` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevChangeArguments {
+    /// the device's id
+    pub id: String,
+    /// the new device's kind and settings
+    pub backend: ChardevBackend,
+}
+impl ChardevChangeArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl Into<String>, backend: ChardevBackend) -> Self {
+        Self { id: id.into(), backend }
+    }
+}
+::qapi_runtime::impl_object!(ChardevChangeArguments { id("id"), backend("backend") });
+impl ::qapi_runtime::Command for ChardevChangeArguments {
+    const NAME: &'static str = "chardev-change";
+    type Returns = ChardevReturn;
+}
+/// Remove a character device.
+///
+/// **Errors:**
+///
+/// - If there is no such device or a monitor uses it, GenericError
+///
+/// **Since:** 1.4
+///
+/// The arguments of command `chardev-remove` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevRemoveArguments {
+    /// the device's id
+    pub id: String,
+}
+impl ChardevRemoveArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self { id: id.into() }
+    }
+}
+::qapi_runtime::impl_object!(ChardevRemoveArguments { id("id") });
+impl ::qapi_runtime::Command for ChardevRemoveArguments {
+    const NAME: &'static str = "chardev-remove";
+    type Returns = ();
+}
+/// Send a break to the device's user.
+///
+/// **Since:** 2.10
+///
+/// The arguments of command `chardev-send-break` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevSendBreakArguments {
+    /// the device's id
+    pub id: String,
+}
+impl ChardevSendBreakArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self { id: id.into() }
+    }
+}
+::qapi_runtime::impl_object!(ChardevSendBreakArguments { id("id") });
+impl ::qapi_runtime::Command for ChardevSendBreakArguments {
+    const NAME: &'static str = "chardev-send-break";
+    type Returns = ();
+}
 /// One method per command, for a server. Each default answers like QEMU for a
 /// command it does not have (`CommandNotFound`), so a server implements only
 /// what it supports.
@@ -1650,6 +2146,10 @@ pub trait Commands {
         args: QueryNamedBlockNodesArguments,
     ) -> ::qapi_runtime::Result<Vec<BlockDeviceInfo>> {
         Err(::qapi_runtime::QmpError::command_not_found("query-named-block-nodes"))
+    }
+    /// `query-block`: see [`QueryBlockArguments`].
+    fn query_block(&mut self) -> ::qapi_runtime::Result<Vec<BlockInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-block"))
     }
     /// `blockdev-add`: see [`BlockdevAddArguments`].
     fn blockdev_add(&mut self, args: BlockdevOptions) -> ::qapi_runtime::Result<()> {
@@ -1852,6 +2352,22 @@ pub trait Commands {
     fn nbd_server_stop(&mut self) -> ::qapi_runtime::Result<()> {
         Err(::qapi_runtime::QmpError::command_not_found("nbd-server-stop"))
     }
+    /// `nbd-server-add`: see [`NbdServerAddArguments`].
+    #[deprecated]
+    fn nbd_server_add(
+        &mut self,
+        args: NbdServerAddOptions,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("nbd-server-add"))
+    }
+    /// `nbd-server-remove`: see [`NbdServerRemoveArguments`].
+    #[deprecated]
+    fn nbd_server_remove(
+        &mut self,
+        args: NbdServerRemoveArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("nbd-server-remove"))
+    }
     /// `block-export-add`: see [`BlockExportAddArguments`].
     fn block_export_add(
         &mut self,
@@ -1938,6 +2454,98 @@ pub trait Commands {
     ) -> ::qapi_runtime::Result<Vec<BlockStats>> {
         Err(::qapi_runtime::QmpError::command_not_found("query-blockstats"))
     }
+    /// `qom-list`: see [`QomListArguments`].
+    fn qom_list(
+        &mut self,
+        args: QomListArguments,
+    ) -> ::qapi_runtime::Result<Vec<ObjectPropertyInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("qom-list"))
+    }
+    /// `qom-get`: see [`QomGetArguments`].
+    fn qom_get(
+        &mut self,
+        args: QomGetArguments,
+    ) -> ::qapi_runtime::Result<::serde_json::Value> {
+        Err(::qapi_runtime::QmpError::command_not_found("qom-get"))
+    }
+    /// `qom-set`: see [`QomSetArguments`].
+    fn qom_set(&mut self, args: QomSetArguments) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("qom-set"))
+    }
+    /// `qom-list-types`: see [`QomListTypesArguments`].
+    fn qom_list_types(
+        &mut self,
+        args: QomListTypesArguments,
+    ) -> ::qapi_runtime::Result<Vec<ObjectTypeInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("qom-list-types"))
+    }
+    /// `qom-list-properties`: see [`QomListPropertiesArguments`].
+    fn qom_list_properties(
+        &mut self,
+        args: QomListPropertiesArguments,
+    ) -> ::qapi_runtime::Result<Vec<ObjectPropertyInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("qom-list-properties"))
+    }
+    /// `object-add`: see [`ObjectAddArguments`].
+    fn object_add(&mut self, args: ObjectOptions) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("object-add"))
+    }
+    /// `object-del`: see [`ObjectDelArguments`].
+    fn object_del(&mut self, args: ObjectDelArguments) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("object-del"))
+    }
+    /// `query-chardev`: see [`QueryChardevArguments`].
+    fn query_chardev(&mut self) -> ::qapi_runtime::Result<Vec<ChardevInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-chardev"))
+    }
+    /// `query-chardev-backends`: see [`QueryChardevBackendsArguments`].
+    fn query_chardev_backends(
+        &mut self,
+    ) -> ::qapi_runtime::Result<Vec<ChardevBackendInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-chardev-backends"))
+    }
+    /// `ringbuf-write`: see [`RingbufWriteArguments`].
+    fn ringbuf_write(
+        &mut self,
+        args: RingbufWriteArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("ringbuf-write"))
+    }
+    /// `ringbuf-read`: see [`RingbufReadArguments`].
+    fn ringbuf_read(
+        &mut self,
+        args: RingbufReadArguments,
+    ) -> ::qapi_runtime::Result<String> {
+        Err(::qapi_runtime::QmpError::command_not_found("ringbuf-read"))
+    }
+    /// `chardev-add`: see [`ChardevAddArguments`].
+    fn chardev_add(
+        &mut self,
+        args: ChardevAddArguments,
+    ) -> ::qapi_runtime::Result<ChardevReturn> {
+        Err(::qapi_runtime::QmpError::command_not_found("chardev-add"))
+    }
+    /// `chardev-change`: see [`ChardevChangeArguments`].
+    fn chardev_change(
+        &mut self,
+        args: ChardevChangeArguments,
+    ) -> ::qapi_runtime::Result<ChardevReturn> {
+        Err(::qapi_runtime::QmpError::command_not_found("chardev-change"))
+    }
+    /// `chardev-remove`: see [`ChardevRemoveArguments`].
+    fn chardev_remove(
+        &mut self,
+        args: ChardevRemoveArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("chardev-remove"))
+    }
+    /// `chardev-send-break`: see [`ChardevSendBreakArguments`].
+    fn chardev_send_break(
+        &mut self,
+        args: ChardevSendBreakArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("chardev-send-break"))
+    }
 }
 /// Runs command `name` on `handler`: reads `arguments` strictly with QEMU's
 /// input rules, calls the method, and returns the `return` value
@@ -2018,6 +2626,10 @@ pub fn dispatch(
                         ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
                     )?,
             )
+        }
+        "query-block" => {
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_block()?)
         }
         "blockdev-add" => {
             ::qapi_runtime::wire::reply_empty(
@@ -2245,6 +2857,22 @@ pub fn dispatch(
             <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
             ::qapi_runtime::wire::reply_empty(handler.nbd_server_stop()?)
         }
+        "nbd-server-add" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .nbd_server_add(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "nbd-server-remove" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .nbd_server_remove(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
         "block-export-add" => {
             ::qapi_runtime::wire::reply_empty(
                 handler
@@ -2331,6 +2959,97 @@ pub fn dispatch(
                     )?,
             )
         }
+        "qom-list" => {
+            ::qapi_runtime::wire::reply(
+                handler.qom_list(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "qom-get" => {
+            ::qapi_runtime::wire::reply(
+                handler.qom_get(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "qom-set" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler.qom_set(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "qom-list-types" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .qom_list_types(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "qom-list-properties" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .qom_list_properties(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "object-add" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler.object_add(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "object-del" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler.object_del(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "query-chardev" => {
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_chardev()?)
+        }
+        "query-chardev-backends" => {
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_chardev_backends()?)
+        }
+        "ringbuf-write" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .ringbuf_write(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "ringbuf-read" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .ringbuf_read(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "chardev-add" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .chardev_add(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "chardev-change" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .chardev_change(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "chardev-remove" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .chardev_remove(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "chardev-send-break" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .chardev_send_break(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
         _ => Err(::qapi_runtime::QmpError::command_not_found(name)),
     }
 }
@@ -2349,6 +3068,7 @@ pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
     <JobFinalizeArguments as ::qapi_runtime::Command>::PROPERTIES,
     <QueryJobsArguments as ::qapi_runtime::Command>::PROPERTIES,
     <QueryNamedBlockNodesArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryBlockArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevAddArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevDelArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevReopenArguments as ::qapi_runtime::Command>::PROPERTIES,
@@ -2380,6 +3100,8 @@ pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
     <TransactionArguments as ::qapi_runtime::Command>::PROPERTIES,
     <NbdServerStartArguments as ::qapi_runtime::Command>::PROPERTIES,
     <NbdServerStopArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <NbdServerAddArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <NbdServerRemoveArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockExportAddArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockExportDelArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevCreateArguments as ::qapi_runtime::Command>::PROPERTIES,
@@ -2392,6 +3114,21 @@ pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
     <XDebugBlockDirtyBitmapSha256Arguments as ::qapi_runtime::Command>::PROPERTIES,
     <XDebugQueryBlockGraphArguments as ::qapi_runtime::Command>::PROPERTIES,
     <QueryBlockstatsArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QomListArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QomGetArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QomSetArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QomListTypesArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QomListPropertiesArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ObjectAddArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ObjectDelArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryChardevArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryChardevBackendsArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <RingbufWriteArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <RingbufReadArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ChardevAddArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ChardevChangeArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ChardevRemoveArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ChardevSendBreakArguments as ::qapi_runtime::Command>::PROPERTIES,
 ];
 /// The properties of command `name`, if the schema has it.
 pub fn command_properties(

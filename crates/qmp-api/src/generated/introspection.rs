@@ -88,66 +88,72 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "[14]"
   },
   {
-    "arg-type": "15",
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-block",
+    "ret-type": "[15]"
+  },
+  {
+    "arg-type": "16",
     "meta-type": "command",
     "name": "blockdev-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "16",
+    "arg-type": "17",
     "meta-type": "command",
     "name": "blockdev-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "17",
+    "arg-type": "18",
     "meta-type": "event",
     "name": "BLOCK_IMAGE_CORRUPTED"
   },
   {
-    "arg-type": "18",
+    "arg-type": "19",
     "meta-type": "command",
     "name": "blockdev-reopen",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "20",
     "meta-type": "command",
     "name": "blockdev-set-active",
     "ret-type": "1"
   },
   {
-    "arg-type": "20",
+    "arg-type": "21",
     "meta-type": "command",
     "name": "block-dirty-bitmap-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "21",
+    "arg-type": "22",
     "meta-type": "command",
     "name": "block-dirty-bitmap-remove",
     "ret-type": "1"
   },
   {
-    "arg-type": "21",
+    "arg-type": "22",
     "meta-type": "command",
     "name": "block-dirty-bitmap-clear",
     "ret-type": "1"
   },
   {
-    "arg-type": "21",
+    "arg-type": "22",
     "meta-type": "command",
     "name": "block-dirty-bitmap-enable",
     "ret-type": "1"
   },
   {
-    "arg-type": "21",
+    "arg-type": "22",
     "meta-type": "command",
     "name": "block-dirty-bitmap-disable",
     "ret-type": "1"
   },
   {
-    "arg-type": "22",
+    "arg-type": "23",
     "meta-type": "command",
     "name": "block-dirty-bitmap-merge",
     "ret-type": "1"
@@ -156,89 +162,89 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "arg-type": "1",
     "meta-type": "command",
     "name": "query-block-jobs",
-    "ret-type": "[23]"
+    "ret-type": "[24]"
   },
   {
-    "arg-type": "24",
+    "arg-type": "25",
     "meta-type": "command",
     "name": "block-job-set-speed",
     "ret-type": "1"
   },
   {
-    "arg-type": "25",
+    "arg-type": "26",
     "meta-type": "command",
     "name": "block-job-cancel",
     "ret-type": "1"
   },
   {
-    "arg-type": "26",
+    "arg-type": "27",
     "meta-type": "command",
     "name": "block-job-pause",
     "ret-type": "1"
   },
   {
-    "arg-type": "27",
+    "arg-type": "28",
     "meta-type": "command",
     "name": "block-job-resume",
     "ret-type": "1"
   },
   {
-    "arg-type": "28",
+    "arg-type": "29",
     "meta-type": "command",
     "name": "block-job-complete",
     "ret-type": "1"
   },
   {
-    "arg-type": "29",
+    "arg-type": "30",
     "meta-type": "command",
     "name": "block-job-dismiss",
     "ret-type": "1"
   },
   {
-    "arg-type": "30",
+    "arg-type": "31",
     "meta-type": "command",
     "name": "block-job-finalize",
     "ret-type": "1"
   },
   {
-    "arg-type": "31",
+    "arg-type": "32",
     "meta-type": "command",
     "name": "block-job-change",
     "ret-type": "1"
   },
   {
-    "arg-type": "32",
+    "arg-type": "33",
     "meta-type": "event",
     "name": "BLOCK_JOB_COMPLETED"
   },
   {
-    "arg-type": "33",
+    "arg-type": "34",
     "meta-type": "event",
     "name": "BLOCK_JOB_CANCELLED"
   },
   {
-    "arg-type": "34",
+    "arg-type": "35",
     "meta-type": "event",
     "name": "BLOCK_JOB_ERROR"
   },
   {
-    "arg-type": "35",
+    "arg-type": "36",
     "meta-type": "event",
     "name": "BLOCK_JOB_READY"
   },
   {
-    "arg-type": "36",
+    "arg-type": "37",
     "meta-type": "event",
     "name": "BLOCK_JOB_PENDING"
   },
   {
-    "arg-type": "37",
+    "arg-type": "38",
     "meta-type": "command",
     "name": "blockdev-backup",
     "ret-type": "1"
   },
   {
-    "arg-type": "38",
+    "arg-type": "39",
     "features": [
       "deprecated"
     ],
@@ -247,37 +253,37 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "39",
+    "arg-type": "40",
     "meta-type": "command",
     "name": "blockdev-mirror",
     "ret-type": "1"
   },
   {
-    "arg-type": "40",
+    "arg-type": "41",
     "meta-type": "command",
     "name": "drive-mirror",
     "ret-type": "1"
   },
   {
-    "arg-type": "41",
+    "arg-type": "42",
     "meta-type": "command",
     "name": "block-stream",
     "ret-type": "1"
   },
   {
-    "arg-type": "42",
+    "arg-type": "43",
     "meta-type": "command",
     "name": "block-commit",
     "ret-type": "1"
   },
   {
-    "arg-type": "43",
+    "arg-type": "44",
     "meta-type": "command",
     "name": "blockdev-snapshot-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "44",
+    "arg-type": "45",
     "features": [
       "allow-write-only-overlay"
     ],
@@ -286,19 +292,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "45",
+    "arg-type": "46",
     "meta-type": "command",
     "name": "blockdev-snapshot-internal-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "46",
+    "arg-type": "47",
     "meta-type": "command",
     "name": "transaction",
     "ret-type": "1"
   },
   {
-    "arg-type": "47",
+    "arg-type": "48",
     "meta-type": "command",
     "name": "nbd-server-start",
     "ret-type": "1"
@@ -310,30 +316,48 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "48",
+    "arg-type": "49",
+    "features": [
+      "deprecated"
+    ],
+    "meta-type": "command",
+    "name": "nbd-server-add",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "50",
+    "features": [
+      "deprecated"
+    ],
+    "meta-type": "command",
+    "name": "nbd-server-remove",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "51",
     "meta-type": "command",
     "name": "block-export-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "49",
+    "arg-type": "52",
     "meta-type": "command",
     "name": "block-export-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "50",
+    "arg-type": "53",
     "meta-type": "event",
     "name": "BLOCK_EXPORT_DELETED"
   },
   {
-    "arg-type": "51",
+    "arg-type": "54",
     "meta-type": "command",
     "name": "blockdev-create",
     "ret-type": "1"
   },
   {
-    "arg-type": "52",
+    "arg-type": "55",
     "features": [
       "unstable"
     ],
@@ -342,48 +366,48 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "53",
+    "arg-type": "56",
     "meta-type": "command",
     "name": "block_resize",
     "ret-type": "1"
   },
   {
-    "arg-type": "54",
+    "arg-type": "57",
     "meta-type": "command",
     "name": "change-backing-file",
     "ret-type": "1"
   },
   {
-    "arg-type": "55",
+    "arg-type": "58",
     "meta-type": "command",
     "name": "block-set-write-threshold",
     "ret-type": "1"
   },
   {
-    "arg-type": "56",
+    "arg-type": "59",
     "meta-type": "event",
     "name": "BLOCK_WRITE_THRESHOLD"
   },
   {
-    "arg-type": "57",
+    "arg-type": "60",
     "meta-type": "command",
     "name": "blockdev-snapshot-delete-internal-sync",
-    "ret-type": "58"
+    "ret-type": "61"
   },
   {
     "arg-type": "1",
     "meta-type": "command",
     "name": "query-block-exports",
-    "ret-type": "[59]"
+    "ret-type": "[62]"
   },
   {
-    "arg-type": "21",
+    "arg-type": "22",
     "features": [
       "unstable"
     ],
     "meta-type": "command",
     "name": "x-debug-block-dirty-bitmap-sha256",
-    "ret-type": "60"
+    "ret-type": "63"
   },
   {
     "arg-type": "1",
@@ -392,20 +416,110 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ],
     "meta-type": "command",
     "name": "x-debug-query-block-graph",
-    "ret-type": "61"
+    "ret-type": "64"
   },
   {
-    "arg-type": "62",
+    "arg-type": "65",
     "meta-type": "command",
     "name": "query-blockstats",
-    "ret-type": "[63]"
+    "ret-type": "[66]"
+  },
+  {
+    "arg-type": "67",
+    "meta-type": "command",
+    "name": "qom-list",
+    "ret-type": "[68]"
+  },
+  {
+    "arg-type": "69",
+    "meta-type": "command",
+    "name": "qom-get",
+    "ret-type": "any"
+  },
+  {
+    "arg-type": "70",
+    "meta-type": "command",
+    "name": "qom-set",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "71",
+    "meta-type": "command",
+    "name": "qom-list-types",
+    "ret-type": "[72]"
+  },
+  {
+    "arg-type": "73",
+    "meta-type": "command",
+    "name": "qom-list-properties",
+    "ret-type": "[68]"
+  },
+  {
+    "arg-type": "74",
+    "meta-type": "command",
+    "name": "object-add",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "75",
+    "meta-type": "command",
+    "name": "object-del",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-chardev",
+    "ret-type": "[76]"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-chardev-backends",
+    "ret-type": "[77]"
+  },
+  {
+    "arg-type": "78",
+    "meta-type": "command",
+    "name": "ringbuf-write",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "79",
+    "meta-type": "command",
+    "name": "ringbuf-read",
+    "ret-type": "str"
+  },
+  {
+    "arg-type": "80",
+    "meta-type": "command",
+    "name": "chardev-add",
+    "ret-type": "81"
+  },
+  {
+    "arg-type": "82",
+    "meta-type": "command",
+    "name": "chardev-change",
+    "ret-type": "81"
+  },
+  {
+    "arg-type": "83",
+    "meta-type": "command",
+    "name": "chardev-remove",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "84",
+    "meta-type": "command",
+    "name": "chardev-send-break",
+    "ret-type": "1"
   },
   {
     "members": [
       {
         "default": null,
         "name": "enable",
-        "type": "[64]"
+        "type": "[85]"
       }
     ],
     "meta-type": "object",
@@ -420,7 +534,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qemu",
-        "type": "65"
+        "type": "86"
       },
       {
         "name": "package",
@@ -458,7 +572,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "meta-type",
-        "type": "66"
+        "type": "87"
       },
       {
         "default": null,
@@ -472,31 +586,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "builtin",
-        "type": "67"
+        "type": "88"
       },
       {
         "case": "enum",
-        "type": "68"
+        "type": "89"
       },
       {
         "case": "array",
-        "type": "69"
+        "type": "90"
       },
       {
         "case": "object",
-        "type": "70"
+        "type": "91"
       },
       {
         "case": "alternate",
-        "type": "71"
+        "type": "92"
       },
       {
         "case": "command",
-        "type": "72"
+        "type": "93"
       },
       {
         "case": "event",
-        "type": "73"
+        "type": "94"
       }
     ]
   },
@@ -508,7 +622,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "74"
+        "type": "95"
       }
     ],
     "meta-type": "object",
@@ -587,11 +701,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "75"
+        "type": "96"
       },
       {
         "name": "status",
-        "type": "74"
+        "type": "95"
       },
       {
         "name": "current-progress",
@@ -664,7 +778,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "detect_zeroes",
-        "type": "76"
+        "type": "97"
       },
       {
         "name": "bps",
@@ -692,7 +806,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "image",
-        "type": "77"
+        "type": "98"
       },
       {
         "default": null,
@@ -766,7 +880,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "cache",
-        "type": "78"
+        "type": "99"
       },
       {
         "name": "write_threshold",
@@ -775,17 +889,64 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "dirty-bitmaps",
-        "type": "[79]"
+        "type": "[100]"
       }
     ],
     "meta-type": "object",
     "name": "14"
   },
   {
+    "element-type": "15",
+    "meta-type": "array",
+    "name": "[15]"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "qdev",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "str"
+      },
+      {
+        "name": "removable",
+        "type": "bool"
+      },
+      {
+        "name": "locked",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "inserted",
+        "type": "14"
+      },
+      {
+        "default": null,
+        "name": "tray_open",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "io-status",
+        "type": "101"
+      }
+    ],
+    "meta-type": "object",
+    "name": "15"
+  },
+  {
     "members": [
       {
         "name": "driver",
-        "type": "80"
+        "type": "102"
       },
       {
         "default": null,
@@ -795,12 +956,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "discard",
-        "type": "81"
+        "type": "103"
       },
       {
         "default": null,
         "name": "cache",
-        "type": "82"
+        "type": "104"
       },
       {
         "default": null,
@@ -825,32 +986,40 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "detect-zeroes",
-        "type": "76"
+        "type": "97"
       }
     ],
     "meta-type": "object",
-    "name": "15",
+    "name": "16",
     "tag": "driver",
     "variants": [
       {
         "case": "blkdebug",
-        "type": "83"
+        "type": "105"
+      },
+      {
+        "case": "copy-on-read",
+        "type": "106"
       },
       {
         "case": "file",
-        "type": "84"
+        "type": "107"
       },
       {
         "case": "null-co",
-        "type": "85"
+        "type": "108"
       },
       {
         "case": "qcow2",
-        "type": "86"
+        "type": "109"
       },
       {
         "case": "raw",
-        "type": "87"
+        "type": "110"
+      },
+      {
+        "case": "throttle",
+        "type": "111"
       }
     ]
   },
@@ -862,7 +1031,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "16"
+    "name": "17"
   },
   {
     "members": [
@@ -895,17 +1064,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "17"
+    "name": "18"
   },
   {
     "members": [
       {
         "name": "options",
-        "type": "[15]"
+        "type": "[16]"
       }
     ],
     "meta-type": "object",
-    "name": "18"
+    "name": "19"
   },
   {
     "members": [
@@ -920,7 +1089,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "19"
+    "name": "20"
   },
   {
     "members": [
@@ -949,7 +1118,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "20"
+    "name": "21"
   },
   {
     "members": [
@@ -963,7 +1132,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "21"
+    "name": "22"
   },
   {
     "members": [
@@ -977,22 +1146,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[88]"
+        "type": "[112]"
       }
     ],
     "meta-type": "object",
-    "name": "22"
+    "name": "23"
   },
   {
-    "element-type": "23",
+    "element-type": "24",
     "meta-type": "array",
-    "name": "[23]"
+    "name": "[24]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "75"
+        "type": "96"
       },
       {
         "name": "device",
@@ -1020,7 +1189,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "89"
+        "type": "101"
       },
       {
         "name": "ready",
@@ -1028,7 +1197,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "74"
+        "type": "95"
       },
       {
         "name": "auto-finalize",
@@ -1045,12 +1214,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "23",
+    "name": "24",
     "tag": "type",
     "variants": [
       {
         "case": "mirror",
-        "type": "90"
+        "type": "113"
       },
       {
         "case": "commit",
@@ -1098,7 +1267,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "24"
+    "name": "25"
   },
   {
     "members": [
@@ -1110,16 +1279,6 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "default": null,
         "name": "force",
         "type": "bool"
-      }
-    ],
-    "meta-type": "object",
-    "name": "25"
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
       }
     ],
     "meta-type": "object",
@@ -1148,7 +1307,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "id",
+        "name": "device",
         "type": "str"
       }
     ],
@@ -1170,19 +1329,29 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "name": "id",
         "type": "str"
-      },
-      {
-        "name": "type",
-        "type": "75"
       }
     ],
     "meta-type": "object",
-    "name": "31",
+    "name": "31"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "96"
+      }
+    ],
+    "meta-type": "object",
+    "name": "32",
     "tag": "type",
     "variants": [
       {
         "case": "mirror",
-        "type": "91"
+        "type": "114"
       },
       {
         "case": "commit",
@@ -1222,7 +1391,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "75"
+        "type": "96"
       },
       {
         "name": "device",
@@ -1247,13 +1416,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "32"
+    "name": "33"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "75"
+        "type": "96"
       },
       {
         "name": "device",
@@ -1273,7 +1442,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "33"
+    "name": "34"
   },
   {
     "members": [
@@ -1283,21 +1452,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "92"
+        "type": "115"
       },
       {
         "name": "action",
-        "type": "93"
+        "type": "116"
       }
     ],
     "meta-type": "object",
-    "name": "34"
+    "name": "35"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "75"
+        "type": "96"
       },
       {
         "name": "device",
@@ -1317,97 +1486,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "35"
-  },
-  {
-    "members": [
-      {
-        "name": "type",
-        "type": "75"
-      },
-      {
-        "name": "id",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
     "name": "36"
   },
   {
     "members": [
       {
-        "default": null,
-        "name": "job-id",
-        "type": "str"
-      },
-      {
-        "name": "device",
-        "type": "str"
-      },
-      {
-        "name": "sync",
-        "type": "94"
-      },
-      {
-        "default": null,
-        "name": "speed",
-        "type": "int"
-      },
-      {
-        "default": null,
-        "name": "bitmap",
-        "type": "str"
-      },
-      {
-        "default": null,
-        "name": "bitmap-mode",
-        "type": "95"
-      },
-      {
-        "default": null,
-        "name": "compress",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "on-source-error",
+        "name": "type",
         "type": "96"
       },
       {
-        "default": null,
-        "name": "on-target-error",
-        "type": "96"
-      },
-      {
-        "default": null,
-        "name": "auto-finalize",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "auto-dismiss",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "filter-node-name",
-        "type": "str"
-      },
-      {
-        "default": null,
-        "name": "discard-source",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "features": [
-          "unstable"
-        ],
-        "name": "x-perf",
-        "type": "97"
-      },
-      {
-        "name": "target",
+        "name": "id",
         "type": "str"
       }
     ],
@@ -1427,7 +1515,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "94"
+        "type": "117"
       },
       {
         "default": null,
@@ -1442,7 +1530,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "95"
+        "type": "118"
       },
       {
         "default": null,
@@ -1452,12 +1540,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "96"
+        "type": "119"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "96"
+        "type": "119"
       },
       {
         "default": null,
@@ -1485,7 +1573,88 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "97"
+        "type": "120"
+      },
+      {
+        "name": "target",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "38"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "sync",
+        "type": "117"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bitmap",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "bitmap-mode",
+        "type": "118"
+      },
+      {
+        "default": null,
+        "name": "compress",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "on-source-error",
+        "type": "119"
+      },
+      {
+        "default": null,
+        "name": "on-target-error",
+        "type": "119"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "discard-source",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-perf",
+        "type": "120"
       },
       {
         "name": "target",
@@ -1499,11 +1668,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "98"
+        "type": "121"
       }
     ],
     "meta-type": "object",
-    "name": "38"
+    "name": "39"
   },
   {
     "members": [
@@ -1527,7 +1696,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "94"
+        "type": "117"
       },
       {
         "default": null,
@@ -1547,12 +1716,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "96"
+        "type": "119"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "96"
+        "type": "119"
       },
       {
         "default": null,
@@ -1562,7 +1731,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "99"
+        "type": "122"
       },
       {
         "default": null,
@@ -1576,7 +1745,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "39"
+    "name": "40"
   },
   {
     "members": [
@@ -1610,12 +1779,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "94"
+        "type": "117"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "98"
+        "type": "121"
       },
       {
         "default": null,
@@ -1635,12 +1804,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "96"
+        "type": "119"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "96"
+        "type": "119"
       },
       {
         "default": null,
@@ -1650,7 +1819,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "99"
+        "type": "122"
       },
       {
         "default": null,
@@ -1664,7 +1833,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "40"
+    "name": "41"
   },
   {
     "members": [
@@ -1710,7 +1879,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-error",
-        "type": "96"
+        "type": "119"
       },
       {
         "default": null,
@@ -1729,7 +1898,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "41"
+    "name": "42"
   },
   {
     "members": [
@@ -1786,7 +1955,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-error",
-        "type": "96"
+        "type": "119"
       },
       {
         "default": null,
@@ -1805,7 +1974,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "42"
+    "name": "43"
   },
   {
     "members": [
@@ -1836,11 +2005,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "98"
+        "type": "121"
       }
     ],
     "meta-type": "object",
-    "name": "43"
+    "name": "44"
   },
   {
     "members": [
@@ -1854,7 +2023,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "44"
+    "name": "45"
   },
   {
     "members": [
@@ -1868,22 +2037,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "45"
+    "name": "46"
   },
   {
     "members": [
       {
         "name": "actions",
-        "type": "[100]"
+        "type": "[123]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "101"
+        "type": "124"
       }
     ],
     "meta-type": "object",
-    "name": "46"
+    "name": "47"
   },
   {
     "members": [
@@ -1909,17 +2078,62 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "102"
+        "type": "125"
       }
     ],
     "meta-type": "object",
-    "name": "47"
+    "name": "48"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "description",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "writable",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "bitmap",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "49"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "mode",
+        "type": "126"
+      }
+    ],
+    "meta-type": "object",
+    "name": "50"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "103"
+        "type": "127"
       },
       {
         "name": "id",
@@ -1956,24 +2170,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "48",
+    "name": "51",
     "tag": "type",
     "variants": [
       {
         "case": "nbd",
-        "type": "104"
+        "type": "128"
       },
       {
         "case": "vhost-user-blk",
-        "type": "105"
+        "type": "129"
       },
       {
         "case": "fuse",
-        "type": "106"
+        "type": "130"
       },
       {
         "case": "vduse-blk",
-        "type": "107"
+        "type": "131"
       }
     ]
   },
@@ -1986,11 +2200,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "108"
+        "type": "126"
       }
     ],
     "meta-type": "object",
-    "name": "49"
+    "name": "52"
   },
   {
     "members": [
@@ -2000,7 +2214,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "50"
+    "name": "53"
   },
   {
     "members": [
@@ -2010,11 +2224,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "options",
-        "type": "109"
+        "type": "132"
       }
     ],
     "meta-type": "object",
-    "name": "51"
+    "name": "54"
   },
   {
     "members": [
@@ -2028,7 +2242,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "options",
-        "type": "110"
+        "type": "133"
       },
       {
         "default": null,
@@ -2037,7 +2251,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "52"
+    "name": "55"
   },
   {
     "members": [
@@ -2057,7 +2271,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "53"
+    "name": "56"
   },
   {
     "members": [
@@ -2075,7 +2289,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "54"
+    "name": "57"
   },
   {
     "members": [
@@ -2089,7 +2303,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "55"
+    "name": "58"
   },
   {
     "members": [
@@ -2107,7 +2321,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "56"
+    "name": "59"
   },
   {
     "members": [
@@ -2127,7 +2341,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "57"
+    "name": "60"
   },
   {
     "members": [
@@ -2166,12 +2380,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "58"
+    "name": "61"
   },
   {
-    "element-type": "59",
+    "element-type": "62",
     "meta-type": "array",
-    "name": "[59]"
+    "name": "[62]"
   },
   {
     "members": [
@@ -2181,7 +2395,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "103"
+        "type": "127"
       },
       {
         "name": "node-name",
@@ -2193,7 +2407,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "59"
+    "name": "62"
   },
   {
     "members": [
@@ -2203,21 +2417,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "60"
+    "name": "63"
   },
   {
     "members": [
       {
         "name": "nodes",
-        "type": "[111]"
+        "type": "[134]"
       },
       {
         "name": "edges",
-        "type": "[112]"
+        "type": "[135]"
       }
     ],
     "meta-type": "object",
-    "name": "61"
+    "name": "64"
   },
   {
     "members": [
@@ -2228,12 +2442,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "62"
+    "name": "65"
   },
   {
-    "element-type": "63",
+    "element-type": "66",
     "meta-type": "array",
-    "name": "[63]"
+    "name": "[66]"
   },
   {
     "members": [
@@ -2254,31 +2468,337 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "stats",
-        "type": "113"
+        "type": "136"
       },
       {
         "default": null,
         "name": "driver-specific",
-        "type": "114"
+        "type": "137"
       },
       {
         "default": null,
         "name": "parent",
-        "type": "63"
+        "type": "66"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "63"
+        "type": "66"
       }
     ],
     "meta-type": "object",
-    "name": "63"
+    "name": "66"
   },
   {
-    "element-type": "64",
+    "members": [
+      {
+        "name": "path",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "67"
+  },
+  {
+    "element-type": "68",
     "meta-type": "array",
-    "name": "[64]"
+    "name": "[68]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "description",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "default-value",
+        "type": "any"
+      }
+    ],
+    "meta-type": "object",
+    "name": "68"
+  },
+  {
+    "members": [
+      {
+        "name": "path",
+        "type": "str"
+      },
+      {
+        "name": "property",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "69"
+  },
+  {
+    "json-type": "value",
+    "meta-type": "builtin",
+    "name": "any"
+  },
+  {
+    "members": [
+      {
+        "name": "path",
+        "type": "str"
+      },
+      {
+        "name": "property",
+        "type": "str"
+      },
+      {
+        "name": "value",
+        "type": "any"
+      }
+    ],
+    "meta-type": "object",
+    "name": "70"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "implements",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "abstract",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "71"
+  },
+  {
+    "element-type": "72",
+    "meta-type": "array",
+    "name": "[72]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "abstract",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "parent",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "72"
+  },
+  {
+    "members": [
+      {
+        "name": "typename",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "73"
+  },
+  {
+    "members": [
+      {
+        "name": "qom-type",
+        "type": "138"
+      },
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "74",
+    "tag": "qom-type",
+    "variants": [
+      {
+        "case": "iothread",
+        "type": "139"
+      },
+      {
+        "case": "secret",
+        "type": "140"
+      },
+      {
+        "case": "throttle-group",
+        "type": "141"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "75"
+  },
+  {
+    "element-type": "76",
+    "meta-type": "array",
+    "name": "[76]"
+  },
+  {
+    "members": [
+      {
+        "name": "label",
+        "type": "str"
+      },
+      {
+        "name": "filename",
+        "type": "str"
+      },
+      {
+        "name": "frontend-open",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "76"
+  },
+  {
+    "element-type": "77",
+    "meta-type": "array",
+    "name": "[77]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "77"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "data",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "format",
+        "type": "142"
+      }
+    ],
+    "meta-type": "object",
+    "name": "78"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "format",
+        "type": "142"
+      }
+    ],
+    "meta-type": "object",
+    "name": "79"
+  },
+  {
+    "json-type": "string",
+    "meta-type": "builtin",
+    "name": "str"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "backend",
+        "type": "143"
+      }
+    ],
+    "meta-type": "object",
+    "name": "80"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "pty",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "81"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "backend",
+        "type": "143"
+      }
+    ],
+    "meta-type": "object",
+    "name": "82"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "83"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "84"
+  },
+  {
+    "element-type": "85",
+    "meta-type": "array",
+    "name": "[85]"
   },
   {
     "members": [
@@ -2287,7 +2807,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "64",
+    "name": "85",
     "values": [
       "oob"
     ]
@@ -2308,12 +2828,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "65"
-  },
-  {
-    "json-type": "string",
-    "meta-type": "builtin",
-    "name": "str"
+    "name": "86"
   },
   {
     "members": [
@@ -2340,7 +2855,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "66",
+    "name": "87",
     "values": [
       "builtin",
       "enum",
@@ -2360,17 +2875,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "115"
+        "type": "144"
       }
     ],
     "meta-type": "object",
-    "name": "67"
+    "name": "88"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[116]"
+        "type": "[145]"
       },
       {
         "features": [
@@ -2381,7 +2896,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "68"
+    "name": "89"
   },
   {
     "members": [
@@ -2391,13 +2906,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "69"
+    "name": "90"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[117]"
+        "type": "[146]"
       },
       {
         "default": null,
@@ -2407,21 +2922,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[118]"
+        "type": "[147]"
       }
     ],
     "meta-type": "object",
-    "name": "70"
+    "name": "91"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[119]"
+        "type": "[148]"
       }
     ],
     "meta-type": "object",
-    "name": "71"
+    "name": "92"
   },
   {
     "members": [
@@ -2440,7 +2955,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "72"
+    "name": "93"
   },
   {
     "members": [
@@ -2450,7 +2965,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "73"
+    "name": "94"
   },
   {
     "members": [
@@ -2489,7 +3004,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "74",
+    "name": "95",
     "values": [
       "undefined",
       "created",
@@ -2535,7 +3050,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "75",
+    "name": "96",
     "values": [
       "commit",
       "stream",
@@ -2571,7 +3086,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "76",
+    "name": "97",
     "values": [
       "off",
       "on",
@@ -2635,21 +3150,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[58]"
+        "type": "[61]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "120"
+        "type": "149"
       },
       {
         "default": null,
         "name": "backing-image",
-        "type": "77"
+        "type": "98"
       }
     ],
     "meta-type": "object",
-    "name": "77"
+    "name": "98"
   },
   {
     "members": [
@@ -2667,12 +3182,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "78"
+    "name": "99"
   },
   {
-    "element-type": "79",
+    "element-type": "100",
     "meta-type": "array",
-    "name": "[79]"
+    "name": "[100]"
   },
   {
     "members": [
@@ -2708,12 +3223,35 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "79"
+    "name": "100"
+  },
+  {
+    "members": [
+      {
+        "name": "ok"
+      },
+      {
+        "name": "failed"
+      },
+      {
+        "name": "nospace"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "101",
+    "values": [
+      "ok",
+      "failed",
+      "nospace"
+    ]
   },
   {
     "members": [
       {
         "name": "blkdebug"
+      },
+      {
+        "name": "copy-on-read"
       },
       {
         "name": "file"
@@ -2726,16 +3264,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "raw"
+      },
+      {
+        "name": "throttle"
       }
     ],
     "meta-type": "enum",
-    "name": "80",
+    "name": "102",
     "values": [
       "blkdebug",
+      "copy-on-read",
       "file",
       "null-co",
       "qcow2",
-      "raw"
+      "raw",
+      "throttle"
     ]
   },
   {
@@ -2748,7 +3291,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "81",
+    "name": "103",
     "values": [
       "ignore",
       "unmap"
@@ -2768,13 +3311,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "82"
+    "name": "104"
   },
   {
     "members": [
       {
         "name": "image",
-        "type": "121"
+        "type": "150"
       },
       {
         "default": null,
@@ -2814,26 +3357,41 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[122]"
+        "type": "[151]"
       },
       {
         "default": null,
         "name": "set-state",
-        "type": "[123]"
+        "type": "[152]"
       },
       {
         "default": null,
         "name": "take-child-perms",
-        "type": "[124]"
+        "type": "[153]"
       },
       {
         "default": null,
         "name": "unshare-child-perms",
-        "type": "[124]"
+        "type": "[153]"
       }
     ],
     "meta-type": "object",
-    "name": "83"
+    "name": "105"
+  },
+  {
+    "members": [
+      {
+        "name": "file",
+        "type": "150"
+      },
+      {
+        "default": null,
+        "name": "bottom",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "106"
   },
   {
     "features": [
@@ -2852,12 +3410,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "125"
+        "type": "154"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "126"
+        "type": "155"
       },
       {
         "default": null,
@@ -2879,7 +3437,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "84"
+    "name": "107"
   },
   {
     "members": [
@@ -2900,18 +3458,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "85"
+    "name": "108"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "121"
+        "type": "150"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "127"
+        "type": "156"
       },
       {
         "default": null,
@@ -2941,7 +3499,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "128"
+        "type": "157"
       },
       {
         "default": null,
@@ -2971,22 +3529,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "129"
+        "type": "158"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "121"
+        "type": "150"
       }
     ],
     "meta-type": "object",
-    "name": "86"
+    "name": "109"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "121"
+        "type": "150"
       },
       {
         "default": null,
@@ -3000,17 +3558,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "87"
+    "name": "110"
   },
   {
-    "element-type": "15",
-    "meta-type": "array",
-    "name": "[15]"
+    "members": [
+      {
+        "name": "throttle-group",
+        "type": "str"
+      },
+      {
+        "name": "file",
+        "type": "150"
+      }
+    ],
+    "meta-type": "object",
+    "name": "111"
   },
   {
-    "element-type": "88",
+    "element-type": "16",
     "meta-type": "array",
-    "name": "[88]"
+    "name": "[16]"
+  },
+  {
+    "element-type": "112",
+    "meta-type": "array",
+    "name": "[112]"
   },
   {
     "members": [
@@ -3018,31 +3590,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "type": "str"
       },
       {
-        "type": "21"
+        "type": "22"
       }
     ],
     "meta-type": "alternate",
-    "name": "88"
-  },
-  {
-    "members": [
-      {
-        "name": "ok"
-      },
-      {
-        "name": "failed"
-      },
-      {
-        "name": "nospace"
-      }
-    ],
-    "meta-type": "enum",
-    "name": "89",
-    "values": [
-      "ok",
-      "failed",
-      "nospace"
-    ]
+    "name": "112"
   },
   {
     "members": [
@@ -3052,17 +3604,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "90"
+    "name": "113"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "99"
+        "type": "122"
       }
     ],
     "meta-type": "object",
-    "name": "91"
+    "name": "114"
   },
   {
     "members": [
@@ -3074,7 +3626,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "92",
+    "name": "115",
     "values": [
       "read",
       "write"
@@ -3093,7 +3645,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "93",
+    "name": "116",
     "values": [
       "ignore",
       "report",
@@ -3119,7 +3671,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "94",
+    "name": "117",
     "values": [
       "top",
       "full",
@@ -3141,7 +3693,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "95",
+    "name": "118",
     "values": [
       "on-success",
       "never",
@@ -3167,7 +3719,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "96",
+    "name": "119",
     "values": [
       "report",
       "ignore",
@@ -3200,7 +3752,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "97"
+    "name": "120"
   },
   {
     "members": [
@@ -3212,7 +3764,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "98",
+    "name": "121",
     "values": [
       "existing",
       "absolute-paths"
@@ -3228,87 +3780,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "99",
+    "name": "122",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "100",
+    "element-type": "123",
     "meta-type": "array",
-    "name": "[100]"
+    "name": "[123]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "130"
+        "type": "159"
       }
     ],
     "meta-type": "object",
-    "name": "100",
+    "name": "123",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "131"
+        "type": "160"
       },
       {
         "case": "block-dirty-bitmap-add",
-        "type": "132"
+        "type": "161"
       },
       {
         "case": "block-dirty-bitmap-remove",
-        "type": "133"
+        "type": "162"
       },
       {
         "case": "block-dirty-bitmap-clear",
-        "type": "133"
+        "type": "162"
       },
       {
         "case": "block-dirty-bitmap-enable",
-        "type": "133"
+        "type": "162"
       },
       {
         "case": "block-dirty-bitmap-disable",
-        "type": "133"
+        "type": "162"
       },
       {
         "case": "block-dirty-bitmap-merge",
-        "type": "134"
+        "type": "163"
       },
       {
         "case": "blockdev-backup",
-        "type": "135"
+        "type": "164"
       },
       {
         "case": "blockdev-snapshot",
-        "type": "136"
+        "type": "165"
       },
       {
         "case": "blockdev-snapshot-internal-sync",
-        "type": "137"
+        "type": "166"
       },
       {
         "case": "blockdev-snapshot-sync",
-        "type": "138"
+        "type": "167"
       },
       {
         "case": "drive-backup",
-        "type": "139"
+        "type": "168"
       },
       {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "133"
+        "type": "162"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "133"
+        "type": "162"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "134"
+        "type": "163"
       }
     ]
   },
@@ -3317,39 +3869,55 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "140"
+        "type": "169"
       }
     ],
     "meta-type": "object",
-    "name": "101"
+    "name": "124"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "141"
+        "type": "170"
       }
     ],
     "meta-type": "object",
-    "name": "102",
+    "name": "125",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "142"
+        "type": "171"
       },
       {
         "case": "unix",
-        "type": "143"
+        "type": "172"
       },
       {
         "case": "vsock",
-        "type": "144"
+        "type": "173"
       },
       {
         "case": "fd",
-        "type": "145"
+        "type": "174"
       }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "safe"
+      },
+      {
+        "name": "hard"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "126",
+    "values": [
+      "safe",
+      "hard"
     ]
   },
   {
@@ -3368,7 +3936,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "103",
+    "name": "127",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -3391,7 +3959,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[88]"
+        "type": "[112]"
       },
       {
         "default": null,
@@ -3400,13 +3968,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "104"
+    "name": "128"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "146"
+        "type": "175"
       },
       {
         "default": null,
@@ -3420,7 +3988,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "105"
+    "name": "129"
   },
   {
     "members": [
@@ -3436,11 +4004,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "147"
+        "type": "176"
       }
     ],
     "meta-type": "object",
-    "name": "106"
+    "name": "130"
   },
   {
     "members": [
@@ -3470,45 +4038,33 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "107"
-  },
-  {
-    "members": [
-      {
-        "name": "safe"
-      },
-      {
-        "name": "hard"
-      }
-    ],
-    "meta-type": "enum",
-    "name": "108",
-    "values": [
-      "safe",
-      "hard"
-    ]
+    "name": "131"
   },
   {
     "members": [
       {
         "name": "driver",
-        "type": "80"
+        "type": "102"
       }
     ],
     "meta-type": "object",
-    "name": "109",
+    "name": "132",
     "tag": "driver",
     "variants": [
       {
         "case": "file",
-        "type": "148"
+        "type": "177"
       },
       {
         "case": "qcow2",
-        "type": "149"
+        "type": "178"
       },
       {
         "case": "blkdebug",
+        "type": "1"
+      },
+      {
+        "case": "copy-on-read",
         "type": "1"
       },
       {
@@ -3518,6 +4074,10 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "case": "raw",
         "type": "1"
+      },
+      {
+        "case": "throttle",
+        "type": "1"
       }
     ]
   },
@@ -3525,19 +4085,23 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "driver",
-        "type": "80"
+        "type": "102"
       }
     ],
     "meta-type": "object",
-    "name": "110",
+    "name": "133",
     "tag": "driver",
     "variants": [
       {
         "case": "qcow2",
-        "type": "150"
+        "type": "179"
       },
       {
         "case": "blkdebug",
+        "type": "1"
+      },
+      {
+        "case": "copy-on-read",
         "type": "1"
       },
       {
@@ -3551,13 +4115,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "case": "raw",
         "type": "1"
+      },
+      {
+        "case": "throttle",
+        "type": "1"
       }
     ]
   },
   {
-    "element-type": "111",
+    "element-type": "134",
     "meta-type": "array",
-    "name": "[111]"
+    "name": "[134]"
   },
   {
     "members": [
@@ -3567,7 +4135,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "151"
+        "type": "180"
       },
       {
         "name": "name",
@@ -3575,12 +4143,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "111"
+    "name": "134"
   },
   {
-    "element-type": "112",
+    "element-type": "135",
     "meta-type": "array",
-    "name": "[112]"
+    "name": "[135]"
   },
   {
     "members": [
@@ -3598,15 +4166,15 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "perm",
-        "type": "[124]"
+        "type": "[153]"
       },
       {
         "name": "shared-perm",
-        "type": "[124]"
+        "type": "[153]"
       }
     ],
     "meta-type": "object",
-    "name": "112"
+    "name": "135"
   },
   {
     "members": [
@@ -3741,49 +4309,53 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "timed_stats",
-        "type": "[152]"
+        "type": "[181]"
       },
       {
         "default": null,
         "name": "rd_latency_histogram",
-        "type": "153"
+        "type": "182"
       },
       {
         "default": null,
         "name": "wr_latency_histogram",
-        "type": "153"
+        "type": "182"
       },
       {
         "default": null,
         "name": "zone_append_latency_histogram",
-        "type": "153"
+        "type": "182"
       },
       {
         "default": null,
         "name": "flush_latency_histogram",
-        "type": "153"
+        "type": "182"
       }
     ],
     "meta-type": "object",
-    "name": "113"
+    "name": "136"
   },
   {
     "members": [
       {
         "name": "driver",
-        "type": "80"
+        "type": "102"
       }
     ],
     "meta-type": "object",
-    "name": "114",
+    "name": "137",
     "tag": "driver",
     "variants": [
       {
         "case": "file",
-        "type": "154"
+        "type": "183"
       },
       {
         "case": "blkdebug",
+        "type": "1"
+      },
+      {
+        "case": "copy-on-read",
         "type": "1"
       },
       {
@@ -3797,6 +4369,301 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "case": "raw",
         "type": "1"
+      },
+      {
+        "case": "throttle",
+        "type": "1"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "iothread"
+      },
+      {
+        "name": "secret"
+      },
+      {
+        "name": "throttle-group"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "138",
+    "values": [
+      "iothread",
+      "secret",
+      "throttle-group"
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "aio-max-batch",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "thread-pool-min",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "thread-pool-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "poll-max-ns",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "poll-grow",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "poll-shrink",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "139"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "format",
+        "type": "184"
+      },
+      {
+        "default": null,
+        "name": "keyid",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "iv",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "data",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "file",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "140"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "limits",
+        "type": "185"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-total",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-total-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-total-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-read",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-read-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-read-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-write",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-write-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-write-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-total",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-total-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-total-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-read",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-read-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-read-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-write",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-write-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-write-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "141"
+  },
+  {
+    "members": [
+      {
+        "name": "utf8"
+      },
+      {
+        "name": "base64"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "142",
+    "values": [
+      "utf8",
+      "base64"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "186"
+      }
+    ],
+    "meta-type": "object",
+    "name": "143",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "null",
+        "type": "187"
+      },
+      {
+        "case": "socket",
+        "type": "188"
+      },
+      {
+        "case": "ringbuf",
+        "type": "189"
       }
     ]
   },
@@ -3828,7 +4695,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "115",
+    "name": "144",
     "values": [
       "string",
       "number",
@@ -3841,9 +4708,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "116",
+    "element-type": "145",
     "meta-type": "array",
-    "name": "[116]"
+    "name": "[145]"
   },
   {
     "members": [
@@ -3858,12 +4725,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "116"
+    "name": "145"
   },
   {
-    "element-type": "117",
+    "element-type": "146",
     "meta-type": "array",
-    "name": "[117]"
+    "name": "[146]"
   },
   {
     "members": [
@@ -3887,12 +4754,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "117"
+    "name": "146"
   },
   {
-    "element-type": "118",
+    "element-type": "147",
     "meta-type": "array",
-    "name": "[118]"
+    "name": "[147]"
   },
   {
     "members": [
@@ -3906,12 +4773,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "118"
+    "name": "147"
   },
   {
-    "element-type": "119",
+    "element-type": "148",
     "meta-type": "array",
-    "name": "[119]"
+    "name": "[148]"
   },
   {
     "members": [
@@ -3921,68 +4788,68 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "119"
+    "name": "148"
   },
   {
-    "element-type": "58",
+    "element-type": "61",
     "meta-type": "array",
-    "name": "[58]"
+    "name": "[61]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "155"
+        "type": "190"
       }
     ],
     "meta-type": "object",
-    "name": "120",
+    "name": "149",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "156"
+        "type": "191"
       },
       {
         "case": "vmdk",
-        "type": "157"
+        "type": "192"
       },
       {
         "case": "luks",
-        "type": "158"
+        "type": "193"
       },
       {
         "case": "rbd",
-        "type": "159"
+        "type": "194"
       },
       {
         "case": "file",
-        "type": "160"
+        "type": "195"
       }
     ]
   },
   {
     "members": [
       {
-        "type": "15"
+        "type": "16"
       },
       {
         "type": "str"
       }
     ],
     "meta-type": "alternate",
-    "name": "121"
+    "name": "150"
   },
   {
-    "element-type": "122",
+    "element-type": "151",
     "meta-type": "array",
-    "name": "[122]"
+    "name": "[151]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "161"
+        "type": "196"
       },
       {
         "default": null,
@@ -3992,7 +4859,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "162"
+        "type": "197"
       },
       {
         "default": null,
@@ -4016,18 +4883,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "122"
+    "name": "151"
   },
   {
-    "element-type": "123",
+    "element-type": "152",
     "meta-type": "array",
-    "name": "[123]"
+    "name": "[152]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "161"
+        "type": "196"
       },
       {
         "default": null,
@@ -4040,12 +4907,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "123"
+    "name": "152"
   },
   {
-    "element-type": "124",
+    "element-type": "153",
     "meta-type": "array",
-    "name": "[124]"
+    "name": "[153]"
   },
   {
     "members": [
@@ -4063,7 +4930,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "124",
+    "name": "153",
     "values": [
       "consistent-read",
       "write",
@@ -4084,7 +4951,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "125",
+    "name": "154",
     "values": [
       "auto",
       "on",
@@ -4104,7 +4971,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "126",
+    "name": "155",
     "values": [
       "threads",
       "native",
@@ -4114,7 +4981,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "type": "15"
+        "type": "16"
       },
       {
         "type": "str"
@@ -4124,38 +4991,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "127"
+    "name": "156"
   },
   {
     "members": [
       {
-        "type": "163"
+        "type": "198"
       },
       {
-        "type": "164"
+        "type": "199"
       }
     ],
     "meta-type": "alternate",
-    "name": "128"
+    "name": "157"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "165"
+        "type": "200"
       }
     ],
     "meta-type": "object",
-    "name": "129",
+    "name": "158",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "166"
+        "type": "201"
       },
       {
         "case": "luks",
-        "type": "167"
+        "type": "202"
       }
     ]
   },
@@ -4223,7 +5090,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "130",
+    "name": "159",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -4246,21 +5113,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "168"
+        "type": "203"
       }
     ],
     "meta-type": "object",
-    "name": "131"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "20"
-      }
-    ],
-    "meta-type": "object",
-    "name": "132"
+    "name": "160"
   },
   {
     "members": [
@@ -4270,7 +5127,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "133"
+    "name": "161"
   },
   {
     "members": [
@@ -4280,47 +5137,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "134"
+    "name": "162"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "37"
+        "type": "23"
       }
     ],
     "meta-type": "object",
-    "name": "135"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "44"
-      }
-    ],
-    "meta-type": "object",
-    "name": "136"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "45"
-      }
-    ],
-    "meta-type": "object",
-    "name": "137"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "43"
-      }
-    ],
-    "meta-type": "object",
-    "name": "138"
+    "name": "163"
   },
   {
     "members": [
@@ -4330,7 +5157,47 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "139"
+    "name": "164"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "45"
+      }
+    ],
+    "meta-type": "object",
+    "name": "165"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "46"
+      }
+    ],
+    "meta-type": "object",
+    "name": "166"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "44"
+      }
+    ],
+    "meta-type": "object",
+    "name": "167"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "39"
+      }
+    ],
+    "meta-type": "object",
+    "name": "168"
   },
   {
     "members": [
@@ -4342,7 +5209,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "140",
+    "name": "169",
     "values": [
       "individual",
       "grouped"
@@ -4364,7 +5231,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "141",
+    "name": "170",
     "values": [
       "inet",
       "unix",
@@ -4376,68 +5243,68 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "169"
+        "type": "204"
       }
     ],
     "meta-type": "object",
-    "name": "142"
+    "name": "171"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "170"
+        "type": "205"
       }
     ],
     "meta-type": "object",
-    "name": "143"
+    "name": "172"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "171"
+        "type": "206"
       }
     ],
     "meta-type": "object",
-    "name": "144"
+    "name": "173"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "172"
+        "type": "207"
       }
     ],
     "meta-type": "object",
-    "name": "145"
+    "name": "174"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "141"
+        "type": "170"
       }
     ],
     "meta-type": "object",
-    "name": "146",
+    "name": "175",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "169"
+        "type": "204"
       },
       {
         "case": "unix",
-        "type": "170"
+        "type": "205"
       },
       {
         "case": "vsock",
-        "type": "171"
+        "type": "206"
       },
       {
         "case": "fd",
-        "type": "172"
+        "type": "207"
       }
     ]
   },
@@ -4454,7 +5321,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "147",
+    "name": "176",
     "values": [
       "off",
       "on",
@@ -4474,7 +5341,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "preallocation",
-        "type": "173"
+        "type": "208"
       },
       {
         "default": null,
@@ -4488,18 +5355,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "148"
+    "name": "177"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "121"
+        "type": "150"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "121"
+        "type": "150"
       },
       {
         "default": null,
@@ -4518,7 +5385,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "version",
-        "type": "174"
+        "type": "209"
       },
       {
         "default": null,
@@ -4528,12 +5395,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "backing-fmt",
-        "type": "80"
+        "type": "102"
       },
       {
         "default": null,
         "name": "encrypt",
-        "type": "175"
+        "type": "210"
       },
       {
         "default": null,
@@ -4543,7 +5410,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "preallocation",
-        "type": "173"
+        "type": "208"
       },
       {
         "default": null,
@@ -4558,22 +5425,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "compression-type",
-        "type": "176"
+        "type": "211"
       }
     ],
     "meta-type": "object",
-    "name": "149"
+    "name": "178"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encrypt",
-        "type": "177"
+        "type": "212"
       }
     ],
     "meta-type": "object",
-    "name": "150"
+    "name": "179"
   },
   {
     "members": [
@@ -4588,7 +5455,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "151",
+    "name": "180",
     "values": [
       "block-backend",
       "block-job",
@@ -4596,9 +5463,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "152",
+    "element-type": "181",
     "meta-type": "array",
-    "name": "[152]"
+    "name": "[181]"
   },
   {
     "members": [
@@ -4668,7 +5535,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "152"
+    "name": "181"
   },
   {
     "members": [
@@ -4682,7 +5549,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "153"
+    "name": "182"
   },
   {
     "members": [
@@ -4700,12 +5567,174 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "154"
+    "name": "183"
   },
   {
-    "json-type": "value",
-    "meta-type": "builtin",
-    "name": "any"
+    "members": [
+      {
+        "name": "raw"
+      },
+      {
+        "name": "base64"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "184",
+    "values": [
+      "raw",
+      "base64"
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "iops-total",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-total-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-total-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-read",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-read-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-read-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-write",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-write-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-write-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-total",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-total-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-total-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-read",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-read-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-read-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-write",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-write-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-write-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "185"
+  },
+  {
+    "members": [
+      {
+        "name": "null"
+      },
+      {
+        "name": "socket"
+      },
+      {
+        "name": "ringbuf"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "186",
+    "values": [
+      "null",
+      "socket",
+      "ringbuf"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "213"
+      }
+    ],
+    "meta-type": "object",
+    "name": "187"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "214"
+      }
+    ],
+    "meta-type": "object",
+    "name": "188"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "215"
+      }
+    ],
+    "meta-type": "object",
+    "name": "189"
   },
   {
     "members": [
@@ -4726,7 +5755,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "155",
+    "name": "190",
     "values": [
       "qcow2",
       "vmdk",
@@ -4739,51 +5768,51 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "178"
+        "type": "216"
       }
     ],
     "meta-type": "object",
-    "name": "156"
+    "name": "191"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "179"
+        "type": "217"
       }
     ],
     "meta-type": "object",
-    "name": "157"
+    "name": "192"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "180"
+        "type": "218"
       }
     ],
     "meta-type": "object",
-    "name": "158"
+    "name": "193"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "181"
+        "type": "219"
       }
     ],
     "meta-type": "object",
-    "name": "159"
+    "name": "194"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "182"
+        "type": "220"
       }
     ],
     "meta-type": "object",
-    "name": "160"
+    "name": "195"
   },
   {
     "members": [
@@ -4933,7 +5962,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "161",
+    "name": "196",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -5007,7 +6036,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "162",
+    "name": "197",
     "values": [
       "read",
       "write",
@@ -5027,7 +6056,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "164"
+        "type": "199"
       },
       {
         "default": null,
@@ -5076,7 +6105,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "163"
+    "name": "198"
   },
   {
     "members": [
@@ -5094,7 +6123,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "164",
+    "name": "199",
     "values": [
       "none",
       "constant",
@@ -5112,7 +6141,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "165",
+    "name": "200",
     "values": [
       "aes",
       "luks"
@@ -5127,7 +6156,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "166"
+    "name": "201"
   },
   {
     "members": [
@@ -5138,12 +6167,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "167"
+    "name": "202"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "168"
+    "name": "203"
   },
   {
     "members": [
@@ -5187,7 +6216,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "169"
+    "name": "204"
   },
   {
     "members": [
@@ -5207,7 +6236,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "170"
+    "name": "205"
   },
   {
     "members": [
@@ -5221,7 +6250,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "171"
+    "name": "206"
   },
   {
     "members": [
@@ -5231,7 +6260,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "172"
+    "name": "207"
   },
   {
     "members": [
@@ -5249,7 +6278,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "173",
+    "name": "208",
     "values": [
       "off",
       "metadata",
@@ -5267,7 +6296,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "174",
+    "name": "209",
     "values": [
       "v2",
       "v3"
@@ -5277,20 +6306,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "format",
-        "type": "183"
+        "type": "221"
       }
     ],
     "meta-type": "object",
-    "name": "175",
+    "name": "210",
     "tag": "format",
     "variants": [
       {
         "case": "qcow",
-        "type": "166"
+        "type": "201"
       },
       {
         "case": "luks",
-        "type": "184"
+        "type": "222"
       }
     ]
   },
@@ -5304,7 +6333,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "176",
+    "name": "211",
     "values": [
       "zlib",
       "zstd"
@@ -5314,16 +6343,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "format",
-        "type": "183"
+        "type": "221"
       }
     ],
     "meta-type": "object",
-    "name": "177",
+    "name": "212",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "185"
+        "type": "223"
       },
       {
         "case": "qcow",
@@ -5340,6 +6369,116 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "element-type": "int",
     "meta-type": "array",
     "name": "[int]"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "logfile",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "logappend",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "213"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "logfile",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "logappend",
+        "type": "bool"
+      },
+      {
+        "name": "addr",
+        "type": "125"
+      },
+      {
+        "default": null,
+        "name": "tls-creds",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "tls-authz",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "server",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "wait",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "nodelay",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "telnet",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "tn3270",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "websocket",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "features": [
+          "deprecated"
+        ],
+        "name": "reconnect",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "reconnect-ms",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "214"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "logfile",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "logappend",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "215"
   },
   {
     "members": [
@@ -5379,20 +6518,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "186"
+        "type": "224"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[187]"
+        "type": "[225]"
       },
       {
         "name": "compression-type",
-        "type": "176"
+        "type": "211"
       }
     ],
     "meta-type": "object",
-    "name": "178"
+    "name": "216"
   },
   {
     "members": [
@@ -5410,34 +6549,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[188]"
+        "type": "[226]"
       }
     ],
     "meta-type": "object",
-    "name": "179"
+    "name": "217"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "189"
+        "type": "227"
       },
       {
         "name": "cipher-mode",
-        "type": "190"
+        "type": "228"
       },
       {
         "name": "ivgen-alg",
-        "type": "191"
+        "type": "229"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "192"
+        "type": "230"
       },
       {
         "name": "hash-alg",
-        "type": "192"
+        "type": "230"
       },
       {
         "name": "detached-header",
@@ -5457,22 +6596,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[193]"
+        "type": "[231]"
       }
     ],
     "meta-type": "object",
-    "name": "180"
+    "name": "218"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "194"
+        "type": "232"
       }
     ],
     "meta-type": "object",
-    "name": "181"
+    "name": "219"
   },
   {
     "members": [
@@ -5483,7 +6622,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "182"
+    "name": "220"
   },
   {
     "members": [
@@ -5495,7 +6634,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "183",
+    "name": "221",
     "values": [
       "qcow",
       "luks"
@@ -5511,27 +6650,27 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "cipher-alg",
-        "type": "189"
+        "type": "227"
       },
       {
         "default": null,
         "name": "cipher-mode",
-        "type": "190"
+        "type": "228"
       },
       {
         "default": null,
         "name": "ivgen-alg",
-        "type": "191"
+        "type": "229"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "192"
+        "type": "230"
       },
       {
         "default": null,
         "name": "hash-alg",
-        "type": "192"
+        "type": "230"
       },
       {
         "default": null,
@@ -5540,13 +6679,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "184"
+    "name": "222"
   },
   {
     "members": [
       {
         "name": "state",
-        "type": "195"
+        "type": "233"
       },
       {
         "default": null,
@@ -5575,22 +6714,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "185"
+    "name": "223"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "165"
+        "type": "200"
       }
     ],
     "meta-type": "object",
-    "name": "186",
+    "name": "224",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "180"
+        "type": "218"
       },
       {
         "case": "aes",
@@ -5599,9 +6738,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "187",
+    "element-type": "225",
     "meta-type": "array",
-    "name": "[187]"
+    "name": "[225]"
   },
   {
     "members": [
@@ -5615,16 +6754,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[196]"
+        "type": "[234]"
       }
     ],
     "meta-type": "object",
-    "name": "187"
+    "name": "225"
   },
   {
-    "element-type": "188",
+    "element-type": "226",
     "meta-type": "array",
-    "name": "[188]"
+    "name": "[226]"
   },
   {
     "members": [
@@ -5652,7 +6791,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "188"
+    "name": "226"
   },
   {
     "members": [
@@ -5697,7 +6836,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "189",
+    "name": "227",
     "values": [
       "aes-128",
       "aes-192",
@@ -5730,7 +6869,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "190",
+    "name": "228",
     "values": [
       "ecb",
       "cbc",
@@ -5751,7 +6890,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "191",
+    "name": "229",
     "values": [
       "plain",
       "plain64",
@@ -5786,7 +6925,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "192",
+    "name": "230",
     "values": [
       "md5",
       "sha1",
@@ -5799,9 +6938,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "193",
+    "element-type": "231",
     "meta-type": "array",
-    "name": "[193]"
+    "name": "[231]"
   },
   {
     "members": [
@@ -5825,7 +6964,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "193"
+    "name": "231"
   },
   {
     "members": [
@@ -5840,7 +6979,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "194",
+    "name": "232",
     "values": [
       "luks",
       "luks2",
@@ -5857,16 +6996,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "195",
+    "name": "233",
     "values": [
       "active",
       "inactive"
     ]
   },
   {
-    "element-type": "196",
+    "element-type": "234",
     "meta-type": "array",
-    "name": "[196]"
+    "name": "[234]"
   },
   {
     "members": [
@@ -5878,7 +7017,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "196",
+    "name": "234",
     "values": [
       "in-use",
       "auto"

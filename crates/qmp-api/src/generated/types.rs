@@ -2600,6 +2600,53 @@ impl BlockdevCacheOptions {
 ::qapi_runtime::impl_object!(
     BlockdevCacheOptions { optional direct("direct"), optional no_flush("no-flush") }
 );
+/// A block device of a guest, or a named block backend.
+///
+/// **Since:** 0.14
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockInfo {
+    /// the backend's name
+    pub device: String,
+    /// the path of the guest device attached to it (since 2.10)
+    pub qdev: Option<String>,
+    /// the kind of device (always 'unknown')
+    pub r#type: String,
+    /// whether the medium can be removed
+    pub removable: bool,
+    /// whether the guest locked the medium
+    pub locked: bool,
+    /// the medium, when one is inserted
+    pub inserted: Option<BlockDeviceInfo>,
+    /// whether the tray is open (removable devices only)
+    pub tray_open: Option<bool>,
+    /// the device's I/O status, when it reports one
+    pub io_status: Option<BlockDeviceIoStatus>,
+}
+impl BlockInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        device: impl Into<String>,
+        r#type: impl Into<String>,
+        removable: bool,
+        locked: bool,
+    ) -> Self {
+        Self {
+            device: device.into(),
+            qdev: None,
+            r#type: r#type.into(),
+            removable,
+            locked,
+            inserted: None,
+            tray_open: None,
+            io_status: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockInfo { device("device"), optional qdev("qdev"), r#type("type"),
+    removable("removable"), locked("locked"), optional inserted("inserted"), optional
+    tray_open("tray_open"), optional io_status("io-status") }
+);
 /// The block drivers of this daemon.  QEMU has many more; a
 /// `blockdev-add` naming one of those is rejected as naming an unknown
 /// driver.
@@ -2610,6 +2657,9 @@ pub enum BlockdevDriver {
     /// a filter that injects errors and tracks events, for
     /// tests
     Blkdebug,
+    /// a filter whose reads copy the data they find in the
+    /// backing chain into its child's own layer (since 3.0)
+    CopyOnRead,
     /// a file of the host's file system
     File,
     /// a node that stores nothing: writes are dropped, reads
@@ -2620,13 +2670,17 @@ pub enum BlockdevDriver {
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
     Raw,
+    /// a filter limiting I/O by the limits of a throttle group
+    /// (since 2.11)
+    Throttle,
     /// A value this schema does not know, read from a newer QEMU's reply or event
     /// (it has no wire name and cannot be sent).
     UnknownValue,
 }
 ::qapi_runtime::impl_enum!(
-    BlockdevDriver = "BlockdevDriver" { Blkdebug("blkdebug"), File("file"),
-    NullCo("null-co"), Qcow2("qcow2"), Raw("raw") } UnknownValue
+    BlockdevDriver = "BlockdevDriver" { Blkdebug("blkdebug"), CopyOnRead("copy-on-read"),
+    File("file"), NullCo("null-co"), Qcow2("qcow2"), Raw("raw"), Throttle("throttle") }
+    UnknownValue
 );
 /// Options of the file protocol.
 ///
@@ -3035,6 +3089,51 @@ impl BlockdevOptionsQcow2 {
     cache_clean_interval("cache-clean-interval"), optional encrypt("encrypt"), optional
     data_file("data-file") }
 );
+/// Options of the throttle filter.
+///
+/// **Since:** 2.11
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevOptionsThrottle {
+    /// the id of the throttle-group object whose limits
+    /// apply; every throttle node of a group shares them
+    pub throttle_group: String,
+    /// the child node
+    pub file: Box<BlockdevRef>,
+}
+impl BlockdevOptionsThrottle {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(throttle_group: impl Into<String>, file: Box<BlockdevRef>) -> Self {
+        Self {
+            throttle_group: throttle_group.into(),
+            file,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevOptionsThrottle { throttle_group("throttle-group"), file("file") }
+);
+/// Options of the copy-on-read filter.
+///
+/// **Since:** 6.0
+///
+/// Includes the members of [`BlockdevOptionsGenericFormat`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevOptionsCor {
+    /// the node holding the image data
+    pub file: Box<BlockdevRef>,
+    /// the lowest node of the backing chain whose data is copied
+    /// up (default: the whole chain; since 6.0)
+    pub bottom: Option<String>,
+}
+impl BlockdevOptionsCor {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(file: Box<BlockdevRef>) -> Self {
+        Self { file, bottom: None }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevOptionsCor { file("file"), optional bottom("bottom") }
+);
 /// Options of the raw format.
 ///
 /// **Since:** 2.9
@@ -3412,6 +3511,9 @@ pub enum BlockdevOptionsBranch {
     /// a filter that injects errors and tracks events, for
     /// tests
     Blkdebug(Box<BlockdevOptionsBlkdebug>),
+    /// a filter whose reads copy the data they find in the
+    /// backing chain into its child's own layer (since 3.0)
+    CopyOnRead(Box<BlockdevOptionsCor>),
     /// a file of the host's file system
     File(BlockdevOptionsFile),
     /// a node that stores nothing: writes are dropped, reads
@@ -3422,16 +3524,21 @@ pub enum BlockdevOptionsBranch {
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
     Raw(Box<BlockdevOptionsRaw>),
+    /// a filter limiting I/O by the limits of a throttle group
+    /// (since 2.11)
+    Throttle(Box<BlockdevOptionsThrottle>),
 }
 impl BlockdevOptionsBranch {
     /// The discriminator value selecting this branch.
     pub fn kind(&self) -> BlockdevDriver {
         match self {
             Self::Blkdebug(_) => BlockdevDriver::Blkdebug,
+            Self::CopyOnRead(_) => BlockdevDriver::CopyOnRead,
             Self::File(_) => BlockdevDriver::File,
             Self::NullCo(_) => BlockdevDriver::NullCo,
             Self::Qcow2(_) => BlockdevDriver::Qcow2,
             Self::Raw(_) => BlockdevDriver::Raw,
+            Self::Throttle(_) => BlockdevDriver::Throttle,
         }
     }
 }
@@ -3471,6 +3578,11 @@ impl ::qapi_runtime::ReadMembers for BlockdevOptions {
                     Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
                 )
             }
+            BlockdevDriver::CopyOnRead => {
+                BlockdevOptionsBranch::CopyOnRead(
+                    Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
+                )
+            }
             BlockdevDriver::File => {
                 BlockdevOptionsBranch::File(
                     ::qapi_runtime::ReadMembers::read_members(object)?,
@@ -3488,6 +3600,11 @@ impl ::qapi_runtime::ReadMembers for BlockdevOptions {
             }
             BlockdevDriver::Raw => {
                 BlockdevOptionsBranch::Raw(
+                    Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
+                )
+            }
+            BlockdevDriver::Throttle => {
+                BlockdevOptionsBranch::Throttle(
                     Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
                 )
             }
@@ -3540,10 +3657,16 @@ impl ::qapi_runtime::WriteMembers for BlockdevOptionsBranch {
             Self::Blkdebug(data) => {
                 ::qapi_runtime::WriteMembers::write_members(data, map)
             }
+            Self::CopyOnRead(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
             Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::NullCo(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::Raw(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Throttle(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
         }
     }
 }
@@ -5402,6 +5525,43 @@ impl BlockExportOptionsNbd {
     BlockExportOptionsNbd { optional name("name"), optional description("description"),
     optional bitmaps("bitmaps"), optional allocation_depth("allocation-depth") }
 );
+/// The arguments of `nbd-server-add`.
+///
+/// **Since:** 5.0
+///
+/// Includes the members of [`BlockExportOptionsNbdBase`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbdServerAddOptions {
+    /// the name clients ask for (default: the node name)
+    pub name: Option<String>,
+    /// free text shown to clients that list exports (since
+    /// 5.0)
+    pub description: Option<String>,
+    /// the node to export
+    pub device: String,
+    /// let clients write (default: false)
+    pub writable: Option<bool>,
+    /// a dirty bitmap of `device` whose bits clients may read
+    /// through the "qemu:dirty-bitmap:NAME" metadata context
+    /// (since 4.0)
+    pub bitmap: Option<String>,
+}
+impl NbdServerAddOptions {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>) -> Self {
+        Self {
+            name: None,
+            description: None,
+            device: device.into(),
+            writable: None,
+            bitmap: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    NbdServerAddOptions { optional name("name"), optional description("description"),
+    device("device"), optional writable("writable"), optional bitmap("bitmap") }
+);
 /// Settings of a vhost-user-blk export.
 ///
 /// **Since:** 5.2
@@ -5872,6 +6032,9 @@ pub enum BlockdevCreateOptionsBranch {
     /// a filter that injects errors and tracks events, for
     /// tests
     Blkdebug,
+    /// a filter whose reads copy the data they find in the
+    /// backing chain into its child's own layer (since 3.0)
+    CopyOnRead,
     /// a file of the host's file system
     File(BlockdevCreateOptionsFile),
     /// a node that stores nothing: writes are dropped, reads
@@ -5882,16 +6045,21 @@ pub enum BlockdevCreateOptionsBranch {
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
     Raw,
+    /// a filter limiting I/O by the limits of a throttle group
+    /// (since 2.11)
+    Throttle,
 }
 impl BlockdevCreateOptionsBranch {
     /// The discriminator value selecting this branch.
     pub fn kind(&self) -> BlockdevDriver {
         match self {
             Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::CopyOnRead => BlockdevDriver::CopyOnRead,
             Self::File(_) => BlockdevDriver::File,
             Self::NullCo => BlockdevDriver::NullCo,
             Self::Qcow2(_) => BlockdevDriver::Qcow2,
             Self::Raw => BlockdevDriver::Raw,
+            Self::Throttle => BlockdevDriver::Throttle,
         }
     }
 }
@@ -5909,6 +6077,7 @@ impl ::qapi_runtime::ReadMembers for BlockdevCreateOptions {
         let kind: BlockdevDriver = object.required("driver")?;
         let branch = match kind {
             BlockdevDriver::Blkdebug => BlockdevCreateOptionsBranch::Blkdebug,
+            BlockdevDriver::CopyOnRead => BlockdevCreateOptionsBranch::CopyOnRead,
             BlockdevDriver::File => {
                 BlockdevCreateOptionsBranch::File(
                     ::qapi_runtime::ReadMembers::read_members(object)?,
@@ -5921,6 +6090,7 @@ impl ::qapi_runtime::ReadMembers for BlockdevCreateOptions {
                 )
             }
             BlockdevDriver::Raw => BlockdevCreateOptionsBranch::Raw,
+            BlockdevDriver::Throttle => BlockdevCreateOptionsBranch::Throttle,
             BlockdevDriver::UnknownValue => return Err(object.unknown_branch("driver")),
         };
         Ok(Self { branch })
@@ -5942,10 +6112,12 @@ impl ::qapi_runtime::WriteMembers for BlockdevCreateOptionsBranch {
     ) -> ::std::result::Result<(), M::Error> {
         match self {
             Self::Blkdebug => Ok(()),
+            Self::CopyOnRead => Ok(()),
             Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::NullCo => Ok(()),
             Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::Raw => Ok(()),
+            Self::Throttle => Ok(()),
         }
     }
 }
@@ -5983,6 +6155,9 @@ pub enum BlockdevAmendOptionsBranch {
     /// a filter that injects errors and tracks events, for
     /// tests
     Blkdebug,
+    /// a filter whose reads copy the data they find in the
+    /// backing chain into its child's own layer (since 3.0)
+    CopyOnRead,
     /// a file of the host's file system
     File,
     /// a node that stores nothing: writes are dropped, reads
@@ -5993,16 +6168,21 @@ pub enum BlockdevAmendOptionsBranch {
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
     Raw,
+    /// a filter limiting I/O by the limits of a throttle group
+    /// (since 2.11)
+    Throttle,
 }
 impl BlockdevAmendOptionsBranch {
     /// The discriminator value selecting this branch.
     pub fn kind(&self) -> BlockdevDriver {
         match self {
             Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::CopyOnRead => BlockdevDriver::CopyOnRead,
             Self::File => BlockdevDriver::File,
             Self::NullCo => BlockdevDriver::NullCo,
             Self::Qcow2(_) => BlockdevDriver::Qcow2,
             Self::Raw => BlockdevDriver::Raw,
+            Self::Throttle => BlockdevDriver::Throttle,
         }
     }
 }
@@ -6020,6 +6200,7 @@ impl ::qapi_runtime::ReadMembers for BlockdevAmendOptions {
         let kind: BlockdevDriver = object.required("driver")?;
         let branch = match kind {
             BlockdevDriver::Blkdebug => BlockdevAmendOptionsBranch::Blkdebug,
+            BlockdevDriver::CopyOnRead => BlockdevAmendOptionsBranch::CopyOnRead,
             BlockdevDriver::File => BlockdevAmendOptionsBranch::File,
             BlockdevDriver::NullCo => BlockdevAmendOptionsBranch::NullCo,
             BlockdevDriver::Qcow2 => {
@@ -6028,6 +6209,7 @@ impl ::qapi_runtime::ReadMembers for BlockdevAmendOptions {
                 )
             }
             BlockdevDriver::Raw => BlockdevAmendOptionsBranch::Raw,
+            BlockdevDriver::Throttle => BlockdevAmendOptionsBranch::Throttle,
             BlockdevDriver::UnknownValue => return Err(object.unknown_branch("driver")),
         };
         Ok(Self { branch })
@@ -6049,10 +6231,12 @@ impl ::qapi_runtime::WriteMembers for BlockdevAmendOptionsBranch {
     ) -> ::std::result::Result<(), M::Error> {
         match self {
             Self::Blkdebug => Ok(()),
+            Self::CopyOnRead => Ok(()),
             Self::File => Ok(()),
             Self::NullCo => Ok(()),
             Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::Raw => Ok(()),
+            Self::Throttle => Ok(()),
         }
     }
 }
@@ -6558,6 +6742,9 @@ pub enum BlockStatsSpecificBranch {
     /// a filter that injects errors and tracks events, for
     /// tests
     Blkdebug,
+    /// a filter whose reads copy the data they find in the
+    /// backing chain into its child's own layer (since 3.0)
+    CopyOnRead,
     /// a file of the host's file system
     File(BlockStatsSpecificFile),
     /// a node that stores nothing: writes are dropped, reads
@@ -6568,6 +6755,9 @@ pub enum BlockStatsSpecificBranch {
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
     Raw,
+    /// a filter limiting I/O by the limits of a throttle group
+    /// (since 2.11)
+    Throttle,
     /// A value this schema does not know, read from a newer QEMU's reply or event
     /// (it has no wire name and cannot be sent).
     UnknownValue,
@@ -6577,10 +6767,12 @@ impl BlockStatsSpecificBranch {
     pub fn kind(&self) -> BlockdevDriver {
         match self {
             Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::CopyOnRead => BlockdevDriver::CopyOnRead,
             Self::File(_) => BlockdevDriver::File,
             Self::NullCo => BlockdevDriver::NullCo,
             Self::Qcow2 => BlockdevDriver::Qcow2,
             Self::Raw => BlockdevDriver::Raw,
+            Self::Throttle => BlockdevDriver::Throttle,
             Self::UnknownValue => BlockdevDriver::UnknownValue,
         }
     }
@@ -6599,6 +6791,7 @@ impl ::qapi_runtime::ReadMembers for BlockStatsSpecific {
         let kind: BlockdevDriver = object.required("driver")?;
         let branch = match kind {
             BlockdevDriver::Blkdebug => BlockStatsSpecificBranch::Blkdebug,
+            BlockdevDriver::CopyOnRead => BlockStatsSpecificBranch::CopyOnRead,
             BlockdevDriver::File => {
                 BlockStatsSpecificBranch::File(
                     ::qapi_runtime::ReadMembers::read_members(object)?,
@@ -6607,6 +6800,7 @@ impl ::qapi_runtime::ReadMembers for BlockStatsSpecific {
             BlockdevDriver::NullCo => BlockStatsSpecificBranch::NullCo,
             BlockdevDriver::Qcow2 => BlockStatsSpecificBranch::Qcow2,
             BlockdevDriver::Raw => BlockStatsSpecificBranch::Raw,
+            BlockdevDriver::Throttle => BlockStatsSpecificBranch::Throttle,
             BlockdevDriver::UnknownValue => BlockStatsSpecificBranch::UnknownValue,
         };
         Ok(Self { branch })
@@ -6628,10 +6822,12 @@ impl ::qapi_runtime::WriteMembers for BlockStatsSpecificBranch {
     ) -> ::std::result::Result<(), M::Error> {
         match self {
             Self::Blkdebug => Ok(()),
+            Self::CopyOnRead => Ok(()),
             Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::NullCo => Ok(()),
             Self::Qcow2 => Ok(()),
             Self::Raw => Ok(()),
+            Self::Throttle => Ok(()),
             Self::UnknownValue => {
                 Err(::qapi_runtime::output::unknown_branch("BlockStatsSpecific"))
             }
@@ -6678,3 +6874,877 @@ impl BlockStats {
     node_name("node-name"), stats("stats"), optional driver_specific("driver-specific"),
     optional parent("parent"), optional backing("backing") }
 );
+/// One property of an object, as `qom-list` and `qom-list-properties`
+/// show it.
+///
+/// **Since:** 1.2
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectPropertyInfo {
+    /// the property's name
+    pub name: String,
+    /// the property's type: a QAPI type name, a builtin such as
+    /// 'int', 'bool' or 'string', or 'child<TYPE>' for a child object
+    pub r#type: String,
+    /// what the property is for, when the type says
+    pub description: Option<String>,
+    /// the value the property has unless set (since 5.0)
+    pub default_value: Option<::serde_json::Value>,
+}
+impl ObjectPropertyInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(name: impl Into<String>, r#type: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            r#type: r#type.into(),
+            description: None,
+            default_value: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ObjectPropertyInfo { name("name"), r#type("type"), optional
+    description("description"), optional default_value("default-value") }
+);
+/// One object type.
+///
+/// **Since:** 1.1
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectTypeInfo {
+    /// the type's name
+    pub name: String,
+    /// whether the type is abstract (no instances of its own)
+    pub r#abstract: Option<bool>,
+    /// the name of the type it derives from (since 2.10)
+    pub parent: Option<String>,
+}
+impl ObjectTypeInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            r#abstract: None,
+            parent: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ObjectTypeInfo { name("name"), optional r#abstract("abstract"), optional
+    parent("parent") }
+);
+/// The limits of a throttle group.  Rates are per second; 0 means no
+/// limit.  A @...-max value allows bursts up to that rate for
+/// @...-max-length seconds.  Total limits and read/write limits of the
+/// same kind exclude each other.
+///
+/// **Since:** 2.11
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThrottleLimits {
+    /// I/O operations per second, reads and writes together
+    pub iops_total: Option<i64>,
+    /// burst rate for `iops-total`
+    pub iops_total_max: Option<i64>,
+    /// burst length in seconds for `iops-total-max`
+    /// (default: 1)
+    pub iops_total_max_length: Option<i64>,
+    /// read operations per second
+    pub iops_read: Option<i64>,
+    /// burst rate for `iops-read`
+    pub iops_read_max: Option<i64>,
+    /// burst length for `iops-read-max` (default: 1)
+    pub iops_read_max_length: Option<i64>,
+    /// write operations per second
+    pub iops_write: Option<i64>,
+    /// burst rate for `iops-write`
+    pub iops_write_max: Option<i64>,
+    /// burst length for `iops-write-max`
+    /// (default: 1)
+    pub iops_write_max_length: Option<i64>,
+    /// bytes per second, reads and writes together
+    pub bps_total: Option<i64>,
+    /// burst rate for `bps-total`
+    pub bps_total_max: Option<i64>,
+    /// burst length for `bps-total-max` (default: 1)
+    pub bps_total_max_length: Option<i64>,
+    /// bytes read per second
+    pub bps_read: Option<i64>,
+    /// burst rate for `bps-read`
+    pub bps_read_max: Option<i64>,
+    /// burst length for `bps-read-max` (default: 1)
+    pub bps_read_max_length: Option<i64>,
+    /// bytes written per second
+    pub bps_write: Option<i64>,
+    /// burst rate for `bps-write`
+    pub bps_write_max: Option<i64>,
+    /// burst length for `bps-write-max` (default: 1)
+    pub bps_write_max_length: Option<i64>,
+    /// an operation larger than this many bytes counts as
+    /// several for the iops limits (default: 0, every operation counts
+    /// once)
+    pub iops_size: Option<i64>,
+}
+impl ThrottleLimits {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            iops_total: None,
+            iops_total_max: None,
+            iops_total_max_length: None,
+            iops_read: None,
+            iops_read_max: None,
+            iops_read_max_length: None,
+            iops_write: None,
+            iops_write_max: None,
+            iops_write_max_length: None,
+            bps_total: None,
+            bps_total_max: None,
+            bps_total_max_length: None,
+            bps_read: None,
+            bps_read_max: None,
+            bps_read_max_length: None,
+            bps_write: None,
+            bps_write_max: None,
+            bps_write_max_length: None,
+            iops_size: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ThrottleLimits { optional iops_total("iops-total"), optional
+    iops_total_max("iops-total-max"), optional
+    iops_total_max_length("iops-total-max-length"), optional iops_read("iops-read"),
+    optional iops_read_max("iops-read-max"), optional
+    iops_read_max_length("iops-read-max-length"), optional iops_write("iops-write"),
+    optional iops_write_max("iops-write-max"), optional
+    iops_write_max_length("iops-write-max-length"), optional bps_total("bps-total"),
+    optional bps_total_max("bps-total-max"), optional
+    bps_total_max_length("bps-total-max-length"), optional bps_read("bps-read"), optional
+    bps_read_max("bps-read-max"), optional bps_read_max_length("bps-read-max-length"),
+    optional bps_write("bps-write"), optional bps_write_max("bps-write-max"), optional
+    bps_write_max_length("bps-write-max-length"), optional iops_size("iops-size") }
+);
+/// Properties of a throttle-group object: the limits shared by every
+/// throttle node of the group.
+///
+/// **Since:** 2.11
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThrottleGroupProperties {
+    /// the limits (default: none)
+    pub limits: Option<ThrottleLimits>,
+    /// the same as `ThrottleLimits`' member of the name
+    /// without 'x-'; set after `limits`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_total: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_total_max: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_total_max_length: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_read: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_read_max: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_read_max_length: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_write: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_write_max: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_write_max_length: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_total: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_total_max: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_total_max_length: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_read: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_read_max: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_read_max_length: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_write: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_write_max: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_write_max_length: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_size: Option<i64>,
+}
+impl ThrottleGroupProperties {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            limits: None,
+            x_iops_total: None,
+            x_iops_total_max: None,
+            x_iops_total_max_length: None,
+            x_iops_read: None,
+            x_iops_read_max: None,
+            x_iops_read_max_length: None,
+            x_iops_write: None,
+            x_iops_write_max: None,
+            x_iops_write_max_length: None,
+            x_bps_total: None,
+            x_bps_total_max: None,
+            x_bps_total_max_length: None,
+            x_bps_read: None,
+            x_bps_read_max: None,
+            x_bps_read_max_length: None,
+            x_bps_write: None,
+            x_bps_write_max: None,
+            x_bps_write_max_length: None,
+            x_iops_size: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ThrottleGroupProperties { optional limits("limits"), optional
+    x_iops_total("x-iops-total"), optional x_iops_total_max("x-iops-total-max"), optional
+    x_iops_total_max_length("x-iops-total-max-length"), optional
+    x_iops_read("x-iops-read"), optional x_iops_read_max("x-iops-read-max"), optional
+    x_iops_read_max_length("x-iops-read-max-length"), optional
+    x_iops_write("x-iops-write"), optional x_iops_write_max("x-iops-write-max"), optional
+    x_iops_write_max_length("x-iops-write-max-length"), optional
+    x_bps_total("x-bps-total"), optional x_bps_total_max("x-bps-total-max"), optional
+    x_bps_total_max_length("x-bps-total-max-length"), optional x_bps_read("x-bps-read"),
+    optional x_bps_read_max("x-bps-read-max"), optional
+    x_bps_read_max_length("x-bps-read-max-length"), optional x_bps_write("x-bps-write"),
+    optional x_bps_write_max("x-bps-write-max"), optional
+    x_bps_write_max_length("x-bps-write-max-length"), optional x_iops_size("x-iops-size")
+    }
+);
+/// Settings every event loop has.
+///
+/// **Since:** 7.1
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventLoopBaseProperties {
+    /// most requests submitted to the host in one go, 0
+    /// for the default (default: 0; since 6.1)
+    pub aio_max_batch: Option<i64>,
+    /// fewest worker threads kept (default: 0; since 7.1)
+    pub thread_pool_min: Option<i64>,
+    /// most worker threads (default: 64; since 7.1)
+    pub thread_pool_max: Option<i64>,
+}
+impl EventLoopBaseProperties {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            aio_max_batch: None,
+            thread_pool_min: None,
+            thread_pool_max: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    EventLoopBaseProperties { optional aio_max_batch("aio-max-batch"), optional
+    thread_pool_min("thread-pool-min"), optional thread_pool_max("thread-pool-max") }
+);
+/// Properties of an iothread object.
+///
+/// **Since:** 2.0
+///
+/// Includes the members of [`EventLoopBaseProperties`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IothreadProperties {
+    /// most requests submitted to the host in one go, 0
+    /// for the default (default: 0; since 6.1)
+    pub aio_max_batch: Option<i64>,
+    /// fewest worker threads kept (default: 0; since 7.1)
+    pub thread_pool_min: Option<i64>,
+    /// most worker threads (default: 64; since 7.1)
+    pub thread_pool_max: Option<i64>,
+    /// longest time in nanoseconds to poll before sleeping,
+    /// 0 to never poll (default: 32768)
+    pub poll_max_ns: Option<i64>,
+    /// factor by which the poll time grows, 0 for the default
+    /// (default: 0)
+    pub poll_grow: Option<i64>,
+    /// divisor by which the poll time shrinks, 0 for the
+    /// default (default: 0)
+    pub poll_shrink: Option<i64>,
+}
+impl IothreadProperties {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            aio_max_batch: None,
+            thread_pool_min: None,
+            thread_pool_max: None,
+            poll_max_ns: None,
+            poll_grow: None,
+            poll_shrink: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    IothreadProperties { optional aio_max_batch("aio-max-batch"), optional
+    thread_pool_min("thread-pool-min"), optional thread_pool_max("thread-pool-max"),
+    optional poll_max_ns("poll-max-ns"), optional poll_grow("poll-grow"), optional
+    poll_shrink("poll-shrink") }
+);
+/// How a secret's data is written.
+///
+/// **Since:** 2.6
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QCryptoSecretFormat {
+    /// the bytes as they are (UTF-8 text on the wire)
+    Raw,
+    /// base64-encoded bytes
+    Base64,
+}
+::qapi_runtime::impl_enum!(
+    QCryptoSecretFormat = "QCryptoSecretFormat" { Raw("raw"), Base64("base64") }
+);
+/// Settings of every secret object.
+///
+/// **Since:** 2.6
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretCommonProperties {
+    /// how the data is written (default: raw)
+    pub format: Option<QCryptoSecretFormat>,
+    /// the id of a secret that decrypts this one's data (default:
+    /// not encrypted)
+    pub keyid: Option<String>,
+    /// the base64 initialisation vector of the decryption, with
+    /// `keyid`
+    pub iv: Option<String>,
+}
+impl SecretCommonProperties {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            format: None,
+            keyid: None,
+            iv: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    SecretCommonProperties { optional format("format"), optional keyid("keyid"), optional
+    iv("iv") }
+);
+/// Properties of a secret object: the secret given inline or read
+/// from a file.
+///
+/// **Since:** 2.6
+///
+/// Includes the members of [`SecretCommonProperties`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretProperties {
+    /// how the data is written (default: raw)
+    pub format: Option<QCryptoSecretFormat>,
+    /// the id of a secret that decrypts this one's data (default:
+    /// not encrypted)
+    pub keyid: Option<String>,
+    /// the base64 initialisation vector of the decryption, with
+    /// `keyid`
+    pub iv: Option<String>,
+    /// the secret itself
+    pub data: Option<String>,
+    /// a file holding the secret
+    pub file: Option<String>,
+}
+impl SecretProperties {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            format: None,
+            keyid: None,
+            iv: None,
+            data: None,
+            file: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    SecretProperties { optional format("format"), optional keyid("keyid"), optional
+    iv("iv"), optional data("data"), optional file("file") }
+);
+/// The types of object `object-add` creates in this daemon.  QEMU has
+/// many more; an `object-add` naming one of those is rejected as naming
+/// an unknown type.
+///
+/// **Since:** 6.0
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectType {
+    /// an I/O thread
+    Iothread,
+    /// a secret (a password or key)
+    Secret,
+    /// I/O limits shared by throttle nodes
+    ThrottleGroup,
+}
+::qapi_runtime::impl_enum!(
+    ObjectType = "ObjectType" { Iothread("iothread"), Secret("secret"),
+    ThrottleGroup("throttle-group") }
+);
+/// The type and properties of a new object.
+///
+/// **Since:** 6.0
+///
+/// The members of the branch selected by `qom-type` are in [`ObjectOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectOptions {
+    /// the object's name, an identifier (a letter, then letters,
+    /// digits, '-', '.' and '_')
+    pub id: String,
+    pub branch: ObjectOptionsBranch,
+}
+/// The branch of [`ObjectOptions`] chosen by its discriminator `qom-type` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ObjectOptionsBranch {
+    /// an I/O thread
+    Iothread(IothreadProperties),
+    /// a secret (a password or key)
+    Secret(SecretProperties),
+    /// I/O limits shared by throttle nodes
+    ThrottleGroup(ThrottleGroupProperties),
+}
+impl ObjectOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> ObjectType {
+        match self {
+            Self::Iothread(_) => ObjectType::Iothread,
+            Self::Secret(_) => ObjectType::Secret,
+            Self::ThrottleGroup(_) => ObjectType::ThrottleGroup,
+        }
+    }
+}
+impl ObjectOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(id: impl Into<String>, branch: ObjectOptionsBranch) -> Self {
+        Self { id: id.into(), branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for ObjectOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: ObjectType = object.required("qom-type")?;
+        let member_1 = object.required("id")?;
+        let branch = match kind {
+            ObjectType::Iothread => {
+                ObjectOptionsBranch::Iothread(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            ObjectType::Secret => {
+                ObjectOptionsBranch::Secret(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            ObjectType::ThrottleGroup => {
+                ObjectOptionsBranch::ThrottleGroup(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+        };
+        Ok(Self { id: member_1, branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for ObjectOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("qom-type", &self.branch.kind())?;
+        map.serialize_entry("id", &self.id)?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for ObjectOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Iothread(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::Secret(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::ThrottleGroup(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+        }
+    }
+}
+::qapi_runtime::impl_object!(ObjectOptions);
+/// A character device.
+///
+/// **Since:** 0.14
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevInfo {
+    /// the device's id
+    pub label: String,
+    /// where the device's data goes, in QEMU's notation
+    /// ('unix:PATH,server=on', 'disconnected:tcp:HOST:PORT,server=on',
+    /// 'ringbuf', 'null')
+    pub filename: String,
+    /// whether something (a monitor) uses the device and
+    /// has it open
+    pub frontend_open: bool,
+}
+impl ChardevInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        label: impl Into<String>,
+        filename: impl Into<String>,
+        frontend_open: bool,
+    ) -> Self {
+        Self {
+            label: label.into(),
+            filename: filename.into(),
+            frontend_open,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ChardevInfo { label("label"), filename("filename"), frontend_open("frontend-open") }
+);
+/// A kind of character device.
+///
+/// **Since:** 2.0
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevBackendInfo {
+    /// the kind's name
+    pub name: String,
+}
+impl ChardevBackendInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into() }
+    }
+}
+::qapi_runtime::impl_object!(ChardevBackendInfo { name("name") });
+/// How data travels in a JSON string.
+///
+/// **Since:** 1.4
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DataFormat {
+    /// as text
+    Utf8,
+    /// base64-encoded
+    Base64,
+}
+::qapi_runtime::impl_enum!(DataFormat = "DataFormat" { Utf8("utf8"), Base64("base64") });
+/// Settings of every character device.
+///
+/// **Since:** 2.6
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevCommon {
+    /// a file that gets a copy of everything the device carries
+    pub logfile: Option<String>,
+    /// append to `logfile` instead of truncating it (default:
+    /// false)
+    pub logappend: Option<bool>,
+}
+impl ChardevCommon {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            logfile: None,
+            logappend: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ChardevCommon { optional logfile("logfile"), optional logappend("logappend") }
+);
+/// A socket character device.
+///
+/// **Since:** 1.4
+///
+/// Includes the members of [`ChardevCommon`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevSocket {
+    /// a file that gets a copy of everything the device carries
+    pub logfile: Option<String>,
+    /// append to `logfile` instead of truncating it (default:
+    /// false)
+    pub logappend: Option<bool>,
+    /// the socket's address
+    pub addr: SocketAddressLegacy,
+    /// the id of TLS credentials for the connection
+    pub tls_creds: Option<String>,
+    /// the id of the object authorising TLS clients
+    /// (since 4.0)
+    pub tls_authz: Option<String>,
+    /// listen for a connection instead of connecting out
+    /// (default: true)
+    pub server: Option<bool>,
+    /// with `server`, wait for a client before the device's user
+    /// starts (default: true)
+    pub wait: Option<bool>,
+    /// set TCP_NODELAY (default: false)
+    pub nodelay: Option<bool>,
+    /// speak the telnet protocol (default: false)
+    pub telnet: Option<bool>,
+    /// speak the TN3270 protocol (default: false; since 2.10)
+    pub tn3270: Option<bool>,
+    /// speak the WebSocket protocol (default: false;
+    /// since 3.1)
+    pub websocket: Option<bool>,
+    /// seconds before reconnecting a lost client connection
+    /// (since 2.2)
+    ///
+    /// **Features:** `deprecated`
+    #[deprecated]
+    pub reconnect: Option<i64>,
+    /// milliseconds before reconnecting a lost client
+    /// connection (since 9.2)
+    pub reconnect_ms: Option<i64>,
+}
+impl ChardevSocket {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(addr: SocketAddressLegacy) -> Self {
+        Self {
+            logfile: None,
+            logappend: None,
+            addr,
+            tls_creds: None,
+            tls_authz: None,
+            server: None,
+            wait: None,
+            nodelay: None,
+            telnet: None,
+            tn3270: None,
+            websocket: None,
+            reconnect: None,
+            reconnect_ms: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ChardevSocket { optional logfile("logfile"), optional logappend("logappend"),
+    addr("addr"), optional tls_creds("tls-creds"), optional tls_authz("tls-authz"),
+    optional server("server"), optional wait("wait"), optional nodelay("nodelay"),
+    optional telnet("telnet"), optional tn3270("tn3270"), optional
+    websocket("websocket"), optional reconnect("reconnect"), optional
+    reconnect_ms("reconnect-ms") }
+);
+/// A ring buffer character device, read and written with
+/// `ringbuf-read` and `ringbuf-write`.
+///
+/// **Since:** 1.5
+///
+/// Includes the members of [`ChardevCommon`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevRingbuf {
+    /// a file that gets a copy of everything the device carries
+    pub logfile: Option<String>,
+    /// append to `logfile` instead of truncating it (default:
+    /// false)
+    pub logappend: Option<bool>,
+    /// the buffer's size in bytes, a power of two (default: 65536)
+    pub size: Option<i64>,
+}
+impl ChardevRingbuf {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            logfile: None,
+            logappend: None,
+            size: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ChardevRingbuf { optional logfile("logfile"), optional logappend("logappend"),
+    optional size("size") }
+);
+/// The kinds of character device this daemon creates.  QEMU has many
+/// more; a `chardev-add` naming one of those is rejected as naming an
+/// unknown kind.
+///
+/// **Since:** 1.4
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ChardevBackendKind {
+    /// a device that discards what it is given and never has data
+    Null,
+    /// a socket (since 1.4)
+    Socket,
+    /// a ring buffer in memory (since 1.6)
+    Ringbuf,
+}
+::qapi_runtime::impl_enum!(
+    ChardevBackendKind = "ChardevBackendKind" { Null("null"), Socket("socket"),
+    Ringbuf("ringbuf") }
+);
+/// **Since:** 1.4
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevCommonWrapper {
+    /// the settings
+    pub data: ChardevCommon,
+}
+impl ChardevCommonWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: ChardevCommon) -> Self {
+        Self { data }
+    }
+}
+::qapi_runtime::impl_object!(ChardevCommonWrapper { data("data") });
+/// **Since:** 1.4
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevSocketWrapper {
+    /// the settings
+    pub data: ChardevSocket,
+}
+impl ChardevSocketWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: ChardevSocket) -> Self {
+        Self { data }
+    }
+}
+::qapi_runtime::impl_object!(ChardevSocketWrapper { data("data") });
+/// **Since:** 1.5
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevRingbufWrapper {
+    /// the settings
+    pub data: ChardevRingbuf,
+}
+impl ChardevRingbufWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: ChardevRingbuf) -> Self {
+        Self { data }
+    }
+}
+::qapi_runtime::impl_object!(ChardevRingbufWrapper { data("data") });
+/// A character device's kind and settings.
+///
+/// **Since:** 1.4
+///
+/// The members of the branch selected by `type` are in [`ChardevBackendBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevBackend {
+    pub branch: ChardevBackendBranch,
+}
+/// The branch of [`ChardevBackend`] chosen by its discriminator `type` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChardevBackendBranch {
+    /// a device that discards what it is given and never has data
+    Null(ChardevCommonWrapper),
+    /// a socket (since 1.4)
+    Socket(ChardevSocketWrapper),
+    /// a ring buffer in memory (since 1.6)
+    Ringbuf(ChardevRingbufWrapper),
+}
+impl ChardevBackendBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> ChardevBackendKind {
+        match self {
+            Self::Null(_) => ChardevBackendKind::Null,
+            Self::Socket(_) => ChardevBackendKind::Socket,
+            Self::Ringbuf(_) => ChardevBackendKind::Ringbuf,
+        }
+    }
+}
+impl ChardevBackend {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: ChardevBackendBranch) -> Self {
+        Self { branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for ChardevBackend {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: ChardevBackendKind = object.required("type")?;
+        let branch = match kind {
+            ChardevBackendKind::Null => {
+                ChardevBackendBranch::Null(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            ChardevBackendKind::Socket => {
+                ChardevBackendBranch::Socket(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            ChardevBackendKind::Ringbuf => {
+                ChardevBackendBranch::Ringbuf(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+        };
+        Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for ChardevBackend {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("type", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for ChardevBackendBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Null(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Socket(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Ringbuf(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+        }
+    }
+}
+::qapi_runtime::impl_object!(ChardevBackend);
+/// What `chardev-add` tells about the new device.
+///
+/// **Since:** 1.4
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevReturn {
+    /// the name of a pseudo-terminal device created (never here:
+    /// this daemon has no pty devices)
+    pub pty: Option<String>,
+}
+impl ChardevReturn {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self { pty: None }
+    }
+}
+::qapi_runtime::impl_object!(ChardevReturn { optional pty("pty") });
