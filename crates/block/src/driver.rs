@@ -58,6 +58,12 @@ pub trait BlockDriver: Send + Sync {
     }
     /// Makes this driver's own writes stable (children are flushed by the node afterwards).
     fn flush(&self) -> BlockResult<()>;
+    /// Whether [`BlockDriver::flush`] forces data to the disk (QEMU's `bdrv_co_flush_to_disk`,
+    /// skipped on a node with `cache.no-flush`) rather than writing back the driver's own
+    /// caches (`bdrv_co_flush_to_os`, which always runs). The default: write-back.
+    fn flushes_to_disk(&self) -> bool {
+        false
+    }
     /// Changes the size.
     fn truncate(&self, _size: u64) -> BlockResult<()> {
         Err(BlockError::with_errno(
@@ -304,6 +310,10 @@ pub struct OpenContext<'g> {
     /// Assigned name and whether it was generated; set when first needed.
     pub(crate) name: Option<(String, bool)>,
     pub(crate) read_only: bool,
+    /// The node's generic options as they act ([`crate::base_options`]).
+    pub(crate) flags: crate::base_options::NodeFlags,
+    /// The driver is an image format (`raw`, `qcow2`; QEMU's `is_format`).
+    pub(crate) is_format: bool,
     pub(crate) children: Vec<crate::node::ChildEdge>,
     /// The children opened from a definition here: they inherit from the node (QEMU's
     /// `inherits_from`), so a reopen of the node reopens them.
@@ -334,6 +344,11 @@ impl OpenContext<'_> {
         self.read_only
     }
 
+    /// The node's generic options (`cache.direct`, `auto-read-only`, ...).
+    pub fn flags(&self) -> crate::base_options::NodeFlags {
+        self.flags
+    }
+
     /// Opens (or references) a child in role `role` (`file`, `backing`, `image`): a
     /// definition opens a new node (read-only inherited unless given), a reference names an
     /// existing node.
@@ -346,12 +361,17 @@ impl OpenContext<'_> {
         let node = match child {
             BlockdevRef::Reference(name) => self.graph.lookup(name)?,
             BlockdevRef::Definition(options) => {
-                let node = self.graph.open_node(options, Some(self.read_only), false)?;
+                let inherited =
+                    crate::base_options::Inherited::child_of(&self.flags, self.is_format);
+                let node = self.graph.open_node(options, inherited, false)?;
                 self.opened.push(node.clone());
                 node
             }
         };
-        let (perm, shared) = kind.child_perms(Perm::NONE, Perm::ALL, !self.read_only);
+        let (perm, mut shared) = kind.child_perms(Perm::NONE, Perm::ALL, !self.read_only);
+        if node.flags().force_share {
+            shared = Perm::ALL;
+        }
         let holder_name = self.ensure_name()?;
         let holder = format!("node '{holder_name}'");
         if !node.is_active() {

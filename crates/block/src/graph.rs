@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use qmp_api::{
     BlockDeviceInfo, BlockDirtyInfo, BlockdevCacheInfo, BlockdevDetectZeroesOptions,
-    BlockdevOptions, BlockdevOptionsBranch, BlockdevOptionsFile, BlockdevOptionsQcow2,
-    BlockdevOptionsRaw, BlockdevRef, BlockdevRefOrNull, ImageInfo,
+    BlockdevDriver, BlockdevOptions, BlockdevOptionsBranch, BlockdevOptionsFile,
+    BlockdevOptionsQcow2, BlockdevOptionsRaw, BlockdevRef, BlockdevRefOrNull, ImageInfo,
 };
 use serde_json::{Map, Value};
 
+use crate::base_options::{self, Inherited};
 use crate::driver::{BlockEventSink, ChildKind, OpenContext};
 use crate::drivers;
 use crate::error::{BlockError, BlockResult};
@@ -143,7 +144,7 @@ impl BlockGraph {
         }
         let before = self.nodes.len();
         self.monitor_open = true;
-        let opened = self.open_node(options, None, true);
+        let opened = self.open_node(options, Inherited::none(), true);
         self.monitor_open = false;
         // `active: false`: opened, then inactivated with its children (QEMU opens them so).
         let opened = opened.and_then(|node| {
@@ -175,7 +176,7 @@ impl BlockGraph {
     /// with [`BlockGraph::close_unused`]. On failure nothing stays open.
     pub fn open_anonymous(&mut self, options: &BlockdevOptions) -> BlockResult<Arc<BlockNode>> {
         let before = self.nodes.len();
-        let opened = self.open_node(options, None, false);
+        let opened = self.open_node(options, Inherited::none(), false);
         if opened.is_err() {
             while self.nodes.len() > before {
                 if let Some(n) = self.nodes.pop() {
@@ -191,10 +192,10 @@ impl BlockGraph {
     pub(crate) fn open_node(
         &mut self,
         options: &BlockdevOptions,
-        inherited_read_only: Option<bool>,
+        inherited: Inherited,
         root: bool,
     ) -> BlockResult<Arc<BlockNode>> {
-        let node = self.open_single(options, inherited_read_only, root)?;
+        let node = self.open_single(options, inherited, root)?;
         // Like QEMU, the backing chain opens after (and is registered after) its overlay.
         self.open_backing_chain(&node, drivers::backing_option(&options.branch))?;
         Ok(node)
@@ -207,7 +208,7 @@ impl BlockGraph {
     fn open_single(
         &mut self,
         options: &BlockdevOptions,
-        inherited_read_only: Option<bool>,
+        inherited: Inherited,
         root: bool,
     ) -> BlockResult<Arc<BlockNode>> {
         if root && options.node_name.is_none() {
@@ -223,13 +224,16 @@ impl BlockGraph {
         }
         let kind = options.branch.kind();
         let protocol = drivers::is_protocol(kind);
-        let read_only = options.read_only.or(inherited_read_only).unwrap_or(false);
+        let flags = base_options::resolve(options, &inherited)?;
+        let read_only = flags.read_only;
         let slot = self.nodes.len();
         let mut ctx = OpenContext {
             graph: self,
             explicit_name: options.node_name.clone(),
             name: None,
             read_only,
+            flags,
+            is_format: matches!(kind, BlockdevDriver::Raw | BlockdevDriver::Qcow2),
             children: Vec::new(),
             opened: Vec::new(),
         };
@@ -239,11 +243,16 @@ impl BlockGraph {
             Ok(())
         }
         .and_then(|()| drivers::open(&mut ctx, &options.branch))
-        .and_then(|driver| match ctx.ensure_name() {
-            Ok(_) => Ok(driver),
-            Err(e) => {
-                let _ = driver.close();
-                Err(e)
+        .and_then(|driver| {
+            match ctx
+                .ensure_name()
+                .and_then(|_| base_options::check_unused(options, protocol))
+            {
+                Ok(()) => Ok(driver),
+                Err(e) => {
+                    let _ = driver.close();
+                    Err(e)
+                }
             }
         });
         let children = std::mem::take(&mut ctx.children);
@@ -266,6 +275,7 @@ impl BlockGraph {
             auto_named,
             driver_name: kind.as_str().to_string(),
             read_only,
+            flags,
             // Kept as QEMU keeps a node's options: for its `json:` file name.
             options: serde_json::to_value(options).unwrap_or(Value::Null),
             driver,
@@ -333,7 +343,7 @@ impl BlockGraph {
                 }
                 Some(BlockdevRefOrNull::Definition(options)) => {
                     let b = self
-                        .open_single(options, Some(true), false)
+                        .open_single(options, Inherited::backing_of(&node.flags()), false)
                         .map_err(|e| prefixed(&prefix, e))?;
                     (b, drivers::backing_option(&options.branch))
                 }
@@ -358,7 +368,13 @@ impl BlockGraph {
                             None => probe_format(&path).map_err(|e| prefixed(&outer, e))?,
                         };
                         let b = image_options(&format, &path)
-                            .and_then(|options| self.open_single(&options, Some(true), false))
+                            .and_then(|options| {
+                                self.open_single(
+                                    &options,
+                                    Inherited::backing_of(&node.flags()),
+                                    false,
+                                )
+                            })
                             .map_err(|e| prefixed(&prefix, e))?;
                         (b, None)
                     }
@@ -451,6 +467,10 @@ impl BlockGraph {
             auto_named,
             driver_name: driver_name.to_string(),
             read_only: child.is_read_only(),
+            flags: base_options::NodeFlags {
+                read_only: child.is_read_only(),
+                ..base_options::NodeFlags::default()
+            },
             options: Value::Object(options),
             driver,
             children: vec![crate::node::ChildEdge {
@@ -1186,8 +1206,8 @@ fn block_device_info(node: &BlockNode, flat: bool) -> BlockDeviceInfo {
         image_info(node, flat),
         BlockdevCacheInfo {
             writeback: true,
-            direct: false,
-            no_flush: false,
+            direct: node.flags().direct,
+            no_flush: node.flags().no_flush,
         },
         0,
     );

@@ -4,6 +4,7 @@
 
 pub mod active;
 pub mod backend;
+pub mod base_options;
 pub mod bitmap;
 pub mod blocker;
 pub mod create;

@@ -162,6 +162,8 @@ pub struct BlockNode {
     inactive: AtomicBool,
     /// A reopen gave the node its parent's `active: false`.
     inactive_option_inherited: AtomicBool,
+    /// The generic options as they act (fixed at open: a reopen cannot change them).
+    flags: crate::base_options::NodeFlags,
     /// The options of the last open or reopen.
     options: Mutex<Value>,
     /// The parent that opened this node from a definition or its image's backing file name
@@ -215,6 +217,7 @@ pub(crate) struct NodeParts {
     pub auto_named: bool,
     pub driver_name: String,
     pub read_only: bool,
+    pub flags: crate::base_options::NodeFlags,
     pub options: Value,
     pub driver: Box<dyn BlockDriver>,
     pub children: Vec<ChildEdge>,
@@ -230,6 +233,7 @@ impl BlockNode {
             read_only: AtomicBool::new(parts.read_only),
             inactive: AtomicBool::new(false),
             inactive_option_inherited: AtomicBool::new(false),
+            flags: parts.flags,
             options: Mutex::new(parts.options),
             inherits_from: Mutex::new(Weak::new()),
             driver: parts.driver,
@@ -385,6 +389,12 @@ impl BlockNode {
     /// The driver, e.g. for a format-specific command.
     pub fn driver(&self) -> &dyn BlockDriver {
         self.driver.as_ref()
+    }
+
+    /// The node's generic options as they act (`cache.direct`, `detect-zeroes`, ...; its
+    /// read-only flag is [`BlockNode::is_read_only`]).
+    pub fn flags(&self) -> crate::base_options::NodeFlags {
+        self.flags
     }
 
     /// Whether the node was opened read-only.
@@ -829,6 +839,11 @@ impl BlockNode {
         self.driver.check_perm(perm, shared)?;
         for edge in &self.children() {
             let (cp, mut cs) = edge.kind.child_perms(perm, shared, self.is_writable());
+            // `force-share` on the child: its parents share everything (QEMU's
+            // `bdrv_child_perm`).
+            if edge.node.flags.force_share {
+                cs = Perm::ALL;
+            }
             // An inactive node lets others write and resize what it is made of (QEMU's
             // default permissions for an inactive node's children).
             if !self.is_active() && edge.kind != ChildKind::Filtered {
@@ -915,10 +930,20 @@ impl BlockNode {
     }
 
     /// Writes `buf` at `offset` as one request, after the before-write hooks; marks recording
-    /// bitmaps (even on failure: the data may be partly written).
+    /// bitmaps (even on failure: the data may be partly written). With `detect-zeroes`, a
+    /// buffer of zeroes is written as zeroes (allowed to unmap with `unmap`), as QEMU's
+    /// `bdrv_aligned_pwritev` does.
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        use qmp_api::BlockdevDetectZeroesOptions as Detect;
         self.check_writable()?;
         check_request(offset, buf.len() as u64)?;
+        if self.flags.detect_zeroes != Detect::Off
+            && !buf.is_empty()
+            && crate::base_options::is_zero(buf)
+        {
+            let unmap = self.flags.detect_zeroes == Detect::Unmap;
+            return self.write_zeroes_flags(offset, buf.len() as u64, unmap);
+        }
         self.notify_before_write(offset, buf.len() as u64)?;
         let _request = self.requests.begin(offset, buf.len() as u64, false);
         self.debug_event(BlkdebugEvent::Pwritev);
@@ -1022,7 +1047,11 @@ impl BlockNode {
 
     fn flush_driver_and_children(&self) -> BlockResult<()> {
         self.debug_event(BlkdebugEvent::FlushToOs);
-        self.driver.flush()?;
+        // `cache.no-flush`: what reaches the disk is not forced there (a format's own
+        // write-back still happens, and the children flush as their options say).
+        if !(self.flags.no_flush && self.driver.flushes_to_disk()) {
+            self.driver.flush()?;
+        }
         for edge in &self.children() {
             edge.node.flush()?;
         }

@@ -735,16 +735,21 @@ impl Image {
         };
         if first >= last {
             if zero_partial && len > 0 {
-                self.write_at(&PageBuf::zeroed(len as usize), off)?;
+                // Within one cluster (a head and a tail in two clusters are two parts).
+                let split = ((off / cs + 1) * cs).min(end);
+                self.zero_part(off, split - off, how)?;
+                if split < end {
+                    self.zero_part(split, end - split, how)?;
+                }
             }
             return Ok(());
         }
         if zero_partial {
             if off < first * cs {
-                self.write_at(&PageBuf::zeroed((first * cs - off) as usize), off)?;
+                self.zero_part(off, first * cs - off, how)?;
             }
             if last * cs < end {
-                self.write_at(&PageBuf::zeroed((end - last * cs) as usize), last * cs)?;
+                self.zero_part(last * cs, end - last * cs, how)?;
             }
         }
         let has_backing = self
@@ -784,6 +789,44 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// Zeroes `[off, off + len)` inside one cluster as QEMU's `qcow2_co_pwrite_zeroes` does:
+    /// a cluster that already reads as zeroes (a zero cluster, or unallocated with no
+    /// backing file) becomes a zero cluster as a whole; any other has the zeroes written.
+    fn zero_part(&self, off: u64, len: u64, how: Clear) -> Result<()> {
+        let cs = self.cluster_size;
+        let gc = off / cs;
+        let has_backing = self
+            .backing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        {
+            let _ops = self.ops.read().unwrap_or_else(|e| e.into_inner());
+            let _claim = self.claim(gc, gc + 1);
+            let mut m = self.lock();
+            let has_backing = has_backing || m.h.backing_file.is_some();
+            if m.h.version >= 3 {
+                let old = m.map(gc).map_err(|e| self.fail_locked(&mut m, e))?;
+                let reads_zero = match old {
+                    Cluster::Zero { .. } => true,
+                    Cluster::Unallocated => !has_backing,
+                    _ => false,
+                };
+                if reads_zero {
+                    if let Some((entry, free)) = cleared(old, how, true, has_backing) {
+                        self.written.store(true, Ordering::Release);
+                        m.set_mapping(gc, entry)?;
+                        if free && let Some((h, l)) = m.host_range(old) {
+                            m.queue_free(h, l);
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        self.write_at(&PageBuf::zeroed(len as usize), off)
     }
 
     fn fail_locked(&self, m: &mut Meta, e: Error) -> Error {

@@ -241,6 +241,10 @@ impl BlockDriver for BlkdebugDriver {
         self.check(0, 0, BlkdebugIOType::Flush)
     }
 
+    fn flushes_to_disk(&self) -> bool {
+        true
+    }
+
     fn truncate(&self, size: u64) -> BlockResult<()> {
         self.image.truncate(size)
     }

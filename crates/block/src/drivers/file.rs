@@ -8,7 +8,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use qmp_api::{
@@ -31,6 +32,15 @@ pub struct FileDriver {
     path: String,
     locking: bool,
     locks: Mutex<LockState>,
+    /// `cache.direct`: opened `O_DIRECT`, requests aligned to this many bytes.
+    direct: Option<u64>,
+    /// With `cache.direct`: a write that reads, patches and writes back an aligned block
+    /// holds this exclusively; aligned writes hold it shared (QEMU serialises such requests).
+    rmw: RwLock<()>,
+    /// `auto-read-only`: the file is opened read-write only while a user wants to write.
+    auto_read_only: bool,
+    /// The descriptor is open for writing.
+    fd_writable: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -71,17 +81,41 @@ pub(crate) fn open(
             "Parameter 'pr-manager' is not supported by this block layer",
         ));
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!ctx.read_only())
-        .open(&path)
-        .map_err(|e| open_error(&path, &e))?;
+    let flags = ctx.flags();
+    // `auto-read-only` (QEMU's dynamic auto-read-only): read-only until a writer comes.
+    let write = !ctx.read_only() && !flags.auto_read_only;
+    let file = open_file(&path, write, flags.direct).map_err(|e| open_error(&path, &e))?;
+    let direct = flags.direct.then(|| probe_alignment(&file));
     Ok(Box::new(FileDriver {
         file: RwLock::new(file),
         path,
         locking,
         locks: Mutex::new(LockState::default()),
+        direct,
+        rmw: RwLock::new(()),
+        auto_read_only: flags.auto_read_only && !ctx.read_only(),
+        fd_writable: AtomicBool::new(write),
     }))
+}
+
+fn open_file(path: &str, write: bool, direct: bool) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+}
+
+/// The smallest request alignment `O_DIRECT` accepts on `file` (QEMU's
+/// `raw_probe_alignment`: reads of 512, 1024, 2048 bytes tried in turn; else 4096).
+fn probe_alignment(file: &File) -> u64 {
+    let mut buf = qcow2::PageBuf::zeroed(4096);
+    for align in [512usize, 1024, 2048] {
+        if file.read_at(&mut buf[..align], 0).is_ok() {
+            return align as u64;
+        }
+    }
+    4096
 }
 
 fn open_error(path: &str, e: &std::io::Error) -> BlockError {
@@ -190,6 +224,9 @@ impl BlockDriver for FileDriver {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        if let Some(align) = self.direct {
+            return self.read_direct(align, offset, buf);
+        }
         let mut done = 0;
         while done < buf.len() {
             match self.file().read_at(&mut buf[done..], offset + done as u64) {
@@ -206,6 +243,9 @@ impl BlockDriver for FileDriver {
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        if let Some(align) = self.direct {
+            return self.write_direct(align, offset, buf);
+        }
         Ok(self.file().write_all_at(buf, offset)?)
     }
 
@@ -239,11 +279,16 @@ impl BlockDriver for FileDriver {
         Ok(self.file().sync_data()?)
     }
 
+    fn flushes_to_disk(&self) -> bool {
+        true
+    }
+
     fn truncate(&self, size: u64) -> BlockResult<()> {
         Ok(self.file().set_len(size)?)
     }
 
     fn check_perm(&self, perm: Perm, shared: Perm) -> BlockResult<()> {
+        self.follow_writers(perm)?;
         if !self.locking {
             return Ok(());
         }
@@ -262,6 +307,8 @@ impl BlockDriver for FileDriver {
     }
 
     fn set_perm(&self, perm: Perm, shared: Perm) {
+        // Dropping write access cannot fail for a conflict; a failure keeps the descriptor.
+        let _ = self.follow_writers(perm);
         if !self.locking {
             return;
         }
@@ -310,30 +357,116 @@ impl BlockDriver for FileDriver {
     }
 }
 
+/// Whether `x` is a multiple of `align`.
+fn aligned(x: u64, align: u64) -> bool {
+    x % align == 0
+}
+
 impl FileDriver {
+    /// Reads with `O_DIRECT`: straight into `buf` when offset, length and memory are
+    /// aligned, else through an aligned bounce buffer covering the request.
+    fn read_direct(&self, align: u64, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        let len = buf.len() as u64;
+        if aligned(offset, align) && aligned(len, align) && aligned(buf.as_ptr() as u64, align) {
+            return self.read_aligned(offset, buf);
+        }
+        let start = offset / align * align;
+        let end = (offset + len).div_ceil(align) * align;
+        let mut bounce = qcow2::PageBuf::zeroed((end - start) as usize);
+        self.read_aligned(start, &mut bounce)?;
+        let at = (offset - start) as usize;
+        buf.copy_from_slice(&bounce[at..at + buf.len()]);
+        Ok(())
+    }
+
+    /// Fills an aligned `buf` from an aligned `offset`; past the end of the file reads zeros
+    /// (a short read of a regular file is its end, and the next offset would not be aligned).
+    fn read_aligned(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file().read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let short = n < buf.len() - done;
+                    done += n;
+                    if short {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+
+    /// Writes with `O_DIRECT`: an aligned request as it is (copied to aligned memory if
+    /// needed); else the aligned blocks around it are read, patched and written back, with
+    /// the file's length kept where the request leaves it.
+    fn write_direct(&self, align: u64, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        let len = buf.len() as u64;
+        if aligned(offset, align) && aligned(len, align) {
+            let _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+            if aligned(buf.as_ptr() as u64, align) {
+                return Ok(self.file().write_all_at(buf, offset)?);
+            }
+            let mut bounce = qcow2::PageBuf::zeroed(buf.len());
+            bounce.copy_from_slice(buf);
+            return Ok(self.file().write_all_at(&bounce, offset)?);
+        }
+        let _exclusive = self.rmw.write().unwrap_or_else(|e| e.into_inner());
+        let size = self.file().metadata()?.len();
+        let start = offset / align * align;
+        let end = (offset + len).div_ceil(align) * align;
+        let mut bounce = qcow2::PageBuf::zeroed((end - start) as usize);
+        self.read_aligned(start, &mut bounce)?;
+        let at = (offset - start) as usize;
+        bounce[at..at + buf.len()].copy_from_slice(buf);
+        self.file().write_all_at(&bounce, start)?;
+        if end > size && offset + len < end {
+            self.file().set_len(size.max(offset + len))?;
+        }
+        Ok(())
+    }
+
+    /// `auto-read-only`: reopens the file for writing when `perm` writes or resizes, and
+    /// read-only again when nothing does (QEMU's `raw_reconfigure_getfd`).
+    fn follow_writers(&self, perm: Perm) -> BlockResult<()> {
+        if !self.auto_read_only {
+            return Ok(());
+        }
+        let want = !(perm & (Perm::WRITE | Perm::RESIZE)).is_empty();
+        if want == self.fd_writable.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.reopen(want).map_err(|e| match want {
+            true => BlockError::with_errno(
+                format!(
+                    "Could not open '{}': {}",
+                    self.path,
+                    strerror(e.errno().unwrap_or(libc::EIO))
+                ),
+                e.errno().unwrap_or(libc::EIO),
+            ),
+            false => e,
+        })
+    }
+
     /// Opens the file again with the new mode; the lock bytes held move to the new
     /// descriptor before the old one (and its locks) goes.
     fn reopen(&self, write: bool) -> BlockResult<()> {
         let path = &self.path;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(path)
-            .map_err(|e| {
-                let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                BlockError::with_errno(format!("Could not reopen file: {}", strerror(errno)), errno)
-            })?;
+        let file = open_file(path, write, self.direct.is_some()).map_err(|e| {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            BlockError::with_errno(format!("Could not reopen file: {}", strerror(errno)), errno)
+        })?;
         let mut slot = self.file.write().unwrap_or_else(|e| e.into_inner());
         if self.locking {
             let mut st = lock(&self.locks);
             let held = (st.perm, st.unshared);
             let mut moved = LockState::default();
-            let staged = FileDriver {
-                file: RwLock::new(file),
-                path: path.clone(),
-                locking: true,
-                locks: Mutex::new(LockState::default()),
-            };
+            let staged = FileDriver::plain(file, path, true);
             staged.apply_locks(&mut moved, held.0, held.1)?;
             moved.committed = st.committed;
             *st = moved;
@@ -342,7 +475,22 @@ impl FileDriver {
         } else {
             *slot = file;
         }
+        self.fd_writable.store(write, Ordering::Release);
         Ok(())
+    }
+
+    /// A driver over `file` with the default cache mode.
+    fn plain(file: File, path: &str, locking: bool) -> FileDriver {
+        FileDriver {
+            file: RwLock::new(file),
+            path: path.to_string(),
+            locking,
+            locks: Mutex::new(LockState::default()),
+            direct: None,
+            rmw: RwLock::new(()),
+            auto_read_only: false,
+            fd_writable: AtomicBool::new(true),
+        }
     }
 }
 
@@ -370,12 +518,7 @@ pub fn create(options: &qmp_api::BlockdevCreateOptionsFile) -> BlockResult<()> {
                 errno,
             )
         })?;
-    let driver = FileDriver {
-        file: RwLock::new(file),
-        path: path.to_string(),
-        locking: true,
-        locks: Mutex::new(LockState::default()),
-    };
+    let driver = FileDriver::plain(file, path, true);
     let perm = Perm::WRITE | Perm::RESIZE;
     let shared = Perm::ALL & !Perm::RESIZE;
     driver.check_perm(perm, shared).map_err(|e| {
