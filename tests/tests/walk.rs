@@ -103,44 +103,7 @@ fn fixture(command: &str) -> Option<(Vec<(&'static str, Value)>, Value)> {
 
 /// Differences the walk found that other work owns, each with its reason: the walk fails on
 /// any other one, and on one of these that no longer happens (so the list only shrinks).
-const KNOWN: &[(&str, &str)] = &[
-    (
-        "blockdev-add cache={}",
-        "generic node options lack QEMU's per-driver checks (issue 10's act-or-refuse)",
-    ),
-    (
-        "blockdev-add force-share=true",
-        "force-share without read-only is not refused (issue 10)",
-    ),
-    (
-        "blockdev-add detect-zeroes=\"unmap\"",
-        "detect-zeroes=unmap without discard=unmap is not refused (issue 10)",
-    ),
-    (
-        "blockdev-backup filter-node-name=\"n1\"",
-        "backup filter-node-name: checked after the job id (issue 14, nbd2's copy-before-write)",
-    ),
-    (
-        "drive-backup filter-node-name=\"n1\"",
-        "as blockdev-backup's filter-node-name",
-    ),
-    (
-        "drive-mirror job-id=\"n1\"",
-        "drive-mirror's target node gets a visible name where QSD's is anonymous",
-    ),
-    (
-        "drive-backup format=\"n1\"",
-        "an unknown format: QEMU says 'Unknown file format'",
-    ),
-    (
-        "drive-mirror format=\"n1\"",
-        "an unknown format: QEMU says 'Unknown file format'",
-    ),
-    (
-        "blockdev-snapshot-sync device=\"n1\"",
-        "device= is looked up as a node; QEMU looks for a device (a named backend) only",
-    ),
-];
+const KNOWN: &[(&str, &str)] = &[];
 
 /// Commands not walked: they end the session or need a client of their own.
 const NOT_WALKED: &[&str] = &["quit", "qmp_capabilities"];

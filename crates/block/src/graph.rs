@@ -752,11 +752,12 @@ pub fn image_options(format: &str, path: &str) -> BlockResult<BlockdevOptions> {
     let branch = match format {
         "qcow2" => BlockdevOptionsBranch::Qcow2(Box::new(BlockdevOptionsQcow2::new(file))),
         "raw" => BlockdevOptionsBranch::Raw(Box::new(BlockdevOptionsRaw::new(file))),
-        other => {
+        other if drivers::is_qemu_driver(other) => {
             return Err(BlockError::new(format!(
                 "Parameter 'driver' does not accept value '{other}'"
             )));
         }
+        other => return Err(BlockError::new(format!("Unknown driver '{other}'"))),
     };
     let mut options = BlockdevOptions::new(branch);
     options.read_only = Some(true);

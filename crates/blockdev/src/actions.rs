@@ -237,6 +237,21 @@ fn backup_options(perf: Option<&BackupPerf>) -> Result<BackupOptions, QmpError> 
     Ok(options)
 }
 
+/// QEMU makes a backup's copy-before-write filter before the job: a `filter-node-name` that
+/// cannot name a new node fails before the job id is looked at, in the graph's words.
+fn check_filter_name(env: &BlockState, name: &str) -> Result<(), QmpError> {
+    let why = if !block::graph::node_name_is_wellformed(name) {
+        format!("Invalid node-name: '{name}'")
+    } else if env.graph.as_ref().is_some_and(|g| g.node(name).is_some()) {
+        format!("Duplicate nodes with node-name='{name}'")
+    } else if name.len() >= 32 {
+        "Node name too long".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(QmpError::generic(format!("Could not create node: {why}")))
+}
+
 impl Action for BackupAction {
     fn prepare(&mut self, txn: &mut Transaction<'_>) -> Result<(), QmpError> {
         let group = txn.group().cloned();
@@ -292,6 +307,14 @@ impl Action for BackupAction {
                 "Required max-chunk ({}) is less than backup cluster size ({cluster})",
                 options.max_chunk
             )));
+        }
+        if let Some(name) = &c.filter_node_name
+            && let Err(e) = check_filter_name(env, name)
+        {
+            if let Some((bitmap, _)) = &bitmap {
+                bitmap.reclaim();
+            }
+            return Err(e);
         }
         // A negative speed is refused by the registry after creating the job (QEMU's order).
         let mut spec = JobSpec::new(c.job_id.clone().unwrap_or_default())

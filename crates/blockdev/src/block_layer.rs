@@ -32,7 +32,6 @@ pub(crate) fn io_error(e: BlockError) -> io::Error {
 /// (see [`ChainEditor`]); every use locks it briefly, never across I/O.
 pub struct BlockLayer {
     graph: SharedGraph,
-    next_anonymous: u64,
 }
 
 impl BlockLayer {
@@ -40,7 +39,6 @@ impl BlockLayer {
     pub fn new(graph: BlockGraph) -> Self {
         BlockLayer {
             graph: SharedGraph(Arc::new(Mutex::new(graph))),
-            next_anonymous: 0,
         }
     }
 
@@ -315,6 +313,13 @@ impl NodeGraph for BlockLayer {
         size: u64,
         backing: Option<&ImageRef>,
     ) -> Result<(), QmpError> {
+        // The format is known before the file is touched (QEMU's `bdrv_img_create`).
+        if !block::drivers::is_qemu_driver(&image.format) {
+            return Err(QmpError::generic(format!(
+                "Unknown file format '{}'",
+                image.format
+            )));
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -339,16 +344,15 @@ impl NodeGraph for BlockLayer {
         image: &ImageRef,
         backing: Option<&str>,
     ) -> Result<(String, Arc<dyn BlockIo>), QmpError> {
-        // QEMU names such nodes automatically; ours get a reserved-looking name of their own.
-        self.next_anonymous += 1;
-        let name = format!("blockdev-image{}", self.next_anonymous);
+        // As QEMU, the node gets a generated name (`#blockNNN`) and belongs to its users.
         let backing = match backing {
             Some(node) => BlockdevRefOrNull::Reference(node.to_string()),
             None => BlockdevRefOrNull::Null(qmp_api::wire::Null),
         };
-        let options = writable_image(image, &name, backing)?;
-        let node = self.graph().blockdev_add(&options).map_err(qmp_error)?;
-        Ok((name, Arc::new(NodeIo(node))))
+        let mut options = writable_image(image, "", backing)?;
+        options.node_name = None;
+        let node = self.graph().open_anonymous(&options).map_err(qmp_error)?;
+        Ok((node.name().to_string(), Arc::new(NodeIo(node))))
     }
 
     fn blockdev_add(&mut self, options: BlockdevOptions) -> Result<(), QmpError> {
@@ -530,13 +534,8 @@ impl NodeGraph for BlockLayer {
         &mut self,
         image: &MirrorTargetImage,
     ) -> Result<(String, Arc<dyn BlockIo>), QmpError> {
-        let name = match &image.node_name {
-            Some(n) => n.clone(),
-            None => {
-                self.next_anonymous += 1;
-                format!("blockdev-image{}", self.next_anonymous)
-            }
-        };
+        // Without a node name, as QEMU, a generated one (`#blockNNN`), owned by its users.
+        let name = image.node_name.clone().unwrap_or_default();
         let format = match &image.format {
             Some(f) => f.clone(),
             None => block::graph::probe_image_format(&image.filename).map_err(qmp_error)?,
@@ -558,8 +557,14 @@ impl NodeGraph for BlockLayer {
         {
             qcow2.backing = None;
         }
-        let node = self.graph().blockdev_add(&options).map_err(qmp_error)?;
-        Ok((name, Arc::new(NodeIo(node))))
+        let node = if image.node_name.is_some() {
+            self.graph().blockdev_add(&options)
+        } else {
+            options.node_name = None;
+            self.graph().open_anonymous(&options)
+        }
+        .map_err(qmp_error)?;
+        Ok((node.name().to_string(), Arc::new(NodeIo(node))))
     }
 
     fn backend(

@@ -47,18 +47,26 @@ impl ExternalSnapshot {
         }
     }
 
-    /// The node to snapshot, by QEMU's `bdrv_lookup_bs(device, node-name)`.
+    /// The node to snapshot, by QEMU's `bdrv_lookup_bs(device, node-name)`. `device` names a
+    /// BlockBackend (a guest device), of which this daemon has none, as QSD: only
+    /// `node-name` can find the node (`blockdev-snapshot`'s `node` is tried as both).
     fn node_name(&self, env: &BlockState) -> Result<String, QmpError> {
-        let (device, node) = match &self.overlay {
-            Overlay::New(a) => (a.device.clone(), a.node_name.clone()),
-            Overlay::Existing(a) => (Some(a.node.clone()), Some(a.node.clone())),
+        let (device, node, candidates) = match &self.overlay {
+            Overlay::New(a) => (
+                a.device.clone(),
+                a.node_name.clone(),
+                [None, a.node_name.clone()],
+            ),
+            Overlay::Existing(a) => (
+                Some(a.node.clone()),
+                Some(a.node.clone()),
+                [Some(a.node.clone()), None],
+            ),
         };
-        let candidates = [device.as_deref(), node.as_deref()];
         candidates
             .into_iter()
             .flatten()
             .find(|name| env.graph.as_ref().is_some_and(|g| g.node(name).is_some()))
-            .map(str::to_string)
             .ok_or_else(|| {
                 not_found(
                     device.as_deref().unwrap_or(""),

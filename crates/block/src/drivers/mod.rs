@@ -47,3 +47,61 @@ pub(crate) fn backing_option(branch: &BlockdevOptionsBranch) -> Option<&Blockdev
         _ => None,
     }
 }
+
+/// The block drivers QEMU 10.0 has (its `BlockdevDriver`): a name outside them is an
+/// `Unknown driver` (or, to create an image, an `Unknown file format`) as in QEMU; a name in
+/// them that this block layer lacks is refused naming it.
+const QEMU_DRIVERS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkreplay",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "snapshot-access",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "io_uring",
+    "iscsi",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "nvme-io_uring",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "virtio-blk-vfio-pci",
+    "virtio-blk-vhost-user",
+    "virtio-blk-vhost-vdpa",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
+
+/// Whether QEMU 10.0 has a block driver named `name`.
+pub fn is_qemu_driver(name: &str) -> bool {
+    QEMU_DRIVERS.contains(&name)
+}
