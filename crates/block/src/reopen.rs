@@ -100,6 +100,10 @@ fn flatten(v: &Value, prefix: &str, out: &mut BTreeMap<String, Value>) {
         }
     };
     match v {
+        // An empty object stays as it is (QEMU's `qdict_flatten`): an option of its own.
+        Value::Object(m) if m.is_empty() && !prefix.is_empty() => {
+            out.insert(prefix.to_string(), v.clone());
+        }
         Value::Object(m) => {
             for (k, v) in m {
                 flatten(v, &key(k), out);
@@ -318,6 +322,17 @@ fn prepare(graph: &BlockGraph, entry: &mut Entry) -> BlockResult<()> {
         old.entry("active".into()).or_insert(Value::Bool(false));
     }
     let mutable = mutable_options(&driver);
+    // The generic layer parses discard and detect-zeroes first.
+    let discard_unmap = matches!(
+        new.get("discard").and_then(Value::as_str),
+        Some("unmap" | "on")
+    );
+    if new.get("detect-zeroes").and_then(Value::as_str) == Some("unmap") && !discard_unmap {
+        return Err(BlockError::new(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation \
+             to unmap",
+        ));
+    }
     // Options set before that cannot go back to their defaults.
     for key in old.keys() {
         if !new.contains_key(key)
