@@ -1,5 +1,6 @@
 //! The generic node options (`cache.direct`, `cache.no-flush`, `detect-zeroes`,
-//! `auto-read-only`, `force-share`) act as in qemu-storage-daemon 10.0.2: each test runs the
+//! `auto-read-only`, `force-share`), and backup's `x-perf.use-copy-range`, act as in
+//! qemu-storage-daemon 10.0.2: each test runs the
 //! same steps against both daemons and compares what can be seen from outside (replies, the
 //! image's map and bytes, the daemon's file descriptors, its system calls, image locks), and
 //! checks the expected effect so that two daemons ignoring an option alike would not pass.
@@ -10,6 +11,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use blockjobs_tests::blockjobd;
 use blockjobs_tests::qmp::{Daemon, Qmp};
@@ -512,4 +514,95 @@ fn force_share_opens_an_image_another_process_writes_as_qemu() {
         ours[1]
     );
     assert_eq!(ours[2], "ok");
+}
+
+/// The daemon's `copy_file_range` calls while `during` runs (strace attached first).
+fn copy_file_range_calls(pid: u32, log: &Path, during: impl FnOnce()) -> usize {
+    let mut strace = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=copy_file_range", "-o"])
+        .arg(log)
+        .args(["-p", &pid.to_string()])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("strace");
+    wait_traced(pid);
+    during();
+    let _ = Command::new("kill")
+        .args(["-INT", &strace.id().to_string()])
+        .status();
+    let _ = strace.wait();
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("copy_file_range(") && !l.contains("= -1"))
+        .count()
+}
+
+#[test]
+fn use_copy_range_copies_between_raw_files_in_the_kernel_as_qemu() {
+    require_tool("strace", "strace");
+    let (qsd, ours) = both(|program, dir| {
+        qemu_img(&["create", "-q", "-f", "raw", "s.raw", "8M"], dir);
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 7 0 3M",
+                "-c",
+                "write -P 9 5M 64k",
+                "s.raw",
+            ],
+            dir,
+        );
+        qemu_img(&["create", "-q", "-f", "raw", "t.raw", "8M"], dir);
+        qemu_img(&["convert", "-O", "qcow2", "s.raw", "s.qcow2"], dir);
+        qemu_img(&["create", "-q", "-f", "raw", "t2.raw", "8M"], dir);
+        let (daemon, mut qmp) = start(program, dir);
+        let mut seen = Vec::new();
+        for (node, file, fmt) in [
+            ("s", "s.raw", "raw"),
+            ("t", "t.raw", "raw"),
+            ("q", "s.qcow2", "qcow2"),
+            ("t2", "t2.raw", "raw"),
+        ] {
+            seen.push(said(
+                qmp.execute(
+                    "blockdev-add",
+                    in_dir(
+                        json!({"driver": fmt, "node-name": node,
+                               "file": {"driver": "file", "filename": format!("$DIR/{file}")}}),
+                        dir,
+                    ),
+                ),
+                dir,
+            ));
+        }
+        let backup = |qmp: &mut Qmp, job: &str, from: &str, to: &str| {
+            let reply = qmp.execute(
+                "blockdev-backup",
+                json!({"job-id": job, "device": from, "target": to, "sync": "full",
+                       "x-perf": {"use-copy-range": true}}),
+            );
+            let done = qmp.wait_event("JOB_STATUS_CHANGE", Duration::from_secs(30), |d| {
+                d["id"] == job && d["status"] == "null"
+            });
+            format!("{}: {}", said(reply, dir), done["data"]["status"])
+        };
+        let calls = copy_file_range_calls(daemon.pid(), &dir.join("strace.log"), || {
+            seen.push(backup(&mut qmp, "j1", "s", "t"));
+        });
+        seen.push(format!("raw to raw by the kernel: {}", calls > 0));
+        // A qcow2 source: QEMU offloads through its mapping, this block layer copies through
+        // memory; both give the same target.
+        seen.push(backup(&mut qmp, "j2", "q", "t2"));
+        let _ = qmp.execute("quit", json!({}));
+        seen.push(qemu_img(&["compare", "-U", "s.raw", "t.raw"], dir));
+        seen.push(qemu_img(&["compare", "-U", "s.raw", "t2.raw"], dir));
+        seen
+    });
+    assert_eq!(qsd, ours);
+    assert_eq!(ours[5], "raw to raw by the kernel: true");
+    assert_eq!(ours[7], "Images are identical.\n");
 }

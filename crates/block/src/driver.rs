@@ -58,6 +58,15 @@ pub trait BlockDriver: Send + Sync {
     }
     /// Makes this driver's own writes stable (children are flushed by the node afterwards).
     fn flush(&self) -> BlockResult<()>;
+    /// Runs `f` on the open file descriptor behind the node, if it is a plain file that
+    /// the kernel may copy from and to directly (`copy_file_range`); `None` otherwise (the
+    /// default).
+    fn with_fd(
+        &self,
+        _f: &mut dyn FnMut(std::os::fd::RawFd) -> std::io::Result<u64>,
+    ) -> Option<std::io::Result<u64>> {
+        None
+    }
     /// Whether [`BlockDriver::flush`] forces data to the disk (QEMU's `bdrv_co_flush_to_disk`,
     /// skipped on a node with `cache.no-flush`) rather than writing back the driver's own
     /// caches (`bdrv_co_flush_to_os`, which always runs). The default: write-back.

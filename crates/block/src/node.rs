@@ -944,16 +944,109 @@ impl BlockNode {
             let unmap = self.flags.detect_zeroes == Detect::Unmap;
             return self.write_zeroes_flags(offset, buf.len() as u64, unmap);
         }
-        self.notify_before_write(offset, buf.len() as u64)?;
-        let _request = self.requests.begin(offset, buf.len() as u64, false);
+        self.write_request(offset, buf.len() as u64, || {
+            self.driver.write_at(offset, buf)
+        })
+    }
+
+    /// A write of `[offset, offset + len)` done by `io`, with what every write does around it:
+    /// the before-write hooks, request tracking, blkdebug events, dirty bitmaps and the
+    /// highest offset written (marked even on failure: the data may be partly written).
+    fn write_request<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        io: impl FnOnce() -> BlockResult<R>,
+    ) -> BlockResult<R> {
+        self.notify_before_write(offset, len)?;
+        let _request = self.requests.begin(offset, len, false);
         self.debug_event(BlkdebugEvent::Pwritev);
         self.unflushed.store(true, Ordering::Release);
-        let r = self.driver.write_at(offset, buf);
+        let r = io();
         self.debug_event(BlkdebugEvent::PwritevDone);
-        self.mark_dirty(offset, buf.len() as u64);
+        self.mark_dirty(offset, len);
         self.wr_highest_offset
-            .fetch_max(offset + buf.len() as u64, Ordering::Relaxed);
+            .fetch_max(offset + len, Ordering::Relaxed);
         r
+    }
+
+    /// The `file` node this node's data lies in unchanged (itself, or below `raw` nodes
+    /// without `offset`/`size`), with the nodes on the way: where a copy can be offloaded.
+    fn data_file_path(self: &Arc<Self>) -> Option<Vec<Arc<BlockNode>>> {
+        let mut path = vec![self.clone()];
+        loop {
+            let node = path.last()?.clone();
+            match node.driver_name() {
+                "file" => return Some(path),
+                "raw" => {
+                    let opts = node.options();
+                    if opts.get("offset").is_some() || opts.get("size").is_some() {
+                        return None;
+                    }
+                    path.push(node.child("file")?);
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Copies `[offset, offset + len)` of this node to the same place in `target` inside
+    /// the kernel (`copy_file_range`, QEMU's `bdrv_co_copy_range`) when both are files or
+    /// plain `raw` nodes over files; the target's nodes see it as a write (hooks, bitmaps).
+    /// `Ok(false)`: no offload here (other formats, `cache.direct`, a file system without
+    /// it), nothing was written, the caller copies through memory.
+    pub fn copy_range_to(
+        self: &Arc<Self>,
+        target: &Arc<BlockNode>,
+        offset: u64,
+        len: u64,
+    ) -> BlockResult<bool> {
+        let (Some(from), Some(to)) = (self.data_file_path(), target.data_file_path()) else {
+            return Ok(false);
+        };
+        self.check_open()?;
+        check_request(offset, len)?;
+        for node in &to {
+            node.check_writable()?;
+        }
+        let (Some(src), Some(dst)) = (from.last(), to.last()) else {
+            return Ok(false);
+        };
+        // The writes on the way down, outermost first.
+        fn through(
+            nodes: &[Arc<BlockNode>],
+            offset: u64,
+            len: u64,
+            io: &mut dyn FnMut() -> BlockResult<bool>,
+        ) -> BlockResult<bool> {
+            match nodes.split_first() {
+                None => io(),
+                Some((node, rest)) => {
+                    node.write_request(offset, len, || through(rest, offset, len, io))
+                }
+            }
+        }
+        let mut offload = || -> BlockResult<bool> {
+            let copied = src.driver.with_fd(&mut |sfd| {
+                dst.driver
+                    .with_fd(&mut |dfd| copy_file_range_all(sfd, dfd, offset, len))
+                    .unwrap_or(Ok(0))
+            });
+            match copied {
+                None | Some(Ok(0)) if len > 0 => Ok(false),
+                Some(Ok(n)) if n < len => {
+                    // The source file ends here: the rest reads as zeroes.
+                    dst.driver.write_zeroes_at(offset + n, len - n)?;
+                    Ok(true)
+                }
+                Some(Ok(_)) | None => Ok(true),
+                Some(Err(e)) => Err(e.into()),
+            }
+        };
+        // Whether the kernel can copy is known only by trying, inside the target's write
+        // requests: after a refusal (nothing written) the caller's copy through memory runs
+        // the hooks and marks the bitmaps again, which finds their work done.
+        through(&to, offset, len, &mut offload)
     }
 
     /// The end of the highest write to this node so far (QEMU's `wr_highest_offset`).
@@ -1339,6 +1432,44 @@ impl BlockNode {
 }
 
 /// Requests must end below 2^63 (QEMU's `BDRV_MAX_LENGTH` bound): EIO otherwise.
+/// `copy_file_range` of `[offset, offset + len)` from `from` to `to` until done or the
+/// source ends: the bytes copied. A refusal before the first byte (another file system, no
+/// support) is `Ok(0)`.
+fn copy_file_range_all(from: i32, to: i32, offset: u64, len: u64) -> std::io::Result<u64> {
+    let mut done = 0u64;
+    while done < len {
+        let (Ok(mut off_in), Ok(rest)) = (
+            libc::loff_t::try_from(offset + done),
+            usize::try_from(len - done),
+        ) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        let mut off_out = off_in;
+        // SAFETY: both descriptors are open for the call (held by their drivers), and the
+        // offsets are plain integers we own.
+        let n = unsafe {
+            libc::copy_file_range(from, &mut off_in, to, &mut off_out, rest.min(1 << 30), 0)
+        };
+        match n {
+            0 => break,
+            n if n > 0 => done += n as u64,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+                        if done == 0 =>
+                    {
+                        return Ok(0);
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
 fn check_request(offset: u64, len: u64) -> BlockResult<()> {
     match offset.checked_add(len) {
         Some(end) if end <= i64::MAX as u64 => Ok(()),

@@ -227,13 +227,9 @@ fn backup_options(perf: Option<&BackupPerf>) -> Result<BackupOptions, QmpError> 
         }
         options.max_chunk = chunk.unsigned_abs();
     }
-    if perf.use_copy_range == Some(true) {
-        // QEMU tries copy_file_range and falls back to reading and writing; this daemon
-        // has no copy offloading, so the request is refused rather than ignored.
-        return Err(QmpError::generic(
-            "Parameter 'x-perf.use-copy-range' cannot be true: copy offloading is not supported",
-        ));
-    }
+    // As QEMU: the kernel copies (copy_file_range) where source and target are files, the
+    // job reads and writes otherwise.
+    options.use_copy_range = perf.use_copy_range == Some(true);
     Ok(options)
 }
 

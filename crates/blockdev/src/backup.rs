@@ -36,6 +36,8 @@ pub(crate) struct BackupOptions {
     pub(crate) max_chunk: u64,
     /// The target's cluster size where compressed clusters are written.
     pub(crate) target_cluster: u64,
+    /// `x-perf.use-copy-range`: data is copied by the kernel where it can be.
+    pub(crate) use_copy_range: bool,
 }
 
 impl Default for BackupOptions {
@@ -46,6 +48,7 @@ impl Default for BackupOptions {
             max_workers: 64,
             max_chunk: 0,
             target_cluster: CBW_CLUSTER,
+            use_copy_range: false,
         }
     }
 }
@@ -207,9 +210,8 @@ impl Copier {
             )
         } else {
             copy_range(
-                self.source.as_ref(),
-                self.target.as_ref(),
-                self.top,
+                (self.source.as_ref(), self.target.as_ref()),
+                (self.top, self.options.use_copy_range),
                 offset,
                 len,
                 &mut buf,
@@ -529,11 +531,11 @@ impl CopyRequest {
     }
 }
 
-/// Copies `[offset, offset + len)` as the source's block status says, through `buf`.
+/// Copies `[offset, offset + len)` as the source's block status says, through `buf` (data
+/// by the kernel first with `use-copy-range`, as QEMU's block-copy tries it).
 fn copy_range(
-    source: &dyn BlockIo,
-    target: &dyn BlockIo,
-    top: bool,
+    (source, target): (&dyn BlockIo, &dyn BlockIo),
+    (top, use_copy_range): (bool, bool),
     offset: u64,
     len: u64,
     buf: &mut [u8],
@@ -552,6 +554,9 @@ fn copy_range(
             // Comes from the backing chain: not part of a `top` backup.
         } else if extent.zero {
             target.write_zeroes(pos, n).map_err(write)?;
+        } else if use_copy_range && source.copy_range_to(target, pos, n).unwrap_or(false) {
+            // Copied by the kernel (any failure falls back to the copy through memory, as
+            // QEMU's block-copy does).
         } else {
             let mut done = 0;
             while done < n {

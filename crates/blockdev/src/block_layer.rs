@@ -55,6 +55,10 @@ impl BlockIo for NodeIo {
         self.0.driver_name()
     }
 
+    fn block_node(&self) -> Option<&Arc<BlockNode>> {
+        Some(&self.0)
+    }
+
     fn image(&self) -> ImageRef {
         ImageRef {
             filename: node_filename(&self.0),

@@ -114,6 +114,20 @@ pub trait BlockIo: Send + Sync {
     ) -> io::Result<(u64, bool)> {
         Err(io::Error::from_raw_os_error(95))
     }
+    /// The graph node behind this handle, if it is one plainly (no job filter in between).
+    fn block_node(&self) -> Option<&Arc<block::BlockNode>> {
+        None
+    }
+    /// Copies `[offset, offset + len)` to the same place in `target` inside the kernel
+    /// (`x-perf.use-copy-range`); `Ok(false)` when it cannot (nothing written).
+    fn copy_range_to(&self, target: &dyn BlockIo, offset: u64, len: u64) -> io::Result<bool> {
+        match (self.block_node(), target.block_node()) {
+            (Some(from), Some(to)) => from
+                .copy_range_to(to, offset, len)
+                .map_err(crate::block_layer::io_error),
+            _ => Ok(false),
+        }
+    }
     /// Grows the node to `size` bytes (a commit's base smaller than its top).
     fn truncate(&self, _size: u64) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(95))

@@ -293,11 +293,6 @@ fn backup_argument_errors_come_in_qemus_order() {
             json!({"x-perf": {"max-chunk": 65535}}),
             "Required max-chunk (65535) is less than backup cluster size (65536)",
         ),
-        // No copy offloading here: refused by name rather than ignored.
-        (
-            json!({"x-perf": {"use-copy-range": true}}),
-            "Parameter 'x-perf.use-copy-range' cannot be true: copy offloading is not supported",
-        ),
     ];
     for (extra, message) in cases {
         let args = with(backup("j", "src", "tgt"), extra);

@@ -283,6 +283,19 @@ impl BlockDriver for FileDriver {
         true
     }
 
+    /// The descriptor, held for the call; not with `cache.direct` (its requests must stay
+    /// aligned, which a kernel copy does not promise).
+    fn with_fd(
+        &self,
+        f: &mut dyn FnMut(std::os::fd::RawFd) -> std::io::Result<u64>,
+    ) -> Option<std::io::Result<u64>> {
+        if self.direct.is_some() {
+            return None;
+        }
+        let file = self.file();
+        Some(f(file.as_raw_fd()))
+    }
+
     fn truncate(&self, size: u64) -> BlockResult<()> {
         Ok(self.file().set_len(size)?)
     }
