@@ -372,7 +372,7 @@ impl BlockDriver for FileDriver {
 
 /// Whether `x` is a multiple of `align`.
 fn aligned(x: u64, align: u64) -> bool {
-    x % align == 0
+    x.is_multiple_of(align)
 }
 
 impl FileDriver {
