@@ -606,3 +606,72 @@ fn use_copy_range_copies_between_raw_files_in_the_kernel_as_qemu() {
     assert_eq!(ours[5], "raw to raw by the kernel: true");
     assert_eq!(ours[7], "Images are identical.\n");
 }
+
+#[test]
+fn a_file_below_a_format_defaults_to_discard_unmap_as_qemu() {
+    let (qsd, ours) = both(|program, dir| {
+        let mut seen = Vec::new();
+        for (file, discard) in [
+            ("unmap.raw", json!("unmap")),
+            ("ignore.raw", json!("ignore")),
+        ] {
+            qemu_img(&["create", "-q", "-f", "raw", file, "4M"], dir);
+            run(
+                "qemu-io",
+                &["-f", "raw", "-c", "write -P 1 0 4M", file],
+                dir,
+            );
+            let nbd = format!(
+                "addr.type=unix,addr.path={}",
+                dir.join("nbd.sock").display()
+            );
+            let daemon = Daemon::spawn_with(
+                program,
+                dir,
+                &[
+                    "--blockdev".to_string(),
+                    "driver=null-co,node-name=n,size=4194304".to_string(),
+                    "--nbd-server".to_string(),
+                    nbd,
+                ],
+            );
+            let mut qmp = daemon.connect();
+            // The file child is given no discard option: it takes the format's default.
+            seen.push(said(
+                qmp.execute(
+                    "blockdev-add",
+                    in_dir(
+                        json!({"driver": "raw", "node-name": "r", "discard": discard,
+                               "file": {"driver": "file", "filename": format!("$DIR/{file}")}}),
+                        dir,
+                    ),
+                ),
+                dir,
+            ));
+            let _ = qmp.execute(
+                "blockdev-backup",
+                json!({"job-id": "j", "device": "r", "target": "n", "sync": "full",
+                       "discard-source": true}),
+            );
+            qmp.wait_event("JOB_STATUS_CHANGE", Duration::from_secs(30), |d| {
+                d["status"] == "null"
+            });
+            let _ = qmp.execute("quit", json!({}));
+            drop(daemon);
+            seen.push(qemu_img(&["map", "-f", "raw", "--output=json", file], dir));
+        }
+        seen
+    });
+    assert_eq!(qsd, ours);
+    // discard=unmap on the raw node: the copied source's file is punched out.
+    assert!(
+        ours[1].contains(r#""zero": true, "data": false"#),
+        "{}",
+        ours[1]
+    );
+    assert!(
+        ours[3].contains(r#""zero": false, "data": true"#),
+        "{}",
+        ours[3]
+    );
+}

@@ -5,7 +5,7 @@
 //! `bdrv_inherited_options` and `bdrv_backing_options`), checked as QEMU's
 //! `bdrv_open_common` checks them, in its order and words.
 //!
-//! Where they act: `cache.direct` in the `file` driver (`O_DIRECT`, aligned bounce buffers),
+//! Where they act (and `discard`, whose default below a format is `unmap`): `cache.direct` in the `file` driver (`O_DIRECT`, aligned bounce buffers),
 //! `cache.no-flush` in [`crate::BlockNode::flush`] (the flush to disk is skipped, the
 //! format's own write-back and the children's flushes are not), `detect-zeroes` in
 //! [`crate::BlockNode::write_at`] (a write of zeroes becomes a write-zeroes request, allowed
@@ -32,6 +32,9 @@ pub struct NodeFlags {
     pub auto_read_only: bool,
     /// `detect-zeroes`.
     pub detect_zeroes: BlockdevDetectZeroesOptions,
+    /// `discard=unmap` (given, or a format's data child's default): discards and
+    /// write-zeroes that may unmap free storage.
+    pub discard_unmap: bool,
 }
 
 impl Default for NodeFlags {
@@ -43,6 +46,7 @@ impl Default for NodeFlags {
             force_share: false,
             auto_read_only: false,
             detect_zeroes: BlockdevDetectZeroesOptions::Off,
+            discard_unmap: false,
         }
     }
 }
@@ -133,17 +137,17 @@ pub fn resolve(options: &BlockdevOptions, inherited: &Inherited) -> BlockResult<
         detect_zeroes: options
             .detect_zeroes
             .unwrap_or(BlockdevDetectZeroesOptions::Off),
+        discard_unmap: match options.discard {
+            Some(d) => d == BlockdevDiscardOptions::Unmap,
+            None => inherited.discard_unmap,
+        },
     };
     if flags.force_share && !flags.read_only {
         return Err(BlockError::new(
             "force-share=on can only be used with read-only images",
         ));
     }
-    let discard_unmap = match options.discard {
-        Some(d) => d == BlockdevDiscardOptions::Unmap,
-        None => inherited.discard_unmap,
-    };
-    if flags.detect_zeroes == BlockdevDetectZeroesOptions::Unmap && !discard_unmap {
+    if flags.detect_zeroes == BlockdevDetectZeroesOptions::Unmap && !flags.discard_unmap {
         return Err(BlockError::new(
             "setting detect-zeroes to unmap is not allowed without setting discard operation \
              to unmap",

@@ -1105,10 +1105,7 @@ impl BlockNode {
 
     /// Whether the node was opened with `discard=unmap` (QEMU's `BDRV_O_UNMAP`).
     pub fn discard_unmaps(&self) -> bool {
-        matches!(
-            self.options().get("discard").and_then(Value::as_str),
-            Some("unmap" | "on")
-        )
+        self.flags.discard_unmap
     }
 
     /// Discards `[offset, offset + len)` as QEMU's `bdrv_co_pdiscard`: nothing unless the

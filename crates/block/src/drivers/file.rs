@@ -41,6 +41,8 @@ pub struct FileDriver {
     auto_read_only: bool,
     /// The descriptor is open for writing.
     fd_writable: AtomicBool,
+    /// Whether it was when the permissions were last committed (an aborted change goes back).
+    committed_writable: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -95,6 +97,7 @@ pub(crate) fn open(
         rmw: RwLock::new(()),
         auto_read_only: flags.auto_read_only && !ctx.read_only(),
         fd_writable: AtomicBool::new(write),
+        committed_writable: AtomicBool::new(write),
     }))
 }
 
@@ -322,6 +325,8 @@ impl BlockDriver for FileDriver {
     fn set_perm(&self, perm: Perm, shared: Perm) {
         // Dropping write access cannot fail for a conflict; a failure keeps the descriptor.
         let _ = self.follow_writers(perm);
+        self.committed_writable
+            .store(self.fd_writable.load(Ordering::Acquire), Ordering::Release);
         if !self.locking {
             return;
         }
@@ -332,6 +337,10 @@ impl BlockDriver for FileDriver {
     }
 
     fn abort_perm(&self) {
+        let committed = self.committed_writable.load(Ordering::Acquire);
+        if self.auto_read_only && committed != self.fd_writable.load(Ordering::Acquire) {
+            let _ = self.reopen(committed);
+        }
         if !self.locking {
             return;
         }
@@ -503,6 +512,7 @@ impl FileDriver {
             rmw: RwLock::new(()),
             auto_read_only: false,
             fd_writable: AtomicBool::new(true),
+            committed_writable: AtomicBool::new(true),
         }
     }
 }
