@@ -2,7 +2,7 @@
 //! `query-named-block-nodes`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use qmp_api::{
     BlockDeviceInfo, BlockDirtyInfo, BlockdevCacheInfo, BlockdevDetectZeroesOptions,
@@ -270,17 +270,19 @@ impl BlockGraph {
                 return Err(e);
             }
         };
-        let node = BlockNode::new(NodeParts {
-            name,
-            auto_named,
-            driver_name: kind.as_str().to_string(),
-            read_only,
-            flags,
-            // Kept as QEMU keeps a node's options: for its `json:` file name.
-            options: serde_json::to_value(options).unwrap_or(Value::Null),
-            driver,
-            children,
-        });
+        let node = BlockNode::new(
+            NodeParts {
+                name,
+                auto_named,
+                driver_name: kind.as_str().to_string(),
+                read_only,
+                flags,
+                // Kept as QEMU keeps a node's options: for its `json:` file name.
+                options: serde_json::to_value(options).unwrap_or(Value::Null),
+                children,
+            },
+            |_| driver,
+        );
         for child in &inheriting {
             child.set_inherits_from(&node);
         }
@@ -446,14 +448,15 @@ impl BlockGraph {
         Ok(())
     }
 
-    /// QEMU's `bdrv_append` of a filter: opens node `name` (generated when `None`) with
-    /// `driver` over `child` (a filtered child in role `role`), then moves every parent of
-    /// `child` onto it ([`crate::replace_node`]). On failure nothing stays.
+    /// QEMU's `bdrv_append` of a filter: opens node `name` (generated when `None`) with the
+    /// driver `make_driver` makes (told the new node) over `child` (a filtered child in role
+    /// `role`), then moves every parent of `child` onto it ([`crate::replace_node`]). On
+    /// failure nothing stays.
     pub fn insert_filter(
         &mut self,
         name: Option<&str>,
         driver_name: &str,
-        driver: Box<dyn crate::BlockDriver>,
+        make_driver: impl FnOnce(&Weak<BlockNode>) -> Box<dyn crate::BlockDriver>,
         (child, role): (&Arc<BlockNode>, &str),
     ) -> BlockResult<Arc<BlockNode>> {
         let (name, auto_named) = self.assign_name(name)?;
@@ -462,25 +465,27 @@ impl BlockGraph {
         let mut options = Map::new();
         options.insert("driver".into(), Value::String(driver_name.to_string()));
         options.insert("node-name".into(), Value::String(name.clone()));
-        let node = BlockNode::new(NodeParts {
-            name,
-            auto_named,
-            driver_name: driver_name.to_string(),
-            read_only: child.is_read_only(),
-            flags: base_options::NodeFlags {
+        let node = BlockNode::new(
+            NodeParts {
+                name,
+                auto_named,
+                driver_name: driver_name.to_string(),
                 read_only: child.is_read_only(),
-                ..base_options::NodeFlags::default()
+                flags: base_options::NodeFlags {
+                    read_only: child.is_read_only(),
+                    ..base_options::NodeFlags::default()
+                },
+                options: Value::Object(options),
+                children: vec![crate::node::ChildEdge {
+                    name: role.to_string(),
+                    kind: ChildKind::Filtered,
+                    node: child.clone(),
+                    use_id,
+                    blocker: None,
+                }],
             },
-            options: Value::Object(options),
-            driver,
-            children: vec![crate::node::ChildEdge {
-                name: role.to_string(),
-                kind: ChildKind::Filtered,
-                node: child.clone(),
-                use_id,
-                blocker: None,
-            }],
-        });
+            make_driver,
+        );
         if let Err(e) = crate::replace_node(child, &node) {
             let _ = node.close();
             return Err(e);
@@ -638,7 +643,7 @@ impl BlockGraph {
         let role = kind.child_role();
         let read_only = kind.read_only();
         let driver = FilterDriver::new(kind, below.clone(), named, options);
-        let filter = self.insert_filter(name, driver_name, Box::new(driver), (below, role))?;
+        let filter = self.insert_filter(name, driver_name, |_| Box::new(driver), (below, role))?;
         if read_only {
             filter.mark_read_only();
         }

@@ -219,12 +219,16 @@ pub(crate) struct NodeParts {
     pub read_only: bool,
     pub flags: crate::base_options::NodeFlags,
     pub options: Value,
-    pub driver: Box<dyn BlockDriver>,
     pub children: Vec<ChildEdge>,
 }
 
 impl BlockNode {
-    pub(crate) fn new(parts: NodeParts) -> Arc<Self> {
+    /// A node of `parts` whose driver `make_driver` makes, told the node (a filter that acts
+    /// on its own node, as a mirror's on its dirty bitmap, knows it from the start).
+    pub(crate) fn new(
+        parts: NodeParts,
+        make_driver: impl FnOnce(&Weak<BlockNode>) -> Box<dyn BlockDriver>,
+    ) -> Arc<Self> {
         let node = Arc::new_cyclic(|me| BlockNode {
             me: me.clone(),
             name: parts.name,
@@ -236,7 +240,7 @@ impl BlockNode {
             flags: parts.flags,
             options: Mutex::new(parts.options),
             inherits_from: Mutex::new(Weak::new()),
-            driver: parts.driver,
+            driver: make_driver(me),
             children: Mutex::new(parts.children),
             monitor_owned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -1200,6 +1204,17 @@ impl BlockNode {
     /// whether it reads as zeroes (allocated as zeroes, or unallocated with nothing below).
     pub fn extent(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         let (allocated, zero, n) = self.zero_status(offset, len)?;
+        // A filter allocates nothing itself: what it shows is its filtered child's (QEMU's
+        // `bdrv_co_block_status` passes a filter's status down).
+        if !allocated
+            && let Some(below) = self
+                .children()
+                .into_iter()
+                .find(|edge| edge.kind.is_filtered())
+        {
+            let n = if n == 0 { len } else { n.min(len) };
+            return below.node.extent(offset, n);
+        }
         Ok(Extent {
             len: n,
             allocated,

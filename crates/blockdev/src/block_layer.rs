@@ -508,16 +508,22 @@ impl NodeGraph for BlockLayer {
     }
 
     fn can_replace(&self, node: &str, to_replace: &str) -> bool {
-        // `to_replace` reaches `node` through filter children only.
-        let mut layer = self.graph().find(to_replace);
+        // `node` (the mirror's source) reaches `to_replace` through filter children only
+        // (QEMU's `bdrv_recurse_can_replace` walks down from the source).
+        let mut layer = self.graph().find(node);
         while let Some(n) = layer {
-            if n.name() == node {
+            if n.name() == to_replace {
                 return true;
             }
             layer = n
                 .children()
                 .into_iter()
-                .find(|e| e.kind == block::ChildKind::Filtered)
+                .find(|e| {
+                    matches!(
+                        e.kind,
+                        block::ChildKind::Filtered | block::ChildKind::FilteredAdjusted { .. }
+                    )
+                })
                 .map(|e| e.node);
         }
         false

@@ -128,7 +128,7 @@ impl Commands for Blockdev {
     }
 
     fn job_complete(&mut self, args: JobCompleteArguments) -> Result<(), QmpError> {
-        self.state.jobs.complete(JobRef::Job(&args.id))
+        crate::mirror::complete(&mut self.state, JobRef::Job(&args.id))
     }
 
     fn job_dismiss(&mut self, args: JobDismissArguments) -> Result<(), QmpError> {
@@ -240,7 +240,7 @@ impl Commands for Blockdev {
     }
 
     fn block_job_complete(&mut self, args: BlockJobCompleteArguments) -> Result<(), QmpError> {
-        self.state.jobs.complete(JobRef::BlockJob(&args.device))
+        crate::mirror::complete(&mut self.state, JobRef::BlockJob(&args.device))
     }
 
     fn block_job_dismiss(&mut self, args: BlockJobDismissArguments) -> Result<(), QmpError> {
@@ -262,10 +262,8 @@ impl Commands for Blockdev {
         if job_type != Some(args.branch.kind()) {
             return Err(QmpError::generic("Job type does not match specified type"));
         }
-        self.state
-            .mirrors
-            .retain(|k, _| self.state.jobs.status(*k).is_some());
-        match (&args.branch, self.state.mirrors.get(&key)) {
+        let shared = crate::mirror::shared(&mut self.state, key);
+        match (&args.branch, shared) {
             (qmp_api::BlockJobChangeOptionsBranch::Mirror(m), Some(shared)) => {
                 shared.change(m.copy_mode)
             }

@@ -84,8 +84,10 @@ pub struct BlockState {
     pub(crate) buffers: Arc<CopyBuffers>,
     /// The NBD server and its exports.
     pub(crate) exports: export::NbdExports,
-    /// Running mirrors' shared state, for `block-job-change`.
-    pub(crate) mirrors: std::collections::HashMap<job::JobKey, Arc<mirror::MirrorShared>>,
+    /// Mirrors' shared state, for `block-job-change` and `block-job-complete` (held by each
+    /// job and its filter; gone with them).
+    pub(crate) mirrors:
+        std::collections::HashMap<job::JobKey, std::sync::Weak<mirror::MirrorShared>>,
     /// The nodes' write thresholds.
     pub(crate) thresholds: nodes::WriteThresholds,
     /// Where events the command layer emits go (write thresholds).

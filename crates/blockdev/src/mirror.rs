@@ -9,9 +9,9 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
-use block::{BlockOp, DirtyBitmap, OpSet};
+use block::{BlockOp, DirtyBitmap, OpBlocker, OpSet};
 use job::{BoxFuture, JobContext, JobDriver, JobFailure, JobKey, JobRegistry, JobSpec};
 use qmp_api::{
     BlockdevMirrorArguments, DriveMirror, IoOperationType, JobType, MirrorCopyMode, MirrorSyncMode,
@@ -110,37 +110,70 @@ impl Gate {
     }
 }
 
-/// What the job, its filter and `block-job-change` share.
+/// The mirror's dirty bitmap (the anonymous one) in `bitmaps`.
+fn with_bitmap<T>(bitmaps: &dyn NodeBitmaps, f: impl FnOnce(&mut DirtyBitmap) -> T) -> Option<T> {
+    let mut list = bitmaps.list();
+    list.iter_mut().find(|b| b.name().is_none()).map(f)
+}
+
+/// QEMU's `replace_blocker`: from `block-job-complete` to the end of the job, every operation
+/// on the node `replaces` names is blocked.
+enum ReplaceBlocker {
+    /// Not completed yet.
+    Idle,
+    /// Completed: the blocker on the replaced node (dropping it unblocks).
+    Held { _blocker: OpBlocker },
+    /// The job cleaned up: nothing is blocked any more.
+    Ended,
+}
+
+/// What one mirror job, its filter and `block-job-change` share: made for the job (its key is
+/// known before the filter goes into the graph) and dropped with the job and its filter.
 pub(crate) struct MirrorShared {
-    /// Where the dirty bitmap lives (the filter node's, or the source's without a filter).
-    bitmaps: OnceLock<Arc<dyn NodeBitmaps>>,
     target: Arc<dyn BlockIo>,
     ranges: RangeLocks,
     gate: Gate,
     write_blocking: AtomicBool,
     actively_synced: Arc<AtomicBool>,
     /// The job, woken by guest writes.
-    job: OnceLock<(JobRegistry, JobKey)>,
+    jobs: JobRegistry,
+    key: JobKey,
+    /// `replaces`, if given.
+    replaces: Option<String>,
+    replace_blocker: Mutex<ReplaceBlocker>,
 }
 
 impl MirrorShared {
-    fn with_bitmap<T>(&self, f: impl FnOnce(&mut DirtyBitmap) -> T) -> Option<T> {
-        let bitmaps = self.bitmaps.get()?;
-        let mut list = bitmaps.list();
-        list.iter_mut().find(|b| b.name().is_none()).map(f)
-    }
-
-    fn dirty_count(&self) -> u64 {
-        self.with_bitmap(|b| b.count()).unwrap_or(0)
-    }
-
-    fn mark_dirty(&self, offset: u64, len: u64) {
-        self.with_bitmap(|b| b.set_dirty(offset, len));
-    }
-
     fn wake(&self) {
-        if let Some((jobs, key)) = self.job.get() {
-            jobs.kick(*key);
+        self.jobs.kick(self.key);
+    }
+
+    /// QEMU's `mirror_complete` before the job is told to complete: blocks every operation on
+    /// the node `replaces` names (`Node name '<name>' not found` if it is gone). Undone by
+    /// [`MirrorShared::unblock_replaced`] if the complete fails after all.
+    pub(crate) fn block_replaced(&self, env: &BlockState) -> Result<(), QmpError> {
+        let Some(name) = &self.replaces else {
+            return Ok(());
+        };
+        let blockers = env.graph.as_ref().and_then(|g| g.op_blockers(name));
+        let Some(blockers) = blockers else {
+            return Err(QmpError::generic(format!("Node name '{name}' not found")));
+        };
+        let mut state = lock(&self.replace_blocker);
+        if matches!(*state, ReplaceBlocker::Idle) {
+            *state = ReplaceBlocker::Held {
+                _blocker: blockers
+                    .block("block device is in use by block-job-complete", OpSet::ALL),
+            };
+        }
+        Ok(())
+    }
+
+    /// Takes back [`MirrorShared::block_replaced`] (the job did not accept `complete`).
+    pub(crate) fn unblock_replaced(&self) {
+        let mut state = lock(&self.replace_blocker);
+        if matches!(*state, ReplaceBlocker::Held { .. }) {
+            *state = ReplaceBlocker::Idle;
         }
     }
 
@@ -178,17 +211,20 @@ impl MirrorShared {
 impl FilterWrites for MirrorShared {
     fn write(
         &self,
+        bitmaps: &dyn NodeBitmaps,
         offset: u64,
         len: u64,
         data: Option<&[u8]>,
         below: &mut dyn FnMut() -> io::Result<()>,
     ) -> io::Result<()> {
         self.gate.enter();
-        let g = self.with_bitmap(|b| b.granularity()).unwrap_or(512).max(1);
+        let g = with_bitmap(bitmaps, |b| b.granularity())
+            .unwrap_or(512)
+            .max(1);
         let (start, end) = (offset / g * g, (offset + len).div_ceil(g) * g);
         self.ranges.lock(start, end);
         let result = below();
-        self.mark_dirty(offset, len);
+        with_bitmap(bitmaps, |b| b.set_dirty(offset, len));
         if result.is_ok() && self.write_blocking.load(Ordering::Acquire) {
             let copied = match data {
                 Some(buf) => self.target.write_at(buf, offset),
@@ -197,10 +233,8 @@ impl FilterWrites for MirrorShared {
             match copied {
                 // Granules the write covers whole are now the same on both sides.
                 Ok(()) => {
-                    self.with_bitmap(|b| b.reset_dirty(offset, len));
-                    if let Some((jobs, key)) = self.job.get() {
-                        jobs.progress_done_outside(*key, len);
-                    }
+                    with_bitmap(bitmaps, |b| b.reset_dirty(offset, len));
+                    self.jobs.progress_done_outside(self.key, len);
                 }
                 Err(_) => self.actively_synced.store(false, Ordering::Release),
             }
@@ -313,6 +347,8 @@ pub struct MirrorJob {
     buffers: Arc<CopyBuffers>,
     claims: NodeClaims,
     shared: Arc<MirrorShared>,
+    /// Where the dirty bitmap lives (the filter node's, or the source's without a filter).
+    bitmaps: Arc<dyn NodeBitmaps>,
     nodes: Option<Arc<dyn MirrorNodes>>,
     sync: MirrorSyncMode,
     /// Zero writes may unmap (`unmap`; blockdev-mirror always).
@@ -336,6 +372,18 @@ pub struct MirrorJob {
 }
 
 impl MirrorJob {
+    fn with_bitmap<T>(&self, f: impl FnOnce(&mut DirtyBitmap) -> T) -> Option<T> {
+        with_bitmap(self.bitmaps.as_ref(), f)
+    }
+
+    fn dirty_count(&self) -> u64 {
+        self.with_bitmap(|b| b.count()).unwrap_or(0)
+    }
+
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        self.with_bitmap(|b| b.set_dirty(offset, len));
+    }
+
     /// The initial dirty bitmap: QEMU's `mirror_dirty_init`.
     async fn dirty_init(&mut self, ctx: &JobContext) -> Result<(), JobFailure> {
         let size = self.source.size();
@@ -369,7 +417,7 @@ impl MirrorJob {
                 .unwrap_or_else(|| Err(io::Error::other("I/O worker lost")))
                 .map_err(|e| JobFailure::from_io(&e))?;
                 for (o, l) in ranges {
-                    self.shared.mark_dirty(o, l);
+                    self.mark_dirty(o, l);
                 }
             }
             // QEMU's `bdrv_can_write_zeroes_with_unmap`: a qcow2 target opened with
@@ -377,7 +425,7 @@ impl MirrorJob {
             _ if self.zero_target
                 && !(self.target.discard_unmaps() && self.target.format() == "qcow2") =>
             {
-                self.shared.with_bitmap(|b| b.set_all());
+                self.with_bitmap(|b| b.set_all());
             }
             _ => {
                 // With `zero_target`, the target is zeroed first (not counted as progress);
@@ -423,17 +471,17 @@ impl MirrorJob {
                 .unwrap_or_else(|| Err(io::Error::other("I/O worker lost")))
                 .map_err(|e| JobFailure::from_io(&e))?;
                 for (o, l) in ranges {
-                    self.shared.mark_dirty(o, l);
+                    self.mark_dirty(o, l);
                 }
             }
         }
-        ctx.set_progress_remaining(self.shared.dirty_count());
+        ctx.set_progress_remaining(self.dirty_count());
         Ok(())
     }
 
     /// Takes the next dirty run from `cursor` (at most `max` bytes), clearing its bits.
     fn next_run(&self, cursor: &mut u64, max: u64) -> Option<(u64, u64)> {
-        self.shared.with_bitmap(|b| {
+        self.with_bitmap(|b| {
             let start = b.next_dirty(*cursor).or_else(|| b.next_dirty(0))?;
             let end = b
                 .next_clean(start)
@@ -516,7 +564,7 @@ impl MirrorJob {
             if ctx.is_cancelled() {
                 break;
             }
-            let cnt = self.shared.dirty_count();
+            let cnt = self.dirty_count();
             ctx.set_progress_remaining(bytes_in_flight + cnt);
             let depth = if ctx.speed() == 0 { MAX_IN_FLIGHT } else { 1 };
             if cnt > 0 && in_flight.len() < depth && bytes_in_flight < self.buf_size {
@@ -537,14 +585,14 @@ impl MirrorJob {
                         ctx.rate_limit(len).await;
                     }
                     Err((operation, error)) => {
-                        self.shared.mark_dirty(offset, len);
+                        self.mark_dirty(offset, len);
                         // Let the others land before acting on the error.
                         while let Some(other) = in_flight.pop() {
                             bytes_in_flight -= other.len;
                             let (o, l) = (other.offset, other.len);
                             match other.wait().await {
                                 Ok(()) => ctx.progress_update(l),
-                                Err(_) => self.shared.mark_dirty(o, l),
+                                Err(_) => self.mark_dirty(o, l),
                             }
                         }
                         ctx.retry_after_io_error(operation, &error).await?;
@@ -568,7 +616,7 @@ impl MirrorJob {
             }
             if ctx.should_complete() || ctx.cancel_requested() {
                 self.close_gate().await;
-                if self.shared.dirty_count() > 0 {
+                if self.dirty_count() > 0 {
                     self.shared.gate.open();
                     continue;
                 }
@@ -653,19 +701,46 @@ impl JobDriver for MirrorJob {
         {
             tracing::warn!("commit: reopening {} read-only: {}", c.base, e.desc);
         }
-        // The dirty bitmap goes with the job.
-        if let Some(bitmaps) = self.shared.bitmaps.get() {
-            let mut list = bitmaps.list();
-            if let Some(i) = list.iter().position(|b| b.name().is_none()) {
-                list.remove(i);
-            }
-        }
+        // The dirty bitmap goes with the job, and so does the blocker `complete` set.
+        remove_dirty_bitmap(self.bitmaps.as_ref());
+        *lock(&self.shared.replace_blocker) = ReplaceBlocker::Ended;
         self.shared.gate.open();
         self.claims.release(self.key);
         if let Some(node) = self.owned_target.take() {
             self.claims.retire(&node);
         }
     }
+}
+
+/// Removes the mirror's dirty bitmap from `bitmaps`.
+fn remove_dirty_bitmap(bitmaps: &dyn NodeBitmaps) {
+    let mut list = bitmaps.list();
+    if let Some(i) = list.iter().position(|b| b.name().is_none()) {
+        list.remove(i);
+    }
+}
+
+/// The shared state of mirror job `key`, if it is a mirror still there.
+pub(crate) fn shared(env: &mut BlockState, key: JobKey) -> Option<Arc<MirrorShared>> {
+    env.mirrors.retain(|_, m| m.strong_count() > 0);
+    env.mirrors.get(&key).and_then(std::sync::Weak::upgrade)
+}
+
+/// `block-job-complete` and `job-complete`: QEMU's `job_complete_locked` with the mirror's
+/// part (`mirror_complete`): the node `replaces` names is blocked before the job may pivot.
+pub(crate) fn complete(env: &mut BlockState, target: job::JobRef<'_>) -> Result<(), QmpError> {
+    let key = env
+        .jobs
+        .check_verb(target, qmp_api::BlockJobVerb::Complete)?;
+    let Some(shared) = shared(env, key) else {
+        return env.jobs.complete(target);
+    };
+    shared.block_replaced(env)?;
+    let result = env.jobs.complete(target);
+    if result.is_err() {
+        shared.unblock_replaced();
+    }
+    result
 }
 
 /// The options both mirror commands share, after their own preparation.
@@ -923,14 +998,18 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
             "Cannot mirror to a filter on top of a node in the source's backing chain",
         ));
     }
+    // The job's key first: its filter is made knowing the job it wakes.
+    let key = env.jobs.reserve_key();
     let shared = Arc::new(MirrorShared {
-        bitmaps: OnceLock::new(),
         target: target.clone(),
         ranges: RangeLocks::default(),
         gate: Gate::default(),
         write_blocking: AtomicBool::new(r.copy_mode == Some(MirrorCopyMode::WriteBlocking)),
         actively_synced: Arc::new(AtomicBool::new(false)),
-        job: OnceLock::new(),
+        jobs: env.jobs.clone(),
+        key,
+        replaces: r.replaces.clone(),
+        replace_blocker: Mutex::new(ReplaceBlocker::Idle),
     });
     let nodes = env.graph_mut()?.insert_mirror_filter(
         &r.device,
@@ -964,7 +1043,6 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
     // With a filter, the filter marks it; without one, the source's writes do.
     bitmap.set_enabled(nodes.is_none());
     bitmaps.list().insert(0, bitmap);
-    let _ = shared.bitmaps.set(bitmaps);
     let spec = JobSpec::new(r.job_id.clone().unwrap_or_default())
         .auto_finalize(r.auto_finalize.unwrap_or(true))
         .auto_dismiss(r.auto_dismiss.unwrap_or(true))
@@ -973,6 +1051,7 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
     let claims = env.claims.clone();
     let (pool, buffers) = (env.pool.clone(), env.buffers.clone());
     let (job_claims, job_shared, job_nodes) = (claims.clone(), shared.clone(), nodes.clone());
+    let job_bitmaps = bitmaps.clone();
     let to_replace = r.replaces.clone().unwrap_or_else(|| r.device.clone());
     let (target_backing, owned_target) = (r.target_backing.clone(), r.owned_target.clone());
     let (job_type, intermediate) = match &r.commit {
@@ -989,6 +1068,7 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
         buffers,
         claims: job_claims,
         shared: job_shared,
+        bitmaps: job_bitmaps,
         nodes: job_nodes,
         sync,
         unmap: r.unmap,
@@ -1003,20 +1083,11 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
         aborted: false,
     };
     let make = move |key| Box::new(job(key)) as Box<dyn JobDriver>;
-    let key = match env.jobs.create(spec, make, None) {
-        Ok(key) => key,
-        Err(e) => {
-            if let Some(b) = shared.bitmaps.get() {
-                let mut list = b.list();
-                if let Some(i) = list.iter().position(|b| b.name().is_none()) {
-                    list.remove(i);
-                }
-            }
-            undo_filter(env, &nodes);
-            return Err(e);
-        }
-    };
-    let _ = shared.job.set((env.jobs.clone(), key));
+    if let Err(e) = env.jobs.create_reserved(key, spec, make, None) {
+        remove_dirty_bitmap(bitmaps.as_ref());
+        undo_filter(env, &nodes);
+        return Err(e);
+    }
     // QEMU's mirror job (and active commit): created on its filter node, with the source,
     // the target and, committing, the layers between them added.
     if let Some(n) = &nodes {
@@ -1028,7 +1099,7 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
         env.add_job_node(key, job_type, node, "intermediate node", OpSet::ALL);
     }
     if is_mirror {
-        env.mirrors.insert(key, shared);
+        env.mirrors.insert(key, Arc::downgrade(&shared));
     }
     if let Err(e) = env.jobs.start(key) {
         tracing::warn!("mirror job could not start: {e}");

@@ -4,7 +4,7 @@
 //! pivot moves them.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use block::graph::node_filename;
 use block::{
@@ -26,10 +26,30 @@ fn block_error(e: io::Error) -> BlockError {
     }
 }
 
-/// The `mirror_top` driver: reads pass to the source; writes go through the mirror.
+/// The `mirror_top` driver: reads pass to the source; writes go through the mirror, which
+/// records them in this node's dirty bitmap.
 struct MirrorTop {
+    /// The filter's own node (it holds the mirror's dirty bitmap).
+    node: Weak<BlockNode>,
     child: ChildSlot,
     writes: Arc<dyn FilterWrites>,
+}
+
+impl MirrorTop {
+    fn write(
+        &self,
+        (offset, len, data): (u64, u64, Option<&[u8]>),
+        below: &mut dyn FnMut() -> io::Result<()>,
+    ) -> BlockResult<()> {
+        // A driver is dropped with its node: the node is there while it takes requests.
+        let node = self
+            .node
+            .upgrade()
+            .ok_or_else(|| BlockError::from_errno(libc::ENOMEDIUM))?;
+        self.writes
+            .write(&NodeBitmapList(node), offset, len, data, below)
+            .map_err(block_error)
+    }
 }
 
 impl BlockDriver for MirrorTop {
@@ -43,9 +63,7 @@ impl BlockDriver for MirrorTop {
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
         let mut below = || self.child.get().write_at(offset, buf).map_err(io_error);
-        self.writes
-            .write(offset, buf.len() as u64, Some(buf), &mut below)
-            .map_err(block_error)
+        self.write((offset, buf.len() as u64, Some(buf)), &mut below)
     }
 
     fn write_zeroes_at(&self, offset: u64, len: u64) -> BlockResult<()> {
@@ -55,9 +73,7 @@ impl BlockDriver for MirrorTop {
                 .write_zeroes_at(offset, len)
                 .map_err(io_error)
         };
-        self.writes
-            .write(offset, len, None, &mut below)
-            .map_err(block_error)
+        self.write((offset, len, None), &mut below)
     }
 
     fn flush(&self) -> BlockResult<()> {
@@ -114,11 +130,14 @@ pub(crate) fn insert(
 ) -> BlockResult<MirrorGraph> {
     let source = graph.lookup(source)?;
     let target = graph.lookup(target)?;
-    let driver = Box::new(MirrorTop {
-        child: ChildSlot::new(source.clone()),
-        writes,
-    });
-    let filter = graph.insert_filter(name, "mirror_top", driver, (&source, ROLE))?;
+    let make_driver = |node: &Weak<BlockNode>| -> Box<dyn BlockDriver> {
+        Box::new(MirrorTop {
+            node: node.clone(),
+            child: ChildSlot::new(source.clone()),
+            writes,
+        })
+    };
+    let filter = graph.insert_filter(name, "mirror_top", make_driver, (&source, ROLE))?;
     let nodes = graph.nodes().cloned().collect();
     Ok(MirrorGraph {
         filter,

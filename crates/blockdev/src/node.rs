@@ -175,9 +175,11 @@ pub trait WriteTracker: Send + Sync {
 /// `do_write`): the mirror's shared state implements it.
 pub trait FilterWrites: Send + Sync {
     /// A write of `len` bytes at `offset` reaches the filter (`data`: the bytes; `None`:
-    /// zeroes); `below` performs it on the node under the filter.
+    /// zeroes); `below` performs it on the node under the filter; `bitmaps` are the filter
+    /// node's own.
     fn write(
         &self,
+        bitmaps: &dyn NodeBitmaps,
         offset: u64,
         len: u64,
         data: Option<&[u8]>,
@@ -326,8 +328,8 @@ pub trait NodeGraph: Send {
     fn has_parent_node(&self, _node: &str) -> bool {
         false
     }
-    /// Whether `to_replace` shows `node`'s data: it is `node`, or reaches it through filter
-    /// children only (QEMU's `bdrv_recurse_can_replace`).
+    /// Whether `to_replace` shows `node`'s data: it is `node`, or `node` reaches it through
+    /// filter children only (QEMU's `bdrv_recurse_can_replace`).
     fn can_replace(&self, node: &str, to_replace: &str) -> bool {
         node == to_replace
     }

@@ -258,7 +258,44 @@ impl JobRegistry {
         driver: impl FnOnce(JobKey) -> Box<dyn JobDriver>,
         txn: Option<&JobTxn>,
     ) -> Result<JobKey, QmpError> {
+        self.create_as(None, spec, driver, txn)
+    }
+
+    /// A key no job has yet, for what a job is built with before the job exists (a mirror's
+    /// filter node goes into the graph before `block_job_create`, as in QEMU, and is made
+    /// knowing its job). [`JobRegistry::create_reserved`] creates the job under it; a key
+    /// never used for a job names none (verbs on it find no job).
+    pub fn reserve_key(&self) -> JobKey {
         let mut g = self.inner.lock();
+        let key = JobKey(g.next_job);
+        g.next_job += 1;
+        key
+    }
+
+    /// [`JobRegistry::create`] under a key from [`JobRegistry::reserve_key`].
+    pub fn create_reserved(
+        &self,
+        key: JobKey,
+        spec: JobSpec,
+        driver: impl FnOnce(JobKey) -> Box<dyn JobDriver>,
+        txn: Option<&JobTxn>,
+    ) -> Result<JobKey, QmpError> {
+        self.create_as(Some(key), spec, driver, txn)
+    }
+
+    fn create_as(
+        &self,
+        reserved: Option<JobKey>,
+        spec: JobSpec,
+        driver: impl FnOnce(JobKey) -> Box<dyn JobDriver>,
+        txn: Option<&JobTxn>,
+    ) -> Result<JobKey, QmpError> {
+        let mut g = self.inner.lock();
+        if let Some(key) = reserved
+            && g.jobs.contains_key(&key)
+        {
+            return Err(generic("Job key already in use"));
+        }
         if let Some(id) = &spec.id {
             if !id_wellformed(id) {
                 return Err(generic(format!("Invalid job ID '{id}'")));
@@ -278,8 +315,11 @@ impl JobRegistry {
                 t
             }
         };
-        let key = JobKey(g.next_job);
-        g.next_job += 1;
+        let key = reserved.unwrap_or_else(|| {
+            let key = JobKey(g.next_job);
+            g.next_job += 1;
+            key
+        });
         let driver = driver(key);
         let mut limit = RateLimit::default();
         limit.set_speed(u64::try_from(spec.speed).unwrap_or(0));
@@ -696,5 +736,27 @@ mod tests {
         send_sync::<JobTxn>();
         send_sync::<JobContext>();
         send_sync::<Concluded>();
+    }
+
+    #[test]
+    fn a_reserved_key_names_no_job_until_the_job_is_created_under_it() {
+        let reg = registry(Arc::new(Mutex::new(Vec::new())));
+        let reserved = reg.reserve_key();
+        // Another job created meanwhile gets a key of its own.
+        let other = reg.create(JobSpec::new("other"), idle, None).unwrap();
+        assert_ne!(other, reserved);
+        assert_eq!(reg.status(reserved), None);
+        // A kick on it is harmless.
+        reg.kick(reserved);
+        let key = reg
+            .create_reserved(reserved, JobSpec::new("j"), idle, None)
+            .unwrap();
+        assert_eq!(key, reserved);
+        assert_eq!(reg.status(key), Some(BlockJobStatus::Created));
+        // A key is one job's.
+        assert!(
+            reg.create_reserved(reserved, JobSpec::new("k"), idle, None)
+                .is_err()
+        );
     }
 }
