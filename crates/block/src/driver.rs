@@ -155,6 +155,14 @@ pub trait BlockDriver: Send + Sync {
     fn internal_snapshots(&self) -> Option<&dyn InternalSnapshots> {
         None
     }
+    /// `blockdev-reopen` of the node with `options` (its new options as given): the driver's
+    /// own checks of them (QEMU's `bdrv_reopen_prepare` of the driver), nothing changed yet.
+    fn prepare_reopen(&self, _options: &qmp_api::BlockdevOptions) -> BlockResult<()> {
+        Ok(())
+    }
+    /// Takes the options [`BlockDriver::prepare_reopen`] accepted (QEMU's
+    /// `bdrv_reopen_commit` of the driver).
+    fn commit_reopen(&self, _options: &qmp_api::BlockdevOptions) {}
     /// The node is being reopened read-only (its bitmaps were stored and it was flushed;
     /// no write arrives after this). A format that marks its image in use while writable
     /// releases that here. The default has nothing to do.

@@ -72,22 +72,25 @@ fn mutable_options(driver: &str) -> &'static [&'static str] {
     }
 }
 
-/// Of the mutable options, those that only tune QEMU's caches and discard passing: accepted
-/// at open with no effect here (see the qcow2 driver), so a reopen may change them too.
+/// Of the mutable options, those the driver itself checks and takes in a reopen
+/// ([`crate::BlockDriver::prepare_reopen`]): qcow2's caches and overlap checks act as at open,
+/// its discard passing is refused by name where it would ask for what this block layer does
+/// not do, as at open.
 fn is_tuning_knob(driver: &str, key: &str) -> bool {
     driver == "qcow2"
-        && matches!(
-            key,
-            "pass-discard-request"
-                | "pass-discard-snapshot"
-                | "pass-discard-other"
-                | "discard-no-unref"
-                | "cache-size"
-                | "l2-cache-size"
-                | "l2-cache-entry-size"
-                | "refcount-cache-size"
-                | "cache-clean-interval"
-        )
+        && (key.starts_with("overlap-check")
+            || matches!(
+                key,
+                "pass-discard-request"
+                    | "pass-discard-snapshot"
+                    | "pass-discard-other"
+                    | "discard-no-unref"
+                    | "cache-size"
+                    | "l2-cache-size"
+                    | "l2-cache-entry-size"
+                    | "refcount-cache-size"
+                    | "cache-clean-interval"
+            ))
 }
 
 /// QEMU's `qdict_flatten`: nested objects and lists become dotted keys.
@@ -158,6 +161,8 @@ struct Entry {
     active_inherited: bool,
     backing: ChildChange,
     file: ChildChange,
+    /// The options as the driver reads them (checked by its `prepare_reopen`).
+    parsed: Option<BlockdevOptions>,
 }
 
 fn bool_option(options: &Value, key: &str) -> Option<bool> {
@@ -239,6 +244,7 @@ impl Queue {
             active_inherited,
             backing: ChildChange::Keep,
             file: ChildChange::Keep,
+            parsed: None,
         });
         for edge in node.children() {
             if !edge.node.inherits_from(node) {
@@ -387,6 +393,11 @@ fn prepare(graph: &BlockGraph, entry: &mut Entry) -> BlockResult<()> {
                 "Changing option '{key}' in a reopen is not supported by this block layer"
             )));
         }
+    }
+    // The driver's own options, checked by the driver (QEMU: its `bdrv_reopen_prepare`).
+    if let Ok(parsed) = serde_json::from_value::<BlockdevOptions>(entry.options.clone()) {
+        node.driver().prepare_reopen(&parsed)?;
+        entry.parsed = Some(parsed);
     }
     // Everything else must stay as it is.
     for (key, value) in &new {
@@ -564,6 +575,9 @@ impl BlockGraph {
             entry.node.activate_self()?;
         }
         for entry in &queue.entries {
+            if let Some(parsed) = &entry.parsed {
+                entry.node.driver().commit_reopen(parsed);
+            }
             entry
                 .node
                 .set_options(entry.options.clone(), entry.active_inherited);

@@ -28,6 +28,11 @@ mod resize;
 mod snapshot;
 mod storage;
 
+/// Bytes of L2 tables an image's cache holds unless told otherwise.
+pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+/// Bytes of refcount blocks an image's cache holds unless told otherwise.
+pub const DEFAULT_REFCOUNT_CACHE_BYTES: u64 = 4 << 20;
+
 pub use bitmap::PersistentBitmap;
 pub use image::{Allocation, Image, ImageInfo, create};
 pub use overlap::{Corruption, CorruptionListener, Metadata, OverlapChecks};

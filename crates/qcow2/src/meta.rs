@@ -168,9 +168,9 @@ impl Meta {
             l1_dirty: BTreeSet::new(),
             reftable,
             reftable_dirty: BTreeSet::new(),
-            // 32 MiB of L2 tables, 4 MiB of refcount blocks (`Image::set_cache_sizes`).
-            l2_cache: TableCache::new((32 << 20) / cs),
-            rb_cache: TableCache::new((4 << 20) / cs),
+            // `Image::set_cache_sizes` changes them.
+            l2_cache: TableCache::new(crate::DEFAULT_L2_CACHE_BYTES as usize / cs),
+            rb_cache: TableCache::new(crate::DEFAULT_REFCOUNT_CACHE_BYTES as usize / cs),
             cleaned_at: (0, 0),
             pending_frees: Vec::new(),
             free_hint: 0,

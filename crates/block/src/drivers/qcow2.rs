@@ -20,9 +20,9 @@ use crate::driver::{
 use crate::error::{BlockError, BlockResult};
 use crate::node::BlockNode;
 use qmp_api::{
-    BlockdevOptionsQcow2, ImageInfoSpecific, ImageInfoSpecificBranch, ImageInfoSpecificQCow2,
-    ImageInfoSpecificQCow2Wrapper, Qcow2BitmapInfo, Qcow2BitmapInfoFlags, Qcow2CompressionType,
-    SnapshotInfo,
+    BlockdevOptions, BlockdevOptionsBranch, BlockdevOptionsQcow2, ImageInfoSpecific,
+    ImageInfoSpecificBranch, ImageInfoSpecificQCow2, ImageInfoSpecificQCow2Wrapper,
+    Qcow2BitmapInfo, Qcow2BitmapInfoFlags, Qcow2CompressionType, SnapshotInfo,
 };
 
 /// Incompatible feature bit: the image was not closed cleanly (lazy refcounts).
@@ -48,8 +48,31 @@ pub struct Qcow2Driver {
     /// The header's dirty bit as found at open (only a read-only open leaves it set).
     dirty_at_open: bool,
     lazy_refcounts: bool,
-    /// The cache options, applied again to a reopened image.
+    /// The options that tune the image (caches, overlap checks): settled again for each
+    /// image object a reopen makes, as QEMU's `qcow2_update_options` runs at open and at every
+    /// reopen; `blockdev-reopen` replaces them.
+    tuning_options: Mutex<BlockdevOptionsQcow2>,
+    /// Told when the image is marked corrupt (BLOCK_IMAGE_CORRUPTED), whichever image object
+    /// the node has at the time.
+    corruption: qcow2::CorruptionListener,
+}
+
+/// What each image object the driver opens is set up with.
+struct Tuning {
     cache: CacheOptions,
+    overlap: qcow2::OverlapChecks,
+}
+
+impl Tuning {
+    /// QEMU's `qcow2_update_options_prepare`: the options settled against the image's size
+    /// and cluster size, with its errors.
+    fn settle(options: &BlockdevOptionsQcow2, image: &qcow2::Image) -> BlockResult<Self> {
+        let info = image.info();
+        Ok(Tuning {
+            cache: CacheOptions::settle(options, info.size, info.cluster_size)?,
+            overlap: overlap_checks(options.overlap_check.as_ref()),
+        })
+    }
 }
 
 /// QEMU's default `cache-clean-interval` on Linux, in seconds.
@@ -164,9 +187,12 @@ impl CacheOptions {
     }
 
     fn apply(&self, image: &Arc<qcow2::Image>) {
-        if let Some((l2, refcount)) = self.sizes {
-            image.set_cache_sizes(l2, refcount);
-        }
+        // Without a size option, the crate's own sizes (a reopen may go back to them).
+        let (l2, refcount) = self.sizes.unwrap_or((
+            qcow2::DEFAULT_L2_CACHE_BYTES,
+            qcow2::DEFAULT_REFCOUNT_CACHE_BYTES,
+        ));
+        image.set_cache_sizes(l2, refcount);
         image.clean_caches_every(
             Some(std::time::Duration::from_secs(self.clean_interval)).filter(|d| !d.is_zero()),
         );
@@ -342,13 +368,10 @@ pub(crate) fn open(
         ));
     }
     refuse_true(options)?;
-    let image = Arc::new(image);
-    cache.apply(&image);
     let node_name = ctx.ensure_name()?;
-    image.set_overlap_checks(overlap_checks);
     let events = ctx.event_sink();
     let name = node_name.clone();
-    image.set_corruption_listener(Arc::new(move |c: &qcow2::Corruption| {
+    let corruption: qcow2::CorruptionListener = Arc::new(move |c: &qcow2::Corruption| {
         // QEMU's words on stderr, and BLOCK_IMAGE_CORRUPTED.
         eprintln!(
             "qcow2: Marking image as corrupt: {}; further corruption events will be suppressed",
@@ -363,19 +386,39 @@ pub(crate) fn open(
                 fatal: true,
             });
         }
-    }));
+    });
+    let tuning = Tuning {
+        cache,
+        overlap: overlap_checks,
+    };
+    let image = install(image, &tuning, &corruption);
     Ok(Box::new(Qcow2Driver {
         node_name,
         file,
         storage,
         image: RwLock::new(image),
-        cache,
+        tuning_options: Mutex::new(options.clone()),
+        corruption,
         backing: Mutex::new(None),
         read_only: AtomicBool::new(read_only),
         written: AtomicBool::new(false),
         dirty_at_open: read_only && incompatible & INCOMPAT_DIRTY != 0,
         lazy_refcounts: compatible & COMPAT_LAZY_REFCOUNTS != 0,
     }))
+}
+
+/// An image object as the node uses it: caches bounded, overlap checks and the corruption
+/// listener set.
+fn install(
+    image: qcow2::Image,
+    tuning: &Tuning,
+    corruption: &qcow2::CorruptionListener,
+) -> Arc<qcow2::Image> {
+    let image = Arc::new(image);
+    tuning.cache.apply(&image);
+    image.set_overlap_checks(tuning.overlap);
+    image.set_corruption_listener(corruption.clone());
+    image
 }
 
 /// `overlap-check` (`Qcow2OverlapChecks`): a template, or `Qcow2OverlapCheckFlags` (a template,
@@ -416,6 +459,15 @@ fn overlap_checks(option: Option<&qmp_api::Qcow2OverlapChecks>) -> qcow2::Overla
 }
 
 impl Qcow2Driver {
+    /// The node's tuning settled against the open image (before a reopen replaces it).
+    fn tuning(&self) -> BlockResult<Tuning> {
+        let options = self
+            .tuning_options
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Tuning::settle(&options, &self.image())
+    }
+
     /// The open image.
     fn image(&self) -> Arc<qcow2::Image> {
         self.image.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -634,6 +686,7 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn reopen_read_only(&self) -> BlockResult<()> {
+        let tuning = self.tuning()?;
         let mut slot = self.image.write().unwrap_or_else(|e| e.into_inner());
         let backing = self
             .backing
@@ -644,14 +697,14 @@ impl BlockDriver for Qcow2Driver {
         slot.flush().map_err(block_error)?;
         slot.close().map_err(block_error)?;
         let reopened =
-            Arc::new(qcow2::Image::open(self.storage.clone(), true, backing).map_err(block_error)?);
-        self.cache.apply(&reopened);
-        *slot = reopened;
+            qcow2::Image::open(self.storage.clone(), true, backing).map_err(block_error)?;
+        *slot = install(reopened, &tuning, &self.corruption);
         self.read_only.store(true, Ordering::Release);
         Ok(())
     }
 
     fn reopen_read_write(&self) -> BlockResult<()> {
+        let tuning = self.tuning()?;
         let mut slot = self.image.write().unwrap_or_else(|e| e.into_inner());
         let backing = self
             .backing
@@ -663,12 +716,13 @@ impl BlockDriver for Qcow2Driver {
         let reopened =
             qcow2::Image::open(self.storage.clone(), false, backing).map_err(block_error)?;
         slot.close().map_err(block_error)?;
-        *slot = Arc::new(reopened);
+        *slot = install(reopened, &tuning, &self.corruption);
         self.read_only.store(false, Ordering::Release);
         Ok(())
     }
 
     fn inactivate(&self) -> BlockResult<()> {
+        let tuning = self.tuning()?;
         let mut slot = self.image.write().unwrap_or_else(|e| e.into_inner());
         let backing = self
             .backing
@@ -681,11 +735,12 @@ impl BlockDriver for Qcow2Driver {
         slot.close().map_err(block_error)?;
         let reopened =
             qcow2::Image::open(self.storage.clone(), true, backing).map_err(block_error)?;
-        *slot = Arc::new(reopened);
+        *slot = install(reopened, &tuning, &self.corruption);
         Ok(())
     }
 
     fn activate(&self) -> BlockResult<()> {
+        let tuning = self.tuning()?;
         let mut slot = self.image.write().unwrap_or_else(|e| e.into_inner());
         let backing = self
             .backing
@@ -697,8 +752,38 @@ impl BlockDriver for Qcow2Driver {
         let reopened =
             qcow2::Image::open(self.storage.clone(), read_only, backing).map_err(block_error)?;
         slot.close().map_err(block_error)?;
-        *slot = Arc::new(reopened);
+        *slot = install(reopened, &tuning, &self.corruption);
         Ok(())
+    }
+
+    /// QEMU's `qcow2_reopen_prepare`: the new options settled against the image as at open,
+    /// with the same errors; what this block layer does not do is refused naming it.
+    fn prepare_reopen(&self, options: &BlockdevOptions) -> BlockResult<()> {
+        let BlockdevOptionsBranch::Qcow2(new) = &options.branch else {
+            return Ok(());
+        };
+        Tuning::settle(new, &self.image())?;
+        refuse_true(new)
+    }
+
+    /// QEMU's `qcow2_reopen_commit`: the open image takes the new caches and overlap checks.
+    fn commit_reopen(&self, options: &BlockdevOptions) {
+        let BlockdevOptionsBranch::Qcow2(new) = &options.branch else {
+            return;
+        };
+        let image = self.image();
+        match Tuning::settle(new, &image) {
+            Ok(tuning) => {
+                tuning.cache.apply(&image);
+                image.set_overlap_checks(tuning.overlap);
+                *self
+                    .tuning_options
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = (**new).clone();
+            }
+            // Settled in prepare against the same image: cannot fail here.
+            Err(e) => tracing::warn!("qcow2: reopen: {}", e.desc()),
+        }
     }
 
     fn change_backing_file(&self, backing: Option<(&str, &str)>) -> BlockResult<()> {
