@@ -155,6 +155,11 @@ pub trait BlockDriver: Send + Sync {
     fn internal_snapshots(&self) -> Option<&dyn InternalSnapshots> {
         None
     }
+    /// Whether the node lost its driver at run time (QEMU sets `bs->drv = NULL` on a qcow2
+    /// image it marks corrupt): it takes no more I/O.
+    fn is_ejected(&self) -> bool {
+        false
+    }
     /// `blockdev-reopen` of the node with `options` (its new options as given): the driver's
     /// own checks of them (QEMU's `bdrv_reopen_prepare` of the driver), nothing changed yet.
     fn prepare_reopen(&self, _options: &qmp_api::BlockdevOptions) -> BlockResult<()> {

@@ -745,6 +745,15 @@ impl BlockGraph {
     pub fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo> {
         self.nodes().map(|n| block_device_info(n, flat)).collect()
     }
+
+    /// The first node, in `query-named-block-nodes` order, that lost its driver at run time
+    /// ([`crate::BlockDriver::is_ejected`]): QEMU's `bdrv_block_device_info` fails the whole
+    /// query on it (`Block device <name> is ejected`).
+    pub fn ejected_node(&self) -> Option<String> {
+        self.nodes()
+            .find(|n| n.driver().is_ejected())
+            .map(|n| n.name().to_string())
+    }
 }
 
 /// The options of an image file opened as a format node over a `file` node (a backing file

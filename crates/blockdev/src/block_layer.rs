@@ -401,6 +401,10 @@ impl NodeGraph for BlockLayer {
         self.graph().query_named_block_nodes(flat)
     }
 
+    fn ejected_node(&self) -> Option<String> {
+        self.graph().ejected_node()
+    }
+
     fn close_all(&mut self) -> io::Result<()> {
         self.graph().close_all().map_err(io_error)
     }

@@ -150,6 +150,9 @@ impl Commands for Blockdev {
         args: QueryNamedBlockNodesArguments,
     ) -> Result<Vec<BlockDeviceInfo>, QmpError> {
         self.close_retired_nodes();
+        if let Some(name) = self.state.graph.as_ref().and_then(|g| g.ejected_node()) {
+            return Err(QmpError::generic(format!("Block device {name} is ejected")));
+        }
         let mut infos = match &self.state.graph {
             Some(graph) => graph.query_named_block_nodes(args.flat.unwrap_or(false)),
             None => Vec::new(),

@@ -252,6 +252,10 @@ pub trait NodeGraph: Send {
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError>;
     /// `query-named-block-nodes`.
     fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo>;
+    /// A node that lost its driver at run time (a qcow2 image marked corrupt), if any.
+    fn ejected_node(&self) -> Option<String> {
+        None
+    }
     /// `blockdev-reopen`.
     fn reopen(&mut self, options: &[BlockdevOptions]) -> Result<(), QmpError> {
         let _ = options;

@@ -410,6 +410,12 @@ impl Image {
         crate::cleaner::register(Arc::downgrade(self), interval);
     }
 
+    /// Whether the image was marked corrupt while open: it takes no more I/O (QEMU ejects
+    /// such a node).
+    pub fn is_broken(&self) -> bool {
+        self.lock().broken
+    }
+
     /// Who is told when the image is marked corrupt (once per open).
     pub fn set_corruption_listener(&self, listener: CorruptionListener) {
         self.lock().corruption_listener = Some(listener);

@@ -786,6 +786,10 @@ impl BlockDriver for Qcow2Driver {
         }
     }
 
+    fn is_ejected(&self) -> bool {
+        self.image().is_broken()
+    }
+
     fn change_backing_file(&self, backing: Option<(&str, &str)>) -> BlockResult<()> {
         self.image().set_backing_file(backing).map_err(block_error)
     }
