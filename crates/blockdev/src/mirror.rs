@@ -246,6 +246,35 @@ impl FilterWrites for MirrorShared {
     }
 }
 
+/// Bytes copied between two flushes of the target while the mirror converges: the disk writes
+/// back what the page cache holds while the copy goes on, instead of all of it in the flush
+/// before READY (see docs/decisions.md, "active commit and mirror: writes one at a time,
+/// writeback during the copy").
+const WRITEBACK_STEP: u64 = 64 << 20;
+
+/// A flush of the target started during the copy.
+struct Writeback {
+    result: Arc<Mutex<Option<io::Result<()>>>>,
+    done: IoFuture,
+}
+
+impl Writeback {
+    /// Its outcome if it is done. An error must be kept until the flush before READY: a
+    /// later flush of the same file does not report it again (Linux reports a writeback
+    /// error once per open file).
+    fn outcome(&self) -> Option<io::Result<()>> {
+        lock(&self.result).take()
+    }
+
+    /// Its outcome, once done.
+    async fn wait(mut self) -> io::Result<()> {
+        (&mut self.done).await;
+        lock(&self.result)
+            .take()
+            .unwrap_or_else(|| Err(io::Error::other("I/O worker lost")))
+    }
+}
+
 /// How a copy operation ended: the failing operation and its error.
 type CopyResult = Result<(), (IoOperationType, io::Error)>;
 
@@ -284,11 +313,16 @@ impl CopyOp {
 
 /// Copies `[offset, offset + len)` of `source` to `target` as the source reads.
 /// Zero ranges become zero writes on the target, with QEMU's `MAY_UNMAP` when `unmap`.
+/// Data writes to the target take `target_writes` one at a time: a file's buffered writes
+/// are serialized by the kernel (its inode lock) anyway, and the I/O threads that wait here
+/// sleep (or read) instead of spinning on that lock (see docs/decisions.md, "active commit
+/// and mirror: writes one at a time, writeback during the copy").
 fn copy_range(
     source: &dyn BlockIo,
     target: &dyn BlockIo,
     (offset, len, unmap): (u64, u64, bool),
     buf: &mut [u8],
+    target_writes: &Mutex<()>,
 ) -> Result<(), (IoOperationType, io::Error)> {
     let read = |e| (IoOperationType::Read, e);
     let write = |e| (IoOperationType::Write, e);
@@ -307,6 +341,7 @@ fn copy_range(
         } else {
             let chunk = &mut buf[..n as usize];
             source.read_at(chunk, pos).map_err(read)?;
+            let _one_at_a_time = lock(target_writes);
             target.write_at(chunk, pos).map_err(write)?;
         }
         pos += n;
@@ -345,6 +380,8 @@ pub struct MirrorJob {
     target: Arc<dyn BlockIo>,
     pool: Arc<dyn IoPool>,
     buffers: Arc<CopyBuffers>,
+    /// Taken by each data write of a copy operation (see [`copy_range`]).
+    target_writes: Arc<Mutex<()>>,
     claims: NodeClaims,
     shared: Arc<MirrorShared>,
     /// Where the dirty bitmap lives (the filter node's, or the source's without a filter).
@@ -499,6 +536,7 @@ impl MirrorJob {
         let slot = result.clone();
         let (source, target) = (self.source.clone(), self.target.clone());
         let (shared, buffers) = (self.shared.clone(), self.buffers.clone());
+        let target_writes = self.target_writes.clone();
         let unmap = self.unmap;
         let done = self.pool.run(Box::new(move || {
             shared.ranges.lock(offset, offset + len);
@@ -508,6 +546,7 @@ impl MirrorJob {
                 target.as_ref(),
                 (offset, len, unmap),
                 &mut buf,
+                &target_writes,
             );
             buffers.give(buf);
             shared.ranges.unlock(offset, offset + len);
@@ -519,6 +558,17 @@ impl MirrorJob {
             result,
             done,
         }
+    }
+
+    /// Starts a flush of the target on the I/O threads; the copy goes on meanwhile.
+    fn start_flush(&self) -> Writeback {
+        let result = Arc::new(Mutex::new(None));
+        let slot = result.clone();
+        let target = self.target.clone();
+        let done = self.pool.run(Box::new(move || {
+            *lock(&slot) = Some(target.flush());
+        }));
+        Writeback { result, done }
     }
 
     async fn flush_target(&self) -> io::Result<()> {
@@ -557,6 +607,9 @@ impl MirrorJob {
         let mut cursor = 0;
         let mut in_flight: Vec<CopyOp> = Vec::new();
         let mut bytes_in_flight = 0;
+        let mut writeback: Option<Writeback> = None;
+        let mut writeback_error: Option<io::Error> = None;
+        let mut unflushed = 0;
         loop {
             if in_flight.is_empty() {
                 ctx.pause_point().await;
@@ -582,6 +635,17 @@ impl MirrorJob {
                 match result {
                     Ok(()) => {
                         ctx.progress_update(len);
+                        unflushed += len;
+                        if let Some(outcome) = writeback.as_ref().and_then(Writeback::outcome) {
+                            writeback = None;
+                            if let Err(e) = outcome {
+                                writeback_error.get_or_insert(e);
+                            }
+                        }
+                        if unflushed >= WRITEBACK_STEP && writeback.is_none() && !ctx.is_ready() {
+                            writeback = Some(self.start_flush());
+                            unflushed = 0;
+                        }
                         ctx.rate_limit(len).await;
                     }
                     Err((operation, error)) => {
@@ -605,7 +669,16 @@ impl MirrorJob {
                 continue;
             }
             if !ctx.is_ready() {
-                if let Err(e) = self.flush_target().await {
+                let early = match (writeback_error.take(), writeback.take()) {
+                    (Some(e), _) => Err(e),
+                    (None, Some(w)) => w.wait().await,
+                    (None, None) => Ok(()),
+                };
+                let flushed = match early {
+                    Ok(()) => self.flush_target().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = flushed {
                     ctx.retry_after_io_error(IoOperationType::Write, &e).await?;
                     continue;
                 }
@@ -633,6 +706,9 @@ impl MirrorJob {
         }
         for op in in_flight {
             let _ = op.wait().await;
+        }
+        if let Some(w) = writeback {
+            let _ = w.wait().await;
         }
         Ok(())
     }
@@ -1066,6 +1142,7 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
         target,
         pool,
         buffers,
+        target_writes: Arc::default(),
         claims: job_claims,
         shared: job_shared,
         bitmaps: job_bitmaps,
