@@ -346,7 +346,10 @@ impl BlockGraph {
                 Some(BlockdevRefOrNull::Definition(options)) => {
                     let b = self
                         .open_single(options, Inherited::backing_of(&node.flags()), false)
-                        .map_err(|e| prefixed(&prefix, e))?;
+                        // QEMU's `bdrv_open_backing_file` prefixes a definition's error too.
+                        .map_err(|e| {
+                            prefixed(&format!("{prefix}Could not open backing file: "), e)
+                        })?;
                     (b, drivers::backing_option(&options.branch))
                 }
                 None => match node.driver().backing_file() {
@@ -460,7 +463,10 @@ impl BlockGraph {
         (child, role): (&Arc<BlockNode>, &str),
     ) -> BlockResult<Arc<BlockNode>> {
         let (name, auto_named) = self.assign_name(name)?;
-        let (perm, shared) = ChildKind::Filtered.child_perms(Perm::NONE, Perm::ALL, true);
+        let (perm, mut shared) = ChildKind::Filtered.child_perms(Perm::NONE, Perm::ALL, true);
+        if child.flags().force_share {
+            shared = Perm::ALL;
+        }
         let use_id = child.add_use(&format!("node '{name}'"), role, perm, shared)?;
         let mut options = Map::new();
         options.insert("driver".into(), Value::String(driver_name.to_string()));

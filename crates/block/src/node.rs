@@ -655,7 +655,11 @@ impl BlockNode {
             )));
         }
         let (perm, shared) = self.cumulative_perms();
-        let (cp, cs) = kind.child_perms(perm, shared, !self.is_read_only());
+        let (cp, mut cs) = kind.child_perms(perm, shared, !self.is_read_only());
+        // `force-share` on the child: its parents share everything (QEMU's `bdrv_child_perm`).
+        if child.flags().force_share {
+            cs = Perm::ALL;
+        }
         let use_id = child.add_use_linked(
             &format!("node '{}'", self.name),
             name,
