@@ -173,9 +173,15 @@ pub struct BlockNode {
     children: Mutex<Vec<ChildEdge>>,
     monitor_owned: AtomicBool,
     closed: AtomicBool,
-    /// Written (or resized) since the last flush (QEMU's `write_gen` ahead of
-    /// `flushed_gen`): closing flushes the node first.
-    unflushed: AtomicBool,
+    /// Writes (and resizes) so far (QEMU's `write_gen`).
+    write_gen: AtomicU64,
+    /// `write_gen` as the last successful flush found it when it started (QEMU's
+    /// `flushed_gen`): equal, nothing written since is waiting for the disk, so a flush of a
+    /// driver that forces data to the disk is skipped and closing does not flush.
+    flushed_gen: AtomicU64,
+    /// Flushes of this node run one at a time (QEMU's flush queue): one that finds nothing
+    /// written since the last returns only after that one is done.
+    flushing: Mutex<()>,
     state: Mutex<NodeState>,
     blockers: Arc<OpBlockers>,
     bitmaps: Mutex<Vec<DirtyBitmap>>,
@@ -244,7 +250,9 @@ impl BlockNode {
             children: Mutex::new(parts.children),
             monitor_owned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            unflushed: AtomicBool::new(false),
+            write_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
+            flushing: Mutex::new(()),
             state: Mutex::new(NodeState::default()),
             blockers: OpBlockers::new(),
             bitmaps: Mutex::new(Vec::new()),
@@ -969,7 +977,7 @@ impl BlockNode {
         self.notify_before_write(offset, len)?;
         let _request = self.requests.begin(offset, len, false);
         self.debug_event(BlkdebugEvent::Pwritev);
-        self.unflushed.store(true, Ordering::Release);
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
         let r = io();
         self.debug_event(BlkdebugEvent::PwritevDone);
         self.mark_dirty(offset, len);
@@ -1080,7 +1088,7 @@ impl BlockNode {
         self.notify_before_write(offset, len)?;
         let _request = self.requests.begin(offset, len, false);
         self.debug_event(BlkdebugEvent::PwritevZero);
-        self.unflushed.store(true, Ordering::Release);
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
         let r = if may_unmap && self.discard_unmaps() {
             self.driver.write_zeroes_unmap_at(offset, len)
         } else {
@@ -1104,7 +1112,7 @@ impl BlockNode {
         check_request(offset, buf.len() as u64)?;
         self.notify_before_write(offset, buf.len() as u64)?;
         self.debug_event(BlkdebugEvent::Pwritev);
-        self.unflushed.store(true, Ordering::Release);
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
         let r = self.driver.write_compressed_at(offset, buf);
         self.debug_event(BlkdebugEvent::PwritevDone);
         self.mark_dirty(offset, buf.len() as u64);
@@ -1126,7 +1134,7 @@ impl BlockNode {
             return Ok(());
         }
         self.notify_before_write(offset, len)?;
-        self.unflushed.store(true, Ordering::Release);
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
         let r = self.driver.discard_at(offset, len);
         self.mark_dirty(offset, len);
         r
@@ -1135,19 +1143,20 @@ impl BlockNode {
     /// Flushes this node, then its children.
     pub fn flush(&self) -> BlockResult<()> {
         self.check_open()?;
-        let unflushed = self.unflushed.swap(false, Ordering::AcqRel);
-        let r = self.flush_driver_and_children();
-        if r.is_err() && unflushed {
-            self.unflushed.store(true, Ordering::Release);
-        }
-        r
+        let _one_at_a_time = lock(&self.flushing);
+        let generation = self.write_gen.load(Ordering::Acquire);
+        let written = generation != self.flushed_gen.load(Ordering::Acquire);
+        self.flush_driver_and_children(written)?;
+        self.flushed_gen.store(generation, Ordering::Release);
+        Ok(())
     }
 
-    fn flush_driver_and_children(&self) -> BlockResult<()> {
+    fn flush_driver_and_children(&self, written: bool) -> BlockResult<()> {
         self.debug_event(BlkdebugEvent::FlushToOs);
         // `cache.no-flush`: what reaches the disk is not forced there (a format's own
-        // write-back still happens, and the children flush as their options say).
-        if !(self.flags.no_flush && self.driver.flushes_to_disk()) {
+        // write-back still happens, and the children flush as their options say). Nothing
+        // written since the last flush: nothing to force either (QEMU's `flushed_gen` check).
+        if !(self.driver.flushes_to_disk() && (self.flags.no_flush || !written)) {
             self.driver.flush()?;
         }
         for edge in &self.children() {
@@ -1182,7 +1191,7 @@ impl BlockNode {
                 ));
             }
         }
-        self.unflushed.store(true, Ordering::Release);
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
         self.driver.truncate(size)?;
         let new = self.size()?;
         for b in lock(&self.bitmaps).iter_mut() {
@@ -1423,7 +1432,9 @@ impl BlockNode {
     pub(crate) fn close_storing(&self, store_bitmaps: bool) -> BlockResult<()> {
         // As QEMU's `bdrv_close`: a node written since its last flush is flushed (with its
         // children) first; an error there is the close's error.
-        let flushed = if !self.is_closed() && self.unflushed.load(Ordering::Acquire) {
+        let unflushed =
+            self.write_gen.load(Ordering::Acquire) != self.flushed_gen.load(Ordering::Acquire);
+        let flushed = if !self.is_closed() && unflushed {
             self.flush()
         } else {
             Ok(())

@@ -43,8 +43,7 @@ fn a_flush_failing_during_the_copy_fails_the_job_before_ready() {
     let events = h.take_events();
     assert!(
         events.contains(
-            &r#"BLOCK_JOB_ERROR {"device":"jm","operation":"write","action":"report"}"#
-                .to_string()
+            &r#"BLOCK_JOB_ERROR {"device":"jm","operation":"write","action":"report"}"#.to_string()
         ),
         "{events:?}"
     );
