@@ -50,9 +50,15 @@ pub trait BlockDriver: Send + Sync {
     fn write_compressed_at(&self, _offset: u64, _buf: &[u8]) -> BlockResult<()> {
         Err(BlockError::from_errno(libc::ENOTSUP))
     }
+    /// Writes `len` zero bytes at `offset` only if that is fast (nothing like a zero buffer is
+    /// written); otherwise fails at once with `ENOTSUP` (QEMU's `BDRV_REQ_NO_FALLBACK`, NBD's
+    /// `FAST_ZERO`). The default is never fast.
+    fn write_zeroes_fast_at(&self, _offset: u64, _len: u64) -> BlockResult<()> {
+        Err(BlockError::from_errno(libc::ENOTSUP))
+    }
     /// Discards `[offset, offset + len)` (QEMU's `bdrv_co_pdiscard`, called only on nodes
-    /// opened with `discard=unmap`): afterwards the range may read as zeroes. The default,
-    /// as QEMU for drivers without discard, does nothing.
+    /// opened with `discard=unmap`, NBD's TRIM): afterwards the range may read as zeroes. The
+    /// default, as QEMU for drivers without discard, does nothing.
     fn discard_at(&self, _offset: u64, _len: u64) -> BlockResult<()> {
         Ok(())
     }
@@ -76,6 +82,12 @@ pub trait BlockDriver: Send + Sync {
     fn zero_status(&self, offset: u64, len: u64) -> BlockResult<(bool, bool, u64)> {
         let (allocated, n) = self.block_status(offset, len)?;
         Ok((allocated, false, n))
+    }
+    /// Whether a range [`BlockDriver::zero_status`] calls unallocated reads as zeroes when
+    /// there is no backing file (true of image formats). An NBD export's hole is not known to
+    /// read as zeroes unless the server says so.
+    fn unallocated_reads_zero(&self) -> bool {
+        true
     }
     /// Called before the node's cumulative permissions change: refuse (e.g. an image lock is
     /// held elsewhere) or prepare. `perm`/`shared` are the new cumulative values.
@@ -260,6 +272,8 @@ pub struct OpenContext<'g> {
     /// Assigned name and whether it was generated; set when first needed.
     pub(crate) name: Option<(String, bool)>,
     pub(crate) read_only: bool,
+    /// The node's `auto-read-only` option.
+    pub(crate) auto_read_only: bool,
     pub(crate) children: Vec<crate::node::ChildEdge>,
 }
 
@@ -285,6 +299,18 @@ impl OpenContext<'_> {
     /// Whether the node opens read-only.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Whether the node may open read-only when read-write access is impossible
+    /// (`auto-read-only`).
+    pub fn auto_read_only(&self) -> bool {
+        self.auto_read_only
+    }
+
+    /// The node opens read-only after all (QEMU's `bdrv_apply_auto_read_only`, for a driver
+    /// that found its storage read-only and [`OpenContext::auto_read_only`] set).
+    pub fn set_read_only(&mut self) {
+        self.read_only = true;
     }
 
     /// Opens (or references) a child in role `role` (`file`, `backing`, `image`): a

@@ -183,6 +183,7 @@ impl BlockGraph {
             explicit_name: options.node_name.clone(),
             name: None,
             read_only,
+            auto_read_only: options.auto_read_only == Some(true),
             children: Vec::new(),
         };
         let opened = if protocol {
@@ -200,6 +201,8 @@ impl BlockGraph {
         });
         let children = std::mem::take(&mut ctx.children);
         let name = ctx.name.take();
+        // The driver may have made the node read-only (auto-read-only).
+        let read_only = ctx.read_only;
         let (driver, (name, auto_named)) = match (opened, name) {
             (Ok(driver), Some(name)) => (driver, name),
             (result, _) => {

@@ -679,6 +679,23 @@ impl BlockNode {
         r
     }
 
+    /// Writes `len` zeroes at `offset` only if the driver can do it fast, else fails with
+    /// `ENOTSUP` (QEMU's `BDRV_REQ_NO_FALLBACK`); after the before-write hooks, like any write.
+    /// Marks recording bitmaps when it succeeds.
+    pub fn write_zeroes_fast_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_writable()?;
+        check_request(offset, len)?;
+        self.notify_before_write(offset, len)?;
+        self.debug_event(BlkdebugEvent::PwritevZero);
+        self.unflushed.store(true, Ordering::Release);
+        let r = self.driver.write_zeroes_fast_at(offset, len);
+        self.debug_event(BlkdebugEvent::PwritevDone);
+        if r.is_ok() {
+            self.mark_dirty(offset, len);
+        }
+        r
+    }
+
     /// Whether the node was opened with `discard=unmap` (QEMU's `BDRV_O_UNMAP`).
     pub fn discard_unmaps(&self) -> bool {
         matches!(
@@ -696,6 +713,16 @@ impl BlockNode {
         if !self.discard_unmaps() {
             return Ok(());
         }
+        self.discard_child_at(offset, len)
+    }
+
+    /// A parent's discard passed down to this node (a filter's or a raw node's `file`): the
+    /// parent decided to pass it (QEMU's children inherit `BDRV_O_UNMAP`), so this node's own
+    /// `discard` option does not stop it. After the before-write hooks, marking recording
+    /// bitmaps.
+    pub fn discard_child_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_writable()?;
+        check_request(offset, len)?;
         self.notify_before_write(offset, len)?;
         self.unflushed.store(true, Ordering::Release);
         let r = self.driver.discard_at(offset, len);
@@ -752,10 +779,13 @@ impl BlockNode {
     /// whether it reads as zeroes (allocated as zeroes, or unallocated with nothing below).
     pub fn extent(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         let (allocated, zero, n) = self.zero_status(offset, len)?;
+        // An unallocated range with no backing file below reads as zeroes, unless the driver
+        // says its holes need not (an NBD export's hole not flagged zero).
+        let reads_zero = self.child("backing").is_none() && self.driver.unallocated_reads_zero();
         Ok(Extent {
             len: n,
             allocated,
-            zero: zero || (!allocated && self.child("backing").is_none()),
+            zero: zero || (!allocated && reads_zero),
         })
     }
 

@@ -93,6 +93,10 @@ impl BlockIo for NodeIo {
         self.0.discard_unmaps()
     }
 
+    fn write_zeroes_fast(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes_fast_at(offset, len).map_err(io_error)
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
         self.0.extent(offset, len).map_err(io_error)
     }

@@ -542,8 +542,16 @@ impl ExportBackend for NodeExport {
         self.io.write_zeroes(offset, len)
     }
 
+    fn write_zeroes_fast(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.io.write_zeroes_fast(offset, len)
+    }
+
     fn flush(&self) -> io::Result<()> {
         self.io.flush()
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.io.discard(offset, len)
     }
 
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<nbd::Extent>> {

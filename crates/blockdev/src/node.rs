@@ -53,6 +53,11 @@ pub trait BlockIo: Send + Sync {
     fn discard_unmaps(&self) -> bool {
         false
     }
+    /// Like [`BlockIo::write_zeroes`] if that is fast, else fails at once with
+    /// [`io::ErrorKind::Unsupported`] (NBD's `FAST_ZERO`). The default is never fast.
+    fn write_zeroes_fast(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// The state of the range starting at `offset` (at most `len` bytes).
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent>;
     /// Makes everything written so far durable.

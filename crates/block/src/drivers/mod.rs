@@ -3,6 +3,7 @@
 
 pub mod blkdebug;
 pub mod file;
+pub mod nbd;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
@@ -20,19 +21,29 @@ pub(crate) fn open(
     match branch {
         BlockdevOptionsBranch::Blkdebug(o) => blkdebug::open(ctx, o),
         BlockdevOptionsBranch::File(o) => file::open(ctx, o),
+        BlockdevOptionsBranch::Nbd(o) => nbd::open(ctx, o),
         BlockdevOptionsBranch::NullCo(o) => null::open(ctx, o),
         BlockdevOptionsBranch::Qcow2(o) => qcow2::open(ctx, o),
         BlockdevOptionsBranch::Raw(o) => raw::open(ctx, o),
+        BlockdevOptionsBranch::CopyBeforeWrite(_) | BlockdevOptionsBranch::SnapshotAccess(_) => {
+            Err(crate::error::BlockError::new(format!(
+                "Driver '{}' is not available yet",
+                branch.kind()
+            )))
+        }
     }
 }
 
-/// QEMU's protocol-style drivers (`file`, `null-co`, `blkdebug`) get their node name before
+/// QEMU's protocol-style drivers (`file`, `nbd`, `null-co`, `blkdebug`) get their node name before
 /// their children open; formats (`raw`, `qcow2`) open their `file` child first. This fixes the
 /// `#blockNNN` counters and the order of `query-named-block-nodes`.
 pub(crate) fn is_protocol(driver: BlockdevDriver) -> bool {
     matches!(
         driver,
-        BlockdevDriver::File | BlockdevDriver::NullCo | BlockdevDriver::Blkdebug
+        BlockdevDriver::File
+            | BlockdevDriver::Nbd
+            | BlockdevDriver::NullCo
+            | BlockdevDriver::Blkdebug
     )
 }
 

@@ -739,20 +739,32 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "type": "66"
       },
       {
-        "case": "file",
+        "case": "copy-before-write",
         "type": "67"
       },
       {
-        "case": "null-co",
+        "case": "file",
         "type": "68"
       },
       {
-        "case": "qcow2",
+        "case": "nbd",
         "type": "69"
       },
       {
-        "case": "raw",
+        "case": "null-co",
         "type": "70"
+      },
+      {
+        "case": "qcow2",
+        "type": "71"
+      },
+      {
+        "case": "raw",
+        "type": "72"
+      },
+      {
+        "case": "snapshot-access",
+        "type": "73"
       }
     ]
   },
@@ -854,7 +866,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[71]"
+        "type": "[74]"
       }
     ],
     "meta-type": "object",
@@ -897,7 +909,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "72"
+        "type": "75"
       },
       {
         "name": "ready",
@@ -927,7 +939,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "73"
+        "type": "76"
       },
       {
         "case": "commit",
@@ -1059,7 +1071,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "74"
+        "type": "77"
       },
       {
         "case": "commit",
@@ -1160,11 +1172,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "75"
+        "type": "78"
       },
       {
         "name": "action",
-        "type": "76"
+        "type": "79"
       }
     ],
     "meta-type": "object",
@@ -1223,7 +1235,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "80"
       },
       {
         "default": null,
@@ -1238,7 +1250,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "78"
+        "type": "81"
       },
       {
         "default": null,
@@ -1248,12 +1260,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "82"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "82"
       },
       {
         "default": null,
@@ -1281,7 +1293,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "80"
+        "type": "83"
       },
       {
         "name": "target",
@@ -1304,7 +1316,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "80"
       },
       {
         "default": null,
@@ -1319,7 +1331,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "78"
+        "type": "81"
       },
       {
         "default": null,
@@ -1329,12 +1341,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "82"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "82"
       },
       {
         "default": null,
@@ -1362,7 +1374,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "80"
+        "type": "83"
       },
       {
         "name": "target",
@@ -1376,7 +1388,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "81"
+        "type": "84"
       }
     ],
     "meta-type": "object",
@@ -1404,7 +1416,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "80"
       },
       {
         "default": null,
@@ -1424,12 +1436,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "82"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "82"
       },
       {
         "default": null,
@@ -1439,7 +1451,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "82"
+        "type": "85"
       },
       {
         "default": null,
@@ -1487,12 +1499,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "77"
+        "type": "80"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "81"
+        "type": "84"
       },
       {
         "default": null,
@@ -1512,12 +1524,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "79"
+        "type": "82"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "79"
+        "type": "82"
       },
       {
         "default": null,
@@ -1527,7 +1539,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "82"
+        "type": "85"
       },
       {
         "default": null,
@@ -1572,7 +1584,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "81"
+        "type": "84"
       }
     ],
     "meta-type": "object",
@@ -1610,12 +1622,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "actions",
-        "type": "[83]"
+        "type": "[86]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "84"
+        "type": "87"
       }
     ],
     "meta-type": "object",
@@ -1645,7 +1657,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "85"
+        "type": "88"
       }
     ],
     "meta-type": "object",
@@ -1655,7 +1667,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "86"
+        "type": "89"
       },
       {
         "name": "id",
@@ -1697,19 +1709,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "nbd",
-        "type": "87"
+        "type": "90"
       },
       {
         "case": "vhost-user-blk",
-        "type": "88"
+        "type": "91"
       },
       {
         "case": "fuse",
-        "type": "89"
+        "type": "92"
       },
       {
         "case": "vduse-blk",
-        "type": "90"
+        "type": "93"
       }
     ]
   },
@@ -1722,7 +1734,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "91"
+        "type": "94"
       }
     ],
     "meta-type": "object",
@@ -1823,7 +1835,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "92"
+        "type": "95"
       }
     ],
     "meta-type": "object",
@@ -1833,7 +1845,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "members",
-        "type": "[93]"
+        "type": "[96]"
       },
       {
         "features": [
@@ -1860,7 +1872,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "members",
-        "type": "[94]"
+        "type": "[97]"
       },
       {
         "default": null,
@@ -1870,7 +1882,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[95]"
+        "type": "[98]"
       }
     ],
     "meta-type": "object",
@@ -1880,7 +1892,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "members",
-        "type": "[96]"
+        "type": "[99]"
       }
     ],
     "meta-type": "object",
@@ -2098,12 +2110,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[97]"
+        "type": "[100]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "98"
+        "type": "101"
       },
       {
         "default": null,
@@ -2179,7 +2191,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "name": "blkdebug"
       },
       {
+        "name": "copy-before-write"
+      },
+      {
         "name": "file"
+      },
+      {
+        "name": "nbd"
       },
       {
         "name": "null-co"
@@ -2189,16 +2207,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "raw"
+      },
+      {
+        "name": "snapshot-access"
       }
     ],
     "meta-type": "enum",
     "name": "63",
     "values": [
       "blkdebug",
+      "copy-before-write",
       "file",
+      "nbd",
       "null-co",
       "qcow2",
-      "raw"
+      "raw",
+      "snapshot-access"
     ]
   },
   {
@@ -2237,7 +2261,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "image",
-        "type": "99"
+        "type": "102"
       },
       {
         "default": null,
@@ -2277,26 +2301,60 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[100]"
+        "type": "[103]"
       },
       {
         "default": null,
         "name": "set-state",
-        "type": "[101]"
+        "type": "[104]"
       },
       {
         "default": null,
         "name": "take-child-perms",
-        "type": "[102]"
+        "type": "[105]"
       },
       {
         "default": null,
         "name": "unshare-child-perms",
-        "type": "[102]"
+        "type": "[105]"
       }
     ],
     "meta-type": "object",
     "name": "66"
+  },
+  {
+    "members": [
+      {
+        "name": "file",
+        "type": "102"
+      },
+      {
+        "name": "target",
+        "type": "102"
+      },
+      {
+        "default": null,
+        "name": "bitmap",
+        "type": "19"
+      },
+      {
+        "default": null,
+        "name": "on-cbw-error",
+        "type": "106"
+      },
+      {
+        "default": null,
+        "name": "cbw-timeout",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "min-cluster-size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "67"
   },
   {
     "features": [
@@ -2315,12 +2373,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "103"
+        "type": "107"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "104"
+        "type": "108"
       },
       {
         "default": null,
@@ -2342,7 +2400,50 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "67"
+    "name": "68"
+  },
+  {
+    "members": [
+      {
+        "name": "server",
+        "type": "109"
+      },
+      {
+        "default": null,
+        "name": "export",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "tls-creds",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "tls-hostname",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-dirty-bitmap",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "reconnect-delay",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "open-timeout",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "69"
   },
   {
     "members": [
@@ -2363,18 +2464,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "68"
+    "name": "70"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "99"
+        "type": "102"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "105"
+        "type": "110"
       },
       {
         "default": null,
@@ -2404,7 +2505,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "106"
+        "type": "111"
       },
       {
         "default": null,
@@ -2434,22 +2535,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "107"
+        "type": "112"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "99"
+        "type": "102"
       }
     ],
     "meta-type": "object",
-    "name": "69"
+    "name": "71"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "99"
+        "type": "102"
       },
       {
         "default": null,
@@ -2463,12 +2564,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "70"
+    "name": "72"
   },
   {
-    "element-type": "71",
+    "members": [
+      {
+        "name": "file",
+        "type": "102"
+      }
+    ],
+    "meta-type": "object",
+    "name": "73"
+  },
+  {
+    "element-type": "74",
     "meta-type": "array",
-    "name": "[71]"
+    "name": "[74]"
   },
   {
     "members": [
@@ -2480,7 +2591,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "71"
+    "name": "74"
   },
   {
     "members": [
@@ -2495,7 +2606,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "72",
+    "name": "75",
     "values": [
       "ok",
       "failed",
@@ -2510,17 +2621,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "73"
+    "name": "76"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "82"
+        "type": "85"
       }
     ],
     "meta-type": "object",
-    "name": "74"
+    "name": "77"
   },
   {
     "members": [
@@ -2532,7 +2643,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "75",
+    "name": "78",
     "values": [
       "read",
       "write"
@@ -2551,7 +2662,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "76",
+    "name": "79",
     "values": [
       "ignore",
       "report",
@@ -2577,7 +2688,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "77",
+    "name": "80",
     "values": [
       "top",
       "full",
@@ -2599,7 +2710,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "78",
+    "name": "81",
     "values": [
       "on-success",
       "never",
@@ -2625,7 +2736,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "79",
+    "name": "82",
     "values": [
       "report",
       "ignore",
@@ -2658,7 +2769,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "80"
+    "name": "83"
   },
   {
     "members": [
@@ -2670,7 +2781,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "81",
+    "name": "84",
     "values": [
       "existing",
       "absolute-paths"
@@ -2686,87 +2797,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "82",
+    "name": "85",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "83",
+    "element-type": "86",
     "meta-type": "array",
-    "name": "[83]"
+    "name": "[86]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "108"
+        "type": "113"
       }
     ],
     "meta-type": "object",
-    "name": "83",
+    "name": "86",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "109"
-      },
-      {
-        "case": "block-dirty-bitmap-add",
-        "type": "110"
-      },
-      {
-        "case": "block-dirty-bitmap-remove",
-        "type": "111"
-      },
-      {
-        "case": "block-dirty-bitmap-clear",
-        "type": "111"
-      },
-      {
-        "case": "block-dirty-bitmap-enable",
-        "type": "111"
-      },
-      {
-        "case": "block-dirty-bitmap-disable",
-        "type": "111"
-      },
-      {
-        "case": "block-dirty-bitmap-merge",
-        "type": "112"
-      },
-      {
-        "case": "blockdev-backup",
-        "type": "113"
-      },
-      {
-        "case": "blockdev-snapshot",
         "type": "114"
       },
       {
-        "case": "blockdev-snapshot-internal-sync",
+        "case": "block-dirty-bitmap-add",
         "type": "115"
       },
       {
-        "case": "blockdev-snapshot-sync",
+        "case": "block-dirty-bitmap-remove",
         "type": "116"
       },
       {
-        "case": "drive-backup",
+        "case": "block-dirty-bitmap-clear",
+        "type": "116"
+      },
+      {
+        "case": "block-dirty-bitmap-enable",
+        "type": "116"
+      },
+      {
+        "case": "block-dirty-bitmap-disable",
+        "type": "116"
+      },
+      {
+        "case": "block-dirty-bitmap-merge",
         "type": "117"
       },
       {
+        "case": "blockdev-backup",
+        "type": "118"
+      },
+      {
+        "case": "blockdev-snapshot",
+        "type": "119"
+      },
+      {
+        "case": "blockdev-snapshot-internal-sync",
+        "type": "120"
+      },
+      {
+        "case": "blockdev-snapshot-sync",
+        "type": "121"
+      },
+      {
+        "case": "drive-backup",
+        "type": "122"
+      },
+      {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "111"
+        "type": "116"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "111"
+        "type": "116"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "112"
+        "type": "117"
       }
     ]
   },
@@ -2775,38 +2886,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "118"
+        "type": "123"
       }
     ],
     "meta-type": "object",
-    "name": "84"
+    "name": "87"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "119"
+        "type": "124"
       }
     ],
     "meta-type": "object",
-    "name": "85",
+    "name": "88",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "120"
+        "type": "125"
       },
       {
         "case": "unix",
-        "type": "121"
+        "type": "126"
       },
       {
         "case": "vsock",
-        "type": "122"
+        "type": "127"
       },
       {
         "case": "fd",
-        "type": "123"
+        "type": "128"
       }
     ]
   },
@@ -2826,7 +2937,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "86",
+    "name": "89",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -2849,7 +2960,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[71]"
+        "type": "[74]"
       },
       {
         "default": null,
@@ -2858,13 +2969,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "87"
+    "name": "90"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "124"
+        "type": "109"
       },
       {
         "default": null,
@@ -2878,7 +2989,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "88"
+    "name": "91"
   },
   {
     "members": [
@@ -2894,11 +3005,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "125"
+        "type": "129"
       }
     ],
     "meta-type": "object",
-    "name": "89"
+    "name": "92"
   },
   {
     "members": [
@@ -2928,7 +3039,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "90"
+    "name": "93"
   },
   {
     "members": [
@@ -2940,7 +3051,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "91",
+    "name": "94",
     "values": [
       "safe",
       "hard"
@@ -2974,7 +3085,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "92",
+    "name": "95",
     "values": [
       "string",
       "number",
@@ -2987,9 +3098,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "93",
+    "element-type": "96",
     "meta-type": "array",
-    "name": "[93]"
+    "name": "[96]"
   },
   {
     "members": [
@@ -3004,12 +3115,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "93"
+    "name": "96"
   },
   {
-    "element-type": "94",
+    "element-type": "97",
     "meta-type": "array",
-    "name": "[94]"
+    "name": "[97]"
   },
   {
     "members": [
@@ -3033,12 +3144,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "94"
+    "name": "97"
   },
   {
-    "element-type": "95",
+    "element-type": "98",
     "meta-type": "array",
-    "name": "[95]"
+    "name": "[98]"
   },
   {
     "members": [
@@ -3052,12 +3163,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "95"
+    "name": "98"
   },
   {
-    "element-type": "96",
+    "element-type": "99",
     "meta-type": "array",
-    "name": "[96]"
+    "name": "[99]"
   },
   {
     "members": [
@@ -3067,12 +3178,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "96"
+    "name": "99"
   },
   {
-    "element-type": "97",
+    "element-type": "100",
     "meta-type": "array",
-    "name": "[97]"
+    "name": "[100]"
   },
   {
     "members": [
@@ -3111,38 +3222,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "97"
+    "name": "100"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "126"
+        "type": "130"
       }
     ],
     "meta-type": "object",
-    "name": "98",
+    "name": "101",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "127"
+        "type": "131"
       },
       {
         "case": "vmdk",
-        "type": "128"
+        "type": "132"
       },
       {
         "case": "luks",
-        "type": "129"
+        "type": "133"
       },
       {
         "case": "rbd",
-        "type": "130"
+        "type": "134"
       },
       {
         "case": "file",
-        "type": "131"
+        "type": "135"
       }
     ]
   },
@@ -3156,18 +3267,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "99"
+    "name": "102"
   },
   {
-    "element-type": "100",
+    "element-type": "103",
     "meta-type": "array",
-    "name": "[100]"
+    "name": "[103]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "132"
+        "type": "136"
       },
       {
         "default": null,
@@ -3177,7 +3288,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "133"
+        "type": "137"
       },
       {
         "default": null,
@@ -3201,18 +3312,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "100"
+    "name": "103"
   },
   {
-    "element-type": "101",
+    "element-type": "104",
     "meta-type": "array",
-    "name": "[101]"
+    "name": "[104]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "132"
+        "type": "136"
       },
       {
         "default": null,
@@ -3225,12 +3336,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "101"
+    "name": "104"
   },
   {
-    "element-type": "102",
+    "element-type": "105",
     "meta-type": "array",
-    "name": "[102]"
+    "name": "[105]"
   },
   {
     "members": [
@@ -3248,12 +3359,28 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "102",
+    "name": "105",
     "values": [
       "consistent-read",
       "write",
       "write-unchanged",
       "resize"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "break-guest-write"
+      },
+      {
+        "name": "break-snapshot"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "106",
+    "values": [
+      "break-guest-write",
+      "break-snapshot"
     ]
   },
   {
@@ -3269,7 +3396,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "103",
+    "name": "107",
     "values": [
       "auto",
       "on",
@@ -3289,11 +3416,40 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "104",
+    "name": "108",
     "values": [
       "threads",
       "native",
       "io_uring"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "124"
+      }
+    ],
+    "meta-type": "object",
+    "name": "109",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "inet",
+        "type": "138"
+      },
+      {
+        "case": "unix",
+        "type": "139"
+      },
+      {
+        "case": "vsock",
+        "type": "140"
+      },
+      {
+        "case": "fd",
+        "type": "141"
+      }
     ]
   },
   {
@@ -3309,38 +3465,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "105"
+    "name": "110"
   },
   {
     "members": [
       {
-        "type": "134"
+        "type": "142"
       },
       {
-        "type": "135"
+        "type": "143"
       }
     ],
     "meta-type": "alternate",
-    "name": "106"
+    "name": "111"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "136"
+        "type": "144"
       }
     ],
     "meta-type": "object",
-    "name": "107",
+    "name": "112",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "137"
+        "type": "145"
       },
       {
         "case": "luks",
-        "type": "138"
+        "type": "146"
       }
     ]
   },
@@ -3408,7 +3564,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "108",
+    "name": "113",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -3431,57 +3587,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "139"
-      }
-    ],
-    "meta-type": "object",
-    "name": "109"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "18"
-      }
-    ],
-    "meta-type": "object",
-    "name": "110"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "19"
-      }
-    ],
-    "meta-type": "object",
-    "name": "111"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "20"
-      }
-    ],
-    "meta-type": "object",
-    "name": "112"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "35"
-      }
-    ],
-    "meta-type": "object",
-    "name": "113"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "40"
+        "type": "147"
       }
     ],
     "meta-type": "object",
@@ -3491,7 +3597,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "41"
+        "type": "18"
       }
     ],
     "meta-type": "object",
@@ -3501,7 +3607,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "39"
+        "type": "19"
       }
     ],
     "meta-type": "object",
@@ -3511,11 +3617,61 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "36"
+        "type": "20"
       }
     ],
     "meta-type": "object",
     "name": "117"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "35"
+      }
+    ],
+    "meta-type": "object",
+    "name": "118"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "40"
+      }
+    ],
+    "meta-type": "object",
+    "name": "119"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "41"
+      }
+    ],
+    "meta-type": "object",
+    "name": "120"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "39"
+      }
+    ],
+    "meta-type": "object",
+    "name": "121"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "36"
+      }
+    ],
+    "meta-type": "object",
+    "name": "122"
   },
   {
     "members": [
@@ -3527,7 +3683,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "118",
+    "name": "123",
     "values": [
       "individual",
       "grouped"
@@ -3549,7 +3705,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "119",
+    "name": "124",
     "values": [
       "inet",
       "unix",
@@ -3561,11 +3717,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
+        "type": "138"
+      }
+    ],
+    "meta-type": "object",
+    "name": "125"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "139"
+      }
+    ],
+    "meta-type": "object",
+    "name": "126"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
         "type": "140"
       }
     ],
     "meta-type": "object",
-    "name": "120"
+    "name": "127"
   },
   {
     "members": [
@@ -3575,56 +3751,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "121"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "142"
-      }
-    ],
-    "meta-type": "object",
-    "name": "122"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "143"
-      }
-    ],
-    "meta-type": "object",
-    "name": "123"
-  },
-  {
-    "members": [
-      {
-        "name": "type",
-        "type": "119"
-      }
-    ],
-    "meta-type": "object",
-    "name": "124",
-    "tag": "type",
-    "variants": [
-      {
-        "case": "inet",
-        "type": "140"
-      },
-      {
-        "case": "unix",
-        "type": "141"
-      },
-      {
-        "case": "vsock",
-        "type": "142"
-      },
-      {
-        "case": "fd",
-        "type": "143"
-      }
-    ]
+    "name": "128"
   },
   {
     "members": [
@@ -3639,7 +3766,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "125",
+    "name": "129",
     "values": [
       "off",
       "on",
@@ -3670,7 +3797,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "126",
+    "name": "130",
     "values": [
       "qcow2",
       "vmdk",
@@ -3683,51 +3810,51 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "144"
-      }
-    ],
-    "meta-type": "object",
-    "name": "127"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "145"
-      }
-    ],
-    "meta-type": "object",
-    "name": "128"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "146"
-      }
-    ],
-    "meta-type": "object",
-    "name": "129"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "147"
-      }
-    ],
-    "meta-type": "object",
-    "name": "130"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
         "type": "148"
       }
     ],
     "meta-type": "object",
     "name": "131"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "149"
+      }
+    ],
+    "meta-type": "object",
+    "name": "132"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "150"
+      }
+    ],
+    "meta-type": "object",
+    "name": "133"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "151"
+      }
+    ],
+    "meta-type": "object",
+    "name": "134"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "152"
+      }
+    ],
+    "meta-type": "object",
+    "name": "135"
   },
   {
     "members": [
@@ -3877,7 +4004,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "132",
+    "name": "136",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -3951,7 +4078,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "133",
+    "name": "137",
     "values": [
       "read",
       "write",
@@ -3960,6 +4087,94 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       "flush",
       "block-status"
     ]
+  },
+  {
+    "members": [
+      {
+        "name": "host",
+        "type": "str"
+      },
+      {
+        "name": "port",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "numeric",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "to",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "ipv4",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "ipv6",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "keep-alive",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "mptcp",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "138"
+  },
+  {
+    "members": [
+      {
+        "name": "path",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "abstract",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "tight",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "139"
+  },
+  {
+    "members": [
+      {
+        "name": "cid",
+        "type": "str"
+      },
+      {
+        "name": "port",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "140"
+  },
+  {
+    "members": [
+      {
+        "name": "str",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "141"
   },
   {
     "json-type": "null",
@@ -3971,7 +4186,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "135"
+        "type": "143"
       },
       {
         "default": null,
@@ -4020,7 +4235,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "134"
+    "name": "142"
   },
   {
     "members": [
@@ -4038,7 +4253,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "135",
+    "name": "143",
     "values": [
       "none",
       "constant",
@@ -4056,7 +4271,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "136",
+    "name": "144",
     "values": [
       "aes",
       "luks"
@@ -4071,7 +4286,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "137"
+    "name": "145"
   },
   {
     "members": [
@@ -4082,100 +4297,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "138"
+    "name": "146"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "139"
-  },
-  {
-    "members": [
-      {
-        "name": "host",
-        "type": "str"
-      },
-      {
-        "name": "port",
-        "type": "str"
-      },
-      {
-        "default": null,
-        "name": "numeric",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "to",
-        "type": "int"
-      },
-      {
-        "default": null,
-        "name": "ipv4",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "ipv6",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "keep-alive",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "mptcp",
-        "type": "bool"
-      }
-    ],
-    "meta-type": "object",
-    "name": "140"
-  },
-  {
-    "members": [
-      {
-        "name": "path",
-        "type": "str"
-      },
-      {
-        "default": null,
-        "name": "abstract",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "tight",
-        "type": "bool"
-      }
-    ],
-    "meta-type": "object",
-    "name": "141"
-  },
-  {
-    "members": [
-      {
-        "name": "cid",
-        "type": "str"
-      },
-      {
-        "name": "port",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "142"
-  },
-  {
-    "members": [
-      {
-        "name": "str",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "143"
+    "name": "147"
   },
   {
     "members": [
@@ -4215,20 +4342,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "149"
+        "type": "153"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[150]"
+        "type": "[154]"
       },
       {
         "name": "compression-type",
-        "type": "151"
+        "type": "155"
       }
     ],
     "meta-type": "object",
-    "name": "144"
+    "name": "148"
   },
   {
     "members": [
@@ -4246,34 +4373,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[152]"
+        "type": "[156]"
       }
     ],
     "meta-type": "object",
-    "name": "145"
+    "name": "149"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "153"
+        "type": "157"
       },
       {
         "name": "cipher-mode",
-        "type": "154"
+        "type": "158"
       },
       {
         "name": "ivgen-alg",
-        "type": "155"
+        "type": "159"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "156"
+        "type": "160"
       },
       {
         "name": "hash-alg",
-        "type": "156"
+        "type": "160"
       },
       {
         "name": "detached-header",
@@ -4293,22 +4420,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[157]"
+        "type": "[161]"
       }
     ],
     "meta-type": "object",
-    "name": "146"
+    "name": "150"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "158"
+        "type": "162"
       }
     ],
     "meta-type": "object",
-    "name": "147"
+    "name": "151"
   },
   {
     "members": [
@@ -4319,22 +4446,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "148"
+    "name": "152"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "136"
+        "type": "144"
       }
     ],
     "meta-type": "object",
-    "name": "149",
+    "name": "153",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "146"
+        "type": "150"
       },
       {
         "case": "aes",
@@ -4343,9 +4470,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "150",
+    "element-type": "154",
     "meta-type": "array",
-    "name": "[150]"
+    "name": "[154]"
   },
   {
     "members": [
@@ -4359,11 +4486,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[159]"
+        "type": "[163]"
       }
     ],
     "meta-type": "object",
-    "name": "150"
+    "name": "154"
   },
   {
     "members": [
@@ -4375,16 +4502,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "151",
+    "name": "155",
     "values": [
       "zlib",
       "zstd"
     ]
   },
   {
-    "element-type": "152",
+    "element-type": "156",
     "meta-type": "array",
-    "name": "[152]"
+    "name": "[156]"
   },
   {
     "members": [
@@ -4412,7 +4539,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "152"
+    "name": "156"
   },
   {
     "members": [
@@ -4457,7 +4584,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "153",
+    "name": "157",
     "values": [
       "aes-128",
       "aes-192",
@@ -4490,7 +4617,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "154",
+    "name": "158",
     "values": [
       "ecb",
       "cbc",
@@ -4511,7 +4638,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "155",
+    "name": "159",
     "values": [
       "plain",
       "plain64",
@@ -4546,7 +4673,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "156",
+    "name": "160",
     "values": [
       "md5",
       "sha1",
@@ -4559,9 +4686,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "157",
+    "element-type": "161",
     "meta-type": "array",
-    "name": "[157]"
+    "name": "[161]"
   },
   {
     "members": [
@@ -4585,7 +4712,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "157"
+    "name": "161"
   },
   {
     "members": [
@@ -4600,7 +4727,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "158",
+    "name": "162",
     "values": [
       "luks",
       "luks2",
@@ -4608,9 +4735,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "159",
+    "element-type": "163",
     "meta-type": "array",
-    "name": "[159]"
+    "name": "[163]"
   },
   {
     "members": [
@@ -4622,7 +4749,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "159",
+    "name": "163",
     "values": [
       "in-use",
       "auto"
