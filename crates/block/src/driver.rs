@@ -145,6 +145,21 @@ pub trait BlockDriver: Send + Sync {
     fn reopen_read_only(&self) -> BlockResult<()> {
         Ok(())
     }
+    /// Anonymous bitmaps the driver keeps on its node, as `(granularity, count in bytes)`,
+    /// newest first, shown after the node's own (QEMU's copy-before-write filter shows its
+    /// three).
+    fn internal_bitmaps(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+    /// The block-copy state of a copy-before-write filter (a backup copies through it).
+    fn block_copy(&self) -> Option<&Arc<crate::copy::BlockCopy>> {
+        None
+    }
+    /// The point-in-time view this node keeps (the copy-before-write filter), which a
+    /// `snapshot-access` node over it reads.
+    fn snapshot_view(&self) -> Option<&dyn SnapshotView> {
+        None
+    }
     /// Releases the driver: flushes; after this no I/O arrives.
     fn close(&self) -> BlockResult<()> {
         self.flush()
@@ -217,6 +232,19 @@ pub trait InternalSnapshots: Send + Sync {
     fn delete(&self, id_or_name: &str) -> BlockResult<SnapshotInfo>;
 }
 
+/// A point-in-time view a node keeps of its data (QEMU's snapshot-access API of the
+/// copy-before-write filter): what the node read when the view began, whatever was written
+/// since.
+pub trait SnapshotView: Send + Sync {
+    /// Fills `buf` from the view at `offset`; `EACCES` outside the view.
+    fn snapshot_read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()>;
+    /// How the view's range at `offset` reads through the layers behind it (at most `len`
+    /// bytes).
+    fn snapshot_status(&self, offset: u64, len: u64) -> BlockResult<crate::node::ChainStatus>;
+    /// Drops a range from the view (its whole clusters stop being copied and readable).
+    fn snapshot_discard(&self, offset: u64, len: u64) -> BlockResult<()>;
+}
+
 /// How a parent uses a child, which fixes the permissions the parent takes on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChildKind {
@@ -231,6 +259,12 @@ pub enum ChildKind {
     Metadata,
     /// A backing file: consistent read; everything shared.
     Backing,
+    /// Where a copy-before-write filter copies to (its `target`): write; everything shared but
+    /// resize (the sizes are checked once).
+    CopyTarget,
+    /// What a `snapshot-access` node reads the point-in-time view of: no permission taken,
+    /// everything shared; not a layer the node's data shows through.
+    SnapshotOf,
 }
 
 impl ChildKind {
@@ -255,6 +289,8 @@ impl ChildKind {
                 (p, shared & !(Perm::WRITE | Perm::RESIZE))
             }
             ChildKind::Backing => (Perm::CONSISTENT_READ, Perm::ALL),
+            ChildKind::CopyTarget => (Perm::WRITE, Perm::ALL & !Perm::RESIZE),
+            ChildKind::SnapshotOf => (Perm::NONE, Perm::ALL),
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The block layer: a graph of named nodes with drivers (file, raw, null-co, blkdebug, qcow2,
-//! and format drivers plugged in from outside), permissions and image locking, and dirty bitmaps
-//! as data (the QMP bitmap commands are the command layer's, `blockdev`).
+//! nbd, copy-before-write, snapshot-access), permissions and image locking, dirty bitmaps as
+//! data (the QMP bitmap commands are the command layer's, `blockdev`), and block copy
+//! ([`copy`]: the state a backup and the copy-before-write filter share).
 
 pub mod backend;
 pub mod bitmap;
+pub mod copy;
 pub mod driver;
 pub mod drivers;
 pub mod error;
@@ -17,14 +19,14 @@ pub use backend::BlockBackend;
 pub use bitmap::DirtyBitmap;
 pub use driver::{
     BitmapStore, BlkdebugEvent, BlockDriver, BlockEvent, BlockEventSink, ChildKind, DriverInfo,
-    InternalSnapshots, OpenContext,
+    InternalSnapshots, OpenContext, SnapshotView,
 };
 pub use error::{BlockError, BlockResult};
 pub use graph::BlockGraph;
 pub use io::PageBuf;
 pub use node::{
-    BeforeWrite, BlockNode, ChainStatus, ChildEdge, ChildSlot, Extent, NotifierHandle, OpBlocker,
-    Parent, PermGrant,
+    BeforeRead, BeforeWrite, BlockNode, ChainStatus, ChildEdge, ChildSlot, Extent, NotifierHandle,
+    OpBlocker, Parent, PermGrant,
 };
 pub use perm::Perm;
 pub use replace::replace_node;

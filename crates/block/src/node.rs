@@ -160,6 +160,8 @@ pub struct BlockNode {
     bitmaps: Mutex<Vec<DirtyBitmap>>,
     /// Before-write hooks, oldest first, with their ids.
     write_notifiers: Mutex<Vec<(u64, Arc<dyn BeforeWrite>)>>,
+    /// Before-read hooks, oldest first, with their ids.
+    read_notifiers: Mutex<Vec<(u64, Arc<dyn BeforeRead>)>>,
 }
 
 /// A hook run before every write to a node (QEMU's copy-before-write filter): a backup copies
@@ -170,7 +172,15 @@ pub trait BeforeWrite: Send + Sync {
     fn before_write(&self, offset: u64, len: u64) -> BlockResult<()>;
 }
 
-/// Keeps a [`BeforeWrite`] hook on its node; dropping it removes the hook.
+/// A hook run around every read of a node: fleecing reads of a copy's target are held
+/// against the copy-before-writes that would change what they read through to the source.
+pub trait BeforeRead: Send + Sync {
+    /// `len` bytes at `offset` are about to be read; the returned guard is held until the
+    /// read is done.
+    fn before_read(&self, offset: u64, len: u64) -> Box<dyn Send>;
+}
+
+/// Keeps a [`BeforeWrite`] or [`BeforeRead`] hook on its node; dropping it removes the hook.
 pub struct NotifierHandle {
     node: std::sync::Weak<BlockNode>,
     id: u64,
@@ -180,6 +190,7 @@ impl Drop for NotifierHandle {
     fn drop(&mut self) {
         if let Some(node) = self.node.upgrade() {
             lock(&node.write_notifiers).retain(|(id, _)| *id != self.id);
+            lock(&node.read_notifiers).retain(|(id, _)| *id != self.id);
         }
     }
 }
@@ -211,6 +222,7 @@ impl BlockNode {
             state: Mutex::new(NodeState::default()),
             bitmaps: Mutex::new(Vec::new()),
             write_notifiers: Mutex::new(Vec::new()),
+            read_notifiers: Mutex::new(Vec::new()),
         });
         for edge in node.children() {
             edge.node
@@ -341,7 +353,8 @@ impl BlockNode {
         let _ = self.refresh_perms();
         for edge in self.children() {
             let inherits = edge.node.options().get("read-only").is_none();
-            if edge.kind != ChildKind::Backing && inherits && !edge.node.is_monitor_owned() {
+            let data = matches!(edge.kind, ChildKind::Filtered | ChildKind::Metadata);
+            if data && inherits && !edge.node.is_monitor_owned() {
                 edge.node.reopen_read_only()?;
             }
         }
@@ -573,11 +586,31 @@ impl BlockNode {
         Ok(self.driver.size()?.div_ceil(512) * 512)
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
+    /// Reads `buf.len()` bytes at `offset` (holding what the before-read hooks return).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
         self.check_open()?;
         check_request(offset, buf.len() as u64)?;
+        let _held = self.notify_before_read(offset, buf.len() as u64);
         self.driver.read_at(offset, buf)
+    }
+
+    /// Registers `hook`, run around every read of this node until the returned handle drops.
+    pub fn add_read_notifier(self: &Arc<Self>, hook: Arc<dyn BeforeRead>) -> NotifierHandle {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        lock(&self.read_notifiers).push((id, hook));
+        NotifierHandle {
+            node: Arc::downgrade(self),
+            id,
+        }
+    }
+
+    fn notify_before_read(&self, offset: u64, len: u64) -> Vec<Box<dyn Send>> {
+        let hooks = lock(&self.read_notifiers);
+        if hooks.is_empty() {
+            return Vec::new();
+        }
+        let hooks: Vec<Arc<dyn BeforeRead>> = hooks.iter().map(|(_, h)| h.clone()).collect();
+        hooks.iter().map(|h| h.before_read(offset, len)).collect()
     }
 
     fn check_open(&self) -> BlockResult<()> {
@@ -787,6 +820,18 @@ impl BlockNode {
             allocated,
             zero: zero || (!allocated && reads_zero),
         })
+    }
+
+    /// Whether `other` is this node or a layer below it (through filters and backing files).
+    pub fn chain_contains(self: &Arc<Self>, other: &Arc<BlockNode>) -> bool {
+        let mut layer = Some(self.clone());
+        while let Some(node) = layer {
+            if Arc::ptr_eq(&node, other) {
+                return true;
+            }
+            layer = node.layer_below();
+        }
+        false
     }
 
     /// The layer below this node whose data shows through it: a filter's child, or the

@@ -3,6 +3,7 @@
 use std::io;
 use std::sync::{Arc, MutexGuard};
 
+use block::copy::{BlockCopy, CopyBuffers};
 use block::graph::{image_options, node_filename};
 use block::{BitmapStore, BlockError, BlockGraph, BlockNode, DirtyBitmap};
 use qmp_api::{
@@ -435,6 +436,23 @@ impl NodeGraph for BlockLayer {
     ) -> Result<Arc<dyn BlockIo>, QmpError> {
         let n = self.graph.lookup(node).map_err(qmp_error)?;
         crate::mirror_top::backend(&n, holder, writable).map_err(qmp_error)
+    }
+
+    fn add_backup_filter(
+        &mut self,
+        source: &str,
+        target: &str,
+        filter_node_name: Option<&str>,
+    ) -> Result<Option<(String, Arc<BlockCopy>)>, QmpError> {
+        let (node, copy) = self
+            .graph
+            .add_copy_before_write(source, target, filter_node_name)
+            .map_err(qmp_error)?;
+        Ok(Some((node.name().to_string(), copy)))
+    }
+
+    fn copy_buffers(&self) -> Option<Arc<CopyBuffers>> {
+        Some(self.graph.copy_buffers().clone())
     }
 
     fn internal_snapshots(&self, node: &str) -> Option<Vec<SnapshotInfo>> {

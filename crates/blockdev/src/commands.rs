@@ -149,6 +149,8 @@ impl Commands for Blockdev {
     }
 
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError> {
+        // A finished backup's filter still holds its source until this.
+        self.close_retired_nodes();
         self.state.exports.check_unexported(&args.node_name)?;
         self.state.claims.check_free(&args.node_name)?;
         self.state.graph_mut()?.blockdev_del(args)

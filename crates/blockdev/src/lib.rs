@@ -207,6 +207,9 @@ impl Blockdev {
 
     /// Uses `graph` for nodes (blockdev-add, lookups, images).
     pub fn with_graph(mut self, graph: Box<dyn NodeGraph>) -> Self {
+        if let Some(buffers) = graph.copy_buffers() {
+            self.state.buffers = buffers;
+        }
         self.state.graph = Some(graph);
         self
     }

@@ -160,8 +160,23 @@ pub fn error_of(errno: u32) -> io::Error {
     io::Error::from_raw_os_error(errno as i32)
 }
 
-/// The protocol error value for an I/O error of an export backend.
+/// The protocol error value for an I/O error of an export backend: an OS error as QEMU's
+/// `system_errno_to_nbd_errno` maps it (`EPERM`/`EROFS`, `EIO`, `ENOMEM`, `ENOSPC`/`EDQUOT`/
+/// `EFBIG`, `EOVERFLOW`, `ENOTSUP`, `ESHUTDOWN`; anything else, `EACCES` included, is
+/// `EINVAL`), other errors by kind.
 pub fn errno_of(error: &io::Error) -> u32 {
+    if let Some(errno) = error.raw_os_error() {
+        return match errno {
+            1 | 30 => EPERM,         // EPERM, EROFS
+            5 => EIO,                // EIO
+            12 => ENOMEM,            // ENOMEM
+            27 | 28 | 122 => ENOSPC, // EFBIG, ENOSPC, EDQUOT
+            75 => EOVERFLOW,         // EOVERFLOW
+            95 => ENOTSUP,           // EOPNOTSUPP (= ENOTSUP on Linux)
+            108 => ESHUTDOWN,        // ESHUTDOWN
+            _ => EINVAL,
+        };
+    }
     match error.kind() {
         io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => EPERM,
         io::ErrorKind::OutOfMemory => ENOMEM,

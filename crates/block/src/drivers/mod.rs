@@ -2,11 +2,13 @@
 //! its branch's options (`BlockdevOptionsFile`, `BlockdevOptionsQcow2`, ...).
 
 pub mod blkdebug;
+pub mod cbw;
 pub mod file;
 pub mod nbd;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod snapshot_access;
 
 use qmp_api::{BlockdevDriver, BlockdevOptionsBranch, BlockdevRefOrNull};
 
@@ -25,12 +27,8 @@ pub(crate) fn open(
         BlockdevOptionsBranch::NullCo(o) => null::open(ctx, o),
         BlockdevOptionsBranch::Qcow2(o) => qcow2::open(ctx, o),
         BlockdevOptionsBranch::Raw(o) => raw::open(ctx, o),
-        BlockdevOptionsBranch::CopyBeforeWrite(_) | BlockdevOptionsBranch::SnapshotAccess(_) => {
-            Err(crate::error::BlockError::new(format!(
-                "Driver '{}' is not available yet",
-                branch.kind()
-            )))
-        }
+        BlockdevOptionsBranch::CopyBeforeWrite(o) => cbw::open(ctx, o),
+        BlockdevOptionsBranch::SnapshotAccess(o) => snapshot_access::open(ctx, o),
     }
 }
 
