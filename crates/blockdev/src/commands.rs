@@ -75,6 +75,8 @@ impl Blockdev {
         grouped: bool,
     ) -> Result<(), QmpError> {
         self.close_retired_nodes();
+        // The actions see one point in time: no export request runs meanwhile.
+        let _quiet = self.state.exports.drain();
         self.state.jobs.drain_all();
         let group = grouped.then(|| self.state.jobs.new_txn());
         transaction::run(&mut self.state, actions, group.as_ref())

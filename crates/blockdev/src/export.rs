@@ -30,6 +30,7 @@ use tokio::runtime::Handle;
 use crate::BlockState;
 use crate::bitmaps::{BitmapCheck, check_bitmap, with_bitmap};
 use crate::node::{self, BlockIo, NodeBitmaps, NodeGraph};
+use crate::quiesce::{DrainedSection, ExportGate};
 
 /// QEMU's `NBD_MAX_STRING_SIZE`: longest export name or description.
 const MAX_STRING: usize = 4096;
@@ -108,6 +109,8 @@ pub(crate) struct NbdExports {
     /// Newest first, as QEMU lists them. Shared with the tasks that wait for a deletion.
     records: Arc<Mutex<Vec<ExportRecord>>>,
     events: Arc<dyn EventSink>,
+    /// Every export's requests pass it; a transaction holds it closed.
+    gate: Arc<ExportGate>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -141,11 +144,18 @@ impl NbdExports {
             server: None,
             records: Arc::default(),
             events,
+            gate: Arc::default(),
         }
     }
 
     pub(crate) fn set_runtime(&mut self, runtime: Handle) {
         self.runtime = Some(runtime);
+    }
+
+    /// Holds every export's requests (waiting for those under way) until the section drops:
+    /// what a transaction does first (QEMU's `bdrv_drain_all`, atomic in its main loop).
+    pub(crate) fn drain(&self) -> DrainedSection {
+        self.gate.drain()
     }
 
     /// QEMU's "Node <n> is in use" (`blockdev-del` of a node an export uses).
@@ -348,7 +358,10 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
         Some(g) => g.backend(&args.node_name, &format!("export '{}'", args.id), writable)?,
         None => io,
     };
-    let backend = Arc::new(NodeExport { io: io.clone() });
+    let backend = Arc::new(NodeExport {
+        io: io.clone(),
+        gate: state.exports.gate.clone(),
+    });
     let mut export = Export::new(name.clone(), backend)
         .writable(writable)
         .writethrough(args.writethrough == Some(true))
@@ -523,6 +536,8 @@ impl BlockStatus for AllocationDepth {
 /// block layer's nodes); elsewhere (test graphs), at the node's own layer.
 struct NodeExport {
     io: Arc<dyn BlockIo>,
+    /// Requests wait here while a transaction runs.
+    gate: Arc<ExportGate>,
 }
 
 impl ExportBackend for NodeExport {
@@ -531,26 +546,32 @@ impl ExportBackend for NodeExport {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let _pass = self.gate.enter();
         self.io.read_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let _pass = self.gate.enter();
         self.io.write_at(buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _pass = self.gate.enter();
         self.io.write_zeroes(offset, len)
     }
 
     fn write_zeroes_fast(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _pass = self.gate.enter();
         self.io.write_zeroes_fast(offset, len)
     }
 
     fn flush(&self) -> io::Result<()> {
+        let _pass = self.gate.enter();
         self.io.flush()
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _pass = self.gate.enter();
         self.io.discard(offset, len)
     }
 

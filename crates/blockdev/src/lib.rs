@@ -20,6 +20,7 @@ mod io_threads;
 pub mod mirror;
 mod mirror_top;
 pub mod node;
+mod quiesce;
 mod snapshot;
 pub mod transaction;
 

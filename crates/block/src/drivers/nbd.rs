@@ -514,7 +514,18 @@ impl BlockDriver for NbdDriver {
         }
     }
 
+    /// Flushes (as QEMU's `bdrv_close` does) and disconnects. A server that is gone cannot
+    /// stop the node from closing, nor make it wait for a reconnection: like QEMU,
+    /// `blockdev-del` still succeeds.
     fn close(&self) -> BlockResult<()> {
+        let client = self.client.clone();
+        let connected = wait(async move { client.is_connected().await }).unwrap_or(false);
+        if !self.info.read_only()
+            && connected
+            && let Err(e) = self.flush()
+        {
+            tracing::warn!("{}: flush at close failed: {e}", self.filename);
+        }
         close_quietly(&self.client);
         Ok(())
     }

@@ -20,6 +20,7 @@
 //! ```
 
 mod negotiate;
+pub mod pull;
 mod transport;
 
 use std::io;
