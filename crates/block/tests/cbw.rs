@@ -340,7 +340,7 @@ fn min_cluster_size_sets_the_unit_copied() {
                      "target": "tmp", "min-cluster-size": 3000});
     assert_eq!(
         add_error(&mut graph, bad),
-        "min-cluster-size needs to be a power of 2"
+        "Cannot create block-copy-state: min-cluster-size needs to be a power of 2"
     );
 }
 

@@ -285,10 +285,10 @@ impl BackupJob {
         }
     }
 
-    /// The bytes a backup of `source` copies: all of it, or the bitmap's dirty ranges.
+    /// The job's length: the bitmap's dirty ranges, or all of the source (with `sync=none`
+    /// too: as in QEMU, any cluster may be copied before a write).
     pub(crate) fn total(source: &dyn BlockIo, sync: BackupSync, bitmap: Option<&JobBitmap>) -> u64 {
         match (sync, bitmap) {
-            (BackupSync::None, _) => 0,
             (BackupSync::Bitmap, Some(b)) => b.dirty_ranges().iter().map(|r| r.1).sum(),
             _ => source.size(),
         }

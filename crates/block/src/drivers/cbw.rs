@@ -50,7 +50,10 @@ fn cluster_size(target: &BlockNode, min_cluster_size: Option<u64>) -> BlockResul
         )));
     }
     if min != 0 && !min.is_power_of_two() {
-        return Err(BlockError::new("min-cluster-size needs to be a power of 2"));
+        // QEMU says it while creating its block-copy state.
+        return Err(BlockError::new(
+            "Cannot create block-copy-state: min-cluster-size needs to be a power of 2",
+        ));
     }
     let target_cluster = target.driver().info().cluster_size.unwrap_or(0);
     Ok(DEFAULT_CLUSTER.max(min).max(target_cluster))
