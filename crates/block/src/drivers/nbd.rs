@@ -5,9 +5,10 @@
 //! WRITE_ZEROES with FAST_ZERO, and reconnection within `reconnect-delay`.
 //!
 //! The client is async; the block layer's calls block. Connections live on one small runtime
-//! of their own ([`client_runtime`]), so a caller on any thread (the I/O pool, the NBD server's
-//! blocking threads, the monitor's dispatcher) hands it a request and waits for the answer,
-//! and no caller's own runtime can be starved by the wait.
+//! of their own ([`client_runtime`]), whose workers drive the sockets and route the replies: a
+//! caller on any thread (the I/O pool, the NBD server's blocking threads, the monitor's
+//! dispatcher) sends its request itself, its data borrowed, and sleeps until the reply wakes
+//! it ([`wait_here`]); no caller's own runtime can be starved by the wait.
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -62,6 +63,32 @@ fn wait<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static) -> 
     result
         .recv()
         .map_err(|_| BlockError::with_errno("The NBD client stopped", libc::EIO))
+}
+
+/// Runs `future` on this thread (in the client runtime's context, whose workers drive the
+/// sockets) until it is done: a request's data is borrowed from the caller, not copied, and
+/// the reply wakes the caller itself rather than a task that then wakes it.
+fn wait_here<F: Future>(future: F) -> BlockResult<F::Output> {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let _context = client_runtime()?.enter();
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return Ok(output);
+        }
+        // A wake-up before the park makes it return at once; a spurious one polls again.
+        std::thread::park();
+    }
 }
 
 /// Which metadata context the node's block status comes from.
@@ -308,8 +335,7 @@ fn close_quietly(client: &Arc<Reconnecting>) {
 impl NbdDriver {
     /// Runs `command` (reconnecting as needed) and returns what it answered.
     fn execute(&self, command: Command) -> BlockResult<Outcome> {
-        let client = self.client.clone();
-        wait(async move { client.execute(&command).await })?.map_err(request_error)
+        wait_here(self.client.execute(&command))?.map_err(request_error)
     }
 
     /// The part of `[offset, offset + len)` inside the export (the node's size is rounded up
@@ -381,11 +407,8 @@ impl BlockDriver for NbdDriver {
         }
         let chunk = self.max_payload() as usize;
         for (i, piece) in buf.chunks(chunk.max(1)).enumerate() {
-            self.execute(Command::Write {
-                offset: offset + (i * chunk) as u64,
-                data: piece.to_vec(),
-                fua: false,
-            })?;
+            let offset = offset + (i * chunk) as u64;
+            wait_here(self.client.write(offset, piece, false))?.map_err(request_error)?;
         }
         Ok(())
     }

@@ -270,6 +270,24 @@ pub enum Command {
     },
 }
 
+/// A request [`Reconnecting`] may send again: a command, or a write of borrowed data.
+#[derive(Clone, Copy)]
+enum Request<'a> {
+    Command(&'a Command),
+    Write { offset: u64, data: &'a [u8], fua: bool },
+}
+
+impl Request<'_> {
+    async fn run_on(self, client: &NbdClient) -> Result<Outcome, ClientError> {
+        match self {
+            Request::Command(command) => client.execute(command).await,
+            Request::Write { offset, data, fua } => {
+                client.write(offset, data, fua).await.map(|()| Outcome::Done)
+            }
+        }
+    }
+}
+
 /// What a [`Command`] returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -481,16 +499,27 @@ impl Reconnecting {
     /// Runs `command`, sending it again on a new connection when the current one is lost,
     /// until `delay` has passed since the loss.
     pub async fn execute(&self, command: &Command) -> Result<Outcome, ClientError> {
+        self.retrying(Request::Command(command)).await
+    }
+
+    /// WRITE of `data` at `offset` (as [`Command::Write`], without taking the data).
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
+        self.retrying(Request::Write { offset, data, fua })
+            .await
+            .map(|_| ())
+    }
+
+    async fn retrying(&self, request: Request<'_>) -> Result<Outcome, ClientError> {
         loop {
             let client = self.client().await?;
-            match client.execute(command).await {
+            match request.run_on(&client).await {
                 Err(error) if error.is_retryable() => {
                     self.lost(&client).await;
                     let lost_at = self.link.lock().await.lost_at;
                     if lost_at.is_some_and(|at| Instant::now() >= at + self.delay) {
                         // One more attempt, as QEMU's requests past the delay make.
                         let client = self.client().await?;
-                        return client.execute(command).await;
+                        return request.run_on(&client).await;
                     }
                 }
                 other => return other,
