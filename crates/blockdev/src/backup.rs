@@ -310,8 +310,8 @@ impl BackupJob {
             return Ok(());
         }
         ctx.set_progress_remaining(self.remaining.iter().map(|r| r.1).sum());
-        // Requests in order; up to `depth` in flight (one under a speed limit, so that the
-        // limit and pause points act per request as before).
+        // Requests started in order; up to `depth` in flight (one under a speed limit, so that
+        // the limit and pause points act per request as before).
         // `x-perf.max-chunk` (at least a backup cluster, as checked) bounds the requests.
         let cluster = self.copy.cluster_size();
         let chunk = match self.options.max_chunk {
@@ -346,7 +346,9 @@ impl BackupJob {
                     len,
                 ));
             }
-            let Some(request) = in_flight.pop_front() else {
+            // The first to finish, whichever it is (QEMU's task pool starts the next copy as
+            // soon as any one ends): a slow request does not hold the others' places.
+            let Some(request) = CopyRequest::first_done(&mut in_flight).await else {
                 break;
             };
             let (offset, len) = (request.offset, request.len);
@@ -462,7 +464,8 @@ struct CopyRequest {
     offset: u64,
     len: u64,
     result: Arc<Mutex<Option<CopyResult>>>,
-    done: crate::node::IoFuture,
+    /// `None` once it has finished.
+    done: Option<crate::node::IoFuture>,
 }
 
 impl CopyRequest {
@@ -478,12 +481,36 @@ impl CopyRequest {
             offset,
             len,
             result,
-            done,
+            done: Some(done),
         }
     }
 
+    /// Removes and returns the first request of `requests` to finish (`None` if empty).
+    async fn first_done(requests: &mut VecDeque<CopyRequest>) -> Option<CopyRequest> {
+        if requests.is_empty() {
+            return None;
+        }
+        let index = std::future::poll_fn(|cx| {
+            for (i, request) in requests.iter_mut().enumerate() {
+                let finished = match request.done.as_mut() {
+                    None => true,
+                    Some(done) => done.as_mut().poll(cx).is_ready(),
+                };
+                if finished {
+                    request.done = None;
+                    return std::task::Poll::Ready(i);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await;
+        requests.remove(index)
+    }
+
     async fn wait(self) -> CopyResult {
-        self.done.await;
+        if let Some(done) = self.done {
+            done.await;
+        }
         self.result
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
