@@ -35,7 +35,9 @@ fn tool(program: &str, args: &[&str]) {
     let out = Command::new(program)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("run {program}: {e} (install it with `apt-get install qemu-utils`)"));
+        .unwrap_or_else(|e| {
+            panic!("run {program}: {e} (install it with `apt-get install qemu-utils`)")
+        });
     assert!(
         out.status.success(),
         "{program} {args:?}: {}",

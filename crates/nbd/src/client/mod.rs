@@ -274,16 +274,21 @@ pub enum Command {
 #[derive(Clone, Copy)]
 enum Request<'a> {
     Command(&'a Command),
-    Write { offset: u64, data: &'a [u8], fua: bool },
+    Write {
+        offset: u64,
+        data: &'a [u8],
+        fua: bool,
+    },
 }
 
 impl Request<'_> {
     async fn run_on(self, client: &NbdClient) -> Result<Outcome, ClientError> {
         match self {
             Request::Command(command) => client.execute(command).await,
-            Request::Write { offset, data, fua } => {
-                client.write(offset, data, fua).await.map(|()| Outcome::Done)
-            }
+            Request::Write { offset, data, fua } => client
+                .write(offset, data, fua)
+                .await
+                .map(|()| Outcome::Done),
         }
     }
 }
