@@ -1,6 +1,6 @@
 //! Their servers, our client: blockjobd's `nbd` nodes on exports of `qemu-nbd`,
-//! qemu-storage-daemon and `nbdkit memory`, as a backup target (push mode), a mirror target, a
-//! backup source (holes skipped) and a backing file; added by `blockdev-add` and on the command
+//! qemu-storage-daemon and `nbdkit memory`, each as a backup target (push mode), a mirror
+//! target and a backing file; a backup source (holes skipped); added by `blockdev-add` and on the command
 //! line; and the faults: the server killed mid-backup (reconnected within `reconnect-delay`, or
 //! the job failing cleanly after it, its `on-target-error` applying), the target checked with
 //! `qemu-img check` and `compare`.
@@ -141,14 +141,33 @@ fn a_backup_pushes_to_qemu_nbd_qemu_storage_daemon_and_nbdkit_exports() {
     assert_same_image(&src_name, &memory.uri());
 }
 
-#[test]
-fn a_mirror_targets_an_nbd_export() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = source_image(dir.path());
-    let (_daemon, mut qmp) = daemon_with_source(dir.path(), &source);
-    let target = qcow2(dir.path(), "mirror.qcow2", "4M");
-    let server = ServerProcess::qemu_nbd(dir.path(), "m", &target, "qcow2", &[]);
-    nbd_node(&mut qmp, "t", &server, json!({}));
+/// qemu-storage-daemon exporting `image` (qcow2) as export `name` on `dir/nbd.sock`
+/// (writable or not): the daemon, its QMP connection and the socket.
+fn qsd_export(dir: &Path, image: &Path, name: &str, writable: bool) -> (Daemon, Qmp, PathBuf) {
+    let qsd = Daemon::spawn(Path::new("qemu-storage-daemon"), dir);
+    let mut qmp = qsd.connect();
+    let socket = dir.join("nbd.sock");
+    qmp.execute(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": name, "read-only": !writable,
+               "file": {"driver": "file", "filename": image.to_str().unwrap()}}),
+    )
+    .expect("QSD blockdev-add");
+    qmp.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": socket.to_str().unwrap()}}}),
+    )
+    .expect("QSD nbd-server-start");
+    qmp.execute(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": name, "writable": writable}),
+    )
+    .expect("QSD block-export-add");
+    (qsd, qmp, socket)
+}
+
+/// A mirror from `src` to the nbd node `t` (already added), to READY and completed.
+fn mirror_to_t(qmp: &mut Qmp) {
     qmp.execute(
         "blockdev-mirror",
         json!({"job-id": "m", "device": "src", "target": "t", "sync": "full"}),
@@ -157,12 +176,55 @@ fn a_mirror_targets_an_nbd_export() {
     qmp.wait_event("BLOCK_JOB_READY", WAIT, |d| d["device"] == "m");
     qmp.execute("block-job-complete", json!({"device": "m"}))
         .expect("block-job-complete");
-    let done = wait_completed(&mut qmp, "m");
+    let done = wait_completed(qmp, "m");
     assert!(done.get("error").is_none(), "{done}");
     qmp.execute("blockdev-del", json!({"node-name": "t"}))
         .expect("blockdev-del t");
-    drop(server);
-    assert_same_image(&unlocked(&source, "qcow2"), target.to_str().unwrap());
+}
+
+#[test]
+fn a_mirror_targets_qemu_nbd_qemu_storage_daemon_and_nbdkit_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = source_image(dir.path());
+    let src_name = unlocked(&source, "qcow2");
+
+    // qemu-nbd: the pivot leaves `src` on the target; a fresh daemon for each target.
+    {
+        let (_daemon, mut qmp) = daemon_with_source(dir.path(), &source);
+        let target = qcow2(dir.path(), "mirror.qcow2", "4M");
+        let server = ServerProcess::qemu_nbd(dir.path(), "m", &target, "qcow2", &[]);
+        nbd_node(&mut qmp, "t", &server, json!({}));
+        mirror_to_t(&mut qmp);
+        drop(server);
+        assert_same_image(&src_name, target.to_str().unwrap());
+    }
+    // qemu-storage-daemon.
+    {
+        let qsd_dir = dir.path().join("qsd");
+        std::fs::create_dir_all(&qsd_dir).unwrap();
+        let target = qcow2(&qsd_dir, "mirror.qcow2", "4M");
+        let (qsd, mut qsd_qmp, socket) = qsd_export(&qsd_dir, &target, "t", true);
+        let (_daemon, mut qmp) = daemon_with_source(dir.path(), &source);
+        qmp.execute(
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": "t", "export": "t",
+                   "server": {"type": "unix", "path": socket.to_str().unwrap()}}),
+        )
+        .expect("blockdev-add t");
+        mirror_to_t(&mut qmp);
+        qsd_qmp.execute("quit", json!({})).expect("QSD quit");
+        drop(qsd);
+        tool("qemu-img", &["check", target.to_str().unwrap()]);
+        assert_same_image(&src_name, target.to_str().unwrap());
+    }
+    // nbdkit memory.
+    {
+        let (_daemon, mut qmp) = daemon_with_source(dir.path(), &source);
+        let memory = ServerProcess::nbdkit(dir.path(), "mem", &["memory", "4M"]);
+        nbd_node(&mut qmp, "t", &memory, json!({}));
+        mirror_to_t(&mut qmp);
+        assert_same_image(&src_name, &memory.uri());
+    }
 }
 
 #[test]
@@ -204,48 +266,25 @@ fn a_backup_from_an_nbd_source_copies_its_data_and_skips_its_holes() {
     assert_eq!(data, (1 << 20) + (512 << 10), "{map}");
 }
 
-#[test]
-fn an_overlay_reads_through_a_backing_file_served_by_qemu_storage_daemon() {
-    let dir = tempfile::tempdir().unwrap();
-    let qsd_dir = dir.path().join("qsd");
-    std::fs::create_dir_all(&qsd_dir).unwrap();
-    let base = qcow2(&qsd_dir, "base.qcow2", "4M");
-    qemu_io(base.to_str().unwrap(), "qcow2", &["write -P 0x33 0 4M"]);
-    let qsd = Daemon::spawn(Path::new("qemu-storage-daemon"), &qsd_dir);
-    let mut qsd_qmp = qsd.connect();
-    let qsd_socket = qsd_dir.join("nbd.sock");
-    qsd_qmp
-        .execute(
-            "blockdev-add",
-            json!({"driver": "qcow2", "node-name": "base", "read-only": true,
-                   "file": {"driver": "file", "filename": base.to_str().unwrap()}}),
-        )
-        .expect("QSD blockdev-add");
-    qsd_qmp
-        .execute(
-            "nbd-server-start",
-            json!({"addr": {"type": "unix", "data": {"path": qsd_socket.to_str().unwrap()}}}),
-        )
-        .expect("QSD nbd-server-start");
-    qsd_qmp
-        .execute(
-            "block-export-add",
-            json!({"type": "nbd", "id": "e", "node-name": "base"}),
-        )
-        .expect("QSD block-export-add");
-
-    let top = qcow2(dir.path(), "top.qcow2", "4M");
-    let daemon = Daemon::spawn(&blockjobd(), dir.path());
+/// An overlay in blockjobd whose backing file is the nbd node `remote` on `server` (4 MiB of
+/// 0x33), exported: reads through it, a write to the overlay, the node as QEMU lists it
+/// (`filename`: its pseudo file name), and the allocation depth seen through the export.
+fn overlay_over(dir: &Path, server: Value, export: Option<&str>, filename: &str) {
+    let top = qcow2(dir, "top.qcow2", "4M");
+    let daemon = Daemon::spawn(&blockjobd(), dir);
     let mut qmp = daemon.connect();
+    let mut backing = json!({"driver": "nbd", "node-name": "remote", "server": server});
+    if let Some(export) = export {
+        backing["export"] = json!(export);
+    }
     qmp.execute(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": "top",
                "file": {"driver": "file", "filename": top.to_str().unwrap()},
-               "backing": {"driver": "nbd", "node-name": "remote", "export": "base",
-                           "server": {"type": "unix", "path": qsd_socket.to_str().unwrap()}}}),
+               "backing": backing}),
     )
     .expect("overlay over an NBD backing file");
-    let socket = dir.path().join("ours.sock");
+    let socket = dir.join("ours.sock");
     qmp.execute(
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": socket.to_str().unwrap()}}}),
@@ -280,13 +319,49 @@ fn an_overlay_reads_through_a_backing_file_served_by_qemu_storage_daemon() {
         .clone();
     assert_eq!(remote["drv"], "nbd");
     assert_eq!(remote["ro"], true);
-    assert_eq!(
-        remote["file"],
-        json!(format!("nbd+unix:///base?socket={}", qsd_socket.display()))
-    );
+    assert_eq!(remote["file"], json!(filename));
     // The overlay's allocation depth shows the backing file's data, too.
     let map = tool("nbdinfo", &["--map=qemu:allocation-depth", &uri]);
     assert!(map.contains("backing depth 2"), "{map}");
+    qmp.execute("quit", json!({})).expect("quit");
+    let mut daemon = daemon;
+    assert!(daemon.wait_exit(WAIT));
+}
+
+#[test]
+fn an_overlay_reads_through_a_backing_file_served_by_qsd_qemu_nbd_and_nbdkit() {
+    let dir = tempfile::tempdir().unwrap();
+    // qemu-storage-daemon.
+    let qsd_dir = dir.path().join("qsd");
+    std::fs::create_dir_all(&qsd_dir).unwrap();
+    let base = qcow2(&qsd_dir, "base.qcow2", "4M");
+    qemu_io(base.to_str().unwrap(), "qcow2", &["write -P 0x33 0 4M"]);
+    let (qsd, _qsd_qmp, socket) = qsd_export(&qsd_dir, &base, "base", false);
+    let ours = dir.path().join("ours-qsd");
+    std::fs::create_dir_all(&ours).unwrap();
+    overlay_over(
+        &ours,
+        json!({"type": "unix", "path": socket.to_str().unwrap()}),
+        Some("base"),
+        &format!("nbd+unix:///base?socket={}", socket.display()),
+    );
+    drop(qsd);
+
+    // qemu-nbd, read-only.
+    let server = ServerProcess::qemu_nbd(dir.path(), "base", &base, "qcow2", &["-r"]);
+    let ours = dir.path().join("ours-qemu-nbd");
+    std::fs::create_dir_all(&ours).unwrap();
+    overlay_over(&ours, server.server(), Some("disk"), &server.uri());
+    drop(server);
+
+    // nbdkit memory, filled first (its default export).
+    let memory = ServerProcess::nbdkit(dir.path(), "mem", &["memory", "4M"]);
+    qemu_io(&memory.uri(), "raw", &["write -P 0x33 0 4M"]);
+    let ours = dir.path().join("ours-nbdkit");
+    std::fs::create_dir_all(&ours).unwrap();
+    // QEMU names a node on the default export `nbd+unix://?socket=PATH`.
+    let filename = format!("nbd+unix://?socket={}", memory.socket.display());
+    overlay_over(&ours, memory.server(), None, &filename);
 }
 
 #[test]
