@@ -164,6 +164,13 @@ pub trait BlockDriver: Send + Sync {
     fn close(&self) -> BlockResult<()> {
         self.flush()
     }
+    /// Whether [`BlockDriver::close`] does the flush at close itself, deciding what a failed
+    /// one means (the nbd driver: a server that is gone neither fails nor delays the close);
+    /// otherwise the node flushes a written node (and its children) before closing it, and a
+    /// failed flush is the close's error.
+    fn flushes_at_close(&self) -> bool {
+        false
+    }
 }
 
 /// Something a node reports on its own, outside any request (the daemon turns it into a QMP

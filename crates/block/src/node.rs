@@ -940,7 +940,10 @@ impl BlockNode {
     pub(crate) fn close_storing(&self, store_bitmaps: bool) -> BlockResult<()> {
         // As QEMU's `bdrv_close`: a node written since its last flush is flushed (with its
         // children) first; an error there is the close's error.
-        let flushed = if !self.is_closed() && self.unflushed.load(Ordering::Acquire) {
+        let flushed = if !self.is_closed()
+            && self.unflushed.load(Ordering::Acquire)
+            && !self.driver.flushes_at_close()
+        {
             self.flush()
         } else {
             Ok(())

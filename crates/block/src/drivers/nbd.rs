@@ -552,4 +552,8 @@ impl BlockDriver for NbdDriver {
         close_quietly(&self.client);
         Ok(())
     }
+
+    fn flushes_at_close(&self) -> bool {
+        true
+    }
 }
