@@ -21,11 +21,26 @@ impl Daemon {
     /// Starts `program` with its monitor on `dir/qmp.sock` (working directory `dir`) and waits
     /// until the socket exists.
     pub fn spawn(program: &Path, dir: &Path) -> Daemon {
-        Daemon::spawn_with_stderr(program, dir, Stdio::null())
+        Daemon::spawn_full(program, dir, &[], Stdio::null())
     }
 
     /// [`Daemon::spawn`] with the daemon's stderr going to `stderr` (e.g. a log file).
     pub fn spawn_with_stderr(program: &Path, dir: &Path, stderr: impl Into<Stdio>) -> Daemon {
+        Daemon::spawn_full(program, dir, &[], stderr)
+    }
+
+    /// [`Daemon::spawn`] with more options after the monitor's (`--object`, `--blockdev`...).
+    pub fn spawn_with(program: &Path, dir: &Path, options: &[String]) -> Daemon {
+        Daemon::spawn_full(program, dir, options, Stdio::null())
+    }
+
+    /// [`Daemon::spawn`] with more options and the daemon's stderr going to `stderr`.
+    pub fn spawn_full(
+        program: &Path,
+        dir: &Path,
+        options: &[String],
+        stderr: impl Into<Stdio>,
+    ) -> Daemon {
         let socket = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&socket);
         let child = Command::new(program)
@@ -35,6 +50,7 @@ impl Daemon {
                 socket.display()
             ))
             .args(["--monitor", "chardev=m"])
+            .args(options)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -43,11 +59,10 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
         let mut daemon = Daemon { child, socket };
         let deadline = Instant::now() + Duration::from_secs(10);
-        // The socket file appears at bind(), before listen(): wait until the socket
-        // listens, not only for the file. Without connecting: qemu-storage-daemon 10.0.2
-        // closes a connection that comes right after a probe connection's close about one
-        // time in ten (GLib prints `g_source_unref: assertion 'source != NULL' failed`).
-        while !listening(&daemon.socket) {
+        // The file appears at bind(), a moment before listen(): `Qmp::connect`
+        // retries a refused connection (no probe connection here: a daemon's
+        // monitor serves one client at a time).
+        while !daemon.socket.exists() {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("{} exited at start: {status}", program.display());
             }
@@ -70,6 +85,11 @@ impl Daemon {
             .status()
             .expect("run kill (procps)");
         assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL, then reap the process.
@@ -268,18 +288,5 @@ pub fn qcow2_node(node: &str, path: &Path) -> Value {
         "driver": "qcow2",
         "node-name": node,
         "file": {"driver": "file", "filename": path.to_str().expect("UTF-8 path")},
-    })
-}
-
-/// Whether a unix socket bound at `path` listens (`/proc/net/unix` lists it with the
-/// `__SO_ACCEPTCON` flag), found without connecting to it.
-fn listening(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return false;
-    };
-    let path = path.to_string_lossy();
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.len() >= 8 && fields[3] == "00010000" && fields[7] == path
     })
 }

@@ -42,9 +42,18 @@ fn backup(job: &str, source: &str, target: &str) -> Value {
 async fn scenario(program: &Path, expected_major: i64) {
     let dir = tempfile::tempdir().expect("temp dir");
     let daemon = Daemon::spawn(program, dir.path());
-    let client = Client::connect_unix(&daemon.socket)
-        .await
-        .expect("connect and negotiate");
+    // The socket file appears at bind(), a moment before listen(): a refused
+    // connection is retried for a while.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let client = loop {
+        match Client::connect_unix(&daemon.socket).await {
+            Ok(client) => break client,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("refused") => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("connect and negotiate: {e}"),
+        }
+    };
     assert_eq!(
         client.greeting().expect("a greeting").version.major,
         expected_major

@@ -1,9 +1,11 @@
-//! Crash safety: `kill -9` of blockjobd in the middle of a backup or a snapshot never leaves a
-//! corrupt qcow2 image behind. After every kill, `qemu-img check` on every image involved
-//! (source, backup target, snapshot overlay) must exit 0 (clean) or 3 (leaked clusters only,
-//! which QEMU itself allows after a crash), never 2 (corruption) or 1 (check failed); and the
-//! source must still read exactly as before (`qemu-img compare`). An overlay file killed before
-//! its creation wrote anything (empty or all zeros) is not an image yet and is not checked.
+//! Crash safety: `kill -9` of blockjobd in the middle of a backup, a snapshot, a stream or a
+//! commit (intermediate or active, up to READY and through the pivot) never leaves a corrupt
+//! qcow2 image behind. After every kill, `qemu-img check` on every image involved (source, backup target, snapshot overlay, every layer of a chain) must exit 0
+//! (clean) or 3 (leaked clusters only, which QEMU itself allows after a crash), never 2
+//! (corruption) or 1 (check failed); and what the guest sees must still read exactly as before
+//! (`qemu-img compare` of the source, or of a chain's top through whatever chain its header
+//! names now). An overlay file killed before its creation wrote anything (empty or all zeros) is
+//! not an image yet and is not checked.
 //!
 //! Each scenario is first run to completion once to measure how long it takes (T); the 20 kills
 //! then land at evenly spread points from 0 to 1.2 × T after the command is sent, so they cover
@@ -45,14 +47,20 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 temp path")
 }
 
-/// The pristine images every run starts from: a source full of data (a few patterns, so the
-/// copy is not uniform) and an empty qcow2 backup target of the same size.
+/// The pristine images every run starts from (copied into each run's directory), the nodes
+/// each run adds, and the image whose guest-visible content no scenario may change.
 struct Pristine {
-    _dir: tempfile::TempDir,
-    source: PathBuf,
-    target: PathBuf,
+    dir: tempfile::TempDir,
+    /// File names in `dir`.
+    files: Vec<&'static str>,
+    /// `blockdev-add` arguments, given the run's directory.
+    nodes: fn(&Path) -> Vec<Value>,
+    /// The file name of the image the guest sees.
+    guest: &'static str,
 }
 
+/// A source full of data (a few patterns, so the copy is not uniform) and an empty qcow2
+/// backup target of the same size, added as `src` and `tgt`.
 fn pristine() -> Pristine {
     let dir = tempfile::tempdir().expect("temp dir");
     let source = dir.path().join("src.qcow2");
@@ -78,9 +86,63 @@ fn pristine() -> Pristine {
         ],
     );
     Pristine {
-        _dir: dir,
-        source,
-        target,
+        dir,
+        files: vec!["src.qcow2", "tgt.qcow2"],
+        nodes: |d| {
+            vec![
+                qcow2_node("src", &d.join("src.qcow2")),
+                qcow2_node("tgt", &d.join("tgt.qcow2")),
+            ]
+        },
+        guest: "src.qcow2",
+    }
+}
+
+/// A chain base <- mid <- top <- top2 (backing file names relative, so the files can be copied),
+/// each layer with data of its own over part of the layers below, added as named nodes.
+fn chain_pristine() -> Pristine {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let layers = [
+        ("base.qcow2", None, "write -P 0xab 0 24M"),
+        ("mid.qcow2", Some("base.qcow2"), "write -P 0x5c 8M 8M"),
+        ("top.qcow2", Some("mid.qcow2"), "write -P 0x3d 12M 12M"),
+        ("top2.qcow2", Some("top.qcow2"), "write -z 28M 2M"),
+    ];
+    for (file, backing, write) in layers {
+        let path = dir.path().join(file);
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if let Some(b) = backing {
+            args.extend(["-b", b, "-F", "qcow2"]);
+        }
+        args.extend([path_str(&path), IMAGE_SIZE]);
+        // Relative backing names resolve against the image's own directory.
+        let out = Command::new("qemu-img")
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .expect("run qemu-img (install qemu-utils)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        run("qemu-io", &["-f", "qcow2", "-c", write, path_str(&path)]);
+    }
+    Pristine {
+        dir,
+        files: vec!["base.qcow2", "mid.qcow2", "top.qcow2", "top2.qcow2"],
+        nodes: |d| {
+            let mut backing = Value::Null;
+            let mut nodes = Vec::new();
+            for layer in ["base", "mid", "top", "top2"] {
+                let mut node = qcow2_node(layer, &d.join(format!("{layer}.qcow2")));
+                node["backing"] = backing;
+                nodes.push(node);
+                backing = json!(layer);
+            }
+            nodes
+        },
+        guest: "top2.qcow2",
     }
 }
 
@@ -116,12 +178,14 @@ struct Run {
 impl Run {
     fn start(pristine: &Pristine) -> Run {
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::copy(&pristine.source, dir.path().join("src.qcow2")).expect("copy source");
-        std::fs::copy(&pristine.target, dir.path().join("tgt.qcow2")).expect("copy target");
+        for file in &pristine.files {
+            std::fs::copy(pristine.dir.path().join(file), dir.path().join(file))
+                .unwrap_or_else(|e| panic!("copy {file}: {e}"));
+        }
         let daemon = Daemon::spawn(&daemon_program(), dir.path());
         let mut qmp = daemon.connect();
-        for (node, file) in [("src", "src.qcow2"), ("tgt", "tgt.qcow2")] {
-            qmp.execute("blockdev-add", qcow2_node(node, &dir.path().join(file)))
+        for node in (pristine.nodes)(dir.path()) {
+            qmp.execute("blockdev-add", node.clone())
                 .unwrap_or_else(|e| panic!("blockdev-add {node}: {e}"));
         }
         Run { dir, daemon, qmp }
@@ -160,18 +224,19 @@ impl Run {
         bad
     }
 
-    /// None of the scenarios changes what the source reads as: `qemu-img compare` with the
-    /// pristine source must find them identical.
+    /// None of the scenarios changes what the guest reads: `qemu-img compare` with the
+    /// pristine image (through the chains each header names) must find them identical.
     fn source_changed(&self, pristine: &Pristine) -> Option<String> {
         let out = Command::new("qemu-img")
             .args(["compare", "-f", "qcow2", "-F", "qcow2"])
-            .arg(&pristine.source)
-            .arg(self.dir.path().join("src.qcow2"))
+            .arg(pristine.dir.path().join(pristine.guest))
+            .arg(self.dir.path().join(pristine.guest))
             .output()
             .expect("run qemu-img compare");
         (!out.status.success()).then(|| {
             format!(
-                "src.qcow2 no longer reads as before: qemu-img compare exit {:?}\n{}{}",
+                "{} no longer reads as before: qemu-img compare exit {:?}\n{}{}",
+                pristine.guest,
                 out.status.code(),
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
@@ -213,22 +278,21 @@ fn measure(pristine: &Pristine, scenario: &Scenario) -> Duration {
     took
 }
 
-/// Runs `scenario` KILLS times, killing the daemon at spread points; returns a description of
-/// every run that left a corrupt image.
-fn kill_repeatedly(scenario: &Scenario) -> Vec<String> {
-    let pristine = pristine();
-    let full = measure(&pristine, scenario);
+/// Runs `scenario` KILLS times on `pristine`'s images, killing the daemon at spread points;
+/// returns a description of every run that left a corrupt image.
+fn kill_repeatedly(pristine: &Pristine, scenario: &Scenario) -> Vec<String> {
+    let full = measure(pristine, scenario);
     let mut failures = Vec::new();
     for i in 0..KILLS {
         let delay = full.mul_f64(1.2 * f64::from(i) / f64::from(KILLS - 1));
-        let mut run = Run::start(&pristine);
+        let mut run = Run::start(pristine);
         (scenario.send)(&mut run.qmp, run.dir.path());
         let deadline = Instant::now() + delay;
         std::thread::sleep(delay);
         while Instant::now() < deadline {}
         run.daemon.kill();
         let mut bad = run.corrupt_images();
-        bad.extend(run.source_changed(&pristine));
+        bad.extend(run.source_changed(pristine));
         if !bad.is_empty() {
             let dir = run.keep();
             failures.push(format!(
@@ -243,7 +307,11 @@ fn kill_repeatedly(scenario: &Scenario) -> Vec<String> {
 }
 
 fn assert_never_corrupt(scenario: Scenario) {
-    let failures = kill_repeatedly(&scenario);
+    assert_never_corrupt_on(&pristine(), scenario);
+}
+
+fn assert_never_corrupt_on(pristine: &Pristine, scenario: Scenario) {
+    let failures = kill_repeatedly(pristine, &scenario);
     assert!(
         failures.is_empty(),
         "{} of {KILLS} kills left a corrupt image:\n{}",
@@ -256,10 +324,7 @@ fn job_completed(qmp: &mut Qmp) {
     let event = qmp.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(60), |d| {
         d["device"] == "j"
     });
-    assert!(
-        event["data"].get("error").is_none(),
-        "backup failed: {event}"
-    );
+    assert!(event["data"].get("error").is_none(), "job failed: {event}");
 }
 
 fn reply_ok(qmp: &mut Qmp) {
@@ -364,4 +429,77 @@ fn killing_the_daemon_mid_mirror_never_corrupts_an_image() {
             });
         },
     });
+}
+
+#[test]
+fn killing_the_daemon_mid_stream_never_corrupts_an_image() {
+    // Killed while copying the chain into top2, and while relinking it and rewriting its header.
+    assert_never_corrupt_on(
+        &chain_pristine(),
+        Scenario {
+            name: "block-stream of the whole chain",
+            send: |qmp, _| qmp.send("block-stream", json!({"job-id": "j", "device": "top2"})),
+            done: job_completed,
+        },
+    );
+}
+
+#[test]
+fn killing_the_daemon_mid_intermediate_commit_never_corrupts_an_image() {
+    // Killed while copying top and mid into base, and while dropping them from the chain.
+    assert_never_corrupt_on(
+        &chain_pristine(),
+        Scenario {
+            name: "block-commit of top and mid into base",
+            send: |qmp, _| {
+                qmp.send(
+                    "block-commit",
+                    json!({"job-id": "j", "device": "top2", "top-node": "top",
+                           "base-node": "base"}),
+                )
+            },
+            done: job_completed,
+        },
+    );
+}
+
+fn active_commit(qmp: &mut Qmp) {
+    qmp.send("block-commit", json!({"job-id": "j", "device": "top2"}));
+}
+
+fn active_commit_ready(qmp: &mut Qmp) {
+    qmp.wait_event("BLOCK_JOB_READY", Duration::from_secs(60), |d| {
+        d["device"] == "j"
+    });
+}
+
+#[test]
+fn killing_the_daemon_mid_active_commit_never_corrupts_an_image() {
+    // Killed while copying top2, top and mid into base (the mirror_top filter above top2, the
+    // base reopened read-write), and while READY.
+    assert_never_corrupt_on(
+        &chain_pristine(),
+        Scenario {
+            name: "active block-commit of the whole chain, to READY",
+            send: |qmp, _| active_commit(qmp),
+            done: active_commit_ready,
+        },
+    );
+}
+
+#[test]
+fn killing_the_daemon_mid_active_commit_completion_never_corrupts_an_image() {
+    // Killed between block-job-complete and the end: the pivot of top2's users onto base.
+    assert_never_corrupt_on(
+        &chain_pristine(),
+        Scenario {
+            name: "active block-commit of the whole chain, completed",
+            send: |qmp, _| {
+                active_commit(qmp);
+                active_commit_ready(qmp);
+                qmp.send("block-job-complete", json!({"device": "j"}));
+            },
+            done: job_completed,
+        },
+    );
 }

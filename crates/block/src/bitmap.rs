@@ -184,6 +184,12 @@ impl DirtyBitmap {
         self.size.div_ceil(self.granularity())
     }
 
+    /// The bits, one per granule, 64 to a word, granule 0 in bit 0 of word 0 (the layout of
+    /// QEMU's `HBitmap` bottom level).
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
     /// Marks `[offset, offset+len)` dirty (every granule it touches).
     pub fn set_dirty(&mut self, offset: u64, len: u64) {
         if let Some((first, last)) = self.granule_range(offset, len) {
@@ -327,9 +333,11 @@ impl DirtyBitmap {
     /// dirties every target granule it overlaps); sizes must match.
     pub fn merge_from(&mut self, source: &DirtyBitmap) -> BlockResult<()> {
         if source.size != self.size {
-            return Err(BlockError::new(
-                "Bitmaps are incompatible and can't be merged",
-            ));
+            return Err(BlockError::new(format!(
+                "Bitmaps are of different sizes (destination size is {}, source size is {}) and \
+                 can't be merged",
+                self.size, source.size
+            )));
         }
         if source.shift == self.shift {
             for (w, (dst, src)) in self.words.iter_mut().zip(&source.words).enumerate() {
@@ -583,7 +591,8 @@ mod tests {
         let b = bm(2 << 20);
         assert_eq!(
             a.merge_from(&b).unwrap_err().desc(),
-            "Bitmaps are incompatible and can't be merged"
+            "Bitmaps are of different sizes (destination size is 1048576, source size is \
+             2097152) and can't be merged"
         );
     }
 

@@ -129,6 +129,19 @@ pub trait BlockDriver: Send + Sync {
     }
     /// The child in role `role` is now `node` (only called when [`BlockDriver::follows_child`]).
     fn replace_child(&self, _role: &str, _node: Arc<BlockNode>) {}
+    /// Rewrites the backing file named in the image header: `(name, format)`, or none (QEMU's
+    /// `bdrv_change_backing_file`; the node is writable). The default: the format records no
+    /// backing file (`ENOTSUP`).
+    fn change_backing_file(&self, _backing: Option<(&str, &str)>) -> BlockResult<()> {
+        Err(BlockError::from_errno(libc::ENOTSUP))
+    }
+    /// The role of the child whose data this node shows unchanged, if the node is a filter
+    /// in QEMU's sense (`is_filter`: the job filters `copy-on-read`, `commit_top`,
+    /// `mirror_top`). A filter counts as a layer of the chain in what the node's image
+    /// information shows.
+    fn filtered_child(&self) -> Option<&'static str> {
+        None
+    }
     /// Persistent bitmap storage, for formats that have it (qcow2).
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         None
@@ -159,6 +172,24 @@ pub trait BlockDriver: Send + Sync {
     /// `snapshot-access` node over it reads.
     fn snapshot_view(&self) -> Option<&dyn SnapshotView> {
         None
+    }
+    /// The node is being reopened read-write (its children that inherit the flag already
+    /// were): a driver holding its storage read-only reopens it for writing here. The default
+    /// has nothing to do.
+    fn reopen_read_write(&self) -> BlockResult<()> {
+        Ok(())
+    }
+    /// The node is being inactivated (its bitmaps were stored and it was flushed): write out
+    /// anything cached and mark the image clean, as if closing it; reads may still come.
+    /// QEMU's `bdrv_inactivate`. The default has nothing to do.
+    fn inactivate(&self) -> BlockResult<()> {
+        Ok(())
+    }
+    /// The node is being activated again: another process may have written the image
+    /// meanwhile, so forget what is cached and read it anew (QEMU's
+    /// `bdrv_co_invalidate_cache`). The default has nothing to do.
+    fn activate(&self) -> BlockResult<()> {
+        Ok(())
     }
     /// Releases the driver: flushes; after this no I/O arrives.
     fn close(&self) -> BlockResult<()> {
@@ -264,7 +295,8 @@ pub enum ChildKind {
     /// A format's image file (qcow2's `file`): consistent read always, write and resize when the
     /// parent is writable; write and resize are not shared.
     Metadata,
-    /// A backing file: consistent read; everything shared.
+    /// A backing file: consistent read when the parent's users read; writes and resizes
+    /// shared when the parent's users share writes.
     Backing,
     /// Where a copy-before-write filter copies to (its `target`): write; everything shared but
     /// resize (the sizes are checked once).
@@ -295,7 +327,19 @@ impl ChildKind {
                 }
                 (p, shared & !(Perm::WRITE | Perm::RESIZE))
             }
-            ChildKind::Backing => (Perm::CONSISTENT_READ, Perm::ALL),
+            // QEMU's bdrv_default_perms_for_cow: consistent read if the parent's users
+            // read, and the backing file may change only under users that let the data change.
+            ChildKind::Backing => {
+                let changing = if shared.contains(Perm::WRITE) {
+                    Perm::WRITE | Perm::RESIZE
+                } else {
+                    Perm::NONE
+                };
+                (
+                    perm & Perm::CONSISTENT_READ,
+                    changing | Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+                )
+            }
             ChildKind::CopyTarget => (Perm::WRITE, Perm::ALL & !Perm::RESIZE),
             ChildKind::SnapshotOf => (Perm::NONE, Perm::ALL),
         }
@@ -318,6 +362,9 @@ pub struct OpenContext<'g> {
     /// The node's `auto-read-only` option.
     pub(crate) auto_read_only: bool,
     pub(crate) children: Vec<crate::node::ChildEdge>,
+    /// The children opened from a definition here: they inherit from the node (QEMU's
+    /// `inherits_from`), so a reopen of the node reopens them.
+    pub(crate) opened: Vec<Arc<BlockNode>>,
 }
 
 impl OpenContext<'_> {
@@ -368,17 +415,28 @@ impl OpenContext<'_> {
         let node = match child {
             BlockdevRef::Reference(name) => self.graph.lookup(name)?,
             BlockdevRef::Definition(options) => {
-                self.graph.open_node(options, Some(self.read_only), false)?
+                let node = self.graph.open_node(options, Some(self.read_only), false)?;
+                self.opened.push(node.clone());
+                node
             }
         };
         let (perm, shared) = kind.child_perms(Perm::NONE, Perm::ALL, !self.read_only);
-        let holder = format!("node '{}'", self.ensure_name()?);
+        let holder_name = self.ensure_name()?;
+        let holder = format!("node '{holder_name}'");
+        if !node.is_active() {
+            return Err(BlockError::new(format!(
+                "Inactive '{}' can't be a {role} child of active '{holder_name}'",
+                node.name()
+            )));
+        }
         let use_id = node.add_use(&holder, role, perm, shared)?;
+        let blocker = (kind == ChildKind::Backing).then(|| node.block_as_backing_of(&holder_name));
         self.children.push(crate::node::ChildEdge {
             name: role.to_string(),
             kind,
             node: node.clone(),
             use_id,
+            blocker,
         });
         Ok(node)
     }

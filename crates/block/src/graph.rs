@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use crate::driver::{BlockEventSink, ChildKind, OpenContext};
 use crate::drivers;
 use crate::error::{BlockError, BlockResult};
+use crate::filter::{FilterDriver, FilterKind};
 use crate::node::{BlockNode, NodeParts};
 use crate::perm::Perm;
 
@@ -32,6 +33,10 @@ pub struct BlockGraph {
     auto_counter: u64,
     rng: u64,
     events: Option<BlockEventSink>,
+    /// A `blockdev-add` is opening its root node.
+    monitor_open: bool,
+    /// The throttle groups `throttle` nodes name.
+    throttle_groups: crate::throttle::ThrottleGroups,
 }
 
 impl Default for BlockGraph {
@@ -62,6 +67,8 @@ impl BlockGraph {
             auto_counter: 0,
             rng: seed | 1,
             events: None,
+            monitor_open: false,
+            throttle_groups: crate::throttle::ThrottleGroups::default(),
         }
     }
 
@@ -78,6 +85,18 @@ impl BlockGraph {
     /// The buffers copies in this graph share (memory follows the copies running).
     pub fn copy_buffers(&self) -> &Arc<CopyBuffers> {
         &self.copy_buffers
+    }
+
+    /// Uses `groups` for the `throttle` driver's `throttle-group` option (the daemon shares
+    /// them with its `throttle-group` objects).
+    pub fn with_throttle_groups(mut self, groups: crate::throttle::ThrottleGroups) -> Self {
+        self.throttle_groups = groups;
+        self
+    }
+
+    /// The throttle groups `throttle` nodes can join.
+    pub fn throttle_groups(&self) -> &crate::throttle::ThrottleGroups {
+        &self.throttle_groups
     }
 
     /// The node named `name`.
@@ -133,7 +152,17 @@ impl BlockGraph {
             ));
         }
         let before = self.nodes.len();
-        match self.open_node(options, None, true) {
+        self.monitor_open = true;
+        let opened = self.open_node(options, None, true);
+        self.monitor_open = false;
+        // `active: false`: opened, then inactivated with its children (QEMU opens them so).
+        let opened = opened.and_then(|node| {
+            if options.active == Some(false) {
+                self.set_node_active(&node, false)?;
+            }
+            Ok(node)
+        });
+        match opened {
             Ok(node) => {
                 node.set_monitor_owned(true);
                 Ok(node)
@@ -149,6 +178,23 @@ impl BlockGraph {
                 Err(e)
             }
         }
+    }
+
+    /// Opens the node `options` describe, with a generated name unless it has one, not owned
+    /// by the monitor (an image `blockdev-create` writes to, opened for the job); close it
+    /// with [`BlockGraph::close_unused`]. On failure nothing stays open.
+    pub fn open_anonymous(&mut self, options: &BlockdevOptions) -> BlockResult<Arc<BlockNode>> {
+        let before = self.nodes.len();
+        let opened = self.open_node(options, None, false);
+        if opened.is_err() {
+            while self.nodes.len() > before {
+                if let Some(n) = self.nodes.pop() {
+                    self.by_name.remove(n.name());
+                    let _ = n.close();
+                }
+            }
+        }
+        opened
     }
 
     /// Opens one node (and, through its driver, its children), then its backing chain.
@@ -179,9 +225,10 @@ impl BlockGraph {
                 "'node-name' must be specified for the root node",
             ));
         }
-        if options.active == Some(false) {
+        if options.active == Some(false) && !(root && self.monitor_open) {
             return Err(BlockError::new(
-                "Parameter 'active' is not supported with value false by this block layer",
+                "Parameter 'active' is not supported with value false by this block layer \
+                 except on the node blockdev-add names",
             ));
         }
         let kind = options.branch.kind();
@@ -195,6 +242,7 @@ impl BlockGraph {
             read_only,
             auto_read_only: options.auto_read_only == Some(true),
             children: Vec::new(),
+            opened: Vec::new(),
         };
         let opened = if protocol {
             ctx.ensure_name().map(|_| ())
@@ -210,6 +258,7 @@ impl BlockGraph {
             }
         });
         let children = std::mem::take(&mut ctx.children);
+        let inheriting = std::mem::take(&mut ctx.opened);
         let name = ctx.name.take();
         // The driver may have made the node read-only (auto-read-only).
         let read_only = ctx.read_only;
@@ -235,6 +284,9 @@ impl BlockGraph {
             driver,
             children,
         });
+        for child in &inheriting {
+            child.set_inherits_from(&node);
+        }
         if let Err(e) = node.load_bitmaps() {
             let _ = node.close_storing(false);
             return Err(e);
@@ -246,6 +298,11 @@ impl BlockGraph {
         }
         self.by_name.insert(node.name().to_string(), node.clone());
         Ok(node)
+    }
+
+    /// A generated name (`#blockNNN`), as a node opened now without a name would get.
+    pub fn generate_node_name(&mut self) -> String {
+        self.auto_name()
     }
 
     /// Validates an explicit name, or generates one.
@@ -343,7 +400,12 @@ impl BlockGraph {
                 }
                 chain.push(id);
             }
+            // Opened here (a definition or the header's name), it inherits from `node`.
+            let inherits = !matches!(option, Some(BlockdevRefOrNull::Reference(_)));
             attach_backing(&node, backing.clone())?;
+            if inherits {
+                backing.set_inherits_from(&node);
+            }
             node = backing;
             option = next;
         }
@@ -409,6 +471,7 @@ impl BlockGraph {
                 kind: ChildKind::Filtered,
                 node: child.clone(),
                 use_id,
+                blocker: None,
             }],
         });
         if let Err(e) = crate::replace_node(child, &node) {
@@ -458,18 +521,185 @@ impl BlockGraph {
         }
     }
 
+    /// QEMU's `bdrv_set_backing_hd` then `bdrv_change_backing_file`, as a stream ends:
+    /// `overlay` gets `base` as its backing node (`None`: no backing file), and its image
+    /// header names it (see [`BackingName`]). The layers that were below `overlay` and that
+    /// nothing uses any more (not monitor-owned, no other parent) are closed. `overlay` must be
+    /// writable for the header rewrite.
+    ///
+    /// Crash safety: `overlay` is flushed first, so the data it took over from the layers it
+    /// drops (a stream's copy) is durable before its header stops naming them. (QEMU does not
+    /// flush here: killed right after, its image can read zeroes where the data was.)
+    pub fn change_backing(
+        &mut self,
+        overlay: &Arc<BlockNode>,
+        base: Option<&Arc<BlockNode>>,
+        name: &BackingName,
+    ) -> BlockResult<()> {
+        overlay.flush()?;
+        self.set_backing(overlay, base.cloned())?;
+        let header = base.map(|b| name.for_base(b));
+        overlay.change_backing_file(header.as_ref().map(|(n, f)| (n.as_str(), f.as_str())))
+    }
+
+    /// QEMU's `bdrv_drop_intermediate`, as an intermediate commit ends: every node that has
+    /// `top` as its backing node gets `base` instead, and its image header names `base` (see
+    /// [`BackingName`]; a read-only parent is reopened read-write for the rewrite and
+    /// read-only again after, as QEMU's `bdrv_backing_update_filename` does). `top` and the
+    /// layers below it down to `base` leave the chain, and are closed if nothing else uses
+    /// them. `top` may be a job's filter above the real top layer.
+    ///
+    /// Crash safety: `base` is flushed first, so the data a commit copied into it is durable
+    /// before any header stops naming the layers it came from.
+    pub fn drop_intermediate(
+        &mut self,
+        top: &Arc<BlockNode>,
+        base: &Arc<BlockNode>,
+        name: &BackingName,
+    ) -> BlockResult<()> {
+        let mut chain = top.layer_below();
+        let mut contains = false;
+        while let Some(layer) = chain {
+            if Arc::ptr_eq(&layer, base) {
+                contains = true;
+                break;
+            }
+            chain = layer.layer_below();
+        }
+        if !contains {
+            return Err(BlockError::from_errno(libc::EIO));
+        }
+        base.flush()?;
+        let parents: Vec<Arc<BlockNode>> = self
+            .nodes
+            .iter()
+            .filter(|p| p.child("backing").is_some_and(|b| Arc::ptr_eq(&b, top)))
+            .cloned()
+            .collect();
+        // First every parent moves (QEMU replaces the node for all of them at once) ...
+        for parent in &parents {
+            move_edge(parent, "backing", base)?;
+        }
+        // ... then each header is rewritten.
+        let (file, format) = name.for_base(base);
+        for parent in &parents {
+            update_backing_name(parent, &file, &format).map_err(|e| {
+                BlockError::with_errno(
+                    format!("Could not update backing file link: {}", e.desc()),
+                    e.errno().unwrap_or(libc::EIO),
+                )
+            })?;
+        }
+        if !top.is_monitor_owned() && !top.is_in_use() && !top.is_closed() {
+            self.close_node(top)?;
+        }
+        Ok(())
+    }
+
+    /// QEMU's `bdrv_find_backing_image`: the node in `top`'s backing chain that
+    /// `filename` names. For each layer with a backing node: if the backing node is not the
+    /// one the header names, `filename` must equal the backing node's file name; if either
+    /// name has a protocol prefix, it must equal the header's name or its resolved form;
+    /// otherwise both, made absolute against the layer's directory, must be the same file.
+    pub fn find_backing_image(
+        &self,
+        top: &Arc<BlockNode>,
+        filename: &str,
+    ) -> Option<Arc<BlockNode>> {
+        let has_protocol = |name: &str| {
+            name.split_once(':')
+                .is_some_and(|(p, _)| !p.is_empty() && !p.contains('/'))
+        };
+        let mut layer = top.clone();
+        while let Some(role) = layer.driver().filtered_child() {
+            layer = layer.child(role)?;
+        }
+        loop {
+            let below = layer.child("backing")?;
+            let header = layer.driver().backing_file();
+            let found = match &header {
+                _ if backing_overridden(&layer) => filename == node_filename(&below),
+                Some((name, _)) if has_protocol(filename) || has_protocol(name) => {
+                    filename == name || filename == resolve_backing_path(&layer, name)
+                }
+                Some((name, _)) => {
+                    let wanted = resolve_backing_path(&layer, filename);
+                    let recorded = resolve_backing_path(&layer, name);
+                    match (
+                        std::fs::canonicalize(wanted),
+                        std::fs::canonicalize(recorded),
+                    ) {
+                        (Ok(a), Ok(b)) => a == b,
+                        _ => false,
+                    }
+                }
+                None => false,
+            };
+            if found {
+                return Some(below);
+            }
+            layer = below;
+            while let Some(role) = layer.driver().filtered_child() {
+                layer = layer.child(role)?;
+            }
+        }
+    }
+
+    /// Inserts a job's filter node of `kind` above `below` (QEMU's `bdrv_insert_node` of a
+    /// `copy-on-read` filter, `bdrv_append` of `commit_top`), named `name` (checked as a new
+    /// node name) or generated; every parent of `below` moves onto it. Returns the filter.
+    pub fn insert_job_filter(
+        &mut self,
+        below: &Arc<BlockNode>,
+        kind: FilterKind,
+        name: Option<&str>,
+    ) -> BlockResult<Arc<BlockNode>> {
+        let named = name.is_some();
+        let options = kind.options(name.unwrap_or_default(), below);
+        let driver_name = kind.driver_name();
+        let role = kind.child_role();
+        let read_only = kind.read_only();
+        let driver = FilterDriver::new(kind, below.clone(), named, options);
+        let filter = self.insert_filter(name, driver_name, Box::new(driver), (below, role))?;
+        if read_only {
+            filter.mark_read_only();
+        }
+        Ok(filter)
+    }
+
+    /// Removes a job's filter node: its parents move back onto its child and it is closed
+    /// (QEMU's `bdrv_cor_filter_drop`, or `bdrv_replace_node` of `commit_top`/`mirror_top` by
+    /// its child). A filter already gone (dropped with the layers of a commit) is nothing to
+    /// do.
+    pub fn remove_filter(&mut self, filter: &Arc<BlockNode>) -> BlockResult<()> {
+        if filter.is_closed() {
+            return Ok(());
+        }
+        let Some(role) = filter.driver().filtered_child() else {
+            return Err(BlockError::new(format!(
+                "Node '{}' is not a filter",
+                filter.name()
+            )));
+        };
+        if let Some(child) = filter.child(role) {
+            crate::replace_node(filter, &child)?;
+        }
+        self.close_unused(filter)
+    }
+
     /// `blockdev-del`: closes a monitor-added node nobody uses (flushing it and storing its
-    /// persistent bitmaps), then every anonymous child left unused.
+    /// persistent bitmaps), then every anonymous child left unused. Checked in QEMU's order:
+    /// found, not blocked, monitor-owned, unused.
     pub fn blockdev_del(&mut self, name: &str) -> BlockResult<()> {
         let node = self.find(name).ok_or_else(|| {
             BlockError::new(format!("Failed to find node with node-name='{name}'"))
         })?;
+        node.check_op(crate::BlockOp::DriveDel)?;
         if !node.is_monitor_owned() {
             return Err(BlockError::new(format!(
                 "Node {name} is not owned by the monitor"
             )));
         }
-        node.check_not_busy()?;
         if node.is_in_use() {
             return Err(BlockError::new(format!("Block device {name} is in use")));
         }
@@ -600,6 +830,69 @@ fn file_identity(node: &Arc<BlockNode>) -> Option<(u64, u64)> {
     None
 }
 
+/// What an image header records for a new backing node (QEMU's `backing-file` and
+/// `backing-mask-protocol` arguments of `block-stream` and `block-commit`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackingName {
+    /// The name to record instead of the base's file name.
+    pub file: Option<String>,
+    /// Record a protocol node's format (`file`, ...) as `raw`.
+    pub mask_protocol: bool,
+}
+
+impl BackingName {
+    /// The `(file name, format)` the header records for `base`.
+    pub fn for_base(&self, base: &BlockNode) -> (String, String) {
+        let file = self.file.clone().unwrap_or_else(|| node_filename(base));
+        let format = match base.driver_name() {
+            d if self.mask_protocol && is_protocol_driver(d) => "raw",
+            d => d,
+        };
+        (file, format.to_string())
+    }
+}
+
+/// Whether a driver is a protocol (QEMU's `protocol_name` is set): `file`, `null-co`,
+/// `blkdebug`.
+fn is_protocol_driver(driver: &str) -> bool {
+    driver
+        .parse::<qmp_api::BlockdevDriver>()
+        .is_ok_and(drivers::is_protocol)
+}
+
+/// Points `parent`'s child edge in role `role` at `to`, with the same kind (the driver is told
+/// of a new backing node). Fails, changing nothing, if `to` cannot grant the edge's
+/// permissions.
+fn move_edge(parent: &Arc<BlockNode>, role: &str, to: &Arc<BlockNode>) -> BlockResult<()> {
+    let Some(edge) = parent.children().into_iter().find(|e| e.name == role) else {
+        return Ok(());
+    };
+    parent.detach_child(role);
+    if let Err(e) = parent.attach_child(role, edge.kind, to.clone()) {
+        let _ = parent.attach_child(role, edge.kind, edge.node.clone());
+        return Err(e);
+    }
+    if role == "backing" {
+        parent.driver().set_backing(Some(to.clone()));
+    }
+    Ok(())
+}
+
+/// QEMU's `bdrv_backing_update_filename`: rewrites `node`'s header to name `(file, format)`,
+/// reopening a read-only node read-write for it and read-only again after.
+fn update_backing_name(node: &BlockNode, file: &str, format: &str) -> BlockResult<()> {
+    let read_only = node.is_read_only();
+    if read_only {
+        node.reopen_read_write()?;
+    }
+    let result = node.change_backing_file(Some((file, format)));
+    if read_only {
+        // As QEMU, a failure to make it read-only again is not the job's failure.
+        let _ = node.reopen_read_only();
+    }
+    result
+}
+
 /// A backing file name from an image header, resolved against the image's directory.
 fn resolve_backing_path(node: &BlockNode, name: &str) -> String {
     if name.starts_with('/') || name.contains("://") {
@@ -653,58 +946,75 @@ pub fn node_filename(node: &BlockNode) -> String {
     }
     let opts = node.options().as_object().cloned().unwrap_or_default();
     // Options that do not change what the image is (QEMU's non-"strong" options).
-    let only_file = opts.keys().all(|k| {
-        matches!(
-            k.as_str(),
-            "driver"
-                | "node-name"
-                | "read-only"
-                | "auto-read-only"
-                | "force-share"
-                | "discard"
-                | "cache"
-                | "detect-zeroes"
-                | "file"
-        ) || (k == "backing" && !backing_overridden(node))
-    });
+    let rewritten = node.written_backing_name().is_some();
+    let only_file = !(rewritten && backing_overridden(node))
+        && opts.keys().all(|k| {
+            matches!(
+                k.as_str(),
+                "driver"
+                    | "node-name"
+                    | "read-only"
+                    | "auto-read-only"
+                    | "force-share"
+                    | "discard"
+                    | "cache"
+                    | "detect-zeroes"
+                    | "active"
+                    | "file"
+            ) || (k == "backing" && !backing_overridden(node))
+        });
     match node.child("file") {
         Some(file) if only_file => {
             let inner = node_filename(&file);
             if inner.starts_with("json:") {
-                json_filename(node.options())
+                json_filename(&full_options(node))
             } else {
                 inner
             }
         }
-        _ => json_filename(&backing_first(node)),
+        _ => json_filename(&full_options(node)),
     }
 }
 
-/// The node's options for its `json:` name: a backing given by node name is spelled out as
-/// that node's options, as QEMU does.
-fn backing_first(node: &BlockNode) -> Value {
-    match node.options() {
-        Value::Object(m) if m.contains_key("backing") => {
-            let mut out = Map::new();
-            let backing = match (m.get("backing"), node.child("backing")) {
-                (Some(Value::String(_)), Some(b)) => b.options().clone(),
-                (Some(v), _) => v.clone(),
-                (None, _) => Value::Null,
-            };
-            out.insert("backing".into(), backing);
-            for (k, v) in m.iter().filter(|(k, _)| *k != "backing") {
-                out.insert(k.clone(), v.clone());
-            }
-            Value::Object(out)
-        }
-        other => other.clone(),
+/// QEMU's `full_open_options` of a node, from which its `json:` name is made: its own
+/// options, a child given by node name spelled out as that child's full options, and the
+/// backing file only when it is not the one the image header names (then first, as QEMU's
+/// dictionary order has it).
+pub(crate) fn full_options(node: &BlockNode) -> Value {
+    let Value::Object(m) = node.options() else {
+        return node.options();
+    };
+    let overridden = backing_overridden(node);
+    let mut out = Map::new();
+    if overridden {
+        let backing = match (m.get("backing"), node.child("backing")) {
+            (Some(Value::String(_)) | None, Some(b)) => full_options(&b),
+            (Some(v), _) => v.clone(),
+            (None, None) => Value::Null,
+        };
+        out.insert("backing".into(), backing);
     }
+    for (k, v) in m.iter().filter(|(k, _)| *k != "backing") {
+        let v = match (v, node.child(k)) {
+            (Value::String(_), Some(child)) => full_options(&child),
+            _ => v.clone(),
+        };
+        out.insert(k.clone(), v);
+    }
+    Value::Object(out)
 }
 
 /// QEMU's `bdrv_backing_overridden`: the backing node is not the one the image header names
 /// (e.g. `backing: null` on an image with a backing file). Then `backing` is one of the options
 /// that make the image what it is, and the file name becomes a `json:` one.
 fn backing_overridden(node: &BlockNode) -> bool {
+    if let Some(written) = node.written_backing_name() {
+        // Rewritten by this process: QEMU compares the name it wrote with the backing node's.
+        return match node.child("backing") {
+            Some(b) => written != node_filename(&b),
+            None => !written.is_empty(),
+        };
+    }
     let header = node.driver().backing_file();
     match (node.child("backing"), header) {
         // Opened from the header: QEMU then records the backing node's name as the header's.
@@ -718,7 +1028,9 @@ fn backing_overridden(node: &BlockNode) -> bool {
     }
 }
 
-fn json_filename(options: &Value) -> String {
+/// A `json:` file name of a node's options, as QEMU prints it (naming and read-only keys
+/// dropped, lists flattened).
+pub(crate) fn json_filename(options: &Value) -> String {
     /// Drops naming/read-only keys and flattens lists QEMU-style (`inject-error.0.errno`).
     fn strip(v: &Value) -> Value {
         fn flatten(prefix: &str, v: &Value, out: &mut Map<String, Value>) {
@@ -802,7 +1114,8 @@ fn qemu_json(v: &Value, out: &mut String) {
     }
 }
 
-fn actual_size(node: &BlockNode) -> Option<u64> {
+/// The bytes a node's storage takes on the host (its own, or its `file` child's).
+pub(crate) fn actual_size(node: &BlockNode) -> Option<u64> {
     node.driver()
         .info()
         .actual_size
@@ -823,10 +1136,23 @@ fn image_info(node: &BlockNode, flat: bool) -> ImageInfo {
     image.dirty_flag = info.dirty_flag;
     image.actual_size = actual_size(node).map(wire);
     image.cluster_size = info.cluster_size.map(wire);
+    if let Some(role) = node.driver().filtered_child() {
+        // A filter: its child is the next layer, with no backing file name (QEMU's
+        // `bdrv_filter_or_cow_bs` walk).
+        if let (Some(c), false) = (node.child(role), flat) {
+            image.backing_image = Some(Box::new(image_info(&c, flat)));
+        }
+        image.format_specific = info.format_specific;
+        return image;
+    }
     let header = node.driver().backing_file();
     let child = node.child("backing");
     if header.is_some() || child.is_some() {
         let full = match (&child, &header) {
+            // A name this process wrote: QEMU resolves it, whatever node is attached.
+            (_, Some((name, _))) if node.written_backing_name().is_some() => {
+                resolve_backing_path(node, name)
+            }
             (Some(b), _) => node_filename(b),
             (None, Some((name, _))) => resolve_backing_path(node, name),
             (None, None) => String::new(),
@@ -845,8 +1171,13 @@ fn image_info(node: &BlockNode, flat: bool) -> ImageInfo {
     image
 }
 
+/// The layers below `node`: its backing file, or a filter's child (QEMU counts both).
 fn backing_depth(node: &BlockNode) -> u64 {
-    node.child("backing").map_or(0, |b| 1 + backing_depth(&b))
+    let below = match node.driver().filtered_child() {
+        Some(role) => node.child(role),
+        None => node.child("backing"),
+    };
+    below.map_or(0, |b| 1 + backing_depth(&b))
 }
 
 /// `BlockDirtyInfo` for each bitmap of `node` (a frozen bitmap's successor listed first).
@@ -896,7 +1227,7 @@ fn block_device_info(node: &BlockNode, flat: bool) -> BlockDeviceInfo {
         node.is_read_only(),
         node.driver_name().to_string(),
         wire(depth),
-        true,
+        node.is_active(),
         false,
         detect_zeroes,
         0,
@@ -914,7 +1245,11 @@ fn block_device_info(node: &BlockNode, flat: bool) -> BlockDeviceInfo {
         0,
     );
     info.node_name = Some(node.name().to_string());
-    info.backing_file = node.child("backing").map(|b| node_filename(&b));
+    // A filter records no backing file name, whatever its child's role.
+    info.backing_file = node
+        .child("backing")
+        .filter(|_| node.driver().filtered_child().is_none())
+        .map(|b| node_filename(&b));
     info.dirty_bitmaps = (!bitmaps.is_empty()).then_some(bitmaps);
     info
 }

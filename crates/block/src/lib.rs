@@ -3,30 +3,39 @@
 //! data (the QMP bitmap commands are the command layer's, `blockdev`), and block copy
 //! ([`copy`]: the state a backup and the copy-before-write filter share).
 
+pub mod active;
 pub mod backend;
 pub mod bitmap;
+pub mod blocker;
 pub mod copy;
+pub mod create;
 pub mod driver;
 pub mod drivers;
 pub mod error;
+pub mod filter;
 pub mod graph;
 pub mod io;
 pub mod node;
 pub mod perm;
+pub mod reopen;
 pub mod replace;
+mod requests;
+pub mod throttle;
 
 pub use backend::BlockBackend;
 pub use bitmap::DirtyBitmap;
+pub use blocker::{BlockOp, OpBlocker, OpBlockers, OpSet};
 pub use driver::{
     BitmapStore, BlkdebugEvent, BlockDriver, BlockEvent, BlockEventSink, ChildKind, DriverInfo,
     InternalSnapshots, OpenContext, SnapshotView,
 };
 pub use error::{BlockError, BlockResult};
-pub use graph::BlockGraph;
+pub use filter::FilterKind;
+pub use graph::{BackingName, BlockGraph};
 pub use io::PageBuf;
 pub use node::{
     BeforeRead, BeforeWrite, BlockNode, ChainStatus, ChildEdge, ChildSlot, Extent, NotifierHandle,
-    OpBlocker, Parent, PermGrant,
+    Parent, PermGrant,
 };
 pub use perm::Perm;
 pub use replace::replace_node;

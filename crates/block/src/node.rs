@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use serde_json::Value;
 
 use crate::bitmap::DirtyBitmap;
+use crate::blocker::{BlockOp, OpBlocker, OpBlockers, OpSet};
 use crate::driver::{BlkdebugEvent, BlockDriver, ChildKind};
 use crate::error::{BlockError, BlockResult};
 use crate::perm::Perm;
+use crate::requests::RequestTracker;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -81,6 +83,8 @@ pub struct ChildEdge {
     /// The child node.
     pub node: Arc<BlockNode>,
     pub(crate) use_id: u64,
+    /// The op blocker a `backing` edge sets on its child (QEMU's `backing_blocker`).
+    pub(crate) blocker: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +123,14 @@ pub enum Parent {
     Backend(Arc<crate::backend::BlockBackend>),
 }
 
+/// One use of a node, as a reopen weighs it.
+pub(crate) struct UseInfo {
+    pub(crate) id: u64,
+    pub(crate) role: String,
+    pub(crate) perm: Perm,
+    pub(crate) parent: Option<Arc<BlockNode>>,
+}
+
 /// One use of a node as [`BlockNode::parent_uses`] lists it.
 pub(crate) struct ParentUse {
     pub(crate) id: u64,
@@ -133,8 +145,6 @@ pub(crate) struct ParentUse {
 struct NodeState {
     /// Newest first, like QEMU's parent list.
     uses: Vec<PermUse>,
-    /// Newest first.
-    blockers: Vec<(u64, String)>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -148,7 +158,15 @@ pub struct BlockNode {
     driver_name: String,
     /// Set at open; a reopen can only make it true (see [`BlockNode::reopen_read_only`]).
     read_only: AtomicBool,
-    options: Value,
+    /// Inactive (QEMU's `BDRV_O_INACTIVE`): no writes, other processes may write the image.
+    inactive: AtomicBool,
+    /// A reopen gave the node its parent's `active: false`.
+    inactive_option_inherited: AtomicBool,
+    /// The options of the last open or reopen.
+    options: Mutex<Value>,
+    /// The parent that opened this node from a definition or its image's backing file name
+    /// (QEMU's `inherits_from`): its reopens reopen this node.
+    inherits_from: Mutex<Weak<BlockNode>>,
     driver: Box<dyn BlockDriver>,
     children: Mutex<Vec<ChildEdge>>,
     monitor_owned: AtomicBool,
@@ -157,11 +175,19 @@ pub struct BlockNode {
     /// `flushed_gen`): closing flushes the node first.
     unflushed: AtomicBool,
     state: Mutex<NodeState>,
+    blockers: Arc<OpBlockers>,
     bitmaps: Mutex<Vec<DirtyBitmap>>,
+    /// The end of the highest write (QEMU's `wr_highest_offset`).
+    wr_highest_offset: AtomicU64,
     /// Before-write hooks, oldest first, with their ids.
     write_notifiers: Mutex<Vec<(u64, Arc<dyn BeforeWrite>)>>,
     /// Before-read hooks, oldest first, with their ids.
     read_notifiers: Mutex<Vec<(u64, Arc<dyn BeforeRead>)>>,
+    /// Writes in flight and copy-on-read requests, which must not overlap.
+    requests: RequestTracker,
+    /// The backing file name this process last wrote into the image header (QEMU's
+    /// `auto_backing_file` after `bdrv_change_backing_file`; empty: none).
+    written_backing_name: Mutex<Option<String>>,
 }
 
 /// A hook run before every write to a node (QEMU's copy-before-write filter): a backup copies
@@ -213,16 +239,23 @@ impl BlockNode {
             auto_named: parts.auto_named,
             driver_name: parts.driver_name,
             read_only: AtomicBool::new(parts.read_only),
-            options: parts.options,
+            inactive: AtomicBool::new(false),
+            inactive_option_inherited: AtomicBool::new(false),
+            options: Mutex::new(parts.options),
+            inherits_from: Mutex::new(Weak::new()),
             driver: parts.driver,
             children: Mutex::new(parts.children),
             monitor_owned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             unflushed: AtomicBool::new(false),
             state: Mutex::new(NodeState::default()),
+            blockers: OpBlockers::new(),
             bitmaps: Mutex::new(Vec::new()),
+            wr_highest_offset: AtomicU64::new(0),
             write_notifiers: Mutex::new(Vec::new()),
             read_notifiers: Mutex::new(Vec::new()),
+            requests: RequestTracker::default(),
+            written_backing_name: Mutex::new(None),
         });
         for edge in node.children() {
             edge.node
@@ -266,6 +299,49 @@ impl BlockNode {
             .collect()
     }
 
+    /// Every use of the node, with the parent node behind it (`None`: an export, a job).
+    pub(crate) fn parent_uses_all(&self) -> Vec<UseInfo> {
+        lock(&self.state)
+            .uses
+            .iter()
+            .map(|u| UseInfo {
+                id: u.id,
+                role: u.role.clone(),
+                perm: u.perm,
+                parent: match &u.parent {
+                    Some(ParentLink::Node(w)) => w.upgrade(),
+                    _ => None,
+                },
+            })
+            .collect()
+    }
+
+    /// Moves this node's child edge `role` onto `to` (a reopen's new `file`), taking on `to`
+    /// what the edge holds; returns the old child. Fails, changing nothing, if `to` cannot
+    /// grant it.
+    pub(crate) fn replace_child_edge(
+        &self,
+        role: &str,
+        to: &Arc<BlockNode>,
+    ) -> BlockResult<Option<Arc<BlockNode>>> {
+        let Some(edge) = self.children().into_iter().find(|e| e.name == role) else {
+            return Ok(None);
+        };
+        let (perm, shared) = self.edge_perms(&edge);
+        let new_id = to.add_use_linked(
+            &format!("node '{}'", self.name),
+            role,
+            (perm, shared),
+            Some(ParentLink::Node(self.me.clone())),
+        )?;
+        if self.retarget_edge(edge.use_id, to, new_id).is_none() {
+            to.remove_use(new_id);
+            return Ok(None);
+        }
+        edge.node.remove_use(edge.use_id);
+        Ok(Some(edge.node))
+    }
+
     /// Points the child edge whose use is `old_id` at `to` (use `new_id`); tells the driver.
     pub(crate) fn retarget_edge(
         &self,
@@ -273,13 +349,19 @@ impl BlockNode {
         to: &Arc<BlockNode>,
         new_id: u64,
     ) -> Option<ChildEdge> {
-        let edge = {
+        let (edge, old) = {
             let mut children = lock(&self.children);
             let edge = children.iter_mut().find(|c| c.use_id == old_id)?;
-            edge.node = to.clone();
+            let old = std::mem::replace(&mut edge.node, to.clone());
             edge.use_id = new_id;
-            edge.clone()
+            // A backing edge's blocker moves with it (QEMU's backing detach and attach).
+            if let Some(id) = edge.blocker.take() {
+                old.blockers.remove(id);
+                edge.blocker = Some(to.block_as_backing_of(&self.name));
+            }
+            (edge.clone(), old)
         };
+        drop(old);
         if edge.kind == ChildKind::Backing {
             self.driver.set_backing(Some(to.clone()));
         } else {
@@ -322,6 +404,12 @@ impl BlockNode {
         self.read_only.load(Ordering::Acquire)
     }
 
+    /// Marks a node opened without write access read-only (a job filter that QEMU opens
+    /// read-only above a writable child: `commit_top`); its children are left as they are.
+    pub(crate) fn mark_read_only(&self) {
+        self.read_only.store(true, Ordering::Release);
+    }
+
     /// Reopens the node read-only, as QEMU does to the old active layer of an external
     /// snapshot: stores its persistent bitmaps (which become read-only), lets the driver
     /// reopen its image read-only, drops write and resize on its children, and reopens the
@@ -340,6 +428,59 @@ impl BlockNode {
                 self.name
             )));
         }
+        self.make_read_only_self()?;
+        for edge in self.children() {
+            let inherits = edge.node.options().get("read-only").is_none();
+            let data = edge.kind.is_filtered() || edge.kind == ChildKind::Metadata;
+            if data && inherits && !edge.node.is_monitor_owned() {
+                edge.node.reopen_read_only()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reopens the node read-write (QEMU's `bdrv_reopen_set_read_only(bs, false)`), as a
+    /// stream into a read-only node, a commit into a read-only base, the rewrite of a
+    /// read-only overlay's backing file name, or a `blockdev-reopen` do: the children that
+    /// inherited the read-only flag (`file`, filtered children) are reopened first, then the
+    /// node itself (`make_read_write_self`). On failure everything is as before.
+    /// Already read-write: nothing to do.
+    pub fn reopen_read_write(&self) -> BlockResult<()> {
+        if !self.is_read_only() {
+            return Ok(());
+        }
+        self.check_open()?;
+        let mut reopened: Vec<Arc<BlockNode>> = Vec::new();
+        let undo_children = |reopened: &[Arc<BlockNode>]| {
+            for child in reopened.iter().rev() {
+                let _ = child.reopen_read_only();
+            }
+        };
+        for edge in self.children() {
+            let inherits = edge.node.options().get("read-only").is_none();
+            let data = edge.kind.is_filtered() || edge.kind == ChildKind::Metadata;
+            if data && inherits && !edge.node.is_monitor_owned() && edge.node.is_read_only() {
+                if let Err(e) = edge.node.reopen_read_write() {
+                    undo_children(&reopened);
+                    return Err(e);
+                }
+                reopened.push(edge.node.clone());
+            }
+        }
+        if let Err(e) = self.make_read_write_self() {
+            undo_children(&reopened);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// This node alone becomes read-only (its users no longer write it): persistent bitmaps
+    /// stored and read-only, the driver's image reopened read-only, write and resize on its
+    /// children dropped.
+    pub(crate) fn make_read_only_self(&self) -> BlockResult<()> {
+        if self.is_read_only() {
+            return Ok(());
+        }
         self.store_bitmaps()?;
         self.flush()?;
         self.driver.reopen_read_only()?;
@@ -351,19 +492,127 @@ impl BlockNode {
         self.read_only.store(true, Ordering::Release);
         // Loosening: the children lose write and resize; this cannot conflict.
         let _ = self.refresh_perms();
-        for edge in self.children() {
-            let inherits = edge.node.options().get("read-only").is_none();
-            let data = matches!(edge.kind, ChildKind::Filtered | ChildKind::Metadata);
-            if data && inherits && !edge.node.is_monitor_owned() {
-                edge.node.reopen_read_only()?;
+        Ok(())
+    }
+
+    /// This node alone becomes read-write (its children already are writable): its
+    /// permissions on its children follow first (a format takes write on its file), then the
+    /// driver reopens its image for writing; persistent bitmaps become writable. On failure
+    /// the node is as before.
+    pub(crate) fn make_read_write_self(&self) -> BlockResult<()> {
+        if !self.is_read_only() {
+            return Ok(());
+        }
+        self.read_only.store(false, Ordering::Release);
+        let reopen = self
+            .refresh_perms()
+            .and_then(|()| self.driver.reopen_read_write());
+        if let Err(e) = reopen {
+            self.read_only.store(true, Ordering::Release);
+            let _ = self.refresh_perms();
+            return Err(e);
+        }
+        for b in lock(&self.bitmaps).iter_mut() {
+            if b.is_persistent() {
+                b.set_readonly(false);
             }
         }
         Ok(())
     }
 
-    /// The options the node was opened with.
-    pub fn options(&self) -> &Value {
-        &self.options
+    /// The backing file name this process last wrote into the node's image header (an empty
+    /// string: none), if it did.
+    pub fn written_backing_name(&self) -> Option<String> {
+        lock(&self.written_backing_name).clone()
+    }
+
+    /// Rewrites the backing file named in the image header (QEMU's
+    /// `bdrv_change_backing_file`): `(name, format)`, or none. The node must be writable.
+    pub fn change_backing_file(&self, backing: Option<(&str, &str)>) -> BlockResult<()> {
+        self.check_writable()?;
+        self.driver.change_backing_file(backing)?;
+        *lock(&self.written_backing_name) =
+            Some(backing.map_or(String::new(), |b| b.0.to_string()));
+        Ok(())
+    }
+
+    /// The options of the node's last open or reopen.
+    pub fn options(&self) -> Value {
+        lock(&self.options).clone()
+    }
+
+    /// Whether `parent` opened this node (from a definition, or its image's backing file).
+    pub fn inherits_from(&self, parent: &BlockNode) -> bool {
+        lock(&self.inherits_from)
+            .upgrade()
+            .is_some_and(|p| std::ptr::eq(Arc::as_ptr(&p), parent))
+    }
+
+    pub(crate) fn set_inherits_from(&self, parent: &Arc<BlockNode>) {
+        *lock(&self.inherits_from) = Arc::downgrade(parent);
+    }
+
+    /// A reopen's options become the node's; `inactive_inherited`: its `active: false` came
+    /// from its parent's options (QEMU keeps it among the node's options, not the explicit).
+    pub(crate) fn set_options(&self, options: Value, inactive_inherited: bool) {
+        *lock(&self.options) = options;
+        self.inactive_option_inherited
+            .store(inactive_inherited, Ordering::Release);
+    }
+
+    /// Whether the node's options hold an `active: false` taken from its parent.
+    pub(crate) fn has_inherited_inactive_option(&self) -> bool {
+        self.inactive_option_inherited.load(Ordering::Acquire)
+    }
+
+    /// Whether the node is active (not inactivated for a handover, QEMU's `BDRV_O_INACTIVE`).
+    pub fn is_active(&self) -> bool {
+        !self.inactive.load(Ordering::Acquire)
+    }
+
+    /// Whether writes can reach the node: writable and active (QEMU's `bdrv_is_writable`).
+    pub fn is_writable(&self) -> bool {
+        !self.is_read_only() && self.is_active()
+    }
+
+    /// Inactivates this node alone (QEMU's `bdrv_inactivate_recurse` for one node, after its
+    /// checks): the driver writes out what it caches and marks its image clean, then the node
+    /// takes no more writes and its children's users may write (the image's locks allow
+    /// another process to write it).
+    pub(crate) fn inactivate_self(&self) -> BlockResult<()> {
+        self.check_open()?;
+        if !self.is_active() {
+            return Ok(());
+        }
+        self.store_bitmaps()?;
+        self.flush()?;
+        self.driver.inactivate()?;
+        self.inactive.store(true, Ordering::Release);
+        // Only loosening: errors leave stricter locks, as in QEMU.
+        let _ = self.refresh_perms();
+        Ok(())
+    }
+
+    /// Activates this node alone (its children already are): its users' permissions are
+    /// taken again, then the driver drops what it knew of the image and reads it anew
+    /// (QEMU's `bdrv_activate` for one node). On failure the node stays inactive.
+    pub(crate) fn activate_self(&self) -> BlockResult<()> {
+        self.check_open()?;
+        if self.is_active() {
+            return Ok(());
+        }
+        self.inactive.store(false, Ordering::Release);
+        if let Err(e) = self.refresh_perms() {
+            self.inactive.store(true, Ordering::Release);
+            let _ = self.refresh_perms();
+            return Err(e);
+        }
+        if let Err(e) = self.driver.activate() {
+            self.inactive.store(true, Ordering::Release);
+            let _ = self.refresh_perms();
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The children, in the order they were attached.
@@ -394,6 +643,13 @@ impl BlockNode {
                 self.name
             )));
         }
+        if !child.is_active() && self.is_active() {
+            return Err(BlockError::new(format!(
+                "Inactive '{}' can't be a {name} child of active '{}'",
+                child.name(),
+                self.name
+            )));
+        }
         let (perm, shared) = self.cumulative_perms();
         let (cp, cs) = kind.child_perms(perm, shared, !self.is_read_only());
         let use_id = child.add_use_linked(
@@ -402,13 +658,34 @@ impl BlockNode {
             (cp, cs),
             Some(ParentLink::Node(self.me.clone())),
         )?;
+        let blocker = (kind == ChildKind::Backing).then(|| child.block_as_backing_of(&self.name));
         lock(&self.children).push(ChildEdge {
             name: name.to_string(),
             kind,
             node: child,
             use_id,
+            blocker,
         });
         Ok(())
+    }
+
+    /// Sets the blocker of a backing edge from `parent` on this node (QEMU's
+    /// `bdrv_backing_attach`): everything but commit, stream and backup is refused.
+    pub(crate) fn block_as_backing_of(&self, parent: &str) -> u64 {
+        self.blockers.add(
+            format!("node is used as backing hd of '{parent}'"),
+            OpSet::BACKING,
+        )
+    }
+
+    /// The permissions `edge` (one of this node's children) takes on its child and the ones
+    /// it shares.
+    pub fn edge_perms(&self, edge: &ChildEdge) -> (Perm, Perm) {
+        lock(&edge.node.state)
+            .uses
+            .iter()
+            .find(|u| u.id == edge.use_id)
+            .map_or((Perm::NONE, Perm::ALL), |u| (u.perm, u.shared))
     }
 
     /// Detaches the child in role `name`, releasing the permissions taken on it.
@@ -419,6 +696,9 @@ impl BlockNode {
             children.remove(i)
         };
         edge.node.remove_use(edge.use_id);
+        if let Some(id) = edge.blocker {
+            edge.node.blockers.remove(id);
+        }
         Some(edge.node)
     }
 
@@ -446,6 +726,16 @@ impl BlockNode {
     /// The union of permissions taken and the intersection of permissions shared.
     pub fn cumulative_perms(&self) -> (Perm, Perm) {
         cumulative(&lock(&self.state).uses)
+    }
+
+    /// The union of the permissions taken by users that are not parent nodes (exports,
+    /// jobs: QEMU's BlockBackends).
+    pub(crate) fn non_node_users_perm(&self) -> Perm {
+        lock(&self.state)
+            .uses
+            .iter()
+            .filter(|u| !matches!(u.parent, Some(ParentLink::Node(_))))
+            .fold(Perm::NONE, |acc, u| acc | u.perm)
     }
 
     /// Takes `perm` on this node for `holder` (e.g. `backup job 'j1'`) in `role` (e.g.
@@ -483,6 +773,11 @@ impl BlockNode {
         (perm, shared): (Perm, Perm),
         parent: Option<ParentLink>,
     ) -> BlockResult<u64> {
+        if !self.is_active() && !(perm & !Perm::CONSISTENT_READ).is_empty() {
+            return Err(BlockError::new(format!(
+                "Permission '{perm}' unavailable on inactive node"
+            )));
+        }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         lock(&self.state).uses.insert(
             0,
@@ -538,12 +833,17 @@ impl BlockNode {
             check_conflicts(&self.name, &st.uses)?;
             cumulative(&st.uses)
         };
-        if self.is_read_only() && !(perm & (Perm::WRITE | Perm::WRITE_UNCHANGED)).is_empty() {
+        if !self.is_writable() && !(perm & (Perm::WRITE | Perm::WRITE_UNCHANGED)).is_empty() {
             return Err(BlockError::new("Block node is read-only"));
         }
         self.driver.check_perm(perm, shared)?;
         for edge in &self.children() {
-            let (cp, cs) = edge.kind.child_perms(perm, shared, !self.is_read_only());
+            let (cp, mut cs) = edge.kind.child_perms(perm, shared, self.is_writable());
+            // An inactive node lets others write and resize what it is made of (QEMU's
+            // default permissions for an inactive node's children).
+            if !self.is_active() && edge.kind != ChildKind::Filtered {
+                cs = cs | Perm::WRITE | Perm::RESIZE;
+            }
             if let Err(e) = edge.node.update_use(edge.use_id, cp, cs) {
                 self.driver.abort_perm();
                 return Err(e);
@@ -555,28 +855,20 @@ impl BlockNode {
 
     // ---- op blockers ----
 
-    /// Blocks graph operations on the node (deletion, another job) with `reason`, e.g.
-    /// `block device is in use by block job: backup`, until the blocker drops.
-    pub fn block_ops(self: &Arc<Self>, reason: &str) -> OpBlocker {
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        lock(&self.state)
-            .blockers
-            .insert(0, (id, reason.to_string()));
-        OpBlocker {
-            node: self.clone(),
-            id,
-        }
+    /// The node's op blockers (QEMU's `bs->op_blockers`).
+    pub fn op_blockers(&self) -> &Arc<OpBlockers> {
+        &self.blockers
     }
 
-    /// `Node '<name>' is busy: <reason>` if any blocker is set.
-    pub fn check_not_busy(&self) -> BlockResult<()> {
-        match lock(&self.state).blockers.first() {
-            Some((_, reason)) => Err(BlockError::new(format!(
-                "Node '{}' is busy: {reason}",
-                self.name
-            ))),
-            None => Ok(()),
-        }
+    /// Blocks `ops` on the node with `reason`, e.g. `block device is in use by block job:
+    /// backup`, until the blocker drops.
+    pub fn block_ops(&self, reason: &str, ops: OpSet) -> OpBlocker {
+        self.blockers.block(reason, ops)
+    }
+
+    /// `Node '<name>' is busy: <reason>` if `op` is blocked (QEMU's `bdrv_op_is_blocked`).
+    pub fn check_op(&self, op: BlockOp) -> BlockResult<()> {
+        self.blockers.check(&self.name, op).map_err(BlockError::new)
     }
 
     // ---- I/O ----
@@ -622,7 +914,7 @@ impl BlockNode {
 
     fn check_writable(&self) -> BlockResult<()> {
         self.check_open()?;
-        if self.is_read_only() {
+        if !self.is_writable() {
             return Err(BlockError::from_errno(libc::EPERM));
         }
         Ok(())
@@ -658,12 +950,20 @@ impl BlockNode {
         self.check_writable()?;
         check_request(offset, buf.len() as u64)?;
         self.notify_before_write(offset, buf.len() as u64)?;
+        let _request = self.requests.begin(offset, buf.len() as u64, false);
         self.debug_event(BlkdebugEvent::Pwritev);
         self.unflushed.store(true, Ordering::Release);
         let r = self.driver.write_at(offset, buf);
         self.debug_event(BlkdebugEvent::PwritevDone);
         self.mark_dirty(offset, buf.len() as u64);
+        self.wr_highest_offset
+            .fetch_max(offset + buf.len() as u64, Ordering::Relaxed);
         r
+    }
+
+    /// The end of the highest write to this node so far (QEMU's `wr_highest_offset`).
+    pub fn wr_highest_offset(&self) -> u64 {
+        self.wr_highest_offset.load(Ordering::Relaxed)
     }
 
     /// Writes `len` zeros at `offset`, after the before-write hooks; marks recording bitmaps.
@@ -682,6 +982,7 @@ impl BlockNode {
         self.check_writable()?;
         check_request(offset, len)?;
         self.notify_before_write(offset, len)?;
+        let _request = self.requests.begin(offset, len, false);
         self.debug_event(BlkdebugEvent::PwritevZero);
         self.unflushed.store(true, Ordering::Release);
         let r = if may_unmap && self.discard_unmaps() {
@@ -691,6 +992,8 @@ impl BlockNode {
         };
         self.debug_event(BlkdebugEvent::PwritevDone);
         self.mark_dirty(offset, len);
+        self.wr_highest_offset
+            .fetch_max(offset + len, Ordering::Relaxed);
         r
     }
 
@@ -783,9 +1086,32 @@ impl BlockNode {
         Ok(())
     }
 
-    /// Resizes the node (and its bitmaps).
+    /// Resizes the node (and its bitmaps). A read-only node refuses (`Image is read-only`);
+    /// a format with persistent bitmaps refuses while one is busy, read-only or inconsistent
+    /// (QEMU's `qcow2_truncate_bitmaps_check`).
     pub fn truncate(&self, size: u64) -> BlockResult<()> {
-        self.check_writable()?;
+        self.check_open()?;
+        if self.is_read_only() {
+            return Err(BlockError::with_errno("Image is read-only", libc::EACCES));
+        }
+        if self.driver.bitmap_store().is_some() {
+            for b in lock(&self.bitmaps).iter().filter(|b| b.is_persistent()) {
+                let name = b.name().unwrap_or("");
+                let why = if b.is_busy() {
+                    "is currently in use by another operation and cannot be used"
+                } else if b.is_readonly() {
+                    "is readonly and cannot be modified"
+                } else if b.is_inconsistent() {
+                    "is inconsistent and cannot be used"
+                } else {
+                    continue;
+                };
+                return Err(BlockError::with_errno(
+                    format!("Bitmap '{name}' {why}"),
+                    libc::ENOTSUP,
+                ));
+            }
+        }
         self.unflushed.store(true, Ordering::Release);
         self.driver.truncate(size)?;
         let new = self.size()?;
@@ -883,6 +1209,97 @@ impl BlockNode {
         }
     }
 
+    /// QEMU's `bdrv_is_allocated_above(self, bottom, include_base=true)`: whether the range
+    /// starting at `offset` (at most `len` bytes) is allocated in some layer from this node
+    /// down to the layer named `bottom` (inclusive; `None`: the whole chain), and for how many
+    /// bytes that answer holds. Past the end of a shorter layer counts as unallocated there.
+    pub fn allocated_above(
+        self: &Arc<Self>,
+        bottom: Option<&str>,
+        offset: u64,
+        len: u64,
+    ) -> BlockResult<(bool, u64)> {
+        let mut layer = self.clone();
+        let mut len = len;
+        loop {
+            let size = layer.size()?;
+            if offset < size {
+                let (allocated, n) = layer.block_status(offset, len.min(size - offset))?;
+                if n > 0 {
+                    len = len.min(n);
+                }
+                if allocated {
+                    return Ok((true, len));
+                }
+            }
+            if bottom == Some(layer.name()) {
+                return Ok((false, len));
+            }
+            match layer.layer_below() {
+                Some(next) => layer = next,
+                None => return Ok((false, len)),
+            }
+        }
+    }
+
+    /// One step of copy-on-read (QEMU's `copy-on-read` filter reading with
+    /// `BDRV_REQ_PREFETCH`, what a stream job does), on the range starting at `offset` (at
+    /// most `len` bytes): where this node allocates it, or where no layer from its backing
+    /// file down to the layer named `bottom` (inclusive; `None`: the whole chain) does, there
+    /// is nothing to copy; otherwise the data is read through the chain and written into this
+    /// node's own layer. Returns how many bytes from `offset` the step covered and whether it
+    /// copied them (0 bytes: past the end of every layer).
+    ///
+    /// The copy holds its range against writes (see [`crate::requests`]): a write to it waits,
+    /// and one that landed before is seen allocated and kept. The data written is the data
+    /// the node already reads, so it goes straight to the driver, as QEMU's
+    /// `BDRV_REQ_WRITE_UNCHANGED` does: no bitmap is marked and no before-write hook runs.
+    /// `buf` is the bounce buffer (any size above zero).
+    pub fn copy_on_read(
+        &self,
+        offset: u64,
+        len: u64,
+        bottom: Option<&str>,
+        buf: &mut [u8],
+    ) -> BlockResult<(u64, bool)> {
+        self.check_writable()?;
+        check_request(offset, len)?;
+        if bottom == Some(self.name()) {
+            // The node itself is the lowest layer to copy from: nothing is.
+            return Ok((len, false));
+        }
+        let (allocated, n) = self.block_status(offset, len)?;
+        if allocated || n == 0 {
+            return Ok((n, false));
+        }
+        let Some(backing) = self.child("backing") else {
+            return Ok((n, false));
+        };
+        let (above, n) = backing.allocated_above(bottom, offset, n)?;
+        if !above || n == 0 {
+            return Ok((n, false));
+        }
+        let _request = self.requests.begin(offset, n, true);
+        let end = offset + n;
+        let mut pos = offset;
+        while pos < end {
+            // A write may have allocated part of the range before the copy held it.
+            let (allocated, run) = self.block_status(pos, end - pos)?;
+            let run = run.clamp(1, end - pos);
+            if !allocated {
+                let mut done = 0;
+                while done < run {
+                    let step = (run - done).min(buf.len() as u64) as usize;
+                    self.read_at(pos + done, &mut buf[..step])?;
+                    self.driver.write_at(pos + done, &buf[..step])?;
+                    done += step as u64;
+                }
+            }
+            pos += run;
+        }
+        Ok((n, true))
+    }
+
     /// Delivers a blkdebug event to this node's driver (format drivers call this on their
     /// `file` child, e.g. `write_aio` before a data write).
     pub fn debug_event(&self, event: BlkdebugEvent) {
@@ -959,6 +1376,9 @@ impl BlockNode {
         let closed = self.driver.close();
         for edge in &self.children() {
             edge.node.remove_use(edge.use_id);
+            if let Some(id) = edge.blocker {
+                edge.node.blockers.remove(id);
+            }
         }
         flushed.and(stored).and(closed)
     }
@@ -1019,20 +1439,6 @@ impl PermGrant {
 impl Drop for PermGrant {
     fn drop(&mut self) {
         self.node.remove_use(self.id);
-    }
-}
-
-/// An op blocker on a node; removed on drop.
-pub struct OpBlocker {
-    node: Arc<BlockNode>,
-    id: u64,
-}
-
-impl Drop for OpBlocker {
-    fn drop(&mut self) {
-        lock(&self.node.state)
-            .blockers
-            .retain(|(id, _)| *id != self.id);
     }
 }
 

@@ -39,6 +39,8 @@ impl Perm {
             P::Write => Perm::WRITE,
             P::WriteUnchanged => Perm::WRITE_UNCHANGED,
             P::Resize => Perm::RESIZE,
+            // A permission a newer peer named: none this layer knows.
+            P::UnknownValue => Perm::NONE,
         }
     }
 

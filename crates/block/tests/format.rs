@@ -177,16 +177,57 @@ fn set_backing_attaches_an_existing_node_and_reads_through_it() {
         .blockdev_add_json(&json!({"driver": "qcow2", "node-name": "top",
             "file": {"driver": "file", "filename": top}}))
         .unwrap();
-    g.set_backing(&t, Some(b)).unwrap();
+    g.set_backing(&t, Some(b.clone())).unwrap();
     let mut buf = [0u8; 4];
     t.read_at(0, &mut buf).unwrap();
     assert_eq!(buf, [0x42; 4]);
+    // QEMU's backing blocker: deletion is refused before the in-use check.
     assert_eq!(
         g.blockdev_del("base").unwrap_err().desc(),
-        "Block device base is in use"
+        "Node 'base' is busy: node is used as backing hd of 'top'"
     );
     g.set_backing(&t, None).unwrap();
+    assert_eq!(
+        b.check_op(block::BlockOp::Resize)
+            .map_err(|e| e.desc().to_string()),
+        Ok(())
+    );
     g.blockdev_del("base").unwrap();
+}
+
+#[test]
+fn a_backing_node_is_blocked_for_all_but_commit_stream_and_backup_while_attached() {
+    let d = tempfile::tempdir().unwrap();
+    let base = image(&d, "base.qcow2", None);
+    let top = image(&d, "top.qcow2", None);
+    let mut g = graph();
+    let b = g
+        .blockdev_add_json(&json!({"driver": "qcow2", "node-name": "base",
+            "file": {"driver": "file", "filename": base}}))
+        .unwrap();
+    g.blockdev_add_json(
+        &json!({"driver": "qcow2", "node-name": "top", "backing": "base",
+            "file": {"driver": "file", "filename": top}}),
+    )
+    .unwrap();
+    let busy = "Node 'base' is busy: node is used as backing hd of 'top'";
+    for op in [
+        block::BlockOp::Resize,
+        block::BlockOp::Change,
+        block::BlockOp::ExternalSnapshot,
+    ] {
+        assert_eq!(b.check_op(op).unwrap_err().desc(), busy);
+    }
+    for op in [
+        block::BlockOp::Stream,
+        block::BlockOp::CommitTarget,
+        block::BlockOp::BackupSource,
+    ] {
+        assert!(b.check_op(op).is_ok());
+    }
+    // Deleting the parent removes its blocker.
+    g.blockdev_del("top").unwrap();
+    assert!(b.check_op(block::BlockOp::Resize).is_ok());
 }
 
 #[test]

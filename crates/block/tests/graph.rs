@@ -163,7 +163,10 @@ fn blocked_node_is_busy_for_deletion() {
     let n = g
         .blockdev_add_json(&json!({"driver": "null-co", "node-name": "t"}))
         .unwrap();
-    let blocker = n.block_ops("block device is in use by block job: backup");
+    let blocker = n.block_ops(
+        "block device is in use by block job: backup",
+        block::OpSet::ALL,
+    );
     assert_eq!(
         err(g.blockdev_del("t")),
         "Node 't' is busy: block device is in use by block job: backup"

@@ -3,15 +3,17 @@
 
 use std::sync::Arc;
 
+use block::{BlockOp, OpSet};
 use job::{JobKey, JobSpec};
 use qmp_api::{
-    BackupCommon, BackupPerf, BitmapSyncMode, BlockdevBackup, DriveBackup, MirrorSyncMode,
+    BackupCommon, BackupPerf, BitmapSyncMode, BlockdevBackup, DriveBackup, JobType, MirrorSyncMode,
     NewImageMode, QmpError,
 };
 
 use crate::BlockState;
 use crate::backup::{BackupBitmap, BackupCopy, BackupEnv, BackupJob, BackupOptions, BackupSync};
 use crate::bitmaps::JobBitmap;
+use crate::busy::MAIN_NODE;
 use crate::claims::Drain;
 use crate::node::{BlockIo, ImageRef};
 use crate::transaction::{Action, Transaction};
@@ -241,8 +243,20 @@ impl Action for BackupAction {
         let env = &mut *txn.state;
         let device = self.common.device.clone();
         let source = env.lookup(&device)?;
+        if let BackupTarget::Node(name) = &self.target {
+            env.lookup(name)?;
+        }
+        self.drain = Some(Drain::begin(
+            &env.jobs,
+            &env.claims,
+            env.graph.as_deref(),
+            &device,
+        ));
+        if matches!(self.target, BackupTarget::Image { .. }) {
+            // drive-backup's early check, before it creates the target.
+            env.check_op(&device, BlockOp::BackupSource)?;
+        }
         let (target_name, target) = self.target(env, &source)?;
-        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &device));
         let (sync, bitmap) = self.sync(env)?;
         if device == target_name {
             return Err(QmpError::generic("Source and target cannot be the same"));
@@ -255,7 +269,8 @@ impl Action for BackupAction {
                 "Compression is not supported for this drive ",
             ));
         }
-        env.claims.check_free(&target_name)?;
+        env.check_op(&device, BlockOp::BackupSource)?;
+        env.check_op(&target_name, BlockOp::BackupTarget)?;
         let mut options = backup_options(c.x_perf.as_ref())?;
         options.compress = compress;
         options.discard_source = c.discard_source.unwrap_or(false);
@@ -264,6 +279,7 @@ impl Action for BackupAction {
                 "Source and target image have different sizes",
             ));
         }
+        env.check_backup_nodes_active(&device, &target_name)?;
         if let Some((bitmap, mode)) = &bitmap {
             if *mode != BitmapSyncMode::Never {
                 bitmap.check_usable(false)?;
@@ -361,11 +377,16 @@ impl Action for BackupAction {
             }
         };
         env.jobs.set_progress_total(key, total);
-        env.claims.claim(key, "backup", &device, false);
-        env.claims.claim(key, "backup", &target_name, true);
-        if let Some(filter) = &filter {
-            env.claims.claim(key, "backup", filter, true);
+        // QEMU's job sits on the copy-before-write filter above the source (its main node,
+        // every operation blocked); the target is blocked. Without a filter (a graph that
+        // makes none) the source is the main node, used, not blocked.
+        match &filter {
+            Some(filter) => {
+                env.add_job_node(key, JobType::Backup, filter, MAIN_NODE, OpSet::ALL);
+            }
+            None => env.add_job_node(key, JobType::Backup, &device, MAIN_NODE, OpSet::default()),
         }
+        env.add_job_node(key, JobType::Backup, &target_name, "target", OpSet::ALL);
         if let Some(drain) = self.drain.as_mut() {
             drain.hold(key);
         }

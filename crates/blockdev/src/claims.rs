@@ -1,24 +1,39 @@
-//! Which jobs use which nodes: the "node is busy" check and drained sections (QEMU's op
-//! blockers and `bdrv_drained_begin`/`_end`, reduced to what the block-job commands observe).
+//! Which jobs use which nodes (QEMU's `block_job_add_bdrv` edges: a role, permissions, and
+//! the job's op blocker on the node) and drained sections (`bdrv_drained_begin`/`_end`,
+//! reduced to what the block-job commands observe). Whether an operation is allowed on a node
+//! is decided in one place, [`crate::busy`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::node::NodeGraph;
+use block::{OpBlocker, Perm};
 use job::{JobKey, JobRegistry};
 
+/// How a job uses one of its nodes.
 #[derive(Debug, Clone)]
+pub(crate) struct JobNode {
+    pub(crate) job: JobKey,
+    /// The edge's name (`main node`, `target`, `source`, ...).
+    pub(crate) role: &'static str,
+    /// The permissions the job takes on the node and the ones it shares.
+    pub(crate) perm: Perm,
+    pub(crate) shared: Perm,
+}
+
+#[derive(Debug)]
 struct Claim {
-    job: JobKey,
-    job_type: &'static str,
-    /// The job blocks other users (a backup or mirror target).
-    exclusive: bool,
+    node: JobNode,
+    /// The job's op blocker on the node (`block device is in use by block job: <type>`), if
+    /// it blocks operations there.
+    _blocker: Option<OpBlocker>,
 }
 
 #[derive(Debug, Default)]
 struct Claims {
     /// Node → the jobs using it, oldest claim first.
     by_node: HashMap<String, Vec<Claim>>,
-    /// Job → the nodes it claimed.
+    /// Job → the nodes it claimed, oldest first.
     by_job: HashMap<JobKey, Vec<String>>,
     /// Nodes only a finished job held (a drive-backup target): to be closed.
     retired: Vec<String>,
@@ -46,22 +61,23 @@ impl NodeClaims {
         std::mem::take(&mut self.lock().retired)
     }
 
-    /// Records that `job` uses `node` (`exclusive`: nobody else may use it as a target).
-    pub(crate) fn claim(&self, job: JobKey, job_type: &'static str, node: &str, exclusive: bool) {
+    /// Records that a job uses `name` as `node` says, holding `blocker` on it until the job
+    /// releases its nodes.
+    pub(crate) fn claim(&self, name: &str, node: JobNode, blocker: Option<OpBlocker>) {
         let mut claims = self.lock();
+        let job = node.job;
         claims
             .by_node
-            .entry(node.to_string())
+            .entry(name.to_string())
             .or_default()
             .push(Claim {
-                job,
-                job_type,
-                exclusive,
+                node,
+                _blocker: blocker,
             });
-        claims.by_job.entry(job).or_default().push(node.to_string());
+        claims.by_job.entry(job).or_default().push(name.to_string());
     }
 
-    /// Forgets every node of `job` (its clean-up).
+    /// Forgets every node of `job` (its clean-up): its blockers go.
     pub(crate) fn release(&self, job: JobKey) {
         let mut claims = self.lock();
         let Some(nodes) = claims.by_job.remove(&job) else {
@@ -69,7 +85,7 @@ impl NodeClaims {
         };
         for node in nodes {
             if let Some(list) = claims.by_node.get_mut(&node) {
-                list.retain(|c| c.job != job);
+                list.retain(|c| c.node.job != job);
                 if list.is_empty() {
                     claims.by_node.remove(&node);
                 }
@@ -77,21 +93,26 @@ impl NodeClaims {
         }
     }
 
-    /// `Node '<n>' is busy: block device is in use by block job: <type>` if a job holds `node`
-    /// exclusively.
-    pub(crate) fn check_free(&self, node: &str) -> Result<(), qmp_api::QmpError> {
+    /// Whether a job uses `node`.
+    pub(crate) fn is_claimed(&self, node: &str) -> bool {
+        self.lock().by_node.contains_key(node)
+    }
+
+    /// The nodes of `job`, newest first, with how it uses them.
+    pub(crate) fn nodes_of(&self, job: JobKey) -> Vec<(String, JobNode)> {
         let claims = self.lock();
-        match claims
-            .by_node
-            .get(node)
-            .and_then(|list| list.iter().find(|c| c.exclusive))
-        {
-            Some(c) => Err(qmp_api::QmpError::generic(format!(
-                "Node '{node}' is busy: block device is in use by block job: {}",
-                c.job_type
-            ))),
-            None => Ok(()),
+        let mut out: Vec<(String, JobNode)> = Vec::new();
+        for name in claims.by_job.get(&job).into_iter().flatten().rev() {
+            if out.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            for c in claims.by_node.get(name).into_iter().flatten().rev() {
+                if c.node.job == job {
+                    out.push((name.clone(), c.node.clone()));
+                }
+            }
         }
+        out
     }
 
     /// Jobs using `node`, oldest claim first, each once.
@@ -99,8 +120,8 @@ impl NodeClaims {
         let claims = self.lock();
         let mut keys = Vec::new();
         for c in claims.by_node.get(node).into_iter().flatten() {
-            if !keys.contains(&c.job) {
-                keys.push(c.job);
+            if !keys.contains(&c.node.job) {
+                keys.push(c.node.job);
             }
         }
         keys
@@ -117,10 +138,23 @@ pub(crate) struct Drain {
 }
 
 impl Drain {
-    /// Begins a drained section of `node`: every job using it pauses, and a busy one is waited
-    /// for until it reaches its pause point.
-    pub(crate) fn begin(jobs: &JobRegistry, claims: &NodeClaims, node: &str) -> Drain {
-        let held = jobs.begin_drain(&claims.jobs_using(node));
+    /// Begins a drained section of `node`: every job using it or one of its ancestors
+    /// (`graph`) pauses, and a busy one is waited for until it reaches its pause point.
+    pub(crate) fn begin(
+        jobs: &JobRegistry,
+        claims: &NodeClaims,
+        graph: Option<&dyn NodeGraph>,
+        node: &str,
+    ) -> Drain {
+        let mut keys = claims.jobs_using(node);
+        for ancestor in graph.map(|g| g.ancestors(node)).unwrap_or_default() {
+            for key in claims.jobs_using(&ancestor) {
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+        let held = jobs.begin_drain(&keys);
         Drain {
             jobs: jobs.clone(),
             held,

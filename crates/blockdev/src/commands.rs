@@ -2,22 +2,34 @@
 
 use job::JobRef;
 use qmp_api::{
-    ActionCompletionMode, BlockDeviceInfo, BlockDirtyBitmap, BlockDirtyBitmapAdd,
-    BlockDirtyBitmapMerge, BlockExportDelArguments, BlockExportOptions, BlockJobCancelArguments,
-    BlockJobChangeOptions, BlockJobCompleteArguments, BlockJobDismissArguments,
-    BlockJobFinalizeArguments, BlockJobInfo, BlockJobPauseArguments, BlockJobResumeArguments,
-    BlockJobSetSpeedArguments, BlockJobVerb, BlockdevBackup, BlockdevDelArguments,
-    BlockdevMirrorArguments, BlockdevOptions, BlockdevSnapshot, BlockdevSnapshotInternal,
-    BlockdevSnapshotSync, Commands, DriveBackup, JobCancelArguments, JobCompleteArguments,
-    JobDismissArguments, JobFinalizeArguments, JobInfo, JobPauseArguments, JobResumeArguments,
-    NbdServerOptionsLegacy, QmpError, QueryNamedBlockNodesArguments, SchemaInfo,
-    TransactionActionBranch, TransactionActionKind, TransactionArguments, VersionInfo,
+    ActionCompletionMode, BlockCommitArguments, BlockDeviceInfo, BlockDirtyBitmap,
+    BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockExportDelArguments, BlockExportOptions,
+    BlockJobCancelArguments, BlockJobChangeOptions, BlockJobCompleteArguments,
+    BlockJobDismissArguments, BlockJobFinalizeArguments, BlockJobInfo, BlockJobPauseArguments,
+    BlockJobResumeArguments, BlockJobSetSpeedArguments, BlockJobVerb, BlockStreamArguments,
+    BlockdevBackup, BlockdevCreateArguments, BlockdevDelArguments, BlockdevMirrorArguments,
+    BlockdevOptions, BlockdevSnapshot, BlockdevSnapshotInternal, BlockdevSnapshotSync, Commands,
+    DriveBackup, JobCancelArguments, JobCompleteArguments, JobDismissArguments,
+    JobFinalizeArguments, JobInfo, JobPauseArguments, JobResumeArguments, NbdServerOptionsLegacy,
+    QmpError, QueryNamedBlockNodesArguments, SchemaInfo, TransactionActionBranch,
+    TransactionActionKind, TransactionArguments, VersionInfo, XBlockdevAmendArguments,
+};
+use qmp_api::{
+    BlockDirtyBitmapSha256, BlockExportInfo, BlockResizeArguments, BlockSetWriteThresholdArguments,
+    BlockStats, BlockdevReopenArguments, BlockdevSetActiveArguments,
+    BlockdevSnapshotDeleteInternalSyncArguments, ChangeBackingFileArguments, ChardevAddArguments,
+    ChardevBackendInfo, ChardevInfo, ChardevRemoveArguments, ChardevReturn,
+    ChardevSendBreakArguments, NbdServerAddOptions, NbdServerRemoveArguments, ObjectDelArguments,
+    ObjectOptions, ObjectPropertyInfo, ObjectTypeInfo, QomGetArguments, QomListArguments,
+    QomListPropertiesArguments, QomListTypesArguments, QomSetArguments, QueryBlockstatsArguments,
+    RingbufReadArguments, RingbufWriteArguments, SnapshotInfo, XDbgBlockGraph,
 };
 
 use crate::Blockdev;
 use crate::actions::BackupAction;
 use crate::bitmaps::{self, BitmapAction};
 use crate::export;
+use crate::qom;
 use crate::snapshot::{ExternalSnapshot, InternalSnapshot};
 use crate::transaction::{self, AbortAction, Action};
 
@@ -140,10 +152,17 @@ impl Commands for Blockdev {
         args: QueryNamedBlockNodesArguments,
     ) -> Result<Vec<BlockDeviceInfo>, QmpError> {
         self.close_retired_nodes();
-        Ok(match &self.state.graph {
+        let mut infos = match &self.state.graph {
             Some(graph) => graph.query_named_block_nodes(args.flat.unwrap_or(false)),
             None => Vec::new(),
-        })
+        };
+        for info in &mut infos {
+            if let Some(name) = &info.node_name {
+                info.write_threshold =
+                    crate::nodes::wire_threshold(self.state.thresholds.get(name));
+            }
+        }
+        Ok(infos)
     }
 
     fn blockdev_add(&mut self, args: BlockdevOptions) -> Result<(), QmpError> {
@@ -153,9 +172,23 @@ impl Commands for Blockdev {
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError> {
         // A finished backup's filter still holds its source until this.
         self.close_retired_nodes();
-        self.state.exports.check_unexported(&args.node_name)?;
-        self.state.claims.check_free(&args.node_name)?;
-        self.state.graph_mut()?.blockdev_del(args)
+        self.state.check_deletable(&args.node_name)?;
+        let name = args.node_name.clone();
+        self.state.graph_mut()?.blockdev_del(args)?;
+        self.state.thresholds.forget(&name);
+        Ok(())
+    }
+
+    fn blockdev_reopen(&mut self, args: BlockdevReopenArguments) -> Result<(), QmpError> {
+        self.close_retired_nodes();
+        self.state.graph_mut()?.reopen(&args.options)
+    }
+
+    fn blockdev_set_active(&mut self, args: BlockdevSetActiveArguments) -> Result<(), QmpError> {
+        self.close_retired_nodes();
+        self.state
+            .graph_mut()?
+            .set_active(args.node_name.as_deref(), args.active)
     }
 
     // ----- bitmaps -----
@@ -226,6 +259,10 @@ impl Commands for Blockdev {
         let target = JobRef::BlockJob(&args.id);
         let key = self.state.jobs.check_verb(target, BlockJobVerb::Change)?;
         let job_type = self.state.jobs.block_job_info(key).map(|j| j.branch.kind());
+        // Only mirror's driver has `change` (an active commit is a mirror of type commit).
+        if job_type != Some(qmp_api::JobType::Mirror) {
+            return Err(QmpError::generic("Job type does not support change"));
+        }
         if job_type != Some(args.branch.kind()) {
             return Err(QmpError::generic("Job type does not match specified type"));
         }
@@ -251,12 +288,80 @@ impl Commands for Blockdev {
         self.run_transaction(vec![Box::new(BackupAction::drive(args))], false)
     }
 
+    fn block_resize(&mut self, args: BlockResizeArguments) -> Result<(), QmpError> {
+        crate::nodes::block_resize(&mut self.state, args)
+    }
+
+    fn blockdev_snapshot_delete_internal_sync(
+        &mut self,
+        args: BlockdevSnapshotDeleteInternalSyncArguments,
+    ) -> Result<SnapshotInfo, QmpError> {
+        crate::nodes::delete_internal_snapshot(&mut self.state, args)
+    }
+
+    fn change_backing_file(&mut self, args: ChangeBackingFileArguments) -> Result<(), QmpError> {
+        crate::nodes::change_backing_file(&mut self.state, args)
+    }
+
+    fn block_set_write_threshold(
+        &mut self,
+        args: BlockSetWriteThresholdArguments,
+    ) -> Result<(), QmpError> {
+        crate::nodes::set_write_threshold(&mut self.state, args)
+    }
+
+    fn query_block_exports(&mut self) -> Result<Vec<BlockExportInfo>, QmpError> {
+        Ok(self.state.exports.query())
+    }
+
+    fn x_debug_block_dirty_bitmap_sha256(
+        &mut self,
+        args: BlockDirtyBitmap,
+    ) -> Result<BlockDirtyBitmapSha256, QmpError> {
+        crate::inspect::bitmap_sha256(&self.state, &args)
+    }
+
+    fn x_debug_query_block_graph(&mut self) -> Result<XDbgBlockGraph, QmpError> {
+        self.close_retired_nodes();
+        Ok(crate::inspect::block_graph(&self.state))
+    }
+
+    fn query_blockstats(
+        &mut self,
+        args: QueryBlockstatsArguments,
+    ) -> Result<Vec<BlockStats>, QmpError> {
+        self.close_retired_nodes();
+        Ok(crate::inspect::blockstats(
+            &self.state,
+            args.query_nodes.unwrap_or(false),
+        ))
+    }
+
+    fn blockdev_create(&mut self, args: BlockdevCreateArguments) -> Result<(), QmpError> {
+        self.close_retired_nodes();
+        crate::create::blockdev_create(&mut self.state, args)
+    }
+
+    fn x_blockdev_amend(&mut self, args: XBlockdevAmendArguments) -> Result<(), QmpError> {
+        crate::create::x_blockdev_amend(&mut self.state, args)
+    }
+
     fn blockdev_mirror(&mut self, args: BlockdevMirrorArguments) -> Result<(), QmpError> {
         crate::mirror::blockdev_mirror(&mut self.state, args)
     }
 
     fn drive_mirror(&mut self, args: qmp_api::DriveMirror) -> Result<(), QmpError> {
         crate::mirror::drive_mirror(&mut self.state, args)
+    }
+
+    fn block_commit(&mut self, args: BlockCommitArguments) -> Result<(), QmpError> {
+        self.close_retired_nodes();
+        crate::commit::start(&mut self.state, args)
+    }
+
+    fn block_stream(&mut self, args: BlockStreamArguments) -> Result<(), QmpError> {
+        self.close_retired_nodes();
+        crate::stream::start(&mut self.state, args)
     }
 
     fn blockdev_snapshot_sync(&mut self, args: BlockdevSnapshotSync) -> Result<(), QmpError> {
@@ -314,5 +419,117 @@ impl Commands for Blockdev {
             .map(|a| action_of(a.branch))
             .collect();
         self.run_transaction(actions, grouped)
+    }
+
+    // ----- objects, the object tree, chardevs (objects.rs, qom.rs, chardev.rs) -----
+
+    fn object_add(&mut self, args: ObjectOptions) -> Result<(), QmpError> {
+        self.state.objects.add(args)
+    }
+
+    fn object_del(&mut self, args: ObjectDelArguments) -> Result<(), QmpError> {
+        self.state.objects.del(&args.id)
+    }
+
+    fn qom_list(&mut self, args: QomListArguments) -> Result<Vec<ObjectPropertyInfo>, QmpError> {
+        qom::list(&mut self.state.objects, &self.state.chardevs, &args.path)
+    }
+
+    fn qom_get(&mut self, args: QomGetArguments) -> Result<serde_json::Value, QmpError> {
+        qom::get(
+            &mut self.state.objects,
+            &self.state.chardevs,
+            &args.path,
+            &args.property,
+        )
+    }
+
+    fn qom_set(&mut self, args: QomSetArguments) -> Result<(), QmpError> {
+        qom::set(
+            &mut self.state.objects,
+            &self.state.chardevs,
+            &args.path,
+            &args.property,
+            &args.value,
+        )
+    }
+
+    fn qom_list_types(
+        &mut self,
+        args: QomListTypesArguments,
+    ) -> Result<Vec<ObjectTypeInfo>, QmpError> {
+        Ok(qom::list_types(
+            args.implements.as_deref(),
+            args.r#abstract.unwrap_or(false),
+        ))
+    }
+
+    fn qom_list_properties(
+        &mut self,
+        args: QomListPropertiesArguments,
+    ) -> Result<Vec<ObjectPropertyInfo>, QmpError> {
+        qom::list_properties(&args.typename)
+    }
+
+    fn query_chardev(&mut self) -> Result<Vec<ChardevInfo>, QmpError> {
+        Ok(self.state.chardevs.query())
+    }
+
+    fn query_chardev_backends(&mut self) -> Result<Vec<ChardevBackendInfo>, QmpError> {
+        Ok(qmp_api::ChardevBackendKind::ALL
+            .iter()
+            .map(|k| ChardevBackendInfo {
+                name: k.as_str().to_string(),
+            })
+            .collect())
+    }
+
+    fn chardev_add(&mut self, args: ChardevAddArguments) -> Result<ChardevReturn, QmpError> {
+        self.state.chardevs.add(args.id, args.backend)?;
+        Ok(ChardevReturn { pty: None })
+    }
+
+    fn chardev_change(
+        &mut self,
+        args: qmp_api::ChardevChangeArguments,
+    ) -> Result<ChardevReturn, QmpError> {
+        self.state.chardevs.change(args.id, args.backend)?;
+        Ok(ChardevReturn { pty: None })
+    }
+
+    fn chardev_remove(&mut self, args: ChardevRemoveArguments) -> Result<(), QmpError> {
+        self.state.chardevs.remove(&args.id)
+    }
+
+    fn chardev_send_break(&mut self, args: ChardevSendBreakArguments) -> Result<(), QmpError> {
+        self.state.chardevs.send_break(&args.id)
+    }
+
+    fn ringbuf_write(&mut self, args: RingbufWriteArguments) -> Result<(), QmpError> {
+        self.state
+            .chardevs
+            .ringbuf_write(&args.device, &args.data, args.format)
+    }
+
+    fn ringbuf_read(&mut self, args: RingbufReadArguments) -> Result<String, QmpError> {
+        self.state
+            .chardevs
+            .ringbuf_read(&args.device, args.size, args.format)
+    }
+
+    /// A storage daemon has no named block backend and no guest device: QSD's answer is
+    /// always empty (exports' backends are anonymous).
+    fn query_block(&mut self) -> Result<Vec<qmp_api::BlockInfo>, QmpError> {
+        Ok(Vec::new())
+    }
+
+    // ----- the legacy NBD export commands (export.rs) -----
+
+    fn nbd_server_add(&mut self, args: NbdServerAddOptions) -> Result<(), QmpError> {
+        export::nbd_server_add(&mut self.state, args)
+    }
+
+    fn nbd_server_remove(&mut self, args: NbdServerRemoveArguments) -> Result<(), QmpError> {
+        export::nbd_server_remove(&mut self.state, args)
     }
 }

@@ -47,6 +47,8 @@ struct ExportRecord {
     node: String,
     /// `block-export-del` was accepted; clients are still being disconnected.
     shutting_down: bool,
+    /// Clients may write.
+    writable: bool,
     /// The bitmaps exported (busy until the export is gone).
     bitmaps: Vec<ExportedBitmap>,
 }
@@ -158,12 +160,32 @@ impl NbdExports {
         self.gate.drain()
     }
 
-    /// QEMU's "Node <n> is in use" (`blockdev-del` of a node an export uses).
-    pub(crate) fn check_unexported(&self, node: &str) -> Result<(), QmpError> {
-        if lock(&self.records).iter().any(|r| r.node == node) {
-            return Err(QmpError::generic(format!("Node {node} is in use")));
-        }
-        Ok(())
+    /// `query-block-exports`: newest first; an export deleted while clients are still
+    /// connected is shutting down.
+    pub(crate) fn query(&self) -> Vec<qmp_api::BlockExportInfo> {
+        lock(&self.records)
+            .iter()
+            .map(|r| qmp_api::BlockExportInfo {
+                id: r.id.clone(),
+                r#type: qmp_api::BlockExportType::Nbd,
+                node_name: r.node.clone(),
+                shutting_down: r.shutting_down,
+            })
+            .collect()
+    }
+
+    /// The exported nodes and whether each export is writable, newest first (the block
+    /// backends of `x-debug-query-block-graph`).
+    pub(crate) fn backends(&self) -> Vec<(String, bool)> {
+        lock(&self.records)
+            .iter()
+            .map(|r| (r.node.clone(), r.writable))
+            .collect()
+    }
+
+    /// Whether an export uses `node` (QEMU: it has a block backend).
+    pub(crate) fn is_exported(&self, node: &str) -> bool {
+        lock(&self.records).iter().any(|r| r.node == node)
     }
 
     /// `nbd-server-start`.
@@ -313,11 +335,28 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
             "Cannot export read-only node as writable",
         ));
     }
-    if let Some(iothread) = &args.iothread {
-        // No `--object iothread` exists in this daemon.
+    if let Some(iothread) = &args.iothread
+        && !state.objects.is_iothread(iothread)
+    {
+        // An existing iothread is accepted: the export's I/O runs on the daemon's I/O pool
+        // whichever iothread is named (see `objects`).
         return Err(QmpError::generic(format!(
             "iothread \"{iothread}\" not found"
         )));
+    }
+    // An export keeps its node active unless it may stay on an inactive one (QEMU's
+    // `allow-inactive`); this block layer lets only a read-only export do that.
+    if args.allow_inactive == Some(true) {
+        if writable {
+            return Err(QmpError::generic(
+                "Parameter 'allow-inactive' is not supported for a writable export by this \
+                 block layer",
+            ));
+        }
+    } else if let Some(graph) = state.graph.as_mut()
+        && !graph.is_active(&args.node_name)
+    {
+        graph.set_active(Some(&args.node_name), true)?;
     }
     let Some(server) = state.exports.server.as_ref() else {
         return Err(QmpError::generic("NBD server not running"));
@@ -355,7 +394,8 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
     }
     // The export is a parent of the node that a mirror's pivot moves (QEMU's BlockBackend).
     let io = match state.graph.as_ref() {
-        Some(g) => g.backend(&args.node_name, &format!("export '{}'", args.id), writable)?,
+        // QEMU's export BlockBackend has no name: permission errors call it so.
+        Some(g) => g.backend(&args.node_name, "an unnamed block device", writable)?,
         None => io,
     };
     let backend = Arc::new(NodeExport {
@@ -401,6 +441,7 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
             name,
             node: args.node_name,
             shutting_down: false,
+            writable,
             bitmaps,
         },
     );
@@ -409,6 +450,56 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
 
 /// `block-export-del`: the export is gone for new clients at once; `BLOCK_EXPORT_DELETED`
 /// comes when its last client has gone (before the reply if it had none).
+/// `nbd-server-add` (deprecated): `block-export-add` of an NBD export whose id and name are
+/// `name` (default: the device), as QEMU builds it. A read-only node is exported read-only
+/// even when `writable` asks otherwise, as QEMU does for this command.
+pub(crate) fn nbd_server_add(
+    state: &mut BlockState,
+    args: qmp_api::NbdServerAddOptions,
+) -> Result<(), QmpError> {
+    state
+        .graph
+        .as_ref()
+        .and_then(|g| g.node(&args.device))
+        .ok_or_else(|| node::not_found(&args.device, &args.device))?;
+    if state.exports.server.is_none() {
+        return Err(QmpError::generic("NBD server not running"));
+    }
+    let read_only = state
+        .graph
+        .as_ref()
+        .and_then(|g| g.node_facts(&args.device))
+        .is_some_and(|facts| facts.read_only);
+    let name = args.name.unwrap_or_else(|| args.device.clone());
+    let mut options = serde_json::json!({
+        "type": "nbd", "id": name, "node-name": args.device, "name": name,
+    });
+    if let Some(description) = args.description {
+        options["description"] = description.into();
+    }
+    if let Some(bitmap) = args.bitmap {
+        options["bitmaps"] = serde_json::json!([bitmap]);
+    }
+    if let Some(writable) = args.writable {
+        options["writable"] = (writable && !read_only).into();
+    }
+    add(state, qmp_api::input::from_value(&options)?)
+}
+
+/// `nbd-server-remove` (deprecated): `block-export-del` of an NBD export by its id.
+pub(crate) fn nbd_server_remove(
+    state: &mut BlockState,
+    args: qmp_api::NbdServerRemoveArguments,
+) -> Result<(), QmpError> {
+    del(
+        state,
+        BlockExportDelArguments {
+            id: args.name,
+            mode: args.mode,
+        },
+    )
+}
+
 pub(crate) fn del(state: &mut BlockState, args: BlockExportDelArguments) -> Result<(), QmpError> {
     let exports = &mut state.exports;
     let record = lock(&exports.records)

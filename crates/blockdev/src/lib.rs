@@ -12,16 +12,25 @@ mod actions;
 pub mod backup;
 mod bitmaps;
 pub mod block_layer;
+mod busy;
+mod chardev;
 mod claims;
 mod commands;
+pub mod commit;
+mod create;
 mod events;
 mod export;
+mod inspect;
 mod io_threads;
 pub mod mirror;
 mod mirror_top;
 pub mod node;
+mod nodes;
+mod objects;
+mod qom;
 mod quiesce;
 mod snapshot;
+pub mod stream;
 pub mod transaction;
 
 use std::io;
@@ -35,8 +44,9 @@ pub use block_layer::BlockLayer;
 pub use events::block_event_sink;
 pub use io_threads::IoThreads;
 pub use node::{
-    BlockIo, CopyBuffers, Extent, FilterWrites, ImageRef, InlineIo, IoPool, MirrorNodes,
-    MirrorTargetImage, NodeBitmaps, NodeFacts, NodeGraph, WriteTracker,
+    BlockIo, ChainEditor, ChainLayer, CopyBuffers, CreateRun, CreateWork, Extent, FilterWrites,
+    GraphEdge, GraphNode, ImageRef, InlineIo, IoPool, MirrorNodes, MirrorTargetImage, NodeBitmaps,
+    NodeFacts, NodeGraph, WriteTracker,
 };
 
 use claims::NodeClaims;
@@ -77,6 +87,14 @@ pub struct BlockState {
     pub(crate) exports: export::NbdExports,
     /// Running mirrors' shared state, for `block-job-change`.
     pub(crate) mirrors: std::collections::HashMap<job::JobKey, Arc<mirror::MirrorShared>>,
+    /// The nodes' write thresholds.
+    pub(crate) thresholds: nodes::WriteThresholds,
+    /// Where events the command layer emits go (write thresholds).
+    pub(crate) events: Arc<dyn EventSink>,
+    /// `object-add`'s objects (`/objects`).
+    pub(crate) objects: objects::Objects,
+    /// Character devices (`/chardevs`).
+    pub(crate) chardevs: chardev::Chardevs,
 }
 
 impl BlockState {
@@ -132,6 +150,11 @@ impl SharedBlockdev {
         qmp_api::dispatch(&mut *blockdev, name, arguments)
     }
 
+    /// [`Blockdev::register_monitor_chardev`].
+    pub fn register_monitor_chardev(&self, id: &str, filename: &str) {
+        self.lock().register_monitor_chardev(id, filename);
+    }
+
     /// [`Blockdev::shutdown`].
     pub fn shutdown(&self) -> io::Result<()> {
         self.lock().shutdown()
@@ -169,7 +192,7 @@ impl Blockdev {
     /// limits use `clock`; block I/O runs inline until [`Blockdev::with_io_pool`].
     pub fn new(events: Arc<dyn EventSink>, spawn: Arc<dyn Spawn>, clock: Arc<dyn Clock>) -> Self {
         let exports = export::NbdExports::new(Arc::clone(&events));
-        let jobs = JobRegistry::new(events, spawn, clock);
+        let jobs = JobRegistry::new(events.clone(), spawn, clock);
         Blockdev {
             state: BlockState {
                 jobs,
@@ -179,6 +202,10 @@ impl Blockdev {
                 buffers: Arc::new(CopyBuffers::default()),
                 exports,
                 mirrors: std::collections::HashMap::new(),
+                thresholds: nodes::WriteThresholds::default(),
+                events,
+                objects: objects::Objects::new(block::throttle::ThrottleGroups::default()),
+                chardevs: chardev::Chardevs::default(),
             },
         }
     }
@@ -194,7 +221,7 @@ impl Blockdev {
             Arc::new(job::TokioSpawn),
             Arc::new(job::TokioClock::default()),
         )
-        .with_graph(Box::new(BlockLayer::new(graph)))
+        .with_block_graph(graph)
         .with_io_pool(Arc::new(IoThreads::default()))
         .with_runtime(tokio::runtime::Handle::current())
     }
@@ -202,8 +229,25 @@ impl Blockdev {
     /// Runs the NBD server (`nbd-server-start`) on `runtime`. Commands wait for it, so they
     /// must not run on a thread that drives `runtime` (a current-thread runtime's own thread).
     pub fn with_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
-        self.state.exports.set_runtime(runtime);
+        self.state.exports.set_runtime(runtime.clone());
+        self.state.chardevs.set_runtime(runtime);
         self
+    }
+
+    /// Uses the block crate's `graph` for nodes, sharing the throttle groups of the
+    /// `throttle-group` objects with its `throttle` driver.
+    pub fn with_block_graph(mut self, graph: block::BlockGraph) -> Self {
+        let groups = block::throttle::ThrottleGroups::default();
+        self.state.objects = objects::Objects::new(groups.clone());
+        self.with_graph(Box::new(BlockLayer::new(
+            graph.with_throttle_groups(groups),
+        )))
+    }
+
+    /// Registers the chardev of a `--monitor` (listed by `query-chardev`, never removable);
+    /// `filename` is QEMU's text for it (`unix:PATH,server=on`).
+    pub fn register_monitor_chardev(&mut self, id: &str, filename: &str) {
+        self.state.chardevs.register_monitor(id, filename);
     }
 
     /// Uses `graph` for nodes (blockdev-add, lookups, images).

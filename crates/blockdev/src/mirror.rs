@@ -11,7 +11,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
-use block::DirtyBitmap;
+use block::{BlockOp, DirtyBitmap, OpSet};
 use job::{BoxFuture, JobContext, JobDriver, JobFailure, JobKey, JobRegistry, JobSpec};
 use qmp_api::{
     BlockdevMirrorArguments, DriveMirror, IoOperationType, JobType, MirrorCopyMode, MirrorSyncMode,
@@ -19,10 +19,11 @@ use qmp_api::{
 };
 
 use crate::BlockState;
+use crate::busy::MAIN_NODE;
 use crate::claims::NodeClaims;
 use crate::node::{
-    BlockIo, CopyBuffers, FilterWrites, IoFuture, IoPool, MirrorNodes, MirrorTargetImage,
-    NodeBitmaps,
+    BlockIo, ChainEditor, CopyBuffers, FilterWrites, IoFuture, IoPool, MirrorNodes,
+    MirrorTargetImage, NodeBitmaps,
 };
 
 /// Copy operations a mirror keeps in flight at most (QEMU's `MAX_IN_FLIGHT`).
@@ -288,6 +289,21 @@ enum TargetBacking {
     Node(String),
 }
 
+/// What makes a mirror QEMU's active commit (`commit_active_start`): the target is the
+/// source's base; only what the layers above it allocate is copied; a smaller base grows; a
+/// base reopened read-write for the job is read-only again if the job aborts.
+pub(crate) struct ActiveCommit {
+    /// The base (the target).
+    pub(crate) base: String,
+    /// The lowest layer above the base (QEMU's `base_overlay`).
+    pub(crate) base_overlay: String,
+    /// The base was read-only before the job.
+    pub(crate) base_read_only: bool,
+    /// The layers between the source and the base: the job blocks them.
+    pub(crate) intermediate: Vec<String>,
+    pub(crate) editor: Arc<dyn ChainEditor>,
+}
+
 /// A mirror job's driver.
 pub struct MirrorJob {
     key: JobKey,
@@ -313,24 +329,36 @@ pub struct MirrorJob {
     pivot: bool,
     /// A target only this job holds (drive-mirror), closed if the job does not pivot.
     owned_target: Option<String>,
+    /// The job is an active commit.
+    commit: Option<ActiveCommit>,
+    /// The job ended in `abort`.
+    aborted: bool,
 }
 
 impl MirrorJob {
     /// The initial dirty bitmap: QEMU's `mirror_dirty_init`.
     async fn dirty_init(&mut self, ctx: &JobContext) -> Result<(), JobFailure> {
         let size = self.source.size();
+        // An active commit copies what the layers above the base allocate; `top` what the
+        // source's own layer allocates (above its backing).
+        let bottom = self.commit.as_ref().map(|c| c.base_overlay.clone());
         match self.sync {
             MirrorSyncMode::None => {}
-            MirrorSyncMode::Top => {
-                // What the source's own layer allocates (above its backing).
+            _ if bottom.is_some() || self.sync == MirrorSyncMode::Top => {
                 let source = self.source.clone();
                 let ranges = crate::node::run_blocking(self.pool.as_ref(), move || {
                     let mut ranges = Vec::new();
                     let mut pos = 0;
                     while pos < size {
-                        let e = source.block_status(pos, size - pos)?;
-                        let n = if e.len == 0 { size - pos } else { e.len };
-                        if e.allocated {
+                        let (allocated, n) = match &bottom {
+                            Some(b) => source.allocated_above(Some(b), pos, size - pos)?,
+                            None => {
+                                let e = source.block_status(pos, size - pos)?;
+                                (e.allocated, e.len)
+                            }
+                        };
+                        let n = if n == 0 { size - pos } else { n };
+                        if allocated {
                             ranges.push((pos, n));
                         }
                         pos += n;
@@ -458,7 +486,17 @@ impl MirrorJob {
     }
 
     async fn run_mirror(&mut self, ctx: &JobContext) -> Result<(), JobFailure> {
-        if self.source.size() != self.target.size() {
+        let size = self.source.size();
+        if self.commit.is_some() {
+            // An active commit grows a smaller base.
+            if self.target.size() < size {
+                let target = self.target.clone();
+                crate::node::run_blocking(self.pool.as_ref(), move || target.truncate(size))
+                    .await
+                    .unwrap_or_else(|| Err(io::Error::other("I/O worker lost")))
+                    .map_err(|e| JobFailure::from_io(&e))?;
+            }
+        } else if size != self.target.size() {
             return Err(JobFailure::new(
                 "Source and target image have different sizes",
             ));
@@ -554,7 +592,11 @@ impl MirrorJob {
 
 impl JobDriver for MirrorJob {
     fn job_type(&self) -> JobType {
-        JobType::Mirror
+        if self.commit.is_some() {
+            JobType::Commit
+        } else {
+            JobType::Mirror
+        }
     }
 
     fn supports_complete(&self) -> bool {
@@ -566,7 +608,10 @@ impl JobDriver for MirrorJob {
     }
 
     fn actively_synced(&self) -> Option<Arc<AtomicBool>> {
-        Some(self.shared.actively_synced.clone())
+        match self.commit {
+            None => Some(self.shared.actively_synced.clone()),
+            Some(_) => None,
+        }
     }
 
     fn run<'a>(&'a mut self, ctx: &'a JobContext) -> BoxFuture<'a, Result<(), JobFailure>> {
@@ -590,10 +635,23 @@ impl JobDriver for MirrorJob {
         Ok(())
     }
 
+    fn abort(&mut self) {
+        self.aborted = true;
+    }
+
     fn clean(&mut self) {
         if let Some(nodes) = self.nodes.take() {
             nodes.remove_filter();
             self.claims.retire(&nodes.filter_name());
+        }
+        // QEMU's `mirror_exit_common`: an aborted commit leaves its base read-only again
+        // (completed or soft-cancelled, it stays read-write).
+        if let Some(c) = &self.commit
+            && self.aborted
+            && c.base_read_only
+            && let Err(e) = c.editor.set_read_only(&c.base, true)
+        {
+            tracing::warn!("commit: reopening {} read-only: {}", c.base, e.desc);
         }
         // The dirty bitmap goes with the job.
         if let Some(bitmaps) = self.shared.bitmaps.get() {
@@ -632,15 +690,7 @@ struct MirrorRequest {
     unmap: bool,
     /// QEMU's `zero_target`.
     zero_target: bool,
-}
-
-/// QEMU's `qmp_get_root_bs`.
-fn root_node(env: &BlockState, name: &str) -> Result<Arc<dyn BlockIo>, QmpError> {
-    let io = env.lookup(name)?;
-    if env.graph.as_ref().is_some_and(|g| g.has_parent_node(name)) {
-        return Err(QmpError::generic("Need a root block node"));
-    }
-    Ok(io)
+    commit: Option<ActiveCommit>,
 }
 
 /// `blockdev-mirror`.
@@ -648,7 +698,7 @@ pub(crate) fn blockdev_mirror(
     env: &mut BlockState,
     args: BlockdevMirrorArguments,
 ) -> Result<(), QmpError> {
-    root_node(env, &args.device)?;
+    env.root_node(&args.device)?;
     env.lookup(&args.target)?;
     start(
         env,
@@ -671,14 +721,15 @@ pub(crate) fn blockdev_mirror(
             owned_target: None,
             unmap: true,
             zero_target: args.sync == MirrorSyncMode::Full,
+            commit: None,
         },
     )
 }
 
 /// `drive-mirror`: QEMU's `qmp_drive_mirror`.
 pub(crate) fn drive_mirror(env: &mut BlockState, args: DriveMirror) -> Result<(), QmpError> {
-    let source = root_node(env, &args.device)?;
-    env.claims.check_free(&args.device)?;
+    let source = env.root_node(&args.device)?;
+    env.check_op(&args.device, BlockOp::MirrorSource)?;
     let mode = args.mode.unwrap_or(NewImageMode::AbsolutePaths);
     let format = match (&args.format, mode) {
         (Some(f), _) => Some(f.clone()),
@@ -749,6 +800,7 @@ pub(crate) fn drive_mirror(env: &mut BlockState, args: DriveMirror) -> Result<()
             unmap: args.unmap.unwrap_or(true),
             // A new image starts out reading zeroes (QEMU: `bdrv_has_zero_init`).
             zero_target: sync == MirrorSyncMode::Full && mode == NewImageMode::Existing,
+            commit: None,
         },
     );
     if result.is_err()
@@ -757,6 +809,42 @@ pub(crate) fn drive_mirror(env: &mut BlockState, args: DriveMirror) -> Result<()
         graph.release_if_unused(&target);
     }
     result
+}
+
+/// An active commit of `top` into `base` (QEMU's `commit_active_start`; `block-commit` checked
+/// its arguments and reopened the base read-write).
+pub(crate) fn active_commit(
+    env: &mut BlockState,
+    args: &qmp_api::BlockCommitArguments,
+    top: &str,
+    commit: ActiveCommit,
+) -> Result<(), QmpError> {
+    let on_error = Some(args.on_error.unwrap_or(qmp_api::BlockdevOnError::Report));
+    start(
+        env,
+        MirrorRequest {
+            job_id: Some(args.job_id.clone().unwrap_or_default()),
+            device: top.to_string(),
+            target: commit.base.clone(),
+            replaces: None,
+            sync: MirrorSyncMode::Full,
+            speed: args.speed,
+            granularity: None,
+            buf_size: None,
+            on_source_error: on_error,
+            on_target_error: on_error,
+            filter_node_name: args.filter_node_name.clone(),
+            copy_mode: None,
+            auto_finalize: args.auto_finalize,
+            auto_dismiss: args.auto_dismiss,
+            target_backing: TargetBacking::Leave,
+            owned_target: None,
+            // QEMU's commit_active_start: unmap, no zero_target.
+            unmap: true,
+            zero_target: false,
+            commit: Some(commit),
+        },
+    )
 }
 
 /// QEMU's `blockdev_mirror_common`, `mirror_start` and `mirror_start_job`, in their order.
@@ -774,8 +862,12 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
             "Parameter 'granularity' expects a power of 2",
         ));
     }
-    env.claims.check_free(&r.device)?;
-    env.claims.check_free(&r.target)?;
+    // An active commit's op blockers were checked by block-commit (QEMU's
+    // `commit_active_start` checks none: the base is a backing node).
+    if r.commit.is_none() {
+        env.check_op(&r.device, BlockOp::MirrorSource)?;
+        env.check_op(&r.target, BlockOp::MirrorTarget)?;
+    }
     let mut sync = r.sync;
     if source.backing_node().is_none() && sync == MirrorSyncMode::Top {
         sync = MirrorSyncMode::Full;
@@ -790,7 +882,7 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
                 "Failed to find node with node-name='{replaces}'"
             )));
         }
-        env.claims.check_free(replaces)?;
+        env.check_op(replaces, BlockOp::Replace)?;
         if !graph.can_replace(&r.device, replaces) {
             return Err(QmpError::generic(format!(
                 "Cannot replace '{replaces}' by a node mirrored from '{}', because it cannot \
@@ -826,7 +918,7 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
         .graph
         .as_ref()
         .ok_or_else(|| QmpError::generic("No block layer"))?;
-    if graph.in_chain(&r.device, &r.target) {
+    if r.commit.is_none() && graph.in_chain(&r.device, &r.target) {
         return Err(QmpError::generic(
             "Cannot mirror to a filter on top of a node in the source's backing chain",
         ));
@@ -883,6 +975,12 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
     let (job_claims, job_shared, job_nodes) = (claims.clone(), shared.clone(), nodes.clone());
     let to_replace = r.replaces.clone().unwrap_or_else(|| r.device.clone());
     let (target_backing, owned_target) = (r.target_backing.clone(), r.owned_target.clone());
+    let (job_type, intermediate) = match &r.commit {
+        Some(c) => (JobType::Commit, c.intermediate.clone()),
+        None => (JobType::Mirror, Vec::new()),
+    };
+    let is_mirror = r.commit.is_none();
+    let commit = r.commit;
     let job = move |key| MirrorJob {
         key,
         source,
@@ -901,6 +999,8 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
         target_backing,
         pivot: false,
         owned_target,
+        commit,
+        aborted: false,
     };
     let make = move |key| Box::new(job(key)) as Box<dyn JobDriver>;
     let key = match env.jobs.create(spec, make, None) {
@@ -917,12 +1017,19 @@ fn start(env: &mut BlockState, r: MirrorRequest) -> Result<(), QmpError> {
         }
     };
     let _ = shared.job.set((env.jobs.clone(), key));
-    claims.claim(key, "mirror", &r.device, true);
-    claims.claim(key, "mirror", &r.target, true);
+    // QEMU's mirror job (and active commit): created on its filter node, with the source,
+    // the target and, committing, the layers between them added.
     if let Some(n) = &nodes {
-        claims.claim(key, "mirror", &n.filter_name(), true);
+        env.add_job_node(key, job_type, &n.filter_name(), MAIN_NODE, OpSet::JOB_MAIN);
     }
-    env.mirrors.insert(key, shared);
+    env.add_job_node(key, job_type, &r.device, "source", OpSet::ALL);
+    env.add_job_node(key, job_type, &r.target, "target", OpSet::ALL);
+    for node in &intermediate {
+        env.add_job_node(key, job_type, node, "intermediate node", OpSet::ALL);
+    }
+    if is_mirror {
+        env.mirrors.insert(key, shared);
+    }
     if let Err(e) = env.jobs.start(key) {
         tracing::warn!("mirror job could not start: {e}");
     }

@@ -84,6 +84,11 @@ impl BlockDriver for MirrorTop {
         role == ROLE
     }
 
+    /// QEMU's `mirror_top` is a filter: its child counts as a layer (`backing_file_depth`).
+    fn filtered_child(&self) -> Option<&'static str> {
+        Some(ROLE)
+    }
+
     fn replace_child(&self, role: &str, node: Arc<BlockNode>) {
         if role == ROLE {
             self.child.set(node);
@@ -293,7 +298,8 @@ pub(crate) fn backend(
     } else {
         Perm::CONSISTENT_READ
     };
-    let backend = BlockBackend::new(node, holder, perm, Perm::ALL)?;
+    // Everything but resize shared, as QEMU's exports share (nbd_export_create).
+    let backend = BlockBackend::new(node, holder, perm, Perm::ALL & !Perm::RESIZE)?;
     Ok(Arc::new(BackendIo {
         backend,
         format: node.driver_name().to_string(),

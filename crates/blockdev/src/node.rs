@@ -11,9 +11,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use block::copy::BlockCopy;
 use block::{BitmapStore, DirtyBitmap};
-use qmp_api::{BlockDeviceInfo, BlockdevDelArguments, BlockdevOptions, QmpError, SnapshotInfo};
+use qmp_api::{
+    BlockDeviceInfo, BlockdevCreateOptions, BlockdevDelArguments, BlockdevOptions, QmpError,
+    SnapshotInfo,
+};
 
-pub use block::Extent;
+pub use block::{BackingName, Extent, FilterKind};
 
 /// An image file and its format, as QEMU names a backing file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +96,33 @@ pub trait BlockIo: Send + Sync {
     /// `None` where the graph cannot look through layers (test graphs).
     fn chain_status(&self, _offset: u64, _len: u64) -> Option<io::Result<block::ChainStatus>> {
         None
+    }
+    /// QEMU's `bdrv_is_allocated_above(node, bottom, include_base=true)`: whether the range
+    /// at `offset` (at most `len` bytes) is allocated in a layer from this node down to the
+    /// layer named `bottom` (inclusive; `None`: the whole chain), and for how many bytes.
+    fn allocated_above(
+        &self,
+        _bottom: Option<&str>,
+        _offset: u64,
+        _len: u64,
+    ) -> io::Result<(bool, u64)> {
+        Err(io::Error::from_raw_os_error(95))
+    }
+    /// One copy-on-read step of a stream (see `block::BlockNode::copy_on_read`): copies into
+    /// this node's own layer what it does not allocate and the layers down to `bottom` do,
+    /// serialised against writes; returns the bytes covered and whether they were copied.
+    fn copy_on_read(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _bottom: Option<&str>,
+        _buf: &mut [u8],
+    ) -> io::Result<(u64, bool)> {
+        Err(io::Error::from_raw_os_error(95))
+    }
+    /// Grows the node to `size` bytes (a commit's base smaller than its top).
+    fn truncate(&self, _size: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(95))
     }
     /// Runs `hook` before every write to the node until the handle drops (a backup's
     /// copy-before-write); `None` if the node cannot.
@@ -212,8 +242,32 @@ pub trait NodeGraph: Send {
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError>;
     /// `query-named-block-nodes`.
     fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo>;
+    /// `blockdev-reopen`.
+    fn reopen(&mut self, options: &[BlockdevOptions]) -> Result<(), QmpError> {
+        let _ = options;
+        Err(unsupported("blockdev-reopen"))
+    }
+    /// `blockdev-set-active`: node `node` (every node if `None`) made active or inactive.
+    fn set_active(&mut self, node: Option<&str>, active: bool) -> Result<(), QmpError> {
+        let _ = (node, active);
+        Err(unsupported("blockdev-set-active"))
+    }
+    /// A generated node name (`#blockNNN`), as a node opened now would get.
+    fn generate_node_name(&mut self) -> String {
+        String::from("#block000")
+    }
+    /// Whether node `node` is active (a node this graph does not know is).
+    fn is_active(&self, node: &str) -> bool {
+        let _ = node;
+        true
+    }
     /// What snapshots need to know about a node, if it exists.
     fn node_facts(&self, _name: &str) -> Option<NodeFacts> {
+        None
+    }
+    /// The op blockers of node `name` (QEMU's `bs->op_blockers`), if it exists; `None` also
+    /// where the graph keeps none (nothing is blocked then).
+    fn op_blockers(&self, _name: &str) -> Option<Arc<block::OpBlockers>> {
         None
     }
     /// Opens `image` as node `node_name` without opening its backing file (a new overlay).
@@ -263,6 +317,11 @@ pub trait NodeGraph: Send {
     /// Whether `node` has a parent node (QEMU's `bdrv_is_root_node`, negated).
     fn has_parent_node(&self, _node: &str) -> bool {
         false
+    }
+    /// The nodes that have `node` as a child, directly or through others (a drained node's
+    /// parents are drained with it, as QEMU's `bdrv_parent_drained_begin`).
+    fn ancestors(&self, _node: &str) -> Vec<String> {
+        Vec::new()
     }
     /// Whether `to_replace` shows `node`'s data: it is `node`, or reaches it through filter
     /// children only (QEMU's `bdrv_recurse_can_replace`).
@@ -316,9 +375,151 @@ pub trait NodeGraph: Send {
     fn track_writes(&self, _node: &str) -> Option<Arc<dyn WriteTracker>> {
         None
     }
+    /// `block_resize`'s work on a node that exists: holds resize as an unnamed block device
+    /// does (permission conflicts in QEMU's words), then resizes it.
+    fn resize(&mut self, node: &str, size: u64) -> Result<(), QmpError> {
+        let _ = (node, size);
+        Err(unsupported("resizing"))
+    }
+    /// Deletes the internal snapshot whose id is `id`.
+    fn delete_internal_snapshot_id(&mut self, node: &str, id: &str) -> Result<(), QmpError> {
+        let _ = (node, id);
+        Err(unsupported("internal snapshots"))
+    }
+    /// Records `backing_file` as the backing file name in the image of `node` (with the
+    /// node's own format as the backing format, as QEMU's `change-backing-file` does),
+    /// reopening it read-write meanwhile if it is read-only.
+    fn change_backing_file(&mut self, node: &str, backing_file: &str) -> Result<(), QmpError> {
+        let _ = (node, backing_file);
+        Err(unsupported("changing backing file names"))
+    }
+    /// Every node, oldest first, with its children newest first.
+    fn graph_nodes(&self) -> Vec<GraphNode> {
+        Vec::new()
+    }
+    /// Prepares `blockdev-create` of a driver that can create images (`file`, `qcow2`): finds
+    /// or opens the nodes the options name (an error there is the job's, as QEMU finds it
+    /// while the job runs) and returns the work the job runs.
+    fn prepare_create(&mut self, options: &BlockdevCreateOptions) -> CreateWork {
+        let _ = options;
+        CreateWork::new(|| Err("This block layer does not support image creation".into()))
+    }
+    /// The layers of the chain from node `name` down (itself first), through filters'
+    /// children and backing files (QEMU's `bdrv_filter_or_cow_bs` walk); empty if there is
+    /// no such node or the graph cannot tell.
+    fn backing_chain(&self, _name: &str) -> Vec<ChainLayer> {
+        Vec::new()
+    }
+    /// QEMU's `bdrv_find_backing_image`: the node in `top`'s backing chain whose file name,
+    /// as the chain records it (or resolved against the overlay's directory), is `filename`.
+    fn find_backing_image(&self, _top: &str, _filename: &str) -> Option<String> {
+        None
+    }
+    /// A handle on the graph for the changes a job makes while it runs and when it ends
+    /// (filters, read-only reopens, relinking the chain); `None` if the graph cannot.
+    fn chain_editor(&self) -> Option<Arc<dyn ChainEditor>> {
+        None
+    }
     /// Flushes and closes every node (daemon shutdown). Returns the first error, having tried
     /// every node.
     fn close_all(&mut self) -> io::Result<()>;
+}
+
+/// What a `blockdev-create` job runs (blocking I/O, on the I/O pool): `Err` is the job's
+/// error message.
+pub type CreateRun = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// The work of a `blockdev-create` job and the nodes opened for it (closed when it ends).
+pub struct CreateWork {
+    /// The creation.
+    pub run: CreateRun,
+    /// Nodes the graph opened for the job.
+    pub opened: Vec<String>,
+}
+
+impl CreateWork {
+    /// Work that opened no node.
+    pub fn new(run: impl FnOnce() -> Result<(), String> + Send + 'static) -> Self {
+        CreateWork {
+            run: Box::new(run),
+            opened: Vec::new(),
+        }
+    }
+}
+
+/// A node as `x-debug-query-block-graph` and `query-blockstats` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphNode {
+    /// Its name.
+    pub name: String,
+    /// Its driver.
+    pub driver: String,
+    /// The end of the highest write to it.
+    pub wr_highest_offset: u64,
+    /// Its children, newest first.
+    pub children: Vec<GraphEdge>,
+}
+
+/// A node's use of a child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphEdge {
+    /// The child's role (`file`, `backing`, `image`).
+    pub role: String,
+    /// The child's name.
+    pub child: String,
+    /// Whether the child is the node's primary child (QEMU's `bs->file`: the `file` of a
+    /// format, the filtered child of a filter).
+    pub primary: bool,
+    /// The permissions taken on the child, and those shared.
+    pub perm: block::Perm,
+    pub shared: block::Perm,
+}
+
+/// One layer of a backing chain, as stream and commit check their arguments against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLayer {
+    /// The node name.
+    pub name: String,
+    /// The file name QEMU shows for it (`bs->filename`).
+    pub filename: String,
+    /// The driver name (`qcow2`, `file`, `copy-on-read`, ...).
+    pub driver: String,
+    /// A filter (QEMU's `is_filter`): shows its child's data unchanged.
+    pub filter: bool,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// Some parent node uses it (QEMU's `bdrv_is_root_node` is false).
+    pub has_parent: bool,
+    /// Someone holds write permission on it.
+    pub written: bool,
+}
+
+/// The graph changes block jobs make, on a handle the job keeps (its hooks run outside the
+/// command that started it). Nodes are named; each call locks the graph for its duration.
+pub trait ChainEditor: Send + Sync {
+    /// Inserts the job's filter above `node` (see `block::BlockGraph::insert_filter`);
+    /// returns its name.
+    fn insert_filter(
+        &self,
+        node: &str,
+        kind: FilterKind,
+        name: Option<&str>,
+    ) -> Result<String, QmpError>;
+    /// Removes the filter `filter` (nothing to do if it is gone).
+    fn remove_filter(&self, filter: &str) -> Result<(), QmpError>;
+    /// Reopens `node` read-only or read-write.
+    fn set_read_only(&self, node: &str, read_only: bool) -> Result<(), QmpError>;
+    /// The node name of `node`'s backing node (or a filter's child), if any.
+    fn layer_below(&self, node: &str) -> Option<String>;
+    /// A stream's end: `overlay` gets `base` (or no backing file) and its header names it.
+    fn change_backing(
+        &self,
+        overlay: &str,
+        base: Option<&str>,
+        name: &BackingName,
+    ) -> Result<(), QmpError>;
+    /// An intermediate commit's end: the overlays of `top` get `base`, headers rewritten.
+    fn drop_intermediate(&self, top: &str, base: &str, name: &BackingName) -> Result<(), QmpError>;
 }
 
 /// Facts about a node that snapshot checks use.
@@ -326,6 +527,8 @@ pub trait NodeGraph: Send {
 pub struct NodeFacts {
     /// Something (a parent node, a job, an export) uses it.
     pub in_use: bool,
+    /// The monitor added it (`blockdev-add`): only such nodes can be deleted.
+    pub monitor_owned: bool,
     /// It has a backing node.
     pub has_backing: bool,
     /// Its format can have a backing file.

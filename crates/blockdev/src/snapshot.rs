@@ -1,6 +1,7 @@
 //! `blockdev-snapshot-sync`, `blockdev-snapshot` and `blockdev-snapshot-internal-sync` as
 //! transaction actions (QEMU's `external_snapshot_*` and `internal_snapshot_*`).
 
+use block::BlockOp;
 use qmp_api::{
     BlockdevSnapshot, BlockdevSnapshotInternal, BlockdevSnapshotSync, NewImageMode, QmpError,
 };
@@ -109,8 +110,13 @@ impl Action for ExternalSnapshot {
     fn prepare(&mut self, txn: &mut Transaction<'_>) -> Result<(), QmpError> {
         let env = &mut *txn.state;
         let node = self.node_name(env)?;
-        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &node));
-        env.claims.check_free(&node)?;
+        self.drain = Some(Drain::begin(
+            &env.jobs,
+            &env.claims,
+            env.graph.as_deref(),
+            &node,
+        ));
+        env.check_op(&node, BlockOp::ExternalSnapshot)?;
         let source = env.lookup(&node)?;
         source
             .flush()
@@ -194,14 +200,21 @@ impl Action for InternalSnapshot {
     fn prepare(&mut self, txn: &mut Transaction<'_>) -> Result<(), QmpError> {
         let env = &mut *txn.state;
         let device = self.args.device.clone();
-        let node = env.lookup(&device)?;
-        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &device));
-        env.claims.check_free(&device)?;
+        let node = env.root_node(&device)?;
+        self.drain = Some(Drain::begin(
+            &env.jobs,
+            &env.claims,
+            env.graph.as_deref(),
+            &device,
+        ));
+        env.check_op(&device, BlockOp::InternalSnapshot)?;
         let graph = env.graph_mut()?;
         if graph.node_facts(&device).is_some_and(|f| f.read_only) {
             return Err(QmpError::generic(format!("Device '{device}' is read only")));
         }
-        let Some(existing) = graph.internal_snapshots(&device) else {
+        // QEMU's bdrv_can_snapshot: an inactive node cannot (it is not writable).
+        let active = graph.is_active(&device);
+        let Some(existing) = graph.internal_snapshots(&device).filter(|_| active) else {
             return Err(QmpError::generic(format!(
                 "Block format '{}' used by device '{device}' does not support internal snapshots",
                 node.format()

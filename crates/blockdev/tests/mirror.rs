@@ -91,8 +91,13 @@ fn forced_cancel_of_a_ready_mirror_is_cancelled() {
 fn complete_finishes_a_ready_mirror_and_frees_its_target() {
     let mut h = Harness::with_src_tgt();
     ready_mirror(&mut h, "jm", "m1");
+    // Both ends of a mirror are blocked (QEMU's job blocker on its source and target).
     assert_eq!(
-        h.err("blockdev-backup", backup("jb", "src", "m1")),
+        h.err("blockdev-backup", backup("jb", "src", "tgt")),
+        "GenericError: Node 'src' is busy: block device is in use by block job: mirror"
+    );
+    assert_eq!(
+        h.err("blockdev-backup", backup("jb", "tgt", "m1")),
         "GenericError: Node 'm1' is busy: block device is in use by block job: mirror"
     );
     h.ok("block-job-complete", json!({"device": "jm"}));

@@ -51,5 +51,11 @@ pub fn block_services(events: Broadcast) -> Services {
                 .map_err(|e| format!("closing images: {e}"))
         }
     };
-    Services::new(Arc::new(BlockBackend(shared)), on_shutdown)
+    let register = {
+        let shared = Arc::clone(&shared);
+        move |id: &str, filename: &str| shared.register_monitor_chardev(id, filename)
+    };
+    let mut services = Services::new(Arc::new(BlockBackend(shared)), on_shutdown);
+    services.monitor_chardev = Some(Box::new(register));
+    services
 }

@@ -25,15 +25,25 @@ pub enum Command {
 /// A parsed, checked command line.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Options {
-    /// `--blockdev` values as `blockdev-add` arguments, with the option text for messages.
-    /// Values from keyval syntax are strings (see [`crate::keyval`]).
-    pub blockdevs: Vec<(String, Map<String, Value>)>,
+    /// The commands `--blockdev`, `--object`, `--export` and `--nbd-server` stand for, in
+    /// command-line order (QSD runs them in that order: a throttle group before the node
+    /// that uses it, the NBD server before its exports).
+    pub startup: Vec<StartupCommand>,
     /// One QMP monitor per `--monitor`, on its chardev's endpoint, with the option text.
     pub monitors: Vec<(String, Endpoint)>,
-    /// `--nbd-server` arguments: the daemon runs `nbd-server-start` with them at startup.
-    pub nbd_server: Option<(String, Map<String, Value>)>,
+    /// The chardev id of each of `monitors`, in the same order.
+    pub monitor_chardevs: Vec<String>,
     pub pidfile: Option<PathBuf>,
     pub daemonize: bool,
+}
+
+/// A command an option stands for: `blockdev-add`, `object-add`, `block-export-add` or
+/// `nbd-server-start`, its arguments, and the option text for messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartupCommand {
+    pub option: String,
+    pub command: &'static str,
+    pub arguments: Map<String, Value>,
 }
 
 /// A command line error: the option it is about (as typed) and what is wrong.
@@ -80,6 +90,16 @@ Block-job daemon speaking QMP; accepts qemu-storage-daemon's command line.
   --monitor [chardev=]<id>[,mode=control][,pretty=off]
                          a QMP monitor on a chardev (one client at a time)
 
+  --object iothread,id=<id>[,poll-max-ns=<ns>]...
+  --object secret,id=<id>,data=<text>|file=<path>[,format=raw|base64]
+  --object throttle-group,id=<id>[,limits.bps-total=<n>]...
+  --object '{\"qom-type\": ..., \"id\": ..., ...}'
+                         create an object at startup (object-add)
+
+  --export [type=]nbd,id=<id>,node-name=<node>[,name=<name>][,writable=on]...
+  --export '{\"type\": \"nbd\", ...}'
+                         export a node at startup (block-export-add; after --nbd-server)
+
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
   --nbd-server addr.type=unix,addr.path=<path>
                          start the NBD server (exports: block-export-add)
@@ -91,7 +111,15 @@ With no options, serves QMP on ./blockjobd.sock in the current directory.
 ";
 
 /// The options that take a value.
-const VALUED: &[&str] = &["blockdev", "chardev", "monitor", "nbd-server", "pidfile"];
+const VALUED: &[&str] = &[
+    "blockdev",
+    "chardev",
+    "export",
+    "monitor",
+    "nbd-server",
+    "object",
+    "pidfile",
+];
 
 /// A chardev defined on the command line.
 #[derive(Debug, Clone)]
@@ -146,9 +174,18 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
             message,
         };
         match name.as_str() {
-            "blockdev" => {
-                let args = blockdev(&value).map_err(at)?;
-                options.blockdevs.push((option.clone(), args));
+            "blockdev" | "object" | "export" => {
+                let (command, implied) = match name.as_str() {
+                    "blockdev" => ("blockdev-add", "driver"),
+                    "object" => ("object-add", "qom-type"),
+                    _ => ("block-export-add", "type"),
+                };
+                let arguments = json_or_keyval(&value, command, implied).map_err(at)?;
+                options.startup.push(StartupCommand {
+                    option: option.clone(),
+                    command,
+                    arguments,
+                });
             }
             "chardev" => {
                 let (id, chardev) = chardev(&value).map_err(at)?;
@@ -170,10 +207,15 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
                     Chardev::Stdio => Endpoint::Stdio,
                 };
                 options.monitors.push((option.clone(), endpoint));
+                options.monitor_chardevs.push(id.clone());
             }
             "nbd-server" => {
                 let args = keyval::parse(&value, None).map_err(at)?;
-                options.nbd_server = Some((option.clone(), args));
+                options.startup.push(StartupCommand {
+                    option: option.clone(),
+                    command: "nbd-server-start",
+                    arguments: crate::nbd_server_start_arguments(&args),
+                });
             }
             "pidfile" => options.pidfile = Some(PathBuf::from(value)),
             _ => return Err(plain(format!("unrecognized option '{arg}'"))),
@@ -185,8 +227,9 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
     Ok(Command::Run(options))
 }
 
-/// `--blockdev`: JSON when it starts with `{`, else keyval with `driver` implied.
-fn blockdev(value: &str) -> Result<Map<String, Value>, String> {
+/// `--blockdev`, `--object`, `--export`: JSON when it starts with `{`, else keyval with
+/// `implied` as the key of a first value without one, typed for `command`'s arguments.
+fn json_or_keyval(value: &str, command: &str, implied: &str) -> Result<Map<String, Value>, String> {
     if value.trim_start().starts_with('{') {
         let mut stream = JsonStream::new();
         let mut out = Vec::new();
@@ -200,8 +243,8 @@ fn blockdev(value: &str) -> Result<Map<String, Value>, String> {
             None => Err("JSON parse error, premature end of input".into()),
         };
     }
-    keyval::parse(value, Some("driver"))
-        .and_then(|map| crate::keyval_types::typed_arguments("blockdev-add", map))
+    keyval::parse(value, Some(implied))
+        .and_then(|map| crate::keyval_types::typed_arguments(command, map))
 }
 
 /// QEMU's spellings of a boolean option value.
@@ -367,11 +410,52 @@ mod tests {
             r#"{"driver": "raw", "node-name": "b", "file": {"driver": "file", "filename": "y"}}"#,
         ]);
         assert_eq!(
-            Value::Object(o.blockdevs[0].1.clone()),
+            Value::Object(o.startup[0].arguments.clone()),
             json!({"driver": "qcow2", "node-name": "a",
                    "file": {"driver": "file", "filename": "x.qcow2"}})
         );
-        assert_eq!(o.blockdevs[1].1["file"]["filename"], "y");
+        assert_eq!(o.startup[1].arguments["file"]["filename"], "y");
+    }
+
+    #[test]
+    fn object_and_export_take_keyval_and_json_in_command_line_order() {
+        let o = run(&[
+            "--object",
+            "throttle-group,id=tg0,limits.bps-total=1048576",
+            "--blockdev",
+            "throttle,node-name=t,throttle-group=tg0,file.driver=null-co",
+            "--object",
+            r#"{"qom-type": "iothread", "id": "io0", "poll-max-ns": 0}"#,
+            "--export",
+            "nbd,id=e,node-name=t,writable=on",
+            "--export",
+            r#"{"type": "nbd", "id": "f", "node-name": "t"}"#,
+        ]);
+        let commands: Vec<&str> = o.startup.iter().map(|c| c.command).collect();
+        assert_eq!(
+            commands,
+            [
+                "object-add",
+                "blockdev-add",
+                "object-add",
+                "block-export-add",
+                "block-export-add"
+            ]
+        );
+        assert_eq!(
+            Value::Object(o.startup[0].arguments.clone()),
+            json!({"qom-type": "throttle-group", "id": "tg0",
+                   "limits": {"bps-total": 1048576}})
+        );
+        assert_eq!(o.startup[2].arguments["poll-max-ns"], 0);
+        assert_eq!(
+            Value::Object(o.startup[3].arguments.clone()),
+            json!({"type": "nbd", "id": "e", "node-name": "t", "writable": true})
+        );
+        assert_eq!(
+            error(&["--object", "iothread,id=io0,poll-max-ns=x"]),
+            "--object iothread,id=io0,poll-max-ns=x: Parameter 'poll-max-ns' expects integer"
+        );
     }
 
     #[test]
@@ -383,9 +467,10 @@ mod tests {
             "/tmp/pid",
             "--daemonize",
         ]);
+        assert_eq!(o.startup[0].command, "nbd-server-start");
         assert_eq!(
-            Value::Object(o.nbd_server.unwrap().1),
-            json!({"addr": {"type": "unix", "path": "/tmp/nbd.sock"}})
+            Value::Object(o.startup[0].arguments.clone()),
+            json!({"addr": {"type": "unix", "data": {"path": "/tmp/nbd.sock"}}})
         );
         assert_eq!(o.pidfile, Some(PathBuf::from("/tmp/pid")));
         assert!(o.daemonize);

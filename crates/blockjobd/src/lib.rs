@@ -23,6 +23,9 @@ use crate::cli::{Command, Options};
 /// The socket served when blockjobd runs without options.
 pub const DEFAULT_SOCKET: &str = "blockjobd.sock";
 
+/// Called with a `--monitor`'s chardev id and QEMU's text for it.
+pub type MonitorChardevHook = Box<dyn Fn(&str, &str) + Send + Sync>;
+
 /// What the rest of the daemon plugs into the server.
 pub struct Services {
     /// Executes every command except `qmp_capabilities` and `quit`.
@@ -31,6 +34,9 @@ pub struct Services {
     /// monitors are closed, and on a failed startup): the block layer flushes and closes its
     /// images here. An error (an image that could not be flushed) makes the exit status 1.
     pub on_shutdown: OnShutdown,
+    /// Told of each `--monitor`'s chardev (id, QEMU's text for it) once it listens, so that
+    /// `query-chardev` lists it and `chardev-remove` refuses it.
+    pub monitor_chardev: Option<MonitorChardevHook>,
 }
 
 /// [`Services::on_shutdown`].
@@ -44,6 +50,7 @@ impl Services {
         Services {
             backend,
             on_shutdown: Box::new(on_shutdown),
+            monitor_chardev: None,
         }
     }
 }
@@ -150,6 +157,7 @@ fn default_options() -> Options {
             format!("--chardev socket,path={DEFAULT_SOCKET}"),
             Endpoint::Unix(PathBuf::from(DEFAULT_SOCKET)),
         )],
+        monitor_chardevs: vec!["monitor0".to_string()],
         ..Options::default()
     }
 }
@@ -172,22 +180,13 @@ async fn serve(
         ExitCode::FAILURE
     };
 
-    for (option, arguments) in &options.blockdevs {
+    for step in &options.startup {
         if let Err(e) = services
             .backend
-            .execute("blockdev-add", Some(arguments.clone()))
+            .execute(step.command, Some(step.arguments.clone()))
         {
-            return fail(option, e.desc, services.on_shutdown);
+            return fail(&step.option, e.desc, services.on_shutdown);
         }
-    }
-
-    if let Some((option, arguments)) = &options.nbd_server
-        && let Err(e) = services.backend.execute(
-            "nbd-server-start",
-            Some(nbd_server_start_arguments(arguments)),
-        )
-    {
-        return fail(option, e.desc, services.on_shutdown);
     }
 
     let config = ServerConfig {
@@ -195,7 +194,7 @@ async fn serve(
         ..ServerConfig::default()
     };
     let mut server = MonitorServer::with_events(services.backend.clone(), events, config);
-    for (option, endpoint) in &options.monitors {
+    for ((option, endpoint), id) in options.monitors.iter().zip(&options.monitor_chardevs) {
         if let Err(e) = server.listen(endpoint.clone()).await {
             let what = match endpoint {
                 Endpoint::Unix(path) => format!("Failed to bind socket to {}: {e}", path.display()),
@@ -205,6 +204,9 @@ async fn serve(
                 Endpoint::Stdio => format!("cannot use stdio: {e}"),
             };
             return fail(option, what, services.on_shutdown);
+        }
+        if let Some(register) = &services.monitor_chardev {
+            register(id, &monitor_filename(endpoint));
         }
     }
 
@@ -248,6 +250,15 @@ async fn serve(
             eprintln!("{}: {e}", program());
             ExitCode::FAILURE
         }
+    }
+}
+
+/// QEMU's `query-chardev` file name of a monitor's socket with its client connected.
+fn monitor_filename(endpoint: &Endpoint) -> String {
+    match endpoint {
+        Endpoint::Unix(path) => format!("unix:{},server=on", path.display()),
+        Endpoint::Tcp { host, port } => format!("tcp:{host}:{port},server=on"),
+        Endpoint::Stdio => "stdio".to_string(),
     }
 }
 
@@ -348,7 +359,7 @@ mod daemon {
 
 /// `--nbd-server` keyval options (QEMU's `NbdServerOptions`: a flat `SocketAddress`, numbers
 /// as text) as `nbd-server-start` arguments (`SocketAddressLegacy`: `{type, data}`, numbers).
-fn nbd_server_start_arguments(options: &Map<String, Value>) -> Map<String, Value> {
+pub(crate) fn nbd_server_start_arguments(options: &Map<String, Value>) -> Map<String, Value> {
     let mut arguments = Map::new();
     for (key, value) in options {
         let value = match (key.as_str(), value) {

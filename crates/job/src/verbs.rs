@@ -156,6 +156,17 @@ impl JobRegistry {
             .collect()
     }
 
+    /// The block jobs with an id, newest first (QEMU's `block_job_next` order), with it.
+    pub fn block_jobs(&self) -> Vec<(JobKey, String)> {
+        let g = self.inner.lock();
+        g.jobs
+            .iter()
+            .rev()
+            .filter(|(_, j)| j.block_job)
+            .filter_map(|(k, j)| j.id.clone().map(|id| (*k, id)))
+            .collect()
+    }
+
     /// One job's `query-block-jobs` entry (also for internal jobs, with an empty device).
     pub fn block_job_info(&self, key: JobKey) -> Option<BlockJobInfo> {
         let g = self.inner.lock();

@@ -345,9 +345,13 @@ impl Header {
     }
 
     fn serialize_with(&self, feature_table: bool) -> Result<Vec<u8>> {
-        let mut b = vec![0u8; V3_HEADER_LEN];
+        // Version 2 (written only when an image is created so): the short header, no
+        // feature table.
+        let v3 = self.version >= 3;
+        let feature_table = feature_table && v3;
+        let mut b = vec![0u8; if v3 { V3_HEADER_LEN } else { V2_HEADER_LEN }];
         b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
-        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[4..8].copy_from_slice(&(if v3 { 3u32 } else { 2 }).to_be_bytes());
         b[20..24].copy_from_slice(&self.cluster_bits.to_be_bytes());
         b[24..32].copy_from_slice(&self.size.to_be_bytes());
         b[36..40].copy_from_slice(&self.l1_size.to_be_bytes());
@@ -356,13 +360,16 @@ impl Header {
         b[56..60].copy_from_slice(&self.refcount_table_clusters.to_be_bytes());
         b[60..64].copy_from_slice(&self.nb_snapshots.to_be_bytes());
         b[64..72].copy_from_slice(&self.snapshots_offset.to_be_bytes());
-        b[72..80].copy_from_slice(&self.incompatible.to_be_bytes());
-        b[80..88].copy_from_slice(&self.compatible.to_be_bytes());
-        b[88..96].copy_from_slice(&self.autoclear.to_be_bytes());
-        b[96..100].copy_from_slice(&self.refcount_order.to_be_bytes());
-        b[100..104]
-            .copy_from_slice(&((V3_HEADER_LEN + self.unknown_fields.len()) as u32).to_be_bytes());
-        b.extend_from_slice(&self.unknown_fields);
+        if v3 {
+            b[72..80].copy_from_slice(&self.incompatible.to_be_bytes());
+            b[80..88].copy_from_slice(&self.compatible.to_be_bytes());
+            b[88..96].copy_from_slice(&self.autoclear.to_be_bytes());
+            b[96..100].copy_from_slice(&self.refcount_order.to_be_bytes());
+            b[100..104].copy_from_slice(
+                &((V3_HEADER_LEN + self.unknown_fields.len()) as u32).to_be_bytes(),
+            );
+            b.extend_from_slice(&self.unknown_fields);
+        }
         let ext = |b: &mut Vec<u8>, ty: u32, data: &[u8]| {
             b.extend_from_slice(&ty.to_be_bytes());
             b.extend_from_slice(&(data.len() as u32).to_be_bytes());

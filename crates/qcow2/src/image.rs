@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::bitmap::{self, PersistentBitmap};
@@ -49,18 +49,20 @@ pub enum Allocation {
 /// An open qcow2 image. All methods take `&self`; data I/O of concurrent requests runs in
 /// parallel, metadata updates are serialised by an internal lock.
 pub struct Image {
-    storage: Arc<dyn Storage>,
+    pub(crate) storage: Arc<dyn Storage>,
     meta: Mutex<Meta>,
-    /// Shared by data writes, exclusive for snapshot and bitmap operations and close.
-    ops: RwLock<()>,
+    /// Shared by data writes, exclusive for snapshot and bitmap operations, resizes and
+    /// close.
+    pub(crate) ops: RwLock<()>,
     /// Guest cluster ranges being written, so two writes never allocate the same cluster.
     claims: Mutex<Vec<(u64, u64)>>,
     claims_free: Condvar,
     backing: RwLock<Option<Arc<dyn Backing>>>,
     read_only: bool,
-    size: u64,
+    /// The virtual size (changed only by a resize, under `ops` held exclusively).
+    pub(crate) size: AtomicU64,
     cluster_size: u64,
-    written: AtomicBool,
+    pub(crate) written: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -265,7 +267,7 @@ impl Image {
             claims_free: Condvar::new(),
             backing: RwLock::new(backing),
             read_only,
-            size,
+            size: AtomicU64::new(size),
             cluster_size: cs,
             written: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -295,7 +297,7 @@ impl Image {
         Image::open(storage, read_only, backing)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Meta> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -306,7 +308,7 @@ impl Image {
         Ok(())
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         self.check_open()?;
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -328,7 +330,7 @@ impl Image {
 
     /// Virtual disk size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     /// Whether the image was opened read-only.
@@ -422,9 +424,24 @@ impl Image {
     /// block-commit do when they finish). The image read through is set by
     /// [`Image::set_backing`].
     pub fn set_backing_file(&self, backing: Option<(&str, &str)>) -> Result<()> {
+        if backing.is_some_and(|(_, fmt)| fmt.is_empty()) {
+            return Err(Error::InvalidArgument(
+                "backing file name or format invalid".into(),
+            ));
+        }
+        self.set_backing_header(backing.map(|b| b.0), backing.map(|b| b.1))
+    }
+
+    /// Writes the header's backing file name and format (a name without a format, as
+    /// `qemu-img create -b` without `-F` leaves it, is possible here).
+    pub(crate) fn set_backing_header(
+        &self,
+        name: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<()> {
         self.check_writable()?;
-        if let Some((name, fmt)) = backing
-            && (name.is_empty() || name.len() > 1023 || fmt.is_empty() || fmt.len() > 16)
+        if name.is_some_and(|n| n.is_empty() || n.len() > 1023)
+            || format.is_some_and(|f| f.len() > 16)
         {
             return Err(Error::InvalidArgument(
                 "backing file name or format invalid".into(),
@@ -433,8 +450,8 @@ impl Image {
         let _ops = self.ops.write().unwrap_or_else(|e| e.into_inner());
         let mut m = self.lock();
         let old = (m.h.backing_file.take(), m.h.backing_format.take());
-        m.h.backing_file = backing.map(|b| b.0.to_string());
-        m.h.backing_format = backing.map(|b| b.1.to_string());
+        m.h.backing_file = name.map(str::to_string);
+        m.h.backing_format = format.map(str::to_string);
         if let Err(e) = m.h.serialize() {
             (m.h.backing_file, m.h.backing_format) = old;
             return Err(e);
@@ -447,7 +464,7 @@ impl Image {
     /// Read `buf.len()` bytes of the disk at `off`.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_open()?;
-        self.check_range(off, buf.len() as u64, self.size)?;
+        self.check_range(off, buf.len() as u64, self.size())?;
         // Held to the end of the data I/O: `close` and the other exclusive operations wait
         // for every read in flight (no reader outlives them).
         let _ops = self.ops.read().unwrap_or_else(|e| e.into_inner());
@@ -532,7 +549,7 @@ impl Image {
         let within = (guest % self.cluster_size) as usize;
         match old {
             Cluster::Unallocated => {
-                let n = self.size.saturating_sub(guest).min(out.len() as u64) as usize;
+                let n = self.size().saturating_sub(guest).min(out.len() as u64) as usize;
                 self.read_backing(&mut out[..n], guest)?;
                 out[n..].fill(0);
             }
@@ -561,7 +578,7 @@ impl Image {
     /// Write `buf` to the disk at `off`.
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_writable()?;
-        self.check_range(off, buf.len() as u64, self.size)?;
+        self.check_range(off, buf.len() as u64, self.size())?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -607,10 +624,10 @@ impl Image {
     /// cluster is written uncompressed, as QEMU does.
     pub fn write_compressed(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_writable()?;
-        self.check_range(off, buf.len() as u64, self.size)?;
+        self.check_range(off, buf.len() as u64, self.size())?;
         let cs = self.cluster_size;
         if !off.is_multiple_of(cs)
-            || (buf.len() as u64 != cs && off + buf.len() as u64 != self.size)
+            || (buf.len() as u64 != cs && off + buf.len() as u64 != self.size())
             || buf.len() as u64 > cs
         {
             return Err(Error::InvalidArgument(
@@ -705,13 +722,13 @@ impl Image {
 
     fn zero_or_discard(&self, off: u64, len: u64, how: Clear) -> Result<()> {
         self.check_writable()?;
-        self.check_range(off, len, self.size)?;
+        self.check_range(off, len, self.size())?;
         let zero_partial = how != Clear::Discard;
         let cs = self.cluster_size;
         let end = off + len;
         // Whole clusters; the last cluster counts as whole if the disk ends in it.
         let first = off.div_ceil(cs);
-        let last = if end == self.size {
+        let last = if end == self.size() {
             end.div_ceil(cs)
         } else {
             end / cs
@@ -744,7 +761,7 @@ impl Image {
             // falls back to that too).
             const CHUNK: u64 = 1 << 20;
             let zeros = PageBuf::zeroed(CHUNK.min((last - first) * cs) as usize);
-            let (mut pos, stop) = (first * cs, (last * cs).min(self.size));
+            let (mut pos, stop) = (first * cs, (last * cs).min(self.size()));
             while pos < stop {
                 let n = (stop - pos).min(CHUNK);
                 self.write_at(&zeros[..n as usize], pos)?;
@@ -779,7 +796,7 @@ impl Image {
     /// How `[off, off + len)` starts: its allocation and the length of the run that shares it.
     pub fn block_status(&self, off: u64, len: u64) -> Result<(Allocation, u64)> {
         self.check_open()?;
-        self.check_range(off, len, self.size)?;
+        self.check_range(off, len, self.size())?;
         let cs = self.cluster_size;
         let mut m = self.lock();
         let kind = |c: Cluster| match c {
@@ -907,7 +924,7 @@ impl Drop for Image {
 
 impl Backing for Image {
     fn size(&self) -> u64 {
-        self.size
+        Image::size(self)
     }
     fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
         Image::read_at(self, buf, off).map_err(|e| match e {

@@ -24,12 +24,14 @@ mod image;
 mod meta;
 mod overlap;
 mod repair;
+mod resize;
 mod snapshot;
 mod storage;
 
 pub use bitmap::PersistentBitmap;
 pub use image::{Allocation, Image, ImageInfo, create};
 pub use overlap::{Corruption, CorruptionListener, Metadata, OverlapChecks};
+pub use resize::{CreateOptions, Preallocation, create_with};
 pub use snapshot::SnapshotInfo;
 pub use storage::{Backing, PageBuf, RawImage, Storage};
 

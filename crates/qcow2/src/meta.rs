@@ -667,6 +667,12 @@ impl Meta {
         self.set_l2_entry(l2, gc & ((1 << self.l2_bits()) - 1), entry)
     }
 
+    /// Adopts `l1` as the active L1 table, as stored (a grown table).
+    pub(crate) fn replace_l1(&mut self, l1: Vec<u64>) {
+        self.l1 = l1;
+        self.l1_dirty.clear();
+    }
+
     pub fn set_l1_entry(&mut self, i: usize, v: u64) {
         self.l1[i] = v;
         self.l1_dirty.insert(i);
@@ -737,7 +743,7 @@ impl Meta {
 
     // ---- write-back ----
 
-    fn write_dirty_refblocks(&mut self) -> Result<bool> {
+    pub(crate) fn write_dirty_refblocks(&mut self) -> Result<bool> {
         let dirty = self.rb_cache.dirty_offsets();
         for &off in &dirty {
             if let Some(d) = self.rb_cache.get(off).map(<[u8]>::to_vec) {

@@ -20,6 +20,19 @@ pub trait Storage: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Truncate or extend to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserves space for `[off, off + len)` (inside the current length) so later writes
+    /// there cannot fail for lack of space (`posix_fallocate`); by default, writes zeros.
+    fn reserve(&self, off: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.write_at(&zeros[..n as usize], off + done)?;
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 impl Storage for File {
@@ -49,6 +62,17 @@ impl Storage for File {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+    fn reserve(&self, off: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        };
+        // SAFETY: posix_fallocate on a file descriptor we own, with checked ranges.
+        match unsafe { libc::posix_fallocate(self.as_raw_fd(), off, len) } {
+            0 => Ok(()),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        }
     }
 }
 

@@ -267,6 +267,11 @@ impl BlockDriver for BlkdebugDriver {
         }
     }
 
+    /// QEMU's blkdebug is a filter: its image counts as a layer below it.
+    fn filtered_child(&self) -> Option<&'static str> {
+        Some("image")
+    }
+
     fn info(&self) -> DriverInfo {
         let image = crate::graph::node_filename(&self.image);
         DriverInfo {

@@ -136,6 +136,11 @@ impl CbwDriver {
 }
 
 impl BlockDriver for CbwDriver {
+    /// QEMU's copy-before-write is a filter: its file counts as a layer below it.
+    fn filtered_child(&self) -> Option<&'static str> {
+        Some("file")
+    }
+
     fn size(&self) -> BlockResult<u64> {
         self.file.size()
     }

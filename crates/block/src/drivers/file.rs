@@ -9,7 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use qmp_api::{
     BlockdevAioOptions, BlockdevOptionsFile, ImageInfoSpecific, ImageInfoSpecificBranch,
@@ -26,7 +26,8 @@ const SHARED_LOCK_BASE: i64 = 200;
 
 /// An open image file.
 pub struct FileDriver {
-    file: File,
+    /// Replaced when the node is reopened with another mode.
+    file: RwLock<File>,
     path: String,
     locking: bool,
     locks: Mutex<LockState>,
@@ -74,43 +75,54 @@ pub(crate) fn open(
         .read(true)
         .write(!ctx.read_only())
         .open(&path)
-        .map_err(|e| {
-            let errno = e.raw_os_error().unwrap_or(libc::EIO);
-            BlockError::with_errno(
-                format!("Could not open '{path}': {}", strerror(errno)),
-                errno,
-            )
-        })?;
+        .map_err(|e| open_error(&path, &e))?;
     Ok(Box::new(FileDriver {
-        file,
+        file: RwLock::new(file),
         path,
         locking,
         locks: Mutex::new(LockState::default()),
     }))
 }
 
+fn open_error(path: &str, e: &std::io::Error) -> BlockError {
+    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+    BlockError::with_errno(
+        format!("Could not open '{path}': {}", strerror(errno)),
+        errno,
+    )
+}
+
+/// Takes (a shared OFD lock) or releases the lock on `byte` of `file`.
+fn set_lock_byte(file: &File, byte: i64, locked: bool) -> BlockResult<()> {
+    let mut fl = flock_for(byte, if locked { libc::F_RDLCK } else { libc::F_UNLCK });
+    // SAFETY: fcntl with F_OFD_SETLK reads a valid, initialized `flock` we own.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+    if r == -1 {
+        let errno = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        return Err(BlockError::with_errno(
+            format!("Failed to lock byte {byte}"),
+            errno,
+        ));
+    }
+    Ok(())
+}
+
 impl FileDriver {
+    fn file(&self) -> RwLockReadGuard<'_, File> {
+        self.file.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn set_lock_byte(&self, byte: i64, locked: bool) -> BlockResult<()> {
-        let mut fl = flock_for(byte, if locked { libc::F_RDLCK } else { libc::F_UNLCK });
-        // SAFETY: fcntl with F_OFD_SETLK reads a valid, initialized `flock` we own.
-        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
-        if r == -1 {
-            let errno = std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO);
-            return Err(BlockError::with_errno(
-                format!("Failed to lock byte {byte}"),
-                errno,
-            ));
-        }
-        Ok(())
+        set_lock_byte(&self.file(), byte, locked)
     }
 
     /// Whether another open file description holds a lock on `byte`.
     fn byte_is_locked_elsewhere(&self, byte: i64) -> BlockResult<bool> {
         let mut fl = flock_for(byte, libc::F_WRLCK);
         // SAFETY: fcntl with F_OFD_GETLK fills the valid `flock` we own.
-        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        let r = unsafe { libc::fcntl(self.file().as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
         if r == -1 {
             let errno = std::io::Error::last_os_error()
                 .raw_os_error()
@@ -174,13 +186,13 @@ fn flock_for(byte: i64, kind: i32) -> libc::flock {
 
 impl BlockDriver for FileDriver {
     fn size(&self) -> BlockResult<u64> {
-        Ok(self.file.metadata()?.len())
+        Ok(self.file().metadata()?.len())
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match self.file().read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
                     break;
@@ -194,7 +206,7 @@ impl BlockDriver for FileDriver {
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
-        Ok(self.file.write_all_at(buf, offset)?)
+        Ok(self.file().write_all_at(buf, offset)?)
     }
 
     /// Punches a hole (QEMU's `raw_co_pdiscard`); a file system without holes keeps the data,
@@ -203,10 +215,11 @@ impl BlockDriver for FileDriver {
         let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(BlockError::from_errno(libc::EINVAL));
         };
+        let file = self.file();
         // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
         let r = unsafe {
             libc::fallocate(
-                self.file.as_raw_fd(),
+                file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 off,
                 n,
@@ -223,11 +236,11 @@ impl BlockDriver for FileDriver {
     }
 
     fn flush(&self) -> BlockResult<()> {
-        Ok(self.file.sync_data()?)
+        Ok(self.file().sync_data()?)
     }
 
     fn truncate(&self, size: u64) -> BlockResult<()> {
-        Ok(self.file.set_len(size)?)
+        Ok(self.file().set_len(size)?)
     }
 
     fn check_perm(&self, perm: Perm, shared: Perm) -> BlockResult<()> {
@@ -270,7 +283,7 @@ impl BlockDriver for FileDriver {
     fn info(&self) -> DriverInfo {
         DriverInfo {
             filename: Some(self.path.clone()),
-            actual_size: self.file.metadata().ok().map(|m| m.blocks() * 512),
+            actual_size: self.file().metadata().ok().map(|m| m.blocks() * 512),
             cluster_size: None,
             dirty_flag: Some(false),
             format_specific: Some(ImageInfoSpecific {
@@ -283,8 +296,229 @@ impl BlockDriver for FileDriver {
         }
     }
 
+    fn reopen_read_only(&self) -> BlockResult<()> {
+        self.reopen(false)
+    }
+
+    fn reopen_read_write(&self) -> BlockResult<()> {
+        self.reopen(true)
+    }
+
     fn close(&self) -> BlockResult<()> {
-        self.file.sync_data()?;
+        self.file().sync_data()?;
         Ok(())
     }
 }
+
+impl FileDriver {
+    /// Opens the file again with the new mode; the lock bytes held move to the new
+    /// descriptor before the old one (and its locks) goes.
+    fn reopen(&self, write: bool) -> BlockResult<()> {
+        let path = &self.path;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(|e| {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                BlockError::with_errno(format!("Could not reopen file: {}", strerror(errno)), errno)
+            })?;
+        let mut slot = self.file.write().unwrap_or_else(|e| e.into_inner());
+        if self.locking {
+            let mut st = lock(&self.locks);
+            let held = (st.perm, st.unshared);
+            let mut moved = LockState::default();
+            let staged = FileDriver {
+                file: RwLock::new(file),
+                path: path.clone(),
+                locking: true,
+                locks: Mutex::new(LockState::default()),
+            };
+            staged.apply_locks(&mut moved, held.0, held.1)?;
+            moved.committed = st.committed;
+            *st = moved;
+            let file = staged.file.into_inner().unwrap_or_else(|e| e.into_inner());
+            *slot = file;
+        } else {
+            *slot = file;
+        }
+        Ok(())
+    }
+}
+
+/// `blockdev-create` of a `file` (QEMU's `raw_co_create`): the file is created or emptied
+/// under image locks that keep others from resizing it meanwhile (taken, then checked
+/// against other holders, then released), marked no-copy-on-write and given its extent size
+/// hint where the file system has them (failures there are not errors, as in QEMU), and
+/// grown to its size as `preallocation` says.
+pub fn create(options: &qmp_api::BlockdevCreateOptionsFile) -> BlockResult<()> {
+    use qmp_api::PreallocMode;
+    let prealloc = options.preallocation.unwrap_or(PreallocMode::Off);
+    let hint = options.extent_size_hint.unwrap_or(1 << 20);
+    let hint = u32::try_from(hint).map_err(|_| BlockError::new("Extent size hint is too large"))?;
+    let path = options.filename.as_str();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            BlockError::with_errno(
+                format!("Could not create '{path}': {}", strerror(errno)),
+                errno,
+            )
+        })?;
+    let driver = FileDriver {
+        file: RwLock::new(file),
+        path: path.to_string(),
+        locking: true,
+        locks: Mutex::new(LockState::default()),
+    };
+    let perm = Perm::WRITE | Perm::RESIZE;
+    let shared = Perm::ALL & !Perm::RESIZE;
+    driver.check_perm(perm, shared).map_err(|e| {
+        BlockError::new(format!(
+            "{}\nIs another process using the image [{path}]?",
+            e.desc()
+        ))
+    })?;
+    let result = driver.fill(options, prealloc, hint);
+    driver.set_perm(Perm::NONE, Perm::ALL);
+    result
+}
+
+impl FileDriver {
+    fn fill(
+        &self,
+        options: &qmp_api::BlockdevCreateOptionsFile,
+        prealloc: qmp_api::PreallocMode,
+        hint: u32,
+    ) -> BlockResult<()> {
+        self.grow_to(0, qmp_api::PreallocMode::Off)?;
+        {
+            let file = self.file();
+            let fd = file.as_raw_fd();
+            if options.nocow == Some(true) {
+                // FS_IOC_GETFLAGS/SETFLAGS with FS_NOCOW_FL; a file system without the flag
+                // refuses, which is not an error (QEMU ignores it too).
+                let mut attr: libc::c_long = 0;
+                // SAFETY: the ioctls read and write one c_long we own.
+                unsafe {
+                    if libc::ioctl(fd, FS_IOC_GETFLAGS, &mut attr) == 0 {
+                        attr |= FS_NOCOW_FL;
+                        libc::ioctl(fd, FS_IOC_SETFLAGS, &attr);
+                    }
+                }
+            }
+            // FS_IOC_FSGETXATTR/FSSETXATTR: the extent size hint (XFS); QEMU warns when an
+            // explicitly asked hint cannot be set, and goes on.
+            let mut attr = FsXattr::default();
+            // SAFETY: the ioctls read and write one `fsxattr` we own.
+            let set = unsafe {
+                libc::ioctl(fd, FS_IOC_FSGETXATTR, &mut attr) == 0 && {
+                    attr.xflags |= FS_XFLAG_EXTSIZE;
+                    attr.extsize = hint;
+                    libc::ioctl(fd, FS_IOC_FSSETXATTR, &attr) == 0
+                }
+            };
+            if !set && options.extent_size_hint.is_some_and(|h| h != 0) {
+                tracing::warn!(
+                    "Failed to set extent size hint: {}",
+                    strerror(
+                        std::io::Error::last_os_error()
+                            .raw_os_error()
+                            .unwrap_or(libc::EIO)
+                    )
+                );
+            }
+        }
+        self.grow_to(options.size, prealloc)
+    }
+
+    /// Truncates or grows the file to `size`, preallocating the new part (QEMU's
+    /// `raw_regular_truncate`); a failed preallocation restores the old length.
+    fn grow_to(&self, size: u64, prealloc: qmp_api::PreallocMode) -> BlockResult<()> {
+        use qmp_api::PreallocMode;
+        let errno_of = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
+        let with = |what: &str, errno: i32| {
+            BlockError::with_errno(format!("{what}: {}", strerror(errno)), errno)
+        };
+        let current = self
+            .file()
+            .metadata()
+            .map_err(|e| with("Could not stat file", errno_of(e)))?
+            .len();
+        if current > size && prealloc != PreallocMode::Off {
+            return Err(BlockError::with_errno(
+                "Cannot use preallocation for shrinking files",
+                libc::ENOTSUP,
+            ));
+        }
+        let result = match prealloc {
+            PreallocMode::Off => {
+                return self
+                    .file()
+                    .set_len(size)
+                    .map_err(|e| with("Could not resize file", errno_of(e)));
+            }
+            PreallocMode::Falloc => {
+                use qcow2::Storage;
+                if size == current {
+                    Ok(())
+                } else {
+                    Storage::reserve(&*self.file(), current, size - current)
+                        .map_err(|e| with("Could not preallocate new data", errno_of(e)))
+                }
+            }
+            PreallocMode::Full => self
+                .file()
+                .set_len(size)
+                .map_err(|e| with("Could not resize file", errno_of(e)))
+                .and_then(|()| {
+                    let zeros = vec![0u8; 65536];
+                    let mut at = current;
+                    while at < size {
+                        let n = (size - at).min(65536) as usize;
+                        self.file().write_all_at(&zeros[..n], at).map_err(|e| {
+                            with("Could not write zeros for preallocation", errno_of(e))
+                        })?;
+                        at += n as u64;
+                    }
+                    self.file()
+                        .sync_all()
+                        .map_err(|e| with("Could not flush file to disk", errno_of(e)))
+                }),
+            PreallocMode::Metadata => {
+                return Err(BlockError::with_errno(
+                    "Unsupported preallocation mode: metadata",
+                    libc::ENOTSUP,
+                ));
+            }
+        };
+        if result.is_err() {
+            let _ = self.file().set_len(current);
+        }
+        result
+    }
+}
+
+/// Linux's `struct fsxattr`.
+#[repr(C)]
+#[derive(Default)]
+struct FsXattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
+const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+const FS_NOCOW_FL: libc::c_long = 0x0080_0000;
+const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
+const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401c_5820;
+const FS_XFLAG_EXTSIZE: u32 = 0x0000_0800;

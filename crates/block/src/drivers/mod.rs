@@ -3,12 +3,14 @@
 
 pub mod blkdebug;
 pub mod cbw;
+pub mod copy_on_read;
 pub mod file;
 pub mod nbd;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
 pub mod snapshot_access;
+pub mod throttle;
 
 use qmp_api::{BlockdevDriver, BlockdevOptionsBranch, BlockdevRefOrNull};
 
@@ -29,6 +31,8 @@ pub(crate) fn open(
         BlockdevOptionsBranch::Raw(o) => raw::open(ctx, o),
         BlockdevOptionsBranch::CopyBeforeWrite(o) => cbw::open(ctx, o),
         BlockdevOptionsBranch::SnapshotAccess(o) => snapshot_access::open(ctx, o),
+        BlockdevOptionsBranch::Throttle(o) => throttle::open(ctx, o),
+        BlockdevOptionsBranch::CopyOnRead(o) => copy_on_read::open(ctx, o),
     }
 }
 

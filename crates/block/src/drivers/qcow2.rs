@@ -651,6 +651,67 @@ impl BlockDriver for Qcow2Driver {
         Ok(())
     }
 
+    fn reopen_read_write(&self) -> BlockResult<()> {
+        let mut slot = self.image.write().unwrap_or_else(|e| e.into_inner());
+        let backing = self
+            .backing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // A read-only image has nothing to write back; opening it read-write marks its stored
+        // bitmaps in use, as QEMU's reopen does.
+        let reopened =
+            qcow2::Image::open(self.storage.clone(), false, backing).map_err(block_error)?;
+        slot.close().map_err(block_error)?;
+        *slot = Arc::new(reopened);
+        self.read_only.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    fn inactivate(&self) -> BlockResult<()> {
+        let mut slot = self.image.write().unwrap_or_else(|e| e.into_inner());
+        let backing = self
+            .backing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // Closing writes the image out clean, as QEMU's qcow2_inactivate leaves it; reads go
+        // on through a read-only view until the node is active again.
+        slot.flush().map_err(block_error)?;
+        slot.close().map_err(block_error)?;
+        let reopened =
+            qcow2::Image::open(self.storage.clone(), true, backing).map_err(block_error)?;
+        *slot = Arc::new(reopened);
+        Ok(())
+    }
+
+    fn activate(&self) -> BlockResult<()> {
+        let mut slot = self.image.write().unwrap_or_else(|e| e.into_inner());
+        let backing = self
+            .backing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // Everything is read again: another process may have written the image meanwhile.
+        let read_only = self.read_only.load(Ordering::Acquire);
+        let reopened =
+            qcow2::Image::open(self.storage.clone(), read_only, backing).map_err(block_error)?;
+        slot.close().map_err(block_error)?;
+        *slot = Arc::new(reopened);
+        Ok(())
+    }
+
+    fn change_backing_file(&self, backing: Option<(&str, &str)>) -> BlockResult<()> {
+        self.image().set_backing_file(backing).map_err(block_error)
+    }
+
+    fn truncate(&self, size: u64) -> BlockResult<()> {
+        self.written.store(true, Ordering::Release);
+        self.image()
+            .resize(size, qcow2::Preallocation::Off)
+            .map_err(block_error)
+    }
+
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         Some(self)
     }
@@ -800,4 +861,11 @@ fn summary(s: &qcow2::SnapshotInfo) -> SnapshotInfo {
         vm_clock_nsec: wire(s.vm_clock_nsec % 1_000_000_000),
         icount: s.icount.map(wire),
     }
+}
+
+/// Writes a new qcow2 image onto the node `file` (see [`crate::create::create_qcow2`]).
+pub(crate) fn create_on(file: &Arc<BlockNode>, options: &qcow2::CreateOptions) -> BlockResult<()> {
+    let storage: Arc<dyn qcow2::Storage> = Arc::new(NodeStorage(file.clone()));
+    qcow2::create_with(storage, options).map_err(block_error)?;
+    file.flush()
 }

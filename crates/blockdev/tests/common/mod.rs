@@ -187,6 +187,8 @@ pub struct MemGraph {
     pub read_only: Arc<Mutex<Vec<String>>>,
     /// node → internal snapshot names (qcow2 nodes only).
     pub snapshots: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
+    /// node → its op blockers (made on first use).
+    pub blockers: Arc<Mutex<BTreeMap<String, Arc<block::OpBlockers>>>>,
 }
 
 impl MemGraph {
@@ -288,6 +290,7 @@ impl NodeGraph for MemGraph {
     fn node_facts(&self, name: &str) -> Option<blockdev::NodeFacts> {
         let node = self.nodes.lock().unwrap().get(name).cloned()?;
         Some(blockdev::NodeFacts {
+            monitor_owned: true,
             in_use: self
                 .parents
                 .lock()
@@ -298,6 +301,20 @@ impl NodeGraph for MemGraph {
             supports_backing: node.image.format == "qcow2",
             read_only: self.read_only.lock().unwrap().iter().any(|n| n == name),
         })
+    }
+    fn op_blockers(&self, name: &str) -> Option<Arc<block::OpBlockers>> {
+        if !self.nodes.lock().unwrap().contains_key(name) {
+            return None;
+        }
+        let mut blockers = self.blockers.lock().unwrap();
+        Some(blockers.entry(name.into()).or_default().clone())
+    }
+    fn has_parent_node(&self, name: &str) -> bool {
+        self.parents
+            .lock()
+            .unwrap()
+            .get(name)
+            .is_some_and(|p| !p.is_empty())
     }
     fn open_overlay(&mut self, image: &ImageRef, node_name: &str) -> Result<(), QmpError> {
         let file = NodeGraph::node(self, &image.filename)

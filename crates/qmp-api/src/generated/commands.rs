@@ -312,6 +312,30 @@ impl ::qapi_runtime::Command for QueryNamedBlockNodesArguments {
     type Returns = Vec<BlockDeviceInfo>;
     const ALLOW_PRECONFIG: bool = true;
 }
+/// List the named block backends and guest block devices.  A storage
+/// daemon has neither (its exports' backends are anonymous), so the
+/// list is empty, as qemu-storage-daemon's is; nodes are listed by
+/// `query-named-block-nodes`.
+///
+/// **Returns:** the block devices
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `query-block` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryBlockArguments {}
+impl QueryBlockArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+::qapi_runtime::impl_object!(QueryBlockArguments {});
+impl ::qapi_runtime::Command for QueryBlockArguments {
+    const NAME: &'static str = "query-block";
+    type Returns = Vec<BlockInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
 /// Open a block node, and any nodes defined inline as its children.
 /// The top-level node must have a node-name.
 ///
@@ -348,6 +372,66 @@ impl BlockdevDelArguments {
 ::qapi_runtime::impl_object!(BlockdevDelArguments { node_name("node-name") });
 impl ::qapi_runtime::Command for BlockdevDelArguments {
     const NAME: &'static str = "blockdev-del";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Reopen one or more nodes with new sets of options, atomically: every
+/// node of the list is reopened, or none is.  Each entry's top-level
+/// `node-name` names the node; an option left out goes back to its
+/// default.  Of a child option (`file`, `backing`), a definition reopens
+/// the child with those options, the current child's name reopens it
+/// with its own, another node's name replaces the child, and null (for
+/// `backing` only) detaches it.  `backing` must be given when the node
+/// has a backing node or its image names a backing file.  Options that
+/// cannot change are refused, naming them.
+///
+/// **Since:** 6.1
+///
+/// The arguments of command `blockdev-reopen` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevReopenArguments {
+    /// the nodes and their new options
+    pub options: Vec<BlockdevOptions>,
+}
+impl BlockdevReopenArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(options: Vec<BlockdevOptions>) -> Self {
+        Self { options }
+    }
+}
+::qapi_runtime::impl_object!(BlockdevReopenArguments { options("options") });
+impl ::qapi_runtime::Command for BlockdevReopenArguments {
+    const NAME: &'static str = "blockdev-reopen";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Activate or inactivate a node (the handover of images on migration).
+/// Activating a node activates its children first; inactivating a node
+/// inactivates its children that no active node still uses.  An
+/// inactive node takes no writes and lets other processes write its
+/// image.
+///
+/// **Since:** 10.0
+///
+/// The arguments of command `blockdev-set-active` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevSetActiveArguments {
+    /// the node; all nodes when absent
+    pub node_name: Option<String>,
+    /// whether the nodes are to be active
+    pub active: bool,
+}
+impl BlockdevSetActiveArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(active: bool) -> Self {
+        Self { node_name: None, active }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevSetActiveArguments { optional node_name("node-name"), active("active") }
+);
+impl ::qapi_runtime::Command for BlockdevSetActiveArguments {
+    const NAME: &'static str = "blockdev-set-active";
     type Returns = ();
     const ALLOW_PRECONFIG: bool = true;
 }
@@ -825,6 +909,199 @@ impl ::qapi_runtime::Command for DriveMirrorArguments {
     type Returns = ();
     const ALLOW_PRECONFIG: bool = true;
 }
+/// Start a stream job: it copies into `device` the data that its
+/// backing chain holds above the new base, then takes the layers it
+/// copied out of the chain.  With `base` or `base-node`, that node stays
+/// as `device`'s backing file; with `bottom`, the node below `bottom`
+/// does; with none of them, the whole chain is copied and `device` is
+/// left without a backing file.  Writes to `device` during the job are
+/// kept: a cluster is copied only while `device` does not hold it.
+///
+/// While the job runs, a copy-on-read filter node sits above `device`.
+///
+/// **Errors:**
+///
+/// - If `device` does not exist, GenericError
+///
+/// **Since:** 1.1
+///
+/// The arguments of command `block-stream` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockStreamArguments {
+    /// the new job's id.  Without it, QEMU uses the device name
+    /// of `device`'s block backend; qemu-storage-daemon has none, so
+    /// it must be given.
+    pub job_id: Option<String>,
+    /// the node to stream into
+    pub device: String,
+    /// the node that stays as the backing file, named by its file
+    /// name as the chain records it (deprecated in favour of
+    /// `base-node`)
+    pub base: Option<String>,
+    /// the node that stays as the backing file (since 2.8)
+    pub base_node: Option<String>,
+    /// the backing file name to write into `device`'s image
+    /// header instead of the file name of the base (only with `base` or
+    /// `base-node`; since 2.2)
+    pub backing_file: Option<String>,
+    /// if the base is a protocol node (for example
+    /// a plain file), record its format as 'raw' in the header rather
+    /// than the protocol's name (default: false; since 8.0)
+    pub backing_mask_protocol: Option<bool>,
+    /// the lowest node whose data is copied; the node below it
+    /// stays as the backing file.  A filter is refused (since 6.0)
+    pub bottom: Option<String>,
+    /// the rate limit in bytes per second (default: 0, none)
+    pub speed: Option<i64>,
+    /// what to do when an I/O error occurs (default: report).
+    /// With ignore, the job goes on and fails at the end, keeping the
+    /// backing chain (since 1.3)
+    pub on_error: Option<BlockdevOnError>,
+    /// the node name of the copy-on-read filter the job
+    /// inserts above `device` (default: generated; since 6.0)
+    pub filter_node_name: Option<String>,
+    /// finalize by itself on reaching pending (default:
+    /// true; since 3.1)
+    pub auto_finalize: Option<bool>,
+    /// disappear by itself once concluded (default: true;
+    /// since 3.1)
+    pub auto_dismiss: Option<bool>,
+}
+impl BlockStreamArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>) -> Self {
+        Self {
+            job_id: None,
+            device: device.into(),
+            base: None,
+            base_node: None,
+            backing_file: None,
+            backing_mask_protocol: None,
+            bottom: None,
+            speed: None,
+            on_error: None,
+            filter_node_name: None,
+            auto_finalize: None,
+            auto_dismiss: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockStreamArguments { optional job_id("job-id"), device("device"), optional
+    base("base"), optional base_node("base-node"), optional backing_file("backing-file"),
+    optional backing_mask_protocol("backing-mask-protocol"), optional bottom("bottom"),
+    optional speed("speed"), optional on_error("on-error"), optional
+    filter_node_name("filter-node-name"), optional auto_finalize("auto-finalize"),
+    optional auto_dismiss("auto-dismiss") }
+);
+impl ::qapi_runtime::Command for BlockStreamArguments {
+    const NAME: &'static str = "block-stream";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Start a commit job: it copies the data of the layers from `top`
+/// down to just above `base` into `base`.
+///
+/// If `top` is not the active layer (intermediate commit), the job
+/// then takes those layers out of the chain: the node above `top` gets
+/// `base` as its backing file, and its image header is rewritten to
+/// name it.
+///
+/// If `top` is the active layer (active commit), the job goes on
+/// copying writes to `top` until it is ready (BLOCK_JOB_READY); then
+/// block-job-complete moves every user of `top` onto `base`, and
+/// block-job-cancel ends it leaving `top` in place.
+///
+/// **Errors:**
+///
+/// - If `device` does not exist, DeviceNotFound
+/// - Any other error returns a GenericError.
+///
+/// **Since:** 1.3
+///
+/// The arguments of command `block-commit` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockCommitArguments {
+    /// the new job's id.  Without it, QEMU uses the device name
+    /// of `device`'s block backend; qemu-storage-daemon has none, so
+    /// it must be given.
+    pub job_id: Option<String>,
+    /// the root node of the chain (it must have no parent node)
+    pub device: String,
+    /// the node to commit into (default: the bottom of the
+    /// chain; since 3.1)
+    pub base_node: Option<String>,
+    /// the node to commit into, named by its file name as the
+    /// chain records it
+    ///
+    /// **Features:** `deprecated`
+    #[deprecated]
+    pub base: Option<String>,
+    /// the highest node whose data is committed (default: the
+    /// active layer, `device`; since 3.1)
+    pub top_node: Option<String>,
+    /// the highest node whose data is committed, named by its file
+    /// name as the chain records it
+    ///
+    /// **Features:** `deprecated`
+    #[deprecated]
+    pub top: Option<String>,
+    /// the backing file name to write into the header of
+    /// the node above `top` instead of the file name of `base`.  Refused
+    /// for an active commit (since 2.1)
+    pub backing_file: Option<String>,
+    /// if `base` is a protocol node (for example a
+    /// plain file), record its format as 'raw' in the header rather
+    /// than the protocol's name (default: false; since 8.0)
+    pub backing_mask_protocol: Option<bool>,
+    /// the rate limit in bytes per second (default: 0, none)
+    pub speed: Option<i64>,
+    /// what to do when an I/O error occurs (default: report;
+    /// since 1.3)
+    pub on_error: Option<BlockdevOnError>,
+    /// the node name of the filter the job inserts
+    /// above `top` (default: generated; since 2.9)
+    pub filter_node_name: Option<String>,
+    /// finalize by itself on reaching pending (default:
+    /// true; since 3.1)
+    pub auto_finalize: Option<bool>,
+    /// disappear by itself once concluded (default: true;
+    /// since 3.1)
+    pub auto_dismiss: Option<bool>,
+}
+impl BlockCommitArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>) -> Self {
+        Self {
+            job_id: None,
+            device: device.into(),
+            base_node: None,
+            base: None,
+            top_node: None,
+            top: None,
+            backing_file: None,
+            backing_mask_protocol: None,
+            speed: None,
+            on_error: None,
+            filter_node_name: None,
+            auto_finalize: None,
+            auto_dismiss: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockCommitArguments { optional job_id("job-id"), device("device"), optional
+    base_node("base-node"), optional base("base"), optional top_node("top-node"),
+    optional top("top"), optional backing_file("backing-file"), optional
+    backing_mask_protocol("backing-mask-protocol"), optional speed("speed"), optional
+    on_error("on-error"), optional filter_node_name("filter-node-name"), optional
+    auto_finalize("auto-finalize"), optional auto_dismiss("auto-dismiss") }
+);
+impl ::qapi_runtime::Command for BlockCommitArguments {
+    const NAME: &'static str = "block-commit";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
 /// Take an external snapshot: create an overlay image whose backing
 /// file is the node's image, and put it on top of the node, so that
 /// later writes go to the overlay and the old image stays as it was.
@@ -957,6 +1234,66 @@ impl ::qapi_runtime::Command for NbdServerStopArguments {
     type Returns = ();
     const ALLOW_PRECONFIG: bool = true;
 }
+/// Export a node over the running NBD server (the older form of
+/// `block-export-add`, whose export id is the NBD name).
+///
+/// **Errors:**
+///
+/// - If the server is not running, the name is in use, the node or
+///   the bitmap does not exist, GenericError
+///
+/// **Since:** 1.3
+///
+/// **Features:**
+/// - `deprecated`: use `block-export-add`
+///
+/// The arguments of command `nbd-server-add` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbdServerAddArguments(pub NbdServerAddOptions);
+::qapi_runtime::impl_newtype!(NbdServerAddArguments(NbdServerAddOptions));
+impl ::qapi_runtime::Command for NbdServerAddArguments {
+    const NAME: &'static str = "nbd-server-add";
+    type Returns = ();
+    const DEPRECATED: bool = true;
+}
+/// Remove an NBD export added with `nbd-server-add` (or an NBD export
+/// of `block-export-add`, by its id).
+///
+/// **Errors:**
+///
+/// - If there is no such NBD export, GenericError
+///
+/// **Since:** 2.12
+///
+/// **Features:**
+/// - `deprecated`: use `block-export-del`
+///
+/// The arguments of command `nbd-server-remove` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbdServerRemoveArguments {
+    /// the export's name
+    pub name: String,
+    /// how to treat connected clients (default: safe, which
+    /// refuses while clients are connected)
+    pub mode: Option<BlockExportRemoveMode>,
+}
+impl NbdServerRemoveArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            mode: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    NbdServerRemoveArguments { name("name"), optional mode("mode") }
+);
+impl ::qapi_runtime::Command for NbdServerRemoveArguments {
+    const NAME: &'static str = "nbd-server-remove";
+    type Returns = ();
+    const DEPRECATED: bool = true;
+}
 /// Create a block export.
 ///
 /// **Since:** 5.2
@@ -1002,6 +1339,745 @@ impl ::qapi_runtime::Command for BlockExportDelArguments {
     const NAME: &'static str = "block-export-del";
     type Returns = ();
     const ALLOW_PRECONFIG: bool = true;
+}
+/// Create an image, as a job of type create.  The job's progress goes
+/// from 0 to 1; it is not dismissed automatically.  Errors in
+/// `options` that only the job finds (a bad size, a node in use) make
+/// the job end with that error.
+///
+/// **Since:** 3.0
+///
+/// The arguments of command `blockdev-create` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevCreateArguments {
+    /// the job's identifier
+    pub job_id: String,
+    /// what to create
+    pub options: BlockdevCreateOptions,
+}
+impl BlockdevCreateArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(job_id: impl Into<String>, options: BlockdevCreateOptions) -> Self {
+        Self {
+            job_id: job_id.into(),
+            options,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevCreateArguments { job_id("job-id"), options("options") }
+);
+impl ::qapi_runtime::Command for BlockdevCreateArguments {
+    const NAME: &'static str = "blockdev-create";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Change an open image's format options, as a job of type amend
+/// (progress from 0 to 1, not dismissed automatically).
+///
+/// **Since:** 5.1
+///
+/// **Features:**
+/// - `unstable`: the command may change incompatibly in a later release
+///
+/// The arguments of command `x-blockdev-amend` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct XBlockdevAmendArguments {
+    /// the job's identifier
+    pub job_id: String,
+    /// the node whose image changes
+    pub node_name: String,
+    /// what to change
+    pub options: BlockdevAmendOptions,
+    /// allow changes that are unsafe (e.g. erasing the last key
+    /// slot; default: false)
+    pub force: Option<bool>,
+}
+impl XBlockdevAmendArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        job_id: impl Into<String>,
+        node_name: impl Into<String>,
+        options: BlockdevAmendOptions,
+    ) -> Self {
+        Self {
+            job_id: job_id.into(),
+            node_name: node_name.into(),
+            options,
+            force: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    XBlockdevAmendArguments { job_id("job-id"), node_name("node-name"),
+    options("options"), optional force("force") }
+);
+impl ::qapi_runtime::Command for XBlockdevAmendArguments {
+    const NAME: &'static str = "x-blockdev-amend";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Change a node's virtual size.  The node must not be blocked for
+/// resizing (e.g. used as a backing file or by a job) and nothing that
+/// uses it may forbid resizing.
+///
+/// **Errors:**
+///
+/// - If the node is not found, GenericError
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `block_resize` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockResizeArguments {
+    /// the name of a block device (blockjobd has none: give
+    /// `node-name`)
+    pub device: Option<String>,
+    /// the node to resize (since 2.0)
+    pub node_name: Option<String>,
+    /// the new size in bytes
+    pub size: i64,
+}
+impl BlockResizeArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(size: i64) -> Self {
+        Self {
+            device: None,
+            node_name: None,
+            size,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockResizeArguments { optional device("device"), optional node_name("node-name"),
+    size("size") }
+);
+impl ::qapi_runtime::Command for BlockResizeArguments {
+    const NAME: &'static str = "block_resize";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Change the backing file name recorded in an image of a node's
+/// backing chain.  Only the name in the image changes: the node keeps
+/// reading from the backing node it has.
+///
+/// **Since:** 2.1
+///
+/// The arguments of command `change-backing-file` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeBackingFileArguments {
+    /// the root node of the chain
+    pub device: String,
+    /// the node in the chain whose image gets the new
+    /// name
+    pub image_node_name: String,
+    /// the name to record
+    pub backing_file: String,
+}
+impl ChangeBackingFileArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        device: impl Into<String>,
+        image_node_name: impl Into<String>,
+        backing_file: impl Into<String>,
+    ) -> Self {
+        Self {
+            device: device.into(),
+            image_node_name: image_node_name.into(),
+            backing_file: backing_file.into(),
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ChangeBackingFileArguments { device("device"), image_node_name("image-node-name"),
+    backing_file("backing-file") }
+);
+impl ::qapi_runtime::Command for ChangeBackingFileArguments {
+    const NAME: &'static str = "change-backing-file";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Set a node's write threshold: the first write reaching past it
+/// sends `BLOCK_WRITE_THRESHOLD` and clears the threshold.
+///
+/// **Since:** 2.3
+///
+/// The arguments of command `block-set-write-threshold` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockSetWriteThresholdArguments {
+    /// the node
+    pub node_name: String,
+    /// the offset in bytes; 0 clears the threshold
+    pub write_threshold: u64,
+}
+impl BlockSetWriteThresholdArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(node_name: impl Into<String>, write_threshold: u64) -> Self {
+        Self {
+            node_name: node_name.into(),
+            write_threshold,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockSetWriteThresholdArguments { node_name("node-name"),
+    write_threshold("write-threshold") }
+);
+impl ::qapi_runtime::Command for BlockSetWriteThresholdArguments {
+    const NAME: &'static str = "block-set-write-threshold";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Delete an internal snapshot of a node's image.
+///
+/// At least one of `id` and `name` is required; with both, the snapshot
+/// must match both.
+///
+/// **Returns:** the snapshot that was deleted
+///
+/// **Errors:**
+///
+/// - If the node is not found, GenericError
+/// - If no snapshot matches, GenericError
+///
+/// **Since:** 1.7
+///
+/// The arguments of command `blockdev-snapshot-delete-internal-sync` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevSnapshotDeleteInternalSyncArguments {
+    /// the node (it must be a root node)
+    pub device: String,
+    /// the snapshot's id
+    pub id: Option<String>,
+    /// the snapshot's name
+    pub name: Option<String>,
+}
+impl BlockdevSnapshotDeleteInternalSyncArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>) -> Self {
+        Self {
+            device: device.into(),
+            id: None,
+            name: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevSnapshotDeleteInternalSyncArguments { device("device"), optional id("id"),
+    optional name("name") }
+);
+impl ::qapi_runtime::Command for BlockdevSnapshotDeleteInternalSyncArguments {
+    const NAME: &'static str = "blockdev-snapshot-delete-internal-sync";
+    type Returns = SnapshotInfo;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// The exports.
+///
+/// **Returns:** every export, newest first
+///
+/// **Since:** 5.2
+///
+/// The arguments of command `query-block-exports` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryBlockExportsArguments {}
+impl QueryBlockExportsArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+::qapi_runtime::impl_object!(QueryBlockExportsArguments {});
+impl ::qapi_runtime::Command for QueryBlockExportsArguments {
+    const NAME: &'static str = "query-block-exports";
+    type Returns = Vec<BlockExportInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// The SHA-256 of a dirty bitmap's bits, laid out as QEMU keeps them
+/// (one bit per granularity-sized chunk, in little-endian 64-bit
+/// words): equal bitmaps give equal digests in blockjobd and QEMU.
+///
+/// **Returns:** the digest
+///
+/// **Since:** 2.10
+///
+/// **Features:**
+/// - `unstable`: the command is meant for tests
+///
+/// The arguments of command `x-debug-block-dirty-bitmap-sha256` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct XDebugBlockDirtyBitmapSha256Arguments(pub BlockDirtyBitmap);
+::qapi_runtime::impl_newtype!(XDebugBlockDirtyBitmapSha256Arguments(BlockDirtyBitmap));
+impl ::qapi_runtime::Command for XDebugBlockDirtyBitmapSha256Arguments {
+    const NAME: &'static str = "x-debug-block-dirty-bitmap-sha256";
+    type Returns = BlockDirtyBitmapSha256;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// The block graph: exports, jobs and nodes, and who uses which node
+/// with which permissions.
+///
+/// **Returns:** the graph
+///
+/// **Since:** 4.0
+///
+/// **Features:**
+/// - `unstable`: the command is meant for debugging
+///
+/// The arguments of command `x-debug-query-block-graph` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct XDebugQueryBlockGraphArguments {}
+impl XDebugQueryBlockGraphArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+::qapi_runtime::impl_object!(XDebugQueryBlockGraphArguments {});
+impl ::qapi_runtime::Command for XDebugQueryBlockGraphArguments {
+    const NAME: &'static str = "x-debug-query-block-graph";
+    type Returns = XDbgBlockGraph;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// I/O statistics of the block devices, or of every named node.
+///
+/// **Returns:**
+///
+/// the statistics of each block device, or of each named node
+/// (oldest first) with its file and backing children's nested
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `query-blockstats` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryBlockstatsArguments {
+    /// list every named node instead of the block devices
+    /// (blockjobd has none; default: false; since 2.3)
+    pub query_nodes: Option<bool>,
+}
+impl QueryBlockstatsArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self { query_nodes: None }
+    }
+}
+::qapi_runtime::impl_object!(
+    QueryBlockstatsArguments { optional query_nodes("query-nodes") }
+);
+impl ::qapi_runtime::Command for QueryBlockstatsArguments {
+    const NAME: &'static str = "query-blockstats";
+    type Returns = Vec<BlockStats>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// List the properties of an object.
+///
+/// **Returns:** the object's properties
+///
+/// **Errors:**
+///
+/// - If no object has this path, DeviceNotFound
+///
+/// **Since:** 1.2
+///
+/// The arguments of command `qom-list` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QomListArguments {
+    /// the object's path: absolute ('/objects/io0') or partial
+    /// ('io0', resolved when it names one object only)
+    pub path: String,
+}
+impl QomListArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(path: impl Into<String>) -> Self {
+        Self { path: path.into() }
+    }
+}
+::qapi_runtime::impl_object!(QomListArguments { path("path") });
+impl ::qapi_runtime::Command for QomListArguments {
+    const NAME: &'static str = "qom-list";
+    type Returns = Vec<ObjectPropertyInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Read one property of an object.
+///
+/// **Returns:** the property's value, in the JSON form of its type
+///
+/// **Since:** 1.2
+///
+/// The arguments of command `qom-get` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QomGetArguments {
+    /// the object's path, as for `qom-list`
+    pub path: String,
+    /// the property's name
+    pub property: String,
+}
+impl QomGetArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(path: impl Into<String>, property: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            property: property.into(),
+        }
+    }
+}
+::qapi_runtime::impl_object!(QomGetArguments { path("path"), property("property") });
+impl ::qapi_runtime::Command for QomGetArguments {
+    const NAME: &'static str = "qom-get";
+    type Returns = ::serde_json::Value;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Change one property of an object.
+///
+/// **Since:** 1.2
+///
+/// The arguments of command `qom-set` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QomSetArguments {
+    /// the object's path, as for `qom-list`
+    pub path: String,
+    /// the property's name
+    pub property: String,
+    /// the new value, in the JSON form of the property's type
+    pub value: ::serde_json::Value,
+}
+impl QomSetArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        path: impl Into<String>,
+        property: impl Into<String>,
+        value: ::serde_json::Value,
+    ) -> Self {
+        Self {
+            path: path.into(),
+            property: property.into(),
+            value,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    QomSetArguments { path("path"), property("property"), value("value") }
+);
+impl ::qapi_runtime::Command for QomSetArguments {
+    const NAME: &'static str = "qom-set";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// List the object types this daemon knows.
+///
+/// **Returns:** the types
+///
+/// **Since:** 1.1
+///
+/// The arguments of command `qom-list-types` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QomListTypesArguments {
+    /// list only the types deriving from this one
+    pub implements: Option<String>,
+    /// list abstract types too (default: false)
+    pub r#abstract: Option<bool>,
+}
+impl QomListTypesArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            implements: None,
+            r#abstract: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    QomListTypesArguments { optional implements("implements"), optional
+    r#abstract("abstract") }
+);
+impl ::qapi_runtime::Command for QomListTypesArguments {
+    const NAME: &'static str = "qom-list-types";
+    type Returns = Vec<ObjectTypeInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// List the properties an object of a type would have.
+///
+/// **Returns:** the properties
+///
+/// **Since:** 2.12
+///
+/// The arguments of command `qom-list-properties` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QomListPropertiesArguments {
+    /// the type's name
+    pub typename: String,
+}
+impl QomListPropertiesArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(typename: impl Into<String>) -> Self {
+        Self { typename: typename.into() }
+    }
+}
+::qapi_runtime::impl_object!(QomListPropertiesArguments { typename("typename") });
+impl ::qapi_runtime::Command for QomListPropertiesArguments {
+    const NAME: &'static str = "qom-list-properties";
+    type Returns = Vec<ObjectPropertyInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Create an object under /objects.
+///
+/// **Errors:**
+///
+/// - If an object of the same id exists, GenericError
+///
+/// **Since:** 2.0
+///
+/// The arguments of command `object-add` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectAddArguments(pub ObjectOptions);
+::qapi_runtime::impl_newtype!(ObjectAddArguments(ObjectOptions));
+impl ::qapi_runtime::Command for ObjectAddArguments {
+    const NAME: &'static str = "object-add";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// Delete an object created with `object-add` or --object.
+///
+/// **Errors:**
+///
+/// - If there is no such object or something uses it, GenericError
+///
+/// **Since:** 2.0
+///
+/// The arguments of command `object-del` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectDelArguments {
+    /// the object's id
+    pub id: String,
+}
+impl ObjectDelArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self { id: id.into() }
+    }
+}
+::qapi_runtime::impl_object!(ObjectDelArguments { id("id") });
+impl ::qapi_runtime::Command for ObjectDelArguments {
+    const NAME: &'static str = "object-del";
+    type Returns = ();
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// List the character devices.
+///
+/// **Returns:** the devices
+///
+/// **Since:** 0.14
+///
+/// The arguments of command `query-chardev` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryChardevArguments {}
+impl QueryChardevArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+::qapi_runtime::impl_object!(QueryChardevArguments {});
+impl ::qapi_runtime::Command for QueryChardevArguments {
+    const NAME: &'static str = "query-chardev";
+    type Returns = Vec<ChardevInfo>;
+    const ALLOW_PRECONFIG: bool = true;
+}
+/// List the kinds of character device.
+///
+/// **Returns:** the kinds
+///
+/// **Since:** 2.0
+///
+/// The arguments of command `query-chardev-backends` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryChardevBackendsArguments {}
+impl QueryChardevBackendsArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {}
+    }
+}
+::qapi_runtime::impl_object!(QueryChardevBackendsArguments {});
+impl ::qapi_runtime::Command for QueryChardevBackendsArguments {
+    const NAME: &'static str = "query-chardev-backends";
+    type Returns = Vec<ChardevBackendInfo>;
+}
+/// Write into a ring buffer character device.  When the buffer is
+/// full, the oldest data is overwritten.
+///
+/// **Since:** 1.4
+///
+/// The arguments of command `ringbuf-write` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RingbufWriteArguments {
+    /// the device's id
+    pub device: String,
+    /// the data to write
+    pub data: String,
+    /// how `data` is written (default: utf8)
+    pub format: Option<DataFormat>,
+}
+impl RingbufWriteArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>, data: impl Into<String>) -> Self {
+        Self {
+            device: device.into(),
+            data: data.into(),
+            format: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    RingbufWriteArguments { device("device"), data("data"), optional format("format") }
+);
+impl ::qapi_runtime::Command for RingbufWriteArguments {
+    const NAME: &'static str = "ringbuf-write";
+    type Returns = ();
+}
+/// Read from a ring buffer character device; what is read is
+/// removed from the buffer.
+///
+/// **Returns:** the data read
+///
+/// **Since:** 1.4
+///
+/// The arguments of command `ringbuf-read` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RingbufReadArguments {
+    /// the device's id
+    pub device: String,
+    /// the most bytes to read
+    pub size: i64,
+    /// how to return the data (default: utf8, where bytes that
+    /// are not valid UTF-8 are replaced)
+    pub format: Option<DataFormat>,
+}
+impl RingbufReadArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>, size: i64) -> Self {
+        Self {
+            device: device.into(),
+            size,
+            format: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    RingbufReadArguments { device("device"), size("size"), optional format("format") }
+);
+impl ::qapi_runtime::Command for RingbufReadArguments {
+    const NAME: &'static str = "ringbuf-read";
+    type Returns = String;
+}
+/// Add a character device.  qemu-storage-daemon has no command to put
+/// a monitor on it at run time; a socket device listens and holds a
+/// client's connection, as QEMU's does with nothing using it.
+///
+/// **Returns:** what the new device is
+///
+/// **Errors:**
+///
+/// - If the id is in use or the device cannot be opened,
+///   GenericError
+///
+/// **Since:** 1.4
+///
+/// The arguments of command `chardev-add` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevAddArguments {
+    /// the device's id
+    pub id: String,
+    /// the kind and its settings
+    pub backend: ChardevBackend,
+}
+impl ChardevAddArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl Into<String>, backend: ChardevBackend) -> Self {
+        Self { id: id.into(), backend }
+    }
+}
+::qapi_runtime::impl_object!(ChardevAddArguments { id("id"), backend("backend") });
+impl ::qapi_runtime::Command for ChardevAddArguments {
+    const NAME: &'static str = "chardev-add";
+    type Returns = ChardevReturn;
+}
+/// Replace a character device by a new one of the same id.  As in
+/// QEMU, a device nothing uses is removed and the new one added; if
+/// adding fails, the old device is gone.  A monitor's device cannot be
+/// changed.
+///
+/// **Returns:** what the new device is
+///
+/// **Errors:**
+///
+/// - If there is no such device, a monitor uses it, or the new
+///   device cannot be opened, GenericError
+///
+/// **Since:** 5.1
+///
+/// The arguments of command `chardev-change` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevChangeArguments {
+    /// the device's id
+    pub id: String,
+    /// the new device's kind and settings
+    pub backend: ChardevBackend,
+}
+impl ChardevChangeArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl Into<String>, backend: ChardevBackend) -> Self {
+        Self { id: id.into(), backend }
+    }
+}
+::qapi_runtime::impl_object!(ChardevChangeArguments { id("id"), backend("backend") });
+impl ::qapi_runtime::Command for ChardevChangeArguments {
+    const NAME: &'static str = "chardev-change";
+    type Returns = ChardevReturn;
+}
+/// Remove a character device.
+///
+/// **Errors:**
+///
+/// - If there is no such device or a monitor uses it, GenericError
+///
+/// **Since:** 1.4
+///
+/// The arguments of command `chardev-remove` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevRemoveArguments {
+    /// the device's id
+    pub id: String,
+}
+impl ChardevRemoveArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self { id: id.into() }
+    }
+}
+::qapi_runtime::impl_object!(ChardevRemoveArguments { id("id") });
+impl ::qapi_runtime::Command for ChardevRemoveArguments {
+    const NAME: &'static str = "chardev-remove";
+    type Returns = ();
+}
+/// Send a break to the device's user.
+///
+/// **Since:** 2.10
+///
+/// The arguments of command `chardev-send-break` (its `qapi_runtime::Command`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevSendBreakArguments {
+    /// the device's id
+    pub id: String,
+}
+impl ChardevSendBreakArguments {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self { id: id.into() }
+    }
+}
+::qapi_runtime::impl_object!(ChardevSendBreakArguments { id("id") });
+impl ::qapi_runtime::Command for ChardevSendBreakArguments {
+    const NAME: &'static str = "chardev-send-break";
+    type Returns = ();
 }
 /// One method per command, for a server. Each default answers like QEMU for a
 /// command it does not have (`CommandNotFound`), so a server implements only
@@ -1071,6 +2147,10 @@ pub trait Commands {
     ) -> ::qapi_runtime::Result<Vec<BlockDeviceInfo>> {
         Err(::qapi_runtime::QmpError::command_not_found("query-named-block-nodes"))
     }
+    /// `query-block`: see [`QueryBlockArguments`].
+    fn query_block(&mut self) -> ::qapi_runtime::Result<Vec<BlockInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-block"))
+    }
     /// `blockdev-add`: see [`BlockdevAddArguments`].
     fn blockdev_add(&mut self, args: BlockdevOptions) -> ::qapi_runtime::Result<()> {
         Err(::qapi_runtime::QmpError::command_not_found("blockdev-add"))
@@ -1081,6 +2161,20 @@ pub trait Commands {
         args: BlockdevDelArguments,
     ) -> ::qapi_runtime::Result<()> {
         Err(::qapi_runtime::QmpError::command_not_found("blockdev-del"))
+    }
+    /// `blockdev-reopen`: see [`BlockdevReopenArguments`].
+    fn blockdev_reopen(
+        &mut self,
+        args: BlockdevReopenArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("blockdev-reopen"))
+    }
+    /// `blockdev-set-active`: see [`BlockdevSetActiveArguments`].
+    fn blockdev_set_active(
+        &mut self,
+        args: BlockdevSetActiveArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("blockdev-set-active"))
     }
     /// `block-dirty-bitmap-add`: see [`BlockDirtyBitmapAddArguments`].
     fn block_dirty_bitmap_add(
@@ -1204,6 +2298,20 @@ pub trait Commands {
     fn drive_mirror(&mut self, args: DriveMirror) -> ::qapi_runtime::Result<()> {
         Err(::qapi_runtime::QmpError::command_not_found("drive-mirror"))
     }
+    /// `block-stream`: see [`BlockStreamArguments`].
+    fn block_stream(
+        &mut self,
+        args: BlockStreamArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("block-stream"))
+    }
+    /// `block-commit`: see [`BlockCommitArguments`].
+    fn block_commit(
+        &mut self,
+        args: BlockCommitArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("block-commit"))
+    }
     /// `blockdev-snapshot-sync`: see [`BlockdevSnapshotSyncArguments`].
     fn blockdev_snapshot_sync(
         &mut self,
@@ -1244,6 +2352,22 @@ pub trait Commands {
     fn nbd_server_stop(&mut self) -> ::qapi_runtime::Result<()> {
         Err(::qapi_runtime::QmpError::command_not_found("nbd-server-stop"))
     }
+    /// `nbd-server-add`: see [`NbdServerAddArguments`].
+    #[deprecated]
+    fn nbd_server_add(
+        &mut self,
+        args: NbdServerAddOptions,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("nbd-server-add"))
+    }
+    /// `nbd-server-remove`: see [`NbdServerRemoveArguments`].
+    #[deprecated]
+    fn nbd_server_remove(
+        &mut self,
+        args: NbdServerRemoveArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("nbd-server-remove"))
+    }
     /// `block-export-add`: see [`BlockExportAddArguments`].
     fn block_export_add(
         &mut self,
@@ -1257,6 +2381,170 @@ pub trait Commands {
         args: BlockExportDelArguments,
     ) -> ::qapi_runtime::Result<()> {
         Err(::qapi_runtime::QmpError::command_not_found("block-export-del"))
+    }
+    /// `blockdev-create`: see [`BlockdevCreateArguments`].
+    fn blockdev_create(
+        &mut self,
+        args: BlockdevCreateArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("blockdev-create"))
+    }
+    /// `x-blockdev-amend`: see [`XBlockdevAmendArguments`].
+    fn x_blockdev_amend(
+        &mut self,
+        args: XBlockdevAmendArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("x-blockdev-amend"))
+    }
+    /// `block_resize`: see [`BlockResizeArguments`].
+    fn block_resize(
+        &mut self,
+        args: BlockResizeArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("block_resize"))
+    }
+    /// `change-backing-file`: see [`ChangeBackingFileArguments`].
+    fn change_backing_file(
+        &mut self,
+        args: ChangeBackingFileArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("change-backing-file"))
+    }
+    /// `block-set-write-threshold`: see [`BlockSetWriteThresholdArguments`].
+    fn block_set_write_threshold(
+        &mut self,
+        args: BlockSetWriteThresholdArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("block-set-write-threshold"))
+    }
+    /// `blockdev-snapshot-delete-internal-sync`: see [`BlockdevSnapshotDeleteInternalSyncArguments`].
+    fn blockdev_snapshot_delete_internal_sync(
+        &mut self,
+        args: BlockdevSnapshotDeleteInternalSyncArguments,
+    ) -> ::qapi_runtime::Result<SnapshotInfo> {
+        Err(
+            ::qapi_runtime::QmpError::command_not_found(
+                "blockdev-snapshot-delete-internal-sync",
+            ),
+        )
+    }
+    /// `query-block-exports`: see [`QueryBlockExportsArguments`].
+    fn query_block_exports(&mut self) -> ::qapi_runtime::Result<Vec<BlockExportInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-block-exports"))
+    }
+    /// `x-debug-block-dirty-bitmap-sha256`: see [`XDebugBlockDirtyBitmapSha256Arguments`].
+    fn x_debug_block_dirty_bitmap_sha256(
+        &mut self,
+        args: BlockDirtyBitmap,
+    ) -> ::qapi_runtime::Result<BlockDirtyBitmapSha256> {
+        Err(
+            ::qapi_runtime::QmpError::command_not_found(
+                "x-debug-block-dirty-bitmap-sha256",
+            ),
+        )
+    }
+    /// `x-debug-query-block-graph`: see [`XDebugQueryBlockGraphArguments`].
+    fn x_debug_query_block_graph(&mut self) -> ::qapi_runtime::Result<XDbgBlockGraph> {
+        Err(::qapi_runtime::QmpError::command_not_found("x-debug-query-block-graph"))
+    }
+    /// `query-blockstats`: see [`QueryBlockstatsArguments`].
+    fn query_blockstats(
+        &mut self,
+        args: QueryBlockstatsArguments,
+    ) -> ::qapi_runtime::Result<Vec<BlockStats>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-blockstats"))
+    }
+    /// `qom-list`: see [`QomListArguments`].
+    fn qom_list(
+        &mut self,
+        args: QomListArguments,
+    ) -> ::qapi_runtime::Result<Vec<ObjectPropertyInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("qom-list"))
+    }
+    /// `qom-get`: see [`QomGetArguments`].
+    fn qom_get(
+        &mut self,
+        args: QomGetArguments,
+    ) -> ::qapi_runtime::Result<::serde_json::Value> {
+        Err(::qapi_runtime::QmpError::command_not_found("qom-get"))
+    }
+    /// `qom-set`: see [`QomSetArguments`].
+    fn qom_set(&mut self, args: QomSetArguments) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("qom-set"))
+    }
+    /// `qom-list-types`: see [`QomListTypesArguments`].
+    fn qom_list_types(
+        &mut self,
+        args: QomListTypesArguments,
+    ) -> ::qapi_runtime::Result<Vec<ObjectTypeInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("qom-list-types"))
+    }
+    /// `qom-list-properties`: see [`QomListPropertiesArguments`].
+    fn qom_list_properties(
+        &mut self,
+        args: QomListPropertiesArguments,
+    ) -> ::qapi_runtime::Result<Vec<ObjectPropertyInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("qom-list-properties"))
+    }
+    /// `object-add`: see [`ObjectAddArguments`].
+    fn object_add(&mut self, args: ObjectOptions) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("object-add"))
+    }
+    /// `object-del`: see [`ObjectDelArguments`].
+    fn object_del(&mut self, args: ObjectDelArguments) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("object-del"))
+    }
+    /// `query-chardev`: see [`QueryChardevArguments`].
+    fn query_chardev(&mut self) -> ::qapi_runtime::Result<Vec<ChardevInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-chardev"))
+    }
+    /// `query-chardev-backends`: see [`QueryChardevBackendsArguments`].
+    fn query_chardev_backends(
+        &mut self,
+    ) -> ::qapi_runtime::Result<Vec<ChardevBackendInfo>> {
+        Err(::qapi_runtime::QmpError::command_not_found("query-chardev-backends"))
+    }
+    /// `ringbuf-write`: see [`RingbufWriteArguments`].
+    fn ringbuf_write(
+        &mut self,
+        args: RingbufWriteArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("ringbuf-write"))
+    }
+    /// `ringbuf-read`: see [`RingbufReadArguments`].
+    fn ringbuf_read(
+        &mut self,
+        args: RingbufReadArguments,
+    ) -> ::qapi_runtime::Result<String> {
+        Err(::qapi_runtime::QmpError::command_not_found("ringbuf-read"))
+    }
+    /// `chardev-add`: see [`ChardevAddArguments`].
+    fn chardev_add(
+        &mut self,
+        args: ChardevAddArguments,
+    ) -> ::qapi_runtime::Result<ChardevReturn> {
+        Err(::qapi_runtime::QmpError::command_not_found("chardev-add"))
+    }
+    /// `chardev-change`: see [`ChardevChangeArguments`].
+    fn chardev_change(
+        &mut self,
+        args: ChardevChangeArguments,
+    ) -> ::qapi_runtime::Result<ChardevReturn> {
+        Err(::qapi_runtime::QmpError::command_not_found("chardev-change"))
+    }
+    /// `chardev-remove`: see [`ChardevRemoveArguments`].
+    fn chardev_remove(
+        &mut self,
+        args: ChardevRemoveArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("chardev-remove"))
+    }
+    /// `chardev-send-break`: see [`ChardevSendBreakArguments`].
+    fn chardev_send_break(
+        &mut self,
+        args: ChardevSendBreakArguments,
+    ) -> ::qapi_runtime::Result<()> {
+        Err(::qapi_runtime::QmpError::command_not_found("chardev-send-break"))
     }
 }
 /// Runs command `name` on `handler`: reads `arguments` strictly with QEMU's
@@ -1339,6 +2627,10 @@ pub fn dispatch(
                     )?,
             )
         }
+        "query-block" => {
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_block()?)
+        }
         "blockdev-add" => {
             ::qapi_runtime::wire::reply_empty(
                 handler
@@ -1349,6 +2641,22 @@ pub fn dispatch(
             ::qapi_runtime::wire::reply_empty(
                 handler
                     .blockdev_del(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "blockdev-reopen" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_reopen(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "blockdev-set-active" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_set_active(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
             )
         }
         "block-dirty-bitmap-add" => {
@@ -1495,6 +2803,18 @@ pub fn dispatch(
                     .drive_mirror(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
             )
         }
+        "block-stream" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_stream(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "block-commit" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_commit(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
         "blockdev-snapshot-sync" => {
             ::qapi_runtime::wire::reply_empty(
                 handler
@@ -1537,6 +2857,22 @@ pub fn dispatch(
             <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
             ::qapi_runtime::wire::reply_empty(handler.nbd_server_stop()?)
         }
+        "nbd-server-add" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .nbd_server_add(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "nbd-server-remove" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .nbd_server_remove(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
         "block-export-add" => {
             ::qapi_runtime::wire::reply_empty(
                 handler
@@ -1549,6 +2885,167 @@ pub fn dispatch(
             ::qapi_runtime::wire::reply_empty(
                 handler
                     .block_export_del(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "blockdev-create" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .blockdev_create(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "x-blockdev-amend" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .x_blockdev_amend(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "block_resize" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_resize(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "change-backing-file" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .change_backing_file(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "block-set-write-threshold" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .block_set_write_threshold(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "blockdev-snapshot-delete-internal-sync" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .blockdev_snapshot_delete_internal_sync(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "query-block-exports" => {
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_block_exports()?)
+        }
+        "x-debug-block-dirty-bitmap-sha256" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .x_debug_block_dirty_bitmap_sha256(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "x-debug-query-block-graph" => {
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.x_debug_query_block_graph()?)
+        }
+        "query-blockstats" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .query_blockstats(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "qom-list" => {
+            ::qapi_runtime::wire::reply(
+                handler.qom_list(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "qom-get" => {
+            ::qapi_runtime::wire::reply(
+                handler.qom_get(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "qom-set" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler.qom_set(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "qom-list-types" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .qom_list_types(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "qom-list-properties" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .qom_list_properties(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "object-add" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler.object_add(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "object-del" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler.object_del(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "query-chardev" => {
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_chardev()?)
+        }
+        "query-chardev-backends" => {
+            <() as ::qapi_runtime::FromQmp>::from_qmp(&arguments, path)?;
+            ::qapi_runtime::wire::reply(handler.query_chardev_backends()?)
+        }
+        "ringbuf-write" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .ringbuf_write(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "ringbuf-read" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .ringbuf_read(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "chardev-add" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .chardev_add(::qapi_runtime::FromQmp::from_qmp(&arguments, path)?)?,
+            )
+        }
+        "chardev-change" => {
+            ::qapi_runtime::wire::reply(
+                handler
+                    .chardev_change(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "chardev-remove" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .chardev_remove(
+                        ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
+                    )?,
+            )
+        }
+        "chardev-send-break" => {
+            ::qapi_runtime::wire::reply_empty(
+                handler
+                    .chardev_send_break(
                         ::qapi_runtime::FromQmp::from_qmp(&arguments, path)?,
                     )?,
             )
@@ -1571,8 +3068,11 @@ pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
     <JobFinalizeArguments as ::qapi_runtime::Command>::PROPERTIES,
     <QueryJobsArguments as ::qapi_runtime::Command>::PROPERTIES,
     <QueryNamedBlockNodesArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryBlockArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevAddArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevDelArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevReopenArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevSetActiveArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockDirtyBitmapAddArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockDirtyBitmapRemoveArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockDirtyBitmapClearArguments as ::qapi_runtime::Command>::PROPERTIES,
@@ -1592,14 +3092,43 @@ pub const COMMANDS: &[::qapi_runtime::CommandProperties] = &[
     <DriveBackupArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevMirrorArguments as ::qapi_runtime::Command>::PROPERTIES,
     <DriveMirrorArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockStreamArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockCommitArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevSnapshotSyncArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevSnapshotArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockdevSnapshotInternalSyncArguments as ::qapi_runtime::Command>::PROPERTIES,
     <TransactionArguments as ::qapi_runtime::Command>::PROPERTIES,
     <NbdServerStartArguments as ::qapi_runtime::Command>::PROPERTIES,
     <NbdServerStopArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <NbdServerAddArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <NbdServerRemoveArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockExportAddArguments as ::qapi_runtime::Command>::PROPERTIES,
     <BlockExportDelArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevCreateArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <XBlockdevAmendArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockResizeArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ChangeBackingFileArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockSetWriteThresholdArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <BlockdevSnapshotDeleteInternalSyncArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryBlockExportsArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <XDebugBlockDirtyBitmapSha256Arguments as ::qapi_runtime::Command>::PROPERTIES,
+    <XDebugQueryBlockGraphArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryBlockstatsArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QomListArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QomGetArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QomSetArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QomListTypesArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QomListPropertiesArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ObjectAddArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ObjectDelArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryChardevArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <QueryChardevBackendsArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <RingbufWriteArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <RingbufReadArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ChardevAddArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ChardevChangeArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ChardevRemoveArguments as ::qapi_runtime::Command>::PROPERTIES,
+    <ChardevSendBreakArguments as ::qapi_runtime::Command>::PROPERTIES,
 ];
 /// The properties of command `name`, if the schema has it.
 pub fn command_properties(

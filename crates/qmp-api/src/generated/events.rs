@@ -226,6 +226,35 @@ impl BlockExportDeletedData {
     }
 }
 ::qapi_runtime::impl_object!(BlockExportDeletedData { id("id") });
+/// Data of event `BLOCK_WRITE_THRESHOLD`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockWriteThresholdData {
+    /// the node
+    pub node_name: String,
+    /// how many bytes the write reached past the
+    /// threshold
+    pub amount_exceeded: u64,
+    /// the threshold that was passed
+    pub write_threshold: u64,
+}
+impl BlockWriteThresholdData {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        node_name: impl Into<String>,
+        amount_exceeded: u64,
+        write_threshold: u64,
+    ) -> Self {
+        Self {
+            node_name: node_name.into(),
+            amount_exceeded,
+            write_threshold,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockWriteThresholdData { node_name("node-name"), amount_exceeded("amount-exceeded"),
+    write_threshold("write-threshold") }
+);
 /// Every event of the schema with its typed data, and the events it does not know.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -268,6 +297,11 @@ pub enum Event {
     ///
     /// **Since:** 5.2
     BlockExportDeleted(BlockExportDeletedData),
+    /// A write reached past a node's write threshold (set with
+    /// `block-set-write-threshold`), which is now cleared.
+    ///
+    /// **Since:** 2.3
+    BlockWriteThreshold(BlockWriteThresholdData),
     /// An event this schema does not know (a newer QEMU's): its name and data.
     UnknownEvent(::qapi_runtime::UnknownEvent),
 }
@@ -282,6 +316,7 @@ impl Event {
         "BLOCK_JOB_READY",
         "BLOCK_JOB_PENDING",
         "BLOCK_EXPORT_DELETED",
+        "BLOCK_WRITE_THRESHOLD",
     ];
     /// The wire name (`JOB_STATUS_CHANGE`).
     pub fn name(&self) -> &str {
@@ -294,6 +329,7 @@ impl Event {
             Self::BlockJobReady(_) => "BLOCK_JOB_READY",
             Self::BlockJobPending(_) => "BLOCK_JOB_PENDING",
             Self::BlockExportDeleted(_) => "BLOCK_EXPORT_DELETED",
+            Self::BlockWriteThreshold(_) => "BLOCK_WRITE_THRESHOLD",
             Self::UnknownEvent(event) => &event.name,
         }
     }
@@ -308,6 +344,7 @@ impl Event {
             Self::BlockJobReady(data) => Some(::qapi_runtime::wire::data(data)),
             Self::BlockJobPending(data) => Some(::qapi_runtime::wire::data(data)),
             Self::BlockExportDeleted(data) => Some(::qapi_runtime::wire::data(data)),
+            Self::BlockWriteThreshold(data) => Some(::qapi_runtime::wire::data(data)),
             Self::UnknownEvent(event) => event.data.clone(),
         }
     }
@@ -349,6 +386,9 @@ impl Event {
                 }
                 "BLOCK_EXPORT_DELETED" => {
                     Self::BlockExportDeleted(::qapi_runtime::event::read_data(data)?)
+                }
+                "BLOCK_WRITE_THRESHOLD" => {
+                    Self::BlockWriteThreshold(::qapi_runtime::event::read_data(data)?)
                 }
                 _ => {
                     Self::UnknownEvent(::qapi_runtime::UnknownEvent {

@@ -88,54 +88,72 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "[14]"
   },
   {
-    "arg-type": "15",
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-block",
+    "ret-type": "[15]"
+  },
+  {
+    "arg-type": "16",
     "meta-type": "command",
     "name": "blockdev-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "16",
+    "arg-type": "17",
     "meta-type": "command",
     "name": "blockdev-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "17",
+    "arg-type": "18",
     "meta-type": "event",
     "name": "BLOCK_IMAGE_CORRUPTED"
   },
   {
-    "arg-type": "18",
+    "arg-type": "19",
+    "meta-type": "command",
+    "name": "blockdev-reopen",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "20",
+    "meta-type": "command",
+    "name": "blockdev-set-active",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "21",
     "meta-type": "command",
     "name": "block-dirty-bitmap-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "22",
     "meta-type": "command",
     "name": "block-dirty-bitmap-remove",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "22",
     "meta-type": "command",
     "name": "block-dirty-bitmap-clear",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "22",
     "meta-type": "command",
     "name": "block-dirty-bitmap-enable",
     "ret-type": "1"
   },
   {
-    "arg-type": "19",
+    "arg-type": "22",
     "meta-type": "command",
     "name": "block-dirty-bitmap-disable",
     "ret-type": "1"
   },
   {
-    "arg-type": "20",
+    "arg-type": "23",
     "meta-type": "command",
     "name": "block-dirty-bitmap-merge",
     "ret-type": "1"
@@ -144,89 +162,89 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "arg-type": "1",
     "meta-type": "command",
     "name": "query-block-jobs",
-    "ret-type": "[21]"
+    "ret-type": "[24]"
   },
   {
-    "arg-type": "22",
+    "arg-type": "25",
     "meta-type": "command",
     "name": "block-job-set-speed",
     "ret-type": "1"
   },
   {
-    "arg-type": "23",
+    "arg-type": "26",
     "meta-type": "command",
     "name": "block-job-cancel",
     "ret-type": "1"
   },
   {
-    "arg-type": "24",
+    "arg-type": "27",
     "meta-type": "command",
     "name": "block-job-pause",
     "ret-type": "1"
   },
   {
-    "arg-type": "25",
+    "arg-type": "28",
     "meta-type": "command",
     "name": "block-job-resume",
     "ret-type": "1"
   },
   {
-    "arg-type": "26",
+    "arg-type": "29",
     "meta-type": "command",
     "name": "block-job-complete",
     "ret-type": "1"
   },
   {
-    "arg-type": "27",
+    "arg-type": "30",
     "meta-type": "command",
     "name": "block-job-dismiss",
     "ret-type": "1"
   },
   {
-    "arg-type": "28",
+    "arg-type": "31",
     "meta-type": "command",
     "name": "block-job-finalize",
     "ret-type": "1"
   },
   {
-    "arg-type": "29",
+    "arg-type": "32",
     "meta-type": "command",
     "name": "block-job-change",
     "ret-type": "1"
   },
   {
-    "arg-type": "30",
+    "arg-type": "33",
     "meta-type": "event",
     "name": "BLOCK_JOB_COMPLETED"
   },
   {
-    "arg-type": "31",
+    "arg-type": "34",
     "meta-type": "event",
     "name": "BLOCK_JOB_CANCELLED"
   },
   {
-    "arg-type": "32",
+    "arg-type": "35",
     "meta-type": "event",
     "name": "BLOCK_JOB_ERROR"
   },
   {
-    "arg-type": "33",
+    "arg-type": "36",
     "meta-type": "event",
     "name": "BLOCK_JOB_READY"
   },
   {
-    "arg-type": "34",
+    "arg-type": "37",
     "meta-type": "event",
     "name": "BLOCK_JOB_PENDING"
   },
   {
-    "arg-type": "35",
+    "arg-type": "38",
     "meta-type": "command",
     "name": "blockdev-backup",
     "ret-type": "1"
   },
   {
-    "arg-type": "36",
+    "arg-type": "39",
     "features": [
       "deprecated"
     ],
@@ -235,25 +253,37 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "37",
+    "arg-type": "40",
     "meta-type": "command",
     "name": "blockdev-mirror",
     "ret-type": "1"
   },
   {
-    "arg-type": "38",
+    "arg-type": "41",
     "meta-type": "command",
     "name": "drive-mirror",
     "ret-type": "1"
   },
   {
-    "arg-type": "39",
+    "arg-type": "42",
+    "meta-type": "command",
+    "name": "block-stream",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "43",
+    "meta-type": "command",
+    "name": "block-commit",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "44",
     "meta-type": "command",
     "name": "blockdev-snapshot-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "40",
+    "arg-type": "45",
     "features": [
       "allow-write-only-overlay"
     ],
@@ -262,19 +292,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "41",
+    "arg-type": "46",
     "meta-type": "command",
     "name": "blockdev-snapshot-internal-sync",
     "ret-type": "1"
   },
   {
-    "arg-type": "42",
+    "arg-type": "47",
     "meta-type": "command",
     "name": "transaction",
     "ret-type": "1"
   },
   {
-    "arg-type": "43",
+    "arg-type": "48",
     "meta-type": "command",
     "name": "nbd-server-start",
     "ret-type": "1"
@@ -286,28 +316,210 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "ret-type": "1"
   },
   {
-    "arg-type": "44",
+    "arg-type": "49",
+    "features": [
+      "deprecated"
+    ],
+    "meta-type": "command",
+    "name": "nbd-server-add",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "50",
+    "features": [
+      "deprecated"
+    ],
+    "meta-type": "command",
+    "name": "nbd-server-remove",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "51",
     "meta-type": "command",
     "name": "block-export-add",
     "ret-type": "1"
   },
   {
-    "arg-type": "45",
+    "arg-type": "52",
     "meta-type": "command",
     "name": "block-export-del",
     "ret-type": "1"
   },
   {
-    "arg-type": "46",
+    "arg-type": "53",
     "meta-type": "event",
     "name": "BLOCK_EXPORT_DELETED"
+  },
+  {
+    "arg-type": "54",
+    "meta-type": "command",
+    "name": "blockdev-create",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "55",
+    "features": [
+      "unstable"
+    ],
+    "meta-type": "command",
+    "name": "x-blockdev-amend",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "56",
+    "meta-type": "command",
+    "name": "block_resize",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "57",
+    "meta-type": "command",
+    "name": "change-backing-file",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "58",
+    "meta-type": "command",
+    "name": "block-set-write-threshold",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "59",
+    "meta-type": "event",
+    "name": "BLOCK_WRITE_THRESHOLD"
+  },
+  {
+    "arg-type": "60",
+    "meta-type": "command",
+    "name": "blockdev-snapshot-delete-internal-sync",
+    "ret-type": "61"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-block-exports",
+    "ret-type": "[62]"
+  },
+  {
+    "arg-type": "22",
+    "features": [
+      "unstable"
+    ],
+    "meta-type": "command",
+    "name": "x-debug-block-dirty-bitmap-sha256",
+    "ret-type": "63"
+  },
+  {
+    "arg-type": "1",
+    "features": [
+      "unstable"
+    ],
+    "meta-type": "command",
+    "name": "x-debug-query-block-graph",
+    "ret-type": "64"
+  },
+  {
+    "arg-type": "65",
+    "meta-type": "command",
+    "name": "query-blockstats",
+    "ret-type": "[66]"
+  },
+  {
+    "arg-type": "67",
+    "meta-type": "command",
+    "name": "qom-list",
+    "ret-type": "[68]"
+  },
+  {
+    "arg-type": "69",
+    "meta-type": "command",
+    "name": "qom-get",
+    "ret-type": "any"
+  },
+  {
+    "arg-type": "70",
+    "meta-type": "command",
+    "name": "qom-set",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "71",
+    "meta-type": "command",
+    "name": "qom-list-types",
+    "ret-type": "[72]"
+  },
+  {
+    "arg-type": "73",
+    "meta-type": "command",
+    "name": "qom-list-properties",
+    "ret-type": "[68]"
+  },
+  {
+    "arg-type": "74",
+    "meta-type": "command",
+    "name": "object-add",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "75",
+    "meta-type": "command",
+    "name": "object-del",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-chardev",
+    "ret-type": "[76]"
+  },
+  {
+    "arg-type": "1",
+    "meta-type": "command",
+    "name": "query-chardev-backends",
+    "ret-type": "[77]"
+  },
+  {
+    "arg-type": "78",
+    "meta-type": "command",
+    "name": "ringbuf-write",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "79",
+    "meta-type": "command",
+    "name": "ringbuf-read",
+    "ret-type": "str"
+  },
+  {
+    "arg-type": "80",
+    "meta-type": "command",
+    "name": "chardev-add",
+    "ret-type": "81"
+  },
+  {
+    "arg-type": "82",
+    "meta-type": "command",
+    "name": "chardev-change",
+    "ret-type": "81"
+  },
+  {
+    "arg-type": "83",
+    "meta-type": "command",
+    "name": "chardev-remove",
+    "ret-type": "1"
+  },
+  {
+    "arg-type": "84",
+    "meta-type": "command",
+    "name": "chardev-send-break",
+    "ret-type": "1"
   },
   {
     "members": [
       {
         "default": null,
         "name": "enable",
-        "type": "[47]"
+        "type": "[85]"
       }
     ],
     "meta-type": "object",
@@ -322,7 +534,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qemu",
-        "type": "48"
+        "type": "86"
       },
       {
         "name": "package",
@@ -360,7 +572,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "meta-type",
-        "type": "49"
+        "type": "87"
       },
       {
         "default": null,
@@ -374,31 +586,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "builtin",
-        "type": "50"
+        "type": "88"
       },
       {
         "case": "enum",
-        "type": "51"
+        "type": "89"
       },
       {
         "case": "array",
-        "type": "52"
+        "type": "90"
       },
       {
         "case": "object",
-        "type": "53"
+        "type": "91"
       },
       {
         "case": "alternate",
-        "type": "54"
+        "type": "92"
       },
       {
         "case": "command",
-        "type": "55"
+        "type": "93"
       },
       {
         "case": "event",
-        "type": "56"
+        "type": "94"
       }
     ]
   },
@@ -410,7 +622,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "57"
+        "type": "95"
       }
     ],
     "meta-type": "object",
@@ -489,11 +701,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "58"
+        "type": "96"
       },
       {
         "name": "status",
-        "type": "57"
+        "type": "95"
       },
       {
         "name": "current-progress",
@@ -566,7 +778,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "detect_zeroes",
-        "type": "59"
+        "type": "97"
       },
       {
         "name": "bps",
@@ -594,7 +806,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "image",
-        "type": "60"
+        "type": "98"
       },
       {
         "default": null,
@@ -668,7 +880,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "cache",
-        "type": "61"
+        "type": "99"
       },
       {
         "name": "write_threshold",
@@ -677,17 +889,64 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "dirty-bitmaps",
-        "type": "[62]"
+        "type": "[100]"
       }
     ],
     "meta-type": "object",
     "name": "14"
   },
   {
+    "element-type": "15",
+    "meta-type": "array",
+    "name": "[15]"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "qdev",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "str"
+      },
+      {
+        "name": "removable",
+        "type": "bool"
+      },
+      {
+        "name": "locked",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "inserted",
+        "type": "14"
+      },
+      {
+        "default": null,
+        "name": "tray_open",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "io-status",
+        "type": "101"
+      }
+    ],
+    "meta-type": "object",
+    "name": "15"
+  },
+  {
     "members": [
       {
         "name": "driver",
-        "type": "63"
+        "type": "102"
       },
       {
         "default": null,
@@ -697,12 +956,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "discard",
-        "type": "64"
+        "type": "103"
       },
       {
         "default": null,
         "name": "cache",
-        "type": "65"
+        "type": "104"
       },
       {
         "default": null,
@@ -727,44 +986,52 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "detect-zeroes",
-        "type": "59"
+        "type": "97"
       }
     ],
     "meta-type": "object",
-    "name": "15",
+    "name": "16",
     "tag": "driver",
     "variants": [
       {
         "case": "blkdebug",
-        "type": "66"
+        "type": "105"
       },
       {
         "case": "copy-before-write",
-        "type": "67"
+        "type": "106"
+      },
+      {
+        "case": "copy-on-read",
+        "type": "107"
       },
       {
         "case": "file",
-        "type": "68"
+        "type": "108"
       },
       {
         "case": "nbd",
-        "type": "69"
+        "type": "109"
       },
       {
         "case": "null-co",
-        "type": "70"
+        "type": "110"
       },
       {
         "case": "qcow2",
-        "type": "71"
+        "type": "111"
       },
       {
         "case": "raw",
-        "type": "72"
+        "type": "112"
       },
       {
         "case": "snapshot-access",
-        "type": "73"
+        "type": "113"
+      },
+      {
+        "case": "throttle",
+        "type": "114"
       }
     ]
   },
@@ -776,7 +1043,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "16"
+    "name": "17"
   },
   {
     "members": [
@@ -809,7 +1076,32 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "17"
+    "name": "18"
+  },
+  {
+    "members": [
+      {
+        "name": "options",
+        "type": "[16]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "19"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "active",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "20"
   },
   {
     "members": [
@@ -838,7 +1130,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "18"
+    "name": "21"
   },
   {
     "members": [
@@ -852,7 +1144,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "19"
+    "name": "22"
   },
   {
     "members": [
@@ -866,22 +1158,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[74]"
+        "type": "[115]"
       }
     ],
     "meta-type": "object",
-    "name": "20"
+    "name": "23"
   },
   {
-    "element-type": "21",
+    "element-type": "24",
     "meta-type": "array",
-    "name": "[21]"
+    "name": "[24]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "96"
       },
       {
         "name": "device",
@@ -909,7 +1201,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "io-status",
-        "type": "75"
+        "type": "101"
       },
       {
         "name": "ready",
@@ -917,7 +1209,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "status",
-        "type": "57"
+        "type": "95"
       },
       {
         "name": "auto-finalize",
@@ -934,12 +1226,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "21",
+    "name": "24",
     "tag": "type",
     "variants": [
       {
         "case": "mirror",
-        "type": "76"
+        "type": "116"
       },
       {
         "case": "commit",
@@ -987,7 +1279,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "22"
+    "name": "25"
   },
   {
     "members": [
@@ -1002,42 +1294,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "23"
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "24"
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "25"
-  },
-  {
-    "members": [
-      {
-        "name": "device",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
     "name": "26"
   },
   {
     "members": [
       {
-        "name": "id",
+        "name": "device",
         "type": "str"
       }
     ],
@@ -1047,7 +1309,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
-        "name": "id",
+        "name": "device",
         "type": "str"
       }
     ],
@@ -1057,21 +1319,51 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
   {
     "members": [
       {
+        "name": "device",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "29"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "30"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "31"
+  },
+  {
+    "members": [
+      {
         "name": "id",
         "type": "str"
       },
       {
         "name": "type",
-        "type": "58"
+        "type": "96"
       }
     ],
     "meta-type": "object",
-    "name": "29",
+    "name": "32",
     "tag": "type",
     "variants": [
       {
         "case": "mirror",
-        "type": "77"
+        "type": "117"
       },
       {
         "case": "commit",
@@ -1111,7 +1403,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "96"
       },
       {
         "name": "device",
@@ -1136,13 +1428,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "30"
+    "name": "33"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "96"
       },
       {
         "name": "device",
@@ -1162,7 +1454,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "31"
+    "name": "34"
   },
   {
     "members": [
@@ -1172,21 +1464,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "78"
+        "type": "118"
       },
       {
         "name": "action",
-        "type": "79"
+        "type": "119"
       }
     ],
     "meta-type": "object",
-    "name": "32"
+    "name": "35"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "96"
       },
       {
         "name": "device",
@@ -1206,13 +1498,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "33"
+    "name": "36"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "58"
+        "type": "96"
       },
       {
         "name": "id",
@@ -1220,7 +1512,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "34"
+    "name": "37"
   },
   {
     "members": [
@@ -1235,7 +1527,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "80"
+        "type": "120"
       },
       {
         "default": null,
@@ -1250,7 +1542,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "81"
+        "type": "121"
       },
       {
         "default": null,
@@ -1260,12 +1552,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "82"
+        "type": "122"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "82"
+        "type": "122"
       },
       {
         "default": null,
@@ -1293,7 +1585,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "83"
+        "type": "123"
       },
       {
         "name": "target",
@@ -1301,7 +1593,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "35"
+    "name": "38"
   },
   {
     "members": [
@@ -1316,7 +1608,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "80"
+        "type": "120"
       },
       {
         "default": null,
@@ -1331,7 +1623,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "81"
+        "type": "121"
       },
       {
         "default": null,
@@ -1341,12 +1633,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "82"
+        "type": "122"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "82"
+        "type": "122"
       },
       {
         "default": null,
@@ -1374,7 +1666,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "83"
+        "type": "123"
       },
       {
         "name": "target",
@@ -1388,11 +1680,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "84"
+        "type": "124"
       }
     ],
     "meta-type": "object",
-    "name": "36"
+    "name": "39"
   },
   {
     "members": [
@@ -1416,7 +1708,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "80"
+        "type": "120"
       },
       {
         "default": null,
@@ -1436,12 +1728,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "82"
+        "type": "122"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "82"
+        "type": "122"
       },
       {
         "default": null,
@@ -1451,7 +1743,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "85"
+        "type": "125"
       },
       {
         "default": null,
@@ -1465,7 +1757,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "37"
+    "name": "40"
   },
   {
     "members": [
@@ -1499,12 +1791,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "80"
+        "type": "120"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "84"
+        "type": "124"
       },
       {
         "default": null,
@@ -1524,12 +1816,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "82"
+        "type": "122"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "82"
+        "type": "122"
       },
       {
         "default": null,
@@ -1539,7 +1831,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "85"
+        "type": "125"
       },
       {
         "default": null,
@@ -1553,7 +1845,148 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "38"
+    "name": "41"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "base",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "base-node",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-mask-protocol",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "bottom",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "on-error",
+        "type": "122"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "42"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "base-node",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "features": [
+          "deprecated"
+        ],
+        "name": "base",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "top-node",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "features": [
+          "deprecated"
+        ],
+        "name": "top",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-mask-protocol",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "speed",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "on-error",
+        "type": "122"
+      },
+      {
+        "default": null,
+        "name": "filter-node-name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "auto-finalize",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "auto-dismiss",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "43"
   },
   {
     "members": [
@@ -1584,11 +2017,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "84"
+        "type": "124"
       }
     ],
     "meta-type": "object",
-    "name": "39"
+    "name": "44"
   },
   {
     "members": [
@@ -1602,7 +2035,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "40"
+    "name": "45"
   },
   {
     "members": [
@@ -1616,22 +2049,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "41"
+    "name": "46"
   },
   {
     "members": [
       {
         "name": "actions",
-        "type": "[86]"
+        "type": "[126]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "87"
+        "type": "127"
       }
     ],
     "meta-type": "object",
-    "name": "42"
+    "name": "47"
   },
   {
     "members": [
@@ -1657,17 +2090,62 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "88"
+        "type": "128"
       }
     ],
     "meta-type": "object",
-    "name": "43"
+    "name": "48"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "description",
+        "type": "str"
+      },
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "writable",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "bitmap",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "49"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "mode",
+        "type": "129"
+      }
+    ],
+    "meta-type": "object",
+    "name": "50"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "89"
+        "type": "130"
       },
       {
         "name": "id",
@@ -1704,24 +2182,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "44",
+    "name": "51",
     "tag": "type",
     "variants": [
       {
         "case": "nbd",
-        "type": "90"
+        "type": "131"
       },
       {
         "case": "vhost-user-blk",
-        "type": "91"
+        "type": "132"
       },
       {
         "case": "fuse",
-        "type": "92"
+        "type": "133"
       },
       {
         "case": "vduse-blk",
-        "type": "93"
+        "type": "134"
       }
     ]
   },
@@ -1734,11 +2212,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "94"
+        "type": "129"
       }
     ],
     "meta-type": "object",
-    "name": "45"
+    "name": "52"
   },
   {
     "members": [
@@ -1748,12 +2226,591 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "46"
+    "name": "53"
   },
   {
-    "element-type": "47",
+    "members": [
+      {
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "options",
+        "type": "135"
+      }
+    ],
+    "meta-type": "object",
+    "name": "54"
+  },
+  {
+    "members": [
+      {
+        "name": "job-id",
+        "type": "str"
+      },
+      {
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "options",
+        "type": "136"
+      },
+      {
+        "default": null,
+        "name": "force",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "55"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "56"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "image-node-name",
+        "type": "str"
+      },
+      {
+        "name": "backing-file",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "57"
+  },
+  {
+    "members": [
+      {
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "write-threshold",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "58"
+  },
+  {
+    "members": [
+      {
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "amount-exceeded",
+        "type": "int"
+      },
+      {
+        "name": "write-threshold",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "59"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "name",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "60"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "name": "vm-state-size",
+        "type": "int"
+      },
+      {
+        "name": "date-sec",
+        "type": "int"
+      },
+      {
+        "name": "date-nsec",
+        "type": "int"
+      },
+      {
+        "name": "vm-clock-sec",
+        "type": "int"
+      },
+      {
+        "name": "vm-clock-nsec",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "icount",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "61"
+  },
+  {
+    "element-type": "62",
     "meta-type": "array",
-    "name": "[47]"
+    "name": "[62]"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "130"
+      },
+      {
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "shutting-down",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "62"
+  },
+  {
+    "members": [
+      {
+        "name": "sha256",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "63"
+  },
+  {
+    "members": [
+      {
+        "name": "nodes",
+        "type": "[137]"
+      },
+      {
+        "name": "edges",
+        "type": "[138]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "64"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "query-nodes",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "65"
+  },
+  {
+    "element-type": "66",
+    "meta-type": "array",
+    "name": "[66]"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "qdev",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "node-name",
+        "type": "str"
+      },
+      {
+        "name": "stats",
+        "type": "139"
+      },
+      {
+        "default": null,
+        "name": "driver-specific",
+        "type": "140"
+      },
+      {
+        "default": null,
+        "name": "parent",
+        "type": "66"
+      },
+      {
+        "default": null,
+        "name": "backing",
+        "type": "66"
+      }
+    ],
+    "meta-type": "object",
+    "name": "66"
+  },
+  {
+    "members": [
+      {
+        "name": "path",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "67"
+  },
+  {
+    "element-type": "68",
+    "meta-type": "array",
+    "name": "[68]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "name": "type",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "description",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "default-value",
+        "type": "any"
+      }
+    ],
+    "meta-type": "object",
+    "name": "68"
+  },
+  {
+    "members": [
+      {
+        "name": "path",
+        "type": "str"
+      },
+      {
+        "name": "property",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "69"
+  },
+  {
+    "json-type": "value",
+    "meta-type": "builtin",
+    "name": "any"
+  },
+  {
+    "members": [
+      {
+        "name": "path",
+        "type": "str"
+      },
+      {
+        "name": "property",
+        "type": "str"
+      },
+      {
+        "name": "value",
+        "type": "any"
+      }
+    ],
+    "meta-type": "object",
+    "name": "70"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "implements",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "abstract",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "71"
+  },
+  {
+    "element-type": "72",
+    "meta-type": "array",
+    "name": "[72]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "abstract",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "parent",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "72"
+  },
+  {
+    "members": [
+      {
+        "name": "typename",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "73"
+  },
+  {
+    "members": [
+      {
+        "name": "qom-type",
+        "type": "141"
+      },
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "74",
+    "tag": "qom-type",
+    "variants": [
+      {
+        "case": "iothread",
+        "type": "142"
+      },
+      {
+        "case": "secret",
+        "type": "143"
+      },
+      {
+        "case": "throttle-group",
+        "type": "144"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "75"
+  },
+  {
+    "element-type": "76",
+    "meta-type": "array",
+    "name": "[76]"
+  },
+  {
+    "members": [
+      {
+        "name": "label",
+        "type": "str"
+      },
+      {
+        "name": "filename",
+        "type": "str"
+      },
+      {
+        "name": "frontend-open",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "76"
+  },
+  {
+    "element-type": "77",
+    "meta-type": "array",
+    "name": "[77]"
+  },
+  {
+    "members": [
+      {
+        "name": "name",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "77"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "data",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "format",
+        "type": "145"
+      }
+    ],
+    "meta-type": "object",
+    "name": "78"
+  },
+  {
+    "members": [
+      {
+        "name": "device",
+        "type": "str"
+      },
+      {
+        "name": "size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "format",
+        "type": "145"
+      }
+    ],
+    "meta-type": "object",
+    "name": "79"
+  },
+  {
+    "json-type": "string",
+    "meta-type": "builtin",
+    "name": "str"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "backend",
+        "type": "146"
+      }
+    ],
+    "meta-type": "object",
+    "name": "80"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "pty",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "81"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      },
+      {
+        "name": "backend",
+        "type": "146"
+      }
+    ],
+    "meta-type": "object",
+    "name": "82"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "83"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "84"
+  },
+  {
+    "element-type": "85",
+    "meta-type": "array",
+    "name": "[85]"
   },
   {
     "members": [
@@ -1762,7 +2819,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "47",
+    "name": "85",
     "values": [
       "oob"
     ]
@@ -1783,12 +2840,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "48"
-  },
-  {
-    "json-type": "string",
-    "meta-type": "builtin",
-    "name": "str"
+    "name": "86"
   },
   {
     "members": [
@@ -1815,7 +2867,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "49",
+    "name": "87",
     "values": [
       "builtin",
       "enum",
@@ -1835,17 +2887,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "95"
+        "type": "147"
       }
     ],
     "meta-type": "object",
-    "name": "50"
+    "name": "88"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[96]"
+        "type": "[148]"
       },
       {
         "features": [
@@ -1856,7 +2908,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "51"
+    "name": "89"
   },
   {
     "members": [
@@ -1866,13 +2918,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "52"
+    "name": "90"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[97]"
+        "type": "[149]"
       },
       {
         "default": null,
@@ -1882,21 +2934,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[98]"
+        "type": "[150]"
       }
     ],
     "meta-type": "object",
-    "name": "53"
+    "name": "91"
   },
   {
     "members": [
       {
         "name": "members",
-        "type": "[99]"
+        "type": "[151]"
       }
     ],
     "meta-type": "object",
-    "name": "54"
+    "name": "92"
   },
   {
     "members": [
@@ -1915,7 +2967,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "55"
+    "name": "93"
   },
   {
     "members": [
@@ -1925,7 +2977,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "56"
+    "name": "94"
   },
   {
     "members": [
@@ -1964,7 +3016,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "57",
+    "name": "95",
     "values": [
       "undefined",
       "created",
@@ -2010,7 +3062,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "58",
+    "name": "96",
     "values": [
       "commit",
       "stream",
@@ -2046,7 +3098,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "59",
+    "name": "97",
     "values": [
       "off",
       "on",
@@ -2110,21 +3162,21 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "snapshots",
-        "type": "[100]"
+        "type": "[61]"
       },
       {
         "default": null,
         "name": "format-specific",
-        "type": "101"
+        "type": "152"
       },
       {
         "default": null,
         "name": "backing-image",
-        "type": "60"
+        "type": "98"
       }
     ],
     "meta-type": "object",
-    "name": "60"
+    "name": "98"
   },
   {
     "members": [
@@ -2142,12 +3194,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "61"
+    "name": "99"
   },
   {
-    "element-type": "62",
+    "element-type": "100",
     "meta-type": "array",
-    "name": "[62]"
+    "name": "[100]"
   },
   {
     "members": [
@@ -2183,7 +3235,27 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "62"
+    "name": "100"
+  },
+  {
+    "members": [
+      {
+        "name": "ok"
+      },
+      {
+        "name": "failed"
+      },
+      {
+        "name": "nospace"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "101",
+    "values": [
+      "ok",
+      "failed",
+      "nospace"
+    ]
   },
   {
     "members": [
@@ -2192,6 +3264,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "copy-before-write"
+      },
+      {
+        "name": "copy-on-read"
       },
       {
         "name": "file"
@@ -2210,19 +3285,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "snapshot-access"
+      },
+      {
+        "name": "throttle"
       }
     ],
     "meta-type": "enum",
-    "name": "63",
+    "name": "102",
     "values": [
       "blkdebug",
       "copy-before-write",
+      "copy-on-read",
       "file",
       "nbd",
       "null-co",
       "qcow2",
       "raw",
-      "snapshot-access"
+      "snapshot-access",
+      "throttle"
     ]
   },
   {
@@ -2235,7 +3315,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "64",
+    "name": "103",
     "values": [
       "ignore",
       "unmap"
@@ -2255,13 +3335,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "65"
+    "name": "104"
   },
   {
     "members": [
       {
         "name": "image",
-        "type": "102"
+        "type": "153"
       },
       {
         "default": null,
@@ -2301,46 +3381,46 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[103]"
+        "type": "[154]"
       },
       {
         "default": null,
         "name": "set-state",
-        "type": "[104]"
+        "type": "[155]"
       },
       {
         "default": null,
         "name": "take-child-perms",
-        "type": "[105]"
+        "type": "[156]"
       },
       {
         "default": null,
         "name": "unshare-child-perms",
-        "type": "[105]"
+        "type": "[156]"
       }
     ],
     "meta-type": "object",
-    "name": "66"
+    "name": "105"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "102"
+        "type": "153"
       },
       {
         "name": "target",
-        "type": "102"
+        "type": "153"
       },
       {
         "default": null,
         "name": "bitmap",
-        "type": "19"
+        "type": "22"
       },
       {
         "default": null,
         "name": "on-cbw-error",
-        "type": "106"
+        "type": "157"
       },
       {
         "default": null,
@@ -2354,7 +3434,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "67"
+    "name": "106"
+  },
+  {
+    "members": [
+      {
+        "name": "file",
+        "type": "153"
+      },
+      {
+        "default": null,
+        "name": "bottom",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "107"
   },
   {
     "features": [
@@ -2373,12 +3468,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "107"
+        "type": "158"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "108"
+        "type": "159"
       },
       {
         "default": null,
@@ -2400,13 +3495,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "68"
+    "name": "108"
   },
   {
     "members": [
       {
         "name": "server",
-        "type": "109"
+        "type": "160"
       },
       {
         "default": null,
@@ -2443,7 +3538,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "69"
+    "name": "109"
   },
   {
     "members": [
@@ -2464,18 +3559,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "70"
+    "name": "110"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "102"
+        "type": "153"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "110"
+        "type": "161"
       },
       {
         "default": null,
@@ -2505,7 +3600,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "111"
+        "type": "162"
       },
       {
         "default": null,
@@ -2535,22 +3630,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "112"
+        "type": "163"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "102"
+        "type": "153"
       }
     ],
     "meta-type": "object",
-    "name": "71"
+    "name": "111"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "102"
+        "type": "153"
       },
       {
         "default": null,
@@ -2564,22 +3659,41 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "72"
+    "name": "112"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "102"
+        "type": "153"
       }
     ],
     "meta-type": "object",
-    "name": "73"
+    "name": "113"
   },
   {
-    "element-type": "74",
+    "members": [
+      {
+        "name": "throttle-group",
+        "type": "str"
+      },
+      {
+        "name": "file",
+        "type": "153"
+      }
+    ],
+    "meta-type": "object",
+    "name": "114"
+  },
+  {
+    "element-type": "16",
     "meta-type": "array",
-    "name": "[74]"
+    "name": "[16]"
+  },
+  {
+    "element-type": "115",
+    "meta-type": "array",
+    "name": "[115]"
   },
   {
     "members": [
@@ -2587,31 +3701,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "type": "str"
       },
       {
-        "type": "19"
+        "type": "22"
       }
     ],
     "meta-type": "alternate",
-    "name": "74"
-  },
-  {
-    "members": [
-      {
-        "name": "ok"
-      },
-      {
-        "name": "failed"
-      },
-      {
-        "name": "nospace"
-      }
-    ],
-    "meta-type": "enum",
-    "name": "75",
-    "values": [
-      "ok",
-      "failed",
-      "nospace"
-    ]
+    "name": "115"
   },
   {
     "members": [
@@ -2621,17 +3715,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "76"
+    "name": "116"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "85"
+        "type": "125"
       }
     ],
     "meta-type": "object",
-    "name": "77"
+    "name": "117"
   },
   {
     "members": [
@@ -2643,7 +3737,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "78",
+    "name": "118",
     "values": [
       "read",
       "write"
@@ -2662,7 +3756,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "79",
+    "name": "119",
     "values": [
       "ignore",
       "report",
@@ -2688,7 +3782,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "80",
+    "name": "120",
     "values": [
       "top",
       "full",
@@ -2710,7 +3804,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "81",
+    "name": "121",
     "values": [
       "on-success",
       "never",
@@ -2736,7 +3830,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "82",
+    "name": "122",
     "values": [
       "report",
       "ignore",
@@ -2769,7 +3863,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "83"
+    "name": "123"
   },
   {
     "members": [
@@ -2781,7 +3875,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "84",
+    "name": "124",
     "values": [
       "existing",
       "absolute-paths"
@@ -2797,87 +3891,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "85",
+    "name": "125",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "86",
+    "element-type": "126",
     "meta-type": "array",
-    "name": "[86]"
+    "name": "[126]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "113"
+        "type": "164"
       }
     ],
     "meta-type": "object",
-    "name": "86",
+    "name": "126",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "114"
+        "type": "165"
       },
       {
         "case": "block-dirty-bitmap-add",
-        "type": "115"
+        "type": "166"
       },
       {
         "case": "block-dirty-bitmap-remove",
-        "type": "116"
+        "type": "167"
       },
       {
         "case": "block-dirty-bitmap-clear",
-        "type": "116"
+        "type": "167"
       },
       {
         "case": "block-dirty-bitmap-enable",
-        "type": "116"
+        "type": "167"
       },
       {
         "case": "block-dirty-bitmap-disable",
-        "type": "116"
+        "type": "167"
       },
       {
         "case": "block-dirty-bitmap-merge",
-        "type": "117"
+        "type": "168"
       },
       {
         "case": "blockdev-backup",
-        "type": "118"
+        "type": "169"
       },
       {
         "case": "blockdev-snapshot",
-        "type": "119"
+        "type": "170"
       },
       {
         "case": "blockdev-snapshot-internal-sync",
-        "type": "120"
+        "type": "171"
       },
       {
         "case": "blockdev-snapshot-sync",
-        "type": "121"
+        "type": "172"
       },
       {
         "case": "drive-backup",
-        "type": "122"
+        "type": "173"
       },
       {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "116"
+        "type": "167"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "116"
+        "type": "167"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "117"
+        "type": "168"
       }
     ]
   },
@@ -2886,39 +3980,55 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "123"
+        "type": "174"
       }
     ],
     "meta-type": "object",
-    "name": "87"
+    "name": "127"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "124"
+        "type": "175"
       }
     ],
     "meta-type": "object",
-    "name": "88",
+    "name": "128",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "125"
+        "type": "176"
       },
       {
         "case": "unix",
-        "type": "126"
+        "type": "177"
       },
       {
         "case": "vsock",
-        "type": "127"
+        "type": "178"
       },
       {
         "case": "fd",
-        "type": "128"
+        "type": "179"
       }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "safe"
+      },
+      {
+        "name": "hard"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "129",
+    "values": [
+      "safe",
+      "hard"
     ]
   },
   {
@@ -2937,7 +4047,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "89",
+    "name": "130",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -2960,7 +4070,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[74]"
+        "type": "[115]"
       },
       {
         "default": null,
@@ -2969,13 +4079,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "90"
+    "name": "131"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "109"
+        "type": "160"
       },
       {
         "default": null,
@@ -2989,7 +4099,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "91"
+    "name": "132"
   },
   {
     "members": [
@@ -3005,11 +4115,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "129"
+        "type": "180"
       }
     ],
     "meta-type": "object",
-    "name": "92"
+    "name": "133"
   },
   {
     "members": [
@@ -3039,22 +4149,669 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "93"
+    "name": "134"
   },
   {
     "members": [
       {
-        "name": "safe"
+        "name": "driver",
+        "type": "102"
+      }
+    ],
+    "meta-type": "object",
+    "name": "135",
+    "tag": "driver",
+    "variants": [
+      {
+        "case": "file",
+        "type": "181"
       },
       {
-        "name": "hard"
+        "case": "qcow2",
+        "type": "182"
+      },
+      {
+        "case": "blkdebug",
+        "type": "1"
+      },
+      {
+        "case": "copy-before-write",
+        "type": "1"
+      },
+      {
+        "case": "copy-on-read",
+        "type": "1"
+      },
+      {
+        "case": "nbd",
+        "type": "1"
+      },
+      {
+        "case": "null-co",
+        "type": "1"
+      },
+      {
+        "case": "raw",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-access",
+        "type": "1"
+      },
+      {
+        "case": "throttle",
+        "type": "1"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "driver",
+        "type": "102"
+      }
+    ],
+    "meta-type": "object",
+    "name": "136",
+    "tag": "driver",
+    "variants": [
+      {
+        "case": "qcow2",
+        "type": "183"
+      },
+      {
+        "case": "blkdebug",
+        "type": "1"
+      },
+      {
+        "case": "copy-before-write",
+        "type": "1"
+      },
+      {
+        "case": "copy-on-read",
+        "type": "1"
+      },
+      {
+        "case": "file",
+        "type": "1"
+      },
+      {
+        "case": "nbd",
+        "type": "1"
+      },
+      {
+        "case": "null-co",
+        "type": "1"
+      },
+      {
+        "case": "raw",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-access",
+        "type": "1"
+      },
+      {
+        "case": "throttle",
+        "type": "1"
+      }
+    ]
+  },
+  {
+    "element-type": "137",
+    "meta-type": "array",
+    "name": "[137]"
+  },
+  {
+    "members": [
+      {
+        "name": "id",
+        "type": "int"
+      },
+      {
+        "name": "type",
+        "type": "184"
+      },
+      {
+        "name": "name",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "137"
+  },
+  {
+    "element-type": "138",
+    "meta-type": "array",
+    "name": "[138]"
+  },
+  {
+    "members": [
+      {
+        "name": "parent",
+        "type": "int"
+      },
+      {
+        "name": "child",
+        "type": "int"
+      },
+      {
+        "name": "name",
+        "type": "str"
+      },
+      {
+        "name": "perm",
+        "type": "[156]"
+      },
+      {
+        "name": "shared-perm",
+        "type": "[156]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "138"
+  },
+  {
+    "members": [
+      {
+        "name": "rd_bytes",
+        "type": "int"
+      },
+      {
+        "name": "wr_bytes",
+        "type": "int"
+      },
+      {
+        "name": "zone_append_bytes",
+        "type": "int"
+      },
+      {
+        "name": "unmap_bytes",
+        "type": "int"
+      },
+      {
+        "name": "rd_operations",
+        "type": "int"
+      },
+      {
+        "name": "wr_operations",
+        "type": "int"
+      },
+      {
+        "name": "zone_append_operations",
+        "type": "int"
+      },
+      {
+        "name": "flush_operations",
+        "type": "int"
+      },
+      {
+        "name": "unmap_operations",
+        "type": "int"
+      },
+      {
+        "name": "rd_total_time_ns",
+        "type": "int"
+      },
+      {
+        "name": "wr_total_time_ns",
+        "type": "int"
+      },
+      {
+        "name": "zone_append_total_time_ns",
+        "type": "int"
+      },
+      {
+        "name": "flush_total_time_ns",
+        "type": "int"
+      },
+      {
+        "name": "unmap_total_time_ns",
+        "type": "int"
+      },
+      {
+        "name": "wr_highest_offset",
+        "type": "int"
+      },
+      {
+        "name": "rd_merged",
+        "type": "int"
+      },
+      {
+        "name": "wr_merged",
+        "type": "int"
+      },
+      {
+        "name": "zone_append_merged",
+        "type": "int"
+      },
+      {
+        "name": "unmap_merged",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "idle_time_ns",
+        "type": "int"
+      },
+      {
+        "name": "failed_rd_operations",
+        "type": "int"
+      },
+      {
+        "name": "failed_wr_operations",
+        "type": "int"
+      },
+      {
+        "name": "failed_zone_append_operations",
+        "type": "int"
+      },
+      {
+        "name": "failed_flush_operations",
+        "type": "int"
+      },
+      {
+        "name": "failed_unmap_operations",
+        "type": "int"
+      },
+      {
+        "name": "invalid_rd_operations",
+        "type": "int"
+      },
+      {
+        "name": "invalid_wr_operations",
+        "type": "int"
+      },
+      {
+        "name": "invalid_zone_append_operations",
+        "type": "int"
+      },
+      {
+        "name": "invalid_flush_operations",
+        "type": "int"
+      },
+      {
+        "name": "invalid_unmap_operations",
+        "type": "int"
+      },
+      {
+        "name": "account_invalid",
+        "type": "bool"
+      },
+      {
+        "name": "account_failed",
+        "type": "bool"
+      },
+      {
+        "name": "timed_stats",
+        "type": "[185]"
+      },
+      {
+        "default": null,
+        "name": "rd_latency_histogram",
+        "type": "186"
+      },
+      {
+        "default": null,
+        "name": "wr_latency_histogram",
+        "type": "186"
+      },
+      {
+        "default": null,
+        "name": "zone_append_latency_histogram",
+        "type": "186"
+      },
+      {
+        "default": null,
+        "name": "flush_latency_histogram",
+        "type": "186"
+      }
+    ],
+    "meta-type": "object",
+    "name": "139"
+  },
+  {
+    "members": [
+      {
+        "name": "driver",
+        "type": "102"
+      }
+    ],
+    "meta-type": "object",
+    "name": "140",
+    "tag": "driver",
+    "variants": [
+      {
+        "case": "file",
+        "type": "187"
+      },
+      {
+        "case": "blkdebug",
+        "type": "1"
+      },
+      {
+        "case": "copy-before-write",
+        "type": "1"
+      },
+      {
+        "case": "copy-on-read",
+        "type": "1"
+      },
+      {
+        "case": "nbd",
+        "type": "1"
+      },
+      {
+        "case": "null-co",
+        "type": "1"
+      },
+      {
+        "case": "qcow2",
+        "type": "1"
+      },
+      {
+        "case": "raw",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-access",
+        "type": "1"
+      },
+      {
+        "case": "throttle",
+        "type": "1"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "iothread"
+      },
+      {
+        "name": "secret"
+      },
+      {
+        "name": "throttle-group"
       }
     ],
     "meta-type": "enum",
-    "name": "94",
+    "name": "141",
     "values": [
-      "safe",
-      "hard"
+      "iothread",
+      "secret",
+      "throttle-group"
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "aio-max-batch",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "thread-pool-min",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "thread-pool-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "poll-max-ns",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "poll-grow",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "poll-shrink",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "142"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "format",
+        "type": "188"
+      },
+      {
+        "default": null,
+        "name": "keyid",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "iv",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "data",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "file",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "143"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "limits",
+        "type": "189"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-total",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-total-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-total-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-read",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-read-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-read-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-write",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-write-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-write-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-total",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-total-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-total-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-read",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-read-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-read-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-write",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-write-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-bps-write-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-iops-size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "144"
+  },
+  {
+    "members": [
+      {
+        "name": "utf8"
+      },
+      {
+        "name": "base64"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "145",
+    "values": [
+      "utf8",
+      "base64"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "190"
+      }
+    ],
+    "meta-type": "object",
+    "name": "146",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "null",
+        "type": "191"
+      },
+      {
+        "case": "socket",
+        "type": "192"
+      },
+      {
+        "case": "ringbuf",
+        "type": "193"
+      }
     ]
   },
   {
@@ -3085,7 +4842,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "95",
+    "name": "147",
     "values": [
       "string",
       "number",
@@ -3098,9 +4855,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "96",
+    "element-type": "148",
     "meta-type": "array",
-    "name": "[96]"
+    "name": "[148]"
   },
   {
     "members": [
@@ -3115,12 +4872,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "96"
+    "name": "148"
   },
   {
-    "element-type": "97",
+    "element-type": "149",
     "meta-type": "array",
-    "name": "[97]"
+    "name": "[149]"
   },
   {
     "members": [
@@ -3144,12 +4901,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "97"
+    "name": "149"
   },
   {
-    "element-type": "98",
+    "element-type": "150",
     "meta-type": "array",
-    "name": "[98]"
+    "name": "[150]"
   },
   {
     "members": [
@@ -3163,12 +4920,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "98"
+    "name": "150"
   },
   {
-    "element-type": "99",
+    "element-type": "151",
     "meta-type": "array",
-    "name": "[99]"
+    "name": "[151]"
   },
   {
     "members": [
@@ -3178,107 +4935,68 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "99"
+    "name": "151"
   },
   {
-    "element-type": "100",
+    "element-type": "61",
     "meta-type": "array",
-    "name": "[100]"
-  },
-  {
-    "members": [
-      {
-        "name": "id",
-        "type": "str"
-      },
-      {
-        "name": "name",
-        "type": "str"
-      },
-      {
-        "name": "vm-state-size",
-        "type": "int"
-      },
-      {
-        "name": "date-sec",
-        "type": "int"
-      },
-      {
-        "name": "date-nsec",
-        "type": "int"
-      },
-      {
-        "name": "vm-clock-sec",
-        "type": "int"
-      },
-      {
-        "name": "vm-clock-nsec",
-        "type": "int"
-      },
-      {
-        "default": null,
-        "name": "icount",
-        "type": "int"
-      }
-    ],
-    "meta-type": "object",
-    "name": "100"
+    "name": "[61]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "130"
+        "type": "194"
       }
     ],
     "meta-type": "object",
-    "name": "101",
+    "name": "152",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "131"
+        "type": "195"
       },
       {
         "case": "vmdk",
-        "type": "132"
+        "type": "196"
       },
       {
         "case": "luks",
-        "type": "133"
+        "type": "197"
       },
       {
         "case": "rbd",
-        "type": "134"
+        "type": "198"
       },
       {
         "case": "file",
-        "type": "135"
+        "type": "199"
       }
     ]
   },
   {
     "members": [
       {
-        "type": "15"
+        "type": "16"
       },
       {
         "type": "str"
       }
     ],
     "meta-type": "alternate",
-    "name": "102"
+    "name": "153"
   },
   {
-    "element-type": "103",
+    "element-type": "154",
     "meta-type": "array",
-    "name": "[103]"
+    "name": "[154]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "136"
+        "type": "200"
       },
       {
         "default": null,
@@ -3288,7 +5006,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "137"
+        "type": "201"
       },
       {
         "default": null,
@@ -3312,18 +5030,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "103"
+    "name": "154"
   },
   {
-    "element-type": "104",
+    "element-type": "155",
     "meta-type": "array",
-    "name": "[104]"
+    "name": "[155]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "136"
+        "type": "200"
       },
       {
         "default": null,
@@ -3336,12 +5054,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "104"
+    "name": "155"
   },
   {
-    "element-type": "105",
+    "element-type": "156",
     "meta-type": "array",
-    "name": "[105]"
+    "name": "[156]"
   },
   {
     "members": [
@@ -3359,7 +5077,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "105",
+    "name": "156",
     "values": [
       "consistent-read",
       "write",
@@ -3377,7 +5095,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "106",
+    "name": "157",
     "values": [
       "break-guest-write",
       "break-snapshot"
@@ -3396,7 +5114,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "107",
+    "name": "158",
     "values": [
       "auto",
       "on",
@@ -3416,7 +5134,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "108",
+    "name": "159",
     "values": [
       "threads",
       "native",
@@ -3427,35 +5145,35 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "124"
+        "type": "175"
       }
     ],
     "meta-type": "object",
-    "name": "109",
+    "name": "160",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "138"
+        "type": "202"
       },
       {
         "case": "unix",
-        "type": "139"
+        "type": "203"
       },
       {
         "case": "vsock",
-        "type": "140"
+        "type": "204"
       },
       {
         "case": "fd",
-        "type": "141"
+        "type": "205"
       }
     ]
   },
   {
     "members": [
       {
-        "type": "15"
+        "type": "16"
       },
       {
         "type": "str"
@@ -3465,38 +5183,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "110"
+    "name": "161"
   },
   {
     "members": [
       {
-        "type": "142"
+        "type": "206"
       },
       {
-        "type": "143"
+        "type": "207"
       }
     ],
     "meta-type": "alternate",
-    "name": "111"
+    "name": "162"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "144"
+        "type": "208"
       }
     ],
     "meta-type": "object",
-    "name": "112",
+    "name": "163",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "145"
+        "type": "209"
       },
       {
         "case": "luks",
-        "type": "146"
+        "type": "210"
       }
     ]
   },
@@ -3564,7 +5282,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "113",
+    "name": "164",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -3587,71 +5305,81 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "147"
+        "type": "211"
       }
     ],
     "meta-type": "object",
-    "name": "114"
+    "name": "165"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "18"
+        "type": "21"
       }
     ],
     "meta-type": "object",
-    "name": "115"
+    "name": "166"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "19"
+        "type": "22"
       }
     ],
     "meta-type": "object",
-    "name": "116"
+    "name": "167"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "20"
+        "type": "23"
       }
     ],
     "meta-type": "object",
-    "name": "117"
+    "name": "168"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "35"
+        "type": "38"
       }
     ],
     "meta-type": "object",
-    "name": "118"
+    "name": "169"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "40"
+        "type": "45"
       }
     ],
     "meta-type": "object",
-    "name": "119"
+    "name": "170"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "41"
+        "type": "46"
       }
     ],
     "meta-type": "object",
-    "name": "120"
+    "name": "171"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "44"
+      }
+    ],
+    "meta-type": "object",
+    "name": "172"
   },
   {
     "members": [
@@ -3661,17 +5389,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "121"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "36"
-      }
-    ],
-    "meta-type": "object",
-    "name": "122"
+    "name": "173"
   },
   {
     "members": [
@@ -3683,7 +5401,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "123",
+    "name": "174",
     "values": [
       "individual",
       "grouped"
@@ -3705,7 +5423,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "124",
+    "name": "175",
     "values": [
       "inet",
       "unix",
@@ -3717,41 +5435,41 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "138"
+        "type": "202"
       }
     ],
     "meta-type": "object",
-    "name": "125"
+    "name": "176"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "139"
+        "type": "203"
       }
     ],
     "meta-type": "object",
-    "name": "126"
+    "name": "177"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "140"
+        "type": "204"
       }
     ],
     "meta-type": "object",
-    "name": "127"
+    "name": "178"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "141"
+        "type": "205"
       }
     ],
     "meta-type": "object",
-    "name": "128"
+    "name": "179"
   },
   {
     "members": [
@@ -3766,7 +5484,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "129",
+    "name": "180",
     "values": [
       "off",
       "on",
@@ -3774,9 +5492,412 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "json-type": "value",
-    "meta-type": "builtin",
-    "name": "any"
+    "members": [
+      {
+        "name": "filename",
+        "type": "str"
+      },
+      {
+        "name": "size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "preallocation",
+        "type": "212"
+      },
+      {
+        "default": null,
+        "name": "nocow",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "extent-size-hint",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "181"
+  },
+  {
+    "members": [
+      {
+        "name": "file",
+        "type": "153"
+      },
+      {
+        "default": null,
+        "name": "data-file",
+        "type": "153"
+      },
+      {
+        "default": null,
+        "name": "data-file-raw",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "extended-l2",
+        "type": "bool"
+      },
+      {
+        "name": "size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "version",
+        "type": "213"
+      },
+      {
+        "default": null,
+        "name": "backing-file",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "backing-fmt",
+        "type": "102"
+      },
+      {
+        "default": null,
+        "name": "encrypt",
+        "type": "214"
+      },
+      {
+        "default": null,
+        "name": "cluster-size",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "preallocation",
+        "type": "212"
+      },
+      {
+        "default": null,
+        "name": "lazy-refcounts",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "refcount-bits",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "compression-type",
+        "type": "215"
+      }
+    ],
+    "meta-type": "object",
+    "name": "182"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "encrypt",
+        "type": "216"
+      }
+    ],
+    "meta-type": "object",
+    "name": "183"
+  },
+  {
+    "members": [
+      {
+        "name": "block-backend"
+      },
+      {
+        "name": "block-job"
+      },
+      {
+        "name": "block-driver"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "184",
+    "values": [
+      "block-backend",
+      "block-job",
+      "block-driver"
+    ]
+  },
+  {
+    "element-type": "185",
+    "meta-type": "array",
+    "name": "[185]"
+  },
+  {
+    "members": [
+      {
+        "name": "interval_length",
+        "type": "int"
+      },
+      {
+        "name": "min_rd_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "max_rd_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "avg_rd_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "min_wr_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "max_wr_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "avg_wr_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "min_zone_append_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "max_zone_append_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "avg_zone_append_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "min_flush_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "max_flush_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "avg_flush_latency_ns",
+        "type": "int"
+      },
+      {
+        "name": "avg_rd_queue_depth",
+        "type": "number"
+      },
+      {
+        "name": "avg_wr_queue_depth",
+        "type": "number"
+      },
+      {
+        "name": "avg_zone_append_queue_depth",
+        "type": "number"
+      }
+    ],
+    "meta-type": "object",
+    "name": "185"
+  },
+  {
+    "members": [
+      {
+        "name": "boundaries",
+        "type": "[int]"
+      },
+      {
+        "name": "bins",
+        "type": "[int]"
+      }
+    ],
+    "meta-type": "object",
+    "name": "186"
+  },
+  {
+    "members": [
+      {
+        "name": "discard-nb-ok",
+        "type": "int"
+      },
+      {
+        "name": "discard-nb-failed",
+        "type": "int"
+      },
+      {
+        "name": "discard-bytes-ok",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "187"
+  },
+  {
+    "members": [
+      {
+        "name": "raw"
+      },
+      {
+        "name": "base64"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "188",
+    "values": [
+      "raw",
+      "base64"
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "iops-total",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-total-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-total-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-read",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-read-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-read-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-write",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-write-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-write-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-total",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-total-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-total-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-read",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-read-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-read-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-write",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-write-max",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "bps-write-max-length",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iops-size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "189"
+  },
+  {
+    "members": [
+      {
+        "name": "null"
+      },
+      {
+        "name": "socket"
+      },
+      {
+        "name": "ringbuf"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "190",
+    "values": [
+      "null",
+      "socket",
+      "ringbuf"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "217"
+      }
+    ],
+    "meta-type": "object",
+    "name": "191"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "218"
+      }
+    ],
+    "meta-type": "object",
+    "name": "192"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "219"
+      }
+    ],
+    "meta-type": "object",
+    "name": "193"
   },
   {
     "members": [
@@ -3797,7 +5918,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "130",
+    "name": "194",
     "values": [
       "qcow2",
       "vmdk",
@@ -3810,51 +5931,51 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "148"
+        "type": "220"
       }
     ],
     "meta-type": "object",
-    "name": "131"
+    "name": "195"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "149"
+        "type": "221"
       }
     ],
     "meta-type": "object",
-    "name": "132"
+    "name": "196"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "150"
+        "type": "222"
       }
     ],
     "meta-type": "object",
-    "name": "133"
+    "name": "197"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "151"
+        "type": "223"
       }
     ],
     "meta-type": "object",
-    "name": "134"
+    "name": "198"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "152"
+        "type": "224"
       }
     ],
     "meta-type": "object",
-    "name": "135"
+    "name": "199"
   },
   {
     "members": [
@@ -4004,7 +6125,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "136",
+    "name": "200",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -4078,7 +6199,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "137",
+    "name": "201",
     "values": [
       "read",
       "write",
@@ -4130,7 +6251,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "138"
+    "name": "202"
   },
   {
     "members": [
@@ -4150,7 +6271,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "139"
+    "name": "203"
   },
   {
     "members": [
@@ -4164,7 +6285,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "140"
+    "name": "204"
   },
   {
     "members": [
@@ -4174,7 +6295,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "141"
+    "name": "205"
   },
   {
     "json-type": "null",
@@ -4186,7 +6307,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "143"
+        "type": "207"
       },
       {
         "default": null,
@@ -4235,7 +6356,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "142"
+    "name": "206"
   },
   {
     "members": [
@@ -4253,7 +6374,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "143",
+    "name": "207",
     "values": [
       "none",
       "constant",
@@ -4271,7 +6392,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "144",
+    "name": "208",
     "values": [
       "aes",
       "luks"
@@ -4286,7 +6407,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "145"
+    "name": "209"
   },
   {
     "members": [
@@ -4297,12 +6418,230 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "146"
+    "name": "210"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "147"
+    "name": "211"
+  },
+  {
+    "members": [
+      {
+        "name": "off"
+      },
+      {
+        "name": "metadata"
+      },
+      {
+        "name": "falloc"
+      },
+      {
+        "name": "full"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "212",
+    "values": [
+      "off",
+      "metadata",
+      "falloc",
+      "full"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "v2"
+      },
+      {
+        "name": "v3"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "213",
+    "values": [
+      "v2",
+      "v3"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "format",
+        "type": "225"
+      }
+    ],
+    "meta-type": "object",
+    "name": "214",
+    "tag": "format",
+    "variants": [
+      {
+        "case": "qcow",
+        "type": "209"
+      },
+      {
+        "case": "luks",
+        "type": "226"
+      }
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "zlib"
+      },
+      {
+        "name": "zstd"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "215",
+    "values": [
+      "zlib",
+      "zstd"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "format",
+        "type": "225"
+      }
+    ],
+    "meta-type": "object",
+    "name": "216",
+    "tag": "format",
+    "variants": [
+      {
+        "case": "luks",
+        "type": "227"
+      },
+      {
+        "case": "qcow",
+        "type": "1"
+      }
+    ]
+  },
+  {
+    "json-type": "number",
+    "meta-type": "builtin",
+    "name": "number"
+  },
+  {
+    "element-type": "int",
+    "meta-type": "array",
+    "name": "[int]"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "logfile",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "logappend",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "217"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "logfile",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "logappend",
+        "type": "bool"
+      },
+      {
+        "name": "addr",
+        "type": "128"
+      },
+      {
+        "default": null,
+        "name": "tls-creds",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "tls-authz",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "server",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "wait",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "nodelay",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "telnet",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "tn3270",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "websocket",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "features": [
+          "deprecated"
+        ],
+        "name": "reconnect",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "reconnect-ms",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "218"
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "logfile",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "logappend",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "219"
   },
   {
     "members": [
@@ -4342,20 +6681,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "153"
+        "type": "228"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[154]"
+        "type": "[229]"
       },
       {
         "name": "compression-type",
-        "type": "155"
+        "type": "215"
       }
     ],
     "meta-type": "object",
-    "name": "148"
+    "name": "220"
   },
   {
     "members": [
@@ -4373,34 +6712,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[156]"
+        "type": "[230]"
       }
     ],
     "meta-type": "object",
-    "name": "149"
+    "name": "221"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "157"
+        "type": "231"
       },
       {
         "name": "cipher-mode",
-        "type": "158"
+        "type": "232"
       },
       {
         "name": "ivgen-alg",
-        "type": "159"
+        "type": "233"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "160"
+        "type": "234"
       },
       {
         "name": "hash-alg",
-        "type": "160"
+        "type": "234"
       },
       {
         "name": "detached-header",
@@ -4420,22 +6759,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[161]"
+        "type": "[235]"
       }
     ],
     "meta-type": "object",
-    "name": "150"
+    "name": "222"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "162"
+        "type": "236"
       }
     ],
     "meta-type": "object",
-    "name": "151"
+    "name": "223"
   },
   {
     "members": [
@@ -4446,22 +6785,114 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "152"
+    "name": "224"
+  },
+  {
+    "members": [
+      {
+        "name": "qcow"
+      },
+      {
+        "name": "luks"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "225",
+    "values": [
+      "qcow",
+      "luks"
+    ]
+  },
+  {
+    "members": [
+      {
+        "default": null,
+        "name": "key-secret",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "cipher-alg",
+        "type": "231"
+      },
+      {
+        "default": null,
+        "name": "cipher-mode",
+        "type": "232"
+      },
+      {
+        "default": null,
+        "name": "ivgen-alg",
+        "type": "233"
+      },
+      {
+        "default": null,
+        "name": "ivgen-hash-alg",
+        "type": "234"
+      },
+      {
+        "default": null,
+        "name": "hash-alg",
+        "type": "234"
+      },
+      {
+        "default": null,
+        "name": "iter-time",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "226"
+  },
+  {
+    "members": [
+      {
+        "name": "state",
+        "type": "237"
+      },
+      {
+        "default": null,
+        "name": "new-secret",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "old-secret",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "keyslot",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "iter-time",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "secret",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "227"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "144"
+        "type": "208"
       }
     ],
     "meta-type": "object",
-    "name": "153",
+    "name": "228",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "150"
+        "type": "222"
       },
       {
         "case": "aes",
@@ -4470,9 +6901,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "154",
+    "element-type": "229",
     "meta-type": "array",
-    "name": "[154]"
+    "name": "[229]"
   },
   {
     "members": [
@@ -4486,32 +6917,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[163]"
+        "type": "[238]"
       }
     ],
     "meta-type": "object",
-    "name": "154"
+    "name": "229"
   },
   {
-    "members": [
-      {
-        "name": "zlib"
-      },
-      {
-        "name": "zstd"
-      }
-    ],
-    "meta-type": "enum",
-    "name": "155",
-    "values": [
-      "zlib",
-      "zstd"
-    ]
-  },
-  {
-    "element-type": "156",
+    "element-type": "230",
     "meta-type": "array",
-    "name": "[156]"
+    "name": "[230]"
   },
   {
     "members": [
@@ -4539,7 +6954,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "156"
+    "name": "230"
   },
   {
     "members": [
@@ -4584,7 +6999,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "157",
+    "name": "231",
     "values": [
       "aes-128",
       "aes-192",
@@ -4617,7 +7032,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "158",
+    "name": "232",
     "values": [
       "ecb",
       "cbc",
@@ -4638,7 +7053,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "159",
+    "name": "233",
     "values": [
       "plain",
       "plain64",
@@ -4673,7 +7088,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "160",
+    "name": "234",
     "values": [
       "md5",
       "sha1",
@@ -4686,9 +7101,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "161",
+    "element-type": "235",
     "meta-type": "array",
-    "name": "[161]"
+    "name": "[235]"
   },
   {
     "members": [
@@ -4712,7 +7127,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "161"
+    "name": "235"
   },
   {
     "members": [
@@ -4727,7 +7142,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "162",
+    "name": "236",
     "values": [
       "luks",
       "luks2",
@@ -4735,9 +7150,25 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "163",
+    "members": [
+      {
+        "name": "active"
+      },
+      {
+        "name": "inactive"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "237",
+    "values": [
+      "active",
+      "inactive"
+    ]
+  },
+  {
+    "element-type": "238",
     "meta-type": "array",
-    "name": "[163]"
+    "name": "[238]"
   },
   {
     "members": [
@@ -4749,7 +7180,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "163",
+    "name": "238",
     "values": [
       "in-use",
       "auto"

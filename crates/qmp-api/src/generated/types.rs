@@ -681,6 +681,263 @@ impl QCryptoBlockInfoLUKS {
     payload_offset("payload-offset"), master_key_iters("master-key-iters"), uuid("uuid"),
     slots("slots") }
 );
+/// Formats of encrypted images.
+///
+/// **Since:** 2.6
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QCryptoBlockFormat {
+    /// qcow's legacy AES encryption
+    Qcow,
+    /// the LUKS format
+    Luks,
+}
+::qapi_runtime::impl_enum!(
+    QCryptoBlockFormat = "QCryptoBlockFormat" { Qcow("qcow"), Luks("luks") }
+);
+/// How to set up LUKS encryption in a new image.
+///
+/// **Since:** 2.6
+///
+/// Includes the members of [`QCryptoBlockOptionsLUKS`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QCryptoBlockCreateOptionsLUKS {
+    /// the id of the secret object holding the passphrase;
+    /// needed to read or write the data, not to open the image
+    pub key_secret: Option<String>,
+    /// the cipher (default: aes-256)
+    pub cipher_alg: Option<QCryptoCipherAlgo>,
+    /// the chaining mode (default: xts)
+    pub cipher_mode: Option<QCryptoCipherMode>,
+    /// the initialization vector algorithm (default: plain64)
+    pub ivgen_alg: Option<QCryptoIVGenAlgo>,
+    /// the hash used by `ivgen-alg`, when it uses one
+    /// (default: sha256)
+    pub ivgen_hash_alg: Option<QCryptoHashAlgo>,
+    /// the hash of the key derivation (default: sha256)
+    pub hash_alg: Option<QCryptoHashAlgo>,
+    /// milliseconds to spend deriving the key (default: 2000;
+    /// since 2.8)
+    pub iter_time: Option<i64>,
+}
+impl QCryptoBlockCreateOptionsLUKS {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            key_secret: None,
+            cipher_alg: None,
+            cipher_mode: None,
+            ivgen_alg: None,
+            ivgen_hash_alg: None,
+            hash_alg: None,
+            iter_time: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    QCryptoBlockCreateOptionsLUKS { optional key_secret("key-secret"), optional
+    cipher_alg("cipher-alg"), optional cipher_mode("cipher-mode"), optional
+    ivgen_alg("ivgen-alg"), optional ivgen_hash_alg("ivgen-hash-alg"), optional
+    hash_alg("hash-alg"), optional iter_time("iter-time") }
+);
+/// How to encrypt a new image.
+///
+/// **Since:** 2.6
+///
+/// The members of the branch selected by `format` are in [`QCryptoBlockCreateOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QCryptoBlockCreateOptions {
+    pub branch: QCryptoBlockCreateOptionsBranch,
+}
+/// The branch of [`QCryptoBlockCreateOptions`] chosen by its discriminator `format` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum QCryptoBlockCreateOptionsBranch {
+    /// qcow's legacy AES encryption
+    Qcow(QCryptoBlockOptionsQCow),
+    /// the LUKS format
+    Luks(QCryptoBlockCreateOptionsLUKS),
+}
+impl QCryptoBlockCreateOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> QCryptoBlockFormat {
+        match self {
+            Self::Qcow(_) => QCryptoBlockFormat::Qcow,
+            Self::Luks(_) => QCryptoBlockFormat::Luks,
+        }
+    }
+}
+impl QCryptoBlockCreateOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: QCryptoBlockCreateOptionsBranch) -> Self {
+        Self { branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for QCryptoBlockCreateOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: QCryptoBlockFormat = object.required("format")?;
+        let branch = match kind {
+            QCryptoBlockFormat::Qcow => {
+                QCryptoBlockCreateOptionsBranch::Qcow(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            QCryptoBlockFormat::Luks => {
+                QCryptoBlockCreateOptionsBranch::Luks(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+        };
+        Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for QCryptoBlockCreateOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("format", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for QCryptoBlockCreateOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Qcow(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Luks(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+        }
+    }
+}
+::qapi_runtime::impl_object!(QCryptoBlockCreateOptions);
+/// What to do with LUKS key slots.
+///
+/// **Since:** 5.1
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QCryptoBlockLUKSKeyslotState {
+    /// put a key into them
+    Active,
+    /// erase their key
+    Inactive,
+}
+::qapi_runtime::impl_enum!(
+    QCryptoBlockLUKSKeyslotState = "QCryptoBlockLUKSKeyslotState" { Active("active"),
+    Inactive("inactive") }
+);
+/// A change to the key slots of a LUKS header.
+///
+/// **Since:** 5.1
+#[derive(Debug, Clone, PartialEq)]
+pub struct QCryptoBlockAmendOptionsLUKS {
+    /// whether the slots get a key or lose it
+    pub state: QCryptoBlockLUKSKeyslotState,
+    /// the id of the secret object holding the new key
+    /// (needed when `state` is active)
+    pub new_secret: Option<String>,
+    /// erase the slots holding the key in this secret object
+    /// (when `state` is inactive and `keyslot` is absent)
+    pub old_secret: Option<String>,
+    /// the slot to change (default: the first free one for
+    /// active, the ones matching `old-secret` for inactive)
+    pub keyslot: Option<i64>,
+    /// milliseconds to spend deriving the new key (default:
+    /// 2000)
+    pub iter_time: Option<i64>,
+    /// the id of a secret object holding a key that unlocks the
+    /// header (default: the key given when the image was opened)
+    pub secret: Option<String>,
+}
+impl QCryptoBlockAmendOptionsLUKS {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(state: QCryptoBlockLUKSKeyslotState) -> Self {
+        Self {
+            state,
+            new_secret: None,
+            old_secret: None,
+            keyslot: None,
+            iter_time: None,
+            secret: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    QCryptoBlockAmendOptionsLUKS { state("state"), optional new_secret("new-secret"),
+    optional old_secret("old-secret"), optional keyslot("keyslot"), optional
+    iter_time("iter-time"), optional secret("secret") }
+);
+/// A change to the encryption of an image.
+///
+/// **Since:** 5.1
+///
+/// The members of the branch selected by `format` are in [`QCryptoBlockAmendOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QCryptoBlockAmendOptions {
+    pub branch: QCryptoBlockAmendOptionsBranch,
+}
+/// The branch of [`QCryptoBlockAmendOptions`] chosen by its discriminator `format` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum QCryptoBlockAmendOptionsBranch {
+    /// qcow's legacy AES encryption
+    Qcow,
+    /// the LUKS format
+    Luks(QCryptoBlockAmendOptionsLUKS),
+}
+impl QCryptoBlockAmendOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> QCryptoBlockFormat {
+        match self {
+            Self::Qcow => QCryptoBlockFormat::Qcow,
+            Self::Luks(_) => QCryptoBlockFormat::Luks,
+        }
+    }
+}
+impl QCryptoBlockAmendOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: QCryptoBlockAmendOptionsBranch) -> Self {
+        Self { branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for QCryptoBlockAmendOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: QCryptoBlockFormat = object.required("format")?;
+        let branch = match kind {
+            QCryptoBlockFormat::Qcow => QCryptoBlockAmendOptionsBranch::Qcow,
+            QCryptoBlockFormat::Luks => {
+                QCryptoBlockAmendOptionsBranch::Luks(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+        };
+        Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for QCryptoBlockAmendOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("format", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for QCryptoBlockAmendOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Qcow => Ok(()),
+            Self::Luks(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+        }
+    }
+}
+::qapi_runtime::impl_object!(QCryptoBlockAmendOptions);
 /// Optional protocol capabilities a client can turn on with
 /// `qmp_capabilities`.
 ///
@@ -2343,6 +2600,53 @@ impl BlockdevCacheOptions {
 ::qapi_runtime::impl_object!(
     BlockdevCacheOptions { optional direct("direct"), optional no_flush("no-flush") }
 );
+/// A block device of a guest, or a named block backend.
+///
+/// **Since:** 0.14
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockInfo {
+    /// the backend's name
+    pub device: String,
+    /// the path of the guest device attached to it (since 2.10)
+    pub qdev: Option<String>,
+    /// the kind of device (always 'unknown')
+    pub r#type: String,
+    /// whether the medium can be removed
+    pub removable: bool,
+    /// whether the guest locked the medium
+    pub locked: bool,
+    /// the medium, when one is inserted
+    pub inserted: Option<BlockDeviceInfo>,
+    /// whether the tray is open (removable devices only)
+    pub tray_open: Option<bool>,
+    /// the device's I/O status, when it reports one
+    pub io_status: Option<BlockDeviceIoStatus>,
+}
+impl BlockInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        device: impl Into<String>,
+        r#type: impl Into<String>,
+        removable: bool,
+        locked: bool,
+    ) -> Self {
+        Self {
+            device: device.into(),
+            qdev: None,
+            r#type: r#type.into(),
+            removable,
+            locked,
+            inserted: None,
+            tray_open: None,
+            io_status: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockInfo { device("device"), optional qdev("qdev"), r#type("type"),
+    removable("removable"), locked("locked"), optional inserted("inserted"), optional
+    tray_open("tray_open"), optional io_status("io-status") }
+);
 /// The block drivers of this daemon.  QEMU has many more; a
 /// `blockdev-add` naming one of those is rejected as naming an unknown
 /// driver.
@@ -2357,6 +2661,9 @@ pub enum BlockdevDriver {
     /// range written through it (or to its file) to a target first
     /// (since 6.2)
     CopyBeforeWrite,
+    /// a filter whose reads copy the data they find in the
+    /// backing chain into its child's own layer (since 3.0)
+    CopyOnRead,
     /// a file of the host's file system
     File,
     /// an export of an NBD server, as a client
@@ -2372,11 +2679,18 @@ pub enum BlockdevDriver {
     /// read-only access to the point-in-time view a
     /// copy-before-write filter keeps (since 7.0)
     SnapshotAccess,
+    /// a filter limiting I/O by the limits of a throttle group
+    /// (since 2.11)
+    Throttle,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 ::qapi_runtime::impl_enum!(
     BlockdevDriver = "BlockdevDriver" { Blkdebug("blkdebug"),
-    CopyBeforeWrite("copy-before-write"), File("file"), Nbd("nbd"), NullCo("null-co"),
-    Qcow2("qcow2"), Raw("raw"), SnapshotAccess("snapshot-access") }
+    CopyBeforeWrite("copy-before-write"), CopyOnRead("copy-on-read"), File("file"),
+    Nbd("nbd"), NullCo("null-co"), Qcow2("qcow2"), Raw("raw"),
+    SnapshotAccess("snapshot-access"), Throttle("throttle") } UnknownValue
 );
 /// Options of the file protocol.
 ///
@@ -2785,6 +3099,51 @@ impl BlockdevOptionsQcow2 {
     cache_clean_interval("cache-clean-interval"), optional encrypt("encrypt"), optional
     data_file("data-file") }
 );
+/// Options of the throttle filter.
+///
+/// **Since:** 2.11
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevOptionsThrottle {
+    /// the id of the throttle-group object whose limits
+    /// apply; every throttle node of a group shares them
+    pub throttle_group: String,
+    /// the child node
+    pub file: Box<BlockdevRef>,
+}
+impl BlockdevOptionsThrottle {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(throttle_group: impl Into<String>, file: Box<BlockdevRef>) -> Self {
+        Self {
+            throttle_group: throttle_group.into(),
+            file,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevOptionsThrottle { throttle_group("throttle-group"), file("file") }
+);
+/// Options of the copy-on-read filter.
+///
+/// **Since:** 6.0
+///
+/// Includes the members of [`BlockdevOptionsGenericFormat`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevOptionsCor {
+    /// the node holding the image data
+    pub file: Box<BlockdevRef>,
+    /// the lowest node of the backing chain whose data is copied
+    /// up (default: the whole chain; since 6.0)
+    pub bottom: Option<String>,
+}
+impl BlockdevOptionsCor {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(file: Box<BlockdevRef>) -> Self {
+        Self { file, bottom: None }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevOptionsCor { file("file"), optional bottom("bottom") }
+);
 /// Options of the raw format.
 ///
 /// **Since:** 2.9
@@ -3058,10 +3417,13 @@ pub enum BlockPermission {
     WriteUnchanged,
     /// changing the size
     Resize,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 ::qapi_runtime::impl_enum!(
     BlockPermission = "BlockPermission" { ConsistentRead("consistent-read"),
-    Write("write"), WriteUnchanged("write-unchanged"), Resize("resize") }
+    Write("write"), WriteUnchanged("write-unchanged"), Resize("resize") } UnknownValue
 );
 /// Options of blkdebug, a filter that injects errors for tests.
 ///
@@ -3277,6 +3639,9 @@ pub enum BlockdevOptionsBranch {
     /// range written through it (or to its file) to a target first
     /// (since 6.2)
     CopyBeforeWrite(Box<BlockdevOptionsCbw>),
+    /// a filter whose reads copy the data they find in the
+    /// backing chain into its child's own layer (since 3.0)
+    CopyOnRead(Box<BlockdevOptionsCor>),
     /// a file of the host's file system
     File(BlockdevOptionsFile),
     /// an export of an NBD server, as a client
@@ -3292,6 +3657,9 @@ pub enum BlockdevOptionsBranch {
     /// read-only access to the point-in-time view a
     /// copy-before-write filter keeps (since 7.0)
     SnapshotAccess(Box<BlockdevOptionsGenericFormat>),
+    /// a filter limiting I/O by the limits of a throttle group
+    /// (since 2.11)
+    Throttle(Box<BlockdevOptionsThrottle>),
 }
 impl BlockdevOptionsBranch {
     /// The discriminator value selecting this branch.
@@ -3299,12 +3667,14 @@ impl BlockdevOptionsBranch {
         match self {
             Self::Blkdebug(_) => BlockdevDriver::Blkdebug,
             Self::CopyBeforeWrite(_) => BlockdevDriver::CopyBeforeWrite,
+            Self::CopyOnRead(_) => BlockdevDriver::CopyOnRead,
             Self::File(_) => BlockdevDriver::File,
             Self::Nbd(_) => BlockdevDriver::Nbd,
             Self::NullCo(_) => BlockdevDriver::NullCo,
             Self::Qcow2(_) => BlockdevDriver::Qcow2,
             Self::Raw(_) => BlockdevDriver::Raw,
             Self::SnapshotAccess(_) => BlockdevDriver::SnapshotAccess,
+            Self::Throttle(_) => BlockdevDriver::Throttle,
         }
     }
 }
@@ -3349,6 +3719,11 @@ impl ::qapi_runtime::ReadMembers for BlockdevOptions {
                     Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
                 )
             }
+            BlockdevDriver::CopyOnRead => {
+                BlockdevOptionsBranch::CopyOnRead(
+                    Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
+                )
+            }
             BlockdevDriver::File => {
                 BlockdevOptionsBranch::File(
                     ::qapi_runtime::ReadMembers::read_members(object)?,
@@ -3379,6 +3754,12 @@ impl ::qapi_runtime::ReadMembers for BlockdevOptions {
                     Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
                 )
             }
+            BlockdevDriver::Throttle => {
+                BlockdevOptionsBranch::Throttle(
+                    Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
+                )
+            }
+            BlockdevDriver::UnknownValue => return Err(object.unknown_branch("driver")),
         };
         Ok(Self {
             node_name: member_1,
@@ -3430,12 +3811,18 @@ impl ::qapi_runtime::WriteMembers for BlockdevOptionsBranch {
             Self::CopyBeforeWrite(data) => {
                 ::qapi_runtime::WriteMembers::write_members(data, map)
             }
+            Self::CopyOnRead(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
             Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::Nbd(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::NullCo(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::Raw(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::SnapshotAccess(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::Throttle(data) => {
                 ::qapi_runtime::WriteMembers::write_members(data, map)
             }
         }
@@ -5296,6 +5683,43 @@ impl BlockExportOptionsNbd {
     BlockExportOptionsNbd { optional name("name"), optional description("description"),
     optional bitmaps("bitmaps"), optional allocation_depth("allocation-depth") }
 );
+/// The arguments of `nbd-server-add`.
+///
+/// **Since:** 5.0
+///
+/// Includes the members of [`BlockExportOptionsNbdBase`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbdServerAddOptions {
+    /// the name clients ask for (default: the node name)
+    pub name: Option<String>,
+    /// free text shown to clients that list exports (since
+    /// 5.0)
+    pub description: Option<String>,
+    /// the node to export
+    pub device: String,
+    /// let clients write (default: false)
+    pub writable: Option<bool>,
+    /// a dirty bitmap of `device` whose bits clients may read
+    /// through the "qemu:dirty-bitmap:NAME" metadata context
+    /// (since 4.0)
+    pub bitmap: Option<String>,
+}
+impl NbdServerAddOptions {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(device: impl Into<String>) -> Self {
+        Self {
+            name: None,
+            description: None,
+            device: device.into(),
+            writable: None,
+            bitmap: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    NbdServerAddOptions { optional name("name"), optional description("description"),
+    device("device"), optional writable("writable"), optional bitmap("bitmap") }
+);
 /// Settings of a vhost-user-blk export.
 ///
 /// **Since:** 5.2
@@ -5433,10 +5857,13 @@ pub enum BlockExportType {
     ///
     /// **If:** `CONFIG_VDUSE_BLK_EXPORT` (QEMU builds this only under that condition; generated unconditionally here)
     VduseBlk,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
 }
 ::qapi_runtime::impl_enum!(
     BlockExportType = "BlockExportType" { Nbd("nbd"), VhostUserBlk("vhost-user-blk"),
-    Fuse("fuse"), VduseBlk("vduse-blk") }
+    Fuse("fuse"), VduseBlk("vduse-blk") } UnknownValue
 );
 /// An export to create.  This daemon serves NBD exports only.
 ///
@@ -5547,6 +5974,7 @@ impl ::qapi_runtime::ReadMembers for BlockExportOptions {
                     ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
+            BlockExportType::UnknownValue => return Err(object.unknown_branch("type")),
         };
         Ok(Self {
             id: member_1,
@@ -5602,3 +6030,1937 @@ impl ::qapi_runtime::WriteMembers for BlockExportOptionsBranch {
     }
 }
 ::qapi_runtime::impl_object!(BlockExportOptions);
+/// How much of a new or grown image is allocated up front.
+///
+/// **Since:** 2.2
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PreallocMode {
+    /// nothing
+    Off,
+    /// the format's metadata (tables mapping every cluster);
+    /// the data area stays sparse
+    Metadata,
+    /// the metadata, and file space reserved for the data
+    /// (posix_fallocate)
+    Falloc,
+    /// the metadata, and zeros written over the data area
+    Full,
+}
+::qapi_runtime::impl_enum!(
+    PreallocMode = "PreallocMode" { Off("off"), Metadata("metadata"), Falloc("falloc"),
+    Full("full") }
+);
+/// Creating a file.
+///
+/// **Since:** 2.12
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevCreateOptionsFile {
+    /// the file's name; an existing file is emptied first
+    pub filename: String,
+    /// the file's size in bytes
+    pub size: u64,
+    /// how the file's space is allocated (off, falloc or
+    /// full; default: off)
+    pub preallocation: Option<PreallocMode>,
+    /// mark the file no-copy-on-write where the file system has
+    /// the flag (btrfs); ignored where it has not (default: false)
+    pub nocow: Option<bool>,
+    /// the extent size the file system should use
+    /// where it takes a hint (XFS); 0 for none (default: 1 MiB;
+    /// since 5.1)
+    pub extent_size_hint: Option<u64>,
+}
+impl BlockdevCreateOptionsFile {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(filename: impl Into<String>, size: u64) -> Self {
+        Self {
+            filename: filename.into(),
+            size,
+            preallocation: None,
+            nocow: None,
+            extent_size_hint: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevCreateOptionsFile { filename("filename"), size("size"), optional
+    preallocation("preallocation"), optional nocow("nocow"), optional
+    extent_size_hint("extent-size-hint") }
+);
+/// qcow2 format versions.
+///
+/// **Since:** 2.12
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BlockdevQcow2Version {
+    /// version 2, QEMU's "compat=0.10"
+    V2,
+    /// version 3, QEMU's "compat=1.1" (since 2.12)
+    V3,
+}
+::qapi_runtime::impl_enum!(
+    BlockdevQcow2Version = "BlockdevQcow2Version" { V2("v2"), V3("v3") }
+);
+/// Creating a qcow2 image.
+///
+/// **Since:** 2.12
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevCreateOptionsQcow2 {
+    /// the node to write the image to (an existing node's name or
+    /// options for one to open for the job); its content is replaced
+    pub file: BlockdevRef,
+    /// a node for the guest data apart from the metadata (not
+    /// supported by blockjobd: refused)
+    pub data_file: Option<BlockdevRef>,
+    /// whether `data-file` reads as a raw image by itself
+    /// (default: false)
+    pub data_file_raw: Option<bool>,
+    /// use L2 entries with subcluster bits (not supported by
+    /// blockjobd: true is refused; default: false)
+    pub extended_l2: Option<bool>,
+    /// the image's virtual size in bytes (a multiple of 512)
+    pub size: u64,
+    /// the format version (default: v3)
+    pub version: Option<BlockdevQcow2Version>,
+    /// the backing file name to record in the image
+    pub backing_file: Option<String>,
+    /// the backing file's format to record (needs
+    /// `backing-file`)
+    pub backing_fmt: Option<BlockdevDriver>,
+    /// encryption (not supported by blockjobd: refused)
+    pub encrypt: Option<QCryptoBlockCreateOptions>,
+    /// the cluster size, a power of two from 512 to 2M
+    /// (default: 64k)
+    pub cluster_size: Option<u64>,
+    /// how much to allocate up front (default: off; other
+    /// modes only without a backing file)
+    pub preallocation: Option<PreallocMode>,
+    /// set the lazy-refcounts feature (version 3 only;
+    /// default: false)
+    pub lazy_refcounts: Option<bool>,
+    /// the width of a reference count, a power of two up
+    /// to 64 (default: 16; only 16 with version 2)
+    pub refcount_bits: Option<i64>,
+    /// the compression of compressed clusters
+    /// (default: zlib; zstd is not supported by blockjobd: refused)
+    pub compression_type: Option<Qcow2CompressionType>,
+}
+impl BlockdevCreateOptionsQcow2 {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(file: BlockdevRef, size: u64) -> Self {
+        Self {
+            file,
+            data_file: None,
+            data_file_raw: None,
+            extended_l2: None,
+            size,
+            version: None,
+            backing_file: None,
+            backing_fmt: None,
+            encrypt: None,
+            cluster_size: None,
+            preallocation: None,
+            lazy_refcounts: None,
+            refcount_bits: None,
+            compression_type: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevCreateOptionsQcow2 { file("file"), optional data_file("data-file"), optional
+    data_file_raw("data-file-raw"), optional extended_l2("extended-l2"), size("size"),
+    optional version("version"), optional backing_file("backing-file"), optional
+    backing_fmt("backing-fmt"), optional encrypt("encrypt"), optional
+    cluster_size("cluster-size"), optional preallocation("preallocation"), optional
+    lazy_refcounts("lazy-refcounts"), optional refcount_bits("refcount-bits"), optional
+    compression_type("compression-type") }
+);
+/// What `blockdev-create` creates.  Drivers without a branch here
+/// cannot create images.
+///
+/// **Since:** 2.12
+///
+/// The members of the branch selected by `driver` are in [`BlockdevCreateOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevCreateOptions {
+    pub branch: BlockdevCreateOptionsBranch,
+}
+/// The branch of [`BlockdevCreateOptions`] chosen by its discriminator `driver` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockdevCreateOptionsBranch {
+    /// a filter that injects errors and tracks events, for
+    /// tests
+    Blkdebug,
+    /// a filter that copies the old data of every
+    /// range written through it (or to its file) to a target first
+    /// (since 6.2)
+    CopyBeforeWrite,
+    /// a filter whose reads copy the data they find in the
+    /// backing chain into its child's own layer (since 3.0)
+    CopyOnRead,
+    /// a file of the host's file system
+    File(BlockdevCreateOptionsFile),
+    /// an export of an NBD server, as a client
+    Nbd,
+    /// a node that stores nothing: writes are dropped, reads
+    /// return zeroes (with read-zeroes) or leave the buffer alone
+    NullCo,
+    /// the qcow2 image format
+    Qcow2(BlockdevCreateOptionsQcow2),
+    /// the raw image format: the data as it is, optionally a slice
+    /// of the file
+    Raw,
+    /// read-only access to the point-in-time view a
+    /// copy-before-write filter keeps (since 7.0)
+    SnapshotAccess,
+    /// a filter limiting I/O by the limits of a throttle group
+    /// (since 2.11)
+    Throttle,
+}
+impl BlockdevCreateOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> BlockdevDriver {
+        match self {
+            Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::CopyBeforeWrite => BlockdevDriver::CopyBeforeWrite,
+            Self::CopyOnRead => BlockdevDriver::CopyOnRead,
+            Self::File(_) => BlockdevDriver::File,
+            Self::Nbd => BlockdevDriver::Nbd,
+            Self::NullCo => BlockdevDriver::NullCo,
+            Self::Qcow2(_) => BlockdevDriver::Qcow2,
+            Self::Raw => BlockdevDriver::Raw,
+            Self::SnapshotAccess => BlockdevDriver::SnapshotAccess,
+            Self::Throttle => BlockdevDriver::Throttle,
+        }
+    }
+}
+impl BlockdevCreateOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: BlockdevCreateOptionsBranch) -> Self {
+        Self { branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for BlockdevCreateOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: BlockdevDriver = object.required("driver")?;
+        let branch = match kind {
+            BlockdevDriver::Blkdebug => BlockdevCreateOptionsBranch::Blkdebug,
+            BlockdevDriver::CopyBeforeWrite => {
+                BlockdevCreateOptionsBranch::CopyBeforeWrite
+            }
+            BlockdevDriver::CopyOnRead => BlockdevCreateOptionsBranch::CopyOnRead,
+            BlockdevDriver::File => {
+                BlockdevCreateOptionsBranch::File(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            BlockdevDriver::Nbd => BlockdevCreateOptionsBranch::Nbd,
+            BlockdevDriver::NullCo => BlockdevCreateOptionsBranch::NullCo,
+            BlockdevDriver::Qcow2 => {
+                BlockdevCreateOptionsBranch::Qcow2(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            BlockdevDriver::Raw => BlockdevCreateOptionsBranch::Raw,
+            BlockdevDriver::SnapshotAccess => BlockdevCreateOptionsBranch::SnapshotAccess,
+            BlockdevDriver::Throttle => BlockdevCreateOptionsBranch::Throttle,
+            BlockdevDriver::UnknownValue => return Err(object.unknown_branch("driver")),
+        };
+        Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockdevCreateOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("driver", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockdevCreateOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Blkdebug => Ok(()),
+            Self::CopyBeforeWrite => Ok(()),
+            Self::CopyOnRead => Ok(()),
+            Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Nbd => Ok(()),
+            Self::NullCo => Ok(()),
+            Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Raw => Ok(()),
+            Self::SnapshotAccess => Ok(()),
+            Self::Throttle => Ok(()),
+        }
+    }
+}
+::qapi_runtime::impl_object!(BlockdevCreateOptions);
+/// What can change in an existing qcow2 image.
+///
+/// **Since:** 5.1
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevAmendOptionsQcow2 {
+    /// its encryption keys (the image must be LUKS-encrypted;
+    /// blockjobd opens no encrypted image, so the job fails saying the
+    /// image is not encrypted)
+    pub encrypt: Option<QCryptoBlockAmendOptions>,
+}
+impl BlockdevAmendOptionsQcow2 {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self { encrypt: None }
+    }
+}
+::qapi_runtime::impl_object!(BlockdevAmendOptionsQcow2 { optional encrypt("encrypt") });
+/// What `x-blockdev-amend` changes.  Drivers without a branch here
+/// cannot amend images.
+///
+/// **Since:** 5.1
+///
+/// The members of the branch selected by `driver` are in [`BlockdevAmendOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevAmendOptions {
+    pub branch: BlockdevAmendOptionsBranch,
+}
+/// The branch of [`BlockdevAmendOptions`] chosen by its discriminator `driver` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockdevAmendOptionsBranch {
+    /// a filter that injects errors and tracks events, for
+    /// tests
+    Blkdebug,
+    /// a filter that copies the old data of every
+    /// range written through it (or to its file) to a target first
+    /// (since 6.2)
+    CopyBeforeWrite,
+    /// a filter whose reads copy the data they find in the
+    /// backing chain into its child's own layer (since 3.0)
+    CopyOnRead,
+    /// a file of the host's file system
+    File,
+    /// an export of an NBD server, as a client
+    Nbd,
+    /// a node that stores nothing: writes are dropped, reads
+    /// return zeroes (with read-zeroes) or leave the buffer alone
+    NullCo,
+    /// the qcow2 image format
+    Qcow2(BlockdevAmendOptionsQcow2),
+    /// the raw image format: the data as it is, optionally a slice
+    /// of the file
+    Raw,
+    /// read-only access to the point-in-time view a
+    /// copy-before-write filter keeps (since 7.0)
+    SnapshotAccess,
+    /// a filter limiting I/O by the limits of a throttle group
+    /// (since 2.11)
+    Throttle,
+}
+impl BlockdevAmendOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> BlockdevDriver {
+        match self {
+            Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::CopyBeforeWrite => BlockdevDriver::CopyBeforeWrite,
+            Self::CopyOnRead => BlockdevDriver::CopyOnRead,
+            Self::File => BlockdevDriver::File,
+            Self::Nbd => BlockdevDriver::Nbd,
+            Self::NullCo => BlockdevDriver::NullCo,
+            Self::Qcow2(_) => BlockdevDriver::Qcow2,
+            Self::Raw => BlockdevDriver::Raw,
+            Self::SnapshotAccess => BlockdevDriver::SnapshotAccess,
+            Self::Throttle => BlockdevDriver::Throttle,
+        }
+    }
+}
+impl BlockdevAmendOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: BlockdevAmendOptionsBranch) -> Self {
+        Self { branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for BlockdevAmendOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: BlockdevDriver = object.required("driver")?;
+        let branch = match kind {
+            BlockdevDriver::Blkdebug => BlockdevAmendOptionsBranch::Blkdebug,
+            BlockdevDriver::CopyBeforeWrite => {
+                BlockdevAmendOptionsBranch::CopyBeforeWrite
+            }
+            BlockdevDriver::CopyOnRead => BlockdevAmendOptionsBranch::CopyOnRead,
+            BlockdevDriver::File => BlockdevAmendOptionsBranch::File,
+            BlockdevDriver::Nbd => BlockdevAmendOptionsBranch::Nbd,
+            BlockdevDriver::NullCo => BlockdevAmendOptionsBranch::NullCo,
+            BlockdevDriver::Qcow2 => {
+                BlockdevAmendOptionsBranch::Qcow2(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            BlockdevDriver::Raw => BlockdevAmendOptionsBranch::Raw,
+            BlockdevDriver::SnapshotAccess => BlockdevAmendOptionsBranch::SnapshotAccess,
+            BlockdevDriver::Throttle => BlockdevAmendOptionsBranch::Throttle,
+            BlockdevDriver::UnknownValue => return Err(object.unknown_branch("driver")),
+        };
+        Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockdevAmendOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("driver", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockdevAmendOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Blkdebug => Ok(()),
+            Self::CopyBeforeWrite => Ok(()),
+            Self::CopyOnRead => Ok(()),
+            Self::File => Ok(()),
+            Self::Nbd => Ok(()),
+            Self::NullCo => Ok(()),
+            Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Raw => Ok(()),
+            Self::SnapshotAccess => Ok(()),
+            Self::Throttle => Ok(()),
+        }
+    }
+}
+::qapi_runtime::impl_object!(BlockdevAmendOptions);
+/// An export.
+///
+/// **Since:** 5.2
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockExportInfo {
+    /// the export's identifier
+    pub id: String,
+    /// the kind of export
+    pub r#type: BlockExportType,
+    /// the node it exports
+    pub node_name: String,
+    /// it was deleted and waits for its clients to leave
+    pub shutting_down: bool,
+}
+impl BlockExportInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        id: impl Into<String>,
+        r#type: BlockExportType,
+        node_name: impl Into<String>,
+        shutting_down: bool,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            r#type,
+            node_name: node_name.into(),
+            shutting_down,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockExportInfo { id("id"), r#type("type"), node_name("node-name"),
+    shutting_down("shutting-down") }
+);
+/// A dirty bitmap's digest.
+///
+/// **Since:** 2.10
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockDirtyBitmapSha256 {
+    /// the SHA-256 of the bitmap's bits, in hexadecimal
+    pub sha256: String,
+}
+impl BlockDirtyBitmapSha256 {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(sha256: impl Into<String>) -> Self {
+        Self { sha256: sha256.into() }
+    }
+}
+::qapi_runtime::impl_object!(BlockDirtyBitmapSha256 { sha256("sha256") });
+/// Kinds of vertices of the block graph.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum XDbgBlockGraphNodeType {
+    /// a user of a node from outside the graph (an export)
+    BlockBackend,
+    /// a block job
+    BlockJob,
+    /// a node
+    BlockDriver,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
+}
+::qapi_runtime::impl_enum!(
+    XDbgBlockGraphNodeType = "XDbgBlockGraphNodeType" { BlockBackend("block-backend"),
+    BlockJob("block-job"), BlockDriver("block-driver") } UnknownValue
+);
+/// A vertex of the block graph.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, PartialEq)]
+pub struct XDbgBlockGraphNode {
+    /// its number within this answer
+    pub id: u64,
+    /// what it is
+    pub r#type: XDbgBlockGraphNodeType,
+    /// its name (a node name, a job id; empty for an unnamed
+    /// backend)
+    pub name: String,
+}
+impl XDbgBlockGraphNode {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        id: u64,
+        r#type: XDbgBlockGraphNodeType,
+        name: impl Into<String>,
+    ) -> Self {
+        Self {
+            id,
+            r#type,
+            name: name.into(),
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    XDbgBlockGraphNode { id("id"), r#type("type"), name("name") }
+);
+/// An edge of the block graph: a parent using a child node.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, PartialEq)]
+pub struct XDbgBlockGraphEdge {
+    /// the parent's `id`
+    pub parent: u64,
+    /// the child's `id`
+    pub child: u64,
+    /// the role of the child (file, backing, target, ...)
+    pub name: String,
+    /// the permissions the parent takes on the child
+    pub perm: Vec<BlockPermission>,
+    /// the permissions the parent lets others take
+    pub shared_perm: Vec<BlockPermission>,
+}
+impl XDbgBlockGraphEdge {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        parent: u64,
+        child: u64,
+        name: impl Into<String>,
+        perm: Vec<BlockPermission>,
+        shared_perm: Vec<BlockPermission>,
+    ) -> Self {
+        Self {
+            parent,
+            child,
+            name: name.into(),
+            perm,
+            shared_perm,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    XDbgBlockGraphEdge { parent("parent"), child("child"), name("name"), perm("perm"),
+    shared_perm("shared-perm") }
+);
+/// The block graph.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, PartialEq)]
+pub struct XDbgBlockGraph {
+    /// its vertices
+    pub nodes: Vec<XDbgBlockGraphNode>,
+    /// its edges
+    pub edges: Vec<XDbgBlockGraphEdge>,
+}
+impl XDbgBlockGraph {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(nodes: Vec<XDbgBlockGraphNode>, edges: Vec<XDbgBlockGraphEdge>) -> Self {
+        Self { nodes, edges }
+    }
+}
+::qapi_runtime::impl_object!(XDbgBlockGraph { nodes("nodes"), edges("edges") });
+/// A latency histogram.
+///
+/// **Since:** 4.0
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockLatencyHistogramInfo {
+    /// the bins' boundaries in nanoseconds
+    pub boundaries: Vec<u64>,
+    /// how many requests fell in each bin
+    pub bins: Vec<u64>,
+}
+impl BlockLatencyHistogramInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(boundaries: Vec<u64>, bins: Vec<u64>) -> Self {
+        Self { boundaries, bins }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockLatencyHistogramInfo { boundaries("boundaries"), bins("bins") }
+);
+/// Latency and queue depth over one accounting interval.
+///
+/// **Since:** 2.5
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockDeviceTimedStats {
+    /// the interval in seconds
+    pub interval_length: i64,
+    /// shortest read, nanoseconds
+    pub min_rd_latency_ns: i64,
+    /// longest read, nanoseconds
+    pub max_rd_latency_ns: i64,
+    /// average read, nanoseconds
+    pub avg_rd_latency_ns: i64,
+    /// shortest write, nanoseconds
+    pub min_wr_latency_ns: i64,
+    /// longest write, nanoseconds
+    pub max_wr_latency_ns: i64,
+    /// average write, nanoseconds
+    pub avg_wr_latency_ns: i64,
+    /// shortest zone append, nanoseconds
+    /// (since 8.1)
+    pub min_zone_append_latency_ns: i64,
+    /// longest zone append, nanoseconds
+    /// (since 8.1)
+    pub max_zone_append_latency_ns: i64,
+    /// average zone append, nanoseconds
+    /// (since 8.1)
+    pub avg_zone_append_latency_ns: i64,
+    /// shortest flush, nanoseconds
+    pub min_flush_latency_ns: i64,
+    /// longest flush, nanoseconds
+    pub max_flush_latency_ns: i64,
+    /// average flush, nanoseconds
+    pub avg_flush_latency_ns: i64,
+    /// average reads in flight
+    pub avg_rd_queue_depth: f64,
+    /// average writes in flight
+    pub avg_wr_queue_depth: f64,
+    /// average zone appends in flight
+    /// (since 8.1)
+    pub avg_zone_append_queue_depth: f64,
+}
+impl BlockDeviceTimedStats {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        interval_length: i64,
+        min_rd_latency_ns: i64,
+        max_rd_latency_ns: i64,
+        avg_rd_latency_ns: i64,
+        min_wr_latency_ns: i64,
+        max_wr_latency_ns: i64,
+        avg_wr_latency_ns: i64,
+        min_zone_append_latency_ns: i64,
+        max_zone_append_latency_ns: i64,
+        avg_zone_append_latency_ns: i64,
+        min_flush_latency_ns: i64,
+        max_flush_latency_ns: i64,
+        avg_flush_latency_ns: i64,
+        avg_rd_queue_depth: f64,
+        avg_wr_queue_depth: f64,
+        avg_zone_append_queue_depth: f64,
+    ) -> Self {
+        Self {
+            interval_length,
+            min_rd_latency_ns,
+            max_rd_latency_ns,
+            avg_rd_latency_ns,
+            min_wr_latency_ns,
+            max_wr_latency_ns,
+            avg_wr_latency_ns,
+            min_zone_append_latency_ns,
+            max_zone_append_latency_ns,
+            avg_zone_append_latency_ns,
+            min_flush_latency_ns,
+            max_flush_latency_ns,
+            avg_flush_latency_ns,
+            avg_rd_queue_depth,
+            avg_wr_queue_depth,
+            avg_zone_append_queue_depth,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockDeviceTimedStats { interval_length("interval_length"),
+    min_rd_latency_ns("min_rd_latency_ns"), max_rd_latency_ns("max_rd_latency_ns"),
+    avg_rd_latency_ns("avg_rd_latency_ns"), min_wr_latency_ns("min_wr_latency_ns"),
+    max_wr_latency_ns("max_wr_latency_ns"), avg_wr_latency_ns("avg_wr_latency_ns"),
+    min_zone_append_latency_ns("min_zone_append_latency_ns"),
+    max_zone_append_latency_ns("max_zone_append_latency_ns"),
+    avg_zone_append_latency_ns("avg_zone_append_latency_ns"),
+    min_flush_latency_ns("min_flush_latency_ns"),
+    max_flush_latency_ns("max_flush_latency_ns"),
+    avg_flush_latency_ns("avg_flush_latency_ns"),
+    avg_rd_queue_depth("avg_rd_queue_depth"), avg_wr_queue_depth("avg_wr_queue_depth"),
+    avg_zone_append_queue_depth("avg_zone_append_queue_depth") }
+);
+/// I/O statistics.  blockjobd accounts requests on block devices
+/// only, and has none: a node's counters are 0, except
+/// `wr_highest_offset`, which nodes keep themselves.
+///
+/// **Since:** 0.14
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockDeviceStats {
+    /// bytes read
+    pub rd_bytes: i64,
+    /// bytes written
+    pub wr_bytes: i64,
+    /// bytes zone-appended (since 8.1)
+    pub zone_append_bytes: i64,
+    /// bytes unmapped (since 4.2)
+    pub unmap_bytes: i64,
+    /// reads
+    pub rd_operations: i64,
+    /// writes
+    pub wr_operations: i64,
+    /// zone appends (since 8.1)
+    pub zone_append_operations: i64,
+    /// flushes (since 0.15)
+    pub flush_operations: i64,
+    /// unmaps (since 4.2)
+    pub unmap_operations: i64,
+    /// time spent reading (since 0.15)
+    pub rd_total_time_ns: i64,
+    /// time spent writing (since 0.15)
+    pub wr_total_time_ns: i64,
+    /// time spent zone-appending (since 8.1)
+    pub zone_append_total_time_ns: i64,
+    /// time spent flushing (since 0.15)
+    pub flush_total_time_ns: i64,
+    /// time spent unmapping (since 4.2)
+    pub unmap_total_time_ns: i64,
+    /// the end of the highest write to the node
+    pub wr_highest_offset: i64,
+    /// reads merged into others (since 2.3)
+    pub rd_merged: i64,
+    /// writes merged into others (since 2.3)
+    pub wr_merged: i64,
+    /// zone appends merged into others (since 8.1)
+    pub zone_append_merged: i64,
+    /// unmaps merged into others (since 4.2)
+    pub unmap_merged: i64,
+    /// time since the last request (since 2.5)
+    pub idle_time_ns: Option<i64>,
+    /// failed reads (since 2.5)
+    pub failed_rd_operations: i64,
+    /// failed writes (since 2.5)
+    pub failed_wr_operations: i64,
+    /// failed zone appends (since 8.1)
+    pub failed_zone_append_operations: i64,
+    /// failed flushes (since 2.5)
+    pub failed_flush_operations: i64,
+    /// failed unmaps (since 4.2)
+    pub failed_unmap_operations: i64,
+    /// invalid reads (since 2.5)
+    pub invalid_rd_operations: i64,
+    /// invalid writes (since 2.5)
+    pub invalid_wr_operations: i64,
+    /// invalid zone appends (since 8.1)
+    pub invalid_zone_append_operations: i64,
+    /// invalid flushes (since 2.5)
+    pub invalid_flush_operations: i64,
+    /// invalid unmaps (since 4.2)
+    pub invalid_unmap_operations: i64,
+    /// whether invalid requests are counted (since 2.5)
+    pub account_invalid: bool,
+    /// whether failed requests are counted (since 2.5)
+    pub account_failed: bool,
+    /// statistics per accounting interval (since 2.5)
+    pub timed_stats: Vec<BlockDeviceTimedStats>,
+    /// read latency histogram (since 4.0)
+    pub rd_latency_histogram: Option<BlockLatencyHistogramInfo>,
+    /// write latency histogram (since 4.0)
+    pub wr_latency_histogram: Option<BlockLatencyHistogramInfo>,
+    /// zone append latency histogram
+    /// (since 8.1)
+    pub zone_append_latency_histogram: Option<BlockLatencyHistogramInfo>,
+    /// flush latency histogram (since 4.0)
+    pub flush_latency_histogram: Option<BlockLatencyHistogramInfo>,
+}
+impl BlockDeviceStats {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        rd_bytes: i64,
+        wr_bytes: i64,
+        zone_append_bytes: i64,
+        unmap_bytes: i64,
+        rd_operations: i64,
+        wr_operations: i64,
+        zone_append_operations: i64,
+        flush_operations: i64,
+        unmap_operations: i64,
+        rd_total_time_ns: i64,
+        wr_total_time_ns: i64,
+        zone_append_total_time_ns: i64,
+        flush_total_time_ns: i64,
+        unmap_total_time_ns: i64,
+        wr_highest_offset: i64,
+        rd_merged: i64,
+        wr_merged: i64,
+        zone_append_merged: i64,
+        unmap_merged: i64,
+        failed_rd_operations: i64,
+        failed_wr_operations: i64,
+        failed_zone_append_operations: i64,
+        failed_flush_operations: i64,
+        failed_unmap_operations: i64,
+        invalid_rd_operations: i64,
+        invalid_wr_operations: i64,
+        invalid_zone_append_operations: i64,
+        invalid_flush_operations: i64,
+        invalid_unmap_operations: i64,
+        account_invalid: bool,
+        account_failed: bool,
+        timed_stats: Vec<BlockDeviceTimedStats>,
+    ) -> Self {
+        Self {
+            rd_bytes,
+            wr_bytes,
+            zone_append_bytes,
+            unmap_bytes,
+            rd_operations,
+            wr_operations,
+            zone_append_operations,
+            flush_operations,
+            unmap_operations,
+            rd_total_time_ns,
+            wr_total_time_ns,
+            zone_append_total_time_ns,
+            flush_total_time_ns,
+            unmap_total_time_ns,
+            wr_highest_offset,
+            rd_merged,
+            wr_merged,
+            zone_append_merged,
+            unmap_merged,
+            idle_time_ns: None,
+            failed_rd_operations,
+            failed_wr_operations,
+            failed_zone_append_operations,
+            failed_flush_operations,
+            failed_unmap_operations,
+            invalid_rd_operations,
+            invalid_wr_operations,
+            invalid_zone_append_operations,
+            invalid_flush_operations,
+            invalid_unmap_operations,
+            account_invalid,
+            account_failed,
+            timed_stats,
+            rd_latency_histogram: None,
+            wr_latency_histogram: None,
+            zone_append_latency_histogram: None,
+            flush_latency_histogram: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockDeviceStats { rd_bytes("rd_bytes"), wr_bytes("wr_bytes"),
+    zone_append_bytes("zone_append_bytes"), unmap_bytes("unmap_bytes"),
+    rd_operations("rd_operations"), wr_operations("wr_operations"),
+    zone_append_operations("zone_append_operations"),
+    flush_operations("flush_operations"), unmap_operations("unmap_operations"),
+    rd_total_time_ns("rd_total_time_ns"), wr_total_time_ns("wr_total_time_ns"),
+    zone_append_total_time_ns("zone_append_total_time_ns"),
+    flush_total_time_ns("flush_total_time_ns"),
+    unmap_total_time_ns("unmap_total_time_ns"), wr_highest_offset("wr_highest_offset"),
+    rd_merged("rd_merged"), wr_merged("wr_merged"),
+    zone_append_merged("zone_append_merged"), unmap_merged("unmap_merged"), optional
+    idle_time_ns("idle_time_ns"), failed_rd_operations("failed_rd_operations"),
+    failed_wr_operations("failed_wr_operations"),
+    failed_zone_append_operations("failed_zone_append_operations"),
+    failed_flush_operations("failed_flush_operations"),
+    failed_unmap_operations("failed_unmap_operations"),
+    invalid_rd_operations("invalid_rd_operations"),
+    invalid_wr_operations("invalid_wr_operations"),
+    invalid_zone_append_operations("invalid_zone_append_operations"),
+    invalid_flush_operations("invalid_flush_operations"),
+    invalid_unmap_operations("invalid_unmap_operations"),
+    account_invalid("account_invalid"), account_failed("account_failed"),
+    timed_stats("timed_stats"), optional rd_latency_histogram("rd_latency_histogram"),
+    optional wr_latency_histogram("wr_latency_histogram"), optional
+    zone_append_latency_histogram("zone_append_latency_histogram"), optional
+    flush_latency_histogram("flush_latency_histogram") }
+);
+/// Statistics of the file driver.
+///
+/// **Since:** 4.2
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockStatsSpecificFile {
+    /// discards that succeeded
+    pub discard_nb_ok: u64,
+    /// discards that failed
+    pub discard_nb_failed: u64,
+    /// bytes discarded
+    pub discard_bytes_ok: u64,
+}
+impl BlockStatsSpecificFile {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        discard_nb_ok: u64,
+        discard_nb_failed: u64,
+        discard_bytes_ok: u64,
+    ) -> Self {
+        Self {
+            discard_nb_ok,
+            discard_nb_failed,
+            discard_bytes_ok,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockStatsSpecificFile { discard_nb_ok("discard-nb-ok"),
+    discard_nb_failed("discard-nb-failed"), discard_bytes_ok("discard-bytes-ok") }
+);
+/// Statistics of a node's driver, for drivers that keep some.
+///
+/// **Since:** 4.2
+///
+/// The members of the branch selected by `driver` are in [`BlockStatsSpecificBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockStatsSpecific {
+    pub branch: BlockStatsSpecificBranch,
+}
+/// The branch of [`BlockStatsSpecific`] chosen by its discriminator `driver` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockStatsSpecificBranch {
+    /// a filter that injects errors and tracks events, for
+    /// tests
+    Blkdebug,
+    /// a filter that copies the old data of every
+    /// range written through it (or to its file) to a target first
+    /// (since 6.2)
+    CopyBeforeWrite,
+    /// a filter whose reads copy the data they find in the
+    /// backing chain into its child's own layer (since 3.0)
+    CopyOnRead,
+    /// a file of the host's file system
+    File(BlockStatsSpecificFile),
+    /// an export of an NBD server, as a client
+    Nbd,
+    /// a node that stores nothing: writes are dropped, reads
+    /// return zeroes (with read-zeroes) or leave the buffer alone
+    NullCo,
+    /// the qcow2 image format
+    Qcow2,
+    /// the raw image format: the data as it is, optionally a slice
+    /// of the file
+    Raw,
+    /// read-only access to the point-in-time view a
+    /// copy-before-write filter keeps (since 7.0)
+    SnapshotAccess,
+    /// a filter limiting I/O by the limits of a throttle group
+    /// (since 2.11)
+    Throttle,
+    /// A value this schema does not know, read from a newer QEMU's reply or event
+    /// (it has no wire name and cannot be sent).
+    UnknownValue,
+}
+impl BlockStatsSpecificBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> BlockdevDriver {
+        match self {
+            Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::CopyBeforeWrite => BlockdevDriver::CopyBeforeWrite,
+            Self::CopyOnRead => BlockdevDriver::CopyOnRead,
+            Self::File(_) => BlockdevDriver::File,
+            Self::Nbd => BlockdevDriver::Nbd,
+            Self::NullCo => BlockdevDriver::NullCo,
+            Self::Qcow2 => BlockdevDriver::Qcow2,
+            Self::Raw => BlockdevDriver::Raw,
+            Self::SnapshotAccess => BlockdevDriver::SnapshotAccess,
+            Self::Throttle => BlockdevDriver::Throttle,
+            Self::UnknownValue => BlockdevDriver::UnknownValue,
+        }
+    }
+}
+impl BlockStatsSpecific {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: BlockStatsSpecificBranch) -> Self {
+        Self { branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for BlockStatsSpecific {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: BlockdevDriver = object.required("driver")?;
+        let branch = match kind {
+            BlockdevDriver::Blkdebug => BlockStatsSpecificBranch::Blkdebug,
+            BlockdevDriver::CopyBeforeWrite => BlockStatsSpecificBranch::CopyBeforeWrite,
+            BlockdevDriver::CopyOnRead => BlockStatsSpecificBranch::CopyOnRead,
+            BlockdevDriver::File => {
+                BlockStatsSpecificBranch::File(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            BlockdevDriver::Nbd => BlockStatsSpecificBranch::Nbd,
+            BlockdevDriver::NullCo => BlockStatsSpecificBranch::NullCo,
+            BlockdevDriver::Qcow2 => BlockStatsSpecificBranch::Qcow2,
+            BlockdevDriver::Raw => BlockStatsSpecificBranch::Raw,
+            BlockdevDriver::SnapshotAccess => BlockStatsSpecificBranch::SnapshotAccess,
+            BlockdevDriver::Throttle => BlockStatsSpecificBranch::Throttle,
+            BlockdevDriver::UnknownValue => BlockStatsSpecificBranch::UnknownValue,
+        };
+        Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockStatsSpecific {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("driver", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for BlockStatsSpecificBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Blkdebug => Ok(()),
+            Self::CopyBeforeWrite => Ok(()),
+            Self::CopyOnRead => Ok(()),
+            Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Nbd => Ok(()),
+            Self::NullCo => Ok(()),
+            Self::Qcow2 => Ok(()),
+            Self::Raw => Ok(()),
+            Self::SnapshotAccess => Ok(()),
+            Self::Throttle => Ok(()),
+            Self::UnknownValue => {
+                Err(::qapi_runtime::output::unknown_branch("BlockStatsSpecific"))
+            }
+        }
+    }
+}
+::qapi_runtime::impl_object!(BlockStatsSpecific);
+/// Statistics of a block device or node.
+///
+/// **Since:** 0.14
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockStats {
+    /// the block device's name
+    pub device: Option<String>,
+    /// the device's path
+    pub qdev: Option<String>,
+    /// the node's name (since 2.3)
+    pub node_name: Option<String>,
+    /// the statistics
+    pub stats: BlockDeviceStats,
+    /// the driver's own statistics (since 4.2)
+    pub driver_specific: Option<BlockStatsSpecific>,
+    /// the statistics of the node's file child (since 2.0)
+    pub parent: Option<Box<BlockStats>>,
+    /// the statistics of the node's backing child (since 2.12)
+    pub backing: Option<Box<BlockStats>>,
+}
+impl BlockStats {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(stats: BlockDeviceStats) -> Self {
+        Self {
+            device: None,
+            qdev: None,
+            node_name: None,
+            stats,
+            driver_specific: None,
+            parent: None,
+            backing: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockStats { optional device("device"), optional qdev("qdev"), optional
+    node_name("node-name"), stats("stats"), optional driver_specific("driver-specific"),
+    optional parent("parent"), optional backing("backing") }
+);
+/// One property of an object, as `qom-list` and `qom-list-properties`
+/// show it.
+///
+/// **Since:** 1.2
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectPropertyInfo {
+    /// the property's name
+    pub name: String,
+    /// the property's type: a QAPI type name, a builtin such as
+    /// 'int', 'bool' or 'string', or 'child<TYPE>' for a child object
+    pub r#type: String,
+    /// what the property is for, when the type says
+    pub description: Option<String>,
+    /// the value the property has unless set (since 5.0)
+    pub default_value: Option<::serde_json::Value>,
+}
+impl ObjectPropertyInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(name: impl Into<String>, r#type: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            r#type: r#type.into(),
+            description: None,
+            default_value: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ObjectPropertyInfo { name("name"), r#type("type"), optional
+    description("description"), optional default_value("default-value") }
+);
+/// One object type.
+///
+/// **Since:** 1.1
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectTypeInfo {
+    /// the type's name
+    pub name: String,
+    /// whether the type is abstract (no instances of its own)
+    pub r#abstract: Option<bool>,
+    /// the name of the type it derives from (since 2.10)
+    pub parent: Option<String>,
+}
+impl ObjectTypeInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            r#abstract: None,
+            parent: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ObjectTypeInfo { name("name"), optional r#abstract("abstract"), optional
+    parent("parent") }
+);
+/// The limits of a throttle group.  Rates are per second; 0 means no
+/// limit.  A @...-max value allows bursts up to that rate for
+/// @...-max-length seconds.  Total limits and read/write limits of the
+/// same kind exclude each other.
+///
+/// **Since:** 2.11
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThrottleLimits {
+    /// I/O operations per second, reads and writes together
+    pub iops_total: Option<i64>,
+    /// burst rate for `iops-total`
+    pub iops_total_max: Option<i64>,
+    /// burst length in seconds for `iops-total-max`
+    /// (default: 1)
+    pub iops_total_max_length: Option<i64>,
+    /// read operations per second
+    pub iops_read: Option<i64>,
+    /// burst rate for `iops-read`
+    pub iops_read_max: Option<i64>,
+    /// burst length for `iops-read-max` (default: 1)
+    pub iops_read_max_length: Option<i64>,
+    /// write operations per second
+    pub iops_write: Option<i64>,
+    /// burst rate for `iops-write`
+    pub iops_write_max: Option<i64>,
+    /// burst length for `iops-write-max`
+    /// (default: 1)
+    pub iops_write_max_length: Option<i64>,
+    /// bytes per second, reads and writes together
+    pub bps_total: Option<i64>,
+    /// burst rate for `bps-total`
+    pub bps_total_max: Option<i64>,
+    /// burst length for `bps-total-max` (default: 1)
+    pub bps_total_max_length: Option<i64>,
+    /// bytes read per second
+    pub bps_read: Option<i64>,
+    /// burst rate for `bps-read`
+    pub bps_read_max: Option<i64>,
+    /// burst length for `bps-read-max` (default: 1)
+    pub bps_read_max_length: Option<i64>,
+    /// bytes written per second
+    pub bps_write: Option<i64>,
+    /// burst rate for `bps-write`
+    pub bps_write_max: Option<i64>,
+    /// burst length for `bps-write-max` (default: 1)
+    pub bps_write_max_length: Option<i64>,
+    /// an operation larger than this many bytes counts as
+    /// several for the iops limits (default: 0, every operation counts
+    /// once)
+    pub iops_size: Option<i64>,
+}
+impl ThrottleLimits {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            iops_total: None,
+            iops_total_max: None,
+            iops_total_max_length: None,
+            iops_read: None,
+            iops_read_max: None,
+            iops_read_max_length: None,
+            iops_write: None,
+            iops_write_max: None,
+            iops_write_max_length: None,
+            bps_total: None,
+            bps_total_max: None,
+            bps_total_max_length: None,
+            bps_read: None,
+            bps_read_max: None,
+            bps_read_max_length: None,
+            bps_write: None,
+            bps_write_max: None,
+            bps_write_max_length: None,
+            iops_size: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ThrottleLimits { optional iops_total("iops-total"), optional
+    iops_total_max("iops-total-max"), optional
+    iops_total_max_length("iops-total-max-length"), optional iops_read("iops-read"),
+    optional iops_read_max("iops-read-max"), optional
+    iops_read_max_length("iops-read-max-length"), optional iops_write("iops-write"),
+    optional iops_write_max("iops-write-max"), optional
+    iops_write_max_length("iops-write-max-length"), optional bps_total("bps-total"),
+    optional bps_total_max("bps-total-max"), optional
+    bps_total_max_length("bps-total-max-length"), optional bps_read("bps-read"), optional
+    bps_read_max("bps-read-max"), optional bps_read_max_length("bps-read-max-length"),
+    optional bps_write("bps-write"), optional bps_write_max("bps-write-max"), optional
+    bps_write_max_length("bps-write-max-length"), optional iops_size("iops-size") }
+);
+/// Properties of a throttle-group object: the limits shared by every
+/// throttle node of the group.
+///
+/// **Since:** 2.11
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThrottleGroupProperties {
+    /// the limits (default: none)
+    pub limits: Option<ThrottleLimits>,
+    /// the same as `ThrottleLimits`' member of the name
+    /// without 'x-'; set after `limits`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_total: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_total_max: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_total_max_length: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_read: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_read_max: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_read_max_length: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_write: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_write_max: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_write_max_length: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_total: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_total_max: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_total_max_length: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_read: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_read_max: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_read_max_length: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_write: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_write_max: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_bps_write_max_length: Option<i64>,
+    /// see `x-iops-total`
+    ///
+    /// **Features:** `unstable`
+    pub x_iops_size: Option<i64>,
+}
+impl ThrottleGroupProperties {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            limits: None,
+            x_iops_total: None,
+            x_iops_total_max: None,
+            x_iops_total_max_length: None,
+            x_iops_read: None,
+            x_iops_read_max: None,
+            x_iops_read_max_length: None,
+            x_iops_write: None,
+            x_iops_write_max: None,
+            x_iops_write_max_length: None,
+            x_bps_total: None,
+            x_bps_total_max: None,
+            x_bps_total_max_length: None,
+            x_bps_read: None,
+            x_bps_read_max: None,
+            x_bps_read_max_length: None,
+            x_bps_write: None,
+            x_bps_write_max: None,
+            x_bps_write_max_length: None,
+            x_iops_size: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ThrottleGroupProperties { optional limits("limits"), optional
+    x_iops_total("x-iops-total"), optional x_iops_total_max("x-iops-total-max"), optional
+    x_iops_total_max_length("x-iops-total-max-length"), optional
+    x_iops_read("x-iops-read"), optional x_iops_read_max("x-iops-read-max"), optional
+    x_iops_read_max_length("x-iops-read-max-length"), optional
+    x_iops_write("x-iops-write"), optional x_iops_write_max("x-iops-write-max"), optional
+    x_iops_write_max_length("x-iops-write-max-length"), optional
+    x_bps_total("x-bps-total"), optional x_bps_total_max("x-bps-total-max"), optional
+    x_bps_total_max_length("x-bps-total-max-length"), optional x_bps_read("x-bps-read"),
+    optional x_bps_read_max("x-bps-read-max"), optional
+    x_bps_read_max_length("x-bps-read-max-length"), optional x_bps_write("x-bps-write"),
+    optional x_bps_write_max("x-bps-write-max"), optional
+    x_bps_write_max_length("x-bps-write-max-length"), optional x_iops_size("x-iops-size")
+    }
+);
+/// Settings every event loop has.
+///
+/// **Since:** 7.1
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventLoopBaseProperties {
+    /// most requests submitted to the host in one go, 0
+    /// for the default (default: 0; since 6.1)
+    pub aio_max_batch: Option<i64>,
+    /// fewest worker threads kept (default: 0; since 7.1)
+    pub thread_pool_min: Option<i64>,
+    /// most worker threads (default: 64; since 7.1)
+    pub thread_pool_max: Option<i64>,
+}
+impl EventLoopBaseProperties {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            aio_max_batch: None,
+            thread_pool_min: None,
+            thread_pool_max: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    EventLoopBaseProperties { optional aio_max_batch("aio-max-batch"), optional
+    thread_pool_min("thread-pool-min"), optional thread_pool_max("thread-pool-max") }
+);
+/// Properties of an iothread object.
+///
+/// **Since:** 2.0
+///
+/// Includes the members of [`EventLoopBaseProperties`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IothreadProperties {
+    /// most requests submitted to the host in one go, 0
+    /// for the default (default: 0; since 6.1)
+    pub aio_max_batch: Option<i64>,
+    /// fewest worker threads kept (default: 0; since 7.1)
+    pub thread_pool_min: Option<i64>,
+    /// most worker threads (default: 64; since 7.1)
+    pub thread_pool_max: Option<i64>,
+    /// longest time in nanoseconds to poll before sleeping,
+    /// 0 to never poll (default: 32768)
+    pub poll_max_ns: Option<i64>,
+    /// factor by which the poll time grows, 0 for the default
+    /// (default: 0)
+    pub poll_grow: Option<i64>,
+    /// divisor by which the poll time shrinks, 0 for the
+    /// default (default: 0)
+    pub poll_shrink: Option<i64>,
+}
+impl IothreadProperties {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            aio_max_batch: None,
+            thread_pool_min: None,
+            thread_pool_max: None,
+            poll_max_ns: None,
+            poll_grow: None,
+            poll_shrink: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    IothreadProperties { optional aio_max_batch("aio-max-batch"), optional
+    thread_pool_min("thread-pool-min"), optional thread_pool_max("thread-pool-max"),
+    optional poll_max_ns("poll-max-ns"), optional poll_grow("poll-grow"), optional
+    poll_shrink("poll-shrink") }
+);
+/// How a secret's data is written.
+///
+/// **Since:** 2.6
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QCryptoSecretFormat {
+    /// the bytes as they are (UTF-8 text on the wire)
+    Raw,
+    /// base64-encoded bytes
+    Base64,
+}
+::qapi_runtime::impl_enum!(
+    QCryptoSecretFormat = "QCryptoSecretFormat" { Raw("raw"), Base64("base64") }
+);
+/// Settings of every secret object.
+///
+/// **Since:** 2.6
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretCommonProperties {
+    /// how the data is written (default: raw)
+    pub format: Option<QCryptoSecretFormat>,
+    /// the id of a secret that decrypts this one's data (default:
+    /// not encrypted)
+    pub keyid: Option<String>,
+    /// the base64 initialisation vector of the decryption, with
+    /// `keyid`
+    pub iv: Option<String>,
+}
+impl SecretCommonProperties {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            format: None,
+            keyid: None,
+            iv: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    SecretCommonProperties { optional format("format"), optional keyid("keyid"), optional
+    iv("iv") }
+);
+/// Properties of a secret object: the secret given inline or read
+/// from a file.
+///
+/// **Since:** 2.6
+///
+/// Includes the members of [`SecretCommonProperties`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretProperties {
+    /// how the data is written (default: raw)
+    pub format: Option<QCryptoSecretFormat>,
+    /// the id of a secret that decrypts this one's data (default:
+    /// not encrypted)
+    pub keyid: Option<String>,
+    /// the base64 initialisation vector of the decryption, with
+    /// `keyid`
+    pub iv: Option<String>,
+    /// the secret itself
+    pub data: Option<String>,
+    /// a file holding the secret
+    pub file: Option<String>,
+}
+impl SecretProperties {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            format: None,
+            keyid: None,
+            iv: None,
+            data: None,
+            file: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    SecretProperties { optional format("format"), optional keyid("keyid"), optional
+    iv("iv"), optional data("data"), optional file("file") }
+);
+/// The types of object `object-add` creates in this daemon.  QEMU has
+/// many more; an `object-add` naming one of those is rejected as naming
+/// an unknown type.
+///
+/// **Since:** 6.0
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectType {
+    /// an I/O thread
+    Iothread,
+    /// a secret (a password or key)
+    Secret,
+    /// I/O limits shared by throttle nodes
+    ThrottleGroup,
+}
+::qapi_runtime::impl_enum!(
+    ObjectType = "ObjectType" { Iothread("iothread"), Secret("secret"),
+    ThrottleGroup("throttle-group") }
+);
+/// The type and properties of a new object.
+///
+/// **Since:** 6.0
+///
+/// The members of the branch selected by `qom-type` are in [`ObjectOptionsBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectOptions {
+    /// the object's name, an identifier (a letter, then letters,
+    /// digits, '-', '.' and '_')
+    pub id: String,
+    pub branch: ObjectOptionsBranch,
+}
+/// The branch of [`ObjectOptions`] chosen by its discriminator `qom-type` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ObjectOptionsBranch {
+    /// an I/O thread
+    Iothread(IothreadProperties),
+    /// a secret (a password or key)
+    Secret(SecretProperties),
+    /// I/O limits shared by throttle nodes
+    ThrottleGroup(ThrottleGroupProperties),
+}
+impl ObjectOptionsBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> ObjectType {
+        match self {
+            Self::Iothread(_) => ObjectType::Iothread,
+            Self::Secret(_) => ObjectType::Secret,
+            Self::ThrottleGroup(_) => ObjectType::ThrottleGroup,
+        }
+    }
+}
+impl ObjectOptions {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(id: impl Into<String>, branch: ObjectOptionsBranch) -> Self {
+        Self { id: id.into(), branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for ObjectOptions {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: ObjectType = object.required("qom-type")?;
+        let member_1 = object.required("id")?;
+        let branch = match kind {
+            ObjectType::Iothread => {
+                ObjectOptionsBranch::Iothread(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            ObjectType::Secret => {
+                ObjectOptionsBranch::Secret(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            ObjectType::ThrottleGroup => {
+                ObjectOptionsBranch::ThrottleGroup(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+        };
+        Ok(Self { id: member_1, branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for ObjectOptions {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("qom-type", &self.branch.kind())?;
+        map.serialize_entry("id", &self.id)?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for ObjectOptionsBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Iothread(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+            Self::Secret(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::ThrottleGroup(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
+        }
+    }
+}
+::qapi_runtime::impl_object!(ObjectOptions);
+/// A character device.
+///
+/// **Since:** 0.14
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevInfo {
+    /// the device's id
+    pub label: String,
+    /// where the device's data goes, in QEMU's notation
+    /// ('unix:PATH,server=on', 'disconnected:tcp:HOST:PORT,server=on',
+    /// 'ringbuf', 'null')
+    pub filename: String,
+    /// whether something (a monitor) uses the device and
+    /// has it open
+    pub frontend_open: bool,
+}
+impl ChardevInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(
+        label: impl Into<String>,
+        filename: impl Into<String>,
+        frontend_open: bool,
+    ) -> Self {
+        Self {
+            label: label.into(),
+            filename: filename.into(),
+            frontend_open,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ChardevInfo { label("label"), filename("filename"), frontend_open("frontend-open") }
+);
+/// A kind of character device.
+///
+/// **Since:** 2.0
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevBackendInfo {
+    /// the kind's name
+    pub name: String,
+}
+impl ChardevBackendInfo {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into() }
+    }
+}
+::qapi_runtime::impl_object!(ChardevBackendInfo { name("name") });
+/// How data travels in a JSON string.
+///
+/// **Since:** 1.4
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DataFormat {
+    /// as text
+    Utf8,
+    /// base64-encoded
+    Base64,
+}
+::qapi_runtime::impl_enum!(DataFormat = "DataFormat" { Utf8("utf8"), Base64("base64") });
+/// Settings of every character device.
+///
+/// **Since:** 2.6
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevCommon {
+    /// a file that gets a copy of everything the device carries
+    pub logfile: Option<String>,
+    /// append to `logfile` instead of truncating it (default:
+    /// false)
+    pub logappend: Option<bool>,
+}
+impl ChardevCommon {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            logfile: None,
+            logappend: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ChardevCommon { optional logfile("logfile"), optional logappend("logappend") }
+);
+/// A socket character device.
+///
+/// **Since:** 1.4
+///
+/// Includes the members of [`ChardevCommon`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevSocket {
+    /// a file that gets a copy of everything the device carries
+    pub logfile: Option<String>,
+    /// append to `logfile` instead of truncating it (default:
+    /// false)
+    pub logappend: Option<bool>,
+    /// the socket's address
+    pub addr: SocketAddressLegacy,
+    /// the id of TLS credentials for the connection
+    pub tls_creds: Option<String>,
+    /// the id of the object authorising TLS clients
+    /// (since 4.0)
+    pub tls_authz: Option<String>,
+    /// listen for a connection instead of connecting out
+    /// (default: true)
+    pub server: Option<bool>,
+    /// with `server`, wait for a client before the device's user
+    /// starts (default: true)
+    pub wait: Option<bool>,
+    /// set TCP_NODELAY (default: false)
+    pub nodelay: Option<bool>,
+    /// speak the telnet protocol (default: false)
+    pub telnet: Option<bool>,
+    /// speak the TN3270 protocol (default: false; since 2.10)
+    pub tn3270: Option<bool>,
+    /// speak the WebSocket protocol (default: false;
+    /// since 3.1)
+    pub websocket: Option<bool>,
+    /// seconds before reconnecting a lost client connection
+    /// (since 2.2)
+    ///
+    /// **Features:** `deprecated`
+    #[deprecated]
+    pub reconnect: Option<i64>,
+    /// milliseconds before reconnecting a lost client
+    /// connection (since 9.2)
+    pub reconnect_ms: Option<i64>,
+}
+impl ChardevSocket {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(addr: SocketAddressLegacy) -> Self {
+        Self {
+            logfile: None,
+            logappend: None,
+            addr,
+            tls_creds: None,
+            tls_authz: None,
+            server: None,
+            wait: None,
+            nodelay: None,
+            telnet: None,
+            tn3270: None,
+            websocket: None,
+            reconnect: None,
+            reconnect_ms: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ChardevSocket { optional logfile("logfile"), optional logappend("logappend"),
+    addr("addr"), optional tls_creds("tls-creds"), optional tls_authz("tls-authz"),
+    optional server("server"), optional wait("wait"), optional nodelay("nodelay"),
+    optional telnet("telnet"), optional tn3270("tn3270"), optional
+    websocket("websocket"), optional reconnect("reconnect"), optional
+    reconnect_ms("reconnect-ms") }
+);
+/// A ring buffer character device, read and written with
+/// `ringbuf-read` and `ringbuf-write`.
+///
+/// **Since:** 1.5
+///
+/// Includes the members of [`ChardevCommon`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevRingbuf {
+    /// a file that gets a copy of everything the device carries
+    pub logfile: Option<String>,
+    /// append to `logfile` instead of truncating it (default:
+    /// false)
+    pub logappend: Option<bool>,
+    /// the buffer's size in bytes, a power of two (default: 65536)
+    pub size: Option<i64>,
+}
+impl ChardevRingbuf {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self {
+            logfile: None,
+            logappend: None,
+            size: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    ChardevRingbuf { optional logfile("logfile"), optional logappend("logappend"),
+    optional size("size") }
+);
+/// The kinds of character device this daemon creates.  QEMU has many
+/// more; a `chardev-add` naming one of those is rejected as naming an
+/// unknown kind.
+///
+/// **Since:** 1.4
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ChardevBackendKind {
+    /// a device that discards what it is given and never has data
+    Null,
+    /// a socket (since 1.4)
+    Socket,
+    /// a ring buffer in memory (since 1.6)
+    Ringbuf,
+}
+::qapi_runtime::impl_enum!(
+    ChardevBackendKind = "ChardevBackendKind" { Null("null"), Socket("socket"),
+    Ringbuf("ringbuf") }
+);
+/// **Since:** 1.4
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevCommonWrapper {
+    /// the settings
+    pub data: ChardevCommon,
+}
+impl ChardevCommonWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: ChardevCommon) -> Self {
+        Self { data }
+    }
+}
+::qapi_runtime::impl_object!(ChardevCommonWrapper { data("data") });
+/// **Since:** 1.4
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevSocketWrapper {
+    /// the settings
+    pub data: ChardevSocket,
+}
+impl ChardevSocketWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: ChardevSocket) -> Self {
+        Self { data }
+    }
+}
+::qapi_runtime::impl_object!(ChardevSocketWrapper { data("data") });
+/// **Since:** 1.5
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevRingbufWrapper {
+    /// the settings
+    pub data: ChardevRingbuf,
+}
+impl ChardevRingbufWrapper {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(data: ChardevRingbuf) -> Self {
+        Self { data }
+    }
+}
+::qapi_runtime::impl_object!(ChardevRingbufWrapper { data("data") });
+/// A character device's kind and settings.
+///
+/// **Since:** 1.4
+///
+/// The members of the branch selected by `type` are in [`ChardevBackendBranch`], flattened into the same JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevBackend {
+    pub branch: ChardevBackendBranch,
+}
+/// The branch of [`ChardevBackend`] chosen by its discriminator `type` (serialised as that member).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChardevBackendBranch {
+    /// a device that discards what it is given and never has data
+    Null(ChardevCommonWrapper),
+    /// a socket (since 1.4)
+    Socket(ChardevSocketWrapper),
+    /// a ring buffer in memory (since 1.6)
+    Ringbuf(ChardevRingbufWrapper),
+}
+impl ChardevBackendBranch {
+    /// The discriminator value selecting this branch.
+    pub fn kind(&self) -> ChardevBackendKind {
+        match self {
+            Self::Null(_) => ChardevBackendKind::Null,
+            Self::Socket(_) => ChardevBackendKind::Socket,
+            Self::Ringbuf(_) => ChardevBackendKind::Ringbuf,
+        }
+    }
+}
+impl ChardevBackend {
+    /// A value with the mandatory base members and the branch given,
+    /// every optional base member absent.
+    pub fn new(branch: ChardevBackendBranch) -> Self {
+        Self { branch }
+    }
+}
+impl ::qapi_runtime::ReadMembers for ChardevBackend {
+    fn read_members(
+        object: &mut ::qapi_runtime::QmpObject,
+    ) -> ::qapi_runtime::Result<Self> {
+        let kind: ChardevBackendKind = object.required("type")?;
+        let branch = match kind {
+            ChardevBackendKind::Null => {
+                ChardevBackendBranch::Null(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            ChardevBackendKind::Socket => {
+                ChardevBackendBranch::Socket(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            ChardevBackendKind::Ringbuf => {
+                ChardevBackendBranch::Ringbuf(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+        };
+        Ok(Self { branch })
+    }
+}
+impl ::qapi_runtime::WriteMembers for ChardevBackend {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        map.serialize_entry("type", &self.branch.kind())?;
+        ::qapi_runtime::WriteMembers::write_members(&self.branch, map)
+    }
+}
+impl ::qapi_runtime::WriteMembers for ChardevBackendBranch {
+    fn write_members<M: ::serde::ser::SerializeMap>(
+        &self,
+        map: &mut M,
+    ) -> ::std::result::Result<(), M::Error> {
+        match self {
+            Self::Null(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Socket(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Ringbuf(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+        }
+    }
+}
+::qapi_runtime::impl_object!(ChardevBackend);
+/// What `chardev-add` tells about the new device.
+///
+/// **Since:** 1.4
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChardevReturn {
+    /// the name of a pseudo-terminal device created (never here:
+    /// this daemon has no pty devices)
+    pub pty: Option<String>,
+}
+impl ChardevReturn {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new() -> Self {
+        Self { pty: None }
+    }
+}
+::qapi_runtime::impl_object!(ChardevReturn { optional pty("pty") });
