@@ -54,7 +54,11 @@ pub enum Stream {
 impl Stream {
     async fn connect(addr: &ServerAddr) -> io::Result<Stream> {
         match addr {
-            ServerAddr::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+            ServerAddr::Unix(path) => {
+                let stream = UnixStream::connect(path).await?;
+                crate::wire::widen_send_buffer(&stream);
+                Ok(Stream::Unix(stream))
+            }
             ServerAddr::Tcp { host, port } => {
                 let stream = TcpStream::connect((host.as_str(), *port)).await?;
                 // Requests are written whole; coalescing them only adds latency.
