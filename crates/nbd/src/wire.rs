@@ -258,6 +258,19 @@ pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The send buffer the client asks for on a unix socket connection: a whole 1 MiB request
+/// and more fit, so a writer hands its data to the kernel in one call instead of waking up
+/// for every ~200 KiB the peer drains (the default `net.core.wmem_default`). The kernel caps
+/// it at `net.core.wmem_max`. TCP keeps the kernel's autotuning, which a set size would turn
+/// off.
+pub(crate) const UNIX_SEND_BUFFER: usize = 4 << 20;
+
+/// Asks for [`UNIX_SEND_BUFFER`] on `socket`; a refusal leaves the default (only speed is at
+/// stake).
+pub(crate) fn widen_send_buffer(socket: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(socket).set_send_buffer_size(UNIX_SEND_BUFFER);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,17 +327,4 @@ mod tests {
         assert_eq!(errno(io::ErrorKind::Other), EIO);
         assert_eq!(errno_of(&io::Error::from_raw_os_error(28)), ENOSPC);
     }
-}
-
-/// The send buffer asked for on a unix socket connection: a whole 1 MiB request (or reply)
-/// and more fit, so a writer hands its data to the kernel in one call instead of waking up
-/// for every ~200 KiB the peer drains (the default `net.core.wmem_default`). The kernel caps
-/// it at `net.core.wmem_max`. TCP keeps the kernel's autotuning, which a set size would turn
-/// off.
-pub(crate) const UNIX_SEND_BUFFER: usize = 4 << 20;
-
-/// Asks for [`UNIX_SEND_BUFFER`] on `socket`; a refusal leaves the default (only speed is at
-/// stake).
-pub(crate) fn widen_send_buffer(socket: &impl std::os::fd::AsFd) {
-    let _ = socket2::SockRef::from(socket).set_send_buffer_size(UNIX_SEND_BUFFER);
 }
