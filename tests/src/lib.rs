@@ -4,6 +4,7 @@
 //! through real sockets, with QEMU's own tools checking the images.
 
 pub mod qmp;
+pub mod servers;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

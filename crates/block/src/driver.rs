@@ -50,9 +50,15 @@ pub trait BlockDriver: Send + Sync {
     fn write_compressed_at(&self, _offset: u64, _buf: &[u8]) -> BlockResult<()> {
         Err(BlockError::from_errno(libc::ENOTSUP))
     }
+    /// Writes `len` zero bytes at `offset` only if that is fast (nothing like a zero buffer is
+    /// written); otherwise fails at once with `ENOTSUP` (QEMU's `BDRV_REQ_NO_FALLBACK`, NBD's
+    /// `FAST_ZERO`). The default is never fast.
+    fn write_zeroes_fast_at(&self, _offset: u64, _len: u64) -> BlockResult<()> {
+        Err(BlockError::from_errno(libc::ENOTSUP))
+    }
     /// Discards `[offset, offset + len)` (QEMU's `bdrv_co_pdiscard`, called only on nodes
-    /// opened with `discard=unmap`): afterwards the range may read as zeroes. The default,
-    /// as QEMU for drivers without discard, does nothing.
+    /// opened with `discard=unmap`, NBD's TRIM): afterwards the range may read as zeroes. The
+    /// default, as QEMU for drivers without discard, does nothing.
     fn discard_at(&self, _offset: u64, _len: u64) -> BlockResult<()> {
         Ok(())
     }
@@ -91,6 +97,12 @@ pub trait BlockDriver: Send + Sync {
     fn zero_status(&self, offset: u64, len: u64) -> BlockResult<(bool, bool, u64)> {
         let (allocated, n) = self.block_status(offset, len)?;
         Ok((allocated, false, n))
+    }
+    /// Whether a range [`BlockDriver::zero_status`] calls unallocated reads as zeroes when
+    /// there is no backing file (true of image formats). An NBD export's hole is not known to
+    /// read as zeroes unless the server says so.
+    fn unallocated_reads_zero(&self) -> bool {
+        true
     }
     /// Called before the node's cumulative permissions change: refuse (e.g. an image lock is
     /// held elsewhere) or prepare. `perm`/`shared` are the new cumulative values.
@@ -174,6 +186,21 @@ pub trait BlockDriver: Send + Sync {
     fn reopen_read_only(&self) -> BlockResult<()> {
         Ok(())
     }
+    /// Anonymous bitmaps the driver keeps on its node, as `(granularity, count in bytes)`,
+    /// newest first, shown after the node's own (QEMU's copy-before-write filter shows its
+    /// three).
+    fn internal_bitmaps(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+    /// The block-copy state of a copy-before-write filter (a backup copies through it).
+    fn block_copy(&self) -> Option<&Arc<crate::copy::BlockCopy>> {
+        None
+    }
+    /// The point-in-time view this node keeps (the copy-before-write filter), which a
+    /// `snapshot-access` node over it reads.
+    fn snapshot_view(&self) -> Option<&dyn SnapshotView> {
+        None
+    }
     /// The node is being reopened read-write (its children that inherit the flag already
     /// were): a driver holding its storage read-only reopens it for writing here. The default
     /// has nothing to do.
@@ -195,6 +222,13 @@ pub trait BlockDriver: Send + Sync {
     /// Releases the driver: flushes; after this no I/O arrives.
     fn close(&self) -> BlockResult<()> {
         self.flush()
+    }
+    /// Whether [`BlockDriver::close`] does the flush at close itself, deciding what a failed
+    /// one means (the nbd driver: a server that is gone neither fails nor delays the close);
+    /// otherwise the node flushes a written node (and its children) before closing it, and a
+    /// failed flush is the close's error.
+    fn flushes_at_close(&self) -> bool {
+        false
     }
 }
 
@@ -264,6 +298,19 @@ pub trait InternalSnapshots: Send + Sync {
     fn delete(&self, id_or_name: &str) -> BlockResult<SnapshotInfo>;
 }
 
+/// A point-in-time view a node keeps of its data (QEMU's snapshot-access API of the
+/// copy-before-write filter): what the node read when the view began, whatever was written
+/// since.
+pub trait SnapshotView: Send + Sync {
+    /// Fills `buf` from the view at `offset`; `EACCES` outside the view.
+    fn snapshot_read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()>;
+    /// How the view's range at `offset` reads through the layers behind it (at most `len`
+    /// bytes).
+    fn snapshot_status(&self, offset: u64, len: u64) -> BlockResult<crate::node::ChainStatus>;
+    /// Drops a range from the view (its whole clusters stop being copied and readable).
+    fn snapshot_discard(&self, offset: u64, len: u64) -> BlockResult<()>;
+}
+
 /// How a parent uses a child, which fixes the permissions the parent takes on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChildKind {
@@ -279,6 +326,12 @@ pub enum ChildKind {
     /// A backing file: consistent read when the parent's users read; writes and resizes
     /// shared when the parent's users share writes.
     Backing,
+    /// Where a copy-before-write filter copies to (its `target`): write; everything shared but
+    /// resize (the sizes are checked once).
+    CopyTarget,
+    /// What a `snapshot-access` node reads the point-in-time view of: no permission taken,
+    /// everything shared; not a layer the node's data shows through.
+    SnapshotOf,
 }
 
 impl ChildKind {
@@ -315,6 +368,8 @@ impl ChildKind {
                     changing | Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
                 )
             }
+            ChildKind::CopyTarget => (Perm::WRITE, Perm::ALL & !Perm::RESIZE),
+            ChildKind::SnapshotOf => (Perm::NONE, Perm::ALL),
         }
     }
 }
@@ -369,6 +424,19 @@ impl OpenContext<'_> {
     /// The node's generic options (`cache.direct`, `auto-read-only`, ...).
     pub fn flags(&self) -> crate::base_options::NodeFlags {
         self.flags
+    }
+
+    /// Whether the node may open read-only when read-write access is impossible
+    /// (`auto-read-only`).
+    pub fn auto_read_only(&self) -> bool {
+        self.flags.auto_read_only
+    }
+
+    /// The node opens read-only after all (QEMU's `bdrv_apply_auto_read_only`, for a driver
+    /// that found its storage read-only and [`OpenContext::auto_read_only`] set).
+    pub fn set_read_only(&mut self) {
+        self.read_only = true;
+        self.flags.read_only = true;
     }
 
     /// Opens (or references) a child in role `role` (`file`, `backing`, `image`): a

@@ -6,9 +6,12 @@ use std::sync::{Arc, Weak};
 
 use qmp_api::{
     BlockDeviceInfo, BlockDirtyInfo, BlockdevCacheInfo, BlockdevDetectZeroesOptions,
-    BlockdevDriver, BlockdevOptions, BlockdevOptionsBranch, BlockdevOptionsFile,
+    BlockdevDriver, BlockdevOptions, BlockdevOptionsBranch, BlockdevOptionsCbw,
+    BlockdevOptionsFile,
     BlockdevOptionsQcow2, BlockdevOptionsRaw, BlockdevRef, BlockdevRefOrNull, ImageInfo,
 };
+
+use crate::copy::{BlockCopy, CopyBuffers};
 use serde_json::{Map, Value};
 
 use crate::base_options::{self, Inherited};
@@ -25,6 +28,8 @@ const NODE_NAME_SIZE: usize = 32;
 /// The graph of block nodes, in the order their names were registered.
 pub struct BlockGraph {
     nodes: Vec<Arc<BlockNode>>,
+    /// The buffers every copy in this graph (backups, copy-before-write filters) reads into.
+    copy_buffers: Arc<CopyBuffers>,
     /// The same nodes by name: look-ups stay O(1) with 20,000 nodes.
     by_name: HashMap<String, Arc<BlockNode>>,
     auto_counter: u64,
@@ -59,6 +64,7 @@ impl BlockGraph {
             .unwrap_or(0x9e37_79b9);
         BlockGraph {
             nodes: Vec::new(),
+            copy_buffers: Arc::default(),
             by_name: HashMap::new(),
             auto_counter: 0,
             rng: seed | 1,
@@ -76,6 +82,11 @@ impl BlockGraph {
     /// Where nodes report events, if anywhere.
     pub fn event_sink(&self) -> Option<BlockEventSink> {
         self.events.clone()
+    }
+
+    /// The buffers copies in this graph share (memory follows the copies running).
+    pub fn copy_buffers(&self) -> &Arc<CopyBuffers> {
+        &self.copy_buffers
     }
 
     /// Uses `groups` for the `throttle` driver's `throttle-group` option (the daemon shares
@@ -258,6 +269,8 @@ impl BlockGraph {
         let children = std::mem::take(&mut ctx.children);
         let inheriting = std::mem::take(&mut ctx.opened);
         let name = ctx.name.take();
+        // The driver may have made the node read-only (auto-read-only).
+        let read_only = ctx.read_only;
         let (driver, (name, auto_named)) = match (opened, name) {
             (Ok(driver), Some(name)) => (driver, name),
             (result, _) => {
@@ -508,6 +521,35 @@ impl BlockGraph {
             return Ok(());
         }
         self.close_node(node)
+    }
+
+    /// A copy-before-write filter over `source` copying to `target`, as a backup makes one
+    /// (QEMU's `bdrv_cbw_append`): named `node_name`, else automatically, and not the
+    /// monitor's (the backup removes it, [`BlockGraph::close_unused`]). Returns the filter
+    /// with its block-copy state. Errors read `Could not create node: ...`.
+    pub fn add_copy_before_write(
+        &mut self,
+        source: &str,
+        target: &str,
+        node_name: Option<&str>,
+    ) -> BlockResult<(Arc<BlockNode>, Arc<BlockCopy>)> {
+        let reference = |name: &str| Box::new(BlockdevRef::Reference(name.to_string()));
+        let mut options = BlockdevOptions::new(BlockdevOptionsBranch::CopyBeforeWrite(Box::new(
+            BlockdevOptionsCbw::new(reference(source), reference(target)),
+        )));
+        options.node_name = node_name.map(str::to_string);
+        let prefixed =
+            |e: BlockError| BlockError::new(format!("Could not create node: {}", e.desc()));
+        let node = self.open_node(&options, None, false).map_err(prefixed)?;
+        match node.driver().block_copy() {
+            Some(copy) => {
+                let copy = copy.clone();
+                Ok((node, copy))
+            }
+            None => Err(BlockError::new(
+                "Could not create node: not a copy-before-write filter",
+            )),
+        }
     }
 
     /// QEMU's `bdrv_set_backing_hd` then `bdrv_change_backing_file`, as a stream ends:
@@ -1196,6 +1238,17 @@ pub fn dirty_bitmap_info(node: &BlockNode) -> Vec<BlockDirtyInfo> {
             out.push(entry(s));
         }
         out.push(entry(b));
+    }
+    for (granularity, count) in node.driver().internal_bitmaps() {
+        out.push(BlockDirtyInfo {
+            name: None,
+            count: wire(count),
+            granularity: u32::try_from(granularity).unwrap_or(u32::MAX),
+            recording: false,
+            busy: false,
+            persistent: false,
+            inconsistent: None,
+        });
     }
     out
 }

@@ -1,12 +1,14 @@
 //! The block layer: a graph of named nodes with drivers (file, raw, null-co, blkdebug, qcow2,
-//! and format drivers plugged in from outside), permissions and image locking, and dirty bitmaps
-//! as data (the QMP bitmap commands are the command layer's, `blockdev`).
+//! nbd, copy-before-write, snapshot-access), permissions and image locking, dirty bitmaps as
+//! data (the QMP bitmap commands are the command layer's, `blockdev`), and block copy
+//! ([`copy`]: the state a backup and the copy-before-write filter share).
 
 pub mod active;
 pub mod backend;
 pub mod base_options;
 pub mod bitmap;
 pub mod blocker;
+pub mod copy;
 pub mod create;
 pub mod driver;
 pub mod drivers;
@@ -26,15 +28,15 @@ pub use bitmap::DirtyBitmap;
 pub use blocker::{BlockOp, OpBlocker, OpBlockers, OpSet};
 pub use driver::{
     BitmapStore, BlkdebugEvent, BlockDriver, BlockEvent, BlockEventSink, ChildKind, DriverInfo,
-    InternalSnapshots, OpenContext,
+    InternalSnapshots, OpenContext, SnapshotView,
 };
 pub use error::{BlockError, BlockResult};
 pub use filter::FilterKind;
 pub use graph::{BackingName, BlockGraph};
 pub use io::PageBuf;
 pub use node::{
-    BeforeWrite, BlockNode, ChainStatus, ChildEdge, ChildSlot, Extent, NotifierHandle, Parent,
-    PermGrant,
+    BeforeRead, BeforeWrite, BlockNode, ChainStatus, ChildEdge, ChildSlot, Extent, NotifierHandle,
+    Parent, PermGrant,
 };
 pub use perm::Perm;
 pub use replace::replace_node;

@@ -189,6 +189,8 @@ pub struct BlockNode {
     wr_highest_offset: AtomicU64,
     /// Before-write hooks, oldest first, with their ids.
     write_notifiers: Mutex<Vec<(u64, Arc<dyn BeforeWrite>)>>,
+    /// Before-read hooks, oldest first, with their ids.
+    read_notifiers: Mutex<Vec<(u64, Arc<dyn BeforeRead>)>>,
     /// Writes in flight and copy-on-read requests, which must not overlap.
     requests: RequestTracker,
     /// The backing file name this process last wrote into the image header (QEMU's
@@ -204,7 +206,15 @@ pub trait BeforeWrite: Send + Sync {
     fn before_write(&self, offset: u64, len: u64) -> BlockResult<()>;
 }
 
-/// Keeps a [`BeforeWrite`] hook on its node; dropping it removes the hook.
+/// A hook run around every read of a node: fleecing reads of a copy's target are held
+/// against the copy-before-writes that would change what they read through to the source.
+pub trait BeforeRead: Send + Sync {
+    /// `len` bytes at `offset` are about to be read; the returned guard is held until the
+    /// read is done.
+    fn before_read(&self, offset: u64, len: u64) -> Box<dyn Send>;
+}
+
+/// Keeps a [`BeforeWrite`] or [`BeforeRead`] hook on its node; dropping it removes the hook.
 pub struct NotifierHandle {
     node: std::sync::Weak<BlockNode>,
     id: u64,
@@ -214,6 +224,7 @@ impl Drop for NotifierHandle {
     fn drop(&mut self) {
         if let Some(node) = self.node.upgrade() {
             lock(&node.write_notifiers).retain(|(id, _)| *id != self.id);
+            lock(&node.read_notifiers).retain(|(id, _)| *id != self.id);
         }
     }
 }
@@ -258,6 +269,7 @@ impl BlockNode {
             bitmaps: Mutex::new(Vec::new()),
             wr_highest_offset: AtomicU64::new(0),
             write_notifiers: Mutex::new(Vec::new()),
+            read_notifiers: Mutex::new(Vec::new()),
             requests: RequestTracker::default(),
             written_backing_name: Mutex::new(None),
         });
@@ -441,7 +453,8 @@ impl BlockNode {
         self.make_read_only_self()?;
         for edge in self.children() {
             let inherits = edge.node.options().get("read-only").is_none();
-            if edge.kind != ChildKind::Backing && inherits && !edge.node.is_monitor_owned() {
+            let data = edge.kind.is_filtered() || edge.kind == ChildKind::Metadata;
+            if data && inherits && !edge.node.is_monitor_owned() {
                 edge.node.reopen_read_only()?;
             }
         }
@@ -467,11 +480,8 @@ impl BlockNode {
         };
         for edge in self.children() {
             let inherits = edge.node.options().get("read-only").is_none();
-            if edge.kind != ChildKind::Backing
-                && inherits
-                && !edge.node.is_monitor_owned()
-                && edge.node.is_read_only()
-            {
+            let data = edge.kind.is_filtered() || edge.kind == ChildKind::Metadata;
+            if data && inherits && !edge.node.is_monitor_owned() && edge.node.is_read_only() {
                 if let Err(e) = edge.node.reopen_read_write() {
                     undo_children(&reopened);
                     return Err(e);
@@ -899,11 +909,31 @@ impl BlockNode {
         Ok(self.driver.size()?.div_ceil(512) * 512)
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
+    /// Reads `buf.len()` bytes at `offset` (holding what the before-read hooks return).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
         self.check_open()?;
         check_request(offset, buf.len() as u64)?;
+        let _held = self.notify_before_read(offset, buf.len() as u64);
         self.driver.read_at(offset, buf)
+    }
+
+    /// Registers `hook`, run around every read of this node until the returned handle drops.
+    pub fn add_read_notifier(self: &Arc<Self>, hook: Arc<dyn BeforeRead>) -> NotifierHandle {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        lock(&self.read_notifiers).push((id, hook));
+        NotifierHandle {
+            node: Arc::downgrade(self),
+            id,
+        }
+    }
+
+    fn notify_before_read(&self, offset: u64, len: u64) -> Vec<Box<dyn Send>> {
+        let hooks = lock(&self.read_notifiers);
+        if hooks.is_empty() {
+            return Vec::new();
+        }
+        let hooks: Vec<Arc<dyn BeforeRead>> = hooks.iter().map(|(_, h)| h.clone()).collect();
+        hooks.iter().map(|h| h.before_read(offset, len)).collect()
     }
 
     fn check_open(&self) -> BlockResult<()> {
@@ -1065,6 +1095,11 @@ impl BlockNode {
         through(&to, offset, len, &mut offload)
     }
 
+    /// This node as a shared handle (`None` only while it is being dropped).
+    pub(crate) fn arc(&self) -> Option<Arc<BlockNode>> {
+        self.me.upgrade()
+    }
+
     /// The end of the highest write to this node so far (QEMU's `wr_highest_offset`).
     pub fn wr_highest_offset(&self) -> u64 {
         self.wr_highest_offset.load(Ordering::Relaxed)
@@ -1119,6 +1154,23 @@ impl BlockNode {
         r
     }
 
+    /// Writes `len` zeroes at `offset` only if the driver can do it fast, else fails with
+    /// `ENOTSUP` (QEMU's `BDRV_REQ_NO_FALLBACK`); after the before-write hooks, like any write.
+    /// Marks recording bitmaps when it succeeds.
+    pub fn write_zeroes_fast_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_writable()?;
+        check_request(offset, len)?;
+        self.notify_before_write(offset, len)?;
+        self.debug_event(BlkdebugEvent::PwritevZero);
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+        let r = self.driver.write_zeroes_fast_at(offset, len);
+        self.debug_event(BlkdebugEvent::PwritevDone);
+        if r.is_ok() {
+            self.mark_dirty(offset, len);
+        }
+        r
+    }
+
     /// Whether the node was opened with `discard=unmap` (QEMU's `BDRV_O_UNMAP`).
     pub fn discard_unmaps(&self) -> bool {
         self.flags.discard_unmap
@@ -1133,6 +1185,16 @@ impl BlockNode {
         if !self.discard_unmaps() {
             return Ok(());
         }
+        self.discard_child_at(offset, len)
+    }
+
+    /// A parent's discard passed down to this node (a filter's or a raw node's `file`): the
+    /// parent decided to pass it (QEMU's children inherit `BDRV_O_UNMAP`), so this node's own
+    /// `discard` option does not stop it. After the before-write hooks, marking recording
+    /// bitmaps.
+    pub fn discard_child_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_writable()?;
+        check_request(offset, len)?;
         self.notify_before_write(offset, len)?;
         self.write_gen.fetch_add(1, Ordering::AcqRel);
         let r = self.driver.discard_at(offset, len);
@@ -1228,11 +1290,26 @@ impl BlockNode {
             let n = if n == 0 { len } else { n.min(len) };
             return below.node.extent(offset, n);
         }
+        // An unallocated range with no backing file below reads as zeroes, unless the driver
+        // says its holes need not (an NBD export's hole not flagged zero).
+        let reads_zero = self.child("backing").is_none() && self.driver.unallocated_reads_zero();
         Ok(Extent {
             len: n,
             allocated,
-            zero: zero || (!allocated && self.child("backing").is_none()),
+            zero: zero || (!allocated && reads_zero),
         })
+    }
+
+    /// Whether `other` is this node or a layer below it (through filters and backing files).
+    pub fn chain_contains(self: &Arc<Self>, other: &Arc<BlockNode>) -> bool {
+        let mut layer = Some(self.clone());
+        while let Some(node) = layer {
+            if Arc::ptr_eq(&node, other) {
+                return true;
+            }
+            layer = node.layer_below();
+        }
+        false
     }
 
     /// The layer below this node whose data shows through it: a filter's child, or the
@@ -1434,7 +1511,7 @@ impl BlockNode {
         // children) first; an error there is the close's error.
         let unflushed =
             self.write_gen.load(Ordering::Acquire) != self.flushed_gen.load(Ordering::Acquire);
-        let flushed = if !self.is_closed() && unflushed {
+        let flushed = if !self.is_closed() && unflushed && !self.driver.flushes_at_close() {
             self.flush()
         } else {
             Ok(())

@@ -416,7 +416,9 @@ fn prepare(graph: &BlockGraph, entry: &mut Entry) -> BlockResult<()> {
 fn needs_write_after(queue: &Queue, parent: &Arc<BlockNode>, kind: ChildKind, perm: Perm) -> bool {
     let writes = perm & (Perm::WRITE | Perm::WRITE_UNCHANGED) != Perm::NONE;
     match kind {
-        ChildKind::Backing => false,
+        ChildKind::Backing | ChildKind::SnapshotOf => false,
+        // A copy-before-write filter writes its target whoever writes through it.
+        ChildKind::CopyTarget => true,
         ChildKind::Metadata | ChildKind::Filtered | ChildKind::FilteredAdjusted { .. } => {
             writes && queue.writable_after(parent)
         }
@@ -489,7 +491,8 @@ fn check_perms(queue: &Queue) -> BlockResult<()> {
                 ChildChange::Replace(n) => n.clone(),
             };
             let needs_write = match edge.kind {
-                ChildKind::Backing => false,
+                ChildKind::Backing | ChildKind::SnapshotOf => false,
+                ChildKind::CopyTarget => true,
                 ChildKind::Metadata => writable_after,
                 ChildKind::Filtered | ChildKind::FilteredAdjusted { .. } => {
                     writable_after && perm & (Perm::WRITE | Perm::WRITE_UNCHANGED) != Perm::NONE

@@ -11,7 +11,7 @@ use qmp_api::{
 };
 
 use crate::BlockState;
-use crate::backup::{BackupBitmap, BackupEnv, BackupJob, BackupOptions, BackupSync};
+use crate::backup::{BackupBitmap, BackupCopy, BackupEnv, BackupJob, BackupOptions, BackupSync};
 use crate::bitmaps::JobBitmap;
 use crate::busy::MAIN_NODE;
 use crate::claims::Drain;
@@ -257,7 +257,12 @@ impl Action for BackupAction {
         if let BackupTarget::Node(name) = &self.target {
             env.lookup(name)?;
         }
-        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &device));
+        self.drain = Some(Drain::begin(
+            &env.jobs,
+            &env.claims,
+            env.graph.as_deref(),
+            &device,
+        ));
         if matches!(self.target, BackupTarget::Image { .. }) {
             // drive-backup's early check, before it creates the target.
             env.check_op(&device, BlockOp::BackupSource)?;
@@ -324,17 +329,54 @@ impl Action for BackupAction {
         }
         let frozen = bitmap.as_ref().map(|(b, _)| b.clone());
         let total = BackupJob::total(source.as_ref(), sync, frozen.as_ref());
+        let ranges = BackupJob::ranges(source.as_ref(), sync, frozen.as_ref());
+        let buffers = env.buffers.clone();
+        let cbw = env.graph_mut().and_then(|graph| {
+            BackupCopy::set_up(
+                graph.as_mut(),
+                (&device, &source),
+                (&target_name, &target),
+                c.filter_node_name.as_deref(),
+                sync,
+                &ranges,
+                &buffers,
+                &options,
+            )
+        });
+        let cbw = match cbw {
+            Ok(cbw) => cbw,
+            Err(e) => {
+                if let Some(bitmap) = frozen {
+                    bitmap.reclaim();
+                }
+                return Err(e);
+            }
+        };
+        let filter = cbw.filter().map(str::to_string);
+        let copy = cbw.copy().clone();
         let backup_env = BackupEnv {
             pool: env.pool.clone(),
-            buffers: env.buffers.clone(),
             claims: env.claims.clone(),
             jobs: env.jobs.clone(),
         };
         let owned_target = self.opened.clone();
+        // The job takes the copy-before-write when it is made; until then it is ours.
+        let pending = Arc::new(std::sync::Mutex::new(Some(cbw)));
+        let handed = pending.clone();
         let make = move |key| {
+            let cbw = handed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
             Box::new(
-                BackupJob::new(key, (source, target), sync, bitmap, backup_env, options)
-                    .owning_target(owned_target),
+                BackupJob::new(
+                    key,
+                    (source, target),
+                    (sync, bitmap),
+                    backup_env,
+                    (copy, cbw, options),
+                )
+                .owning_target(owned_target),
             ) as Box<dyn job::JobDriver>
         };
         let key = match env.jobs.create(spec, make, group.as_ref()) {
@@ -343,13 +385,26 @@ impl Action for BackupAction {
                 if let Some(bitmap) = frozen {
                     bitmap.reclaim();
                 }
+                let unused = pending
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                if let (Some(cbw), Ok(graph)) = (unused, env.graph_mut()) {
+                    cbw.discard(graph.as_mut());
+                }
                 return Err(e);
             }
         };
         env.jobs.set_progress_total(key, total);
-        // QEMU's job sits on a copy-before-write filter above the source: the source is used,
-        // not blocked; the target is blocked.
-        env.add_job_node(key, JobType::Backup, &device, MAIN_NODE, OpSet::default());
+        // QEMU's job sits on the copy-before-write filter above the source (its main node,
+        // every operation blocked); the target is blocked. Without a filter (a graph that
+        // makes none) the source is the main node, used, not blocked.
+        match &filter {
+            Some(filter) => {
+                env.add_job_node(key, JobType::Backup, filter, MAIN_NODE, OpSet::ALL);
+            }
+            None => env.add_job_node(key, JobType::Backup, &device, MAIN_NODE, OpSet::default()),
+        }
         env.add_job_node(key, JobType::Backup, &target_name, "target", OpSet::ALL);
         if let Some(drain) = self.drain.as_mut() {
             drain.hold(key);

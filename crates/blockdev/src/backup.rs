@@ -1,26 +1,31 @@
 //! The backup job (QEMU's `block/backup.c`): copies a source node to a target node, in large
-//! requests run on an [`IoPool`], skipping what the source says need not be copied.
+//! requests run on an [`IoPool`], skipping what the source says need not be copied. It copies
+//! through the block-copy state of a copy-before-write filter it puts over its source (named
+//! by `filter-node-name`, else automatically) so that writes to the source meanwhile copy the
+//! old data first: one implementation, `block::copy`, for backups and the filter driver.
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use block::{BeforeWrite, BlockError, BlockResult, NotifierHandle};
-use job::{BoxFuture, JobContext, JobDriver, JobFailure, JobKey, JobRegistry, strerror};
-use qmp_api::{BitmapSyncMode, BlockErrorAction, IoOperationType, JobType};
+use block::copy::{BlockCopy, CopyError, CopyIo, CopyOp, CopyOptions};
+use block::{BlockError, BlockResult, Extent, NotifierHandle};
+use job::{BoxFuture, JobContext, JobDriver, JobFailure, JobKey, JobRegistry};
+use qmp_api::{BitmapSyncMode, BlockErrorAction, IoOperationType, JobType, QmpError};
 
 use crate::bitmaps::JobBitmap;
 use crate::claims::NodeClaims;
-use crate::node::{BlockIo, CopyBuffers, IoPool};
+use crate::node::{BlockIo, CopyBuffers, IoPool, NodeGraph};
 
 /// Bytes per copy request (cluster aligned for every cluster size up to 1 MiB).
-pub const COPY_CHUNK: u64 = 1 << 20;
+pub use block::copy::COPY_CHUNK;
 
 /// Copy requests a backup without a speed limit keeps in flight.
 pub const PARALLEL_REQUESTS: usize = 8;
 
-/// The unit a backup tracks copies in (QEMU's copy-before-write cluster, at most 64 KiB).
-const CBW_CLUSTER: u64 = 64 << 10;
+/// The largest cluster a backup tracks copies in on a graph without filter nodes (QEMU's
+/// copy-before-write cluster).
+const HOOK_CLUSTER: u64 = 64 << 10;
 
 /// What `compress`, `discard-source` and `x-perf` ask of a backup (QEMU's `BackupPerf` and
 /// block-copy flags), checked by the command.
@@ -47,191 +52,161 @@ impl Default for BackupOptions {
             discard_source: false,
             max_workers: 64,
             max_chunk: 0,
-            target_cluster: CBW_CLUSTER,
+            target_cluster: HOOK_CLUSTER,
             use_copy_range: false,
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cluster {
-    /// Still holds data the target needs.
-    ToCopy,
-    /// Being copied (by the job or by a write's copy-before-write).
-    Busy,
-    /// Copied, or not part of the backup.
-    Done,
-}
-
-/// Which clusters of the source a backup still has to copy, shared by the job's copy loop and
-/// the copy-before-write hook: each cluster is copied exactly once, and before any write to it.
-struct CopyMap {
-    cluster: u64,
-    size: u64,
-    state: Mutex<Vec<Cluster>>,
-    changed: Condvar,
-}
-
-impl CopyMap {
-    /// Clusters of a `size`-byte source; those meeting `ranges` are to copy.
-    fn new(size: u64, ranges: &[(u64, u64)]) -> CopyMap {
-        // The largest power of two up to 64 KiB that every range boundary is a multiple of.
-        let mut cluster = CBW_CLUSTER;
-        for &(offset, len) in ranges {
-            while cluster > 512 && (offset % cluster != 0 || len % cluster != 0) {
-                cluster /= 2;
-            }
+impl BackupOptions {
+    /// What the block copy does besides copying.
+    fn copy_options(&self) -> CopyOptions {
+        CopyOptions {
+            compress: self.compress.then_some(self.target_cluster),
+            discard_source: self.discard_source,
+            use_copy_range: self.use_copy_range,
         }
-        let count = usize::try_from(size.div_ceil(cluster)).unwrap_or(0);
-        let mut state = vec![Cluster::Done; count];
-        for &(offset, len) in ranges {
-            let first = (offset / cluster) as usize;
-            let last = ((offset + len).div_ceil(cluster) as usize).min(count);
-            for c in state.iter_mut().take(last).skip(first) {
-                *c = Cluster::ToCopy;
-            }
-        }
-        CopyMap {
-            cluster,
-            size,
-            state: Mutex::new(state),
-            changed: Condvar::new(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Cluster>> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Waits until no cluster meeting `[offset, offset + len)` is being copied, then claims
-    /// those still to copy; returns their byte runs `(offset, len)`, to be copied and then
-    /// given to [`CopyMap::finish`].
-    fn claim(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
-        let end = (offset + len).min(self.size);
-        if offset >= end {
-            return Vec::new();
-        }
-        let first = (offset / self.cluster) as usize;
-        let mut state = self.lock();
-        let last = (end.div_ceil(self.cluster) as usize).min(state.len());
-        while state[first..last].contains(&Cluster::Busy) {
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (i, c) in state.iter_mut().enumerate().take(last).skip(first) {
-            if *c != Cluster::ToCopy {
-                continue;
-            }
-            *c = Cluster::Busy;
-            let start = i as u64 * self.cluster;
-            let n = self.cluster.min(self.size - start);
-            match runs.last_mut() {
-                Some(run) if run.0 + run.1 == start => run.1 += n,
-                _ => runs.push((start, n)),
-            }
-        }
-        runs
-    }
-
-    /// Ends a claim: the runs are copied (`copied`) or still to copy.
-    fn finish(&self, runs: &[(u64, u64)], copied: bool) {
-        let mut state = self.lock();
-        let mark = if copied {
-            Cluster::Done
-        } else {
-            Cluster::ToCopy
-        };
-        for &(offset, len) in runs {
-            let first = (offset / self.cluster) as usize;
-            let last = ((offset + len).div_ceil(self.cluster) as usize).min(state.len());
-            for c in state.iter_mut().take(last).skip(first) {
-                *c = mark;
-            }
-        }
-        drop(state);
-        self.changed.notify_all();
     }
 }
 
-/// What a copy request needs: both nodes, the mode, the shared map, and where buffers come
-/// from (the command layer's, shared by every job: a request holds one while it runs).
-struct Copier {
-    source: Arc<dyn BlockIo>,
-    target: Arc<dyn BlockIo>,
-    top: bool,
-    map: CopyMap,
-    buffers: Arc<CopyBuffers>,
-    options: BackupOptions,
+/// A node's I/O as one end of a copy (graphs whose nodes are not block-crate nodes).
+struct IoEnd(Arc<dyn BlockIo>);
+
+fn block_error(e: io::Error) -> BlockError {
+    BlockError::from(e)
 }
 
-/// How a copy failed: the operation and its error.
-type CopyError = (IoOperationType, io::Error);
-
-impl Copier {
-    /// Copies whatever of `[offset, offset + len)` is still to copy (cluster aligned).
-    fn copy(&self, offset: u64, len: u64) -> Result<(), CopyError> {
-        let runs = self.map.claim(offset, len);
-        let mut result = Ok(());
-        for &(start, n) in &runs {
-            result = self.copy_run(start, n);
-            if result.is_err() {
-                break;
-            }
-        }
-        self.map.finish(&runs, result.is_ok());
-        if result.is_ok() && self.options.discard_source {
-            // As QEMU's block-copy: once copied, the source's range goes (its failure is no
-            // failure of the copy). After `finish`, so that the discard's own
-            // copy-before-write finds the clusters copied.
-            for &(start, n) in &runs {
-                let _ = self.source.discard(start, n);
-            }
-        }
-        result
+impl CopyIo for IoEnd {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        self.0.read_at(buf, offset).map_err(block_error)
     }
-
-    fn copy_run(&self, offset: u64, len: u64) -> Result<(), CopyError> {
-        let size = usize::try_from(len.min(COPY_CHUNK))
-            .map_err(|_| (IoOperationType::Read, io::Error::other("request too large")))?;
-        let cluster = usize::try_from(self.options.target_cluster).unwrap_or(usize::MAX);
-        let mut buf = self
-            .buffers
-            .take(size.max(COPY_CHUNK as usize).max(cluster));
-        let result = if self.options.compress {
-            copy_compressed(
-                self.source.as_ref(),
-                self.target.as_ref(),
-                self.top,
-                (offset, len, self.options.target_cluster),
-                &mut buf,
-            )
-        } else {
-            copy_range(
-                (self.source.as_ref(), self.target.as_ref()),
-                (self.top, self.options.use_copy_range),
-                offset,
-                len,
-                &mut buf,
-            )
-        };
-        self.buffers.give(buf);
-        result
+    fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        self.0.write_at(buf, offset).map_err(block_error)
+    }
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.0.write_zeroes(offset, len).map_err(block_error)
+    }
+    fn extent(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        self.0.block_status(offset, len).map_err(block_error)
+    }
+    fn write_compressed_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        self.0.write_compressed(buf, offset).map_err(block_error)
+    }
+    fn discard_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.0.discard(offset, len).map_err(block_error)
+    }
+    fn block_node(&self) -> Option<Arc<block::BlockNode>> {
+        self.0.block_node().cloned()
     }
 }
 
-/// The backup's copy-before-write hook on its source.
-struct CopyBeforeWrite(Arc<Copier>);
+/// How a copy failed, as the job reports it: the operation and its error.
+type JobCopyError = (IoOperationType, io::Error);
 
-impl BeforeWrite for CopyBeforeWrite {
-    fn before_write(&self, offset: u64, len: u64) -> BlockResult<()> {
-        // QEMU's default on-cbw-error=break-guest-write: the write fails.
-        self.0
-            .copy(offset, len)
-            .map_err(|(_, e)| BlockError::with_errno(strerror(&e), e.raw_os_error().unwrap_or(5)))
+fn job_error(e: CopyError) -> JobCopyError {
+    let operation = match e.op {
+        CopyOp::Read => IoOperationType::Read,
+        CopyOp::Write => IoOperationType::Write,
+    };
+    let error = match e.error.errno() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::other(e.error.desc().to_string()),
+    };
+    (operation, error)
+}
+
+/// The copy-before-write a backup runs with, from its prepare to its clean-up (QEMU's backup
+/// filter): the block-copy state the job copies through, carried by a copy-before-write
+/// filter node over the source, or (graphs without filter nodes) by a hook on the source.
+pub(crate) struct BackupCopy {
+    copy: Arc<BlockCopy>,
+    /// The filter node's name, removed at the clean-up.
+    filter: Option<String>,
+    /// The hook on the source, where there is no filter.
+    hook: Option<NotifierHandle>,
+}
+
+impl BackupCopy {
+    /// Sets up the copy-before-write of a backup from node `source` to node `target` (QEMU's
+    /// `bdrv_cbw_append` in `backup_job_create`): what `sync` copies, through a filter named
+    /// `filter_node_name` (else automatically) where the graph has filter nodes.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn set_up(
+        graph: &mut dyn NodeGraph,
+        (source_name, source): (&str, &Arc<dyn BlockIo>),
+        (target_name, target): (&str, &Arc<dyn BlockIo>),
+        filter_node_name: Option<&str>,
+        sync: BackupSync,
+        ranges: &[(u64, u64)],
+        buffers: &Arc<CopyBuffers>,
+        options: &BackupOptions,
+    ) -> Result<BackupCopy, QmpError> {
+        let (copy, filter, hook) =
+            match graph.add_backup_filter(source_name, target_name, filter_node_name)? {
+                Some((name, copy)) => (copy, Some(name), None),
+                None => {
+                    let copy = Arc::new(BlockCopy::new(
+                        Arc::new(IoEnd(source.clone())),
+                        Arc::new(IoEnd(target.clone())),
+                        source.size(),
+                        fitting_cluster(ranges),
+                        buffers.clone(),
+                    ));
+                    let hook = source.add_write_notifier(Arc::new(
+                        block::copy::CopyBeforeWriteHook(copy.clone()),
+                    ));
+                    (copy, None, hook)
+                }
+            };
+        // QEMU's backup_init_bcs_bitmap: a bitmap backup copies the bitmap's clusters only.
+        if sync == BackupSync::Bitmap {
+            copy.restrict_to(ranges);
+        }
+        copy.skip_unallocated(sync == BackupSync::Top);
+        copy.set_options(options.copy_options());
+        Ok(BackupCopy { copy, filter, hook })
     }
+
+    /// The filter node's name, if the backup has one.
+    pub(crate) fn filter(&self) -> Option<&str> {
+        self.filter.as_deref()
+    }
+
+    /// The block-copy state.
+    pub(crate) fn copy(&self) -> &Arc<BlockCopy> {
+        &self.copy
+    }
+
+    /// Ends the copy-before-write at once; the filter node goes at the next command (a
+    /// job's clean-up cannot reach the graph).
+    fn release(&mut self, claims: &NodeClaims) {
+        self.copy.stop();
+        self.hook = None;
+        if let Some(filter) = self.filter.take() {
+            claims.retire(&filter);
+        }
+    }
+
+    /// Undoes [`BackupCopy::set_up`] now (no job was made).
+    pub(crate) fn discard(mut self, graph: &mut dyn NodeGraph) {
+        self.copy.stop();
+        self.hook = None;
+        if let Some(filter) = self.filter.take() {
+            graph.release_if_unused(&filter);
+        }
+    }
+}
+
+/// The largest power of two up to 64 KiB that every range boundary is a multiple of: where
+/// the backup hooks its source itself, it copies exactly the ranges it was given.
+fn fitting_cluster(ranges: &[(u64, u64)]) -> u64 {
+    let mut cluster = HOOK_CLUSTER;
+    for &(offset, len) in ranges {
+        while cluster > 512 && (offset % cluster != 0 || len % cluster != 0) {
+            cluster /= 2;
+        }
+    }
+    cluster
 }
 
 /// What a backup copies.
@@ -254,8 +229,6 @@ pub(crate) type BackupBitmap = (JobBitmap, BitmapSyncMode);
 pub(crate) struct BackupEnv {
     /// Where its copy requests run.
     pub(crate) pool: Arc<dyn IoPool>,
-    /// Where its buffers come from.
-    pub(crate) buffers: Arc<CopyBuffers>,
     /// Its node claims, released at its clean-up.
     pub(crate) claims: NodeClaims,
     /// For the drains of its clean-up's graph changes.
@@ -265,7 +238,6 @@ pub(crate) struct BackupEnv {
 /// A backup job's driver.
 pub struct BackupJob {
     key: JobKey,
-    source: Arc<dyn BlockIo>,
     sync: BackupSync,
     bitmap: Option<BackupBitmap>,
     env: BackupEnv,
@@ -273,45 +245,31 @@ pub struct BackupJob {
     remaining: Vec<(u64, u64)>,
     /// A target node only this job holds (drive-backup), closed when the job ends.
     owned_target: Option<String>,
-    /// Shared with the copy-before-write hook.
-    copier: Arc<Copier>,
-    /// The copy-before-write hook on the source, from the job's start to its clean-up.
-    cbw: Option<NotifierHandle>,
+    /// The block-copy state the job copies through.
+    copy: Arc<BlockCopy>,
+    /// The copy-before-write, from the job's prepare to its clean-up.
+    cbw: Option<BackupCopy>,
+    /// The target, flushed before the job succeeds.
+    target: Arc<dyn BlockIo>,
+    /// `x-perf` and the other options.
+    options: BackupOptions,
 }
 
 impl BackupJob {
     pub(crate) fn new(
         key: JobKey,
         (source, target): (Arc<dyn BlockIo>, Arc<dyn BlockIo>),
-        sync: BackupSync,
-        bitmap: Option<BackupBitmap>,
+        (sync, bitmap): (BackupSync, Option<BackupBitmap>),
         env: BackupEnv,
-        options: BackupOptions,
+        (copy, cbw, options): (Arc<BlockCopy>, Option<BackupCopy>, BackupOptions),
     ) -> Self {
-        let remaining = match (sync, &bitmap) {
-            (BackupSync::None, _) => Vec::new(),
-            (BackupSync::Bitmap, Some((b, _))) => b.dirty_ranges(),
-            _ => vec![(0, source.size())],
-        };
-        // sync=none copies (before writes) whatever a write is about to change.
-        let everything = [(0, source.size())];
-        let to_copy = match sync {
-            BackupSync::None => &everything[..],
-            _ => &remaining[..],
-        };
-        let copier = Arc::new(Copier {
-            source: source.clone(),
-            target,
-            top: matches!(sync, BackupSync::Top),
-            map: CopyMap::new(source.size(), to_copy),
-            buffers: env.buffers.clone(),
-            options,
-        });
+        let remaining = BackupJob::ranges(source.as_ref(), sync, bitmap.as_ref().map(|b| &b.0));
         BackupJob {
             key,
-            copier,
-            cbw: None,
-            source,
+            copy,
+            cbw,
+            target,
+            options,
             sync,
             bitmap,
             env,
@@ -320,10 +278,24 @@ impl BackupJob {
         }
     }
 
-    /// The bytes a backup of `source` copies: all of it, or the bitmap's dirty ranges.
+    /// What a backup of `source` copies, `(offset, len)` in order: nothing up front
+    /// (`sync=none`), the bitmap's dirty ranges, or everything.
+    pub(crate) fn ranges(
+        source: &dyn BlockIo,
+        sync: BackupSync,
+        bitmap: Option<&JobBitmap>,
+    ) -> Vec<(u64, u64)> {
+        match (sync, bitmap) {
+            (BackupSync::None, _) => Vec::new(),
+            (BackupSync::Bitmap, Some(b)) => b.dirty_ranges(),
+            _ => vec![(0, source.size())],
+        }
+    }
+
+    /// The job's length: the bitmap's dirty ranges, or all of the source (with `sync=none`
+    /// too: as in QEMU, any cluster may be copied before a write).
     pub(crate) fn total(source: &dyn BlockIo, sync: BackupSync, bitmap: Option<&JobBitmap>) -> u64 {
         match (sync, bitmap) {
-            (BackupSync::None, _) => 0,
             (BackupSync::Bitmap, Some(b)) => b.dirty_ranges().iter().map(|r| r.1).sum(),
             _ => source.size(),
         }
@@ -336,11 +308,8 @@ impl BackupJob {
     }
 
     async fn run_copy(&mut self, ctx: &JobContext) -> Result<(), JobFailure> {
-        // From now on the target receives the source as it is now: a write to a cluster not
-        // yet copied copies it first.
-        self.cbw = self
-            .source
-            .add_write_notifier(Arc::new(CopyBeforeWrite(self.copier.clone())));
+        // Since the prepare, the target receives the source as it was then: a write to a
+        // cluster not yet copied copies it first.
         if matches!(self.sync, BackupSync::None) {
             while !ctx.is_cancelled() {
                 ctx.idle().await;
@@ -348,14 +317,13 @@ impl BackupJob {
             return Ok(());
         }
         ctx.set_progress_remaining(self.remaining.iter().map(|r| r.1).sum());
-        // Requests in order; up to `depth` in flight (one under a speed limit, so that the
-        // limit and pause points act per request as before).
+        // Requests started in order; up to `depth` in flight (one under a speed limit, so that
+        // the limit and pause points act per request as before).
         // `x-perf.max-chunk` (at least a backup cluster, as checked) bounds the requests.
-        let chunk = match self.copier.options.max_chunk {
+        let cluster = self.copy.cluster_size();
+        let chunk = match self.options.max_chunk {
             0 => COPY_CHUNK,
-            max => COPY_CHUNK
-                .min(max / CBW_CLUSTER * CBW_CLUSTER)
-                .max(CBW_CLUSTER),
+            max => COPY_CHUNK.min(max / cluster * cluster).max(cluster),
         };
         let mut pending: VecDeque<(u64, u64)> = self
             .remaining
@@ -370,7 +338,7 @@ impl BackupJob {
         let mut in_flight: VecDeque<CopyRequest> = VecDeque::new();
         loop {
             let depth = if ctx.speed() == 0 {
-                PARALLEL_REQUESTS.min(self.copier.options.max_workers)
+                PARALLEL_REQUESTS.min(self.options.max_workers)
             } else {
                 1
             };
@@ -380,12 +348,14 @@ impl BackupJob {
                 };
                 in_flight.push_back(CopyRequest::submit(
                     self.env.pool.as_ref(),
-                    self.copier.clone(),
+                    self.copy.clone(),
                     offset,
                     len,
                 ));
             }
-            let Some(request) = in_flight.pop_front() else {
+            // The first to finish, whichever it is (QEMU's task pool starts the next copy as
+            // soon as any one ends): a slow request does not hold the others' places.
+            let Some(request) = CopyRequest::first_done(&mut in_flight).await else {
                 break;
             };
             let (offset, len) = (request.offset, request.len);
@@ -437,7 +407,7 @@ impl BackupJob {
         loop {
             let result = Arc::new(Mutex::new(None));
             let slot = result.clone();
-            let target = self.copier.target.clone();
+            let target = self.target.clone();
             self.env
                 .pool
                 .run(Box::new(move || {
@@ -494,119 +464,66 @@ impl BackupJob {
 }
 
 /// How a copy request ended.
-type CopyResult = Result<(), CopyError>;
+type CopyResult = Result<(), JobCopyError>;
 
 /// A copy request running on the I/O pool.
 struct CopyRequest {
     offset: u64,
     len: u64,
     result: Arc<Mutex<Option<CopyResult>>>,
-    done: crate::node::IoFuture,
+    /// `None` once it has finished.
+    done: Option<crate::node::IoFuture>,
 }
 
 impl CopyRequest {
     /// Starts copying `[offset, offset + len)`.
-    fn submit(pool: &dyn IoPool, copier: Arc<Copier>, offset: u64, len: u64) -> CopyRequest {
+    fn submit(pool: &dyn IoPool, copy: Arc<BlockCopy>, offset: u64, len: u64) -> CopyRequest {
         let result = Arc::new(Mutex::new(None));
         let slot = result.clone();
         let done = pool.run(Box::new(move || {
-            let r = copier.copy(offset, len);
+            let r = copy.copy(offset, len).map_err(job_error);
             *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
         }));
         CopyRequest {
             offset,
             len,
             result,
-            done,
+            done: Some(done),
         }
     }
 
+    /// Removes and returns the first request of `requests` to finish (`None` if empty).
+    async fn first_done(requests: &mut VecDeque<CopyRequest>) -> Option<CopyRequest> {
+        if requests.is_empty() {
+            return None;
+        }
+        let index = std::future::poll_fn(|cx| {
+            for (i, request) in requests.iter_mut().enumerate() {
+                let finished = match request.done.as_mut() {
+                    None => true,
+                    Some(done) => done.as_mut().poll(cx).is_ready(),
+                };
+                if finished {
+                    request.done = None;
+                    return std::task::Poll::Ready(i);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await;
+        requests.remove(index)
+    }
+
     async fn wait(self) -> CopyResult {
-        self.done.await;
+        if let Some(done) = self.done {
+            done.await;
+        }
         self.result
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
             .unwrap_or_else(|| Err((IoOperationType::Read, io::Error::other("I/O worker lost"))))
     }
-}
-
-/// Copies `[offset, offset + len)` as the source's block status says, through `buf` (data
-/// by the kernel first with `use-copy-range`, as QEMU's block-copy tries it).
-fn copy_range(
-    (source, target): (&dyn BlockIo, &dyn BlockIo),
-    (top, use_copy_range): (bool, bool),
-    offset: u64,
-    len: u64,
-    buf: &mut [u8],
-) -> CopyResult {
-    let read = |e| (IoOperationType::Read, e);
-    let write = |e| (IoOperationType::Write, e);
-    let end = offset + len;
-    let mut pos = offset;
-    while pos < end {
-        let extent = source.block_status(pos, end - pos).map_err(read)?;
-        let n = match extent.len {
-            0 => end - pos,
-            l => l.min(end - pos),
-        };
-        if top && !extent.allocated {
-            // Comes from the backing chain: not part of a `top` backup.
-        } else if extent.zero {
-            target.write_zeroes(pos, n).map_err(write)?;
-        } else if use_copy_range && source.copy_range_to(target, pos, n).unwrap_or(false) {
-            // Copied by the kernel (any failure falls back to the copy through memory, as
-            // QEMU's block-copy does).
-        } else {
-            let mut done = 0;
-            while done < n {
-                let step = (n - done).min(buf.len() as u64);
-                let chunk = &mut buf[..step as usize];
-                source.read_at(chunk, pos + done).map_err(read)?;
-                target.write_at(chunk, pos + done).map_err(write)?;
-                done += step;
-            }
-        }
-        pos += n;
-    }
-    Ok(())
-}
-
-/// Copies `[offset, offset + len)` writing whole target clusters of `cluster` bytes
-/// compressed (zeroes stay zero writes, as QEMU's block-copy). A piece not aligned to a
-/// target cluster (a copy-before-write inside a cluster larger than 64 KiB) is written plain.
-fn copy_compressed(
-    source: &dyn BlockIo,
-    target: &dyn BlockIo,
-    top: bool,
-    (offset, len, cluster): (u64, u64, u64),
-    buf: &mut [u8],
-) -> CopyResult {
-    let read = |e| (IoOperationType::Read, e);
-    let write = |e| (IoOperationType::Write, e);
-    let end = offset + len;
-    let disk = source.size();
-    let mut pos = offset;
-    while pos < end {
-        let n = (cluster - pos % cluster).min(end - pos);
-        let extent = source.block_status(pos, n).map_err(read)?;
-        let whole = extent.len == 0 || extent.len >= n;
-        if top && !extent.allocated && whole {
-            // Comes from the backing chain: not part of a `top` backup.
-        } else if extent.zero && whole {
-            target.write_zeroes(pos, n).map_err(write)?;
-        } else {
-            let chunk = &mut buf[..n as usize];
-            source.read_at(chunk, pos).map_err(read)?;
-            if pos.is_multiple_of(cluster) && (n == cluster || pos + n == disk) {
-                target.write_compressed(chunk, pos).map_err(write)?;
-            } else {
-                target.write_at(chunk, pos).map_err(write)?;
-            }
-        }
-        pos += n;
-    }
-    Ok(())
 }
 
 impl JobDriver for BackupJob {
@@ -631,8 +548,10 @@ impl JobDriver for BackupJob {
     /// node that the jobs running now see (the job's free after its `null` is a fourth, the
     /// job core's).
     fn clean(&mut self) {
-        // The copy-before-write hook goes with the job.
-        self.cbw = None;
+        // The copy-before-write goes with the job (its filter node at the next command).
+        if let Some(cbw) = self.cbw.as_mut() {
+            cbw.release(&self.env.claims);
+        }
         self.env.claims.release(self.key);
         for _ in 0..3 {
             self.env.jobs.drain_all();

@@ -3,6 +3,7 @@
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use block::copy::{BlockCopy, CopyBuffers};
 use block::graph::{image_options, node_filename};
 use block::{BitmapStore, BlockError, BlockGraph, BlockNode, DirtyBitmap, Perm};
 use qmp_api::{
@@ -99,6 +100,10 @@ impl BlockIo for NodeIo {
 
     fn discard_unmaps(&self) -> bool {
         self.0.discard_unmaps()
+    }
+
+    fn write_zeroes_fast(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes_fast_at(offset, len).map_err(io_error)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
@@ -511,6 +516,22 @@ impl NodeGraph for BlockLayer {
         })
     }
 
+    fn ancestors(&self, node: &str) -> Vec<String> {
+        let mut found: Vec<String> = Vec::new();
+        let mut todo: Vec<Arc<BlockNode>> = self.graph().find(node).into_iter().collect();
+        while let Some(n) = todo.pop() {
+            for parent in n.parents() {
+                if let block::Parent::Node { node: p, .. } = parent
+                    && !found.iter().any(|f| f == p.name())
+                {
+                    found.push(p.name().to_string());
+                    todo.push(p);
+                }
+            }
+        }
+        found
+    }
+
     fn can_replace(&self, node: &str, to_replace: &str) -> bool {
         // `node` (the mirror's source) reaches `to_replace` through filter children only
         // (QEMU's `bdrv_recurse_can_replace` walks down from the source).
@@ -589,6 +610,23 @@ impl NodeGraph for BlockLayer {
     ) -> Result<Arc<dyn BlockIo>, QmpError> {
         let n = self.graph().lookup(node).map_err(qmp_error)?;
         crate::mirror_top::backend(&n, holder, writable).map_err(qmp_error)
+    }
+
+    fn add_backup_filter(
+        &mut self,
+        source: &str,
+        target: &str,
+        filter_node_name: Option<&str>,
+    ) -> Result<Option<(String, Arc<BlockCopy>)>, QmpError> {
+        let (node, copy) = self
+            .graph()
+            .add_copy_before_write(source, target, filter_node_name)
+            .map_err(qmp_error)?;
+        Ok(Some((node.name().to_string(), copy)))
+    }
+
+    fn copy_buffers(&self) -> Option<Arc<CopyBuffers>> {
+        Some(self.graph().copy_buffers().clone())
     }
 
     fn resize(&mut self, node: &str, size: u64) -> Result<(), QmpError> {

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::node::NodeGraph;
 use block::{OpBlocker, Perm};
 use job::{JobKey, JobRegistry};
 
@@ -137,10 +138,23 @@ pub(crate) struct Drain {
 }
 
 impl Drain {
-    /// Begins a drained section of `node`: every job using it pauses, and a busy one is waited
-    /// for until it reaches its pause point.
-    pub(crate) fn begin(jobs: &JobRegistry, claims: &NodeClaims, node: &str) -> Drain {
-        let held = jobs.begin_drain(&claims.jobs_using(node));
+    /// Begins a drained section of `node`: every job using it or one of its ancestors
+    /// (`graph`) pauses, and a busy one is waited for until it reaches its pause point.
+    pub(crate) fn begin(
+        jobs: &JobRegistry,
+        claims: &NodeClaims,
+        graph: Option<&dyn NodeGraph>,
+        node: &str,
+    ) -> Drain {
+        let mut keys = claims.jobs_using(node);
+        for ancestor in graph.map(|g| g.ancestors(node)).unwrap_or_default() {
+            for key in claims.jobs_using(&ancestor) {
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+        let held = jobs.begin_drain(&keys);
         Drain {
             jobs: jobs.clone(),
             held,

@@ -87,6 +87,8 @@ impl Blockdev {
         grouped: bool,
     ) -> Result<(), QmpError> {
         self.close_retired_nodes();
+        // The actions see one point in time: no export request runs meanwhile.
+        let _quiet = self.state.exports.drain();
         self.state.jobs.drain_all();
         let group = grouped.then(|| self.state.jobs.new_txn());
         transaction::run(&mut self.state, actions, group.as_ref())
@@ -171,6 +173,8 @@ impl Commands for Blockdev {
     }
 
     fn blockdev_del(&mut self, args: BlockdevDelArguments) -> Result<(), QmpError> {
+        // A finished backup's filter still holds its source until this.
+        self.close_retired_nodes();
         self.state.check_deletable(&args.node_name)?;
         let name = args.node_name.clone();
         self.state.graph_mut()?.blockdev_del(args)?;

@@ -30,6 +30,7 @@ use tokio::runtime::Handle;
 use crate::BlockState;
 use crate::bitmaps::{BitmapCheck, check_bitmap, with_bitmap};
 use crate::node::{self, BlockIo, NodeBitmaps, NodeGraph};
+use crate::quiesce::{DrainedSection, ExportGate};
 
 /// QEMU's `NBD_MAX_STRING_SIZE`: longest export name or description.
 const MAX_STRING: usize = 4096;
@@ -110,6 +111,8 @@ pub(crate) struct NbdExports {
     /// Newest first, as QEMU lists them. Shared with the tasks that wait for a deletion.
     records: Arc<Mutex<Vec<ExportRecord>>>,
     events: Arc<dyn EventSink>,
+    /// Every export's requests pass it; a transaction holds it closed.
+    gate: Arc<ExportGate>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,11 +146,18 @@ impl NbdExports {
             server: None,
             records: Arc::default(),
             events,
+            gate: Arc::default(),
         }
     }
 
     pub(crate) fn set_runtime(&mut self, runtime: Handle) {
         self.runtime = Some(runtime);
+    }
+
+    /// Holds every export's requests (waiting for those under way) until the section drops:
+    /// what a transaction does first (QEMU's `bdrv_drain_all`, atomic in its main loop).
+    pub(crate) fn drain(&self) -> DrainedSection {
+        self.gate.drain()
     }
 
     /// `query-block-exports`: newest first; an export deleted while clients are still
@@ -388,7 +398,10 @@ pub(crate) fn add(state: &mut BlockState, args: BlockExportOptions) -> Result<()
         Some(g) => g.backend(&args.node_name, "an unnamed block device", writable)?,
         None => io,
     };
-    let backend = Arc::new(NodeExport { io: io.clone() });
+    let backend = Arc::new(NodeExport {
+        io: io.clone(),
+        gate: state.exports.gate.clone(),
+    });
     let mut export = Export::new(name.clone(), backend)
         .writable(writable)
         .writethrough(args.writethrough == Some(true))
@@ -614,6 +627,8 @@ impl BlockStatus for AllocationDepth {
 /// block layer's nodes); elsewhere (test graphs), at the node's own layer.
 struct NodeExport {
     io: Arc<dyn BlockIo>,
+    /// Requests wait here while a transaction runs.
+    gate: Arc<ExportGate>,
 }
 
 impl ExportBackend for NodeExport {
@@ -622,19 +637,33 @@ impl ExportBackend for NodeExport {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let _pass = self.gate.enter();
         self.io.read_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let _pass = self.gate.enter();
         self.io.write_at(buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _pass = self.gate.enter();
         self.io.write_zeroes(offset, len)
     }
 
+    fn write_zeroes_fast(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _pass = self.gate.enter();
+        self.io.write_zeroes_fast(offset, len)
+    }
+
     fn flush(&self) -> io::Result<()> {
+        let _pass = self.gate.enter();
         self.io.flush()
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _pass = self.gate.enter();
+        self.io.discard(offset, len)
     }
 
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<nbd::Extent>> {

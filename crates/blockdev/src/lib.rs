@@ -28,6 +28,7 @@ pub mod node;
 mod nodes;
 mod objects;
 mod qom;
+mod quiesce;
 mod snapshot;
 pub mod stream;
 pub mod transaction;
@@ -253,6 +254,9 @@ impl Blockdev {
 
     /// Uses `graph` for nodes (blockdev-add, lookups, images).
     pub fn with_graph(mut self, graph: Box<dyn NodeGraph>) -> Self {
+        if let Some(buffers) = graph.copy_buffers() {
+            self.state.buffers = buffers;
+        }
         self.state.graph = Some(graph);
         self
     }

@@ -285,6 +285,10 @@ impl BlockIo for BackendIo {
         self.io().write_compressed(buf, offset)
     }
 
+    fn write_zeroes_fast(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.io().write_zeroes_fast(offset, len)
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.io().discard(offset, len)
     }

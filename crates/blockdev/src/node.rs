@@ -9,7 +9,8 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use block::{BitmapStore, DirtyBitmap, PageBuf};
+use block::copy::BlockCopy;
+use block::{BitmapStore, DirtyBitmap};
 use qmp_api::{
     BlockDeviceInfo, BlockdevCreateOptions, BlockdevDelArguments, BlockdevOptions, QmpError,
     SnapshotInfo,
@@ -55,6 +56,11 @@ pub trait BlockIo: Send + Sync {
     /// Whether the node was opened with `discard=unmap` (QEMU's `BDRV_O_UNMAP`).
     fn discard_unmaps(&self) -> bool {
         false
+    }
+    /// Like [`BlockIo::write_zeroes`] if that is fast, else fails at once with
+    /// [`io::ErrorKind::Unsupported`] (NBD's `FAST_ZERO`). The default is never fast.
+    fn write_zeroes_fast(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
     }
     /// The state of the range starting at `offset` (at most `len` bytes).
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent>;
@@ -332,6 +338,11 @@ pub trait NodeGraph: Send {
     fn has_parent_node(&self, _node: &str) -> bool {
         false
     }
+    /// The nodes that have `node` as a child, directly or through others (a drained node's
+    /// parents are drained with it, as QEMU's `bdrv_parent_drained_begin`).
+    fn ancestors(&self, _node: &str) -> Vec<String> {
+        Vec::new()
+    }
     /// Whether `to_replace` shows `node`'s data: it is `node`, or `node` reaches it through
     /// filter children only (QEMU's `bdrv_recurse_can_replace`).
     fn can_replace(&self, node: &str, to_replace: &str) -> bool {
@@ -359,6 +370,26 @@ pub trait NodeGraph: Send {
     ) -> Result<Arc<dyn BlockIo>, QmpError> {
         let _ = (holder, writable);
         self.node(node).ok_or_else(|| not_found(node, node))
+    }
+    /// Puts a copy-before-write filter over `source` copying to `target`, as a backup does
+    /// (QEMU's `bdrv_cbw_append`), named `filter_node_name` or automatically; returns its name
+    /// and block-copy state. `Ok(None)`: this graph has no filter nodes (the backup hooks the
+    /// source itself), which it can only be without a name asked for.
+    fn add_backup_filter(
+        &mut self,
+        source: &str,
+        target: &str,
+        filter_node_name: Option<&str>,
+    ) -> Result<Option<(String, Arc<BlockCopy>)>, QmpError> {
+        let _ = (source, target);
+        match filter_node_name {
+            Some(_) => Err(unsupported("filter nodes (filter-node-name)")),
+            None => Ok(None),
+        }
+    }
+    /// The buffers the graph's copies share, if it has its own (jobs then use them too).
+    fn copy_buffers(&self) -> Option<Arc<CopyBuffers>> {
+        None
     }
     /// Starts recording writes to `node` (a mirror's source); `None` if it cannot.
     fn track_writes(&self, _node: &str) -> Option<Arc<dyn WriteTracker>> {
@@ -572,40 +603,6 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
     slot.lock().unwrap_or_else(PoisonError::into_inner).take()
 }
 
-/// The page-aligned buffers copy requests read into, shared by every job: a request takes one
-/// while it runs and gives it back, so buffers follow the requests in flight (bounded by the
-/// I/O pool), not the jobs. At most [`CopyBuffers::SPARE`] are kept for reuse.
-#[derive(Default)]
-pub struct CopyBuffers {
-    spare: Mutex<Vec<PageBuf>>,
-}
-
-impl CopyBuffers {
-    /// Buffers kept for the next requests.
-    pub const SPARE: usize = 16;
-
-    /// A buffer of at least `len` bytes (contents unspecified).
-    pub fn take(&self, len: usize) -> PageBuf {
-        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        match spare.iter().position(|b| b.len() >= len) {
-            Some(i) => spare.swap_remove(i),
-            None => PageBuf::zeroed(len),
-        }
-    }
-
-    /// Returns a buffer for reuse (dropped if enough are kept).
-    pub fn give(&self, buf: PageBuf) {
-        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        if spare.len() < Self::SPARE {
-            spare.push(buf);
-        }
-    }
-
-    /// Buffers kept now.
-    pub fn spare(&self) -> usize {
-        self.spare
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-}
+/// The page-aligned buffers copy requests read into, shared by every job and copy-before-write
+/// (the block crate's, where block copy lives).
+pub use block::copy::CopyBuffers;

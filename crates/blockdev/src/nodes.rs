@@ -34,7 +34,7 @@ pub(crate) fn block_resize(
     let size = u64::try_from(args.size)
         .map_err(|_| QmpError::generic("Parameter 'size' expects a >0 size"))?;
     env.check_op(node, BlockOp::Resize)?;
-    let _drain = Drain::begin(&env.jobs, &env.claims, node);
+    let _drain = Drain::begin(&env.jobs, &env.claims, env.graph.as_deref(), node);
     env.graph_mut()?.resize(node, size)
 }
 

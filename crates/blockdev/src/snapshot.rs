@@ -118,7 +118,12 @@ impl Action for ExternalSnapshot {
     fn prepare(&mut self, txn: &mut Transaction<'_>) -> Result<(), QmpError> {
         let env = &mut *txn.state;
         let node = self.node_name(env)?;
-        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &node));
+        self.drain = Some(Drain::begin(
+            &env.jobs,
+            &env.claims,
+            env.graph.as_deref(),
+            &node,
+        ));
         env.check_op(&node, BlockOp::ExternalSnapshot)?;
         let source = env.lookup(&node)?;
         source
@@ -204,7 +209,12 @@ impl Action for InternalSnapshot {
         let env = &mut *txn.state;
         let device = self.args.device.clone();
         let node = env.root_node(&device)?;
-        self.drain = Some(Drain::begin(&env.jobs, &env.claims, &device));
+        self.drain = Some(Drain::begin(
+            &env.jobs,
+            &env.claims,
+            env.graph.as_deref(),
+            &device,
+        ));
         env.check_op(&device, BlockOp::InternalSnapshot)?;
         let graph = env.graph_mut()?;
         if graph.node_facts(&device).is_some_and(|f| f.read_only) {

@@ -423,9 +423,10 @@ fn drive_backup_creates_the_target_image_in_the_sources_format_and_fills_it() {
     let during = h.ok("query-named-block-nodes", json!({"flat": true}));
     assert_eq!(
         during.as_array().unwrap().len(),
-        4,
-        "src, the target and their files: {during}"
+        5,
+        "the backup's filter, src, the target and their files: {during}"
     );
+    assert_eq!(during[0]["drv"], "copy-before-write", "{during}");
     h.settle();
     assert_eq!(h.take_events().last().map(String::as_str), Some("jd null"));
     // The target node ends with its job.
@@ -536,5 +537,75 @@ fn a_ready_mirror_copies_later_writes_to_the_source_before_completing() {
     assert_eq!(
         qemu_img(&["compare", "-f", "raw", "-F", "raw", &src, &m1]),
         (true, "Images are identical.".to_string())
+    );
+}
+
+#[test]
+fn a_backups_filter_node_shows_under_filter_node_name_while_the_job_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = raw_image(dir.path(), "src.raw", 4 * MIB, 0x5a);
+    let tgt = raw_image(dir.path(), "tgt.raw", 4 * MIB, 0);
+    let mut h = Harness::block_layer();
+    add_raw(&mut h, "src", &src);
+    add_raw(&mut h, "tgt", &tgt);
+    let backup = |name: &str| {
+        json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "none",
+               "filter-node-name": name})
+    };
+    assert_eq!(
+        h.err("blockdev-backup", backup("1bad")),
+        "GenericError: Could not create node: Invalid node-name: '1bad'"
+    );
+    assert_eq!(
+        h.err("blockdev-backup", backup("src")),
+        "GenericError: Could not create node: Duplicate nodes with node-name='src'"
+    );
+    h.ok("blockdev-backup", backup("fl"));
+    let during = h.ok("query-named-block-nodes", json!({"flat": true}));
+    let fl = during
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "fl")
+        .unwrap_or_else(|| panic!("no fl in {during}"));
+    assert_eq!(
+        (&fl["drv"], &fl["file"]),
+        (&json!("copy-before-write"), &json!(src))
+    );
+    assert_eq!(
+        h.err("blockdev-del", json!({"node-name": "fl"})),
+        "GenericError: Node 'fl' is busy: block device is in use by block job: backup"
+    );
+    assert_eq!(
+        h.err("blockdev-del", json!({"node-name": "src"})),
+        "GenericError: Block device src is in use"
+    );
+    h.ok("block-job-cancel", json!({"device": "j"}));
+    h.settle();
+    let after = h.ok("query-named-block-nodes", json!({"flat": true}));
+    assert!(
+        after
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["node-name"] != "fl"),
+        "{after}"
+    );
+    h.ok("blockdev-del", json!({"node-name": "src"}));
+}
+
+#[test]
+fn a_graph_without_filter_nodes_refuses_filter_node_name() {
+    let h_graph = MemGraph::default();
+    h_graph.add("src", MemNode::new("src", MIB, 1));
+    h_graph.add("tgt", MemNode::new("tgt", MIB, 0));
+    let mut h = Harness::over(Box::new(h_graph.clone()), h_graph);
+    assert_eq!(
+        h.err(
+            "blockdev-backup",
+            json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                   "filter-node-name": "fl"})
+        ),
+        "GenericError: This block layer does not support filter nodes (filter-node-name)"
     );
 }

@@ -160,8 +160,23 @@ pub fn error_of(errno: u32) -> io::Error {
     io::Error::from_raw_os_error(errno as i32)
 }
 
-/// The protocol error value for an I/O error of an export backend.
+/// The protocol error value for an I/O error of an export backend: an OS error as QEMU's
+/// `system_errno_to_nbd_errno` maps it (`EPERM`/`EROFS`, `EIO`, `ENOMEM`, `ENOSPC`/`EDQUOT`/
+/// `EFBIG`, `EOVERFLOW`, `ENOTSUP`, `ESHUTDOWN`; anything else, `EACCES` included, is
+/// `EINVAL`), other errors by kind.
 pub fn errno_of(error: &io::Error) -> u32 {
+    if let Some(errno) = error.raw_os_error() {
+        return match errno {
+            1 | 30 => EPERM,         // EPERM, EROFS
+            5 => EIO,                // EIO
+            12 => ENOMEM,            // ENOMEM
+            27 | 28 | 122 => ENOSPC, // EFBIG, ENOSPC, EDQUOT
+            75 => EOVERFLOW,         // EOVERFLOW
+            95 => ENOTSUP,           // EOPNOTSUPP (= ENOTSUP on Linux)
+            108 => ESHUTDOWN,        // ESHUTDOWN
+            _ => EINVAL,
+        };
+    }
     match error.kind() {
         io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => EPERM,
         io::ErrorKind::OutOfMemory => ENOMEM,
@@ -243,9 +258,38 @@ pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The send buffer the client asks for on a unix socket connection: a whole 1 MiB request
+/// and more fit, so a writer hands its data to the kernel in one call instead of waking up
+/// for every ~200 KiB the peer drains (the default `net.core.wmem_default`). The kernel caps
+/// it at `net.core.wmem_max`. TCP keeps the kernel's autotuning, which a set size would turn
+/// off.
+pub(crate) const UNIX_SEND_BUFFER: usize = 4 << 20;
+
+/// Asks for [`UNIX_SEND_BUFFER`] on `socket`; a refusal leaves the default (only speed is at
+/// stake).
+pub(crate) fn widen_send_buffer(socket: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(socket).set_send_buffer_size(UNIX_SEND_BUFFER);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_unix_connection_gets_the_wide_send_buffer_up_to_the_kernels_cap() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        widen_send_buffer(&a);
+        let cap: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .expect("/proc/sys/net/core/wmem_max (a Linux host)")
+            .trim()
+            .parse()
+            .expect("wmem_max is a number");
+        let size = socket2::SockRef::from(&a)
+            .send_buffer_size()
+            .expect("SO_SNDBUF");
+        // Linux doubles what is asked for (bookkeeping overhead), after capping it.
+        assert_eq!(size, 2 * UNIX_SEND_BUFFER.min(cap));
+    }
 
     #[test]
     fn request_header_decodes_big_endian_fields() {

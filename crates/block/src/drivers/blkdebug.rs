@@ -254,6 +254,10 @@ impl BlockDriver for BlkdebugDriver {
         self.image.block_status(offset, len)
     }
 
+    fn unallocated_reads_zero(&self) -> bool {
+        self.image.driver().unallocated_reads_zero()
+    }
+
     fn debug_event(&self, event: BlkdebugEvent) {
         let mut rules = lock(&self.rules);
         let fired: Vec<usize> = rules

@@ -2,11 +2,14 @@
 //! its branch's options (`BlockdevOptionsFile`, `BlockdevOptionsQcow2`, ...).
 
 pub mod blkdebug;
+pub mod cbw;
 pub mod copy_on_read;
 pub mod file;
+pub mod nbd;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod snapshot_access;
 pub mod throttle;
 
 use qmp_api::{BlockdevDriver, BlockdevOptionsBranch, BlockdevRefOrNull};
@@ -22,21 +25,27 @@ pub(crate) fn open(
     match branch {
         BlockdevOptionsBranch::Blkdebug(o) => blkdebug::open(ctx, o),
         BlockdevOptionsBranch::File(o) => file::open(ctx, o),
+        BlockdevOptionsBranch::Nbd(o) => nbd::open(ctx, o),
         BlockdevOptionsBranch::NullCo(o) => null::open(ctx, o),
         BlockdevOptionsBranch::Qcow2(o) => qcow2::open(ctx, o),
         BlockdevOptionsBranch::Raw(o) => raw::open(ctx, o),
+        BlockdevOptionsBranch::CopyBeforeWrite(o) => cbw::open(ctx, o),
+        BlockdevOptionsBranch::SnapshotAccess(o) => snapshot_access::open(ctx, o),
         BlockdevOptionsBranch::Throttle(o) => throttle::open(ctx, o),
         BlockdevOptionsBranch::CopyOnRead(o) => copy_on_read::open(ctx, o),
     }
 }
 
-/// QEMU's protocol-style drivers (`file`, `null-co`, `blkdebug`) get their node name before
+/// QEMU's protocol-style drivers (`file`, `nbd`, `null-co`, `blkdebug`) get their node name before
 /// their children open; formats (`raw`, `qcow2`) open their `file` child first. This fixes the
 /// `#blockNNN` counters and the order of `query-named-block-nodes`.
 pub(crate) fn is_protocol(driver: BlockdevDriver) -> bool {
     matches!(
         driver,
-        BlockdevDriver::File | BlockdevDriver::NullCo | BlockdevDriver::Blkdebug
+        BlockdevDriver::File
+            | BlockdevDriver::Nbd
+            | BlockdevDriver::NullCo
+            | BlockdevDriver::Blkdebug
     )
 }
 

@@ -109,9 +109,14 @@ impl BlockDriver for RawDriver {
         self.file.get().write_zeroes_unmap_at(at, len)
     }
 
+    fn write_zeroes_fast_at(&self, offset: u64, len: u64) -> BlockResult<()> {
+        let at = self.window(offset, len)?;
+        self.file.get().write_zeroes_fast_at(at, len)
+    }
+
     fn discard_at(&self, offset: u64, len: u64) -> BlockResult<()> {
         let at = self.window(offset, len)?;
-        self.file.get().discard_at(at, len)
+        self.file.get().discard_child_at(at, len)
     }
 
     fn flush(&self) -> BlockResult<()> {
@@ -131,6 +136,16 @@ impl BlockDriver for RawDriver {
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<(bool, u64)> {
         let at = self.window(offset, len)?;
         self.file.get().block_status(at, len)
+    }
+
+    fn unallocated_reads_zero(&self) -> bool {
+        self.file.get().driver().unallocated_reads_zero()
+    }
+
+    /// The file's status, zeroes included (QEMU's raw passes block status down whole).
+    fn zero_status(&self, offset: u64, len: u64) -> BlockResult<(bool, bool, u64)> {
+        let at = self.window(offset, len)?;
+        self.file.get().zero_status(at, len)
     }
 
     fn info(&self) -> DriverInfo {

@@ -20,6 +20,7 @@
 //! ```
 
 mod negotiate;
+pub mod pull;
 mod transport;
 
 use std::io;
@@ -53,7 +54,11 @@ pub enum Stream {
 impl Stream {
     async fn connect(addr: &ServerAddr) -> io::Result<Stream> {
         match addr {
-            ServerAddr::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+            ServerAddr::Unix(path) => {
+                let stream = UnixStream::connect(path).await?;
+                crate::wire::widen_send_buffer(&stream);
+                Ok(Stream::Unix(stream))
+            }
             ServerAddr::Tcp { host, port } => {
                 let stream = TcpStream::connect((host.as_str(), *port)).await?;
                 // Requests are written whole; coalescing them only adds latency.
@@ -174,6 +179,9 @@ pub enum ClientError {
         reply: u32,
         message: String,
     },
+    /// The export has no metadata context of that name (a required one was asked for).
+    #[error("the export has no metadata context '{0}'")]
+    NoSuchContext(String),
     /// The server broke the protocol; the connection is closed.
     #[error("NBD protocol error: {0}")]
     Protocol(String),
@@ -266,6 +274,29 @@ pub enum Command {
     },
 }
 
+/// A request [`Reconnecting`] may send again: a command, or a write of borrowed data.
+#[derive(Clone, Copy)]
+enum Request<'a> {
+    Command(&'a Command),
+    Write {
+        offset: u64,
+        data: &'a [u8],
+        fua: bool,
+    },
+}
+
+impl Request<'_> {
+    async fn run_on(self, client: &NbdClient) -> Result<Outcome, ClientError> {
+        match self {
+            Request::Command(command) => client.execute(command).await,
+            Request::Write { offset, data, fua } => client
+                .write(offset, data, fua)
+                .await
+                .map(|()| Outcome::Done),
+        }
+    }
+}
+
 /// What a [`Command`] returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -279,8 +310,11 @@ pub enum Outcome {
 pub struct Connector {
     pub addr: ServerAddr,
     pub export: String,
-    /// Metadata contexts to select (none: no BLOCK_STATUS).
+    /// Metadata contexts to select; the connection fails if the server lacks one.
     pub meta_contexts: Vec<String>,
+    /// Metadata contexts to select if the server has them (QEMU's driver asks for
+    /// `base:allocation` this way: without it every range reads as data).
+    pub optional_meta_contexts: Vec<String>,
 }
 
 impl Connector {
@@ -289,33 +323,43 @@ impl Connector {
             addr,
             export: export.into(),
             meta_contexts: Vec::new(),
+            optional_meta_contexts: Vec::new(),
         }
     }
 
     /// Also selects the metadata context `name` (`base:allocation`,
-    /// `qemu:dirty-bitmap:NAME`, …).
+    /// `qemu:dirty-bitmap:NAME`, …), which the server must have.
     pub fn meta_context(mut self, name: impl Into<String>) -> Connector {
         self.meta_contexts.push(name.into());
         self
     }
 
+    /// Also selects the metadata context `name` if the server has it.
+    pub fn optional_meta_context(mut self, name: impl Into<String>) -> Connector {
+        self.optional_meta_contexts.push(name.into());
+        self
+    }
+
     /// Connects and runs the handshake: structured replies, the metadata contexts (every
-    /// one asked for must be known to the server), GO.
+    /// required one must be known to the server), GO.
     pub async fn connect(&self) -> Result<NbdClient, ClientError> {
         let mut negotiation = Negotiation::connect(&self.addr).await?;
-        negotiation.structured_replies().await?;
-        if !self.meta_contexts.is_empty() {
-            let names: Vec<&str> = self.meta_contexts.iter().map(String::as_str).collect();
-            let selected = negotiation.set_meta_contexts(&self.export, &names).await?;
-            if let Some(missing) = names
+        let structured = negotiation.structured_replies().await?;
+        let wanted: Vec<&str> = self
+            .meta_contexts
+            .iter()
+            .chain(&self.optional_meta_contexts)
+            .map(String::as_str)
+            .collect();
+        // Without structured replies there are no contexts: only optional ones may go.
+        if !wanted.is_empty() && (structured || !self.meta_contexts.is_empty()) {
+            let selected = negotiation.set_meta_contexts(&self.export, &wanted).await?;
+            if let Some(missing) = self
+                .meta_contexts
                 .iter()
                 .find(|name| !selected.iter().any(|s| s == *name))
             {
-                return Err(ClientError::Refused {
-                    option: wire::OPT_SET_META_CONTEXT,
-                    reply: wire::REP_ERR_UNKNOWN,
-                    message: format!("the export has no metadata context '{missing}'"),
-                });
+                return Err(ClientError::NoSuchContext(missing.clone()));
             }
         }
         let (stream, info) = negotiation.go(&self.export).await?;
@@ -323,34 +367,69 @@ impl Connector {
     }
 }
 
-/// A client that reconnects: a request whose connection is lost is sent again on a new one,
-/// made with the same [`Connector`] (the whole handshake again), for up to `delay` after the
-/// loss was noticed; after that, and for a server that answers with an error, it fails. The
-/// export must not change size or become read-only in between. Like QEMU's `reconnect-delay`,
-/// a delay of zero means one attempt to reconnect per request.
+/// A client that reconnects (QEMU's `reconnect-delay`): when the connection is lost, requests
+/// wait while a new one is made with the same [`Connector`] (the whole handshake again) and
+/// are then sent again on it, for up to `delay` after the loss. Past the delay, requests fail
+/// at once unless a single attempt to reconnect succeeds, and the next request tries again.
+/// A delay of zero means one attempt per request. The export must not change size or become
+/// read-only in between. A server's error answer is not retried.
 pub struct Reconnecting {
     connector: Connector,
     delay: Duration,
     info: ExportInfo,
-    current: Mutex<Option<std::sync::Arc<NbdClient>>>,
+    link: Mutex<Link>,
 }
 
-/// Pause between two attempts to reach a server that is not there yet.
+/// The current connection, or when it was lost.
+struct Link {
+    client: Option<std::sync::Arc<NbdClient>>,
+    /// When the connection was found lost (`None` while connected, or closed on purpose).
+    lost_at: Option<Instant>,
+    /// `disconnect` was called: no more reconnecting.
+    closed: bool,
+}
+
+/// Pause between two attempts to reach a server that is not there (yet): QEMU's reconnect
+/// loop also waits between attempts.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 impl Reconnecting {
-    /// Connects a first time (that failure is returned at once, as QEMU's `open-timeout`
-    /// of zero does).
+    /// Connects a first time; that failure is returned at once (QEMU's `open-timeout` of
+    /// zero).
     pub async fn connect(
         connector: Connector,
         delay: Duration,
     ) -> Result<Reconnecting, ClientError> {
-        let client = connector.connect().await?;
+        Reconnecting::open(connector, delay, Duration::ZERO).await
+    }
+
+    /// Connects a first time, trying again until `open_timeout` has passed (QEMU's
+    /// `open-timeout`: any failure is tried again; the last one is returned).
+    pub async fn open(
+        connector: Connector,
+        delay: Duration,
+        open_timeout: Duration,
+    ) -> Result<Reconnecting, ClientError> {
+        let deadline = Instant::now() + open_timeout;
+        let client = loop {
+            match connector.connect().await {
+                Ok(client) => break client,
+                Err(error) if Instant::now() < deadline => {
+                    tracing::debug!(%error, "NBD connection failed, trying again");
+                    tokio::time::sleep(RETRY_PAUSE.min(deadline - Instant::now())).await;
+                }
+                Err(error) => return Err(error),
+            }
+        };
         Ok(Reconnecting {
             connector,
             delay,
             info: client.info().clone(),
-            current: Mutex::new(Some(std::sync::Arc::new(client))),
+            link: Mutex::new(Link {
+                client: Some(std::sync::Arc::new(client)),
+                lost_at: None,
+                closed: false,
+            }),
         })
     }
 
@@ -359,20 +438,36 @@ impl Reconnecting {
         &self.info
     }
 
-    /// A connected client: the current one, or a new one (the first caller after a loss
-    /// reconnects, the others wait for it).
-    async fn client(&self, deadline: Instant) -> Result<std::sync::Arc<NbdClient>, ClientError> {
-        let mut current = self.current.lock().await;
-        if let Some(client) = current.as_ref().filter(|c| c.is_connected()) {
+    /// Whether the connection stands now.
+    pub async fn is_connected(&self) -> bool {
+        let link = self.link.lock().await;
+        link.client.as_ref().is_some_and(|c| c.is_connected())
+    }
+
+    /// A connected client: the current one, or a new one. The first caller after a loss
+    /// reconnects (until the delay since the loss has passed, or once past it); the others
+    /// wait for it.
+    async fn client(&self) -> Result<std::sync::Arc<NbdClient>, ClientError> {
+        let mut link = self.link.lock().await;
+        if link.closed {
+            return Err(ClientError::Disconnected(
+                "the client closed the connection".into(),
+            ));
+        }
+        if let Some(client) = link.client.as_ref().filter(|c| c.is_connected()) {
             return Ok(client.clone());
         }
-        *current = None;
+        link.client = None;
+        let lost_at = *link.lost_at.get_or_insert_with(Instant::now);
+        let deadline = lost_at + self.delay;
         loop {
             match self.connector.connect().await {
                 Ok(client) => {
                     self.check_same_export(client.info())?;
                     let client = std::sync::Arc::new(client);
-                    *current = Some(client.clone());
+                    link.client = Some(client.clone());
+                    link.lost_at = None;
+                    tracing::info!(export = %self.connector.export, "NBD connection re-established");
                     return Ok(client);
                 }
                 Err(error) if error.is_retryable() && Instant::now() < deadline => {
@@ -381,6 +476,19 @@ impl Reconnecting {
                 }
                 Err(error) => return Err(error),
             }
+        }
+    }
+
+    /// Records that the connection `client` was lost (if it is still the current one).
+    async fn lost(&self, client: &std::sync::Arc<NbdClient>) {
+        let mut link = self.link.lock().await;
+        if link
+            .client
+            .as_ref()
+            .is_some_and(|current| std::sync::Arc::ptr_eq(current, client))
+        {
+            link.client = None;
+            link.lost_at.get_or_insert_with(Instant::now);
         }
     }
 
@@ -397,33 +505,45 @@ impl Reconnecting {
         Ok(())
     }
 
-    /// Runs `command`, on a new connection if the current one is lost, until `delay` has
-    /// passed since the first loss.
+    /// Runs `command`, sending it again on a new connection when the current one is lost,
+    /// until `delay` has passed since the loss.
     pub async fn execute(&self, command: &Command) -> Result<Outcome, ClientError> {
-        let mut deadline: Option<Instant> = None;
+        self.retrying(Request::Command(command)).await
+    }
+
+    /// WRITE of `data` at `offset` (as [`Command::Write`], without taking the data).
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
+        self.retrying(Request::Write { offset, data, fua })
+            .await
+            .map(|_| ())
+    }
+
+    async fn retrying(&self, request: Request<'_>) -> Result<Outcome, ClientError> {
         loop {
-            let until = deadline.unwrap_or_else(|| Instant::now() + self.delay);
-            let result = match self.client(until).await {
-                Ok(client) => client.execute(command).await,
-                Err(error) => Err(error),
-            };
-            match result {
-                Err(error) if error.is_retryable() => match deadline {
-                    None => deadline = Some(Instant::now() + self.delay),
-                    Some(limit) if Instant::now() >= limit => return Err(error),
-                    // Lost again on a new connection: do not hammer the server.
-                    Some(limit) => {
-                        tokio::time::sleep(RETRY_PAUSE.min(limit - Instant::now())).await
+            let client = self.client().await?;
+            match request.run_on(&client).await {
+                Err(error) if error.is_retryable() => {
+                    self.lost(&client).await;
+                    let lost_at = self.link.lock().await.lost_at;
+                    if lost_at.is_some_and(|at| Instant::now() >= at + self.delay) {
+                        // One more attempt, as QEMU's requests past the delay make.
+                        let client = self.client().await?;
+                        return request.run_on(&client).await;
                     }
-                },
+                }
                 other => return other,
             }
         }
     }
 
-    /// Disconnects cleanly (NBD_CMD_DISC) if connected.
+    /// Disconnects cleanly (NBD_CMD_DISC) if connected; no reconnecting afterwards.
     pub async fn disconnect(&self) {
-        if let Some(client) = self.current.lock().await.take() {
+        let client = {
+            let mut link = self.link.lock().await;
+            link.closed = true;
+            link.client.take()
+        };
+        if let Some(client) = client {
             match std::sync::Arc::try_unwrap(client) {
                 Ok(client) => client.disconnect().await,
                 Err(shared) => shared.close(),

@@ -998,28 +998,40 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "type": "105"
       },
       {
-        "case": "copy-on-read",
+        "case": "copy-before-write",
         "type": "106"
       },
       {
-        "case": "file",
+        "case": "copy-on-read",
         "type": "107"
       },
       {
-        "case": "null-co",
+        "case": "file",
         "type": "108"
       },
       {
-        "case": "qcow2",
+        "case": "nbd",
         "type": "109"
       },
       {
-        "case": "raw",
+        "case": "null-co",
         "type": "110"
       },
       {
-        "case": "throttle",
+        "case": "qcow2",
         "type": "111"
+      },
+      {
+        "case": "raw",
+        "type": "112"
+      },
+      {
+        "case": "snapshot-access",
+        "type": "113"
+      },
+      {
+        "case": "throttle",
+        "type": "114"
       }
     ]
   },
@@ -1146,7 +1158,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "bitmaps",
-        "type": "[112]"
+        "type": "[115]"
       }
     ],
     "meta-type": "object",
@@ -1219,7 +1231,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "113"
+        "type": "116"
       },
       {
         "case": "commit",
@@ -1351,7 +1363,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "mirror",
-        "type": "114"
+        "type": "117"
       },
       {
         "case": "commit",
@@ -1452,11 +1464,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "operation",
-        "type": "115"
+        "type": "118"
       },
       {
         "name": "action",
-        "type": "116"
+        "type": "119"
       }
     ],
     "meta-type": "object",
@@ -1515,7 +1527,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "117"
+        "type": "120"
       },
       {
         "default": null,
@@ -1530,7 +1542,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "118"
+        "type": "121"
       },
       {
         "default": null,
@@ -1540,12 +1552,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "119"
+        "type": "122"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "119"
+        "type": "122"
       },
       {
         "default": null,
@@ -1573,7 +1585,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "120"
+        "type": "123"
       },
       {
         "name": "target",
@@ -1596,7 +1608,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "117"
+        "type": "120"
       },
       {
         "default": null,
@@ -1611,7 +1623,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmap-mode",
-        "type": "118"
+        "type": "121"
       },
       {
         "default": null,
@@ -1621,12 +1633,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "119"
+        "type": "122"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "119"
+        "type": "122"
       },
       {
         "default": null,
@@ -1654,7 +1666,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
           "unstable"
         ],
         "name": "x-perf",
-        "type": "120"
+        "type": "123"
       },
       {
         "name": "target",
@@ -1668,7 +1680,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "121"
+        "type": "124"
       }
     ],
     "meta-type": "object",
@@ -1696,7 +1708,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "117"
+        "type": "120"
       },
       {
         "default": null,
@@ -1716,12 +1728,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "119"
+        "type": "122"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "119"
+        "type": "122"
       },
       {
         "default": null,
@@ -1731,7 +1743,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "122"
+        "type": "125"
       },
       {
         "default": null,
@@ -1779,12 +1791,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "sync",
-        "type": "117"
+        "type": "120"
       },
       {
         "default": null,
         "name": "mode",
-        "type": "121"
+        "type": "124"
       },
       {
         "default": null,
@@ -1804,12 +1816,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-source-error",
-        "type": "119"
+        "type": "122"
       },
       {
         "default": null,
         "name": "on-target-error",
-        "type": "119"
+        "type": "122"
       },
       {
         "default": null,
@@ -1819,7 +1831,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "copy-mode",
-        "type": "122"
+        "type": "125"
       },
       {
         "default": null,
@@ -1879,7 +1891,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-error",
-        "type": "119"
+        "type": "122"
       },
       {
         "default": null,
@@ -1955,7 +1967,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "on-error",
-        "type": "119"
+        "type": "122"
       },
       {
         "default": null,
@@ -2005,7 +2017,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "121"
+        "type": "124"
       }
     ],
     "meta-type": "object",
@@ -2043,12 +2055,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "actions",
-        "type": "[123]"
+        "type": "[126]"
       },
       {
         "default": null,
         "name": "properties",
-        "type": "124"
+        "type": "127"
       }
     ],
     "meta-type": "object",
@@ -2078,7 +2090,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "125"
+        "type": "128"
       }
     ],
     "meta-type": "object",
@@ -2123,7 +2135,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "126"
+        "type": "129"
       }
     ],
     "meta-type": "object",
@@ -2133,7 +2145,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "127"
+        "type": "130"
       },
       {
         "name": "id",
@@ -2175,19 +2187,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "nbd",
-        "type": "128"
+        "type": "131"
       },
       {
         "case": "vhost-user-blk",
-        "type": "129"
+        "type": "132"
       },
       {
         "case": "fuse",
-        "type": "130"
+        "type": "133"
       },
       {
         "case": "vduse-blk",
-        "type": "131"
+        "type": "134"
       }
     ]
   },
@@ -2200,7 +2212,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "mode",
-        "type": "126"
+        "type": "129"
       }
     ],
     "meta-type": "object",
@@ -2224,7 +2236,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "options",
-        "type": "132"
+        "type": "135"
       }
     ],
     "meta-type": "object",
@@ -2242,7 +2254,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "options",
-        "type": "133"
+        "type": "136"
       },
       {
         "default": null,
@@ -2395,7 +2407,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "127"
+        "type": "130"
       },
       {
         "name": "node-name",
@@ -2423,11 +2435,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "nodes",
-        "type": "[134]"
+        "type": "[137]"
       },
       {
         "name": "edges",
-        "type": "[135]"
+        "type": "[138]"
       }
     ],
     "meta-type": "object",
@@ -2468,12 +2480,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "stats",
-        "type": "136"
+        "type": "139"
       },
       {
         "default": null,
         "name": "driver-specific",
-        "type": "137"
+        "type": "140"
       },
       {
         "default": null,
@@ -2620,7 +2632,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "qom-type",
-        "type": "138"
+        "type": "141"
       },
       {
         "name": "id",
@@ -2633,15 +2645,15 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "variants": [
       {
         "case": "iothread",
-        "type": "139"
+        "type": "142"
       },
       {
         "case": "secret",
-        "type": "140"
+        "type": "143"
       },
       {
         "case": "throttle-group",
-        "type": "141"
+        "type": "144"
       }
     ]
   },
@@ -2706,7 +2718,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "format",
-        "type": "142"
+        "type": "145"
       }
     ],
     "meta-type": "object",
@@ -2725,7 +2737,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "format",
-        "type": "142"
+        "type": "145"
       }
     ],
     "meta-type": "object",
@@ -2744,7 +2756,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "backend",
-        "type": "143"
+        "type": "146"
       }
     ],
     "meta-type": "object",
@@ -2769,7 +2781,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "backend",
-        "type": "143"
+        "type": "146"
       }
     ],
     "meta-type": "object",
@@ -2875,7 +2887,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "json-type",
-        "type": "144"
+        "type": "147"
       }
     ],
     "meta-type": "object",
@@ -2885,7 +2897,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "members",
-        "type": "[145]"
+        "type": "[148]"
       },
       {
         "features": [
@@ -2912,7 +2924,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "members",
-        "type": "[146]"
+        "type": "[149]"
       },
       {
         "default": null,
@@ -2922,7 +2934,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "variants",
-        "type": "[147]"
+        "type": "[150]"
       }
     ],
     "meta-type": "object",
@@ -2932,7 +2944,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "members",
-        "type": "[148]"
+        "type": "[151]"
       }
     ],
     "meta-type": "object",
@@ -3155,7 +3167,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "format-specific",
-        "type": "149"
+        "type": "152"
       },
       {
         "default": null,
@@ -3251,10 +3263,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "name": "blkdebug"
       },
       {
+        "name": "copy-before-write"
+      },
+      {
         "name": "copy-on-read"
       },
       {
         "name": "file"
+      },
+      {
+        "name": "nbd"
       },
       {
         "name": "null-co"
@@ -3266,6 +3284,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "name": "raw"
       },
       {
+        "name": "snapshot-access"
+      },
+      {
         "name": "throttle"
       }
     ],
@@ -3273,11 +3294,14 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "name": "102",
     "values": [
       "blkdebug",
+      "copy-before-write",
       "copy-on-read",
       "file",
+      "nbd",
       "null-co",
       "qcow2",
       "raw",
+      "snapshot-access",
       "throttle"
     ]
   },
@@ -3317,7 +3341,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "image",
-        "type": "150"
+        "type": "153"
       },
       {
         "default": null,
@@ -3357,22 +3381,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "inject-error",
-        "type": "[151]"
+        "type": "[154]"
       },
       {
         "default": null,
         "name": "set-state",
-        "type": "[152]"
+        "type": "[155]"
       },
       {
         "default": null,
         "name": "take-child-perms",
-        "type": "[153]"
+        "type": "[156]"
       },
       {
         "default": null,
         "name": "unshare-child-perms",
-        "type": "[153]"
+        "type": "[156]"
       }
     ],
     "meta-type": "object",
@@ -3382,7 +3406,41 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "file",
-        "type": "150"
+        "type": "153"
+      },
+      {
+        "name": "target",
+        "type": "153"
+      },
+      {
+        "default": null,
+        "name": "bitmap",
+        "type": "22"
+      },
+      {
+        "default": null,
+        "name": "on-cbw-error",
+        "type": "157"
+      },
+      {
+        "default": null,
+        "name": "cbw-timeout",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "min-cluster-size",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "106"
+  },
+  {
+    "members": [
+      {
+        "name": "file",
+        "type": "153"
       },
       {
         "default": null,
@@ -3391,7 +3449,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "106"
+    "name": "107"
   },
   {
     "features": [
@@ -3410,12 +3468,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "locking",
-        "type": "154"
+        "type": "158"
       },
       {
         "default": null,
         "name": "aio",
-        "type": "155"
+        "type": "159"
       },
       {
         "default": null,
@@ -3437,7 +3495,50 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "107"
+    "name": "108"
+  },
+  {
+    "members": [
+      {
+        "name": "server",
+        "type": "160"
+      },
+      {
+        "default": null,
+        "name": "export",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "tls-creds",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "tls-hostname",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "features": [
+          "unstable"
+        ],
+        "name": "x-dirty-bitmap",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "reconnect-delay",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "open-timeout",
+        "type": "int"
+      }
+    ],
+    "meta-type": "object",
+    "name": "109"
   },
   {
     "members": [
@@ -3458,18 +3559,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "108"
+    "name": "110"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "150"
+        "type": "153"
       },
       {
         "default": null,
         "name": "backing",
-        "type": "156"
+        "type": "161"
       },
       {
         "default": null,
@@ -3499,7 +3600,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "overlap-check",
-        "type": "157"
+        "type": "162"
       },
       {
         "default": null,
@@ -3529,22 +3630,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "158"
+        "type": "163"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "150"
+        "type": "153"
       }
     ],
     "meta-type": "object",
-    "name": "109"
+    "name": "111"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "150"
+        "type": "153"
       },
       {
         "default": null,
@@ -3558,7 +3659,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "110"
+    "name": "112"
+  },
+  {
+    "members": [
+      {
+        "name": "file",
+        "type": "153"
+      }
+    ],
+    "meta-type": "object",
+    "name": "113"
   },
   {
     "members": [
@@ -3568,11 +3679,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "file",
-        "type": "150"
+        "type": "153"
       }
     ],
     "meta-type": "object",
-    "name": "111"
+    "name": "114"
   },
   {
     "element-type": "16",
@@ -3580,9 +3691,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "name": "[16]"
   },
   {
-    "element-type": "112",
+    "element-type": "115",
     "meta-type": "array",
-    "name": "[112]"
+    "name": "[115]"
   },
   {
     "members": [
@@ -3594,7 +3705,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "112"
+    "name": "115"
   },
   {
     "members": [
@@ -3604,17 +3715,17 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "113"
+    "name": "116"
   },
   {
     "members": [
       {
         "name": "copy-mode",
-        "type": "122"
+        "type": "125"
       }
     ],
     "meta-type": "object",
-    "name": "114"
+    "name": "117"
   },
   {
     "members": [
@@ -3626,7 +3737,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "115",
+    "name": "118",
     "values": [
       "read",
       "write"
@@ -3645,7 +3756,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "116",
+    "name": "119",
     "values": [
       "ignore",
       "report",
@@ -3671,7 +3782,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "117",
+    "name": "120",
     "values": [
       "top",
       "full",
@@ -3693,7 +3804,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "118",
+    "name": "121",
     "values": [
       "on-success",
       "never",
@@ -3719,7 +3830,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "119",
+    "name": "122",
     "values": [
       "report",
       "ignore",
@@ -3752,7 +3863,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "120"
+    "name": "123"
   },
   {
     "members": [
@@ -3764,7 +3875,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "121",
+    "name": "124",
     "values": [
       "existing",
       "absolute-paths"
@@ -3780,87 +3891,87 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "122",
+    "name": "125",
     "values": [
       "background",
       "write-blocking"
     ]
   },
   {
-    "element-type": "123",
+    "element-type": "126",
     "meta-type": "array",
-    "name": "[123]"
+    "name": "[126]"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "159"
+        "type": "164"
       }
     ],
     "meta-type": "object",
-    "name": "123",
+    "name": "126",
     "tag": "type",
     "variants": [
       {
         "case": "abort",
-        "type": "160"
-      },
-      {
-        "case": "block-dirty-bitmap-add",
-        "type": "161"
-      },
-      {
-        "case": "block-dirty-bitmap-remove",
-        "type": "162"
-      },
-      {
-        "case": "block-dirty-bitmap-clear",
-        "type": "162"
-      },
-      {
-        "case": "block-dirty-bitmap-enable",
-        "type": "162"
-      },
-      {
-        "case": "block-dirty-bitmap-disable",
-        "type": "162"
-      },
-      {
-        "case": "block-dirty-bitmap-merge",
-        "type": "163"
-      },
-      {
-        "case": "blockdev-backup",
-        "type": "164"
-      },
-      {
-        "case": "blockdev-snapshot",
         "type": "165"
       },
       {
-        "case": "blockdev-snapshot-internal-sync",
+        "case": "block-dirty-bitmap-add",
         "type": "166"
       },
       {
-        "case": "blockdev-snapshot-sync",
+        "case": "block-dirty-bitmap-remove",
         "type": "167"
       },
       {
-        "case": "drive-backup",
+        "case": "block-dirty-bitmap-clear",
+        "type": "167"
+      },
+      {
+        "case": "block-dirty-bitmap-enable",
+        "type": "167"
+      },
+      {
+        "case": "block-dirty-bitmap-disable",
+        "type": "167"
+      },
+      {
+        "case": "block-dirty-bitmap-merge",
         "type": "168"
       },
       {
+        "case": "blockdev-backup",
+        "type": "169"
+      },
+      {
+        "case": "blockdev-snapshot",
+        "type": "170"
+      },
+      {
+        "case": "blockdev-snapshot-internal-sync",
+        "type": "171"
+      },
+      {
+        "case": "blockdev-snapshot-sync",
+        "type": "172"
+      },
+      {
+        "case": "drive-backup",
+        "type": "173"
+      },
+      {
         "case": "x-block-dirty-bitmap-enable",
-        "type": "162"
+        "type": "167"
       },
       {
         "case": "x-block-dirty-bitmap-disable",
-        "type": "162"
+        "type": "167"
       },
       {
         "case": "x-block-dirty-bitmap-merge",
-        "type": "163"
+        "type": "168"
       }
     ]
   },
@@ -3869,38 +3980,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "completion-mode",
-        "type": "169"
+        "type": "174"
       }
     ],
     "meta-type": "object",
-    "name": "124"
+    "name": "127"
   },
   {
     "members": [
       {
         "name": "type",
-        "type": "170"
+        "type": "175"
       }
     ],
     "meta-type": "object",
-    "name": "125",
+    "name": "128",
     "tag": "type",
     "variants": [
       {
         "case": "inet",
-        "type": "171"
+        "type": "176"
       },
       {
         "case": "unix",
-        "type": "172"
+        "type": "177"
       },
       {
         "case": "vsock",
-        "type": "173"
+        "type": "178"
       },
       {
         "case": "fd",
-        "type": "174"
+        "type": "179"
       }
     ]
   },
@@ -3914,7 +4025,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "126",
+    "name": "129",
     "values": [
       "safe",
       "hard"
@@ -3936,7 +4047,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "127",
+    "name": "130",
     "values": [
       "nbd",
       "vhost-user-blk",
@@ -3959,7 +4070,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[112]"
+        "type": "[115]"
       },
       {
         "default": null,
@@ -3968,13 +4079,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "128"
+    "name": "131"
   },
   {
     "members": [
       {
         "name": "addr",
-        "type": "175"
+        "type": "160"
       },
       {
         "default": null,
@@ -3988,7 +4099,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "129"
+    "name": "132"
   },
   {
     "members": [
@@ -4004,11 +4115,11 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "allow-other",
-        "type": "176"
+        "type": "180"
       }
     ],
     "meta-type": "object",
-    "name": "130"
+    "name": "133"
   },
   {
     "members": [
@@ -4038,7 +4149,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "131"
+    "name": "134"
   },
   {
     "members": [
@@ -4048,23 +4159,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "132",
+    "name": "135",
     "tag": "driver",
     "variants": [
       {
         "case": "file",
-        "type": "177"
+        "type": "181"
       },
       {
         "case": "qcow2",
-        "type": "178"
+        "type": "182"
       },
       {
         "case": "blkdebug",
         "type": "1"
       },
       {
+        "case": "copy-before-write",
+        "type": "1"
+      },
+      {
         "case": "copy-on-read",
+        "type": "1"
+      },
+      {
+        "case": "nbd",
         "type": "1"
       },
       {
@@ -4073,6 +4192,10 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "case": "raw",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-access",
         "type": "1"
       },
       {
@@ -4089,15 +4212,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "133",
+    "name": "136",
     "tag": "driver",
     "variants": [
       {
         "case": "qcow2",
-        "type": "179"
+        "type": "183"
       },
       {
         "case": "blkdebug",
+        "type": "1"
+      },
+      {
+        "case": "copy-before-write",
         "type": "1"
       },
       {
@@ -4109,11 +4236,19 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
         "type": "1"
       },
       {
+        "case": "nbd",
+        "type": "1"
+      },
+      {
         "case": "null-co",
         "type": "1"
       },
       {
         "case": "raw",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-access",
         "type": "1"
       },
       {
@@ -4123,9 +4258,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "134",
+    "element-type": "137",
     "meta-type": "array",
-    "name": "[134]"
+    "name": "[137]"
   },
   {
     "members": [
@@ -4135,7 +4270,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "type",
-        "type": "180"
+        "type": "184"
       },
       {
         "name": "name",
@@ -4143,12 +4278,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "134"
+    "name": "137"
   },
   {
-    "element-type": "135",
+    "element-type": "138",
     "meta-type": "array",
-    "name": "[135]"
+    "name": "[138]"
   },
   {
     "members": [
@@ -4166,15 +4301,15 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "perm",
-        "type": "[153]"
+        "type": "[156]"
       },
       {
         "name": "shared-perm",
-        "type": "[153]"
+        "type": "[156]"
       }
     ],
     "meta-type": "object",
-    "name": "135"
+    "name": "138"
   },
   {
     "members": [
@@ -4309,31 +4444,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "timed_stats",
-        "type": "[181]"
+        "type": "[185]"
       },
       {
         "default": null,
         "name": "rd_latency_histogram",
-        "type": "182"
+        "type": "186"
       },
       {
         "default": null,
         "name": "wr_latency_histogram",
-        "type": "182"
+        "type": "186"
       },
       {
         "default": null,
         "name": "zone_append_latency_histogram",
-        "type": "182"
+        "type": "186"
       },
       {
         "default": null,
         "name": "flush_latency_histogram",
-        "type": "182"
+        "type": "186"
       }
     ],
     "meta-type": "object",
-    "name": "136"
+    "name": "139"
   },
   {
     "members": [
@@ -4343,19 +4478,27 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "137",
+    "name": "140",
     "tag": "driver",
     "variants": [
       {
         "case": "file",
-        "type": "183"
+        "type": "187"
       },
       {
         "case": "blkdebug",
         "type": "1"
       },
       {
+        "case": "copy-before-write",
+        "type": "1"
+      },
+      {
         "case": "copy-on-read",
+        "type": "1"
+      },
+      {
+        "case": "nbd",
         "type": "1"
       },
       {
@@ -4368,6 +4511,10 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "case": "raw",
+        "type": "1"
+      },
+      {
+        "case": "snapshot-access",
         "type": "1"
       },
       {
@@ -4389,7 +4536,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "138",
+    "name": "141",
     "values": [
       "iothread",
       "secret",
@@ -4430,14 +4577,14 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "139"
+    "name": "142"
   },
   {
     "members": [
       {
         "default": null,
         "name": "format",
-        "type": "184"
+        "type": "188"
       },
       {
         "default": null,
@@ -4461,14 +4608,14 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "140"
+    "name": "143"
   },
   {
     "members": [
       {
         "default": null,
         "name": "limits",
-        "type": "185"
+        "type": "189"
       },
       {
         "default": null,
@@ -4624,7 +4771,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "141"
+    "name": "144"
   },
   {
     "members": [
@@ -4636,7 +4783,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "142",
+    "name": "145",
     "values": [
       "utf8",
       "base64"
@@ -4646,24 +4793,24 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "186"
+        "type": "190"
       }
     ],
     "meta-type": "object",
-    "name": "143",
+    "name": "146",
     "tag": "type",
     "variants": [
       {
         "case": "null",
-        "type": "187"
+        "type": "191"
       },
       {
         "case": "socket",
-        "type": "188"
+        "type": "192"
       },
       {
         "case": "ringbuf",
-        "type": "189"
+        "type": "193"
       }
     ]
   },
@@ -4695,7 +4842,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "144",
+    "name": "147",
     "values": [
       "string",
       "number",
@@ -4708,9 +4855,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "145",
+    "element-type": "148",
     "meta-type": "array",
-    "name": "[145]"
+    "name": "[148]"
   },
   {
     "members": [
@@ -4725,12 +4872,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "145"
+    "name": "148"
   },
   {
-    "element-type": "146",
+    "element-type": "149",
     "meta-type": "array",
-    "name": "[146]"
+    "name": "[149]"
   },
   {
     "members": [
@@ -4754,12 +4901,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "146"
+    "name": "149"
   },
   {
-    "element-type": "147",
+    "element-type": "150",
     "meta-type": "array",
-    "name": "[147]"
+    "name": "[150]"
   },
   {
     "members": [
@@ -4773,12 +4920,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "147"
+    "name": "150"
   },
   {
-    "element-type": "148",
+    "element-type": "151",
     "meta-type": "array",
-    "name": "[148]"
+    "name": "[151]"
   },
   {
     "members": [
@@ -4788,7 +4935,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "148"
+    "name": "151"
   },
   {
     "element-type": "61",
@@ -4799,32 +4946,32 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "type",
-        "type": "190"
+        "type": "194"
       }
     ],
     "meta-type": "object",
-    "name": "149",
+    "name": "152",
     "tag": "type",
     "variants": [
       {
         "case": "qcow2",
-        "type": "191"
+        "type": "195"
       },
       {
         "case": "vmdk",
-        "type": "192"
+        "type": "196"
       },
       {
         "case": "luks",
-        "type": "193"
+        "type": "197"
       },
       {
         "case": "rbd",
-        "type": "194"
+        "type": "198"
       },
       {
         "case": "file",
-        "type": "195"
+        "type": "199"
       }
     ]
   },
@@ -4838,18 +4985,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "150"
+    "name": "153"
   },
   {
-    "element-type": "151",
+    "element-type": "154",
     "meta-type": "array",
-    "name": "[151]"
+    "name": "[154]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "196"
+        "type": "200"
       },
       {
         "default": null,
@@ -4859,7 +5006,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "iotype",
-        "type": "197"
+        "type": "201"
       },
       {
         "default": null,
@@ -4883,18 +5030,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "151"
+    "name": "154"
   },
   {
-    "element-type": "152",
+    "element-type": "155",
     "meta-type": "array",
-    "name": "[152]"
+    "name": "[155]"
   },
   {
     "members": [
       {
         "name": "event",
-        "type": "196"
+        "type": "200"
       },
       {
         "default": null,
@@ -4907,12 +5054,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "152"
+    "name": "155"
   },
   {
-    "element-type": "153",
+    "element-type": "156",
     "meta-type": "array",
-    "name": "[153]"
+    "name": "[156]"
   },
   {
     "members": [
@@ -4930,12 +5077,28 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "153",
+    "name": "156",
     "values": [
       "consistent-read",
       "write",
       "write-unchanged",
       "resize"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "break-guest-write"
+      },
+      {
+        "name": "break-snapshot"
+      }
+    ],
+    "meta-type": "enum",
+    "name": "157",
+    "values": [
+      "break-guest-write",
+      "break-snapshot"
     ]
   },
   {
@@ -4951,7 +5114,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "154",
+    "name": "158",
     "values": [
       "auto",
       "on",
@@ -4971,11 +5134,40 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "155",
+    "name": "159",
     "values": [
       "threads",
       "native",
       "io_uring"
+    ]
+  },
+  {
+    "members": [
+      {
+        "name": "type",
+        "type": "175"
+      }
+    ],
+    "meta-type": "object",
+    "name": "160",
+    "tag": "type",
+    "variants": [
+      {
+        "case": "inet",
+        "type": "202"
+      },
+      {
+        "case": "unix",
+        "type": "203"
+      },
+      {
+        "case": "vsock",
+        "type": "204"
+      },
+      {
+        "case": "fd",
+        "type": "205"
+      }
     ]
   },
   {
@@ -4991,38 +5183,38 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "alternate",
-    "name": "156"
+    "name": "161"
   },
   {
     "members": [
       {
-        "type": "198"
+        "type": "206"
       },
       {
-        "type": "199"
+        "type": "207"
       }
     ],
     "meta-type": "alternate",
-    "name": "157"
+    "name": "162"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "200"
+        "type": "208"
       }
     ],
     "meta-type": "object",
-    "name": "158",
+    "name": "163",
     "tag": "format",
     "variants": [
       {
         "case": "aes",
-        "type": "201"
+        "type": "209"
       },
       {
         "case": "luks",
-        "type": "202"
+        "type": "210"
       }
     ]
   },
@@ -5090,7 +5282,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "159",
+    "name": "164",
     "values": [
       "abort",
       "block-dirty-bitmap-add",
@@ -5113,57 +5305,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "203"
-      }
-    ],
-    "meta-type": "object",
-    "name": "160"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "21"
-      }
-    ],
-    "meta-type": "object",
-    "name": "161"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "22"
-      }
-    ],
-    "meta-type": "object",
-    "name": "162"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "23"
-      }
-    ],
-    "meta-type": "object",
-    "name": "163"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "38"
-      }
-    ],
-    "meta-type": "object",
-    "name": "164"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "45"
+        "type": "211"
       }
     ],
     "meta-type": "object",
@@ -5173,7 +5315,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "46"
+        "type": "21"
       }
     ],
     "meta-type": "object",
@@ -5183,7 +5325,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "44"
+        "type": "22"
       }
     ],
     "meta-type": "object",
@@ -5193,11 +5335,61 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "39"
+        "type": "23"
       }
     ],
     "meta-type": "object",
     "name": "168"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "38"
+      }
+    ],
+    "meta-type": "object",
+    "name": "169"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "45"
+      }
+    ],
+    "meta-type": "object",
+    "name": "170"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "46"
+      }
+    ],
+    "meta-type": "object",
+    "name": "171"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "44"
+      }
+    ],
+    "meta-type": "object",
+    "name": "172"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "39"
+      }
+    ],
+    "meta-type": "object",
+    "name": "173"
   },
   {
     "members": [
@@ -5209,7 +5401,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "169",
+    "name": "174",
     "values": [
       "individual",
       "grouped"
@@ -5231,7 +5423,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "170",
+    "name": "175",
     "values": [
       "inet",
       "unix",
@@ -5243,11 +5435,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
+        "type": "202"
+      }
+    ],
+    "meta-type": "object",
+    "name": "176"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "203"
+      }
+    ],
+    "meta-type": "object",
+    "name": "177"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
         "type": "204"
       }
     ],
     "meta-type": "object",
-    "name": "171"
+    "name": "178"
   },
   {
     "members": [
@@ -5257,56 +5469,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "172"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "206"
-      }
-    ],
-    "meta-type": "object",
-    "name": "173"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "207"
-      }
-    ],
-    "meta-type": "object",
-    "name": "174"
-  },
-  {
-    "members": [
-      {
-        "name": "type",
-        "type": "170"
-      }
-    ],
-    "meta-type": "object",
-    "name": "175",
-    "tag": "type",
-    "variants": [
-      {
-        "case": "inet",
-        "type": "204"
-      },
-      {
-        "case": "unix",
-        "type": "205"
-      },
-      {
-        "case": "vsock",
-        "type": "206"
-      },
-      {
-        "case": "fd",
-        "type": "207"
-      }
-    ]
+    "name": "179"
   },
   {
     "members": [
@@ -5321,7 +5484,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "176",
+    "name": "180",
     "values": [
       "off",
       "on",
@@ -5341,7 +5504,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "preallocation",
-        "type": "208"
+        "type": "212"
       },
       {
         "default": null,
@@ -5355,18 +5518,18 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "177"
+    "name": "181"
   },
   {
     "members": [
       {
         "name": "file",
-        "type": "150"
+        "type": "153"
       },
       {
         "default": null,
         "name": "data-file",
-        "type": "150"
+        "type": "153"
       },
       {
         "default": null,
@@ -5385,7 +5548,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "version",
-        "type": "209"
+        "type": "213"
       },
       {
         "default": null,
@@ -5400,7 +5563,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "210"
+        "type": "214"
       },
       {
         "default": null,
@@ -5410,7 +5573,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "preallocation",
-        "type": "208"
+        "type": "212"
       },
       {
         "default": null,
@@ -5425,22 +5588,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "compression-type",
-        "type": "211"
+        "type": "215"
       }
     ],
     "meta-type": "object",
-    "name": "178"
+    "name": "182"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encrypt",
-        "type": "212"
+        "type": "216"
       }
     ],
     "meta-type": "object",
-    "name": "179"
+    "name": "183"
   },
   {
     "members": [
@@ -5455,7 +5618,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "180",
+    "name": "184",
     "values": [
       "block-backend",
       "block-job",
@@ -5463,9 +5626,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "181",
+    "element-type": "185",
     "meta-type": "array",
-    "name": "[181]"
+    "name": "[185]"
   },
   {
     "members": [
@@ -5535,7 +5698,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "181"
+    "name": "185"
   },
   {
     "members": [
@@ -5549,7 +5712,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "182"
+    "name": "186"
   },
   {
     "members": [
@@ -5567,7 +5730,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "183"
+    "name": "187"
   },
   {
     "members": [
@@ -5579,7 +5742,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "184",
+    "name": "188",
     "values": [
       "raw",
       "base64"
@@ -5684,7 +5847,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "185"
+    "name": "189"
   },
   {
     "members": [
@@ -5699,7 +5862,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "186",
+    "name": "190",
     "values": [
       "null",
       "socket",
@@ -5710,31 +5873,31 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "213"
+        "type": "217"
       }
     ],
     "meta-type": "object",
-    "name": "187"
+    "name": "191"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "214"
+        "type": "218"
       }
     ],
     "meta-type": "object",
-    "name": "188"
+    "name": "192"
   },
   {
     "members": [
       {
         "name": "data",
-        "type": "215"
+        "type": "219"
       }
     ],
     "meta-type": "object",
-    "name": "189"
+    "name": "193"
   },
   {
     "members": [
@@ -5755,7 +5918,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "190",
+    "name": "194",
     "values": [
       "qcow2",
       "vmdk",
@@ -5768,51 +5931,51 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "data",
-        "type": "216"
-      }
-    ],
-    "meta-type": "object",
-    "name": "191"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "217"
-      }
-    ],
-    "meta-type": "object",
-    "name": "192"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "218"
-      }
-    ],
-    "meta-type": "object",
-    "name": "193"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
-        "type": "219"
-      }
-    ],
-    "meta-type": "object",
-    "name": "194"
-  },
-  {
-    "members": [
-      {
-        "name": "data",
         "type": "220"
       }
     ],
     "meta-type": "object",
     "name": "195"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "221"
+      }
+    ],
+    "meta-type": "object",
+    "name": "196"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "222"
+      }
+    ],
+    "meta-type": "object",
+    "name": "197"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "223"
+      }
+    ],
+    "meta-type": "object",
+    "name": "198"
+  },
+  {
+    "members": [
+      {
+        "name": "data",
+        "type": "224"
+      }
+    ],
+    "meta-type": "object",
+    "name": "199"
   },
   {
     "members": [
@@ -5962,7 +6125,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "196",
+    "name": "200",
     "values": [
       "l1_update",
       "l1_grow_alloc_table",
@@ -6036,7 +6199,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "197",
+    "name": "201",
     "values": [
       "read",
       "write",
@@ -6045,6 +6208,94 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       "flush",
       "block-status"
     ]
+  },
+  {
+    "members": [
+      {
+        "name": "host",
+        "type": "str"
+      },
+      {
+        "name": "port",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "numeric",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "to",
+        "type": "int"
+      },
+      {
+        "default": null,
+        "name": "ipv4",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "ipv6",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "keep-alive",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "mptcp",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "202"
+  },
+  {
+    "members": [
+      {
+        "name": "path",
+        "type": "str"
+      },
+      {
+        "default": null,
+        "name": "abstract",
+        "type": "bool"
+      },
+      {
+        "default": null,
+        "name": "tight",
+        "type": "bool"
+      }
+    ],
+    "meta-type": "object",
+    "name": "203"
+  },
+  {
+    "members": [
+      {
+        "name": "cid",
+        "type": "str"
+      },
+      {
+        "name": "port",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "204"
+  },
+  {
+    "members": [
+      {
+        "name": "str",
+        "type": "str"
+      }
+    ],
+    "meta-type": "object",
+    "name": "205"
   },
   {
     "json-type": "null",
@@ -6056,7 +6307,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "template",
-        "type": "199"
+        "type": "207"
       },
       {
         "default": null,
@@ -6105,7 +6356,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "198"
+    "name": "206"
   },
   {
     "members": [
@@ -6123,7 +6374,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "199",
+    "name": "207",
     "values": [
       "none",
       "constant",
@@ -6141,7 +6392,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "200",
+    "name": "208",
     "values": [
       "aes",
       "luks"
@@ -6156,7 +6407,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "201"
+    "name": "209"
   },
   {
     "members": [
@@ -6167,100 +6418,12 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "202"
+    "name": "210"
   },
   {
     "members": [],
     "meta-type": "object",
-    "name": "203"
-  },
-  {
-    "members": [
-      {
-        "name": "host",
-        "type": "str"
-      },
-      {
-        "name": "port",
-        "type": "str"
-      },
-      {
-        "default": null,
-        "name": "numeric",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "to",
-        "type": "int"
-      },
-      {
-        "default": null,
-        "name": "ipv4",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "ipv6",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "keep-alive",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "mptcp",
-        "type": "bool"
-      }
-    ],
-    "meta-type": "object",
-    "name": "204"
-  },
-  {
-    "members": [
-      {
-        "name": "path",
-        "type": "str"
-      },
-      {
-        "default": null,
-        "name": "abstract",
-        "type": "bool"
-      },
-      {
-        "default": null,
-        "name": "tight",
-        "type": "bool"
-      }
-    ],
-    "meta-type": "object",
-    "name": "205"
-  },
-  {
-    "members": [
-      {
-        "name": "cid",
-        "type": "str"
-      },
-      {
-        "name": "port",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "206"
-  },
-  {
-    "members": [
-      {
-        "name": "str",
-        "type": "str"
-      }
-    ],
-    "meta-type": "object",
-    "name": "207"
+    "name": "211"
   },
   {
     "members": [
@@ -6278,7 +6441,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "208",
+    "name": "212",
     "values": [
       "off",
       "metadata",
@@ -6296,7 +6459,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "209",
+    "name": "213",
     "values": [
       "v2",
       "v3"
@@ -6306,20 +6469,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "format",
-        "type": "221"
+        "type": "225"
       }
     ],
     "meta-type": "object",
-    "name": "210",
+    "name": "214",
     "tag": "format",
     "variants": [
       {
         "case": "qcow",
-        "type": "201"
+        "type": "209"
       },
       {
         "case": "luks",
-        "type": "222"
+        "type": "226"
       }
     ]
   },
@@ -6333,7 +6496,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "211",
+    "name": "215",
     "values": [
       "zlib",
       "zstd"
@@ -6343,16 +6506,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     "members": [
       {
         "name": "format",
-        "type": "221"
+        "type": "225"
       }
     ],
     "meta-type": "object",
-    "name": "212",
+    "name": "216",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "223"
+        "type": "227"
       },
       {
         "case": "qcow",
@@ -6384,7 +6547,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "213"
+    "name": "217"
   },
   {
     "members": [
@@ -6400,7 +6563,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "addr",
-        "type": "125"
+        "type": "128"
       },
       {
         "default": null,
@@ -6457,7 +6620,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "214"
+    "name": "218"
   },
   {
     "members": [
@@ -6478,7 +6641,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "215"
+    "name": "219"
   },
   {
     "members": [
@@ -6518,20 +6681,20 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "encrypt",
-        "type": "224"
+        "type": "228"
       },
       {
         "default": null,
         "name": "bitmaps",
-        "type": "[225]"
+        "type": "[229]"
       },
       {
         "name": "compression-type",
-        "type": "211"
+        "type": "215"
       }
     ],
     "meta-type": "object",
-    "name": "216"
+    "name": "220"
   },
   {
     "members": [
@@ -6549,34 +6712,34 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "extents",
-        "type": "[226]"
+        "type": "[230]"
       }
     ],
     "meta-type": "object",
-    "name": "217"
+    "name": "221"
   },
   {
     "members": [
       {
         "name": "cipher-alg",
-        "type": "227"
+        "type": "231"
       },
       {
         "name": "cipher-mode",
-        "type": "228"
+        "type": "232"
       },
       {
         "name": "ivgen-alg",
-        "type": "229"
+        "type": "233"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "230"
+        "type": "234"
       },
       {
         "name": "hash-alg",
-        "type": "230"
+        "type": "234"
       },
       {
         "name": "detached-header",
@@ -6596,22 +6759,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "slots",
-        "type": "[231]"
+        "type": "[235]"
       }
     ],
     "meta-type": "object",
-    "name": "218"
+    "name": "222"
   },
   {
     "members": [
       {
         "default": null,
         "name": "encryption-format",
-        "type": "232"
+        "type": "236"
       }
     ],
     "meta-type": "object",
-    "name": "219"
+    "name": "223"
   },
   {
     "members": [
@@ -6622,7 +6785,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "220"
+    "name": "224"
   },
   {
     "members": [
@@ -6634,7 +6797,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "221",
+    "name": "225",
     "values": [
       "qcow",
       "luks"
@@ -6650,27 +6813,27 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       {
         "default": null,
         "name": "cipher-alg",
-        "type": "227"
+        "type": "231"
       },
       {
         "default": null,
         "name": "cipher-mode",
-        "type": "228"
+        "type": "232"
       },
       {
         "default": null,
         "name": "ivgen-alg",
-        "type": "229"
+        "type": "233"
       },
       {
         "default": null,
         "name": "ivgen-hash-alg",
-        "type": "230"
+        "type": "234"
       },
       {
         "default": null,
         "name": "hash-alg",
-        "type": "230"
+        "type": "234"
       },
       {
         "default": null,
@@ -6679,13 +6842,13 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "222"
+    "name": "226"
   },
   {
     "members": [
       {
         "name": "state",
-        "type": "233"
+        "type": "237"
       },
       {
         "default": null,
@@ -6714,22 +6877,22 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "223"
+    "name": "227"
   },
   {
     "members": [
       {
         "name": "format",
-        "type": "200"
+        "type": "208"
       }
     ],
     "meta-type": "object",
-    "name": "224",
+    "name": "228",
     "tag": "format",
     "variants": [
       {
         "case": "luks",
-        "type": "218"
+        "type": "222"
       },
       {
         "case": "aes",
@@ -6738,9 +6901,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "225",
+    "element-type": "229",
     "meta-type": "array",
-    "name": "[225]"
+    "name": "[229]"
   },
   {
     "members": [
@@ -6754,16 +6917,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       },
       {
         "name": "flags",
-        "type": "[234]"
+        "type": "[238]"
       }
     ],
     "meta-type": "object",
-    "name": "225"
+    "name": "229"
   },
   {
-    "element-type": "226",
+    "element-type": "230",
     "meta-type": "array",
-    "name": "[226]"
+    "name": "[230]"
   },
   {
     "members": [
@@ -6791,7 +6954,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "226"
+    "name": "230"
   },
   {
     "members": [
@@ -6836,7 +6999,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "227",
+    "name": "231",
     "values": [
       "aes-128",
       "aes-192",
@@ -6869,7 +7032,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "228",
+    "name": "232",
     "values": [
       "ecb",
       "cbc",
@@ -6890,7 +7053,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "229",
+    "name": "233",
     "values": [
       "plain",
       "plain64",
@@ -6925,7 +7088,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "230",
+    "name": "234",
     "values": [
       "md5",
       "sha1",
@@ -6938,9 +7101,9 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
     ]
   },
   {
-    "element-type": "231",
+    "element-type": "235",
     "meta-type": "array",
-    "name": "[231]"
+    "name": "[235]"
   },
   {
     "members": [
@@ -6964,7 +7127,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "object",
-    "name": "231"
+    "name": "235"
   },
   {
     "members": [
@@ -6979,7 +7142,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "232",
+    "name": "236",
     "values": [
       "luks",
       "luks2",
@@ -6996,16 +7159,16 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "233",
+    "name": "237",
     "values": [
       "active",
       "inactive"
     ]
   },
   {
-    "element-type": "234",
+    "element-type": "238",
     "meta-type": "array",
-    "name": "[234]"
+    "name": "[238]"
   },
   {
     "members": [
@@ -7017,7 +7180,7 @@ pub const QMP_SCHEMA_JSON: &str = r#"[
       }
     ],
     "meta-type": "enum",
-    "name": "234",
+    "name": "238",
     "values": [
       "in-use",
       "auto"

@@ -2657,11 +2657,17 @@ pub enum BlockdevDriver {
     /// a filter that injects errors and tracks events, for
     /// tests
     Blkdebug,
+    /// a filter that copies the old data of every
+    /// range written through it (or to its file) to a target first
+    /// (since 6.2)
+    CopyBeforeWrite,
     /// a filter whose reads copy the data they find in the
     /// backing chain into its child's own layer (since 3.0)
     CopyOnRead,
     /// a file of the host's file system
     File,
+    /// an export of an NBD server, as a client
+    Nbd,
     /// a node that stores nothing: writes are dropped, reads
     /// return zeroes (with read-zeroes) or leave the buffer alone
     NullCo,
@@ -2670,6 +2676,9 @@ pub enum BlockdevDriver {
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
     Raw,
+    /// read-only access to the point-in-time view a
+    /// copy-before-write filter keeps (since 7.0)
+    SnapshotAccess,
     /// a filter limiting I/O by the limits of a throttle group
     /// (since 2.11)
     Throttle,
@@ -2678,9 +2687,10 @@ pub enum BlockdevDriver {
     UnknownValue,
 }
 ::qapi_runtime::impl_enum!(
-    BlockdevDriver = "BlockdevDriver" { Blkdebug("blkdebug"), CopyOnRead("copy-on-read"),
-    File("file"), NullCo("null-co"), Qcow2("qcow2"), Raw("raw"), Throttle("throttle") }
-    UnknownValue
+    BlockdevDriver = "BlockdevDriver" { Blkdebug("blkdebug"),
+    CopyBeforeWrite("copy-before-write"), CopyOnRead("copy-on-read"), File("file"),
+    Nbd("nbd"), NullCo("null-co"), Qcow2("qcow2"), Raw("raw"),
+    SnapshotAccess("snapshot-access"), Throttle("throttle") } UnknownValue
 );
 /// Options of the file protocol.
 ///
@@ -2768,11 +2778,11 @@ impl BlockdevOptionsNull {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockdevOptionsGenericFormat {
     /// the node holding the image data
-    pub file: BlockdevRef,
+    pub file: Box<BlockdevRef>,
 }
 impl BlockdevOptionsGenericFormat {
     /// A value with the mandatory members given and every optional member absent.
-    pub fn new(file: BlockdevRef) -> Self {
+    pub fn new(file: Box<BlockdevRef>) -> Self {
         Self { file }
     }
 }
@@ -3475,6 +3485,120 @@ impl BlockdevOptionsBlkdebug {
     take_child_perms("take-child-perms"), optional
     unshare_child_perms("unshare-child-perms") }
 );
+/// Options of the nbd driver: the node is an export of an NBD server,
+/// reached as a client.
+///
+/// **Since:** 2.9
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevOptionsNbd {
+    /// where the server listens (unix or inet)
+    pub server: SocketAddress,
+    /// the export's name (default: the empty name)
+    pub export: Option<String>,
+    /// the id of TLS credentials; this daemon has no TLS, so
+    /// it is refused
+    pub tls_creds: Option<String>,
+    /// the host name TLS certificates are checked against;
+    /// refused like `tls-creds` (since 7.0)
+    pub tls_hostname: Option<String>,
+    /// a metadata context, e.g. "qemu:dirty-bitmap:NAME"
+    /// or "qemu:allocation-depth", whose extents the node reports as
+    /// its block status instead of "base:allocation" (since 3.0)
+    ///
+    /// **Features:** `unstable`
+    pub x_dirty_bitmap: Option<String>,
+    /// seconds during which requests wait for a lost
+    /// connection to come back (and are then sent again) before they
+    /// fail; the client keeps reconnecting after that (default: 0;
+    /// since 4.2)
+    pub reconnect_delay: Option<u32>,
+    /// seconds during which opening the node tries to
+    /// connect again; 0 tries once (default: 0; since 7.0)
+    pub open_timeout: Option<u32>,
+}
+impl BlockdevOptionsNbd {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(server: SocketAddress) -> Self {
+        Self {
+            server,
+            export: None,
+            tls_creds: None,
+            tls_hostname: None,
+            x_dirty_bitmap: None,
+            reconnect_delay: None,
+            open_timeout: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevOptionsNbd { server("server"), optional export("export"), optional
+    tls_creds("tls-creds"), optional tls_hostname("tls-hostname"), optional
+    x_dirty_bitmap("x-dirty-bitmap"), optional reconnect_delay("reconnect-delay"),
+    optional open_timeout("open-timeout") }
+);
+/// What a copy-before-write filter does when copying the old data
+/// fails.
+///
+/// **Since:** 7.1
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OnCbwError {
+    /// fail the write, so that the backup stays valid
+    BreakGuestWrite,
+    /// let the write through; the point-in-time view is
+    /// then invalid, and every later read of it fails
+    BreakSnapshot,
+}
+::qapi_runtime::impl_enum!(
+    OnCbwError = "OnCbwError" { BreakGuestWrite("break-guest-write"),
+    BreakSnapshot("break-snapshot") }
+);
+/// Options of the copy-before-write filter: before a range of its
+/// file is overwritten, its old data is copied to `target`.  Reading
+/// the filter reads its file; a snapshot-access node on the filter
+/// reads the view as it was when the filter was opened.
+///
+/// **Since:** 6.2
+///
+/// Includes the members of [`BlockdevOptionsGenericFormat`] (its base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevOptionsCbw {
+    /// the node holding the image data
+    pub file: Box<BlockdevRef>,
+    /// where the old data goes
+    pub target: Box<BlockdevRef>,
+    /// copy only the ranges this bitmap marks dirty when the
+    /// filter opens (the bitmap itself is not used afterwards); the
+    /// rest of the view cannot be read (since 7.0)
+    pub bitmap: Option<BlockDirtyBitmap>,
+    /// what happens when copying fails (default:
+    /// break-guest-write; since 7.1)
+    pub on_cbw_error: Option<OnCbwError>,
+    /// seconds a copy may take before it counts as failed;
+    /// 0 for no limit (default: 0; since 7.1)
+    pub cbw_timeout: Option<u32>,
+    /// smallest unit copied, a power of 2; copies are
+    /// at least 64 KiB and the target's cluster size anyway (default:
+    /// 0; since 9.2)
+    pub min_cluster_size: Option<u64>,
+}
+impl BlockdevOptionsCbw {
+    /// A value with the mandatory members given and every optional member absent.
+    pub fn new(file: Box<BlockdevRef>, target: Box<BlockdevRef>) -> Self {
+        Self {
+            file,
+            target,
+            bitmap: None,
+            on_cbw_error: None,
+            cbw_timeout: None,
+            min_cluster_size: None,
+        }
+    }
+}
+::qapi_runtime::impl_object!(
+    BlockdevOptionsCbw { file("file"), target("target"), optional bitmap("bitmap"),
+    optional on_cbw_error("on-cbw-error"), optional cbw_timeout("cbw-timeout"), optional
+    min_cluster_size("min-cluster-size") }
+);
 /// Everything needed to open a block node.  The members depend on the
 /// driver; this daemon has the drivers `BlockdevDriver` lists.
 ///
@@ -3511,11 +3635,17 @@ pub enum BlockdevOptionsBranch {
     /// a filter that injects errors and tracks events, for
     /// tests
     Blkdebug(Box<BlockdevOptionsBlkdebug>),
+    /// a filter that copies the old data of every
+    /// range written through it (or to its file) to a target first
+    /// (since 6.2)
+    CopyBeforeWrite(Box<BlockdevOptionsCbw>),
     /// a filter whose reads copy the data they find in the
     /// backing chain into its child's own layer (since 3.0)
     CopyOnRead(Box<BlockdevOptionsCor>),
     /// a file of the host's file system
     File(BlockdevOptionsFile),
+    /// an export of an NBD server, as a client
+    Nbd(BlockdevOptionsNbd),
     /// a node that stores nothing: writes are dropped, reads
     /// return zeroes (with read-zeroes) or leave the buffer alone
     NullCo(BlockdevOptionsNull),
@@ -3524,6 +3654,9 @@ pub enum BlockdevOptionsBranch {
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
     Raw(Box<BlockdevOptionsRaw>),
+    /// read-only access to the point-in-time view a
+    /// copy-before-write filter keeps (since 7.0)
+    SnapshotAccess(Box<BlockdevOptionsGenericFormat>),
     /// a filter limiting I/O by the limits of a throttle group
     /// (since 2.11)
     Throttle(Box<BlockdevOptionsThrottle>),
@@ -3533,11 +3666,14 @@ impl BlockdevOptionsBranch {
     pub fn kind(&self) -> BlockdevDriver {
         match self {
             Self::Blkdebug(_) => BlockdevDriver::Blkdebug,
+            Self::CopyBeforeWrite(_) => BlockdevDriver::CopyBeforeWrite,
             Self::CopyOnRead(_) => BlockdevDriver::CopyOnRead,
             Self::File(_) => BlockdevDriver::File,
+            Self::Nbd(_) => BlockdevDriver::Nbd,
             Self::NullCo(_) => BlockdevDriver::NullCo,
             Self::Qcow2(_) => BlockdevDriver::Qcow2,
             Self::Raw(_) => BlockdevDriver::Raw,
+            Self::SnapshotAccess(_) => BlockdevDriver::SnapshotAccess,
             Self::Throttle(_) => BlockdevDriver::Throttle,
         }
     }
@@ -3578,6 +3714,11 @@ impl ::qapi_runtime::ReadMembers for BlockdevOptions {
                     Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
                 )
             }
+            BlockdevDriver::CopyBeforeWrite => {
+                BlockdevOptionsBranch::CopyBeforeWrite(
+                    Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
+                )
+            }
             BlockdevDriver::CopyOnRead => {
                 BlockdevOptionsBranch::CopyOnRead(
                     Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
@@ -3585,6 +3726,11 @@ impl ::qapi_runtime::ReadMembers for BlockdevOptions {
             }
             BlockdevDriver::File => {
                 BlockdevOptionsBranch::File(
+                    ::qapi_runtime::ReadMembers::read_members(object)?,
+                )
+            }
+            BlockdevDriver::Nbd => {
+                BlockdevOptionsBranch::Nbd(
                     ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
@@ -3600,6 +3746,11 @@ impl ::qapi_runtime::ReadMembers for BlockdevOptions {
             }
             BlockdevDriver::Raw => {
                 BlockdevOptionsBranch::Raw(
+                    Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
+                )
+            }
+            BlockdevDriver::SnapshotAccess => {
+                BlockdevOptionsBranch::SnapshotAccess(
                     Box::new(::qapi_runtime::ReadMembers::read_members(object)?),
                 )
             }
@@ -3657,13 +3808,20 @@ impl ::qapi_runtime::WriteMembers for BlockdevOptionsBranch {
             Self::Blkdebug(data) => {
                 ::qapi_runtime::WriteMembers::write_members(data, map)
             }
+            Self::CopyBeforeWrite(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
             Self::CopyOnRead(data) => {
                 ::qapi_runtime::WriteMembers::write_members(data, map)
             }
             Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Nbd(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::NullCo(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::Raw(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::SnapshotAccess(data) => {
+                ::qapi_runtime::WriteMembers::write_members(data, map)
+            }
             Self::Throttle(data) => {
                 ::qapi_runtime::WriteMembers::write_members(data, map)
             }
@@ -6032,11 +6190,17 @@ pub enum BlockdevCreateOptionsBranch {
     /// a filter that injects errors and tracks events, for
     /// tests
     Blkdebug,
+    /// a filter that copies the old data of every
+    /// range written through it (or to its file) to a target first
+    /// (since 6.2)
+    CopyBeforeWrite,
     /// a filter whose reads copy the data they find in the
     /// backing chain into its child's own layer (since 3.0)
     CopyOnRead,
     /// a file of the host's file system
     File(BlockdevCreateOptionsFile),
+    /// an export of an NBD server, as a client
+    Nbd,
     /// a node that stores nothing: writes are dropped, reads
     /// return zeroes (with read-zeroes) or leave the buffer alone
     NullCo,
@@ -6045,6 +6209,9 @@ pub enum BlockdevCreateOptionsBranch {
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
     Raw,
+    /// read-only access to the point-in-time view a
+    /// copy-before-write filter keeps (since 7.0)
+    SnapshotAccess,
     /// a filter limiting I/O by the limits of a throttle group
     /// (since 2.11)
     Throttle,
@@ -6054,11 +6221,14 @@ impl BlockdevCreateOptionsBranch {
     pub fn kind(&self) -> BlockdevDriver {
         match self {
             Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::CopyBeforeWrite => BlockdevDriver::CopyBeforeWrite,
             Self::CopyOnRead => BlockdevDriver::CopyOnRead,
             Self::File(_) => BlockdevDriver::File,
+            Self::Nbd => BlockdevDriver::Nbd,
             Self::NullCo => BlockdevDriver::NullCo,
             Self::Qcow2(_) => BlockdevDriver::Qcow2,
             Self::Raw => BlockdevDriver::Raw,
+            Self::SnapshotAccess => BlockdevDriver::SnapshotAccess,
             Self::Throttle => BlockdevDriver::Throttle,
         }
     }
@@ -6077,12 +6247,16 @@ impl ::qapi_runtime::ReadMembers for BlockdevCreateOptions {
         let kind: BlockdevDriver = object.required("driver")?;
         let branch = match kind {
             BlockdevDriver::Blkdebug => BlockdevCreateOptionsBranch::Blkdebug,
+            BlockdevDriver::CopyBeforeWrite => {
+                BlockdevCreateOptionsBranch::CopyBeforeWrite
+            }
             BlockdevDriver::CopyOnRead => BlockdevCreateOptionsBranch::CopyOnRead,
             BlockdevDriver::File => {
                 BlockdevCreateOptionsBranch::File(
                     ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
+            BlockdevDriver::Nbd => BlockdevCreateOptionsBranch::Nbd,
             BlockdevDriver::NullCo => BlockdevCreateOptionsBranch::NullCo,
             BlockdevDriver::Qcow2 => {
                 BlockdevCreateOptionsBranch::Qcow2(
@@ -6090,6 +6264,7 @@ impl ::qapi_runtime::ReadMembers for BlockdevCreateOptions {
                 )
             }
             BlockdevDriver::Raw => BlockdevCreateOptionsBranch::Raw,
+            BlockdevDriver::SnapshotAccess => BlockdevCreateOptionsBranch::SnapshotAccess,
             BlockdevDriver::Throttle => BlockdevCreateOptionsBranch::Throttle,
             BlockdevDriver::UnknownValue => return Err(object.unknown_branch("driver")),
         };
@@ -6112,11 +6287,14 @@ impl ::qapi_runtime::WriteMembers for BlockdevCreateOptionsBranch {
     ) -> ::std::result::Result<(), M::Error> {
         match self {
             Self::Blkdebug => Ok(()),
+            Self::CopyBeforeWrite => Ok(()),
             Self::CopyOnRead => Ok(()),
             Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Nbd => Ok(()),
             Self::NullCo => Ok(()),
             Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::Raw => Ok(()),
+            Self::SnapshotAccess => Ok(()),
             Self::Throttle => Ok(()),
         }
     }
@@ -6155,11 +6333,17 @@ pub enum BlockdevAmendOptionsBranch {
     /// a filter that injects errors and tracks events, for
     /// tests
     Blkdebug,
+    /// a filter that copies the old data of every
+    /// range written through it (or to its file) to a target first
+    /// (since 6.2)
+    CopyBeforeWrite,
     /// a filter whose reads copy the data they find in the
     /// backing chain into its child's own layer (since 3.0)
     CopyOnRead,
     /// a file of the host's file system
     File,
+    /// an export of an NBD server, as a client
+    Nbd,
     /// a node that stores nothing: writes are dropped, reads
     /// return zeroes (with read-zeroes) or leave the buffer alone
     NullCo,
@@ -6168,6 +6352,9 @@ pub enum BlockdevAmendOptionsBranch {
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
     Raw,
+    /// read-only access to the point-in-time view a
+    /// copy-before-write filter keeps (since 7.0)
+    SnapshotAccess,
     /// a filter limiting I/O by the limits of a throttle group
     /// (since 2.11)
     Throttle,
@@ -6177,11 +6364,14 @@ impl BlockdevAmendOptionsBranch {
     pub fn kind(&self) -> BlockdevDriver {
         match self {
             Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::CopyBeforeWrite => BlockdevDriver::CopyBeforeWrite,
             Self::CopyOnRead => BlockdevDriver::CopyOnRead,
             Self::File => BlockdevDriver::File,
+            Self::Nbd => BlockdevDriver::Nbd,
             Self::NullCo => BlockdevDriver::NullCo,
             Self::Qcow2(_) => BlockdevDriver::Qcow2,
             Self::Raw => BlockdevDriver::Raw,
+            Self::SnapshotAccess => BlockdevDriver::SnapshotAccess,
             Self::Throttle => BlockdevDriver::Throttle,
         }
     }
@@ -6200,8 +6390,12 @@ impl ::qapi_runtime::ReadMembers for BlockdevAmendOptions {
         let kind: BlockdevDriver = object.required("driver")?;
         let branch = match kind {
             BlockdevDriver::Blkdebug => BlockdevAmendOptionsBranch::Blkdebug,
+            BlockdevDriver::CopyBeforeWrite => {
+                BlockdevAmendOptionsBranch::CopyBeforeWrite
+            }
             BlockdevDriver::CopyOnRead => BlockdevAmendOptionsBranch::CopyOnRead,
             BlockdevDriver::File => BlockdevAmendOptionsBranch::File,
+            BlockdevDriver::Nbd => BlockdevAmendOptionsBranch::Nbd,
             BlockdevDriver::NullCo => BlockdevAmendOptionsBranch::NullCo,
             BlockdevDriver::Qcow2 => {
                 BlockdevAmendOptionsBranch::Qcow2(
@@ -6209,6 +6403,7 @@ impl ::qapi_runtime::ReadMembers for BlockdevAmendOptions {
                 )
             }
             BlockdevDriver::Raw => BlockdevAmendOptionsBranch::Raw,
+            BlockdevDriver::SnapshotAccess => BlockdevAmendOptionsBranch::SnapshotAccess,
             BlockdevDriver::Throttle => BlockdevAmendOptionsBranch::Throttle,
             BlockdevDriver::UnknownValue => return Err(object.unknown_branch("driver")),
         };
@@ -6231,11 +6426,14 @@ impl ::qapi_runtime::WriteMembers for BlockdevAmendOptionsBranch {
     ) -> ::std::result::Result<(), M::Error> {
         match self {
             Self::Blkdebug => Ok(()),
+            Self::CopyBeforeWrite => Ok(()),
             Self::CopyOnRead => Ok(()),
             Self::File => Ok(()),
+            Self::Nbd => Ok(()),
             Self::NullCo => Ok(()),
             Self::Qcow2(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
             Self::Raw => Ok(()),
+            Self::SnapshotAccess => Ok(()),
             Self::Throttle => Ok(()),
         }
     }
@@ -6742,11 +6940,17 @@ pub enum BlockStatsSpecificBranch {
     /// a filter that injects errors and tracks events, for
     /// tests
     Blkdebug,
+    /// a filter that copies the old data of every
+    /// range written through it (or to its file) to a target first
+    /// (since 6.2)
+    CopyBeforeWrite,
     /// a filter whose reads copy the data they find in the
     /// backing chain into its child's own layer (since 3.0)
     CopyOnRead,
     /// a file of the host's file system
     File(BlockStatsSpecificFile),
+    /// an export of an NBD server, as a client
+    Nbd,
     /// a node that stores nothing: writes are dropped, reads
     /// return zeroes (with read-zeroes) or leave the buffer alone
     NullCo,
@@ -6755,6 +6959,9 @@ pub enum BlockStatsSpecificBranch {
     /// the raw image format: the data as it is, optionally a slice
     /// of the file
     Raw,
+    /// read-only access to the point-in-time view a
+    /// copy-before-write filter keeps (since 7.0)
+    SnapshotAccess,
     /// a filter limiting I/O by the limits of a throttle group
     /// (since 2.11)
     Throttle,
@@ -6767,11 +6974,14 @@ impl BlockStatsSpecificBranch {
     pub fn kind(&self) -> BlockdevDriver {
         match self {
             Self::Blkdebug => BlockdevDriver::Blkdebug,
+            Self::CopyBeforeWrite => BlockdevDriver::CopyBeforeWrite,
             Self::CopyOnRead => BlockdevDriver::CopyOnRead,
             Self::File(_) => BlockdevDriver::File,
+            Self::Nbd => BlockdevDriver::Nbd,
             Self::NullCo => BlockdevDriver::NullCo,
             Self::Qcow2 => BlockdevDriver::Qcow2,
             Self::Raw => BlockdevDriver::Raw,
+            Self::SnapshotAccess => BlockdevDriver::SnapshotAccess,
             Self::Throttle => BlockdevDriver::Throttle,
             Self::UnknownValue => BlockdevDriver::UnknownValue,
         }
@@ -6791,15 +7001,18 @@ impl ::qapi_runtime::ReadMembers for BlockStatsSpecific {
         let kind: BlockdevDriver = object.required("driver")?;
         let branch = match kind {
             BlockdevDriver::Blkdebug => BlockStatsSpecificBranch::Blkdebug,
+            BlockdevDriver::CopyBeforeWrite => BlockStatsSpecificBranch::CopyBeforeWrite,
             BlockdevDriver::CopyOnRead => BlockStatsSpecificBranch::CopyOnRead,
             BlockdevDriver::File => {
                 BlockStatsSpecificBranch::File(
                     ::qapi_runtime::ReadMembers::read_members(object)?,
                 )
             }
+            BlockdevDriver::Nbd => BlockStatsSpecificBranch::Nbd,
             BlockdevDriver::NullCo => BlockStatsSpecificBranch::NullCo,
             BlockdevDriver::Qcow2 => BlockStatsSpecificBranch::Qcow2,
             BlockdevDriver::Raw => BlockStatsSpecificBranch::Raw,
+            BlockdevDriver::SnapshotAccess => BlockStatsSpecificBranch::SnapshotAccess,
             BlockdevDriver::Throttle => BlockStatsSpecificBranch::Throttle,
             BlockdevDriver::UnknownValue => BlockStatsSpecificBranch::UnknownValue,
         };
@@ -6822,11 +7035,14 @@ impl ::qapi_runtime::WriteMembers for BlockStatsSpecificBranch {
     ) -> ::std::result::Result<(), M::Error> {
         match self {
             Self::Blkdebug => Ok(()),
+            Self::CopyBeforeWrite => Ok(()),
             Self::CopyOnRead => Ok(()),
             Self::File(data) => ::qapi_runtime::WriteMembers::write_members(data, map),
+            Self::Nbd => Ok(()),
             Self::NullCo => Ok(()),
             Self::Qcow2 => Ok(()),
             Self::Raw => Ok(()),
+            Self::SnapshotAccess => Ok(()),
             Self::Throttle => Ok(()),
             Self::UnknownValue => {
                 Err(::qapi_runtime::output::unknown_branch("BlockStatsSpecific"))
