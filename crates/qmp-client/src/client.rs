@@ -1,6 +1,6 @@
 //! The async client.
 
-use crate::connection::{self, Incoming, PendingReply, Reader, Shared, Tasks, Writer};
+use crate::connection::{self, Incoming, PendingReply, Reader, Reply, Shared, Tasks, Writer};
 use crate::error::{Error, Result, TransportError};
 use crate::events::{EventMessage, EventStream, read_event};
 use crate::greeting::Greeting;
@@ -320,7 +320,7 @@ impl Client {
         };
         let reply = wait(reply).await?;
         let seq = reply.seq;
-        Ok((returned(reply.message)?, seq))
+        Ok((returned(reply.outcome)?, seq))
     }
 
     /// Sends `quit` and waits for the server to go: its reply, or the connection closing
@@ -392,12 +392,12 @@ fn encode_body<A: Serialize + ?Sized>(key: Key, name: &str, arguments: &A) -> Re
     Ok(out)
 }
 
-async fn wait(reply: Option<PendingReply>) -> Result<Incoming> {
+async fn wait(reply: Option<PendingReply>) -> Result<Reply> {
     match reply {
         Some(reply) => Ok(reply.wait().await?),
-        None => Ok(Incoming {
+        None => Ok(Reply {
             seq: 0,
-            message: serde_json::json!({"return": {}}),
+            outcome: Ok(Value::Object(Default::default())),
         }),
     }
 }
@@ -405,7 +405,7 @@ async fn wait(reply: Option<PendingReply>) -> Result<Incoming> {
 async fn finish_typed<C: Command>(reply: Option<PendingReply>) -> Result<(C::Returns, u64)> {
     let reply = wait(reply).await?;
     let seq = reply.seq;
-    let value = returned(reply.message)?;
+    let value = returned(reply.outcome)?;
     match C::read_returns(&value) {
         Ok(returns) => Ok((returns, seq)),
         Err(e) => Err(Error::Mismatch {
@@ -417,11 +417,11 @@ async fn finish_typed<C: Command>(reply: Option<PendingReply>) -> Result<(C::Ret
 }
 
 /// The `return` member of a reply, or its error.
-fn returned(mut message: Value) -> Result<Value> {
-    if let Some(value) = message.get_mut("return") {
-        return Ok(value.take());
-    }
-    let error = message.get("error").cloned().unwrap_or(Value::Null);
+fn returned(outcome: std::result::Result<Value, Value>) -> Result<Value> {
+    let error = match outcome {
+        Ok(value) => return Ok(value),
+        Err(error) => error,
+    };
     let desc = error.get("desc").and_then(Value::as_str);
     let class = error.get("class").and_then(Value::as_str);
     match (class, desc) {

@@ -32,6 +32,7 @@ use crate::socket::Registered;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -179,18 +180,46 @@ fn keep_waker(slot: &mut Option<Waker>, waker: &Waker) {
     }
 }
 
+/// A reply as read: its place in the stream and its `return` member, or its `error`.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub seq: u64,
+    pub outcome: Result<Value, Value>,
+}
+
 /// A call waiting for its reply.
 #[derive(Default)]
 struct Call {
-    reply: Option<Result<Incoming, TransportError>>,
+    reply: Option<Result<Reply, TransportError>>,
     waker: Option<Waker>,
+}
+
+/// Hashes call ids (our own counter, so no attacker picks them) with one multiplication,
+/// which spreads consecutive ids over the high bits the table uses.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 #[derive(Default)]
 struct State {
     next_id: u64,
     /// Calls waiting for their reply, by id.
-    calls: HashMap<u64, Call>,
+    calls: HashMap<u64, Call, BuildHasherDefault<IdHasher>>,
     /// Who reads.
     reads: Role,
     /// Whether calls may read (a socket).
@@ -217,7 +246,7 @@ pub(crate) struct PendingReply {
 }
 
 impl PendingReply {
-    pub(crate) async fn wait(mut self) -> Result<Incoming, TransportError> {
+    pub(crate) async fn wait(mut self) -> Result<Reply, TransportError> {
         std::future::poll_fn(|cx| {
             let reply = ready!(self.shared.poll_reply(self.id, cx));
             self.done = true;
@@ -433,7 +462,7 @@ impl Shared {
     }
 
     /// The call `id`'s reply, reading the socket for it when no other call reads.
-    fn poll_reply(&self, id: u64, cx: &mut Context<'_>) -> Poll<Result<Incoming, TransportError>> {
+    fn poll_reply(&self, id: u64, cx: &mut Context<'_>) -> Poll<Result<Reply, TransportError>> {
         loop {
             {
                 let mut state = self.lock();
@@ -587,25 +616,25 @@ impl Shared {
 
     /// Routes one message read from the server.
     fn route(&self, bytes: &[u8]) -> Result<(), TransportError> {
-        let message: Value = serde_json::from_slice(bytes)
+        let parsed: Parsed = serde_json::from_slice(bytes)
             .map_err(|e| TransportError::Protocol(format!("not JSON ({e}): {}", excerpt(bytes))))?;
-        let Value::Object(object) = &message else {
-            unreachable!("the framer hands out objects only")
-        };
-        let kind = if object.contains_key("event") {
-            Kind::Event
-        } else if object.contains_key("return") || object.contains_key("error") {
-            match object.get("id") {
-                Some(id) => Kind::Reply(id.as_u64()),
-                None => {
-                    return Err(TransportError::Protocol(format!(
-                        "a reply without an id: {}",
-                        excerpt(bytes)
-                    )));
-                }
-            }
-        } else if object.contains_key("QMP") {
-            Kind::Greeting
+        let kind = if parsed.rest.contains_key("event") {
+            Kind::Event(parsed.into_message())
+        } else if parsed.returned.is_some() || parsed.error.is_some() {
+            let Some(id) = &parsed.id else {
+                return Err(TransportError::Protocol(format!(
+                    "a reply without an id: {}",
+                    excerpt(bytes)
+                )));
+            };
+            let id = id.as_u64();
+            let outcome = match parsed.returned {
+                Some(returned) => Ok(returned),
+                None => Err(parsed.error.unwrap_or(Value::Null)),
+            };
+            Kind::Reply(id, outcome)
+        } else if parsed.rest.contains_key("QMP") {
+            Kind::Greeting(parsed.into_message())
         } else {
             return Err(TransportError::Protocol(format!(
                 "a message that is neither a reply nor an event: {}",
@@ -614,23 +643,20 @@ impl Shared {
         };
         let mut state = self.lock();
         state.seq += 1;
-        let incoming = Incoming {
-            seq: state.seq,
-            message,
-        };
+        let seq = state.seq;
         match kind {
-            Kind::Event => {
-                let incoming = Arc::new(incoming);
+            Kind::Event(message) => {
+                let incoming = Arc::new(Incoming { seq, message });
                 state
                     .subscribers
                     .retain(|queue| queue.send(incoming.clone()).is_ok());
             }
-            Kind::Reply(id) => match id.and_then(|id| {
+            Kind::Reply(id, outcome) => match id.and_then(|id| {
                 let reading = state.reads == Role::Call(id);
                 Some((state.calls.get_mut(&id)?, reading))
             }) {
                 Some((call, reading)) => {
-                    call.reply = Some(Ok(incoming));
+                    call.reply = Some(Ok(Reply { seq, outcome }));
                     // The reading call itself needs no wake-up: it takes its reply when
                     // its read returns (see `read`).
                     if let Some(waker) = call.waker.take()
@@ -644,9 +670,9 @@ impl Shared {
                     excerpt(bytes)
                 ),
             },
-            Kind::Greeting => match state.greeting.take() {
+            Kind::Greeting(message) => match state.greeting.take() {
                 Some(waiter) => {
-                    let _ = waiter.send(Ok(incoming));
+                    let _ = waiter.send(Ok(Incoming { seq, message }));
                 }
                 None => {
                     return Err(TransportError::Protocol(format!(
@@ -661,9 +687,104 @@ impl Shared {
 }
 
 enum Kind {
-    Event,
-    Reply(Option<u64>),
-    Greeting,
+    Event(Value),
+    Reply(Option<u64>, Result<Value, Value>),
+    Greeting(Value),
+}
+
+/// A message read in one pass: a reply's members are taken out as they are read (no
+/// object is built around them), anything else is kept as an object.
+struct Parsed {
+    returned: Option<Value>,
+    error: Option<Value>,
+    id: Option<Value>,
+    rest: serde_json::Map<String, Value>,
+}
+
+impl Parsed {
+    /// The whole message as an object (events, the greeting).
+    fn into_message(self) -> Value {
+        let mut object = self.rest;
+        for (name, value) in [
+            ("return", self.returned),
+            ("error", self.error),
+            ("id", self.id),
+        ] {
+            if let Some(value) = value {
+                object.insert(name.to_string(), value);
+            }
+        }
+        Value::Object(object)
+    }
+}
+
+/// A member name, without a copy for the names a reply has.
+enum Member {
+    Return,
+    Error,
+    Id,
+    Other(String),
+}
+
+impl<'de> serde::Deserialize<'de> for Member {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = Member;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Member, E> {
+                Ok(match name {
+                    "return" => Member::Return,
+                    "error" => Member::Error,
+                    "id" => Member::Id,
+                    other => Member::Other(other.to_string()),
+                })
+            }
+        }
+        deserializer.deserialize_str(Name)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Parsed {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = Parsed;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Parsed, A::Error> {
+                let mut parsed = Parsed {
+                    returned: None,
+                    error: None,
+                    id: None,
+                    rest: serde_json::Map::new(),
+                };
+                // As in a `Value`, a member given twice keeps its last value.
+                while let Some(member) = map.next_key::<Member>()? {
+                    match member {
+                        Member::Return => parsed.returned = Some(map.next_value()?),
+                        Member::Error => parsed.error = Some(map.next_value()?),
+                        Member::Id => parsed.id = Some(map.next_value()?),
+                        Member::Other(name) => {
+                            parsed.rest.insert(name, map.next_value()?);
+                        }
+                    }
+                }
+                Ok(parsed)
+            }
+        }
+        deserializer.deserialize_map(Object)
+    }
 }
 
 /// The beginning of a message, for error texts.

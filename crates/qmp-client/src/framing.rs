@@ -81,6 +81,14 @@ impl Framer {
                         self.escaped = true;
                     } else if byte == b'"' {
                         self.in_string = false;
+                    } else {
+                        // Most of a message is strings: skip to the next quote or
+                        // backslash at once.
+                        match memchr::memchr2(b'"', b'\\', &self.buf[i..self.end]) {
+                            Some(skip) => i += skip,
+                            None => i = self.end,
+                        }
+                        continue;
                     }
                 }
                 Some(start) => match byte {
