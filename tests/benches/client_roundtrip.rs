@@ -4,7 +4,9 @@
 //! (`qemu.qmp` from PyPI, in a venv under the target directory).
 //!
 //! `cargo bench -p blockjobs-tests --bench client_roundtrip`; `QMP_BENCH_SECONDS` sets the
-//! length of each measurement (default 3). The command is `query-version`, read into each
+//! length of each measurement (default 2), `QMP_BENCH_ROUNDS` the number of rounds (default
+//! 3; each round's rates go to stderr), `QMP_BENCH_ONLY` a part of a client's name to run
+//! that client alone (for profiling). The command is `query-version`, read into each
 //! client's own type (`qmp_api::VersionInfo`, `qapi_qmp::VersionInfo`, a Python dict).
 //! Both Rust clients run on a current-thread tokio runtime; the daemon is the other core.
 
@@ -183,11 +185,18 @@ fn main() {
     let daemon_path = Path::new(env!("CARGO_BIN_EXE_blockjobd-e2e"));
     let dir = tempfile::tempdir().expect("temp dir");
     let daemon = Daemon::spawn(daemon_path, dir.path());
-    let clients: [(&str, Run); 3] = [
+    let all: [(&str, Run); 3] = [
         ("qmp-client (ours)", ours),
         ("qapi-rs 0.15 (tokio)", qapi_rs),
         ("Python qemu.qmp", python),
     ];
+    // `QMP_BENCH_ONLY=qapi` runs only the clients whose name contains it (for profiling
+    // one client); the comparison needs all three.
+    let only = std::env::var("QMP_BENCH_ONLY").unwrap_or_default();
+    let clients: Vec<(&str, Run)> = all
+        .into_iter()
+        .filter(|(name, _)| name.contains(only.as_str()))
+        .collect();
     // Rounds interleave the clients, so that load from elsewhere on the machine falls
     // on all of them alike; each figure is the median of its rounds.
     let mut samples = vec![vec![Vec::new(); WINDOWS.len()]; clients.len()];
@@ -199,8 +208,11 @@ fn main() {
             order.reverse();
         }
         for client in order {
-            let run = clients[client].1;
-            for (window, figure) in run(&daemon.socket, seconds).into_iter().enumerate() {
+            let (name, run) = clients[client];
+            let figures = run(&daemon.socket, seconds);
+            let rates: Vec<String> = figures.iter().map(|f| format!("{:.0}", f.rate)).collect();
+            eprintln!("  {name}: {} round trips/s", rates.join(" / "));
+            for (window, figure) in figures.into_iter().enumerate() {
                 samples[client][window].push(figure);
             }
         }
@@ -229,7 +241,8 @@ fn main() {
         );
         medians.push(rate);
     }
-    for (i, window) in WINDOWS.iter().enumerate() {
+    let compared = clients.len() == 3;
+    for (i, window) in WINDOWS.iter().enumerate().filter(|_| compared) {
         let (best, name) = (1..clients.len())
             .map(|c| (medians[c][i], clients[c].0))
             .fold((0.0, ""), |a, b| if b.0 > a.0 { b } else { a });

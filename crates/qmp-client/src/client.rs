@@ -1,9 +1,10 @@
 //! The async client.
 
-use crate::connection::{self, Incoming, PendingReply, Shared, Tasks, Writer};
+use crate::connection::{self, Incoming, PendingReply, Reader, Reply, Shared, Tasks, Writer};
 use crate::error::{Error, Result, TransportError};
 use crate::events::{EventMessage, EventStream, read_event};
 use crate::greeting::Greeting;
+use crate::socket::{Registered, Socket};
 use qapi_runtime::{Command, ErrorClass, Event, QmpError};
 use serde::Serialize;
 use serde_json::Value;
@@ -74,8 +75,11 @@ impl Connector {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|e| connect_error(path.display(), &e))?;
-        let (read, write) = stream.into_split();
-        self.handshake(read, Writer::Direct(Arc::new(write))).await
+        let stream = stream
+            .into_std()
+            .map_err(|e| connect_error(path.display(), &e))?;
+        self.handshake_socket(Socket::Unix(stream), path.display())
+            .await
     }
 
     /// Connects over TCP.
@@ -87,24 +91,55 @@ impl Connector {
             .await
             .map_err(|e| connect_error(format_args!("{address:?}"), &e))?;
         let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
-        self.handshake(read, Writer::Direct(Arc::new(write))).await
+        let stream = stream
+            .into_std()
+            .map_err(|e| connect_error(format_args!("{address:?}"), &e))?;
+        self.handshake_socket(Socket::Tcp(stream), format_args!("{address:?}"))
+            .await
+    }
+
+    async fn handshake_socket(
+        self,
+        socket: Socket,
+        address: impl std::fmt::Display,
+    ) -> Result<Client> {
+        let socket = Arc::new(Registered::new(socket).map_err(|e| connect_error(address, &e))?);
+        self.handshake(Reader::Socket(socket.clone()), Writer::Direct(socket))
+            .await
     }
 
     /// Takes an already connected stream (a socket passed by a parent process, one end
-    /// of a socket pair, ...).
+    /// of a socket pair, ...). A tokio `UnixStream` or `TcpStream` is used as
+    /// [`Connector::connect_unix`] and [`Connector::connect_tcp`] use their sockets
+    /// (calls write and read it themselves); any other stream is read by the
+    /// connection's reader task and written by its writer task.
     pub async fn connect_stream<S>(self, stream: S) -> Result<Client>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        let mut stream = Some(stream);
+        let any: &mut dyn std::any::Any = &mut stream;
+        if let Some(Some(unix)) = any.downcast_mut::<Option<UnixStream>>().map(Option::take) {
+            let unix = unix.into_std().map_err(|e| connect_error("a stream", &e))?;
+            return self.handshake_socket(Socket::Unix(unix), "a stream").await;
+        }
+        if let Some(Some(tcp)) = any.downcast_mut::<Option<TcpStream>>().map(Option::take) {
+            let _ = tcp.set_nodelay(true);
+            let tcp = tcp.into_std().map_err(|e| connect_error("a stream", &e))?;
+            return self.handshake_socket(Socket::Tcp(tcp), "a stream").await;
+        }
+        let Some(stream) = stream else {
+            unreachable!("taken only when it was a socket, which returned")
+        };
         let (read, write) = tokio::io::split(stream);
-        self.handshake(read, Writer::Stream(Box::new(write))).await
+        self.handshake(
+            Reader::Stream(Box::new(read)),
+            Writer::Stream(Box::new(write)),
+        )
+        .await
     }
 
-    async fn handshake<R>(self, read: R, write: Writer) -> Result<Client>
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-    {
+    async fn handshake(self, read: Reader, write: Writer) -> Result<Client> {
         let started = connection::start(read, write, self.greeting);
         let mut early = started.early_events;
         let client_parts = (started.shared, started.tasks);
@@ -285,7 +320,7 @@ impl Client {
         };
         let reply = wait(reply).await?;
         let seq = reply.seq;
-        Ok((returned(reply.message)?, seq))
+        Ok((returned(reply.outcome)?, seq))
     }
 
     /// Sends `quit` and waits for the server to go: its reply, or the connection closing
@@ -357,12 +392,12 @@ fn encode_body<A: Serialize + ?Sized>(key: Key, name: &str, arguments: &A) -> Re
     Ok(out)
 }
 
-async fn wait(reply: Option<PendingReply>) -> Result<Incoming> {
+async fn wait(reply: Option<PendingReply>) -> Result<Reply> {
     match reply {
         Some(reply) => Ok(reply.wait().await?),
-        None => Ok(Incoming {
+        None => Ok(Reply {
             seq: 0,
-            message: serde_json::json!({"return": {}}),
+            outcome: Ok(Value::Object(Default::default())),
         }),
     }
 }
@@ -370,7 +405,7 @@ async fn wait(reply: Option<PendingReply>) -> Result<Incoming> {
 async fn finish_typed<C: Command>(reply: Option<PendingReply>) -> Result<(C::Returns, u64)> {
     let reply = wait(reply).await?;
     let seq = reply.seq;
-    let value = returned(reply.message)?;
+    let value = returned(reply.outcome)?;
     match C::read_returns(&value) {
         Ok(returns) => Ok((returns, seq)),
         Err(e) => Err(Error::Mismatch {
@@ -382,11 +417,11 @@ async fn finish_typed<C: Command>(reply: Option<PendingReply>) -> Result<(C::Ret
 }
 
 /// The `return` member of a reply, or its error.
-fn returned(mut message: Value) -> Result<Value> {
-    if let Some(value) = message.get_mut("return") {
-        return Ok(value.take());
-    }
-    let error = message.get("error").cloned().unwrap_or(Value::Null);
+fn returned(outcome: std::result::Result<Value, Value>) -> Result<Value> {
+    let error = match outcome {
+        Ok(value) => return Ok(value),
+        Err(error) => error,
+    };
     let desc = error.get("desc").and_then(Value::as_str);
     let class = error.get("class").and_then(Value::as_str);
     match (class, desc) {

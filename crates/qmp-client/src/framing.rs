@@ -7,11 +7,16 @@
 //! a message only whitespace and the guest agent's `0xFF` delimiter (sent before the reply
 //! to `guest-sync-delimited`) may appear.
 
+/// How much room a read gets (at least half of it).
+const READ_ROOM: usize = 64 * 1024;
+
 /// Finds complete messages in a growing buffer; keeps its place between reads.
 #[derive(Debug, Default)]
 pub(crate) struct Framer {
-    /// Bytes received and not yet handed out as messages.
+    /// Bytes received and not yet handed out as messages (`buf[..end]`), then room to
+    /// read into (initialised once, so reads never clear it again).
     buf: Vec<u8>,
+    end: usize,
     /// How far `buf` has been scanned.
     scanned: usize,
     /// Start of the message being scanned, if one has begun.
@@ -26,15 +31,30 @@ pub(crate) struct Framer {
 pub(crate) struct StrayByte(pub u8);
 
 impl Framer {
-    /// Room to read into: the caller appends received bytes to this vector.
-    pub(crate) fn buffer(&mut self) -> &mut Vec<u8> {
-        &mut self.buf
+    /// Room to read into; say how much was read with [`Framer::filled`].
+    pub(crate) fn space(&mut self) -> &mut [u8] {
+        if self.buf.len() - self.end < READ_ROOM / 2 {
+            self.buf.resize(self.end + READ_ROOM, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// `n` bytes were read into [`Framer::space`].
+    pub(crate) fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    /// Appends received bytes (for tests).
+    #[cfg(test)]
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.space()[..bytes.len()].copy_from_slice(bytes);
+        self.filled(bytes.len());
     }
 
     /// Bytes of a message begun and not finished (what EOF would cut off).
     pub(crate) fn partial(&self) -> &[u8] {
         match self.start {
-            Some(start) => &self.buf[start..],
+            Some(start) => &self.buf[start..self.end],
             None => &[],
         }
     }
@@ -43,7 +63,7 @@ impl Framer {
     pub(crate) fn messages(&mut self, mut each: impl FnMut(&[u8])) -> Result<(), StrayByte> {
         let mut consumed = 0;
         let mut i = self.scanned;
-        while i < self.buf.len() {
+        while i < self.end {
             let byte = self.buf[i];
             match self.start {
                 None => match byte {
@@ -61,6 +81,14 @@ impl Framer {
                         self.escaped = true;
                     } else if byte == b'"' {
                         self.in_string = false;
+                    } else {
+                        // Most of a message is strings: skip to the next quote or
+                        // backslash at once.
+                        match memchr::memchr2(b'"', b'\\', &self.buf[i..self.end]) {
+                            Some(skip) => i += skip,
+                            None => i = self.end,
+                        }
+                        continue;
                     }
                 }
                 Some(start) => match byte {
@@ -79,7 +107,10 @@ impl Framer {
             }
             i += 1;
         }
-        self.buf.drain(..consumed);
+        if consumed > 0 {
+            self.buf.copy_within(consumed..self.end, 0);
+            self.end -= consumed;
+        }
         self.scanned = i - consumed;
         if let Some(start) = self.start.as_mut() {
             *start -= consumed;
@@ -93,7 +124,7 @@ mod tests {
     use super::*;
 
     fn feed(framer: &mut Framer, bytes: &[u8]) -> Vec<String> {
-        framer.buffer().extend_from_slice(bytes);
+        framer.push(bytes);
         let mut out = Vec::new();
         framer
             .messages(|m| out.push(String::from_utf8_lossy(m).into_owned()))
@@ -122,7 +153,7 @@ mod tests {
     #[test]
     fn a_byte_outside_a_message_is_refused() {
         let mut framer = Framer::default();
-        framer.buffer().extend_from_slice(b"{}x");
+        framer.push(b"{}x");
         let mut n = 0;
         assert_eq!(framer.messages(|_| n += 1), Err(StrayByte(b'x')));
         assert_eq!(n, 1);

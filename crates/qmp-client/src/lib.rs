@@ -44,8 +44,11 @@
 //! # Timeouts
 //! Timeouts are the caller's: wrap a call in [`tokio::time::timeout`] (the blocking
 //! client has [`blocking::Client::set_timeout`]). Every call is cancel-safe: its request
-//! is queued whole when the call is first polled, and written whole by the connection's
-//! writer task, so dropping a call never cuts a request. After a timeout the connection
+//! is written (or queued) whole when the call is first polled, so dropping a call never
+//! cuts a request; a call that was reading the socket for everyone (a lone call reads
+//! its own reply) hands the reading on, and the bytes it had read stay with the
+//! connection. A call kept without being polled does not hold the others up: the
+//! connection's reader reads for it. After a timeout the connection
 //! stays usable: the server may still run the command, and its late reply is read and
 //! discarded, never given to another call. A server that never answers one command will, without
 //! `oob`, not answer the commands after it either (QEMU runs them in order), so a
@@ -66,6 +69,7 @@ mod events;
 mod framing;
 mod greeting;
 mod jobs;
+mod socket;
 
 pub use client::{Client, Connector};
 pub use error::{Error, Result, TransportError};

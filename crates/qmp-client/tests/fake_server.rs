@@ -9,6 +9,10 @@ use qmp_api::{
 };
 use qmp_client::{Client, Error, RawEvent, TransportError};
 use serde_json::{Value, json};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -92,6 +96,63 @@ where
     };
     let (client, script) = tokio::join!(connector.connect_stream(ours), server_start(script));
     (client.expect("connected"), script)
+}
+
+/// A stream the client cannot tell is a socket: read by its reader task, written by its
+/// writer task (a tokio `UnixStream` is read by the calls themselves).
+struct NotASocket(UnixStream);
+
+impl tokio::io::AsyncRead for NotASocket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for NotASocket {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// [`pair`] over a [`NotASocket`].
+async fn pair_over_stream() -> (Client, Script) {
+    let (ours, theirs) = UnixStream::pair().expect("socket pair");
+    let (read, write) = theirs.into_split();
+    let mut script = Script {
+        reader: BufReader::new(read),
+        writer: write,
+    };
+    let (client, ()) = tokio::join!(Client::connect_stream(NotASocket(ours)), script.negotiate());
+    (client.expect("connected"), script)
+}
+
+/// Polls `call` once: it sends its request and, if no other call reads, becomes the
+/// reading call.
+async fn poll_once<F: Future>(call: Pin<&mut F>) {
+    let mut call = Some(call);
+    std::future::poll_fn(|cx| {
+        if let Some(call) = call.take() {
+            assert!(call.poll(cx).is_pending(), "no reply yet");
+        }
+        Poll::Ready(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -644,4 +705,170 @@ async fn requests_stay_whole_and_in_order_when_the_socket_is_full() {
     for (i, call) in calls.into_iter().enumerate() {
         assert_eq!(call.await.expect("task").expect("reply"), json!(i));
     }
+}
+
+#[tokio::test]
+async fn a_stream_that_is_not_a_socket_gets_events_and_replies_out_of_order_and_eof_mid_message() {
+    let (client, mut s) = pair_over_stream().await;
+    let mut events = client.events::<RawEvent>();
+    let first = {
+        let client = client.clone();
+        tokio::spawn(async move { client.execute(JobPauseArguments { id: "a".into() }).await })
+    };
+    let second = {
+        let client = client.clone();
+        tokio::spawn(async move { client.execute(QueryJobsArguments {}).await })
+    };
+    let a = s.expect_request("job-pause").await;
+    let jobs = s.expect_request("query-jobs").await;
+    s.send(&job_event("j", "running")).await;
+    s.reply(&jobs, json!({"return": []})).await;
+    s.reply(&a, json!({"return": {}})).await;
+    assert!(second.await.expect("task").expect("jobs").is_empty());
+    first.await.expect("task").expect("paused");
+    assert_eq!(
+        events.next().await.expect("event").expect("raw").event.name,
+        "JOB_STATUS_CHANGE"
+    );
+    let third = {
+        let client = client.clone();
+        tokio::spawn(async move { client.execute(QueryJobsArguments {}).await })
+    };
+    s.expect_request("query-jobs").await;
+    s.send(r#"{"return": ["#).await;
+    drop(s);
+    match third.await.expect("task") {
+        Err(Error::Transport(TransportError::EofMidMessage { len: 12, .. })) => {}
+        other => panic!("expected EOF mid-message, got {other:?}"),
+    }
+    assert!(events.next().await.is_none());
+}
+
+#[tokio::test]
+async fn the_reading_call_routes_an_event_and_another_calls_reply_before_its_own() {
+    let (client, mut s) = pair(|mut s| async move {
+        s.negotiate().await;
+        s
+    })
+    .await;
+    let mut events = client.events::<RawEvent>();
+    let (second_done, second_seen) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let first = s.expect_request("job-pause").await;
+        let second = s.expect_request("query-jobs").await;
+        s.send(&job_event("j", "running")).await;
+        s.reply(&second, json!({"return": []})).await;
+        // The first call's reply only once the second call has its own: the second's
+        // was read by the first call (the only one reading) and handed over.
+        second_seen.await.expect("the second call finishes");
+        s.reply(&first, json!({"return": {}})).await;
+        s
+    });
+    // Polled in this order: the first call reads, the second waits for it.
+    let (first, second) = tokio::join!(
+        client.execute(JobPauseArguments { id: "a".into() }),
+        async {
+            let jobs = client.execute(QueryJobsArguments {}).await;
+            let _ = second_done.send(());
+            jobs
+        }
+    );
+    first.expect("paused");
+    assert!(second.expect("jobs").is_empty());
+    let event = events.next().await.expect("event").expect("raw");
+    assert_eq!(event.event.data.expect("data")["status"], "running");
+    let _s = server.await.expect("server");
+}
+
+#[tokio::test]
+async fn a_reading_call_dropped_in_the_middle_of_a_message_loses_nothing() {
+    let (client, mut s) = pair(|mut s| async move {
+        s.negotiate().await;
+        s
+    })
+    .await;
+    let mut events = client.events::<RawEvent>();
+    let whole = job_event("j", "running");
+    let (head, tail) = whole.split_at(whole.len() / 2);
+
+    // Alone: the call reads half an event, gives up; the background reader goes on.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        client.execute(JobPauseArguments { id: "a".into() }),
+    );
+    let script = async {
+        s.expect_request("job-pause").await;
+        s.send(head).await;
+    };
+    let (gave_up, ()) = tokio::join!(gave_up, script);
+    assert!(gave_up.is_err(), "the caller's timeout fired");
+    s.send(tail).await;
+    let event = events.next().await.expect("event").expect("raw");
+    assert_eq!(event.event.data.expect("data")["status"], "running");
+
+    // With another call waiting: that call reads on from the middle.
+    let gave_up = Arc::new(tokio::sync::Notify::new());
+    let first = {
+        let gave_up = gave_up.clone();
+        let call = tokio::time::timeout(
+            Duration::from_millis(200),
+            client.execute(JobPauseArguments { id: "b".into() }),
+        );
+        async move {
+            let result = call.await;
+            gave_up.notify_one();
+            result
+        }
+    };
+    let second = client.execute(QueryJobsArguments {});
+    let script = async {
+        let late = s.expect_request("job-pause").await;
+        let jobs = s.expect_request("query-jobs").await;
+        s.send(head).await;
+        gave_up.notified().await;
+        s.send(tail).await;
+        s.reply(&late, json!({"return": {}})).await;
+        s.reply(&jobs, json!({"return": []})).await;
+    };
+    let (first, second, ()) = tokio::join!(first, second, script);
+    assert!(first.is_err(), "the caller's timeout fired");
+    assert!(second.expect("the second call's own reply").is_empty());
+    let event = events.next().await.expect("event").expect("raw");
+    assert_eq!(event.event.data.expect("data")["status"], "running");
+    assert!(client.closed().is_none());
+}
+
+#[tokio::test]
+async fn a_reading_call_that_is_not_polled_does_not_hold_up_the_others() {
+    let (client, mut s) = pair(|mut s| async move {
+        s.negotiate().await;
+        s
+    })
+    .await;
+    let mut events = client.events::<RawEvent>();
+    // Sent and reading, then kept without being polled (as in a `select!` whose task
+    // went on to await something else).
+    let mut kept = std::pin::pin!(client.execute(JobPauseArguments { id: "a".into() }));
+    poll_once(kept.as_mut()).await;
+    let server = tokio::spawn(async move {
+        let first = s.expect_request("job-pause").await;
+        let second = s.expect_request("query-jobs").await;
+        s.send(&job_event("j", "running")).await;
+        s.reply(&second, json!({"return": []})).await;
+        s.reply(&first, json!({"return": {}})).await;
+        s
+    });
+    // Another call of the same task, and an event, while the kept call is not polled.
+    let other = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.execute(QueryJobsArguments {}),
+    )
+    .await
+    .expect("the other call is not held up by the kept one");
+    assert!(other.expect("jobs").is_empty());
+    let event = events.next().await.expect("event").expect("raw");
+    assert_eq!(event.event.name, "JOB_STATUS_CHANGE");
+    // The kept call finds its reply when it is polled again.
+    kept.await.expect("its own reply");
+    let _s = server.await.expect("server");
 }
