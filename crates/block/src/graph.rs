@@ -7,8 +7,8 @@ use std::sync::{Arc, Weak};
 use qmp_api::{
     BlockDeviceInfo, BlockDirtyInfo, BlockdevCacheInfo, BlockdevDetectZeroesOptions,
     BlockdevDriver, BlockdevOptions, BlockdevOptionsBranch, BlockdevOptionsCbw,
-    BlockdevOptionsFile,
-    BlockdevOptionsQcow2, BlockdevOptionsRaw, BlockdevRef, BlockdevRefOrNull, ImageInfo,
+    BlockdevOptionsFile, BlockdevOptionsQcow2, BlockdevOptionsRaw, BlockdevRef, BlockdevRefOrNull,
+    ImageInfo,
 };
 
 use crate::copy::{BlockCopy, CopyBuffers};
@@ -540,7 +540,9 @@ impl BlockGraph {
         options.node_name = node_name.map(str::to_string);
         let prefixed =
             |e: BlockError| BlockError::new(format!("Could not create node: {}", e.desc()));
-        let node = self.open_node(&options, None, false).map_err(prefixed)?;
+        let node = self
+            .open_node(&options, Inherited::none(), false)
+            .map_err(prefixed)?;
         match node.driver().block_copy() {
             Some(copy) => {
                 let copy = copy.clone();
