@@ -1,14 +1,19 @@
 //! The transmission phase: requests in, replies out. After the handshake the connection's
 //! socket becomes a blocking one, served by threads: a reader thread reads requests in order
-//! (through a buffer: clients send them in bursts) and hands each to tokio's blocking pool,
-//! where the backend call runs and the reply is written straight to the socket (replies go
-//! out whole, in completion order, matched to requests by their cookie). At most
-//! [`wire::MAX_REQUESTS_IN_FLIGHT`] requests of a connection run at once; the reader reads no
-//! further until one is answered. This is QEMU's shape (coroutines reading, a thread pool for
-//! I/O) without a hop back to an executor per request: the async version of this loop
-//! (a task per request, a `spawn_blocking` per backend call, the reply written by the
-//! executor) made twice as many context switches and used 70% more CPU than
-//! qemu-storage-daemon for the same pull (see `docs/decisions.md`).
+//! (through a buffer: clients send them in bursts) and queues each for the connection's
+//! worker threads (started as needed, up to [`wire::MAX_REQUESTS_IN_FLIGHT`], kept until the
+//! connection ends), where the backend call runs. Replies go out whole, in completion order,
+//! matched to requests by their cookie: a worker done with a request queues its reply, and
+//! whichever worker is writing sends every reply queued, several in one `writev` when several
+//! are ready; no worker waits for another's write. At most [`wire::MAX_REQUESTS_IN_FLIGHT`]
+//! requests of a connection are unanswered at once; the reader reads no further until one is
+//! answered. This is QEMU's shape (coroutines reading, a thread pool for I/O) without a hop
+//! back to an executor per request: the async version of this loop (a task per request, a
+//! `spawn_blocking` per backend call, the reply written by the executor) made twice as many
+//! context switches and used 70% more CPU than qemu-storage-daemon for the same pull, and
+//! tokio's blocking pool (shared by every connection, its lock contended) cost a `futex` and
+//! a `sched_yield` per request more than these per-connection workers (see
+//! `docs/decisions.md`).
 //!
 //! With structured replies negotiated, READ answers with one data chunk, BLOCK_STATUS with one
 //! extents chunk per selected context (in context id order, the last one flagged done), errors
@@ -172,13 +177,40 @@ struct Connection {
     entry: Arc<ExportEntry>,
     structured: bool,
     contexts: Vec<u32>,
-    writer: Mutex<Socket>,
-    /// Requests running, and the signal that one finished.
+    /// The socket replies are written to, only ever by the worker holding
+    /// [`Replies::writing`].
+    writer: Socket,
+    /// Replies waiting to be written.
+    replies: Mutex<Replies>,
+    /// Requests not yet answered, and the signal that one was.
     running: Mutex<Running>,
     finished: Condvar,
+    /// Requests read and not yet taken by a worker.
+    jobs: Mutex<Jobs>,
+    /// Signals idle workers that a job is queued (or that the connection ends).
+    job_queued: Condvar,
     /// Reply buffers of past READs, reused: allocating and zeroing a fresh one per request
     /// cost more than the copy itself.
     buffers: Mutex<Vec<Vec<u8>>>,
+}
+
+/// The connection's request queue and its workers.
+#[derive(Default)]
+struct Jobs {
+    queue: std::collections::VecDeque<(Request, Vec<u8>)>,
+    /// Worker threads started, and how many of them wait for a job.
+    workers: usize,
+    idle: usize,
+    /// No more jobs will come: idle workers exit.
+    closing: bool,
+}
+
+/// Replies done and not yet written, and whether a worker is writing (it writes every reply
+/// queued until none is left; the others only queue theirs).
+#[derive(Default)]
+struct Replies {
+    queue: Vec<Vec<u8>>,
+    writing: bool,
 }
 
 /// How many requests of a connection run, and whether the reader waits for one to finish
@@ -232,13 +264,135 @@ impl Connection {
         lock(&self.running).count += 1;
     }
 
-    fn done(&self) {
+    /// `n` requests were answered (their replies written, or dropped on a dead socket).
+    fn done(&self, n: usize) {
         let mut running = lock(&self.running);
-        running.count -= 1;
+        running.count -= n;
         if running.waiting {
             self.finished.notify_all();
         }
     }
+
+    /// Queues a request for the connection's workers: an idle one is woken, or a new one
+    /// started while fewer than [`wire::MAX_REQUESTS_IN_FLIGHT`] run (each request can then
+    /// wait on its own I/O, as QEMU's thread pool lets them); otherwise a busy worker takes
+    /// it when done with its own.
+    fn queue(self: &Arc<Self>, request: Request, payload: Vec<u8>) -> io::Result<()> {
+        let mut jobs = lock(&self.jobs);
+        jobs.queue.push_back((request, payload));
+        if jobs.idle > 0 {
+            drop(jobs);
+            self.job_queued.notify_one();
+        } else if jobs.workers < wire::MAX_REQUESTS_IN_FLIGHT {
+            jobs.workers += 1;
+            drop(jobs);
+            let connection = Arc::clone(self);
+            let started = std::thread::Builder::new()
+                .name("nbd-worker".into())
+                .spawn(move || connection.work());
+            if let Err(error) = started {
+                let mut jobs = lock(&self.jobs);
+                jobs.workers -= 1;
+                if jobs.workers == 0 {
+                    // Nobody would take the request: the connection cannot go on.
+                    let lost = jobs.queue.len();
+                    jobs.queue.clear();
+                    drop(jobs);
+                    self.done(lost);
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A worker: runs queued requests and writes their replies, until the connection ends.
+    fn work(&self) {
+        loop {
+            let job = {
+                let mut jobs = lock(&self.jobs);
+                loop {
+                    if let Some(job) = jobs.queue.pop_front() {
+                        break Some(job);
+                    }
+                    if jobs.closing {
+                        break None;
+                    }
+                    jobs.idle += 1;
+                    jobs = self
+                        .job_queued
+                        .wait(jobs)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    jobs.idle -= 1;
+                }
+            };
+            let Some((request, payload)) = job else {
+                lock(&self.jobs).workers -= 1;
+                return;
+            };
+            let reply = execute(self, request, payload);
+            self.reply(reply);
+        }
+    }
+
+    /// Sends `reply`, or leaves it to the worker writing: that one writes every reply queued,
+    /// several at once with one `writev` when several are ready (QEMU's server sends each
+    /// reply with its own `sendmsg`), so workers never wait for each other's writes.
+    fn reply(&self, reply: Vec<u8>) {
+        let mut replies = lock(&self.replies);
+        replies.queue.push(reply);
+        if replies.writing {
+            return;
+        }
+        replies.writing = true;
+        let mut batch = Vec::new();
+        loop {
+            std::mem::swap(&mut batch, &mut replies.queue);
+            drop(replies);
+            // A failed write means the client is gone (or the connection was stopped): the
+            // reader sees it too, and the replies are dropped.
+            let _ = write_all_vectored(&self.writer, &batch);
+            let n = batch.len();
+            for reply in batch.drain(..) {
+                self.recycle(reply);
+            }
+            self.done(n);
+            replies = lock(&self.replies);
+            if replies.queue.is_empty() {
+                replies.writing = false;
+                return;
+            }
+        }
+    }
+
+    /// No more requests: idle workers exit, busy ones once the queue is empty.
+    fn close_jobs(&self) {
+        lock(&self.jobs).closing = true;
+        self.job_queued.notify_all();
+    }
+}
+
+/// Writes every buffer of `replies`, in order, with as few `writev` calls as the socket takes.
+fn write_all_vectored(socket: &Socket, replies: &[Vec<u8>]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = replies
+        .iter()
+        .filter(|reply| !reply.is_empty())
+        .map(|reply| io::IoSlice::new(reply))
+        .collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let written = match socket {
+            Socket::Unix(s) => (&*s).write_vectored(slices),
+            Socket::Tcp(s) => (&*s).write_vectored(slices),
+        };
+        match written {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }
 
 /// Serves requests on the session's export until the client disconnects (DISC or hang-up),
@@ -254,19 +408,22 @@ pub(crate) async fn serve(
         entry: session.lease.entry_arc(),
         structured: session.structured,
         contexts: session.contexts.clone(),
-        writer: Mutex::new(socket.try_clone()?),
+        writer: socket.try_clone()?,
+        replies: Mutex::new(Replies::default()),
         running: Mutex::new(Running::default()),
         finished: Condvar::new(),
+        jobs: Mutex::new(Jobs::default()),
+        job_queued: Condvar::new(),
         buffers: Mutex::new(Vec::new()),
     });
     let (done, outcome) = tokio::sync::oneshot::channel();
-    let runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("nbd-connection".into())
         .spawn(move || {
-            let result = read_requests(socket, &connection, &runtime);
+            let result = read_requests(socket, &connection);
             // Every request done (their replies written or dropped) before the lease goes.
             connection.wait_below(1);
+            connection.close_jobs();
             let _ = done.send(result);
         })?;
     tokio::pin!(outcome);
@@ -279,12 +436,8 @@ pub(crate) async fn serve(
     result
 }
 
-/// The reader thread: requests in order, each run on the blocking pool.
-fn read_requests(
-    socket: Socket,
-    connection: &Arc<Connection>,
-    runtime: &tokio::runtime::Handle,
-) -> io::Result<()> {
+/// The reader thread: requests in order, each queued for the connection's workers.
+fn read_requests(socket: Socket, connection: &Arc<Connection>) -> io::Result<()> {
     let mut reader = BufReader::with_capacity(READ_BUFFER, socket);
     loop {
         // Wait for a free slot first: a client that never reads its replies stalls only here.
@@ -319,15 +472,7 @@ fn read_requests(
             Vec::new()
         };
         connection.started();
-        let connection = Arc::clone(connection);
-        runtime.spawn_blocking(move || {
-            let reply = execute(&connection, request, payload);
-            // A failed write means the client is gone (or the connection was stopped): the
-            // reader sees it too.
-            let _ = lock(&connection.writer).write_all(&reply);
-            connection.recycle(reply);
-            connection.done();
-        });
+        connection.queue(request, payload)?;
     }
 }
 
