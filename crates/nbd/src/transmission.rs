@@ -189,6 +189,9 @@ struct Connection {
     jobs: Mutex<Jobs>,
     /// Signals idle workers that a job is queued (or that the connection ends).
     job_queued: Condvar,
+    /// Every worker thread holds a clone until it has dropped its hold on the connection;
+    /// the reader thread takes this one away at the end and waits for the channel to close.
+    workers_alive: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     /// Reply buffers of past READs, reused: allocating and zeroing a fresh one per request
     /// cost more than the copy itself.
     buffers: Mutex<Vec<Vec<u8>>>,
@@ -287,9 +290,15 @@ impl Connection {
             jobs.workers += 1;
             drop(jobs);
             let connection = Arc::clone(self);
+            let alive = lock(&self.workers_alive).clone();
             let started = std::thread::Builder::new()
                 .name("nbd-worker".into())
-                .spawn(move || connection.work());
+                .spawn(move || {
+                    connection.work();
+                    // The connection (its export, the node) let go before the end is signalled.
+                    drop(connection);
+                    drop(alive);
+                });
             if let Err(error) = started {
                 let mut jobs = lock(&self.jobs);
                 jobs.workers -= 1;
@@ -404,6 +413,7 @@ pub(crate) async fn serve(
     stop: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let closer = socket.try_clone()?;
+    let (alive, workers_gone) = std::sync::mpsc::channel();
     let connection = Arc::new(Connection {
         entry: session.lease.entry_arc(),
         structured: session.structured,
@@ -414,6 +424,7 @@ pub(crate) async fn serve(
         finished: Condvar::new(),
         jobs: Mutex::new(Jobs::default()),
         job_queued: Condvar::new(),
+        workers_alive: Mutex::new(Some(alive)),
         buffers: Mutex::new(Vec::new()),
     });
     let (done, outcome) = tokio::sync::oneshot::channel();
@@ -421,9 +432,14 @@ pub(crate) async fn serve(
         .name("nbd-connection".into())
         .spawn(move || {
             let result = read_requests(socket, &connection);
-            // Every request done (their replies written or dropped) before the lease goes.
+            // Every request done (their replies written or dropped), every worker gone and
+            // nothing left holding the export before the lease goes.
             connection.wait_below(1);
             connection.close_jobs();
+            lock(&connection.workers_alive).take();
+            drop(connection);
+            // Fails (as intended) once the last worker has dropped its sender.
+            let _ = workers_gone.recv();
             let _ = done.send(result);
         })?;
     tokio::pin!(outcome);
