@@ -91,6 +91,10 @@ impl IntoSocket for tokio::net::UnixStream {
     fn into_socket(self) -> io::Result<Socket> {
         let socket = self.into_std()?;
         socket.set_nonblocking(false)?;
+        // Replies of 256 KiB (nbdcopy's requests) and several coalesced ones go into the
+        // kernel in one `writev` instead of a worker sleeping until the client drains the
+        // default ~200 KiB (see `docs/decisions.md`).
+        crate::wire::widen_send_buffer(&socket);
         Ok(Socket::Unix(socket))
     }
 }
