@@ -1,8 +1,8 @@
 //! The transmission phase: requests in, replies out. After the handshake the connection's
 //! socket becomes a blocking one, served by threads: a reader thread reads requests in order
 //! (through a buffer: clients send them in bursts) and queues each for the connection's
-//! worker threads (started as needed, up to [`wire::MAX_REQUESTS_IN_FLIGHT`], kept until the
-//! connection ends), where the backend call runs. Replies go out whole, in completion order,
+//! workers (threads taken as needed, up to [`wire::MAX_REQUESTS_IN_FLIGHT`], from those
+//! earlier connections left idle or else started), where the backend call runs. Replies go out whole, in completion order,
 //! matched to requests by their cookie: a worker done with a request queues its reply, and
 //! whichever worker is writing sends every reply queued, several in one `writev` when several
 //! are ready; no worker waits for another's write. At most [`wire::MAX_REQUESTS_IN_FLIGHT`]
@@ -293,17 +293,11 @@ impl Connection {
         } else if jobs.workers < wire::MAX_REQUESTS_IN_FLIGHT {
             jobs.workers += 1;
             drop(jobs);
-            let connection = Arc::clone(self);
-            let alive = lock(&self.workers_alive).clone();
-            let started = std::thread::Builder::new()
-                .name("nbd-worker".into())
-                .spawn(move || {
-                    connection.work();
-                    // The connection (its export, the node) let go before the end is signalled.
-                    drop(connection);
-                    drop(alive);
-                });
-            if let Err(error) = started {
+            let assignment = Assignment {
+                connection: Arc::clone(self),
+                alive: lock(&self.workers_alive).clone(),
+            };
+            if let Err(error) = hire(assignment) {
                 let mut jobs = lock(&self.jobs);
                 jobs.workers -= 1;
                 if jobs.workers == 0 {
@@ -382,6 +376,79 @@ impl Connection {
     fn close_jobs(&self) {
         lock(&self.jobs).closing = true;
         self.job_queued.notify_all();
+    }
+}
+
+/// A worker's job: serving a connection; `alive` goes with it (see
+/// [`Connection::workers_alive`]).
+struct Assignment {
+    connection: Arc<Connection>,
+    alive: Option<std::sync::mpsc::Sender<()>>,
+}
+
+/// A worker thread between connections, waiting for its next assignment.
+struct IdleWorker {
+    id: u64,
+    assign: std::sync::mpsc::SyncSender<Assignment>,
+}
+
+/// Workers of connections that ended, for the next connections: a short connection (an
+/// `nbdinfo`, a dirty pull's four) then starts no thread per request it runs at once, and no
+/// thread stack is mapped, faulted in and unmapped per connection. A worker idle for
+/// [`IDLE_KEEP`] exits (tokio's blocking pool keeps its threads the same way).
+static IDLE_WORKERS: Mutex<Vec<IdleWorker>> = Mutex::new(Vec::new());
+
+/// How long a worker without a connection waits for one before it exits.
+const IDLE_KEEP: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Hands `assignment` to an idle worker, or to a new thread.
+fn hire(mut assignment: Assignment) -> io::Result<()> {
+    loop {
+        let Some(worker) = lock(&IDLE_WORKERS).pop() else {
+            break;
+        };
+        match worker.assign.send(assignment) {
+            Ok(()) => return Ok(()),
+            // That worker is gone; its assignment comes back.
+            Err(std::sync::mpsc::SendError(back)) => assignment = back,
+        }
+    }
+    std::thread::Builder::new()
+        .name("nbd-worker".into())
+        .spawn(move || worker(assignment))
+        .map(drop)
+}
+
+/// A worker thread: serves its connection until the connection ends, then waits in
+/// [`IDLE_WORKERS`] for the next one.
+fn worker(mut assignment: Assignment) {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    loop {
+        let Assignment { connection, alive } = assignment;
+        connection.work();
+        // The connection (its export, the node) let go before its end is signalled.
+        drop(connection);
+        drop(alive);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (assign, assigned) = std::sync::mpsc::sync_channel(1);
+        lock(&IDLE_WORKERS).push(IdleWorker { id, assign });
+        assignment = match assigned.recv_timeout(IDLE_KEEP) {
+            Ok(next) => next,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let mut idle = lock(&IDLE_WORKERS);
+                if let Some(at) = idle.iter().position(|worker| worker.id == id) {
+                    idle.swap_remove(at);
+                    return;
+                }
+                drop(idle);
+                // Taken from the list as the wait ended: the assignment is on its way.
+                match assigned.recv() {
+                    Ok(next) => next,
+                    Err(_) => return,
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
     }
 }
 
