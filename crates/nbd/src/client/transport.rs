@@ -668,3 +668,95 @@ fn complete(request: InFlight) {
     // The caller may have given up waiting; the reply is dropped then.
     let _ = request.reply.send(result);
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const READS: u64 = 8;
+
+    fn info() -> ExportInfo {
+        ExportInfo {
+            name: "test".into(),
+            size: 1 << 20,
+            flags: wire::FLAG_HAS_FLAGS,
+            block_size: None,
+            structured: true,
+            contexts: Vec::new(),
+        }
+    }
+
+    /// The byte the scripted server sends at `offset`.
+    fn byte_at(offset: u64) -> u8 {
+        (offset as u8) ^ 0x5a
+    }
+
+    /// A server that reads `READS` requests, then answers them in reverse order (every other
+    /// one in two chunks), its bytes written `fragment` at a time.
+    async fn scripted_server(mut socket: tokio::net::UnixStream, fragment: usize) {
+        let mut requests = Vec::new();
+        for _ in 0..READS {
+            let mut header = [0u8; wire::REQUEST_LEN];
+            socket.read_exact(&mut header).await.expect("a request");
+            requests.push(wire::Request::decode(&header).expect("a request header"));
+        }
+        let mut out = Vec::new();
+        for (i, request) in requests.iter().enumerate().rev() {
+            let half = if i % 2 == 0 { request.length / 2 } else { 0 };
+            for (start, end, flags) in [(0, half, 0), (half, request.length, wire::REPLY_FLAG_DONE)]
+            {
+                if start == end && flags == 0 {
+                    continue;
+                }
+                let at = request.offset + u64::from(start);
+                let mut payload = at.to_be_bytes().to_vec();
+                payload.extend((0..u64::from(end - start)).map(|i| byte_at(at + i)));
+                out.extend(wire::chunk_with_flags(
+                    flags,
+                    wire::REPLY_TYPE_OFFSET_DATA,
+                    request.cookie,
+                    &payload,
+                ));
+            }
+        }
+        for piece in out.chunks(fragment) {
+            socket.write_all(piece).await.expect("a reply");
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_cut_anywhere_or_run_together_fill_the_callers_buffers() {
+        for fragment in [1, 7, 20, 28, 4096, 1 << 20] {
+            let (ours, theirs) = tokio::net::UnixStream::pair().expect("a socket pair");
+            let client = Arc::new(NbdClient::start(Stream::Unix(ours), info()));
+            let server = tokio::spawn(scripted_server(theirs, fragment));
+            let reads: Vec<_> = (0..READS)
+                .map(|i| {
+                    let client = Arc::clone(&client);
+                    // From 100 bytes to past the header buffer's 32 KiB.
+                    let (offset, len) = (i * 70_000 + 3, 100 + i as usize * 9000);
+                    tokio::spawn(async move {
+                        let buffer = vec![0u8; len];
+                        let pointer = buffer.as_ptr() as usize;
+                        let data = client.read_buf(offset, buffer).await.expect("the read");
+                        (offset, data, pointer)
+                    })
+                })
+                .collect();
+            for read in reads {
+                let (offset, data, pointer) = read.await.expect("the read task");
+                assert_eq!(
+                    data.as_ptr() as usize,
+                    pointer,
+                    "the caller's buffer comes back"
+                );
+                for (i, byte) in data.iter().enumerate() {
+                    assert_eq!(*byte, byte_at(offset + i as u64), "fragment {fragment}");
+                }
+            }
+            server.await.expect("the server");
+        }
+    }
+}
