@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::ThreadId;
 
 use qmp_api::{Event, EventTimestamp};
 use tokio::sync::Notify;
@@ -128,9 +129,72 @@ impl Client {
 }
 
 /// Sends every event to every negotiated client. Cheap to clone; usable from any thread.
+///
+/// While the dispatcher runs a command, events emitted by other threads are held and leave
+/// right after the command's reply, in their order: in QEMU a job's coroutine runs only once
+/// the command's handler has returned, so what it emits follows the reply. Events emitted on
+/// the dispatcher thread itself (the command's synchronous effects) pass at once. Where the
+/// command waits for other threads (QEMU's `AIO_WAIT_WHILE` polling, which lets coroutines
+/// run and emit before the reply), it opens the hold with [`Broadcast::polling`].
 #[derive(Clone, Debug, Default)]
 pub struct Broadcast {
-    clients: Arc<Mutex<Vec<Arc<Client>>>>,
+    hub: Arc<Mutex<Hub>>,
+}
+
+#[derive(Debug, Default)]
+struct Hub {
+    clients: Vec<Arc<Client>>,
+    /// The thread running the command in progress, if one is.
+    command: Option<ThreadId>,
+    /// Polling guards open on that thread.
+    polling: usize,
+    /// Events held until the command's reply (or its next polling wait).
+    held: Vec<Line>,
+}
+
+impl Hub {
+    fn send(&mut self, line: Line) {
+        self.clients.retain(|c| c.push(line.clone()));
+    }
+
+    fn release(&mut self) {
+        for line in std::mem::take(&mut self.held) {
+            self.send(line);
+        }
+    }
+
+    /// Whether an event emitted now, on this thread, waits for the reply.
+    fn holds(&self) -> bool {
+        self.command
+            .is_some_and(|t| self.polling == 0 && t != std::thread::current().id())
+    }
+
+    /// Whether this thread runs the command in progress.
+    fn runs_command(&self) -> bool {
+        self.command == Some(std::thread::current().id())
+    }
+}
+
+/// A command's wait for other threads, during which their events pass (see
+/// [`Broadcast::polling`]); the hold closes again when this drops.
+#[must_use = "the hold closes again when the guard drops"]
+#[derive(Debug)]
+pub struct Polling {
+    hub: Option<Arc<Mutex<Hub>>>,
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        if let Some(hub) = &self.hub {
+            let mut hub = lock(hub);
+            hub.polling = hub.polling.saturating_sub(1);
+        }
+    }
+}
+
+fn lock(hub: &Mutex<Hub>) -> MutexGuard<'_, Hub> {
+    // A panic while holding the lock cannot leave the hub inconsistent.
+    hub.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Broadcast {
@@ -138,42 +202,83 @@ impl Broadcast {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<Arc<Client>>> {
-        // A panic while holding the lock cannot leave the list inconsistent.
-        self.clients.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Hub> {
+        lock(&self.hub)
     }
 
-    /// Sends `event` now, stamped with the current time, to every negotiated client.
+    /// Sends `event`, stamped with the current time, to every negotiated client: now, or
+    /// held until the reply of the command in progress (see [`Broadcast`]).
     pub fn emit(&self, event: &Event) {
         let message = event.to_wire(EventTimestamp::now());
         let line: Line = wire::line(&message).into();
-        self.lock().retain(|c| c.push(line.clone()));
+        let mut hub = self.lock();
+        if hub.holds() {
+            hub.held.push(line);
+        } else {
+            hub.send(line);
+        }
+    }
+
+    /// The command in progress waits for other threads (QEMU's `AIO_WAIT_WHILE`): the events
+    /// held so far leave now, and events pass at once until the guard drops. Does nothing
+    /// unless called on the thread running a command.
+    pub fn polling(&self) -> Polling {
+        let mut hub = self.lock();
+        if !hub.runs_command() {
+            return Polling { hub: None };
+        }
+        hub.polling += 1;
+        hub.release();
+        Polling {
+            hub: Some(self.hub.clone()),
+        }
+    }
+
+    /// The dispatcher starts a command: events of other threads are held from now on.
+    pub(crate) fn begin_command(&self) {
+        let mut hub = self.lock();
+        hub.command = Some(std::thread::current().id());
+        hub.polling = 0;
+    }
+
+    /// Queues the command's `reply` for `client`, then the events held meanwhile, atomically
+    /// with respect to other events; the hold ends.
+    pub(crate) fn reply_and_release(&self, client: &Client, reply: Line) {
+        let mut hub = self.lock();
+        client.push(reply);
+        hub.command = None;
+        hub.release();
     }
 
     /// Number of clients currently receiving events.
     pub fn subscribers(&self) -> usize {
-        self.lock().len()
+        self.lock().clients.len()
     }
 
     /// The most output any subscribed client has pending, in bytes.
     pub fn most_pending(&self) -> usize {
-        self.lock().iter().map(|c| c.pending()).max().unwrap_or(0)
+        self.lock()
+            .clients
+            .iter()
+            .map(|c| c.pending())
+            .max()
+            .unwrap_or(0)
     }
 
     /// Queue `reply` for `client`, then subscribe it, atomically with respect to events: no
     /// event can reach the client before the reply that ends its negotiation.
     pub(crate) fn reply_and_subscribe(&self, client: &Arc<Client>, reply: Line) {
-        let mut clients = self.lock();
+        let mut hub = self.lock();
         if client.push(reply) {
-            clients.push(client.clone());
+            hub.clients.push(client.clone());
         }
     }
 
     pub(crate) fn unsubscribe(&self, client_id: u64) {
-        self.lock().retain(|c| c.id != client_id);
+        self.lock().clients.retain(|c| c.id != client_id);
     }
 
     pub(crate) fn unsubscribe_all(&self) {
-        self.lock().clear();
+        self.lock().clients.clear();
     }
 }

@@ -18,5 +18,5 @@ pub mod session;
 pub mod wire;
 
 pub use backend::{ErrorClass, QmpBackend, QmpError};
-pub use events::Broadcast;
+pub use events::{Broadcast, Polling};
 pub use server::{Bound, Endpoint, MonitorServer, ServerConfig, ShutdownHandle, ShutdownReason};

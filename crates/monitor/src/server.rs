@@ -363,6 +363,7 @@ fn dispatch_loop(
                 arguments,
                 id,
             } => {
+                events.begin_command();
                 let result = catch_unwind(AssertUnwindSafe(|| backend.execute(&name, arguments)))
                     .unwrap_or_else(|_| {
                         tracing::error!(command = %name, "QMP command panicked");
@@ -374,12 +375,13 @@ fn dispatch_loop(
                     Ok(value) => success(value, id),
                     Err(e) => failure(&e, id),
                 };
-                client.push(wire::line(&reply).into());
+                events.reply_and_release(&client, wire::line(&reply).into());
             }
             Work::Quit { id } => {
                 stopping.store(true, Ordering::Release);
+                events.begin_command();
                 stop_backend(&*backend);
-                client.push(wire::line(&success(json!({}), id)).into());
+                events.reply_and_release(&client, wire::line(&success(json!({}), id)).into());
                 set_shutdown(&shutdown, ShutdownReason::Quit);
             }
         }

@@ -16,7 +16,9 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::task::JoinHandle;
 
 /// Commands: `echo` returns its arguments, `emit` emits event `arguments.name` with
-/// `arguments.data`, `boom` panics.
+/// `arguments.data`, `emit-elsewhere` has another thread emit it and returns once that emit
+/// call has returned (with `"poll": true`, waiting inside [`Broadcast::polling`], as a drain
+/// waits for jobs), `boom` panics.
 struct FakeBackend {
     events: Mutex<Option<Broadcast>>,
 }
@@ -36,6 +38,20 @@ impl QmpBackend for FakeBackend {
                 sink.emit(&Event::from_wire(&message)?);
                 Ok(json!({}))
             }
+            "emit-elsewhere" => {
+                let sink = self.events.lock().unwrap().clone().unwrap();
+                let message = json!({"event": arguments["name"], "data": arguments["data"]});
+                let event = Event::from_wire(&message)?;
+                let _polling =
+                    (arguments.get("poll") == Some(&json!(true))).then(|| sink.polling());
+                let (emitted, done) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    sink.emit(&event);
+                    emitted.send(()).unwrap();
+                });
+                done.recv().unwrap();
+                Ok(json!({}))
+            }
             "boom" => panic!("backend bug"),
             _ => Err(QmpError::new(
                 ErrorClass::CommandNotFound,
@@ -45,7 +61,7 @@ impl QmpBackend for FakeBackend {
     }
 
     fn has_command(&self, name: &str) -> bool {
-        matches!(name, "echo" | "emit" | "boom")
+        matches!(name, "echo" | "emit" | "emit-elsewhere" | "boom")
     }
 }
 
@@ -515,6 +531,45 @@ async fn events_reach_every_negotiated_client_only() {
             .await,
         json!({"return": {}})
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn another_threads_event_during_a_command_follows_its_reply() {
+    let server = start(2).await;
+    let mut a = connected(&server.sockets[0]).await;
+    let mut b = connected(&server.sockets[1]).await;
+    let reply = a
+        .call(json!({"execute": "emit-elsewhere", "id": 1, "arguments": {
+            "name": "BLOCK_JOB_PENDING", "data": {"type": "commit", "id": "j"}}}))
+        .await;
+    // QEMU: a job's coroutine runs only once the command has returned.
+    assert_eq!(reply, json!({"return": {}, "id": 1}));
+    assert_eq!(a.recv().await["event"], "BLOCK_JOB_PENDING");
+    assert_eq!(b.recv().await["event"], "BLOCK_JOB_PENDING");
+    // Once the reply is out, nothing is held.
+    server
+        .events
+        .emit(&Event::JobStatusChange(JobStatusChangeData::new(
+            "j".to_string(),
+            qmp_api::BlockJobStatus::Null,
+        )));
+    assert_eq!(a.recv().await["event"], "JOB_STATUS_CHANGE");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn another_threads_event_while_a_command_polls_precedes_its_reply() {
+    let server = start(1).await;
+    let mut client = connected(&server.sockets[0]).await;
+    let first = client
+        .call(json!({"execute": "emit-elsewhere", "id": 2, "arguments": {
+            "name": "BLOCK_JOB_PENDING", "data": {"type": "commit", "id": "j"},
+            "poll": true}}))
+        .await;
+    // QEMU's AIO_WAIT_WHILE lets the coroutine run, and emit, before the reply.
+    assert_eq!(first["event"], "BLOCK_JOB_PENDING");
+    assert_eq!(client.recv().await, json!({"return": {}, "id": 2}));
     server.stop().await;
 }
 
