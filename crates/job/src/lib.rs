@@ -33,7 +33,7 @@ pub use qmp_api::{BlockJobStatus, BlockJobVerb};
 
 pub use context::JobContext;
 pub use driver::{BoxFuture, JobDriver, JobFailure, strerror};
-pub use event::EventSink;
+pub use event::{EventSink, Polling};
 pub use registry::{Concluded, JobError, JobKey, JobRef, JobRegistry, JobSpec, id_wellformed};
 pub use runtime::{Clock, JobTask, Spawn};
 #[cfg(feature = "tokio")]

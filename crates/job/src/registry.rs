@@ -157,8 +157,12 @@ impl Inner {
         }
     }
 
-    /// Waits on `quiescent` once (the caller loops on its condition).
+    /// Waits on `quiescent` once (the caller loops on its condition). Every blocking wait of
+    /// the job core goes through here: it is QEMU's `AIO_WAIT_WHILE`, during which the jobs'
+    /// coroutines run, so their events pass meanwhile ([`EventSink::polling`]) even when a
+    /// command waits.
     fn wait_change<'a>(&'a self, g: Guard<'a>, limit: Option<Duration>) -> Guard<'a> {
+        let _polling = g.polling();
         self.waiters.fetch_add(1, Ordering::AcqRel);
         let g = match limit {
             None => self

@@ -247,6 +247,11 @@ impl State {
         self.sink.emit(event);
     }
 
+    /// The sink's [`EventSink::polling`]: other threads' events pass while the caller waits.
+    pub(crate) fn polling(&self) -> crate::event::Polling {
+        self.sink.polling()
+    }
+
     /// The one place a status changes: refuses (and reports) anything not in the table.
     pub(crate) fn set_status(&mut self, key: JobKey, to: BlockJobStatus) {
         let Some(job) = self.jobs.get_mut(&key) else {

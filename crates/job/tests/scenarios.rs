@@ -1234,3 +1234,126 @@ fn a_total_set_at_creation_is_reported_when_the_job_is_cancelled_before_its_work
         .collect();
     assert_eq!(cancelled, vec![(4 << 20, 0)]);
 }
+
+/// A driver that works until its gate opens.
+struct WaitsForGate(Gate);
+
+impl job::JobDriver for WaitsForGate {
+    fn job_type(&self) -> qmp_api::JobType {
+        qmp_api::JobType::Backup
+    }
+    fn run<'a>(
+        &'a mut self,
+        _ctx: &'a job::JobContext,
+    ) -> job::BoxFuture<'a, Result<(), JobFailure>> {
+        let gate = self.0.clone();
+        Box::pin(async move {
+            GateWait(gate).await;
+            Ok(())
+        })
+    }
+}
+
+/// Records each event with whether a polling wait was open when it was emitted; tells
+/// `opened` when one opens.
+struct PollingSink {
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: std::sync::Mutex<Vec<(String, bool)>>,
+    opened: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+}
+
+struct Open(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl job::EventSink for PollingSink {
+    fn emit(&self, event: qmp_api::Event) {
+        let open = self.open.load(std::sync::atomic::Ordering::SeqCst);
+        let wire = event.to_wire(qmp_api::EventTimestamp::now());
+        let status = wire["data"]["status"].as_str().unwrap_or("").to_string();
+        let name = format!("{} {status}", wire["event"].as_str().unwrap());
+        self.seen
+            .lock()
+            .unwrap()
+            .push((name.trim().to_string(), open));
+    }
+
+    fn polling(&self) -> job::Polling {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.opened.lock().unwrap().send(());
+        job::Polling::new(Open(self.open.clone()))
+    }
+}
+
+#[cfg(feature = "tokio")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_wait_for_jobs_lets_their_events_pass() {
+    use std::sync::Arc;
+    let (opened, polled) = std::sync::mpsc::channel();
+    let sink = Arc::new(PollingSink {
+        open: Default::default(),
+        seen: Default::default(),
+        opened: std::sync::Mutex::new(opened),
+    });
+    let reg = job::JobRegistry::new(
+        sink.clone(),
+        Arc::new(job::TokioSpawn),
+        Arc::new(job::TokioClock::default()),
+    );
+    let gate: Gate = Default::default();
+    let driver = WaitsForGate(gate.clone());
+    let k = reg
+        .create(
+            JobSpec::new("j").auto_dismiss(false),
+            |_| Box::new(driver),
+            None,
+        )
+        .unwrap();
+    reg.start(k).unwrap();
+    // The waiter is a thread of its own (the monitor's dispatcher); the job ends only once
+    // it waits.
+    let waiter = {
+        let reg = reg.clone();
+        std::thread::spawn(move || reg.wait_concluded(&[k], Duration::from_secs(30)))
+    };
+    tokio::task::spawn_blocking(move || {
+        polled
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the wait opens a polling guard")
+    })
+    .await
+    .unwrap();
+    let waker = {
+        let mut g = gate.lock().unwrap();
+        g.0 = true;
+        g.1.take()
+    };
+    if let Some(w) = waker {
+        w.wake();
+    }
+    let concluded = tokio::task::spawn_blocking(move || waiter.join().unwrap())
+        .await
+        .unwrap();
+    assert!(concluded);
+    let seen = sink.seen.lock().unwrap().clone();
+    let while_waiting: Vec<&str> = seen
+        .iter()
+        .filter(|(_, open)| *open)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(
+        while_waiting,
+        [
+            "JOB_STATUS_CHANGE waiting",
+            "JOB_STATUS_CHANGE pending",
+            "BLOCK_JOB_COMPLETED",
+            "JOB_STATUS_CHANGE concluded"
+        ],
+        "{seen:?}"
+    );
+    assert!(!sink.open.load(std::sync::atomic::Ordering::SeqCst));
+}
