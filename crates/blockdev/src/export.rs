@@ -156,7 +156,9 @@ impl NbdExports {
 
     /// Holds every export's requests (waiting for those under way) until the section drops:
     /// what a transaction does first (QEMU's `bdrv_drain_all`, atomic in its main loop).
+    /// The wait is QEMU's drain poll: events of the requests it waits for pass meanwhile.
     pub(crate) fn drain(&self) -> DrainedSection {
+        let _polling = self.events.polling();
         self.gate.drain()
     }
 
@@ -281,6 +283,8 @@ impl NbdExports {
     fn stop_server(&mut self, server: NbdServer, limit: Option<Duration>) {
         match &self.runtime {
             Some(runtime) => {
+                // QEMU polls until every export has closed: their events pass meanwhile.
+                let _polling = self.events.polling();
                 let _ = wait_on(runtime, server.stop(), limit);
             }
             None => drop(server),

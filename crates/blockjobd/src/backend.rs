@@ -33,12 +33,26 @@ impl QmpBackend for BlockBackend {
     }
 }
 
+/// The job core's and the command layer's events into the monitor's broadcast; their waits
+/// on the dispatcher open its hold ([`Broadcast::polling`]).
+struct EventsToMonitor(Broadcast);
+
+impl job::EventSink for EventsToMonitor {
+    fn emit(&self, event: qmp_api::Event) {
+        self.0.emit(&event);
+    }
+
+    fn polling(&self) -> job::Polling {
+        job::Polling::new(self.0.polling())
+    }
+}
+
 /// Builds the daemon's services on the current tokio runtime: jobs as tasks, block I/O on the
 /// blocking pool, events into `events`. On shutdown every job is cancelled while the monitors
 /// are open (the backend's `stop`), then every image is flushed and closed (qcow2 metadata and
 /// persistent bitmaps written): an error there is the shutdown's error.
 pub fn block_services(events: Broadcast) -> Services {
-    let sink: Arc<dyn job::EventSink> = Arc::new(move |event: qmp_api::Event| events.emit(&event));
+    let sink: Arc<dyn job::EventSink> = Arc::new(EventsToMonitor(events));
     let shared = Arc::new(SharedBlockdev::new(Blockdev::for_tokio(sink)));
     let on_shutdown = {
         let shared = Arc::clone(&shared);
