@@ -139,6 +139,8 @@ impl Client {
 #[derive(Clone, Debug, Default)]
 pub struct Broadcast {
     hub: Arc<Mutex<Hub>>,
+    /// Whether `hub.held` may be non-empty (spares [`Broadcast::observed`] the lock).
+    any_held: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Default)]
@@ -214,6 +216,7 @@ impl Broadcast {
         let mut hub = self.lock();
         if hub.holds() {
             hub.held.push(line);
+            self.any_held.store(true, Ordering::Release);
         } else {
             hub.send(line);
         }
@@ -234,6 +237,21 @@ impl Broadcast {
         }
     }
 
+    /// The caller has just taken the lock other threads emit under (the job registry's): it
+    /// sees the state their held events describe, so on the thread running a command those
+    /// events leave now, before anything the command answers from that state (in QEMU a
+    /// command that sees a job's new state comes after the coroutine that emitted it).
+    pub fn observed(&self) {
+        if !self.any_held.load(Ordering::Acquire) {
+            return;
+        }
+        let mut hub = self.lock();
+        if hub.runs_command() {
+            hub.release();
+            self.any_held.store(false, Ordering::Release);
+        }
+    }
+
     /// The dispatcher starts a command: events of other threads are held from now on.
     pub(crate) fn begin_command(&self) {
         let mut hub = self.lock();
@@ -248,6 +266,7 @@ impl Broadcast {
         client.push(reply);
         hub.command = None;
         hub.release();
+        self.any_held.store(false, Ordering::Release);
     }
 
     /// Number of clients currently receiving events.

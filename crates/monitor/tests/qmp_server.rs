@@ -18,7 +18,8 @@ use tokio::task::JoinHandle;
 /// Commands: `echo` returns its arguments, `emit` emits event `arguments.name` with
 /// `arguments.data`, `emit-elsewhere` has another thread emit it and returns once that emit
 /// call has returned (with `"poll": true`, waiting inside [`Broadcast::polling`], as a drain
-/// waits for jobs), `boom` panics.
+/// waits for jobs; with `"observe": true`, then calling [`Broadcast::observed`], as a command
+/// reading the job registry after a job changed), `boom` panics.
 struct FakeBackend {
     events: Mutex<Option<Broadcast>>,
 }
@@ -50,6 +51,9 @@ impl QmpBackend for FakeBackend {
                     emitted.send(()).unwrap();
                 });
                 done.recv().unwrap();
+                if arguments.get("observe") == Some(&json!(true)) {
+                    self.events.lock().unwrap().as_ref().unwrap().observed();
+                }
                 Ok(json!({}))
             }
             "boom" => panic!("backend bug"),
@@ -570,6 +574,21 @@ async fn another_threads_event_while_a_command_polls_precedes_its_reply() {
     // QEMU's AIO_WAIT_WHILE lets the coroutine run, and emit, before the reply.
     assert_eq!(first["event"], "BLOCK_JOB_PENDING");
     assert_eq!(client.recv().await, json!({"return": {}, "id": 2}));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn another_threads_event_a_command_then_observes_precedes_its_reply() {
+    let server = start(1).await;
+    let mut client = connected(&server.sockets[0]).await;
+    let first = client
+        .call(json!({"execute": "emit-elsewhere", "id": 3, "arguments": {
+            "name": "BLOCK_JOB_PENDING", "data": {"type": "commit", "id": "j"},
+            "observe": true}}))
+        .await;
+    // The reply may show the state the event announces: the event comes first.
+    assert_eq!(first["event"], "BLOCK_JOB_PENDING");
+    assert_eq!(client.recv().await, json!({"return": {}, "id": 3}));
     server.stop().await;
 }
 
