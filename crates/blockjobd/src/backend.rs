@@ -45,6 +45,10 @@ impl job::EventSink for EventsToMonitor {
     fn polling(&self) -> job::Polling {
         job::Polling::new(self.0.polling())
     }
+
+    fn observed(&self) {
+        self.0.observed();
+    }
 }
 
 /// Builds the daemon's services on the current tokio runtime: jobs as tasks, block I/O on the

@@ -17,6 +17,12 @@ pub trait EventSink: Send + Sync {
     fn polling(&self) -> Polling {
         Polling::default()
     }
+
+    /// The caller has just taken the registry's lock: it sees the state every event emitted
+    /// so far describes. A sink holding other threads' events until a command's reply lets
+    /// those pass now when the caller is that command (its reply may show that state, and in
+    /// QEMU an event comes before any reply showing its change). The default does nothing.
+    fn observed(&self) {}
 }
 
 impl<F: Fn(Event) + Send + Sync> EventSink for F {

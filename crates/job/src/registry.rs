@@ -148,7 +148,9 @@ pub(crate) struct Inner {
 
 impl Inner {
     pub(crate) fn lock(&self) -> Guard<'_> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        let g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        g.observed();
+        g
     }
 
     pub(crate) fn notify_quiescent(&self) {

@@ -247,6 +247,11 @@ impl State {
         self.sink.emit(event);
     }
 
+    /// The sink's [`EventSink::observed`]: the registry's lock has just been taken.
+    pub(crate) fn observed(&self) {
+        self.sink.observed();
+    }
+
     /// The sink's [`EventSink::polling`]: other threads' events pass while the caller waits.
     pub(crate) fn polling(&self) -> crate::event::Polling {
         self.sink.polling()
