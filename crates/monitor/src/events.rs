@@ -135,7 +135,8 @@ impl Client {
 /// the command's handler has returned, so what it emits follows the reply. Events emitted on
 /// the dispatcher thread itself (the command's synchronous effects) pass at once. Where the
 /// command waits for other threads (QEMU's `AIO_WAIT_WHILE` polling, which lets coroutines
-/// run and emit before the reply), it opens the hold with [`Broadcast::polling`].
+/// run and emit before the reply), it opens the hold with [`Broadcast::polling`]; where it
+/// takes the lock they emit under, [`Broadcast::observed`] lets out what it can now see.
 #[derive(Clone, Debug, Default)]
 pub struct Broadcast {
     hub: Arc<Mutex<Hub>>,
