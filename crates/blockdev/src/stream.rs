@@ -16,6 +16,7 @@ use crate::claims::NodeClaims;
 use crate::node::{
     BackingName, BlockIo, ChainEditor, ChainLayer, CopyBuffers, FilterKind, IoPool, run_blocking,
 };
+use crate::writeback::Writeback;
 
 /// Bytes a stream looks at per step (QEMU's `STREAM_CHUNK`).
 pub const STREAM_CHUNK: u64 = 512 << 10;
@@ -253,6 +254,9 @@ impl Stream {
         ctx.set_progress_remaining(len);
         // With on-error=ignore the job goes on, but fails at the end with the first error.
         let mut ignored: Option<io::Error> = None;
+        // The layer written back during the copy: the flush before its backing file changes
+        // then has little left to write.
+        let mut writeback = Writeback::new(self.top.clone(), self.pool.clone());
         let mut offset = 0;
         while offset < len {
             if ctx.is_cancelled() {
@@ -294,7 +298,18 @@ impl Stream {
             };
             ctx.progress_update(n);
             offset += n;
+            if copied {
+                writeback.written(n);
+            }
             ctx.rate_limit(if copied { n } else { 0 }).await;
+        }
+        // A writeback error is this job's: the flush before the backing file changes would
+        // not see it again.
+        let flushed = writeback.finish().await;
+        if let Err(e) = flushed
+            && !ctx.is_cancelled()
+        {
+            return Err(JobFailure::from_io(&e));
         }
         // The backing chain stays as it is after an error that was ignored.
         match ignored {
