@@ -9,7 +9,8 @@
 //!   allows multi-conn, 64 requests in flight on each);
 //! - **dirty**: only the dirty extents, as a pull-mode incremental backup reads them:
 //!   `qemu:dirty-bitmap:b0` block status over the whole export, then READs of the dirty
-//!   extents, 64 in flight over 4 connections, with our client (`nbd::client`) — the same
+//!   extents, 64 in flight over 4 connections (16 workers per connection, each reading its
+//!   next extent into the buffer it reuses), with our client (`nbd::client`) — the same
 //!   client for both servers. (nbdcopy cannot select extents by a bitmap; the alternatives
 //!   are a libnbd script, or `qemu-img map` of an `x-dirty-bitmap` view plus one `qemu-io` per
 //!   extent, which would time process start-ups.) The bytes pulled are checked.
@@ -27,6 +28,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nbd::client::{Connector, NbdClient, ServerAddr};
@@ -234,26 +236,32 @@ async fn pull_dirty(socket: &Path, size: u64) -> u64 {
             at += piece;
         }
     }
-    let mut running = tokio::task::JoinSet::new();
-    let mut pulled = 0u64;
-    for (i, (offset, len)) in reads.into_iter().enumerate() {
-        if running.len() >= IN_FLIGHT
-            && let Some(done) = running.join_next().await
-        {
-            pulled += done.expect("read task");
-        }
-        let client = Arc::clone(&clients[i % CONNECTIONS]);
-        running.spawn(async move {
-            let data = client.read(offset, len).await.expect("read");
-            assert!(
-                data[0] == 0x66 && data[data.len() - 1] == 0x66,
-                "dirty data"
-            );
-            data.len() as u64
+    // IN_FLIGHT workers, each on one connection (the same number on each), each taking the
+    // next read and reusing its buffer.
+    let reads = Arc::new(reads);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..IN_FLIGHT {
+        let client = Arc::clone(&clients[worker % CONNECTIONS]);
+        let (reads, next) = (Arc::clone(&reads), Arc::clone(&next));
+        workers.spawn(async move {
+            let mut buffer = Vec::new();
+            let mut pulled = 0u64;
+            while let Some(&(offset, len)) = reads.get(next.fetch_add(1, Ordering::Relaxed)) {
+                buffer.resize(len as usize, 0);
+                buffer = client.read_buf(offset, buffer).await.expect("read");
+                assert!(
+                    buffer[0] == 0x66 && buffer[buffer.len() - 1] == 0x66,
+                    "dirty data"
+                );
+                pulled += u64::from(len);
+            }
+            pulled
         });
     }
-    while let Some(done) = running.join_next().await {
-        pulled += done.expect("read task");
+    let mut pulled = 0u64;
+    while let Some(done) = workers.join_next().await {
+        pulled += done.expect("read worker");
     }
     for client in clients {
         if let Ok(client) = Arc::try_unwrap(client) {

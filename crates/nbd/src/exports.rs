@@ -9,8 +9,8 @@ use tokio::sync::watch;
 
 use crate::wire;
 
-/// The storage behind an export. Calls block (they run on tokio's blocking pool, never on the
-/// executor) and may come from several connections at once.
+/// The storage behind an export. Calls block (they run on the connections' worker threads,
+/// never on the executor) and may come from several connections at once.
 pub trait ExportBackend: Send + Sync + 'static {
     /// Size of the export in bytes, read when a client connects.
     fn size(&self) -> u64;

@@ -1,14 +1,20 @@
 //! The transmission phase: requests in, replies out. After the handshake the connection's
-//! socket becomes a blocking one, served by threads: a reader thread reads requests in order
-//! (through a buffer: clients send them in bursts) and hands each to tokio's blocking pool,
-//! where the backend call runs and the reply is written straight to the socket (replies go
-//! out whole, in completion order, matched to requests by their cookie). At most
-//! [`wire::MAX_REQUESTS_IN_FLIGHT`] requests of a connection run at once; the reader reads no
-//! further until one is answered. This is QEMU's shape (coroutines reading, a thread pool for
-//! I/O) without a hop back to an executor per request: the async version of this loop
+//! socket becomes a blocking one, served by worker threads, leader/follower: the worker whose
+//! turn it is reads the next request (through a buffer: clients send requests in bursts),
+//! hands the reading to the next free worker and runs the request itself, so no request waits
+//! for a hand-over between threads (QEMU's request coroutine likewise starts the next
+//! receiving coroutine and runs its own request). Workers are taken on as needed, up to
+//! [`wire::MAX_REQUESTS_IN_FLIGHT`], from those earlier connections left idle or else
+//! started. Replies go out whole, in completion order, matched to requests by their cookie:
+//! a worker done with a request queues its reply, and whichever worker is writing sends
+//! every reply queued, several in one `writev` when several are ready; no worker waits for
+//! another's write. At most [`wire::MAX_REQUESTS_IN_FLIGHT`] requests of a connection are
+//! unanswered at once; no further request is read until one is answered. The first version
 //! (a task per request, a `spawn_blocking` per backend call, the reply written by the
 //! executor) made twice as many context switches and used 70% more CPU than
-//! qemu-storage-daemon for the same pull (see `docs/decisions.md`).
+//! qemu-storage-daemon for the same pull; the next (a reader thread handing each request to
+//! tokio's blocking pool, shared by every connection, its lock contended) cost a `futex` and
+//! a `sched_yield` per request more than these workers (see `docs/decisions.md`).
 //!
 //! With structured replies negotiated, READ answers with one data chunk, BLOCK_STATUS with one
 //! extents chunk per selected context (in context id order, the last one flagged done), errors
@@ -86,6 +92,10 @@ impl IntoSocket for tokio::net::UnixStream {
     fn into_socket(self) -> io::Result<Socket> {
         let socket = self.into_std()?;
         socket.set_nonblocking(false)?;
+        // Replies of 256 KiB (nbdcopy's requests) and several coalesced ones go into the
+        // kernel in one `writev` instead of a worker sleeping until the client drains the
+        // default ~200 KiB (see `docs/decisions.md`).
+        crate::wire::widen_send_buffer(&socket);
         Ok(Socket::Unix(socket))
     }
 }
@@ -167,18 +177,55 @@ const COMMANDS: &[CommandRule] = &[
     },
 ];
 
-/// A connection's state shared by its request threads.
+/// A connection's state shared by its worker threads.
 struct Connection {
     entry: Arc<ExportEntry>,
     structured: bool,
     contexts: Vec<u32>,
-    writer: Mutex<Socket>,
-    /// Requests running, and the signal that one finished.
+    /// The request stream; whoever holds the lock is the connection's reader.
+    requests: Mutex<Requests>,
+    /// Workers serving the connection, and how many of them are free (reading, or waiting
+    /// to read).
+    crew: Mutex<Crew>,
+    /// The socket replies are written to, only ever by the worker holding
+    /// [`Replies::writing`].
+    writer: Socket,
+    /// Replies waiting to be written.
+    replies: Mutex<Replies>,
+    /// Requests not yet answered, and the signal that one was.
     running: Mutex<Running>,
     finished: Condvar,
+    /// Every worker holds a clone until it has let go of the connection; the worker that
+    /// sees the end sends the outcome on its own and takes this one away, and [`serve`]
+    /// returns once the channel closes.
+    workers_alive: Mutex<Option<Outcome>>,
     /// Reply buffers of past READs, reused: allocating and zeroing a fresh one per request
     /// cost more than the copy itself.
     buffers: Mutex<Vec<Vec<u8>>>,
+}
+
+/// How a connection ended, sent by the worker that saw the end.
+type Outcome = tokio::sync::mpsc::UnboundedSender<io::Result<()>>;
+
+/// The request stream, read through a buffer (clients send requests in bursts), and whether
+/// it has ended.
+struct Requests {
+    reader: BufReader<Socket>,
+    over: bool,
+}
+
+#[derive(Default)]
+struct Crew {
+    workers: usize,
+    free: usize,
+}
+
+/// Replies done and not yet written, and whether a worker is writing (it writes every reply
+/// queued until none is left; the others only queue theirs).
+#[derive(Default)]
+struct Replies {
+    queue: Vec<Vec<u8>>,
+    writing: bool,
 }
 
 /// How many requests of a connection run, and whether the reader waits for one to finish
@@ -228,17 +275,204 @@ impl Connection {
         running.waiting = false;
     }
 
-    fn started(&self) {
-        lock(&self.running).count += 1;
-    }
-
-    fn done(&self) {
+    /// `n` requests were answered (their replies written, or dropped on a dead socket).
+    fn done(&self, n: usize) {
         let mut running = lock(&self.running);
-        running.count -= 1;
+        running.count -= n;
         if running.waiting {
             self.finished.notify_all();
         }
     }
+
+    /// A worker (leader/follower, as QEMU's request coroutine receives a request, starts the
+    /// next receiving coroutine and then runs its own): it takes its turn at reading the
+    /// next request, hands the reading to the next free worker (the lock's next waiter), and
+    /// runs the request itself, so a request never waits for a hand-over between threads.
+    /// While every worker is busy, one more is taken on, up to
+    /// [`wire::MAX_REQUESTS_IN_FLIGHT`]: each request can wait on its own I/O, as QEMU's
+    /// thread pool lets them. Returns how the connection ended if this worker saw the end.
+    fn work(self: &Arc<Self>) -> Option<io::Result<()>> {
+        loop {
+            let (request, payload) = {
+                let mut requests = lock(&self.requests);
+                if requests.over {
+                    return None;
+                }
+                match read_request(self, &mut requests.reader) {
+                    Ok(Some(job)) => {
+                        self.take_on();
+                        job
+                    }
+                    end => {
+                        requests.over = true;
+                        drop(requests);
+                        // Every request answered (its reply written or dropped) and every
+                        // other worker let go before the end is reported.
+                        self.wait_below(1);
+                        lock(&self.workers_alive).take();
+                        return Some(end.map(|_| ()));
+                    }
+                }
+            };
+            let reply = execute(self, request, payload);
+            self.reply(reply);
+            lock(&self.crew).free += 1;
+        }
+    }
+
+    /// This worker turns from free to busy; if none is left free, one more is taken on to
+    /// read next (while fewer than the limit serve; called by the reader, so before the end
+    /// can be seen). If no thread can be started, the next request is read once a worker is
+    /// free again.
+    fn take_on(self: &Arc<Self>) {
+        let mut crew = lock(&self.crew);
+        crew.free -= 1;
+        if crew.free > 0 || crew.workers >= wire::MAX_REQUESTS_IN_FLIGHT {
+            return;
+        }
+        crew.workers += 1;
+        crew.free += 1;
+        drop(crew);
+        let assignment = Assignment {
+            connection: Arc::clone(self),
+            alive: lock(&self.workers_alive).clone(),
+        };
+        if let Err(error) = hire(assignment) {
+            tracing::warn!(%error, "NBD server: cannot start a worker thread");
+            let mut crew = lock(&self.crew);
+            crew.workers -= 1;
+            crew.free -= 1;
+        }
+    }
+
+    /// Sends `reply`, or leaves it to the worker writing: that one writes every reply queued,
+    /// several at once with one `writev` when several are ready (QEMU's server sends each
+    /// reply with its own `sendmsg`), so workers never wait for each other's writes.
+    fn reply(&self, reply: Vec<u8>) {
+        let mut replies = lock(&self.replies);
+        replies.queue.push(reply);
+        if replies.writing {
+            return;
+        }
+        replies.writing = true;
+        let mut batch = Vec::new();
+        loop {
+            std::mem::swap(&mut batch, &mut replies.queue);
+            drop(replies);
+            // A failed write means the client is gone (or the connection was stopped): the
+            // reader sees it too, and the replies are dropped.
+            let _ = write_all_vectored(&self.writer, &batch);
+            let n = batch.len();
+            for reply in batch.drain(..) {
+                self.recycle(reply);
+            }
+            self.done(n);
+            replies = lock(&self.replies);
+            if replies.queue.is_empty() {
+                replies.writing = false;
+                return;
+            }
+        }
+    }
+}
+
+/// A worker's job: serving a connection; `alive` goes with it (see
+/// [`Connection::workers_alive`]).
+struct Assignment {
+    connection: Arc<Connection>,
+    alive: Option<Outcome>,
+}
+
+/// A worker thread between connections, waiting for its next assignment.
+struct IdleWorker {
+    id: u64,
+    assign: std::sync::mpsc::SyncSender<Assignment>,
+}
+
+/// Workers of connections that ended, for the next connections: a short connection (an
+/// `nbdinfo`, a dirty pull's four) then starts no thread, and no thread stack is mapped,
+/// faulted in and unmapped per connection. A worker idle for [`IDLE_KEEP`] exits (tokio's
+/// blocking pool keeps its threads the same way).
+static IDLE_WORKERS: Mutex<Vec<IdleWorker>> = Mutex::new(Vec::new());
+
+/// How long a worker without a connection waits for one before it exits.
+const IDLE_KEEP: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Hands `assignment` to an idle worker, or to a new thread.
+fn hire(mut assignment: Assignment) -> io::Result<()> {
+    loop {
+        let Some(worker) = lock(&IDLE_WORKERS).pop() else {
+            break;
+        };
+        match worker.assign.send(assignment) {
+            Ok(()) => return Ok(()),
+            // That worker is gone; its assignment comes back.
+            Err(std::sync::mpsc::SendError(back)) => assignment = back,
+        }
+    }
+    std::thread::Builder::new()
+        .name("nbd-worker".into())
+        .spawn(move || worker(assignment))
+        .map(drop)
+}
+
+/// A worker thread: serves its connection until the connection ends, then waits in
+/// [`IDLE_WORKERS`] for the next one.
+fn worker(mut assignment: Assignment) {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    loop {
+        let Assignment { connection, alive } = assignment;
+        let end = connection.work();
+        // The connection (its export, the node) let go before its end is reported.
+        drop(connection);
+        if let (Some(end), Some(alive)) = (end, &alive) {
+            let _ = alive.send(end);
+        }
+        drop(alive);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (assign, assigned) = std::sync::mpsc::sync_channel(1);
+        lock(&IDLE_WORKERS).push(IdleWorker { id, assign });
+        assignment = match assigned.recv_timeout(IDLE_KEEP) {
+            Ok(next) => next,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let mut idle = lock(&IDLE_WORKERS);
+                if let Some(at) = idle.iter().position(|worker| worker.id == id) {
+                    idle.swap_remove(at);
+                    return;
+                }
+                drop(idle);
+                // Taken from the list as the wait ended: the assignment is on its way.
+                match assigned.recv() {
+                    Ok(next) => next,
+                    Err(_) => return,
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+    }
+}
+
+/// Writes every buffer of `replies`, in order, with as few `writev` calls as the socket takes.
+fn write_all_vectored(socket: &Socket, replies: &[Vec<u8>]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = replies
+        .iter()
+        .filter(|reply| !reply.is_empty())
+        .map(|reply| io::IoSlice::new(reply))
+        .collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let written = match socket {
+            Socket::Unix(s) => (&*s).write_vectored(slices),
+            Socket::Tcp(s) => (&*s).write_vectored(slices),
+        };
+        match written {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }
 
 /// Serves requests on the session's export until the client disconnects (DISC or hang-up),
@@ -250,85 +484,89 @@ pub(crate) async fn serve(
     stop: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let closer = socket.try_clone()?;
+    let (alive, mut outcome) = tokio::sync::mpsc::unbounded_channel();
     let connection = Arc::new(Connection {
         entry: session.lease.entry_arc(),
         structured: session.structured,
         contexts: session.contexts.clone(),
-        writer: Mutex::new(socket.try_clone()?),
+        writer: socket.try_clone()?,
+        requests: Mutex::new(Requests {
+            reader: BufReader::with_capacity(READ_BUFFER, socket),
+            over: false,
+        }),
+        crew: Mutex::new(Crew {
+            workers: 1,
+            free: 1,
+        }),
+        replies: Mutex::new(Replies::default()),
         running: Mutex::new(Running::default()),
         finished: Condvar::new(),
+        workers_alive: Mutex::new(None),
         buffers: Mutex::new(Vec::new()),
     });
-    let (done, outcome) = tokio::sync::oneshot::channel();
-    let runtime = tokio::runtime::Handle::current();
-    std::thread::Builder::new()
-        .name("nbd-connection".into())
-        .spawn(move || {
-            let result = read_requests(socket, &connection, &runtime);
-            // Every request done (their replies written or dropped) before the lease goes.
-            connection.wait_below(1);
-            let _ = done.send(result);
-        })?;
-    tokio::pin!(outcome);
+    let first = Assignment {
+        connection: Arc::clone(&connection),
+        alive: Some(alive.clone()),
+    };
+    *lock(&connection.workers_alive) = Some(alive);
+    drop(connection);
+    hire(first)?;
+    // Resolves once every worker has let go of the connection: the channel closes.
+    let ended = async {
+        let mut result = Ok(());
+        while let Some(end) = outcome.recv().await {
+            result = end;
+        }
+        result
+    };
+    tokio::pin!(ended);
     tokio::select! {
-        result = &mut outcome => return result.unwrap_or(Ok(())),
+        result = &mut ended => return result,
         () = stop => closer.shutdown(),
     }
-    let result = outcome.await.unwrap_or(Ok(()));
+    let result = ended.await;
     closer.shutdown();
     result
 }
 
-/// The reader thread: requests in order, each run on the blocking pool.
-fn read_requests(
-    socket: Socket,
-    connection: &Arc<Connection>,
-    runtime: &tokio::runtime::Handle,
-) -> io::Result<()> {
-    let mut reader = BufReader::with_capacity(READ_BUFFER, socket);
-    loop {
-        // Wait for a free slot first: a client that never reads its replies stalls only here.
-        connection.wait_below(wire::MAX_REQUESTS_IN_FLIGHT);
-        let mut header = [0u8; wire::REQUEST_LEN];
-        match reader.read_exact(&mut header) {
-            Ok(()) => {}
-            // A hang-up, or the socket shut down by a stop.
-            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(error) => return Err(error),
-        }
-        let Some(request) = Request::decode(&header) else {
+/// Reads the next request (waiting first for a free slot: a client that never reads its
+/// replies stalls only here); `None` at the end (a hang-up, DISC, or the socket shut down by
+/// a stop), an error when the stream is out of sync. The request counts as running.
+fn read_request(
+    connection: &Connection,
+    reader: &mut BufReader<Socket>,
+) -> io::Result<Option<(Request, Vec<u8>)>> {
+    connection.wait_below(wire::MAX_REQUESTS_IN_FLIGHT);
+    let mut header = [0u8; wire::REQUEST_LEN];
+    match reader.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error),
+    }
+    let Some(request) = Request::decode(&header) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "request without the request magic",
+        ));
+    };
+    if request.command == wire::CMD_DISC {
+        return Ok(None);
+    }
+    let payload = if request.command == wire::CMD_WRITE {
+        if request.length > wire::MAX_PAYLOAD {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "request without the request magic",
+                format!("write of {} bytes is larger than 32 MiB", request.length),
             ));
-        };
-        if request.command == wire::CMD_DISC {
-            return Ok(());
         }
-        let payload = if request.command == wire::CMD_WRITE {
-            if request.length > wire::MAX_PAYLOAD {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("write of {} bytes is larger than 32 MiB", request.length),
-                ));
-            }
-            let mut payload = vec![0u8; request.length as usize];
-            reader.read_exact(&mut payload)?;
-            payload
-        } else {
-            Vec::new()
-        };
-        connection.started();
-        let connection = Arc::clone(connection);
-        runtime.spawn_blocking(move || {
-            let reply = execute(&connection, request, payload);
-            // A failed write means the client is gone (or the connection was stopped): the
-            // reader sees it too.
-            let _ = lock(&connection.writer).write_all(&reply);
-            connection.recycle(reply);
-            connection.done();
-        });
-    }
+        let mut payload = vec![0u8; request.length as usize];
+        reader.read_exact(&mut payload)?;
+        payload
+    } else {
+        Vec::new()
+    };
+    lock(&connection.running).count += 1;
+    Ok(Some((request, payload)))
 }
 
 /// Runs one request; returns the whole reply (header, then data for a successful READ).

@@ -258,11 +258,11 @@ pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The send buffer the client asks for on a unix socket connection: a whole 1 MiB request
-/// and more fit, so a writer hands its data to the kernel in one call instead of waking up
-/// for every ~200 KiB the peer drains (the default `net.core.wmem_default`). The kernel caps
-/// it at `net.core.wmem_max`. TCP keeps the kernel's autotuning, which a set size would turn
-/// off.
+/// The send buffer the client asks for on a unix socket connection, and the server on the
+/// unix connections it accepts: a whole 1 MiB request (or reply, or several replies) and more
+/// fit, so a writer hands its data to the kernel in one call instead of waking up for every
+/// ~200 KiB the peer drains (the default `net.core.wmem_default`). The kernel caps it at
+/// `net.core.wmem_max`. TCP keeps the kernel's autotuning, which a set size would turn off.
 pub(crate) const UNIX_SEND_BUFFER: usize = 4 << 20;
 
 /// Asks for [`UNIX_SEND_BUFFER`] on `socket`; a refusal leaves the default (only speed is at

@@ -69,6 +69,84 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// The two directions, each usable without a lock on the other (the reader task reads
+    /// while callers write requests).
+    fn into_split(self) -> (ReadSide, WriteSide) {
+        match self {
+            Stream::Unix(s) => {
+                let (read, write) = s.into_split();
+                (ReadSide::Unix(read), WriteSide::Unix(write))
+            }
+            Stream::Tcp(s) => {
+                let (read, write) = s.into_split();
+                (ReadSide::Tcp(read), WriteSide::Tcp(write))
+            }
+        }
+    }
+}
+
+/// The reading half of a [`Stream`].
+enum ReadSide {
+    Unix(tokio::net::unix::OwnedReadHalf),
+    Tcp(tokio::net::tcp::OwnedReadHalf),
+}
+
+impl ReadSide {
+    /// Reads into `first`, then `second`, in one system call once the socket is readable;
+    /// returns the bytes read (0: the server closed the connection).
+    async fn read_vectored(&self, first: &mut [u8], second: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut slices = [io::IoSliceMut::new(first), io::IoSliceMut::new(second)];
+            let result = match self {
+                ReadSide::Unix(s) => s.try_read_vectored(&mut slices),
+                ReadSide::Tcp(s) => s.try_read_vectored(&mut slices),
+            };
+            match result {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => match self {
+                    ReadSide::Unix(s) => s.readable().await?,
+                    ReadSide::Tcp(s) => s.readable().await?,
+                },
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+/// The writing half of a [`Stream`].
+enum WriteSide {
+    Unix(tokio::net::unix::OwnedWriteHalf),
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+}
+
+impl AsyncWrite for WriteSide {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteSide::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            WriteSide::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteSide::Unix(s) => Pin::new(s).poll_flush(cx),
+            WriteSide::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteSide::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            WriteSide::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -5,8 +5,8 @@
 //! `qemu-img map` of an `x-dirty-bitmap` view, then a copy per extent).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::{ClientError, Connector, NbdClient, ServerAddr, ZeroFlags};
@@ -87,29 +87,65 @@ pub async fn pull(
         extents: extents.len() as u64,
         ..PullReport::default()
     };
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut running = JoinSet::new();
-    let mut failure = None;
+    // The chunks, then IN_FLIGHT workers, each copying the next chunk through the buffer it
+    // keeps (QEMU's block-copy runs a pool of tasks the same way); the first failure stops
+    // them taking more.
+    let mut chunks = Vec::new();
     for (start, len) in extents {
         let mut offset = start;
         while offset < start + len {
             let n = (start + len - offset).min(u64::from(CHUNK)) as u32;
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                break;
-            };
-            let (source, target) = (source.clone(), target.clone());
-            running.spawn(async move {
-                let _slot = slot;
-                copy_chunk(&source, &target, offset, n).await
-            });
+            chunks.push((offset, n));
             offset += u64::from(n);
-            while let Some(done) = running.try_join_next() {
-                settle(done, &mut report, &mut failure);
-            }
         }
     }
-    while let Some(done) = running.join_next().await {
-        settle(done, &mut report, &mut failure);
+    let chunks = Arc::new(chunks);
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
+    let mut workers = JoinSet::new();
+    for _ in 0..IN_FLIGHT.min(chunks.len()) {
+        let (source, target) = (source.clone(), target.clone());
+        let (chunks, next, failed) = (chunks.clone(), next.clone(), failed.clone());
+        workers.spawn(async move {
+            let mut copied = PullReport::default();
+            let mut buffer = Vec::new();
+            while !failed.load(Ordering::Relaxed)
+                && let Some(&(offset, len)) = chunks.get(next.fetch_add(1, Ordering::Relaxed))
+            {
+                buffer.resize(len as usize, 0);
+                match copy_chunk(&source, &target, offset, buffer).await {
+                    Ok((back, zero)) => {
+                        buffer = back;
+                        copied.bytes += u64::from(len);
+                        if zero {
+                            copied.zero_bytes += u64::from(len);
+                        }
+                    }
+                    Err(error) => {
+                        failed.store(true, Ordering::Relaxed);
+                        return Err(error);
+                    }
+                }
+            }
+            Ok(copied)
+        });
+    }
+    let mut failure = None;
+    while let Some(done) = workers.join_next().await {
+        match done {
+            Ok(Ok(copied)) => {
+                report.bytes += copied.bytes;
+                report.zero_bytes += copied.zero_bytes;
+            }
+            Ok(Err(error)) => {
+                failure.get_or_insert(error);
+            }
+            Err(error) => {
+                failure.get_or_insert(ClientError::Protocol(format!(
+                    "a copy task failed: {error}"
+                )));
+            }
+        }
     }
     if let Some(error) = failure {
         return Err(error);
@@ -125,40 +161,22 @@ pub async fn pull(
     Ok(report)
 }
 
-type ChunkResult = Result<(u64, bool), ClientError>;
-
-fn settle(
-    done: Result<ChunkResult, tokio::task::JoinError>,
-    report: &mut PullReport,
-    failure: &mut Option<ClientError>,
-) {
-    match done {
-        Ok(Ok((bytes, zero))) => {
-            report.bytes += bytes;
-            if zero {
-                report.zero_bytes += bytes;
-            }
-        }
-        Ok(Err(error)) => {
-            failure.get_or_insert(error);
-        }
-        Err(error) => {
-            failure.get_or_insert(ClientError::Protocol(format!(
-                "a copy task failed: {error}"
-            )));
-        }
-    }
-}
-
-/// Copies `len` bytes at `offset`; returns the bytes and whether they were zeroes.
-async fn copy_chunk(from: &NbdClient, to: &NbdClient, offset: u64, len: u32) -> ChunkResult {
-    let data = from.read(offset, len).await?;
+/// Copies `buf.len()` bytes at `offset` through `buf`; gives the buffer back, and whether the
+/// bytes were zeroes.
+async fn copy_chunk(
+    from: &NbdClient,
+    to: &NbdClient,
+    offset: u64,
+    buf: Vec<u8>,
+) -> Result<(Vec<u8>, bool), ClientError> {
+    let data = from.read_buf(offset, buf).await?;
     if data.iter().all(|&b| b == 0) && to.info().can_zero() {
-        to.write_zeroes(offset, len, ZeroFlags::default()).await?;
-        return Ok((u64::from(len), true));
+        to.write_zeroes(offset, data.len() as u32, ZeroFlags::default())
+            .await?;
+        return Ok((data, true));
     }
     to.write(offset, &data, false).await?;
-    Ok((u64::from(len), false))
+    Ok((data, false))
 }
 
 /// Reads an NBD URI as QEMU and libnbd write them: `nbd+unix:///EXPORT?socket=PATH` or
