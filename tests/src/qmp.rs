@@ -10,9 +10,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A daemon started with qemu-storage-daemon's command line, listening on `socket`.
-/// Killed (SIGKILL) on drop if it is still running.
+/// Killed (SIGKILL) on drop if it is still running. Its stderr goes to a file (the caller's
+/// or a temporary one) so that a failure can say what the daemon printed.
 pub struct Daemon {
     child: Child,
+    program: PathBuf,
+    stderr: PathBuf,
+    /// Deletes the temporary stderr file, if the caller gave none.
+    _stderr_temp: Option<tempfile::TempPath>,
     /// The QMP monitor's unix socket.
     pub socket: PathBuf,
 }
@@ -21,28 +26,43 @@ impl Daemon {
     /// Starts `program` with its monitor on `dir/qmp.sock` (working directory `dir`) and waits
     /// until the socket exists.
     pub fn spawn(program: &Path, dir: &Path) -> Daemon {
-        Daemon::spawn_full(program, dir, &[], Stdio::null())
+        Daemon::spawn_full(program, dir, &[], None)
     }
 
-    /// [`Daemon::spawn`] with the daemon's stderr going to `stderr` (e.g. a log file).
-    pub fn spawn_with_stderr(program: &Path, dir: &Path, stderr: impl Into<Stdio>) -> Daemon {
-        Daemon::spawn_full(program, dir, &[], stderr)
+    /// [`Daemon::spawn`] with the daemon's stderr going to the file `log` (created or
+    /// truncated).
+    pub fn spawn_with_stderr(program: &Path, dir: &Path, log: &Path) -> Daemon {
+        Daemon::spawn_full(program, dir, &[], Some(log))
     }
 
     /// [`Daemon::spawn`] with more options after the monitor's (`--object`, `--blockdev`...).
     pub fn spawn_with(program: &Path, dir: &Path, options: &[String]) -> Daemon {
-        Daemon::spawn_full(program, dir, options, Stdio::null())
+        Daemon::spawn_full(program, dir, options, None)
     }
 
-    /// [`Daemon::spawn`] with more options and the daemon's stderr going to `stderr`.
+    /// [`Daemon::spawn`] with more options and the daemon's stderr going to the file `log`
+    /// (`None`: a temporary file, read only to report a failure).
     pub fn spawn_full(
         program: &Path,
         dir: &Path,
         options: &[String],
-        stderr: impl Into<Stdio>,
+        log: Option<&Path>,
     ) -> Daemon {
         let socket = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&socket);
+        let (file, stderr, stderr_temp) = match log {
+            Some(path) => {
+                let file = std::fs::File::create(path)
+                    .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+                (file, path.to_path_buf(), None)
+            }
+            None => {
+                let (file, temp) = tempfile::NamedTempFile::new()
+                    .expect("temporary stderr file")
+                    .into_parts();
+                (file, temp.to_path_buf(), Some(temp))
+            }
+        };
         let child = Command::new(program)
             .arg("--chardev")
             .arg(format!(
@@ -54,27 +74,89 @@ impl Daemon {
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr)
+            .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
-        let mut daemon = Daemon { child, socket };
+        let daemon = Daemon {
+            child,
+            program: program.to_path_buf(),
+            stderr,
+            _stderr_temp: stderr_temp,
+            socket,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         // The file appears at bind(), a moment before listen(): `Qmp::connect`
         // retries a refused connection (no probe connection here: a daemon's
         // monitor serves one client at a time).
         while !daemon.socket.exists() {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("{} exited at start: {status}", program.display());
+            if daemon.status().is_some() {
+                panic!("{}", daemon.failure("exited at start"));
             }
-            assert!(Instant::now() < deadline, "no QMP socket after 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "{}",
+                daemon.failure("no QMP socket after 10 s")
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         daemon
     }
 
-    /// Connects a QMP client and negotiates capabilities.
+    /// Connects a QMP client and negotiates capabilities; panics naming the program, its
+    /// exit status and its stderr if that fails.
     pub fn connect(&self) -> Qmp {
-        Qmp::connect(&self.socket)
+        match Qmp::try_connect(&self.socket) {
+            Ok(qmp) => qmp,
+            Err(e) => {
+                // A daemon that dropped the connection may be on its way out: give it a
+                // moment, so that the message tells a crash from a daemon still running.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while self.status().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                panic!("{}", self.failure(&format!("QMP connect: {e}")))
+            }
+        }
+    }
+
+    /// How the process ended (`exited 1`, `killed by signal 6 (core dumped)`), or `None`
+    /// while it runs; it is not reaped (waitid with WNOWAIT), so `Child` stays usable.
+    fn status(&self) -> Option<String> {
+        // SAFETY: siginfo_t is plain data; waitid only writes into it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        // SAFETY: a valid pointer to a siginfo_t we own; the pid is our child.
+        let r = unsafe { libc::waitid(libc::P_PID, self.child.id(), &mut info, flags) };
+        // SAFETY: waitid filled the CLD_* fields when it found a child (si_pid != 0).
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        if r != 0 {
+            // Already reaped (ECHILD): the status lives in `Child`, no longer here.
+            return Some("exited (already reaped)".to_string());
+        }
+        if pid == 0 {
+            return None;
+        }
+        Some(match info.si_code {
+            libc::CLD_EXITED => format!("exited with status {status}"),
+            libc::CLD_DUMPED => format!("killed by signal {status} (core dumped)"),
+            _ => format!("killed by signal {status}"),
+        })
+    }
+
+    /// The program's stderr so far (empty if it could not be read).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// A failure's report: what went wrong, the program, its status and its stderr.
+    fn failure(&self, what: &str) -> String {
+        let status = self.status().unwrap_or_else(|| "still running".to_string());
+        format!(
+            "{}: {what}; daemon (pid {}) {status}; its stderr:\n{}",
+            self.program.display(),
+            self.child.id(),
+            self.stderr()
+        )
     }
 
     /// Sends signal `name` (`TERM`, `INT`, `HUP`, ...) to the process, with kill(1).
@@ -151,6 +233,11 @@ pub struct Qmp {
 impl Qmp {
     /// Connects to `socket`, reads the greeting and sends `qmp_capabilities`.
     pub fn connect(socket: &Path) -> Qmp {
+        Qmp::try_connect(socket).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Qmp::connect`], saying what went wrong instead of panicking.
+    pub fn try_connect(socket: &Path) -> Result<Qmp, String> {
         // The socket file appears at bind(), a moment before listen(): retry briefly.
         let deadline = Instant::now() + Duration::from_secs(10);
         let stream = loop {
@@ -159,7 +246,7 @@ impl Qmp {
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                Err(e) => panic!("connect to {}: {e}", socket.display()),
+                Err(e) => return Err(format!("connect to {}: {e}", socket.display())),
             }
         };
         stream
@@ -171,11 +258,28 @@ impl Qmp {
             events: VecDeque::new(),
             passed: Vec::new(),
         };
-        let greeting = qmp.read().expect("QMP greeting");
-        assert!(greeting.get("QMP").is_some(), "not a greeting: {greeting}");
-        qmp.execute("qmp_capabilities", json!({}))
-            .expect("qmp_capabilities");
-        qmp
+        let greeting = qmp
+            .read()
+            .ok_or("the connection closed (or read failed) before the QMP greeting")?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("not a greeting: {greeting}"));
+        }
+        let request = json!({"execute": "qmp_capabilities", "arguments": {}});
+        qmp.writer
+            .write_all(format!("{request}\n").as_bytes())
+            .map_err(|e| format!("write qmp_capabilities: {e}"))?;
+        loop {
+            let msg = qmp
+                .read()
+                .ok_or("the connection closed (or read failed) before qmp_capabilities' reply")?;
+            if msg.get("event").is_some() {
+                qmp.events.push_back(msg);
+            } else if msg.get("return").is_some() {
+                return Ok(qmp);
+            } else {
+                return Err(format!("qmp_capabilities: {msg}"));
+            }
+        }
     }
 
     fn read(&mut self) -> Option<Value> {

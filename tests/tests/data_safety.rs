@@ -244,8 +244,8 @@ fn backup_onto_full_disk(
     );
     disk.leave_free(free);
     let work = tempfile::tempdir().unwrap();
-    let log = std::fs::File::create(work.path().join("stderr")).unwrap();
-    let mut daemon = Daemon::spawn_with_stderr(program, work.path(), log);
+    let log = work.path().join("stderr");
+    let mut daemon = Daemon::spawn_with_stderr(program, work.path(), &log);
     let mut qmp = daemon.connect();
     qmp.execute("blockdev-add", qcow2_node("src", src)).unwrap();
     qmp.execute("blockdev-add", qcow2_node("tgt", &tgt))
