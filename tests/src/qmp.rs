@@ -99,8 +99,8 @@ impl Daemon {
         // monitors listen and before they accept a connection (QSD documents that order).
         // Not earlier: qemu-storage-daemon 10.0.2 connected to while it starts fails about
         // one start in 200 under load (a second greeting, a hang in accept4(), or SIGSEGV;
-        // see docs/decisions.md). No probe connection either: a monitor serves one client
-        // at a time.
+        // rarer after the pid file, not gone: `Daemon::spawn_connected`, docs/decisions.md).
+        // No probe connection either: a monitor serves one client at a time.
         let pid = daemon.child.id().to_string();
         while !std::fs::read_to_string(&pidfile).is_ok_and(|text| text.trim() == pid) {
             if daemon.end().is_some() {
@@ -136,11 +136,12 @@ impl Daemon {
     /// second greeting instead of `qmp_capabilities`' reply (GLib's `g_source_unref:
     /// assertion 'source != NULL' failed` on its stderr), or its monitor thread blocks in
     /// accept4() on the listening socket and nothing more is answered, or the process dies of
-    /// SIGSEGV. [`Daemon::spawn_full`] waits for the pid file, which avoided it in every run
-    /// measured; should it still happen, for that program and exactly that outcome (an
-    /// accepted connection whose handshake failed; the daemon still running, or killed by
-    /// signal 11) the run is restarted, at most [`REFERENCE_RESTARTS`] times, with a note on
-    /// stderr. Any other failure, and every failure of blockjobd, panics with the report.
+    /// SIGSEGV. Waiting for the pid file ([`Daemon::spawn_full`]) makes it rarer but not
+    /// impossible (QSD moves the monitor to its I/O thread in a bottom half after that). For
+    /// that program and exactly that outcome (an accepted connection whose handshake failed;
+    /// the daemon still running, or killed by signal 11) the run is restarted, at most
+    /// [`REFERENCE_RESTARTS`] times, with a note on stderr. Any other failure, and every
+    /// failure of blockjobd, panics with the report.
     pub fn spawn_connected(
         program: &Path,
         dir: &Path,
