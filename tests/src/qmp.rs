@@ -508,3 +508,32 @@ pub fn qcow2_node(node: &str, path: &Path) -> Value {
         "file": {"driver": "file", "filename": path.to_str().expect("UTF-8 path")},
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon that fails says which program it was, how it ended and what it printed.
+    #[test]
+    fn a_daemon_that_exits_at_start_is_reported_with_its_status_and_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("fake-daemon");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho 'fake: no such option' >&2\nexit 3\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let panic = std::panic::catch_unwind(|| Daemon::spawn(&script, dir.path()))
+            .err()
+            .expect("the fake daemon exits at start");
+        let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            message.contains("fake-daemon: exited at start"),
+            "{message}"
+        );
+        assert!(message.contains("exited with status 3"), "{message}");
+        assert!(message.contains("fake: no such option"), "{message}");
+    }
+}
