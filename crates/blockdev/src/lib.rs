@@ -32,6 +32,7 @@ mod quiesce;
 mod snapshot;
 pub mod stream;
 pub mod transaction;
+mod writeback;
 
 use std::io;
 use std::sync::Arc;

@@ -25,6 +25,7 @@ use crate::node::{
     BlockIo, ChainEditor, CopyBuffers, FilterWrites, IoFuture, IoPool, MirrorNodes,
     MirrorTargetImage, NodeBitmaps,
 };
+use crate::writeback::Writeback;
 
 /// Copy operations a mirror keeps in flight at most (QEMU's `MAX_IN_FLIGHT`).
 const MAX_IN_FLIGHT: usize = 16;
@@ -243,35 +244,6 @@ impl FilterWrites for MirrorShared {
         self.gate.leave();
         self.wake();
         result
-    }
-}
-
-/// Bytes copied between two flushes of the target while the mirror converges: the disk writes
-/// back what the page cache holds while the copy goes on, instead of all of it in the flush
-/// before READY (see docs/decisions.md, "active commit and mirror: writes one at a time,
-/// writeback during the copy").
-const WRITEBACK_STEP: u64 = 64 << 20;
-
-/// A flush of the target started during the copy.
-struct Writeback {
-    result: Arc<Mutex<Option<io::Result<()>>>>,
-    done: IoFuture,
-}
-
-impl Writeback {
-    /// Its outcome if it is done. An error must be kept until the flush before READY: a
-    /// later flush of the same file does not report it again (Linux reports a writeback
-    /// error once per open file).
-    fn outcome(&self) -> Option<io::Result<()>> {
-        lock(&self.result).take()
-    }
-
-    /// Its outcome, once done.
-    async fn wait(mut self) -> io::Result<()> {
-        (&mut self.done).await;
-        lock(&self.result)
-            .take()
-            .unwrap_or_else(|| Err(io::Error::other("I/O worker lost")))
     }
 }
 
@@ -560,17 +532,6 @@ impl MirrorJob {
         }
     }
 
-    /// Starts a flush of the target on the I/O threads; the copy goes on meanwhile.
-    fn start_flush(&self) -> Writeback {
-        let result = Arc::new(Mutex::new(None));
-        let slot = result.clone();
-        let target = self.target.clone();
-        let done = self.pool.run(Box::new(move || {
-            *lock(&slot) = Some(target.flush());
-        }));
-        Writeback { result, done }
-    }
-
     async fn flush_target(&self) -> io::Result<()> {
         let target = self.target.clone();
         crate::node::run_blocking(self.pool.as_ref(), move || target.flush())
@@ -607,9 +568,8 @@ impl MirrorJob {
         let mut cursor = 0;
         let mut in_flight: Vec<CopyOp> = Vec::new();
         let mut bytes_in_flight = 0;
-        let mut writeback: Option<Writeback> = None;
-        let mut writeback_error: Option<io::Error> = None;
-        let mut unflushed = 0;
+        // Until READY, the target's flushes write back during the copy.
+        let mut writeback = Writeback::new(self.target.clone(), self.pool.clone());
         loop {
             if in_flight.is_empty() {
                 ctx.pause_point().await;
@@ -635,16 +595,8 @@ impl MirrorJob {
                 match result {
                     Ok(()) => {
                         ctx.progress_update(len);
-                        unflushed += len;
-                        if let Some(outcome) = writeback.as_ref().and_then(Writeback::outcome) {
-                            writeback = None;
-                            if let Err(e) = outcome {
-                                writeback_error.get_or_insert(e);
-                            }
-                        }
-                        if unflushed >= WRITEBACK_STEP && writeback.is_none() && !ctx.is_ready() {
-                            writeback = Some(self.start_flush());
-                            unflushed = 0;
+                        if !ctx.is_ready() {
+                            writeback.written(len);
                         }
                         ctx.rate_limit(len).await;
                     }
@@ -669,12 +621,7 @@ impl MirrorJob {
                 continue;
             }
             if !ctx.is_ready() {
-                let early = match (writeback_error.take(), writeback.take()) {
-                    (Some(e), _) => Err(e),
-                    (None, Some(w)) => w.wait().await,
-                    (None, None) => Ok(()),
-                };
-                let flushed = match early {
+                let flushed = match writeback.finish().await {
                     Ok(()) => self.flush_target().await,
                     Err(e) => Err(e),
                 };
@@ -707,9 +654,7 @@ impl MirrorJob {
         for op in in_flight {
             let _ = op.wait().await;
         }
-        if let Some(w) = writeback {
-            let _ = w.wait().await;
-        }
+        let _ = writeback.finish().await;
         Ok(())
     }
 }

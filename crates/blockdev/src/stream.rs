@@ -4,7 +4,7 @@
 //! node's backing file name.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use block::{BlockOp, OpSet};
 use job::{BoxFuture, JobContext, JobDriver, JobFailure, JobKey, JobSpec};
@@ -14,11 +14,19 @@ use crate::BlockState;
 use crate::busy::MAIN_NODE;
 use crate::claims::NodeClaims;
 use crate::node::{
-    BackingName, BlockIo, ChainEditor, ChainLayer, CopyBuffers, FilterKind, IoPool, run_blocking,
+    BackingName, BlockIo, ChainEditor, ChainLayer, CopyBuffers, FilterKind, IoFuture, IoPool,
 };
+use crate::writeback::Writeback;
 
 /// Bytes a stream looks at per step (QEMU's `STREAM_CHUNK`).
 pub const STREAM_CHUNK: u64 = 512 << 10;
+/// Chunks copied at once without a speed limit. QEMU's stream copies one at a time; with
+/// a few in flight, reading one chunk overlaps writing another.
+const STREAM_DEPTH: usize = 4;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// `Cannot find device='' nor node-name='<name>'`: a node named by a `*-node` argument
 /// (QEMU's `bdrv_lookup_bs(NULL, name)`).
@@ -243,7 +251,64 @@ struct Stream {
     buffers: Arc<CopyBuffers>,
 }
 
+/// A chunk being copied: whether any of it was copied into the layer.
+struct StreamStep {
+    offset: u64,
+    len: u64,
+    result: Arc<Mutex<Option<io::Result<bool>>>>,
+    done: IoFuture,
+}
+
+impl StreamStep {
+    /// The result of a step whose request completed.
+    fn outcome(&self) -> io::Result<bool> {
+        lock(&self.result)
+            .take()
+            .unwrap_or_else(|| Err(io::Error::other("I/O worker lost")))
+    }
+
+    async fn wait(mut self) -> io::Result<bool> {
+        (&mut self.done).await;
+        self.outcome()
+    }
+}
+
 impl Stream {
+    /// Copies the chunk at `offset` on the I/O threads: what the chain down to the base
+    /// holds there and the layer does not, in as many copy-on-read steps as its extents take.
+    fn submit(&self, offset: u64, len: u64) -> StreamStep {
+        let (top, buffers) = (self.top.clone(), self.buffers.clone());
+        let bottom = self.base_overlay.clone();
+        let result = Arc::new(Mutex::new(None));
+        let slot = result.clone();
+        let done = self.pool.run(Box::new(move || {
+            let mut buf = buffers.take(STREAM_CHUNK as usize);
+            let (end, mut pos, mut copied) = (offset + len, offset, false);
+            let r = loop {
+                if pos >= end {
+                    break Ok(copied);
+                }
+                match top.copy_on_read(pos, end - pos, Some(&bottom), &mut buf) {
+                    // Past the end of every layer: the rest reads as zeroes.
+                    Ok((0, _)) => break Ok(copied),
+                    Ok((n, c)) => {
+                        pos += n;
+                        copied |= c;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            buffers.give(buf);
+            *lock(&slot) = Some(r);
+        }));
+        StreamStep {
+            offset,
+            len,
+            result,
+            done,
+        }
+    }
+
     async fn run(&mut self, ctx: &JobContext) -> Result<(), JobFailure> {
         if self.base_overlay == self.device {
             // Nothing to stream.
@@ -253,48 +318,98 @@ impl Stream {
         ctx.set_progress_remaining(len);
         // With on-error=ignore the job goes on, but fails at the end with the first error.
         let mut ignored: Option<io::Error> = None;
-        let mut offset = 0;
-        while offset < len {
+        // The layer written back during the copy: the flush before its backing file changes
+        // then has little left to write.
+        let mut writeback = Writeback::new(self.top.clone(), self.pool.clone());
+        let mut next = 0;
+        // Chunks that failed and are to be copied again (`stop`), before any new one.
+        let mut retry: Vec<u64> = Vec::new();
+        let mut in_flight: Vec<StreamStep> = Vec::new();
+        // Bytes copied and not yet accounted against the speed limit.
+        let mut unaccounted = 0;
+        loop {
+            if in_flight.is_empty() {
+                ctx.rate_limit(std::mem::take(&mut unaccounted)).await;
+            }
             if ctx.is_cancelled() {
                 break;
             }
-            let (top, buffers) = (self.top.clone(), self.buffers.clone());
-            let bottom = self.base_overlay.clone();
-            let step = run_blocking(self.pool.as_ref(), move || {
-                let mut buf = buffers.take(STREAM_CHUNK as usize);
-                let r = top.copy_on_read(
-                    offset,
-                    STREAM_CHUNK.min(len - offset),
-                    Some(&bottom),
-                    &mut buf,
-                );
-                buffers.give(buf);
-                r
-            })
-            .await
-            .unwrap_or_else(|| Err(io::Error::other("I/O worker lost")));
-            let (n, copied) = match step {
-                // Past the end of every layer: the rest reads as zeroes.
-                Ok((0, _)) => (len - offset, false),
-                Ok(step) => step,
-                Err(e) => match ctx.io_error(IoOperationType::Read, &e) {
-                    BlockErrorAction::Report | BlockErrorAction::UnknownValue => {
-                        return Err(JobFailure::from_io(&e));
-                    }
-                    BlockErrorAction::Stop => {
-                        // Paused by the error: try the same range again once resumed.
-                        ctx.pause_point().await;
-                        continue;
-                    }
-                    BlockErrorAction::Ignore => {
-                        ignored.get_or_insert(e);
-                        (STREAM_CHUNK.min(len - offset), true)
-                    }
-                },
+            // A speed limit, or a pause coming, makes it one chunk at a time.
+            let depth = if ctx.speed() == 0 && !ctx.pause_requested() {
+                STREAM_DEPTH
+            } else {
+                1
             };
-            ctx.progress_update(n);
-            offset += n;
-            ctx.rate_limit(if copied { n } else { 0 }).await;
+            if in_flight.len() < depth {
+                let chunk = retry.pop().or_else(|| {
+                    (next < len).then(|| {
+                        next += STREAM_CHUNK;
+                        next - STREAM_CHUNK
+                    })
+                });
+                if let Some(offset) = chunk {
+                    in_flight.push(self.submit(offset, STREAM_CHUNK.min(len - offset)));
+                    continue;
+                }
+            }
+            // Nothing in flight and nothing left to copy: done.
+            if in_flight.is_empty() {
+                break;
+            }
+            let i = crate::io_threads::first_done(&mut in_flight, |s| &mut s.done).await;
+            let step = in_flight.swap_remove(i);
+            let (offset, n) = (step.offset, step.len);
+            match step.outcome() {
+                Ok(copied) => {
+                    ctx.progress_update(n);
+                    if copied {
+                        writeback.written(n);
+                        unaccounted += n;
+                    }
+                }
+                Err(e) => {
+                    // Let the others land before acting on the error.
+                    for other in std::mem::take(&mut in_flight) {
+                        let (o, l) = (other.offset, other.len);
+                        match other.wait().await {
+                            Ok(copied) => {
+                                ctx.progress_update(l);
+                                if copied {
+                                    writeback.written(l);
+                                    unaccounted += l;
+                                }
+                            }
+                            Err(_) => retry.push(o),
+                        }
+                    }
+                    match ctx.io_error(IoOperationType::Read, &e) {
+                        BlockErrorAction::Report | BlockErrorAction::UnknownValue => {
+                            let _ = writeback.finish().await;
+                            return Err(JobFailure::from_io(&e));
+                        }
+                        BlockErrorAction::Stop => {
+                            // Paused by the error: the same chunk again once resumed.
+                            retry.push(offset);
+                            ctx.pause_point().await;
+                        }
+                        BlockErrorAction::Ignore => {
+                            ignored.get_or_insert(e);
+                            ctx.progress_update(n);
+                        }
+                    }
+                }
+            }
+        }
+        for step in in_flight {
+            let _ = step.wait().await;
+        }
+        // A writeback error is this job's: the flush before the backing file changes would
+        // not see it again.
+        let flushed = writeback.finish().await;
+        if let Err(e) = flushed
+            && !ctx.is_cancelled()
+        {
+            return Err(JobFailure::from_io(&e));
         }
         // The backing chain stays as it is after an error that was ignored.
         match ignored {

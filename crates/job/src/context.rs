@@ -63,6 +63,12 @@ impl JobContext {
         self.with_job(false, |j| j.complete_requested)
     }
 
+    /// A pause is pending (or in force): a job with requests in flight lets them land and
+    /// reaches a pause point before it starts more.
+    pub fn pause_requested(&self) -> bool {
+        self.with_job(false, |j| j.pause_count > 0)
+    }
+
     /// The current rate limit in bytes per second (0 = none).
     pub fn speed(&self) -> u64 {
         self.with_job(0, |j| j.limit.speed())

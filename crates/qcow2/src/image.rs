@@ -865,8 +865,20 @@ impl Image {
     pub fn flush(&self) -> Result<()> {
         self.check_open()?;
         // Nothing more is written to an image marked corrupt while open (QEMU ejects it).
-        if self.read_only || self.lock().broken {
-            return Ok(());
+        let tables_dirty = {
+            let m = self.lock();
+            if self.read_only || m.broken {
+                return Ok(());
+            }
+            m.tables_dirty()
+        };
+        // The write-back's ordering flushes run under the metadata lock, and the first of them
+        // writes back every data cluster written since the last flush: an allocating write
+        // would wait for all of it (QEMU's `qcow2_write_caches` stalls the same way). Written
+        // back here first, without the lock, those flushes only have what came meanwhile.
+        // An extra flush, never a missing one: the order of what becomes durable is unchanged.
+        if tables_dirty {
+            self.storage.flush()?;
         }
         self.lock().write_back()?;
         // The final flush needs no metadata lock: other requests go on meanwhile.

@@ -764,6 +764,12 @@ impl Meta {
         Ok(!dirty.is_empty() || !rt.is_empty())
     }
 
+    /// Dirty L2 or L1 entries: a write-back flushes the file at least once under the lock
+    /// before storing them.
+    pub fn tables_dirty(&self) -> bool {
+        self.l2_cache.has_dirty() || !self.l1_dirty.is_empty()
+    }
+
     /// Store all dirty metadata in crash-safe order (see the module doc).
     pub fn write_back(&mut self) -> Result<()> {
         self.in_write_back = true;
