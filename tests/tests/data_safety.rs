@@ -67,8 +67,7 @@ struct Outcome {
 }
 
 fn backup(program: &Path, dir: &Path, src: &Path, tgt: &Path) -> Outcome {
-    let mut daemon = Daemon::spawn(program, dir);
-    let mut qmp: Qmp = daemon.connect();
+    let (mut daemon, mut qmp): (Daemon, Qmp) = Daemon::spawn_connected(program, dir, &[], None);
     qmp.execute("blockdev-add", qcow2_node("src", src)).unwrap();
     qmp.execute("blockdev-add", qcow2_node("tgt", tgt)).unwrap();
     qmp.execute(
@@ -244,9 +243,10 @@ fn backup_onto_full_disk(
     );
     disk.leave_free(free);
     let work = tempfile::tempdir().unwrap();
-    let log = std::fs::File::create(work.path().join("stderr")).unwrap();
-    let mut daemon = Daemon::spawn_with_stderr(program, work.path(), log);
-    let mut qmp = daemon.connect();
+    let log = work.path().join("stderr");
+    // Started beside qemu-storage-daemon ~38 times each: QSD's known start-up failure
+    // (Daemon::spawn_connected) restarts that QSD run.
+    let (mut daemon, mut qmp) = Daemon::spawn_connected(program, work.path(), &[], Some(&log));
     qmp.execute("blockdev-add", qcow2_node("src", src)).unwrap();
     qmp.execute("blockdev-add", qcow2_node("tgt", &tgt))
         .unwrap();
@@ -328,8 +328,7 @@ fn a_backup_onto_a_nearly_full_disk_fails_its_job_or_succeeds_whole_at_every_fil
 
 fn open_error(program: &Path, path: &Path, read_only: bool) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::spawn(program, dir.path());
-    let mut qmp = daemon.connect();
+    let (mut daemon, mut qmp) = Daemon::spawn_connected(program, dir.path(), &[], None);
     let mut node = qcow2_node("top", path);
     node["read-only"] = json!(read_only);
     let e = qmp

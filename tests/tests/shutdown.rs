@@ -204,8 +204,7 @@ fn flush_fails_at_shutdown(program: &Path, inject: bool) -> (Vec<String>, Option
         .and_then(|f| f.set_len(64 << 20))
         .unwrap();
     let log = dir.path().join("stderr.log");
-    let mut daemon =
-        Daemon::spawn_with_stderr(program, dir.path(), std::fs::File::create(&log).unwrap());
+    let mut daemon = Daemon::spawn_with_stderr(program, dir.path(), &log);
     let mut qmp = daemon.connect();
     qmp.execute(
         "blockdev-add",

@@ -119,9 +119,16 @@ pub fn create_with(storage: std::sync::Arc<dyn Storage>, options: &CreateOptions
         crate::meta::rc_set(&mut block, h.refcount_order, c, 1);
     }
     img[2 * cs as usize..].copy_from_slice(&block);
-    // The header cluster, then the refcount table and block (QEMU's two writes).
-    storage.write_at(&img[..cs as usize], 0)?;
+    // The header cluster zeroed, the refcount table and block, durable, then the header that
+    // points at them: a crash in between leaves a file with no qcow2 header (an unfinished
+    // creation nothing refers to; an older image in the file is gone, not half-overwritten),
+    // never a header pointing past the end of the file. QEMU's `qcow2_co_create` writes the
+    // header first, so a crash between its two writes leaves a corrupt image. The first write
+    // still covers the header cluster, as QEMU's (what a write threshold on the file reports).
+    storage.write_at(&vec![0u8; cs as usize], 0)?;
     storage.write_at(&img[cs as usize..], cs)?;
+    storage.flush()?;
+    storage.write_at(&img[..cs as usize], 0)?;
     storage.flush()?;
     if options.version < 3 {
         // This crate writes version 3 only: a version 2 image gets its size (and backing
