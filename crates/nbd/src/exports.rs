@@ -230,6 +230,8 @@ struct Life {
 /// A client's hold on an export in transmission; released on drop.
 pub(crate) struct ExportLease {
     entry: Arc<ExportEntry>,
+    /// Released already ([`ExportLease::end_with`]).
+    ended: bool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -315,6 +317,7 @@ impl Registry {
         lock(&entry.life).clients += 1;
         Some(ExportLease {
             entry: Arc::clone(entry),
+            ended: false,
         })
     }
 
@@ -386,12 +389,31 @@ impl ExportLease {
     }
 }
 
-impl Drop for ExportLease {
-    fn drop(&mut self) {
+impl ExportLease {
+    /// Ends the lease, running `close` (closing the client's socket) under the export's
+    /// lock: whoever counts the export's clients or removes it sees the connection either
+    /// open and counted or closed and gone, never closed and still counted. (QEMU's main loop
+    /// shuts the socket down and drops the client from the export with no command between.)
+    pub fn end_with(mut self, close: impl FnOnce()) {
+        self.release(close);
+    }
+
+    fn release(&mut self, close: impl FnOnce()) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
         let mut life = lock(&self.entry.life);
+        close();
         life.clients -= 1;
         if life.removed && life.clients == 0 {
             self.entry.deleted.send_replace(true);
         }
+    }
+}
+
+impl Drop for ExportLease {
+    fn drop(&mut self) {
+        self.release(|| {});
     }
 }

@@ -279,15 +279,20 @@ async fn serve_connection<S>(
             () = raised(&mut disconnect) => {}
         }
     };
-    // The socket is closed when `serve` returns, before the export may be reported deleted.
-    let served = match stream.into_socket() {
+    let (served, socket) = match stream.into_socket() {
         Ok(socket) => transmission::serve(socket, &session, stopped).await,
-        Err(error) => Err(error),
+        Err(error) => (Err(error), None),
     };
     if let Err(error) = served {
         tracing::debug!(%error, "NBD client dropped");
     }
-    drop(session);
+    // The socket closes as the client leaves the export, in one step: a client that saw the
+    // end finds the export free, and the export is reported deleted only once it is closed.
+    session.lease.end_with(move || {
+        if let Some(socket) = socket {
+            socket.shutdown();
+        }
+    });
 }
 
 async fn within<T>(

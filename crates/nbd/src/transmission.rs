@@ -49,7 +49,7 @@ impl Socket {
         })
     }
 
-    fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         // Already shut down or gone: the connection ends either way.
         let _ = match self {
             Socket::Unix(s) => s.shutdown(std::net::Shutdown::Both),
@@ -478,12 +478,30 @@ fn write_all_vectored(socket: &Socket, replies: &[Vec<u8>]) -> io::Result<()> {
 /// Serves requests on the session's export until the client disconnects (DISC or hang-up),
 /// breaks the protocol, or `stop` resolves. Requests already running are completed first
 /// (their replies are dropped once stopped), so no backend call outlives the connection.
+/// Returns how it ended and the socket's last handle: the caller closes it as the client
+/// leaves the export ([`crate::exports::ExportLease::end_with`]), so nobody sees the
+/// connection closed while the export still counts it.
 pub(crate) async fn serve(
     socket: Socket,
     session: &Session,
     stop: impl Future<Output = ()>,
-) -> io::Result<()> {
-    let closer = socket.try_clone()?;
+) -> (io::Result<()>, Option<Socket>) {
+    let closer = match socket.try_clone() {
+        Ok(closer) => closer,
+        Err(error) => return (Err(error), Some(socket)),
+    };
+    match run(socket, &closer, session, stop).await {
+        Ok(result) => (result, Some(closer)),
+        Err(error) => (Err(error), Some(closer)),
+    }
+}
+
+async fn run(
+    socket: Socket,
+    closer: &Socket,
+    session: &Session,
+    stop: impl Future<Output = ()>,
+) -> io::Result<io::Result<()>> {
     let (alive, mut outcome) = tokio::sync::mpsc::unbounded_channel();
     let connection = Arc::new(Connection {
         entry: session.lease.entry_arc(),
@@ -521,12 +539,10 @@ pub(crate) async fn serve(
     };
     tokio::pin!(ended);
     tokio::select! {
-        result = &mut ended => return result,
+        result = &mut ended => return Ok(result),
         () = stop => closer.shutdown(),
     }
-    let result = ended.await;
-    closer.shutdown();
-    result
+    Ok(ended.await)
 }
 
 /// Reads the next request (waiting first for a free slot: a client that never reads its
