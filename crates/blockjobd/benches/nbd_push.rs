@@ -20,11 +20,12 @@
 //! - `PUSH_BENCH_DIR` where the temp dir with the images goes (default the system temp dir),
 //! - `PUSH_BENCH_BLOCKJOBD` another blockjobd binary to measure.
 
-use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+mod common;
+
+use common::{Qmp, path_str, qcow2, spawn};
+use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn env_or(name: &str, default: &str) -> String {
@@ -43,106 +44,6 @@ fn tool(program: &str, args: &[&str]) {
         "{program} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 temp path")
-}
-
-/// The daemon under test; killed if the benchmark fails before `quit`.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(program: &Path, socket: &Path) -> Daemon {
-    let _ = std::fs::remove_file(socket);
-    let child = Command::new(program)
-        .arg("--chardev")
-        .arg(format!(
-            "socket,id=m,path={},server=on,wait=off",
-            socket.display()
-        ))
-        .args(["--monitor", "chardev=m"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
-    let daemon = Daemon(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} did not listen",
-            program.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    daemon
-}
-
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(socket: &Path) -> Qmp {
-        let stream = UnixStream::connect(socket).expect("connect");
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream.try_clone().expect("clone")),
-            writer: stream,
-        };
-        qmp.next();
-        qmp.execute("qmp_capabilities", json!({}));
-        qmp
-    }
-
-    fn next(&mut self) -> Value {
-        let mut line = String::new();
-        let n = self.reader.read_line(&mut line).expect("read QMP");
-        assert!(n > 0, "QMP stream ended");
-        serde_json::from_str(&line).expect("QMP JSON")
-    }
-
-    fn send(&mut self, command: &str, arguments: Value) {
-        let mut text = json!({"execute": command, "arguments": arguments}).to_string();
-        text.push('\n');
-        self.writer.write_all(text.as_bytes()).expect("write QMP");
-    }
-
-    /// Sends a command and returns its reply, skipping events.
-    fn execute(&mut self, command: &str, arguments: Value) -> Value {
-        self.send(command, arguments);
-        loop {
-            let msg = self.next();
-            if msg.get("event").is_none() {
-                assert!(msg.get("error").is_none(), "{command}: {msg}");
-                return msg;
-            }
-        }
-    }
-
-    /// Waits for an event whose name and data match.
-    fn wait(&mut self, event: &str, matches: impl Fn(&Value) -> bool) -> Value {
-        loop {
-            let msg = self.next();
-            if msg["event"] == event && matches(&msg["data"]) {
-                return msg;
-            }
-        }
-    }
-}
-
-fn qcow2(node: &str, path: &Path) -> Value {
-    json!({"driver": "qcow2", "node-name": node,
-           "file": {"driver": "file", "filename": path_str(path)}})
 }
 
 /// `qemu-nbd` serving `image` (qcow2) as export `disk` on `socket`; stopped when dropped.
